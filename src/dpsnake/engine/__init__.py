@@ -1,0 +1,1 @@
+"""Deep Potential inference engine (NumPy / CuPy)."""

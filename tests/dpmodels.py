@@ -1,0 +1,100 @@
+"""Tiny DeePMD-kit models trained for real (TensorFlow backend, CPU) on EMT-labelled data, for tests.
+
+`train_model` caches by the hash of the training input, so one pytest session trains each variant once;
+set DPSNAKE_TEST_CACHE to a folder to keep them between sessions while developing.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+
+
+def emt_dataset(outdir: pathlib.Path, kind: str = "Cu", nframes: int = 6, seed: int = 0) -> pathlib.Path:
+    """Rattled fcc cells labelled with ASE's EMT, written as deepmd/npy. kind: 'Cu' or 'CuNi'."""
+    import dpdata
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    out = pathlib.Path(outdir) / f"data_{kind}"
+    if (out / "type.raw").exists():
+        return out
+    rng = np.random.default_rng(seed)
+    ms = None
+    for k in range(nframes):
+        a = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2))
+        if kind == "CuNi":
+            a.symbols[rng.permutation(len(a))[: len(a) // 2]] = "Ni"
+        a.set_cell(a.cell.array * (1 + 0.03 * rng.uniform(-1, 1)), scale_atoms=True)
+        a.rattle(0.08, seed=int(rng.integers(1 << 30)))
+        a.calc = EMT()
+        a.get_potential_energy()
+        s = dpdata.LabeledSystem(a, fmt="ase/structure")
+        ms = s if ms is None else ms + s
+    type_map = ["Cu"] if kind == "Cu" else ["Cu", "Ni"]
+    ms.apply_type_map(type_map) if hasattr(ms, "apply_type_map") else None
+    ms.to_deepmd_npy(str(out), type_map=type_map)
+    return out
+
+
+BASE_INPUT = {
+    "model": {
+        "type_map": ["Cu"],
+        "descriptor": {"type": "se_e2_a", "rcut": 4.5, "rcut_smth": 1.0, "sel": [40],
+                       "neuron": [4, 8], "axis_neuron": 4, "seed": 1},
+        "fitting_net": {"neuron": [8, 8], "resnet_dt": True, "seed": 1},
+    },
+    "learning_rate": {"type": "exp", "start_lr": 1e-3, "stop_lr": 1e-4, "decay_steps": 10},
+    "loss": {"type": "ener", "start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000,
+             "limit_pref_f": 1, "start_pref_v": 0.02, "limit_pref_v": 1},
+    "training": {"training_data": {"systems": [], "batch_size": 1}, "numb_steps": 20, "seed": 1,
+                 "disp_freq": 10, "save_freq": 20},
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def train_model(cache: pathlib.Path, overrides: dict | None = None, data: str = "Cu") -> dict:
+    """Train, freeze and convert one model; returns {"pb": path, "dp": path, "input": dict}.
+
+    overrides: nested dict merged into BASE_INPUT (e.g. {"model": {"descriptor": {"precision": "float32"}}}).
+    data: 'Cu' or 'CuNi' (the type_map is set to match).
+    """
+    cache = pathlib.Path(cache)
+    inp = _merge(BASE_INPUT, overrides or {})
+    if data == "CuNi":
+        inp["model"]["type_map"] = ["Cu", "Ni"]
+        d = inp["model"]["descriptor"]
+        if len(d["sel"]) == 1:
+            d["sel"] = [d["sel"][0] // 2 + 4, d["sel"][0] // 2 + 4]
+    key = hashlib.sha1(json.dumps([inp, data], sort_keys=True).encode()).hexdigest()[:12]
+    work = cache / f"model_{key}"
+    result = {"pb": work / "frozen_model.pb", "dp": work / "model.dp", "input": inp, "dir": work}
+    if result["dp"].exists():
+        return result
+    work.mkdir(parents=True, exist_ok=True)
+    datadir = emt_dataset(cache, data)
+    inp["training"]["training_data"]["systems"] = [str(datadir)]
+    (work / "input.json").write_text(json.dumps(inp, indent=1))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", DP_INTER_OP_PARALLELISM_THREADS="1",
+               DP_INTRA_OP_PARALLELISM_THREADS="2", OMP_NUM_THREADS="2")
+    dp = [sys.executable, "-m", "deepmd"]
+    for cmd in (dp + ["--tf", "train", "input.json", "--skip-neighbor-stat"],
+                dp + ["--tf", "freeze", "-o", "frozen_model.pb"],
+                dp + ["convert-backend", "frozen_model.pb", "model.dp"]):
+        p = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=env)
+        if p.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+    return result

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The README's test command: install what the tests need on a fresh Debian machine, then run pytest.
+#   bash tests/run.sh [pytest args]
+# Debian packages: real DFT codes (Quantum ESPRESSO, CP2K), a real single-node SLURM, headless Chromium.
+# Python: this package with its test extras (DeePMD-kit on CPU, dpdata, ASE, Snakemake + SLURM plugin).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] && [ -z "${DPSNAKE_SKIP_APT:-}" ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    quantum-espresso quantum-espresso-data cp2k cp2k-data \
+    slurmctld slurmd slurm-client munge chromium >/dev/null
+fi
+python3 -m pip install -q --disable-pip-version-check -e ".[test]"
+python3 -m pytest "$@"
