@@ -10,6 +10,11 @@ from dpsnake.labelers.base import LabelResult, Labeler, sanity_check
 # label.type -> (module, factory); DFT modules are added by their own files and imported lazily
 REGISTRY = {
     "ase": ("dpsnake.labelers.ase_calc", "ASELabeler"),
+    "qe": ("dpsnake.labelers.qe", "QELabeler"),
+    "cp2k": ("dpsnake.labelers.cp2k", "CP2KLabeler"),
+    "vasp": ("dpsnake.labelers.vasp", "VASPLabeler"),
+    "abacus": ("dpsnake.labelers.abacus", "ABACUSLabeler"),
+    "pyscf": ("dpsnake.labelers.pyscf_labeler", "PySCFLabeler"),
 }
 
 

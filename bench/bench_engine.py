@@ -1,0 +1,250 @@
+"""Engine benchmark on a GPU, side by side with DeePMD-kit's PyTorch ``DeepPot.eval`` in the same run.
+
+Model: the DeePMD-kit v2 paper's Cu se_e2_a (rcut 6, rcut_smth 0.5, sel [152], embedding [25,50,100],
+axis 16, fitting [240,240,240]); tiny copies trained by DeePMD-kit (20 steps: the speed does not
+depend on training). MODELS holds cu_float64_1/model.dp and cu_float32_{1..4}/model.dp (and .pth
+made from them with ``dp convert-backend`` when --deepmd is given).
+
+Cases: us per atom per force call for fcc Cu of 6,912 / 55,296 / 186,624 / 1,000,188 atoms;
+256 systems of 108 atoms in one call; 4-model deviation on that batch. FP64 ("double": FP64 model,
+FP64 everywhere) and mixed (FP32 model, FP64 geometry + FP32 nets). Prints a Markdown table and
+writes JSON (--json).
+
+    python bench/bench_engine.py MODELS [--deepmd] [--check] [--json out.json] [--reps 4 8 12 21]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "src"))
+
+RESULTS = []
+
+
+def emit(**kw):
+    RESULTS.append(kw)
+    print(json.dumps(kw), flush=True)
+
+
+def cu_cell(rep, a=3.634):
+    from ase.build import bulk
+
+    return bulk("Cu", "fcc", a=a, cubic=True).repeat((3 * rep, 3 * rep, 3 * rep))
+
+
+def batch_frames(nf=256, seed=0):
+    a = cu_cell(1)
+    rng = np.random.default_rng(seed)
+    c = a.positions[None] + 0.05 * rng.standard_normal((nf, len(a), 3))
+    return c, np.tile(a.cell.array.reshape(1, 9), (nf, 1)), np.zeros(len(a), dtype=int)
+
+
+def timeit(fn, sync, n=5, warm=2, budget=60.0):
+    """Median seconds per call (warm-up first, device synchronised around each call)."""
+    for _ in range(warm):
+        fn()
+    sync()
+    ts = []
+    t_all = time.perf_counter()
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t)
+        if time.perf_counter() - t_all > budget:
+            break
+    return float(np.median(ts))
+
+
+def ours_cases(models, reps, cp, sync):
+    from dpsnake.engine.deeppot import frames_to_flat
+    from dpsnake.engine.ensemble import Ensemble
+    from dpsnake.engine.model_devi import deviation_columns
+
+    for prec, mfile in (("mixed", models["float32"][0]), ("double", models["float64"])):
+        ens = Ensemble([mfile], precision=prec)
+        for rep in reps:
+            a = cu_cell(rep)
+            n = len(a)
+            pos = cp.asarray(a.positions)
+            atype = cp.zeros(n, dtype=cp.int64)
+            system = cp.zeros(n, dtype=cp.int64)
+            cell = cp.asarray(a.cell.array[None])
+            pbc = cp.ones(1, dtype=bool)
+            try:
+                cp.get_default_memory_pool().free_all_blocks()
+                s = timeit(lambda: ens.evaluate(pos, atype, system, cell, pbc), sync,
+                           n=5 if n < 300_000 else 2, warm=1 if n > 300_000 else 2)
+                peak = cp.get_default_memory_pool().total_bytes() / 2 ** 30
+                emit(bench="single", code="dpsnake", prec=prec, natoms=n, sec_per_eval=s,
+                     us_per_atom=s / n * 1e6, pool_gib=round(peak, 2))
+            except Exception as err:  # report and go on (e.g. out of memory)
+                emit(bench="single", code="dpsnake", prec=prec, natoms=n, error=repr(err)[:300])
+            del pos, atype, system, cell
+        c, b, t = batch_frames()
+        args = frames_to_flat(cp, cp.asarray(c), cp.asarray(b), cp.asarray(t))[:5]
+        nat = c.shape[0] * c.shape[1]
+        s = timeit(lambda: ens.evaluate(*args), sync, n=10)
+        emit(bench="batched", code="dpsnake", prec=prec, natoms=108, nframes=256, sec_per_eval=s,
+             us_per_atom=s / nat * 1e6)
+    # 4-model deviation on the batch (mixed, FP32 models) and (double, the FP64 model 4 times)
+    for prec, mlist in (("mixed", models["float32"]), ("double", [models["float64"]] * 4)):
+        ens = Ensemble(mlist, precision=prec)
+        c, b, t = batch_frames(seed=1)
+        args = frames_to_flat(cp, cp.asarray(c), cp.asarray(b), cp.asarray(t))[:5]
+        natoms = cp.full(c.shape[0], c.shape[1])
+
+        def devi():
+            out = ens.evaluate(*args)
+            return deviation_columns(out, args[2], natoms)
+
+        s = timeit(devi, sync, n=5)
+        emit(bench="model_devi", code="dpsnake", prec=prec, natoms=108, nframes=256, nmodels=4, sec=s,
+             us_per_frame_atom=s / (c.shape[0] * c.shape[1]) * 1e6)
+
+
+def deepmd_cases(models, reps, sync):
+    from deepmd.infer import DeepPot
+    from deepmd.infer.model_devi import calc_model_devi
+
+    for prec, mfile in (("float32", models["float32"][0]), ("float64", models["float64"])):
+        dp = DeepPot(mfile.replace(".dp", ".pth"))
+        for rep in reps:
+            a = cu_cell(rep)
+            n = len(a)
+            c, b, t = a.positions.reshape(1, -1), a.cell.array.reshape(1, -1), np.zeros(n, dtype=int)
+            try:
+                s = timeit(lambda: dp.eval(c, b, t), sync, n=3)
+                emit(bench="single", code="deepmd-pt", prec=prec, natoms=n, sec_per_eval=s,
+                     us_per_atom=s / n * 1e6)
+            except Exception as err:
+                emit(bench="single", code="deepmd-pt", prec=prec, natoms=n, error=repr(err)[:200])
+                break
+        c, b, t = batch_frames()
+        s = timeit(lambda: dp.eval(c.reshape(len(c), -1), b, t), sync, n=5)
+        emit(bench="batched", code="deepmd-pt", prec=prec, natoms=108, nframes=256, sec_per_eval=s,
+             us_per_atom=s / (c.shape[0] * c.shape[1]) * 1e6)
+        del dp
+    dps = [DeepPot(m.replace(".dp", ".pth")) for m in models["float32"]]
+    c, b, t = batch_frames(seed=1)
+    s = timeit(lambda: calc_model_devi(c.reshape(len(c), -1), b, t, dps), sync, n=3)
+    emit(bench="model_devi", code="deepmd-pt", prec="float32", natoms=108, nframes=256, nmodels=4,
+         sec=s, us_per_frame_atom=s / (c.shape[0] * c.shape[1]) * 1e6)
+
+
+def agreement(models, extra, cp):
+    """NumPy vs CuPy (FP64) and dpsnake vs DeePMD-kit on the device, max relative differences."""
+    from dpsnake.engine.deeppot import DeepPot
+
+    from ase.build import bulk
+
+    rng = np.random.default_rng(5)
+    systems = []
+    for rep, a0 in ((1, 3.634), (2, 3.5)):
+        a = bulk("Cu", "fcc", a=a0, cubic=True).repeat((rep * 2, rep * 2, rep))
+        a.rattle(0.1, seed=rep)
+        systems.append(a)
+    tri = bulk("Cu", "fcc", a=3.6).repeat((3, 3, 3))
+    tri.set_cell(tri.cell.array @ (np.eye(3) + 0.05 * rng.uniform(-1, 1, (3, 3))), scale_atoms=True)
+    systems.append(tri)
+    paths = [models["float64"], models["float32"][0]] + list(extra)
+    for path in paths:
+        dpn = DeepPot(path)
+        tm = dpn.get_type_map()
+        for k, at in enumerate(systems):
+            t = rng.integers(0, len(tm), len(at))
+            for pbc in (True, False):
+                c = at.positions[None]
+                cell = at.cell.array.reshape(1, 9) if pbc else None
+                rn = dpn.eval(c, cell, t, atomic=True)
+                rc = dpn.eval(cp.asarray(c), None if cell is None else cp.asarray(cell), cp.asarray(t),
+                              atomic=True)
+                errs = [float(np.abs(np.asarray(x) - y.get()).max() / max(np.abs(x).max(), 1e-300))
+                        for x, y in zip(rn, rc)]
+                emit(check="numpy_vs_cupy_fp64", model=pathlib.Path(path).parent.name, system=k,
+                     pbc=pbc, natoms=len(at), max_rel=max(errs))
+                mixed = DeepPot(path, precision="mixed").eval(cp.asarray(c), None if cell is None
+                                                              else cp.asarray(cell), cp.asarray(t))
+                emit(check="mixed_vs_double", model=pathlib.Path(path).parent.name, system=k, pbc=pbc,
+                     e_rel=float(abs(mixed[0].get() - rn[0]).max() / abs(rn[0]).max()),
+                     f_rel=float(abs(mixed[1].get() - rn[1]).max() / abs(rn[1]).max()))
+
+
+def deepmd_agreement(models, cp):
+    from deepmd.infer import DeepPot as RefPot
+
+    from dpsnake.engine.deeppot import DeepPot
+
+    c, b, t = batch_frames(nf=4, seed=3)
+    for prec, m in (("float64", models["float64"]), ("float32", models["float32"][0])):
+        ref = RefPot(m.replace(".dp", ".pth")).eval(c.reshape(4, -1), b, t)
+        ours = DeepPot(m, precision="double").eval(cp.asarray(c), cp.asarray(b), cp.asarray(t))
+        errs = [float(np.abs(np.asarray(x).reshape(y.shape) - y.get()).max() / np.abs(x).max())
+                for x, y in zip(ref, ours)]
+        emit(check="dpsnake_vs_deepmd_pt", prec=prec, e_rel=errs[0], f_rel=errs[1], v_rel=errs[2])
+
+
+def table():
+    rows = {}
+    for r in RESULTS:
+        if "bench" not in r:
+            continue
+        key = (r["bench"], r.get("natoms"), r.get("nframes", 1))
+        prec = {"float64": "double", "float32": "mixed"}.get(r["prec"], r["prec"])
+        val = r.get("us_per_atom", r.get("us_per_frame_atom"))
+        rows.setdefault(key, {})[(r["code"], prec)] = "OOM/err" if val is None else f"{val:.3f}"
+    cols = [("dpsnake", "double"), ("deepmd-pt", "double"), ("dpsnake", "mixed"), ("deepmd-pt", "mixed")]
+    print("| case | atoms | " + " | ".join(f"{c} {p}" for c, p in cols) + " |")
+    print("|---|---|" + "---|" * len(cols))
+    for (bench, nat, nf), v in rows.items():
+        print(f"| {bench} | {nat * nf:,} | " + " | ".join(v.get(c, "-") for c in cols) + " |")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("models", help="folder with cu_float64_1/ and cu_float32_{1..4}/ model.dp")
+    ap.add_argument("--reps", type=int, nargs="+", default=[4, 8, 12, 21])
+    ap.add_argument("--deepmd", action="store_true", help="also time DeePMD-kit (PyTorch) DeepPot")
+    ap.add_argument("--deepmd-reps", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--check", nargs="*", default=None, help="agreement checks (+ extra .dp files)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    import cupy as cp
+
+    def sync():
+        cp.cuda.Device().synchronize()
+
+    root = pathlib.Path(args.models)
+    models = {"float64": str(root / "cu_float64_1/model.dp"),
+              "float32": [str(root / f"cu_float32_{s}/model.dp") for s in (1, 2, 3, 4)]}
+    emit(device=cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), cupy=cp.__version__,
+         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    if args.check is not None:
+        agreement(models, args.check, cp)
+    if args.deepmd:
+        for m in [models["float64"], *models["float32"]]:
+            if not os.path.exists(m.replace(".dp", ".pth")):
+                subprocess.run([sys.executable, "-m", "deepmd", "convert-backend", m,
+                                m.replace(".dp", ".pth")], check=True, capture_output=True)
+        deepmd_agreement(models, cp)
+    ours_cases(models, args.reps, cp, sync)
+    if args.deepmd:
+        import torch
+
+        deepmd_cases(models, args.deepmd_reps, torch.cuda.synchronize)
+    table()
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(RESULTS, indent=1))
+
+
+if __name__ == "__main__":
+    main()

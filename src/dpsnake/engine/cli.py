@@ -1,0 +1,118 @@
+"""``dpsnake model-devi``: model deviation of an ensemble on given frames (like ``dp model-devi``).
+
+Systems are deepmd/npy folders (read with dpdata) or any trajectory file ASE reads (extxyz, ...).
+The output is the LAMMPS plugin's ``model_devi.out`` format plus the ``devi_e`` column; with several
+systems their blocks follow each other, each after a ``# <system>`` line (as ``dp model-devi`` does).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+
+from dpsnake.errors import UserError
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("-m", "--models", nargs="+", required=True, help="model files (.dp)")
+    parser.add_argument("-s", "--system", nargs="+", required=True,
+                        help="deepmd/npy folders or trajectory files ASE reads")
+    parser.add_argument("-o", "--output", default="model_devi.out", help="output file")
+    parser.add_argument("-f", "--frequency", type=int, default=1, help="steps between frames")
+    parser.add_argument("--relative", type=float, default=None,
+                        help="relative force deviation with this level (eV/A)")
+    parser.add_argument("--relative-v", "--relative_v", dest="relative_v", type=float, default=None,
+                        help="relative virial deviation with this level (eV)")
+    parser.add_argument("--precision", choices=["double", "mixed"], default="double")
+    parser.add_argument("--device", choices=["cpu", "gpu", "auto"], default="cpu")
+    parser.add_argument("--batch-atoms", type=int, default=200_000,
+                        help="atoms per engine call (bounds memory)")
+
+
+def read_frames(path: str, type_map: list[str]):
+    """(coords (nf, nat, 3), cells (nf, 9) or None, atom types (nat,) in model indices)."""
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise UserError(f"system: {path} not found")
+    if p.is_dir():
+        import dpdata
+
+        try:
+            s = dpdata.System(str(p), fmt="deepmd/npy")
+        except Exception as err:  # dpdata raises many kinds
+            raise UserError(f"system: {path} is not a deepmd/npy folder ({err})") from None
+        names = list(s["atom_names"])
+        coords, cells, types = s["coords"], s["cells"].reshape(-1, 9), s["atom_types"]
+        nopbc = bool(s.nopbc)
+        symbols = [names[t] for t in types]
+    else:
+        from ase.io import read
+
+        try:
+            frames = read(str(p), index=":")
+        except Exception as err:
+            raise UserError(f"system: cannot read {path} ({err})") from None
+        if not frames:
+            raise UserError(f"system: {path} has no frames")
+        symbols = frames[0].get_chemical_symbols()
+        if any(a.get_chemical_symbols() != symbols for a in frames):
+            raise UserError(f"system: {path}: frames differ in atoms (one composition per file)")
+        coords = np.array([a.positions for a in frames])
+        cells = np.array([a.cell.array.reshape(9) for a in frames])
+        nopbc = not frames[0].pbc.all()
+    missing = sorted(set(symbols) - set(type_map))
+    if missing:
+        raise UserError(f"system: {path}: elements {missing} are not in the models' type_map {type_map}")
+    types = np.array([type_map.index(s) for s in symbols], dtype=np.int64)
+    return coords, (None if nopbc else cells), types
+
+
+def run(args) -> int:
+    from dpsnake.engine.ensemble import Ensemble
+    from dpsnake.engine.model_devi import COLUMNS, deviation_columns
+    from dpsnake.engine.deeppot import frames_to_flat
+
+    xp = np
+    if args.device in ("gpu", "auto"):
+        try:
+            import cupy
+
+            cupy.cuda.runtime.getDeviceCount()
+            xp = cupy
+        except Exception:
+            if args.device == "gpu":
+                raise UserError("device: gpu requested but CuPy/CUDA is not available") from None
+    ens = Ensemble(args.models, precision=args.precision)
+    blocks = []
+    for sysp in args.system:
+        coords, cells, types = read_frames(sysp, ens.type_map)
+        nf, nat = coords.shape[0], len(types)
+        per = max(1, args.batch_atoms // max(nat, 1))
+        cols = []
+        for a in range(0, nf, per):
+            b = min(nf, a + per)
+            c, t, s, cl, pbc, k, _ = frames_to_flat(
+                xp, xp.asarray(coords[a:b]), None if cells is None else xp.asarray(cells[a:b]),
+                xp.asarray(types))
+            out = ens.evaluate(c, t, s, cl, pbc)
+            cols.append(deviation_columns(out, s, xp.full(k, nat), args.relative, args.relative_v))
+        steps = np.arange(nf, dtype=np.int64) * args.frequency
+        data = {n: np.concatenate([c[n] for c in cols]) for n in COLUMNS[1:] + ["devi_e"]}
+        blocks.append((sysp, steps, data))
+        print(f"{sysp}: {nf} frames, max_devi_f up to {data['max_devi_f'].max():.4g} eV/A")
+    names = COLUMNS[1:] + ["devi_e"]
+    header = "#" + f"{'step':>11s}" + "".join(f"{n:>19s}" for n in names)
+    lines = []
+    for sysp, steps, data in blocks:
+        if len(blocks) > 1:
+            lines.append(f"# {sysp}")
+        lines.append(header)
+        for k, st in enumerate(steps):
+            lines.append(f"{int(st):12d}" + "".join(f" {data[n][k]:18.6e}" for n in names))
+    out = pathlib.Path(args.output)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, out)
+    return 0

@@ -1,0 +1,127 @@
+"""se_e2_a descriptor + ener fitting: atomic energies and dE/dd for a chunk of same-type centres.
+
+Forward (per centre, nnei = sum(sel) slots, DeePMD-kit's definitions):
+  sw(r) quintic switch; R = sw [1/(r+p), d/(r+p)^2] (0 in empty slots); Rn = (R - davg) / dstd;
+  descriptor exclude_types zero Rn rows of real neighbours; G = embed(Rn[:, 0]) (nnei, M1);
+  gr = Rn^T G / nnei (4, M1); D = gr^T gr[:, :axis] (M1*axis); E = fit(D) + bias.
+Backward by hand (reverse mode) to g = dE/dd (n, nnei, 3), in FP64 for the geometry. The nets run in
+the runtime dtype (float64, or float32 in mixed precision).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dpsnake.engine.model import DPModel
+
+
+@dataclass
+class RuntimeModel:
+    """A :class:`DPModel` with weights moved to namespace ``xp`` and cast to the net dtype."""
+
+    model: DPModel
+    xp: object
+    dtype: object
+    davg: object  # (ntypes, nnei, 4) float64
+    rstd: object  # 1 / dstd, float64
+    embeddings: list
+    fittings: list
+    bias: np.ndarray
+
+    @classmethod
+    def build(cls, model: DPModel, xp, dtype):
+        return cls(model=model, xp=xp, dtype=dtype,
+                   davg=xp.asarray(model.davg, dtype=xp.float64),
+                   rstd=xp.asarray(1.0 / model.dstd, dtype=xp.float64),
+                   embeddings=[None if n is None else n.to(xp, dtype) for n in model.embeddings],
+                   fittings=[None if n is None else n.to(xp, dtype) for n in model.fittings],
+                   bias=np.asarray(model.bias, dtype=np.float64))
+
+
+def _switch(xp, r, rs, rc):
+    """Quintic switch sw(r) and dsw/dr (DeePMD-kit's compute_smooth_weight)."""
+    rcl = xp.clip(r, rs, rc)
+    u = (rcl - rs) / (rc - rs)
+    u2 = u * u
+    sw = u2 * u * (-6.0 * u2 + 15.0 * u - 10.0) + 1.0
+    dsw = -30.0 * u2 * (u - 1.0) ** 2 / (rc - rs)
+    dsw = xp.where((r > rs) & (r < rc), dsw, 0.0)
+    return sw, dsw
+
+
+def energy_and_grad(rm: RuntimeModel, ti: int, d, valid, need_grad: bool = True):
+    """Atomic energies (n,) float64 and g = dE/dd (n, nnei, 3) float64 for centres of type ``ti``.
+
+    d (n, nnei, 3) float64 displacements (zero in empty slots), valid (n, nnei) bool.
+    """
+    xp, m = rm.xp, rm.model
+    n, nnei = valid.shape
+    if m.atom_exclude[ti]:
+        return xp.zeros(n), (xp.zeros((n, nnei, 3)) if need_grad else None)
+    vf = valid.astype(xp.float64)
+    r = xp.sqrt((d * d).sum(axis=2))
+    rr = xp.where(valid, r, 1.0)
+    p = m.env_protection
+    q = 1.0 / (rr + p)
+    sw, dsw = _switch(xp, rr, m.rcut_smth, m.rcut)
+    sw = sw * vf
+    R = xp.concatenate([(sw * q)[..., None], (sw * q * q)[..., None] * d], axis=2)
+    # descriptor exclusion: zero rows of real neighbours of an excluded (ti, t) pair
+    keep = None
+    if m.desc_exclude[ti].any():
+        tslot = xp.asarray(np.repeat(np.arange(m.ntypes), m.sel))
+        exrow = xp.asarray(m.desc_exclude[ti])[tslot][None, :]
+        exrow = exrow & (True if m.exclude_padding else valid)
+        keep = (~exrow).astype(xp.float64)
+    Rn = (R - rm.davg[ti]) * rm.rstd[ti]
+    if keep is not None:
+        Rn = Rn * keep[..., None]
+    Rn_c = Rn.astype(rm.dtype)
+    sec = m.sec
+    M1 = m.neuron[-1]
+    A = m.axis_neuron
+    gr = xp.zeros((n, 4, M1), dtype=rm.dtype)
+    Gs = []
+    for tt in range(m.ntypes):
+        a, b = sec[tt], sec[tt + 1]
+        if a == b:
+            Gs.append(None)
+            continue
+        net = rm.embeddings[tt if m.type_one_side else ti + m.ntypes * tt]
+        G, cache = net.forward(xp, Rn_c[:, a:b, 0:1], keep=need_grad)
+        gr += xp.matmul(Rn_c[:, a:b, :].transpose(0, 2, 1), G)
+        Gs.append((G, cache))
+    gr *= 1.0 / nnei
+    gr1 = gr[:, :, :A]
+    D = xp.matmul(gr.transpose(0, 2, 1), gr1).reshape(n, M1 * A)
+    fit = rm.fittings[ti]
+    y, fcache = fit.forward(xp, D, keep=need_grad)
+    e = y[:, 0].astype(xp.float64) + float(rm.bias[ti])
+    if not need_grad:
+        return e, None
+    gD = fit.backward(xp, xp.ones((n, 1), dtype=rm.dtype), fcache).reshape(n, M1, A)
+    ggr = xp.matmul(gr1, gD.transpose(0, 2, 1))  # (n, 4, M1)
+    ggr[:, :, :A] += xp.matmul(gr, gD)
+    ggr *= 1.0 / nnei
+    gRn = xp.empty((n, nnei, 4), dtype=rm.dtype)
+    for tt in range(m.ntypes):
+        a, b = sec[tt], sec[tt + 1]
+        if a == b:
+            continue
+        G, cache = Gs[tt]
+        net = rm.embeddings[tt if m.type_one_side else ti + m.ntypes * tt]
+        gG = xp.matmul(Rn_c[:, a:b, :], ggr)  # (n, s, M1)
+        gRn[:, a:b, :] = xp.matmul(G, ggr.transpose(0, 2, 1))
+        gRn[:, a:b, 0:1] += net.backward(xp, gG, cache)
+    gR = gRn.astype(xp.float64) * rm.rstd[ti]
+    if keep is not None:
+        gR = gR * keep[..., None]
+    gR = gR * vf[..., None]
+    # chain through R = sw [q, d q^2], q = 1/(r+p)
+    g0, gv = gR[..., 0], gR[..., 1:]
+    gvd = (gv * d).sum(axis=2)
+    coef = (g0 * (dsw * q - sw * q * q) + gvd * (dsw * q * q - 2.0 * sw * q ** 3)) / rr
+    g = coef[..., None] * d + (sw * q * q)[..., None] * gv
+    return e, g

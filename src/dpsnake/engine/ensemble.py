@@ -1,0 +1,168 @@
+"""Ensembles of Deep Potential models evaluated on shared neighbour data, batched over many systems.
+
+Flat batched layout (docs/architecture.md): ``coords (N, 3)``, ``atype (N,)`` model type indices,
+``system (N,)`` sorted ints 0..S-1, ``cells (S, 3, 3)`` (rows = lattice vectors, A), ``pbc (S,)``.
+Outputs live in the inputs' namespace (NumPy in, NumPy out; CuPy in, CuPy out).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+
+from dpsnake.engine.descriptor import RuntimeModel, energy_and_grad
+from dpsnake.engine.model import DPModel, load_model
+from dpsnake.engine.neighbor import NeighborBuilder
+from dpsnake.engine.xp import array_namespace, to_numpy
+from dpsnake.errors import UserError
+
+# bytes of work memory per centre atom and slot of the neighbour list (nets' caches dominate);
+# chunks of centres are sized so that one chunk stays under DPSNAKE_CHUNK_MB (default 2048 MB)
+_BYTES_PER_SLOT = 8
+
+
+class Ensemble:
+    """M models sharing type_map / rcut / sel; ``evaluate`` builds neighbours once for all of them.
+
+    precision: "double" (FP64 nets and geometry) or "mixed" (FP64 geometry, FP32 nets).
+    xp: array namespace to hold the weights (numpy or cupy); None = chosen from the first inputs.
+    chunk_atoms: centres per chunk (None = sized from DPSNAKE_CHUNK_MB).
+    """
+
+    def __init__(self, models, precision: str = "double", xp=None, chunk_atoms: int | None = None):
+        if not models:
+            raise UserError("models: an ensemble needs at least one model")
+        if precision not in ("double", "mixed"):
+            raise UserError(f"precision: {precision!r} is not 'double' or 'mixed'")
+        self.models: list[DPModel] = [m if isinstance(m, DPModel) else load_model(m) for m in models]
+        m0 = self.models[0]
+        for m in self.models[1:]:
+            if not m0.same_geometry(m):
+                raise UserError(f"models: {m.path} differs from {m0.path} in type_map, rcut, sel or "
+                                "pair_exclude_types, so they cannot share neighbour lists")
+        self.precision = precision
+        self.chunk_atoms = chunk_atoms
+        self._runtime = {}
+        self._xp = xp
+        self.last_overflow = 0
+
+    @property
+    def type_map(self) -> list[str]:
+        return list(self.models[0].type_map)
+
+    @property
+    def rcut(self) -> float:
+        return self.models[0].rcut
+
+    @property
+    def sel(self) -> list[int]:
+        return list(self.models[0].sel)
+
+    @property
+    def ntypes(self) -> int:
+        return self.models[0].ntypes
+
+    @property
+    def nmodels(self) -> int:
+        return len(self.models)
+
+    def _rt(self, xp, k: int) -> RuntimeModel:
+        key = (xp.__name__, k)
+        if key not in self._runtime:
+            dtype = xp.float64 if self.precision == "double" else xp.float32
+            self._runtime[key] = RuntimeModel.build(self.models[k], xp, dtype)
+        return self._runtime[key]
+
+    def _chunk_size(self) -> int:
+        if self.chunk_atoms:
+            return int(self.chunk_atoms)
+        mb = float(os.environ.get("DPSNAKE_CHUNK_MB", "2048"))
+        m = self.models[0]
+        width = sum(m.neuron) + 4 * 3 + 16  # cached activations + env-mat work per slot
+        per_atom = m.nnei * width * _BYTES_PER_SLOT * 2
+        return max(64, int(mb * 1e6 / per_atom))
+
+    def evaluate(self, coords, atype, system, cells, pbc, model_indices=None, atomic: bool = False):
+        """Energies, forces, virials of every model on every system.
+
+        coords (N, 3) A; atype (N,) int; system (N,) sorted ints 0..S-1; cells (S, 3, 3) A;
+        pbc (S,) bool. Returns dict with ``energy`` (M, S) eV, ``force`` (M, N, 3) eV/A,
+        ``virial`` (M, S, 9) eV and, if ``atomic``, ``atom_energy`` (M, N), ``atom_virial`` (M, N, 9).
+        """
+        xp = array_namespace(coords)
+        coords = xp.asarray(coords, dtype=xp.float64).reshape(-1, 3)
+        atype = xp.asarray(atype).astype(xp.int64).reshape(-1)
+        system = xp.asarray(system).astype(xp.int64).reshape(-1)
+        cells = xp.asarray(cells, dtype=xp.float64).reshape(-1, 3, 3)
+        pbc = xp.asarray(pbc).astype(bool).reshape(-1)
+        N, S = coords.shape[0], cells.shape[0]
+        if atype.shape[0] != N or system.shape[0] != N:
+            raise UserError(f"atype/system: lengths {atype.shape[0]}/{system.shape[0]} != {N} atoms")
+        if pbc.shape[0] != S:
+            raise UserError(f"pbc: {pbc.shape[0]} entries for {S} systems")
+        idx = list(range(self.nmodels)) if model_indices is None else [int(i) for i in model_indices]
+        M = len(idx)
+        ta = to_numpy(atype)
+        if N and (ta.min() < 0 or ta.max() >= self.ntypes):
+            raise UserError(f"atype: type indices must be in 0..{self.ntypes - 1}")
+        energy_atom = xp.zeros((M, N))
+        force = xp.zeros((M, N, 3))
+        virial = xp.zeros((M, S, 9))
+        atom_virial = xp.zeros((M, N, 9)) if atomic else None
+        rts = [self._rt(xp, k) for k in idx]
+        m0 = self.models[0]
+        nb = NeighborBuilder(xp, coords, atype, system, cells, pbc, m0.rcut, m0.sel, m0.pair_exclude)
+        order = np.argsort(ta, kind="stable")
+        counts = np.bincount(ta, minlength=self.ntypes)
+        csize = self._chunk_size()
+        overflow = 0
+        start = 0
+        for ti in range(self.ntypes):
+            stop = start + int(counts[ti])
+            for a in range(start, stop, csize):
+                centers = xp.asarray(order[a:min(stop, a + csize)])
+                ch = nb.chunk(centers)
+                overflow += int(to_numpy(ch.overflow.sum()))
+                own = xp.where(ch.valid, ch.owner, 0).reshape(-1)
+                sysc = system[centers]
+                for j, rt in enumerate(rts):
+                    e, g = energy_and_grad(rt, ti, ch.d, ch.valid)
+                    energy_atom[j, centers] = e
+                    # F = -dE/dr with d = r_nb - r_c: centre gets +sum g, neighbour gets -g
+                    force[j, centers] += g.sum(axis=1)
+                    _scatter_add(xp, force[j], own, -g.reshape(-1, 3))
+                    w = -(g[:, :, :, None] * ch.d[:, :, None, :]).reshape(g.shape[0], -1, 9)
+                    _scatter_add(xp, virial[j], sysc, w.sum(axis=1))
+                    if atomic:
+                        _scatter_add(xp, atom_virial[j], own, w.reshape(-1, 9))
+            start = stop
+        self.last_overflow = overflow
+        if overflow:
+            warnings.warn(f"{overflow} atoms have more neighbours within rcut than sel allows "
+                          f"(sel={m0.sel}); extra neighbours were dropped as DeePMD-kit does",
+                          RuntimeWarning, stacklevel=2)
+        out = {"energy": _segment(xp, energy_atom, system, S), "force": force, "virial": virial}
+        if atomic:
+            out["atom_energy"] = energy_atom
+            out["atom_virial"] = atom_virial
+        return out
+
+
+def _scatter_add(xp, target, index, values):
+    """target[index] += values, with repeated indices accumulated."""
+    if xp is np:
+        np.add.at(target, index, values)
+    else:
+        import cupyx
+
+        cupyx.scatter_add(target, index, values)
+
+
+def _segment(xp, per_atom, system, S):
+    """(M, N) -> (M, S) sums over the atoms of each system."""
+    out = xp.zeros((per_atom.shape[0], S))
+    for j in range(per_atom.shape[0]):
+        _scatter_add(xp, out[j], system, per_atom[j])
+    return out

@@ -1,0 +1,67 @@
+"""Array-namespace helpers so one code path serves NumPy and CuPy.
+
+Only what the array API lacks lives here: scatter-add (segment sums), segment min/max, device moves.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+def is_cupy(x) -> bool:
+    """True if ``x`` is a CuPy array (checked by module name, so CuPy need not be installed)."""
+    return type(x).__module__.startswith("cupy")
+
+
+def array_namespace(*arrays):
+    """The module (``numpy`` or ``cupy``) that owns the arrays; NumPy for Python scalars/lists."""
+    for a in arrays:
+        if a is not None and is_cupy(a):
+            import cupy
+
+            return cupy
+    return np
+
+
+def to_numpy(x) -> np.ndarray:
+    """Host copy of an array of either namespace."""
+    if is_cupy(x):
+        return x.get()
+    return np.asarray(x)
+
+
+def asarray(xp, x, dtype=None):
+    """``x`` as an array of namespace ``xp`` (copies host -> device when needed)."""
+    if xp is np:
+        return np.asarray(to_numpy(x), dtype=dtype)
+    return xp.asarray(x, dtype=dtype)
+
+
+def segment_sum(xp, index, values, nseg: int):
+    """Sum ``values`` (n, ...) into ``nseg`` rows by ``index`` (n,) ints; returns (nseg, ...).
+
+    bincount is used because it is fast on both NumPy and CuPy (np.add.at is slow); it
+    accumulates in float64.
+    """
+    index = xp.asarray(index).reshape(-1)
+    tail = values.shape[1:]
+    v = values.reshape(values.shape[0], -1)
+    out = xp.empty((nseg, v.shape[1]), dtype=xp.float64)
+    for c in range(v.shape[1]):
+        out[:, c] = xp.bincount(index, weights=v[:, c].astype(xp.float64), minlength=nseg)[:nseg]
+    return out.reshape((nseg, *tail))
+
+
+def segment_minmax(xp, index, values, nseg: int):
+    """Per-segment min and max of ``values`` (n, k) by ``index`` (n,); empty segments give +inf/-inf."""
+    k = values.shape[1]
+    lo = xp.full((nseg, k), xp.inf, dtype=values.dtype)
+    hi = xp.full((nseg, k), -xp.inf, dtype=values.dtype)
+    if xp is np:
+        np.minimum.at(lo, index, values)
+        np.maximum.at(hi, index, values)
+    else:
+        import cupyx
+
+        cupyx.scatter_min(lo, index, values)
+        cupyx.scatter_max(hi, index, values)
+    return lo, hi

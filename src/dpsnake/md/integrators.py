@@ -1,0 +1,214 @@
+"""Integrators on the flat batched state; every walker keeps its own ensemble, dt and parameters.
+
+One step (``md_step``), for all walkers at once, one force evaluation:
+
+    NHC half step (t, dt/2) -> kick dt/2 -> drift dt (Langevin: drift dt/2, O, drift dt/2)
+    -> stochastic cell rescaling (NPT) -> forces -> kick dt/2 -> Bussi (dt) -> NHC half step
+
+- NVE: velocity Verlet (identical to ASE's ``VelocityVerlet``).
+- Langevin: BAOAB (Leimkuhler & Matthews 2013), friction 1/tau_t.
+- Bussi: canonical sampling through velocity rescaling (Bussi, Donadio, Parrinello 2007), the
+  chi-squared sum drawn as an explicit sum of nf-1 squared normals.
+- Nose-Hoover chains of length 3 (Martyna, Tuckerman, Tobias, Klein 1996), Q1 = nf kT tau^2, Qj = kT tau^2.
+- NPT: stochastic cell rescaling (Bernetti & Bussi 2020; anisotropic / fully flexible version after
+  Del Tatto, Raiteri, Bernetti, Bussi 2022): a first-order stochastic equation for the strain,
+  driven by (P0 - P_int), positions scaled with the cell and velocities inversely. The pressure uses
+  the state at the start of the step. Isotropic: eps = ln V; anisotropic: ln of each diagonal
+  stretch; fully flexible: plus symmetric shear (no cell rotation).
+
+Everything stays in ``st.xp``; no host synchronisation happens inside a step.
+"""
+
+from __future__ import annotations
+
+from dpsnake.engine.xp import segment_sum
+from dpsnake.md import rng
+from dpsnake.md.state import B_ANISO, B_ISO, B_NONE, B_TRI, T_BUSSI, T_LANGEVIN, T_NHC, BatchState
+
+
+def segsum(st: BatchState, values):
+    """Per-walker sum of an atom array (N, ...) -> (S, ...)."""
+    return segment_sum(st.xp, st.system, values, st.nsys)
+
+
+def kinetic_energy(st: BatchState):
+    """(S,) kinetic energy, eV."""
+    return 0.5 * segsum(st, st.mass * (st.vel * st.vel).sum(axis=1))
+
+
+def kinetic_tensor(st: BatchState):
+    """(S, 3, 3) sum of m v_a v_b, eV."""
+    mv = st.mass[:, None, None] * st.vel[:, :, None] * st.vel[:, None, :]
+    return segsum(st, mv.reshape(-1, 9)).reshape(-1, 3, 3)
+
+
+def volume(st: BatchState):
+    """(S,) cell volume, A^3 (1 for non-periodic walkers, which never use it)."""
+    xp = st.xp
+    return xp.where(st.pbc, xp.abs(xp.linalg.det(st.cells)), 1.0)
+
+
+def temperature(st: BatchState):
+    """(S,) instantaneous temperature, K."""
+    from ase import units
+
+    return 2.0 * kinetic_energy(st) / (st.nf * units.kB)
+
+
+def pressure_tensor(st: BatchState):
+    """(S, 3, 3) instantaneous pressure tensor (kinetic + virial), eV/A^3."""
+    w = 0.5 * (st.virial + st.virial.transpose(0, 2, 1))
+    return (kinetic_tensor(st) + w) / volume(st)[:, None, None]
+
+
+def set_forces(st: BatchState, out: dict) -> None:
+    """Take the driving model's (model 0) energy, forces and virial from an ensemble output."""
+    st.energy = out["energy"][0]
+    st.force = out["force"][0]
+    st.virial = out["virial"][0].reshape(-1, 3, 3)
+
+
+def _kick(st: BatchState, dt_atom):
+    st.vel = st.vel + (0.5 * dt_atom)[:, None] * st.force / st.mass[:, None]
+
+
+def nhc_half(st: BatchState) -> None:
+    """Half a step (dt/2) of the Nose-Hoover chain on the walkers that use it."""
+    xp = st.xp
+    on = st.thermo == T_NHC
+    kT = xp.where(on, st.kT, 1.0)
+    tau2 = st.tau_t ** 2
+    q = xp.stack([st.nf * kT * tau2] + [kT * tau2] * (st.nhc_v.shape[1] - 1), axis=1)
+    v, eta = st.nhc_v.copy(), st.nhc_eta.copy()
+    M = v.shape[1]
+    d = 0.5 * st.dt  # length of this half step
+    k2 = 2.0 * kinetic_energy(st)
+    g = [None] * M
+    g[0] = (k2 - st.nf * kT) / q[:, 0]
+    for j in range(1, M):
+        g[j] = (q[:, j - 1] * v[:, j - 1] ** 2 - kT) / q[:, j]
+    v[:, M - 1] += g[M - 1] * d / 2
+    for j in range(M - 2, -1, -1):
+        a = xp.exp(-v[:, j + 1] * d / 4)
+        v[:, j] = (v[:, j] * a + g[j] * d / 2) * a
+    scale = xp.exp(-v[:, 0] * d)
+    k2 = k2 * scale * scale
+    eta += v * d[:, None]
+    g[0] = (k2 - st.nf * kT) / q[:, 0]
+    for j in range(M - 1):
+        a = xp.exp(-v[:, j + 1] * d / 4)
+        v[:, j] = (v[:, j] * a + g[j] * d / 2) * a
+        g[j + 1] = (q[:, j] * v[:, j] ** 2 - kT) / q[:, j + 1]
+    v[:, M - 1] += g[M - 1] * d / 2
+    st.nhc_v = xp.where(on[:, None], v, st.nhc_v)
+    st.nhc_eta = xp.where(on[:, None], eta, st.nhc_eta)
+    st.vel = st.vel * xp.where(on, scale, 1.0)[st.system][:, None]
+
+
+def nhc_energy(st: BatchState):
+    """(S,) energy of the Nose-Hoover chain; E_pot + E_kin + this is conserved."""
+    xp = st.xp
+    tau2 = st.tau_t ** 2
+    q0 = st.nf * st.kT * tau2
+    qj = st.kT * tau2
+    e = 0.5 * q0 * st.nhc_v[:, 0] ** 2 + st.nf * st.kT * st.nhc_eta[:, 0]
+    e = e + (0.5 * qj[:, None] * st.nhc_v[:, 1:] ** 2 + st.kT[:, None] * st.nhc_eta[:, 1:]).sum(axis=1)
+    return xp.where(st.thermo == T_NHC, e, 0.0)
+
+
+def bussi(st: BatchState, step: int) -> None:
+    """One step (dt) of the Bussi-Donadio-Parrinello stochastic velocity rescaling."""
+    xp = st.xp
+    on = st.thermo == T_BUSSI
+    g = rng.atom_normals(xp, st.seed, st.system, st.local, step, rng.BUSSI)
+    k = st.local[:, None] * 3 + xp.arange(3)[None, :]
+    nf_atom = st.nf[st.system][:, None]
+    r1 = segsum(st, xp.where(k == 0, g, 0.0).sum(axis=1))
+    s2 = segsum(st, xp.where((k >= 1) & (k <= nf_atom - 1), g * g, 0.0).sum(axis=1))
+    kin = kinetic_energy(st)
+    kt = 0.5 * st.nf * st.kT
+    c = xp.exp(-st.dt / st.tau_t)
+    new = kin + (1 - c) * (kt * (s2 + r1 * r1) / st.nf - kin) + 2 * r1 * xp.sqrt(
+        xp.maximum(kin * kt / st.nf * (1 - c) * c, 0.0))
+    alpha = xp.sqrt(xp.maximum(new, 0.0) / xp.where(kin > 0, kin, 1.0))
+    alpha = xp.where(on & (kin > 0), alpha, 1.0)
+    st.vel = st.vel * alpha[st.system][:, None]
+
+
+def langevin_o(st: BatchState, step: int) -> None:
+    """The O part of BAOAB (exact Ornstein-Uhlenbeck over dt) on the Langevin walkers."""
+    xp = st.xp
+    on = (st.thermo == T_LANGEVIN)[st.system]
+    c1 = xp.exp(-(st.dt / st.tau_t))[st.system]
+    c2 = xp.sqrt((1 - c1 * c1) * st.kT[st.system] / st.mass)
+    g = rng.atom_normals(xp, st.seed, st.system, st.local, step, rng.LANGEVIN)
+    st.vel = xp.where(on[:, None], c1[:, None] * st.vel + c2[:, None] * g, st.vel)
+
+
+def cell_rescale(st: BatchState, ptens, step: int) -> None:
+    """Stochastic cell rescaling over dt for the NPT walkers, given the pressure tensor (S, 3, 3)."""
+    xp = st.xp
+    S = st.nsys
+    vol = volume(st)
+    mob = st.beta / st.tau_p * st.dt  # strain per (eV/A^3) over this step
+    r = rng.system_normals(xp, st.seed, step, rng.BAROSTAT, 6)
+    kT = st.kT
+    eye = xp.eye(3)[None]
+    # isotropic: eps = ln V
+    piso = (ptens[:, 0, 0] + ptens[:, 1, 1] + ptens[:, 2, 2]) / 3
+    de_v = -mob * (st.p0 - piso) + xp.sqrt(2 * kT * mob / vol) * r[:, 0]
+    mu_iso = xp.exp(de_v / 3)[:, None, None] * eye
+    # anisotropic: ln of each diagonal stretch; fully flexible adds symmetric shear
+    diag = xp.stack([ptens[:, a, a] for a in range(3)], axis=1)
+    de = -(mob / 3)[:, None] * (st.p0[:, None] - diag) + xp.sqrt(2 * kT * mob / (3 * vol))[:, None] * r[:, :3]
+    e = xp.zeros((S, 3, 3))
+    for a in range(3):
+        e[:, a, a] = de[:, a]
+    psym = 0.5 * (ptens + ptens.transpose(0, 2, 1))
+    shear = xp.zeros((S, 3, 3))
+    for k, (a, b) in enumerate(((0, 1), (0, 2), (1, 2))):
+        s = (mob / 3) * psym[:, a, b] + xp.sqrt(kT * mob / (3 * vol)) * r[:, 3 + k]
+        shear[:, a, b] = s
+        shear[:, b, a] = s
+    mu_aniso = eye + e + e @ e / 2 + e @ e @ e / 6
+    et = e + shear
+    mu_tri = eye + et + et @ et / 2 + et @ et @ et / 6
+    mode = st.baro[:, None, None]
+    mu = xp.where(mode == B_ISO, mu_iso, xp.where(mode == B_ANISO, mu_aniso,
+                                                   xp.where(mode == B_TRI, mu_tri, eye)))
+    mu = xp.where(mode == B_NONE, eye, mu)
+    mu_inv = xp.linalg.inv(mu)
+    ma = mu[st.system]
+    st.pos = xp.einsum("ni,nij->nj", st.pos, ma)
+    st.vel = xp.einsum("ni,nij->nj", st.vel, mu_inv[st.system])
+    st.cells = st.cells @ mu
+
+
+def md_step(st: BatchState, compute, step: int, flags: dict, all_models: bool = False) -> dict:
+    """Advance every walker of ``st`` by its dt; returns the ensemble output at the new positions.
+
+    compute(st, all_models) -> {"energy" (M, S), "force" (M, N, 3), "virial" (M, S, 9)} in st.xp;
+    model 0 drives. ``step`` is the index of this step (0 for the first), the RNG counter.
+    ``flags`` = st.flags() (host booleans: which parts are present).
+    """
+    dt_atom = st.dt[st.system]
+    if flags["nhc"]:
+        nhc_half(st)
+    ptens = pressure_tensor(st) if flags["npt"] else None
+    _kick(st, dt_atom)
+    if flags["langevin"]:
+        st.pos = st.pos + (0.5 * dt_atom)[:, None] * st.vel
+        langevin_o(st, step)
+        st.pos = st.pos + (0.5 * dt_atom)[:, None] * st.vel
+    else:
+        st.pos = st.pos + dt_atom[:, None] * st.vel
+    if flags["npt"]:
+        cell_rescale(st, ptens, step)
+    out = compute(st, all_models)
+    set_forces(st, out)
+    _kick(st, dt_atom)
+    if flags["bussi"]:
+        bussi(st, step)
+    if flags["nhc"]:
+        nhc_half(st)
+    return out

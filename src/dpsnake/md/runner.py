@@ -1,0 +1,304 @@
+"""The exploration loop: all walkers in one batch, deviation every trj_freq, early stop, checkpoints.
+
+Outputs per walker (``DIR/<name>/``): ``traj.extxyz`` and ``model_devi.out``, written as ``*.part``
+while the walker runs and renamed when it stops, so a finished file is always complete.
+``DIR/checkpoint.npz`` (written atomically) holds the batch state, walker statuses and the byte
+lengths of the ``.part`` files; a rerun resumes from it (files are cut back to those lengths).
+``DIR/summary.json`` is written last: it marks the whole exploration as done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import signal
+import sys
+import time
+
+import numpy as np
+
+from dpsnake.engine.xp import to_numpy
+from dpsnake.md import integrators
+from dpsnake.md.deviation import batch_deviation, min_distances
+from dpsnake.md.state import build_state, BatchState
+from dpsnake.md.trajectory import DEVI_HEADER, devi_line, frame_text
+from dpsnake.md.walkers import Walker, degrees_of_freedom, masses_for, maxwell_boltzmann, read_structure
+
+CHECKPOINT = "checkpoint.npz"
+SUMMARY = "summary.json"
+
+
+def atomic_write_text(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _Out:
+    """The two growing output files of one walker (binary append; lengths known for checkpoints)."""
+
+    def __init__(self, folder: pathlib.Path, offsets=None):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.final = {"traj": folder / "traj.extxyz", "devi": folder / "model_devi.out"}
+        self.part = {k: p.with_name(p.name + ".part") for k, p in self.final.items()}
+        self.files = {}
+        for k in ("traj", "devi"):
+            if offsets is None:
+                self.part[k].unlink(missing_ok=True)
+                self.final[k].unlink(missing_ok=True)
+                self.part[k].write_bytes(DEVI_HEADER.encode() if k == "devi" else b"")
+            else:
+                if not self.part[k].exists() and self.final[k].exists():
+                    os.replace(self.final[k], self.part[k])  # stopped after the last checkpoint
+                os.truncate(self.part[k], offsets[k])
+            self.files[k] = open(self.part[k], "ab")
+
+    def write(self, key: str, text: str) -> None:
+        self.files[key].write(text.encode())
+
+    def offsets(self) -> dict:
+        out = {}
+        for k, f in self.files.items():
+            f.flush()
+            os.fsync(f.fileno())
+            out[k] = f.tell()
+        return out
+
+    def close(self) -> None:
+        for k, f in self.files.items():
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            os.replace(self.part[k], self.final[k])
+
+
+def spec_hash(walkers: list[Walker], models: list[str]) -> str:
+    blob = json.dumps([[dataclasses.asdict(w) for w in walkers], [str(m) for m in models]], sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()
+
+
+class Explorer:
+    """Runs walkers as one batch with a force provider.
+
+    provider(st, all_models) -> {"energy" (M, S), "force" (M, N, 3), "virial" (M, S, 9)} (model 0
+    drives); type_map: the models' element symbols; xp: numpy or cupy. checkpoint_every: seconds
+    between checkpoints; checkpoint_steps: also every this many steps (None: time only).
+    """
+
+    def __init__(self, walkers, provider, type_map, outdir, xp=np, models=(), checkpoint_every=600.0,
+                 checkpoint_steps=None, progress=True, stop_after=None):
+        self.walkers = list(walkers)
+        self.provider = provider
+        self.type_map = list(type_map)
+        self.outdir = pathlib.Path(outdir)
+        self.xp = xp
+        self.hash = spec_hash(self.walkers, list(models))
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_steps = checkpoint_steps
+        self.progress = progress
+        self.stop_after = stop_after  # testing/benchmarks: return after this many steps (as a kill would)
+        self._term = False
+
+    # ---------------------------------------------------------------- setup
+    def _read_structures(self):
+        self.structures = []
+        for w in self.walkers:
+            atoms, atype = read_structure(w, self.type_map)
+            self.structures.append((atoms, atype, masses_for(atype, self.type_map)))
+
+    def _fresh(self):
+        self.step = 0
+        self.status = {w.name: {"status": "running", "reason": None, "steps": 0} for w in self.walkers}
+        self.cap_count = {w.name: 0 for w in self.walkers}
+        self.max_devi = {w.name: 0.0 for w in self.walkers}
+        vel = []
+        for w, (atoms, atype, m) in zip(self.walkers, self.structures):
+            vel.append(maxwell_boltzmann(m, w.temperature, w.seed, degrees_of_freedom(len(m), w)))
+        self.st = build_state(self.walkers, list(range(len(self.walkers))), self.structures, vel, self.xp)
+        self.outs = {w.name: _Out(self.outdir / w.name) for w in self.walkers}
+        out = self.provider(self.st, True)
+        integrators.set_forces(self.st, out)
+        self._deviation_step(out)
+
+    def _resume(self, path: pathlib.Path) -> bool:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            if meta.get("hash") != self.hash:
+                print(f"dpsnake explore: {path} is from other walkers or models; starting over", file=sys.stderr)
+                return False
+            arrays = {k[2:]: z[k] for k in z.files if k.startswith("s_")}
+        self.step = meta["step"]
+        self.status, self.cap_count, self.max_devi = meta["status"], meta["cap_count"], meta["max_devi"]
+        self.st = BatchState.from_host(arrays, xp=self.xp) if arrays else None
+        self.outs = {n: _Out(self.outdir / n, offsets=o) for n, o in meta["offsets"].items()}
+        return True
+
+    # ---------------------------------------------------------------- per deviation step
+    def _deviation_step(self, out) -> None:
+        """Frames, deviation lines and stop checks of the walkers due at ``self.step``."""
+        st, xp, step = self.st, self.xp, self.step
+        widx = to_numpy(st.walker)
+        due = np.array([step % self.walkers[i].trj_freq == 0 for i in widx])
+        if not due.any():
+            return
+        devi = batch_deviation(xp, out, st.system, st.natoms, st.nsys)
+        finite = xp.isfinite(integrators.segsum(st, (st.pos + st.vel).sum(axis=1))) & xp.isfinite(st.energy)
+        finite &= xp.isfinite(devi).all(axis=1)
+        need_md = any(self.walkers[i].min_dist for i in widx[due])
+        mind = to_numpy(min_distances(xp, st.pos, st.cells, st.pbc, to_numpy(st.natoms))) if need_md else None
+        devi, finite = to_numpy(devi), to_numpy(finite)
+        pos, cells, pbc, atype = to_numpy(st.pos), to_numpy(st.cells), to_numpy(st.pbc), to_numpy(st.atype)
+        bounds = np.concatenate([[0], np.cumsum(to_numpy(st.natoms))])
+        symbols = np.array(self.type_map)[atype]
+        for s in np.nonzero(due)[0]:
+            w = self.walkers[widx[s]]
+            rec = self.status[w.name]
+            rec["steps"] = step
+            if not finite[s]:
+                rec.update(status="failed", reason=f"non-finite numbers (NaN/inf) at step {step}")
+                continue
+            lo, hi = bounds[s], bounds[s + 1]
+            o = self.outs[w.name]
+            o.write("traj", frame_text(symbols[lo:hi], pos[lo:hi], cells[s], bool(pbc[s]), step))
+            o.write("devi", devi_line(step, devi[s]))
+            self.max_devi[w.name] = max(self.max_devi[w.name], float(devi[s, 3]))
+            if w.min_dist and mind[s] < w.min_dist:
+                rec.update(status="failed",
+                           reason=f"atoms closer than min_dist {w.min_dist} A ({mind[s]:.3f} A) at step {step}")
+                continue
+            if w.max_devi_f_cap:
+                self.cap_count[w.name] = self.cap_count[w.name] + 1 if devi[s, 3] > w.max_devi_f_cap else 0
+                if self.cap_count[w.name] >= w.max_devi_f_patience:
+                    rec.update(status="failed", reason=(
+                        f"max_devi_f above cap {w.max_devi_f_cap} eV/A for {self.cap_count[w.name]} "
+                        f"consecutive checks (last at step {step})"))
+                    continue
+        for s, i in enumerate(widx):
+            w = self.walkers[i]
+            if self.status[w.name]["status"] == "running" and step >= w.nsteps:
+                self.status[w.name].update(status="finished", steps=step)
+
+    def _drop_stopped(self) -> None:
+        widx = to_numpy(self.st.walker)
+        keep = np.array([self.status[self.walkers[i].name]["status"] == "running" for i in widx])
+        for i in widx[~keep]:
+            self.outs[self.walkers[i].name].close()
+        if not keep.all():
+            self.st = self.st.select(keep) if keep.any() else None
+
+    # ---------------------------------------------------------------- checkpoints
+    def checkpoint(self) -> None:
+        path = self.outdir / CHECKPOINT
+        offsets = {n: o.offsets() for n, o in self.outs.items()
+                   if self.status[n]["status"] == "running"}
+        meta = {"version": 1, "hash": self.hash, "step": self.step, "status": self.status,
+                "cap_count": self.cap_count, "max_devi": self.max_devi, "offsets": offsets}
+        arrays = {} if self.st is None else {f"s_{k}": v for k, v in self.st.to_host().items()}
+        tmp = path.with_name(f".{CHECKPOINT}.tmp{os.getpid()}.npz")
+        with open(tmp, "wb") as f:
+            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self._last_ckpt = (time.monotonic(), self.step)
+
+    def _on_term(self, signum, frame):  # SLURM sends SIGTERM before the kill: save and leave
+        self._term = True
+
+    # ---------------------------------------------------------------- main loop
+    def run(self) -> dict:
+        """Run (or resume) to the end; returns the summary dict (also written to DIR/summary.json)."""
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        summary_path = self.outdir / SUMMARY
+        if summary_path.exists():
+            summary = json.loads(summary_path.read_text())
+            self._print_table(summary)
+            return summary
+        self._read_structures()
+        ck = self.outdir / CHECKPOINT
+        if not (ck.exists() and self._resume(ck)):
+            self._fresh()
+            self._drop_stopped()
+        self._last_ckpt = (time.monotonic(), self.step)
+        old = signal.signal(signal.SIGTERM, self._on_term) if _main_thread() else None
+        try:
+            done = self._loop()
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
+        if not done:
+            self.checkpoint()
+            if self._term:
+                raise SystemExit(143)
+            return {}
+        summary = {"walkers": {w.name: {"status": self.status[w.name]["status"],
+                                        "reason": self.status[w.name]["reason"],
+                                        "steps": int(self.status[w.name]["steps"])} for w in self.walkers}}
+        self.checkpoint()  # all stopped: a rerun before summary.json lands finds nothing left to do
+        atomic_write_text(summary_path, json.dumps(summary, indent=1) + "\n")
+        ck.unlink(missing_ok=True)
+        self._print_table(summary)
+        return summary
+
+    def _loop(self) -> bool:
+        from tqdm import tqdm
+
+        total = max(w.nsteps for w in self.walkers)
+        bar = tqdm(total=total, initial=self.step, unit="step", disable=not self.progress,
+                   file=sys.stderr, desc="explore", dynamic_ncols=True)
+        flags = self.st.flags() if self.st is not None else None
+        freqs = None
+        steps_run = 0
+        try:
+            while self.st is not None:
+                if freqs is None:
+                    freqs = sorted({self.walkers[i].trj_freq for i in to_numpy(self.st.walker)})
+                nxt = self.step + 1
+                all_models = any(nxt % f == 0 for f in freqs)
+                out = integrators.md_step(self.st, self.provider, self.step, flags, all_models)
+                self.step = nxt
+                steps_run += 1
+                if all_models:
+                    self._deviation_step(out)
+                    n0 = self.st.nsys
+                    self._drop_stopped()
+                    if self.st is None or self.st.nsys != n0:
+                        flags = self.st.flags() if self.st is not None else None
+                        freqs = None
+                    bar.update(self.step - bar.n)
+                t0, s0 = self._last_ckpt
+                if self.st is not None and (
+                        time.monotonic() - t0 > self.checkpoint_every
+                        or (self.checkpoint_steps and self.step - s0 >= self.checkpoint_steps)):
+                    self.checkpoint()
+                if self._term or (self.stop_after is not None and steps_run >= self.stop_after):
+                    return self.st is None
+        finally:
+            bar.close()
+        return True
+
+    def _print_table(self, summary: dict) -> None:
+        rows = [("walker", "system", "ensemble", "T/K", "P/bar", "steps", "status", "max_devi_f", "reason")]
+        for w in self.walkers:
+            r = summary["walkers"].get(w.name, {})
+            md = getattr(self, "max_devi", {}).get(w.name)
+            rows.append((w.name, w.system, w.ensemble, f"{w.temperature:g}",
+                         f"{w.pressure:g}" if w.barostat else "-", str(r.get("steps", "")),
+                         str(r.get("status", "")), "-" if md is None else f"{md:.3g}", r.get("reason") or ""))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(wd) for c, wd in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * wd for wd in widths))
+        n_ok = sum(1 for r in summary["walkers"].values() if r["status"] == "finished")
+        print("\n".join(lines) + f"\n{n_ok}/{len(summary['walkers'])} walkers finished", file=sys.stderr)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,150 @@
+"""The flat batched MD state: all atoms of all active walkers in one set of arrays.
+
+Layout (as the engine's): atoms of walker 0, then walker 1, ...; ``system (N,)`` is sorted 0..S-1.
+Internal units are ASE's: positions A, velocities A per ASE time unit (so F/m is an acceleration
+with no factor), energies eV, masses amu, time steps in ASE time units. Arrays live in ``xp``
+(NumPy or CuPy); nothing here copies to the host except ``to_host``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from dpsnake.md.walkers import Walker, degrees_of_freedom
+
+NHC_LENGTH = 3  # chain length, LAMMPS' default tchain
+
+_ATOM = ("pos", "vel", "mass", "atype", "system", "local", "force")
+_SYS = ("cells", "pbc", "energy", "virial", "seed", "natoms", "dt", "kT", "nf", "tau_t", "tau_p",
+        "p0", "beta", "thermo", "baro", "nhc_eta", "nhc_v", "walker")
+# thermostat / barostat codes (per walker)
+T_NONE, T_NHC, T_BUSSI, T_LANGEVIN = 0, 1, 2, 3
+B_NONE, B_ISO, B_ANISO, B_TRI = 0, 1, 2, 3
+_TCODE = {None: T_NONE, "nhc": T_NHC, "bussi": T_BUSSI, "langevin": T_LANGEVIN}
+_BCODE = {None: B_NONE, "iso": B_ISO, "aniso": B_ANISO, "tri": B_TRI}
+
+
+@dataclass
+class BatchState:
+    """Dynamic state and per-walker parameters of one batch.
+
+    Atom arrays (N = all atoms): pos, vel, force (N, 3) float64; mass (N,) amu; atype, system,
+    local (N,) int64 (local = index of the atom inside its walker, the RNG counter).
+    Walker arrays (S = active walkers): cells (S, 3, 3) rows = lattice vectors; pbc (S,) bool;
+    energy (S,) eV and virial (S, 3, 3) eV of the driving model at ``pos``; seed (S,) uint64;
+    natoms (S,); dt (S,) ASE time; kT (S,) eV; nf (S,) kinetic degrees of freedom; tau_t, tau_p
+    (S,) ASE time; p0 (S,) eV/A^3; beta (S,) compressibility A^3/eV; thermo, baro (S,) codes;
+    nhc_eta, nhc_v (S, NHC_LENGTH) chain positions and velocities; walker (S,) index into the
+    full walker list.
+    """
+
+    pos: object
+    vel: object
+    mass: object
+    atype: object
+    system: object
+    local: object
+    force: object
+    cells: object
+    pbc: object
+    energy: object
+    virial: object
+    seed: object
+    natoms: object
+    dt: object
+    kT: object
+    nf: object
+    tau_t: object
+    tau_p: object
+    p0: object
+    beta: object
+    thermo: object
+    baro: object
+    nhc_eta: object
+    nhc_v: object
+    walker: object
+    xp: object = np
+
+    @property
+    def nsys(self) -> int:
+        return int(self.cells.shape[0])
+
+    def flags(self) -> dict:
+        """Which integrator parts this batch needs (host booleans, fixed until the batch changes)."""
+        from dpsnake.engine.xp import to_numpy
+
+        t, b = to_numpy(self.thermo), to_numpy(self.baro)
+        return {"nhc": bool((t == T_NHC).any()), "bussi": bool((t == T_BUSSI).any()),
+                "langevin": bool((t == T_LANGEVIN).any()), "npt": bool((b != B_NONE).any())}
+
+    def select(self, keep_sys: np.ndarray) -> "BatchState":
+        """A new state with only the walkers ``keep_sys`` (host bool (S,)); systems renumbered."""
+        xp = self.xp
+        keep_sys_d = xp.asarray(keep_sys)
+        keep_atom = keep_sys_d[self.system]
+        renum = xp.cumsum(keep_sys_d.astype(xp.int64)) - 1
+        out = {}
+        for f in _ATOM:
+            out[f] = getattr(self, f)[keep_atom]
+        out["system"] = renum[out["system"]]
+        for f in _SYS:
+            out[f] = getattr(self, f)[keep_sys_d]
+        return BatchState(xp=xp, **out)
+
+    def to_host(self) -> dict:
+        """All arrays as NumPy (for checkpoints)."""
+        from dpsnake.engine.xp import to_numpy
+
+        return {f.name: to_numpy(getattr(self, f.name)) for f in fields(self) if f.name != "xp"}
+
+    @classmethod
+    def from_host(cls, arrays: dict, xp=np) -> "BatchState":
+        from dpsnake.engine.xp import asarray
+
+        return cls(xp=xp, **{k: asarray(xp, v) for k, v in arrays.items()})
+
+
+def build_state(walkers: list[Walker], indices, structures, velocities, xp=np) -> BatchState:
+    """Initial batch of the walkers ``indices`` (into ``walkers``).
+
+    structures[i] = (atoms, atype, masses) of walker i; velocities[i] (n, 3) ASE units. Forces,
+    energy and virial are zero until the first evaluation.
+    """
+    from ase import units
+
+    pos, vel, mass, atype, system, local = [], [], [], [], [], []
+    cells, pbc, rows = [], [], []
+    for s, i in enumerate(indices):
+        w = walkers[i]
+        atoms, at, m = structures[i]
+        n = len(atoms)
+        pos.append(atoms.get_positions())
+        vel.append(velocities[i])
+        mass.append(m)
+        atype.append(at)
+        system.append(np.full(n, s, dtype=np.int64))
+        local.append(np.arange(n, dtype=np.int64))
+        cells.append(atoms.cell.array if atoms.pbc.all() else np.zeros((3, 3)))
+        pbc.append(bool(atoms.pbc.all()))
+        ps = 1000.0 * units.fs
+        rows.append(dict(
+            seed=np.uint64(w.seed % (1 << 64)), natoms=n, dt=w.dt * ps, kT=units.kB * w.temperature,
+            nf=degrees_of_freedom(n, w), tau_t=w.tau_t * ps, tau_p=w.tau_p * ps,
+            p0=w.pressure * units.bar, beta=w.compressibility / units.bar,
+            thermo=_TCODE[w.thermostat], baro=_BCODE[w.barostat], walker=i))
+    S = len(indices)
+    h = {k: np.array([r[k] for r in rows]) for k in rows[0]}
+    h["seed"] = h["seed"].astype(np.uint64)
+    for k in ("natoms", "nf", "thermo", "baro", "walker"):
+        h[k] = h[k].astype(np.int64)
+    pos = np.concatenate(pos)
+    N = len(pos)
+    arrays = dict(
+        pos=pos, vel=np.concatenate(vel).astype(np.float64), mass=np.concatenate(mass).astype(np.float64),
+        atype=np.concatenate(atype), system=np.concatenate(system), local=np.concatenate(local),
+        force=np.zeros((N, 3)), cells=np.array(cells, dtype=np.float64), pbc=np.array(pbc),
+        energy=np.zeros(S), virial=np.zeros((S, 3, 3)),
+        nhc_eta=np.zeros((S, NHC_LENGTH)), nhc_v=np.zeros((S, NHC_LENGTH)), **h)
+    return BatchState.from_host(arrays, xp=xp)

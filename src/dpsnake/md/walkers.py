@@ -1,0 +1,227 @@
+"""Walker specifications (``walkers.json``), structure reading and the Maxwell-Boltzmann start.
+
+A walker is one MD run of the exploration: a structure, an ensemble, a temperature (K), a pressure
+(bar, NPT only), ``nsteps`` steps of ``dt`` ps, a frame and a deviation every ``trj_freq`` steps, a seed.
+All validation happens here, before any work starts, with one line naming the walker and the key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dpsnake.errors import UserError
+
+ENSEMBLES = ("nve", "nvt", "nvt-langevin", "npt", "npt-aniso", "npt-tri")
+THERMOSTATS = ("nhc", "bussi", "langevin")
+# what each ensemble uses unless the walker names a thermostat
+DEFAULT_THERMOSTAT = {"nve": None, "nvt": "nhc", "nvt-langevin": "langevin", "npt": "bussi",
+                      "npt-aniso": "bussi", "npt-tri": "bussi"}
+BAROSTAT = {"npt": "iso", "npt-aniso": "aniso", "npt-tri": "tri"}
+
+_REQUIRED = ("name", "structure", "ensemble", "nsteps", "dt", "trj_freq", "seed")
+_KNOWN = set(_REQUIRED) | {"system", "temperature", "pressure", "tau_t", "tau_p", "max_devi_f_cap",
+                           "min_dist", "thermostat", "compressibility", "max_devi_f_patience", "format"}
+_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
+
+
+@dataclass
+class Walker:
+    """One validated walker; see docs/md.md for every key. Units: K, bar, ps, eV/A, A, 1/bar."""
+
+    name: str
+    structure: str
+    ensemble: str
+    nsteps: int
+    dt: float
+    trj_freq: int
+    seed: int
+    system: str = ""
+    temperature: float = 0.0
+    pressure: float = 0.0
+    tau_t: float = 0.1
+    tau_p: float = 0.5
+    max_devi_f_cap: float | None = None
+    max_devi_f_patience: int = 3
+    min_dist: float | None = None
+    thermostat: str | None = None
+    compressibility: float = 1e-5
+    format: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def barostat(self) -> str | None:
+        return BAROSTAT.get(self.ensemble)
+
+
+def _num(w: dict, key: str, where: str, kind=float, positive=False, default=None):
+    if key not in w or w[key] is None:
+        return default
+    v = w[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and int(v) != v):
+        raise UserError(f"{where}: key '{key}' must be a{'n integer' if kind is int else ' number'}, got {v!r}")
+    if not math.isfinite(v) or (positive and v <= 0) or v < 0 and key != "pressure":
+        raise UserError(f"{where}: key '{key}' must be {'positive' if positive else 'non-negative'}, got {v!r}")
+    return kind(v)
+
+
+def parse_walkers(data, base: pathlib.Path | None = None) -> list[Walker]:
+    """Validate a list of walker dicts; relative structure paths are resolved against ``base``."""
+    if isinstance(data, dict) and "walkers" in data:
+        data = data["walkers"]
+    if not isinstance(data, list) or not data:
+        raise UserError("walkers.json: must be a non-empty list of walker objects")
+    out, names = [], set()
+    for i, w in enumerate(data):
+        where = f"walkers.json: walker {i}"
+        if not isinstance(w, dict):
+            raise UserError(f"{where}: must be an object, got {type(w).__name__}")
+        if isinstance(w.get("name"), str):
+            where = f"walkers.json: walker '{w['name']}'"
+        for k in _REQUIRED:
+            if k not in w:
+                raise UserError(f"{where}: missing key '{k}'")
+        unknown = sorted(set(w) - _KNOWN)
+        if unknown:
+            raise UserError(f"{where}: unknown key '{unknown[0]}'")
+        name = w["name"]
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise UserError(f"{where}: key 'name' must be a folder-safe string, got {name!r}")
+        if name in names:
+            raise UserError(f"{where}: duplicate name '{name}'")
+        names.add(name)
+        ens = w["ensemble"]
+        if ens not in ENSEMBLES:
+            raise UserError(f"{where}: key 'ensemble' must be one of {', '.join(ENSEMBLES)}, got {ens!r}")
+        thermo = w.get("thermostat", DEFAULT_THERMOSTAT[ens])
+        if ens == "nve" and thermo is not None:
+            raise UserError(f"{where}: key 'thermostat' is not allowed with ensemble nve")
+        if ens == "nvt-langevin" and thermo != "langevin":
+            raise UserError(f"{where}: ensemble nvt-langevin uses the langevin thermostat, got {thermo!r}")
+        if thermo is not None and thermo not in THERMOSTATS:
+            raise UserError(f"{where}: key 'thermostat' must be one of {', '.join(THERMOSTATS)}, got {thermo!r}")
+        if ens != "nve" and "temperature" not in w:
+            raise UserError(f"{where}: key 'temperature' is required for ensemble {ens}")
+        if ens.startswith("npt") and "pressure" not in w:
+            raise UserError(f"{where}: key 'pressure' is required for ensemble {ens}")
+        temp = _num(w, "temperature", where, default=0.0)
+        if ens != "nve" and temp <= 0:
+            raise UserError(f"{where}: key 'temperature' must be positive for ensemble {ens}, got {temp!r}")
+        structure = pathlib.Path(str(w["structure"]))
+        if base is not None and not structure.is_absolute():
+            structure = base / structure
+        if not structure.is_file():
+            raise UserError(f"{where}: key 'structure': file not found: {structure}")
+        out.append(Walker(
+            name=name, structure=str(structure), ensemble=ens,
+            nsteps=_num(w, "nsteps", where, int), dt=_num(w, "dt", where, positive=True),
+            trj_freq=_num(w, "trj_freq", where, int, positive=True), seed=_num(w, "seed", where, int),
+            system=str(w.get("system") or name), temperature=temp,
+            pressure=float(_num(w, "pressure", where, default=0.0)),
+            tau_t=_num(w, "tau_t", where, positive=True, default=0.1),
+            tau_p=_num(w, "tau_p", where, positive=True, default=0.5),
+            max_devi_f_cap=_num(w, "max_devi_f_cap", where, positive=True),
+            max_devi_f_patience=_num(w, "max_devi_f_patience", where, int, positive=True, default=3),
+            min_dist=_num(w, "min_dist", where, positive=True),
+            thermostat=thermo,
+            compressibility=_num(w, "compressibility", where, positive=True, default=1e-5),
+            format=w.get("format"),
+        ))
+    return out
+
+
+def load_walkers(path) -> list[Walker]:
+    """Read and validate ``walkers.json``."""
+    path = pathlib.Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"--walkers: file not found: {path}") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+    return parse_walkers(data, base=path.parent if path.parent != pathlib.Path("") else None)
+
+
+def _guess_format(path: str) -> str | None:
+    low = path.lower()
+    if low.endswith((".data", ".lmp", ".lammps")) or pathlib.Path(low).name.startswith("data."):
+        return "lammps-data"
+    return None
+
+
+def read_structure(walker: Walker, type_map: list[str]):
+    """The walker's structure as ``ase.Atoms`` (last frame of the file) with its model type indices.
+
+    Returns (atoms, atype (n,) int). Any file ASE reads; LAMMPS data files (``*.data``, ``*.lmp``)
+    are read with ``atom_style atomic`` and types mapped in order of the model's type_map.
+    """
+    import ase.io
+
+    fmt = walker.format or _guess_format(walker.structure)
+    where = f"walker '{walker.name}': structure {walker.structure}"
+    try:
+        if fmt == "lammps-data":
+            from ase.data import atomic_numbers
+
+            atoms = ase.io.read(walker.structure, format=fmt, atom_style="atomic",
+                                Z_of_type={i + 1: atomic_numbers[s] for i, s in enumerate(type_map)})
+        else:
+            atoms = ase.io.read(walker.structure, format=fmt)
+    except Exception as err:  # ASE raises many kinds; say which file
+        raise UserError(f"{where}: ASE cannot read it ({type(err).__name__}: {err})") from None
+    if len(atoms) == 0:
+        raise UserError(f"{where}: has no atoms")
+    missing = sorted(set(atoms.get_chemical_symbols()) - set(type_map))
+    if missing:
+        raise UserError(f"{where}: element {missing[0]} is not in the model's type_map {type_map}")
+    if atoms.pbc.any() and not atoms.pbc.all():
+        raise UserError(f"{where}: mixed periodicity {atoms.pbc.tolist()} is not supported")
+    if atoms.pbc.all() and abs(np.linalg.det(atoms.cell.array)) < 1e-6:
+        raise UserError(f"{where}: periodic but the cell has zero volume")
+    if not atoms.pbc.any() and walker.barostat:
+        raise UserError(f"{where}: ensemble {walker.ensemble} needs a periodic cell")
+    index = {s: i for i, s in enumerate(type_map)}
+    atype = np.array([index[s] for s in atoms.get_chemical_symbols()], dtype=np.int64)
+    return atoms, atype
+
+
+def masses_for(atype: np.ndarray, type_map: list[str]) -> np.ndarray:
+    """Masses (amu) of atoms by model type index, from ASE's table of standard atomic weights."""
+    from ase.data import atomic_masses, atomic_numbers
+
+    return np.array([atomic_masses[atomic_numbers[s]] for s in type_map])[atype]
+
+
+def degrees_of_freedom(n: int, walker: Walker) -> int:
+    """Kinetic degrees of freedom: the total momentum is zero and conserved except under Langevin."""
+    if walker.thermostat == "langevin" or n == 1:
+        return 3 * n
+    return 3 * n - 3
+
+
+def maxwell_boltzmann(masses: np.ndarray, temperature: float, seed: int, nf: int) -> np.ndarray:
+    """Initial velocities (n, 3) in ASE units (A per ASE time unit) at exactly ``temperature`` K.
+
+    Gaussian velocities (ASE's MaxwellBoltzmannDistribution, seeded), total momentum removed, then
+    rescaled so the kinetic energy is nf/2 kB T, as LAMMPS' ``velocity create`` does.
+    """
+    from ase import Atoms, units
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+
+    n = len(masses)
+    if temperature <= 0:
+        return np.zeros((n, 3))
+    atoms = Atoms(f"H{n}", masses=masses)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng(seed))
+    if nf < 3 * n:
+        Stationary(atoms)
+    v = atoms.get_velocities()
+    ke = 0.5 * float(np.sum(masses[:, None] * v * v))
+    if ke > 0:
+        v *= math.sqrt(0.5 * nf * units.kB * temperature / ke)
+    return v

@@ -1,0 +1,253 @@
+"""The per-iteration report: gather the tables, draw the plots, write ``iter.NNNNNN.{html,csv,json}``.
+
+``build(ctx, it)`` returns a JSON-ready dict (the content of ``iter.NNNNNN.json``) plus the figures;
+``write(ctx, it)`` writes the three files atomically. The CSV holds the per-system summary, one row per
+system (the same columns as the JSON's ``systems``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from dpsnake.errors import UserError
+from dpsnake.report import collect, html
+
+SUMMARY_COLUMNS = ["iteration", "system", "accurate", "candidate", "failed", "total", "accurate_ratio",
+                   "candidate_ratio", "failed_ratio", "trust_lo", "trust_hi", "trust_lo_virial", "trust_hi_virial",
+                   "filtered", "selected", "labelled",
+                   "label_failed", "data_frames", "rmse_e_atom", "rmse_f"]
+
+
+@dataclass
+class Context:
+    """Where a run's files are and what the config says. results: results/; bench: benchmarks/."""
+
+    config: dict
+    results: pathlib.Path
+    bench: pathlib.Path
+    workdir: pathlib.Path
+    accuracy: bool = True
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def reports(self) -> pathlib.Path:
+        return self.results / "reports"
+
+    @property
+    def threshold(self) -> float | None:
+        conv = self.config.get("convergence") or {}
+        for k in ("accurate_ratio", "threshold", "conv_accuracy"):
+            if isinstance(conv, dict) and isinstance(conv.get(k), (int, float)):
+                return float(conv[k])
+        return None
+
+
+def context_from_config(config_path: pathlib.Path, results_dir: str | None = None,
+                        bench_dir: str | None = None, accuracy: bool = True) -> Context:
+    """Context from ``results/config.json``: results = its ``results_dir`` key, else the folder that
+    holds config.json; benchmarks = ``benchmarks_dir`` key, else ``<workdir>/benchmarks``."""
+    config_path = pathlib.Path(config_path)
+    if not config_path.is_file():
+        raise UserError(f"--config: {config_path}: no such file (the workflow writes results/config.json)")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"--config: {config_path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"--config: {config_path}: expected a JSON object")
+    results = pathlib.Path(results_dir or config.get("results_dir") or config_path.parent)
+    workdir = results.parent if results.name else pathlib.Path.cwd()
+    bench = pathlib.Path(bench_dir or config.get("benchmarks_dir") or workdir / "benchmarks")
+    return Context(config, results, bench, workdir, accuracy)
+
+
+def _deviation_summary(devi: pd.DataFrame, systems: pd.DataFrame) -> pd.DataFrame:
+    """Per system and temperature: walkers, frames, min/median/max of max_devi_f and the fraction of
+    frames in each trust class (from model_devi.out with stats.json's trust levels)."""
+    cols = ["system", "temperature", "walkers", "frames", "devi_f_min", "devi_f_median", "devi_f_max",
+            "accurate_ratio", "candidate_ratio", "failed_ratio"]
+    if not len(devi):
+        return pd.DataFrame(columns=cols)
+    trust = systems.set_index("system") if len(systems) else pd.DataFrame()
+    rows = []
+    for (sysname, temp), g in devi.groupby(["system", devi["temperature"].fillna(-1)], sort=True):
+        v = g["max_devi_f"].to_numpy(float)
+        row = {"system": sysname, "temperature": None if temp == -1 else temp, "walkers": g["walker"].nunique(),
+               "frames": len(v), "devi_f_min": v.min(), "devi_f_median": float(np.median(v)), "devi_f_max": v.max()}
+        if sysname in trust.index:
+            lo, hi = float(trust.at[sysname, "trust_lo"]), float(trust.at[sysname, "trust_hi"])
+            row |= {"accurate_ratio": float(np.mean(v < lo)), "candidate_ratio": float(np.mean((v >= lo) & (v < hi))),
+                    "failed_ratio": float(np.mean(v >= hi))}
+        rows.append(row)
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _dataset_frames(datasets: list[dict]) -> pd.DataFrame:
+    """Labelled frames per system and source (init, iter.K), counted by dpdata."""
+    from dpsnake.report.accuracy import read_labelled
+
+    rows = [{"system": d["system"], "source": d["source"], "frames": read_labelled(d["path"]).get_nframes()}
+            for d in datasets]
+    return pd.DataFrame(rows, columns=["system", "source", "frames"])
+
+
+def _records(df: pd.DataFrame) -> list[dict]:
+    """DataFrame rows as JSON-safe dicts (NaN -> None, numpy scalars -> Python)."""
+    out = []
+    for rec in df.to_dict(orient="records"):
+        clean = {}
+        for k, v in rec.items():
+            if isinstance(v, np.generic):
+                v = v.item()
+            if isinstance(v, float) and math.isnan(v):
+                v = None
+            clean[k] = v
+        out.append(clean)
+    return out
+
+
+def build(ctx: Context, it: int) -> tuple[dict, dict, dict]:
+    """Tables (dict of DataFrames), JSON content and figures (dict of base64 PNG) of iteration ``it``."""
+    from dpsnake.report import plots
+
+    it_dir = ctx.results / collect.iter_name(it)
+    if not it_dir.is_dir():
+        raise UserError(f"--iter {it}: {it_dir} does not exist (iterations here: {collect.iterations(ctx.results)})")
+    from dpsnake.report.accuracy import accuracy, test_sets_from_config
+
+    test_sets = test_sets_from_config(ctx.config, ctx.workdir)  # bad entries fail before any work
+    stats = collect.read_stats(ctx.results, it)
+    systems = collect.stats_table(stats)
+    coll = collect.read_collect(ctx.results, it) or {}
+    walkers = collect.walkers_table(ctx.results, it, stats)
+    devi = collect.deviations_table(ctx.results, it, walkers)
+    curves = collect.lcurves(ctx.results, it)
+    datasets = collect.datasets(ctx.results, it)
+    frames = _dataset_frames(datasets)
+    times = collect.rule_times(collect.benchmarks_table(ctx.bench, it))
+
+    acc, preds = pd.DataFrame(columns=["set", "system", "model", "frames", "atoms", "rmse_e_atom", "rmse_f", "sel_overflow"]), []
+    models = collect.model_files(ctx.results, it)
+    if ctx.accuracy and models:
+        acc, preds = accuracy(models, datasets, test_sets)
+
+    # per-system summary: selection counts + labels + dataset size + ensemble-mean RMSE on labelled data
+    names = sorted(set(systems["system"]) | set(frames["system"]) | set((coll.get("systems") or {}).keys()))
+    summary = pd.DataFrame({"system": names})
+    summary.insert(0, "iteration", int(it))
+    summary = summary.merge(systems, on="system", how="left")
+    csys = coll.get("systems") or {}
+    summary["labelled"] = [csys.get(n, {}).get("added") for n in names]
+    summary["label_failed"] = [csys.get(n, {}).get("failed") for n in names]
+    summary["data_frames"] = [int(frames.loc[frames["system"] == n, "frames"].sum()) for n in names]
+    mean = acc[(acc["set"] == "labelled") & (acc["model"] == "mean")].set_index("system") if len(acc) else None
+    for col in ("rmse_e_atom", "rmse_f"):
+        summary[col] = [mean.at[n, col] if mean is not None and n in mean.index else np.nan for n in names]
+    summary = summary[[c for c in SUMMARY_COLUMNS if c in summary.columns]]
+
+    stopped = walkers[walkers["status"].notna() & (walkers["status"] != "finished")] if len(walkers) else walkers
+    devsum = _deviation_summary(devi, systems)
+    final_lc = pd.DataFrame([{"model": k, **v.iloc[-1].to_dict()} for k, v in sorted(curves.items()) if len(v)])
+    decision = {"converged": bool(stats.get("converged")) if stats else None,
+                "reason": stats.get("reason") if stats else "selection has not run yet",
+                "threshold": ctx.threshold,
+                **{k: (stats or {}).get(k) for k in ("stop", "next_stage", "stage", "stage_iteration")}}
+    labelling = {k: coll.get(k) for k in ("labelled", "failed", "failed_ratio")}
+    labelling["failures"] = coll.get("failures") or []
+    tables = {"summary": summary, "accuracy": acc, "walkers": walkers, "stopped": stopped,
+              "deviations": devsum, "frames": frames, "lcurve_final": final_lc, "rule_times": times,
+              "failures": pd.DataFrame(labelling["failures"], columns=["task", "system", "reason"])}
+    content = {"iteration": int(it), "decision": decision, "systems": _records(summary),
+               "accuracy": _records(acc), "labelling": labelling, "walkers": _records(walkers),
+               "stopped_early": _records(stopped), "deviations": _records(devsum),
+               "datasets": _records(frames), "learning_curves": _records(final_lc),
+               "rule_times": _records(times), "models": [str(m) for m in models]}
+    figs = {"selection": plots.selection_bars(systems), "deviation": plots.deviation_hist(devi, systems),
+            "lcurve": plots.learning_curves(curves), "parity": plots.parity(preds),
+            "times": plots.rule_time_bars(times)}
+    return tables, content, figs
+
+
+def verdict_html(d: dict) -> str:
+    """'converged' / 'stopped, not converged' / 'not converged' as a coloured span."""
+    if d.get("converged"):
+        return '<span class="ok">converged</span>'
+    word = "stopped, not converged" if d.get("stop") else "not converged"
+    return f'<span class="no">{word}</span>'
+
+
+def render(it: int, tables: dict, content: dict, figs: dict) -> str:
+    """The iteration page's HTML."""
+    d = content["decision"]
+    if d["converged"] is None:
+        verdict = f'<p class="note">{html.esc(d["reason"])}</p>'
+    else:
+        verdict = f'<p>{verdict_html(d)}: {html.esc(d["reason"] or "")}</p>'
+    lab = content["labelling"]
+    lab_line = (f"<p>labelled: {lab['labelled']}, failed labels: {lab['failed']}"
+                f" (ratio {lab['failed_ratio'] if lab['failed_ratio'] is not None else '-'})</p>"
+                if lab.get("labelled") is not None else '<p class="note">(labels not collected yet)</p>')
+    acc = tables["accuracy"]
+    over = int(acc.loc[acc["model"] == "mean", "sel_overflow"].sum()) if len(acc) else 0
+    over_note = (f'<p class="no">{over} atoms had more neighbours within rcut than the models\' sel: the extra '
+                 "neighbours were dropped (as DeePMD-kit does); raise sel in the training input.</p>"
+                 if over else "")
+    body = [
+        html.section("Decision", verdict, anchor="decision"),
+        html.section("Per system", html.table(tables["summary"]), html.image(figs["selection"], "selection ratios"),
+                     '<p class="note">counts from select/stats.json; RMSE: ensemble-mean prediction on all '
+                     "labelled data so far (dpsnake engine).</p>", anchor="systems"),
+        html.section("Model deviation", html.image(figs["deviation"], "model deviation histograms"),
+                     html.table(tables["deviations"]), anchor="deviation"),
+        html.section("Learning curves", html.image(figs["lcurve"], "learning curves"),
+                     html.table(tables["lcurve_final"]), anchor="lcurve"),
+        html.section("Ensemble accuracy", html.table(acc[acc["model"] == "mean"] if len(acc) else acc),
+                     over_note, html.image(figs["parity"], "parity plots"),
+                     "<details><summary>per model</summary>" + html.table(acc) + "</details>",
+                     html.table(tables["frames"]), anchor="accuracy"),
+        html.section("Labelling and exploration", lab_line, html.table(tables["failures"]),
+                     "<h3>Walkers stopped early</h3>", html.table(tables["stopped"]),
+                     "<details><summary>all walkers</summary>" + html.table(tables["walkers"]) + "</details>",
+                     anchor="labels"),
+        html.section("Time per rule", html.image(figs["times"], "time per rule"), html.table(tables["rule_times"]),
+                     anchor="times"),
+    ]
+    nav = [("index.html", "run overview"), ("#systems", "systems"), ("#deviation", "deviation"),
+           ("#lcurve", "learning curves"), ("#accuracy", "accuracy"), ("#labels", "labels"), ("#times", "times")]
+    return html.page(f"dpsnake iteration {it}", body, nav)
+
+
+def atomic_write(path: pathlib.Path, text: str) -> None:
+    """Write text to ``path`` via a temporary file and rename (a kill never leaves half a file)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; reports are for everyone to read
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write(ctx: Context, it: int) -> dict[str, pathlib.Path]:
+    """Write ``results/reports/iter.NNNNNN.{html,csv,json}``; returns their paths."""
+    tables, content, figs = build(ctx, it)
+    stem = ctx.reports / collect.iter_name(it)
+    paths = {ext: stem.parent / f"{stem.name}.{ext}" for ext in ("json", "csv", "html")}
+    atomic_write(paths["json"], json.dumps(content, indent=1))
+    atomic_write(paths["csv"], tables["summary"].to_csv(index=False))
+    atomic_write(paths["html"], render(it, tables, content, figs))
+    return paths

@@ -1,0 +1,79 @@
+"""The run-level report: ``results/reports/index.html`` + ``run.csv`` + ``run.json``.
+
+Built from the per-iteration ``iter.NNNNNN.json`` files (missing ones are written first), so the run
+page never recomputes what an iteration report already holds.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pandas as pd
+
+from dpsnake.report import collect, html, iteration
+
+
+def load_iterations(ctx: iteration.Context, rebuild: bool = False, progress=print) -> list[dict]:
+    """Per-iteration report contents, oldest first; writes the iteration reports that are missing."""
+    out = []
+    for it in collect.iterations(ctx.results):
+        path = ctx.reports / f"{collect.iter_name(it)}.json"
+        if rebuild or not path.is_file():
+            progress(f"dpsnake report: writing the report of iteration {it}")
+            iteration.write(ctx, it)
+        out.append(json.loads(path.read_text()))
+    return out
+
+
+def run_table(contents: list[dict], threshold: float | None) -> pd.DataFrame:
+    """One row per (iteration, system): the iteration summaries stacked, plus the threshold."""
+    rows = [r for c in contents for r in c["systems"]]
+    df = pd.DataFrame(rows, columns=iteration.SUMMARY_COLUMNS) if rows else pd.DataFrame(columns=iteration.SUMMARY_COLUMNS)
+    df["threshold"] = threshold
+    return df
+
+
+def decision(contents: list[dict], ctx: iteration.Context) -> dict:
+    """The run's convergence decision: that of the last iteration whose selection has run."""
+    decided = [c for c in contents if c["decision"]["converged"] is not None]
+    if not decided:
+        return {"iteration": None, "converged": None, "reason": "no iteration has finished selection yet",
+                "threshold": ctx.threshold}
+    last = decided[-1]
+    return {"iteration": last["iteration"], **last["decision"]}
+
+
+def write(ctx: iteration.Context, rebuild: bool = False, progress=print) -> dict[str, pathlib.Path]:
+    """Write index.html, run.csv and run.json under results/reports/; returns their paths."""
+    from dpsnake.report import plots
+
+    contents = load_iterations(ctx, rebuild, progress)
+    table = run_table(contents, ctx.threshold)
+    dec = decision(contents, ctx)
+    paths = {"json": ctx.reports / "run.json", "csv": ctx.reports / "run.csv", "html": ctx.reports / "index.html"}
+    iteration.atomic_write(paths["json"], json.dumps(
+        {"iterations": [c["iteration"] for c in contents], "decision": dec,
+         "systems": iteration._records(table.drop(columns=["threshold"]))}, indent=1))
+    iteration.atomic_write(paths["csv"], table.drop(columns=["threshold"]).to_csv(index=False))
+
+    if dec["converged"] is None:
+        verdict = f'<p class="note">{html.esc(dec["reason"])}</p>'
+    else:
+        verdict = (f'<p>{iteration.verdict_html(dec)} at iteration {dec["iteration"]}: '
+                   f'{html.esc(dec["reason"] or "")}</p>')
+    if dec.get("threshold") is not None:
+        verdict += f'<p class="note">accurate-ratio threshold: {dec["threshold"]:g}</p>'
+    links = "".join(f'<li><a href="{collect.iter_name(c["iteration"])}.html">iteration {c["iteration"]}</a>'
+                    f' ({"converged" if c["decision"]["converged"] else "-"})</li>' for c in contents)
+    show = table.drop(columns=["threshold"])
+    body = [html.section("Decision", verdict, anchor="decision"),
+            html.section("Trends per system", html.image(plots.run_trends(table), "trends against iteration"),
+                         '<p class="note">RMSE: ensemble-mean prediction of each iteration\'s models on all '
+                         "labelled data available at that iteration.</p>", anchor="trends"),
+            html.section("All iterations", html.table(show), anchor="table"),
+            html.section("Iteration pages", f"<ul>{links}</ul>", anchor="pages")]
+    iteration.atomic_write(paths["html"], html.page("dpsnake run overview", body,
+                                                    [("#decision", "decision"), ("#trends", "trends"),
+                                                     ("#table", "table"), ("#pages", "iterations")]))
+    return paths

@@ -1,0 +1,99 @@
+"""The exploration plan of one iteration: which stage runs, and its walkers (``walkers.json``).
+
+Stage logic (decided by ``select`` and recorded in ``stats.json``): iteration 0 runs stage 0; a stage
+repeats until every one of its systems reaches the accurate-ratio threshold or it has used its
+``max_iterations``, then the next stage runs. Run as ``python -m dpsnake.workflow.plan``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+from dpsnake.errors import UserError
+
+
+def iteration_stage(cfg: dict, stats_prev: dict | None) -> tuple[int, int]:
+    """(stage, iteration within the stage) of the iteration after the one that wrote ``stats_prev``;
+    the decision is re-evaluated with the current config."""
+    from dpsnake.workflow.selection import decide_from_stats
+
+    if stats_prev is None:
+        return 0, 0
+    dec = decide_from_stats(cfg, stats_prev)
+    if dec["stop"]:
+        raise UserError(f"iteration {stats_prev.get('iteration')} decided to stop ({dec['reason']}); "
+                        "there is no next iteration")
+    nxt = dec["next_stage"]
+    same = nxt == stats_prev.get("stage")
+    return int(nxt), (int(stats_prev.get("stage_iteration", 0)) + 1) if same else 0
+
+
+def make_walkers(cfg: dict, it: int, stage: int, outdir: pathlib.Path) -> list[dict]:
+    """Walkers of stage ``stage`` in iteration ``it``: systems x temperatures x pressures x replicas.
+    Start structures are written to ``outdir/structures/<system>.extxyz`` (masses included); walker
+    ``structure`` paths are relative to the folder of walkers.json (``outdir``)."""
+    import ase.io
+
+    from dpsnake.workflow.structures import build_structure, with_masses
+
+    st = cfg["explore"]["stages"][stage]
+    sdir = outdir / "structures"
+    sdir.mkdir(parents=True, exist_ok=True)
+    walkers = []
+    npt = st["ensemble"].startswith("npt")
+    pressures = st["pressures"] if npt else [None]
+    for system in st["systems"]:
+        atoms = with_masses(build_structure(cfg["systems"][system]["structure"], ".",
+                                            key=f"systems.{system}.structure"), cfg["masses"])
+        spath = sdir / f"{system}.extxyz"
+        tmp = spath.with_name(f".{spath.name}.tmp.extxyz")
+        ase.io.write(tmp, atoms, format="extxyz")
+        tmp.replace(spath)
+        for T in st["temperatures"]:
+            for P in pressures:
+                for r in range(st["replicas"]):
+                    name = f"{system}.T{T:g}" + ("" if P is None else f".P{P:g}") + f".r{r}"
+                    w = {"name": name, "system": system, "structure": f"structures/{system}.extxyz", "temperature": float(T),
+                         "ensemble": st["ensemble"], "nsteps": st["nsteps"], "dt": st["dt"],
+                         "trj_freq": st["trj_freq"], "seed": 1000 * it + len(walkers) + 1,
+                         "tau_t": st["tau_t"], "min_dist": cfg["select"]["min_dist"] * 0.5}
+                    if P is not None:
+                        w["pressure"] = float(P)
+                        w["tau_p"] = st["tau_p"]
+                    if cfg["explore"].get("max_devi_f_cap") is not None:
+                        w["max_devi_f_cap"] = cfg["explore"]["max_devi_f_cap"]
+                    walkers.append(w)
+    return walkers
+
+
+def main(argv=None) -> int:
+    from dpsnake.workflow.config import read_resolved
+    from dpsnake.workflow.fsutil import atomic_write_json
+
+    p = argparse.ArgumentParser(prog="python -m dpsnake.workflow.plan", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--iter", type=int, required=True)
+    p.add_argument("--prev-stats", default=None, help="stats.json of the previous iteration")
+    p.add_argument("--out", required=True, help="walkers.json to write (plan.json goes next to it)")
+    args = p.parse_args(argv)
+    try:
+        cfg = read_resolved(args.config)
+        prev = json.loads(pathlib.Path(args.prev_stats).read_text()) if args.prev_stats else None
+        stage, stage_it = iteration_stage(cfg, prev)
+        out = pathlib.Path(args.out)
+        walkers = make_walkers(cfg, args.iter, stage, out.parent)
+    except UserError as err:
+        print(f"plan: error: {err}", file=sys.stderr)
+        return 2
+    atomic_write_json(out.parent / "plan.json", {"iteration": args.iter, "stage": stage,
+                                                 "stage_iteration": stage_it, "walkers": len(walkers)})
+    atomic_write_json(out, walkers)
+    print(f"iteration {args.iter}: stage {stage} (iteration {stage_it} of the stage), {len(walkers)} walkers")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""``dpsnake select``: classify this iteration's explored frames, pick candidates, decide convergence.
+
+Reads ``explore/walkers.json``, ``explore/plan.json``, ``explore/summary.json`` and each walker's
+``model_devi.out`` + ``traj.extxyz``; writes ``select/candidates/task.NNNNNN.extxyz`` (one frame each,
+provenance in ``info``) and ``select/stats.json`` (format in docs/architecture.md, plus ``stage``,
+``stage_iteration``, ``stop``, ``next_stage``, ``tasks``). Both are written under temporary names and
+renamed, candidates first, so ``stats.json`` exists only when everything is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import sys
+
+import numpy as np
+
+from dpsnake.errors import UserError
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="results/config.json")
+    parser.add_argument("--iter", type=int, required=True)
+    parser.add_argument("--explore", required=True, help="the iteration's explore folder")
+    parser.add_argument("--outdir", required=True, help="the iteration's select folder")
+
+
+def _read_frames(path: pathlib.Path) -> list:
+    try:
+        from dpsnake.md.trajectory import read_frames
+    except ImportError:  # the reader of the MD package; plain ASE reads the same extxyz
+        import ase.io
+
+        return ase.io.read(path, index=":", format="extxyz")
+    return read_frames(path)
+
+
+def gather(explore: pathlib.Path, walkers: list[dict], summary: dict) -> dict:
+    """Per system: {'walker', 'step', 'devi_f', 'devi_v'} arrays over all frames of its walkers."""
+    from dpsnake.workflow.selection import read_model_devi
+
+    per = {}
+    for w in walkers:
+        f = explore / w["name"] / "model_devi.out"
+        d = per.setdefault(w["system"], {"walker": [], "step": [], "devi_f": [], "devi_v": []})
+        if not f.is_file():
+            status = (summary.get(w["name"]) or {}).get("status")
+            if status == "finished":
+                raise UserError(f"{f}: missing although the walker finished")
+            continue
+        md = read_model_devi(f)
+        n = len(md["step"])
+        d["walker"] += [w["name"]] * n
+        d["step"] += list(md["step"])
+        d["devi_f"] += list(md["max_devi_f"])
+        d["devi_v"] += list(md.get("max_devi_v", np.zeros(n)))
+    return {s: {k: np.asarray(v) for k, v in d.items()} for s, d in per.items()}
+
+
+def select(cfg: dict, it: int, explore: pathlib.Path) -> tuple[dict, list]:
+    """Returns (stats, tasks); tasks: list of (atoms, info) to write as candidates."""
+    import ase.io
+
+    from dpsnake.workflow import selection as S
+    from dpsnake.workflow.config import system_trust
+
+    walkers = json.loads((explore / "walkers.json").read_text())
+    plan = json.loads((explore / "plan.json").read_text())
+    summary = json.loads((explore / "summary.json").read_text()).get("walkers", {})
+    by_name = {w["name"]: w for w in walkers}
+    data = gather(explore, walkers, summary)
+    sel = cfg["select"]
+    rng = np.random.default_rng([sel["seed"], it])
+    systems, tasks = {}, []
+    for system in sorted(data):
+        d = data[system]
+        trust = system_trust(cfg, system)
+        lo, hi = trust["force"]
+        ad = sel.get("adaptive") or {}
+        if ad.get("enabled"):
+            lo = S.adaptive_lo(d["devi_f"], lo, hi, ad.get("numb_candidates", 10), ad.get("ratio", 0.0),
+                               ad.get("min_lo", 0.0))
+        cls = S.classify(d["devi_f"], (lo, hi), d["devi_v"], trust.get("virial"))
+        cand = np.flatnonzero(cls == S.CANDIDATE)
+        # structure filter on candidates: bad frames are counted as failed, never labelled
+        frames_cache, keep, filtered = {}, [], 0
+        ref = ase.io.read(explore / by_name[d["walker"][0]]["structure"]) if len(d["walker"]) else None
+        ref_vpa = abs(ref.cell.volume) / len(ref) if ref is not None and ref.pbc.any() else None
+        for i in cand:
+            atoms = _frame(explore, d["walker"][i], int(d["step"][i]), frames_cache)
+            why = "frame missing from traj.extxyz" if atoms is None else S.structure_problem(
+                atoms, sel["min_dist"], sel["min_cell_angle"], sel["volume_range"], ref_vpa)
+            if why:
+                filtered += 1
+                cls[i] = S.FAILED
+                print(f"select: {system} {d['walker'][i]} step {d['step'][i]}: not a candidate: {why}",
+                      file=sys.stderr)
+            else:
+                keep.append(i)
+        picked = S.pick(np.asarray(keep, dtype=int), d["devi_f"], sel["max_candidates"], sel["pick"], rng)
+        for i in picked:
+            atoms = _frame(explore, d["walker"][i], int(d["step"][i]), frames_cache).copy()
+            w = by_name[d["walker"][i]]
+            atoms.info = {"iteration": it, "system": system, "walker": w["name"], "step": int(d["step"][i]),
+                          "max_devi_f": float(d["devi_f"][i]), "temperature": w["temperature"],
+                          "pressure": w.get("pressure", 0.0)}
+            atoms.calc = None
+            tasks.append(atoms)
+        n = len(cls)
+        counts = {k: int(np.sum(cls == c)) for k, c in (("accurate", S.ACCURATE), ("candidate", S.CANDIDATE),
+                                                         ("failed", S.FAILED))}
+        systems[system] = {**counts, "total": n,
+                           **{f"{k}_ratio": (v / n if n else 0.0) for k, v in counts.items()},
+                           "trust_lo": float(lo), "trust_hi": float(hi),
+                           "trust_lo_virial": None if trust.get("virial") is None else trust["virial"][0],
+                           "trust_hi_virial": None if trust.get("virial") is None else trust["virial"][1],
+                           "filtered": filtered, "selected": int(len(picked))}
+    stages = cfg["explore"]["stages"]
+    stage, stage_it = plan["stage"], plan["stage_iteration"]
+    decision = S.decide(systems, cfg["convergence"]["accurate_ratio"], it, stage, stage_it, len(stages),
+                        stages[stage]["max_iterations"], cfg["convergence"]["max_iterations"])
+    wstats = {w["name"]: {"system": w["system"], "temperature": w["temperature"], "pressure": w.get("pressure"),
+                          "status": (summary.get(w["name"]) or {}).get("status", "missing"),
+                          "reason": (summary.get(w["name"]) or {}).get("reason")} for w in walkers}
+    for k, atoms in enumerate(tasks):
+        atoms.info["task"] = f"{k:06d}"
+    stats = {"iteration": it, "systems": systems, "walkers": wstats, **decision, "stage": stage,
+             "stage_iteration": stage_it, "tasks": [a.info["task"] for a in tasks]}
+    return stats, tasks
+
+
+def _frame(explore: pathlib.Path, walker: str, step: int, cache: dict):
+    if walker not in cache:
+        path = explore / walker / "traj.extxyz"
+        frames = _read_frames(path) if path.is_file() else []
+        cache[walker] = {int(a.info.get("step", -1)): a for a in frames}
+    return cache[walker].get(step)
+
+
+def table(stats: dict) -> str:
+    """The per-system counts as a fixed-width table (logged every iteration)."""
+    lines = [f"iteration {stats['iteration']} (stage {stats['stage']}): per-system model deviation classes",
+             f"{'system':<12}{'accurate':>9}{'candidate':>10}{'failed':>8}{'total':>7}{'acc_ratio':>10}"
+             f"{'trust_lo':>9}{'trust_hi':>9}{'selected':>9}"]
+    for s, v in stats["systems"].items():
+        lines.append(f"{s:<12}{v['accurate']:>9}{v['candidate']:>10}{v['failed']:>8}{v['total']:>7}"
+                     f"{v['accurate_ratio']:>10.3f}{v['trust_lo']:>9.3f}{v['trust_hi']:>9.3f}{v['selected']:>9}")
+    lines.append(("STOP: " if stats["stop"] else "continue: ") + stats["reason"])
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    import ase.io
+
+    from dpsnake.workflow.config import read_resolved
+    from dpsnake.workflow.fsutil import atomic_write_json, replace_dir, tmp_dir_for
+
+    cfg = read_resolved(args.config)
+    explore, out = pathlib.Path(args.explore), pathlib.Path(args.outdir)
+    for f in ("walkers.json", "plan.json", "summary.json"):
+        if not (explore / f).is_file():
+            raise UserError(f"--explore: {explore / f}: no such file")
+    stats, tasks = select(cfg, args.iter, explore)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".candidates.tmp*"):  # left by a killed attempt
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = tmp_dir_for(out / "candidates")
+    for atoms in tasks:
+        ase.io.write(tmp / f"task.{atoms.info['task']}.extxyz", atoms, format="extxyz")
+    replace_dir(tmp, out / "candidates")
+    atomic_write_json(out / "stats.json", stats)
+    print(table(stats))
+    return 0

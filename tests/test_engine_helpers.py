@@ -1,0 +1,105 @@
+"""Shared helpers of the engine tests: geometries, DeePMD-kit references, edited .dp copies."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+_REF = {}
+
+
+def ref_pot(path):
+    """deepmd.infer.DeepPot of a .pb (TensorFlow) or .dp (DeePMD-kit's NumPy backend), cached."""
+    path = str(path)
+    if path not in _REF:
+        from deepmd.infer import DeepPot
+
+        _REF[path] = DeepPot(path)
+    return _REF[path]
+
+
+def ref_eval(path, coords, cells, types):
+    """DeePMD-kit's eval with atomic outputs: e (nf,1), f (nf,nat,3), v (nf,9), ae, av."""
+    nf = coords.shape[0]
+    e, f, v, ae, av = ref_pot(path).eval(coords.reshape(nf, -1), cells, types, atomic=True)
+    nat = len(types)
+    return [np.asarray(x).reshape(s) for x, s in
+            zip((e, f, v, ae, av), ((nf, 1), (nf, nat, 3), (nf, 9), (nf, nat, 1), (nf, nat, 9)))]
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float).reshape(np.shape(a))
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
+
+
+def fcc(a=3.6, rep=(2, 2, 2), rattle=0.1, seed=0, ni_frac=0.0, cubic=True):
+    """Rattled fcc Cu (optionally with a random fraction of Ni) as ase.Atoms."""
+    from ase.build import bulk
+
+    at = bulk("Cu", "fcc", a=a, cubic=cubic).repeat(rep)
+    rng = np.random.default_rng(seed)
+    if ni_frac:
+        at.symbols[rng.permutation(len(at))[: int(round(ni_frac * len(at)))]] = "Ni"
+    at.rattle(rattle, seed=seed)
+    return at
+
+
+def triclinic(seed=1, ni_frac=0.0):
+    """A skewed, strained fcc primitive-cell supercell (8 atoms, cell far shorter than 2 rcut)."""
+    at = fcc(a=3.6, rep=(2, 2, 2), rattle=0.05, seed=seed, ni_frac=ni_frac, cubic=False)
+    h = at.cell.array.copy()
+    rng = np.random.default_rng(seed)
+    strain = np.eye(3) + 0.06 * rng.uniform(-1, 1, (3, 3))
+    at.set_cell(h @ strain, scale_atoms=True)
+    return at
+
+
+def cluster(nat=19, seed=2, ni_frac=0.0):
+    """A non-periodic cluster cut from fcc (nearest ``nat`` atoms to the centre)."""
+    at = fcc(a=3.6, rep=(3, 3, 3), rattle=0.05, seed=seed, ni_frac=ni_frac)
+    c = at.positions.mean(axis=0)
+    idx = np.argsort(np.linalg.norm(at.positions - c, axis=1))[:nat]
+    at = at[idx]
+    at.pbc = False
+    at.cell = np.zeros((3, 3))
+    return at
+
+
+def frame(at, type_map):
+    """(coords (1, n, 3), cells (1, 9) or None, types (n,)) for one ase.Atoms."""
+    types = np.array([type_map.index(s) for s in at.get_chemical_symbols()])
+    cells = at.cell.array.reshape(1, 9) if at.pbc.all() else None
+    return at.positions[None].copy(), cells, types
+
+
+def edit_dp(src, dst, fn):
+    """Copy a .dp file and apply fn(model_dict) to its JSON (weights unchanged)."""
+    import h5py
+
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        d = json.loads(f.attrs["json"])
+        fn(d["model"])
+        f.attrs["json"] = json.dumps(d)
+    return str(dst)
+
+
+def set_activation(model: dict, act: str):
+    """Set every hidden layer's activation (embedding and fitting) to ``act``."""
+    def walk(x):
+        if isinstance(x, dict):
+            if x.get("@class") == "Layer" and x.get("activation_function") not in ("none", "linear"):
+                x["activation_function"] = act
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+    walk(model)
+    model["descriptor"]["activation_function"] = act
+    model["fitting"]["activation_function"] = act

@@ -1,0 +1,216 @@
+"""Real Quantum ESPRESSO (pw.x) and CP2K runs through make_labeler, compared with the codes' own output.
+
+References are read from the codes' output files independently of the labelers' parser (dpdata):
+pw.x's "!    total energy" line and ASE's espresso-out reader; CP2K's ENERGY|, ATOMIC FORCES and
+STRESS| lines read with regular expressions here. Failures are forced for real (too few SCF steps).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+from ase import units
+from ase.build import bulk
+
+from dpsnake.errors import UserError
+from dpsnake.labelers import make_labeler, sanity_check
+
+PSEUDO = "/usr/share/espresso/pseudo"
+needs_pw = pytest.mark.skipif(shutil.which("pw.x") is None, reason="pw.x (Debian quantum-espresso) not installed")
+needs_cp2k = pytest.mark.skipif(shutil.which("cp2k") is None, reason="cp2k (Debian cp2k) not installed")
+
+QE_CU = {"type": "qe", "pseudo_dir": PSEUDO, "pseudopotentials": {"Cu": "Cu.pbe-kjpaw.UPF"},
+         "ecutwfc": 35, "ecutrho": 280, "kspacing": 0.6, "smearing": "mv", "degauss": 0.02}
+QE_SI = {"type": "qe", "pseudo_dir": PSEUDO, "pseudopotentials": {"Si": "Si.pbe-rrkj.UPF"}, "ecutwfc": 20}
+CP2K_SI = {"type": "cp2k", "cutoff": 200, "rel_cutoff": 30}
+
+
+def cu4():
+    """Rattled 4-atom Cu cell."""
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.rattle(0.05, seed=1)
+    return atoms
+
+
+def si8(rotated=False):
+    """Rattled Si8; rotated: its cell is not lower-triangular (dpdata rotates such cells; the labels
+    must come back in the frame's own orientation)."""
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True)
+    atoms.rattle(0.05, seed=2)
+    if rotated:
+        atoms.rotate(25, "z", rotate_cell=True)
+        atoms.rotate(15, "x", rotate_cell=True)
+        assert abs(atoms.cell[0, 1]) > 1.0
+    return atoms
+
+
+@pytest.fixture(scope="module")
+def qe_cu(tmp_path_factory):
+    """One real pw.x run (Cu4 PAW, 35/280 Ry, 3x3x3 k, ~20 s), shared by the tests below."""
+    atoms = cu4()
+    workdir = tmp_path_factory.mktemp("qe") / "cu4"
+    result = make_labeler(QE_CU).label(atoms, workdir)
+    return atoms, result, workdir
+
+
+@needs_pw
+@pytest.mark.dft
+def test_qe_cu4_matches_pw_output(qe_cu):
+    import ase.io
+
+    atoms, result, workdir = qe_cu
+    assert result.ok, result.reason
+    text = (workdir / "pw.out").read_text()
+    assert "3 3 3" in (workdir / "pw.in").read_text()  # kspacing 0.6/A on a 3.6 A cube -> 3x3x3
+    assert not (workdir / "scratch").exists()  # wavefunctions removed
+    e_ry = float(re.findall(r"!\s+total energy\s+=\s+(-?\d+\.\d+) Ry", text)[-1])
+    assert result.energy == pytest.approx(e_ry * units.Ry, rel=1e-7)  # dpdata and ASE use different CODATA years
+    # pw.x's forces in the input's Cartesian frame (Ry/Bohr), read line by line
+    f_ry = np.array([[float(x) for x in m] for m in
+                     re.findall(r"atom\s+\d+ type\s+\d+\s+force =\s+(\S+)\s+(\S+)\s+(\S+)", text)])[:len(atoms)]
+    np.testing.assert_allclose(result.forces, f_ry * units.Ry / units.Bohr, rtol=1e-7, atol=1e-7)
+    ref = ase.io.read(workdir / "pw.out", format="espresso-out")  # ASE's own reader, Ry/Bohr^3 columns
+    np.testing.assert_allclose(result.forces, ref.get_forces(), atol=1e-6)
+    virial_ref = -ref.get_stress(voigt=False) * atoms.get_volume()
+    np.testing.assert_allclose(result.virial, virial_ref, atol=2e-3)  # dpdata reads the 2-decimal kbar columns
+    np.testing.assert_allclose(result.virial, result.virial.T, atol=1e-8)
+    assert np.abs(result.forces.sum(axis=0)).max() < 0.02  # translational invariance
+    assert 0.3 < np.abs(result.forces).max() < 3.0  # a 0.05 A rattle in Cu: forces of order 1 eV/A
+
+
+@needs_pw
+@pytest.mark.dft
+def test_qe_sanity_cap_fails_large_forces(qe_cu):
+    atoms, result, _ = qe_cu
+    capped = sanity_check(make_copy(result), len(atoms), max_force=0.5)
+    assert not capped.ok and "sanity cap" in capped.reason
+    assert sanity_check(make_copy(result), len(atoms), max_force=50.0).ok
+
+
+def make_copy(result):
+    from dataclasses import replace
+
+    return replace(result, forces=np.array(result.forces), virial=np.array(result.virial))
+
+
+@needs_pw
+@pytest.mark.dft
+def test_qe_scf_not_converged_is_a_failure(tmp_path):
+    spec = dict(QE_SI, electrons={"electron_maxstep": 1})
+    result = make_labeler(spec).label(si8(), tmp_path / "si")
+    assert not result.ok
+    assert result.reason.startswith("SCF not converged"), result.reason
+
+
+@needs_pw
+@pytest.mark.dft
+def test_qe_output_problems_are_failures(qe_cu, tmp_path):
+    atoms, _, workdir = qe_cu
+    ref = tmp_path / "ref.out"
+    shutil.copy(workdir / "pw.out", ref)
+    lines = ref.read_text().splitlines(keepends=True)
+    cut = next(i for i, ln in enumerate(lines) if re.search(r"atom\s+2 type", ln))
+    (tmp_path / "truncated.out").write_text("".join(lines[:cut]))  # output stops inside the force table
+    cases = {
+        "truncated": (f"cat {tmp_path / 'truncated.out'}", None),
+        "exit": (f"sh -c 'cat {ref}; exit 3'", "exited with code 3"),
+        "nobinary": ("pw.x.not-installed -in {input}", "cannot start"),
+        "empty": ("true", "missing output"),
+        "timeout": ("sleep 20", "timed out"),
+    }
+    for name, (command, expect) in cases.items():
+        spec = dict(QE_CU, command=command, timeout=1.0)
+        result = make_labeler(spec).label(atoms, tmp_path / name)
+        assert not result.ok, name
+        if expect:
+            assert expect in result.reason, (name, result.reason)
+    # a complete output of the frame parses through the same path (the cases above fail for their reason)
+    assert make_labeler(dict(QE_CU, command=f"cat {ref}")).label(atoms, tmp_path / "again").ok
+
+
+@needs_pw
+@pytest.mark.dft
+def test_qe_and_cp2k_agree_on_si8(tmp_path):
+    """Two codes, two parsers, same (rotated) frame: forces and virial agree to DFT-setup accuracy.
+
+    Catches unit (Ry vs Ha, Bohr), sign and atom-order mistakes, which are far larger than the
+    differences between plane waves and Gaussians here (measured: ~0.1 eV/A, ~4 % in virial)."""
+    if shutil.which("cp2k") is None:
+        pytest.skip("cp2k not installed")
+    import ase.io
+
+    atoms = si8(rotated=True)
+    qe = make_labeler(QE_SI).label(atoms, tmp_path / "qe")
+    cp = make_labeler(CP2K_SI).label(atoms, tmp_path / "cp2k")
+    assert qe.ok and cp.ok, (qe.reason, cp.reason)
+    ref = ase.io.read(tmp_path / "qe" / "pw.out", format="espresso-out")  # pw.x's forces, the frame's own axes
+    np.testing.assert_allclose(qe.forces, ref.get_forces(), atol=1e-6)
+    np.testing.assert_allclose(qe.virial, -ref.get_stress(voigt=False) * atoms.get_volume(), atol=5e-3)
+    assert np.abs(qe.forces - cp.forces).max() < 0.25
+    assert np.abs(qe.virial - cp.virial).max() < 0.1 * np.abs(qe.virial).max()
+
+
+def cp2k_reference(text: str, natoms: int, volume: float):
+    """CP2K's own printed energy (eV), forces (eV/A) and stress x volume (eV), read here with regexps."""
+    energy = float(re.findall(r"ENERGY\| Total FORCE_EVAL \( QS \) energy \[a\.u\.\]:\s+(\S+)", text)[-1]) * units.Hartree
+    block = text[text.rindex("ATOMIC FORCES in [a.u.]"):]
+    rows = re.findall(r"^\s+\d+\s+\d+\s+[A-Z][a-z]?\s+(\S+)\s+(\S+)\s+(\S+)\s*$", block, re.M)[:natoms]
+    forces = np.array(rows, dtype=float) * units.Hartree / units.Bohr
+    stress = text[text.rindex("STRESS| Analytical stress tensor [GPa]"):]
+    num = r"(-?\d+\.\d+E[-+]\d+)"
+    gpa = np.array(re.findall(rf"STRESS\|\s+[xyz]\s+{num}\s+{num}\s+{num}", stress)[:3], dtype=float)
+    return energy, forces, gpa * units.GPa * volume
+
+
+@needs_cp2k
+@pytest.mark.dft
+def test_cp2k_si8_matches_cp2k_output(tmp_path):
+    atoms = si8()
+    result = make_labeler(CP2K_SI).label(atoms, tmp_path / "si8")
+    assert result.ok, result.reason
+    energy, forces, virial = cp2k_reference((tmp_path / "si8" / "cp2k.out").read_text(), len(atoms), atoms.get_volume())
+    assert result.energy == pytest.approx(energy, abs=1e-5)
+    np.testing.assert_allclose(result.forces, forces, atol=1e-5)
+    np.testing.assert_allclose(result.virial, virial, rtol=1e-5, atol=1e-5)
+    assert np.abs(result.forces.sum(axis=0)).max() < 0.02
+
+
+@needs_cp2k
+@pytest.mark.dft
+def test_cp2k_scf_not_converged_is_a_failure(tmp_path):
+    result = make_labeler(dict(CP2K_SI, max_scf=2)).label(si8(), tmp_path / "si8")
+    assert not result.ok
+    assert result.reason.startswith("SCF not converged"), result.reason
+
+
+def test_cp2k_template_and_config_errors(tmp_path):
+    lab = make_labeler(dict(CP2K_SI, kspacing=0.4))
+    text = lab.render(si8())
+    assert "SCHEME MONKHORST-PACK 3 3 3" in text  # 2 pi / 5.43 / 0.4 = 2.9 -> 3
+    assert "PERIODIC XYZ" in text and text.count("&KIND Si") == 1 and "{{" not in text
+    bad = tmp_path / "bad.inp"
+    bad.write_text("&FORCE_EVAL\n &SUBSYS\n  {{CELL}}\n  {{KINDS}}\n &END SUBSYS\n&END FORCE_EVAL\n")
+    with pytest.raises(UserError, match=r"\{\{COORD\}\}"):
+        make_labeler(dict(CP2K_SI, template=str(bad)))
+    with pytest.raises(UserError, match="label.basis_set_file"):
+        make_labeler(dict(CP2K_SI, basis_set_file="NO_SUCH_BASIS"))
+    with pytest.raises(UserError, match="label.basis: no entry for element Si"):
+        make_labeler(dict(CP2K_SI, basis={"Cu": "DZVP-MOLOPT-SR-GTH"})).render(si8())
+
+
+def test_qe_config_errors(tmp_path):
+    with pytest.raises(UserError, match="label.pseudopotentials.Cu"):
+        make_labeler(dict(QE_CU, pseudopotentials={"Cu": "Cu.nothere.UPF"}))
+    with pytest.raises(UserError, match="label.pseudo_dir"):
+        make_labeler(dict(QE_CU, pseudo_dir=str(tmp_path / "nothere")))
+    with pytest.raises(UserError, match="label.control.calculation"):
+        make_labeler(dict(QE_CU, control={"calculation": "relax"}))
+    with pytest.raises(UserError, match="kspacing / label.kpts"):
+        make_labeler(dict(QE_CU, kpts=[2, 2, 2]))
+    with pytest.raises(UserError, match="unknown placeholder"):
+        make_labeler(dict(QE_CU, command="pw.x -in {inptu}"))
+    with pytest.raises(UserError, match=r"element\(s\) \['Si'\]"):
+        make_labeler(QE_CU).label(si8(), tmp_path / "si")

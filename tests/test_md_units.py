@@ -1,0 +1,127 @@
+"""Exploration MD pieces that need no model: walker validation, RNG streams, output formats."""
+
+import json
+
+import numpy as np
+import pytest
+from ase.build import bulk
+
+from dpsnake.errors import UserError
+from dpsnake.md import rng
+from dpsnake.md.trajectory import DEVI_HEADER, devi_line, frame_text, read_frames
+from dpsnake.md.walkers import load_walkers, maxwell_boltzmann, parse_walkers
+
+
+@pytest.fixture
+def poscar(tmp_path):
+    p = tmp_path / "POSCAR"
+    bulk("Cu", "fcc", a=3.7, cubic=True).write(p, format="vasp")
+    return p
+
+
+def _w(path, **kw):
+    d = dict(name="w0", structure=str(path), ensemble="nvt", temperature=300, nsteps=10, dt=0.002,
+             trj_freq=5, seed=1)
+    d.update(kw)
+    return d
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"ensemble": "nph"}, "key 'ensemble' must be one of"),
+    ({"ensemble": "npt"}, "key 'pressure' is required"),
+    ({"temperature": -5}, "key 'temperature' must be"),
+    ({"trj_freq": 0}, "key 'trj_freq' must be positive"),
+    ({"nsteps": 2.5}, "key 'nsteps' must be an integer"),
+    ({"dt": "1fs"}, "key 'dt' must be a number"),
+    ({"structure": "missing.xyz"}, "file not found"),
+    ({"name": "a/b"}, "folder-safe"),
+    ({"tau_tt": 0.1}, "unknown key 'tau_tt'"),
+    ({"thermostat": "berendsen"}, "key 'thermostat' must be one of"),
+])
+def test_walker_validation_names_the_key(poscar, change, message):
+    with pytest.raises(UserError, match=message) as err:
+        parse_walkers([_w(poscar, **change)])
+    assert "\n" not in str(err.value)
+    assert "walker" in str(err.value)
+
+
+def test_walkers_file_and_defaults(tmp_path, poscar):
+    f = tmp_path / "walkers.json"
+    f.write_text(json.dumps([_w("POSCAR"), _w("POSCAR", name="w1", ensemble="npt-tri", pressure=1.0)]))
+    ws = load_walkers(f)
+    assert [w.thermostat for w in ws] == ["nhc", "bussi"]
+    assert ws[1].barostat == "tri" and ws[0].barostat is None
+    assert ws[0].system == "w0" and ws[0].tau_t == 0.1
+    with pytest.raises(UserError, match="duplicate name"):
+        parse_walkers([_w(poscar), _w(poscar)])
+    f.write_text("[{")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_walkers(f)
+
+
+def test_maxwell_boltzmann_start():
+    m = np.array([63.546] * 50 + [58.69] * 58)
+    v = maxwell_boltzmann(m, 300.0, seed=4, nf=3 * 108 - 3)
+    from ase import units
+
+    assert np.allclose((m[:, None] * v).sum(axis=0), 0, atol=1e-12)  # no net momentum
+    ke = 0.5 * (m[:, None] * v * v).sum()
+    assert ke == pytest.approx(0.5 * (3 * 108 - 3) * units.kB * 300.0, rel=1e-12)
+    assert np.array_equal(v, maxwell_boltzmann(m, 300.0, seed=4, nf=321))
+    assert not np.array_equal(v, maxwell_boltzmann(m, 300.0, seed=5, nf=321))
+
+
+def test_rng_streams_are_per_walker_and_normal():
+    xp = np
+    seeds = np.array([11, 12, 13], dtype=np.uint64)
+    nat = np.array([5, 4000, 7])
+    system = np.repeat(np.arange(3), nat)
+    local = np.concatenate([np.arange(n) for n in nat])
+    g = rng.atom_normals(xp, seeds, system, local, step=17, stream=rng.LANGEVIN)
+    # the same walker alone (seed 13, 7 atoms) draws the same numbers
+    alone = rng.atom_normals(xp, seeds[2:], np.zeros(7, dtype=np.int64), np.arange(7), 17, rng.LANGEVIN)
+    assert np.array_equal(g[-7:], alone)
+    big = g[5:4005].ravel()
+    assert abs(big.mean()) < 4 / np.sqrt(big.size)
+    assert abs(big.var() - 1) < 4 * np.sqrt(2 / big.size)
+    assert abs(np.corrcoef(big[:-1], big[1:])[0, 1]) < 4 / np.sqrt(big.size)
+    # other step / stream: different numbers
+    assert not np.allclose(g, rng.atom_normals(xp, seeds, system, local, 18, rng.LANGEVIN))
+    assert not np.allclose(g, rng.atom_normals(xp, seeds, system, local, 17, rng.BUSSI))
+    s = rng.system_normals(xp, seeds, 3, rng.BAROSTAT, 6)
+    assert s.shape == (3, 6) and np.isfinite(s).all()
+
+
+def test_frame_text_read_by_ase_and_dpdata(tmp_path):
+    import dpdata
+
+    a = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 1, 1))
+    a.symbols[[1, 5]] = "Ni"
+    a.set_cell(a.cell.array + np.array([[0, 0, 0], [0.3, 0, 0], [0.1, -0.2, 0]]), scale_atoms=True)
+    a.rattle(0.1, seed=3)
+    path = tmp_path / "traj.extxyz"
+    with open(path, "w") as f:
+        for step in (0, 10):
+            f.write(frame_text(np.array(a.get_chemical_symbols()), a.positions + step, a.cell.array, True, step))
+    frames = read_frames(path)
+    assert [fr.info["step"] for fr in frames] == [0, 10]
+    assert frames[1].get_chemical_symbols() == a.get_chemical_symbols()
+    assert np.allclose(frames[1].positions, a.positions + 10, atol=1e-9)
+    assert np.allclose(frames[0].cell.array, a.cell.array, atol=1e-9) and frames[0].pbc.all()
+    ms = dpdata.MultiSystems.from_file(str(path), fmt="ase/structure")
+    assert ms.get_nframes() == 2
+    s = ms[0] if len(ms) == 1 else None
+    assert s is not None and sorted(s["atom_names"]) == ["Cu", "Ni"]
+    assert np.allclose(s["cells"][0], a.cell.array, atol=1e-9)
+
+
+def test_devi_line_matches_engine_writer(tmp_path):
+    from dpsnake.engine.model_devi import COLUMNS, read_model_devi, write_model_devi
+
+    vals = np.array([[1.5e-3, 2e-4, 7e-4, 0.123, 0.01, 0.05], [2.5e-3, 3e-4, 8e-4, 0.223, 0.02, 0.06]])
+    ours = tmp_path / "ours.out"
+    ours.write_text(DEVI_HEADER + devi_line(0, vals[0]) + devi_line(10, vals[1]))
+    ref = tmp_path / "ref.out"
+    write_model_devi(ref, [0, 10], {k: vals[:, i] for i, k in enumerate(COLUMNS[1:])})
+    assert ours.read_text() == ref.read_text()
+    assert read_model_devi(ours)["step"].tolist() == [0, 10]

@@ -1,0 +1,126 @@
+# Helpers shared by the rules: the resolved config, iteration paths, and the walk over the
+# checkpoints (one `select` checkpoint per iteration) that finds the last iteration.
+
+import json
+import sys
+
+from dpsnake.errors import UserError
+from dpsnake.workflow import config as dpconfig
+from dpsnake.workflow.selection import decide_from_stats
+
+# Files, elements and cross-references are checked here, before any job: one line naming the key.
+try:
+    CFG = dpconfig.check(config, ".")
+except UserError as err:
+    sys.exit(f"config error: {err}")
+
+CONFIG_JSON = "results/config.json"
+NMODELS = CFG["train"]["numb_models"]
+SYSTEMS = list(CFG["systems"])
+
+
+wildcard_constraints:
+    it=r"\d{6}",
+    k=r"\d+",
+    task=r"\d{6}",
+    system=r"[A-Za-z0-9_-]+",
+
+
+onstart:
+    # every `dpsnake` command reads the run's resolved config from here
+    dpconfig.write_if_changed(CFG, CONFIG_JSON)
+
+
+def it_int(wildcards):
+    return int(wildcards.it)
+
+
+def iter_dir(it):
+    return f"results/iter.{int(it):06d}"
+
+
+def model_dirs(it):
+    return [f"{iter_dir(it)}/train/model.{k}" for k in range(NMODELS)]
+
+
+def model_files(wildcards):
+    return [f"{d}/model.dp" for d in model_dirs(wildcards.it)]
+
+
+def train_data(wildcards):
+    """Datasets model training of iteration `it` uses: init data plus every earlier iteration's."""
+    it = int(wildcards.it)
+    return [f"results/data/init/{s}" for s in SYSTEMS] + [f"results/data/iter.{j:06d}" for j in range(it)]
+
+
+def train_init(wildcards):
+    """The previous iteration's model (train.init_from_previous), else nothing."""
+    it = int(wildcards.it)
+    if CFG["train"]["init_from_previous"] and it > 0:
+        return [f"{iter_dir(it - 1)}/train/model.{wildcards.k}/model.dp"]
+    return []
+
+
+def train_init_arg(wildcards):
+    init = train_init(wildcards)
+    return f"--init-from {init[0].rsplit('/', 1)[0]}" if init else ""
+
+
+def prev_stats(wildcards):
+    it = int(wildcards.it)
+    return [f"{iter_dir(it - 1)}/select/stats.json"] if it > 0 else []
+
+
+def prev_stats_arg(wildcards):
+    prev = prev_stats(wildcards)
+    return f"--prev-stats {prev[0]}" if prev else ""
+
+
+def selected_stats(it):
+    """stats.json of iteration `it` (waits for its select checkpoint)."""
+    out = checkpoints.select.get(it=f"{int(it):06d}").output
+    with open(out.stats) as f:
+        return json.load(f)
+
+
+def label_inputs(wildcards):
+    """The candidate frame of one label job (exists once the select checkpoint ran)."""
+    checkpoints.select.get(it=wildcards.it)
+    return f"{iter_dir(wildcards.it)}/select/candidates/task.{wildcards.task}.extxyz"
+
+
+def label_outputs(wildcards):
+    """All labelled frames of iteration `it`: one per selected candidate."""
+    stats = selected_stats(wildcards.it)
+    return [f"{iter_dir(wildcards.it)}/label/task.{t}.extxyz" for t in stats["tasks"]]
+
+
+def last_iteration():
+    """Walk the checkpoints: the first iteration whose decision (re-evaluated with the current config,
+    so raising convergence.max_iterations continues a finished run) is to stop."""
+    it = 0
+    while True:
+        if decide_from_stats(CFG, selected_stats(it))["stop"]:
+            return it
+        it += 1
+
+
+def iteration_reports(wildcards):
+    last = last_iteration()
+    return [f"results/reports/iter.{j:06d}.html" for j in range(last + 1)]
+
+
+def final_models(wildcards):
+    return [f"{d}/model.dp" for d in model_dirs(last_iteration())]
+
+
+def final_stats(wildcards):
+    return f"{iter_dir(last_iteration())}/select/stats.json"
+
+
+def final_model_dirs(wildcards):
+    return " ".join(model_dirs(last_iteration()))
+
+
+def final_iter(wildcards):
+    return last_iteration()

@@ -1,0 +1,44 @@
+# The iteration's walkers (stage of the exploration plan x systems x temperatures x pressures x
+# replicas), then ONE batched exploration job on the built-in engine (GPU on clusters).
+
+
+rule plan:
+    input:
+        prev_stats,
+    output:
+        walkers="results/iter.{it}/explore/walkers.json",
+        plan="results/iter.{it}/explore/plan.json",
+    params:
+        it=it_int,
+        prev=prev_stats_arg,
+    log:
+        "logs/iter.{it}/plan.log",
+    benchmark:
+        "benchmarks/iter.{it}/plan.tsv"
+    conda:
+        "../../envs/label.yaml"
+    shell:
+        "python -m dpsnake.workflow.plan --config results/config.json --iter {params.it} {params.prev}"
+        " --out {output.walkers} > {log} 2>&1"
+
+
+rule explore:
+    input:
+        models=model_files,
+        walkers="results/iter.{it}/explore/walkers.json",
+    output:
+        summary="results/iter.{it}/explore/summary.json",
+    params:
+        device=CFG["explore"]["device"],
+        precision=CFG["explore"]["precision"],
+    threads: CFG["explore"]["threads"]
+    log:
+        "logs/iter.{it}/explore.log",
+    benchmark:
+        "benchmarks/iter.{it}/explore.tsv"
+    conda:
+        "../../envs/explore.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} dpsnake explore --models {input.models} --walkers {input.walkers}"
+        " --outdir results/iter.{wildcards.it}/explore --device {params.device}"
+        " --precision {params.precision} --no-progress > {log} 2>&1"

@@ -1,0 +1,17 @@
+# One job per selected candidate (group them on clusters: --groups label=dft --group-components dft=N).
+# A failed label is written with label_ok=False (+ task.N.failed.json) and never enters the data.
+
+
+rule label:
+    input:
+        label_inputs,
+    output:
+        "results/iter.{it}/label/task.{task}.extxyz",
+    log:
+        "logs/iter.{it}/label.{task}.log",
+    benchmark:
+        "benchmarks/iter.{it}/label.{task}.tsv"
+    conda:
+        "../../envs/label.yaml"
+    shell:
+        "dpsnake label --config results/config.json --input {input} --output {output} > {log} 2>&1"

@@ -1,0 +1,72 @@
+# Reports: one page per iteration, the run-level page, and the final models.
+# `snakemake --report report.zip` bundles the pages marked with report().
+
+
+rule report_iteration:
+    input:
+        collect="results/iter.{it}/collect/summary.json",
+        stats="results/iter.{it}/select/stats.json",
+        models=model_files,
+    output:
+        html=report(
+            "results/reports/iter.{it}.html",
+            category="Iterations",
+            labels={"iteration": "{it}", "page": "report"},
+        ),
+        csv=report(
+            "results/reports/iter.{it}.csv",
+            category="Iterations",
+            labels={"iteration": "{it}", "page": "table (csv)"},
+        ),
+        json="results/reports/iter.{it}.json",
+    params:
+        it=it_int,
+        accuracy="" if CFG["report"]["accuracy"] else "--no-accuracy",
+    log:
+        "logs/iter.{it}/report.log",
+    benchmark:
+        "benchmarks/iter.{it}/report.tsv"
+    conda:
+        "../../envs/label.yaml"
+    shell:
+        "dpsnake report --config results/config.json --iter {params.it} {params.accuracy} > {log} 2>&1"
+
+
+rule finalize:
+    input:
+        models=final_models,
+        stats=final_stats,
+    output:
+        directory("results/models/final"),
+    params:
+        it=final_iter,
+        dirs=final_model_dirs,
+    log:
+        "logs/finalize.log",
+    benchmark:
+        "benchmarks/finalize.tsv"
+    conda:
+        "../../envs/label.yaml"
+    shell:
+        "dpsnake finalize --iter {params.it} --stats {input.stats} --models {params.dirs}"
+        " --outdir {output} > {log} 2>&1"
+
+
+rule report_run:
+    input:
+        iterations=iteration_reports,
+        final="results/models/final",
+    output:
+        html=report("results/reports/index.html", category="Run", labels={"page": "run summary"}),
+        csv=report("results/reports/run.csv", category="Run", labels={"page": "run table (csv)"}),
+        json="results/reports/run.json",
+    params:
+        accuracy="" if CFG["report"]["accuracy"] else "--no-accuracy",
+    log:
+        "logs/report_run.log",
+    benchmark:
+        "benchmarks/report_run.tsv"
+    conda:
+        "../../envs/label.yaml"
+    shell:
+        "dpsnake report --config results/config.json --run {params.accuracy} > {log} 2>&1"

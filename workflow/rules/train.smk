@@ -1,0 +1,25 @@
+# One job per model of the ensemble: dp train -> dp freeze -> dp convert-backend -> model.dp.
+# Clusters: give the rule a GPU in the profile (set-resources: train: gpu / gres).
+
+
+rule train:
+    input:
+        data=train_data,
+        init=train_init,
+    output:
+        model="results/iter.{it}/train/model.{k}/model.dp",
+        lcurve="results/iter.{it}/train/model.{k}/lcurve.out",
+    params:
+        it=it_int,
+        init=train_init_arg,
+    threads: CFG["train"]["threads"]
+    log:
+        "logs/iter.{it}/train.{k}.log",
+    benchmark:
+        "benchmarks/iter.{it}/train.{k}.tsv"
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "dpsnake train --config results/config.json --iter {params.it} --model {wildcards.k}"
+        " --outdir results/iter.{wildcards.it}/train/model.{wildcards.k} --data {input.data}"
+        " {params.init} --threads {threads} > {log} 2>&1"
