@@ -15,10 +15,13 @@ if not workflow.overwrite_configfiles:
 
 
 
+# common.smk checks the config first (schema + files + type_map): one line naming what is wrong
+include: "workflow/rules/common.smk"
+
+
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
-include: "workflow/rules/common.smk"
 include: "workflow/rules/init.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/explore.smk"

@@ -112,6 +112,28 @@ def ours_cases(models, reps, cp, sync):
              us_per_frame_atom=s / (c.shape[0] * c.shape[1]) * 1e6)
 
 
+def variant_cases(models, cp, sync):
+    """The batched case with parts of the CUDA code switched off (array code only, + neighbour
+    kernel, + fused embedding kernels), to show what each part buys."""
+    from dpsnake.engine.deeppot import frames_to_flat
+    from dpsnake.engine.ensemble import Ensemble
+
+    c, b, t = batch_frames()
+    args = frames_to_flat(cp, cp.asarray(c), cp.asarray(b), cp.asarray(t))[:5]
+    nat = c.shape[0] * c.shape[1]
+    for kern, fused in (("0", "0"), ("1", "0"), ("1", "1")):
+        os.environ["DPSNAKE_KERNELS"], os.environ["DPSNAKE_FUSED"] = kern, fused
+        for prec, mfile in (("mixed", models["float32"][0]), ("double", models["float64"])):
+            try:
+                ens = Ensemble([mfile], precision=prec)
+                s = timeit(lambda: ens.evaluate(*args), sync, n=5)
+                emit(bench="variant", kernels=kern, fused=fused, prec=prec, natoms=108, nframes=256,
+                     us_per_atom=s / nat * 1e6)
+            except Exception as err:
+                emit(bench="variant", kernels=kern, fused=fused, prec=prec, error=repr(err)[:300])
+    os.environ["DPSNAKE_KERNELS"], os.environ["DPSNAKE_FUSED"] = "1", "auto"
+
+
 def deepmd_cases(models, reps, sync):
     from deepmd.infer import DeepPot
     from deepmd.infer.model_devi import calc_model_devi
@@ -157,7 +179,8 @@ def agreement(models, extra, cp):
     tri.set_cell(tri.cell.array @ (np.eye(3) + 0.05 * rng.uniform(-1, 1, (3, 3))), scale_atoms=True)
     systems.append(tri)
     paths = [models["float64"], models["float32"][0]] + list(extra)
-    for path in paths:
+    for path, fused in [(p, f) for p in paths for f in ("auto", "1")]:
+        os.environ["DPSNAKE_FUSED"] = fused
         dpn = DeepPot(path)
         tm = dpn.get_type_map()
         for k, at in enumerate(systems):
@@ -170,11 +193,11 @@ def agreement(models, extra, cp):
                               atomic=True)
                 errs = [float(np.abs(np.asarray(x) - y.get()).max() / max(np.abs(x).max(), 1e-300))
                         for x, y in zip(rn, rc)]
-                emit(check="numpy_vs_cupy_fp64", model=pathlib.Path(path).parent.name, system=k,
-                     pbc=pbc, natoms=len(at), max_rel=max(errs))
+                emit(check="numpy_vs_cupy_fp64", fused=fused, model=pathlib.Path(path).parent.name,
+                     system=k, pbc=pbc, natoms=len(at), max_rel=max(errs))
                 mixed = DeepPot(path, precision="mixed").eval(cp.asarray(c), None if cell is None
                                                               else cp.asarray(cell), cp.asarray(t))
-                emit(check="mixed_vs_double", model=pathlib.Path(path).parent.name, system=k, pbc=pbc,
+                emit(check="mixed_vs_double", fused=fused, model=pathlib.Path(path).parent.name, system=k, pbc=pbc,
                      e_rel=float(abs(mixed[0].get() - rn[0]).max() / abs(rn[0]).max()),
                      f_rel=float(abs(mixed[1].get() - rn[1]).max() / abs(rn[1]).max()))
 
@@ -216,6 +239,7 @@ def main():
     ap.add_argument("--deepmd", action="store_true", help="also time DeePMD-kit (PyTorch) DeepPot")
     ap.add_argument("--deepmd-reps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--check", nargs="*", default=None, help="agreement checks (+ extra .dp files)")
+    ap.add_argument("--variants", action="store_true", help="batched case with kernels switched off")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import cupy as cp
@@ -236,6 +260,8 @@ def main():
                 subprocess.run([sys.executable, "-m", "deepmd", "convert-backend", m,
                                 m.replace(".dp", ".pth")], check=True, capture_output=True)
         deepmd_agreement(models, cp)
+    if args.variants:
+        variant_cases(models, cp, sync)
     ours_cases(models, args.reps, cp, sync)
     if args.deepmd:
         import torch

@@ -131,20 +131,26 @@ def test_qe_output_problems_are_failures(qe_cu, tmp_path):
     assert make_labeler(dict(QE_CU, command=f"cat {ref}")).label(atoms, tmp_path / "again").ok
 
 
+@pytest.fixture(scope="module")
+def cp2k_si8(tmp_path_factory):
+    """One real CP2K run (rotated Si8, 200/30 Ry, Gamma, 7-30 s), shared by the tests below."""
+    atoms = si8(rotated=True)
+    workdir = tmp_path_factory.mktemp("cp2k") / "si8"
+    return atoms, make_labeler(CP2K_SI).label(atoms, workdir), workdir
+
+
 @needs_pw
+@needs_cp2k
 @pytest.mark.dft
-def test_qe_and_cp2k_agree_on_si8(tmp_path):
+def test_qe_and_cp2k_agree_on_si8(cp2k_si8, tmp_path):
     """Two codes, two parsers, same (rotated) frame: forces and virial agree to DFT-setup accuracy.
 
-    Catches unit (Ry vs Ha, Bohr), sign and atom-order mistakes, which are far larger than the
-    differences between plane waves and Gaussians here (measured: ~0.1 eV/A, ~4 % in virial)."""
-    if shutil.which("cp2k") is None:
-        pytest.skip("cp2k not installed")
+    Catches unit (Ry vs Ha, Bohr), sign, orientation and atom-order mistakes, which are far larger
+    than the differences between plane waves and Gaussians here (measured: ~0.1 eV/A, ~4 % in virial)."""
     import ase.io
 
-    atoms = si8(rotated=True)
+    atoms, cp, _ = cp2k_si8
     qe = make_labeler(QE_SI).label(atoms, tmp_path / "qe")
-    cp = make_labeler(CP2K_SI).label(atoms, tmp_path / "cp2k")
     assert qe.ok and cp.ok, (qe.reason, cp.reason)
     ref = ase.io.read(tmp_path / "qe" / "pw.out", format="espresso-out")  # pw.x's forces, the frame's own axes
     np.testing.assert_allclose(qe.forces, ref.get_forces(), atol=1e-6)
@@ -167,11 +173,10 @@ def cp2k_reference(text: str, natoms: int, volume: float):
 
 @needs_cp2k
 @pytest.mark.dft
-def test_cp2k_si8_matches_cp2k_output(tmp_path):
-    atoms = si8()
-    result = make_labeler(CP2K_SI).label(atoms, tmp_path / "si8")
+def test_cp2k_si8_matches_cp2k_output(cp2k_si8):
+    atoms, result, workdir = cp2k_si8
     assert result.ok, result.reason
-    energy, forces, virial = cp2k_reference((tmp_path / "si8" / "cp2k.out").read_text(), len(atoms), atoms.get_volume())
+    energy, forces, virial = cp2k_reference((workdir / "cp2k.out").read_text(), len(atoms), atoms.get_volume())
     assert result.energy == pytest.approx(energy, abs=1e-5)
     np.testing.assert_allclose(result.forces, forces, atol=1e-5)
     np.testing.assert_allclose(result.virial, virial, rtol=1e-5, atol=1e-5)

@@ -167,3 +167,17 @@ def test_runner_helpers():
         check_template("", "label.command")
     with pytest.raises(UserError, match="label.nproc"):
         make_labeler({"type": "vasp", "potcar_dir": "/", "kspacing": 0.5, "nproc": 0})
+
+
+def test_rerun_never_parses_stale_output_and_unknown_keys_are_refused(potcars, pseudos, tmp_path):
+    atoms = cuni_frame()
+    assert make_labeler(vasp_spec(potcars)).label(atoms, tmp_path / "v").ok
+    again = make_labeler(vasp_spec(potcars, command="true")).label(atoms, tmp_path / "v")  # same workdir
+    assert not again.ok and "missing output" in again.reason
+    assert make_labeler(abacus_spec(pseudos)).label(atoms, tmp_path / "a").ok
+    again = make_labeler(abacus_spec(pseudos, command="true")).label(atoms, tmp_path / "a")
+    assert not again.ok and "missing output" in again.reason
+    with pytest.raises(UserError, match=r"unknown key\(s\) \['ecut'\]"):
+        make_labeler(vasp_spec(potcars, ecut=400))
+    with pytest.raises(UserError, match=r"unknown key\(s\) \['bassis'\]"):
+        make_labeler({"type": "pyscf", "bassis": "sto-3g"})

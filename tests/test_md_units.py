@@ -108,7 +108,7 @@ def test_frame_text_read_by_ase_and_dpdata(tmp_path):
     assert frames[1].get_chemical_symbols() == a.get_chemical_symbols()
     assert np.allclose(frames[1].positions, a.positions + 10, atol=1e-9)
     assert np.allclose(frames[0].cell.array, a.cell.array, atol=1e-9) and frames[0].pbc.all()
-    ms = dpdata.MultiSystems.from_file(str(path), fmt="ase/structure")
+    ms = dpdata.MultiSystems.from_file(str(path), fmt="ase/structure", labeled=False)
     assert ms.get_nframes() == 2
     s = ms[0] if len(ms) == 1 else None
     assert s is not None and sorted(s["atom_names"]) == ["Cu", "Ni"]

@@ -57,6 +57,8 @@ def test_counts_equal_stats_and_collect(run):
         rep = json.loads((res / "reports" / f"iter.{it:06d}.json").read_text())
         assert rep["labelling"]["labelled"] == coll["labelled"] and rep["labelling"]["failed"] == coll["failed"]
         assert rep["decision"]["converged"] == stats["converged"] and rep["decision"]["reason"] == stats["reason"]
+        for name, c in coll["systems"].items():  # new labels by walker, from provenance.csv
+            assert sum(r["frames"] for r in rep["new_labels"] if r["system"] == name) == c["added"]
     # walkers stopped early: exactly the failed walker of iteration 0
     rep0 = json.loads((res / "reports" / "iter.000000.json").read_text())
     assert [w["walker"] for w in rep0["stopped_early"]] == ["CuNi.T900"]
@@ -101,7 +103,7 @@ def test_rmse_equals_deepmd_kit(run):
     tm = dps[0].get_type_map()
     for it in (0, 1):
         rep = json.loads((res / "reports" / f"iter.{it:06d}.json").read_text())
-        acc = {(r["set"], r["system"], r["model"]): r for r in rep["accuracy"]}
+        acc = {(r["set"], r["system"], r["source"], r["model"]): r for r in rep["accuracy"]}
         groups = {name: [p for p in sorted((res / "data").glob(f"*/{name}"))
                          if p.parent.name == "init" or int(p.parent.name.split(".")[1]) <= it]
                   for name in tree.SYSTEMS}
@@ -118,9 +120,13 @@ def test_rmse_equals_deepmd_kit(run):
                 for k, (e, f) in enumerate(preds):
                     e_err[k].append((e - s["energies"]) / n)
                     f_err[k].append((f - s["forces"]).reshape(-1))
+                if len(paths) > 1:  # per-source row (ensemble mean) of this dataset alone
+                    row = acc[("labelled", name, p.parent.name, "mean")]
+                    assert row["rmse_f"] == pytest.approx(np.sqrt(np.mean(f_err[2][-1] ** 2)), rel=1e-7)
+                    assert row["rmse_e_atom"] == pytest.approx(np.sqrt(np.mean(e_err[2][-1] ** 2)), rel=1e-7)
             setname = "test" if name == "CuNi_hot" else "labelled"
             for k, model in enumerate(["model.0", "model.1", "mean"]):
-                row = acc[(setname, name, model)]
+                row = acc[(setname, name, "all", model)]
                 ref_e = np.sqrt(np.mean(np.concatenate(e_err[k]) ** 2))
                 ref_f = np.sqrt(np.mean(np.concatenate(f_err[k]) ** 2))
                 assert row["rmse_e_atom"] == pytest.approx(ref_e, rel=1e-7, abs=1e-9), (it, name, model)
@@ -128,7 +134,7 @@ def test_rmse_equals_deepmd_kit(run):
                 assert row["frames"] == sum(len(x) for x in e_err[k])
         csv = pd.read_csv(res / "reports" / f"iter.{it:06d}.csv").set_index("system")
         for name in tree.SYSTEMS:
-            assert csv.at[name, "rmse_f"] == pytest.approx(acc[("labelled", name, "mean")]["rmse_f"], rel=1e-12)
+            assert csv.at[name, "rmse_f"] == pytest.approx(acc[("labelled", name, "all", "mean")]["rmse_f"], rel=1e-12)
 
 
 def test_run_level_files(run):

@@ -29,15 +29,24 @@ class RuntimeModel:
     embeddings: list
     fittings: list
     bias: np.ndarray
+    fused: list | None = None  # FusedNet per embedding net (CUDA) or None
 
     @classmethod
     def build(cls, model: DPModel, xp, dtype):
+        from dpsnake.engine import kernels
+
+        fused = None
+        name = np.dtype(dtype).name
+        if kernels.fused_enabled(xp, name):
+            from dpsnake.engine.fused import get_fused
+
+            fused = [None if n is None else get_fused(n, name) for n in model.embeddings]
         return cls(model=model, xp=xp, dtype=dtype,
                    davg=xp.asarray(model.davg, dtype=xp.float64),
                    rstd=xp.asarray(1.0 / model.dstd, dtype=xp.float64),
                    embeddings=[None if n is None else n.to(xp, dtype) for n in model.embeddings],
                    fittings=[None if n is None else n.to(xp, dtype) for n in model.fittings],
-                   bias=np.asarray(model.bias, dtype=np.float64))
+                   bias=np.asarray(model.bias, dtype=np.float64), fused=fused)
 
 
 def _switch(xp, r, rs, rc):
@@ -78,7 +87,7 @@ def energy_and_grad(rm: RuntimeModel, ti: int, d, valid, need_grad: bool = True)
     Rn = (R - rm.davg[ti]) * rm.rstd[ti]
     if keep is not None:
         Rn = Rn * keep[..., None]
-    Rn_c = Rn.astype(rm.dtype)
+    Rn_c = xp.ascontiguousarray(Rn.astype(rm.dtype))
     sec = m.sec
     M1 = m.neuron[-1]
     A = m.axis_neuron
@@ -86,13 +95,15 @@ def energy_and_grad(rm: RuntimeModel, ti: int, d, valid, need_grad: bool = True)
     Gs = []
     for tt in range(m.ntypes):
         a, b = sec[tt], sec[tt + 1]
+        k = tt if m.type_one_side else ti + m.ntypes * tt
         if a == b:
             Gs.append(None)
-            continue
-        net = rm.embeddings[tt if m.type_one_side else ti + m.ntypes * tt]
-        G, cache = net.forward(xp, Rn_c[:, a:b, 0:1], keep=need_grad)
-        gr += xp.matmul(Rn_c[:, a:b, :].transpose(0, 2, 1), G)
-        Gs.append((G, cache))
+        elif rm.fused is not None:  # CUDA: embedding + contraction in one kernel, nothing stored
+            rm.fused[k].forward(Rn_c, a, b, gr)
+        else:
+            G, cache = rm.embeddings[k].forward(xp, Rn_c[:, a:b, 0:1], keep=need_grad)
+            gr += xp.matmul(Rn_c[:, a:b, :].transpose(0, 2, 1), G)
+            Gs.append((G, cache))
     gr *= 1.0 / nnei
     gr1 = gr[:, :, :A]
     D = xp.matmul(gr.transpose(0, 2, 1), gr1).reshape(n, M1 * A)
@@ -105,13 +116,19 @@ def energy_and_grad(rm: RuntimeModel, ti: int, d, valid, need_grad: bool = True)
     ggr = xp.matmul(gr1, gD.transpose(0, 2, 1))  # (n, 4, M1)
     ggr[:, :, :A] += xp.matmul(gr, gD)
     ggr *= 1.0 / nnei
-    gRn = xp.empty((n, nnei, 4), dtype=rm.dtype)
+    gRn = xp.zeros((n, nnei, 4), dtype=rm.dtype)
+    if rm.fused is not None:
+        ggr = xp.ascontiguousarray(ggr)
     for tt in range(m.ntypes):
         a, b = sec[tt], sec[tt + 1]
         if a == b:
             continue
+        k = tt if m.type_one_side else ti + m.ntypes * tt
+        if rm.fused is not None:
+            rm.fused[k].backward(Rn_c, ggr, a, b, gRn)
+            continue
         G, cache = Gs[tt]
-        net = rm.embeddings[tt if m.type_one_side else ti + m.ntypes * tt]
+        net = rm.embeddings[k]
         gG = xp.matmul(Rn_c[:, a:b, :], ggr)  # (n, s, M1)
         gRn[:, a:b, :] = xp.matmul(G, ggr.transpose(0, 2, 1))
         gRn[:, a:b, 0:1] += net.backward(xp, gG, cache)

@@ -18,11 +18,6 @@ from dpsnake.engine.neighbor import NeighborBuilder
 from dpsnake.engine.xp import array_namespace, to_numpy
 from dpsnake.errors import UserError
 
-# bytes of work memory per centre atom and slot of the neighbour list (nets' caches dominate);
-# chunks of centres are sized so that one chunk stays under DPSNAKE_CHUNK_MB (default 2048 MB)
-_BYTES_PER_SLOT = 8
-
-
 class Ensemble:
     """M models sharing type_map / rcut / sel; ``evaluate`` builds neighbours once for all of them.
 
@@ -75,13 +70,27 @@ class Ensemble:
             self._runtime[key] = RuntimeModel.build(self.models[k], xp, dtype)
         return self._runtime[key]
 
-    def _chunk_size(self) -> int:
+    def _chunk_size(self, xp) -> int:
+        """Centres per chunk: work memory ~ DPSNAKE_CHUNK_MB (default 2048 on CPUs; on GPUs a third
+        of the free device memory), so any number of atoms runs in bounded memory."""
         if self.chunk_atoms:
             return int(self.chunk_atoms)
-        mb = float(os.environ.get("DPSNAKE_CHUNK_MB", "2048"))
+        env = os.environ.get("DPSNAKE_CHUNK_MB")
+        if env:
+            mb = float(env)
+        elif xp.__name__ == "cupy":
+            free, _ = xp.cuda.runtime.memGetInfo()
+            pool = xp.get_default_memory_pool()
+            mb = (free + pool.free_bytes()) / 3e6
+        else:
+            mb = 2048.0
         m = self.models[0]
-        width = sum(m.neuron) + 4 * 3 + 16  # cached activations + env-mat work per slot
-        per_atom = m.nnei * width * _BYTES_PER_SLOT * 2
+        nbytes = 4 if self.precision == "mixed" else 8
+        # per slot: cached activations + gradients of the nets, env-mat and chain-rule work (FP64)
+        per_slot = 3 * sum(m.neuron) * nbytes + 48 * 8
+        fit = max(sum(l.nout for l in f.layers) for f in m.fittings if f is not None)
+        per_atom = m.nnei * per_slot + 3 * (m.neuron[-1] * m.axis_neuron + fit) * nbytes
+        per_atom += 2000 * 48  # candidate arrays of the array-code neighbour search
         return max(64, int(mb * 1e6 / per_atom))
 
     def evaluate(self, coords, atype, system, cells, pbc, model_indices=None, atomic: bool = False):
@@ -116,7 +125,7 @@ class Ensemble:
         nb = NeighborBuilder(xp, coords, atype, system, cells, pbc, m0.rcut, m0.sel, m0.pair_exclude)
         order = np.argsort(ta, kind="stable")
         counts = np.bincount(ta, minlength=self.ntypes)
-        csize = self._chunk_size()
+        csize = self._chunk_size(xp)
         overflow = 0
         start = 0
         for ti in range(self.ntypes):

@@ -120,6 +120,14 @@ class NeighborBuilder:
         self.border = order
         self.system = system
         self.cbin = ebin[:N]
+        from dpsnake.engine import kernels
+
+        self.use_kernel = kernels.enabled(xp)
+        if self.use_kernel:  # ext arrays in bin order, so that a bin is a contiguous range
+            self.s_pos = xp.ascontiguousarray(epos[order])
+            self.s_own = xp.ascontiguousarray(owner[order])
+            self.s_type = xp.ascontiguousarray(self.etype[order]).astype(xp.int64)
+            self.s_idx = xp.ascontiguousarray(order).astype(xp.int64)
 
     def _bin3(self, pos, sysi):
         xp = self.xp
@@ -143,6 +151,13 @@ class NeighborBuilder:
         bid = xp.where(inb, bid, 0)
         start = self.bstart[bid]
         cnt = xp.where(inb, self.bcount[bid], 0)
+        if self.use_kernel:
+            from dpsnake.engine.kernels import select_neighbors
+
+            owner, dd, overflow = select_neighbors(
+                xp, self.rcut, self.sel, self.sec, self.wrapped[centers], centers, start, cnt,
+                self.s_pos, self.s_own, self.s_type, self.s_idx)
+            return self._finish(centers, owner, dd, overflow)
         k = xp.arange(self.kmax)
         ok = k[None, None, :] < cnt[:, :, None]  # (n, 27, K)
         pos = xp.where(ok, start[:, :, None] + k[None, None, :], 0)
@@ -178,6 +193,11 @@ class NeighborBuilder:
         owner[rows, slot] = xp.where(slot < nnei, self.eowner[cs], -1)
         dd[rows, slot] = ds
         owner, dd = owner[:, :nnei], dd[:, :nnei]
+        return self._finish(centers, owner, dd, overflow)
+
+    def _finish(self, centers, owner, dd, overflow) -> NeighborChunk:
+        """Model pair exclusions turn pairs into empty slots; zero displacements of empty slots."""
+        xp = self.xp
         valid = owner >= 0
         if self.pair_exclude is not None:
             tslot = xp.asarray(np.repeat(np.arange(len(self.sel)), self.sel))

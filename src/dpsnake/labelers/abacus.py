@@ -40,6 +40,7 @@ class ABACUSLabeler(CommandLabeler):
     """One ABACUS SCF per frame: energy, forces and (periodic frames) virial."""
 
     name = "abacus"
+    stale = (f"OUT.{SUFFIX}",)
 
     def __init__(self, pseudo_dir: str, pseudopotentials: dict, ecutwfc: float, basis_type: str = "pw",
                  orbital_dir: str | None = None, orbitals: dict | None = None, kspacing: float | None = None,

@@ -97,6 +97,7 @@ class CP2KLabeler(CommandLabeler):
     name = "cp2k"
     input_name = "cp2k.inp"
     output_name = "cp2k.out"
+    stale = ("cp2k.out",)
 
     def __init__(self, template: str | None = None, data_dir: str = "/usr/share/cp2k",
                  basis_set_file: str = "BASIS_MOLOPT", potential_file: str = "GTH_POTENTIALS",

@@ -25,7 +25,9 @@ class PySCFLabeler:
 
     def __init__(self, basis: str = "def2-svp", xc: str = "pbe", charge: int = 0, spin: int = 0,
                  conv_tol: float = 1e-9, max_cycle: int = 100, grid_level: int = 3,
-                 density_fit: bool = False, nthreads: int = 1, verbose: int = 0):
+                 density_fit: bool = False, nthreads: int = 1, verbose: int = 0, **unknown):
+        if unknown:
+            raise UserError(f"label: unknown key(s) {sorted(unknown)} for label.type 'pyscf'")
         try:
             import pyscf  # noqa: F401
         except ImportError:

@@ -29,6 +29,7 @@ class QELabeler(CommandLabeler):
     name = "qe"
     input_name = "pw.in"
     output_name = "pw.out"
+    stale = ("pw.out", "CRASH")
 
     def __init__(self, pseudo_dir: str, pseudopotentials: dict, ecutwfc: float, ecutrho: float | None = None,
                  kspacing: float | None = None, kpts=None, koffset=(0, 0, 0), smearing: str | None = None,

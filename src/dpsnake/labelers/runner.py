@@ -96,7 +96,10 @@ def run_command(command: str, workdir: pathlib.Path, *, nproc: int = 1, nthreads
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the whole session: mpirun and every rank
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the whole session: mpirun and every rank
+            except ProcessLookupError:  # it ended in between
+                pass
             proc.wait()
             return RunOutcome(None, time.monotonic() - start, f"timed out after {timeout:g} s: {command}", out, err)
     seconds = time.monotonic() - start
@@ -209,8 +212,12 @@ class CommandLabeler:
     input_name = "input"
     output_name = "output"
 
+    stale = ()  # outputs of an earlier attempt in the same workdir, removed before a run
+
     def __init__(self, command: str, nproc: int = 1, nthreads: int = 1, timeout: float | None = None,
-                 env: dict | None = None, keep_scratch: bool = False):
+                 env: dict | None = None, keep_scratch: bool = False, **unknown):
+        if unknown:
+            raise UserError(f"label: unknown key(s) {sorted(unknown)} for label.type {self.name!r}")
         check_template(command, "label.command")
         for key, val in (("nproc", nproc), ("nthreads", nthreads)):
             if not isinstance(val, int) or val < 1:
@@ -233,9 +240,19 @@ class CommandLabeler:
         """Write inputs into ``workdir``, run, parse. Config errors raise UserError; a failed
         calculation (non-zero exit, SCF not converged, timeout, missing/garbled output) returns
         ``LabelResult.failed(reason)``."""
+        import shutil
+
         workdir = pathlib.Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        ctx = self.write_inputs(atoms, workdir)
+        for name in self.stale:  # never parse what an earlier attempt left behind
+            path = workdir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        try:
+            ctx = self.write_inputs(atoms, workdir)
+        except UserError:
+            raise
+        except Exception as err:  # a frame the writer cannot express is a failed frame, not a crash
+            return LabelResult.failed(f"cannot write inputs: {type(err).__name__}: {err}")
         outcome = run_command(self.command, workdir, nproc=self.nproc, nthreads=self.nthreads,
                               timeout=self.timeout, stdout_name=ctx.get("stdout", "stdout"),
                               env=self.env, input=self.input_name, output=self.output_name)

@@ -41,6 +41,7 @@ class VASPLabeler(CommandLabeler):
     """One VASP single point per frame (NSW = 0): energy (free energy TOTEN), forces, virial."""
 
     name = "vasp"
+    stale = ("OUTCAR", "OSZICAR", "vasprun.xml", "CONTCAR")
 
     def __init__(self, potcar_dir: str, potcars: dict | None = None, incar: dict | None = None,
                  kspacing: float | None = None, kpts=None, gamma: bool = True, command: str = "vasp_std",

@@ -145,8 +145,15 @@ class Explorer:
         st, xp, step = self.st, self.xp, self.step
         widx = to_numpy(st.walker)
         due = np.array([step % self.walkers[i].trj_freq == 0 for i in widx])
-        if not due.any():
-            return
+        if due.any():
+            self._write_due(out, widx, due)
+        for i in widx:
+            w = self.walkers[i]
+            if self.status[w.name]["status"] == "running" and step >= w.nsteps:
+                self.status[w.name].update(status="finished", steps=step)
+
+    def _write_due(self, out, widx, due) -> None:
+        st, xp, step = self.st, self.xp, self.step
         devi = batch_deviation(xp, out, st.system, st.natoms, st.nsys)
         finite = xp.isfinite(integrators.segsum(st, (st.pos + st.vel).sum(axis=1))) & xp.isfinite(st.energy)
         finite &= xp.isfinite(devi).all(axis=1)
@@ -179,10 +186,6 @@ class Explorer:
                         f"max_devi_f above cap {w.max_devi_f_cap} eV/A for {self.cap_count[w.name]} "
                         f"consecutive checks (last at step {step})"))
                     continue
-        for s, i in enumerate(widx):
-            w = self.walkers[i]
-            if self.status[w.name]["status"] == "running" and step >= w.nsteps:
-                self.status[w.name].update(status="finished", steps=step)
 
     def _drop_stopped(self) -> None:
         widx = to_numpy(self.st.walker)
@@ -220,15 +223,10 @@ class Explorer:
             summary = json.loads(summary_path.read_text())
             self._print_table(summary)
             return summary
-        self._read_structures()
-        ck = self.outdir / CHECKPOINT
-        if not (ck.exists() and self._resume(ck)):
-            self._fresh()
-            self._drop_stopped()
-        self._last_ckpt = (time.monotonic(), self.step)
+        ck = self.prepare()
         old = signal.signal(signal.SIGTERM, self._on_term) if _main_thread() else None
         try:
-            done = self._loop()
+            done = self.loop()
         finally:
             if old is not None:
                 signal.signal(signal.SIGTERM, old)
@@ -246,7 +244,19 @@ class Explorer:
         self._print_table(summary)
         return summary
 
-    def _loop(self) -> bool:
+    def prepare(self) -> pathlib.Path:
+        """Read structures; resume from the checkpoint or start (step 0 evaluated and written)."""
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        self._read_structures()
+        ck = self.outdir / CHECKPOINT
+        if not (ck.exists() and self._resume(ck)):
+            self._fresh()
+            self._drop_stopped()
+        self._last_ckpt = (time.monotonic(), self.step)
+        return ck
+
+    def loop(self) -> bool:
+        """Advance until every walker has stopped (True) or a stop was requested (False)."""
         from tqdm import tqdm
 
         total = max(w.nsteps for w in self.walkers)
@@ -258,13 +268,15 @@ class Explorer:
         try:
             while self.st is not None:
                 if freqs is None:
-                    freqs = sorted({self.walkers[i].trj_freq for i in to_numpy(self.st.walker)})
+                    active = [self.walkers[i] for i in to_numpy(self.st.walker)]
+                    freqs = sorted({w.trj_freq for w in active})
+                    ends = {w.nsteps for w in active}
                 nxt = self.step + 1
                 all_models = any(nxt % f == 0 for f in freqs)
                 out = integrators.md_step(self.st, self.provider, self.step, flags, all_models)
                 self.step = nxt
                 steps_run += 1
-                if all_models:
+                if all_models or nxt in ends:
                     self._deviation_step(out)
                     n0 = self.st.nsys
                     self._drop_stopped()

@@ -207,17 +207,17 @@ def degrees_of_freedom(n: int, walker: Walker) -> int:
 def maxwell_boltzmann(masses: np.ndarray, temperature: float, seed: int, nf: int) -> np.ndarray:
     """Initial velocities (n, 3) in ASE units (A per ASE time unit) at exactly ``temperature`` K.
 
-    Gaussian velocities (ASE's MaxwellBoltzmannDistribution, seeded), total momentum removed, then
+    Gaussian velocities (ASE's thermalize_momenta, seeded), total momentum removed, then
     rescaled so the kinetic energy is nf/2 kB T, as LAMMPS' ``velocity create`` does.
     """
     from ase import Atoms, units
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+    from ase.md.velocitydistribution import Stationary, thermalize_momenta
 
     n = len(masses)
     if temperature <= 0:
         return np.zeros((n, 3))
     atoms = Atoms(f"H{n}", masses=masses)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng(seed))
+    thermalize_momenta(atoms, temperature_K=temperature, rng=np.random.default_rng(seed))
     if nf < 3 * n:
         Stationary(atoms)
     v = atoms.get_velocities()

@@ -9,6 +9,7 @@ per Cartesian component (eV/A), as DeePMD-kit's ``dp test`` does:
 from __future__ import annotations
 
 import pathlib
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from dpsnake.errors import UserError
 
 # frames per engine call: bounds memory (neighbour data of ~20k atoms) without slowing small sets
 MAX_ATOMS_PER_BATCH = 20000
+COLUMNS = ["set", "system", "source", "model", "frames", "atoms", "rmse_e_atom", "rmse_f", "sel_overflow"]
 
 
 @dataclass
@@ -90,7 +92,8 @@ def predict(ensemble, type_map: list[str], sys_, system: str, source: str) -> Pr
                       np.concatenate(f_pred, axis=1), overflow)
 
 
-def rmse_rows(preds: list[Prediction], set_name: str, system: str) -> list[dict]:
+def rmse_rows(preds: list[Prediction], set_name: str, system: str, source: str = "all",
+              mean_only: bool = False) -> list[dict]:
     """RMSE rows over the union of ``preds`` (one system): one per model and one for the ensemble
     mean prediction (``model="mean"``)."""
     e_ref = np.concatenate([p.e_ref for p in preds])
@@ -99,10 +102,10 @@ def rmse_rows(preds: list[Prediction], set_name: str, system: str) -> list[dict]
     f_ref = np.concatenate([p.f_ref.reshape(-1) for p in preds])
     f_pred = np.concatenate([p.f_pred.reshape(p.f_pred.shape[0], -1) for p in preds], axis=1)
     rows = []
-    preds_by_model = [(f"model.{m}", e_pred[m], f_pred[m]) for m in range(e_pred.shape[0])]
+    preds_by_model = [] if mean_only else [(f"model.{m}", e_pred[m], f_pred[m]) for m in range(e_pred.shape[0])]
     preds_by_model.append(("mean", e_pred.mean(0), f_pred.mean(0)))
     for name, ep, fp in preds_by_model:
-        rows.append({"set": set_name, "system": system, "model": name, "frames": int(len(e_ref)),
+        rows.append({"set": set_name, "system": system, "source": source, "model": name, "frames": int(len(e_ref)),
                      "atoms": int(nat.sum()),
                      "rmse_e_atom": float(np.sqrt(np.mean(((ep - e_ref) / nat) ** 2))),
                      "rmse_f": float(np.sqrt(np.mean((fp - f_ref) ** 2))),
@@ -110,26 +113,34 @@ def rmse_rows(preds: list[Prediction], set_name: str, system: str) -> list[dict]
     return rows
 
 
-def accuracy(model_paths, labelled: list[dict], test_sets: list[dict]) -> tuple[pd.DataFrame, list[Prediction]]:
+def accuracy(model_paths, labelled: list[dict], test_sets: list[dict],
+             progress=lambda msg: print(msg, file=sys.stderr, flush=True)) -> tuple[pd.DataFrame, list[Prediction]]:
     """RMSE table and predictions of the ensemble on labelled data and test sets.
 
     labelled: [{"source", "system", "path"}] (collect.datasets); test_sets: [{"name", "path"}].
-    Table columns: set ("labelled" or the test set name), system, model, frames, atoms,
-    rmse_e_atom (eV/atom), rmse_f (eV/A), sel_overflow (atoms whose neighbours exceeded sel).
+    Table columns: set ("labelled" or "test"), system (the test set's name for tests), source ("all":
+    the union of the system's datasets; "init", "iter.K": one dataset, ensemble mean only), model
+    ("model.K" or "mean"), frames, atoms, rmse_e_atom (eV/atom), rmse_f (eV/A), sel_overflow (atoms
+    whose neighbours within rcut exceeded sel).
     """
     if not labelled and not test_sets:
-        return pd.DataFrame(columns=["set", "system", "model", "frames", "atoms", "rmse_e_atom", "rmse_f", "sel_overflow"]), []
+        return pd.DataFrame(columns=COLUMNS), []
     ensemble, type_map = load_ensemble(model_paths)
     preds: list[Prediction] = []
     rows: list[dict] = []
     by_system: dict[str, list[Prediction]] = {}
     for d in labelled:
+        progress(f"dpsnake report: evaluating {len(model_paths)} models on {d['source']}/{d['system']}")
         p = predict(ensemble, type_map, read_labelled(d["path"]), d["system"], d["source"])
         preds.append(p)
         by_system.setdefault(d["system"], []).append(p)
     for system, ps in by_system.items():
         rows += rmse_rows(ps, "labelled", system)
+        if len(ps) > 1:  # e.g. this iteration's new labels, never seen by these models
+            for p in ps:
+                rows += rmse_rows([p], "labelled", system, source=p.source, mean_only=True)
     for t in test_sets:
+        progress(f"dpsnake report: evaluating {len(model_paths)} models on test set {t['name']}")
         p = predict(ensemble, type_map, read_labelled(t["path"]), t["name"], "test:" + t["name"])
         preds.append(p)
         rows += rmse_rows([p], "test", t["name"])

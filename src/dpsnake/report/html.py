@@ -14,6 +14,7 @@ table.data th, table.data td { border: 1px solid #ccc; padding: 3px 8px; text-al
 table.data th { background: #f0f0f0; } table.data td:first-child { text-align: left; }
 img.plot { max-width: 100%; display: block; margin: 0.6em 0; border: 1px solid #eee; }
 .ok { color: #1a7f1a; font-weight: bold; } .no { color: #b02020; font-weight: bold; }
+.scroll { overflow-x: auto; max-width: 100%; }
 .note { color: #666; font-size: 0.9em; } nav a { margin-right: 1em; }
 """
 
@@ -26,11 +27,12 @@ def table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
     """A DataFrame as an HTML table (or a note when empty)."""
     if df is None or not len(df):
         return '<p class="note">(no data yet)</p>'
-    df = df.copy()
+    # columns with no value at all (e.g. virial trust levels when only forces are used) are not shown
+    df = df.loc[:, [c for c in df.columns if df[c].notna().any() and (df[c] != "").any()]].copy()
     for c in df.columns[df.dtypes == object]:  # None in text columns: show blank, as NaN is
         df[c] = ["" if v is None else v for v in df[c]]
-    return df.to_html(index=False, classes="data", border=0, na_rep="",
-                      float_format=lambda v: floatfmt.format(v))
+    body = df.to_html(index=False, classes="data", border=0, na_rep="", float_format=lambda v: floatfmt.format(v))
+    return f'<div class="scroll">{body}</div>'  # wide tables scroll instead of being cut off
 
 
 def image(b64: str | None, alt: str) -> str:

@@ -134,7 +134,9 @@ def build(ctx: Context, it: int) -> tuple[dict, dict, dict]:
     frames = _dataset_frames(datasets)
     times = collect.rule_times(collect.benchmarks_table(ctx.bench, it))
 
-    acc, preds = pd.DataFrame(columns=["set", "system", "model", "frames", "atoms", "rmse_e_atom", "rmse_f", "sel_overflow"]), []
+    from dpsnake.report.accuracy import COLUMNS as ACC_COLUMNS
+
+    acc, preds = pd.DataFrame(columns=ACC_COLUMNS), []
     models = collect.model_files(ctx.results, it)
     if ctx.accuracy and models:
         acc, preds = accuracy(models, datasets, test_sets)
@@ -148,10 +150,11 @@ def build(ctx: Context, it: int) -> tuple[dict, dict, dict]:
     summary["labelled"] = [csys.get(n, {}).get("added") for n in names]
     summary["label_failed"] = [csys.get(n, {}).get("failed") for n in names]
     summary["data_frames"] = [int(frames.loc[frames["system"] == n, "frames"].sum()) for n in names]
-    mean = acc[(acc["set"] == "labelled") & (acc["model"] == "mean")].set_index("system") if len(acc) else None
+    mean = (acc[(acc["set"] == "labelled") & (acc["model"] == "mean") & (acc["source"] == "all")]
+            .set_index("system") if len(acc) else None)
     for col in ("rmse_e_atom", "rmse_f"):
         summary[col] = [mean.at[n, col] if mean is not None and n in mean.index else np.nan for n in names]
-    summary = summary[[c for c in SUMMARY_COLUMNS if c in summary.columns]]
+    summary = summary.reindex(columns=SUMMARY_COLUMNS)  # same columns every iteration (blank if unknown)
 
     stopped = walkers[walkers["status"].notna() & (walkers["status"] != "finished")] if len(walkers) else walkers
     devsum = _deviation_summary(devi, systems)
@@ -162,13 +165,19 @@ def build(ctx: Context, it: int) -> tuple[dict, dict, dict]:
                 **{k: (stats or {}).get(k) for k in ("stop", "next_stage", "stage", "stage_iteration")}}
     labelling = {k: coll.get(k) for k in ("labelled", "failed", "failed_ratio")}
     labelling["failures"] = coll.get("failures") or []
+    prov = collect.read_provenance(ctx.results, it)
+    prov = prov[prov["iteration"] == it] if len(prov) else prov
+    new_by_walker = (prov.groupby(["system", "walker"], sort=True)
+                     .agg(frames=("step", "size"), devi_f_min=("max_devi_f", "min"), devi_f_max=("max_devi_f", "max"))
+                     .reset_index() if len(prov) else pd.DataFrame(columns=["system", "walker", "frames"]))
     tables = {"summary": summary, "accuracy": acc, "walkers": walkers, "stopped": stopped,
               "deviations": devsum, "frames": frames, "lcurve_final": final_lc, "rule_times": times,
-              "failures": pd.DataFrame(labelling["failures"], columns=["task", "system", "reason"])}
+              "failures": pd.DataFrame(labelling["failures"], columns=["task", "system", "reason"]),
+              "new_labels": new_by_walker}
     content = {"iteration": int(it), "decision": decision, "systems": _records(summary),
                "accuracy": _records(acc), "labelling": labelling, "walkers": _records(walkers),
                "stopped_early": _records(stopped), "deviations": _records(devsum),
-               "datasets": _records(frames), "learning_curves": _records(final_lc),
+               "datasets": _records(frames), "new_labels": _records(new_by_walker), "learning_curves": _records(final_lc),
                "rule_times": _records(times), "models": [str(m) for m in models]}
     figs = {"selection": plots.selection_bars(systems), "deviation": plots.deviation_hist(devi, systems),
             "lcurve": plots.learning_curves(curves), "parity": plots.parity(preds),
@@ -184,7 +193,7 @@ def verdict_html(d: dict) -> str:
     return f'<span class="no">{word}</span>'
 
 
-def render(it: int, tables: dict, content: dict, figs: dict) -> str:
+def render(it: int, tables: dict, content: dict, figs: dict, others: list[int] = ()) -> str:
     """The iteration page's HTML."""
     d = content["decision"]
     if d["converged"] is None:
@@ -196,13 +205,13 @@ def render(it: int, tables: dict, content: dict, figs: dict) -> str:
                 f" (ratio {lab['failed_ratio'] if lab['failed_ratio'] is not None else '-'})</p>"
                 if lab.get("labelled") is not None else '<p class="note">(labels not collected yet)</p>')
     acc = tables["accuracy"]
-    over = int(acc.loc[acc["model"] == "mean", "sel_overflow"].sum()) if len(acc) else 0
+    over = int(acc.loc[(acc["model"] == "mean") & (acc["source"] == "all"), "sel_overflow"].sum()) if len(acc) else 0
     over_note = (f'<p class="no">{over} atoms had more neighbours within rcut than the models\' sel: the extra '
                  "neighbours were dropped (as DeePMD-kit does); raise sel in the training input.</p>"
                  if over else "")
     body = [
         html.section("Decision", verdict, anchor="decision"),
-        html.section("Per system", html.table(tables["summary"]), html.image(figs["selection"], "selection ratios"),
+        html.section("Per system", html.table(tables["summary"].drop(columns=["iteration"])), html.image(figs["selection"], "selection ratios"),
                      '<p class="note">counts from select/stats.json; RMSE: ensemble-mean prediction on all '
                      "labelled data so far (dpsnake engine).</p>", anchor="systems"),
         html.section("Model deviation", html.image(figs["deviation"], "model deviation histograms"),
@@ -210,17 +219,23 @@ def render(it: int, tables: dict, content: dict, figs: dict) -> str:
         html.section("Learning curves", html.image(figs["lcurve"], "learning curves"),
                      html.table(tables["lcurve_final"]), anchor="lcurve"),
         html.section("Ensemble accuracy", html.table(acc[acc["model"] == "mean"] if len(acc) else acc),
+                     '<p class="note">ensemble-mean prediction; source "all": every labelled frame of the '
+                     "system so far; per source: each dataset alone (the newest labels were not in training)."
+                     "</p>",
                      over_note, html.image(figs["parity"], "parity plots"),
                      "<details><summary>per model</summary>" + html.table(acc) + "</details>",
                      html.table(tables["frames"]), anchor="accuracy"),
         html.section("Labelling and exploration", lab_line, html.table(tables["failures"]),
+                     "<h3>New labelled frames by walker</h3>", html.table(tables["new_labels"]),
                      "<h3>Walkers stopped early</h3>", html.table(tables["stopped"]),
                      "<details><summary>all walkers</summary>" + html.table(tables["walkers"]) + "</details>",
                      anchor="labels"),
         html.section("Time per rule", html.image(figs["times"], "time per rule"), html.table(tables["rule_times"]),
                      anchor="times"),
     ]
-    nav = [("index.html", "run overview"), ("#systems", "systems"), ("#deviation", "deviation"),
+    nav = [(f"{collect.iter_name(k)}.html", label) for k, label in ((it - 1, "previous"), (it + 1, "next"))
+           if k in others]
+    nav += [("index.html", "run overview"), ("#systems", "systems"), ("#deviation", "deviation"),
            ("#lcurve", "learning curves"), ("#accuracy", "accuracy"), ("#labels", "labels"), ("#times", "times")]
     return html.page(f"dpsnake iteration {it}", body, nav)
 
@@ -249,5 +264,5 @@ def write(ctx: Context, it: int) -> dict[str, pathlib.Path]:
     paths = {ext: stem.parent / f"{stem.name}.{ext}" for ext in ("json", "csv", "html")}
     atomic_write(paths["json"], json.dumps(content, indent=1))
     atomic_write(paths["csv"], tables["summary"].to_csv(index=False))
-    atomic_write(paths["html"], render(it, tables, content, figs))
+    atomic_write(paths["html"], render(it, tables, content, figs, collect.iterations(ctx.results)))
     return paths

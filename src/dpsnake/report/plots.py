@@ -10,6 +10,7 @@ import base64
 import io
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # headless: Snakemake jobs and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -67,10 +68,15 @@ def deviation_hist(devi: pd.DataFrame, systems: pd.DataFrame) -> str | None:
         vals = d["max_devi_f"].to_numpy(float)
         lo_hi = [trust.at[name, c] for c in ("trust_lo", "trust_hi")] if trust is not None and name in trust.index else []
         pos = vals[vals > 0]
-        edges_src = np.concatenate([pos, [v for v in lo_hi if v and v > 0]])
+        levels = [v for v in lo_hi if v is not None and np.isfinite(v) and v > 0]
+        edges_src = np.concatenate([pos, levels])
         if len(edges_src):
-            bins = np.geomspace(edges_src.min() / 1.5, edges_src.max() * 1.5, 40)
+            # start frames of a perfect lattice have ~1e-15 deviations: do not let them stretch the
+            # axis over decades; everything below the first edge is counted in the first bin
+            floor = (min(levels) if levels else float(np.median(pos))) / 100
+            bins = np.geomspace(max(edges_src.min(), floor) / 1.5, edges_src.max() * 1.5, 40)
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         else:
             bins = 40
         for temp, g in sorted(d.groupby(d["temperature"].fillna(-1)), key=lambda kv: kv[0]):

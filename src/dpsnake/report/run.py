@@ -15,11 +15,21 @@ from dpsnake.report import collect, html, iteration
 
 
 def load_iterations(ctx: iteration.Context, rebuild: bool = False, progress=print) -> list[dict]:
-    """Per-iteration report contents, oldest first; writes the iteration reports that are missing."""
+    """Per-iteration report contents, oldest first.
+
+    A finished iteration (collect/summary.json exists) whose report is missing, or older than that
+    summary, gets its report written. An iteration still running is summarised in memory only
+    (without the ensemble evaluation), so a later call reports it in full once it has finished.
+    """
     out = []
     for it in collect.iterations(ctx.results):
         path = ctx.reports / f"{collect.iter_name(it)}.json"
-        if rebuild or not path.is_file():
+        done = ctx.results / collect.iter_name(it) / "collect" / "summary.json"
+        if not done.is_file():
+            quick = iteration.Context(ctx.config, ctx.results, ctx.bench, ctx.workdir, accuracy=False)
+            out.append(iteration.build(quick, it)[1])
+            continue
+        if rebuild or not path.is_file() or path.stat().st_mtime < done.stat().st_mtime:
             progress(f"dpsnake report: writing the report of iteration {it}")
             iteration.write(ctx, it)
         out.append(json.loads(path.read_text()))

@@ -63,7 +63,8 @@ def summary(results: pathlib.Path) -> tuple[pd.DataFrame, list[str]]:
                          "rmse_e_atom": rmse.get(name, {}).get("rmse_e_atom"), "rmse_f": rmse.get(name, {}).get("rmse_f")})
         line = f"iteration {it}: {stage(results, it)}"
         if stats:
-            line += f"; {'converged' if stats.get('converged') else 'not converged'}: {stats.get('reason', '')}"
+            word, reason = ("converged" if stats.get("converged") else "not converged"), stats.get("reason") or ""
+            line += "; " + (reason if reason.startswith(word) else f"{word}: {reason}")
         lines.append(line)
     return pd.DataFrame(rows, columns=COLUMNS), lines
 

@@ -63,7 +63,7 @@ def _one_line(err) -> str:
         return f"{key}: {err.message}"
     if err.validator == "oneOf" and "structure" in key:
         return f"{key}: give exactly one of 'file' or 'builder'"
-    if err.validator == "propertyNames":
+    if err.validator == "propertyNames" or "propertyNames" in err.schema_path:
         return f"{key}: name {err.instance!r} may only hold letters, digits, '_' and '-'"
     return f"{key}: {err.message}"
 

@@ -1,0 +1,110 @@
+"""CUDA kernels (CuPy RawKernel) for the hot spots of the engine on NVIDIA GPUs.
+
+Used only for CuPy inputs and only if ``DPSNAKE_KERNELS`` is not "0"; the NumPy/CuPy array code in
+neighbor.py / descriptor.py is the reference they are tested against (same selection, same math).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+_SELECT_SRC = r"""
+#define NNEI %(nnei)d
+#define NT %(ntypes)d
+extern "C" __global__ void select_nb(
+    const long long n, const double rcut,
+    const double* __restrict__ cpos, const long long* __restrict__ cidx,
+    const long long* __restrict__ bstart, const long long* __restrict__ bcnt,
+    const double* __restrict__ epos, const long long* __restrict__ eown,
+    const long long* __restrict__ etype, const long long* __restrict__ eidx,
+    const int* __restrict__ sel, const int* __restrict__ sec,
+    long long* __restrict__ owner, double* __restrict__ dout, bool* __restrict__ over)
+{
+    long long i = (long long)blockDim.x * blockIdx.x + threadIdx.x;
+    if (i >= n) return;
+    double rl[NNEI];
+    long long jl[NNEI];
+    int m = 0;
+    long long within = 0;
+    const double cx = cpos[3 * i], cy = cpos[3 * i + 1], cz = cpos[3 * i + 2];
+    const long long self = cidx[i];
+    for (int b = 0; b < 27; ++b) {
+        const long long s = bstart[27 * i + b], e = s + bcnt[27 * i + b];
+        for (long long k = s; k < e; ++k) {
+            const double dx = epos[3 * k] - cx, dy = epos[3 * k + 1] - cy, dz = epos[3 * k + 2] - cz;
+            const double r = sqrt(dx * dx + dy * dy + dz * dz);
+            if (r > rcut || eidx[k] == self) continue;
+            ++within;
+            if (m == NNEI && r >= rl[NNEI - 1]) continue;
+            int p = (m < NNEI) ? m : NNEI - 1;
+            while (p > 0 && rl[p - 1] > r) { rl[p] = rl[p - 1]; jl[p] = jl[p - 1]; --p; }
+            rl[p] = r; jl[p] = k;
+            if (m < NNEI) ++m;
+        }
+    }
+    int cnt[NT];
+    for (int t = 0; t < NT; ++t) cnt[t] = 0;
+    bool of = within > NNEI;
+    for (int p = 0; p < m; ++p) {
+        const long long k = jl[p];
+        const int t = (int)etype[k];
+        if (cnt[t] < sel[t]) {
+            const long long slot = (long long)NNEI * i + sec[t] + cnt[t];
+            owner[slot] = eown[k];
+            dout[3 * slot] = epos[3 * k] - cx;
+            dout[3 * slot + 1] = epos[3 * k + 1] - cy;
+            dout[3 * slot + 2] = epos[3 * k + 2] - cz;
+            ++cnt[t];
+        } else {
+            of = true;
+        }
+    }
+    over[i] = of;
+}
+"""
+
+
+def enabled(xp) -> bool:
+    """Custom kernels are used for CuPy arrays unless DPSNAKE_KERNELS=0."""
+    return xp.__name__ == "cupy" and os.environ.get("DPSNAKE_KERNELS", "1") != "0"
+
+
+def fused_enabled(xp, dtype: str) -> bool:
+    """Fused embedding kernels: DPSNAKE_FUSED = "1" (always on GPU), "0" (never), "auto" (default:
+    FP32 nets only; FP64 nets use cuBLAS DGEMMs)."""
+    if not enabled(xp):
+        return False
+    mode = os.environ.get("DPSNAKE_FUSED", "auto")
+    return mode == "1" or (mode == "auto" and dtype == "float32")
+
+
+@functools.lru_cache(maxsize=None)
+def _select_kernel(nnei: int, ntypes: int):
+    import cupy
+
+    return cupy.RawKernel(_SELECT_SRC % {"nnei": nnei, "ntypes": ntypes}, "select_nb")
+
+
+def select_neighbors(xp, rcut, sel, sec, cpos, cidx, bstart, bcnt, epos, eown, etype, eidx):
+    """Kernel version of the distance-sorted, type-split selection of NeighborBuilder.chunk.
+
+    cpos (n, 3) centre positions; cidx (n,) their ext indices; bstart/bcnt (n, 27) candidate ranges
+    in the bin-sorted ext arrays epos (E, 3), eown, etype, eidx (E,). Returns owner (n, nnei) int64
+    (-1 empty), d (n, nnei, 3) float64, overflow (n,) bool.
+    """
+    n = int(cpos.shape[0])
+    nnei = int(sum(sel))
+    owner = xp.full((n, nnei), -1, dtype=xp.int64)
+    d = xp.zeros((n, nnei, 3), dtype=xp.float64)
+    over = xp.zeros(n, dtype=bool)
+    if n == 0:
+        return owner, d, over
+    k = _select_kernel(nnei, len(sel))
+    threads = 128
+    args = (xp.int64(n), xp.float64(rcut), xp.ascontiguousarray(cpos, dtype=xp.float64),
+            xp.ascontiguousarray(cidx, dtype=xp.int64), xp.ascontiguousarray(bstart, dtype=xp.int64),
+            xp.ascontiguousarray(bcnt, dtype=xp.int64), epos, eown, etype, eidx,
+            xp.asarray(sel, dtype=xp.int32), xp.asarray(sec[:-1], dtype=xp.int32), owner, d, over)
+    k(((n + threads - 1) // threads,), (threads,), args)
+    return owner, d, over

@@ -1,0 +1,58 @@
+"""Fast checks of the report's readers on files written by the real writers (no training)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dpsnake.cli import main
+from dpsnake.errors import UserError
+from dpsnake.report import collect
+
+
+def _devi(n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    d = np.abs(rng.normal(size=(n, 7))) * 0.1
+    d[:, 0] = np.arange(n) * 10
+    return d
+
+
+def test_model_devi_from_deepmd_and_engine_writers(tmp_path):
+    """DeePMD-kit's writer (blank '#' line first, devi_e column) and the engine's (plugin format) both
+    parse, with columns named from the header and the values as written (7 significant digits)."""
+    from deepmd.infer.model_devi import write_model_devi_out
+
+    from dpsnake.engine.model_devi import COLUMNS, write_model_devi
+
+    d = _devi()
+    dd = np.column_stack([d, d[:, 4] * 2])  # DeePMD-kit's dp model-devi adds devi_e
+    write_model_devi_out(dd, str(tmp_path / "a.out"))
+    write_model_devi(tmp_path / "b.out", d[:, 0].astype(int), {n: d[:, i] for i, n in enumerate(COLUMNS) if i})
+    a = collect.read_model_devi(tmp_path / "a.out")
+    b = collect.read_model_devi(tmp_path / "b.out")
+    assert list(b.columns) == COLUMNS and list(a.columns) == COLUMNS + ["devi_e"]
+    for t in (a, b):
+        np.testing.assert_array_equal(t["step"], d[:, 0].astype(int))
+        np.testing.assert_allclose(t["max_devi_f"], d[:, 4], rtol=1e-6)
+
+
+def test_broken_files_name_the_file(tmp_path):
+    (tmp_path / "model_devi.out").write_text("1 2 3\n")
+    with pytest.raises(UserError, match="model_devi.out: no '# step"):
+        collect.read_model_devi(tmp_path / "model_devi.out")
+    (tmp_path / "lcurve.out").write_text("# step rmse_trn lr\n0 1.0\n")
+    with pytest.raises(UserError, match="lcurve.out: 2 columns but the header names 3"):
+        collect.read_lcurve(tmp_path / "lcurve.out")
+    b = tmp_path / "benchmarks" / "iter.000000"
+    b.mkdir(parents=True)
+    (b / "train.0.tsv").write_text("oops\n")
+    with pytest.raises(UserError, match="train.0.tsv: not a Snakemake benchmark table"):
+        collect.benchmarks_table(tmp_path / "benchmarks", 0)
+
+
+def test_status_before_and_without_a_run(tmp_path, capsys):
+    assert main(["status", "--results-dir", str(tmp_path / "nothing")]) == 2
+    assert "--results-dir" in capsys.readouterr().err
+    (tmp_path / "results" / "iter.000000" / "train" / "model.0").mkdir(parents=True)
+    assert main(["status", "--results-dir", str(tmp_path / "results")]) == 0
+    assert capsys.readouterr().out.strip() == "iteration 0: training (0 models done)"

@@ -1,0 +1,186 @@
+"""Selection: classification, adaptive trust level, picking, structure filters and the convergence
+decision, on model_devi.out files written by the real exploration (`dpsnake explore`) and the
+engine's writer."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from ase.build import bulk
+
+from dpsnake.workflow import selection as S
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _cfg(tmp_path, **over):
+    """A resolved config (schema defaults filled) for one Cu system."""
+    from dpsnake.workflow.config import check
+
+    raw = {"type_map": ["Cu"],
+           "systems": {"Cu": {"structure": {"builder": "bulk", "repeat": [2, 2, 2],
+                                            "kwargs": {"name": "Cu", "crystalstructure": "fcc", "a": 3.61,
+                                                       "cubic": True}}}},
+           "explore": {"stages": [{"temperatures": [300.0], "ensemble": "nvt", "nsteps": 40, "trj_freq": 5,
+                                   "max_iterations": 2}]},
+           "train": {"numb_models": 2}}
+    raw.update(over)
+    return check(raw, tmp_path)
+
+
+def test_classify_force_and_virial():
+    f = np.array([0.01, 0.05, 0.10, 0.20, np.nan])
+    v = np.array([0.0, 0.0, 0.5, 0.0, 0.0])
+    assert S.classify(f, (0.05, 0.15)).tolist() == [0, 1, 1, 2, 2]  # lo inclusive -> candidate; NaN failed
+    assert S.classify(f, (0.05, 0.15), v, (0.1, 0.4)).tolist() == [0, 1, 2, 2, 2]
+    # virial above its low level makes an otherwise accurate frame a candidate
+    assert S.classify([0.01], (0.05, 0.15), [0.2], (0.1, 0.4)).tolist() == [1]
+
+
+def test_adaptive_lo_and_pick():
+    devi = np.array([0.01, 0.02, 0.03, 0.04, 0.3, 0.5])
+    # 3 candidates wanted below hi=0.2: lo drops to the 3rd largest (0.02)
+    assert S.adaptive_lo(devi, 0.1, 0.2, numb=3, ratio=0.0) == pytest.approx(0.02)
+    assert S.adaptive_lo(devi, 0.1, 0.2, numb=0, ratio=0.5) == pytest.approx(0.02)  # ceil(0.5*6) = 3
+    assert S.adaptive_lo(devi, 0.015, 0.2, numb=2, ratio=0.0) == pytest.approx(0.015)  # never above lo
+    assert S.adaptive_lo(devi, 0.1, 0.2, numb=3, ratio=0.0, min_lo=0.025) == pytest.approx(0.025)
+    idx = np.arange(6)
+    assert S.pick(idx, devi, 2, "highest", np.random.default_rng(0)).tolist() == [4, 5]
+    r = S.pick(idx, devi, 3, "random", np.random.default_rng(0))
+    assert len(r) == 3 and len(set(r.tolist())) == 3 and set(r.tolist()) <= set(idx.tolist())
+    assert S.pick(idx[:2], devi, 5, "random", np.random.default_rng(0)).tolist() == [0, 1]
+
+
+def test_structure_filters():
+    a = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
+    vpa = a.get_volume() / len(a)
+    assert S.structure_problem(a, 1.5, 30, (0.5, 2.0), vpa) is None
+    b = a.copy()
+    b.positions[1] = b.positions[0] + [0.5, 0, 0]
+    assert "apart" in S.structure_problem(b, 1.5, 30, (0.5, 2.0), vpa)
+    c = a.copy()
+    c.set_cell(c.cell.array * 1.5, scale_atoms=True)
+    assert "volume per atom" in S.structure_problem(c, 1.5, 30, (0.5, 2.0), vpa)
+    d = a.copy()
+    cell = d.cell.array.copy()
+    cell[1] = cell[0] + [0, 0.5, 0]  # ~4 deg between a and b
+    d.set_cell(cell)
+    assert "cell angle" in S.structure_problem(d, 0.0, 30, (0.01, 100), None)
+
+
+def test_decide_stages():
+    ok = {"A": {"accurate_ratio": 0.99}}
+    bad = {"A": {"accurate_ratio": 0.5}}
+    d = S.decide(ok, 0.95, it=0, stage=0, stage_it=0, nstages=2, stage_max_iterations=3, max_iterations=10)
+    assert d["next_stage"] == 1 and not d["stop"] and not d["converged"]
+    d = S.decide(ok, 0.95, it=3, stage=1, stage_it=0, nstages=2, stage_max_iterations=3, max_iterations=10)
+    assert d["stop"] and d["converged"]
+    d = S.decide(bad, 0.95, it=1, stage=0, stage_it=1, nstages=2, stage_max_iterations=3, max_iterations=10)
+    assert d["next_stage"] == 0 and not d["stop"] and "A 0.500" in d["reason"]
+    d = S.decide(bad, 0.95, it=2, stage=1, stage_it=2, nstages=2, stage_max_iterations=3, max_iterations=10)
+    assert d["stop"] and not d["converged"] and "exhausted" in d["reason"]
+    d = S.decide(bad, 0.95, it=9, stage=0, stage_it=0, nstages=2, stage_max_iterations=3, max_iterations=10)
+    assert d["stop"] and "max_iterations" in d["reason"]
+
+
+def _write_explore(tmp_path, cfg, devi_f, devi_v=None, close_step=None):
+    """An explore folder with one walker: frames from the start structure, model_devi.out written by
+    the engine's writer (the LAMMPS plugin format)."""
+    import ase.io
+
+    from dpsnake.engine.model_devi import write_model_devi
+    from dpsnake.workflow.plan import make_walkers
+
+    ex = tmp_path / "explore"
+    walkers = make_walkers(cfg, 0, 0, ex)
+    w = walkers[0]
+    (ex / "walkers.json").write_text(json.dumps(walkers))
+    (ex / "plan.json").write_text(json.dumps({"iteration": 0, "stage": 0, "stage_iteration": 0}))
+    (ex / "summary.json").write_text(json.dumps({"walkers": {w["name"]: {"status": "finished", "reason": None,
+                                                                         "steps": 40}}}))
+    n = len(devi_f)
+    steps = np.arange(n) * 5
+    atoms0 = ase.io.read(ex / w["structure"])
+    frames = []
+    for k, s in enumerate(steps):
+        a = atoms0.copy()
+        a.rattle(0.05, seed=k)
+        if s == close_step:
+            a.positions[1] = a.positions[0] + [0.3, 0.0, 0.0]
+        a.info["step"] = int(s)
+        frames.append(a)
+    (ex / w["name"]).mkdir()
+    ase.io.write(ex / w["name"] / "traj.extxyz", frames, format="extxyz")
+    z = np.zeros(n)
+    v = z if devi_v is None else np.asarray(devi_v)
+    write_model_devi(ex / w["name"] / "model_devi.out", steps,
+                     {"max_devi_v": v, "min_devi_v": z, "avg_devi_v": z, "max_devi_f": np.asarray(devi_f),
+                      "min_devi_f": z, "avg_devi_f": z})
+    return ex
+
+
+def test_select_cli_counts_and_candidates(tmp_path):
+    from dpsnake.workflow.select import select
+
+    cfg = _cfg(tmp_path, trust={"force": [0.05, 0.15], "virial": [0.1, 0.3]},
+               select={"max_candidates": 3, "pick": "highest", "min_dist": 1.5})
+    devi_f = [0.01, 0.02, 0.06, 0.07, 0.08, 0.09, 0.10, 0.2, 0.01]
+    devi_v = [0.0, 0.2, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5]
+    ex = _write_explore(tmp_path, cfg, devi_f, devi_v, close_step=30)  # step 30 = frame 6 (devi 0.10)
+    stats, tasks = select(cfg, 0, ex)
+    s = stats["systems"]["Cu"]
+    # frame 1: force accurate, virial candidate; frame 8: virial failed; frame 6 filtered (close atoms)
+    assert (s["accurate"], s["candidate"], s["failed"], s["total"]) == (1, 5, 3, 9)
+    assert s["filtered"] == 1 and s["selected"] == 3
+    assert [t.info["step"] for t in tasks] == [15, 20, 25]  # highest deviations among kept candidates
+    assert [t.info["max_devi_f"] for t in tasks] == pytest.approx([0.07, 0.08, 0.09])
+    assert stats["tasks"] == ["000000", "000001", "000002"]
+    assert stats["converged"] is False and stats["next_stage"] == 0
+
+
+@pytest.mark.slow
+def test_select_on_real_exploration(tmp_path, dp_model):
+    """Two real DeePMD-kit models, a real `dpsnake explore` run, then `dpsnake select`: the counts equal
+    a recount from model_devi.out, and every candidate is the trajectory frame of its step."""
+    import ase.io
+
+    from dpsnake.workflow.config import write_if_changed
+    from dpsnake.workflow.plan import make_walkers
+
+    m0 = dp_model()["dp"]
+    m1 = dp_model({"model": {"descriptor": {"seed": 2}, "fitting_net": {"seed": 2}}})["dp"]
+    cfg = _cfg(tmp_path, trust={"force": [0.02, 0.5]}, select={"max_candidates": 4, "pick": "random"})
+    write_if_changed(cfg, tmp_path / "config.json")
+    ex = tmp_path / "explore"
+    walkers = make_walkers(cfg, 0, 0, ex)
+    (ex / "walkers.json").write_text(json.dumps(walkers))
+    (ex / "plan.json").write_text(json.dumps({"iteration": 0, "stage": 0, "stage_iteration": 0}))
+    p = subprocess.run([sys.executable, "-m", "dpsnake.cli", "explore", "--models", str(m0), str(m1),
+                        "--walkers", str(ex / "walkers.json"), "--outdir", str(ex), "--device", "cpu",
+                        "--no-progress"], capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = subprocess.run([sys.executable, "-m", "dpsnake.cli", "select", "--config", "config.json", "--iter", "0",
+                        "--explore", "explore", "--outdir", "select"], capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    stats = json.loads((tmp_path / "select" / "stats.json").read_text())
+    md = S.read_model_devi(ex / walkers[0]["name"] / "model_devi.out")
+    f = md["max_devi_f"]
+    s = stats["systems"]["Cu"]
+    assert s["total"] == len(f) == 40 // 5 + 1
+    assert s["accurate"] == int(np.sum(f < 0.02))
+    assert s["failed"] - s["filtered"] == int(np.sum(f >= 0.5))
+    assert s["candidate"] + s["filtered"] == int(np.sum((f >= 0.02) & (f < 0.5)))
+    assert s["selected"] == min(4, s["candidate"]) == len(stats["tasks"])
+    frames = {a.info["step"]: a for a in ase.io.read(ex / walkers[0]["name"] / "traj.extxyz", ":")}
+    for t in stats["tasks"]:
+        c = ase.io.read(tmp_path / "select" / "candidates" / f"task.{t}.extxyz")
+        step = int(c.info["step"])
+        assert np.allclose(c.positions, frames[step].positions)
+        assert c.info["max_devi_f"] == pytest.approx(f[md["step"] == step][0], rel=1e-6)
+        assert 0.02 <= c.info["max_devi_f"] < 0.5
+    assert "per-system model deviation classes" in p.stdout and "Cu" in p.stdout
