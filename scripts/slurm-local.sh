@@ -163,8 +163,8 @@ start() {
   done
   write_conf
   start_munge
-  # -i: ignore saved state (a fresh cluster each time); both daemons write their pid files
-  our_pid slurmctld >/dev/null || slurmctld -i
+  # -c: clear any saved state (a fresh cluster, job ids from 1); both daemons write their pid files
+  our_pid slurmctld >/dev/null || slurmctld -c
   our_pid slurmd >/dev/null || slurmd -N localhost
   for _ in $(seq 50); do our_pid slurmctld >/dev/null && our_pid slurmd >/dev/null && break; sleep 0.1; done
   our_pid slurmctld >/dev/null || die "slurmctld did not start: see $STATE/log/slurmctld.log"

@@ -87,6 +87,28 @@ def test_vasp_failures(potcars, tmp_path):
     assert not result.ok and "positions differ" in result.reason
 
 
+def test_vasp_xml_parser(potcars, tmp_path):
+    atoms = cuni_frame()
+    xml = DATA / "vasp" / "vasprun.xml"
+    lab = make_labeler(vasp_spec(potcars, parser="xml", command=f"cp {xml} vasprun.xml"))
+    result = lab.label(atoms, tmp_path / "x")
+    assert result.ok, result.reason
+    assert result.energy == pytest.approx(-16.12345678, abs=1e-10)  # the calculation's e_fr_energy
+    np.testing.assert_allclose(result.forces, FORCES, atol=1e-12)
+    np.testing.assert_allclose(result.virial, VIRIAL, rtol=1e-9)
+    bad = DATA / "vasp" / "vasprun.unconverged.xml"  # 3 electronic steps with NELM = 3
+    lab = make_labeler(vasp_spec(potcars, parser="xml", command=f"cp {bad} vasprun.xml"))
+    result = lab.label(atoms, tmp_path / "nc")
+    assert not result.ok and result.reason.startswith("SCF not converged"), result.reason
+    text = xml.read_text()
+    (tmp_path / "cut.xml").write_text(text[:text.index(" <structure name=\"finalpos\"")])  # killed while writing
+    result = make_labeler(vasp_spec(potcars, parser="xml", command=f"cp {tmp_path / 'cut.xml'} vasprun.xml")).label(
+        atoms, tmp_path / "cut")
+    assert not result.ok and "incomplete" in result.reason, result.reason
+    with pytest.raises(UserError, match="label.parser"):
+        make_labeler(vasp_spec(potcars, parser="h5"))
+
+
 def test_vasp_config_errors(potcars, tmp_path):
     with pytest.raises(UserError, match="label.incar.NSW"):
         make_labeler(vasp_spec(potcars, incar={"NSW": 10}))
@@ -159,7 +181,8 @@ def test_runner_helpers():
     assert elements == ["Ni", "Cu", "H"] and list(order) == [0, 2, 1, 4, 3]
     slab = Atoms("Cu", cell=[3.6, 3.6, 20.0], pbc=[True, True, False])
     assert kmesh(slab, 0.5) == [4, 4, 1]
-    assert kmesh(Atoms("Cu", cell=[[0, 1.8, 1.8], [1.8, 0, 1.8], [1.8, 1.8, 0]], pbc=True), 0.25) == [13, 13, 13]  # 2 pi sqrt(3) / 3.6 / 0.25 = 12.09
+    fcc = Atoms("Cu", cell=[[0, 1.8, 1.8], [1.8, 0, 1.8], [1.8, 1.8, 0]], pbc=True)
+    assert kmesh(fcc, 0.25) == [13, 13, 13]  # 2 pi sqrt(3) / 3.6 / 0.25 = 12.09
     check_template("mpirun -np {nproc} pw.x -in {input}", "label.command")
     with pytest.raises(UserError, match="unknown placeholder"):
         check_template("pw.x -in {inpt}", "label.command")

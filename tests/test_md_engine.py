@@ -95,8 +95,8 @@ def test_first_steps_equal_ase_velocity_verlet(tmp_path, cu_model):
 
 
 def test_nve_energy_drift_5ps(tmp_path, cu_model):
-    """32 Cu atoms, 300 K, dt 2 fs, 2500 steps (5 ps): total energy stays within 2e-4 eV/atom of its
-    start and its linear drift is below 2e-5 eV/atom/ps."""
+    """32 Cu atoms, 300 K, dt 2 fs, 2500 steps (5 ps): total energy stays within 2e-5 eV/atom of its
+    start and its linear drift is below 2e-6 eV/atom/ps (measured: 9e-7 and 1e-8)."""
     s = cu(tmp_path / "cu.extxyz")
     st, prov, flags = batch([walker("a", s, dt=0.002, seed=2)], [cu_model["dp"]])
     n = 32
@@ -108,8 +108,8 @@ def test_nve_energy_drift_5ps(tmp_path, cu_model):
     slope = np.polyfit(np.arange(len(e)) * 0.002, e, 1)[0]
     temp = float(I.temperature(st)[0])
     print(f"NVE 5 ps: max |dE| {np.abs(e).max():.2e} eV/atom, drift {slope:.2e} eV/atom/ps, T_end {temp:.0f} K")
-    assert np.abs(e).max() < 2e-4
-    assert abs(slope) < 2e-5
+    assert np.abs(e).max() < 2e-5
+    assert abs(slope) < 2e-6
     assert 30 < temp < 600  # it moved
 
 
@@ -149,7 +149,8 @@ def test_early_stop_reasons_and_others_continue(tmp_path, models):
     ws = [walker("nan", str(tmp_path / "same.extxyz"), nsteps=30, trj_freq=5),
           walker("ok", ok, ensemble="nvt", nsteps=30, trj_freq=5),
           walker("cap", ok, ensemble="nvt", nsteps=30, trj_freq=5, max_devi_f_cap=1e-9, max_devi_f_patience=2),
-          walker("close", str(tmp_path / "close.extxyz"), nsteps=30, trj_freq=5, min_dist=1.5)]
+          walker("close", str(tmp_path / "close.extxyz"), nsteps=30, trj_freq=5, min_dist=1.5),
+          walker("odd", ok, ensemble="nvt-langevin", nsteps=13, trj_freq=5, min_dist=1.5)]
     out = tmp_path / "run"
     summary = Explorer(parse_walkers(ws), EnsembleProvider(ensemble(models)), ["Cu"], out, progress=False).run()
     r = summary["walkers"]
@@ -160,6 +161,8 @@ def test_early_stop_reasons_and_others_continue(tmp_path, models):
     assert json.loads((out / "summary.json").read_text()) == summary
     assert [f.info["step"] for f in read_frames(out / "ok" / "traj.extxyz")] == [0, 5, 10, 15, 20, 25, 30]
     assert [f.info["step"] for f in read_frames(out / "cap" / "traj.extxyz")] == [0, 5]
+    assert r["odd"] == {"status": "finished", "reason": None, "steps": 13}
+    assert [f.info["step"] for f in read_frames(out / "odd" / "traj.extxyz")] == [0, 5, 10]
     assert len(read_frames(out / "close" / "traj.extxyz")) == 1
     assert (out / "nan" / "traj.extxyz").read_text() == ""
     assert not list(out.rglob("*.part")) and not (out / "checkpoint.npz").exists()
@@ -256,6 +259,19 @@ def test_checkpoint_kill_and_resume_equals_uninterrupted(tmp_path, models):
     assert not list(run.rglob("*.part")) and not (run / "checkpoint.npz").exists()
     # a rerun after completion does nothing and keeps the outputs
     assert main(["explore", *args, "--outdir", str(run), "--no-progress"]) == 0
+    assert json.loads((run / "summary.json").read_text()) == ref
+    # SIGTERM (SLURM's warning): checkpoint at the current step, exit 143; the rerun finishes equal
+    term = tmp_path / "term"
+    p = _cli([*args, "--outdir", str(term)])
+    while not (term / "checkpoint.npz").exists():
+        assert p.poll() is None, p.communicate()
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=120)
+    assert p.returncode == 143 and not (term / "summary.json").exists()
+    assert main(["explore", *args, "--outdir", str(term), "--no-progress"]) == 0
+    for w in ws:
+        assert (tmp_path / "ref" / w["name"] / "model_devi.out").read_text() == (term / w["name"] / "model_devi.out").read_text()
 
 
 def test_cli_bad_input_is_one_line(tmp_path, models, capsys):
@@ -271,3 +287,54 @@ def test_cli_bad_input_is_one_line(tmp_path, models, capsys):
     assert main(["explore", "--models", "missing.dp", "--walkers", str(wf), "--outdir", str(tmp_path / "o"),
                  "--device", "cpu"]) == 2
     assert "missing.dp" in capsys.readouterr().err
+
+
+def test_mixed_compositions_lammps_data_input(tmp_path, dp_model):
+    """CuNi and pure Cu walkers (different sizes, a LAMMPS data file) in one batch with a CuNi model."""
+    import ase.io
+
+    m = str(dp_model(data="CuNi")["dp"])
+    a = bulk("Cu", "fcc", a=A0, cubic=True).repeat((2, 2, 1))
+    a.symbols[[1, 4, 6, 11, 13]] = "Ni"
+    a.rattle(0.05, seed=9)
+    ase.io.write(tmp_path / "cuni.data", a, format="lammps-data", specorder=["Cu", "Ni"], masses=True)
+    ws = [walker("cuni", str(tmp_path / "cuni.data"), ensemble="nvt", thermostat="bussi", nsteps=30),
+          walker("cu", cu(tmp_path / "cu.extxyz", rep=(1, 1, 1)), ensemble="npt", pressure=1.0, nsteps=30)]
+    Explorer(parse_walkers(ws), EnsembleProvider(ensemble([m])), ["Cu", "Ni"], tmp_path / "b", progress=False).run()
+    Explorer(parse_walkers(ws[:1]), EnsembleProvider(ensemble([m])), ["Cu", "Ni"], tmp_path / "a", progress=False).run()
+    fb, fa = read_frames(tmp_path / "b" / "cuni" / "traj.extxyz"), read_frames(tmp_path / "a" / "cuni" / "traj.extxyz")
+    assert fb[0].get_chemical_symbols() == a.get_chemical_symbols()
+    assert np.abs(fb[0].positions - a.positions).max() < 1e-8
+    assert np.abs(fb[-1].positions - fa[-1].positions).max() < 1e-8
+    assert np.abs(fb[-1].positions - fb[0].positions).max() > 1e-3
+    # masses come from the type map
+    atoms, at = read_structure(parse_walkers(ws[:1])[0], ["Cu", "Ni"])
+    mass = masses_for(at, ["Cu", "Ni"])
+    assert np.allclose(mass[at == 1], 58.6934, atol=1e-3) and np.allclose(mass[at == 0], 63.546, atol=1e-3)
+
+
+def test_nhc_conserved_quantity_and_ase_provider(tmp_path, cu_model):
+    """E_pot + E_kin + E_chain is conserved by the Nose-Hoover chain (8 atoms, 1000 steps of 2 fs),
+    while the kinetic energy fluctuates 100x more; the ASE-calculator provider (engine's DP
+    calculator, walker by walker) gives the same steps as the batched engine."""
+    from dpsnake.engine.calculator import DP
+    from dpsnake.md.providers import ASEProvider
+
+    s = cu(tmp_path / "c.extxyz", rep=(2, 1, 1), seed=4)
+    spec = [walker("a", s, ensemble="nvt", temperature=400.0, tau_t=0.05, seed=3),
+            walker("b", cu(tmp_path / "d.extxyz", rep=(1, 1, 1), seed=5), ensemble="npt", pressure=1e4, seed=4)]
+    st, prov, flags = batch(spec, [cu_model["dp"]])
+    h, kin = [], []
+    for k in range(1000):
+        I.md_step(st, prov, k, flags)
+        h.append(float((st.energy + I.kinetic_energy(st) + I.nhc_energy(st))[0]))
+        kin.append(float(I.kinetic_energy(st)[0]))
+    assert np.ptp(h) < 0.01 * np.ptp(kin) and np.ptp(kin) > 0.05
+    st1, prov1, _ = batch(spec, [cu_model["dp"]])
+    st2, _, _ = batch(spec, [cu_model["dp"]])
+    prov2 = ASEProvider([DP(cu_model["dp"])], ["Cu"])
+    for k in range(20):
+        I.md_step(st1, prov1, k, flags)
+        I.md_step(st2, prov2, k, flags)
+    assert np.abs(st1.pos - st2.pos).max() < 1e-10 and np.abs(st1.cells - st2.cells).max() < 1e-10
+    assert np.abs(st1.virial - st2.virial).max() < 1e-9

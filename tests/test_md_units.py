@@ -125,3 +125,26 @@ def test_devi_line_matches_engine_writer(tmp_path):
     write_model_devi(ref, [0, 10], {k: vals[:, i] for i, k in enumerate(COLUMNS[1:])})
     assert ours.read_text() == ref.read_text()
     assert read_model_devi(ours)["step"].tolist() == [0, 10]
+
+
+def test_min_distances_match_ase_minimum_image():
+    from dpsnake.md.deviation import min_distances
+
+    frames = []
+    for k, rep in enumerate([(2, 1, 1), (1, 1, 1), (2, 2, 1)]):
+        a = bulk("Cu", "fcc", a=3.7, cubic=True).repeat(rep)
+        a.set_cell(a.cell.array + np.array([[0, 0, 0], [0.4, 0, 0], [0.2, 0.3, 0]]), scale_atoms=True)
+        a.rattle(0.3, seed=k)
+        a.positions[0] += a.cell.array[0]  # unwrapped coordinates
+        frames.append(a)
+    mol = frames[0].copy()
+    mol.pbc = False
+    frames.append(mol)
+    pos = np.concatenate([a.positions for a in frames])
+    cells = np.array([a.cell.array for a in frames])
+    pbc = np.array([a.pbc.all() for a in frames])
+    nat = np.array([len(a) for a in frames])
+    for max_pairs in (10, 4_000_000):  # one walker per group, and all in one group
+        d = min_distances(np, pos, cells, pbc, nat, max_pairs=max_pairs)
+        ref = [np.min(a.get_all_distances(mic=bool(a.pbc.all()))[~np.eye(len(a), dtype=bool)]) for a in frames]
+        assert np.allclose(d, ref, atol=1e-12)

@@ -163,7 +163,8 @@ def build(root: pathlib.Path, models: list[dict]) -> dict:
                     labelled.append(b)
                 out = write_npy(labelled, res / "data" / f"iter.{it:06d}" / name)
                 rows = ["iteration,system,walker,step,max_devi_f,task"]
-                rows += [f"{it},{name},{w},{a.info['step']},{float(d)!r},task.{task + i:06d}" for i, (w, a, d) in enumerate(ok)]
+                rows += [f"{it},{name},{w},{a.info['step']},{float(d)!r},task.{task + i:06d}"
+                         for i, (w, a, d) in enumerate(ok)]
                 (out / "provenance.csv").write_text("\n".join(rows) + "\n")
             task += len(picks)
             added[name] = {"added": len(ok), "failed": len(picks) - len(ok)}

@@ -88,7 +88,7 @@ def test_decide_stages():
     assert d["stop"] and "max_iterations" in d["reason"]
 
 
-def _write_explore(tmp_path, cfg, devi_f, devi_v=None, close_step=None):
+def _write_explore(tmp_path, cfg, devi_f, devi_v=None, close_step=None, repeat_first=()):
     """An explore folder with one walker: frames from the start structure, model_devi.out written by
     the engine's writer (the LAMMPS plugin format)."""
     import ase.io
@@ -109,7 +109,7 @@ def _write_explore(tmp_path, cfg, devi_f, devi_v=None, close_step=None):
     frames = []
     for k, s in enumerate(steps):
         a = atoms0.copy()
-        a.rattle(0.05, seed=k)
+        a.rattle(0.05, seed=0 if k in repeat_first else k)
         if s == close_step:
             a.positions[1] = a.positions[0] + [0.3, 0.0, 0.0]
         a.info["step"] = int(s)
@@ -141,6 +141,28 @@ def test_select_cli_counts_and_candidates(tmp_path):
     assert [t.info["max_devi_f"] for t in tasks] == pytest.approx([0.07, 0.08, 0.09])
     assert stats["tasks"] == ["000000", "000001", "000002"]
     assert stats["converged"] is False and stats["next_stage"] == 0
+
+
+def test_select_never_picks_a_frame_twice(tmp_path):
+    """Identical structures (e.g. the start structure at step 0 of every walker and iteration) are picked
+    once per iteration, and never again once they are in a dataset."""
+    import dpdata
+
+    from dpsnake.workflow.select import select
+
+    cfg = _cfg(tmp_path, select={"max_candidates": 10, "pick": "highest"})
+    ex = _write_explore(tmp_path, cfg, [0.1] * 5, repeat_first=(0, 2))  # frame 2 = frame 0
+    stats, tasks = select(cfg, 0, ex)
+    assert stats["systems"]["Cu"]["duplicates"] == 1 and len(tasks) == 4
+    assert stats["systems"]["Cu"]["candidate"] == 5  # still counted as a candidate
+    # frame 0 already in a dataset: only frames 1, 3, 4 remain
+    a = tasks[0].copy()
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    a.calc = SinglePointCalculator(a, energy=0.0, forces=np.zeros((len(a), 3)))
+    dpdata.LabeledSystem(a, fmt="ase/structure").to_deepmd_npy(str(tmp_path / "data" / "iter.000000" / "Cu"))
+    stats, tasks = select(cfg, 1, ex, tmp_path / "data")
+    assert stats["systems"]["Cu"]["duplicates"] == 2 and [t.info["step"] for t in tasks] == [5, 15, 20]
 
 
 @pytest.mark.slow

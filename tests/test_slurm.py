@@ -12,6 +12,7 @@ import pathlib
 import re
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -102,3 +103,190 @@ def test_local_cluster_schedules_cpus_memory_and_gpus(slurm_cluster, tmp_path):
     assert r.returncode == 3
     states = {j["id"]: j["state"] for j in squeue_jobs()}
     assert states[jobid] == "FAILED"
+
+
+# --- the workflow on SLURM ---------------------------------------------------------------------------
+
+# A labeler whose process dies once, as a DFT code or a node does: the first `dpsnake label` process to
+# reach it claims a marker file and exits with code 42 (os._exit: nothing can catch it, so the SLURM
+# job fails); every later call is plain EMT. The workflow must report that job and retry it.
+CRASH_ONCE = '''
+import os
+import sys
+
+from ase.calculators.emt import EMT
+
+
+class CrashOnceEMT(EMT):
+    def __init__(self, marker, **kwargs):
+        super().__init__(**kwargs)
+        self.marker = marker
+
+    def calculate(self, *args, **kwargs):
+        if len(sys.argv) > 1 and sys.argv[1] == "label":
+            try:
+                os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                pass
+            else:
+                print("CrashOnceEMT: dying on purpose", file=sys.stderr, flush=True)
+                os._exit(42)
+        super().calculate(*args, **kwargs)
+'''
+
+COPY = ("Snakefile", "workflow", "config", "envs", "profiles", "tests/configs")
+
+
+def _workflow_copy(dest: pathlib.Path) -> pathlib.Path:
+    """The workflow as a user checks it out (no results, no .snakemake) in a temporary folder."""
+    for rel in COPY:
+        src = REPO / rel
+        if src.is_dir():
+            shutil.copytree(src, dest / rel, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
+def _log_blocks(log: str) -> list[tuple[str, str, str]]:
+    """(kind, rule, wildcards) of every job Snakemake started: kind is 'rule'/'checkpoint' (submitted
+    to the executor) or 'localrule' (run in the Snakemake process itself)."""
+    blocks = []
+    for m in re.finditer(r"^(localrule|rule|checkpoint) (\w+):\n((?:    .*\n)+)", log, re.M):
+        wc = re.search(r"^    wildcards: (.*)$", m[3], re.M)
+        blocks.append((m[1], m[2], wc[1] if wc else ""))
+    return blocks
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_reduced_workflow_through_sbatch(slurm_cluster, tmp_path):
+    """The reduced config through `snakemake --profile profiles/slurm`: every job is an sbatch job, GPU
+    rules get GPUs, label jobs are grouped, a crashing label job is reported and retried, and the
+    results are those of a complete run (two iterations, datasets, reports, final models)."""
+    import yaml
+
+    wf = _workflow_copy(tmp_path / "wf")
+    (tmp_path / "py").mkdir()
+    (tmp_path / "py" / "crashonce.py").write_text(CRASH_ONCE)
+    marker = tmp_path / "crashed.marker"
+    cfg = yaml.safe_load((wf / "tests/configs/reduced.yaml").read_text())
+    cfg["label"] = {**cfg["label"], "calculator": "crashonce.CrashOnceEMT", "kwargs": {"marker": str(marker)}}
+    (wf / "slurm-test.yaml").write_text(yaml.safe_dump(cfg))
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path / "py"),
+                                                                   os.environ.get("PYTHONPATH")])))
+    # Test-site settings on top of the profile: --cores 1 makes each label group a 1-CPU job (the
+    # plugin runs a group's jobs one after another) so two groups of 4 run side by side on 2 CPUs.
+    cmd = ["python", "-m", "snakemake", "--profile", "profiles/slurm", "--configfile", "slurm-test.yaml",
+           "--cores", "1", "--group-components", "label=4", *TEST_SITE_ARGS]
+    cmd[cmd.index("--slurm-init-seconds-before-status-checks") + 1] = "1"
+    t0 = time.monotonic()
+    run = subprocess.run(cmd, cwd=wf, env=env, capture_output=True, text=True, timeout=1200)
+    wall = time.monotonic() - t0
+    log = run.stderr
+    (tmp_path / "snakemake.log").write_text(log)
+    assert run.returncode == 0, f"snakemake failed after {wall:.0f} s:\n{log[-6000:]}"
+    print(f"reduced workflow on SLURM: {wall:.0f} s")
+
+    # --- every job went through sbatch --------------------------------------------------------------
+    blocks = _log_blocks(log)
+    local = {rule for kind, rule, _ in blocks if kind == "localrule"}
+    assert local == {"all"}, f"jobs run outside SLURM: {local}"
+    submitted = set(re.findall(r"has been submitted with SLURM jobid (\d+)", log))
+    jobs = [j for j in squeue_jobs() if j["id"] in submitted]
+    assert len(jobs) == len(submitted) > 0
+    assert all(j["name"] == jobs[0]["name"] for j in jobs)  # the run's UUID: one Snakemake run
+    rules_run = {rule for kind, rule, _ in blocks if kind != "localrule"}
+    assert {"init_data", "train", "plan", "explore", "select", "label", "collect", "report_iteration",
+            "finalize", "report_run"} <= rules_run
+    by_comment: dict[str, list[dict]] = {}
+    for j in jobs:
+        by_comment.setdefault(j["comment"].split("_wildcards")[0], []).append(j)
+    # one SLURM job per non-label job, and at least one for each label group
+    non_label = [b for b in blocks if b[0] != "localrule" and b[1] != "label"]
+    assert sum(len(v) for k, v in by_comment.items() if k != "rule_label_label") == len(non_label)
+
+    # --- per-rule resources from the profile ----------------------------------------------------------
+    for j in by_comment["rule_train"] + by_comment["rule_explore"]:
+        assert j["gres"] == "gres:gpu:1", j
+        assert j["cpus"] == "1" and j["mem"] == "8000M", j
+    for j in by_comment["rule_select"] + by_comment["rule_collect"]:
+        assert j["gres"] == "N/A" and j["mem"] == "2000M", j
+    gpu_logs = sorted((wf / ".snakemake/slurm_logs/rule_train").rglob("*.log"))
+    assert gpu_logs, "SLURM logs of the training jobs are missing"
+
+    # --- grouping: several label jobs per sbatch job ------------------------------------------------------
+    label_jobs = {wc for kind, rule, wc in blocks if rule == "label"}
+    groups = by_comment["rule_label_label"]
+    ok_groups = [g for g in groups if g["state"] == "COMPLETED"]
+    assert len(label_jobs) >= 8 and len(ok_groups) < len(label_jobs)
+    for g in ok_groups:
+        glog = next((wf / ".snakemake/slurm_logs").glob(f"group_label_*/{g['id']}.log")).read_text()
+        assert len(re.findall(r"^rule label:", glog, re.M)) >= 2, glog[-2000:]
+        assert g["cpus"] == "1"
+
+    # --- the crashing label job: reported, retried, nothing lost ------------------------------------------
+    assert marker.exists(), "the crashing labeler never ran"
+    failed = [j for j in jobs if j["state"] == "FAILED"]
+    assert [j["comment"] for j in failed] == ["rule_label_label"], failed
+    assert "Error in group label" in log and "Trying to restart job" in log
+    flog = next((wf / ".snakemake/slurm_logs").glob(f"group_label_*/{failed[0]['id']}.log")).read_text()
+    assert "exit status 42" in flog or "exit code 42" in flog or "non-zero exit" in flog, flog[-2000:]
+
+    _check_results(wf)
+
+
+def _check_results(wf: pathlib.Path) -> None:
+    """What a complete run of tests/configs/reduced.yaml leaves in results/ (docs/architecture.md)."""
+    import json
+
+    import dpdata
+    import numpy as np
+    import pandas as pd
+    from ase.calculators.emt import EMT
+
+    from dpsnake.labelers.io import read_labeled
+
+    res = wf / "results"
+    iters = sorted(p.name for p in res.glob("iter.*"))
+    assert iters == ["iter.000000", "iter.000001"], iters  # convergence.max_iterations: 2
+    for it in iters:
+        n = int(it.split(".")[1])
+        stats = json.loads((res / it / "select/stats.json").read_text())
+        assert stats["iteration"] == n and set(stats["systems"]) == {"Cu", "CuNi"}
+        for s in stats["systems"].values():
+            assert s["accurate"] + s["candidate"] + s["failed"] == s["total"] > 0
+            assert s["selected"] <= 4  # select.max_candidates
+        tasks = sorted((res / it / "label").glob("task.*.extxyz"))
+        summary = json.loads((res / it / "collect/summary.json").read_text())
+        assert summary["iteration"] == n
+        assert summary["labelled"] + summary["failed"] == len(tasks) == sum(
+            s["selected"] for s in stats["systems"].values())
+        assert summary["failed"] == 0 and summary["failures"] == []  # EMT never fails here
+        # every label is EMT's answer, the crashed-and-retried one included
+        for t in tasks:
+            atoms, ok, reason = read_labeled(t)
+            assert ok, (t, reason)
+            ref = atoms.copy()
+            ref.calc = EMT()
+            assert abs(atoms.get_potential_energy() - ref.get_potential_energy()) < 1e-6
+            assert np.abs(atoms.get_forces() - ref.get_forces()).max() < 1e-6
+        # the new frames are in this iteration's dataset exactly once, with provenance
+        added = 0
+        for system, counts in summary["systems"].items():
+            folder = res / "data" / it / system
+            if counts["added"] == 0:
+                continue
+            data = dpdata.LabeledSystem(str(folder), fmt="deepmd/npy")
+            assert data.get_nframes() == counts["added"]
+            prov = pd.read_csv(folder / "provenance.csv")
+            assert len(prov) == counts["added"] and (prov["iteration"] == n).all()
+            added += counts["added"]
+        assert added == summary["labelled"]
+        assert (res / "reports" / f"{it}.html").stat().st_size > 1000
+    assert len(list((res / "models/final").glob("*.dp"))) == 2  # train.numb_models
+    assert (res / "reports/index.html").stat().st_size > 1000
+    run = json.loads((res / "reports/run.json").read_text())
+    assert len(run["iterations"]) == 2 and run["decision"]["iteration"] == 1 and run["decision"]["stop"]

@@ -41,6 +41,7 @@ DEFAULT_TEMPLATE = """\
     CHARGE {{CHARGE}}
     MULTIPLICITY {{MULTIPLICITY}}
     {{UKS}}
+    {{POISSON}}
     &MGRID
       CUTOFF {{CUTOFF}}
       REL_CUTOFF {{REL_CUTOFF}}
@@ -176,7 +177,10 @@ class CP2KLabeler(CommandLabeler):
                       "      SYMMETRY OFF\n    &END KPOINTS")
         fields = dict(self.fields)
         fields.update({"{{CELL}}": cell_block, "{{COORD}}": "\n".join(coord), "{{KINDS}}": "\n    ".join(kinds),
-                       "{{KPOINTS}}": kblock, "{{STRESS}}": "ANALYTICAL" if periodic else "NONE"})
+                       "{{KPOINTS}}": kblock, "{{STRESS}}": "ANALYTICAL" if periodic else "NONE",
+                       # molecules and slabs: the Poisson solver's periodicity must match the cell's
+                       "{{POISSON}}": "" if periodic else
+                       f"&POISSON\n      PERIODIC {pbc}\n      PSOLVER MT\n    &END POISSON"})
         text = self.template
         for key, val in fields.items():
             text = text.replace(key, val)

@@ -102,7 +102,8 @@ class QELabeler(CommandLabeler):
         if not text.strip():
             return LabelResult.failed(f"missing output {out.name}" + (f"; {outcome.reason}" if outcome.reason else ""))
         if "convergence has been achieved" not in text:
-            return LabelResult.failed(f"no converged SCF in {out.name}" + (f"; {outcome.reason}" if outcome.reason else ""))
+            why = f"; {outcome.reason}" if outcome.reason else ""
+            return LabelResult.failed(f"no converged SCF in {out.name}{why}")
         if outcome.reason:
             return LabelResult.failed(outcome.reason)
         if "Forces acting on atoms" not in text:

@@ -1,5 +1,5 @@
 """VASP labeler: INCAR, KPOINTS, POSCAR and a POTCAR assembled from the user's POTCAR folder; OUTCAR
-parsed with dpdata's ``vasp/outcar``.
+parsed with dpdata's ``vasp/outcar`` (or vasprun.xml with ``vasp/xml``).
 
 POSCAR holds one block per element (atoms grouped in order of first appearance); the parsed
 forces are mapped back to the frame's own atom order.
@@ -7,7 +7,8 @@ forces are mapped back to the frame's own atom order.
 Config (``label:`` section, ``type: vasp``), see docs/labelers.md: ``potcar_dir``, ``potcars``
 ({element: path relative to potcar_dir}, default ``<element>/POTCAR``), ``incar`` (tags),
 ``kspacing`` (1/A, 2 pi included as VASP's KSPACING) or ``kpts``, ``gamma`` (Gamma-centred mesh,
-default true), ``command`` (default "vasp_std"; e.g. "mpirun -np {nproc} vasp_std"), ``nproc``,
+default true), ``parser`` ("outcar", default, or "xml" for vasprun.xml), ``command`` (default
+"vasp_std"; e.g. "mpirun -np {nproc} vasp_std"), ``nproc``,
 ``nthreads``, ``timeout``, ``env``, ``keep_scratch``.
 """
 
@@ -45,8 +46,11 @@ class VASPLabeler(CommandLabeler):
 
     def __init__(self, potcar_dir: str, potcars: dict | None = None, incar: dict | None = None,
                  kspacing: float | None = None, kpts=None, gamma: bool = True, command: str = "vasp_std",
-                 **run_keys):
+                 parser: str = "outcar", **run_keys):
         super().__init__(command, **run_keys)
+        if parser not in ("outcar", "xml"):
+            raise UserError(f"label.parser: 'outcar' (OUTCAR) or 'xml' (vasprun.xml), got {parser!r}")
+        self.parser = parser
         self.potcar_dir = require_dir(potcar_dir, "label.potcar_dir").resolve()
         self.potcars = {str(k): str(v) for k, v in (potcars or {}).items()}
         for el in self.potcars:
@@ -94,6 +98,8 @@ class VASPLabeler(CommandLabeler):
         return {"order": order, "periodic": bool(atoms.pbc.all()), "stdout": "stdout", "nelm": incar["NELM"]}
 
     def parse(self, atoms, workdir: pathlib.Path, outcome: RunOutcome, ctx: dict) -> LabelResult:
+        if self.parser == "xml":
+            return self.parse_xml(atoms, workdir, outcome, ctx)
         import dpdata
 
         out = workdir / "OUTCAR"
@@ -107,7 +113,8 @@ class VASPLabeler(CommandLabeler):
         nelm = int(nelm.group(1)) if nelm else ctx["nelm"]
         if "EDIFF was not reached" in text or (steps and max(steps) >= nelm) or \
                 "aborting loop because EDIFF is reached" not in text:
-            return LabelResult.failed(f"SCF not converged (electronic steps: {max(steps) if steps else 0}, NELM = {nelm})")
+            nsteps = max(steps) if steps else 0
+            return LabelResult.failed(f"SCF not converged (electronic steps: {nsteps}, NELM = {nelm})")
         if outcome.reason:
             return LabelResult.failed(outcome.reason)
         if "General timing and accounting" not in text:
@@ -115,6 +122,32 @@ class VASPLabeler(CommandLabeler):
         system = dpdata.LabeledSystem(str(out), fmt="vasp/outcar")
         if ctx["periodic"] and "virials" not in system.data:
             return LabelResult.failed("no stress in OUTCAR (set ISIF >= 1)")
+        return result_from_system(system, atoms, order=ctx["order"])
+
+    def parse_xml(self, atoms, workdir: pathlib.Path, outcome: RunOutcome, ctx: dict) -> LabelResult:
+        """vasprun.xml with dpdata's ``vasp/xml``: converged when the last calculation's electronic
+        steps stay below NELM (dpdata's own criterion); complete when the file closes </modeling>."""
+        import dpdata
+
+        out = workdir / "vasprun.xml"
+        text = out.read_text(errors="replace") if out.is_file() else ""
+        if outcome.returncode is None:
+            return LabelResult.failed(outcome.reason)
+        if not text.strip():
+            return LabelResult.failed("missing output vasprun.xml" + (f"; {outcome.reason}" if outcome.reason else ""))
+        last = text[text.rfind("<calculation>"):]
+        nsteps = last.count("<scstep>")
+        nelm = re.search(r'name="NELM">\s*(\d+)', text)
+        nelm = int(nelm.group(1)) if nelm else ctx["nelm"]
+        if nsteps >= nelm:
+            return LabelResult.failed(f"SCF not converged (electronic steps: {nsteps}, NELM = {nelm})")
+        if outcome.reason:
+            return LabelResult.failed(outcome.reason)
+        if "</modeling>" not in text:
+            return LabelResult.failed("vasprun.xml is incomplete (no closing </modeling>): the run was interrupted")
+        system = dpdata.LabeledSystem(str(out), fmt="vasp/xml")
+        if ctx["periodic"] and "virials" not in system.data:
+            return LabelResult.failed("no stress in vasprun.xml (set ISIF >= 1)")
         return result_from_system(system, atoms, order=ctx["order"])
 
     def cleanup(self, workdir: pathlib.Path) -> None:

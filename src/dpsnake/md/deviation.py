@@ -48,7 +48,7 @@ def min_distances(xp, pos, cells, pbc, natoms_host, max_pairs: int = 4_000_000):
         c = cells[s:e]
         inv = xp.linalg.inv(xp.where(pbc[s:e, None, None], c, xp.eye(3)[None]))
         frac = xp.einsum("gijk,gkl->gijl", d, inv)
-        mic = xp.einsum("gijk,gkl->gijl", frac - xp.round(frac), c)
+        mic = xp.einsum("gijk,gkl->gijl", frac - xp.rint(frac), c)
         d = xp.where(pbc[s:e, None, None, None], mic, d)
         d2 = (d * d).sum(axis=3)
         bad = ~(valid[:, None, :] & valid[:, :, None]) | np.eye(nmax, dtype=bool)[None]

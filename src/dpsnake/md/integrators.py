@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dpsnake.engine.xp import segment_sum
 from dpsnake.md import rng
-from dpsnake.md.state import B_ANISO, B_ISO, B_NONE, B_TRI, T_BUSSI, T_LANGEVIN, T_NHC, BatchState
+from dpsnake.md.state import B_ANISO, B_ISO, B_TRI, T_BUSSI, T_LANGEVIN, T_NHC, BatchState
 
 
 def segsum(st: BatchState, values):
@@ -145,8 +145,11 @@ def langevin_o(st: BatchState, step: int) -> None:
     st.vel = xp.where(on[:, None], c1[:, None] * st.vel + c2[:, None] * g, st.vel)
 
 
-def cell_rescale(st: BatchState, ptens, step: int) -> None:
-    """Stochastic cell rescaling over dt for the NPT walkers, given the pressure tensor (S, 3, 3)."""
+def cell_rescale(st: BatchState, ptens, step: int, modes=(B_ISO, B_ANISO, B_TRI)) -> None:
+    """Stochastic cell rescaling over dt for the NPT walkers, given the pressure tensor (S, 3, 3).
+
+    modes: the barostat codes present in the batch (the others are not computed).
+    """
     xp = st.xp
     S = st.nsys
     vol = volume(st)
@@ -154,34 +157,35 @@ def cell_rescale(st: BatchState, ptens, step: int) -> None:
     r = rng.system_normals(xp, st.seed, step, rng.BAROSTAT, 6)
     kT = st.kT
     eye = xp.eye(3)[None]
-    # isotropic: eps = ln V
-    piso = (ptens[:, 0, 0] + ptens[:, 1, 1] + ptens[:, 2, 2]) / 3
-    de_v = -mob * (st.p0 - piso) + xp.sqrt(2 * kT * mob / vol) * r[:, 0]
-    mu_iso = xp.exp(de_v / 3)[:, None, None] * eye
-    # anisotropic: ln of each diagonal stretch; fully flexible adds symmetric shear
-    diag = xp.stack([ptens[:, a, a] for a in range(3)], axis=1)
-    de = -(mob / 3)[:, None] * (st.p0[:, None] - diag) + xp.sqrt(2 * kT * mob / (3 * vol))[:, None] * r[:, :3]
-    e = xp.zeros((S, 3, 3))
-    for a in range(3):
-        e[:, a, a] = de[:, a]
-    psym = 0.5 * (ptens + ptens.transpose(0, 2, 1))
-    shear = xp.zeros((S, 3, 3))
-    for k, (a, b) in enumerate(((0, 1), (0, 2), (1, 2))):
-        s = (mob / 3) * psym[:, a, b] + xp.sqrt(kT * mob / (3 * vol)) * r[:, 3 + k]
-        shear[:, a, b] = s
-        shear[:, b, a] = s
-    mu_aniso = eye + e + e @ e / 2 + e @ e @ e / 6
-    et = e + shear
-    mu_tri = eye + et + et @ et / 2 + et @ et @ et / 6
     mode = st.baro[:, None, None]
-    mu = xp.where(mode == B_ISO, mu_iso, xp.where(mode == B_ANISO, mu_aniso,
-                                                   xp.where(mode == B_TRI, mu_tri, eye)))
-    mu = xp.where(mode == B_NONE, eye, mu)
+    mu = xp.broadcast_to(eye, (S, 3, 3))
+    if B_ISO in modes:  # eps = ln V
+        piso = (ptens[:, 0, 0] + ptens[:, 1, 1] + ptens[:, 2, 2]) / 3
+        de_v = -mob * (st.p0 - piso) + xp.sqrt(2 * kT * mob / vol) * r[:, 0]
+        mu = xp.where(mode == B_ISO, xp.exp(de_v / 3)[:, None, None] * eye, mu)
+    if B_ANISO in modes or B_TRI in modes:  # ln of each diagonal stretch (+ symmetric shear)
+        diag = xp.stack([ptens[:, a, a] for a in range(3)], axis=1)
+        de = -(mob / 3)[:, None] * (st.p0[:, None] - diag) + xp.sqrt(2 * kT * mob / (3 * vol))[:, None] * r[:, :3]
+        e = de[:, :, None] * eye
+        if B_ANISO in modes:
+            mu = xp.where(mode == B_ANISO, eye + e + e @ e / 2 + e @ e @ e / 6, mu)
+        if B_TRI in modes:
+            psym = 0.5 * (ptens + ptens.transpose(0, 2, 1))
+            off = (mob / 3)[:, None, None] * psym + xp.sqrt(kT * mob / (3 * vol))[:, None, None] * _sym_noise(xp, r)
+            et = e + off * (1 - eye)
+            mu = xp.where(mode == B_TRI, eye + et + et @ et / 2 + et @ et @ et / 6, mu)
     mu_inv = xp.linalg.inv(mu)
-    ma = mu[st.system]
-    st.pos = xp.einsum("ni,nij->nj", st.pos, ma)
+    st.pos = xp.einsum("ni,nij->nj", st.pos, mu[st.system])
     st.vel = xp.einsum("ni,nij->nj", st.vel, mu_inv[st.system])
     st.cells = st.cells @ mu
+
+
+def _sym_noise(xp, r):
+    """(S, 3, 3) symmetric matrix with r[:, 3], r[:, 4], r[:, 5] at (0,1), (0,2), (1,2); zero diagonal."""
+    z = xp.zeros_like(r[:, 3])
+    rows = [xp.stack([z, r[:, 3], r[:, 4]], axis=1), xp.stack([r[:, 3], z, r[:, 5]], axis=1),
+            xp.stack([r[:, 4], r[:, 5], z], axis=1)]
+    return xp.stack(rows, axis=1)
 
 
 def md_step(st: BatchState, compute, step: int, flags: dict, all_models: bool = False) -> dict:
@@ -203,7 +207,7 @@ def md_step(st: BatchState, compute, step: int, flags: dict, all_models: bool = 
     else:
         st.pos = st.pos + dt_atom[:, None] * st.vel
     if flags["npt"]:
-        cell_rescale(st, ptens, step)
+        cell_rescale(st, ptens, step, flags.get("baro_modes", (B_ISO, B_ANISO, B_TRI)))
     out = compute(st, all_models)
     set_forces(st, out)
     _kick(st, dt_atom)

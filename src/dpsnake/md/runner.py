@@ -127,12 +127,25 @@ class Explorer:
         self._deviation_step(out)
 
     def _resume(self, path: pathlib.Path) -> bool:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            if meta.get("hash") != self.hash:
-                print(f"dpsnake explore: {path} is from other walkers or models; starting over", file=sys.stderr)
-                return False
-            arrays = {k[2:]: z[k] for k in z.files if k.startswith("s_")}
+        """Load the checkpoint; False (start over) if it belongs to other inputs or cannot be used."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                if meta.get("hash") != self.hash:
+                    print(f"dpsnake explore: {path} is from other walkers or models; starting over",
+                          file=sys.stderr)
+                    return False
+                arrays = {k[2:]: z[k] for k in z.files if k.startswith("s_")}
+            for n, o in meta["offsets"].items():
+                for k, final in (("traj", "traj.extxyz"), ("devi", "model_devi.out")):
+                    f = self.outdir / n / final
+                    part = f.with_name(final + ".part")
+                    size = part.stat().st_size if part.exists() else f.stat().st_size
+                    if size < o[k]:
+                        raise ValueError(f"{part} is shorter than the checkpoint says")
+        except (OSError, KeyError, ValueError) as err:
+            print(f"dpsnake explore: cannot resume from {path} ({err}); starting over", file=sys.stderr)
+            return False
         self.step = meta["step"]
         self.status, self.cap_count, self.max_devi = meta["status"], meta["cap_count"], meta["max_devi"]
         self.st = BatchState.from_host(arrays, xp=self.xp) if arrays else None
@@ -142,7 +155,7 @@ class Explorer:
     # ---------------------------------------------------------------- per deviation step
     def _deviation_step(self, out) -> None:
         """Frames, deviation lines and stop checks of the walkers due at ``self.step``."""
-        st, xp, step = self.st, self.xp, self.step
+        st, step = self.st, self.step
         widx = to_numpy(st.walker)
         due = np.array([step % self.walkers[i].trj_freq == 0 for i in widx])
         if due.any():

@@ -77,7 +77,8 @@ class BatchState:
 
         t, b = to_numpy(self.thermo), to_numpy(self.baro)
         return {"nhc": bool((t == T_NHC).any()), "bussi": bool((t == T_BUSSI).any()),
-                "langevin": bool((t == T_LANGEVIN).any()), "npt": bool((b != B_NONE).any())}
+                "langevin": bool((t == T_LANGEVIN).any()), "npt": bool((b != B_NONE).any()),
+                "baro_modes": sorted(int(m) for m in set(b.tolist()) - {B_NONE})}
 
     def select(self, keep_sys: np.ndarray) -> "BatchState":
         """A new state with only the walkers ``keep_sys`` (host bool (S,)); systems renumbered."""

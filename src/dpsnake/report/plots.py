@@ -66,7 +66,8 @@ def deviation_hist(devi: pd.DataFrame, systems: pd.DataFrame) -> str | None:
     for ax, name in zip(axes, names):
         d = devi[devi["system"] == name]
         vals = d["max_devi_f"].to_numpy(float)
-        lo_hi = [trust.at[name, c] for c in ("trust_lo", "trust_hi")] if trust is not None and name in trust.index else []
+        known = trust is not None and name in trust.index
+        lo_hi = [trust.at[name, c] for c in ("trust_lo", "trust_hi")] if known else []
         pos = vals[vals > 0]
         levels = [v for v in lo_hi if v is not None and np.isfinite(v) and v > 0]
         edges_src = np.concatenate([pos, levels])

@@ -11,7 +11,7 @@ import pathlib
 
 import pandas as pd
 
-from dpsnake.report import collect, html, iteration
+from dpsnake.report import collect, html, iteration, plots
 
 
 def load_iterations(ctx: iteration.Context, rebuild: bool = False, progress=print) -> list[dict]:
@@ -39,7 +39,7 @@ def load_iterations(ctx: iteration.Context, rebuild: bool = False, progress=prin
 def run_table(contents: list[dict], threshold: float | None) -> pd.DataFrame:
     """One row per (iteration, system): the iteration summaries stacked, plus the threshold."""
     rows = [r for c in contents for r in c["systems"]]
-    df = pd.DataFrame(rows, columns=iteration.SUMMARY_COLUMNS) if rows else pd.DataFrame(columns=iteration.SUMMARY_COLUMNS)
+    df = pd.DataFrame(rows, columns=iteration.SUMMARY_COLUMNS)
     df["threshold"] = threshold
     return df
 
@@ -56,8 +56,6 @@ def decision(contents: list[dict], ctx: iteration.Context) -> dict:
 
 def write(ctx: iteration.Context, rebuild: bool = False, progress=print) -> dict[str, pathlib.Path]:
     """Write index.html, run.csv and run.json under results/reports/; returns their paths."""
-    from dpsnake.report import plots
-
     contents = load_iterations(ctx, rebuild, progress)
     table = run_table(contents, ctx.threshold)
     dec = decision(contents, ctx)

@@ -17,8 +17,15 @@ def atomic_write_text(path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _plain(o):
+    """NumPy scalars and arrays (e.g. from extxyz ``info``) as plain JSON values."""
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
+
+
 def atomic_write_json(path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=1, default=_plain) + "\n")
 
 
 def tmp_dir_for(path) -> pathlib.Path:

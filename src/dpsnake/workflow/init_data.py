@@ -22,28 +22,29 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="output deepmd/npy folder, e.g. results/data/init/Cu")
 
 
-def _load_existing(path: str, type_map: list[str]):
+def _load_existing(path: str, type_map: list[str]) -> list:
+    """An existing dataset as dpdata.LabeledSystems with the global type_map: a deepmd/npy folder, or a
+    deepmd/hdf5 file holding one system (type.raw at its root) or several (one group each)."""
     import dpdata
+    import h5py
 
     p = pathlib.Path(path)
-    fmt = "deepmd/npy" if p.is_dir() else "deepmd/hdf5"
     try:
-        s = dpdata.MultiSystems() if fmt == "deepmd/hdf5" else None
-        if fmt == "deepmd/npy":
-            systems = [dpdata.LabeledSystem(str(p), fmt=fmt)]
+        if p.is_dir():
+            systems = [dpdata.LabeledSystem(str(p), fmt="deepmd/npy")]
         else:
-            s.from_deepmd_hdf5(str(p)) if hasattr(s, "from_deepmd_hdf5") else s.load_systems_from_file(str(p), fmt=fmt)
-            systems = list(s.systems.values())
+            with h5py.File(p, "r") as h:
+                single = "type.raw" in h
+            systems = ([dpdata.LabeledSystem(str(p), fmt="deepmd/hdf5")] if single
+                       else list(dpdata.MultiSystems.from_file(str(p), fmt="deepmd/hdf5").systems.values()))
     except Exception as err:
-        raise UserError(f"init_data: {path}: dpdata cannot read it as {fmt} ({type(err).__name__}: {err})") from None
-    out = None
+        raise UserError(f"init_data: {path}: dpdata cannot read it ({type(err).__name__}: {err})") from None
     for s in systems:
-        bad = sorted(set(s["atom_names"]) - set(type_map))
+        bad = sorted(set(n for n, c in zip(s["atom_names"], s["atom_numbs"]) if c) - set(type_map))
         if bad:
             raise UserError(f"init_data: {path}: elements {bad} not in the global type_map {type_map}")
         s.apply_type_map(type_map)
-        out = s if out is None else out + s
-    return out
+    return [s for s in systems if len(s)]
 
 
 def generate_frames(cfg: dict, system: str) -> list:
@@ -82,12 +83,17 @@ def run(args) -> int:
     tmp = tmp_dir_for(out)
     existing = cfg["systems"][args.system].get("init_data")
     if existing:
-        s = _load_existing(existing, tmap)
-        s.to_deepmd_npy(str(tmp / "data"), set_size=max(len(s), 1))
-        rows = [{"iteration": -1, "system": args.system, "walker": "init", "step": i, "max_devi_f": "",
-                 "task": f"{pathlib.Path(existing).name}:{i}"} for i in range(len(s))]
-        (tmp / "data" / "provenance.csv").write_text(dataset.provenance_text(rows))
-        print(f"init-data {args.system}: {len(s)} frames from {existing}")
+        systems = _load_existing(existing, tmap)
+        if not systems:
+            raise UserError(f"systems.{args.system}.init_data: {existing}: holds no frames")
+        for k, s in enumerate(systems):
+            # several compositions (an HDF5 file of several systems): one deepmd/npy folder each
+            folder = tmp / "data" / (f"{k:03d}" if len(systems) > 1 else "")
+            s.to_deepmd_npy(str(folder), set_size=max(len(s), 1))
+            rows = [{"iteration": -1, "system": args.system, "walker": "init", "step": i, "max_devi_f": "",
+                     "task": f"{pathlib.Path(existing).name}:{k}:{i}"} for i in range(len(s))]
+            (folder / "provenance.csv").write_text(dataset.provenance_text(rows))
+        print(f"init-data {args.system}: {sum(map(len, systems))} frames from {existing}")
     else:
         labeler = make_labeler(cfg["label"])
         frames = generate_frames(cfg, args.system)

@@ -24,6 +24,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--iter", type=int, required=True)
     parser.add_argument("--explore", required=True, help="the iteration's explore folder")
     parser.add_argument("--outdir", required=True, help="the iteration's select folder")
+    parser.add_argument("--data", default=None, help="dataset root (results/data): frames already in it are "
+                        "never selected again")
 
 
 def _read_frames(path: pathlib.Path) -> list:
@@ -58,7 +60,25 @@ def gather(explore: pathlib.Path, walkers: list[dict], summary: dict) -> dict:
     return {s: {k: np.asarray(v) for k, v in d.items()} for s, d in per.items()}
 
 
-def select(cfg: dict, it: int, explore: pathlib.Path) -> tuple[dict, list]:
+def frame_key(positions, cell) -> bytes:
+    """Identity of a structure (positions and cell rounded to 1e-5 A): finds frames selected twice,
+    e.g. the start structure (step 0) shared by all walkers of a system and by every iteration."""
+    return np.round(np.concatenate([np.ravel(positions), np.ravel(cell)]), 5).tobytes()
+
+
+def known_frames(data_root) -> set:
+    """Keys of every frame already in the datasets under ``data_root`` (deepmd/npy set.*/coord.npy)."""
+    keys = set()
+    if data_root is None or not pathlib.Path(data_root).is_dir():
+        return keys
+    for coord in pathlib.Path(data_root).glob("**/set.*/coord.npy"):
+        boxes = np.load(coord.with_name("box.npy"))
+        for c, b in zip(np.load(coord), boxes):
+            keys.add(frame_key(c, b))
+    return keys
+
+
+def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None) -> tuple[dict, list]:
     """Returns (stats, tasks); tasks: list of (atoms, info) to write as candidates."""
     import ase.io
 
@@ -72,6 +92,7 @@ def select(cfg: dict, it: int, explore: pathlib.Path) -> tuple[dict, list]:
     data = gather(explore, walkers, summary)
     sel = cfg["select"]
     rng = np.random.default_rng([sel["seed"], it])
+    seen = known_frames(data_root)
     systems, tasks = {}, []
     for system in sorted(data):
         d = data[system]
@@ -84,7 +105,7 @@ def select(cfg: dict, it: int, explore: pathlib.Path) -> tuple[dict, list]:
         cls = S.classify(d["devi_f"], (lo, hi), d["devi_v"], trust.get("virial"))
         cand = np.flatnonzero(cls == S.CANDIDATE)
         # structure filter on candidates: bad frames are counted as failed, never labelled
-        frames_cache, keep, filtered = {}, [], 0
+        frames_cache, keep, filtered, duplicates = {}, [], 0, 0
         ref = ase.io.read(explore / by_name[d["walker"][0]]["structure"]) if len(d["walker"]) else None
         ref_vpa = abs(ref.cell.volume) / len(ref) if ref is not None and ref.pbc.any() else None
         for i in cand:
@@ -97,6 +118,11 @@ def select(cfg: dict, it: int, explore: pathlib.Path) -> tuple[dict, list]:
                 print(f"select: {system} {d['walker'][i]} step {d['step'][i]}: not a candidate: {why}",
                       file=sys.stderr)
             else:
+                key = frame_key(atoms.positions, atoms.cell.array)
+                if key in seen:  # already labelled (or picked from another walker): never twice
+                    duplicates += 1
+                    continue
+                seen.add(key)
                 keep.append(i)
         picked = S.pick(np.asarray(keep, dtype=int), d["devi_f"], sel["max_candidates"], sel["pick"], rng)
         for i in picked:
@@ -115,7 +141,7 @@ def select(cfg: dict, it: int, explore: pathlib.Path) -> tuple[dict, list]:
                            "trust_lo": float(lo), "trust_hi": float(hi),
                            "trust_lo_virial": None if trust.get("virial") is None else trust["virial"][0],
                            "trust_hi_virial": None if trust.get("virial") is None else trust["virial"][1],
-                           "filtered": filtered, "selected": int(len(picked))}
+                           "filtered": filtered, "duplicates": duplicates, "selected": int(len(picked))}
     stages = cfg["explore"]["stages"]
     stage, stage_it = plan["stage"], plan["stage_iteration"]
     decision = S.decide(systems, cfg["convergence"]["accurate_ratio"], it, stage, stage_it, len(stages),
@@ -161,7 +187,7 @@ def run(args) -> int:
     for f in ("walkers.json", "plan.json", "summary.json"):
         if not (explore / f).is_file():
             raise UserError(f"--explore: {explore / f}: no such file")
-    stats, tasks = select(cfg, args.iter, explore)
+    stats, tasks = select(cfg, args.iter, explore, args.data)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".candidates.tmp*"):  # left by a killed attempt
         shutil.rmtree(stale, ignore_errors=True)

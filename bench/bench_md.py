@@ -1,0 +1,139 @@
+"""Exploration MD benchmark: atom-steps per second of the batched explorer, and its overhead over
+pure force evaluation.
+
+Case (the issue's): W walkers of fcc Cu (3x3x3 cubic cells, 108 atoms) in one batch, NPT (Bussi +
+stochastic cell rescaling) at 300 K / 1 bar, dt 1 fs, all M models evaluated every ``trj_freq``
+(10) steps for the deviation, frames and model_devi.out written. Three timings, same batch:
+
+- force:      the engine alone, per 10 steps: 9 calls with model 0 + 1 call with all models;
+- integrator: md_step with the forces replaced by a cached result (what MD adds per step);
+- explore:    Explorer.loop(), the real thing (integrator, deviation, stop checks, file writes).
+
+overhead = explore / force - 1 (goal <= 15%). Prints a Markdown table, writes JSON (--json).
+
+    python bench/bench_md.py m0.dp m1.dp m2.dp m3.dp [--walkers 256] [--rep 3] [--steps 100]
+           [--device auto|cpu|gpu] [--precision mixed|double] [--json out.json]
+CPU smoke test:  python bench/bench_md.py M.dp M2.dp --walkers 4 --rep 1 --steps 20 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "src"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+", help=".dp models (the first drives MD)")
+    ap.add_argument("--walkers", type=int, default=256)
+    ap.add_argument("--rep", type=int, default=3, help="cubic fcc cells per side (3 -> 108 atoms)")
+    ap.add_argument("--steps", type=int, default=100, help="timed MD steps (a multiple of --trj-freq)")
+    ap.add_argument("--trj-freq", type=int, default=10)
+    ap.add_argument("--ensemble", default="npt")
+    ap.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
+    ap.add_argument("--precision", choices=("double", "mixed"), default="mixed")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    warnings.simplefilter("ignore", RuntimeWarning)
+
+    from ase.build import bulk
+
+    from dpsnake.md import integrators
+    from dpsnake.md.cli import make_provider, pick_xp
+    from dpsnake.md.runner import Explorer
+    from dpsnake.md.walkers import parse_walkers
+
+    xp = pick_xp(args.device)
+    if xp is np:
+        sync = lambda: None  # noqa: E731
+    else:
+        sync = xp.cuda.Device().synchronize
+    provider, type_map = make_provider(args.models, args.precision, xp)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench_md_"))
+    atoms = bulk("Cu", "fcc", a=3.634, cubic=True).repeat(args.rep)
+    atoms.write(tmp / "cu.extxyz", format="extxyz")
+    nat = len(atoms)
+    f = args.trj_freq
+    nsteps = (args.steps // f) * f
+
+    def walkers(n, steps):
+        return parse_walkers([dict(name=f"w{k}", structure=str(tmp / "cu.extxyz"), ensemble=args.ensemble,
+                                   temperature=300.0, pressure=1.0, nsteps=steps, dt=0.001, trj_freq=f, seed=k)
+                              for k in range(n)])
+
+    ntot = args.walkers * nat
+    rows = {}
+
+    # explore: warm-up run (kernel compilation, caches), then the timed one
+    warm = Explorer(walkers(args.walkers, 3 * f), provider, type_map, tmp / "warm", xp=xp, progress=False,
+                    checkpoint_every=1e9, stop_after=2 * f)
+    warm.prepare()
+    warm.loop()
+    # walkers run longer than the timed steps: closing files at the end is not part of the rate
+    ex = Explorer(walkers(args.walkers, nsteps + f), provider, type_map, tmp / "run", xp=xp, progress=False,
+                  checkpoint_every=1e9, stop_after=nsteps)
+    ex.prepare()
+    sync()
+    t = time.perf_counter()
+    ex.loop()
+    sync()
+    t_explore = (time.perf_counter() - t) / nsteps
+    rows["explore"] = t_explore
+
+    # force: the same batch (state of the warm-up run), the same call pattern
+    st = warm.st
+
+    def forces(n):
+        for k in range(1, n + 1):
+            provider(st, k % f == 0)
+
+    forces(f)
+    sync()
+    t = time.perf_counter()
+    forces(nsteps)
+    sync()
+    t_force = (time.perf_counter() - t) / nsteps
+    rows["force"] = t_force
+
+    # integrator alone: forces replaced by a cached result
+    cached = provider(st, False)
+    flags = st.flags()
+    for k in range(3):
+        integrators.md_step(st, lambda s, a: cached, k, flags)
+    sync()
+    t = time.perf_counter()
+    for k in range(nsteps):
+        integrators.md_step(st, lambda s, a: cached, k, flags)
+    sync()
+    rows["integrator"] = (time.perf_counter() - t) / nsteps
+
+    dev = "cpu (NumPy)" if xp is np else f"gpu (CuPy, {xp.cuda.runtime.getDeviceProperties(0)['name'].decode()})"
+    res = {"walkers": args.walkers, "atoms_per_walker": nat, "atoms": ntot, "models": len(args.models),
+           "trj_freq": f, "steps": nsteps, "ensemble": args.ensemble, "precision": args.precision, "device": dev,
+           "seconds_per_step": rows, "atom_steps_per_s": {k: ntot / v for k, v in rows.items()},
+           "us_per_atom_step": {k: 1e6 * v / ntot for k, v in rows.items()},
+           "md_overhead_over_force": t_explore / t_force - 1.0,
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    print(f"\n{args.walkers} walkers x {nat} atoms = {ntot} atoms, {len(args.models)} models, deviation every {f} "
+          f"steps, {args.ensemble}, {args.precision}, {dev}\n")
+    print("| part | ms per step | us per atom-step | atom-steps/s |")
+    print("|---|---|---|---|")
+    for k, v in rows.items():
+        print(f"| {k} | {1e3 * v:.2f} | {1e6 * v / ntot:.3f} | {ntot / v:.3e} |")
+    print(f"\nMD overhead over pure force evaluation: {100 * res['md_overhead_over_force']:.1f}% (goal <= 15%)")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
