@@ -224,6 +224,15 @@ def test_cp2k_scf_not_converged_is_a_failure(tmp_path):
     assert result.reason.startswith("SCF not converged"), result.reason
 
 
+@needs_cp2k
+@pytest.mark.dft
+def test_cp2k_abort_message_is_the_reason(tmp_path):
+    """A basis name CP2K cannot find: it aborts (non-zero exit); the reason is CP2K's own message."""
+    result = make_labeler(dict(CP2K_SI, basis="NO-SUCH-BASIS")).label(si8(), tmp_path / "abort")
+    assert not result.ok
+    assert result.reason.startswith("CP2K aborted: The requested basis set <NO-SUCH-BASIS> for element <Si>")
+
+
 def test_cp2k_template_and_config_errors(tmp_path):
     lab = make_labeler(dict(CP2K_SI, kspacing=0.4))
     text = lab.render(si8())
@@ -266,3 +275,22 @@ def test_cu_qe_example_config_is_valid():
     assert cfg["label"]["type"] == "qe" and cfg["type_map"] == ["Cu"]
     lab = make_labeler(cfg["label"])
     assert lab.name == "qe" and lab.timeout == 900
+
+
+def test_qe_input_spin_and_species(tmp_path):
+    """starting_magnetization per element -> nspin 2 and QE's indexed keys; frames' own moments never
+    split species (dpdata's reader needs plain element labels)."""
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.symbols[1:3] = "Ni"
+    atoms.set_initial_magnetic_moments([1.0, 2.0, 3.0, 4.0])
+    pps = {"Cu": "Cu.pbe-kjpaw.UPF", "Ni": "Ni.pbe-nd-rrkjus.UPF"}
+    spec = dict(QE_CU, pseudopotentials=pps, starting_magnetization={"Ni": 0.4})
+    make_labeler(spec).write_inputs(atoms, tmp_path)
+    text = (tmp_path / "pw.in").read_text()
+    assert re.search(r"nspin\s+= 2", text) and re.search(r"starting_magnetization\(2\) = 0.4", text)
+    assert re.search(r"ATOMIC_SPECIES\nCu\s+[\d.]+ Cu.pbe-kjpaw.UPF\nNi\s+[\d.]+ Ni.pbe-nd-rrkjus.UPF\n\n", text)
+    make_labeler(dict(QE_CU, pseudopotentials=pps)).write_inputs(atoms, tmp_path)
+    text = (tmp_path / "pw.in").read_text()
+    assert "nspin" not in text and "Ni1" not in text
+    with pytest.raises(UserError, match="label.starting_magnetization"):
+        make_labeler(dict(spec, starting_magnetization={"Ni": 3.0}))

@@ -338,3 +338,18 @@ def test_nhc_conserved_quantity_and_ase_provider(tmp_path, cu_model):
         I.md_step(st2, prov2, k, flags)
     assert np.abs(st1.pos - st2.pos).max() < 1e-10 and np.abs(st1.cells - st2.cells).max() < 1e-10
     assert np.abs(st1.virial - st2.virial).max() < 1e-9
+
+
+def test_unusable_checkpoint_starts_over(tmp_path, cu_model, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.npz").write_bytes(b"not a checkpoint")
+    # a = 3.55 A puts the third shell inside rcut: more neighbours than sel, noted once at the end
+    ws = parse_walkers([walker("a", cu(tmp_path / "a.extxyz", rep=(1, 1, 1), a=3.55), nsteps=10)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        s = Explorer(ws, EnsembleProvider(ensemble([cu_model["dp"]])), ["Cu"], out, progress=False).run()
+    assert s["walkers"]["a"]["status"] == "finished"
+    err = capsys.readouterr().err
+    assert "starting over" in err and "more neighbours than the models' sel" in err
+    assert [f.info["step"] for f in read_frames(out / "a" / "traj.extxyz")] == [0, 10]

@@ -15,7 +15,6 @@ import time
 
 import numpy as np
 import pytest
-import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "reduced.yaml"
@@ -110,6 +109,10 @@ def check_results(wd: pathlib.Path, cfg: dict) -> dict:
     used = {pathlib.Path(p).relative_to(res / "data").as_posix()
             for p in inp["training"]["training_data"]["systems"]}
     assert {"init/Cu", "init/CuNi"} <= used and all(u.startswith(("init/", "iter.000000/")) for u in used)
+    if cfg["train"]["init_from_previous"]:  # iteration 1 continued from iteration 0's models
+        log = (wd / "logs" / "iter.000001" / "train.0.log").read_text()
+        assert "--init-frz-model" in log and "iter.000000/train/model.0/frozen_model.pb" in log
+        assert inp["training"]["numb_steps"] == cfg["train"]["numb_steps"] + cfg["train"]["init_numb_steps"]
     # final models are the last iteration's
     final = res / "models" / "final"
     for k in range(cfg["train"]["numb_models"]):

@@ -84,6 +84,19 @@ DEFAULT_TEMPLATE = """\
 """
 
 
+def abort_message(text: str) -> str:
+    """The message inside CP2K's [ABORT] box, as one line (the ASCII art and source location dropped)."""
+    lines = text[text.index("[ABORT]"):].splitlines()[1:]
+    words = []
+    for line in lines:
+        if line.strip().startswith("*****"):
+            break
+        body = line.strip().strip("*")
+        body = re.sub(r"\S+\.F:\d+\s*$", "", body)  # source file and line
+        words += re.sub(r"^[\s\\_/|O]*", "", body).split()
+    return " ".join(words)
+
+
 def _per_element(value, key: str) -> dict | str:
     if isinstance(value, str):
         return value
@@ -205,10 +218,8 @@ class CP2KLabeler(CommandLabeler):
             return LabelResult.failed("SCF not converged (CP2K: 'SCF run NOT converged')")
         if outcome.returncode is None:
             return LabelResult.failed(outcome.reason)
-        abort = re.search(r"\[ABORT\].*?\n(.*?)\n\s*\*\s*\\", text, re.S)
-        if abort:
-            msg = " ".join(re.sub(r"[*|\\/]", " ", abort.group(1)).split())
-            return LabelResult.failed(f"CP2K aborted: {msg}")
+        if "[ABORT]" in text:
+            return LabelResult.failed(f"CP2K aborted: {abort_message(text)}")
         if not text.strip():
             return LabelResult.failed(f"missing output {out.name}" + (f"; {outcome.reason}" if outcome.reason else ""))
         if outcome.reason:

@@ -4,7 +4,8 @@ Config (``label:`` section, ``type: qe``), see docs/labelers.md:
 ``pseudo_dir``, ``pseudopotentials`` {element: file}, ``ecutwfc`` (Ry), ``ecutrho`` (Ry, optional),
 ``kspacing`` (1/A, VASP convention, 2 pi included) or ``kpts`` [n1, n2, n3] (neither: Gamma only),
 ``koffset`` [0|1]*3, ``smearing`` (e.g. "mv") with ``degauss`` (Ry), ``control`` / ``system`` /
-``electrons`` (extra namelist entries), ``command`` (default "pw.x -in {input}"), ``nproc``,
+``electrons`` (extra namelist entries), ``starting_magnetization`` ({element: -1..1}, sets
+nspin = 2), ``command`` (default "pw.x -in {input}"), ``nproc``,
 ``nthreads``, ``timeout``, ``env``, ``keep_scratch``.
 """
 
@@ -34,7 +35,8 @@ class QELabeler(CommandLabeler):
     def __init__(self, pseudo_dir: str, pseudopotentials: dict, ecutwfc: float, ecutrho: float | None = None,
                  kspacing: float | None = None, kpts=None, koffset=(0, 0, 0), smearing: str | None = None,
                  degauss: float | None = None, control: dict | None = None, system: dict | None = None,
-                 electrons: dict | None = None, command: str = "pw.x -in {input}", **run_keys):
+                 electrons: dict | None = None, starting_magnetization: dict | None = None,
+                 command: str = "pw.x -in {input}", **run_keys):
         super().__init__(command, **run_keys)
         self.pseudo_dir = require_dir(pseudo_dir, "label.pseudo_dir").resolve()
         if not isinstance(pseudopotentials, dict) or not pseudopotentials:
@@ -59,6 +61,13 @@ class QELabeler(CommandLabeler):
                 if key in extra[nl]:
                     raise UserError(f"label.{nl}.{key}: set by the labeler itself; remove it")
         self.input_data = extra
+        self.magnetization = None
+        if starting_magnetization:
+            if not isinstance(starting_magnetization, dict) or not all(
+                    isinstance(v, (int, float)) and -1 <= v <= 1 for v in starting_magnetization.values()):
+                raise UserError("label.starting_magnetization: give {element: value in [-1, 1]} (QE's meaning)")
+            self.magnetization = {str(k): float(v) for k, v in starting_magnetization.items()}
+            self.input_data["system"].setdefault("nspin", 2)
         self.input_data["system"].update({"ecutwfc": ecutwfc})
         if ecutrho is not None:
             self.input_data["system"]["ecutrho"] = ecutrho
@@ -72,6 +81,10 @@ class QELabeler(CommandLabeler):
         if missing:
             raise UserError(f"label.pseudopotentials: no pseudopotential for element(s) {missing}")
         periodic = bool(atoms.pbc.all())
+        atoms = atoms.copy()
+        # ASE writes starting_magnetization(i) from the initial moments (one value per element keeps
+        # the species labels plain, which dpdata's reader needs); frames' own moments are not used
+        atoms.set_initial_magnetic_moments([(self.magnetization or {}).get(s, 0.0) for s in atoms.symbols])
         data = {nl: dict(v) for nl, v in self.input_data.items()}
         data["control"].update({"calculation": "scf", "tprnfor": True, "tstress": periodic,
                                 "outdir": "./scratch", "prefix": "dpsnake", "pseudo_dir": str(self.pseudo_dir)})

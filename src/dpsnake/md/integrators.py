@@ -14,21 +14,36 @@ One step (``md_step``), for all walkers at once, one force evaluation:
   Del Tatto, Raiteri, Bernetti, Bussi 2022): a first-order stochastic equation for the strain,
   driven by (P0 - P_int), positions scaled with the cell and velocities inversely. The pressure uses
   the state at the start of the step. Isotropic: eps = ln V; anisotropic: ln of each diagonal
-  stretch; fully flexible: plus symmetric shear (no cell rotation).
+  stretch; fully flexible: plus symmetric shear (no cell rotation). The drift has no kT/V term:
+  with the V-dependent noise amplitude (Ito), this drift makes the NPT distribution with the dV
+  measure stationary, and then <P_int> = P0 exactly (tests/test_md_stat.py checks it).
 
 Everything stays in ``st.xp``; no host synchronisation happens inside a step.
 """
 
 from __future__ import annotations
 
-from dpsnake.engine.xp import segment_sum
 from dpsnake.md import rng
 from dpsnake.md.state import B_ANISO, B_ISO, B_TRI, T_BUSSI, T_LANGEVIN, T_NHC, BatchState
 
 
 def segsum(st: BatchState, values):
-    """Per-walker sum of an atom array (N, ...) -> (S, ...)."""
-    return segment_sum(st.xp, st.system, values, st.nsys)
+    """Per-walker sum of an atom array (N, ...) -> (S, ...) float64.
+
+    One bincount over (walker, component) bins, so a (N, 9) sum is one kernel on the GPU; on NumPy
+    each bin still adds its atoms in order, so a walker's sums do not depend on the other walkers.
+    """
+    xp = st.xp
+    n, S = values.shape[0], st.nsys
+    tail = values.shape[1:]
+    k = 1
+    for d in tail:
+        k *= d
+    if k == 1:
+        return xp.bincount(st.system, weights=values.reshape(n).astype(xp.float64), minlength=S).reshape((S, *tail))
+    idx = (st.system[:, None] * k + xp.arange(k)[None, :]).reshape(-1)
+    out = xp.bincount(idx, weights=values.reshape(-1).astype(xp.float64), minlength=S * k)
+    return out.reshape((S, *tail))
 
 
 def kinetic_energy(st: BatchState):

@@ -19,11 +19,19 @@ class EnsembleProvider:
         self.ensemble = ensemble
         self.nmodels = len(ensemble.models) if hasattr(ensemble, "models") else None
         self.calls = 0
+        self.overflow_calls = 0  # calls where some atom had more neighbours than sel (engine's warning)
 
     def __call__(self, st, all_models: bool) -> dict:
+        import warnings
+
         self.calls += 1
         idx = None if all_models else [0]
-        return self.ensemble.evaluate(st.pos, st.atype, st.system, st.cells, st.pbc, model_indices=idx)
+        with warnings.catch_warnings():  # one summary line at the end instead of a warning per step
+            warnings.filterwarnings("ignore", message=".*more neighbours within rcut than sel", category=RuntimeWarning)
+            out = self.ensemble.evaluate(st.pos, st.atype, st.system, st.cells, st.pbc, model_indices=idx)
+        if getattr(self.ensemble, "last_overflow", 0):
+            self.overflow_calls += 1
+        return out
 
 
 class ASEProvider:

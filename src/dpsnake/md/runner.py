@@ -321,6 +321,10 @@ class Explorer:
         lines.insert(1, "  ".join("-" * wd for wd in widths))
         n_ok = sum(1 for r in summary["walkers"].values() if r["status"] == "finished")
         print("\n".join(lines) + f"\n{n_ok}/{len(summary['walkers'])} walkers finished", file=sys.stderr)
+        n_ov = getattr(self.provider, "overflow_calls", 0)
+        if n_ov:
+            print(f"note: in {n_ov} of {self.provider.calls} force calls some atoms had more neighbours than "
+                  "the models' sel (extra neighbours dropped, as DeePMD-kit does)", file=sys.stderr)
 
 
 def _main_thread() -> bool:

@@ -11,7 +11,7 @@ import json
 import math
 import pathlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -52,7 +52,6 @@ class Walker:
     thermostat: str | None = None
     compressibility: float = 1e-5
     format: str | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def barostat(self) -> str | None:

@@ -31,9 +31,10 @@ def atomic_write_json(path, obj) -> None:
 def tmp_dir_for(path) -> pathlib.Path:
     """A fresh temporary folder next to ``path`` (same file system, so the final rename is atomic)."""
     path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a killed attempt
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     return tmp
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import shutil
 import sys
 
 import numpy as np
@@ -71,7 +70,10 @@ def known_frames(data_root) -> set:
     keys = set()
     if data_root is None or not pathlib.Path(data_root).is_dir():
         return keys
-    for coord in pathlib.Path(data_root).glob("**/set.*/coord.npy"):
+    root = pathlib.Path(data_root)
+    for coord in root.glob("**/set.*/coord.npy"):
+        if any(part.startswith(".") for part in coord.relative_to(root).parts):
+            continue  # a temporary folder of a dataset being written
         boxes = np.load(coord.with_name("box.npy"))
         for c, b in zip(np.load(coord), boxes):
             keys.add(frame_key(c, b))
@@ -189,8 +191,6 @@ def run(args) -> int:
             raise UserError(f"--explore: {explore / f}: no such file")
     stats, tasks = select(cfg, args.iter, explore, args.data)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".candidates.tmp*"):  # left by a killed attempt
-        shutil.rmtree(stale, ignore_errors=True)
     tmp = tmp_dir_for(out / "candidates")
     for atoms in tasks:
         ase.io.write(tmp / f"task.{atoms.info['task']}.extxyz", atoms, format="extxyz")

@@ -38,8 +38,19 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def make_input(cfg: dict, it: int, k: int, systems: list[str], init: bool) -> dict:
-    """The DeePMD-kit input.json of model ``k`` in iteration ``it``."""
+def previous_steps(model_dir) -> int:
+    """Training steps behind a model (``numb_steps`` of its input.json): DeePMD-kit's TensorFlow backend
+    keeps counting from there when it starts from that frozen model."""
+    path = pathlib.Path(model_dir) / "input.json"
+    try:
+        return int(json.loads(path.read_text())["training"]["numb_steps"])
+    except (OSError, KeyError, ValueError) as err:
+        raise UserError(f"--init-from: {path}: cannot read training.numb_steps ({err})") from None
+
+
+def make_input(cfg: dict, it: int, k: int, systems: list[str], init: bool, start_step: int = 0) -> dict:
+    """The DeePMD-kit input.json of model ``k`` in iteration ``it``; ``start_step``: steps already done by
+    the model it starts from (the step counter and learning-rate schedule continue from there)."""
     tr = cfg["train"]
     inp = merge({"model": {"descriptor": {}, "fitting_net": {}}, "training": {"training_data": {}}}, tr["input"])
     seed = (tr["seed"] * 1_000_003 + it * 1009 + k * 7919) % (2**31)
@@ -51,7 +62,7 @@ def make_input(cfg: dict, it: int, k: int, systems: list[str], init: bool) -> di
     t["training_data"]["systems"] = systems
     t.setdefault("training_data", {}).setdefault("batch_size", "auto")
     steps = tr["init_numb_steps"] if init and tr.get("init_numb_steps") else tr["numb_steps"]
-    t["numb_steps"] = int(steps)
+    t["numb_steps"] = int(start_step + steps)
     t["disp_file"] = "lcurve.out"
     t.setdefault("save_ckpt", "model.ckpt")
     t["save_freq"] = min(int(t.get("save_freq", steps)), int(steps))
@@ -78,7 +89,8 @@ def run(args) -> int:
         raise UserError(f"--data: no deepmd/npy systems under {' '.join(args.data)}")
     for stale in list(out.glob("model.ckpt*")) + list(out.glob("checkpoint")) + list(out.glob("*.tmp*")):
         stale.unlink()  # left by a killed attempt: never restart from them by accident
-    inp = make_input(cfg, args.iter, args.model, systems, bool(args.init_from))
+    start = previous_steps(args.init_from) if args.init_from and backend == "tf" else 0
+    inp = make_input(cfg, args.iter, args.model, systems, bool(args.init_from), start)
     (out / "input.json").write_text(json.dumps(inp, indent=1))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS=str(args.threads),
                DP_INTRA_OP_PARALLELISM_THREADS=str(args.threads), DP_INTER_OP_PARALLELISM_THREADS="1")
