@@ -111,6 +111,24 @@ def test_qe_scf_not_converged_is_a_failure(tmp_path):
 
 @needs_pw
 @pytest.mark.dft
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun (Open MPI) not installed")
+def test_qe_mpi_command_template_gives_the_serial_labels(tmp_path):
+    """'mpirun -np {nproc} pw.x -in {input}' with nproc 2 (as root too): pw.x reports 2 processors and
+    the labels equal the serial run's to SCF precision."""
+    atoms = si8()
+    spec = dict(QE_SI, electrons={"conv_thr": 1e-9})
+    serial = make_labeler(spec).label(atoms, tmp_path / "serial")
+    mpi = make_labeler(dict(spec, command="mpirun -np {nproc} pw.x -in {input}", nproc=2, timeout=300)).label(
+        atoms, tmp_path / "mpi")
+    assert serial.ok and mpi.ok, (serial.reason, mpi.reason)
+    assert re.search(r"running on\s+2 processors", (tmp_path / "mpi" / "pw.out").read_text())
+    assert mpi.energy == pytest.approx(serial.energy, abs=1e-5)
+    np.testing.assert_allclose(mpi.forces, serial.forces, atol=2e-3)
+    np.testing.assert_allclose(mpi.virial, serial.virial, atol=5e-3)
+
+
+@needs_pw
+@pytest.mark.dft
 def test_qe_output_problems_are_failures(qe_cu, tmp_path):
     atoms, _, workdir = qe_cu
     ref = tmp_path / "ref.out"
@@ -219,9 +237,12 @@ def test_cp2k_molecule_in_a_box(tmp_path):
 @needs_cp2k
 @pytest.mark.dft
 def test_cp2k_scf_not_converged_is_a_failure(tmp_path):
-    result = make_labeler(dict(CP2K_SI, max_scf=2)).label(si8(), tmp_path / "si8")
+    # CP2K writing its output itself (-o {output}): the labeler reads that file, stdout goes to "stdout"
+    spec = dict(CP2K_SI, max_scf=2, command="cp2k -i {input} -o {output}")
+    result = make_labeler(spec).label(si8(), tmp_path / "si8")
     assert not result.ok
     assert result.reason.startswith("SCF not converged"), result.reason
+    assert "SCF run NOT converged" in (tmp_path / "si8" / "cp2k.out").read_text()
 
 
 @needs_cp2k
@@ -238,6 +259,11 @@ def test_cp2k_template_and_config_errors(tmp_path):
     text = lab.render(si8())
     assert "SCHEME MONKHORST-PACK 3 3 3" in text  # 2 pi / 5.43 / 0.4 = 2.9 -> 3
     assert "PERIODIC XYZ" in text and text.count("&KIND Si") == 1 and "{{" not in text
+    own = tmp_path / "own.inp"  # a user template: CP2K's ${VAR} syntax passes through untouched
+    own.write_text("@SET CUT {{CUTOFF}}\n&FORCE_EVAL\n &DFT\n  &MGRID\n   CUTOFF ${CUT}\n  &END MGRID\n &END DFT\n"
+                   " &SUBSYS\n  {{CELL}}\n  {{COORD}}\n  {{KINDS}}\n &END SUBSYS\n&END FORCE_EVAL\n")
+    text = make_labeler(dict(CP2K_SI, template=str(own), cutoff=280)).render(si8())
+    assert "@SET CUT 280\n" in text and "CUTOFF ${CUT}" in text and text.count("\n      Si ") == 8
     bad = tmp_path / "bad.inp"
     bad.write_text("&FORCE_EVAL\n &SUBSYS\n  {{CELL}}\n  {{KINDS}}\n &END SUBSYS\n&END FORCE_EVAL\n")
     with pytest.raises(UserError, match=r"\{\{COORD\}\}"):

@@ -160,6 +160,24 @@ def test_abacus_writes_inputs_and_parses_log(pseudos, tmp_path):
     assert "Cu_ONCV_PBE-1.0.upf" in (run / "STRU").read_text()
 
 
+def test_abacus_lcao_inputs(pseudos, tmp_path):
+    import dpdata
+
+    (tmp_path / "orb").mkdir()
+    orbitals = {el: f"{el}_gga_8au_100Ry_2s2p2d1f.orb" for el in ("Cu", "Ni")}
+    for name in orbitals.values():
+        (tmp_path / "orb" / name).write_text("stand-in\n")
+    spec = abacus_spec(pseudos, basis_type="lcao", orbital_dir=str(tmp_path / "orb"), orbitals=orbitals)
+    atoms = cuni_frame()
+    assert make_labeler(spec).label(atoms, tmp_path / "run").ok
+    keys = dict(line.split(None, 1) for line in (tmp_path / "run" / "INPUT").read_text().splitlines()[1:])
+    assert keys["basis_type"].strip() == "lcao" and keys["orbital_dir"].strip() == str(tmp_path / "orb")
+    stru = (tmp_path / "run" / "STRU").read_text()
+    assert "NUMERICAL_ORBITAL\nCu_gga_8au_100Ry_2s2p2d1f.orb\nNi_gga_8au_100Ry_2s2p2d1f.orb" in stru
+    back = dpdata.System(str(tmp_path / "run" / "STRU"), fmt="abacus/stru")
+    np.testing.assert_allclose(back["coords"][0], atoms.positions[[0, 2, 3, 1]], atol=1e-8)
+
+
 def test_abacus_failures_and_config_errors(pseudos, tmp_path):
     atoms = cuni_frame()
     result = make_labeler(abacus_spec(pseudos, "running_scf.unconverged.log")).label(atoms, tmp_path / "nc")

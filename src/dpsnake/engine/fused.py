@@ -12,6 +12,7 @@ Generated per network shape and dtype; layer math as nets.py (act, idt, resnet).
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -123,7 +124,9 @@ def _source(spec: _Spec, dtype: str) -> str:
     nl = len(spec.layers)
     last = spec.layers[-1]
     M, NIN = last["nout"], last["nin"]
-    Q = NIN if (last["res"] or M % NIN == 0) else next(q for q in range(min(M, 64), 0, -1) if M % q == 0)
+    # the last layer is unrolled over all M columns, so every weight is an immediate constant-bank
+    # operand of its FMA (an indexed constant load per FMA made the kernel load-bound)
+    Q = M
     head = f"""
 typedef {T} T;
 #define TANH tanh{f}
@@ -148,7 +151,7 @@ __constant__ T CW[{spec.nw}];
     top = src.replace("g", "h") if nl > 1 else "h0"
     lb = f"CW[{last['b']} + j]" if last["b"] is not None else "(T)0"
     lidt = f"CW[{last['idt']} + j]" if last["idt"] is not None else "(T)1"
-    res = f"{top}[q]" if last["res"] else "(T)0"
+    res = f"{top}[q % NIN]" if last["res"] else "(T)0"
     # the last layer, unrolled over q inside a loop over column groups jj (so j % NIN == q is static)
     last_val = f"""
       const int j = jj + q;
@@ -235,7 +238,7 @@ extern "C" __global__ void emb_bwd(const T* __restrict__ Rn, const T* __restrict
                     const T dz = dG * d * idt;
                     #pragma unroll
                     for (int k = 0; k < NIN; ++k) dh[k] = FMA(dz, CW[{last['w']} + k * M + j], dh[k]);
-                    {"dh[q] += dG;" if last["res"] else ""}
+                    {"dh[q % NIN] += dG;" if last["res"] else ""}
                 }}
             }}
         }}
@@ -263,12 +266,17 @@ class FusedNet:
             raise ValueError("fused embedding needs a 1-wide input")
         self.M = self.spec.sizes[-1]
         self.dtype = np.float32 if dtype == "float32" else np.float64
-        self.mod = cupy.RawModule(code=_source(self.spec, dtype), options=("-std=c++14",))
+        w = self.spec.pack(net)
+        # a tag unique to these weights: CuPy reuses a loaded module for identical source, and each
+        # net needs its own __constant__ weights
+        tag = hashlib.sha1(w.tobytes() + dtype.encode()).hexdigest()
+        self.mod = cupy.RawModule(code=f"// weights {tag}\n" + _source(self.spec, dtype),
+                                  options=("-std=c++14",))
         self.fwd = self.mod.get_function("emb_fwd")
         self.bwd = self.mod.get_function("emb_bwd")
         ptr = self.mod.get_global("CW")
         cw = cupy.ndarray((self.spec.nw,), self.dtype, memptr=ptr)
-        cw[...] = cupy.asarray(self.spec.pack(net).astype(self.dtype))
+        cw[...] = cupy.asarray(w.astype(self.dtype))
 
     @staticmethod
     def _threads(nslots):

@@ -40,6 +40,7 @@ class ABACUSLabeler(CommandLabeler):
     """One ABACUS SCF per frame: energy, forces and (periodic frames) virial."""
 
     name = "abacus"
+    input_name, output_name = "INPUT", f"OUT.{SUFFIX}/running_scf.log"
     stale = (f"OUT.{SUFFIX}",)
 
     def __init__(self, pseudo_dir: str, pseudopotentials: dict, ecutwfc: float, basis_type: str = "pw",

@@ -4,7 +4,8 @@ The parser is dpdata's ``cp2k/output`` as replaced by the ``cp2kdata`` plugin (p
 dpdata's own reader finds no stress in CP2K 2023 output.
 
 Config (``label:`` section, ``type: cp2k``), see docs/labelers.md: ``template`` (a CP2K input file
-with the markers ``{{CELL}}``, ``{{COORD}}``, ``{{KINDS}}`` and optionally ``{{KPOINTS}}``; default:
+with the markers ``{{CELL}}``, ``{{COORD}}``, ``{{KINDS}}`` and optionally ``{{KPOINTS}}``,
+``{{POISSON}}``, ``{{STRESS}}`` and the config-filled ones; default:
 the built-in Quickstep PBE template below), ``data_dir`` (default /usr/share/cp2k), ``basis_set_file``,
 ``potential_file``, ``basis`` / ``potential`` ({element: name} or one name for all), ``cutoff`` and
 ``rel_cutoff`` (Ry), ``xc``, ``kspacing`` or ``kpts``, ``smearing_temperature`` (K, adds Fermi-Dirac
@@ -25,7 +26,8 @@ from dpsnake.labelers.runner import CommandLabeler, RunOutcome, kmesh, require_d
 
 MARKERS = ("{{CELL}}", "{{COORD}}", "{{KINDS}}")
 
-# {{...}} markers are filled per frame; {NAME} fields (str.format-free: replaced literally) from config
+# {{NAME}} markers, replaced literally (CP2K's own ${VAR} syntax is left alone): CELL, COORD, KINDS,
+# KPOINTS, POISSON, STRESS per frame; the others from the config
 DEFAULT_TEMPLATE = """\
 &GLOBAL
   PROJECT dpsnake

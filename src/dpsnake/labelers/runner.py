@@ -253,8 +253,10 @@ class CommandLabeler:
             raise
         except Exception as err:  # a frame the writer cannot express is a failed frame, not a crash
             return LabelResult.failed(f"cannot write inputs: {type(err).__name__}: {err}")
+        # a template that names {output} writes it itself (cp2k -o {output}): stdout goes elsewhere
+        stdout = "stdout" if "{output}" in self.command else ctx.get("stdout", "stdout")
         outcome = run_command(self.command, workdir, nproc=self.nproc, nthreads=self.nthreads,
-                              timeout=self.timeout, stdout_name=ctx.get("stdout", "stdout"),
+                              timeout=self.timeout, stdout_name=stdout,
                               env=self.env, input=self.input_name, output=self.output_name)
         try:
             result = self.parse(atoms, workdir, outcome, ctx)

@@ -42,6 +42,7 @@ class VASPLabeler(CommandLabeler):
     """One VASP single point per frame (NSW = 0): energy (free energy TOTEN), forces, virial."""
 
     name = "vasp"
+    input_name, output_name = "INCAR", "OUTCAR"
     stale = ("OUTCAR", "OSZICAR", "vasprun.xml", "CONTCAR")
 
     def __init__(self, potcar_dir: str, potcars: dict | None = None, incar: dict | None = None,
