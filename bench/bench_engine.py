@@ -10,7 +10,20 @@ Cases: us per atom per force call for fcc Cu of 6,912 / 55,296 / 186,624 / 1,000
 FP64 everywhere) and mixed (FP32 model, FP64 geometry + FP32 nets). Prints a Markdown table and
 writes JSON (--json).
 
-    python bench/bench_engine.py MODELS [--deepmd] [--check] [--json out.json] [--reps 4 8 12 21]
+    python bench/bench_engine.py MODELS [--deepmd] [--variants] [--check [extra.dp ...]]
+                                 [--json out.json] [--reps 4 8 12 21]
+
+On the device machine (wheels of deepmd-kit 3.2 and its needs, listed in ../shared/design/
+gpu-reference.md, plus the models under the git-ignored .whl/; carry ".whl"):
+
+    set -o pipefail; export PYTHONUNBUFFERED=1
+    ls .whl/*.whl | grep -v mpich | xargs python3 -m pip install -q --no-index --no-deps \
+        --no-compile --target /tmp/site
+    python3 -m pip install -q --no-index --no-deps .whl/mpich-*.whl
+    sed -i 's/CIBUILDWHEEL = 1/CIBUILDWHEEL = 0/' /tmp/site/deepmd/lib/run_config.ini
+    export LD_PRELOAD=<libmpi.so.12 of the mpich wheel> PYTHONPATH=/tmp/site:$PWD/src
+    python3 bench/bench_engine.py .whl/models --deepmd --variants --check .whl/models/t_*.dp \
+        --json $OUT/bench.json 2>&1 | tee $OUT/log.txt      # no grep in the pipe: it buffers
 """
 
 from __future__ import annotations
@@ -66,7 +79,7 @@ def timeit(fn, sync, n=5, warm=2, budget=60.0):
 
 
 def _use(best, prec):
-    k, f = (best or {}).get(prec, ("1", "auto"))
+    k, f = (best or {}).get(prec, ("1", "0"))
     os.environ["DPSNAKE_KERNELS"], os.environ["DPSNAKE_FUSED"] = k, f
 
 
@@ -95,7 +108,7 @@ def ours_cases(models, reps, cp, sync, best=None):
                      us_per_atom=s / n * 1e6, pool_gib=round(peak, 2))
             except Exception as err:  # report and go on (e.g. out of memory)
                 emit(bench="single", code="dpsnake", prec=prec, natoms=n, error=repr(err)[:300])
-            del pos, atype, system, cell
+            pos = atype = system = cell = None  # free device memory before the next size
         c, b, t = batch_frames()
         args = frames_to_flat(cp, cp.asarray(c), cp.asarray(b), cp.asarray(t))[:5]
         nat = c.shape[0] * c.shape[1]
@@ -170,7 +183,7 @@ def deepmd_cases(models, reps, sync):
         s = timeit(lambda: dp.eval(c.reshape(len(c), -1), b, t), sync, n=5)
         emit(bench="batched", code="deepmd-pt", prec=prec, natoms=108, nframes=256, sec_per_eval=s,
              us_per_atom=s / (c.shape[0] * c.shape[1]) * 1e6)
-        del dp
+        dp = None
     dps = [DeepPot(m.replace(".dp", ".pth")) for m in models["float32"]]
     c, b, t = batch_frames(seed=1)
     s = timeit(lambda: calc_model_devi(c.reshape(len(c), -1), b, t, dps), sync, n=3)

@@ -52,20 +52,22 @@ def slurm_cluster():
     reason = _missing()
     if reason:
         pytest.skip(reason)
+    was_running = "slurmctld: running (pid" in _sh("bash", str(SCRIPT), "status", check=False).stdout
     start = _sh("bash", str(SCRIPT), "start", check=False)
     if start.returncode != 0:
         pytest.fail(f"scripts/slurm-local.sh start failed:\n{start.stdout}\n{start.stderr}")
     node = _sh("scontrol", "show", "node", "localhost").stdout
     yield {"node": node}
-    stop = _sh("bash", str(SCRIPT), "stop", check=False)
-    assert stop.returncode == 0, stop.stderr
+    if not was_running:  # leave a cluster someone started before the tests alone
+        stop = _sh("bash", str(SCRIPT), "stop", check=False)
+        assert stop.returncode == 0, stop.stderr
 
 
 def squeue_jobs() -> list[dict]:
     """All jobs the controller still knows (MinJobAge keeps finished ones): id, name, state, cpus,
-    memory, GRES, comment (the plugin puts the rule or group name there)."""
-    out = _sh("squeue", "--states=all", "--noheader", "--format=%i|%j|%T|%C|%m|%b|%k").stdout
-    keys = ("id", "name", "state", "cpus", "mem", "gres", "comment")
+    memory, GRES, time limit, comment (the plugin puts the rule or group name there)."""
+    out = _sh("squeue", "--states=all", "--noheader", "--format=%i|%j|%T|%C|%m|%b|%l|%k").stdout
+    keys = ("id", "name", "state", "cpus", "mem", "gres", "limit", "comment")
     return [dict(zip(keys, line.split("|"))) for line in out.splitlines() if line.strip()]
 
 
@@ -149,6 +151,15 @@ def _workflow_copy(dest: pathlib.Path) -> pathlib.Path:
     return dest
 
 
+def _minutes(limit: str) -> int:
+    """squeue's time limit ([D-]H:MM:SS or M:SS) in minutes."""
+    days, _, hms = limit.rpartition("-")
+    parts = [int(x) for x in hms.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    return int(days or 0) * 1440 + parts[0] * 60 + parts[1] + (parts[2] > 0)
+
+
 def _log_blocks(log: str) -> list[tuple[str, str, str]]:
     """(kind, rule, wildcards) of every job the main Snakemake process started: kind is 'rule' or
     'checkpoint' (handed to the executor, alone or in a group) or 'localrule' (run in the process).
@@ -222,16 +233,24 @@ def test_reduced_workflow_through_sbatch(slurm_cluster, tmp_path):
     groups = by_comment["rule_label_label"]
     ok_groups = [g for g in groups if g["state"] == "COMPLETED"]
     assert len(label_jobs) >= 8 and len(ok_groups) < len(label_jobs)
+    n_grouped = 0
     for g in ok_groups:
         glog = next((wf / ".snakemake/slurm_logs").glob(f"group_label_*/{g['id']}.log")).read_text()
-        assert len(re.findall(r"^rule label:", glog, re.M)) >= 2, glog[-2000:]
-        assert g["cpus"] == "1"
+        n = len(re.findall(r"^rule label:", glog, re.M))
+        assert n >= 2, glog[-2000:]
+        n_grouped += n
+        # the plugin runs a group's jobs one after another: 1 CPU, the sum of the label runtimes (30 min)
+        assert g["cpus"] == "1" and _minutes(g["limit"]) == 30 * n, g
+    assert n_grouped == len(label_jobs)
 
     # --- the crashing label job: reported, retried, nothing lost ------------------------------------------
     assert marker.exists(), "the crashing labeler never ran"
     failed = [j for j in jobs if j["state"] == "FAILED"]
     assert [j["comment"] for j in failed] == ["rule_label_label"], failed
-    assert "Error in group label" in log and "Trying to restart job" in log
+    assert re.search(rf"Error in group label\n\s+log: \S+/{failed[0]['id']}\.log", log), "failure not reported"
+    assert "Trying to restart job" in log
+    # retried (profile: retries 2) once, with the memory of attempt 2 ("2000 * attempt" per label)
+    assert failed[0]["mem"] == "2000M" and sum(g["mem"] == "4000M" for g in ok_groups) == 1
     flog = next((wf / ".snakemake/slurm_logs").glob(f"group_label_*/{failed[0]['id']}.log")).read_text()
     assert "exit status 42" in flog or "exit code 42" in flog or "non-zero exit" in flog, flog[-2000:]
 
@@ -239,54 +258,23 @@ def test_reduced_workflow_through_sbatch(slurm_cluster, tmp_path):
 
 
 def _check_results(wf: pathlib.Path) -> None:
-    """What a complete run of tests/configs/reduced.yaml leaves in results/ (docs/architecture.md)."""
-    import json
-
-    import dpdata
+    """The local end-to-end test's checks (tests/test_workflow.py: iterations, stats, labels, datasets
+    without duplicates, provenance, final models, reports), plus: every label, the crashed-and-retried
+    one included, is EMT's answer."""
     import numpy as np
-    import pandas as pd
     from ase.calculators.emt import EMT
+    from test_workflow import _cfg, check_results
 
     from dpsnake.labelers.io import read_labeled
 
-    res = wf / "results"
-    iters = sorted(p.name for p in res.glob("iter.*"))
-    assert iters == ["iter.000000", "iter.000001"], iters  # convergence.max_iterations: 2
-    for it in iters:
-        n = int(it.split(".")[1])
-        stats = json.loads((res / it / "select/stats.json").read_text())
-        assert stats["iteration"] == n and set(stats["systems"]) == {"Cu", "CuNi"}
-        for s in stats["systems"].values():
-            assert s["accurate"] + s["candidate"] + s["failed"] == s["total"] > 0
-            assert s["selected"] <= 4  # select.max_candidates
-        tasks = sorted((res / it / "label").glob("task.*.extxyz"))
-        summary = json.loads((res / it / "collect/summary.json").read_text())
-        assert summary["iteration"] == n
-        assert summary["labelled"] + summary["failed"] == len(tasks) == sum(
-            s["selected"] for s in stats["systems"].values())
-        assert summary["failed"] == 0 and summary["failures"] == []  # EMT never fails here
-        # every label is EMT's answer, the crashed-and-retried one included
-        for t in tasks:
-            atoms, ok, reason = read_labeled(t)
-            assert ok, (t, reason)
-            ref = atoms.copy()
-            ref.calc = EMT()
-            assert abs(atoms.get_potential_energy() - ref.get_potential_energy()) < 1e-6
-            assert np.abs(atoms.get_forces() - ref.get_forces()).max() < 1e-6
-        # the new frames are in this iteration's dataset exactly once, with provenance
-        added = 0
-        for system, counts in summary["systems"].items():
-            folder = res / "data" / it / system
-            if counts["added"] == 0:
-                continue
-            data = dpdata.LabeledSystem(str(folder), fmt="deepmd/npy")
-            assert data.get_nframes() == counts["added"]
-            prov = pd.read_csv(folder / "provenance.csv")
-            assert len(prov) == counts["added"] and (prov["iteration"] == n).all()
-            added += counts["added"]
-        assert added == summary["labelled"]
-        assert (res / "reports" / f"{it}.html").stat().st_size > 1000
-    assert len(list((res / "models/final").glob("*.dp"))) == 2  # train.numb_models
-    assert (res / "reports/index.html").stat().st_size > 1000
-    run = json.loads((res / "reports/run.json").read_text())
-    assert len(run["iterations"]) == 2 and run["decision"]["iteration"] == 1 and run["decision"]["stop"]
+    stats = check_results(wf, _cfg())
+    assert sorted(stats) == [0, 1]
+    labels = sorted((wf / "results").glob("iter.*/label/task.*.extxyz"))
+    assert len(labels) == sum(len(st["tasks"]) for st in stats.values()) > 0
+    for path in labels:
+        atoms, ok, reason = read_labeled(path)
+        assert ok, (path, reason)
+        ref = atoms.copy()
+        ref.calc = EMT()
+        assert abs(atoms.get_potential_energy() - ref.get_potential_energy()) < 1e-6
+        assert np.abs(atoms.get_forces() - ref.get_forces()).max() < 1e-6

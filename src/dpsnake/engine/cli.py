@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import warnings
 
 import numpy as np
 
@@ -90,18 +91,22 @@ def run(args) -> int:
         coords, cells, types = read_frames(sysp, ens.type_map)
         nf, nat = coords.shape[0], len(types)
         per = max(1, args.batch_atoms // max(nat, 1))
-        cols = []
+        cols, over = [], 0
         for a in range(0, nf, per):
             b = min(nf, a + per)
             c, t, s, cl, pbc, k, _ = frames_to_flat(
                 xp, xp.asarray(coords[a:b]), None if cells is None else xp.asarray(cells[a:b]),
                 xp.asarray(types))
-            out = ens.evaluate(c, t, s, cl, pbc)
+            with warnings.catch_warnings():  # reported once per system below
+                warnings.simplefilter("ignore", RuntimeWarning)
+                out = ens.evaluate(c, t, s, cl, pbc)
+            over += ens.last_overflow
             cols.append(deviation_columns(out, s, xp.full(k, nat), args.relative, args.relative_v))
         steps = np.arange(nf, dtype=np.int64) * args.frequency
         data = {n: np.concatenate([c[n] for c in cols]) for n in COLUMNS[1:] + ["devi_e"]}
         blocks.append((sysp, steps, data))
-        print(f"{sysp}: {nf} frames, max_devi_f up to {data['max_devi_f'].max():.4g} eV/A")
+        print(f"{sysp}: {nf} frames, max_devi_f up to {data['max_devi_f'].max():.4g} eV/A"
+              + (f"; {over} atom-frames had more neighbours than sel (truncated)" if over else ""))
     names = COLUMNS[1:] + ["devi_e"]
     header = "#" + f"{'step':>11s}" + "".join(f"{n:>19s}" for n in names)
     lines = []

@@ -111,11 +111,20 @@ class Ensemble:
             raise UserError(f"atype/system: lengths {atype.shape[0]}/{system.shape[0]} != {N} atoms")
         if pbc.shape[0] != S:
             raise UserError(f"pbc: {pbc.shape[0]} entries for {S} systems")
+        vol = to_numpy(xp.abs(xp.linalg.det(cells)))
+        bad = np.nonzero(to_numpy(pbc) & ~(vol > 1e-8))[0]
+        if len(bad):
+            raise UserError(f"cells: periodic system {int(bad[0])} has a singular cell (volume {vol[bad[0]]:.3g})")
         idx = list(range(self.nmodels)) if model_indices is None else [int(i) for i in model_indices]
         M = len(idx)
         ta = to_numpy(atype)
         if N and (ta.min() < 0 or ta.max() >= self.ntypes):
             raise UserError(f"atype: type indices must be in 0..{self.ntypes - 1}")
+        if N == 0:
+            out = {"energy": xp.zeros((M, S)), "force": xp.zeros((M, 0, 3)), "virial": xp.zeros((M, S, 9))}
+            if atomic:
+                out.update(atom_energy=xp.zeros((M, 0)), atom_virial=xp.zeros((M, 0, 9)))
+            return out
         energy_atom = xp.zeros((M, N))
         force = xp.zeros((M, N, 3))
         virial = xp.zeros((M, S, 9))

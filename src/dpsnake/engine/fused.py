@@ -1,4 +1,7 @@
-"""Fused embedding-net kernels (CUDA, via CuPy RawModule) for the se_e2_a descriptor.
+"""Fused embedding-net kernels (CUDA, via CuPy RawModule) for the se_e2_a descriptor. EXPERIMENTAL:
+off by default (DPSNAKE_FUSED=1 turns them on). Measured on an H100 (docs/benchmarks.md) they agree
+with the array code to 1e-14 in FP64 but are slower than the cuBLAS path (5.7 vs 2.4 us/atom, batched
+mixed), because each weight is an indexed constant-memory load; faster variants are future work.
 
 One thread per neighbour slot, one block per centre atom, weights in ``__constant__`` memory, every
 intermediate kept in registers (recomputed in the backward pass rather than stored), so the
@@ -124,9 +127,9 @@ def _source(spec: _Spec, dtype: str) -> str:
     nl = len(spec.layers)
     last = spec.layers[-1]
     M, NIN = last["nout"], last["nin"]
-    # the last layer is unrolled over all M columns, so every weight is an immediate constant-bank
-    # operand of its FMA (an indexed constant load per FMA made the kernel load-bound)
-    Q = M
+    # the last layer is unrolled over groups of Q columns (Q = NIN with resnet, so that j % NIN == q
+    # is static and the layer input stays in registers)
+    Q = NIN if (last["res"] or M % NIN == 0) else next(q for q in range(min(M, 64), 0, -1) if M % q == 0)
     head = f"""
 typedef {T} T;
 #define TANH tanh{f}
@@ -151,7 +154,7 @@ __constant__ T CW[{spec.nw}];
     top = src.replace("g", "h") if nl > 1 else "h0"
     lb = f"CW[{last['b']} + j]" if last["b"] is not None else "(T)0"
     lidt = f"CW[{last['idt']} + j]" if last["idt"] is not None else "(T)1"
-    res = f"{top}[q % NIN]" if last["res"] else "(T)0"
+    res = f"{top}[q]" if last["res"] else "(T)0"
     # the last layer, unrolled over q inside a loop over column groups jj (so j % NIN == q is static)
     last_val = f"""
       const int j = jj + q;
@@ -238,7 +241,7 @@ extern "C" __global__ void emb_bwd(const T* __restrict__ Rn, const T* __restrict
                     const T dz = dG * d * idt;
                     #pragma unroll
                     for (int k = 0; k < NIN; ++k) dh[k] = FMA(dz, CW[{last['w']} + k * M + j], dh[k]);
-                    {"dh[q % NIN] += dG;" if last["res"] else ""}
+                    {"dh[q] += dG;" if last["res"] else ""}
                 }}
             }}
         }}

@@ -71,11 +71,11 @@ def enabled(xp) -> bool:
 
 
 def fused_enabled(xp, dtype: str) -> bool:
-    """Fused embedding kernels: DPSNAKE_FUSED = "1" (always on GPU), "0" (never), "auto" (default:
-    FP32 nets only; FP64 nets use cuBLAS DGEMMs)."""
+    """Experimental fused embedding kernels (fused.py): DPSNAKE_FUSED = "1" (on GPU), "auto" (FP32
+    nets only), "0" (default: the cuBLAS array code, measured faster)."""
     if not enabled(xp):
         return False
-    mode = os.environ.get("DPSNAKE_FUSED", "auto")
+    mode = os.environ.get("DPSNAKE_FUSED", "0")
     return mode == "1" or (mode == "auto" and dtype == "float32")
 
 

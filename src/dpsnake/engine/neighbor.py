@@ -123,11 +123,17 @@ class NeighborBuilder:
         from dpsnake.engine import kernels
 
         self.use_kernel = kernels.enabled(xp)
-        if self.use_kernel:  # ext arrays in bin order, so that a bin is a contiguous range
-            self.s_pos = xp.ascontiguousarray(epos[order])
-            self.s_own = xp.ascontiguousarray(owner[order])
-            self.s_type = xp.ascontiguousarray(self.etype[order]).astype(xp.int64)
-            self.s_idx = xp.ascontiguousarray(order).astype(xp.int64)
+        self._sorted = None
+
+    def sorted_ext(self):
+        """Ext arrays in bin order (a bin is a contiguous range): pos (E, 3), owner, type, ext index."""
+        if self._sorted is None:
+            xp, order = self.xp, self.border
+            self._sorted = (xp.ascontiguousarray(self.epos[order]),
+                            xp.ascontiguousarray(self.eowner[order]).astype(xp.int64),
+                            xp.ascontiguousarray(self.etype[order]).astype(xp.int64),
+                            xp.ascontiguousarray(order).astype(xp.int64))
+        return self._sorted
 
     def _bin3(self, pos, sysi):
         xp = self.xp
@@ -156,7 +162,7 @@ class NeighborBuilder:
 
             owner, dd, overflow = select_neighbors(
                 xp, self.rcut, self.sel, self.sec, self.wrapped[centers], centers, start, cnt,
-                self.s_pos, self.s_own, self.s_type, self.s_idx)
+                *self.sorted_ext())
             return self._finish(centers, owner, dd, overflow)
         k = xp.arange(self.kmax)
         ok = k[None, None, :] < cnt[:, :, None]  # (n, 27, K)

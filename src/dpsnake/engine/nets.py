@@ -78,6 +78,11 @@ class Layer:
         return self.w.shape[1]
 
 
+def _imul(a, b):
+    a *= b
+    return a
+
+
 class Net:
     """A stack of :class:`Layer` s."""
 
@@ -105,18 +110,26 @@ class Net:
         for l in self.layers:
             if l.nin == 1:  # outer product: cheaper than a K=1 GEMM
                 z = x * l.w[0]
-            else:
-                z = x @ l.w
+            else:  # one 2-D GEMM (a stack of small ones is slow in NumPy)
+                z = (x.reshape(-1, l.nin) @ l.w).reshape(*x.shape[:-1], l.nout)
             if l.b is not None:
                 z += l.b
-            y, dy = _act(xp, l.activation, z)
+            if l.activation == "tanh":  # in place: z is a fresh array (saves temporaries)
+                y = xp.tanh(z, out=z)
+                dy = y * y
+                dy *= -1.0
+                dy += 1.0
+            else:
+                y, dy = _act(xp, l.activation, z)
             if l.idt is not None:
-                y = y * l.idt
-                dy = l.idt if dy is None else dy * l.idt
+                y = y * l.idt if y is x else _imul(y, l.idt)
+                dy = l.idt if dy is None else _imul(dy, l.idt)
             if l.resnet and l.nout == l.nin:
                 y = y + x
             elif l.resnet and l.nout == 2 * l.nin:
-                y = y + xp.concatenate([x, x], axis=-1)
+                y = y.copy() if y is x else y
+                y[..., : l.nin] += x
+                y[..., l.nin:] += x
             if keep:
                 cache.append(dy)
             x = y
@@ -129,10 +142,11 @@ class Net:
             if l.nin == 1:
                 gx = (gz * l.w[0]).sum(axis=-1, keepdims=True)
             else:
-                gx = gz @ l.w.T
+                gx = (gz.reshape(-1, l.nout) @ l.w.T).reshape(*gz.shape[:-1], l.nin)
             if l.resnet and l.nout == l.nin:
-                gx = gx + gy
+                gx += gy
             elif l.resnet and l.nout == 2 * l.nin:
-                gx = gx + gy[..., : l.nin] + gy[..., l.nin:]
+                gx += gy[..., : l.nin]
+                gx += gy[..., l.nin:]
             gy = gx
         return gy
