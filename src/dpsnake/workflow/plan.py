@@ -69,30 +69,38 @@ def make_walkers(cfg: dict, it: int, stage: int, outdir: pathlib.Path) -> list[d
     return walkers
 
 
-def main(argv=None) -> int:
-    from dpsnake.workflow.config import read_resolved
-    from dpsnake.workflow.fsutil import atomic_write_json
-
-    p = argparse.ArgumentParser(prog="python -m dpsnake.workflow.plan", description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True)
+def add_arguments(p) -> None:
+    p.add_argument("--config", required=True, help="results/config.json")
     p.add_argument("--iter", type=int, required=True)
     p.add_argument("--prev-stats", default=None, help="stats.json of the previous iteration")
     p.add_argument("--out", required=True, help="walkers.json to write (plan.json goes next to it)")
-    args = p.parse_args(argv)
-    try:
-        cfg = read_resolved(args.config)
-        prev = json.loads(pathlib.Path(args.prev_stats).read_text()) if args.prev_stats else None
-        stage, stage_it = iteration_stage(cfg, prev)
-        out = pathlib.Path(args.out)
-        walkers = make_walkers(cfg, args.iter, stage, out.parent)
-    except UserError as err:
-        print(f"plan: error: {err}", file=sys.stderr)
-        return 2
+
+
+def run(args) -> int:
+    from dpsnake.workflow.config import read_resolved
+    from dpsnake.workflow.fsutil import atomic_write_json
+
+    cfg = read_resolved(args.config)
+    prev = json.loads(pathlib.Path(args.prev_stats).read_text()) if args.prev_stats else None
+    stage, stage_it = iteration_stage(cfg, prev)
+    out = pathlib.Path(args.out)
+    walkers = make_walkers(cfg, args.iter, stage, out.parent)
     atomic_write_json(out.parent / "plan.json", {"iteration": args.iter, "stage": stage,
                                                  "stage_iteration": stage_it, "walkers": len(walkers)})
     atomic_write_json(out, walkers)
     print(f"iteration {args.iter}: stage {stage} (iteration {stage_it} of the stage), {len(walkers)} walkers")
     return 0
+
+
+def main(argv=None) -> int:
+    """``python -m dpsnake.workflow.plan ...`` (the same as a ``dpsnake plan`` subcommand would be)."""
+    p = argparse.ArgumentParser(prog="python -m dpsnake.workflow.plan", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    try:
+        return run(p.parse_args(argv))
+    except UserError as err:
+        print(f"plan: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
