@@ -8,6 +8,9 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
+report: "workflow/report/workflow.rst"
+
+
 # `--configfile FILE` replaces the embedded demo config instead of being merged into it
 if not workflow.overwrite_configfiles:
 

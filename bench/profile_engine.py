@@ -1,15 +1,20 @@
-"""Where the engine's time goes: one force call split into stages (neighbour search, descriptor +
-fitting forward, backward, force/virial scatter), on NumPy or CuPy. Prints a table, writes JSON.
+"""Where the engine's time goes: one force call split into stages (neighbour build and selection,
+env matrix + descriptor + fitting forward, backward, force/virial scatter), on NumPy or CuPy; the
+full call with each family of fused kernels (engine/elementwise.py) on and off; and, with --check,
+NumPy vs CuPy agreement of every fused path. Prints tables, writes JSON.
 
-    python bench/profile_engine.py MODEL.dp [--walkers 256] [--rep 3] [--precision mixed] [--json out.json]
+    python bench/profile_engine.py MODEL.dp [--walkers 256] [--rep 3] [--precision mixed]
+        [--ablation] [--check EXTRA.dp ...] [--json out.json]
+    CUDA_LAUNCH_BLOCKING=1 python bench/profile_engine.py MODEL.dp --cprofile 25   # per-function
 
-Stages are timed separately with device synchronisation, so their sum exceeds one fused call slightly.
+Stages are timed separately with device synchronisation, so their sum exceeds one call slightly.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import time
@@ -17,6 +22,104 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "src"))
+
+FAST_CONFIGS = ("0", "env", "nets", "scatter", "all")
+
+
+def _systems(ntypes, rng):
+    """Rattled small/medium/triclinic cells (no exact distance ties), random types."""
+    from ase.build import bulk
+
+    ats = []
+    for rep, a0 in ((1, 3.634), (2, 3.5)):
+        a = bulk("Cu", "fcc", a=a0, cubic=True).repeat((rep * 2, rep * 2, rep))
+        a.rattle(0.1, seed=rep)
+        ats.append(a)
+    tri = bulk("Cu", "fcc", a=3.6).repeat((3, 3, 3))
+    tri.rattle(0.1, seed=7)
+    tri.set_cell(tri.cell.array @ (np.eye(3) + 0.05 * rng.uniform(-1, 1, (3, 3))), scale_atoms=True)
+    ats.append(tri)
+    coords = np.concatenate([a.positions for a in ats])
+    atype = rng.integers(0, ntypes, len(coords))
+    system = np.repeat(np.arange(len(ats)), [len(a) for a in ats])
+    cells = np.array([a.cell.array for a in ats])
+    return coords, atype, system, cells
+
+
+def check(paths, xp, emit):
+    """NumPy vs CuPy for every fused-kernel configuration; returns {config: worst relative error}
+    per precision (tolerances: 1e-12 double, 1e-5 mixed)."""
+    import warnings
+
+    from dpsnake.engine import elementwise
+    from dpsnake.engine.ensemble import Ensemble
+    from dpsnake.engine.xp import to_numpy
+
+    rng = np.random.default_rng(5)
+    worst = {}
+    for path in paths:
+        for prec in ("double", "mixed"):
+            ens = Ensemble([path], precision=prec)
+            coords, atype, system, cells = _systems(ens.ntypes, rng)
+            for pbc in (np.array([True, True, True]), np.array([True, False, True])):
+                args = (coords, atype, system, cells, pbc)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    for atomic in (False, True):
+                        ref = ens.evaluate(*args, atomic=atomic)
+                        for cfg in FAST_CONFIGS:
+                            os.environ["DPSNAKE_FAST"] = cfg
+                            got = Ensemble([path], precision=prec).evaluate(*[xp.asarray(a) for a in args],
+                                                                             atomic=atomic)
+                            err = max(float(np.abs(ref[k] - to_numpy(got[k])).max() / max(np.abs(ref[k]).max(), 1e-300))
+                                      for k in ref)
+                            key = f"{prec}:{cfg}"
+                            worst[key] = max(worst.get(key, 0.0), err)
+                            emit(check="numpy_vs_cupy", model=str(path), prec=prec, fast=cfg,
+                                 pbc=pbc.tolist(), atomic=atomic, max_rel=err)
+    os.environ.pop("DPSNAKE_FAST", None)
+    verdict = {}
+    for key, err in worst.items():
+        tol = 1e-12 if key.startswith("double") else 1e-5
+        verdict[key] = (err, "PASS" if err <= tol else "FAIL")
+    emit(check_summary={k: f"{v[0]:.2e} {v[1]}" for k, v in verdict.items()},
+         broken=sorted(elementwise._broken))
+    return verdict
+
+
+def ops(xp, rt, ch, timed):
+    """Single operations of the embedding on the profile's shapes (first type, whole chunk)."""
+    from dpsnake.engine import elementwise as ew
+
+    m, dt = rt.model, rt.dtype
+    n, s = ch.valid.shape
+    M = m.neuron[-1]
+    net = rt.embeddings[0]
+    rows = {}
+    Rn = ew.env_forward(xp, ch.d, ch.valid, rt.davg[0], rt.rstd[0], m.rcut_smth, m.rcut,
+                        m.env_protection, dt) if ew.enabled(xp, "env") else \
+        xp.asarray(np.random.default_rng(0).random((n, s, 4)), dtype=dt)
+    rows["op: env matrix kernel"], _ = timed(lambda: ew.env_forward(
+        xp, ch.d, ch.valid, rt.davg[0], rt.rstd[0], m.rcut_smth, m.rcut, m.env_protection, dt))
+    x = Rn[:, :, 0:1]
+    for k, l in enumerate(net.layers):
+        xin = x
+        if l.nin > 1:
+            rows[f"op: layer {k} GEMM ({l.nin}->{l.nout})"], _ = timed(lambda: xin.reshape(-1, l.nin) @ l.w)
+        rows[f"op: layer {k} fused tanh kernel"], (x, dy) = timed(lambda: ew.dense_tanh(xp, l, xin, True))
+        rows[f"op: layer {k} gy * dy"], _ = timed(lambda: x * dy)
+    G = x
+    ggr = xp.asarray(np.random.default_rng(1).random((n, 4, M)), dtype=dt)
+    rows["op: Rn^T G (batched)"], _ = timed(lambda: xp.matmul(Rn.transpose(0, 2, 1), G))
+    rows["op: Rn ggr (batched, K=4)"], _ = timed(lambda: xp.matmul(Rn, ggr))
+    rows["op: G ggr^T (batched)"], _ = timed(lambda: xp.matmul(G, ggr.transpose(0, 2, 1)))
+    gRn = xp.asarray(Rn)
+    rows["op: env chain-rule kernel"], g = timed(lambda: ew.env_backward(
+        xp, gRn, ch.d, ch.valid, rt.rstd[0], m.rcut_smth, m.rcut, m.env_protection))
+    f = xp.zeros((int(ch.owner.max()) + 1, 3))
+    own = xp.where(ch.valid, ch.owner, ch.centers[:, None])
+    rows["op: force scatter kernel"], _ = timed(lambda: ew.scatter_neg(xp, f, own, ch.valid, g))
+    return rows
 
 
 def main() -> int:
@@ -27,6 +130,10 @@ def main() -> int:
     ap.add_argument("--precision", default="mixed")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"))
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--ablation", action="store_true", help="full call per DPSNAKE_FAST setting")
+    ap.add_argument("--check", nargs="*", default=None, help="NumPy vs CuPy check (+ extra .dp)")
+    ap.add_argument("--ops", action="store_true", help="also time single operations on these shapes")
+    ap.add_argument("--cprofile", type=int, default=0, help="print the N costliest functions")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
@@ -44,6 +151,14 @@ def main() -> int:
             if a.device == "gpu":
                 raise
     sync = (lambda: xp.cuda.runtime.deviceSynchronize()) if xp is not np else (lambda: None)
+    results = []
+
+    def emit(**kw):
+        results.append(kw)
+        print(json.dumps(kw), flush=True)
+
+    if a.check is not None and xp is not np:
+        check([a.model, *a.check], xp, emit)
 
     atoms = bulk("Cu", "fcc", a=3.634, cubic=True).repeat((a.rep,) * 3)
     n, W = len(atoms), a.walkers
@@ -55,6 +170,7 @@ def main() -> int:
     pbc = xp.ones(W, dtype=bool)
     ens = Ensemble([a.model], precision=a.precision)
     m = ens.models[0]
+    natoms = W * n
 
     def timed(fn):
         fn()
@@ -67,25 +183,53 @@ def main() -> int:
             ts.append(time.perf_counter() - t)
         return float(np.median(ts)), out
 
+    full = lambda: ens.evaluate(coords, atype, system, cells, pbc)  # noqa: E731
+    if a.cprofile:
+        import cProfile
+        import pstats
+
+        full()
+        sync()
+        pr = cProfile.Profile()
+        pr.enable()
+        full()
+        sync()
+        pr.disable()
+        pstats.Stats(pr).sort_stats("tottime").print_stats(a.cprofile)
+        return 0
+
     rows = {}
-    rows["full call"], _ = timed(lambda: ens.evaluate(coords, atype, system, cells, pbc))
-    centers = xp.arange(W * n)
-    def neigh():
-        nb = NeighborBuilder(xp, coords, atype, system, cells, pbc, m.rcut, m.sel, m.pair_exclude)
-        return nb.chunk(centers)
-    rows["neighbour search"], ch = timed(neigh)
+    if a.ablation:
+        for cfg in FAST_CONFIGS:
+            os.environ["DPSNAKE_FAST"] = cfg
+            rows[f"full call, DPSNAKE_FAST={cfg}"], _ = timed(full)
+        os.environ.pop("DPSNAKE_FAST", None)
+    rows["full call"], _ = timed(full)
+    centers = xp.arange(natoms)
+    build = lambda: NeighborBuilder(xp, coords, atype, system, cells, pbc, m.rcut, m.sel,  # noqa: E731
+                                    m.pair_exclude)
+    rows["neighbour build (images, bins)"], nb = timed(build)
+    nb.sorted_ext()
+    rows["neighbour select (chunk)"], ch = timed(lambda: nb.chunk(centers))
     rt = ens._rt(xp, 0)
     rows["forward (energy only)"], _ = timed(lambda: energy_and_grad(rt, 0, ch.d, ch.valid, need_grad=False))
-    rows["forward + backward"], (e, g) = timed(lambda: energy_and_grad(rt, 0, ch.d, ch.valid))
+    rows["forward + backward"], _ = timed(lambda: energy_and_grad(rt, 0, ch.d, ch.valid))
     rows["backward (difference)"] = rows["forward + backward"] - rows["forward (energy only)"]
-    natoms = W * n
+    rows["rest (full - neighbours - forward - backward)"] = (
+        rows["full call"] - rows["neighbour build (images, bins)"] - rows["neighbour select (chunk)"]
+        - rows["forward + backward"])
+    if a.ops:
+        try:
+            rows.update(ops(xp, rt, ch, timed))
+        except Exception as err:  # report and keep the stage table
+            print(f"ops failed: {type(err).__name__}: {err}")
     print(f"| stage ({W} x {n} atoms, {a.precision}, {xp.__name__}) | ms | us/atom |")
     print("|---|---|---|")
     for k, v in rows.items():
         print(f"| {k} | {v * 1e3:.2f} | {v / natoms * 1e6:.3f} |")
+    emit(natoms=natoms, device=xp.__name__, precision=a.precision, seconds=rows)
     if a.json:
-        pathlib.Path(a.json).write_text(json.dumps({"natoms": natoms, "device": xp.__name__,
-                                                    "precision": a.precision, "seconds": rows}, indent=1))
+        pathlib.Path(a.json).write_text(json.dumps(results, indent=1))
     return 0
 
 

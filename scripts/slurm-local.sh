@@ -198,8 +198,8 @@ status() {
     elif pgrep -x "$d" >/dev/null; then echo "$d: running (not started by this script)"
     else echo "$d: not running"; fi
   done
-  sinfo 2>/dev/null || true
-  squeue 2>/dev/null || true
+  # without a controller sinfo/squeue retry for MessageTimeout (30 s) each: ask only ours
+  if our_pid slurmctld >/dev/null; then sinfo || true; squeue || true; fi
 }
 
 case "${1:-}" in

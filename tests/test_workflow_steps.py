@@ -188,3 +188,34 @@ def test_training_input(tmp_path):
     assert a["training"]["numb_steps"] == cfg["train"]["numb_steps"] and a["training"]["disp_file"] == "lcurve.out"
     assert a["model"]["descriptor"]["seed"] != b["model"]["descriptor"]["seed"]
     assert a["model"]["descriptor"]["sel"] == [32, 32]  # the fragment is kept
+
+
+def test_structure_from_file_with_masses(tmp_path):
+    """A system read from a POSCAR (path relative to the working folder) with a mass override reaches
+    the walkers' start structure unchanged."""
+    import ase.io
+    from ase.build import bulk
+
+    from dpsnake.workflow.plan import make_walkers
+
+    a = bulk("Ni", "fcc", a=3.52, cubic=True).repeat((2, 1, 1))
+    a.rattle(0.02, seed=3)
+    ase.io.write(tmp_path / "POSCAR", a, format="vasp")
+
+    def from_file(c):
+        c["systems"] = {"Ni": {"structure": {"file": "POSCAR"}}}
+        c["explore"]["stages"][0]["systems"] = ["Ni"]
+        c["masses"] = {"Ni": 60.0}
+
+    cfg = _config(tmp_path, from_file)
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # the workflow runs in its working folder; config paths are relative to it
+    try:
+        w = make_walkers(cfg, 0, 0, tmp_path / "ex")
+    finally:
+        os.chdir(cwd)
+    b = ase.io.read(tmp_path / "ex" / w[0]["structure"])
+    assert np.allclose(b.positions, a.positions, atol=1e-6) and np.allclose(b.cell.array, a.cell.array)
+    assert np.allclose(b.get_masses(), 60.0)

@@ -17,6 +17,7 @@ COMMANDS = {
     "check-config": ("dpsnake.workflow.check", "validate a config file and its referenced files"),
     "init-data": ("dpsnake.workflow.init_data", "build and label the initial dataset of one system"),
     "train": ("dpsnake.workflow.train", "train one DeePMD-kit model: dp train, freeze, convert to .dp"),
+    "plan": ("dpsnake.workflow.plan", "write the walkers of an iteration from the exploration plan"),
     "explore": ("dpsnake.md.cli", "run all exploration walkers of an iteration as one batched job"),
     "select": ("dpsnake.workflow.select", "classify explored frames by model deviation and pick candidates"),
     "label": ("dpsnake.workflow.label", "label candidate frames with the configured labeler"),

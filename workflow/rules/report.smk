@@ -10,11 +10,13 @@ rule report_iteration:
     output:
         html=report(
             "results/reports/iter.{it}.html",
+            caption="../report/iteration.rst",
             category="Iterations",
             labels={"iteration": "{it}", "page": "report"},
         ),
         csv=report(
             "results/reports/iter.{it}.csv",
+            caption="../report/iteration_table.rst",
             category="Iterations",
             labels={"iteration": "{it}", "page": "table (csv)"},
         ),
@@ -57,8 +59,18 @@ rule report_run:
         iterations=iteration_reports,
         final="results/models/final",
     output:
-        html=report("results/reports/index.html", category="Run", labels={"page": "run summary"}),
-        csv=report("results/reports/run.csv", category="Run", labels={"page": "run table (csv)"}),
+        html=report(
+            "results/reports/index.html",
+            caption="../report/run.rst",
+            category="Run",
+            labels={"page": "run summary"},
+        ),
+        csv=report(
+            "results/reports/run.csv",
+            caption="../report/run_table.rst",
+            category="Run",
+            labels={"page": "run table (csv)"},
+        ),
         json="results/reports/run.json",
     params:
         accuracy="" if CFG["report"]["accuracy"] else "--no-accuracy",

@@ -69,6 +69,30 @@ def energy_and_grad(rm: RuntimeModel, ti: int, d, valid, need_grad: bool = True)
     n, nnei = valid.shape
     if m.atom_exclude[ti]:
         return xp.zeros(n), (xp.zeros((n, nnei, 3)) if need_grad else None)
+    from dpsnake.engine import elementwise as ew
+
+    keep = None
+    if m.desc_exclude[ti].any():
+        # descriptor exclusion: zero rows of real neighbours of an excluded (ti, t) pair
+        tslot = xp.asarray(np.repeat(np.arange(m.ntypes), m.sel))
+        exrow = xp.asarray(m.desc_exclude[ti])[tslot][None, :]
+        exrow = exrow & (True if m.exclude_padding else valid)
+        keep = (~exrow).astype(xp.float64)
+    p = m.env_protection
+    fast_env = keep is None and ew.enabled(xp, "env")
+    Rn_c = env = None
+    if fast_env:  # CuPy: r, switch, R, Rn in one kernel (sw, q recomputed in the backward one)
+        Rn_c = ew.guarded("env", ew.env_forward, xp, d, valid, rm.davg[ti], rm.rstd[ti],
+                          m.rcut_smth, m.rcut, p, rm.dtype)
+        fast_env = Rn_c is not None
+    if not fast_env:
+        Rn_c, env = _env_mat(xp, rm, ti, d, valid, keep)
+    return _nets(rm, ti, Rn_c, d, valid, keep, need_grad, env)
+
+
+def _env_mat(xp, rm, ti, d, valid, keep):
+    """Array-code env matrix: Rn (n, nnei, 4) in the net dtype and what the backward needs."""
+    m = rm.model
     vf = valid.astype(xp.float64)
     r = xp.sqrt((d * d).sum(axis=2))
     rr = xp.where(valid, r, 1.0)
@@ -77,17 +101,18 @@ def energy_and_grad(rm: RuntimeModel, ti: int, d, valid, need_grad: bool = True)
     sw, dsw = _switch(xp, rr, m.rcut_smth, m.rcut)
     sw = sw * vf
     R = xp.concatenate([(sw * q)[..., None], (sw * q * q)[..., None] * d], axis=2)
-    # descriptor exclusion: zero rows of real neighbours of an excluded (ti, t) pair
-    keep = None
-    if m.desc_exclude[ti].any():
-        tslot = xp.asarray(np.repeat(np.arange(m.ntypes), m.sel))
-        exrow = xp.asarray(m.desc_exclude[ti])[tslot][None, :]
-        exrow = exrow & (True if m.exclude_padding else valid)
-        keep = (~exrow).astype(xp.float64)
     Rn = (R - rm.davg[ti]) * rm.rstd[ti]
     if keep is not None:
         Rn = Rn * keep[..., None]
-    Rn_c = xp.ascontiguousarray(Rn.astype(rm.dtype))
+    return xp.ascontiguousarray(Rn.astype(rm.dtype)), (vf, rr, q, sw, dsw)
+
+
+def _nets(rm, ti, Rn_c, d, valid, keep, need_grad, env):
+    """Embedding, descriptor, fitting and (if need_grad) the backward pass from Rn_c."""
+    from dpsnake.engine import elementwise as ew
+
+    xp, m = rm.xp, rm.model
+    n, nnei = valid.shape
     sec = m.sec
     M1 = m.neuron[-1]
     A = m.axis_neuron
@@ -132,6 +157,18 @@ def energy_and_grad(rm: RuntimeModel, ti: int, d, valid, need_grad: bool = True)
         gG = xp.matmul(Rn_c[:, a:b, :], ggr)  # (n, s, M1)
         gRn[:, a:b, :] = xp.matmul(G, ggr.transpose(0, 2, 1))
         gRn[:, a:b, 0:1] += net.backward(xp, gG, cache)
+    if env is None:  # fused chain rule (CuPy); empty slots give exactly 0
+        g = ew.guarded("env", ew.env_backward, xp, gRn, d, valid, rm.rstd[ti], m.rcut_smth,
+                       m.rcut, m.env_protection)
+        if g is not None:
+            return e, g
+        vf = valid.astype(xp.float64)
+        rr = xp.where(valid, xp.sqrt((d * d).sum(axis=2)), 1.0)
+        q = 1.0 / (rr + m.env_protection)
+        sw, dsw = _switch(xp, rr, m.rcut_smth, m.rcut)
+        sw = sw * vf
+    else:
+        vf, rr, q, sw, dsw = env
     gR = gRn.astype(xp.float64) * rm.rstd[ti]
     if keep is not None:
         gR = gR * keep[..., None]
@@ -141,4 +178,5 @@ def energy_and_grad(rm: RuntimeModel, ti: int, d, valid, need_grad: bool = True)
     gvd = (gv * d).sum(axis=2)
     coef = (g0 * (dsw * q - sw * q * q) + gvd * (dsw * q * q - 2.0 * sw * q ** 3)) / rr
     g = coef[..., None] * d + (sw * q * q)[..., None] * gv
-    return e, g
+    # a NaN centre (atoms on top of each other) must not leak through its empty slots
+    return e, xp.where(valid[..., None], g, 0.0)

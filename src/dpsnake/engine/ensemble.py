@@ -12,6 +12,7 @@ import warnings
 
 import numpy as np
 
+from dpsnake.engine import elementwise
 from dpsnake.engine.descriptor import RuntimeModel, energy_and_grad
 from dpsnake.engine.model import DPModel, load_model
 from dpsnake.engine.neighbor import NeighborBuilder
@@ -135,27 +136,37 @@ class Ensemble:
         order = np.argsort(ta, kind="stable")
         counts = np.bincount(ta, minlength=self.ntypes)
         csize = self._chunk_size(xp)
-        overflow = 0
+        fast_scatter = elementwise.enabled(xp, "scatter")
+        overflow = []  # device sums, read once at the end (one host sync per call)
         start = 0
         for ti in range(self.ntypes):
             stop = start + int(counts[ti])
             for a in range(start, stop, csize):
                 centers = xp.asarray(order[a:min(stop, a + csize)])
                 ch = nb.chunk(centers)
-                overflow += int(to_numpy(ch.overflow.sum()))
-                own = xp.where(ch.valid, ch.owner, 0).reshape(-1)
+                overflow.append(ch.overflow.sum())
+                # empty slots point at their own centre (with g masked to 0 there) rather than at
+                # atom 0: no NaN can reach another system, and no atomics pile up on one address
+                own = xp.where(ch.valid, ch.owner, centers[:, None])
                 sysc = system[centers]
                 for j, rt in enumerate(rts):
                     e, g = energy_and_grad(rt, ti, ch.d, ch.valid)
+                    g = xp.where(ch.valid[..., None], g, 0.0)  # NaN * 0 would still be NaN
                     energy_atom[j, centers] = e
                     # F = -dE/dr with d = r_nb - r_c: centre gets +sum g, neighbour gets -g
                     force[j, centers] += g.sum(axis=1)
-                    _scatter_add(xp, force[j], own, -g.reshape(-1, 3))
-                    w = -(g[:, :, :, None] * ch.d[:, :, None, :]).reshape(g.shape[0], -1, 9)
-                    _scatter_add(xp, virial[j], sysc, w.sum(axis=1))
+                    if not (fast_scatter and elementwise.guarded(
+                            "scatter", elementwise.scatter_neg, xp, force[j], own, ch.valid, g) is not None):
+                        _scatter_add(xp, force[j], own.reshape(-1), -g.reshape(-1, 3))
                     if atomic:
-                        _scatter_add(xp, atom_virial[j], own, w.reshape(-1, 9))
+                        w = -(g[:, :, :, None] * ch.d[:, :, None, :]).reshape(g.shape[0], -1, 9)
+                        _scatter_add(xp, virial[j], sysc, w.sum(axis=1))
+                        _scatter_add(xp, atom_virial[j], own.reshape(-1), w.reshape(-1, 9))
+                    else:  # per-centre virial -g^T d as a batched product: no (n, nnei, 9) temporary
+                        wc = -xp.matmul(g.transpose(0, 2, 1), ch.d).reshape(g.shape[0], 9)
+                        _scatter_add(xp, virial[j], sysc, wc)
             start = stop
+        overflow = int(to_numpy(sum(overflow))) if overflow else 0
         self.last_overflow = overflow
         if overflow:
             warnings.warn(f"{overflow} atoms have more neighbours within rcut than sel allows "

@@ -106,8 +106,19 @@ class Net:
 
     def forward(self, xp, x, keep: bool = True):
         """x (..., nin) -> y (..., nout); with ``keep`` also the cache for :meth:`backward`."""
+        from dpsnake.engine import elementwise as ew
+
         cache = []
+        fast = ew.enabled(xp, "nets")
         for l in self.layers:
+            if fast and l.activation == "tanh":  # CuPy: one fused kernel per layer
+                out = ew.guarded("nets", ew.dense_tanh, xp, l, x, keep)
+                if out is not None:
+                    x, dy = out
+                    if keep:
+                        cache.append(dy)
+                    continue
+                fast = False
             if l.nin == 1:  # outer product: cheaper than a K=1 GEMM
                 z = x * l.w[0]
             else:  # one 2-D GEMM (a stack of small ones is slow in NumPy)
@@ -137,16 +148,23 @@ class Net:
 
     def backward(self, xp, gy, cache):
         """Input gradient: gy = dL/dy (..., nout) -> dL/dx (..., nin)."""
+        from dpsnake.engine import elementwise as ew
+
+        fast = ew.enabled(xp, "nets")
         for l, dy in zip(reversed(self.layers), reversed(cache)):
             gz = gy if dy is None else gy * dy
-            if l.nin == 1:
+            if l.nin == 1 and fast:  # a GEMV instead of a product + reduction
+                gx = (gz.reshape(-1, l.nout) @ l.w[0]).reshape(*gz.shape[:-1], 1)
+            elif l.nin == 1:
                 gx = (gz * l.w[0]).sum(axis=-1, keepdims=True)
             else:
                 gx = (gz.reshape(-1, l.nout) @ l.w.T).reshape(*gz.shape[:-1], l.nin)
             if l.resnet and l.nout == l.nin:
                 gx += gy
             elif l.resnet and l.nout == 2 * l.nin:
-                gx += gy[..., : l.nin]
-                gx += gy[..., l.nin:]
+                if not (fast and l.nin > 1 and ew.guarded("nets", ew.add_concat_grad, xp, gx, gy, l.nin)
+                        is not None):
+                    gx += gy[..., : l.nin]
+                    gx += gy[..., l.nin:]
             gy = gx
         return gy

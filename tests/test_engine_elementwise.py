@@ -1,0 +1,161 @@
+"""The fused elementwise kernels (engine/elementwise.py, CuPy ElementwiseKernels on GPUs) emulated
+on the CPU: each kernel body is compiled with g++ into a loop over the broadcast elements and
+substituted for the CuPy kernel, then the whole engine runs through the fused paths and is compared
+with the NumPy array code (which is also the reference the GPU run checks them against)."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from test_engine_helpers import fcc
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
+
+_CT = {"float64": "double", "float32": "float", "int64": "long long", "bool": "bool"}
+
+
+def _params(spec):
+    out = []
+    for p in spec.split(","):
+        w = p.split()
+        raw = w[0] == "raw"
+        out.append((raw, w[-2], w[-1]))
+    return out
+
+
+class _Emulated:
+    """Callable like cupy.ElementwiseKernel(in, out, body) on NumPy arrays (broadcast, T bound
+    from the first array argument of type T)."""
+
+    def __init__(self, src, tmp_path, name):
+        self.ins, self.outs = _params(src[0]), _params(src[1])
+        self.body, self.tmp, self.name, self.libs = src[2], tmp_path, name, {}
+
+    def _lib(self, T):
+        if T not in self.libs:
+            decl = []
+            for k, (raw, ty, nm) in enumerate(self.ins + self.outs):
+                cty = _CT.get(ty, T)
+                decl.append(f"{cty}* {nm} = ({cty}*)ptr[{k}];" if raw else f"{cty}& {nm} = (({cty}*)ptr[{k}])[i];")
+            src = ("#include <cmath>\nusing namespace std;\n"
+                   "template <class X> X atomicAdd(X* a, X v) { X o = *a; *a += v; return o; }\n"
+                   f'typedef {T} T;\nextern "C" void run(long long n, void** ptr) {{ for (long long i = 0; i < n; ++i) {{\n'
+                   + "\n".join(decl) + "\n" + self.body + "\n} }\n")
+            cpp = self.tmp / f"{self.name}_{T}.cpp"
+            cpp.write_text(src)
+            so = cpp.with_suffix(".so")
+            subprocess.run(["g++", "-O1", "-shared", "-fPIC", "-o", str(so), str(cpp)], check=True)
+            self.libs[T] = ctypes.CDLL(str(so))
+        return self.libs[T]
+
+    def __call__(self, *args):
+        params = self.ins + self.outs
+        assert len(args) == len(params)
+        T = next(np.asarray(a).dtype.name for a, (raw, ty, _) in zip(args, params)
+                 if ty == "T" and isinstance(a, np.ndarray))
+        T = _CT[T]
+        shape = np.broadcast_shapes(*[np.shape(a) for a, (raw, _, _) in zip(args, params) if not raw])
+        n = int(np.prod(shape))
+        bufs, back = [], []
+        for a, (raw, ty, nm) in zip(args, params):
+            dt = {"double": np.float64, "float": np.float32}[T] if ty == "T" else np.dtype(ty)
+            if raw:
+                assert isinstance(a, np.ndarray) and a.flags.c_contiguous and a.dtype == dt, nm
+                bufs.append(a)
+            else:
+                b = np.ascontiguousarray(np.broadcast_to(np.asarray(a, dtype=dt), shape))
+                bufs.append(b)
+                if any(nm == o[2] for o in self.outs):
+                    back.append((a, b))
+        ptrs = (ctypes.c_void_p * len(bufs))(*[b.ctypes.data for b in bufs])
+        self._lib(T).run(ctypes.c_longlong(n), ptrs)
+        for a, b in back:
+            a[...] = b
+
+
+@pytest.fixture()
+def emulated(tmp_path, monkeypatch):
+    from dpsnake.engine import elementwise as ew
+
+    cache = {}
+
+    def k(name):
+        if name not in cache:
+            cache[name] = _Emulated(ew._SRC[name], tmp_path, name)
+        return cache[name]
+
+    monkeypatch.setattr(ew, "_k", k)
+    monkeypatch.setattr(ew, "_broken", set())
+    monkeypatch.setattr(ew, "enabled", lambda xp, name: True)
+    return ew
+
+
+def _batch(ntypes, seed=0):
+    ats = [fcc(rep=(2, 2, 2), seed=seed, ni_frac=0.5 if ntypes > 1 else 0.0),
+           fcc(a=3.5, rep=(1, 1, 2), seed=seed + 1, cubic=False), fcc(rep=(2, 1, 1), seed=seed + 2)]
+    rng = np.random.default_rng(seed)
+    coords = np.concatenate([a.positions for a in ats])
+    atype = rng.integers(0, ntypes, len(coords))
+    system = np.repeat(np.arange(3), [len(a) for a in ats])
+    return coords, atype, system, np.array([a.cell.array for a in ats]), np.array([True, True, False])
+
+
+@pytest.mark.parametrize("precision", ["double", "mixed"])
+def test_fused_paths_match_array_code(cu_model, request, emulated, precision):
+    from dpsnake.engine import elementwise as ew
+    from dpsnake.engine.ensemble import Ensemble
+
+    models = [cu_model["dp"]]
+    for name in ("cuni", "cuni_tos32"):  # 2 types; FP32 type_one_side with exclusions (array path)
+        try:
+            models.append(request.getfixturevalue(name)["dp"])
+        except pytest.FixtureLookupError:
+            pass
+    for path in models:
+        ens = Ensemble([path], precision=precision)
+        args = _batch(ens.ntypes)
+        got = ens.evaluate(*args)
+        assert not ew._broken
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ew, "enabled", lambda xp, name: False)
+            ref = Ensemble([path], precision=precision).evaluate(*args)
+        tol = 1e-12 if precision == "double" else 1e-5
+        for k in ("energy", "force", "virial"):
+            err = np.abs(got[k] - ref[k]).max() / np.abs(ref[k]).max()
+            assert err <= tol, (path, k, err)
+
+
+def test_fused_layer_variants(emulated):
+    """Every residual shape of a tanh layer (none, x, concat(x, x)), with and without idt/bias,
+    K=1 outer-product layers included, forward and backward."""
+    from dpsnake.engine import elementwise as ew
+    from dpsnake.engine.nets import Layer, Net
+
+    rng = np.random.default_rng(1)
+
+    def lay(i, o, idt=True, b=True, res=True):
+        return Layer(rng.normal(size=(i, o)), rng.normal(size=o) if b else None,
+                     rng.normal(size=o) if idt else None, "tanh", res)
+
+    nets = [Net([lay(1, 2), lay(2, 4, idt=False), lay(4, 4, b=False), lay(4, 3)]),
+            Net([lay(1, 1), lay(1, 5, res=False), lay(5, 10, idt=False, b=False)])]
+    x = rng.normal(size=(3, 7, 1))
+    for net in nets:
+        y, cache = net.forward(np, x)
+        gx = net.backward(np, np.ones_like(y), cache)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ew, "enabled", lambda xp, name: False)
+            y0, c0 = net.forward(np, x)
+            gx0 = net.backward(np, np.ones_like(y0), c0)
+        np.testing.assert_allclose(y, y0, rtol=1e-14, atol=1e-14)
+        np.testing.assert_allclose(gx, gx0, rtol=1e-13, atol=1e-13)
+
+
+@pytest.fixture(scope="module")
+def cuni(dp_model):
+    return dp_model(data="CuNi")
