@@ -18,7 +18,7 @@ rule plan:
     conda:
         "../../envs/label.yaml"
     shell:
-        "python -m dpsnake.workflow.plan --config results/config.json --iter {params.it} {params.prev}"
+        "dpsnake plan --config results/config.json --iter {params.it} {params.prev}"
         " --out {output.walkers} > {log} 2>&1"
 
 

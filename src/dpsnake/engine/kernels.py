@@ -65,6 +65,101 @@ extern "C" __global__ void select_nb(
 """
 
 
+# EXPERIMENTAL (off: DPSNAKE_SELECT=warp turns it on; not yet run on a GPU): one 32-thread block per
+# centre. Lanes test the candidates in parallel and append those within rcut to shared memory with
+# their enumeration order; each kept candidate's rank by (r, order) and its rank within its type are
+# counted, which reproduces select_nb's stable insertion sort exactly. A centre with more than CAP
+# candidates within rcut is flagged in ``spill`` and redone by select_nb.
+_SELECT_WARP_SRC = r"""
+#define NNEI %(nnei)d
+#define CAP %(cap)d
+#define LANES %(lanes)d
+extern "C" __global__ void select_nb_warp(
+    const long long n, const double rcut,
+    const double* __restrict__ cpos, const long long* __restrict__ cidx,
+    const long long* __restrict__ bstart, const long long* __restrict__ bcnt,
+    const double* __restrict__ epos, const long long* __restrict__ eown,
+    const long long* __restrict__ etype, const long long* __restrict__ eidx,
+    const int* __restrict__ sel, const int* __restrict__ sec,
+    long long* __restrict__ owner, double* __restrict__ dout, bool* __restrict__ over,
+    bool* __restrict__ spill)
+{
+    __shared__ double sr[CAP];
+    __shared__ long long sk[CAP];
+    __shared__ int so[CAP];
+    __shared__ int st[CAP];
+    __shared__ int srank[CAP];
+    __shared__ int scnt;
+    __shared__ int sof;
+    const long long i = blockIdx.x;
+    const int lane = threadIdx.x;
+    if (i >= n) return;
+    if (lane == 0) { scnt = 0; sof = 0; }
+    __syncthreads();
+    const double cx = cpos[3 * i], cy = cpos[3 * i + 1], cz = cpos[3 * i + 2];
+    const long long self = cidx[i];
+    long long base = 0;
+    for (int b = 0; b < 27; ++b) {
+        const long long s = bstart[27 * i + b], c = bcnt[27 * i + b];
+        for (long long q = lane; q < c; q += LANES) {
+            const long long k = s + q;
+            const double dx = epos[3 * k] - cx, dy = epos[3 * k + 1] - cy, dz = epos[3 * k + 2] - cz;
+            const double r = sqrt(dx * dx + dy * dy + dz * dz);
+            if (r > rcut || eidx[k] == self) continue;
+            const int p = atomicAdd(&scnt, 1);
+            if (p < CAP) { sr[p] = r; sk[p] = k; so[p] = (int)(base + q); st[p] = (int)etype[k]; }
+        }
+        base += c;
+    }
+    __syncthreads();
+    const int m = scnt;
+    if (m > CAP) {  // uniform over the block: every lane leaves here
+        if (lane == 0) spill[i] = true;
+        return;
+    }
+    for (int j = lane; j < m; j += LANES) {
+        const double rj = sr[j];
+        const int oj = so[j];
+        int rank = 0;
+        for (int l = 0; l < m; ++l) rank += (sr[l] < rj || (sr[l] == rj && so[l] < oj)) ? 1 : 0;
+        srank[j] = rank;
+    }
+    __syncthreads();
+    for (int j = lane; j < m; j += LANES) {
+        const int rj = srank[j];
+        if (rj >= NNEI) continue;
+        const int t = st[j];
+        int c = 0;
+        for (int l = 0; l < m; ++l) c += (st[l] == t && srank[l] < rj) ? 1 : 0;
+        if (c < sel[t]) {
+            const long long k = sk[j];
+            const long long slot = (long long)NNEI * i + sec[t] + c;
+            owner[slot] = eown[k];
+            dout[3 * slot] = epos[3 * k] - cx;
+            dout[3 * slot + 1] = epos[3 * k + 1] - cy;
+            dout[3 * slot + 2] = epos[3 * k + 2] - cz;
+        } else {
+            sof = 1;
+        }
+    }
+    __syncthreads();
+    if (lane == 0) over[i] = (m > NNEI) || (sof != 0);
+}
+"""
+WARP_LANES = 32
+WARP_CAP = 256
+
+
+def select_mode() -> str:
+    """Neighbour-selection kernel: "thread" (default, one thread per centre) or "warp"
+    (EXPERIMENTAL, DPSNAKE_SELECT=warp)."""
+    from dpsnake.engine.elementwise import _broken
+
+    if "select_warp" in _broken:
+        return "thread"
+    return "warp" if os.environ.get("DPSNAKE_SELECT", "thread") == "warp" else "thread"
+
+
 def enabled(xp) -> bool:
     """Custom kernels are used for CuPy arrays unless DPSNAKE_KERNELS=0."""
     return xp.__name__ == "cupy" and os.environ.get("DPSNAKE_KERNELS", "1") != "0"
@@ -107,4 +202,40 @@ def select_neighbors(xp, rcut, sel, sec, cpos, cidx, bstart, bcnt, epos, eown, e
             xp.ascontiguousarray(bcnt, dtype=xp.int64), epos, eown, etype, eidx,
             xp.asarray(sel, dtype=xp.int32), xp.asarray(sec[:-1], dtype=xp.int32), owner, d, over)
     k(((n + threads - 1) // threads,), (threads,), args)
+    return owner, d, over
+
+
+@functools.lru_cache(maxsize=None)
+def _select_warp_kernel(nnei: int, cap: int, lanes: int):
+    import cupy
+
+    return cupy.RawKernel(_SELECT_WARP_SRC % {"nnei": nnei, "cap": cap, "lanes": lanes}, "select_nb_warp")
+
+
+def select_neighbors_warp(xp, rcut, sel, sec, cpos, cidx, bstart, bcnt, epos, eown, etype, eidx,
+                          cap: int = WARP_CAP):
+    """Same contract and results as :func:`select_neighbors`, one 32-thread block per centre
+    (EXPERIMENTAL). Centres with more than ``cap`` candidates within rcut are redone by
+    select_neighbors (one host synchronisation to find them)."""
+    n = int(cpos.shape[0])
+    nnei = int(sum(sel))
+    owner = xp.full((n, nnei), -1, dtype=xp.int64)
+    d = xp.zeros((n, nnei, 3), dtype=xp.float64)
+    over = xp.zeros(n, dtype=bool)
+    if n == 0:
+        return owner, d, over
+    spill = xp.zeros(n, dtype=bool)
+    cpos = xp.ascontiguousarray(cpos, dtype=xp.float64)
+    cidx = xp.ascontiguousarray(cidx, dtype=xp.int64)
+    bstart = xp.ascontiguousarray(bstart, dtype=xp.int64)
+    bcnt = xp.ascontiguousarray(bcnt, dtype=xp.int64)
+    k = _select_warp_kernel(nnei, int(cap), WARP_LANES)
+    k((n,), (WARP_LANES,), (xp.int64(n), xp.float64(rcut), cpos, cidx, bstart, bcnt, epos, eown, etype,
+                            eidx, xp.asarray(sel, dtype=xp.int32), xp.asarray(sec[:-1], dtype=xp.int32),
+                            owner, d, over, spill))
+    idx = xp.nonzero(spill)[0]
+    if int(idx.shape[0]):
+        o2, d2, v2 = select_neighbors(xp, rcut, sel, sec, cpos[idx], cidx[idx], bstart[idx], bcnt[idx],
+                                      epos, eown, etype, eidx)
+        owner[idx], d[idx], over[idx] = o2, d2, v2
     return owner, d, over

@@ -158,12 +158,16 @@ class NeighborBuilder:
         start = self.bstart[bid]
         cnt = xp.where(inb, self.bcount[bid], 0)
         if self.use_kernel:
-            from dpsnake.engine.kernels import select_neighbors
+            from dpsnake.engine import elementwise, kernels
 
-            owner, dd, overflow = select_neighbors(
-                xp, self.rcut, self.sel, self.sec, self.wrapped[centers], centers, start, cnt,
-                *self.sorted_ext())
-            return self._finish(centers, owner, dd, overflow)
+            args = (xp, self.rcut, self.sel, self.sec, self.wrapped[centers], centers, start, cnt,
+                    *self.sorted_ext())
+            out = None
+            if kernels.select_mode() == "warp":  # experimental; falls back if it cannot run
+                out = elementwise.guarded("select_warp", kernels.select_neighbors_warp, *args)
+            if out is None:
+                out = kernels.select_neighbors(*args)
+            return self._finish(centers, *out)
         k = xp.arange(self.kmax)
         ok = k[None, None, :] < cnt[:, :, None]  # (n, 27, K)
         pos = xp.where(ok, start[:, :, None] + k[None, None, :], 0)
