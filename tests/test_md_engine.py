@@ -144,10 +144,9 @@ def test_early_stop_reasons_and_others_continue(tmp_path, models):
     same = close.copy()
     same.positions[1] = same.positions[0]
     same.write(tmp_path / "same.extxyz")
-    # the NaN walker goes first: the engine (at the time of writing) leaks NaN forces of padded
-    # neighbour slots onto flat atom 0, which would otherwise belong to another walker
-    ws = [walker("nan", str(tmp_path / "same.extxyz"), nsteps=30, trj_freq=5),
-          walker("ok", ok, ensemble="nvt", nsteps=30, trj_freq=5),
+    # the NaN walker sits after "ok": its NaN must not leak onto other walkers' atoms
+    ws = [walker("ok", ok, ensemble="nvt", nsteps=30, trj_freq=5),
+          walker("nan", str(tmp_path / "same.extxyz"), nsteps=30, trj_freq=5),
           walker("cap", ok, ensemble="nvt", nsteps=30, trj_freq=5, max_devi_f_cap=1e-9, max_devi_f_patience=2),
           walker("close", str(tmp_path / "close.extxyz"), nsteps=30, trj_freq=5, min_dist=1.5),
           walker("odd", ok, ensemble="nvt-langevin", nsteps=13, trj_freq=5, min_dist=1.5)]

@@ -1,4 +1,4 @@
-# One job per selected candidate (group them on clusters: --groups label=dft --group-components dft=N).
+# One job per selected candidate; on clusters the SLURM profile groups them (docs/slurm.md: grouping).
 # A failed label is written with label_ok=False (+ task.N.failed.json) and never enters the data.
 
 
