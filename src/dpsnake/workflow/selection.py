@@ -106,7 +106,7 @@ def decide(stats_systems: dict, threshold: float, it: int, stage: int, stage_it:
     why_not = ", ".join(f"{s} {r:.3f}" for s, r in sorted(low.items())) or "no frames explored"
     if stage_conv and last:
         return {"converged": True, "stop": True, "next_stage": None,
-                "reason": f"converged: every system's accurate ratio >= {threshold:g} in the last stage ({stage})"}
+                "reason": f"every system's accurate ratio >= {threshold:g} in the last stage (stage {stage})"}
     if it + 1 >= max_iterations:
         what = f"stage {stage} converged" if stage_conv else f"accurate ratio below {threshold:g}: {why_not}"
         return {"converged": False, "stop": True, "next_stage": None,
