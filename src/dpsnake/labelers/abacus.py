@@ -20,8 +20,8 @@ import shutil
 from dpsnake.errors import UserError
 from dpsnake.labelers.base import LabelResult
 from dpsnake.labelers.io import atomic_write_text
-from dpsnake.labelers.runner import (CommandLabeler, RunOutcome, kmesh, require_dir, result_from_system,
-                                     species_order)
+from dpsnake.labelers.runner import (CommandLabeler, RunOutcome, kmesh, require_dir, require_pseudopotentials,
+                                     result_from_system, species_order)
 
 SUFFIX = "dpsnake"
 OWNED = ("suffix", "calculation", "cal_force", "cal_stress", "pseudo_dir", "orbital_dir", "stru_file",
@@ -48,13 +48,7 @@ class ABACUSLabeler(CommandLabeler):
                  kpts=None, smearing_method: str | None = None, smearing_sigma: float | None = None,
                  input: dict | None = None, command: str = "abacus", **run_keys):
         super().__init__(command, **run_keys)
-        self.pseudo_dir = require_dir(pseudo_dir, "label.pseudo_dir").resolve()
-        if not isinstance(pseudopotentials, dict) or not pseudopotentials:
-            raise UserError("label.pseudopotentials: give a mapping element -> pseudopotential file")
-        for el, fname in pseudopotentials.items():
-            if not (self.pseudo_dir / str(fname)).is_file():
-                raise UserError(f"label.pseudopotentials.{el}: {fname!r} not found in {self.pseudo_dir}")
-        self.pseudopotentials = {str(k): str(v) for k, v in pseudopotentials.items()}
+        self.pseudo_dir, self.pseudopotentials = require_pseudopotentials(pseudo_dir, pseudopotentials)
         if basis_type not in ("pw", "lcao"):
             raise UserError(f"label.basis_type: 'pw' or 'lcao', got {basis_type!r}")
         self.orbital_dir, self.orbitals = None, None

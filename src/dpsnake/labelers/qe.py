@@ -17,7 +17,7 @@ import shutil
 
 from dpsnake.errors import UserError
 from dpsnake.labelers.base import LabelResult
-from dpsnake.labelers.runner import CommandLabeler, RunOutcome, kmesh, require_dir, result_from_system
+from dpsnake.labelers.runner import CommandLabeler, RunOutcome, kmesh, require_pseudopotentials, result_from_system
 
 # namelist entries the labeler sets itself: a user value would break parsing or the scratch layout
 OWNED = {"control": ("calculation", "tprnfor", "tstress", "outdir", "pseudo_dir", "prefix"),
@@ -38,13 +38,7 @@ class QELabeler(CommandLabeler):
                  electrons: dict | None = None, starting_magnetization: dict | None = None,
                  command: str = "pw.x -in {input}", **run_keys):
         super().__init__(command, **run_keys)
-        self.pseudo_dir = require_dir(pseudo_dir, "label.pseudo_dir").resolve()
-        if not isinstance(pseudopotentials, dict) or not pseudopotentials:
-            raise UserError("label.pseudopotentials: give a mapping element -> pseudopotential file")
-        for el, fname in pseudopotentials.items():
-            if not (self.pseudo_dir / str(fname)).is_file():
-                raise UserError(f"label.pseudopotentials.{el}: {fname!r} not found in {self.pseudo_dir}")
-        self.pseudopotentials = {str(k): str(v) for k, v in pseudopotentials.items()}
+        self.pseudo_dir, self.pseudopotentials = require_pseudopotentials(pseudo_dir, pseudopotentials)
         for key, val in (("ecutwfc", ecutwfc), ("ecutrho", ecutrho), ("kspacing", kspacing), ("degauss", degauss)):
             if val is not None and not (isinstance(val, (int, float)) and val > 0):
                 raise UserError(f"label.{key}: must be a positive number, got {val!r}")

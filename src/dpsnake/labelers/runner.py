@@ -189,6 +189,17 @@ def require_dir(path, key: str) -> pathlib.Path:
     return p
 
 
+def require_pseudopotentials(pseudo_dir, pseudopotentials) -> tuple[pathlib.Path, dict]:
+    """label.pseudo_dir and label.pseudopotentials {element: file}: both checked, or a UserError."""
+    folder = require_dir(pseudo_dir, "label.pseudo_dir").resolve()
+    if not isinstance(pseudopotentials, dict) or not pseudopotentials:
+        raise UserError("label.pseudopotentials: give a mapping element -> pseudopotential file")
+    for el, fname in pseudopotentials.items():
+        if not (folder / str(fname)).is_file():
+            raise UserError(f"label.pseudopotentials.{el}: {fname!r} not found in {folder}")
+    return folder, {str(k): str(v) for k, v in pseudopotentials.items()}
+
+
 def kmesh(atoms, kspacing: float) -> list[int]:
     """Monkhorst-Pack mesh for a k-point spacing in 1/A with VASP's convention (2 pi included):
     ``n_i = max(1, ceil(2 pi |b_i| / kspacing))``, b_i the reciprocal vectors without 2 pi; 1 along
