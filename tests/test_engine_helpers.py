@@ -103,3 +103,18 @@ def set_activation(model: dict, act: str):
     walk(model)
     model["descriptor"]["activation_function"] = act
     model["fitting"]["activation_function"] = act
+
+
+def overfull_cuni_batch(m):
+    """Three CuNi systems (compressed fcc with overfull lists, triclinic, non-periodic along c) in one
+    NeighborBuilder for model ``m``; returns (builder, all centre indices)."""
+    from dpsnake.engine.neighbor import NeighborBuilder
+
+    ats = [fcc(a=3.0, rep=(2, 2, 2), ni_frac=0.5, seed=40), triclinic(seed=41, ni_frac=0.5),
+           fcc(rep=(3, 2, 2), ni_frac=0.3, seed=42)]
+    coords = np.concatenate([a.positions for a in ats])
+    atype = np.concatenate([frame(a, ["Cu", "Ni"])[2] for a in ats])
+    system = np.repeat(np.arange(3), [len(a) for a in ats])
+    cells = np.array([a.cell.array for a in ats])
+    nb = NeighborBuilder(np, coords, atype, system, cells, np.array([True, True, False]), m.rcut, m.sel)
+    return nb, np.arange(len(coords))

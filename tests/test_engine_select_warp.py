@@ -12,7 +12,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from test_engine_helpers import fcc, frame, triclinic
+from test_engine_helpers import fcc, frame, overfull_cuni_batch
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
 
@@ -119,14 +119,7 @@ extern "C" void run({ARGS}) {{
         return real(xp, *args)
 
     monkeypatch.setattr(kernels, "select_neighbors", counting)
-    ats = [fcc(a=3.0, rep=(2, 2, 2), ni_frac=0.5, seed=40), triclinic(seed=41, ni_frac=0.5),
-           fcc(rep=(3, 2, 2), ni_frac=0.3, seed=42)]
-    coords = np.concatenate([a.positions for a in ats])
-    atype = np.concatenate([frame(a, ["Cu", "Ni"])[2] for a in ats])
-    system = np.repeat(np.arange(3), [len(a) for a in ats])
-    cells = np.array([a.cell.array for a in ats])
-    nb = NeighborBuilder(np, coords, atype, system, cells, np.array([True, True, False]), m.rcut, m.sel)
-    centers = np.arange(len(coords))
+    nb, centers = overfull_cuni_batch(m)
     ref = nb.chunk(centers)
     nb.use_kernel = True
     got = nb.chunk(centers)
