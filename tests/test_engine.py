@@ -267,3 +267,22 @@ def test_chunking_and_namespace(cu_model):
     assert small["energy"].shape == (1, 1) and small["atom_virial"].shape == (1, len(t), 9)
     assert rel_err(small["force"][0], big["force"][1]) < 1e-13
     assert rel_err(small["virial"][0], big["virial"][0]) < 1e-13
+
+
+def test_compact_slots_equal_full_slots(cuni, monkeypatch):
+    """Dropping the slots that are empty for a whole chunk (plus their constant tail) changes nothing."""
+    from dpsnake.engine import ensemble as E
+
+    tm = ["Cu", "Ni"]
+    at = fcc(rep=(2, 2, 2), ni_frac=0.3, seed=21, a=4.0)  # sparse: far fewer neighbours than sel
+    c, cl, t = frame(at, tm)
+    args = (c[0], t, np.zeros(len(t), int), cl.reshape(1, 3, 3), np.array([True]))
+    kept = []
+    real = E._compact
+    monkeypatch.setattr(E, "_compact", lambda xp, ch, sel: kept.append(real(xp, ch, sel)[1].kept) or real(xp, ch, sel))
+    out = E.Ensemble([cuni["dp"]]).evaluate(*args, atomic=True)
+    assert kept and all((k < np.array([24, 24])).all() for k in kept), kept
+    monkeypatch.setenv("DPSNAKE_COMPACT", "0")
+    full = E.Ensemble([cuni["dp"]]).evaluate(*args, atomic=True)
+    for key in ("energy", "force", "virial", "atom_energy", "atom_virial"):
+        assert rel_err(out[key], full[key]) < 1e-13, key

@@ -6,6 +6,12 @@ Forward (per centre, nnei = sum(sel) slots, DeePMD-kit's definitions):
   gr = Rn^T G / nnei (4, M1); D = gr^T gr[:, :axis] (M1*axis); E = fit(D) + bias.
 Backward by hand (reverse mode) to g = dE/dd (n, nnei, 3), in FP64 for the geometry. The nets run in
 the runtime dtype (float64, or float32 in mixed precision).
+
+Compact slots: the arrays may hold only the first ``kept[t]`` slots of each type block (``Slots``).
+The slots dropped are empty for every centre of the chunk; an empty slot still adds the constant
+Rn_pad^T G(Rn_pad) to gr (Rn_pad = -davg / dstd), so that constant is added back once per block
+(``RuntimeModel.pad_tail``) and nothing of the geometry depends on it. For Cu at sel 152 about half
+of the slots are empty, and the nets, env matrix and scatter then run on half the slots.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ class RuntimeModel:
     fittings: list
     bias: np.ndarray
     fused: list | None = None  # FusedNet per embedding net (CUDA) or None
+    _tails: dict | None = None
 
     @classmethod
     def build(cls, model: DPModel, xp, dtype):
@@ -49,6 +56,56 @@ class RuntimeModel:
                    bias=np.asarray(model.bias, dtype=np.float64), fused=fused)
 
 
+    def net_index(self, ti: int, tt: int) -> int:
+        """Embedding net used by centre type ti for neighbours of type tt."""
+        return tt if self.model.type_one_side else ti + self.model.ntypes * tt
+
+    def pad_tail(self, ti: int, tt: int, kept: int):
+        """(4, M1) sum of Rn_pad^T G(Rn_pad) over the empty slots kept..sel[tt] of block tt (net dtype)."""
+        if self._tails is None:
+            self._tails = {}
+        key = (ti, tt, kept)
+        if key not in self._tails:
+            xp, m = self.xp, self.model
+            a, b = int(m.sec[tt]) + kept, int(m.sec[tt + 1])
+            M1 = m.neuron[-1]
+            if m.desc_exclude[ti, tt] and m.exclude_padding:  # those rows are zeroed
+                tail = xp.zeros((4, M1), dtype=self.dtype)
+            else:
+                rn = xp.asarray((-self.model.davg[ti, a:b] / self.model.dstd[ti, a:b]).astype(self.dtype))
+                G, _ = self.embeddings[self.net_index(ti, tt)].forward(xp, rn[:, 0:1], keep=False)
+                tail = xp.matmul(rn.T, G)
+            self._tails[key] = tail
+        return self._tails[key]
+
+
+@dataclass
+class Slots:
+    """Which slots the chunk arrays hold: ``cols`` (nc,) original slot of each column, ``sec``
+    (ntypes + 1,) block bounds in columns, ``kept`` (ntypes,) slots kept per type block."""
+
+    cols: np.ndarray
+    sec: np.ndarray
+    kept: np.ndarray
+
+    @classmethod
+    def full(cls, sel):
+        sec = np.concatenate([[0], np.cumsum(sel)]).astype(int)
+        return cls(cols=np.arange(sec[-1]), sec=sec, kept=np.asarray(sel, dtype=int))
+
+    @classmethod
+    def from_counts(cls, sel, kept):
+        """Keep the first ``kept[t]`` slots of each block (kept <= sel)."""
+        sec = np.concatenate([[0], np.cumsum(sel)]).astype(int)
+        kept = np.minimum(np.asarray(kept, dtype=int), sel)
+        cols = np.concatenate([np.arange(sec[t], sec[t] + kept[t]) for t in range(len(sel))])
+        return cls(cols=cols.astype(np.int64), sec=np.concatenate([[0], np.cumsum(kept)]).astype(int),
+                   kept=kept)
+
+    def is_full(self, sel) -> bool:
+        return bool(np.array_equal(self.kept, sel))
+
+
 def _switch(xp, r, rs, rc):
     """Quintic switch sw(r) and dsw/dr (DeePMD-kit's compute_smooth_weight)."""
     rcl = xp.clip(r, rs, rc)
@@ -60,13 +117,15 @@ def _switch(xp, r, rs, rc):
     return sw, dsw
 
 
-def energy_and_grad(rm: RuntimeModel, ti: int, d, valid, need_grad: bool = True):
-    """Atomic energies (n,) float64 and g = dE/dd (n, nnei, 3) float64 for centres of type ``ti``.
+def energy_and_grad(rm: RuntimeModel, ti: int, d, valid, need_grad: bool = True, slots: Slots | None = None):
+    """Atomic energies (n,) float64 and g = dE/dd (n, nc, 3) float64 for centres of type ``ti``.
 
-    d (n, nnei, 3) float64 displacements (zero in empty slots), valid (n, nnei) bool.
+    d (n, nc, 3) float64 displacements (zero in empty slots), valid (n, nc) bool; the nc columns are
+    the slots ``slots`` (all nnei = sum(sel) slots if None).
     """
     xp, m = rm.xp, rm.model
     n, nnei = valid.shape
+    slots = Slots.full(m.sel) if slots is None else slots
     if m.atom_exclude[ti]:
         return xp.zeros(n), (xp.zeros((n, nnei, 3)) if need_grad else None)
     from dpsnake.engine import elementwise as ew
@@ -74,24 +133,27 @@ def energy_and_grad(rm: RuntimeModel, ti: int, d, valid, need_grad: bool = True)
     keep = None
     if m.desc_exclude[ti].any():
         # descriptor exclusion: zero rows of real neighbours of an excluded (ti, t) pair
-        tslot = xp.asarray(np.repeat(np.arange(m.ntypes), m.sel))
+        tslot = xp.asarray(np.repeat(np.arange(m.ntypes), m.sel)[slots.cols])
         exrow = xp.asarray(m.desc_exclude[ti])[tslot][None, :]
         exrow = exrow & (True if m.exclude_padding else valid)
         keep = (~exrow).astype(xp.float64)
     p = m.env_protection
+    full = slots.is_full(m.sel)
+    davg = rm.davg[ti] if full else rm.davg[ti][xp.asarray(slots.cols)]
+    rstd = rm.rstd[ti] if full else rm.rstd[ti][xp.asarray(slots.cols)]
     fast_env = keep is None and ew.enabled(xp, "env")
     Rn_c = env = None
     if fast_env:  # CuPy: r, switch, R, Rn in one kernel (sw, q recomputed in the backward one)
-        Rn_c = ew.guarded("env", ew.env_forward, xp, d, valid, rm.davg[ti], rm.rstd[ti],
+        Rn_c = ew.guarded("env", ew.env_forward, xp, d, valid, davg, rstd,
                           m.rcut_smth, m.rcut, p, rm.dtype)
         fast_env = Rn_c is not None
     if not fast_env:
-        Rn_c, env = _env_mat(xp, rm, ti, d, valid, keep)
-    return _nets(rm, ti, Rn_c, d, valid, keep, need_grad, env)
+        Rn_c, env = _env_mat(xp, rm, d, valid, keep, davg, rstd)
+    return _nets(rm, ti, Rn_c, d, valid, keep, need_grad, env, slots, rstd)
 
 
-def _env_mat(xp, rm, ti, d, valid, keep):
-    """Array-code env matrix: Rn (n, nnei, 4) in the net dtype and what the backward needs."""
+def _env_mat(xp, rm, d, valid, keep, davg, rstd):
+    """Array-code env matrix: Rn (n, nc, 4) in the net dtype and what the backward needs."""
     m = rm.model
     vf = valid.astype(xp.float64)
     r = xp.sqrt((d * d).sum(axis=2))
@@ -101,26 +163,29 @@ def _env_mat(xp, rm, ti, d, valid, keep):
     sw, dsw = _switch(xp, rr, m.rcut_smth, m.rcut)
     sw = sw * vf
     R = xp.concatenate([(sw * q)[..., None], (sw * q * q)[..., None] * d], axis=2)
-    Rn = (R - rm.davg[ti]) * rm.rstd[ti]
+    Rn = (R - davg) * rstd
     if keep is not None:
         Rn = Rn * keep[..., None]
     return xp.ascontiguousarray(Rn.astype(rm.dtype)), (vf, rr, q, sw, dsw)
 
 
-def _nets(rm, ti, Rn_c, d, valid, keep, need_grad, env):
+def _nets(rm, ti, Rn_c, d, valid, keep, need_grad, env, slots, rstd):
     """Embedding, descriptor, fitting and (if need_grad) the backward pass from Rn_c."""
     from dpsnake.engine import elementwise as ew
 
     xp, m = rm.xp, rm.model
-    n, nnei = valid.shape
-    sec = m.sec
+    n, nc = valid.shape
+    nnei = m.nnei  # the normalisation counts every slot, kept or not
+    sec = slots.sec
     M1 = m.neuron[-1]
     A = m.axis_neuron
     gr = xp.zeros((n, 4, M1), dtype=rm.dtype)
     Gs = []
     for tt in range(m.ntypes):
         a, b = sec[tt], sec[tt + 1]
-        k = tt if m.type_one_side else ti + m.ntypes * tt
+        k = rm.net_index(ti, tt)
+        if slots.kept[tt] < m.sel[tt]:
+            gr += rm.pad_tail(ti, tt, int(slots.kept[tt]))
         if a == b:
             Gs.append(None)
         elif rm.fused is not None:  # CUDA: embedding + contraction in one kernel, nothing stored
@@ -141,14 +206,14 @@ def _nets(rm, ti, Rn_c, d, valid, keep, need_grad, env):
     ggr = xp.matmul(gr1, gD.transpose(0, 2, 1))  # (n, 4, M1)
     ggr[:, :, :A] += xp.matmul(gr, gD)
     ggr *= 1.0 / nnei
-    gRn = xp.zeros((n, nnei, 4), dtype=rm.dtype)
+    gRn = xp.zeros((n, nc, 4), dtype=rm.dtype)
     if rm.fused is not None:
         ggr = xp.ascontiguousarray(ggr)
     for tt in range(m.ntypes):
         a, b = sec[tt], sec[tt + 1]
         if a == b:
             continue
-        k = tt if m.type_one_side else ti + m.ntypes * tt
+        k = rm.net_index(ti, tt)
         if rm.fused is not None:
             rm.fused[k].backward(Rn_c, ggr, a, b, gRn)
             continue
@@ -158,7 +223,7 @@ def _nets(rm, ti, Rn_c, d, valid, keep, need_grad, env):
         gRn[:, a:b, :] = xp.matmul(G, ggr.transpose(0, 2, 1))
         gRn[:, a:b, 0:1] += net.backward(xp, gG, cache)
     if env is None:  # fused chain rule (CuPy); empty slots give exactly 0
-        g = ew.guarded("env", ew.env_backward, xp, gRn, d, valid, rm.rstd[ti], m.rcut_smth,
+        g = ew.guarded("env", ew.env_backward, xp, gRn, d, valid, rstd, m.rcut_smth,
                        m.rcut, m.env_protection)
         if g is not None:
             return e, g
@@ -169,7 +234,7 @@ def _nets(rm, ti, Rn_c, d, valid, keep, need_grad, env):
         sw = sw * vf
     else:
         vf, rr, q, sw, dsw = env
-    gR = gRn.astype(xp.float64) * rm.rstd[ti]
+    gR = gRn.astype(xp.float64) * rstd
     if keep is not None:
         gR = gR * keep[..., None]
     gR = gR * vf[..., None]

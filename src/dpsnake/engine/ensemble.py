@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 
 from dpsnake.engine import elementwise
-from dpsnake.engine.descriptor import RuntimeModel, energy_and_grad
+from dpsnake.engine.descriptor import RuntimeModel, Slots, energy_and_grad
 from dpsnake.engine.model import DPModel, load_model
 from dpsnake.engine.neighbor import NeighborBuilder
 from dpsnake.engine.xp import array_namespace, to_numpy
@@ -145,12 +145,13 @@ class Ensemble:
                 centers = xp.asarray(order[a:min(stop, a + csize)])
                 ch = nb.chunk(centers)
                 overflow.append(ch.overflow.sum())
+                ch, slots = _compact(xp, ch, m0.sel)
                 # empty slots point at their own centre (with g masked to 0 there) rather than at
                 # atom 0: no NaN can reach another system, and no atomics pile up on one address
                 own = xp.where(ch.valid, ch.owner, centers[:, None])
                 sysc = system[centers]
                 for j, rt in enumerate(rts):
-                    e, g = energy_and_grad(rt, ti, ch.d, ch.valid)
+                    e, g = energy_and_grad(rt, ti, ch.d, ch.valid, slots=slots)
                     g = xp.where(ch.valid[..., None], g, 0.0)  # NaN * 0 would still be NaN
                     energy_atom[j, centers] = e
                     # F = -dE/dr with d = r_nb - r_c: centre gets +sum g, neighbour gets -g
@@ -177,6 +178,25 @@ class Ensemble:
             out["atom_energy"] = energy_atom
             out["atom_virial"] = atom_virial
         return out
+
+
+def _compact(xp, ch, sel):
+    """Drop the trailing slots of each type block that are empty for every centre of the chunk.
+
+    Selection fills each block from its start, so block t needs only max_i(count_i,t) columns.
+    Returns the narrower chunk and its :class:`Slots` (one host sync for the counts).
+    """
+    if os.environ.get("DPSNAKE_COMPACT", "1") == "0":
+        return ch, Slots.full(sel)
+    sec = np.concatenate([[0], np.cumsum(sel)]).astype(int)
+    counts = xp.stack([ch.valid[:, sec[t]:sec[t + 1]].sum(axis=1).max() for t in range(len(sel))])
+    kept = to_numpy(counts).astype(int)
+    if np.array_equal(kept, sel):
+        return ch, Slots.full(sel)
+    slots = Slots.from_counts(sel, kept)
+    cols = xp.asarray(slots.cols)
+    return type(ch)(centers=ch.centers, owner=ch.owner[:, cols], d=ch.d[:, cols],
+                    valid=ch.valid[:, cols], overflow=ch.overflow), slots
 
 
 def _scatter_add(xp, target, index, values):
