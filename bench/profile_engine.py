@@ -23,19 +23,24 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "src"))
 
-FAST_CONFIGS = ("0", "env", "nets", "scatter", "all", "all+warp")  # +warp: DPSNAKE_SELECT=warp
+# DPSNAKE_FAST setting, then flags: +warp (DPSNAKE_SELECT=warp), +full (DPSNAKE_COMPACT=0: every
+# slot), +fused (DPSNAKE_FUSED=1: fused embedding kernels)
+FAST_CONFIGS = ("0", "all+warp+full", "all+warp", "all+warp+fused", "all+warp+fused+full")
+_VARS = ("DPSNAKE_FAST", "DPSNAKE_SELECT", "DPSNAKE_COMPACT", "DPSNAKE_FUSED")
 
 
 def _set_config(cfg):
-    """Set DPSNAKE_FAST (and DPSNAKE_SELECT for a "+warp" configuration)."""
-    fast, _, sel = cfg.partition("+")
+    """Set the environment variables of configuration ``cfg`` (see FAST_CONFIGS)."""
+    fast, *flags = cfg.split("+")
     os.environ["DPSNAKE_FAST"] = fast
-    os.environ["DPSNAKE_SELECT"] = "warp" if sel == "warp" else "thread"
+    os.environ["DPSNAKE_SELECT"] = "warp" if "warp" in flags else "thread"
+    os.environ["DPSNAKE_COMPACT"] = "0" if "full" in flags else "1"
+    os.environ["DPSNAKE_FUSED"] = "1" if "fused" in flags else "0"
 
 
 def _clear_config():
-    os.environ.pop("DPSNAKE_FAST", None)
-    os.environ.pop("DPSNAKE_SELECT", None)
+    for v in _VARS:
+        os.environ.pop(v, None)
 
 
 def _systems(ntypes, rng):
@@ -158,7 +163,7 @@ def main() -> int:
     from ase.build import bulk
 
     from dpsnake.engine.descriptor import energy_and_grad
-    from dpsnake.engine.ensemble import Ensemble
+    from dpsnake.engine.ensemble import Ensemble, _compact
     from dpsnake.engine.neighbor import NeighborBuilder
 
     xp = np
@@ -221,7 +226,8 @@ def main() -> int:
         for cfg in FAST_CONFIGS:
             _set_config(cfg)
             try:
-                rows[f"full call, {cfg}"], _ = timed(full)
+                e2 = Ensemble([a.model], precision=a.precision)  # runtimes depend on the config
+                rows[f"full call, {cfg}"], _ = timed(lambda: e2.evaluate(coords, atype, system, cells, pbc))
             except Exception as exc:  # an unverified kernel failed: report, keep the table
                 print(f"config {cfg} failed: {type(exc).__name__}: {exc}")
         _clear_config()
@@ -232,13 +238,15 @@ def main() -> int:
     rows["neighbour build (images, bins)"], nb = timed(build)
     nb.sorted_ext()
     rows["neighbour select (chunk)"], ch = timed(lambda: nb.chunk(centers))
+    rows["compact slots"], (ch, slots) = timed(lambda: _compact(xp, ch, m.sel))
     rt = ens._rt(xp, 0)
-    rows["forward (energy only)"], _ = timed(lambda: energy_and_grad(rt, 0, ch.d, ch.valid, need_grad=False))
-    rows["forward + backward"], _ = timed(lambda: energy_and_grad(rt, 0, ch.d, ch.valid))
+    rows["forward (energy only)"], _ = timed(lambda: energy_and_grad(rt, 0, ch.d, ch.valid, need_grad=False,
+                                                                     slots=slots))
+    rows["forward + backward"], _ = timed(lambda: energy_and_grad(rt, 0, ch.d, ch.valid, slots=slots))
     rows["backward (difference)"] = rows["forward + backward"] - rows["forward (energy only)"]
     rows["rest (full - neighbours - forward - backward)"] = (
         rows["full call"] - rows["neighbour build (images, bins)"] - rows["neighbour select (chunk)"]
-        - rows["forward + backward"])
+        - rows["compact slots"] - rows["forward + backward"])
     if a.ops:
         try:
             rows.update(ops(xp, rt, ch, timed))

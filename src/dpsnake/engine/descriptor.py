@@ -45,9 +45,10 @@ class RuntimeModel:
         fused = None
         name = np.dtype(dtype).name
         if kernels.fused_enabled(xp, name):
-            from dpsnake.engine.fused import get_fused
+            from dpsnake.engine.fused import get_fused, supported
 
-            fused = [None if n is None else get_fused(n, name) for n in model.embeddings]
+            # a net the kernels cannot run (activation, shape) keeps the array code
+            fused = [None if n is None or supported(n) else get_fused(n, name) for n in model.embeddings]
         return cls(model=model, xp=xp, dtype=dtype,
                    davg=xp.asarray(model.davg, dtype=xp.float64),
                    rstd=xp.asarray(1.0 / model.dstd, dtype=xp.float64),
@@ -188,8 +189,9 @@ def _nets(rm, ti, Rn_c, d, valid, keep, need_grad, env, slots, rstd):
             gr += rm.pad_tail(ti, tt, int(slots.kept[tt]))
         if a == b:
             Gs.append(None)
-        elif rm.fused is not None:  # CUDA: embedding + contraction in one kernel, nothing stored
+        elif rm.fused is not None and rm.fused[k] is not None:  # CUDA: G never stored
             rm.fused[k].forward(Rn_c, a, b, gr)
+            Gs.append(None)
         else:
             G, cache = rm.embeddings[k].forward(xp, Rn_c[:, a:b, 0:1], keep=need_grad)
             gr += xp.matmul(Rn_c[:, a:b, :].transpose(0, 2, 1), G)
@@ -209,12 +211,13 @@ def _nets(rm, ti, Rn_c, d, valid, keep, need_grad, env, slots, rstd):
     gRn = xp.zeros((n, nc, 4), dtype=rm.dtype)
     if rm.fused is not None:
         ggr = xp.ascontiguousarray(ggr)
+        Rn_c = xp.ascontiguousarray(Rn_c)
     for tt in range(m.ntypes):
         a, b = sec[tt], sec[tt + 1]
         if a == b:
             continue
         k = rm.net_index(ti, tt)
-        if rm.fused is not None:
+        if rm.fused is not None and rm.fused[k] is not None:
             rm.fused[k].backward(Rn_c, ggr, a, b, gRn)
             continue
         G, cache = Gs[tt]

@@ -167,8 +167,8 @@ def enabled(xp) -> bool:
 
 
 def fused_enabled(xp, dtype: str) -> bool:
-    """Experimental fused embedding kernels (fused.py): DPSNAKE_FUSED = "1" (on GPU), "auto" (FP32
-    nets only), "0" (default: the cuBLAS array code, measured faster)."""
+    """Fused embedding kernels (fused.py, not yet verified on a GPU): DPSNAKE_FUSED = "1" (on GPU),
+    "auto" (FP32 nets only), "0" (default: the cuBLAS array code)."""
     if not enabled(xp):
         return False
     mode = os.environ.get("DPSNAKE_FUSED", "0")
