@@ -80,51 +80,6 @@ extern "C" void run(long long n, double rcut, const double* cpos, const long lon
     np.testing.assert_allclose(got.d, ref.d, rtol=0, atol=1e-14)
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_fused_embedding_kernel_matches_nets(cu_model, tmp_path, dtype):
-    from dpsnake.engine.fused import _source, _Spec
-    from dpsnake.engine.model import load_model
-    from dpsnake.engine.nets import Layer, Net
-
-    rng = np.random.default_rng(3)
-
-    def lay(i, o, act, idt=True):
-        return Layer(rng.normal(size=(i, o)) * 0.5, rng.normal(size=o) * 0.1,
-                     rng.normal(size=o) if idt else None, act, True)
-
-    nets = [load_model(cu_model["dp"]).embeddings[0]]
-    nets += [Net([lay(1, 6, a), lay(6, 6, a), lay(6, 12, a, False)])
-             for a in ("relu6", "softplus", "sigmoid", "gelu", "silu", "silut:1.5")]
-    npdt = np.float32 if dtype == "float32" else np.float64
-    tol = 1e-5 if dtype == "float32" else 1e-13
-    for k, net in enumerate(nets):
-        spec = _Spec(net)
-        lib = _build(tmp_path, f"fused{k}", _source(spec, dtype) + """
-extern "C" void set_cw(const T* w) { memcpy(CW, w, sizeof(CW)); }
-extern "C" void fwd(const T* Rn, int n, int nnei, int a, int b, T* gr) {
-  blockDim.x = 1; threadIdx.x = 0; for (int i = 0; i < n; ++i) { blockIdx.x = i; emb_fwd(Rn, nnei, a, b, gr); } }
-extern "C" void bwd(const T* Rn, const T* dgr, int n, int nnei, int a, int b, T* g) {
-  blockDim.x = 1; threadIdx.x = 0; for (int i = 0; i < n; ++i) { blockIdx.x = i; emb_bwd(Rn, dgr, nnei, a, b, g); } }
-""")
-        lib.set_cw(_ptr(spec.pack(net).astype(npdt)))
-        n, nnei, a, b = 3, 11, 2, 9
-        Rn = rng.normal(size=(n, nnei, 4)).astype(npdt)
-        M = spec.sizes[-1]
-        gr = np.zeros((n, 4, M), npdt)
-        lib.fwd(_ptr(Rn), n, nnei, a, b, _ptr(gr))
-        netc = net.to(np, npdt)
-        G, cache = netc.forward(np, Rn[:, a:b, 0:1])
-        ref = np.matmul(Rn[:, a:b, :].transpose(0, 2, 1), G)
-        assert np.abs(gr - ref).max() <= tol * np.abs(ref).max()
-        dgr = rng.normal(size=(n, 4, M)).astype(npdt)
-        g = np.zeros((n, nnei, 4), npdt)
-        lib.bwd(_ptr(Rn), _ptr(dgr), n, nnei, a, b, _ptr(g))
-        gref = np.matmul(G, dgr.transpose(0, 2, 1))
-        gref[:, :, 0:1] += netc.backward(np, np.matmul(Rn[:, a:b, :], dgr), cache)
-        assert np.abs(g[:, a:b] - gref).max() <= tol * np.abs(gref).max()
-        assert not g[:, :a].any() and not g[:, b:].any()
-
-
 @pytest.fixture(scope="module")
 def cuni(dp_model):
     return dp_model(data="CuNi")
