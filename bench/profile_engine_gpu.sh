@@ -1,8 +1,9 @@
 #!/bin/bash
-# One device run of the engine's GPU checks and timings (see docs/benchmarks.md, "Fused elementwise
-# kernels"): NumPy vs CuPy agreement of every fused-kernel setting on the test and benchmark models,
-# the stage profile and DPSNAKE_FAST ablation (mixed and double), a per-function profile with
-# CUDA_LAUNCH_BLOCKING=1, and bench_engine.py timings (no DeePMD-kit). Needs the git-ignored .whl/
+# One device run of the engine's GPU checks and timings (see docs/benchmarks.md): NumPy vs CuPy
+# agreement of every configuration of profile_engine.FAST_CONFIGS (array code, compact or every slot,
+# fused embedding kernels) on the test and benchmark models, the stage profile and ablation (mixed
+# and double), a per-function profile with CUDA_LAUNCH_BLOCKING=1, and bench_engine.py timings with
+# the default settings and with DPSNAKE_FUSED=1 (no DeePMD-kit). Needs the git-ignored .whl/
 # (ase and array_api_compat wheels, models/); writes under $OUT (default ./gpu_out).
 #   bash bench/profile_engine_gpu.sh
 set -o pipefail
@@ -17,15 +18,17 @@ F64=$M/cu_float64_1/model.dp
 LOG=$OUT/log.txt
 { date -u; nvidia-smi --query-gpu=name,driver_version --format=csv; } 2>&1 | tee "$LOG"
 echo "== check" | tee -a "$LOG"
-timeout 90 python3 bench/profile_engine.py "$F64" --precision double --walkers 8 --repeat 1 \
+timeout 240 python3 bench/profile_engine.py "$F64" --precision double --walkers 8 --repeat 1 \
     --check "$F32" $M/t_cu.dp $M/t_cuni.dp $M/t_tos32.dp --json "$OUT/check.json" 2>&1 | tee -a "$LOG"
 echo "== profile mixed" | tee -a "$LOG"
-timeout 45 python3 bench/profile_engine.py "$F32" --precision mixed --ablation --ops --json "$OUT/prof_mixed.json" \
+timeout 90 python3 bench/profile_engine.py "$F32" --precision mixed --ablation --ops --json "$OUT/prof_mixed.json" \
     2>&1 | tee -a "$LOG"
 echo "== bench" | tee -a "$LOG"
 timeout 80 python3 bench/bench_engine.py $M --reps 4 8 --json "$OUT/bench.json" 2>&1 | tee -a "$LOG"
+echo "== bench, fused embedding kernels" | tee -a "$LOG"
+DPSNAKE_FUSED=1 timeout 80 python3 bench/bench_engine.py $M --reps 4 8 --json "$OUT/bench_fused.json" 2>&1 | tee -a "$LOG"
 echo "== profile double" | tee -a "$LOG"
-timeout 40 python3 bench/profile_engine.py "$F64" --precision double --ablation --ops --json "$OUT/prof_double.json" \
+timeout 90 python3 bench/profile_engine.py "$F64" --precision double --ablation --ops --json "$OUT/prof_double.json" \
     2>&1 | tee -a "$LOG"
 echo "== cprofile mixed (CUDA_LAUNCH_BLOCKING=1)" | tee -a "$LOG"
 CUDA_LAUNCH_BLOCKING=1 timeout 30 python3 bench/profile_engine.py "$F32" --cprofile 30 2>&1 | tee -a "$LOG"
