@@ -56,7 +56,6 @@ class RuntimeModel:
                    fittings=[None if n is None else n.to(xp, dtype) for n in model.fittings],
                    bias=np.asarray(model.bias, dtype=np.float64), fused=fused)
 
-
     def net_index(self, ti: int, tt: int) -> int:
         """Embedding net used by centre type ti for neighbours of type tt."""
         return tt if self.model.type_one_side else ti + self.model.ntypes * tt

@@ -26,7 +26,6 @@ default only once it is measured faster than the array code.
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import numpy as np
@@ -180,7 +179,7 @@ def _source(spec: _Spec, dtype: str) -> str:
     vw = spec.vw
     V = "float4" if T == "float" else "double2"
     L = spec.layers
-    top, last = L[:-1], L[-1]
+    last = L[-1]
     M, NIN = last["nout"], last["nin"]
     nl = len(L)
     hid_f, src = [], "h0"
@@ -200,7 +199,7 @@ def _source(spec: _Spec, dtype: str) -> str:
     bias = f"SW[{last['b']} + j]" if last["b"] is not None else "(T)0"
     idt = f"SW[{last['idt']} + j]" if last["idt"] is not None else "(T)1"
     # forward: the last layer in groups of 8 columns, reduce-scattered over the warp
-    col = [f"T v[32];", "#pragma unroll", "for (int q = 0; q < 8; ++q) {", "  const int j = jj + q;",
+    col = ["T v[32];", "#pragma unroll", "for (int q = 0; q < 8; ++q) {", "  const int j = jj + q;",
            "  T y = (T)0;", f"  if ({'true' if M % 8 == 0 else 'j < M'}) {{", f"    T z = {bias};"]
     col += ["    " + x for x in _dot_row(last, "j", htop, "z", vw=vw)]
     col += [f"    T d; {_act_code(last['act'])}", f"    y *= {idt};", "  }",
