@@ -16,7 +16,7 @@ network shape and dtype; the layer math is nets.py's (act, idt, resnet). The arr
 GEMMs + elementwise kernels) is the reference these kernels are tested against.
 
 STATUS: off by default (DPSNAKE_FUSED=1 turns them on). Checked in CI without a GPU: the generated
-source compiles for sm_90 with NVRTC (tests/test_engine_cuda_compile.py; ptxas: forward 127
+source compiles for sm_90 with NVRTC (tests/test_engine_cuda_compile.py; ptxas: forward 111
 registers, no spills; backward 255 registers, 56 bytes of spills in FP32), and the same source,
 compiled with g++ and run with real 32-lane warps of std::threads, matches nets.py to 1e-12 (FP64) /
 2e-5 (FP32) (tests/test_engine_fused.py). Not yet timed on a GPU: `bench/profile_engine.py
@@ -107,17 +107,19 @@ _LANES = "xyzw"
 
 def _dot_row(L, row: str, src: str, z: str, wname: str | None = None, vw: int = 4) -> list:
     """Code for z += sum_k src[k] * W^T[row][k] with vector loads (k static); the loaded vectors are
-    kept as wname0, wname1, ... when wname is given."""
-    c = []
+    named wname0, wname1, ... (for reuse by the caller) when wname is given. Odd k go to a second
+    accumulator so that the chain of dependent FMAs is half as long. Call sites are per-column
+    scopes, so the names declared here are local to one column."""
+    c = [f"T {z}1_ = (T)0;"]
     for q in range(L["ninp"] // vw):
-        w = f"{wname}{q}" if wname else "w_"
-        c.append(f"{'const V ' if wname else '{ const V '}{w} = *(const V*)(SW + {L['w']} + ({row}) * {L['ninp']} + {q * vw});")
+        w = f"{wname or 'w_'}{q}"
+        c.append(f"const V {w} = *(const V*)(SW + {L['w']} + ({row}) * {L['ninp']} + {q * vw});")
         for e in range(vw):
             k = q * vw + e
             if k < L["nin"]:
-                c.append(f"{z} = FMA({src}[{k}], {w}.{_LANES[e]}, {z});")
-        if not wname:
-            c.append("}")
+                acc = z if k % 2 == 0 else f"{z}1_"
+                c.append(f"{acc} = FMA({src}[{k}], {w}.{_LANES[e]}, {acc});")
+    c.append(f"{z} += {z}1_;")
     return c
 
 
