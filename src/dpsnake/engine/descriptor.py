@@ -81,12 +81,14 @@ class RuntimeModel:
 
 @dataclass
 class Slots:
-    """Which slots the chunk arrays hold: ``cols`` (nc,) original slot of each column, ``sec``
-    (ntypes + 1,) block bounds in columns, ``kept`` (ntypes,) slots kept per type block."""
+    """Which slots the chunk arrays hold: ``cols`` (nc,) original slot of each column (NumPy, and
+    ``xcols`` the same in the arrays' namespace), ``sec`` (ntypes + 1,) block bounds in columns,
+    ``kept`` (ntypes,) slots kept per type block."""
 
     cols: np.ndarray
     sec: np.ndarray
     kept: np.ndarray
+    xcols: object = None
 
     @classmethod
     def full(cls, sel):
@@ -94,13 +96,13 @@ class Slots:
         return cls(cols=np.arange(sec[-1]), sec=sec, kept=np.asarray(sel, dtype=int))
 
     @classmethod
-    def from_counts(cls, sel, kept):
+    def from_counts(cls, sel, kept, xp=np):
         """Keep the first ``kept[t]`` slots of each block (kept <= sel)."""
         sec = np.concatenate([[0], np.cumsum(sel)]).astype(int)
         kept = np.minimum(np.asarray(kept, dtype=int), sel)
-        cols = np.concatenate([np.arange(sec[t], sec[t] + kept[t]) for t in range(len(sel))])
-        return cls(cols=cols.astype(np.int64), sec=np.concatenate([[0], np.cumsum(kept)]).astype(int),
-                   kept=kept)
+        cols = np.concatenate([np.arange(sec[t], sec[t] + kept[t]) for t in range(len(sel))]).astype(np.int64)
+        return cls(cols=cols, sec=np.concatenate([[0], np.cumsum(kept)]).astype(int), kept=kept,
+                   xcols=xp.asarray(cols))
 
     def is_full(self, sel) -> bool:
         return bool(np.array_equal(self.kept, sel))
@@ -138,9 +140,11 @@ def energy_and_grad(rm: RuntimeModel, ti: int, d, valid, need_grad: bool = True,
         exrow = exrow & (True if m.exclude_padding else valid)
         keep = (~exrow).astype(xp.float64)
     p = m.env_protection
-    full = slots.is_full(m.sel)
-    davg = rm.davg[ti] if full else rm.davg[ti][xp.asarray(slots.cols)]
-    rstd = rm.rstd[ti] if full else rm.rstd[ti][xp.asarray(slots.cols)]
+    if slots.is_full(m.sel):
+        davg, rstd = rm.davg[ti], rm.rstd[ti]
+    else:  # the columns moved to the device once per chunk, not once per model
+        xcols = slots.xcols if slots.xcols is not None else xp.asarray(slots.cols)
+        davg, rstd = rm.davg[ti][xcols], rm.rstd[ti][xcols]
     fast_env = keep is None and ew.enabled(xp, "env")
     Rn_c = env = None
     if fast_env:  # CuPy: r, switch, R, Rn in one kernel (sw, q recomputed in the backward one)

@@ -185,16 +185,19 @@ def _compact(xp, ch, sel):
 
     Selection fills each block from its start, so block t needs only max_i(count_i,t) columns.
     Returns the narrower chunk and its :class:`Slots` (one host sync for the counts).
+    DPSNAKE_COMPACT: "1" on, "0" off, "auto" (default) on for NumPy and off for CuPy until it has
+    been checked and timed on a GPU (bench/profile_engine_gpu.sh does both).
     """
-    if os.environ.get("DPSNAKE_COMPACT", "1") == "0":
+    mode = os.environ.get("DPSNAKE_COMPACT", "auto")
+    if mode == "0" or (mode == "auto" and xp is not np):
         return ch, Slots.full(sel)
     sec = np.concatenate([[0], np.cumsum(sel)]).astype(int)
     counts = xp.stack([ch.valid[:, sec[t]:sec[t + 1]].sum(axis=1).max() for t in range(len(sel))])
     kept = to_numpy(counts).astype(int)
     if np.array_equal(kept, sel):
         return ch, Slots.full(sel)
-    slots = Slots.from_counts(sel, kept)
-    cols = xp.asarray(slots.cols)
+    slots = Slots.from_counts(sel, kept, xp)
+    cols = slots.xcols
     return type(ch)(centers=ch.centers, owner=ch.owner[:, cols], d=ch.d[:, cols],
                     valid=ch.valid[:, cols], overflow=ch.overflow), slots
 
