@@ -7,60 +7,16 @@ from __future__ import annotations
 
 import ctypes
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
+from test_engine_helpers import THREADED_CUDA_STUB, build_cpp
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
 
-STUB = r"""#include <cmath>
-#include <barrier>
-#include <mutex>
-#include <thread>
-#include <vector>
-#define __global__
-#define __restrict__
-#define __launch_bounds__(...)
-#define __shared__
-#define __align__(x)
-using std::fabs;
-struct float4 { float x, y, z, w; };
-struct double2 { double x, y; };
-struct D3 { unsigned x, y, z; };
-static D3 blockDim, blockIdx, gridDim;
-static thread_local D3 threadIdx;
-alignas(16) unsigned char smem_[1 << 20];
-static std::barrier<>* BAR;
-static std::barrier<>* WBAR[32];
-static double SHFL[1024];
-static std::mutex ATOM;
-static void __syncthreads() { BAR->arrive_and_wait(); }
-template <class X> X __shfl_xor_sync(unsigned, X v, int off) {
-  const unsigned t = threadIdx.x, w = t / 32;
-  SHFL[t] = (double)v;
-  WBAR[w]->arrive_and_wait();
-  const X r = (X)SHFL[(t & ~31u) | ((t & 31u) ^ (unsigned)off)];
-  WBAR[w]->arrive_and_wait();
-  return r;
-}
-template <class X> X atomicAdd(X* a, X v) { std::lock_guard<std::mutex> g(ATOM); X o = *a; *a += v; return o; }
-"""
-
+# the kernels' dynamic shared memory (declared at block scope there): one global buffer here
+SMEM = "alignas(16) unsigned char smem_[1 << 20];\n"
 LAUNCH = r"""
-template <class F> static void launch(unsigned grid, unsigned block, F body) {
-  gridDim.x = grid; blockDim.x = block;
-  std::barrier<> bar(block); BAR = &bar;
-  std::vector<std::barrier<>*> wb;
-  for (unsigned w = 0; w < (block + 31) / 32; ++w) { WBAR[w] = new std::barrier<>(block - 32 * w < 32 ? block - 32 * w : 32); }
-  for (unsigned g = 0; g < grid; ++g) {
-    blockIdx.x = g;
-    std::vector<std::thread> ts;
-    for (unsigned t = 0; t < block; ++t) ts.emplace_back([=] { threadIdx.x = t; body(); });
-    for (auto& t : ts) t.join();
-  }
-  for (unsigned w = 0; w < (block + 31) / 32; ++w) delete WBAR[w];
-}
 extern "C" void fwd(unsigned grid, unsigned block, const T* Rn, long long n, int nc, int a, int b,
                     const T* W, T* gr) {
   launch(grid, block, [=] { emb_fwd(Rn, n, nc, a, b, W, gr); });
@@ -77,13 +33,8 @@ def _ptr(a):
 
 
 def _build(tmp_path, name, src):
-    cpp = tmp_path / f"{name}.cpp"
-    # the kernel declares its dynamic shared memory at block scope; here it is the global buffer
-    cpp.write_text(STUB + src.replace("extern __shared__ __align__(16) unsigned char smem_[];", "") + LAUNCH)
-    so = tmp_path / f"{name}.so"
-    subprocess.run(["g++", "-O1", "-std=c++20", "-pthread", "-shared", "-fPIC", "-o", str(so), str(cpp)],
-                   check=True)
-    return ctypes.CDLL(str(so))
+    body = src.replace("extern __shared__ __align__(16) unsigned char smem_[];", "")
+    return build_cpp(tmp_path, name, THREADED_CUDA_STUB + SMEM + body + LAUNCH)
 
 
 def _nets(cu_model):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import subprocess
 
 import numpy as np
 
@@ -118,3 +120,61 @@ def overfull_cuni_batch(m):
     cells = np.array([a.cell.array for a in ats])
     nb = NeighborBuilder(np, coords, atype, system, cells, np.array([True, True, False]), m.rcut, m.sel)
     return nb, np.arange(len(coords))
+
+
+# CUDA emulation on the CPU: every thread of a block is a std::thread; blocks run one after another.
+# __syncthreads is a block barrier, warp shuffles go through a per-warp barrier, atomics are real;
+# __shared__ locals are static (one copy, shared by the block's threads).
+THREADED_CUDA_STUB = r"""#include <cmath>
+#include <barrier>
+#include <mutex>
+#include <thread>
+#include <vector>
+#define __global__
+#define __restrict__
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(x)
+using std::fabs;
+struct float4 { float x, y, z, w; };
+struct double2 { double x, y; };
+struct D3 { unsigned x, y, z; };
+static D3 blockDim, blockIdx, gridDim;
+static thread_local D3 threadIdx;
+static std::barrier<>* BAR;
+static std::barrier<>* WBAR[32];
+static double SHFL[1024];
+static std::mutex ATOM;
+static void __syncthreads() { BAR->arrive_and_wait(); }
+template <class X> X __shfl_xor_sync(unsigned, X v, int off) {
+  const unsigned t = threadIdx.x, w = t / 32;
+  SHFL[t] = (double)v;
+  WBAR[w]->arrive_and_wait();
+  const X r = (X)SHFL[(t & ~31u) | ((t & 31u) ^ (unsigned)off)];
+  WBAR[w]->arrive_and_wait();
+  return r;
+}
+template <class X> X atomicAdd(X* a, X v) { std::lock_guard<std::mutex> g(ATOM); X o = *a; *a += v; return o; }
+template <class F> static void launch(unsigned grid, unsigned block, F body) {
+  gridDim.x = grid; blockDim.x = block;
+  std::barrier<> bar(block); BAR = &bar;
+  for (unsigned w = 0; w < (block + 31) / 32; ++w) WBAR[w] = new std::barrier<>(block - 32 * w < 32 ? block - 32 * w : 32);
+  for (unsigned g = 0; g < grid; ++g) {
+    blockIdx.x = g;
+    std::vector<std::thread> ts;
+    for (unsigned t = 0; t < block; ++t) ts.emplace_back([=] { threadIdx.x = t; body(); });
+    for (auto& t : ts) t.join();
+  }
+  for (unsigned w = 0; w < (block + 31) / 32; ++w) delete WBAR[w];
+}
+"""
+
+
+def build_cpp(tmp_path, name, src):
+    """Compile C++ ``src`` (CUDA source behind a stub) into a shared library and load it."""
+    cpp = tmp_path / f"{name}.cpp"
+    cpp.write_text(src)
+    so = tmp_path / f"{name}.so"
+    subprocess.run(["g++", "-O1", "-std=c++20", "-pthread", "-shared", "-fPIC", "-o", str(so), str(cpp)],
+                   check=True)
+    return ctypes.CDLL(str(so))

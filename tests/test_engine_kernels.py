@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import ctypes
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
 
-from test_engine_helpers import overfull_cuni_batch
+from test_engine_helpers import build_cpp, overfull_cuni_batch
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
 
@@ -30,11 +29,7 @@ static void __syncthreads() {}
 
 
 def _build(tmp_path, name, src):
-    cpp = tmp_path / f"{name}.cpp"
-    cpp.write_text(STUB + src)
-    so = tmp_path / f"{name}.so"
-    subprocess.run(["g++", "-O1", "-shared", "-fPIC", "-o", str(so), str(cpp)], check=True)
-    return ctypes.CDLL(str(so))
+    return build_cpp(tmp_path, name, STUB + src)
 
 
 def _ptr(a):

@@ -7,29 +7,13 @@ from __future__ import annotations
 
 import ctypes
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
 
-from test_engine_helpers import fcc, frame, overfull_cuni_batch
+from test_engine_helpers import THREADED_CUDA_STUB, build_cpp, fcc, frame, overfull_cuni_batch
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
-
-STUB = r"""#include <cmath>
-#include <barrier>
-#include <thread>
-#include <vector>
-#define __global__
-#define __restrict__
-#define __shared__ static
-struct D3 { unsigned x, y, z; };
-static D3 blockDim, blockIdx;
-static thread_local D3 threadIdx;
-static std::barrier<>* BAR;
-static void __syncthreads() { BAR->arrive_and_wait(); }
-template <class X> X atomicAdd(X* a, X v) { return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); }
-"""
 
 SERIAL_STUB = """#include <cmath>
 #define __global__
@@ -42,15 +26,6 @@ ARGS = ("long long n, double rcut, const double* cpos, const long long* cidx, co
         "const long long* bc, const double* ep, const long long* eo, const long long* et, "
         "const long long* ei, const int* sel, const int* sec, long long* ow, double* d, bool* ov")
 CALL = "n, rcut, cpos, cidx, bs, bc, ep, eo, et, ei, sel, sec, ow, d, ov"
-
-
-def _build(tmp_path, name, src, flags=()):
-    cpp = tmp_path / f"{name}.cpp"
-    cpp.write_text(src)
-    so = tmp_path / f"{name}.so"
-    subprocess.run(["g++", "-O1", "-std=c++20", "-shared", "-fPIC", *flags, "-o", str(so), str(cpp)],
-                   check=True)
-    return ctypes.CDLL(str(so))
 
 
 class _Launch:
@@ -86,21 +61,12 @@ def test_warp_select_kernel_matches_array_code(cuni, tmp_path, monkeypatch, cap)
     m = load_model(cuni["dp"])
     nnei, nt = m.nnei, m.ntypes
     lanes = kernels.WARP_LANES
-    warp = _build(tmp_path, f"warp{cap}", STUB + kernels._SELECT_WARP_SRC % {
+    warp = build_cpp(tmp_path, f"warp{cap}", THREADED_CUDA_STUB + kernels._SELECT_WARP_SRC % {
         "nnei": nnei, "cap": cap, "lanes": lanes} + f"""
 extern "C" void run({ARGS}, bool* spill) {{
-  blockDim.x = {lanes};
-  for (long long i = 0; i < n; ++i) {{
-    blockIdx.x = (unsigned)i;
-    std::barrier<> bar({lanes});
-    BAR = &bar;
-    std::vector<std::thread> th;
-    for (unsigned l = 0; l < {lanes}; ++l)
-      th.emplace_back([&, l] {{ threadIdx.x = l; select_nb_warp({CALL}, spill); }});
-    for (auto& t : th) t.join();
-  }} }}
-""", flags=("-pthread",))
-    serial = _build(tmp_path, "serial", SERIAL_STUB + kernels._SELECT_SRC % {"nnei": nnei, "ntypes": nt} + f"""
+  launch((unsigned)n, {lanes}, [=] {{ select_nb_warp({CALL}, spill); }}); }}
+""")
+    serial = build_cpp(tmp_path, "serial", SERIAL_STUB + kernels._SELECT_SRC % {"nnei": nnei, "ntypes": nt} + f"""
 extern "C" void run({ARGS}) {{
   blockDim.x = 1; threadIdx.x = 0;
   for (long long i = 0; i < n; ++i) {{ blockIdx.x = (unsigned)i; select_nb({CALL}); }} }}
