@@ -56,8 +56,8 @@ class _Emulated:
     def __call__(self, *args):
         params = self.ins + self.outs
         assert len(args) == len(params)
-        T = next(np.asarray(a).dtype.name for a, (raw, ty, _) in zip(args, params)
-                 if ty == "T" and isinstance(a, np.ndarray))
+        T = next((np.asarray(a).dtype.name for a, (raw, ty, _) in zip(args, params)
+                  if ty == "T" and isinstance(a, np.ndarray)), "float64")  # a kernel without T
         T = _CT[T]
         shape = np.broadcast_shapes(*[np.shape(a) for a, (raw, _, _) in zip(args, params) if not raw])
         n = int(np.prod(shape))
@@ -159,3 +159,48 @@ def test_fused_layer_variants(emulated):
 @pytest.fixture(scope="module")
 def cuni(dp_model):
     return dp_model(data="CuNi")
+
+
+def test_neighbour_build_kernels_match_array_code(emulated):
+    """The nbr kernels (wrap, ghosts, bin keys, bin-ordered ext arrays, 27 candidate ranges) give
+    the array code's ext atoms, bins and candidate sets: cubic, tiny triclinic (several images per
+    direction) and non-periodic systems in one batch."""
+    from dpsnake.engine import elementwise as ew
+    from dpsnake.engine.neighbor import NeighborBuilder
+
+    coords, atype, system, cells, pbc = _batch(2, seed=3)
+    cells[1] = cells[1] @ (np.eye(3) + 0.1 * np.random.default_rng(3).uniform(-1, 1, (3, 3)))
+    args = (np, coords, atype, system, cells, pbc, 6.0, [40, 40])
+    got = NeighborBuilder(*args)
+    assert got._geo is not None and not ew._broken
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ew, "enabled", lambda xp, name: False)
+        ref = NeighborBuilder(*args)
+    assert ref._geo is None and got.n_ext == ref.n_ext > 3 * len(coords)
+    np.testing.assert_allclose(got.wrapped, ref.wrapped, atol=1e-12)
+    np.testing.assert_array_equal(got.cbin, ref.cbin)
+    np.testing.assert_array_equal(got.edges, ref.edges)
+
+    def ext_set(nb, lo, hi):  # (owner, position) of the ext atoms in bin order positions lo:hi
+        pos, own, typ, idx = nb.sorted_ext()
+        return sorted((int(own[k]), int(typ[k]), *np.round(pos[k], 9)) for k in range(lo, hi))
+
+    assert ext_set(got, 0, got.n_ext) == ext_set(ref, 0, ref.n_ext)
+    g_pos, g_own, _, g_idx = got.sorted_ext()
+    np.testing.assert_array_equal(g_own, got.eowner[g_idx])
+    np.testing.assert_allclose(g_pos, got.epos[g_idx])
+    for b in range(got.total_bins):  # the same atoms in every bin
+        lo, hi = int(got.edges[b]), int(got.edges[b + 1])
+        assert ext_set(got, lo, hi) == ext_set(ref, lo, hi)
+    from dpsnake.engine import neighbor_kernels as nbk
+
+    centers = np.arange(len(coords))
+    start, cnt = nbk.bin_ranges(np, centers, got.cbin, got.system, got._geo, got.edges)
+    off = np.stack(np.meshgrid([-1, 0, 1], [-1, 0, 1], [-1, 0, 1], indexing="ij"), -1).reshape(-1, 3)
+    nb, boff = ref.nb[system], ref.boff[system]
+    b3 = ref.cbin[:, None, :] + off[None]
+    inb = ((b3 >= 0) & (b3 < nb[:, None, :])).all(axis=2)
+    bid = boff[:, None] + (b3[..., 0] * nb[:, None, 1] + b3[..., 1]) * nb[:, None, 2] + b3[..., 2]
+    np.testing.assert_array_equal(cnt, np.where(inb, ref.bcount[np.where(inb, bid, 0)], 0))
+    np.testing.assert_array_equal(start[inb], ref.bstart[bid[inb]])
+    assert inb.sum() < inb.size and cnt.sum() > 27 * len(coords)  # edges of grids, full bins

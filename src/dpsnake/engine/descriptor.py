@@ -201,16 +201,22 @@ def _nets(rm, ti, Rn_c, d, valid, keep, need_grad, env, slots, rstd):
             Gs.append((G, cache))
     gr *= 1.0 / nnei
     gr1 = gr[:, :, :A]
-    D = xp.matmul(gr.transpose(0, 2, 1), gr1).reshape(n, M1 * A)
+    fast_desc = ew.enabled(xp, "desc")
+    D = ew.guarded("desc", ew.descriptor, xp, gr, A) if fast_desc else None
+    if D is None:
+        fast_desc = False
+        D = xp.matmul(gr.transpose(0, 2, 1), gr1).reshape(n, M1 * A)
     fit = rm.fittings[ti]
     y, fcache = fit.forward(xp, D, keep=need_grad)
     e = y[:, 0].astype(xp.float64) + float(rm.bias[ti])
     if not need_grad:
         return e, None
     gD = fit.backward(xp, xp.ones((n, 1), dtype=rm.dtype), fcache).reshape(n, M1, A)
-    ggr = xp.matmul(gr1, gD.transpose(0, 2, 1))  # (n, 4, M1)
-    ggr[:, :, :A] += xp.matmul(gr, gD)
-    ggr *= 1.0 / nnei
+    ggr = ew.guarded("desc", ew.descriptor_grad, xp, gr, gD, 1.0 / nnei) if fast_desc else None
+    if ggr is None:
+        ggr = xp.matmul(gr1, gD.transpose(0, 2, 1))  # (n, 4, M1)
+        ggr[:, :, :A] += xp.matmul(gr, gD)
+        ggr *= 1.0 / nnei
     gRn = xp.zeros((n, nc, 4), dtype=rm.dtype)
     if rm.fused is not None:
         ggr = xp.ascontiguousarray(ggr)

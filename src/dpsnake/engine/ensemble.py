@@ -112,8 +112,9 @@ class Ensemble:
             raise UserError(f"atype/system: lengths {atype.shape[0]}/{system.shape[0]} != {N} atoms")
         if pbc.shape[0] != S:
             raise UserError(f"pbc: {pbc.shape[0]} entries for {S} systems")
-        vol = to_numpy(xp.abs(xp.linalg.det(cells)))
-        bad = np.nonzero(to_numpy(pbc) & ~(vol > 1e-8))[0]
+        cells_h, pbc_h = to_numpy(cells), to_numpy(pbc)  # small; the cell geometry is done on the host
+        vol = np.abs(np.linalg.det(cells_h)) if S else np.zeros(0)
+        bad = np.nonzero(pbc_h & ~(vol > 1e-8))[0]
         if len(bad):
             raise UserError(f"cells: periodic system {int(bad[0])} has a singular cell (volume {vol[bad[0]]:.3g})")
         idx = list(range(self.nmodels)) if model_indices is None else [int(i) for i in model_indices]
@@ -132,7 +133,7 @@ class Ensemble:
         atom_virial = xp.zeros((M, N, 9)) if atomic else None
         rts = [self._rt(xp, k) for k in idx]
         m0 = self.models[0]
-        nb = NeighborBuilder(xp, coords, atype, system, cells, pbc, m0.rcut, m0.sel, m0.pair_exclude)
+        nb = NeighborBuilder(xp, coords, atype, system, cells_h, pbc_h, m0.rcut, m0.sel, m0.pair_exclude)
         order = np.argsort(ta, kind="stable")
         counts = np.bincount(ta, minlength=self.ntypes)
         csize = self._chunk_size(xp)
@@ -155,7 +156,10 @@ class Ensemble:
                     g = xp.where(ch.valid[..., None], g, 0.0)  # NaN * 0 would still be NaN
                     energy_atom[j, centers] = e
                     # F = -dE/dr with d = r_nb - r_c: centre gets +sum g, neighbour gets -g
-                    force[j, centers] += g.sum(axis=1)
+                    sums = None
+                    if fast_scatter and not atomic:  # sum g and virial -g^T d in one pass
+                        sums = elementwise.guarded("scatter", elementwise.centre_sums, xp, g, ch.d)
+                    force[j, centers] += g.sum(axis=1) if sums is None else sums[:, :3]
                     if not (fast_scatter and elementwise.guarded(
                             "scatter", elementwise.scatter_neg, xp, force[j], own, ch.valid, g) is not None):
                         _scatter_add(xp, force[j], own.reshape(-1), -g.reshape(-1, 3))
@@ -164,7 +168,8 @@ class Ensemble:
                         _scatter_add(xp, virial[j], sysc, w.sum(axis=1))
                         _scatter_add(xp, atom_virial[j], own.reshape(-1), w.reshape(-1, 9))
                     else:  # per-centre virial -g^T d as a batched product: no (n, nnei, 9) temporary
-                        wc = -xp.matmul(g.transpose(0, 2, 1), ch.d).reshape(g.shape[0], 9)
+                        wc = -xp.matmul(g.transpose(0, 2, 1), ch.d).reshape(g.shape[0], 9) \
+                            if sums is None else sums[:, 3:]
                         _scatter_add(xp, virial[j], sysc, wc)
             start = stop
         overflow = int(to_numpy(sum(overflow))) if overflow else 0

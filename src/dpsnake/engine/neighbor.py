@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dpsnake.engine import elementwise as ew
+from dpsnake.engine import neighbor_kernels as nbk
 from dpsnake.engine.xp import segment_minmax, to_numpy
 
 _MAX_GROUP = 4_000_000  # atoms x shifts handled at once when making ghost images
@@ -57,76 +59,85 @@ class NeighborBuilder:
         self.N, self.S = N, S
         self.atype = atype
         coords = coords.astype(xp.float64)
-        cells = cells.astype(xp.float64)
-        pbc = xp.asarray(pbc, dtype=bool)
-        pbc_atom = pbc[system]
-        # wrap periodic coordinates into the cell (as DeePMD-kit's normalize_coord)
-        eye = xp.eye(3, dtype=xp.float64)
-        hsafe = xp.where(pbc[:, None, None], cells, eye)
-        inv = xp.linalg.inv(hsafe)
-        frac = xp.einsum("ni,nij->nj", coords, inv[system])
-        frac = xp.where(pbc_atom[:, None], frac - xp.floor(frac), frac)
-        wrapped = xp.where(pbc_atom[:, None], xp.einsum("ni,nij->nj", frac, hsafe[system]), coords)
-        # images needed per direction: rcut / face distance (|column k of inv(h)| = 1 / face dist)
-        margin = self.rcut * xp.sqrt((inv * inv).sum(axis=1))  # (S, 3) in fractional units
-        margin = xp.where(pbc[:, None], margin, 0.0)
-        nimg = int(np.ceil(float(to_numpy(margin.max())))) if S else 0
-        own, shf = [xp.arange(N)], [xp.zeros((N, 3), dtype=xp.float64)]
-        if nimg > 0:
-            rng = np.arange(-nimg, nimg + 1)
-            shifts = np.stack(np.meshgrid(rng, rng, rng, indexing="ij"), -1).reshape(-1, 3)
-            shifts = shifts[np.any(shifts != 0, axis=1)].astype(np.float64)
-            per = max(1, _MAX_GROUP // max(N, 1))
-            idxp = xp.nonzero(pbc_atom)[0]
-            fp, mp = frac[idxp], margin[system[idxp]]
-            for g in range(0, len(shifts), per):
-                sh = xp.asarray(shifts[g:g + per])  # (k, 3)
-                f = fp[None, :, :] + sh[:, None, :]  # (k, n, 3)
-                keep = ((f >= -mp) & (f < 1.0 + mp)).all(axis=2)
-                ki, ai = xp.nonzero(keep)
-                own.append(idxp[ai])
-                shf.append(sh[ki])
-        owner = xp.concatenate(own)
-        shift = xp.concatenate(shf)
-        esys = system[owner]
-        epos = wrapped[owner] + xp.einsum("ni,nij->nj", shift, hsafe[esys])
+        # per-system geometry is tiny (S x 3 x 3): done on the host, moved once (no device
+        # launches or syncs per quantity; it used to be ~40 small launches, ~2 ms on a GPU)
+        pbc_h = np.asarray(to_numpy(pbc), dtype=bool).reshape(-1)
+        geo = _CellGeometry(np.asarray(to_numpy(cells), dtype=np.float64).reshape(-1, 3, 3), pbc_h, self.rcut)
+        ptr = to_numpy(xp.searchsorted(system, xp.arange(S + 1))) if S else np.zeros(1, dtype=int)
+        natoms = np.diff(ptr)
+        lo, hi = geo.lo.copy(), geo.hi.copy()
+        nonper = np.nonzero(~pbc_h)[0]
+        if len(nonper):  # non-periodic systems (never wrapped): the box of their atoms
+            lo[nonper], hi[nonper] = _atom_boxes(xp, coords, system, ptr, nonper)
+        nb, bsize = _bin_grid(lo, hi, self.rcut, geo.ext_factor * natoms)
+        boff = np.concatenate([[0], np.cumsum(nb.prod(axis=1))]).astype(np.int64)
+        self.total_bins = int(boff[-1])
+        self.lo, self.bsize = xp.asarray(lo), xp.asarray(bsize)
+        self.nb, self.boff = xp.asarray(nb), xp.asarray(boff)
+        self.system = system
+        self._geo = None  # packed geometry on the device (kernel path)
+        out = None
+        if ew.enabled(xp, "nbr") and N:
+            table = nbk.pack_geometry(geo, lo, bsize, nb, boff)
+            out = ew.guarded("nbr", nbk.build_ext, xp, coords, system, table, geo.nimg)
+        if out is not None:
+            wrapped, self.cbin, owner, epos, key, self._geo = out
+        else:
+            wrapped, owner, epos = self._images(coords, system, pbc_h, geo)
+            esys = system[owner]
+            ebin = self._bin3(epos, esys)
+            key = self.boff[esys] + (ebin[:, 0] * self.nb[esys, 1] + ebin[:, 1]) * self.nb[esys, 2] + ebin[:, 2]
+            self.cbin = ebin[:N]
         self.wrapped = wrapped
         self.epos, self.eowner, self.etype = epos, owner, atype[owner]
         self.n_ext = int(owner.shape[0])
-        # per-system grid of bins no smaller than rcut
-        lo, hi = segment_minmax(xp, esys, epos, S)
-        lo = xp.where(xp.isfinite(lo), lo, 0.0)
-        ext = xp.maximum(xp.where(xp.isfinite(hi), hi, 0.0) - lo, 0.0)
-        nb = xp.maximum(xp.floor(ext / self.rcut), 1.0)
-        # cap the number of bins (sparse non-periodic systems) at ~2 per atom
-        nsys_atoms = xp.bincount(esys, minlength=S).astype(xp.float64)
-        cap = 2.0 * nsys_atoms + 8.0
-        scale = xp.maximum((nb.prod(axis=1) / cap) ** (1.0 / 3.0), 1.0)
-        nb = xp.maximum(xp.floor(nb / scale[:, None]), 1.0)
-        bsize = xp.where(ext > 0, ext / nb, 1.0)
-        nb = nb.astype(xp.int64)
-        nbins = nb.prod(axis=1)
-        boff = xp.concatenate([xp.zeros(1, dtype=xp.int64), xp.cumsum(nbins)])
-        self.total_bins = int(to_numpy(boff[-1]))
-        self.lo, self.bsize, self.nb, self.boff = lo, bsize, nb, boff
-        ebin = self._bin3(epos, esys)
-        key = boff[esys] + (ebin[:, 0] * nb[esys, 1] + ebin[:, 1]) * nb[esys, 2] + ebin[:, 2]
         order = xp.argsort(key)
-        skey = key[order]
-        allb = xp.arange(self.total_bins, dtype=skey.dtype)
-        self.bstart = xp.searchsorted(skey, allb, side="left")
-        self.bcount = xp.searchsorted(skey, allb, side="right") - self.bstart
-        self.kmax = int(to_numpy(self.bcount.max())) if self.total_bins else 0
+        self.edges = xp.searchsorted(key[order], xp.arange(self.total_bins + 1, dtype=key.dtype), side="left")
+        self.bstart = self.edges[:-1]
+        self.bcount = self.edges[1:] - self.edges[:-1]
         self.border = order
-        self.system = system
-        self.cbin = ebin[:N]
         from dpsnake.engine import kernels
 
         self.use_kernel = kernels.enabled(xp)
         self._sorted = None
+        self._kmax = None
+
+    def _images(self, coords, system, pbc_h, geo):
+        """Array code: wrapped atoms (N, 3) and the ext arrays owner (E,), epos (E, 3), atoms first."""
+        xp, N = self.xp, coords.shape[0]
+        # wrap periodic coordinates into the cell (as DeePMD-kit's normalize_coord)
+        frac = (coords[:, :, None] * xp.asarray(geo.inv)[system]).sum(axis=1)
+        pbc_atom = xp.asarray(pbc_h)[system]
+        frac = xp.where(pbc_atom[:, None], frac - xp.floor(frac), frac)
+        h = xp.asarray(geo.h)
+        wrapped = xp.where(pbc_atom[:, None], (frac[:, :, None] * h[system]).sum(axis=1), coords)
+        # ghost images: every shift (within nimg cells) of every periodic atom that lands within
+        # rcut of the cell, i.e. whose fractional coordinates stay in [-margin, 1 + margin)
+        own, pos = [xp.arange(N)], [wrapped]
+        if geo.nimg > 0 and N:
+            cart = xp.asarray(geo.shift_cart)  # (nshift, S, 3)
+            shifts = xp.asarray(geo.shifts)
+            mp = xp.where(pbc_atom[:, None], xp.asarray(geo.margin)[system], -1.0)  # -1: no image
+            per = max(1, _MAX_GROUP // max(N, 1))
+            for g in range(0, len(geo.shifts), per):
+                f = frac[None, :, :] + shifts[g:g + per, None, :]  # (k, N, 3)
+                keep = ((f >= -mp) & (f < 1.0 + mp)).all(axis=2)
+                ki, ai = xp.nonzero(keep)
+                own.append(ai)
+                pos.append(wrapped[ai] + cart[g + ki, system[ai]])
+        return wrapped, xp.concatenate(own), xp.concatenate(pos)
+
+    @property
+    def kmax(self) -> int:
+        """Most atoms in one bin (a host sync; only the array-code selection needs it)."""
+        if self._kmax is None:
+            self._kmax = int(to_numpy(self.bcount.max())) if self.total_bins else 0
+        return self._kmax
 
     def sorted_ext(self):
         """Ext arrays in bin order (a bin is a contiguous range): pos (E, 3), owner, type, ext index."""
+        if self._sorted is None and self._geo is not None:
+            self._sorted = nbk.sorted_ext(self.xp, self.border, self.epos, self.eowner, self.atype)
         if self._sorted is None:
             xp, order = self.xp, self.border
             self._sorted = (xp.ascontiguousarray(self.epos[order]),
@@ -145,18 +156,21 @@ class NeighborBuilder:
         xp = self.xp
         n = int(centers.shape[0])
         nnei = self.nnei
-        sysc = self.system[centers]
-        cb = self.cbin[centers]  # (n, 3)
-        nbc = self.nb[sysc]
-        off = xp.asarray(np.stack(np.meshgrid([-1, 0, 1], [-1, 0, 1], [-1, 0, 1], indexing="ij"),
-                                  -1).reshape(-1, 3))
-        b3 = cb[:, None, :] + off[None]  # (n, 27, 3)
-        inb = ((b3 >= 0) & (b3 < nbc[:, None, :])).all(axis=2)
-        bid = self.boff[sysc][:, None] + (b3[..., 0] * nbc[:, None, 1] + b3[..., 1]) * nbc[:, None, 2] \
-            + b3[..., 2]
-        bid = xp.where(inb, bid, 0)
-        start = self.bstart[bid]
-        cnt = xp.where(inb, self.bcount[bid], 0)
+        if self._geo is not None:  # kernel path of the build: one launch
+            start, cnt = nbk.bin_ranges(xp, centers, self.cbin, self.system, self._geo, self.edges)
+        else:
+            sysc = self.system[centers]
+            cb = self.cbin[centers]  # (n, 3)
+            nbc = self.nb[sysc]
+            off = xp.asarray(np.stack(np.meshgrid([-1, 0, 1], [-1, 0, 1], [-1, 0, 1], indexing="ij"),
+                                      -1).reshape(-1, 3))
+            b3 = cb[:, None, :] + off[None]  # (n, 27, 3)
+            inb = ((b3 >= 0) & (b3 < nbc[:, None, :])).all(axis=2)
+            bid = self.boff[sysc][:, None] + (b3[..., 0] * nbc[:, None, 1] + b3[..., 1]) * nbc[:, None, 2] \
+                + b3[..., 2]
+            bid = xp.where(inb, bid, 0)
+            start = self.bstart[bid]
+            cnt = xp.where(inb, self.bcount[bid], 0)
         if self.use_kernel:
             from dpsnake.engine import elementwise, kernels
 
@@ -214,5 +228,80 @@ class NeighborBuilder:
             ex = self.pair_exclude[self.atype[centers][:, None], tslot[None, :]]
             valid &= ~ex
             owner = xp.where(valid, owner, -1)
-        dd = xp.where(valid[:, :, None], dd, 0.0)
+        if self.pair_exclude is not None or not self.use_kernel:  # kernels leave empty slots at 0
+            dd = xp.where(valid[:, :, None], dd, 0.0)
         return NeighborChunk(centers=centers, owner=owner, d=dd, valid=valid, overflow=overflow)
+
+
+class _CellGeometry:
+    """Host-side (NumPy) geometry of S cells: inverse, image margins, shifts, corner boxes.
+
+    cells (S, 3, 3) rows = lattice vectors (A); pbc (S,) bool. ``h`` is the cell with non-periodic
+    systems' replaced by the identity; ``inv`` (S, 3, 3) its inverse (frac = r @ inv);
+    ``margin`` (S, 3) rcut over the face distances in fractional units (0 without PBC); ``nimg``
+    images needed per direction; ``shifts`` (K, 3) the non-zero integer shifts within nimg and
+    ``shift_cart`` (K, S, 3) their Cartesian vectors per system; ``lo``/``hi`` (S, 3) the box of
+    the cell grown by the margin (what any atom or ghost of a periodic system lies in);
+    ``ext_factor`` (S,) ghosts + atoms per atom, an estimate (volume ratio) used to size bins.
+    """
+
+    def __init__(self, cells, pbc, rcut):
+        self.pbc = pbc
+        self.h = np.where(pbc[:, None, None], cells, np.eye(3))
+        # inverse by cofactors: column k of inv is (row k+1 x row k+2) / det (np.cross and
+        # np.linalg.inv cost more in call overhead than this arithmetic on a few hundred cells)
+        h = self.h
+        cof = np.empty_like(h)
+        for k in range(3):
+            u, v = h[:, (k + 1) % 3], h[:, (k + 2) % 3]
+            cof[:, 0, k] = u[:, 1] * v[:, 2] - u[:, 2] * v[:, 1]
+            cof[:, 1, k] = u[:, 2] * v[:, 0] - u[:, 0] * v[:, 2]
+            cof[:, 2, k] = u[:, 0] * v[:, 1] - u[:, 1] * v[:, 0]
+        det = (h[:, 0] * cof[:, :, 0]).sum(axis=1)
+        self.inv = cof / det[:, None, None]
+        self.margin = np.where(pbc[:, None], rcut * np.sqrt((self.inv * self.inv).sum(axis=1)), 0.0)
+        S = len(cells)
+        self.nimg = int(np.ceil(self.margin.max())) if S else 0
+        rng = np.arange(-self.nimg, self.nimg + 1)
+        shifts = np.stack(np.meshgrid(rng, rng, rng, indexing="ij"), -1).reshape(-1, 3)
+        self.shifts = shifts[np.any(shifts != 0, axis=1)].astype(np.float64)
+        self.shift_cart = np.matmul(self.shifts, self.h).transpose(1, 0, 2)  # (K, S, 3)
+        bits = np.stack(np.meshgrid([0, 1], [0, 1], [0, 1], indexing="ij"), -1).reshape(-1, 3)
+        corners = np.where(bits[None] == 1, 1.0 + self.margin[:, None], -self.margin[:, None])  # (S, 8, 3)
+        cart = np.matmul(corners, self.h)  # (S, 8, 3)
+        self.lo, self.hi = cart.min(axis=1), cart.max(axis=1)
+        self.ext_factor = np.prod(1.0 + 2.0 * self.margin, axis=1)
+
+
+def _atom_boxes(xp, pos, system, ptr, which):
+    """(len(which), 3) min and max of pos over the atoms of systems ``which`` (host arrays; an
+    empty system gets a zero box). A few systems: one reduction each (no atomics, so one large
+    system is fast); many: segment min/max with atomics (small systems, little contention)."""
+    k = len(which)
+    lo, hi = np.zeros((k, 3)), np.zeros((k, 3))
+    if k <= 16:
+        parts = []
+        for s in which:
+            seg = pos[int(ptr[s]):int(ptr[s + 1])]
+            parts.append(xp.stack([seg.min(axis=0), seg.max(axis=0)]) if seg.shape[0] else
+                         xp.full((2, 3), xp.nan))
+        mm = to_numpy(xp.stack(parts))
+        lo, hi = mm[:, 0], mm[:, 1]
+    else:
+        S = len(ptr) - 1
+        l_all, h_all = (to_numpy(v) for v in segment_minmax(xp, system, pos, S))
+        lo, hi = l_all[which], h_all[which]
+    ok = np.isfinite(lo) & np.isfinite(hi)
+    return np.where(ok, lo, 0.0), np.where(ok, hi, 0.0)
+
+
+def _bin_grid(lo, hi, rcut, n_est):
+    """Bins per direction (S, 3) int64 and bin size (S, 3) A: bins no smaller than rcut, at most
+    ~2 per (estimated) atom so that sparse non-periodic systems stay linear in memory."""
+    ext = np.maximum(hi - lo, 0.0)
+    nb = np.maximum(np.floor(ext / rcut), 1.0)
+    cap = 2.0 * n_est + 8.0
+    scale = np.maximum((nb.prod(axis=1) / cap) ** (1.0 / 3.0), 1.0)
+    nb = np.maximum(np.floor(nb / scale[:, None]), 1.0)
+    bsize = np.where(ext > 0, ext / nb, 1.0)
+    return nb.astype(np.int64), bsize
