@@ -79,7 +79,7 @@ def timeit(fn, sync, n=5, warm=2, budget=60.0):
 
 
 def _use(best, prec):
-    k, f = (best or {}).get(prec, ("1", "0"))
+    k, f = (best or {}).get(prec, ("1", "auto"))  # default: the engine's own defaults
     os.environ["DPSNAKE_KERNELS"], os.environ["DPSNAKE_FUSED"] = k, f
 
 

@@ -190,11 +190,10 @@ def _compact(xp, ch, sel):
 
     Selection fills each block from its start, so block t needs only max_i(count_i,t) columns.
     Returns the narrower chunk and its :class:`Slots` (one host sync for the counts).
-    DPSNAKE_COMPACT: "1" on, "0" off, "auto" (default) on for NumPy and off for CuPy until it has
-    been checked and timed on a GPU (bench/profile_engine_gpu.sh does both).
+    DPSNAKE_COMPACT: "1" (default) on, "0" off (every slot). Checked on an H100 (2026-11-21):
+    NumPy vs CuPy 6e-15 FP64 / 2e-6 mixed, 256 x 108 atoms 28.3 -> 20.2 ms mixed, 37.6 -> 24.9 double.
     """
-    mode = os.environ.get("DPSNAKE_COMPACT", "auto")
-    if mode == "0" or (mode == "auto" and xp is not np):
+    if os.environ.get("DPSNAKE_COMPACT", "1") == "0":
         return ch, Slots.full(sel)
     sec = np.concatenate([[0], np.cumsum(sel)]).astype(int)
     counts = xp.stack([ch.valid[:, sec[t]:sec[t + 1]].sum(axis=1).max() for t in range(len(sel))])

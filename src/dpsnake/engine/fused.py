@@ -15,14 +15,14 @@ One block per centre atom (grid-stride, so each block stages the weights once). 
 network shape and dtype; the layer math is nets.py's (act, idt, resnet). The array code (cuBLAS
 GEMMs + elementwise kernels) is the reference these kernels are tested against.
 
-STATUS: off by default (DPSNAKE_FUSED=1 turns them on). Checked in CI without a GPU: the generated
-source compiles for sm_90 with NVRTC (tests/test_engine_cuda_compile.py; ptxas: forward 111
-registers, no spills; backward 255 registers, 56 bytes of spills in FP32), and the same source,
-compiled with g++ and run with real 32-lane warps of std::threads, matches nets.py to 1e-12 (FP64) /
-2e-5 (FP32) (tests/test_engine_fused.py). Not yet timed on a GPU: `bench/profile_engine.py
---ablation` does it (configs "+fused"), `--check` repeats the agreement there. Turn it on by
-default only once it is measured faster than the array code.
-"""
+STATUS: on by default for FP32 nets (mixed precision; DPSNAKE_FUSED: "auto" default, "1" also
+FP64, "0" off). Checked in CI without a GPU: the generated source compiles for sm_90 with NVRTC
+(tests/test_engine_cuda_compile.py; ptxas: forward 111 registers, no spills; backward 255
+registers, 56 bytes of spills in FP32), and the same source, compiled with g++ and run with real
+32-lane warps of std::threads, matches nets.py to 1e-12 (FP64) / 2e-5 (FP32)
+(tests/test_engine_fused.py). On an H100 (2026-11-21): NumPy vs CuPy 5.6e-15 FP64 / 2.1e-6 mixed;
+256 x 108 atoms, compact slots, FP32 20.2 -> 15.9 ms per call (forward 2.2 ms, backward 3.6 ms);
+FP64 24.9 -> 36.5 ms (the backward's 255 registers leave 8 warps per SM), so FP64 keeps cuBLAS.
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ excluded), split by type in distance order, type t keeping the first ``sel[t]`` 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,17 +64,21 @@ class NeighborBuilder:
         # launches or syncs per quantity; it used to be ~40 small launches, ~2 ms on a GPU)
         pbc_h = np.asarray(to_numpy(pbc), dtype=bool).reshape(-1)
         geo = _CellGeometry(np.asarray(to_numpy(cells), dtype=np.float64).reshape(-1, 3, 3), pbc_h, self.rcut)
-        ptr = to_numpy(xp.searchsorted(system, xp.arange(S + 1))) if S else np.zeros(1, dtype=int)
-        natoms = np.diff(ptr)
         lo, hi = geo.lo.copy(), geo.hi.copy()
         nonper = np.nonzero(~pbc_h)[0]
+        ptr = None
         if len(nonper):  # non-periodic systems (never wrapped): the box of their atoms
+            ptr = _system_ptr(xp, system, S)
             lo[nonper], hi[nonper] = _atom_boxes(xp, coords, system, ptr, nonper)
-        nb, bsize = _bin_grid(lo, hi, self.rcut, geo.ext_factor * natoms)
+        nb, bsize = _bin_grid(lo, hi, self.rcut, None)
+        if nb.prod(axis=1).sum() > 2.0 * N * max(geo.ext_factor.max(initial=1.0), 1.0) + 8.0 * S:
+            # too many bins for the atoms somewhere (sparse systems): cap each system's grid
+            ptr = _system_ptr(xp, system, S) if ptr is None else ptr
+            nb, bsize = _bin_grid(lo, hi, self.rcut, geo.ext_factor * np.diff(ptr))
         boff = np.concatenate([[0], np.cumsum(nb.prod(axis=1))]).astype(np.int64)
         self.total_bins = int(boff[-1])
-        self.lo, self.bsize = xp.asarray(lo), xp.asarray(bsize)
-        self.nb, self.boff = xp.asarray(nb), xp.asarray(boff)
+        self._host = {"lo": lo, "bsize": bsize, "nb": nb, "boff": boff}
+        self._dev = {}
         self.system = system
         self._geo = None  # packed geometry on the device (kernel path)
         out = None
@@ -126,6 +131,18 @@ class NeighborBuilder:
                 own.append(ai)
                 pos.append(wrapped[ai] + cart[g + ki, system[ai]])
         return wrapped, xp.concatenate(own), xp.concatenate(pos)
+
+    def _grid(self, name):
+        """Bin grid array ``name`` (lo, bsize, nb, boff) on the device, moved when first needed
+        (the kernel path reads them from its packed table instead)."""
+        if name not in self._dev:
+            self._dev[name] = self.xp.asarray(self._host[name])
+        return self._dev[name]
+
+    lo = property(lambda self: self._grid("lo"))
+    bsize = property(lambda self: self._grid("bsize"))
+    nb = property(lambda self: self._grid("nb"))
+    boff = property(lambda self: self._grid("boff"))
 
     @property
     def kmax(self) -> int:
@@ -262,15 +279,23 @@ class _CellGeometry:
         self.margin = np.where(pbc[:, None], rcut * np.sqrt((self.inv * self.inv).sum(axis=1)), 0.0)
         S = len(cells)
         self.nimg = int(np.ceil(self.margin.max())) if S else 0
-        rng = np.arange(-self.nimg, self.nimg + 1)
-        shifts = np.stack(np.meshgrid(rng, rng, rng, indexing="ij"), -1).reshape(-1, 3)
-        self.shifts = shifts[np.any(shifts != 0, axis=1)].astype(np.float64)
+        self.shifts = _shifts(self.nimg)
         self.shift_cart = np.matmul(self.shifts, self.h).transpose(1, 0, 2)  # (K, S, 3)
-        bits = np.stack(np.meshgrid([0, 1], [0, 1], [0, 1], indexing="ij"), -1).reshape(-1, 3)
-        corners = np.where(bits[None] == 1, 1.0 + self.margin[:, None], -self.margin[:, None])  # (S, 8, 3)
+        corners = np.where(_shifts(0, corners=True)[None] == 1, 1.0 + self.margin[:, None], -self.margin[:, None])  # (S, 8, 3)
         cart = np.matmul(corners, self.h)  # (S, 8, 3)
         self.lo, self.hi = cart.min(axis=1), cart.max(axis=1)
         self.ext_factor = np.prod(1.0 + 2.0 * self.margin, axis=1)
+
+
+@functools.lru_cache(maxsize=8)
+def _shifts(nimg: int, corners: bool = False) -> np.ndarray:
+    """(K, 3) float64 non-zero integer shifts within +-nimg, meshgrid (ij) order; or, with
+    ``corners``, the 8 corners of the unit cube as 0/1."""
+    rng = np.arange(2) if corners else np.arange(-nimg, nimg + 1)
+    s = np.stack(np.meshgrid(rng, rng, rng, indexing="ij"), -1).reshape(-1, 3)
+    s = s if corners else s[np.any(s != 0, axis=1)].astype(np.float64)
+    s.flags.writeable = False
+    return s
 
 
 def _atom_boxes(xp, pos, system, ptr, which):
@@ -295,13 +320,19 @@ def _atom_boxes(xp, pos, system, ptr, which):
     return np.where(ok, lo, 0.0), np.where(ok, hi, 0.0)
 
 
+def _system_ptr(xp, system, S):
+    """(S + 1,) host offsets of each system's atoms in the sorted ``system`` (a host sync)."""
+    return to_numpy(xp.searchsorted(system, xp.arange(S + 1))) if S else np.zeros(1, dtype=int)
+
+
 def _bin_grid(lo, hi, rcut, n_est):
-    """Bins per direction (S, 3) int64 and bin size (S, 3) A: bins no smaller than rcut, at most
-    ~2 per (estimated) atom so that sparse non-periodic systems stay linear in memory."""
+    """Bins per direction (S, 3) int64 and bin size (S, 3) A: bins no smaller than rcut and, if
+    ``n_est`` (S,) atoms are given, at most ~2 per atom so sparse systems stay linear in memory."""
     ext = np.maximum(hi - lo, 0.0)
     nb = np.maximum(np.floor(ext / rcut), 1.0)
-    cap = 2.0 * n_est + 8.0
-    scale = np.maximum((nb.prod(axis=1) / cap) ** (1.0 / 3.0), 1.0)
-    nb = np.maximum(np.floor(nb / scale[:, None]), 1.0)
+    if n_est is not None:
+        cap = 2.0 * n_est + 8.0
+        scale = np.maximum((nb.prod(axis=1) / cap) ** (1.0 / 3.0), 1.0)
+        nb = np.maximum(np.floor(nb / scale[:, None]), 1.0)
     bsize = np.where(ext > 0, ext / nb, 1.0)
     return nb.astype(np.int64), bsize

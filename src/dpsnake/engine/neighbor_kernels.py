@@ -44,8 +44,9 @@ _RANGE = """
 
 SRC = {
     # one atom: wrap into the cell (periodic systems), count its ghost images, bin key of the atom
+    # one atom: wrap into the cell (periodic systems), its bin, how many ghost images it has
     "nb_wrap": ("int64 sys, raw float64 coords, raw float64 geo, int64 nimg",
-                "raw float64 frac, raw float64 wrapped, raw int64 cbin, int64 akey, int64 nghost", """
+                "raw float64 frac, raw float64 wrapped, raw int64 cbin, int64 nghost", """
     const long long g = sys * 32;
     const bool per = geo[g + 21] != 0.0;
     double c[3] = {coords[3 * i], coords[3 * i + 1], coords[3 * i + 2]};
@@ -59,19 +60,24 @@ SRC = {
     for (int j = 0; j < 3; ++j) { frac[3 * i + j] = f[j]; wrapped[3 * i + j] = p[j]; }
     """ + _BIN + """
     for (int k = 0; k < 3; ++k) cbin[3 * i + k] = bb[k];
-    akey = key;
     """ + _RANGE.replace("        ", "    ") + """
     nghost = per ? (long long)(hi[0] - lo[0] + 1) * (hi[1] - lo[1] + 1) * (hi[2] - lo[2] + 1) - 1 : 0;
     """),
-    # one atom: write its ghosts (shifts in meshgrid order, zero shift skipped) from position off
-    "nb_ghosts": ("int64 sys, int64 off, raw float64 frac, raw float64 wrapped, raw float64 geo, int64 nimg",
+    # one atom: its own ext entry at i, then its ghosts (shifts in meshgrid order, zero shift
+    # skipped) from natoms + ends - nghost (ends: inclusive cumulative sum of nghost)
+    "nb_ghosts": ("int64 sys, int64 ends, int64 nghost, raw float64 frac, raw float64 wrapped, "
+                  "raw int64 cbin, raw float64 geo, int64 nimg, int64 natoms",
                   "raw int64 eown, raw float64 epos, raw int64 ekey", """
     const long long g = sys * 32;
     const bool per = geo[g + 21] != 0.0;
-    if (per) {
+    eown[i] = i;
+    for (int j = 0; j < 3; ++j) epos[3 * i + j] = wrapped[3 * i + j];
+    ekey[i] = (long long)geo[g + 31] + (cbin[3 * i] * (long long)geo[g + 29] + cbin[3 * i + 1])
+              * (long long)geo[g + 30] + cbin[3 * i + 2];
+    if (per && nghost > 0) {
         const double f[3] = {frac[3 * i], frac[3 * i + 1], frac[3 * i + 2]};
         """ + _RANGE + """
-        long long o = off;
+        long long o = natoms + ends - nghost;
         for (int a = lo[0]; a <= hi[0]; ++a)
         for (int b = lo[1]; b <= hi[1]; ++b)
         for (int c = lo[2]; c <= hi[2]; ++c) {
@@ -147,20 +153,14 @@ def build_ext(xp, coords, system, table, nimg: int):
     frac = xp.empty((N, 3))
     wrapped = xp.empty((N, 3))
     cbin = xp.empty((N, 3), dtype=xp.int64)
-    key0 = xp.empty(N, dtype=xp.int64)
     nghost = xp.empty(N, dtype=xp.int64)
-    ew._k("nb_wrap")(system, coords, geo, nimg, frac, wrapped, cbin, key0, nghost)
+    ew._k("nb_wrap")(system, coords, geo, nimg, frac, wrapped, cbin, nghost)
     ends = xp.cumsum(nghost)
-    ng = int(ends[-1]) if N else 0  # the one sync: sizes the ext arrays
-    E = N + ng
+    E = N + (int(ends[-1]) if N else 0)  # the one sync: sizes the ext arrays
     eown = xp.empty(E, dtype=xp.int64)
     epos = xp.empty((E, 3))
     ekey = xp.empty(E, dtype=xp.int64)
-    eown[:N] = xp.arange(N)
-    epos[:N] = wrapped
-    ekey[:N] = key0
-    if ng:
-        ew._k("nb_ghosts")(system, N + ends - nghost, frac, wrapped, geo, nimg, eown, epos, ekey)
+    ew._k("nb_ghosts")(system, ends, nghost, frac, wrapped, cbin, geo, nimg, N, eown, epos, ekey)
     return wrapped, cbin, eown, epos, ekey, geo
 
 
