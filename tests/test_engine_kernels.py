@@ -49,7 +49,7 @@ extern "C" void run(long long n, double rcut, const double* cpos, const long lon
     double* d, bool* ov) {
   blockDim.x = 1; threadIdx.x = 0;
   for (long long i = 0; i < n; ++i) { blockIdx.x = (unsigned)i;
-    select_nb(n, rcut, cpos, cidx, bs, bc, ep, eo, et, ei, sel, sec, ow, d, ov); } }
+    select_nb(n, rcut, cpos, cidx, bs, bc, ep, eo, et, ei, sel, sec, ow, d, ov, ov, 0); } }
 """)
 
     def emulated(xp, rcut, sel, sec, cpos, cidx, bstart, bcnt, epos, eown, etype, eidx):

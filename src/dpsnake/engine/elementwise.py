@@ -114,7 +114,8 @@ _SRC = {
                     "if (valid) atomicAdd(&f[own * 3 + i % 3], -g);"),
     # per centre c: out[c, 0:3] = sum_s g[c, s], out[c, 3 + 3a + b] = -sum_s g[c, s, a] d[c, s, b]
     "centre_sums": ("raw float64 g, raw float64 d, int64 nc", "float64 out", """
-    const long long c = i / 12, j = i % 12, base = c * nc * 3;
+    const long long c = i / 12, base = c * nc * 3;
+    const int j = (int)(i - 12 * c);
     double s = 0.0;
     if (j < 3) {
         for (long long t = 0; t < nc; ++t) s += g[base + 3 * t + j];
@@ -126,7 +127,9 @@ _SRC = {
     """),
     # D[c, p, q] = sum_k gr[c, k, p] gr[c, k, q], gr (n, 4, M1), D (n, M1, A)
     "desc_D": ("raw T gr, int64 M1, int64 A", "T D", """
-    const long long c = i / (M1 * A), p = (i / A) % M1, q = i % A, b = c * 4 * M1;
+    // one 64-bit division per element (they cost ~4x the 32-bit ones, and this kernel is all index)
+    const long long c = i / (M1 * A), b = c * 4 * M1;
+    const int r = (int)(i - c * M1 * A), p = r / (int)A, q = r - p * (int)A;
     D = gr[b + p] * gr[b + q] + gr[b + M1 + p] * gr[b + M1 + q]
         + gr[b + 2 * M1 + p] * gr[b + 2 * M1 + q] + gr[b + 3 * M1 + p] * gr[b + 3 * M1 + q];
     """),
@@ -134,14 +137,16 @@ _SRC = {
     #                                      + [p < A] sum_m gr[c, k, m] gD[c, m, p]) * scale,
     # the second term (p < A only) in its own launch so no warp waits on a few long loops
     "desc_ggr": ("raw T gr, raw T gD, int64 M1, int64 A, T scale", "T ggr", """
-    const long long c = i / (4 * M1), k = (i / M1) % 4, p = i % M1;
+    const long long c = i / (4 * M1);
+    const int r = (int)(i - c * 4 * M1), k = r / (int)M1, p = r - k * (int)M1;
     const long long gb = c * 4 * M1 + k * M1, db = c * M1 * A;
     T v = 0;
     for (long long q = 0; q < A; ++q) v += gr[gb + q] * gD[db + p * A + q];
     ggr = p < A ? v : v * scale;
     """),
     "desc_ggr_add": ("raw T gr, raw T gD, int64 M1, int64 A, T scale", "T ggr", """
-    const long long c = i / (4 * A), k = (i / A) % 4, p = i % A;
+    const long long c = i / (4 * A);
+    const int r = (int)(i - c * 4 * A), k = r / (int)A, p = r - k * (int)A;
     const long long gb = c * 4 * M1 + k * M1, db = c * M1 * A;
     T v2 = 0;
     for (long long m = 0; m < M1; ++m) v2 += gr[gb + m] * gD[db + m * A + p];

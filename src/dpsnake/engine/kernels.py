@@ -19,10 +19,11 @@ extern "C" __global__ void select_nb(
     const double* __restrict__ epos, const long long* __restrict__ eown,
     const long long* __restrict__ etype, const long long* __restrict__ eidx,
     const int* __restrict__ sel, const int* __restrict__ sec,
-    long long* __restrict__ owner, double* __restrict__ dout, bool* __restrict__ over)
+    long long* __restrict__ owner, double* __restrict__ dout, bool* __restrict__ over,
+    const bool* __restrict__ only, const long long use_only)
 {
     long long i = (long long)blockDim.x * blockIdx.x + threadIdx.x;
-    if (i >= n) return;
+    if (i >= n || (use_only && !only[i])) return;
     double rl[NNEI];
     long long jl[NNEI];
     int m = 0;
@@ -183,18 +184,21 @@ def _select_kernel(nnei: int, ntypes: int):
     return cupy.RawKernel(_SELECT_SRC % {"nnei": nnei, "ntypes": ntypes}, "select_nb")
 
 
-def select_neighbors(xp, rcut, sel, sec, cpos, cidx, bstart, bcnt, epos, eown, etype, eidx):
+def select_neighbors(xp, rcut, sel, sec, cpos, cidx, bstart, bcnt, epos, eown, etype, eidx, only=None,
+                     out=None):
     """Kernel version of the distance-sorted, type-split selection of NeighborBuilder.chunk.
 
     cpos (n, 3) centre positions; cidx (n,) their ext indices; bstart/bcnt (n, 27) candidate ranges
     in the bin-sorted ext arrays epos (E, 3), eown, etype, eidx (E,). Returns owner (n, nnei) int64
-    (-1 empty), d (n, nnei, 3) float64, overflow (n,) bool.
+    (-1 empty), d (n, nnei, 3) float64, overflow (n,) bool. ``only`` (n,) bool: do just those
+    centres, writing into ``out`` = (owner, d, overflow) (no host sync to find them).
     """
     n = int(cpos.shape[0])
     nnei = int(sum(sel))
-    owner = xp.full((n, nnei), -1, dtype=xp.int64)
-    d = xp.zeros((n, nnei, 3), dtype=xp.float64)
-    over = xp.zeros(n, dtype=bool)
+    if out is None:
+        out = (xp.full((n, nnei), -1, dtype=xp.int64), xp.zeros((n, nnei, 3), dtype=xp.float64),
+               xp.zeros(n, dtype=bool))
+    owner, d, over = out
     if n == 0:
         return owner, d, over
     k = _select_kernel(nnei, len(sel))
@@ -202,7 +206,8 @@ def select_neighbors(xp, rcut, sel, sec, cpos, cidx, bstart, bcnt, epos, eown, e
     args = (xp.int64(n), xp.float64(rcut), xp.ascontiguousarray(cpos, dtype=xp.float64),
             xp.ascontiguousarray(cidx, dtype=xp.int64), xp.ascontiguousarray(bstart, dtype=xp.int64),
             xp.ascontiguousarray(bcnt, dtype=xp.int64), epos, eown, etype, eidx,
-            xp.asarray(sel, dtype=xp.int32), xp.asarray(sec[:-1], dtype=xp.int32), owner, d, over)
+            xp.asarray(sel, dtype=xp.int32), xp.asarray(sec[:-1], dtype=xp.int32), owner, d, over,
+            over if only is None else only, xp.int64(only is not None))
     k(((n + threads - 1) // threads,), (threads,), args)
     return owner, d, over
 
@@ -216,9 +221,8 @@ def _select_warp_kernel(nnei: int, cap: int, lanes: int):
 
 def select_neighbors_warp(xp, rcut, sel, sec, cpos, cidx, bstart, bcnt, epos, eown, etype, eidx,
                           cap: int = WARP_CAP):
-    """Same contract and results as :func:`select_neighbors`, one 32-thread block per centre
-    (EXPERIMENTAL). Centres with more than ``cap`` candidates within rcut are redone by
-    select_neighbors (one host synchronisation to find them)."""
+    """Same contract and results as :func:`select_neighbors`, one 32-thread block per centre.
+    Centres with more than ``cap`` candidates within rcut are redone by select_neighbors."""
     n = int(cpos.shape[0])
     nnei = int(sum(sel))
     owner = xp.full((n, nnei), -1, dtype=xp.int64)
@@ -235,9 +239,6 @@ def select_neighbors_warp(xp, rcut, sel, sec, cpos, cidx, bstart, bcnt, epos, eo
     k((n,), (WARP_LANES,), (xp.int64(n), xp.float64(rcut), cpos, cidx, bstart, bcnt, epos, eown, etype,
                             eidx, xp.asarray(sel, dtype=xp.int32), xp.asarray(sec[:-1], dtype=xp.int32),
                             owner, d, over, spill))
-    idx = xp.nonzero(spill)[0]
-    if int(idx.shape[0]):
-        o2, d2, v2 = select_neighbors(xp, rcut, sel, sec, cpos[idx], cidx[idx], bstart[idx], bcnt[idx],
-                                      epos, eown, etype, eidx)
-        owner[idx], d[idx], over[idx] = o2, d2, v2
-    return owner, d, over
+    # centres that spilled are redone by the one-thread kernel, masked: no host sync to find them
+    return select_neighbors(xp, rcut, sel, sec, cpos, cidx, bstart, bcnt, epos, eown, etype, eidx,
+                            only=spill, out=(owner, d, over))
