@@ -1,0 +1,19 @@
+#!/bin/bash
+# The engine benchmark side by side with DeePMD-kit 3.2 (PyTorch DeepPot.eval) in one device run:
+# installs the wheels carried in the git-ignored .whl/ (see bench_engine.py and
+# ../shared/design/gpu-reference.md), then agreement checks and every case of issues 2 and 8.
+#   bash bench/bench_engine_gpu.sh [REPS...]     (default 4 8 12 21 34: 6,912 ... 4,243,968 atoms)
+set -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+REPS=${*:-4 8 12 21 34}
+ls .whl/*.whl | grep -v mpich | xargs python3 -m pip install -q --no-index --no-deps --no-compile \
+    --target /tmp/site || exit 1
+python3 -m pip install -q --no-index --no-deps .whl/mpich-*.whl || exit 1
+sed -i 's/CIBUILDWHEEL = 1/CIBUILDWHEEL = 0/' /tmp/site/deepmd/lib/run_config.ini
+MPI=$(python3 -c 'import importlib.metadata as m; print([str(f.locate()) for f in m.files("mpich") if f.name.startswith("libmpi.so.12")][0])')
+export LD_PRELOAD=$MPI PYTHONPATH=/tmp/site:$PWD/src
+{ date -u; nvidia-smi --query-gpu=name,driver_version --format=csv; } 2>&1 | tee "$OUT/log.txt"
+python3 bench/bench_engine.py .whl/models --deepmd --reps $REPS \
+    --check .whl/models/t_cu.dp .whl/models/t_cuni.dp .whl/models/t_tos32.dp \
+    --json "$OUT/bench.json" 2>&1 | tee -a "$OUT/log.txt"
