@@ -176,6 +176,10 @@ def test_neighbour_build_kernels_match_array_code(emulated):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ew, "enabled", lambda xp, name: False)
         ref = NeighborBuilder(*args)
+        bad = coords.copy()
+        bad[3] = np.nan  # a NaN atom of a periodic system: itself, no ghosts, nothing else lost
+        n_nan = NeighborBuilder(np, bad, *args[2:]).n_ext
+    assert NeighborBuilder(np, bad, *args[2:]).n_ext == n_nan < ref.n_ext
     assert ref._geo is None and got.n_ext == ref.n_ext > 3 * len(coords)
     np.testing.assert_allclose(got.wrapped, ref.wrapped, atol=1e-12)
     np.testing.assert_array_equal(got.cbin, ref.cbin)

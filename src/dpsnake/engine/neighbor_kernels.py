@@ -61,7 +61,10 @@ SRC = {
     """ + _BIN + """
     for (int k = 0; k < 3; ++k) cbin[3 * i + k] = bb[k];
     """ + _RANGE.replace("        ", "    ") + """
-    nghost = per ? (long long)(hi[0] - lo[0] + 1) * (hi[1] - lo[1] + 1) * (hi[2] - lo[2] + 1) - 1 : 0;
+    // images in range per direction (an empty range, lo > hi, only for a NaN position: no ghosts)
+    long long nimage = 1;
+    for (int k = 0; k < 3; ++k) nimage *= hi[k] >= lo[k] ? hi[k] - lo[k] + 1 : 0;
+    nghost = per && nimage > 0 ? nimage - 1 : 0;
     """),
     # one atom: its own ext entry at i, then its ghosts (shifts in meshgrid order, zero shift
     # skipped) from natoms + ends - nghost (ends: inclusive cumulative sum of nghost)
