@@ -195,18 +195,10 @@ def agreement(models, extra, cp):
     """NumPy vs CuPy (FP64) and dpsnake vs DeePMD-kit on the device, max relative differences."""
     from dpsnake.engine.deeppot import DeepPot
 
-    from ase.build import bulk
+    from profile_engine import check_cells
 
     rng = np.random.default_rng(5)
-    systems = []
-    for rep, a0 in ((1, 3.634), (2, 3.5)):
-        a = bulk("Cu", "fcc", a=a0, cubic=True).repeat((rep * 2, rep * 2, rep))
-        a.rattle(0.1, seed=rep)
-        systems.append(a)
-    tri = bulk("Cu", "fcc", a=3.6).repeat((3, 3, 3))
-    tri.rattle(0.1, seed=7)  # no exact distance ties (tie order at truncation is arbitrary)
-    tri.set_cell(tri.cell.array @ (np.eye(3) + 0.05 * rng.uniform(-1, 1, (3, 3))), scale_atoms=True)
-    systems.append(tri)
+    systems = check_cells(rng)
     paths = [models["float64"], models["float32"][0]] + list(extra)
     for path, fused in [(p, f) for p in paths for f in ("auto", "1")]:
         os.environ["DPSNAKE_FUSED"] = fused

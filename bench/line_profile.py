@@ -114,23 +114,16 @@ def main() -> int:
                     help="host (CPU) vs device (GPU) time per stage with cupyx.profiler.benchmark")
     a = ap.parse_args()
 
-    from ase.build import bulk
-
     from dpsnake.engine.ensemble import Ensemble
+    from profile_engine import walker_batch
 
     try:
         import cupy as xp
         sync = xp.cuda.runtime.deviceSynchronize
     except ImportError:
         xp, sync = np, (lambda: None)
-    atoms = bulk("Cu", "fcc", a=3.634, cubic=True).repeat((a.rep,) * 3)
-    n, W = len(atoms), a.walkers
-    rng = np.random.default_rng(0)
-    coords = xp.asarray((atoms.positions[None] + 0.05 * rng.standard_normal((W, n, 3))).reshape(-1, 3))
-    atype = xp.zeros(W * n, dtype=xp.int64)
-    system = xp.asarray(np.repeat(np.arange(W), n))
-    cells = xp.asarray(np.tile(atoms.cell.array[None], (W, 1, 1)))
-    pbc = xp.ones(W, dtype=bool)
+    coords, atype, system, cells, pbc = walker_batch(xp, a.rep, a.walkers)
+    n, W = coords.shape[0] // a.walkers, a.walkers
     ens = Ensemble([a.model], precision=a.precision)
     call = lambda: ens.evaluate(coords, atype, system, cells, pbc)  # noqa: E731
     for _ in range(2):

@@ -43,8 +43,9 @@ def _clear_config():
         os.environ.pop(v, None)
 
 
-def _systems(ntypes, rng):
-    """Rattled small/medium/triclinic cells (no exact distance ties), random types."""
+def check_cells(rng):
+    """Rattled small / medium / triclinic fcc Cu cells (ase Atoms; no exact distance ties, whose
+    order at truncation is arbitrary): the systems of the NumPy vs CuPy checks."""
     from ase.build import bulk
 
     ats = []
@@ -56,6 +57,25 @@ def _systems(ntypes, rng):
     tri.rattle(0.1, seed=7)
     tri.set_cell(tri.cell.array @ (np.eye(3) + 0.05 * rng.uniform(-1, 1, (3, 3))), scale_atoms=True)
     ats.append(tri)
+    return ats
+
+
+def walker_batch(xp, rep, walkers, seed=0):
+    """W rattled copies of a rep^3 fcc Cu cubic cell in the flat batched layout (namespace xp):
+    coords (W*n, 3), atype, system, cells (W, 3, 3), pbc (W,)."""
+    from ase.build import bulk
+
+    atoms = bulk("Cu", "fcc", a=3.634, cubic=True).repeat((rep,) * 3)
+    n, W = len(atoms), walkers
+    rng = np.random.default_rng(seed)
+    coords = xp.asarray((atoms.positions[None] + 0.05 * rng.standard_normal((W, n, 3))).reshape(-1, 3))
+    return (coords, xp.zeros(W * n, dtype=xp.int64), xp.asarray(np.repeat(np.arange(W), n)),
+            xp.asarray(np.tile(atoms.cell.array[None], (W, 1, 1))), xp.ones(W, dtype=bool))
+
+
+def _systems(ntypes, rng):
+    """check_cells() flattened, random types."""
+    ats = check_cells(rng)
     coords = np.concatenate([a.positions for a in ats])
     atype = rng.integers(0, ntypes, len(coords))
     system = np.repeat(np.arange(len(ats)), [len(a) for a in ats])
@@ -160,8 +180,6 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
-    from ase.build import bulk
-
     from dpsnake.engine.descriptor import energy_and_grad
     from dpsnake.engine.ensemble import Ensemble, _compact
     from dpsnake.engine.neighbor import NeighborBuilder
@@ -183,14 +201,9 @@ def main() -> int:
     if a.check is not None and xp is not np:
         check([a.model, *a.check], xp, emit)
 
-    atoms = bulk("Cu", "fcc", a=3.634, cubic=True).repeat((a.rep,) * 3)
-    n, W = len(atoms), a.walkers
-    rng = np.random.default_rng(0)
-    coords = xp.asarray((atoms.positions[None] + 0.05 * rng.standard_normal((W, n, 3))).reshape(-1, 3))
-    atype = xp.zeros(W * n, dtype=xp.int64)
-    system = xp.asarray(np.repeat(np.arange(W), n))
-    cells = xp.asarray(np.tile(atoms.cell.array[None], (W, 1, 1)))
-    pbc = xp.ones(W, dtype=bool)
+    coords, atype, system, cells, pbc = walker_batch(xp, a.rep, a.walkers)
+    W = a.walkers
+    n = coords.shape[0] // W
     ens = Ensemble([a.model], precision=a.precision)
     m = ens.models[0]
     natoms = W * n

@@ -122,6 +122,20 @@ def overfull_cuni_batch(m):
     return nb, np.arange(len(coords))
 
 
+def check_kernel_selection(m):
+    """Selection on :func:`overfull_cuni_batch` with the array code, then with the (emulated)
+    selection kernels (``use_kernel``): owners, overflow flags and displacements must agree."""
+    nb, centers = overfull_cuni_batch(m)
+    ref = nb.chunk(centers)
+    nb.use_kernel = True
+    got = nb.chunk(centers)
+    assert ref.overflow.any() and ref.valid.sum() > 10 * len(centers)
+    np.testing.assert_array_equal(got.owner, ref.owner)
+    np.testing.assert_array_equal(got.overflow, ref.overflow)
+    np.testing.assert_allclose(got.d, ref.d, rtol=0, atol=1e-14)
+    return len(centers)
+
+
 # CUDA emulation on the CPU: every thread of a block is a std::thread; blocks run one after another.
 # __syncthreads is a block barrier, warp shuffles go through a per-warp barrier, atomics are real;
 # __shared__ locals are static (one copy, shared by the block's threads).

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from test_engine_helpers import build_cpp, overfull_cuni_batch
+from test_engine_helpers import build_cpp, check_kernel_selection
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
 
@@ -65,14 +65,7 @@ extern "C" void run(long long n, double rcut, const double* cpos, const long lon
         return owner, d, over
 
     monkeypatch.setattr(kernels, "select_neighbors", emulated)
-    nb, centers = overfull_cuni_batch(m)
-    ref = nb.chunk(centers)
-    nb.use_kernel = True
-    got = nb.chunk(centers)
-    assert ref.overflow.any() and ref.valid.sum() > 10 * len(centers)
-    np.testing.assert_array_equal(got.owner, ref.owner)
-    np.testing.assert_array_equal(got.overflow, ref.overflow)
-    np.testing.assert_allclose(got.d, ref.d, rtol=0, atol=1e-14)
+    check_kernel_selection(m)
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,20 @@ from __future__ import annotations
 import functools
 import os
 
-_SELECT_SRC = r"""
-#define NNEI %(nnei)d
-#define NT %(ntypes)d
-extern "C" __global__ void select_nb(
+# the parameters both selection kernels share (same contract: select_neighbors' docstring)
+_SELECT_PARAMS = r"""
     const long long n, const double rcut,
     const double* __restrict__ cpos, const long long* __restrict__ cidx,
     const long long* __restrict__ bstart, const long long* __restrict__ bcnt,
     const double* __restrict__ epos, const long long* __restrict__ eown,
     const long long* __restrict__ etype, const long long* __restrict__ eidx,
     const int* __restrict__ sel, const int* __restrict__ sec,
-    long long* __restrict__ owner, double* __restrict__ dout, bool* __restrict__ over,
+    long long* __restrict__ owner, double* __restrict__ dout, bool* __restrict__ over,"""
+
+_SELECT_SRC = r"""
+#define NNEI %(nnei)d
+#define NT %(ntypes)d
+extern "C" __global__ void select_nb(""" + _SELECT_PARAMS + r"""
     const bool* __restrict__ only, const long long use_only)
 {
     long long i = (long long)blockDim.x * blockIdx.x + threadIdx.x;
@@ -76,14 +79,7 @@ _SELECT_WARP_SRC = r"""
 #define NNEI %(nnei)d
 #define CAP %(cap)d
 #define LANES %(lanes)d
-extern "C" __global__ void select_nb_warp(
-    const long long n, const double rcut,
-    const double* __restrict__ cpos, const long long* __restrict__ cidx,
-    const long long* __restrict__ bstart, const long long* __restrict__ bcnt,
-    const double* __restrict__ epos, const long long* __restrict__ eown,
-    const long long* __restrict__ etype, const long long* __restrict__ eidx,
-    const int* __restrict__ sel, const int* __restrict__ sec,
-    long long* __restrict__ owner, double* __restrict__ dout, bool* __restrict__ over,
+extern "C" __global__ void select_nb_warp(""" + _SELECT_PARAMS + r"""
     bool* __restrict__ spill)
 {
     __shared__ double sr[CAP];

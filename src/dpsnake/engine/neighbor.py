@@ -94,7 +94,7 @@ class NeighborBuilder:
             key = self.boff[esys] + (ebin[:, 0] * self.nb[esys, 1] + ebin[:, 1]) * self.nb[esys, 2] + ebin[:, 2]
             self.cbin = ebin[:N]
         self.wrapped = wrapped
-        self.epos, self.eowner, self.etype = epos, owner, atype[owner]
+        self.epos, self.eowner = epos, owner
         self.n_ext = int(owner.shape[0])
         order = xp.argsort(key)
         self.edges = xp.searchsorted(key[order], xp.arange(self.total_bins + 1, dtype=key.dtype), side="left")
@@ -106,6 +106,7 @@ class NeighborBuilder:
         self.use_kernel = kernels.enabled(xp)
         self._sorted = None
         self._kmax = None
+        self._etype = None
 
     def _images(self, coords, system, pbc_h, geo):
         """Array code: wrapped atoms (N, 3) and the ext arrays owner (E,), epos (E, 3), atoms first."""
@@ -143,6 +144,14 @@ class NeighborBuilder:
     bsize = property(lambda self: self._grid("bsize"))
     nb = property(lambda self: self._grid("nb"))
     boff = property(lambda self: self._grid("boff"))
+
+    @property
+    def etype(self):
+        """(E,) type of each ext atom (the array-code selection; the kernel path gathers types
+        itself in :func:`neighbor_kernels.sorted_ext`)."""
+        if self._etype is None:
+            self._etype = self.atype[self.eowner]
+        return self._etype
 
     @property
     def kmax(self) -> int:
