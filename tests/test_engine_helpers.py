@@ -139,7 +139,8 @@ def check_kernel_selection(m):
 # CUDA emulation on the CPU: every thread of a block is a std::thread; blocks run one after another.
 # __syncthreads is a block barrier, warp shuffles go through a per-warp barrier, atomics are real;
 # __shared__ locals are static (one copy, shared by the block's threads).
-THREADED_CUDA_STUB = r"""#include <cmath>
+THREADED_CUDA_STUB = r"""#include <algorithm>
+#include <cmath>
 #include <barrier>
 #include <mutex>
 #include <thread>
@@ -149,7 +150,10 @@ THREADED_CUDA_STUB = r"""#include <cmath>
 #define __launch_bounds__(...)
 #define __shared__ static
 #define __align__(x)
+#define __device__
+#define __forceinline__ inline
 using std::fabs;
+using std::min;
 struct float4 { float x, y, z, w; };
 struct double2 { double x, y; };
 struct D3 { unsigned x, y, z; };

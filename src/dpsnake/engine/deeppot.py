@@ -49,11 +49,14 @@ def frames_to_flat(xp, coords, cells, atom_types):
 class DeepPot:
     """One Deep Potential model with DeePMD-kit's ``DeepPot`` interface.
 
-    model: path to a ``.dp`` file (or a DPModel); precision "double" or "mixed".
+    model: path to a ``.dp`` file (or a DPModel); precision "double" or "mixed"; keyword
+    ``compress`` = {"min_nbor_dist": ..., "stride": 0.01, "extrapolate": 5} tabulates the embedding
+    nets as ``dp compress`` does; ``chunk_atoms`` as :class:`Ensemble`.
     """
 
     def __init__(self, model, precision: str = "double", **kwargs):
-        self.ensemble = Ensemble([model], precision=precision, chunk_atoms=kwargs.get("chunk_atoms"))
+        self.ensemble = Ensemble([model], precision=precision, chunk_atoms=kwargs.get("chunk_atoms"),
+                                 compress=kwargs.get("compress"))
 
     def get_type_map(self) -> list[str]:
         return self.ensemble.type_map

@@ -39,20 +39,34 @@ class RuntimeModel:
     _tails: dict | None = None
 
     @classmethod
-    def build(cls, model: DPModel, xp, dtype):
+    def build(cls, model: DPModel, xp, dtype, compress=None):
+        """``compress``: a :class:`~dpsnake.engine.tabulate.Compression` to run tabulated
+        embedding nets (DeePMD-kit's model compression), or None for the nets themselves."""
         from dpsnake.engine import kernels
 
         fused = None
         name = np.dtype(dtype).name
-        if kernels.fused_enabled(xp, name):
+        embeddings = [None if n is None else n.to(xp, dtype) for n in model.embeddings]
+        if compress is not None:
+            from dpsnake.engine.tabulate import build_tables
+
+            tables = build_tables(model, compress)
+            embeddings = [e if t is None else t.to(xp, dtype) for e, t in zip(embeddings, tables)]
+            if kernels.tabulate_enabled(xp):
+                from dpsnake.engine.tabulate_kernels import TabKernels
+
+                fused = [TabKernels(e, name) if t is not None else None for e, t in zip(embeddings, tables)]
+        if kernels.fused_enabled(xp, name):  # (fused_enabled implies tabulate_enabled)
             from dpsnake.engine.fused import get_fused, supported
 
-            # a net the kernels cannot run (activation, shape) keeps the array code
-            fused = [None if n is None or supported(n) else get_fused(n, name) for n in model.embeddings]
+            # nets not tabulated; a net the kernels cannot run (activation, shape) keeps the array code
+            base = fused or [None] * len(model.embeddings)
+            fused = [f if f is not None or n is None or supported(n) else get_fused(n, name)
+                     for f, n in zip(base, model.embeddings)]
         return cls(model=model, xp=xp, dtype=dtype,
                    davg=xp.asarray(model.davg, dtype=xp.float64),
                    rstd=xp.asarray(1.0 / model.dstd, dtype=xp.float64),
-                   embeddings=[None if n is None else n.to(xp, dtype) for n in model.embeddings],
+                   embeddings=embeddings,
                    fittings=[None if n is None else n.to(xp, dtype) for n in model.fittings],
                    bias=np.asarray(model.bias, dtype=np.float64), fused=fused)
 
@@ -176,6 +190,7 @@ def _env_mat(xp, rm, d, valid, keep, davg, rstd):
 def _nets(rm, ti, Rn_c, d, valid, keep, need_grad, env, slots, rstd):
     """Embedding, descriptor, fitting and (if need_grad) the backward pass from Rn_c."""
     from dpsnake.engine import elementwise as ew
+    from dpsnake.engine.kernels import tf32_gemms
 
     xp, m = rm.xp, rm.model
     n, nc = valid.shape
@@ -207,11 +222,13 @@ def _nets(rm, ti, Rn_c, d, valid, keep, need_grad, env, slots, rstd):
         fast_desc = False
         D = xp.matmul(gr.transpose(0, 2, 1), gr1).reshape(n, M1 * A)
     fit = rm.fittings[ti]
-    y, fcache = fit.forward(xp, D, keep=need_grad)
+    with tf32_gemms(xp, rm.dtype):
+        y, fcache = fit.forward(xp, D, keep=need_grad)
     e = y[:, 0].astype(xp.float64) + float(rm.bias[ti])
     if not need_grad:
         return e, None
-    gD = fit.backward(xp, xp.ones((n, 1), dtype=rm.dtype), fcache).reshape(n, M1, A)
+    with tf32_gemms(xp, rm.dtype):
+        gD = fit.backward(xp, xp.ones((n, 1), dtype=rm.dtype), fcache).reshape(n, M1, A)
     ggr = ew.guarded("desc", ew.descriptor_grad, xp, gr, gD, 1.0 / nnei) if fast_desc else None
     if ggr is None:
         ggr = xp.matmul(gr1, gD.transpose(0, 2, 1))  # (n, 4, M1)

@@ -19,15 +19,33 @@ from dpsnake.engine.neighbor import NeighborBuilder
 from dpsnake.engine.xp import array_namespace, to_numpy
 from dpsnake.errors import UserError
 
+def _compression(compress):
+    if compress is None or compress is False:
+        return None
+    from dpsnake.engine.tabulate import Compression
+
+    if isinstance(compress, Compression):
+        return compress
+    if isinstance(compress, dict):
+        unknown = set(compress) - {"min_nbor_dist", "stride", "extrapolate"}
+        if unknown or "min_nbor_dist" not in compress:
+            raise UserError(f"compress: needs min_nbor_dist (and optionally stride, extrapolate); got {sorted(compress)}")
+        return Compression(**{k: float(v) for k, v in compress.items()})
+    raise UserError(f"compress: {compress!r} is not a dict with min_nbor_dist")
+
+
 class Ensemble:
     """M models sharing type_map / rcut / sel; ``evaluate`` builds neighbours once for all of them.
 
     precision: "double" (FP64 nets and geometry) or "mixed" (FP64 geometry, FP32 nets).
     xp: array namespace to hold the weights (numpy or cupy); None = chosen from the first inputs.
     chunk_atoms: centres per chunk (None = sized from DPSNAKE_CHUNK_MB).
+    compress: tabulated embedding nets (DeePMD-kit's model compression): a
+    :class:`~dpsnake.engine.tabulate.Compression`, a dict of its fields, or None (the nets).
     """
 
-    def __init__(self, models, precision: str = "double", xp=None, chunk_atoms: int | None = None):
+    def __init__(self, models, precision: str = "double", xp=None, chunk_atoms: int | None = None,
+                 compress=None):
         if not models:
             raise UserError("models: an ensemble needs at least one model")
         if precision not in ("double", "mixed"):
@@ -39,6 +57,7 @@ class Ensemble:
                 raise UserError(f"models: {m.path} differs from {m0.path} in type_map, rcut, sel or "
                                 "pair_exclude_types, so they cannot share neighbour lists")
         self.precision = precision
+        self.compress = _compression(compress)
         self.chunk_atoms = chunk_atoms
         self._runtime = {}
         self._xp = xp
@@ -68,7 +87,7 @@ class Ensemble:
         key = (xp.__name__, k)
         if key not in self._runtime:
             dtype = xp.float64 if self.precision == "double" else xp.float32
-            self._runtime[key] = RuntimeModel.build(self.models[k], xp, dtype)
+            self._runtime[key] = RuntimeModel.build(self.models[k], xp, dtype, compress=self.compress)
         return self._runtime[key]
 
     def _chunk_size(self, xp) -> int:

@@ -6,8 +6,11 @@ neighbor.py / descriptor.py is the reference they are tested against (same selec
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+
+import numpy as np
 
 # the parameters both selection kernels share (same contract: select_neighbors' docstring)
 _SELECT_PARAMS = r"""
@@ -171,6 +174,29 @@ def fused_enabled(xp, dtype: str) -> bool:
         return False
     mode = os.environ.get("DPSNAKE_FUSED", "auto")
     return mode == "1" or (mode == "auto" and dtype == "float32")
+
+
+def tabulate_enabled(xp) -> bool:
+    """Kernels for tabulated embedding nets (tabulate_kernels.py): on with the CUDA kernels unless
+    DPSNAKE_FUSED = "0" (then the array code of tabulate.py runs)."""
+    return enabled(xp) and os.environ.get("DPSNAKE_FUSED", "auto") != "0"
+
+
+@contextlib.contextmanager
+def tf32_gemms(xp, dtype):
+    """Within: FP32 cuBLAS GEMMs of CuPy may use TF32 tensor cores, if DPSNAKE_TF32=1 (off by
+    default; the fitting nets use it; accuracy in docs/benchmarks.md). A no-op otherwise."""
+    if not (os.environ.get("DPSNAKE_TF32") == "1" and enabled(xp) and np.dtype(dtype) == np.float32):
+        yield
+        return
+    from cupy._core import _routines_linalg as linalg
+
+    old = linalg.get_compute_type(np.float32)
+    linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32)
+    try:
+        yield
+    finally:
+        linalg.set_compute_type(np.float32, old)
 
 
 @functools.lru_cache(maxsize=None)
