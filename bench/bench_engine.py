@@ -83,14 +83,16 @@ def _use(best, prec):
     os.environ["DPSNAKE_KERNELS"], os.environ["DPSNAKE_FUSED"] = k, f
 
 
-def ours_cases(models, reps, cp, sync, best=None):
+def ours_cases(models, reps, cp, sync, best=None, code="dpsnake", compress=None, precs=("mixed", "double")):
+    """Every case for one engine mode: ``code`` labels it; ``compress`` (dict) tabulates the nets."""
     from dpsnake.engine.deeppot import frames_to_flat
     from dpsnake.engine.ensemble import Ensemble
     from dpsnake.engine.model_devi import deviation_columns
 
-    for prec, mfile in (("mixed", models["float32"][0]), ("double", models["float64"])):
+    pairs = (("mixed", models["float32"][0]), ("double", models["float64"]))
+    for prec, mfile in [p for p in pairs if p[0] in precs]:
         _use(best, prec)
-        ens = Ensemble([mfile], precision=prec)
+        ens = Ensemble([mfile], precision=prec, compress=compress)
         for rep in reps:
             a = cu_cell(rep)
             n = len(a)
@@ -104,21 +106,22 @@ def ours_cases(models, reps, cp, sync, best=None):
                 s = timeit(lambda: ens.evaluate(pos, atype, system, cell, pbc), sync,
                            n=5 if n < 300_000 else 2, warm=1 if n > 300_000 else 2)
                 peak = cp.get_default_memory_pool().total_bytes() / 2 ** 30
-                emit(bench="single", code="dpsnake", prec=prec, natoms=n, sec_per_eval=s,
+                emit(bench="single", code=code, prec=prec, natoms=n, sec_per_eval=s,
                      us_per_atom=s / n * 1e6, pool_gib=round(peak, 2))
             except Exception as err:  # report and go on (e.g. out of memory)
-                emit(bench="single", code="dpsnake", prec=prec, natoms=n, error=repr(err)[:300])
+                emit(bench="single", code=code, prec=prec, natoms=n, error=repr(err)[:300])
             pos = atype = system = cell = None  # free device memory before the next size
         c, b, t = batch_frames()
         args = frames_to_flat(cp, cp.asarray(c), cp.asarray(b), cp.asarray(t))[:5]
         nat = c.shape[0] * c.shape[1]
         s = timeit(lambda: ens.evaluate(*args), sync, n=10)
-        emit(bench="batched", code="dpsnake", prec=prec, natoms=108, nframes=256, sec_per_eval=s,
+        emit(bench="batched", code=code, prec=prec, natoms=108, nframes=256, sec_per_eval=s,
              us_per_atom=s / nat * 1e6)
     # 4-model deviation on the batch (mixed, FP32 models) and (double, the FP64 model 4 times)
-    for prec, mlist in (("mixed", models["float32"]), ("double", [models["float64"]] * 4)):
+    pairs = (("mixed", models["float32"]), ("double", [models["float64"]] * 4))
+    for prec, mlist in [p for p in pairs if p[0] in precs]:
         _use(best, prec)
-        ens = Ensemble(mlist, precision=prec)
+        ens = Ensemble(mlist, precision=prec, compress=compress)
         c, b, t = batch_frames(seed=1)
         args = frames_to_flat(cp, cp.asarray(c), cp.asarray(b), cp.asarray(t))[:5]
         natoms = cp.full(c.shape[0], c.shape[1])
@@ -128,7 +131,7 @@ def ours_cases(models, reps, cp, sync, best=None):
             return deviation_columns(out, args[2], natoms)
 
         s = timeit(devi, sync, n=5)
-        emit(bench="model_devi", code="dpsnake", prec=prec, natoms=108, nframes=256, nmodels=4, sec=s,
+        emit(bench="model_devi", code=code, prec=prec, natoms=108, nframes=256, nmodels=4, sec=s,
              us_per_frame_atom=s / (c.shape[0] * c.shape[1]) * 1e6)
 
 
@@ -237,6 +240,34 @@ def deepmd_agreement(models, cp):
         emit(check="dpsnake_vs_deepmd_pt", prec=prec, e_rel=errs[0], f_rel=errs[1], v_rel=errs[2])
 
 
+def accuracy(models, cp, comp):
+    """Tabulation, mixed precision and TF32 against the FP64 nets (FP64 model, 32 x 108 rattled Cu):
+    max |dE| per atom (eV), max and RMS |dF| (eV/A), max |dV| per atom (eV); and the tabulated
+    kernels against the tabulated NumPy array code (both FP64)."""
+    from dpsnake.engine.deeppot import DeepPot
+
+    c, b, t = batch_frames(nf=32, seed=7)
+    nat = c.shape[1]
+    args = (cp.asarray(c), cp.asarray(b), cp.asarray(t))
+    ref = [x.get() for x in DeepPot(models["float64"]).eval(*args)[:3]]
+    modes = [("mixed", "mixed", None, "0"), ("double+tab", "double", comp, "0"),
+             ("mixed+tab", "mixed", comp, "0"), ("mixed+tf32", "mixed", None, "1"),
+             ("mixed+tab+tf32", "mixed", comp, "1")]
+    for name, prec, cmp, tf32 in modes:
+        os.environ["DPSNAKE_TF32"] = tf32
+        e, f, v = [x.get() for x in DeepPot(models["float64"], precision=prec, compress=cmp).eval(*args)[:3]]
+        df = np.linalg.norm((f - ref[1]).reshape(-1, 3), axis=1)
+        emit(check="accuracy_vs_fp64_nets", mode=name, stride=(cmp or {}).get("stride", 0.01) if cmp else None,
+             e_per_atom_max=float(np.abs(e - ref[0]).max() / nat), f_max=float(df.max()),
+             f_rms=float(np.sqrt((df ** 2).mean())), v_per_atom_max=float(np.abs(v - ref[2]).max() / nat),
+             f_scale_rms=float(np.sqrt((ref[1] ** 2).sum(-1).mean())))
+    os.environ["DPSNAKE_TF32"] = "0"
+    gpu = [x.get() for x in DeepPot(models["float64"], compress=comp).eval(*args)[:3]]
+    cpu = DeepPot(models["float64"], compress=comp).eval(c[:4], b[:4], t)[:3]
+    errs = [float(np.abs(x[:4].reshape(y.shape) - y).max() / np.abs(y).max()) for x, y in zip(gpu, cpu)]
+    emit(check="tab_kernels_vs_numpy_fp64", e_rel=errs[0], f_rel=errs[1], v_rel=errs[2])
+
+
 def table():
     rows = {}
     for r in RESULTS:
@@ -246,7 +277,8 @@ def table():
         prec = {"float64": "double", "float32": "mixed"}.get(r["prec"], r["prec"])
         val = r.get("us_per_atom", r.get("us_per_frame_atom"))
         rows.setdefault(key, {})[(r["code"], prec)] = "OOM/err" if val is None else f"{val:.3f}"
-    cols = [("dpsnake", "double"), ("deepmd-pt", "double"), ("dpsnake", "mixed"), ("deepmd-pt", "mixed")]
+    cols = [("dpsnake", "double"), ("dpsnake-tab", "double"), ("deepmd-pt", "double"), ("dpsnake", "mixed"),
+            ("dpsnake-tab", "mixed"), ("dpsnake-tab-tf32", "mixed"), ("deepmd-pt", "mixed")]
     print("| case | atoms | " + " | ".join(f"{c} {p}" for c, p in cols) + " |")
     print("|---|---|" + "---|" * len(cols))
     for (bench, nat, nf), v in rows.items():
@@ -261,6 +293,8 @@ def main():
     ap.add_argument("--deepmd-reps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--check", nargs="*", default=None, help="agreement checks (+ extra .dp files)")
     ap.add_argument("--variants", action="store_true", help="batched case with kernels switched off")
+    ap.add_argument("--compress", type=float, default=None, metavar="MIN_NBOR_DIST",
+                    help="also every case with tabulated embedding nets (and mixed + TF32 fitting GEMMs)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import cupy as cp
@@ -283,6 +317,13 @@ def main():
         deepmd_agreement(models, cp)
     best = variant_cases(models, cp, sync) if args.variants else None
     ours_cases(models, args.reps, cp, sync, best)
+    if args.compress:
+        comp = {"min_nbor_dist": args.compress}
+        accuracy(models, cp, comp)
+        ours_cases(models, args.reps, cp, sync, best, code="dpsnake-tab", compress=comp)
+        os.environ["DPSNAKE_TF32"] = "1"
+        ours_cases(models, args.reps, cp, sync, best, code="dpsnake-tab-tf32", compress=comp, precs=("mixed",))
+        os.environ.pop("DPSNAKE_TF32")
     if args.deepmd:
         import torch
 

@@ -41,6 +41,8 @@ def main() -> int:
     ap.add_argument("--ensemble", default="npt")
     ap.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
     ap.add_argument("--precision", choices=("double", "mixed"), default="mixed")
+    ap.add_argument("--compress", type=float, default=None, metavar="MIN_NBOR_DIST",
+                    help="tabulated embedding nets (e.g. 2.0)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     warnings.simplefilter("ignore", RuntimeWarning)
@@ -57,7 +59,7 @@ def main() -> int:
         sync = lambda: None  # noqa: E731
     else:
         sync = xp.cuda.Device().synchronize
-    provider, type_map = make_provider(args.models, args.precision, xp)
+    provider, type_map = make_provider(args.models, args.precision, xp, args.compress)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench_md_"))
     atoms = bulk("Cu", "fcc", a=3.634, cubic=True).repeat(args.rep)
     atoms.write(tmp / "cu.extxyz", format="extxyz")
@@ -118,7 +120,7 @@ def main() -> int:
 
     dev = "cpu (NumPy)" if xp is np else f"gpu (CuPy, {xp.cuda.runtime.getDeviceProperties(0)['name'].decode()})"
     res = {"walkers": args.walkers, "atoms_per_walker": nat, "atoms": ntot, "models": len(args.models),
-           "trj_freq": f, "steps": nsteps, "ensemble": args.ensemble, "precision": args.precision, "device": dev,
+           "trj_freq": f, "steps": nsteps, "ensemble": args.ensemble, "precision": args.precision, "compress": args.compress, "device": dev,
            "seconds_per_step": rows, "atom_steps_per_s": {k: ntot / v for k, v in rows.items()},
            "us_per_atom_step": {k: 1e6 * v / ntot for k, v in rows.items()},
            "md_overhead_over_force": t_explore / t_force - 1.0,

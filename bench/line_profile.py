@@ -109,6 +109,8 @@ def main() -> int:
     ap.add_argument("--rep", type=int, default=3)
     ap.add_argument("--precision", default="mixed")
     ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--compress", type=float, default=None, metavar="MIN_NBOR_DIST",
+                    help="tabulated embedding nets")
     ap.add_argument("--json", default=None)
     ap.add_argument("--stages", action="store_true",
                     help="host (CPU) vs device (GPU) time per stage with cupyx.profiler.benchmark")
@@ -124,7 +126,8 @@ def main() -> int:
         xp, sync = np, (lambda: None)
     coords, atype, system, cells, pbc = walker_batch(xp, a.rep, a.walkers)
     n, W = coords.shape[0] // a.walkers, a.walkers
-    ens = Ensemble([a.model], precision=a.precision)
+    ens = Ensemble([a.model], precision=a.precision,
+                   compress=None if a.compress is None else {"min_nbor_dist": a.compress})
     call = lambda: ens.evaluate(coords, atype, system, cells, pbc)  # noqa: E731
     for _ in range(2):
         call()

@@ -27,6 +27,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--relative-v", "--relative_v", dest="relative_v", type=float, default=None,
                         help="relative virial deviation with this level (eV)")
     parser.add_argument("--precision", choices=["double", "mixed"], default="double")
+    parser.add_argument("--compress", type=float, default=None, metavar="MIN_NBOR_DIST",
+                        help="tabulated embedding nets (as `dp compress`) for neighbours no closer "
+                             "than MIN_NBOR_DIST (A)")
     parser.add_argument("--device", choices=["cpu", "gpu", "auto"], default="cpu")
     parser.add_argument("--batch-atoms", type=int, default=200_000,
                         help="atoms per engine call (bounds memory)")
@@ -85,7 +88,8 @@ def run(args) -> int:
         except Exception:
             if args.device == "gpu":
                 raise UserError("device: gpu requested but CuPy/CUDA is not available") from None
-    ens = Ensemble(args.models, precision=args.precision)
+    ens = Ensemble(args.models, precision=args.precision,
+                   compress=None if args.compress is None else {"min_nbor_dist": args.compress})
     blocks = []
     for sysp in args.system:
         coords, cells, types = read_frames(sysp, ens.type_map)

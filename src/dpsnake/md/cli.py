@@ -22,6 +22,9 @@ def add_arguments(parser) -> None:
                         help="cpu: NumPy; gpu: CuPy; auto: CuPy when a GPU is usable (default)")
     parser.add_argument("--precision", choices=("double", "mixed"), default="double",
                         help="engine precision (default double)")
+    parser.add_argument("--compress", type=float, default=None, metavar="MIN_NBOR_DIST",
+                        help="tabulate the embedding nets as `dp compress` does, for neighbours no "
+                             "closer than MIN_NBOR_DIST (A; the training data's closest pair)")
     parser.add_argument("--checkpoint-every", type=float, default=300.0, metavar="SECONDS",
                         help="seconds between checkpoints (default 300)")
     parser.add_argument("--checkpoint-steps", type=int, default=None, metavar="N",
@@ -47,8 +50,9 @@ def pick_xp(device: str):
         return np
 
 
-def make_provider(model_paths, precision: str, xp):
-    """(EnsembleProvider, type_map) for the given model files."""
+def make_provider(model_paths, precision: str, xp, compress: float | None = None):
+    """(EnsembleProvider, type_map) for the given model files; ``compress``: min_nbor_dist (A) to
+    run tabulated embedding nets, or None."""
     from dpsnake.engine.ensemble import Ensemble
     from dpsnake.engine.model import load_model
     from dpsnake.md.providers import EnsembleProvider
@@ -58,7 +62,8 @@ def make_provider(model_paths, precision: str, xp):
         if not pathlib.Path(p).is_file():
             raise UserError(f"--models: file not found: {p}")
         models.append(load_model(p))
-    ens = Ensemble(models, precision=precision, xp=xp)
+    ens = Ensemble(models, precision=precision, xp=xp,
+                   compress=None if compress is None else {"min_nbor_dist": compress})
     return EnsembleProvider(ens), list(models[0].type_map)
 
 
@@ -68,7 +73,7 @@ def run(args) -> int:
 
     walkers = load_walkers(args.walkers)
     xp = pick_xp(args.device)
-    provider, type_map = make_provider(args.models, args.precision, xp)
+    provider, type_map = make_provider(args.models, args.precision, xp, args.compress)
     Explorer(walkers, provider, type_map, args.outdir, xp=xp, models=[str(pathlib.Path(m).resolve()) for m in args.models],
              checkpoint_every=args.checkpoint_every, checkpoint_steps=args.checkpoint_steps,
              progress=not args.no_progress).run()
