@@ -1,7 +1,8 @@
 #!/bin/bash
 # The engine benchmark side by side with DeePMD-kit 3.2 (PyTorch DeepPot.eval) in one device run:
 # installs the wheels carried in the git-ignored .whl/ (see bench_engine.py and
-# ../shared/design/gpu-reference.md), then agreement checks and every case of issues 2 and 8.
+# ../shared/design/gpu-reference.md), then agreement checks and every case of issues 2 and 8, with
+# the nets and with tabulated embedding nets (min_nbor_dist 2.0 A; + TF32 fitting GEMMs in mixed).
 #   bash bench/bench_engine_gpu.sh [REPS...]     (default 4 8 12 21 34: 6,912 ... 4,243,968 atoms)
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -14,6 +15,6 @@ sed -i 's/CIBUILDWHEEL = 1/CIBUILDWHEEL = 0/' /tmp/site/deepmd/lib/run_config.in
 MPI=$(python3 -c 'import importlib.metadata as m; print([str(f.locate()) for f in m.files("mpich") if f.name.startswith("libmpi.so.12")][0])')
 export LD_PRELOAD=$MPI PYTHONPATH=/tmp/site:$PWD/src
 { date -u; nvidia-smi --query-gpu=name,driver_version --format=csv; } 2>&1 | tee "$OUT/log.txt"
-python3 bench/bench_engine.py .whl/models --deepmd --reps $REPS \
+python3 bench/bench_engine.py .whl/models --deepmd --reps $REPS --compress 2.0 \
     --check .whl/models/t_cu.dp .whl/models/t_cuni.dp .whl/models/t_tos32.dp \
     --json "$OUT/bench.json" 2>&1 | tee -a "$OUT/log.txt"

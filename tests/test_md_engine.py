@@ -202,7 +202,19 @@ def _cli(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def test_checkpoint_kill_and_resume_equals_uninterrupted(tmp_path, models):
+def test_frames_formatted_in_helper_process_are_identical(tmp_path, models):
+    ws = [walker("a", cu(tmp_path / "a.extxyz", seed=4), ensemble="npt", pressure=1.0, nsteps=30, trj_freq=5),
+          walker("b", cu(tmp_path / "b.extxyz", rep=(2, 1, 1), seed=5), ensemble="nvt-langevin", nsteps=20, trj_freq=4)]
+    for mode in (False, True):
+        Explorer(parse_walkers(ws), EnsembleProvider(ensemble(models)), ["Cu"], tmp_path / str(mode),
+                 progress=False, async_frames=mode).run()
+    for w in ws:
+        for f in ("traj.extxyz", "model_devi.out"):
+            assert (tmp_path / "True" / w["name"] / f).read_bytes() == (tmp_path / "False" / w["name"] / f).read_bytes()
+    assert len(read_frames(tmp_path / "True" / "a" / "traj.extxyz")) == 7
+
+
+def test_checkpoint_kill_and_resume_equals_uninterrupted(tmp_path, models, monkeypatch):
     ws = [walker("lang", cu(tmp_path / "a.extxyz", seed=6), ensemble="nvt-langevin", nsteps=200, trj_freq=10),
           walker("npt", cu(tmp_path / "b.extxyz", rep=(1, 1, 1), seed=7), ensemble="npt-aniso", pressure=100.0,
                  nsteps=160, trj_freq=20, seed=3),
@@ -214,7 +226,8 @@ def test_checkpoint_kill_and_resume_equals_uninterrupted(tmp_path, models):
     from dpsnake.cli import main
 
     assert main(["explore", *args, "--outdir", str(tmp_path / "ref"), "--no-progress"]) == 0
-    # killed run
+    # killed run, frames formatted in the helper process (as on GPUs)
+    monkeypatch.setenv("DPSNAKE_ASYNC_FRAMES", "1")
     run = tmp_path / "run"
     p = _cli([*args, "--outdir", str(run)])
     ck = run / "checkpoint.npz"

@@ -148,3 +148,27 @@ def test_min_distances_match_ase_minimum_image():
         d = min_distances(np, pos, cells, pbc, nat, max_pairs=max_pairs)
         ref = [np.min(a.get_all_distances(mic=bool(a.pbc.all()))[~np.eye(len(a), dtype=bool)]) for a in frames]
         assert np.allclose(d, ref, atol=1e-12)
+
+
+@pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="needs g++")
+def test_rng_cuda_kernel_source_matches_numpy(tmp_path):
+    """The CuPy kernel body of rng.normals, compiled as C++ on the CPU, gives NumPy's numbers (the
+    integer hash bit for bit; log/cos of two libms within 2 ulp), and also NVRTC compiles it."""
+    import ctypes
+
+    from test_engine_helpers import build_cpp
+
+    src = ("#include <cmath>\nextern \"C\" void normals(const unsigned long long* key, const unsigned long long* "
+           "counter, double* res, long n) {\n for (long i = 0; i < n; ++i) {\n"
+           " const unsigned long long key_ = key[i], counter_ = counter[i]; double out;\n"
+           + rng._NORMALS_SRC.replace("key", "key_").replace("counter", "counter_") + " res[i] = out; }\n}\n")
+    lib = build_cpp(tmp_path, "rng", src)
+    seeds = np.array([1, 2, 2 ** 63 + 5], dtype=np.uint64)
+    key = rng.walker_keys(np, seeds, 17, rng.BUSSI)[np.array([0, 1, 2] * 100)]
+    counter = np.arange(300, dtype=np.uint64)
+    ref = rng.normals(np, key, counter)
+    got = np.empty(300)
+    ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+    lib.normals(ptr(key), ptr(counter), ptr(got), ctypes.c_long(300))
+    np.testing.assert_allclose(got, ref, rtol=4e-16, atol=1e-300)
+    assert abs(ref.mean()) < 0.2 and 0.8 < ref.std() < 1.2

@@ -39,11 +39,33 @@ def segsum(st: BatchState, values):
     k = 1
     for d in tail:
         k *= d
-    if k == 1:
-        return xp.bincount(st.system, weights=values.reshape(n).astype(xp.float64), minlength=S).reshape((S, *tail))
-    idx = (st.system[:, None] * k + xp.arange(k)[None, :]).reshape(-1)
-    out = xp.bincount(idx, weights=values.reshape(-1).astype(xp.float64), minlength=S * k)
+    idx = st.system if k == 1 else (st.system[:, None] * k + xp.arange(k)[None, :]).reshape(-1)
+    w = values.reshape(-1).astype(xp.float64)
+    if xp.__name__ == "cupy":  # cupy.bincount syncs with the host (it takes max(idx)); atomics do not
+        import cupyx
+
+        out = xp.zeros(S * k)
+        cupyx.scatter_add(out, idx, w)
+    else:
+        out = xp.bincount(idx, weights=w, minlength=S * k)
     return out.reshape((S, *tail))
+
+
+def _det3(xp, m):
+    """(S,) determinants of (S, 3, 3) matrices: r0 . (r1 x r2) (cuSOLVER's det syncs and is slow)."""
+    return (m[:, 0] * xp.cross(m[:, 1], m[:, 2])).sum(axis=1)
+
+
+def _inv3(xp, m):
+    """(S, 3, 3) inverses: the columns of m^-1 are r1 x r2, r2 x r0, r0 x r1 over det."""
+    r0, r1, r2 = m[:, 0], m[:, 1], m[:, 2]
+    adj = xp.stack([xp.cross(r1, r2), xp.cross(r2, r0), xp.cross(r0, r1)], axis=2)
+    return adj / _det3(xp, m)[:, None, None]
+
+
+def _apply(xp, v, m):
+    """(N, 3) rows v_n times (N, 3, 3) matrices m_n: v_n m_n (an einsum is slower on GPUs)."""
+    return v[:, 0:1] * m[:, 0] + v[:, 1:2] * m[:, 1] + v[:, 2:3] * m[:, 2]
 
 
 def kinetic_energy(st: BatchState):
@@ -60,7 +82,7 @@ def kinetic_tensor(st: BatchState):
 def volume(st: BatchState):
     """(S,) cell volume, A^3 (1 for non-periodic walkers, which never use it)."""
     xp = st.xp
-    return xp.where(st.pbc, xp.abs(xp.linalg.det(st.cells)), 1.0)
+    return xp.where(st.pbc, xp.abs(_det3(xp, st.cells)), 1.0)
 
 
 def temperature(st: BatchState):
@@ -189,9 +211,9 @@ def cell_rescale(st: BatchState, ptens, step: int, modes=(B_ISO, B_ANISO, B_TRI)
             off = (mob / 3)[:, None, None] * psym + xp.sqrt(kT * mob / (3 * vol))[:, None, None] * _sym_noise(xp, r)
             et = e + off * (1 - eye)
             mu = xp.where(mode == B_TRI, eye + et + et @ et / 2 + et @ et @ et / 6, mu)
-    mu_inv = xp.linalg.inv(mu)
-    st.pos = xp.einsum("ni,nij->nj", st.pos, mu[st.system])
-    st.vel = xp.einsum("ni,nij->nj", st.vel, mu_inv[st.system])
+    mu_inv = _inv3(xp, mu)
+    st.pos = _apply(xp, st.pos, mu[st.system])
+    st.vel = _apply(xp, st.vel, mu_inv[st.system])
     st.cells = st.cells @ mu
 
 

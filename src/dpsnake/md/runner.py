@@ -9,9 +9,11 @@ lengths of the ``.part`` files; a rerun resumes from it (files are cut back to t
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 import pathlib
 import signal
@@ -24,7 +26,7 @@ from dpsnake.engine.xp import to_numpy
 from dpsnake.md import integrators
 from dpsnake.md.deviation import batch_deviation, min_distances
 from dpsnake.md.state import build_state, BatchState
-from dpsnake.md.trajectory import DEVI_HEADER, devi_line, frame_text
+from dpsnake.md.trajectory import DEVI_HEADER, devi_line, frame_text, frame_texts
 from dpsnake.md.walkers import Walker, degrees_of_freedom, masses_for, maxwell_boltzmann, read_structure
 
 CHECKPOINT = "checkpoint.npz"
@@ -40,6 +42,36 @@ def atomic_write_text(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _helper_init(parent: int) -> None:
+    """In the frame helper: let go of the parent's stdout/stderr (a caller waiting for their end
+    must not wait for the helper) and exit when the parent is gone (killed: no one to serve)."""
+    import threading
+
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+class _Item:
+    """Element k of the list a future gives (done()/result() like the future)."""
+
+    def __init__(self, fut, k: int):
+        self.fut, self.k = fut, k
+
+    def done(self) -> bool:
+        return self.fut.done()
+
+    def result(self):
+        return self.fut.result()[self.k]
+
+
 class _Out:
     """The two growing output files of one walker (binary append; lengths known for checkpoints)."""
 
@@ -48,6 +80,7 @@ class _Out:
         self.final = {"traj": folder / "traj.extxyz", "devi": folder / "model_devi.out"}
         self.part = {k: p.with_name(p.name + ".part") for k, p in self.final.items()}
         self.files = {}
+        self.pending = []  # (key, future, job) of frames formatted in the helper process
         for k in ("traj", "devi"):
             if offsets is None:
                 self.part[k].unlink(missing_ok=True)
@@ -60,9 +93,27 @@ class _Out:
             self.files[k] = open(self.part[k], "ab")
 
     def write(self, key: str, text: str) -> None:
+        if any(p[0] == key for p in self.pending):  # keep the file's order
+            self.drain()
         self.files[key].write(text.encode())
 
+    def write_later(self, key: str, future, job) -> None:
+        """Append the text ``future`` will give (``frame_text(*job)`` if its process failed)."""
+        self.pending.append((key, future, job))
+        self.drain(wait=False)
+
+    def drain(self, wait: bool = True) -> None:
+        """Write the pending texts, in order (only those already formatted unless ``wait``)."""
+        while self.pending and (wait or self.pending[0][1].done()):
+            key, fut, job = self.pending.pop(0)
+            try:
+                text = fut.result()
+            except Exception:  # the helper process died: format here
+                text = frame_text(*job)
+            self.files[key].write(text.encode())
+
     def offsets(self) -> dict:
+        self.drain()
         out = {}
         for k, f in self.files.items():
             f.flush()
@@ -71,6 +122,7 @@ class _Out:
         return out
 
     def close(self) -> None:
+        self.drain()
         for k, f in self.files.items():
             f.flush()
             os.fsync(f.fileno())
@@ -92,7 +144,7 @@ class Explorer:
     """
 
     def __init__(self, walkers, provider, type_map, outdir, xp=np, models=(), checkpoint_every=600.0,
-                 checkpoint_steps=None, progress=True, stop_after=None):
+                 checkpoint_steps=None, progress=True, stop_after=None, async_frames=None):
         self.walkers = list(walkers)
         self.provider = provider
         self.type_map = list(type_map)
@@ -104,6 +156,13 @@ class Explorer:
         self.progress = progress
         self.stop_after = stop_after  # testing/benchmarks: return after this many steps (as a kill would)
         self._term = False
+        # frames are formatted in a helper process on GPUs: formatting 256 x 108 atoms takes ~70 ms
+        # of host time, during which the GPU would wait (async_frames None: on for CuPy)
+        if async_frames is None:  # DPSNAKE_ASYNC_FRAMES=0/1 overrides
+            env = os.environ.get("DPSNAKE_ASYNC_FRAMES", "")
+            async_frames = env == "1" if env in ("0", "1") else getattr(xp, "__name__", "") == "cupy"
+        self.async_frames = async_frames
+        self._pool = None
 
     # ---------------------------------------------------------------- setup
     def _read_structures(self):
@@ -176,6 +235,15 @@ class Explorer:
         pos, cells, pbc, atype = to_numpy(st.pos), to_numpy(st.cells), to_numpy(st.pbc), to_numpy(st.atype)
         bounds = np.concatenate([[0], np.cumsum(to_numpy(st.natoms))])
         symbols = np.array(self.type_map)[atype]
+        jobs = []  # frames for the helper process: one submission for the whole step
+        self._write_walkers(due, widx, finite, bounds, symbols, pos, cells, pbc, devi, mind, jobs)
+        if jobs:
+            fut = self._pool.submit(frame_texts, [j for _, j in jobs])
+            for k, (o, job) in enumerate(jobs):
+                o.write_later("traj", _Item(fut, k), job)
+
+    def _write_walkers(self, due, widx, finite, bounds, symbols, pos, cells, pbc, devi, mind, jobs):
+        step = self.step
         for s in np.nonzero(due)[0]:
             w = self.walkers[widx[s]]
             rec = self.status[w.name]
@@ -185,7 +253,11 @@ class Explorer:
                 continue
             lo, hi = bounds[s], bounds[s + 1]
             o = self.outs[w.name]
-            o.write("traj", frame_text(symbols[lo:hi], pos[lo:hi], cells[s], bool(pbc[s]), step))
+            job = (symbols[lo:hi], pos[lo:hi].copy(), cells[s].copy(), bool(pbc[s]), step)
+            if self._frame_pool() is None:
+                o.write("traj", frame_text(*job))
+            else:
+                jobs.append((o, job))
             o.write("devi", devi_line(step, devi[s]))
             self.max_devi[w.name] = max(self.max_devi[w.name], float(devi[s, 3]))
             if w.min_dist and mind[s] < w.min_dist:
@@ -199,6 +271,18 @@ class Explorer:
                         f"max_devi_f above cap {w.max_devi_f_cap} eV/A for {self.cap_count[w.name]} "
                         f"consecutive checks (last at step {step})"))
                     continue
+
+    def _frame_pool(self):
+        """The helper process formatting frames (None: format here)."""
+        if self.async_frames and self._pool is None:
+            try:
+                ctx = multiprocessing.get_context("spawn")  # no fork of a process holding a CUDA context
+                self._pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx, initializer=_helper_init,
+                                                                    initargs=(os.getpid(),))
+            except (OSError, ValueError) as err:
+                print(f"dpsnake explore: no helper process for frames ({err}); formatting inline", file=sys.stderr)
+                self.async_frames = False
+        return self._pool
 
     def _drop_stopped(self) -> None:
         widx = to_numpy(self.st.walker)

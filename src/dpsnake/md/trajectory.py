@@ -32,6 +32,11 @@ def frame_text(symbols, positions: np.ndarray, cell: np.ndarray, pbc: bool, step
     return "".join(head) + ("%-3s %18.10f %18.10f %18.10f\n" * n) % tuple(rows.ravel())
 
 
+def frame_texts(jobs) -> list:
+    """frame_text for each (symbols, positions, cell, pbc, step) of ``jobs`` (the helper process)."""
+    return [frame_text(*j) for j in jobs]
+
+
 def read_frames(path) -> list:
     """All frames of a walker's ``traj.extxyz`` as ``ase.Atoms``, each with ``atoms.info["step"]`` (int)."""
     import ase.io
