@@ -19,7 +19,9 @@ from dpsnake.engine.neighbor import NeighborBuilder
 from dpsnake.engine.xp import array_namespace, to_numpy
 from dpsnake.errors import UserError
 
+
 def _compression(compress):
+    """None, or a Compression from a Compression / dict (one UserError line on bad input)."""
     if compress is None or compress is False:
         return None
     from dpsnake.engine.tabulate import Compression
@@ -29,8 +31,13 @@ def _compression(compress):
     if isinstance(compress, dict):
         unknown = set(compress) - {"min_nbor_dist", "stride", "extrapolate"}
         if unknown or "min_nbor_dist" not in compress:
-            raise UserError(f"compress: needs min_nbor_dist (and optionally stride, extrapolate); got {sorted(compress)}")
-        return Compression(**{k: float(v) for k, v in compress.items()})
+            raise UserError("compress: needs min_nbor_dist (and optionally stride, extrapolate); "
+                            f"got {sorted(compress)}")
+        try:
+            values = {k: float(v) for k, v in compress.items()}
+        except (TypeError, ValueError):
+            raise UserError(f"compress: values must be numbers, got {compress!r}") from None
+        return Compression(**values)
     raise UserError(f"compress: {compress!r} is not a dict with min_nbor_dist")
 
 
