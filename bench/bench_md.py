@@ -120,7 +120,8 @@ def main() -> int:
 
     dev = "cpu (NumPy)" if xp is np else f"gpu (CuPy, {xp.cuda.runtime.getDeviceProperties(0)['name'].decode()})"
     res = {"walkers": args.walkers, "atoms_per_walker": nat, "atoms": ntot, "models": len(args.models),
-           "trj_freq": f, "steps": nsteps, "ensemble": args.ensemble, "precision": args.precision, "compress": args.compress, "device": dev,
+           "trj_freq": f, "steps": nsteps, "ensemble": args.ensemble, "precision": args.precision,
+           "compress": args.compress, "device": dev,
            "seconds_per_step": rows, "atom_steps_per_s": {k: ntot / v for k, v in rows.items()},
            "us_per_atom_step": {k: 1e6 * v / ntot for k, v in rows.items()},
            "md_overhead_over_force": t_explore / t_force - 1.0,

@@ -4,8 +4,11 @@ Explorer.loop (force calls are charged to the provider's line). 256 walkers x 10
 
     python bench/md_line_profile.py MODELS_DIR [--compress 2.0]      (MODELS_DIR/cu_float32_{1..4}/model.dp)
 """
-import pathlib, sys, tempfile, warnings
-import numpy as np
+import pathlib
+import sys
+import tempfile
+import warnings
+
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE)); sys.path.insert(0, str(HERE.parent / "src"))
 import line_profile as lp

@@ -15,7 +15,7 @@ import pytest
 from test_engine_helpers import THREADED_CUDA_STUB, build_cpp
 
 from dpsnake.engine.nets import Layer, Net
-from dpsnake.engine.tabulate import Compression, Table, TabulatedNet, build_tables, net_derivatives
+from dpsnake.engine.tabulate import Compression, Table, net_derivatives
 from dpsnake.errors import UserError
 
 CUNI_TOS32 = {"model": {"descriptor": {"type_one_side": True, "precision": "float32",

@@ -30,11 +30,12 @@ from dpsnake.md.state import B_ANISO, B_ISO, B_TRI, T_BUSSI, T_LANGEVIN, T_NHC, 
 def segsum(st: BatchState, values):
     """Per-walker sum of an atom array (N, ...) -> (S, ...) float64.
 
-    One bincount over (walker, component) bins, so a (N, 9) sum is one kernel on the GPU; on NumPy
-    each bin still adds its atoms in order, so a walker's sums do not depend on the other walkers.
+    One sum over (walker, component) bins, so a (N, 9) sum is one kernel on the GPU (atomic adds);
+    on NumPy (bincount) each bin adds its atoms in order, so a walker's sums do not depend on the
+    other walkers.
     """
     xp = st.xp
-    n, S = values.shape[0], st.nsys
+    S = st.nsys
     tail = values.shape[1:]
     k = 1
     for d in tail:

@@ -225,7 +225,7 @@ class Explorer:
                 self.status[w.name].update(status="finished", steps=step)
 
     def _write_due(self, out, widx, due) -> None:
-        st, xp, step = self.st, self.xp, self.step
+        st, xp = self.st, self.xp
         devi = batch_deviation(xp, out, st.system, st.natoms, st.nsys)
         finite = xp.isfinite(integrators.segsum(st, (st.pos + st.vel).sum(axis=1))) & xp.isfinite(st.energy)
         finite &= xp.isfinite(devi).all(axis=1)
