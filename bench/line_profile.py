@@ -29,8 +29,9 @@ ENGINE = str(ROOT / "src" / "dpsnake" / "engine")
 class LineTimer:
     """Charges wall time between consecutive traced line events (after ``sync()``) to the earlier line."""
 
-    def __init__(self, sync):
+    def __init__(self, sync, prefix: str = ENGINE):
         self.sync = sync
+        self.prefix = prefix  # only lines of files under this folder are traced
         self.acc: dict[tuple[str, int], float] = {}
         self.hits: dict[tuple[str, int], int] = {}
         self.last = None
@@ -51,12 +52,12 @@ class LineTimer:
         elif event == "return":  # the rest of the calling line is charged to that line again
             self._tick((frame.f_code.co_filename, frame.f_lineno))
             back = frame.f_back
-            if back is not None and back.f_code.co_filename.startswith(ENGINE):
+            if back is not None and back.f_code.co_filename.startswith(self.prefix):
                 self._tick((back.f_code.co_filename, back.f_lineno))
         return self._local
 
     def _global(self, frame, event, arg):
-        if frame.f_code.co_filename.startswith(ENGINE):
+        if frame.f_code.co_filename.startswith(self.prefix):
             return self._local
         return None
 

@@ -32,8 +32,8 @@ ex = Explorer(walkers(256, 200), provider, tmap, tmp / "run", xp=cp, progress=Fa
 ex.prepare(); ex.loop()
 st = ex.st
 cached = provider(st, False); flags = st.flags()
-lp.ENGINE = str(HERE.parent / "src" / "dpsnake" / "md")
-timer = lp.LineTimer(cp.cuda.runtime.deviceSynchronize)
+MD = str(HERE.parent / "src" / "dpsnake" / "md")
+timer = lp.LineTimer(cp.cuda.runtime.deviceSynchronize, MD)
 def steps():
     for k in range(20):
         integrators.md_step(st, lambda s, al: cached, k, flags)
@@ -45,10 +45,9 @@ import linecache
 for (f, l), t in rows:
     print(f"{t/20*1e3:7.3f} ms  {pathlib.Path(f).name}:{l}  {linecache.getline(f, l).strip()[:90]}")
 # explore loop lines (force calls included in the calling line)
-lp.ENGINE = str(HERE.parent / "src" / "dpsnake" / "md")
 ex2 = Explorer(walkers(256, 200), provider, tmap, tmp / "run2", xp=cp, progress=False, checkpoint_every=1e9, stop_after=20)
 ex2.prepare()
-t2 = lp.LineTimer(cp.cuda.runtime.deviceSynchronize)
+t2 = lp.LineTimer(cp.cuda.runtime.deviceSynchronize, MD)
 t2.run(ex2.loop)
 rows = sorted(t2.acc.items(), key=lambda kv: -kv[1])[:25]
 print(f"explore traced total {sum(t2.acc.values())/20*1e3:.2f} ms/step")

@@ -189,14 +189,10 @@ class TabulatedNet:
 
 def env_range(model, comp: Compression):
     """Per centre type: (lower, upper) of x = Rn[:, 0] (floored / ceiled), DeePMD-kit's rule."""
-    rs, rc, d = model.rcut_smth, model.rcut, comp.min_nbor_dist
-    if d < rs:
-        sw = 1.0
-    elif d < rc:
-        u = (d - rs) / (rc - rs)
-        sw = u ** 3 * (-6 * u * u + 15 * u - 10) + 1
-    else:
-        sw = 0.0
+    from dpsnake.engine.descriptor import _switch
+
+    d = comp.min_nbor_dist
+    sw = float(_switch(np, np.float64(d), model.rcut_smth, model.rcut)[0])
     davg, dstd = model.davg[..., 0], model.dstd[..., 0]  # (ntypes, nnei)
     lower = (-davg / dstd).min(axis=1)
     upper = ((sw / d - davg) / dstd).max(axis=1)
