@@ -6,7 +6,8 @@ stochastic cell rescaling) at 300 K / 1 bar, dt 1 fs, all M models evaluated eve
 (10) steps for the deviation, frames and model_devi.out written. Three timings, same batch:
 
 - force:      the engine alone, per 10 steps: 9 calls with model 0 + 1 call with all models;
-- integrator: md_step with the forces replaced by a cached result (what MD adds per step);
+- integrator: the step with the forces replaced by a cached result (what MD adds per step), as the
+              explorer runs it (CUDA graphs on GPUs) and, on GPUs, eagerly (every launch from Python);
 - explore:    Explorer.loop(), the real thing (integrator, deviation, stop checks, file writes).
 
 overhead = explore / force - 1 (goal <= 15%). Prints a Markdown table, writes JSON (--json).
@@ -49,7 +50,9 @@ def main() -> int:
 
     from ase.build import bulk
 
+    from dpsnake.engine import elementwise as ew
     from dpsnake.md import integrators
+    from dpsnake.md.graphs import make_stepper
     from dpsnake.md.cli import make_provider, pick_xp
     from dpsnake.md.runner import Explorer
     from dpsnake.md.walkers import parse_walkers
@@ -106,17 +109,22 @@ def main() -> int:
     t_force = (time.perf_counter() - t) / nsteps
     rows["force"] = t_force
 
-    # integrator alone: forces replaced by a cached result
+    # integrator alone: forces replaced by a cached result; as the explorer runs it (CUDA graphs
+    # on GPUs) and eagerly (every launch from Python)
     cached = provider(st, False)
     flags = st.flags()
-    for k in range(3):
-        integrators.md_step(st, lambda s, a: cached, k, flags)
-    sync()
-    t = time.perf_counter()
-    for k in range(nsteps):
-        integrators.md_step(st, lambda s, a: cached, k, flags)
-    sync()
-    rows["integrator"] = (time.perf_counter() - t) / nsteps
+    steppers = {"integrator": make_stepper(xp)}
+    if steppers["integrator"] is not integrators.md_step:
+        steppers["integrator (eager)"] = integrators.md_step
+    for name, stepper in steppers.items():
+        for k in range(3):
+            stepper(st, lambda s, a: cached, k, flags)
+        sync()
+        t = time.perf_counter()
+        for k in range(nsteps):
+            stepper(st, lambda s, a: cached, k, flags)
+        sync()
+        rows[name] = (time.perf_counter() - t) / nsteps
 
     dev = "cpu (NumPy)" if xp is np else f"gpu (CuPy, {xp.cuda.runtime.getDeviceProperties(0)['name'].decode()})"
     res = {"walkers": args.walkers, "atoms_per_walker": nat, "atoms": ntot, "models": len(args.models),
@@ -125,6 +133,7 @@ def main() -> int:
            "seconds_per_step": rows, "atom_steps_per_s": {k: ntot / v for k, v in rows.items()},
            "us_per_atom_step": {k: 1e6 * v / ntot for k, v in rows.items()},
            "md_overhead_over_force": t_explore / t_force - 1.0,
+           "fused_families_off": sorted(ew._broken),  # kernels that failed and fell back
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(f"\n{args.walkers} walkers x {nat} atoms = {ntot} atoms, {len(args.models)} models, deviation every {f} "
           f"steps, {args.ensemble}, {args.precision}, {dev}\n")
@@ -132,6 +141,8 @@ def main() -> int:
     print("|---|---|---|---|")
     for k, v in rows.items():
         print(f"| {k} | {1e3 * v:.2f} | {1e6 * v / ntot:.3f} | {ntot / v:.3e} |")
+    if ew._broken:
+        print(f"fused kernel families switched off after an error: {sorted(ew._broken)}")
     print(f"\nMD overhead over pure force evaluation: {100 * res['md_overhead_over_force']:.1f}% (goal <= 15%)")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(res, indent=1) + "\n")

@@ -13,6 +13,7 @@ that stays the reference (and the NumPy path) and does the same math in one pass
 - ``desc``: the descriptor D = gr^T gr[:, :axis] and its backward to gr, per centre (were batched
   cuBLAS products of 4-deep matrices, ~0.4 ms each for 27,648 centres on an H100).
 - ``nbr``: the neighbour build (wrapping, ghost images, bins), in neighbor_kernels.py.
+- ``graph``: the MD integrator stages replayed as CUDA graphs (md/graphs.py).
 
 Selected by ``DPSNAKE_FAST`` (comma list of the names above; default all, "0" none). A kernel that
 fails to compile or launch is switched off for the process with a warning and the array code runs.
@@ -24,7 +25,7 @@ import functools
 import os
 import warnings
 
-FEATURES = ("nets", "env", "scatter", "desc", "nbr")
+FEATURES = ("nets", "env", "scatter", "desc", "nbr", "graph")
 _broken: set = set()
 
 

@@ -64,6 +64,12 @@ def _inv3(xp, m):
     return adj / _det3(xp, m)[:, None, None]
 
 
+def _mm3(a, b):
+    """(S, 3, 3) products a_s b_s as one broadcast multiply-sum (CuPy's matmul goes through cuBLAS,
+    which cannot be captured in a CUDA graph)."""
+    return (a[:, :, :, None] * b[:, None, :, :]).sum(axis=2)
+
+
 def _apply(xp, v, m):
     """(N, 3) rows v_n times (N, 3, 3) matrices m_n: v_n m_n (an einsum is slower on GPUs)."""
     return v[:, 0:1] * m[:, 0] + v[:, 1:2] * m[:, 1] + v[:, 2:3] * m[:, 2]
@@ -154,7 +160,7 @@ def nhc_energy(st: BatchState):
     return xp.where(st.thermo == T_NHC, e, 0.0)
 
 
-def bussi(st: BatchState, step: int) -> None:
+def bussi(st: BatchState, step) -> None:
     """One step (dt) of the Bussi-Donadio-Parrinello stochastic velocity rescaling."""
     xp = st.xp
     on = st.thermo == T_BUSSI
@@ -173,7 +179,7 @@ def bussi(st: BatchState, step: int) -> None:
     st.vel = st.vel * alpha[st.system][:, None]
 
 
-def langevin_o(st: BatchState, step: int) -> None:
+def langevin_o(st: BatchState, step) -> None:
     """The O part of BAOAB (exact Ornstein-Uhlenbeck over dt) on the Langevin walkers."""
     xp = st.xp
     on = (st.thermo == T_LANGEVIN)[st.system]
@@ -183,7 +189,7 @@ def langevin_o(st: BatchState, step: int) -> None:
     st.vel = xp.where(on[:, None], c1[:, None] * st.vel + c2[:, None] * g, st.vel)
 
 
-def cell_rescale(st: BatchState, ptens, step: int, modes=(B_ISO, B_ANISO, B_TRI)) -> None:
+def cell_rescale(st: BatchState, ptens, step, modes=(B_ISO, B_ANISO, B_TRI)) -> None:
     """Stochastic cell rescaling over dt for the NPT walkers, given the pressure tensor (S, 3, 3).
 
     modes: the barostat codes present in the batch (the others are not computed).
@@ -206,16 +212,18 @@ def cell_rescale(st: BatchState, ptens, step: int, modes=(B_ISO, B_ANISO, B_TRI)
         de = -(mob / 3)[:, None] * (st.p0[:, None] - diag) + xp.sqrt(2 * kT * mob / (3 * vol))[:, None] * r[:, :3]
         e = de[:, :, None] * eye
         if B_ANISO in modes:
-            mu = xp.where(mode == B_ANISO, eye + e + e @ e / 2 + e @ e @ e / 6, mu)
+            e2 = _mm3(e, e)
+            mu = xp.where(mode == B_ANISO, eye + e + e2 / 2 + _mm3(e2, e) / 6, mu)
         if B_TRI in modes:
             psym = 0.5 * (ptens + ptens.transpose(0, 2, 1))
             off = (mob / 3)[:, None, None] * psym + xp.sqrt(kT * mob / (3 * vol))[:, None, None] * _sym_noise(xp, r)
             et = e + off * (1 - eye)
-            mu = xp.where(mode == B_TRI, eye + et + et @ et / 2 + et @ et @ et / 6, mu)
+            et2 = _mm3(et, et)
+            mu = xp.where(mode == B_TRI, eye + et + et2 / 2 + _mm3(et2, et) / 6, mu)
     mu_inv = _inv3(xp, mu)
     st.pos = _apply(xp, st.pos, mu[st.system])
     st.vel = _apply(xp, st.vel, mu_inv[st.system])
-    st.cells = st.cells @ mu
+    st.cells = _mm3(st.cells, mu)
 
 
 def _sym_noise(xp, r):
@@ -226,13 +234,23 @@ def _sym_noise(xp, r):
     return xp.stack(rows, axis=1)
 
 
-def md_step(st: BatchState, compute, step: int, flags: dict, all_models: bool = False) -> dict:
+def md_step(st: BatchState, compute, step, flags: dict, all_models: bool = False) -> dict:
     """Advance every walker of ``st`` by its dt; returns the ensemble output at the new positions.
 
     compute(st, all_models) -> {"energy" (M, S), "force" (M, N, 3), "virial" (M, S, 9)} in st.xp;
-    model 0 drives. ``step`` is the index of this step (0 for the first), the RNG counter.
-    ``flags`` = st.flags() (host booleans: which parts are present).
+    model 0 drives. ``step`` is the index of this step (0 for the first), the RNG counter (an int,
+    or a 0-d uint64 device array: see rng.walker_keys). ``flags`` = st.flags() (host booleans:
+    which parts are present).
     """
+    pre_force(st, step, flags)
+    out = compute(st, all_models)
+    set_forces(st, out)
+    post_force(st, step, flags)
+    return out
+
+
+def pre_force(st: BatchState, step, flags: dict) -> None:
+    """The part of a step before the force call: thermostat half step, kick, drift, cell rescaling."""
     dt_atom = st.dt[st.system]
     if flags["nhc"]:
         nhc_half(st)
@@ -246,11 +264,12 @@ def md_step(st: BatchState, compute, step: int, flags: dict, all_models: bool = 
         st.pos = st.pos + dt_atom[:, None] * st.vel
     if flags["npt"]:
         cell_rescale(st, ptens, step, flags.get("baro_modes", (B_ISO, B_ANISO, B_TRI)))
-    out = compute(st, all_models)
-    set_forces(st, out)
-    _kick(st, dt_atom)
+
+
+def post_force(st: BatchState, step, flags: dict) -> None:
+    """The part of a step after the force call (forces in ``st``): kick, Bussi, thermostat half step."""
+    _kick(st, st.dt[st.system])
     if flags["bussi"]:
         bussi(st, step)
     if flags["nhc"]:
         nhc_half(st)
-    return out

@@ -32,10 +32,17 @@ def _mix(xp, z):
     return z ^ (z >> xp.uint64(31))
 
 
-def walker_keys(xp, seeds, step: int, stream: int):
-    """Per-walker keys (S,) uint64 for one (step, stream); ``seeds`` (S,) uint64."""
+def walker_keys(xp, seeds, step, stream: int):
+    """Per-walker keys (S,) uint64 for one (step, stream); ``seeds`` (S,) uint64.
+
+    ``step``: an int, or a 0-d uint64 array in ``xp`` (the same keys; a CUDA graph replays with
+    the step read from device memory instead of a constant baked into the captured kernels).
+    """
     with np.errstate(over="ignore"):
-        base = np.uint64((int(step) * 16 + int(stream) + 1) * _GOLDEN % (1 << 64))
+        if isinstance(step, (int, np.integer)):
+            base = np.uint64((int(step) * 16 + int(stream) + 1) * _GOLDEN % (1 << 64))
+        else:  # uint64 arithmetic wraps modulo 2^64, as the line above
+            base = (step * xp.uint64(16) + xp.uint64(int(stream) + 1)) * xp.uint64(_GOLDEN)
         return _mix(xp, _mix(xp, seeds ^ xp.uint64(0x5DEECE66D)) + base)
 
 
@@ -74,7 +81,7 @@ def normals(xp, key, counter):
     return xp.sqrt(-2.0 * xp.log(u1)) * xp.cos(2.0 * np.pi * u2)
 
 
-def atom_normals(xp, seeds, system, local, step: int, stream: int):
+def atom_normals(xp, seeds, system, local, step, stream: int):
     """(N, 3) normals for the flat atoms: ``seeds`` (S,) uint64, ``system`` (N,), ``local`` (N,) index in walker.
 
     Element (i, c) uses counter ``3 * local[i] + c`` of its walker's stream.
@@ -84,7 +91,7 @@ def atom_normals(xp, seeds, system, local, step: int, stream: int):
     return normals(xp, xp.broadcast_to(key, counter.shape), counter)
 
 
-def system_normals(xp, seeds, step: int, stream: int, k: int):
+def system_normals(xp, seeds, step, stream: int, k: int):
     """(S, k) normals, one row per walker (counters 0..k-1 of the walker's stream)."""
     key = walker_keys(xp, seeds, step, stream)[:, None]
     counter = xp.broadcast_to(xp.arange(k, dtype=xp.uint64)[None, :], (seeds.shape[0], k))

@@ -25,6 +25,7 @@ import numpy as np
 from dpsnake.engine.xp import to_numpy
 from dpsnake.md import integrators
 from dpsnake.md.deviation import batch_deviation, min_distances
+from dpsnake.md.graphs import make_stepper
 from dpsnake.md.state import build_state, BatchState
 from dpsnake.md.trajectory import DEVI_HEADER, devi_line, frame_text, frame_texts
 from dpsnake.md.walkers import Walker, degrees_of_freedom, masses_for, maxwell_boltzmann, read_structure
@@ -163,6 +164,7 @@ class Explorer:
             async_frames = env == "1" if env in ("0", "1") else getattr(xp, "__name__", "") == "cupy"
         self.async_frames = async_frames
         self._pool = None
+        self._md_step = make_stepper(xp)  # CUDA graphs of the integrator stages on CuPy
 
     # ---------------------------------------------------------------- setup
     def _read_structures(self):
@@ -370,7 +372,7 @@ class Explorer:
                     ends = {w.nsteps for w in active}
                 nxt = self.step + 1
                 all_models = any(nxt % f == 0 for f in freqs)
-                out = integrators.md_step(self.st, self.provider, self.step, flags, all_models)
+                out = self._md_step(self.st, self.provider, self.step, flags, all_models)
                 self.step = nxt
                 steps_run += 1
                 if all_models or nxt in ends:
