@@ -83,10 +83,14 @@ def main() -> int:
                     checkpoint_every=1e9, stop_after=2 * f)
     warm.prepare()
     warm.loop()
-    # walkers run longer than the timed steps: closing files at the end is not part of the rate
-    ex = Explorer(walkers(args.walkers, nsteps + f), provider, type_map, tmp / "run", xp=xp, progress=False,
-                  checkpoint_every=1e9, stop_after=nsteps)
+    # walkers run longer than the timed steps: closing files at the end is not part of the rate;
+    # the first f steps are not timed either (the integrator's CUDA graphs are captured there, once
+    # per batch of walkers)
+    ex = Explorer(walkers(args.walkers, nsteps + 2 * f), provider, type_map, tmp / "run", xp=xp, progress=False,
+                  checkpoint_every=1e9, stop_after=f)
     ex.prepare()
+    ex.loop()
+    ex.stop_after = nsteps
     sync()
     t = time.perf_counter()
     ex.loop()

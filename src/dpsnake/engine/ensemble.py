@@ -120,12 +120,15 @@ class Ensemble:
         per_atom += 2000 * 48  # candidate arrays of the array-code neighbour search
         return max(64, int(mb * 1e6 / per_atom))
 
-    def evaluate(self, coords, atype, system, cells, pbc, model_indices=None, atomic: bool = False):
+    def evaluate(self, coords, atype, system, cells, pbc, model_indices=None, atomic: bool = False,
+                 wait: bool = True):
         """Energies, forces, virials of every model on every system.
 
         coords (N, 3) A; atype (N,) int; system (N,) sorted ints 0..S-1; cells (S, 3, 3) A;
         pbc (S,) bool. Returns dict with ``energy`` (M, S) eV, ``force`` (M, N, 3) eV/A,
         ``virial`` (M, S, 9) eV and, if ``atomic``, ``atom_energy`` (M, N), ``atom_virial`` (M, N, 9).
+        ``wait=False``: return without waiting for the device (no overflow warning; ``last_overflow``
+        is then a device scalar), so the caller's host work overlaps the nets.
         """
         xp = array_namespace(coords)
         coords = xp.asarray(coords, dtype=xp.float64).reshape(-1, 3)
@@ -164,7 +167,7 @@ class Ensemble:
         counts = np.bincount(ta, minlength=self.ntypes)
         csize = self._chunk_size(xp)
         fast_scatter = elementwise.enabled(xp, "scatter")
-        overflow = []  # device sums, read once at the end (one host sync per call)
+        overflow = []  # device sums, read once at the end (one host sync per call, none if not wait)
         start = 0
         for ti in range(self.ntypes):
             stop = start + int(counts[ti])
@@ -198,8 +201,12 @@ class Ensemble:
                             if sums is None else sums[:, 3:]
                         _scatter_add(xp, virial[j], sysc, wc)
             start = stop
-        overflow = int(to_numpy(sum(overflow))) if overflow else 0
-        self.last_overflow = overflow
+        if not wait:
+            self.last_overflow = sum(overflow) if overflow else 0
+            overflow = 0
+        else:
+            overflow = int(to_numpy(sum(overflow))) if overflow else 0
+            self.last_overflow = overflow
         if overflow:
             warnings.warn(f"{overflow} atoms have more neighbours within rcut than sel allows "
                           f"(sel={m0.sel}); extra neighbours were dropped as DeePMD-kit does",

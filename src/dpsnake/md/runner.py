@@ -165,6 +165,9 @@ class Explorer:
         self.async_frames = async_frames
         self._pool = None
         self._md_step = make_stepper(xp)  # CUDA graphs of the integrator stages on CuPy
+        self._pending = []  # deviation steps whose host part is still to run
+        self._hcache = None
+        self._copy_stream = None
 
     # ---------------------------------------------------------------- setup
     def _read_structures(self):
@@ -214,48 +217,86 @@ class Explorer:
         return True
 
     # ---------------------------------------------------------------- per deviation step
+    # A deviation step has a device part (deviation columns, finiteness, snapshots of positions and
+    # cells) queued at once, and a host part (files, stop checks) that the loop runs one step later,
+    # while the device computes the next force call; anything that needs the statuses (a walker's
+    # last step, a checkpoint, leaving) runs it at once.
     def _deviation_step(self, out) -> None:
-        """Frames, deviation lines and stop checks of the walkers due at ``self.step``."""
-        st, step = self.st, self.step
-        widx = to_numpy(st.walker)
-        due = np.array([step % self.walkers[i].trj_freq == 0 for i in widx])
-        if due.any():
-            self._write_due(out, widx, due)
-        for i in widx:
-            w = self.walkers[i]
-            if self.status[w.name]["status"] == "running" and step >= w.nsteps:
-                self.status[w.name].update(status="finished", steps=step)
+        """Frames, deviation lines and stop checks of the walkers due at ``self.step``, now."""
+        self._start_deviation(out)
+        self._finish_deviations()
 
-    def _write_due(self, out, widx, due) -> None:
-        st, xp = self.st, self.xp
-        devi = batch_deviation(xp, out, st.system, st.natoms, st.nsys)
-        finite = xp.isfinite(integrators.segsum(st, (st.pos + st.vel).sum(axis=1))) & xp.isfinite(st.energy)
-        finite &= xp.isfinite(devi).all(axis=1)
-        need_md = any(self.walkers[i].min_dist for i in widx[due])
-        mind = to_numpy(min_distances(xp, st.pos, st.cells, st.pbc, to_numpy(st.natoms))) if need_md else None
-        devi, finite = to_numpy(devi), to_numpy(finite)
-        pos, cells, pbc, atype = to_numpy(st.pos), to_numpy(st.cells), to_numpy(st.pbc), to_numpy(st.atype)
-        bounds = np.concatenate([[0], np.cumsum(to_numpy(st.natoms))])
-        symbols = np.array(self.type_map)[atype]
+    def _host(self) -> dict:
+        """Host copies of the state's fixed arrays (walker, natoms, pbc, atype), kept per state."""
+        st = self.st
+        if self._hcache is None or self._hcache[0] is not st.walker:
+            self._hcache = (st.walker, {k: to_numpy(getattr(st, k)) for k in ("walker", "natoms", "pbc", "atype")})
+        return self._hcache[1]
+
+    def _start_deviation(self, out) -> None:
+        """Queue the device work of the deviation step ``self.step`` (no host synchronisation)."""
+        st, xp, step, h = self.st, self.xp, self.step, self._host()
+        widx = h["walker"]
+        due = np.array([step % self.walkers[i].trj_freq == 0 for i in widx])
+        dev, event = None, None
+        if due.any():
+            devi = batch_deviation(xp, out, st.system, st.natoms, st.nsys)
+            finite = xp.isfinite(integrators.segsum(st, (st.pos + st.vel).sum(axis=1))) & xp.isfinite(st.energy)
+            finite &= xp.isfinite(devi).all(axis=1)
+            need_md = any(self.walkers[i].min_dist for i in widx[due])
+            dev = {"devi": devi, "finite": finite, "pos": st.pos.copy(), "cells": st.cells.copy()}
+            if need_md:
+                dev["mind"] = min_distances(xp, st.pos, st.cells, st.pbc, h["natoms"])
+            if xp is not np:
+                event = xp.cuda.Event()
+                event.record()
+        self._pending.append((step, widx, due, dev, event, h))
+
+    def _to_host(self, dev: dict, event) -> dict:
+        if event is None:
+            return {k: to_numpy(v) for k, v in dev.items()}
+        # a non-blocking stream: the copies wait for this step's event only, not for the force call
+        # queued since on the default stream
+        if self._copy_stream is None:
+            self._copy_stream = self.xp.cuda.Stream(non_blocking=True)
+        self._copy_stream.wait_event(event)
+        return {k: v.get(stream=self._copy_stream) for k, v in dev.items()}
+
+    def _finish_deviations(self, before=None) -> None:
+        """The host part of the queued deviation steps (those before step ``before``; all if None)."""
+        while self._pending and (before is None or self._pending[0][0] < before):
+            step, widx, due, dev, event, h = self._pending.pop(0)
+            if dev is not None:
+                self._write_due(step, widx, due, self._to_host(dev, event), h)
+            for i in widx:
+                w = self.walkers[i]
+                if self.status[w.name]["status"] == "running" and step >= w.nsteps:
+                    self.status[w.name].update(status="finished", steps=step)
+
+    def _write_due(self, step, widx, due, dev: dict, h: dict) -> None:
+        bounds = np.concatenate([[0], np.cumsum(h["natoms"])])
+        symbols = np.array(self.type_map)[h["atype"]]
         jobs = []  # frames for the helper process: one submission for the whole step
-        self._write_walkers(due, widx, finite, bounds, symbols, pos, cells, pbc, devi, mind, jobs)
+        self._write_walkers(step, due, widx, bounds, symbols, h["pbc"], dev, jobs)
         if jobs:
             fut = self._pool.submit(frame_texts, [j for _, j in jobs])
             for k, (o, job) in enumerate(jobs):
                 o.write_later("traj", _Item(fut, k), job)
 
-    def _write_walkers(self, due, widx, finite, bounds, symbols, pos, cells, pbc, devi, mind, jobs):
-        step = self.step
+    def _write_walkers(self, step, due, widx, bounds, symbols, pbc, dev, jobs):
+        devi, finite, pos, cells, mind = dev["devi"], dev["finite"], dev["pos"], dev["cells"], dev.get("mind")
         for s in np.nonzero(due)[0]:
             w = self.walkers[widx[s]]
             rec = self.status[w.name]
+            if rec["status"] != "running":  # stopped at an earlier deviation step, not yet dropped
+                continue
             rec["steps"] = step
             if not finite[s]:
                 rec.update(status="failed", reason=f"non-finite numbers (NaN/inf) at step {step}")
                 continue
             lo, hi = bounds[s], bounds[s + 1]
             o = self.outs[w.name]
-            job = (symbols[lo:hi], pos[lo:hi].copy(), cells[s].copy(), bool(pbc[s]), step)
+            job = (symbols[lo:hi], pos[lo:hi], cells[s], bool(pbc[s]), step)
             if self._frame_pool() is None:
                 o.write("traj", frame_text(*job))
             else:
@@ -287,7 +328,7 @@ class Explorer:
         return self._pool
 
     def _drop_stopped(self) -> None:
-        widx = to_numpy(self.st.walker)
+        widx = self._host()["walker"]
         keep = np.array([self.status[self.walkers[i].name]["status"] == "running" for i in widx])
         for i in widx[~keep]:
             self.outs[self.walkers[i].name].close()
@@ -296,6 +337,10 @@ class Explorer:
 
     # ---------------------------------------------------------------- checkpoints
     def checkpoint(self) -> None:
+        if self._pending:  # statuses and files complete up to self.step
+            self._finish_deviations()
+            if self.st is not None:
+                self._drop_stopped()
         path = self.outdir / CHECKPOINT
         offsets = {n: o.offsets() for n, o in self.outs.items()
                    if self.status[n]["status"] == "running"}
@@ -367,7 +412,7 @@ class Explorer:
         try:
             while self.st is not None:
                 if freqs is None:
-                    active = [self.walkers[i] for i in to_numpy(self.st.walker)]
+                    active = [self.walkers[i] for i in self._host()["walker"]]
                     freqs = sorted({w.trj_freq for w in active})
                     ends = {w.nsteps for w in active}
                 nxt = self.step + 1
@@ -376,19 +421,24 @@ class Explorer:
                 self.step = nxt
                 steps_run += 1
                 if all_models or nxt in ends:
-                    self._deviation_step(out)
+                    self._start_deviation(out)
+                t0, s0 = self._last_ckpt
+                ckpt = (time.monotonic() - t0 > self.checkpoint_every
+                        or (self.checkpoint_steps and self.step - s0 >= self.checkpoint_steps))
+                leave = self._term or (self.stop_after is not None and steps_run >= self.stop_after)
+                if self._pending and self._pending[0][0] < self.step or nxt in ends or ckpt or leave:
+                    # the host part of the last deviation step runs while the device computes this
+                    # step's force call; a walker's end, a checkpoint or leaving need it at once
                     n0 = self.st.nsys
+                    self._finish_deviations(None if (nxt in ends or ckpt or leave) else self.step)
                     self._drop_stopped()
                     if self.st is None or self.st.nsys != n0:
                         flags = self.st.flags() if self.st is not None else None
                         freqs = None
                     bar.update(self.step - bar.n)
-                t0, s0 = self._last_ckpt
-                if self.st is not None and (
-                        time.monotonic() - t0 > self.checkpoint_every
-                        or (self.checkpoint_steps and self.step - s0 >= self.checkpoint_steps)):
+                if self.st is not None and ckpt:
                     self.checkpoint()
-                if self._term or (self.stop_after is not None and steps_run >= self.stop_after):
+                if leave:
                     return self.st is None
         finally:
             bar.close()
