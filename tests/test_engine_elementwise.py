@@ -92,6 +92,8 @@ def emulated(tmp_path, monkeypatch):
     monkeypatch.setattr(ew, "_k", k)
     monkeypatch.setattr(ew, "_broken", set())
     monkeypatch.setattr(ew, "enabled", lambda xp, name: True)
+    # the block-per-centre descriptor kernels are RawModules (tested in test_engine_descriptor_kernels.py)
+    monkeypatch.setenv("DPSNAKE_DESC", "elementwise")
     return ew
 
 

@@ -11,7 +11,8 @@ that stays the reference (and the NumPy path) and does the same math in one pass
 - ``scatter``: forces of neighbour slots scattered with atomicAdd, skipping empty slots; each
   centre's sum of g and its virial -g^T d in one pass over its slots.
 - ``desc``: the descriptor D = gr^T gr[:, :axis] and its backward to gr, per centre (were batched
-  cuBLAS products of 4-deep matrices, ~0.4 ms each for 27,648 centres on an H100).
+  cuBLAS products of 4-deep matrices, ~0.4 ms each for 27,648 centres on an H100); block-per-centre
+  kernels in descriptor_kernels.py when the shared memory fits, the elementwise ones below else.
 - ``nbr``: the neighbour build (wrapping, ghost images, bins), in neighbor_kernels.py.
 - ``graph``: the MD integrator stages replayed as CUDA graphs (md/graphs.py).
 
@@ -232,8 +233,20 @@ def centre_sums(xp, g, d):
     return out
 
 
+def _desc_block(gr, A: int) -> bool:
+    """Use descriptor_kernels.py (block per centre) rather than the elementwise kernels below?
+    DPSNAKE_DESC=elementwise keeps the latter (for comparisons)."""
+    from dpsnake.engine import descriptor_kernels as dk
+
+    return os.environ.get("DPSNAKE_DESC", "block") != "elementwise" and dk.supported(gr.dtype.name, gr.shape[2], A)
+
+
 def descriptor(xp, gr, A: int):
     """D (n, M1 * A) = gr^T gr[:, :, :A] per centre, gr (n, 4, M1) contiguous."""
+    if _desc_block(gr, A):
+        from dpsnake.engine.descriptor_kernels import descriptor as block
+
+        return block(xp, gr, A)
     n, _, M1 = gr.shape
     D = xp.empty((n, M1, A), dtype=gr.dtype)
     _k("desc_D")(gr, M1, A, D)
@@ -242,6 +255,10 @@ def descriptor(xp, gr, A: int):
 
 def descriptor_grad(xp, gr, gD, scale: float):
     """dE/dgr (n, 4, M1) from gD = dE/dD (n, M1, A), times ``scale`` (1/nnei)."""
+    if _desc_block(gr, gD.shape[2]):
+        from dpsnake.engine.descriptor_kernels import descriptor_grad as block
+
+        return block(xp, gr, gD, scale)
     n, _, M1 = gr.shape
     ggr = xp.empty_like(gr)
     gD = xp.ascontiguousarray(gD)
