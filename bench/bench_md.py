@@ -10,7 +10,8 @@ stochastic cell rescaling) at 300 K / 1 bar, dt 1 fs, all M models evaluated eve
               explorer runs it (CUDA graphs on GPUs) and, on GPUs, eagerly (every launch from Python);
 - explore:    Explorer.loop(), the real thing (integrator, deviation, stop checks, file writes).
 
-overhead = explore / force - 1 (goal <= 15%). Prints a Markdown table, writes JSON (--json).
+overhead = explore / force - 1 (goal <= 15%), medians of alternating rounds. Prints a Markdown
+table, writes JSON (--json).
 
     python bench/bench_md.py m0.dp m1.dp m2.dp m3.dp [--walkers 256] [--rep 3] [--steps 100]
            [--device auto|cpu|gpu] [--precision mixed|double] [--json out.json]
@@ -39,6 +40,7 @@ def main() -> int:
     ap.add_argument("--rep", type=int, default=3, help="cubic fcc cells per side (3 -> 108 atoms)")
     ap.add_argument("--steps", type=int, default=100, help="timed MD steps (a multiple of --trj-freq)")
     ap.add_argument("--trj-freq", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating explore/force timing rounds")
     ap.add_argument("--ensemble", default="npt")
     ap.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
     ap.add_argument("--precision", choices=("double", "mixed"), default="mixed")
@@ -83,35 +85,48 @@ def main() -> int:
                     checkpoint_every=1e9, stop_after=2 * f)
     warm.prepare()
     warm.loop()
-    # walkers run longer than the timed steps: closing files at the end is not part of the rate;
-    # the first f steps are not timed either (the integrator's CUDA graphs are captured there, once
-    # per batch of walkers)
-    ex = Explorer(walkers(args.walkers, nsteps + 2 * f), provider, type_map, tmp / "run", xp=xp, progress=False,
-                  checkpoint_every=1e9, stop_after=f)
+    # explore and force are timed in alternating rounds (--rounds; medians reported): the host's
+    # speed drifts by 10-20% within a run on the lent machines, and both are host-launch bound.
+    # Walkers run longer than the timed steps (closing files at the end is not part of the rate);
+    # the first f steps are not timed (the integrator's CUDA graphs are captured there, once per
+    # batch of walkers)
+    ex = Explorer(walkers(args.walkers, args.rounds * nsteps + 2 * f), provider, type_map, tmp / "run", xp=xp,
+                  progress=False, checkpoint_every=1e9, stop_after=f)
     ex.prepare()
     ex.loop()
     ex.stop_after = nsteps
-    sync()
-    t = time.perf_counter()
-    ex.loop()
-    sync()
-    t_explore = (time.perf_counter() - t) / nsteps
-    rows["explore"] = t_explore
+    stamps = []  # host time at each step's return (the device may still be busy): where time goes
+    stepper = ex._md_step
 
-    # force: the same batch (state of the warm-up run), the same call pattern
-    st = warm.st
+    def stamped(*a, **k):
+        out = stepper(*a, **k)
+        stamps.append(time.perf_counter())
+        return out
+
+    ex._md_step = stamped
+    st = warm.st  # force: the same batch (state of the warm-up run), the same call pattern
 
     def forces(n):
         for k in range(1, n + 1):
             provider(st, k % f == 0)
 
     forces(f)
-    sync()
-    t = time.perf_counter()
-    forces(nsteps)
-    sync()
-    t_force = (time.perf_counter() - t) / nsteps
-    rows["force"] = t_force
+    t_ex, t_fo, step_ms = [], [], []
+    for _ in range(args.rounds):
+        sync()
+        stamps.clear()
+        t = time.perf_counter()
+        ex.loop()
+        sync()
+        t_end = time.perf_counter()
+        t_ex.append((t_end - t) / nsteps)
+        step_ms.append([round(float(x), 3) for x in np.diff([t] + stamps + [t_end]) * 1e3])
+        t = time.perf_counter()
+        forces(nsteps)
+        sync()
+        t_fo.append((time.perf_counter() - t) / nsteps)
+    rows["explore"] = t_explore = float(np.median(t_ex))
+    rows["force"] = t_force = float(np.median(t_fo))
 
     # integrator alone: forces replaced by a cached result; as the explorer runs it (CUDA graphs
     # on GPUs) and eagerly (every launch from Python)
@@ -137,6 +152,9 @@ def main() -> int:
            "seconds_per_step": rows, "atom_steps_per_s": {k: ntot / v for k, v in rows.items()},
            "us_per_atom_step": {k: 1e6 * v / ntot for k, v in rows.items()},
            "md_overhead_over_force": t_explore / t_force - 1.0,
+           "rounds": {"explore_s_per_step": t_ex, "force_s_per_step": t_fo,
+                      "overhead": [e / f_ - 1 for e, f_ in zip(t_ex, t_fo)]},
+           "explore_step_ms": step_ms,  # per round; the last entry of each: the wait after the loop
            "fused_families_off": sorted(ew._broken),  # kernels that failed and fell back
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(f"\n{args.walkers} walkers x {nat} atoms = {ntot} atoms, {len(args.models)} models, deviation every {f} "

@@ -70,6 +70,8 @@ def test_defaults_filled():
     (lambda c: c["label"].update(type="vasp-nope"), "label.type: unknown labeler"),
     (lambda c: c.update(test_data=["no/such/set"]), "test_data[0]: no/such/set"),
     (lambda c: c["systems"].update({"bad name": c["systems"]["Cu"]}), "name 'bad name'"),
+    (lambda c: c["explore"].update(compress=-1.0), "explore.compress"),
+    (lambda c: c["explore"].update(compress="yes"), "explore.compress"),
 ])
 def test_bad_config_one_line(mutate, expected):
     assert expected in _bad(mutate)

@@ -172,3 +172,38 @@ def test_rng_cuda_kernel_source_matches_numpy(tmp_path):
     lib.normals(ptr(key), ptr(counter), ptr(got), ctypes.c_long(300))
     np.testing.assert_allclose(got, ref, rtol=4e-16, atol=1e-300)
     assert abs(ref.mean()) < 0.2 and 0.8 < ref.std() < 1.2
+
+
+def test_compress_auto_min_nbor_dist_from_training_data(tmp_path, capsys):
+    """--compress auto: the closest pair (minimum image) over every frame of the datasets below the
+    folders given, as `dp compress` takes min_nbor_dist from the training data; bad values: one line."""
+    import dpdata
+    from ase.build import bulk, molecule
+
+    from dpsnake.errors import UserError
+    from dpsnake.md.cli import compress_distance, min_nbor_dist
+
+    frames = []
+    for k, a in enumerate((3.61, 3.52)):
+        at = bulk("Cu", "fcc", a=a, cubic=True).repeat((2, 1, 1))
+        at.rattle(0.08, seed=k)
+        frames.append(at)
+    expect = min(float(at.get_all_distances(mic=True)[np.triu_indices(len(at), 1)].min()) for at in frames)
+    for k, at in enumerate(frames):  # two systems in a nested folder, as results/data/iter.N/<system>
+        dpdata.System(at, fmt="ase/structure").to("deepmd/npy", str(tmp_path / "iter.000000" / f"s{k}"))
+    h2o = molecule("H2O")  # a non-periodic set alone
+    dpdata.System(h2o, fmt="ase/structure").to("deepmd/npy", str(tmp_path / "mol"))
+    assert abs(min_nbor_dist([tmp_path / "iter.000000"]) - expect) < 1e-9
+    d_mol = float(h2o.get_all_distances()[np.triu_indices(3, 1)].min())
+    assert abs(min_nbor_dist([tmp_path / "mol"]) - d_mol) < 1e-9
+    assert abs(min_nbor_dist([tmp_path / "mol", tmp_path / "iter.000000"]) - min(d_mol, expect)) < 1e-9
+    assert abs(compress_distance("auto", [str(tmp_path / "iter.000000")]) - expect) < 1e-9
+    assert "min_nbor_dist" in capsys.readouterr().out
+    assert compress_distance("2.5", None) == 2.5 and compress_distance(None, None) is None
+    for value, data, msg in (("auto", None, "needs --compress-data"), ("big", None, "neither a distance"),
+                             ("auto", [str(tmp_path / "nope")], "not found")):
+        with pytest.raises(UserError, match=msg):
+            compress_distance(value, data)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no frames"):
+        compress_distance("auto", [str(tmp_path / "empty")])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -124,6 +125,9 @@ def check_results(wd: pathlib.Path, cfg: dict) -> dict:
         assert (wd / "benchmarks" / f"iter.{it:06d}" / "train.0.tsv").is_file()
         log = (wd / "logs" / f"iter.{it:06d}" / "select.log").read_text()
         assert "accurate candidate  failed" in log and "CuNi" in log
+        if cfg["explore"]["compress"] == "auto":  # tabulated nets from the training data's closest pair
+            log = (wd / "logs" / f"iter.{it:06d}" / "explore.log").read_text()
+            assert re.search(r"min_nbor_dist \d+\.\d+ A from the training data", log), log[-2000:]
     assert (res / "reports" / "index.html").is_file()
     return stats
 

@@ -53,6 +53,20 @@ def train_data(wildcards):
     return [f"results/data/init/{s}" for s in SYSTEMS] + [f"results/data/iter.{j:06d}" for j in range(it)]
 
 
+def compress_data(wildcards):
+    """Training data of the iteration when explore.compress is auto (min_nbor_dist from it)."""
+    return train_data(wildcards) if CFG["explore"].get("compress") == "auto" else []
+
+
+def compress_arg(wildcards):
+    c = CFG["explore"].get("compress")
+    if c is None:
+        return ""
+    if c == "auto":
+        return "--compress auto --compress-data " + " ".join(train_data(wildcards))
+    return f"--compress {c}"
+
+
 def train_init(wildcards):
     """The previous iteration's model (train.init_from_previous), else nothing."""
     it = int(wildcards.it)

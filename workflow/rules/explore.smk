@@ -26,11 +26,13 @@ rule explore:
     input:
         models=model_files,
         walkers="results/iter.{it}/explore/walkers.json",
+        data=compress_data,
     output:
         summary="results/iter.{it}/explore/summary.json",
     params:
         device=CFG["explore"]["device"],
         precision=CFG["explore"]["precision"],
+        compress=compress_arg,
     threads: CFG["explore"]["threads"]
     log:
         "logs/iter.{it}/explore.log",
@@ -41,4 +43,4 @@ rule explore:
     shell:
         "OMP_NUM_THREADS={threads} dpsnake explore --models {input.models} --walkers {input.walkers}"
         " --outdir results/iter.{wildcards.it}/explore --device {params.device}"
-        " --precision {params.precision} --no-progress > {log} 2>&1"
+        " --precision {params.precision} {params.compress} --no-progress > {log} 2>&1"

@@ -2,6 +2,7 @@
 
     dpsnake explore --models m0.dp m1.dp ... --walkers walkers.json --outdir DIR
                     [--device cpu|gpu|auto] [--precision double|mixed]
+                    [--compress MIN_NBOR_DIST | --compress auto --compress-data DIR ...]
 
 Model 0 drives every trajectory; all models are evaluated every ``trj_freq`` steps for the deviation.
 Rerunning the same command resumes from DIR/checkpoint.npz; DIR/summary.json is written last.
@@ -22,9 +23,11 @@ def add_arguments(parser) -> None:
                         help="cpu: NumPy; gpu: CuPy; auto: CuPy when a GPU is usable (default)")
     parser.add_argument("--precision", choices=("double", "mixed"), default="double",
                         help="engine precision (default double)")
-    parser.add_argument("--compress", type=float, default=None, metavar="MIN_NBOR_DIST",
+    parser.add_argument("--compress", default=None, metavar="MIN_NBOR_DIST",
                         help="tabulate the embedding nets as `dp compress` does, for neighbours no "
-                             "closer than MIN_NBOR_DIST (A; the training data's closest pair)")
+                             "closer than MIN_NBOR_DIST (A), or 'auto': the closest pair of --compress-data")
+    parser.add_argument("--compress-data", nargs="+", default=None, metavar="DIR",
+                        help="deepmd/npy datasets (folders with type.raw, searched below DIR) for --compress auto")
     parser.add_argument("--checkpoint-every", type=float, default=300.0, metavar="SECONDS",
                         help="seconds between checkpoints (default 300)")
     parser.add_argument("--checkpoint-steps", type=int, default=None, metavar="N",
@@ -67,13 +70,58 @@ def make_provider(model_paths, precision: str, xp, compress: float | None = None
     return EnsembleProvider(ens), list(models[0].type_map)
 
 
+def min_nbor_dist(paths) -> float:
+    """Closest interatomic distance (A, minimum image) over every frame of the deepmd/npy datasets
+    found at or below ``paths``: what `dp compress` tabulates from (DeePMD-kit's min_nbor_dist)."""
+    import dpdata
+    import numpy as np
+
+    from dpsnake.md.deviation import min_distances
+
+    folders = []
+    for p in map(pathlib.Path, paths):
+        if not p.exists():
+            raise UserError(f"--compress-data: not found: {p}")
+        folders += [p] if (p / "type.raw").is_file() else sorted(t.parent for t in p.rglob("type.raw"))
+    best = np.inf
+    for f in folders:
+        s = dpdata.System(str(f), fmt="deepmd/npy")
+        nf, na = s.get_nframes(), s.get_natoms()
+        if nf == 0 or na < 2:
+            continue
+        pbc = np.full(nf, not s.nopbc)
+        cells = s["cells"] if not s.nopbc else np.tile(np.eye(3), (nf, 1, 1))
+        d = min_distances(np, s["coords"].reshape(-1, 3), cells, pbc, np.full(nf, na))
+        best = min(best, float(d.min()))
+    if not np.isfinite(best):
+        raise UserError(f"--compress auto: no frames with two or more atoms in {' '.join(map(str, paths))}")
+    return best
+
+
+def compress_distance(value, data) -> float | None:
+    """--compress as a distance: a number, or 'auto' (min_nbor_dist of --compress-data); None: off."""
+    if value is None:
+        return None
+    if value == "auto":
+        if not data:
+            raise UserError("--compress auto needs --compress-data (the training datasets)")
+        d = min_nbor_dist(data)
+        print(f"dpsnake explore: tabulated embedding nets, min_nbor_dist {d:.4f} A from the training data")
+        return d
+    try:
+        return float(value)
+    except ValueError:
+        raise UserError(f"--compress: {value!r} is neither a distance (A) nor 'auto'") from None
+
+
 def run(args) -> int:
     from dpsnake.md.runner import Explorer
     from dpsnake.md.walkers import load_walkers
 
     walkers = load_walkers(args.walkers)
     xp = pick_xp(args.device)
-    provider, type_map = make_provider(args.models, args.precision, xp, args.compress)
+    compress = compress_distance(args.compress, args.compress_data)
+    provider, type_map = make_provider(args.models, args.precision, xp, compress)
     Explorer(walkers, provider, type_map, args.outdir, xp=xp, models=[str(pathlib.Path(m).resolve()) for m in args.models],
              checkpoint_every=args.checkpoint_every, checkpoint_steps=args.checkpoint_steps,
              progress=not args.no_progress).run()
