@@ -38,11 +38,11 @@ def models(cu_model, dp_model):
     return [str(cu_model["dp"]), str(dp_model(SEED2)["dp"])]
 
 
-def ensemble(paths):
+def ensemble(paths, xp=None):
     from dpsnake.engine.ensemble import Ensemble
     from dpsnake.engine.model import load_model
 
-    return Ensemble([load_model(p) for p in paths])
+    return Ensemble([load_model(p) for p in paths], xp=xp)
 
 
 def cu(path, rep=(2, 2, 2), rattle=0.05, seed=0, a=A0):
@@ -60,17 +60,17 @@ def walker(name, structure, **kw):
     return d
 
 
-def batch(walkers, model_paths):
-    """(state, provider, flags) for parsed walkers, started as the runner starts them."""
+def batch(walkers, model_paths, xp=np):
+    """(state, provider, flags) for parsed walkers, started as the runner starts them (arrays in xp)."""
     ws = parse_walkers(walkers)
-    prov = EnsembleProvider(ensemble(model_paths))
+    prov = EnsembleProvider(ensemble(model_paths, xp))
     structs, vel = [], []
     for w in ws:
         atoms, at = read_structure(w, ["Cu"])
         m = masses_for(at, ["Cu"])
         structs.append((atoms, at, m))
         vel.append(maxwell_boltzmann(m, w.temperature, w.seed, degrees_of_freedom(len(m), w)))
-    st = build_state(ws, list(range(len(ws))), structs, vel)
+    st = build_state(ws, list(range(len(ws))), structs, vel, xp)
     I.set_forces(st, prov(st, False))
     return st, prov, st.flags()
 

@@ -35,11 +35,7 @@ ENSEMBLES = [dict(ensemble="nve"), dict(ensemble="nvt"), dict(ensemble="nvt", th
 
 
 def _batch(tmp_path):
-    from dpsnake.engine.ensemble import Ensemble
-    from dpsnake.engine.model import load_model
-    from dpsnake.md.providers import EnsembleProvider
-    from dpsnake.md.state import build_state
-    from dpsnake.md.walkers import degrees_of_freedom, masses_for, maxwell_boltzmann, parse_walkers, read_structure
+    from test_md_engine import batch
 
     spec = []
     for k, e in enumerate(ENSEMBLES):
@@ -49,16 +45,7 @@ def _batch(tmp_path):
         at.write(path, format="extxyz")
         spec.append(dict(name=f"w{k}", structure=str(path), temperature=300.0, nsteps=40, dt=0.002,
                          trj_freq=10, seed=k + 1, **e))
-    ws = parse_walkers(spec)
-    structs, vel = [], []
-    for w in ws:
-        atoms, at = read_structure(w, ["Cu"])
-        m = masses_for(at, ["Cu"])
-        structs.append((atoms, at, m))
-        vel.append(maxwell_boltzmann(m, w.temperature, w.seed, degrees_of_freedom(len(m), w)))
-    prov = EnsembleProvider(Ensemble([load_model(MODEL)], precision="double", xp=cp))
-    st = build_state(ws, list(range(len(ws))), structs, vel, cp)
-    integrators.set_forces(st, prov(st, False))
+    st, prov, _ = batch(spec, [str(MODEL)], xp=cp)
     return st, prov
 
 

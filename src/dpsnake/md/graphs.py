@@ -52,7 +52,7 @@ class GraphedStep:
         self.graphs = None
         self.refs = None  # the state's arrays the graphs were captured with (held: ids stay unique)
         self.flags = None
-        self.seen = None  # arrays + flags of the last eager step (capture on the second sight)
+        self.seen = None  # static arrays + flags of the last eager step (capture on the second sight)
 
     def __call__(self, st: BatchState, compute, step, flags: dict, all_models: bool = False) -> dict:
         if "graph" in ew._broken:
@@ -60,7 +60,7 @@ class GraphedStep:
         if self.graphs is None or not self._valid(st, flags):
             self.graphs = self.refs = None
             if self.seen is None or not self._same(self.seen, st, flags):
-                self.seen = (self._arrays(st), dict(flags))
+                self.seen = ({f: getattr(st, f) for f in _FIELDS if f not in _DYNAMIC}, dict(flags))
                 return integrators.md_step(st, compute, step, flags, all_models)
             if ew.guarded("graph", self._capture, st, flags) is None:
                 self.graphs = self.refs = None
@@ -81,7 +81,7 @@ class GraphedStep:
     @staticmethod
     def _same(seen, st, flags) -> bool:
         arrays, fl = seen
-        return fl == flags and all(getattr(st, f) is a for f, a in arrays.items() if f not in _DYNAMIC)
+        return fl == flags and all(getattr(st, f) is a for f, a in arrays.items())
 
     def _valid(self, st, flags) -> bool:
         return self.flags == flags and all(getattr(st, f) is a for f, a in self.refs.items())
