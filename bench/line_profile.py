@@ -84,7 +84,7 @@ def stages(xp, ens, coords, atype, system, cells, pbc) -> int:
     nb = NeighborBuilder(xp, coords, atype, system, cells_h, pbc_h, m.rcut, m.sel, m.pair_exclude)
     centers = xp.arange(coords.shape[0])
     ch = nb.chunk(centers)
-    ch2, slots = _compact(xp, ch, m.sel)
+    ch2, slots, _, _ = _compact(xp, ch, m.sel)
     rt = ens._rt(xp, 0)
     cases = {
         "full call": lambda: ens.evaluate(coords, atype, system, cells, pbc),

@@ -251,7 +251,7 @@ def main() -> int:
     rows["neighbour build (images, bins)"], nb = timed(build)
     nb.sorted_ext()
     rows["neighbour select (chunk)"], ch = timed(lambda: nb.chunk(centers))
-    rows["compact slots"], (ch, slots) = timed(lambda: _compact(xp, ch, m.sel))
+    rows["compact slots"], (ch, slots, _, _) = timed(lambda: _compact(xp, ch, m.sel))
     rt = ens._rt(xp, 0)
     rows["forward (energy only)"], _ = timed(lambda: energy_and_grad(rt, 0, ch.d, ch.valid, need_grad=False,
                                                                      slots=slots))

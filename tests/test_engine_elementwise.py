@@ -210,3 +210,29 @@ def test_neighbour_build_kernels_match_array_code(emulated):
     np.testing.assert_array_equal(cnt, np.where(inb, ref.bcount[np.where(inb, bid, 0)], 0))
     np.testing.assert_array_equal(start[inb], ref.bstart[bid[inb]])
     assert inb.sum() < inb.size and cnt.sum() > 27 * len(coords)  # edges of grids, full bins
+
+
+def test_compact_kernel_matches_gathers(emulated):
+    """The chunk compaction kernel gives the gathers of the array code (owner, own, d, valid) on a
+    batch where compaction drops columns of both type blocks."""
+    from dpsnake.engine import elementwise as ew
+    from dpsnake.engine.descriptor import Slots
+    from dpsnake.engine.neighbor import NeighborBuilder, chunk_stats
+
+    coords, atype, system, cells, pbc = _batch(2, seed=5)
+    sel = [100, 60]
+    nb = NeighborBuilder(np, coords, atype, system, cells, pbc, 6.0, sel)
+    centers = np.arange(len(coords))[::2]
+    ch = nb.chunk(centers)
+    stats = chunk_stats(np, ch, sel)
+    kept = stats[:-1]
+    assert (kept > 0).all() and (kept < sel).all()
+    slots = Slots.cached(sel, kept, np)
+    assert Slots.cached(sel, kept, np) is slots
+    owner, own, d, valid = ew.compact(np, ch, slots.xcols)
+    cols = slots.cols
+    np.testing.assert_array_equal(owner, ch.owner[:, cols])
+    np.testing.assert_array_equal(valid, ch.valid[:, cols])
+    np.testing.assert_array_equal(d, ch.d[:, cols])
+    np.testing.assert_array_equal(own, np.where(ch.valid[:, cols], ch.owner[:, cols], centers[:, None]))
+    assert (~valid).any() and valid.any()

@@ -125,6 +125,8 @@ def overfull_cuni_batch(m):
 def check_kernel_selection(m):
     """Selection on :func:`overfull_cuni_batch` with the array code, then with the (emulated)
     selection kernels (``use_kernel``): owners, overflow flags and displacements must agree."""
+    from dpsnake.engine.neighbor import chunk_stats
+
     nb, centers = overfull_cuni_batch(m)
     ref = nb.chunk(centers)
     nb.use_kernel = True
@@ -133,6 +135,11 @@ def check_kernel_selection(m):
     np.testing.assert_array_equal(got.owner, ref.owner)
     np.testing.assert_array_equal(got.overflow, ref.overflow)
     np.testing.assert_allclose(got.d, ref.d, rtol=0, atol=1e-14)
+    # the kernels' stats (per-type block fill, overflow count) equal the array code's count
+    assert ref.stats is None and got.stats is not None
+    want = chunk_stats(np, ref, m.sel)
+    assert want[-1] == ref.overflow.sum() > 0 and (want[:-1] > 0).all()
+    np.testing.assert_array_equal(got.stats, want)
     return len(centers)
 
 
@@ -173,6 +180,7 @@ template <class X> X __shfl_xor_sync(unsigned, X v, int off) {
   return r;
 }
 template <class X> X atomicAdd(X* a, X v) { std::lock_guard<std::mutex> g(ATOM); X o = *a; *a += v; return o; }
+template <class X> X atomicMax(X* a, X v) { std::lock_guard<std::mutex> g(ATOM); X o = *a; if (v > o) *a = v; return o; }
 template <class F> static void launch(unsigned grid, unsigned block, F body) {
   gridDim.x = grid; blockDim.x = block;
   std::barrier<> bar(block); BAR = &bar;

@@ -24,6 +24,7 @@ struct D3 { unsigned x, y, z; };
 static D3 blockDim, blockIdx, threadIdx;
 template <class X> X __shfl_down_sync(unsigned, X, int) { return 0; }  // one lane per warp
 template <class X> X atomicAdd(X* a, X v) { X o = *a; *a += v; return o; }
+template <class X> X atomicMax(X* a, X v) { X o = *a; if (v > o) *a = v; return o; }
 static void __syncthreads() {}
 """
 
@@ -46,10 +47,10 @@ def test_select_kernel_matches_array_code(cuni, tmp_path, monkeypatch):
 extern "C" void run(long long n, double rcut, const double* cpos, const long long* cidx,
     const long long* bs, const long long* bc, const double* ep, const long long* eo,
     const long long* et, const long long* ei, const int* sel, const int* sec, long long* ow,
-    double* d, bool* ov) {
+    double* d, bool* ov, int* stats) {
   blockDim.x = 1; threadIdx.x = 0;
   for (long long i = 0; i < n; ++i) { blockIdx.x = (unsigned)i;
-    select_nb(n, rcut, cpos, cidx, bs, bc, ep, eo, et, ei, sel, sec, ow, d, ov, ov, 0); } }
+    select_nb(n, rcut, cpos, cidx, bs, bc, ep, eo, et, ei, sel, sec, ow, d, ov, stats, ov, 0); } }
 """)
 
     def emulated(xp, rcut, sel, sec, cpos, cidx, bstart, bcnt, epos, eown, etype, eidx):
@@ -57,12 +58,13 @@ extern "C" void run(long long n, double rcut, const double* cpos, const long lon
         owner = np.full((n, nnei), -1, dtype=np.int64)
         d = np.zeros((n, nnei, 3))
         over = np.zeros(n, dtype=bool)
+        stats = np.zeros(len(sel) + 1, dtype=np.int32)
         args = [np.ascontiguousarray(a) for a in (cpos, cidx, bstart.astype(np.int64), bcnt.astype(np.int64),
                                                   epos, eown, etype, eidx)]
         sel32, sec32 = np.asarray(sel, np.int32), np.asarray(sec[:-1], np.int32)
         lib.run(ctypes.c_longlong(n), ctypes.c_double(rcut), *[_ptr(a) for a in args], _ptr(sel32),
-                _ptr(sec32), _ptr(owner), _ptr(d), _ptr(over))
-        return owner, d, over
+                _ptr(sec32), _ptr(owner), _ptr(d), _ptr(over), _ptr(stats))
+        return owner, d, over, stats
 
     monkeypatch.setattr(kernels, "select_neighbors", emulated)
     check_kernel_selection(m)

@@ -20,12 +20,14 @@ SERIAL_STUB = """#include <cmath>
 #define __restrict__
 struct D3 { unsigned x, y, z; };
 static D3 blockDim, blockIdx, threadIdx;
+template <class X> X atomicAdd(X* a, X v) { X o = *a; *a += v; return o; }
+template <class X> X atomicMax(X* a, X v) { X o = *a; if (v > o) *a = v; return o; }
 """
 
 ARGS = ("long long n, double rcut, const double* cpos, const long long* cidx, const long long* bs, "
         "const long long* bc, const double* ep, const long long* eo, const long long* et, "
-        "const long long* ei, const int* sel, const int* sec, long long* ow, double* d, bool* ov")
-CALL = "n, rcut, cpos, cidx, bs, bc, ep, eo, et, ei, sel, sec, ow, d, ov"
+        "const long long* ei, const int* sel, const int* sec, long long* ow, double* d, bool* ov, int* stats")
+CALL = "n, rcut, cpos, cidx, bs, bc, ep, eo, et, ei, sel, sec, ow, d, ov, stats"
 
 
 class _Launch:
@@ -62,7 +64,7 @@ def test_warp_select_kernel_matches_array_code(cuni, tmp_path, monkeypatch, cap)
     nnei, nt = m.nnei, m.ntypes
     lanes = kernels.WARP_LANES
     warp = build_cpp(tmp_path, f"warp{cap}", THREADED_CUDA_STUB + kernels._SELECT_WARP_SRC % {
-        "nnei": nnei, "cap": cap, "lanes": lanes} + f"""
+        "nnei": nnei, "cap": cap, "lanes": lanes, "ntypes": nt} + f"""
 extern "C" void run({ARGS}, bool* spill) {{
   launch((unsigned)n, {lanes}, [=] {{ select_nb_warp({CALL}, spill); }}); }}
 """)

@@ -8,7 +8,7 @@ from ase.build import bulk
 
 from dpsnake.errors import UserError
 from dpsnake.md import rng
-from dpsnake.md.trajectory import DEVI_HEADER, devi_line, frame_text, read_frames
+from dpsnake.md.trajectory import DEVI_HEADER, bundle_frames, devi_line, devi_lines, frame_text, read_frames
 from dpsnake.md.walkers import load_walkers, maxwell_boltzmann, parse_walkers
 
 
@@ -125,6 +125,25 @@ def test_devi_line_matches_engine_writer(tmp_path):
     write_model_devi(ref, [0, 10], {k: vals[:, i] for i, k in enumerate(COLUMNS[1:])})
     assert ours.read_text() == ref.read_text()
     assert read_model_devi(ours)["step"].tolist() == [0, 10]
+    # a whole step's lines formatted at once (the explorer's path) equal the line-by-line ones
+    many = np.random.default_rng(0).lognormal(-4, 3, (7, 6))
+    many[2, 1] = 0.0
+    assert devi_lines(123456, many) == [devi_line(123456, v) for v in many]
+    assert devi_lines(5, np.zeros((0, 6))) == []
+
+
+def test_bundle_frames_equal_frame_text():
+    """A deviation step's frames sent to the helper as one bundle: the texts of frame_text."""
+    a = bulk("Cu", "fcc", a=3.61, cubic=True)
+    b = bulk("Ni", "fcc", a=3.5, cubic=True).repeat((1, 1, 2))
+    symbols = np.array(a.get_chemical_symbols() + b.get_chemical_symbols() + a.get_chemical_symbols())
+    pos = np.concatenate([a.positions, b.positions + 0.1, a.positions - 0.2])
+    cells = np.array([a.cell.array, b.cell.array, a.cell.array])
+    pbc = np.array([True, True, False])
+    bounds = np.array([0, 4, 12, 16])
+    texts = bundle_frames((symbols, pos, cells, pbc, 40, bounds, np.array([2, 0])))
+    assert texts == [frame_text(symbols[12:16], pos[12:16], cells[2], False, 40),
+                     frame_text(symbols[0:4], pos[0:4], cells[0], True, 40)]
 
 
 def test_min_distances_match_ase_minimum_image():

@@ -37,6 +37,7 @@ class RuntimeModel:
     bias: np.ndarray
     fused: list | None = None  # FusedNet per embedding net (CUDA) or None
     _tails: dict | None = None
+    _cols: dict | None = None
 
     @classmethod
     def build(cls, model: DPModel, xp, dtype, compress=None):
@@ -73,6 +74,18 @@ class RuntimeModel:
     def net_index(self, ti: int, tt: int) -> int:
         """Embedding net used by centre type ti for neighbours of type tt."""
         return tt if self.model.type_one_side else ti + self.model.ntypes * tt
+
+    def columns(self, ti: int, slots: "Slots"):
+        """davg, 1/dstd of centre type ti at the columns of ``slots`` (cached per kept counts)."""
+        if self._cols is None or len(self._cols) > 64:
+            self._cols = {}
+        key = (ti, tuple(int(k) for k in slots.kept))
+        if key not in self._cols:
+            xp = self.xp
+            xcols = slots.xcols if slots.xcols is not None else xp.asarray(slots.cols)
+            self._cols[key] = (xp.ascontiguousarray(self.davg[ti][xcols]),
+                               xp.ascontiguousarray(self.rstd[ti][xcols]))
+        return self._cols[key]
 
     def pad_tail(self, ti: int, tt: int, kept: int):
         """(4, M1) sum of Rn_pad^T G(Rn_pad) over the empty slots kept..sel[tt] of block tt (net dtype)."""
@@ -118,8 +131,23 @@ class Slots:
         return cls(cols=cols, sec=np.concatenate([[0], np.cumsum(kept)]).astype(int), kept=kept,
                    xcols=xp.asarray(cols))
 
+    @classmethod
+    def cached(cls, sel, kept, xp):
+        """:meth:`from_counts`, kept per (sel, kept, device): its device columns are copied once
+        (a copy from pageable host memory waits for the device)."""
+        dev = xp.cuda.Device().id if xp.__name__ == "cupy" else -1
+        key = (tuple(int(x) for x in sel), tuple(int(x) for x in kept), xp.__name__, dev)
+        if key not in _SLOTS:
+            if len(_SLOTS) > 256:
+                _SLOTS.clear()
+            _SLOTS[key] = cls.from_counts(sel, kept, xp)
+        return _SLOTS[key]
+
     def is_full(self, sel) -> bool:
         return bool(np.array_equal(self.kept, sel))
+
+
+_SLOTS: dict = {}
 
 
 def _switch(xp, r, rs, rc):
@@ -156,9 +184,8 @@ def energy_and_grad(rm: RuntimeModel, ti: int, d, valid, need_grad: bool = True,
     p = m.env_protection
     if slots.is_full(m.sel):
         davg, rstd = rm.davg[ti], rm.rstd[ti]
-    else:  # the columns moved to the device once per chunk, not once per model
-        xcols = slots.xcols if slots.xcols is not None else xp.asarray(slots.cols)
-        davg, rstd = rm.davg[ti][xcols], rm.rstd[ti][xcols]
+    else:
+        davg, rstd = rm.columns(ti, slots)
     fast_env = keep is None and ew.enabled(xp, "env")
     Rn_c = env = None
     if fast_env:  # CuPy: r, switch, R, Rn in one kernel (sw, q recomputed in the backward one)

@@ -13,7 +13,8 @@ that stays the reference (and the NumPy path) and does the same math in one pass
 - ``desc``: the descriptor D = gr^T gr[:, :axis] and its backward to gr, per centre (were batched
   cuBLAS products of 4-deep matrices, ~0.4 ms each for 27,648 centres on an H100); block-per-centre
   kernels in descriptor_kernels.py when the shared memory fits, the elementwise ones below else.
-- ``nbr``: the neighbour build (wrapping, ghost images, bins), in neighbor_kernels.py.
+- ``nbr``: the neighbour build (wrapping, ghost images, bins), in neighbor_kernels.py, and the
+  compaction of a chunk's slots (ensemble.py).
 - ``graph``: the MD integrator stages replayed as CUDA graphs (md/graphs.py).
 
 Selected by ``DPSNAKE_FAST`` (comma list of the names above; default all, "0" none). A kernel that
@@ -154,6 +155,14 @@ _SRC = {
     for (long long m = 0; m < M1; ++m) v2 += gr[gb + m] * gD[db + m * A + p];
     ggr = (ggr + v2) * scale;
     """),
+    # compaction of a chunk: element i = (centre c, kept column j) of (n, nc); owner, d (n, nnei[, 3])
+    "compact": ("raw int64 owner, raw float64 d, raw int64 centers, raw int64 cols, int64 nnei, int64 nc",
+                "int64 owner_c, int64 own, raw float64 dc, bool valid", """
+    const long long c = i / nc, src = c * nnei + cols[i - c * nc];
+    const long long o = owner[src];
+    owner_c = o; valid = o >= 0; own = o >= 0 ? o : centers[c];
+    dc[3 * i] = d[3 * src]; dc[3 * i + 1] = d[3 * src + 1]; dc[3 * i + 2] = d[3 * src + 2];
+    """),
 }
 
 
@@ -223,6 +232,21 @@ def scatter_neg(xp, f, own, valid, g):
     """f[own[i, s]] -= g[i, s] for valid slots; f (N, 3) float64 contiguous, g (n, nnei, 3)."""
     _k("scatter_neg")(g, own[..., None], valid[..., None], f)
     return f
+
+
+def compact(xp, ch, cols):
+    """Columns ``cols`` (nc,) of a neighbour chunk in one pass: owner (n, nc) (-1 empty), own (n, nc)
+    (the centre itself in empty slots), d (n, nc, 3), valid (n, nc); four gathers and a where
+    otherwise."""
+    n, nnei = ch.owner.shape
+    nc = int(cols.shape[0])
+    owner = xp.empty((n, nc), dtype=xp.int64)
+    own = xp.empty((n, nc), dtype=xp.int64)
+    d = xp.empty((n, nc, 3), dtype=xp.float64)
+    valid = xp.empty((n, nc), dtype=bool)
+    _k("compact")(xp.ascontiguousarray(ch.owner, dtype=xp.int64), xp.ascontiguousarray(ch.d, dtype=xp.float64),
+                  xp.ascontiguousarray(ch.centers, dtype=xp.int64), cols, nnei, nc, owner, own, d, valid)
+    return owner, own, d, valid
 
 
 def centre_sums(xp, g, d):

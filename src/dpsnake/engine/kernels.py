@@ -20,7 +20,8 @@ _SELECT_PARAMS = r"""
     const double* __restrict__ epos, const long long* __restrict__ eown,
     const long long* __restrict__ etype, const long long* __restrict__ eidx,
     const int* __restrict__ sel, const int* __restrict__ sec,
-    long long* __restrict__ owner, double* __restrict__ dout, bool* __restrict__ over,"""
+    long long* __restrict__ owner, double* __restrict__ dout, bool* __restrict__ over,
+    int* __restrict__ stats,"""
 
 _SELECT_SRC = r"""
 #define NNEI %(nnei)d
@@ -68,6 +69,8 @@ extern "C" __global__ void select_nb(""" + _SELECT_PARAMS + r"""
         }
     }
     over[i] = of;
+    for (int t = 0; t < NT; ++t) if (cnt[t]) atomicMax(&stats[t], cnt[t]);
+    if (of) atomicAdd(&stats[NT], 1);
 }
 """
 
@@ -80,6 +83,7 @@ extern "C" __global__ void select_nb(""" + _SELECT_PARAMS + r"""
 # candidates within rcut is flagged in ``spill`` and redone by select_nb.
 _SELECT_WARP_SRC = r"""
 #define NNEI %(nnei)d
+#define NT %(ntypes)d
 #define CAP %(cap)d
 #define LANES %(lanes)d
 extern "C" __global__ void select_nb_warp(""" + _SELECT_PARAMS + r"""
@@ -92,10 +96,12 @@ extern "C" __global__ void select_nb_warp(""" + _SELECT_PARAMS + r"""
     __shared__ int srank[CAP];
     __shared__ int scnt;
     __shared__ int sof;
+    __shared__ int skept[NT];
     const long long i = blockIdx.x;
     const int lane = threadIdx.x;
     if (i >= n) return;
     if (lane == 0) { scnt = 0; sof = 0; }
+    for (int t = lane; t < NT; t += LANES) skept[t] = 0;
     __syncthreads();
     const double cx = cpos[3 * i], cy = cpos[3 * i + 1], cz = cpos[3 * i + 2];
     const long long self = cidx[i];
@@ -139,12 +145,16 @@ extern "C" __global__ void select_nb_warp(""" + _SELECT_PARAMS + r"""
             dout[3 * slot] = epos[3 * k] - cx;
             dout[3 * slot + 1] = epos[3 * k + 1] - cy;
             dout[3 * slot + 2] = epos[3 * k + 2] - cz;
+            atomicMax(&skept[t], c + 1);
         } else {
             sof = 1;
         }
     }
     __syncthreads();
-    if (lane == 0) over[i] = (m > NNEI) || (sof != 0);
+    const bool of = (m > NNEI) || (sof != 0);
+    if (lane == 0) over[i] = of;
+    if (lane == 0 && of) atomicAdd(&stats[NT], 1);
+    for (int t = lane; t < NT; t += LANES) if (skept[t]) atomicMax(&stats[t], skept[t]);
 }
 """
 WARP_LANES = 32
@@ -206,39 +216,55 @@ def _select_kernel(nnei: int, ntypes: int):
     return cupy.RawKernel(_SELECT_SRC % {"nnei": nnei, "ntypes": ntypes}, "select_nb")
 
 
+def _consts(xp, sel, sec):
+    """sel, sec[:-1] as int32 device arrays, cached: a host-to-device copy from pageable memory
+    waits for the device, so none is made per call."""
+    dev = xp.cuda.Device().id if xp.__name__ == "cupy" else -1  # NumPy: the kernels' CPU emulation (tests)
+    key = (tuple(int(x) for x in sel), tuple(int(x) for x in sec[:-1]), xp.__name__, dev)
+    if key not in _CONSTS:
+        _CONSTS[key] = (xp.asarray(key[0], dtype=xp.int32), xp.asarray(key[1], dtype=xp.int32))
+    return _CONSTS[key]
+
+
+_CONSTS: dict = {}
+
+
 def select_neighbors(xp, rcut, sel, sec, cpos, cidx, bstart, bcnt, epos, eown, etype, eidx, only=None,
                      out=None):
     """Kernel version of the distance-sorted, type-split selection of NeighborBuilder.chunk.
 
     cpos (n, 3) centre positions; cidx (n,) their ext indices; bstart/bcnt (n, 27) candidate ranges
     in the bin-sorted ext arrays epos (E, 3), eown, etype, eidx (E,). Returns owner (n, nnei) int64
-    (-1 empty), d (n, nnei, 3) float64, overflow (n,) bool. ``only`` (n,) bool: do just those
-    centres, writing into ``out`` = (owner, d, overflow) (no host sync to find them).
+    (-1 empty), d (n, nnei, 3) float64, overflow (n,) bool, stats (ntypes + 1,) int32: the most
+    slots any centre fills in each type block, then the number of centres that lost neighbours
+    (what compaction and the overflow warning need, read in one copy). ``only`` (n,) bool: do just
+    those centres, writing into ``out`` = (owner, d, overflow, stats) (no host sync to find them).
     """
     n = int(cpos.shape[0])
     nnei = int(sum(sel))
     if out is None:
         out = (xp.full((n, nnei), -1, dtype=xp.int64), xp.zeros((n, nnei, 3), dtype=xp.float64),
-               xp.zeros(n, dtype=bool))
-    owner, d, over = out
+               xp.zeros(n, dtype=bool), xp.zeros(len(sel) + 1, dtype=xp.int32))
+    owner, d, over, stats = out
     if n == 0:
-        return owner, d, over
+        return owner, d, over, stats
     k = _select_kernel(nnei, len(sel))
     threads = 128
     args = (xp.int64(n), xp.float64(rcut), xp.ascontiguousarray(cpos, dtype=xp.float64),
             xp.ascontiguousarray(cidx, dtype=xp.int64), xp.ascontiguousarray(bstart, dtype=xp.int64),
             xp.ascontiguousarray(bcnt, dtype=xp.int64), epos, eown, etype, eidx,
-            xp.asarray(sel, dtype=xp.int32), xp.asarray(sec[:-1], dtype=xp.int32), owner, d, over,
+            *_consts(xp, sel, sec), owner, d, over, stats,
             over if only is None else only, xp.int64(only is not None))
     k(((n + threads - 1) // threads,), (threads,), args)
-    return owner, d, over
+    return owner, d, over, stats
 
 
 @functools.lru_cache(maxsize=None)
-def _select_warp_kernel(nnei: int, cap: int, lanes: int):
+def _select_warp_kernel(nnei: int, cap: int, lanes: int, ntypes: int):
     import cupy
 
-    return cupy.RawKernel(_SELECT_WARP_SRC % {"nnei": nnei, "cap": cap, "lanes": lanes}, "select_nb_warp")
+    return cupy.RawKernel(_SELECT_WARP_SRC % {"nnei": nnei, "cap": cap, "lanes": lanes, "ntypes": ntypes},
+                          "select_nb_warp")
 
 
 def select_neighbors_warp(xp, rcut, sel, sec, cpos, cidx, bstart, bcnt, epos, eown, etype, eidx,
@@ -250,17 +276,17 @@ def select_neighbors_warp(xp, rcut, sel, sec, cpos, cidx, bstart, bcnt, epos, eo
     owner = xp.full((n, nnei), -1, dtype=xp.int64)
     d = xp.zeros((n, nnei, 3), dtype=xp.float64)
     over = xp.zeros(n, dtype=bool)
+    stats = xp.zeros(len(sel) + 1, dtype=xp.int32)
     if n == 0:
-        return owner, d, over
+        return owner, d, over, stats
     spill = xp.zeros(n, dtype=bool)
     cpos = xp.ascontiguousarray(cpos, dtype=xp.float64)
     cidx = xp.ascontiguousarray(cidx, dtype=xp.int64)
     bstart = xp.ascontiguousarray(bstart, dtype=xp.int64)
     bcnt = xp.ascontiguousarray(bcnt, dtype=xp.int64)
-    k = _select_warp_kernel(nnei, int(cap), WARP_LANES)
+    k = _select_warp_kernel(nnei, int(cap), WARP_LANES, len(sel))
     k((n,), (WARP_LANES,), (xp.int64(n), xp.float64(rcut), cpos, cidx, bstart, bcnt, epos, eown, etype,
-                            eidx, xp.asarray(sel, dtype=xp.int32), xp.asarray(sec[:-1], dtype=xp.int32),
-                            owner, d, over, spill))
+                            eidx, *_consts(xp, sel, sec), owner, d, over, stats, spill))
     # centres that spilled are redone by the one-thread kernel, masked: no host sync to find them
     return select_neighbors(xp, rcut, sel, sec, cpos, cidx, bstart, bcnt, epos, eown, etype, eidx,
-                            only=spill, out=(owner, d, over))
+                            only=spill, out=(owner, d, over, stats))

@@ -27,8 +27,15 @@ def _seg_stats(xp, values, system, S):
     from dpsnake.engine.xp import segment_minmax
 
     lo, hi = segment_minmax(xp, system, values[:, None], S)
-    cnt = xp.bincount(system, minlength=S)
-    tot = xp.bincount(system, weights=values, minlength=S)
+    if xp is np:
+        cnt = np.bincount(system, minlength=S)
+        tot = np.bincount(system, weights=values, minlength=S)
+    else:  # cupy.bincount reads the largest index back to the host (a sync); scatter_add does not
+        import cupyx
+
+        acc = xp.zeros((S, 2))
+        cupyx.scatter_add(acc, system, xp.stack([values.astype(xp.float64), xp.ones_like(values, dtype=xp.float64)], axis=1))
+        tot, cnt = acc[:, 0], acc[:, 1]
     return hi[:, 0], lo[:, 0], tot / xp.maximum(cnt, 1)
 
 
@@ -71,9 +78,10 @@ def deviation_columns(out: dict, system, natoms, relative=None, relative_v=None)
     mv, nv, av = virial_deviation(out["virial"], natoms, relative_v)
     mf, nf, af = force_deviation(out["force"], system, S, relative)
     de = energy_deviation(out["energy"], natoms)
-    cols = dict(max_devi_v=mv, min_devi_v=nv, avg_devi_v=av, max_devi_f=mf, min_devi_f=nf,
-                avg_devi_f=af, devi_e=de)
-    return {k: to_numpy(v) for k, v in cols.items()}
+    xp = array_namespace(out["force"])
+    names = ("max_devi_v", "min_devi_v", "avg_devi_v", "max_devi_f", "min_devi_f", "avg_devi_f", "devi_e")
+    cols = to_numpy(xp.stack([mv, nv, av, mf, nf, af, de]))  # one copy to the host
+    return dict(zip(names, cols))
 
 
 def calc_model_devi(coords, cells, atom_types, models, fname=None, frequency: int = 1,

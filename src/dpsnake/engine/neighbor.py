@@ -30,7 +30,9 @@ class NeighborChunk:
 
     ``centers`` (n,) global atom indices; ``owner`` (n, nnei) global index of the neighbour's atom
     (-1 for empty slots); ``d`` (n, nnei, 3) float64 displacement r_neighbour - r_centre (A), zero in
-    empty slots; ``valid`` (n, nnei) bool; ``overflow`` (n,) bool: this centre lost neighbours.
+    empty slots; ``valid`` (n, nnei) bool; ``overflow`` (n,) bool: this centre lost neighbours;
+    ``stats`` (ntypes + 1,) int: the most slots a centre fills in each type block, then the number
+    of centres that lost neighbours (:func:`chunk_stats`; None until computed).
     """
 
     centers: object
@@ -38,6 +40,20 @@ class NeighborChunk:
     d: object
     valid: object
     overflow: object
+    stats: object = None
+
+
+def chunk_stats(xp, ch: NeighborChunk, sel):
+    """(ntypes + 1,) int: per type block the most valid slots of one centre (selection fills each
+    block from its start), then the number of overflowing centres. The selection kernels write it
+    as they go; this is the array code for the other paths."""
+    if ch.stats is not None:
+        return ch.stats
+    sec = np.concatenate([[0], np.cumsum(sel)]).astype(int)
+    n = ch.valid.shape[0]
+    parts = [ch.valid[:, sec[t]:sec[t + 1]].sum(axis=1).max() if n else xp.zeros((), dtype=xp.int64)
+             for t in range(len(sel))]
+    return xp.stack(parts + [ch.overflow.sum()]).astype(xp.int64)
 
 
 class NeighborBuilder:
@@ -245,18 +261,19 @@ class NeighborBuilder:
         owner, dd = owner[:, :nnei], dd[:, :nnei]
         return self._finish(centers, owner, dd, overflow)
 
-    def _finish(self, centers, owner, dd, overflow) -> NeighborChunk:
+    def _finish(self, centers, owner, dd, overflow, stats=None) -> NeighborChunk:
         """Model pair exclusions turn pairs into empty slots; zero displacements of empty slots."""
         xp = self.xp
         valid = owner >= 0
         if self.pair_exclude is not None:
+            stats = None  # the kernels counted the excluded pairs: recount
             tslot = xp.asarray(np.repeat(np.arange(len(self.sel)), self.sel))
             ex = self.pair_exclude[self.atype[centers][:, None], tslot[None, :]]
             valid &= ~ex
             owner = xp.where(valid, owner, -1)
         if self.pair_exclude is not None or not self.use_kernel:  # kernels leave empty slots at 0
             dd = xp.where(valid[:, :, None], dd, 0.0)
-        return NeighborChunk(centers=centers, owner=owner, d=dd, valid=valid, overflow=overflow)
+        return NeighborChunk(centers=centers, owner=owner, d=dd, valid=valid, overflow=overflow, stats=stats)
 
 
 class _CellGeometry:

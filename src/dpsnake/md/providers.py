@@ -19,12 +19,7 @@ class EnsembleProvider:
         self.ensemble = ensemble
         self.nmodels = len(ensemble.models) if hasattr(ensemble, "models") else None
         self.calls = 0
-        self._overflow = 0  # calls with overflow, a device count: read only for the summary
-
-    @property
-    def overflow_calls(self) -> int:
-        """Calls where some atom had more neighbours than sel (the engine's warning, summed)."""
-        return int(to_numpy(self._overflow))
+        self.overflow_calls = 0  # calls where some atom had more neighbours than sel (summary line)
 
     def __call__(self, st, all_models: bool) -> dict:
         import warnings
@@ -33,11 +28,8 @@ class EnsembleProvider:
         idx = None if all_models else [0]
         with warnings.catch_warnings():  # one summary line at the end instead of a warning per step
             warnings.filterwarnings("ignore", message=".*more neighbours within rcut than sel", category=RuntimeWarning)
-            # no wait for the device: the explorer's host work overlaps the nets
-            out = self.ensemble.evaluate(st.pos, st.atype, st.system, st.cells, st.pbc, model_indices=idx,
-                                         wait=False)
-        ov = getattr(self.ensemble, "last_overflow", 0)
-        self._overflow = self._overflow + (ov > 0)
+            out = self.ensemble.evaluate(st.pos, st.atype, st.system, st.cells, st.pbc, model_indices=idx)
+        self.overflow_calls += int(getattr(self.ensemble, "last_overflow", 0) > 0)
         return out
 
 
