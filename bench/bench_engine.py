@@ -83,14 +83,43 @@ def _use(best, prec):
     os.environ["DPSNAKE_KERNELS"], os.environ["DPSNAKE_FUSED"] = k, f
 
 
-def ours_cases(models, reps, cp, sync, best=None, code="dpsnake", compress=None, precs=("mixed", "double")):
-    """Every case for one engine mode: ``code`` labels it; ``compress`` (dict) tabulates the nets."""
+def ours_cases(models, reps, cp, sync, best=None, code="dpsnake", compress=None, precs=("mixed", "double"),
+               parts=("batch", "single")):
+    """The cases of one engine mode: ``code`` labels it; ``compress`` (dict) tabulates the nets;
+    ``parts``: "batch" (256 x 108 batch, 4-model deviation), "single" (one system per size)."""
     from dpsnake.engine.deeppot import frames_to_flat
     from dpsnake.engine.ensemble import Ensemble
     from dpsnake.engine.model_devi import deviation_columns
 
     pairs = (("mixed", models["float32"][0]), ("double", models["float64"]))
-    for prec, mfile in [p for p in pairs if p[0] in precs]:
+    for prec, mfile in [p for p in pairs if p[0] in precs and "batch" in parts]:
+        _use(best, prec)
+        ens = Ensemble([mfile], precision=prec, compress=compress)
+        c, b, t = batch_frames()
+        args = frames_to_flat(cp, cp.asarray(c), cp.asarray(b), cp.asarray(t))[:5]
+        nat = c.shape[0] * c.shape[1]
+        cp.get_default_memory_pool().free_all_blocks()
+        s = timeit(lambda: ens.evaluate(*args), sync, n=10)
+        emit(bench="batched", code=code, prec=prec, natoms=108, nframes=256, sec_per_eval=s,
+             us_per_atom=s / nat * 1e6)
+    # 4-model deviation on the batch (mixed, FP32 models) and (double, the FP64 model 4 times)
+    devs = (("mixed", models["float32"]), ("double", [models["float64"]] * 4))
+    for prec, mlist in [p for p in devs if p[0] in precs and "batch" in parts]:
+        _use(best, prec)
+        ens = Ensemble(mlist, precision=prec, compress=compress)
+        c, b, t = batch_frames(seed=1)
+        args = frames_to_flat(cp, cp.asarray(c), cp.asarray(b), cp.asarray(t))[:5]
+        natoms = cp.full(c.shape[0], c.shape[1])
+
+        def devi():
+            out = ens.evaluate(*args)
+            return deviation_columns(out, args[2], natoms)
+
+        cp.get_default_memory_pool().free_all_blocks()
+        s = timeit(devi, sync, n=5)
+        emit(bench="model_devi", code=code, prec=prec, natoms=108, nframes=256, nmodels=4, sec=s,
+             us_per_frame_atom=s / (c.shape[0] * c.shape[1]) * 1e6)
+    for prec, mfile in [p for p in pairs if p[0] in precs and "single" in parts]:
         _use(best, prec)
         ens = Ensemble([mfile], precision=prec, compress=compress)
         for rep in reps:
@@ -111,28 +140,8 @@ def ours_cases(models, reps, cp, sync, best=None, code="dpsnake", compress=None,
             except Exception as err:  # report and go on (e.g. out of memory)
                 emit(bench="single", code=code, prec=prec, natoms=n, error=repr(err)[:300])
             pos = atype = system = cell = None  # free device memory before the next size
-        c, b, t = batch_frames()
-        args = frames_to_flat(cp, cp.asarray(c), cp.asarray(b), cp.asarray(t))[:5]
-        nat = c.shape[0] * c.shape[1]
-        s = timeit(lambda: ens.evaluate(*args), sync, n=10)
-        emit(bench="batched", code=code, prec=prec, natoms=108, nframes=256, sec_per_eval=s,
-             us_per_atom=s / nat * 1e6)
-    # 4-model deviation on the batch (mixed, FP32 models) and (double, the FP64 model 4 times)
-    pairs = (("mixed", models["float32"]), ("double", [models["float64"]] * 4))
-    for prec, mlist in [p for p in pairs if p[0] in precs]:
-        _use(best, prec)
-        ens = Ensemble(mlist, precision=prec, compress=compress)
-        c, b, t = batch_frames(seed=1)
-        args = frames_to_flat(cp, cp.asarray(c), cp.asarray(b), cp.asarray(t))[:5]
-        natoms = cp.full(c.shape[0], c.shape[1])
-
-        def devi():
-            out = ens.evaluate(*args)
-            return deviation_columns(out, args[2], natoms)
-
-        s = timeit(devi, sync, n=5)
-        emit(bench="model_devi", code=code, prec=prec, natoms=108, nframes=256, nmodels=4, sec=s,
-             us_per_frame_atom=s / (c.shape[0] * c.shape[1]) * 1e6)
+        ens = None
+        cp.get_default_memory_pool().free_all_blocks()
 
 
 def variant_cases(models, cp, sync):
@@ -316,14 +325,19 @@ def main():
                                 m.replace(".dp", ".pth")], check=True, capture_output=True)
         deepmd_agreement(models, cp)
     best = variant_cases(models, cp, sync) if args.variants else None
-    ours_cases(models, args.reps, cp, sync, best)
-    if args.compress:
-        comp = {"min_nbor_dist": args.compress}
+    comp = {"min_nbor_dist": args.compress} if args.compress else None
+    modes = [("dpsnake", None, ("mixed", "double"), "0")]
+    if comp:
         accuracy(models, cp, comp)
-        ours_cases(models, args.reps, cp, sync, best, code="dpsnake-tab", compress=comp)
-        os.environ["DPSNAKE_TF32"] = "1"
-        ours_cases(models, args.reps, cp, sync, best, code="dpsnake-tab-tf32", compress=comp, precs=("mixed",))
-        os.environ.pop("DPSNAKE_TF32")
+        modes += [("dpsnake-tab", comp, ("mixed", "double"), "0"), ("dpsnake-tab-tf32", comp, ("mixed",), "1")]
+    # every mode's batched cases before any large system: run after the 4.2 M-atom ones (the GPU at
+    # full power for minutes, a pool of tens of GB) they measured 10-20% slower (H100, 2026-11-21:
+    # batch tab+TF32 0.217 vs 0.180-0.186 us/atom in three runs without the large systems)
+    for parts in (("batch",), ("single",)):
+        for code, cmp, precs, tf32 in modes:
+            os.environ["DPSNAKE_TF32"] = tf32
+            ours_cases(models, args.reps, cp, sync, best, code=code, compress=cmp, precs=precs, parts=parts)
+    os.environ.pop("DPSNAKE_TF32")
     if args.deepmd:
         import torch
 

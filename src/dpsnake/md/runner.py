@@ -60,14 +60,22 @@ def _helper_init(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _append_frames(fut, outs, bundle) -> None:
-    """Writer thread: append each walker's frame of a step (formatted here if the helper died)."""
-    try:
-        texts = fut.result()
-    except Exception:
-        texts = bundle_frames(bundle)
-    for o, text in zip(outs, texts):
-        o.files["traj"].write(text.encode())
+def _write_rows(pool, outs, bundle, devi) -> None:
+    """Append a deviation step's model_devi.out lines and frames to the walkers' files ``outs``;
+    the frames formatted by the helper process ``pool`` (here if None or if it died). Runs in the
+    explorer's writer thread (or inline without a helper), so the files' writes overlap the device."""
+    fut = pool.submit(bundle_frames, bundle) if pool is not None else None
+    step = bundle[4]
+    for o, line in zip(outs, devi_lines(step, devi)):
+        o.files["devi"].write(line.encode())
+    texts = None
+    if fut is not None:
+        try:
+            texts = fut.result()
+        except Exception:  # the helper process died: format here
+            texts = None
+    for k, o in enumerate(outs):
+        o.files["traj"].write((texts[k] if texts is not None else bundle_frame(bundle, k)).encode())
 
 
 class _Out:
@@ -78,7 +86,7 @@ class _Out:
         self.final = {"traj": folder / "traj.extxyz", "devi": folder / "model_devi.out"}
         self.part = {k: p.with_name(p.name + ".part") for k, p in self.final.items()}
         self.files = {}
-        self.busy = None  # the writer thread's last task appending to traj (only it writes there then)
+        self.busy = None  # the writer thread's last task appending to the files (only it writes there)
         for k in ("traj", "devi"):
             if offsets is None:
                 self.part[k].unlink(missing_ok=True)
@@ -90,11 +98,8 @@ class _Out:
                 os.truncate(self.part[k], offsets[k])
             self.files[k] = open(self.part[k], "ab")
 
-    def write(self, key: str, text: str) -> None:
-        self.files[key].write(text.encode())
-
     def wait(self) -> None:
-        """Wait for the writer thread's last task appending to this walker's frames."""
+        """Wait for the writer thread's last task appending to this walker's files."""
         if self.busy is not None:
             busy, self.busy = self.busy, None
             busy.result()
@@ -267,17 +272,13 @@ class Explorer:
         if not len(rows):
             return
         outs = [self.outs[self.walkers[widx[s]].name] for s in rows]
-        for o, line in zip(outs, devi_lines(step, dev["devi"][rows])):
-            o.write("devi", line)
         symbols = np.array(self.type_map)[h["atype"]]
         bundle = (symbols, dev["pos"], dev["cells"], h["pbc"], step, bounds, rows)
         if self._frame_pool() is None:
-            for k, o in enumerate(outs):
-                o.write("traj", bundle_frame(bundle, k))
-        else:  # formatted by the helper process, appended by the writer thread: the file writes
-            # (~2.5 MB per step at 256 walkers) and the wait overlap the device's work
-            fut = self._pool.submit(bundle_frames, bundle)
-            task = self._writer.submit(_append_frames, fut, outs, bundle)
+            _write_rows(None, outs, bundle, dev["devi"][rows])
+        else:  # lines and frames written by the writer thread (frames formatted by the helper
+            # process): ~3 MB of file writes per step at 256 walkers overlap the device's work
+            task = self._writer.submit(_write_rows, self._pool, outs, bundle, dev["devi"][rows])
             for o in outs:
                 o.busy = task
 
