@@ -163,10 +163,10 @@ class Ensemble:
         rts = [self._rt(xp, k) for k in idx]
         m0 = self.models[0]
         nb = NeighborBuilder(xp, coords, atype, system, cells_h, pbc_h, m0.rcut, m0.sel, m0.pair_exclude)
-        order = np.argsort(ta, kind="stable")
         # one copy of the centre order, made while the device is idle (a copy from pageable host
         # memory waits for the device; chunks are slices of it)
-        order_dev = xp.arange(N, dtype=xp.int64) if self.ntypes == 1 else xp.asarray(order)
+        order_dev = xp.arange(N, dtype=xp.int64) if self.ntypes == 1 else \
+            xp.asarray(np.argsort(ta, kind="stable"))
         counts = np.bincount(ta, minlength=self.ntypes)
         csize = self._chunk_size(xp)
         fast_scatter = elementwise.enabled(xp, "scatter")
