@@ -90,5 +90,5 @@ def test_selection_kernels_compile(nnei, ntypes):
     ptx = compile_cuda(kernels._SELECT_SRC % {"nnei": nnei, "ntypes": ntypes})
     assert ".entry select_nb" in ptx
     ptx = compile_cuda(kernels._SELECT_WARP_SRC % {"nnei": nnei, "cap": kernels.WARP_CAP,
-                                                    "lanes": kernels.WARP_LANES})
+                                                    "lanes": kernels.WARP_LANES, "ntypes": ntypes})
     assert ".entry select_nb_warp" in ptx
