@@ -1,9 +1,9 @@
 """Host vs device timeline of one batched force call: where the GPU waits for the host.
 
-Stages of ``Ensemble.evaluate`` (neighbour build, chunk selection, compaction, each model's nets,
-the scatter after each model) are wrapped; at each stage's start and end the host time and a CUDA
-event are recorded, without synchronising. For each stage the table shows the host's time in it and
-when the device finished that stage's work relative to when the host finished issuing it. A stage
+Stages of ``Ensemble.evaluate`` (neighbour build, chunk selection, compaction, each model's nets)
+are wrapped; at each stage's start and end the host time, and at its end a CUDA event, are recorded,
+without synchronising. For each stage the table shows the host's time in it and when the device
+finished that stage's work relative to when the host finished issuing it. A stage
 whose device end is close to its host end left the GPU waiting for the host (launch-bound); a
 device end far behind means the host ran ahead (GPU-bound).
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 
 class Timeline:
-    """(stage, host start, host end, start event, end event) records of the current call."""
+    """(stage, host start, host end, end event) records of the current call."""
 
     def __init__(self, cp):
         self.cp, self.rec = cp, []
@@ -36,14 +36,12 @@ class Timeline:
         tl = self
 
         def wrapped(*a, **k):
-            e0 = tl.cp.cuda.Event()
-            e0.record()
             t0 = time.perf_counter()
             out = fn(*a, **k)
             t1 = time.perf_counter()
             e1 = tl.cp.cuda.Event()
             e1.record()
-            tl.rec.append((label, t0, t1, e0, e1))
+            tl.rec.append((label, t0, t1, e1))
             return out
 
         setattr(owner, name, wrapped)
@@ -89,9 +87,8 @@ def main():
         e_end.synchronize()
         t_end = time.perf_counter()
         walls.append((t_end - t_start, t_host - t_start, cp.cuda.get_elapsed_time(e_start, e_end) * 1e-3))
-        prev_h, prev_d = 0.0, 0.0
-        for label, t0, t1, e0, e1 in tl.rec:
-            d0 = cp.cuda.get_elapsed_time(e_start, e0) * 1e-3
+        prev_h = 0.0
+        for label, t0, t1, e1 in tl.rec:
             d1 = cp.cuda.get_elapsed_time(e_start, e1) * 1e-3
             r = rows.setdefault(label, {"host_ms": [], "host_end_ms": [], "dev_end_ms": [],
                                         "gap_before_ms": [], "calls": 0})
@@ -99,7 +96,7 @@ def main():
             r["host_end_ms"].append((t1 - t_start) * 1e3)
             r["dev_end_ms"].append(d1 * 1e3)
             r["gap_before_ms"].append((t0 - t_start) * 1e3 - prev_h)
-            prev_h, prev_d = (t1 - t_start) * 1e3, d1 * 1e3
+            prev_h = (t1 - t_start) * 1e3
             r["calls"] += 1
     med = lambda v: float(np.median(v))  # noqa: E731
     w = np.median(np.array(walls), axis=0) * 1e3

@@ -135,8 +135,9 @@ class Slots:
     def cached(cls, sel, kept, xp):
         """:meth:`from_counts`, kept per (sel, kept, device): its device columns are copied once
         (a copy from pageable host memory waits for the device)."""
-        dev = xp.cuda.Device().id if xp.__name__ == "cupy" else -1
-        key = (tuple(int(x) for x in sel), tuple(int(x) for x in kept), xp.__name__, dev)
+        from dpsnake.engine.xp import device_key
+
+        key = (tuple(int(x) for x in sel), tuple(int(x) for x in kept), *device_key(xp))
         if key not in _SLOTS:
             if len(_SLOTS) > 256:
                 _SLOTS.clear()

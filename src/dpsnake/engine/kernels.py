@@ -219,8 +219,9 @@ def _select_kernel(nnei: int, ntypes: int):
 def _consts(xp, sel, sec):
     """sel, sec[:-1] as int32 device arrays, cached: a host-to-device copy from pageable memory
     waits for the device, so none is made per call."""
-    dev = xp.cuda.Device().id if xp.__name__ == "cupy" else -1  # NumPy: the kernels' CPU emulation (tests)
-    key = (tuple(int(x) for x in sel), tuple(int(x) for x in sec[:-1]), xp.__name__, dev)
+    from dpsnake.engine.xp import device_key  # NumPy: the kernels' CPU emulation (tests)
+
+    key = (tuple(int(x) for x in sel), tuple(int(x) for x in sec[:-1]), *device_key(xp))
     if key not in _CONSTS:
         _CONSTS[key] = (xp.asarray(key[0], dtype=xp.int32), xp.asarray(key[1], dtype=xp.int32))
     return _CONSTS[key]

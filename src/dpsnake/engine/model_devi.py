@@ -24,19 +24,11 @@ COLUMNS = ["step", "max_devi_v", "min_devi_v", "avg_devi_v", "max_devi_f", "min_
 
 def _seg_stats(xp, values, system, S):
     """max, min, mean of values (N,) per system (S,)."""
-    from dpsnake.engine.xp import segment_minmax
+    from dpsnake.engine.xp import segment_minmax, segment_sum
 
     lo, hi = segment_minmax(xp, system, values[:, None], S)
-    if xp is np:
-        cnt = np.bincount(system, minlength=S)
-        tot = np.bincount(system, weights=values, minlength=S)
-    else:  # cupy.bincount reads the largest index back to the host (a sync); scatter_add does not
-        import cupyx
-
-        acc = xp.zeros((S, 2))
-        cupyx.scatter_add(acc, system, xp.stack([values.astype(xp.float64), xp.ones_like(values, dtype=xp.float64)], axis=1))
-        tot, cnt = acc[:, 0], acc[:, 1]
-    return hi[:, 0], lo[:, 0], tot / xp.maximum(cnt, 1)
+    acc = segment_sum(xp, system, xp.stack([values, xp.ones_like(values)], axis=1), S)  # no host sync
+    return hi[:, 0], lo[:, 0], acc[:, 0] / xp.maximum(acc[:, 1], 1)
 
 
 def atom_force_deviation(force, relative: float | None = None):

@@ -22,6 +22,11 @@ def array_namespace(*arrays):
     return np
 
 
+def device_key(xp) -> tuple:
+    """(namespace, device id) for caches of arrays kept on a device (-1 for NumPy)."""
+    return (xp.__name__, xp.cuda.Device().id if xp.__name__ == "cupy" else -1)
+
+
 def to_numpy(x) -> np.ndarray:
     """Host copy of an array of either namespace."""
     if is_cupy(x):
@@ -37,17 +42,26 @@ def asarray(xp, x, dtype=None):
 
 
 def segment_sum(xp, index, values, nseg: int):
-    """Sum ``values`` (n, ...) into ``nseg`` rows by ``index`` (n,) ints; returns (nseg, ...).
+    """Sum ``values`` (n, ...) into ``nseg`` rows by ``index`` (n,) ints; returns (nseg, ...) float64.
 
-    bincount is used because it is fast on both NumPy and CuPy (np.add.at is slow); it
-    accumulates in float64.
+    One sum over (segment, component) bins: on CuPy one atomic scatter-add (cupy.bincount would read
+    max(index) back to the host, a sync; this one is also capturable in a CUDA graph); on NumPy
+    bincount (np.add.at is slow), each bin adding its elements in order.
     """
     index = xp.asarray(index).reshape(-1)
     tail = values.shape[1:]
-    v = values.reshape(values.shape[0], -1)
-    out = xp.empty((nseg, v.shape[1]), dtype=xp.float64)
-    for c in range(v.shape[1]):
-        out[:, c] = xp.bincount(index, weights=v[:, c].astype(xp.float64), minlength=nseg)[:nseg]
+    k = 1
+    for d in tail:
+        k *= d
+    idx = index if k == 1 else (index[:, None] * k + xp.arange(k)[None, :]).reshape(-1)
+    w = values.reshape(-1).astype(xp.float64)
+    if xp.__name__ == "cupy":
+        import cupyx
+
+        out = xp.zeros(nseg * k)
+        cupyx.scatter_add(out, idx, w)
+    else:
+        out = xp.bincount(idx, weights=w, minlength=nseg * k)
     return out.reshape((nseg, *tail))
 
 

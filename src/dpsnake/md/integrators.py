@@ -23,6 +23,7 @@ Everything stays in ``st.xp``; no host synchronisation happens inside a step.
 
 from __future__ import annotations
 
+from dpsnake.engine.xp import segment_sum
 from dpsnake.md import rng
 from dpsnake.md.state import B_ANISO, B_ISO, B_TRI, T_BUSSI, T_LANGEVIN, T_NHC, BatchState
 
@@ -34,22 +35,7 @@ def segsum(st: BatchState, values):
     on NumPy (bincount) each bin adds its atoms in order, so a walker's sums do not depend on the
     other walkers.
     """
-    xp = st.xp
-    S = st.nsys
-    tail = values.shape[1:]
-    k = 1
-    for d in tail:
-        k *= d
-    idx = st.system if k == 1 else (st.system[:, None] * k + xp.arange(k)[None, :]).reshape(-1)
-    w = values.reshape(-1).astype(xp.float64)
-    if xp.__name__ == "cupy":  # cupy.bincount syncs with the host (it takes max(idx)); atomics do not
-        import cupyx
-
-        out = xp.zeros(S * k)
-        cupyx.scatter_add(out, idx, w)
-    else:
-        out = xp.bincount(idx, weights=w, minlength=S * k)
-    return out.reshape((S, *tail))
+    return segment_sum(st.xp, st.system, values, st.nsys)
 
 
 def _det3(xp, m):

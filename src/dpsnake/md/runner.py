@@ -73,7 +73,7 @@ def _write_rows(pool, outs, bundle, devi) -> None:
         try:
             texts = fut.result()
         except Exception:  # the helper process died: format here
-            texts = None
+            pass
     for k, o in enumerate(outs):
         o.files["traj"].write((texts[k] if texts is not None else bundle_frame(bundle, k)).encode())
 
@@ -222,7 +222,10 @@ class Explorer:
         """Host copies of the state's fixed arrays (walker, natoms, pbc, atype), kept per state."""
         st = self.st
         if self._hcache is None or self._hcache[0] is not st.walker:
-            self._hcache = (st.walker, {k: to_numpy(getattr(st, k)) for k in ("walker", "natoms", "pbc", "atype")})
+            h = {k: to_numpy(getattr(st, k)) for k in ("walker", "natoms", "pbc", "atype")}
+            h["bounds"] = np.concatenate([[0], np.cumsum(h["natoms"])])  # atom offsets of the walkers
+            h["symbols"] = np.array(self.type_map)[h["atype"]]
+            self._hcache = (st.walker, h)
         return self._hcache[1]
 
     def _start_deviation(self, out) -> None:
@@ -267,13 +270,11 @@ class Explorer:
 
     def _write_due(self, step, widx, due, dev: dict, h: dict) -> None:
         """Statuses, model_devi.out lines and frames of a deviation step (host part)."""
-        bounds = np.concatenate([[0], np.cumsum(h["natoms"])])
         rows = self._update_status(step, widx, due, dev)
         if not len(rows):
             return
         outs = [self.outs[self.walkers[widx[s]].name] for s in rows]
-        symbols = np.array(self.type_map)[h["atype"]]
-        bundle = (symbols, dev["pos"], dev["cells"], h["pbc"], step, bounds, rows)
+        bundle = (h["symbols"], dev["pos"], dev["cells"], h["pbc"], step, h["bounds"], rows)
         if self._frame_pool() is None:
             _write_rows(None, outs, bundle, dev["devi"][rows])
         else:  # lines and frames written by the writer thread (frames formatted by the helper
