@@ -156,6 +156,8 @@ def main() -> int:
                       "overhead": [e / f_ - 1 for e, f_ in zip(t_ex, t_fo)]},
            "explore_step_ms": step_ms,  # per round; the last entry of each: the wait after the loop
            "fused_families_off": sorted(ew._broken),  # kernels that failed and fell back
+           # force calls redone because a chunk outgrew the last call's compaction widths
+           "width_misses": getattr(provider.ensemble, "width_misses", None), "force_calls": provider.calls,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(f"\n{args.walkers} walkers x {nat} atoms = {ntot} atoms, {len(args.models)} models, deviation every {f} "
           f"steps, {args.ensemble}, {args.precision}, {dev}\n")
@@ -165,6 +167,7 @@ def main() -> int:
         print(f"| {k} | {1e3 * v:.2f} | {1e6 * v / ntot:.3f} | {ntot / v:.3e} |")
     if ew._broken:
         print(f"fused kernel families switched off after an error: {sorted(ew._broken)}")
+    print(f"force calls: {provider.calls}, redone for wider compaction: {res['width_misses']}")
     print(f"\nMD overhead over pure force evaluation: {100 * res['md_overhead_over_force']:.1f}% (goal <= 15%)")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(res, indent=1) + "\n")

@@ -77,21 +77,22 @@ def stages(xp, ens, coords, atype, system, cells, pbc) -> int:
 
     from dpsnake.engine.descriptor import energy_and_grad
     from dpsnake.engine.ensemble import _compact
-    from dpsnake.engine.neighbor import NeighborBuilder
+    from dpsnake.engine.neighbor import NeighborBuilder, chunk_stats
 
     m = ens.models[0]
     cells_h, pbc_h = cells.get(), pbc.get()
     nb = NeighborBuilder(xp, coords, atype, system, cells_h, pbc_h, m.rcut, m.sel, m.pair_exclude)
     centers = xp.arange(coords.shape[0])
     ch = nb.chunk(centers)
-    ch2, slots, _, _ = _compact(xp, ch, m.sel)
+    widths = chunk_stats(xp, ch, m.sel).get()[:-1]
+    ch2, slots, _ = _compact(xp, ch, m.sel, widths)
     rt = ens._rt(xp, 0)
     cases = {
         "full call": lambda: ens.evaluate(coords, atype, system, cells, pbc),
         "neighbour build": lambda: NeighborBuilder(xp, coords, atype, system, cells_h, pbc_h, m.rcut,
                                                    m.sel, m.pair_exclude),
         "neighbour select": lambda: nb.chunk(centers),
-        "compact": lambda: _compact(xp, ch, m.sel),
+        "compact": lambda: _compact(xp, ch, m.sel, widths),
         "forward": lambda: energy_and_grad(rt, 0, ch2.d, ch2.valid, need_grad=False, slots=slots),
         "forward + backward": lambda: energy_and_grad(rt, 0, ch2.d, ch2.valid, slots=slots),
     }

@@ -182,7 +182,8 @@ def main() -> int:
 
     from dpsnake.engine.descriptor import energy_and_grad
     from dpsnake.engine.ensemble import Ensemble, _compact
-    from dpsnake.engine.neighbor import NeighborBuilder
+    from dpsnake.engine.neighbor import NeighborBuilder, chunk_stats
+    from dpsnake.engine.xp import to_numpy
 
     xp = np
     if a.device in ("auto", "gpu"):
@@ -251,7 +252,8 @@ def main() -> int:
     rows["neighbour build (images, bins)"], nb = timed(build)
     nb.sorted_ext()
     rows["neighbour select (chunk)"], ch = timed(lambda: nb.chunk(centers))
-    rows["compact slots"], (ch, slots, _, _) = timed(lambda: _compact(xp, ch, m.sel))
+    widths = to_numpy(chunk_stats(xp, ch, m.sel))[:-1]
+    rows["compact slots"], (ch, slots, _) = timed(lambda: _compact(xp, ch, m.sel, widths))
     rt = ens._rt(xp, 0)
     rows["forward (energy only)"], _ = timed(lambda: energy_and_grad(rt, 0, ch.d, ch.valid, need_grad=False,
                                                                      slots=slots))

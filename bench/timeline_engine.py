@@ -102,10 +102,12 @@ def main():
     w = np.median(np.array(walls), axis=0) * 1e3
     nat = c.shape[0] * c.shape[1]
     print(f"{len(args.models)} model(s), {args.precision}, compress={args.compress}: wall {w[0]:.2f} ms "
-          f"({w[0] / nat * 1e3:.3f} us/atom), host returns at {w[1]:.2f} ms, device span {w[2]:.2f} ms")
+          f"({w[0] / nat * 1e3:.3f} us/atom), host returns at {w[1]:.2f} ms, device span {w[2]:.2f} ms, "
+          f"compaction widths redone in {ens.width_misses} calls")
     print("| stage | per call | host ms (sum) | host end ms (last) | device end ms (last) | host time before it |")
     print("|---|---|---|---|---|---|")
-    out = {"wall_ms": w[0], "host_return_ms": w[1], "device_span_ms": w[2], "stages": {}}
+    out = {"wall_ms": w[0], "host_return_ms": w[1], "device_span_ms": w[2], "width_misses": ens.width_misses,
+           "stages": {}}
     ncalls = args.calls
     for label, r in rows.items():
         k = r["calls"] // ncalls

@@ -269,6 +269,56 @@ def test_chunking_and_namespace(cu_model):
     assert rel_err(small["virial"][0], big["virial"][0]) < 1e-13
 
 
+def test_guessed_widths_are_checked_and_redone(cuni, monkeypatch):
+    """Chunks reuse the last call's compaction widths (what a GPU does, DPSNAKE_WIDTHS=guess here):
+    a call whose chunks fill more slots than that is redone with its own widths, and every call
+    equals the exact widths' results."""
+    from dpsnake.engine import ensemble as E
+
+    tm = ["Cu", "Ni"]
+    loose = fcc(rep=(2, 2, 2), ni_frac=0.3, seed=21, a=4.2)  # few neighbours within rcut
+    dense = loose.copy()
+    dense.set_cell(loose.cell.array * 3.6 / 4.2, scale_atoms=True)  # same atoms, many more
+    given = []
+    real = E._compact
+    monkeypatch.setattr(E, "_compact", lambda xp, ch, sel, w: given.append(np.array(w)) or real(xp, ch, sel, w))
+
+    def call(ens, at, **kw):
+        c, cl, t = frame(at, tm)
+        return ens.evaluate(c[0], t, np.zeros(len(t), int), cl.reshape(1, 3, 3), np.array([True]), atomic=True, **kw)
+
+    monkeypatch.setenv("DPSNAKE_WIDTHS", "guess")
+    ens = E.Ensemble([cuni["dp"]], chunk_atoms=7)  # several chunks per type
+    widths = None
+    for at, misses in [(loose, 0), (loose, 0), (dense, 1), (dense, 1), (loose, 1)]:
+        if at is loose and widths is None and ens._widths and misses:
+            widths = {k: v.copy() for k, v in ens._widths.items()}  # the dense system's
+        given.clear()
+        before = ens.width_misses
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the dense system overflows sel
+            got = call(ens, at)
+            # each chunk compacted once, twice in a call that was redone
+            assert len(given) == len(ens._widths) * (1 + ens.width_misses - before)
+            ref = call(E.Ensemble([cuni["dp"]], chunk_atoms=7), at, exact=True)
+        assert ens.width_misses == misses, (at.cell.lengths(), misses)
+        for key in ("energy", "force", "virial", "atom_energy", "atom_virial"):
+            assert rel_err(got[key], ref[key]) < 1e-13, key
+    # after the dense system the loose one runs in the dense widths (no miss) and narrows them
+    assert all((ens._widths[k] <= widths[k]).all() for k in widths)
+    assert any((ens._widths[k] < widths[k]).any() for k in widths)
+
+
+def test_padded_widths():
+    from dpsnake.engine.ensemble import _padded
+
+    assert _padded([78, 0], [152, 10], None).tolist() == [82, 2]  # 4%, at least 2
+    assert _padded([150, 9], [152, 10], None).tolist() == [152, 10]  # never above sel
+    assert _padded([80, 1], [152, 10], np.array([82, 2])).tolist() == [82, 2]  # still holds: kept
+    assert _padded([83, 1], [152, 10], np.array([82, 2])).tolist() == [87, 3]  # too narrow
+    assert _padded([60, 1], [152, 10], np.array([82, 2])).tolist() == [63, 3]  # far too wide
+
+
 def test_compact_slots_equal_full_slots(cuni, monkeypatch):
     """Dropping the slots that are empty for a whole chunk (plus their constant tail) changes nothing."""
     from dpsnake.engine import ensemble as E
@@ -279,7 +329,8 @@ def test_compact_slots_equal_full_slots(cuni, monkeypatch):
     args = (c[0], t, np.zeros(len(t), int), cl.reshape(1, 3, 3), np.array([True]))
     kept = []
     real = E._compact
-    monkeypatch.setattr(E, "_compact", lambda xp, ch, sel: kept.append(real(xp, ch, sel)[1].kept) or real(xp, ch, sel))
+    monkeypatch.setattr(E, "_compact", lambda xp, ch, sel, w: kept.append(real(xp, ch, sel, w)[1].kept)
+                        or real(xp, ch, sel, w))
     out = E.Ensemble([cuni["dp"]]).evaluate(*args, atomic=True)
     assert kept and all((k < np.array([24, 24])).all() for k in kept), kept
     monkeypatch.setenv("DPSNAKE_COMPACT", "0")

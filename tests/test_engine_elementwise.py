@@ -212,6 +212,25 @@ def test_neighbour_build_kernels_match_array_code(emulated):
     assert inb.sum() < inb.size and cnt.sum() > 27 * len(coords)  # edges of grids, full bins
 
 
+def test_bin_order_by_counting_is_a_stable_sort(emulated):
+    """The counting sort of the neighbour build's bin keys (count, scan, place with atomics, sort
+    each bin's range) gives a stable argsort's order and the bins' edges, empty bins included."""
+    from dpsnake.engine import neighbor_kernels as nbk
+
+    rng = np.random.default_rng(2)
+    for total, E in ((1, 5), (40, 3000), (500, 200)):
+        key = rng.integers(0, total, E).astype(np.int64)
+        order, edges = nbk.bin_order(np, key, total)
+        ref = np.argsort(key, kind="stable")
+        np.testing.assert_array_equal(order, ref)
+        np.testing.assert_array_equal(edges, np.searchsorted(key[ref], np.arange(total + 1)))
+        assert edges[-1] == E
+        # on a GPU the atomics place a bin's entries in any order: the per-bin sort restores it
+        shuffled = np.concatenate([rng.permutation(ref[edges[b]:edges[b + 1]]) for b in range(total)])
+        emulated._k("nb_binsort")(edges[:-1], edges[1:], shuffled)
+        np.testing.assert_array_equal(shuffled, ref)
+
+
 def test_compact_kernel_matches_gathers(emulated):
     """The chunk compaction kernel gives the gathers of the array code (owner, own, d, valid) on a
     batch where compaction drops columns of both type blocks."""

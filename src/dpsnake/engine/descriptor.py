@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dpsnake.engine.model import DPModel
+from dpsnake.engine.xp import device_const
 
 
 @dataclass
@@ -178,8 +179,7 @@ def energy_and_grad(rm: RuntimeModel, ti: int, d, valid, need_grad: bool = True,
     keep = None
     if m.desc_exclude[ti].any():
         # descriptor exclusion: zero rows of real neighbours of an excluded (ti, t) pair
-        tslot = xp.asarray(np.repeat(np.arange(m.ntypes), m.sel)[slots.cols])
-        exrow = xp.asarray(m.desc_exclude[ti])[tslot][None, :]
+        exrow = device_const(xp, m.desc_exclude[ti][np.repeat(np.arange(m.ntypes), m.sel)[slots.cols]])[None, :]
         exrow = exrow & (True if m.exclude_padding else valid)
         keep = (~exrow).astype(xp.float64)
     p = m.env_protection

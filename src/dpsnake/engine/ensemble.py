@@ -7,6 +7,7 @@ Outputs live in the inputs' namespace (NumPy in, NumPy out; CuPy in, CuPy out).
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -16,7 +17,7 @@ from dpsnake.engine import elementwise
 from dpsnake.engine.descriptor import RuntimeModel, Slots, energy_and_grad
 from dpsnake.engine.model import DPModel, load_model
 from dpsnake.engine.neighbor import NeighborBuilder, chunk_stats
-from dpsnake.engine.xp import array_namespace, to_numpy
+from dpsnake.engine.xp import HostCopy, array_namespace, to_numpy
 from dpsnake.errors import UserError
 
 
@@ -69,6 +70,9 @@ class Ensemble:
         self._runtime = {}
         self._xp = xp
         self.last_overflow = 0
+        self._widths = {}  # (N, S, type, chunk start) -> compaction widths given to the next call
+        self.width_misses = 0
+        self._csize = {}
 
     @property
     def type_map(self) -> list[str]:
@@ -103,6 +107,12 @@ class Ensemble:
         if self.chunk_atoms:
             return int(self.chunk_atoms)
         env = os.environ.get("DPSNAKE_CHUNK_MB")
+        key = (xp.__name__, env)
+        if key not in self._csize:  # once: the free memory of the first call (a driver query)
+            self._csize[key] = self._chunk_size_of(xp, env)
+        return self._csize[key]
+
+    def _chunk_size_of(self, xp, env) -> int:
         if env:
             mb = float(env)
         elif xp.__name__ == "cupy":
@@ -120,15 +130,35 @@ class Ensemble:
         per_atom += 2000 * 48  # candidate arrays of the array-code neighbour search
         return max(64, int(mb * 1e6 / per_atom))
 
-    def evaluate(self, coords, atype, system, cells, pbc, model_indices=None, atomic: bool = False):
+    def _check_widths(self, checks):
+        """Overflowing centres of the call, and whether a chunk filled more slots than its given
+        widths; keeps each chunk's widths for the next call."""
+        overflow, missed = 0, False
+        for key, stats, guess in checks:
+            stats = stats if isinstance(stats, np.ndarray) else stats.result().astype(int)
+            got, sel = stats[:-1], self.models[0].sel
+            overflow += int(stats[-1])
+            missed |= guess is not None and bool(np.any(got > guess))
+            self._widths[key] = _padded(got, sel, guess)
+        if len(self._widths) > 4096:  # many layouts seen (a long-lived server): start over
+            self._widths = {}
+        return overflow, missed
+
+    def evaluate(self, coords, atype, system, cells, pbc, model_indices=None, atomic: bool = False,
+                 exact: bool = False):
         """Energies, forces, virials of every model on every system.
 
         coords (N, 3) A; atype (N,) int; system (N,) sorted ints 0..S-1; cells (S, 3, 3) A;
         pbc (S,) bool. Returns dict with ``energy`` (M, S) eV, ``force`` (M, N, 3) eV/A,
         ``virial`` (M, S, 9) eV and, if ``atomic``, ``atom_energy`` (M, N), ``atom_virial`` (M, N, 9).
-        The call returns without waiting for the device's last kernels (the host syncs only for
-        the ghost count of the neighbour build and each chunk's compaction counts, which carry the
-        overflow count); ``last_overflow``: centres that lost neighbours in this call.
+        ``last_overflow``: centres that lost neighbours in this call.
+
+        Compaction widths (:func:`_compact`): on a GPU each chunk reuses the widths of the last call
+        with the same layout, padded (:func:`_padded`), so the host issues the whole call without
+        waiting for the device; the chunk's real widths come back in a copy that is checked once
+        everything is issued, and a call that needed more is redone with its own widths
+        (``width_misses`` counts them; ``exact`` or DPSNAKE_WIDTHS=exact: always the chunk's own,
+        one host sync per chunk). The call returns without waiting for the device's last kernels.
         """
         xp = array_namespace(coords)
         coords = xp.asarray(coords, dtype=xp.float64).reshape(-1, 3)
@@ -142,10 +172,7 @@ class Ensemble:
         if pbc.shape[0] != S:
             raise UserError(f"pbc: {pbc.shape[0]} entries for {S} systems")
         cells_h, pbc_h = to_numpy(cells), to_numpy(pbc)  # small; the cell geometry is done on the host
-        vol = np.abs(np.linalg.det(cells_h)) if S else np.zeros(0)
-        bad = np.nonzero(pbc_h & ~(vol > 1e-8))[0]
-        if len(bad):
-            raise UserError(f"cells: periodic system {int(bad[0])} has a singular cell (volume {vol[bad[0]]:.3g})")
+        _check_cells(cells_h, pbc_h)
         idx = list(range(self.nmodels)) if model_indices is None else [int(i) for i in model_indices]
         M = len(idx)
         ta = to_numpy(atype)
@@ -162,35 +189,46 @@ class Ensemble:
         atom_virial = xp.zeros((M, N, 9)) if atomic else None
         rts = [self._rt(xp, k) for k in idx]
         m0 = self.models[0]
-        nb = NeighborBuilder(xp, coords, atype, system, cells_h, pbc_h, m0.rcut, m0.sel, m0.pair_exclude)
         # one copy of the centre order, made while the device is idle (a copy from pageable host
         # memory waits for the device; chunks are slices of it)
         order_dev = xp.arange(N, dtype=xp.int64) if self.ntypes == 1 else \
             xp.asarray(np.argsort(ta, kind="stable"))
+        nb = NeighborBuilder(xp, coords, atype, system, cells_h, pbc_h, m0.rcut, m0.sel, m0.pair_exclude)
         counts = np.bincount(ta, minlength=self.ntypes)
         csize = self._chunk_size(xp)
         fast_scatter = elementwise.enabled(xp, "scatter")
-        overflow = 0  # centres that lost neighbours, read with the compaction counts (no extra sync)
+        guessing = _guess_widths(xp) and not exact
+        checks = []  # (key, the chunk's stats (host array or HostCopy), the widths it was given)
         start = 0
         for ti in range(self.ntypes):
             stop = start + int(counts[ti])
             for a in range(start, stop, csize):
                 centers = order_dev[a:min(stop, a + csize)]
+                # one type: the centres are a range, and a slice indexes without gather/scatter kernels
+                at = slice(a, min(stop, a + csize)) if self.ntypes == 1 else centers
                 ch = nb.chunk(centers)
-                ch, slots, own, nover = _compact(xp, ch, m0.sel)
-                overflow += nover
+                key = (N, S, ti, a)
+                stats = chunk_stats(xp, ch, m0.sel)
+                guess = self._widths.get(key) if guessing else None
+                if guess is None:  # the chunk's own widths: one host sync
+                    stats = to_numpy(stats).astype(int)
+                    widths = stats[:-1]
+                else:  # last call's widths, checked when the call is issued (no sync now)
+                    stats, widths = HostCopy(stats), guess
+                checks.append((key, stats, guess))
+                ch, slots, own = _compact(xp, ch, m0.sel, widths)
                 # empty slots point at their own centre (with g masked to 0 there) rather than at
                 # atom 0: no NaN can reach another system, and no atomics pile up on one address
-                sysc = system[centers]
+                sysc = system[at]
                 for j, rt in enumerate(rts):
                     e, g = energy_and_grad(rt, ti, ch.d, ch.valid, slots=slots)
                     g = xp.where(ch.valid[..., None], g, 0.0)  # NaN * 0 would still be NaN
-                    energy_atom[j, centers] = e
+                    energy_atom[j, at] = e
                     # F = -dE/dr with d = r_nb - r_c: centre gets +sum g, neighbour gets -g
                     sums = None
                     if fast_scatter and not atomic:  # sum g and virial -g^T d in one pass
                         sums = elementwise.guarded("scatter", elementwise.centre_sums, xp, g, ch.d)
-                    force[j, centers] += g.sum(axis=1) if sums is None else sums[:, :3]
+                    force[j, at] += g.sum(axis=1) if sums is None else sums[:, :3]
                     if not (fast_scatter and elementwise.guarded(
                             "scatter", elementwise.scatter_neg, xp, force[j], own, ch.valid, g) is not None):
                         _scatter_add(xp, force[j], own.reshape(-1), -g.reshape(-1, 3))
@@ -203,6 +241,10 @@ class Ensemble:
                             if sums is None else sums[:, 3:]
                         _scatter_add(xp, virial[j], sysc, wc)
             start = stop
+        overflow, missed = self._check_widths(checks)
+        if missed:  # a chunk filled more slots than last call's widths kept: redo with its own
+            self.width_misses += 1
+            return self.evaluate(coords, atype, system, cells, pbc, model_indices, atomic, exact=True)
         self.last_overflow = overflow
         if overflow:
             warnings.warn(f"{overflow} atoms have more neighbours within rcut than sel allows "
@@ -215,21 +257,57 @@ class Ensemble:
         return out
 
 
-def _compact(xp, ch, sel):
-    """Drop the trailing slots of each type block that are empty for every centre of the chunk.
+@functools.lru_cache(maxsize=8)
+def _cells_checked(cells: bytes, pbc: bytes):
+    """The cells seen last (MD at constant volume passes the same cells every call)."""
+    cells_h = np.frombuffer(cells).reshape(-1, 3, 3)
+    pbc_h = np.frombuffer(pbc, dtype=bool)
+    a, b, c = cells_h[:, 0], cells_h[:, 1], cells_h[:, 2]  # a . (b x c); np.linalg.det: LAPACK per cell
+    vol = np.abs(a[:, 0] * (b[:, 1] * c[:, 2] - b[:, 2] * c[:, 1]) + a[:, 1] * (b[:, 2] * c[:, 0] - b[:, 0] * c[:, 2])
+                 + a[:, 2] * (b[:, 0] * c[:, 1] - b[:, 1] * c[:, 0]))
+    bad = np.nonzero(pbc_h & ~(vol > 1e-8))[0]
+    if len(bad):
+        raise UserError(f"cells: periodic system {int(bad[0])} has a singular cell (volume {vol[bad[0]]:.3g})")
 
-    Selection fills each block from its start, so block t needs only max_i(count_i,t) columns.
-    Returns the narrower chunk, its :class:`Slots`, ``own`` (n, nc) the owner of each slot (the
-    centre itself in empty slots) and the number of centres that lost neighbours: one host copy
-    (the chunk's stats) per chunk, the only host sync after the neighbour build.
-    DPSNAKE_COMPACT: "1" (default) on, "0" off (every slot). Checked on an H100 (2026-11-21):
-    NumPy vs CuPy 6e-15 FP64 / 2e-6 mixed, 256 x 108 atoms 28.3 -> 20.2 ms mixed, 37.6 -> 24.9 double.
+
+def _check_cells(cells_h, pbc_h):
+    """One UserError line for a periodic system with a singular cell."""
+    _cells_checked(np.ascontiguousarray(cells_h, dtype=np.float64).tobytes(),
+                   np.ascontiguousarray(pbc_h, dtype=bool).tobytes())
+
+
+def _guess_widths(xp) -> bool:
+    """Whether chunks reuse the last call's compaction widths (DPSNAKE_WIDTHS: "auto", the default:
+    on CuPy, where a host sync costs the launch queue; "guess": also on NumPy (tests); "exact")."""
+    mode = os.environ.get("DPSNAKE_WIDTHS", "auto")
+    return mode == "guess" or (mode == "auto" and xp.__name__ == "cupy")
+
+
+def _padded(got, sel, guess):
+    """Widths for the next call of a chunk that filled ``got`` (ntypes,) slots per type block:
+    ``guess`` again if it still holds them without wasting more than two pads, else ``got`` plus a
+    pad of 4% (at least 2 slots: thermal motion moves atoms across rcut), at most ``sel``."""
+    got = np.asarray(got, dtype=int)
+    pad = np.maximum(2, np.ceil(0.04 * got)).astype(int)
+    if guess is not None and np.all(got <= guess) and np.all(guess - got <= 2 * pad):
+        return guess
+    return np.minimum(np.asarray(sel, dtype=int), got + pad)
+
+
+def _compact(xp, ch, sel, widths):
+    """Drop the trailing slots of each type block beyond ``widths`` (ntypes,) slots.
+
+    Selection fills each block from its start, so block t needs only max_i(count_i,t) columns (the
+    chunk's stats, :func:`chunk_stats`); wider is also right (the extra slots are empty).
+    Returns the narrower chunk, its :class:`Slots` and ``own`` (n, nc) the owner of each slot (the
+    centre itself in empty slots). DPSNAKE_COMPACT: "1" (default) on, "0" off (every slot).
+    Checked on an H100 (2026-11-21): NumPy vs CuPy 6e-15 FP64 / 2e-6 mixed, 256 x 108 atoms
+    28.3 -> 20.2 ms mixed, 37.6 -> 24.9 double.
     """
-    stats = to_numpy(chunk_stats(xp, ch, sel)).astype(int)
-    kept, nover = stats[:-1], int(stats[-1])
+    kept = np.minimum(np.asarray(widths, dtype=int), sel)
     if os.environ.get("DPSNAKE_COMPACT", "1") == "0" or np.array_equal(kept, sel):
         own = xp.where(ch.valid, ch.owner, ch.centers[:, None])
-        return ch, Slots.full(sel), own, nover
+        return ch, Slots.full(sel), own
     slots = Slots.cached(sel, kept, xp)
     out = elementwise.guarded("nbr", elementwise.compact, xp, ch, slots.xcols) \
         if elementwise.enabled(xp, "nbr") else None
@@ -238,7 +316,7 @@ def _compact(xp, ch, sel):
         owner, valid = ch.owner[:, cols], ch.valid[:, cols]
         out = owner, xp.where(valid, owner, ch.centers[:, None]), ch.d[:, cols], valid
     owner, own, d, valid = out
-    return type(ch)(centers=ch.centers, owner=owner, d=d, valid=valid, overflow=ch.overflow), slots, own, nover
+    return type(ch)(centers=ch.centers, owner=owner, d=d, valid=valid, overflow=ch.overflow), slots, own
 
 
 def _scatter_add(xp, target, index, values):

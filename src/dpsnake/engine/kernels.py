@@ -120,7 +120,12 @@ extern "C" __global__ void select_nb_warp(""" + _SELECT_PARAMS + r"""
     }
     __syncthreads();
     const int m = scnt;
-    if (m > CAP) {  // uniform over the block: every lane leaves here
+    if (m > CAP) {  // uniform over the block: every lane leaves here (select_nb fills the row)
+        for (int q = lane; q < NNEI; q += LANES) {
+            const long long slot = (long long)NNEI * i + q;
+            owner[slot] = -1;
+            dout[3 * slot] = 0.0; dout[3 * slot + 1] = 0.0; dout[3 * slot + 2] = 0.0;
+        }
         if (lane == 0) spill[i] = true;
         return;
     }
@@ -151,6 +156,16 @@ extern "C" __global__ void select_nb_warp(""" + _SELECT_PARAMS + r"""
         }
     }
     __syncthreads();
+    // the empty slots of the row (the outputs are not prefilled): block t keeps skept[t] slots
+    for (int q = lane; q < NNEI; q += LANES) {
+        int t = 0;
+        while (t < NT - 1 && q >= sec[t + 1]) ++t;
+        if (q - sec[t] >= skept[t]) {
+            const long long slot = (long long)NNEI * i + q;
+            owner[slot] = -1;
+            dout[3 * slot] = 0.0; dout[3 * slot + 1] = 0.0; dout[3 * slot + 2] = 0.0;
+        }
+    }
     const bool of = (m > NNEI) || (sof != 0);
     if (lane == 0) over[i] = of;
     if (lane == 0 && of) atomicAdd(&stats[NT], 1);
@@ -217,17 +232,11 @@ def _select_kernel(nnei: int, ntypes: int):
 
 
 def _consts(xp, sel, sec):
-    """sel, sec[:-1] as int32 device arrays, cached: a host-to-device copy from pageable memory
-    waits for the device, so none is made per call."""
-    from dpsnake.engine.xp import device_key  # NumPy: the kernels' CPU emulation (tests)
+    """sel, sec[:-1] as int32 device arrays, copied once (:func:`xp.device_const`)."""
+    from dpsnake.engine.xp import device_const  # NumPy: the kernels' CPU emulation (tests)
 
-    key = (tuple(int(x) for x in sel), tuple(int(x) for x in sec[:-1]), *device_key(xp))
-    if key not in _CONSTS:
-        _CONSTS[key] = (xp.asarray(key[0], dtype=xp.int32), xp.asarray(key[1], dtype=xp.int32))
-    return _CONSTS[key]
-
-
-_CONSTS: dict = {}
+    return (device_const(xp, np.asarray(sel, dtype=np.int32)),
+            device_const(xp, np.asarray(sec[:-1], dtype=np.int32)))
 
 
 def select_neighbors(xp, rcut, sel, sec, cpos, cidx, bstart, bcnt, epos, eown, etype, eidx, only=None,
@@ -274,9 +283,10 @@ def select_neighbors_warp(xp, rcut, sel, sec, cpos, cidx, bstart, bcnt, epos, eo
     Centres with more than ``cap`` candidates within rcut are redone by select_neighbors."""
     n = int(cpos.shape[0])
     nnei = int(sum(sel))
-    owner = xp.full((n, nnei), -1, dtype=xp.int64)
-    d = xp.zeros((n, nnei, 3), dtype=xp.float64)
-    over = xp.zeros(n, dtype=bool)
+    # every slot and flag is written by the kernel (spilled rows: emptied, then select_nb)
+    owner = xp.empty((n, nnei), dtype=xp.int64)
+    d = xp.empty((n, nnei, 3), dtype=xp.float64)
+    over = xp.empty(n, dtype=bool)
     stats = xp.zeros(len(sel) + 1, dtype=xp.int32)
     if n == 0:
         return owner, d, over, stats

@@ -19,9 +19,10 @@ import numpy as np
 
 from dpsnake.engine import elementwise as ew
 from dpsnake.engine import neighbor_kernels as nbk
-from dpsnake.engine.xp import segment_minmax, to_numpy
+from dpsnake.engine.xp import device_const, device_key, segment_minmax, to_numpy
 
 _MAX_GROUP = 4_000_000  # atoms x shifts handled at once when making ghost images
+_GRIDS: dict = {}  # (cells, pbc, rcut, atoms, device) -> NeighborBuilder._grid_of of periodic systems
 
 
 @dataclass
@@ -70,16 +71,64 @@ class NeighborBuilder:
         self.nnei = sum(self.sel)
         self.sec = np.concatenate([[0], np.cumsum(self.sel)]).astype(int)
         self.pair_exclude = None if pair_exclude is None or not np.any(pair_exclude) else \
-            xp.asarray(np.asarray(pair_exclude, dtype=bool))
+            np.asarray(pair_exclude, dtype=bool)
         N = coords.shape[0]
         S = cells.shape[0]
         self.N, self.S = N, S
         self.atype = atype
         coords = coords.astype(xp.float64)
         # per-system geometry is tiny (S x 3 x 3): done on the host, moved once (no device
-        # launches or syncs per quantity; it used to be ~40 small launches, ~2 ms on a GPU)
+        # launches or syncs per quantity; it used to be ~40 small launches, ~2 ms on a GPU), and
+        # kept for the next call with the same cells (MD at constant volume)
         pbc_h = np.asarray(to_numpy(pbc), dtype=bool).reshape(-1)
-        geo = _CellGeometry(np.asarray(to_numpy(cells), dtype=np.float64).reshape(-1, 3, 3), pbc_h, self.rcut)
+        cells_h = np.asarray(to_numpy(cells), dtype=np.float64).reshape(-1, 3, 3)
+        key = (cells_h.tobytes(), pbc_h.tobytes(), self.rcut, N, *device_key(xp))
+        grid = _GRIDS.get(key)
+        if grid is None:
+            grid = self._grid_of(coords, system, cells_h, pbc_h)
+            if pbc_h.all():  # non-periodic boxes depend on the atoms: not kept
+                if len(_GRIDS) >= 8:
+                    _GRIDS.pop(next(iter(_GRIDS)))
+                _GRIDS[key] = grid
+        geo, lo, bsize, nb, boff = grid[:5]
+        self.total_bins = int(boff[-1])
+        self._host = {"lo": lo, "bsize": bsize, "nb": nb, "boff": boff}
+        self._dev = {}
+        self.system = system
+        self._geo = None  # packed geometry on the device (kernel path)
+        out = None
+        if ew.enabled(xp, "nbr") and N:
+            if grid[5] is None:  # the packed table, moved once per grid
+                grid[5] = xp.asarray(nbk.pack_geometry(geo, lo, bsize, nb, boff))
+            out = ew.guarded("nbr", nbk.build_ext, xp, coords, system, grid[5], geo.nimg)
+        if out is not None:
+            wrapped, self.cbin, owner, epos, key, self._geo = out
+        else:
+            wrapped, owner, epos = self._images(coords, system, pbc_h, geo)
+            esys = system[owner]
+            ebin = self._bin3(epos, esys)
+            key = self.boff[esys] + (ebin[:, 0] * self.nb[esys, 1] + ebin[:, 1]) * self.nb[esys, 2] + ebin[:, 2]
+            self.cbin = ebin[:N]
+        self.wrapped = wrapped
+        self.epos, self.eowner = epos, owner
+        self.n_ext = int(owner.shape[0])
+        if self._geo is not None:  # kernel path: a counting sort (argsort syncs with the host)
+            self.border, self.edges = nbk.bin_order(xp, key, self.total_bins)
+        else:
+            order = xp.argsort(key, kind="stable") if xp is np else xp.argsort(key)
+            self.edges = xp.searchsorted(key[order], xp.arange(self.total_bins + 1, dtype=key.dtype), side="left")
+            self.border = order
+        from dpsnake.engine import kernels
+
+        self.use_kernel = kernels.enabled(xp)
+        self._sorted = None
+        self._kmax = None
+        self._etype = None
+
+    def _grid_of(self, coords, system, cells_h, pbc_h) -> list:
+        """[geometry, lo, bsize, nb, boff, None (the packed device table, made when needed)]."""
+        xp, N, S = self.xp, self.N, self.S
+        geo = _CellGeometry(cells_h, pbc_h, self.rcut)
         lo, hi = geo.lo.copy(), geo.hi.copy()
         nonper = np.nonzero(~pbc_h)[0]
         ptr = None
@@ -92,37 +141,7 @@ class NeighborBuilder:
             ptr = _system_ptr(xp, system, S) if ptr is None else ptr
             nb, bsize = _bin_grid(lo, hi, self.rcut, geo.ext_factor * np.diff(ptr))
         boff = np.concatenate([[0], np.cumsum(nb.prod(axis=1))]).astype(np.int64)
-        self.total_bins = int(boff[-1])
-        self._host = {"lo": lo, "bsize": bsize, "nb": nb, "boff": boff}
-        self._dev = {}
-        self.system = system
-        self._geo = None  # packed geometry on the device (kernel path)
-        out = None
-        if ew.enabled(xp, "nbr") and N:
-            table = nbk.pack_geometry(geo, lo, bsize, nb, boff)
-            out = ew.guarded("nbr", nbk.build_ext, xp, coords, system, table, geo.nimg)
-        if out is not None:
-            wrapped, self.cbin, owner, epos, key, self._geo = out
-        else:
-            wrapped, owner, epos = self._images(coords, system, pbc_h, geo)
-            esys = system[owner]
-            ebin = self._bin3(epos, esys)
-            key = self.boff[esys] + (ebin[:, 0] * self.nb[esys, 1] + ebin[:, 1]) * self.nb[esys, 2] + ebin[:, 2]
-            self.cbin = ebin[:N]
-        self.wrapped = wrapped
-        self.epos, self.eowner = epos, owner
-        self.n_ext = int(owner.shape[0])
-        order = xp.argsort(key)
-        self.edges = xp.searchsorted(key[order], xp.arange(self.total_bins + 1, dtype=key.dtype), side="left")
-        self.bstart = self.edges[:-1]
-        self.bcount = self.edges[1:] - self.edges[:-1]
-        self.border = order
-        from dpsnake.engine import kernels
-
-        self.use_kernel = kernels.enabled(xp)
-        self._sorted = None
-        self._kmax = None
-        self._etype = None
+        return [geo, lo, bsize, nb, boff, None]
 
     def _images(self, coords, system, pbc_h, geo):
         """Array code: wrapped atoms (N, 3) and the ext arrays owner (E,), epos (E, 3), atoms first."""
@@ -160,6 +179,16 @@ class NeighborBuilder:
     bsize = property(lambda self: self._grid("bsize"))
     nb = property(lambda self: self._grid("nb"))
     boff = property(lambda self: self._grid("boff"))
+
+    @property
+    def bstart(self):
+        """(total_bins,) first position of each bin in bin order."""
+        return self.edges[:-1]
+
+    @property
+    def bcount(self):
+        """(total_bins,) atoms (and ghosts) in each bin."""
+        return self.edges[1:] - self.edges[:-1]
 
     @property
     def etype(self):
@@ -267,8 +296,9 @@ class NeighborBuilder:
         valid = owner >= 0
         if self.pair_exclude is not None:
             stats = None  # the kernels counted the excluded pairs: recount
-            tslot = xp.asarray(np.repeat(np.arange(len(self.sel)), self.sel))
-            ex = self.pair_exclude[self.atype[centers][:, None], tslot[None, :]]
+            # rows: the centre's type; columns: each slot's pair with it
+            table = device_const(xp, self.pair_exclude[:, np.repeat(np.arange(len(self.sel)), self.sel)])
+            ex = table[self.atype[centers]]
             valid &= ~ex
             owner = xp.where(valid, owner, -1)
         if self.pair_exclude is not None or not self.use_kernel:  # kernels leave empty slots at 0
@@ -290,27 +320,27 @@ class _CellGeometry:
 
     def __init__(self, cells, pbc, rcut):
         self.pbc = pbc
-        self.h = np.where(pbc[:, None, None], cells, np.eye(3))
-        # inverse by cofactors: column k of inv is (row k+1 x row k+2) / det (np.cross and
-        # np.linalg.inv cost more in call overhead than this arithmetic on a few hundred cells)
-        h = self.h
-        cof = np.empty_like(h)
-        for k in range(3):
-            u, v = h[:, (k + 1) % 3], h[:, (k + 2) % 3]
-            cof[:, 0, k] = u[:, 1] * v[:, 2] - u[:, 2] * v[:, 1]
-            cof[:, 1, k] = u[:, 2] * v[:, 0] - u[:, 0] * v[:, 2]
-            cof[:, 2, k] = u[:, 0] * v[:, 1] - u[:, 1] * v[:, 0]
-        det = (h[:, 0] * cof[:, :, 0]).sum(axis=1)
-        self.inv = cof / det[:, None, None]
+        self.h = h = np.where(pbc[:, None, None], cells, np.eye(3))
+        # inverse by cofactors: column k of inv is (row k+1 x row k+2) / det (np.linalg.inv costs
+        # ~0.1 ms for 256 cells, LAPACK per matrix; this is a few vector operations)
+        u, v = h[:, [1, 2, 0]], h[:, [2, 0, 1]]  # (S, 3 rows, 3)
+        cof = u[:, :, [1, 2, 0]] * v[:, :, [2, 0, 1]] - u[:, :, [2, 0, 1]] * v[:, :, [1, 2, 0]]
+        self.det = (h[:, 0] * cof[:, 0]).sum(axis=1)  # (S,) signed volume
+        self.inv = cof.transpose(0, 2, 1) / self.det[:, None, None]
         self.margin = np.where(pbc[:, None], rcut * np.sqrt((self.inv * self.inv).sum(axis=1)), 0.0)
-        S = len(cells)
-        self.nimg = int(np.ceil(self.margin.max())) if S else 0
+        self.nimg = int(np.ceil(self.margin.max())) if len(cells) else 0
         self.shifts = _shifts(self.nimg)
-        self.shift_cart = np.matmul(self.shifts, self.h).transpose(1, 0, 2)  # (K, S, 3)
-        corners = np.where(_shifts(0, corners=True)[None] == 1, 1.0 + self.margin[:, None], -self.margin[:, None])  # (S, 8, 3)
-        cart = np.matmul(corners, self.h)  # (S, 8, 3)
-        self.lo, self.hi = cart.min(axis=1), cart.max(axis=1)
+        # the box of the cell grown by the margin: over the 8 corners of [-m, 1 + m]^3 in
+        # fractional units, each Cartesian coordinate's extreme is a sum of per-row extremes
+        a = -self.margin[:, :, None] * h
+        b = (1.0 + self.margin[:, :, None]) * h
+        self.lo, self.hi = np.minimum(a, b).sum(axis=1), np.maximum(a, b).sum(axis=1)
         self.ext_factor = np.prod(1.0 + 2.0 * self.margin, axis=1)
+
+    @functools.cached_property
+    def shift_cart(self):
+        """(K, S, 3) Cartesian vectors of the shifts per system (the array code's ghost images)."""
+        return np.matmul(self.shifts, self.h).transpose(1, 0, 2)
 
 
 @functools.lru_cache(maxsize=8)

@@ -104,6 +104,23 @@ SRC = {
     sown = eown[o];
     stype = atype[eown[o]];
     """),
+    # bin order by counting: atoms per bin (at key + 1, so that the inclusive scan is the edges),
+    # then each ext entry's place in its bin's range (in any order: atomics), then each bin's range
+    # sorted by ext index (a thread per bin, a few dozen entries), the order a stable sort gives
+    "nb_count": ("int64 key", "raw int64 count",
+                 "atomicAdd((unsigned long long*)&count[key + 1], 1ULL);"),
+    "nb_place": ("int64 key, raw int64 edges", "raw int64 cursor, raw int64 order", """
+    const long long p = edges[key] + (long long)atomicAdd((unsigned long long*)&cursor[key], 1ULL);
+    order[p] = i;
+    """),
+    "nb_binsort": ("int64 lo, int64 hi", "raw int64 order", """
+    for (long long a = lo + 1; a < hi; ++a) {
+        const long long v = order[a];
+        long long b = a;
+        while (b > lo && order[b - 1] > v) { order[b] = order[b - 1]; --b; }
+        order[b] = v;
+    }
+    """),
     # (centre, one of 27 neighbouring bins) -> start and count of its atoms in bin order
     "nb_ranges": ("int64 cidx, raw int64 cbin, raw int64 system, raw float64 geo, raw int64 edges",
                   "int64 start, int64 cnt", """
@@ -165,6 +182,20 @@ def build_ext(xp, coords, system, table, nimg: int):
     ekey = xp.empty(E, dtype=xp.int64)
     ew._k("nb_ghosts")(system, ends, nghost, frac, wrapped, cbin, geo, nimg, N, eown, epos, ekey)
     return wrapped, cbin, eown, epos, ekey, geo
+
+
+def bin_order(xp, key, total_bins: int):
+    """Ext indices (E,) in bin order, each bin's ascending (what a stable argsort of ``key``
+    gives), and the bin edges (total_bins + 1,) into it, by counting: no sort, no host sync."""
+    E = key.shape[0]
+    count = xp.zeros(total_bins + 1, dtype=xp.int64)
+    ew._k("nb_count")(key, count)
+    edges = xp.cumsum(count)
+    cursor = xp.zeros(total_bins, dtype=xp.int64)
+    order = xp.empty(E, dtype=xp.int64)
+    ew._k("nb_place")(key, edges, cursor, order)
+    ew._k("nb_binsort")(edges[:-1], edges[1:], order)
+    return order, edges
 
 
 def sorted_ext(xp, order, epos, eown, atype):

@@ -27,11 +27,56 @@ def device_key(xp) -> tuple:
     return (xp.__name__, xp.cuda.Device().id if xp.__name__ == "cupy" else -1)
 
 
+_CONSTS: dict = {}
+
+
+def device_const(xp, host):
+    """A small constant host array on ``xp``'s device, copied once per (contents, device): a copy
+    from pageable host memory waits for the device, so none is made per call. Do not write to it."""
+    host = np.asarray(host)
+    if xp is np:
+        return host
+    key = (host.dtype.str, host.shape, host.tobytes(), *device_key(xp))
+    if key not in _CONSTS:
+        if len(_CONSTS) > 1024:
+            _CONSTS.clear()
+        _CONSTS[key] = xp.asarray(host)
+    return _CONSTS[key]
+
+
 def to_numpy(x) -> np.ndarray:
     """Host copy of an array of either namespace."""
     if is_cupy(x):
         return x.get()
     return np.asarray(x)
+
+
+class HostCopy:
+    """A copy of a small device array to the host that does not wait for the device now.
+
+    On CuPy the copy goes into pinned memory, queued on the current stream, and an event marks
+    its end; :meth:`result` waits for that event only (the device may still be running later
+    work). On NumPy it is the array itself.
+    """
+
+    def __init__(self, x):
+        self._event = None
+        if not is_cupy(x):
+            self._buf = np.asarray(x)
+            return
+        import cupy
+        import cupyx
+
+        self._buf = cupyx.empty_pinned(x.shape, dtype=x.dtype)
+        cupy.asnumpy(cupy.ascontiguousarray(x), out=self._buf, blocking=False)
+        self._event = cupy.cuda.Event(disable_timing=True)
+        self._event.record()
+
+    def result(self) -> np.ndarray:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        return self._buf
 
 
 def asarray(xp, x, dtype=None):

@@ -1,0 +1,94 @@
+"""Host (Python) time per function of batched force calls and of exploration steps, by cProfile.
+
+The GPU runs behind the host in most of a batched call (bench/timeline_engine.py), so the host's
+own time decides the wall time; this shows where it goes, without synchronising anything.
+Prints the top functions by own time (tottime) for: ``--calls`` force calls on 256 x 108 atoms,
+and, with ``--explore``, that many exploration steps (NPT) of the same batch.
+
+    python bench/host_profile.py MODELS_DIR [--compress 2.0] [--calls 50] [--explore] [--top 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pathlib
+import pstats
+import sys
+import tempfile
+import warnings
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+
+def _report(prof, title, top, ncalls):
+    s = io.StringIO()
+    st = pstats.Stats(prof, stream=s)
+    total = st.total_tt
+    print(f"\n## {title}: {1e3 * total / ncalls:.2f} ms host time per call (cProfile adds its own)\n")
+    st.sort_stats("tottime").print_stats(top)
+    print(s.getvalue())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("models")
+    ap.add_argument("--compress", type=float, default=None)
+    ap.add_argument("--calls", type=int, default=50)
+    ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--explore", action="store_true")
+    args = ap.parse_args()
+    warnings.simplefilter("ignore", RuntimeWarning)
+    import cupy as cp
+
+    from bench_engine import batch_frames
+    from dpsnake.engine.deeppot import frames_to_flat
+    from dpsnake.engine.ensemble import Ensemble
+
+    comp = None if args.compress is None else {"min_nbor_dist": args.compress}
+    models = [f"{args.models}/cu_float32_{k}/model.dp" for k in (1, 2, 3, 4)]
+    ens = Ensemble(models[:1], precision="mixed", compress=comp)
+    c, b, t = batch_frames()
+    flat = frames_to_flat(cp, cp.asarray(c), cp.asarray(b), cp.asarray(t))[:5]
+    for _ in range(3):
+        ens.evaluate(*flat)
+    cp.cuda.Device().synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(args.calls):
+        ens.evaluate(*flat)
+    prof.disable()
+    cp.cuda.Device().synchronize()
+    _report(prof, "force call, 1 model, 256 x 108 atoms", args.top, args.calls)
+    if not args.explore:
+        return
+    from ase.build import bulk
+
+    from dpsnake.md.cli import make_provider
+    from dpsnake.md.runner import Explorer
+    from dpsnake.md.walkers import parse_walkers
+
+    provider, tmap = make_provider(models, "mixed", cp, args.compress)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="host_profile_"))
+    bulk("Cu", "fcc", a=3.634, cubic=True).repeat(3).write(tmp / "cu.extxyz", format="extxyz")
+    walkers = parse_walkers([dict(name=f"w{k}", structure=str(tmp / "cu.extxyz"), ensemble="npt",
+                                  temperature=300.0, pressure=1.0, nsteps=args.calls + 40, dt=0.001,
+                                  trj_freq=10, seed=k) for k in range(256)])
+    ex = Explorer(walkers, provider, tmap, tmp / "run", xp=cp, progress=False, checkpoint_every=1e9,
+                  stop_after=20)
+    ex.prepare()
+    ex.loop()
+    ex.stop_after = args.calls
+    cp.cuda.Device().synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    ex.loop()
+    prof.disable()
+    cp.cuda.Device().synchronize()
+    _report(prof, "exploration step, 256 walkers x 108 atoms, NPT, deviation every 10", args.top, args.calls)
+
+
+if __name__ == "__main__":
+    main()
