@@ -8,7 +8,8 @@ from ase.build import bulk
 
 from dpsnake.errors import UserError
 from dpsnake.md import rng
-from dpsnake.md.trajectory import DEVI_HEADER, bundle_frames, devi_line, devi_lines, frame_text, read_frames
+from dpsnake.md.trajectory import (DEVI_HEADER, bundle_frames, devi_line, devi_lines, encoded_rows, frame_text,
+                                   read_frames)
 from dpsnake.md.walkers import load_walkers, maxwell_boltzmann, parse_walkers
 
 
@@ -141,9 +142,14 @@ def test_bundle_frames_equal_frame_text():
     cells = np.array([a.cell.array, b.cell.array, a.cell.array])
     pbc = np.array([True, True, False])
     bounds = np.array([0, 4, 12, 16])
-    texts = bundle_frames((symbols, pos, cells, pbc, 40, bounds, np.array([2, 0])))
+    bundle = (symbols, pos, cells, pbc, 40, bounds, np.array([2, 0]))
+    texts = bundle_frames(bundle)
     assert texts == [frame_text(symbols[12:16], pos[12:16], cells[2], False, 40),
                      frame_text(symbols[0:4], pos[0:4], cells[0], True, 40)]
+    devi = np.arange(12.0).reshape(2, 6)
+    lines, frames = encoded_rows(bundle, devi)  # what the helper process hands the writer thread
+    assert frames == [t.encode() for t in texts]
+    assert lines == [devi_line(40, v).encode() for v in devi]
 
 
 def test_min_distances_match_ase_minimum_image():

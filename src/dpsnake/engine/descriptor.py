@@ -167,7 +167,8 @@ def energy_and_grad(rm: RuntimeModel, ti: int, d, valid, need_grad: bool = True,
     """Atomic energies (n,) float64 and g = dE/dd (n, nc, 3) float64 for centres of type ``ti``.
 
     d (n, nc, 3) float64 displacements (zero in empty slots), valid (n, nc) bool; the nc columns are
-    the slots ``slots`` (all nnei = sum(sel) slots if None).
+    the slots ``slots`` (all nnei = sum(sel) slots if None). g is exactly 0 in empty slots (also
+    for a NaN centre, so nothing leaks through them).
     """
     xp, m = rm.xp, rm.model
     n, nnei = valid.shape

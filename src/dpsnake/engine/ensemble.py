@@ -221,8 +221,7 @@ class Ensemble:
                 # atom 0: no NaN can reach another system, and no atomics pile up on one address
                 sysc = system[at]
                 for j, rt in enumerate(rts):
-                    e, g = energy_and_grad(rt, ti, ch.d, ch.valid, slots=slots)
-                    g = xp.where(ch.valid[..., None], g, 0.0)  # NaN * 0 would still be NaN
+                    e, g = energy_and_grad(rt, ti, ch.d, ch.valid, slots=slots)  # g 0 in empty slots
                     energy_atom[j, at] = e
                     # F = -dE/dr with d = r_nb - r_c: centre gets +sum g, neighbour gets -g
                     sums = None

@@ -27,7 +27,7 @@ from dpsnake.md import integrators
 from dpsnake.md.deviation import batch_deviation, min_distances
 from dpsnake.md.graphs import make_stepper
 from dpsnake.md.state import build_state, BatchState
-from dpsnake.md.trajectory import DEVI_HEADER, bundle_frame, bundle_frames, devi_lines
+from dpsnake.md.trajectory import DEVI_HEADER, encoded_rows
 from dpsnake.md.walkers import Walker, degrees_of_freedom, masses_for, maxwell_boltzmann, read_structure
 
 CHECKPOINT = "checkpoint.npz"
@@ -62,20 +62,19 @@ def _helper_init(parent: int) -> None:
 
 def _write_rows(pool, outs, bundle, devi) -> None:
     """Append a deviation step's model_devi.out lines and frames to the walkers' files ``outs``;
-    the frames formatted by the helper process ``pool`` (here if None or if it died). Runs in the
-    explorer's writer thread (or inline without a helper), so the files' writes overlap the device."""
-    fut = pool.submit(bundle_frames, bundle) if pool is not None else None
-    step = bundle[4]
-    for o, line in zip(outs, devi_lines(step, devi)):
-        o.files["devi"].write(line.encode())
-    texts = None
-    if fut is not None:
+    formatted and encoded by the helper process ``pool`` (here if None or if it died). Runs in the
+    explorer's writer thread (or inline without a helper), so the files' writes overlap the device;
+    the thread then only writes bytes (little time holding the GIL the main thread launches with)."""
+    data = None
+    if pool is not None:
         try:
-            texts = fut.result()
+            data = pool.submit(encoded_rows, bundle, devi).result()
         except Exception:  # the helper process died: format here
             pass
-    for k, o in enumerate(outs):
-        o.files["traj"].write((texts[k] if texts is not None else bundle_frame(bundle, k)).encode())
+    lines, frames = data if data is not None else encoded_rows(bundle, devi)
+    for o, line, frame in zip(outs, lines, frames):
+        o.files["devi"].write(line)
+        o.files["traj"].write(frame)
 
 
 class _Out:

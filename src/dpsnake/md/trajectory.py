@@ -61,6 +61,13 @@ def bundle_frames(bundle) -> list:
     return [bundle_frame(bundle, k) for k in range(len(bundle[-1]))]
 
 
+def encoded_rows(bundle, devi) -> tuple:
+    """(model_devi.out lines, frames) of a bundle's walkers as bytes (:func:`devi_lines`,
+    :func:`bundle_frames`): what the helper process hands the writer thread."""
+    return ([ln.encode() for ln in devi_lines(bundle[4], devi)],
+            [f.encode() for f in bundle_frames(bundle)])
+
+
 def read_frames(path) -> list:
     """All frames of a walker's ``traj.extxyz`` as ``ase.Atoms``, each with ``atoms.info["step"]`` (int)."""
     import ase.io
