@@ -106,12 +106,27 @@ def main() -> int:
     ex._md_step = stamped
     st = warm.st  # force: the same batch (state of the warm-up run), the same call pattern
 
+    fstamps = []
+
     def forces(n):
         for k in range(1, n + 1):
             provider(st, k % f == 0)
+            fstamps.append(time.perf_counter())
 
     forces(f)
-    t_ex, t_fo, step_ms = [], [], []
+    t_ex, t_fo, step_ms, force_ms = [], [], [], []
+    import gc
+
+    gc_log = []  # (generation, seconds) of the garbage collector's passes in the timed rounds
+    gc_t = {}
+
+    def on_gc(phase, info):
+        if phase == "start":
+            gc_t["t"] = time.perf_counter()
+        else:
+            gc_log.append((info["generation"], time.perf_counter() - gc_t.get("t", time.perf_counter())))
+
+    gc.callbacks.append(on_gc)
     for _ in range(args.rounds):
         sync()
         stamps.clear()
@@ -121,10 +136,14 @@ def main() -> int:
         t_end = time.perf_counter()
         t_ex.append((t_end - t) / nsteps)
         step_ms.append([round(float(x), 3) for x in np.diff([t] + stamps + [t_end]) * 1e3])
+        fstamps.clear()
         t = time.perf_counter()
         forces(nsteps)
         sync()
-        t_fo.append((time.perf_counter() - t) / nsteps)
+        t_end = time.perf_counter()
+        t_fo.append((t_end - t) / nsteps)
+        force_ms.append([round(float(x), 3) for x in np.diff([t] + fstamps + [t_end]) * 1e3])
+    gc.callbacks.remove(on_gc)
     rows["explore"] = t_explore = float(np.median(t_ex))
     rows["force"] = t_force = float(np.median(t_fo))
 
@@ -155,9 +174,13 @@ def main() -> int:
            "rounds": {"explore_s_per_step": t_ex, "force_s_per_step": t_fo,
                       "overhead": [e / f_ - 1 for e, f_ in zip(t_ex, t_fo)]},
            "explore_step_ms": step_ms,  # per round; the last entry of each: the wait after the loop
+           "force_call_ms": force_ms,  # the same for the force loop
+           "gc_passes": {g: [sum(1 for x in gc_log if x[0] == g), round(sum(x[1] for x in gc_log if x[0] == g) * 1e3, 2)]
+                         for g in (0, 1, 2)},  # generation: [passes, ms] in the timed rounds
            "fused_families_off": sorted(ew._broken),  # kernels that failed and fell back
            # force calls redone because a chunk outgrew the last call's compaction widths
            "width_misses": getattr(provider.ensemble, "width_misses", None), "force_calls": provider.calls,
+           "width_changes": getattr(provider.ensemble, "width_changes", None),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(f"\n{args.walkers} walkers x {nat} atoms = {ntot} atoms, {len(args.models)} models, deviation every {f} "
           f"steps, {args.ensemble}, {args.precision}, {dev}\n")
@@ -167,7 +190,18 @@ def main() -> int:
         print(f"| {k} | {1e3 * v:.2f} | {1e6 * v / ntot:.3f} | {ntot / v:.3e} |")
     if ew._broken:
         print(f"fused kernel families switched off after an error: {sorted(ew._broken)}")
-    print(f"force calls: {provider.calls}, redone for wider compaction: {res['width_misses']}")
+    print(f"force calls: {provider.calls}, redone for wider compaction: {res['width_misses']}, "
+          f"compaction widths changed: {res['width_changes']}; "
+          f"garbage collector passes in the timed rounds (generation: [passes, ms]): {res['gc_passes']}")
+    # where the explorer's time goes: host time between returns per step of the deviation cycle
+    # (the deviation step is the last of each cycle; the next one waits for its device work)
+    phase = lambda rounds: [float(np.median([r[k] for r in rounds for k in range(p, len(r) - 1, f)]))  # noqa: E731
+                            for p in range(f)]
+    res["phase_ms"] = {"explore": phase(step_ms), "force": phase(force_ms)}
+    print("| step of the cycle | " + " | ".join(str(p + 1) for p in range(f)) + " |")
+    print("|---" * (f + 1) + "|")
+    for k, v in res["phase_ms"].items():
+        print(f"| {k} ms | " + " | ".join(f"{x:.2f}" for x in v) + " |")
     print(f"\nMD overhead over pure force evaluation: {100 * res['md_overhead_over_force']:.1f}% (goal <= 15%)")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(res, indent=1) + "\n")

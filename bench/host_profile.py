@@ -23,12 +23,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 
-def _report(prof, title, top, ncalls):
+def _report(prof, title, top, ncalls, by="tottime"):
     s = io.StringIO()
     st = pstats.Stats(prof, stream=s)
     total = st.total_tt
-    print(f"\n## {title}: {1e3 * total / ncalls:.2f} ms host time per call (cProfile adds its own)\n")
-    st.sort_stats("tottime").print_stats(top)
+    print(f"\n## {title}: {1e3 * total / ncalls:.2f} ms host time per call (cProfile adds its own), by {by}\n")
+    st.sort_stats(by).print_stats(top)
     print(s.getvalue())
 
 
@@ -87,7 +87,9 @@ def main():
     ex.loop()
     prof.disable()
     cp.cuda.Device().synchronize()
-    _report(prof, "exploration step, 256 walkers x 108 atoms, NPT, deviation every 10", args.top, args.calls)
+    title = "exploration step, 256 walkers x 108 atoms, NPT, deviation every 10"
+    _report(prof, title, args.top, args.calls)
+    _report(prof, title, args.top, args.calls, by="cumulative")
 
 
 if __name__ == "__main__":

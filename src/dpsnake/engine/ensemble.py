@@ -72,6 +72,7 @@ class Ensemble:
         self.last_overflow = 0
         self._widths = {}  # (N, S, type, chunk start) -> compaction widths given to the next call
         self.width_misses = 0
+        self.width_changes = 0  # guesses replaced (a miss, or far too wide)
         self._csize = {}
 
     @property
@@ -140,6 +141,7 @@ class Ensemble:
             overflow += int(stats[-1])
             missed |= guess is not None and bool(np.any(got > guess))
             self._widths[key] = _padded(got, sel, guess)
+            self.width_changes += guess is not None and self._widths[key] is not guess
         if len(self._widths) > 4096:  # many layouts seen (a long-lived server): start over
             self._widths = {}
         return overflow, missed
