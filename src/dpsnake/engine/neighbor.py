@@ -344,12 +344,11 @@ class _CellGeometry:
 
 
 @functools.lru_cache(maxsize=8)
-def _shifts(nimg: int, corners: bool = False) -> np.ndarray:
-    """(K, 3) float64 non-zero integer shifts within +-nimg, meshgrid (ij) order; or, with
-    ``corners``, the 8 corners of the unit cube as 0/1."""
-    rng = np.arange(2) if corners else np.arange(-nimg, nimg + 1)
+def _shifts(nimg: int) -> np.ndarray:
+    """(K, 3) float64 non-zero integer shifts within +-nimg, meshgrid (ij) order."""
+    rng = np.arange(-nimg, nimg + 1)
     s = np.stack(np.meshgrid(rng, rng, rng, indexing="ij"), -1).reshape(-1, 3)
-    s = s if corners else s[np.any(s != 0, axis=1)].astype(np.float64)
+    s = s[np.any(s != 0, axis=1)].astype(np.float64)
     s.flags.writeable = False
     return s
 
