@@ -2,7 +2,8 @@
 # The engine benchmark side by side with DeePMD-kit 3.2 (PyTorch DeepPot.eval) in one device run:
 # installs the wheels carried in the git-ignored .whl/ (see bench_engine.py and
 # ../shared/design/gpu-reference.md), then agreement checks and every case of issues 2 and 8, with
-# the nets and with tabulated embedding nets (min_nbor_dist 2.0 A; + TF32 fitting GEMMs in mixed).
+# the nets and with tabulated embedding nets (min_nbor_dist 2.0 A; + TF32 fitting GEMMs in mixed),
+# then the exploration MD benchmark (bench_md.py, tabulated and nets).
 #   bash bench/bench_engine_gpu.sh [REPS...]     (default 4 8 12 21 34: 6,912 ... 4,243,968 atoms)
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -18,3 +19,8 @@ export LD_PRELOAD=$MPI PYTHONPATH=/tmp/site:$PWD/src
 python3 bench/bench_engine.py .whl/models --deepmd --reps $REPS --compress 2.0 \
     --check .whl/models/t_cu.dp .whl/models/t_cuni.dp .whl/models/t_tos32.dp \
     --json "$OUT/bench.json" 2>&1 | tee -a "$OUT/log.txt"
+# issue 8's MD overhead target: 256 walkers x 108 atoms, NPT, 4 models, deviation every 10 steps
+for comp in "--compress 2.0" ""; do
+    python3 bench/bench_md.py .whl/models/cu_float32_{1,2,3,4}/model.dp --walkers 256 --rep 3 --steps 100 \
+        --rounds 3 --device gpu $comp --json "$OUT/md${comp:+_tab}.json" 2>&1 | tee -a "$OUT/log.txt"
+done
