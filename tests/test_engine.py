@@ -309,6 +309,23 @@ def test_guessed_widths_are_checked_and_redone(cuni, monkeypatch):
     assert any((ens._widths[k] < widths[k]).any() for k in widths)
 
 
+def test_singular_periodic_cell_is_one_clear_error(cuni):
+    from dpsnake.engine.ensemble import Ensemble
+    from dpsnake.errors import UserError
+
+    c, cl, t = frame(fcc(rep=(1, 1, 1)), ["Cu", "Ni"])
+    ens = Ensemble([cuni["dp"]])
+    cells = np.stack([cl.reshape(3, 3), np.zeros((3, 3))])
+    system = np.zeros(len(t), int)
+    for n in (len(t), 0):  # with atoms, and an empty batch
+        with pytest.raises(UserError, match="periodic system 1 has a singular cell"):
+            ens.evaluate(c[0][:n], t[:n], system[:n], cells, np.array([True, True]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a 4-atom periodic cell overflows sel
+        out = ens.evaluate(c[0], t, system, cells, np.array([True, False]))  # not periodic: no cell needed
+    assert np.isfinite(out["force"]).all()
+
+
 def test_padded_widths():
     from dpsnake.engine.ensemble import _padded
 

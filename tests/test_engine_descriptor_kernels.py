@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from test_engine_helpers import THREADED_CUDA_STUB, build_cpp
+from test_engine_helpers import THREADED_CUDA_STUB, build_cpp, cupy_or_skip
 
 LAUNCH = r"""
 extern "C" void fwd(unsigned grid, unsigned block, const T* gr, long long n, T* D) {
@@ -79,11 +79,7 @@ def test_kernels_compile_for_h100(dtype):
 
 
 def test_on_gpu_block_equals_elementwise(monkeypatch):
-    cp = pytest.importorskip("cupy")
-    try:
-        cp.cuda.runtime.getDeviceCount()
-    except Exception:  # noqa: BLE001
-        pytest.skip("no CUDA device")
+    cp = cupy_or_skip()
     from dpsnake.engine import elementwise as ew
 
     rng = np.random.default_rng(4)

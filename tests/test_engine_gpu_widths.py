@@ -8,24 +8,14 @@ default .whl/models/t_cuni.dp); skipped otherwise (CI has no GPU):
 
 from __future__ import annotations
 
-import os
-import pathlib
 import warnings
 
 import numpy as np
-import pytest
 
-cp = pytest.importorskip("cupy")
-try:
-    cp.cuda.runtime.getDeviceCount()
-except Exception:  # noqa: BLE001 (no driver / no device)
-    pytest.skip("no CUDA device", allow_module_level=True)
+from test_engine_helpers import cupy_or_skip, fcc, gpu_model, rel_err
 
-from test_engine_helpers import fcc, rel_err  # noqa: E402
-
-MODEL = pathlib.Path(os.environ.get("DPSNAKE_GPU_CUNI",
-                                    pathlib.Path(__file__).resolve().parents[1] / ".whl/models/t_cuni.dp"))
-pytestmark = pytest.mark.skipif(not MODEL.exists(), reason=f"no model at {MODEL}")
+cp = cupy_or_skip()
+MODEL, pytestmark = gpu_model("DPSNAKE_GPU_CUNI", "t_cuni.dp")
 
 
 def _batch(a, nsys=6, seed=0):

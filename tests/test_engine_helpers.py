@@ -15,6 +15,29 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 _REF = {}
 
 
+def cupy_or_skip():
+    """CuPy, or skip the calling test module when it or a CUDA device is missing (CI has no GPU)."""
+    import pytest
+
+    cp = pytest.importorskip("cupy")
+    try:
+        cp.cuda.runtime.getDeviceCount()
+    except Exception:  # noqa: BLE001 (no driver / no device)
+        pytest.skip("no CUDA device", allow_module_level=True)
+    return cp
+
+
+def gpu_model(env: str, name: str):
+    """Path of a model the device runs carry (``env`` overrides .whl/models/``name``) and a pytest
+    mark that skips the module when it is not there."""
+    import pathlib
+
+    import pytest
+
+    path = pathlib.Path(os.environ.get(env, pathlib.Path(__file__).resolve().parents[1] / ".whl/models" / name))
+    return path, pytest.mark.skipif(not path.exists(), reason=f"no model at {path}")
+
+
 def ref_pot(path):
     """deepmd.infer.DeepPot of a .pb (TensorFlow) or .dp (DeePMD-kit's NumPy backend), cached."""
     path = str(path)

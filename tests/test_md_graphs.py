@@ -7,27 +7,19 @@ small Cu model the device runs carry); skipped otherwise (CI has no GPU). Run on
 
 from __future__ import annotations
 
-import os
-import pathlib
 import warnings
 
 import numpy as np
-import pytest
 from ase.build import bulk
 
-cp = pytest.importorskip("cupy")
-try:
-    cp.cuda.runtime.getDeviceCount()
-except Exception:  # noqa: BLE001 (no driver / no device)
-    pytest.skip("no CUDA device", allow_module_level=True)
+from test_engine_helpers import cupy_or_skip, gpu_model
+
+cp = cupy_or_skip()
+MODEL, pytestmark = gpu_model("DPSNAKE_GPU_MODEL", "t_cu.dp")
 
 from dpsnake.engine import elementwise as ew  # noqa: E402
 from dpsnake.md import integrators  # noqa: E402
 from dpsnake.md.graphs import GraphedStep  # noqa: E402
-
-MODEL = pathlib.Path(os.environ.get("DPSNAKE_GPU_MODEL",
-                                    pathlib.Path(__file__).resolve().parents[1] / ".whl/models/t_cu.dp"))
-pytestmark = pytest.mark.skipif(not MODEL.exists(), reason=f"no model at {MODEL}")
 DYN = ("pos", "vel", "cells", "nhc_v", "nhc_eta", "energy", "force", "virial")
 ENSEMBLES = [dict(ensemble="nve"), dict(ensemble="nvt"), dict(ensemble="nvt", thermostat="bussi"),
              dict(ensemble="nvt-langevin"), dict(ensemble="npt", pressure=1000.0),

@@ -7,7 +7,6 @@ Outputs live in the inputs' namespace (NumPy in, NumPy out; CuPy in, CuPy out).
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 
@@ -16,7 +15,7 @@ import numpy as np
 from dpsnake.engine import elementwise
 from dpsnake.engine.descriptor import RuntimeModel, Slots, energy_and_grad
 from dpsnake.engine.model import DPModel, load_model
-from dpsnake.engine.neighbor import NeighborBuilder, chunk_stats
+from dpsnake.engine.neighbor import NeighborBuilder, _CellGeometry, chunk_stats
 from dpsnake.engine.xp import HostCopy, array_namespace, to_numpy
 from dpsnake.errors import UserError
 
@@ -173,14 +172,15 @@ class Ensemble:
             raise UserError(f"atype/system: lengths {atype.shape[0]}/{system.shape[0]} != {N} atoms")
         if pbc.shape[0] != S:
             raise UserError(f"pbc: {pbc.shape[0]} entries for {S} systems")
-        cells_h, pbc_h = to_numpy(cells), to_numpy(pbc)  # small; the cell geometry is done on the host
-        _check_cells(cells_h, pbc_h)
+        # small; the cell geometry is done on the host (a singular periodic cell: a UserError there)
+        cells_h, pbc_h = to_numpy(cells), to_numpy(pbc)
         idx = list(range(self.nmodels)) if model_indices is None else [int(i) for i in model_indices]
         M = len(idx)
         ta = to_numpy(atype)
         if N and (ta.min() < 0 or ta.max() >= self.ntypes):
             raise UserError(f"atype: type indices must be in 0..{self.ntypes - 1}")
         if N == 0:
+            _CellGeometry(cells_h, pbc_h, self.rcut)  # no atoms, but singular cells are still an error
             out = {"energy": xp.zeros((M, S)), "force": xp.zeros((M, 0, 3)), "virial": xp.zeros((M, S, 9))}
             if atomic:
                 out.update(atom_energy=xp.zeros((M, 0)), atom_virial=xp.zeros((M, 0, 9)))
@@ -256,25 +256,6 @@ class Ensemble:
             out["atom_energy"] = energy_atom
             out["atom_virial"] = atom_virial
         return out
-
-
-@functools.lru_cache(maxsize=8)
-def _cells_checked(cells: bytes, pbc: bytes):
-    """The cells seen last (MD at constant volume passes the same cells every call)."""
-    cells_h = np.frombuffer(cells).reshape(-1, 3, 3)
-    pbc_h = np.frombuffer(pbc, dtype=bool)
-    a, b, c = cells_h[:, 0], cells_h[:, 1], cells_h[:, 2]  # a . (b x c); np.linalg.det: LAPACK per cell
-    vol = np.abs(a[:, 0] * (b[:, 1] * c[:, 2] - b[:, 2] * c[:, 1]) + a[:, 1] * (b[:, 2] * c[:, 0] - b[:, 0] * c[:, 2])
-                 + a[:, 2] * (b[:, 0] * c[:, 1] - b[:, 1] * c[:, 0]))
-    bad = np.nonzero(pbc_h & ~(vol > 1e-8))[0]
-    if len(bad):
-        raise UserError(f"cells: periodic system {int(bad[0])} has a singular cell (volume {vol[bad[0]]:.3g})")
-
-
-def _check_cells(cells_h, pbc_h):
-    """One UserError line for a periodic system with a singular cell."""
-    _cells_checked(np.ascontiguousarray(cells_h, dtype=np.float64).tobytes(),
-                   np.ascontiguousarray(pbc_h, dtype=bool).tobytes())
 
 
 def _guess_widths(xp) -> bool:

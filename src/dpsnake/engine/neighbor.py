@@ -20,6 +20,7 @@ import numpy as np
 from dpsnake.engine import elementwise as ew
 from dpsnake.engine import neighbor_kernels as nbk
 from dpsnake.engine.xp import device_const, device_key, segment_minmax, to_numpy
+from dpsnake.errors import UserError
 
 _MAX_GROUP = 4_000_000  # atoms x shifts handled at once when making ghost images
 _GRIDS: dict = {}  # (cells, pbc, rcut, atoms, device) -> NeighborBuilder._grid_of of periodic systems
@@ -180,12 +181,12 @@ class NeighborBuilder:
     nb = property(lambda self: self._grid("nb"))
     boff = property(lambda self: self._grid("boff"))
 
-    @property
+    @functools.cached_property
     def bstart(self):
         """(total_bins,) first position of each bin in bin order."""
         return self.edges[:-1]
 
-    @property
+    @functools.cached_property
     def bcount(self):
         """(total_bins,) atoms (and ghosts) in each bin."""
         return self.edges[1:] - self.edges[:-1]
@@ -313,7 +314,8 @@ class _CellGeometry:
     systems' replaced by the identity; ``inv`` (S, 3, 3) its inverse (frac = r @ inv);
     ``margin`` (S, 3) rcut over the face distances in fractional units (0 without PBC); ``nimg``
     images needed per direction; ``shifts`` (K, 3) the non-zero integer shifts within nimg and
-    ``shift_cart`` (K, S, 3) their Cartesian vectors per system; ``lo``/``hi`` (S, 3) the box of
+    ``shift_cart`` (K, S, 3) their Cartesian vectors per system; ``det`` (S,) signed volumes (a
+    periodic system with a singular cell is a UserError); ``lo``/``hi`` (S, 3) the box of
     the cell grown by the margin (what any atom or ghost of a periodic system lies in);
     ``ext_factor`` (S,) ghosts + atoms per atom, an estimate (volume ratio) used to size bins.
     """
@@ -326,6 +328,10 @@ class _CellGeometry:
         u, v = h[:, [1, 2, 0]], h[:, [2, 0, 1]]  # (S, 3 rows, 3)
         cof = u[:, :, [1, 2, 0]] * v[:, :, [2, 0, 1]] - u[:, :, [2, 0, 1]] * v[:, :, [1, 2, 0]]
         self.det = (h[:, 0] * cof[:, 0]).sum(axis=1)  # (S,) signed volume
+        bad = np.nonzero(~(np.abs(self.det) > 1e-8))[0]  # NaN cells too; identity rows if not periodic
+        if len(bad):
+            raise UserError(f"cells: periodic system {int(bad[0])} has a singular cell "
+                            f"(volume {abs(self.det[bad[0]]):.3g})")
         self.inv = cof.transpose(0, 2, 1) / self.det[:, None, None]
         self.margin = np.where(pbc[:, None], rcut * np.sqrt((self.inv * self.inv).sum(axis=1)), 0.0)
         self.nimg = int(np.ceil(self.margin.max())) if len(cells) else 0
