@@ -181,6 +181,8 @@ def main() -> int:
            # force calls redone because a chunk outgrew the last call's compaction widths
            "width_misses": getattr(provider.ensemble, "width_misses", None), "force_calls": provider.calls,
            "width_changes": getattr(provider.ensemble, "width_changes", None),
+           # calls redone because the cells moved beyond the bin grid kept from the last host grid
+           "grid_misses": getattr(provider.ensemble, "grid_misses", None),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(f"\n{args.walkers} walkers x {nat} atoms = {ntot} atoms, {len(args.models)} models, deviation every {f} "
           f"steps, {args.ensemble}, {args.precision}, {dev}\n")
@@ -191,7 +193,7 @@ def main() -> int:
     if ew._broken:
         print(f"fused kernel families switched off after an error: {sorted(ew._broken)}")
     print(f"force calls: {provider.calls}, redone for wider compaction: {res['width_misses']}, "
-          f"compaction widths changed: {res['width_changes']}; "
+          f"compaction widths changed: {res['width_changes']}, redone for a new bin grid: {res['grid_misses']}; "
           f"garbage collector passes in the timed rounds (generation: [passes, ms]): {res['gc_passes']}")
     # where the explorer's time goes: host time between returns per step of the deviation cycle
     # (the deviation step is the last of each cycle; the next one waits for its device work)

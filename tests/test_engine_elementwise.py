@@ -12,7 +12,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from test_engine_helpers import fcc
+from test_engine_helpers import fcc, rel_err
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
 
@@ -255,3 +255,82 @@ def test_compact_kernel_matches_gathers(emulated):
     np.testing.assert_array_equal(d, ch.d[:, cols])
     np.testing.assert_array_equal(own, np.where(ch.valid[:, cols], ch.owner[:, cols], centers[:, None]))
     assert (~valid).any() and valid.any()
+
+
+def test_device_geometry_table_matches_the_host(emulated):
+    """The geometry table made from the cells by the nb_geometry kernel equals pack_geometry of
+    the host geometry with the same bin grid (cubic, triclinic with two images per direction)."""
+    from dpsnake.engine import neighbor as N
+    from dpsnake.engine import neighbor_kernels as nbk
+
+    from test_engine_helpers import triclinic
+
+    cells = np.array([fcc(rep=(3, 3, 3)).cell.array, triclinic().cell.array, fcc(rep=(2, 1, 1)).cell.array])
+    pbc = np.ones(3, dtype=bool)
+    geo = N._CellGeometry(cells, pbc, 4.5)
+    nb, bsize = N._bin_grid(geo.lo, geo.hi, 4.5, None)
+    boff = np.concatenate([[0], np.cumsum(nb.prod(axis=1))])
+    host = nbk.pack_geometry(geo, geo.lo, bsize, nb, boff)
+    assert geo.nimg == 2
+    got, flag = nbk.device_geometry(np, cells, host, 4.5, geo.nimg)
+    np.testing.assert_allclose(got, host, rtol=1e-14, atol=1e-14)
+    assert int(flag) == 0
+    # cells +3%: same grid; +30%: valid bins, but the host would now choose more of them (1);
+    # -20%: the first system's 4 bins per direction are below rcut (2); a singular cell (2)
+    assert int(nbk.device_geometry(np, cells * 1.03, host, 4.5, geo.nimg)[1]) == 0
+    assert int(nbk.device_geometry(np, cells * 1.3, host, 4.5, geo.nimg)[1]) == 1
+    assert int(nbk.device_geometry(np, cells * 0.8, host, 4.5, geo.nimg)[1]) == 2
+    flat = cells.copy()
+    flat[1, 2] = flat[1, 0]
+    assert int(nbk.device_geometry(np, flat, host, 4.5, geo.nimg)[1]) == 2
+
+
+def test_grid_made_on_the_device_follows_npt_cells(cuni, emulated, monkeypatch):
+    """As under NPT, the cells change every call: the grid's geometry is remade from the cells on
+    the device (no host copy), a grid that no longer fits is remade on the host next call (flag 1)
+    or, with bins smaller than rcut, the call redone at once (flag 2); every call equals the host
+    path's results, and a singular cell is still one clear error."""
+    from dpsnake.engine import ensemble as E
+    from dpsnake.engine import neighbor, neighbor_kernels as nbk
+    from dpsnake.errors import UserError
+
+    monkeypatch.setenv("DPSNAKE_WIDTHS", "guess")
+    monkeypatch.setattr(neighbor, "_LAST", {})
+    monkeypatch.setattr(neighbor, "_GRIDS", {})
+    flags = []
+    real = nbk.device_geometry
+
+    def spy(*args):
+        out = real(*args)
+        flags.append(int(out[1]))
+        return out
+
+    monkeypatch.setattr(nbk, "device_geometry", spy)
+    # a = 4.45: 3 x 3 x 3 cells of 13.35 A, bins of 22.35 / 4 A: +2% gives 5 bins, 1/1.02 of that
+    # makes the 5 bins smaller than rcut 4.5
+    ats = [fcc(a=4.45, rep=(3, 3, 3), seed=s, ni_frac=0.3) for s in (4, 5)]
+    tm = ["Cu", "Ni"]
+    coords0 = np.concatenate([a.positions for a in ats])
+    atype = np.array([tm.index(x) for a in ats for x in a.get_chemical_symbols()])
+    system = np.repeat(np.arange(2), 108)
+    cells0 = np.array([a.cell.array for a in ats])
+    pbc = np.ones(2, dtype=bool)
+    ens = E.Ensemble([cuni["dp"]], precision="double")
+    layout = ens.layout(atype, system, pbc)
+    steps = [(1.0, []), (1.0, [0]), (1.004, [0]), (1.02, [1]), (1.02, []), (1.0, [2]), (1.0, [0])]
+    got = []
+    for scale, want in steps:
+        flags.clear()
+        got.append(ens.evaluate(coords0 * scale, atype, system, cells0 * scale, pbc, atomic=True, layout=layout))
+        assert flags == want, (scale, flags)
+    assert ens.grid_misses == 1
+    for (scale, _), out in zip(steps, got):  # host grids (made after: they would be reused above)
+        ref = E.Ensemble([cuni["dp"]]).evaluate(coords0 * scale, atype, system, cells0 * scale, pbc,
+                                                 atomic=True, exact=True)
+        for k in ("energy", "force", "virial", "atom_energy", "atom_virial"):
+            assert rel_err(out[k], ref[k]) < 1e-13, (scale, k)
+    flat = cells0.copy()
+    flat[0, 2] = flat[0, 0]
+    with pytest.raises(UserError, match="system 0 has a singular cell"):
+        ens.evaluate(coords0, atype, system, flat, pbc, layout=layout)
+    assert flags[-1] == 2

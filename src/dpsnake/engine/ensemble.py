@@ -41,6 +41,37 @@ def _compression(compress):
     raise UserError(f"compress: {compress!r} is not a dict with min_nbor_dist")
 
 
+class Layout:
+    """What stays fixed while a batch's atoms move: types, systems, periodicity, with the host
+    copies and the centre order a call needs (made with one round of host copies; a call given
+    it copies nothing to the host before it starts the device's work).
+
+    Made by :meth:`Ensemble.layout` from device (or host) arrays ``atype`` (N,), ``system`` (N,),
+    ``pbc`` (S,); it holds them and is used only for those very arrays (identity), which must not
+    be changed in place while it is in use (an MD batch's are not).
+    """
+
+    def __init__(self, xp, atype, system, pbc, ntypes: int):
+        self.given = (atype, system, pbc)  # held: their ids stay unique while this lives
+        self.atype = xp.asarray(atype).astype(xp.int64, copy=False).reshape(-1)
+        self.system = xp.asarray(system).astype(xp.int64, copy=False).reshape(-1)
+        self.pbc = xp.asarray(pbc).astype(bool, copy=False).reshape(-1)
+        self.N, self.S = self.atype.shape[0], self.pbc.shape[0]
+        if self.system.shape[0] != self.N:
+            raise UserError(f"atype/system: lengths {self.N}/{self.system.shape[0]} differ")
+        self.pbc_h = np.asarray(to_numpy(self.pbc), dtype=bool)
+        ta = to_numpy(self.atype)
+        if self.N and (ta.min() < 0 or ta.max() >= ntypes):
+            raise UserError(f"atype: type indices must be in 0..{ntypes - 1}")
+        self.counts = np.bincount(ta, minlength=ntypes)
+        # centres sorted by type, one copy made now (chunks are slices of it)
+        self.order = xp.arange(self.N, dtype=xp.int64) if ntypes == 1 else \
+            xp.asarray(np.argsort(ta, kind="stable"))
+
+    def made_from(self, atype, system, pbc) -> bool:
+        return all(a is b for a, b in zip(self.given, (atype, system, pbc)))
+
+
 class Ensemble:
     """M models sharing type_map / rcut / sel; ``evaluate`` builds neighbours once for all of them.
 
@@ -72,6 +103,7 @@ class Ensemble:
         self._widths = {}  # (N, S, type, chunk start) -> compaction widths given to the next call
         self.width_misses = 0
         self.width_changes = 0  # guesses replaced (a miss, or far too wide)
+        self.grid_misses = 0  # calls redone: cells moved beyond what the last grid allows
         self._csize = {}
 
     @property
@@ -130,6 +162,10 @@ class Ensemble:
         per_atom += 2000 * 48  # candidate arrays of the array-code neighbour search
         return max(64, int(mb * 1e6 / per_atom))
 
+    def layout(self, atype, system, pbc) -> Layout:
+        """A :class:`Layout` of these arrays for :meth:`evaluate` (MD: once per batch)."""
+        return Layout(array_namespace(atype), atype, system, pbc, self.ntypes)
+
     def _check_widths(self, checks):
         """Overflowing centres of the call, and whether a chunk filled more slots than its given
         widths; keeps each chunk's widths for the next call."""
@@ -146,41 +182,41 @@ class Ensemble:
         return overflow, missed
 
     def evaluate(self, coords, atype, system, cells, pbc, model_indices=None, atomic: bool = False,
-                 exact: bool = False):
+                 exact: bool = False, layout: Layout | None = None):
         """Energies, forces, virials of every model on every system.
 
         coords (N, 3) A; atype (N,) int; system (N,) sorted ints 0..S-1; cells (S, 3, 3) A;
         pbc (S,) bool. Returns dict with ``energy`` (M, S) eV, ``force`` (M, N, 3) eV/A,
         ``virial`` (M, S, 9) eV and, if ``atomic``, ``atom_energy`` (M, N), ``atom_virial`` (M, N, 9).
-        ``last_overflow``: centres that lost neighbours in this call.
+        ``last_overflow``: centres that lost neighbours in this call. ``layout``: the
+        :meth:`layout` of these atype/system/pbc, kept by the caller (MD), so the call starts
+        without host copies (a layout of other arrays is ignored).
 
         Compaction widths (:func:`_compact`): on a GPU each chunk reuses the widths of the last call
         with the same layout, padded (:func:`_padded`), so the host issues the whole call without
         waiting for the device; the chunk's real widths come back in a copy that is checked once
         everything is issued, and a call that needed more is redone with its own widths
         (``width_misses`` counts them; ``exact`` or DPSNAKE_WIDTHS=exact: always the chunk's own,
-        one host sync per chunk). The call returns without waiting for the device's last kernels.
+        one host sync per chunk). Likewise the bin grid of periodic batches: the last host-made
+        grid of the layout, with its geometry remade on the device from the cells (no copy of
+        cells that change every step under NPT), checked with the widths (``grid_misses``).
+        The call returns without waiting for the device's last kernels.
         """
         xp = array_namespace(coords)
         coords = xp.asarray(coords, dtype=xp.float64).reshape(-1, 3)
-        atype = xp.asarray(atype).astype(xp.int64, copy=False).reshape(-1)
-        system = xp.asarray(system).astype(xp.int64, copy=False).reshape(-1)
         cells = xp.asarray(cells, dtype=xp.float64).reshape(-1, 3, 3)
-        pbc = xp.asarray(pbc).astype(bool, copy=False).reshape(-1)
+        if layout is None or not layout.made_from(atype, system, pbc):
+            layout = Layout(xp, atype, system, pbc, self.ntypes)
+        atype, system, pbc = layout.atype, layout.system, layout.pbc
         N, S = coords.shape[0], cells.shape[0]
-        if atype.shape[0] != N or system.shape[0] != N:
-            raise UserError(f"atype/system: lengths {atype.shape[0]}/{system.shape[0]} != {N} atoms")
-        if pbc.shape[0] != S:
-            raise UserError(f"pbc: {pbc.shape[0]} entries for {S} systems")
-        # small; the cell geometry is done on the host (a singular periodic cell: a UserError there)
-        cells_h, pbc_h = to_numpy(cells), to_numpy(pbc)
+        if layout.N != N:
+            raise UserError(f"atype/system: {layout.N} entries for {N} atoms")
+        if layout.S != S:
+            raise UserError(f"pbc: {layout.S} entries for {S} systems")
         idx = list(range(self.nmodels)) if model_indices is None else [int(i) for i in model_indices]
         M = len(idx)
-        ta = to_numpy(atype)
-        if N and (ta.min() < 0 or ta.max() >= self.ntypes):
-            raise UserError(f"atype: type indices must be in 0..{self.ntypes - 1}")
-        if N == 0:
-            _CellGeometry(cells_h, pbc_h, self.rcut)  # no atoms, but singular cells are still an error
+        if N == 0:  # no atoms, but singular cells are still an error
+            _CellGeometry(to_numpy(cells).reshape(-1, 3, 3), layout.pbc_h, self.rcut)
             out = {"energy": xp.zeros((M, S)), "force": xp.zeros((M, 0, 3)), "virial": xp.zeros((M, S, 9))}
             if atomic:
                 out.update(atom_energy=xp.zeros((M, 0)), atom_virial=xp.zeros((M, 0, 9)))
@@ -191,15 +227,13 @@ class Ensemble:
         atom_virial = xp.zeros((M, N, 9)) if atomic else None
         rts = [self._rt(xp, k) for k in idx]
         m0 = self.models[0]
-        # one copy of the centre order, made while the device is idle (a copy from pageable host
-        # memory waits for the device; chunks are slices of it)
-        order_dev = xp.arange(N, dtype=xp.int64) if self.ntypes == 1 else \
-            xp.asarray(np.argsort(ta, kind="stable"))
-        nb = NeighborBuilder(xp, coords, atype, system, cells_h, pbc_h, m0.rcut, m0.sel, m0.pair_exclude)
-        counts = np.bincount(ta, minlength=self.ntypes)
+        guessing = _guess_widths(xp) and not exact
+        nb = NeighborBuilder(xp, coords, atype, system, cells, layout.pbc_h, m0.rcut, m0.sel, m0.pair_exclude,
+                             reuse_grid=guessing)
+        grid_check = None if nb.grid_check is None else HostCopy(nb.grid_check)
+        order_dev, counts = layout.order, layout.counts
         csize = self._chunk_size(xp)
         fast_scatter = elementwise.enabled(xp, "scatter")
-        guessing = _guess_widths(xp) and not exact
         checks = []  # (key, the chunk's stats (host array or HostCopy), the widths it was given)
         start = 0
         for ti in range(self.ntypes):
@@ -243,9 +277,14 @@ class Ensemble:
                         _scatter_add(xp, virial[j], sysc, wc)
             start = stop
         overflow, missed = self._check_widths(checks)
-        if missed:  # a chunk filled more slots than last call's widths kept: redo with its own
-            self.width_misses += 1
-            return self.evaluate(coords, atype, system, cells, pbc, model_indices, atomic, exact=True)
+        grid = 0 if grid_check is None else int(grid_check.result())
+        if grid:  # the grid no longer suits the cells: the next call makes one on the host
+            nb.forget_grid()
+        if missed or grid == 2:  # more slots than the widths kept, or bins too small: redo exactly
+            self.width_misses += bool(missed)
+            self.grid_misses += grid == 2
+            a0, s0, p0 = layout.given
+            return self.evaluate(coords, a0, s0, cells, p0, model_indices, atomic, exact=True, layout=layout)
         self.last_overflow = overflow
         if overflow:
             warnings.warn(f"{overflow} atoms have more neighbours within rcut than sel allows "

@@ -23,7 +23,8 @@ from dpsnake.engine.xp import device_const, device_key, segment_minmax, to_numpy
 from dpsnake.errors import UserError
 
 _MAX_GROUP = 4_000_000  # atoms x shifts handled at once when making ghost images
-_GRIDS: dict = {}  # (cells, pbc, rcut, atoms, device) -> NeighborBuilder._grid_of of periodic systems
+_GRIDS: dict = {}  # (cells, layout) -> NeighborBuilder._grid_of of periodic systems
+_LAST: dict = {}  # layout (pbc, rcut, atoms, systems, device) -> its last grid made on the host
 
 
 @dataclass
@@ -65,7 +66,8 @@ class NeighborBuilder:
     vectors; pbc (S,) bool. ``pair_exclude`` (ntypes, ntypes) bool: pairs turned into empty slots.
     """
 
-    def __init__(self, xp, coords, atype, system, cells, pbc, rcut, sel, pair_exclude=None):
+    def __init__(self, xp, coords, atype, system, cells, pbc, rcut, sel, pair_exclude=None,
+                 reuse_grid=False):
         self.xp = xp
         self.rcut = float(rcut)
         self.sel = [int(s) for s in sel]
@@ -78,30 +80,29 @@ class NeighborBuilder:
         self.N, self.S = N, S
         self.atype = atype
         coords = coords.astype(xp.float64)
-        # per-system geometry is tiny (S x 3 x 3): done on the host, moved once (no device
-        # launches or syncs per quantity; it used to be ~40 small launches, ~2 ms on a GPU), and
-        # kept for the next call with the same cells (MD at constant volume)
         pbc_h = np.asarray(to_numpy(pbc), dtype=bool).reshape(-1)
-        cells_h = np.asarray(to_numpy(cells), dtype=np.float64).reshape(-1, 3, 3)
-        key = (cells_h.tobytes(), pbc_h.tobytes(), self.rcut, N, *device_key(xp))
-        grid = _GRIDS.get(key)
+        self._last = (pbc_h.tobytes(), self.rcut, N, S, *device_key(xp))
+        # 0-d device flag of a grid made on the device (nbk.device_geometry; None: made on the host)
+        self.grid_check = None
+        kernel = ew.enabled(xp, "nbr") and N > 0
+        grid = self._reused_grid(cells) if reuse_grid and kernel and pbc_h.all() else None
+        out = None
+        if grid is not None:
+            out = ew.guarded("nbr", nbk.build_ext, xp, coords, system, grid[5], grid[0].nimg)
+            if out is None:  # the kernels cannot run: the array code needs the host grid
+                grid, self.grid_check = None, None
         if grid is None:
-            grid = self._grid_of(coords, system, cells_h, pbc_h)
-            if pbc_h.all():  # non-periodic boxes depend on the atoms: not kept
-                if len(_GRIDS) >= 8:
-                    _GRIDS.pop(next(iter(_GRIDS)))
-                _GRIDS[key] = grid
+            grid = self._host_grid(coords, system, cells, pbc_h)
+            if kernel:
+                if grid[5] is None:  # the packed table, moved once per grid
+                    grid[5] = xp.asarray(nbk.pack_geometry(*grid[:5]))
+                out = ew.guarded("nbr", nbk.build_ext, xp, coords, system, grid[5], grid[0].nimg)
         geo, lo, bsize, nb, boff = grid[:5]
         self.total_bins = int(boff[-1])
         self._host = {"lo": lo, "bsize": bsize, "nb": nb, "boff": boff}
         self._dev = {}
         self.system = system
         self._geo = None  # packed geometry on the device (kernel path)
-        out = None
-        if ew.enabled(xp, "nbr") and N:
-            if grid[5] is None:  # the packed table, moved once per grid
-                grid[5] = xp.asarray(nbk.pack_geometry(geo, lo, bsize, nb, boff))
-            out = ew.guarded("nbr", nbk.build_ext, xp, coords, system, grid[5], geo.nimg)
         if out is not None:
             wrapped, self.cbin, owner, epos, key, self._geo = out
         else:
@@ -125,6 +126,42 @@ class NeighborBuilder:
         self._sorted = None
         self._kmax = None
         self._etype = None
+
+    def _host_grid(self, coords, system, cells, pbc_h) -> list:
+        """The grid of these cells made on the host: per-system geometry is tiny (S x 3 x 3), so it
+        is done with NumPy and moved once (no launches or syncs per quantity), and kept for the
+        next call with the same cells (MD at constant volume) and as the base of grids made on
+        the device (:meth:`_reused_grid`)."""
+        cells_h = np.asarray(to_numpy(cells), dtype=np.float64).reshape(-1, 3, 3)
+        key = (cells_h.tobytes(), self._last)
+        grid = _GRIDS.get(key)
+        if grid is None:
+            grid = self._grid_of(coords, system, cells_h, pbc_h)
+            if pbc_h.all():  # non-periodic boxes depend on the atoms: not kept
+                if len(_GRIDS) >= 8:
+                    _GRIDS.pop(next(iter(_GRIDS)))
+                _GRIDS[key] = grid
+        if pbc_h.all():
+            _LAST[self._last] = grid
+        return grid
+
+    def _reused_grid(self, cells):
+        """The last host grid of this layout (pbc, atoms, systems) with its table remade on the
+        device from ``cells`` (no host copy of the cells: under NPT they change every step);
+        ``grid_check`` then holds the flag of :func:`neighbor_kernels.device_geometry` for the
+        caller to check once the call is issued. None if this layout has no host grid yet."""
+        last = _LAST.get(self._last)
+        if last is None or last[5] is None:
+            return None
+        out = ew.guarded("nbr", nbk.device_geometry, self.xp, cells, last[5], self.rcut, last[0].nimg)
+        if out is None:
+            return None
+        table, self.grid_check = out
+        return [last[0], None, None, last[3], last[4], table]
+
+    def forget_grid(self) -> None:
+        """The next call of this layout makes its grid on the host (cells moved far: new bins)."""
+        _LAST.pop(self._last, None)
 
     def _grid_of(self, coords, system, cells_h, pbc_h) -> list:
         """[geometry, lo, bsize, nb, boff, None (the packed device table, made when needed)]."""

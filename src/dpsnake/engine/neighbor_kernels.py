@@ -121,6 +121,50 @@ SRC = {
         order[b] = v;
     }
     """),
+    # one periodic system: its table row from its cell and the bin counts of an earlier table
+    # (prev), as pack_geometry of _CellGeometry with that grid; flag 0: usable, 1: usable but not
+    # the grid the host would choose now (redo it on the host next time), 2: not usable (singular
+    # cell, bins smaller than rcut, or more images than nimg): the call is redone on the host
+    "nb_geometry": ("raw float64 cells, raw float64 prev, float64 rcut, int64 nimg",
+                    "raw float64 geo, int64 flag", """
+    double h[9], cof[9], inv[9], m[3];
+    for (int j = 0; j < 9; ++j) h[j] = cells[9 * i + j];
+    for (int r = 0; r < 3; ++r)
+        for (int k = 0; k < 3; ++k) {
+            const double* u = h + 3 * ((r + 1) % 3);
+            const double* v = h + 3 * ((r + 2) % 3);
+            cof[3 * r + k] = u[(k + 1) % 3] * v[(k + 2) % 3] - u[(k + 2) % 3] * v[(k + 1) % 3];
+        }
+    const double det = h[0] * cof[0] + h[1] * cof[1] + h[2] * cof[2];
+    for (int a = 0; a < 3; ++a)
+        for (int b = 0; b < 3; ++b) inv[3 * a + b] = cof[3 * b + a] / det;
+    for (int k = 0; k < 3; ++k)
+        m[k] = rcut * sqrt(inv[k] * inv[k] + inv[3 + k] * inv[3 + k] + inv[6 + k] * inv[6 + k]);
+    const long long g = 32 * i;
+    long long f = fabs(det) > 1e-8 ? 0 : 2;  // NaN cells too
+    for (int j = 0; j < 9; ++j) { geo[g + j] = inv[j]; geo[g + 9 + j] = h[j]; }
+    for (int k = 0; k < 3; ++k) {
+        double lo = 0.0, hi = 0.0;
+        for (int r = 0; r < 3; ++r) {
+            const double a = -m[r] * h[3 * r + k], b = (1.0 + m[r]) * h[3 * r + k];
+            lo += a < b ? a : b;
+            hi += a < b ? b : a;
+        }
+        const double ext = hi - lo > 0.0 ? hi - lo : 0.0, nb = prev[g + 28 + k];
+        const double bs = ext > 0.0 ? ext / nb : 1.0;
+        double want = floor(ext / rcut);
+        want = want > 1.0 ? want : 1.0;
+        if (!(m[k] <= (double)nimg) || (nb > 1.0 && !(bs >= rcut * (1.0 - 1e-12)))) f = 2;
+        else if (f == 0 && want != nb) f = 1;
+        geo[g + 18 + k] = m[k];
+        geo[g + 22 + k] = lo;
+        geo[g + 25 + k] = bs;
+        geo[g + 28 + k] = nb;
+    }
+    geo[g + 21] = 1.0;
+    geo[g + 31] = prev[g + 31];
+    flag = f;
+    """),
     # (centre, one of 27 neighbouring bins) -> start and count of its atoms in bin order
     "nb_ranges": ("int64 cidx, raw int64 cbin, raw int64 system, raw float64 geo, raw int64 edges",
                   "int64 start, int64 cnt", """
@@ -159,6 +203,17 @@ def pack_geometry(geo, lo, bsize, nb, boff) -> np.ndarray:
     t[:, 28:31] = nb
     t[:, 31] = boff[:-1]
     return t
+
+
+def device_geometry(xp, cells, prev, rcut: float, nimg: int):
+    """The (S, GEO) table of periodic ``cells`` (S, 3, 3) on the device, keeping the bin counts,
+    offsets and ``nimg`` of the earlier table ``prev``, and a 0-d flag (the worst system's:
+    0 usable, 1 usable but regrid next time, 2 not usable). No host copy of the cells."""
+    S = cells.shape[0]
+    geo = xp.empty((S, GEO))
+    flag = xp.empty(S, dtype=xp.int64)
+    ew._k("nb_geometry")(xp.ascontiguousarray(cells, dtype=xp.float64), prev, float(rcut), int(nimg), geo, flag)
+    return geo, flag.max()
 
 
 def build_ext(xp, coords, system, table, nimg: int):

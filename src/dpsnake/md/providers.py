@@ -20,6 +20,7 @@ class EnsembleProvider:
         self.nmodels = len(ensemble.models) if hasattr(ensemble, "models") else None
         self.calls = 0
         self.overflow_calls = 0  # calls where some atom had more neighbours than sel (summary line)
+        self._layout = None  # the batch's fixed arrays with their host copies (one per batch)
 
     def __call__(self, st, all_models: bool) -> dict:
         import warnings
@@ -28,7 +29,12 @@ class EnsembleProvider:
         idx = None if all_models else [0]
         with warnings.catch_warnings():  # one summary line at the end instead of a warning per step
             warnings.filterwarnings("ignore", message=".*more neighbours within rcut than sel", category=RuntimeWarning)
-            out = self.ensemble.evaluate(st.pos, st.atype, st.system, st.cells, st.pbc, model_indices=idx)
+            kw = {}
+            if hasattr(self.ensemble, "layout"):
+                if self._layout is None or not self._layout.made_from(st.atype, st.system, st.pbc):
+                    self._layout = self.ensemble.layout(st.atype, st.system, st.pbc)
+                kw["layout"] = self._layout
+            out = self.ensemble.evaluate(st.pos, st.atype, st.system, st.cells, st.pbc, model_indices=idx, **kw)
         self.overflow_calls += int(getattr(self.ensemble, "last_overflow", 0) > 0)
         return out
 
