@@ -68,7 +68,8 @@ class HostCopy:
         import cupyx
 
         self._buf = cupyx.empty_pinned(x.shape, dtype=x.dtype)
-        cupy.asnumpy(cupy.ascontiguousarray(x), out=self._buf, blocking=False)
+        # (ascontiguousarray makes 0-d arrays 1-d: shaped back for the copy into the 0-d buffer)
+        cupy.asnumpy(cupy.ascontiguousarray(x).reshape(x.shape), out=self._buf, blocking=False)
         self._event = cupy.cuda.Event(disable_timing=True)
         self._event.record()
 
