@@ -19,8 +19,8 @@ export LD_PRELOAD=$MPI PYTHONPATH=/tmp/site:$PWD/src
 python3 bench/bench_engine.py .whl/models --deepmd --reps $REPS --compress 2.0 \
     --check .whl/models/t_cu.dp .whl/models/t_cuni.dp .whl/models/t_tos32.dp \
     --json "$OUT/bench.json" 2>&1 | tee -a "$OUT/log.txt"
-# issue 8's MD overhead target: 256 walkers x 108 atoms, NPT, 4 models, deviation every 10 steps
-for comp in "--compress 2.0" ""; do
+# issue 8's MD overhead target: 256 walkers x 108 atoms, NPT (and NVT), 4 models, deviation every 10 steps
+for run in "--compress 2.0:_tab" ":" "--compress 2.0 --ensemble nvt:_tab_nvt"; do
     python3 bench/bench_md.py .whl/models/cu_float32_{1,2,3,4}/model.dp --walkers 256 --rep 3 --steps 100 \
-        --rounds 3 --device gpu $comp --json "$OUT/md${comp:+_tab}.json" 2>&1 | tee -a "$OUT/log.txt"
+        --rounds 3 --device gpu ${run%%:*} --json "$OUT/md${run##*:}.json" 2>&1 | tee -a "$OUT/log.txt"
 done

@@ -275,7 +275,7 @@ def test_device_geometry_table_matches_the_host(emulated):
     got, flag = nbk.device_geometry(np, cells, host, 4.5, geo.nimg)
     np.testing.assert_allclose(got, host, rtol=1e-14, atol=1e-14)
     assert int(flag) == 0
-    # cells +3%: same grid; +30%: valid bins, but the host would now choose more of them (1);
+    # cells +3%: same grid; +30%: valid bins, but more would fit, 2% larger than rcut (1);
     # -20%: the first system's 4 bins per direction are below rcut (2); a singular cell (2)
     assert int(nbk.device_geometry(np, cells * 1.03, host, 4.5, geo.nimg)[1]) == 0
     assert int(nbk.device_geometry(np, cells * 1.3, host, 4.5, geo.nimg)[1]) == 1
@@ -306,8 +306,9 @@ def test_grid_made_on_the_device_follows_npt_cells(cuni, emulated, monkeypatch):
         return out
 
     monkeypatch.setattr(nbk, "device_geometry", spy)
-    # a = 4.45: 3 x 3 x 3 cells of 13.35 A, bins of 22.35 / 4 A: +2% gives 5 bins, 1/1.02 of that
-    # makes the 5 bins smaller than rcut 4.5
+    # a = 4.45: 3 x 3 x 3 cells of 13.35 A, 4 bins of 22.35 / 4 A per direction; +2%: room for 5
+    # bins of rcut 4.5 A, but not of 2% more (kept); +5%: 5 bins of 4.60 A (flag 1), too small
+    # once the cells are back at +0% (flag 2)
     ats = [fcc(a=4.45, rep=(3, 3, 3), seed=s, ni_frac=0.3) for s in (4, 5)]
     tm = ["Cu", "Ni"]
     coords0 = np.concatenate([a.positions for a in ats])
@@ -317,7 +318,7 @@ def test_grid_made_on_the_device_follows_npt_cells(cuni, emulated, monkeypatch):
     pbc = np.ones(2, dtype=bool)
     ens = E.Ensemble([cuni["dp"]], precision="double")
     layout = ens.layout(atype, system, pbc)
-    steps = [(1.0, []), (1.0, [0]), (1.004, [0]), (1.02, [1]), (1.02, []), (1.0, [2]), (1.0, [0])]
+    steps = [(1.0, []), (1.0, [0]), (1.02, [0]), (1.05, [1]), (1.05, []), (1.0, [2]), (1.0, [0])]
     got = []
     for scale, want in steps:
         flags.clear()

@@ -122,8 +122,8 @@ SRC = {
     }
     """),
     # one periodic system: its table row from its cell and the bin counts of an earlier table
-    # (prev), as pack_geometry of _CellGeometry with that grid; flag 0: usable, 1: usable but not
-    # the grid the host would choose now (redo it on the host next time), 2: not usable (singular
+    # (prev), as pack_geometry of _CellGeometry with that grid; flag 0: usable, 1: usable, but the
+    # cell grew 2% past room for another bin (a new grid on the host next time), 2: not usable (singular
     # cell, bins smaller than rcut, or more images than nimg): the call is redone on the host
     "nb_geometry": ("raw float64 cells, raw float64 prev, float64 rcut, int64 nimg",
                     "raw float64 geo, int64 flag", """
@@ -152,10 +152,9 @@ SRC = {
         }
         const double ext = hi - lo > 0.0 ? hi - lo : 0.0, nb = prev[g + 28 + k];
         const double bs = ext > 0.0 ? ext / nb : 1.0;
-        double want = floor(ext / rcut);
-        want = want > 1.0 ? want : 1.0;
         if (!(m[k] <= (double)nimg) || (nb > 1.0 && !(bs >= rcut * (1.0 - 1e-12)))) f = 2;
-        else if (f == 0 && want != nb) f = 1;
+        else if (f == 0 && floor(ext / (1.02 * rcut)) > nb) f = 1;  // 2% past: a cell that
+        // fluctuates about a bin boundary is not regridded (and then found too small) every step
         geo[g + 18 + k] = m[k];
         geo[g + 22 + k] = lo;
         geo[g + 25 + k] = bs;
@@ -208,7 +207,7 @@ def pack_geometry(geo, lo, bsize, nb, boff) -> np.ndarray:
 def device_geometry(xp, cells, prev, rcut: float, nimg: int):
     """The (S, GEO) table of periodic ``cells`` (S, 3, 3) on the device, keeping the bin counts,
     offsets and ``nimg`` of the earlier table ``prev``, and a 0-d flag (the worst system's:
-    0 usable, 1 usable but regrid next time, 2 not usable). No host copy of the cells."""
+    0 usable, 1 usable but make a new grid next time, 2 not usable). No host copy of the cells."""
     S = cells.shape[0]
     geo = xp.empty((S, GEO))
     flag = xp.empty(S, dtype=xp.int64)
