@@ -297,18 +297,24 @@ def test_grid_made_on_the_device_follows_npt_cells(cuni, emulated, monkeypatch):
     monkeypatch.setenv("DPSNAKE_WIDTHS", "guess")
     monkeypatch.setattr(neighbor, "_LAST", {})
     monkeypatch.setattr(neighbor, "_GRIDS", {})
-    flags = []
-    real = nbk.device_geometry
+    flags, caps = [], []
+    real, real_build = nbk.device_geometry, nbk.build_ext
 
     def spy(*args):
         out = real(*args)
         flags.append(int(out[1]))
         return out
 
+    def spy_build(*args):  # whether the ghosts were counted (None) or given room
+        caps.append(args[6] if len(args) == 7 else None)
+        return real_build(*args)
+
     monkeypatch.setattr(nbk, "device_geometry", spy)
+    monkeypatch.setattr(nbk, "build_ext", spy_build)
     # a = 4.45: 3 x 3 x 3 cells of 13.35 A, 4 bins of 22.35 / 4 A per direction; +2%: room for 5
-    # bins of rcut 4.5 A, but not of 2% more (kept); +5%: 5 bins of 4.60 A (flag 1), too small
-    # once the cells are back at +0% (flag 2)
+    # bins of rcut 4.5 A, but not of 2% more (kept); -10%: the 4 bins still fit, the ghosts (+18%)
+    # do not fit the room kept (redone); +5% (from -10%): 5 bins of 4.60 A (flag 1), too small
+    # once the cells are back at +0% (flag 2, redone)
     ats = [fcc(a=4.45, rep=(3, 3, 3), seed=s, ni_frac=0.3) for s in (4, 5)]
     tm = ["Cu", "Ni"]
     coords0 = np.concatenate([a.positions for a in ats])
@@ -318,14 +324,19 @@ def test_grid_made_on_the_device_follows_npt_cells(cuni, emulated, monkeypatch):
     pbc = np.ones(2, dtype=bool)
     ens = E.Ensemble([cuni["dp"]], precision="double")
     layout = ens.layout(atype, system, pbc)
-    steps = [(1.0, []), (1.0, [0]), (1.02, [0]), (1.05, [1]), (1.05, []), (1.0, [2]), (1.0, [0])]
+    # (scale, grid flags, calls redone so far); room for the ghosts from the second call on
+    steps = [(1.0, [], 0), (1.0, [0], 0), (1.02, [0], 0), (0.9, [0], 1), (0.9, [0], 1), (1.05, [1], 1),
+             (1.05, [], 1), (1.0, [2], 2), (1.0, [0], 2)]
     got = []
-    for scale, want in steps:
+    for scale, want, redone in steps:
         flags.clear()
+        caps.clear()
+        before = ens.grid_misses
         got.append(ens.evaluate(coords0 * scale, atype, system, cells0 * scale, pbc, atomic=True, layout=layout))
-        assert flags == want, (scale, flags)
-    assert ens.grid_misses == 1
-    for (scale, _), out in zip(steps, got):  # host grids (made after: they would be reused above)
+        assert (flags, ens.grid_misses) == (want, redone), (scale, flags)
+        # a grid made on the device comes with room for the ghosts, not a count; a redo counts them
+        assert [c is not None for c in caps] == [bool(want)] + [False] * (redone - before), (scale, caps)
+    for (scale, _, _), out in zip(steps, got):  # host grids (made after: they would be reused above)
         ref = E.Ensemble([cuni["dp"]]).evaluate(coords0 * scale, atype, system, cells0 * scale, pbc,
                                                  atomic=True, exact=True)
         for k in ("energy", "force", "virial", "atom_energy", "atom_virial"):

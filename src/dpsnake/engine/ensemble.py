@@ -197,9 +197,11 @@ class Ensemble:
         waiting for the device; the chunk's real widths come back in a copy that is checked once
         everything is issued, and a call that needed more is redone with its own widths
         (``width_misses`` counts them; ``exact`` or DPSNAKE_WIDTHS=exact: always the chunk's own,
-        one host sync per chunk). Likewise the bin grid of periodic batches: the last host-made
-        grid of the layout, with its geometry remade on the device from the cells (no copy of
-        cells that change every step under NPT), checked with the widths (``grid_misses``).
+        one host sync per chunk). Likewise periodic batches' bin grid and ghost images: the last
+        host-made grid of the layout, its geometry remade on the device from the cells (no copy
+        of cells that change every step under NPT), and room for the last call's ghosts plus a
+        margin (no count copied back before the ghosts are made), checked with the widths
+        (``grid_misses``).
         The call returns without waiting for the device's last kernels.
         """
         xp = array_namespace(coords)
@@ -230,7 +232,7 @@ class Ensemble:
         guessing = _guess_widths(xp) and not exact
         nb = NeighborBuilder(xp, coords, atype, system, cells, layout.pbc_h, m0.rcut, m0.sel, m0.pair_exclude,
                              reuse_grid=guessing)
-        grid_check = None if nb.grid_check is None else HostCopy(nb.grid_check)
+        nb_check = None if nb.check is None else HostCopy(nb.check)
         order_dev, counts = layout.order, layout.counts
         csize = self._chunk_size(xp)
         fast_scatter = elementwise.enabled(xp, "scatter")
@@ -277,12 +279,10 @@ class Ensemble:
                         _scatter_add(xp, virial[j], sysc, wc)
             start = stop
         overflow, missed = self._check_widths(checks)
-        grid = 0 if grid_check is None else int(grid_check.result())
-        if grid:  # the grid no longer suits the cells: the next call makes one on the host
-            nb.forget_grid()
-        if missed or grid == 2:  # more slots than the widths kept, or bins too small: redo exactly
-            self.width_misses += bool(missed)
-            self.grid_misses += grid == 2
+        grid_ok = nb_check is None or nb.settle(nb_check.result())
+        if missed or not grid_ok:  # more slots than the widths kept, bins too small or more ghosts
+            self.width_misses += bool(missed)  # than room: redo with the call's own sizes
+            self.grid_misses += not grid_ok
             a0, s0, p0 = layout.given
             return self.evaluate(coords, a0, s0, cells, p0, model_indices, atomic, exact=True, layout=layout)
         self.last_overflow = overflow

@@ -25,6 +25,7 @@ from dpsnake.errors import UserError
 _MAX_GROUP = 4_000_000  # atoms x shifts handled at once when making ghost images
 _GRIDS: dict = {}  # (cells, layout) -> NeighborBuilder._grid_of of periodic systems
 _LAST: dict = {}  # layout (pbc, rcut, atoms, systems, device) -> its last grid made on the host
+_ROOM: dict = {}  # layout -> ghosts the next call's ext arrays have room for (no count sync)
 
 
 @dataclass
@@ -82,21 +83,29 @@ class NeighborBuilder:
         coords = coords.astype(xp.float64)
         pbc_h = np.asarray(to_numpy(pbc), dtype=bool).reshape(-1)
         self._last = (pbc_h.tobytes(), self.rcut, N, S, *device_key(xp))
-        # 0-d device flag of a grid made on the device (nbk.device_geometry; None: made on the host)
-        self.grid_check = None
+        # (2,) device check of a call that reused this layout's grid and ghost room: the grid
+        # flag of nbk.device_geometry and the ghost count (see settle); None: nothing guessed
+        self.check = None
         kernel = ew.enabled(xp, "nbr") and N > 0
         grid = self._reused_grid(cells) if reuse_grid and kernel and pbc_h.all() else None
         out = None
+        self.room = _ROOM.get(self._last) if grid is not None else None
         if grid is not None:
-            out = ew.guarded("nbr", nbk.build_ext, xp, coords, system, grid[5], grid[0].nimg)
+            out = ew.guarded("nbr", nbk.build_ext, xp, coords, system, grid[5], grid[0].nimg, int(grid[4][-1]),
+                             None if self.room is None else N + self.room)
             if out is None:  # the kernels cannot run: the array code needs the host grid
-                grid, self.grid_check = None, None
+                grid = self.room = None
+            else:  # -1: ghosts counted now (no room kept yet)
+                self.check = xp.stack([self.check, xp.full((), -1, dtype=xp.int64) if self.room is None else out[6]])
         if grid is None:
+            self.check = None
             grid = self._host_grid(coords, system, cells, pbc_h)
             if kernel:
                 if grid[5] is None:  # the packed table, moved once per grid
                     grid[5] = xp.asarray(nbk.pack_geometry(*grid[:5]))
-                out = ew.guarded("nbr", nbk.build_ext, xp, coords, system, grid[5], grid[0].nimg)
+                out = ew.guarded("nbr", nbk.build_ext, xp, coords, system, grid[5], grid[0].nimg, int(grid[4][-1]))
+        if out is not None and self.room is None and pbc_h.all():  # room for the next call's ghosts
+            _ROOM[self._last] = _room(int(out[2].shape[0]) - N, None)
         geo, lo, bsize, nb, boff = grid[:5]
         self.total_bins = int(boff[-1])
         self._host = {"lo": lo, "bsize": bsize, "nb": nb, "boff": boff}
@@ -104,7 +113,7 @@ class NeighborBuilder:
         self.system = system
         self._geo = None  # packed geometry on the device (kernel path)
         if out is not None:
-            wrapped, self.cbin, owner, epos, key, self._geo = out
+            wrapped, self.cbin, owner, epos, key, self._geo = out[:6]
         else:
             wrapped, owner, epos = self._images(coords, system, pbc_h, geo)
             esys = system[owner]
@@ -156,12 +165,21 @@ class NeighborBuilder:
         out = ew.guarded("nbr", nbk.device_geometry, self.xp, cells, last[5], self.rcut, last[0].nimg)
         if out is None:
             return None
-        table, self.grid_check = out
+        table, self.check = out
         return [last[0], None, None, last[3], last[4], table]
 
-    def forget_grid(self) -> None:
-        """The next call of this layout makes its grid on the host (cells moved far: new bins)."""
-        _LAST.pop(self._last, None)
+    def settle(self, check) -> bool:
+        """After the call, with ``check`` (the host copy of :attr:`check`): keeps this layout's
+        grid and ghost room for the next call, or drops them (next call: made on the host).
+        False: this call's results are wrong (bins smaller than rcut, images beyond the grid's,
+        or more ghosts than room) and it must be redone."""
+        flag, ghosts = (int(v) for v in check)
+        if flag:  # cells moved far: a new grid on the host next call
+            _LAST.pop(self._last, None)
+        fits = ghosts <= self.n_ext - self.N  # (-1: counted, so sized exactly)
+        if ghosts >= 0:
+            _ROOM[self._last] = _room(ghosts, self.room if fits else None)
+        return flag != 2 and fits
 
     def _grid_of(self, coords, system, cells_h, pbc_h) -> list:
         """[geometry, lo, bsize, nb, boff, None (the packed device table, made when needed)]."""
@@ -384,6 +402,14 @@ class _CellGeometry:
     def shift_cart(self):
         """(K, S, 3) Cartesian vectors of the shifts per system (the array code's ghost images)."""
         return np.matmul(self.shifts, self.h).transpose(1, 0, 2)
+
+
+def _room(ghosts: int, room):
+    """Ghost room for the next call after one with ``ghosts``: ``room`` again while it holds them
+    with at most 4% to spare, else 2% + 64 more than now (atoms cross the cell faces)."""
+    if room is not None and ghosts <= room <= 1.04 * ghosts + 128:
+        return room
+    return int(1.02 * ghosts) + 64
 
 
 @functools.lru_cache(maxsize=8)

@@ -67,9 +67,10 @@ SRC = {
     nghost = per && nimage > 0 ? nimage - 1 : 0;
     """),
     # one atom: its own ext entry at i, then its ghosts (shifts in meshgrid order, zero shift
-    # skipped) from natoms + ends - nghost (ends: inclusive cumulative sum of nghost)
+    # skipped) from natoms + ends - nghost (ends: inclusive cumulative sum of nghost); ghosts at
+    # cap and beyond are not written (the arrays were sized from a guess; the call is redone)
     "nb_ghosts": ("int64 sys, int64 ends, int64 nghost, raw float64 frac, raw float64 wrapped, "
-                  "raw int64 cbin, raw float64 geo, int64 nimg, int64 natoms",
+                  "raw int64 cbin, raw float64 geo, int64 nimg, int64 natoms, int64 cap",
                   "raw int64 eown, raw float64 epos, raw int64 ekey", """
     const long long g = sys * 32;
     const bool per = geo[g + 21] != 0.0;
@@ -90,9 +91,11 @@ SRC = {
                 p[j] = wrapped[3 * i + j] + ((double)a * geo[g + 9 + j] + (double)b * geo[g + 12 + j]
                                              + (double)c * geo[g + 15 + j]);
             """ + _BIN + """
-            eown[o] = i;
-            for (int j = 0; j < 3; ++j) epos[3 * o + j] = p[j];
-            ekey[o] = key;
+            if (o < cap) {
+                eown[o] = i;
+                for (int j = 0; j < 3; ++j) epos[3 * o + j] = p[j];
+                ekey[o] = key;
+            }
             ++o;
         }
     }
@@ -215,11 +218,14 @@ def device_geometry(xp, cells, prev, rcut: float, nimg: int):
     return geo, flag.max()
 
 
-def build_ext(xp, coords, system, table, nimg: int):
+def build_ext(xp, coords, system, table, nimg: int, total_bins: int, cap=None):
     """Wrapped atoms and their ghost images, with bin keys, in a few launches.
 
-    Returns wrapped (N, 3), cbin (N, 3) bins of the atoms, and the ext arrays (atoms first, then
-    each atom's ghosts): owner (E,), epos (E, 3), key (E,). One host sync (the ghost count).
+    Returns wrapped (N, 3), cbin (N, 3) bins of the atoms, the ext arrays (atoms first, then each
+    atom's ghosts): owner (E,), epos (E, 3), key (E,), and the ghost count (0-d, on the device).
+    ``cap`` None: E = N + the ghosts (one host sync); else E = cap, a guess: entries past the
+    ghosts are fillers in bin ``total_bins`` (past every real bin) and, if the ghosts do not
+    fit, the count says so (the caller checks it later and redoes the call).
     """
     N = coords.shape[0]
     geo = xp.asarray(table)
@@ -230,26 +236,30 @@ def build_ext(xp, coords, system, table, nimg: int):
     nghost = xp.empty(N, dtype=xp.int64)
     ew._k("nb_wrap")(system, coords, geo, nimg, frac, wrapped, cbin, nghost)
     ends = xp.cumsum(nghost)
-    E = N + (int(ends[-1]) if N else 0)  # the one sync: sizes the ext arrays
-    eown = xp.empty(E, dtype=xp.int64)
-    epos = xp.empty((E, 3))
-    ekey = xp.empty(E, dtype=xp.int64)
-    ew._k("nb_ghosts")(system, ends, nghost, frac, wrapped, cbin, geo, nimg, N, eown, epos, ekey)
-    return wrapped, cbin, eown, epos, ekey, geo
+    ghosts = ends[-1] if N else xp.zeros((), dtype=xp.int64)
+    if cap is None:
+        E = N + int(ghosts)  # a sync: sizes the ext arrays
+        eown, epos, ekey = xp.empty(E, dtype=xp.int64), xp.empty((E, 3)), xp.empty(E, dtype=xp.int64)
+    else:
+        E = int(cap)
+        eown, epos, ekey = xp.zeros(E, dtype=xp.int64), xp.zeros((E, 3)), xp.full(E, total_bins, dtype=xp.int64)
+    ew._k("nb_ghosts")(system, ends, nghost, frac, wrapped, cbin, geo, nimg, N, E, eown, epos, ekey)
+    return wrapped, cbin, eown, epos, ekey, geo, ghosts
 
 
 def bin_order(xp, key, total_bins: int):
     """Ext indices (E,) in bin order, each bin's ascending (what a stable argsort of ``key``
-    gives), and the bin edges (total_bins + 1,) into it, by counting: no sort, no host sync."""
+    gives), and the bin edges (total_bins + 1,) into it, by counting: no sort, no host sync.
+    Keys equal to ``total_bins`` (fillers, :func:`build_ext`) go last, after every bin."""
     E = key.shape[0]
-    count = xp.zeros(total_bins + 1, dtype=xp.int64)
+    count = xp.zeros(total_bins + 2, dtype=xp.int64)
     ew._k("nb_count")(key, count)
     edges = xp.cumsum(count)
-    cursor = xp.zeros(total_bins, dtype=xp.int64)
+    cursor = xp.zeros(total_bins + 1, dtype=xp.int64)
     order = xp.empty(E, dtype=xp.int64)
     ew._k("nb_place")(key, edges, cursor, order)
-    ew._k("nb_binsort")(edges[:-1], edges[1:], order)
-    return order, edges
+    ew._k("nb_binsort")(edges[:total_bins], edges[1:total_bins + 1], order)
+    return order, edges[:total_bins + 1]
 
 
 def sorted_ext(xp, order, epos, eown, atype):
