@@ -21,6 +21,6 @@ python3 bench/bench_engine.py .whl/models --deepmd --reps $REPS --compress 2.0 \
     --json "$OUT/bench.json" 2>&1 | tee -a "$OUT/log.txt"
 # issue 8's MD overhead target: 256 walkers x 108 atoms, NPT (and NVT), 4 models, deviation every 10 steps
 for run in "--compress 2.0:_tab" ":" "--compress 2.0 --ensemble nvt:_tab_nvt"; do
-    python3 bench/bench_md.py .whl/models/cu_float32_{1,2,3,4}/model.dp --walkers 256 --rep 3 --steps 100 \
-        --rounds 3 --device gpu ${run%%:*} --json "$OUT/md${run##*:}.json" 2>&1 | tee -a "$OUT/log.txt"
+    python3 bench/bench_md.py .whl/models/cu_float32_{1,2,3,4}/model.dp --walkers 256 --rep 3 --steps 200 \
+        --rounds 5 --device gpu ${run%%:*} --json "$OUT/md${run##*:}.json" 2>&1 | tee -a "$OUT/log.txt"
 done
