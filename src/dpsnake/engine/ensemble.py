@@ -103,7 +103,7 @@ class Ensemble:
         self._widths = {}  # (N, S, type, chunk start) -> compaction widths given to the next call
         self.width_misses = 0
         self.width_changes = 0  # guesses replaced (a miss, or far too wide)
-        self.grid_misses = 0  # calls redone: cells moved beyond what the last grid allows
+        self.grid_misses = 0  # calls redone: cells moved beyond the kept bin grid, or ghosts beyond room
         self._csize = {}
 
     @property

@@ -87,18 +87,17 @@ class NeighborBuilder:
         # flag of nbk.device_geometry and the ghost count (see settle); None: nothing guessed
         self.check = None
         kernel = ew.enabled(xp, "nbr") and N > 0
-        grid = self._reused_grid(cells) if reuse_grid and kernel and pbc_h.all() else None
+        grid, flag = self._reused_grid(cells) if reuse_grid and kernel and pbc_h.all() else (None, None)
         out = None
-        self.room = _ROOM.get(self._last) if grid is not None else None
+        self.room = _ROOM.get(self._last) if grid is not None else None  # ghosts with room (None: count)
         if grid is not None:
             out = ew.guarded("nbr", nbk.build_ext, xp, coords, system, grid[5], grid[0].nimg, int(grid[4][-1]),
                              None if self.room is None else N + self.room)
             if out is None:  # the kernels cannot run: the array code needs the host grid
                 grid = self.room = None
-            else:  # -1: ghosts counted now (no room kept yet)
-                self.check = xp.stack([self.check, xp.full((), -1, dtype=xp.int64) if self.room is None else out[6]])
+            else:  # ghost count -1: counted now, the arrays fit
+                self.check = xp.stack([flag, xp.full((), -1, dtype=xp.int64) if self.room is None else out[6]])
         if grid is None:
-            self.check = None
             grid = self._host_grid(coords, system, cells, pbc_h)
             if kernel:
                 if grid[5] is None:  # the packed table, moved once per grid
@@ -155,18 +154,17 @@ class NeighborBuilder:
         return grid
 
     def _reused_grid(self, cells):
-        """The last host grid of this layout (pbc, atoms, systems) with its table remade on the
-        device from ``cells`` (no host copy of the cells: under NPT they change every step);
-        ``grid_check`` then holds the flag of :func:`neighbor_kernels.device_geometry` for the
-        caller to check once the call is issued. None if this layout has no host grid yet."""
+        """(grid, flag): the last host grid of this layout (pbc, atoms, systems) with its table
+        remade on the device from ``cells`` (no host copy of the cells: under NPT they change
+        every step), and the 0-d device flag of :func:`neighbor_kernels.device_geometry`, checked
+        once the call is issued (:meth:`settle`). (None, None) if this layout has no host grid yet."""
         last = _LAST.get(self._last)
         if last is None or last[5] is None:
-            return None
+            return None, None
         out = ew.guarded("nbr", nbk.device_geometry, self.xp, cells, last[5], self.rcut, last[0].nimg)
         if out is None:
-            return None
-        table, self.check = out
-        return [last[0], None, None, last[3], last[4], table]
+            return None, None
+        return [last[0], None, None, last[3], last[4], out[0]], out[1]
 
     def settle(self, check) -> bool:
         """After the call, with ``check`` (the host copy of :attr:`check`): keeps this layout's
