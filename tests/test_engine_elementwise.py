@@ -295,8 +295,7 @@ def test_grid_made_on_the_device_follows_npt_cells(cuni, emulated, monkeypatch):
     from dpsnake.errors import UserError
 
     monkeypatch.setenv("DPSNAKE_WIDTHS", "guess")
-    monkeypatch.setattr(neighbor, "_LAST", {})
-    monkeypatch.setattr(neighbor, "_GRIDS", {})
+    monkeypatch.setattr(neighbor, "_KEPT", {})
     flags, caps = [], []
     real, real_build = nbk.device_geometry, nbk.build_ext
 

@@ -23,9 +23,18 @@ from dpsnake.engine.xp import device_const, device_key, segment_minmax, to_numpy
 from dpsnake.errors import UserError
 
 _MAX_GROUP = 4_000_000  # atoms x shifts handled at once when making ghost images
-_GRIDS: dict = {}  # (cells, layout) -> NeighborBuilder._grid_of of periodic systems
-_LAST: dict = {}  # layout (pbc, rcut, atoms, systems, device) -> its last grid made on the host
-_ROOM: dict = {}  # layout -> ghosts the next call's ext arrays have room for (no count sync)
+# per layout (pbc, rcut, atoms, systems, device) of periodic batches: "grid", the last grid made on
+# the host (remade on the device from later calls' cells), and "room", the ghosts the next call's ext
+# arrays have room for (no count sync)
+_KEPT: dict = {}
+
+
+def _kept(layout) -> dict:
+    if layout not in _KEPT:
+        if len(_KEPT) >= 64:  # many layouts seen (a long-lived process): drop the oldest
+            _KEPT.pop(next(iter(_KEPT)))
+        _KEPT[layout] = {"grid": None, "room": None}
+    return _KEPT[layout]
 
 
 @dataclass
@@ -89,7 +98,7 @@ class NeighborBuilder:
         kernel = ew.enabled(xp, "nbr") and N > 0
         grid, flag = self._reused_grid(cells) if reuse_grid and kernel and pbc_h.all() else (None, None)
         out = None
-        self.room = _ROOM.get(self._last) if grid is not None else None  # ghosts with room (None: count)
+        self.room = _kept(self._last)["room"] if grid is not None else None  # ghosts with room (None: count)
         if grid is not None:
             out = ew.guarded("nbr", nbk.build_ext, xp, coords, system, grid[5], grid[0].nimg, int(grid[4][-1]),
                              None if self.room is None else N + self.room)
@@ -104,7 +113,7 @@ class NeighborBuilder:
                     grid[5] = xp.asarray(nbk.pack_geometry(*grid[:5]))
                 out = ew.guarded("nbr", nbk.build_ext, xp, coords, system, grid[5], grid[0].nimg, int(grid[4][-1]))
         if out is not None and self.room is None and pbc_h.all():  # room for the next call's ghosts
-            _ROOM[self._last] = _room(int(out[2].shape[0]) - N, None)
+            _kept(self._last)["room"] = _room(int(out[2].shape[0]) - N, None)
         geo, lo, bsize, nb, boff = grid[:5]
         self.total_bins = int(boff[-1])
         self._host = {"lo": lo, "bsize": bsize, "nb": nb, "boff": boff}
@@ -137,20 +146,13 @@ class NeighborBuilder:
 
     def _host_grid(self, coords, system, cells, pbc_h) -> list:
         """The grid of these cells made on the host: per-system geometry is tiny (S x 3 x 3), so it
-        is done with NumPy and moved once (no launches or syncs per quantity), and kept for the
-        next call with the same cells (MD at constant volume) and as the base of grids made on
-        the device (:meth:`_reused_grid`)."""
+        is done with NumPy and moved once (no launches or syncs per quantity); for periodic batches
+        kept as the base of later calls' grids made on the device (:meth:`_reused_grid`; non-periodic
+        boxes depend on the atoms)."""
         cells_h = np.asarray(to_numpy(cells), dtype=np.float64).reshape(-1, 3, 3)
-        key = (cells_h.tobytes(), self._last)
-        grid = _GRIDS.get(key)
-        if grid is None:
-            grid = self._grid_of(coords, system, cells_h, pbc_h)
-            if pbc_h.all():  # non-periodic boxes depend on the atoms: not kept
-                if len(_GRIDS) >= 8:
-                    _GRIDS.pop(next(iter(_GRIDS)))
-                _GRIDS[key] = grid
+        grid = self._grid_of(coords, system, cells_h, pbc_h)
         if pbc_h.all():
-            _LAST[self._last] = grid
+            _kept(self._last)["grid"] = grid
         return grid
 
     def _reused_grid(self, cells):
@@ -158,7 +160,7 @@ class NeighborBuilder:
         remade on the device from ``cells`` (no host copy of the cells: under NPT they change
         every step), and the 0-d device flag of :func:`neighbor_kernels.device_geometry`, checked
         once the call is issued (:meth:`settle`). (None, None) if this layout has no host grid yet."""
-        last = _LAST.get(self._last)
+        last = _KEPT.get(self._last, {}).get("grid")
         if last is None or last[5] is None:
             return None, None
         out = ew.guarded("nbr", nbk.device_geometry, self.xp, cells, last[5], self.rcut, last[0].nimg)
@@ -172,11 +174,12 @@ class NeighborBuilder:
         False: this call's results are wrong (bins smaller than rcut, images beyond the grid's,
         or more ghosts than room) and it must be redone."""
         flag, ghosts = (int(v) for v in check)
+        kept = _kept(self._last)
         if flag:  # cells moved far: a new grid on the host next call
-            _LAST.pop(self._last, None)
+            kept["grid"] = None
         fits = ghosts <= self.n_ext - self.N  # (-1: counted, so sized exactly)
         if ghosts >= 0:
-            _ROOM[self._last] = _room(ghosts, self.room if fits else None)
+            kept["room"] = _room(ghosts, self.room if fits else None)
         return flag != 2 and fits
 
     def _grid_of(self, coords, system, cells_h, pbc_h) -> list:
