@@ -27,3 +27,13 @@ def dp_model(model_cache):
 def cu_model(dp_model):
     """The default FP64 single-type Cu model."""
     return dp_model()
+
+
+@pytest.fixture(scope="session")
+def pt_model(model_cache):
+    """Factory: pt_model(descriptor="se_atten_v2", seed=1, steps=10) -> {"pth", "dp", "input", "dir"}
+    (DeePMD-kit PyTorch backend, CuNi data; trained once per session)."""
+    from dpmodels import train_pt_model
+
+    return lambda descriptor="se_atten_v2", seed=1, steps=10, overrides=None: train_pt_model(
+        model_cache, descriptor, seed, steps, overrides)

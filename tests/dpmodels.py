@@ -98,3 +98,63 @@ def train_model(cache: pathlib.Path, overrides: dict | None = None, data: str = 
         if p.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
     return result
+
+
+# Descriptors of DeePMD-kit's PyTorch backend, small enough to train in seconds on a CPU (CuNi data:
+# type_map [Cu, Ni]); the keys are what tests ask train_pt_model for.
+PT_DESCRIPTORS = {
+    "se_e2_a": {"type": "se_e2_a", "rcut": 4.5, "rcut_smth": 1.0, "sel": [24, 24], "neuron": [4, 8],
+                "axis_neuron": 4, "seed": 1},
+    "se_atten_v2": {"type": "se_atten_v2", "rcut": 4.5, "rcut_smth": 1.0, "sel": 48, "neuron": [4, 8],
+                    "axis_neuron": 4, "attn": 8, "attn_layer": 1, "attn_dotr": True, "seed": 1},
+    "dpa2": {"type": "dpa2",
+             "repinit": {"rcut": 4.5, "rcut_smth": 1.0, "nsel": 48, "neuron": [4, 8], "axis_neuron": 4,
+                         "activation_function": "tanh"},
+             "repformer": {"rcut": 3.5, "rcut_smth": 1.0, "nsel": 24, "nlayers": 2, "g1_dim": 8,
+                           "g2_dim": 4, "attn2_hidden": 4, "attn2_nhead": 1, "attn1_hidden": 4,
+                           "attn1_nhead": 1, "axis_neuron": 4, "update_h2": False,
+                           "update_g1_has_conv": True, "update_g1_has_grrg": True,
+                           "update_g1_has_drrd": True, "update_g1_has_attn": True,
+                           "update_g2_has_g1g1": True, "update_g2_has_attn": True,
+                           "attn2_has_gate": True},
+             "seed": 1, "add_tebd_to_repinit_out": False},
+    "dpa3": {"type": "dpa3",
+             "repflow": {"n_dim": 8, "e_dim": 4, "a_dim": 4, "nlayers": 2, "e_rcut": 4.5, "e_rcut_smth": 1.0,
+                         "e_sel": 48, "a_rcut": 3.5, "a_rcut_smth": 1.0, "a_sel": 24, "axis_neuron": 4,
+                         "update_angle": True, "smooth_edge_update": True},
+             "seed": 1},
+}
+
+
+def train_pt_model(cache: pathlib.Path, descriptor: str = "se_atten_v2", seed: int = 1, steps: int = 10,
+                   overrides: dict | None = None) -> dict:
+    """Train (DeePMD-kit PyTorch backend, CPU) and freeze one CuNi model with a descriptor of
+    PT_DESCRIPTORS; returns {"pth": frozen model, "dp": model.dp, "input": dict, "dir": folder}.
+    Cached by the hash of the input like train_model."""
+    cache = pathlib.Path(cache)
+    inp = copy.deepcopy(BASE_INPUT)
+    inp["model"]["type_map"] = ["Cu", "Ni"]
+    inp["model"]["descriptor"] = copy.deepcopy(PT_DESCRIPTORS[descriptor])
+    inp["model"]["descriptor"]["seed"] = seed
+    inp["model"]["fitting_net"]["seed"] = seed
+    inp["training"].update(numb_steps=steps, seed=seed, save_freq=steps, disp_freq=steps)
+    inp = _merge(inp, overrides or {})
+    key = hashlib.sha1(json.dumps(["pt", inp], sort_keys=True).encode()).hexdigest()[:12]
+    work = cache / f"ptmodel_{key}"
+    result = {"pth": work / "frozen_model.pth", "dp": work / "model.dp", "input": inp, "dir": work}
+    if result["dp"].exists():
+        return result
+    work.mkdir(parents=True, exist_ok=True)
+    datadir = emt_dataset(cache, "CuNi")
+    inp["training"]["training_data"]["systems"] = [str(datadir)]
+    (work / "input.json").write_text(json.dumps(inp, indent=1))
+    env = dict(os.environ, OMP_NUM_THREADS="2", DP_INTRA_OP_PARALLELISM_THREADS="2",
+               DP_INTER_OP_PARALLELISM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    dp = [sys.executable, "-m", "deepmd"]
+    for cmd in (dp + ["--pt", "train", "input.json", "--skip-neighbor-stat"],
+                dp + ["--pt", "freeze", "-o", "frozen_model.pth"],
+                dp + ["convert-backend", "frozen_model.pth", "model.dp"]):
+        p = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=env)
+        if p.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+    return result
