@@ -1,7 +1,7 @@
-"""``dpsnake explore``: run all walkers of an iteration as one batch on the engine.
+"""``dpsnake explore``: run all walkers of an iteration as one batch on a force provider.
 
     dpsnake explore --models m0.dp m1.dp ... --walkers walkers.json --outdir DIR
-                    [--device cpu|gpu|auto] [--precision double|mixed]
+                    [--engine auto|builtin|deepmd] [--device cpu|gpu|auto] [--precision double|mixed]
                     [--compress MIN_NBOR_DIST | --compress auto --compress-data DIR ...]
 
 Model 0 drives every trajectory; all models are evaluated every ``trj_freq`` steps for the deviation.
@@ -10,6 +10,7 @@ Rerunning the same command resumes from DIR/checkpoint.npz; DIR/summary.json is 
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 from dpsnake.errors import UserError
@@ -19,6 +20,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--models", nargs="+", required=True, help="ensemble models (.dp); the first drives MD")
     parser.add_argument("--walkers", required=True, help="walkers.json (see docs/md.md)")
     parser.add_argument("--outdir", required=True, help="output folder (per-walker folders, summary.json)")
+    parser.add_argument("--engine", choices=("auto", "builtin", "deepmd"), default="auto",
+                        help="builtin: dpsnake's engine (se_e2_a); deepmd: DeePMD-kit's PyTorch models "
+                             "(every energy model); auto: builtin where it runs every model (default)")
+    parser.add_argument("--head", default=None, help="branch of multitask .pt checkpoints (engine deepmd)")
     parser.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto",
                         help="cpu: NumPy; gpu: CuPy; auto: CuPy when a GPU is usable (default)")
     parser.add_argument("--precision", choices=("double", "mixed"), default="double",
@@ -118,10 +123,35 @@ def run(args) -> int:
     from dpsnake.md.runner import Explorer
     from dpsnake.md.walkers import load_walkers
 
+    from dpsnake.md.engines import choose
+    from dpsnake.workflow.fsutil import atomic_write_text
+
     walkers = load_walkers(args.walkers)
+    for p in args.models:
+        if not pathlib.Path(p).is_file():
+            raise UserError(f"--models: file not found: {p}")
+    engine, reason = choose(args.engine, args.models)
     xp = pick_xp(args.device)
-    compress = compress_distance(args.compress, args.compress_data)
-    provider, type_map = make_provider(args.models, args.precision, xp, compress)
+    print(f"dpsnake explore: engine {engine} ({reason}); device {'gpu' if xp.__name__ == 'cupy' else 'cpu'}",
+          flush=True)
+    if engine == "deepmd":
+        from dpsnake.md.deepmd_provider import DeepmdProvider
+
+        ignored = [o for o, on in (("--compress", args.compress is not None),
+                                   ("--precision mixed", args.precision == "mixed")) if on]
+        if ignored:
+            print(f"dpsnake explore: {', '.join(ignored)}: built-in engine options, ignored by DeePMD-kit's "
+                  "models (they run in the precision they were trained in)", flush=True)
+        provider = DeepmdProvider(args.models, xp, head=args.head)
+        type_map = provider.type_map
+    else:
+        compress = compress_distance(args.compress, args.compress_data)
+        provider, type_map = make_provider(args.models, args.precision, xp, compress)
+    out = pathlib.Path(args.outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "engine.json", json.dumps({"engine": engine, "reason": reason,
+                                                     "device": "gpu" if xp.__name__ == "cupy" else "cpu",
+                                                     "requested": args.engine}, indent=1) + "\n")
     Explorer(walkers, provider, type_map, args.outdir, xp=xp, models=[str(pathlib.Path(m).resolve()) for m in args.models],
              checkpoint_every=args.checkpoint_every, checkpoint_steps=args.checkpoint_steps,
              progress=not args.no_progress).run()

@@ -1,0 +1,204 @@
+"""DeePMD-kit's own PyTorch models as the exploration force provider (every energy model it trains).
+
+``DeepmdProvider(paths, xp)`` is called like the built-in engine's provider:
+``provider(st, all_models) -> {"energy" (M, S), "force" (M, N, 3), "virial" (M, S, 9)}`` in ``xp``
+(eV, eV/A, eV). Model 0 alone on ordinary steps, every model on deviation steps.
+
+How a batch of walkers of different sizes is evaluated: walkers are grouped by (atoms, periodic);
+each group is one call of the model's ``forward(coord (G, n, 3), atype (G, n), box (G, 9) | None)``,
+which is what ``deepmd.infer.DeepPot.eval`` calls for G frames of n atoms, so every walker gets
+DeePMD-kit's own numbers (the model builds its own neighbour list and ghosts). Walkers of a group
+need not be neighbours in the batch: their atoms are gathered with one index per group, kept on the
+device while the batch does not change. On GPUs the state stays in CuPy and crosses to torch
+through DLPack (no copies to the host per step).
+
+Model files: ``.pth`` (``dp --pt freeze``) is loaded with ``torch.jit.load``; ``.dp`` (any backend,
+``dp convert-backend``) is turned into the PyTorch model with DeePMD-kit's own deserializer, as
+``dp convert-backend model.dp model.pth`` does; a ``.pt`` training checkpoint goes through
+``deepmd.pt``'s own loader (``head`` picks the branch of a multitask model).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+
+import numpy as np
+
+from dpsnake.errors import UserError
+
+
+def _torch_device(xp):
+    import torch
+
+    if getattr(xp, "__name__", "") == "cupy":
+        return torch.device("cuda", xp.cuda.Device().id)
+    return torch.device("cpu")
+
+
+def load_torch_model(path, device, head: str | None = None):
+    """One DeePMD-kit PyTorch energy model from ``path`` (.pth, .dp or .pt) on ``device``, in eval mode.
+
+    Raises UserError (one line) for a missing file, a file DeePMD-kit cannot read, or a model that is
+    not an energy model (dipole, polarizability, DOS, spin)."""
+    import torch
+
+    import deepmd.pt.cxx_op  # noqa: F401  DeePMD-kit's custom ops, which frozen models may call
+
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise UserError(f"{path}: model file not found")
+    try:
+        if p.suffix == ".pth":
+            model = torch.jit.load(str(p), map_location=device)
+        elif p.suffix == ".dp":
+            model = _from_dp(p, device)
+        elif p.suffix == ".pt":
+            from deepmd.infer.deep_pot import DeepPot  # DeePMD-kit's own checkpoint loader (and head)
+
+            model = DeepPot(str(p), head=head, auto_batch_size=False).deep_eval.dp.model["Default"]
+        else:
+            raise UserError(f"{path}: unknown model file suffix {p.suffix!r} (.pth, .dp or .pt)")
+    except UserError:
+        raise
+    except Exception as err:  # torch / deepmd raise many kinds: say which file
+        first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
+        raise UserError(f"{path}: DeePMD-kit cannot load it ({type(err).__name__}: {first})") from None
+    model = model.to(device)
+    model.eval()
+    out_types = model.model_output_type() if hasattr(model, "model_output_type") else ["energy"]
+    if "energy" not in out_types:
+        raise UserError(f"{path}: a {'/'.join(out_types)} model: exploration needs an energy model")
+    spin = getattr(model, "has_spin", False)
+    if (spin() if callable(spin) else spin):
+        raise UserError(f"{path}: spin models are unsupported in exploration")
+    return model
+
+
+def _from_dp(path: pathlib.Path, device):
+    """A .dp file as a TorchScript PyTorch model, through DeePMD-kit's own .dp -> .pth conversion."""
+    import torch
+    from deepmd.dpmodel.utils.serialization import load_dp_model
+    from deepmd.pt.utils.serialization import deserialize_to_file
+
+    data = load_dp_model(str(path))
+    with tempfile.TemporaryDirectory(prefix="dpsnake-pth-") as tmp:
+        pth = os.path.join(tmp, "model.pth")
+        deserialize_to_file(pth, data)
+        return torch.jit.load(pth, map_location=device)
+
+
+class _Group:
+    """Walkers of one size and periodicity: gather indices on the device.
+
+    atoms (G * n,) long: batch atom indices, walker by walker; sys (G,) long: their system indices."""
+
+    def __init__(self, torch, device, natoms: int, pbc: bool, sys_idx: np.ndarray, bounds: np.ndarray,
+                 atype_host: np.ndarray):
+        self.n, self.pbc, self.G = natoms, pbc, len(sys_idx)
+        atoms = np.concatenate([np.arange(bounds[s], bounds[s] + natoms) for s in sys_idx])
+        self.atoms = torch.as_tensor(atoms, dtype=torch.long, device=device)
+        self.sys = torch.as_tensor(sys_idx, dtype=torch.long, device=device)
+        self.atype = torch.as_tensor(atype_host[atoms].reshape(self.G, natoms), dtype=torch.long, device=device)
+
+
+class DeepmdProvider:
+    """Force provider on DeePMD-kit's PyTorch models (see the module docstring).
+
+    paths: model files, the first drives MD; xp: numpy (models on the CPU) or cupy (on the current
+    GPU); head: branch of multitask ``.pt`` checkpoints; max_frames: frames per model call at most
+    (None: a group at once; halved and retried when the device runs out of memory).
+    """
+
+    def __init__(self, paths, xp=np, head: str | None = None, max_frames: int | None = None):
+        import torch
+
+        self.torch = torch
+        self.xp = xp
+        self.device = _torch_device(xp)
+        self.paths = [str(p) for p in paths]
+        self.models = [load_torch_model(p, self.device, head) for p in self.paths]
+        maps = [list(m.get_type_map()) for m in self.models]
+        for p, tm in zip(self.paths[1:], maps[1:]):
+            if tm != maps[0]:
+                raise UserError(f"{p}: type_map {tm} differs from {self.paths[0]}'s {maps[0]} "
+                                "(an ensemble shares one type_map)")
+        self.type_map = maps[0]
+        self.nmodels = len(self.models)
+        self.max_frames = max_frames
+        self.calls = 0
+        self.overflow_calls = 0  # the models keep the sel nearest neighbours themselves (no count)
+        self._key = None
+        self._groups = None
+
+    # ------------------------------------------------------------------ batch layout
+    def _layout(self, st) -> list[_Group]:
+        """Groups of the batch, remade only when the state's fixed arrays change (walkers dropped)."""
+        key = (id(st.atype), id(st.system), id(st.pbc), st.atype.shape[0])
+        if self._key != key:
+            from dpsnake.engine.xp import to_numpy
+
+            natoms, pbc = to_numpy(st.natoms).astype(np.int64), to_numpy(st.pbc).astype(bool)
+            atype = to_numpy(st.atype).astype(np.int64)
+            bounds = np.concatenate([[0], np.cumsum(natoms)])
+            groups = []
+            for n, p in sorted({(int(n), bool(p)) for n, p in zip(natoms, pbc)}):
+                sys_idx = np.nonzero((natoms == n) & (pbc == p))[0]
+                groups.append(_Group(self.torch, self.device, n, p, sys_idx, bounds, atype))
+            self._key, self._groups = key, groups
+            self._held = (st.atype, st.system, st.pbc)  # keep ids unique while the key is used
+        return self._groups
+
+    # ------------------------------------------------------------------ conversions
+    def _to_torch(self, a):
+        torch = self.torch
+        if self.xp is np:
+            return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
+        return torch.from_dlpack(self.xp.ascontiguousarray(a, dtype=self.xp.float64))
+
+    def _to_xp(self, t):
+        if self.xp is np:
+            return t.numpy()
+        return self.xp.from_dlpack(t.contiguous())
+
+    # ------------------------------------------------------------------ evaluation
+    def _forward(self, model, coord, atype, box) -> dict:
+        """The model on ``coord`` (G, n, 3): energy (G,), force (G, n, 3), virial (G, 9), chunked."""
+        G = coord.shape[0]
+        step = G if self.max_frames is None else min(G, self.max_frames)
+        while True:
+            try:
+                parts = [model(coord[i:i + step], atype[i:i + step],
+                               box=None if box is None else box[i:i + step], do_atomic_virial=False)
+                         for i in range(0, G, step)]
+                break
+            except self.torch.OutOfMemoryError:
+                if step == 1:
+                    raise
+                step = max(1, step // 2)  # this many frames do not fit: fewer per call from now on
+                self.max_frames = step
+                self.torch.cuda.empty_cache()
+        cat = self.torch.cat
+        return {"energy": cat([p["energy"].detach().reshape(-1) for p in parts]),
+                "force": cat([p["force"].detach() for p in parts]),
+                "virial": cat([p["virial"].detach().reshape(-1, 9) for p in parts])}
+
+    def __call__(self, st, all_models: bool) -> dict:
+        torch = self.torch
+        self.calls += 1
+        groups = self._layout(st)
+        models = self.models if all_models else self.models[:1]
+        M, N, S = len(models), int(st.pos.shape[0]), int(st.cells.shape[0])
+        pos, cells = self._to_torch(st.pos), self._to_torch(st.cells).reshape(S, 9)
+        kw = {"dtype": torch.float64, "device": self.device}
+        energy, force, virial = torch.zeros((M, S), **kw), torch.zeros((M, N, 3), **kw), torch.zeros((M, S, 9), **kw)
+        for g in groups:
+            coord = pos.index_select(0, g.atoms).reshape(g.G, g.n, 3)
+            box = cells.index_select(0, g.sys) if g.pbc else None
+            for m, model in enumerate(models):
+                out = self._forward(model, coord, g.atype, box)
+                energy[m].index_copy_(0, g.sys, out["energy"].to(torch.float64))
+                force[m].index_copy_(0, g.atoms, out["force"].reshape(-1, 3).to(torch.float64))
+                virial[m].index_copy_(0, g.sys, out["virial"].to(torch.float64))
+        return {"energy": self._to_xp(energy), "force": self._to_xp(force), "virial": self._to_xp(virial)}

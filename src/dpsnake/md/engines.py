@@ -1,0 +1,58 @@
+"""Which force provider explores: dpsnake's built-in engine or DeePMD-kit's PyTorch models.
+
+``explore.engine``: ``builtin`` (fastest; se_e2_a energy models), ``deepmd`` (every energy model
+DeePMD-kit's PyTorch backend evaluates: se_e2_a, se_e2_r, se_e3, se_atten(_v2), DPA-2, DPA-3, hybrid,
+...), ``auto`` (builtin where it supports every model of the ensemble, else deepmd). The choice and its
+reason go to the explore log and ``DIR/engine.json`` (the report shows them).
+"""
+
+from __future__ import annotations
+
+from dpsnake.errors import UserError
+
+ENGINES = ("auto", "builtin", "deepmd")
+BUILTIN_DESCRIPTORS = ("se_e2_a", "se_a")
+
+
+def builtin_unsupported(model: dict) -> str | None:
+    """Why the built-in engine cannot run models trained from DeePMD-kit input ``model`` section
+    (``train.input.model``); None when it can. Checks what the input says; the model files are
+    checked again when exploration loads them (``dpsnake.engine.model.load_model``)."""
+    desc = model.get("descriptor") or {}
+    fit = model.get("fitting_net") or {}
+    dtype = desc.get("type", "se_e2_a")
+    if dtype not in BUILTIN_DESCRIPTORS:
+        return f"descriptor type {dtype!r} (the built-in engine runs {' / '.join(BUILTIN_DESCRIPTORS)})"
+    if model.get("type_embedding") is not None:
+        return "a type_embedding (the built-in engine runs se_e2_a without type embedding)"
+    if fit.get("type", "ener") != "ener":
+        return f"fitting_net type {fit.get('type')!r}"
+    for key in ("numb_fparam", "numb_aparam", "dim_case_embd"):
+        if int(fit.get(key) or 0):
+            return f"fitting_net {key}={fit[key]}"
+    if model.get("spin"):
+        return "a spin model"
+    if (desc.get("env_mat") or {}).get("use_exp_switch") or desc.get("use_exp_switch"):
+        return "descriptor use_exp_switch"
+    return None
+
+
+def choose(engine: str, model_paths) -> tuple[str, str]:
+    """(engine name, reason) for the model files; ``builtin`` with an unsupported model is one
+    UserError line (the built-in loader's, naming the file and the feature)."""
+    if engine not in ENGINES:
+        raise UserError(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}")
+    if engine == "deepmd":
+        return "deepmd", "explore.engine is deepmd"
+    from dpsnake.engine.model import load_model
+
+    for p in model_paths:
+        try:
+            load_model(p)
+        except UserError as err:
+            if engine == "builtin":
+                raise
+            return "deepmd", f"the built-in engine cannot run {err}"
+    if engine == "builtin":
+        return "builtin", "explore.engine is builtin"
+    return "builtin", "the built-in engine supports every model of the ensemble"

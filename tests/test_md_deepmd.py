@@ -1,0 +1,244 @@
+"""Exploration on DeePMD-kit's own PyTorch models (explore.engine: deepmd), CPU, real models trained
+for a few steps by DeePMD-kit (tests/dpmodels.py: CuNi, se_e2_a / se_atten_v2 / DPA-2 / DPA-3)."""
+
+import json
+import subprocess
+import sys
+import types
+import warnings
+
+import numpy as np
+import pytest
+from ase.build import bulk
+
+from dpsnake.md import integrators as I
+from dpsnake.md.deepmd_provider import DeepmdProvider
+from dpsnake.md.providers import EnsembleProvider
+from dpsnake.md.runner import Explorer
+from dpsnake.md.state import build_state
+from dpsnake.md.trajectory import read_frames
+from dpsnake.md.walkers import degrees_of_freedom, masses_for, maxwell_boltzmann, parse_walkers, read_structure
+
+TYPE_MAP = ["Cu", "Ni"]
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def cuni(rep=(2, 2, 2), a=3.6, seed=0, rattle=0.08):
+    """A CuNi fcc cell: half of the atoms Ni (random), rattled."""
+    rng = np.random.default_rng(seed)
+    at = bulk("Cu", "fcc", a=a, cubic=True).repeat(rep)
+    at.symbols[rng.permutation(len(at))[: len(at) // 2]] = "Ni"
+    at.rattle(rattle, seed=seed + 1)
+    return at
+
+
+def write(at, path):
+    at.write(path, format="extxyz")
+    return str(path)
+
+
+def walker(name, structure, **kw):
+    d = dict(name=name, structure=structure, ensemble="nve", temperature=300.0, nsteps=20, dt=0.002,
+             trj_freq=10, seed=1)
+    d.update(kw)
+    return d
+
+
+def flat_state(structs):
+    """The provider's view of a batch (positions, types, walker index, cells, pbc) for ``structs``."""
+    pos = np.concatenate([a.positions for a in structs])
+    atype = np.concatenate([[TYPE_MAP.index(s) for s in a.get_chemical_symbols()] for a in structs])
+    system = np.concatenate([np.full(len(a), i) for i, a in enumerate(structs)])
+    return types.SimpleNamespace(pos=pos, atype=atype, system=system, natoms=np.array([len(a) for a in structs]),
+                                 pbc=np.array([bool(a.pbc.all()) for a in structs]),
+                                 cells=np.array([a.cell.array for a in structs]))
+
+
+def mixed_batch():
+    """Walkers of 4, 32, 108 and 32 atoms (two sizes shared, not neighbours in the batch), one cluster."""
+    cluster = cuni((2, 1, 1), seed=9, rattle=0.05)
+    cluster.pbc = False
+    cluster.cell = np.zeros((3, 3))
+    return [cuni((2, 2, 2), seed=1), cuni((1, 1, 1), seed=2, a=3.7), cuni((3, 3, 3), seed=3),
+            cuni((2, 2, 2), a=3.55, seed=4), cluster, cuni((1, 1, 1), seed=5)]
+
+
+@pytest.mark.parametrize("descriptor", ["se_atten_v2", "dpa2", "dpa3"])
+def test_mixed_batch_equals_deeppot_eval(pt_model, descriptor):
+    """Every walker of a mixed-size batch (periodic and not) gets DeePMD-kit's DeepPot.eval of its
+    frame alone (<= 1e-10 relative, FP64); the .dp file (converted by DeePMD-kit) gives the .pth's numbers."""
+    from deepmd.infer import DeepPot
+
+    m = pt_model(descriptor)
+    prov = DeepmdProvider([m["pth"], m["dp"]])
+    assert prov.type_map == TYPE_MAP
+    structs = mixed_batch()
+    st = flat_state(structs)
+    out = prov(st, True)
+    assert out["energy"].shape == (2, len(structs))
+    assert out["force"].shape == (2, len(st.pos), 3) and out["virial"].shape == (2, len(structs), 9)
+    ref = DeepPot(str(m["pth"]))
+    lo = 0
+    for i, a in enumerate(structs):
+        hi = lo + len(a)
+        e, f, v = ref.eval(a.positions.reshape(1, -1), a.cell.array.reshape(1, 9) if a.pbc.all() else None,
+                           st.atype[lo:hi])
+        for k in range(2):
+            assert abs(out["energy"][k, i] - e[0, 0]) <= 1e-10 * abs(e[0, 0])
+            assert np.abs(out["force"][k, lo:hi] - f[0]).max() <= 1e-10 * np.abs(f[0]).max()
+            if a.pbc.all():
+                assert np.abs(out["virial"][k, i] - v[0]).max() <= 1e-10 * np.abs(v[0]).max()
+        lo = hi
+    only0 = prov(st, False)  # ordinary steps: model 0 alone, the same numbers (TorchScript's optimised
+    # second run may round differently)
+    assert only0["force"].shape[0] == 1 and np.abs(only0["force"][0] - out["force"][0]).max() < 1e-12
+
+
+def _batch(ws, provider):
+    ws = parse_walkers(ws)
+    structs, vel = [], []
+    for w in ws:
+        atoms, at = read_structure(w, TYPE_MAP)
+        m = masses_for(at, TYPE_MAP)
+        structs.append((atoms, at, m))
+        vel.append(maxwell_boltzmann(m, w.temperature, w.seed, degrees_of_freedom(len(m), w)))
+    st = build_state(ws, list(range(len(ws))), structs, vel, np)
+    I.set_forces(st, provider(st, False))
+    return st, st.flags()
+
+
+def test_builtin_and_deepmd_agree_on_se_e2_a(tmp_path, pt_model):
+    """The same se_e2_a model on the built-in engine (.dp) and on DeePMD-kit (.pth): the same NPT + NVT
+    trajectories to 1e-10 A over 20 steps (FP64)."""
+    from dpsnake.engine.ensemble import Ensemble
+    from dpsnake.engine.model import load_model
+
+    m = pt_model("se_e2_a")
+    ws = [walker("npt", write(cuni((1, 1, 1), seed=2, a=3.7), tmp_path / "a.extxyz"), ensemble="npt",
+                 pressure=1000.0, seed=3),
+          walker("nvt", write(cuni((2, 2, 2), seed=1), tmp_path / "b.extxyz"), ensemble="nvt", seed=4)]
+    built = EnsembleProvider(Ensemble([load_model(m["dp"])]))
+    deep = DeepmdProvider([m["pth"]])
+    sa, fa = _batch(ws, built)
+    sb, fb = _batch(ws, deep)
+    start = sa.pos.copy()
+    for k in range(20):
+        I.md_step(sa, built, k, fa)
+        I.md_step(sb, deep, k, fb)
+    assert np.abs(sa.pos - sb.pos).max() < 1e-10
+    assert np.abs(sa.cells - sb.cells).max() < 1e-10
+    assert np.abs(sa.vel - sb.vel).max() < 1e-10
+    assert np.abs(sa.pos - start).max() > 1e-3  # it moved
+
+
+def test_walker_in_batch_equals_walker_alone_and_resume(tmp_path, pt_model):
+    """se_atten_v2 ensemble of two: a walker run alone gives the frames and model_devi.out lines it gets
+    in a mixed batch; a run killed (stop_after) and resumed from its checkpoint gives the same files."""
+    models = [pt_model("se_atten_v2")["pth"], pt_model("se_atten_v2", seed=2)["pth"]]
+    ws = [walker("big", write(cuni((2, 2, 2), seed=1), tmp_path / "big.extxyz"), ensemble="nvt-langevin",
+                 seed=7, nsteps=30),
+          walker("small", write(cuni((1, 1, 1), seed=2, a=3.7), tmp_path / "small.extxyz"), ensemble="npt-tri",
+                 pressure=1000.0, seed=8, nsteps=30, trj_freq=15),
+          walker("mid", write(cuni((2, 1, 1), seed=3), tmp_path / "mid.extxyz"), ensemble="nvt", seed=9,
+                 nsteps=20)]
+    Explorer(parse_walkers(ws), DeepmdProvider(models), TYPE_MAP, tmp_path / "batch", progress=False).run()
+    for w in ws[:2]:
+        Explorer(parse_walkers([w]), DeepmdProvider(models), TYPE_MAP, tmp_path / w["name"], progress=False).run()
+        fb = read_frames(tmp_path / "batch" / w["name"] / "traj.extxyz")
+        fa = read_frames(tmp_path / w["name"] / w["name"] / "traj.extxyz")
+        assert [f.info["step"] for f in fb] == [f.info["step"] for f in fa] == list(range(0, 31, w.get("trj_freq", 10)))
+        for x, y in zip(fb, fa):
+            assert np.abs(x.positions - y.positions).max() < 1e-8
+            assert np.abs(x.cell.array - y.cell.array).max() < 1e-8
+        assert np.abs(fb[-1].positions - fb[0].positions).max() > 1e-3
+        db = np.loadtxt(tmp_path / "batch" / w["name"] / "model_devi.out")
+        da = np.loadtxt(tmp_path / w["name"] / w["name"] / "model_devi.out")
+        assert np.allclose(db, da, rtol=1e-5, atol=1e-12) and db[:, 4].max() > 0
+    # killed after 12 steps (a checkpoint at step 10), rerun: the same files as one uninterrupted run
+    out = tmp_path / "resumed"
+    ex = Explorer(parse_walkers(ws), DeepmdProvider(models), TYPE_MAP, out, progress=False, checkpoint_steps=10,
+                  stop_after=12)
+    assert ex.run() == {} and (out / "checkpoint.npz").exists()
+    Explorer(parse_walkers(ws), DeepmdProvider(models), TYPE_MAP, out, progress=False).run()
+    for w in ws:
+        for f in ("traj.extxyz", "model_devi.out"):
+            assert (out / w["name"] / f).read_text() == (tmp_path / "batch" / w["name"] / f).read_text()
+
+
+def test_nve_energy_drift_dpa1(tmp_path, pt_model):
+    """NVE with a se_atten_v2 (DPA-1) model, 32 atoms, 300 K, dt 1 fs, 1000 steps: total energy within
+    1e-4 eV/atom of its start, linear drift below 2e-5 eV/atom/ps."""
+    prov = DeepmdProvider([pt_model("se_atten_v2")["pth"]])
+    st, flags = _batch([walker("a", write(cuni((2, 2, 2), seed=1, rattle=0.03), tmp_path / "a.extxyz"),
+                               dt=0.001, seed=2)], prov)
+    etot = [float(st.energy[0] + I.kinetic_energy(st)[0])]
+    for k in range(1000):
+        I.md_step(st, prov, k, flags)
+        etot.append(float(st.energy[0] + I.kinetic_energy(st)[0]))
+    e = (np.array(etot) - etot[0]) / 32
+    slope = np.polyfit(np.arange(len(e)) * 0.001, e, 1)[0]
+    temp = float(I.temperature(st)[0])
+    print(f"NVE DPA-1 1 ps: max |dE| {np.abs(e).max():.2e} eV/atom, drift {slope:.2e} eV/atom/ps, T {temp:.0f} K")
+    assert np.abs(e).max() < 1e-4
+    assert abs(slope) < 2e-5
+    assert temp > 30  # it moved (a model trained for 10 steps heats the crystal: its energy surface is rough)
+
+
+def test_model_devi_equals_dp_model_devi(tmp_path, pt_model):
+    """model_devi.out of a DPA-3 ensemble equals `dp --pt model-devi` on the written frames."""
+    import dpdata
+
+    models = [str(pt_model("dpa3")["pth"]), str(pt_model("dpa3", seed=2)["pth"])]
+    ws = [walker("w", write(cuni((2, 2, 2), seed=1), tmp_path / "w.extxyz"), ensemble="nvt",
+                 temperature=900.0, nsteps=30, trj_freq=5)]
+    Explorer(parse_walkers(ws), DeepmdProvider(models), TYPE_MAP, tmp_path / "run", progress=False).run()
+    frames = read_frames(tmp_path / "run" / "w" / "traj.extxyz")
+    sysdir = tmp_path / "frames"
+    ms = None
+    for f in frames:
+        s = dpdata.System(f, fmt="ase/structure")
+        ms = s if ms is None else ms + s
+    ms.to_deepmd_npy(str(sysdir), type_map=TYPE_MAP)
+    p = subprocess.run([sys.executable, "-m", "deepmd", "--pt", "model-devi", "-m", *models, "-s", str(sysdir),
+                        "-o", str(tmp_path / "ref.out"), "-f", "5"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    ref = np.loadtxt(tmp_path / "ref.out")[:, :7]
+    ours = np.loadtxt(tmp_path / "run" / "w" / "model_devi.out")
+    assert ours.shape == ref.shape == (7, 7)
+    assert np.array_equal(ours[:, 0], ref[:, 0])
+    assert np.allclose(ours[:, 1:], ref[:, 1:], rtol=1e-5, atol=1e-9)  # ours is written with 7 digits
+    assert ours[:, 4].min() > 0
+
+
+def test_explore_cli_picks_the_engine(tmp_path, pt_model, cu_model):
+    """`dpsnake explore --engine auto`: the built-in engine for se_e2_a .dp files, DeePMD-kit for
+    se_atten_v2 (reason in engine.json and the log); --engine builtin on se_atten_v2: one line, exit 2."""
+    s = write(cuni((1, 1, 1), seed=2), tmp_path / "s.extxyz")
+    (tmp_path / "w.json").write_text(json.dumps([walker("w", s, nsteps=10, trj_freq=5)]))
+    atten = str(pt_model("se_atten_v2")["dp"])
+
+    def explore(models, engine, outdir):
+        return subprocess.run([sys.executable, "-m", "dpsnake.cli", "explore", "--models", *models, "--walkers",
+                               str(tmp_path / "w.json"), "--outdir", str(tmp_path / outdir), "--device", "cpu",
+                               "--engine", engine, "--no-progress"], capture_output=True, text=True)
+
+    p = explore([atten, atten], "auto", "a")
+    assert p.returncode == 0, p.stderr[-2000:]
+    info = json.loads((tmp_path / "a" / "engine.json").read_text())
+    assert info["engine"] == "deepmd" and "se_atten_v2" in info["reason"], info
+    assert "engine deepmd" in p.stdout
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["walkers"]["w"]["status"] == "finished"
+    assert len(np.loadtxt(tmp_path / "a" / "w" / "model_devi.out")) == 3
+    p = explore([str(pt_model("se_e2_a")["dp"])], "auto", "b")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads((tmp_path / "b" / "engine.json").read_text())["engine"] == "builtin"
+    p = explore([atten], "builtin", "c")
+    assert p.returncode == 2
+    err = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and "se_atten_v2" in err[0] and atten in err[0], p.stderr
