@@ -242,3 +242,23 @@ def test_explore_cli_picks_the_engine(tmp_path, pt_model, cu_model):
     assert p.returncode == 2
     err = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(err) == 1 and "se_atten_v2" in err[0] and atten in err[0], p.stderr
+
+
+def test_report_accuracy_runs_models_the_engine_does_not(pt_model, model_cache):
+    """The report's accuracy table evaluates se_atten_v2 .dp files through DeePMD-kit (energies and
+    forces equal DeepPot.eval on the labelled frames)."""
+    from deepmd.infer import DeepPot
+
+    from dpmodels import emt_dataset
+    from dpsnake.md.deepmd_provider import DeepmdProvider
+    from dpsnake.report.accuracy import load_ensemble, predict, read_labelled
+
+    m = pt_model("se_atten_v2")
+    ens, tmap = load_ensemble([m["dp"]])
+    assert isinstance(ens, DeepmdProvider) and tmap == TYPE_MAP
+    data = read_labelled(emt_dataset(model_cache, "CuNi"))
+    p = predict(ens, tmap, data, "CuNi", "init")
+    e, f, _ = DeepPot(str(m["pth"])).eval(data["coords"].reshape(len(data), -1), data["cells"].reshape(len(data), 9),
+                                          [tmap.index(data["atom_names"][t]) for t in data["atom_types"]])
+    assert np.allclose(p.e_pred[0], e.reshape(-1), rtol=1e-10, atol=0)
+    assert np.abs(p.f_pred[0] - f.reshape(p.f_pred[0].shape)).max() < 1e-10

@@ -1,5 +1,6 @@
 # The iteration's walkers (stage of the exploration plan x systems x temperatures x pressures x
-# replicas), then ONE batched exploration job on the built-in engine (GPU on clusters).
+# replicas), then ONE batched exploration job (GPU on clusters) on the built-in engine or on DeePMD-kit's
+# own PyTorch models (explore.engine; the choice and its reason land in explore/engine.json).
 
 
 rule plan:
@@ -30,6 +31,7 @@ rule explore:
     output:
         summary="results/iter.{it}/explore/summary.json",
     params:
+        engine=CFG["explore"]["engine"],
         device=CFG["explore"]["device"],
         precision=CFG["explore"]["precision"],
         compress=compress_arg,
@@ -42,5 +44,5 @@ rule explore:
         "../../envs/explore.yaml"
     shell:
         "OMP_NUM_THREADS={threads} dpsnake explore --models {input.models} --walkers {input.walkers}"
-        " --outdir results/iter.{wildcards.it}/explore --device {params.device}"
+        " --outdir results/iter.{wildcards.it}/explore --engine {params.engine} --device {params.device}"
         " --precision {params.precision} {params.compress} --no-progress > {log} 2>&1"

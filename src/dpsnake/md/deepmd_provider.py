@@ -129,6 +129,7 @@ class DeepmdProvider:
         self.max_frames = max_frames
         self.calls = 0
         self.overflow_calls = 0  # the models keep the sel nearest neighbours themselves (no count)
+        self.last_overflow = 0
         self._key = None
         self._groups = None
 
@@ -202,3 +203,14 @@ class DeepmdProvider:
                 force[m].index_copy_(0, g.atoms, out["force"].reshape(-1, 3).to(torch.float64))
                 virial[m].index_copy_(0, g.sys, out["virial"].to(torch.float64))
         return {"energy": self._to_xp(energy), "force": self._to_xp(force), "virial": self._to_xp(virial)}
+
+    def evaluate(self, coords, atype, system, cells, pbc) -> dict:
+        """Every model on a flat batch, as ``Ensemble.evaluate`` takes it (coords (N, 3), atype (N,),
+        system (N,) sorted, cells (S, 3, 3), pbc (S,)): energy (M, S), force (M, N, 3), virial (M, S, 9)."""
+        import types
+
+        xp = self.xp
+        natoms = xp.bincount(xp.asarray(system), minlength=int(cells.shape[0]))
+        st = types.SimpleNamespace(pos=coords, atype=atype, system=system, cells=cells, pbc=pbc, natoms=natoms)
+        return self(st, True)
+

@@ -1,4 +1,5 @@
-"""Accuracy of an iteration's model ensemble on labelled data, computed with dpsnake's own engine.
+"""Accuracy of an iteration's model ensemble on labelled data, computed with dpsnake's own engine
+(DeePMD-kit's PyTorch models for those the engine does not run).
 
 Datasets are read with dpdata (deepmd/npy); all frames of one dataset are evaluated as one flat batch
 (each frame is one "system" of the engine's layout). Energies are compared per atom (eV/atom), forces
@@ -41,12 +42,21 @@ class Prediction:
 
 
 def load_ensemble(model_paths: list[pathlib.Path]):
-    """An engine ``Ensemble`` (FP64) of the given ``.dp`` files and its type_map."""
+    """The ensemble of the given ``.dp`` files and its type_map: the engine's ``Ensemble`` (FP64) where
+    it runs every model, else DeePMD-kit's own PyTorch models (same ``evaluate``)."""
     if not model_paths:
         raise UserError("report: no trained models (train/model.K/model.dp) for this iteration")
+    from dpsnake.md.engines import choose
+
+    paths = [str(p) for p in model_paths]
+    if choose("auto", paths)[0] == "deepmd":
+        from dpsnake.md.deepmd_provider import DeepmdProvider
+
+        prov = DeepmdProvider(paths)
+        return prov, list(prov.type_map)
     from dpsnake.engine.ensemble import Ensemble
 
-    ens = Ensemble([str(p) for p in model_paths], precision="double")
+    ens = Ensemble(paths, precision="double")
     return ens, list(ens.type_map)
 
 

@@ -168,6 +168,7 @@ def build(ctx: Context, it: int) -> tuple[dict, dict, dict]:
     new_by_walker = (prov.groupby(["system", "walker"], sort=True)
                      .agg(frames=("step", "size"), devi_f_min=("max_devi_f", "min"), devi_f_max=("max_devi_f", "max"))
                      .reset_index() if len(prov) else pd.DataFrame(columns=["system", "walker", "frames"]))
+    engine = collect._read_json(it_dir / "explore" / "engine.json")  # which force provider explored, why
     tables = {"summary": summary, "accuracy": acc, "walkers": walkers, "stopped": stopped,
               "deviations": devsum, "frames": frames, "lcurve_final": final_lc, "rule_times": times,
               "failures": pd.DataFrame(labelling["failures"], columns=["task", "system", "reason"]),
@@ -177,7 +178,7 @@ def build(ctx: Context, it: int) -> tuple[dict, dict, dict]:
                "stopped_early": _records(stopped), "deviations": _records(devsum),
                "datasets": _records(frames), "new_labels": _records(new_by_walker),
                "learning_curves": _records(final_lc),
-               "rule_times": _records(times), "models": [str(m) for m in models]}
+               "rule_times": _records(times), "models": [str(m) for m in models], "explore_engine": engine}
     figs = {"selection": plots.selection_bars(systems), "deviation": plots.deviation_hist(devi, systems),
             "lcurve": plots.learning_curves(curves), "parity": plots.parity(preds),
             "times": plots.rule_time_bars(times)}
@@ -190,6 +191,14 @@ def verdict_html(d: dict) -> str:
         return '<span class="ok">converged</span>'
     word = "stopped, not converged" if d.get("stop") else "not converged"
     return f'<span class="no">{word}</span>'
+
+
+def _engine_line(engine: dict | None) -> str:
+    """Which force provider explored (explore/engine.json) and why."""
+    if not engine:
+        return ""
+    return (f"<p>exploration engine: <b>{html.esc(engine.get('engine', '?'))}</b> on the "
+            f"{html.esc(engine.get('device', '?'))} ({html.esc(engine.get('reason') or '')})</p>")
 
 
 def render(it: int, tables: dict, content: dict, figs: dict, others: list[int] = ()) -> str:
@@ -213,7 +222,8 @@ def render(it: int, tables: dict, content: dict, figs: dict, others: list[int] =
         html.section("Per system", html.table(tables["summary"].drop(columns=["iteration"])),
                      html.image(figs["selection"], "selection ratios"),
                      '<p class="note">counts from select/stats.json; RMSE: ensemble-mean prediction on all '
-                     "labelled data so far (dpsnake engine).</p>", anchor="systems"),
+                     "labelled data so far (dpsnake engine, or DeePMD-kit for models it does not run).</p>",
+                     anchor="systems"),
         html.section("Model deviation", html.image(figs["deviation"], "model deviation histograms"),
                      html.table(tables["deviations"]), anchor="deviation"),
         html.section("Learning curves", html.image(figs["lcurve"], "learning curves"),
@@ -225,7 +235,7 @@ def render(it: int, tables: dict, content: dict, figs: dict, others: list[int] =
                      over_note, html.image(figs["parity"], "parity plots"),
                      "<details><summary>per model</summary>" + html.table(acc) + "</details>",
                      html.table(tables["frames"]), anchor="accuracy"),
-        html.section("Labelling and exploration", lab_line,
+        html.section("Labelling and exploration", lab_line, _engine_line(content.get("explore_engine")),
                      html.table(tables["failures"], empty="no failed labels" if lab.get("labelled") is not None
                                 else "no data yet"),
                      "<h3>New labelled frames by walker</h3>", html.table(tables["new_labels"]),
