@@ -67,17 +67,30 @@ def compress_arg(wildcards):
     return f"--compress {c}"
 
 
-def train_init(wildcards):
-    """The previous iteration's model (train.init_from_previous), else nothing."""
+def train_init_dir(wildcards):
+    """The previous iteration's model folder when train.init_from_previous may use it (not false/no;
+    with yes:N `dpsnake train` decides from the frame count), else None."""
+    from dpsnake.workflow.train_input import init_policy
+
     it = int(wildcards.it)
-    if CFG["train"]["init_from_previous"] and it > 0:
-        return [f"{iter_dir(it - 1)}/train/model.{wildcards.k}/model.dp"]
-    return []
+    if init_policy(CFG["train"]["init_from_previous"]) is not None and it > 0:
+        return f"{iter_dir(it - 1)}/train/model.{wildcards.k}"
+    return None
+
+
+def train_init(wildcards):
+    """What a model may start from: the previous iteration's model and the pretrained model of
+    train.finetune (used at iteration 0 and whenever the previous model is not)."""
+    prev = train_init_dir(wildcards)
+    out = [f"{prev}/model.dp"] if prev else []
+    if CFG["train"].get("finetune"):
+        out.append(CFG["train"]["finetune"]["model"])
+    return out
 
 
 def train_init_arg(wildcards):
-    init = train_init(wildcards)
-    return f"--init-from {init[0].rsplit('/', 1)[0]}" if init else ""
+    prev = train_init_dir(wildcards)
+    return f"--init-from {prev}" if prev else ""
 
 
 def prev_stats(wildcards):

@@ -1,4 +1,6 @@
 # One job per model of the ensemble: dp train -> dp freeze -> dp convert-backend -> model.dp.
+# Inputs: the iteration's datasets, the previous iteration's model (train.init_from_previous) and the
+# pretrained model (train.finetune); `dpsnake train` decides which one it starts from (init.json).
 # Clusters: give the rule a GPU in the profile (set-resources: train: gpu / gres).
 
 

@@ -127,6 +127,7 @@ def check(config: dict, base: pathlib.Path | str = ".") -> dict:
     if model_tmap is not None and list(model_tmap) != list(tmap):
         raise UserError(f"train.input.model.type_map: {model_tmap} differs from the global type_map {tmap} "
                         "(leave it out: the workflow fills it in)")
+    _check_train(cfg, base)
     for name, sysc in cfg["systems"].items():
         key = f"systems.{name}"
         st = sysc["structure"]
@@ -168,6 +169,21 @@ def check(config: dict, base: pathlib.Path | str = ".") -> dict:
 
     make_labeler(cfg["label"])  # raises UserError naming label.<key> when the labeler is unknown
     return cfg
+
+
+def _check_train(cfg: dict, base: pathlib.Path) -> None:
+    """train.input through DeePMD-kit's own checker, the backend and fine-tuning setup, and whether the
+    chosen exploration engine can run such models."""
+    from dpsnake.workflow.train_input import check_train
+
+    model = check_train(cfg, base)
+    if cfg["explore"].get("engine") == "builtin":
+        from dpsnake.md.engines import builtin_unsupported
+
+        why = builtin_unsupported(model)
+        if why:
+            raise UserError(f"explore.engine: builtin cannot explore train.input.model: {why}; "
+                            "use auto or deepmd")
 
 
 def _check_trust(key: str, trust: dict | None) -> None:

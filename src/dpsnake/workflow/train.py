@@ -5,6 +5,13 @@ The config's ``train.input`` fragment is completed with the global type_map, the
 all earlier iterations), the number of steps and per-model seeds, and written to ``input.json``.
 ``frozen_model.*`` and ``model.dp`` are written under temporary names and renamed, ``model.dp`` last,
 so it exists only when the model is complete.
+
+Where a model starts from (``init.json`` in the model folder says which and why):
+- ``init``: the same model of the previous iteration, when ``--init-from`` is given and the
+  ``train.init_from_previous`` policy agrees (``yes:N``: the previous models saw more than N frames);
+- ``finetune``: otherwise, with ``train.finetune``, the pretrained model (``dp --pt train --finetune``):
+  a fine-tuning campaign never trains from random weights;
+- ``scratch``: otherwise.
 """
 
 from __future__ import annotations
@@ -48,20 +55,49 @@ def previous_steps(model_dir) -> int:
         raise UserError(f"--init-from: {path}: cannot read training.numb_steps ({err})") from None
 
 
-def make_input(cfg: dict, it: int, k: int, systems: list[str], init: bool, start_step: int = 0) -> dict:
+def _takes_seed(kind: str, tag: str | None) -> bool:
+    """Whether DeePMD-kit's arguments of descriptor/fitting type ``tag`` have a ``seed`` (loc_frame has
+    none); unknown types are left to the input check."""
+    import deepmd.utils.argcheck as argcheck
+
+    for arg in getattr(argcheck, f"{kind}_args_plugin").get_all_argument():
+        if tag == arg.name or tag in (arg.alias or ()):
+            return "seed" in arg.sub_fields
+    return True
+
+
+def make_input(cfg: dict, it: int, k: int, systems: list[str], init: bool, start_step: int = 0,
+               finetune: bool = False) -> dict:
     """The DeePMD-kit input.json of model ``k`` in iteration ``it``; ``start_step``: steps already done by
-    the model it starts from (the step counter and learning-rate schedule continue from there)."""
+    the model it starts from (the step counter and learning-rate schedule continue from there).
+    Steps: ``init_numb_steps`` when starting from the previous model (``init``), ``finetune.numb_steps``
+    when fine-tuning the pretrained model, else ``numb_steps``."""
     tr = cfg["train"]
-    inp = merge({"model": {"descriptor": {}, "fitting_net": {}}, "training": {"training_data": {}}}, tr["input"])
+    inp = merge({"model": {}, "training": {"training_data": {}}}, tr["input"])
     seed = (tr["seed"] * 1_000_003 + it * 1009 + k * 7919) % (2**31)
-    inp["model"]["type_map"] = list(cfg["type_map"])
-    inp["model"]["descriptor"]["seed"] = seed
-    inp["model"]["fitting_net"]["seed"] = seed + 1
+    model = inp["model"]
+    model["type_map"] = list(cfg["type_map"])
+    # per-model seeds where the input has the section (a fine-tuned model may take both from the
+    # pretrained model); a hybrid descriptor has no seed of its own, its parts have
+    desc = model.get("descriptor")
+    for part in (desc.get("list") or []) if isinstance(desc, dict) and desc.get("type") == "hybrid" else [desc]:
+        if isinstance(part, dict) and _takes_seed("descrpt", part.get("type")):
+            part["seed"] = seed
+    if isinstance(model.get("fitting_net"), dict) and _takes_seed("fitting", model["fitting_net"].get("type", "ener")):
+        model["fitting_net"]["seed"] = seed + 1
+    # written out when missing (DeePMD-kit's PyTorch trainer reads both without defaulting them): the
+    # energy loss with DeePMD-kit's default prefactors, the learning rate of its se_e2_a example
+    inp.setdefault("learning_rate", {"type": "exp", "start_lr": 0.001, "stop_lr": 3.51e-8, "decay_steps": 5000})
+    inp.setdefault("loss", {"type": "ener"})
     t = inp["training"]
     t["seed"] = seed + 2
     t["training_data"]["systems"] = systems
     t.setdefault("training_data", {}).setdefault("batch_size", "auto")
-    steps = tr["init_numb_steps"] if init and tr.get("init_numb_steps") else tr["numb_steps"]
+    steps = tr["numb_steps"]
+    if init and tr.get("init_numb_steps"):
+        steps = tr["init_numb_steps"]
+    elif finetune and not init and (tr.get("finetune") or {}).get("numb_steps"):
+        steps = tr["finetune"]["numb_steps"]
     t["numb_steps"] = int(start_step + steps)
     t["disp_file"] = "lcurve.out"
     t.setdefault("save_ckpt", "model.ckpt")
@@ -69,11 +105,60 @@ def make_input(cfg: dict, it: int, k: int, systems: list[str], init: bool, start
     return inp
 
 
-def _run(cmd: list[str], cwd: pathlib.Path, env: dict) -> None:
-    print("+ " + " ".join(cmd), flush=True)
+def _run(cmd: list[str], cwd: pathlib.Path, env: dict, what: str) -> None:
     p = subprocess.run(cmd, cwd=cwd, env=env, stdout=sys.stdout, stderr=subprocess.STDOUT)
     if p.returncode:
-        raise UserError(f"{' '.join(cmd)} failed with exit code {p.returncode} in {cwd} (see the log above)")
+        raise UserError(f"{what} failed with exit code {p.returncode} in {cwd} (see the log above)")
+
+
+def start_point(cfg: dict, it: int, data: list[str], init_from: str | None) -> dict:
+    """Where model training starts: {"mode": "init" | "finetune" | "scratch", "from": path | None,
+    "reason": str} (see the module docstring)."""
+    from dpsnake.workflow.dataset import system_folders
+    from dpsnake.workflow.train_input import count_frames, init_policy
+
+    tr = cfg["train"]
+    policy = init_policy(tr["init_from_previous"])
+    reason = "train.init_from_previous is off" if policy is None else "iteration 0"
+    if init_from and policy is not None:
+        if policy < 0:
+            return {"mode": "init", "from": init_from, "reason": "train.init_from_previous: yes"}
+        # the data the previous models were trained on: all but this iteration's newest dataset
+        old = [d for d in data if pathlib.Path(d).name != f"iter.{it - 1:06d}"]
+        n = count_frames(system_folders(old))
+        if n > policy:
+            return {"mode": "init", "from": init_from, "reason": f"previous training data {n} > {policy} frames"}
+        reason = f"previous training data {n} <= {policy} frames"
+    ft = tr.get("finetune")
+    if ft:
+        return {"mode": "finetune", "from": ft["model"], "reason": reason}
+    return {"mode": "scratch", "from": None, "reason": reason}
+
+
+def dp_train_args(cfg: dict, start: dict, out: pathlib.Path) -> list[str]:
+    """The arguments after ``dp --<backend> train input.json`` for a start point."""
+    from dpsnake.workflow.train_input import FINETUNE_DEFAULTS
+
+    tr = cfg["train"]
+    ft = dict(FINETUNE_DEFAULTS, **tr["finetune"]) if tr.get("finetune") else {}
+    if start["mode"] == "init":
+        prev = pathlib.Path(start["from"]).resolve()
+        if tr["backend"] == "tf":
+            return ["--init-frz-model", str(prev / FROZEN["tf"])]
+        # the checkpoint's own model section: after fine-tuning it is the pretrained architecture
+        return ["--init-model", str(prev / "model.ckpt.pt")] + (
+            ["--use-pretrain-script"] if ft.get("use_pretrain_script") else [])
+    if start["mode"] == "finetune":
+        from dpsnake.workflow.train_input import pth_to_checkpoint
+
+        src = pathlib.Path(ft["model"]).absolute()
+        if src.suffix == ".pth":
+            src = pth_to_checkpoint(src, out / "pretrained.pt")
+        args = ["--finetune", str(src)]
+        if ft.get("model_branch"):
+            args += ["--model-branch", ft["model_branch"]]
+        return args + (["--use-pretrain-script"] if ft.get("use_pretrain_script") else [])
+    return []
 
 
 def run(args) -> int:
@@ -89,33 +174,27 @@ def run(args) -> int:
         raise UserError(f"--data: no deepmd/npy systems under {' '.join(args.data)}")
     for stale in list(out.glob("model.ckpt*")) + list(out.glob("checkpoint")) + list(out.glob("*.tmp*")):
         stale.unlink()  # left by a killed attempt: never restart from them by accident
-    start = previous_steps(args.init_from) if args.init_from and backend == "tf" else 0
-    inp = make_input(cfg, args.iter, args.model, systems, bool(args.init_from), start)
+    start = start_point(cfg, args.iter, args.data, args.init_from)
+    init = start["mode"] == "init"
+    first = previous_steps(start["from"]) if init and backend == "tf" else 0
+    inp = make_input(cfg, args.iter, args.model, systems, init, first, finetune=start["mode"] == "finetune")
     (out / "input.json").write_text(json.dumps(inp, indent=1))
+    (out / "init.json").write_text(json.dumps(start, indent=1) + "\n")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS=str(args.threads),
                DP_INTRA_OP_PARALLELISM_THREADS=str(args.threads), DP_INTER_OP_PARALLELISM_THREADS="1")
-    dp = [sys.executable, "-m", "deepmd"]
-    cmd = dp + [f"--{backend}", "train", "input.json"]
-    if args.init_from:
-        prev = pathlib.Path(args.init_from).resolve()
-        if backend == "tf":
-            cmd += ["--init-frz-model", str(prev / FROZEN["tf"])]
-        else:
-            cmd += ["--init-model", str(prev / "model.ckpt.pt")]
+    cmd = ["dp", f"--{backend}", "train", "input.json"] + dp_train_args(cfg, start, out)
     print(f"train iteration {args.iter} model {args.model}: {len(systems)} systems, "
-          f"{inp['training']['numb_steps']} steps, backend {backend}", flush=True)
+          f"{inp['training']['numb_steps']} steps, backend {backend}, start: {start['mode']}"
+          f"{' from ' + str(start['from']) if start['from'] else ''} ({start['reason']})", flush=True)
     frozen = FROZEN[backend]
     tmp_frozen = frozen.replace("frozen_model", "frozen_model.tmp")
-    steps = [cmd[3:], [f"--{backend}", "freeze", "-o", tmp_frozen], ["convert-backend", tmp_frozen, "model.tmp.dp"]]
-    if backend == "tf":
-        # one Python process for the three DeePMD-kit commands: TensorFlow's start-up (~5 s CPU) is paid once
-        script = "from deepmd.main import main\n" + "".join(f"main({s!r})\n" for s in steps)
-        for s in steps:
-            print("+ dp " + " ".join(s), flush=True)
-        _run([sys.executable, "-c", script], out, env)
-    else:
-        for s in steps:
-            _run(dp + s, out, env)
+    steps = [cmd[1:], [f"--{backend}", "freeze", "-o", tmp_frozen], ["convert-backend", tmp_frozen, "model.tmp.dp"]]
+    # one Python process for the three DeePMD-kit commands: the start-up of TensorFlow or torch + DeePMD-kit
+    # (~5 s CPU each time) is paid once
+    script = "from deepmd.main import main\n" + "".join(f"main({s!r})\n" for s in steps)
+    for s in steps:
+        print("+ dp " + " ".join(s), flush=True)
+    _run([sys.executable, "-c", script], out, env, "dp train / freeze / convert-backend")
     os.replace(out / tmp_frozen, out / frozen)
     os.replace(out / "model.tmp.dp", out / "model.dp")
     print(f"train: wrote {out / 'model.dp'}")
