@@ -98,6 +98,9 @@ def test_mixed_batch_equals_deeppot_eval(pt_model, descriptor):
     only0 = prov(st, False)  # ordinary steps: model 0 alone, the same numbers (TorchScript's optimised
     # second run may round differently)
     assert only0["force"].shape[0] == 1 and np.abs(only0["force"][0] - out["force"][0]).max() < 1e-12
+    small = DeepmdProvider([m["pth"]], max_atoms=64)(st, False)  # groups split into calls of <= 64 atoms
+    for k in ("energy", "force", "virial"):
+        assert np.abs(small[k] - out[k][:1]).max() <= 1e-12 * np.abs(out[k]).max()
 
 
 def _batch(ws, provider):

@@ -107,11 +107,16 @@ class DeepmdProvider:
     """Force provider on DeePMD-kit's PyTorch models (see the module docstring).
 
     paths: model files, the first drives MD; xp: numpy (models on the CPU) or cupy (on the current
-    GPU); head: branch of multitask ``.pt`` checkpoints; max_frames: frames per model call at most
-    (None: a group at once; halved and retried when the device runs out of memory).
+    GPU); head: branch of multitask ``.pt`` checkpoints; max_atoms: atoms per model call at most
+    ("auto": on GPUs, what fits in ``MEMORY_SHARE`` of the device's memory, measured on the first
+    call; on CPUs no bound; None: no bound). A call that runs out of device memory anyway is retried
+    with half as many frames, and the bound kept.
     """
 
-    def __init__(self, paths, xp=np, head: str | None = None, max_frames: int | None = None):
+    MEMORY_SHARE = 0.4  # of the GPU's memory for one model call (DeePMD-kit keeps every intermediate
+    # for the force backward pass: ~5 MB per atom for se_atten_v2 of the docs' size in FP64)
+
+    def __init__(self, paths, xp=np, head: str | None = None, max_atoms: int | str | None = "auto"):
         import torch
 
         self.torch = torch
@@ -126,7 +131,7 @@ class DeepmdProvider:
                                 "(an ensemble shares one type_map)")
         self.type_map = maps[0]
         self.nmodels = len(self.models)
-        self.max_frames = max_frames
+        self.max_atoms = None if max_atoms == "auto" and self.device.type != "cuda" else max_atoms
         self.calls = 0
         self.overflow_calls = 0  # the models keep the sel nearest neighbours themselves (no count)
         self.last_overflow = 0
@@ -164,21 +169,42 @@ class DeepmdProvider:
         return self.xp.from_dlpack(t.contiguous())
 
     # ------------------------------------------------------------------ evaluation
+    def _measure(self, model, coord, atype, box) -> None:
+        """max_atoms "auto" on a GPU: the peak memory of one call on a few frames, per atom, against
+        MEMORY_SHARE of the device's memory."""
+        cuda = self.torch.cuda
+        k = min(4, coord.shape[0])
+        cuda.synchronize()
+        base = cuda.memory_allocated()
+        cuda.reset_peak_memory_stats()
+        model(coord[:k], atype[:k], box=None if box is None else box[:k], do_atomic_virial=False)
+        per_atom = max(1, cuda.max_memory_allocated() - base) / (k * coord.shape[1])
+        total = cuda.get_device_properties(self.device).total_memory
+        self.max_atoms = max(coord.shape[1], int(self.MEMORY_SHARE * total / per_atom))
+
+    @staticmethod
+    def _is_oom(err) -> bool:
+        # TorchScript models raise RuntimeError("CUDA out of memory ..."), eager ones OutOfMemoryError
+        return "out of memory" in str(err).lower()
+
     def _forward(self, model, coord, atype, box) -> dict:
-        """The model on ``coord`` (G, n, 3): energy (G,), force (G, n, 3), virial (G, 9), chunked."""
-        G = coord.shape[0]
-        step = G if self.max_frames is None else min(G, self.max_frames)
+        """The model on ``coord`` (G, n, 3): energy (G,), force (G, n, 3), virial (G, 9), in calls of
+        at most max_atoms atoms."""
+        G, n = coord.shape[0], coord.shape[1]
+        if self.max_atoms == "auto":
+            self._measure(model, coord, atype, box)
+        step = G if self.max_atoms is None else max(1, min(G, self.max_atoms // n))
         while True:
             try:
                 parts = [model(coord[i:i + step], atype[i:i + step],
                                box=None if box is None else box[i:i + step], do_atomic_virial=False)
                          for i in range(0, G, step)]
                 break
-            except self.torch.OutOfMemoryError:
-                if step == 1:
+            except (self.torch.OutOfMemoryError, RuntimeError) as err:
+                if step == 1 or not self._is_oom(err):
                     raise
                 step = max(1, step // 2)  # this many frames do not fit: fewer per call from now on
-                self.max_frames = step
+                self.max_atoms = step * n
                 self.torch.cuda.empty_cache()
         cat = self.torch.cat
         return {"energy": cat([p["energy"].detach().reshape(-1) for p in parts]),
