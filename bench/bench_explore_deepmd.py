@@ -1,0 +1,379 @@
+"""Exploration with DeePMD-kit's own PyTorch models (issue 17): us per atom-step of the batched
+explorer (``Explorer`` + ``DeepmdProvider``), beside DeePMD-kit's ``DeepPot.eval`` on the same batch.
+
+Case (the issue's): W walkers of fcc Cu (3x3x3 cubic cells, a = 3.634 A, 108 atoms) in one batch, NPT
+(Bussi + stochastic cell rescaling) at 300 K / 1 bar, dt 1 fs, model 0 drives the MD and all M models
+are evaluated every ``trj_freq`` (10) steps for the deviation; frames and model_devi.out written.
+
+Subcommands:
+
+  data DIR [--frames 40] [--steps 300] [--seeds 4]
+      EMT-labelled fcc Cu frames (deepmd/npy, rattled and scaled 108-atom cells) and DeePMD-kit
+      inputs DIR/{se_atten_v2,dpa3}_s{k}/input.json with the sizes of DeePMD-kit's examples
+      (examples/water/se_atten/input_torch.json with type se_atten_v2; examples/water/dpa3/input_torch.json).
+  bench MODEL... [--walkers 256] [--rep 3] [--steps 200] [--device auto|cpu|gpu] [--label NAME] [--json OUT]
+      timings: explore (Explorer.loop, the real thing), force (the provider alone with the explorer's
+      call pattern: 9 calls model 0 + 1 call all models per 10 steps), integrator (md step with cached
+      forces), DeePMD-kit's DeepPot.eval on the whole batch (one model, and all models), peak GPU
+      memory (torch + CuPy pools) per atom, and (--profile) a torch profiler table of one ordinary and
+      one deviation call.
+
+CPU smoke test:
+  python bench/bench_explore_deepmd.py data /tmp/x --frames 4 --steps 2 --seeds 2
+  (train + freeze), then python bench/bench_explore_deepmd.py bench m0.pth m1.pth --walkers 2 --steps 20 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "src"))
+
+A_CU = 3.634
+
+# DeePMD-kit's examples, sizes kept; only type_map, seeds, steps and data paths changed
+SE_ATTEN_V2 = {  # examples/water/se_atten/input_torch.json, type se_atten_v2 (its head_num dropped: se_atten_v2 has none)
+    "descriptor": {"type": "se_atten_v2", "sel": 120, "rcut_smth": 0.5, "rcut": 6.0, "neuron": [25, 50, 100],
+                   "tebd_dim": 8, "axis_neuron": 16, "type_one_side": True, "attn": 128, "attn_layer": 2,
+                   "attn_dotr": True, "attn_mask": False, "activation_function": "tanh", "scaling_factor": 1.0,
+                   "normalize": True, "temperature": 1.0},
+    "fitting_net": {"neuron": [240, 240, 240], "resnet_dt": True},
+}
+DPA3 = {  # examples/water/dpa3/input_torch.json (float32 there)
+    "descriptor": {"type": "dpa3", "repflow": {
+        "n_dim": 128, "e_dim": 64, "a_dim": 32, "nlayers": 6, "e_rcut": 6.0, "e_rcut_smth": 5.3, "e_sel": 120,
+        "a_rcut": 4.0, "a_rcut_smth": 3.5, "a_sel": 30, "axis_neuron": 4, "fix_stat_std": 0.3,
+        "a_compress_rate": 1, "a_compress_e_rate": 2, "a_compress_use_split": True, "update_angle": True,
+        "smooth_edge_update": True, "edge_init_use_dist": True, "use_exp_switch": True,
+        "update_style": "res_residual", "update_residual": 0.1, "update_residual_init": "const"},
+        "activation_function": "silut:10.0", "use_tebd_bias": False, "precision": "float32",
+        "concat_output_tebd": False},
+    "fitting_net": {"neuron": [240, 240, 240], "resnet_dt": True, "precision": "float32",
+                    "activation_function": "silut:10.0"},
+}
+SE_ATTEN_V2_FP32 = json.loads(json.dumps(SE_ATTEN_V2))  # the same in float32
+SE_ATTEN_V2_FP32["descriptor"]["precision"] = SE_ATTEN_V2_FP32["fitting_net"]["precision"] = "float32"
+KINDS = {"se_atten_v2": SE_ATTEN_V2, "dpa3": DPA3, "se_atten_v2_fp32": SE_ATTEN_V2_FP32}
+
+
+def write_npy(folder: pathlib.Path, frames) -> None:
+    """deepmd/npy set of ASE frames with EMT energies, forces and virials."""
+    from ase.calculators.emt import EMT
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "type_map.raw").write_text("Cu\n")
+    (folder / "type.raw").write_text("\n".join("0" for _ in range(len(frames[0]))) + "\n")
+    c, b, e, f, v = [], [], [], [], []
+    for at in frames:
+        at.calc = EMT()
+        e.append(at.get_potential_energy())
+        f.append(at.get_forces().reshape(-1))
+        v.append((-at.get_stress(voigt=False) * at.get_volume()).reshape(-1))
+        c.append(at.positions.reshape(-1))
+        b.append(np.asarray(at.cell).reshape(-1))
+    s = folder / "set.000"
+    s.mkdir(exist_ok=True)
+    for name, arr in (("coord", c), ("box", b), ("energy", e), ("force", f), ("virial", v)):
+        np.save(s / f"{name}.npy", np.asarray(arr, dtype=np.float64))
+
+
+def cmd_data(args) -> int:
+    from ase.build import bulk
+
+    out = pathlib.Path(args.dir).resolve()
+    rng = np.random.default_rng(7)
+    base = bulk("Cu", "fcc", a=A_CU, cubic=True).repeat(3)
+    frames = []
+    for k in range(args.frames):
+        at = base.copy()
+        at.set_cell(at.cell * rng.uniform(0.97, 1.03), scale_atoms=True)
+        at.positions += rng.normal(0.0, 0.03 + 0.1 * (k % 4) / 3, at.positions.shape)
+        frames.append(at)
+    ntr = max(1, int(0.9 * len(frames)))
+    write_npy(out / "data" / "train", frames[:ntr])
+    write_npy(out / "data" / "valid", frames[ntr:] or frames[-1:])
+    for kind, model in KINDS.items():
+        for s in range(args.seeds):
+            m = json.loads(json.dumps(model))
+            m["type_map"] = ["Cu"]
+            m["descriptor"]["seed"] = m["fitting_net"]["seed"] = 100 + s
+            inp = {"model": m,
+                   "learning_rate": {"type": "exp", "decay_steps": max(1, args.steps // 4), "start_lr": 1e-3,
+                                     "stop_lr": 1e-4},
+                   "loss": {"type": "ener", "start_pref_e": 0.2, "limit_pref_e": 20, "start_pref_f": 100,
+                            "limit_pref_f": 60, "start_pref_v": 0.02, "limit_pref_v": 1},
+                   "training": {"training_data": {"systems": [str(out / "data" / "train")], "batch_size": 1},
+                                "validation_data": {"systems": [str(out / "data" / "valid")], "batch_size": 1},
+                                "numb_steps": args.steps, "seed": 10 + s, "disp_file": "lcurve.out",
+                                "disp_freq": max(1, args.steps // 5), "save_freq": min(100, args.steps)}}
+            d = out / f"{kind}_s{s}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "input.json").write_text(json.dumps(inp, indent=1) + "\n")
+    print(f"{len(frames)} EMT frames of {len(base)} atoms and inputs for {list(KINDS)} x {args.seeds} in {out}")
+    return 0
+
+
+def gpu_mem(xp):
+    """(torch peak allocated, CuPy pool bytes in use) in bytes; zeros on the CPU."""
+    import torch
+
+    if xp is np or not torch.cuda.is_available():
+        return 0, 0
+    return int(torch.cuda.max_memory_allocated()), int(xp.get_default_memory_pool().total_bytes())
+
+
+def probe_max_frames(provider, rep: int, walkers: int, frames: int = 4, share: float = 0.4) -> dict:
+    """Frames per model call: the peak memory of one model-0 call on ``frames`` 108-atom frames, scaled
+    to ``share`` of the GPU's memory (DeePMD-kit's forward keeps every intermediate for the force
+    backward pass: MBs per atom). The provider's own out-of-memory fallback catches only
+    torch.OutOfMemoryError, and TorchScript models raise RuntimeError, hence this probe."""
+    import torch
+    from ase.build import bulk
+
+    at = bulk("Cu", "fcc", a=A_CU, cubic=True).repeat(rep)
+    dev = provider.device
+    coord = torch.as_tensor(np.tile(at.positions[None], (frames, 1, 1)), dtype=torch.float64, device=dev)
+    box = torch.as_tensor(np.tile(np.asarray(at.cell).reshape(1, 9), (frames, 1)), dtype=torch.float64, device=dev)
+    atype = torch.zeros((frames, len(at)), dtype=torch.long, device=dev)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    provider.models[0](coord, atype, box=box, do_atomic_virial=False)
+    torch.cuda.synchronize()
+    per_frame = (torch.cuda.max_memory_allocated() - base) / frames
+    total = torch.cuda.get_device_properties(0).total_memory
+    mf = int(max(1, min(walkers, share * total // max(per_frame, 1))))
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    out = {"probe_frames": frames, "bytes_per_frame": per_frame, "bytes_per_atom": per_frame / len(at), "max_frames": mf}
+    print(f"probe: one model call needs {per_frame / 2**20:.0f} MiB per {len(at)}-atom frame "
+          f"({per_frame / len(at) / 2**20:.2f} MiB per atom): {mf} frames per call", flush=True)
+    return out
+
+
+def cmd_bench(args) -> int:
+    warnings.simplefilter("ignore", RuntimeWarning)
+    import torch
+    from ase.build import bulk
+
+    from dpsnake.md import integrators
+    from dpsnake.md.cli import pick_xp
+    from dpsnake.md.deepmd_provider import DeepmdProvider
+    from dpsnake.md.graphs import make_stepper
+    from dpsnake.md.runner import Explorer
+    from dpsnake.md.walkers import parse_walkers
+
+    xp = pick_xp(args.device)
+    on_gpu = xp is not np
+    sync = xp.cuda.Device().synchronize if on_gpu else (lambda: None)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    provider = DeepmdProvider(args.models, xp)
+    t_load = time.perf_counter() - t0
+    probe = None
+    if on_gpu and args.max_frames == "auto":
+        probe = probe_max_frames(provider, args.rep, args.walkers)
+        provider.max_frames = probe["max_frames"]
+    elif args.max_frames not in ("auto", "none"):
+        provider.max_frames = int(args.max_frames)
+    type_map = provider.type_map
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench_xdp_"))
+    atoms = bulk("Cu", "fcc", a=A_CU, cubic=True).repeat(args.rep)
+    atoms.write(tmp / "cu.extxyz", format="extxyz")
+    nat, f = len(atoms), args.trj_freq
+    nsteps = max(f, (args.steps // f) * f)
+    ntot = args.walkers * nat
+
+    def walkers(n, steps):
+        return parse_walkers([dict(name=f"w{k}", structure=str(tmp / "cu.extxyz"), ensemble=args.ensemble,
+                                   temperature=300.0, pressure=1.0, nsteps=steps, dt=0.001, trj_freq=f, seed=k)
+                              for k in range(n)])
+
+    rows, notes = {}, {}
+    # warm-up (TorchScript profiling runs, cuBLAS handles, CUDA graphs of the integrator), then timed
+    ex = Explorer(walkers(args.walkers, nsteps + args.warmup_steps + f), provider, type_map, tmp / "run", xp=xp, progress=False,
+                  checkpoint_every=1e9, stop_after=args.warmup_steps)
+    ex.prepare()
+    t0 = time.perf_counter()
+    ex.loop()
+    sync()
+    notes["warmup_s"] = time.perf_counter() - t0
+    ex.stop_after = nsteps
+    sync()
+    t0 = time.perf_counter()
+    ex.loop()
+    sync()
+    rows["explore"] = (time.perf_counter() - t0) / nsteps
+    mem_explore = gpu_mem(xp)
+
+    def save(res):
+        if args.json:
+            p = pathlib.Path(args.json)
+            old = json.loads(p.read_text()) if p.is_file() else {}
+            old[args.label] = res
+            p.write_text(json.dumps(old, indent=1) + "\n")
+
+    save({"label": args.label, "partial": True, "walkers": args.walkers, "atoms": ntot, "steps": nsteps,
+          "us_per_atom_step": {"explore": 1e6 * rows["explore"] / ntot}, "warmup_s": notes["warmup_s"],
+          "peak_gpu_bytes_per_atom_explore": (mem_explore[0] + mem_explore[1]) / ntot})
+    print(f"[{args.label}] explore {1e3 * rows['explore']:.2f} ms per step, {1e6 * rows['explore'] / ntot:.3f} us per "
+          f"atom-step; peak GPU {(mem_explore[0] + mem_explore[1]) / ntot / 1024:.1f} KiB per atom", flush=True)
+
+    st = ex.st
+    provider(st, False)  # the provider alone, the explorer's call pattern (warm already)
+    provider(st, True)
+    sync()
+    t0 = time.perf_counter()
+    nforce = min(nsteps, args.force_steps)
+    for k in range(1, nforce + 1):
+        provider(st, k % f == 0)
+    sync()
+    rows["force"] = (time.perf_counter() - t0) / nforce
+    t_one, t_all = [], []
+    for _ in range(args.reps):
+        sync()
+        t0 = time.perf_counter()
+        provider(st, False)
+        sync()
+        t_one.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        provider(st, True)
+        sync()
+        t_all.append(time.perf_counter() - t0)
+    notes["provider_call_model0_s"] = float(np.median(t_one))
+    notes["provider_call_all_models_s"] = float(np.median(t_all))
+
+    cached = provider(st, False)
+    flags = st.flags()
+    steppers = {"integrator": make_stepper(xp)}
+    for name, stepper in steppers.items():
+        for k in range(3):
+            stepper(st, lambda s, a: cached, k, flags)
+        sync()
+        t0 = time.perf_counter()
+        for k in range(nsteps):
+            stepper(st, lambda s, a: cached, k, flags)
+        sync()
+        rows[name] = (time.perf_counter() - t0) / nsteps
+    del integrators
+
+    # DeePMD-kit's own DeepPot.eval on the same batch (host numpy in and out, its own batching)
+    from dpsnake.engine.xp import to_numpy
+    from deepmd.infer import DeepPot
+
+    S = int(st.cells.shape[0])
+    coords = to_numpy(st.pos).reshape(S, nat * 3)
+    cells = to_numpy(st.cells).reshape(S, 9)
+    atype = np.zeros(nat, dtype=int)
+    dps = [DeepPot(p) for p in args.models]
+    ref = {}
+    for name, models in (("deeppot_eval_model0", dps[:1]), ("deeppot_eval_all_models", dps)):
+        for _ in range(2):  # TorchScript's profiling executor optimises at the second call
+            for dp in models:
+                dp.eval(coords, cells, atype)
+        ts = []
+        for _ in range(args.reps):
+            sync()
+            t0 = time.perf_counter()
+            for dp in models:
+                dp.eval(coords, cells, atype)
+            if on_gpu:
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+        ref[name] = float(np.median(ts))
+    # DeePMD-kit's call pattern per explorer step: 0.9 x one model + 0.1 x all models
+    rows["deeppot_eval (same pattern)"] = ((f - 1) * ref["deeppot_eval_model0"] + ref["deeppot_eval_all_models"]) / f
+    # check: the provider's forces equal DeePMD-kit's on this batch
+    e_dp, f_dp, _ = dps[0].eval(coords, cells, atype)
+    fo = to_numpy(provider(st, False)["force"][0]).reshape(S, nat, 3)
+    notes["max_abs_force_diff_vs_deeppot"] = float(np.abs(fo - f_dp.reshape(S, nat, 3)).max())
+    mem_all = gpu_mem(xp)
+    del dps
+
+    # where a deviation cycle's time goes (torch profiler, CUDA + CPU), top ops
+    prof_table = None
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+        with profile(activities=acts) as prof:
+            provider(st, False)  # one ordinary step and one deviation step
+            provider(st, True)
+            sync()
+        for key in (["self_device_time_total", "self_cuda_time_total"] if on_gpu else []) + ["self_cpu_time_total"]:
+            try:
+                prof_table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
+                break
+            except Exception:
+                continue
+
+    dev = "cpu (NumPy)" if not on_gpu else f"gpu ({torch.cuda.get_device_name()})"
+    prec = {str(p.dtype) for m in provider.models for p in m.parameters()}
+    res = {"label": args.label, "models": args.models, "model_param_dtypes": sorted(prec),
+           "model_params": int(sum(p.numel() for p in provider.models[0].parameters())),
+           "walkers": args.walkers, "atoms_per_walker": nat, "atoms": ntot, "nmodels": len(args.models),
+           "trj_freq": f, "steps": nsteps, "ensemble": args.ensemble, "device": dev,
+           "seconds_per_step": rows, "us_per_atom_step": {k: 1e6 * v / ntot for k, v in rows.items()},
+           "deeppot_eval_s": ref, "load_s": t_load, **notes,
+           "peak_gpu_bytes": {"torch_max_allocated_explore": mem_explore[0], "cupy_pool_explore": mem_explore[1],
+                              "torch_max_allocated_all": mem_all[0], "cupy_pool_all": mem_all[1]},
+           "peak_gpu_bytes_per_atom_explore": (mem_explore[0] + mem_explore[1]) / ntot,
+           "force_calls": provider.calls, "max_frames": provider.max_frames, "probe": probe,
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if prof_table:
+        res["profile_deviation_cycle"] = prof_table
+    print(f"\n[{args.label}] {args.walkers} walkers x {nat} atoms = {ntot} atoms, {len(args.models)} models "
+          f"({'/'.join(sorted(prec))}), deviation every {f} steps, {args.ensemble}, {nsteps} steps, {dev}\n")
+    print("| part | ms per step | us per atom-step |")
+    print("|---|---|---|")
+    for k, v in rows.items():
+        print(f"| {k} | {1e3 * v:.2f} | {1e6 * v / ntot:.3f} |")
+    print(f"peak GPU memory per atom (torch max allocated + CuPy pool, explore): "
+          f"{res['peak_gpu_bytes_per_atom_explore'] / 1024:.1f} KiB; provider call: model 0 "
+          f"{1e3 * notes['provider_call_model0_s']:.1f} ms, all models {1e3 * notes['provider_call_all_models_s']:.1f} ms;"
+          f" DeepPot.eval model 0 {1e3 * ref['deeppot_eval_model0']:.1f} ms; |F - F_DeepPot| max "
+          f"{notes['max_abs_force_diff_vs_deeppot']:.2e}")
+    if prof_table:
+        print(prof_table)
+    save(res)
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("data")
+    d.add_argument("dir")
+    d.add_argument("--frames", type=int, default=40)
+    d.add_argument("--steps", type=int, default=300)
+    d.add_argument("--seeds", type=int, default=4)
+    b = sub.add_parser("bench")
+    b.add_argument("models", nargs="+", help="frozen .pth (or .dp) models; the first drives MD")
+    b.add_argument("--walkers", type=int, default=256)
+    b.add_argument("--rep", type=int, default=3)
+    b.add_argument("--steps", type=int, default=200)
+    b.add_argument("--trj-freq", type=int, default=10)
+    b.add_argument("--force-steps", type=int, default=50, help="steps of the provider-alone timing")
+    b.add_argument("--warmup-steps", type=int, default=20, help="untimed explorer steps first")
+    b.add_argument("--reps", type=int, default=3, help="repeats of the single-call timings (median)")
+    b.add_argument("--max-frames", default="auto", help="frames per model call: auto (probe the memory), none, or N")
+    b.add_argument("--ensemble", default="npt")
+    b.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
+    b.add_argument("--label", default="case")
+    b.add_argument("--profile", action="store_true", help="torch profiler table of one deviation cycle")
+    b.add_argument("--json", default=None, help="results file (a dict by label; updated in place)")
+    args = ap.parse_args()
+    return cmd_data(args) if args.cmd == "data" else cmd_bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

