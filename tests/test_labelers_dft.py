@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -109,17 +110,29 @@ def test_qe_scf_not_converged_is_a_failure(tmp_path):
     assert result.reason.startswith("SCF not converged"), result.reason
 
 
+# Debian's Open MPI launcher (pw.x's MPI); the mpich wheel of DeePMD-kit's torch extra may put another
+# mpirun first on PATH
+OPENMPI_RUN = shutil.which("mpirun", path="/usr/bin:/bin")
+
+
 @needs_pw
 @pytest.mark.dft
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun (Open MPI) not installed")
+@pytest.mark.skipif(OPENMPI_RUN is None, reason="mpirun (Open MPI) not installed")
 def test_qe_mpi_command_template_gives_the_serial_labels(tmp_path):
     """'mpirun -np {nproc} pw.x -in {input}' with nproc 2 (as root too): pw.x reports 2 processors and
-    the labels equal the serial run's to SCF precision."""
+    the labels equal the serial run's to SCF precision; a launcher of another MPI (pw.x started as
+    serial copies) is a failed label that says so."""
     atoms = si8()
     spec = dict(QE_SI, electrons={"conv_thr": 1e-9})
     serial = make_labeler(spec).label(atoms, tmp_path / "serial")
-    mpi = make_labeler(dict(spec, command="mpirun -np {nproc} pw.x -in {input}", nproc=2, timeout=300)).label(
+    mpi = make_labeler(dict(spec, command=OPENMPI_RUN + " -np {nproc} pw.x -in {input}", nproc=2, timeout=300)).label(
         atoms, tmp_path / "mpi")
+    other = shutil.which("mpirun")
+    version = subprocess.run([other, "--version"], capture_output=True, text=True).stdout if other else ""
+    if other and "Open MPI" not in version and "open-mpi" not in version:  # e.g. mpich's hydra
+        bad = make_labeler(dict(spec, command="mpirun -np {nproc} pw.x -in {input}", nproc=2, timeout=300)).label(
+            atoms, tmp_path / "other")
+        assert not bad.ok and "is not the MPI pw.x was built with" in bad.reason, bad.reason
     assert serial.ok and mpi.ok, (serial.reason, mpi.reason)
     assert re.search(r"running on\s+2 processors", (tmp_path / "mpi" / "pw.out").read_text())
     assert mpi.energy == pytest.approx(serial.energy, abs=1e-5)

@@ -108,6 +108,15 @@ class QELabeler(CommandLabeler):
             return LabelResult.failed(f"pw.x error: {msg}")
         if not text.strip():
             return LabelResult.failed(f"missing output {out.name}" + (f"; {outcome.reason}" if outcome.reason else ""))
+        ranks = re.findall(r"running on\s+(\d+) processors", text)
+        if self.nproc > 1 and ranks and int(ranks[0]) != self.nproc:
+            # e.g. the mpich wheel that DeePMD-kit's torch extra installs puts its own mpirun first on
+            # PATH: launching an Open MPI pw.x with it starts nproc serial copies writing one output
+            launcher = shutil.which(self.command.split()[0]) or self.command.split()[0]
+            return LabelResult.failed(
+                f"pw.x ran as {len(ranks)} copies on {ranks[0]} processor(s) each instead of one run on "
+                f"{self.nproc}: the launcher {launcher} is not the MPI pw.x was built with (give its full "
+                "path in label.command, e.g. /usr/bin/mpirun)")
         if "convergence has been achieved" not in text:
             why = f"; {outcome.reason}" if outcome.reason else ""
             return LabelResult.failed(f"no converged SCF in {out.name}{why}")
