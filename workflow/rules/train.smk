@@ -15,6 +15,10 @@ rule train:
         it=it_int,
         init=train_init_arg,
     threads: CFG["train"]["threads"]
+    resources:
+        # 0: DeePMD-kit's choice (a GPU if there is one); 1 (profiles/gpu): train on CPU cores, where the
+        # small demo model trains faster than as four processes sharing one GPU (docs/benchmarks.md)
+        train_on_cpu=0,
     log:
         "logs/iter.{it}/train.{k}.log",
     benchmark:
@@ -24,4 +28,4 @@ rule train:
     shell:
         "dpsnake train --config results/config.json --iter {params.it} --model {wildcards.k}"
         " --outdir results/iter.{wildcards.it}/train/model.{wildcards.k} --data {input.data}"
-        " {params.init} --threads {threads} > {log} 2>&1"
+        " {params.init} --threads {threads} --on-cpu {resources.train_on_cpu} > {log} 2>&1"

@@ -36,6 +36,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data", nargs="+", required=True, help="dataset roots (folders of deepmd/npy systems)")
     parser.add_argument("--init-from", default=None, help="previous iteration's model folder to start from")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--on-cpu", type=int, choices=(0, 1), default=0,
+                        help="1: train on CPU cores even where there is a GPU (faster for small models when the "
+                             "whole ensemble trains at once on one GPU); 0: DeePMD-kit's choice")
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -182,9 +185,16 @@ def run(args) -> int:
     (out / "init.json").write_text(json.dumps(start, indent=1) + "\n")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS=str(args.threads),
                DP_INTRA_OP_PARALLELISM_THREADS=str(args.threads), DP_INTER_OP_PARALLELISM_THREADS="1")
+    if getattr(args, "on_cpu", 0):
+        # hide the GPUs from TensorFlow and torch (DEVICE=cpu is DeePMD-kit's own switch for torch); and
+        # load the batches in the trainer itself: DeePMD-kit's PyTorch trainer forks min(4, cores)
+        # DataLoader workers by default, processes that compete with the concurrent trainings for cores
+        env.update(CUDA_VISIBLE_DEVICES="", DEVICE="cpu")
+        env.setdefault("NUM_WORKERS", "0")
     cmd = ["dp", f"--{backend}", "train", "input.json"] + dp_train_args(cfg, start, out)
     print(f"train iteration {args.iter} model {args.model}: {len(systems)} systems, "
-          f"{inp['training']['numb_steps']} steps, backend {backend}, start: {start['mode']}"
+          f"{inp['training']['numb_steps']} steps, backend {backend}{' on the CPU' if env.get('DEVICE') == 'cpu' else ''}"
+          f", start: {start['mode']}"
           f"{' from ' + str(start['from']) if start['from'] else ''} ({start['reason']})", flush=True)
     frozen = FROZEN[backend]
     tmp_frozen = frozen.replace("frozen_model", "frozen_model.tmp")
