@@ -2,6 +2,7 @@
 for a few steps by DeePMD-kit (tests/dpmodels.py: CuNi, se_e2_a / se_atten_v2 / DPA-2 / DPA-3)."""
 
 import json
+import pathlib
 import subprocess
 import sys
 import types
@@ -265,3 +266,28 @@ def test_report_accuracy_runs_models_the_engine_does_not(pt_model, model_cache):
                                           [tmap.index(data["atom_names"][t]) for t in data["atom_types"]])
     assert np.allclose(p.e_pred[0], e.reshape(-1), rtol=1e-10, atol=0)
     assert np.abs(p.f_pred[0] - f.reshape(p.f_pred[0].shape)).max() < 1e-10
+
+
+def test_check_config_needs_the_pytorch_backend_for_deepmd_exploration(monkeypatch):
+    """explore.engine auto with a se_atten_v2 input (or engine deepmd) where torch is not importable:
+    one line at check time naming the engine, the reason and the pip command; se_e2_a with auto is fine."""
+    import importlib.util
+
+    import yaml
+
+    from dpsnake.errors import UserError
+    from dpsnake.workflow import config as dpconfig
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    root = pathlib.Path(__file__).resolve().parents[1]
+    raw = yaml.safe_load((root / "config" / "config.yaml").read_text())
+    dpconfig.check(raw, root)  # se_e2_a: the built-in engine explores, torch is not needed
+    raw["train"]["backend"] = "pt"
+    raw["train"]["input"]["model"]["descriptor"] = {"type": "se_atten_v2", "rcut": 4.5, "rcut_smth": 1.0,
+                                                    "sel": 48, "neuron": [4, 8], "axis_neuron": 4}
+    with pytest.raises(UserError) as err:
+        dpconfig.check(raw, root)
+    msg = str(err.value)
+    assert msg.startswith("explore.engine: auto: ") and "se_atten_v2" in msg and "deepmd-kit[torch]" in msg
+    assert "\n" not in msg

@@ -117,6 +117,11 @@ class DeepmdProvider:
     # for the force backward pass: ~5 MB per atom for se_atten_v2 of the docs' size in FP64)
 
     def __init__(self, paths, xp=np, head: str | None = None, max_atoms: int | str | None = "auto"):
+        from dpsnake.md.engines import deepmd_missing
+
+        missing = deepmd_missing()
+        if missing:
+            raise UserError(f"engine deepmd: {missing}")
         import torch
 
         self.torch = torch

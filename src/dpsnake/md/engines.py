@@ -37,6 +37,41 @@ def builtin_unsupported(model: dict) -> str | None:
     return None
 
 
+def deepmd_missing() -> str | None:
+    """Why DeePMD-kit's PyTorch models cannot run here (None: they can), without importing torch."""
+    import importlib.util
+
+    for mod, extra in (("torch", "deepmd-kit[torch]"), ("deepmd", "deepmd-kit[torch]"), ("mpich", "mpich")):
+        if importlib.util.find_spec(mod) is None and not (mod == "mpich" and _has_dist("mpich")):
+            return f"DeePMD-kit's PyTorch backend is not installed (no module {mod!r}: pip install '{extra}')"
+    return None
+
+
+def _has_dist(name: str) -> bool:
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution(name)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def check_config(cfg: dict, model: dict) -> None:
+    """``explore.engine`` against the normalized DeePMD-kit ``model`` section the loop trains: one
+    UserError line when the chosen engine cannot explore such models."""
+    engine = cfg["explore"].get("engine", "auto")
+    why = builtin_unsupported(model)
+    if engine == "builtin" and why:
+        raise UserError(f"explore.engine: builtin cannot explore train.input.model: {why}; use auto or deepmd")
+    if engine == "deepmd" or (engine == "auto" and why):
+        missing = deepmd_missing()
+        if missing:
+            reason = "explore.engine is deepmd" if engine == "deepmd" else f"the built-in engine cannot run {why}"
+            raise UserError(f"explore.engine: {engine}: exploration needs DeePMD-kit's models ({reason}), but "
+                            f"{missing}")
+
+
 def choose(engine: str, model_paths) -> tuple[str, str]:
     """(engine name, reason) for the model files; ``builtin`` with an unsupported model is one
     UserError line (the built-in loader's, naming the file and the feature)."""

@@ -176,14 +176,9 @@ def _check_train(cfg: dict, base: pathlib.Path) -> None:
     chosen exploration engine can run such models."""
     from dpsnake.workflow.train_input import check_train
 
-    model = check_train(cfg, base)
-    if cfg["explore"].get("engine") == "builtin":
-        from dpsnake.md.engines import builtin_unsupported
+    from dpsnake.md.engines import check_config
 
-        why = builtin_unsupported(model)
-        if why:
-            raise UserError(f"explore.engine: builtin cannot explore train.input.model: {why}; "
-                            "use auto or deepmd")
+    check_config(cfg, check_train(cfg, base))
 
 
 def _check_trust(key: str, trust: dict | None) -> None:
