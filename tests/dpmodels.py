@@ -90,14 +90,19 @@ def train_model(cache: pathlib.Path, overrides: dict | None = None, data: str = 
     (work / "input.json").write_text(json.dumps(inp, indent=1))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", DP_INTER_OP_PARALLELISM_THREADS="1",
                DP_INTRA_OP_PARALLELISM_THREADS="2", OMP_NUM_THREADS="2")
+    _train_freeze_convert(work, "tf", "frozen_model.pb", env)
+    return result
+
+
+def _train_freeze_convert(work: pathlib.Path, backend: str, frozen: str, env: dict) -> None:
+    """`dp train input.json` -> `dp freeze` -> `dp convert-backend` to model.dp in ``work``."""
     dp = [sys.executable, "-m", "deepmd"]
-    for cmd in (dp + ["--tf", "train", "input.json", "--skip-neighbor-stat"],
-                dp + ["--tf", "freeze", "-o", "frozen_model.pb"],
-                dp + ["convert-backend", "frozen_model.pb", "model.dp"]):
+    for cmd in (dp + [f"--{backend}", "train", "input.json", "--skip-neighbor-stat"],
+                dp + [f"--{backend}", "freeze", "-o", frozen],
+                dp + ["convert-backend", frozen, "model.dp"]):
         p = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=env)
         if p.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
-    return result
 
 
 # Descriptors of DeePMD-kit's PyTorch backend, small enough to train in seconds on a CPU (CuNi data:
@@ -150,11 +155,5 @@ def train_pt_model(cache: pathlib.Path, descriptor: str = "se_atten_v2", seed: i
     (work / "input.json").write_text(json.dumps(inp, indent=1))
     env = dict(os.environ, OMP_NUM_THREADS="2", DP_INTRA_OP_PARALLELISM_THREADS="2",
                DP_INTER_OP_PARALLELISM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    dp = [sys.executable, "-m", "deepmd"]
-    for cmd in (dp + ["--pt", "train", "input.json", "--skip-neighbor-stat"],
-                dp + ["--pt", "freeze", "-o", "frozen_model.pth"],
-                dp + ["convert-backend", "frozen_model.pth", "model.dp"]):
-        p = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=env)
-        if p.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+    _train_freeze_convert(work, "pt", "frozen_model.pth", env)
     return result

@@ -19,6 +19,7 @@ from dpsnake.md.runner import Explorer
 from dpsnake.md.state import build_state
 from dpsnake.md.trajectory import read_frames
 from dpsnake.md.walkers import degrees_of_freedom, masses_for, maxwell_boltzmann, parse_walkers, read_structure
+from test_md_engine import walker  # the walker dict of the engine's MD tests
 
 TYPE_MAP = ["Cu", "Ni"]
 
@@ -42,13 +43,6 @@ def cuni(rep=(2, 2, 2), a=3.6, seed=0, rattle=0.08):
 def write(at, path):
     at.write(path, format="extxyz")
     return str(path)
-
-
-def walker(name, structure, **kw):
-    d = dict(name=name, structure=structure, ensemble="nve", temperature=300.0, nsteps=20, dt=0.002,
-             trj_freq=10, seed=1)
-    d.update(kw)
-    return d
 
 
 def flat_state(structs):

@@ -59,17 +59,17 @@ def pick_xp(device: str):
 
 
 def make_provider(model_paths, precision: str, xp, compress: float | None = None):
-    """(EnsembleProvider, type_map) for the given model files; ``compress``: min_nbor_dist (A) to
-    run tabulated embedding nets, or None."""
+    """(EnsembleProvider, type_map) for the given model files (or models already loaded with
+    ``load_model``); ``compress``: min_nbor_dist (A) to run tabulated embedding nets, or None."""
     from dpsnake.engine.ensemble import Ensemble
-    from dpsnake.engine.model import load_model
+    from dpsnake.engine.model import DPModel, load_model
     from dpsnake.md.providers import EnsembleProvider
 
     models = []
     for p in model_paths:
-        if not pathlib.Path(p).is_file():
+        if not isinstance(p, DPModel) and not pathlib.Path(p).is_file():
             raise UserError(f"--models: file not found: {p}")
-        models.append(load_model(p))
+        models.append(p if isinstance(p, DPModel) else load_model(p))
     ens = Ensemble(models, precision=precision, xp=xp,
                    compress=None if compress is None else {"min_nbor_dist": compress})
     return EnsembleProvider(ens), list(models[0].type_map)
@@ -120,17 +120,16 @@ def compress_distance(value, data) -> float | None:
 
 
 def run(args) -> int:
+    from dpsnake.md.engines import choose
     from dpsnake.md.runner import Explorer
     from dpsnake.md.walkers import load_walkers
-
-    from dpsnake.md.engines import choose
     from dpsnake.workflow.fsutil import atomic_write_text
 
     walkers = load_walkers(args.walkers)
     for p in args.models:
         if not pathlib.Path(p).is_file():
             raise UserError(f"--models: file not found: {p}")
-    engine, reason = choose(args.engine, args.models)
+    engine, reason, loaded = choose(args.engine, args.models)
     xp = pick_xp(args.device)
     print(f"dpsnake explore: engine {engine} ({reason}); device {'gpu' if xp.__name__ == 'cupy' else 'cpu'}",
           flush=True)
@@ -146,7 +145,7 @@ def run(args) -> int:
         type_map = provider.type_map
     else:
         compress = compress_distance(args.compress, args.compress_data)
-        provider, type_map = make_provider(args.models, args.precision, xp, compress)
+        provider, type_map = make_provider(loaded, args.precision, xp, compress)
     out = pathlib.Path(args.outdir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "engine.json", json.dumps({"engine": engine, "reason": reason,

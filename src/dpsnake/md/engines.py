@@ -41,20 +41,16 @@ def deepmd_missing() -> str | None:
     """Why DeePMD-kit's PyTorch models cannot run here (None: they can), without importing torch."""
     import importlib.util
 
-    for mod, extra in (("torch", "deepmd-kit[torch]"), ("deepmd", "deepmd-kit[torch]"), ("mpich", "mpich")):
-        if importlib.util.find_spec(mod) is None and not (mod == "mpich" and _has_dist("mpich")):
-            return f"DeePMD-kit's PyTorch backend is not installed (no module {mod!r}: pip install '{extra}')"
-    return None
-
-
-def _has_dist(name: str) -> bool:
     import importlib.metadata
 
-    try:
-        importlib.metadata.distribution(name)
-        return True
+    for mod in ("torch", "deepmd"):
+        if importlib.util.find_spec(mod) is None:
+            return f"DeePMD-kit's PyTorch backend is not installed (no module {mod!r}: pip install 'deepmd-kit[torch]')"
+    try:  # deepmd.pt asks for the mpich distribution (it has no module of that name)
+        importlib.metadata.distribution("mpich")
     except importlib.metadata.PackageNotFoundError:
-        return False
+        return "DeePMD-kit's PyTorch backend needs the mpich package (pip install mpich)"
+    return None
 
 
 def check_config(cfg: dict, model: dict) -> None:
@@ -72,22 +68,24 @@ def check_config(cfg: dict, model: dict) -> None:
                             f"{missing}")
 
 
-def choose(engine: str, model_paths) -> tuple[str, str]:
-    """(engine name, reason) for the model files; ``builtin`` with an unsupported model is one
-    UserError line (the built-in loader's, naming the file and the feature)."""
+def choose(engine: str, model_paths) -> tuple[str, str, list | None]:
+    """(engine name, reason, the built-in engine's loaded models or None) for the model files;
+    ``builtin`` with an unsupported model is one UserError line (the built-in loader's, naming the
+    file and the feature). The loaded models are handed on, so no file is read twice."""
     if engine not in ENGINES:
         raise UserError(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}")
     if engine == "deepmd":
-        return "deepmd", "explore.engine is deepmd"
+        return "deepmd", "explore.engine is deepmd", None
     from dpsnake.engine.model import load_model
 
+    models = []
     for p in model_paths:
         try:
-            load_model(p)
+            models.append(load_model(p))
         except UserError as err:
             if engine == "builtin":
                 raise
-            return "deepmd", f"the built-in engine cannot run {err}"
+            return "deepmd", f"the built-in engine cannot run {err}", None
     if engine == "builtin":
-        return "builtin", "explore.engine is builtin"
-    return "builtin", "the built-in engine supports every model of the ensemble"
+        return "builtin", "explore.engine is builtin", models
+    return "builtin", "the built-in engine supports every model of the ensemble", models

@@ -49,14 +49,15 @@ def load_ensemble(model_paths: list[pathlib.Path]):
     from dpsnake.md.engines import choose
 
     paths = [str(p) for p in model_paths]
-    if choose("auto", paths)[0] == "deepmd":
+    engine, _, loaded = choose("auto", paths)
+    if engine == "deepmd":
         from dpsnake.md.deepmd_provider import DeepmdProvider
 
         prov = DeepmdProvider(paths)
         return prov, list(prov.type_map)
     from dpsnake.engine.ensemble import Ensemble
 
-    ens = Ensemble(paths, precision="double")
+    ens = Ensemble(loaded, precision="double")
     return ens, list(ens.type_map)
 
 
