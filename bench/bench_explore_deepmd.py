@@ -130,35 +130,6 @@ def gpu_mem(xp):
     return int(torch.cuda.max_memory_allocated()), int(xp.get_default_memory_pool().total_bytes())
 
 
-def probe_max_frames(provider, rep: int, walkers: int, frames: int = 4, share: float = 0.4) -> dict:
-    """Frames per model call: the peak memory of one model-0 call on ``frames`` 108-atom frames, scaled
-    to ``share`` of the GPU's memory (DeePMD-kit's forward keeps every intermediate for the force
-    backward pass: MBs per atom). The provider's own out-of-memory fallback catches only
-    torch.OutOfMemoryError, and TorchScript models raise RuntimeError, hence this probe."""
-    import torch
-    from ase.build import bulk
-
-    at = bulk("Cu", "fcc", a=A_CU, cubic=True).repeat(rep)
-    dev = provider.device
-    coord = torch.as_tensor(np.tile(at.positions[None], (frames, 1, 1)), dtype=torch.float64, device=dev)
-    box = torch.as_tensor(np.tile(np.asarray(at.cell).reshape(1, 9), (frames, 1)), dtype=torch.float64, device=dev)
-    atype = torch.zeros((frames, len(at)), dtype=torch.long, device=dev)
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    provider.models[0](coord, atype, box=box, do_atomic_virial=False)
-    torch.cuda.synchronize()
-    per_frame = (torch.cuda.max_memory_allocated() - base) / frames
-    total = torch.cuda.get_device_properties(0).total_memory
-    mf = int(max(1, min(walkers, share * total // max(per_frame, 1))))
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    out = {"probe_frames": frames, "bytes_per_frame": per_frame, "bytes_per_atom": per_frame / len(at), "max_frames": mf}
-    print(f"probe: one model call needs {per_frame / 2**20:.0f} MiB per {len(at)}-atom frame "
-          f"({per_frame / len(at) / 2**20:.2f} MiB per atom): {mf} frames per call", flush=True)
-    return out
-
-
 def cmd_bench(args) -> int:
     warnings.simplefilter("ignore", RuntimeWarning)
     import torch
@@ -177,14 +148,9 @@ def cmd_bench(args) -> int:
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    provider = DeepmdProvider(args.models, xp)
+    max_atoms = {"auto": "auto", "none": None}.get(args.max_atoms) or int(args.max_atoms)
+    provider = DeepmdProvider(args.models, xp, max_atoms=max_atoms)  # "auto": its own memory probe
     t_load = time.perf_counter() - t0
-    probe = None
-    if on_gpu and args.max_frames == "auto":
-        probe = probe_max_frames(provider, args.rep, args.walkers)
-        provider.max_frames = probe["max_frames"]
-    elif args.max_frames not in ("auto", "none"):
-        provider.max_frames = int(args.max_frames)
     type_map = provider.type_map
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench_xdp_"))
     atoms = bulk("Cu", "fcc", a=A_CU, cubic=True).repeat(args.rep)
@@ -327,7 +293,7 @@ def cmd_bench(args) -> int:
            "peak_gpu_bytes": {"torch_max_allocated_explore": mem_explore[0], "cupy_pool_explore": mem_explore[1],
                               "torch_max_allocated_all": mem_all[0], "cupy_pool_all": mem_all[1]},
            "peak_gpu_bytes_per_atom_explore": (mem_explore[0] + mem_explore[1]) / ntot,
-           "force_calls": provider.calls, "max_frames": provider.max_frames, "probe": probe,
+           "force_calls": provider.calls, "max_atoms": provider.max_atoms,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if prof_table:
         res["profile_deviation_cycle"] = prof_table
@@ -365,7 +331,8 @@ def main() -> int:
     b.add_argument("--force-steps", type=int, default=50, help="steps of the provider-alone timing")
     b.add_argument("--warmup-steps", type=int, default=20, help="untimed explorer steps first")
     b.add_argument("--reps", type=int, default=3, help="repeats of the single-call timings (median)")
-    b.add_argument("--max-frames", default="auto", help="frames per model call: auto (probe the memory), none, or N")
+    b.add_argument("--max-atoms", default="auto",
+                   help="atoms per model call: auto (the provider measures its memory on a GPU), none, or N")
     b.add_argument("--ensemble", default="npt")
     b.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
     b.add_argument("--label", default="case")
