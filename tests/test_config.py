@@ -17,16 +17,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 REDUCED = yaml.safe_load((ROOT / "tests" / "configs" / "reduced.yaml").read_text())
 
 
-def _bad(mutate, tmp_path=ROOT):
-    cfg = copy.deepcopy(REDUCED)
-    mutate(cfg)
-    with pytest.raises(UserError) as err:
-        C.check(cfg, tmp_path)
-    msg = str(err.value)
-    assert "\n" not in msg
-    return msg
-
-
 def test_shipped_configs_are_valid():
     for path in (ROOT / "config" / "config.yaml", ROOT / "tests" / "configs" / "reduced.yaml"):
         cfg = C.load(path, ROOT)
@@ -48,67 +38,113 @@ def test_defaults_filled():
     assert cfg["convergence"]["accurate_ratio"] == 0.95 and cfg["select"]["pick"] == "random"
 
 
-@pytest.mark.parametrize("mutate, expected", [
-    (lambda c: c.update(foo=1), "foo: unknown key"),
-    (lambda c: c["train"].update(numb_stepz=5), "train.numb_stepz: unknown key"),
-    (lambda c: c["train"].update(numb_models="two"), "train.numb_models: 'two' is not of type 'integer'"),
-    (lambda c: c["explore"]["stages"][0].update(temperatures="hot"), "explore.stages[0].temperatures"),
-    (lambda c: c["explore"]["stages"][0].update(ensemble="npx"), "explore.stages[0].ensemble"),
-    (lambda c: c["explore"]["stages"][0].update(systems=["Fe"]), "explore.stages[0].systems: unknown system 'Fe'"),
-    (lambda c: c.pop("systems"), "'systems' is a required property"),
-    (lambda c: c["trust"].update(force=[0.3, 0.1]), "trust.force: theta_low 0.3 must be below theta_high 0.1"),
-    (lambda c: c["systems"]["Cu"].update(trust={"force": [0.2]}), "systems.Cu.trust.force"),
-    (lambda c: c.update(type_map=["Cu"]), "systems.CuNi.structure: elements ['Ni'] not in the global type_map"),
-    (lambda c: c["systems"]["Cu"].update(type_map=["Cu", "Fe"]), "systems.Cu.type_map: element 'Fe'"),
-    (lambda c: c["train"]["input"]["model"].update(type_map=["Ni", "Cu"]), "train.input.model.type_map"),
-    (lambda c: c["systems"]["Cu"].update(structure={"file": "nope/POSCAR"}), "systems.Cu.structure.file: nope/POSCAR: no such file"),
-    (lambda c: c["systems"]["Cu"]["structure"].update(builder="no_such_builder"), "systems.Cu.structure.builder"),
-    (lambda c: c["systems"]["Cu"]["structure"].update(file="x.vasp"), "systems.Cu.structure: give exactly one of"),
-    (lambda c: c["systems"]["Cu"].update(init_data="missing_data"), "systems.Cu.init_data: missing_data: no such file or folder"),
-    (lambda c: c.update(masses={"Fe": 55.8}), "masses.Fe: element not in type_map"),
-    (lambda c: c["label"].update(calculator="NoSuchCalc"), "label.calculator"),
-    (lambda c: c["label"].update(type="vasp-nope"), "label.type: unknown labeler"),
-    (lambda c: c.update(test_data=["no/such/set"]), "test_data[0]: no/such/set"),
-    (lambda c: c["systems"].update({"bad name": c["systems"]["Cu"]}), "name 'bad name'"),
-    (lambda c: c["explore"].update(compress=-1.0), "explore.compress"),
-    (lambda c: c["explore"].update(compress="yes"), "explore.compress"),
-])
-def test_bad_config_one_line(mutate, expected):
-    assert expected in _bad(mutate)
-
-
-def test_init_data_type_map_mismatch(tmp_path):
-    """An existing dataset holding an element outside the global type_map is named with its file."""
-    import dpdata
-    from ase.build import bulk
-    from ase.calculators.emt import EMT
-
-    a = bulk("Ag", "fcc", a=4.1, cubic=True)
-    a.calc = EMT()
-    a.get_potential_energy()
-    dpdata.LabeledSystem(a, fmt="ase/structure").to_deepmd_npy(str(tmp_path / "ag"))
-    cfg = copy.deepcopy(REDUCED)
-    cfg["systems"]["Cu"]["init_data"] = str(tmp_path / "ag")
-    with pytest.raises(UserError, match=r"systems.Cu.init_data: .*ag: elements \['Ag'\] not in the global type_map"):
-        C.check(cfg, ROOT)
-
-
-def test_check_config_cli_and_snakemake_fail_with_one_line(tmp_path):
-    bad = copy.deepcopy(REDUCED)
-    bad["select"]["pick"] = "best"
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
-    p = subprocess.run([sys.executable, "-m", "dpsnake.cli", "check-config", str(tmp_path / "bad.yaml")],
-                       capture_output=True, text=True)
-    assert p.returncode == 2
-    assert p.stderr.strip().count("\n") == 0 and "select.pick: 'best' is not one of" in p.stderr
+def test_check_config_cli_writes_the_resolved_config(tmp_path):
+    """A valid config: exit 0 and the resolved config written (the bad ones: tests/bad_inputs/config.py)."""
     ok = subprocess.run([sys.executable, "-m", "dpsnake.cli", "check-config", str(ROOT / "config" / "config.yaml"),
                          "--base", str(ROOT), "--out", str(tmp_path / "resolved.json")], capture_output=True, text=True)
     assert ok.returncode == 0 and (tmp_path / "resolved.json").is_file()
-    # through Snakemake: the same line, before any job (nothing is created)
-    p = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "-s", str(ROOT / "Snakefile"),
-                        "--configfile", str(tmp_path / "bad.yaml"), "--directory", str(tmp_path)],
-                       capture_output=True, text=True)
-    assert p.returncode != 0
-    lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.strip()]
-    assert lines == ["config error: select.pick: 'best' is not one of ['random', 'highest']"], lines
-    assert not (tmp_path / "results").exists()
+
+
+def _check(mutate):
+    cfg = copy.deepcopy(REDUCED)
+    mutate(cfg)
+    with pytest.raises(UserError) as err:
+        C.check(cfg, ROOT)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def test_slab_from_ase_builder_names_the_remedy():
+    """fcc111(..., vacuum=10) has pbc (True, True, False): refused with the fix (periodic: true, keep the
+    vacuum), and the fixed slab passes."""
+    slab = {"builder": "fcc111", "kwargs": {"symbol": "Cu", "size": [2, 2, 3], "vacuum": 10.0}}
+    msg = _check(lambda c: c["systems"]["Cu"].update(structure=slab))
+    assert msg.startswith("systems.Cu.structure.builder: fcc111: pbc [True, True, False]")
+    assert "add periodic: true to its kwargs" in msg and "keep the vacuum" in msg
+    fixed = copy.deepcopy(REDUCED)
+    fixed["systems"]["Cu"]["structure"] = {"builder": "fcc111", "kwargs": dict(slab["kwargs"], periodic=True)}
+    assert C.check(fixed, ROOT)["systems"]["Cu"]["structure"]["kwargs"]["periodic"] is True
+
+
+def test_sel_counts_match_a_brute_force_count():
+    """The neighbour count behind the sel check is the plain count r < rcut over periodic images."""
+    import itertools
+
+    import numpy as np
+    from ase.build import bulk
+
+    from dpsnake.workflow.check_structures import neighbour_counts
+
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
+    atoms.symbols[[0, 5, 9]] = "Ni"
+    atoms.rattle(0.05, seed=1)
+    atype = np.array([["Cu", "Ni"].index(s) for s in atoms.get_chemical_symbols()])
+    counts = neighbour_counts(atoms, 4.0, 2, atype)
+    cell = atoms.cell.array
+    brute = np.zeros_like(counts)
+    for i, j in itertools.product(range(len(atoms)), repeat=2):
+        for n in itertools.product(range(-2, 3), repeat=3):
+            d = np.linalg.norm(atoms.positions[j] + np.array(n) @ cell - atoms.positions[i])
+            if 0 < d < 4.0:
+                brute[i, atype[j]] += 1
+    np.testing.assert_array_equal(counts, brute)
+    assert counts.sum(axis=1).max() == 18  # fcc: 12 + 6 neighbours within 4 A
+
+
+def test_sel_semantics_per_type_and_total():
+    """se_e2_a: sel per type (CuNi has at most 12 Ni neighbours within 4 A, so sel [32, 10] fails on
+    Ni); se_atten_v2: one total (18 neighbours)."""
+    from dpsnake.workflow.check_structures import check_sel
+    from dpsnake.workflow.structures import build_structure
+
+    atoms_of = {n: build_structure(s["structure"]) for n, s in REDUCED["systems"].items()}
+    cfg = {"type_map": ["Cu", "Ni"]}
+    per_type = lambda sel: {"descriptor": {"type": "se_e2_a", "rcut": 4.0, "sel": sel}}
+    check_sel(cfg, atoms_of, per_type([18, 18]))
+    with pytest.raises(UserError, match=r"descriptor.sel: system CuNi's .* Ni neighbours within rcut 4 A, "
+                                        r"above sel\[1\] = 10 \(Ni\)"):
+        check_sel(cfg, atoms_of, per_type([32, 10]))
+    check_sel(cfg, atoms_of, per_type("auto"))  # set from the data by DeePMD-kit: nothing to check
+    total = lambda sel: {"descriptor": {"type": "se_atten_v2", "rcut": 4.0, "sel": sel}}
+    check_sel(cfg, atoms_of, total(18))
+    check_sel(cfg, atoms_of, total([9, 9]))  # a list is summed, as DeePMD-kit does
+    with pytest.raises(UserError, match=r"descriptor.sel: system Cu's .* 18 neighbours .* above sel = 17"):
+        check_sel(cfg, atoms_of, total(17))
+    dpa3 = {"descriptor": {"type": "dpa3", "repflow": {"e_rcut": 4.0, "e_sel": 30, "a_rcut": 3.0, "a_sel": 11}}}
+    with pytest.raises(UserError, match=r"repflow.a_sel: system Cu's .* 12 neighbours within rcut 3 A"):
+        check_sel(cfg, atoms_of, dpa3)
+    dpa3["descriptor"]["repflow"]["use_dynamic_sel"] = True
+    check_sel(cfg, atoms_of, dpa3)
+
+
+def test_ase_labeler_kwargs_checked_without_building_the_calculator():
+    from dpsnake.labelers import make_labeler
+
+    assert make_labeler({"type": "ase", "calculator": "LennardJones",
+                         "kwargs": {"sigma": 2.3, "epsilon": 0.4, "rc": 6.0}}).kwargs["sigma"] == 2.3
+    assert make_labeler({"type": "ase", "calculator": "MorsePotential", "kwargs": {"rho0": 4.0}})
+    with pytest.raises(UserError, match=r"label.kwargs: MorsePotential does not take \['rho'\]"):
+        make_labeler({"type": "ase", "calculator": "MorsePotential", "kwargs": {"rho": 4.0}})
+    # a calculator whose constructor names all its arguments: Python's own binding says what is wrong
+    tip3p = "ase.calculators.tip3p.TIP3P"
+    assert make_labeler({"type": "ase", "calculator": tip3p, "kwargs": {"rc": 4.0}})
+    with pytest.raises(UserError, match=r"label.kwargs: .*TIP3P: got an unexpected keyword argument 'rcut'"):
+        make_labeler({"type": "ase", "calculator": tip3p, "kwargs": {"rcut": 4.0}})
+    with pytest.raises(UserError, match=r"label.kwargs: .*SpringCalculator: missing a required argument: 'k'"):
+        make_labeler({"type": "ase", "calculator": "ase.calculators.harmonic.SpringCalculator",
+                      "kwargs": {"ideal_positions": [[0, 0, 0]]}})
+
+
+def test_label_program_found_like_the_label_job_does(tmp_path):
+    from dpsnake.labelers.runner import missing_program
+
+    assert missing_program("env OMP_NUM_THREADS=1 sh -c 'exit 0'") is None
+    assert missing_program("sh -c 'cat x; exit 3'") is None
+    assert "'/nonexistent/pw.x': no such file" in missing_program("mpirun -np 2 /nonexistent/pw.x -in {input}")
+    assert "'nope.x': not found on PATH" in missing_program("sh -c 'nope.x < {input} > out'")
+    prog = tmp_path / "bin" / "mycode"
+    prog.parent.mkdir()
+    prog.write_text("#!/bin/sh\n")
+    prog.chmod(0o755)
+    assert "not found on PATH" in missing_program("mycode -i {input}")
+    assert missing_program("mycode -i {input}", env={"PATH": str(prog.parent)}) is None  # label.env's PATH

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 
 from dpsnake.errors import UserError
 from dpsnake.labelers.base import LabelResult, Labeler, sanity_check
@@ -27,7 +28,32 @@ def make_labeler(spec: dict) -> Labeler:
     if kind not in REGISTRY:
         raise UserError(f"label.type: unknown labeler {kind!r}; known: {', '.join(sorted(REGISTRY))}")
     module, factory = REGISTRY[kind]
-    return getattr(importlib.import_module(module), factory)(**spec)
+    cls = getattr(importlib.import_module(module), factory)
+    _check_keys(cls, kind, spec)
+    return cls(**spec)
 
 
-__all__ = ["LabelResult", "Labeler", "make_labeler", "sanity_check", "REGISTRY"]
+def _check_keys(cls, kind: str, spec: dict) -> None:
+    """Unknown and missing keys of a labeler as one line naming them (instead of Python's TypeError)."""
+    params = [p for p in inspect.signature(cls).parameters.values()
+              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    named = [p.name for p in params]
+    takes_more = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(cls).parameters.values())
+    unknown = sorted(k for k in spec if k not in named)
+    if unknown and not takes_more:  # labelers with **run_keys check the shared keys themselves
+        raise UserError(f"label: unknown key(s) {unknown} for label.type {kind!r} (its keys: "
+                        f"{', '.join(named)}; docs/labelers.md)")
+    for p in params:
+        if p.default is inspect.Parameter.empty and p.name not in spec:
+            raise UserError(f"label.{p.name}: required for label.type {kind!r} (docs/labelers.md)")
+
+
+def preflight(labeler) -> None:
+    """Check-time checks that need more than the spec (the code's executable exists): one UserError
+    line. Run by ``dpsnake check-config`` and before any Snakemake job, not per frame."""
+    check = getattr(labeler, "preflight", None)
+    if check is not None:
+        check()
+
+
+__all__ = ["LabelResult", "Labeler", "make_labeler", "preflight", "sanity_check", "REGISTRY"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import pathlib
 
 import numpy as np
@@ -30,12 +31,51 @@ def import_calculator(name: str):
         raise UserError(f"label.calculator: cannot import {path!r}: {err}") from None
 
 
+def check_kwargs(cls, kwargs: dict, name: str) -> None:
+    """``label.kwargs`` the calculator does not take, as one UserError line (no instance is built:
+    constructing e.g. a machine-learned calculator can load a model).
+
+    A constructor without ``**kwargs`` says exactly what it takes. An ASE ``Calculator`` with
+    ``default_parameters`` passes its ``**kwargs`` to ``set()``, which stores any name silently: its
+    parameters are the defaults' names plus the named arguments of the constructors it inherits.
+    Other constructors with ``**kwargs`` (file-based calculators, custom classes) cannot be checked.
+    """
+    if not isinstance(kwargs, dict):
+        raise UserError(f"label.kwargs: give a mapping of keyword arguments, got {kwargs!r}")
+    try:
+        sig = inspect.signature(cls)
+    except (TypeError, ValueError):  # a builtin or C extension: nothing to look at
+        return
+    try:
+        sig.bind(**kwargs)
+    except TypeError as err:
+        raise UserError(f"label.kwargs: {name}: {err}; its parameters: "
+                        f"{', '.join(sig.parameters)}") from None
+    try:
+        from ase.calculators.calculator import Calculator
+    except ImportError:
+        return
+    defaults = dict(getattr(cls, "default_parameters", None) or {})
+    if not (isinstance(cls, type) and issubclass(cls, Calculator) and defaults):
+        return
+    known = set(defaults)
+    for klass in cls.__mro__:  # named arguments of every constructor up the chain (restart, label, ...)
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            known.update(p for p in inspect.signature(init).parameters if p != "self")
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise UserError(f"label.kwargs: {name} does not take {unknown} (ASE would accept and ignore "
+                        f"them); its parameters: {', '.join(sorted(defaults))}")
+
+
 class ASELabeler:
     """Runs ``atoms.calc = Calculator(**kwargs)`` and reads energy, forces and (if periodic) stress."""
 
     def __init__(self, calculator: str = "EMT", kwargs: dict | None = None):
         self.name = f"ase:{calculator}"
         self.cls = import_calculator(calculator)
+        check_kwargs(self.cls, kwargs or {}, calculator)
         self.kwargs = dict(kwargs or {})
 
     def label(self, atoms, workdir: pathlib.Path) -> LabelResult:

@@ -58,6 +58,61 @@ def check_template(command: str, key: str, required=(), allowed=("input", "outpu
         raise UserError(f"{key}: the command template {command!r} must contain {{{missing[0]}}}")
 
 
+# programs that start another program named further on in the command (MPI launchers, wrappers)
+LAUNCHERS = {"mpirun", "mpiexec", "mpiexec.hydra", "orterun", "prterun", "srun", "aprun", "ibrun", "jsrun",
+             "env", "time", "nice", "numactl", "taskset", "stdbuf", "nohup", "timeout"}
+SHELLS = {"sh", "bash", "dash", "zsh"}
+
+
+def _is_program(token: str, path: str | None) -> bool:
+    import shutil
+
+    if "/" in token:
+        return os.path.isfile(os.path.expanduser(token)) and os.access(os.path.expanduser(token), os.X_OK)
+    return shutil.which(token, path=path) is not None
+
+
+def missing_program(command: str, key: str = "label.command", env: dict | None = None, **fields) -> str | None:
+    """Why the program of a command template cannot start (None: it can): a path that does not exist
+    or a name not on PATH (``env['PATH']`` when given), looked up the way the label job will.
+
+    Behind a launcher (``mpirun -np {nproc} pw.x``) the program is the first word after the launcher's
+    options that is an executable; absolute paths there must exist. ``sh -c 'SCRIPT'`` checks the
+    script's first command. Relative paths with a folder are left alone: they start from the frame's
+    work folder, which does not exist yet.
+    """
+    import re
+
+    path = (env or {}).get("PATH", os.environ.get("PATH"))
+    values = dict(nproc=1, nthreads=1, workdir=".", input="input", output="output")
+    values.update(fields)
+    argv = shlex.split(command.format(**values))
+    if not argv:
+        return f"{key}: empty command"
+    prog = argv[0]
+    name = os.path.basename(prog)
+    if not _is_program(prog, path):
+        if "/" in prog and not os.path.isabs(os.path.expanduser(prog)):
+            return None
+        where = "no such executable file" if "/" in prog else "not found on PATH"
+        return (f"{key}: cannot start {prog!r}: {where} (give the full path of the program, or put it on PATH "
+                f"before starting dpsnake/Snakemake: the label jobs inherit it)")
+    if name in SHELLS and len(argv) >= 3 and argv[1] == "-c":
+        first = re.split(r"&&|\|\||[;|&\n]", argv[2])[0]
+        return missing_program(first.replace("{", "{{").replace("}", "}}"), key, env) if first.strip() else None
+    if name not in LAUNCHERS:
+        return None
+    rest = argv[1:]
+    for tok in rest:  # an absolute path behind the launcher that does not exist is the mistake
+        if os.path.isabs(tok) and not os.path.exists(tok):
+            return f"{key}: {tok!r}: no such file (the program {name} should start)"
+    words = [t for t in rest if not t.startswith("-") and "=" not in t and not t.replace(".", "").isdigit()]
+    if words and not any(_is_program(t, path) for t in words):
+        return (f"{key}: {name} starts no program found on PATH (looked for {', '.join(map(repr, words))}); "
+                "give the program's full path")
+    return None
+
+
 def tail(path: pathlib.Path, nlines: int = 3, nchars: int = 300) -> str:
     """Last few non-empty lines of a text file as one line (for failure reasons)."""
     try:
@@ -237,6 +292,13 @@ class CommandLabeler:
             raise UserError(f"label.timeout: must be a positive number of seconds, got {timeout!r}")
         self.command, self.nproc, self.nthreads = command, nproc, nthreads
         self.timeout, self.env, self.keep_scratch = timeout, dict(env or {}), keep_scratch
+
+    def preflight(self) -> None:
+        """Check-time: the code's executable exists (else every frame would fail with 'cannot start')."""
+        why = missing_program(self.command, "label.command", self.env, input=self.input_name,
+                              output=self.output_name)
+        if why:
+            raise UserError(why)
 
     def write_inputs(self, atoms, workdir: pathlib.Path) -> dict:
         raise NotImplementedError

@@ -2,7 +2,9 @@
 
 The schema (``workflow/schemas/config.schema.yaml``) gives types, allowed keys and defaults; the checks
 here add what a schema cannot say: referenced files exist, every element belongs to the global
-``type_map``, trust levels are ordered, the exploration plan names known systems, the labeler exists.
+``type_map``, trust levels are ordered, the exploration plan names known systems, the labeler exists
+with the keys it takes and its program, and the start structures suit exploration and the descriptor
+(``check_structures``: periodicity, npt on periodic cells, neighbours within sel).
 """
 
 from __future__ import annotations
@@ -127,7 +129,8 @@ def check(config: dict, base: pathlib.Path | str = ".") -> dict:
     if model_tmap is not None and list(model_tmap) != list(tmap):
         raise UserError(f"train.input.model.type_map: {model_tmap} differs from the global type_map {tmap} "
                         "(leave it out: the workflow fills it in)")
-    _check_train(cfg, base)
+    model = _check_train(cfg, base)
+    atoms_of = {}
     for name, sysc in cfg["systems"].items():
         key = f"systems.{name}"
         st = sysc["structure"]
@@ -136,7 +139,7 @@ def check(config: dict, base: pathlib.Path | str = ".") -> dict:
         for el in sysc.get("type_map") or []:
             if el not in tmap:
                 raise UserError(f"{key}.type_map: element {el!r} not in the global type_map {tmap}")
-        atoms = build_structure(st, base, key=f"{key}.structure")
+        atoms = atoms_of[name] = build_structure(st, base, key=f"{key}.structure")
         bad = sorted(set(atoms.get_chemical_symbols()) - set(tmap))
         if bad:
             raise UserError(f"{key}.structure: elements {bad} not in the global type_map {tmap}")
@@ -165,20 +168,26 @@ def check(config: dict, base: pathlib.Path | str = ".") -> dict:
                             f"{stage['nsteps']}")
     for i, e in enumerate(cfg["test_data"]):
         _check_file(f"test_data[{i}]", e if isinstance(e, str) else e["path"], base, folder_ok=True)
-    from dpsnake.labelers import make_labeler
+    from dpsnake.workflow.check_structures import check_structures
 
-    make_labeler(cfg["label"])  # raises UserError naming label.<key> when the labeler is unknown
+    check_structures(cfg, {n: s["structure"] for n, s in cfg["systems"].items()}, atoms_of, model)
+    from dpsnake.labelers import make_labeler, preflight
+
+    # unknown labeler, unknown or missing keys, then its program: one UserError line naming label.<key>
+    preflight(make_labeler(cfg["label"]))
     return cfg
 
 
-def _check_train(cfg: dict, base: pathlib.Path) -> None:
+def _check_train(cfg: dict, base: pathlib.Path) -> dict:
     """train.input through DeePMD-kit's own checker, the backend and fine-tuning setup, and whether the
-    chosen exploration engine can run such models."""
+    chosen exploration engine can run such models; returns the normalized ``model`` section."""
     from dpsnake.workflow.train_input import check_train
 
     from dpsnake.md.engines import check_config
 
-    check_config(cfg, check_train(cfg, base))
+    model = check_train(cfg, base)
+    check_config(cfg, model)
+    return model
 
 
 def _check_trust(key: str, trust: dict | None) -> None:
