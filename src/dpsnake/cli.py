@@ -2,15 +2,23 @@
 
 Each subcommand lives in its own module, which defines ``add_arguments(parser)`` and ``run(args)``;
 modules are imported only when their command runs, so ``dpsnake --help`` stays fast.
+
+Every failure ends with ONE last line ``dpsnake <command>: error: <cause>`` on stderr: the rules send
+stderr to their log, and Snakemake's error summary shows the log (``show-failed-logs`` in the profiles),
+so the cause is the last thing a user reads. Bad input (:class:`UserError`), a file system fault
+(``OSError``: the path and what to do) and a missing package are that one line and exit 2; any other
+exception is a bug or an unforeseen fault: its traceback is printed above the line (exit 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
-from dpsnake.errors import UserError
+from dpsnake.errors import UserError, one_line, os_error_message
 
 # command -> (module, one-line help)
 COMMANDS = {
@@ -42,21 +50,56 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code. ``argv`` None: run as the program (``sys.argv``)."""
+    program = argv is None
     argv = sys.argv[1:] if argv is None else argv
-    saved, sys.argv = sys.argv, [sys.argv[0], *argv]
+    command = argv[0] if argv and argv[0] in COMMANDS else None
     try:
-        parser = build_parser()
-    finally:
-        sys.argv = saved
-    args = parser.parse_args(argv)
-    if not getattr(args, "command", None):
-        parser.print_help()
-        return 2
-    try:
+        saved, sys.argv = sys.argv, [sys.argv[0], *argv]
+        try:
+            parser = build_parser()
+        finally:
+            sys.argv = saved
+        args = parser.parse_args(argv)
+        if not getattr(args, "command", None):
+            parser.print_help()
+            return 2
         return importlib.import_module(args._module).run(args) or 0
     except UserError as err:  # one clear line, no traceback
-        print(f"dpsnake {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(command, str(err), 2, program)
+    except OSError as err:  # permission denied, disk full...: the path and what to do
+        return _fail(command, os_error_message(err), 2, program)
+    except ModuleNotFoundError as err:
+        if (err.name or "dpsnake").split(".")[0] != "dpsnake":  # a package the command needs is missing
+            return _fail(command, f"{err}: install it in the Python environment that runs the workflow (or "
+                                  "the rule's conda environment)", 2, program)
+        return _unexpected(command, err, program)
+    except KeyboardInterrupt:
+        return _fail(command, "interrupted", 130, program)
+    except Exception as err:  # a bug or an unforeseen fault: the traceback says where, the last line what
+        return _unexpected(command, err, program)
+
+
+def _unexpected(command: str | None, err: Exception, program: bool) -> int:
+    traceback.print_exc()
+    return _fail(command, f"{type(err).__name__}: {err}" if str(err) else type(err).__name__, 1, program)
+
+
+def _fail(command: str | None, cause: str, code: int, program: bool) -> int:
+    """Print the last line of a failed command. Run as the program, output that libraries write while the
+    interpreter exits (TensorFlow's CUDA stub loader prints after everything else) is discarded, so the
+    cause stays the log's last line."""
+    try:
+        sys.stdout.flush()  # buffered output must land above the cause, not below it
+    except (OSError, ValueError):
+        pass
+    name = f"dpsnake {command}" if command else "dpsnake"
+    print(f"{name}: error: {one_line(cause) or 'failed'}", file=sys.stderr, flush=True)
+    if program:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+    return code
 
 
 if __name__ == "__main__":
