@@ -28,7 +28,10 @@ def frames_to_flat(xp, coords, cells, atom_types):
     nat = atom_types.shape[-1]
     if coords.size % (3 * max(nat, 1)):
         raise UserError(f"coords: size {coords.size} is not a multiple of 3 x {nat} atoms")
-    nf = coords.size // (3 * nat) if nat else 0
+    if nat:
+        nf = coords.size // (3 * nat)
+    else:  # no atoms: frames counted by coords' first axis ((nf, 0) or (nf, 0, 3)), as DeePMD-kit
+        nf = coords.shape[0] if coords.ndim else 0
     coords = coords.reshape(nf * nat, 3)
     if atom_types.ndim == 1:
         atype = xp.tile(atom_types, nf)

@@ -2,9 +2,11 @@
 
 Supported: descriptor ``se_e2_a`` (alias ``se_a``) + fitting ``ener``; any number of types;
 ``type_one_side`` true/false; descriptor ``exclude_types``; model ``pair_exclude_types`` and
-``atom_exclude_types`` (and the fitting's ``exclude_types``); residual layers with/without ``idt``;
-every activation DeePMD-kit offers for these nets; FP64 and FP32 models.
-Anything else fails at load with one :class:`~dpsnake.errors.UserError` line naming it.
+``atom_exclude_types`` (the fitting's own ``exclude_types`` is ignored, as DeePMD-kit does); residual
+layers with/without ``idt``; every activation DeePMD-kit offers for these nets; FP64 and FP32 models.
+Anything else fails at load with one :class:`~dpsnake.errors.UserError` line naming it, and so do
+damaged files: every array must be readable, finite and of the shape the JSON implies
+(:mod:`dpsnake.engine.validate`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dpsnake.errors import UserError
-from dpsnake.engine.nets import ACTIVATIONS, Layer, Net
+from dpsnake.engine.nets import Net
+from dpsnake.engine.validate import ArrayReader
 
 
 @dataclass
@@ -45,7 +48,7 @@ class DPModel:
     bias: np.ndarray
     desc_exclude: np.ndarray  # (ntypes, ntypes) bool, symmetric: descriptor exclude_types
     pair_exclude: np.ndarray  # (ntypes, ntypes) bool, symmetric: model pair_exclude_types
-    atom_exclude: np.ndarray  # (ntypes,) bool: model atom_exclude_types + fitting exclude_types
+    atom_exclude: np.ndarray  # (ntypes,) bool: model atom_exclude_types (as DeePMD-kit, not the fitting's)
     # descriptor exclude_types also zero the empty (padding) slots of an excluded block, as the
     # TensorFlow backend does; DeePMD-kit's PyTorch/NumPy backends keep padding at -davg/dstd there
     exclude_padding: bool = False
@@ -78,32 +81,6 @@ def _fail(path, msg):
     raise UserError(f"{path}: {msg}")
 
 
-def _var(h5, ref, path):
-    if ref is None:
-        return None
-    if not isinstance(ref, str) or ref not in h5:
-        _fail(path, f"missing array {ref!r} in the HDF5 file")
-    return np.array(h5[ref])
-
-
-def _net(h5, netd, path, what) -> Net | None:
-    if netd is None:
-        return None
-    layers = []
-    for k, ld in enumerate(netd.get("layers", [])):
-        if ld.get("@class", "Layer") != "Layer":
-            _fail(path, f"{what} layer {k}: unsupported layer class {ld.get('@class')!r}")
-        act = str(ld.get("activation_function", "tanh")).lower()
-        if act not in ACTIVATIONS and not act.startswith(("silut", "custom_silu")):
-            _fail(path, f"{what} layer {k}: unsupported activation_function {act!r}")
-        v = ld.get("@variables", {})
-        w = _var(h5, v.get("w"), path)
-        b = _var(h5, v.get("b"), path) if ld.get("bias", True) else None
-        idt = _var(h5, v.get("idt"), path) if ld.get("use_timestep", False) or v.get("idt") else None
-        layers.append(Layer(w=w, b=b, idt=idt, activation=act, resnet=bool(ld.get("resnet", False))))
-    return Net(layers)
-
-
 def _pairs(ntypes, pairs, path, key):
     m = np.zeros((ntypes, ntypes), dtype=bool)
     for p in pairs or []:
@@ -123,7 +100,9 @@ def load_model(path, exclusion: str | None = None) -> DPModel:
     TensorFlow backend's frozen .pb computes), "v3" (kept at -davg/dstd, as DeePMD-kit's PyTorch and
     NumPy backends compute), or None: the semantics of the backend that wrote the file ("backend"
     in its JSON). The two agree for models without descriptor exclude_types.
-    Raises UserError (one line) for a missing/unreadable file or an unsupported model feature.
+    Raises UserError (one line naming the file, and the array where one is at fault) for a missing or
+    unreadable file, an unsupported model feature, or an array that cannot be read, holds NaN/inf,
+    or has a shape other than the model's description implies.
     """
     import h5py
 
@@ -135,73 +114,56 @@ def load_model(path, exclusion: str | None = None) -> DPModel:
         _fail(path, f"{p.suffix} models are not read directly: run `dp convert-backend {p.name} model.dp`")
     try:
         h5 = h5py.File(path, "r")
-    except OSError as err:
-        _fail(path, f"not an HDF5 .dp model file ({err})")
+    except Exception as err:  # OSError for most damage; h5py raises others for some
+        _fail(path, f"not a readable HDF5 .dp model file ({' '.join(str(err).split())})")
     with h5:
         try:
             root = json.loads(h5.attrs["json"])
-        except (KeyError, ValueError):
-            _fail(path, "no 'json' attribute: not a DeePMD-kit .dp file")
-        m = root.get("model", {})
-        mtype = m.get("type", "standard")
-        if mtype != "standard":
-            _fail(path, f"model type {mtype!r} is unsupported (only standard energy models)")
-        if m.get("spin"):
-            _fail(path, "spin models are unsupported")
-        desc, fit = m.get("descriptor", {}), m.get("fitting", {})
-        dtype = desc.get("type")
-        if dtype not in _DESC_OK:
-            _fail(path, f"descriptor type {dtype!r} is unsupported (only se_e2_a)")
-        ftype = fit.get("type")
-        if ftype != "ener":
-            _fail(path, f"fitting type {ftype!r} is unsupported (only ener)")
-        for key in ("numb_fparam", "numb_aparam", "dim_case_embd"):
-            if int(fit.get(key) or 0):
-                _fail(path, f"fitting {key}={fit.get(key)} is unsupported")
-        if fit.get("atom_ener"):
-            if any(x is not None for x in fit["atom_ener"]):
-                _fail(path, "fitting atom_ener is unsupported")
-        if fit.get("mixed_types"):
-            _fail(path, "fitting mixed_types=true is unsupported")
-        if int(fit.get("dim_out", 1)) != 1:
-            _fail(path, f"fitting dim_out={fit.get('dim_out')} is unsupported")
-        envd = desc.get("env_mat", {})
-        if envd.get("use_exp_switch"):
-            _fail(path, "descriptor env_mat use_exp_switch=true is unsupported")
-        if desc.get("spin"):
-            _fail(path, "descriptor spin is unsupported")
-        if desc.get("compress") or "compress" in desc.get("@variables", {}):
-            _fail(path, "compressed (tabulated) models are unsupported: use the uncompressed model")
-        if m.get("pair_exclude_types") is None:
-            m["pair_exclude_types"] = []
-        type_map = list(m.get("type_map") or desc.get("type_map"))
-        nt = len(type_map)
-        sel = [int(s) for s in (desc["sel"] if isinstance(desc["sel"], list) else [desc["sel"]])]
-        if len(sel) != nt:
-            _fail(path, f"descriptor sel has {len(sel)} entries for {nt} types")
-        dv = desc.get("@variables", {})
-        davg, dstd = _var(h5, dv.get("davg"), path), _var(h5, dv.get("dstd"), path)
-        emb = desc.get("embeddings", {})
-        nets = emb.get("networks", [])
-        tos = bool(desc.get("type_one_side", False))
-        need = nt if tos else nt * nt
-        if len(nets) != need:
-            _fail(path, f"descriptor has {len(nets)} embedding nets, expected {need}")
-        embeddings = [_net(h5, n, path, f"embedding net {k}") for k, n in enumerate(nets)]
-        fnets = fit.get("nets", {}).get("networks", [])
-        if len(fnets) != nt:
-            _fail(path, f"fitting has {len(fnets)} nets, expected {nt}")
-        fittings = [_net(h5, n, path, f"fitting net {k}") for k, n in enumerate(fnets)]
-        fv = fit.get("@variables", {})
-        bias_e = _var(h5, fv.get("bias_atom_e"), path)
-        bias = np.zeros(nt) if bias_e is None else np.asarray(bias_e, dtype=np.float64).reshape(nt, -1)[:, 0]
-        mv = m.get("@variables", {})
-        ob = _var(h5, mv.get("out_bias"), path)
-        if ob is not None:
-            bias = bias + np.asarray(ob, dtype=np.float64).reshape(-1, nt)[0]
-    atom_ex = np.zeros(nt, dtype=bool)
-    for t in list(m.get("atom_exclude_types") or []) + list(fit.get("exclude_types") or []):
-        atom_ex[int(t)] = True
+        except Exception:  # missing attribute, damaged bytes (OSError, UnicodeDecodeError), bad JSON
+            _fail(path, "no readable 'json' attribute: not a DeePMD-kit .dp file")
+        if not isinstance(root, dict):
+            _fail(path, "the 'json' attribute is not a model description")
+        try:
+            return _read(ArrayReader(h5, path), root, path, exclusion)
+        except UserError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+            # a JSON of the wrong structure (hand-edited, another program's file)
+            _fail(path, f"malformed model description in the 'json' attribute ({type(err).__name__}: {err})")
+
+
+def _read(rd: ArrayReader, root: dict, path: str, exclusion) -> DPModel:
+    """The model of an open file: supported features, then arrays read and checked by ``rd``."""
+    m = root.get("model", {})
+    mtype = m.get("type", "standard")
+    if mtype != "standard":
+        _fail(path, f"model type {mtype!r} is unsupported (only standard energy models)")
+    if m.get("spin"):
+        _fail(path, "spin models are unsupported")
+    desc, fit = m.get("descriptor", {}), m.get("fitting", {})
+    dtype = desc.get("type")
+    if dtype not in _DESC_OK:
+        _fail(path, f"descriptor type {dtype!r} is unsupported (only se_e2_a)")
+    ftype = fit.get("type")
+    if ftype != "ener":
+        _fail(path, f"fitting type {ftype!r} is unsupported (only ener)")
+    for key in ("numb_fparam", "numb_aparam", "dim_case_embd"):
+        if int(fit.get(key) or 0):
+            _fail(path, f"fitting {key}={fit.get(key)} is unsupported")
+    if fit.get("atom_ener"):
+        if any(x is not None for x in fit["atom_ener"]):
+            _fail(path, "fitting atom_ener is unsupported")
+    if fit.get("mixed_types"):
+        _fail(path, "fitting mixed_types=true is unsupported")
+    if int(fit.get("dim_out", 1)) != 1:
+        _fail(path, f"fitting dim_out={fit.get('dim_out')} is unsupported")
+    envd = desc.get("env_mat", {})
+    if envd.get("use_exp_switch"):
+        _fail(path, "descriptor env_mat use_exp_switch=true is unsupported")
+    if desc.get("spin"):
+        _fail(path, "descriptor spin is unsupported")
+    if desc.get("compress") or "compress" in desc.get("@variables", {}):
+        _fail(path, "compressed (tabulated) models are unsupported: use the uncompressed model")
     precision = str(desc.get("precision", "float64"))
     if precision not in ("float64", "float32"):
         _fail(path, f"descriptor precision {precision!r} is unsupported (float64 or float32)")
@@ -209,15 +171,58 @@ def load_model(path, exclusion: str | None = None) -> DPModel:
         exclusion = "tf" if str(root.get("backend", "")).lower() == "tensorflow" else "v3"
     if exclusion not in ("tf", "v3"):
         _fail(path, f"exclusion={exclusion!r} is not 'tf' or 'v3'")
+    type_map = list(m.get("type_map") or desc.get("type_map"))
+    nt = len(type_map)
+    sel = [int(s) for s in (desc["sel"] if isinstance(desc["sel"], list) else [desc["sel"]])]
+    if len(sel) != nt:
+        _fail(path, f"descriptor sel has {len(sel)} entries for {nt} types")
+    rcut, rcut_smth = float(desc["rcut"]), float(desc["rcut_smth"])
+    if not 0 <= rcut_smth < rcut:
+        _fail(path, f"descriptor rcut_smth {rcut_smth} and rcut {rcut}: need 0 <= rcut_smth < rcut")
+    neuron, axis = [int(n) for n in desc["neuron"]], int(desc["axis_neuron"])
+    if not neuron or not 0 < axis <= neuron[-1]:
+        _fail(path, f"descriptor axis_neuron {axis} with neuron {neuron}: need 0 < axis_neuron <= neuron[-1]")
     nnei = sum(sel)
-    davg = np.asarray(davg, dtype=np.float64).reshape(nt, nnei, 4)
-    dstd = np.asarray(dstd, dtype=np.float64).reshape(nt, nnei, 4)
+    dv = desc.get("@variables", {})
+    shape = f"({nt}, {nnei}, 4) = (ntypes, sum(sel), 4)"
+    davg, dstd = (rd.array(dv.get(k), f"descriptor {k}", nt * nnei * 4, shape, positive=k == "dstd")
+                  for k in ("davg", "dstd"))
+    if davg is None or dstd is None:
+        _fail(path, "descriptor @variables: davg and dstd are required")
+    nets = desc.get("embeddings", {}).get("networks", [])
+    tos = bool(desc.get("type_one_side", False))
+    need = nt if tos else nt * nt
+    if len(nets) != need:
+        _fail(path, f"descriptor has {len(nets)} embedding nets, expected {need}")
+    # embedding nets map s(r) (1 column) to neuron[-1]; fitting nets map the descriptor to 1 energy
+    embeddings = [rd.net(n, f"embedding net {k}", 1, neuron[-1]) for k, n in enumerate(nets)]
+    fnets = fit.get("nets", {}).get("networks", [])
+    if len(fnets) != nt:
+        _fail(path, f"fitting has {len(fnets)} nets, expected {nt}")
+    fittings = [rd.net(n, f"fitting net {k}", neuron[-1] * axis, 1) for k, n in enumerate(fnets)]
+    # bias_atom_e (ntypes, 1) and the model's out_bias (1, ntypes, 1): one energy per type
+    bias_e = rd.array(fit.get("@variables", {}).get("bias_atom_e"), "fitting bias_atom_e", nt, f"({nt}, 1)")
+    bias = np.zeros(nt) if bias_e is None else np.asarray(bias_e, dtype=np.float64).reshape(nt)
+    ob = rd.array(m.get("@variables", {}).get("out_bias"), "model out_bias", nt, f"(1, {nt}, 1)")
+    if ob is not None:
+        bias = bias + np.asarray(ob, dtype=np.float64).reshape(nt)
+    # DeePMD-kit's atomic model replaces the fitting's own exclude_types by the model's
+    # atom_exclude_types (DPAtomicModel: fitting_net.reinit_exclude(atom_exclude_types)), so the
+    # fitting's list is ignored, in every backend
+    atom_ex = np.zeros(nt, dtype=bool)
+    for t in m.get("atom_exclude_types") or []:
+        if not 0 <= int(t) < nt:
+            _fail(path, f"atom_exclude_types: type {t!r} is not in 0..{nt - 1}")
+        atom_ex[int(t)] = True
     return DPModel(
-        path=path, type_map=type_map, rcut=float(desc["rcut"]), rcut_smth=float(desc["rcut_smth"]),
-        sel=sel, neuron=list(desc["neuron"]), axis_neuron=int(desc["axis_neuron"]), type_one_side=tos,
+        path=path, type_map=type_map, rcut=rcut, rcut_smth=rcut_smth,
+        sel=sel, neuron=neuron, axis_neuron=axis, type_one_side=tos,
         env_protection=float(desc.get("env_protection", 0.0) or 0.0), precision=precision,
-        davg=davg, dstd=dstd, embeddings=embeddings, fittings=fittings, bias=bias,
+        davg=np.asarray(davg, dtype=np.float64).reshape(nt, nnei, 4),
+        dstd=np.asarray(dstd, dtype=np.float64).reshape(nt, nnei, 4),
+        embeddings=embeddings, fittings=fittings, bias=bias,
         desc_exclude=_pairs(nt, desc.get("exclude_types"), path, "descriptor exclude_types"),
         pair_exclude=_pairs(nt, m.get("pair_exclude_types"), path, "pair_exclude_types"),
-        atom_exclude=atom_ex, exclude_padding=exclusion == "tf", meta={"version": root.get("version"), "backend": root.get("backend")},
+        atom_exclude=atom_ex, exclude_padding=exclusion == "tf",
+        meta={"version": root.get("version"), "backend": root.get("backend")},
     )

@@ -17,6 +17,7 @@ import pathlib
 import numpy as np
 
 from dpsnake.engine.xp import array_namespace, to_numpy
+from dpsnake.errors import UserError
 
 COLUMNS = ["step", "max_devi_v", "min_devi_v", "avg_devi_v", "max_devi_f", "min_devi_f",
            "avg_devi_f"]
@@ -95,6 +96,8 @@ def calc_model_devi(coords, cells, atom_types, models, fname=None, frequency: in
         ens = Ensemble(ms, precision=precision)
     xp = array_namespace(coords)
     c, t, s, cl, pbc, nf, nat = frames_to_flat(xp, coords, cells, atom_types)
+    if nat == 0:  # max/min over no atoms (DeePMD-kit's calc_model_devi fails here too)
+        raise UserError("atom_types: no atoms: the force deviation of a frame without atoms is undefined")
     out = ens.evaluate(c, t, s, cl, pbc)
     cols = deviation_columns(out, s, xp.full(nf, nat), relative, relative_v)
     steps = np.arange(nf, dtype=np.int64) * frequency
