@@ -105,26 +105,32 @@ def descriptor_sels(desc: dict, key: str) -> list[tuple[str, float, list | int]]
             if r and (isinstance(s, int) or (isinstance(s, list) and all(isinstance(x, int) for x in s)))]
 
 
-def neighbour_counts(atoms, rcut: float, ntypes: int, atype: np.ndarray) -> np.ndarray:
-    """(natoms, ntypes) number of neighbours of each type within rcut (r < rcut, images included)."""
+def neighbour_counts(atoms, rcut: float, ntypes: int, atype: np.ndarray, pairs=None) -> np.ndarray:
+    """(natoms, ntypes) number of neighbours of each type within rcut (r < rcut, images included);
+    ``pairs``: (i, j, d) of ASE's neighbour list for a cutoff >= rcut, to list the pairs once."""
     from ase.neighborlist import neighbor_list
 
-    i, j = neighbor_list("ij", atoms, rcut, self_interaction=False)
+    i, j, d = pairs if pairs is not None else neighbor_list("ijd", atoms, rcut, self_interaction=False)
+    keep = d < rcut
     counts = np.zeros((len(atoms), ntypes), dtype=np.int64)
-    np.add.at(counts, (i, atype[j]), 1)
+    np.add.at(counts, (i[keep], atype[j[keep]]), 1)
     return counts
 
 
 def check_sel(cfg: dict, atoms_of: dict, model: dict) -> None:
     """Every start structure within the descriptor's sel (see the module docstring)."""
+    from ase.neighborlist import neighbor_list
+
     tmap = list(cfg["type_map"])
     sels = descriptor_sels(model.get("descriptor") or {}, "train.input.model.descriptor")
     if not sels:
         return
+    rmax = max(r for _, r, _ in sels)
     for name, atoms in atoms_of.items():
         atype = np.array([tmap.index(s) for s in atoms.get_chemical_symbols()])
+        pairs = neighbor_list("ijd", atoms, rmax, self_interaction=False)  # once per system
         for key, rcut, sel in sels:
-            counts = neighbour_counts(atoms, rcut, len(tmap), atype)
+            counts = neighbour_counts(atoms, rcut, len(tmap), atype, pairs)
             if isinstance(sel, list):
                 for t, el in enumerate(tmap):
                     worst = int(counts[:, t].max(initial=0))
