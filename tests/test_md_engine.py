@@ -365,3 +365,38 @@ def test_unusable_checkpoint_starts_over(tmp_path, cu_model, capsys):
     err = capsys.readouterr().err
     assert "starting over" in err and "more neighbours than the models' sel" in err
     assert [f.info["step"] for f in read_frames(out / "a" / "traj.extxyz")] == [0, 10]
+
+
+@pytest.mark.parametrize("part", ["weights", "bias"])
+def test_nan_in_a_deviation_model_fails_that_walker_only(tmp_path, dp_model, part):
+    """A model that is not the driving one turns NaN on Ni atoms (its Ni fitting net's weights, or
+    its Ni energy bias: NaN energies with finite forces, made NaN in memory, as a file with such
+    values no longer loads): the CuNi walker fails with the reason, its model_devi.out has no NaN
+    row; the pure Cu walker in the same batch finishes."""
+    import copy
+
+    from dpsnake.engine.ensemble import Ensemble
+    from dpsnake.engine.model import load_model
+
+    p = str(dp_model(data="CuNi")["dp"])
+    good, bad = load_model(p), copy.deepcopy(load_model(p))
+    if part == "weights":
+        bad.fittings[1].layers[0].w[:] = np.nan
+    else:
+        bad.bias[1] = np.nan
+    a = bulk("Cu", "fcc", a=A0, cubic=True).repeat((2, 1, 1))
+    a.symbols[[1, 4]] = "Ni"
+    a.rattle(0.05, seed=3)
+    a.write(tmp_path / "cuni.extxyz")
+    ws = [walker("cuni", str(tmp_path / "cuni.extxyz"), ensemble="nvt", nsteps=20, trj_freq=5),
+          walker("cu", cu(tmp_path / "cu.extxyz", rep=(2, 1, 1)), ensemble="nvt", nsteps=20, trj_freq=5)]
+    out = tmp_path / "run"
+    r = Explorer(parse_walkers(ws), EnsembleProvider(Ensemble([good, bad])), ["Cu", "Ni"], out,
+                 progress=False).run()["walkers"]
+    assert r["cuni"] == {"status": "failed", "reason": "non-finite numbers (NaN/inf) at step 0", "steps": 0}
+    assert r["cu"] == {"status": "finished", "reason": None, "steps": 20}
+    rows = {n: [ln for ln in (out / n / "model_devi.out").read_text().splitlines() if not ln.startswith("#")]
+            for n in ("cuni", "cu")}
+    assert rows["cuni"] == [] and len(rows["cu"]) == 5
+    assert np.isfinite(np.loadtxt(rows["cu"])).all()
+    assert (out / "cuni" / "traj.extxyz").read_text() == ""

@@ -94,6 +94,8 @@ def run(args) -> int:
     for sysp in args.system:
         coords, cells, types = read_frames(sysp, ens.type_map)
         nf, nat = coords.shape[0], len(types)
+        if nat == 0:  # the force deviation is a max/min over atoms
+            raise UserError(f"system: {sysp}: frames without atoms")
         per = max(1, args.batch_atoms // max(nat, 1))
         cols, over = [], 0
         for a in range(0, nf, per):
@@ -106,6 +108,12 @@ def run(args) -> int:
                 out = ens.evaluate(c, t, s, cl, pbc)
             over += ens.last_overflow
             cols.append(deviation_columns(out, s, xp.full(k, nat), args.relative, args.relative_v))
+            # a NaN/inf frame (atoms on top of each other, a cell of zero volume) is reported, not
+            # written as a row of NaN: the models are checked finite on load, so the frame is at fault
+            bad = ~np.isfinite(np.stack([cols[-1][n] for n in COLUMNS[1:] + ["devi_e"]])).all(axis=0)
+            if bad.any():
+                raise UserError(f"system: {sysp}: frame {a + int(np.argmax(bad))}: energies or forces are not "
+                                "finite (NaN/inf): atoms on top of each other?")
         steps = np.arange(nf, dtype=np.int64) * args.frequency
         data = {n: np.concatenate([c[n] for c in cols]) for n in COLUMNS[1:] + ["devi_e"]}
         blocks.append((sysp, steps, data))

@@ -236,7 +236,10 @@ class Explorer:
         if due.any():
             devi = batch_deviation(xp, out, st.system, st.natoms, st.nsys)
             finite = xp.isfinite(integrators.segsum(st, (st.pos + st.vel).sum(axis=1))) & xp.isfinite(st.energy)
-            finite &= xp.isfinite(devi).all(axis=1)
+            # every model's numbers, not only the driving one's: NaN in any model is a failed walker,
+            # never a NaN row in model_devi.out
+            finite &= xp.isfinite(devi).all(axis=1) & xp.isfinite(out["energy"]).all(axis=0)
+            finite &= xp.isfinite(st.cells.reshape(-1, 9)).all(axis=1)
             need_md = any(self.walkers[i].min_dist for i in widx[due])
             dev = {"devi": devi, "finite": finite, "pos": st.pos.copy(), "cells": st.cells.copy()}
             if need_md:
