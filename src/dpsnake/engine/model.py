@@ -206,6 +206,7 @@ def _read(rd: ArrayReader, root: dict, path: str, exclusion) -> DPModel:
     ob = rd.array(m.get("@variables", {}).get("out_bias"), "model out_bias", nt, f"(1, {nt}, 1)")
     if ob is not None:
         bias = bias + np.asarray(ob, dtype=np.float64).reshape(nt)
+    rd.others(m)  # arrays the engine does not use (out_std, ...): damage there is damage too
     # DeePMD-kit's atomic model replaces the fitting's own exclude_types by the model's
     # atom_exclude_types (DPAtomicModel: fitting_net.reinit_exclude(atom_exclude_types)), so the
     # fitting's list is ignored, in every backend

@@ -34,6 +34,7 @@ class ArrayReader:
     def __init__(self, h5, path: str):
         self.h5 = h5
         self.path = path
+        self.read = set()  # refs read so far (``others`` checks the rest)
 
     def fail(self, msg: str):
         raise UserError(f"{self.path}: {msg}")
@@ -48,6 +49,7 @@ class ArrayReader:
         if not isinstance(ref, str):
             self.fail(f"{what}: {ref!r} is not an array path")
         name = f"{ref} ({what})"
+        self.read.add(ref)
         try:
             node = self.h5[ref] if ref in self.h5 else None
         except Exception as err:  # h5py raises KeyError/OSError/RuntimeError on damaged metadata
@@ -88,6 +90,12 @@ class ArrayReader:
         lds = netd.get("layers") or []
         if not lds:
             self.fail(f"{what}: no layers")
+        # each layer's output width from the net's own description: neuron (+ out_dim for a
+        # fitting net's last layer); None where it does not say (the layers must still chain)
+        outs = [int(n) for n in netd.get("neuron") or []]
+        if len(outs) + 1 == len(lds):
+            outs.append(int(netd.get("out_dim", nout)))
+        outs = outs if len(outs) == len(lds) else [None] * len(lds)
         for k, ld in enumerate(lds):
             lw = f"{what} layer {k}"
             if ld.get("@class", "Layer") != "Layer":
@@ -99,8 +107,8 @@ class ArrayReader:
             w = self.array(v.get("w"), f"{lw} w")
             if w is None:
                 self.fail(f"{lw}: no weight matrix w")
-            if w.ndim != 2 or w.shape[0] != width:
-                self.fail(f"{v['w']} ({lw} w): shape {w.shape}, expected ({width}, n)")
+            if w.ndim != 2 or w.shape[0] != width or outs[k] not in (None, w.shape[1]):
+                self.fail(f"{v['w']} ({lw} w): shape {w.shape}, expected ({width}, {outs[k] or 'n'})")
             out = int(w.shape[1])
             vec = f"({out},)"
             b = self.array(v.get("b"), f"{lw} b", out, vec) if ld.get("bias", True) else None
@@ -115,3 +123,18 @@ class ArrayReader:
             self.fail(f"{lds[-1]['@variables']['w']} ({what} layer {len(lds) - 1} w): output width "
                       f"{width}, expected {nout}")
         return Net(layers)
+
+    def others(self, tree, where: str = "model") -> None:
+        """Check the arrays of ``tree`` (the JSON's model dict) that the engine does not use (e.g.
+        ``out_std``) as :meth:`array` does: a damaged one means a damaged file."""
+        if isinstance(tree, dict):
+            for k, v in tree.items():
+                if k == "@variables" and isinstance(v, dict):
+                    for name, ref in v.items():
+                        if isinstance(ref, str) and ref not in self.read:
+                            self.array(ref, f"{where} {name}")
+                else:
+                    self.others(v, f"{where} {k}")
+        elif isinstance(tree, list):
+            for i, v in enumerate(tree):
+                self.others(v, f"{where}[{i}]")
