@@ -9,6 +9,11 @@ so it exists only when the model is complete.
 Where a model starts from (``init.json`` in the model folder says which and why):
 - ``init``: the same model of the previous iteration, when ``--init-from`` is given and the
   ``train.init_from_previous`` policy agrees (``yes:N``: the previous models saw more than N frames);
+  it trains ``init_numb_steps`` more steps with the learning rate ``train.init_lr_schedule`` says:
+  ``continue`` (``dp train --restart`` from the previous checkpoint: step counter, learning rate, loss
+  prefactors and Adam moments go on, one schedule over all steps so far) or ``reset`` (``--init-frz-model``
+  / ``--init-model``: the step counter at 0, a new schedule from ``start_lr`` over ``init_numb_steps``);
+  the architecture is the previous model's (its ``out.json``: ``sel: auto`` resolved then);
 - ``finetune``: otherwise, with ``train.finetune``, the pretrained model (``dp --pt train --finetune``):
   a fine-tuning campaign never trains from random weights;
 - ``scratch``: otherwise.
@@ -20,10 +25,9 @@ import copy
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
 from dpsnake.errors import UserError
+from dpsnake.workflow.train_proc import remove_stale, run_steps
 
 FROZEN = {"tf": "frozen_model.pb", "pt": "frozen_model.pth"}
 
@@ -49,13 +53,34 @@ def merge(base: dict, over: dict) -> dict:
 
 
 def previous_steps(model_dir) -> int:
-    """Training steps behind a model (``numb_steps`` of its input.json): DeePMD-kit's TensorFlow backend
-    keeps counting from there when it starts from that frozen model."""
+    """Training steps behind a model (``numb_steps`` of its input.json: the step counter it ended at)."""
     path = pathlib.Path(model_dir) / "input.json"
     try:
         return int(json.loads(path.read_text())["training"]["numb_steps"])
     except (OSError, KeyError, ValueError) as err:
         raise UserError(f"--init-from: {path}: cannot read training.numb_steps ({err})") from None
+
+
+def restart_step(backend: str, model_dir) -> int:
+    """The step ``dp train --restart`` resumes at from a model's last checkpoint. TensorFlow's global step
+    is the number of steps done; DeePMD-kit's PyTorch checkpoint stores the index of its last step
+    (``numb_steps - 1``) and the restarted loop starts at that index again, so counting from it makes
+    the continued run train exactly ``init_numb_steps`` steps."""
+    n = previous_steps(model_dir)
+    return n if backend == "tf" else n - 1
+
+
+def previous_model(model_dir) -> dict | None:
+    """The ``model`` section a previous model was trained with (DeePMD-kit's ``out.json``, with ``sel``
+    resolved): a continued run must build the same network, whatever ``sel: auto`` gives on the new
+    data. None when the folder has no out.json."""
+    path = pathlib.Path(model_dir) / "out.json"
+    try:
+        return json.loads(path.read_text())["model"]
+    except FileNotFoundError:
+        return None
+    except (OSError, KeyError, ValueError) as err:
+        raise UserError(f"--init-from: {path}: cannot read its model section ({err})") from None
 
 
 def _takes_seed(kind: str, tag: str | None) -> bool:
@@ -70,13 +95,16 @@ def _takes_seed(kind: str, tag: str | None) -> bool:
 
 
 def make_input(cfg: dict, it: int, k: int, systems: list[str], init: bool, start_step: int = 0,
-               finetune: bool = False) -> dict:
-    """The DeePMD-kit input.json of model ``k`` in iteration ``it``; ``start_step``: steps already done by
-    the model it starts from (the step counter and learning-rate schedule continue from there).
-    Steps: ``init_numb_steps`` when starting from the previous model (``init``), ``finetune.numb_steps``
-    when fine-tuning the pretrained model, else ``numb_steps``."""
+               finetune: bool = False, model: dict | None = None) -> dict:
+    """The DeePMD-kit input.json of model ``k`` in iteration ``it``; ``start_step``: the step the run
+    starts at (``dp train --restart``: the step counter and learning-rate schedule continue from there,
+    ``numb_steps`` counts from 0); ``model``: the model section to train instead of the config's (the
+    previous model's). Steps: ``init_numb_steps`` when starting from the previous model (``init``),
+    ``finetune.numb_steps`` when fine-tuning the pretrained model, else ``numb_steps``."""
     tr = cfg["train"]
     inp = merge({"model": {}, "training": {"training_data": {}}}, tr["input"])
+    if model is not None:
+        inp["model"] = copy.deepcopy(model)
     seed = (tr["seed"] * 1_000_003 + it * 1009 + k * 7919) % (2**31)
     model = inp["model"]
     model["type_map"] = list(cfg["type_map"])
@@ -108,12 +136,6 @@ def make_input(cfg: dict, it: int, k: int, systems: list[str], init: bool, start
     return inp
 
 
-def _run(cmd: list[str], cwd: pathlib.Path, env: dict, what: str) -> None:
-    p = subprocess.run(cmd, cwd=cwd, env=env, stdout=sys.stdout, stderr=subprocess.STDOUT)
-    if p.returncode:
-        raise UserError(f"{what} failed with exit code {p.returncode} in {cwd} (see the log above)")
-
-
 def start_point(cfg: dict, it: int, data: list[str], init_from: str | None) -> dict:
     """Where model training starts: {"mode": "init" | "finetune" | "scratch", "from": path | None,
     "reason": str} (see the module docstring)."""
@@ -138,6 +160,11 @@ def start_point(cfg: dict, it: int, data: list[str], init_from: str | None) -> d
     return {"mode": "scratch", "from": None, "reason": reason}
 
 
+def lr_schedule(cfg: dict) -> str:
+    """``train.init_lr_schedule``: ``continue`` or ``reset`` (configs resolved before it existed: continue)."""
+    return cfg["train"].get("init_lr_schedule") or "continue"
+
+
 def dp_train_args(cfg: dict, start: dict, out: pathlib.Path) -> list[str]:
     """The arguments after ``dp --<backend> train input.json`` for a start point."""
     from dpsnake.workflow.train_input import FINETUNE_DEFAULTS
@@ -146,6 +173,14 @@ def dp_train_args(cfg: dict, start: dict, out: pathlib.Path) -> list[str]:
     ft = dict(FINETUNE_DEFAULTS, **tr["finetune"]) if tr.get("finetune") else {}
     if start["mode"] == "init":
         prev = pathlib.Path(start["from"]).resolve()
+        if lr_schedule(cfg) == "continue":
+            ckpt = prev / ("model.ckpt" if tr["backend"] == "tf" else "model.ckpt.pt")
+            probe = ckpt.with_name("model.ckpt.index") if tr["backend"] == "tf" else ckpt
+            if not probe.exists():
+                raise UserError(f"--init-from: {probe}: no such checkpoint (train.init_lr_schedule: continue "
+                                "restarts from the previous model's last checkpoint; reset starts from its "
+                                "frozen model)")
+            return ["--restart", str(ckpt)]
         if tr["backend"] == "tf":
             return ["--init-frz-model", str(prev / FROZEN["tf"])]
         # the checkpoint's own model section: after fine-tuning it is the pretrained architecture
@@ -175,12 +210,13 @@ def run(args) -> int:
     systems = [str(p.resolve()) for p in system_folders(args.data)]
     if not systems:
         raise UserError(f"--data: no deepmd/npy systems under {' '.join(args.data)}")
-    for stale in list(out.glob("model.ckpt*")) + list(out.glob("checkpoint")) + list(out.glob("*.tmp*")):
-        stale.unlink()  # left by a killed attempt: never restart from them by accident
+    remove_stale(out)
     start = start_point(cfg, args.iter, args.data, args.init_from)
     init = start["mode"] == "init"
-    first = previous_steps(start["from"]) if init and backend == "tf" else 0
-    inp = make_input(cfg, args.iter, args.model, systems, init, first, finetune=start["mode"] == "finetune")
+    first = restart_step(backend, start["from"]) if init and lr_schedule(cfg) == "continue" else 0
+    model = previous_model(start["from"]) if init else None
+    inp = make_input(cfg, args.iter, args.model, systems, init, first, finetune=start["mode"] == "finetune",
+                     model=model)
     (out / "input.json").write_text(json.dumps(inp, indent=1))
     (out / "init.json").write_text(json.dumps(start, indent=1) + "\n")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS=str(args.threads),
@@ -191,20 +227,17 @@ def run(args) -> int:
         # DataLoader workers by default, processes that compete with the concurrent trainings for cores
         env.update(CUDA_VISIBLE_DEVICES="", DEVICE="cpu")
         env.setdefault("NUM_WORKERS", "0")
-    cmd = ["dp", f"--{backend}", "train", "input.json"] + dp_train_args(cfg, start, out)
-    print(f"train iteration {args.iter} model {args.model}: {len(systems)} systems, "
-          f"{inp['training']['numb_steps']} steps, backend {backend}{' on the CPU' if env.get('DEVICE') == 'cpu' else ''}"
-          f", start: {start['mode']}"
-          f"{' from ' + str(start['from']) if start['from'] else ''} ({start['reason']})", flush=True)
+    train_cmd = [f"--{backend}", "train", "input.json"] + dp_train_args(cfg, start, out)
+    n = inp["training"]["numb_steps"]
+    steps = f"steps {first} to {n}" if first else f"{n} steps"
+    lr = f", learning rate: {lr_schedule(cfg)}" if init else ""
+    print(f"train iteration {args.iter} model {args.model}: {len(systems)} systems, {steps}, backend "
+          f"{backend}{' on the CPU' if env.get('DEVICE') == 'cpu' else ''}, start: {start['mode']}"
+          f"{' from ' + str(start['from']) if start['from'] else ''} ({start['reason']}){lr}", flush=True)
     frozen = FROZEN[backend]
     tmp_frozen = frozen.replace("frozen_model", "frozen_model.tmp")
-    steps = [cmd[1:], [f"--{backend}", "freeze", "-o", tmp_frozen], ["convert-backend", tmp_frozen, "model.tmp.dp"]]
-    # one Python process for the three DeePMD-kit commands: the start-up of TensorFlow or torch + DeePMD-kit
-    # (~5 s CPU each time) is paid once
-    script = "from deepmd.main import main\n" + "".join(f"main({s!r})\n" for s in steps)
-    for s in steps:
-        print("+ dp " + " ".join(s), flush=True)
-    _run([sys.executable, "-c", script], out, env, "dp train / freeze / convert-backend")
+    run_steps([train_cmd, [f"--{backend}", "freeze", "-o", tmp_frozen],
+               ["convert-backend", tmp_frozen, "model.tmp.dp"]], out, env)
     os.replace(out / tmp_frozen, out / frozen)
     os.replace(out / "model.tmp.dp", out / "model.dp")
     print(f"train: wrote {out / 'model.dp'}")

@@ -1,0 +1,72 @@
+"""The DeePMD-kit process behind ``dpsnake train``: the stale files a killed attempt leaves, and the
+``dp train`` / ``dp freeze`` / ``dp convert-backend`` run whose failure is reported by its cause.
+
+A failure ends in one ``UserError`` whose message is the cause DeePMD-kit (or TensorFlow / torch)
+printed, e.g. ``dp train: RuntimeError: The input frozen model ... does not exist! (in <folder>)``,
+found in the process output (``errors.last_error_line``), which still goes to the log unchanged.
+"""
+
+from __future__ import annotations
+
+import collections
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+
+from dpsnake.errors import UserError, last_error_line
+
+# what a killed or failed attempt leaves in a model folder: checkpoints (model.ckpt-N.*, TensorFlow's
+# `checkpoint` index), files being written (TensorFlow's `*.tmp<hex>` meta graphs and `checkpoint.tmp*`,
+# its `*.tempstate<n>` checkpoint shards and `*_temp` shard folders; our own `*.tmp.*` outputs)
+STALE = ("model.ckpt*", "checkpoint", "checkpoint.tmp*", "*.tmp*", "*tempstate*", "*_temp")
+
+
+def remove_stale(out: pathlib.Path) -> list[pathlib.Path]:
+    """Delete what an earlier attempt left in ``out`` (never restart from it by accident). One pass over
+    the union of the patterns: a file several patterns match (``model.ckpt-N.meta.tmp<hex>``) is deleted
+    once, and a file that is gone already (deleted meanwhile) is no error."""
+    stale = sorted({p for pattern in STALE for p in out.glob(pattern)})
+    for p in stale:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return stale
+
+
+def _signal_name(rc: int) -> str:
+    try:
+        return signal.Signals(-rc).name
+    except ValueError:
+        return f"signal {-rc}"
+
+
+def run_steps(steps: list[list[str]], cwd: pathlib.Path, env: dict) -> None:
+    """Run the ``dp`` command lines ``steps`` (arguments after ``dp``) in one Python process (the
+    start-up of TensorFlow or torch + DeePMD-kit, ~5 s CPU, is paid once). The output goes to our
+    stdout line by line (the job's log); a failure raises UserError naming the step and its cause."""
+    # each step announces itself, so the output says which one failed
+    script = "from deepmd.main import main\n" + "".join(
+        f"print({'+ dp ' + ' '.join(s)!r}, flush=True)\nmain({s!r})\n" for s in steps)
+    tail: collections.deque[str] = collections.deque(maxlen=400)  # enough for a TensorFlow traceback
+    current = "dp " + " ".join(steps[0][:2])
+    with subprocess.Popen([sys.executable, "-c", script], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1) as p:
+        for line in p.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if line.startswith("+ dp "):
+                # "dp train", "dp freeze", "dp convert-backend" (the backend flag left out)
+                current = "dp " + next(w for w in line.split()[2:] if not w.startswith("--"))
+                tail.clear()
+            tail.append(line)
+        rc = p.wait()
+    if rc == 0:
+        return
+    if rc < 0:  # killed: no traceback, and the last lines are ordinary training output
+        cause = f"killed by {_signal_name(rc)}" + (" (out of memory?)" if rc == -9 else "")
+    else:
+        cause = last_error_line("".join(tail)) or f"exit code {rc}, no output"
+    raise UserError(f"{current}: {cause} (in {cwd})")
