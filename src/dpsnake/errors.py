@@ -90,9 +90,13 @@ def last_error_line(text: str, limit: int = 400) -> str:
 
 
 def _nearest_existing(path: str) -> str:
-    p = os.path.abspath(path)
-    while p != os.path.dirname(p) and not os.path.lexists(p):
-        p = os.path.dirname(p)
+    """``path`` or its nearest existing parent folder (relative paths stay relative)."""
+    p = os.path.normpath(path)
+    while not os.path.lexists(p):
+        parent = os.path.dirname(p)
+        if parent in ("", p):
+            return parent or "."
+        p = parent
     return p
 
 
@@ -111,7 +115,8 @@ def os_error_message(err: OSError) -> str:
             todo = f"make {target} writable (chmod u+rwx {target}) and rerun"
         else:
             todo = f"make {target} readable and writable (chmod u+rw {target}) and rerun"
-        return f"{where}permission denied; {todo}"
+        made = "" if path is None or os.path.lexists(str(path)) else " (cannot create it)"
+        return f"{where}permission denied{made}; {todo}"
     if code in (errno.ENOSPC, errno.EDQUOT):
         what = "no space left on device" if code == errno.ENOSPC else "disk quota exceeded"
         return f"{where}{what}; free space (or raise the quota) and rerun: finished jobs are not redone"
@@ -123,6 +128,8 @@ def os_error_message(err: OSError) -> str:
         return f"{where}no such file or directory"
     if code == errno.ENOTDIR:
         return f"{where}a part of this path is a file, not a folder; move that file away and rerun"
+    if code == errno.EEXIST:
+        return f"{where}already exists and is in the way (a file where a folder is needed?); move it away and rerun"
     if code == errno.EISDIR:
         return f"{where}is a folder where a file is expected; move it away and rerun"
     why = err.strerror or str(err) or type(err).__name__

@@ -20,3 +20,4 @@ rule collect:
     shell:
         "dpsnake collect --config results/config.json --iter {params.it} --stats {input.stats}"
         " --labels {input.labels} --data-out {output.data} --summary {output.summary} > {log} 2>&1"
+        " || {{ rc=$?; tail -n 1 {log} >&2; exit $rc; }}"

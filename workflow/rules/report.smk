@@ -32,6 +32,7 @@ rule report_iteration:
         "../../envs/label.yaml"
     shell:
         "dpsnake report --config results/config.json --iter {params.it} {params.accuracy} > {log} 2>&1"
+        " || {{ rc=$?; tail -n 1 {log} >&2; exit $rc; }}"
 
 
 rule finalize:
@@ -52,6 +53,7 @@ rule finalize:
     shell:
         "dpsnake finalize --iter {params.it} --stats {input.stats} --models {params.dirs}"
         " --outdir {output} > {log} 2>&1"
+        " || {{ rc=$?; tail -n 1 {log} >&2; exit $rc; }}"
 
 
 rule report_run:
@@ -82,3 +84,4 @@ rule report_run:
         "../../envs/label.yaml"
     shell:
         "dpsnake report --config results/config.json --run {params.accuracy} > {log} 2>&1"
+        " || {{ rc=$?; tail -n 1 {log} >&2; exit $rc; }}"

@@ -20,5 +20,5 @@ checkpoint select:
     shell:
         "dpsnake select --config results/config.json --iter {params.it}"
         " --explore results/iter.{wildcards.it}/explore --outdir results/iter.{wildcards.it}/select"
-        " --data results/data"
+        " --data results/data --results results"
         " 2>&1 | tee {log}"

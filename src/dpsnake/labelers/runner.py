@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from dpsnake.errors import UserError
+from dpsnake.errors import UserError, last_error_line
 from dpsnake.labelers.base import LabelResult, sanity_check
 
 
@@ -122,6 +122,16 @@ def tail(path: pathlib.Path, nlines: int = 3, nchars: int = 300) -> str:
     return " | ".join(lines[-nlines:])[-nchars:]
 
 
+def _end(path: pathlib.Path, nbytes: int = 65536) -> str:
+    """The last ``nbytes`` of a text file ("" if unreadable): where a code prints why it stopped."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - nbytes))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def run_command(command: str, workdir: pathlib.Path, *, nproc: int = 1, nthreads: int = 1,
                 timeout: float | None = None, stdout_name: str = "stdout", stderr_name: str = "stderr",
                 env: dict | None = None, **fields) -> RunOutcome:
@@ -159,8 +169,11 @@ def run_command(command: str, workdir: pathlib.Path, *, nproc: int = 1, nthreads
             return RunOutcome(None, time.monotonic() - start, f"timed out after {timeout:g} s: {command}", out, err)
     seconds = time.monotonic() - start
     if rc != 0:
-        why = tail(err) or tail(out)
-        return RunOutcome(rc, seconds, f"{argv[0]} exited with code {rc}" + (f": {why}" if why else ""), out, err)
+        # the code's own last error line ("Error in routine init_pos (1): atomic species info missing"),
+        # not MPI's abort boilerplate that ends stderr
+        why = last_error_line(_end(out) + "\n" + _end(err))
+        return RunOutcome(rc, seconds, (f"{why} ({argv[0]} exited with code {rc})" if why
+                                        else f"{argv[0]} exited with code {rc}"), out, err)
     return RunOutcome(0, seconds, None, out, err)
 
 

@@ -4,6 +4,7 @@ Failed labels are counted and listed in ``collect/summary.json``, never added. W
 fraction exceeds ``label.max_failed_fraction`` the step stops with a message (and writes nothing), so a
 broken labeler cannot silently starve the dataset. The dataset folder is built under a temporary name
 and renamed, then the summary is written: a kill leaves either nothing or the complete iteration.
+A stats file or label that cannot be read is one line naming it and what to do (delete it, rerun).
 """
 
 from __future__ import annotations
@@ -24,6 +25,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--summary", required=True, help="collect/summary.json to write")
 
 
+def _read_stats(path: pathlib.Path) -> dict:
+    """select/stats.json, or one line naming it: a damaged file is rebuilt by rerunning the selection."""
+    try:
+        stats = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        stats = err
+    if not isinstance(stats, dict):
+        why = f"not valid JSON ({stats})" if isinstance(stats, Exception) else "not a JSON object"
+        raise UserError(f"--stats: {path}: {why}; delete it and rerun: Snakemake redoes the selection")
+    return stats
+
+
 def run(args) -> int:
     from dpsnake.labelers.io import read_labeled
     from dpsnake.workflow import dataset
@@ -31,14 +44,21 @@ def run(args) -> int:
     from dpsnake.workflow.fsutil import atomic_write_json, replace_dir, tmp_dir_for
 
     cfg = read_resolved(args.config)
-    stats = json.loads(pathlib.Path(args.stats).read_text())
+    stats = _read_stats(pathlib.Path(args.stats))
     expected = set(stats.get("tasks", []))
     ok = collections.defaultdict(list)
     rows = collections.defaultdict(list)
     failures, seen = [], set()
     nfail = collections.Counter()
     for path in sorted(args.labels):
-        atoms, good, reason = read_labeled(path)
+        try:
+            atoms, good, reason = read_labeled(path)
+        except (ValueError, KeyError, IndexError, StopIteration, OSError) as err:  # cut short, not a label
+            if isinstance(err, OSError) and err.errno is not None:
+                raise  # permission denied...: the command line names the path and what to do
+            why = f"{type(err).__name__}: {err}" if str(err) else "empty file"
+            raise UserError(f"{path}: not a readable label ({why}); delete it and rerun: Snakemake labels that "
+                            "frame again") from None
         task = pathlib.Path(path).name.split(".")[1]  # task.NNNNNN.extxyz (extxyz info turns "000001" into 1)
         if task in seen:
             raise UserError(f"--labels: task {task} given twice ({path})")

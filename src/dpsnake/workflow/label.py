@@ -3,7 +3,8 @@
 Each input frame (``select/candidates/task.N.extxyz``) gives one output (``label/task.N.extxyz``,
 written atomically by ``dpsnake.labelers.io.write_labeled``). A failed label (crash, no SCF convergence,
 forces above ``label.max_force``) is written with ``label_ok = False`` plus ``task.N.failed.json``
-holding the reason; it never enters a dataset. Scratch files go to ``label/work/task.N/``.
+holding the reason and the frame's key (``select.frame_id``): it never enters a dataset, and
+``dpsnake select`` never picks that frame again. Scratch files go to ``label/work/task.N/``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def run(args) -> int:
     from dpsnake.labelers.io import write_labeled
     from dpsnake.workflow.config import read_resolved
     from dpsnake.workflow.fsutil import atomic_write_json
+    from dpsnake.workflow.select import frame_id
 
     if len(args.input) != len(args.output):
         raise UserError(f"--output: {len(args.output)} paths for {len(args.input)} inputs")
@@ -39,6 +41,7 @@ def run(args) -> int:
         dst = pathlib.Path(dst)
         atoms = ase.io.read(src, format="extxyz")
         info = dict(atoms.info)
+        key = frame_id(atoms.positions, atoms.cell.array)  # before the labeler can touch the frame
         work = dst.parent / "work" / dst.name.removesuffix(".extxyz")
         if work.exists():
             shutil.rmtree(work)
@@ -53,7 +56,7 @@ def run(args) -> int:
         else:
             atomic_write_json(failed_json, {"task": info.get("task"), "system": info.get("system"),
                                             "walker": info.get("walker"), "step": info.get("step"),
-                                            "reason": res.reason})
+                                            "key": key, "reason": res.reason})
             print(f"label {dst.name}: FAILED: {res.reason}", file=sys.stderr)
         write_labeled(dst, atoms, res, info)  # last: the output exists only when complete
         if not args.keep_work:

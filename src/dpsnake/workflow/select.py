@@ -5,12 +5,18 @@ Reads ``explore/walkers.json``, ``explore/plan.json``, ``explore/summary.json`` 
 provenance in ``info``) and ``select/stats.json`` (format in docs/architecture.md, plus ``stage``,
 ``stage_iteration``, ``stop``, ``next_stage``, ``tasks``). Both are written under temporary names and
 renamed, candidates first, so ``stats.json`` exists only when everything is complete.
+
+A frame is never picked twice: not when it is already in a dataset (``--data``), and not when its label
+failed in an earlier iteration (``--results``: ``iter.*/label/task.N.failed.json`` hold the frame's key);
+the latter are counted per system as ``failed_before`` in stats.json.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
+import re
 import sys
 
 import numpy as np
@@ -25,6 +31,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--outdir", required=True, help="the iteration's select folder")
     parser.add_argument("--data", default=None, help="dataset root (results/data): frames already in it are "
                         "never selected again")
+    parser.add_argument("--results", default=None, help="the run's results folder: frames whose label failed in "
+                        "an earlier iteration (iter.*/label/task.N.failed.json) are never selected again")
 
 
 def _read_frames(path: pathlib.Path) -> list:
@@ -65,6 +73,39 @@ def frame_key(positions, cell) -> bytes:
     return np.round(np.concatenate([np.ravel(positions), np.ravel(cell)]), 5).tobytes()
 
 
+def frame_id(positions, cell) -> str:
+    """:func:`frame_key` as a short hex string, stable across runs: what ``task.N.failed.json`` records."""
+    return hashlib.sha1(frame_key(positions, cell)).hexdigest()[:20]
+
+
+def failed_before(results, it: int) -> dict[str, str]:
+    """{frame id: "task.N.failed.json path: reason"} of every label that failed in an iteration before
+    ``it`` under ``results`` (later iterations are ignored, so rerunning a selection picks the same frames).
+    A record without a key (written by an older dpsnake) takes it from the failed label's frame."""
+    out = {}
+    if results is None or not pathlib.Path(results).is_dir():
+        return out
+    for rec in sorted(pathlib.Path(results).glob("iter.*/label/task.*.failed.json")):
+        m = re.fullmatch(r"iter\.(\d+)", rec.parent.parent.name)
+        if not m or int(m.group(1)) >= it:
+            continue
+        try:
+            info = json.loads(rec.read_text())
+        except (OSError, json.JSONDecodeError):  # a record cut short: its frame is simply not remembered
+            continue
+        key = info.get("key")
+        if not key:
+            frame = rec.with_name(rec.name.replace(".failed.json", ".extxyz"))
+            if not frame.is_file():
+                continue
+            import ase.io
+
+            atoms = ase.io.read(frame, format="extxyz")
+            key = frame_id(atoms.positions, atoms.cell.array)
+        out[key] = f"{rec}: {info.get('reason')}"
+    return out
+
+
 def known_frames(data_root) -> set:
     """Keys of every frame already in the datasets under ``data_root`` (deepmd/npy set.*/coord.npy)."""
     keys = set()
@@ -80,8 +121,9 @@ def known_frames(data_root) -> set:
     return keys
 
 
-def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None) -> tuple[dict, list]:
-    """Returns (stats, tasks); tasks: list of (atoms, info) to write as candidates."""
+def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=None) -> tuple[dict, list]:
+    """Returns (stats, tasks); tasks: list of (atoms, info) to write as candidates. ``data_root``: frames
+    in its datasets are not picked; ``results``: frames whose label failed before ``it`` are not picked."""
     import ase.io
 
     from dpsnake.workflow import selection as S
@@ -95,6 +137,7 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None) -> tuple[d
     sel = cfg["select"]
     rng = np.random.default_rng([sel["seed"], it])
     seen = known_frames(data_root)
+    bad = failed_before(results, it)
     systems, tasks = {}, []
     for system in sorted(data):
         d = data[system]
@@ -107,7 +150,7 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None) -> tuple[d
         cls = S.classify(d["devi_f"], (lo, hi), d["devi_v"], trust.get("virial"))
         cand = np.flatnonzero(cls == S.CANDIDATE)
         # structure filter on candidates: bad frames are counted as failed, never labelled
-        frames_cache, keep, filtered, duplicates = {}, [], 0, 0
+        frames_cache, keep, filtered, duplicates, refailed, example = {}, [], 0, 0, 0, None
         ref = ase.io.read(explore / by_name[d["walker"][0]]["structure"]) if len(d["walker"]) else None
         ref_vpa = abs(ref.cell.volume) / len(ref) if ref is not None and ref.pbc.any() else None
         for i in cand:
@@ -124,8 +167,16 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None) -> tuple[d
                 if key in seen:  # already labelled (or picked from another walker): never twice
                     duplicates += 1
                     continue
+                fid = hashlib.sha1(key).hexdigest()[:20]  # = frame_id(): the key failed labels record
+                if fid in bad:  # its label failed before (e.g. the start structure): a relabel fails again
+                    refailed += 1
+                    example = example or f"{d['walker'][i]} step {d['step'][i]} ({bad[fid]})"
+                    continue
                 seen.add(key)
                 keep.append(i)
+        if refailed:
+            print(f"select: {system}: {refailed} candidate(s) not picked again, their label failed in an earlier "
+                  f"iteration, e.g. {example}", file=sys.stderr)
         picked = S.pick(np.asarray(keep, dtype=int), d["devi_f"], sel["max_candidates"], sel["pick"], rng)
         for i in picked:
             atoms = _frame(explore, d["walker"][i], int(d["step"][i]), frames_cache).copy()
@@ -143,7 +194,8 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None) -> tuple[d
                            "trust_lo": float(lo), "trust_hi": float(hi),
                            "trust_lo_virial": None if trust.get("virial") is None else trust["virial"][0],
                            "trust_hi_virial": None if trust.get("virial") is None else trust["virial"][1],
-                           "filtered": filtered, "duplicates": duplicates, "selected": int(len(picked))}
+                           "filtered": filtered, "duplicates": duplicates, "failed_before": refailed,
+                           "selected": int(len(picked))}
     stages = cfg["explore"]["stages"]
     stage, stage_it = plan["stage"], plan["stage_iteration"]
     decision = S.decide(systems, cfg["convergence"]["accurate_ratio"], it, stage, stage_it, len(stages),
@@ -189,7 +241,7 @@ def run(args) -> int:
     for f in ("walkers.json", "plan.json", "summary.json"):
         if not (explore / f).is_file():
             raise UserError(f"--explore: {explore / f}: no such file")
-    stats, tasks = select(cfg, args.iter, explore, args.data)
+    stats, tasks = select(cfg, args.iter, explore, args.data, args.results)
     out.mkdir(parents=True, exist_ok=True)
     tmp = tmp_dir_for(out / "candidates")
     for atoms in tasks:
