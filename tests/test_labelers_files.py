@@ -222,3 +222,29 @@ def test_rerun_never_parses_stale_output_and_unknown_keys_are_refused(potcars, p
         make_labeler(vasp_spec(potcars, ecut=400))
     with pytest.raises(UserError, match=r"unknown key\(s\) \['bassis'\]"):
         make_labeler({"type": "pyscf", "bassis": "sto-3g"})
+
+
+def test_missing_program_is_a_check_time_error(potcars, tmp_path):
+    """The program of label.command is looked up once at check time (preflight; check-config and every
+    Snakemake start call it); a labeler built anyway still fails each frame with 'cannot start'."""
+    from dpsnake.labelers import preflight
+
+    preflight(make_labeler(vasp_spec(potcars)))  # cp: on PATH
+    preflight(make_labeler({"type": "ase"}))  # in-process calculators have no program
+    lab = make_labeler(vasp_spec(potcars, command="/nonexistent/vasp_std"))
+    with pytest.raises(UserError, match=r"^label.command: cannot start '/nonexistent/vasp_std': no such executable"):
+        preflight(lab)
+    result = lab.label(cuni_frame(), tmp_path / "v")
+    assert not result.ok and result.reason.startswith("cannot start '/nonexistent/vasp_std'")
+    with pytest.raises(UserError, match=r"'/nonexistent/vasp_std': no such file \(the program mpirun"):
+        preflight(make_labeler(vasp_spec(potcars, command="mpirun -np {nproc} /nonexistent/vasp_std")))
+    with pytest.raises(UserError, match=r"mpirun starts no program found on PATH \(looked for 'vasp_std_x'\)"):
+        preflight(make_labeler(vasp_spec(potcars, command="mpirun -np {nproc} vasp_std_x")))
+    # a program found through label.env's PATH, as the label job will find it
+    (tmp_path / "bin").mkdir()
+    prog = tmp_path / "bin" / "vasp_std_x"
+    prog.write_text("#!/bin/sh\ncp OUTCAR.ref OUTCAR\n")
+    prog.chmod(0o755)
+    with pytest.raises(UserError, match="vasp_std_x': not found on PATH"):
+        preflight(make_labeler(vasp_spec(potcars, command="vasp_std_x")))
+    preflight(make_labeler(vasp_spec(potcars, command="vasp_std_x", env={"PATH": f"{prog.parent}:/usr/bin:/bin"})))

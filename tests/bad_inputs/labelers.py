@@ -41,6 +41,18 @@ def vasp(**keys):
     return mutate
 
 
+def _vasp_without_ni(cfg, tmp):
+    vasp()(cfg, tmp)
+    (tmp / "pseudo" / "Ni" / "POTCAR").unlink()
+
+
+def _cp2k_basis_cu_only(cfg, tmp):
+    data = _pseudos(tmp)
+    for name in ("BASIS_MOLOPT", "GTH_POTENTIALS"):
+        (data / name).write_text("")
+    cfg["label"] = {"type": "cp2k", "command": "true", "data_dir": str(data), "basis": {"Cu": "DZVP-MOLOPT-SR-GTH"}}
+
+
 def ase(**keys):
     def mutate(cfg, tmp):
         cfg["label"] = {"type": "ase", "calculator": "EMT", **keys}
@@ -74,6 +86,11 @@ PROBES = [
     config_probe("label-qe-placeholder", qe(command="true {inpt}"), "label.command: unknown placeholder(s) ['inpt']"),
     config_probe("label-qe-nproc", qe(nproc=0), "label.nproc: must be a positive integer"),
     config_probe("label-vasp-potcar", vasp(potcars={"Cu": "Cu_pv/POTCAR"}), "label.potcars.Cu"),
+    # every element of the systems has what the code needs (before: named at its first frame)
+    config_probe("label-qe-element-without-pseudo", qe(pseudopotentials={"Cu": "Cu.UPF"}),
+                 "label.pseudopotentials: no pseudopotential for element(s) ['Ni'] of the systems"),
+    config_probe("label-vasp-element-without-potcar", _vasp_without_ni, "label.potcars.Ni: POTCAR not found"),
+    config_probe("label-cp2k-element-without-basis", _cp2k_basis_cu_only, "label.basis: no entry for element Ni"),
     config_probe("label-vasp-fixed-incar", vasp(incar={"NSW": 10}), "label.incar.NSW"),
     config_probe("label-pyscf-unknown-key", lambda c, t: c.update(label={"type": "pyscf", "bassis": "sto-3g"}),
                  "label: unknown key(s) ['bassis'] for label.type 'pyscf'"),

@@ -48,12 +48,16 @@ def _check_keys(cls, kind: str, spec: dict) -> None:
             raise UserError(f"label.{p.name}: required for label.type {kind!r} (docs/labelers.md)")
 
 
-def preflight(labeler) -> None:
-    """Check-time checks that need more than the spec (the code's executable exists): one UserError
-    line. Run by ``dpsnake check-config`` and before any Snakemake job, not per frame."""
+def preflight(labeler, elements=()) -> None:
+    """Check-time checks that need more than the spec: the code's executable exists, every element of
+    the systems (``elements``) has its pseudopotential / POTCAR / basis. One UserError line; run by
+    ``dpsnake check-config`` and before any Snakemake job, not per frame."""
     check = getattr(labeler, "preflight", None)
     if check is not None:
         check()
+    check = getattr(labeler, "check_elements", None)
+    if check is not None and elements:
+        check(elements)
 
 
 __all__ = ["LabelResult", "Labeler", "make_labeler", "preflight", "sanity_check", "REGISTRY"]

@@ -79,6 +79,13 @@ class ABACUSLabeler(CommandLabeler):
             self.input["smearing_sigma"] = smearing_sigma
         self.kspacing, self.kpts = kspacing, kpts
 
+    def check_elements(self, elements) -> None:
+        """Check time: a pseudopotential (and orbital file with lcao) for every element of the systems."""
+        for key, table in (("pseudopotentials", self.pseudopotentials), ("orbitals", self.orbitals)):
+            missing = sorted(set(elements) - set(table)) if table is not None else []
+            if missing:
+                raise UserError(f"label.{key}: no entry for element(s) {missing} of the systems")
+
     def write_inputs(self, atoms, workdir: pathlib.Path) -> dict:
         import dpdata
 

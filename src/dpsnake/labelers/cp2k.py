@@ -162,6 +162,12 @@ class CP2KLabeler(CommandLabeler):
                        "{{EPS_SCF}}": f"{eps_scf:g}", "{{MAX_SCF}}": str(int(max_scf)),
                        "{{ADDED_MOS}}": mos, "{{SMEAR}}": smear, "{{XC}}": str(xc)}
 
+    def check_elements(self, elements) -> None:
+        """Check time: a basis set and a potential named for every element of the systems."""
+        for el in sorted(set(elements)):
+            self._lookup(self.basis, el, "basis")
+            self._lookup(self.potential, el, "potential")
+
     def _lookup(self, table, element: str, key: str) -> str:
         if isinstance(table, str):
             return table

@@ -68,6 +68,12 @@ class QELabeler(CommandLabeler):
         if smearing is not None:
             self.input_data["system"].update({"occupations": "smearing", "smearing": smearing, "degauss": degauss})
 
+    def check_elements(self, elements) -> None:
+        """Check time: a pseudopotential for every element of the systems."""
+        missing = sorted(set(elements) - set(self.pseudopotentials))
+        if missing:
+            raise UserError(f"label.pseudopotentials: no pseudopotential for element(s) {missing} of the systems")
+
     def write_inputs(self, atoms, workdir: pathlib.Path) -> dict:
         from ase.io.espresso import write_espresso_in
 

@@ -73,6 +73,11 @@ class VASPLabeler(CommandLabeler):
             raise UserError("label.kspacing: give kspacing (1/A) or kpts, or KSPACING in label.incar")
         self.kspacing, self.kpts, self.gamma = kspacing, kpts, bool(gamma)
 
+    def check_elements(self, elements) -> None:
+        """Check time: a POTCAR file for every element of the systems."""
+        for el in sorted(set(elements)):
+            self._potcar(el)
+
     def _potcar(self, element: str) -> pathlib.Path:
         rel = self.potcars.get(element, f"{element}/POTCAR")
         path = self.potcar_dir / rel

@@ -174,7 +174,7 @@ def check(config: dict, base: pathlib.Path | str = ".") -> dict:
     from dpsnake.labelers import make_labeler, preflight
 
     # unknown labeler, unknown or missing keys, then its program: one UserError line naming label.<key>
-    preflight(make_labeler(cfg["label"]))
+    preflight(make_labeler(cfg["label"]), sorted({s for a in atoms_of.values() for s in a.get_chemical_symbols()}))
     return cfg
 
 
