@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from dpsnake.engine.model import load_model
+from dpsnake.engine.validate import DamagedModelError
 from dpsnake.errors import UserError
 
 
@@ -44,6 +45,7 @@ def _fails(path, *words) -> str:
         load_model(path)
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith(f"{path}: "), msg
+    assert isinstance(err.value, DamagedModelError)  # not "unsupported": no other engine reads it either
     for w in words:
         assert w in msg, msg
     return msg
@@ -180,3 +182,14 @@ def test_bytes_overwritten_anywhere(good, tmp_path):
             e, f, v = DeepPot(m).eval(c, cl, t)
             assert np.isfinite(e).all() and np.isfinite(f).all() and np.isfinite(v).all(), (pat, off)
     assert n_fail > 100  # the loader did catch damage (not only harmless offsets)
+
+
+def test_unsupported_is_not_damaged(good, tmp_path):
+    """A readable model with a feature the engine lacks is a plain UserError (explore --engine auto
+    may hand it to DeePMD-kit); damage is a DamagedModelError (no engine reads it)."""
+    from test_engine_helpers import edit_dp
+
+    p = edit_dp(good, tmp_path / "r.dp", lambda m: m["descriptor"].update(type="se_e2_r"))
+    with pytest.raises(UserError, match="se_e2_r") as err:
+        load_model(p)
+    assert not isinstance(err.value, DamagedModelError)

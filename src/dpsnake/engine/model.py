@@ -19,7 +19,7 @@ import numpy as np
 
 from dpsnake.errors import UserError
 from dpsnake.engine.nets import Net
-from dpsnake.engine.validate import ArrayReader
+from dpsnake.engine.validate import ArrayReader, DamagedModelError
 
 
 @dataclass
@@ -115,21 +115,22 @@ def load_model(path, exclusion: str | None = None) -> DPModel:
     try:
         h5 = h5py.File(path, "r")
     except Exception as err:  # OSError for most damage; h5py raises others for some
-        _fail(path, f"not a readable HDF5 .dp model file ({' '.join(str(err).split())})")
+        raise DamagedModelError(f"{path}: not a readable HDF5 .dp model file ({' '.join(str(err).split())})") from None
     with h5:
         try:
             root = json.loads(h5.attrs["json"])
         except Exception:  # missing attribute, damaged bytes (OSError, UnicodeDecodeError), bad JSON
-            _fail(path, "no readable 'json' attribute: not a DeePMD-kit .dp file")
+            raise DamagedModelError(f"{path}: no readable 'json' attribute: not a DeePMD-kit .dp file") from None
         if not isinstance(root, dict):
-            _fail(path, "the 'json' attribute is not a model description")
+            raise DamagedModelError(f"{path}: the 'json' attribute is not a model description")
         try:
             return _read(ArrayReader(h5, path), root, path, exclusion)
         except UserError:
             raise
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
             # a JSON of the wrong structure (hand-edited, another program's file)
-            _fail(path, f"malformed model description in the 'json' attribute ({type(err).__name__}: {err})")
+            raise DamagedModelError(f"{path}: malformed model description in the 'json' attribute "
+                                    f"({type(err).__name__}: {err})") from None
 
 
 def _read(rd: ArrayReader, root: dict, path: str, exclusion) -> DPModel:

@@ -23,6 +23,12 @@ HUGE = 1e12
 TINY = 1e-12
 
 
+class DamagedModelError(UserError):
+    """A ``.dp`` file that cannot be read as written (damaged bytes, wrong shapes, bad JSON), as
+    opposed to a readable model with a feature the engine lacks (plain UserError): another engine
+    would read the same damage, so callers choosing an engine should not fall back on this."""
+
+
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())  # HDF5 messages can span lines
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
@@ -37,7 +43,7 @@ class ArrayReader:
         self.read = set()  # refs read so far (``others`` checks the rest)
 
     def fail(self, msg: str):
-        raise UserError(f"{self.path}: {msg}")
+        raise DamagedModelError(f"{self.path}: {msg}")
 
     def array(self, ref, what: str, size: int | None = None, shape_text: str = "", positive=False):
         """The dataset ``ref`` (the JSON's path string, e.g. "/variable_0003") as a NumPy array, or
