@@ -121,12 +121,15 @@ def check_sel(cfg: dict, atoms_of: dict, model: dict) -> None:
     """Every start structure within the descriptor's sel (see the module docstring)."""
     from ase.neighborlist import neighbor_list
 
-    tmap = list(cfg["type_map"])
+    # per-type sel follows the model's type_map: a fine-tuned model's may be the pretrained one's
+    tmap = list(model.get("type_map") or cfg["type_map"])
     sels = descriptor_sels(model.get("descriptor") or {}, "train.input.model.descriptor")
     if not sels:
         return
     rmax = max(r for _, r, _ in sels)
     for name, atoms in atoms_of.items():
+        if not set(atoms.get_chemical_symbols()) <= set(tmap):
+            continue  # named elsewhere (the type_map checks)
         atype = np.array([tmap.index(s) for s in atoms.get_chemical_symbols()])
         pairs = neighbor_list("ijd", atoms, rmax, self_interaction=False)  # once per system
         for key, rcut, sel in sels:
