@@ -165,6 +165,64 @@ def test_select_never_picks_a_frame_twice(tmp_path):
     assert stats["systems"]["Cu"]["duplicates"] == 2 and [t.info["step"] for t in tasks] == [5, 15, 20]
 
 
+def test_select_skips_frames_whose_label_failed(tmp_path):
+    """Issue 19 item 5: a frame whose label failed is never picked again in a later iteration (its key is in
+    task.N.failed.json; a record without one takes it from the failed label's frame), and is counted as
+    failed_before. Real EMT labels via `dpsnake label`; the sanity cap fails the two hardest frames."""
+    import ase.io
+    from ase.calculators.emt import EMT
+
+    from dpsnake.workflow.config import write_if_changed
+    from dpsnake.workflow.select import select
+
+    cfg = _cfg(tmp_path, select={"max_candidates": 10, "pick": "highest"})
+    ex = _write_explore(tmp_path, cfg, [0.1, 0.11, 0.12, 0.13])
+    stats0, tasks = select(cfg, 0, ex)
+    assert len(tasks) == 4 and stats0["systems"]["Cu"]["failed_before"] == 0
+    fmax = []
+    for a in tasks:
+        b = a.copy()
+        b.calc = EMT()
+        fmax.append(float(np.linalg.norm(b.get_forces(), axis=1).max()))  # as label.max_force
+    cap = float(np.mean(sorted(fmax)[1:3]))  # between the 2nd and 3rd largest force: two labels fail
+    cfg["label"]["max_force"] = cap
+    write_if_changed(cfg, tmp_path / "config.json")
+    it0 = tmp_path / "results" / "iter.000000"
+    (it0 / "select" / "candidates").mkdir(parents=True)
+    cands, outs = [], []
+    for a in tasks:
+        cands.append(it0 / "select" / "candidates" / f"task.{a.info['task']}.extxyz")
+        outs.append(it0 / "label" / cands[-1].name)
+        ase.io.write(cands[-1], a, format="extxyz")
+    p = subprocess.run([sys.executable, "-m", "dpsnake.cli", "label", "--config", "config.json", "--input", *cands,
+                        "--output", *outs], capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    records = sorted((it0 / "label").glob("task.*.failed.json"))
+    bad_steps = sorted(json.loads(r.read_text())["step"] for r in records)
+    assert len(records) == 2 and all(json.loads(r.read_text())["key"] for r in records)
+    assert bad_steps == sorted(a.info["step"] for a, f in zip(tasks, fmax) if f > cap)
+
+    stats1, tasks1 = select(cfg, 1, ex, results=tmp_path / "results")
+    assert stats1["systems"]["Cu"]["failed_before"] == 2 and stats1["systems"]["Cu"]["selected"] == 2
+    assert sorted(a.info["step"] for a in tasks1) == sorted(set(a.info["step"] for a in tasks) - set(bad_steps))
+    # rerunning iteration 0's selection ignores what its own (or later) labels did: the same frames
+    again, tasks0 = select(cfg, 0, ex, results=tmp_path / "results")
+    assert again["systems"]["Cu"]["failed_before"] == 0 and [a.info["step"] for a in tasks0] == [0, 5, 10, 15]
+    # an older record without a key: the key comes from the failed label's frame
+    rec = json.loads(records[0].read_text())
+    del rec["key"]
+    records[0].write_text(json.dumps(rec))
+    assert select(cfg, 1, ex, results=tmp_path / "results")[0]["systems"]["Cu"]["failed_before"] == 2
+    # the command line: --results, and one line per system saying how many and why
+    p = subprocess.run([sys.executable, "-m", "dpsnake.cli", "select", "--config", "config.json", "--iter", "1",
+                        "--explore", str(ex), "--outdir", "select1", "--results", "results"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "Cu: 2 candidate(s) not picked again, their label failed in an earlier iteration" in p.stderr
+    assert "failed.json" in p.stderr and "above the sanity cap" in p.stderr
+    assert json.loads((tmp_path / "select1" / "stats.json").read_text())["systems"]["Cu"]["failed_before"] == 2
+
+
 @pytest.mark.slow
 def test_select_on_real_exploration(tmp_path, dp_model):
     """Two real DeePMD-kit models, a real `dpsnake explore` run, then `dpsnake select`: the counts equal
