@@ -24,7 +24,7 @@ from dpsnake.report.accuracy import accuracy, read_labelled, test_sets_from_conf
 
 SUMMARY_COLUMNS = ["iteration", "system", "accurate", "candidate", "failed", "total", "accurate_ratio",
                    "candidate_ratio", "failed_ratio", "trust_lo", "trust_hi", "trust_lo_virial", "trust_hi_virial",
-                   "filtered", "selected", "walkers", "walkers_stopped", "labelled",
+                   "filtered", "failed_before", "selected", "walkers", "walkers_stopped", "labelled",
                    "label_failed", "data_frames", "rmse_e_atom", "rmse_f"]
 
 
