@@ -30,7 +30,11 @@ def make_labeler(spec: dict) -> Labeler:
     module, factory = REGISTRY[kind]
     cls = getattr(importlib.import_module(module), factory)
     _check_keys(cls, kind, spec)
-    return cls(**spec)
+    try:
+        return cls(**spec)
+    except (TypeError, ValueError, AttributeError, KeyError) as err:  # a value of the wrong kind, e.g. kpts: 3
+        raise UserError(f"label: a value of label.type {kind!r} is not what it takes ({type(err).__name__}: "
+                        f"{err}); docs/labelers.md lists the keys") from None
 
 
 def _check_keys(cls, kind: str, spec: dict) -> None:

@@ -20,6 +20,9 @@ SHORT_NAMES = {
 
 def import_calculator(name: str):
     """'EMT' or 'package.module.Class' -> the calculator class; one clear error if it is not there."""
+    if not isinstance(name, str):
+        raise UserError(f"label.calculator: give a short name ({', '.join(SHORT_NAMES)}) or a 'module.Class' "
+                        f"path, got {name!r}")
     path = SHORT_NAMES.get(name, name)
     module, _, cls = path.rpartition(".")
     if not module:
