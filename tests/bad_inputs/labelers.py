@@ -85,7 +85,8 @@ PROBES = [
     config_probe("label-qe-owned-key", qe(control={"calculation": "relax"}), "label.control.calculation"),
     config_probe("label-qe-placeholder", qe(command="true {inpt}"), "label.command: unknown placeholder(s) ['inpt']"),
     config_probe("label-qe-nproc", qe(nproc=0), "label.nproc: must be a positive integer"),
-    config_probe("label-qe-kpts-not-a-list", qe(kpts=3), "label: a value of label.type 'qe' is not what it takes"),
+    config_probe("label-qe-kpts-not-a-list", qe(kpts=3), "label.kpts: must be three positive integers, got 3"),
+    config_probe("label-qe-env-not-a-mapping", qe(env="PATH=/opt"), "label.env: give a mapping"),
     config_probe("label-ase-calculator-not-a-name", ase(calculator=5), "label.calculator: give a short name"),
     config_probe("label-vasp-potcar", vasp(potcars={"Cu": "Cu_pv/POTCAR"}), "label.potcars.Cu"),
     # every element of the systems has what the code needs (before: named at its first frame)

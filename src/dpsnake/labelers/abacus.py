@@ -66,7 +66,7 @@ class ABACUSLabeler(CommandLabeler):
             raise UserError("label.kspacing / label.kpts: give one of them, not both")
         if kspacing is not None and not (isinstance(kspacing, (int, float)) and kspacing > 0):
             raise UserError(f"label.kspacing: must be a positive number, got {kspacing!r}")
-        if kpts is not None and not (len(kpts) == 3 and all(isinstance(k, int) and k > 0 for k in kpts)):
+        if kpts is not None and not (isinstance(kpts, (list, tuple)) and len(kpts) == 3 and all(isinstance(k, int) and k > 0 for k in kpts)):
             raise UserError(f"label.kpts: must be three positive integers, got {kpts!r}")
         extra = {str(k): v for k, v in (input or {}).items()}
         for key in OWNED:

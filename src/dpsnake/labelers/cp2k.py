@@ -137,7 +137,7 @@ class CP2KLabeler(CommandLabeler):
                          ("kspacing", kspacing), ("smearing_temperature", smearing_temperature)):
             if val is not None and not (isinstance(val, (int, float)) and val > 0):
                 raise UserError(f"label.{key}: must be a positive number, got {val!r}")
-        if kpts is not None and not (len(kpts) == 3 and all(isinstance(k, int) and k > 0 for k in kpts)):
+        if kpts is not None and not (isinstance(kpts, (list, tuple)) and len(kpts) == 3 and all(isinstance(k, int) and k > 0 for k in kpts)):
             raise UserError(f"label.kpts: must be three positive integers, got {kpts!r}")
         data = require_dir(data_dir, "label.data_dir")
         # file names are looked up in data_dir unless given as paths

@@ -44,7 +44,7 @@ class QELabeler(CommandLabeler):
                 raise UserError(f"label.{key}: must be a positive number, got {val!r}")
         if kspacing is not None and kpts is not None:
             raise UserError("label.kspacing / label.kpts: give one of them, not both")
-        if kpts is not None and not (len(kpts) == 3 and all(isinstance(k, int) and k > 0 for k in kpts)):
+        if kpts is not None and not (isinstance(kpts, (list, tuple)) and len(kpts) == 3 and all(isinstance(k, int) and k > 0 for k in kpts)):
             raise UserError(f"label.kpts: must be three positive integers, got {kpts!r}")
         if smearing is not None and degauss is None:
             raise UserError("label.degauss: required with label.smearing (width in Ry, e.g. 0.02)")

@@ -301,6 +301,8 @@ class CommandLabeler:
         for key, val in (("nproc", nproc), ("nthreads", nthreads)):
             if not isinstance(val, int) or val < 1:
                 raise UserError(f"label.{key}: must be a positive integer, got {val!r}")
+        if env is not None and not isinstance(env, dict):
+            raise UserError(f"label.env: give a mapping of environment variables (NAME: value), got {env!r}")
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
             raise UserError(f"label.timeout: must be a positive number of seconds, got {timeout!r}")
         self.command, self.nproc, self.nthreads = command, nproc, nthreads

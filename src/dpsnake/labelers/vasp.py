@@ -67,7 +67,7 @@ class VASPLabeler(CommandLabeler):
             raise UserError("label.kspacing / label.kpts: give one of them, not both")
         if kspacing is not None and not (isinstance(kspacing, (int, float)) and kspacing > 0):
             raise UserError(f"label.kspacing: must be a positive number, got {kspacing!r}")
-        if kpts is not None and not (len(kpts) == 3 and all(isinstance(k, int) and k > 0 for k in kpts)):
+        if kpts is not None and not (isinstance(kpts, (list, tuple)) and len(kpts) == 3 and all(isinstance(k, int) and k > 0 for k in kpts)):
             raise UserError(f"label.kpts: must be three positive integers, got {kpts!r}")
         if kspacing is None and kpts is None and "KSPACING" not in self.incar:
             raise UserError("label.kspacing: give kspacing (1/A) or kpts, or KSPACING in label.incar")
