@@ -27,8 +27,14 @@ wildcard_constraints:
 
 
 onstart:
-    # every `dpsnake` command reads the run's resolved config from here
-    dpconfig.write_if_changed(CFG, CONFIG_JSON)
+    # every `dpsnake` command reads the run's resolved config from here; a folder that refuses the write
+    # is one line naming it and what to do (errors.os_error_message), not a traceback
+    try:
+        dpconfig.write_if_changed(CFG, CONFIG_JSON)
+    except OSError as err:
+        from dpsnake.errors import os_error_message
+
+        sys.exit(f"error: {os_error_message(err)}")
 
 
 def it_int(wildcards):
