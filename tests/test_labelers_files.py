@@ -248,3 +248,11 @@ def test_missing_program_is_a_check_time_error(potcars, tmp_path):
     with pytest.raises(UserError, match="vasp_std_x': not found on PATH"):
         preflight(make_labeler(vasp_spec(potcars, command="vasp_std_x")))
     preflight(make_labeler(vasp_spec(potcars, command="vasp_std_x", env={"PATH": f"{prog.parent}:/usr/bin:/bin"})))
+
+
+def test_a_value_of_the_wrong_kind_is_one_line(pseudos):
+    """Keys without a check of their own (QE's koffset) still give one line, not a traceback."""
+    spec = {"type": "qe", "pseudo_dir": str(pseudos), "pseudopotentials": {"Cu": "Cu_ONCV_PBE-1.0.upf"}, "ecutwfc": 30,
+            "koffset": 1}
+    with pytest.raises(UserError, match=r"^label: a value of label.type 'qe' is not what it takes \(TypeError"):
+        make_labeler(spec)
