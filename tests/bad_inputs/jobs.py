@@ -122,13 +122,29 @@ def collect_stats_damaged(tmp):
     return dpsnake(*args, cwd=tmp)
 
 
-def snakemake_collect_job_fails(tmp):
-    """The collect job of a real Snakemake run cannot write results/data: the job's log ends with the cause,
-    and Snakemake's own error output (what the user sees) shows it as well."""
+def _workflow(tmp):
+    """A copy of the workflow (the package is installed) and the reduced config in ``tmp``."""
     for name in ("Snakefile", "workflow", "config", "profiles", "envs"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp / name)
     shutil.copy(REDUCED, tmp / "reduced.yaml")
+
+
+def snakemake_results_not_writable(tmp):
+    """results/ refuses the resolved config Snakemake writes before the first job: one last line."""
+    _workflow(tmp)
+    with _read_only(tmp / "results"):
+        p = subprocess.run([*_unprivileged(), sys.executable, "-m", "snakemake", "--profile", "profiles/local",
+                            "--configfile", "reduced.yaml", "--cores", "1"],
+                           cwd=tmp, capture_output=True, text=True, timeout=600)
+    assert "Traceback" not in p.stderr and "PermissionError in file" not in p.stderr, p.stderr[-3000:]
+    return p.returncode, p.stderr
+
+
+def snakemake_collect_job_fails(tmp):
+    """The collect job of a real Snakemake run cannot write results/data: the job's log ends with the cause,
+    and Snakemake's own error output (what the user sees) shows it as well."""
+    _workflow(tmp)
     _iteration(tmp, label=False)  # the select checkpoint's outputs; Snakemake runs the label jobs itself
     with _read_only(tmp / "results" / "data"):
         p = subprocess.run([*_unprivileged(), sys.executable, "-m", "snakemake", "--profile", "profiles/local",
@@ -150,5 +166,7 @@ PROBES = [
     Probe("job-collect-folder-is-a-file", collect_summary_under_a_file, "results/iter.000000/collect"),
     Probe("job-collect-label-cut-short", collect_label_cut_short, "task.000001.extxyz"),
     Probe("job-collect-stats-damaged", collect_stats_damaged, "stats.json"),
+    Probe("job-snakemake-results-not-writable", snakemake_results_not_writable, "chmod u+rwx results", rc=None,
+          one_line=False),
     Probe("job-snakemake-collect-fails", snakemake_collect_job_fails, "results/data", rc=None, one_line=False),
 ]
