@@ -56,7 +56,12 @@ def test_counts_equal_stats_and_collect(run):
             assert csv.at[name, "data_frames"] == n
         rep = json.loads((res / "reports" / f"iter.{it:06d}.json").read_text())
         assert rep["labelling"]["labelled"] == coll["labelled"] and rep["labelling"]["failed"] == coll["failed"]
-        assert rep["decision"]["converged"] == stats["converged"] and rep["decision"]["reason"] == stats["reason"]
+        for k in ("converged", "stop", "next_stage", "stage", "stage_iteration"):
+            assert rep["decision"][k] == stats[k], (it, k)
+        if it == 0:  # CuNi below the threshold: the stage repeats (select's own words are not reused)
+            r = stats["systems"]["CuNi"]["accurate_ratio"]
+            assert r < 0.3 <= stats["systems"]["Cu"]["accurate_ratio"]
+            assert rep["decision"]["reason"] == f"accurate ratio below 0.3: CuNi {r:.3f} (iteration 0); repeating stage 0"
         for name, c in coll["systems"].items():  # new labels by walker, from provenance.csv
             assert sum(r["frames"] for r in rep["new_labels"] if r["system"] == name) == c["added"]
     # walkers stopped early: exactly the failed walker of iteration 0
@@ -148,11 +153,20 @@ def test_run_level_files(run):
     rj = json.loads((res / "reports" / "run.json").read_text())
     stats1 = _stats(res, 1)
     assert rj["iterations"] == [0, 1]
-    assert rj["decision"] == {"iteration": 1, "converged": True, "reason": stats1["reason"], "threshold": 0.3,
-                              "stop": True, "next_stage": None, "stage": 0, "stage_iteration": 1}
+    latest = {n: {"iteration": 1, "stage": 0, "accurate_ratio": s["accurate_ratio"]} for n, s in stats1["systems"].items()}
+    words = ", ".join(f"{n} {s['accurate_ratio']:.3f} (iteration 1)" for n, s in sorted(stats1["systems"].items()))
+    assert rj["decision"] == {"iteration": 1, "converged": True, "threshold": 0.3, "stop": True, "next_stage": None,
+                              "stage": 0, "stage_iteration": 1, "latest": latest, "below": [],
+                              "reason": f"every system's latest accurate ratio >= 0.3: {words}"}
+    assert rj["stale_data"] == []  # the tree's config names no structure files
     html = (res / "reports" / "index.html").read_text()
     assert 'href="iter.000000.html"' in html and 'href="iter.000001.html"' in html
     assert "converged</span> at iteration 1" in html
+    # what each iteration decided, in words after its link, and explained below the list
+    assert "iteration 0</a> (stage 0 again)" in html and "iteration 1</a> (converged)" in html
+    assert "In brackets: what each iteration decided at its end" in html and "(-)" not in html
+    # per system: when it was last explored and with what ratio
+    assert "last_explored" in html and "latest accurate ratio reaches the threshold" in html
 
 
 def test_run_page_while_an_iteration_is_running(run, tmp_path):
@@ -188,7 +202,8 @@ def test_status_table(run, capsys):
             row = next(r for r in rows if r[0] == str(it) and r[1] == name)
             assert [int(x) for x in row[2:5]] == [s["accurate"], s["candidate"], s["failed"]]
             assert float(row[5]) == pytest.approx(s["accurate_ratio"], abs=5e-4)
-    assert "iteration 0: reported; not converged: CuNi accurate ratio below the threshold" in out
+    r0 = _stats(res, 0)["systems"]["CuNi"]["accurate_ratio"]
+    assert f"iteration 0: reported; not converged: accurate ratio below 0.3: CuNi {r0:.3f} (iteration 0); repeating stage 0" in out
     assert out[-1].startswith("iteration 1: reported; converged")
 
 

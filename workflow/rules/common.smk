@@ -2,6 +2,7 @@
 # checkpoints (one `select` checkpoint per iteration) that finds the last iteration.
 
 import json
+import os
 import sys
 
 from dpsnake.errors import UserError
@@ -107,6 +108,47 @@ def prev_stats(wildcards):
 def prev_stats_arg(wildcards):
     prev = prev_stats(wildcards)
     return f"--prev-stats {prev[0]}" if prev else ""
+
+
+def structure_file(system):
+    """The structure file of a system (None for an ASE builder)."""
+    return CFG["systems"][system]["structure"].get("file")
+
+
+def collected(it):
+    return os.path.isfile(f"{iter_dir(it)}/collect/summary.json")
+
+
+def follow(files, finished):
+    """Edited input files rerun unfinished work only: for finished work the same files are listed as
+    ancient() (the file list stays the same, mtimes no longer count). The report names data built
+    from an older version of a file (structures.fingerprint, recorded with the data)."""
+    return [ancient(f) for f in files] if finished else list(files)
+
+
+def init_data_inputs(wildcards):
+    """The structure file generated initial data is labelled from. It is finished work, kept when the
+    file changes, once iteration 0 has collected its labels (training used it)."""
+    s = wildcards.system
+    f = structure_file(s)
+    if not f or CFG["systems"][s].get("init_data"):
+        return []
+    return follow([f], collected(0))
+
+
+def plan_structures(wildcards):
+    """The structure files of the systems the iteration's stage explores. Finished once the
+    iteration's selection ran (the frames explored from them are classified and picked)."""
+    from dpsnake.workflow.plan import iteration_stage, stage_systems
+
+    it = int(wildcards.it)
+    try:
+        stage = iteration_stage(CFG, selected_stats(it - 1) if it > 0 else None)[0]
+        systems = stage_systems(CFG, stage)
+    except UserError:  # the previous iteration stopped: `dpsnake plan` says so itself
+        systems = SYSTEMS
+    files = [f for f in map(structure_file, systems) if f]
+    return follow(files, os.path.isfile(f"{iter_dir(it)}/select/stats.json"))
 
 
 def selected_stats(it):

@@ -1,11 +1,14 @@
 # The iteration's walkers (stage of the exploration plan x systems x temperatures x pressures x
 # replicas), then ONE batched exploration job (GPU on clusters) on the built-in engine or on DeePMD-kit's
 # own PyTorch models (explore.engine; the choice and its reason land in explore/engine.json).
+# The structure files of the stage are inputs of plan until the iteration's selection ran: an edited
+# file replans (and so re-explores) an unfinished iteration (common.smk: plan_structures).
 
 
 rule plan:
     input:
-        prev_stats,
+        prev=prev_stats,
+        structures=plan_structures,
     output:
         walkers="results/iter.{it}/explore/walkers.json",
         plan="results/iter.{it}/explore/plan.json",

@@ -19,6 +19,8 @@ import pandas as pd
 
 from dpsnake.errors import UserError
 from dpsnake.report import collect, html, plots
+from dpsnake.report import decision as decide
+from dpsnake.report import sources
 from dpsnake.report.accuracy import COLUMNS as ACC_COLUMNS
 from dpsnake.report.accuracy import accuracy, read_labelled, test_sets_from_config
 
@@ -137,6 +139,7 @@ def build(ctx: Context, it: int) -> tuple[dict, dict, dict]:
 
     # per-system summary: selection counts + labels + dataset size + ensemble-mean RMSE on labelled data
     names = sorted(set(systems["system"]) | set(frames["system"]) | set((coll.get("systems") or {}).keys()))
+    explored = explored_systems(systems, walkers)
     summary = pd.DataFrame({"system": names})
     summary.insert(0, "iteration", int(it))
     summary = summary.merge(systems, on="system", how="left")
@@ -153,14 +156,16 @@ def build(ctx: Context, it: int) -> tuple[dict, dict, dict]:
     for col in ("rmse_e_atom", "rmse_f"):
         summary[col] = [mean.at[n, col] if mean is not None and n in mean.index else np.nan for n in names]
     summary = summary.reindex(columns=SUMMARY_COLUMNS)  # same columns every iteration (blank if unknown)
+    decision = decide.for_iteration(ctx.results, it, stats, ctx.threshold, ctx.config)
+    # a system this iteration's stage did not explore gets no (blank) row: its data and RMSE are shown
+    # apart, with when it was last explored
+    others = not_explored_table(summary[~summary["system"].isin(explored)], decision)
+    summary = summary[summary["system"].isin(explored)].reset_index(drop=True)
+    stale = sources.stale_data(ctx.config, ctx.results, ctx.workdir, upto=it)
 
     stopped = walkers[walkers["status"].notna() & (walkers["status"] != "finished")] if len(walkers) else walkers
     devsum = _deviation_summary(devi, systems)
     final_lc = pd.DataFrame([{"model": k, **v.iloc[-1].to_dict()} for k, v in sorted(curves.items()) if len(v)])
-    decision = {"converged": bool(stats.get("converged")) if stats else None,
-                "reason": stats.get("reason") if stats else "selection has not run yet",
-                "threshold": ctx.threshold,
-                **{k: (stats or {}).get(k) for k in ("stop", "next_stage", "stage", "stage_iteration")}}
     labelling = {k: coll.get(k) for k in ("labelled", "failed", "failed_ratio")}
     labelling["failures"] = coll.get("failures") or []
     prov = collect.read_provenance(ctx.results, it)
@@ -172,17 +177,38 @@ def build(ctx: Context, it: int) -> tuple[dict, dict, dict]:
     tables = {"summary": summary, "accuracy": acc, "walkers": walkers, "stopped": stopped,
               "deviations": devsum, "frames": frames, "lcurve_final": final_lc, "rule_times": times,
               "failures": pd.DataFrame(labelling["failures"], columns=["task", "system", "reason"]),
-              "new_labels": new_by_walker}
+              "new_labels": new_by_walker, "not_explored": others, "stale_data": stale}
     content = {"iteration": int(it), "decision": decision, "systems": _records(summary),
                "accuracy": _records(acc), "labelling": labelling, "walkers": _records(walkers),
                "stopped_early": _records(stopped), "deviations": _records(devsum),
                "datasets": _records(frames), "new_labels": _records(new_by_walker),
                "learning_curves": _records(final_lc),
-               "rule_times": _records(times), "models": [str(m) for m in models], "explore_engine": engine}
+               "rule_times": _records(times), "models": [str(m) for m in models], "explore_engine": engine,
+               "not_explored": _records(others), "stale_data": _records(stale)}
     figs = {"selection": plots.selection_bars(systems), "deviation": plots.deviation_hist(devi, systems),
             "lcurve": plots.learning_curves(curves), "parity": plots.parity(preds),
             "times": plots.rule_time_bars(times)}
     return tables, content, figs
+
+
+def explored_systems(systems: pd.DataFrame, walkers: pd.DataFrame) -> list[str]:
+    """Systems the iteration explored: those of stats.json, else (selection not run yet) those with walkers."""
+    if len(systems):
+        return list(systems["system"])
+    return sorted(set(walkers["system"].dropna())) if len(walkers) else []
+
+
+NOT_EXPLORED_COLUMNS = ["system", "data_frames", "rmse_e_atom", "rmse_f", "last_explored", "accurate_ratio"]
+
+
+def not_explored_table(rows: pd.DataFrame, decision: dict) -> pd.DataFrame:
+    """Systems with data but not explored in this iteration: dataset size, RMSE, and the iteration that
+    last explored them with its accurate ratio (blank: never explored so far)."""
+    latest = decision.get("latest") or {}
+    out = rows.reindex(columns=["system", "data_frames", "rmse_e_atom", "rmse_f"]).copy()
+    out["last_explored"] = [latest.get(n, {}).get("iteration") for n in out["system"]]
+    out["accurate_ratio"] = [latest.get(n, {}).get("accurate_ratio") for n in out["system"]]
+    return out.reset_index(drop=True)[NOT_EXPLORED_COLUMNS]
 
 
 def verdict_html(d: dict) -> str:
@@ -191,6 +217,14 @@ def verdict_html(d: dict) -> str:
         return '<span class="ok">converged</span>'
     word = "stopped, not converged" if d.get("stop") else "not converged"
     return f'<span class="no">{word}</span>'
+
+
+def _not_explored_html(df: pd.DataFrame) -> str:
+    if not len(df):
+        return ""
+    return ("<h3>Systems not explored in this iteration</h3>" + html.table(df)
+            + '<p class="note">last_explored, accurate_ratio: the latest iteration (up to this one) whose stage '
+              "explored the system, and its accurate ratio then (blank: not explored yet).</p>")
 
 
 def _engine_line(engine: dict | None) -> str:
@@ -218,8 +252,9 @@ def render(it: int, tables: dict, content: dict, figs: dict, others: list[int] =
                  "neighbours were dropped (as DeePMD-kit does); raise sel in the training input.</p>"
                  if over else "")
     body = [
-        html.section("Decision", verdict, anchor="decision"),
+        html.section("Decision", verdict, sources.html_note(tables["stale_data"]), anchor="decision"),
         html.section("Per system", html.table(tables["summary"].drop(columns=["iteration"])),
+                     _not_explored_html(tables["not_explored"]),
                      html.image(figs["selection"], "selection ratios"),
                      '<p class="note">counts from select/stats.json; RMSE: ensemble-mean prediction on all '
                      "labelled data so far (dpsnake engine, or DeePMD-kit for models it does not run).</p>",

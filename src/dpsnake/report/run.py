@@ -11,7 +11,8 @@ import pathlib
 
 import pandas as pd
 
-from dpsnake.report import collect, html, iteration, plots
+from dpsnake.report import collect, html, iteration, plots, sources
+from dpsnake.report import decision as decide
 
 
 def load_iterations(ctx: iteration.Context, rebuild: bool = False, progress=print) -> list[dict]:
@@ -44,14 +45,27 @@ def run_table(contents: list[dict], threshold: float | None) -> pd.DataFrame:
     return df
 
 
+def trend_table(contents: list[dict], threshold: float | None) -> pd.DataFrame:
+    """run_table plus, for the RMSE and dataset-size trends, the systems an iteration did not explore."""
+    other = [{"iteration": c["iteration"], **{k: r.get(k) for k in ("system", "data_frames", "rmse_e_atom", "rmse_f")}}
+             for c in contents for r in c.get("not_explored") or []]
+    table = run_table(contents, threshold)
+    if not other:
+        return table
+    extra = pd.DataFrame(other, columns=iteration.SUMMARY_COLUMNS).assign(threshold=threshold)
+    return pd.concat([table, extra], ignore_index=True).sort_values(["iteration", "system"], kind="stable")
+
+
 def decision(contents: list[dict], ctx: iteration.Context) -> dict:
     """The run's convergence decision: that of the last iteration whose selection has run."""
     decided = [c for c in contents if c["decision"]["converged"] is not None]
     if not decided:
         return {"iteration": None, "converged": None, "reason": "no iteration has finished selection yet",
                 "threshold": ctx.threshold}
-    last = decided[-1]
-    return {"iteration": last["iteration"], **last["decision"]}
+    last = decided[-1]["iteration"]
+    # recomputed, not taken from a cached iteration report: the current config and stats.json files count
+    return {"iteration": last, **decide.for_iteration(ctx.results, last, collect.read_stats(ctx.results, last),
+                                                      ctx.threshold, ctx.config)}
 
 
 def write(ctx: iteration.Context, rebuild: bool = False, progress=print) -> dict[str, pathlib.Path]:
@@ -59,10 +73,12 @@ def write(ctx: iteration.Context, rebuild: bool = False, progress=print) -> dict
     contents = load_iterations(ctx, rebuild, progress)
     table = run_table(contents, ctx.threshold)
     dec = decision(contents, ctx)
+    stale = sources.stale_data(ctx.config, ctx.results, ctx.workdir)
     paths = {"json": ctx.reports / "run.json", "csv": ctx.reports / "run.csv", "html": ctx.reports / "index.html"}
     iteration.atomic_write(paths["json"], json.dumps(
         {"iterations": [c["iteration"] for c in contents], "decision": dec,
-         "systems": iteration._records(table.drop(columns=["threshold"]))}, indent=1))
+         "systems": iteration._records(table.drop(columns=["threshold"])),
+         "stale_data": iteration._records(stale)}, indent=1))
     iteration.atomic_write(paths["csv"], table.drop(columns=["threshold"]).to_csv(index=False))
 
     if dec["converged"] is None:
@@ -73,14 +89,22 @@ def write(ctx: iteration.Context, rebuild: bool = False, progress=print) -> dict
     if dec.get("threshold") is not None:
         verdict += f'<p class="note">accurate-ratio threshold: {dec["threshold"]:g}</p>'
     links = "".join(f'<li><a href="{collect.iter_name(c["iteration"])}.html">iteration {c["iteration"]}</a>'
-                    f' ({"converged" if c["decision"]["converged"] else "-"})</li>' for c in contents)
+                    f' ({html.esc(decide.link_word(c["decision"]))})</li>' for c in contents)
+    links_note = ('<p class="note">In brackets: what each iteration decided at its end (converged; stopped, '
+                  "not converged; the stage the next iteration explores; or that its selection has not run "
+                  "yet).</p>")
+    latest = decide.latest_table(dec)
+    systems = (html.table(latest) + '<p class="note">last_explored: the latest iteration whose stage explored the '
+               "system; accurate_ratio: its accurate ratio in that iteration. The run is converged when every "
+               "system's latest accurate ratio reaches the threshold.</p>") if len(latest) else ""
     show = table.drop(columns=["threshold"])
-    body = [html.section("Decision", verdict, anchor="decision"),
-            html.section("Trends per system", html.image(plots.run_trends(table), "trends against iteration"),
+    body = [html.section("Decision", verdict, systems, sources.html_note(stale), anchor="decision"),
+            html.section("Trends per system", html.image(plots.run_trends(trend_table(contents, ctx.threshold)),
+                                                         "trends against iteration"),
                          '<p class="note">RMSE: ensemble-mean prediction of each iteration\'s models on all '
                          "labelled data available at that iteration.</p>", anchor="trends"),
             html.section("All iterations", html.table(show), anchor="table"),
-            html.section("Iteration pages", f"<ul>{links}</ul>", anchor="pages")]
+            html.section("Iteration pages", f"<ul>{links}</ul>", links_note, anchor="pages")]
     iteration.atomic_write(paths["html"], html.page("dpsnake run overview", body,
                                                     [("#decision", "decision"), ("#trends", "trends"),
                                                      ("#table", "table"), ("#pages", "iterations")]))

@@ -40,9 +40,22 @@ def stage(results: pathlib.Path, it: int) -> str:
     return f"training ({len(models)} models done)" if (d / "train").is_dir() else "started"
 
 
+def _config(results: pathlib.Path) -> dict:
+    """results/config.json (the threshold and the plan for the decision; structures for stale data)."""
+    try:
+        return json.loads((results / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def summary(results: pathlib.Path) -> tuple[pd.DataFrame, list[str]]:
     """The table (one row per iteration and system) and one status line per iteration."""
+    from dpsnake.report import decision, sources
+    from dpsnake.report.iteration import Context
+
     rows, lines = [], []
+    config = _config(results)
+    threshold = Context(config, results, results, results.parent).threshold
     for it in collect.iterations(results):
         stats = collect.read_stats(results, it)
         coll = collect.read_collect(results, it) or {}
@@ -66,9 +79,10 @@ def summary(results: pathlib.Path) -> tuple[pd.DataFrame, list[str]]:
                          "rmse_f": rmse.get(name, {}).get("rmse_f")})
         line = f"iteration {it}: {stage(results, it)}"
         if stats:
-            word, reason = ("converged" if stats.get("converged") else "not converged"), stats.get("reason") or ""
-            line += "; " + (reason if reason.startswith(word) else f"{word}: {reason}")
+            line += "; " + decision.line(decision.for_iteration(results, it, stats, threshold, config))
         lines.append(line)
+    for r in sources.stale_data(config, results, results.parent).itertuples():
+        lines.append(f"note: {r.data}: {r.note}")
     return pd.DataFrame(rows, columns=COLUMNS), lines
 
 

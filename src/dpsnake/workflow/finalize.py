@@ -1,4 +1,5 @@
-"""``dpsnake finalize``: copy the last iteration's models to ``results/models/final/`` (+ final.json).
+"""``dpsnake finalize``: copy the last iteration's models to ``results/models/final/`` (+ final.json
+with the run's decision: converged, and why).
 
 The folder is filled under a temporary name and renamed, so it is complete or absent.
 """
@@ -19,6 +20,24 @@ def add_arguments(parser) -> None:
     parser.add_argument("--outdir", required=True, help="results/models/final")
 
 
+def decision(stats_path: pathlib.Path) -> dict:
+    """The run's decision at the iteration of ``stats_path`` (results/iter.N/select/stats.json): converged
+    only when every system's latest accurate ratio reaches the threshold (workflow.convergence), with the
+    threshold of results/config.json; the stats.json's own decision when that config is not there."""
+    from dpsnake.workflow.convergence import history_upto, run_decision
+
+    stats = json.loads(stats_path.read_text())
+    results = stats_path.resolve().parents[2]
+    cfg_path = results / "config.json"
+    if not cfg_path.is_file():
+        return stats
+    cfg = json.loads(cfg_path.read_text())
+    history = history_upto(results, int(stats["iteration"]))
+    if not history or history[-1].get("iteration") != stats.get("iteration"):
+        return stats
+    return run_decision(history, float(cfg["convergence"]["accurate_ratio"]), cfg)
+
+
 def run(args) -> int:
     from dpsnake.workflow.fsutil import atomic_write_json, replace_dir, tmp_dir_for
 
@@ -34,10 +53,10 @@ def run(args) -> int:
             if (m / frozen).is_file():
                 shutil.copy2(m / frozen, tmp / f"{pathlib.Path(frozen).stem}.{k}{pathlib.Path(frozen).suffix}")
         names.append(f"model.{k}.dp")
-    stats = json.loads(pathlib.Path(args.stats).read_text())
+    dec = decision(pathlib.Path(args.stats))
     atomic_write_json(tmp / "final.json", {"iteration": args.iter, "models": names,
-                                           "converged": stats.get("converged"), "reason": stats.get("reason"),
+                                           "converged": dec.get("converged"), "reason": dec.get("reason"),
                                            "sources": [str(m) for m in args.models]})
     replace_dir(tmp, out)
-    print(f"finalize: {len(names)} models of iteration {args.iter} in {out} ({stats.get('reason')})")
+    print(f"finalize: {len(names)} models of iteration {args.iter} in {out} ({dec.get('reason')})")
     return 0

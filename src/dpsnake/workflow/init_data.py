@@ -4,6 +4,8 @@ Either the system's ``init_data`` (an existing deepmd/npy folder or deepmd/hdf5 
 global type_map, or frames generated from the start structure (cell scaled by each of
 ``init_data.scales``, then ``perturbations`` random cell strains and atom displacements each, with
 dpdata's ``perturb``) and labelled by the configured labeler. Failed labels are logged and left out.
+``source.json`` in the output folder records what the data was made from (the structure's fingerprint:
+file and content hash), so the report can say when a structure file changed after the data was labelled.
 """
 
 from __future__ import annotations
@@ -14,6 +16,19 @@ import sys
 import numpy as np
 
 from dpsnake.errors import UserError
+
+
+SOURCE = "source.json"
+
+
+def source_record(cfg: dict, system: str) -> dict:
+    """What the initial data of ``system`` is made from: {"system", "init_data": path or None,
+    "structure": fingerprint of the start structure (None when an existing dataset is used)}."""
+    from dpsnake.workflow.structures import fingerprint
+
+    existing = cfg["systems"][system].get("init_data")
+    return {"system": system, "init_data": existing,
+            "structure": None if existing else fingerprint(cfg["systems"][system]["structure"], ".")}
 
 
 def add_arguments(parser) -> None:
@@ -73,7 +88,7 @@ def run(args) -> int:
     from dpsnake.labelers import make_labeler, sanity_check
     from dpsnake.workflow import dataset
     from dpsnake.workflow.config import read_resolved
-    from dpsnake.workflow.fsutil import replace_dir, tmp_dir_for
+    from dpsnake.workflow.fsutil import atomic_write_json, replace_dir, tmp_dir_for
 
     cfg = read_resolved(args.config)
     if args.system not in cfg["systems"]:
@@ -118,6 +133,7 @@ def run(args) -> int:
             raise UserError(f"init-data {args.system}: all {len(frames)} generated frames failed to label")
         dataset.write_system(tmp / "data", ok, rows, tmap)
         print(f"init-data {args.system}: {len(ok)} frames labelled by {labeler.name}, {failed} failed")
+    atomic_write_json(tmp / "data" / SOURCE, source_record(cfg, args.system))
     # the labeler may leave scratch files in tmp: only the dataset itself is moved into place
     replace_dir(tmp / "data", out)
     import shutil

@@ -3,6 +3,10 @@
 Stage logic (decided by ``select`` and recorded in ``stats.json``): iteration 0 runs stage 0; a stage
 repeats until every one of its systems reaches the accurate-ratio threshold or it has used its
 ``max_iterations``, then the next stage runs. Run as ``python -m dpsnake.workflow.plan``.
+
+The structure files of the stage's systems are inputs of the ``plan`` rule while the iteration is
+unfinished, so an edited file replans it: the start structures are copied again, ``plan.json`` records
+each one's fingerprint (file hash), and an exploration checkpoint from the old structures is removed.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import pathlib
 import sys
 
 from dpsnake.errors import UserError
+
+CHECKPOINT = "checkpoint.npz"  # dpsnake.md.runner.CHECKPOINT (not imported: it pulls in the MD stack)
 
 
 def iteration_stage(cfg: dict, stats_prev: dict | None) -> tuple[int, int]:
@@ -51,6 +57,10 @@ def make_walkers(cfg: dict, it: int, stage: int, outdir: pathlib.Path) -> list[d
         spath = sdir / f"{system}.extxyz"
         tmp = spath.with_name(f".{spath.name}.tmp.extxyz")
         ase.io.write(tmp, atoms, format="extxyz")
+        if spath.is_file() and spath.read_bytes() != tmp.read_bytes():
+            # the explore runner's checkpoint knows walker specs, not structure contents: a checkpoint
+            # of an interrupted exploration from the old structure must not be resumed
+            (outdir / CHECKPOINT).unlink(missing_ok=True)
         tmp.replace(spath)
         for T in st["temperatures"]:
             for P in pressures:
@@ -67,6 +77,19 @@ def make_walkers(cfg: dict, it: int, stage: int, outdir: pathlib.Path) -> list[d
                         w["max_devi_f_cap"] = cfg["explore"]["max_devi_f_cap"]
                     walkers.append(w)
     return walkers
+
+
+def stage_systems(cfg: dict, stage: int) -> list[str]:
+    """The systems stage ``stage`` of the exploration plan explores."""
+    stages = cfg["explore"]["stages"]
+    return list(stages[min(stage, len(stages) - 1)]["systems"])
+
+
+def structure_sources(cfg: dict, stage: int) -> dict:
+    """{system: fingerprint} of the start structures of a stage (recorded in plan.json)."""
+    from dpsnake.workflow.structures import fingerprint
+
+    return {s: fingerprint(cfg["systems"][s]["structure"], ".") for s in stage_systems(cfg, stage)}
 
 
 def add_arguments(p) -> None:
@@ -86,7 +109,8 @@ def run(args) -> int:
     out = pathlib.Path(args.out)
     walkers = make_walkers(cfg, args.iter, stage, out.parent)
     atomic_write_json(out.parent / "plan.json", {"iteration": args.iter, "stage": stage,
-                                                 "stage_iteration": stage_it, "walkers": len(walkers)})
+                                                 "stage_iteration": stage_it, "walkers": len(walkers),
+                                                 "structures": structure_sources(cfg, stage)})
     atomic_write_json(out, walkers)
     print(f"iteration {args.iter}: stage {stage} (iteration {stage_it} of the stage), {len(walkers)} walkers")
     return 0

@@ -1,8 +1,15 @@
-"""Start structures of the systems: a file ASE reads, or an ASE builder call, optionally substituted."""
+"""Start structures of the systems: a file ASE reads, or an ASE builder call, optionally substituted.
+
+``fingerprint`` records where a structure came from (the file's content hash, the spec's hash), so
+data built from it can later be compared with the current file (the report names data labelled
+from an older version of a structure file).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import pathlib
 
 import numpy as np
@@ -66,3 +73,47 @@ def with_masses(atoms, masses: dict):
                 m[i] = masses[s]
         atoms.set_masses(m)
     return atoms
+
+
+def file_sha256(path) -> str | None:
+    """sha256 of a file's bytes (hex), None if it does not exist."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(spec: dict, base: pathlib.Path | str = ".") -> dict:
+    """Where a structure comes from: {"file": path as configured, "sha256": of its bytes (None when the
+    file is missing)} for a file, {"builder": name} for a builder; both with "spec_sha256", the hash of
+    the whole spec (repeat, substitute, index, ... change the structure too)."""
+    out = {"spec_sha256": hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()}
+    if "file" in spec:
+        path = pathlib.Path(spec["file"])
+        out |= {"file": str(spec["file"]), "sha256": file_sha256(path if path.is_absolute() else pathlib.Path(base) / path)}
+    else:
+        out["builder"] = spec.get("builder")
+    return out
+
+
+def changed(recorded: dict | None, current: dict | None) -> str | None:
+    """How the structure a piece of data was built from differs from the current one, in words, or None
+    (same, or nothing recorded). ``recorded``/``current``: ``fingerprint`` dicts."""
+    if not recorded or not current:
+        return None
+    if recorded.get("file") != current.get("file"):
+        was = recorded.get("file") or f"builder {recorded.get('builder')}"
+        now = current.get("file") or f"builder {current.get('builder')}"
+        return f"built from {was}; the config now names {now}"
+    if recorded.get("file") and recorded.get("sha256") != current.get("sha256"):
+        if current.get("sha256") is None:
+            return f"built from {recorded['file']}, which no longer exists"
+        return (f"built from an older version of {recorded['file']} (sha256 {str(recorded.get('sha256'))[:12]}, "
+                f"now {current['sha256'][:12]})")
+    if recorded.get("spec_sha256") != current.get("spec_sha256"):
+        return "built from an older version of the system's structure settings in the config"
+    return None

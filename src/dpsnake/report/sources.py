@@ -1,0 +1,74 @@
+"""Which labelled data was built from an older version of a structure file.
+
+Initial data records what it was made from in ``data/init/<system>/source.json`` and each iteration's
+plan records its start structures in ``explore/plan.json`` (``structures``: file and content hash,
+``dpsnake.workflow.structures.fingerprint``). Finished work is kept when a structure file is edited
+(only unfinished iterations follow the new file), so the reports list the datasets whose frames come
+from a structure that has changed since.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pandas as pd
+
+from dpsnake.report import collect
+
+COLUMNS = ["data", "system", "note"]
+
+
+def _json(path: pathlib.Path):
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # a damaged record only means we cannot tell: say nothing
+
+
+def current_structures(config: dict, workdir: pathlib.Path) -> dict[str, dict]:
+    """{system: fingerprint} of the structures the config names now (files resolved against workdir)."""
+    from dpsnake.workflow.structures import fingerprint
+
+    out = {}
+    for name, sc in (config.get("systems") or {}).items():
+        if isinstance(sc, dict) and isinstance(sc.get("structure"), dict):
+            out[name] = fingerprint(sc["structure"], workdir)
+    return out
+
+
+def stale_data(config: dict, results: pathlib.Path, workdir: pathlib.Path, upto: int | None = None) -> pd.DataFrame:
+    """Datasets (``data/init/<system>``, ``data/iter.K/<system>`` with K <= upto) whose frames were built
+    from a structure that differs from the current one: columns data, system, note."""
+    results = pathlib.Path(results)
+    current = current_structures(config, pathlib.Path(workdir))
+    rows = []
+    if current:
+        from dpsnake.workflow.structures import changed
+
+        for name in sorted(current):
+            src = _json(results / "data" / "init" / name / "source.json") or {}
+            note = changed(src.get("structure"), current[name])
+            if note:
+                rows.append({"data": f"data/init/{name}", "system": name, "note": f"initial data {note}"})
+        for it in collect.iterations(results):
+            if upto is not None and it > upto:
+                break
+            plan = _json(results / collect.iter_name(it) / "explore" / "plan.json") or {}
+            for name, rec in sorted((plan.get("structures") or {}).items()):
+                data = results / "data" / collect.iter_name(it) / name
+                note = changed(rec, current.get(name))
+                if note and data.is_dir():
+                    rows.append({"data": f"data/{collect.iter_name(it)}/{name}", "system": name,
+                                 "note": f"explored from a start structure {note}"})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def html_note(df: pd.DataFrame) -> str:
+    """A warning paragraph plus the table, or '' when every dataset matches the current files."""
+    from dpsnake.report import html
+
+    if not len(df):
+        return ""
+    return ('<p class="no">Some labelled data was built from an older version of an input file (finished work '
+            "is kept when a file changes; unfinished iterations use the new file):</p>" + html.table(df))
