@@ -2,14 +2,13 @@
 the shape the model's JSON implies (a net's layers chain from its input width to its output width).
 
 A file whose weights were overwritten (0xff bytes read as NaN), cut short, or edited by hand fails
-here with one :class:`~dpsnake.errors.UserError` line naming the file and the array, e.g.
+here with one :class:`DamagedModelError` line (a UserError) naming the file and the array, e.g.
 ``model.dp: /variable_0006 (fitting net 0 layer 0 w): 256 of 256 values are not finite (NaN/inf)``,
 instead of NaN energies or a reshape traceback deep in the engine.
 """
 
 from __future__ import annotations
 
-import h5py
 import numpy as np
 
 from dpsnake.engine.nets import ACTIVATIONS, Layer, Net
@@ -48,12 +47,14 @@ class ArrayReader:
     def array(self, ref, what: str, size: int | None = None, shape_text: str = "", positive=False):
         """The dataset ``ref`` (the JSON's path string, e.g. "/variable_0003") as a NumPy array, or
         None for a null ref. ``what`` names it in messages ("descriptor davg"); ``size``: the number
-        of elements the model needs (``shape_text`` says which shape); ``positive``: no zeros
-        (dstd divides)."""
+        of elements the model needs (``shape_text`` says which shape); ``positive``: no values
+        near zero (dstd divides)."""
         if ref is None:
             return None
         if not isinstance(ref, str):
             self.fail(f"{what}: {ref!r} is not an array path")
+        import h5py  # here: importing dpsnake.engine.model stays free of h5py, as before
+
         name = f"{ref} ({what})"
         self.read.add(ref)
         try:
