@@ -153,7 +153,7 @@ def _explore_builtin(tmp):
         "name": "w0", "structure": _frames(tmp), "ensemble": "nvt", "temperature": 300, "nsteps": 10,
         "dt": 0.002, "trj_freq": 5, "seed": 1}]))
     return dpsnake("explore", "--models", "ff.dp", good, "--walkers", "walkers.json", "--outdir", "out",
-                   "--engine", "builtin", "--device", "cpu", "--no-progress", cwd=tmp)
+                   "--device", "cpu", "--no-progress", cwd=tmp)
 
 
 PROBES = [

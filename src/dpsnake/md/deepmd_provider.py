@@ -175,17 +175,25 @@ class DeepmdProvider:
 
     # ------------------------------------------------------------------ evaluation
     def _measure(self, model, coord, atype, box) -> None:
-        """max_atoms "auto" on a GPU: the peak memory of one call on a few frames, per atom, against
-        MEMORY_SHARE of the device's memory."""
+        """max_atoms "auto" on a GPU: the memory one more atom costs in a call (the slope between calls
+        on 2 and 8 frames, after a warm-up call: TorchScript's first calls and cuBLAS workspaces add a
+        fixed amount that a single small call would count per atom), against MEMORY_SHARE of the device."""
         cuda = self.torch.cuda
-        k = min(4, coord.shape[0])
-        cuda.synchronize()
-        base = cuda.memory_allocated()
-        cuda.reset_peak_memory_stats()
-        model(coord[:k], atype[:k], box=None if box is None else box[:k], do_atomic_virial=False)
-        per_atom = max(1, cuda.max_memory_allocated() - base) / (k * coord.shape[1])
+
+        def peak(k):
+            cuda.synchronize()
+            base = cuda.memory_allocated()
+            cuda.reset_peak_memory_stats()
+            model(coord[:k], atype[:k], box=None if box is None else box[:k], do_atomic_virial=False)
+            return cuda.max_memory_allocated() - base
+
+        G, n = coord.shape[0], coord.shape[1]
+        k1, k2 = min(2, G), min(8, G)
+        peak(k1)  # warm-up
+        p1, p2 = peak(k1), peak(k2)
+        per_atom = (p2 - p1) / ((k2 - k1) * n) if k2 > k1 and p2 > p1 else p2 / (k2 * n)
         total = cuda.get_device_properties(self.device).total_memory
-        self.max_atoms = max(coord.shape[1], int(self.MEMORY_SHARE * total / per_atom))
+        self.max_atoms = max(n, int(self.MEMORY_SHARE * total / max(1.0, per_atom)))
 
     @staticmethod
     def _is_oom(err) -> bool:

@@ -77,11 +77,14 @@ def choose(engine: str, model_paths) -> tuple[str, str, list | None]:
     if engine == "deepmd":
         return "deepmd", "explore.engine is deepmd", None
     from dpsnake.engine.model import load_model
+    from dpsnake.engine.validate import DamagedModelError
 
     models = []
     for p in model_paths:
         try:
             models.append(load_model(p))
+        except DamagedModelError:  # a damaged file is an error, not a reason to switch engines
+            raise
         except UserError as err:
             if engine == "builtin":
                 raise
