@@ -145,8 +145,8 @@ def _no_rcut(tmp):
     return _model_devi(tmp, "norcut.dp")
 
 
-def _explore_builtin(tmp):
-    """dpsnake explore --engine builtin with a model whose weights were overwritten with 0xff."""
+def _explore_auto(tmp):
+    """dpsnake explore (engine auto) with a model whose weights were overwritten with 0xff."""
     _overwrite(_copy(tmp, "ff.dp", ("fitting 0 0 w", W_FIT)), W_FIT, b"\xff")
     good = _copy(tmp, "good.dp").name
     (tmp / "walkers.json").write_text(json.dumps([{
@@ -162,7 +162,7 @@ PROBES = [
           f"ff.dp: {W_FIT} (fitting net 0 layer 0 w): 256 of 256 values are not finite (NaN/inf)"),
     Probe("model-weights-0x7f", _on_disk("big.dp", "embedding 0 1 w", W_EMB, b"\x7f"),
           f"big.dp: {W_EMB} (embedding net 0 layer 1 w): values up to"),
-    Probe("explore-builtin-weights-0xff", _explore_builtin,
+    Probe("explore-weights-0xff", _explore_auto,
           f"ff.dp: {W_FIT} (fitting net 0 layer 0 w): 256 of 256 values are not finite"),
     # item 4: shape mismatches, unreadable arrays and groups, damaged files
     Probe("model-shape-mismatch", _h5("shape.dp", "embedding 0 1 w", W_EMB,
