@@ -127,13 +127,12 @@ def follow(files, finished):
 
 
 def init_data_inputs(wildcards):
-    """The structure file generated initial data is labelled from. It is finished work, kept when the
-    file changes, once iteration 0 has collected its labels (training used it)."""
+    """What the initial data is made from: the system's existing dataset (init_data), else the structure
+    file it is generated from. It is finished work, kept when that changes, once iteration 0 has
+    collected its labels (training used it)."""
     s = wildcards.system
-    f = structure_file(s)
-    if not f or CFG["systems"][s].get("init_data"):
-        return []
-    return follow([f], collected(0))
+    f = CFG["systems"][s].get("init_data") or structure_file(s)
+    return follow([f], collected(0)) if f else []
 
 
 def plan_structures(wildcards):

@@ -37,6 +37,20 @@ def current_structures(config: dict, workdir: pathlib.Path) -> dict[str, dict]:
     return out
 
 
+def _dataset_changed(src: dict, now: str | None, workdir: pathlib.Path) -> str | None:
+    """How an existing dataset the initial data was converted from differs from the configured one."""
+    from dpsnake.workflow.structures import path_sha256
+
+    if now != src["init_data"]:
+        return f"converted from {src['init_data']}; the config now names {now or 'generated data'}"
+    p = pathlib.Path(now)
+    sha = path_sha256(p if p.is_absolute() else workdir / p)
+    if src.get("init_data_sha256") and sha != src["init_data_sha256"]:
+        return (f"converted from an older version of {now} (sha256 {src['init_data_sha256'][:12]}, "
+                f"now {sha[:12] if sha else 'missing'})")
+    return None
+
+
 def stale_data(config: dict, results: pathlib.Path, workdir: pathlib.Path, upto: int | None = None) -> pd.DataFrame:
     """Datasets (``data/init/<system>``, ``data/iter.K/<system>`` with K <= upto) whose frames were built
     from a structure that differs from the current one: columns data, system, note."""
@@ -49,6 +63,8 @@ def stale_data(config: dict, results: pathlib.Path, workdir: pathlib.Path, upto:
         for name in sorted(current):
             src = _json(results / "data" / "init" / name / "source.json") or {}
             note = changed(src.get("structure"), current[name])
+            if src.get("init_data"):
+                note = _dataset_changed(src, (config["systems"][name] or {}).get("init_data"), pathlib.Path(workdir))
             if note:
                 rows.append({"data": f"data/init/{name}", "system": name, "note": f"initial data {note}"})
         for it in collect.iterations(results):

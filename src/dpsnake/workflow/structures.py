@@ -87,6 +87,19 @@ def file_sha256(path) -> str | None:
     return h.hexdigest()
 
 
+def path_sha256(path) -> str | None:
+    """sha256 of a file, or of a folder's files (relative names and bytes, sorted); None if absent."""
+    path = pathlib.Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    if not path.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(f.relative_to(path).as_posix().encode() + b"\0" + bytes.fromhex(file_sha256(f)))
+    return h.hexdigest()
+
+
 def fingerprint(spec: dict, base: pathlib.Path | str = ".") -> dict:
     """Where a structure comes from: {"file": path as configured, "sha256": of its bytes (None when the
     file is missing)} for a file, {"builder": name} for a builder; both with "spec_sha256", the hash of
