@@ -20,14 +20,16 @@ def _clean(v):
     return None if isinstance(v, float) and math.isnan(v) else v
 
 
-def for_iteration(results, it: int, stats: dict | None, threshold: float | None, config: dict | None) -> dict:
+def for_iteration(results, it: int, stats: dict | None, threshold: float | None, config: dict | None,
+                  history: list[dict] | None = None) -> dict:
     """The decision after iteration ``it`` (JSON-ready): converged, stop, next_stage, stage,
-    stage_iteration, reason, threshold, latest {system: {iteration, stage, accurate_ratio}}, below."""
+    stage_iteration, reason, threshold, latest {system: {iteration, stage, accurate_ratio}}, below.
+    ``history``: the stats.json of iterations 0..it when the caller has them (else they are read)."""
     keys = ("stop", "next_stage", "stage", "stage_iteration")
     if not stats:
         return {"converged": None, "reason": "selection has not run yet", "threshold": threshold,
                 **{k: None for k in keys}}
-    history = history_upto(results, it)
+    history = history_upto(results, it) if history is None else history
     if threshold is None or not history or history[-1].get("iteration") != stats.get("iteration"):
         # no threshold in the config: what select recorded
         return {"converged": bool(stats.get("converged")), "reason": stats.get("reason"), "threshold": threshold,

@@ -39,12 +39,15 @@ def current_structures(config: dict, workdir: pathlib.Path) -> dict[str, dict]:
 
 def _dataset_changed(src: dict, now: str | None, workdir: pathlib.Path) -> str | None:
     """How an existing dataset the initial data was converted from differs from the configured one."""
-    from dpsnake.workflow.structures import path_sha256
+    from dpsnake.workflow.structures import path_sha256, path_stat
 
     if now != src["init_data"]:
         return f"converted from {src['init_data']}; the config now names {now or 'generated data'}"
     p = pathlib.Path(now)
-    sha = path_sha256(p if p.is_absolute() else workdir / p)
+    p = p if p.is_absolute() else workdir / p
+    if src.get("init_data_stat") and path_stat(p) == src["init_data_stat"]:
+        return None  # same files, sizes and times: not hashed again (status stays instant)
+    sha = path_sha256(p)
     if src.get("init_data_sha256") and sha != src["init_data_sha256"]:
         return (f"converted from an older version of {now} (sha256 {src['init_data_sha256'][:12]}, "
                 f"now {sha[:12] if sha else 'missing'})")

@@ -53,7 +53,7 @@ def summary(results: pathlib.Path) -> tuple[pd.DataFrame, list[str]]:
     from dpsnake.report import decision, sources
     from dpsnake.report.iteration import Context
 
-    rows, lines = [], []
+    rows, lines, history = [], [], []
     config = _config(results)
     threshold = Context(config, results, results, results.parent).threshold
     for it in collect.iterations(results):
@@ -78,8 +78,9 @@ def summary(results: pathlib.Path) -> tuple[pd.DataFrame, list[str]]:
                          "rmse_e_atom": rmse.get(name, {}).get("rmse_e_atom"),
                          "rmse_f": rmse.get(name, {}).get("rmse_f")})
         line = f"iteration {it}: {stage(results, it)}"
-        if stats:
-            line += "; " + decision.line(decision.for_iteration(results, it, stats, threshold, config))
+        if stats:  # the stats read so far are the history (status must stay instant at 100 iterations)
+            history.append(stats)
+            line += "; " + decision.line(decision.for_iteration(results, it, stats, threshold, config, history))
         lines.append(line)
     for r in sources.stale_data(config, results, results.parent).itertuples():
         lines.append(f"note: {r.data}: {r.note}")

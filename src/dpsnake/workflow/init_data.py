@@ -25,10 +25,11 @@ def source_record(cfg: dict, system: str) -> dict:
     """What the initial data of ``system`` is made from: {"system", "init_data": path or None,
     "init_data_sha256": hash of that dataset's files, "structure": fingerprint of the start structure
     (None when an existing dataset is used)}."""
-    from dpsnake.workflow.structures import fingerprint, path_sha256
+    from dpsnake.workflow.structures import fingerprint, path_sha256, path_stat
 
     existing = cfg["systems"][system].get("init_data")
     return {"system": system, "init_data": existing, "init_data_sha256": path_sha256(existing) if existing else None,
+            "init_data_stat": path_stat(existing) if existing else None,
             "structure": None if existing else fingerprint(cfg["systems"][system]["structure"], ".")}
 
 

@@ -100,6 +100,17 @@ def path_sha256(path) -> str | None:
     return h.hexdigest()
 
 
+def path_stat(path) -> list[int] | None:
+    """[files, bytes, latest mtime (ns)] of a file or folder: a cheap "unchanged" check before hashing
+    a large dataset again. None if absent."""
+    path = pathlib.Path(path)
+    files = [path] if path.is_file() else sorted(q for q in path.rglob("*") if q.is_file()) if path.is_dir() else None
+    if files is None:
+        return None
+    st = [f.stat() for f in files]
+    return [len(st), sum(s.st_size for s in st), max((s.st_mtime_ns for s in st), default=0)]
+
+
 def fingerprint(spec: dict, base: pathlib.Path | str = ".") -> dict:
     """Where a structure comes from: {"file": path as configured, "sha256": of its bytes (None when the
     file is missing)} for a file, {"builder": name} for a builder; both with "spec_sha256", the hash of
