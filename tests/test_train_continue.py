@@ -71,7 +71,8 @@ def _lr(step, total: int) -> np.ndarray:
 @pytest.mark.parametrize("backend", ["tf", "pt"])
 def test_continued_training_steps_and_learning_rates(tmp_path, model_cache, backend):
     data = [emt_dataset(model_cache, "Cu")]
-    cont, reset = _cfg(tmp_path, backend), _cfg(tmp_path, backend, init_lr_schedule="reset")
+    cont = _cfg(tmp_path, backend, init_lr_schedule="continue")
+    reset = _cfg(tmp_path, backend)  # the default
     # DeePMD-kit's lcurve: TensorFlow writes a line for the state before the first step (the step
     # counter it starts at) and then step n after n steps; PyTorch one line per step, step index + 1
     shift = 0 if backend == "tf" else 1

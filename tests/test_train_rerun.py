@@ -51,13 +51,14 @@ def test_a_deepmd_failure_ends_with_its_cause(tmp_path, model_cache):
     prev.mkdir()
     # a previous model folder without its frozen model: DeePMD-kit itself stops (--init-frz-model)
     (prev / "input.json").write_text(json.dumps({"training": {"numb_steps": 6}}))
-    cfg = _cfg(tmp_path, "tf", init_lr_schedule="reset")
+    cfg = _cfg(tmp_path, "tf")  # init_lr_schedule: reset
     p = _train(cfg, 1, tmp_path / "model.0", data, init_from=prev, ok=False)
     assert p.returncode != 0
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("dpsnake train: error: dp train: RuntimeError: The input frozen model "), last
     assert "does not exist" in last and "frozen_model.pb" in last
     # continuing needs the previous checkpoint: said before DeePMD-kit starts
-    p = _train(_cfg(tmp_path, "tf"), 1, tmp_path / "model.1", data, init_from=prev, ok=False)
+    p = _train(_cfg(tmp_path, "tf", init_lr_schedule="continue"), 1, tmp_path / "model.1", data, init_from=prev,
+               ok=False)
     last = p.stderr.strip().splitlines()[-1]
     assert "no such checkpoint" in last and "model.ckpt.index" in last, last

@@ -10,9 +10,10 @@ Where a model starts from (``init.json`` in the model folder says which and why)
 - ``init``: the same model of the previous iteration, when ``--init-from`` is given and the
   ``train.init_from_previous`` policy agrees (``yes:N``: the previous models saw more than N frames);
   it trains ``init_numb_steps`` more steps with the learning rate ``train.init_lr_schedule`` says:
-  ``continue`` (``dp train --restart`` from the previous checkpoint: step counter, learning rate, loss
-  prefactors and Adam moments go on, one schedule over all steps so far) or ``reset`` (``--init-frz-model``
-  / ``--init-model``: the step counter at 0, a new schedule from ``start_lr`` over ``init_numb_steps``);
+  ``reset`` (``--init-frz-model`` / ``--init-model``: the step counter at 0, a new schedule from
+  ``start_lr`` over ``init_numb_steps``) or ``continue`` (``dp train --restart`` from the previous
+  checkpoint: step counter, learning rate, loss prefactors and Adam moments go on, one schedule over all
+  steps so far);
   the architecture is the previous model's (its ``out.json``: ``sel: auto`` resolved then);
 - ``finetune``: otherwise, with ``train.finetune``, the pretrained model (``dp --pt train --finetune``):
   a fine-tuning campaign never trains from random weights;
@@ -161,8 +162,9 @@ def start_point(cfg: dict, it: int, data: list[str], init_from: str | None) -> d
 
 
 def lr_schedule(cfg: dict) -> str:
-    """``train.init_lr_schedule``: ``continue`` or ``reset`` (configs resolved before it existed: continue)."""
-    return cfg["train"].get("init_lr_schedule") or "continue"
+    """``train.init_lr_schedule``: ``reset`` or ``continue`` (configs resolved before it existed: the
+    schema's default, reset)."""
+    return cfg["train"].get("init_lr_schedule") or "reset"
 
 
 def dp_train_args(cfg: dict, start: dict, out: pathlib.Path) -> list[str]:
