@@ -112,8 +112,12 @@ def check_results(wd: pathlib.Path, cfg: dict) -> dict:
     assert {"init/Cu", "init/CuNi"} <= used and all(u.startswith(("init/", "iter.000000/")) for u in used)
     if cfg["train"]["init_from_previous"]:  # iteration 1 continued from iteration 0's models
         log = (wd / "logs" / "iter.000001" / "train.0.log").read_text()
-        assert "--init-frz-model" in log and "iter.000000/train/model.0/frozen_model.pb" in log
-        assert inp["training"]["numb_steps"] == cfg["train"]["numb_steps"] + cfg["train"]["init_numb_steps"]
+        if cfg["train"].get("init_lr_schedule", "reset") == "continue":  # dp train --restart, one schedule
+            assert "--restart" in log and "iter.000000/train/model.0/model.ckpt" in log
+            assert inp["training"]["numb_steps"] == cfg["train"]["numb_steps"] + cfg["train"]["init_numb_steps"]
+        else:  # reset: from the frozen model, a new schedule of init_numb_steps
+            assert "--init-frz-model" in log and "iter.000000/train/model.0/frozen_model.pb" in log
+            assert inp["training"]["numb_steps"] == cfg["train"]["init_numb_steps"]
     # final models are the last iteration's
     final = res / "models" / "final"
     for k in range(cfg["train"]["numb_models"]):
