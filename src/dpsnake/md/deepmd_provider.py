@@ -184,7 +184,8 @@ class DeepmdProvider:
             cuda.synchronize()
             base = cuda.memory_allocated()
             cuda.reset_peak_memory_stats()
-            model(coord[:k], atype[:k], box=None if box is None else box[:k], do_atomic_virial=False)
+            out = model(coord[:k], atype[:k], box=None if box is None else box[:k], do_atomic_virial=False)
+            del out
             return cuda.max_memory_allocated() - base
 
         G, n = coord.shape[0], coord.shape[1]
@@ -207,11 +208,16 @@ class DeepmdProvider:
         if self.max_atoms == "auto":
             self._measure(model, coord, atype, box)
         step = G if self.max_atoms is None else max(1, min(G, self.max_atoms // n))
+        def call(i):
+            out = model(coord[i:i + step], atype[i:i + step], box=None if box is None else box[i:i + step],
+                        do_atomic_virial=False)
+            # detach at once: the energy's autograd graph holds every intermediate of the call, and
+            # keeping it until all calls are done would add up the memory the split is there to bound
+            return {k: out[k].detach() for k in ("energy", "force", "virial")}
+
         while True:
             try:
-                parts = [model(coord[i:i + step], atype[i:i + step],
-                               box=None if box is None else box[i:i + step], do_atomic_virial=False)
-                         for i in range(0, G, step)]
+                parts = [call(i) for i in range(0, G, step)]
                 break
             except (self.torch.OutOfMemoryError, RuntimeError) as err:
                 if step == 1 or not self._is_oom(err):
@@ -220,9 +226,9 @@ class DeepmdProvider:
                 self.max_atoms = step * n
                 self.torch.cuda.empty_cache()
         cat = self.torch.cat
-        return {"energy": cat([p["energy"].detach().reshape(-1) for p in parts]),
-                "force": cat([p["force"].detach() for p in parts]),
-                "virial": cat([p["virial"].detach().reshape(-1, 9) for p in parts])}
+        return {"energy": cat([p["energy"].reshape(-1) for p in parts]),
+                "force": cat([p["force"] for p in parts]),
+                "virial": cat([p["virial"].reshape(-1, 9) for p in parts])}
 
     def __call__(self, st, all_models: bool) -> dict:
         torch = self.torch
