@@ -141,23 +141,43 @@ def snakemake_results_not_writable(tmp):
     return p.returncode, p.stderr
 
 
+def _snakemake_job_fails(tmp, rules: list[str], target, read_only: str, log: str) -> tuple[int, str]:
+    """Snakemake makes ``target`` with only ``rules`` while the folder ``read_only`` refuses writes: the
+    failed job's log ends with ``dpsnake <cmd>: error: <cause>``, and Snakemake's own error output (what the
+    user sees) shows that line too, printed by the rule's failure tail (``|| { tail -n 1 {log} >&2 ...}``)
+    and in Snakemake's copy of the log. Returns (exit code, the job's log)."""
+    with _read_only(tmp / read_only):
+        p = subprocess.run([*_unprivileged(), sys.executable, "-m", "snakemake", "--profile", "profiles/local",
+                            "--configfile", "reduced.yaml", "--cores", "2", "--allowed-rules", *rules,
+                            "--", str(target)], cwd=tmp, capture_output=True, text=True, timeout=600)
+    text = (tmp / log).read_text()
+    cause = [ln for ln in text.splitlines() if ln.strip()][-1]
+    assert cause.startswith("dpsnake ") and ": error: " in cause, text
+    shown = p.stdout + p.stderr
+    assert shown.count(cause) >= 2, shown[-3000:]
+    return p.returncode, text
+
+
 def snakemake_collect_job_fails(tmp):
-    """The collect job of a real Snakemake run cannot write results/data: the job's log ends with the cause,
-    and Snakemake's own error output (what the user sees) shows it as well."""
+    """The collect job of a real Snakemake run cannot write results/data."""
     _workflow(tmp)
     _iteration(tmp, label=False)  # the select checkpoint's outputs; Snakemake runs the label jobs itself
-    with _read_only(tmp / "results" / "data"):
-        p = subprocess.run([*_unprivileged(), sys.executable, "-m", "snakemake", "--profile", "profiles/local",
-                            "--configfile", "reduced.yaml", "--cores", "2", "--allowed-rules", "label", "collect",
-                            "--", str(IT0 / "collect" / "summary.json")],
-                           cwd=tmp, capture_output=True, text=True, timeout=600)
-    log = (tmp / "logs" / "iter.000000" / "collect.log").read_text()
-    cause = [ln for ln in log.splitlines() if ln.strip()][-1]
-    assert cause.startswith("dpsnake collect: error: "), log
-    shown = p.stdout + p.stderr
-    # printed by the rule itself (above Snakemake's "Error in rule collect") and in the shown log
-    assert shown.count(cause) >= 2, shown[-3000:]
-    return p.returncode, log
+    return _snakemake_job_fails(tmp, ["label", "collect"], IT0 / "collect" / "summary.json", "results/data",
+                                "logs/iter.000000/collect.log")
+
+
+def snakemake_plan_job_fails(tmp):
+    """The plan job cannot write the iteration's explore folder."""
+    _workflow(tmp)
+    return _snakemake_job_fails(tmp, ["plan"], IT0 / "explore" / "walkers.json", IT0 / "explore",
+                                "logs/iter.000000/plan.log")
+
+
+def snakemake_init_data_job_fails(tmp):
+    """The init_data job cannot write results/data/init."""
+    _workflow(tmp)
+    return _snakemake_job_fails(tmp, ["init_data"], "results/data/init/Cu", "results/data/init",
+                                "logs/init/init_data.Cu.log")
 
 
 PROBES = [
@@ -169,4 +189,8 @@ PROBES = [
     Probe("job-snakemake-results-not-writable", snakemake_results_not_writable, "chmod u+rwx results", rc=None,
           one_line=False),
     Probe("job-snakemake-collect-fails", snakemake_collect_job_fails, "results/data", rc=None, one_line=False),
+    Probe("job-snakemake-plan-fails", snakemake_plan_job_fails, "chmod u+rwx results/iter.000000/explore", rc=None,
+          one_line=False),
+    Probe("job-snakemake-init-data-fails", snakemake_init_data_job_fails, "chmod u+rwx results/data/init", rc=None,
+          one_line=False),
 ]

@@ -24,6 +24,7 @@ rule plan:
     shell:
         "dpsnake plan --config results/config.json --iter {params.it} {params.prev}"
         " --out {output.walkers} > {log} 2>&1"
+        " || {{ rc=$?; tail -n 1 {log} >&2; exit $rc; }}"
 
 
 rule explore:
@@ -49,3 +50,4 @@ rule explore:
         "OMP_NUM_THREADS={threads} dpsnake explore --models {input.models} --walkers {input.walkers}"
         " --outdir results/iter.{wildcards.it}/explore --engine {params.engine} --device {params.device}"
         " --precision {params.precision} {params.compress} --no-progress > {log} 2>&1"
+        " || {{ rc=$?; tail -n 1 {log} >&2; exit $rc; }}"

@@ -16,3 +16,4 @@ rule init_data:
         "../../envs/label.yaml"
     shell:
         "dpsnake init-data --config results/config.json --system {wildcards.system} --out {output} > {log} 2>&1"
+        " || {{ rc=$?; tail -n 1 {log} >&2; exit $rc; }}"
