@@ -302,9 +302,11 @@ def test_qe_config_errors(tmp_path):
         make_labeler(QE_CU).label(si8(), tmp_path / "si")
 
 
+@needs_pw  # the check looks the configured program up on PATH
 @pytest.mark.skipif(not os.path.isdir(PSEUDO), reason="Debian quantum-espresso-data not installed")
 def test_cu_qe_example_config_is_valid():
-    """config/examples/cu-qe.yaml passes the workflow's check (schema + labeler built: pseudopotentials found)."""
+    """config/examples/cu-qe.yaml passes the workflow's check (schema + labeler built: pseudopotentials and
+    pw.x found)."""
     import pathlib
 
     from dpsnake.workflow import config as C
