@@ -88,19 +88,19 @@ def test_decide_stages():
     assert d["stop"] and "max_iterations" in d["reason"]
 
 
-def _write_explore(tmp_path, cfg, devi_f, devi_v=None, close_step=None, repeat_first=()):
-    """An explore folder with one walker: frames from the start structure, model_devi.out written by
-    the engine's writer (the LAMMPS plugin format)."""
+def _write_explore(tmp_path, cfg, devi_f, devi_v=None, close_step=None, repeat_first=(), it=0, stage=0):
+    """An explore folder with one walker (the first of iteration ``it``, stage ``stage``): frames from the
+    start structure, model_devi.out written by the engine's writer (the LAMMPS plugin format)."""
     import ase.io
 
     from dpsnake.engine.model_devi import write_model_devi
     from dpsnake.workflow.plan import make_walkers
 
     ex = tmp_path / "explore"
-    walkers = make_walkers(cfg, 0, 0, ex)
+    walkers = make_walkers(cfg, it, stage, ex)
     w = walkers[0]
     (ex / "walkers.json").write_text(json.dumps(walkers))
-    (ex / "plan.json").write_text(json.dumps({"iteration": 0, "stage": 0, "stage_iteration": 0}))
+    (ex / "plan.json").write_text(json.dumps({"iteration": it, "stage": stage, "stage_iteration": 0}))
     (ex / "summary.json").write_text(json.dumps({"walkers": {w["name"]: {"status": "finished", "reason": None,
                                                                          "steps": 40}}}))
     n = len(devi_f)
@@ -221,6 +221,57 @@ def test_select_skips_frames_whose_label_failed(tmp_path):
     assert "Cu: 2 candidate(s) not picked again, their label failed in an earlier iteration" in p.stderr
     assert "failed.json" in p.stderr and "above the sanity cap" in p.stderr
     assert json.loads((tmp_path / "select1" / "stats.json").read_text())["systems"]["Cu"]["failed_before"] == 2
+
+
+def test_select_decision_is_the_reports_when_the_last_stage_explores_one_system(tmp_path):
+    """Issue 19 item 11 in select itself: stage 1 (the last) explores Cu only and every Cu frame is accurate,
+    while Cu2's accurate ratio in iteration 0 was 0.435. stats.json and select's log say "stopped, not
+    converged" with the reason of the reports (workflow.convergence); the workflow's per-stage decision
+    (stop, next_stage, stage_decision) is unchanged."""
+    from dpsnake.report.decision import for_iteration
+    from dpsnake.workflow.select import select, table
+    from dpsnake.workflow.selection import decide_from_stats
+
+    cu = _cfg(tmp_path)["systems"]["Cu"]
+    cfg = _cfg(tmp_path, systems={"Cu": cu, "Cu2": cu}, convergence={"accurate_ratio": 0.95, "max_iterations": 5},
+               explore={"stages": [{"systems": ["Cu", "Cu2"], "temperatures": [300.0], "nsteps": 40, "trj_freq": 5,
+                                    "max_iterations": 1},
+                                   {"systems": ["Cu"], "temperatures": [300.0], "nsteps": 40, "trj_freq": 5}]})
+    res = tmp_path / "results"
+    st0 = {"iteration": 0, "stage": 0, "stage_iteration": 0, "tasks": [], "walkers": {},
+           "systems": {"Cu": {"accurate_ratio": 0.97}, "Cu2": {"accurate_ratio": 0.435}}}
+    st0.update(decide_from_stats(cfg, st0))
+    assert st0["next_stage"] == 1
+    (res / "iter.000000" / "select").mkdir(parents=True)
+    (res / "iter.000000" / "select" / "stats.json").write_text(json.dumps(st0))
+    ex = _write_explore(tmp_path, cfg, [0.01] * 6, it=1, stage=1)
+    why = ("exploration plan exhausted: the last stage (stage 1) reached the threshold for Cu only; "
+           "latest accurate ratio below 0.95: Cu2 0.435 (iteration 0)")
+    stats, tasks = select(cfg, 1, ex, results=res)
+    assert not tasks and stats["systems"]["Cu"]["accurate_ratio"] == 1.0
+    assert (stats["converged"], stats["stop"], stats["next_stage"], stats["reason"]) == (False, True, None, why)
+    assert stats["stage_decision"]["converged"] and stats["stage_decision"]["stop"]  # the stage is done
+    assert table(stats).splitlines()[-1] == f"stopped, not converged: {why}"
+    # what the reports (and status, finalize) say, from the stats.json files, with and without the config
+    (res / "iter.000001" / "select").mkdir(parents=True)
+    (res / "iter.000001" / "select" / "stats.json").write_text(json.dumps(stats))
+    for conf in (cfg, None):
+        d = for_iteration(res, 1, stats, 0.95, conf)
+        assert (d["converged"], d["stop"], d["reason"]) == (False, True, why), conf
+    # without the earlier iterations (no --results) only this stage's systems are known: converged
+    alone, _ = select(cfg, 1, ex)
+    assert alone["converged"] and alone["reason"].startswith("every system's latest accurate ratio >= 0.95: Cu 1.000")
+    # the command line: the same words in select's log
+    from dpsnake.workflow.config import write_if_changed
+
+    write_if_changed(cfg, tmp_path / "config.json")
+    p = subprocess.run([sys.executable, "-m", "dpsnake.cli", "select", "--config", "config.json", "--iter", "1",
+                        "--explore", str(ex), "--outdir", "select1", "--results", "results"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[-1] == f"stopped, not converged: {why}"
+    written = json.loads((tmp_path / "select1" / "stats.json").read_text())
+    assert (written["converged"], written["reason"]) == (False, why)
 
 
 @pytest.mark.slow

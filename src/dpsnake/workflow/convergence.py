@@ -51,7 +51,8 @@ def _words(items: dict[str, dict]) -> str:
 
 def _base(history: list[dict], cfg: dict | None) -> dict:
     """The per-stage decision of the last iteration: re-evaluated with ``cfg`` when it holds the
-    exploration plan (as the workflow does), else the one stats.json recorded."""
+    exploration plan (as the workflow does), else the one stats.json recorded (``stage_decision`` when
+    select wrote one)."""
     cur = history[-1]
     if cfg and (cfg.get("explore") or {}).get("stages") and (cfg.get("convergence") or {}).get("max_iterations"):
         from dpsnake.workflow.selection import decide_from_stats
@@ -59,8 +60,10 @@ def _base(history: list[dict], cfg: dict | None) -> dict:
         d = decide_from_stats(cfg, cur)
         d["max_iterations"] = int(cfg["convergence"]["max_iterations"])
         return d
-    d = {k: cur.get(k) for k in ("converged", "stop", "next_stage", "reason")}
-    m = re.search(r"max_iterations (\d+) reached", str(cur.get("reason") or ""))
+    # select records its per-stage decision as stage_decision (its converged/reason are this module's)
+    rec = cur.get("stage_decision") or cur
+    d = {k: rec.get(k) for k in ("converged", "stop", "next_stage", "reason")}
+    m = re.search(r"max_iterations (\d+) reached", str(rec.get("reason") or ""))
     d["max_iterations"] = int(m.group(1)) if m else None
     return d
 

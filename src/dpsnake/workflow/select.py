@@ -6,6 +6,10 @@ provenance in ``info``) and ``select/stats.json`` (format in docs/architecture.m
 ``stage_iteration``, ``stop``, ``next_stage``, ``tasks``). Both are written under temporary names and
 renamed, candidates first, so ``stats.json`` exists only when everything is complete.
 
+Its ``converged`` and ``reason`` are the run's decision across stages (``workflow.convergence``, as the
+reports say it); ``stop`` / ``next_stage`` and ``stage_decision`` are the per-stage decision
+(``selection.decide``) that the workflow follows.
+
 A frame is never picked twice: not when it is already in a dataset (``--data``), and not when its label
 failed in an earlier iteration (``--results``: ``iter.*/label/task.N.failed.json`` hold the frame's key);
 the latter are counted per system as ``failed_before`` in stats.json.
@@ -207,7 +211,23 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=No
         atoms.info["task"] = f"{k:06d}"
     stats = {"iteration": it, "systems": systems, "walkers": wstats, **decision, "stage": stage,
              "stage_iteration": stage_it, "tasks": [a.info["task"] for a in tasks]}
+    stats.update(honest_decision(cfg, stats, results))
     return stats, tasks
+
+
+def honest_decision(cfg: dict, stats: dict, results=None) -> dict:
+    """``converged`` and ``reason`` as the reports, ``dpsnake status`` and finalize say them
+    (``workflow.convergence.run_decision`` over the stats.json of the earlier iterations under ``results``
+    and this one): a last stage that explores only some systems is not "converged" while another system's
+    latest accurate ratio is below the threshold. ``stop`` and ``next_stage`` stay the per-stage decision
+    (the workflow's), which is kept whole as ``stage_decision``."""
+    from dpsnake.workflow.convergence import history_upto, run_decision
+
+    it = int(stats["iteration"])
+    history = history_upto(results, it - 1) if results is not None and it > 0 else []
+    d = run_decision([*history, stats], float(cfg["convergence"]["accurate_ratio"]), cfg)
+    return {"converged": d["converged"], "reason": d["reason"],
+            "stage_decision": {k: stats[k] for k in ("converged", "stop", "next_stage", "reason")}}
 
 
 def _frame(explore: pathlib.Path, walker: str, step: int, cache: dict):
@@ -219,14 +239,16 @@ def _frame(explore: pathlib.Path, walker: str, step: int, cache: dict):
 
 
 def table(stats: dict) -> str:
-    """The per-system counts as a fixed-width table (logged every iteration)."""
+    """The per-system counts as a fixed-width table and the decision (logged every iteration)."""
+    from dpsnake.workflow.convergence import verdict
+
     lines = [f"iteration {stats['iteration']} (stage {stats['stage']}): per-system model deviation classes",
              f"{'system':<12}{'accurate':>9}{'candidate':>10}{'failed':>8}{'total':>7}{'acc_ratio':>10}"
              f"{'trust_lo':>9}{'trust_hi':>9}{'selected':>9}"]
     for s, v in stats["systems"].items():
         lines.append(f"{s:<12}{v['accurate']:>9}{v['candidate']:>10}{v['failed']:>8}{v['total']:>7}"
                      f"{v['accurate_ratio']:>10.3f}{v['trust_lo']:>9.3f}{v['trust_hi']:>9.3f}{v['selected']:>9}")
-    lines.append(("STOP: " if stats["stop"] else "continue: ") + stats["reason"])
+    lines.append(f"{verdict(stats)}: {stats['reason']}")  # the words of the reports and `dpsnake status`
     return "\n".join(lines)
 
 
