@@ -211,8 +211,9 @@ def main() -> None:
     for v in ("scratch", "continue", "reset"):
         f = [r[v]["force_rmse"] for r in rows]
         e = [r[v]["energy_rmse_meV_atom"] for r in rows]
+        w = [r[v]["wall_s"] for r in rows]
         summary[v] = {"force_rmse_mean": float(np.mean(f)), "force_rmse_std": float(np.std(f)),
-                      "energy_rmse_mean": float(np.mean(e)), "wall_s_mean": float(np.mean([r[v]["wall_s"] for r in rows]))}
+                      "energy_rmse_mean": float(np.mean(e)), "wall_s_mean": float(np.mean(w))}
     ref = summary["scratch"]["force_rmse_mean"]
     print(f"\n{args.backend}: {args.seeds} seeds, {total} steps in all, held-out EMT MD frames 300-1200 K")
     print(f"{'variant':10s} {'force RMSE eV/A':>18s} {'vs scratch':>11s} {'E RMSE meV/atom':>16s} {'wall s':>7s}")

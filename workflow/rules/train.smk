@@ -1,6 +1,8 @@
 # One job per model of the ensemble: dp train -> dp freeze -> dp convert-backend -> model.dp.
 # Inputs: the iteration's datasets, the previous iteration's model (train.init_from_previous) and the
-# pretrained model (train.finetune); `dpsnake train` decides which one it starts from (init.json).
+# pretrained model (train.finetune); `dpsnake train` decides which one it starts from (init.json). A
+# continued model also reads the previous folder's out.json and, with train.init_lr_schedule: continue,
+# its last checkpoint (model.ckpt*), written by the same job as its model.dp.
 # Clusters: give the rule a GPU in the profile (set-resources: train: gpu / gres).
 
 
