@@ -2,7 +2,8 @@
 
 Reads only small files (stats.json, collect/summary.json, and the iteration report's JSON when it
 exists for the RMSE columns), so it is instant while a run is going. For each iteration it also says
-which stage the iteration has reached.
+which stage the iteration has reached, its decision, and how many candidates were not picked again
+because their label failed in an earlier iteration (``failed_before``, when there are any).
 """
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ def _config(results: pathlib.Path) -> dict:
         return {}
 
 
+def failed_before_words(stats: dict) -> str:
+    """'; failed_before N (...)' when the selection left out N candidates (summed over systems) because
+    their label failed in an earlier iteration (the iteration report's column of that name); else ''."""
+    n = sum(int(s.get("failed_before") or 0) for s in (stats.get("systems") or {}).values())
+    return f"; failed_before {n} (candidates not picked again: their label failed in an earlier iteration)" if n else ""
+
+
 def summary(results: pathlib.Path) -> tuple[pd.DataFrame, list[str]]:
     """The table (one row per iteration and system) and one status line per iteration."""
     from dpsnake.report import decision, sources
@@ -81,6 +89,7 @@ def summary(results: pathlib.Path) -> tuple[pd.DataFrame, list[str]]:
         if stats:  # the stats read so far are the history (status must stay instant at 100 iterations)
             history.append(stats)
             line += "; " + decision.line(decision.for_iteration(results, it, stats, threshold, config, history))
+            line += failed_before_words(stats)
         lines.append(line)
     for r in sources.stale_data(config, results, results.parent).itertuples():
         lines.append(f"note: {r.data}: {r.note}")
