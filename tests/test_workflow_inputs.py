@@ -169,7 +169,9 @@ def test_last_stage_of_one_system_is_not_converged(wd):
     assert st1["stop"] and not (res / "iter.000002").exists()
     why = (f"exploration plan exhausted: the last stage (stage 1) reached the threshold for Cu only; "
            f"latest accurate ratio below 0.9: CuNi {r:.3f} (iteration 0)")
-    # item 11: the run is not converged while CuNi's latest ratio is below the threshold
+    # item 11: the run is not converged while CuNi's latest ratio is below the threshold: select says so too
+    assert (st1["converged"], st1["reason"], st1["stage_decision"]["converged"]) == (False, why, True)
+    assert (wd / "logs" / "iter.000001" / "select.log").read_text().splitlines()[-1] == f"stopped, not converged: {why}"
     final = _json(res / "models" / "final" / "final.json")
     assert final["iteration"] == 1 and final["converged"] is False and final["reason"] == why
     dec = _json(res / "reports" / "run.json")["decision"]
