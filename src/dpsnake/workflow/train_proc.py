@@ -43,6 +43,11 @@ def _signal_name(rc: int) -> str:
         return f"signal {-rc}"
 
 
+def _step_name(args: list[str]) -> str:
+    """"dp train", "dp freeze", "dp convert-backend": the command without the backend flag."""
+    return "dp " + next((a for a in args if not a.startswith("--")), "")
+
+
 def run_steps(steps: list[list[str]], cwd: pathlib.Path, env: dict) -> None:
     """Run the ``dp`` command lines ``steps`` (arguments after ``dp``) in one Python process (the
     start-up of TensorFlow or torch + DeePMD-kit, ~5 s CPU, is paid once). The output goes to our
@@ -50,16 +55,16 @@ def run_steps(steps: list[list[str]], cwd: pathlib.Path, env: dict) -> None:
     # each step announces itself, so the output says which one failed
     script = "from deepmd.main import main\n" + "".join(
         f"print({'+ dp ' + ' '.join(s)!r}, flush=True)\nmain({s!r})\n" for s in steps)
-    tail: collections.deque[str] = collections.deque(maxlen=400)  # enough for a TensorFlow traceback
-    current = "dp " + " ".join(steps[0][:2])
+    # the output since the running step started, enough for TensorFlow's long graph tracebacks
+    tail: collections.deque[str] = collections.deque(maxlen=5000)
+    current = _step_name(steps[0])
     with subprocess.Popen([sys.executable, "-c", script], cwd=cwd, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1) as p:
         for line in p.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
             if line.startswith("+ dp "):
-                # "dp train", "dp freeze", "dp convert-backend" (the backend flag left out)
-                current = "dp " + next(w for w in line.split()[2:] if not w.startswith("--"))
+                current = _step_name(line.split()[2:])
                 tail.clear()
             tail.append(line)
         rc = p.wait()
