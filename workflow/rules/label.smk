@@ -1,7 +1,7 @@
 # One job per selected candidate; on clusters the SLURM profile groups them (docs/slurm.md: grouping).
 # A failed label is written with label_ok=False (+ task.N.failed.json) and never enters the data.
 # When a `dpsnake` command fails, the last line of its log is the cause (`dpsnake <cmd>: error: ...`):
-# the rules of init_data, plan, explore, label, collect and report also print it to Snakemake's error
+# the rules of init_data, plan, explore, train, label, collect and report also print it to Snakemake's error
 # output (`|| { tail ... }`).
 
 

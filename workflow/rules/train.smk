@@ -31,3 +31,4 @@ rule train:
         "dpsnake train --config results/config.json --iter {params.it} --model {wildcards.k}"
         " --outdir results/iter.{wildcards.it}/train/model.{wildcards.k} --data {input.data}"
         " {params.init} --threads {threads} --on-cpu {resources.train_on_cpu} > {log} 2>&1"
+        " || {{ rc=$?; tail -n 1 {log} >&2; exit $rc; }}"
