@@ -187,3 +187,39 @@ def run_trends(run: pd.DataFrame) -> str | None:
         if ax.lines:
             ax.legend(fontsize=7)
     return to_base64(fig)
+
+
+def learning_vs_labels(lc: pd.DataFrame) -> str | None:
+    """Run level: ensemble-mean force (top) and energy (bottom) RMSE against labelled frames trained on.
+    One column per system (error on the iteration's new labels against that system's labels), and one
+    for the test sets (against all labels); log-scale y where the values span more than a factor 3."""
+    if not len(lc):
+        return None
+    nxt, test = lc[lc["set"] == "next"], lc[lc["set"] == "test"]
+    panels = [(f"{name}: new labels (next iteration)", g, "labels_system", f"labelled frames of {name}")
+              for name, g in nxt.groupby("system", sort=True)]
+    if len(test):
+        panels.append(("test sets", test, "labels_total", "labelled frames (all systems)"))
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.4 * len(panels) + 0.5, 6.4), squeeze=False)
+    for j, (title, g, xcol, xlabel) in enumerate(panels):
+        for row, (col, ylabel) in enumerate((("rmse_f", "force RMSE (eV/A)"),
+                                             ("rmse_e_atom", "energy RMSE (eV/atom)"))):
+            ax = axes[row][j]
+            for i, (name, s) in enumerate(g.groupby("system", sort=True)):
+                s = s.sort_values("iteration")
+                y = pd.to_numeric(s[col], errors="coerce").to_numpy(float)
+                x = pd.to_numeric(s[xcol], errors="coerce").to_numpy(float)
+                ax.plot(x, y, "o-", color=f"C{i % 10}", label=name)
+                for xi, yi, it in zip(x, y, s["iteration"]):
+                    ax.annotate(str(it), (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7)
+            v = pd.to_numeric(g[col], errors="coerce").dropna()
+            if ax.lines and (v > 0).all() and v.max() > 3 * v.min():  # log where it spans a factor > 3
+                ax.set_yscale("log")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            if row == 0:
+                ax.set_title(title, fontsize=10)
+            if ax.lines and xcol == "labels_total":
+                ax.legend(fontsize=7)
+    return to_base64(fig)

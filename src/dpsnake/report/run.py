@@ -1,4 +1,4 @@
-"""The run-level report: ``results/reports/index.html`` + ``run.csv`` + ``run.json``.
+"""The run-level report: ``results/reports/index.html`` + ``run.csv`` + ``run.json`` + ``learning_curve.csv``.
 
 Built from the per-iteration ``iter.NNNNNN.json`` files (missing ones are written first), so the run
 page never recomputes what an iteration report already holds.
@@ -11,7 +11,7 @@ import pathlib
 
 import pandas as pd
 
-from dpsnake.report import collect, html, iteration, plots, sources
+from dpsnake.report import collect, html, iteration, learning, plots, sources
 from dpsnake.report import decision as decide
 
 
@@ -68,18 +68,29 @@ def decision(contents: list[dict], ctx: iteration.Context) -> dict:
                                                       ctx.threshold, ctx.config)}
 
 
+LEARNING_NOTE = (
+    '<p class="note">Ensemble-mean RMSE of iteration N\'s models against the labelled frames they were trained '
+    "on (labels_system: init + iterations 0..N-1 of the system; labels_total: all systems). set next: on "
+    "iteration N's new labels (data/iter.N), which these models never saw: the next-iteration error, on frames "
+    "picked because the models disagreed there (no row when the iteration labelled nothing for the system). "
+    "set test: on each test_data set. Point labels: iteration. Also in learning_curve.csv and run.json.</p>")
+
+
 def write(ctx: iteration.Context, rebuild: bool = False, progress=print) -> dict[str, pathlib.Path]:
-    """Write index.html, run.csv and run.json under results/reports/; returns their paths."""
+    """Write index.html, run.csv, run.json and learning_curve.csv under results/reports/; returns their paths."""
     contents = load_iterations(ctx, rebuild, progress)
     table = run_table(contents, ctx.threshold)
     dec = decision(contents, ctx)
     stale = sources.stale_data(ctx.config, ctx.results, ctx.workdir)
-    paths = {"json": ctx.reports / "run.json", "csv": ctx.reports / "run.csv", "html": ctx.reports / "index.html"}
+    lc = learning.table(contents)
+    paths = {"json": ctx.reports / "run.json", "csv": ctx.reports / "run.csv", "html": ctx.reports / "index.html",
+             "learning_csv": ctx.reports / "learning_curve.csv"}
     iteration.atomic_write(paths["json"], json.dumps(
         {"iterations": [c["iteration"] for c in contents], "decision": dec,
          "systems": iteration._records(table.drop(columns=["threshold"])),
-         "stale_data": iteration._records(stale)}, indent=1))
+         "learning_curve": learning.records(lc), "stale_data": iteration._records(stale)}, indent=1))
     iteration.atomic_write(paths["csv"], table.drop(columns=["threshold"]).to_csv(index=False))
+    iteration.atomic_write(paths["learning_csv"], lc.to_csv(index=False))
 
     if dec["converged"] is None:
         verdict = f'<p class="note">{html.esc(dec["reason"])}</p>'
@@ -98,14 +109,18 @@ def write(ctx: iteration.Context, rebuild: bool = False, progress=print) -> dict
                "system; accurate_ratio: its accurate ratio in that iteration. The run is converged when every "
                "system's latest accurate ratio reaches the threshold.</p>") if len(latest) else ""
     show = table.drop(columns=["threshold"])
+    lc_show = lc.assign(labels_system=lc["labels_system"].astype(object).where(lc["labels_system"].notna(), None))
     body = [html.section("Decision", verdict, systems, sources.html_note(stale), anchor="decision"),
             html.section("Trends per system", html.image(plots.run_trends(trend_table(contents, ctx.threshold)),
                                                          "trends against iteration"),
                          '<p class="note">RMSE: ensemble-mean prediction of each iteration\'s models on all '
                          "labelled data available at that iteration.</p>", anchor="trends"),
+            html.section("Accuracy against labels", html.image(plots.learning_vs_labels(lc), "learning curve"),
+                         html.table(lc_show, empty="no ensemble evaluation yet"), LEARNING_NOTE, anchor="labels"),
             html.section("All iterations", html.table(show), anchor="table"),
             html.section("Iteration pages", f"<ul>{links}</ul>", links_note, anchor="pages")]
     iteration.atomic_write(paths["html"], html.page("dpsnake run overview", body,
                                                     [("#decision", "decision"), ("#trends", "trends"),
+                                                     ("#labels", "accuracy vs labels"),
                                                      ("#table", "table"), ("#pages", "iterations")]))
     return paths
