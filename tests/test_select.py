@@ -315,3 +315,87 @@ def test_select_on_real_exploration(tmp_path, dp_model):
         assert c.info["max_devi_f"] == pytest.approx(f[md["step"] == step][0], rel=1e-6)
         assert 0.02 <= c.info["max_devi_f"] < 0.5
     assert "per-system model deviation classes" in p.stdout and "Cu" in p.stdout
+
+
+def _write_conditions(tmp_path, cfg, per_walker):
+    """An explore folder with a walker per temperature of ``cfg``; ``per_walker``: per walker a list of
+    (rattle amplitude, seed, deviation) frames from the start structure (a seed repeated with a tiny extra
+    displacement is a near-copy)."""
+    import ase.io
+
+    from dpsnake.engine.model_devi import write_model_devi
+    from dpsnake.workflow.plan import make_walkers
+
+    ex = tmp_path / "explore"
+    walkers = make_walkers(cfg, 0, 0, ex)
+    (ex / "walkers.json").write_text(json.dumps(walkers))
+    (ex / "plan.json").write_text(json.dumps({"iteration": 0, "stage": 0, "stage_iteration": 0}))
+    (ex / "summary.json").write_text(json.dumps({"walkers": {w["name"]: {"status": "finished", "reason": None}
+                                                             for w in walkers}}))
+    for w, spec in zip(walkers, per_walker):
+        atoms0 = ase.io.read(ex / w["structure"])
+        frames = []
+        for k, (amp, seed, _) in enumerate(spec):
+            a = atoms0.copy()
+            a.rattle(amp, seed=seed)
+            a.positions[0] += 1e-4 * k  # a near-copy, not an exact one
+            a.info["step"] = 5 * k
+            frames.append(a)
+        (ex / w["name"]).mkdir()
+        ase.io.write(ex / w["name"] / "traj.extxyz", frames, format="extxyz")
+        z = np.zeros(len(spec))
+        write_model_devi(ex / w["name"] / "model_devi.out", 5 * np.arange(len(spec)),
+                         {"max_devi_v": z, "min_devi_v": z, "avg_devi_v": z,
+                          "max_devi_f": np.asarray([s[2] for s in spec]), "min_devi_f": z, "avg_devi_f": z})
+    return ex, walkers
+
+
+def test_select_diverse_dedup_and_condition_quota(tmp_path, cu_model):
+    """Issue 18 item 3 through `select` and `dpsnake select`: the 900 K walker has the highest deviations
+    but near-copies of one structure plus one outlier; the 300 K walker distinct small rattles.
+    highest takes the 900 K near-copies; diverse with dedup_tol takes the outlier and drops the copies;
+    quota: condition gives each condition half of the labels."""
+    from dpsnake.workflow.config import write_if_changed
+    from dpsnake.workflow.select import select
+
+    st = {"temperatures": [300.0, 900.0], "ensemble": "nvt", "nsteps": 40, "trj_freq": 5, "max_iterations": 2}
+    cold = [(0.03, 10 + k, 0.06 + 0.001 * k) for k in range(6)]
+    hot = [(0.05, 1, 0.12 + 0.001 * k) for k in range(5)] + [(0.25, 2, 0.10)]  # 5 near-copies, 1 outlier
+    base = {"trust": {"force": [0.05, 0.15]}, "explore": {"stages": [st]}}
+    cfg = _cfg(tmp_path, **base, select={"max_candidates": 4, "pick": "highest", "min_dist": 0.5})
+    ex, _ = _write_conditions(tmp_path, cfg, [cold, hot])
+    _, tasks = select(cfg, 0, ex)
+    assert [t.info["temperature"] for t in tasks] == [900.0] * 4
+    cfg = _cfg(tmp_path, **base, select={"max_candidates": 4, "pick": "diverse", "dedup_tol": 0.02,
+                                          "min_dist": 0.5})
+    stats, tasks = select(cfg, 0, ex, model=cu_model["dp"])
+    hot_steps = sorted(t.info["step"] for t in tasks if t.info["temperature"] == 900.0)
+    # the highest deviation (900 K step 20), the outlier (step 25), then the 300 K frames farthest away
+    assert hot_steps == [20, 25]
+    assert sorted(t.info["step"] for t in tasks if t.info["temperature"] == 300.0) == [10, 20]
+    s = stats["systems"]["Cu"]
+    assert s["near_duplicates"] == 4 and s["duplicates"] == 4 and s["selected"] == len(tasks) == 4
+    cfg = _cfg(tmp_path, **base, select={"max_candidates": 4, "pick": "highest", "quota": "condition",
+                                          "min_dist": 0.5})
+    _, tasks = select(cfg, 0, ex)
+    assert sorted(t.info["temperature"] for t in tasks) == [300.0, 300.0, 900.0, 900.0]
+    assert sorted((t.info["temperature"], t.info["step"]) for t in tasks) == \
+        [(300.0, 20), (300.0, 25), (900.0, 15), (900.0, 20)]  # each condition's highest two
+    # the command line, with the model next to the explore folder (the iteration's layout); the log says
+    # which features were used
+    cfg = _cfg(tmp_path, **base, select={"max_candidates": 4, "pick": "diverse", "dedup_tol": 0.02,
+                                          "quota": "condition", "min_dist": 0.5})
+    write_if_changed(cfg, tmp_path / "config.json")
+    (tmp_path / "train" / "model.0").mkdir(parents=True)
+    (tmp_path / "train" / "model.0" / "model.dp").symlink_to(cu_model["dp"])
+    p = subprocess.run([sys.executable, "-m", "dpsnake.cli", "select", "--config", "config.json", "--iter", "0",
+                        "--explore", "explore", "--outdir", "select"], capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "features of pick diverse / dedup_tol: se_e2_a descriptor of" in p.stderr
+    assert "candidate(s) within dedup_tol 0.02 of a picked frame dropped" in p.stderr
+    out = json.loads((tmp_path / "select" / "stats.json").read_text())
+    import ase.io
+
+    temps = sorted(ase.io.read(f, format="extxyz").info["temperature"]
+                   for f in (tmp_path / "select" / "candidates").glob("*.extxyz"))
+    assert temps == [300.0, 300.0, 900.0, 900.0] and out["systems"]["Cu"]["selected"] == 4

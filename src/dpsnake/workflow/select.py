@@ -37,6 +37,9 @@ def add_arguments(parser) -> None:
                         "never selected again")
     parser.add_argument("--results", default=None, help="the run's results folder: frames whose label failed in "
                         "an earlier iteration (iter.*/label/task.N.failed.json) are never selected again")
+    parser.add_argument("--model", default=None, help="the model whose descriptor gives the features of "
+                        "select.pick diverse and select.dedup_tol (default: the ensemble's model 0, "
+                        "EXPLORE/../train/model.0/model.dp)")
 
 
 def _read_frames(path: pathlib.Path) -> list:
@@ -125,9 +128,77 @@ def known_frames(data_root) -> set:
     return keys
 
 
-def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=None) -> tuple[dict, list]:
+def training_frames(data_root, system: str, cap: int = 1000) -> list:
+    """Frames of ``system`` already in the datasets under ``data_root`` (``*/<system>/set.*``), as ASE
+    Atoms; at most ``cap``, evenly spread over them (the known frames of ``pick: diverse``)."""
+    from ase import Atoms
+
+    frames = []
+    if data_root is None or not pathlib.Path(data_root).is_dir():
+        return frames
+    for sys_dir in sorted(pathlib.Path(data_root).glob(f"*/{system}")):
+        if sys_dir.parent.name.startswith(".") or not (sys_dir / "type.raw").is_file():
+            continue
+        types = np.loadtxt(sys_dir / "type.raw", dtype=int, ndmin=1)
+        tmap = (sys_dir / "type_map.raw").read_text().split()
+        symbols = [tmap[t] for t in types]
+        pbc = not (sys_dir / "nopbc").exists()
+        for st in sorted(sys_dir.glob("set.*")):
+            for c, b in zip(np.load(st / "coord.npy"), np.load(st / "box.npy")):
+                frames.append(Atoms(symbols, positions=c.reshape(-1, 3), cell=b.reshape(3, 3), pbc=pbc))
+    if len(frames) > cap:
+        frames = [frames[k] for k in np.linspace(0, len(frames) - 1, cap).round().astype(int)]
+    return frames
+
+
+def _model_zero(explore: pathlib.Path, model=None):
+    """The model file whose descriptor gives the features: ``model``, or the iteration's model 0."""
+    return pathlib.Path(model) if model else explore.parent / "train" / "model.0" / "model.dp"
+
+
+def _pick(cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, model, notes):
+    """``select.pick`` / ``dedup_tol`` / ``quota`` on the kept candidates ``keep`` of one system:
+    (picked indices, sorted; near duplicates dropped)."""
+    from dpsnake.workflow import diversity as D
+    from dpsnake.workflow import selection as S
+
+    sel = cfg["select"]
+    mode, tol, quota = sel["pick"], sel.get("dedup_tol"), sel.get("quota", "system")
+    keep = np.asarray(keep, dtype=int)
+    if mode != "diverse" and tol is None and quota == "system":
+        return S.pick(keep, d["devi_f"], sel["max_candidates"], mode, rng), 0
+    groups = None
+    if quota == "condition":
+        cond = [(float(by_name[d["walker"][i]]["temperature"]), float(by_name[d["walker"][i]].get("pressure") or 0.0))
+                for i in keep]
+        groups = np.asarray([sorted(set(cond)).index(c) for c in cond], dtype=int)
+    feats = known = None
+    if (mode == "diverse" or tol is not None) and len(keep):
+        frames = [_frame(explore, d["walker"][i], int(d["step"][i]), frames_cache) for i in keep]
+        train = training_frames(data_root, system) if mode == "diverse" else []
+        if "xp" not in notes:
+            from dpsnake.md.cli import pick_xp
+
+            notes["xp"] = pick_xp("cpu" if cfg["explore"].get("device") == "cpu" else "auto")
+        f, how = D.frame_features(_model_zero(explore, model), frames + train, cfg["type_map"], notes["xp"])
+        if how not in notes:
+            notes[how] = True
+            print(f"select: features of pick {mode} / dedup_tol: {how}", file=sys.stderr)
+        f = D.scaled(f)
+        feats, known = f[:len(frames)], f[len(frames):]
+    pos, dups = D.greedy_pick(d["devi_f"][keep], sel["max_candidates"], mode, rng, feats, known, tol, groups)
+    if dups:
+        print(f"select: {system}: {dups} candidate(s) within dedup_tol {tol:g} of a picked frame dropped",
+              file=sys.stderr)
+    return np.sort(keep[pos]), dups
+
+
+def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=None,
+           model=None) -> tuple[dict, list]:
     """Returns (stats, tasks); tasks: list of (atoms, info) to write as candidates. ``data_root``: frames
-    in its datasets are not picked; ``results``: frames whose label failed before ``it`` are not picked."""
+    in its datasets are not picked; ``results``: frames whose label failed before ``it`` are not picked;
+    ``model``: the model whose descriptor gives the features of ``pick: diverse`` and ``dedup_tol``
+    (default: the iteration's model 0 next to ``explore``)."""
     import ase.io
 
     from dpsnake.workflow import selection as S
@@ -142,7 +213,7 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=No
     rng = np.random.default_rng([sel["seed"], it])
     seen = known_frames(data_root)
     bad = failed_before(results, it)
-    systems, tasks = {}, []
+    systems, tasks, notes = {}, [], {}
     for system in sorted(data):
         d = data[system]
         trust = system_trust(cfg, system)
@@ -181,7 +252,8 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=No
         if refailed:
             print(f"select: {system}: {refailed} candidate(s) not picked again, their label failed in an earlier "
                   f"iteration, e.g. {example}", file=sys.stderr)
-        picked = S.pick(np.asarray(keep, dtype=int), d["devi_f"], sel["max_candidates"], sel["pick"], rng)
+        picked, near = _pick(cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, model, notes)
+        duplicates += near
         for i in picked:
             atoms = _frame(explore, d["walker"][i], int(d["step"][i]), frames_cache).copy()
             w = by_name[d["walker"][i]]
@@ -198,7 +270,8 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=No
                            "trust_lo": float(lo), "trust_hi": float(hi),
                            "trust_lo_virial": None if trust.get("virial") is None else trust["virial"][0],
                            "trust_hi_virial": None if trust.get("virial") is None else trust["virial"][1],
-                           "filtered": filtered, "duplicates": duplicates, "failed_before": refailed,
+                           "filtered": filtered, "duplicates": duplicates, "near_duplicates": int(near),
+                           "failed_before": refailed,
                            "selected": int(len(picked))}
     stages = cfg["explore"]["stages"]
     stage, stage_it = plan["stage"], plan["stage_iteration"]
@@ -263,7 +336,7 @@ def run(args) -> int:
     for f in ("walkers.json", "plan.json", "summary.json"):
         if not (explore / f).is_file():
             raise UserError(f"--explore: {explore / f}: no such file")
-    stats, tasks = select(cfg, args.iter, explore, args.data, args.results)
+    stats, tasks = select(cfg, args.iter, explore, args.data, args.results, args.model)
     out.mkdir(parents=True, exist_ok=True)
     tmp = tmp_dir_for(out / "candidates")
     for atoms in tasks:

@@ -1,0 +1,139 @@
+"""Selection criteria beyond random / highest deviation (issue 18 item 3), on hand-made deviations and
+features where the right answer is known: farthest-point picking, deduplication, per-condition quotas;
+and the features themselves (the engine's se_e2_a descriptor, exact; the fallback fingerprint)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase.build import bulk
+
+from dpsnake.workflow import diversity as D
+
+
+def _cluster(n=20, seed=0):
+    """n points near the origin in 3-D plus three far outliers (rows n, n+1, n+2)."""
+    rng = np.random.default_rng(seed)
+    pts = rng.normal(scale=0.01, size=(n, 3))
+    out = np.array([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0]])
+    return np.concatenate([pts, out])
+
+
+def test_allocate_splits_evenly_and_passes_unused_shares_on():
+    assert D.allocate([10, 10, 10], 10).tolist() == [4, 3, 3]
+    assert D.allocate([5, 10, 10], 10).tolist() == [3, 4, 3]  # remainder to the most candidates first
+    assert D.allocate([1, 10, 10], 9).tolist() == [1, 4, 4]  # a short condition leaves its share
+    assert D.allocate([0, 5], 3).tolist() == [0, 3]
+    assert D.allocate([2, 1], 10).tolist() == [2, 1]  # never more than there is
+    assert D.allocate([3], 2).tolist() == [2]
+
+
+def test_farthest_point_picks_the_outliers_after_the_highest_deviation():
+    f = _cluster()
+    devi = np.full(len(f), 0.1)
+    devi[7] = 0.2  # highest deviation: a cluster point, picked first
+    pos, dups = D.greedy_pick(devi, 4, "diverse", features=f)
+    assert pos.tolist()[0] == 7 and sorted(pos.tolist()[1:]) == [20, 21, 22] and dups == 0
+    # highest / random would mostly pick cluster points
+    assert D.greedy_pick(devi, 4, "highest")[0].tolist() == [7, 0, 1, 2]
+    # an outlier already in the training data is not picked again: the next-farthest is a cluster point
+    pos, _ = D.greedy_pick(devi, 3, "diverse", features=f, known=f[[20]] + 0.001)
+    assert pos[0] == 7 and sorted(pos.tolist()[1:]) == [21, 22]
+    pos, _ = D.greedy_pick(devi, 4, "diverse", features=f, known=f[[20]] + 0.001)
+    assert 20 not in pos.tolist()
+    # far from everything known: with the training frames at the cluster, outliers still come first
+    pos, _ = D.greedy_pick(devi, 3, "diverse", features=f, known=f[:20])
+    assert len(set(pos.tolist()[1:]) & {20, 21, 22}) == 2
+
+
+def test_dedup_drops_near_copies_for_every_pick():
+    base = np.eye(5) * 3.0
+    f = np.concatenate([base, base + 1e-3])  # row k+5 is a near-copy of row k
+    devi = np.linspace(0.1, 0.2, 10)
+    for mode in ("highest", "random", "diverse"):
+        pos, dups = D.greedy_pick(devi, 10, mode, np.random.default_rng(0), features=f, dedup_tol=0.01)
+        assert len(pos) == 5 and dups == 5, mode
+        assert sorted(p % 5 for p in pos) == [0, 1, 2, 3, 4], mode  # one of each pair
+    pos, dups = D.greedy_pick(devi, 10, "highest", features=f, dedup_tol=0.01)
+    assert sorted(pos.tolist()) == [5, 6, 7, 8, 9]  # the copies with the higher deviation
+    pos, dups = D.greedy_pick(devi, 3, "highest", features=f, dedup_tol=0.01)
+    assert pos.tolist() == [9, 8, 7] and dups == 3  # counted: the copies of the picked ones
+    pos, dups = D.greedy_pick(devi, 10, "highest", features=f, dedup_tol=None)
+    assert len(pos) == 10 and dups == 0
+    with pytest.raises(ValueError):
+        D.greedy_pick(devi, 3, "diverse")
+
+
+def test_quota_per_condition():
+    devi = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.11, 0.12, 0.13, 0.14])
+    groups = np.array([0] * 8 + [1] * 4)  # the hot condition (0) has the highest deviations
+    pos, _ = D.greedy_pick(devi, 4, "highest")
+    assert sorted(pos.tolist()) == [0, 1, 2, 3]  # without quotas the hot condition takes everything
+    pos, _ = D.greedy_pick(devi, 4, "highest", groups=groups)
+    assert sorted(pos.tolist()) == [0, 1, 10, 11]
+    pos, _ = D.greedy_pick(devi, 5, "highest", groups=groups)
+    assert sorted(pos.tolist()) == [0, 1, 2, 10, 11]  # the remainder to the condition with more candidates
+    pos, _ = D.greedy_pick(devi, 4, "random", np.random.default_rng(1), groups=groups)
+    assert np.bincount(groups[pos]).tolist() == [2, 2]
+    pos, _ = D.greedy_pick(devi, 6, "highest", groups=np.array([0] * 11 + [1]))
+    assert sorted(pos.tolist()) == [0, 1, 2, 3, 4, 11]  # one candidate at the cold condition: 5 + 1
+    # near-copies at the cold condition: its unused share goes to the hot one
+    f = np.concatenate([np.eye(8) * 3.0, np.zeros((4, 8)) + 1e-4 * np.arange(4)[:, None]])
+    pos, dups = D.greedy_pick(devi, 4, "highest", features=f, dedup_tol=0.01, groups=groups)
+    assert sorted(pos.tolist()) == [0, 1, 2, 11] and dups == 3
+    # farthest points within quotas
+    pos, _ = D.greedy_pick(devi, 4, "diverse", features=f, groups=groups)
+    assert np.bincount(groups[pos]).tolist() == [2, 2] and pos[0] == 0
+
+
+def test_scaled_distances_are_unit_free():
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(500, 4))
+    a = D.scaled(f)
+    assert np.allclose(a - a.mean(0), D.scaled(f * 1e3 + 7) - D.scaled(f * 1e3 + 7).mean(0))
+    d = np.linalg.norm(a[:, None] - a[None], axis=2)[np.triu_indices(500, 1)]
+    assert np.median(d) == pytest.approx(1.0)  # 1: the typical distance between two frames
+    b = D.scaled(np.concatenate([f, [[1e3, 0, 0, 0]]]))  # one far outlier barely changes the scale
+    assert np.linalg.norm(b[0] - b[1]) == pytest.approx(np.linalg.norm(a[0] - a[1]), rel=0.02)
+    assert np.array_equal(D.scaled(np.ones((3, 2))), np.ones((3, 2)))
+    c = D.scaled(np.array([[0.0], [0.0], [0.0], [0.0], [2.0]]))  # mostly copies: the RMS spread (0.8)
+    assert c[4, 0] == pytest.approx(2.5)
+
+
+def test_descriptor_features_are_the_engines(cu_model):
+    """In a perfect crystal every atom has the same environment, so the mean descriptor is each atom's:
+    the fitting net on it gives the atomic energy the engine's ensemble computes."""
+    from dpsnake.engine.ensemble import Ensemble
+
+    a = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
+    b = a.copy()
+    b.rattle(0.1, seed=1)
+    f = D.descriptor_features(cu_model["dp"], [a, b, a])
+    ens = Ensemble([cu_model["dp"]])
+    rm = ens._rt(np, 0)
+    e = ens.evaluate(a.positions, np.zeros(len(a), int), np.zeros(len(a), int), a.cell.array[None],
+                     np.array([True]), atomic=True)["atom_energy"][0]
+    y, _ = rm.fittings[0].forward(np, f[:1], keep=False)
+    assert y[0, 0] + rm.bias[0] == pytest.approx(float(e[0]), abs=1e-10)
+    assert np.allclose(f[0], f[2]) and not np.allclose(f[0], f[1])
+    m = ens.models[0]
+    assert f.shape == (3, m.ntypes * m.neuron[-1] * m.axis_neuron)
+    feats, how = D.frame_features(cu_model["dp"], [a, b], ["Cu"])
+    assert np.allclose(feats, f[:2]) and how.startswith("se_e2_a descriptor")
+
+
+def test_fingerprint_fallback(tmp_path):
+    a = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
+    b = a.copy()
+    b.rattle(0.1, seed=1)
+    bad = tmp_path / "model.dp"
+    bad.write_text("not a model")
+    f, how = D.frame_features(bad, [a, b, a], ["Cu"])
+    assert "radial distribution fingerprint" in how and "cannot read" in how
+    assert np.allclose(f[0], f[2]) and not np.allclose(f[0], f[1])
+    from ase.neighborlist import neighbor_list
+
+    # each pair distance spread over two bins: per centre, the histogram sums to the neighbour count
+    assert f[1].sum() == pytest.approx(len(neighbor_list("d", b, 6.0)) / len(b))
+    f2, how = D.frame_features(tmp_path / "none.dp", [a], ["Cu"])
+    assert "no model file" in how and np.allclose(f2[0], f[0])
