@@ -399,3 +399,30 @@ def test_select_diverse_dedup_and_condition_quota(tmp_path, cu_model):
     temps = sorted(ase.io.read(f, format="extxyz").info["temperature"]
                    for f in (tmp_path / "select" / "candidates").glob("*.extxyz"))
     assert temps == [300.0, 300.0, 900.0, 900.0] and out["systems"]["Cu"]["selected"] == 4
+
+
+def test_select_diverse_keeps_away_from_training_frames(tmp_path, cu_model):
+    """pick diverse with --data: a near-copy of the outlier is already in the training data, so the
+    outlier is not picked; the frames come from the system's datasets (training_frames, capped)."""
+    import dpdata
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from dpsnake.workflow.select import select, training_frames
+
+    st = {"temperatures": [300.0], "ensemble": "nvt", "nsteps": 40, "trj_freq": 5, "max_iterations": 2}
+    spec = [(0.03, 10 + k, 0.12 - 0.001 * k) for k in range(6)] + [(0.25, 2, 0.10)]  # frame 6: the outlier
+    cfg = _cfg(tmp_path, trust={"force": [0.05, 0.15]}, explore={"stages": [st]},
+               select={"max_candidates": 2, "pick": "diverse", "min_dist": 0.5})
+    ex, _ = _write_conditions(tmp_path, cfg, [spec])
+    stats, tasks = select(cfg, 0, ex, model=cu_model["dp"])
+    assert sorted(t.info["step"] for t in tasks) == [0, 30]  # the highest deviation, then the outlier
+    a = [t for t in tasks if t.info["step"] == 30][0].copy()
+    a.positions[3] += 0.01  # not the same frame: still a candidate
+    a.calc = SinglePointCalculator(a, energy=0.0, forces=np.zeros((len(a), 3)))
+    dpdata.LabeledSystem(a, fmt="ase/structure").to_deepmd_npy(str(tmp_path / "data" / "iter.000000" / "Cu"))
+    known = training_frames(tmp_path / "data", "Cu")
+    assert len(known) == 1 and np.allclose(known[0].positions, a.positions, atol=1e-6)
+    assert known[0].get_chemical_symbols() == a.get_chemical_symbols() and known[0].pbc.all()
+    stats, tasks = select(cfg, 0, ex, tmp_path / "data", model=cu_model["dp"])
+    assert 30 not in [t.info["step"] for t in tasks] and len(tasks) == 2
+    assert training_frames(tmp_path / "data", "Cu2") == []
