@@ -13,6 +13,11 @@ reports say it); ``stop`` / ``next_stage`` and ``stage_decision`` are the per-st
 A frame is never picked twice: not when it is already in a dataset (``--data``), and not when its label
 failed in an earlier iteration (``--results``: ``iter.*/label/task.N.failed.json`` hold the frame's key);
 the latter are counted per system as ``failed_before`` in stats.json.
+
+``select.pick`` ``random`` / ``highest`` / ``diverse``, ``select.dedup_tol`` and ``select.quota``: see
+:mod:`dpsnake.workflow.diversity` (features of ``diverse`` and ``dedup_tol``: the descriptor of the
+iteration's model 0, ``--model``; near-copies dropped are counted in ``duplicates`` and
+``near_duplicates``).
 """
 
 from __future__ import annotations
