@@ -73,6 +73,12 @@ rule report_run:
             category="Run",
             labels={"page": "run table (csv)"},
         ),
+        learning=report(
+            "results/reports/learning_curve.csv",
+            caption="../report/learning_curve.rst",
+            category="Run",
+            labels={"page": "learning curve (csv)"},
+        ),
         json="results/reports/run.json",
     params:
         accuracy="" if CFG["report"]["accuracy"] else "--no-accuracy",
