@@ -155,6 +155,19 @@ def _per_type_mean(xp, sums, counts, ntypes):
     return (sums / c).reshape(sums.shape[0], -1)
 
 
+def _batches(frames, batch_atoms: int):
+    """(start, stop) ranges of consecutive frames with at most ``batch_atoms`` atoms each (one frame at
+    least), so a feature pass never holds more than that many atoms' neighbours at once."""
+    start = 0
+    while start < len(frames):
+        stop, natoms = start, 0
+        while stop < len(frames) and (stop == start or natoms + len(frames[stop]) <= batch_atoms):
+            natoms += len(frames[stop])
+            stop += 1
+        yield start, stop
+        start = stop
+
+
 def descriptor_features(model, frames, xp=np, batch_atoms: int = 20000) -> np.ndarray:
     """(n frames, ntypes * M1 * axis) per-type mean se_e2_a descriptor of model ``model`` (a path or a
     :class:`~dpsnake.engine.model.DPModel`), computed with the engine's neighbour search and nets in
@@ -170,12 +183,7 @@ def descriptor_features(model, frames, xp=np, batch_atoms: int = 20000) -> np.nd
     csize = ens._chunk_size(xp)
     T, M1, A = m.ntypes, m.neuron[-1], m.axis_neuron
     out = np.zeros((len(frames), T * M1 * A))
-    start = 0
-    while start < len(frames):
-        stop, natoms = start, 0
-        while stop < len(frames) and (stop == start or natoms + len(frames[stop]) <= batch_atoms):
-            natoms += len(frames[stop])
-            stop += 1
+    for start, stop in _batches(frames, batch_atoms):
         coords, atype, system, cells, pbc = _flat(frames[start:stop], m.type_map)
         S = stop - start
         xc, xa, xs, xcell = (xp.asarray(v) for v in (coords, atype, system, cells))
@@ -204,7 +212,6 @@ def descriptor_features(model, frames, xp=np, batch_atoms: int = 20000) -> np.nd
                 D = xp.matmul(gr.transpose(0, 2, 1), gr[:, :, :A]).reshape(-1, M1 * A)
                 sums[:, ti] += segment_sum(xp, xs[centers], D, S)
         out[start:stop] = to_numpy(_per_type_mean(xp, sums, xp.asarray(counts), T))
-        start = stop
     return out
 
 
@@ -218,12 +225,7 @@ def fingerprints(frames, type_map, rcut: float = 6.0, width: float = 0.1, xp=np,
 
     T, nb = len(type_map), int(np.ceil(rcut / width)) + 2
     out = np.zeros((len(frames), T * T * nb))
-    start = 0
-    while start < len(frames):
-        stop, natoms = start, 0
-        while stop < len(frames) and (stop == start or natoms + len(frames[stop]) <= batch_atoms):
-            natoms += len(frames[stop])
-            stop += 1
+    for start, stop in _batches(frames, batch_atoms):
         coords, atype, system, cells, pbc = _flat(frames[start:stop], type_map)
         S = stop - start
         # room for every neighbour: 1.4 x the densest frame's atoms per rcut sphere, per type
@@ -251,7 +253,6 @@ def fingerprints(frames, type_map, rcut: float = 6.0, width: float = 0.1, xp=np,
                     idx2 = (sysc * (T * nb) + c).reshape(-1)
                     hist[:, ti] += segment_sum(xp, idx2, wt.reshape(-1), S * T * nb).reshape(S, T * nb)
         out[start:stop] = to_numpy(_per_type_mean(xp, hist, xp.asarray(counts), T))
-        start = stop
     return out
 
 
