@@ -17,7 +17,6 @@ if not workflow.overwrite_configfiles:
     configfile: "config/config.yaml"
 
 
-
 # common.smk checks the config first (schema + files + type_map): one line naming what is wrong
 include: "workflow/rules/common.smk"
 
@@ -35,7 +34,7 @@ include: "workflow/rules/report.smk"
 
 
 rule all:
+    default_target: True
     input:
         "results/reports/index.html",
         "results/models/final",
-    default_target: True

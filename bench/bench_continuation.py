@@ -32,15 +32,38 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's start-up chatter in the table's output
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TRAIN = {"numb_models": 1, "numb_steps": 1500, "init_numb_steps": 1000, "init_from_previous": True,
-         "seed": 1, "threads": 1,
-         "input": {"model": {"descriptor": {"type": "se_e2_a", "rcut": 4.5, "rcut_smth": 1.0, "sel": [48, 48],
-                                            "neuron": [8, 16], "axis_neuron": 4},
-                             "fitting_net": {"neuron": [24, 24], "resnet_dt": True}},
-                   "learning_rate": {"type": "exp", "start_lr": 0.003, "stop_lr": 0.0001, "decay_steps": 100},
-                   "loss": {"type": "ener", "start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000,
-                            "limit_pref_f": 1, "start_pref_v": 0.02, "limit_pref_v": 1},
-                   "training": {"training_data": {"batch_size": 1}, "disp_freq": 100, "save_freq": 1500}}}
+TRAIN = {
+    "numb_models": 1,
+    "numb_steps": 1500,
+    "init_numb_steps": 1000,
+    "init_from_previous": True,
+    "seed": 1,
+    "threads": 1,
+    "input": {
+        "model": {
+            "descriptor": {
+                "type": "se_e2_a",
+                "rcut": 4.5,
+                "rcut_smth": 1.0,
+                "sel": [48, 48],
+                "neuron": [8, 16],
+                "axis_neuron": 4,
+            },
+            "fitting_net": {"neuron": [24, 24], "resnet_dt": True},
+        },
+        "learning_rate": {"type": "exp", "start_lr": 0.003, "stop_lr": 0.0001, "decay_steps": 100},
+        "loss": {
+            "type": "ener",
+            "start_pref_e": 0.02,
+            "limit_pref_e": 1,
+            "start_pref_f": 1000,
+            "limit_pref_f": 1,
+            "start_pref_v": 0.02,
+            "limit_pref_v": 1,
+        },
+        "training": {"training_data": {"batch_size": 1}, "disp_freq": 100, "save_freq": 1500},
+    },
+}
 
 
 def _cell():
@@ -105,8 +128,12 @@ def md_frames(temps, n_per_temp: int, seed: int) -> list:
 
 
 def make_data(work: pathlib.Path) -> dict:
-    d = {"init": work / "data" / "init", "it0": work / "data" / "iter.000000",
-         "it1": work / "data" / "iter.000001", "test": work / "data" / "test"}
+    d = {
+        "init": work / "data" / "init",
+        "it0": work / "data" / "iter.000000",
+        "it1": work / "data" / "iter.000001",
+        "test": work / "data" / "test",
+    }
     if not (d["test"] / "Cu" / "type.raw").exists():
         _write(init_frames(0), d["init"] / "Cu")
         _write(md_frames([300, 450, 600], 8, 1), d["it0"] / "Cu")
@@ -115,17 +142,24 @@ def make_data(work: pathlib.Path) -> dict:
     return d
 
 
-def config(work: pathlib.Path, backend: str, schedule: str, scale: int = 1, numb_steps: int | None = None
-           ) -> pathlib.Path:
+def config(
+    work: pathlib.Path, backend: str, schedule: str, scale: int = 1, numb_steps: int | None = None
+) -> pathlib.Path:
     sys.path.insert(0, str(ROOT / "src"))
     from dpsnake.workflow.config import validate_schema
 
-    raw = {"type_map": ["Cu", "Ni"],
-           "systems": {"Cu": {"structure": {"builder": "bulk", "kwargs": {"name": "Cu", "cubic": True}}}},
-           "explore": {"stages": [{"temperatures": [300]}]},
-           "train": dict(TRAIN, backend=backend, numb_steps=numb_steps or TRAIN["numb_steps"] * scale,
-                         init_numb_steps=TRAIN["init_numb_steps"] * scale,
-                         init_lr_schedule="continue" if schedule == "scratch" else schedule)}
+    raw = {
+        "type_map": ["Cu", "Ni"],
+        "systems": {"Cu": {"structure": {"builder": "bulk", "kwargs": {"name": "Cu", "cubic": True}}}},
+        "explore": {"stages": [{"temperatures": [300]}]},
+        "train": dict(
+            TRAIN,
+            backend=backend,
+            numb_steps=numb_steps or TRAIN["numb_steps"] * scale,
+            init_numb_steps=TRAIN["init_numb_steps"] * scale,
+            init_lr_schedule="continue" if schedule == "scratch" else schedule,
+        ),
+    }
     path = work / f"config.{backend}.{schedule}.x{scale}.json"
     path.write_text(json.dumps(validate_schema(raw)))
     return path
@@ -135,8 +169,26 @@ def train(cfg, it: int, k: int, out: pathlib.Path, data: list, init_from=None) -
     """`dpsnake train`; returns the wall time (s). Skipped when out/model.dp exists (rerun to resume)."""
     if (out / "model.dp").exists():
         return json.loads((out / "wall.json").read_text())["wall_s"]
-    cmd = [sys.executable, "-m", "dpsnake.cli", "train", "--config", str(cfg), "--iter", str(it), "--model", str(k),
-           "--outdir", str(out), "--threads", "1", "--on-cpu", "1", "--data", *map(str, data)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dpsnake.cli",
+        "train",
+        "--config",
+        str(cfg),
+        "--iter",
+        str(it),
+        "--model",
+        str(k),
+        "--outdir",
+        str(out),
+        "--threads",
+        "1",
+        "--on-cpu",
+        "1",
+        "--data",
+        *map(str, data),
+    ]
     if init_from:
         cmd += ["--init-from", str(init_from)]
     t0 = time.time()
@@ -161,8 +213,10 @@ def rmse(model: pathlib.Path, test: pathlib.Path) -> dict:
     atype = np.loadtxt(test / "type.raw", dtype=int)
     e, f, _ = dp.eval(coord, box, atype)
     nat = len(atype)
-    return {"force_rmse": float(np.sqrt(np.mean((f.reshape(len(coord), -1) - f_ref) ** 2))),
-            "energy_rmse_meV_atom": float(1000 * np.sqrt(np.mean(((e.ravel() - e_ref) / nat) ** 2)))}
+    return {
+        "force_rmse": float(np.sqrt(np.mean((f.reshape(len(coord), -1) - f_ref) ** 2))),
+        "energy_rmse_meV_atom": float(1000 * np.sqrt(np.mean(((e.ravel() - e_ref) / nat) ** 2))),
+    }
 
 
 def lr_trace(folder: pathlib.Path) -> list:
@@ -192,8 +246,9 @@ def main() -> None:
         total = sum(TRAIN["numb_steps" if it == 0 else "init_numb_steps"] for it in range(3)) * args.scale
         cfg_s = config(work, args.backend, "scratch", args.scale, numb_steps=total)
         wall = train(cfg_s, 0, k, base / "scratch", chunks[2])
-        res["scratch"] = dict(rmse(base / "scratch" / frozen, d["test"] / "Cu"), wall_s=wall,
-                              lcurve=[lr_trace(base / "scratch")])
+        res["scratch"] = dict(
+            rmse(base / "scratch" / frozen, d["test"] / "Cu"), wall_s=wall, lcurve=[lr_trace(base / "scratch")]
+        )
         it0 = base / "it0"
         w0 = train(config(work, args.backend, "continue", args.scale), 0, k, it0, chunks[0])
         for schedule in ("continue", "reset"):
@@ -212,20 +267,37 @@ def main() -> None:
         f = [r[v]["force_rmse"] for r in rows]
         e = [r[v]["energy_rmse_meV_atom"] for r in rows]
         w = [r[v]["wall_s"] for r in rows]
-        summary[v] = {"force_rmse_mean": float(np.mean(f)), "force_rmse_std": float(np.std(f)),
-                      "energy_rmse_mean": float(np.mean(e)), "wall_s_mean": float(np.mean(w))}
+        summary[v] = {
+            "force_rmse_mean": float(np.mean(f)),
+            "force_rmse_std": float(np.std(f)),
+            "energy_rmse_mean": float(np.mean(e)),
+            "wall_s_mean": float(np.mean(w)),
+        }
     ref = summary["scratch"]["force_rmse_mean"]
     print(f"\n{args.backend}: {args.seeds} seeds, {total} steps in all, held-out EMT MD frames 300-1200 K")
     print(f"{'variant':10s} {'force RMSE eV/A':>18s} {'vs scratch':>11s} {'E RMSE meV/atom':>16s} {'wall s':>7s}")
     for v, s in summary.items():
         s["vs_scratch"] = s["force_rmse_mean"] / ref - 1
-        print(f"{v:10s} {s['force_rmse_mean']:10.4f} +- {s['force_rmse_std']:.4f} {100 * s['vs_scratch']:+10.1f}% "
-              f"{s['energy_rmse_mean']:16.2f} {s['wall_s_mean']:7.0f}")
+        print(
+            f"{v:10s} {s['force_rmse_mean']:10.4f} +- {s['force_rmse_std']:.4f} {100 * s['vs_scratch']:+10.1f}% "
+            f"{s['energy_rmse_mean']:16.2f} {s['wall_s_mean']:7.0f}"
+        )
     tag = args.backend + (f"_x{args.scale}" if args.scale > 1 else "")
     out = pathlib.Path(args.out or ROOT / "bench" / f"results_continuation_{tag}.json")
-    out.write_text(json.dumps({"backend": args.backend, "scale": args.scale, "total_steps": total,
-                               "train": TRAIN, "per_seed": rows, "summary": summary},
-                              indent=1) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "backend": args.backend,
+                "scale": args.scale,
+                "total_steps": total,
+                "train": TRAIN,
+                "per_seed": rows,
+                "summary": summary,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
 
 

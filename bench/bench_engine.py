@@ -83,8 +83,17 @@ def _use(best, prec):
     os.environ["DPSNAKE_KERNELS"], os.environ["DPSNAKE_FUSED"] = k, f
 
 
-def ours_cases(models, reps, cp, sync, best=None, code="dpsnake", compress=None, precs=("mixed", "double"),
-               parts=("batch", "single")):
+def ours_cases(
+    models,
+    reps,
+    cp,
+    sync,
+    best=None,
+    code="dpsnake",
+    compress=None,
+    precs=("mixed", "double"),
+    parts=("batch", "single"),
+):
     """The cases of one engine mode: ``code`` labels it; ``compress`` (dict) tabulates the nets;
     ``parts``: "batch" (256 x 108 batch, 4-model deviation), "single" (one system per size)."""
     from dpsnake.engine.deeppot import frames_to_flat
@@ -100,8 +109,7 @@ def ours_cases(models, reps, cp, sync, best=None, code="dpsnake", compress=None,
         nat = c.shape[0] * c.shape[1]
         cp.get_default_memory_pool().free_all_blocks()
         s = timeit(lambda: ens.evaluate(*args), sync, n=10)
-        emit(bench="batched", code=code, prec=prec, natoms=108, nframes=256, sec_per_eval=s,
-             us_per_atom=s / nat * 1e6)
+        emit(bench="batched", code=code, prec=prec, natoms=108, nframes=256, sec_per_eval=s, us_per_atom=s / nat * 1e6)
     # 4-model deviation on the batch (mixed, FP32 models) and (double, the FP64 model 4 times)
     devs = (("mixed", models["float32"]), ("double", [models["float64"]] * 4))
     for prec, mlist in [p for p in devs if p[0] in precs and "batch" in parts]:
@@ -117,8 +125,16 @@ def ours_cases(models, reps, cp, sync, best=None, code="dpsnake", compress=None,
 
         cp.get_default_memory_pool().free_all_blocks()
         s = timeit(devi, sync, n=5)
-        emit(bench="model_devi", code=code, prec=prec, natoms=108, nframes=256, nmodels=4, sec=s,
-             us_per_frame_atom=s / (c.shape[0] * c.shape[1]) * 1e6)
+        emit(
+            bench="model_devi",
+            code=code,
+            prec=prec,
+            natoms=108,
+            nframes=256,
+            nmodels=4,
+            sec=s,
+            us_per_frame_atom=s / (c.shape[0] * c.shape[1]) * 1e6,
+        )
     for prec, mfile in [p for p in pairs if p[0] in precs and "single" in parts]:
         _use(best, prec)
         ens = Ensemble([mfile], precision=prec, compress=compress)
@@ -132,11 +148,22 @@ def ours_cases(models, reps, cp, sync, best=None, code="dpsnake", compress=None,
             pbc = cp.ones(1, dtype=bool)
             try:
                 cp.get_default_memory_pool().free_all_blocks()
-                s = timeit(lambda: ens.evaluate(pos, atype, system, cell, pbc), sync,
-                           n=5 if n < 300_000 else 2, warm=1 if n > 300_000 else 2)
-                peak = cp.get_default_memory_pool().total_bytes() / 2 ** 30
-                emit(bench="single", code=code, prec=prec, natoms=n, sec_per_eval=s,
-                     us_per_atom=s / n * 1e6, pool_gib=round(peak, 2))
+                s = timeit(
+                    lambda: ens.evaluate(pos, atype, system, cell, pbc),
+                    sync,
+                    n=5 if n < 300_000 else 2,
+                    warm=1 if n > 300_000 else 2,
+                )
+                peak = cp.get_default_memory_pool().total_bytes() / 2**30
+                emit(
+                    bench="single",
+                    code=code,
+                    prec=prec,
+                    natoms=n,
+                    sec_per_eval=s,
+                    us_per_atom=s / n * 1e6,
+                    pool_gib=round(peak, 2),
+                )
             except Exception as err:  # report and go on (e.g. out of memory)
                 emit(bench="single", code=code, prec=prec, natoms=n, error=repr(err)[:300])
             pos = atype = system = cell = None  # free device memory before the next size
@@ -159,8 +186,15 @@ def variant_cases(models, cp, sync):
             try:
                 ens = Ensemble([mfile], precision=prec)
                 s = timeit(lambda: ens.evaluate(*args), sync, n=5)
-                emit(bench="variant", kernels=kern, fused=fused, prec=prec, natoms=108, nframes=256,
-                     us_per_atom=s / nat * 1e6)
+                emit(
+                    bench="variant",
+                    kernels=kern,
+                    fused=fused,
+                    prec=prec,
+                    natoms=108,
+                    nframes=256,
+                    us_per_atom=s / nat * 1e6,
+                )
             except Exception as err:
                 emit(bench="variant", kernels=kern, fused=fused, prec=prec, error=repr(err)[:300])
     os.environ["DPSNAKE_KERNELS"], os.environ["DPSNAKE_FUSED"] = "1", "auto"
@@ -186,28 +220,42 @@ def deepmd_cases(models, reps, sync):
             c, b, t = a.positions.reshape(1, -1), a.cell.array.reshape(1, -1), np.zeros(n, dtype=int)
             try:
                 s = timeit(lambda: dp.eval(c, b, t), sync, n=3)
-                emit(bench="single", code="deepmd-pt", prec=prec, natoms=n, sec_per_eval=s,
-                     us_per_atom=s / n * 1e6)
+                emit(bench="single", code="deepmd-pt", prec=prec, natoms=n, sec_per_eval=s, us_per_atom=s / n * 1e6)
             except Exception as err:
                 emit(bench="single", code="deepmd-pt", prec=prec, natoms=n, error=repr(err)[:200])
                 break
         c, b, t = batch_frames()
         s = timeit(lambda: dp.eval(c.reshape(len(c), -1), b, t), sync, n=5)
-        emit(bench="batched", code="deepmd-pt", prec=prec, natoms=108, nframes=256, sec_per_eval=s,
-             us_per_atom=s / (c.shape[0] * c.shape[1]) * 1e6)
+        emit(
+            bench="batched",
+            code="deepmd-pt",
+            prec=prec,
+            natoms=108,
+            nframes=256,
+            sec_per_eval=s,
+            us_per_atom=s / (c.shape[0] * c.shape[1]) * 1e6,
+        )
         dp = None
     dps = [DeepPot(m.replace(".dp", ".pth")) for m in models["float32"]]
     c, b, t = batch_frames(seed=1)
     s = timeit(lambda: calc_model_devi(c.reshape(len(c), -1), b, t, dps), sync, n=3)
-    emit(bench="model_devi", code="deepmd-pt", prec="float32", natoms=108, nframes=256, nmodels=4,
-         sec=s, us_per_frame_atom=s / (c.shape[0] * c.shape[1]) * 1e6)
+    emit(
+        bench="model_devi",
+        code="deepmd-pt",
+        prec="float32",
+        natoms=108,
+        nframes=256,
+        nmodels=4,
+        sec=s,
+        us_per_frame_atom=s / (c.shape[0] * c.shape[1]) * 1e6,
+    )
 
 
 def agreement(models, extra, cp):
     """NumPy vs CuPy (FP64) and dpsnake vs DeePMD-kit on the device, max relative differences."""
-    from dpsnake.engine.deeppot import DeepPot
-
     from profile_engine import check_cells
+
+    from dpsnake.engine.deeppot import DeepPot
 
     rng = np.random.default_rng(5)
     systems = check_cells(rng)
@@ -222,17 +270,31 @@ def agreement(models, extra, cp):
                 c = at.positions[None]
                 cell = at.cell.array.reshape(1, 9) if pbc else None
                 rn = dpn.eval(c, cell, t, atomic=True)
-                rc = dpn.eval(cp.asarray(c), None if cell is None else cp.asarray(cell), cp.asarray(t),
-                              atomic=True)
-                errs = [float(np.abs(np.asarray(x) - y.get()).max() / max(np.abs(x).max(), 1e-300))
-                        for x, y in zip(rn, rc)]
-                emit(check="numpy_vs_cupy_fp64", fused=fused, model=pathlib.Path(path).parent.name,
-                     system=k, pbc=pbc, natoms=len(at), max_rel=max(errs))
-                mixed = DeepPot(path, precision="mixed").eval(cp.asarray(c), None if cell is None
-                                                              else cp.asarray(cell), cp.asarray(t))
-                emit(check="mixed_vs_double", fused=fused, model=pathlib.Path(path).parent.name, system=k, pbc=pbc,
-                     e_rel=float(abs(mixed[0].get() - rn[0]).max() / abs(rn[0]).max()),
-                     f_rel=float(abs(mixed[1].get() - rn[1]).max() / abs(rn[1]).max()))
+                rc = dpn.eval(cp.asarray(c), None if cell is None else cp.asarray(cell), cp.asarray(t), atomic=True)
+                errs = [
+                    float(np.abs(np.asarray(x) - y.get()).max() / max(np.abs(x).max(), 1e-300)) for x, y in zip(rn, rc)
+                ]
+                emit(
+                    check="numpy_vs_cupy_fp64",
+                    fused=fused,
+                    model=pathlib.Path(path).parent.name,
+                    system=k,
+                    pbc=pbc,
+                    natoms=len(at),
+                    max_rel=max(errs),
+                )
+                mixed = DeepPot(path, precision="mixed").eval(
+                    cp.asarray(c), None if cell is None else cp.asarray(cell), cp.asarray(t)
+                )
+                emit(
+                    check="mixed_vs_double",
+                    fused=fused,
+                    model=pathlib.Path(path).parent.name,
+                    system=k,
+                    pbc=pbc,
+                    e_rel=float(abs(mixed[0].get() - rn[0]).max() / abs(rn[0]).max()),
+                    f_rel=float(abs(mixed[1].get() - rn[1]).max() / abs(rn[1]).max()),
+                )
 
 
 def deepmd_agreement(models, cp):
@@ -244,8 +306,9 @@ def deepmd_agreement(models, cp):
     for prec, m in (("float64", models["float64"]), ("float32", models["float32"][0])):
         ref = RefPot(m.replace(".dp", ".pth")).eval(c.reshape(4, -1), b, t)
         ours = DeepPot(m, precision="double").eval(cp.asarray(c), cp.asarray(b), cp.asarray(t))
-        errs = [float(np.abs(np.asarray(x).reshape(y.shape) - y.get()).max() / np.abs(x).max())
-                for x, y in zip(ref, ours)]
+        errs = [
+            float(np.abs(np.asarray(x).reshape(y.shape) - y.get()).max() / np.abs(x).max()) for x, y in zip(ref, ours)
+        ]
         emit(check="dpsnake_vs_deepmd_pt", prec=prec, e_rel=errs[0], f_rel=errs[1], v_rel=errs[2])
 
 
@@ -259,17 +322,27 @@ def accuracy(models, cp, comp):
     nat = c.shape[1]
     args = (cp.asarray(c), cp.asarray(b), cp.asarray(t))
     ref = [x.get() for x in DeepPot(models["float64"]).eval(*args)[:3]]
-    modes = [("mixed", "mixed", None, "0"), ("double+tab", "double", comp, "0"),
-             ("mixed+tab", "mixed", comp, "0"), ("mixed+tf32", "mixed", None, "1"),
-             ("mixed+tab+tf32", "mixed", comp, "1")]
+    modes = [
+        ("mixed", "mixed", None, "0"),
+        ("double+tab", "double", comp, "0"),
+        ("mixed+tab", "mixed", comp, "0"),
+        ("mixed+tf32", "mixed", None, "1"),
+        ("mixed+tab+tf32", "mixed", comp, "1"),
+    ]
     for name, prec, cmp, tf32 in modes:
         os.environ["DPSNAKE_TF32"] = tf32
         e, f, v = [x.get() for x in DeepPot(models["float64"], precision=prec, compress=cmp).eval(*args)[:3]]
         df = np.linalg.norm((f - ref[1]).reshape(-1, 3), axis=1)
-        emit(check="accuracy_vs_fp64_nets", mode=name, stride=(cmp or {}).get("stride", 0.01) if cmp else None,
-             e_per_atom_max=float(np.abs(e - ref[0]).max() / nat), f_max=float(df.max()),
-             f_rms=float(np.sqrt((df ** 2).mean())), v_per_atom_max=float(np.abs(v - ref[2]).max() / nat),
-             f_scale_rms=float(np.sqrt((ref[1] ** 2).sum(-1).mean())))
+        emit(
+            check="accuracy_vs_fp64_nets",
+            mode=name,
+            stride=(cmp or {}).get("stride", 0.01) if cmp else None,
+            e_per_atom_max=float(np.abs(e - ref[0]).max() / nat),
+            f_max=float(df.max()),
+            f_rms=float(np.sqrt((df**2).mean())),
+            v_per_atom_max=float(np.abs(v - ref[2]).max() / nat),
+            f_scale_rms=float(np.sqrt((ref[1] ** 2).sum(-1).mean())),
+        )
     os.environ["DPSNAKE_TF32"] = "0"
     gpu = [x.get() for x in DeepPot(models["float64"], compress=comp).eval(*args)[:3]]
     cpu = DeepPot(models["float64"], compress=comp).eval(c[:4], b[:4], t)[:3]
@@ -286,8 +359,15 @@ def table():
         prec = {"float64": "double", "float32": "mixed"}.get(r["prec"], r["prec"])
         val = r.get("us_per_atom", r.get("us_per_frame_atom"))
         rows.setdefault(key, {})[(r["code"], prec)] = "OOM/err" if val is None else f"{val:.3f}"
-    cols = [("dpsnake", "double"), ("dpsnake-tab", "double"), ("deepmd-pt", "double"), ("dpsnake", "mixed"),
-            ("dpsnake-tab", "mixed"), ("dpsnake-tab-tf32", "mixed"), ("deepmd-pt", "mixed")]
+    cols = [
+        ("dpsnake", "double"),
+        ("dpsnake-tab", "double"),
+        ("deepmd-pt", "double"),
+        ("dpsnake", "mixed"),
+        ("dpsnake-tab", "mixed"),
+        ("dpsnake-tab-tf32", "mixed"),
+        ("deepmd-pt", "mixed"),
+    ]
     print("| case | atoms | " + " | ".join(f"{c} {p}" for c, p in cols) + " |")
     print("|---|---|" + "---|" * len(cols))
     for (bench, nat, nf), v in rows.items():
@@ -302,8 +382,13 @@ def main():
     ap.add_argument("--deepmd-reps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--check", nargs="*", default=None, help="agreement checks (+ extra .dp files)")
     ap.add_argument("--variants", action="store_true", help="batched case with kernels switched off")
-    ap.add_argument("--compress", type=float, default=None, metavar="MIN_NBOR_DIST",
-                    help="also every case with tabulated embedding nets (and mixed + TF32 fitting GEMMs)")
+    ap.add_argument(
+        "--compress",
+        type=float,
+        default=None,
+        metavar="MIN_NBOR_DIST",
+        help="also every case with tabulated embedding nets (and mixed + TF32 fitting GEMMs)",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import cupy as cp
@@ -312,17 +397,25 @@ def main():
         cp.cuda.Device().synchronize()
 
     root = pathlib.Path(args.models)
-    models = {"float64": str(root / "cu_float64_1/model.dp"),
-              "float32": [str(root / f"cu_float32_{s}/model.dp") for s in (1, 2, 3, 4)]}
-    emit(device=cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), cupy=cp.__version__,
-         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    models = {
+        "float64": str(root / "cu_float64_1/model.dp"),
+        "float32": [str(root / f"cu_float32_{s}/model.dp") for s in (1, 2, 3, 4)],
+    }
+    emit(
+        device=cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
+        cupy=cp.__version__,
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    )
     if args.check is not None:
         agreement(models, args.check, cp)
     if args.deepmd:
         for m in [models["float64"], *models["float32"]]:
             if not os.path.exists(m.replace(".dp", ".pth")):
-                subprocess.run([sys.executable, "-m", "deepmd", "convert-backend", m,
-                                m.replace(".dp", ".pth")], check=True, capture_output=True)
+                subprocess.run(
+                    [sys.executable, "-m", "deepmd", "convert-backend", m, m.replace(".dp", ".pth")],
+                    check=True,
+                    capture_output=True,
+                )
         deepmd_agreement(models, cp)
     best = variant_cases(models, cp, sync) if args.variants else None
     comp = {"min_nbor_dist": args.compress} if args.compress else None

@@ -41,23 +41,64 @@ A_CU = 3.634
 
 # DeePMD-kit's examples, sizes kept; only type_map, seeds, steps and data paths changed
 SE_ATTEN_V2 = {  # examples/water/se_atten/input_torch.json, type se_atten_v2 (its head_num dropped: se_atten_v2 has none)
-    "descriptor": {"type": "se_atten_v2", "sel": 120, "rcut_smth": 0.5, "rcut": 6.0, "neuron": [25, 50, 100],
-                   "tebd_dim": 8, "axis_neuron": 16, "type_one_side": True, "attn": 128, "attn_layer": 2,
-                   "attn_dotr": True, "attn_mask": False, "activation_function": "tanh", "scaling_factor": 1.0,
-                   "normalize": True, "temperature": 1.0},
+    "descriptor": {
+        "type": "se_atten_v2",
+        "sel": 120,
+        "rcut_smth": 0.5,
+        "rcut": 6.0,
+        "neuron": [25, 50, 100],
+        "tebd_dim": 8,
+        "axis_neuron": 16,
+        "type_one_side": True,
+        "attn": 128,
+        "attn_layer": 2,
+        "attn_dotr": True,
+        "attn_mask": False,
+        "activation_function": "tanh",
+        "scaling_factor": 1.0,
+        "normalize": True,
+        "temperature": 1.0,
+    },
     "fitting_net": {"neuron": [240, 240, 240], "resnet_dt": True},
 }
 DPA3 = {  # examples/water/dpa3/input_torch.json (float32 there)
-    "descriptor": {"type": "dpa3", "repflow": {
-        "n_dim": 128, "e_dim": 64, "a_dim": 32, "nlayers": 6, "e_rcut": 6.0, "e_rcut_smth": 5.3, "e_sel": 120,
-        "a_rcut": 4.0, "a_rcut_smth": 3.5, "a_sel": 30, "axis_neuron": 4, "fix_stat_std": 0.3,
-        "a_compress_rate": 1, "a_compress_e_rate": 2, "a_compress_use_split": True, "update_angle": True,
-        "smooth_edge_update": True, "edge_init_use_dist": True, "use_exp_switch": True,
-        "update_style": "res_residual", "update_residual": 0.1, "update_residual_init": "const"},
-        "activation_function": "silut:10.0", "use_tebd_bias": False, "precision": "float32",
-        "concat_output_tebd": False},
-    "fitting_net": {"neuron": [240, 240, 240], "resnet_dt": True, "precision": "float32",
-                    "activation_function": "silut:10.0"},
+    "descriptor": {
+        "type": "dpa3",
+        "repflow": {
+            "n_dim": 128,
+            "e_dim": 64,
+            "a_dim": 32,
+            "nlayers": 6,
+            "e_rcut": 6.0,
+            "e_rcut_smth": 5.3,
+            "e_sel": 120,
+            "a_rcut": 4.0,
+            "a_rcut_smth": 3.5,
+            "a_sel": 30,
+            "axis_neuron": 4,
+            "fix_stat_std": 0.3,
+            "a_compress_rate": 1,
+            "a_compress_e_rate": 2,
+            "a_compress_use_split": True,
+            "update_angle": True,
+            "smooth_edge_update": True,
+            "edge_init_use_dist": True,
+            "use_exp_switch": True,
+            "update_style": "res_residual",
+            "update_residual": 0.1,
+            "update_residual_init": "const",
+        },
+        "activation_function": "silut:10.0",
+        "use_tebd_bias": False,
+        "precision": "float32",
+        "concat_output_tebd": False,
+    },
+    "fitting_net": {
+        "neuron": [240, 240, 240],
+        "resnet_dt": True,
+        "precision": "float32",
+        "activation_function": "silut:10.0",
+    },
 }
 SE_ATTEN_V2_FP32 = json.loads(json.dumps(SE_ATTEN_V2))  # the same in float32
 SE_ATTEN_V2_FP32["descriptor"]["precision"] = SE_ATTEN_V2_FP32["fitting_net"]["precision"] = "float32"
@@ -105,15 +146,33 @@ def cmd_data(args) -> int:
             m = json.loads(json.dumps(model))
             m["type_map"] = ["Cu"]
             m["descriptor"]["seed"] = m["fitting_net"]["seed"] = 100 + s
-            inp = {"model": m,
-                   "learning_rate": {"type": "exp", "decay_steps": max(1, args.steps // 4), "start_lr": 1e-3,
-                                     "stop_lr": 1e-4},
-                   "loss": {"type": "ener", "start_pref_e": 0.2, "limit_pref_e": 20, "start_pref_f": 100,
-                            "limit_pref_f": 60, "start_pref_v": 0.02, "limit_pref_v": 1},
-                   "training": {"training_data": {"systems": [str(out / "data" / "train")], "batch_size": 1},
-                                "validation_data": {"systems": [str(out / "data" / "valid")], "batch_size": 1},
-                                "numb_steps": args.steps, "seed": 10 + s, "disp_file": "lcurve.out",
-                                "disp_freq": max(1, args.steps // 5), "save_freq": min(100, args.steps)}}
+            inp = {
+                "model": m,
+                "learning_rate": {
+                    "type": "exp",
+                    "decay_steps": max(1, args.steps // 4),
+                    "start_lr": 1e-3,
+                    "stop_lr": 1e-4,
+                },
+                "loss": {
+                    "type": "ener",
+                    "start_pref_e": 0.2,
+                    "limit_pref_e": 20,
+                    "start_pref_f": 100,
+                    "limit_pref_f": 60,
+                    "start_pref_v": 0.02,
+                    "limit_pref_v": 1,
+                },
+                "training": {
+                    "training_data": {"systems": [str(out / "data" / "train")], "batch_size": 1},
+                    "validation_data": {"systems": [str(out / "data" / "valid")], "batch_size": 1},
+                    "numb_steps": args.steps,
+                    "seed": 10 + s,
+                    "disp_file": "lcurve.out",
+                    "disp_freq": max(1, args.steps // 5),
+                    "save_freq": min(100, args.steps),
+                },
+            }
             d = out / f"{kind}_s{s}"
             d.mkdir(parents=True, exist_ok=True)
             (d / "input.json").write_text(json.dumps(inp, indent=1) + "\n")
@@ -160,14 +219,35 @@ def cmd_bench(args) -> int:
     ntot = args.walkers * nat
 
     def walkers(n, steps):
-        return parse_walkers([dict(name=f"w{k}", structure=str(tmp / "cu.extxyz"), ensemble=args.ensemble,
-                                   temperature=300.0, pressure=1.0, nsteps=steps, dt=0.001, trj_freq=f, seed=k)
-                              for k in range(n)])
+        return parse_walkers(
+            [
+                dict(
+                    name=f"w{k}",
+                    structure=str(tmp / "cu.extxyz"),
+                    ensemble=args.ensemble,
+                    temperature=300.0,
+                    pressure=1.0,
+                    nsteps=steps,
+                    dt=0.001,
+                    trj_freq=f,
+                    seed=k,
+                )
+                for k in range(n)
+            ]
+        )
 
     rows, notes = {}, {}
     # warm-up (TorchScript profiling runs, cuBLAS handles, CUDA graphs of the integrator), then timed
-    ex = Explorer(walkers(args.walkers, nsteps + args.warmup_steps + f), provider, type_map, tmp / "run", xp=xp, progress=False,
-                  checkpoint_every=1e9, stop_after=args.warmup_steps)
+    ex = Explorer(
+        walkers(args.walkers, nsteps + args.warmup_steps + f),
+        provider,
+        type_map,
+        tmp / "run",
+        xp=xp,
+        progress=False,
+        checkpoint_every=1e9,
+        stop_after=args.warmup_steps,
+    )
     ex.prepare()
     t0 = time.perf_counter()
     ex.loop()
@@ -188,11 +268,23 @@ def cmd_bench(args) -> int:
             old[args.label] = res
             p.write_text(json.dumps(old, indent=1) + "\n")
 
-    save({"label": args.label, "partial": True, "walkers": args.walkers, "atoms": ntot, "steps": nsteps,
-          "us_per_atom_step": {"explore": 1e6 * rows["explore"] / ntot}, "warmup_s": notes["warmup_s"],
-          "peak_gpu_bytes_per_atom_explore": (mem_explore[0] + mem_explore[1]) / ntot})
-    print(f"[{args.label}] explore {1e3 * rows['explore']:.2f} ms per step, {1e6 * rows['explore'] / ntot:.3f} us per "
-          f"atom-step; peak GPU {(mem_explore[0] + mem_explore[1]) / ntot / 1024:.1f} KiB per atom", flush=True)
+    save(
+        {
+            "label": args.label,
+            "partial": True,
+            "walkers": args.walkers,
+            "atoms": ntot,
+            "steps": nsteps,
+            "us_per_atom_step": {"explore": 1e6 * rows["explore"] / ntot},
+            "warmup_s": notes["warmup_s"],
+            "peak_gpu_bytes_per_atom_explore": (mem_explore[0] + mem_explore[1]) / ntot,
+        }
+    )
+    print(
+        f"[{args.label}] explore {1e3 * rows['explore']:.2f} ms per step, {1e6 * rows['explore'] / ntot:.3f} us per "
+        f"atom-step; peak GPU {(mem_explore[0] + mem_explore[1]) / ntot / 1024:.1f} KiB per atom",
+        flush=True,
+    )
 
     st = ex.st
     provider(st, False)  # the provider alone, the explorer's call pattern (warm already)
@@ -233,8 +325,9 @@ def cmd_bench(args) -> int:
     del integrators
 
     # DeePMD-kit's own DeepPot.eval on the same batch (host numpy in and out, its own batching)
-    from dpsnake.engine.xp import to_numpy
     from deepmd.infer import DeepPot
+
+    from dpsnake.engine.xp import to_numpy
 
     S = int(st.cells.shape[0])
     coords = to_numpy(st.pos).reshape(S, nat * 3)
@@ -284,30 +377,52 @@ def cmd_bench(args) -> int:
 
     dev = "cpu (NumPy)" if not on_gpu else f"gpu ({torch.cuda.get_device_name()})"
     prec = {str(p.dtype) for m in provider.models for p in m.parameters()}
-    res = {"label": args.label, "models": args.models, "model_param_dtypes": sorted(prec),
-           "model_params": int(sum(p.numel() for p in provider.models[0].parameters())),
-           "walkers": args.walkers, "atoms_per_walker": nat, "atoms": ntot, "nmodels": len(args.models),
-           "trj_freq": f, "steps": nsteps, "ensemble": args.ensemble, "device": dev,
-           "seconds_per_step": rows, "us_per_atom_step": {k: 1e6 * v / ntot for k, v in rows.items()},
-           "deeppot_eval_s": ref, "load_s": t_load, **notes,
-           "peak_gpu_bytes": {"torch_max_allocated_explore": mem_explore[0], "cupy_pool_explore": mem_explore[1],
-                              "torch_max_allocated_all": mem_all[0], "cupy_pool_all": mem_all[1]},
-           "peak_gpu_bytes_per_atom_explore": (mem_explore[0] + mem_explore[1]) / ntot,
-           "force_calls": provider.calls, "max_atoms": provider.max_atoms,
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    res = {
+        "label": args.label,
+        "models": args.models,
+        "model_param_dtypes": sorted(prec),
+        "model_params": int(sum(p.numel() for p in provider.models[0].parameters())),
+        "walkers": args.walkers,
+        "atoms_per_walker": nat,
+        "atoms": ntot,
+        "nmodels": len(args.models),
+        "trj_freq": f,
+        "steps": nsteps,
+        "ensemble": args.ensemble,
+        "device": dev,
+        "seconds_per_step": rows,
+        "us_per_atom_step": {k: 1e6 * v / ntot for k, v in rows.items()},
+        "deeppot_eval_s": ref,
+        "load_s": t_load,
+        **notes,
+        "peak_gpu_bytes": {
+            "torch_max_allocated_explore": mem_explore[0],
+            "cupy_pool_explore": mem_explore[1],
+            "torch_max_allocated_all": mem_all[0],
+            "cupy_pool_all": mem_all[1],
+        },
+        "peak_gpu_bytes_per_atom_explore": (mem_explore[0] + mem_explore[1]) / ntot,
+        "force_calls": provider.calls,
+        "max_atoms": provider.max_atoms,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
     if prof_table:
         res["profile_deviation_cycle"] = prof_table
-    print(f"\n[{args.label}] {args.walkers} walkers x {nat} atoms = {ntot} atoms, {len(args.models)} models "
-          f"({'/'.join(sorted(prec))}), deviation every {f} steps, {args.ensemble}, {nsteps} steps, {dev}\n")
+    print(
+        f"\n[{args.label}] {args.walkers} walkers x {nat} atoms = {ntot} atoms, {len(args.models)} models "
+        f"({'/'.join(sorted(prec))}), deviation every {f} steps, {args.ensemble}, {nsteps} steps, {dev}\n"
+    )
     print("| part | ms per step | us per atom-step |")
     print("|---|---|---|")
     for k, v in rows.items():
         print(f"| {k} | {1e3 * v:.2f} | {1e6 * v / ntot:.3f} |")
-    print(f"peak GPU memory per atom (torch max allocated + CuPy pool, explore): "
-          f"{res['peak_gpu_bytes_per_atom_explore'] / 1024:.1f} KiB; provider call: model 0 "
-          f"{1e3 * notes['provider_call_model0_s']:.1f} ms, all models {1e3 * notes['provider_call_all_models_s']:.1f} ms;"
-          f" DeepPot.eval model 0 {1e3 * ref['deeppot_eval_model0']:.1f} ms; |F - F_DeepPot| max "
-          f"{notes['max_abs_force_diff_vs_deeppot']:.2e}")
+    print(
+        f"peak GPU memory per atom (torch max allocated + CuPy pool, explore): "
+        f"{res['peak_gpu_bytes_per_atom_explore'] / 1024:.1f} KiB; provider call: model 0 "
+        f"{1e3 * notes['provider_call_model0_s']:.1f} ms, all models {1e3 * notes['provider_call_all_models_s']:.1f} ms;"
+        f" DeepPot.eval model 0 {1e3 * ref['deeppot_eval_model0']:.1f} ms; |F - F_DeepPot| max "
+        f"{notes['max_abs_force_diff_vs_deeppot']:.2e}"
+    )
     if prof_table:
         print(prof_table)
     save(res)
@@ -331,8 +446,11 @@ def main() -> int:
     b.add_argument("--force-steps", type=int, default=50, help="steps of the provider-alone timing")
     b.add_argument("--warmup-steps", type=int, default=20, help="untimed explorer steps first")
     b.add_argument("--reps", type=int, default=3, help="repeats of the single-call timings (median)")
-    b.add_argument("--max-atoms", default="auto",
-                   help="atoms per model call: auto (the provider measures its memory on a GPU), none, or N")
+    b.add_argument(
+        "--max-atoms",
+        default="auto",
+        help="atoms per model call: auto (the provider measures its memory on a GPU), none, or N",
+    )
     b.add_argument("--ensemble", default="npt")
     b.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
     b.add_argument("--label", default="case")

@@ -44,8 +44,9 @@ def main() -> int:
     ap.add_argument("--ensemble", default="npt")
     ap.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
     ap.add_argument("--precision", choices=("double", "mixed"), default="mixed")
-    ap.add_argument("--compress", type=float, default=None, metavar="MIN_NBOR_DIST",
-                    help="tabulated embedding nets (e.g. 2.0)")
+    ap.add_argument(
+        "--compress", type=float, default=None, metavar="MIN_NBOR_DIST", help="tabulated embedding nets (e.g. 2.0)"
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     warnings.simplefilter("ignore", RuntimeWarning)
@@ -54,8 +55,8 @@ def main() -> int:
 
     from dpsnake.engine import elementwise as ew
     from dpsnake.md import integrators
-    from dpsnake.md.graphs import make_stepper
     from dpsnake.md.cli import make_provider, pick_xp
+    from dpsnake.md.graphs import make_stepper
     from dpsnake.md.runner import Explorer
     from dpsnake.md.walkers import parse_walkers
 
@@ -73,16 +74,37 @@ def main() -> int:
     nsteps = (args.steps // f) * f
 
     def walkers(n, steps):
-        return parse_walkers([dict(name=f"w{k}", structure=str(tmp / "cu.extxyz"), ensemble=args.ensemble,
-                                   temperature=300.0, pressure=1.0, nsteps=steps, dt=0.001, trj_freq=f, seed=k)
-                              for k in range(n)])
+        return parse_walkers(
+            [
+                dict(
+                    name=f"w{k}",
+                    structure=str(tmp / "cu.extxyz"),
+                    ensemble=args.ensemble,
+                    temperature=300.0,
+                    pressure=1.0,
+                    nsteps=steps,
+                    dt=0.001,
+                    trj_freq=f,
+                    seed=k,
+                )
+                for k in range(n)
+            ]
+        )
 
     ntot = args.walkers * nat
     rows = {}
 
     # explore: warm-up run (kernel compilation, caches), then the timed one
-    warm = Explorer(walkers(args.walkers, 3 * f), provider, type_map, tmp / "warm", xp=xp, progress=False,
-                    checkpoint_every=1e9, stop_after=2 * f)
+    warm = Explorer(
+        walkers(args.walkers, 3 * f),
+        provider,
+        type_map,
+        tmp / "warm",
+        xp=xp,
+        progress=False,
+        checkpoint_every=1e9,
+        stop_after=2 * f,
+    )
     warm.prepare()
     warm.loop()
     # explore and force are timed in alternating rounds (--rounds; medians reported): the host's
@@ -90,8 +112,16 @@ def main() -> int:
     # Walkers run longer than the timed steps (closing files at the end is not part of the rate);
     # the first f steps are not timed (the integrator's CUDA graphs are captured there, once per
     # batch of walkers)
-    ex = Explorer(walkers(args.walkers, args.rounds * nsteps + 2 * f), provider, type_map, tmp / "run", xp=xp,
-                  progress=False, checkpoint_every=1e9, stop_after=f)
+    ex = Explorer(
+        walkers(args.walkers, args.rounds * nsteps + 2 * f),
+        provider,
+        type_map,
+        tmp / "run",
+        xp=xp,
+        progress=False,
+        checkpoint_every=1e9,
+        stop_after=f,
+    )
     ex.prepare()
     ex.loop()
     ex.stop_after = nsteps
@@ -165,48 +195,72 @@ def main() -> int:
         rows[name] = (time.perf_counter() - t) / nsteps
 
     dev = "cpu (NumPy)" if xp is np else f"gpu (CuPy, {xp.cuda.runtime.getDeviceProperties(0)['name'].decode()})"
-    res = {"walkers": args.walkers, "atoms_per_walker": nat, "atoms": ntot, "models": len(args.models),
-           "trj_freq": f, "steps": nsteps, "ensemble": args.ensemble, "precision": args.precision,
-           "compress": args.compress, "device": dev,
-           "seconds_per_step": rows, "atom_steps_per_s": {k: ntot / v for k, v in rows.items()},
-           "us_per_atom_step": {k: 1e6 * v / ntot for k, v in rows.items()},
-           "md_overhead_over_force": t_explore / t_force - 1.0,
-           "rounds": {"explore_s_per_step": t_ex, "force_s_per_step": t_fo,
-                      "overhead": [e / f_ - 1 for e, f_ in zip(t_ex, t_fo)]},
-           "explore_step_ms": step_ms,  # per round; the last entry of each: the wait after the loop
-           "force_call_ms": force_ms,  # the same for the force loop
-           "gc_passes": {g: [sum(1 for x in gc_log if x[0] == g), round(sum(x[1] for x in gc_log if x[0] == g) * 1e3, 2)]
-                         for g in (0, 1, 2)},  # generation: [passes, ms] in the timed rounds
-           "fused_families_off": sorted(ew._broken),  # kernels that failed and fell back
-           # force calls redone because a chunk outgrew the last call's compaction widths
-           "width_misses": getattr(provider.ensemble, "width_misses", None), "force_calls": provider.calls,
-           "width_changes": getattr(provider.ensemble, "width_changes", None),
-           # calls redone because the cells moved beyond the bin grid kept from the last host grid
-           "grid_misses": getattr(provider.ensemble, "grid_misses", None),
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    print(f"\n{args.walkers} walkers x {nat} atoms = {ntot} atoms, {len(args.models)} models, deviation every {f} "
-          f"steps, {args.ensemble}, {args.precision}, {dev}\n")
+    res = {
+        "walkers": args.walkers,
+        "atoms_per_walker": nat,
+        "atoms": ntot,
+        "models": len(args.models),
+        "trj_freq": f,
+        "steps": nsteps,
+        "ensemble": args.ensemble,
+        "precision": args.precision,
+        "compress": args.compress,
+        "device": dev,
+        "seconds_per_step": rows,
+        "atom_steps_per_s": {k: ntot / v for k, v in rows.items()},
+        "us_per_atom_step": {k: 1e6 * v / ntot for k, v in rows.items()},
+        "md_overhead_over_force": t_explore / t_force - 1.0,
+        "rounds": {
+            "explore_s_per_step": t_ex,
+            "force_s_per_step": t_fo,
+            "overhead": [e / f_ - 1 for e, f_ in zip(t_ex, t_fo)],
+        },
+        "explore_step_ms": step_ms,  # per round; the last entry of each: the wait after the loop
+        "force_call_ms": force_ms,  # the same for the force loop
+        "gc_passes": {
+            g: [sum(1 for x in gc_log if x[0] == g), round(sum(x[1] for x in gc_log if x[0] == g) * 1e3, 2)]
+            for g in (0, 1, 2)
+        },  # generation: [passes, ms] in the timed rounds
+        "fused_families_off": sorted(ew._broken),  # kernels that failed and fell back
+        # force calls redone because a chunk outgrew the last call's compaction widths
+        "width_misses": getattr(provider.ensemble, "width_misses", None),
+        "force_calls": provider.calls,
+        "width_changes": getattr(provider.ensemble, "width_changes", None),
+        # calls redone because the cells moved beyond the bin grid kept from the last host grid
+        "grid_misses": getattr(provider.ensemble, "grid_misses", None),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    print(
+        f"\n{args.walkers} walkers x {nat} atoms = {ntot} atoms, {len(args.models)} models, deviation every {f} "
+        f"steps, {args.ensemble}, {args.precision}, {dev}\n"
+    )
     print("| part | ms per step | us per atom-step | atom-steps/s |")
     print("|---|---|---|---|")
     for k, v in rows.items():
         print(f"| {k} | {1e3 * v:.2f} | {1e6 * v / ntot:.3f} | {ntot / v:.3e} |")
     if ew._broken:
         print(f"fused kernel families switched off after an error: {sorted(ew._broken)}")
-    print(f"force calls: {provider.calls}, redone for wider compaction: {res['width_misses']}, "
-          f"compaction widths changed: {res['width_changes']}, redone for a new bin grid: {res['grid_misses']}; "
-          f"garbage collector passes in the timed rounds (generation: [passes, ms]): {res['gc_passes']}")
+    print(
+        f"force calls: {provider.calls}, redone for wider compaction: {res['width_misses']}, "
+        f"compaction widths changed: {res['width_changes']}, redone for a new bin grid: {res['grid_misses']}; "
+        f"garbage collector passes in the timed rounds (generation: [passes, ms]): {res['gc_passes']}"
+    )
     # where the explorer's time goes: host time between returns per step of the deviation cycle
     # (the deviation step is the last of each cycle; the next one waits for its device work)
-    phase = lambda rounds: [float(np.median([r[k] for r in rounds for k in range(p, len(r) - 1, f)]))  # noqa: E731
-                            for p in range(f)]
+    phase = lambda rounds: [
+        float(np.median([r[k] for r in rounds for k in range(p, len(r) - 1, f)]))  # noqa: E731
+        for p in range(f)
+    ]
     res["phase_ms"] = {"explore": phase(step_ms), "force": phase(force_ms)}
     print("| step of the cycle | " + " | ".join(str(p + 1) for p in range(f)) + " |")
     print("|---" * (f + 1) + "|")
     for k, v in res["phase_ms"].items():
         print(f"| {k} ms | " + " | ".join(f"{x:.2f}" for x in v) + " |")
     ov = res["rounds"]["overhead"]
-    print(f"\nMD overhead over pure force evaluation: {100 * res['md_overhead_over_force']:.1f}% (goal <= 15%; "
-          f"rounds {100 * min(ov):.1f} to {100 * max(ov):.1f}%)")
+    print(
+        f"\nMD overhead over pure force evaluation: {100 * res['md_overhead_over_force']:.1f}% (goal <= 15%; "
+        f"rounds {100 * min(ov):.1f} to {100 * max(ov):.1f}%)"
+    )
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
     return 0

@@ -28,8 +28,20 @@ def run_split(models, walkers, ngpu, steps, extra, tmp):
     for k in range(ngpu):
         out = tmp / f"g{ngpu}_{k}.json"
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(k), PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, str(HERE / "bench_md.py"), *models, "--walkers", str(walkers // ngpu),
-               "--steps", str(steps), "--device", "gpu", "--json", str(out), *extra]
+        cmd = [
+            sys.executable,
+            str(HERE / "bench_md.py"),
+            *models,
+            "--walkers",
+            str(walkers // ngpu),
+            "--steps",
+            str(steps),
+            "--device",
+            "gpu",
+            "--json",
+            str(out),
+            *extra,
+        ]
         procs.append((subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), out))
     res = []
     for p, out in procs:
@@ -64,15 +76,19 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = rows[0]
-    print(f"\n{a.walkers} walkers x {rows[0]['atoms'] // a.walkers} atoms, {len(a.models)} models, {a.precision}"
-          f"{', tabulated' if a.compress else ''}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+    print(
+        f"\n{a.walkers} walkers x {rows[0]['atoms'] // a.walkers} atoms, {len(a.models)} models, {a.precision}"
+        f"{', tabulated' if a.compress else ''}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
+    )
     print("| GPUs | explore atom-steps/s | speed-up | efficiency | force-only atom-steps/s |")
     print("|---|---|---|---|---|")
     for r in rows:
         sp = r["explore_atom_steps_per_s"] / base["explore_atom_steps_per_s"]
         r["speedup"], r["efficiency"] = sp, sp * base["gpus"] / r["gpus"]
-        print(f"| {r['gpus']} | {r['explore_atom_steps_per_s']:.3e} | {sp:.2f}x | {100 * r['efficiency']:.0f}% "
-              f"| {r['force_atom_steps_per_s']:.3e} |")
+        print(
+            f"| {r['gpus']} | {r['explore_atom_steps_per_s']:.3e} | {sp:.2f}x | {100 * r['efficiency']:.0f}% "
+            f"| {r['force_atom_steps_per_s']:.3e} |"
+        )
     if a.json:
         pathlib.Path(a.json).write_text(json.dumps(rows, indent=1) + "\n")
     return 0

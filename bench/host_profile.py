@@ -42,8 +42,8 @@ def main():
     args = ap.parse_args()
     warnings.simplefilter("ignore", RuntimeWarning)
     import cupy as cp
-
     from bench_engine import batch_frames
+
     from dpsnake.engine.deeppot import frames_to_flat
     from dpsnake.engine.ensemble import Ensemble
 
@@ -73,11 +73,23 @@ def main():
     provider, tmap = make_provider(models, "mixed", cp, args.compress)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="host_profile_"))
     bulk("Cu", "fcc", a=3.634, cubic=True).repeat(3).write(tmp / "cu.extxyz", format="extxyz")
-    walkers = parse_walkers([dict(name=f"w{k}", structure=str(tmp / "cu.extxyz"), ensemble="npt",
-                                  temperature=300.0, pressure=1.0, nsteps=args.calls + 40, dt=0.001,
-                                  trj_freq=10, seed=k) for k in range(256)])
-    ex = Explorer(walkers, provider, tmap, tmp / "run", xp=cp, progress=False, checkpoint_every=1e9,
-                  stop_after=20)
+    walkers = parse_walkers(
+        [
+            dict(
+                name=f"w{k}",
+                structure=str(tmp / "cu.extxyz"),
+                ensemble="npt",
+                temperature=300.0,
+                pressure=1.0,
+                nsteps=args.calls + 40,
+                dt=0.001,
+                trj_freq=10,
+                seed=k,
+            )
+            for k in range(256)
+        ]
+    )
+    ex = Explorer(walkers, provider, tmap, tmp / "run", xp=cp, progress=False, checkpoint_every=1e9, stop_after=20)
     ex.prepare()
     ex.loop()
     ex.stop_after = args.calls

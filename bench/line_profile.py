@@ -89,8 +89,9 @@ def stages(xp, ens, coords, atype, system, cells, pbc) -> int:
     rt = ens._rt(xp, 0)
     cases = {
         "full call": lambda: ens.evaluate(coords, atype, system, cells, pbc),
-        "neighbour build": lambda: NeighborBuilder(xp, coords, atype, system, cells_h, pbc_h, m.rcut,
-                                                   m.sel, m.pair_exclude),
+        "neighbour build": lambda: NeighborBuilder(
+            xp, coords, atype, system, cells_h, pbc_h, m.rcut, m.sel, m.pair_exclude
+        ),
         "neighbour select": lambda: nb.chunk(centers),
         "compact": lambda: _compact(xp, ch, m.sel, widths),
         "forward": lambda: energy_and_grad(rt, 0, ch2.d, ch2.valid, need_grad=False, slots=slots),
@@ -111,25 +112,28 @@ def main() -> int:
     ap.add_argument("--rep", type=int, default=3)
     ap.add_argument("--precision", default="mixed")
     ap.add_argument("--top", type=int, default=40)
-    ap.add_argument("--compress", type=float, default=None, metavar="MIN_NBOR_DIST",
-                    help="tabulated embedding nets")
+    ap.add_argument("--compress", type=float, default=None, metavar="MIN_NBOR_DIST", help="tabulated embedding nets")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--stages", action="store_true",
-                    help="host (CPU) vs device (GPU) time per stage with cupyx.profiler.benchmark")
+    ap.add_argument(
+        "--stages", action="store_true", help="host (CPU) vs device (GPU) time per stage with cupyx.profiler.benchmark"
+    )
     a = ap.parse_args()
 
-    from dpsnake.engine.ensemble import Ensemble
     from profile_engine import walker_batch
+
+    from dpsnake.engine.ensemble import Ensemble
 
     try:
         import cupy as xp
+
         sync = xp.cuda.runtime.deviceSynchronize
     except ImportError:
         xp, sync = np, (lambda: None)
     coords, atype, system, cells, pbc = walker_batch(xp, a.rep, a.walkers)
     n, W = coords.shape[0] // a.walkers, a.walkers
-    ens = Ensemble([a.model], precision=a.precision,
-                   compress=None if a.compress is None else {"min_nbor_dist": a.compress})
+    ens = Ensemble(
+        [a.model], precision=a.precision, compress=None if a.compress is None else {"min_nbor_dist": a.compress}
+    )
     call = lambda: ens.evaluate(coords, atype, system, cells, pbc)  # noqa: E731
     for _ in range(2):
         call()
@@ -144,8 +148,10 @@ def main() -> int:
     lt.run(call)
     total = sum(lt.acc.values())
     rows = sorted(lt.acc.items(), key=lambda kv: -kv[1])[: a.top]
-    print(f"{W} x {n} atoms, {a.precision}, {xp.__name__}: untraced call {plain * 1e3:.2f} ms, "
-          f"traced lines {total * 1e3:.2f} ms")
+    print(
+        f"{W} x {n} atoms, {a.precision}, {xp.__name__}: untraced call {plain * 1e3:.2f} ms, "
+        f"traced lines {total * 1e3:.2f} ms"
+    )
     print("| ms | hits | file:line | source |")
     print("|---|---|---|---|")
     out = []
@@ -155,8 +161,9 @@ def main() -> int:
         print(f"| {s * 1e3:.3f} | {lt.hits[(f, ln)]} | {name} | `{src}` |")
         out.append({"ms": s * 1e3, "hits": lt.hits[(f, ln)], "line": name, "source": src})
     if a.json:
-        pathlib.Path(a.json).write_text(json.dumps({"untraced_ms": plain * 1e3, "traced_ms": total * 1e3,
-                                                    "lines": out}, indent=1))
+        pathlib.Path(a.json).write_text(
+            json.dumps({"untraced_ms": plain * 1e3, "traced_ms": total * 1e3, "lines": out}, indent=1)
+        )
     return 0
 
 

@@ -1,6 +1,6 @@
 """One engine force call between cudaProfilerStart/Stop, for Nsight Compute (bench/ncu_engine.sh).
 
-    python bench/ncu_call.py MODEL.dp [--precision mixed] [--compress 2.0] [--walkers 256] [--rep 3]
+python bench/ncu_call.py MODEL.dp [--precision mixed] [--compress 2.0] [--walkers 256] [--rep 3]
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ def main() -> int:
     ap.add_argument("--rep", type=int, default=3)
     a = ap.parse_args()
     import cupy as cp
-
-    from dpsnake.engine.ensemble import Ensemble
     from profile_engine import walker_batch
 
+    from dpsnake.engine.ensemble import Ensemble
+
     args = walker_batch(cp, a.rep, a.walkers)
-    ens = Ensemble([a.model], precision=a.precision,
-                   compress=None if a.compress is None else {"min_nbor_dist": a.compress})
+    ens = Ensemble(
+        [a.model], precision=a.precision, compress=None if a.compress is None else {"min_nbor_dist": a.compress}
+    )
     for _ in range(2):  # compile and warm the caches outside the profiled range
         ens.evaluate(*args)
     cp.cuda.runtime.deviceSynchronize()

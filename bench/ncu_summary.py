@@ -1,6 +1,6 @@
 """Rank the kernels of an ``ncu --csv --page raw --metrics gpu__time_duration.sum`` run by total time.
 
-    python bench/ncu_summary.py ncu_times.csv [--json out.json]   (last line: HOTTEST <name>)
+python bench/ncu_summary.py ncu_times.csv [--json out.json]   (last line: HOTTEST <name>)
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ def main() -> int:
     for name, t in ranked[:20]:
         print(f"| {name[:60]} | {cnt[name]} | {t:,.0f} | {100 * t / allt:.1f}% |")
     if a.json:
-        pathlib.Path(a.json).write_text(json.dumps({"unit": unit, "total": allt,
-                                                    "kernels": [[n, cnt[n], t] for n, t in ranked]}, indent=1))
+        pathlib.Path(a.json).write_text(
+            json.dumps({"unit": unit, "total": allt, "kernels": [[n, cnt[n], t] for n, t in ranked]}, indent=1)
+        )
     # ncu --kernel-name matches the function's base name: "void cutlass::Kernel2<...>(...)" -> Kernel2
     base = [n.removeprefix("void ").split("(")[0].split("<")[0].split("::")[-1].strip() for n, _ in ranked]
     if base:

@@ -69,8 +69,13 @@ def walker_batch(xp, rep, walkers, seed=0):
     n, W = len(atoms), walkers
     rng = np.random.default_rng(seed)
     coords = xp.asarray((atoms.positions[None] + 0.05 * rng.standard_normal((W, n, 3))).reshape(-1, 3))
-    return (coords, xp.zeros(W * n, dtype=xp.int64), xp.asarray(np.repeat(np.arange(W), n)),
-            xp.asarray(np.tile(atoms.cell.array[None], (W, 1, 1))), xp.ones(W, dtype=bool))
+    return (
+        coords,
+        xp.zeros(W * n, dtype=xp.int64),
+        xp.asarray(np.repeat(np.arange(W), n)),
+        xp.asarray(np.tile(atoms.cell.array[None], (W, 1, 1))),
+        xp.ones(W, dtype=bool),
+    )
 
 
 def _systems(ntypes, rng):
@@ -108,25 +113,39 @@ def check(paths, xp, emit):
                             _set_config(cfg)
                             try:
                                 got = Ensemble([path], precision=prec).evaluate(
-                                    *[xp.asarray(a) for a in args], atomic=atomic)
+                                    *[xp.asarray(a) for a in args], atomic=atomic
+                                )
                             except Exception as exc:  # an unverified kernel failed: report, go on
-                                emit(check="numpy_vs_cupy", model=str(path), prec=prec, fast=cfg,
-                                     error=f"{type(exc).__name__}: {exc}"[:300])
+                                emit(
+                                    check="numpy_vs_cupy",
+                                    model=str(path),
+                                    prec=prec,
+                                    fast=cfg,
+                                    error=f"{type(exc).__name__}: {exc}"[:300],
+                                )
                                 worst[f"{prec}:{cfg}"] = float("inf")
                                 continue
-                            err = max(float(np.abs(ref[k] - to_numpy(got[k])).max() / max(np.abs(ref[k]).max(), 1e-300))
-                                      for k in ref)
+                            err = max(
+                                float(np.abs(ref[k] - to_numpy(got[k])).max() / max(np.abs(ref[k]).max(), 1e-300))
+                                for k in ref
+                            )
                             key = f"{prec}:{cfg}"
                             worst[key] = max(worst.get(key, 0.0), err)
-                            emit(check="numpy_vs_cupy", model=str(path), prec=prec, fast=cfg,
-                                 pbc=pbc.tolist(), atomic=atomic, max_rel=err)
+                            emit(
+                                check="numpy_vs_cupy",
+                                model=str(path),
+                                prec=prec,
+                                fast=cfg,
+                                pbc=pbc.tolist(),
+                                atomic=atomic,
+                                max_rel=err,
+                            )
     _clear_config()
     verdict = {}
     for key, err in worst.items():
         tol = 1e-12 if key.startswith("double") else 1e-5
         verdict[key] = (err, "PASS" if err <= tol else "FAIL")
-    emit(check_summary={k: f"{v[0]:.2e} {v[1]}" for k, v in verdict.items()},
-         broken=sorted(elementwise._broken))
+    emit(check_summary={k: f"{v[0]:.2e} {v[1]}" for k, v in verdict.items()}, broken=sorted(elementwise._broken))
     return verdict
 
 
@@ -139,11 +158,14 @@ def ops(xp, rt, ch, timed):
     M = m.neuron[-1]
     net = rt.embeddings[0]
     rows = {}
-    Rn = ew.env_forward(xp, ch.d, ch.valid, rt.davg[0], rt.rstd[0], m.rcut_smth, m.rcut,
-                        m.env_protection, dt) if ew.enabled(xp, "env") else \
-        xp.asarray(np.random.default_rng(0).random((n, s, 4)), dtype=dt)
-    rows["op: env matrix kernel"], _ = timed(lambda: ew.env_forward(
-        xp, ch.d, ch.valid, rt.davg[0], rt.rstd[0], m.rcut_smth, m.rcut, m.env_protection, dt))
+    Rn = (
+        ew.env_forward(xp, ch.d, ch.valid, rt.davg[0], rt.rstd[0], m.rcut_smth, m.rcut, m.env_protection, dt)
+        if ew.enabled(xp, "env")
+        else xp.asarray(np.random.default_rng(0).random((n, s, 4)), dtype=dt)
+    )
+    rows["op: env matrix kernel"], _ = timed(
+        lambda: ew.env_forward(xp, ch.d, ch.valid, rt.davg[0], rt.rstd[0], m.rcut_smth, m.rcut, m.env_protection, dt)
+    )
     x = Rn[:, :, 0:1]
     for k, l in enumerate(net.layers):
         xin = x
@@ -157,8 +179,9 @@ def ops(xp, rt, ch, timed):
     rows["op: Rn ggr (batched, K=4)"], _ = timed(lambda: xp.matmul(Rn, ggr))
     rows["op: G ggr^T (batched)"], _ = timed(lambda: xp.matmul(G, ggr.transpose(0, 2, 1)))
     gRn = xp.asarray(Rn)
-    rows["op: env chain-rule kernel"], g = timed(lambda: ew.env_backward(
-        xp, gRn, ch.d, ch.valid, rt.rstd[0], m.rcut_smth, m.rcut, m.env_protection))
+    rows["op: env chain-rule kernel"], g = timed(
+        lambda: ew.env_backward(xp, gRn, ch.d, ch.valid, rt.rstd[0], m.rcut_smth, m.rcut, m.env_protection)
+    )
     f = xp.zeros((int(ch.owner.max()) + 1, 3))
     own = xp.where(ch.valid, ch.owner, ch.centers[:, None])
     rows["op: force scatter kernel"], _ = timed(lambda: ew.scatter_neg(xp, f, own, ch.valid, g))
@@ -247,21 +270,35 @@ def main() -> int:
         _clear_config()
     rows["full call"], _ = timed(full)
     centers = xp.arange(natoms)
-    build = lambda: NeighborBuilder(xp, coords, atype, system, cells, pbc, m.rcut, m.sel,  # noqa: E731
-                                    m.pair_exclude)
+    build = lambda: NeighborBuilder(
+        xp,
+        coords,
+        atype,
+        system,
+        cells,
+        pbc,
+        m.rcut,
+        m.sel,  # noqa: E731
+        m.pair_exclude,
+    )
     rows["neighbour build (images, bins)"], nb = timed(build)
     nb.sorted_ext()
     rows["neighbour select (chunk)"], ch = timed(lambda: nb.chunk(centers))
     widths = to_numpy(chunk_stats(xp, ch, m.sel))[:-1]
     rows["compact slots"], (ch, slots, _) = timed(lambda: _compact(xp, ch, m.sel, widths))
     rt = ens._rt(xp, 0)
-    rows["forward (energy only)"], _ = timed(lambda: energy_and_grad(rt, 0, ch.d, ch.valid, need_grad=False,
-                                                                     slots=slots))
+    rows["forward (energy only)"], _ = timed(
+        lambda: energy_and_grad(rt, 0, ch.d, ch.valid, need_grad=False, slots=slots)
+    )
     rows["forward + backward"], _ = timed(lambda: energy_and_grad(rt, 0, ch.d, ch.valid, slots=slots))
     rows["backward (difference)"] = rows["forward + backward"] - rows["forward (energy only)"]
     rows["rest (full - neighbours - forward - backward)"] = (
-        rows["full call"] - rows["neighbour build (images, bins)"] - rows["neighbour select (chunk)"]
-        - rows["compact slots"] - rows["forward + backward"])
+        rows["full call"]
+        - rows["neighbour build (images, bins)"]
+        - rows["neighbour select (chunk)"]
+        - rows["compact slots"]
+        - rows["forward + backward"]
+    )
     if a.ops:
         try:
             rows.update(ops(xp, rt, ch, timed))

@@ -56,8 +56,8 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import cupy as cp
-
     from bench_engine import batch_frames
+
     from dpsnake.engine import ensemble as ens_mod
     from dpsnake.engine import neighbor
     from dpsnake.engine.deeppot import frames_to_flat
@@ -90,8 +90,9 @@ def main():
         prev_h = 0.0
         for label, t0, t1, e1 in tl.rec:
             d1 = cp.cuda.get_elapsed_time(e_start, e1) * 1e-3
-            r = rows.setdefault(label, {"host_ms": [], "host_end_ms": [], "dev_end_ms": [],
-                                        "gap_before_ms": [], "calls": 0})
+            r = rows.setdefault(
+                label, {"host_ms": [], "host_end_ms": [], "dev_end_ms": [], "gap_before_ms": [], "calls": 0}
+            )
             r["host_ms"].append((t1 - t0) * 1e3)
             r["host_end_ms"].append((t1 - t_start) * 1e3)
             r["dev_end_ms"].append(d1 * 1e3)
@@ -101,13 +102,20 @@ def main():
     med = lambda v: float(np.median(v))  # noqa: E731
     w = np.median(np.array(walls), axis=0) * 1e3
     nat = c.shape[0] * c.shape[1]
-    print(f"{len(args.models)} model(s), {args.precision}, compress={args.compress}: wall {w[0]:.2f} ms "
-          f"({w[0] / nat * 1e3:.3f} us/atom), host returns at {w[1]:.2f} ms, device span {w[2]:.2f} ms, "
-          f"compaction widths redone in {ens.width_misses} calls")
+    print(
+        f"{len(args.models)} model(s), {args.precision}, compress={args.compress}: wall {w[0]:.2f} ms "
+        f"({w[0] / nat * 1e3:.3f} us/atom), host returns at {w[1]:.2f} ms, device span {w[2]:.2f} ms, "
+        f"compaction widths redone in {ens.width_misses} calls"
+    )
     print("| stage | per call | host ms (sum) | host end ms (last) | device end ms (last) | host time before it |")
     print("|---|---|---|---|---|---|")
-    out = {"wall_ms": w[0], "host_return_ms": w[1], "device_span_ms": w[2], "width_misses": ens.width_misses,
-           "stages": {}}
+    out = {
+        "wall_ms": w[0],
+        "host_return_ms": w[1],
+        "device_span_ms": w[2],
+        "width_misses": ens.width_misses,
+        "stages": {},
+    }
     ncalls = args.calls
     for label, r in rows.items():
         k = r["calls"] // ncalls
@@ -116,8 +124,13 @@ def main():
         de = np.array(r["dev_end_ms"]).reshape(ncalls, k)[:, -1]
         gap = np.array(r["gap_before_ms"]).reshape(ncalls, k).sum(axis=1)
         print(f"| {label} | {k} | {med(host):.2f} | {med(he):.2f} | {med(de):.2f} | {med(gap):.2f} |")
-        out["stages"][label] = {"per_call": k, "host_ms": med(host), "host_end_ms": med(he),
-                                "device_end_ms": med(de), "host_gap_before_ms": med(gap)}
+        out["stages"][label] = {
+            "per_call": k,
+            "host_ms": med(host),
+            "host_end_ms": med(he),
+            "device_end_ms": med(de),
+            "host_gap_before_ms": med(gap),
+        }
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(out, indent=1))
 

@@ -2,8 +2,7 @@ import os
 import pathlib
 
 import pytest
-
-from dpmodels import emt_dataset, train_model
+from dpmodels import train_model
 
 
 @pytest.fixture(scope="session")
@@ -36,4 +35,5 @@ def pt_model(model_cache):
     from dpmodels import train_pt_model
 
     return lambda descriptor="se_atten_v2", seed=1, steps=10, overrides=None: train_pt_model(
-        model_cache, descriptor, seed, steps, overrides)
+        model_cache, descriptor, seed, steps, overrides
+    )

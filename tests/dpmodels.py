@@ -28,7 +28,7 @@ def emt_dataset(outdir: pathlib.Path, kind: str = "Cu", nframes: int = 6, seed: 
         return out
     rng = np.random.default_rng(seed)
     ms = None
-    for k in range(nframes):
+    for _k in range(nframes):
         a = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2))
         if kind == "CuNi":
             a.symbols[rng.permutation(len(a))[: len(a) // 2]] = "Ni"
@@ -47,15 +47,34 @@ def emt_dataset(outdir: pathlib.Path, kind: str = "Cu", nframes: int = 6, seed: 
 BASE_INPUT = {
     "model": {
         "type_map": ["Cu"],
-        "descriptor": {"type": "se_e2_a", "rcut": 4.5, "rcut_smth": 1.0, "sel": [40],
-                       "neuron": [4, 8], "axis_neuron": 4, "seed": 1},
+        "descriptor": {
+            "type": "se_e2_a",
+            "rcut": 4.5,
+            "rcut_smth": 1.0,
+            "sel": [40],
+            "neuron": [4, 8],
+            "axis_neuron": 4,
+            "seed": 1,
+        },
         "fitting_net": {"neuron": [8, 8], "resnet_dt": True, "seed": 1},
     },
     "learning_rate": {"type": "exp", "start_lr": 1e-3, "stop_lr": 1e-4, "decay_steps": 10},
-    "loss": {"type": "ener", "start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000,
-             "limit_pref_f": 1, "start_pref_v": 0.02, "limit_pref_v": 1},
-    "training": {"training_data": {"systems": [], "batch_size": 1}, "numb_steps": 20, "seed": 1,
-                 "disp_freq": 10, "save_freq": 20},
+    "loss": {
+        "type": "ener",
+        "start_pref_e": 0.02,
+        "limit_pref_e": 1,
+        "start_pref_f": 1000,
+        "limit_pref_f": 1,
+        "start_pref_v": 0.02,
+        "limit_pref_v": 1,
+    },
+    "training": {
+        "training_data": {"systems": [], "batch_size": 1},
+        "numb_steps": 20,
+        "seed": 1,
+        "disp_freq": 10,
+        "save_freq": 20,
+    },
 }
 
 
@@ -88,8 +107,13 @@ def train_model(cache: pathlib.Path, overrides: dict | None = None, data: str = 
     datadir = emt_dataset(cache, data)
     inp["training"]["training_data"]["systems"] = [str(datadir)]
     (work / "input.json").write_text(json.dumps(inp, indent=1))
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", DP_INTER_OP_PARALLELISM_THREADS="1",
-               DP_INTRA_OP_PARALLELISM_THREADS="2", OMP_NUM_THREADS="2")
+    env = dict(
+        os.environ,
+        TF_CPP_MIN_LOG_LEVEL="3",
+        DP_INTER_OP_PARALLELISM_THREADS="1",
+        DP_INTRA_OP_PARALLELISM_THREADS="2",
+        OMP_NUM_THREADS="2",
+    )
     _train_freeze_convert(work, "tf", "frozen_model.pb", env)
     return result
 
@@ -97,9 +121,11 @@ def train_model(cache: pathlib.Path, overrides: dict | None = None, data: str = 
 def _train_freeze_convert(work: pathlib.Path, backend: str, frozen: str, env: dict) -> None:
     """`dp train input.json` -> `dp freeze` -> `dp convert-backend` to model.dp in ``work``."""
     dp = [sys.executable, "-m", "deepmd"]
-    for cmd in (dp + [f"--{backend}", "train", "input.json", "--skip-neighbor-stat"],
-                dp + [f"--{backend}", "freeze", "-o", frozen],
-                dp + ["convert-backend", frozen, "model.dp"]):
+    for cmd in (
+        dp + [f"--{backend}", "train", "input.json", "--skip-neighbor-stat"],
+        dp + [f"--{backend}", "freeze", "-o", frozen],
+        dp + ["convert-backend", frozen, "model.dp"],
+    ):
         p = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=env)
         if p.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
@@ -108,31 +134,86 @@ def _train_freeze_convert(work: pathlib.Path, backend: str, frozen: str, env: di
 # Descriptors of DeePMD-kit's PyTorch backend, small enough to train in seconds on a CPU (CuNi data:
 # type_map [Cu, Ni]); the keys are what tests ask train_pt_model for.
 PT_DESCRIPTORS = {
-    "se_e2_a": {"type": "se_e2_a", "rcut": 4.5, "rcut_smth": 1.0, "sel": [24, 24], "neuron": [4, 8],
-                "axis_neuron": 4, "seed": 1},
-    "se_atten_v2": {"type": "se_atten_v2", "rcut": 4.5, "rcut_smth": 1.0, "sel": 48, "neuron": [4, 8],
-                    "axis_neuron": 4, "attn": 8, "attn_layer": 1, "attn_dotr": True, "seed": 1},
-    "dpa2": {"type": "dpa2",
-             "repinit": {"rcut": 4.5, "rcut_smth": 1.0, "nsel": 48, "neuron": [4, 8], "axis_neuron": 4,
-                         "activation_function": "tanh"},
-             "repformer": {"rcut": 3.5, "rcut_smth": 1.0, "nsel": 24, "nlayers": 2, "g1_dim": 8,
-                           "g2_dim": 4, "attn2_hidden": 4, "attn2_nhead": 1, "attn1_hidden": 4,
-                           "attn1_nhead": 1, "axis_neuron": 4, "update_h2": False,
-                           "update_g1_has_conv": True, "update_g1_has_grrg": True,
-                           "update_g1_has_drrd": True, "update_g1_has_attn": True,
-                           "update_g2_has_g1g1": True, "update_g2_has_attn": True,
-                           "attn2_has_gate": True},
-             "seed": 1, "add_tebd_to_repinit_out": False},
-    "dpa3": {"type": "dpa3",
-             "repflow": {"n_dim": 8, "e_dim": 4, "a_dim": 4, "nlayers": 2, "e_rcut": 4.5, "e_rcut_smth": 1.0,
-                         "e_sel": 48, "a_rcut": 3.5, "a_rcut_smth": 1.0, "a_sel": 24, "axis_neuron": 4,
-                         "update_angle": True, "smooth_edge_update": True},
-             "seed": 1},
+    "se_e2_a": {
+        "type": "se_e2_a",
+        "rcut": 4.5,
+        "rcut_smth": 1.0,
+        "sel": [24, 24],
+        "neuron": [4, 8],
+        "axis_neuron": 4,
+        "seed": 1,
+    },
+    "se_atten_v2": {
+        "type": "se_atten_v2",
+        "rcut": 4.5,
+        "rcut_smth": 1.0,
+        "sel": 48,
+        "neuron": [4, 8],
+        "axis_neuron": 4,
+        "attn": 8,
+        "attn_layer": 1,
+        "attn_dotr": True,
+        "seed": 1,
+    },
+    "dpa2": {
+        "type": "dpa2",
+        "repinit": {
+            "rcut": 4.5,
+            "rcut_smth": 1.0,
+            "nsel": 48,
+            "neuron": [4, 8],
+            "axis_neuron": 4,
+            "activation_function": "tanh",
+        },
+        "repformer": {
+            "rcut": 3.5,
+            "rcut_smth": 1.0,
+            "nsel": 24,
+            "nlayers": 2,
+            "g1_dim": 8,
+            "g2_dim": 4,
+            "attn2_hidden": 4,
+            "attn2_nhead": 1,
+            "attn1_hidden": 4,
+            "attn1_nhead": 1,
+            "axis_neuron": 4,
+            "update_h2": False,
+            "update_g1_has_conv": True,
+            "update_g1_has_grrg": True,
+            "update_g1_has_drrd": True,
+            "update_g1_has_attn": True,
+            "update_g2_has_g1g1": True,
+            "update_g2_has_attn": True,
+            "attn2_has_gate": True,
+        },
+        "seed": 1,
+        "add_tebd_to_repinit_out": False,
+    },
+    "dpa3": {
+        "type": "dpa3",
+        "repflow": {
+            "n_dim": 8,
+            "e_dim": 4,
+            "a_dim": 4,
+            "nlayers": 2,
+            "e_rcut": 4.5,
+            "e_rcut_smth": 1.0,
+            "e_sel": 48,
+            "a_rcut": 3.5,
+            "a_rcut_smth": 1.0,
+            "a_sel": 24,
+            "axis_neuron": 4,
+            "update_angle": True,
+            "smooth_edge_update": True,
+        },
+        "seed": 1,
+    },
 }
 
 
-def train_pt_model(cache: pathlib.Path, descriptor: str = "se_atten_v2", seed: int = 1, steps: int = 10,
-                   overrides: dict | None = None) -> dict:
+def train_pt_model(
+    cache: pathlib.Path, descriptor: str = "se_atten_v2", seed: int = 1, steps: int = 10, overrides: dict | None = None
+) -> dict:
     """Train (DeePMD-kit PyTorch backend, CPU) and freeze one CuNi model with a descriptor of
     PT_DESCRIPTORS; returns {"pth": frozen model, "dp": model.dp, "input": dict, "dir": folder}.
     Cached by the hash of the input like train_model."""
@@ -153,7 +234,12 @@ def train_pt_model(cache: pathlib.Path, descriptor: str = "se_atten_v2", seed: i
     datadir = emt_dataset(cache, "CuNi")
     inp["training"]["training_data"]["systems"] = [str(datadir)]
     (work / "input.json").write_text(json.dumps(inp, indent=1))
-    env = dict(os.environ, OMP_NUM_THREADS="2", DP_INTRA_OP_PARALLELISM_THREADS="2",
-               DP_INTER_OP_PARALLELISM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="2",
+        DP_INTRA_OP_PARALLELISM_THREADS="2",
+        DP_INTER_OP_PARALLELISM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+    )
     _train_freeze_convert(work, "pt", "frozen_model.pth", env)
     return result

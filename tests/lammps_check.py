@@ -81,8 +81,14 @@ def lammps_env(model, threads: int = 1) -> dict:
     at ``pair_style deepmd model.pth``) gets a failing trampoline and then a NULL error string, and LAMMPS
     dies with SIGSEGV (exit status 245), even with no GPU. Preloading the real runtime puts its symbols
     first; without a GPU it just reports no device."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), DP_INTRA_OP_PARALLELISM_THREADS=str(threads),
-               DP_INTER_OP_PARALLELISM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        DP_INTRA_OP_PARALLELISM_THREADS=str(threads),
+        DP_INTER_OP_PARALLELISM_THREADS="1",
+        TF_CPP_MIN_LOG_LEVEL="3",
+        CUDA_VISIBLE_DEVICES="",
+    )
     cudart = torch_cudart() if pathlib.Path(model).suffix == ".pth" else None
     if cudart:
         env["LD_PRELOAD"] = ":".join(p for p in (cudart, os.environ.get("LD_PRELOAD")) if p)
@@ -107,19 +113,36 @@ def run_lammps(model, frames, type_map, workdir, timeout: float = 300) -> list[d
     for k, atoms in enumerate(frames):
         assert all(atoms.pbc), "periodic frames only"
         prism = Prism(atoms.get_cell())
-        ase.io.write(workdir / f"frame.{k}.data", atoms, format="lammps-data", masses=True,
-                     specorder=list(type_map), prismobj=prism, force_skew=True, units="metal")
+        ase.io.write(
+            workdir / f"frame.{k}.data",
+            atoms,
+            format="lammps-data",
+            masses=True,
+            specorder=list(type_map),
+            prismobj=prism,
+            force_skew=True,
+            units="metal",
+        )
         prisms.append(prism)
         script.append(FRAME.format(k=k, model=model, types=" ".join(type_map)))
     (workdir / "in.lammps").write_text("".join(script))
-    p = subprocess.run(LMP + ["-in", "in.lammps", "-log", "log.lammps"], cwd=workdir, capture_output=True,
-                       text=True, env=lammps_env(model), timeout=timeout)
+    p = subprocess.run(
+        LMP + ["-in", "in.lammps", "-log", "log.lammps"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        env=lammps_env(model),
+        timeout=timeout,
+    )
     out = p.stdout + p.stderr
     assert p.returncode == 0 and "ERROR" not in p.stdout, f"LAMMPS failed (rc {p.returncode}):\n{out[-4000:]}"
     # the plugin came from DeePMD-kit's wheel (LAMMPS_PLUGIN_PATH set by the entry point)
     assert re.search(r"Loaded \d+ plugins from \S*deepmd", p.stdout), out[-4000:]
-    rows = {int(line.split()[1]): [float(x) for x in line.split()[2:]]
-            for line in p.stdout.splitlines() if line.startswith("DPSNAKE_FRAME ")}
+    rows = {
+        int(line.split()[1]): [float(x) for x in line.split()[2:]]
+        for line in p.stdout.splitlines()
+        if line.startswith("DPSNAKE_FRAME ")
+    }
     assert sorted(rows) == list(range(len(frames))), out[-4000:]
     results = []
     for k, (atoms, prism) in enumerate(zip(frames, prisms)):
@@ -127,7 +150,7 @@ def run_lammps(model, frames, type_map, workdir, timeout: float = 300) -> list[d
         assert abs(vol - atoms.get_volume()) < 1e-10 * vol, (vol, atoms.get_volume())
         lines = (workdir / f"forces.{k}.txt").read_text().splitlines()
         i = lines.index(next(line for line in lines if line.startswith("ITEM: ATOMS")))
-        data = np.array([[float(x) for x in line.split()] for line in lines[i + 1:]])
+        data = np.array([[float(x) for x in line.split()] for line in lines[i + 1 :]])
         assert np.array_equal(data[:, 0], np.arange(1, len(atoms) + 1))
         forces = prism.vector_to_ase(data[:, 1:4])
         pressure = np.array([[pxx, pxy, pxz], [pxy, pyy, pyz], [pxz, pyz, pzz]])
@@ -144,10 +167,16 @@ def eval_deeppot(dp, frames, type_map) -> list[dict]:
     """The same quantities from a ``DeepPot`` with DeePMD-kit's ``eval`` interface (ours or DeePMD-kit's)."""
     out = []
     for atoms in frames:
-        e, f, v = dp.eval(atoms.get_positions().reshape(1, -1), atoms.get_cell().array.reshape(1, 9),
-                          atom_types(atoms, type_map))[:3]
-        out.append({"energy": float(np.asarray(e).reshape(-1)[0]), "forces": np.asarray(f).reshape(-1, 3),
-                    "virial": np.asarray(v).reshape(9)})
+        e, f, v = dp.eval(
+            atoms.get_positions().reshape(1, -1), atoms.get_cell().array.reshape(1, 9), atom_types(atoms, type_map)
+        )[:3]
+        out.append(
+            {
+                "energy": float(np.asarray(e).reshape(-1)[0]),
+                "forces": np.asarray(f).reshape(-1, 3),
+                "virial": np.asarray(v).reshape(9),
+            }
+        )
     return out
 
 
@@ -155,8 +184,7 @@ def compare(ref: list[dict], lmp: list[dict]) -> dict:
     """Largest absolute and relative differences over all frames: energy relative to max(|E|, 1 eV),
     forces and virial relative to max(largest |component| of the frame, 1 eV/A or 1 eV) (so frames with
     vanishing forces, e.g. a perfect lattice, are held to an absolute bound instead)."""
-    d = {"energy_abs": 0.0, "energy_rel": 0.0, "force_abs": 0.0, "force_rel": 0.0, "virial_abs": 0.0,
-         "virial_rel": 0.0}
+    d = {"energy_abs": 0.0, "energy_rel": 0.0, "force_abs": 0.0, "force_rel": 0.0, "virial_abs": 0.0, "virial_rel": 0.0}
     for r, l in zip(ref, lmp, strict=True):
         de = abs(r["energy"] - l["energy"])
         df = np.abs(r["forces"] - l["forces"]).max()

@@ -12,4 +12,6 @@ if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] && [ -z "${DPSNAKE_SKIP_A
     slurmctld slurmd slurm-client munge chromium >/dev/null
 fi
 python3 -m pip install -q --disable-pip-version-check -e ".[test]"
+# style first (seconds): ruff lint + format and snakefmt, as configured in pyproject.toml
+python3 -m ruff check . && python3 -m ruff format --check . && python3 -m snakefmt --check Snakefile workflow
 python3 -m pytest "$@"

@@ -5,12 +5,12 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+import bad_inputs
 import pytest
 
-import bad_inputs
-
-PROBES = [p for m in pkgutil.iter_modules(bad_inputs.__path__)
-          for p in importlib.import_module(f"bad_inputs.{m.name}").PROBES]
+PROBES = [
+    p for m in pkgutil.iter_modules(bad_inputs.__path__) for p in importlib.import_module(f"bad_inputs.{m.name}").PROBES
+]
 
 
 @pytest.mark.parametrize("probe", [pytest.param(p, id=p.id) for p in PROBES])

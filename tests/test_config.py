@@ -30,8 +30,14 @@ def test_shipped_configs_are_valid():
 
 
 def test_defaults_filled():
-    cfg = C.check({"type_map": ["Cu"], "systems": {"Cu": {"structure": {"builder": "bulk", "kwargs": {"name": "Cu"}}}},
-                   "explore": {"stages": [{"temperatures": [300]}]}}, ROOT)
+    cfg = C.check(
+        {
+            "type_map": ["Cu"],
+            "systems": {"Cu": {"structure": {"builder": "bulk", "kwargs": {"name": "Cu"}}}},
+            "explore": {"stages": [{"temperatures": [300]}]},
+        },
+        ROOT,
+    )
     assert cfg["train"]["numb_models"] == 4 and cfg["train"]["backend"] == "tf"
     assert cfg["explore"]["stages"][0]["systems"] == ["Cu"] and cfg["explore"]["stages"][0]["ensemble"] == "nvt"
     assert cfg["trust"]["force"] == [0.05, 0.15] and cfg["label"]["type"] == "ase"
@@ -40,8 +46,21 @@ def test_defaults_filled():
 
 def test_check_config_cli_writes_the_resolved_config(tmp_path):
     """A valid config: exit 0 and the resolved config written (the bad ones: tests/bad_inputs/config.py)."""
-    ok = subprocess.run([sys.executable, "-m", "dpsnake.cli", "check-config", str(ROOT / "config" / "config.yaml"),
-                         "--base", str(ROOT), "--out", str(tmp_path / "resolved.json")], capture_output=True, text=True)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpsnake.cli",
+            "check-config",
+            str(ROOT / "config" / "config.yaml"),
+            "--base",
+            str(ROOT),
+            "--out",
+            str(tmp_path / "resolved.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0 and (tmp_path / "resolved.json").is_file()
 
 
@@ -101,8 +120,11 @@ def test_sel_semantics_per_type_and_total():
     cfg = {"type_map": ["Cu", "Ni"]}
     per_type = lambda sel: {"descriptor": {"type": "se_e2_a", "rcut": 4.0, "sel": sel}}
     check_sel(cfg, atoms_of, per_type([18, 18]))
-    with pytest.raises(UserError, match=r"descriptor.sel: system CuNi's .* Ni neighbours within rcut 4 A, "
-                                        r"above sel\[1\] = 10 \(Ni\)"):
+    with pytest.raises(
+        UserError,
+        match=r"descriptor.sel: system CuNi's .* Ni neighbours within rcut 4 A, "
+        r"above sel\[1\] = 10 \(Ni\)",
+    ):
         check_sel(cfg, atoms_of, per_type([32, 10]))
     check_sel(cfg, atoms_of, per_type("auto"))  # set from the data by DeePMD-kit: nothing to check
     total = lambda sel: {"descriptor": {"type": "se_atten_v2", "rcut": 4.0, "sel": sel}}
@@ -120,8 +142,12 @@ def test_sel_semantics_per_type_and_total():
 def test_ase_labeler_kwargs_checked_without_building_the_calculator():
     from dpsnake.labelers import make_labeler
 
-    assert make_labeler({"type": "ase", "calculator": "LennardJones",
-                         "kwargs": {"sigma": 2.3, "epsilon": 0.4, "rc": 6.0}}).kwargs["sigma"] == 2.3
+    assert (
+        make_labeler(
+            {"type": "ase", "calculator": "LennardJones", "kwargs": {"sigma": 2.3, "epsilon": 0.4, "rc": 6.0}}
+        ).kwargs["sigma"]
+        == 2.3
+    )
     assert make_labeler({"type": "ase", "calculator": "MorsePotential", "kwargs": {"rho0": 4.0}})
     with pytest.raises(UserError, match=r"label.kwargs: MorsePotential does not take \['rho'\]"):
         make_labeler({"type": "ase", "calculator": "MorsePotential", "kwargs": {"rho": 4.0}})
@@ -131,8 +157,13 @@ def test_ase_labeler_kwargs_checked_without_building_the_calculator():
     with pytest.raises(UserError, match=r"label.kwargs: .*TIP3P: got an unexpected keyword argument 'rcut'"):
         make_labeler({"type": "ase", "calculator": tip3p, "kwargs": {"rcut": 4.0}})
     with pytest.raises(UserError, match=r"label.kwargs: .*SpringCalculator: missing a required argument: 'k'"):
-        make_labeler({"type": "ase", "calculator": "ase.calculators.harmonic.SpringCalculator",
-                      "kwargs": {"ideal_positions": [[0, 0, 0]]}})
+        make_labeler(
+            {
+                "type": "ase",
+                "calculator": "ase.calculators.harmonic.SpringCalculator",
+                "kwargs": {"ideal_positions": [[0, 0, 0]]},
+            }
+        )
 
 
 def test_label_program_found_like_the_label_job_does(tmp_path):

@@ -36,8 +36,12 @@ def _history(cfg, ratios: list[dict]) -> list[dict]:
         stage, stage_it = iteration_stage(cfg, out[-1] if out else None)
         explored = cfg["explore"]["stages"][stage]["systems"]
         assert sorted(r) == sorted(explored), (it, stage, explored)
-        st = {"iteration": it, "stage": stage, "stage_iteration": stage_it,
-              "systems": {n: {"accurate_ratio": v} for n, v in r.items()}}
+        st = {
+            "iteration": it,
+            "stage": stage,
+            "stage_iteration": stage_it,
+            "systems": {n: {"accurate_ratio": v} for n, v in r.items()},
+        }
         st.update(decide_from_stats(cfg, st))
         out.append(st)
     return out
@@ -50,8 +54,10 @@ def test_last_stage_of_one_system_is_not_converged(tmp_path):
     assert hist[-1]["converged"] and hist[-1]["stop"]  # select's per-stage verdict
     d = run_decision(hist, 0.95, cfg)
     assert not d["converged"] and d["stop"] and d["below"] == ["CuNi"]
-    assert d["latest"] == {"Cu": {"iteration": 1, "stage": 1, "accurate_ratio": 0.99},
-                           "CuNi": {"iteration": 0, "stage": 0, "accurate_ratio": 0.435}}
+    assert d["latest"] == {
+        "Cu": {"iteration": 1, "stage": 1, "accurate_ratio": 0.99},
+        "CuNi": {"iteration": 0, "stage": 0, "accurate_ratio": 0.435},
+    }
     assert verdict(d) == "stopped, not converged"
     assert "CuNi 0.435 (iteration 0)" in d["reason"] and "stage 1" in d["reason"]
     assert "converged" not in d["reason"]
@@ -66,14 +72,19 @@ def test_converged_when_every_latest_ratio_reaches_the_threshold(tmp_path):
     hist = _history(cfg, [{"Cu": 0.5, "CuNi": 0.6}, {"Cu": 0.96, "CuNi": 0.97}, {"Cu": 0.98}])
     d = run_decision(hist, 0.95, cfg)
     assert d["converged"] and d["stop"] and d["below"] == []
-    assert d["reason"] == "every system's latest accurate ratio >= 0.95: Cu 0.980 (iteration 2), CuNi 0.970 (iteration 1)"
+    assert (
+        d["reason"] == "every system's latest accurate ratio >= 0.95: Cu 0.980 (iteration 2), CuNi 0.970 (iteration 1)"
+    )
     assert report_decision.line(d).startswith("converged: ")
     # the earlier iterations, as their reports say them
     d0 = run_decision(hist[:1], 0.95, cfg)
-    assert report_decision.line(d0) == ("not converged: accurate ratio below 0.95: Cu 0.500 (iteration 0), "
-                                         "CuNi 0.600 (iteration 0); repeating stage 0")
+    assert report_decision.line(d0) == (
+        "not converged: accurate ratio below 0.95: Cu 0.500 (iteration 0), CuNi 0.600 (iteration 0); repeating stage 0"
+    )
     d1 = run_decision(hist[:2], 0.95, cfg)
-    assert report_decision.line(d1) == "not converged: stage 0 done (its systems' accurate ratio >= 0.95); next: stage 1"
+    assert (
+        report_decision.line(d1) == "not converged: stage 0 done (its systems' accurate ratio >= 0.95); next: stage 1"
+    )
     assert report_decision.link_word(d0) == "stage 0 again" and report_decision.link_word(d1) == "next: stage 1"
 
 
@@ -85,14 +96,18 @@ def test_no_line_says_not_converged_stage_converged(tmp_path, case):
         cfg = _cfg(tmp_path, [{"systems": ["Cu", "CuNi"]}, {"systems": ["Cu"]}], max_iterations=1)
         hist = _history(cfg, [{"Cu": 0.99, "CuNi": 0.98}])
         assert "stage 0 converged" in hist[-1]["reason"]  # what select records
-        want = ("stopped, not converged: max_iterations 1 reached before the last stage of the plan ran "
-                "(every system's latest accurate ratio >= 0.95)")
+        want = (
+            "stopped, not converged: max_iterations 1 reached before the last stage of the plan ran "
+            "(every system's latest accurate ratio >= 0.95)"
+        )
     else:
         cfg = _cfg(tmp_path, [{"systems": ["Cu", "CuNi"]}, {"systems": ["CuNi"], "max_iterations": 2}])
         hist = _history(cfg, [{"Cu": 0.99, "CuNi": 0.98}, {"CuNi": 0.5}, {"CuNi": 0.6}])
         assert "stage 0 converged" in hist[0]["reason"]
-        want = ("stopped, not converged: exploration plan exhausted (the last stage, stage 1, used its iterations); "
-                "latest accurate ratio below 0.95: CuNi 0.600 (iteration 2)")
+        want = (
+            "stopped, not converged: exploration plan exhausted (the last stage, stage 1, used its iterations); "
+            "latest accurate ratio below 0.95: CuNi 0.600 (iteration 2)"
+        )
     lines = [report_decision.line(run_decision(hist[: k + 1], 0.95, cfg)) for k in range(len(hist))]
     assert lines[-1] == want
     for line in lines:  # after the verdict, the reason never calls anything "converged"
@@ -101,8 +116,18 @@ def test_no_line_says_not_converged_stage_converged(tmp_path, case):
 
 
 def test_latest_ratio_without_frames_counts_as_below(tmp_path):
-    hist = [{"iteration": 0, "stage": 0, "stage_iteration": 0, "converged": True, "stop": True, "next_stage": None,
-             "reason": "x", "systems": {"Cu": {"accurate_ratio": None}}}]
+    hist = [
+        {
+            "iteration": 0,
+            "stage": 0,
+            "stage_iteration": 0,
+            "converged": True,
+            "stop": True,
+            "next_stage": None,
+            "reason": "x",
+            "systems": {"Cu": {"accurate_ratio": None}},
+        }
+    ]
     assert latest_ratios(hist)["Cu"]["iteration"] == 0
     d = run_decision(hist, 0.9)  # no config: the recorded stop / next_stage are used
     assert not d["converged"] and d["below"] == ["Cu"]

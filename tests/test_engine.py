@@ -9,15 +9,17 @@ import warnings
 
 import numpy as np
 import pytest
-
 from test_engine_helpers import cluster, edit_dp, fcc, frame, ref_eval, rel_err, set_activation, triclinic
 
 FP64_TOL = 1e-10
 FP32_TOL = 3e-5
 
-CUNI_TOS32 = {"model": {"descriptor": {"type_one_side": True, "precision": "float32",
-                                       "exclude_types": [[1, 1]]},
-                        "fitting_net": {"precision": "float32"}}}
+CUNI_TOS32 = {
+    "model": {
+        "descriptor": {"type_one_side": True, "precision": "float32", "exclude_types": [[1, 1]]},
+        "fitting_net": {"precision": "float32"},
+    }
+}
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +35,9 @@ def cuni_tos32(dp_model):
 def _ours(path, coords, cells, types, precision="double", **kw):
     from dpsnake import DeepPot
 
-    return DeepPot(path if not isinstance(path, (str, os.PathLike)) else str(path),
-                   precision=precision, **kw).eval(coords, cells, types, atomic=True)
+    return DeepPot(path if not isinstance(path, (str, os.PathLike)) else str(path), precision=precision, **kw).eval(
+        coords, cells, types, atomic=True
+    )
 
 
 def _compare(ours, ref, tol, what=""):
@@ -101,8 +104,12 @@ def test_unsupported_fail_at_load(cu_model, tmp_path):
 
 @pytest.mark.parametrize("geom", ["bulk_small_cell", "bulk_3x3x3", "triclinic", "no_pbc"])
 def test_single_type_vs_deepmd(cu_model, geom):
-    at = {"bulk_small_cell": lambda: fcc(rep=(2, 2, 2)), "bulk_3x3x3": lambda: fcc(rep=(3, 3, 3), seed=3),
-          "triclinic": triclinic, "no_pbc": cluster}[geom]()
+    at = {
+        "bulk_small_cell": lambda: fcc(rep=(2, 2, 2)),
+        "bulk_3x3x3": lambda: fcc(rep=(3, 3, 3), seed=3),
+        "triclinic": triclinic,
+        "no_pbc": cluster,
+    }[geom]()
     c, cl, t = frame(at, ["Cu"])
     ref = ref_eval(cu_model["pb"], c, cl, t)
     with warnings.catch_warnings():
@@ -130,9 +137,13 @@ def test_batched_two_types_vs_deepmd(cuni):
     from dpsnake.engine.ensemble import Ensemble
 
     tm = ["Cu", "Ni"]
-    systems = [fcc(rep=(2, 2, 2), ni_frac=0.5, seed=4), triclinic(seed=5, ni_frac=0.4),
-               cluster(nat=13, seed=6, ni_frac=0.3), fcc(rep=(3, 2, 2), ni_frac=0.2, seed=7),
-               fcc(rep=(1, 1, 1), ni_frac=0.5, seed=8)]
+    systems = [
+        fcc(rep=(2, 2, 2), ni_frac=0.5, seed=4),
+        triclinic(seed=5, ni_frac=0.4),
+        cluster(nat=13, seed=6, ni_frac=0.3),
+        fcc(rep=(3, 2, 2), ni_frac=0.2, seed=7),
+        fcc(rep=(1, 1, 1), ni_frac=0.5, seed=8),
+    ]
     coords, atype, system, cells, pbc, refs = [], [], [], [], [], []
     for s, at in enumerate(systems):
         c, cl, t = frame(at, tm)
@@ -143,13 +154,24 @@ def test_batched_two_types_vs_deepmd(cuni):
         cells.append(np.zeros((3, 3)) if cl is None else cl.reshape(3, 3))
         pbc.append(cl is not None)
     ens = Ensemble([cuni["dp"]], chunk_atoms=17)  # small chunks: several per type
-    out = ens.evaluate(np.concatenate(coords), np.concatenate(atype), np.concatenate(system),
-                       np.array(cells), np.array(pbc), atomic=True)
+    out = ens.evaluate(
+        np.concatenate(coords),
+        np.concatenate(atype),
+        np.concatenate(system),
+        np.array(cells),
+        np.array(pbc),
+        atomic=True,
+    )
     b = np.concatenate([[0], np.cumsum([len(a) for a in atype])])
     for s, ref in enumerate(refs):
         sl = slice(b[s], b[s + 1])
-        ours = (out["energy"][0, s], out["force"][0, sl], out["virial"][0, s],
-                out["atom_energy"][0, sl], out["atom_virial"][0, sl])
+        ours = (
+            out["energy"][0, s],
+            out["force"][0, sl],
+            out["virial"][0, s],
+            out["atom_energy"][0, sl],
+            out["atom_virial"][0, sl],
+        )
         _compare(ours, [r[0] for r in ref], FP64_TOL, f"system {s}")
 
 
@@ -163,8 +185,7 @@ def test_fp32_type_one_side_exclusion_vs_deepmd(cuni_tos32, precision):
         _compare(_ours(cuni_tos32["dp"], c, cl, t, precision), ref, FP32_TOL, precision)
 
 
-@pytest.mark.parametrize("variant", ["pair_exclude", "atom_exclude", "desc_exclude_two_side",
-                                     "env_protection"])
+@pytest.mark.parametrize("variant", ["pair_exclude", "atom_exclude", "desc_exclude_two_side", "env_protection"])
 def test_exclusions_vs_deepmd_numpy_backend(cuni, tmp_path, variant):
     """Model-level pair/atom exclusions (which the TF backend lacks) against DeePMD-kit's own NumPy
     backend evaluating the same edited .dp file."""
@@ -172,8 +193,10 @@ def test_exclusions_vs_deepmd_numpy_backend(cuni, tmp_path, variant):
         "pair_exclude": lambda m: m.update(pair_exclude_types=[[0, 1]]),
         "atom_exclude": lambda m: m.update(atom_exclude_types=[1]),
         "desc_exclude_two_side": lambda m: m["descriptor"].update(exclude_types=[[0, 1]]),
-        "env_protection": lambda m: (m["descriptor"].update(env_protection=0.3),
-                                     m["descriptor"]["env_mat"].update(protection=0.3)),
+        "env_protection": lambda m: (
+            m["descriptor"].update(env_protection=0.3),
+            m["descriptor"]["env_mat"].update(protection=0.3),
+        ),
     }
     from dpsnake.engine.model import load_model
 
@@ -200,8 +223,9 @@ def test_pair_exclusion_differs_from_descriptor_exclusion(cuni, tmp_path):
     assert abs(float(e1[0, 0] - e2[0, 0])) > 1e-6
 
 
-@pytest.mark.parametrize("act", ["relu", "relu6", "softplus", "sigmoid", "gelu", "gelu_tf", "silu",
-                                 "silut:2.0", "linear"])
+@pytest.mark.parametrize(
+    "act", ["relu", "relu6", "softplus", "sigmoid", "gelu", "gelu_tf", "silu", "silut:2.0", "linear"]
+)
 def test_activations_vs_deepmd_numpy_backend(cu_model, tmp_path, act):
     p = edit_dp(cu_model["dp"], tmp_path / "act.dp", lambda m: set_activation(m, act))
     c, cl, t = frame(triclinic(seed=13), ["Cu"])
@@ -346,8 +370,9 @@ def test_compact_slots_equal_full_slots(cuni, monkeypatch):
     args = (c[0], t, np.zeros(len(t), int), cl.reshape(1, 3, 3), np.array([True]))
     kept = []
     real = E._compact
-    monkeypatch.setattr(E, "_compact", lambda xp, ch, sel, w: kept.append(real(xp, ch, sel, w)[1].kept)
-                        or real(xp, ch, sel, w))
+    monkeypatch.setattr(
+        E, "_compact", lambda xp, ch, sel, w: kept.append(real(xp, ch, sel, w)[1].kept) or real(xp, ch, sel, w)
+    )
     out = E.Ensemble([cuni["dp"]]).evaluate(*args, atomic=True)
     assert kept and all((k < np.array([24, 24])).all() for k in kept), kept
     monkeypatch.setenv("DPSNAKE_COMPACT", "0")

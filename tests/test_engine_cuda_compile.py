@@ -48,8 +48,15 @@ def _net(sizes, act="tanh", idt=True, resnet=True, bias=True, seed=0):
     rng = np.random.default_rng(seed)
     layers, nin = [], 1
     for n in sizes:
-        layers.append(Layer(rng.normal(size=(nin, n)), rng.normal(size=n) if bias else None,
-                            rng.normal(size=n) if idt else None, act, resnet))
+        layers.append(
+            Layer(
+                rng.normal(size=(nin, n)),
+                rng.normal(size=n) if bias else None,
+                rng.normal(size=n) if idt else None,
+                act,
+                resnet,
+            )
+        )
         nin = n
     return Net(layers)
 
@@ -76,8 +83,10 @@ def test_fused_embedding_kernels_compile(name, dtype):
     w = spec.pack(net)
     assert w.shape == (spec.nw,) and all(L["w"] % spec.vw == 0 and L["ninp"] % spec.vw == 0 for L in spec.layers)
     L0 = spec.layers[-1]
-    np.testing.assert_array_equal(w[L0["w"]: L0["w"] + L0["nout"] * L0["ninp"]].reshape(L0["nout"], -1)[:, : L0["nin"]],
-                                  np.asarray(net.layers[-1].w).T)
+    np.testing.assert_array_equal(
+        w[L0["w"] : L0["w"] + L0["nout"] * L0["ninp"]].reshape(L0["nout"], -1)[:, : L0["nin"]],
+        np.asarray(net.layers[-1].w).T,
+    )
 
 
 def test_unsupported_nets_are_named():
@@ -89,6 +98,8 @@ def test_unsupported_nets_are_named():
 def test_selection_kernels_compile(nnei, ntypes):
     ptx = compile_cuda(kernels._SELECT_SRC % {"nnei": nnei, "ntypes": ntypes})
     assert ".entry select_nb" in ptx
-    ptx = compile_cuda(kernels._SELECT_WARP_SRC % {"nnei": nnei, "cap": kernels.WARP_CAP,
-                                                    "lanes": kernels.WARP_LANES, "ntypes": ntypes})
+    ptx = compile_cuda(
+        kernels._SELECT_WARP_SRC
+        % {"nnei": nnei, "cap": kernels.WARP_CAP, "lanes": kernels.WARP_LANES, "ntypes": ntypes}
+    )
     assert ".entry select_nb_warp" in ptx

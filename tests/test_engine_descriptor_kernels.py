@@ -9,7 +9,6 @@ import shutil
 
 import numpy as np
 import pytest
-
 from test_engine_helpers import THREADED_CUDA_STUB, build_cpp, cupy_or_skip
 
 LAUNCH = r"""

@@ -9,11 +9,12 @@ import warnings
 
 import numpy as np
 import pytest
-
 from test_engine_helpers import edit_dp, fcc, frame, ref_pot, rel_err, set_activation, triclinic
 
-HEADER = ("#       step         max_devi_v         min_devi_v         avg_devi_v         max_devi_f"
-          "         min_devi_f         avg_devi_f")
+HEADER = (
+    "#       step         max_devi_v         min_devi_v         avg_devi_v         max_devi_f"
+    "         min_devi_f         avg_devi_f"
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +27,11 @@ def pair(cu_model, model_cache):
     pb1 = d / "softplus.pb"
     if not pb1.exists():
         edit_dp(cu_model["dp"], dp1, lambda m: set_activation(m, "softplus"))
-        subprocess.run([sys.executable, "-m", "deepmd", "convert-backend", str(dp1), str(pb1) + ".tmp.pb"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "deepmd", "convert-backend", str(dp1), str(pb1) + ".tmp.pb"],
+            check=True,
+            capture_output=True,
+        )
         (d / "softplus.pb.tmp.pb").rename(pb1)
     return {"dp": [str(cu_model["dp"]), str(dp1)], "pb": [str(cu_model["pb"]), str(pb1)]}
 
@@ -49,8 +53,9 @@ def test_calc_model_devi_matches_deepmd(pair, relative):
     kw = {} if relative is None else {"relative": relative[0], "relative_v": relative[1]}
     models = [ref_pot(p) for p in pair["pb"]]
     # DeePMD-kit 3.2's relative_v only broadcasts for one frame at a time, so go frame by frame
-    ref = np.concatenate([ref_devi(coords[k:k + 1].reshape(1, -1), cells[k:k + 1], types, models, **kw)
-                          for k in range(len(coords))])
+    ref = np.concatenate(
+        [ref_devi(coords[k : k + 1].reshape(1, -1), cells[k : k + 1], types, models, **kw) for k in range(len(coords))]
+    )
     ref[:, 0] = np.arange(len(coords))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -73,22 +78,24 @@ def test_dp_model_devi_cli_matches(pair, model_cache, tmp_path):
     make_model_devi(models=pair["pb"], system=str(system), output=str(tmp_path / "ref.out"), frequency=10)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        assert main(["model-devi", "-m", *pair["dp"], "-s", str(system), "-o",
-                     str(tmp_path / "ours.out"), "-f", "10"]) == 0
+        assert (
+            main(["model-devi", "-m", *pair["dp"], "-s", str(system), "-o", str(tmp_path / "ours.out"), "-f", "10"])
+            == 0
+        )
     ref = np.loadtxt(tmp_path / "ref.out")
     ours = read_model_devi(tmp_path / "ours.out")
     assert (tmp_path / "ours.out").read_text().startswith(HEADER)
     np.testing.assert_array_equal(ours["step"], ref[:, 0].astype(int))
-    for k, name in enumerate(["max_devi_v", "min_devi_v", "avg_devi_v", "max_devi_f", "min_devi_f",
-                              "avg_devi_f", "devi_e"]):
+    for k, name in enumerate(
+        ["max_devi_v", "min_devi_v", "avg_devi_v", "max_devi_f", "min_devi_f", "avg_devi_f", "devi_e"]
+    ):
         np.testing.assert_allclose(ours[name], ref[:, k + 1], rtol=2e-6, err_msg=name)
 
 
 def test_cli_bad_input_one_line(pair, tmp_path, capsys):
     from dpsnake.cli import main
 
-    assert main(["model-devi", "-m", *pair["dp"], "-s", str(tmp_path / "nope"), "-o",
-                 str(tmp_path / "o.out")]) == 2
+    assert main(["model-devi", "-m", *pair["dp"], "-s", str(tmp_path / "nope"), "-o", str(tmp_path / "o.out")]) == 2
     err = capsys.readouterr().err.strip()
     assert "nope" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o.out").exists()
@@ -97,8 +104,10 @@ def test_cli_bad_input_one_line(pair, tmp_path, capsys):
 def test_write_read_model_devi_format(tmp_path):
     from dpsnake.engine.model_devi import read_model_devi, write_model_devi
 
-    cols = {n: np.array([0.1, 2.5e-3]) * (k + 1) for k, n in enumerate(
-        ["max_devi_v", "min_devi_v", "avg_devi_v", "max_devi_f", "min_devi_f", "avg_devi_f"])}
+    cols = {
+        n: np.array([0.1, 2.5e-3]) * (k + 1)
+        for k, n in enumerate(["max_devi_v", "min_devi_v", "avg_devi_v", "max_devi_f", "min_devi_f", "avg_devi_f"])
+    }
     p = tmp_path / "model_devi.out"
     write_model_devi(p, [0, 10], cols)
     lines = p.read_text().splitlines()
@@ -122,13 +131,17 @@ def test_deviation_per_system_batched(pair):
     nat = np.array([len(f[2]) for f in flat])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        out = ens.evaluate(np.concatenate([f[0][0] for f in flat]), np.concatenate([f[2] for f in flat]),
-                           np.repeat(np.arange(3), nat), np.array([f[1].reshape(3, 3) for f in flat]),
-                           np.ones(3, bool))
+        out = ens.evaluate(
+            np.concatenate([f[0][0] for f in flat]),
+            np.concatenate([f[2] for f in flat]),
+            np.repeat(np.arange(3), nat),
+            np.array([f[1].reshape(3, 3) for f in flat]),
+            np.ones(3, bool),
+        )
         batch = deviation_columns(out, np.repeat(np.arange(3), nat), nat)
         for s, f in enumerate(flat):
             o = ens.evaluate(f[0][0], f[2], np.zeros(nat[s], int), f[1].reshape(1, 3, 3), np.ones(1, bool))
-            one = deviation_columns(o, np.zeros(nat[s], int), nat[s:s + 1])
+            one = deviation_columns(o, np.zeros(nat[s], int), nat[s : s + 1])
             for k, v in one.items():
                 assert abs(batch[k][s] - v[0]) <= 1e-12 * max(abs(v[0]), 1e-30), k
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from test_engine_helpers import edit_dp, fcc, frame, ref_eval, rel_err
 
 FP64_TOL = 1e-10
@@ -18,11 +17,15 @@ def cuni(dp_model):
     return dp_model(data="CuNi")
 
 
-@pytest.mark.parametrize("coords,cells", [
-    (np.zeros((2, 0)), CELLS2),                      # (nf, nat*3) with a box
-    (np.zeros((2, 0, 3)), None),                     # (nf, nat, 3) without
-    (np.zeros((3, 0)), np.tile(10.0 * np.eye(3), (3, 1, 1))),  # (nf, 3, 3) cells
-], ids=["box", "nopbc", "box33"])
+@pytest.mark.parametrize(
+    "coords,cells",
+    [
+        (np.zeros((2, 0)), CELLS2),  # (nf, nat*3) with a box
+        (np.zeros((2, 0, 3)), None),  # (nf, nat, 3) without
+        (np.zeros((3, 0)), np.tile(10.0 * np.eye(3), (3, 1, 1))),  # (nf, 3, 3) cells
+    ],
+    ids=["box", "nopbc", "box33"],
+)
 def test_zero_atoms_equal_deepmd(pt_model, coords, cells):
     """No atoms: energy (nf, 1), force (nf, 0, 3), virial (nf, 9) [, atom_energy (nf, 0, 1),
     atom_virial (nf, 0, 9)], all zeros, exactly as DeePMD-kit's PyTorch backend returns for the same
@@ -57,10 +60,14 @@ def test_zero_atoms_model_devi_is_one_line(cu_model):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("edit,same_as", [
-    ({"fitting": [1]}, {}),                             # the fitting's list alone: ignored
-    ({"fitting": [0], "model": [1]}, {"model": [1]}),   # the model's list wins
-], ids=["fitting_only", "fitting_and_model"])
+@pytest.mark.parametrize(
+    "edit,same_as",
+    [
+        ({"fitting": [1]}, {}),  # the fitting's list alone: ignored
+        ({"fitting": [0], "model": [1]}, {"model": [1]}),  # the model's list wins
+    ],
+    ids=["fitting_only", "fitting_and_model"],
+)
 def test_fitting_exclude_types_ignored_as_deepmd(cuni, tmp_path, edit, same_as):
     """DeePMD-kit's atomic model resets the fitting's ``exclude_types`` to the model's
     ``atom_exclude_types`` (``fitting_net.reinit_exclude``): the fitting's own list changes nothing.
@@ -74,6 +81,7 @@ def test_fitting_exclude_types_ignored_as_deepmd(cuni, tmp_path, edit, same_as):
                 m["fitting"]["exclude_types"] = spec["fitting"]
             if "model" in spec:
                 m["atom_exclude_types"] = spec["model"]
+
         return fn
 
     p = edit_dp(cuni["dp"], tmp_path / "edit.dp", apply(edit))

@@ -11,7 +11,6 @@ import subprocess
 
 import numpy as np
 import pytest
-
 from test_engine_helpers import fcc, rel_err
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
@@ -42,10 +41,15 @@ class _Emulated:
             for k, (raw, ty, nm) in enumerate(self.ins + self.outs):
                 cty = _CT.get(ty, T)
                 decl.append(f"{cty}* {nm} = ({cty}*)ptr[{k}];" if raw else f"{cty}& {nm} = (({cty}*)ptr[{k}])[i];")
-            src = ("#include <cmath>\nusing namespace std;\n"
-                   "template <class X> X atomicAdd(X* a, X v) { X o = *a; *a += v; return o; }\n"
-                   f'typedef {T} T;\nextern "C" void run(long long n, void** ptr) {{ for (long long i = 0; i < n; ++i) {{\n'
-                   + "\n".join(decl) + "\n" + self.body + "\n} }\n")
+            src = (
+                "#include <cmath>\nusing namespace std;\n"
+                "template <class X> X atomicAdd(X* a, X v) { X o = *a; *a += v; return o; }\n"
+                f'typedef {T} T;\nextern "C" void run(long long n, void** ptr) {{ for (long long i = 0; i < n; ++i) {{\n'
+                + "\n".join(decl)
+                + "\n"
+                + self.body
+                + "\n} }\n"
+            )
             cpp = self.tmp / f"{self.name}_{T}.cpp"
             cpp.write_text(src)
             so = cpp.with_suffix(".so")
@@ -56,8 +60,14 @@ class _Emulated:
     def __call__(self, *args):
         params = self.ins + self.outs
         assert len(args) == len(params)
-        T = next((np.asarray(a).dtype.name for a, (raw, ty, _) in zip(args, params)
-                  if ty == "T" and isinstance(a, np.ndarray)), "float64")  # a kernel without T
+        T = next(
+            (
+                np.asarray(a).dtype.name
+                for a, (raw, ty, _) in zip(args, params)
+                if ty == "T" and isinstance(a, np.ndarray)
+            ),
+            "float64",
+        )  # a kernel without T
         T = _CT[T]
         shape = np.broadcast_shapes(*[np.shape(a) for a, (raw, _, _) in zip(args, params) if not raw])
         n = int(np.prod(shape))
@@ -98,8 +108,11 @@ def emulated(tmp_path, monkeypatch):
 
 
 def _batch(ntypes, seed=0):
-    ats = [fcc(rep=(2, 2, 2), seed=seed, ni_frac=0.5 if ntypes > 1 else 0.0),
-           fcc(a=3.5, rep=(1, 1, 2), seed=seed + 1, cubic=False), fcc(rep=(2, 1, 1), seed=seed + 2)]
+    ats = [
+        fcc(rep=(2, 2, 2), seed=seed, ni_frac=0.5 if ntypes > 1 else 0.0),
+        fcc(a=3.5, rep=(1, 1, 2), seed=seed + 1, cubic=False),
+        fcc(rep=(2, 1, 1), seed=seed + 2),
+    ]
     rng = np.random.default_rng(seed)
     coords = np.concatenate([a.positions for a in ats])
     atype = rng.integers(0, ntypes, len(coords))
@@ -141,11 +154,14 @@ def test_fused_layer_variants(emulated):
     rng = np.random.default_rng(1)
 
     def lay(i, o, idt=True, b=True, res=True):
-        return Layer(rng.normal(size=(i, o)), rng.normal(size=o) if b else None,
-                     rng.normal(size=o) if idt else None, "tanh", res)
+        return Layer(
+            rng.normal(size=(i, o)), rng.normal(size=o) if b else None, rng.normal(size=o) if idt else None, "tanh", res
+        )
 
-    nets = [Net([lay(1, 2), lay(2, 4, idt=False), lay(4, 4, b=False), lay(4, 3)]),
-            Net([lay(1, 1), lay(1, 5, res=False), lay(5, 10, idt=False, b=False)])]
+    nets = [
+        Net([lay(1, 2), lay(2, 4, idt=False), lay(4, 4, b=False), lay(4, 3)]),
+        Net([lay(1, 1), lay(1, 5, res=False), lay(5, 10, idt=False, b=False)]),
+    ]
     x = rng.normal(size=(3, 7, 1))
     for net in nets:
         y, cache = net.forward(np, x)
@@ -226,7 +242,7 @@ def test_bin_order_by_counting_is_a_stable_sort(emulated):
         np.testing.assert_array_equal(edges, np.searchsorted(key[ref], np.arange(total + 1)))
         assert edges[-1] == E
         # on a GPU the atomics place a bin's entries in any order: the per-bin sort restores it
-        shuffled = np.concatenate([rng.permutation(ref[edges[b]:edges[b + 1]]) for b in range(total)])
+        shuffled = np.concatenate([rng.permutation(ref[edges[b] : edges[b + 1]]) for b in range(total)])
         emulated._k("nb_binsort")(edges[:-1], edges[1:], shuffled)
         np.testing.assert_array_equal(shuffled, ref)
 
@@ -260,10 +276,10 @@ def test_compact_kernel_matches_gathers(emulated):
 def test_device_geometry_table_matches_the_host(emulated):
     """The geometry table made from the cells by the nb_geometry kernel equals pack_geometry of
     the host geometry with the same bin grid (cubic, triclinic with two images per direction)."""
+    from test_engine_helpers import triclinic
+
     from dpsnake.engine import neighbor as N
     from dpsnake.engine import neighbor_kernels as nbk
-
-    from test_engine_helpers import triclinic
 
     cells = np.array([fcc(rep=(3, 3, 3)).cell.array, triclinic().cell.array, fcc(rep=(2, 1, 1)).cell.array])
     pbc = np.ones(3, dtype=bool)
@@ -291,7 +307,8 @@ def test_grid_made_on_the_device_follows_npt_cells(cuni, emulated, monkeypatch):
     or, with bins smaller than rcut, the call redone at once (flag 2); every call equals the host
     path's results, and a singular cell is still one clear error."""
     from dpsnake.engine import ensemble as E
-    from dpsnake.engine import neighbor, neighbor_kernels as nbk
+    from dpsnake.engine import neighbor
+    from dpsnake.engine import neighbor_kernels as nbk
     from dpsnake.errors import UserError
 
     monkeypatch.setenv("DPSNAKE_WIDTHS", "guess")
@@ -324,8 +341,17 @@ def test_grid_made_on_the_device_follows_npt_cells(cuni, emulated, monkeypatch):
     ens = E.Ensemble([cuni["dp"]], precision="double")
     layout = ens.layout(atype, system, pbc)
     # (scale, grid flags, calls redone so far); room for the ghosts from the second call on
-    steps = [(1.0, [], 0), (1.0, [0], 0), (1.02, [0], 0), (0.9, [0], 1), (0.9, [0], 1), (1.05, [1], 1),
-             (1.05, [], 1), (1.0, [2], 2), (1.0, [0], 2)]
+    steps = [
+        (1.0, [], 0),
+        (1.0, [0], 0),
+        (1.02, [0], 0),
+        (0.9, [0], 1),
+        (0.9, [0], 1),
+        (1.05, [1], 1),
+        (1.05, [], 1),
+        (1.0, [2], 2),
+        (1.0, [0], 2),
+    ]
     got = []
     for scale, want, redone in steps:
         flags.clear()
@@ -336,8 +362,9 @@ def test_grid_made_on_the_device_follows_npt_cells(cuni, emulated, monkeypatch):
         # a grid made on the device comes with room for the ghosts, not a count; a redo counts them
         assert [c is not None for c in caps] == [bool(want)] + [False] * (redone - before), (scale, caps)
     for (scale, _, _), out in zip(steps, got):  # host grids (made after: they would be reused above)
-        ref = E.Ensemble([cuni["dp"]]).evaluate(coords0 * scale, atype, system, cells0 * scale, pbc,
-                                                 atomic=True, exact=True)
+        ref = E.Ensemble([cuni["dp"]]).evaluate(
+            coords0 * scale, atype, system, cells0 * scale, pbc, atomic=True, exact=True
+        )
         for k in ("energy", "force", "virial", "atom_energy", "atom_virial"):
             assert rel_err(out[k], ref[k]) < 1e-13, (scale, k)
     flat = cells0.copy()

@@ -44,14 +44,16 @@ def _nets(cu_model):
     rng = np.random.default_rng(3)
 
     def lay(i, o, act, idt=True, res=True):
-        return Layer(rng.normal(size=(i, o)) * 0.5, rng.normal(size=o) * 0.1,
-                     rng.normal(size=o) if idt else None, act, res)
+        return Layer(
+            rng.normal(size=(i, o)) * 0.5, rng.normal(size=o) * 0.1, rng.normal(size=o) if idt else None, act, res
+        )
 
     nets = {"trained [25,50,100]": load_model(cu_model["dp"]).embeddings[0]}
     for act in ("tanh", "gelu", "silut:1.5"):
         nets[f"{act} [6,6,12]"] = Net([lay(1, 6, act), lay(6, 6, act), lay(6, 12, act, False)])
-    nets["no resnet, width 10 (not a multiple of 8)"] = Net([lay(1, 5, "tanh", res=False),
-                                                            lay(5, 10, "tanh", res=False)])
+    nets["no resnet, width 10 (not a multiple of 8)"] = Net(
+        [lay(1, 5, "tanh", res=False), lay(5, 10, "tanh", res=False)]
+    )
     nets["one layer"] = Net([lay(1, 9, "tanh")])
     return nets
 

@@ -53,8 +53,10 @@ def ref_eval(path, coords, cells, types):
     nf = coords.shape[0]
     e, f, v, ae, av = ref_pot(path).eval(coords.reshape(nf, -1), cells, types, atomic=True)
     nat = len(types)
-    return [np.asarray(x).reshape(s) for x, s in
-            zip((e, f, v, ae, av), ((nf, 1), (nf, nat, 3), (nf, 9), (nf, nat, 1), (nf, nat, 9)))]
+    return [
+        np.asarray(x).reshape(s)
+        for x, s in zip((e, f, v, ae, av), ((nf, 1), (nf, nat, 3), (nf, 9), (nf, nat, 1), (nf, nat, 9)))
+    ]
 
 
 def rel_err(a, b) -> float:
@@ -116,6 +118,7 @@ def edit_dp(src, dst, fn):
 
 def set_activation(model: dict, act: str):
     """Set every hidden layer's activation (embedding and fitting) to ``act``."""
+
     def walk(x):
         if isinstance(x, dict):
             if x.get("@class") == "Layer" and x.get("activation_function") not in ("none", "linear"):
@@ -125,6 +128,7 @@ def set_activation(model: dict, act: str):
         elif isinstance(x, list):
             for v in x:
                 walk(v)
+
     walk(model)
     model["descriptor"]["activation_function"] = act
     model["fitting"]["activation_function"] = act
@@ -135,8 +139,11 @@ def overfull_cuni_batch(m):
     NeighborBuilder for model ``m``; returns (builder, all centre indices)."""
     from dpsnake.engine.neighbor import NeighborBuilder
 
-    ats = [fcc(a=3.0, rep=(2, 2, 2), ni_frac=0.5, seed=40), triclinic(seed=41, ni_frac=0.5),
-           fcc(rep=(3, 2, 2), ni_frac=0.3, seed=42)]
+    ats = [
+        fcc(a=3.0, rep=(2, 2, 2), ni_frac=0.5, seed=40),
+        triclinic(seed=41, ni_frac=0.5),
+        fcc(rep=(3, 2, 2), ni_frac=0.3, seed=42),
+    ]
     coords = np.concatenate([a.positions for a in ats])
     atype = np.concatenate([frame(a, ["Cu", "Ni"])[2] for a in ats])
     system = np.repeat(np.arange(3), [len(a) for a in ats])
@@ -224,6 +231,5 @@ def build_cpp(tmp_path, name, src):
     cpp = tmp_path / f"{name}.cpp"
     cpp.write_text(src)
     so = tmp_path / f"{name}.so"
-    subprocess.run(["g++", "-O1", "-std=c++20", "-pthread", "-shared", "-fPIC", "-o", str(so), str(cpp)],
-                   check=True)
+    subprocess.run(["g++", "-O1", "-std=c++20", "-pthread", "-shared", "-fPIC", "-o", str(so), str(cpp)], check=True)
     return ctypes.CDLL(str(so))

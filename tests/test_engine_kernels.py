@@ -8,7 +8,6 @@ import shutil
 
 import numpy as np
 import pytest
-
 from test_engine_helpers import build_cpp, check_kernel_selection
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
@@ -43,7 +42,11 @@ def test_select_kernel_matches_array_code(cuni, tmp_path, monkeypatch):
 
     m = load_model(cuni["dp"])
     nnei, nt = m.nnei, m.ntypes
-    lib = _build(tmp_path, "select", kernels._SELECT_SRC % {"nnei": nnei, "ntypes": nt} + """
+    lib = _build(
+        tmp_path,
+        "select",
+        kernels._SELECT_SRC % {"nnei": nnei, "ntypes": nt}
+        + """
 extern "C" void run(long long n, double rcut, const double* cpos, const long long* cidx,
     const long long* bs, const long long* bc, const double* ep, const long long* eo,
     const long long* et, const long long* ei, const int* sel, const int* sec, long long* ow,
@@ -51,7 +54,8 @@ extern "C" void run(long long n, double rcut, const double* cpos, const long lon
   blockDim.x = 1; threadIdx.x = 0;
   for (long long i = 0; i < n; ++i) { blockIdx.x = (unsigned)i;
     select_nb(n, rcut, cpos, cidx, bs, bc, ep, eo, et, ei, sel, sec, ow, d, ov, stats, ov, 0); } }
-""")
+""",
+    )
 
     def emulated(xp, rcut, sel, sec, cpos, cidx, bstart, bcnt, epos, eown, etype, eidx):
         n = len(cidx)
@@ -59,11 +63,22 @@ extern "C" void run(long long n, double rcut, const double* cpos, const long lon
         d = np.zeros((n, nnei, 3))
         over = np.zeros(n, dtype=bool)
         stats = np.zeros(len(sel) + 1, dtype=np.int32)
-        args = [np.ascontiguousarray(a) for a in (cpos, cidx, bstart.astype(np.int64), bcnt.astype(np.int64),
-                                                  epos, eown, etype, eidx)]
+        args = [
+            np.ascontiguousarray(a)
+            for a in (cpos, cidx, bstart.astype(np.int64), bcnt.astype(np.int64), epos, eown, etype, eidx)
+        ]
         sel32, sec32 = np.asarray(sel, np.int32), np.asarray(sec[:-1], np.int32)
-        lib.run(ctypes.c_longlong(n), ctypes.c_double(rcut), *[_ptr(a) for a in args], _ptr(sel32),
-                _ptr(sec32), _ptr(owner), _ptr(d), _ptr(over), _ptr(stats))
+        lib.run(
+            ctypes.c_longlong(n),
+            ctypes.c_double(rcut),
+            *[_ptr(a) for a in args],
+            _ptr(sel32),
+            _ptr(sec32),
+            _ptr(owner),
+            _ptr(d),
+            _ptr(over),
+            _ptr(stats),
+        )
         return owner, d, over, stats
 
     monkeypatch.setattr(kernels, "select_neighbors", emulated)

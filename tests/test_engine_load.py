@@ -25,13 +25,17 @@ def _refs(path) -> dict:
     """{what the loader calls the array: dataset path} of a .dp file, from its JSON."""
     with h5py.File(path, "r") as f:
         m = json.loads(f.attrs["json"])["model"]
-    out = {"descriptor davg": m["descriptor"]["@variables"]["davg"],
-           "descriptor dstd": m["descriptor"]["@variables"]["dstd"],
-           "fitting bias_atom_e": m["fitting"]["@variables"]["bias_atom_e"],
-           "model out_bias": m["@variables"]["out_bias"],
-           "model out_std": m["@variables"]["out_std"]}  # not used by the engine, checked all the same
-    for kind, nets in (("embedding", m["descriptor"]["embeddings"]["networks"]),
-                       ("fitting", m["fitting"]["nets"]["networks"])):
+    out = {
+        "descriptor davg": m["descriptor"]["@variables"]["davg"],
+        "descriptor dstd": m["descriptor"]["@variables"]["dstd"],
+        "fitting bias_atom_e": m["fitting"]["@variables"]["bias_atom_e"],
+        "model out_bias": m["@variables"]["out_bias"],
+        "model out_std": m["@variables"]["out_std"],
+    }  # not used by the engine, checked all the same
+    for kind, nets in (
+        ("embedding", m["descriptor"]["embeddings"]["networks"]),
+        ("fitting", m["fitting"]["nets"]["networks"]),
+    ):
         for k, net in enumerate(nets):
             for j, layer in enumerate(net["layers"]):
                 for v, ref in layer["@variables"].items():
@@ -82,38 +86,54 @@ def test_every_array_overwritten_with_0xff_names_it(good, tmp_path):
 
 
 def test_float32_model_0xff(dp_model, tmp_path):
-    m = dp_model({"model": {"descriptor": {"type_one_side": True, "precision": "float32",
-                                           "exclude_types": [[1, 1]]},
-                            "fitting_net": {"precision": "float32"}}}, data="CuNi")
+    m = dp_model(
+        {
+            "model": {
+                "descriptor": {"type_one_side": True, "precision": "float32", "exclude_types": [[1, 1]]},
+                "fitting_net": {"precision": "float32"},
+            }
+        },
+        data="CuNi",
+    )
     ref = _refs(m["dp"])["fitting net 1 layer 2 w"]
-    _fails(_overwrite(m["dp"], tmp_path / "ff32.dp", ref, b"\xff"), f"{ref} (fitting net 1 layer 2 w)",
-           "not finite")
+    _fails(_overwrite(m["dp"], tmp_path / "ff32.dp", ref, b"\xff"), f"{ref} (fitting net 1 layer 2 w)", "not finite")
 
 
 def test_values_no_trained_model_has(good, tmp_path):
     refs = _refs(good)
     # 0x7f bytes: finite (~1e304) but overflowing in the nets
-    _fails(_overwrite(good, tmp_path / "big.dp", refs["embedding net 0 layer 1 b"], b"\x7f"),
-           f"{refs['embedding net 0 layer 1 b']} (embedding net 0 layer 1 b)", "in magnitude")
+    _fails(
+        _overwrite(good, tmp_path / "big.dp", refs["embedding net 0 layer 1 b"], b"\x7f"),
+        f"{refs['embedding net 0 layer 1 b']} (embedding net 0 layer 1 b)",
+        "in magnitude",
+    )
     # dstd divides the environment matrix
-    p = _replace(good, tmp_path / "dstd0.dp", refs["descriptor dstd"],
-                 lambda f, n, old: f.create_dataset(n, data=np.where(np.arange(old.size) % 7 == 0, 0.0,
-                                                                     old.ravel()).reshape(old.shape)))
+    p = _replace(
+        good,
+        tmp_path / "dstd0.dp",
+        refs["descriptor dstd"],
+        lambda f, n, old: f.create_dataset(
+            n, data=np.where(np.arange(old.size) % 7 == 0, 0.0, old.ravel()).reshape(old.shape)
+        ),
+    )
     _fails(p, f"{refs['descriptor dstd']} (descriptor dstd)", "below 1e-12 in magnitude (it divides)")
 
 
-@pytest.mark.parametrize("what,shape,words", [
-    ("embedding net 0 layer 1 w", (5, 8), "shape (5, 8), expected (4, 8)"),
-    ("embedding net 0 layer 1 w", (4, 6), "shape (4, 6), expected (4, 8)"),
-    ("fitting net 0 layer 0 w", (33, 8), "shape (33, 8), expected (32, 8)"),
-    ("fitting net 0 layer 1 b", (9,), "shape (9,), expected (8,)"),
-    ("fitting net 0 layer 1 idt", (7,), "shape (7,), expected (8,)"),
-    ("fitting net 0 layer 2 w", (8, 2), "shape (8, 2), expected (8, 1)"),
-    ("embedding net 0 layer 0 w", (8,), "shape (8,), expected (1, 4)"),
-    ("descriptor davg", (1, 39, 4), "shape (1, 39, 4), expected (1, 40, 4)"),
-    ("fitting bias_atom_e", (2, 1), "shape (2, 1), expected (1, 1)"),
-    ("model out_bias", (1, 1, 2), "shape (1, 1, 2), expected (1, 1, 1)"),
-])
+@pytest.mark.parametrize(
+    "what,shape,words",
+    [
+        ("embedding net 0 layer 1 w", (5, 8), "shape (5, 8), expected (4, 8)"),
+        ("embedding net 0 layer 1 w", (4, 6), "shape (4, 6), expected (4, 8)"),
+        ("fitting net 0 layer 0 w", (33, 8), "shape (33, 8), expected (32, 8)"),
+        ("fitting net 0 layer 1 b", (9,), "shape (9,), expected (8,)"),
+        ("fitting net 0 layer 1 idt", (7,), "shape (7,), expected (8,)"),
+        ("fitting net 0 layer 2 w", (8, 2), "shape (8, 2), expected (8, 1)"),
+        ("embedding net 0 layer 0 w", (8,), "shape (8,), expected (1, 4)"),
+        ("descriptor davg", (1, 39, 4), "shape (1, 39, 4), expected (1, 40, 4)"),
+        ("fitting bias_atom_e", (2, 1), "shape (2, 1), expected (1, 1)"),
+        ("model out_bias", (1, 1, 2), "shape (1, 1, 2), expected (1, 1, 1)"),
+    ],
+)
 def test_shape_mismatch_names_the_array(good, tmp_path, what, shape, words):
     ref = _refs(good)[what]
     p = _replace(good, tmp_path / "shape.dp", ref, lambda f, n, old: f.create_dataset(n, data=np.full(shape, 0.1)))
@@ -124,14 +144,24 @@ def test_unreadable_arrays(good, tmp_path):
     refs = _refs(good)
     ref = refs["fitting net 0 layer 0 w"]
     name = f"{ref} (fitting net 0 layer 0 w)"
-    _fails(_replace(good, tmp_path / "group.dp", ref, lambda f, n, old: f.create_group(n)),
-           name, "an HDF5 group, not an array")
-    _fails(_replace(good, tmp_path / "int.dp", ref, lambda f, n, old: f.create_dataset(n, data=old.astype(int))),
-           name, "int64 values, expected floating point")
+    _fails(
+        _replace(good, tmp_path / "group.dp", ref, lambda f, n, old: f.create_group(n)),
+        name,
+        "an HDF5 group, not an array",
+    )
+    _fails(
+        _replace(good, tmp_path / "int.dp", ref, lambda f, n, old: f.create_dataset(n, data=old.astype(int))),
+        name,
+        "int64 values, expected floating point",
+    )
     _fails(_replace(good, tmp_path / "missing.dp", ref, lambda f, n, old: None), name, "missing from the HDF5 file")
     # a compressed dataset whose stored chunk is damaged: HDF5 cannot inflate it
-    p = _replace(good, tmp_path / "chunk.dp", ref,
-                 lambda f, n, old: f.create_dataset(n, data=old, chunks=old.shape, compression="gzip"))
+    p = _replace(
+        good,
+        tmp_path / "chunk.dp",
+        ref,
+        lambda f, n, old: f.create_dataset(n, data=old, chunks=old.shape, compression="gzip"),
+    )
     with h5py.File(p, "r") as f:
         off = f[ref].id.get_chunk_info(0).byte_offset
     with open(p, "r+b") as fh:
@@ -161,8 +191,9 @@ def test_bytes_overwritten_anywhere(good, tmp_path):
     """Every 64th offset of the file overwritten with 8 bytes of 0xff, 0x00 or 0x7f13: the model
     either loads and gives finite numbers (a weight changed to another plausible value), or fails
     with one line naming the file; nothing else."""
-    from dpsnake import DeepPot
     from test_engine_helpers import fcc, frame
+
+    from dpsnake import DeepPot
 
     c, cl, t = frame(fcc(rep=(2, 2, 2), seed=5), ["Cu"])
     data = open(good, "rb").read()
@@ -171,7 +202,7 @@ def test_bytes_overwritten_anywhere(good, tmp_path):
     for pat in (b"\xff" * 8, b"\x00" * 8, b"\x7f\x13" * 4):
         for off in range(0, len(data), 64):
             d = bytearray(data)
-            d[off:off + 8] = pat[: len(data) - off]
+            d[off : off + 8] = pat[: len(data) - off]
             p.write_bytes(bytes(d))
             try:
                 m = load_model(p)

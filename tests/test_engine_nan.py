@@ -8,7 +8,6 @@ import warnings
 
 import numpy as np
 import pytest
-
 from test_engine_helpers import fcc
 
 
@@ -31,11 +30,11 @@ def test_nan_system_does_not_leak(cu_model, precision):
     coords, atype, system, cells = _flat([good[0], bad, good[1]])
     pbc = np.array([True, True, False])
     n0, nb = len(good[0]), len(bad)
-    keep = np.r_[0:n0, n0 + nb:len(coords)]
+    keep = np.r_[0:n0, n0 + nb : len(coords)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # 0/0 inside the NaN system
         out = ens.evaluate(coords, atype, system, cells, pbc, atomic=True)
-    assert not np.isfinite(out["energy"][0, 1]) and not np.isfinite(out["force"][0, n0:n0 + nb]).all()
+    assert not np.isfinite(out["energy"][0, 1]) and not np.isfinite(out["force"][0, n0 : n0 + nb]).all()
     alone = ens.evaluate(*_flat(good), pbc[[0, 2]], atomic=True)
     assert np.isfinite(out["force"][0, keep]).all() and np.isfinite(out["virial"][0, [0, 2]]).all()
     # FP32 GEMMs round differently with the batch's size, so mixed agrees to FP32 precision only
@@ -44,10 +43,12 @@ def test_nan_system_does_not_leak(cu_model, precision):
     for k in ("force", "atom_energy", "atom_virial"):
         scale = np.abs(alone[k][0]).max()
         np.testing.assert_allclose(out[k][0, keep], alone[k][0], rtol=0, atol=tol * scale)
-    np.testing.assert_allclose(out["virial"][0, [0, 2]], alone["virial"][0], rtol=0,
-                               atol=tol * np.abs(alone["virial"]).max())
+    np.testing.assert_allclose(
+        out["virial"][0, [0, 2]], alone["virial"][0], rtol=0, atol=tol * np.abs(alone["virial"]).max()
+    )
     # the non-atomic path (virial from per-centre products) agrees with the atomic one
     plain = ens.evaluate(*_flat(good), pbc[[0, 2]])
-    np.testing.assert_allclose(plain["virial"][0], alone["virial"][0], rtol=0,
-                               atol=1e-12 * np.abs(alone["virial"]).max())
+    np.testing.assert_allclose(
+        plain["virial"][0], alone["virial"][0], rtol=0, atol=1e-12 * np.abs(alone["virial"]).max()
+    )
     np.testing.assert_array_equal(plain["force"][0], alone["force"][0])

@@ -10,7 +10,6 @@ import shutil
 
 import numpy as np
 import pytest
-
 from test_engine_helpers import THREADED_CUDA_STUB, build_cpp, check_kernel_selection, fcc, frame
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
@@ -24,9 +23,11 @@ template <class X> X atomicAdd(X* a, X v) { X o = *a; *a += v; return o; }
 template <class X> X atomicMax(X* a, X v) { X o = *a; if (v > o) *a = v; return o; }
 """
 
-ARGS = ("long long n, double rcut, const double* cpos, const long long* cidx, const long long* bs, "
-        "const long long* bc, const double* ep, const long long* eo, const long long* et, "
-        "const long long* ei, const int* sel, const int* sec, long long* ow, double* d, bool* ov, int* stats")
+ARGS = (
+    "long long n, double rcut, const double* cpos, const long long* cidx, const long long* bs, "
+    "const long long* bc, const double* ep, const long long* eo, const long long* et, "
+    "const long long* ei, const int* sel, const int* sec, long long* ow, double* d, bool* ov, int* stats"
+)
 CALL = "n, rcut, cpos, cidx, bs, bc, ep, eo, et, ei, sel, sec, ow, d, ov, stats"
 
 
@@ -63,16 +64,27 @@ def test_warp_select_kernel_matches_array_code(cuni, tmp_path, monkeypatch, cap)
     m = load_model(cuni["dp"])
     nnei, nt = m.nnei, m.ntypes
     lanes = kernels.WARP_LANES
-    warp = build_cpp(tmp_path, f"warp{cap}", THREADED_CUDA_STUB + kernels._SELECT_WARP_SRC % {
-        "nnei": nnei, "cap": cap, "lanes": lanes, "ntypes": nt} + f"""
+    warp = build_cpp(
+        tmp_path,
+        f"warp{cap}",
+        THREADED_CUDA_STUB
+        + kernels._SELECT_WARP_SRC % {"nnei": nnei, "cap": cap, "lanes": lanes, "ntypes": nt}
+        + f"""
 extern "C" void run({ARGS}, bool* spill) {{
   launch((unsigned)n, {lanes}, [=] {{ select_nb_warp({CALL}, spill); }}); }}
-""")
-    serial = build_cpp(tmp_path, "serial", SERIAL_STUB + kernels._SELECT_SRC % {"nnei": nnei, "ntypes": nt} + f"""
+""",
+    )
+    serial = build_cpp(
+        tmp_path,
+        "serial",
+        SERIAL_STUB
+        + kernels._SELECT_SRC % {"nnei": nnei, "ntypes": nt}
+        + f"""
 extern "C" void run({ARGS}, const bool* only, long long use_only) {{
   blockDim.x = 1; threadIdx.x = 0;
   for (long long i = 0; i < n; ++i) {{ blockIdx.x = (unsigned)i; select_nb({CALL}, only, use_only); }} }}
-""")
+""",
+    )
     monkeypatch.setattr(kernels, "_select_warp_kernel", lambda *a: _Launch(warp))
     monkeypatch.setattr(kernels, "_select_kernel", lambda *a: _Launch(serial))
     monkeypatch.setenv("DPSNAKE_SELECT", "warp")
@@ -95,8 +107,16 @@ extern "C" void run({ARGS}, const bool* only, long long use_only) {{
     # exact distance ties (a perfect lattice, over-full lists): the array code may break them either
     # way, the serial kernel keeps enumeration order; the warp kernel must do exactly the same
     at = fcc(a=3.0, rep=(2, 2, 2), rattle=0.0, ni_frac=0.5, seed=43)
-    nb = NeighborBuilder(np, at.positions, frame(at, ["Cu", "Ni"])[2], np.zeros(len(at), dtype=int),
-                         at.cell.array[None], np.array([True]), m.rcut, m.sel)
+    nb = NeighborBuilder(
+        np,
+        at.positions,
+        frame(at, ["Cu", "Ni"])[2],
+        np.zeros(len(at), dtype=int),
+        at.cell.array[None],
+        np.array([True]),
+        m.rcut,
+        m.sel,
+    )
     nb.use_kernel = True
     centers = np.arange(len(at))
     got = nb.chunk(centers)

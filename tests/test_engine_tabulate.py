@@ -18,9 +18,12 @@ from dpsnake.engine.nets import Layer, Net
 from dpsnake.engine.tabulate import Compression, Table, net_derivatives
 from dpsnake.errors import UserError
 
-CUNI_TOS32 = {"model": {"descriptor": {"type_one_side": True, "precision": "float32",
-                                       "exclude_types": [[1, 1]]},
-                        "fitting_net": {"precision": "float32"}}}
+CUNI_TOS32 = {
+    "model": {
+        "descriptor": {"type_one_side": True, "precision": "float32", "exclude_types": [[1, 1]]},
+        "fitting_net": {"precision": "float32"},
+    }
+}
 
 
 def _frames(nf=3, seed=0):
@@ -36,9 +39,26 @@ def _frames(nf=3, seed=0):
 def _dp_compress(model, tmp_path, stride):
     """``dp --tf compress -s stride``; returns the compressed .pb and the min_nbor_dist it used."""
     out = tmp_path / f"compressed_{stride}.pb"
-    p = subprocess.run([sys.executable, "-m", "deepmd", "--tf", "compress", "-i", str(model["pb"]),
-                        "-o", str(out), "-t", str(model["dir"] / "input.json"), "-s", str(stride)],
-                       cwd=tmp_path, capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deepmd",
+            "--tf",
+            "compress",
+            "-i",
+            str(model["pb"]),
+            "-o",
+            str(out),
+            "-t",
+            str(model["dir"] / "input.json"),
+            "-s",
+            str(stride),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     conf = json.loads((tmp_path / "compress.json").read_text())["model"]["compress"]
     assert conf["table_config"][1] == stride
@@ -86,8 +106,15 @@ def _paper_net(seed=0):
     rng = np.random.default_rng(seed)
     layers, nin = [], 1
     for n in (25, 50, 100):
-        layers.append(Layer(rng.normal(size=(nin, n)) / np.sqrt(nin + n), rng.normal(size=n),
-                            rng.normal(0.1, 0.001, size=n), "tanh", True))
+        layers.append(
+            Layer(
+                rng.normal(size=(nin, n)) / np.sqrt(nin + n),
+                rng.normal(size=n),
+                rng.normal(0.1, 0.001, size=n),
+                "tanh",
+                True,
+            )
+        )
         nin = n
     return Net(layers)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import importlib.util
 import json
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -16,20 +15,24 @@ import pytest
 
 from dpsnake.errors import last_error_line, os_error_message
 
-DP_INPUT = {"model": {"type_map": ["Cu"],
-                      "descriptor": {"type": "se_e2_a", "rcut": 4.0, "rcut_smth": 1.0, "sel": [32], "neuron": [4],
-                                     "axis_neuron": 4},
-                      "fitting_net": {"neuron": [8]}},
-            "learning_rate": {"type": "exp", "start_lr": 0.003, "stop_lr": 0.0003, "decay_steps": 20},
-            "loss": {"type": "ener"},
-            "training": {"training_data": {"systems": ["data/Cu"], "batch_size": 1}, "numb_steps": 10}}
+DP_INPUT = {
+    "model": {
+        "type_map": ["Cu"],
+        "descriptor": {"type": "se_e2_a", "rcut": 4.0, "rcut_smth": 1.0, "sel": [32], "neuron": [4], "axis_neuron": 4},
+        "fitting_net": {"neuron": [8]},
+    },
+    "learning_rate": {"type": "exp", "start_lr": 0.003, "stop_lr": 0.0003, "decay_steps": 20},
+    "loss": {"type": "ener"},
+    "training": {"training_data": {"systems": ["data/Cu"], "batch_size": 1}, "numb_steps": 10},
+}
 
 
 def _dp(tmp_path, backend: str, inp: dict) -> str:
     """Real `dp --BACKEND train` on ``inp``; returns everything it printed (it must fail)."""
     (tmp_path / "input.json").write_text(json.dumps(inp))
-    p = subprocess.run(["dp", f"--{backend}", "train", "input.json"], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=300)
+    p = subprocess.run(
+        ["dp", f"--{backend}", "train", "input.json"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert p.returncode != 0, p.stdout[-2000:]
     return p.stdout + p.stderr
 
@@ -65,8 +68,9 @@ def test_pw_failure_reason_is_the_codes_error(tmp_path):
     detail), not Open MPI's abort notice that ends stderr."""
     from dpsnake.labelers.runner import run_command
 
-    (tmp_path / "pw.in").write_text("&control\n calculation='scf'\n/\n&system\n ibrav=0, nat=1, ntyp=1, "
-                                    "ecutwfc=20\n/\n&electrons\n/\n")
+    (tmp_path / "pw.in").write_text(
+        "&control\n calculation='scf'\n/\n&system\n ibrav=0, nat=1, ntyp=1, ecutwfc=20\n/\n&electrons\n/\n"
+    )
     out = run_command("pw.x -in {input}", tmp_path, input="pw.in", timeout=120)
     assert out.returncode not in (0, None)
     assert out.reason.startswith("Error in routine"), out.reason
@@ -79,10 +83,12 @@ def test_last_error_line_without_traceback():
     text = "reading\nERROR: cannot open POTCAR\n--------\nMPI_ABORT was invoked on rank 0\nwith errorcode 1.\n"
     assert last_error_line(text) == "ERROR: cannot open POTCAR"
     # the exception of the LAST traceback (chained: the one raised while handling the first)
-    chained = ("Traceback (most recent call last):\n  File \"a.py\", line 1, in <module>\nKeyError: 'x'\n\n"
-               "During handling of the above exception, another exception occurred:\n\n"
-               "Traceback (most recent call last):\n  File \"a.py\", line 3, in <module>\n"
-               "deepmd.utils.errors.GraphTooLargeError: model too large\nimplib-gen: failed to load library\n")
+    chained = (
+        "Traceback (most recent call last):\n  File \"a.py\", line 1, in <module>\nKeyError: 'x'\n\n"
+        "During handling of the above exception, another exception occurred:\n\n"
+        'Traceback (most recent call last):\n  File "a.py", line 3, in <module>\n'
+        "deepmd.utils.errors.GraphTooLargeError: model too large\nimplib-gen: failed to load library\n"
+    )
     assert last_error_line(chained) == "GraphTooLargeError: model too large"
 
 
@@ -98,8 +104,10 @@ def test_os_error_messages(tmp_path):
 
 def _dpsnake(*args, cwd, pre: str = ""):
     """``dpsnake ARGS`` as the program (console entry point); ``pre``: Python run before it."""
-    code = f"import sys\n{pre}\nsys.argv = ['dpsnake', *{list(map(str, args))!r}]\nfrom dpsnake.cli import main\n" \
-           "sys.exit(main())\n"
+    code = (
+        f"import sys\n{pre}\nsys.argv = ['dpsnake', *{list(map(str, args))!r}]\nfrom dpsnake.cli import main\n"
+        "sys.exit(main())\n"
+    )
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
@@ -108,17 +116,23 @@ def test_unexpected_failure_keeps_traceback_and_ends_with_cause(tmp_path):
     log for debugging, the last line names the cause, exit 1."""
     ex = tmp_path / "explore"
     ex.mkdir()
-    for name, obj in (("walkers.json", {"Cu": 1}), ("plan.json", {"stage": 0, "stage_iteration": 0}),
-                      ("summary.json", {"walkers": {}})):
+    for name, obj in (
+        ("walkers.json", {"Cu": 1}),
+        ("plan.json", {"stage": 0, "stage_iteration": 0}),
+        ("summary.json", {"walkers": {}}),
+    ):
         (ex / name).write_text(json.dumps(obj))
     from dpsnake.workflow.config import check, write_if_changed
 
-    raw = {"type_map": ["Cu"],
-           "systems": {"Cu": {"structure": {"builder": "bulk", "kwargs": {"name": "Cu", "a": 3.61, "cubic": True}}}},
-           "explore": {"stages": [{"temperatures": [300.0], "nsteps": 10, "max_iterations": 1}]}}
+    raw = {
+        "type_map": ["Cu"],
+        "systems": {"Cu": {"structure": {"builder": "bulk", "kwargs": {"name": "Cu", "a": 3.61, "cubic": True}}}},
+        "explore": {"stages": [{"temperatures": [300.0], "nsteps": 10, "max_iterations": 1}]},
+    }
     write_if_changed(check(raw, tmp_path), tmp_path / "config.json")
-    p = _dpsnake("select", "--config", "config.json", "--iter", 0, "--explore", "explore", "--outdir", "select",
-                 cwd=tmp_path)
+    p = _dpsnake(
+        "select", "--config", "config.json", "--iter", 0, "--explore", "explore", "--outdir", "select", cwd=tmp_path
+    )
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 1 and "Traceback" in p.stderr
     assert lines[-1].startswith("dpsnake select: error: TypeError: "), p.stderr
@@ -128,7 +142,20 @@ def test_unexpected_failure_keeps_traceback_and_ends_with_cause(tmp_path):
 def test_cause_stays_last_after_tensorflow_exit_noise(tmp_path):
     """Once TensorFlow is loaded, its CUDA stub loader prints while the interpreter exits; the cause must
     still be the log's last line."""
-    p = _dpsnake("collect", "--config", "nope.json", "--iter", 0, "--stats", "s.json", "--data-out", "d",
-                 "--summary", "s", cwd=tmp_path, pre="import deepmd.tf")
+    p = _dpsnake(
+        "collect",
+        "--config",
+        "nope.json",
+        "--iter",
+        0,
+        "--stats",
+        "s.json",
+        "--data-out",
+        "d",
+        "--summary",
+        "s",
+        cwd=tmp_path,
+        pre="import deepmd.tf",
+    )
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1].startswith("dpsnake collect: error: --config: nope.json"), p.stderr

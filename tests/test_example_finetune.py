@@ -13,7 +13,6 @@ import sys
 
 import pytest
 import yaml
-
 from test_workflow import smk
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -26,8 +25,12 @@ def test_finetune_example_runs_the_loop(tmp_path):
     for name in ("Snakefile", "workflow", "config", "profiles", "envs"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
-    p = subprocess.run([sys.executable, "config/examples/make_pretrained.py", "--out", "pretrained",
-                        "--steps", "10", "--frames", "2"], cwd=tmp_path, capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "config/examples/make_pretrained.py", "--out", "pretrained", "--steps", "10", "--frames", "2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     assert (tmp_path / "pretrained" / "model.pt").is_file()
 

@@ -9,14 +9,16 @@ import shutil
 
 import numpy as np
 import pytest
-
 from test_workflow import smk
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "config" / "examples" / "cu-qe.yaml"
 
-pytestmark = [pytest.mark.slow, pytest.mark.dft,
-              pytest.mark.skipif(shutil.which("pw.x") is None, reason="pw.x not installed (apt: quantum-espresso)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.dft,
+    pytest.mark.skipif(shutil.which("pw.x") is None, reason="pw.x not installed (apt: quantum-espresso)"),
+]
 
 
 def test_cu_qe_example_runs_the_loop_with_real_qe_labels(tmp_path):

@@ -24,12 +24,26 @@ PSEUDO = "/usr/share/espresso/pseudo"
 needs_pw = pytest.mark.skipif(shutil.which("pw.x") is None, reason="pw.x (Debian quantum-espresso) not installed")
 needs_cp2k = pytest.mark.skipif(shutil.which("cp2k") is None, reason="cp2k (Debian cp2k) not installed")
 
-QE_CU = {"type": "qe", "pseudo_dir": PSEUDO, "pseudopotentials": {"Cu": "Cu.pbe-kjpaw.UPF"},
-         "ecutwfc": 35, "ecutrho": 280, "kspacing": 0.6, "smearing": "mv", "degauss": 0.02}
+QE_CU = {
+    "type": "qe",
+    "pseudo_dir": PSEUDO,
+    "pseudopotentials": {"Cu": "Cu.pbe-kjpaw.UPF"},
+    "ecutwfc": 35,
+    "ecutrho": 280,
+    "kspacing": 0.6,
+    "smearing": "mv",
+    "degauss": 0.02,
+}
 # Si8 at Gamma has degenerate frontier states: both codes use Fermi-Dirac smearing at 1000 K
 # (kT = 0.00633 Ry), which converges in 10-15 SCF steps and makes the two codes' physics the same
-QE_SI = {"type": "qe", "pseudo_dir": PSEUDO, "pseudopotentials": {"Si": "Si.pbe-rrkj.UPF"}, "ecutwfc": 20,
-         "smearing": "fd", "degauss": 0.00633}
+QE_SI = {
+    "type": "qe",
+    "pseudo_dir": PSEUDO,
+    "pseudopotentials": {"Si": "Si.pbe-rrkj.UPF"},
+    "ecutwfc": 20,
+    "smearing": "fd",
+    "degauss": 0.00633,
+}
 CP2K_SI = {"type": "cp2k", "cutoff": 200, "rel_cutoff": 30, "smearing_temperature": 1000}
 
 
@@ -74,8 +88,9 @@ def test_qe_cu4_matches_pw_output(qe_cu):
     e_ry = float(re.findall(r"!\s+total energy\s+=\s+(-?\d+\.\d+) Ry", text)[-1])
     assert result.energy == pytest.approx(e_ry * units.Ry, rel=1e-7)  # dpdata and ASE use different CODATA years
     # pw.x's forces in the input's Cartesian frame (Ry/Bohr), read line by line
-    f_ry = np.array([[float(x) for x in m] for m in
-                     re.findall(r"atom\s+\d+ type\s+\d+\s+force =\s+(\S+)\s+(\S+)\s+(\S+)", text)])[:len(atoms)]
+    f_ry = np.array(
+        [[float(x) for x in m] for m in re.findall(r"atom\s+\d+ type\s+\d+\s+force =\s+(\S+)\s+(\S+)\s+(\S+)", text)]
+    )[: len(atoms)]
     np.testing.assert_allclose(result.forces, f_ry * units.Ry / units.Bohr, rtol=1e-7, atol=1e-7)
     ref = ase.io.read(workdir / "pw.out", format="espresso-out")  # ASE's own reader, Ry/Bohr^3 columns
     np.testing.assert_allclose(result.forces, ref.get_forces(), atol=1e-6)
@@ -126,12 +141,14 @@ def test_qe_mpi_command_template_gives_the_serial_labels(tmp_path):
     spec = dict(QE_SI, electrons={"conv_thr": 1e-9})
     serial = make_labeler(spec).label(atoms, tmp_path / "serial")
     mpi = make_labeler(dict(spec, command=OPENMPI_RUN + " -np {nproc} pw.x -in {input}", nproc=2, timeout=300)).label(
-        atoms, tmp_path / "mpi")
+        atoms, tmp_path / "mpi"
+    )
     other = shutil.which("mpirun")
     version = subprocess.run([other, "--version"], capture_output=True, text=True).stdout if other else ""
     if other and "Open MPI" not in version and "open-mpi" not in version:  # e.g. mpich's hydra
         bad = make_labeler(dict(spec, command="mpirun -np {nproc} pw.x -in {input}", nproc=2, timeout=300)).label(
-            atoms, tmp_path / "other")
+            atoms, tmp_path / "other"
+        )
         assert not bad.ok and "is not the MPI pw.x was built with" in bad.reason, bad.reason
     assert serial.ok and mpi.ok, (serial.reason, mpi.reason)
     assert re.search(r"running on\s+2 processors", (tmp_path / "mpi" / "pw.out").read_text())
@@ -202,12 +219,12 @@ def cp2k_reference(text: str, natoms: int, volume: float):
     """CP2K's own printed energy (eV), forces (eV/A) and stress x volume (eV), read here with regexps."""
     energy = float(re.findall(r"ENERGY\| Total FORCE_EVAL \( QS \) energy \[a\.u\.\]:\s+(\S+)", text)[-1])
     energy *= units.Hartree
-    block = text[text.rindex("ATOMIC FORCES in [a.u.]"):]
+    block = text[text.rindex("ATOMIC FORCES in [a.u.]") :]
     rows = re.findall(r"^\s+\d+\s+\d+\s+[A-Z][a-z]?\s+(\S+)\s+(\S+)\s+(\S+)\s*$", block, re.M)[:natoms]
     forces = np.array(rows, dtype=float) * units.Hartree / units.Bohr
     if "STRESS| Analytical stress tensor [GPa]" not in text:
         return energy, forces, None
-    stress = text[text.rindex("STRESS| Analytical stress tensor [GPa]"):]
+    stress = text[text.rindex("STRESS| Analytical stress tensor [GPa]") :]
     num = r"(-?\d+\.\d+E[-+]\d+)"
     gpa = np.array(re.findall(rf"STRESS\|\s+[xyz]\s+{num}\s+{num}\s+{num}", stress)[:3], dtype=float)
     return energy, forces, gpa * units.GPa * volume
@@ -273,8 +290,10 @@ def test_cp2k_template_and_config_errors(tmp_path):
     assert "SCHEME MONKHORST-PACK 3 3 3" in text  # 2 pi / 5.43 / 0.4 = 2.9 -> 3
     assert "PERIODIC XYZ" in text and text.count("&KIND Si") == 1 and "{{" not in text
     own = tmp_path / "own.inp"  # a user template: CP2K's ${VAR} syntax passes through untouched
-    own.write_text("@SET CUT {{CUTOFF}}\n&FORCE_EVAL\n &DFT\n  &MGRID\n   CUTOFF ${CUT}\n  &END MGRID\n &END DFT\n"
-                   " &SUBSYS\n  {{CELL}}\n  {{COORD}}\n  {{KINDS}}\n &END SUBSYS\n&END FORCE_EVAL\n")
+    own.write_text(
+        "@SET CUT {{CUTOFF}}\n&FORCE_EVAL\n &DFT\n  &MGRID\n   CUTOFF ${CUT}\n  &END MGRID\n &END DFT\n"
+        " &SUBSYS\n  {{CELL}}\n  {{COORD}}\n  {{KINDS}}\n &END SUBSYS\n&END FORCE_EVAL\n"
+    )
     text = make_labeler(dict(CP2K_SI, template=str(own), cutoff=280)).render(si8())
     assert "@SET CUT 280\n" in text and "CUTOFF ${CUT}" in text and text.count("\n      Si ") == 8
     bad = tmp_path / "bad.inp"

@@ -19,7 +19,7 @@ from dpsnake.labelers.runner import check_template, kmesh, species_order
 
 DATA = pathlib.Path(__file__).parent / "data" / "labelers"
 KBAR = 1.0 / 1602.176621  # eV/A^3 per kbar
-VOLUME = 3.6 ** 3
+VOLUME = 3.6**3
 # the numbers written in OUTCAR / running_scf.log, in the frame's own atom order (Cu Ni Cu Cu)
 FORCES = np.array([[-0.312, 0.0, 0.0], [0.104, -0.021, -0.021], [0.104, 0.0, 0.021], [0.104, 0.021, 0.0]])
 VIRIAL = np.array([[12.34, 0.0, 0.0], [0.0, 11.22, 0.56], [0.0, 0.56, 11.22]]) * KBAR * VOLUME
@@ -27,8 +27,12 @@ VIRIAL = np.array([[12.34, 0.0, 0.0], [0.0, 11.22, 0.56], [0.0, 0.56, 11.22]]) *
 
 def cuni_frame(shift=0.0):
     """Cu3Ni with the Ni second: files group atoms by element (Cu Cu Cu Ni), so order must be mapped back."""
-    return Atoms("CuNiCuCu", positions=[[0.05 + shift, 0, 0], [0, 1.8, 1.8], [1.8, 0, 1.8], [1.8, 1.8, 0]],
-                 cell=np.eye(3) * 3.6, pbc=True)
+    return Atoms(
+        "CuNiCuCu",
+        positions=[[0.05 + shift, 0, 0], [0, 1.8, 1.8], [1.8, 0, 1.8], [1.8, 1.8, 0]],
+        cell=np.eye(3) * 3.6,
+        pbc=True,
+    )
 
 
 @pytest.fixture
@@ -41,8 +45,13 @@ def potcars(tmp_path):
 
 
 def vasp_spec(potcar_dir, outcar="OUTCAR", **kw):
-    spec = {"type": "vasp", "potcar_dir": str(potcar_dir), "incar": {"ENCUT": 400, "ISMEAR": 1, "SIGMA": 0.1},
-            "kspacing": 0.5, "command": f"cp {DATA / 'vasp' / outcar} OUTCAR"}
+    spec = {
+        "type": "vasp",
+        "potcar_dir": str(potcar_dir),
+        "incar": {"ENCUT": 400, "ISMEAR": 1, "SIGMA": 0.1},
+        "kspacing": 0.5,
+        "command": f"cp {DATA / 'vasp' / outcar} OUTCAR",
+    }
     spec.update(kw)
     return spec
 
@@ -73,7 +82,7 @@ def test_vasp_failures(potcars, tmp_path):
     result = lab.label(atoms, tmp_path / "nelm")
     assert not result.ok and result.reason.startswith("SCF not converged"), result.reason
     text = (DATA / "vasp" / "OUTCAR").read_text()
-    (tmp_path / "cut").write_text(text[:text.index("      1.80000      1.80000      0.00000")])
+    (tmp_path / "cut").write_text(text[: text.index("      1.80000      1.80000      0.00000")])
     cases = {
         "truncated": (f"cp {tmp_path / 'cut'} OUTCAR", "incomplete"),
         "exit": (f"sh -c 'cp {DATA / 'vasp' / 'OUTCAR'} OUTCAR; exit 2'", "exited with code 2"),
@@ -101,9 +110,10 @@ def test_vasp_xml_parser(potcars, tmp_path):
     result = lab.label(atoms, tmp_path / "nc")
     assert not result.ok and result.reason.startswith("SCF not converged"), result.reason
     text = xml.read_text()
-    (tmp_path / "cut.xml").write_text(text[:text.index(" <structure name=\"finalpos\"")])  # killed while writing
+    (tmp_path / "cut.xml").write_text(text[: text.index(' <structure name="finalpos"')])  # killed while writing
     result = make_labeler(vasp_spec(potcars, parser="xml", command=f"cp {tmp_path / 'cut.xml'} vasprun.xml")).label(
-        atoms, tmp_path / "cut")
+        atoms, tmp_path / "cut"
+    )
     assert not result.ok and "incomplete" in result.reason, result.reason
     with pytest.raises(UserError, match="label.parser"):
         make_labeler(vasp_spec(potcars, parser="h5"))
@@ -131,10 +141,17 @@ def pseudos(tmp_path):
 
 
 def abacus_spec(pseudos, log="running_scf.log", **kw):
-    spec = {"type": "abacus", "pseudo_dir": str(pseudos), "ecutwfc": 60, "kpts": [3, 3, 3],
-            "pseudopotentials": {"Cu": "Cu_ONCV_PBE-1.0.upf", "Ni": "Ni_ONCV_PBE-1.0.upf"},
-            "smearing_method": "gaussian", "smearing_sigma": 0.01, "input": {"scf_thr": 1e-8},
-            "command": f"sh -c 'mkdir -p OUT.dpsnake && cp {DATA / 'abacus' / log} OUT.dpsnake/running_scf.log'"}
+    spec = {
+        "type": "abacus",
+        "pseudo_dir": str(pseudos),
+        "ecutwfc": 60,
+        "kpts": [3, 3, 3],
+        "pseudopotentials": {"Cu": "Cu_ONCV_PBE-1.0.upf", "Ni": "Ni_ONCV_PBE-1.0.upf"},
+        "smearing_method": "gaussian",
+        "smearing_sigma": 0.01,
+        "input": {"scf_thr": 1e-8},
+        "command": f"sh -c 'mkdir -p OUT.dpsnake && cp {DATA / 'abacus' / log} OUT.dpsnake/running_scf.log'",
+    }
     spec.update(kw)
     return spec
 
@@ -182,8 +199,10 @@ def test_abacus_failures_and_config_errors(pseudos, tmp_path):
     atoms = cuni_frame()
     result = make_labeler(abacus_spec(pseudos, "running_scf.unconverged.log")).label(atoms, tmp_path / "nc")
     assert not result.ok and result.reason.startswith("SCF not converged"), result.reason
-    for name, command, expect in (("missing", "true", "missing output"),
-                                  ("exit", "sh -c 'exit 134'", "exited with code 134")):
+    for name, command, expect in (
+        ("missing", "true", "missing output"),
+        ("exit", "sh -c 'exit 134'", "exited with code 134"),
+    ):
         result = make_labeler(abacus_spec(pseudos, command=command)).label(atoms, tmp_path / name)
         assert not result.ok and expect in result.reason, (name, result.reason)
     with pytest.raises(UserError, match="label.input.calculation"):
@@ -252,7 +271,12 @@ def test_missing_program_is_a_check_time_error(potcars, tmp_path):
 
 def test_a_value_of_the_wrong_kind_is_one_line(pseudos):
     """Keys without a check of their own (QE's koffset) still give one line, not a traceback."""
-    spec = {"type": "qe", "pseudo_dir": str(pseudos), "pseudopotentials": {"Cu": "Cu_ONCV_PBE-1.0.upf"}, "ecutwfc": 30,
-            "koffset": 1}
+    spec = {
+        "type": "qe",
+        "pseudo_dir": str(pseudos),
+        "pseudopotentials": {"Cu": "Cu_ONCV_PBE-1.0.upf"},
+        "ecutwfc": 30,
+        "koffset": 1,
+    }
     with pytest.raises(UserError, match=r"^label: a value of label.type 'qe' is not what it takes \(TypeError"):
         make_labeler(spec)

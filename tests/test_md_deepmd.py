@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import pytest
 from ase.build import bulk
+from test_md_engine import walker  # the walker dict of the engine's MD tests
 
 from dpsnake.md import integrators as I
 from dpsnake.md.deepmd_provider import DeepmdProvider
@@ -19,7 +20,6 @@ from dpsnake.md.runner import Explorer
 from dpsnake.md.state import build_state
 from dpsnake.md.trajectory import read_frames
 from dpsnake.md.walkers import degrees_of_freedom, masses_for, maxwell_boltzmann, parse_walkers, read_structure
-from test_md_engine import walker  # the walker dict of the engine's MD tests
 
 TYPE_MAP = ["Cu", "Ni"]
 
@@ -50,9 +50,14 @@ def flat_state(structs):
     pos = np.concatenate([a.positions for a in structs])
     atype = np.concatenate([[TYPE_MAP.index(s) for s in a.get_chemical_symbols()] for a in structs])
     system = np.concatenate([np.full(len(a), i) for i, a in enumerate(structs)])
-    return types.SimpleNamespace(pos=pos, atype=atype, system=system, natoms=np.array([len(a) for a in structs]),
-                                 pbc=np.array([bool(a.pbc.all()) for a in structs]),
-                                 cells=np.array([a.cell.array for a in structs]))
+    return types.SimpleNamespace(
+        pos=pos,
+        atype=atype,
+        system=system,
+        natoms=np.array([len(a) for a in structs]),
+        pbc=np.array([bool(a.pbc.all()) for a in structs]),
+        cells=np.array([a.cell.array for a in structs]),
+    )
 
 
 def mixed_batch():
@@ -60,8 +65,14 @@ def mixed_batch():
     cluster = cuni((2, 1, 1), seed=9, rattle=0.05)
     cluster.pbc = False
     cluster.cell = np.zeros((3, 3))
-    return [cuni((2, 2, 2), seed=1), cuni((1, 1, 1), seed=2, a=3.7), cuni((3, 3, 3), seed=3),
-            cuni((2, 2, 2), a=3.55, seed=4), cluster, cuni((1, 1, 1), seed=5)]
+    return [
+        cuni((2, 2, 2), seed=1),
+        cuni((1, 1, 1), seed=2, a=3.7),
+        cuni((3, 3, 3), seed=3),
+        cuni((2, 2, 2), a=3.55, seed=4),
+        cluster,
+        cuni((1, 1, 1), seed=5),
+    ]
 
 
 @pytest.mark.parametrize("descriptor", ["se_atten_v2", "dpa2", "dpa3"])
@@ -82,8 +93,9 @@ def test_mixed_batch_equals_deeppot_eval(pt_model, descriptor):
     lo = 0
     for i, a in enumerate(structs):
         hi = lo + len(a)
-        e, f, v = ref.eval(a.positions.reshape(1, -1), a.cell.array.reshape(1, 9) if a.pbc.all() else None,
-                           st.atype[lo:hi])
+        e, f, v = ref.eval(
+            a.positions.reshape(1, -1), a.cell.array.reshape(1, 9) if a.pbc.all() else None, st.atype[lo:hi]
+        )
         for k in range(2):
             assert abs(out["energy"][k, i] - e[0, 0]) <= 1e-10 * abs(e[0, 0])
             assert np.abs(out["force"][k, lo:hi] - f[0]).max() <= 1e-10 * np.abs(f[0]).max()
@@ -118,9 +130,12 @@ def test_builtin_and_deepmd_agree_on_se_e2_a(tmp_path, pt_model):
     from dpsnake.engine.model import load_model
 
     m = pt_model("se_e2_a")
-    ws = [walker("npt", write(cuni((1, 1, 1), seed=2, a=3.7), tmp_path / "a.extxyz"), ensemble="npt",
-                 pressure=1000.0, seed=3),
-          walker("nvt", write(cuni((2, 2, 2), seed=1), tmp_path / "b.extxyz"), ensemble="nvt", seed=4)]
+    ws = [
+        walker(
+            "npt", write(cuni((1, 1, 1), seed=2, a=3.7), tmp_path / "a.extxyz"), ensemble="npt", pressure=1000.0, seed=3
+        ),
+        walker("nvt", write(cuni((2, 2, 2), seed=1), tmp_path / "b.extxyz"), ensemble="nvt", seed=4),
+    ]
     built = EnsembleProvider(Ensemble([load_model(m["dp"])]))
     deep = DeepmdProvider([m["pth"]])
     sa, fa = _batch(ws, built)
@@ -139,12 +154,21 @@ def test_walker_in_batch_equals_walker_alone_and_resume(tmp_path, pt_model):
     """se_atten_v2 ensemble of two: a walker run alone gives the frames and model_devi.out lines it gets
     in a mixed batch; a run killed (stop_after) and resumed from its checkpoint gives the same files."""
     models = [pt_model("se_atten_v2")["pth"], pt_model("se_atten_v2", seed=2)["pth"]]
-    ws = [walker("big", write(cuni((2, 2, 2), seed=1), tmp_path / "big.extxyz"), ensemble="nvt-langevin",
-                 seed=7, nsteps=30),
-          walker("small", write(cuni((1, 1, 1), seed=2, a=3.7), tmp_path / "small.extxyz"), ensemble="npt-tri",
-                 pressure=1000.0, seed=8, nsteps=30, trj_freq=15),
-          walker("mid", write(cuni((2, 1, 1), seed=3), tmp_path / "mid.extxyz"), ensemble="nvt", seed=9,
-                 nsteps=20)]
+    ws = [
+        walker(
+            "big", write(cuni((2, 2, 2), seed=1), tmp_path / "big.extxyz"), ensemble="nvt-langevin", seed=7, nsteps=30
+        ),
+        walker(
+            "small",
+            write(cuni((1, 1, 1), seed=2, a=3.7), tmp_path / "small.extxyz"),
+            ensemble="npt-tri",
+            pressure=1000.0,
+            seed=8,
+            nsteps=30,
+            trj_freq=15,
+        ),
+        walker("mid", write(cuni((2, 1, 1), seed=3), tmp_path / "mid.extxyz"), ensemble="nvt", seed=9, nsteps=20),
+    ]
     Explorer(parse_walkers(ws), DeepmdProvider(models), TYPE_MAP, tmp_path / "batch", progress=False).run()
     for w in ws[:2]:
         Explorer(parse_walkers([w]), DeepmdProvider(models), TYPE_MAP, tmp_path / w["name"], progress=False).run()
@@ -160,8 +184,9 @@ def test_walker_in_batch_equals_walker_alone_and_resume(tmp_path, pt_model):
         assert np.allclose(db, da, rtol=1e-5, atol=1e-12) and db[:, 4].max() > 0
     # killed after 12 steps (a checkpoint at step 10), rerun: the same files as one uninterrupted run
     out = tmp_path / "resumed"
-    ex = Explorer(parse_walkers(ws), DeepmdProvider(models), TYPE_MAP, out, progress=False, checkpoint_steps=10,
-                  stop_after=12)
+    ex = Explorer(
+        parse_walkers(ws), DeepmdProvider(models), TYPE_MAP, out, progress=False, checkpoint_steps=10, stop_after=12
+    )
     assert ex.run() == {} and (out / "checkpoint.npz").exists()
     Explorer(parse_walkers(ws), DeepmdProvider(models), TYPE_MAP, out, progress=False).run()
     for w in ws:
@@ -173,8 +198,9 @@ def test_nve_energy_drift_dpa1(tmp_path, pt_model):
     """NVE with a se_atten_v2 (DPA-1) model, 32 atoms, 300 K, dt 1 fs, 1000 steps: total energy within
     1e-4 eV/atom of its start, linear drift below 2e-5 eV/atom/ps."""
     prov = DeepmdProvider([pt_model("se_atten_v2")["pth"]])
-    st, flags = _batch([walker("a", write(cuni((2, 2, 2), seed=1, rattle=0.03), tmp_path / "a.extxyz"),
-                               dt=0.001, seed=2)], prov)
+    st, flags = _batch(
+        [walker("a", write(cuni((2, 2, 2), seed=1, rattle=0.03), tmp_path / "a.extxyz"), dt=0.001, seed=2)], prov
+    )
     etot = [float(st.energy[0] + I.kinetic_energy(st)[0])]
     for k in range(1000):
         I.md_step(st, prov, k, flags)
@@ -193,8 +219,16 @@ def test_model_devi_equals_dp_model_devi(tmp_path, pt_model):
     import dpdata
 
     models = [str(pt_model("dpa3")["pth"]), str(pt_model("dpa3", seed=2)["pth"])]
-    ws = [walker("w", write(cuni((2, 2, 2), seed=1), tmp_path / "w.extxyz"), ensemble="nvt",
-                 temperature=900.0, nsteps=30, trj_freq=5)]
+    ws = [
+        walker(
+            "w",
+            write(cuni((2, 2, 2), seed=1), tmp_path / "w.extxyz"),
+            ensemble="nvt",
+            temperature=900.0,
+            nsteps=30,
+            trj_freq=5,
+        )
+    ]
     Explorer(parse_walkers(ws), DeepmdProvider(models), TYPE_MAP, tmp_path / "run", progress=False).run()
     frames = read_frames(tmp_path / "run" / "w" / "traj.extxyz")
     sysdir = tmp_path / "frames"
@@ -203,8 +237,25 @@ def test_model_devi_equals_dp_model_devi(tmp_path, pt_model):
         s = dpdata.System(f, fmt="ase/structure")
         ms = s if ms is None else ms + s
     ms.to_deepmd_npy(str(sysdir), type_map=TYPE_MAP)
-    p = subprocess.run([sys.executable, "-m", "deepmd", "--pt", "model-devi", "-m", *models, "-s", str(sysdir),
-                        "-o", str(tmp_path / "ref.out"), "-f", "5"], capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deepmd",
+            "--pt",
+            "model-devi",
+            "-m",
+            *models,
+            "-s",
+            str(sysdir),
+            "-o",
+            str(tmp_path / "ref.out"),
+            "-f",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     ref = np.loadtxt(tmp_path / "ref.out")[:, :7]
     ours = np.loadtxt(tmp_path / "run" / "w" / "model_devi.out")
@@ -222,9 +273,27 @@ def test_explore_cli_picks_the_engine(tmp_path, pt_model, cu_model):
     atten = str(pt_model("se_atten_v2")["dp"])
 
     def explore(models, engine, outdir):
-        return subprocess.run([sys.executable, "-m", "dpsnake.cli", "explore", "--models", *models, "--walkers",
-                               str(tmp_path / "w.json"), "--outdir", str(tmp_path / outdir), "--device", "cpu",
-                               "--engine", engine, "--no-progress"], capture_output=True, text=True)
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dpsnake.cli",
+                "explore",
+                "--models",
+                *models,
+                "--walkers",
+                str(tmp_path / "w.json"),
+                "--outdir",
+                str(tmp_path / outdir),
+                "--device",
+                "cpu",
+                "--engine",
+                engine,
+                "--no-progress",
+            ],
+            capture_output=True,
+            text=True,
+        )
 
     p = explore([atten, atten], "auto", "a")
     assert p.returncode == 0, p.stderr[-2000:]
@@ -246,8 +315,8 @@ def test_report_accuracy_runs_models_the_engine_does_not(pt_model, model_cache):
     """The report's accuracy table evaluates se_atten_v2 .dp files through DeePMD-kit (energies and
     forces equal DeepPot.eval on the labelled frames)."""
     from deepmd.infer import DeepPot
-
     from dpmodels import emt_dataset
+
     from dpsnake.md.deepmd_provider import DeepmdProvider
     from dpsnake.report.accuracy import load_ensemble, predict, read_labelled
 
@@ -256,8 +325,11 @@ def test_report_accuracy_runs_models_the_engine_does_not(pt_model, model_cache):
     assert isinstance(ens, DeepmdProvider) and tmap == TYPE_MAP
     data = read_labelled(emt_dataset(model_cache, "CuNi"))
     p = predict(ens, tmap, data, "CuNi", "init")
-    e, f, _ = DeepPot(str(m["pth"])).eval(data["coords"].reshape(len(data), -1), data["cells"].reshape(len(data), 9),
-                                          [tmap.index(data["atom_names"][t]) for t in data["atom_types"]])
+    e, f, _ = DeepPot(str(m["pth"])).eval(
+        data["coords"].reshape(len(data), -1),
+        data["cells"].reshape(len(data), 9),
+        [tmap.index(data["atom_names"][t]) for t in data["atom_types"]],
+    )
     assert np.allclose(p.e_pred[0], e.reshape(-1), rtol=1e-10, atol=0)
     assert np.abs(p.f_pred[0] - f.reshape(p.f_pred[0].shape)).max() < 1e-10
 
@@ -278,8 +350,14 @@ def test_check_config_needs_the_pytorch_backend_for_deepmd_exploration(monkeypat
     raw = yaml.safe_load((root / "config" / "config.yaml").read_text())
     dpconfig.check(raw, root)  # se_e2_a: the built-in engine explores, torch is not needed
     raw["train"]["backend"] = "pt"
-    raw["train"]["input"]["model"]["descriptor"] = {"type": "se_atten_v2", "rcut": 4.5, "rcut_smth": 1.0,
-                                                    "sel": 48, "neuron": [4, 8], "axis_neuron": 4}
+    raw["train"]["input"]["model"]["descriptor"] = {
+        "type": "se_atten_v2",
+        "rcut": 4.5,
+        "rcut_smth": 1.0,
+        "sel": 48,
+        "neuron": [4, 8],
+        "axis_neuron": 4,
+    }
     with pytest.raises(UserError) as err:
         dpconfig.check(raw, root)
     msg = str(err.value)

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from test_engine_helpers import cupy_or_skip
 
 cp = cupy_or_skip()
@@ -36,13 +35,27 @@ def test_gpu_explore_equals_cpu(tmp_path, pt_model):
     from dpsnake.md.walkers import parse_walkers
 
     models = [pt_model("se_atten_v2")["pth"], pt_model("se_atten_v2", seed=2)["pth"]]
-    ws = [walker("a", write(cuni((2, 2, 2), seed=1), tmp_path / "a.extxyz"), ensemble="npt", pressure=1000.0,
-                 nsteps=20, trj_freq=5, seed=3),
-          walker("b", write(cuni((1, 1, 1), seed=2, a=3.7), tmp_path / "b.extxyz"), ensemble="nvt", nsteps=20,
-                 trj_freq=5, seed=4)]
+    ws = [
+        walker(
+            "a",
+            write(cuni((2, 2, 2), seed=1), tmp_path / "a.extxyz"),
+            ensemble="npt",
+            pressure=1000.0,
+            nsteps=20,
+            trj_freq=5,
+            seed=3,
+        ),
+        walker(
+            "b",
+            write(cuni((1, 1, 1), seed=2, a=3.7), tmp_path / "b.extxyz"),
+            ensemble="nvt",
+            nsteps=20,
+            trj_freq=5,
+            seed=4,
+        ),
+    ]
     for xp, d in ((np, "cpu"), (cp, "gpu")):
-        Explorer(parse_walkers(ws), DeepmdProvider(models, xp=xp), TYPE_MAP, tmp_path / d, xp=xp,
-                 progress=False).run()
+        Explorer(parse_walkers(ws), DeepmdProvider(models, xp=xp), TYPE_MAP, tmp_path / d, xp=xp, progress=False).run()
     for w in ("a", "b"):
         fa, fb = read_frames(tmp_path / "cpu" / w / "traj.extxyz"), read_frames(tmp_path / "gpu" / w / "traj.extxyz")
         assert len(fa) == len(fb) == 5

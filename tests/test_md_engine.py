@@ -1,8 +1,8 @@
 """Exploration MD driven by the engine with real DeePMD-kit Cu models (NumPy)."""
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -54,8 +54,9 @@ def cu(path, rep=(2, 2, 2), rattle=0.05, seed=0, a=A0):
 
 
 def walker(name, structure, **kw):
-    d = dict(name=name, structure=structure, ensemble="nve", temperature=300.0, nsteps=20, dt=0.002,
-             trj_freq=10, seed=1)
+    d = dict(
+        name=name, structure=structure, ensemble="nve", temperature=300.0, nsteps=20, dt=0.002, trj_freq=10, seed=1
+    )
     d.update(kw)
     return d
 
@@ -117,13 +118,16 @@ def test_walker_in_batch_equals_walker_alone(tmp_path, models):
     big = cu(tmp_path / "big.extxyz", seed=1)
     small = cu(tmp_path / "small.extxyz", rep=(1, 1, 1), seed=2)
     mid = cu(tmp_path / "mid.extxyz", rep=(2, 1, 1), seed=3)
-    ws = [walker("lang", big, ensemble="nvt-langevin", seed=7, nsteps=60),
-          walker("npt", small, ensemble="npt-tri", pressure=1000.0, seed=8, nsteps=60, trj_freq=15),
-          walker("nhc", mid, ensemble="nvt", seed=9, nsteps=40, trj_freq=20)]
+    ws = [
+        walker("lang", big, ensemble="nvt-langevin", seed=7, nsteps=60),
+        walker("npt", small, ensemble="npt-tri", pressure=1000.0, seed=8, nsteps=60, trj_freq=15),
+        walker("nhc", mid, ensemble="nvt", seed=9, nsteps=40, trj_freq=20),
+    ]
     Explorer(parse_walkers(ws), EnsembleProvider(ensemble(models)), ["Cu"], tmp_path / "batch", progress=False).run()
     for w in ws[:2]:
-        Explorer(parse_walkers([w]), EnsembleProvider(ensemble(models)), ["Cu"], tmp_path / w["name"],
-                 progress=False).run()
+        Explorer(
+            parse_walkers([w]), EnsembleProvider(ensemble(models)), ["Cu"], tmp_path / w["name"], progress=False
+        ).run()
         fb = read_frames(tmp_path / "batch" / w["name"] / "traj.extxyz")
         fa = read_frames(tmp_path / w["name"] / w["name"] / "traj.extxyz")
         assert [f.info["step"] for f in fb] == [f.info["step"] for f in fa] == list(range(0, 61, w.get("trj_freq", 10)))
@@ -145,17 +149,21 @@ def test_early_stop_reasons_and_others_continue(tmp_path, models):
     same.positions[1] = same.positions[0]
     same.write(tmp_path / "same.extxyz")
     # the NaN walker sits after "ok": its NaN must not leak onto other walkers' atoms
-    ws = [walker("ok", ok, ensemble="nvt", nsteps=30, trj_freq=5),
-          walker("nan", str(tmp_path / "same.extxyz"), nsteps=30, trj_freq=5),
-          walker("cap", ok, ensemble="nvt", nsteps=30, trj_freq=5, max_devi_f_cap=1e-9, max_devi_f_patience=2),
-          walker("close", str(tmp_path / "close.extxyz"), nsteps=30, trj_freq=5, min_dist=1.5),
-          walker("odd", ok, ensemble="nvt-langevin", nsteps=13, trj_freq=5, min_dist=1.5)]
+    ws = [
+        walker("ok", ok, ensemble="nvt", nsteps=30, trj_freq=5),
+        walker("nan", str(tmp_path / "same.extxyz"), nsteps=30, trj_freq=5),
+        walker("cap", ok, ensemble="nvt", nsteps=30, trj_freq=5, max_devi_f_cap=1e-9, max_devi_f_patience=2),
+        walker("close", str(tmp_path / "close.extxyz"), nsteps=30, trj_freq=5, min_dist=1.5),
+        walker("odd", ok, ensemble="nvt-langevin", nsteps=13, trj_freq=5, min_dist=1.5),
+    ]
     out = tmp_path / "run"
     summary = Explorer(parse_walkers(ws), EnsembleProvider(ensemble(models)), ["Cu"], out, progress=False).run()
     r = summary["walkers"]
     assert r["ok"] == {"status": "finished", "reason": None, "steps": 30}
     assert r["cap"]["status"] == "failed" and "max_devi_f above cap" in r["cap"]["reason"] and r["cap"]["steps"] == 5
-    assert r["close"]["status"] == "failed" and "closer than min_dist" in r["close"]["reason"] and r["close"]["steps"] == 0
+    assert (
+        r["close"]["status"] == "failed" and "closer than min_dist" in r["close"]["reason"] and r["close"]["steps"] == 0
+    )
     assert r["nan"]["status"] == "failed" and "non-finite" in r["nan"]["reason"] and r["nan"]["steps"] == 0
     assert json.loads((out / "summary.json").read_text()) == summary
     assert [f.info["step"] for f in read_frames(out / "ok" / "traj.extxyz")] == [0, 5, 10, 15, 20, 25, 30]
@@ -172,9 +180,17 @@ def test_model_devi_equals_engine_on_written_frames_and_dpdata_reads(tmp_path, m
 
     from dpsnake.engine.model_devi import deviation_columns, read_model_devi
 
-    ws = [walker("a", cu(tmp_path / "a.extxyz", seed=4), ensemble="npt", pressure=5000.0, nsteps=40, trj_freq=10),
-          walker("b", cu(tmp_path / "b.extxyz", rep=(2, 1, 1), seed=5), ensemble="nvt-langevin",
-                 temperature=900.0, nsteps=40, trj_freq=8)]
+    ws = [
+        walker("a", cu(tmp_path / "a.extxyz", seed=4), ensemble="npt", pressure=5000.0, nsteps=40, trj_freq=10),
+        walker(
+            "b",
+            cu(tmp_path / "b.extxyz", rep=(2, 1, 1), seed=5),
+            ensemble="nvt-langevin",
+            temperature=900.0,
+            nsteps=40,
+            trj_freq=8,
+        ),
+    ]
     out = tmp_path / "run"
     Explorer(parse_walkers(ws), EnsembleProvider(ensemble(models)), ["Cu"], out, progress=False).run()
     ens = ensemble(models)
@@ -193,21 +209,37 @@ def test_model_devi_equals_engine_on_written_frames_and_dpdata_reads(tmp_path, m
         s = ms[0]
         assert s.get_nframes() == len(frames) and s["atom_names"] == ["Cu"]
         assert np.allclose(s["coords"][-1], frames[-1].positions) and np.allclose(s["cells"][-1], frames[-1].cell.array)
-    assert not np.allclose(read_frames(out / "a" / "traj.extxyz")[-1].cell.array, read_frames(out / "a" / "traj.extxyz")[0].cell.array)
+    assert not np.allclose(
+        read_frames(out / "a" / "traj.extxyz")[-1].cell.array, read_frames(out / "a" / "traj.extxyz")[0].cell.array
+    )
 
 
 def _cli(args, **kw):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "dpsnake.cli", "explore", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dpsnake.cli", "explore", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def test_frames_formatted_in_helper_process_are_identical(tmp_path, models):
-    ws = [walker("a", cu(tmp_path / "a.extxyz", seed=4), ensemble="npt", pressure=1.0, nsteps=30, trj_freq=5),
-          walker("b", cu(tmp_path / "b.extxyz", rep=(2, 1, 1), seed=5), ensemble="nvt-langevin", nsteps=20, trj_freq=4)]
+    ws = [
+        walker("a", cu(tmp_path / "a.extxyz", seed=4), ensemble="npt", pressure=1.0, nsteps=30, trj_freq=5),
+        walker("b", cu(tmp_path / "b.extxyz", rep=(2, 1, 1), seed=5), ensemble="nvt-langevin", nsteps=20, trj_freq=4),
+    ]
     for mode in (False, True):
-        Explorer(parse_walkers(ws), EnsembleProvider(ensemble(models)), ["Cu"], tmp_path / str(mode),
-                 progress=False, async_frames=mode).run()
+        Explorer(
+            parse_walkers(ws),
+            EnsembleProvider(ensemble(models)),
+            ["Cu"],
+            tmp_path / str(mode),
+            progress=False,
+            async_frames=mode,
+        ).run()
     for w in ws:
         for f in ("traj.extxyz", "model_devi.out"):
             assert (tmp_path / "True" / w["name"] / f).read_bytes() == (tmp_path / "False" / w["name"] / f).read_bytes()
@@ -215,10 +247,19 @@ def test_frames_formatted_in_helper_process_are_identical(tmp_path, models):
 
 
 def test_checkpoint_kill_and_resume_equals_uninterrupted(tmp_path, models, monkeypatch):
-    ws = [walker("lang", cu(tmp_path / "a.extxyz", seed=6), ensemble="nvt-langevin", nsteps=200, trj_freq=10),
-          walker("npt", cu(tmp_path / "b.extxyz", rep=(1, 1, 1), seed=7), ensemble="npt-aniso", pressure=100.0,
-                 nsteps=160, trj_freq=20, seed=3),
-          walker("nhc", cu(tmp_path / "c.extxyz", rep=(2, 1, 1), seed=8), ensemble="nvt", nsteps=90, trj_freq=30)]
+    ws = [
+        walker("lang", cu(tmp_path / "a.extxyz", seed=6), ensemble="nvt-langevin", nsteps=200, trj_freq=10),
+        walker(
+            "npt",
+            cu(tmp_path / "b.extxyz", rep=(1, 1, 1), seed=7),
+            ensemble="npt-aniso",
+            pressure=100.0,
+            nsteps=160,
+            trj_freq=20,
+            seed=3,
+        ),
+        walker("nhc", cu(tmp_path / "c.extxyz", rep=(2, 1, 1), seed=8), ensemble="nvt", nsteps=90, trj_freq=30),
+    ]
     wf = tmp_path / "walkers.json"
     wf.write_text(json.dumps(ws))
     args = ["--models", *models, "--walkers", str(wf), "--device", "cpu", "--checkpoint-steps", "40"]
@@ -267,7 +308,9 @@ def test_checkpoint_kill_and_resume_equals_uninterrupted(tmp_path, models, monke
         for x, y in zip(fr, fk):
             assert np.abs(x.positions - y.positions).max() < 1e-9
             assert np.abs(x.cell.array - y.cell.array).max() < 1e-9
-        assert (tmp_path / "ref" / w["name"] / "model_devi.out").read_text() == (run / w["name"] / "model_devi.out").read_text()
+        assert (tmp_path / "ref" / w["name"] / "model_devi.out").read_text() == (
+            run / w["name"] / "model_devi.out"
+        ).read_text()
     assert not list(run.rglob("*.part")) and not (run / "checkpoint.npz").exists()
     # a rerun after completion does nothing and keeps the outputs
     assert main(["explore", *args, "--outdir", str(run), "--no-progress"]) == 0
@@ -283,7 +326,9 @@ def test_checkpoint_kill_and_resume_equals_uninterrupted(tmp_path, models, monke
     assert p.returncode == 143 and not (term / "summary.json").exists()
     assert main(["explore", *args, "--outdir", str(term), "--no-progress"]) == 0
     for w in ws:
-        assert (tmp_path / "ref" / w["name"] / "model_devi.out").read_text() == (term / w["name"] / "model_devi.out").read_text()
+        assert (tmp_path / "ref" / w["name"] / "model_devi.out").read_text() == (
+            term / w["name"] / "model_devi.out"
+        ).read_text()
 
 
 def test_cli_bad_input_is_one_line(tmp_path, models, capsys):
@@ -291,13 +336,29 @@ def test_cli_bad_input_is_one_line(tmp_path, models, capsys):
 
     wf = tmp_path / "walkers.json"
     wf.write_text(json.dumps([walker("a", "nope.xyz")]))
-    assert main(["explore", "--models", *models, "--walkers", str(wf), "--outdir", str(tmp_path / "o"),
-                 "--device", "cpu"]) == 2
+    assert (
+        main(["explore", "--models", *models, "--walkers", str(wf), "--outdir", str(tmp_path / "o"), "--device", "cpu"])
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "walker 'a'" in err and "nope.xyz" in err
     wf.write_text(json.dumps([walker("a", cu(tmp_path / "a.extxyz"))]))
-    assert main(["explore", "--models", "missing.dp", "--walkers", str(wf), "--outdir", str(tmp_path / "o"),
-                 "--device", "cpu"]) == 2
+    assert (
+        main(
+            [
+                "explore",
+                "--models",
+                "missing.dp",
+                "--walkers",
+                str(wf),
+                "--outdir",
+                str(tmp_path / "o"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     assert "missing.dp" in capsys.readouterr().err
 
 
@@ -310,8 +371,10 @@ def test_mixed_compositions_lammps_data_input(tmp_path, dp_model):
     a.symbols[[1, 4, 6, 11, 13]] = "Ni"
     a.rattle(0.05, seed=9)
     ase.io.write(tmp_path / "cuni.data", a, format="lammps-data", specorder=["Cu", "Ni"], masses=True)
-    ws = [walker("cuni", str(tmp_path / "cuni.data"), ensemble="nvt", thermostat="bussi", nsteps=30),
-          walker("cu", cu(tmp_path / "cu.extxyz", rep=(1, 1, 1)), ensemble="npt", pressure=1.0, nsteps=30)]
+    ws = [
+        walker("cuni", str(tmp_path / "cuni.data"), ensemble="nvt", thermostat="bussi", nsteps=30),
+        walker("cu", cu(tmp_path / "cu.extxyz", rep=(1, 1, 1)), ensemble="npt", pressure=1.0, nsteps=30),
+    ]
     Explorer(parse_walkers(ws), EnsembleProvider(ensemble([m])), ["Cu", "Ni"], tmp_path / "b", progress=False).run()
     Explorer(parse_walkers(ws[:1]), EnsembleProvider(ensemble([m])), ["Cu", "Ni"], tmp_path / "a", progress=False).run()
     fb, fa = read_frames(tmp_path / "b" / "cuni" / "traj.extxyz"), read_frames(tmp_path / "a" / "cuni" / "traj.extxyz")
@@ -333,8 +396,10 @@ def test_nhc_conserved_quantity_and_ase_provider(tmp_path, cu_model):
     from dpsnake.md.providers import ASEProvider
 
     s = cu(tmp_path / "c.extxyz", rep=(2, 1, 1), seed=4)
-    spec = [walker("a", s, ensemble="nvt", temperature=400.0, tau_t=0.05, seed=3),
-            walker("b", cu(tmp_path / "d.extxyz", rep=(1, 1, 1), seed=5), ensemble="npt", pressure=1e4, seed=4)]
+    spec = [
+        walker("a", s, ensemble="nvt", temperature=400.0, tau_t=0.05, seed=3),
+        walker("b", cu(tmp_path / "d.extxyz", rep=(1, 1, 1), seed=5), ensemble="npt", pressure=1e4, seed=4),
+    ]
     st, prov, flags = batch(spec, [cu_model["dp"]])
     h, kin = [], []
     for k in range(1000):
@@ -388,15 +453,20 @@ def test_nan_in_a_deviation_model_fails_that_walker_only(tmp_path, dp_model, par
     a.symbols[[1, 4]] = "Ni"
     a.rattle(0.05, seed=3)
     a.write(tmp_path / "cuni.extxyz")
-    ws = [walker("cuni", str(tmp_path / "cuni.extxyz"), ensemble="nvt", nsteps=20, trj_freq=5),
-          walker("cu", cu(tmp_path / "cu.extxyz", rep=(2, 1, 1)), ensemble="nvt", nsteps=20, trj_freq=5)]
+    ws = [
+        walker("cuni", str(tmp_path / "cuni.extxyz"), ensemble="nvt", nsteps=20, trj_freq=5),
+        walker("cu", cu(tmp_path / "cu.extxyz", rep=(2, 1, 1)), ensemble="nvt", nsteps=20, trj_freq=5),
+    ]
     out = tmp_path / "run"
-    r = Explorer(parse_walkers(ws), EnsembleProvider(Ensemble([good, bad])), ["Cu", "Ni"], out,
-                 progress=False).run()["walkers"]
+    r = Explorer(parse_walkers(ws), EnsembleProvider(Ensemble([good, bad])), ["Cu", "Ni"], out, progress=False).run()[
+        "walkers"
+    ]
     assert r["cuni"] == {"status": "failed", "reason": "non-finite numbers (NaN/inf) at step 0", "steps": 0}
     assert r["cu"] == {"status": "finished", "reason": None, "steps": 20}
-    rows = {n: [ln for ln in (out / n / "model_devi.out").read_text().splitlines() if not ln.startswith("#")]
-            for n in ("cuni", "cu")}
+    rows = {
+        n: [ln for ln in (out / n / "model_devi.out").read_text().splitlines() if not ln.startswith("#")]
+        for n in ("cuni", "cu")
+    }
     assert rows["cuni"] == [] and len(rows["cu"]) == 5
     assert np.isfinite(np.loadtxt(rows["cu"])).all()
     assert (out / "cuni" / "traj.extxyz").read_text() == ""

@@ -11,7 +11,6 @@ import warnings
 
 import numpy as np
 from ase.build import bulk
-
 from test_engine_helpers import cupy_or_skip, gpu_model
 
 cp = cupy_or_skip()
@@ -20,10 +19,17 @@ MODEL, pytestmark = gpu_model("DPSNAKE_GPU_MODEL", "t_cu.dp")
 from dpsnake.engine import elementwise as ew  # noqa: E402
 from dpsnake.md import integrators  # noqa: E402
 from dpsnake.md.graphs import GraphedStep  # noqa: E402
+
 DYN = ("pos", "vel", "cells", "nhc_v", "nhc_eta", "energy", "force", "virial")
-ENSEMBLES = [dict(ensemble="nve"), dict(ensemble="nvt"), dict(ensemble="nvt", thermostat="bussi"),
-             dict(ensemble="nvt-langevin"), dict(ensemble="npt", pressure=1000.0),
-             dict(ensemble="npt-aniso", pressure=1000.0), dict(ensemble="npt-tri", pressure=1000.0)]
+ENSEMBLES = [
+    dict(ensemble="nve"),
+    dict(ensemble="nvt"),
+    dict(ensemble="nvt", thermostat="bussi"),
+    dict(ensemble="nvt-langevin"),
+    dict(ensemble="npt", pressure=1000.0),
+    dict(ensemble="npt-aniso", pressure=1000.0),
+    dict(ensemble="npt-tri", pressure=1000.0),
+]
 
 
 def _batch(tmp_path):
@@ -35,8 +41,11 @@ def _batch(tmp_path):
         at.rattle(0.05, seed=k)
         path = tmp_path / f"s{k}.extxyz"
         at.write(path, format="extxyz")
-        spec.append(dict(name=f"w{k}", structure=str(path), temperature=300.0, nsteps=40, dt=0.002,
-                         trj_freq=10, seed=k + 1, **e))
+        spec.append(
+            dict(
+                name=f"w{k}", structure=str(path), temperature=300.0, nsteps=40, dt=0.002, trj_freq=10, seed=k + 1, **e
+            )
+        )
     st, prov, _ = batch(spec, [str(MODEL)], xp=cp)
     return st, prov
 
@@ -85,8 +94,18 @@ def test_explorer_files_with_and_without_graphs(tmp_path, monkeypatch):
         at = bulk("Cu", "fcc", a=3.7, cubic=True).repeat((2, 2, 1))
         at.rattle(0.05, seed=k)
         at.write(tmp_path / f"e{k}.extxyz", format="extxyz")
-        spec.append(dict(name=f"w{k}", structure=str(tmp_path / f"e{k}.extxyz"), temperature=300.0,
-                         nsteps=30 + 10 * k, dt=0.002, trj_freq=10, seed=k + 3, **e))
+        spec.append(
+            dict(
+                name=f"w{k}",
+                structure=str(tmp_path / f"e{k}.extxyz"),
+                temperature=300.0,
+                nsteps=30 + 10 * k,
+                dt=0.002,
+                trj_freq=10,
+                seed=k + 3,
+                **e,
+            )
+        )
     for fast in ("all", "nets,env,scatter,desc,nbr"):
         monkeypatch.setenv("DPSNAKE_FAST", fast)
         ens = Ensemble([load_model(MODEL), load_model(MODEL)], precision="double", xp=cp)

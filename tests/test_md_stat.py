@@ -44,8 +44,20 @@ def run(cu_model, tmp_path_factory):
         nonlocal seed
         for r in range(NW):
             seed += 1
-            specs.append(dict(name=f"{group}_{r}", structure=str(path), temperature=T, nsteps=NSTEPS,
-                              dt=0.002, trj_freq=100, seed=seed, tau_t=0.05, tau_p=0.05, **kw))
+            specs.append(
+                dict(
+                    name=f"{group}_{r}",
+                    structure=str(path),
+                    temperature=T,
+                    nsteps=NSTEPS,
+                    dt=0.002,
+                    trj_freq=100,
+                    seed=seed,
+                    tau_t=0.05,
+                    tau_p=0.05,
+                    **kw,
+                )
+            )
         return slice(len(specs) - NW, len(specs))
 
     groups = {th: add(th, ensemble="nvt", thermostat=th) for th in ("nhc", "bussi", "langevin")}
@@ -72,8 +84,13 @@ def run(cu_model, tmp_path_factory):
             kin.append(I.kinetic_energy(st))
             ptens.append(I.pressure_tensor(st) / units.bar)
             vol.append(I.volume(st))
-    return {"groups": groups, "nf": st.nf, "kin": np.array(kin)[BURN:], "ptens": np.array(ptens)[BURN:],
-            "vol": np.array(vol)[BURN:]}
+    return {
+        "groups": groups,
+        "nf": st.nf,
+        "kin": np.array(kin)[BURN:],
+        "ptens": np.array(ptens)[BURN:],
+        "vol": np.array(vol)[BURN:],
+    }
 
 
 @pytest.mark.parametrize("thermostat", ["nhc", "bussi", "langevin"])
@@ -107,7 +124,9 @@ def test_npt_mean_pressure_and_volume_fluctuations(run):
     dv = vols[P0 + DP][0] - vols[P0 - DP][0]
     kappa_resp = -dv / (2 * DP * units.bar) / v.mean()
     e_resp = np.hypot(vols[P0 + DP][1], vols[P0 - DP][1]) / (2 * DP * units.bar) / v.mean()
-    print(f"compressibility (A^3/eV): fluctuation {kappa_fluct:.2f} +- {e_fl:.2f}, response {kappa_resp:.2f} +- {e_resp:.2f}")
+    print(
+        f"compressibility (A^3/eV): fluctuation {kappa_fluct:.2f} +- {e_fl:.2f}, response {kappa_resp:.2f} +- {e_resp:.2f}"
+    )
     assert abs(kappa_fluct - kappa_resp) < 4 * np.hypot(e_fl, e_resp)
     assert kappa_resp > 0 and np.hypot(e_fl, e_resp) < 0.3 * kappa_resp
 

@@ -8,8 +8,15 @@ from ase.build import bulk
 
 from dpsnake.errors import UserError
 from dpsnake.md import rng
-from dpsnake.md.trajectory import (DEVI_HEADER, bundle_frames, devi_line, devi_lines, encoded_rows, frame_text,
-                                   read_frames)
+from dpsnake.md.trajectory import (
+    DEVI_HEADER,
+    bundle_frames,
+    devi_line,
+    devi_lines,
+    encoded_rows,
+    frame_text,
+    read_frames,
+)
 from dpsnake.md.walkers import load_walkers, maxwell_boltzmann, parse_walkers
 
 
@@ -21,24 +28,26 @@ def poscar(tmp_path):
 
 
 def _w(path, **kw):
-    d = dict(name="w0", structure=str(path), ensemble="nvt", temperature=300, nsteps=10, dt=0.002,
-             trj_freq=5, seed=1)
+    d = dict(name="w0", structure=str(path), ensemble="nvt", temperature=300, nsteps=10, dt=0.002, trj_freq=5, seed=1)
     d.update(kw)
     return d
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"ensemble": "nph"}, "key 'ensemble' must be one of"),
-    ({"ensemble": "npt"}, "key 'pressure' is required"),
-    ({"temperature": -5}, "key 'temperature' must be"),
-    ({"trj_freq": 0}, "key 'trj_freq' must be positive"),
-    ({"nsteps": 2.5}, "key 'nsteps' must be an integer"),
-    ({"dt": "1fs"}, "key 'dt' must be a number"),
-    ({"structure": "missing.xyz"}, "file not found"),
-    ({"name": "a/b"}, "folder-safe"),
-    ({"tau_tt": 0.1}, "unknown key 'tau_tt'"),
-    ({"thermostat": "berendsen"}, "key 'thermostat' must be one of"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"ensemble": "nph"}, "key 'ensemble' must be one of"),
+        ({"ensemble": "npt"}, "key 'pressure' is required"),
+        ({"temperature": -5}, "key 'temperature' must be"),
+        ({"trj_freq": 0}, "key 'trj_freq' must be positive"),
+        ({"nsteps": 2.5}, "key 'nsteps' must be an integer"),
+        ({"dt": "1fs"}, "key 'dt' must be a number"),
+        ({"structure": "missing.xyz"}, "file not found"),
+        ({"name": "a/b"}, "folder-safe"),
+        ({"tau_tt": 0.1}, "unknown key 'tau_tt'"),
+        ({"thermostat": "berendsen"}, "key 'thermostat' must be one of"),
+    ],
+)
 def test_walker_validation_names_the_key(poscar, change, message):
     with pytest.raises(UserError, match=message) as err:
         parse_walkers([_w(poscar, **change)])
@@ -144,8 +153,10 @@ def test_bundle_frames_equal_frame_text():
     bounds = np.array([0, 4, 12, 16])
     bundle = (symbols, pos, cells, pbc, 40, bounds, np.array([2, 0]))
     texts = bundle_frames(bundle)
-    assert texts == [frame_text(symbols[12:16], pos[12:16], cells[2], False, 40),
-                     frame_text(symbols[0:4], pos[0:4], cells[0], True, 40)]
+    assert texts == [
+        frame_text(symbols[12:16], pos[12:16], cells[2], False, 40),
+        frame_text(symbols[0:4], pos[0:4], cells[0], True, 40),
+    ]
     devi = np.arange(12.0).reshape(2, 6)
     lines, frames = encoded_rows(bundle, devi)  # what the helper process hands the writer thread
     assert frames == [t.encode() for t in texts]
@@ -183,12 +194,15 @@ def test_rng_cuda_kernel_source_matches_numpy(tmp_path):
 
     from test_engine_helpers import build_cpp
 
-    src = ("#include <cmath>\nextern \"C\" void normals(const unsigned long long* key, const unsigned long long* "
-           "counter, double* res, long n) {\n for (long i = 0; i < n; ++i) {\n"
-           " const unsigned long long key_ = key[i], counter_ = counter[i]; double out;\n"
-           + rng._NORMALS_SRC.replace("key", "key_").replace("counter", "counter_") + " res[i] = out; }\n}\n")
+    src = (
+        '#include <cmath>\nextern "C" void normals(const unsigned long long* key, const unsigned long long* '
+        "counter, double* res, long n) {\n for (long i = 0; i < n; ++i) {\n"
+        " const unsigned long long key_ = key[i], counter_ = counter[i]; double out;\n"
+        + rng._NORMALS_SRC.replace("key", "key_").replace("counter", "counter_")
+        + " res[i] = out; }\n}\n"
+    )
     lib = build_cpp(tmp_path, "rng", src)
-    seeds = np.array([1, 2, 2 ** 63 + 5], dtype=np.uint64)
+    seeds = np.array([1, 2, 2**63 + 5], dtype=np.uint64)
     key = rng.walker_keys(np, seeds, 17, rng.BUSSI)[np.array([0, 1, 2] * 100)]
     counter = np.arange(300, dtype=np.uint64)
     ref = rng.normals(np, key, counter)
@@ -225,8 +239,11 @@ def test_compress_auto_min_nbor_dist_from_training_data(tmp_path, capsys):
     assert abs(compress_distance("auto", [str(tmp_path / "iter.000000")]) - expect) < 1e-9
     assert "min_nbor_dist" in capsys.readouterr().out
     assert compress_distance("2.5", None) == 2.5 and compress_distance(None, None) is None
-    for value, data, msg in (("auto", None, "needs --compress-data"), ("big", None, "neither a distance"),
-                             ("auto", [str(tmp_path / "nope")], "not found")):
+    for value, data, msg in (
+        ("auto", None, "needs --compress-data"),
+        ("big", None, "neither a distance"),
+        ("auto", [str(tmp_path / "nope")], "not found"),
+    ):
         with pytest.raises(UserError, match=msg):
             compress_distance(value, data)
     (tmp_path / "empty").mkdir()

@@ -74,7 +74,9 @@ def test_init_data_source_and_stale_data(tmp_path):
     res = tmp_path / "results"
     sha = _structure(tmp_path / "cu.extxyz", 3.61)
     cfg = _config(tmp_path)
-    dpsnake("init-data", "--config", "results/config.json", "--system", "Cu", "--out", res / "data/init/Cu", cwd=tmp_path)
+    dpsnake(
+        "init-data", "--config", "results/config.json", "--system", "Cu", "--out", res / "data/init/Cu", cwd=tmp_path
+    )
     src = json.loads((res / "data/init/Cu/source.json").read_text())
     assert src["init_data"] is None and src["structure"] == fingerprint(cfg["systems"]["Cu"]["structure"], tmp_path)
     assert src["structure"]["sha256"] == sha
@@ -82,15 +84,22 @@ def test_init_data_source_and_stale_data(tmp_path):
     assert not len(stale_data(cfg, res, tmp_path))
     new = _structure(tmp_path / "cu.extxyz", 3.65)
     rows = stale_data(cfg, res, tmp_path).to_dict(orient="records")
-    assert rows == [{"data": "data/init/Cu", "system": "Cu", "note": "initial data built from an older version of "
-                     f"cu.extxyz (sha256 {sha[:12]}, now {new[:12]})"}]
+    assert rows == [
+        {
+            "data": "data/init/Cu",
+            "system": "Cu",
+            "note": f"initial data built from an older version of cu.extxyz (sha256 {sha[:12]}, now {new[:12]})",
+        }
+    ]
 
     # an existing dataset as init_data: its files' hash is recorded and compared
     (tmp_path / "own").mkdir()
     s = dpdata.LabeledSystem(str(res / "data/init/Cu"), fmt="deepmd/npy")
     s.to_deepmd_npy(str(tmp_path / "own" / "Cu"))
     cfg = _config(tmp_path, init_data="own/Cu")
-    dpsnake("init-data", "--config", "results/config.json", "--system", "Cu", "--out", res / "data/init/Cu", cwd=tmp_path)
+    dpsnake(
+        "init-data", "--config", "results/config.json", "--system", "Cu", "--out", res / "data/init/Cu", cwd=tmp_path
+    )
     src = json.loads((res / "data/init/Cu/source.json").read_text())
     assert src["init_data"] == "own/Cu" and src["structure"] is None and len(src["init_data_sha256"]) == 64
     assert not len(stale_data(cfg, res, tmp_path))
@@ -102,10 +111,16 @@ def test_init_data_source_and_stale_data(tmp_path):
 def test_changed_in_words():
     a = {"file": "a.vasp", "sha256": "1" * 64, "spec_sha256": "x"}
     assert changed(a, a) is None and changed(None, a) is None
-    assert changed(a, {**a, "sha256": "2" * 64}) == (f"built from an older version of a.vasp (sha256 {'1' * 12}, "
-                                                     f"now {'2' * 12})")
+    assert changed(a, {**a, "sha256": "2" * 64}) == (
+        f"built from an older version of a.vasp (sha256 {'1' * 12}, now {'2' * 12})"
+    )
     assert changed(a, {**a, "sha256": None}) == "built from a.vasp, which no longer exists"
-    assert changed(a, {"file": "b.vasp", "sha256": "1" * 64, "spec_sha256": "y"}) == \
-        "built from a.vasp; the config now names b.vasp"
-    assert changed(a, {**a, "spec_sha256": "y"}) == "built from an older version of the system's structure settings in the config"
+    assert (
+        changed(a, {"file": "b.vasp", "sha256": "1" * 64, "spec_sha256": "y"})
+        == "built from a.vasp; the config now names b.vasp"
+    )
+    assert (
+        changed(a, {**a, "spec_sha256": "y"})
+        == "built from an older version of the system's structure settings in the config"
+    )
     assert changed({"builder": "bulk", "spec_sha256": "x"}, {"builder": "bulk", "spec_sha256": "x"}) is None

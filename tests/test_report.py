@@ -15,8 +15,8 @@ import tempfile
 import numpy as np
 import pandas as pd
 import pytest
-
 import test_report_tree as tree
+
 from dpsnake.cli import main
 
 pytestmark = pytest.mark.slow  # trains two tiny models when the cache is cold (~1 min)
@@ -51,8 +51,11 @@ def test_counts_equal_stats_and_collect(run):
             assert csv.at[name, "labelled"] == coll["systems"][name]["added"]
             assert csv.at[name, "label_failed"] == coll["systems"][name]["failed"]
             # dataset size: frames in init + iter.0..it, counted from the raw npy arrays
-            n = sum(np.load(p).shape[0] for p in (res / "data").glob(f"*/{name}/set.*/coord.npy")
-                    if p.parents[2].name == "init" or int(p.parents[2].name.split(".")[1]) <= it)
+            n = sum(
+                np.load(p).shape[0]
+                for p in (res / "data").glob(f"*/{name}/set.*/coord.npy")
+                if p.parents[2].name == "init" or int(p.parents[2].name.split(".")[1]) <= it
+            )
             assert csv.at[name, "data_frames"] == n
         rep = json.loads((res / "reports" / f"iter.{it:06d}.json").read_text())
         assert rep["labelling"]["labelled"] == coll["labelled"] and rep["labelling"]["failed"] == coll["failed"]
@@ -61,7 +64,9 @@ def test_counts_equal_stats_and_collect(run):
         if it == 0:  # CuNi below the threshold: the stage repeats (select's own words are not reused)
             r = stats["systems"]["CuNi"]["accurate_ratio"]
             assert r < 0.3 <= stats["systems"]["Cu"]["accurate_ratio"]
-            assert rep["decision"]["reason"] == f"accurate ratio below 0.3: CuNi {r:.3f} (iteration 0); repeating stage 0"
+            assert (
+                rep["decision"]["reason"] == f"accurate ratio below 0.3: CuNi {r:.3f} (iteration 0); repeating stage 0"
+            )
         for name, c in coll["systems"].items():  # new labels by walker, from provenance.csv
             assert sum(r["frames"] for r in rep["new_labels"] if r["system"] == name) == c["added"]
     # walkers stopped early: exactly the failed walker of iteration 0
@@ -83,7 +88,8 @@ def test_deviation_and_learning_curve_tables(run):
         assert row["devi_f_max"] == pytest.approx(col.max(), rel=1e-6)  # file has 7 significant digits
         assert row["devi_f_median"] == pytest.approx(np.median(col), rel=1e-6)
     assert {(r["system"], r["temperature"]) for r in rep["deviations"]} == {
-        (s, t) for s in tree.SYSTEMS for t in tree.TEMPS}
+        (s, t) for s in tree.SYSTEMS for t in tree.TEMPS
+    }
     for lc in rep["learning_curves"]:
         last = np.loadtxt(res / "iter.000000" / "train" / lc["model"] / "lcurve.out", ndmin=2)[-1]
         assert lc["step"] == last[0] and lc["rmse_f_trn"] == pytest.approx(last[3])
@@ -112,9 +118,14 @@ def test_rmse_equals_deepmd_kit(run):
     for it in (0, 1):
         rep = json.loads((res / "reports" / f"iter.{it:06d}.json").read_text())
         acc = {(r["set"], r["system"], r["source"], r["model"]): r for r in rep["accuracy"]}
-        groups = {name: [p for p in sorted((res / "data").glob(f"*/{name}"))
-                         if p.parent.name == "init" or int(p.parent.name.split(".")[1]) <= it]
-                  for name in tree.SYSTEMS}
+        groups = {
+            name: [
+                p
+                for p in sorted((res / "data").glob(f"*/{name}"))
+                if p.parent.name == "init" or int(p.parent.name.split(".")[1]) <= it
+            ]
+            for name in tree.SYSTEMS
+        }
         groups["CuNi_hot"] = [run["root"] / "tests_data" / "CuNi_hot"]
         for name, paths in groups.items():
             e_err, f_err = [[] for _ in range(3)], [[] for _ in range(3)]
@@ -153,11 +164,22 @@ def test_run_level_files(run):
     rj = json.loads((res / "reports" / "run.json").read_text())
     stats1 = _stats(res, 1)
     assert rj["iterations"] == [0, 1]
-    latest = {n: {"iteration": 1, "stage": 0, "accurate_ratio": s["accurate_ratio"]} for n, s in stats1["systems"].items()}
+    latest = {
+        n: {"iteration": 1, "stage": 0, "accurate_ratio": s["accurate_ratio"]} for n, s in stats1["systems"].items()
+    }
     words = ", ".join(f"{n} {s['accurate_ratio']:.3f} (iteration 1)" for n, s in sorted(stats1["systems"].items()))
-    assert rj["decision"] == {"iteration": 1, "converged": True, "threshold": 0.3, "stop": True, "next_stage": None,
-                              "stage": 0, "stage_iteration": 1, "latest": latest, "below": [],
-                              "reason": f"every system's latest accurate ratio >= 0.3: {words}"}
+    assert rj["decision"] == {
+        "iteration": 1,
+        "converged": True,
+        "threshold": 0.3,
+        "stop": True,
+        "next_stage": None,
+        "stage": 0,
+        "stage_iteration": 1,
+        "latest": latest,
+        "below": [],
+        "reason": f"every system's latest accurate ratio >= 0.3: {words}",
+    }
     assert rj["stale_data"] == []  # the tree's config names no structure files
     html = (res / "reports" / "index.html").read_text()
     assert 'href="iter.000000.html"' in html and 'href="iter.000001.html"' in html
@@ -203,7 +225,10 @@ def test_status_table(run, capsys):
             assert [int(x) for x in row[2:5]] == [s["accurate"], s["candidate"], s["failed"]]
             assert float(row[5]) == pytest.approx(s["accurate_ratio"], abs=5e-4)
     r0 = _stats(res, 0)["systems"]["CuNi"]["accurate_ratio"]
-    assert f"iteration 0: reported; not converged: accurate ratio below 0.3: CuNi {r0:.3f} (iteration 0); repeating stage 0" in out
+    assert (
+        f"iteration 0: reported; not converged: accurate ratio below 0.3: CuNi {r0:.3f} (iteration 0); repeating stage 0"
+        in out
+    )
     assert out[-1].startswith("iteration 1: reported; converged")
 
 
@@ -234,10 +259,26 @@ def _screenshot(html: pathlib.Path, out: pathlib.Path, height: int) -> np.ndarra
     import matplotlib.image as mpimg
 
     with tempfile.TemporaryDirectory() as prof:
-        p = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                            "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                            "--disable-sync", f"--user-data-dir={prof}", f"--window-size=1400,{height}",
-                            f"--screenshot={out}", html.as_uri()], capture_output=True, text=True, timeout=120)
+        p = subprocess.run(
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={prof}",
+                f"--window-size=1400,{height}",
+                f"--screenshot={out}",
+                html.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert p.returncode == 0 and out.is_file(), p.stderr[-2000:]
     return (mpimg.imread(out)[:, :, :3] * 255).astype(int)
 
@@ -265,7 +306,7 @@ def test_html_renders_with_plots_in_chromium(run, tmp_path):
 
 # How the workflow's report rules wrap the pages for `snakemake --report` (docs/reports.md shows the
 # same); captions are the shipped workflow/report/*.rst.
-REPORT_SNAKEFILE = '''
+REPORT_SNAKEFILE = """
 report: "workflow/report/workflow.rst"
 
 ITS = ["000000", "000001"]
@@ -294,7 +335,7 @@ rule report_run:
                    category="Accuracy reports", subcategory="Run", labels={"iteration": "all", "file": "table"}),
         json="results/reports/run.json",
     shell: "dpsnake report --config results/config.json --run"
-'''
+"""
 
 
 def test_snakemake_report_zip_includes_pages(run, tmp_path):

@@ -13,8 +13,8 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-
 import test_report_tree as tree
+
 from dpsnake.cli import main
 from dpsnake.report import learning
 
@@ -44,8 +44,11 @@ def _mean_rmse(dps, path) -> tuple[float, float, int]:
     outs = [dp.eval(s["coords"].reshape(nf, -1), s["cells"].reshape(nf, -1), at) for dp in dps]
     e = np.mean([o[0].reshape(nf) for o in outs], 0)
     f = np.mean([o[1].reshape(nf, n, 3) for o in outs], 0)
-    return (float(np.sqrt(np.mean(((e - s["energies"]) / n) ** 2))),
-            float(np.sqrt(np.mean((f - s["forces"]) ** 2))), nf)
+    return (
+        float(np.sqrt(np.mean(((e - s["energies"]) / n) ** 2))),
+        float(np.sqrt(np.mean((f - s["forces"]) ** 2))),
+        nf,
+    )
 
 
 def test_learning_curve_equals_deepmd_kit(run):
@@ -67,10 +70,15 @@ def test_learning_curve_equals_deepmd_kit(run):
             dp_file = res / f"iter.{it:06d}" / "train" / f"model.{k}" / "model.dp"
             assert dp_file.read_bytes() == (m["dir"] / "model.dp").read_bytes()
         dps = [DeepPot(str(m["pb"])) for m in run["models"]]
-        trained = {name: _frames(res / "data" / "init" / name)
-                   + sum(_frames(res / "data" / f"iter.{k:06d}" / name) for k in range(it)
-                         if (res / "data" / f"iter.{k:06d}" / name).is_dir())
-                   for name in tree.SYSTEMS}
+        trained = {
+            name: _frames(res / "data" / "init" / name)
+            + sum(
+                _frames(res / "data" / f"iter.{k:06d}" / name)
+                for k in range(it)
+                if (res / "data" / f"iter.{k:06d}" / name).is_dir()
+            )
+            for name in tree.SYSTEMS
+        }
         total = sum(trained.values())
         for name in tree.SYSTEMS:
             new = res / "data" / f"iter.{it:06d}" / name
@@ -92,28 +100,63 @@ def test_learning_curve_equals_deepmd_kit(run):
     assert set(lc) == expected  # both iterations labelled frames for both systems
     assert {k[1] for k in expected if k[0] == "next"} == set(tree.SYSTEMS)
     html = (rep / "index.html").read_text()
-    assert 'id="labels"' in html and 'alt="learning curve"' in html and "next-iteration error" in html and "&lt;NA&gt;" not in html
+    assert (
+        'id="labels"' in html
+        and 'alt="learning curve"' in html
+        and "next-iteration error" in html
+        and "&lt;NA&gt;" not in html
+    )
 
 
 def _content(it, datasets, acc):
-    return {"iteration": it, "datasets": [{"system": s, "source": src, "frames": n} for s, src, n in datasets],
-            "accuracy": [{"set": st, "system": s, "source": src, "model": "mean", "frames": n, "rmse_e_atom": e,
-                          "rmse_f": f} for st, s, src, n, e, f in acc]}
+    return {
+        "iteration": it,
+        "datasets": [{"system": s, "source": src, "frames": n} for s, src, n in datasets],
+        "accuracy": [
+            {"set": st, "system": s, "source": src, "model": "mean", "frames": n, "rmse_e_atom": e, "rmse_f": f}
+            for st, s, src, n, e, f in acc
+        ],
+    }
 
 
 def test_rows_edge_cases():
     # a system whose only dataset is this iteration's new labels: its "all" row is the new labels alone
-    c = _content(2, [("A", "init", 5), ("A", "iter.000000", 2), ("A", "iter.000002", 3), ("B", "iter.000002", 4)],
-                 [("labelled", "A", "all", 10, 0.1, 0.2), ("labelled", "A", "iter.000002", 3, 0.3, 0.4),
-                  ("labelled", "B", "all", 4, 0.5, 0.6), ("labelled", "A", "init", 5, 0.0, 0.1)])
+    c = _content(
+        2,
+        [("A", "init", 5), ("A", "iter.000000", 2), ("A", "iter.000002", 3), ("B", "iter.000002", 4)],
+        [
+            ("labelled", "A", "all", 10, 0.1, 0.2),
+            ("labelled", "A", "iter.000002", 3, 0.3, 0.4),
+            ("labelled", "B", "all", 4, 0.5, 0.6),
+            ("labelled", "A", "init", 5, 0.0, 0.1),
+        ],
+    )
     rows = {r["system"]: r for r in learning.rows(c)}
-    assert rows["A"] == {"iteration": 2, "set": "next", "system": "A", "labels_system": 7, "labels_total": 7,
-                       "frames": 3, "rmse_e_atom": 0.3, "rmse_f": 0.4}
+    assert rows["A"] == {
+        "iteration": 2,
+        "set": "next",
+        "system": "A",
+        "labels_system": 7,
+        "labels_total": 7,
+        "frames": 3,
+        "rmse_e_atom": 0.3,
+        "rmse_f": 0.4,
+    }
     assert rows["B"]["labels_system"] == 0 and rows["B"]["frames"] == 4 and rows["B"]["rmse_f"] == 0.6
     # an iteration that labelled nothing has no next-iteration row; no evaluation (--no-accuracy): no rows
     c = _content(3, [("A", "init", 5)], [("labelled", "A", "all", 5, 0.1, 0.2), ("test", "T", "all", 2, 0.3, 0.4)])
     assert [(r["set"], r["system"], r["labels_total"]) for r in learning.rows(c)] == [("test", "T", 5)]
     assert learning.rows(_content(3, [("A", "init", 5), ("A", "iter.000003", 1)], [])) == []
     t = learning.table([c])
-    assert learning.records(t) == [{"iteration": 3, "set": "test", "system": "T", "labels_system": None,
-                                    "labels_total": 5, "frames": 2, "rmse_e_atom": 0.3, "rmse_f": 0.4}]
+    assert learning.records(t) == [
+        {
+            "iteration": 3,
+            "set": "test",
+            "system": "T",
+            "labels_system": None,
+            "labels_total": 5,
+            "frames": 2,
+            "rmse_e_atom": 0.3,
+            "rmse_f": 0.4,
+        }
+    ]

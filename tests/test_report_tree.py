@@ -58,7 +58,8 @@ def write_model_devi(path: pathlib.Path, devi: np.ndarray) -> None:
     """devi: (nframes, 7) [step, max_v, min_v, avg_v, max_f, min_f, avg_f]; the engine's writer when it
     exists, else DeePMD-kit's (same plugin format)."""
     try:
-        from dpsnake.engine.model_devi import COLUMNS, write_model_devi as w
+        from dpsnake.engine.model_devi import COLUMNS
+        from dpsnake.engine.model_devi import write_model_devi as w
     except ImportError:
         from deepmd.infer.model_devi import write_model_devi_out
 
@@ -99,8 +100,9 @@ def build(root: pathlib.Path, models: list[dict]) -> dict:
                 wname = f"{name}.T{int(temp)}"
                 nsteps, trj = 40, 10
                 # hotter walkers rattle more, as MD at higher T explores further
-                frames = emt_frames(kind, nsteps // trj + 1, seed=100 * it + 10 * ti + len(name),
-                                    amp=0.02 + 0.1 * temp / 900 / (1 + it))
+                frames = emt_frames(
+                    kind, nsteps // trj + 1, seed=100 * it + 10 * ti + len(name), amp=0.02 + 0.1 * temp / 900 / (1 + it)
+                )
                 failed = name == "CuNi" and temp == 900 and it == 0  # stopped early: only 3 frames kept
                 if failed:
                     frames = frames[:3]
@@ -115,13 +117,31 @@ def build(root: pathlib.Path, models: list[dict]) -> dict:
                 for a, st in zip(frames, devi[:, 0]):
                     a.info["step"] = int(st)
                 ase_write(wdir / "traj.extxyz", frames, format="extxyz")
-                walkers.append({"name": wname, "system": name, "structure": "POSCAR", "temperature": temp,
-                                "ensemble": "nvt", "nsteps": nsteps, "dt": 0.002, "trj_freq": trj, "seed": ti})
-                summ[wname] = {"status": "failed" if failed else "finished",
-                               "reason": "max_devi_f above max_devi_f_cap" if failed else None,
-                               "steps": int(devi[-1, 0]) if failed else nsteps}
-                stats_w[wname] = {"system": name, "temperature": temp, "pressure": None,
-                                  "status": summ[wname]["status"], "reason": summ[wname]["reason"]}
+                walkers.append(
+                    {
+                        "name": wname,
+                        "system": name,
+                        "structure": "POSCAR",
+                        "temperature": temp,
+                        "ensemble": "nvt",
+                        "nsteps": nsteps,
+                        "dt": 0.002,
+                        "trj_freq": trj,
+                        "seed": ti,
+                    }
+                )
+                summ[wname] = {
+                    "status": "failed" if failed else "finished",
+                    "reason": "max_devi_f above max_devi_f_cap" if failed else None,
+                    "steps": int(devi[-1, 0]) if failed else nsteps,
+                }
+                stats_w[wname] = {
+                    "system": name,
+                    "temperature": temp,
+                    "pressure": None,
+                    "status": summ[wname]["status"],
+                    "reason": summ[wname]["reason"],
+                }
                 devi_all[name] += list(devi[:, 4])
                 frames_by_walker[wname] = (frames, devi[:, 4])
         (idir / "explore" / "walkers.json").write_text(json.dumps(walkers))
@@ -136,11 +156,25 @@ def build(root: pathlib.Path, models: list[dict]) -> dict:
             lo, hi = (float(x) for x in np.quantile(v, [q_lo, 0.7]))
             acc, cand, fail = int((v < lo).sum()), int(((v >= lo) & (v < hi)).sum()), int((v >= hi).sum())
             sel = min(cand, 2)
-            systems[name] = {"accurate": acc, "candidate": cand, "failed": fail, "total": len(v),
-                             "accurate_ratio": acc / len(v), "candidate_ratio": cand / len(v),
-                             "failed_ratio": fail / len(v), "trust_lo": lo, "trust_hi": hi, "selected": sel}
-            picks = [(w, a, d) for w, (fr, dv) in frames_by_walker.items() if w.startswith(name + ".T")
-                     for a, d in zip(fr, dv) if lo <= d < hi][:sel]
+            systems[name] = {
+                "accurate": acc,
+                "candidate": cand,
+                "failed": fail,
+                "total": len(v),
+                "accurate_ratio": acc / len(v),
+                "candidate_ratio": cand / len(v),
+                "failed_ratio": fail / len(v),
+                "trust_lo": lo,
+                "trust_hi": hi,
+                "selected": sel,
+            }
+            picks = [
+                (w, a, d)
+                for w, (fr, dv) in frames_by_walker.items()
+                if w.startswith(name + ".T")
+                for a, d in zip(fr, dv)
+                if lo <= d < hi
+            ][:sel]
             new_labels[name] = picks
         # the decision as select takes it: one stage of up to 2 iterations, threshold 0.3
         dec = decide(systems, 0.3, it, 0, it, 1, 2, 2)
@@ -153,33 +187,48 @@ def build(root: pathlib.Path, models: list[dict]) -> dict:
         added, failures, task = {}, [], 0
         for name, picks in new_labels.items():
             ok = picks[:-1] if (name == "CuNi" and len(picks) > 1) else picks
-            for w, a, d in picks[len(ok):]:
+            for _w, _a, _d in picks[len(ok) :]:
                 failures.append({"task": f"task.{task + len(ok):06d}", "system": name, "reason": "SCF not converged"})
             if ok:
                 from ase.calculators.emt import EMT
+
                 labelled = []
-                for w, a, d in ok:
+                for _w, a, _d in ok:
                     b = a.copy()
                     b.calc = EMT()
                     b.get_potential_energy()
                     labelled.append(b)
                 out = write_npy(labelled, res / "data" / f"iter.{it:06d}" / name)
                 rows = ["iteration,system,walker,step,max_devi_f,task"]
-                rows += [f"{it},{name},{w},{a.info['step']},{float(d)!r},task.{task + i:06d}"
-                         for i, (w, a, d) in enumerate(ok)]
+                rows += [
+                    f"{it},{name},{w},{a.info['step']},{float(d)!r},task.{task + i:06d}"
+                    for i, (w, a, d) in enumerate(ok)
+                ]
                 (out / "provenance.csv").write_text("\n".join(rows) + "\n")
             task += len(picks)
             added[name] = {"added": len(ok), "failed": len(picks) - len(ok)}
         nlab = sum(v["added"] for v in added.values())
         nfail = len(failures)
         (idir / "collect").mkdir(parents=True)
-        (idir / "collect" / "summary.json").write_text(json.dumps(
-            {"iteration": it, "labelled": nlab, "failed": nfail, "failed_ratio": nfail / max(1, nlab + nfail),
-             "failures": failures, "systems": added}))
+        (idir / "collect" / "summary.json").write_text(
+            json.dumps(
+                {
+                    "iteration": it,
+                    "labelled": nlab,
+                    "failed": nfail,
+                    "failed_ratio": nfail / max(1, nlab + nfail),
+                    "failures": failures,
+                    "systems": added,
+                }
+            )
+        )
         facts["selected"][it] = {n: s["selected"] for n, s in systems.items()}
 
-    config = {"results_dir": str(res), "test_data": [str(root / "tests_data" / "CuNi_hot")],
-              "convergence": {"accurate_ratio": 0.3, "max_iterations": 2}}
+    config = {
+        "results_dir": str(res),
+        "test_data": [str(root / "tests_data" / "CuNi_hot")],
+        "convergence": {"accurate_ratio": 0.3, "max_iterations": 2},
+    }
     (res / "config.json").write_text(json.dumps(config, indent=1))
     snakemake_benchmarks(root)
     return {"root": root, "results": res, "config": res / "config.json", "models": models, **facts}
@@ -199,6 +248,7 @@ rule work:
 def snakemake_benchmarks(root: pathlib.Path) -> None:
     """Real Snakemake benchmark files for iteration 0: train.0, train.1, explore.0, select.0."""
     (root / "Snakefile").write_text(BENCH_SNAKEFILE)
-    p = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", "--quiet"], cwd=root,
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "1", "--quiet"], cwd=root, capture_output=True, text=True
+    )
     assert p.returncode == 0, p.stderr[-3000:]

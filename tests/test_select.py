@@ -22,13 +22,22 @@ def _cfg(tmp_path, **over):
     """A resolved config (schema defaults filled) for one Cu system."""
     from dpsnake.workflow.config import check
 
-    raw = {"type_map": ["Cu"],
-           "systems": {"Cu": {"structure": {"builder": "bulk", "repeat": [2, 2, 2],
-                                            "kwargs": {"name": "Cu", "crystalstructure": "fcc", "a": 3.61,
-                                                       "cubic": True}}}},
-           "explore": {"stages": [{"temperatures": [300.0], "ensemble": "nvt", "nsteps": 40, "trj_freq": 5,
-                                   "max_iterations": 2}]},
-           "train": {"numb_models": 2}}
+    raw = {
+        "type_map": ["Cu"],
+        "systems": {
+            "Cu": {
+                "structure": {
+                    "builder": "bulk",
+                    "repeat": [2, 2, 2],
+                    "kwargs": {"name": "Cu", "crystalstructure": "fcc", "a": 3.61, "cubic": True},
+                }
+            }
+        },
+        "explore": {
+            "stages": [{"temperatures": [300.0], "ensemble": "nvt", "nsteps": 40, "trj_freq": 5, "max_iterations": 2}]
+        },
+        "train": {"numb_models": 2},
+    }
     raw.update(over)
     return check(raw, tmp_path)
 
@@ -101,8 +110,9 @@ def _write_explore(tmp_path, cfg, devi_f, devi_v=None, close_step=None, repeat_f
     w = walkers[0]
     (ex / "walkers.json").write_text(json.dumps(walkers))
     (ex / "plan.json").write_text(json.dumps({"iteration": it, "stage": stage, "stage_iteration": 0}))
-    (ex / "summary.json").write_text(json.dumps({"walkers": {w["name"]: {"status": "finished", "reason": None,
-                                                                         "steps": 40}}}))
+    (ex / "summary.json").write_text(
+        json.dumps({"walkers": {w["name"]: {"status": "finished", "reason": None, "steps": 40}}})
+    )
     n = len(devi_f)
     steps = np.arange(n) * 5
     atoms0 = ase.io.read(ex / w["structure"])
@@ -118,17 +128,29 @@ def _write_explore(tmp_path, cfg, devi_f, devi_v=None, close_step=None, repeat_f
     ase.io.write(ex / w["name"] / "traj.extxyz", frames, format="extxyz")
     z = np.zeros(n)
     v = z if devi_v is None else np.asarray(devi_v)
-    write_model_devi(ex / w["name"] / "model_devi.out", steps,
-                     {"max_devi_v": v, "min_devi_v": z, "avg_devi_v": z, "max_devi_f": np.asarray(devi_f),
-                      "min_devi_f": z, "avg_devi_f": z})
+    write_model_devi(
+        ex / w["name"] / "model_devi.out",
+        steps,
+        {
+            "max_devi_v": v,
+            "min_devi_v": z,
+            "avg_devi_v": z,
+            "max_devi_f": np.asarray(devi_f),
+            "min_devi_f": z,
+            "avg_devi_f": z,
+        },
+    )
     return ex
 
 
 def test_select_cli_counts_and_candidates(tmp_path):
     from dpsnake.workflow.select import select
 
-    cfg = _cfg(tmp_path, trust={"force": [0.05, 0.15], "virial": [0.1, 0.3]},
-               select={"max_candidates": 3, "pick": "highest", "min_dist": 1.5})
+    cfg = _cfg(
+        tmp_path,
+        trust={"force": [0.05, 0.15], "virial": [0.1, 0.3]},
+        select={"max_candidates": 3, "pick": "highest", "min_dist": 1.5},
+    )
     devi_f = [0.01, 0.02, 0.06, 0.07, 0.08, 0.09, 0.10, 0.2, 0.01]
     devi_v = [0.0, 0.2, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5]
     ex = _write_explore(tmp_path, cfg, devi_f, devi_v, close_step=30)  # step 30 = frame 6 (devi 0.10)
@@ -194,8 +216,12 @@ def test_select_skips_frames_whose_label_failed(tmp_path):
         cands.append(it0 / "select" / "candidates" / f"task.{a.info['task']}.extxyz")
         outs.append(it0 / "label" / cands[-1].name)
         ase.io.write(cands[-1], a, format="extxyz")
-    p = subprocess.run([sys.executable, "-m", "dpsnake.cli", "label", "--config", "config.json", "--input", *cands,
-                        "--output", *outs], capture_output=True, text=True, cwd=tmp_path)
+    p = subprocess.run(
+        [sys.executable, "-m", "dpsnake.cli", "label", "--config", "config.json", "--input", *cands, "--output", *outs],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr
     records = sorted((it0 / "label").glob("task.*.failed.json"))
     bad_steps = sorted(json.loads(r.read_text())["step"] for r in records)
@@ -214,9 +240,27 @@ def test_select_skips_frames_whose_label_failed(tmp_path):
     records[0].write_text(json.dumps(rec))
     assert select(cfg, 1, ex, results=tmp_path / "results")[0]["systems"]["Cu"]["failed_before"] == 2
     # the command line: --results, and one line per system saying how many and why
-    p = subprocess.run([sys.executable, "-m", "dpsnake.cli", "select", "--config", "config.json", "--iter", "1",
-                        "--explore", str(ex), "--outdir", "select1", "--results", "results"],
-                       capture_output=True, text=True, cwd=tmp_path)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpsnake.cli",
+            "select",
+            "--config",
+            "config.json",
+            "--iter",
+            "1",
+            "--explore",
+            str(ex),
+            "--outdir",
+            "select1",
+            "--results",
+            "results",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr
     assert "Cu: 2 candidate(s) not picked again, their label failed in an earlier iteration" in p.stderr
     assert "failed.json" in p.stderr and "above the sanity cap" in p.stderr
@@ -233,20 +277,35 @@ def test_select_decision_is_the_reports_when_the_last_stage_explores_one_system(
     from dpsnake.workflow.selection import decide_from_stats
 
     cu = _cfg(tmp_path)["systems"]["Cu"]
-    cfg = _cfg(tmp_path, systems={"Cu": cu, "Cu2": cu}, convergence={"accurate_ratio": 0.95, "max_iterations": 5},
-               explore={"stages": [{"systems": ["Cu", "Cu2"], "temperatures": [300.0], "nsteps": 40, "trj_freq": 5,
-                                    "max_iterations": 1},
-                                   {"systems": ["Cu"], "temperatures": [300.0], "nsteps": 40, "trj_freq": 5}]})
+    cfg = _cfg(
+        tmp_path,
+        systems={"Cu": cu, "Cu2": cu},
+        convergence={"accurate_ratio": 0.95, "max_iterations": 5},
+        explore={
+            "stages": [
+                {"systems": ["Cu", "Cu2"], "temperatures": [300.0], "nsteps": 40, "trj_freq": 5, "max_iterations": 1},
+                {"systems": ["Cu"], "temperatures": [300.0], "nsteps": 40, "trj_freq": 5},
+            ]
+        },
+    )
     res = tmp_path / "results"
-    st0 = {"iteration": 0, "stage": 0, "stage_iteration": 0, "tasks": [], "walkers": {},
-           "systems": {"Cu": {"accurate_ratio": 0.97}, "Cu2": {"accurate_ratio": 0.435}}}
+    st0 = {
+        "iteration": 0,
+        "stage": 0,
+        "stage_iteration": 0,
+        "tasks": [],
+        "walkers": {},
+        "systems": {"Cu": {"accurate_ratio": 0.97}, "Cu2": {"accurate_ratio": 0.435}},
+    }
     st0.update(decide_from_stats(cfg, st0))
     assert st0["next_stage"] == 1
     (res / "iter.000000" / "select").mkdir(parents=True)
     (res / "iter.000000" / "select" / "stats.json").write_text(json.dumps(st0))
     ex = _write_explore(tmp_path, cfg, [0.01] * 6, it=1, stage=1)
-    why = ("exploration plan exhausted: the last stage (stage 1) reached the threshold for Cu only; "
-           "latest accurate ratio below 0.95: Cu2 0.435 (iteration 0)")
+    why = (
+        "exploration plan exhausted: the last stage (stage 1) reached the threshold for Cu only; "
+        "latest accurate ratio below 0.95: Cu2 0.435 (iteration 0)"
+    )
     stats, tasks = select(cfg, 1, ex, results=res)
     assert not tasks and stats["systems"]["Cu"]["accurate_ratio"] == 1.0
     assert (stats["converged"], stats["stop"], stats["next_stage"], stats["reason"]) == (False, True, None, why)
@@ -265,9 +324,27 @@ def test_select_decision_is_the_reports_when_the_last_stage_explores_one_system(
     from dpsnake.workflow.config import write_if_changed
 
     write_if_changed(cfg, tmp_path / "config.json")
-    p = subprocess.run([sys.executable, "-m", "dpsnake.cli", "select", "--config", "config.json", "--iter", "1",
-                        "--explore", str(ex), "--outdir", "select1", "--results", "results"],
-                       capture_output=True, text=True, cwd=tmp_path)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpsnake.cli",
+            "select",
+            "--config",
+            "config.json",
+            "--iter",
+            "1",
+            "--explore",
+            str(ex),
+            "--outdir",
+            "select1",
+            "--results",
+            "results",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines()[-1] == f"stopped, not converged: {why}"
     written = json.loads((tmp_path / "select1" / "stats.json").read_text())
@@ -291,12 +368,47 @@ def test_select_on_real_exploration(tmp_path, dp_model):
     walkers = make_walkers(cfg, 0, 0, ex)
     (ex / "walkers.json").write_text(json.dumps(walkers))
     (ex / "plan.json").write_text(json.dumps({"iteration": 0, "stage": 0, "stage_iteration": 0}))
-    p = subprocess.run([sys.executable, "-m", "dpsnake.cli", "explore", "--models", str(m0), str(m1),
-                        "--walkers", str(ex / "walkers.json"), "--outdir", str(ex), "--device", "cpu",
-                        "--no-progress"], capture_output=True, text=True, cwd=tmp_path)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpsnake.cli",
+            "explore",
+            "--models",
+            str(m0),
+            str(m1),
+            "--walkers",
+            str(ex / "walkers.json"),
+            "--outdir",
+            str(ex),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
-    p = subprocess.run([sys.executable, "-m", "dpsnake.cli", "select", "--config", "config.json", "--iter", "0",
-                        "--explore", "explore", "--outdir", "select"], capture_output=True, text=True, cwd=tmp_path)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpsnake.cli",
+            "select",
+            "--config",
+            "config.json",
+            "--iter",
+            "0",
+            "--explore",
+            "explore",
+            "--outdir",
+            "select",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     stats = json.loads((tmp_path / "select" / "stats.json").read_text())
     md = S.read_model_devi(ex / walkers[0]["name"] / "model_devi.out")
@@ -330,8 +442,9 @@ def _write_conditions(tmp_path, cfg, per_walker):
     walkers = make_walkers(cfg, 0, 0, ex)
     (ex / "walkers.json").write_text(json.dumps(walkers))
     (ex / "plan.json").write_text(json.dumps({"iteration": 0, "stage": 0, "stage_iteration": 0}))
-    (ex / "summary.json").write_text(json.dumps({"walkers": {w["name"]: {"status": "finished", "reason": None}
-                                                             for w in walkers}}))
+    (ex / "summary.json").write_text(
+        json.dumps({"walkers": {w["name"]: {"status": "finished", "reason": None} for w in walkers}})
+    )
     for w, spec in zip(walkers, per_walker):
         atoms0 = ase.io.read(ex / w["structure"])
         frames = []
@@ -344,9 +457,18 @@ def _write_conditions(tmp_path, cfg, per_walker):
         (ex / w["name"]).mkdir()
         ase.io.write(ex / w["name"] / "traj.extxyz", frames, format="extxyz")
         z = np.zeros(len(spec))
-        write_model_devi(ex / w["name"] / "model_devi.out", 5 * np.arange(len(spec)),
-                         {"max_devi_v": z, "min_devi_v": z, "avg_devi_v": z,
-                          "max_devi_f": np.asarray([s[2] for s in spec]), "min_devi_f": z, "avg_devi_f": z})
+        write_model_devi(
+            ex / w["name"] / "model_devi.out",
+            5 * np.arange(len(spec)),
+            {
+                "max_devi_v": z,
+                "min_devi_v": z,
+                "avg_devi_v": z,
+                "max_devi_f": np.asarray([s[2] for s in spec]),
+                "min_devi_f": z,
+                "avg_devi_f": z,
+            },
+        )
     return ex, walkers
 
 
@@ -366,8 +488,7 @@ def test_select_diverse_dedup_and_condition_quota(tmp_path, cu_model):
     ex, _ = _write_conditions(tmp_path, cfg, [cold, hot])
     _, tasks = select(cfg, 0, ex)
     assert [t.info["temperature"] for t in tasks] == [900.0] * 4
-    cfg = _cfg(tmp_path, **base, select={"max_candidates": 4, "pick": "diverse", "dedup_tol": 0.02,
-                                          "min_dist": 0.5})
+    cfg = _cfg(tmp_path, **base, select={"max_candidates": 4, "pick": "diverse", "dedup_tol": 0.02, "min_dist": 0.5})
     stats, tasks = select(cfg, 0, ex, model=cu_model["dp"])
     hot_steps = sorted(t.info["step"] for t in tasks if t.info["temperature"] == 900.0)
     # the highest deviation (900 K step 20), the outlier (step 25), then the 300 K frames farthest away
@@ -375,29 +496,54 @@ def test_select_diverse_dedup_and_condition_quota(tmp_path, cu_model):
     assert sorted(t.info["step"] for t in tasks if t.info["temperature"] == 300.0) == [10, 20]
     s = stats["systems"]["Cu"]
     assert s["near_duplicates"] == 4 and s["duplicates"] == 4 and s["selected"] == len(tasks) == 4
-    cfg = _cfg(tmp_path, **base, select={"max_candidates": 4, "pick": "highest", "quota": "condition",
-                                          "min_dist": 0.5})
+    cfg = _cfg(tmp_path, **base, select={"max_candidates": 4, "pick": "highest", "quota": "condition", "min_dist": 0.5})
     _, tasks = select(cfg, 0, ex)
     assert sorted(t.info["temperature"] for t in tasks) == [300.0, 300.0, 900.0, 900.0]
-    assert sorted((t.info["temperature"], t.info["step"]) for t in tasks) == \
-        [(300.0, 20), (300.0, 25), (900.0, 15), (900.0, 20)]  # each condition's highest two
+    assert sorted((t.info["temperature"], t.info["step"]) for t in tasks) == [
+        (300.0, 20),
+        (300.0, 25),
+        (900.0, 15),
+        (900.0, 20),
+    ]  # each condition's highest two
     # the command line, with the model next to the explore folder (the iteration's layout); the log says
     # which features were used
-    cfg = _cfg(tmp_path, **base, select={"max_candidates": 4, "pick": "diverse", "dedup_tol": 0.02,
-                                          "quota": "condition", "min_dist": 0.5})
+    cfg = _cfg(
+        tmp_path,
+        **base,
+        select={"max_candidates": 4, "pick": "diverse", "dedup_tol": 0.02, "quota": "condition", "min_dist": 0.5},
+    )
     write_if_changed(cfg, tmp_path / "config.json")
     (tmp_path / "train" / "model.0").mkdir(parents=True)
     (tmp_path / "train" / "model.0" / "model.dp").symlink_to(cu_model["dp"])
-    p = subprocess.run([sys.executable, "-m", "dpsnake.cli", "select", "--config", "config.json", "--iter", "0",
-                        "--explore", "explore", "--outdir", "select"], capture_output=True, text=True, cwd=tmp_path)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpsnake.cli",
+            "select",
+            "--config",
+            "config.json",
+            "--iter",
+            "0",
+            "--explore",
+            "explore",
+            "--outdir",
+            "select",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert "features of pick diverse / dedup_tol: se_e2_a descriptor of" in p.stderr
     assert "candidate(s) within dedup_tol 0.02 of a picked frame dropped" in p.stderr
     out = json.loads((tmp_path / "select" / "stats.json").read_text())
     import ase.io
 
-    temps = sorted(ase.io.read(f, format="extxyz").info["temperature"]
-                   for f in (tmp_path / "select" / "candidates").glob("*.extxyz"))
+    temps = sorted(
+        ase.io.read(f, format="extxyz").info["temperature"]
+        for f in (tmp_path / "select" / "candidates").glob("*.extxyz")
+    )
     assert temps == [300.0, 300.0, 900.0, 900.0] and out["systems"]["Cu"]["selected"] == 4
 
 
@@ -411,8 +557,12 @@ def test_select_diverse_keeps_away_from_training_frames(tmp_path, cu_model):
 
     st = {"temperatures": [300.0], "ensemble": "nvt", "nsteps": 40, "trj_freq": 5, "max_iterations": 2}
     spec = [(0.03, 10 + k, 0.12 - 0.001 * k) for k in range(6)] + [(0.25, 2, 0.10)]  # frame 6: the outlier
-    cfg = _cfg(tmp_path, trust={"force": [0.05, 0.15]}, explore={"stages": [st]},
-               select={"max_candidates": 2, "pick": "diverse", "min_dist": 0.5})
+    cfg = _cfg(
+        tmp_path,
+        trust={"force": [0.05, 0.15]},
+        explore={"stages": [st]},
+        select={"max_candidates": 2, "pick": "diverse", "min_dist": 0.5},
+    )
     ex, _ = _write_conditions(tmp_path, cfg, [spec])
     stats, tasks = select(cfg, 0, ex, model=cu_model["dp"])
     assert sorted(t.info["step"] for t in tasks) == [0, 30]  # the highest deviation, then the outlier

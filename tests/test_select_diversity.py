@@ -111,8 +111,9 @@ def test_descriptor_features_are_the_engines(cu_model):
     f = D.descriptor_features(cu_model["dp"], [a, b, a])
     ens = Ensemble([cu_model["dp"]])
     rm = ens._rt(np, 0)
-    e = ens.evaluate(a.positions, np.zeros(len(a), int), np.zeros(len(a), int), a.cell.array[None],
-                     np.array([True]), atomic=True)["atom_energy"][0]
+    e = ens.evaluate(
+        a.positions, np.zeros(len(a), int), np.zeros(len(a), int), a.cell.array[None], np.array([True]), atomic=True
+    )["atom_energy"][0]
     y, _ = rm.fittings[0].forward(np, f[:1], keep=False)
     assert y[0, 0] + rm.bias[0] == pytest.approx(float(e[0]), abs=1e-10)
     assert np.allclose(f[0], f[2]) and not np.allclose(f[0], f[1])

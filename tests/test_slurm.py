@@ -26,8 +26,10 @@ BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scontrol", "mun
 # 2 CPUs cap threads and the width of a grouped job; no slurmdbd, so job status comes from squeue;
 # a short first status check keeps the test fast; no account exists.
 TEST_SITE_ARGS = [
-    "--slurm-status-command", "squeue",
-    "--slurm-init-seconds-before-status-checks", "3",
+    "--slurm-status-command",
+    "squeue",
+    "--slurm-init-seconds-before-status-checks",
+    "3",
     "--slurm-no-account",
     "--slurm-keep-successful-logs",
 ]
@@ -38,8 +40,10 @@ def _missing() -> str | None:
         return "the local SLURM needs root (daemons, /etc/slurm, /etc/munge)"
     missing = [b for b in BINARIES if shutil.which(b) is None]
     if missing:
-        return (f"missing {' '.join(missing)}: apt-get install -y slurmctld slurmd slurm-client munge "
-                "(tests/run.sh does it)")
+        return (
+            f"missing {' '.join(missing)}: apt-get install -y slurmctld slurmd slurm-client munge "
+            "(tests/run.sh does it)"
+        )
     return None
 
 
@@ -86,12 +90,31 @@ def test_local_cluster_schedules_cpus_memory_and_gpus(slurm_cluster, tmp_path):
 
     # a GPU job is scheduled on the GPU-less node and sees its device, as on a cluster
     out = tmp_path / "gpu.out"
-    _sh("sbatch", "--wait", "--gres=gpu:1", "--cpus-per-task=1", "--mem=100", "-o", str(out),
-        "--wrap", "echo CVD=$CUDA_VISIBLE_DEVICES SLURM_CPUS=$SLURM_CPUS_PER_TASK", timeout=120)
+    _sh(
+        "sbatch",
+        "--wait",
+        "--gres=gpu:1",
+        "--cpus-per-task=1",
+        "--mem=100",
+        "-o",
+        str(out),
+        "--wrap",
+        "echo CVD=$CUDA_VISIBLE_DEVICES SLURM_CPUS=$SLURM_CPUS_PER_TASK",
+        timeout=120,
+    )
     assert out.read_text().split() == ["CVD=0", "SLURM_CPUS=1"]
     out2 = tmp_path / "gpus.out"
-    _sh("sbatch", "--wait", "--gpus=2", "--mem=100", "-o", str(out2), "--wrap", "echo $CUDA_VISIBLE_DEVICES",
-        timeout=120)
+    _sh(
+        "sbatch",
+        "--wait",
+        "--gpus=2",
+        "--mem=100",
+        "-o",
+        str(out2),
+        "--wrap",
+        "echo $CUDA_VISIBLE_DEVICES",
+        timeout=120,
+    )
     assert out2.read_text().strip() == "0,1"
 
     # requests beyond the node are refused at submission, not left pending forever
@@ -100,8 +123,9 @@ def test_local_cluster_schedules_cpus_memory_and_gpus(slurm_cluster, tmp_path):
         assert r.returncode != 0 and "submission failed" in r.stderr, (too_much, r.stderr)
 
     # a failing job ends FAILED with its exit code and stays visible to squeue (the plugin's status source)
-    r = _sh("sbatch", "--parsable", "--wait", "--mem=100", "-o", "/dev/null", "--wrap", "exit 3", check=False,
-            timeout=120)
+    r = _sh(
+        "sbatch", "--parsable", "--wait", "--mem=100", "-o", "/dev/null", "--wrap", "exit 3", check=False, timeout=120
+    )
     jobid = r.stdout.strip().split(";")[0]
     assert r.returncode == 3
     states = {j["id"]: j["state"] for j in squeue_jobs()}
@@ -113,7 +137,7 @@ def test_local_cluster_schedules_cpus_memory_and_gpus(slurm_cluster, tmp_path):
 # A labeler whose process dies once, as a DFT code or a node does: the first `dpsnake label` process to
 # reach it claims a marker file and exits with code 42 (os._exit: nothing can catch it, so the SLURM
 # job fails); every later call is plain EMT. The workflow must report that job and retry it.
-CRASH_ONCE = '''
+CRASH_ONCE = """
 import os
 import sys
 
@@ -135,7 +159,7 @@ class CrashOnceEMT(EMT):
                 print("CrashOnceEMT: dying on purpose", file=sys.stderr, flush=True)
                 os._exit(42)
         super().calculate(*args, **kwargs)
-'''
+"""
 
 COPY = ("Snakefile", "workflow", "config", "envs", "profiles", "tests/configs")
 
@@ -189,10 +213,19 @@ def test_reduced_workflow_through_sbatch(slurm_cluster, tmp_path):
     cfg["label"] = {**cfg["label"], "calculator": "crashonce.CrashOnceEMT", "kwargs": {"marker": str(marker)}}
     (wf / "slurm-test.yaml").write_text(yaml.safe_dump(cfg))
 
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path / "py"),
-                                                                   os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "snakemake", "--profile", "profiles/slurm", "--configfile", "slurm-test.yaml",
-           *TEST_SITE_ARGS]
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path / "py"), os.environ.get("PYTHONPATH")]))
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--profile",
+        "profiles/slurm",
+        "--configfile",
+        "slurm-test.yaml",
+        *TEST_SITE_ARGS,
+    ]
     cmd[cmd.index("--slurm-init-seconds-before-status-checks") + 1] = "1"
     t0 = time.monotonic()
     run = subprocess.run(cmd, cwd=wf, env=env, capture_output=True, text=True, timeout=1200)
@@ -211,8 +244,18 @@ def test_reduced_workflow_through_sbatch(slurm_cluster, tmp_path):
     assert len(jobs) == len(submitted) > 0
     assert all(j["name"] == jobs[0]["name"] for j in jobs)  # the run's UUID: one Snakemake run
     rules_run = {rule for kind, rule, _ in blocks if kind != "localrule"}
-    assert {"init_data", "train", "plan", "explore", "select", "label", "collect", "report_iteration",
-            "finalize", "report_run"} <= rules_run
+    assert {
+        "init_data",
+        "train",
+        "plan",
+        "explore",
+        "select",
+        "label",
+        "collect",
+        "report_iteration",
+        "finalize",
+        "report_run",
+    } <= rules_run
     by_comment: dict[str, list[dict]] = {}
     for j in jobs:
         by_comment.setdefault(j["comment"].split("_wildcards")[0], []).append(j)

@@ -10,13 +10,36 @@ from dpsnake.cli import main
 
 def _stats(it: int, failed_before: dict[str, int]) -> dict:
     """stats.json as `dpsnake select` writes it (the fields status reads)."""
-    systems = {n: {"accurate": 8, "candidate": 2, "failed": 0, "total": 10, "accurate_ratio": 0.8,
-                   "candidate_ratio": 0.2, "failed_ratio": 0.0, "trust_lo": 0.05, "trust_hi": 0.15,
-                   "filtered": 0, "duplicates": 0, "failed_before": k, "selected": 2 - k}
-               for n, k in failed_before.items()}
-    return {"iteration": it, "stage": 0, "stage_iteration": it, "systems": systems, "walkers": {},
-            "converged": False, "stop": False, "next_stage": 0, "tasks": [],
-            "reason": "accurate ratio below 0.95: Cu 0.800; repeating stage 0"}
+    systems = {
+        n: {
+            "accurate": 8,
+            "candidate": 2,
+            "failed": 0,
+            "total": 10,
+            "accurate_ratio": 0.8,
+            "candidate_ratio": 0.2,
+            "failed_ratio": 0.0,
+            "trust_lo": 0.05,
+            "trust_hi": 0.15,
+            "filtered": 0,
+            "duplicates": 0,
+            "failed_before": k,
+            "selected": 2 - k,
+        }
+        for n, k in failed_before.items()
+    }
+    return {
+        "iteration": it,
+        "stage": 0,
+        "stage_iteration": it,
+        "systems": systems,
+        "walkers": {},
+        "converged": False,
+        "stop": False,
+        "next_stage": 0,
+        "tasks": [],
+        "reason": "accurate ratio below 0.95: Cu 0.800; repeating stage 0",
+    }
 
 
 def test_status_counts_failed_before_per_iteration(tmp_path, capsys):

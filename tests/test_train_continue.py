@@ -17,35 +17,63 @@ import sys
 
 import numpy as np
 import pytest
-
 from dpmodels import emt_dataset
 
 LR = {"type": "exp", "start_lr": 1e-3, "stop_lr": 1e-5, "decay_steps": 1}
-MODEL = {"descriptor": {"type": "se_e2_a", "rcut": 4.0, "rcut_smth": 1.0, "sel": "auto", "neuron": [4, 8],
-                        "axis_neuron": 4},
-         "fitting_net": {"neuron": [8, 8], "resnet_dt": True}}
+MODEL = {
+    "descriptor": {"type": "se_e2_a", "rcut": 4.0, "rcut_smth": 1.0, "sel": "auto", "neuron": [4, 8], "axis_neuron": 4},
+    "fitting_net": {"neuron": [8, 8], "resnet_dt": True},
+}
 
 
 def _cfg(tmp: pathlib.Path, backend: str, **train) -> pathlib.Path:
     """A resolved config (what the workflow writes to results/config.json) for `dpsnake train`."""
     from dpsnake.workflow.config import validate_schema
 
-    raw = {"type_map": ["Cu"],
-           "systems": {"Cu": {"structure": {"builder": "bulk", "kwargs": {"name": "Cu", "cubic": True}}}},
-           "explore": {"stages": [{"temperatures": [300]}]},
-           "train": dict({"backend": backend, "numb_steps": 6, "init_numb_steps": 4, "threads": 2,
-                          "init_from_previous": True,
-                          "input": {"model": MODEL, "learning_rate": LR,
-                                    "training": {"training_data": {"batch_size": 1}, "disp_freq": 1}}},
-                         **train)}
+    raw = {
+        "type_map": ["Cu"],
+        "systems": {"Cu": {"structure": {"builder": "bulk", "kwargs": {"name": "Cu", "cubic": True}}}},
+        "explore": {"stages": [{"temperatures": [300]}]},
+        "train": dict(
+            {
+                "backend": backend,
+                "numb_steps": 6,
+                "init_numb_steps": 4,
+                "threads": 2,
+                "init_from_previous": True,
+                "input": {
+                    "model": MODEL,
+                    "learning_rate": LR,
+                    "training": {"training_data": {"batch_size": 1}, "disp_freq": 1},
+                },
+            },
+            **train,
+        ),
+    }
     path = tmp / f"config.{backend}.{train.get('init_lr_schedule', 'default')}.json"
     path.write_text(json.dumps(validate_schema(raw)))
     return path
 
 
 def _train(cfg, it: int, outdir: pathlib.Path, data: list, init_from=None, ok: bool = True):
-    cmd = [sys.executable, "-m", "dpsnake.cli", "train", "--config", str(cfg), "--iter", str(it), "--model", "0",
-           "--outdir", str(outdir), "--threads", "2", "--data", *map(str, data)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dpsnake.cli",
+        "train",
+        "--config",
+        str(cfg),
+        "--iter",
+        str(it),
+        "--model",
+        "0",
+        "--outdir",
+        str(outdir),
+        "--threads",
+        "2",
+        "--data",
+        *map(str, data),
+    ]
     if init_from:
         cmd += ["--init-from", str(init_from)]
     p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))

@@ -13,7 +13,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from dpmodels import emt_dataset
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -28,21 +27,49 @@ def _cfg(tmp: pathlib.Path, **train) -> pathlib.Path:
     """A resolved config (what the workflow writes to results/config.json) for `dpsnake train`."""
     from dpsnake.workflow.config import validate_schema
 
-    raw = {"type_map": ["Cu", "Ni"],
-           "systems": {"CuNi": {"structure": {"builder": "bulk", "kwargs": {"name": "Cu", "cubic": True}}}},
-           "explore": {"stages": [{"temperatures": [300]}]},
-           "train": dict({"backend": "pt", "numb_models": 2, "numb_steps": 2, "threads": 2,
-                          "input": {"learning_rate": FROZEN_LR, "loss": {"type": "ener"},
-                                    "training": {"training_data": {"batch_size": 1}, "disp_freq": 1}}},
-                         **train)}
+    raw = {
+        "type_map": ["Cu", "Ni"],
+        "systems": {"CuNi": {"structure": {"builder": "bulk", "kwargs": {"name": "Cu", "cubic": True}}}},
+        "explore": {"stages": [{"temperatures": [300]}]},
+        "train": dict(
+            {
+                "backend": "pt",
+                "numb_models": 2,
+                "numb_steps": 2,
+                "threads": 2,
+                "input": {
+                    "learning_rate": FROZEN_LR,
+                    "loss": {"type": "ener"},
+                    "training": {"training_data": {"batch_size": 1}, "disp_freq": 1},
+                },
+            },
+            **train,
+        ),
+    }
     path = tmp / "config.json"
     path.write_text(json.dumps(validate_schema(raw)))
     return path
 
 
 def _train(cfg: pathlib.Path, it: int, outdir: pathlib.Path, data: list, init_from=None) -> dict:
-    cmd = [sys.executable, "-m", "dpsnake.cli", "train", "--config", str(cfg), "--iter", str(it), "--model", "0",
-           "--outdir", str(outdir), "--threads", "2", "--data", *map(str, data)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dpsnake.cli",
+        "train",
+        "--config",
+        str(cfg),
+        "--iter",
+        str(it),
+        "--model",
+        "0",
+        "--outdir",
+        str(outdir),
+        "--threads",
+        "2",
+        "--data",
+        *map(str, data),
+    ]
     if init_from:
         cmd += ["--init-from", str(init_from)]
     p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
@@ -71,8 +98,12 @@ def pretrained(pt_model):
 def test_finetune_pt_checkpoint_then_continue_from_previous(tmp_path, pretrained, model_cache):
     data = emt_dataset(model_cache, "CuNi")
     ckpt = pretrained["dir"] / "model.ckpt.pt"
-    cfg = _cfg(tmp_path, finetune={"model": str(ckpt), "numb_steps": 2}, init_from_previous=True,
-               input={"learning_rate": FROZEN_LR, "training": {"training_data": {"batch_size": 1}}})
+    cfg = _cfg(
+        tmp_path,
+        finetune={"model": str(ckpt), "numb_steps": 2},
+        init_from_previous=True,
+        input={"learning_rate": FROZEN_LR, "training": {"training_data": {"batch_size": 1}}},
+    )
     it0 = tmp_path / "iter.000000" / "model.0"
     start = _train(cfg, 0, it0, [data])
     assert start["mode"] == "finetune" and start["from"] == str(ckpt)
@@ -92,8 +123,9 @@ def test_finetune_pt_checkpoint_then_continue_from_previous(tmp_path, pretrained
 
     # a model from random weights is nowhere near: the comparisons above can fail
     scratch = tmp_path / "scratch"
-    cfg_s = _cfg(tmp_path, input={"model": pretrained["input"]["model"] | {"type_map": ["Cu", "Ni"]},
-                                  "learning_rate": FROZEN_LR})
+    cfg_s = _cfg(
+        tmp_path, input={"model": pretrained["input"]["model"] | {"type_map": ["Cu", "Ni"]}, "learning_rate": FROZEN_LR}
+    )
     assert _train(cfg_s, 0, scratch, [data])["mode"] == "scratch"
     assert np.abs(_forces(scratch / "frozen_model.pth", data) - ref).max() > 1e-3
 
@@ -115,8 +147,14 @@ def test_init_policies_decide_from_the_previous_training_data(tmp_path, model_ca
     data = emt_dataset(model_cache, "CuNi")
     n = count_frames([data])
     assert n == 6
-    assert [init_policy(v) for v in (False, "no", True, "yes", "yes:5", "old_data_larger_than:7")] == \
-        [None, None, -1, -1, 5, 7]
+    assert [init_policy(v) for v in (False, "no", True, "yes", "yes:5", "old_data_larger_than:7")] == [
+        None,
+        None,
+        -1,
+        -1,
+        5,
+        7,
+    ]
     new = tmp_path / "iter.000000"  # iteration 0's new data: not what the previous models saw
     new.mkdir()
     cfg = {"train": {"init_from_previous": "yes:5", "finetune": {"model": "pre.pt"}}}

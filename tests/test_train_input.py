@@ -19,9 +19,21 @@ from dpsnake.workflow import config as C
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
 SE_ATTEN_V2 = {"type": "se_atten_v2", "rcut": 4.5, "rcut_smth": 1.0, "sel": 48, "neuron": [4, 8]}
-DPA3 = {"type": "dpa3", "repflow": {"n_dim": 8, "e_dim": 4, "a_dim": 4, "nlayers": 1, "e_rcut": 4.5,
-                                    "e_rcut_smth": 1.0, "e_sel": 48, "a_rcut": 3.5, "a_rcut_smth": 1.0,
-                                    "a_sel": 24}}
+DPA3 = {
+    "type": "dpa3",
+    "repflow": {
+        "n_dim": 8,
+        "e_dim": 4,
+        "a_dim": 4,
+        "nlayers": 1,
+        "e_rcut": 4.5,
+        "e_rcut_smth": 1.0,
+        "e_sel": 48,
+        "a_rcut": 3.5,
+        "a_rcut_smth": 1.0,
+        "a_sel": 24,
+    },
+}
 
 
 def _model(c):
@@ -38,51 +50,103 @@ def _err(mutate) -> str:
     return msg
 
 
-@pytest.mark.parametrize("mutate, expected", [
-    (lambda c: _model(c)["descriptor"].update(rcutt=4.0),
-     "train.input.model.descriptor.rcutt: unknown key (did you mean rcut?)"),
-    (lambda c: _model(c)["descriptor"].update(type="se_e2_x"),
-     "train.input.model.descriptor.type: unknown choice 'se_e2_x' (did you mean se_e2_r?)"),
-    (lambda c: _model(c)["descriptor"].pop("type"), "train.input.model.descriptor.type: required key is missing"),
-    (lambda c: _model(c)["fitting_net"].update(neuron="big"), "train.input.model.fitting_net.neuron: wrong value type"),
-    (lambda c: c["train"]["input"]["training"].update(numb_stepz=3), "train.input.training.numb_stepz: unknown key"),
-    (lambda c: c["train"]["input"].update(learning_rate={"type": "exp"}),
-     "train.input.learning_rate.start_lr: required key is missing"),
-    # what the backend cannot train (DeePMD-kit's own "Supported Backend" labels)
-    (lambda c: _model(c).update(descriptor=DPA3),
-     "train.input.model.descriptor.type: 'dpa3' cannot be trained with train.backend: tf (DeePMD-kit supports "
-     "it on PyTorch"),
-    (lambda c: _model(c).update(descriptor={"type": "hybrid", "list": [_model(c)["descriptor"], DPA3]}),
-     "train.input.model.descriptor.list[1].type: 'dpa3' cannot be trained with train.backend: tf"),
-    (lambda c: (c["train"].update(backend="pt"), _model(c).update(descriptor={"type": "loc_frame", "rcut": 4.0,
-                                                                               "sel_a": [4, 4], "sel_r": [4, 4],
-                                                                               "axis_rule": [0] * 12})),
-     "train.input.model.descriptor.type: 'loc_frame' cannot be trained with train.backend: pt (DeePMD-kit "
-     "supports it on TensorFlow); use train.backend: tf"),
-    # models exploration cannot use
-    (lambda c: _model(c).update(fitting_net={"type": "dipole", "neuron": [8]}),
-     "train.input.model.fitting_net.type: 'dipole' models are not supported"),
-    (lambda c: _model(c).update(fitting_net={"type": "polar", "neuron": [8]}),
-     "train.input.model.fitting_net.type: 'polar' models are not supported"),
-    (lambda c: _model(c).update(spin={"use_spin": [True, False], "spin_norm": [1.0], "virtual_len": [0.4]}),
-     "train.input.model.spin: spin models are not supported"),
-    (lambda c: c["train"]["input"].update(loss={"type": "dos"}), "train.input.loss.type: 'dos' is not an energy loss"),
-    (lambda c: c["train"]["input"].update(model={"type": "frozen", "model_file": "m.pb"}),
-     "train.input.model.type: 'frozen' models cannot be trained"),
-    # the exploration engine
-    (lambda c: (c["explore"].update(engine="builtin"), c["train"].update(backend="pt"),
-                _model(c).update(descriptor=SE_ATTEN_V2)),
-     "explore.engine: builtin cannot explore train.input.model: descriptor type 'se_atten_v2'"),
-    # fine-tuning and the init policies
-    (lambda c: c["train"].update(finetune={"model": "pre.pt"}),
-     "train.finetune: fine-tuning in the loop needs train.backend: pt"),
-    (lambda c: c["train"].update(backend="pt", finetune={"model": "nowhere/pre.pt"}),
-     "train.finetune.model: nowhere/pre.pt: no such file"),
-    (lambda c: c["train"].update(backend="pt", finetune={"model": "config/config.yaml"}),
-     "train.finetune.model: config/config.yaml: expected a DeePMD-kit PyTorch checkpoint (.pt) or frozen model"),
-    (lambda c: c["train"].update(backend="pt", finetune={"modle": "pre.pt"}), "train.finetune.modle: unknown key"),
-    (lambda c: c["train"].update(init_from_previous="yes:many"), "train.init_from_previous: 'yes:many'"),
-])
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (
+            lambda c: _model(c)["descriptor"].update(rcutt=4.0),
+            "train.input.model.descriptor.rcutt: unknown key (did you mean rcut?)",
+        ),
+        (
+            lambda c: _model(c)["descriptor"].update(type="se_e2_x"),
+            "train.input.model.descriptor.type: unknown choice 'se_e2_x' (did you mean se_e2_r?)",
+        ),
+        (lambda c: _model(c)["descriptor"].pop("type"), "train.input.model.descriptor.type: required key is missing"),
+        (
+            lambda c: _model(c)["fitting_net"].update(neuron="big"),
+            "train.input.model.fitting_net.neuron: wrong value type",
+        ),
+        (
+            lambda c: c["train"]["input"]["training"].update(numb_stepz=3),
+            "train.input.training.numb_stepz: unknown key",
+        ),
+        (
+            lambda c: c["train"]["input"].update(learning_rate={"type": "exp"}),
+            "train.input.learning_rate.start_lr: required key is missing",
+        ),
+        # what the backend cannot train (DeePMD-kit's own "Supported Backend" labels)
+        (
+            lambda c: _model(c).update(descriptor=DPA3),
+            "train.input.model.descriptor.type: 'dpa3' cannot be trained with train.backend: tf (DeePMD-kit supports "
+            "it on PyTorch",
+        ),
+        (
+            lambda c: _model(c).update(descriptor={"type": "hybrid", "list": [_model(c)["descriptor"], DPA3]}),
+            "train.input.model.descriptor.list[1].type: 'dpa3' cannot be trained with train.backend: tf",
+        ),
+        (
+            lambda c: (
+                c["train"].update(backend="pt"),
+                _model(c).update(
+                    descriptor={
+                        "type": "loc_frame",
+                        "rcut": 4.0,
+                        "sel_a": [4, 4],
+                        "sel_r": [4, 4],
+                        "axis_rule": [0] * 12,
+                    }
+                ),
+            ),
+            "train.input.model.descriptor.type: 'loc_frame' cannot be trained with train.backend: pt (DeePMD-kit "
+            "supports it on TensorFlow); use train.backend: tf",
+        ),
+        # models exploration cannot use
+        (
+            lambda c: _model(c).update(fitting_net={"type": "dipole", "neuron": [8]}),
+            "train.input.model.fitting_net.type: 'dipole' models are not supported",
+        ),
+        (
+            lambda c: _model(c).update(fitting_net={"type": "polar", "neuron": [8]}),
+            "train.input.model.fitting_net.type: 'polar' models are not supported",
+        ),
+        (
+            lambda c: _model(c).update(spin={"use_spin": [True, False], "spin_norm": [1.0], "virtual_len": [0.4]}),
+            "train.input.model.spin: spin models are not supported",
+        ),
+        (
+            lambda c: c["train"]["input"].update(loss={"type": "dos"}),
+            "train.input.loss.type: 'dos' is not an energy loss",
+        ),
+        (
+            lambda c: c["train"]["input"].update(model={"type": "frozen", "model_file": "m.pb"}),
+            "train.input.model.type: 'frozen' models cannot be trained",
+        ),
+        # the exploration engine
+        (
+            lambda c: (
+                c["explore"].update(engine="builtin"),
+                c["train"].update(backend="pt"),
+                _model(c).update(descriptor=SE_ATTEN_V2),
+            ),
+            "explore.engine: builtin cannot explore train.input.model: descriptor type 'se_atten_v2'",
+        ),
+        # fine-tuning and the init policies
+        (
+            lambda c: c["train"].update(finetune={"model": "pre.pt"}),
+            "train.finetune: fine-tuning in the loop needs train.backend: pt",
+        ),
+        (
+            lambda c: c["train"].update(backend="pt", finetune={"model": "nowhere/pre.pt"}),
+            "train.finetune.model: nowhere/pre.pt: no such file",
+        ),
+        (
+            lambda c: c["train"].update(backend="pt", finetune={"model": "config/config.yaml"}),
+            "train.finetune.model: config/config.yaml: expected a DeePMD-kit PyTorch checkpoint (.pt) or frozen model",
+        ),
+        (lambda c: c["train"].update(backend="pt", finetune={"modle": "pre.pt"}), "train.finetune.modle: unknown key"),
+        (lambda c: c["train"].update(init_from_previous="yes:many"), "train.init_from_previous: 'yes:many'"),
+    ],
+)
 def test_bad_train_section_is_one_line(mutate, expected):
     assert expected in _err(mutate)
 
@@ -103,8 +167,10 @@ def test_models_the_backends_train_pass():
 
 
 def test_check_imports_neither_torch_nor_tensorflow():
-    code = ("import sys; from dpsnake.workflow import config as C; C.load('config/config.yaml');"
-            "print(sorted(m for m in ('torch', 'tensorflow', 'jax', 'paddle') if m in sys.modules))")
+    code = (
+        "import sys; from dpsnake.workflow import config as C; C.load('config/config.yaml');"
+        "print(sorted(m for m in ('torch', 'tensorflow', 'jax', 'paddle') if m in sys.modules))"
+    )
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.strip() == "[]"
@@ -125,12 +191,19 @@ def test_finetune_checks_against_the_pretrained_model(pretrained):
     ckpt, pth = pretrained["dir"] / "model.ckpt.pt", pretrained["pth"]
     for model in (ckpt, pth):
         cfg = C.check(_ft(copy.deepcopy(DEMO), model), ROOT)
-        assert cfg["train"]["finetune"] == {"model": str(model), "model_branch": None, "numb_steps": None,
-                                            "use_pretrain_script": True}
+        assert cfg["train"]["finetune"] == {
+            "model": str(model),
+            "model_branch": None,
+            "numb_steps": None,
+            "use_pretrain_script": True,
+        }
     bad = _ft(copy.deepcopy(DEMO), ckpt)
     bad["type_map"] = ["Cu", "Ni", "Al"]
-    with pytest.raises(UserError, match=r"^train.finetune.model: .*model.ckpt.pt has type_map \['Cu', 'Ni'\], "
-                                        r"which lacks \['Al'\] of the config's type_map \['Cu', 'Ni', 'Al'\]$"):
+    with pytest.raises(
+        UserError,
+        match=r"^train.finetune.model: .*model.ckpt.pt has type_map \['Cu', 'Ni'\], "
+        r"which lacks \['Al'\] of the config's type_map \['Cu', 'Ni', 'Al'\]$",
+    ):
         C.check(bad, ROOT)
     with pytest.raises(UserError, match="^train.finetune.model_branch: 'water': .* is a single-task model"):
         C.check(_ft(copy.deepcopy(DEMO), ckpt, model_branch="water"), ROOT)
@@ -153,13 +226,21 @@ def test_check_config_and_snakemake_stop_with_the_dargs_line(tmp_path):
     _model(cfg)["descriptor"]["rcutt"] = 4.0
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
     line = "train.input.model.descriptor.rcutt: unknown key (did you mean rcut?)"
-    p = subprocess.run([sys.executable, "-m", "dpsnake.cli", "check-config", str(tmp_path / "bad.yaml")],
-                       cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "dpsnake.cli", "check-config", str(tmp_path / "bad.yaml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 2 and line in p.stderr and len(p.stderr.strip().splitlines()) == 1
     for name in ("Snakefile", "workflow", "profiles"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
-    p = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", "bad.yaml"],
-                       cwd=tmp_path, capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", "bad.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode != 0 and f"config error: {line}" in p.stdout + p.stderr
     assert not (tmp_path / "results").exists()

@@ -16,11 +16,14 @@ def _killed_checkpoint_write(folder, step: int) -> list:
     (`<name>.tmp<uuid hex>`), the tensor bundle's `<prefix>.index` / `.data-*` as `*.tempstate<n>`, a
     sharded save's `<prefix>_temp/` folder; and our own outputs of a killed freeze/convert."""
     prefix = folder / f"model.ckpt-{step}"
-    made = [folder / f"model.ckpt-{step}.meta.tmp{uuid.uuid4().hex}",  # matches model.ckpt* and *.tmp*
-            folder / f"checkpoint.tmp{uuid.uuid4().hex}",
-            folder / f"model.ckpt-{step}.index.tempstate1234567890",
-            folder / f"model.ckpt-{step}.data-00000-of-00001.tempstate1234567890",
-            folder / "frozen_model.tmp.pb", folder / "model.tmp.dp"]
+    made = [
+        folder / f"model.ckpt-{step}.meta.tmp{uuid.uuid4().hex}",  # matches model.ckpt* and *.tmp*
+        folder / f"checkpoint.tmp{uuid.uuid4().hex}",
+        folder / f"model.ckpt-{step}.index.tempstate1234567890",
+        folder / f"model.ckpt-{step}.data-00000-of-00001.tempstate1234567890",
+        folder / "frozen_model.tmp.pb",
+        folder / "model.tmp.dp",
+    ]
     for p in made:
         p.write_bytes(b"\0" * 64)
     shard = folder / f"{prefix.name}_temp"
@@ -58,7 +61,8 @@ def test_a_deepmd_failure_ends_with_its_cause(tmp_path, model_cache):
     assert last.startswith("dpsnake train: error: dp train: RuntimeError: The input frozen model "), last
     assert "does not exist" in last and "frozen_model.pb" in last
     # continuing needs the previous checkpoint: said before DeePMD-kit starts
-    p = _train(_cfg(tmp_path, "tf", init_lr_schedule="continue"), 1, tmp_path / "model.1", data, init_from=prev,
-               ok=False)
+    p = _train(
+        _cfg(tmp_path, "tf", init_lr_schedule="continue"), 1, tmp_path / "model.1", data, init_from=prev, ok=False
+    )
     last = p.stderr.strip().splitlines()[-1]
     assert "no such checkpoint" in last and "model.ckpt.index" in last, last

@@ -78,7 +78,9 @@ def check_results(wd: pathlib.Path, cfg: dict) -> dict:
         labels = sorted(idir.glob("label/task.*.extxyz"))
         assert [p.name for p in labels] == [f"task.{t}.extxyz" for t in st["tasks"]]
         summ = json.loads((idir / "collect" / "summary.json").read_text())
-        assert summ["labelled"] + summ["failed"] == len(st["tasks"]) == sum(s["selected"] for s in st["systems"].values())
+        assert (
+            summ["labelled"] + summ["failed"] == len(st["tasks"]) == sum(s["selected"] for s in st["systems"].values())
+        )
         data = res / "data" / f"iter.{it:06d}"
         for name in st["systems"]:
             added = summ["systems"][name]["added"]
@@ -107,8 +109,7 @@ def check_results(wd: pathlib.Path, cfg: dict) -> dict:
     assert len(keys) == len(set(keys)), "a frame appears twice in the datasets"
     # training of iteration 1 used init + iteration 0 data
     inp = json.loads((res / "iter.000001" / "train" / "model.0" / "input.json").read_text())
-    used = {pathlib.Path(p).relative_to(res / "data").as_posix()
-            for p in inp["training"]["training_data"]["systems"]}
+    used = {pathlib.Path(p).relative_to(res / "data").as_posix() for p in inp["training"]["training_data"]["systems"]}
     assert {"init/Cu", "init/CuNi"} <= used and all(u.startswith(("init/", "iter.000000/")) for u in used)
     if cfg["train"]["init_from_previous"]:  # iteration 1 continued from iteration 0's models
         log = (wd / "logs" / "iter.000001" / "train.0.log").read_text()
@@ -121,8 +122,9 @@ def check_results(wd: pathlib.Path, cfg: dict) -> dict:
     # final models are the last iteration's
     final = res / "models" / "final"
     for k in range(cfg["train"]["numb_models"]):
-        assert (final / f"model.{k}.dp").read_bytes() == \
-            (res / f"iter.{last:06d}" / "train" / f"model.{k}" / "model.dp").read_bytes()
+        assert (final / f"model.{k}.dp").read_bytes() == (
+            res / f"iter.{last:06d}" / "train" / f"model.{k}" / "model.dp"
+        ).read_bytes()
     assert json.loads((final / "final.json").read_text())["iteration"] == last
     for it in stats:
         assert (res / "reports" / f"iter.{it:06d}.html").stat().st_size > 1000
@@ -143,8 +145,9 @@ def _cfg():
 
 
 def test_lint(wd):
-    p = subprocess.run([sys.executable, "-m", "snakemake", "--lint", "--configfile", CONFIG], cwd=wd,
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--lint", "--configfile", CONFIG], cwd=wd, capture_output=True, text=True
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     assert "Congratulations" in p.stdout + p.stderr
 
@@ -194,8 +197,9 @@ def test_end_to_end(wd):
 
 def _run_until(wd, condition, sig, timeout=600):
     """Start the workflow, wait until ``condition()`` holds, then send ``sig`` to its process group."""
-    p = subprocess.Popen(smk_cmd(), cwd=wd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
+    p = subprocess.Popen(
+        smk_cmd(), cwd=wd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     t0 = time.time()
     try:
         while not condition():

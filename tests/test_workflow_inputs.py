@@ -81,9 +81,24 @@ def write_structures(wd: pathlib.Path, a: float) -> dict[str, str]:
 
 
 def smk(wd, *args) -> str:
-    p = subprocess.run([sys.executable, "-m", "snakemake", "--profile", "profiles/local", "--configfile", CONFIG,
-                        "--cores", "2", *args], cwd=wd, capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--profile",
+            "profiles/local",
+            "--configfile",
+            CONFIG,
+            "--cores",
+            "2",
+            *args,
+        ],
+        cwd=wd,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
     return p.stdout + p.stderr
 
@@ -156,7 +171,10 @@ def test_edited_structure_file_reruns_unfinished_work_only(wd):
     html = (res / "reports" / "index.html").read_text()
     assert "built from an older version of an input file" in html and "data/iter.000000/CuNi" in html
     status = dpsnake(wd, "status")
-    assert f"note: data/init/CuNi: initial data built from an older version of cuni.extxyz (sha256 {v2['CuNi'][:12]}" in status
+    assert (
+        f"note: data/init/CuNi: initial data built from an older version of cuni.extxyz (sha256 {v2['CuNi'][:12]}"
+        in status
+    )
 
 
 @pytest.mark.slow
@@ -167,8 +185,10 @@ def test_last_stage_of_one_system_is_not_converged(wd):
     r = st0["systems"]["CuNi"]["accurate_ratio"]
     assert r < 0.9 and sorted(st1["systems"]) == ["Cu"] and st1["systems"]["Cu"]["accurate_ratio"] == 1.0
     assert st1["stop"] and not (res / "iter.000002").exists()
-    why = (f"exploration plan exhausted: the last stage (stage 1) reached the threshold for Cu only; "
-           f"latest accurate ratio below 0.9: CuNi {r:.3f} (iteration 0)")
+    why = (
+        f"exploration plan exhausted: the last stage (stage 1) reached the threshold for Cu only; "
+        f"latest accurate ratio below 0.9: CuNi {r:.3f} (iteration 0)"
+    )
     # item 11: the run is not converged while CuNi's latest ratio is below the threshold: select says so too
     assert (st1["converged"], st1["reason"], st1["stage_decision"]["converged"]) == (False, why, True)
     assert (wd / "logs" / "iter.000001" / "select.log").read_text().splitlines()[-1] == f"stopped, not converged: {why}"
@@ -189,15 +209,20 @@ def test_last_stage_of_one_system_is_not_converged(wd):
     assert list(csv1["system"]) == ["Cu"]
     run = pd.read_csv(res / "reports" / "run.csv")
     assert run["accurate"].notna().all() and list(zip(run["iteration"], run["system"])) == [
-        (0, "Cu"), (0, "CuNi"), (1, "Cu")]
+        (0, "Cu"),
+        (0, "CuNi"),
+        (1, "Cu"),
+    ]
     rep1 = _json(res / "reports" / "iter.000001.json")
     assert [(o["system"], o["last_explored"], o["accurate_ratio"]) for o in rep1["not_explored"]] == [("CuNi", 0, r)]
     assert rep1["not_explored"][0]["data_frames"] > 0
     assert "Systems not explored in this iteration" in (res / "reports" / "iter.000001.html").read_text()
     # dpsnake status: no line pairs "not converged" with a converged stage
     lines = dpsnake(wd, "status").splitlines()
-    assert "iteration 0: reported; not converged: stage 0 used its iterations with accurate ratio below 0.9: " \
-           f"CuNi {r:.3f} (iteration 0); next: stage 1" in lines
+    assert (
+        "iteration 0: reported; not converged: stage 0 used its iterations with accurate ratio below 0.9: "
+        f"CuNi {r:.3f} (iteration 0); next: stage 1" in lines
+    )
     assert f"iteration 1: reported; stopped, not converged: {why}" in lines
     assert not any("converged" in line.split(": ", 1)[-1].split(": ", 1)[-1] for line in lines if "iteration" in line)
     assert not any(line.startswith("note:") for line in lines)  # nothing edited here

@@ -20,8 +20,9 @@ REDUCED = yaml.safe_load((ROOT / "tests" / "configs" / "reduced.yaml").read_text
 
 
 def dpsnake(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "dpsnake.cli", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "dpsnake.cli", *map(str, args)], cwd=cwd, capture_output=True, text=True
+    )
 
 
 def _config(tmp_path, mutate=None) -> dict:
@@ -61,8 +62,16 @@ def test_init_data_from_existing_npy_and_hdf5(tmp_path):
     import dpdata
 
     _config(tmp_path)
-    assert dpsnake("init-data", "--config", "config.json", "--system", "Cu", "--out", "gen/Cu", cwd=tmp_path).returncode == 0
-    assert dpsnake("init-data", "--config", "config.json", "--system", "CuNi", "--out", "gen/CuNi", cwd=tmp_path).returncode == 0
+    assert (
+        dpsnake("init-data", "--config", "config.json", "--system", "Cu", "--out", "gen/Cu", cwd=tmp_path).returncode
+        == 0
+    )
+    assert (
+        dpsnake(
+            "init-data", "--config", "config.json", "--system", "CuNi", "--out", "gen/CuNi", cwd=tmp_path
+        ).returncode
+        == 0
+    )
     cu = dpdata.LabeledSystem(str(tmp_path / "gen" / "Cu"), fmt="deepmd/npy")
     cuni = dpdata.LabeledSystem(str(tmp_path / "gen" / "CuNi"), fmt="deepmd/npy")
     cu_only = cu.copy()
@@ -73,6 +82,7 @@ def test_init_data_from_existing_npy_and_hdf5(tmp_path):
     def use(path):
         def m(c):
             c["systems"]["Cu"]["init_data"] = path
+
         return m
 
     _config(tmp_path, use("own_npy"))
@@ -98,11 +108,20 @@ def _candidates(tmp_path, n=4):
     for k in range(n):
         a = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
         a.rattle(0.03 * k, seed=k)  # frame 0 is the perfect crystal (zero forces)
-        a.info = {"iteration": 0, "system": "Cu", "walker": "Cu.T300.r0", "step": 10 * k, "max_devi_f": 0.1 + k,
-                  "task": f"{k:06d}"}
+        a.info = {
+            "iteration": 0,
+            "system": "Cu",
+            "walker": "Cu.T300.r0",
+            "step": 10 * k,
+            "max_devi_f": 0.1 + k,
+            "task": f"{k:06d}",
+        }
         ase.io.write(d / f"task.{k:06d}.extxyz", a, format="extxyz")
-    stats = {"iteration": 0, "tasks": [f"{k:06d}" for k in range(n)],
-             "systems": {"Cu": {"selected": n}, "CuNi": {"selected": 0}}}
+    stats = {
+        "iteration": 0,
+        "tasks": [f"{k:06d}" for k in range(n)],
+        "systems": {"Cu": {"selected": n}, "CuNi": {"selected": 0}},
+    }
     (tmp_path / "select" / "stats.json").write_text(json.dumps(stats))
     return [d / f"task.{k:06d}.extxyz" for k in range(n)]
 
@@ -125,8 +144,21 @@ def test_failed_labels_recorded_and_never_collected(tmp_path):
     for o in failed:
         rec = json.loads(o.with_name(o.name.replace(".extxyz", ".failed.json")).read_text())
         assert "above the sanity cap" in rec["reason"] and rec["system"] == "Cu"
-    args = ["collect", "--config", "config.json", "--iter", 0, "--stats", "select/stats.json", "--labels", *outs,
-            "--data-out", "data/iter.000000", "--summary", "collect/summary.json"]
+    args = [
+        "collect",
+        "--config",
+        "config.json",
+        "--iter",
+        0,
+        "--stats",
+        "select/stats.json",
+        "--labels",
+        *outs,
+        "--data-out",
+        "data/iter.000000",
+        "--summary",
+        "collect/summary.json",
+    ]
     frac = len(failed) / len(outs)
     if frac <= 0.6:
         p = dpsnake(*args, cwd=tmp_path)
@@ -150,9 +182,25 @@ def test_collect_refuses_missing_labels(tmp_path):
     cands = _candidates(tmp_path, 2)
     out = tmp_path / "label" / cands[0].name
     out.parent.mkdir()
-    assert dpsnake("label", "--config", "config.json", "--input", cands[0], "--output", out, cwd=tmp_path).returncode == 0
-    p = dpsnake("collect", "--config", "config.json", "--iter", 0, "--stats", "select/stats.json", "--labels", out,
-                "--data-out", "d", "--summary", "s.json", cwd=tmp_path)
+    assert (
+        dpsnake("label", "--config", "config.json", "--input", cands[0], "--output", out, cwd=tmp_path).returncode == 0
+    )
+    p = dpsnake(
+        "collect",
+        "--config",
+        "config.json",
+        "--iter",
+        0,
+        "--stats",
+        "select/stats.json",
+        "--labels",
+        out,
+        "--data-out",
+        "d",
+        "--summary",
+        "s.json",
+        cwd=tmp_path,
+    )
     assert p.returncode == 2 and "task.000001" in p.stderr
 
 

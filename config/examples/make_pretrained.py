@@ -27,15 +27,39 @@ TYPE_MAP = ["Al", "Cu", "Ni"]
 INPUT = {
     "model": {
         "type_map": TYPE_MAP,
-        "descriptor": {"type": "se_atten_v2", "rcut": 4.5, "rcut_smth": 1.0, "sel": 60, "neuron": [8, 16],
-                       "axis_neuron": 4, "attn": 16, "attn_layer": 1, "attn_dotr": True, "seed": 11},
+        "descriptor": {
+            "type": "se_atten_v2",
+            "rcut": 4.5,
+            "rcut_smth": 1.0,
+            "sel": 60,
+            "neuron": [8, 16],
+            "axis_neuron": 4,
+            "attn": 16,
+            "attn_layer": 1,
+            "attn_dotr": True,
+            "seed": 11,
+        },
         "fitting_net": {"neuron": [24, 24], "resnet_dt": True, "seed": 12},
     },
     "learning_rate": {"type": "exp", "start_lr": 0.003, "stop_lr": 0.0001, "decay_steps": 50},
-    "loss": {"type": "ener", "start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000, "limit_pref_f": 1,
-             "start_pref_v": 0.02, "limit_pref_v": 1},
-    "training": {"training_data": {"systems": [], "batch_size": 1}, "numb_steps": 300, "seed": 13,
-                 "disp_freq": 50, "save_freq": 300, "disp_file": "lcurve.out", "save_ckpt": "model.ckpt"},
+    "loss": {
+        "type": "ener",
+        "start_pref_e": 0.02,
+        "limit_pref_e": 1,
+        "start_pref_f": 1000,
+        "limit_pref_f": 1,
+        "start_pref_v": 0.02,
+        "limit_pref_v": 1,
+    },
+    "training": {
+        "training_data": {"systems": [], "batch_size": 1},
+        "numb_steps": 300,
+        "seed": 13,
+        "disp_freq": 50,
+        "save_freq": 300,
+        "disp_file": "lcurve.out",
+        "save_ckpt": "model.ckpt",
+    },
 }
 
 
@@ -92,8 +116,13 @@ def main(argv=None) -> int:
     inp["training"]["training_data"]["systems"] = make_data(work / "data", args.frames, seed=2026)
     inp["training"].update(numb_steps=args.steps, save_freq=args.steps, disp_freq=max(1, args.steps // 6))
     (work / "input.json").write_text(json.dumps(inp, indent=1))
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), DP_INTRA_OP_PARALLELISM_THREADS=str(args.threads),
-               DP_INTER_OP_PARALLELISM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(args.threads),
+        DP_INTRA_OP_PARALLELISM_THREADS=str(args.threads),
+        DP_INTER_OP_PARALLELISM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+    )
     dp = [sys.executable, "-m", "deepmd", "--pt"]
     for cmd in (dp + ["train", "input.json", "--skip-neighbor-stat"], dp + ["freeze", "-o", "frozen_model.pth"]):
         print("+ " + " ".join(cmd), flush=True)

@@ -71,8 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(command, os_error_message(err), 2, program)
     except ModuleNotFoundError as err:
         if (err.name or "dpsnake").split(".")[0] != "dpsnake":  # a package the command needs is missing
-            return _fail(command, f"{err}: install it in the Python environment that runs the workflow (or "
-                                  "the rule's conda environment)", 2, program)
+            return _fail(
+                command,
+                f"{err}: install it in the Python environment that runs the workflow (or the rule's conda environment)",
+                2,
+                program,
+            )
         return _unexpected(command, err, program)
     except KeyboardInterrupt:
         return _fail(command, "interrupted", 130, program)

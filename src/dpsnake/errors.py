@@ -29,12 +29,16 @@ def one_line(text: str, limit: int = 600) -> str:
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # "dargs.dargs.ArgumentKeyError: ...", "RuntimeError: ...", "KeyboardInterrupt"
-_EXC = re.compile(r"^(?P<name>[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Failure|Warning)|[A-Za-z_][\w.]*\.[A-Z]\w*)"
-                  r"(: (?P<msg>.*))?$")
+_EXC = re.compile(
+    r"^(?P<name>[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Failure|Warning)|[A-Za-z_][\w.]*\.[A-Z]\w*)"
+    r"(: (?P<msg>.*))?$"
+)
 # lines that name an error but are not the cause: MPI's abort boilerplate, CUDA stub loaders, separators
-_NOISE = re.compile(r"MPI_ABORT|MPI_COMM_WORLD|errorcode|You may or may not see output|implib-gen|"
-                    r"^[-=%*#~_ ]+$|^\(most recent call last\)|^stopping \.\.\.$|^Aborted( \(core dumped\))?$",
-                    re.IGNORECASE)
+_NOISE = re.compile(
+    r"MPI_ABORT|MPI_COMM_WORLD|errorcode|You may or may not see output|implib-gen|"
+    r"^[-=%*#~_ ]+$|^\(most recent call last\)|^stopping \.\.\.$|^Aborted( \(core dumped\))?$",
+    re.IGNORECASE,
+)
 _ERROR_WORD = re.compile(r"\b(error|errors|fatal|failed|failure|exception|abort(ed)?)\b", re.IGNORECASE)
 
 

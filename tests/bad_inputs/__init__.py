@@ -12,7 +12,7 @@ import os
 import pathlib
 import subprocess
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -30,10 +30,17 @@ class Probe:
     one_line: bool = True
 
 
-def dpsnake(*args: str, cwd: pathlib.Path | str | None = None, env: dict | None = None,
-            timeout: float = 600) -> tuple[int, str]:
+def dpsnake(
+    *args: str, cwd: pathlib.Path | str | None = None, env: dict | None = None, timeout: float = 600
+) -> tuple[int, str]:
     """Run ``dpsnake ARGS`` in a fresh interpreter; returns (exit code, stderr)."""
     e = dict(os.environ, **(env or {}))
-    p = subprocess.run([sys.executable, "-m", "dpsnake.cli", *map(str, args)], cwd=cwd, env=e,
-                       capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, "-m", "dpsnake.cli", *map(str, args)],
+        cwd=cwd,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return p.returncode, p.stderr

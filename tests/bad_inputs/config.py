@@ -12,7 +12,7 @@ import copy
 import pathlib
 import subprocess
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import yaml
 
@@ -33,6 +33,7 @@ def write_config(tmp_path: pathlib.Path, mutate: Callable, name: str = "bad.yaml
 def config_probe(id: str, mutate: Callable, names: str, base: str = "root") -> Probe:
     """A probe running ``dpsnake check-config`` on the reduced config changed by ``mutate(cfg, tmp)``;
     relative paths start from the checkout (``base='root'``) or from the probe's tmp folder."""
+
     def run(tmp_path):
         path = write_config(tmp_path, mutate)
         return dpsnake("check-config", path, "--base", ROOT if base == "root" else tmp_path, cwd=tmp_path)
@@ -42,11 +43,28 @@ def config_probe(id: str, mutate: Callable, names: str, base: str = "root") -> P
 
 def snakemake_probe(id: str, mutate: Callable, names: str) -> Probe:
     """The same mistake through ``snakemake -n``: the Snakefile checks the config before any job."""
+
     def run(tmp_path):
         path = write_config(tmp_path, mutate)
-        p = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "-s", str(ROOT / "Snakefile"),
-                            "--configfile", str(path), "--directory", str(tmp_path)],
-                           capture_output=True, text=True, timeout=300)
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "snakemake",
+                "-n",
+                "--cores",
+                "1",
+                "-s",
+                str(ROOT / "Snakefile"),
+                "--configfile",
+                str(path),
+                "--directory",
+                str(tmp_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert not (tmp_path / "results").exists(), "a job ran"
         return p.returncode, p.stdout + p.stderr
 
@@ -55,11 +73,13 @@ def snakemake_probe(id: str, mutate: Callable, names: str) -> Probe:
 
 def _set(*path, value):
     """mutate: cfg[path...] = value."""
+
     def mutate(cfg, tmp):
         d = cfg
         for k in path[:-1]:
             d = d[k]
         d[path[-1]] = value
+
     return mutate
 
 
@@ -90,46 +110,82 @@ STAGE = ("explore", "stages", 0)
 PROBES = [
     config_probe("config-unknown-top-key", lambda c, t: c.update(foo=1), "foo: unknown key"),
     config_probe("config-unknown-train-key", _set("train", "numb_stepz", value=5), "train.numb_stepz: unknown key"),
-    config_probe("config-wrong-type", _set("train", "numb_models", value="two"),
-                 "train.numb_models: 'two' is not of type 'integer'"),
-    config_probe("config-temperatures-not-a-list", _set(*STAGE, "temperatures", value="hot"),
-                 "explore.stages[0].temperatures"),
+    config_probe(
+        "config-wrong-type",
+        _set("train", "numb_models", value="two"),
+        "train.numb_models: 'two' is not of type 'integer'",
+    ),
+    config_probe(
+        "config-temperatures-not-a-list", _set(*STAGE, "temperatures", value="hot"), "explore.stages[0].temperatures"
+    ),
     config_probe("config-unknown-ensemble", _set(*STAGE, "ensemble", value="npx"), "explore.stages[0].ensemble"),
-    config_probe("config-stage-unknown-system", _set(*STAGE, "systems", value=["Fe"]),
-                 "explore.stages[0].systems: unknown system 'Fe'"),
+    config_probe(
+        "config-stage-unknown-system",
+        _set(*STAGE, "systems", value=["Fe"]),
+        "explore.stages[0].systems: unknown system 'Fe'",
+    ),
     config_probe("config-no-systems", lambda c, t: c.pop("systems"), "'systems' is a required property"),
-    config_probe("config-trust-order", _set("trust", "force", value=[0.3, 0.1]),
-                 "trust.force: theta_low 0.3 must be below theta_high 0.1"),
-    config_probe("config-system-trust-short", _set("systems", "Cu", "trust", value={"force": [0.2]}),
-                 "systems.Cu.trust.force"),
-    config_probe("config-element-outside-type-map", _set("type_map", value=["Cu"]),
-                 "systems.CuNi.structure: elements ['Ni'] not in the global type_map"),
-    config_probe("config-system-type-map", _set("systems", "Cu", "type_map", value=["Cu", "Fe"]),
-                 "systems.Cu.type_map: element 'Fe'"),
-    config_probe("config-model-type-map", _set("train", "input", "model", "type_map", value=["Ni", "Cu"]),
-                 "train.input.model.type_map"),
-    config_probe("config-structure-file-missing", _set("systems", "Cu", "structure", value={"file": "nope/POSCAR"}),
-                 "systems.Cu.structure.file: nope/POSCAR: no such file"),
-    config_probe("config-unknown-builder", _set("systems", "Cu", "structure", "builder", value="no_such_builder"),
-                 "systems.Cu.structure.builder"),
-    config_probe("config-file-and-builder", _set("systems", "Cu", "structure", "file", value="x.vasp"),
-                 "systems.Cu.structure: give exactly one of"),
-    config_probe("config-init-data-missing", _set("systems", "Cu", "init_data", value="missing_data"),
-                 "systems.Cu.init_data: missing_data: no such file or folder"),
+    config_probe(
+        "config-trust-order",
+        _set("trust", "force", value=[0.3, 0.1]),
+        "trust.force: theta_low 0.3 must be below theta_high 0.1",
+    ),
+    config_probe(
+        "config-system-trust-short", _set("systems", "Cu", "trust", value={"force": [0.2]}), "systems.Cu.trust.force"
+    ),
+    config_probe(
+        "config-element-outside-type-map",
+        _set("type_map", value=["Cu"]),
+        "systems.CuNi.structure: elements ['Ni'] not in the global type_map",
+    ),
+    config_probe(
+        "config-system-type-map",
+        _set("systems", "Cu", "type_map", value=["Cu", "Fe"]),
+        "systems.Cu.type_map: element 'Fe'",
+    ),
+    config_probe(
+        "config-model-type-map",
+        _set("train", "input", "model", "type_map", value=["Ni", "Cu"]),
+        "train.input.model.type_map",
+    ),
+    config_probe(
+        "config-structure-file-missing",
+        _set("systems", "Cu", "structure", value={"file": "nope/POSCAR"}),
+        "systems.Cu.structure.file: nope/POSCAR: no such file",
+    ),
+    config_probe(
+        "config-unknown-builder",
+        _set("systems", "Cu", "structure", "builder", value="no_such_builder"),
+        "systems.Cu.structure.builder",
+    ),
+    config_probe(
+        "config-file-and-builder",
+        _set("systems", "Cu", "structure", "file", value="x.vasp"),
+        "systems.Cu.structure: give exactly one of",
+    ),
+    config_probe(
+        "config-init-data-missing",
+        _set("systems", "Cu", "init_data", value="missing_data"),
+        "systems.Cu.init_data: missing_data: no such file or folder",
+    ),
     config_probe("config-init-data-elements", _init_data_ag, "systems.Cu.init_data:"),
-    config_probe("config-masses-element", lambda c, t: c.update(masses={"Fe": 55.8}),
-                 "masses.Fe: element not in type_map"),
+    config_probe(
+        "config-masses-element", lambda c, t: c.update(masses={"Fe": 55.8}), "masses.Fe: element not in type_map"
+    ),
     config_probe("config-unknown-calculator", _set("label", "calculator", value="NoSuchCalc"), "label.calculator"),
     config_probe("config-unknown-labeler", _set("label", "type", value="vasp-nope"), "label.type: unknown labeler"),
-    config_probe("config-test-data-missing", lambda c, t: c.update(test_data=["no/such/set"]),
-                 "test_data[0]: no/such/set"),
-    config_probe("config-bad-system-name", lambda c, t: c["systems"].update({"bad name": c["systems"]["Cu"]}),
-                 "name 'bad name'"),
+    config_probe(
+        "config-test-data-missing", lambda c, t: c.update(test_data=["no/such/set"]), "test_data[0]: no/such/set"
+    ),
+    config_probe(
+        "config-bad-system-name", lambda c, t: c["systems"].update({"bad name": c["systems"]["Cu"]}), "name 'bad name'"
+    ),
     config_probe("config-compress-negative", _set("explore", "compress", value=-1.0), "explore.compress"),
     config_probe("config-compress-word", _set("explore", "compress", value="yes"), "explore.compress"),
     config_probe("config-pick", _set("select", "pick", value="best"), "select.pick: 'best' is not one of"),
     Probe("config-file-missing", _file_missing, "no_such.yaml: config file not found"),
     Probe("config-not-yaml", _not_yaml, "bad.yaml: not valid YAML"),
-    snakemake_probe("config-pick-snakemake", _set("select", "pick", value="best"),
-                    "config error: select.pick: 'best' is not one of"),
+    snakemake_probe(
+        "config-pick-snakemake", _set("select", "pick", value="best"), "config error: select.pick: 'best' is not one of"
+    ),
 ]

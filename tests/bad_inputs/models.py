@@ -23,7 +23,7 @@ W_EMB = "/variable_0002"  # embedding net 0 layer 1 w (4, 8)
 DSTD = "/variable_0005"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model() -> str:
     from dpmodels import train_model
 
@@ -89,14 +89,17 @@ def _overwrite(p: pathlib.Path, ref: str, byte: bytes) -> None:
 
 def _on_disk(name, what, ref, byte):
     """model-devi with dataset ``ref`` overwritten on disk with ``byte`` bytes."""
+
     def run(tmp):
         _overwrite(_copy(tmp, name, (what, ref)), ref, byte)
         return _model_devi(tmp, name)
+
     return run
 
 
 def _h5(name, what, ref, make):
     """model-devi with dataset ``ref`` replaced by ``make(file, ref, old array)`` (h5py)."""
+
     def run(tmp):
         import h5py
         import numpy as np
@@ -107,6 +110,7 @@ def _h5(name, what, ref, make):
             del f[ref]
             make(f, ref, old)
         return _model_devi(tmp, name)
+
     return run
 
 
@@ -149,40 +153,97 @@ def _explore_auto(tmp):
     """dpsnake explore (engine auto) with a model whose weights were overwritten with 0xff."""
     _overwrite(_copy(tmp, "ff.dp", ("fitting 0 0 w", W_FIT)), W_FIT, b"\xff")
     good = _copy(tmp, "good.dp").name
-    (tmp / "walkers.json").write_text(json.dumps([{
-        "name": "w0", "structure": _frames(tmp), "ensemble": "nvt", "temperature": 300, "nsteps": 10,
-        "dt": 0.002, "trj_freq": 5, "seed": 1}]))
-    return dpsnake("explore", "--models", "ff.dp", good, "--walkers", "walkers.json", "--outdir", "out",
-                   "--device", "cpu", "--no-progress", cwd=tmp)
+    (tmp / "walkers.json").write_text(
+        json.dumps(
+            [
+                {
+                    "name": "w0",
+                    "structure": _frames(tmp),
+                    "ensemble": "nvt",
+                    "temperature": 300,
+                    "nsteps": 10,
+                    "dt": 0.002,
+                    "trj_freq": 5,
+                    "seed": 1,
+                }
+            ]
+        )
+    )
+    return dpsnake(
+        "explore",
+        "--models",
+        "ff.dp",
+        good,
+        "--walkers",
+        "walkers.json",
+        "--outdir",
+        "out",
+        "--device",
+        "cpu",
+        "--no-progress",
+        cwd=tmp,
+    )
 
 
 PROBES = [
     # item 4: weights overwritten with 0xff bytes on disk (read as NaN): no NaN deviations, no exit 0
-    Probe("model-weights-0xff", _on_disk("ff.dp", "fitting 0 0 w", W_FIT, b"\xff"),
-          f"ff.dp: {W_FIT} (fitting net 0 layer 0 w): 256 of 256 values are not finite (NaN/inf)"),
-    Probe("model-weights-0x7f", _on_disk("big.dp", "embedding 0 1 w", W_EMB, b"\x7f"),
-          f"big.dp: {W_EMB} (embedding net 0 layer 1 w): values up to"),
-    Probe("explore-weights-0xff", _explore_auto,
-          f"ff.dp: {W_FIT} (fitting net 0 layer 0 w): 256 of 256 values are not finite"),
+    Probe(
+        "model-weights-0xff",
+        _on_disk("ff.dp", "fitting 0 0 w", W_FIT, b"\xff"),
+        f"ff.dp: {W_FIT} (fitting net 0 layer 0 w): 256 of 256 values are not finite (NaN/inf)",
+    ),
+    Probe(
+        "model-weights-0x7f",
+        _on_disk("big.dp", "embedding 0 1 w", W_EMB, b"\x7f"),
+        f"big.dp: {W_EMB} (embedding net 0 layer 1 w): values up to",
+    ),
+    Probe(
+        "explore-weights-0xff",
+        _explore_auto,
+        f"ff.dp: {W_FIT} (fitting net 0 layer 0 w): 256 of 256 values are not finite",
+    ),
     # item 4: shape mismatches, unreadable arrays and groups, damaged files
-    Probe("model-shape-mismatch", _h5("shape.dp", "embedding 0 1 w", W_EMB,
-                                      lambda f, n, old: f.create_dataset(n, data=old[:3])),
-          f"shape.dp: {W_EMB} (embedding net 0 layer 1 w): shape (3, 8), expected (4, 8)"),
-    Probe("model-array-is-group", _h5("group.dp", "fitting 0 0 w", W_FIT, lambda f, n, old: f.create_group(n)),
-          f"group.dp: {W_FIT} (fitting net 0 layer 0 w): an HDF5 group, not an array"),
-    Probe("model-array-missing", _h5("missing.dp", "fitting 0 0 w", W_FIT, lambda f, n, old: None),
-          f"missing.dp: {W_FIT} (fitting net 0 layer 0 w): missing from the HDF5 file"),
-    Probe("model-dstd-zero", _h5("dstd.dp", "dstd 0 0 0", DSTD, lambda f, n, old: f.create_dataset(n, data=0 * old)),
-          f"dstd.dp: {DSTD} (descriptor dstd): 160 of 160 values are below 1e-12 in magnitude"),
+    Probe(
+        "model-shape-mismatch",
+        _h5("shape.dp", "embedding 0 1 w", W_EMB, lambda f, n, old: f.create_dataset(n, data=old[:3])),
+        f"shape.dp: {W_EMB} (embedding net 0 layer 1 w): shape (3, 8), expected (4, 8)",
+    ),
+    Probe(
+        "model-array-is-group",
+        _h5("group.dp", "fitting 0 0 w", W_FIT, lambda f, n, old: f.create_group(n)),
+        f"group.dp: {W_FIT} (fitting net 0 layer 0 w): an HDF5 group, not an array",
+    ),
+    Probe(
+        "model-array-missing",
+        _h5("missing.dp", "fitting 0 0 w", W_FIT, lambda f, n, old: None),
+        f"missing.dp: {W_FIT} (fitting net 0 layer 0 w): missing from the HDF5 file",
+    ),
+    Probe(
+        "model-dstd-zero",
+        _h5("dstd.dp", "dstd 0 0 0", DSTD, lambda f, n, old: f.create_dataset(n, data=0 * old)),
+        f"dstd.dp: {DSTD} (descriptor dstd): 160 of 160 values are below 1e-12 in magnitude",
+    ),
     Probe("model-damaged-chunk", _damaged_chunk, f"chunk.dp: {W_FIT} (fitting net 0 layer 0 w): cannot read ("),
-    Probe("model-truncated", _truncated, "cut.dp: not a readable HDF5 .dp model file (Unable to synchronously "
-          "open file (truncated file"),
-    Probe("model-json-no-rcut", _no_rcut, "norcut.dp: malformed model description in the 'json' attribute "
-          "(KeyError: 'rcut')"),
+    Probe(
+        "model-truncated",
+        _truncated,
+        "cut.dp: not a readable HDF5 .dp model file (Unable to synchronously open file (truncated file",
+    ),
+    Probe(
+        "model-json-no-rcut",
+        _no_rcut,
+        "norcut.dp: malformed model description in the 'json' attribute (KeyError: 'rcut')",
+    ),
     # a frame the models turn into NaN is named, not written as a NaN row
-    Probe("model-devi-overlapping-atoms", lambda tmp: _model_devi(tmp, "good.dp", _frames(tmp, "over.extxyz", 2)),
-          "system: over.extxyz: frame 2: energies or forces are not finite (NaN/inf)"),
+    Probe(
+        "model-devi-overlapping-atoms",
+        lambda tmp: _model_devi(tmp, "good.dp", _frames(tmp, "over.extxyz", 2)),
+        "system: over.extxyz: frame 2: energies or forces are not finite (NaN/inf)",
+    ),
     # item 7: frames without atoms (the deviation is a max over atoms; DeePMD-kit fails too)
-    Probe("model-devi-no-atoms", lambda tmp: _model_devi(tmp, "good.dp", _frames(tmp, "empty.extxyz", natoms=0)),
-          "system: empty.extxyz: frames without atoms"),
+    Probe(
+        "model-devi-no-atoms",
+        lambda tmp: _model_devi(tmp, "good.dp", _frames(tmp, "empty.extxyz", natoms=0)),
+        "system: empty.extxyz: frames without atoms",
+    ),
 ]

@@ -12,6 +12,7 @@ SLAB = {"builder": "fcc111", "kwargs": {"symbol": "Cu", "size": [2, 2, 3], "a": 
 def _structure(spec):
     def mutate(cfg, tmp):
         cfg["systems"]["Cu"]["structure"] = spec
+
     return mutate
 
 
@@ -28,7 +29,10 @@ def _slab_file(cfg, tmp):
 
 def _cluster_npt(cfg, tmp):
     """A Cu cluster (no cell) explored with the reduced config's npt stage."""
-    cfg["systems"]["Cu"]["structure"] = {"builder": "ase.cluster.Icosahedron", "kwargs": {"symbol": "Cu", "noshells": 2}}
+    cfg["systems"]["Cu"]["structure"] = {
+        "builder": "ase.cluster.Icosahedron",
+        "kwargs": {"symbol": "Cu", "noshells": 2},
+    }
 
 
 def _descriptor(**desc):
@@ -39,26 +43,45 @@ def _descriptor(**desc):
             for key in ("axis_neuron",):
                 d.pop(key, None)
             cfg["train"]["backend"] = "pt"
+
     return mutate
 
 
 PROBES = [
     # item 10: a slab from ASE's own builders, from a builder and from a file
-    config_probe("structure-slab-builder", _structure(SLAB), "systems.Cu.structure.builder: fcc111: pbc [True, True, False]"),
-    config_probe("structure-slab-file", _slab_file, "systems.Cu.structure.file: slab.extxyz: pbc [True, True, False]",
-                 base="tmp"),
+    config_probe(
+        "structure-slab-builder", _structure(SLAB), "systems.Cu.structure.builder: fcc111: pbc [True, True, False]"
+    ),
+    config_probe(
+        "structure-slab-file", _slab_file, "systems.Cu.structure.file: slab.extxyz: pbc [True, True, False]", base="tmp"
+    ),
     snakemake_probe("structure-slab-snakemake", _structure(SLAB), "config error: systems.Cu.structure.builder: fcc111"),
-    config_probe("structure-periodic-no-volume", _structure({"builder": "ase.Atoms", "kwargs": {"symbols": "Cu2", "pbc": True}}),
-                 "systems.Cu.structure.builder: ase.Atoms: periodic but the cell has zero volume"),
+    config_probe(
+        "structure-periodic-no-volume",
+        _structure({"builder": "ase.Atoms", "kwargs": {"symbols": "Cu2", "pbc": True}}),
+        "systems.Cu.structure.builder: ase.Atoms: periodic but the cell has zero volume",
+    ),
     # item 8: npt without a cell; more neighbours than sel
-    config_probe("structure-npt-not-periodic", _cluster_npt,
-                 "explore.stages[0].ensemble: npt needs a periodic cell, but system Cu is not periodic"),
-    config_probe("structure-sel-per-type", _descriptor(sel=[12, 12]),
-                 "train.input.model.descriptor.sel: system Cu's start structure already has an atom with 18 Cu "
-                 "neighbours within rcut 4 A, above sel[0] = 12 (Cu)"),
-    config_probe("structure-sel-total", _descriptor(type="se_atten_v2", sel=16),
-                 "train.input.model.descriptor.sel: system Cu's start structure already has an atom with 18 "
-                 "neighbours within rcut 4 A, above sel = 16"),
-    snakemake_probe("structure-sel-snakemake", _descriptor(sel=[12, 12]),
-                    "config error: train.input.model.descriptor.sel: system Cu's"),
+    config_probe(
+        "structure-npt-not-periodic",
+        _cluster_npt,
+        "explore.stages[0].ensemble: npt needs a periodic cell, but system Cu is not periodic",
+    ),
+    config_probe(
+        "structure-sel-per-type",
+        _descriptor(sel=[12, 12]),
+        "train.input.model.descriptor.sel: system Cu's start structure already has an atom with 18 Cu "
+        "neighbours within rcut 4 A, above sel[0] = 12 (Cu)",
+    ),
+    config_probe(
+        "structure-sel-total",
+        _descriptor(type="se_atten_v2", sel=16),
+        "train.input.model.descriptor.sel: system Cu's start structure already has an atom with 18 "
+        "neighbours within rcut 4 A, above sel = 16",
+    ),
+    snakemake_probe(
+        "structure-sel-snakemake",
+        _descriptor(sel=[12, 12]),
+        "config error: train.input.model.descriptor.sel: system Cu's",
+    ),
 ]

@@ -9,14 +9,14 @@ rule collect:
     output:
         data=directory("results/data/iter.{it}"),
         summary="results/iter.{it}/collect/summary.json",
-    params:
-        it=it_int,
     log:
         "logs/iter.{it}/collect.log",
     benchmark:
         "benchmarks/iter.{it}/collect.tsv"
     conda:
         "../../envs/label.yaml"
+    params:
+        it=it_int,
     shell:
         "dpsnake collect --config results/config.json --iter {params.it} --stats {input.stats}"
         " --labels {input.labels} --data-out {output.data} --summary {output.summary} > {log} 2>&1"

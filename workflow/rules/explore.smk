@@ -12,15 +12,15 @@ rule plan:
     output:
         walkers="results/iter.{it}/explore/walkers.json",
         plan="results/iter.{it}/explore/plan.json",
-    params:
-        it=it_int,
-        prev=prev_stats_arg,
     log:
         "logs/iter.{it}/plan.log",
     benchmark:
         "benchmarks/iter.{it}/plan.tsv"
     conda:
         "../../envs/label.yaml"
+    params:
+        it=it_int,
+        prev=prev_stats_arg,
     shell:
         "dpsnake plan --config results/config.json --iter {params.it} {params.prev}"
         " --out {output.walkers} > {log} 2>&1"
@@ -34,18 +34,18 @@ rule explore:
         data=compress_data,
     output:
         summary="results/iter.{it}/explore/summary.json",
-    params:
-        engine=CFG["explore"]["engine"],
-        device=CFG["explore"]["device"],
-        precision=CFG["explore"]["precision"],
-        compress=compress_arg,
-    threads: CFG["explore"]["threads"]
     log:
         "logs/iter.{it}/explore.log",
     benchmark:
         "benchmarks/iter.{it}/explore.tsv"
     conda:
         "../../envs/explore.yaml"
+    threads: CFG["explore"]["threads"]
+    params:
+        engine=CFG["explore"]["engine"],
+        device=CFG["explore"]["device"],
+        precision=CFG["explore"]["precision"],
+        compress=compress_arg,
     shell:
         "OMP_NUM_THREADS={threads} dpsnake explore --models {input.models} --walkers {input.walkers}"
         " --outdir results/iter.{wildcards.it}/explore --engine {params.engine} --device {params.device}"

@@ -21,15 +21,15 @@ rule report_iteration:
             labels={"iteration": "{it}", "page": "table (csv)"},
         ),
         json="results/reports/iter.{it}.json",
-    params:
-        it=it_int,
-        accuracy="" if CFG["report"]["accuracy"] else "--no-accuracy",
     log:
         "logs/iter.{it}/report.log",
     benchmark:
         "benchmarks/iter.{it}/report.tsv"
     conda:
         "../../envs/label.yaml"
+    params:
+        it=it_int,
+        accuracy="" if CFG["report"]["accuracy"] else "--no-accuracy",
     shell:
         "dpsnake report --config results/config.json --iter {params.it} {params.accuracy} > {log} 2>&1"
         " || {{ rc=$?; tail -n 1 {log} >&2; exit $rc; }}"
@@ -41,15 +41,15 @@ rule finalize:
         stats=final_stats,
     output:
         directory("results/models/final"),
-    params:
-        it=final_iter,
-        dirs=final_model_dirs,
     log:
         "logs/finalize.log",
     benchmark:
         "benchmarks/finalize.tsv"
     conda:
         "../../envs/label.yaml"
+    params:
+        it=final_iter,
+        dirs=final_model_dirs,
     shell:
         "dpsnake finalize --iter {params.it} --stats {input.stats} --models {params.dirs}"
         " --outdir {output} > {log} 2>&1"
@@ -80,14 +80,14 @@ rule report_run:
             labels={"page": "learning curve (csv)"},
         ),
         json="results/reports/run.json",
-    params:
-        accuracy="" if CFG["report"]["accuracy"] else "--no-accuracy",
     log:
         "logs/report_run.log",
     benchmark:
         "benchmarks/report_run.tsv"
     conda:
         "../../envs/label.yaml"
+    params:
+        accuracy="" if CFG["report"]["accuracy"] else "--no-accuracy",
     shell:
         "dpsnake report --config results/config.json --run {params.accuracy} > {log} 2>&1"
         " || {{ rc=$?; tail -n 1 {log} >&2; exit $rc; }}"

@@ -9,14 +9,14 @@ checkpoint select:
     output:
         stats="results/iter.{it}/select/stats.json",
         candidates=directory("results/iter.{it}/select/candidates"),
-    params:
-        it=it_int,
     log:
         "logs/iter.{it}/select.log",
     benchmark:
         "benchmarks/iter.{it}/select.tsv"
     conda:
         "../../envs/label.yaml"
+    params:
+        it=it_int,
     shell:
         "dpsnake select --config results/config.json --iter {params.it}"
         " --explore results/iter.{wildcards.it}/explore --outdir results/iter.{wildcards.it}/select"

@@ -13,20 +13,20 @@ rule train:
     output:
         model="results/iter.{it}/train/model.{k}/model.dp",
         lcurve="results/iter.{it}/train/model.{k}/lcurve.out",
-    params:
-        it=it_int,
-        init=train_init_arg,
-    threads: CFG["train"]["threads"]
-    resources:
-        # 0: DeePMD-kit's choice (a GPU if there is one); 1 (profiles/gpu): train on CPU cores, where the
-        # small demo model trains faster than as four processes sharing one GPU (docs/benchmarks.md)
-        train_on_cpu=0,
     log:
         "logs/iter.{it}/train.{k}.log",
     benchmark:
         "benchmarks/iter.{it}/train.{k}.tsv"
     conda:
         "../../envs/train.yaml"
+    threads: CFG["train"]["threads"]
+    resources:
+        # 0: DeePMD-kit's choice (a GPU if there is one); 1 (profiles/gpu): train on CPU cores, where the
+        # small demo model trains faster than as four processes sharing one GPU (docs/benchmarks.md)
+        train_on_cpu=0,
+    params:
+        it=it_int,
+        init=train_init_arg,
     shell:
         "dpsnake train --config results/config.json --iter {params.it} --model {wildcards.k}"
         " --outdir results/iter.{wildcards.it}/train/model.{wildcards.k} --data {input.data}"

@@ -19,8 +19,7 @@ class DP(Calculator):
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
 
-    def __init__(self, model, label: str = "DP", type_dict: dict | None = None,
-                 precision: str = "double", **kwargs):
+    def __init__(self, model, label: str = "DP", type_dict: dict | None = None, precision: str = "double", **kwargs):
         super().__init__(label=label, **kwargs)
         self.ensemble = Ensemble([model], precision=precision)
         self.type_dict = type_dict or {s: k for k, s in enumerate(self.ensemble.type_map)}
@@ -31,15 +30,21 @@ class DP(Calculator):
         try:
             atype = np.array([self.type_dict[s] for s in a.get_chemical_symbols()], dtype=np.int64)
         except KeyError as err:
-            raise UserError(f"atoms: element {err.args[0]} is not in the model's type_map "
-                            f"{self.ensemble.type_map}") from None
+            raise UserError(
+                f"atoms: element {err.args[0]} is not in the model's type_map {self.ensemble.type_map}"
+            ) from None
         pbc = bool(np.all(a.pbc))
         if np.any(a.pbc) and not pbc:
             raise UserError("atoms: mixed periodicity (pbc partly true) is not supported")
         n = len(a)
-        out = self.ensemble.evaluate(a.positions, atype, np.zeros(n, dtype=np.int64),
-                                     a.cell.array[None], np.array([pbc]),
-                                     atomic="energies" in properties)
+        out = self.ensemble.evaluate(
+            a.positions,
+            atype,
+            np.zeros(n, dtype=np.int64),
+            a.cell.array[None],
+            np.array([pbc]),
+            atomic="energies" in properties,
+        )
         e = float(out["energy"][0, 0])
         self.results["energy"] = e
         self.results["free_energy"] = e

@@ -18,21 +18,30 @@ from dpsnake.errors import UserError
 
 def add_arguments(parser) -> None:
     parser.add_argument("-m", "--models", nargs="+", required=True, help="model files (.dp)")
-    parser.add_argument("-s", "--system", nargs="+", required=True,
-                        help="deepmd/npy folders or trajectory files ASE reads")
+    parser.add_argument(
+        "-s", "--system", nargs="+", required=True, help="deepmd/npy folders or trajectory files ASE reads"
+    )
     parser.add_argument("-o", "--output", default="model_devi.out", help="output file")
     parser.add_argument("-f", "--frequency", type=int, default=1, help="steps between frames")
-    parser.add_argument("--relative", type=float, default=None,
-                        help="relative force deviation with this level (eV/A)")
-    parser.add_argument("--relative-v", "--relative_v", dest="relative_v", type=float, default=None,
-                        help="relative virial deviation with this level (eV)")
+    parser.add_argument("--relative", type=float, default=None, help="relative force deviation with this level (eV/A)")
+    parser.add_argument(
+        "--relative-v",
+        "--relative_v",
+        dest="relative_v",
+        type=float,
+        default=None,
+        help="relative virial deviation with this level (eV)",
+    )
     parser.add_argument("--precision", choices=["double", "mixed"], default="double")
-    parser.add_argument("--compress", type=float, default=None, metavar="MIN_NBOR_DIST",
-                        help="tabulated embedding nets (as `dp compress`) for neighbours no closer "
-                             "than MIN_NBOR_DIST (A)")
+    parser.add_argument(
+        "--compress",
+        type=float,
+        default=None,
+        metavar="MIN_NBOR_DIST",
+        help="tabulated embedding nets (as `dp compress`) for neighbours no closer than MIN_NBOR_DIST (A)",
+    )
     parser.add_argument("--device", choices=["cpu", "gpu", "auto"], default="cpu")
-    parser.add_argument("--batch-atoms", type=int, default=200_000,
-                        help="atoms per engine call (bounds memory)")
+    parser.add_argument("--batch-atoms", type=int, default=200_000, help="atoms per engine call (bounds memory)")
 
 
 def read_frames(path: str, type_map: list[str]):
@@ -74,9 +83,9 @@ def read_frames(path: str, type_map: list[str]):
 
 
 def run(args) -> int:
+    from dpsnake.engine.deeppot import frames_to_flat
     from dpsnake.engine.ensemble import Ensemble
     from dpsnake.engine.model_devi import COLUMNS, deviation_columns
-    from dpsnake.engine.deeppot import frames_to_flat
 
     xp = np
     if args.device in ("gpu", "auto"):
@@ -88,8 +97,11 @@ def run(args) -> int:
         except Exception:
             if args.device == "gpu":
                 raise UserError("device: gpu requested but CuPy/CUDA is not available") from None
-    ens = Ensemble(args.models, precision=args.precision,
-                   compress=None if args.compress is None else {"min_nbor_dist": args.compress})
+    ens = Ensemble(
+        args.models,
+        precision=args.precision,
+        compress=None if args.compress is None else {"min_nbor_dist": args.compress},
+    )
     blocks = []
     for sysp in args.system:
         coords, cells, types = read_frames(sysp, ens.type_map)
@@ -101,8 +113,8 @@ def run(args) -> int:
         for a in range(0, nf, per):
             b = min(nf, a + per)
             c, t, s, cl, pbc, k, _ = frames_to_flat(
-                xp, xp.asarray(coords[a:b]), None if cells is None else xp.asarray(cells[a:b]),
-                xp.asarray(types))
+                xp, xp.asarray(coords[a:b]), None if cells is None else xp.asarray(cells[a:b]), xp.asarray(types)
+            )
             with warnings.catch_warnings():  # reported once per system below
                 warnings.simplefilter("ignore", RuntimeWarning)
                 out = ens.evaluate(c, t, s, cl, pbc)
@@ -112,13 +124,17 @@ def run(args) -> int:
             # written as a row of NaN: the models are checked finite on load, so the frame is at fault
             bad = ~np.isfinite(np.stack([cols[-1][n] for n in COLUMNS[1:] + ["devi_e"]])).all(axis=0)
             if bad.any():
-                raise UserError(f"system: {sysp}: frame {a + int(np.argmax(bad))}: energies or forces are not "
-                                "finite (NaN/inf): atoms on top of each other?")
+                raise UserError(
+                    f"system: {sysp}: frame {a + int(np.argmax(bad))}: energies or forces are not "
+                    "finite (NaN/inf): atoms on top of each other?"
+                )
         steps = np.arange(nf, dtype=np.int64) * args.frequency
         data = {n: np.concatenate([c[n] for c in cols]) for n in COLUMNS[1:] + ["devi_e"]}
         blocks.append((sysp, steps, data))
-        print(f"{sysp}: {nf} frames, max_devi_f up to {data['max_devi_f'].max():.4g} eV/A"
-              + (f"; {over} atom-frames had more neighbours than sel (truncated)" if over else ""))
+        print(
+            f"{sysp}: {nf} frames, max_devi_f up to {data['max_devi_f'].max():.4g} eV/A"
+            + (f"; {over} atom-frames had more neighbours than sel (truncated)" if over else "")
+        )
     names = COLUMNS[1:] + ["devi_e"]
     header = "#" + f"{'step':>11s}" + "".join(f"{n:>19s}" for n in names)
     lines = []

@@ -58,8 +58,9 @@ class DeepPot:
     """
 
     def __init__(self, model, precision: str = "double", **kwargs):
-        self.ensemble = Ensemble([model], precision=precision, chunk_atoms=kwargs.get("chunk_atoms"),
-                                 compress=kwargs.get("compress"))
+        self.ensemble = Ensemble(
+            [model], precision=precision, chunk_atoms=kwargs.get("chunk_atoms"), compress=kwargs.get("compress")
+        )
 
     def get_type_map(self) -> list[str]:
         return self.ensemble.type_map
@@ -76,8 +77,7 @@ class DeepPot:
     def get_dim_aparam(self) -> int:
         return 0
 
-    def eval(self, coords, cells, atom_types, atomic: bool = False, fparam=None, aparam=None,
-             **kwargs):
+    def eval(self, coords, cells, atom_types, atomic: bool = False, fparam=None, aparam=None, **kwargs):
         """Energy (nf, 1), force (nf, nat, 3), virial (nf, 9) [, atom_energy (nf, nat, 1),
         atom_virial (nf, nat, 9)] in eV, eV/A, eV; arrays of the namespace of ``coords``."""
         if fparam is not None or aparam is not None:
@@ -90,8 +90,7 @@ class DeepPot:
         v = out["virial"][0].reshape(nf, 9)
         if not atomic:
             return e, f, v
-        return (e, f, v, out["atom_energy"][0].reshape(nf, nat, 1),
-                out["atom_virial"][0].reshape(nf, nat, 9))
+        return (e, f, v, out["atom_energy"][0].reshape(nf, nat, 1), out["atom_virial"][0].reshape(nf, nat, 9))
 
 
 __all__ = ["DeepPot", "frames_to_flat", "np"]

@@ -63,20 +63,27 @@ class RuntimeModel:
 
             # nets not tabulated; a net the kernels cannot run (activation, shape) keeps the array code
             base = fused or [None] * len(model.embeddings)
-            fused = [f if f is not None or n is None or supported(n) else get_fused(n, name)
-                     for f, n in zip(base, model.embeddings)]
-        return cls(model=model, xp=xp, dtype=dtype,
-                   davg=xp.asarray(model.davg, dtype=xp.float64),
-                   rstd=xp.asarray(1.0 / model.dstd, dtype=xp.float64),
-                   embeddings=embeddings,
-                   fittings=[None if n is None else n.to(xp, dtype) for n in model.fittings],
-                   bias=np.asarray(model.bias, dtype=np.float64), fused=fused)
+            fused = [
+                f if f is not None or n is None or supported(n) else get_fused(n, name)
+                for f, n in zip(base, model.embeddings)
+            ]
+        return cls(
+            model=model,
+            xp=xp,
+            dtype=dtype,
+            davg=xp.asarray(model.davg, dtype=xp.float64),
+            rstd=xp.asarray(1.0 / model.dstd, dtype=xp.float64),
+            embeddings=embeddings,
+            fittings=[None if n is None else n.to(xp, dtype) for n in model.fittings],
+            bias=np.asarray(model.bias, dtype=np.float64),
+            fused=fused,
+        )
 
     def net_index(self, ti: int, tt: int) -> int:
         """Embedding net used by centre type ti for neighbours of type tt."""
         return tt if self.model.type_one_side else ti + self.model.ntypes * tt
 
-    def columns(self, ti: int, slots: "Slots"):
+    def columns(self, ti: int, slots: Slots):
         """davg, 1/dstd of centre type ti at the columns of ``slots`` (cached per kept counts)."""
         if self._cols is None or len(self._cols) > 64:
             self._cols = {}
@@ -84,8 +91,7 @@ class RuntimeModel:
         if key not in self._cols:
             xp = self.xp
             xcols = slots.xcols if slots.xcols is not None else xp.asarray(slots.cols)
-            self._cols[key] = (xp.ascontiguousarray(self.davg[ti][xcols]),
-                               xp.ascontiguousarray(self.rstd[ti][xcols]))
+            self._cols[key] = (xp.ascontiguousarray(self.davg[ti][xcols]), xp.ascontiguousarray(self.rstd[ti][xcols]))
         return self._cols[key]
 
     def pad_tail(self, ti: int, tt: int, kept: int):
@@ -129,8 +135,7 @@ class Slots:
         sec = np.concatenate([[0], np.cumsum(sel)]).astype(int)
         kept = np.minimum(np.asarray(kept, dtype=int), sel)
         cols = np.concatenate([np.arange(sec[t], sec[t] + kept[t]) for t in range(len(sel))]).astype(np.int64)
-        return cls(cols=cols, sec=np.concatenate([[0], np.cumsum(kept)]).astype(int), kept=kept,
-                   xcols=xp.asarray(cols))
+        return cls(cols=cols, sec=np.concatenate([[0], np.cumsum(kept)]).astype(int), kept=kept, xcols=xp.asarray(cols))
 
     @classmethod
     def cached(cls, sel, kept, xp):
@@ -191,8 +196,7 @@ def energy_and_grad(rm: RuntimeModel, ti: int, d, valid, need_grad: bool = True,
     fast_env = keep is None and ew.enabled(xp, "env")
     Rn_c = env = None
     if fast_env:  # CuPy: r, switch, R, Rn in one kernel (sw, q recomputed in the backward one)
-        Rn_c = ew.guarded("env", ew.env_forward, xp, d, valid, davg, rstd,
-                          m.rcut_smth, m.rcut, p, rm.dtype)
+        Rn_c = ew.guarded("env", ew.env_forward, xp, d, valid, davg, rstd, m.rcut_smth, m.rcut, p, rm.dtype)
         fast_env = Rn_c is not None
     if not fast_env:
         Rn_c, env = _env_mat(xp, rm, d, valid, keep, davg, rstd)
@@ -281,8 +285,7 @@ def _nets(rm, ti, Rn_c, d, valid, keep, need_grad, env, slots, rstd):
         gRn[:, a:b, :] = xp.matmul(G, ggr.transpose(0, 2, 1))
         gRn[:, a:b, 0:1] += net.backward(xp, gG, cache)
     if env is None:  # fused chain rule (CuPy); empty slots give exactly 0
-        g = ew.guarded("env", ew.env_backward, xp, gRn, d, valid, rstd, m.rcut_smth,
-                       m.rcut, m.env_protection)
+        g = ew.guarded("env", ew.env_backward, xp, gRn, d, valid, rstd, m.rcut_smth, m.rcut, m.env_protection)
         if g is not None:
             return e, g
         vf = valid.astype(xp.float64)
@@ -299,7 +302,7 @@ def _nets(rm, ti, Rn_c, d, valid, keep, need_grad, env, slots, rstd):
     # chain through R = sw [q, d q^2], q = 1/(r+p)
     g0, gv = gR[..., 0], gR[..., 1:]
     gvd = (gv * d).sum(axis=2)
-    coef = (g0 * (dsw * q - sw * q * q) + gvd * (dsw * q * q - 2.0 * sw * q ** 3)) / rr
+    coef = (g0 * (dsw * q - sw * q * q) + gvd * (dsw * q * q - 2.0 * sw * q**3)) / rr
     g = coef[..., None] * d + (sw * q * q)[..., None] * gv
     # a NaN centre (atoms on top of each other) must not leak through its empty slots
     return e, xp.where(valid[..., None], g, 0.0)

@@ -92,7 +92,7 @@ extern "C" __global__ void desc_bwd(const T* __restrict__ gr, const T* __restric
 """
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module(dtype: str, M1: int, A: int):
     import cupy
 

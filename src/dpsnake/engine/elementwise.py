@@ -47,12 +47,13 @@ def guarded(name: str, fn, *args):
         return fn(*args)
     except Exception as exc:  # compile or launch failure: fall back to the array code
         _broken.add(name)
-        warnings.warn(f"dpsnake fused kernels '{name}' disabled: {type(exc).__name__}: {exc}",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"dpsnake fused kernels '{name}' disabled: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=3
+        )
         return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _k(name: str):
     import cupy
 
@@ -70,19 +71,26 @@ _SWITCH = """
 
 _SRC = {
     # y = tanh(a w + b) idt + res, dy = (1 - t^2) idt (all broadcast)
-    "tanh_dy": ("T a, T w, T b, T idt, T res", "T y, T dy",
-                "const T t = tanh(a * w + b); y = t * idt + res; dy = ((T)1 - t * t) * idt;"),
+    "tanh_dy": (
+        "T a, T w, T b, T idt, T res",
+        "T y, T dy",
+        "const T t = tanh(a * w + b); y = t * idt + res; dy = ((T)1 - t * t) * idt;",
+    ),
     "tanh": ("T a, T w, T b, T idt, T res", "T y", "y = tanh(a * w + b) * idt + res;"),
     # backward of a concat(x, x) residual: g += g0 + g1 (left to right, as the array code)
     "add2": ("T g0, T g1", "T g", "g = g + g0 + g1;"),
     # env matrix: element i = (centre, slot); d (n, nnei, 3) and Rn (n, nnei, 4) contiguous
-    "env_fwd": ("bool valid, raw float64 d, raw float64 davg, raw float64 rstd, int64 nnei, "
-                "float64 rs, float64 rc, float64 p", "raw T Rn", """
+    "env_fwd": (
+        "bool valid, raw float64 d, raw float64 davg, raw float64 rstd, int64 nnei, float64 rs, float64 rc, float64 p",
+        "raw T Rn",
+        """
     const long long s = i % nnei;
     double R0 = 0.0, R1 = 0.0, R2 = 0.0, R3 = 0.0;
     if (valid) {
         const double dx = d[3 * i], dy = d[3 * i + 1], dz = d[3 * i + 2];
-    """ + _SWITCH + """
+    """
+        + _SWITCH
+        + """
         R0 = sw * q;
         const double s2 = sw * q * q;
         R1 = s2 * dx; R2 = s2 * dy; R3 = s2 * dz;
@@ -91,15 +99,20 @@ _SRC = {
     Rn[4 * i + 1] = (T)((R1 - davg[4 * s + 1]) * rstd[4 * s + 1]);
     Rn[4 * i + 2] = (T)((R2 - davg[4 * s + 2]) * rstd[4 * s + 2]);
     Rn[4 * i + 3] = (T)((R3 - davg[4 * s + 3]) * rstd[4 * s + 3]);
-    """),
+    """,
+    ),
     # chain rule dE/dRn -> g = dE/dd through R = sw [q, d q^2]; empty slots give exactly 0
-    "env_bwd": ("bool valid, raw T gRn, raw float64 d, raw float64 rstd, int64 nnei, "
-                "float64 rs, float64 rc, float64 p", "raw float64 g", """
+    "env_bwd": (
+        "bool valid, raw T gRn, raw float64 d, raw float64 rstd, int64 nnei, float64 rs, float64 rc, float64 p",
+        "raw float64 g",
+        """
     const long long s = i % nnei;
     double g0 = 0.0, g1 = 0.0, g2 = 0.0;
     if (valid) {
         const double dx = d[3 * i], dy = d[3 * i + 1], dz = d[3 * i + 2];
-    """ + _SWITCH + """
+    """
+        + _SWITCH
+        + """
         const double dsw = (r > rs && r < rc) ? -30.0 * u2 * (u - 1.0) * (u - 1.0) / (rc - rs) : 0.0;
         const double a0 = (double)gRn[4 * i] * rstd[4 * s];
         const double a1 = (double)gRn[4 * i + 1] * rstd[4 * s + 1];
@@ -111,12 +124,15 @@ _SRC = {
         g0 = coef * dx + s2 * a1; g1 = coef * dy + s2 * a2; g2 = coef * dz + s2 * a3;
     }
     g[3 * i] = g0; g[3 * i + 1] = g1; g[3 * i + 2] = g2;
-    """),
+    """,
+    ),
     # f[own] -= g over (n, nnei, 3) (own, valid broadcast over the last axis); f (N, 3) contiguous
-    "scatter_neg": ("T g, int64 own, bool valid", "raw T f",
-                    "if (valid) atomicAdd(&f[own * 3 + i % 3], -g);"),
+    "scatter_neg": ("T g, int64 own, bool valid", "raw T f", "if (valid) atomicAdd(&f[own * 3 + i % 3], -g);"),
     # per centre c: out[c, 0:3] = sum_s g[c, s], out[c, 3 + 3a + b] = -sum_s g[c, s, a] d[c, s, b]
-    "centre_sums": ("raw float64 g, raw float64 d, int64 nc", "float64 out", """
+    "centre_sums": (
+        "raw float64 g, raw float64 d, int64 nc",
+        "float64 out",
+        """
     const long long c = i / 12, base = c * nc * 3;
     const int j = (int)(i - 12 * c);
     double s = 0.0;
@@ -127,42 +143,58 @@ _SRC = {
         for (long long t = 0; t < nc; ++t) s -= g[base + 3 * t + a] * d[base + 3 * t + b];
     }
     out = s;
-    """),
+    """,
+    ),
     # D[c, p, q] = sum_k gr[c, k, p] gr[c, k, q], gr (n, 4, M1), D (n, M1, A)
-    "desc_D": ("raw T gr, int64 M1, int64 A", "T D", """
+    "desc_D": (
+        "raw T gr, int64 M1, int64 A",
+        "T D",
+        """
     // one 64-bit division per element (they cost ~4x the 32-bit ones, and this kernel is all index)
     const long long c = i / (M1 * A), b = c * 4 * M1;
     const int r = (int)(i - c * M1 * A), p = r / (int)A, q = r - p * (int)A;
     D = gr[b + p] * gr[b + q] + gr[b + M1 + p] * gr[b + M1 + q]
         + gr[b + 2 * M1 + p] * gr[b + 2 * M1 + q] + gr[b + 3 * M1 + p] * gr[b + 3 * M1 + q];
-    """),
+    """,
+    ),
     # backward of D to gr: ggr[c, k, p] = (sum_q gr[c, k, q] gD[c, p, q]
     #                                      + [p < A] sum_m gr[c, k, m] gD[c, m, p]) * scale,
     # the second term (p < A only) in its own launch so no warp waits on a few long loops
-    "desc_ggr": ("raw T gr, raw T gD, int64 M1, int64 A, T scale", "T ggr", """
+    "desc_ggr": (
+        "raw T gr, raw T gD, int64 M1, int64 A, T scale",
+        "T ggr",
+        """
     const long long c = i / (4 * M1);
     const int r = (int)(i - c * 4 * M1), k = r / (int)M1, p = r - k * (int)M1;
     const long long gb = c * 4 * M1 + k * M1, db = c * M1 * A;
     T v = 0;
     for (long long q = 0; q < A; ++q) v += gr[gb + q] * gD[db + p * A + q];
     ggr = p < A ? v : v * scale;
-    """),
-    "desc_ggr_add": ("raw T gr, raw T gD, int64 M1, int64 A, T scale", "T ggr", """
+    """,
+    ),
+    "desc_ggr_add": (
+        "raw T gr, raw T gD, int64 M1, int64 A, T scale",
+        "T ggr",
+        """
     const long long c = i / (4 * A);
     const int r = (int)(i - c * 4 * A), k = r / (int)A, p = r - k * (int)A;
     const long long gb = c * 4 * M1 + k * M1, db = c * M1 * A;
     T v2 = 0;
     for (long long m = 0; m < M1; ++m) v2 += gr[gb + m] * gD[db + m * A + p];
     ggr = (ggr + v2) * scale;
-    """),
+    """,
+    ),
     # compaction of a chunk: element i = (centre c, kept column j) of (n, nc); owner, d (n, nnei[, 3])
-    "compact": ("raw int64 owner, raw float64 d, raw int64 centers, raw int64 cols, int64 nnei, int64 nc",
-                "int64 owner_c, int64 own, raw float64 dc, bool valid", """
+    "compact": (
+        "raw int64 owner, raw float64 d, raw int64 centers, raw int64 cols, int64 nnei, int64 nc",
+        "int64 owner_c, int64 own, raw float64 dc, bool valid",
+        """
     const long long c = i / nc, src = c * nnei + cols[i - c * nc];
     const long long o = owner[src];
     owner_c = o; valid = o >= 0; own = o >= 0 ? o : centers[c];
     dc[3 * i] = d[3 * src]; dc[3 * i + 1] = d[3 * src + 1]; dc[3 * i + 2] = d[3 * src + 2];
-    """),
+    """,
+    ),
 }
 
 
@@ -214,8 +246,17 @@ def env_forward(xp, d, valid, davg, rstd, rs, rc, p, dtype):
     """Rn (n, nnei, 4) in ``dtype`` from d (n, nnei, 3) float64; davg/rstd (nnei, 4) float64."""
     n, nnei = valid.shape
     Rn = xp.empty((n, nnei, 4), dtype=dtype)
-    _k("env_fwd")(xp.ascontiguousarray(valid), xp.ascontiguousarray(d), xp.ascontiguousarray(davg),
-                  xp.ascontiguousarray(rstd), nnei, float(rs), float(rc), float(p), Rn)
+    _k("env_fwd")(
+        xp.ascontiguousarray(valid),
+        xp.ascontiguousarray(d),
+        xp.ascontiguousarray(davg),
+        xp.ascontiguousarray(rstd),
+        nnei,
+        float(rs),
+        float(rc),
+        float(p),
+        Rn,
+    )
     return Rn
 
 
@@ -223,8 +264,17 @@ def env_backward(xp, gRn, d, valid, rstd, rs, rc, p):
     """g = dE/dd (n, nnei, 3) float64 from gRn = dE/dRn (n, nnei, 4) (net dtype)."""
     n, nnei = valid.shape
     g = xp.empty((n, nnei, 3), dtype=xp.float64)
-    _k("env_bwd")(xp.ascontiguousarray(valid), xp.ascontiguousarray(gRn), xp.ascontiguousarray(d),
-                  xp.ascontiguousarray(rstd), nnei, float(rs), float(rc), float(p), g)
+    _k("env_bwd")(
+        xp.ascontiguousarray(valid),
+        xp.ascontiguousarray(gRn),
+        xp.ascontiguousarray(d),
+        xp.ascontiguousarray(rstd),
+        nnei,
+        float(rs),
+        float(rc),
+        float(p),
+        g,
+    )
     return g
 
 
@@ -244,8 +294,18 @@ def compact(xp, ch, cols):
     own = xp.empty((n, nc), dtype=xp.int64)
     d = xp.empty((n, nc, 3), dtype=xp.float64)
     valid = xp.empty((n, nc), dtype=bool)
-    _k("compact")(xp.ascontiguousarray(ch.owner, dtype=xp.int64), xp.ascontiguousarray(ch.d, dtype=xp.float64),
-                  xp.ascontiguousarray(ch.centers, dtype=xp.int64), cols, nnei, nc, owner, own, d, valid)
+    _k("compact")(
+        xp.ascontiguousarray(ch.owner, dtype=xp.int64),
+        xp.ascontiguousarray(ch.d, dtype=xp.float64),
+        xp.ascontiguousarray(ch.centers, dtype=xp.int64),
+        cols,
+        nnei,
+        nc,
+        owner,
+        own,
+        d,
+        valid,
+    )
     return owner, own, d, valid
 
 

@@ -31,8 +31,9 @@ def _compression(compress):
     if isinstance(compress, dict):
         unknown = set(compress) - {"min_nbor_dist", "stride", "extrapolate"}
         if unknown or "min_nbor_dist" not in compress:
-            raise UserError("compress: needs min_nbor_dist (and optionally stride, extrapolate); "
-                            f"got {sorted(compress)}")
+            raise UserError(
+                f"compress: needs min_nbor_dist (and optionally stride, extrapolate); got {sorted(compress)}"
+            )
         try:
             values = {k: float(v) for k, v in compress.items()}
         except (TypeError, ValueError):
@@ -65,8 +66,7 @@ class Layout:
             raise UserError(f"atype: type indices must be in 0..{ntypes - 1}")
         self.counts = np.bincount(ta, minlength=ntypes)
         # centres sorted by type, one copy made now (chunks are slices of it)
-        self.order = xp.arange(self.N, dtype=xp.int64) if ntypes == 1 else \
-            xp.asarray(np.argsort(ta, kind="stable"))
+        self.order = xp.arange(self.N, dtype=xp.int64) if ntypes == 1 else xp.asarray(np.argsort(ta, kind="stable"))
 
     def made_from(self, atype, system, pbc) -> bool:
         return all(a is b for a, b in zip(self.given, (atype, system, pbc)))
@@ -82,8 +82,7 @@ class Ensemble:
     :class:`~dpsnake.engine.tabulate.Compression`, a dict of its fields, or None (the nets).
     """
 
-    def __init__(self, models, precision: str = "double", xp=None, chunk_atoms: int | None = None,
-                 compress=None):
+    def __init__(self, models, precision: str = "double", xp=None, chunk_atoms: int | None = None, compress=None):
         if not models:
             raise UserError("models: an ensemble needs at least one model")
         if precision not in ("double", "mixed"):
@@ -92,8 +91,10 @@ class Ensemble:
         m0 = self.models[0]
         for m in self.models[1:]:
             if not m0.same_geometry(m):
-                raise UserError(f"models: {m.path} differs from {m0.path} in type_map, rcut, sel or "
-                                "pair_exclude_types, so they cannot share neighbour lists")
+                raise UserError(
+                    f"models: {m.path} differs from {m0.path} in type_map, rcut, sel or "
+                    "pair_exclude_types, so they cannot share neighbour lists"
+                )
         self.precision = precision
         self.compress = _compression(compress)
         self.chunk_atoms = chunk_atoms
@@ -181,8 +182,18 @@ class Ensemble:
             self._widths = {}
         return overflow, missed
 
-    def evaluate(self, coords, atype, system, cells, pbc, model_indices=None, atomic: bool = False,
-                 exact: bool = False, layout: Layout | None = None):
+    def evaluate(
+        self,
+        coords,
+        atype,
+        system,
+        cells,
+        pbc,
+        model_indices=None,
+        atomic: bool = False,
+        exact: bool = False,
+        layout: Layout | None = None,
+    ):
         """Energies, forces, virials of every model on every system.
 
         coords (N, 3) A; atype (N,) int; system (N,) sorted ints 0..S-1; cells (S, 3, 3) A;
@@ -230,8 +241,9 @@ class Ensemble:
         rts = [self._rt(xp, k) for k in idx]
         m0 = self.models[0]
         guessing = _guess_widths(xp) and not exact
-        nb = NeighborBuilder(xp, coords, atype, system, cells, layout.pbc_h, m0.rcut, m0.sel, m0.pair_exclude,
-                             reuse_grid=guessing)
+        nb = NeighborBuilder(
+            xp, coords, atype, system, cells, layout.pbc_h, m0.rcut, m0.sel, m0.pair_exclude, reuse_grid=guessing
+        )
         nb_check = None if nb.check is None else HostCopy(nb.check)
         order_dev, counts = layout.order, layout.counts
         csize = self._chunk_size(xp)
@@ -241,7 +253,7 @@ class Ensemble:
         for ti in range(self.ntypes):
             stop = start + int(counts[ti])
             for a in range(start, stop, csize):
-                centers = order_dev[a:min(stop, a + csize)]
+                centers = order_dev[a : min(stop, a + csize)]
                 # one type: the centres are a range, and a slice indexes without gather/scatter kernels
                 at = slice(a, min(stop, a + csize)) if self.ntypes == 1 else centers
                 ch = nb.chunk(centers)
@@ -266,16 +278,22 @@ class Ensemble:
                     if fast_scatter and not atomic:  # sum g and virial -g^T d in one pass
                         sums = elementwise.guarded("scatter", elementwise.centre_sums, xp, g, ch.d)
                     force[j, at] += g.sum(axis=1) if sums is None else sums[:, :3]
-                    if not (fast_scatter and elementwise.guarded(
-                            "scatter", elementwise.scatter_neg, xp, force[j], own, ch.valid, g) is not None):
+                    if not (
+                        fast_scatter
+                        and elementwise.guarded("scatter", elementwise.scatter_neg, xp, force[j], own, ch.valid, g)
+                        is not None
+                    ):
                         _scatter_add(xp, force[j], own.reshape(-1), -g.reshape(-1, 3))
                     if atomic:
                         w = -(g[:, :, :, None] * ch.d[:, :, None, :]).reshape(g.shape[0], -1, 9)
                         _scatter_add(xp, virial[j], sysc, w.sum(axis=1))
                         _scatter_add(xp, atom_virial[j], own.reshape(-1), w.reshape(-1, 9))
                     else:  # per-centre virial -g^T d as a batched product: no (n, nnei, 9) temporary
-                        wc = -xp.matmul(g.transpose(0, 2, 1), ch.d).reshape(g.shape[0], 9) \
-                            if sums is None else sums[:, 3:]
+                        wc = (
+                            -xp.matmul(g.transpose(0, 2, 1), ch.d).reshape(g.shape[0], 9)
+                            if sums is None
+                            else sums[:, 3:]
+                        )
                         _scatter_add(xp, virial[j], sysc, wc)
             start = stop
         overflow, missed = self._check_widths(checks)
@@ -287,9 +305,12 @@ class Ensemble:
             return self.evaluate(coords, a0, s0, cells, p0, model_indices, atomic, exact=True, layout=layout)
         self.last_overflow = overflow
         if overflow:
-            warnings.warn(f"{overflow} atoms have more neighbours within rcut than sel allows "
-                          f"(sel={m0.sel}); extra neighbours were dropped as DeePMD-kit does",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"{overflow} atoms have more neighbours within rcut than sel allows "
+                f"(sel={m0.sel}); extra neighbours were dropped as DeePMD-kit does",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         out = {"energy": _segment(xp, energy_atom, system, S), "force": force, "virial": virial}
         if atomic:
             out["atom_energy"] = energy_atom
@@ -330,8 +351,9 @@ def _compact(xp, ch, sel, widths):
         own = xp.where(ch.valid, ch.owner, ch.centers[:, None])
         return ch, Slots.full(sel), own
     slots = Slots.cached(sel, kept, xp)
-    out = elementwise.guarded("nbr", elementwise.compact, xp, ch, slots.xcols) \
-        if elementwise.enabled(xp, "nbr") else None
+    out = (
+        elementwise.guarded("nbr", elementwise.compact, xp, ch, slots.xcols) if elementwise.enabled(xp, "nbr") else None
+    )
     if out is None:
         cols = slots.xcols
         owner, valid = ch.owner[:, cols], ch.valid[:, cols]

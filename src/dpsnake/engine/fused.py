@@ -28,7 +28,6 @@ FP64 24.9 -> 36.5 ms (the backward's 255 registers leave 8 warps per SM), so FP6
 from __future__ import annotations
 
 import math
-
 import os
 
 import numpy as np
@@ -41,11 +40,11 @@ _ACT = {
     "relu": "y = z > (T)0 ? z : (T)0; d = z > (T)0 ? (T)1 : (T)0;",
     "relu6": "y = z < (T)0 ? (T)0 : (z > (T)6 ? (T)6 : z); d = (z > (T)0 && z < (T)6) ? (T)1 : (T)0;",
     "softplus": "{ T e = EXP(-fabs(z)); y = z > (T)0 ? z + LOG((T)1 + e) : LOG((T)1 + e);"
-                " d = (T)1 / ((T)1 + EXP(-z)); }",
+    " d = (T)1 / ((T)1 + EXP(-z)); }",
     "sigmoid": "{ T s = (T)1 / ((T)1 + EXP(-z)); y = s; d = s * ((T)1 - s); }",
     "gelu": "{ const T c = (T)0.7978845608028654; T t = TANH(c * (z + (T)0.044715 * z * z * z));"
-            " y = (T)0.5 * z * ((T)1 + t);"
-            " d = (T)0.5 * ((T)1 + t) + (T)0.5 * z * ((T)1 - t * t) * c * ((T)1 + (T)3 * (T)0.044715 * z * z); }",
+    " y = (T)0.5 * z * ((T)1 + t);"
+    " d = (T)0.5 * ((T)1 + t) + (T)0.5 * z * ((T)1 - t * t) * c * ((T)1 + (T)3 * (T)0.044715 * z * z); }",
     "silu": "{ T s = (T)1 / ((T)1 + EXP(-z)); y = z * s; d = s * ((T)1 + z * ((T)1 - s)); }",
 }
 _ACT["gelu_tf"] = _ACT["gelu"]
@@ -59,11 +58,12 @@ def _act_code(name: str) -> str:
         thr = float(name.split(":")[-1]) if ":" in name else 3.0
         sg = 1 / (1 + math.exp(-thr))
         slope, const = float(sg + thr * sg * (1 - sg)), float(thr * sg)
-        return (f"{{ T s = (T)1 / ((T)1 + EXP(-z)); if (z < (T){thr!r}) {{ y = z * s; d = s * ((T)1 + z * ((T)1 - s)); }}"
-                f" else {{ T t = TANH((T){slope!r} * (z - (T){thr!r})); y = t + (T){const!r};"
-                f" d = (T){slope!r} * ((T)1 - t * t); }} }}")
+        return (
+            f"{{ T s = (T)1 / ((T)1 + EXP(-z)); if (z < (T){thr!r}) {{ y = z * s; d = s * ((T)1 + z * ((T)1 - s)); }}"
+            f" else {{ T t = TANH((T){slope!r} * (z - (T){thr!r})); y = t + (T){const!r};"
+            f" d = (T){slope!r} * ((T)1 - t * t); }} }}"
+        )
     raise ValueError(f"no fused kernel for activation {name!r}")
-
 
 
 class _Spec:
@@ -97,11 +97,11 @@ class _Spec:
         for l, d in zip(net.layers, self.layers):
             wt = np.zeros((d["nout"], d["ninp"]))
             wt[:, : d["nin"]] = np.asarray(l.w, dtype=np.float64).T
-            out[d["w"]: d["w"] + wt.size] = wt.reshape(-1)
+            out[d["w"] : d["w"] + wt.size] = wt.reshape(-1)
             if d["b"] is not None:
-                out[d["b"]: d["b"] + d["nout"]] = np.asarray(l.b, dtype=np.float64).reshape(-1)
+                out[d["b"] : d["b"] + d["nout"]] = np.asarray(l.b, dtype=np.float64).reshape(-1)
             if d["idt"] is not None:
-                out[d["idt"]: d["idt"] + d["nout"]] = np.asarray(l.idt, dtype=np.float64).reshape(-1)
+                out[d["idt"] : d["idt"] + d["nout"]] = np.asarray(l.idt, dtype=np.float64).reshape(-1)
         return out
 
 
@@ -129,8 +129,12 @@ def _dot_row(L, row: str, src: str, z: str, wname: str | None = None, vw: int = 
 def _hidden(L, ell: int, src: str, dst: str, deriv: bool, vw: int) -> str:
     """Hidden layer ``ell``: src[nin] -> dst[nout] (and dD{ell}[nout] = act'(z) idt)."""
     c = [f"T {dst}[{L['nout']}];"] + ([f"T dD{ell}[{L['nout']}];"] if deriv else [])
-    c += ["#pragma unroll", f"for (int j = 0; j < {L['nout']}; ++j) {{", "  KEEP_ORDER;",
-          f"  T z = {'SW[%d + j]' % L['b'] if L['b'] is not None else '(T)0'};"]
+    c += [
+        "#pragma unroll",
+        f"for (int j = 0; j < {L['nout']}; ++j) {{",
+        "  KEEP_ORDER;",
+        f"  T z = {'SW[%d + j]' % L['b'] if L['b'] is not None else '(T)0'};",
+    ]
     c += ["  " + x for x in _dot_row(L, "j", src, "z", vw=vw)]
     c.append(f"  T y, d; {_act_code(L['act'])}")
     if L["idt"] is not None:
@@ -147,9 +151,15 @@ def _layer_back(L, ell: int, src: str, dsrc: str, ddst: str, vw: int) -> str:
     """Backward of hidden layer ``ell`` column by column, recomputing z_j from its input src[nin]:
     dsrc[nout] = dL/dy -> ddst[nin] = dL/dx. Each W^T row is loaded once for z_j and dx."""
     nin, nout = L["nin"], L["nout"]
-    c = [f"T {ddst}[{nin}];", "#pragma unroll", f"for (int k = 0; k < {nin}; ++k) {ddst}[k] = (T)0;",
-         "#pragma unroll", f"for (int j = 0; j < {nout}; ++j) {{", "  KEEP_ORDER;",
-         f"  T z = {'SW[%d + j]' % L['b'] if L['b'] is not None else '(T)0'};"]
+    c = [
+        f"T {ddst}[{nin}];",
+        "#pragma unroll",
+        f"for (int k = 0; k < {nin}; ++k) {ddst}[k] = (T)0;",
+        "#pragma unroll",
+        f"for (int j = 0; j < {nout}; ++j) {{",
+        "  KEEP_ORDER;",
+        f"  T z = {'SW[%d + j]' % L['b'] if L['b'] is not None else '(T)0'};",
+    ]
     c += ["  " + x for x in _dot_row(L, "j", src, "z", wname=f"u{ell}_", vw=vw)]
     c.append(f"  T y, d; {_act_code(L['act'])}")
     if L["idt"] is not None:
@@ -172,8 +182,10 @@ def _reduce_scatter(v: str = "v") -> str:
     for off in (16, 8, 4, 2, 1):
         c.append(f"{{ const bool up = (lane & {off}) != 0;")
         for k in range(off):
-            c.append(f"  {{ const T s_ = up ? {v}[{k}] : {v}[{k + off}]; const T k_ = up ? {v}[{k + off}] : {v}[{k}];"
-                     f" {v}[{k}] = k_ + __shfl_xor_sync(0xffffffffu, s_, {off}); }}")
+            c.append(
+                f"  {{ const T s_ = up ? {v}[{k}] : {v}[{k + off}]; const T k_ = up ? {v}[{k + off}] : {v}[{k}];"
+                f" {v}[{k}] = k_ + __shfl_xor_sync(0xffffffffu, s_, {off}); }}"
+            )
         c.append("}")
     return "\n".join(c)
 
@@ -204,12 +216,25 @@ def _source(spec: _Spec, dtype: str) -> str:
     bias = f"SW[{last['b']} + j]" if last["b"] is not None else "(T)0"
     idt = f"SW[{last['idt']} + j]" if last["idt"] is not None else "(T)1"
     # forward: the last layer in groups of 8 columns, reduce-scattered over the warp
-    col = ["T v[32];", "#pragma unroll", "for (int q = 0; q < 8; ++q) {", "  const int j = jj + q;",
-           "  T y = (T)0;", f"  if ({'true' if M % 8 == 0 else 'j < M'}) {{", f"    T z = {bias};"]
+    col = [
+        "T v[32];",
+        "#pragma unroll",
+        "for (int q = 0; q < 8; ++q) {",
+        "  const int j = jj + q;",
+        "  T y = (T)0;",
+        f"  if ({'true' if M % 8 == 0 else 'j < M'}) {{",
+        f"    T z = {bias};",
+    ]
     col += ["    " + x for x in _dot_row(last, "j", htop, "z", vw=vw)]
-    col += [f"    T d; {_act_code(last['act'])}", f"    y *= {idt};", "  }",
-            "  v[4 * q] = r0 * y; v[4 * q + 1] = r1 * y; v[4 * q + 2] = r2 * y; v[4 * q + 3] = r3 * y;", "}",
-            _reduce_scatter(), "if (jj + (lane >> 2) < M) atomicAdd(&GS[(lane & 3) * M + jj + (lane >> 2)], v[0]);"]
+    col += [
+        f"    T d; {_act_code(last['act'])}",
+        f"    y *= {idt};",
+        "  }",
+        "  v[4 * q] = r0 * y; v[4 * q + 1] = r1 * y; v[4 * q + 2] = r2 * y; v[4 * q + 3] = r3 * y;",
+        "}",
+        _reduce_scatter(),
+        "if (jj + (lane >> 2) < M) atomicAdd(&GS[(lane & 3) * M + jj + (lane >> 2)], v[0]);",
+    ]
     res_f = []
     if last["res"]:
         for k0 in range(0, NIN, 8):
@@ -219,7 +244,9 @@ def _source(spec: _Spec, dtype: str) -> str:
                 for c in range(4):
                     res_f.append(f"v[{4 * q + c}] = {'r%d * %s[%d]' % (c, htop, k) if k < NIN else '(T)0'};")
             res_f.append(_reduce_scatter())
-            res_f.append(f"if ({k0} + (lane >> 2) < NIN) atomicAdd(&GR[(lane & 3) * NIN + {k0} + (lane >> 2)], v[0]); }}")
+            res_f.append(
+                f"if ({k0} + (lane >> 2) < NIN) atomicAdd(&GR[(lane & 3) * NIN + {k0} + (lane >> 2)], v[0]); }}"
+            )
     # backward: last layer column by column, dh accumulated in registers
     nq = last["ninp"] // vw
     bwd_col = ["KEEP_ORDER;", f"T z = {bias};"] + _dot_row(last, "j", htop, "z", wname="w", vw=vw)
@@ -227,11 +254,15 @@ def _source(spec: _Spec, dtype: str) -> str:
     if T == "float":
         bwd_col += ["const float4 g = *(const float4*)(GG + 4 * j);", "const T g0 = g.x, g1 = g.y, g2 = g.z, g3 = g.w;"]
     else:
-        bwd_col += ["const double2 ga = *(const double2*)(GG + 4 * j), gb = *(const double2*)(GG + 4 * j + 2);",
-                    "const T g0 = ga.x, g1 = ga.y, g2 = gb.x, g3 = gb.y;"]
-    bwd_col += ["const T dG = r0 * g0 + r1 * g1 + r2 * g2 + r3 * g3;",
-                "dr0 = FMA(y, g0, dr0); dr1 = FMA(y, g1, dr1); dr2 = FMA(y, g2, dr2); dr3 = FMA(y, g3, dr3);",
-                "const T dz = dG * d * it;"]
+        bwd_col += [
+            "const double2 ga = *(const double2*)(GG + 4 * j), gb = *(const double2*)(GG + 4 * j + 2);",
+            "const T g0 = ga.x, g1 = ga.y, g2 = gb.x, g3 = gb.y;",
+        ]
+    bwd_col += [
+        "const T dG = r0 * g0 + r1 * g1 + r2 * g2 + r3 * g3;",
+        "dr0 = FMA(y, g0, dr0); dr1 = FMA(y, g1, dr1); dr2 = FMA(y, g2, dr2); dr3 = FMA(y, g3, dr3);",
+        "const T dz = dG * d * it;",
+    ]
     for q in range(nq):
         for e in range(vw):
             k = q * vw + e
@@ -239,13 +270,20 @@ def _source(spec: _Spec, dtype: str) -> str:
                 bwd_col.append(f"dh[{k}] = FMA(dz, w{q}.{_LANES[e]}, dh[{k}]);")
     res_b = []
     if last["res"]:
-        res_b = ["#pragma unroll", "for (int k = 0; k < NIN; ++k) {",
-                 "  const T f0 = FD[4 * k], f1 = FD[4 * k + 1], f2 = FD[4 * k + 2], f3 = FD[4 * k + 3];",
-                 "  dh[k] += r0 * f0 + r1 * f1 + r2 * f2 + r3 * f3;",
-                 f"  dr0 = FMA({htop}[k], f0, dr0); dr1 = FMA({htop}[k], f1, dr1);"
-                 f" dr2 = FMA({htop}[k], f2, dr2); dr3 = FMA({htop}[k], f3, dr3);", "}"]
-    fold = "T s_ = (T)0; for (int r = 0; r < M / NIN; ++r) s_ += ggr[(i * 4 + c) * M + r * NIN + k]; FD[4 * k + c] = s_;" \
-        if last["res"] else ""
+        res_b = [
+            "#pragma unroll",
+            "for (int k = 0; k < NIN; ++k) {",
+            "  const T f0 = FD[4 * k], f1 = FD[4 * k + 1], f2 = FD[4 * k + 2], f3 = FD[4 * k + 3];",
+            "  dh[k] += r0 * f0 + r1 * f1 + r2 * f2 + r3 * f3;",
+            f"  dr0 = FMA({htop}[k], f0, dr0); dr1 = FMA({htop}[k], f1, dr1);"
+            f" dr2 = FMA({htop}[k], f2, dr2); dr3 = FMA({htop}[k], f3, dr3);",
+            "}",
+        ]
+    fold = (
+        "T s_ = (T)0; for (int r = 0; r < M / NIN; ++r) s_ += ggr[(i * 4 + c) * M + r * NIN + k]; FD[4 * k + c] = s_;"
+        if last["res"]
+        else ""
+    )
     x0grad = f"{dsrc}[0]" if nl > 1 else "dh[0]"
     nl_ = "\n"
     # DPSNAKE_FUSED_BWD_MINB: blocks per SM the backward is compiled for (caps its registers).
@@ -406,16 +444,24 @@ class FusedNet:
         n, nc = Rn.shape[0], Rn.shape[1]
         if n and b > a:
             threads = int(min(256, -(-(b - a) // 32) * 32))
-            self.fwd((self._grid(n, 8),), (threads,), (Rn, np.int64(n), np.int32(nc), np.int32(a),
-                                                      np.int32(b), self.w, gr), shared_mem=self.smem[0])
+            self.fwd(
+                (self._grid(n, 8),),
+                (threads,),
+                (Rn, np.int64(n), np.int32(nc), np.int32(a), np.int32(b), self.w, gr),
+                shared_mem=self.smem[0],
+            )
 
     def backward(self, Rn, ggr, a: int, b: int, gRn):
         """gRn[:, a:b, :] = dL/dRn given ggr = dL/dgr (n, 4, M) (C-contiguous)."""
         n, nc = Rn.shape[0], Rn.shape[1]
         if n and b > a:
             threads = int(min(128, -(-(b - a) // 32) * 32))
-            self.bwd((self._grid(n, 8),), (threads,), (Rn, ggr, np.int64(n), np.int32(nc), np.int32(a),
-                                                      np.int32(b), self.w, gRn), shared_mem=self.smem[1])
+            self.bwd(
+                (self._grid(n, 8),),
+                (threads,),
+                (Rn, ggr, np.int64(n), np.int32(nc), np.int32(a), np.int32(b), self.w, gRn),
+                shared_mem=self.smem[1],
+            )
 
 
 def get_fused(net, dtype: str) -> FusedNet:

@@ -23,10 +23,13 @@ _SELECT_PARAMS = r"""
     long long* __restrict__ owner, double* __restrict__ dout, bool* __restrict__ over,
     int* __restrict__ stats,"""
 
-_SELECT_SRC = r"""
+_SELECT_SRC = (
+    r"""
 #define NNEI %(nnei)d
 #define NT %(ntypes)d
-extern "C" __global__ void select_nb(""" + _SELECT_PARAMS + r"""
+extern "C" __global__ void select_nb("""
+    + _SELECT_PARAMS
+    + r"""
     const bool* __restrict__ only, const long long use_only)
 {
     long long i = (long long)blockDim.x * blockIdx.x + threadIdx.x;
@@ -73,6 +76,7 @@ extern "C" __global__ void select_nb(""" + _SELECT_PARAMS + r"""
     if (of) atomicAdd(&stats[NT], 1);
 }
 """
+)
 
 
 # Default (DPSNAKE_SELECT=thread falls back to one thread per centre; checked on an H100 2026-11-21:
@@ -81,12 +85,15 @@ extern "C" __global__ void select_nb(""" + _SELECT_PARAMS + r"""
 # their enumeration order; each kept candidate's rank by (r, order) and its rank within its type are
 # counted, which reproduces select_nb's stable insertion sort exactly. A centre with more than CAP
 # candidates within rcut is flagged in ``spill`` and redone by select_nb.
-_SELECT_WARP_SRC = r"""
+_SELECT_WARP_SRC = (
+    r"""
 #define NNEI %(nnei)d
 #define NT %(ntypes)d
 #define CAP %(cap)d
 #define LANES %(lanes)d
-extern "C" __global__ void select_nb_warp(""" + _SELECT_PARAMS + r"""
+extern "C" __global__ void select_nb_warp("""
+    + _SELECT_PARAMS
+    + r"""
     bool* __restrict__ spill)
 {
     __shared__ double sr[CAP];
@@ -172,6 +179,7 @@ extern "C" __global__ void select_nb_warp(""" + _SELECT_PARAMS + r"""
     for (int t = lane; t < NT; t += LANES) if (skept[t]) atomicMax(&stats[t], skept[t]);
 }
 """
+)
 WARP_LANES = 32
 WARP_CAP = 256
 
@@ -224,7 +232,7 @@ def tf32_gemms(xp, dtype):
         linalg.set_compute_type(np.float32, old)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _select_kernel(nnei: int, ntypes: int):
     import cupy
 
@@ -235,12 +243,10 @@ def _consts(xp, sel, sec):
     """sel, sec[:-1] as int32 device arrays, copied once (:func:`xp.device_const`)."""
     from dpsnake.engine.xp import device_const  # NumPy: the kernels' CPU emulation (tests)
 
-    return (device_const(xp, np.asarray(sel, dtype=np.int32)),
-            device_const(xp, np.asarray(sec[:-1], dtype=np.int32)))
+    return (device_const(xp, np.asarray(sel, dtype=np.int32)), device_const(xp, np.asarray(sec[:-1], dtype=np.int32)))
 
 
-def select_neighbors(xp, rcut, sel, sec, cpos, cidx, bstart, bcnt, epos, eown, etype, eidx, only=None,
-                     out=None):
+def select_neighbors(xp, rcut, sel, sec, cpos, cidx, bstart, bcnt, epos, eown, etype, eidx, only=None, out=None):
     """Kernel version of the distance-sorted, type-split selection of NeighborBuilder.chunk.
 
     cpos (n, 3) centre positions; cidx (n,) their ext indices; bstart/bcnt (n, 27) candidate ranges
@@ -253,32 +259,50 @@ def select_neighbors(xp, rcut, sel, sec, cpos, cidx, bstart, bcnt, epos, eown, e
     n = int(cpos.shape[0])
     nnei = int(sum(sel))
     if out is None:
-        out = (xp.full((n, nnei), -1, dtype=xp.int64), xp.zeros((n, nnei, 3), dtype=xp.float64),
-               xp.zeros(n, dtype=bool), xp.zeros(len(sel) + 1, dtype=xp.int32))
+        out = (
+            xp.full((n, nnei), -1, dtype=xp.int64),
+            xp.zeros((n, nnei, 3), dtype=xp.float64),
+            xp.zeros(n, dtype=bool),
+            xp.zeros(len(sel) + 1, dtype=xp.int32),
+        )
     owner, d, over, stats = out
     if n == 0:
         return owner, d, over, stats
     k = _select_kernel(nnei, len(sel))
     threads = 128
-    args = (xp.int64(n), xp.float64(rcut), xp.ascontiguousarray(cpos, dtype=xp.float64),
-            xp.ascontiguousarray(cidx, dtype=xp.int64), xp.ascontiguousarray(bstart, dtype=xp.int64),
-            xp.ascontiguousarray(bcnt, dtype=xp.int64), epos, eown, etype, eidx,
-            *_consts(xp, sel, sec), owner, d, over, stats,
-            over if only is None else only, xp.int64(only is not None))
+    args = (
+        xp.int64(n),
+        xp.float64(rcut),
+        xp.ascontiguousarray(cpos, dtype=xp.float64),
+        xp.ascontiguousarray(cidx, dtype=xp.int64),
+        xp.ascontiguousarray(bstart, dtype=xp.int64),
+        xp.ascontiguousarray(bcnt, dtype=xp.int64),
+        epos,
+        eown,
+        etype,
+        eidx,
+        *_consts(xp, sel, sec),
+        owner,
+        d,
+        over,
+        stats,
+        over if only is None else only,
+        xp.int64(only is not None),
+    )
     k(((n + threads - 1) // threads,), (threads,), args)
     return owner, d, over, stats
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _select_warp_kernel(nnei: int, cap: int, lanes: int, ntypes: int):
     import cupy
 
-    return cupy.RawKernel(_SELECT_WARP_SRC % {"nnei": nnei, "cap": cap, "lanes": lanes, "ntypes": ntypes},
-                          "select_nb_warp")
+    return cupy.RawKernel(
+        _SELECT_WARP_SRC % {"nnei": nnei, "cap": cap, "lanes": lanes, "ntypes": ntypes}, "select_nb_warp"
+    )
 
 
-def select_neighbors_warp(xp, rcut, sel, sec, cpos, cidx, bstart, bcnt, epos, eown, etype, eidx,
-                          cap: int = WARP_CAP):
+def select_neighbors_warp(xp, rcut, sel, sec, cpos, cidx, bstart, bcnt, epos, eown, etype, eidx, cap: int = WARP_CAP):
     """Same contract and results as :func:`select_neighbors`, one 32-thread block per centre.
     Centres with more than ``cap`` candidates within rcut are redone by select_neighbors."""
     n = int(cpos.shape[0])
@@ -296,8 +320,29 @@ def select_neighbors_warp(xp, rcut, sel, sec, cpos, cidx, bstart, bcnt, epos, eo
     bstart = xp.ascontiguousarray(bstart, dtype=xp.int64)
     bcnt = xp.ascontiguousarray(bcnt, dtype=xp.int64)
     k = _select_warp_kernel(nnei, int(cap), WARP_LANES, len(sel))
-    k((n,), (WARP_LANES,), (xp.int64(n), xp.float64(rcut), cpos, cidx, bstart, bcnt, epos, eown, etype,
-                            eidx, *_consts(xp, sel, sec), owner, d, over, stats, spill))
+    k(
+        (n,),
+        (WARP_LANES,),
+        (
+            xp.int64(n),
+            xp.float64(rcut),
+            cpos,
+            cidx,
+            bstart,
+            bcnt,
+            epos,
+            eown,
+            etype,
+            eidx,
+            *_consts(xp, sel, sec),
+            owner,
+            d,
+            over,
+            stats,
+            spill,
+        ),
+    )
     # centres that spilled are redone by the one-thread kernel, masked: no host sync to find them
-    return select_neighbors(xp, rcut, sel, sec, cpos, cidx, bstart, bcnt, epos, eown, etype, eidx,
-                            only=spill, out=(owner, d, over, stats))
+    return select_neighbors(
+        xp, rcut, sel, sec, cpos, cidx, bstart, bcnt, epos, eown, etype, eidx, only=spill, out=(owner, d, over, stats)
+    )

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dpsnake.errors import UserError
 from dpsnake.engine.nets import Net
 from dpsnake.engine.validate import ArrayReader, DamagedModelError
+from dpsnake.errors import UserError
 
 
 @dataclass
@@ -70,11 +70,14 @@ class DPModel:
     def embedding(self, t_center: int, t_neigh: int) -> Net | None:
         return self.embeddings[t_neigh if self.type_one_side else t_center + self.ntypes * t_neigh]
 
-    def same_geometry(self, other: "DPModel") -> bool:
+    def same_geometry(self, other: DPModel) -> bool:
         """Whether two models can share neighbour data (same rcut, sel, type_map, pair exclusions)."""
-        return (self.type_map == other.type_map and self.rcut == other.rcut
-                and list(self.sel) == list(other.sel)
-                and np.array_equal(self.pair_exclude, other.pair_exclude))
+        return (
+            self.type_map == other.type_map
+            and self.rcut == other.rcut
+            and list(self.sel) == list(other.sel)
+            and np.array_equal(self.pair_exclude, other.pair_exclude)
+        )
 
 
 def _fail(path, msg):
@@ -129,8 +132,9 @@ def load_model(path, exclusion: str | None = None) -> DPModel:
             raise
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
             # a JSON of the wrong structure (hand-edited, another program's file)
-            raise DamagedModelError(f"{path}: malformed model description in the 'json' attribute "
-                                    f"({type(err).__name__}: {err})") from None
+            raise DamagedModelError(
+                f"{path}: malformed model description in the 'json' attribute ({type(err).__name__}: {err})"
+            ) from None
 
 
 def _read(rd: ArrayReader, root: dict, path: str, exclusion) -> DPModel:
@@ -186,8 +190,9 @@ def _read(rd: ArrayReader, root: dict, path: str, exclusion) -> DPModel:
     nnei = sum(sel)
     dv = desc.get("@variables", {})
     shape = f"({nt}, {nnei}, 4) = (ntypes, sum(sel), 4)"
-    davg, dstd = (rd.array(dv.get(k), f"descriptor {k}", nt * nnei * 4, shape, positive=k == "dstd")
-                  for k in ("davg", "dstd"))
+    davg, dstd = (
+        rd.array(dv.get(k), f"descriptor {k}", nt * nnei * 4, shape, positive=k == "dstd") for k in ("davg", "dstd")
+    )
     if davg is None or dstd is None:
         _fail(path, "descriptor @variables: davg and dstd are required")
     nets = desc.get("embeddings", {}).get("networks", [])
@@ -217,14 +222,24 @@ def _read(rd: ArrayReader, root: dict, path: str, exclusion) -> DPModel:
             _fail(path, f"atom_exclude_types: type {t!r} is not in 0..{nt - 1}")
         atom_ex[int(t)] = True
     return DPModel(
-        path=path, type_map=type_map, rcut=rcut, rcut_smth=rcut_smth,
-        sel=sel, neuron=neuron, axis_neuron=axis, type_one_side=tos,
-        env_protection=float(desc.get("env_protection", 0.0) or 0.0), precision=precision,
+        path=path,
+        type_map=type_map,
+        rcut=rcut,
+        rcut_smth=rcut_smth,
+        sel=sel,
+        neuron=neuron,
+        axis_neuron=axis,
+        type_one_side=tos,
+        env_protection=float(desc.get("env_protection", 0.0) or 0.0),
+        precision=precision,
         davg=np.asarray(davg, dtype=np.float64).reshape(nt, nnei, 4),
         dstd=np.asarray(dstd, dtype=np.float64).reshape(nt, nnei, 4),
-        embeddings=embeddings, fittings=fittings, bias=bias,
+        embeddings=embeddings,
+        fittings=fittings,
+        bias=bias,
         desc_exclude=_pairs(nt, desc.get("exclude_types"), path, "descriptor exclude_types"),
         pair_exclude=_pairs(nt, m.get("pair_exclude_types"), path, "pair_exclude_types"),
-        atom_exclude=atom_ex, exclude_padding=exclusion == "tf",
+        atom_exclude=atom_ex,
+        exclude_padding=exclusion == "tf",
         meta={"version": root.get("version"), "backend": root.get("backend")},
     )

@@ -19,8 +19,7 @@ import numpy as np
 from dpsnake.engine.xp import array_namespace, to_numpy
 from dpsnake.errors import UserError
 
-COLUMNS = ["step", "max_devi_v", "min_devi_v", "avg_devi_v", "max_devi_f", "min_devi_f",
-           "avg_devi_f"]
+COLUMNS = ["step", "max_devi_v", "min_devi_v", "avg_devi_v", "max_devi_f", "min_devi_f", "avg_devi_f"]
 
 
 def _seg_stats(xp, values, system, S):
@@ -56,7 +55,7 @@ def virial_deviation(virial, natoms, relative: float | None = None):
     dev = v.std(axis=0)
     if relative is not None:
         dev = dev / (xp.sqrt((v.mean(axis=0) ** 2).sum(axis=-1)) + relative)[:, None]
-    return dev.max(axis=-1), dev.min(axis=-1), xp.sqrt((dev ** 2).sum(axis=-1)) / 3.0
+    return dev.max(axis=-1), dev.min(axis=-1), xp.sqrt((dev**2).sum(axis=-1)) / 3.0
 
 
 def energy_deviation(energy, natoms):
@@ -77,9 +76,18 @@ def deviation_columns(out: dict, system, natoms, relative=None, relative_v=None)
     return dict(zip(names, cols))
 
 
-def calc_model_devi(coords, cells, atom_types, models, fname=None, frequency: int = 1,
-                    relative: float | None = None, relative_v: float | None = None,
-                    precision: str = "double", **kwargs):
+def calc_model_devi(
+    coords,
+    cells,
+    atom_types,
+    models,
+    fname=None,
+    frequency: int = 1,
+    relative: float | None = None,
+    relative_v: float | None = None,
+    precision: str = "double",
+    **kwargs,
+):
     """DeePMD-kit's ``calc_model_devi``: (nframes, 8) array with columns step, max_devi_v,
     min_devi_v, avg_devi_v, max_devi_f, min_devi_f, avg_devi_f, devi_e.
 

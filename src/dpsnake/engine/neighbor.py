@@ -64,8 +64,10 @@ def chunk_stats(xp, ch: NeighborChunk, sel):
         return ch.stats
     sec = np.concatenate([[0], np.cumsum(sel)]).astype(int)
     n = ch.valid.shape[0]
-    parts = [ch.valid[:, sec[t]:sec[t + 1]].sum(axis=1).max() if n else xp.zeros((), dtype=xp.int64)
-             for t in range(len(sel))]
+    parts = [
+        ch.valid[:, sec[t] : sec[t + 1]].sum(axis=1).max() if n else xp.zeros((), dtype=xp.int64)
+        for t in range(len(sel))
+    ]
     return xp.stack(parts + [ch.overflow.sum()]).astype(xp.int64)
 
 
@@ -76,15 +78,15 @@ class NeighborBuilder:
     vectors; pbc (S,) bool. ``pair_exclude`` (ntypes, ntypes) bool: pairs turned into empty slots.
     """
 
-    def __init__(self, xp, coords, atype, system, cells, pbc, rcut, sel, pair_exclude=None,
-                 reuse_grid=False):
+    def __init__(self, xp, coords, atype, system, cells, pbc, rcut, sel, pair_exclude=None, reuse_grid=False):
         self.xp = xp
         self.rcut = float(rcut)
         self.sel = [int(s) for s in sel]
         self.nnei = sum(self.sel)
         self.sec = np.concatenate([[0], np.cumsum(self.sel)]).astype(int)
-        self.pair_exclude = None if pair_exclude is None or not np.any(pair_exclude) else \
-            np.asarray(pair_exclude, dtype=bool)
+        self.pair_exclude = (
+            None if pair_exclude is None or not np.any(pair_exclude) else np.asarray(pair_exclude, dtype=bool)
+        )
         N = coords.shape[0]
         S = cells.shape[0]
         self.N, self.S = N, S
@@ -100,8 +102,17 @@ class NeighborBuilder:
         out = None
         self.room = _kept(self._last)["room"] if grid is not None else None  # ghosts with room (None: count)
         if grid is not None:
-            out = ew.guarded("nbr", nbk.build_ext, xp, coords, system, grid[5], grid[0].nimg, int(grid[4][-1]),
-                             None if self.room is None else N + self.room)
+            out = ew.guarded(
+                "nbr",
+                nbk.build_ext,
+                xp,
+                coords,
+                system,
+                grid[5],
+                grid[0].nimg,
+                int(grid[4][-1]),
+                None if self.room is None else N + self.room,
+            )
             if out is None:  # the kernels cannot run: the array code needs the host grid
                 grid = self.room = None
             else:  # ghost count -1: counted now, the arrays fit
@@ -218,7 +229,7 @@ class NeighborBuilder:
             mp = xp.where(pbc_atom[:, None], xp.asarray(geo.margin)[system], -1.0)  # -1: no image
             per = max(1, _MAX_GROUP // max(N, 1))
             for g in range(0, len(geo.shifts), per):
-                f = frac[None, :, :] + shifts[g:g + per, None, :]  # (k, N, 3)
+                f = frac[None, :, :] + shifts[g : g + per, None, :]  # (k, N, 3)
                 keep = ((f >= -mp) & (f < 1.0 + mp)).all(axis=2)
                 ki, ai = xp.nonzero(keep)
                 own.append(ai)
@@ -268,10 +279,12 @@ class NeighborBuilder:
             self._sorted = nbk.sorted_ext(self.xp, self.border, self.epos, self.eowner, self.atype)
         if self._sorted is None:
             xp, order = self.xp, self.border
-            self._sorted = (xp.ascontiguousarray(self.epos[order]),
-                            xp.ascontiguousarray(self.eowner[order]).astype(xp.int64),
-                            xp.ascontiguousarray(self.etype[order]).astype(xp.int64),
-                            xp.ascontiguousarray(order).astype(xp.int64))
+            self._sorted = (
+                xp.ascontiguousarray(self.epos[order]),
+                xp.ascontiguousarray(self.eowner[order]).astype(xp.int64),
+                xp.ascontiguousarray(self.etype[order]).astype(xp.int64),
+                xp.ascontiguousarray(order).astype(xp.int64),
+            )
         return self._sorted
 
     def _bin3(self, pos, sysi):
@@ -290,20 +303,19 @@ class NeighborBuilder:
             sysc = self.system[centers]
             cb = self.cbin[centers]  # (n, 3)
             nbc = self.nb[sysc]
-            off = xp.asarray(np.stack(np.meshgrid([-1, 0, 1], [-1, 0, 1], [-1, 0, 1], indexing="ij"),
-                                      -1).reshape(-1, 3))
+            off = xp.asarray(
+                np.stack(np.meshgrid([-1, 0, 1], [-1, 0, 1], [-1, 0, 1], indexing="ij"), -1).reshape(-1, 3)
+            )
             b3 = cb[:, None, :] + off[None]  # (n, 27, 3)
             inb = ((b3 >= 0) & (b3 < nbc[:, None, :])).all(axis=2)
-            bid = self.boff[sysc][:, None] + (b3[..., 0] * nbc[:, None, 1] + b3[..., 1]) * nbc[:, None, 2] \
-                + b3[..., 2]
+            bid = self.boff[sysc][:, None] + (b3[..., 0] * nbc[:, None, 1] + b3[..., 1]) * nbc[:, None, 2] + b3[..., 2]
             bid = xp.where(inb, bid, 0)
             start = self.bstart[bid]
             cnt = xp.where(inb, self.bcount[bid], 0)
         if self.use_kernel:
             from dpsnake.engine import elementwise, kernels
 
-            args = (xp, self.rcut, self.sel, self.sec, self.wrapped[centers], centers, start, cnt,
-                    *self.sorted_ext())
+            args = (xp, self.rcut, self.sel, self.sec, self.wrapped[centers], centers, start, cnt, *self.sorted_ext())
             out = None
             if kernels.select_mode() == "warp":  # experimental; falls back if it cannot run
                 out = elementwise.guarded("select_warp", kernels.select_neighbors_warp, *args)
@@ -386,8 +398,9 @@ class _CellGeometry:
         self.det = (h[:, 0] * cof[:, 0]).sum(axis=1)  # (S,) signed volume
         bad = np.nonzero(~(np.abs(self.det) > 1e-8))[0]  # NaN cells too; identity rows if not periodic
         if len(bad):
-            raise UserError(f"cells: periodic system {int(bad[0])} has a singular cell "
-                            f"(volume {abs(self.det[bad[0]]):.3g})")
+            raise UserError(
+                f"cells: periodic system {int(bad[0])} has a singular cell (volume {abs(self.det[bad[0]]):.3g})"
+            )
         self.inv = cof.transpose(0, 2, 1) / self.det[:, None, None]
         self.margin = np.where(pbc[:, None], rcut * np.sqrt((self.inv * self.inv).sum(axis=1)), 0.0)
         self.nimg = int(np.ceil(self.margin.max())) if len(cells) else 0
@@ -432,9 +445,8 @@ def _atom_boxes(xp, pos, system, ptr, which):
     if k <= 16:
         parts = []
         for s in which:
-            seg = pos[int(ptr[s]):int(ptr[s + 1])]
-            parts.append(xp.stack([seg.min(axis=0), seg.max(axis=0)]) if seg.shape[0] else
-                         xp.full((2, 3), xp.nan))
+            seg = pos[int(ptr[s]) : int(ptr[s + 1])]
+            parts.append(xp.stack([seg.min(axis=0), seg.max(axis=0)]) if seg.shape[0] else xp.full((2, 3), xp.nan))
         mm = to_numpy(xp.stack(parts))
         lo, hi = mm[:, 0], mm[:, 1]
     else:

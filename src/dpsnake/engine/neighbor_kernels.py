@@ -45,8 +45,10 @@ _RANGE = """
 SRC = {
     # one atom: wrap into the cell (periodic systems), count its ghost images, bin key of the atom
     # one atom: wrap into the cell (periodic systems), its bin, how many ghost images it has
-    "nb_wrap": ("int64 sys, raw float64 coords, raw float64 geo, int64 nimg",
-                "raw float64 frac, raw float64 wrapped, raw int64 cbin, int64 nghost", """
+    "nb_wrap": (
+        "int64 sys, raw float64 coords, raw float64 geo, int64 nimg",
+        "raw float64 frac, raw float64 wrapped, raw int64 cbin, int64 nghost",
+        """
     const long long g = sys * 32;
     const bool per = geo[g + 21] != 0.0;
     double c[3] = {coords[3 * i], coords[3 * i + 1], coords[3 * i + 2]};
@@ -58,20 +60,27 @@ SRC = {
     for (int j = 0; j < 3; ++j)
         p[j] = per ? f[0] * geo[g + 9 + j] + f[1] * geo[g + 12 + j] + f[2] * geo[g + 15 + j] : c[j];
     for (int j = 0; j < 3; ++j) { frac[3 * i + j] = f[j]; wrapped[3 * i + j] = p[j]; }
-    """ + _BIN + """
+    """
+        + _BIN
+        + """
     for (int k = 0; k < 3; ++k) cbin[3 * i + k] = bb[k];
-    """ + _RANGE.replace("        ", "    ") + """
+    """
+        + _RANGE.replace("        ", "    ")
+        + """
     // images in range per direction (an empty range, lo > hi, only for a NaN position: no ghosts)
     long long nimage = 1;
     for (int k = 0; k < 3; ++k) nimage *= hi[k] >= lo[k] ? hi[k] - lo[k] + 1 : 0;
     nghost = per && nimage > 0 ? nimage - 1 : 0;
-    """),
+    """,
+    ),
     # one atom: its own ext entry at i, then its ghosts (shifts in meshgrid order, zero shift
     # skipped) from natoms + ends - nghost (ends: inclusive cumulative sum of nghost); ghosts at
     # cap and beyond are not written (the arrays were sized from a guess; the call is redone)
-    "nb_ghosts": ("int64 sys, int64 ends, int64 nghost, raw float64 frac, raw float64 wrapped, "
-                  "raw int64 cbin, raw float64 geo, int64 nimg, int64 natoms, int64 cap",
-                  "raw int64 eown, raw float64 epos, raw int64 ekey", """
+    "nb_ghosts": (
+        "int64 sys, int64 ends, int64 nghost, raw float64 frac, raw float64 wrapped, "
+        "raw int64 cbin, raw float64 geo, int64 nimg, int64 natoms, int64 cap",
+        "raw int64 eown, raw float64 epos, raw int64 ekey",
+        """
     const long long g = sys * 32;
     const bool per = geo[g + 21] != 0.0;
     eown[i] = i;
@@ -80,7 +89,9 @@ SRC = {
               * (long long)geo[g + 30] + cbin[3 * i + 2];
     if (per && nghost > 0) {
         const double f[3] = {frac[3 * i], frac[3 * i + 1], frac[3 * i + 2]};
-        """ + _RANGE + """
+        """
+        + _RANGE
+        + """
         long long o = natoms + ends - nghost;
         for (int a = lo[0]; a <= hi[0]; ++a)
         for (int b = lo[1]; b <= hi[1]; ++b)
@@ -90,7 +101,9 @@ SRC = {
             for (int j = 0; j < 3; ++j)
                 p[j] = wrapped[3 * i + j] + ((double)a * geo[g + 9 + j] + (double)b * geo[g + 12 + j]
                                              + (double)c * geo[g + 15 + j]);
-            """ + _BIN + """
+            """
+        + _BIN
+        + """
             if (o < cap) {
                 eown[o] = i;
                 for (int j = 0; j < 3; ++j) epos[3 * o + j] = p[j];
@@ -99,37 +112,50 @@ SRC = {
             ++o;
         }
     }
-    """),
+    """,
+    ),
     # ext entries in bin order: position, owner, type (one gather pass)
-    "nb_sorted": ("int64 o, raw float64 epos, raw int64 eown, raw int64 atype",
-                  "raw float64 spos, int64 sown, int64 stype", """
+    "nb_sorted": (
+        "int64 o, raw float64 epos, raw int64 eown, raw int64 atype",
+        "raw float64 spos, int64 sown, int64 stype",
+        """
     for (int j = 0; j < 3; ++j) spos[3 * i + j] = epos[3 * o + j];
     sown = eown[o];
     stype = atype[eown[o]];
-    """),
+    """,
+    ),
     # bin order by counting: atoms per bin (at key + 1, so that the inclusive scan is the edges),
     # then each ext entry's place in its bin's range (in any order: atomics), then each bin's range
     # sorted by ext index (a thread per bin, a few dozen entries), the order a stable sort gives
-    "nb_count": ("int64 key", "raw int64 count",
-                 "atomicAdd((unsigned long long*)&count[key + 1], 1ULL);"),
-    "nb_place": ("int64 key, raw int64 edges", "raw int64 cursor, raw int64 order", """
+    "nb_count": ("int64 key", "raw int64 count", "atomicAdd((unsigned long long*)&count[key + 1], 1ULL);"),
+    "nb_place": (
+        "int64 key, raw int64 edges",
+        "raw int64 cursor, raw int64 order",
+        """
     const long long p = edges[key] + (long long)atomicAdd((unsigned long long*)&cursor[key], 1ULL);
     order[p] = i;
-    """),
-    "nb_binsort": ("int64 lo, int64 hi", "raw int64 order", """
+    """,
+    ),
+    "nb_binsort": (
+        "int64 lo, int64 hi",
+        "raw int64 order",
+        """
     for (long long a = lo + 1; a < hi; ++a) {
         const long long v = order[a];
         long long b = a;
         while (b > lo && order[b - 1] > v) { order[b] = order[b - 1]; --b; }
         order[b] = v;
     }
-    """),
+    """,
+    ),
     # one periodic system: its table row from its cell and the bin counts of an earlier table
     # (prev), as pack_geometry of _CellGeometry with that grid; flag 0: usable, 1: usable, but the
     # cell grew 2% past room for another bin (a new grid on the host next time), 2: not usable (singular
     # cell, bins smaller than rcut, or more images than nimg): the call is redone on the host
-    "nb_geometry": ("raw float64 cells, raw float64 prev, float64 rcut, int64 nimg",
-                    "raw float64 geo, int64 flag", """
+    "nb_geometry": (
+        "raw float64 cells, raw float64 prev, float64 rcut, int64 nimg",
+        "raw float64 geo, int64 flag",
+        """
     double h[9], cof[9], inv[9], m[3];
     for (int j = 0; j < 9; ++j) h[j] = cells[9 * i + j];
     for (int r = 0; r < 3; ++r)
@@ -166,10 +192,13 @@ SRC = {
     geo[g + 21] = 1.0;
     geo[g + 31] = prev[g + 31];
     flag = f;
-    """),
+    """,
+    ),
     # (centre, one of 27 neighbouring bins) -> start and count of its atoms in bin order
-    "nb_ranges": ("int64 cidx, raw int64 cbin, raw int64 system, raw float64 geo, raw int64 edges",
-                  "int64 start, int64 cnt", """
+    "nb_ranges": (
+        "int64 cidx, raw int64 cbin, raw int64 system, raw float64 geo, raw int64 edges",
+        "int64 start, int64 cnt",
+        """
     const long long b = i % 27, g = system[cidx] * 32;
     const long long o[3] = {b / 9 - 1, (b / 3) % 3 - 1, b % 3 - 1};
     long long bb[3];
@@ -187,7 +216,8 @@ SRC = {
         start = edges[0];
         cnt = 0;
     }
-    """),
+    """,
+    ),
 }
 ew._SRC.update(SRC)
 
@@ -258,8 +288,8 @@ def bin_order(xp, key, total_bins: int):
     cursor = xp.zeros(total_bins + 1, dtype=xp.int64)
     order = xp.empty(E, dtype=xp.int64)
     ew._k("nb_place")(key, edges, cursor, order)
-    ew._k("nb_binsort")(edges[:total_bins], edges[1:total_bins + 1], order)
-    return order, edges[:total_bins + 1]
+    ew._k("nb_binsort")(edges[:total_bins], edges[1 : total_bins + 1], order)
+    return order, edges[: total_bins + 1]
 
 
 def sorted_ext(xp, order, epos, eown, atype):
@@ -277,6 +307,5 @@ def bin_ranges(xp, centers, cbin, system, geo, edges):
     n = centers.shape[0]
     start = xp.empty((n, 27), dtype=xp.int64)
     cnt = xp.empty((n, 27), dtype=xp.int64)
-    ew._k("nb_ranges")(xp.ascontiguousarray(centers, dtype=xp.int64)[:, None], cbin, system, geo, edges,
-                       start, cnt)
+    ew._k("nb_ranges")(xp.ascontiguousarray(centers, dtype=xp.int64)[:, None], cbin, system, geo, edges, start, cnt)
     return start, cnt

@@ -39,7 +39,7 @@ def _act(xp, name: str, z):
         s = _sigmoid(xp, z)
         return s, s * (1 - s)
     if name in ("gelu", "gelu_tf"):
-        t = xp.tanh(_GELU_C * (z + 0.044715 * z ** 3))
+        t = xp.tanh(_GELU_C * (z + 0.044715 * z**3))
         y = 0.5 * z * (1 + t)
         return y, 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * z * z)
     if name == "silu":
@@ -97,8 +97,9 @@ class Net:
     def nout(self) -> int:
         return self.layers[-1].nout
 
-    def to(self, xp, dtype) -> "Net":
+    def to(self, xp, dtype) -> Net:
         """Copy with weights as ``xp`` arrays of ``dtype`` (cast from the stored precision)."""
+
         def cv(a):
             return None if a is None else xp.asarray(np.asarray(a), dtype=dtype)
 
@@ -140,7 +141,7 @@ class Net:
             elif l.resnet and l.nout == 2 * l.nin:
                 y = y.copy() if y is x else y
                 y[..., : l.nin] += x
-                y[..., l.nin:] += x
+                y[..., l.nin :] += x
             if keep:
                 cache.append(dy)
             x = y
@@ -162,9 +163,8 @@ class Net:
             if l.resnet and l.nout == l.nin:
                 gx += gy
             elif l.resnet and l.nout == 2 * l.nin:
-                if not (fast and l.nin > 1 and ew.guarded("nets", ew.add_concat_grad, xp, gx, gy, l.nin)
-                        is not None):
+                if not (fast and l.nin > 1 and ew.guarded("nets", ew.add_concat_grad, xp, gx, gy, l.nin) is not None):
                     gx += gy[..., : l.nin]
-                    gx += gy[..., l.nin:]
+                    gx += gy[..., l.nin :]
             gy = gx
         return gy

@@ -65,7 +65,7 @@ def _act_derivs(name: str, z):
         return z * s, s + z * ds, 2 * ds + z * d2s
     if name in ("gelu", "gelu_tf"):
         c, k = math.sqrt(2 / math.pi), 0.044715
-        u = c * (z + k * z ** 3)
+        u = c * (z + k * z**3)
         du, d2u = c * (1 + 3 * k * z * z), c * 6 * k * z
         t = np.tanh(u)
         dt = (1 - t * t) * du
@@ -114,7 +114,7 @@ class Table:
         return self.coef.shape[0]
 
     @classmethod
-    def build(cls, net, lower: float, upper: float, comp: Compression) -> "Table":
+    def build(cls, net, lower: float, upper: float, comp: Compression) -> Table:
         s0, s1, ext = comp.stride, 10 * comp.stride, comp.extrapolate
         # DeePMD-kit's grid, node for node (np.arange's rounding included)
         xx = np.concatenate([np.arange(lower, upper, s0), np.arange(upper, ext * upper, s1), [ext * upper]])
@@ -128,12 +128,12 @@ class Table:
         d1a, d1b, d2a, d2b = d1[:-1], d1[1:], d2[:-1], d2[1:]
         c = np.empty((nspline, 6, v.shape[1]))
         c[:, 0], c[:, 1], c[:, 2] = v[:-1], d1a, 0.5 * d2a
-        c[:, 3] = (20 * hh - (8 * d1b + 12 * d1a) * tt - (3 * d2a - d2b) * tt * tt) / (2 * tt ** 3)
-        c[:, 4] = (-30 * hh + (14 * d1b + 16 * d1a) * tt + (3 * d2a - 2 * d2b) * tt * tt) / (2 * tt ** 4)
-        c[:, 5] = (12 * hh - 6 * (d1b + d1a) * tt + (d2b - d2a) * tt * tt) / (2 * tt ** 5)
+        c[:, 3] = (20 * hh - (8 * d1b + 12 * d1a) * tt - (3 * d2a - d2b) * tt * tt) / (2 * tt**3)
+        c[:, 4] = (-30 * hh + (14 * d1b + 16 * d1a) * tt + (3 * d2a - 2 * d2b) * tt * tt) / (2 * tt**4)
+        c[:, 5] = (12 * hh - 6 * (d1b + d1a) * tt + (d2b - d2a) * tt * tt) / (2 * tt**5)
         return cls(float(lower), float(upper), float(ext * upper), s0, s1, c)
 
-    def to(self, xp, dtype) -> "TabulatedNet":
+    def to(self, xp, dtype) -> TabulatedNet:
         return TabulatedNet(self, xp.asarray(self.coef.astype(dtype)))
 
 

@@ -33,7 +33,9 @@ def source(dtype: str, M: int, lps: int) -> str:
     T = "float" if dtype == "float32" else "double"
     shuffles = "\n".join(
         f"        for (int q = 0; q < 5; ++q) acc[q] += __shfl_xor_sync(0xffffffffu, acc[q], {o});"
-        for o in (16, 8, 4, 2, 1) if o < lps)
+        for o in (16, 8, 4, 2, 1)
+        if o < lps
+    )
     return f"""
 typedef {T} T;
 #define M {M}
@@ -159,21 +161,32 @@ class TabKernels:
         self.fwd, self.bwd = mod.get_function("tab_fwd"), mod.get_function("tab_bwd")
         self.nsm = cupy.cuda.Device().attributes["MultiProcessorCount"]
         f = self.dtype
-        self._bounds = (f(self.t.lower), f(self.t.upper), f(self.t.vmax), f(self.t.stride0),
-                        f(self.t.stride1), np.int32(self.t.nspline))
+        self._bounds = (
+            f(self.t.lower),
+            f(self.t.upper),
+            f(self.t.vmax),
+            f(self.t.stride0),
+            f(self.t.stride1),
+            np.int32(self.t.nspline),
+        )
 
     def forward(self, Rn, a: int, b: int, gr):
         """gr (n, 4, M) += sum over slots a:b of Rn[s, c] G(Rn[s, 0]) (C-contiguous arrays)."""
         n, nc = Rn.shape[0], Rn.shape[1]
         if n and b > a:
             threads = -(-self.M // 32) * 32
-            self.fwd((int(min(n, self.nsm * 16)),), (threads,),
-                     (Rn, np.int64(n), np.int32(nc), np.int32(a), np.int32(b), self.coef, *self._bounds, gr))
+            self.fwd(
+                (int(min(n, self.nsm * 16)),),
+                (threads,),
+                (Rn, np.int64(n), np.int32(nc), np.int32(a), np.int32(b), self.coef, *self._bounds, gr),
+            )
 
     def backward(self, Rn, ggr, a: int, b: int, gRn):
         """gRn[:, a:b, :] = dL/dRn given ggr = dL/dgr (n, 4, M)."""
         n, nc = Rn.shape[0], Rn.shape[1]
         if n and b > a:
-            self.bwd((int(min(n, self.nsm * 16)),), (128,),
-                     (Rn, ggr, np.int64(n), np.int32(nc), np.int32(a), np.int32(b), self.coef,
-                      *self._bounds, gRn))
+            self.bwd(
+                (int(min(n, self.nsm * 16)),),
+                (128,),
+                (Rn, ggr, np.int64(n), np.int32(nc), np.int32(a), np.int32(b), self.coef, *self._bounds, gRn),
+            )

@@ -14,7 +14,6 @@ import numpy as np
 from dpsnake.engine.nets import ACTIVATIONS, Layer, Net
 from dpsnake.errors import UserError
 
-
 # Bounds no trained model comes near (DeePMD-kit keeps dstd >= 1e-2; energies of heavy elements
 # in all-electron codes are ~1e5-1e6 eV): beyond them a float is damage (e.g. 0x7f bytes), and
 # would overflow to inf/NaN in the nets
@@ -76,13 +75,16 @@ class ArrayReader:
             self.fail(f"{name}: {bad} of {a.size} values are not finite (NaN/inf)")
         big = float(np.abs(a).max()) if a.size else 0.0
         if big > HUGE:
-            self.fail(f"{name}: values up to {big:.3g} in magnitude (over {HUGE:g}: not trained "
-                      "weights; a damaged file?)")
+            self.fail(
+                f"{name}: values up to {big:.3g} in magnitude (over {HUGE:g}: not trained weights; a damaged file?)"
+            )
         if size is not None and a.size != size:
             self.fail(f"{name}: shape {a.shape}, expected {shape_text or (size,)}")
         if positive and a.size and float(np.abs(a).min()) < TINY:
-            self.fail(f"{name}: {int(np.count_nonzero(np.abs(a) < TINY))} of {a.size} values are below "
-                      f"{TINY:g} in magnitude (it divides)")
+            self.fail(
+                f"{name}: {int(np.count_nonzero(np.abs(a) < TINY))} of {a.size} values are below "
+                f"{TINY:g} in magnitude (it divides)"
+            )
         return a
 
     def net(self, netd, what: str, nin: int, nout: int) -> Net | None:
@@ -119,16 +121,20 @@ class ArrayReader:
             out = int(w.shape[1])
             vec = f"({out},)"
             b = self.array(v.get("b"), f"{lw} b", out, vec) if ld.get("bias", True) else None
-            idt = (self.array(v.get("idt"), f"{lw} idt", out, vec)
-                   if ld.get("use_timestep", False) or v.get("idt") else None)
+            idt = (
+                self.array(v.get("idt"), f"{lw} idt", out, vec)
+                if ld.get("use_timestep", False) or v.get("idt")
+                else None
+            )
             for a in (b, idt):
                 if a is not None:
                     a.shape = (out,)  # same size: (1, out) stored as (out,)
             layers.append(Layer(w=w, b=b, idt=idt, activation=act, resnet=bool(ld.get("resnet", False))))
             width = out
         if width != nout:
-            self.fail(f"{lds[-1]['@variables']['w']} ({what} layer {len(lds) - 1} w): output width "
-                      f"{width}, expected {nout}")
+            self.fail(
+                f"{lds[-1]['@variables']['w']} ({what} layer {len(lds) - 1} w): output width {width}, expected {nout}"
+            )
         return Net(layers)
 
     def others(self, tree, where: str = "model") -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+
 def is_cupy(x) -> bool:
     """True if ``x`` is a CuPy array (checked by module name, so CuPy need not be installed)."""
     return type(x).__module__.startswith("cupy")

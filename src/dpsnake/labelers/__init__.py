@@ -6,7 +6,7 @@ import importlib
 import inspect
 
 from dpsnake.errors import UserError
-from dpsnake.labelers.base import LabelResult, Labeler, sanity_check
+from dpsnake.labelers.base import Labeler, LabelResult, sanity_check
 
 # label.type -> (module, factory); DFT modules are added by their own files and imported lazily
 REGISTRY = {
@@ -33,20 +33,24 @@ def make_labeler(spec: dict) -> Labeler:
     try:
         return cls(**spec)
     except (TypeError, ValueError, AttributeError, KeyError) as err:  # a value of the wrong kind, e.g. kpts: 3
-        raise UserError(f"label: a value of label.type {kind!r} is not what it takes ({type(err).__name__}: "
-                        f"{err}); docs/labelers.md lists the keys") from None
+        raise UserError(
+            f"label: a value of label.type {kind!r} is not what it takes ({type(err).__name__}: "
+            f"{err}); docs/labelers.md lists the keys"
+        ) from None
 
 
 def _check_keys(cls, kind: str, spec: dict) -> None:
     """Unknown and missing keys of a labeler as one line naming them (instead of Python's TypeError)."""
-    params = [p for p in inspect.signature(cls).parameters.values()
-              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    params = [
+        p for p in inspect.signature(cls).parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
     named = [p.name for p in params]
     takes_more = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(cls).parameters.values())
     unknown = sorted(k for k in spec if k not in named)
     if unknown and not takes_more:  # labelers with **run_keys check the shared keys themselves
-        raise UserError(f"label: unknown key(s) {unknown} for label.type {kind!r} (its keys: "
-                        f"{', '.join(named)}; docs/labelers.md)")
+        raise UserError(
+            f"label: unknown key(s) {unknown} for label.type {kind!r} (its keys: {', '.join(named)}; docs/labelers.md)"
+        )
     for p in params:
         if p.default is inspect.Parameter.empty and p.name not in spec:
             raise UserError(f"label.{p.name}: required for label.type {kind!r} (docs/labelers.md)")

@@ -20,12 +20,28 @@ import shutil
 from dpsnake.errors import UserError
 from dpsnake.labelers.base import LabelResult
 from dpsnake.labelers.io import atomic_write_text
-from dpsnake.labelers.runner import (CommandLabeler, RunOutcome, kmesh, require_dir, require_pseudopotentials,
-                                     result_from_system, species_order)
+from dpsnake.labelers.runner import (
+    CommandLabeler,
+    RunOutcome,
+    kmesh,
+    require_dir,
+    require_pseudopotentials,
+    result_from_system,
+    species_order,
+)
 
 SUFFIX = "dpsnake"
-OWNED = ("suffix", "calculation", "cal_force", "cal_stress", "pseudo_dir", "orbital_dir", "stru_file",
-         "kpoint_file", "ntype")
+OWNED = (
+    "suffix",
+    "calculation",
+    "cal_force",
+    "cal_stress",
+    "pseudo_dir",
+    "orbital_dir",
+    "stru_file",
+    "kpoint_file",
+    "ntype",
+)
 
 
 def _input_value(value) -> str:
@@ -43,10 +59,22 @@ class ABACUSLabeler(CommandLabeler):
     input_name, output_name = "INPUT", f"OUT.{SUFFIX}/running_scf.log"
     stale = (f"OUT.{SUFFIX}",)
 
-    def __init__(self, pseudo_dir: str, pseudopotentials: dict, ecutwfc: float, basis_type: str = "pw",
-                 orbital_dir: str | None = None, orbitals: dict | None = None, kspacing: float | None = None,
-                 kpts=None, smearing_method: str | None = None, smearing_sigma: float | None = None,
-                 input: dict | None = None, command: str = "abacus", **run_keys):
+    def __init__(
+        self,
+        pseudo_dir: str,
+        pseudopotentials: dict,
+        ecutwfc: float,
+        basis_type: str = "pw",
+        orbital_dir: str | None = None,
+        orbitals: dict | None = None,
+        kspacing: float | None = None,
+        kpts=None,
+        smearing_method: str | None = None,
+        smearing_sigma: float | None = None,
+        input: dict | None = None,
+        command: str = "abacus",
+        **run_keys,
+    ):
         super().__init__(command, **run_keys)
         self.pseudo_dir, self.pseudopotentials = require_pseudopotentials(pseudo_dir, pseudopotentials)
         if basis_type not in ("pw", "lcao"):
@@ -66,7 +94,9 @@ class ABACUSLabeler(CommandLabeler):
             raise UserError("label.kspacing / label.kpts: give one of them, not both")
         if kspacing is not None and not (isinstance(kspacing, (int, float)) and kspacing > 0):
             raise UserError(f"label.kspacing: must be a positive number, got {kspacing!r}")
-        if kpts is not None and not (isinstance(kpts, (list, tuple)) and len(kpts) == 3 and all(isinstance(k, int) and k > 0 for k in kpts)):
+        if kpts is not None and not (
+            isinstance(kpts, (list, tuple)) and len(kpts) == 3 and all(isinstance(k, int) and k > 0 for k in kpts)
+        ):
             raise UserError(f"label.kpts: must be three positive integers, got {kpts!r}")
         extra = {str(k): v for k, v in (input or {}).items()}
         for key in OWNED:
@@ -94,16 +124,26 @@ class ABACUSLabeler(CommandLabeler):
         if missing:
             raise UserError(f"label.pseudopotentials: no pseudopotential for element(s) {missing}")
         if self.orbitals is not None and any(el not in self.orbitals for el in elements):
-            raise UserError(f"label.orbitals: no orbital file for element(s) "
-                            f"{[el for el in elements if el not in self.orbitals]}")
+            raise UserError(
+                f"label.orbitals: no orbital file for element(s) {[el for el in elements if el not in self.orbitals]}"
+            )
         periodic = bool(atoms.pbc.all())
-        keys = {"suffix": SUFFIX, "calculation": "scf", "cal_force": 1, "cal_stress": int(periodic),
-                "pseudo_dir": str(self.pseudo_dir), "stru_file": "STRU", "kpoint_file": "KPT",
-                "ntype": len(elements), **self.input}
+        keys = {
+            "suffix": SUFFIX,
+            "calculation": "scf",
+            "cal_force": 1,
+            "cal_stress": int(periodic),
+            "pseudo_dir": str(self.pseudo_dir),
+            "stru_file": "STRU",
+            "kpoint_file": "KPT",
+            "ntype": len(elements),
+            **self.input,
+        }
         if self.orbital_dir is not None:
             keys["orbital_dir"] = str(self.orbital_dir)
-        atomic_write_text(workdir / "INPUT", "INPUT_PARAMETERS\n" + "".join(
-            f"{k:<20s} {_input_value(v)}\n" for k, v in keys.items()))
+        atomic_write_text(
+            workdir / "INPUT", "INPUT_PARAMETERS\n" + "".join(f"{k:<20s} {_input_value(v)}\n" for k, v in keys.items())
+        )
         mesh = [1, 1, 1]
         if self.kspacing is not None:
             mesh = kmesh(atoms, self.kspacing)
@@ -116,8 +156,10 @@ class ABACUSLabeler(CommandLabeler):
             raise RuntimeError(f"dpdata ordered species {system['atom_names']}, expected {elements}")
         from ase.data import atomic_masses, atomic_numbers
 
-        kwargs = {"pp_file": {el: self.pseudopotentials[el] for el in elements},
-                  "mass": [float(atomic_masses[atomic_numbers[el]]) for el in elements]}
+        kwargs = {
+            "pp_file": {el: self.pseudopotentials[el] for el in elements},
+            "mass": [float(atomic_masses[atomic_numbers[el]]) for el in elements],
+        }
         if self.orbitals is not None:
             kwargs["numerical_orbital"] = {el: self.orbitals[el] for el in elements}
         tmp = workdir / ".STRU.tmp"
@@ -133,8 +175,9 @@ class ABACUSLabeler(CommandLabeler):
         if outcome.returncode is None:
             return LabelResult.failed(outcome.reason)
         if not text.strip():
-            return LabelResult.failed(f"missing output OUT.{SUFFIX}/running_scf.log"
-                                      + (f"; {outcome.reason}" if outcome.reason else ""))
+            return LabelResult.failed(
+                f"missing output OUT.{SUFFIX}/running_scf.log" + (f"; {outcome.reason}" if outcome.reason else "")
+            )
         if re.search(r"convergence has not been achieved", text, re.I):
             return LabelResult.failed("SCF not converged (ABACUS: 'convergence has NOT been achieved')")
         if outcome.reason:

@@ -21,13 +21,16 @@ SHORT_NAMES = {
 def import_calculator(name: str):
     """'EMT' or 'package.module.Class' -> the calculator class; one clear error if it is not there."""
     if not isinstance(name, str):
-        raise UserError(f"label.calculator: give a short name ({', '.join(SHORT_NAMES)}) or a 'module.Class' "
-                        f"path, got {name!r}")
+        raise UserError(
+            f"label.calculator: give a short name ({', '.join(SHORT_NAMES)}) or a 'module.Class' path, got {name!r}"
+        )
     path = SHORT_NAMES.get(name, name)
     module, _, cls = path.rpartition(".")
     if not module:
-        raise UserError(f"label.calculator: {name!r} is neither a known short name "
-                        f"({', '.join(SHORT_NAMES)}) nor a 'module.Class' path")
+        raise UserError(
+            f"label.calculator: {name!r} is neither a known short name "
+            f"({', '.join(SHORT_NAMES)}) nor a 'module.Class' path"
+        )
     try:
         return getattr(importlib.import_module(module), cls)
     except (ImportError, AttributeError) as err:
@@ -52,8 +55,7 @@ def check_kwargs(cls, kwargs: dict, name: str) -> None:
     try:
         sig.bind(**kwargs)
     except TypeError as err:
-        raise UserError(f"label.kwargs: {name}: {err}; its parameters: "
-                        f"{', '.join(sig.parameters)}") from None
+        raise UserError(f"label.kwargs: {name}: {err}; its parameters: {', '.join(sig.parameters)}") from None
     try:
         from ase.calculators.calculator import Calculator
     except ImportError:
@@ -68,8 +70,10 @@ def check_kwargs(cls, kwargs: dict, name: str) -> None:
             known.update(p for p in inspect.signature(init).parameters if p != "self")
     unknown = sorted(set(kwargs) - known)
     if unknown:
-        raise UserError(f"label.kwargs: {name} does not take {unknown} (ASE would accept and ignore "
-                        f"them); its parameters: {', '.join(sorted(defaults))}")
+        raise UserError(
+            f"label.kwargs: {name} does not take {unknown} (ASE would accept and ignore "
+            f"them); its parameters: {', '.join(sorted(defaults))}"
+        )
 
 
 class ASELabeler:

@@ -24,7 +24,7 @@ class LabelResult:
     reason: str | None = None
 
     @classmethod
-    def failed(cls, reason: str) -> "LabelResult":
+    def failed(cls, reason: str) -> LabelResult:
         return cls(ok=False, reason=reason)
 
 

@@ -88,7 +88,7 @@ DEFAULT_TEMPLATE = """\
 
 def abort_message(text: str) -> str:
     """The message inside CP2K's [ABORT] box, as one line (the ASCII art and source location dropped)."""
-    lines = text[text.index("[ABORT]"):].splitlines()[1:]
+    lines = text[text.index("[ABORT]") :].splitlines()[1:]
     words = []
     for line in lines:
         if line.strip().startswith("*****"):
@@ -115,12 +115,28 @@ class CP2KLabeler(CommandLabeler):
     output_name = "cp2k.out"
     stale = ("cp2k.out",)
 
-    def __init__(self, template: str | None = None, data_dir: str = "/usr/share/cp2k",
-                 basis_set_file: str = "BASIS_MOLOPT", potential_file: str = "GTH_POTENTIALS",
-                 basis="DZVP-MOLOPT-SR-GTH", potential="GTH-PBE", cutoff: float = 400, rel_cutoff: float = 50,
-                 xc: str = "PBE", kspacing: float | None = None, kpts=None, smearing_temperature: float | None = None,
-                 added_mos: int = 20, charge: int = 0, multiplicity: int = 1, max_scf: int = 100,
-                 eps_scf: float = 1e-7, command: str = "cp2k -i {input}", **run_keys):
+    def __init__(
+        self,
+        template: str | None = None,
+        data_dir: str = "/usr/share/cp2k",
+        basis_set_file: str = "BASIS_MOLOPT",
+        potential_file: str = "GTH_POTENTIALS",
+        basis="DZVP-MOLOPT-SR-GTH",
+        potential="GTH-PBE",
+        cutoff: float = 400,
+        rel_cutoff: float = 50,
+        xc: str = "PBE",
+        kspacing: float | None = None,
+        kpts=None,
+        smearing_temperature: float | None = None,
+        added_mos: int = 20,
+        charge: int = 0,
+        multiplicity: int = 1,
+        max_scf: int = 100,
+        eps_scf: float = 1e-7,
+        command: str = "cp2k -i {input}",
+        **run_keys,
+    ):
         super().__init__(command, **run_keys)
         if template is None:
             self.template = DEFAULT_TEMPLATE
@@ -133,11 +149,18 @@ class CP2KLabeler(CommandLabeler):
             raise UserError("label.kspacing / label.kpts: give one of them, not both")
         if (kspacing is not None or kpts is not None) and "{{KPOINTS}}" not in self.template:
             raise UserError("label.template: k-points are set but the template lacks the marker {{KPOINTS}}")
-        for key, val in (("cutoff", cutoff), ("rel_cutoff", rel_cutoff), ("eps_scf", eps_scf),
-                         ("kspacing", kspacing), ("smearing_temperature", smearing_temperature)):
+        for key, val in (
+            ("cutoff", cutoff),
+            ("rel_cutoff", rel_cutoff),
+            ("eps_scf", eps_scf),
+            ("kspacing", kspacing),
+            ("smearing_temperature", smearing_temperature),
+        ):
             if val is not None and not (isinstance(val, (int, float)) and val > 0):
                 raise UserError(f"label.{key}: must be a positive number, got {val!r}")
-        if kpts is not None and not (isinstance(kpts, (list, tuple)) and len(kpts) == 3 and all(isinstance(k, int) and k > 0 for k in kpts)):
+        if kpts is not None and not (
+            isinstance(kpts, (list, tuple)) and len(kpts) == 3 and all(isinstance(k, int) and k > 0 for k in kpts)
+        ):
             raise UserError(f"label.kpts: must be three positive integers, got {kpts!r}")
         data = require_dir(data_dir, "label.data_dir")
         # file names are looked up in data_dir unless given as paths
@@ -152,15 +175,24 @@ class CP2KLabeler(CommandLabeler):
         mos = ""
         if smearing_temperature is not None:
             mos = f"ADDED_MOS {int(added_mos)}"
-            smear = ("&SMEAR ON\n        METHOD FERMI_DIRAC\n"
-                     f"        ELECTRONIC_TEMPERATURE [K] {smearing_temperature:g}\n      &END SMEAR")
-        self.fields = {"{{BASIS_SET_FILE}}": str(files["basis_set_file"]),
-                       "{{POTENTIAL_FILE}}": str(files["potential_file"]),
-                       "{{CHARGE}}": str(int(charge)), "{{MULTIPLICITY}}": str(int(multiplicity)),
-                       "{{UKS}}": "UKS" if int(multiplicity) != 1 else "",
-                       "{{CUTOFF}}": f"{cutoff:g}", "{{REL_CUTOFF}}": f"{rel_cutoff:g}",
-                       "{{EPS_SCF}}": f"{eps_scf:g}", "{{MAX_SCF}}": str(int(max_scf)),
-                       "{{ADDED_MOS}}": mos, "{{SMEAR}}": smear, "{{XC}}": str(xc)}
+            smear = (
+                "&SMEAR ON\n        METHOD FERMI_DIRAC\n"
+                f"        ELECTRONIC_TEMPERATURE [K] {smearing_temperature:g}\n      &END SMEAR"
+            )
+        self.fields = {
+            "{{BASIS_SET_FILE}}": str(files["basis_set_file"]),
+            "{{POTENTIAL_FILE}}": str(files["potential_file"]),
+            "{{CHARGE}}": str(int(charge)),
+            "{{MULTIPLICITY}}": str(int(multiplicity)),
+            "{{UKS}}": "UKS" if int(multiplicity) != 1 else "",
+            "{{CUTOFF}}": f"{cutoff:g}",
+            "{{REL_CUTOFF}}": f"{rel_cutoff:g}",
+            "{{EPS_SCF}}": f"{eps_scf:g}",
+            "{{MAX_SCF}}": str(int(max_scf)),
+            "{{ADDED_MOS}}": mos,
+            "{{SMEAR}}": smear,
+            "{{XC}}": str(xc),
+        }
 
     def check_elements(self, elements) -> None:
         """Check time: a basis set and a potential named for every element of the systems."""
@@ -185,23 +217,40 @@ class CP2KLabeler(CommandLabeler):
         lines = ["&CELL"] + [f"      {ax} {v[0]:.10f} {v[1]:.10f} {v[2]:.10f}" for ax, v in zip("ABC", cell)]
         lines += [f"      PERIODIC {pbc}", "    &END CELL"]
         cell_block = "\n".join(lines)
-        coord = ["&COORD"] + [f"      {a.symbol} {a.position[0]:.10f} {a.position[1]:.10f} {a.position[2]:.10f}"
-                              for a in atoms] + ["    &END COORD"]
+        coord = (
+            ["&COORD"]
+            + [f"      {a.symbol} {a.position[0]:.10f} {a.position[1]:.10f} {a.position[2]:.10f}" for a in atoms]
+            + ["    &END COORD"]
+        )
         kinds = []
         for el in dict.fromkeys(atoms.get_chemical_symbols()):
-            kinds += [f"&KIND {el}", f"      BASIS_SET {self._lookup(self.basis, el, 'basis')}",
-                      f"      POTENTIAL {self._lookup(self.potential, el, 'potential')}", "    &END KIND"]
+            kinds += [
+                f"&KIND {el}",
+                f"      BASIS_SET {self._lookup(self.basis, el, 'basis')}",
+                f"      POTENTIAL {self._lookup(self.potential, el, 'potential')}",
+                "    &END KIND",
+            ]
         kblock = ""
         if self.kspacing is not None or self.kpts is not None:
             mesh = kmesh(atoms, self.kspacing) if self.kspacing is not None else list(self.kpts)
-            kblock = (f"&KPOINTS\n      SCHEME MONKHORST-PACK {mesh[0]} {mesh[1]} {mesh[2]}\n"
-                      "      SYMMETRY OFF\n    &END KPOINTS")
+            kblock = (
+                f"&KPOINTS\n      SCHEME MONKHORST-PACK {mesh[0]} {mesh[1]} {mesh[2]}\n"
+                "      SYMMETRY OFF\n    &END KPOINTS"
+            )
         fields = dict(self.fields)
-        fields.update({"{{CELL}}": cell_block, "{{COORD}}": "\n".join(coord), "{{KINDS}}": "\n    ".join(kinds),
-                       "{{KPOINTS}}": kblock, "{{STRESS}}": "ANALYTICAL" if periodic else "NONE",
-                       # molecules and slabs: the Poisson solver's periodicity must match the cell's
-                       "{{POISSON}}": "" if periodic else
-                       f"&POISSON\n      PERIODIC {pbc}\n      PSOLVER MT\n    &END POISSON"})
+        fields.update(
+            {
+                "{{CELL}}": cell_block,
+                "{{COORD}}": "\n".join(coord),
+                "{{KINDS}}": "\n    ".join(kinds),
+                "{{KPOINTS}}": kblock,
+                "{{STRESS}}": "ANALYTICAL" if periodic else "NONE",
+                # molecules and slabs: the Poisson solver's periodicity must match the cell's
+                "{{POISSON}}": ""
+                if periodic
+                else f"&POISSON\n      PERIODIC {pbc}\n      PSOLVER MT\n    &END POISSON",
+            }
+        )
         text = self.template
         for key, val in fields.items():
             text = text.replace(key, val)

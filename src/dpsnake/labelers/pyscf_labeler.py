@@ -17,15 +17,25 @@ from dpsnake.errors import UserError
 from dpsnake.labelers.base import LabelResult, sanity_check
 
 
-
 class PySCFLabeler:
     """RKS/UKS (or RHF/UHF) single point with analytic gradients; one frame per call, in-process."""
 
     name = "pyscf"
 
-    def __init__(self, basis: str = "def2-svp", xc: str = "pbe", charge: int = 0, spin: int = 0,
-                 conv_tol: float = 1e-9, max_cycle: int = 100, grid_level: int = 3,
-                 density_fit: bool = False, nthreads: int = 1, verbose: int = 0, **unknown):
+    def __init__(
+        self,
+        basis: str = "def2-svp",
+        xc: str = "pbe",
+        charge: int = 0,
+        spin: int = 0,
+        conv_tol: float = 1e-9,
+        max_cycle: int = 100,
+        grid_level: int = 3,
+        density_fit: bool = False,
+        nthreads: int = 1,
+        verbose: int = 0,
+        **unknown,
+    ):
         if unknown:
             raise UserError(f"label: unknown key(s) {sorted(unknown)} for label.type 'pyscf'")
         try:
@@ -48,8 +58,14 @@ class PySCFLabeler:
         """The PySCF mean-field object for one frame (positions in A)."""
         from pyscf import dft, gto, scf
 
-        mol = gto.M(atom=[(a.symbol, tuple(a.position)) for a in atoms], unit="Angstrom", basis=self.basis,
-                    charge=self.charge, spin=self.spin, verbose=self.verbose)
+        mol = gto.M(
+            atom=[(a.symbol, tuple(a.position)) for a in atoms],
+            unit="Angstrom",
+            basis=self.basis,
+            charge=self.charge,
+            spin=self.spin,
+            verbose=self.verbose,
+        )
         if self.xc == "hf":
             mf = scf.RHF(mol) if self.spin == 0 else scf.UHF(mol)
         else:

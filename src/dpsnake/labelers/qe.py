@@ -20,8 +20,10 @@ from dpsnake.labelers.base import LabelResult
 from dpsnake.labelers.runner import CommandLabeler, RunOutcome, kmesh, require_pseudopotentials, result_from_system
 
 # namelist entries the labeler sets itself: a user value would break parsing or the scratch layout
-OWNED = {"control": ("calculation", "tprnfor", "tstress", "outdir", "pseudo_dir", "prefix"),
-         "system": ("nat", "ntyp", "ibrav")}
+OWNED = {
+    "control": ("calculation", "tprnfor", "tstress", "outdir", "pseudo_dir", "prefix"),
+    "system": ("nat", "ntyp", "ibrav"),
+}
 
 
 class QELabeler(CommandLabeler):
@@ -32,11 +34,24 @@ class QELabeler(CommandLabeler):
     output_name = "pw.out"
     stale = ("pw.out", "CRASH")
 
-    def __init__(self, pseudo_dir: str, pseudopotentials: dict, ecutwfc: float, ecutrho: float | None = None,
-                 kspacing: float | None = None, kpts=None, koffset=(0, 0, 0), smearing: str | None = None,
-                 degauss: float | None = None, control: dict | None = None, system: dict | None = None,
-                 electrons: dict | None = None, starting_magnetization: dict | None = None,
-                 command: str = "pw.x -in {input}", **run_keys):
+    def __init__(
+        self,
+        pseudo_dir: str,
+        pseudopotentials: dict,
+        ecutwfc: float,
+        ecutrho: float | None = None,
+        kspacing: float | None = None,
+        kpts=None,
+        koffset=(0, 0, 0),
+        smearing: str | None = None,
+        degauss: float | None = None,
+        control: dict | None = None,
+        system: dict | None = None,
+        electrons: dict | None = None,
+        starting_magnetization: dict | None = None,
+        command: str = "pw.x -in {input}",
+        **run_keys,
+    ):
         super().__init__(command, **run_keys)
         self.pseudo_dir, self.pseudopotentials = require_pseudopotentials(pseudo_dir, pseudopotentials)
         for key, val in (("ecutwfc", ecutwfc), ("ecutrho", ecutrho), ("kspacing", kspacing), ("degauss", degauss)):
@@ -44,7 +59,9 @@ class QELabeler(CommandLabeler):
                 raise UserError(f"label.{key}: must be a positive number, got {val!r}")
         if kspacing is not None and kpts is not None:
             raise UserError("label.kspacing / label.kpts: give one of them, not both")
-        if kpts is not None and not (isinstance(kpts, (list, tuple)) and len(kpts) == 3 and all(isinstance(k, int) and k > 0 for k in kpts)):
+        if kpts is not None and not (
+            isinstance(kpts, (list, tuple)) and len(kpts) == 3 and all(isinstance(k, int) and k > 0 for k in kpts)
+        ):
             raise UserError(f"label.kpts: must be three positive integers, got {kpts!r}")
         if smearing is not None and degauss is None:
             raise UserError("label.degauss: required with label.smearing (width in Ry, e.g. 0.02)")
@@ -58,7 +75,8 @@ class QELabeler(CommandLabeler):
         self.magnetization = None
         if starting_magnetization:
             if not isinstance(starting_magnetization, dict) or not all(
-                    isinstance(v, (int, float)) and -1 <= v <= 1 for v in starting_magnetization.values()):
+                isinstance(v, (int, float)) and -1 <= v <= 1 for v in starting_magnetization.values()
+            ):
                 raise UserError("label.starting_magnetization: give {element: value in [-1, 1]} (QE's meaning)")
             self.magnetization = {str(k): float(v) for k, v in starting_magnetization.items()}
             self.input_data["system"].setdefault("nspin", 2)
@@ -86,16 +104,29 @@ class QELabeler(CommandLabeler):
         # the species labels plain, which dpdata's reader needs); frames' own moments are not used
         atoms.set_initial_magnetic_moments([(self.magnetization or {}).get(s, 0.0) for s in atoms.symbols])
         data = {nl: dict(v) for nl, v in self.input_data.items()}
-        data["control"].update({"calculation": "scf", "tprnfor": True, "tstress": periodic,
-                                "outdir": "./scratch", "prefix": "dpsnake", "pseudo_dir": str(self.pseudo_dir)})
+        data["control"].update(
+            {
+                "calculation": "scf",
+                "tprnfor": True,
+                "tstress": periodic,
+                "outdir": "./scratch",
+                "prefix": "dpsnake",
+                "pseudo_dir": str(self.pseudo_dir),
+            }
+        )
         if self.kspacing is not None:
             kpts = kmesh(atoms, self.kspacing)
         else:
             kpts = self.kpts  # None: ASE writes "K_POINTS gamma"
         with open(workdir / self.input_name, "w") as fd:
-            write_espresso_in(fd, atoms, input_data=data, pseudopotentials=self.pseudopotentials,
-                              kpts=None if kpts is None else tuple(kpts),
-                              koffset=self.koffset if kpts is not None else (0, 0, 0))
+            write_espresso_in(
+                fd,
+                atoms,
+                input_data=data,
+                pseudopotentials=self.pseudopotentials,
+                kpts=None if kpts is None else tuple(kpts),
+                koffset=self.koffset if kpts is not None else (0, 0, 0),
+            )
         return {"stdout": self.output_name, "periodic": periodic}
 
     def parse(self, atoms, workdir: pathlib.Path, outcome: RunOutcome, ctx: dict) -> LabelResult:
@@ -122,7 +153,8 @@ class QELabeler(CommandLabeler):
             return LabelResult.failed(
                 f"pw.x ran as {len(ranks)} copies on {ranks[0]} processor(s) each instead of one run on "
                 f"{self.nproc}: the launcher {launcher} is not the MPI pw.x was built with (give its full "
-                "path in label.command, e.g. /usr/bin/mpirun)")
+                "path in label.command, e.g. /usr/bin/mpirun)"
+            )
         if "convergence has been achieved" not in text:
             why = f"; {outcome.reason}" if outcome.reason else ""
             return LabelResult.failed(f"no converged SCF in {out.name}{why}")

@@ -59,8 +59,25 @@ def check_template(command: str, key: str, required=(), allowed=("input", "outpu
 
 
 # programs that start another program named further on in the command (MPI launchers, wrappers)
-LAUNCHERS = {"mpirun", "mpiexec", "mpiexec.hydra", "orterun", "prterun", "srun", "aprun", "ibrun", "jsrun",
-             "env", "time", "nice", "numactl", "taskset", "stdbuf", "nohup", "timeout"}
+LAUNCHERS = {
+    "mpirun",
+    "mpiexec",
+    "mpiexec.hydra",
+    "orterun",
+    "prterun",
+    "srun",
+    "aprun",
+    "ibrun",
+    "jsrun",
+    "env",
+    "time",
+    "nice",
+    "numactl",
+    "taskset",
+    "stdbuf",
+    "nohup",
+    "timeout",
+}
 SHELLS = {"sh", "bash", "dash", "zsh"}
 
 
@@ -95,8 +112,10 @@ def missing_program(command: str, key: str = "label.command", env: dict | None =
         if "/" in prog and not os.path.isabs(os.path.expanduser(prog)):
             return None
         where = "no such executable file" if "/" in prog else "not found on PATH"
-        return (f"{key}: cannot start {prog!r}: {where} (give the full path of the program, or put it on PATH "
-                f"before starting dpsnake/Snakemake: the label jobs inherit it)")
+        return (
+            f"{key}: cannot start {prog!r}: {where} (give the full path of the program, or put it on PATH "
+            f"before starting dpsnake/Snakemake: the label jobs inherit it)"
+        )
     if name in SHELLS and len(argv) >= 3 and argv[1] == "-c":
         first = re.split(r"&&|\|\||[;|&\n]", argv[2])[0]
         return missing_program(first.replace("{", "{{").replace("}", "}}"), key, env) if first.strip() else None
@@ -108,8 +127,10 @@ def missing_program(command: str, key: str = "label.command", env: dict | None =
             return f"{key}: {tok!r}: no such file (the program {name} should start)"
     words = [t for t in rest if not t.startswith("-") and "=" not in t and not t.replace(".", "").isdigit()]
     if words and not any(_is_program(t, path) for t in words):
-        return (f"{key}: {name} starts no program found on PATH (looked for {', '.join(map(repr, words))}); "
-                "give the program's full path")
+        return (
+            f"{key}: {name} starts no program found on PATH (looked for {', '.join(map(repr, words))}); "
+            "give the program's full path"
+        )
     return None
 
 
@@ -132,9 +153,18 @@ def _end(path: pathlib.Path, nbytes: int = 65536) -> str:
         return ""
 
 
-def run_command(command: str, workdir: pathlib.Path, *, nproc: int = 1, nthreads: int = 1,
-                timeout: float | None = None, stdout_name: str = "stdout", stderr_name: str = "stderr",
-                env: dict | None = None, **fields) -> RunOutcome:
+def run_command(
+    command: str,
+    workdir: pathlib.Path,
+    *,
+    nproc: int = 1,
+    nthreads: int = 1,
+    timeout: float | None = None,
+    stdout_name: str = "stdout",
+    stderr_name: str = "stderr",
+    env: dict | None = None,
+    **fields,
+) -> RunOutcome:
     """Run ``command.format(nproc=..., nthreads=..., workdir=..., **fields)`` in ``workdir``.
 
     stdout and stderr go to ``workdir/stdout_name`` / ``stderr_name``; ``OMP_NUM_THREADS`` is set to
@@ -144,8 +174,9 @@ def run_command(command: str, workdir: pathlib.Path, *, nproc: int = 1, nthreads
     workdir = pathlib.Path(workdir)
     argv = shlex.split(command.format(nproc=nproc, nthreads=nthreads, workdir=str(workdir), **fields))
     full_env = dict(os.environ)
-    full_env.update({"OMP_NUM_THREADS": str(nthreads), "OPENBLAS_NUM_THREADS": str(nthreads),
-                     "MKL_NUM_THREADS": str(nthreads)})
+    full_env.update(
+        {"OMP_NUM_THREADS": str(nthreads), "OPENBLAS_NUM_THREADS": str(nthreads), "MKL_NUM_THREADS": str(nthreads)}
+    )
     if os.geteuid() == 0:  # Open MPI refuses to start as root unless told (containers, CI)
         full_env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         full_env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
@@ -154,8 +185,9 @@ def run_command(command: str, workdir: pathlib.Path, *, nproc: int = 1, nthreads
     start = time.monotonic()
     with open(out, "wb") as fo, open(err, "wb") as fe:
         try:
-            proc = subprocess.Popen(argv, cwd=workdir, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL,
-                                    env=full_env, start_new_session=True)
+            proc = subprocess.Popen(
+                argv, cwd=workdir, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, env=full_env, start_new_session=True
+            )
         except OSError as exc:  # binary missing, not executable
             return RunOutcome(None, 0.0, f"cannot start {argv[0]!r}: {exc.strerror or exc}", out, err)
         try:
@@ -172,8 +204,13 @@ def run_command(command: str, workdir: pathlib.Path, *, nproc: int = 1, nthreads
         # the code's own last error line ("Error in routine init_pos (1): atomic species info missing"),
         # not MPI's abort boilerplate that ends stderr
         why = last_error_line(_end(out) + "\n" + _end(err))
-        return RunOutcome(rc, seconds, (f"{why} ({argv[0]} exited with code {rc})" if why
-                                        else f"{argv[0]} exited with code {rc}"), out, err)
+        return RunOutcome(
+            rc,
+            seconds,
+            (f"{why} ({argv[0]} exited with code {rc})" if why else f"{argv[0]} exited with code {rc}"),
+            out,
+            err,
+        )
     return RunOutcome(0, seconds, None, out, err)
 
 
@@ -208,8 +245,10 @@ def result_from_system(system, atoms, order=None, coord_tol: float = 1e-3, rotat
     parsed_symbols = [names[t] for t in system["atom_types"]]
     sent = [atoms[i].symbol for i in order]
     if len(parsed_symbols) != n or parsed_symbols != sent:
-        return LabelResult.failed(f"output species {parsed_symbols[:6]}... (n={len(parsed_symbols)}) "
-                                  f"do not match the frame's {sent[:6]}... (n={n})")
+        return LabelResult.failed(
+            f"output species {parsed_symbols[:6]}... (n={len(parsed_symbols)}) "
+            f"do not match the frame's {sent[:6]}... (n={n})"
+        )
     energy = float(system["energies"][0])
     forces_p = np.asarray(system["forces"][0], dtype=float)
     coords_p = np.asarray(system["coords"][0], dtype=float)
@@ -293,8 +332,16 @@ class CommandLabeler:
 
     stale = ()  # outputs of an earlier attempt in the same workdir, removed before a run
 
-    def __init__(self, command: str, nproc: int = 1, nthreads: int = 1, timeout: float | None = None,
-                 env: dict | None = None, keep_scratch: bool = False, **unknown):
+    def __init__(
+        self,
+        command: str,
+        nproc: int = 1,
+        nthreads: int = 1,
+        timeout: float | None = None,
+        env: dict | None = None,
+        keep_scratch: bool = False,
+        **unknown,
+    ):
         if unknown:
             raise UserError(f"label: unknown key(s) {sorted(unknown)} for label.type {self.name!r}")
         check_template(command, "label.command")
@@ -310,8 +357,7 @@ class CommandLabeler:
 
     def preflight(self) -> None:
         """Check-time: the code's executable exists (else every frame would fail with 'cannot start')."""
-        why = missing_program(self.command, "label.command", self.env, input=self.input_name,
-                              output=self.output_name)
+        why = missing_program(self.command, "label.command", self.env, input=self.input_name, output=self.output_name)
         if why:
             raise UserError(why)
 
@@ -343,9 +389,17 @@ class CommandLabeler:
             return LabelResult.failed(f"cannot write inputs: {type(err).__name__}: {err}")
         # a template that names {output} writes it itself (cp2k -o {output}): stdout goes elsewhere
         stdout = "stdout" if "{output}" in self.command else ctx.get("stdout", "stdout")
-        outcome = run_command(self.command, workdir, nproc=self.nproc, nthreads=self.nthreads,
-                              timeout=self.timeout, stdout_name=stdout,
-                              env=self.env, input=self.input_name, output=self.output_name)
+        outcome = run_command(
+            self.command,
+            workdir,
+            nproc=self.nproc,
+            nthreads=self.nthreads,
+            timeout=self.timeout,
+            stdout_name=stdout,
+            env=self.env,
+            input=self.input_name,
+            output=self.output_name,
+        )
         try:
             result = self.parse(atoms, workdir, outcome, ctx)
         except Exception as err:  # any parser crash means the output cannot be trusted

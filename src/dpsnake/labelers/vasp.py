@@ -21,8 +21,7 @@ import re
 from dpsnake.errors import UserError
 from dpsnake.labelers.base import LabelResult
 from dpsnake.labelers.io import atomic_write_text
-from dpsnake.labelers.runner import (CommandLabeler, RunOutcome, kmesh, require_dir, result_from_system,
-                                     species_order)
+from dpsnake.labelers.runner import CommandLabeler, RunOutcome, kmesh, require_dir, result_from_system, species_order
 
 # tags the labeler sets: one single point per frame, no big files left behind
 FIXED = {"NSW": 0, "IBRION": -1}
@@ -45,9 +44,18 @@ class VASPLabeler(CommandLabeler):
     input_name, output_name = "INCAR", "OUTCAR"
     stale = ("OUTCAR", "OSZICAR", "vasprun.xml", "CONTCAR")
 
-    def __init__(self, potcar_dir: str, potcars: dict | None = None, incar: dict | None = None,
-                 kspacing: float | None = None, kpts=None, gamma: bool = True, command: str = "vasp_std",
-                 parser: str = "outcar", **run_keys):
+    def __init__(
+        self,
+        potcar_dir: str,
+        potcars: dict | None = None,
+        incar: dict | None = None,
+        kspacing: float | None = None,
+        kpts=None,
+        gamma: bool = True,
+        command: str = "vasp_std",
+        parser: str = "outcar",
+        **run_keys,
+    ):
         super().__init__(command, **run_keys)
         if parser not in ("outcar", "xml"):
             raise UserError(f"label.parser: 'outcar' (OUTCAR) or 'xml' (vasprun.xml), got {parser!r}")
@@ -67,7 +75,9 @@ class VASPLabeler(CommandLabeler):
             raise UserError("label.kspacing / label.kpts: give one of them, not both")
         if kspacing is not None and not (isinstance(kspacing, (int, float)) and kspacing > 0):
             raise UserError(f"label.kspacing: must be a positive number, got {kspacing!r}")
-        if kpts is not None and not (isinstance(kpts, (list, tuple)) and len(kpts) == 3 and all(isinstance(k, int) and k > 0 for k in kpts)):
+        if kpts is not None and not (
+            isinstance(kpts, (list, tuple)) and len(kpts) == 3 and all(isinstance(k, int) and k > 0 for k in kpts)
+        ):
             raise UserError(f"label.kpts: must be three positive integers, got {kpts!r}")
         if kspacing is None and kpts is None and "KSPACING" not in self.incar:
             raise UserError("label.kspacing: give kspacing (1/A) or kpts, or KSPACING in label.incar")
@@ -117,8 +127,11 @@ class VASPLabeler(CommandLabeler):
         steps = [int(m) for m in re.findall(r"Iteration\s+\d+\(\s*(\d+)\)", text)]
         nelm = re.search(r"NELM\s*=\s*(\d+)", text)
         nelm = int(nelm.group(1)) if nelm else ctx["nelm"]
-        if "EDIFF was not reached" in text or (steps and max(steps) >= nelm) or \
-                "aborting loop because EDIFF is reached" not in text:
+        if (
+            "EDIFF was not reached" in text
+            or (steps and max(steps) >= nelm)
+            or "aborting loop because EDIFF is reached" not in text
+        ):
             nsteps = max(steps) if steps else 0
             return LabelResult.failed(f"SCF not converged (electronic steps: {nsteps}, NELM = {nelm})")
         if outcome.reason:
@@ -141,7 +154,7 @@ class VASPLabeler(CommandLabeler):
             return LabelResult.failed(outcome.reason)
         if not text.strip():
             return LabelResult.failed("missing output vasprun.xml" + (f"; {outcome.reason}" if outcome.reason else ""))
-        last = text[text.rfind("<calculation>"):]
+        last = text[text.rfind("<calculation>") :]
         nsteps = last.count("<scstep>")
         nelm = re.search(r'name="NELM">\s*(\d+)', text)
         nelm = int(nelm.group(1)) if nelm else ctx["nelm"]

@@ -20,23 +20,45 @@ def add_arguments(parser) -> None:
     parser.add_argument("--models", nargs="+", required=True, help="ensemble models (.dp); the first drives MD")
     parser.add_argument("--walkers", required=True, help="walkers.json (see docs/md.md)")
     parser.add_argument("--outdir", required=True, help="output folder (per-walker folders, summary.json)")
-    parser.add_argument("--engine", choices=("auto", "builtin", "deepmd"), default="auto",
-                        help="builtin: dpsnake's engine (se_e2_a); deepmd: DeePMD-kit's PyTorch models "
-                             "(every energy model); auto: builtin where it runs every model (default)")
+    parser.add_argument(
+        "--engine",
+        choices=("auto", "builtin", "deepmd"),
+        default="auto",
+        help="builtin: dpsnake's engine (se_e2_a); deepmd: DeePMD-kit's PyTorch models "
+        "(every energy model); auto: builtin where it runs every model (default)",
+    )
     parser.add_argument("--head", default=None, help="branch of multitask .pt checkpoints (engine deepmd)")
-    parser.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto",
-                        help="cpu: NumPy; gpu: CuPy; auto: CuPy when a GPU is usable (default)")
-    parser.add_argument("--precision", choices=("double", "mixed"), default="double",
-                        help="engine precision (default double)")
-    parser.add_argument("--compress", default=None, metavar="MIN_NBOR_DIST",
-                        help="tabulate the embedding nets as `dp compress` does, for neighbours no "
-                             "closer than MIN_NBOR_DIST (A), or 'auto': the closest pair of --compress-data")
-    parser.add_argument("--compress-data", nargs="+", default=None, metavar="DIR",
-                        help="deepmd/npy datasets (folders with type.raw, searched below DIR) for --compress auto")
-    parser.add_argument("--checkpoint-every", type=float, default=300.0, metavar="SECONDS",
-                        help="seconds between checkpoints (default 300)")
-    parser.add_argument("--checkpoint-steps", type=int, default=None, metavar="N",
-                        help="also checkpoint every N steps")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "gpu", "auto"),
+        default="auto",
+        help="cpu: NumPy; gpu: CuPy; auto: CuPy when a GPU is usable (default)",
+    )
+    parser.add_argument(
+        "--precision", choices=("double", "mixed"), default="double", help="engine precision (default double)"
+    )
+    parser.add_argument(
+        "--compress",
+        default=None,
+        metavar="MIN_NBOR_DIST",
+        help="tabulate the embedding nets as `dp compress` does, for neighbours no "
+        "closer than MIN_NBOR_DIST (A), or 'auto': the closest pair of --compress-data",
+    )
+    parser.add_argument(
+        "--compress-data",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="deepmd/npy datasets (folders with type.raw, searched below DIR) for --compress auto",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="seconds between checkpoints (default 300)",
+    )
+    parser.add_argument("--checkpoint-steps", type=int, default=None, metavar="N", help="also checkpoint every N steps")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -70,8 +92,9 @@ def make_provider(model_paths, precision: str, xp, compress: float | None = None
         if not isinstance(p, DPModel) and not pathlib.Path(p).is_file():
             raise UserError(f"--models: file not found: {p}")
         models.append(p if isinstance(p, DPModel) else load_model(p))
-    ens = Ensemble(models, precision=precision, xp=xp,
-                   compress=None if compress is None else {"min_nbor_dist": compress})
+    ens = Ensemble(
+        models, precision=precision, xp=xp, compress=None if compress is None else {"min_nbor_dist": compress}
+    )
     return EnsembleProvider(ens), list(models[0].type_map)
 
 
@@ -131,16 +154,23 @@ def run(args) -> int:
             raise UserError(f"--models: file not found: {p}")
     engine, reason, loaded = choose(args.engine, args.models)
     xp = pick_xp(args.device)
-    print(f"dpsnake explore: engine {engine} ({reason}); device {'gpu' if xp.__name__ == 'cupy' else 'cpu'}",
-          flush=True)
+    print(
+        f"dpsnake explore: engine {engine} ({reason}); device {'gpu' if xp.__name__ == 'cupy' else 'cpu'}", flush=True
+    )
     if engine == "deepmd":
         from dpsnake.md.deepmd_provider import DeepmdProvider
 
-        ignored = [o for o, on in (("--compress", args.compress is not None),
-                                   ("--precision mixed", args.precision == "mixed")) if on]
+        ignored = [
+            o
+            for o, on in (("--compress", args.compress is not None), ("--precision mixed", args.precision == "mixed"))
+            if on
+        ]
         if ignored:
-            print(f"dpsnake explore: {', '.join(ignored)}: built-in engine options, ignored by DeePMD-kit's "
-                  "models (they run in the precision they were trained in)", flush=True)
+            print(
+                f"dpsnake explore: {', '.join(ignored)}: built-in engine options, ignored by DeePMD-kit's "
+                "models (they run in the precision they were trained in)",
+                flush=True,
+            )
         provider = DeepmdProvider(args.models, xp, head=args.head)
         type_map = provider.type_map
     else:
@@ -148,10 +178,28 @@ def run(args) -> int:
         provider, type_map = make_provider(loaded, args.precision, xp, compress)
     out = pathlib.Path(args.outdir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "engine.json", json.dumps({"engine": engine, "reason": reason,
-                                                     "device": "gpu" if xp.__name__ == "cupy" else "cpu",
-                                                     "requested": args.engine}, indent=1) + "\n")
-    Explorer(walkers, provider, type_map, args.outdir, xp=xp, models=[str(pathlib.Path(m).resolve()) for m in args.models],
-             checkpoint_every=args.checkpoint_every, checkpoint_steps=args.checkpoint_steps,
-             progress=not args.no_progress).run()
+    atomic_write_text(
+        out / "engine.json",
+        json.dumps(
+            {
+                "engine": engine,
+                "reason": reason,
+                "device": "gpu" if xp.__name__ == "cupy" else "cpu",
+                "requested": args.engine,
+            },
+            indent=1,
+        )
+        + "\n",
+    )
+    Explorer(
+        walkers,
+        provider,
+        type_map,
+        args.outdir,
+        xp=xp,
+        models=[str(pathlib.Path(m).resolve()) for m in args.models],
+        checkpoint_every=args.checkpoint_every,
+        checkpoint_steps=args.checkpoint_steps,
+        progress=not args.no_progress,
+    ).run()
     return 0

@@ -42,9 +42,8 @@ def load_torch_model(path, device, head: str | None = None):
 
     Raises UserError (one line) for a missing file, a file DeePMD-kit cannot read, or a model that is
     not an energy model (dipole, polarizability, DOS, spin)."""
-    import torch
-
     import deepmd.pt.cxx_op  # noqa: F401  DeePMD-kit's custom ops, which frozen models may call
+    import torch
 
     p = pathlib.Path(path)
     if not p.is_file():
@@ -71,7 +70,7 @@ def load_torch_model(path, device, head: str | None = None):
     if "energy" not in out_types:
         raise UserError(f"{path}: a {'/'.join(out_types)} model: exploration needs an energy model")
     spin = getattr(model, "has_spin", False)
-    if (spin() if callable(spin) else spin):
+    if spin() if callable(spin) else spin:
         raise UserError(f"{path}: spin models are unsupported in exploration")
     return model
 
@@ -94,8 +93,9 @@ class _Group:
 
     atoms (G * n,) long: batch atom indices, walker by walker; sys (G,) long: their system indices."""
 
-    def __init__(self, torch, device, natoms: int, pbc: bool, sys_idx: np.ndarray, bounds: np.ndarray,
-                 atype_host: np.ndarray):
+    def __init__(
+        self, torch, device, natoms: int, pbc: bool, sys_idx: np.ndarray, bounds: np.ndarray, atype_host: np.ndarray
+    ):
         self.n, self.pbc, self.G = natoms, pbc, len(sys_idx)
         atoms = np.concatenate([np.arange(bounds[s], bounds[s] + natoms) for s in sys_idx])
         self.atoms = torch.as_tensor(atoms, dtype=torch.long, device=device)
@@ -132,8 +132,9 @@ class DeepmdProvider:
         maps = [list(m.get_type_map()) for m in self.models]
         for p, tm in zip(self.paths[1:], maps[1:]):
             if tm != maps[0]:
-                raise UserError(f"{p}: type_map {tm} differs from {self.paths[0]}'s {maps[0]} "
-                                "(an ensemble shares one type_map)")
+                raise UserError(
+                    f"{p}: type_map {tm} differs from {self.paths[0]}'s {maps[0]} (an ensemble shares one type_map)"
+                )
         self.type_map = maps[0]
         self.nmodels = len(self.models)
         self.max_atoms = None if max_atoms == "auto" and self.device.type != "cuda" else max_atoms
@@ -208,9 +209,14 @@ class DeepmdProvider:
         if self.max_atoms == "auto":
             self._measure(model, coord, atype, box)
         step = G if self.max_atoms is None else max(1, min(G, self.max_atoms // n))
+
         def call(i):
-            out = model(coord[i:i + step], atype[i:i + step], box=None if box is None else box[i:i + step],
-                        do_atomic_virial=False)
+            out = model(
+                coord[i : i + step],
+                atype[i : i + step],
+                box=None if box is None else box[i : i + step],
+                do_atomic_virial=False,
+            )
             # detach at once: the energy's autograd graph holds every intermediate of the call, and
             # keeping it until all calls are done would add up the memory the split is there to bound
             return {k: out[k].detach() for k in ("energy", "force", "virial")}
@@ -226,9 +232,11 @@ class DeepmdProvider:
                 self.max_atoms = step * n
                 self.torch.cuda.empty_cache()
         cat = self.torch.cat
-        return {"energy": cat([p["energy"].reshape(-1) for p in parts]),
-                "force": cat([p["force"] for p in parts]),
-                "virial": cat([p["virial"].reshape(-1, 9) for p in parts])}
+        return {
+            "energy": cat([p["energy"].reshape(-1) for p in parts]),
+            "force": cat([p["force"] for p in parts]),
+            "virial": cat([p["virial"].reshape(-1, 9) for p in parts]),
+        }
 
     def __call__(self, st, all_models: bool) -> dict:
         torch = self.torch
@@ -258,4 +266,3 @@ class DeepmdProvider:
         natoms = xp.bincount(xp.asarray(system), minlength=int(cells.shape[0]))
         st = types.SimpleNamespace(pos=coords, atype=atype, system=system, cells=cells, pbc=pbc, natoms=natoms)
         return self(st, True)
-

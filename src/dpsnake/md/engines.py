@@ -39,9 +39,8 @@ def builtin_unsupported(model: dict) -> str | None:
 
 def deepmd_missing() -> str | None:
     """Why DeePMD-kit's PyTorch models cannot run here (None: they can), without importing torch."""
-    import importlib.util
-
     import importlib.metadata
+    import importlib.util
 
     for mod in ("torch", "deepmd"):
         if importlib.util.find_spec(mod) is None:
@@ -64,8 +63,9 @@ def check_config(cfg: dict, model: dict) -> None:
         missing = deepmd_missing()
         if missing:
             reason = "explore.engine is deepmd" if engine == "deepmd" else f"the built-in engine cannot run {why}"
-            raise UserError(f"explore.engine: {engine}: exploration needs DeePMD-kit's models ({reason}), but "
-                            f"{missing}")
+            raise UserError(
+                f"explore.engine: {engine}: exploration needs DeePMD-kit's models ({reason}), but {missing}"
+            )
 
 
 def choose(engine: str, model_paths) -> tuple[str, str, list | None]:

@@ -89,8 +89,7 @@ class GraphedStep:
     def _capture(self, st: BatchState, flags: dict) -> bool:
         cp = self.cp
         # forces of the last eager step into fixed buffers that the second graph reads
-        self.buf = {"energy": st.energy.copy(), "force": st.force.copy(),
-                    "virial": st.virial.reshape(-1, 3, 3).copy()}
+        self.buf = {"energy": st.energy.copy(), "force": st.force.copy(), "virial": st.virial.reshape(-1, 3, 3).copy()}
         for k, v in self.buf.items():
             setattr(st, k, v)
         self.step_dev = cp.zeros((), dtype=cp.uint64)

@@ -107,7 +107,7 @@ def nhc_half(st: BatchState) -> None:
     xp = st.xp
     on = st.thermo == T_NHC
     kT = xp.where(on, st.kT, 1.0)
-    tau2 = st.tau_t ** 2
+    tau2 = st.tau_t**2
     q = xp.stack([st.nf * kT * tau2] + [kT * tau2] * (st.nhc_v.shape[1] - 1), axis=1)
     v, eta = st.nhc_v.copy(), st.nhc_eta.copy()
     M = v.shape[1]
@@ -138,7 +138,7 @@ def nhc_half(st: BatchState) -> None:
 def nhc_energy(st: BatchState):
     """(S,) energy of the Nose-Hoover chain; E_pot + E_kin + this is conserved."""
     xp = st.xp
-    tau2 = st.tau_t ** 2
+    tau2 = st.tau_t**2
     q0 = st.nf * st.kT * tau2
     qj = st.kT * tau2
     e = 0.5 * q0 * st.nhc_v[:, 0] ** 2 + st.nf * st.kT * st.nhc_eta[:, 0]
@@ -158,8 +158,11 @@ def bussi(st: BatchState, step) -> None:
     kin = kinetic_energy(st)
     kt = 0.5 * st.nf * st.kT
     c = xp.exp(-st.dt / st.tau_t)
-    new = kin + (1 - c) * (kt * (s2 + r1 * r1) / st.nf - kin) + 2 * r1 * xp.sqrt(
-        xp.maximum(kin * kt / st.nf * (1 - c) * c, 0.0))
+    new = (
+        kin
+        + (1 - c) * (kt * (s2 + r1 * r1) / st.nf - kin)
+        + 2 * r1 * xp.sqrt(xp.maximum(kin * kt / st.nf * (1 - c) * c, 0.0))
+    )
     alpha = xp.sqrt(xp.maximum(new, 0.0) / xp.where(kin > 0, kin, 1.0))
     alpha = xp.where(on & (kin > 0), alpha, 1.0)
     st.vel = st.vel * alpha[st.system][:, None]
@@ -215,8 +218,11 @@ def cell_rescale(st: BatchState, ptens, step, modes=(B_ISO, B_ANISO, B_TRI)) -> 
 def _sym_noise(xp, r):
     """(S, 3, 3) symmetric matrix with r[:, 3], r[:, 4], r[:, 5] at (0,1), (0,2), (1,2); zero diagonal."""
     z = xp.zeros_like(r[:, 3])
-    rows = [xp.stack([z, r[:, 3], r[:, 4]], axis=1), xp.stack([r[:, 3], z, r[:, 5]], axis=1),
-            xp.stack([r[:, 4], r[:, 5], z], axis=1)]
+    rows = [
+        xp.stack([z, r[:, 3], r[:, 4]], axis=1),
+        xp.stack([r[:, 3], z, r[:, 5]], axis=1),
+        xp.stack([r[:, 4], r[:, 5], z], axis=1),
+    ]
     return xp.stack(rows, axis=1)
 
 

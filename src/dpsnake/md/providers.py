@@ -64,8 +64,12 @@ class ASEProvider:
         bounds = np.searchsorted(system, np.arange(S + 1))
         for s in range(S):
             lo, hi = bounds[s], bounds[s + 1]
-            atoms = Atoms([self.type_map[t] for t in atype[lo:hi]], positions=pos[lo:hi],
-                          cell=cells[s] if pbc[s] else None, pbc=bool(pbc[s]))
+            atoms = Atoms(
+                [self.type_map[t] for t in atype[lo:hi]],
+                positions=pos[lo:hi],
+                cell=cells[s] if pbc[s] else None,
+                pbc=bool(pbc[s]),
+            )
             for m, calc in enumerate(calcs):
                 atoms.calc = calc
                 e[m, s] = atoms.get_potential_energy()

@@ -49,7 +49,7 @@ def walker_keys(xp, seeds, step, stream: int):
 def _uniform(xp, key, counter):
     """Uniform deviates in (0, 1) from key and counter (same shapes, uint64)."""
     h = _mix(xp, key + counter * xp.uint64(_GOLDEN))
-    return ((h >> xp.uint64(11)).astype(xp.float64) + 0.5) * (2.0 ** -53)
+    return ((h >> xp.uint64(11)).astype(xp.float64) + 0.5) * (2.0**-53)
 
 
 _NORMALS_SRC = """
@@ -72,8 +72,9 @@ def normals(xp, key, counter):
     if xp.__name__ == "cupy":  # one kernel instead of ~30 (the same operations, the same numbers)
         global _kernel
         if _kernel is None:
-            _kernel = xp.ElementwiseKernel("uint64 key, uint64 counter", "float64 out", _NORMALS_SRC,
-                                           "dps_normals", options=("--fmad=false",))
+            _kernel = xp.ElementwiseKernel(
+                "uint64 key, uint64 counter", "float64 out", _NORMALS_SRC, "dps_normals", options=("--fmad=false",)
+            )
         return _kernel(key, counter)
     c2 = counter * xp.uint64(2)
     u1 = _uniform(xp, key, c2)

@@ -26,7 +26,7 @@ from dpsnake.engine.xp import to_numpy
 from dpsnake.md import integrators
 from dpsnake.md.deviation import batch_deviation, min_distances
 from dpsnake.md.graphs import make_stepper
-from dpsnake.md.state import build_state, BatchState
+from dpsnake.md.state import BatchState, build_state
 from dpsnake.md.trajectory import DEVI_HEADER, encoded_rows
 from dpsnake.md.walkers import Walker, degrees_of_freedom, masses_for, maxwell_boltzmann, read_structure
 
@@ -134,8 +134,20 @@ class Explorer:
     between checkpoints; checkpoint_steps: also every this many steps (None: time only).
     """
 
-    def __init__(self, walkers, provider, type_map, outdir, xp=np, models=(), checkpoint_every=600.0,
-                 checkpoint_steps=None, progress=True, stop_after=None, async_frames=None):
+    def __init__(
+        self,
+        walkers,
+        provider,
+        type_map,
+        outdir,
+        xp=np,
+        models=(),
+        checkpoint_every=600.0,
+        checkpoint_steps=None,
+        progress=True,
+        stop_after=None,
+        async_frames=None,
+    ):
         self.walkers = list(walkers)
         self.provider = provider
         self.type_map = list(type_map)
@@ -173,7 +185,7 @@ class Explorer:
         self.cap_count = {w.name: 0 for w in self.walkers}
         self.max_devi = {w.name: 0.0 for w in self.walkers}
         vel = []
-        for w, (atoms, atype, m) in zip(self.walkers, self.structures):
+        for w, (_atoms, _atype, m) in zip(self.walkers, self.structures):
             vel.append(maxwell_boltzmann(m, w.temperature, w.seed, degrees_of_freedom(len(m), w)))
         self.st = build_state(self.walkers, list(range(len(self.walkers))), self.structures, vel, self.xp)
         self.outs = {w.name: _Out(self.outdir / w.name) for w in self.walkers}
@@ -187,8 +199,7 @@ class Explorer:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
                 if meta.get("hash") != self.hash:
-                    print(f"dpsnake explore: {path} is from other walkers or models; starting over",
-                          file=sys.stderr)
+                    print(f"dpsnake explore: {path} is from other walkers or models; starting over", file=sys.stderr)
                     return False
                 arrays = {k[2:]: z[k] for k in z.files if k.startswith("s_")}
             for n, o in meta["offsets"].items():
@@ -302,15 +313,21 @@ class Explorer:
             rows.append(s)
             self.max_devi[w.name] = max(self.max_devi[w.name], float(devi[s, 3]))
             if w.min_dist and mind[s] < w.min_dist:
-                rec.update(status="failed",
-                           reason=f"atoms closer than min_dist {w.min_dist} A ({mind[s]:.3f} A) at step {step}")
+                rec.update(
+                    status="failed",
+                    reason=f"atoms closer than min_dist {w.min_dist} A ({mind[s]:.3f} A) at step {step}",
+                )
                 continue
             if w.max_devi_f_cap:
                 self.cap_count[w.name] = self.cap_count[w.name] + 1 if devi[s, 3] > w.max_devi_f_cap else 0
                 if self.cap_count[w.name] >= w.max_devi_f_patience:
-                    rec.update(status="failed", reason=(
-                        f"max_devi_f above cap {w.max_devi_f_cap} eV/A for {self.cap_count[w.name]} "
-                        f"consecutive checks (last at step {step})"))
+                    rec.update(
+                        status="failed",
+                        reason=(
+                            f"max_devi_f above cap {w.max_devi_f_cap} eV/A for {self.cap_count[w.name]} "
+                            f"consecutive checks (last at step {step})"
+                        ),
+                    )
         return np.asarray(rows, dtype=np.int64)
 
     def _frame_pool(self):
@@ -318,8 +335,9 @@ class Explorer:
         if self.async_frames and self._pool is None:
             try:
                 ctx = multiprocessing.get_context("spawn")  # no fork of a process holding a CUDA context
-                self._pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx, initializer=_helper_init,
-                                                                    initargs=(os.getpid(),))
+                self._pool = concurrent.futures.ProcessPoolExecutor(
+                    1, mp_context=ctx, initializer=_helper_init, initargs=(os.getpid(),)
+                )
                 self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dpsnake-frames")
             except (OSError, ValueError) as err:
                 print(f"dpsnake explore: no helper process for frames ({err}); formatting inline", file=sys.stderr)
@@ -341,10 +359,16 @@ class Explorer:
             if self.st is not None:
                 self._drop_stopped()
         path = self.outdir / CHECKPOINT
-        offsets = {n: o.offsets() for n, o in self.outs.items()
-                   if self.status[n]["status"] == "running"}
-        meta = {"version": 1, "hash": self.hash, "step": self.step, "status": self.status,
-                "cap_count": self.cap_count, "max_devi": self.max_devi, "offsets": offsets}
+        offsets = {n: o.offsets() for n, o in self.outs.items() if self.status[n]["status"] == "running"}
+        meta = {
+            "version": 1,
+            "hash": self.hash,
+            "step": self.step,
+            "status": self.status,
+            "cap_count": self.cap_count,
+            "max_devi": self.max_devi,
+            "offsets": offsets,
+        }
         arrays = {} if self.st is None else {f"s_{k}": v for k, v in self.st.to_host().items()}
         tmp = path.with_name(f".{CHECKPOINT}.tmp{os.getpid()}.npz")
         with open(tmp, "wb") as f:
@@ -378,9 +402,16 @@ class Explorer:
             if self._term:
                 raise SystemExit(143)
             return {}
-        summary = {"walkers": {w.name: {"status": self.status[w.name]["status"],
-                                        "reason": self.status[w.name]["reason"],
-                                        "steps": int(self.status[w.name]["steps"])} for w in self.walkers}}
+        summary = {
+            "walkers": {
+                w.name: {
+                    "status": self.status[w.name]["status"],
+                    "reason": self.status[w.name]["reason"],
+                    "steps": int(self.status[w.name]["steps"]),
+                }
+                for w in self.walkers
+            }
+        }
         self.checkpoint()  # all stopped: a rerun before summary.json lands finds nothing left to do
         atomic_write_text(summary_path, json.dumps(summary, indent=1) + "\n")
         ck.unlink(missing_ok=True)
@@ -403,8 +434,15 @@ class Explorer:
         from tqdm import tqdm
 
         total = max(w.nsteps for w in self.walkers)
-        bar = tqdm(total=total, initial=self.step, unit="step", disable=not self.progress,
-                   file=sys.stderr, desc="explore", dynamic_ncols=True)
+        bar = tqdm(
+            total=total,
+            initial=self.step,
+            unit="step",
+            disable=not self.progress,
+            file=sys.stderr,
+            desc="explore",
+            dynamic_ncols=True,
+        )
         flags = self.st.flags() if self.st is not None else None
         freqs = None
         steps_run = 0
@@ -422,8 +460,9 @@ class Explorer:
                 if all_models or nxt in ends:
                     self._start_deviation(out)
                 t0, s0 = self._last_ckpt
-                ckpt = (time.monotonic() - t0 > self.checkpoint_every
-                        or (self.checkpoint_steps and self.step - s0 >= self.checkpoint_steps))
+                ckpt = time.monotonic() - t0 > self.checkpoint_every or (
+                    self.checkpoint_steps and self.step - s0 >= self.checkpoint_steps
+                )
                 leave = self._term or (self.stop_after is not None and steps_run >= self.stop_after)
                 if self._pending and self._pending[0][0] < self.step or nxt in ends or ckpt or leave:
                     # the host part of the last deviation step runs while the device computes this
@@ -448,9 +487,19 @@ class Explorer:
         for w in self.walkers:
             r = summary["walkers"].get(w.name, {})
             md = getattr(self, "max_devi", {}).get(w.name)
-            rows.append((w.name, w.system, w.ensemble, f"{w.temperature:g}",
-                         f"{w.pressure:g}" if w.barostat else "-", str(r.get("steps", "")),
-                         str(r.get("status", "")), "-" if md is None else f"{md:.3g}", r.get("reason") or ""))
+            rows.append(
+                (
+                    w.name,
+                    w.system,
+                    w.ensemble,
+                    f"{w.temperature:g}",
+                    f"{w.pressure:g}" if w.barostat else "-",
+                    str(r.get("steps", "")),
+                    str(r.get("status", "")),
+                    "-" if md is None else f"{md:.3g}",
+                    r.get("reason") or "",
+                )
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(wd) for c, wd in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * wd for wd in widths))
@@ -458,8 +507,11 @@ class Explorer:
         print("\n".join(lines) + f"\n{n_ok}/{len(summary['walkers'])} walkers finished", file=sys.stderr)
         n_ov = getattr(self.provider, "overflow_calls", 0)
         if n_ov:
-            print(f"note: in {n_ov} of {self.provider.calls} force calls some atoms had more neighbours than "
-                  "the models' sel (extra neighbours dropped, as DeePMD-kit does)", file=sys.stderr)
+            print(
+                f"note: in {n_ov} of {self.provider.calls} force calls some atoms had more neighbours than "
+                "the models' sel (extra neighbours dropped, as DeePMD-kit does)",
+                file=sys.stderr,
+            )
 
 
 def _main_thread() -> bool:

@@ -17,8 +17,26 @@ from dpsnake.md.walkers import Walker, degrees_of_freedom
 NHC_LENGTH = 3  # chain length, LAMMPS' default tchain
 
 _ATOM = ("pos", "vel", "mass", "atype", "system", "local", "force")
-_SYS = ("cells", "pbc", "energy", "virial", "seed", "natoms", "dt", "kT", "nf", "tau_t", "tau_p",
-        "p0", "beta", "thermo", "baro", "nhc_eta", "nhc_v", "walker")
+_SYS = (
+    "cells",
+    "pbc",
+    "energy",
+    "virial",
+    "seed",
+    "natoms",
+    "dt",
+    "kT",
+    "nf",
+    "tau_t",
+    "tau_p",
+    "p0",
+    "beta",
+    "thermo",
+    "baro",
+    "nhc_eta",
+    "nhc_v",
+    "walker",
+)
 # thermostat / barostat codes (per walker)
 T_NONE, T_NHC, T_BUSSI, T_LANGEVIN = 0, 1, 2, 3
 B_NONE, B_ISO, B_ANISO, B_TRI = 0, 1, 2, 3
@@ -76,11 +94,15 @@ class BatchState:
         from dpsnake.engine.xp import to_numpy
 
         t, b = to_numpy(self.thermo), to_numpy(self.baro)
-        return {"nhc": bool((t == T_NHC).any()), "bussi": bool((t == T_BUSSI).any()),
-                "langevin": bool((t == T_LANGEVIN).any()), "npt": bool((b != B_NONE).any()),
-                "baro_modes": sorted(int(m) for m in set(b.tolist()) - {B_NONE})}
+        return {
+            "nhc": bool((t == T_NHC).any()),
+            "bussi": bool((t == T_BUSSI).any()),
+            "langevin": bool((t == T_LANGEVIN).any()),
+            "npt": bool((b != B_NONE).any()),
+            "baro_modes": sorted(int(m) for m in set(b.tolist()) - {B_NONE}),
+        }
 
-    def select(self, keep_sys: np.ndarray) -> "BatchState":
+    def select(self, keep_sys: np.ndarray) -> BatchState:
         """A new state with only the walkers ``keep_sys`` (host bool (S,)); systems renumbered."""
         xp = self.xp
         keep_sys_d = xp.asarray(keep_sys)
@@ -101,7 +123,7 @@ class BatchState:
         return {f.name: to_numpy(getattr(self, f.name)) for f in fields(self) if f.name != "xp"}
 
     @classmethod
-    def from_host(cls, arrays: dict, xp=np) -> "BatchState":
+    def from_host(cls, arrays: dict, xp=np) -> BatchState:
         from dpsnake.engine.xp import asarray
 
         return cls(xp=xp, **{k: asarray(xp, v) for k, v in arrays.items()})
@@ -130,11 +152,22 @@ def build_state(walkers: list[Walker], indices, structures, velocities, xp=np) -
         cells.append(atoms.cell.array if atoms.pbc.all() else np.zeros((3, 3)))
         pbc.append(bool(atoms.pbc.all()))
         ps = 1000.0 * units.fs
-        rows.append(dict(
-            seed=np.uint64(w.seed % (1 << 64)), natoms=n, dt=w.dt * ps, kT=units.kB * w.temperature,
-            nf=degrees_of_freedom(n, w), tau_t=w.tau_t * ps, tau_p=w.tau_p * ps,
-            p0=w.pressure * units.bar, beta=w.compressibility / units.bar,
-            thermo=_TCODE[w.thermostat], baro=_BCODE[w.barostat], walker=i))
+        rows.append(
+            dict(
+                seed=np.uint64(w.seed % (1 << 64)),
+                natoms=n,
+                dt=w.dt * ps,
+                kT=units.kB * w.temperature,
+                nf=degrees_of_freedom(n, w),
+                tau_t=w.tau_t * ps,
+                tau_p=w.tau_p * ps,
+                p0=w.pressure * units.bar,
+                beta=w.compressibility / units.bar,
+                thermo=_TCODE[w.thermostat],
+                baro=_BCODE[w.barostat],
+                walker=i,
+            )
+        )
     S = len(indices)
     h = {k: np.array([r[k] for r in rows]) for k in rows[0]}
     h["seed"] = h["seed"].astype(np.uint64)
@@ -143,9 +176,19 @@ def build_state(walkers: list[Walker], indices, structures, velocities, xp=np) -
     pos = np.concatenate(pos)
     N = len(pos)
     arrays = dict(
-        pos=pos, vel=np.concatenate(vel).astype(np.float64), mass=np.concatenate(mass).astype(np.float64),
-        atype=np.concatenate(atype), system=np.concatenate(system), local=np.concatenate(local),
-        force=np.zeros((N, 3)), cells=np.array(cells, dtype=np.float64), pbc=np.array(pbc),
-        energy=np.zeros(S), virial=np.zeros((S, 3, 3)),
-        nhc_eta=np.zeros((S, NHC_LENGTH)), nhc_v=np.zeros((S, NHC_LENGTH)), **h)
+        pos=pos,
+        vel=np.concatenate(vel).astype(np.float64),
+        mass=np.concatenate(mass).astype(np.float64),
+        atype=np.concatenate(atype),
+        system=np.concatenate(system),
+        local=np.concatenate(local),
+        force=np.zeros((N, 3)),
+        cells=np.array(cells, dtype=np.float64),
+        pbc=np.array(pbc),
+        energy=np.zeros(S),
+        virial=np.zeros((S, 3, 3)),
+        nhc_eta=np.zeros((S, NHC_LENGTH)),
+        nhc_v=np.zeros((S, NHC_LENGTH)),
+        **h,
+    )
     return BatchState.from_host(arrays, xp=xp)

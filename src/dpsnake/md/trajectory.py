@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-DEVI_HEADER = ("#" + "step".rjust(11) + "".join(s.rjust(19) for s in (
-    "max_devi_v", "min_devi_v", "avg_devi_v", "max_devi_f", "min_devi_f", "avg_devi_f")) + "\n")
+DEVI_HEADER = (
+    "#"
+    + "step".rjust(11)
+    + "".join(s.rjust(19) for s in ("max_devi_v", "min_devi_v", "avg_devi_v", "max_devi_f", "min_devi_f", "avg_devi_f"))
+    + "\n"
+)
 
 
 def devi_line(step: int, values) -> str:
@@ -64,8 +68,7 @@ def bundle_frames(bundle) -> list:
 def encoded_rows(bundle, devi) -> tuple:
     """(model_devi.out lines, frames) of a bundle's walkers as bytes (:func:`devi_lines`,
     :func:`bundle_frames`): what the helper process hands the writer thread."""
-    return ([ln.encode() for ln in devi_lines(bundle[4], devi)],
-            [f.encode() for f in bundle_frames(bundle)])
+    return ([ln.encode() for ln in devi_lines(bundle[4], devi)], [f.encode() for f in bundle_frames(bundle)])
 
 
 def read_frames(path) -> list:

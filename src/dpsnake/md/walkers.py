@@ -20,13 +20,30 @@ from dpsnake.errors import UserError
 ENSEMBLES = ("nve", "nvt", "nvt-langevin", "npt", "npt-aniso", "npt-tri")
 THERMOSTATS = ("nhc", "bussi", "langevin")
 # what each ensemble uses unless the walker names a thermostat
-DEFAULT_THERMOSTAT = {"nve": None, "nvt": "nhc", "nvt-langevin": "langevin", "npt": "bussi",
-                      "npt-aniso": "bussi", "npt-tri": "bussi"}
+DEFAULT_THERMOSTAT = {
+    "nve": None,
+    "nvt": "nhc",
+    "nvt-langevin": "langevin",
+    "npt": "bussi",
+    "npt-aniso": "bussi",
+    "npt-tri": "bussi",
+}
 BAROSTAT = {"npt": "iso", "npt-aniso": "aniso", "npt-tri": "tri"}
 
 _REQUIRED = ("name", "structure", "ensemble", "nsteps", "dt", "trj_freq", "seed")
-_KNOWN = set(_REQUIRED) | {"system", "temperature", "pressure", "tau_t", "tau_p", "max_devi_f_cap",
-                           "min_dist", "thermostat", "compressibility", "max_devi_f_patience", "format"}
+_KNOWN = set(_REQUIRED) | {
+    "system",
+    "temperature",
+    "pressure",
+    "tau_t",
+    "tau_p",
+    "max_devi_f_cap",
+    "min_dist",
+    "thermostat",
+    "compressibility",
+    "max_devi_f_patience",
+    "format",
+}
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
 
@@ -116,21 +133,28 @@ def parse_walkers(data, base: pathlib.Path | None = None) -> list[Walker]:
             structure = base / structure
         if not structure.is_file():
             raise UserError(f"{where}: key 'structure': file not found: {structure}")
-        out.append(Walker(
-            name=name, structure=str(structure), ensemble=ens,
-            nsteps=_num(w, "nsteps", where, int), dt=_num(w, "dt", where, positive=True),
-            trj_freq=_num(w, "trj_freq", where, int, positive=True), seed=_num(w, "seed", where, int),
-            system=str(w.get("system") or name), temperature=temp,
-            pressure=float(_num(w, "pressure", where, default=0.0)),
-            tau_t=_num(w, "tau_t", where, positive=True, default=0.1),
-            tau_p=_num(w, "tau_p", where, positive=True, default=0.5),
-            max_devi_f_cap=_num(w, "max_devi_f_cap", where, positive=True),
-            max_devi_f_patience=_num(w, "max_devi_f_patience", where, int, positive=True, default=3),
-            min_dist=_num(w, "min_dist", where, positive=True),
-            thermostat=thermo,
-            compressibility=_num(w, "compressibility", where, positive=True, default=1e-5),
-            format=w.get("format"),
-        ))
+        out.append(
+            Walker(
+                name=name,
+                structure=str(structure),
+                ensemble=ens,
+                nsteps=_num(w, "nsteps", where, int),
+                dt=_num(w, "dt", where, positive=True),
+                trj_freq=_num(w, "trj_freq", where, int, positive=True),
+                seed=_num(w, "seed", where, int),
+                system=str(w.get("system") or name),
+                temperature=temp,
+                pressure=float(_num(w, "pressure", where, default=0.0)),
+                tau_t=_num(w, "tau_t", where, positive=True, default=0.1),
+                tau_p=_num(w, "tau_p", where, positive=True, default=0.5),
+                max_devi_f_cap=_num(w, "max_devi_f_cap", where, positive=True),
+                max_devi_f_patience=_num(w, "max_devi_f_patience", where, int, positive=True, default=3),
+                min_dist=_num(w, "min_dist", where, positive=True),
+                thermostat=thermo,
+                compressibility=_num(w, "compressibility", where, positive=True, default=1e-5),
+                format=w.get("format"),
+            )
+        )
     return out
 
 
@@ -167,8 +191,12 @@ def read_structure(walker: Walker, type_map: list[str]):
         if fmt == "lammps-data":
             from ase.data import atomic_numbers
 
-            atoms = ase.io.read(walker.structure, format=fmt, atom_style="atomic",
-                                Z_of_type={i + 1: atomic_numbers[s] for i, s in enumerate(type_map)})
+            atoms = ase.io.read(
+                walker.structure,
+                format=fmt,
+                atom_style="atomic",
+                Z_of_type={i + 1: atomic_numbers[s] for i, s in enumerate(type_map)},
+            )
         else:
             atoms = ase.io.read(walker.structure, format=fmt)
     except Exception as err:  # ASE raises many kinds; say which file

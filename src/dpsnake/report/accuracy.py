@@ -92,40 +92,64 @@ def predict(ensemble, type_map: list[str], sys_, system: str, source: str) -> Pr
         k = b - a
         with warnings.catch_warnings():  # counted and shown in the report instead
             warnings.simplefilter("ignore", RuntimeWarning)
-            out = ensemble.evaluate(coords[a:b].reshape(k * n, 3), np.tile(atype, k),
-                                    np.repeat(np.arange(k), n), cells[a:b], np.full(k, periodic))
+            out = ensemble.evaluate(
+                coords[a:b].reshape(k * n, 3),
+                np.tile(atype, k),
+                np.repeat(np.arange(k), n),
+                cells[a:b],
+                np.full(k, periodic),
+            )
         overflow += int(getattr(ensemble, "last_overflow", 0) or 0)
-        e_pred.append(np.asarray(out["energy"]))                      # (M, k)
+        e_pred.append(np.asarray(out["energy"]))  # (M, k)
         f_pred.append(np.asarray(out["force"]).reshape(-1, k, n, 3))  # (M, k, n, 3)
-    return Prediction(system, source, np.asarray(sys_["energies"], dtype=np.float64).reshape(nf),
-                      np.concatenate(e_pred, axis=1), np.full(nf, n),
-                      np.asarray(sys_["forces"], dtype=np.float64).reshape(nf, n, 3),
-                      np.concatenate(f_pred, axis=1), overflow)
+    return Prediction(
+        system,
+        source,
+        np.asarray(sys_["energies"], dtype=np.float64).reshape(nf),
+        np.concatenate(e_pred, axis=1),
+        np.full(nf, n),
+        np.asarray(sys_["forces"], dtype=np.float64).reshape(nf, n, 3),
+        np.concatenate(f_pred, axis=1),
+        overflow,
+    )
 
 
-def rmse_rows(preds: list[Prediction], set_name: str, system: str, source: str = "all",
-              mean_only: bool = False) -> list[dict]:
+def rmse_rows(
+    preds: list[Prediction], set_name: str, system: str, source: str = "all", mean_only: bool = False
+) -> list[dict]:
     """RMSE rows over the union of ``preds`` (one system): one per model and one for the ensemble
     mean prediction (``model="mean"``)."""
     e_ref = np.concatenate([p.e_ref for p in preds])
     nat = np.concatenate([p.natoms for p in preds])
-    e_pred = np.concatenate([p.e_pred for p in preds], axis=1)                       # (M, F)
+    e_pred = np.concatenate([p.e_pred for p in preds], axis=1)  # (M, F)
     f_ref = np.concatenate([p.f_ref.reshape(-1) for p in preds])
     f_pred = np.concatenate([p.f_pred.reshape(p.f_pred.shape[0], -1) for p in preds], axis=1)
     rows = []
     preds_by_model = [] if mean_only else [(f"model.{m}", e_pred[m], f_pred[m]) for m in range(e_pred.shape[0])]
     preds_by_model.append(("mean", e_pred.mean(0), f_pred.mean(0)))
     for name, ep, fp in preds_by_model:
-        rows.append({"set": set_name, "system": system, "source": source, "model": name, "frames": int(len(e_ref)),
-                     "atoms": int(nat.sum()),
-                     "rmse_e_atom": float(np.sqrt(np.mean(((ep - e_ref) / nat) ** 2))),
-                     "rmse_f": float(np.sqrt(np.mean((fp - f_ref) ** 2))),
-                     "sel_overflow": int(sum(p.overflow for p in preds))})
+        rows.append(
+            {
+                "set": set_name,
+                "system": system,
+                "source": source,
+                "model": name,
+                "frames": int(len(e_ref)),
+                "atoms": int(nat.sum()),
+                "rmse_e_atom": float(np.sqrt(np.mean(((ep - e_ref) / nat) ** 2))),
+                "rmse_f": float(np.sqrt(np.mean((fp - f_ref) ** 2))),
+                "sel_overflow": int(sum(p.overflow for p in preds)),
+            }
+        )
     return rows
 
 
-def accuracy(model_paths, labelled: list[dict], test_sets: list[dict],
-             progress=lambda msg: print(msg, file=sys.stderr, flush=True)) -> tuple[pd.DataFrame, list[Prediction]]:
+def accuracy(
+    model_paths,
+    labelled: list[dict],
+    test_sets: list[dict],
+    progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+) -> tuple[pd.DataFrame, list[Prediction]]:
     """RMSE table and predictions of the ensemble on labelled data and test sets.
 
     labelled: [{"source", "system", "path"}] (collect.datasets); test_sets: [{"name", "path"}].

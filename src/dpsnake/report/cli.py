@@ -16,21 +16,32 @@ def add_arguments(parser) -> None:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--iter", type=int, metavar="N", help="write the report of iteration N")
     what.add_argument("--run", action="store_true", help="write the run-level page (index.html, run.csv/json)")
-    parser.add_argument("--results-dir", default=None, help="results folder (default: config's results_dir, "
-                        "else the folder holding the config)")
-    parser.add_argument("--benchmarks-dir", default=None, help="Snakemake benchmark folder (default: "
-                        "config's benchmarks_dir, else benchmarks/ next to the results folder)")
+    parser.add_argument(
+        "--results-dir",
+        default=None,
+        help="results folder (default: config's results_dir, else the folder holding the config)",
+    )
+    parser.add_argument(
+        "--benchmarks-dir",
+        default=None,
+        help="Snakemake benchmark folder (default: "
+        "config's benchmarks_dir, else benchmarks/ next to the results folder)",
+    )
     parser.add_argument("--rebuild", action="store_true", help="with --run: rewrite every iteration report")
-    parser.add_argument("--no-accuracy", action="store_true",
-                        help="skip the ensemble evaluation on labelled data (fast; no RMSE, no parity plots)")
+    parser.add_argument(
+        "--no-accuracy",
+        action="store_true",
+        help="skip the ensemble evaluation on labelled data (fast; no RMSE, no parity plots)",
+    )
 
 
 def run(args) -> int:
     from dpsnake.report import iteration
     from dpsnake.report import run as run_report
 
-    ctx = iteration.context_from_config(pathlib.Path(args.config), args.results_dir, args.benchmarks_dir,
-                                        accuracy=not args.no_accuracy)
+    ctx = iteration.context_from_config(
+        pathlib.Path(args.config), args.results_dir, args.benchmarks_dir, accuracy=not args.no_accuracy
+    )
     if args.run:
         paths = run_report.write(ctx, rebuild=args.rebuild)
     else:

@@ -50,8 +50,19 @@ def read_stats(results: pathlib.Path, it: int) -> dict | None:
 
 def stats_table(stats: dict | None) -> pd.DataFrame:
     """Per-system selection counts: one row per system, the columns of stats.json's ``systems``."""
-    cols = ["system", "accurate", "candidate", "failed", "total", "accurate_ratio", "candidate_ratio",
-            "failed_ratio", "trust_lo", "trust_hi", "selected"]
+    cols = [
+        "system",
+        "accurate",
+        "candidate",
+        "failed",
+        "total",
+        "accurate_ratio",
+        "candidate_ratio",
+        "failed_ratio",
+        "trust_lo",
+        "trust_hi",
+        "selected",
+    ]
     if not stats or not stats.get("systems"):
         return pd.DataFrame(columns=cols)
     rows = [{"system": name, **vals} for name, vals in stats["systems"].items()]
@@ -124,8 +135,7 @@ def deviations_table(results: pathlib.Path, it: int, walkers: pd.DataFrame) -> p
     explore = pathlib.Path(results) / iter_name(it) / "explore"
     frames = []
     meta = walkers.set_index("walker") if len(walkers) else None
-    names = list(walkers["walker"]) if len(walkers) else sorted(
-        p.parent.name for p in explore.glob("*/model_devi.out"))
+    names = list(walkers["walker"]) if len(walkers) else sorted(p.parent.name for p in explore.glob("*/model_devi.out"))
     for name in names:
         f = explore / name / "model_devi.out"
         if not f.is_file():
@@ -185,12 +195,17 @@ def benchmarks_table(bench_dir: pathlib.Path, it: int) -> pd.DataFrame:
             raise UserError(f"{f}: not a Snakemake benchmark table ({err})") from None
         if "s" not in t.columns or not len(t):
             raise UserError(f"{f}: not a Snakemake benchmark table (no 's' column)")
-        rows.append({"rule": f.stem.split(".")[0], "job": f.stem,
-                     "s": float(t["s"].mean()),
-                     "cpu_time": float(pd.to_numeric(t.get("cpu_time"), errors="coerce").mean())
-                     if "cpu_time" in t else np.nan,
-                     "max_rss": float(pd.to_numeric(t.get("max_rss"), errors="coerce").mean())
-                     if "max_rss" in t else np.nan})
+        rows.append(
+            {
+                "rule": f.stem.split(".")[0],
+                "job": f.stem,
+                "s": float(t["s"].mean()),
+                "cpu_time": float(pd.to_numeric(t.get("cpu_time"), errors="coerce").mean())
+                if "cpu_time" in t
+                else np.nan,
+                "max_rss": float(pd.to_numeric(t.get("max_rss"), errors="coerce").mean()) if "max_rss" in t else np.nan,
+            }
+        )
     return pd.DataFrame(rows, columns=["rule", "job", "s", "cpu_time", "max_rss"])
 
 
@@ -199,8 +214,14 @@ def rule_times(bench: pd.DataFrame) -> pd.DataFrame:
     if not len(bench):
         return pd.DataFrame(columns=["rule", "jobs", "wall_s_total", "wall_s_max", "cpu_s_total"])
     g = bench.groupby("rule", sort=True)
-    return pd.DataFrame({"jobs": g.size(), "wall_s_total": g["s"].sum(), "wall_s_max": g["s"].max(),
-                         "cpu_s_total": g["cpu_time"].sum(min_count=1)}).reset_index()
+    return pd.DataFrame(
+        {
+            "jobs": g.size(),
+            "wall_s_total": g["s"].sum(),
+            "wall_s_max": g["s"].max(),
+            "cpu_s_total": g["cpu_time"].sum(min_count=1),
+        }
+    ).reset_index()
 
 
 def datasets(results: pathlib.Path, upto: int) -> list[dict]:
@@ -220,7 +241,15 @@ def datasets(results: pathlib.Path, upto: int) -> list[dict]:
 
 def read_provenance(results: pathlib.Path, upto: int) -> pd.DataFrame:
     """All ``provenance.csv`` rows of ``results/data/iter.K/*`` with K <= upto."""
-    tabs = [pd.read_csv(p) for d in datasets(results, upto) if d["source"] != "init"
-            for p in [d["path"] / "provenance.csv"] if p.is_file()]
-    return pd.concat(tabs, ignore_index=True) if tabs else pd.DataFrame(
-        columns=["iteration", "system", "walker", "step", "max_devi_f", "task"])
+    tabs = [
+        pd.read_csv(p)
+        for d in datasets(results, upto)
+        if d["source"] != "init"
+        for p in [d["path"] / "provenance.csv"]
+        if p.is_file()
+    ]
+    return (
+        pd.concat(tabs, ignore_index=True)
+        if tabs
+        else pd.DataFrame(columns=["iteration", "system", "walker", "step", "max_devi_f", "task"])
+    )

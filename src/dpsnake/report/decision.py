@@ -20,20 +20,34 @@ def _clean(v):
     return None if isinstance(v, float) and math.isnan(v) else v
 
 
-def for_iteration(results, it: int, stats: dict | None, threshold: float | None, config: dict | None,
-                  history: list[dict] | None = None) -> dict:
+def for_iteration(
+    results,
+    it: int,
+    stats: dict | None,
+    threshold: float | None,
+    config: dict | None,
+    history: list[dict] | None = None,
+) -> dict:
     """The decision after iteration ``it`` (JSON-ready): converged, stop, next_stage, stage,
     stage_iteration, reason, threshold, latest {system: {iteration, stage, accurate_ratio}}, below.
     ``history``: the stats.json of iterations 0..it when the caller has them (else they are read)."""
     keys = ("stop", "next_stage", "stage", "stage_iteration")
     if not stats:
-        return {"converged": None, "reason": "selection has not run yet", "threshold": threshold,
-                **{k: None for k in keys}}
+        return {
+            "converged": None,
+            "reason": "selection has not run yet",
+            "threshold": threshold,
+            **{k: None for k in keys},
+        }
     history = history_upto(results, it) if history is None else history
     if threshold is None or not history or history[-1].get("iteration") != stats.get("iteration"):
         # no threshold in the config: what select recorded
-        return {"converged": bool(stats.get("converged")), "reason": stats.get("reason"), "threshold": threshold,
-                **{k: stats.get(k) for k in keys}}
+        return {
+            "converged": bool(stats.get("converged")),
+            "reason": stats.get("reason"),
+            "threshold": threshold,
+            **{k: stats.get(k) for k in keys},
+        }
     d = run_decision(history, threshold, config)
     d["latest"] = {n: {k: _clean(v) for k, v in r.items()} for n, r in d["latest"].items()}
     return d
@@ -51,9 +65,16 @@ def latest_table(d: dict) -> pd.DataFrame:
     rows = []
     for name, r in sorted((d.get("latest") or {}).items()):
         ratio = r.get("accurate_ratio")
-        rows.append({"system": name, "last_explored": r.get("iteration"), "stage": r.get("stage"),
-                     "accurate_ratio": ratio, "threshold": t,
-                     "reached": "yes" if ratio is not None and t is not None and ratio >= t else "no"})
+        rows.append(
+            {
+                "system": name,
+                "last_explored": r.get("iteration"),
+                "stage": r.get("stage"),
+                "accurate_ratio": ratio,
+                "threshold": t,
+                "reached": "yes" if ratio is not None and t is not None and ratio >= t else "no",
+            }
+        )
     return pd.DataFrame(rows, columns=LATEST_COLUMNS)
 
 

@@ -29,7 +29,7 @@ def table(df: pd.DataFrame, floatfmt: str = "{:.4g}", empty: str = "no data yet"
         return f'<p class="note">({esc(empty)})</p>'
     # columns with no value at all (e.g. virial trust levels when only forces are used) are not shown
     df = df.loc[:, [c for c in df.columns if df[c].notna().any() and (df[c] != "").any()]].copy()
-    for c in df.columns[df.dtypes == object]:  # None in text columns: show blank, as NaN is
+    for c in df.columns[df.dtypes.eq(object)]:  # None in text columns: show blank, as NaN is
         df[c] = ["" if v is None else v for v in df[c]]
     body = df.to_html(index=False, classes="data", border=0, na_rep="", float_format=lambda v: floatfmt.format(v))
     return f'<div class="scroll">{body}</div>'  # wide tables scroll instead of being cut off
@@ -50,6 +50,9 @@ def section(title: str, *parts: str, anchor: str | None = None) -> str:
 def page(title: str, body: list[str], nav: list[tuple[str, str]] | None = None) -> str:
     """A complete HTML document; ``nav``: (href, label) links shown at the top."""
     links = "".join(f'<a href="{esc(h)}">{esc(t)}</a>' for h, t in (nav or []))
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-            f"<style>{CSS}</style></head><body>\n<nav>{links}</nav>\n<h1>{esc(title)}</h1>\n"
-            + "\n".join(body) + "\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+        f"<style>{CSS}</style></head><body>\n<nav>{links}</nav>\n<h1>{esc(title)}</h1>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )

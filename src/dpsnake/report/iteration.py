@@ -18,16 +18,36 @@ import numpy as np
 import pandas as pd
 
 from dpsnake.errors import UserError
-from dpsnake.report import collect, html, plots
+from dpsnake.report import collect, html, plots, sources
 from dpsnake.report import decision as decide
-from dpsnake.report import sources
 from dpsnake.report.accuracy import COLUMNS as ACC_COLUMNS
 from dpsnake.report.accuracy import accuracy, read_labelled, test_sets_from_config
 
-SUMMARY_COLUMNS = ["iteration", "system", "accurate", "candidate", "failed", "total", "accurate_ratio",
-                   "candidate_ratio", "failed_ratio", "trust_lo", "trust_hi", "trust_lo_virial", "trust_hi_virial",
-                   "filtered", "failed_before", "selected", "walkers", "walkers_stopped", "labelled",
-                   "label_failed", "data_frames", "rmse_e_atom", "rmse_f"]
+SUMMARY_COLUMNS = [
+    "iteration",
+    "system",
+    "accurate",
+    "candidate",
+    "failed",
+    "total",
+    "accurate_ratio",
+    "candidate_ratio",
+    "failed_ratio",
+    "trust_lo",
+    "trust_hi",
+    "trust_lo_virial",
+    "trust_hi_virial",
+    "filtered",
+    "failed_before",
+    "selected",
+    "walkers",
+    "walkers_stopped",
+    "labelled",
+    "label_failed",
+    "data_frames",
+    "rmse_e_atom",
+    "rmse_f",
+]
 
 
 @dataclass
@@ -54,8 +74,9 @@ class Context:
         return None
 
 
-def context_from_config(config_path: pathlib.Path, results_dir: str | None = None,
-                        bench_dir: str | None = None, accuracy: bool = True) -> Context:
+def context_from_config(
+    config_path: pathlib.Path, results_dir: str | None = None, bench_dir: str | None = None, accuracy: bool = True
+) -> Context:
     """Context from ``results/config.json``: results = its ``results_dir`` key, else the folder that
     holds config.json; benchmarks = ``benchmarks_dir`` key, else ``<workdir>/benchmarks``."""
     config_path = pathlib.Path(config_path)
@@ -76,28 +97,50 @@ def context_from_config(config_path: pathlib.Path, results_dir: str | None = Non
 def _deviation_summary(devi: pd.DataFrame, systems: pd.DataFrame) -> pd.DataFrame:
     """Per system and temperature: walkers, frames, min/median/max of max_devi_f and the fraction of
     frames in each trust class (from model_devi.out with stats.json's trust levels)."""
-    cols = ["system", "temperature", "walkers", "frames", "devi_f_min", "devi_f_median", "devi_f_max",
-            "accurate_ratio", "candidate_ratio", "failed_ratio"]
+    cols = [
+        "system",
+        "temperature",
+        "walkers",
+        "frames",
+        "devi_f_min",
+        "devi_f_median",
+        "devi_f_max",
+        "accurate_ratio",
+        "candidate_ratio",
+        "failed_ratio",
+    ]
     if not len(devi):
         return pd.DataFrame(columns=cols)
     trust = systems.set_index("system") if len(systems) else pd.DataFrame()
     rows = []
     for (sysname, temp), g in devi.groupby(["system", devi["temperature"].fillna(-1)], sort=True):
         v = g["max_devi_f"].to_numpy(float)
-        row = {"system": sysname, "temperature": None if temp == -1 else temp, "walkers": g["walker"].nunique(),
-               "frames": len(v), "devi_f_min": v.min(), "devi_f_median": float(np.median(v)), "devi_f_max": v.max()}
+        row = {
+            "system": sysname,
+            "temperature": None if temp == -1 else temp,
+            "walkers": g["walker"].nunique(),
+            "frames": len(v),
+            "devi_f_min": v.min(),
+            "devi_f_median": float(np.median(v)),
+            "devi_f_max": v.max(),
+        }
         if sysname in trust.index:
             lo, hi = float(trust.at[sysname, "trust_lo"]), float(trust.at[sysname, "trust_hi"])
-            row |= {"accurate_ratio": float(np.mean(v < lo)), "candidate_ratio": float(np.mean((v >= lo) & (v < hi))),
-                    "failed_ratio": float(np.mean(v >= hi))}
+            row |= {
+                "accurate_ratio": float(np.mean(v < lo)),
+                "candidate_ratio": float(np.mean((v >= lo) & (v < hi))),
+                "failed_ratio": float(np.mean(v >= hi)),
+            }
         rows.append(row)
     return pd.DataFrame(rows, columns=cols)
 
 
 def _dataset_frames(datasets: list[dict]) -> pd.DataFrame:
     """Labelled frames per system and source (init, iter.K), counted by dpdata."""
-    rows = [{"system": d["system"], "source": d["source"], "frames": read_labelled(d["path"]).get_nframes()}
-            for d in datasets]
+    rows = [
+        {"system": d["system"], "source": d["source"], "frames": read_labelled(d["path"]).get_nframes()}
+        for d in datasets
+    ]
     return pd.DataFrame(rows, columns=["system", "source", "frames"])
 
 
@@ -151,8 +194,11 @@ def build(ctx: Context, it: int) -> tuple[dict, dict, dict]:
     summary["labelled"] = [csys.get(n, {}).get("added") for n in names]
     summary["label_failed"] = [csys.get(n, {}).get("failed") for n in names]
     summary["data_frames"] = [int(frames.loc[frames["system"] == n, "frames"].sum()) for n in names]
-    mean = (acc[(acc["set"] == "labelled") & (acc["model"] == "mean") & (acc["source"] == "all")]
-            .set_index("system") if len(acc) else None)
+    mean = (
+        acc[(acc["set"] == "labelled") & (acc["model"] == "mean") & (acc["source"] == "all")].set_index("system")
+        if len(acc)
+        else None
+    )
     for col in ("rmse_e_atom", "rmse_f"):
         summary[col] = [mean.at[n, col] if mean is not None and n in mean.index else np.nan for n in names]
     summary = summary.reindex(columns=SUMMARY_COLUMNS)  # same columns every iteration (blank if unknown)
@@ -170,24 +216,53 @@ def build(ctx: Context, it: int) -> tuple[dict, dict, dict]:
     labelling["failures"] = coll.get("failures") or []
     prov = collect.read_provenance(ctx.results, it)
     prov = prov[prov["iteration"] == it] if len(prov) else prov
-    new_by_walker = (prov.groupby(["system", "walker"], sort=True)
-                     .agg(frames=("step", "size"), devi_f_min=("max_devi_f", "min"), devi_f_max=("max_devi_f", "max"))
-                     .reset_index() if len(prov) else pd.DataFrame(columns=["system", "walker", "frames"]))
+    new_by_walker = (
+        prov.groupby(["system", "walker"], sort=True)
+        .agg(frames=("step", "size"), devi_f_min=("max_devi_f", "min"), devi_f_max=("max_devi_f", "max"))
+        .reset_index()
+        if len(prov)
+        else pd.DataFrame(columns=["system", "walker", "frames"])
+    )
     engine = collect._read_json(it_dir / "explore" / "engine.json")  # which force provider explored, why
-    tables = {"summary": summary, "accuracy": acc, "walkers": walkers, "stopped": stopped,
-              "deviations": devsum, "frames": frames, "lcurve_final": final_lc, "rule_times": times,
-              "failures": pd.DataFrame(labelling["failures"], columns=["task", "system", "reason"]),
-              "new_labels": new_by_walker, "not_explored": others, "stale_data": stale}
-    content = {"iteration": int(it), "decision": decision, "systems": _records(summary),
-               "accuracy": _records(acc), "labelling": labelling, "walkers": _records(walkers),
-               "stopped_early": _records(stopped), "deviations": _records(devsum),
-               "datasets": _records(frames), "new_labels": _records(new_by_walker),
-               "learning_curves": _records(final_lc),
-               "rule_times": _records(times), "models": [str(m) for m in models], "explore_engine": engine,
-               "not_explored": _records(others), "stale_data": _records(stale)}
-    figs = {"selection": plots.selection_bars(systems), "deviation": plots.deviation_hist(devi, systems),
-            "lcurve": plots.learning_curves(curves), "parity": plots.parity(preds),
-            "times": plots.rule_time_bars(times)}
+    tables = {
+        "summary": summary,
+        "accuracy": acc,
+        "walkers": walkers,
+        "stopped": stopped,
+        "deviations": devsum,
+        "frames": frames,
+        "lcurve_final": final_lc,
+        "rule_times": times,
+        "failures": pd.DataFrame(labelling["failures"], columns=["task", "system", "reason"]),
+        "new_labels": new_by_walker,
+        "not_explored": others,
+        "stale_data": stale,
+    }
+    content = {
+        "iteration": int(it),
+        "decision": decision,
+        "systems": _records(summary),
+        "accuracy": _records(acc),
+        "labelling": labelling,
+        "walkers": _records(walkers),
+        "stopped_early": _records(stopped),
+        "deviations": _records(devsum),
+        "datasets": _records(frames),
+        "new_labels": _records(new_by_walker),
+        "learning_curves": _records(final_lc),
+        "rule_times": _records(times),
+        "models": [str(m) for m in models],
+        "explore_engine": engine,
+        "not_explored": _records(others),
+        "stale_data": _records(stale),
+    }
+    figs = {
+        "selection": plots.selection_bars(systems),
+        "deviation": plots.deviation_hist(devi, systems),
+        "lcurve": plots.learning_curves(curves),
+        "parity": plots.parity(preds),
+        "times": plots.rule_time_bars(times),
+    }
     return tables, content, figs
 
 
@@ -222,17 +297,22 @@ def verdict_html(d: dict) -> str:
 def _not_explored_html(df: pd.DataFrame) -> str:
     if not len(df):
         return ""
-    return ("<h3>Systems not explored in this iteration</h3>" + html.table(df)
-            + '<p class="note">last_explored, accurate_ratio: the latest iteration (up to this one) whose stage '
-              "explored the system, and its accurate ratio then (blank: not explored yet).</p>")
+    return (
+        "<h3>Systems not explored in this iteration</h3>"
+        + html.table(df)
+        + '<p class="note">last_explored, accurate_ratio: the latest iteration (up to this one) whose stage '
+        "explored the system, and its accurate ratio then (blank: not explored yet).</p>"
+    )
 
 
 def _engine_line(engine: dict | None) -> str:
     """Which force provider explored (explore/engine.json) and why."""
     if not engine:
         return ""
-    return (f"<p>exploration engine: <b>{html.esc(engine.get('engine', '?'))}</b> on the "
-            f"{html.esc(engine.get('device', '?'))} ({html.esc(engine.get('reason') or '')})</p>")
+    return (
+        f"<p>exploration engine: <b>{html.esc(engine.get('engine', '?'))}</b> on the "
+        f"{html.esc(engine.get('device', '?'))} ({html.esc(engine.get('reason') or '')})</p>"
+    )
 
 
 def render(it: int, tables: dict, content: dict, figs: dict, others: list[int] = ()) -> str:
@@ -241,50 +321,90 @@ def render(it: int, tables: dict, content: dict, figs: dict, others: list[int] =
     if d["converged"] is None:
         verdict = f'<p class="note">{html.esc(d["reason"])}</p>'
     else:
-        verdict = f'<p>{verdict_html(d)}: {html.esc(d["reason"] or "")}</p>'
+        verdict = f"<p>{verdict_html(d)}: {html.esc(d['reason'] or '')}</p>"
     lab = content["labelling"]
-    lab_line = (f"<p>labelled: {lab['labelled']}, failed labels: {lab['failed']}"
-                f" (ratio {lab['failed_ratio'] if lab['failed_ratio'] is not None else '-'})</p>"
-                if lab.get("labelled") is not None else '<p class="note">(labels not collected yet)</p>')
+    lab_line = (
+        f"<p>labelled: {lab['labelled']}, failed labels: {lab['failed']}"
+        f" (ratio {lab['failed_ratio'] if lab['failed_ratio'] is not None else '-'})</p>"
+        if lab.get("labelled") is not None
+        else '<p class="note">(labels not collected yet)</p>'
+    )
     acc = tables["accuracy"]
     over = int(acc.loc[(acc["model"] == "mean") & (acc["source"] == "all"), "sel_overflow"].sum()) if len(acc) else 0
-    over_note = (f'<p class="no">{over} atoms had more neighbours within rcut than the models\' sel: the extra '
-                 "neighbours were dropped (as DeePMD-kit does); raise sel in the training input.</p>"
-                 if over else "")
+    over_note = (
+        f'<p class="no">{over} atoms had more neighbours within rcut than the models\' sel: the extra '
+        "neighbours were dropped (as DeePMD-kit does); raise sel in the training input.</p>"
+        if over
+        else ""
+    )
     body = [
         html.section("Decision", verdict, sources.html_note(tables["stale_data"]), anchor="decision"),
-        html.section("Per system", html.table(tables["summary"].drop(columns=["iteration"])),
-                     _not_explored_html(tables["not_explored"]),
-                     html.image(figs["selection"], "selection ratios"),
-                     '<p class="note">counts from select/stats.json; RMSE: ensemble-mean prediction on all '
-                     "labelled data so far (dpsnake engine, or DeePMD-kit for models it does not run).</p>",
-                     anchor="systems"),
-        html.section("Model deviation", html.image(figs["deviation"], "model deviation histograms"),
-                     html.table(tables["deviations"]), anchor="deviation"),
-        html.section("Learning curves", html.image(figs["lcurve"], "learning curves"),
-                     html.table(tables["lcurve_final"]), anchor="lcurve"),
-        html.section("Ensemble accuracy", html.table(acc[acc["model"] == "mean"] if len(acc) else acc),
-                     '<p class="note">ensemble-mean prediction; source "all": every labelled frame of the '
-                     "system so far; per source: each dataset alone (the newest labels were not in training)."
-                     "</p>",
-                     over_note, html.image(figs["parity"], "parity plots"),
-                     "<details><summary>per model</summary>" + html.table(acc) + "</details>",
-                     html.table(tables["frames"]), anchor="accuracy"),
-        html.section("Labelling and exploration", lab_line, _engine_line(content.get("explore_engine")),
-                     html.table(tables["failures"], empty="no failed labels" if lab.get("labelled") is not None
-                                else "no data yet"),
-                     "<h3>New labelled frames by walker</h3>", html.table(tables["new_labels"]),
-                     "<h3>Walkers stopped early</h3>",
-                     html.table(tables["stopped"], empty="none" if len(tables["walkers"]) else "no data yet"),
-                     "<details><summary>all walkers</summary>" + html.table(tables["walkers"]) + "</details>",
-                     anchor="labels"),
-        html.section("Time per rule", html.image(figs["times"], "time per rule"), html.table(tables["rule_times"]),
-                     anchor="times"),
+        html.section(
+            "Per system",
+            html.table(tables["summary"].drop(columns=["iteration"])),
+            _not_explored_html(tables["not_explored"]),
+            html.image(figs["selection"], "selection ratios"),
+            '<p class="note">counts from select/stats.json; RMSE: ensemble-mean prediction on all '
+            "labelled data so far (dpsnake engine, or DeePMD-kit for models it does not run).</p>",
+            anchor="systems",
+        ),
+        html.section(
+            "Model deviation",
+            html.image(figs["deviation"], "model deviation histograms"),
+            html.table(tables["deviations"]),
+            anchor="deviation",
+        ),
+        html.section(
+            "Learning curves",
+            html.image(figs["lcurve"], "learning curves"),
+            html.table(tables["lcurve_final"]),
+            anchor="lcurve",
+        ),
+        html.section(
+            "Ensemble accuracy",
+            html.table(acc[acc["model"] == "mean"] if len(acc) else acc),
+            '<p class="note">ensemble-mean prediction; source "all": every labelled frame of the '
+            "system so far; per source: each dataset alone (the newest labels were not in training)."
+            "</p>",
+            over_note,
+            html.image(figs["parity"], "parity plots"),
+            "<details><summary>per model</summary>" + html.table(acc) + "</details>",
+            html.table(tables["frames"]),
+            anchor="accuracy",
+        ),
+        html.section(
+            "Labelling and exploration",
+            lab_line,
+            _engine_line(content.get("explore_engine")),
+            html.table(
+                tables["failures"], empty="no failed labels" if lab.get("labelled") is not None else "no data yet"
+            ),
+            "<h3>New labelled frames by walker</h3>",
+            html.table(tables["new_labels"]),
+            "<h3>Walkers stopped early</h3>",
+            html.table(tables["stopped"], empty="none" if len(tables["walkers"]) else "no data yet"),
+            "<details><summary>all walkers</summary>" + html.table(tables["walkers"]) + "</details>",
+            anchor="labels",
+        ),
+        html.section(
+            "Time per rule",
+            html.image(figs["times"], "time per rule"),
+            html.table(tables["rule_times"]),
+            anchor="times",
+        ),
     ]
-    nav = [(f"{collect.iter_name(k)}.html", label) for k, label in ((it - 1, "previous"), (it + 1, "next"))
-           if k in others]
-    nav += [("index.html", "run overview"), ("#systems", "systems"), ("#deviation", "deviation"),
-           ("#lcurve", "learning curves"), ("#accuracy", "accuracy"), ("#labels", "labels"), ("#times", "times")]
+    nav = [
+        (f"{collect.iter_name(k)}.html", label) for k, label in ((it - 1, "previous"), (it + 1, "next")) if k in others
+    ]
+    nav += [
+        ("index.html", "run overview"),
+        ("#systems", "systems"),
+        ("#deviation", "deviation"),
+        ("#lcurve", "learning curves"),
+        ("#accuracy", "accuracy"),
+        ("#labels", "labels"),
+        ("#times", "times"),
+    ]
     return html.page(f"dpsnake iteration {it}", body, nav)
 
 

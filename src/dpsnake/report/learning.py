@@ -42,14 +42,32 @@ def rows(content: dict) -> list[dict]:
         if r is None and all(d["source"] == src for d in datasets if d["system"] == system):
             r = mean.get(("labelled", system, "all"))  # its only dataset: "all" is the new labels alone
         if r is not None:
-            out.append({"iteration": it, "set": "next", "system": system, "labels_system": per.get(system, 0),
-                        "labels_total": total, "frames": r["frames"], "rmse_e_atom": r["rmse_e_atom"],
-                        "rmse_f": r["rmse_f"]})
+            out.append(
+                {
+                    "iteration": it,
+                    "set": "next",
+                    "system": system,
+                    "labels_system": per.get(system, 0),
+                    "labels_total": total,
+                    "frames": r["frames"],
+                    "rmse_e_atom": r["rmse_e_atom"],
+                    "rmse_f": r["rmse_f"],
+                }
+            )
     for (setname, name, _), r in sorted(mean.items()):
         if setname == "test":
-            out.append({"iteration": it, "set": "test", "system": name, "labels_system": None,
-                        "labels_total": total, "frames": r["frames"], "rmse_e_atom": r["rmse_e_atom"],
-                        "rmse_f": r["rmse_f"]})
+            out.append(
+                {
+                    "iteration": it,
+                    "set": "test",
+                    "system": name,
+                    "labels_system": None,
+                    "labels_total": total,
+                    "frames": r["frames"],
+                    "rmse_e_atom": r["rmse_e_atom"],
+                    "rmse_f": r["rmse_f"],
+                }
+            )
     return out
 
 

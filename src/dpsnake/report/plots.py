@@ -170,8 +170,12 @@ def run_trends(run: pd.DataFrame) -> str | None:
     all labelled data so far), dataset size (frames)."""
     if not len(run):
         return None
-    panels = [("accurate_ratio", "accurate ratio", False), ("rmse_e_atom", "energy RMSE (eV/atom)", True),
-              ("rmse_f", "force RMSE (eV/A)", True), ("data_frames", "labelled frames", False)]
+    panels = [
+        ("accurate_ratio", "accurate ratio", False),
+        ("rmse_e_atom", "energy RMSE (eV/atom)", True),
+        ("rmse_f", "force RMSE (eV/A)", True),
+        ("data_frames", "labelled frames", False),
+    ]
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.4))
     for ax, (col, label, logy) in zip(axes, panels):
         for i, (name, g) in enumerate(run.groupby("system", sort=True)):
@@ -196,14 +200,17 @@ def learning_vs_labels(lc: pd.DataFrame) -> str | None:
     if not len(lc):
         return None
     nxt, test = lc[lc["set"] == "next"], lc[lc["set"] == "test"]
-    panels = [(f"{name}: new labels (next iteration)", g, "labels_system", f"labelled frames of {name}")
-              for name, g in nxt.groupby("system", sort=True)]
+    panels = [
+        (f"{name}: new labels (next iteration)", g, "labels_system", f"labelled frames of {name}")
+        for name, g in nxt.groupby("system", sort=True)
+    ]
     if len(test):
         panels.append(("test sets", test, "labels_total", "labelled frames (all systems)"))
     fig, axes = plt.subplots(2, len(panels), figsize=(4.4 * len(panels) + 0.5, 6.4), squeeze=False)
     for j, (title, g, xcol, xlabel) in enumerate(panels):
-        for row, (col, ylabel) in enumerate((("rmse_f", "force RMSE (eV/A)"),
-                                             ("rmse_e_atom", "energy RMSE (eV/atom)"))):
+        for row, (col, ylabel) in enumerate(
+            (("rmse_f", "force RMSE (eV/A)"), ("rmse_e_atom", "energy RMSE (eV/atom)"))
+        ):
             ax = axes[row][j]
             for i, (name, s) in enumerate(g.groupby("system", sort=True)):
                 s = s.sort_values("iteration")

@@ -47,8 +47,11 @@ def run_table(contents: list[dict], threshold: float | None) -> pd.DataFrame:
 
 def trend_table(contents: list[dict], threshold: float | None) -> pd.DataFrame:
     """run_table plus, for the RMSE and dataset-size trends, the systems an iteration did not explore."""
-    other = [{"iteration": c["iteration"], **{k: r.get(k) for k in ("system", "data_frames", "rmse_e_atom", "rmse_f")}}
-             for c in contents for r in c.get("not_explored") or []]
+    other = [
+        {"iteration": c["iteration"], **{k: r.get(k) for k in ("system", "data_frames", "rmse_e_atom", "rmse_f")}}
+        for c in contents
+        for r in c.get("not_explored") or []
+    ]
     table = run_table(contents, threshold)
     if not other:
         return table
@@ -60,12 +63,18 @@ def decision(contents: list[dict], ctx: iteration.Context) -> dict:
     """The run's convergence decision: that of the last iteration whose selection has run."""
     decided = [c for c in contents if c["decision"]["converged"] is not None]
     if not decided:
-        return {"iteration": None, "converged": None, "reason": "no iteration has finished selection yet",
-                "threshold": ctx.threshold}
+        return {
+            "iteration": None,
+            "converged": None,
+            "reason": "no iteration has finished selection yet",
+            "threshold": ctx.threshold,
+        }
     last = decided[-1]["iteration"]
     # recomputed, not taken from a cached iteration report: the current config and stats.json files count
-    return {"iteration": last, **decide.for_iteration(ctx.results, last, collect.read_stats(ctx.results, last),
-                                                      ctx.threshold, ctx.config)}
+    return {
+        "iteration": last,
+        **decide.for_iteration(ctx.results, last, collect.read_stats(ctx.results, last), ctx.threshold, ctx.config),
+    }
 
 
 LEARNING_NOTE = (
@@ -73,7 +82,8 @@ LEARNING_NOTE = (
     "on (labels_system: init + iterations 0..N-1 of the system; labels_total: all systems). set next: on "
     "iteration N's new labels (data/iter.N), which these models never saw: the next-iteration error, on frames "
     "picked because the models disagreed there (no row when the iteration labelled nothing for the system). "
-    "set test: on each test_data set. Point labels: iteration. Also in learning_curve.csv and run.json.</p>")
+    "set test: on each test_data set. Point labels: iteration. Also in learning_curve.csv and run.json.</p>"
+)
 
 
 def write(ctx: iteration.Context, rebuild: bool = False, progress=print) -> dict[str, pathlib.Path]:
@@ -83,44 +93,89 @@ def write(ctx: iteration.Context, rebuild: bool = False, progress=print) -> dict
     dec = decision(contents, ctx)
     stale = sources.stale_data(ctx.config, ctx.results, ctx.workdir)
     lc = learning.table(contents)
-    paths = {"json": ctx.reports / "run.json", "csv": ctx.reports / "run.csv", "html": ctx.reports / "index.html",
-             "learning_csv": ctx.reports / "learning_curve.csv"}
-    iteration.atomic_write(paths["json"], json.dumps(
-        {"iterations": [c["iteration"] for c in contents], "decision": dec,
-         "systems": iteration._records(table.drop(columns=["threshold"])),
-         "learning_curve": learning.records(lc), "stale_data": iteration._records(stale)}, indent=1))
+    paths = {
+        "json": ctx.reports / "run.json",
+        "csv": ctx.reports / "run.csv",
+        "html": ctx.reports / "index.html",
+        "learning_csv": ctx.reports / "learning_curve.csv",
+    }
+    iteration.atomic_write(
+        paths["json"],
+        json.dumps(
+            {
+                "iterations": [c["iteration"] for c in contents],
+                "decision": dec,
+                "systems": iteration._records(table.drop(columns=["threshold"])),
+                "learning_curve": learning.records(lc),
+                "stale_data": iteration._records(stale),
+            },
+            indent=1,
+        ),
+    )
     iteration.atomic_write(paths["csv"], table.drop(columns=["threshold"]).to_csv(index=False))
     iteration.atomic_write(paths["learning_csv"], lc.to_csv(index=False))
 
     if dec["converged"] is None:
         verdict = f'<p class="note">{html.esc(dec["reason"])}</p>'
     else:
-        verdict = (f'<p>{iteration.verdict_html(dec)} at iteration {dec["iteration"]}: '
-                   f'{html.esc(dec["reason"] or "")}</p>')
+        verdict = (
+            f"<p>{iteration.verdict_html(dec)} at iteration {dec['iteration']}: {html.esc(dec['reason'] or '')}</p>"
+        )
     if dec.get("threshold") is not None:
         verdict += f'<p class="note">accurate-ratio threshold: {dec["threshold"]:g}</p>'
-    links = "".join(f'<li><a href="{collect.iter_name(c["iteration"])}.html">iteration {c["iteration"]}</a>'
-                    f' ({html.esc(decide.link_word(c["decision"]))})</li>' for c in contents)
-    links_note = ('<p class="note">In brackets: what each iteration decided at its end (converged; stopped, '
-                  "not converged; the stage the next iteration explores; or that its selection has not run "
-                  "yet).</p>")
+    links = "".join(
+        f'<li><a href="{collect.iter_name(c["iteration"])}.html">iteration {c["iteration"]}</a>'
+        f" ({html.esc(decide.link_word(c['decision']))})</li>"
+        for c in contents
+    )
+    links_note = (
+        '<p class="note">In brackets: what each iteration decided at its end (converged; stopped, '
+        "not converged; the stage the next iteration explores; or that its selection has not run "
+        "yet).</p>"
+    )
     latest = decide.latest_table(dec)
-    systems = (html.table(latest) + '<p class="note">last_explored: the latest iteration whose stage explored the '
-               "system; accurate_ratio: its accurate ratio in that iteration. The run is converged when every "
-               "system's latest accurate ratio reaches the threshold.</p>") if len(latest) else ""
+    systems = (
+        (
+            html.table(latest) + '<p class="note">last_explored: the latest iteration whose stage explored the '
+            "system; accurate_ratio: its accurate ratio in that iteration. The run is converged when every "
+            "system's latest accurate ratio reaches the threshold.</p>"
+        )
+        if len(latest)
+        else ""
+    )
     show = table.drop(columns=["threshold"])
     lc_show = lc.assign(labels_system=lc["labels_system"].astype(object).where(lc["labels_system"].notna(), None))
-    body = [html.section("Decision", verdict, systems, sources.html_note(stale), anchor="decision"),
-            html.section("Trends per system", html.image(plots.run_trends(trend_table(contents, ctx.threshold)),
-                                                         "trends against iteration"),
-                         '<p class="note">RMSE: ensemble-mean prediction of each iteration\'s models on all '
-                         "labelled data available at that iteration.</p>", anchor="trends"),
-            html.section("Accuracy against labels", html.image(plots.learning_vs_labels(lc), "learning curve"),
-                         html.table(lc_show, empty="no ensemble evaluation yet"), LEARNING_NOTE, anchor="labels"),
-            html.section("All iterations", html.table(show), anchor="table"),
-            html.section("Iteration pages", f"<ul>{links}</ul>", links_note, anchor="pages")]
-    iteration.atomic_write(paths["html"], html.page("dpsnake run overview", body,
-                                                    [("#decision", "decision"), ("#trends", "trends"),
-                                                     ("#labels", "accuracy vs labels"),
-                                                     ("#table", "table"), ("#pages", "iterations")]))
+    body = [
+        html.section("Decision", verdict, systems, sources.html_note(stale), anchor="decision"),
+        html.section(
+            "Trends per system",
+            html.image(plots.run_trends(trend_table(contents, ctx.threshold)), "trends against iteration"),
+            '<p class="note">RMSE: ensemble-mean prediction of each iteration\'s models on all '
+            "labelled data available at that iteration.</p>",
+            anchor="trends",
+        ),
+        html.section(
+            "Accuracy against labels",
+            html.image(plots.learning_vs_labels(lc), "learning curve"),
+            html.table(lc_show, empty="no ensemble evaluation yet"),
+            LEARNING_NOTE,
+            anchor="labels",
+        ),
+        html.section("All iterations", html.table(show), anchor="table"),
+        html.section("Iteration pages", f"<ul>{links}</ul>", links_note, anchor="pages"),
+    ]
+    iteration.atomic_write(
+        paths["html"],
+        html.page(
+            "dpsnake run overview",
+            body,
+            [
+                ("#decision", "decision"),
+                ("#trends", "trends"),
+                ("#labels", "accuracy vs labels"),
+                ("#table", "table"),
+                ("#pages", "iterations"),
+            ],
+        ),
+    )
     return paths

@@ -49,8 +49,10 @@ def _dataset_changed(src: dict, now: str | None, workdir: pathlib.Path) -> str |
         return None  # same files, sizes and times: not hashed again (status stays instant)
     sha = path_sha256(p)
     if src.get("init_data_sha256") and sha != src["init_data_sha256"]:
-        return (f"converted from an older version of {now} (sha256 {src['init_data_sha256'][:12]}, "
-                f"now {sha[:12] if sha else 'missing'})")
+        return (
+            f"converted from an older version of {now} (sha256 {src['init_data_sha256'][:12]}, "
+            f"now {sha[:12] if sha else 'missing'})"
+        )
     return None
 
 
@@ -78,8 +80,13 @@ def stale_data(config: dict, results: pathlib.Path, workdir: pathlib.Path, upto:
                 data = results / "data" / collect.iter_name(it) / name
                 note = changed(rec, current.get(name))
                 if note and data.is_dir():
-                    rows.append({"data": f"data/{collect.iter_name(it)}/{name}", "system": name,
-                                 "note": f"explored from a start structure {note}"})
+                    rows.append(
+                        {
+                            "data": f"data/{collect.iter_name(it)}/{name}",
+                            "system": name,
+                            "note": f"explored from a start structure {note}",
+                        }
+                    )
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -89,5 +96,7 @@ def html_note(df: pd.DataFrame) -> str:
 
     if not len(df):
         return ""
-    return ('<p class="no">Some labelled data was built from an older version of an input file (finished work '
-            "is kept when a file changes; unfinished iterations use the new file):</p>" + html.table(df))
+    return (
+        '<p class="no">Some labelled data was built from an older version of an input file (finished work '
+        "is kept when a file changes; unfinished iterations use the new file):</p>" + html.table(df)
+    )

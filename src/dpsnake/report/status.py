@@ -16,8 +16,24 @@ import pandas as pd
 from dpsnake.errors import UserError
 from dpsnake.report import collect
 
-COLUMNS = ["iter", "system", "accurate", "candidate", "failed", "acc_ratio", "cand_ratio", "fail_ratio",
-           "trust_lo", "trust_hi", "selected", "stopped", "labelled", "label_failed", "rmse_e_atom", "rmse_f"]
+COLUMNS = [
+    "iter",
+    "system",
+    "accurate",
+    "candidate",
+    "failed",
+    "acc_ratio",
+    "cand_ratio",
+    "fail_ratio",
+    "trust_lo",
+    "trust_hi",
+    "selected",
+    "stopped",
+    "labelled",
+    "label_failed",
+    "rmse_e_atom",
+    "rmse_f",
+]
 
 
 def add_arguments(parser) -> None:
@@ -78,13 +94,26 @@ def summary(results: pathlib.Path) -> tuple[pd.DataFrame, list[str]]:
         for name, s in ((stats or {}).get("systems") or {}).items():
             c = (coll.get("systems") or {}).get(name, {})
             stopped = sum(1 for w in walkers.values() if w.get("system") == name and w.get("status") != "finished")
-            rows.append({"iter": it, "system": name, "accurate": s.get("accurate"), "candidate": s.get("candidate"),
-                         "failed": s.get("failed"), "acc_ratio": s.get("accurate_ratio"),
-                         "cand_ratio": s.get("candidate_ratio"), "fail_ratio": s.get("failed_ratio"),
-                         "trust_lo": s.get("trust_lo"), "trust_hi": s.get("trust_hi"), "selected": s.get("selected"),
-                         "stopped": stopped, "labelled": c.get("added"), "label_failed": c.get("failed"),
-                         "rmse_e_atom": rmse.get(name, {}).get("rmse_e_atom"),
-                         "rmse_f": rmse.get(name, {}).get("rmse_f")})
+            rows.append(
+                {
+                    "iter": it,
+                    "system": name,
+                    "accurate": s.get("accurate"),
+                    "candidate": s.get("candidate"),
+                    "failed": s.get("failed"),
+                    "acc_ratio": s.get("accurate_ratio"),
+                    "cand_ratio": s.get("candidate_ratio"),
+                    "fail_ratio": s.get("failed_ratio"),
+                    "trust_lo": s.get("trust_lo"),
+                    "trust_hi": s.get("trust_hi"),
+                    "selected": s.get("selected"),
+                    "stopped": stopped,
+                    "labelled": c.get("added"),
+                    "label_failed": c.get("failed"),
+                    "rmse_e_atom": rmse.get(name, {}).get("rmse_e_atom"),
+                    "rmse_f": rmse.get(name, {}).get("rmse_f"),
+                }
+            )
         line = f"iteration {it}: {stage(results, it)}"
         if stats:  # the stats read so far are the history (status must stay instant at 100 iterations)
             history.append(stats)

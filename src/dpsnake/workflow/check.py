@@ -19,6 +19,8 @@ def run(args) -> int:
     if args.out:
         C.write_if_changed(cfg, args.out)
     n = len(cfg["systems"])
-    print(f"dpsnake check-config: {args.config} is valid ({n} system{'s' * (n != 1)}, "
-          f"{len(cfg['explore']['stages'])} exploration stage(s), type_map {cfg['type_map']})")
+    print(
+        f"dpsnake check-config: {args.config} is valid ({n} system{'s' * (n != 1)}, "
+        f"{len(cfg['explore']['stages'])} exploration stage(s), type_map {cfg['type_map']})"
+    )
     return 0

@@ -22,8 +22,19 @@ import numpy as np
 from dpsnake.errors import UserError
 
 # descriptors whose sel is a list with one entry per type (type_map order)
-PER_TYPE = ("se_e2_a", "se_a", "se_e2_r", "se_r", "se_e3", "se_at", "se_a_3be", "se_a_tpe", "se_a_ebd",
-            "se_a_ebd_v2", "se_a_mask")
+PER_TYPE = (
+    "se_e2_a",
+    "se_a",
+    "se_e2_r",
+    "se_r",
+    "se_e3",
+    "se_at",
+    "se_a_3be",
+    "se_a_tpe",
+    "se_a_ebd",
+    "se_a_ebd_v2",
+    "se_a_mask",
+)
 # descriptors whose sel is one total (a list is summed, as DeePMD-kit does)
 TOTAL = ("se_atten", "dpa1", "se_atten_v2", "se_e3_tebd")
 
@@ -39,17 +50,24 @@ def check_periodicity(spec: dict, atoms, key: str) -> None:
     where = structure_key(spec, key)
     if any(pbc) and not all(pbc):
         if "file" in spec:
-            how = ("write the file with pbc True in all directions (e.g. atoms.pbc = True, then "
-                   "ase.io.write to extxyz or POSCAR)")
+            how = (
+                "write the file with pbc True in all directions (e.g. atoms.pbc = True, then "
+                "ase.io.write to extxyz or POSCAR)"
+            )
         elif _takes(spec["builder"], "periodic"):
             how = "add periodic: true to its kwargs"
         else:
             how = "build it periodic in all directions (a file written with atoms.pbc = True)"
-        vacuum = "keep the vacuum" if abs(np.linalg.det(atoms.cell.array)) > 1e-6 else \
-            "give it a vacuum (a cell length) along the non-periodic direction"
-        raise UserError(f"{where}: pbc {pbc} (periodic in some directions only) is not supported by "
-                        f"exploration yet; make it periodic in all directions and {vacuum}, as DP-GEN "
-                        f"users do for slabs: {how}")
+        vacuum = (
+            "keep the vacuum"
+            if abs(np.linalg.det(atoms.cell.array)) > 1e-6
+            else "give it a vacuum (a cell length) along the non-periodic direction"
+        )
+        raise UserError(
+            f"{where}: pbc {pbc} (periodic in some directions only) is not supported by "
+            f"exploration yet; make it periodic in all directions and {vacuum}, as DP-GEN "
+            f"users do for slabs: {how}"
+        )
     if all(pbc) and abs(np.linalg.det(atoms.cell.array)) < 1e-6:
         raise UserError(f"{where}: periodic but the cell has zero volume {atoms.cell.lengths().round(3).tolist()}")
 
@@ -72,9 +90,11 @@ def check_ensembles(cfg: dict, atoms_of: dict) -> None:
         for name in stage["systems"]:
             atoms = atoms_of[name]
             if not atoms.pbc.all():
-                raise UserError(f"explore.stages[{i}].ensemble: {stage['ensemble']} needs a periodic cell, but "
-                                f"system {name} is not periodic (pbc {[bool(p) for p in atoms.pbc]}); use nvt "
-                                "for it (a stage of its own) or give it a periodic cell")
+                raise UserError(
+                    f"explore.stages[{i}].ensemble: {stage['ensemble']} needs a periodic cell, but "
+                    f"system {name} is not periodic (pbc {[bool(p) for p in atoms.pbc]}); use nvt "
+                    "for it (a stage of its own) or give it a periodic cell"
+                )
 
 
 def descriptor_sels(desc: dict, key: str) -> list[tuple[str, float, list | int]]:
@@ -101,8 +121,11 @@ def descriptor_sels(desc: dict, key: str) -> list[tuple[str, float, list | int]]
         if not flow.get("use_dynamic_sel"):  # dynamic selection keeps every neighbour within rcut
             out.append((f"{key}.repflow.e_sel", flow.get("e_rcut"), flow.get("e_sel")))
             out.append((f"{key}.repflow.a_sel", flow.get("a_rcut"), flow.get("a_sel")))
-    return [(k, float(r), s) for k, r, s in out
-            if r and (isinstance(s, int) or (isinstance(s, list) and all(isinstance(x, int) for x in s)))]
+    return [
+        (k, float(r), s)
+        for k, r, s in out
+        if r and (isinstance(s, int) or (isinstance(s, list) and all(isinstance(x, int) for x in s)))
+    ]
 
 
 def neighbour_counts(atoms, rcut: float, ntypes: int, atype: np.ndarray, pairs=None) -> np.ndarray:
@@ -146,9 +169,11 @@ def check_sel(cfg: dict, atoms_of: dict, model: dict) -> None:
 
 
 def _sel_error(key: str, system: str, found: str, rcut: float, sel: str) -> None:
-    raise UserError(f"{key}: system {system}'s start structure already has an atom with {found} within "
-                    f"rcut {rcut:g} A, above {sel}; DeePMD-kit would drop the farthest (and the explored MD "
-                    "compresses and heats): raise sel with headroom, or use sel: auto")
+    raise UserError(
+        f"{key}: system {system}'s start structure already has an atom with {found} within "
+        f"rcut {rcut:g} A, above {sel}; DeePMD-kit would drop the farthest (and the explored MD "
+        "compresses and heats): raise sel with headroom, or use sel: auto"
+    )
 
 
 def check_structures(cfg: dict, specs: dict, atoms_of: dict, model: dict | None) -> None:

@@ -57,8 +57,9 @@ def run(args) -> int:
             if isinstance(err, OSError) and err.errno is not None:
                 raise  # permission denied...: the command line names the path and what to do
             why = f"{type(err).__name__}: {err}" if str(err) else "empty file"
-            raise UserError(f"{path}: not a readable label ({why}); delete it and rerun: Snakemake labels that "
-                            "frame again") from None
+            raise UserError(
+                f"{path}: not a readable label ({why}); delete it and rerun: Snakemake labels that frame again"
+            ) from None
         task = pathlib.Path(path).name.split(".")[1]  # task.NNNNNN.extxyz (extxyz info turns "000001" into 1)
         if task in seen:
             raise UserError(f"--labels: task {task} given twice ({path})")
@@ -71,9 +72,16 @@ def run(args) -> int:
             nfail[system] += 1
             continue
         ok[system].append(atoms)
-        rows[system].append({"iteration": args.iter, "system": system, "walker": atoms.info.get("walker"),
-                             "step": atoms.info.get("step"), "max_devi_f": atoms.info.get("max_devi_f"),
-                             "task": task})
+        rows[system].append(
+            {
+                "iteration": args.iter,
+                "system": system,
+                "walker": atoms.info.get("walker"),
+                "step": atoms.info.get("step"),
+                "max_devi_f": atoms.info.get("max_devi_f"),
+                "task": task,
+            }
+        )
     missing = sorted(expected - seen)
     if missing:
         raise UserError(f"--labels: {len(missing)} selected task(s) have no label, e.g. task.{missing[0]}")
@@ -81,9 +89,11 @@ def run(args) -> int:
     ratio = len(failures) / n if n else 0.0
     limit = cfg["label"].get("max_failed_fraction", 0.2)
     if ratio > limit:
-        raise UserError(f"label.max_failed_fraction: {len(failures)} of {n} labels failed ({ratio:.0%} > "
-                        f"{limit:.0%}) in iteration {args.iter}; first reason: {failures[0]['reason']} "
-                        f"(see results/iter.{args.iter:06d}/label/*.failed.json)")
+        raise UserError(
+            f"label.max_failed_fraction: {len(failures)} of {n} labels failed ({ratio:.0%} > "
+            f"{limit:.0%}) in iteration {args.iter}; first reason: {failures[0]['reason']} "
+            f"(see results/iter.{args.iter:06d}/label/*.failed.json)"
+        )
     out = pathlib.Path(args.data_out)
     tmp = tmp_dir_for(out)
     for system in sorted(ok):
@@ -92,9 +102,17 @@ def run(args) -> int:
     (tmp / "provenance.csv").write_text(dataset.provenance_text(allrows))
     replace_dir(tmp, out)
     systems = {s: {"added": len(ok.get(s, [])), "failed": nfail.get(s, 0)} for s in stats.get("systems", {})}
-    summary = {"iteration": args.iter, "labelled": len(allrows), "failed": len(failures), "failed_ratio": ratio,
-               "failures": failures, "systems": systems}
+    summary = {
+        "iteration": args.iter,
+        "labelled": len(allrows),
+        "failed": len(failures),
+        "failed_ratio": ratio,
+        "failures": failures,
+        "systems": systems,
+    }
     atomic_write_json(args.summary, summary)
-    print(f"collect iteration {args.iter}: {len(allrows)} frames added, {len(failures)} failed labels; "
-          + ", ".join(f"{s}: +{v['added']}" for s, v in systems.items()))
+    print(
+        f"collect iteration {args.iter}: {len(allrows)} frames added, {len(failures)} failed labels; "
+        + ", ".join(f"{s}: +{v['added']}" for s, v in systems.items())
+    )
     return 0

@@ -127,8 +127,10 @@ def check(config: dict, base: pathlib.Path | str = ".") -> dict:
             raise UserError(f"masses.{el}: element not in type_map {tmap}")
     model_tmap = cfg["train"]["input"].get("model", {}).get("type_map")
     if model_tmap is not None and list(model_tmap) != list(tmap):
-        raise UserError(f"train.input.model.type_map: {model_tmap} differs from the global type_map {tmap} "
-                        "(leave it out: the workflow fills it in)")
+        raise UserError(
+            f"train.input.model.type_map: {model_tmap} differs from the global type_map {tmap} "
+            "(leave it out: the workflow fills it in)"
+        )
     model = _check_train(cfg, base)
     atoms_of = {}
     for name, sysc in cfg["systems"].items():
@@ -153,19 +155,22 @@ def check(config: dict, base: pathlib.Path | str = ".") -> dict:
             names = _data_type_map(p if p.is_absolute() else base / p)
             bad = sorted(set(names or []) - set(tmap))
             if bad:
-                raise UserError(f"{key}.init_data: {sysc['init_data']}: elements {bad} not in the global "
-                                f"type_map {tmap}")
+                raise UserError(
+                    f"{key}.init_data: {sysc['init_data']}: elements {bad} not in the global type_map {tmap}"
+                )
         _check_trust(f"{key}.trust", sysc.get("trust"))
     _check_trust("trust", cfg["trust"])
     for i, stage in enumerate(cfg["explore"]["stages"]):
         for s in stage.get("systems") or []:
             if s not in cfg["systems"]:
-                raise UserError(f"explore.stages[{i}].systems: unknown system {s!r} "
-                                f"(defined: {', '.join(cfg['systems'])})")
+                raise UserError(
+                    f"explore.stages[{i}].systems: unknown system {s!r} (defined: {', '.join(cfg['systems'])})"
+                )
         stage.setdefault("systems", list(cfg["systems"]))
         if stage["trj_freq"] > stage["nsteps"]:
-            raise UserError(f"explore.stages[{i}].trj_freq: {stage['trj_freq']} is larger than nsteps "
-                            f"{stage['nsteps']}")
+            raise UserError(
+                f"explore.stages[{i}].trj_freq: {stage['trj_freq']} is larger than nsteps {stage['nsteps']}"
+            )
     for i, e in enumerate(cfg["test_data"]):
         _check_file(f"test_data[{i}]", e if isinstance(e, str) else e["path"], base, folder_ok=True)
     from dpsnake.workflow.check_structures import check_structures
@@ -181,9 +186,8 @@ def check(config: dict, base: pathlib.Path | str = ".") -> dict:
 def _check_train(cfg: dict, base: pathlib.Path) -> dict:
     """train.input through DeePMD-kit's own checker, the backend and fine-tuning setup, and whether the
     chosen exploration engine can run such models; returns the normalized ``model`` section."""
-    from dpsnake.workflow.train_input import check_train
-
     from dpsnake.md.engines import check_config
+    from dpsnake.workflow.train_input import check_train
 
     model = check_train(cfg, base)
     check_config(cfg, model)

@@ -39,8 +39,11 @@ def latest_ratios(history: list[dict]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for st in history:
         for name, s in (st.get("systems") or {}).items():
-            out[name] = {"iteration": int(st.get("iteration", -1)), "stage": st.get("stage"),
-                         "accurate_ratio": _ratio(s.get("accurate_ratio"))}
+            out[name] = {
+                "iteration": int(st.get("iteration", -1)),
+                "stage": st.get("stage"),
+                "accurate_ratio": _ratio(s.get("accurate_ratio")),
+            }
     return out
 
 
@@ -86,8 +89,10 @@ def run_decision(history: list[dict], threshold: float, cfg: dict | None = None)
         reason = f"every system's latest accurate ratio >= {t}: {_words(latest)}"
     elif stop:
         if base.get("converged"):  # the last stage is done, but it does not explore every system
-            why = (f"exploration plan exhausted: the last stage (stage {stage}) reached the threshold for "
-                   f"{', '.join(sorted(here))} only")
+            why = (
+                f"exploration plan exhausted: the last stage (stage {stage}) reached the threshold for "
+                f"{', '.join(sorted(here))} only"
+            )
         elif base.get("max_iterations") is not None and it + 1 >= base["max_iterations"]:
             why = f"max_iterations {base['max_iterations']} reached"
         else:
@@ -101,11 +106,21 @@ def run_decision(history: list[dict], threshold: float, cfg: dict | None = None)
     elif here and not here_below:
         reason = f"stage {stage} done (its systems' accurate ratio >= {t}); next: stage {nxt}"
     else:
-        reason = (f"stage {stage} used its iterations with accurate ratio below {t}: "
-                  f"{_words(here_below) or 'no frames explored'}; next: stage {nxt}")
-    return {"converged": converged, "stop": stop, "next_stage": nxt, "stage": stage,
-            "stage_iteration": cur.get("stage_iteration"), "reason": reason, "threshold": threshold,
-            "latest": latest, "below": sorted(below)}
+        reason = (
+            f"stage {stage} used its iterations with accurate ratio below {t}: "
+            f"{_words(here_below) or 'no frames explored'}; next: stage {nxt}"
+        )
+    return {
+        "converged": converged,
+        "stop": stop,
+        "next_stage": nxt,
+        "stage": stage,
+        "stage_iteration": cur.get("stage_iteration"),
+        "reason": reason,
+        "threshold": threshold,
+        "latest": latest,
+        "below": sorted(below),
+    }
 
 
 def verdict(decision: dict) -> str:

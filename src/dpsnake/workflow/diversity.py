@@ -43,7 +43,7 @@ def scaled(features, sample: int = 1000) -> np.ndarray:
     if len(f) < 2:
         return f
     x = f[np.unique(np.linspace(0, len(f) - 1, min(sample, len(f))).round().astype(int))]
-    d = np.sqrt(np.maximum((x ** 2).sum(1)[:, None] + (x ** 2).sum(1)[None, :] - 2.0 * x @ x.T, 0.0))
+    d = np.sqrt(np.maximum((x**2).sum(1)[:, None] + (x**2).sum(1)[None, :] - 2.0 * x @ x.T, 0.0))
     s = float(np.median(d[np.triu_indices(len(x), 1)]))
     if not s > 0:
         s = float(np.sqrt(((f - f.mean(axis=0)) ** 2).sum(axis=1).mean()))
@@ -61,16 +61,17 @@ def _min_dist(f, known, block: int = 1024) -> np.ndarray:
     if known is None or not len(known):
         return out
     known = np.asarray(known, dtype=np.float64)
-    kk = (known ** 2).sum(axis=1)
+    kk = (known**2).sum(axis=1)
     for a in range(0, len(f), block):
-        x = f[a:a + block]
-        d2 = (x ** 2).sum(axis=1)[:, None] + kk[None, :] - 2.0 * x @ known.T
-        out[a:a + block] = np.sqrt(np.maximum(d2.min(axis=1), 0.0))
+        x = f[a : a + block]
+        d2 = (x**2).sum(axis=1)[:, None] + kk[None, :] - 2.0 * x @ known.T
+        out[a : a + block] = np.sqrt(np.maximum(d2.min(axis=1), 0.0))
     return out
 
 
-def greedy_pick(devi, nmax: int, mode: str, rng=None, features=None, known=None, dedup_tol=None,
-                groups=None) -> tuple[np.ndarray, int]:
+def greedy_pick(
+    devi, nmax: int, mode: str, rng=None, features=None, known=None, dedup_tol=None, groups=None
+) -> tuple[np.ndarray, int]:
     """Pick up to ``nmax`` of n candidates; returns (positions 0..n-1 in pick order, near duplicates).
 
     mode ``highest``: highest deviation first; ``random``: a random order (``rng``); ``diverse``:
@@ -133,6 +134,7 @@ def greedy_pick(devi, nmax: int, mode: str, rng=None, features=None, known=None,
 
 # --- features -------------------------------------------------------------------------------------
 
+
 def _flat(frames, type_map):
     """Flat batched layout of ASE frames: coords (N, 3), atype (N,), system (N,), cells (S, 3, 3), pbc (S,)."""
     index = {s: k for k, s in enumerate(type_map)}
@@ -193,7 +195,7 @@ def descriptor_features(model, frames, xp=np, batch_atoms: int = 20000) -> np.nd
         for ti in range(T):
             idx = np.flatnonzero(atype == ti)
             for a in range(0, len(idx), csize):
-                centers = xp.asarray(idx[a:a + csize])
+                centers = xp.asarray(idx[a : a + csize])
                 ch = nb.chunk(centers)
                 keep = None
                 if m.desc_exclude[ti].any():  # as descriptor.energy_and_grad
@@ -215,8 +217,9 @@ def descriptor_features(model, frames, xp=np, batch_atoms: int = 20000) -> np.nd
     return out
 
 
-def fingerprints(frames, type_map, rcut: float = 6.0, width: float = 0.1, xp=np,
-                 batch_atoms: int = 20000) -> np.ndarray:
+def fingerprints(
+    frames, type_map, rcut: float = 6.0, width: float = 0.1, xp=np, batch_atoms: int = 20000
+) -> np.ndarray:
     """(n frames, ntypes^2 * nbins) radial distribution per type pair within ``rcut``: pair distances
     spread linearly over bins of ``width`` A, per centre of the first type (a smooth structural
     fingerprint for models the built-in engine cannot read; the engine's neighbour search)."""
@@ -232,7 +235,7 @@ def fingerprints(frames, type_map, rcut: float = 6.0, width: float = 0.1, xp=np,
         vol = np.array([abs(np.linalg.det(c)) if p and abs(np.linalg.det(c)) > 0 else 0.0 for c, p in zip(cells, pbc)])
         nat = np.bincount(system, minlength=S)
         dens = np.max(np.where(vol > 0, nat / np.where(vol > 0, vol, 1.0), 0.0)) if vol.any() else 0.0
-        sel = [int(max(1.4 * dens * 4.19 * rcut ** 3, nat.max()) + 8)] * T
+        sel = [int(max(1.4 * dens * 4.19 * rcut**3, nat.max()) + 8)] * T
         xc, xa, xs, xcell = (xp.asarray(v) for v in (coords, atype, system, cells))
         nbr = NeighborBuilder(xp, xc, xa, xs, xcell, pbc, rcut, sel)
         hist = xp.zeros((S, T, T * nb))
@@ -240,9 +243,9 @@ def fingerprints(frames, type_map, rcut: float = 6.0, width: float = 0.1, xp=np,
         for ti in range(T):
             idx = np.flatnonzero(atype == ti)
             for a in range(0, len(idx), max(1, 2_000_000 // sum(sel))):
-                centers = xp.asarray(idx[a:a + max(1, 2_000_000 // sum(sel))])
+                centers = xp.asarray(idx[a : a + max(1, 2_000_000 // sum(sel))])
                 ch = nbr.chunk(centers)
-                r = xp.sqrt((ch.d ** 2).sum(axis=2)) / width
+                r = xp.sqrt((ch.d**2).sum(axis=2)) / width
                 lo = xp.floor(r).astype(xp.int64)
                 w = (r - lo) * ch.valid
                 tt = xp.asarray(np.repeat(np.arange(T), sel))[None, :]
@@ -276,8 +279,9 @@ def frame_features(model_path, frames, type_map, xp=np) -> tuple[np.ndarray, str
         rcut = _rcut_of(model_path)
     else:
         why, rcut = f"no model file {model_path}", 6.0
-    return fingerprints(frames, type_map, rcut), \
-        f"radial distribution fingerprint (rcut {rcut:g} A), not the descriptor: {why}"
+    return fingerprints(
+        frames, type_map, rcut
+    ), f"radial distribution fingerprint (rcut {rcut:g} A), not the descriptor: {why}"
 
 
 def _rcut_of(path) -> float:

@@ -54,9 +54,16 @@ def run(args) -> int:
                 shutil.copy2(m / frozen, tmp / f"{pathlib.Path(frozen).stem}.{k}{pathlib.Path(frozen).suffix}")
         names.append(f"model.{k}.dp")
     dec = decision(pathlib.Path(args.stats))
-    atomic_write_json(tmp / "final.json", {"iteration": args.iter, "models": names,
-                                           "converged": dec.get("converged"), "reason": dec.get("reason"),
-                                           "sources": [str(m) for m in args.models]})
+    atomic_write_json(
+        tmp / "final.json",
+        {
+            "iteration": args.iter,
+            "models": names,
+            "converged": dec.get("converged"),
+            "reason": dec.get("reason"),
+            "sources": [str(m) for m in args.models],
+        },
+    )
     replace_dir(tmp, out)
     print(f"finalize: {len(names)} models of iteration {args.iter} in {out} ({dec.get('reason')})")
     return 0

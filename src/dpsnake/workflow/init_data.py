@@ -17,7 +17,6 @@ import numpy as np
 
 from dpsnake.errors import UserError
 
-
 SOURCE = "source.json"
 
 
@@ -28,9 +27,13 @@ def source_record(cfg: dict, system: str) -> dict:
     from dpsnake.workflow.structures import fingerprint, path_sha256, path_stat
 
     existing = cfg["systems"][system].get("init_data")
-    return {"system": system, "init_data": existing, "init_data_sha256": path_sha256(existing) if existing else None,
-            "init_data_stat": path_stat(existing) if existing else None,
-            "structure": None if existing else fingerprint(cfg["systems"][system]["structure"], ".")}
+    return {
+        "system": system,
+        "init_data": existing,
+        "init_data_sha256": path_sha256(existing) if existing else None,
+        "init_data_stat": path_stat(existing) if existing else None,
+        "structure": None if existing else fingerprint(cfg["systems"][system]["structure"], "."),
+    }
 
 
 def add_arguments(parser) -> None:
@@ -52,8 +55,11 @@ def _load_existing(path: str, type_map: list[str]) -> list:
         else:
             with h5py.File(p, "r") as h:
                 single = "type.raw" in h
-            systems = ([dpdata.LabeledSystem(str(p), fmt="deepmd/hdf5")] if single
-                       else list(dpdata.MultiSystems.from_file(str(p), fmt="deepmd/hdf5").systems.values()))
+            systems = (
+                [dpdata.LabeledSystem(str(p), fmt="deepmd/hdf5")]
+                if single
+                else list(dpdata.MultiSystems.from_file(str(p), fmt="deepmd/hdf5").systems.values())
+            )
     except Exception as err:
         raise UserError(f"init_data: {path}: dpdata cannot read it ({type(err).__name__}: {err})") from None
     for s in systems:
@@ -107,8 +113,17 @@ def run(args) -> int:
             # several compositions (an HDF5 file of several systems): one deepmd/npy folder each
             folder = tmp / "data" / (f"{k:03d}" if len(systems) > 1 else "")
             s.to_deepmd_npy(str(folder), set_size=max(len(s), 1))
-            rows = [{"iteration": -1, "system": args.system, "walker": "init", "step": i, "max_devi_f": "",
-                     "task": f"{pathlib.Path(existing).name}:{k}:{i}"} for i in range(len(s))]
+            rows = [
+                {
+                    "iteration": -1,
+                    "system": args.system,
+                    "walker": "init",
+                    "step": i,
+                    "max_devi_f": "",
+                    "task": f"{pathlib.Path(existing).name}:{k}:{i}",
+                }
+                for i in range(len(s))
+            ]
             (folder / "provenance.csv").write_text(dataset.provenance_text(rows))
         print(f"init-data {args.system}: {sum(map(len, systems))} frames from {existing}")
     else:
@@ -129,8 +144,16 @@ def run(args) -> int:
                 kw["stress"] = -np.asarray(res.virial) / a.get_volume()
             a.calc = SinglePointCalculator(a, **kw)
             ok.append(a)
-            rows.append({"iteration": -1, "system": args.system, "walker": "init", "step": i,
-                         "max_devi_f": "", "task": f"init.{i:06d}"})
+            rows.append(
+                {
+                    "iteration": -1,
+                    "system": args.system,
+                    "walker": "init",
+                    "step": i,
+                    "max_devi_f": "",
+                    "task": f"init.{i:06d}",
+                }
+            )
         if not ok:
             raise UserError(f"init-data {args.system}: all {len(frames)} generated frames failed to label")
         dataset.write_system(tmp / "data", ok, rows, tmap)

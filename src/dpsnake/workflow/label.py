@@ -54,9 +54,17 @@ def run(args) -> int:
             failed_json.unlink(missing_ok=True)
             print(f"label {dst.name}: ok, E = {res.energy:.4f} eV ({labeler.name}, {info['label_seconds']} s)")
         else:
-            atomic_write_json(failed_json, {"task": info.get("task"), "system": info.get("system"),
-                                            "walker": info.get("walker"), "step": info.get("step"),
-                                            "key": key, "reason": res.reason})
+            atomic_write_json(
+                failed_json,
+                {
+                    "task": info.get("task"),
+                    "system": info.get("system"),
+                    "walker": info.get("walker"),
+                    "step": info.get("step"),
+                    "key": key,
+                    "reason": res.reason,
+                },
+            )
             print(f"label {dst.name}: FAILED: {res.reason}", file=sys.stderr)
         write_labeled(dst, atoms, res, info)  # last: the output exists only when complete
         if not args.keep_work:

@@ -30,8 +30,9 @@ def iteration_stage(cfg: dict, stats_prev: dict | None) -> tuple[int, int]:
         return 0, 0
     dec = decide_from_stats(cfg, stats_prev)
     if dec["stop"]:
-        raise UserError(f"iteration {stats_prev.get('iteration')} decided to stop ({dec['reason']}); "
-                        "there is no next iteration")
+        raise UserError(
+            f"iteration {stats_prev.get('iteration')} decided to stop ({dec['reason']}); there is no next iteration"
+        )
     nxt = dec["next_stage"]
     same = nxt == stats_prev.get("stage")
     return int(nxt), (int(stats_prev.get("stage_iteration", 0)) + 1) if same else 0
@@ -52,8 +53,9 @@ def make_walkers(cfg: dict, it: int, stage: int, outdir: pathlib.Path) -> list[d
     npt = st["ensemble"].startswith("npt")
     pressures = st["pressures"] if npt else [None]
     for system in st["systems"]:
-        atoms = with_masses(build_structure(cfg["systems"][system]["structure"], ".",
-                                            key=f"systems.{system}.structure"), cfg["masses"])
+        atoms = with_masses(
+            build_structure(cfg["systems"][system]["structure"], ".", key=f"systems.{system}.structure"), cfg["masses"]
+        )
         spath = sdir / f"{system}.extxyz"
         tmp = spath.with_name(f".{spath.name}.tmp.extxyz")
         ase.io.write(tmp, atoms, format="extxyz")
@@ -66,10 +68,19 @@ def make_walkers(cfg: dict, it: int, stage: int, outdir: pathlib.Path) -> list[d
             for P in pressures:
                 for r in range(st["replicas"]):
                     name = f"{system}.T{T:g}" + ("" if P is None else f".P{P:g}") + f".r{r}"
-                    w = {"name": name, "system": system, "structure": f"structures/{system}.extxyz", "temperature": float(T),
-                         "ensemble": st["ensemble"], "nsteps": st["nsteps"], "dt": st["dt"],
-                         "trj_freq": st["trj_freq"], "seed": 1000 * it + len(walkers) + 1,
-                         "tau_t": st["tau_t"], "min_dist": cfg["select"]["min_dist"] * 0.5}
+                    w = {
+                        "name": name,
+                        "system": system,
+                        "structure": f"structures/{system}.extxyz",
+                        "temperature": float(T),
+                        "ensemble": st["ensemble"],
+                        "nsteps": st["nsteps"],
+                        "dt": st["dt"],
+                        "trj_freq": st["trj_freq"],
+                        "seed": 1000 * it + len(walkers) + 1,
+                        "tau_t": st["tau_t"],
+                        "min_dist": cfg["select"]["min_dist"] * 0.5,
+                    }
                     if P is not None:
                         w["pressure"] = float(P)
                         w["tau_p"] = st["tau_p"]
@@ -108,9 +119,16 @@ def run(args) -> int:
     stage, stage_it = iteration_stage(cfg, prev)
     out = pathlib.Path(args.out)
     walkers = make_walkers(cfg, args.iter, stage, out.parent)
-    atomic_write_json(out.parent / "plan.json", {"iteration": args.iter, "stage": stage,
-                                                 "stage_iteration": stage_it, "walkers": len(walkers),
-                                                 "structures": structure_sources(cfg, stage)})
+    atomic_write_json(
+        out.parent / "plan.json",
+        {
+            "iteration": args.iter,
+            "stage": stage,
+            "stage_iteration": stage_it,
+            "walkers": len(walkers),
+            "structures": structure_sources(cfg, stage),
+        },
+    )
     atomic_write_json(out, walkers)
     print(f"iteration {args.iter}: stage {stage} (iteration {stage_it} of the stage), {len(walkers)} walkers")
     return 0

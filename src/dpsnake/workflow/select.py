@@ -38,13 +38,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("--iter", type=int, required=True)
     parser.add_argument("--explore", required=True, help="the iteration's explore folder")
     parser.add_argument("--outdir", required=True, help="the iteration's select folder")
-    parser.add_argument("--data", default=None, help="dataset root (results/data): frames already in it are "
-                        "never selected again")
-    parser.add_argument("--results", default=None, help="the run's results folder: frames whose label failed in "
-                        "an earlier iteration (iter.*/label/task.N.failed.json) are never selected again")
-    parser.add_argument("--model", default=None, help="the model whose descriptor gives the features of "
-                        "select.pick diverse and select.dedup_tol (default: the ensemble's model 0, "
-                        "EXPLORE/../train/model.0/model.dp)")
+    parser.add_argument(
+        "--data", default=None, help="dataset root (results/data): frames already in it are never selected again"
+    )
+    parser.add_argument(
+        "--results",
+        default=None,
+        help="the run's results folder: frames whose label failed in "
+        "an earlier iteration (iter.*/label/task.N.failed.json) are never selected again",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="the model whose descriptor gives the features of "
+        "select.pick diverse and select.dedup_tol (default: the ensemble's model 0, "
+        "EXPLORE/../train/model.0/model.dp)",
+    )
 
 
 def _read_frames(path: pathlib.Path) -> list:
@@ -174,8 +183,10 @@ def _pick(cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, 
         return S.pick(keep, d["devi_f"], sel["max_candidates"], mode, rng), 0
     groups = None
     if quota == "condition":
-        cond = [(float(by_name[d["walker"][i]]["temperature"]), float(by_name[d["walker"][i]].get("pressure") or 0.0))
-                for i in keep]
+        cond = [
+            (float(by_name[d["walker"][i]]["temperature"]), float(by_name[d["walker"][i]].get("pressure") or 0.0))
+            for i in keep
+        ]
         groups = np.asarray([sorted(set(cond)).index(c) for c in cond], dtype=int)
     feats = known = None
     if (mode == "diverse" or tol is not None) and len(keep):
@@ -190,16 +201,16 @@ def _pick(cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, 
             notes[how] = True
             print(f"select: features of pick {mode} / dedup_tol: {how}", file=sys.stderr)
         f = D.scaled(f)
-        feats, known = f[:len(frames)], f[len(frames):]
+        feats, known = f[: len(frames)], f[len(frames) :]
     pos, dups = D.greedy_pick(d["devi_f"][keep], sel["max_candidates"], mode, rng, feats, known, tol, groups)
     if dups:
-        print(f"select: {system}: {dups} candidate(s) within dedup_tol {tol:g} of a picked frame dropped",
-              file=sys.stderr)
+        print(
+            f"select: {system}: {dups} candidate(s) within dedup_tol {tol:g} of a picked frame dropped", file=sys.stderr
+        )
     return np.sort(keep[pos]), dups
 
 
-def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=None,
-           model=None) -> tuple[dict, list]:
+def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=None, model=None) -> tuple[dict, list]:
     """Returns (stats, tasks); tasks: list of (atoms, info) to write as candidates. ``data_root``: frames
     in its datasets are not picked; ``results``: frames whose label failed before ``it`` are not picked;
     ``model``: the model whose descriptor gives the features of ``pick: diverse`` and ``dedup_tol``
@@ -225,8 +236,9 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=No
         lo, hi = trust["force"]
         ad = sel.get("adaptive") or {}
         if ad.get("enabled"):
-            lo = S.adaptive_lo(d["devi_f"], lo, hi, ad.get("numb_candidates", 10), ad.get("ratio", 0.0),
-                               ad.get("min_lo", 0.0))
+            lo = S.adaptive_lo(
+                d["devi_f"], lo, hi, ad.get("numb_candidates", 10), ad.get("ratio", 0.0), ad.get("min_lo", 0.0)
+            )
         cls = S.classify(d["devi_f"], (lo, hi), d["devi_v"], trust.get("virial"))
         cand = np.flatnonzero(cls == S.CANDIDATE)
         # structure filter on candidates: bad frames are counted as failed, never labelled
@@ -235,13 +247,15 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=No
         ref_vpa = abs(ref.cell.volume) / len(ref) if ref is not None and ref.pbc.any() else None
         for i in cand:
             atoms = _frame(explore, d["walker"][i], int(d["step"][i]), frames_cache)
-            why = "frame missing from traj.extxyz" if atoms is None else S.structure_problem(
-                atoms, sel["min_dist"], sel["min_cell_angle"], sel["volume_range"], ref_vpa)
+            why = (
+                "frame missing from traj.extxyz"
+                if atoms is None
+                else S.structure_problem(atoms, sel["min_dist"], sel["min_cell_angle"], sel["volume_range"], ref_vpa)
+            )
             if why:
                 filtered += 1
                 cls[i] = S.FAILED
-                print(f"select: {system} {d['walker'][i]} step {d['step'][i]}: not a candidate: {why}",
-                      file=sys.stderr)
+                print(f"select: {system} {d['walker'][i]} step {d['step'][i]}: not a candidate: {why}", file=sys.stderr)
             else:
                 key = frame_key(atoms.positions, atoms.cell.array)
                 if key in seen:  # already labelled (or picked from another walker): never twice
@@ -255,40 +269,79 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=No
                 seen.add(key)
                 keep.append(i)
         if refailed:
-            print(f"select: {system}: {refailed} candidate(s) not picked again, their label failed in an earlier "
-                  f"iteration, e.g. {example}", file=sys.stderr)
+            print(
+                f"select: {system}: {refailed} candidate(s) not picked again, their label failed in an earlier "
+                f"iteration, e.g. {example}",
+                file=sys.stderr,
+            )
         picked, near = _pick(cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, model, notes)
         duplicates += near
         for i in picked:
             atoms = _frame(explore, d["walker"][i], int(d["step"][i]), frames_cache).copy()
             w = by_name[d["walker"][i]]
-            atoms.info = {"iteration": it, "system": system, "walker": w["name"], "step": int(d["step"][i]),
-                          "max_devi_f": float(d["devi_f"][i]), "temperature": w["temperature"],
-                          "pressure": w.get("pressure", 0.0)}
+            atoms.info = {
+                "iteration": it,
+                "system": system,
+                "walker": w["name"],
+                "step": int(d["step"][i]),
+                "max_devi_f": float(d["devi_f"][i]),
+                "temperature": w["temperature"],
+                "pressure": w.get("pressure", 0.0),
+            }
             atoms.calc = None
             tasks.append(atoms)
         n = len(cls)
-        counts = {k: int(np.sum(cls == c)) for k, c in (("accurate", S.ACCURATE), ("candidate", S.CANDIDATE),
-                                                         ("failed", S.FAILED))}
-        systems[system] = {**counts, "total": n,
-                           **{f"{k}_ratio": (v / n if n else 0.0) for k, v in counts.items()},
-                           "trust_lo": float(lo), "trust_hi": float(hi),
-                           "trust_lo_virial": None if trust.get("virial") is None else trust["virial"][0],
-                           "trust_hi_virial": None if trust.get("virial") is None else trust["virial"][1],
-                           "filtered": filtered, "duplicates": duplicates, "near_duplicates": int(near),
-                           "failed_before": refailed,
-                           "selected": int(len(picked))}
+        counts = {
+            k: int(np.sum(cls == c))
+            for k, c in (("accurate", S.ACCURATE), ("candidate", S.CANDIDATE), ("failed", S.FAILED))
+        }
+        systems[system] = {
+            **counts,
+            "total": n,
+            **{f"{k}_ratio": (v / n if n else 0.0) for k, v in counts.items()},
+            "trust_lo": float(lo),
+            "trust_hi": float(hi),
+            "trust_lo_virial": None if trust.get("virial") is None else trust["virial"][0],
+            "trust_hi_virial": None if trust.get("virial") is None else trust["virial"][1],
+            "filtered": filtered,
+            "duplicates": duplicates,
+            "near_duplicates": int(near),
+            "failed_before": refailed,
+            "selected": int(len(picked)),
+        }
     stages = cfg["explore"]["stages"]
     stage, stage_it = plan["stage"], plan["stage_iteration"]
-    decision = S.decide(systems, cfg["convergence"]["accurate_ratio"], it, stage, stage_it, len(stages),
-                        stages[stage]["max_iterations"], cfg["convergence"]["max_iterations"])
-    wstats = {w["name"]: {"system": w["system"], "temperature": w["temperature"], "pressure": w.get("pressure"),
-                          "status": (summary.get(w["name"]) or {}).get("status", "missing"),
-                          "reason": (summary.get(w["name"]) or {}).get("reason")} for w in walkers}
+    decision = S.decide(
+        systems,
+        cfg["convergence"]["accurate_ratio"],
+        it,
+        stage,
+        stage_it,
+        len(stages),
+        stages[stage]["max_iterations"],
+        cfg["convergence"]["max_iterations"],
+    )
+    wstats = {
+        w["name"]: {
+            "system": w["system"],
+            "temperature": w["temperature"],
+            "pressure": w.get("pressure"),
+            "status": (summary.get(w["name"]) or {}).get("status", "missing"),
+            "reason": (summary.get(w["name"]) or {}).get("reason"),
+        }
+        for w in walkers
+    }
     for k, atoms in enumerate(tasks):
         atoms.info["task"] = f"{k:06d}"
-    stats = {"iteration": it, "systems": systems, "walkers": wstats, **decision, "stage": stage,
-             "stage_iteration": stage_it, "tasks": [a.info["task"] for a in tasks]}
+    stats = {
+        "iteration": it,
+        "systems": systems,
+        "walkers": wstats,
+        **decision,
+        "stage": stage,
+        "stage_iteration": stage_it,
+        "tasks": [a.info["task"] for a in tasks],
+    }
     stats.update(honest_decision(cfg, stats, results))
     return stats, tasks
 
@@ -304,8 +357,11 @@ def honest_decision(cfg: dict, stats: dict, results=None) -> dict:
     it = int(stats["iteration"])
     history = history_upto(results, it - 1) if results is not None and it > 0 else []
     d = run_decision([*history, stats], float(cfg["convergence"]["accurate_ratio"]), cfg)
-    return {"converged": d["converged"], "reason": d["reason"],
-            "stage_decision": {k: stats[k] for k in ("converged", "stop", "next_stage", "reason")}}
+    return {
+        "converged": d["converged"],
+        "reason": d["reason"],
+        "stage_decision": {k: stats[k] for k in ("converged", "stop", "next_stage", "reason")},
+    }
 
 
 def _frame(explore: pathlib.Path, walker: str, step: int, cache: dict):
@@ -320,12 +376,16 @@ def table(stats: dict) -> str:
     """The per-system counts as a fixed-width table and the decision (logged every iteration)."""
     from dpsnake.workflow.convergence import verdict
 
-    lines = [f"iteration {stats['iteration']} (stage {stats['stage']}): per-system model deviation classes",
-             f"{'system':<12}{'accurate':>9}{'candidate':>10}{'failed':>8}{'total':>7}{'acc_ratio':>10}"
-             f"{'trust_lo':>9}{'trust_hi':>9}{'selected':>9}"]
+    lines = [
+        f"iteration {stats['iteration']} (stage {stats['stage']}): per-system model deviation classes",
+        f"{'system':<12}{'accurate':>9}{'candidate':>10}{'failed':>8}{'total':>7}{'acc_ratio':>10}"
+        f"{'trust_lo':>9}{'trust_hi':>9}{'selected':>9}",
+    ]
     for s, v in stats["systems"].items():
-        lines.append(f"{s:<12}{v['accurate']:>9}{v['candidate']:>10}{v['failed']:>8}{v['total']:>7}"
-                     f"{v['accurate_ratio']:>10.3f}{v['trust_lo']:>9.3f}{v['trust_hi']:>9.3f}{v['selected']:>9}")
+        lines.append(
+            f"{s:<12}{v['accurate']:>9}{v['candidate']:>10}{v['failed']:>8}{v['total']:>7}"
+            f"{v['accurate_ratio']:>10.3f}{v['trust_lo']:>9.3f}{v['trust_hi']:>9.3f}{v['selected']:>9}"
+        )
     lines.append(f"{verdict(stats)}: {stats['reason']}")  # the words of the reports and `dpsnake status`
     return "\n".join(lines)
 

@@ -62,7 +62,9 @@ def adaptive_lo(devi_f, lo: float, hi: float, numb: int, ratio: float, min_lo: f
     return float(max(min(lo, value), min_lo))
 
 
-def structure_problem(atoms, min_dist: float, min_angle: float, vol_range, ref_vol_per_atom: float | None) -> str | None:
+def structure_problem(
+    atoms, min_dist: float, min_angle: float, vol_range, ref_vol_per_atom: float | None
+) -> str | None:
     """Why a frame must not be labelled (too-close atoms, degenerate cell), or None if it is fine."""
     from ase.neighborlist import neighbor_list
 
@@ -97,39 +99,78 @@ def pick(indices: np.ndarray, devi: np.ndarray, nmax: int, mode: str, rng: np.ra
     return np.sort(rng.choice(indices, size=nmax, replace=False))
 
 
-def decide(stats_systems: dict, threshold: float, it: int, stage: int, stage_it: int, nstages: int,
-           stage_max_iterations: int, max_iterations: int) -> dict:
+def decide(
+    stats_systems: dict,
+    threshold: float,
+    it: int,
+    stage: int,
+    stage_it: int,
+    nstages: int,
+    stage_max_iterations: int,
+    max_iterations: int,
+) -> dict:
     """Convergence decision: {'converged', 'stop', 'next_stage', 'reason'}."""
     low = {s: v["accurate_ratio"] for s, v in stats_systems.items() if not v["accurate_ratio"] >= threshold}
     stage_conv = bool(stats_systems) and not low
     last = stage == nstages - 1
     why_not = ", ".join(f"{s} {r:.3f}" for s, r in sorted(low.items())) or "no frames explored"
     if stage_conv and last:
-        return {"converged": True, "stop": True, "next_stage": None,
-                "reason": f"every system's accurate ratio >= {threshold:g} in the last stage (stage {stage})"}
+        return {
+            "converged": True,
+            "stop": True,
+            "next_stage": None,
+            "reason": f"every system's accurate ratio >= {threshold:g} in the last stage (stage {stage})",
+        }
     if it + 1 >= max_iterations:
         what = f"stage {stage} converged" if stage_conv else f"accurate ratio below {threshold:g}: {why_not}"
-        return {"converged": False, "stop": True, "next_stage": None,
-                "reason": f"stopped: max_iterations {max_iterations} reached ({what})"}
+        return {
+            "converged": False,
+            "stop": True,
+            "next_stage": None,
+            "reason": f"stopped: max_iterations {max_iterations} reached ({what})",
+        }
     if stage_conv:
-        return {"converged": False, "stop": False, "next_stage": stage + 1,
-                "reason": f"stage {stage} converged (accurate ratio >= {threshold:g}); next: stage {stage + 1}"}
+        return {
+            "converged": False,
+            "stop": False,
+            "next_stage": stage + 1,
+            "reason": f"stage {stage} converged (accurate ratio >= {threshold:g}); next: stage {stage + 1}",
+        }
     if stage_it + 1 >= stage_max_iterations:
         if last:
-            return {"converged": False, "stop": True, "next_stage": None,
-                    "reason": f"stopped: exploration plan exhausted (last stage {stage} used its "
-                              f"{stage_max_iterations} iteration(s); accurate ratio below {threshold:g}: {why_not})"}
-        return {"converged": False, "stop": False, "next_stage": stage + 1,
-                "reason": f"stage {stage} not converged after {stage_max_iterations} iteration(s) "
-                          f"({why_not}); next: stage {stage + 1}"}
-    return {"converged": False, "stop": False, "next_stage": stage,
-            "reason": f"not converged: accurate ratio below {threshold:g}: {why_not}; repeating stage {stage}"}
+            return {
+                "converged": False,
+                "stop": True,
+                "next_stage": None,
+                "reason": f"stopped: exploration plan exhausted (last stage {stage} used its "
+                f"{stage_max_iterations} iteration(s); accurate ratio below {threshold:g}: {why_not})",
+            }
+        return {
+            "converged": False,
+            "stop": False,
+            "next_stage": stage + 1,
+            "reason": f"stage {stage} not converged after {stage_max_iterations} iteration(s) "
+            f"({why_not}); next: stage {stage + 1}",
+        }
+    return {
+        "converged": False,
+        "stop": False,
+        "next_stage": stage,
+        "reason": f"not converged: accurate ratio below {threshold:g}: {why_not}; repeating stage {stage}",
+    }
 
 
 def decide_from_stats(cfg: dict, stats: dict) -> dict:
     """The decision for an iteration's stats.json under the given (current) config."""
     stages = cfg["explore"]["stages"]
     stage = min(int(stats["stage"]), len(stages) - 1)
-    return decide(stats["systems"], cfg["convergence"]["accurate_ratio"], int(stats["iteration"]), stage,
-                  int(stats["stage_iteration"]), len(stages), stages[stage]["max_iterations"],
-                  cfg["convergence"]["max_iterations"])
+    return decide(
+        stats["systems"],
+        cfg["convergence"]["accurate_ratio"],
+        int(stats["iteration"]),
+        stage,
+        int(stats["stage_iteration"]),
+        len(stages),
+        stages[stage]["max_iterations"],
+        cfg["convergence"]["max_iterations"],
+    )

@@ -118,7 +118,10 @@ def fingerprint(spec: dict, base: pathlib.Path | str = ".") -> dict:
     out = {"spec_sha256": hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()}
     if "file" in spec:
         path = pathlib.Path(spec["file"])
-        out |= {"file": str(spec["file"]), "sha256": file_sha256(path if path.is_absolute() else pathlib.Path(base) / path)}
+        out |= {
+            "file": str(spec["file"]),
+            "sha256": file_sha256(path if path.is_absolute() else pathlib.Path(base) / path),
+        }
     else:
         out["builder"] = spec.get("builder")
     return out
@@ -136,8 +139,10 @@ def changed(recorded: dict | None, current: dict | None) -> str | None:
     if recorded.get("file") and recorded.get("sha256") != current.get("sha256"):
         if current.get("sha256") is None:
             return f"built from {recorded['file']}, which no longer exists"
-        return (f"built from an older version of {recorded['file']} (sha256 {str(recorded.get('sha256'))[:12]}, "
-                f"now {current['sha256'][:12]})")
+        return (
+            f"built from an older version of {recorded['file']} (sha256 {str(recorded.get('sha256'))[:12]}, "
+            f"now {current['sha256'][:12]})"
+        )
     if recorded.get("spec_sha256") != current.get("spec_sha256"):
         return "built from an older version of the system's structure settings in the config"
     return None

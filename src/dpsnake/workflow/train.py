@@ -41,9 +41,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data", nargs="+", required=True, help="dataset roots (folders of deepmd/npy systems)")
     parser.add_argument("--init-from", default=None, help="previous iteration's model folder to start from")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--on-cpu", type=int, choices=(0, 1), default=0,
-                        help="1: train on CPU cores even where there is a GPU (faster for small models when the "
-                             "whole ensemble trains at once on one GPU); 0: DeePMD-kit's choice")
+    parser.add_argument(
+        "--on-cpu",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="1: train on CPU cores even where there is a GPU (faster for small models when the "
+        "whole ensemble trains at once on one GPU); 0: DeePMD-kit's choice",
+    )
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -95,8 +100,16 @@ def _takes_seed(kind: str, tag: str | None) -> bool:
     return True
 
 
-def make_input(cfg: dict, it: int, k: int, systems: list[str], init: bool, start_step: int = 0,
-               finetune: bool = False, model: dict | None = None) -> dict:
+def make_input(
+    cfg: dict,
+    it: int,
+    k: int,
+    systems: list[str],
+    init: bool,
+    start_step: int = 0,
+    finetune: bool = False,
+    model: dict | None = None,
+) -> dict:
     """The DeePMD-kit input.json of model ``k`` in iteration ``it``; ``start_step``: the step the run
     starts at (``dp train --restart``: the step counter and learning-rate schedule continue from there,
     ``numb_steps`` counts from 0); ``model``: the model section to train instead of the config's (the
@@ -179,15 +192,18 @@ def dp_train_args(cfg: dict, start: dict, out: pathlib.Path) -> list[str]:
             ckpt = prev / ("model.ckpt" if tr["backend"] == "tf" else "model.ckpt.pt")
             probe = ckpt.with_name("model.ckpt.index") if tr["backend"] == "tf" else ckpt
             if not probe.exists():
-                raise UserError(f"--init-from: {probe}: no such checkpoint (train.init_lr_schedule: continue "
-                                "restarts from the previous model's last checkpoint; reset starts from its "
-                                "frozen model)")
+                raise UserError(
+                    f"--init-from: {probe}: no such checkpoint (train.init_lr_schedule: continue "
+                    "restarts from the previous model's last checkpoint; reset starts from its "
+                    "frozen model)"
+                )
             return ["--restart", str(ckpt)]
         if tr["backend"] == "tf":
             return ["--init-frz-model", str(prev / FROZEN["tf"])]
         # the checkpoint's own model section: after fine-tuning it is the pretrained architecture
         return ["--init-model", str(prev / "model.ckpt.pt")] + (
-            ["--use-pretrain-script"] if ft.get("use_pretrain_script") else [])
+            ["--use-pretrain-script"] if ft.get("use_pretrain_script") else []
+        )
     if start["mode"] == "finetune":
         from dpsnake.workflow.train_input import pth_to_checkpoint
 
@@ -217,12 +233,18 @@ def run(args) -> int:
     init = start["mode"] == "init"
     first = restart_step(backend, start["from"]) if init and lr_schedule(cfg) == "continue" else 0
     model = previous_model(start["from"]) if init else None
-    inp = make_input(cfg, args.iter, args.model, systems, init, first, finetune=start["mode"] == "finetune",
-                     model=model)
+    inp = make_input(
+        cfg, args.iter, args.model, systems, init, first, finetune=start["mode"] == "finetune", model=model
+    )
     (out / "input.json").write_text(json.dumps(inp, indent=1))
     (out / "init.json").write_text(json.dumps(start, indent=1) + "\n")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS=str(args.threads),
-               DP_INTRA_OP_PARALLELISM_THREADS=str(args.threads), DP_INTER_OP_PARALLELISM_THREADS="1")
+    env = dict(
+        os.environ,
+        TF_CPP_MIN_LOG_LEVEL="3",
+        OMP_NUM_THREADS=str(args.threads),
+        DP_INTRA_OP_PARALLELISM_THREADS=str(args.threads),
+        DP_INTER_OP_PARALLELISM_THREADS="1",
+    )
     if getattr(args, "on_cpu", 0):
         # hide the GPUs from TensorFlow and torch (DEVICE=cpu is DeePMD-kit's own switch for torch); and
         # load the batches in the trainer itself: DeePMD-kit's PyTorch trainer forks min(4, cores)
@@ -233,13 +255,19 @@ def run(args) -> int:
     n = inp["training"]["numb_steps"]
     steps = f"steps {first} to {n}" if first else f"{n} steps"
     lr = f", learning rate: {lr_schedule(cfg)}" if init else ""
-    print(f"train iteration {args.iter} model {args.model}: {len(systems)} systems, {steps}, backend "
-          f"{backend}{' on the CPU' if env.get('DEVICE') == 'cpu' else ''}, start: {start['mode']}"
-          f"{' from ' + str(start['from']) if start['from'] else ''} ({start['reason']}){lr}", flush=True)
+    print(
+        f"train iteration {args.iter} model {args.model}: {len(systems)} systems, {steps}, backend "
+        f"{backend}{' on the CPU' if env.get('DEVICE') == 'cpu' else ''}, start: {start['mode']}"
+        f"{' from ' + str(start['from']) if start['from'] else ''} ({start['reason']}){lr}",
+        flush=True,
+    )
     frozen = FROZEN[backend]
     tmp_frozen = frozen.replace("frozen_model", "frozen_model.tmp")
-    run_steps([train_cmd, [f"--{backend}", "freeze", "-o", tmp_frozen],
-               ["convert-backend", tmp_frozen, "model.tmp.dp"]], out, env)
+    run_steps(
+        [train_cmd, [f"--{backend}", "freeze", "-o", tmp_frozen], ["convert-backend", tmp_frozen, "model.tmp.dp"]],
+        out,
+        env,
+    )
     os.replace(out / tmp_frozen, out / frozen)
     os.replace(out / "model.tmp.dp", out / "model.dp")
     print(f"train: wrote {out / 'model.dp'}")

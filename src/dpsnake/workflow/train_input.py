@@ -31,6 +31,7 @@ _LABEL = re.compile(r"^\(Supported Backend: ([^)]*)\)")
 
 # ---------------------------------------------------------------- init_from_previous policies
 
+
 def init_policy(value) -> int | None:
     """``train.init_from_previous`` as a frame threshold: None = never start from the previous models,
     -1 = always (from iteration 1 on), N = only when the previous models were trained on more than N
@@ -58,6 +59,7 @@ def count_frames(system_dirs) -> int:
 
 
 # ---------------------------------------------------------------- pretrained models (train.finetune)
+
 
 def resolve(path: str, base: pathlib.Path | str = ".") -> pathlib.Path:
     p = pathlib.Path(path)
@@ -87,14 +89,15 @@ def pth_to_checkpoint(pth: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
     """A frozen ``.pth`` as a training checkpoint ``dp --pt train --finetune`` loads (DeePMD-kit 3.2
     reads fine-tuning sources with ``torch.load(weights_only=True)``, which refuses TorchScript): the
     frozen module's weights under the trainer's ``model.Default.`` prefix plus its model parameters."""
-    import torch
-
     import deepmd.pt.cxx_op  # noqa: F401
+    import torch
 
     m = torch.jit.load(str(pth), map_location="cpu")
     state = {"model.Default." + k: v for k, v in m.state_dict().items()}
-    state["_extra_state"] = {"model_params": json.loads(m.get_model_def_script()),
-                             "train_infos": {"lr": 0.0, "step": 0}}
+    state["_extra_state"] = {
+        "model_params": json.loads(m.get_model_def_script()),
+        "train_infos": {"lr": 0.0, "step": 0},
+    }
     tmp = out.with_suffix(".tmp.pt")
     torch.save({"model": state}, str(tmp))
     tmp.replace(out)
@@ -106,8 +109,10 @@ def branch_params(params: dict, branch: str | None, path) -> dict:
     a multi-task model (without one, DeePMD-kit takes the first head with a new fitting net)."""
     if "model_dict" not in params:
         if branch not in (None, "", "RANDOM"):
-            raise UserError(f"train.finetune.model_branch: {branch!r}: {path} is a single-task model "
-                            "(leave model_branch out, or RANDOM to re-initialize the fitting net)")
+            raise UserError(
+                f"train.finetune.model_branch: {branch!r}: {path} is a single-task model "
+                "(leave model_branch out, or RANDOM to re-initialize the fitting net)"
+            )
         return params
     heads = list(params["model_dict"])
     if branch in (None, "", "RANDOM"):
@@ -116,12 +121,12 @@ def branch_params(params: dict, branch: str | None, path) -> dict:
 
     aliases, _ = get_model_dict(params["model_dict"])
     if branch not in aliases:
-        raise UserError(f"train.finetune.model_branch: {branch!r} is not a head of {path} "
-                        f"(heads: {', '.join(heads)})")
+        raise UserError(f"train.finetune.model_branch: {branch!r} is not a head of {path} (heads: {', '.join(heads)})")
     return params["model_dict"][aliases[branch]]
 
 
 # ---------------------------------------------------------------- the check
+
 
 def _dargs_line(err) -> str:
     """A dargs ArgumentError as 'train.input.<key path>: what is wrong'."""
@@ -168,8 +173,10 @@ def _backend_line(backend: str, path: list[str], tag: str, doc: str) -> str | No
         return None
     other = "pt" if backend == "tf" else "tf"
     hint = f"; use train.backend: {other}" if BACKEND_DOCUMENTATION[other].display_name in m.group(1) else ""
-    return (f"{'.'.join(path)}: {tag!r} cannot be trained with train.backend: {backend} "
-            f"(DeePMD-kit supports it on {m.group(1)}){hint}")
+    return (
+        f"{'.'.join(path)}: {tag!r} cannot be trained with train.backend: {backend} "
+        f"(DeePMD-kit supports it on {m.group(1)}){hint}"
+    )
 
 
 def _chosen(arg, value: dict) -> list:
@@ -215,8 +222,10 @@ def backend_problem(arg, value, backend: str, path: list[str]) -> str | None:
 def model_problem(model: dict, loss: dict | None, key: str) -> str | None:
     """Why the loop cannot explore with such a model (not a single-task energy model), or None."""
     if "model_dict" in model:
-        return (f"{key}.model_dict: multi-task training is not supported in the loop (fine-tune one "
-                "head of a multi-task model with train.finetune.model_branch)")
+        return (
+            f"{key}.model_dict: multi-task training is not supported in the loop (fine-tune one "
+            "head of a multi-task model with train.finetune.model_branch)"
+        )
     mtype = model.get("type", "standard")
     if mtype not in EXPLORABLE_MODEL_TYPES:
         return f"{key}.type: {mtype!r} models cannot be trained and explored in the loop (energy models only)"
@@ -229,8 +238,10 @@ def model_problem(model: dict, loss: dict | None, key: str) -> str | None:
         return f"train.input.loss.type: {loss!r} is not an energy loss (exploration needs an energy model: ener)"
     fit = (model.get("fitting_net") or {}).get("type", "ener")
     if fit not in ENERGY_FITTINGS:
-        return (f"{key}.fitting_net.type: {fit!r} models are not supported (exploration needs an energy "
-                "model: fitting_net type ener)")
+        return (
+            f"{key}.fitting_net.type: {fit!r} models are not supported (exploration needs an energy "
+            "model: fitting_net type ener)"
+        )
     return None
 
 
@@ -249,12 +260,16 @@ def check_train(cfg: dict, base: pathlib.Path | str = ".") -> dict:
     ft = tr.get("finetune")
     if ft:
         if tr["backend"] != "pt":
-            raise UserError("train.finetune: fine-tuning in the loop needs train.backend: pt (DeePMD-kit's "
-                            f"PyTorch backend), not {tr['backend']}")
+            raise UserError(
+                "train.finetune: fine-tuning in the loop needs train.backend: pt (DeePMD-kit's "
+                f"PyTorch backend), not {tr['backend']}"
+            )
         path = resolve(ft["model"], base)
         if path.suffix not in (".pt", ".pth"):
-            raise UserError(f"train.finetune.model: {ft['model']}: expected a DeePMD-kit PyTorch checkpoint "
-                            "(.pt) or frozen model (.pth)")
+            raise UserError(
+                f"train.finetune.model: {ft['model']}: expected a DeePMD-kit PyTorch checkpoint "
+                "(.pt) or frozen model (.pth)"
+            )
         if not path.is_file():
             raise UserError(f"train.finetune.model: {ft['model']}: no such file")
         params = pretrained_params(path)
@@ -262,16 +277,21 @@ def check_train(cfg: dict, base: pathlib.Path | str = ".") -> dict:
         ptm = list(single.get("type_map") or [])
         missing = [el for el in cfg["type_map"] if el not in ptm]
         if missing:
-            raise UserError(f"train.finetune.model: {ft['model']} has type_map {ptm}, which lacks {missing} "
-                            f"of the config's type_map {list(cfg['type_map'])}")
+            raise UserError(
+                f"train.finetune.model: {ft['model']} has type_map {ptm}, which lacks {missing} "
+                f"of the config's type_map {list(cfg['type_map'])}"
+            )
         from deepmd.utils.finetune import get_finetune_rules_from_model_params
 
         quiet = logging.getLogger("deepmd")  # its notes on replaced descriptor keys belong to training logs
         level, quiet.level = quiet.level, logging.ERROR
         try:  # what `dp --pt train --finetune [--model-branch] [--use-pretrain-script]` does first
             inp["model"], _ = get_finetune_rules_from_model_params(
-                params, inp["model"], model_branch=ft.get("model_branch") or "",
-                change_model_params=ft["use_pretrain_script"])
+                params,
+                inp["model"],
+                model_branch=ft.get("model_branch") or "",
+                change_model_params=ft["use_pretrain_script"],
+            )
         except (ValueError, KeyError) as err:
             raise UserError(f"train.finetune: {ft['model']}: {' '.join(str(err).split())}") from None
         finally:

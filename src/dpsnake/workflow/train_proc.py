@@ -44,7 +44,7 @@ def _signal_name(rc: int) -> str:
 
 
 def _step_name(args: list[str]) -> str:
-    """"dp train", "dp freeze", "dp convert-backend": the command without the backend flag."""
+    """ "dp train", "dp freeze", "dp convert-backend": the command without the backend flag."""
     return "dp " + next((a for a in args if not a.startswith("--")), "")
 
 
@@ -54,12 +54,21 @@ def run_steps(steps: list[list[str]], cwd: pathlib.Path, env: dict) -> None:
     stdout line by line (the job's log); a failure raises UserError naming the step and its cause."""
     # each step announces itself, so the output says which one failed
     script = "from deepmd.main import main\n" + "".join(
-        f"print({'+ dp ' + ' '.join(s)!r}, flush=True)\nmain({s!r})\n" for s in steps)
+        f"print({'+ dp ' + ' '.join(s)!r}, flush=True)\nmain({s!r})\n" for s in steps
+    )
     # the output since the running step started, enough for TensorFlow's long graph tracebacks
     tail: collections.deque[str] = collections.deque(maxlen=5000)
     current = _step_name(steps[0])
-    with subprocess.Popen([sys.executable, "-c", script], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1) as p:
+    with subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        bufsize=1,
+    ) as p:
         for line in p.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
