@@ -7,13 +7,13 @@ systems their blocks follow each other, each after a ``# <system>`` line (as ``d
 
 from __future__ import annotations
 
-import os
 import pathlib
 import warnings
 
 import numpy as np
 
 from dpsnake.errors import UserError
+from dpsnake.fsio import write_text_atomic
 
 
 def add_arguments(parser) -> None:
@@ -144,8 +144,5 @@ def run(args) -> int:
         lines.append(header)
         for k, st in enumerate(steps):
             lines.append(f"{int(st):12d}" + "".join(f" {data[n][k]:18.6e}" for n in names))
-    out = pathlib.Path(args.output)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out)
+    write_text_atomic(args.output, "\n".join(lines) + "\n")
     return 0

@@ -18,8 +18,8 @@ import re
 import shutil
 
 from dpsnake.errors import UserError
+from dpsnake.fsio import atomic_path, write_text_atomic
 from dpsnake.labelers.base import LabelResult
-from dpsnake.labelers.io import atomic_write_text
 from dpsnake.labelers.runner import (
     CommandLabeler,
     RunOutcome,
@@ -141,7 +141,7 @@ class ABACUSLabeler(CommandLabeler):
         }
         if self.orbital_dir is not None:
             keys["orbital_dir"] = str(self.orbital_dir)
-        atomic_write_text(
+        write_text_atomic(
             workdir / "INPUT", "INPUT_PARAMETERS\n" + "".join(f"{k:<20s} {_input_value(v)}\n" for k, v in keys.items())
         )
         mesh = [1, 1, 1]
@@ -149,7 +149,7 @@ class ABACUSLabeler(CommandLabeler):
             mesh = kmesh(atoms, self.kspacing)
         elif self.kpts is not None:
             mesh = list(self.kpts)
-        atomic_write_text(workdir / "KPT", f"K_POINTS\n0\nGamma\n{mesh[0]} {mesh[1]} {mesh[2]} 0 0 0\n")
+        write_text_atomic(workdir / "KPT", f"K_POINTS\n0\nGamma\n{mesh[0]} {mesh[1]} {mesh[2]} 0 0 0\n")
         grouped = atoms[order]
         system = dpdata.System(grouped, fmt="ase/structure")
         if list(system["atom_names"]) != elements:  # STRU blocks follow atom_names: must match our order
@@ -162,9 +162,8 @@ class ABACUSLabeler(CommandLabeler):
         }
         if self.orbitals is not None:
             kwargs["numerical_orbital"] = {el: self.orbitals[el] for el in elements}
-        tmp = workdir / ".STRU.tmp"
-        system.to("abacus/stru", str(tmp), **kwargs)
-        tmp.replace(workdir / "STRU")
+        with atomic_path(workdir / "STRU") as tmp:
+            system.to("abacus/stru", str(tmp), **kwargs)
         return {"order": order, "periodic": periodic, "stdout": "stdout"}
 
     def parse(self, atoms, workdir: pathlib.Path, outcome: RunOutcome, ctx: dict) -> LabelResult:

@@ -21,6 +21,7 @@ import re
 import numpy as np
 
 from dpsnake.errors import UserError
+from dpsnake.fsio import write_text_atomic
 from dpsnake.labelers.base import LabelResult
 from dpsnake.labelers.runner import CommandLabeler, RunOutcome, kmesh, require_dir, require_file, result_from_system
 
@@ -260,7 +261,7 @@ class CP2KLabeler(CommandLabeler):
         return text
 
     def write_inputs(self, atoms, workdir: pathlib.Path) -> dict:
-        (workdir / self.input_name).write_text(self.render(atoms))
+        write_text_atomic(workdir / self.input_name, self.render(atoms))
         return {"stdout": self.output_name, "periodic": bool(atoms.pbc.all())}
 
     def parse(self, atoms, workdir: pathlib.Path, outcome: RunOutcome, ctx: dict) -> LabelResult:

@@ -6,20 +6,12 @@ structure with ``info["label_ok"] = False`` and ``info["label_reason"]``; it nev
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 import numpy as np
 
+from dpsnake.fsio import atomic_path
 from dpsnake.labelers.base import LabelResult
-
-
-def atomic_write_text(path, text: str) -> None:
-    """Write to a temporary name in the same folder, then rename: a kill never leaves half a file."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_labeled(path, atoms, result: LabelResult, info: dict | None = None) -> None:
@@ -39,9 +31,8 @@ def write_labeled(path, atoms, result: LabelResult, info: dict | None = None) ->
         atoms.calc = SinglePointCalculator(atoms, **kwargs)
     else:
         atoms.info["label_reason"] = str(result.reason).replace("\n", " ")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.extxyz")
-    ase.io.write(tmp, atoms, format="extxyz")
-    os.replace(tmp, path)
+    with atomic_path(path, ".extxyz") as tmp:
+        ase.io.write(tmp, atoms, format="extxyz")
 
 
 def read_labeled(path):

@@ -16,6 +16,7 @@ import re
 import shutil
 
 from dpsnake.errors import UserError
+from dpsnake.fsio import open_atomic
 from dpsnake.labelers.base import LabelResult
 from dpsnake.labelers.runner import CommandLabeler, RunOutcome, kmesh, require_pseudopotentials, result_from_system
 
@@ -118,7 +119,7 @@ class QELabeler(CommandLabeler):
             kpts = kmesh(atoms, self.kspacing)
         else:
             kpts = self.kpts  # None: ASE writes "K_POINTS gamma"
-        with open(workdir / self.input_name, "w") as fd:
+        with open_atomic(workdir / self.input_name) as fd:
             write_espresso_in(
                 fd,
                 atoms,

@@ -14,13 +14,12 @@ default true), ``parser`` ("outcar", default, or "xml" for vasprun.xml), ``comma
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 
 from dpsnake.errors import UserError
+from dpsnake.fsio import atomic_path, write_text_atomic
 from dpsnake.labelers.base import LabelResult
-from dpsnake.labelers.io import atomic_write_text
 from dpsnake.labelers.runner import CommandLabeler, RunOutcome, kmesh, require_dir, result_from_system, species_order
 
 # tags the labeler sets: one single point per frame, no big files left behind
@@ -102,15 +101,14 @@ class VASPLabeler(CommandLabeler):
         potcar = "".join(self._potcar(el).read_text() for el in elements)
         incar = dict(self.incar)
         incar.setdefault("ISIF", 2 if atoms.pbc.all() else 0)  # 2: stress without relaxing anything
-        atomic_write_text(workdir / "INCAR", "".join(f"{k} = {incar_value(v)}\n" for k, v in incar.items()))
-        atomic_write_text(workdir / "POTCAR", potcar)
+        write_text_atomic(workdir / "INCAR", "".join(f"{k} = {incar_value(v)}\n" for k, v in incar.items()))
+        write_text_atomic(workdir / "POTCAR", potcar)
         if self.kspacing is not None or self.kpts is not None:
             mesh = kmesh(atoms, self.kspacing) if self.kspacing is not None else list(self.kpts)
             style = "Gamma" if self.gamma else "Monkhorst-Pack"
-            atomic_write_text(workdir / "KPOINTS", f"dpsnake mesh\n0\n{style}\n{mesh[0]} {mesh[1]} {mesh[2]}\n0 0 0\n")
-        tmp = workdir / ".POSCAR.tmp"
-        ase.io.write(tmp, atoms[order], format="vasp", direct=True, vasp5=True)
-        os.replace(tmp, workdir / "POSCAR")
+            write_text_atomic(workdir / "KPOINTS", f"dpsnake mesh\n0\n{style}\n{mesh[0]} {mesh[1]} {mesh[2]}\n0 0 0\n")
+        with atomic_path(workdir / "POSCAR") as tmp:
+            ase.io.write(tmp, atoms[order], format="vasp", direct=True, vasp5=True)
         return {"order": order, "periodic": bool(atoms.pbc.all()), "stdout": "stdout", "nelm": incar["NELM"]}
 
     def parse(self, atoms, workdir: pathlib.Path, outcome: RunOutcome, ctx: dict) -> LabelResult:

@@ -10,7 +10,6 @@ Rerunning the same command resumes from DIR/checkpoint.npz; DIR/summary.json is 
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 from dpsnake.errors import UserError
@@ -143,10 +142,10 @@ def compress_distance(value, data) -> float | None:
 
 
 def run(args) -> int:
+    from dpsnake.fsio import write_json_atomic
     from dpsnake.md.engines import choose
     from dpsnake.md.runner import Explorer
     from dpsnake.md.walkers import load_walkers
-    from dpsnake.workflow.fsutil import atomic_write_text
 
     walkers = load_walkers(args.walkers)
     for p in args.models:
@@ -178,18 +177,14 @@ def run(args) -> int:
         provider, type_map = make_provider(loaded, args.precision, xp, compress)
     out = pathlib.Path(args.outdir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(
+    write_json_atomic(
         out / "engine.json",
-        json.dumps(
-            {
-                "engine": engine,
-                "reason": reason,
-                "device": "gpu" if xp.__name__ == "cupy" else "cpu",
-                "requested": args.engine,
-            },
-            indent=1,
-        )
-        + "\n",
+        {
+            "engine": engine,
+            "reason": reason,
+            "device": "gpu" if xp.__name__ == "cupy" else "cpu",
+            "requested": args.engine,
+        },
     )
     Explorer(
         walkers,

@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from dpsnake.engine.xp import to_numpy
+from dpsnake.fsio import open_atomic, write_json_atomic
 from dpsnake.md import integrators
 from dpsnake.md.deviation import batch_deviation, min_distances
 from dpsnake.md.graphs import make_stepper
@@ -32,15 +33,6 @@ from dpsnake.md.walkers import Walker, degrees_of_freedom, masses_for, maxwell_b
 
 CHECKPOINT = "checkpoint.npz"
 SUMMARY = "summary.json"
-
-
-def atomic_write_text(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _helper_init(parent: int) -> None:
@@ -370,12 +362,8 @@ class Explorer:
             "offsets": offsets,
         }
         arrays = {} if self.st is None else {f"s_{k}": v for k, v in self.st.to_host().items()}
-        tmp = path.with_name(f".{CHECKPOINT}.tmp{os.getpid()}.npz")
-        with open(tmp, "wb") as f:
+        with open_atomic(path, "wb", fsync=True) as f:
             np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
         self._last_ckpt = (time.monotonic(), self.step)
 
     def _on_term(self, signum, frame):  # SLURM sends SIGTERM before the kill: save and leave
@@ -413,7 +401,7 @@ class Explorer:
             }
         }
         self.checkpoint()  # all stopped: a rerun before summary.json lands finds nothing left to do
-        atomic_write_text(summary_path, json.dumps(summary, indent=1) + "\n")
+        write_json_atomic(summary_path, summary, fsync=True)
         ck.unlink(missing_ok=True)
         self._print_table(summary)
         return summary

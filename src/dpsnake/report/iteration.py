@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from dpsnake.errors import UserError
+from dpsnake.fsio import write_text_atomic
 from dpsnake.report import collect, html, plots, sources
 from dpsnake.report import decision as decide
 from dpsnake.report.accuracy import COLUMNS as ACC_COLUMNS
@@ -408,29 +407,12 @@ def render(it: int, tables: dict, content: dict, figs: dict, others: list[int] =
     return html.page(f"dpsnake iteration {it}", body, nav)
 
 
-def atomic_write(path: pathlib.Path, text: str) -> None:
-    """Write text to ``path`` via a temporary file and rename (a kill never leaves half a file)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; reports are for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write(ctx: Context, it: int) -> dict[str, pathlib.Path]:
     """Write ``results/reports/iter.NNNNNN.{html,csv,json}``; returns their paths."""
     tables, content, figs = build(ctx, it)
     stem = ctx.reports / collect.iter_name(it)
     paths = {ext: stem.parent / f"{stem.name}.{ext}" for ext in ("json", "csv", "html")}
-    atomic_write(paths["json"], json.dumps(content, indent=1))
-    atomic_write(paths["csv"], tables["summary"].to_csv(index=False))
-    atomic_write(paths["html"], render(it, tables, content, figs, collect.iterations(ctx.results)))
+    write_text_atomic(paths["json"], json.dumps(content, indent=1))
+    write_text_atomic(paths["csv"], tables["summary"].to_csv(index=False))
+    write_text_atomic(paths["html"], render(it, tables, content, figs, collect.iterations(ctx.results)))
     return paths

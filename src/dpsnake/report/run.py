@@ -11,6 +11,7 @@ import pathlib
 
 import pandas as pd
 
+from dpsnake.fsio import write_text_atomic
 from dpsnake.report import collect, html, iteration, learning, plots, sources
 from dpsnake.report import decision as decide
 
@@ -99,7 +100,7 @@ def write(ctx: iteration.Context, rebuild: bool = False, progress=print) -> dict
         "html": ctx.reports / "index.html",
         "learning_csv": ctx.reports / "learning_curve.csv",
     }
-    iteration.atomic_write(
+    write_text_atomic(
         paths["json"],
         json.dumps(
             {
@@ -112,8 +113,8 @@ def write(ctx: iteration.Context, rebuild: bool = False, progress=print) -> dict
             indent=1,
         ),
     )
-    iteration.atomic_write(paths["csv"], table.drop(columns=["threshold"]).to_csv(index=False))
-    iteration.atomic_write(paths["learning_csv"], lc.to_csv(index=False))
+    write_text_atomic(paths["csv"], table.drop(columns=["threshold"]).to_csv(index=False))
+    write_text_atomic(paths["learning_csv"], lc.to_csv(index=False))
 
     if dec["converged"] is None:
         verdict = f'<p class="note">{html.esc(dec["reason"])}</p>'
@@ -164,7 +165,7 @@ def write(ctx: iteration.Context, rebuild: bool = False, progress=print) -> dict
         html.section("All iterations", html.table(show), anchor="table"),
         html.section("Iteration pages", f"<ul>{links}</ul>", links_note, anchor="pages"),
     ]
-    iteration.atomic_write(
+    write_text_atomic(
         paths["html"],
         html.page(
             "dpsnake run overview",

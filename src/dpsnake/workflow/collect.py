@@ -38,10 +38,10 @@ def _read_stats(path: pathlib.Path) -> dict:
 
 
 def run(args) -> int:
+    from dpsnake.fsio import atomic_dir, write_json_atomic
     from dpsnake.labelers.io import read_labeled
     from dpsnake.workflow import dataset
     from dpsnake.workflow.config import read_resolved
-    from dpsnake.workflow.fsutil import atomic_write_json, replace_dir, tmp_dir_for
 
     cfg = read_resolved(args.config)
     stats = _read_stats(pathlib.Path(args.stats))
@@ -95,12 +95,11 @@ def run(args) -> int:
             f"(see results/iter.{args.iter:06d}/label/*.failed.json)"
         )
     out = pathlib.Path(args.data_out)
-    tmp = tmp_dir_for(out)
-    for system in sorted(ok):
-        dataset.write_system(tmp / system, ok[system], rows[system], cfg["type_map"])
     allrows = [r for s in sorted(rows) for r in rows[s]]
-    (tmp / "provenance.csv").write_text(dataset.provenance_text(allrows))
-    replace_dir(tmp, out)
+    with atomic_dir(out) as tmp:
+        for system in sorted(ok):
+            dataset.write_system(tmp / system, ok[system], rows[system], cfg["type_map"])
+        (tmp / "provenance.csv").write_text(dataset.provenance_text(allrows))
     systems = {s: {"added": len(ok.get(s, [])), "failed": nfail.get(s, 0)} for s in stats.get("systems", {})}
     summary = {
         "iteration": args.iter,
@@ -110,7 +109,7 @@ def run(args) -> int:
         "failures": failures,
         "systems": systems,
     }
-    atomic_write_json(args.summary, summary)
+    write_json_atomic(args.summary, summary)
     print(
         f"collect iteration {args.iter}: {len(allrows)} frames added, {len(failures)} failed labels; "
         + ", ".join(f"{s}: +{v['added']}" for s, v in systems.items())

@@ -227,14 +227,14 @@ def read_resolved(path: str | os.PathLike) -> dict:
 
 def write_if_changed(cfg: dict, path: str | os.PathLike) -> bool:
     """Write ``cfg`` as JSON atomically unless the file already holds the same content."""
-    from dpsnake.workflow.fsutil import atomic_write_text
+    from dpsnake.fsio import write_text_atomic
 
     text = json.dumps(cfg, indent=1, sort_keys=True) + "\n"
     path = pathlib.Path(path)
     if path.is_file() and path.read_text() == text:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, text)
+    write_text_atomic(path, text)
     return True
 
 

@@ -39,31 +39,30 @@ def decision(stats_path: pathlib.Path) -> dict:
 
 
 def run(args) -> int:
-    from dpsnake.workflow.fsutil import atomic_write_json, replace_dir, tmp_dir_for
+    from dpsnake.fsio import atomic_dir, write_json_atomic
 
     out = pathlib.Path(args.outdir)
-    tmp = tmp_dir_for(out)
-    names = []
-    for k, m in enumerate(args.models):
-        m = pathlib.Path(m)
-        if not (m / "model.dp").is_file():
-            raise UserError(f"--models: {m / 'model.dp'}: no such file")
-        shutil.copy2(m / "model.dp", tmp / f"model.{k}.dp")
-        for frozen in ("frozen_model.pb", "frozen_model.pth"):
-            if (m / frozen).is_file():
-                shutil.copy2(m / frozen, tmp / f"{pathlib.Path(frozen).stem}.{k}{pathlib.Path(frozen).suffix}")
-        names.append(f"model.{k}.dp")
-    dec = decision(pathlib.Path(args.stats))
-    atomic_write_json(
-        tmp / "final.json",
-        {
-            "iteration": args.iter,
-            "models": names,
-            "converged": dec.get("converged"),
-            "reason": dec.get("reason"),
-            "sources": [str(m) for m in args.models],
-        },
-    )
-    replace_dir(tmp, out)
+    with atomic_dir(out) as tmp:
+        names = []
+        for k, m in enumerate(args.models):
+            m = pathlib.Path(m)
+            if not (m / "model.dp").is_file():
+                raise UserError(f"--models: {m / 'model.dp'}: no such file")
+            shutil.copy2(m / "model.dp", tmp / f"model.{k}.dp")
+            for frozen in ("frozen_model.pb", "frozen_model.pth"):
+                if (m / frozen).is_file():
+                    shutil.copy2(m / frozen, tmp / f"{pathlib.Path(frozen).stem}.{k}{pathlib.Path(frozen).suffix}")
+            names.append(f"model.{k}.dp")
+        dec = decision(pathlib.Path(args.stats))
+        write_json_atomic(
+            tmp / "final.json",
+            {
+                "iteration": args.iter,
+                "models": names,
+                "converged": dec.get("converged"),
+                "reason": dec.get("reason"),
+                "sources": [str(m) for m in args.models],
+            },
+        )
     print(f"finalize: {len(names)} models of iteration {args.iter} in {out} ({dec.get('reason')})")
     return 0

@@ -93,17 +93,17 @@ def generate_frames(cfg: dict, system: str) -> list:
 
 
 def run(args) -> int:
+    from dpsnake.fsio import replace_dir, temp_dir_for, write_json_atomic
     from dpsnake.labelers import make_labeler, sanity_check
     from dpsnake.workflow import dataset
     from dpsnake.workflow.config import read_resolved
-    from dpsnake.workflow.fsutil import atomic_write_json, replace_dir, tmp_dir_for
 
     cfg = read_resolved(args.config)
     if args.system not in cfg["systems"]:
         raise UserError(f"--system: unknown system {args.system!r}")
     out = pathlib.Path(args.out)
     tmap = cfg["type_map"]
-    tmp = tmp_dir_for(out)
+    tmp = temp_dir_for(out)
     existing = cfg["systems"][args.system].get("init_data")
     if existing:
         systems = _load_existing(existing, tmap)
@@ -158,7 +158,7 @@ def run(args) -> int:
             raise UserError(f"init-data {args.system}: all {len(frames)} generated frames failed to label")
         dataset.write_system(tmp / "data", ok, rows, tmap)
         print(f"init-data {args.system}: {len(ok)} frames labelled by {labeler.name}, {failed} failed")
-    atomic_write_json(tmp / "data" / SOURCE, source_record(cfg, args.system))
+    write_json_atomic(tmp / "data" / SOURCE, source_record(cfg, args.system))
     # the labeler may leave scratch files in tmp: only the dataset itself is moved into place
     replace_dir(tmp / "data", out)
     import shutil

@@ -27,10 +27,10 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import ase.io
 
+    from dpsnake.fsio import write_json_atomic
     from dpsnake.labelers import make_labeler, sanity_check
     from dpsnake.labelers.io import write_labeled
     from dpsnake.workflow.config import read_resolved
-    from dpsnake.workflow.fsutil import atomic_write_json
     from dpsnake.workflow.select import frame_id
 
     if len(args.input) != len(args.output):
@@ -54,7 +54,7 @@ def run(args) -> int:
             failed_json.unlink(missing_ok=True)
             print(f"label {dst.name}: ok, E = {res.energy:.4f} eV ({labeler.name}, {info['label_seconds']} s)")
         else:
-            atomic_write_json(
+            write_json_atomic(
                 failed_json,
                 {
                     "task": info.get("task"),

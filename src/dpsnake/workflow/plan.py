@@ -44,6 +44,7 @@ def make_walkers(cfg: dict, it: int, stage: int, outdir: pathlib.Path) -> list[d
     ``structure`` paths are relative to the folder of walkers.json (``outdir``)."""
     import ase.io
 
+    from dpsnake.fsio import atomic_path
     from dpsnake.workflow.structures import build_structure, with_masses
 
     st = cfg["explore"]["stages"][stage]
@@ -57,13 +58,12 @@ def make_walkers(cfg: dict, it: int, stage: int, outdir: pathlib.Path) -> list[d
             build_structure(cfg["systems"][system]["structure"], ".", key=f"systems.{system}.structure"), cfg["masses"]
         )
         spath = sdir / f"{system}.extxyz"
-        tmp = spath.with_name(f".{spath.name}.tmp.extxyz")
-        ase.io.write(tmp, atoms, format="extxyz")
-        if spath.is_file() and spath.read_bytes() != tmp.read_bytes():
-            # the explore runner's checkpoint knows walker specs, not structure contents: a checkpoint
-            # of an interrupted exploration from the old structure must not be resumed
-            (outdir / CHECKPOINT).unlink(missing_ok=True)
-        tmp.replace(spath)
+        with atomic_path(spath, ".extxyz") as tmp:
+            ase.io.write(tmp, atoms, format="extxyz")
+            if spath.is_file() and spath.read_bytes() != tmp.read_bytes():
+                # the explore runner's checkpoint knows walker specs, not structure contents: a checkpoint
+                # of an interrupted exploration from the old structure must not be resumed
+                (outdir / CHECKPOINT).unlink(missing_ok=True)
         for T in st["temperatures"]:
             for P in pressures:
                 for r in range(st["replicas"]):
@@ -111,15 +111,15 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from dpsnake.fsio import write_json_atomic
     from dpsnake.workflow.config import read_resolved
-    from dpsnake.workflow.fsutil import atomic_write_json
 
     cfg = read_resolved(args.config)
     prev = json.loads(pathlib.Path(args.prev_stats).read_text()) if args.prev_stats else None
     stage, stage_it = iteration_stage(cfg, prev)
     out = pathlib.Path(args.out)
     walkers = make_walkers(cfg, args.iter, stage, out.parent)
-    atomic_write_json(
+    write_json_atomic(
         out.parent / "plan.json",
         {
             "iteration": args.iter,
@@ -129,7 +129,7 @@ def run(args) -> int:
             "structures": structure_sources(cfg, stage),
         },
     )
-    atomic_write_json(out, walkers)
+    write_json_atomic(out, walkers)
     print(f"iteration {args.iter}: stage {stage} (iteration {stage_it} of the stage), {len(walkers)} walkers")
     return 0
 

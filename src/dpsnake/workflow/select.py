@@ -393,8 +393,8 @@ def table(stats: dict) -> str:
 def run(args) -> int:
     import ase.io
 
+    from dpsnake.fsio import atomic_dir, write_json_atomic
     from dpsnake.workflow.config import read_resolved
-    from dpsnake.workflow.fsutil import atomic_write_json, replace_dir, tmp_dir_for
 
     cfg = read_resolved(args.config)
     explore, out = pathlib.Path(args.explore), pathlib.Path(args.outdir)
@@ -403,10 +403,9 @@ def run(args) -> int:
             raise UserError(f"--explore: {explore / f}: no such file")
     stats, tasks = select(cfg, args.iter, explore, args.data, args.results, args.model)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_dir_for(out / "candidates")
-    for atoms in tasks:
-        ase.io.write(tmp / f"task.{atoms.info['task']}.extxyz", atoms, format="extxyz")
-    replace_dir(tmp, out / "candidates")
-    atomic_write_json(out / "stats.json", stats)
+    with atomic_dir(out / "candidates") as tmp:
+        for atoms in tasks:
+            ase.io.write(tmp / f"task.{atoms.info['task']}.extxyz", atoms, format="extxyz")
+    write_json_atomic(out / "stats.json", stats)
     print(table(stats))
     return 0

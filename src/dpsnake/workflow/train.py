@@ -28,6 +28,7 @@ import os
 import pathlib
 
 from dpsnake.errors import UserError
+from dpsnake.fsio import write_json_atomic, write_text_atomic
 from dpsnake.workflow.train_proc import remove_stale, run_steps
 
 FROZEN = {"tf": "frozen_model.pb", "pt": "frozen_model.pth"}
@@ -236,8 +237,8 @@ def run(args) -> int:
     inp = make_input(
         cfg, args.iter, args.model, systems, init, first, finetune=start["mode"] == "finetune", model=model
     )
-    (out / "input.json").write_text(json.dumps(inp, indent=1))
-    (out / "init.json").write_text(json.dumps(start, indent=1) + "\n")
+    write_text_atomic(out / "input.json", json.dumps(inp, indent=1))
+    write_json_atomic(out / "init.json", start)
     env = dict(
         os.environ,
         TF_CPP_MIN_LOG_LEVEL="3",

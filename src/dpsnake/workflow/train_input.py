@@ -92,15 +92,16 @@ def pth_to_checkpoint(pth: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
     import deepmd.pt.cxx_op  # noqa: F401
     import torch
 
+    from dpsnake.fsio import atomic_path
+
     m = torch.jit.load(str(pth), map_location="cpu")
     state = {"model.Default." + k: v for k, v in m.state_dict().items()}
     state["_extra_state"] = {
         "model_params": json.loads(m.get_model_def_script()),
         "train_infos": {"lr": 0.0, "step": 0},
     }
-    tmp = out.with_suffix(".tmp.pt")
-    torch.save({"model": state}, str(tmp))
-    tmp.replace(out)
+    with atomic_path(out, ".pt") as tmp:
+        torch.save({"model": state}, str(tmp))
     return out
 
 
