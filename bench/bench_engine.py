@@ -40,6 +40,8 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "src"))
 
+from dpsnake.engine.settings import EngineSettings
+
 RESULTS = []
 
 
@@ -78,9 +80,23 @@ def timeit(fn, sync, n=5, warm=2, budget=60.0):
     return float(np.median(ts))
 
 
-def _use(best, prec):
-    k, f = (best or {}).get(prec, ("1", "auto"))  # default: the engine's own defaults
-    os.environ["DPSNAKE_KERNELS"], os.environ["DPSNAKE_FUSED"] = k, f
+# the engine's settings of every case: --set NAME=VALUE on top of the DPSNAKE_* variables of the
+# environment (EngineSettings.from_env: the command lines of earlier runs still mean what they did)
+SETTINGS = EngineSettings()
+
+
+def _variant(kern: str, fused: str) -> EngineSettings:
+    """Settings of a variant (kernels, fused) = ("0"/"1", "0"/"1"/"auto"), as DPSNAKE_KERNELS and
+    DPSNAKE_FUSED meant them (FUSED=0 also turned the tabulated kernels off)."""
+    return SETTINGS.replace(
+        kernels=kern != "0", fused={"0": "off", "1": "on"}.get(fused, "auto"), tab_kernels=fused != "0"
+    )
+
+
+def _use(best, prec, tf32: bool = False) -> EngineSettings:
+    """Settings of the main cases: the fastest variant of ``prec`` if measured, else SETTINGS."""
+    base = _variant(*best[prec]) if best and prec in best else SETTINGS
+    return base.replace(tf32=tf32)
 
 
 def ours_cases(
@@ -93,6 +109,7 @@ def ours_cases(
     compress=None,
     precs=("mixed", "double"),
     parts=("batch", "single"),
+    tf32=False,
 ):
     """The cases of one engine mode: ``code`` labels it; ``compress`` (dict) tabulates the nets;
     ``parts``: "batch" (256 x 108 batch, 4-model deviation), "single" (one system per size)."""
@@ -102,8 +119,7 @@ def ours_cases(
 
     pairs = (("mixed", models["float32"][0]), ("double", models["float64"]))
     for prec, mfile in [p for p in pairs if p[0] in precs and "batch" in parts]:
-        _use(best, prec)
-        ens = Ensemble([mfile], precision=prec, compress=compress)
+        ens = Ensemble([mfile], precision=prec, compress=compress, settings=_use(best, prec, tf32))
         c, b, t = batch_frames()
         args = frames_to_flat(cp, cp.asarray(c), cp.asarray(b), cp.asarray(t))[:5]
         nat = c.shape[0] * c.shape[1]
@@ -113,8 +129,7 @@ def ours_cases(
     # 4-model deviation on the batch (mixed, FP32 models) and (double, the FP64 model 4 times)
     devs = (("mixed", models["float32"]), ("double", [models["float64"]] * 4))
     for prec, mlist in [p for p in devs if p[0] in precs and "batch" in parts]:
-        _use(best, prec)
-        ens = Ensemble(mlist, precision=prec, compress=compress)
+        ens = Ensemble(mlist, precision=prec, compress=compress, settings=_use(best, prec, tf32))
         c, b, t = batch_frames(seed=1)
         args = frames_to_flat(cp, cp.asarray(c), cp.asarray(b), cp.asarray(t))[:5]
         natoms = cp.full(c.shape[0], c.shape[1])
@@ -136,8 +151,7 @@ def ours_cases(
             us_per_frame_atom=s / (c.shape[0] * c.shape[1]) * 1e6,
         )
     for prec, mfile in [p for p in pairs if p[0] in precs and "single" in parts]:
-        _use(best, prec)
-        ens = Ensemble([mfile], precision=prec, compress=compress)
+        ens = Ensemble([mfile], precision=prec, compress=compress, settings=_use(best, prec, tf32))
         for rep in reps:
             a = cu_cell(rep)
             n = len(a)
@@ -181,10 +195,9 @@ def variant_cases(models, cp, sync):
     args = frames_to_flat(cp, cp.asarray(c), cp.asarray(b), cp.asarray(t))[:5]
     nat = c.shape[0] * c.shape[1]
     for kern, fused in (("0", "0"), ("1", "0"), ("1", "1")):
-        os.environ["DPSNAKE_KERNELS"], os.environ["DPSNAKE_FUSED"] = kern, fused
         for prec, mfile in (("mixed", models["float32"][0]), ("double", models["float64"])):
             try:
-                ens = Ensemble([mfile], precision=prec)
+                ens = Ensemble([mfile], precision=prec, settings=_variant(kern, fused))
                 s = timeit(lambda: ens.evaluate(*args), sync, n=5)
                 emit(
                     bench="variant",
@@ -197,7 +210,6 @@ def variant_cases(models, cp, sync):
                 )
             except Exception as err:
                 emit(bench="variant", kernels=kern, fused=fused, prec=prec, error=repr(err)[:300])
-    os.environ["DPSNAKE_KERNELS"], os.environ["DPSNAKE_FUSED"] = "1", "auto"
     # the main cases run with the fastest variant of each precision
     best = {}
     for r in RESULTS:
@@ -261,8 +273,7 @@ def agreement(models, extra, cp):
     systems = check_cells(rng)
     paths = [models["float64"], models["float32"][0]] + list(extra)
     for path, fused in [(p, f) for p in paths for f in ("auto", "1")]:
-        os.environ["DPSNAKE_FUSED"] = fused
-        dpn = DeepPot(path)
+        dpn = DeepPot(path, settings=_variant("1", fused))
         tm = dpn.get_type_map()
         for k, at in enumerate(systems):
             t = rng.integers(0, len(tm), len(at))
@@ -330,8 +341,10 @@ def accuracy(models, cp, comp):
         ("mixed+tab+tf32", "mixed", comp, "1"),
     ]
     for name, prec, cmp, tf32 in modes:
-        os.environ["DPSNAKE_TF32"] = tf32
-        e, f, v = [x.get() for x in DeepPot(models["float64"], precision=prec, compress=cmp).eval(*args)[:3]]
+        st = SETTINGS.replace(tf32=tf32 == "1")
+        e, f, v = [
+            x.get() for x in DeepPot(models["float64"], precision=prec, compress=cmp, settings=st).eval(*args)[:3]
+        ]
         df = np.linalg.norm((f - ref[1]).reshape(-1, 3), axis=1)
         emit(
             check="accuracy_vs_fp64_nets",
@@ -343,9 +356,9 @@ def accuracy(models, cp, comp):
             v_per_atom_max=float(np.abs(v - ref[2]).max() / nat),
             f_scale_rms=float(np.sqrt((ref[1] ** 2).sum(-1).mean())),
         )
-    os.environ["DPSNAKE_TF32"] = "0"
-    gpu = [x.get() for x in DeepPot(models["float64"], compress=comp).eval(*args)[:3]]
-    cpu = DeepPot(models["float64"], compress=comp).eval(c[:4], b[:4], t)[:3]
+    st = SETTINGS.replace(tf32=False)
+    gpu = [x.get() for x in DeepPot(models["float64"], compress=comp, settings=st).eval(*args)[:3]]
+    cpu = DeepPot(models["float64"], compress=comp, settings=st).eval(c[:4], b[:4], t)[:3]
     errs = [float(np.abs(x[:4].reshape(y.shape) - y).max() / np.abs(y).max()) for x, y in zip(gpu, cpu)]
     emit(check="tab_kernels_vs_numpy_fp64", e_rel=errs[0], f_rel=errs[1], v_rel=errs[2])
 
@@ -389,8 +402,17 @@ def main():
         metavar="MIN_NBOR_DIST",
         help="also every case with tabulated embedding nets (and mixed + TF32 fitting GEMMs)",
     )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an engine setting (EngineSettings field, docs/engine.md) for every case, e.g. compact=0",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    global SETTINGS
+    SETTINGS = EngineSettings.parse(args.set, EngineSettings.from_env(os.environ))
     import cupy as cp
 
     def sync():
@@ -403,6 +425,7 @@ def main():
     }
     emit(
         device=cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
+        settings=SETTINGS.to_dict(),
         cupy=cp.__version__,
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     )
@@ -428,9 +451,9 @@ def main():
     # batch tab+TF32 0.217 vs 0.180-0.186 us/atom in three runs without the large systems)
     for parts in (("batch",), ("single",)):
         for code, cmp, precs, tf32 in modes:
-            os.environ["DPSNAKE_TF32"] = tf32
-            ours_cases(models, args.reps, cp, sync, best, code=code, compress=cmp, precs=precs, parts=parts)
-    os.environ.pop("DPSNAKE_TF32")
+            ours_cases(
+                models, args.reps, cp, sync, best, code=code, compress=cmp, precs=precs, parts=parts, tf32=tf32 == "1"
+            )
     if args.deepmd:
         import torch
 

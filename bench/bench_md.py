@@ -14,7 +14,7 @@ overhead = explore / force - 1 (goal <= 15%), medians of alternating rounds. Pri
 table, writes JSON (--json).
 
     python bench/bench_md.py m0.dp m1.dp m2.dp m3.dp [--walkers 256] [--rep 3] [--steps 100]
-           [--device auto|cpu|gpu] [--precision mixed|double] [--json out.json]
+           [--device auto|cpu|gpu] [--precision mixed|double] [--set NAME=VALUE ...] [--json out.json]
 CPU smoke test:  python bench/bench_md.py M.dp M2.dp --walkers 4 --rep 1 --steps 20 --device cpu
 """
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import tempfile
@@ -47,13 +48,17 @@ def main() -> int:
     ap.add_argument(
         "--compress", type=float, default=None, metavar="MIN_NBOR_DIST", help="tabulated embedding nets (e.g. 2.0)"
     )
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE", help="an engine setting (docs/engine.md)"
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     warnings.simplefilter("ignore", RuntimeWarning)
 
     from ase.build import bulk
 
-    from dpsnake.engine import elementwise as ew
+    from dpsnake.engine.ensemble import Ensemble
+    from dpsnake.engine.settings import EngineSettings
     from dpsnake.md import integrators
     from dpsnake.md.cli import make_provider, pick_xp
     from dpsnake.md.graphs import make_stepper
@@ -66,6 +71,11 @@ def main() -> int:
     else:
         sync = xp.cuda.Device().synchronize
     provider, type_map = make_provider(args.models, args.precision, xp, args.compress)
+    # engine settings: --set on top of the DPSNAKE_* variables (the command lines of earlier runs)
+    settings = EngineSettings.parse(args.set, EngineSettings.from_env(os.environ))
+    if settings != provider.ensemble.settings:  # the same models in an ensemble with these settings
+        e0 = provider.ensemble
+        provider.ensemble = Ensemble(e0.models, precision=e0.precision, xp=xp, compress=e0.compress, settings=settings)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench_md_"))
     atoms = bulk("Cu", "fcc", a=3.634, cubic=True).repeat(args.rep)
     atoms.write(tmp / "cu.extxyz", format="extxyz")
@@ -105,6 +115,7 @@ def main() -> int:
         checkpoint_every=1e9,
         stop_after=2 * f,
     )
+    warm._md_step = make_stepper(xp, settings)  # (the explorer's own has the default settings)
     warm.prepare()
     warm.loop()
     # explore and force are timed in alternating rounds (--rounds; medians reported): the host's
@@ -122,6 +133,7 @@ def main() -> int:
         checkpoint_every=1e9,
         stop_after=f,
     )
+    ex._md_step = make_stepper(xp, settings)
     ex.prepare()
     ex.loop()
     ex.stop_after = nsteps
@@ -181,7 +193,7 @@ def main() -> int:
     # on GPUs) and eagerly (every launch from Python)
     cached = provider(st, False)
     flags = st.flags()
-    steppers = {"integrator": make_stepper(xp)}
+    steppers = {"integrator": make_stepper(xp, settings)}
     if steppers["integrator"] is not integrators.md_step:
         steppers["integrator (eager)"] = integrators.md_step
     for name, stepper in steppers.items():
@@ -194,6 +206,9 @@ def main() -> int:
         sync()
         rows[name] = (time.perf_counter() - t) / nsteps
 
+    broken = set(provider.ensemble.ctx.broken)
+    for s in (warm._md_step, ex._md_step, *steppers.values()):
+        broken |= getattr(s, "ctx", None) and s.ctx.broken or set()
     dev = "cpu (NumPy)" if xp is np else f"gpu (CuPy, {xp.cuda.runtime.getDeviceProperties(0)['name'].decode()})"
     res = {
         "walkers": args.walkers,
@@ -221,7 +236,8 @@ def main() -> int:
             g: [sum(1 for x in gc_log if x[0] == g), round(sum(x[1] for x in gc_log if x[0] == g) * 1e3, 2)]
             for g in (0, 1, 2)
         },  # generation: [passes, ms] in the timed rounds
-        "fused_families_off": sorted(ew._broken),  # kernels that failed and fell back
+        "settings": settings.to_dict(),
+        "fused_families_off": sorted(broken),  # kernels that failed and fell back
         # force calls redone because a chunk outgrew the last call's compaction widths
         "width_misses": getattr(provider.ensemble, "width_misses", None),
         "force_calls": provider.calls,
@@ -238,8 +254,8 @@ def main() -> int:
     print("|---|---|---|---|")
     for k, v in rows.items():
         print(f"| {k} | {1e3 * v:.2f} | {1e6 * v / ntot:.3f} | {ntot / v:.3e} |")
-    if ew._broken:
-        print(f"fused kernel families switched off after an error: {sorted(ew._broken)}")
+    if broken:
+        print(f"fused kernel families switched off after an error: {sorted(broken)}")
     print(
         f"force calls: {provider.calls}, redone for wider compaction: {res['width_misses']}, "
         f"compaction widths changed: {res['width_changes']}, redone for a new bin grid: {res['grid_misses']}; "

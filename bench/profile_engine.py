@@ -1,10 +1,10 @@
 """Where the engine's time goes: one force call split into stages (neighbour build and selection,
 env matrix + descriptor + fitting forward, backward, force/virial scatter), on NumPy or CuPy; the
-full call with each family of fused kernels (engine/elementwise.py) on and off; and, with --check,
+full call with each family of fused kernels (engine/cuda/elementwise.py) on and off; and, with --check,
 NumPy vs CuPy agreement of every fused path. Prints tables, writes JSON.
 
     python bench/profile_engine.py MODEL.dp [--walkers 256] [--rep 3] [--precision mixed]
-        [--ablation] [--check EXTRA.dp ...] [--json out.json]
+        [--ablation] [--check EXTRA.dp ...] [--set NAME=VALUE ...] [--json out.json]
     CUDA_LAUNCH_BLOCKING=1 python bench/profile_engine.py MODEL.dp --cprofile 25   # per-function
 
 Stages are timed separately with device synchronisation, so their sum exceeds one call slightly.
@@ -23,24 +23,25 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "src"))
 
-# DPSNAKE_FAST setting, then flags: +warp (DPSNAKE_SELECT=warp), +full (DPSNAKE_COMPACT=0: every
-# slot), +fused (DPSNAKE_FUSED=1: fused embedding kernels)
+from dpsnake.engine.settings import FAMILIES, EngineSettings
+
+# fused elementwise families ("0" none, "all"), then flags: +warp (select="warp", else "thread"),
+# +full (compact off: every slot), +fused (fused="on": fused embedding kernels, else "off")
 FAST_CONFIGS = ("0", "all+warp+full", "all+warp", "all+warp+fused", "all+warp+fused+full")
-_VARS = ("DPSNAKE_FAST", "DPSNAKE_SELECT", "DPSNAKE_COMPACT", "DPSNAKE_FUSED")
+SETTINGS = EngineSettings()  # --set NAME=VALUE on top of the DPSNAKE_* variables (main)
+BROKEN = set()  # kernel families the checked ensembles switched off
 
 
-def _set_config(cfg):
-    """Set the environment variables of configuration ``cfg`` (see FAST_CONFIGS)."""
+def _config(cfg) -> EngineSettings:
+    """The settings of configuration ``cfg`` (see FAST_CONFIGS), on top of SETTINGS."""
     fast, *flags = cfg.split("+")
-    os.environ["DPSNAKE_FAST"] = fast
-    os.environ["DPSNAKE_SELECT"] = "warp" if "warp" in flags else "thread"
-    os.environ["DPSNAKE_COMPACT"] = "0" if "full" in flags else "1"
-    os.environ["DPSNAKE_FUSED"] = "1" if "fused" in flags else "0"
-
-
-def _clear_config():
-    for v in _VARS:
-        os.environ.pop(v, None)
+    return SETTINGS.replace(
+        fast=frozenset() if fast == "0" else frozenset(FAMILIES),
+        select="warp" if "warp" in flags else "thread",
+        compact="full" not in flags,
+        fused="on" if "fused" in flags else "off",
+        tab_kernels="fused" in flags,
+    )
 
 
 def check_cells(rng):
@@ -93,7 +94,6 @@ def check(paths, xp, emit):
     per precision (tolerances: 1e-12 double, 1e-5 mixed)."""
     import warnings
 
-    from dpsnake.engine import elementwise
     from dpsnake.engine.ensemble import Ensemble
     from dpsnake.engine.xp import to_numpy
 
@@ -101,7 +101,7 @@ def check(paths, xp, emit):
     worst = {}
     for path in paths:
         for prec in ("double", "mixed"):
-            ens = Ensemble([path], precision=prec)
+            ens = Ensemble([path], precision=prec, settings=SETTINGS)
             coords, atype, system, cells = _systems(ens.ntypes, rng)
             for pbc in (np.array([True, True, True]), np.array([True, False, True])):
                 args = (coords, atype, system, cells, pbc)
@@ -110,11 +110,10 @@ def check(paths, xp, emit):
                     for atomic in (False, True):
                         ref = ens.evaluate(*args, atomic=atomic)
                         for cfg in FAST_CONFIGS:
-                            _set_config(cfg)
                             try:
-                                got = Ensemble([path], precision=prec).evaluate(
-                                    *[xp.asarray(a) for a in args], atomic=atomic
-                                )
+                                e2 = Ensemble([path], precision=prec, settings=_config(cfg))
+                                got = e2.evaluate(*[xp.asarray(a) for a in args], atomic=atomic)
+                                BROKEN.update(e2.ctx.broken)
                             except Exception as exc:  # an unverified kernel failed: report, go on
                                 emit(
                                     check="numpy_vs_cupy",
@@ -140,18 +139,17 @@ def check(paths, xp, emit):
                                 atomic=atomic,
                                 max_rel=err,
                             )
-    _clear_config()
     verdict = {}
     for key, err in worst.items():
         tol = 1e-12 if key.startswith("double") else 1e-5
         verdict[key] = (err, "PASS" if err <= tol else "FAIL")
-    emit(check_summary={k: f"{v[0]:.2e} {v[1]}" for k, v in verdict.items()}, broken=sorted(elementwise._broken))
+    emit(check_summary={k: f"{v[0]:.2e} {v[1]}" for k, v in verdict.items()}, broken=sorted(BROKEN))
     return verdict
 
 
 def ops(xp, rt, ch, timed):
     """Single operations of the embedding on the profile's shapes (first type, whole chunk)."""
-    from dpsnake.engine import elementwise as ew
+    from dpsnake.engine.cuda import elementwise as ew
 
     m, dt = rt.model, rt.dtype
     n, s = ch.valid.shape
@@ -160,7 +158,7 @@ def ops(xp, rt, ch, timed):
     rows = {}
     Rn = (
         ew.env_forward(xp, ch.d, ch.valid, rt.davg[0], rt.rstd[0], m.rcut_smth, m.rcut, m.env_protection, dt)
-        if ew.enabled(xp, "env")
+        if rt.ctx.fast(xp, "env")
         else xp.asarray(np.random.default_rng(0).random((n, s, 4)), dtype=dt)
     )
     rows["op: env matrix kernel"], _ = timed(
@@ -196,12 +194,17 @@ def main() -> int:
     ap.add_argument("--precision", default="mixed")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"))
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--ablation", action="store_true", help="full call per DPSNAKE_FAST setting")
+    ap.add_argument("--ablation", action="store_true", help="full call per kernel configuration (FAST_CONFIGS)")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE", help="an engine setting (docs/engine.md)"
+    )
     ap.add_argument("--check", nargs="*", default=None, help="NumPy vs CuPy check (+ extra .dp)")
     ap.add_argument("--ops", action="store_true", help="also time single operations on these shapes")
     ap.add_argument("--cprofile", type=int, default=0, help="print the N costliest functions")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    global SETTINGS
+    SETTINGS = EngineSettings.parse(a.set, EngineSettings.from_env(os.environ))
 
     from dpsnake.engine.descriptor import energy_and_grad
     from dpsnake.engine.ensemble import Ensemble, _compact
@@ -228,7 +231,7 @@ def main() -> int:
     coords, atype, system, cells, pbc = walker_batch(xp, a.rep, a.walkers)
     W = a.walkers
     n = coords.shape[0] // W
-    ens = Ensemble([a.model], precision=a.precision)
+    ens = Ensemble([a.model], precision=a.precision, settings=SETTINGS)
     m = ens.models[0]
     natoms = W * n
 
@@ -261,13 +264,11 @@ def main() -> int:
     rows = {}
     if a.ablation:
         for cfg in FAST_CONFIGS:
-            _set_config(cfg)
             try:
-                e2 = Ensemble([a.model], precision=a.precision)  # runtimes depend on the config
+                e2 = Ensemble([a.model], precision=a.precision, settings=_config(cfg))
                 rows[f"full call, {cfg}"], _ = timed(lambda: e2.evaluate(coords, atype, system, cells, pbc))
             except Exception as exc:  # an unverified kernel failed: report, keep the table
                 print(f"config {cfg} failed: {type(exc).__name__}: {exc}")
-        _clear_config()
     rows["full call"], _ = timed(full)
     centers = xp.arange(natoms)
     build = lambda: NeighborBuilder(
@@ -280,12 +281,13 @@ def main() -> int:
         m.rcut,
         m.sel,  # noqa: E731
         m.pair_exclude,
+        ctx=ens.ctx,
     )
     rows["neighbour build (images, bins)"], nb = timed(build)
     nb.sorted_ext()
     rows["neighbour select (chunk)"], ch = timed(lambda: nb.chunk(centers))
     widths = to_numpy(chunk_stats(xp, ch, m.sel))[:-1]
-    rows["compact slots"], (ch, slots, _) = timed(lambda: _compact(xp, ch, m.sel, widths))
+    rows["compact slots"], (ch, slots, _) = timed(lambda: _compact(ens.ctx, xp, ch, m.sel, widths))
     rt = ens._rt(xp, 0)
     rows["forward (energy only)"], _ = timed(
         lambda: energy_and_grad(rt, 0, ch.d, ch.valid, need_grad=False, slots=slots)

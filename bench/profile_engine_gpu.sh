@@ -3,8 +3,8 @@
 # agreement of every configuration of profile_engine.FAST_CONFIGS (array code, compact or every slot,
 # fused embedding kernels) on the test and benchmark models, the stage profile and ablation (mixed
 # and double), a per-function profile with CUDA_LAUNCH_BLOCKING=1, and bench_engine.py timings with
-# the default settings, with every slot (DPSNAKE_COMPACT=0) and without the fused embedding
-# kernels (DPSNAKE_FUSED=0) (no DeePMD-kit: bench_engine_gpu.sh runs it side by side). Needs the git-ignored .whl/
+# the default settings, with every slot (--set compact=0) and without the fused embedding
+# kernels (--set fused=off --set tab_kernels=0) (no DeePMD-kit: bench_engine_gpu.sh runs it side by side). Needs the git-ignored .whl/
 # (ase and array_api_compat wheels, models/); writes under $OUT (default ./gpu_out).
 #   bash bench/profile_engine_gpu.sh
 set -o pipefail
@@ -27,9 +27,9 @@ timeout 90 python3 bench/profile_engine.py "$F32" --precision mixed --ablation -
 echo "== bench" | tee -a "$LOG"
 timeout 80 python3 bench/bench_engine.py $M --reps 4 8 --json "$OUT/bench.json" 2>&1 | tee -a "$LOG"
 echo "== bench, every slot" | tee -a "$LOG"
-DPSNAKE_COMPACT=0 timeout 80 python3 bench/bench_engine.py $M --reps 4 8 --json "$OUT/bench_full.json" 2>&1 | tee -a "$LOG"
+timeout 80 python3 bench/bench_engine.py $M --reps 4 8 --set compact=0 --json "$OUT/bench_full.json" 2>&1 | tee -a "$LOG"
 echo "== bench, no fused embedding kernels" | tee -a "$LOG"
-DPSNAKE_FUSED=0 timeout 80 python3 bench/bench_engine.py $M --reps 4 8 --json "$OUT/bench_nofused.json" 2>&1 | tee -a "$LOG"
+timeout 80 python3 bench/bench_engine.py $M --reps 4 8 --set fused=off --set tab_kernels=0 --json "$OUT/bench_nofused.json" 2>&1 | tee -a "$LOG"
 echo "== profile double" | tee -a "$LOG"
 timeout 90 python3 bench/profile_engine.py "$F64" --precision double --ablation --ops --json "$OUT/prof_double.json" \
     2>&1 | tee -a "$LOG"

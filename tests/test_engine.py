@@ -294,7 +294,7 @@ def test_chunking_and_namespace(cu_model):
 
 
 def test_guessed_widths_are_checked_and_redone(cuni, monkeypatch):
-    """Chunks reuse the last call's compaction widths (what a GPU does, DPSNAKE_WIDTHS=guess here):
+    """Chunks reuse the last call's compaction widths (what a GPU does, settings widths="guess" here):
     a call whose chunks fill more slots than that is redone with its own widths, and every call
     equals the exact widths' results."""
     from dpsnake.engine import ensemble as E
@@ -305,14 +305,15 @@ def test_guessed_widths_are_checked_and_redone(cuni, monkeypatch):
     dense.set_cell(loose.cell.array * 3.6 / 4.2, scale_atoms=True)  # same atoms, many more
     given = []
     real = E._compact
-    monkeypatch.setattr(E, "_compact", lambda xp, ch, sel, w: given.append(np.array(w)) or real(xp, ch, sel, w))
+    monkeypatch.setattr(
+        E, "_compact", lambda ctx, xp, ch, sel, w: given.append(np.array(w)) or real(ctx, xp, ch, sel, w)
+    )
 
     def call(ens, at, **kw):
         c, cl, t = frame(at, tm)
         return ens.evaluate(c[0], t, np.zeros(len(t), int), cl.reshape(1, 3, 3), np.array([True]), atomic=True, **kw)
 
-    monkeypatch.setenv("DPSNAKE_WIDTHS", "guess")
-    ens = E.Ensemble([cuni["dp"]], chunk_atoms=7)  # several chunks per type
+    ens = E.Ensemble([cuni["dp"]], chunk_atoms=7, settings={"widths": "guess"})  # several chunks per type
     widths = None
     for at, misses in [(loose, 0), (loose, 0), (dense, 1), (dense, 1), (loose, 1)]:
         if at is loose and widths is None and ens._widths and misses:
@@ -324,7 +325,7 @@ def test_guessed_widths_are_checked_and_redone(cuni, monkeypatch):
             got = call(ens, at)
             # each chunk compacted once, twice in a call that was redone
             assert len(given) == len(ens._widths) * (1 + ens.width_misses - before)
-            ref = call(E.Ensemble([cuni["dp"]], chunk_atoms=7), at, exact=True)
+            ref = call(E.Ensemble([cuni["dp"]], chunk_atoms=7, settings={"widths": "guess"}), at, exact=True)
         assert ens.width_misses == misses, (at.cell.lengths(), misses)
         for key in ("energy", "force", "virial", "atom_energy", "atom_virial"):
             assert rel_err(got[key], ref[key]) < 1e-13, key
@@ -371,11 +372,12 @@ def test_compact_slots_equal_full_slots(cuni, monkeypatch):
     kept = []
     real = E._compact
     monkeypatch.setattr(
-        E, "_compact", lambda xp, ch, sel, w: kept.append(real(xp, ch, sel, w)[1].kept) or real(xp, ch, sel, w)
+        E,
+        "_compact",
+        lambda ctx, xp, ch, sel, w: kept.append(real(ctx, xp, ch, sel, w)[1].kept) or real(ctx, xp, ch, sel, w),
     )
     out = E.Ensemble([cuni["dp"]]).evaluate(*args, atomic=True)
     assert kept and all((k < np.array([24, 24])).all() for k in kept), kept
-    monkeypatch.setenv("DPSNAKE_COMPACT", "0")
-    full = E.Ensemble([cuni["dp"]]).evaluate(*args, atomic=True)
+    full = E.Ensemble([cuni["dp"]], settings={"compact": False}).evaluate(*args, atomic=True)
     for key in ("energy", "force", "virial", "atom_energy", "atom_virial"):
         assert rel_err(out[key], full[key]) < 1e-13, key

@@ -13,7 +13,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from dpsnake.engine import fused, kernels
+from dpsnake.engine.cuda import fused
+from dpsnake.engine.cuda import selection as kernels
 from dpsnake.engine.nets import Layer, Net
 
 
@@ -96,10 +97,7 @@ def test_unsupported_nets_are_named():
 
 @pytest.mark.parametrize("nnei,ntypes", [(152, 1), (48, 2), (7, 3)])
 def test_selection_kernels_compile(nnei, ntypes):
-    ptx = compile_cuda(kernels._SELECT_SRC % {"nnei": nnei, "ntypes": ntypes})
+    ptx = compile_cuda(kernels.select_source(nnei, ntypes))
     assert ".entry select_nb" in ptx
-    ptx = compile_cuda(
-        kernels._SELECT_WARP_SRC
-        % {"nnei": nnei, "cap": kernels.WARP_CAP, "lanes": kernels.WARP_LANES, "ntypes": ntypes}
-    )
+    ptx = compile_cuda(kernels.warp_source(nnei, ntypes))
     assert ".entry select_nb_warp" in ptx

@@ -1,4 +1,4 @@
-"""Block-per-centre descriptor kernels (engine/descriptor_kernels.py) against the array code:
+"""Block-per-centre descriptor kernels (engine/cuda/desc.py) against the array code:
 compiled with g++ for the CPU (each block's threads as OS threads with a real barrier for
 __syncthreads, shared arrays shared by them), with NVRTC for sm_90, and on a GPU when there is one."""
 
@@ -36,7 +36,7 @@ def _reference(gr, gD, A, scale):
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_kernels_match_array_code(tmp_path, dtype):
-    from dpsnake.engine.descriptor_kernels import source
+    from dpsnake.engine.cuda.desc import source
 
     npdt = np.float32 if dtype == "float32" else np.float64
     ct = ctypes.c_float if dtype == "float32" else ctypes.c_double
@@ -58,7 +58,7 @@ def test_kernels_match_array_code(tmp_path, dtype):
 
 
 def test_shared_memory_limit_falls_back():
-    from dpsnake.engine.descriptor_kernels import shared_bytes, supported
+    from dpsnake.engine.cuda.desc import shared_bytes, supported
 
     assert supported("float64", 100, 16) and shared_bytes("float64", 100, 16) == (400 + 1700) * 8
     assert supported("float32", 240, 16)
@@ -71,7 +71,7 @@ def test_kernels_compile_for_h100(dtype):
     pytest.importorskip("nvidia.cuda_nvrtc")
     from test_engine_cuda_compile import compile_cuda
 
-    from dpsnake.engine.descriptor_kernels import source
+    from dpsnake.engine.cuda.desc import source
 
     ptx = compile_cuda(source(dtype, 100, 16))
     assert ".entry desc_fwd" in ptx and ".entry desc_bwd" in ptx
@@ -79,7 +79,7 @@ def test_kernels_compile_for_h100(dtype):
 
 def test_on_gpu_block_equals_elementwise(monkeypatch):
     cp = cupy_or_skip()
-    from dpsnake.engine import elementwise as ew
+    from dpsnake.engine.cuda import elementwise as ew
 
     rng = np.random.default_rng(4)
     for dt, tol in ((np.float64, 1e-13), (np.float32, 2e-6)):
@@ -87,8 +87,11 @@ def test_on_gpu_block_equals_elementwise(monkeypatch):
         gD = cp.asarray(rng.normal(size=(3000, 100, 16)).astype(dt))
         out = {}
         for mode in ("block", "elementwise"):
-            monkeypatch.setenv("DPSNAKE_DESC", mode)
-            out[mode] = (cp.asnumpy(ew.descriptor(cp, gr, 16)), cp.asnumpy(ew.descriptor_grad(cp, gr, gD, 0.02)))
+            block = mode == "block"
+            out[mode] = (
+                cp.asnumpy(ew.descriptor(cp, gr, 16, block)),
+                cp.asnumpy(ew.descriptor_grad(cp, gr, gD, 0.02, block)),
+            )
         D_ref, ggr_ref = _reference(cp.asnumpy(gr).astype(np.float64), cp.asnumpy(gD).astype(np.float64), 16, 0.02)
         for D, ggr in out.values():
             assert np.abs(D - D_ref).max() <= tol * np.abs(D_ref).max()

@@ -1,4 +1,4 @@
-"""The fused elementwise kernels (engine/elementwise.py, CuPy ElementwiseKernels on GPUs) emulated
+"""The fused elementwise kernels (engine/cuda/elementwise.py, CuPy ElementwiseKernels on GPUs) emulated
 on the CPU: each kernel body is compiled with g++ into a loop over the broadcast elements and
 substituted for the CuPy kernel, then the whole engine runs through the fused paths and is compared
 with the NumPy array code (which is also the reference the GPU run checks them against)."""
@@ -12,6 +12,8 @@ import subprocess
 import numpy as np
 import pytest
 from test_engine_helpers import fcc, rel_err
+
+from dpsnake.engine.settings import EngineContext, EngineSettings
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
 
@@ -90,7 +92,7 @@ class _Emulated:
 
 @pytest.fixture()
 def emulated(tmp_path, monkeypatch):
-    from dpsnake.engine import elementwise as ew
+    from dpsnake.engine.cuda import elementwise as ew
 
     cache = {}
 
@@ -100,11 +102,14 @@ def emulated(tmp_path, monkeypatch):
         return cache[name]
 
     monkeypatch.setattr(ew, "_k", k)
-    monkeypatch.setattr(ew, "_broken", set())
-    monkeypatch.setattr(ew, "enabled", lambda xp, name: True)
+    # the families of the settings run on NumPy too (EngineSettings(fast=NONE): the array code)
+    monkeypatch.setattr(EngineContext, "fast", lambda self, xp, name: name in self.settings.fast)
     # the block-per-centre descriptor kernels are RawModules (tested in test_engine_descriptor_kernels.py)
-    monkeypatch.setenv("DPSNAKE_DESC", "elementwise")
+    monkeypatch.setattr(ew, "_desc_block", lambda gr, A, block: False)
     return ew
+
+
+NONE = EngineSettings(fast=frozenset())  # no fused elementwise kernels: the reference
 
 
 def _batch(ntypes, seed=0):
@@ -122,7 +127,6 @@ def _batch(ntypes, seed=0):
 
 @pytest.mark.parametrize("precision", ["double", "mixed"])
 def test_fused_paths_match_array_code(cu_model, request, emulated, precision):
-    from dpsnake.engine import elementwise as ew
     from dpsnake.engine.ensemble import Ensemble
 
     models = [cu_model["dp"]]
@@ -135,10 +139,8 @@ def test_fused_paths_match_array_code(cu_model, request, emulated, precision):
         ens = Ensemble([path], precision=precision)
         args = _batch(ens.ntypes)
         got = ens.evaluate(*args)
-        assert not ew._broken
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(ew, "enabled", lambda xp, name: False)
-            ref = Ensemble([path], precision=precision).evaluate(*args)
+        assert not ens.ctx.broken
+        ref = Ensemble([path], precision=precision, settings=NONE).evaluate(*args)
         tol = 1e-12 if precision == "double" else 1e-5
         for k in ("energy", "force", "virial"):
             err = np.abs(got[k] - ref[k]).max() / np.abs(ref[k]).max()
@@ -148,7 +150,6 @@ def test_fused_paths_match_array_code(cu_model, request, emulated, precision):
 def test_fused_layer_variants(emulated):
     """Every residual shape of a tanh layer (none, x, concat(x, x)), with and without idt/bias,
     K=1 outer-product layers included, forward and backward."""
-    from dpsnake.engine import elementwise as ew
     from dpsnake.engine.nets import Layer, Net
 
     rng = np.random.default_rng(1)
@@ -163,13 +164,12 @@ def test_fused_layer_variants(emulated):
         Net([lay(1, 1), lay(1, 5, res=False), lay(5, 10, idt=False, b=False)]),
     ]
     x = rng.normal(size=(3, 7, 1))
+    ctx = EngineContext()
     for net in nets:
-        y, cache = net.forward(np, x)
-        gx = net.backward(np, np.ones_like(y), cache)
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(ew, "enabled", lambda xp, name: False)
-            y0, c0 = net.forward(np, x)
-            gx0 = net.backward(np, np.ones_like(y0), c0)
+        y, cache = net.forward(np, x, ctx=ctx)
+        gx = net.backward(np, np.ones_like(y), cache, ctx=ctx)
+        y0, c0 = net.forward(np, x)  # no context: the array code
+        gx0 = net.backward(np, np.ones_like(y0), c0)
         np.testing.assert_allclose(y, y0, rtol=1e-14, atol=1e-14)
         np.testing.assert_allclose(gx, gx0, rtol=1e-13, atol=1e-13)
 
@@ -183,20 +183,17 @@ def test_neighbour_build_kernels_match_array_code(emulated):
     """The nbr kernels (wrap, ghosts, bin keys, bin-ordered ext arrays, 27 candidate ranges) give
     the array code's ext atoms, bins and candidate sets: cubic, tiny triclinic (several images per
     direction) and non-periodic systems in one batch."""
-    from dpsnake.engine import elementwise as ew
     from dpsnake.engine.neighbor import NeighborBuilder
 
     coords, atype, system, cells, pbc = _batch(2, seed=3)
     cells[1] = cells[1] @ (np.eye(3) + 0.1 * np.random.default_rng(3).uniform(-1, 1, (3, 3)))
     args = (np, coords, atype, system, cells, pbc, 6.0, [40, 40])
     got = NeighborBuilder(*args)
-    assert got._geo is not None and not ew._broken
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ew, "enabled", lambda xp, name: False)
-        ref = NeighborBuilder(*args)
-        bad = coords.copy()
-        bad[3] = np.nan  # a NaN atom of a periodic system: itself, no ghosts, nothing else lost
-        n_nan = NeighborBuilder(np, bad, *args[2:]).n_ext
+    assert got._geo is not None and not got.ctx.broken
+    ref = NeighborBuilder(*args, ctx=NONE)
+    bad = coords.copy()
+    bad[3] = np.nan  # a NaN atom of a periodic system: itself, no ghosts, nothing else lost
+    n_nan = NeighborBuilder(np, bad, *args[2:], ctx=NONE).n_ext
     assert NeighborBuilder(np, bad, *args[2:]).n_ext == n_nan < ref.n_ext
     assert ref._geo is None and got.n_ext == ref.n_ext > 3 * len(coords)
     np.testing.assert_allclose(got.wrapped, ref.wrapped, atol=1e-12)
@@ -214,7 +211,7 @@ def test_neighbour_build_kernels_match_array_code(emulated):
     for b in range(got.total_bins):  # the same atoms in every bin
         lo, hi = int(got.edges[b]), int(got.edges[b + 1])
         assert ext_set(got, lo, hi) == ext_set(ref, lo, hi)
-    from dpsnake.engine import neighbor_kernels as nbk
+    from dpsnake.engine.cuda import nbr as nbk
 
     centers = np.arange(len(coords))
     start, cnt = nbk.bin_ranges(np, centers, got.cbin, got.system, got._geo, got.edges)
@@ -231,7 +228,7 @@ def test_neighbour_build_kernels_match_array_code(emulated):
 def test_bin_order_by_counting_is_a_stable_sort(emulated):
     """The counting sort of the neighbour build's bin keys (count, scan, place with atomics, sort
     each bin's range) gives a stable argsort's order and the bins' edges, empty bins included."""
-    from dpsnake.engine import neighbor_kernels as nbk
+    from dpsnake.engine.cuda import nbr as nbk
 
     rng = np.random.default_rng(2)
     for total, E in ((1, 5), (40, 3000), (500, 200)):
@@ -250,7 +247,7 @@ def test_bin_order_by_counting_is_a_stable_sort(emulated):
 def test_compact_kernel_matches_gathers(emulated):
     """The chunk compaction kernel gives the gathers of the array code (owner, own, d, valid) on a
     batch where compaction drops columns of both type blocks."""
-    from dpsnake.engine import elementwise as ew
+    from dpsnake.engine.cuda import elementwise as ew
     from dpsnake.engine.descriptor import Slots
     from dpsnake.engine.neighbor import NeighborBuilder, chunk_stats
 
@@ -262,8 +259,9 @@ def test_compact_kernel_matches_gathers(emulated):
     stats = chunk_stats(np, ch, sel)
     kept = stats[:-1]
     assert (kept > 0).all() and (kept < sel).all()
-    slots = Slots.cached(sel, kept, np)
-    assert Slots.cached(sel, kept, np) is slots
+    cache = {}
+    slots = Slots.cached(sel, kept, np, cache)
+    assert Slots.cached(sel, kept, np, cache) is slots
     owner, own, d, valid = ew.compact(np, ch, slots.xcols)
     cols = slots.cols
     np.testing.assert_array_equal(owner, ch.owner[:, cols])
@@ -279,7 +277,7 @@ def test_device_geometry_table_matches_the_host(emulated):
     from test_engine_helpers import triclinic
 
     from dpsnake.engine import neighbor as N
-    from dpsnake.engine import neighbor_kernels as nbk
+    from dpsnake.engine.cuda import nbr as nbk
 
     cells = np.array([fcc(rep=(3, 3, 3)).cell.array, triclinic().cell.array, fcc(rep=(2, 1, 1)).cell.array])
     pbc = np.ones(3, dtype=bool)
@@ -307,12 +305,9 @@ def test_grid_made_on_the_device_follows_npt_cells(cuni, emulated, monkeypatch):
     or, with bins smaller than rcut, the call redone at once (flag 2); every call equals the host
     path's results, and a singular cell is still one clear error."""
     from dpsnake.engine import ensemble as E
-    from dpsnake.engine import neighbor
-    from dpsnake.engine import neighbor_kernels as nbk
+    from dpsnake.engine.cuda import nbr as nbk
     from dpsnake.errors import UserError
 
-    monkeypatch.setenv("DPSNAKE_WIDTHS", "guess")
-    monkeypatch.setattr(neighbor, "_KEPT", {})
     flags, caps = [], []
     real, real_build = nbk.device_geometry, nbk.build_ext
 
@@ -338,7 +333,7 @@ def test_grid_made_on_the_device_follows_npt_cells(cuni, emulated, monkeypatch):
     system = np.repeat(np.arange(2), 108)
     cells0 = np.array([a.cell.array for a in ats])
     pbc = np.ones(2, dtype=bool)
-    ens = E.Ensemble([cuni["dp"]], precision="double")
+    ens = E.Ensemble([cuni["dp"]], precision="double", settings={"widths": "guess"})
     layout = ens.layout(atype, system, pbc)
     # (scale, grid flags, calls redone so far); room for the ghosts from the second call on
     steps = [

@@ -1,4 +1,4 @@
-"""The fused embedding kernels (engine/fused.py) run on the CPU: the generated CUDA source compiled
+"""The fused embedding kernels (engine/cuda/fused.py) run on the CPU: the generated CUDA source compiled
 with g++ against a stub that runs every thread of a block as a std::thread, with real 32-lane warps
 (shuffles through a per-warp barrier), shared memory, __syncthreads and atomics; a grid of 2 blocks
 exercises the grid-stride loop. Compared with the NumPy array code (nets.py) they replace."""
@@ -60,7 +60,7 @@ def _nets(cu_model):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_fused_kernels_match_array_code(cu_model, tmp_path, dtype):
-    from dpsnake.engine.fused import _source, _Spec
+    from dpsnake.engine.cuda.fused import _source, _Spec
 
     rng = np.random.default_rng(4)
     npdt = np.float32 if dtype == "float32" else np.float64

@@ -26,11 +26,12 @@ def _batch(a, nsys=6, seed=0):
     return coords, atype, system, np.stack([at.cell.array for at in ats]), np.ones(nsys, dtype=bool)
 
 
-def test_guessed_widths_on_gpu_equal_numpy(monkeypatch):
+def test_guessed_widths_on_gpu_equal_numpy():
     from dpsnake.engine.ensemble import Ensemble
 
-    monkeypatch.delenv("DPSNAKE_WIDTHS", raising=False)  # default: guess on CuPy
-    gpu = Ensemble([str(MODEL)], precision="double", chunk_atoms=40)
+    gpu = Ensemble(  # default settings: widths guessed on CuPy
+        [str(MODEL)], precision="double", chunk_atoms=40
+    )
     loose, dense = _batch(4.0), _batch(3.45)
     for host, misses in [(loose, 0), (loose, 0), (dense, 1), (dense, 1), (loose, 1)]:
         with warnings.catch_warnings():

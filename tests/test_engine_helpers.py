@@ -134,9 +134,9 @@ def set_activation(model: dict, act: str):
     model["fitting"]["activation_function"] = act
 
 
-def overfull_cuni_batch(m):
+def overfull_cuni_batch(m, ctx=None):
     """Three CuNi systems (compressed fcc with overfull lists, triclinic, non-periodic along c) in one
-    NeighborBuilder for model ``m``; returns (builder, all centre indices)."""
+    NeighborBuilder for model ``m`` (EngineContext ``ctx``); returns (builder, all centre indices)."""
     from dpsnake.engine.neighbor import NeighborBuilder
 
     ats = [
@@ -148,16 +148,16 @@ def overfull_cuni_batch(m):
     atype = np.concatenate([frame(a, ["Cu", "Ni"])[2] for a in ats])
     system = np.repeat(np.arange(3), [len(a) for a in ats])
     cells = np.array([a.cell.array for a in ats])
-    nb = NeighborBuilder(np, coords, atype, system, cells, np.array([True, True, False]), m.rcut, m.sel)
+    nb = NeighborBuilder(np, coords, atype, system, cells, np.array([True, True, False]), m.rcut, m.sel, ctx=ctx)
     return nb, np.arange(len(coords))
 
 
-def check_kernel_selection(m):
+def check_kernel_selection(m, ctx=None):
     """Selection on :func:`overfull_cuni_batch` with the array code, then with the (emulated)
     selection kernels (``use_kernel``): owners, overflow flags and displacements must agree."""
     from dpsnake.engine.neighbor import chunk_stats
 
-    nb, centers = overfull_cuni_batch(m)
+    nb, centers = overfull_cuni_batch(m, ctx)
     ref = nb.chunk(centers)
     nb.use_kernel = True
     got = nb.chunk(centers)

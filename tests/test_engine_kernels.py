@@ -37,7 +37,7 @@ def _ptr(a):
 
 
 def test_select_kernel_matches_array_code(cuni, tmp_path, monkeypatch):
-    from dpsnake.engine import kernels
+    from dpsnake.engine.cuda import selection as kernels
     from dpsnake.engine.model import load_model
 
     m = load_model(cuni["dp"])
@@ -45,7 +45,7 @@ def test_select_kernel_matches_array_code(cuni, tmp_path, monkeypatch):
     lib = _build(
         tmp_path,
         "select",
-        kernels._SELECT_SRC % {"nnei": nnei, "ntypes": nt}
+        kernels.select_source(nnei, nt)
         + """
 extern "C" void run(long long n, double rcut, const double* cpos, const long long* cidx,
     const long long* bs, const long long* bc, const double* ep, const long long* eo,
@@ -57,7 +57,7 @@ extern "C" void run(long long n, double rcut, const double* cpos, const long lon
 """,
     )
 
-    def emulated(xp, rcut, sel, sec, cpos, cidx, bstart, bcnt, epos, eown, etype, eidx):
+    def emulated(xp, rcut, sel, sec, cpos, cidx, bstart, bcnt, epos, eown, etype, eidx, consts=None):
         n = len(cidx)
         owner = np.full((n, nnei), -1, dtype=np.int64)
         d = np.zeros((n, nnei, 3))

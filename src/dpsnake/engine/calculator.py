@@ -15,13 +15,22 @@ from dpsnake.errors import UserError
 
 class DP(Calculator):
     """ASE calculator. model: path to a ``.dp`` file (or DPModel); type_dict: symbol -> type index
-    (default from the model's type_map); precision "double" or "mixed"."""
+    (default from the model's type_map); precision "double" or "mixed"; ``settings``: an
+    EngineSettings (as :class:`~dpsnake.engine.ensemble.Ensemble`)."""
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
 
-    def __init__(self, model, label: str = "DP", type_dict: dict | None = None, precision: str = "double", **kwargs):
+    def __init__(
+        self,
+        model,
+        label: str = "DP",
+        type_dict: dict | None = None,
+        precision: str = "double",
+        settings=None,
+        **kwargs,
+    ):
         super().__init__(label=label, **kwargs)
-        self.ensemble = Ensemble([model], precision=precision)
+        self.ensemble = Ensemble([model], precision=precision, settings=settings)
         self.type_dict = type_dict or {s: k for k, s in enumerate(self.ensemble.type_map)}
 
     def calculate(self, atoms=None, properties=("energy", "forces"), system_changes=all_changes):

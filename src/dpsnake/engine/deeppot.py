@@ -54,12 +54,18 @@ class DeepPot:
 
     model: path to a ``.dp`` file (or a DPModel); precision "double" or "mixed"; keyword
     ``compress`` = {"min_nbor_dist": ..., "stride": 0.01, "extrapolate": 5} tabulates the embedding
-    nets as ``dp compress`` does; ``chunk_atoms`` as :class:`Ensemble`.
+    nets as ``dp compress`` does; ``chunk_atoms``, ``settings`` (an EngineSettings) and ``tf32`` as
+    :class:`Ensemble`.
     """
 
     def __init__(self, model, precision: str = "double", **kwargs):
         self.ensemble = Ensemble(
-            [model], precision=precision, chunk_atoms=kwargs.get("chunk_atoms"), compress=kwargs.get("compress")
+            [model],
+            precision=precision,
+            chunk_atoms=kwargs.get("chunk_atoms"),
+            compress=kwargs.get("compress"),
+            settings=kwargs.get("settings"),
+            tf32=kwargs.get("tf32"),
         )
 
     def get_type_map(self) -> list[str]:

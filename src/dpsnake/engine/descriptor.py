@@ -20,13 +20,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dpsnake.engine.cuda import elementwise as ew
+from dpsnake.engine.envmat import switch as _switch
 from dpsnake.engine.model import DPModel
-from dpsnake.engine.xp import device_const
+from dpsnake.engine.settings import EngineContext
+from dpsnake.engine.tabulate import build_tables
 
 
 @dataclass
 class RuntimeModel:
-    """A :class:`DPModel` with weights moved to namespace ``xp`` and cast to the net dtype."""
+    """A :class:`DPModel` with weights moved to namespace ``xp`` and cast to the net dtype, run
+    with the kernels and state of ``ctx`` (the ensemble's EngineContext)."""
 
     model: DPModel
     xp: object
@@ -37,35 +41,39 @@ class RuntimeModel:
     fittings: list
     bias: np.ndarray
     fused: list | None = None  # FusedNet per embedding net (CUDA) or None
+    ctx: EngineContext | None = None
     _tails: dict | None = None
     _cols: dict | None = None
 
     @classmethod
-    def build(cls, model: DPModel, xp, dtype, compress=None):
+    def build(cls, model: DPModel, xp, dtype, compress=None, ctx=None):
         """``compress``: a :class:`~dpsnake.engine.tabulate.Compression` to run tabulated
-        embedding nets (DeePMD-kit's model compression), or None for the nets themselves."""
-        from dpsnake.engine import kernels
-
+        embedding nets (DeePMD-kit's model compression), or None for the nets themselves.
+        ``ctx``: the EngineContext (settings) to run with; a default one if None."""
+        ctx = EngineContext.of(ctx)
+        st = ctx.settings
         fused = None
         name = np.dtype(dtype).name
         embeddings = [None if n is None else n.to(xp, dtype) for n in model.embeddings]
+        tables = [None] * len(embeddings)
         if compress is not None:
-            from dpsnake.engine.tabulate import build_tables
-
             tables = build_tables(model, compress)
             embeddings = [e if t is None else t.to(xp, dtype) for e, t in zip(embeddings, tables)]
-            if kernels.tabulate_enabled(xp):
-                from dpsnake.engine.tabulate_kernels import TabKernels
+            if ctx.tab_kernels(xp):
+                from dpsnake.engine.cuda.tab import TabKernels
 
-                fused = [TabKernels(e, name) if t is not None else None for e, t in zip(embeddings, tables)]
-        if kernels.fused_enabled(xp, name):  # (fused_enabled implies tabulate_enabled)
-            from dpsnake.engine.fused import get_fused, supported
+                fused = [TabKernels(e, name, st.tab_lps) if t is not None else None for e, t in zip(embeddings, tables)]
+        if ctx.fused(xp, name):
+            from dpsnake.engine.cuda.fused import get_fused, supported
 
-            # nets not tabulated; a net the kernels cannot run (activation, shape) keeps the array code
+            # nets not tabulated (a tabulated net keeps its table, kernels or not); a net the kernels
+            # cannot run (activation, shape) keeps the array code
             base = fused or [None] * len(model.embeddings)
             fused = [
-                f if f is not None or n is None or supported(n) else get_fused(n, name)
-                for f, n in zip(base, model.embeddings)
+                f
+                if f is not None or t is not None or n is None or supported(n)
+                else get_fused(n, name, st.fused_bwd_minb)
+                for f, n, t in zip(base, model.embeddings, tables)
             ]
         return cls(
             model=model,
@@ -77,6 +85,7 @@ class RuntimeModel:
             fittings=[None if n is None else n.to(xp, dtype) for n in model.fittings],
             bias=np.asarray(model.bias, dtype=np.float64),
             fused=fused,
+            ctx=ctx,
         )
 
     def net_index(self, ti: int, tt: int) -> int:
@@ -107,7 +116,7 @@ class RuntimeModel:
                 tail = xp.zeros((4, M1), dtype=self.dtype)
             else:
                 rn = xp.asarray((-self.model.davg[ti, a:b] / self.model.dstd[ti, a:b]).astype(self.dtype))
-                G, _ = self.embeddings[self.net_index(ti, tt)].forward(xp, rn[:, 0:1], keep=False)
+                G, _ = self.embeddings[self.net_index(ti, tt)].forward(xp, rn[:, 0:1], keep=False, ctx=self.ctx)
                 tail = xp.matmul(rn.T, G)
             self._tails[key] = tail
         return self._tails[key]
@@ -138,34 +147,20 @@ class Slots:
         return cls(cols=cols, sec=np.concatenate([[0], np.cumsum(kept)]).astype(int), kept=kept, xcols=xp.asarray(cols))
 
     @classmethod
-    def cached(cls, sel, kept, xp):
-        """:meth:`from_counts`, kept per (sel, kept, device): its device columns are copied once
-        (a copy from pageable host memory waits for the device)."""
+    def cached(cls, sel, kept, xp, cache: dict):
+        """:meth:`from_counts`, kept in ``cache`` (EngineContext.slots) per (sel, kept, device):
+        its device columns are copied once (a copy from pageable host memory waits for the device)."""
         from dpsnake.engine.xp import device_key
 
         key = (tuple(int(x) for x in sel), tuple(int(x) for x in kept), *device_key(xp))
-        if key not in _SLOTS:
-            if len(_SLOTS) > 256:
-                _SLOTS.clear()
-            _SLOTS[key] = cls.from_counts(sel, kept, xp)
-        return _SLOTS[key]
+        if key not in cache:
+            if len(cache) > 256:
+                cache.clear()
+            cache[key] = cls.from_counts(sel, kept, xp)
+        return cache[key]
 
     def is_full(self, sel) -> bool:
         return bool(np.array_equal(self.kept, sel))
-
-
-_SLOTS: dict = {}
-
-
-def _switch(xp, r, rs, rc):
-    """Quintic switch sw(r) and dsw/dr (DeePMD-kit's compute_smooth_weight)."""
-    rcl = xp.clip(r, rs, rc)
-    u = (rcl - rs) / (rc - rs)
-    u2 = u * u
-    sw = u2 * u * (-6.0 * u2 + 15.0 * u - 10.0) + 1.0
-    dsw = -30.0 * u2 * (u - 1.0) ** 2 / (rc - rs)
-    dsw = xp.where((r > rs) & (r < rc), dsw, 0.0)
-    return sw, dsw
 
 
 def energy_and_grad(rm: RuntimeModel, ti: int, d, valid, need_grad: bool = True, slots: Slots | None = None):
@@ -180,12 +175,11 @@ def energy_and_grad(rm: RuntimeModel, ti: int, d, valid, need_grad: bool = True,
     slots = Slots.full(m.sel) if slots is None else slots
     if m.atom_exclude[ti]:
         return xp.zeros(n), (xp.zeros((n, nnei, 3)) if need_grad else None)
-    from dpsnake.engine import elementwise as ew
-
+    ctx = rm.ctx = EngineContext.of(rm.ctx)
     keep = None
     if m.desc_exclude[ti].any():
         # descriptor exclusion: zero rows of real neighbours of an excluded (ti, t) pair
-        exrow = device_const(xp, m.desc_exclude[ti][np.repeat(np.arange(m.ntypes), m.sel)[slots.cols]])[None, :]
+        exrow = ctx.device_const(xp, m.desc_exclude[ti][np.repeat(np.arange(m.ntypes), m.sel)[slots.cols]])[None, :]
         exrow = exrow & (True if m.exclude_padding else valid)
         keep = (~exrow).astype(xp.float64)
     p = m.env_protection
@@ -193,10 +187,10 @@ def energy_and_grad(rm: RuntimeModel, ti: int, d, valid, need_grad: bool = True,
         davg, rstd = rm.davg[ti], rm.rstd[ti]
     else:
         davg, rstd = rm.columns(ti, slots)
-    fast_env = keep is None and ew.enabled(xp, "env")
+    fast_env = keep is None and ctx.fast(xp, "env")
     Rn_c = env = None
     if fast_env:  # CuPy: r, switch, R, Rn in one kernel (sw, q recomputed in the backward one)
-        Rn_c = ew.guarded("env", ew.env_forward, xp, d, valid, davg, rstd, m.rcut_smth, m.rcut, p, rm.dtype)
+        Rn_c = ctx.guarded("env", ew.env_forward, xp, d, valid, davg, rstd, m.rcut_smth, m.rcut, p, rm.dtype)
         fast_env = Rn_c is not None
     if not fast_env:
         Rn_c, env = _env_mat(xp, rm, d, valid, keep, davg, rstd)
@@ -222,10 +216,7 @@ def _env_mat(xp, rm, d, valid, keep, davg, rstd):
 
 def _nets(rm, ti, Rn_c, d, valid, keep, need_grad, env, slots, rstd):
     """Embedding, descriptor, fitting and (if need_grad) the backward pass from Rn_c."""
-    from dpsnake.engine import elementwise as ew
-    from dpsnake.engine.kernels import tf32_gemms
-
-    xp, m = rm.xp, rm.model
+    xp, m, ctx = rm.xp, rm.model, rm.ctx
     n, nc = valid.shape
     nnei = m.nnei  # the normalisation counts every slot, kept or not
     sec = slots.sec
@@ -244,25 +235,26 @@ def _nets(rm, ti, Rn_c, d, valid, keep, need_grad, env, slots, rstd):
             rm.fused[k].forward(Rn_c, a, b, gr)
             Gs.append(None)
         else:
-            G, cache = rm.embeddings[k].forward(xp, Rn_c[:, a:b, 0:1], keep=need_grad)
+            G, cache = rm.embeddings[k].forward(xp, Rn_c[:, a:b, 0:1], keep=need_grad, ctx=ctx)
             gr += xp.matmul(Rn_c[:, a:b, :].transpose(0, 2, 1), G)
             Gs.append((G, cache))
     gr *= 1.0 / nnei
     gr1 = gr[:, :, :A]
-    fast_desc = ew.enabled(xp, "desc")
-    D = ew.guarded("desc", ew.descriptor, xp, gr, A) if fast_desc else None
+    fast_desc = ctx.fast(xp, "desc")
+    block = ctx.settings.desc == "block"
+    D = ctx.guarded("desc", ew.descriptor, xp, gr, A, block) if fast_desc else None
     if D is None:
         fast_desc = False
         D = xp.matmul(gr.transpose(0, 2, 1), gr1).reshape(n, M1 * A)
     fit = rm.fittings[ti]
-    with tf32_gemms(xp, rm.dtype):
-        y, fcache = fit.forward(xp, D, keep=need_grad)
+    with ctx.tf32(xp, rm.dtype):
+        y, fcache = fit.forward(xp, D, keep=need_grad, ctx=ctx)
     e = y[:, 0].astype(xp.float64) + float(rm.bias[ti])
     if not need_grad:
         return e, None
-    with tf32_gemms(xp, rm.dtype):
-        gD = fit.backward(xp, xp.ones((n, 1), dtype=rm.dtype), fcache).reshape(n, M1, A)
-    ggr = ew.guarded("desc", ew.descriptor_grad, xp, gr, gD, 1.0 / nnei) if fast_desc else None
+    with ctx.tf32(xp, rm.dtype):
+        gD = fit.backward(xp, xp.ones((n, 1), dtype=rm.dtype), fcache, ctx=ctx).reshape(n, M1, A)
+    ggr = ctx.guarded("desc", ew.descriptor_grad, xp, gr, gD, 1.0 / nnei, block) if fast_desc else None
     if ggr is None:
         ggr = xp.matmul(gr1, gD.transpose(0, 2, 1))  # (n, 4, M1)
         ggr[:, :, :A] += xp.matmul(gr, gD)
@@ -283,9 +275,9 @@ def _nets(rm, ti, Rn_c, d, valid, keep, need_grad, env, slots, rstd):
         net = rm.embeddings[k]
         gG = xp.matmul(Rn_c[:, a:b, :], ggr)  # (n, s, M1)
         gRn[:, a:b, :] = xp.matmul(G, ggr.transpose(0, 2, 1))
-        gRn[:, a:b, 0:1] += net.backward(xp, gG, cache)
+        gRn[:, a:b, 0:1] += net.backward(xp, gG, cache, ctx=ctx)
     if env is None:  # fused chain rule (CuPy); empty slots give exactly 0
-        g = ew.guarded("env", ew.env_backward, xp, gRn, d, valid, rstd, m.rcut_smth, m.rcut, m.env_protection)
+        g = ctx.guarded("env", ew.env_backward, xp, gRn, d, valid, rstd, m.rcut_smth, m.rcut, m.env_protection)
         if g is not None:
             return e, g
         vf = valid.astype(xp.float64)

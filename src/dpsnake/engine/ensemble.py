@@ -7,15 +7,16 @@ Outputs live in the inputs' namespace (NumPy in, NumPy out; CuPy in, CuPy out).
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import numpy as np
 
-from dpsnake.engine import elementwise
+from dpsnake.engine.cuda import elementwise
 from dpsnake.engine.descriptor import RuntimeModel, Slots, energy_and_grad
 from dpsnake.engine.model import DPModel, load_model
 from dpsnake.engine.neighbor import NeighborBuilder, _CellGeometry, chunk_stats
+from dpsnake.engine.settings import EngineContext, EngineSettings
+from dpsnake.engine.tabulate import Compression
 from dpsnake.engine.xp import HostCopy, array_namespace, to_numpy
 from dpsnake.errors import UserError
 
@@ -24,8 +25,6 @@ def _compression(compress):
     """None, or a Compression from a Compression / dict (one UserError line on bad input)."""
     if compress is None or compress is False:
         return None
-    from dpsnake.engine.tabulate import Compression
-
     if isinstance(compress, Compression):
         return compress
     if isinstance(compress, dict):
@@ -77,12 +76,24 @@ class Ensemble:
 
     precision: "double" (FP64 nets and geometry) or "mixed" (FP64 geometry, FP32 nets).
     xp: array namespace to hold the weights (numpy or cupy); None = chosen from the first inputs.
-    chunk_atoms: centres per chunk (None = sized from DPSNAKE_CHUNK_MB).
+    chunk_atoms: centres per chunk (None = sized from ``settings.chunk_mb``).
     compress: tabulated embedding nets (DeePMD-kit's model compression): a
     :class:`~dpsnake.engine.tabulate.Compression`, a dict of its fields, or None (the nets).
+    settings: an :class:`~dpsnake.engine.settings.EngineSettings` (None: the defaults), or a dict
+    of its fields; ``tf32=True`` is shorthand for ``settings.tf32``. The ensemble's
+    :class:`~dpsnake.engine.settings.EngineContext` (``ctx``) carries them to every call.
     """
 
-    def __init__(self, models, precision: str = "double", xp=None, chunk_atoms: int | None = None, compress=None):
+    def __init__(
+        self,
+        models,
+        precision: str = "double",
+        xp=None,
+        chunk_atoms: int | None = None,
+        compress=None,
+        settings: EngineSettings | dict | None = None,
+        tf32: bool | None = None,
+    ):
         if not models:
             raise UserError("models: an ensemble needs at least one model")
         if precision not in ("double", "mixed"):
@@ -97,6 +108,8 @@ class Ensemble:
                 )
         self.precision = precision
         self.compress = _compression(compress)
+        self.settings = _settings(settings, tf32)
+        self.ctx = EngineContext(self.settings)
         self.chunk_atoms = chunk_atoms
         self._runtime = {}
         self._xp = xp
@@ -131,23 +144,22 @@ class Ensemble:
         key = (xp.__name__, k)
         if key not in self._runtime:
             dtype = xp.float64 if self.precision == "double" else xp.float32
-            self._runtime[key] = RuntimeModel.build(self.models[k], xp, dtype, compress=self.compress)
+            self._runtime[key] = RuntimeModel.build(self.models[k], xp, dtype, compress=self.compress, ctx=self.ctx)
         return self._runtime[key]
 
     def _chunk_size(self, xp) -> int:
-        """Centres per chunk: work memory ~ DPSNAKE_CHUNK_MB (default 2048 on CPUs; on GPUs a third
+        """Centres per chunk: work memory ~ settings.chunk_mb (default 2048 on CPUs; on GPUs a third
         of the free device memory), so any number of atoms runs in bounded memory."""
         if self.chunk_atoms:
             return int(self.chunk_atoms)
-        env = os.environ.get("DPSNAKE_CHUNK_MB")
-        key = (xp.__name__, env)
+        key = xp.__name__
         if key not in self._csize:  # once: the free memory of the first call (a driver query)
-            self._csize[key] = self._chunk_size_of(xp, env)
+            self._csize[key] = self._chunk_size_of(xp, self.settings.chunk_mb)
         return self._csize[key]
 
-    def _chunk_size_of(self, xp, env) -> int:
-        if env:
-            mb = float(env)
+    def _chunk_size_of(self, xp, chunk_mb) -> int:
+        if chunk_mb:
+            mb = float(chunk_mb)
         elif xp.__name__ == "cupy":
             free, _ = xp.cuda.runtime.memGetInfo()
             pool = xp.get_default_memory_pool()
@@ -207,7 +219,7 @@ class Ensemble:
         with the same layout, padded (:func:`_padded`), so the host issues the whole call without
         waiting for the device; the chunk's real widths come back in a copy that is checked once
         everything is issued, and a call that needed more is redone with its own widths
-        (``width_misses`` counts them; ``exact`` or DPSNAKE_WIDTHS=exact: always the chunk's own,
+        (``width_misses`` counts them; ``exact`` or settings.widths "exact": always the chunk's own,
         one host sync per chunk). Likewise periodic batches' bin grid and ghost images: the last
         host-made grid of the layout, its geometry remade on the device from the cells (no copy
         of cells that change every step under NPT), and room for the last call's ghosts plus a
@@ -240,14 +252,25 @@ class Ensemble:
         atom_virial = xp.zeros((M, N, 9)) if atomic else None
         rts = [self._rt(xp, k) for k in idx]
         m0 = self.models[0]
-        guessing = _guess_widths(xp) and not exact
+        ctx = self.ctx
+        guessing = _guess_widths(xp, self.settings.widths) and not exact
         nb = NeighborBuilder(
-            xp, coords, atype, system, cells, layout.pbc_h, m0.rcut, m0.sel, m0.pair_exclude, reuse_grid=guessing
+            xp,
+            coords,
+            atype,
+            system,
+            cells,
+            layout.pbc_h,
+            m0.rcut,
+            m0.sel,
+            m0.pair_exclude,
+            reuse_grid=guessing,
+            ctx=ctx,
         )
         nb_check = None if nb.check is None else HostCopy(nb.check)
         order_dev, counts = layout.order, layout.counts
         csize = self._chunk_size(xp)
-        fast_scatter = elementwise.enabled(xp, "scatter")
+        fast_scatter = ctx.fast(xp, "scatter")
         checks = []  # (key, the chunk's stats (host array or HostCopy), the widths it was given)
         start = 0
         for ti in range(self.ntypes):
@@ -266,7 +289,7 @@ class Ensemble:
                 else:  # last call's widths, checked when the call is issued (no sync now)
                     stats, widths = HostCopy(stats), guess
                 checks.append((key, stats, guess))
-                ch, slots, own = _compact(xp, ch, m0.sel, widths)
+                ch, slots, own = _compact(ctx, xp, ch, m0.sel, widths)
                 # empty slots point at their own centre (with g masked to 0 there) rather than at
                 # atom 0: no NaN can reach another system, and no atomics pile up on one address
                 sysc = system[at]
@@ -276,12 +299,11 @@ class Ensemble:
                     # F = -dE/dr with d = r_nb - r_c: centre gets +sum g, neighbour gets -g
                     sums = None
                     if fast_scatter and not atomic:  # sum g and virial -g^T d in one pass
-                        sums = elementwise.guarded("scatter", elementwise.centre_sums, xp, g, ch.d)
+                        sums = ctx.guarded("scatter", elementwise.centre_sums, xp, g, ch.d)
                     force[j, at] += g.sum(axis=1) if sums is None else sums[:, :3]
                     if not (
                         fast_scatter
-                        and elementwise.guarded("scatter", elementwise.scatter_neg, xp, force[j], own, ch.valid, g)
-                        is not None
+                        and ctx.guarded("scatter", elementwise.scatter_neg, xp, force[j], own, ch.valid, g) is not None
                     ):
                         _scatter_add(xp, force[j], own.reshape(-1), -g.reshape(-1, 3))
                     if atomic:
@@ -318,10 +340,23 @@ class Ensemble:
         return out
 
 
-def _guess_widths(xp) -> bool:
-    """Whether chunks reuse the last call's compaction widths (DPSNAKE_WIDTHS: "auto", the default:
+def _settings(settings, tf32) -> EngineSettings:
+    """EngineSettings from the Ensemble's arguments (one UserError line on bad input)."""
+    try:
+        if settings is None:
+            settings = EngineSettings()
+        elif isinstance(settings, dict):
+            settings = EngineSettings.from_dict(settings)
+        elif not isinstance(settings, EngineSettings):
+            raise ValueError(f"{settings!r} is not an EngineSettings or a dict")
+        return settings if tf32 is None else settings.replace(tf32=bool(tf32))
+    except (TypeError, ValueError) as err:
+        raise UserError(f"settings: {err}") from None
+
+
+def _guess_widths(xp, mode: str) -> bool:
+    """Whether chunks reuse the last call's compaction widths (settings.widths: "auto", the default:
     on CuPy, where a host sync costs the launch queue; "guess": also on NumPy (tests); "exact")."""
-    mode = os.environ.get("DPSNAKE_WIDTHS", "auto")
     return mode == "guess" or (mode == "auto" and xp.__name__ == "cupy")
 
 
@@ -336,24 +371,22 @@ def _padded(got, sel, guess):
     return np.minimum(np.asarray(sel, dtype=int), got + pad)
 
 
-def _compact(xp, ch, sel, widths):
+def _compact(ctx, xp, ch, sel, widths):
     """Drop the trailing slots of each type block beyond ``widths`` (ntypes,) slots.
 
     Selection fills each block from its start, so block t needs only max_i(count_i,t) columns (the
     chunk's stats, :func:`chunk_stats`); wider is also right (the extra slots are empty).
     Returns the narrower chunk, its :class:`Slots` and ``own`` (n, nc) the owner of each slot (the
-    centre itself in empty slots). DPSNAKE_COMPACT: "1" (default) on, "0" off (every slot).
+    centre itself in empty slots). ``ctx.settings.compact`` False: every slot.
     Checked on an H100 (2026-11-21): NumPy vs CuPy 6e-15 FP64 / 2e-6 mixed, 256 x 108 atoms
     28.3 -> 20.2 ms mixed, 37.6 -> 24.9 double.
     """
     kept = np.minimum(np.asarray(widths, dtype=int), sel)
-    if os.environ.get("DPSNAKE_COMPACT", "1") == "0" or np.array_equal(kept, sel):
+    if not ctx.settings.compact or np.array_equal(kept, sel):
         own = xp.where(ch.valid, ch.owner, ch.centers[:, None])
         return ch, Slots.full(sel), own
-    slots = Slots.cached(sel, kept, xp)
-    out = (
-        elementwise.guarded("nbr", elementwise.compact, xp, ch, slots.xcols) if elementwise.enabled(xp, "nbr") else None
-    )
+    slots = Slots.cached(sel, kept, xp, ctx.slots)
+    out = ctx.guarded("nbr", elementwise.compact, xp, ch, slots.xcols) if ctx.fast(xp, "nbr") else None
     if out is None:
         cols = slots.xcols
         owner, valid = ch.owner[:, cols], ch.valid[:, cols]

@@ -17,24 +17,28 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dpsnake.engine import elementwise as ew
-from dpsnake.engine import neighbor_kernels as nbk
-from dpsnake.engine.xp import device_const, device_key, segment_minmax, to_numpy
+from dpsnake.engine.cuda import nbr as nbk
+from dpsnake.engine.cuda import selection
+from dpsnake.engine.settings import EngineContext
+from dpsnake.engine.xp import device_key, segment_minmax, to_numpy
 from dpsnake.errors import UserError
 
 _MAX_GROUP = 4_000_000  # atoms x shifts handled at once when making ghost images
-# per layout (pbc, rcut, atoms, systems, device) of periodic batches: "grid", the last grid made on
-# the host (remade on the device from later calls' cells), and "room", the ghosts the next call's ext
-# arrays have room for (no count sync)
-_KEPT: dict = {}
 
 
-def _kept(layout) -> dict:
-    if layout not in _KEPT:
-        if len(_KEPT) >= 64:  # many layouts seen (a long-lived process): drop the oldest
-            _KEPT.pop(next(iter(_KEPT)))
-        _KEPT[layout] = {"grid": None, "room": None}
-    return _KEPT[layout]
+@dataclass
+class BinGrid:
+    """The bin grid of a batch: ``geo`` (_CellGeometry), per system ``lo`` / ``bsize`` (S, 3) A,
+    ``nb`` (S, 3) bins per direction, ``boff`` (S + 1,) first bin of each system, and ``table``
+    the packed (S, GEO) geometry on the device (kernel path; None until made). Host arrays, but
+    lo / bsize / geo are None in a grid remade on the device (:meth:`NeighborBuilder._reused_grid`)."""
+
+    geo: object
+    lo: object
+    bsize: object
+    nb: np.ndarray
+    boff: np.ndarray
+    table: object = None
 
 
 @dataclass
@@ -76,10 +80,13 @@ class NeighborBuilder:
 
     coords (N, 3) A; atype (N,) int; system (N,) sorted ints 0..S-1; cells (S, 3, 3) rows are lattice
     vectors; pbc (S,) bool. ``pair_exclude`` (ntypes, ntypes) bool: pairs turned into empty slots.
+    ``ctx``: the :class:`~dpsnake.engine.settings.EngineContext` (settings, kept grids) of the
+    ensemble; a fresh default one if None. ``reuse_grid``: start from this layout's kept grid.
     """
 
-    def __init__(self, xp, coords, atype, system, cells, pbc, rcut, sel, pair_exclude=None, reuse_grid=False):
+    def __init__(self, xp, coords, atype, system, cells, pbc, rcut, sel, pair_exclude=None, reuse_grid=False, ctx=None):
         self.xp = xp
+        self.ctx = ctx = EngineContext.of(ctx)
         self.rcut = float(rcut)
         self.sel = [int(s) for s in sel]
         self.nnei = sum(self.sel)
@@ -97,44 +104,53 @@ class NeighborBuilder:
         # (2,) device check of a call that reused this layout's grid and ghost room: the grid
         # flag of nbk.device_geometry and the ghost count (see settle); None: nothing guessed
         self.check = None
-        kernel = ew.enabled(xp, "nbr") and N > 0
+        kernel = ctx.fast(xp, "nbr") and N > 0
         grid, flag = self._reused_grid(cells) if reuse_grid and kernel and pbc_h.all() else (None, None)
         out = None
-        self.room = _kept(self._last)["room"] if grid is not None else None  # ghosts with room (None: count)
+        kept = ctx.kept_grid(self._last)
+        self.room = kept["room"] if grid is not None else None  # ghosts with room (None: count)
         if grid is not None:
-            out = ew.guarded(
+            out = ctx.guarded(
                 "nbr",
                 nbk.build_ext,
                 xp,
                 coords,
                 system,
-                grid[5],
-                grid[0].nimg,
-                int(grid[4][-1]),
+                grid.table,
+                grid.geo.nimg,
+                int(grid.boff[-1]),
                 None if self.room is None else N + self.room,
             )
             if out is None:  # the kernels cannot run: the array code needs the host grid
                 grid = self.room = None
             else:  # ghost count -1: counted now, the arrays fit
-                self.check = xp.stack([flag, xp.full((), -1, dtype=xp.int64) if self.room is None else out[6]])
+                self.check = xp.stack([flag, xp.full((), -1, dtype=xp.int64) if self.room is None else out.ghosts])
         if grid is None:
             grid = self._host_grid(coords, system, cells, pbc_h)
             if kernel:
-                if grid[5] is None:  # the packed table, moved once per grid
-                    grid[5] = xp.asarray(nbk.pack_geometry(*grid[:5]))
-                out = ew.guarded("nbr", nbk.build_ext, xp, coords, system, grid[5], grid[0].nimg, int(grid[4][-1]))
+                if grid.table is None:  # the packed table, moved once per grid
+                    grid.table = xp.asarray(nbk.pack_geometry(grid.geo, grid.lo, grid.bsize, grid.nb, grid.boff))
+                out = ctx.guarded(
+                    "nbr", nbk.build_ext, xp, coords, system, grid.table, grid.geo.nimg, int(grid.boff[-1])
+                )
         if out is not None and self.room is None and pbc_h.all():  # room for the next call's ghosts
-            _kept(self._last)["room"] = _room(int(out[2].shape[0]) - N, None)
-        geo, lo, bsize, nb, boff = grid[:5]
-        self.total_bins = int(boff[-1])
-        self._host = {"lo": lo, "bsize": bsize, "nb": nb, "boff": boff}
+            kept["room"] = _room(int(out.owner.shape[0]) - N, None)
+        self.total_bins = int(grid.boff[-1])
+        self._host = {"lo": grid.lo, "bsize": grid.bsize, "nb": grid.nb, "boff": grid.boff}
         self._dev = {}
         self.system = system
         self._geo = None  # packed geometry on the device (kernel path)
         if out is not None:
-            wrapped, self.cbin, owner, epos, key, self._geo = out[:6]
+            wrapped, self.cbin, owner, epos, key, self._geo = (
+                out.wrapped,
+                out.cbin,
+                out.owner,
+                out.epos,
+                out.key,
+                out.geo,
+            )
         else:
-            wrapped, owner, epos = self._images(coords, system, pbc_h, geo)
+            wrapped, owner, epos = self._images(coords, system, pbc_h, grid.geo)
             esys = system[owner]
             ebin = self._bin3(epos, esys)
             key = self.boff[esys] + (ebin[:, 0] * self.nb[esys, 1] + ebin[:, 1]) * self.nb[esys, 2] + ebin[:, 2]
@@ -148,14 +164,12 @@ class NeighborBuilder:
             order = xp.argsort(key, kind="stable") if xp is np else xp.argsort(key)
             self.edges = xp.searchsorted(key[order], xp.arange(self.total_bins + 1, dtype=key.dtype), side="left")
             self.border = order
-        from dpsnake.engine import kernels
-
-        self.use_kernel = kernels.enabled(xp)
+        self.use_kernel = ctx.kernels(xp)
         self._sorted = None
         self._kmax = None
         self._etype = None
 
-    def _host_grid(self, coords, system, cells, pbc_h) -> list:
+    def _host_grid(self, coords, system, cells, pbc_h) -> BinGrid:
         """The grid of these cells made on the host: per-system geometry is tiny (S x 3 x 3), so it
         is done with NumPy and moved once (no launches or syncs per quantity); for periodic batches
         kept as the base of later calls' grids made on the device (:meth:`_reused_grid`; non-periodic
@@ -163,21 +177,21 @@ class NeighborBuilder:
         cells_h = np.asarray(to_numpy(cells), dtype=np.float64).reshape(-1, 3, 3)
         grid = self._grid_of(coords, system, cells_h, pbc_h)
         if pbc_h.all():
-            _kept(self._last)["grid"] = grid
+            self.ctx.kept_grid(self._last)["grid"] = grid
         return grid
 
     def _reused_grid(self, cells):
         """(grid, flag): the last host grid of this layout (pbc, atoms, systems) with its table
         remade on the device from ``cells`` (no host copy of the cells: under NPT they change
-        every step), and the 0-d device flag of :func:`neighbor_kernels.device_geometry`, checked
+        every step), and the 0-d device flag of :func:`cuda.nbr.device_geometry`, checked
         once the call is issued (:meth:`settle`). (None, None) if this layout has no host grid yet."""
-        last = _KEPT.get(self._last, {}).get("grid")
-        if last is None or last[5] is None:
+        last = self.ctx.grids.get(self._last, {}).get("grid")
+        if last is None or last.table is None:
             return None, None
-        out = ew.guarded("nbr", nbk.device_geometry, self.xp, cells, last[5], self.rcut, last[0].nimg)
+        out = self.ctx.guarded("nbr", nbk.device_geometry, self.xp, cells, last.table, self.rcut, last.geo.nimg)
         if out is None:
             return None, None
-        return [last[0], None, None, last[3], last[4], out[0]], out[1]
+        return BinGrid(last.geo, None, None, last.nb, last.boff, out.table), out.flag
 
     def settle(self, check) -> bool:
         """After the call, with ``check`` (the host copy of :attr:`check`): keeps this layout's
@@ -185,7 +199,7 @@ class NeighborBuilder:
         False: this call's results are wrong (bins smaller than rcut, images beyond the grid's,
         or more ghosts than room) and it must be redone."""
         flag, ghosts = (int(v) for v in check)
-        kept = _kept(self._last)
+        kept = self.ctx.kept_grid(self._last)
         if flag:  # cells moved far: a new grid on the host next call
             kept["grid"] = None
         fits = ghosts <= self.n_ext - self.N  # (-1: counted, so sized exactly)
@@ -193,8 +207,8 @@ class NeighborBuilder:
             kept["room"] = _room(ghosts, self.room if fits else None)
         return flag != 2 and fits
 
-    def _grid_of(self, coords, system, cells_h, pbc_h) -> list:
-        """[geometry, lo, bsize, nb, boff, None (the packed device table, made when needed)]."""
+    def _grid_of(self, coords, system, cells_h, pbc_h) -> BinGrid:
+        """The grid of host cells (its packed device table made when needed)."""
         xp, N, S = self.xp, self.N, self.S
         geo = _CellGeometry(cells_h, pbc_h, self.rcut)
         lo, hi = geo.lo.copy(), geo.hi.copy()
@@ -209,7 +223,7 @@ class NeighborBuilder:
             ptr = _system_ptr(xp, system, S) if ptr is None else ptr
             nb, bsize = _bin_grid(lo, hi, self.rcut, geo.ext_factor * np.diff(ptr))
         boff = np.concatenate([[0], np.cumsum(nb.prod(axis=1))]).astype(np.int64)
-        return [geo, lo, bsize, nb, boff, None]
+        return BinGrid(geo, lo, bsize, nb, boff)
 
     def _images(self, coords, system, pbc_h, geo):
         """Array code: wrapped atoms (N, 3) and the ext arrays owner (E,), epos (E, 3), atoms first."""
@@ -261,7 +275,7 @@ class NeighborBuilder:
     @property
     def etype(self):
         """(E,) type of each ext atom (the array-code selection; the kernel path gathers types
-        itself in :func:`neighbor_kernels.sorted_ext`)."""
+        itself in :func:`cuda.nbr.sorted_ext`)."""
         if self._etype is None:
             self._etype = self.atype[self.eowner]
         return self._etype
@@ -313,14 +327,17 @@ class NeighborBuilder:
             start = self.bstart[bid]
             cnt = xp.where(inb, self.bcount[bid], 0)
         if self.use_kernel:
-            from dpsnake.engine import elementwise, kernels
-
+            ctx = self.ctx
             args = (xp, self.rcut, self.sel, self.sec, self.wrapped[centers], centers, start, cnt, *self.sorted_ext())
+            consts = (
+                ctx.device_const(xp, np.asarray(self.sel, dtype=np.int32)),
+                ctx.device_const(xp, np.asarray(self.sec[:-1], dtype=np.int32)),
+            )
             out = None
-            if kernels.select_mode() == "warp":  # experimental; falls back if it cannot run
-                out = elementwise.guarded("select_warp", kernels.select_neighbors_warp, *args)
+            if ctx.select_mode() == "warp":  # falls back to the thread kernel if it cannot run
+                out = ctx.guarded("select_warp", _select_warp, args, consts)
             if out is None:
-                out = kernels.select_neighbors(*args)
+                out = selection.select_neighbors(*args, consts=consts)
             return self._finish(centers, *out)
         k = xp.arange(self.kmax)
         ok = k[None, None, :] < cnt[:, :, None]  # (n, 27, K)
@@ -366,13 +383,17 @@ class NeighborBuilder:
         if self.pair_exclude is not None:
             stats = None  # the kernels counted the excluded pairs: recount
             # rows: the centre's type; columns: each slot's pair with it
-            table = device_const(xp, self.pair_exclude[:, np.repeat(np.arange(len(self.sel)), self.sel)])
+            table = self.ctx.device_const(xp, self.pair_exclude[:, np.repeat(np.arange(len(self.sel)), self.sel)])
             ex = table[self.atype[centers]]
             valid &= ~ex
             owner = xp.where(valid, owner, -1)
         if self.pair_exclude is not None or not self.use_kernel:  # kernels leave empty slots at 0
             dd = xp.where(valid[:, :, None], dd, 0.0)
         return NeighborChunk(centers=centers, owner=owner, d=dd, valid=valid, overflow=overflow, stats=stats)
+
+
+def _select_warp(args, consts):
+    return selection.select_neighbors_warp(*args, consts=consts)
 
 
 class _CellGeometry:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dpsnake.engine.cuda import elementwise as ew
+
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
@@ -105,15 +107,14 @@ class Net:
 
         return Net([Layer(cv(l.w), cv(l.b), cv(l.idt), l.activation, l.resnet) for l in self.layers])
 
-    def forward(self, xp, x, keep: bool = True):
-        """x (..., nin) -> y (..., nout); with ``keep`` also the cache for :meth:`backward`."""
-        from dpsnake.engine import elementwise as ew
-
+    def forward(self, xp, x, keep: bool = True, ctx=None):
+        """x (..., nin) -> y (..., nout); with ``keep`` also the cache for :meth:`backward`.
+        ``ctx``: the EngineContext whose ``nets`` kernels may run (None: the array code alone)."""
         cache = []
-        fast = ew.enabled(xp, "nets")
+        fast = ctx is not None and ctx.fast(xp, "nets")
         for l in self.layers:
             if fast and l.activation == "tanh":  # CuPy: one fused kernel per layer
-                out = ew.guarded("nets", ew.dense_tanh, xp, l, x, keep)
+                out = ctx.guarded("nets", ew.dense_tanh, xp, l, x, keep)
                 if out is not None:
                     x, dy = out
                     if keep:
@@ -147,11 +148,9 @@ class Net:
             x = y
         return x, cache
 
-    def backward(self, xp, gy, cache):
-        """Input gradient: gy = dL/dy (..., nout) -> dL/dx (..., nin)."""
-        from dpsnake.engine import elementwise as ew
-
-        fast = ew.enabled(xp, "nets")
+    def backward(self, xp, gy, cache, ctx=None):
+        """Input gradient: gy = dL/dy (..., nout) -> dL/dx (..., nin) (``ctx`` as :meth:`forward`)."""
+        fast = ctx is not None and ctx.fast(xp, "nets")
         for l, dy in zip(reversed(self.layers), reversed(cache)):
             gz = gy if dy is None else gy * dy
             if l.nin == 1 and fast:  # a GEMV instead of a product + reduction
@@ -163,7 +162,7 @@ class Net:
             if l.resnet and l.nout == l.nin:
                 gx += gy
             elif l.resnet and l.nout == 2 * l.nin:
-                if not (fast and l.nin > 1 and ew.guarded("nets", ew.add_concat_grad, xp, gx, gy, l.nin) is not None):
+                if not (fast and l.nin > 1 and ctx.guarded("nets", ew.add_concat_grad, xp, gx, gy, l.nin) is not None):
                     gx += gy[..., : l.nin]
                     gx += gy[..., l.nin :]
             gy = gx

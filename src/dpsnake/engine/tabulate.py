@@ -11,7 +11,7 @@ compressed here gives DeePMD-kit's compressed outputs (tests/test_engine_tabulat
 
 ``TabulatedNet`` has the interface of :class:`~dpsnake.engine.nets.Net` that descriptor.py uses
 (forward with a cache, backward for the input gradient), in NumPy or CuPy array code; on CUDA the
-fused kernels of tabulate_kernels.py replace it.
+kernels of cuda/tab.py replace it.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dpsnake.engine.envmat import switch
 from dpsnake.errors import UserError
 
 
@@ -167,8 +168,9 @@ class TabulatedNet:
         dx = xp.where((xf < t.lower) | (xf >= t.vmax), 0.0, xf - node)
         return idx, dx.astype(x.dtype)
 
-    def forward(self, xp, x, keep: bool = True):
-        """x (..., 1) -> G (..., M); the cache is G'(x) (..., M) when ``keep``."""
+    def forward(self, xp, x, keep: bool = True, ctx=None):
+        """x (..., 1) -> G (..., M); the cache is G'(x) (..., M) when ``keep`` (``ctx`` unused:
+        the Net interface)."""
         idx, dx = self.locate(xp, x[..., 0])
         dx = dx[..., None]
         c = self.coef
@@ -182,17 +184,15 @@ class TabulatedNet:
             dy = dy * dx + k * c[idx, k]
         return y, dy
 
-    def backward(self, xp, gy, cache):
+    def backward(self, xp, gy, cache, ctx=None):
         """gy = dL/dG (..., M) -> dL/dx (..., 1)."""
         return (gy * cache).sum(axis=-1, keepdims=True)
 
 
 def env_range(model, comp: Compression):
     """Per centre type: (lower, upper) of x = Rn[:, 0] (floored / ceiled), DeePMD-kit's rule."""
-    from dpsnake.engine.descriptor import _switch
-
     d = comp.min_nbor_dist
-    sw = float(_switch(np, np.float64(d), model.rcut_smth, model.rcut)[0])
+    sw = float(switch(np, np.float64(d), model.rcut_smth, model.rcut)[0])
     davg, dstd = model.davg[..., 0], model.dstd[..., 0]  # (ntypes, nnei)
     lower = (-davg / dstd).min(axis=1)
     upper = ((sw / d - davg) / dstd).max(axis=1)

@@ -28,23 +28,6 @@ def device_key(xp) -> tuple:
     return (xp.__name__, xp.cuda.Device().id if xp.__name__ == "cupy" else -1)
 
 
-_CONSTS: dict = {}
-
-
-def device_const(xp, host):
-    """A small constant host array on ``xp``'s device, copied once per (contents, device): a copy
-    from pageable host memory waits for the device, so none is made per call. Do not write to it."""
-    host = np.asarray(host)
-    if xp is np:
-        return host
-    key = (host.dtype.str, host.shape, host.tobytes(), *device_key(xp))
-    if key not in _CONSTS:
-        if len(_CONSTS) > 1024:
-            _CONSTS.clear()
-        _CONSTS[key] = xp.asarray(host)
-    return _CONSTS[key]
-
-
 def to_numpy(x) -> np.ndarray:
     """Host copy of an array of either namespace."""
     if is_cupy(x):

@@ -18,15 +18,16 @@ How a replay stays valid:
 - any change of the state's arrays or flags (walkers dropped, a resume) is seen by identity checks
   and the next step runs eagerly, the one after it is captured again.
 
-Switched off with ``DPSNAKE_FAST`` (family "graph"); a capture that fails switches it off for the
-process with a warning and the steps run eagerly.
+Switched off by ``EngineSettings.fast`` without the family "graph" (``make_stepper``'s settings; the
+``EnsembleProvider``'s ``settings`` are its ensemble's); a capture that fails switches it off for
+the stepper with a warning and the steps run eagerly.
 """
 
 from __future__ import annotations
 
 from dataclasses import fields
 
-from dpsnake.engine import elementwise as ew
+from dpsnake.engine.settings import EngineContext, EngineSettings
 from dpsnake.md import integrators, rng
 from dpsnake.md.state import BatchState
 
@@ -35,17 +36,20 @@ _FIELDS = tuple(f.name for f in fields(BatchState) if f.name != "xp")
 _DYNAMIC = ("pos", "vel", "cells", "nhc_v", "nhc_eta", "energy", "force", "virial")
 
 
-def make_stepper(xp):
-    """``md_step``-compatible callable: ``GraphedStep()`` on CuPy when enabled, else ``md_step``."""
-    return GraphedStep() if ew.enabled(xp, "graph") else integrators.md_step
+def make_stepper(xp, settings: EngineSettings | None = None):
+    """``md_step``-compatible callable: ``GraphedStep()`` on CuPy when ``settings`` (default: the
+    defaults) enable the family "graph", else ``md_step``."""
+    ctx = EngineContext.of(settings)
+    return GraphedStep(ctx) if ctx.fast(xp, "graph") else integrators.md_step
 
 
 class GraphedStep:
     """Callable as ``integrators.md_step(st, compute, step, flags, all_models)``."""
 
-    def __init__(self):
+    def __init__(self, ctx: EngineContext | None = None):
         import cupy
 
+        self.ctx = EngineContext.of(ctx)  # "graph" in ctx.broken after a failed capture
         self.cp = cupy
         self.stream = cupy.cuda.Stream()  # capture needs a stream other than the legacy one
         self.pool = cupy.cuda.MemoryPool()
@@ -55,14 +59,14 @@ class GraphedStep:
         self.seen = None  # static arrays + flags of the last eager step (capture on the second sight)
 
     def __call__(self, st: BatchState, compute, step, flags: dict, all_models: bool = False) -> dict:
-        if "graph" in ew._broken:
+        if "graph" in self.ctx.broken:
             return integrators.md_step(st, compute, step, flags, all_models)
         if self.graphs is None or not self._valid(st, flags):
             self.graphs = self.refs = None
             if self.seen is None or not self._same(self.seen, st, flags):
                 self.seen = ({f: getattr(st, f) for f in _FIELDS if f not in _DYNAMIC}, dict(flags))
                 return integrators.md_step(st, compute, step, flags, all_models)
-            if ew.guarded("graph", self._capture, st, flags) is None:
+            if self.ctx.guarded("graph", self._capture, st, flags) is None:
                 self.graphs = self.refs = None
                 return integrators.md_step(st, compute, step, flags, all_models)
         self.step_dev.fill(step)

@@ -22,6 +22,12 @@ class EnsembleProvider:
         self.overflow_calls = 0  # calls where some atom had more neighbours than sel (summary line)
         self._layout = None  # the batch's fixed arrays with their host copies (one per batch)
 
+    @property
+    def settings(self):
+        """The ensemble's EngineSettings (None for an object without them), e.g. for
+        ``graphs.make_stepper(xp, provider.settings)``."""
+        return getattr(self.ensemble, "settings", None)
+
     def __call__(self, st, all_models: bool) -> dict:
         import warnings
 

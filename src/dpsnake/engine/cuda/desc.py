@@ -1,4 +1,4 @@
-"""CUDA kernels (CuPy RawModule) for the se_e2_a descriptor D = gr^T gr[:, :axis] and its backward,
+"""CUDA kernels (CuPy RawModule, desc.cu) for the se_e2_a descriptor D = gr^T gr[:, :axis] and its backward,
 one block per centre with the centre's gr (4, M1) and dE/dD (M1, A) staged in shared memory.
 
 They replace the elementwise kernels ``desc_D``, ``desc_ggr`` and ``desc_ggr_add`` of
@@ -14,7 +14,7 @@ every value is read from global memory once, coalesced, and the 3 launches becom
 
 Sizes are compile-time constants (one module per (dtype, M1, A), cached); ``supported`` says
 whether the shared memory fits (48 KiB), else the elementwise kernels run. Tested without a GPU
-like tabulate_kernels.py (tests/test_engine_descriptor_kernels.py: g++ with threaded blocks, and
+like tab.py (tests/test_engine_descriptor_kernels.py: g++ with threaded blocks, and
 NVRTC for sm_90).
 """
 
@@ -23,6 +23,8 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+
+from dpsnake.engine import cuda
 
 THREADS = 128
 SHARED_LIMIT = 48 * 1024
@@ -36,67 +38,21 @@ def supported(dtype: str, M1: int, A: int) -> bool:
     return 0 < A <= M1 and shared_bytes(dtype, M1, A) <= SHARED_LIMIT
 
 
+def defines(dtype: str, M1: int, A: int) -> dict:
+    """Compile-time constants of desc.cu."""
+    return {"REAL": cuda.real(dtype), "M1": int(M1), "A": int(A)}
+
+
 def source(dtype: str, M1: int, A: int) -> str:
-    T = "float" if dtype == "float32" else "double"
-    return f"""
-typedef {T} T;
-#define M1 {M1}
-#define A {A}
-#define AP (A + 1)
-
-extern "C" __global__ void desc_fwd(const T* __restrict__ gr, const long long n, T* __restrict__ D) {{
-    __shared__ T g[4 * M1];
-    for (long long c = blockIdx.x; c < n; c += gridDim.x) {{
-        const T* src = gr + c * 4 * M1;
-        for (int i = threadIdx.x; i < 4 * M1; i += blockDim.x) g[i] = src[i];
-        __syncthreads();
-        T* dst = D + c * M1 * A;
-        for (int i = threadIdx.x; i < M1 * A; i += blockDim.x) {{
-            const int p = i / A, q = i - p * A;
-            dst[i] = g[p] * g[q] + g[M1 + p] * g[M1 + q] + g[2 * M1 + p] * g[2 * M1 + q]
-                     + g[3 * M1 + p] * g[3 * M1 + q];
-        }}
-        __syncthreads();
-    }}
-}}
-
-extern "C" __global__ void desc_bwd(const T* __restrict__ gr, const T* __restrict__ gD, const long long n,
-                                    const T scale, T* __restrict__ ggr) {{
-    __shared__ T g[4 * M1];
-    __shared__ T d[M1 * AP];
-    for (long long c = blockIdx.x; c < n; c += gridDim.x) {{
-        const T* gsrc = gr + c * 4 * M1;
-        const T* dsrc = gD + c * M1 * A;
-        for (int i = threadIdx.x; i < 4 * M1; i += blockDim.x) g[i] = gsrc[i];
-        for (int i = threadIdx.x; i < M1 * A; i += blockDim.x) {{
-            const int m = i / A;
-            d[i + m] = dsrc[i];  /* row m starts at m * (A + 1) */
-        }}
-        __syncthreads();
-        T* dst = ggr + c * 4 * M1;
-        for (int i = threadIdx.x; i < 4 * M1; i += blockDim.x) {{
-            const int k = i / M1, p = i - k * M1;
-            const T* gk = g + k * M1;
-            T v = 0;
-            for (int q = 0; q < A; ++q) v += gk[q] * d[p * AP + q];
-            if (p < A) {{
-                T v2 = 0;
-                for (int m = 0; m < M1; ++m) v2 += gk[m] * d[m * AP + p];
-                v += v2;
-            }}
-            dst[i] = v * scale;
-        }}
-        __syncthreads();
-    }}
-}}
-"""
+    """desc.cu with its constants as ``#define`` lines (one self-contained text, for the tests)."""
+    return cuda.with_defines(cuda.load("desc.cu"), **defines(dtype, M1, A))
 
 
 @functools.cache
 def _module(dtype: str, M1: int, A: int):
     import cupy
 
-    mod = cupy.RawModule(code=source(dtype, M1, A), options=("-std=c++14",))
+    mod = cupy.RawModule(code=cuda.load("desc.cu"), options=cuda.options(**defines(dtype, M1, A)))
     nsm = cupy.cuda.Device().attributes["MultiProcessorCount"]
     return mod.get_function("desc_fwd"), mod.get_function("desc_bwd"), nsm
 

@@ -15,8 +15,8 @@ One block per centre atom (grid-stride, so each block stages the weights once). 
 network shape and dtype; the layer math is nets.py's (act, idt, resnet). The array code (cuBLAS
 GEMMs + elementwise kernels) is the reference these kernels are tested against.
 
-STATUS: on by default for FP32 nets (mixed precision; DPSNAKE_FUSED: "auto" default, "1" also
-FP64, "0" off). Checked in CI without a GPU: the generated source compiles for sm_90 with NVRTC
+STATUS: on by default for FP32 nets (mixed precision; EngineSettings.fused: "auto" default, "on"
+also FP64, "off" off). Checked in CI without a GPU: the generated source compiles for sm_90 with NVRTC
 (tests/test_engine_cuda_compile.py; ptxas: forward 111 registers, no spills; backward 255
 registers, 56 bytes of spills in FP32), and the same source, compiled with g++ and run with real
 32-lane warps of std::threads, matches nets.py to 1e-12 (FP64) / 2e-5 (FP32)
@@ -28,7 +28,6 @@ FP64 24.9 -> 36.5 ms (the backward's 255 registers leave 8 warps per SM), so FP6
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
@@ -133,7 +132,7 @@ def _hidden(L, ell: int, src: str, dst: str, deriv: bool, vw: int) -> str:
         "#pragma unroll",
         f"for (int j = 0; j < {L['nout']}; ++j) {{",
         "  KEEP_ORDER;",
-        f"  T z = {'SW[%d + j]' % L['b'] if L['b'] is not None else '(T)0'};",
+        f"  T z = {'SW[%d + j]' % L['b'] if L['b'] is not None else '(T)0'};",  # noqa: UP031
     ]
     c += ["  " + x for x in _dot_row(L, "j", src, "z", vw=vw)]
     c.append(f"  T y, d; {_act_code(L['act'])}")
@@ -158,7 +157,7 @@ def _layer_back(L, ell: int, src: str, dsrc: str, ddst: str, vw: int) -> str:
         "#pragma unroll",
         f"for (int j = 0; j < {nout}; ++j) {{",
         "  KEEP_ORDER;",
-        f"  T z = {'SW[%d + j]' % L['b'] if L['b'] is not None else '(T)0'};",
+        f"  T z = {'SW[%d + j]' % L['b'] if L['b'] is not None else '(T)0'};",  # noqa: UP031
     ]
     c += ["  " + x for x in _dot_row(L, "j", src, "z", wname=f"u{ell}_", vw=vw)]
     c.append(f"  T y, d; {_act_code(L['act'])}")
@@ -190,7 +189,8 @@ def _reduce_scatter(v: str = "v") -> str:
     return "\n".join(c)
 
 
-def _source(spec: _Spec, dtype: str) -> str:
+def _source(spec: _Spec, dtype: str, minb: int | None = None) -> str:
+    """CUDA source of both kernels; ``minb``: EngineSettings.fused_bwd_minb."""
     T = "float" if dtype == "float32" else "double"
     f = "f" if T == "float" else ""
     vw = spec.vw
@@ -242,7 +242,7 @@ def _source(spec: _Spec, dtype: str) -> str:
             for q in range(8):
                 k = k0 + q
                 for c in range(4):
-                    res_f.append(f"v[{4 * q + c}] = {'r%d * %s[%d]' % (c, htop, k) if k < NIN else '(T)0'};")
+                    res_f.append(f"v[{4 * q + c}] = {'r%d * %s[%d]' % (c, htop, k) if k < NIN else '(T)0'};")  # noqa: UP031
             res_f.append(_reduce_scatter())
             res_f.append(
                 f"if ({k0} + (lane >> 2) < NIN) atomicAdd(&GR[(lane & 3) * NIN + {k0} + (lane >> 2)], v[0]); }}"
@@ -286,11 +286,12 @@ def _source(spec: _Spec, dtype: str) -> str:
     )
     x0grad = f"{dsrc}[0]" if nl > 1 else "dh[0]"
     nl_ = "\n"
-    # DPSNAKE_FUSED_BWD_MINB: blocks per SM the backward is compiled for (caps its registers).
+    # minb: blocks per SM the backward is compiled for (caps its registers); 0: no bound.
     # FP32 default 3: 168 registers, 48 B of spills, 4 blocks of 96 threads per SM instead of 3;
     # H100, 256 x 108 atoms: backward 3.7 -> 3.0 ms (4: 128 registers, 440 B spills, 6.9 ms).
     # FP64: the compiler's choice (it spills at 255 already).
-    minb = os.environ.get("DPSNAKE_FUSED_BWD_MINB", "3" if dtype == "float32" else "").strip()
+    if minb is None:
+        minb = 3 if dtype == "float32" else 0
     bwd_minb = f", {int(minb)}" if minb else ""
     return f"""
 typedef {T} T;
@@ -415,7 +416,7 @@ def supported(net) -> str | None:
 class FusedNet:
     """An embedding net as two fused CUDA kernels (forward contraction, backward to dL/dRn)."""
 
-    def __init__(self, net, dtype: str):
+    def __init__(self, net, dtype: str, minb: int | None = None):
         import cupy
 
         why = supported(net)
@@ -424,7 +425,7 @@ class FusedNet:
         self.dtype = np.float32 if dtype == "float32" else np.float64
         self.spec = _Spec(net, 4 if dtype == "float32" else 2)
         self.M = self.spec.sizes[-1]
-        src = _source(self.spec, dtype)
+        src = _source(self.spec, dtype, minb)
         self.mod = cupy.RawModule(code=src, options=("-std=c++14",))
         self.fwd = self.mod.get_function("emb_fwd")
         self.bwd = self.mod.get_function("emb_bwd")
@@ -464,12 +465,12 @@ class FusedNet:
             )
 
 
-def get_fused(net, dtype: str) -> FusedNet:
-    """Compiled FusedNet for ``net`` (cached on the net object)."""
+def get_fused(net, dtype: str, minb: int | None = None) -> FusedNet:
+    """Compiled FusedNet for ``net`` (cached on the net object, per dtype and ``minb``)."""
     cache = getattr(net, "_fused", None)
     if cache is None:
         cache = {}
         net._fused = cache
-    if dtype not in cache:
-        cache[dtype] = FusedNet(net, dtype)
-    return cache[dtype]
+    if (dtype, minb) not in cache:
+        cache[dtype, minb] = FusedNet(net, dtype, minb)
+    return cache[dtype, minb]

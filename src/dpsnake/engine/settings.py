@@ -1,0 +1,274 @@
+"""Engine settings (:class:`EngineSettings`, frozen) and the state one ensemble's calls share
+(:class:`EngineContext`).
+
+An :class:`~dpsnake.engine.ensemble.Ensemble` owns one context made from its settings and passes it
+down (neighbour build, runtime models, nets); nothing in the engine reads the environment. The
+table of every setting is in docs/engine.md. :meth:`EngineSettings.from_env` reads the former
+``DPSNAKE_*`` variables from a mapping the caller gives (the bench scripts pass the process environment).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+FAMILIES = ("nets", "env", "scatter", "desc", "nbr", "graph")
+_CHOICES = {
+    "select": ("warp", "thread"),
+    "fused": ("auto", "on", "off"),
+    "desc": ("block", "elementwise"),
+    "widths": ("auto", "exact", "guess"),
+}
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the engine runs; every field has the default that the benchmarks found best.
+
+    Accuracy choices are ``tf32`` (and the Ensemble's ``precision`` and ``compress``); ``chunk_mb``
+    bounds memory; the others switch kernels for ablations (bench scripts) and never change results
+    beyond rounding.
+    """
+
+    tf32: bool = False
+    """FP32 cuBLAS GEMMs of the fitting nets on TF32 tensor cores (mixed precision on CuPy only);
+    accuracy in docs/benchmarks.md. Was ``DPSNAKE_TF32=1``."""
+    chunk_mb: float | None = None
+    """Work memory per chunk of centres in MB; None: 2048 on CPUs, a third of the free device memory
+    on GPUs (an Ensemble's ``chunk_atoms`` overrides it). Was ``DPSNAKE_CHUNK_MB``."""
+    kernels: bool = True
+    """The engine's CUDA kernels for CuPy arrays (selection, fused and tabulated embedding nets);
+    False: CuPy runs the array code. Was ``DPSNAKE_KERNELS=0``."""
+    fast: frozenset = frozenset(FAMILIES)
+    """Families of fused elementwise kernels used on CuPy (subset of :data:`FAMILIES`: nets, env,
+    scatter, desc, nbr; graph = the MD integrator as CUDA graphs). Was ``DPSNAKE_FAST``."""
+    select: str = "warp"
+    """Neighbour-selection kernel: "warp" (a 32-thread block per centre) or "thread" (a thread per
+    centre). Was ``DPSNAKE_SELECT``."""
+    fused: str = "auto"
+    """Fused embedding-net kernels (cuda/fused.py): "auto" (FP32 nets only), "on" (FP64 too, slower
+    there), "off" (cuBLAS array code). Was ``DPSNAKE_FUSED`` (auto/1/0)."""
+    tab_kernels: bool = True
+    """CUDA kernels of tabulated embedding nets (cuda/tab.py); False: tabulate.py's array code.
+    ``DPSNAKE_FUSED=0`` turned these off too."""
+    fused_bwd_minb: int | None = None
+    """Blocks per SM the fused backward kernel is compiled for (caps its registers); None: 3 for FP32,
+    the compiler's choice for FP64; 0: the compiler's choice. Was ``DPSNAKE_FUSED_BWD_MINB``."""
+    tab_lps: int = 8
+    """Lanes per neighbour slot of the tabulated backward kernel (power of two <= 32). Was
+    ``DPSNAKE_TAB_LPS``."""
+    desc: str = "block"
+    """Descriptor kernels of the ``desc`` family: "block" (a block per centre, cuda/desc.py, where
+    the shared memory fits) or "elementwise". Was ``DPSNAKE_DESC``."""
+    compact: bool = True
+    """Compact slots: chunks keep only the neighbour slots some centre fills. Was
+    ``DPSNAKE_COMPACT=0``."""
+    widths: str = "auto"
+    """Compaction widths and bin grids: "auto" (reused from the last call on CuPy, checked after the
+    call is issued; the chunk's own on NumPy), "exact" (always the chunk's own: a host sync per
+    chunk), "guess" (reused on NumPy too, for tests). Was ``DPSNAKE_WIDTHS``."""
+
+    def __post_init__(self):
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"EngineSettings.{name}: {getattr(self, name)!r} is not one of {choices}")
+        fast = frozenset(self.fast)
+        if fast - set(FAMILIES):
+            raise ValueError(f"EngineSettings.fast: unknown families {sorted(fast - set(FAMILIES))}")
+        object.__setattr__(self, "fast", fast)
+        if self.tab_lps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"EngineSettings.tab_lps={self.tab_lps} is not a power of two <= 32")
+        if self.chunk_mb is not None and not self.chunk_mb > 0:
+            raise ValueError(f"EngineSettings.chunk_mb={self.chunk_mb} must be positive")
+
+    def replace(self, **changes) -> EngineSettings:
+        """A copy with ``changes`` (fields by name)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """Plain values (``fast`` as a sorted list): JSON, and ``EngineSettings(**d)`` round trips."""
+        d = dataclasses.asdict(self)
+        d["fast"] = sorted(self.fast)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EngineSettings:
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"EngineSettings: unknown settings {sorted(unknown)}")
+        return cls(**{k: (frozenset(v) if k == "fast" else v) for k, v in d.items()})
+
+    @classmethod
+    def from_env(cls, environ, base: EngineSettings | None = None) -> EngineSettings:
+        """Settings from the former ``DPSNAKE_*`` variables in ``environ`` (a mapping: the
+        process environment), on top of ``base`` (defaults). For the bench scripts' command lines; the
+        engine never calls it."""
+        s = base or cls()
+        ch = {}
+        get = environ.get
+        if get("DPSNAKE_TF32") is not None:
+            ch["tf32"] = get("DPSNAKE_TF32") == "1"
+        if get("DPSNAKE_CHUNK_MB"):
+            ch["chunk_mb"] = float(get("DPSNAKE_CHUNK_MB"))
+        if get("DPSNAKE_KERNELS") is not None:
+            ch["kernels"] = get("DPSNAKE_KERNELS") != "0"
+        fast = get("DPSNAKE_FAST")
+        if fast is not None:
+            fast = fast.strip().lower()
+            if fast in ("0", "none", "off", ""):
+                ch["fast"] = frozenset()
+            elif fast in ("1", "all"):
+                ch["fast"] = frozenset(FAMILIES)
+            else:  # unknown names were ignored by the variable: kept so
+                ch["fast"] = frozenset(x.strip() for x in fast.split(",")) & set(FAMILIES)
+        if get("DPSNAKE_SELECT") is not None:
+            ch["select"] = "thread" if get("DPSNAKE_SELECT") == "thread" else "warp"
+        fused = get("DPSNAKE_FUSED")
+        if fused is not None:
+            ch["fused"] = {"1": "on", "0": "off"}.get(fused, "auto")
+            ch["tab_kernels"] = fused != "0"
+        minb = get("DPSNAKE_FUSED_BWD_MINB")
+        if minb is not None:
+            ch["fused_bwd_minb"] = int(minb) if minb.strip() else 0
+        if get("DPSNAKE_TAB_LPS"):
+            ch["tab_lps"] = int(get("DPSNAKE_TAB_LPS"))
+        if get("DPSNAKE_DESC") is not None:
+            ch["desc"] = "elementwise" if get("DPSNAKE_DESC") == "elementwise" else "block"
+        if get("DPSNAKE_COMPACT") is not None:
+            ch["compact"] = get("DPSNAKE_COMPACT") != "0"
+        if get("DPSNAKE_WIDTHS") is not None:
+            w = get("DPSNAKE_WIDTHS")
+            ch["widths"] = w if w in ("exact", "guess") else "auto"
+        return s.replace(**ch)
+
+    @classmethod
+    def parse(cls, items, base: EngineSettings | None = None) -> EngineSettings:
+        """Settings from ``NAME=VALUE`` strings (bench scripts' ``--set``): bools as 0/1, ``fast``
+        as a comma list (or all / none), ``chunk_mb`` and ``fused_bwd_minb`` "none" for None."""
+        s = base or cls()
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        ch = {}
+        for item in items:
+            name, sep, val = item.partition("=")
+            name = name.strip()
+            if not sep or name not in types:
+                raise ValueError(f"--set {item!r}: expected NAME=VALUE with NAME one of {sorted(types)}")
+            val = val.strip()
+            t = types[name]
+            if name == "fast":
+                v = val.lower()
+                none = v in ("", "0", "none", "off")
+                ch[name] = frozenset(FAMILIES) if v in ("1", "all") else frozenset(() if none else v.split(","))
+            elif t == "bool":
+                if val.lower() not in ("0", "1", "true", "false"):
+                    raise ValueError(f"--set {item!r}: {name} takes 0 or 1")
+                ch[name] = val.lower() in ("1", "true")
+            elif val.lower() == "none" and "None" in t:
+                ch[name] = None
+            elif t.startswith("float"):
+                ch[name] = float(val)
+            elif t.startswith("int"):
+                ch[name] = int(val)
+            else:
+                ch[name] = val
+        return s.replace(**ch)
+
+
+@dataclass
+class EngineContext:
+    """Settings plus what the calls of one ensemble share: kernel families switched off after a
+    failure (``broken``), small device constants, compaction slots and the bin grids kept per
+    layout. Owned by an Ensemble (``Ensemble.ctx``); a function given none makes a fresh one."""
+
+    settings: EngineSettings = field(default_factory=EngineSettings)
+    broken: set = field(default_factory=set)
+    """Kernel families that failed to compile or launch: the array code runs from then on."""
+    consts: dict = field(default_factory=dict)
+    slots: dict = field(default_factory=dict)
+    grids: dict = field(default_factory=dict)
+    """Per layout of periodic batches (neighbor.NeighborBuilder): {"grid": the last host-made bin
+    grid, "room": ghosts the next call's arrays have room for}."""
+
+    @staticmethod
+    def of(ctx: EngineContext | EngineSettings | None) -> EngineContext:
+        """``ctx`` itself, a fresh context of settings, or a default one for None."""
+        if isinstance(ctx, EngineContext):
+            return ctx
+        return EngineContext(ctx if ctx is not None else EngineSettings())
+
+    # ------------------------------------------------------------------ kernel switches
+    def kernels(self, xp) -> bool:
+        """The engine's CUDA kernels run for namespace ``xp`` (CuPy, unless settings.kernels off)."""
+        return xp.__name__ == "cupy" and self.settings.kernels
+
+    def fast(self, xp, family: str) -> bool:
+        """Fused elementwise kernel family ``family`` is used for ``xp``."""
+        return xp.__name__ == "cupy" and family in self.settings.fast and family not in self.broken
+
+    def fused(self, xp, dtype: str) -> bool:
+        """Fused embedding kernels for nets of ``dtype``: "auto" FP32 only (H100, 2026-11-21,
+        256 x 108 atoms: FP32 20.2 -> 15.9 ms per call with them; FP64 24.9 -> 36.5 ms)."""
+        mode = self.settings.fused
+        return self.kernels(xp) and (mode == "on" or (mode == "auto" and dtype == "float32"))
+
+    def tab_kernels(self, xp) -> bool:
+        return self.kernels(xp) and self.settings.tab_kernels
+
+    def select_mode(self) -> str:
+        """Neighbour-selection kernel, "warp" or "thread" (also after the warp kernel failed)."""
+        return "thread" if "select_warp" in self.broken else self.settings.select
+
+    def guarded(self, family: str, fn, *args):
+        """fn(*args); on any error switch ``family`` off for this context, warn, return None."""
+        try:
+            return fn(*args)
+        except Exception as exc:  # compile or launch failure: fall back to the array code
+            self.broken.add(family)
+            warnings.warn(
+                f"dpsnake fused kernels '{family}' disabled: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=3
+            )
+            return None
+
+    @contextlib.contextmanager
+    def tf32(self, xp, dtype):
+        """Within: FP32 cuBLAS GEMMs of CuPy use TF32 tensor cores if settings.tf32 (the fitting
+        nets); a no-op otherwise."""
+        if not (self.settings.tf32 and self.kernels(xp) and np.dtype(dtype) == np.float32):
+            yield
+            return
+        from cupy._core import _routines_linalg as linalg
+
+        old = linalg.get_compute_type(np.float32)
+        linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32)
+        try:
+            yield
+        finally:
+            linalg.set_compute_type(np.float32, old)
+
+    # ------------------------------------------------------------------ caches
+    def device_const(self, xp, host):
+        """A small constant host array on ``xp``'s device, copied once per (contents, device): a
+        copy from pageable host memory waits for the device, so none is made per call. Read only."""
+        from dpsnake.engine.xp import device_key
+
+        host = np.asarray(host)
+        if xp is np:
+            return host
+        key = (host.dtype.str, host.shape, host.tobytes(), *device_key(xp))
+        if key not in self.consts:
+            if len(self.consts) > 1024:
+                self.consts.clear()
+            self.consts[key] = xp.asarray(host)
+        return self.consts[key]
+
+    def kept_grid(self, layout) -> dict:
+        """{"grid", "room"} of a layout of periodic batches (see ``grids``)."""
+        if layout not in self.grids:
+            if len(self.grids) >= 64:  # many layouts seen (a long-lived process): drop the oldest
+                self.grids.pop(next(iter(self.grids)))
+            self.grids[layout] = {"grid": None, "room": None}
+        return self.grids[layout]
