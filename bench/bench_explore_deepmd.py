@@ -195,10 +195,10 @@ def cmd_bench(args) -> int:
     from ase.build import bulk
 
     from dpsnake.md import integrators
-    from dpsnake.md.cli import pick_xp
     from dpsnake.md.deepmd_provider import DeepmdProvider
+    from dpsnake.md.explore import pick_xp
+    from dpsnake.md.explorer import Explorer
     from dpsnake.md.graphs import make_stepper
-    from dpsnake.md.runner import Explorer
     from dpsnake.md.walkers import parse_walkers
 
     xp = pick_xp(args.device)

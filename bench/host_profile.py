@@ -66,8 +66,8 @@ def main():
         return
     from ase.build import bulk
 
-    from dpsnake.md.cli import make_provider
-    from dpsnake.md.runner import Explorer
+    from dpsnake.md.explore import make_provider
+    from dpsnake.md.explorer import Explorer
     from dpsnake.md.walkers import parse_walkers
 
     provider, tmap = make_provider(models, "mixed", cp, args.compress)

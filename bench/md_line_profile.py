@@ -20,8 +20,8 @@ import cupy as cp
 from ase.build import bulk
 
 from dpsnake.md import integrators
-from dpsnake.md.cli import make_provider
-from dpsnake.md.runner import Explorer
+from dpsnake.md.explore import make_provider
+from dpsnake.md.explorer import Explorer
 from dpsnake.md.walkers import parse_walkers
 
 M = sys.argv[1] if len(sys.argv) > 1 else ".whl/models"

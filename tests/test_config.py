@@ -167,7 +167,7 @@ def test_ase_labeler_kwargs_checked_without_building_the_calculator():
 
 
 def test_label_program_found_like_the_label_job_does(tmp_path):
-    from dpsnake.labelers.runner import missing_program
+    from dpsnake.labelers.filebased import missing_program
 
     assert missing_program("env OMP_NUM_THREADS=1 sh -c 'exit 0'") is None
     assert missing_program("sh -c 'cat x; exit 3'") is None

@@ -1,7 +1,7 @@
 """The run's stop decision across stages (issue 19, item 11): converged only when every system's latest
 accurate ratio reaches the threshold; no status line says "not converged: stage N converged".
 
-Stats are made as ``dpsnake select`` makes them (``selection.decide_from_stats`` on the real config
+Stats are made as ``dpsnake select`` makes them (``candidates.decide_from_stats`` on the real config
 checker's output), iteration after iteration, with the stage sequence ``dpsnake plan`` derives."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import pytest
 import yaml
 
 from dpsnake.report import decision as report_decision
+from dpsnake.workflow.candidates import decide_from_stats
 from dpsnake.workflow.config import check
 from dpsnake.workflow.convergence import latest_ratios, run_decision, verdict
 from dpsnake.workflow.plan import iteration_stage
-from dpsnake.workflow.selection import decide_from_stats
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

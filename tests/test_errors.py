@@ -66,7 +66,7 @@ def test_cause_of_a_missing_backend(tmp_path):
 def test_pw_failure_reason_is_the_codes_error(tmp_path):
     """A failed pw.x run: the label's failure reason is QE's "Error in routine" message (joined with its
     detail), not Open MPI's abort notice that ends stderr."""
-    from dpsnake.labelers.runner import run_command
+    from dpsnake.labelers.filebased import run_command
 
     (tmp_path / "pw.in").write_text(
         "&control\n calculation='scf'\n/\n&system\n ibrav=0, nat=1, ntyp=1, ecutwfc=20\n/\n&electrons\n/\n"

@@ -15,7 +15,7 @@ from ase import Atoms
 
 from dpsnake.errors import UserError
 from dpsnake.labelers import make_labeler
-from dpsnake.labelers.runner import check_template, kmesh, species_order
+from dpsnake.labelers.filebased import check_template, kmesh, species_order
 
 DATA = pathlib.Path(__file__).parent / "data" / "labelers"
 KBAR = 1.0 / 1602.176621  # eV/A^3 per kbar

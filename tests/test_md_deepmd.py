@@ -15,8 +15,8 @@ from test_md_engine import walker  # the walker dict of the engine's MD tests
 
 from dpsnake.md import integrators as I
 from dpsnake.md.deepmd_provider import DeepmdProvider
+from dpsnake.md.explorer import Explorer
 from dpsnake.md.providers import EnsembleProvider
-from dpsnake.md.runner import Explorer
 from dpsnake.md.state import build_state
 from dpsnake.md.trajectory import read_frames
 from dpsnake.md.walkers import degrees_of_freedom, masses_for, maxwell_boltzmann, parse_walkers, read_structure

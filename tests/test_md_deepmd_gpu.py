@@ -30,7 +30,7 @@ def test_gpu_batch_equals_cpu(pt_model):
 def test_gpu_explore_equals_cpu(tmp_path, pt_model):
     """20 NPT steps of two walkers on CuPy (with the CUDA-graph integrator) equal the NumPy run's frames."""
     from dpsnake.md.deepmd_provider import DeepmdProvider
-    from dpsnake.md.runner import Explorer
+    from dpsnake.md.explorer import Explorer
     from dpsnake.md.trajectory import read_frames
     from dpsnake.md.walkers import parse_walkers
 

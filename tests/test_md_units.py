@@ -220,7 +220,7 @@ def test_compress_auto_min_nbor_dist_from_training_data(tmp_path, capsys):
     from ase.build import bulk, molecule
 
     from dpsnake.errors import UserError
-    from dpsnake.md.cli import compress_distance, min_nbor_dist
+    from dpsnake.md.explore import compress_distance, min_nbor_dist
 
     frames = []
     for k, a in enumerate((3.61, 3.52)):

@@ -1,6 +1,6 @@
 """Reports: numbers equal their source files; DeePMD-kit recomputes the RMSE; Chromium shows the plots.
 
-The results/ tree is built by test_report_tree.build from real parts (DeePMD-kit models, EMT labels,
+The results/ tree is built by report_tree.build from real parts (DeePMD-kit models, EMT labels,
 dpdata, Snakemake benchmark files); the reports are written once per module by the real CLI.
 """
 
@@ -15,7 +15,7 @@ import tempfile
 import numpy as np
 import pandas as pd
 import pytest
-import test_report_tree as tree
+import report_tree as tree
 
 from dpsnake.cli import main
 

@@ -1,6 +1,6 @@
 """The run report's learning curve (issue 18 item 4) equals an independent computation.
 
-The results/ tree is test_report_tree.build's (real DeePMD-kit models, EMT labels, dpdata); the run
+The results/ tree is report_tree.build's (real DeePMD-kit models, EMT labels, dpdata); the run
 report is written by the real CLI. The test evaluates the iteration's models itself with DeePMD-kit's
 DeepPot on each iteration's new labels and on the test set, and counts the training frames from the
 raw npy arrays.
@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import test_report_tree as tree
+import report_tree as tree
 
 from dpsnake.cli import main
 from dpsnake.report import learning

@@ -7,7 +7,7 @@ import pytest
 
 from dpsnake.cli import main
 from dpsnake.errors import UserError
-from dpsnake.report import collect
+from dpsnake.report import readers
 
 
 def _devi(n=6, seed=0):
@@ -28,8 +28,8 @@ def test_model_devi_from_deepmd_and_engine_writers(tmp_path):
     dd = np.column_stack([d, d[:, 4] * 2])  # DeePMD-kit's dp model-devi adds devi_e
     write_model_devi_out(dd, str(tmp_path / "a.out"))
     write_model_devi(tmp_path / "b.out", d[:, 0].astype(int), {n: d[:, i] for i, n in enumerate(COLUMNS) if i})
-    a = collect.read_model_devi(tmp_path / "a.out")
-    b = collect.read_model_devi(tmp_path / "b.out")
+    a = readers.read_model_devi(tmp_path / "a.out")
+    b = readers.read_model_devi(tmp_path / "b.out")
     assert list(b.columns) == COLUMNS and list(a.columns) == COLUMNS + ["devi_e"]
     for t in (a, b):
         np.testing.assert_array_equal(t["step"], d[:, 0].astype(int))
@@ -39,15 +39,15 @@ def test_model_devi_from_deepmd_and_engine_writers(tmp_path):
 def test_broken_files_name_the_file(tmp_path):
     (tmp_path / "model_devi.out").write_text("1 2 3\n")
     with pytest.raises(UserError, match="model_devi.out: no '# step"):
-        collect.read_model_devi(tmp_path / "model_devi.out")
+        readers.read_model_devi(tmp_path / "model_devi.out")
     (tmp_path / "lcurve.out").write_text("# step rmse_trn lr\n0 1.0\n")
     with pytest.raises(UserError, match="lcurve.out: 2 columns but the header names 3"):
-        collect.read_lcurve(tmp_path / "lcurve.out")
+        readers.read_lcurve(tmp_path / "lcurve.out")
     b = tmp_path / "benchmarks" / "iter.000000"
     b.mkdir(parents=True)
     (b / "train.0.tsv").write_text("oops\n")
     with pytest.raises(UserError, match="train.0.tsv: not a Snakemake benchmark table"):
-        collect.benchmarks_table(tmp_path / "benchmarks", 0)
+        readers.benchmarks_table(tmp_path / "benchmarks", 0)
 
 
 def test_status_before_and_without_a_run(tmp_path, capsys):

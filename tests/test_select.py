@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from ase.build import bulk
 
-from dpsnake.workflow import selection as S
+from dpsnake.workflow import candidates as S
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -273,8 +273,8 @@ def test_select_decision_is_the_reports_when_the_last_stage_explores_one_system(
     converged" with the reason of the reports (workflow.convergence); the workflow's per-stage decision
     (stop, next_stage, stage_decision) is unchanged."""
     from dpsnake.report.decision import for_iteration
+    from dpsnake.workflow.candidates import decide_from_stats
     from dpsnake.workflow.select import select, table
-    from dpsnake.workflow.selection import decide_from_stats
 
     cu = _cfg(tmp_path)["systems"]["Cu"]
     cfg = _cfg(

@@ -1,7 +1,9 @@
 """``dpsnake <command>``: the command line the Snakemake rules call.
 
-Each subcommand lives in its own module, which defines ``add_arguments(parser)`` and ``run(args)``;
-modules are imported only when their command runs, so ``dpsnake --help`` stays fast.
+``COMMANDS`` below is the one registry of subcommands: each maps to the module that defines its
+``add_arguments(parser)`` and ``run(args)`` (a workflow step's own module, ``md.explore``,
+``model_devi_command``, ``report.command``, ``report.status``); modules are imported only when their
+command runs, so ``dpsnake --help`` stays fast. No package has a command line of its own.
 
 Every failure ends with ONE last line ``dpsnake <command>: error: <cause>`` on stderr: the rules send
 stderr to their log, and Snakemake's error summary shows the log (``show-failed-logs`` in the profiles),
@@ -26,13 +28,13 @@ COMMANDS = {
     "init-data": ("dpsnake.workflow.init_data", "build and label the initial dataset of one system"),
     "train": ("dpsnake.workflow.train", "train one DeePMD-kit model: dp train, freeze, convert to .dp"),
     "plan": ("dpsnake.workflow.plan", "write the walkers of an iteration from the exploration plan"),
-    "explore": ("dpsnake.md.cli", "run all exploration walkers of an iteration as one batched job"),
+    "explore": ("dpsnake.md.explore", "run all exploration walkers of an iteration as one batched job"),
     "select": ("dpsnake.workflow.select", "classify explored frames by model deviation and pick candidates"),
     "label": ("dpsnake.workflow.label", "label candidate frames with the configured labeler"),
     "collect": ("dpsnake.workflow.collect", "turn this iteration's labels into deepmd/npy datasets"),
     "finalize": ("dpsnake.workflow.finalize", "copy the last iteration's models to results/models/final"),
-    "model-devi": ("dpsnake.engine.cli", "model deviation of an ensemble on given frames (like dp model-devi)"),
-    "report": ("dpsnake.report.cli", "write the accuracy report of one iteration or of the whole run"),
+    "model-devi": ("dpsnake.model_devi_command", "model deviation of an ensemble on given frames (like dp model-devi)"),
+    "report": ("dpsnake.report.command", "write the accuracy report of one iteration or of the whole run"),
     "status": ("dpsnake.report.status", "print the per-iteration summary of a run as a table"),
 }
 

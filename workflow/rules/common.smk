@@ -7,7 +7,7 @@ import sys
 
 from dpsnake.errors import UserError
 from dpsnake.workflow import config as dpconfig
-from dpsnake.workflow.selection import decide_from_stats
+from dpsnake.workflow.candidates import decide_from_stats
 
 # Files, elements and cross-references are checked here, before any job: one line naming the key.
 try:

@@ -20,7 +20,7 @@ import shutil
 from dpsnake.errors import UserError
 from dpsnake.fsio import atomic_path, write_text_atomic
 from dpsnake.labelers.base import LabelResult
-from dpsnake.labelers.runner import (
+from dpsnake.labelers.filebased import (
     CommandLabeler,
     RunOutcome,
     kmesh,

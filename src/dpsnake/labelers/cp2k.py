@@ -23,7 +23,7 @@ import numpy as np
 from dpsnake.errors import UserError
 from dpsnake.fsio import write_text_atomic
 from dpsnake.labelers.base import LabelResult
-from dpsnake.labelers.runner import CommandLabeler, RunOutcome, kmesh, require_dir, require_file, result_from_system
+from dpsnake.labelers.filebased import CommandLabeler, RunOutcome, kmesh, require_dir, require_file, result_from_system
 
 MARKERS = ("{{CELL}}", "{{COORD}}", "{{KINDS}}")
 

@@ -18,7 +18,7 @@ import shutil
 from dpsnake.errors import UserError
 from dpsnake.fsio import open_atomic
 from dpsnake.labelers.base import LabelResult
-from dpsnake.labelers.runner import CommandLabeler, RunOutcome, kmesh, require_pseudopotentials, result_from_system
+from dpsnake.labelers.filebased import CommandLabeler, RunOutcome, kmesh, require_pseudopotentials, result_from_system
 
 # namelist entries the labeler sets itself: a user value would break parsing or the scratch layout
 OWNED = {

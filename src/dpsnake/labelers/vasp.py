@@ -20,7 +20,7 @@ import re
 from dpsnake.errors import UserError
 from dpsnake.fsio import atomic_path, write_text_atomic
 from dpsnake.labelers.base import LabelResult
-from dpsnake.labelers.runner import CommandLabeler, RunOutcome, kmesh, require_dir, result_from_system, species_order
+from dpsnake.labelers.filebased import CommandLabeler, RunOutcome, kmesh, require_dir, result_from_system, species_order
 
 # tags the labeler sets: one single point per frame, no big files left behind
 FIXED = {"NSW": 0, "IBRION": -1}

@@ -17,8 +17,8 @@ import pandas as pd
 
 from dpsnake.errors import UserError
 from dpsnake.fsio import write_text_atomic
-from dpsnake.report import collect, html, plots, sources
 from dpsnake.report import decision as decide
+from dpsnake.report import html, plots, readers, sources
 from dpsnake.report.accuracy import COLUMNS as ACC_COLUMNS
 from dpsnake.report.accuracy import accuracy, read_labelled, test_sets_from_config
 
@@ -160,22 +160,22 @@ def _records(df: pd.DataFrame) -> list[dict]:
 
 def build(ctx: Context, it: int) -> tuple[dict, dict, dict]:
     """Tables (dict of DataFrames), JSON content and figures (dict of base64 PNG) of iteration ``it``."""
-    it_dir = ctx.results / collect.iter_name(it)
+    it_dir = ctx.results / readers.iter_name(it)
     if not it_dir.is_dir():
-        raise UserError(f"--iter {it}: {it_dir} does not exist (iterations here: {collect.iterations(ctx.results)})")
+        raise UserError(f"--iter {it}: {it_dir} does not exist (iterations here: {readers.iterations(ctx.results)})")
     test_sets = test_sets_from_config(ctx.config, ctx.workdir)  # bad entries fail before any work
-    stats = collect.read_stats(ctx.results, it)
-    systems = collect.stats_table(stats)
-    coll = collect.read_collect(ctx.results, it) or {}
-    walkers = collect.walkers_table(ctx.results, it, stats)
-    devi = collect.deviations_table(ctx.results, it, walkers)
-    curves = collect.lcurves(ctx.results, it)
-    datasets = collect.datasets(ctx.results, it)
+    stats = readers.read_stats(ctx.results, it)
+    systems = readers.stats_table(stats)
+    coll = readers.read_collect(ctx.results, it) or {}
+    walkers = readers.walkers_table(ctx.results, it, stats)
+    devi = readers.deviations_table(ctx.results, it, walkers)
+    curves = readers.lcurves(ctx.results, it)
+    datasets = readers.datasets(ctx.results, it)
     frames = _dataset_frames(datasets)
-    times = collect.rule_times(collect.benchmarks_table(ctx.bench, it))
+    times = readers.rule_times(readers.benchmarks_table(ctx.bench, it))
 
     acc, preds = pd.DataFrame(columns=ACC_COLUMNS), []
-    models = collect.model_files(ctx.results, it)
+    models = readers.model_files(ctx.results, it)
     if ctx.accuracy and models:
         acc, preds = accuracy(models, datasets, test_sets)
 
@@ -213,7 +213,7 @@ def build(ctx: Context, it: int) -> tuple[dict, dict, dict]:
     final_lc = pd.DataFrame([{"model": k, **v.iloc[-1].to_dict()} for k, v in sorted(curves.items()) if len(v)])
     labelling = {k: coll.get(k) for k in ("labelled", "failed", "failed_ratio")}
     labelling["failures"] = coll.get("failures") or []
-    prov = collect.read_provenance(ctx.results, it)
+    prov = readers.read_provenance(ctx.results, it)
     prov = prov[prov["iteration"] == it] if len(prov) else prov
     new_by_walker = (
         prov.groupby(["system", "walker"], sort=True)
@@ -222,7 +222,7 @@ def build(ctx: Context, it: int) -> tuple[dict, dict, dict]:
         if len(prov)
         else pd.DataFrame(columns=["system", "walker", "frames"])
     )
-    engine = collect._read_json(it_dir / "explore" / "engine.json")  # which force provider explored, why
+    engine = readers._read_json(it_dir / "explore" / "engine.json")  # which force provider explored, why
     tables = {
         "summary": summary,
         "accuracy": acc,
@@ -393,7 +393,7 @@ def render(it: int, tables: dict, content: dict, figs: dict, others: list[int] =
         ),
     ]
     nav = [
-        (f"{collect.iter_name(k)}.html", label) for k, label in ((it - 1, "previous"), (it + 1, "next")) if k in others
+        (f"{readers.iter_name(k)}.html", label) for k, label in ((it - 1, "previous"), (it + 1, "next")) if k in others
     ]
     nav += [
         ("index.html", "run overview"),
@@ -410,9 +410,9 @@ def render(it: int, tables: dict, content: dict, figs: dict, others: list[int] =
 def write(ctx: Context, it: int) -> dict[str, pathlib.Path]:
     """Write ``results/reports/iter.NNNNNN.{html,csv,json}``; returns their paths."""
     tables, content, figs = build(ctx, it)
-    stem = ctx.reports / collect.iter_name(it)
+    stem = ctx.reports / readers.iter_name(it)
     paths = {ext: stem.parent / f"{stem.name}.{ext}" for ext in ("json", "csv", "html")}
     write_text_atomic(paths["json"], json.dumps(content, indent=1))
     write_text_atomic(paths["csv"], tables["summary"].to_csv(index=False))
-    write_text_atomic(paths["html"], render(it, tables, content, figs, collect.iterations(ctx.results)))
+    write_text_atomic(paths["html"], render(it, tables, content, figs, readers.iterations(ctx.results)))
     return paths

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import pandas as pd
 
-from dpsnake.report import collect
+from dpsnake.report import readers
 
 COLUMNS = ["iteration", "set", "system", "labels_system", "labels_total", "frames", "rmse_e_atom", "rmse_f"]
 
 
 def trained_labels(content: dict) -> tuple[dict[str, int], int]:
     """Frames the models of this iteration were trained on: per system, and in total."""
-    src = collect.iter_name(content["iteration"])
+    src = readers.iter_name(content["iteration"])
     per: dict[str, int] = {}
     for d in content.get("datasets") or []:
         if d["source"] != src:
@@ -32,7 +32,7 @@ def rows(content: dict) -> list[dict]:
     """Learning-curve rows of one iteration report: set "next" (per system, the ensemble mean on this
     iteration's new labels) and set "test" (per test set)."""
     it = int(content["iteration"])
-    src = collect.iter_name(it)
+    src = readers.iter_name(it)
     per, total = trained_labels(content)
     mean = {(r["set"], r["system"], r["source"]): r for r in content.get("accuracy") or [] if r["model"] == "mean"}
     datasets = content.get("datasets") or []

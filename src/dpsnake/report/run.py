@@ -12,8 +12,8 @@ import pathlib
 import pandas as pd
 
 from dpsnake.fsio import write_text_atomic
-from dpsnake.report import collect, html, iteration, learning, plots, sources
 from dpsnake.report import decision as decide
+from dpsnake.report import html, iteration, learning, plots, readers, sources
 
 
 def load_iterations(ctx: iteration.Context, rebuild: bool = False, progress=print) -> list[dict]:
@@ -24,9 +24,9 @@ def load_iterations(ctx: iteration.Context, rebuild: bool = False, progress=prin
     (without the ensemble evaluation), so a later call reports it in full once it has finished.
     """
     out = []
-    for it in collect.iterations(ctx.results):
-        path = ctx.reports / f"{collect.iter_name(it)}.json"
-        done = ctx.results / collect.iter_name(it) / "collect" / "summary.json"
+    for it in readers.iterations(ctx.results):
+        path = ctx.reports / f"{readers.iter_name(it)}.json"
+        done = ctx.results / readers.iter_name(it) / "collect" / "summary.json"
         if not done.is_file():
             quick = iteration.Context(ctx.config, ctx.results, ctx.bench, ctx.workdir, accuracy=False)
             out.append(iteration.build(quick, it)[1])
@@ -74,7 +74,7 @@ def decision(contents: list[dict], ctx: iteration.Context) -> dict:
     # recomputed, not taken from a cached iteration report: the current config and stats.json files count
     return {
         "iteration": last,
-        **decide.for_iteration(ctx.results, last, collect.read_stats(ctx.results, last), ctx.threshold, ctx.config),
+        **decide.for_iteration(ctx.results, last, readers.read_stats(ctx.results, last), ctx.threshold, ctx.config),
     }
 
 
@@ -125,7 +125,7 @@ def write(ctx: iteration.Context, rebuild: bool = False, progress=print) -> dict
     if dec.get("threshold") is not None:
         verdict += f'<p class="note">accurate-ratio threshold: {dec["threshold"]:g}</p>'
     links = "".join(
-        f'<li><a href="{collect.iter_name(c["iteration"])}.html">iteration {c["iteration"]}</a>'
+        f'<li><a href="{readers.iter_name(c["iteration"])}.html">iteration {c["iteration"]}</a>'
         f" ({html.esc(decide.link_word(c['decision']))})</li>"
         for c in contents
     )

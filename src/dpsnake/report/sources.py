@@ -14,7 +14,7 @@ import pathlib
 
 import pandas as pd
 
-from dpsnake.report import collect
+from dpsnake.report import readers
 
 COLUMNS = ["data", "system", "note"]
 
@@ -72,17 +72,17 @@ def stale_data(config: dict, results: pathlib.Path, workdir: pathlib.Path, upto:
                 note = _dataset_changed(src, (config["systems"][name] or {}).get("init_data"), pathlib.Path(workdir))
             if note:
                 rows.append({"data": f"data/init/{name}", "system": name, "note": f"initial data {note}"})
-        for it in collect.iterations(results):
+        for it in readers.iterations(results):
             if upto is not None and it > upto:
                 break
-            plan = _json(results / collect.iter_name(it) / "explore" / "plan.json") or {}
+            plan = _json(results / readers.iter_name(it) / "explore" / "plan.json") or {}
             for name, rec in sorted((plan.get("structures") or {}).items()):
-                data = results / "data" / collect.iter_name(it) / name
+                data = results / "data" / readers.iter_name(it) / name
                 note = changed(rec, current.get(name))
                 if note and data.is_dir():
                     rows.append(
                         {
-                            "data": f"data/{collect.iter_name(it)}/{name}",
+                            "data": f"data/{readers.iter_name(it)}/{name}",
                             "system": name,
                             "note": f"explored from a start structure {note}",
                         }

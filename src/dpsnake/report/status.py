@@ -14,7 +14,7 @@ import pathlib
 import pandas as pd
 
 from dpsnake.errors import UserError
-from dpsnake.report import collect
+from dpsnake.report import readers
 
 COLUMNS = [
     "iter",
@@ -42,8 +42,8 @@ def add_arguments(parser) -> None:
 
 def stage(results: pathlib.Path, it: int) -> str:
     """The furthest stage iteration ``it`` has reached, from the files present."""
-    d = results / collect.iter_name(it)
-    if (results / "reports" / f"{collect.iter_name(it)}.json").is_file():
+    d = results / readers.iter_name(it)
+    if (results / "reports" / f"{readers.iter_name(it)}.json").is_file():
         return "reported"
     if (d / "collect" / "summary.json").is_file():
         return "collected"
@@ -80,10 +80,10 @@ def summary(results: pathlib.Path) -> tuple[pd.DataFrame, list[str]]:
     rows, lines, history = [], [], []
     config = _config(results)
     threshold = Context(config, results, results, results.parent).threshold
-    for it in collect.iterations(results):
-        stats = collect.read_stats(results, it)
-        coll = collect.read_collect(results, it) or {}
-        rep = results / "reports" / f"{collect.iter_name(it)}.json"
+    for it in readers.iterations(results):
+        stats = readers.read_stats(results, it)
+        coll = readers.read_collect(results, it) or {}
+        rep = results / "reports" / f"{readers.iter_name(it)}.json"
         rmse = {}
         if rep.is_file():
             try:

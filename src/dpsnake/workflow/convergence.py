@@ -1,6 +1,6 @@
 """The run's convergence decision, honest across the stages of the exploration plan.
 
-``select`` decides per stage (``selection.decide``): a stage is done when every system *it explores*
+``select`` decides per stage (``candidates.decide``): a stage is done when every system *it explores*
 reaches the accurate-ratio threshold, and the run stops after the last stage. A last stage that explores
 only some systems says nothing about the others, so here **converged** means: the plan ran to its end
 with its last stage done, *and* every system's latest accurate ratio (from the last iteration that
@@ -58,7 +58,7 @@ def _base(history: list[dict], cfg: dict | None) -> dict:
     select wrote one)."""
     cur = history[-1]
     if cfg and (cfg.get("explore") or {}).get("stages") and (cfg.get("convergence") or {}).get("max_iterations"):
-        from dpsnake.workflow.selection import decide_from_stats
+        from dpsnake.workflow.candidates import decide_from_stats
 
         d = decide_from_stats(cfg, cur)
         d["max_iterations"] = int(cfg["convergence"]["max_iterations"])

@@ -18,13 +18,13 @@ import sys
 
 from dpsnake.errors import UserError
 
-CHECKPOINT = "checkpoint.npz"  # dpsnake.md.runner.CHECKPOINT (not imported: it pulls in the MD stack)
+CHECKPOINT = "checkpoint.npz"  # dpsnake.md.explorer.CHECKPOINT (not imported: it pulls in the MD stack)
 
 
 def iteration_stage(cfg: dict, stats_prev: dict | None) -> tuple[int, int]:
     """(stage, iteration within the stage) of the iteration after the one that wrote ``stats_prev``;
     the decision is re-evaluated with the current config."""
-    from dpsnake.workflow.selection import decide_from_stats
+    from dpsnake.workflow.candidates import decide_from_stats
 
     if stats_prev is None:
         return 0, 0

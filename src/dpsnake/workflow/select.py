@@ -8,7 +8,7 @@ renamed, candidates first, so ``stats.json`` exists only when everything is comp
 
 Its ``converged`` and ``reason`` are the run's decision across stages (``workflow.convergence``, as the
 reports say it); ``stop`` / ``next_stage`` and ``stage_decision`` are the per-stage decision
-(``selection.decide``) that the workflow follows.
+(``candidates.decide``) that the workflow follows.
 
 A frame is never picked twice: not when it is already in a dataset (``--data``), and not when its label
 failed in an earlier iteration (``--results``: ``iter.*/label/task.N.failed.json`` hold the frame's key);
@@ -68,7 +68,7 @@ def _read_frames(path: pathlib.Path) -> list:
 
 def gather(explore: pathlib.Path, walkers: list[dict], summary: dict) -> dict:
     """Per system: {'walker', 'step', 'devi_f', 'devi_v'} arrays over all frames of its walkers."""
-    from dpsnake.workflow.selection import read_model_devi
+    from dpsnake.workflow.candidates import read_model_devi
 
     per = {}
     for w in walkers:
@@ -173,8 +173,8 @@ def _model_zero(explore: pathlib.Path, model=None):
 def _pick(cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, model, notes):
     """``select.pick`` / ``dedup_tol`` / ``quota`` on the kept candidates ``keep`` of one system:
     (picked indices, sorted; near duplicates dropped)."""
+    from dpsnake.workflow import candidates as S
     from dpsnake.workflow import diversity as D
-    from dpsnake.workflow import selection as S
 
     sel = cfg["select"]
     mode, tol, quota = sel["pick"], sel.get("dedup_tol"), sel.get("quota", "system")
@@ -193,7 +193,7 @@ def _pick(cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, 
         frames = [_frame(explore, d["walker"][i], int(d["step"][i]), frames_cache) for i in keep]
         train = training_frames(data_root, system) if mode == "diverse" else []
         if "xp" not in notes:
-            from dpsnake.md.cli import pick_xp
+            from dpsnake.md.explore import pick_xp
 
             notes["xp"] = pick_xp("cpu" if cfg["explore"].get("device") == "cpu" else "auto")
         f, how = D.frame_features(_model_zero(explore, model), frames + train, cfg["type_map"], notes["xp"])
@@ -217,7 +217,7 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=No
     (default: the iteration's model 0 next to ``explore``)."""
     import ase.io
 
-    from dpsnake.workflow import selection as S
+    from dpsnake.workflow import candidates as S
     from dpsnake.workflow.config import system_trust
 
     walkers = json.loads((explore / "walkers.json").read_text())

@@ -74,7 +74,7 @@ def build(root: pathlib.Path, models: list[dict]) -> dict:
     from deepmd.infer import DeepPot
     from deepmd.infer.model_devi import calc_model_devi
 
-    from dpsnake.workflow.selection import decide
+    from dpsnake.workflow.candidates import decide
 
     res = root / "results"
     dps = [DeepPot(str(m["pb"])) for m in models]

@@ -144,7 +144,7 @@ def compress_distance(value, data) -> float | None:
 def run(args) -> int:
     from dpsnake.fsio import write_json_atomic
     from dpsnake.md.engines import choose
-    from dpsnake.md.runner import Explorer
+    from dpsnake.md.explorer import Explorer
     from dpsnake.md.walkers import load_walkers
 
     walkers = load_walkers(args.walkers)
