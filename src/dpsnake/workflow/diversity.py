@@ -177,9 +177,10 @@ def descriptor_features(model, frames, xp=np, batch_atoms: int = 20000) -> np.nd
     from dpsnake.engine.descriptor import _env_mat
     from dpsnake.engine.ensemble import Ensemble
     from dpsnake.engine.neighbor import NeighborBuilder
-    from dpsnake.engine.xp import device_const, segment_sum, to_numpy
+    from dpsnake.engine.xp import segment_sum, to_numpy
 
     ens = Ensemble([model], precision="double", xp=xp)
+    ctx = ens.ctx
     m = ens.models[0]
     rm = ens._rt(xp, 0)
     csize = ens._chunk_size(xp)
@@ -189,7 +190,7 @@ def descriptor_features(model, frames, xp=np, batch_atoms: int = 20000) -> np.nd
         coords, atype, system, cells, pbc = _flat(frames[start:stop], m.type_map)
         S = stop - start
         xc, xa, xs, xcell = (xp.asarray(v) for v in (coords, atype, system, cells))
-        nb = NeighborBuilder(xp, xc, xa, xs, xcell, pbc, m.rcut, m.sel, m.pair_exclude)
+        nb = NeighborBuilder(xp, xc, xa, xs, xcell, pbc, m.rcut, m.sel, m.pair_exclude, ctx=ctx)
         sums = xp.zeros((S, T, M1 * A))
         counts = np.bincount(system * T + atype, minlength=S * T).reshape(S, T)
         for ti in range(T):
@@ -199,7 +200,7 @@ def descriptor_features(model, frames, xp=np, batch_atoms: int = 20000) -> np.nd
                 ch = nb.chunk(centers)
                 keep = None
                 if m.desc_exclude[ti].any():  # as descriptor.energy_and_grad
-                    exrow = device_const(xp, m.desc_exclude[ti][np.repeat(np.arange(T), m.sel)])[None, :]
+                    exrow = ctx.device_const(xp, m.desc_exclude[ti][np.repeat(np.arange(T), m.sel)])[None, :]
                     exrow = exrow & (True if m.exclude_padding else ch.valid)
                     keep = (~exrow).astype(xp.float64)
                 Rn, _ = _env_mat(xp, rm, ch.d, ch.valid, keep, rm.davg[ti], rm.rstd[ti])
