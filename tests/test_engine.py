@@ -9,7 +9,7 @@ import warnings
 
 import numpy as np
 import pytest
-from test_engine_helpers import cluster, edit_dp, fcc, frame, ref_eval, rel_err, set_activation, triclinic
+from engine_helpers import cluster, edit_dp, fcc, frame, ref_eval, rel_err, set_activation, triclinic
 
 FP64_TOL = 1e-10
 FP32_TOL = 3e-5

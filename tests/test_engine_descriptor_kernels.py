@@ -9,7 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
-from test_engine_helpers import THREADED_CUDA_STUB, build_cpp, cupy_or_skip
+from engine_helpers import THREADED_CUDA_STUB, build_cpp, cupy_or_skip
 
 LAUNCH = r"""
 extern "C" void fwd(unsigned grid, unsigned block, const T* gr, long long n, T* D) {

@@ -9,7 +9,7 @@ import warnings
 
 import numpy as np
 import pytest
-from test_engine_helpers import edit_dp, fcc, frame, ref_pot, rel_err, set_activation, triclinic
+from engine_helpers import edit_dp, fcc, frame, ref_pot, rel_err, set_activation, triclinic
 
 HEADER = (
     "#       step         max_devi_v         min_devi_v         avg_devi_v         max_devi_f"
@@ -166,7 +166,7 @@ def test_ase_calculator(cu_model):
     assert np.abs(s - num).max() < 1e-7 * max(np.abs(num).max(), 1e-3)
     w = rv[0].reshape(3, 3)
     np.testing.assert_allclose(s[:3], -np.diag(w) / at.get_volume(), rtol=1e-12)
-    from test_engine_helpers import cluster
+    from engine_helpers import cluster
 
     cl = cluster(nat=13)  # non-periodic: energies and forces, no stress
     cl.calc = DP(model=str(cu_model["dp"]))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_engine_helpers import edit_dp, fcc, frame, ref_eval, rel_err
+from engine_helpers import edit_dp, fcc, frame, ref_eval, rel_err
 
 FP64_TOL = 1e-10
 CELLS2 = np.tile((10.0 * np.eye(3)).reshape(1, 9), (2, 1))

@@ -11,7 +11,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from test_engine_helpers import fcc, rel_err
+from engine_helpers import fcc, rel_err
 
 from dpsnake.engine.settings import EngineContext, EngineSettings
 
@@ -274,7 +274,7 @@ def test_compact_kernel_matches_gathers(emulated):
 def test_device_geometry_table_matches_the_host(emulated):
     """The geometry table made from the cells by the nb_geometry kernel equals pack_geometry of
     the host geometry with the same bin grid (cubic, triclinic with two images per direction)."""
-    from test_engine_helpers import triclinic
+    from engine_helpers import triclinic
 
     from dpsnake.engine import neighbor as N
     from dpsnake.engine.cuda import nbr as nbk

@@ -10,7 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
-from test_engine_helpers import THREADED_CUDA_STUB, build_cpp
+from engine_helpers import THREADED_CUDA_STUB, build_cpp
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from test_engine_helpers import cupy_or_skip, fcc, gpu_model, rel_err
+from engine_helpers import cupy_or_skip, fcc, gpu_model, rel_err
 
 cp = cupy_or_skip()
 MODEL, pytestmark = gpu_model("DPSNAKE_GPU_CUNI", "t_cuni.dp")

@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from test_engine_helpers import build_cpp, check_kernel_selection
+from engine_helpers import build_cpp, check_kernel_selection
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
 

@@ -191,7 +191,7 @@ def test_bytes_overwritten_anywhere(good, tmp_path):
     """Every 64th offset of the file overwritten with 8 bytes of 0xff, 0x00 or 0x7f13: the model
     either loads and gives finite numbers (a weight changed to another plausible value), or fails
     with one line naming the file; nothing else."""
-    from test_engine_helpers import fcc, frame
+    from engine_helpers import fcc, frame
 
     from dpsnake import DeepPot
 
@@ -218,7 +218,7 @@ def test_bytes_overwritten_anywhere(good, tmp_path):
 def test_unsupported_is_not_damaged(good, tmp_path):
     """A readable model with a feature the engine lacks is a plain UserError (explore --engine auto
     may hand it to DeePMD-kit); damage is a DamagedModelError (no engine reads it)."""
-    from test_engine_helpers import edit_dp
+    from engine_helpers import edit_dp
 
     p = edit_dp(good, tmp_path / "r.dp", lambda m: m["descriptor"].update(type="se_e2_r"))
     with pytest.raises(UserError, match="se_e2_r") as err:

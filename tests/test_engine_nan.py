@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
-from test_engine_helpers import fcc
+from engine_helpers import fcc
 
 
 def _flat(ats):

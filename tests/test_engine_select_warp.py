@@ -10,7 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
-from test_engine_helpers import THREADED_CUDA_STUB, build_cpp, check_kernel_selection, fcc, frame
+from engine_helpers import THREADED_CUDA_STUB, build_cpp, check_kernel_selection, fcc, frame
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
 

@@ -165,3 +165,35 @@ def test_no_import_cycle_among_engine_modules():
     for n in graph:
         if not state.get(n):
             visit(n, [n])
+
+
+def test_explore_passes_the_users_accuracy_settings(cu_model):
+    """`explore.tf32` / `dpsnake explore --tf32` reach the ensemble's settings; the explorer's integrator
+    is made from the provider's settings; `--async-frames` picks the frame writer."""
+    import argparse
+
+    import numpy as np
+
+    from dpsnake.md import explore, graphs, integrators
+    from dpsnake.md.explorer import Explorer
+
+    parser = argparse.ArgumentParser()
+    explore.add_arguments(parser)
+    base = ["--models", "m.dp", "--walkers", "w.json", "--outdir", "o"]
+    args = parser.parse_args([*base, "--tf32", "--async-frames", "off"])
+    assert args.tf32 and args.async_frames == "off"
+    assert not parser.parse_args(base).tf32 and parser.parse_args(base).async_frames == "auto"
+    prov, type_map = explore.make_provider([cu_model["dp"]], "mixed", np, tf32=args.tf32)
+    assert prov.settings.tf32 and type_map == ["Cu"]
+    assert not explore.make_provider([cu_model["dp"]], "mixed", np)[0].settings.tf32
+    ex = Explorer([], prov, type_map, "unused", xp=np, progress=False, async_frames=False)
+    assert ex._md_step is graphs.make_stepper(np, prov.settings) is integrators.md_step
+    assert ex.async_frames is False and Explorer([], prov, type_map, "unused", xp=np).async_frames is False
+
+
+def test_explorer_reads_no_environment():
+    md = ENGINE.parent / "md"
+    for path in (md / "explorer.py", md / "explore.py", md / "graphs.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv"):
+                pytest.fail(f"md/{path.name}:{node.lineno} reads the environment (os.{node.attr})")

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from test_engine_helpers import THREADED_CUDA_STUB, build_cpp
+from engine_helpers import THREADED_CUDA_STUB, build_cpp
 
 from dpsnake.engine.nets import Layer, Net
 from dpsnake.engine.tabulate import Compression, Table, net_derivatives

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from test_engine_helpers import cupy_or_skip
+from engine_helpers import cupy_or_skip
 
 cp = cupy_or_skip()
 torch = pytest.importorskip("torch")

@@ -15,8 +15,8 @@ from ase import units
 from ase.build import bulk
 
 from dpsnake.md import integrators as I
+from dpsnake.md.explorer import Explorer
 from dpsnake.md.providers import EnsembleProvider
-from dpsnake.md.runner import Explorer
 from dpsnake.md.state import build_state
 from dpsnake.md.trajectory import read_frames
 from dpsnake.md.walkers import degrees_of_freedom, masses_for, maxwell_boltzmann, parse_walkers, read_structure
@@ -246,7 +246,7 @@ def test_frames_formatted_in_helper_process_are_identical(tmp_path, models):
     assert len(read_frames(tmp_path / "True" / "a" / "traj.extxyz")) == 7
 
 
-def test_checkpoint_kill_and_resume_equals_uninterrupted(tmp_path, models, monkeypatch):
+def test_checkpoint_kill_and_resume_equals_uninterrupted(tmp_path, models):
     ws = [
         walker("lang", cu(tmp_path / "a.extxyz", seed=6), ensemble="nvt-langevin", nsteps=200, trj_freq=10),
         walker(
@@ -268,9 +268,8 @@ def test_checkpoint_kill_and_resume_equals_uninterrupted(tmp_path, models, monke
 
     assert main(["explore", *args, "--outdir", str(tmp_path / "ref"), "--no-progress"]) == 0
     # killed run, frames formatted in the helper process (as on GPUs)
-    monkeypatch.setenv("DPSNAKE_ASYNC_FRAMES", "1")
     run = tmp_path / "run"
-    p = _cli([*args, "--outdir", str(run)])
+    p = _cli([*args, "--outdir", str(run), "--async-frames", "on"])
     ck = run / "checkpoint.npz"
     t0 = time.time()
     step = 0

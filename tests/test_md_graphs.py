@@ -11,14 +11,14 @@ import warnings
 
 import numpy as np
 from ase.build import bulk
-from test_engine_helpers import cupy_or_skip, gpu_model
+from engine_helpers import cupy_or_skip, gpu_model
 
 cp = cupy_or_skip()
 MODEL, pytestmark = gpu_model("DPSNAKE_GPU_MODEL", "t_cu.dp")
 
 from dpsnake.engine.settings import EngineSettings  # noqa: E402
 from dpsnake.md import integrators  # noqa: E402
-from dpsnake.md.graphs import GraphedStep, make_stepper  # noqa: E402
+from dpsnake.md.graphs import GraphedStep  # noqa: E402
 
 DYN = ("pos", "vel", "cells", "nhc_v", "nhc_eta", "energy", "force", "virial")
 ENSEMBLES = [
@@ -83,8 +83,8 @@ def test_graph_replay_equals_eager_steps_and_recaptures_after_a_drop(tmp_path):
 def test_explorer_files_with_and_without_graphs(tmp_path, monkeypatch):
     from dpsnake.engine.ensemble import Ensemble
     from dpsnake.engine.model import load_model
+    from dpsnake.md.explorer import Explorer
     from dpsnake.md.providers import EnsembleProvider
-    from dpsnake.md.runner import Explorer
     from dpsnake.md.trajectory import read_frames
     from dpsnake.md.walkers import parse_walkers
 
@@ -111,8 +111,6 @@ def test_explorer_files_with_and_without_graphs(tmp_path, monkeypatch):
         ens = Ensemble([load_model(MODEL), load_model(MODEL)], precision="double", xp=cp, settings=settings)
         prov = EnsembleProvider(ens)
         ex = Explorer(parse_walkers(spec), prov, ["Cu"], tmp_path / fast, xp=cp, progress=False)
-        if not isinstance(ex._md_step, type(make_stepper(cp, prov.settings))):
-            ex._md_step = make_stepper(cp, prov.settings)  # until md/runner.py passes the settings
         summary = ex.run()
         assert all(r["status"] == "finished" for r in summary["walkers"].values())
         assert (fast == "all") == isinstance(ex._md_step, GraphedStep)

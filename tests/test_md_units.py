@@ -192,7 +192,7 @@ def test_rng_cuda_kernel_source_matches_numpy(tmp_path):
     integer hash bit for bit; log/cos of two libms within 2 ulp), and also NVRTC compiles it."""
     import ctypes
 
-    from test_engine_helpers import build_cpp
+    from engine_helpers import build_cpp
 
     src = (
         '#include <cmath>\nextern "C" void normals(const unsigned long long* key, const unsigned long long* '

@@ -45,9 +45,10 @@ rule explore:
         engine=CFG["explore"]["engine"],
         device=CFG["explore"]["device"],
         precision=CFG["explore"]["precision"],
+        tf32="--tf32" if CFG["explore"]["tf32"] else "",
         compress=compress_arg,
     shell:
         "OMP_NUM_THREADS={threads} dpsnake explore --models {input.models} --walkers {input.walkers}"
         " --outdir results/iter.{wildcards.it}/explore --engine {params.engine} --device {params.device}"
-        " --precision {params.precision} {params.compress} --no-progress > {log} 2>&1"
+        " --precision {params.precision} {params.tf32} {params.compress} --no-progress > {log} 2>&1"
         " || {{ rc=$?; tail -n 1 {log} >&2; exit $rc; }}"

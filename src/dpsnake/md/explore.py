@@ -37,6 +37,12 @@ def add_arguments(parser) -> None:
         "--precision", choices=("double", "mixed"), default="double", help="engine precision (default double)"
     )
     parser.add_argument(
+        "--tf32",
+        action="store_true",
+        help="with --precision mixed on a GPU: the fitting nets' FP32 GEMMs on TF32 tensor cores "
+        "(faster; accuracy in docs/benchmarks.md)",
+    )
+    parser.add_argument(
         "--compress",
         default=None,
         metavar="MIN_NBOR_DIST",
@@ -59,6 +65,13 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--checkpoint-steps", type=int, default=None, metavar="N", help="also checkpoint every N steps")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--async-frames",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="format trajectory frames in a helper process (auto: on GPUs, where the host would "
+        "otherwise hold the device up; same files either way)",
+    )
 
 
 def pick_xp(device: str):
@@ -79,9 +92,10 @@ def pick_xp(device: str):
         return np
 
 
-def make_provider(model_paths, precision: str, xp, compress: float | None = None):
+def make_provider(model_paths, precision: str, xp, compress: float | None = None, tf32: bool = False):
     """(EnsembleProvider, type_map) for the given model files (or models already loaded with
-    ``load_model``); ``compress``: min_nbor_dist (A) to run tabulated embedding nets, or None."""
+    ``load_model``); ``compress``: min_nbor_dist (A) to run tabulated embedding nets, or None;
+    ``tf32``: the engine setting (FP32 fitting GEMMs on TF32 tensor cores, CuPy only)."""
     from dpsnake.engine.ensemble import Ensemble
     from dpsnake.engine.model import DPModel, load_model
     from dpsnake.md.providers import EnsembleProvider
@@ -92,7 +106,11 @@ def make_provider(model_paths, precision: str, xp, compress: float | None = None
             raise UserError(f"--models: file not found: {p}")
         models.append(p if isinstance(p, DPModel) else load_model(p))
     ens = Ensemble(
-        models, precision=precision, xp=xp, compress=None if compress is None else {"min_nbor_dist": compress}
+        models,
+        precision=precision,
+        xp=xp,
+        compress=None if compress is None else {"min_nbor_dist": compress},
+        tf32=tf32,
     )
     return EnsembleProvider(ens), list(models[0].type_map)
 
@@ -161,7 +179,11 @@ def run(args) -> int:
 
         ignored = [
             o
-            for o, on in (("--compress", args.compress is not None), ("--precision mixed", args.precision == "mixed"))
+            for o, on in (
+                ("--compress", args.compress is not None),
+                ("--precision mixed", args.precision == "mixed"),
+                ("--tf32", args.tf32),
+            )
             if on
         ]
         if ignored:
@@ -174,7 +196,7 @@ def run(args) -> int:
         type_map = provider.type_map
     else:
         compress = compress_distance(args.compress, args.compress_data)
-        provider, type_map = make_provider(loaded, args.precision, xp, compress)
+        provider, type_map = make_provider(loaded, args.precision, xp, compress, tf32=args.tf32)
     out = pathlib.Path(args.outdir)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
@@ -196,5 +218,6 @@ def run(args) -> int:
         checkpoint_every=args.checkpoint_every,
         checkpoint_steps=args.checkpoint_steps,
         progress=not args.no_progress,
+        async_frames={"auto": None, "on": True, "off": False}[args.async_frames],
     ).run()
     return 0

@@ -153,13 +153,13 @@ class Explorer:
         self._term = False
         # frames are formatted in a helper process on GPUs: formatting 256 x 108 atoms takes ~70 ms
         # of host time, during which the GPU would wait (async_frames None: on for CuPy)
-        if async_frames is None:  # DPSNAKE_ASYNC_FRAMES=0/1 overrides
-            env = os.environ.get("DPSNAKE_ASYNC_FRAMES", "")
-            async_frames = env == "1" if env in ("0", "1") else getattr(xp, "__name__", "") == "cupy"
+        if async_frames is None:
+            async_frames = getattr(xp, "__name__", "") == "cupy"
         self.async_frames = async_frames
         self._pool = None
         self._writer = None
-        self._md_step = make_stepper(xp)  # CUDA graphs of the integrator stages on CuPy
+        # CUDA graphs of the integrator stages on CuPy, unless the engine settings leave out family 'graph'
+        self._md_step = make_stepper(xp, getattr(provider, "settings", None))
         self._pending = []  # deviation steps whose host part is still to run
         self._hcache = None
         self._copy_stream = None
