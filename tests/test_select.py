@@ -576,3 +576,28 @@ def test_select_diverse_keeps_away_from_training_frames(tmp_path, cu_model):
     stats, tasks = select(cfg, 0, ex, tmp_path / "data", model=cu_model["dp"])
     assert 30 not in [t.info["step"] for t in tasks] and len(tasks) == 2
     assert training_frames(tmp_path / "data", "Cu2") == []
+
+
+def test_select_fill_from_failed_fills_the_hot_conditions_share(tmp_path):
+    """The 900 K walker has every frame above trust hi (one squeezed too close: structure check), the
+    300 K walker candidates. Without fill_from_failed all labels come from 300 K; with it and quota
+    condition the 900 K share is filled by its sane frames above hi, the lowest deviation first."""
+    from dpsnake.workflow.select import select
+
+    st = {"temperatures": [300.0, 900.0], "ensemble": "nvt", "nsteps": 40, "trj_freq": 5, "max_iterations": 2}
+    cold = [(0.03, 10 + k, 0.06 + 0.001 * k) for k in range(6)]
+    hot = [(0.05, 20 + k, 0.30 + 0.01 * k) for k in range(5)] + [(0.9, 3, 0.2)]  # last: atoms too close
+    base = {"trust": {"force": [0.05, 0.15]}, "explore": {"stages": [st]}}
+    sel = {"max_candidates": 4, "pick": "highest", "quota": "condition", "min_dist": 1.5}
+    cfg = _cfg(tmp_path, **base, select=sel)
+    ex, _ = _write_conditions(tmp_path, cfg, [cold, hot])
+    stats, tasks = select(cfg, 0, ex)
+    assert [t.info["temperature"] for t in tasks] == [300.0] * 4
+    assert stats["systems"]["Cu"]["filled_from_failed"] == 0
+    cfg = _cfg(tmp_path, **base, select={**sel, "fill_from_failed": True})
+    stats, tasks = select(cfg, 0, ex)
+    s = stats["systems"]["Cu"]
+    hot_picked = sorted(t.info["max_devi_f"] for t in tasks if t.info["temperature"] == 900.0)
+    assert hot_picked == pytest.approx([0.30, 0.31]) and s["filled_from_failed"] == 2 and s["selected"] == 4
+    assert all(t.info["above_trust_hi"] == (t.info["temperature"] == 900.0) for t in tasks)
+    assert s["failed"] == 6 and s["candidate"] == 6  # the classification itself is unchanged

@@ -138,3 +138,27 @@ def test_fingerprint_fallback(tmp_path):
     assert f[1].sum() == pytest.approx(len(neighbor_list("d", b, 6.0)) / len(b))
     f2, how = D.frame_features(tmp_path / "none.dp", [a], ["Cu"])
     assert "no model file" in how and np.allclose(f2[0], f[0])
+
+
+def test_fill_from_failed_only_fills_shares_the_candidates_leave():
+    """Fill-ins (above trust hi) are picked after every in-band candidate of their group, the lowest
+    deviation first; with quotas they fill the share of the group that lacks candidates."""
+    devi = np.array([0.12, 0.20, 0.15, 0.50, 0.40, 0.90, 0.45, 0.60])
+    fill = devi > 0.35
+    # one group: 3 candidates, then fill-ins from the lowest deviation (0.40, 0.45)
+    pos, _ = D.greedy_pick(devi, 5, "highest", fill=fill)
+    assert pos.tolist() == [1, 2, 0, 4, 6]
+    pos, _ = D.greedy_pick(devi, 2, "highest", fill=fill)
+    assert pos.tolist() == [1, 2]  # enough candidates: no fill-in
+    order = D.greedy_pick(devi, 8, "random", np.random.default_rng(3), fill=fill)[0]
+    assert set(order[:3].tolist()) == {0, 1, 2} and order[3:].tolist() == [4, 6, 3, 7, 5]
+    # two conditions: group 0 holds the candidates, group 1 only fill-ins; 4 labels -> 2 + 2
+    groups = np.array([0, 0, 0, 1, 1, 1, 1, 1])
+    pos, _ = D.greedy_pick(devi, 4, "highest", groups=groups, fill=fill)
+    assert sorted(pos.tolist()) == [1, 2, 4, 6]
+    pos, _ = D.greedy_pick(devi, 4, "highest", groups=groups)  # without the flag all are candidates
+    assert sorted(pos.tolist()) == [1, 2, 5, 7]
+    # diverse: the first fill-in is the lowest deviation, the next the farthest from what is picked
+    f = np.array([[0.0], [0.1], [0.2], [5.0], [1.0], [9.0], [1.1], [3.0]])
+    pos, _ = D.greedy_pick(devi, 5, "diverse", features=f, fill=fill)
+    assert pos[:3].tolist() == [1, 0, 2] and pos[3] == 4 and pos[4] == 5

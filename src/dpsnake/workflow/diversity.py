@@ -70,7 +70,7 @@ def _min_dist(f, known, block: int = 1024) -> np.ndarray:
 
 
 def greedy_pick(
-    devi, nmax: int, mode: str, rng=None, features=None, known=None, dedup_tol=None, groups=None
+    devi, nmax: int, mode: str, rng=None, features=None, known=None, dedup_tol=None, groups=None, fill=None
 ) -> tuple[np.ndarray, int]:
     """Pick up to ``nmax`` of n candidates; returns (positions 0..n-1 in pick order, near duplicates).
 
@@ -80,6 +80,10 @@ def greedy_pick(
     (ties: the first candidate). ``dedup_tol``: a candidate closer than this to a picked one is dropped
     (the number dropped, candidates within it of a picked frame, is returned). ``groups`` (n,) ints:
     quotas, ``nmax`` split over the groups by :func:`allocate`, redone as candidates drop out.
+    ``fill`` (n,) bools: fill-ins (frames above the upper trust level, ``select.fill_from_failed``),
+    picked only where a group's share is left once its other candidates are all picked or dropped;
+    among them the lowest deviation first (the closest to the trust band; ``diverse``: after the first
+    one, farthest point as usual).
     """
     devi = np.asarray(devi, dtype=float)
     n = len(devi)
@@ -98,6 +102,10 @@ def greedy_pick(
         prio = None
     else:
         raise ValueError(f"pick: unknown mode {mode!r}")
+    fill = np.zeros(n, dtype=bool) if fill is None else np.asarray(fill, dtype=bool)
+    if fill.any():  # fill-ins rank after every in-band candidate, the lowest deviation first
+        low = -np.argsort(np.argsort(devi, kind="stable"), kind="stable").astype(float)
+        prio = None if prio is None else np.where(fill, low - 2 * n, prio)
     eligible = np.ones(n, dtype=bool)
     picked_mask = np.zeros(n, dtype=bool)
     count = np.zeros(G, dtype=int)
@@ -110,10 +118,12 @@ def greedy_pick(
         ok = eligible & room[groups]
         if not ok.any():
             break
+        if (ok & ~fill).any():
+            ok &= ~fill
         if prio is not None:
             score = prio
-        elif not picked:
-            score = devi
+        elif not picked or (mode == "diverse" and not (picked_mask & (fill == fill[ok][0])).any()):
+            score = np.where(fill, -devi, devi)  # the first of a tier: highest in band, lowest fill-in
         else:
             score = far
         i = int(np.flatnonzero(ok)[np.argmax(np.where(ok, score, -np.inf)[ok])])

@@ -170,16 +170,18 @@ def _model_zero(explore: pathlib.Path, model=None):
     return pathlib.Path(model) if model else explore.parent / "train" / "model.0" / "model.dp"
 
 
-def _pick(cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, model, notes):
-    """``select.pick`` / ``dedup_tol`` / ``quota`` on the kept candidates ``keep`` of one system:
-    (picked indices, sorted; near duplicates dropped)."""
+def _pick(cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, model, notes, fill=None):
+    """``select.pick`` / ``dedup_tol`` / ``quota`` on the kept candidates ``keep`` of one system
+    (``fill``: which of them are fill-ins from above the upper trust level): (picked indices, sorted;
+    near duplicates dropped)."""
     from dpsnake.workflow import candidates as S
     from dpsnake.workflow import diversity as D
 
     sel = cfg["select"]
     mode, tol, quota = sel["pick"], sel.get("dedup_tol"), sel.get("quota", "system")
     keep = np.asarray(keep, dtype=int)
-    if mode != "diverse" and tol is None and quota == "system":
+    fill = np.zeros(len(keep), dtype=bool) if fill is None else np.asarray(fill, dtype=bool)
+    if mode != "diverse" and tol is None and quota == "system" and not fill.any():
         return S.pick(keep, d["devi_f"], sel["max_candidates"], mode, rng), 0
     groups = None
     if quota == "condition":
@@ -202,7 +204,7 @@ def _pick(cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, 
             print(f"select: features of pick {mode} / dedup_tol: {how}", file=sys.stderr)
         f = D.scaled(f)
         feats, known = f[: len(frames)], f[len(frames) :]
-    pos, dups = D.greedy_pick(d["devi_f"][keep], sel["max_candidates"], mode, rng, feats, known, tol, groups)
+    pos, dups = D.greedy_pick(d["devi_f"][keep], sel["max_candidates"], mode, rng, feats, known, tol, groups, fill)
     if dups:
         print(
             f"select: {system}: {dups} candidate(s) within dedup_tol {tol:g} of a picked frame dropped", file=sys.stderr
@@ -241,17 +243,21 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=No
             )
         cls = S.classify(d["devi_f"], (lo, hi), d["devi_v"], trust.get("virial"))
         cand = np.flatnonzero(cls == S.CANDIDATE)
+        # fill_from_failed: frames above the upper trust level may fill shares the candidates leave
+        over = np.flatnonzero(cls == S.FAILED) if sel.get("fill_from_failed") else np.zeros(0, dtype=int)
         # structure filter on candidates: bad frames are counted as failed, never labelled
         frames_cache, keep, filtered, duplicates, refailed, example = {}, [], 0, 0, 0, None
         ref = ase.io.read(explore / by_name[d["walker"][0]]["structure"]) if len(d["walker"]) else None
         ref_vpa = abs(ref.cell.volume) / len(ref) if ref is not None and ref.pbc.any() else None
-        for i in cand:
+        for i in np.concatenate([cand, over]).astype(int):
             atoms = _frame(explore, d["walker"][i], int(d["step"][i]), frames_cache)
             why = (
                 "frame missing from traj.extxyz"
                 if atoms is None
                 else S.structure_problem(atoms, sel["min_dist"], sel["min_cell_angle"], sel["volume_range"], ref_vpa)
             )
+            if why and cls[i] == S.FAILED:  # a fill-in that is no structure to label: stays failed
+                continue
             if why:
                 filtered += 1
                 cls[i] = S.FAILED
@@ -259,11 +265,11 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=No
             else:
                 key = frame_key(atoms.positions, atoms.cell.array)
                 if key in seen:  # already labelled (or picked from another walker): never twice
-                    duplicates += 1
+                    duplicates += cls[i] != S.FAILED  # counted for candidates, not fill-ins
                     continue
                 fid = hashlib.sha1(key).hexdigest()[:20]  # = frame_id(): the key failed labels record
                 if fid in bad:  # its label failed before (e.g. the start structure): a relabel fails again
-                    refailed += 1
+                    refailed += cls[i] != S.FAILED
                     example = example or f"{d['walker'][i]} step {d['step'][i]} ({bad[fid]})"
                     continue
                 seen.add(key)
@@ -274,7 +280,15 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=No
                 f"iteration, e.g. {example}",
                 file=sys.stderr,
             )
-        picked, near = _pick(cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, model, notes)
+        fill = cls[np.asarray(keep, dtype=int)] == S.FAILED
+        picked, near = _pick(cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, model, notes, fill)
+        filled = int(np.sum(cls[picked] == S.FAILED))
+        if filled:
+            print(
+                f"select: {system}: {filled} frame(s) above the upper trust level fill shares the candidates "
+                "left (fill_from_failed)",
+                file=sys.stderr,
+            )
         duplicates += near
         for i in picked:
             atoms = _frame(explore, d["walker"][i], int(d["step"][i]), frames_cache).copy()
@@ -285,6 +299,7 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=No
                 "walker": w["name"],
                 "step": int(d["step"][i]),
                 "max_devi_f": float(d["devi_f"][i]),
+                "above_trust_hi": bool(cls[i] == S.FAILED),
                 "temperature": w["temperature"],
                 "pressure": w.get("pressure", 0.0),
             }
@@ -308,6 +323,7 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=No
             "near_duplicates": int(near),
             "failed_before": refailed,
             "selected": int(len(picked)),
+            "filled_from_failed": filled,
         }
     stages = cfg["explore"]["stages"]
     stage, stage_it = plan["stage"], plan["stage_iteration"]
