@@ -47,6 +47,8 @@ VARIANTS = {
     "highest": {"pick": "highest"},
     "diverse": {"pick": "diverse", "quota": "condition"},
     "diverse_dedup": {"pick": "diverse", "quota": "condition", "dedup_tol": 0.5},
+    "diverse_fill": {"pick": "diverse", "quota": "condition", "fill_from_failed": True},
+    "highest_fill": {"pick": "highest", "quota": "condition", "fill_from_failed": True},
 }
 
 
