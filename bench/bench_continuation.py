@@ -10,7 +10,8 @@ section (``numb_steps`` 1500, ``init_numb_steps`` 1000, learning rate 3e-3 -> 1e
 - ``scratch``: 3500 steps from random weights on all three datasets (the same final data and total steps).
 
 ``--scale N`` multiplies the steps (N x 1500, N x 1000). Trained models are kept under ``--work`` and
-reused by a rerun (only the table is recomputed). Results: docs/benchmarks.md "Continued training".
+reused by a rerun (only the table is recomputed). Results: bench/results/continuation_<backend>[_xN]_cpu.json
+(--out elsewhere), docs/benchmarks.md "Continued training".
 
 The final models are compared by their force and energy RMSE on a held-out set (EMT MD frames at
 300-1200 K, other seeds), per seed (the ensemble's model index k gives other seeds) and on average.
@@ -29,6 +30,7 @@ import sys
 import time
 
 import numpy as np
+from benchutil import results_path, write_results
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's start-up chatter in the table's output
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -283,20 +285,16 @@ def main() -> None:
             f"{s['energy_rmse_mean']:16.2f} {s['wall_s_mean']:7.0f}"
         )
     tag = args.backend + (f"_x{args.scale}" if args.scale > 1 else "")
-    out = pathlib.Path(args.out or ROOT / "bench" / f"results_continuation_{tag}.json")
-    out.write_text(
-        json.dumps(
-            {
-                "backend": args.backend,
-                "scale": args.scale,
-                "total_steps": total,
-                "train": TRAIN,
-                "per_seed": rows,
-                "summary": summary,
-            },
-            indent=1,
-        )
-        + "\n"
+    write_results(
+        results_path(args.out, f"continuation_{tag}", "cpu"),
+        {
+            "backend": args.backend,
+            "scale": args.scale,
+            "total_steps": total,
+            "train": TRAIN,
+            "per_seed": rows,
+            "summary": summary,
+        },
     )
     print(f"wrote {out}")
 

@@ -8,22 +8,13 @@ made from them with ``dp convert-backend`` when --deepmd is given).
 Cases: us per atom per force call for fcc Cu of 6,912 / 55,296 / 186,624 / 1,000,188 atoms;
 256 systems of 108 atoms in one call; 4-model deviation on that batch. FP64 ("double": FP64 model,
 FP64 everywhere) and mixed (FP32 model, FP64 geometry + FP32 nets). Prints a Markdown table and
-writes JSON (--json).
+writes JSON (default bench/results/engine_<device>.json; --json FILE elsewhere, --json "" nowhere).
 
     python bench/bench_engine.py MODELS [--deepmd] [--variants] [--check [extra.dp ...]]
-                                 [--json out.json] [--reps 4 8 12 21]
+                                 [--compress 2.0] [--set NAME=VALUE ...] [--json out.json] [--reps 4 8 12 21]
 
-On the device machine (wheels of deepmd-kit 3.2 and its needs, listed in ../shared/design/
-gpu-reference.md, plus the models under the git-ignored .whl/; carry ".whl"):
-
-    set -o pipefail; export PYTHONUNBUFFERED=1
-    ls .whl/*.whl | grep -v mpich | xargs python3 -m pip install -q --no-index --no-deps \
-        --no-compile --target /tmp/site
-    python3 -m pip install -q --no-index --no-deps .whl/mpich-*.whl
-    sed -i 's/CIBUILDWHEEL = 1/CIBUILDWHEEL = 0/' /tmp/site/deepmd/lib/run_config.ini
-    export LD_PRELOAD=<libmpi.so.12 of the mpich wheel> PYTHONPATH=/tmp/site:$PWD/src
-    python3 bench/bench_engine.py .whl/models --deepmd --variants --check .whl/models/t_*.dp \
-        --json $OUT/bench.json 2>&1 | tee $OUT/log.txt      # no grep in the pipe: it buffers
+The models come from bench/make_models.py; on the device machine bench/bench_engine_gpu.sh installs
+DeePMD-kit from the wheels carried in the git-ignored .whl/ and runs every case (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -38,7 +29,11 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "src"))
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE / "profiling"))  # profile_engine: check_cells
+
+from benchutil import device_tag, results_path, write_results
 
 from dpsnake.engine.settings import EngineSettings
 
@@ -409,7 +404,7 @@ def main():
         metavar="NAME=VALUE",
         help="an engine setting (EngineSettings field, docs/engine.md) for every case, e.g. compact=0",
     )
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None, help="results file (default bench/results/engine_<device>.json)")
     args = ap.parse_args()
     global SETTINGS
     SETTINGS = EngineSettings.parse(args.set, EngineSettings.from_env(os.environ))
@@ -423,8 +418,9 @@ def main():
         "float64": str(root / "cu_float64_1/model.dp"),
         "float32": [str(root / f"cu_float32_{s}/model.dp") for s in (1, 2, 3, 4)],
     }
+    device = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
     emit(
-        device=cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
+        device=device,
         settings=SETTINGS.to_dict(),
         cupy=cp.__version__,
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -447,8 +443,7 @@ def main():
         accuracy(models, cp, comp)
         modes += [("dpsnake-tab", comp, ("mixed", "double"), "0"), ("dpsnake-tab-tf32", comp, ("mixed",), "1")]
     # every mode's batched cases before any large system: run after the 4.2 M-atom ones (the GPU at
-    # full power for minutes, a pool of tens of GB) they measured 10-20% slower (H100, 2026-11-21:
-    # batch tab+TF32 0.217 vs 0.180-0.186 us/atom in three runs without the large systems)
+    # full power for minutes, a pool of tens of GB) they measured 10-20% slower (docs/benchmarks.md)
     for parts in (("batch",), ("single",)):
         for code, cmp, precs, tf32 in modes:
             ours_cases(
@@ -459,8 +454,7 @@ def main():
 
         deepmd_cases(models, args.deepmd_reps, torch.cuda.synchronize)
     table()
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(RESULTS, indent=1))
+    write_results(results_path(args.json, "engine", device_tag(device)), RESULTS)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,12 @@ Subcommands:
       call pattern: 9 calls model 0 + 1 call all models per 10 steps), integrator (md step with cached
       forces), DeePMD-kit's DeepPot.eval on the whole batch (one model, and all models), peak GPU
       memory (torch + CuPy pools) per atom, and (--profile) a torch profiler table of one ordinary and
-      one deviation call.
+      one deviation call. Results go under --label into bench/results/explore_deepmd_<device>.json
+      (a dict by label, updated in place; --json FILE elsewhere, --json "" nowhere).
 
 CPU smoke test:
   python bench/bench_explore_deepmd.py data /tmp/x --frames 4 --steps 2 --seeds 2
-  (train + freeze), then python bench/bench_explore_deepmd.py bench m0.pth m1.pth --walkers 2 --steps 20 --device cpu
+  (train + freeze), then python bench/bench_explore_deepmd.py bench m0.pth m1.pth --walkers 2 --steps 20 --device cpu --json ""
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "src"))
+
+from benchutil import results_path, write_results, xp_tag
 
 A_CU = 3.634
 
@@ -261,12 +264,13 @@ def cmd_bench(args) -> int:
     rows["explore"] = (time.perf_counter() - t0) / nsteps
     mem_explore = gpu_mem(xp)
 
+    out = results_path(args.json, "explore_deepmd", xp_tag(xp))
+
     def save(res):
-        if args.json:
-            p = pathlib.Path(args.json)
-            old = json.loads(p.read_text()) if p.is_file() else {}
+        if out is not None:
+            old = json.loads(out.read_text()) if out.is_file() else {}
             old[args.label] = res
-            p.write_text(json.dumps(old, indent=1) + "\n")
+            write_results(out, old)
 
     save(
         {
@@ -455,7 +459,9 @@ def main() -> int:
     b.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
     b.add_argument("--label", default="case")
     b.add_argument("--profile", action="store_true", help="torch profiler table of one deviation cycle")
-    b.add_argument("--json", default=None, help="results file (a dict by label; updated in place)")
+    b.add_argument(
+        "--json", default=None, help="results file (a dict by label, updated in place; default bench/results/...)"
+    )
     args = ap.parse_args()
     return cmd_data(args) if args.cmd == "data" else cmd_bench(args)
 

@@ -3,8 +3,8 @@
 # (.whl/, see gpu-reference.md), make EMT Cu data, train 4 models each of se_atten_v2 (FP64), DPA-3
 # (FP32, as DeePMD-kit's example) and se_atten_v2 (FP32) on the GPU (all at once), freeze them, then
 # time LAMMPS + DeePMD-kit's plugin (one 108-atom walker per run, DP-GEN's way) and our explorer
-# (256 x 108 atoms in one batch, DeepmdProvider) on the same models. Results: $OUT/results_explore_deepmd.json
-# (ours, by case), $OUT/lammps_explore.jsonl (LAMMPS, one line per case), $OUT/log.
+# (256 x 108 atoms in one batch, DeepmdProvider) on the same models. Results: $OUT/explore_deepmd_<device>.json
+# (ours, by case; bench/results/ keeps the current one), $OUT/lammps_explore.jsonl (LAMMPS, one line per case), $OUT/log.
 #
 #   run: bash bench/bench_explore_deepmd_gpu.sh    (carry .whl)
 # Env: TRAIN_STEPS (300), WALKERS (256), STEPS_SE (200), STEPS_DPA3 (50), FORCE_SE (50), FORCE_DPA3 (20),
@@ -12,6 +12,7 @@
 set -u
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
 R=$(pwd); OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export BENCH_RESULTS=$OUT
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
 TRAIN_STEPS=${TRAIN_STEPS:-300}; WALKERS=${WALKERS:-256}; STEPS_SE=${STEPS_SE:-200}; STEPS_DPA3=${STEPS_DPA3:-50}
 BUDGET_S=${BUDGET_S:-560}; FORCE_SE=${FORCE_SE:-50}; FORCE_DPA3=${FORCE_DPA3:-20}
@@ -62,7 +63,7 @@ ours() {  # kind steps extra-args
   [ -f $W/${k}_s3/model.pth ] || return
   local left=$(( BUDGET_S - $(el) )); [ $left -gt 30 ] || { echo "skipped ours $k: budget"; return; }
   timeout $left python3 bench/bench_explore_deepmd.py bench $(models $k) --walkers "$WALKERS" --steps "$steps" \
-    --device gpu --label $k --profile --json "$OUT/results_explore_deepmd.json" "$@" 2>&1 \
+    --device gpu --label $k --profile "$@" 2>&1 \
     | grep -v -e "^To get the best" -e "DP_INFER_BATCH_SIZE" -e "_warn_once" -e "Profiler clears events"
   echo "[$(el) s] ours $k"
 }

@@ -11,17 +11,17 @@ stochastic cell rescaling) at 300 K / 1 bar, dt 1 fs, all M models evaluated eve
 - explore:    Explorer.loop(), the real thing (integrator, deviation, stop checks, file writes).
 
 overhead = explore / force - 1 (goal <= 15%), medians of alternating rounds. Prints a Markdown
-table, writes JSON (--json).
+table, writes JSON: bench/results/md[_tab][_nvt][_double]_<device>.json (tab: --compress; --json FILE
+elsewhere, --json "" nowhere).
 
     python bench/bench_md.py m0.dp m1.dp m2.dp m3.dp [--walkers 256] [--rep 3] [--steps 100]
            [--device auto|cpu|gpu] [--precision mixed|double] [--set NAME=VALUE ...] [--json out.json]
-CPU smoke test:  python bench/bench_md.py M.dp M2.dp --walkers 4 --rep 1 --steps 20 --device cpu
+CPU smoke test:  python bench/bench_md.py M.dp M2.dp --walkers 4 --rep 1 --steps 20 --device cpu --json ""
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys
@@ -32,6 +32,8 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "src"))
+
+from benchutil import results_path, write_results, xp_tag
 
 
 def main() -> int:
@@ -51,7 +53,7 @@ def main() -> int:
     ap.add_argument(
         "--set", action="append", default=[], metavar="NAME=VALUE", help="an engine setting (docs/engine.md)"
     )
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None, help="results file (default: bench/results/md..._<device>.json)")
     args = ap.parse_args()
     warnings.simplefilter("ignore", RuntimeWarning)
 
@@ -60,9 +62,9 @@ def main() -> int:
     from dpsnake.engine.ensemble import Ensemble
     from dpsnake.engine.settings import EngineSettings
     from dpsnake.md import integrators
-    from dpsnake.md.cli import make_provider, pick_xp
+    from dpsnake.md.explore import make_provider, pick_xp
+    from dpsnake.md.explorer import Explorer
     from dpsnake.md.graphs import make_stepper
-    from dpsnake.md.runner import Explorer
     from dpsnake.md.walkers import parse_walkers
 
     xp = pick_xp(args.device)
@@ -277,8 +279,9 @@ def main() -> int:
         f"\nMD overhead over pure force evaluation: {100 * res['md_overhead_over_force']:.1f}% (goal <= 15%; "
         f"rounds {100 * min(ov):.1f} to {100 * max(ov):.1f}%)"
     )
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+    case = "md" + ("_tab" if args.compress else "") + ("" if args.ensemble == "npt" else f"_{args.ensemble}")
+    case += "" if args.precision == "mixed" else f"_{args.precision}"
+    write_results(results_path(args.json, case, xp_tag(xp)), res)
     return 0
 
 

@@ -5,7 +5,8 @@ pinned with CUDA_VISIBLE_DEVICES), all started together. Strong scaling: the sam
     python bench/bench_scaling.py m0.dp m1.dp m2.dp m3.dp [--walkers 512] [--gpus 1 2] [--steps 100]
            [--compress 2.0] [--json out.json]
 
-Prints a Markdown table and writes JSON. Needs as many GPUs as the largest --gpus.
+Prints a Markdown table and writes JSON (default bench/results/scaling_<device>x<max GPUs>.json).
+Needs as many GPUs as the largest --gpus.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import tempfile
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from benchutil import device_tag, results_path, write_results
 
 
 def run_split(models, walkers, ngpu, steps, extra, tmp):
@@ -60,7 +64,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--compress", type=float, default=None)
     ap.add_argument("--precision", default="mixed")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None, help="results file (default bench/results/scaling_...)")
     a = ap.parse_args()
     extra = ["--precision", a.precision] + (["--compress", str(a.compress)] if a.compress else [])
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench_scaling_"))
@@ -89,8 +93,8 @@ def main() -> int:
             f"| {r['gpus']} | {r['explore_atom_steps_per_s']:.3e} | {sp:.2f}x | {100 * r['efficiency']:.0f}% "
             f"| {r['force_atom_steps_per_s']:.3e} |"
         )
-    if a.json:
-        pathlib.Path(a.json).write_text(json.dumps(rows, indent=1) + "\n")
+    tag = f"{device_tag(rows[-1]['devices'][0].split('(CuPy, ')[-1])}x{rows[-1]['gpus']}"
+    write_results(results_path(a.json, "scaling", tag), rows)
     return 0
 
 

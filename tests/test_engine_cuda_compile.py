@@ -1,6 +1,6 @@
 """The CUDA sources the engine generates compile for an H100 (sm_90) with NVRTC, no GPU needed.
 
-The kernels' numbers are checked on a GPU against the array code (bench/profile_engine.py --check,
+The kernels' numbers are checked on a GPU against the array code (bench/profiling/profile_engine.py --check,
 docs/benchmarks.md); this catches code-generation errors for net shapes and options the GPU runs
 did not cover (depth, widths, idt, resnet kinds, activations, FP32/FP64).
 """

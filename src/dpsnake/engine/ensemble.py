@@ -377,9 +377,8 @@ def _compact(ctx, xp, ch, sel, widths):
     Selection fills each block from its start, so block t needs only max_i(count_i,t) columns (the
     chunk's stats, :func:`chunk_stats`); wider is also right (the extra slots are empty).
     Returns the narrower chunk, its :class:`Slots` and ``own`` (n, nc) the owner of each slot (the
-    centre itself in empty slots). ``ctx.settings.compact`` False: every slot.
-    Checked on an H100 (2026-11-21): NumPy vs CuPy 6e-15 FP64 / 2e-6 mixed, 256 x 108 atoms
-    28.3 -> 20.2 ms mixed, 37.6 -> 24.9 double.
+    centre itself in empty slots). ``ctx.settings.compact`` False: every slot (timings of both in
+    docs/benchmarks.md, History).
     """
     kept = np.minimum(np.asarray(widths, dtype=int), sel)
     if not ctx.settings.compact or np.array_equal(kept, sel):

@@ -210,8 +210,8 @@ class EngineContext:
         return xp.__name__ == "cupy" and family in self.settings.fast and family not in self.broken
 
     def fused(self, xp, dtype: str) -> bool:
-        """Fused embedding kernels for nets of ``dtype``: "auto" FP32 only (H100, 2026-11-21,
-        256 x 108 atoms: FP32 20.2 -> 15.9 ms per call with them; FP64 24.9 -> 36.5 ms)."""
+        """Fused embedding kernels for nets of ``dtype``: "auto" FP32 only (faster than cuBLAS for
+        FP32 nets, slower for FP64 ones: docs/benchmarks.md, History)."""
         mode = self.settings.fused
         return self.kernels(xp) and (mode == "on" or (mode == "auto" and dtype == "float32"))
 

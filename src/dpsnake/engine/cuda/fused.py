@@ -20,9 +20,9 @@ also FP64, "off" off). Checked in CI without a GPU: the generated source compile
 (tests/test_engine_cuda_compile.py; ptxas: forward 111 registers, no spills; backward 255
 registers, 56 bytes of spills in FP32), and the same source, compiled with g++ and run with real
 32-lane warps of std::threads, matches nets.py to 1e-12 (FP64) / 2e-5 (FP32)
-(tests/test_engine_fused.py). On an H100 (2026-11-21): NumPy vs CuPy 5.6e-15 FP64 / 2.1e-6 mixed;
-256 x 108 atoms, compact slots, FP32 20.2 -> 15.9 ms per call (forward 2.2 ms, backward 3.6 ms);
-FP64 24.9 -> 36.5 ms (the backward's 255 registers leave 8 warps per SM), so FP64 keeps cuBLAS.
+(tests/test_engine_fused.py); on a GPU they agree with NumPy and are faster than cuBLAS for FP32 nets
+but slower for FP64 ones (the backward's 255 registers leave 8 warps per SM), so FP64 keeps cuBLAS
+(timings: docs/benchmarks.md, History).
 """
 
 from __future__ import annotations
@@ -288,7 +288,7 @@ def _source(spec: _Spec, dtype: str, minb: int | None = None) -> str:
     nl_ = "\n"
     # minb: blocks per SM the backward is compiled for (caps its registers); 0: no bound.
     # FP32 default 3: 168 registers, 48 B of spills, 4 blocks of 96 threads per SM instead of 3;
-    # H100, 256 x 108 atoms: backward 3.7 -> 3.0 ms (4: 128 registers, 440 B spills, 6.9 ms).
+    # 3 was the fastest (4: 128 registers, 440 B spills, twice as slow; docs/benchmarks.md history).
     # FP64: the compiler's choice (it spills at 255 already).
     if minb is None:
         minb = 3 if dtype == "float32" else 0

@@ -2,9 +2,9 @@
 
 Used for CuPy inputs when ``EngineSettings.kernels`` is on; the array code of neighbor.py is the
 reference they are tested against (same selection). ``EngineSettings.select`` picks the kernel:
-"warp" (default; checked on an H100 2026-11-21: NumPy vs CuPy 7.2e-15 FP64 / 1.6e-6 mixed on five
-models, 12% faster batched), one 32-thread block per centre: lanes test the candidates in parallel
-and append those within rcut to shared memory with their enumeration order; each kept candidate's
+"warp" (default; checked against NumPy on a GPU and faster than "thread": docs/benchmarks.md,
+History), one 32-thread block per centre: lanes test the candidates in parallel and append those
+within rcut to shared memory with their enumeration order; each kept candidate's
 rank by (r, order) and its rank within its type are counted, which reproduces select_nb's stable
 insertion sort exactly. A centre with more than CAP candidates within rcut is flagged in ``spill``
 and redone by select_nb, the one-thread-per-centre kernel ("thread").
