@@ -36,6 +36,7 @@ COMMANDS = {
     "model-devi": ("dpsnake.model_devi_command", "model deviation of an ensemble on given frames (like dp model-devi)"),
     "report": ("dpsnake.report.command", "write the accuracy report of one iteration or of the whole run"),
     "status": ("dpsnake.report.status", "print the per-iteration summary of a run as a table"),
+    "import-dpgen": ("dpsnake.importers.dpgen", "convert a DP-GEN param.json (+ machine.json) to a dpsnake config"),
 }
 
 
