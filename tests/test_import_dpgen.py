@@ -286,6 +286,15 @@ def test_data_of_a_dpgen_run(camp, tmp_path):
     assert "model_devi_jobs[0:1]" in notes
 
 
+def test_confs_all(camp):
+    """--confs all: one system per matched file; the Cu init data is split so no system generates its own."""
+    cfg, _, _ = convert(camp, "vasp", confs="all")
+    assert list(cfg["systems"]) == ["sys000_000", "sys000_001", "sys001_000"]
+    assert [s["systems"] for s in cfg["explore"]["stages"]][0] == ["sys000_000", "sys000_001"]
+    assert all("replicas" not in s for s in cfg["explore"]["stages"])
+    assert all(pathlib.Path(s["init_data"]).is_file() for s in cfg["systems"].values())
+
+
 def test_cli_table_and_yaml(camp, capsys):
     from dpsnake.cli import main
 
@@ -328,6 +337,7 @@ def test_converted_campaign_runs_end_to_end(camp, tmp_path):
     """A small Cu campaign (tiny network, 100 steps, one short exploration job) converted with an EMT labeler
     runs through the workflow (profiles/local) and labels frames."""
     wd = tmp_path / "wd"
+    wd.mkdir()
     for name in ("Snakefile", "workflow", "profiles", "envs", "config"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, wd / name)
