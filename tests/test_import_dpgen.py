@@ -390,9 +390,13 @@ def test_converted_campaign_runs_end_to_end(camp, tmp_path):
     assert (wd / "results" / "models" / "final").is_dir()
 
 
-def test_slurm_profile_and_config_pass_a_snakemake_dry_run(camp, tmp_path):
-    """The converted config with the profile made from machine-slurm.json: Snakemake (with its SLURM
-    executor plugin) accepts both and plans the first iteration."""
+@pytest.mark.parametrize(
+    "param, machine, resource",
+    [("pwscf", "machine-slurm", "slurm_partition=gpu"), ("cp2k", "machine-pbs-lsf", "pbs_resources=select=1")],
+)
+def test_profile_and_config_pass_a_snakemake_dry_run(camp, tmp_path, param, machine, resource):
+    """The converted config with the profile made from the machine.json: Snakemake (with the SLURM or the
+    generic cluster executor plugin) accepts both and plans the first iteration."""
     from dpsnake.importers.dpgen import convert as conv
     from dpsnake.importers.dpgen import to_yaml
 
@@ -402,10 +406,10 @@ def test_slurm_profile_and_config_pass_a_snakemake_dry_run(camp, tmp_path):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, wd / name)
     out = wd / "dpgen.yaml"
-    cfg, ctx, _ = conv(camp / "param-pwscf.json", out, machine=camp / "machine-slurm.json", profile_dir=wd / "prof")
+    cfg, ctx, _ = conv(camp / f"param-{param}.json", out, machine=camp / f"{machine}.json", profile_dir=wd / "prof")
     out.write_text(to_yaml(cfg, ctx))
     cmd = [sys.executable, "-m", "snakemake", "-n", "--profile", "prof", "--configfile", "dpgen.yaml"]
     p = subprocess.run(cmd, cwd=wd, capture_output=True, text=True)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-    assert "slurm_partition=gpu" in p.stdout and "This was a dry-run" in p.stdout
+    assert resource in p.stdout and "This was a dry-run" in p.stdout
     assert re.search(r"^train\s+4$", p.stdout, re.M) and re.search(r"^explore\s+1$", p.stdout, re.M)
