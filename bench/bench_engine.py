@@ -33,7 +33,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE / "profiling"))  # profile_engine: check_cells
 
-from benchutil import device_tag, results_path, write_results
+from benchutil import add_settings_arg, device_tag, engine_settings, results_path, write_results
 
 from dpsnake.engine.settings import EngineSettings
 
@@ -397,17 +397,11 @@ def main():
         metavar="MIN_NBOR_DIST",
         help="also every case with tabulated embedding nets (and mixed + TF32 fitting GEMMs)",
     )
-    ap.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="an engine setting (EngineSettings field, docs/engine.md) for every case, e.g. compact=0",
-    )
+    add_settings_arg(ap)
     ap.add_argument("--json", default=None, help="results file (default bench/results/engine_<device>.json)")
     args = ap.parse_args()
     global SETTINGS
-    SETTINGS = EngineSettings.parse(args.set, EngineSettings.from_env(os.environ))
+    SETTINGS = engine_settings(args.set)
     import cupy as cp
 
     def sync():

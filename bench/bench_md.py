@@ -22,7 +22,6 @@ CPU smoke test:  python bench/bench_md.py M.dp M2.dp --walkers 4 --rep 1 --steps
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "src"))
 
-from benchutil import results_path, write_results, xp_tag
+from benchutil import add_settings_arg, engine_settings, results_path, write_results, xp_tag
 
 
 def main() -> int:
@@ -50,9 +49,7 @@ def main() -> int:
     ap.add_argument(
         "--compress", type=float, default=None, metavar="MIN_NBOR_DIST", help="tabulated embedding nets (e.g. 2.0)"
     )
-    ap.add_argument(
-        "--set", action="append", default=[], metavar="NAME=VALUE", help="an engine setting (docs/engine.md)"
-    )
+    add_settings_arg(ap)
     ap.add_argument("--json", default=None, help="results file (default: bench/results/md..._<device>.json)")
     args = ap.parse_args()
     warnings.simplefilter("ignore", RuntimeWarning)
@@ -60,7 +57,6 @@ def main() -> int:
     from ase.build import bulk
 
     from dpsnake.engine.ensemble import Ensemble
-    from dpsnake.engine.settings import EngineSettings
     from dpsnake.md import integrators
     from dpsnake.md.explore import make_provider, pick_xp
     from dpsnake.md.explorer import Explorer
@@ -74,7 +70,7 @@ def main() -> int:
         sync = xp.cuda.Device().synchronize
     provider, type_map = make_provider(args.models, args.precision, xp, args.compress)
     # engine settings: --set on top of the DPSNAKE_* variables (the command lines of earlier runs)
-    settings = EngineSettings.parse(args.set, EngineSettings.from_env(os.environ))
+    settings = engine_settings(args.set)
     if settings != provider.ensemble.settings:  # the same models in an ensemble with these settings
         e0 = provider.ensemble
         provider.ensemble = Ensemble(e0.models, precision=e0.precision, xp=xp, compress=e0.compress, settings=settings)

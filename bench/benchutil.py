@@ -51,3 +51,23 @@ def write_results(path: pathlib.Path | None, obj) -> None:
         return
     write_json_atomic(path, obj)
     print(f"wrote {path}", flush=True)
+
+
+def add_settings_arg(parser) -> None:
+    """``--set NAME=VALUE`` (repeatable): an engine setting of the benchmark or profile run."""
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an engine setting (EngineSettings field, docs/engine.md), on top of the DPSNAKE_* variables",
+    )
+
+
+def engine_settings(items):
+    """EngineSettings from the DPSNAKE_* variables (earlier runs' command lines) and then ``--set`` items."""
+    import os
+
+    from dpsnake.engine.settings import EngineSettings
+
+    return EngineSettings.parse(items, EngineSettings.from_env(os.environ))

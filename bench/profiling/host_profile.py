@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import os
 import pathlib
 import pstats
 import sys
@@ -23,6 +22,7 @@ import warnings
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "src"))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bench/: bench_engine
+from benchutil import add_settings_arg, engine_settings  # noqa: E402
 
 
 def _report(prof, title, top, ncalls, by="tottime"):
@@ -41,13 +41,7 @@ def main():
     ap.add_argument("--calls", type=int, default=50)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--explore", action="store_true")
-    ap.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="an engine setting (EngineSettings field, docs/engine.md), on top of the DPSNAKE_* variables",
-    )
+    add_settings_arg(ap)
     args = ap.parse_args()
     warnings.simplefilter("ignore", RuntimeWarning)
     import cupy as cp
@@ -55,11 +49,10 @@ def main():
 
     from dpsnake.engine.deeppot import frames_to_flat
     from dpsnake.engine.ensemble import Ensemble
-    from dpsnake.engine.settings import EngineSettings
 
     comp = None if args.compress is None else {"min_nbor_dist": args.compress}
     models = [f"{args.models}/cu_float32_{k}/model.dp" for k in (1, 2, 3, 4)]
-    settings = EngineSettings.parse(args.set, EngineSettings.from_env(os.environ))
+    settings = engine_settings(args.set)
     ens = Ensemble(models[:1], precision="mixed", compress=comp, settings=settings)
     c, b, t = batch_frames()
     flat = frames_to_flat(cp, cp.asarray(c), cp.asarray(b), cp.asarray(t))[:5]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import linecache
-import os
 import pathlib
 import sys
 import time
@@ -25,6 +24,9 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bench/: benchutil
+from benchutil import add_settings_arg, engine_settings  # noqa: E402
+
 ENGINE = str(ROOT / "src" / "dpsnake" / "engine")
 
 
@@ -119,19 +121,12 @@ def main() -> int:
     ap.add_argument(
         "--stages", action="store_true", help="host (CPU) vs device (GPU) time per stage with cupyx.profiler.benchmark"
     )
-    ap.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="an engine setting (EngineSettings field, docs/engine.md), on top of the DPSNAKE_* variables",
-    )
+    add_settings_arg(ap)
     a = ap.parse_args()
 
     from profile_engine import walker_batch
 
     from dpsnake.engine.ensemble import Ensemble
-    from dpsnake.engine.settings import EngineSettings
 
     try:
         import cupy as xp
@@ -145,7 +140,7 @@ def main() -> int:
         [a.model],
         precision=a.precision,
         compress=None if a.compress is None else {"min_nbor_dist": a.compress},
-        settings=EngineSettings.parse(a.set, EngineSettings.from_env(os.environ)),
+        settings=engine_settings(a.set),
     )
     call = lambda: ens.evaluate(coords, atype, system, cells, pbc)  # noqa: E731
     for _ in range(2):

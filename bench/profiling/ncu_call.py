@@ -7,11 +7,12 @@ python bench/profiling/ncu_call.py MODEL.dp [--precision mixed] [--compress 2.0]
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "src"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bench/: benchutil
+from benchutil import add_settings_arg, engine_settings  # noqa: E402
 
 
 def main() -> int:
@@ -21,26 +22,19 @@ def main() -> int:
     ap.add_argument("--compress", type=float, default=None, metavar="MIN_NBOR_DIST")
     ap.add_argument("--walkers", type=int, default=256)
     ap.add_argument("--rep", type=int, default=3)
-    ap.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="an engine setting (EngineSettings field, docs/engine.md), on top of the DPSNAKE_* variables",
-    )
+    add_settings_arg(ap)
     a = ap.parse_args()
     import cupy as cp
     from profile_engine import walker_batch
 
     from dpsnake.engine.ensemble import Ensemble
-    from dpsnake.engine.settings import EngineSettings
 
     args = walker_batch(cp, a.rep, a.walkers)
     ens = Ensemble(
         [a.model],
         precision=a.precision,
         compress=None if a.compress is None else {"min_nbor_dist": a.compress},
-        settings=EngineSettings.parse(a.set, EngineSettings.from_env(os.environ)),
+        settings=engine_settings(a.set),
     )
     for _ in range(2):  # compile and warm the caches outside the profiled range
         ens.evaluate(*args)

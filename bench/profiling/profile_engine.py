@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 import time
@@ -22,6 +21,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "src"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bench/: benchutil
+from benchutil import add_settings_arg, engine_settings  # noqa: E402
 
 from dpsnake.engine.settings import FAMILIES, EngineSettings
 
@@ -195,16 +196,14 @@ def main() -> int:
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"))
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--ablation", action="store_true", help="full call per kernel configuration (FAST_CONFIGS)")
-    ap.add_argument(
-        "--set", action="append", default=[], metavar="NAME=VALUE", help="an engine setting (docs/engine.md)"
-    )
+    add_settings_arg(ap)
     ap.add_argument("--check", nargs="*", default=None, help="NumPy vs CuPy check (+ extra .dp)")
     ap.add_argument("--ops", action="store_true", help="also time single operations on these shapes")
     ap.add_argument("--cprofile", type=int, default=0, help="print the N costliest functions")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     global SETTINGS
-    SETTINGS = EngineSettings.parse(a.set, EngineSettings.from_env(os.environ))
+    SETTINGS = engine_settings(a.set)
 
     from dpsnake.engine.descriptor import energy_and_grad
     from dpsnake.engine.ensemble import Ensemble, _compact

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 import time
@@ -24,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "src"))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bench/: bench_engine
+from benchutil import add_settings_arg, engine_settings  # noqa: E402
 
 
 class Timeline:
@@ -55,13 +55,7 @@ def main():
     ap.add_argument("--precision", default="mixed")
     ap.add_argument("--calls", type=int, default=10)
     ap.add_argument("--json", default=None)
-    ap.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="an engine setting (EngineSettings field, docs/engine.md), on top of the DPSNAKE_* variables",
-    )
+    add_settings_arg(ap)
     args = ap.parse_args()
     import cupy as cp
     from bench_engine import batch_frames
@@ -69,10 +63,9 @@ def main():
     from dpsnake.engine import ensemble as ens_mod
     from dpsnake.engine import neighbor
     from dpsnake.engine.deeppot import frames_to_flat
-    from dpsnake.engine.settings import EngineSettings
 
     comp = None if args.compress is None else {"min_nbor_dist": args.compress}
-    settings = EngineSettings.parse(args.set, EngineSettings.from_env(os.environ))
+    settings = engine_settings(args.set)
     ens = ens_mod.Ensemble(args.models, precision=args.precision, compress=comp, settings=settings)
     c, b, t = batch_frames()
     flat = frames_to_flat(cp, cp.asarray(c), cp.asarray(b), cp.asarray(t))[:5]
