@@ -1,0 +1,187 @@
+"""Selection beyond random / highest deviation through `select` and `dpsnake select`: diverse picks,
+deduplication, per-condition quotas, fill-ins from above trust hi (issue 18 item 3), on explore folders
+written from hand-made frames and deviations."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from select_helpers import cu_config as _cfg
+
+
+def _write_conditions(tmp_path, cfg, per_walker):
+    """An explore folder with a walker per temperature of ``cfg``; ``per_walker``: per walker a list of
+    (rattle amplitude, seed, deviation) frames from the start structure (a seed repeated with a tiny extra
+    displacement is a near-copy)."""
+    import ase.io
+
+    from dpsnake.engine.model_devi import write_model_devi
+    from dpsnake.workflow.plan import make_walkers
+
+    ex = tmp_path / "explore"
+    walkers = make_walkers(cfg, 0, 0, ex)
+    (ex / "walkers.json").write_text(json.dumps(walkers))
+    (ex / "plan.json").write_text(json.dumps({"iteration": 0, "stage": 0, "stage_iteration": 0}))
+    (ex / "summary.json").write_text(
+        json.dumps({"walkers": {w["name"]: {"status": "finished", "reason": None} for w in walkers}})
+    )
+    for w, spec in zip(walkers, per_walker):
+        atoms0 = ase.io.read(ex / w["structure"])
+        frames = []
+        for k, (amp, seed, _) in enumerate(spec):
+            a = atoms0.copy()
+            a.rattle(amp, seed=seed)
+            a.positions[0] += 1e-4 * k  # a near-copy, not an exact one
+            a.info["step"] = 5 * k
+            frames.append(a)
+        (ex / w["name"]).mkdir()
+        ase.io.write(ex / w["name"] / "traj.extxyz", frames, format="extxyz")
+        z = np.zeros(len(spec))
+        write_model_devi(
+            ex / w["name"] / "model_devi.out",
+            5 * np.arange(len(spec)),
+            {
+                "max_devi_v": z,
+                "min_devi_v": z,
+                "avg_devi_v": z,
+                "max_devi_f": np.asarray([s[2] for s in spec]),
+                "min_devi_f": z,
+                "avg_devi_f": z,
+            },
+        )
+    return ex, walkers
+
+
+def test_select_diverse_dedup_and_condition_quota(tmp_path, cu_model):
+    """Issue 18 item 3 through `select` and `dpsnake select`: the 900 K walker has the highest deviations
+    but near-copies of one structure plus one outlier; the 300 K walker distinct small rattles.
+    highest takes the 900 K near-copies; diverse with dedup_tol takes the outlier and drops the copies;
+    quota: condition gives each condition half of the labels."""
+    from dpsnake.workflow.config import write_if_changed
+    from dpsnake.workflow.select import select
+
+    st = {"temperatures": [300.0, 900.0], "ensemble": "nvt", "nsteps": 40, "trj_freq": 5, "max_iterations": 2}
+    cold = [(0.03, 10 + k, 0.06 + 0.001 * k) for k in range(6)]
+    hot = [(0.05, 1, 0.12 + 0.001 * k) for k in range(5)] + [(0.25, 2, 0.10)]  # 5 near-copies, 1 outlier
+    base = {"trust": {"force": [0.05, 0.15]}, "explore": {"stages": [st]}}
+    cfg = _cfg(tmp_path, **base, select={"max_candidates": 4, "pick": "highest", "min_dist": 0.5})
+    ex, _ = _write_conditions(tmp_path, cfg, [cold, hot])
+    _, tasks = select(cfg, 0, ex)
+    assert [t.info["temperature"] for t in tasks] == [900.0] * 4
+    cfg = _cfg(tmp_path, **base, select={"max_candidates": 4, "pick": "diverse", "dedup_tol": 0.02, "min_dist": 0.5})
+    stats, tasks = select(cfg, 0, ex, model=cu_model["dp"])
+    hot_steps = sorted(t.info["step"] for t in tasks if t.info["temperature"] == 900.0)
+    # the highest deviation (900 K step 20), the outlier (step 25), then the 300 K frames farthest away
+    assert hot_steps == [20, 25]
+    assert sorted(t.info["step"] for t in tasks if t.info["temperature"] == 300.0) == [10, 20]
+    s = stats["systems"]["Cu"]
+    assert s["near_duplicates"] == 4 and s["duplicates"] == 4 and s["selected"] == len(tasks) == 4
+    cfg = _cfg(tmp_path, **base, select={"max_candidates": 4, "pick": "highest", "quota": "condition", "min_dist": 0.5})
+    _, tasks = select(cfg, 0, ex)
+    assert sorted(t.info["temperature"] for t in tasks) == [300.0, 300.0, 900.0, 900.0]
+    assert sorted((t.info["temperature"], t.info["step"]) for t in tasks) == [
+        (300.0, 20),
+        (300.0, 25),
+        (900.0, 15),
+        (900.0, 20),
+    ]  # each condition's highest two
+    # the command line, with the model next to the explore folder (the iteration's layout); the log says
+    # which features were used
+    cfg = _cfg(
+        tmp_path,
+        **base,
+        select={"max_candidates": 4, "pick": "diverse", "dedup_tol": 0.02, "quota": "condition", "min_dist": 0.5},
+    )
+    write_if_changed(cfg, tmp_path / "config.json")
+    (tmp_path / "train" / "model.0").mkdir(parents=True)
+    (tmp_path / "train" / "model.0" / "model.dp").symlink_to(cu_model["dp"])
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpsnake.cli",
+            "select",
+            "--config",
+            "config.json",
+            "--iter",
+            "0",
+            "--explore",
+            "explore",
+            "--outdir",
+            "select",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "features of pick diverse / dedup_tol: se_e2_a descriptor of" in p.stderr
+    assert "candidate(s) within dedup_tol 0.02 of a picked frame dropped" in p.stderr
+    out = json.loads((tmp_path / "select" / "stats.json").read_text())
+    import ase.io
+
+    temps = sorted(
+        ase.io.read(f, format="extxyz").info["temperature"]
+        for f in (tmp_path / "select" / "candidates").glob("*.extxyz")
+    )
+    assert temps == [300.0, 300.0, 900.0, 900.0] and out["systems"]["Cu"]["selected"] == 4
+
+
+def test_select_diverse_keeps_away_from_training_frames(tmp_path, cu_model):
+    """pick diverse with --data: a near-copy of the outlier is already in the training data, so the
+    outlier is not picked; the frames come from the system's datasets (training_frames, capped)."""
+    import dpdata
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from dpsnake.workflow.select import select, training_frames
+
+    st = {"temperatures": [300.0], "ensemble": "nvt", "nsteps": 40, "trj_freq": 5, "max_iterations": 2}
+    spec = [(0.03, 10 + k, 0.12 - 0.001 * k) for k in range(6)] + [(0.25, 2, 0.10)]  # frame 6: the outlier
+    cfg = _cfg(
+        tmp_path,
+        trust={"force": [0.05, 0.15]},
+        explore={"stages": [st]},
+        select={"max_candidates": 2, "pick": "diverse", "min_dist": 0.5},
+    )
+    ex, _ = _write_conditions(tmp_path, cfg, [spec])
+    stats, tasks = select(cfg, 0, ex, model=cu_model["dp"])
+    assert sorted(t.info["step"] for t in tasks) == [0, 30]  # the highest deviation, then the outlier
+    a = [t for t in tasks if t.info["step"] == 30][0].copy()
+    a.positions[3] += 0.01  # not the same frame: still a candidate
+    a.calc = SinglePointCalculator(a, energy=0.0, forces=np.zeros((len(a), 3)))
+    dpdata.LabeledSystem(a, fmt="ase/structure").to_deepmd_npy(str(tmp_path / "data" / "iter.000000" / "Cu"))
+    known = training_frames(tmp_path / "data", "Cu")
+    assert len(known) == 1 and np.allclose(known[0].positions, a.positions, atol=1e-6)
+    assert known[0].get_chemical_symbols() == a.get_chemical_symbols() and known[0].pbc.all()
+    stats, tasks = select(cfg, 0, ex, tmp_path / "data", model=cu_model["dp"])
+    assert 30 not in [t.info["step"] for t in tasks] and len(tasks) == 2
+    assert training_frames(tmp_path / "data", "Cu2") == []
+
+
+def test_select_fill_from_failed_fills_the_hot_conditions_share(tmp_path):
+    """The 900 K walker has every frame above trust hi (one squeezed too close: structure check), the
+    300 K walker candidates. Without fill_from_failed all labels come from 300 K; with it and quota
+    condition the 900 K share is filled by its sane frames above hi, the lowest deviation first."""
+    from dpsnake.workflow.select import select
+
+    st = {"temperatures": [300.0, 900.0], "ensemble": "nvt", "nsteps": 40, "trj_freq": 5, "max_iterations": 2}
+    cold = [(0.03, 10 + k, 0.06 + 0.001 * k) for k in range(6)]
+    hot = [(0.05, 20 + k, 0.30 + 0.01 * k) for k in range(5)] + [(0.9, 3, 0.2)]  # last: atoms too close
+    base = {"trust": {"force": [0.05, 0.15]}, "explore": {"stages": [st]}}
+    sel = {"max_candidates": 4, "pick": "highest", "quota": "condition", "min_dist": 1.5}
+    cfg = _cfg(tmp_path, **base, select=sel)
+    ex, _ = _write_conditions(tmp_path, cfg, [cold, hot])
+    stats, tasks = select(cfg, 0, ex)
+    assert [t.info["temperature"] for t in tasks] == [300.0] * 4
+    assert stats["systems"]["Cu"]["filled_from_failed"] == 0
+    cfg = _cfg(tmp_path, **base, select={**sel, "fill_from_failed": True})
+    stats, tasks = select(cfg, 0, ex)
+    s = stats["systems"]["Cu"]
+    hot_picked = sorted(t.info["max_devi_f"] for t in tasks if t.info["temperature"] == 900.0)
+    assert hot_picked == pytest.approx([0.30, 0.31]) and s["filled_from_failed"] == 2 and s["selected"] == 4
+    assert all(t.info["above_trust_hi"] == (t.info["temperature"] == 900.0) for t in tasks)
+    assert s["failed"] == 6 and s["candidate"] == 6  # the classification itself is unchanged
