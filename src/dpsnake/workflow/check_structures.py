@@ -84,17 +84,20 @@ def _takes(builder: str, arg: str) -> bool:
 
 def check_ensembles(cfg: dict, atoms_of: dict) -> None:
     """``npt*`` stages only on periodic systems (the barostat scales the cell)."""
+    from dpsnake.workflow.stages import group_key, groups_of
+
     for i, stage in enumerate(cfg["explore"]["stages"]):
-        if not stage["ensemble"].startswith("npt"):
-            continue
-        for name in stage["systems"]:
-            atoms = atoms_of[name]
-            if not atoms.pbc.all():
-                raise UserError(
-                    f"explore.stages[{i}].ensemble: {stage['ensemble']} needs a periodic cell, but "
-                    f"system {name} is not periodic (pbc {[bool(p) for p in atoms.pbc]}); use nvt "
-                    "for it (a stage of its own) or give it a periodic cell"
-                )
+        for j, group in enumerate(groups_of(stage)):
+            if not group["ensemble"].startswith("npt"):
+                continue
+            for name in group["systems"]:
+                atoms = atoms_of[name]
+                if not atoms.pbc.all():
+                    raise UserError(
+                        f"{group_key(stage, i, j)}.ensemble: {group['ensemble']} needs a periodic cell, but "
+                        f"system {name} is not periodic (pbc {[bool(p) for p in atoms.pbc]}); use nvt "
+                        "for it (a stage or group of its own) or give it a periodic cell"
+                    )
 
 
 def descriptor_sels(desc: dict, key: str) -> list[tuple[str, float, list | int]]:

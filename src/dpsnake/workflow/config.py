@@ -160,17 +160,9 @@ def check(config: dict, base: pathlib.Path | str = ".") -> dict:
                 )
         _check_trust(f"{key}.trust", sysc.get("trust"))
     _check_trust("trust", cfg["trust"])
-    for i, stage in enumerate(cfg["explore"]["stages"]):
-        for s in stage.get("systems") or []:
-            if s not in cfg["systems"]:
-                raise UserError(
-                    f"explore.stages[{i}].systems: unknown system {s!r} (defined: {', '.join(cfg['systems'])})"
-                )
-        stage.setdefault("systems", list(cfg["systems"]))
-        if stage["trj_freq"] > stage["nsteps"]:
-            raise UserError(
-                f"explore.stages[{i}].trj_freq: {stage['trj_freq']} is larger than nsteps {stage['nsteps']}"
-            )
+    from dpsnake.workflow.stages import resolve_stages
+
+    resolve_stages(cfg)  # groups of walkers per stage, complete; unknown systems, trj_freq > nsteps
     for i, e in enumerate(cfg["test_data"]):
         _check_file(f"test_data[{i}]", e if isinstance(e, str) else e["path"], base, folder_ok=True)
     from dpsnake.workflow.check_structures import check_structures

@@ -39,21 +39,21 @@ def iteration_stage(cfg: dict, stats_prev: dict | None) -> tuple[int, int]:
 
 
 def make_walkers(cfg: dict, it: int, stage: int, outdir: pathlib.Path) -> list[dict]:
-    """Walkers of stage ``stage`` in iteration ``it``: systems x temperatures x pressures x replicas.
+    """Walkers of stage ``stage`` in iteration ``it``: per group of the stage (``stages.groups_of``),
+    systems x temperatures x pressures x replicas, each with the group's ensemble and settings.
     Start structures are written to ``outdir/structures/<system>.extxyz`` (masses included); walker
     ``structure`` paths are relative to the folder of walkers.json (``outdir``)."""
     import ase.io
 
     from dpsnake.fsio import atomic_path
+    from dpsnake.workflow.stages import groups_of
     from dpsnake.workflow.structures import build_structure, with_masses
 
     st = cfg["explore"]["stages"][stage]
+    groups = groups_of(st)
     sdir = outdir / "structures"
     sdir.mkdir(parents=True, exist_ok=True)
-    walkers = []
-    npt = st["ensemble"].startswith("npt")
-    pressures = st["pressures"] if npt else [None]
-    for system in st["systems"]:
+    for system in dict.fromkeys(s for g in groups for s in g["systems"]):
         atoms = with_masses(
             build_structure(cfg["systems"][system]["structure"], ".", key=f"systems.{system}.structure"), cfg["masses"]
         )
@@ -63,27 +63,41 @@ def make_walkers(cfg: dict, it: int, stage: int, outdir: pathlib.Path) -> list[d
             if spath.is_file() and spath.read_bytes() != tmp.read_bytes():
                 # the explore runner's checkpoint knows walker specs, not structure contents: a checkpoint
                 # of an interrupted exploration from the old structure must not be resumed
-                (outdir / CHECKPOINT).unlink(missing_ok=True)
-        for T in st["temperatures"]:
+                for ck in [outdir / CHECKPOINT, *outdir.glob(f"shards/shard.*/{CHECKPOINT}")]:
+                    ck.unlink(missing_ok=True)
+    walkers = []
+    for g in groups:
+        walkers += _group_walkers(cfg, it, g, "" if len(groups) == 1 else f"{g['name']}.", len(walkers))
+    return walkers
+
+
+def _group_walkers(cfg: dict, it: int, g: dict, label: str, first: int) -> list[dict]:
+    """The walkers of one group; ``label`` goes into their names (empty for a stage of one group, so the
+    flat stage form keeps its names), ``first`` = walkers before them in walkers.json (seeds)."""
+    walkers = []
+    npt = g["ensemble"].startswith("npt")
+    pressures = g["pressures"] if npt else [None]
+    for system in g["systems"]:
+        for T in g["temperatures"]:
             for P in pressures:
-                for r in range(st["replicas"]):
-                    name = f"{system}.T{T:g}" + ("" if P is None else f".P{P:g}") + f".r{r}"
+                for r in range(g["replicas"]):
+                    name = f"{system}.{label}T{T:g}" + ("" if P is None else f".P{P:g}") + f".r{r}"
                     w = {
                         "name": name,
                         "system": system,
                         "structure": f"structures/{system}.extxyz",
                         "temperature": float(T),
-                        "ensemble": st["ensemble"],
-                        "nsteps": st["nsteps"],
-                        "dt": st["dt"],
-                        "trj_freq": st["trj_freq"],
-                        "seed": 1000 * it + len(walkers) + 1,
-                        "tau_t": st["tau_t"],
+                        "ensemble": g["ensemble"],
+                        "nsteps": g["nsteps"],
+                        "dt": g["dt"],
+                        "trj_freq": g["trj_freq"],
+                        "seed": 1000 * it + first + len(walkers) + 1,
+                        "tau_t": g["tau_t"],
                         "min_dist": cfg["select"]["min_dist"] * 0.5,
                     }
                     if P is not None:
                         w["pressure"] = float(P)
-                        w["tau_p"] = st["tau_p"]
+                        w["tau_p"] = g["tau_p"]
                     if cfg["explore"].get("max_devi_f_cap") is not None:
                         w["max_devi_f_cap"] = cfg["explore"]["max_devi_f_cap"]
                     walkers.append(w)
@@ -92,8 +106,10 @@ def make_walkers(cfg: dict, it: int, stage: int, outdir: pathlib.Path) -> list[d
 
 def stage_systems(cfg: dict, stage: int) -> list[str]:
     """The systems stage ``stage`` of the exploration plan explores."""
+    from dpsnake.workflow.stages import groups_of
+
     stages = cfg["explore"]["stages"]
-    return list(stages[min(stage, len(stages) - 1)]["systems"])
+    return list(dict.fromkeys(s for g in groups_of(stages[min(stage, len(stages) - 1)]) for s in g["systems"]))
 
 
 def structure_sources(cfg: dict, stage: int) -> dict:

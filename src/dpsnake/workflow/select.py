@@ -185,10 +185,9 @@ def _pick(cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, 
         return S.pick(keep, d["devi_f"], sel["max_candidates"], mode, rng), 0
     groups = None
     if quota == "condition":
-        cond = [
-            (float(by_name[d["walker"][i]]["temperature"]), float(by_name[d["walker"][i]].get("pressure") or 0.0))
-            for i in keep
-        ]
+        from dpsnake.workflow.stages import condition
+
+        cond = [condition(by_name[d["walker"][i]]) for i in keep]
         groups = np.asarray([sorted(set(cond)).index(c) for c in cond], dtype=int)
     feats = known = None
     if (mode == "diverse" or tol is not None) and len(keep):
