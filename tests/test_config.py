@@ -73,16 +73,26 @@ def _check(mutate):
     return str(err.value)
 
 
-def test_slab_from_ase_builder_names_the_remedy():
-    """fcc111(..., vacuum=10) has pbc (True, True, False): refused with the fix (periodic: true, keep the
-    vacuum), and the fixed slab passes."""
+def test_slab_from_ase_builder_needs_nvt_and_a_vacuum():
+    """fcc111(..., vacuum=10) has pbc (True, True, False): explored as a slab, but not with the reduced
+    config's npt stage (one line with the remedy); without a vacuum of rcut along its non-periodic
+    direction (training sees the cell as periodic) it is one line naming the length needed."""
     slab = {"builder": "fcc111", "kwargs": {"symbol": "Cu", "size": [2, 2, 3], "vacuum": 10.0}}
     msg = _check(lambda c: c["systems"]["Cu"].update(structure=slab))
-    assert msg.startswith("systems.Cu.structure.builder: fcc111: pbc [True, True, False]")
-    assert "add periodic: true to its kwargs" in msg and "keep the vacuum" in msg
+    assert msg.startswith("explore.stages[0].ensemble: npt needs a cell periodic in all directions, but system Cu")
+    assert "use nvt for it" in msg
+
+    def nvt(c, vacuum):
+        c["systems"]["Cu"]["structure"] = {"builder": "fcc111", "kwargs": dict(slab["kwargs"], vacuum=vacuum)}
+        c["explore"]["stages"][0].update(ensemble="nvt")
+        c["explore"]["stages"][0].pop("pressures")
+
     fixed = copy.deepcopy(REDUCED)
-    fixed["systems"]["Cu"]["structure"] = {"builder": "fcc111", "kwargs": dict(slab["kwargs"], periodic=True)}
-    assert C.check(fixed, ROOT)["systems"]["Cu"]["structure"]["kwargs"]["periodic"] is True
+    nvt(fixed, 10.0)
+    assert C.check(fixed, ROOT)["systems"]["Cu"]["structure"]["kwargs"]["vacuum"] == 10.0
+    msg = _check(lambda c: nvt(c, 1.0))
+    assert msg.startswith("systems.Cu.structure.builder: fcc111: pbc [True, True, False]: the cell is")
+    assert "vacuum of rcut 4 A" in msg
 
 
 def test_sel_counts_match_a_brute_force_count():

@@ -1,12 +1,14 @@
 """Start structures that exploration or the descriptor cannot take, caught at check time (issue 19
-items 8 and 10): mixed periodicity (a slab from ASE's builders), a periodic cell without volume,
-``npt`` on a non-periodic system, more neighbours within rcut than the descriptor's ``sel``."""
+items 8 and 10, issue 20 item 5): a slab (mixed periodicity, from ASE's builders) under ``npt`` or
+without a vacuum of rcut along its non-periodic direction, a periodic cell without volume, ``npt``
+on a non-periodic system, more neighbours within rcut than the descriptor's ``sel``."""
 
 from __future__ import annotations
 
 from bad_inputs.config import config_probe, snakemake_probe
 
 SLAB = {"builder": "fcc111", "kwargs": {"symbol": "Cu", "size": [2, 2, 3], "a": 3.61, "vacuum": 10.0}}
+THIN = {"builder": "fcc111", "kwargs": {"symbol": "Cu", "size": [2, 2, 3], "a": 3.61, "vacuum": 1.0}}
 
 
 def _structure(spec):
@@ -16,15 +18,28 @@ def _structure(spec):
     return mutate
 
 
+def _nvt(cfg):
+    for stage in cfg["explore"]["stages"]:
+        stage.update(ensemble="nvt")
+        stage.pop("pressures", None)
+
+
+def _thin(cfg, tmp):
+    """A slab from fcc111 with 2 A of vacuum (below rcut 4 A), on nvt stages."""
+    cfg["systems"]["Cu"]["structure"] = THIN
+    _nvt(cfg)
+
+
 def _slab_file(cfg, tmp):
-    """An extxyz slab written by ASE with pbc T T F (what ase.build.fcc111 gives)."""
+    """An extxyz slab written by ASE with pbc T T F (what ase.build.fcc111 gives), 2 A of vacuum."""
     import ase.io
     from ase.build import fcc111
 
-    slab = fcc111("Cu", (2, 2, 3), a=3.61, vacuum=10.0)
+    slab = fcc111("Cu", (2, 2, 3), a=3.61, vacuum=1.0)
     slab.info.clear()  # adsorbate_info: not for extxyz
     ase.io.write(tmp / "slab.extxyz", slab)
     cfg["systems"]["Cu"]["structure"] = {"file": "slab.extxyz"}
+    _nvt(cfg)
 
 
 def _cluster_npt(cfg, tmp):
@@ -48,14 +63,22 @@ def _descriptor(**desc):
 
 
 PROBES = [
-    # item 10: a slab from ASE's own builders, from a builder and from a file
+    # item 10 (issue 20 item 5: slabs are explored): npt on a slab; a slab without a vacuum of rcut
     config_probe(
-        "structure-slab-builder", _structure(SLAB), "systems.Cu.structure.builder: fcc111: pbc [True, True, False]"
+        "structure-slab-npt",
+        _structure(SLAB),
+        "explore.stages[0].ensemble: npt needs a cell periodic in all directions, but system Cu is a slab",
     ),
     config_probe(
-        "structure-slab-file", _slab_file, "systems.Cu.structure.file: slab.extxyz: pbc [True, True, False]", base="tmp"
+        "structure-slab-builder", _thin, "systems.Cu.structure.builder: fcc111: pbc [True, True, False]: the cell is"
     ),
-    snakemake_probe("structure-slab-snakemake", _structure(SLAB), "config error: systems.Cu.structure.builder: fcc111"),
+    config_probe(
+        "structure-slab-file",
+        _slab_file,
+        "systems.Cu.structure.file: slab.extxyz: pbc [True, True, False]: the cell is",
+        base="tmp",
+    ),
+    snakemake_probe("structure-slab-snakemake", _thin, "config error: systems.Cu.structure.builder: fcc111"),
     config_probe(
         "structure-periodic-no-volume",
         _structure({"builder": "ase.Atoms", "kwargs": {"symbols": "Cu2", "pbc": True}}),

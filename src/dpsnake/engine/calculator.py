@@ -1,7 +1,9 @@
 """ASE calculator ``DP`` on the dpsnake engine (like ``deepmd.calculator.DP``).
 
 Properties: energy, free_energy (= energy), forces (eV/A), stress (eV/A^3, Voigt 6, ASE sign:
-stress = -0.5 (W + W^T) / volume), energies (per atom, eV).
+stress = -0.5 (W + W^T) / volume; cells periodic in all directions only), energies (per atom, eV).
+Periodicity per direction as ``atoms.pbc`` says: slabs (T, T, F) and wires (F, F, T) are imaged
+along their periodic directions only (the cell rows along the others play no part).
 """
 
 from __future__ import annotations
@@ -42,16 +44,14 @@ class DP(Calculator):
             raise UserError(
                 f"atoms: element {err.args[0]} is not in the model's type_map {self.ensemble.type_map}"
             ) from None
-        pbc = bool(np.all(a.pbc))
-        if np.any(a.pbc) and not pbc:
-            raise UserError("atoms: mixed periodicity (pbc partly true) is not supported")
+        pbc = np.array(a.pbc, dtype=bool)  # per direction: slabs (T T F) and wires (F F T) too
         n = len(a)
         out = self.ensemble.evaluate(
             a.positions,
             atype,
             np.zeros(n, dtype=np.int64),
             a.cell.array[None],
-            np.array([pbc]),
+            pbc[None],
             atomic="energies" in properties,
         )
         e = float(out["energy"][0, 0])
@@ -60,9 +60,9 @@ class DP(Calculator):
         self.results["forces"] = np.asarray(out["force"][0])
         if "energies" in properties:
             self.results["energies"] = np.asarray(out["atom_energy"][0])
-        if pbc:
+        if pbc.all():
             w = np.asarray(out["virial"][0]).reshape(3, 3)
             s = -0.5 * (w + w.T) / a.get_volume()
             self.results["stress"] = s.flat[[0, 4, 8, 5, 2, 1]]
-        elif "stress" in properties:
-            raise PropertyNotImplementedError("stress needs a periodic cell")
+        elif "stress" in properties:  # a slab's or wire's volume is not defined
+            raise PropertyNotImplementedError("stress needs a cell periodic in all directions")

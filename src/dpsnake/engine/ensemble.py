@@ -1,7 +1,8 @@
 """Ensembles of Deep Potential models evaluated on shared neighbour data, batched over many systems.
 
 Flat batched layout (docs/architecture.md): ``coords (N, 3)``, ``atype (N,)`` model type indices,
-``system (N,)`` sorted ints 0..S-1, ``cells (S, 3, 3)`` (rows = lattice vectors, A), ``pbc (S,)``.
+``system (N,)`` sorted ints 0..S-1, ``cells (S, 3, 3)`` (rows = lattice vectors, A), ``pbc (S, 3)``
+per direction (slabs, wires) or ``(S,)`` for every direction or none.
 Outputs live in the inputs' namespace (NumPy in, NumPy out; CuPy in, CuPy out).
 """
 
@@ -14,7 +15,7 @@ import numpy as np
 from dpsnake.engine.cuda import elementwise
 from dpsnake.engine.descriptor import RuntimeModel, Slots, energy_and_grad
 from dpsnake.engine.model import DPModel, load_model
-from dpsnake.engine.neighbor import NeighborBuilder, _CellGeometry, chunk_stats
+from dpsnake.engine.neighbor import NeighborBuilder, _CellGeometry, chunk_stats, pbc_axes
 from dpsnake.engine.settings import EngineContext, EngineSettings
 from dpsnake.engine.tabulate import Compression
 from dpsnake.engine.xp import HostCopy, array_namespace, to_numpy
@@ -47,7 +48,7 @@ class Layout:
     it copies nothing to the host before it starts the device's work).
 
     Made by :meth:`Ensemble.layout` from device (or host) arrays ``atype`` (N,), ``system`` (N,),
-    ``pbc`` (S,); it holds them and is used only for those very arrays (identity), which must not
+    ``pbc`` (S, 3) or (S,); it holds them and is used only for those very arrays (identity), which must not
     be changed in place while it is in use (an MD batch's are not).
     """
 
@@ -55,11 +56,11 @@ class Layout:
         self.given = (atype, system, pbc)  # held: their ids stay unique while this lives
         self.atype = xp.asarray(atype).astype(xp.int64, copy=False).reshape(-1)
         self.system = xp.asarray(system).astype(xp.int64, copy=False).reshape(-1)
-        self.pbc = xp.asarray(pbc).astype(bool, copy=False).reshape(-1)
-        self.N, self.S = self.atype.shape[0], self.pbc.shape[0]
+        self.pbc_h = pbc_axes(pbc)  # (S, 3) host
+        self.pbc = xp.asarray(self.pbc_h)
+        self.N, self.S = self.atype.shape[0], self.pbc_h.shape[0]
         if self.system.shape[0] != self.N:
             raise UserError(f"atype/system: lengths {self.N}/{self.system.shape[0]} differ")
-        self.pbc_h = np.asarray(to_numpy(self.pbc), dtype=bool)
         ta = to_numpy(self.atype)
         if self.N and (ta.min() < 0 or ta.max() >= ntypes):
             raise UserError(f"atype: type indices must be in 0..{ntypes - 1}")
@@ -209,7 +210,8 @@ class Ensemble:
         """Energies, forces, virials of every model on every system.
 
         coords (N, 3) A; atype (N,) int; system (N,) sorted ints 0..S-1; cells (S, 3, 3) A;
-        pbc (S,) bool. Returns dict with ``energy`` (M, S) eV, ``force`` (M, N, 3) eV/A,
+        pbc (S, 3) bool per direction, or (S,) for every direction or none (slabs, wires: the
+        cell rows along non-periodic directions play no part). Returns dict with ``energy`` (M, S) eV, ``force`` (M, N, 3) eV/A,
         ``virial`` (M, S, 9) eV and, if ``atomic``, ``atom_energy`` (M, N), ``atom_virial`` (M, N, 9).
         ``last_overflow``: centres that lost neighbours in this call. ``layout``: the
         :meth:`layout` of these atype/system/pbc, kept by the caller (MD), so the call starts

@@ -1,9 +1,16 @@
 """Neighbour search with cell lists (binning), batched over many systems, with DeePMD-kit v3 selection.
 
-Layout: all atoms of all systems in one flat array (``system`` (N,) sorted ints). Periodic systems
-get explicit ghost images out to rcut (any triclinic cell, cells shorter than 2 rcut included), then
+Layout: all atoms of all systems in one flat array (``system`` (N,) sorted ints). Periodicity is per
+system and direction (``pbc`` (S, 3), or (S,) for every direction or none): periodic directions get
+explicit ghost images out to rcut (any triclinic cell, cells shorter than 2 rcut included), then
 all atoms and ghosts are binned on a per-system grid of bins no smaller than rcut; each centre looks
 at its 27 surrounding bins. Cost and memory grow linearly with the number of atoms.
+
+Mixed periodicity (slabs (T, T, F), wires (F, F, T)): only the periodic cell vectors matter. Each
+non-periodic cell vector is replaced by a unit vector orthogonal to the periodic ones
+(:func:`effective_cells`), along which atoms are neither wrapped nor imaged, so the results equal
+those of the same system fully periodic with a vacuum wider than rcut, whatever the cell holds
+along the non-periodic directions (zero, a vacuum, anything).
 
 Selection (DeePMD-kit 3): the nearest ``nnei = sum(sel)`` atoms of any type within rcut (self
 excluded), split by type in distance order, type t keeping the first ``sel[t]`` of its kind in block
@@ -79,7 +86,8 @@ class NeighborBuilder:
     """Ghost images + bins for a batch of systems; :meth:`chunk` selects neighbours of some centres.
 
     coords (N, 3) A; atype (N,) int; system (N,) sorted ints 0..S-1; cells (S, 3, 3) rows are lattice
-    vectors; pbc (S,) bool. ``pair_exclude`` (ntypes, ntypes) bool: pairs turned into empty slots.
+    vectors; pbc (S, 3) bool per direction, or (S,) bool for every direction (:func:`pbc_axes`).
+    ``pair_exclude`` (ntypes, ntypes) bool: pairs turned into empty slots.
     ``ctx``: the :class:`~dpsnake.engine.settings.EngineContext` (settings, kept grids) of the
     ensemble; a fresh default one if None. ``reuse_grid``: start from this layout's kept grid.
     """
@@ -99,7 +107,7 @@ class NeighborBuilder:
         self.N, self.S = N, S
         self.atype = atype
         coords = coords.astype(xp.float64)
-        pbc_h = np.asarray(to_numpy(pbc), dtype=bool).reshape(-1)
+        pbc_h = pbc_axes(pbc, S)  # (S, 3) host; .all(): periodic in every direction
         self._last = (pbc_h.tobytes(), self.rcut, N, S, *device_key(xp))
         # (2,) device check of a call that reused this layout's grid and ghost room: the grid
         # flag of nbk.device_geometry and the ghost count (see settle); None: nothing guessed
@@ -212,11 +220,21 @@ class NeighborBuilder:
         xp, N, S = self.xp, self.N, self.S
         geo = _CellGeometry(cells_h, pbc_h, self.rcut)
         lo, hi = geo.lo.copy(), geo.hi.copy()
-        nonper = np.nonzero(~pbc_h)[0]
+        nonper = np.nonzero(~pbc_h.any(axis=1))[0]
+        mixed = np.nonzero(pbc_h.any(axis=1) & ~pbc_h.all(axis=1))[0]
         ptr = None
         if len(nonper):  # non-periodic systems (never wrapped): the box of their atoms
             ptr = _system_ptr(xp, system, S)
             lo[nonper], hi[nonper] = _atom_boxes(xp, coords, system, ptr, nonper)
+        if len(mixed):  # slabs, wires: the cell grown by the margin along the periodic directions,
+            # the atoms' extent along the others (fractional = A there: unit cell rows)
+            ptr = _system_ptr(xp, system, S) if ptr is None else ptr
+            frac = (coords[:, :, None] * xp.asarray(geo.inv)[system]).sum(axis=1)
+            flo, fhi = _atom_boxes(xp, frac, system, ptr, mixed)
+            per, m, h = pbc_h[mixed], geo.margin[mixed], geo.h[mixed]
+            flo, fhi = np.where(per, -m, flo), np.where(per, 1.0 + m, fhi)
+            a, b = flo[:, :, None] * h, fhi[:, :, None] * h
+            lo[mixed], hi[mixed] = np.minimum(a, b).sum(axis=1), np.maximum(a, b).sum(axis=1)
         nb, bsize = _bin_grid(lo, hi, self.rcut, None)
         if nb.prod(axis=1).sum() > 2.0 * N * max(geo.ext_factor.max(initial=1.0), 1.0) + 8.0 * S:
             # too many bins for the atoms somewhere (sparse systems): cap each system's grid
@@ -228,23 +246,27 @@ class NeighborBuilder:
     def _images(self, coords, system, pbc_h, geo):
         """Array code: wrapped atoms (N, 3) and the ext arrays owner (E,), epos (E, 3), atoms first."""
         xp, N = self.xp, coords.shape[0]
-        # wrap periodic coordinates into the cell (as DeePMD-kit's normalize_coord)
+        # wrap coordinates into the cell along its periodic directions (as DeePMD-kit's
+        # normalize_coord); non-periodic directions keep theirs
         frac = (coords[:, :, None] * xp.asarray(geo.inv)[system]).sum(axis=1)
-        pbc_atom = xp.asarray(pbc_h)[system]
-        frac = xp.where(pbc_atom[:, None], frac - xp.floor(frac), frac)
+        pbc_atom = xp.asarray(pbc_h)[system]  # (N, 3)
+        frac = xp.where(pbc_atom, frac - xp.floor(frac), frac)
         h = xp.asarray(geo.h)
-        wrapped = xp.where(pbc_atom[:, None], (frac[:, :, None] * h[system]).sum(axis=1), coords)
-        # ghost images: every shift (within nimg cells) of every periodic atom that lands within
-        # rcut of the cell, i.e. whose fractional coordinates stay in [-margin, 1 + margin)
+        anyp = pbc_atom.any(axis=1)[:, None]
+        wrapped = xp.where(anyp, (frac[:, :, None] * h[system]).sum(axis=1), coords)
+        # ghost images: every shift (within nimg cells, zero along non-periodic directions) of every
+        # atom that lands within rcut of the cell, i.e. whose fractional coordinates stay in
+        # [-margin, 1 + margin) along the periodic directions
         own, pos = [xp.arange(N)], [wrapped]
         if geo.nimg > 0 and N:
             cart = xp.asarray(geo.shift_cart)  # (nshift, S, 3)
             shifts = xp.asarray(geo.shifts)
-            mp = xp.where(pbc_atom[:, None], xp.asarray(geo.margin)[system], -1.0)  # -1: no image
+            mp = xp.where(pbc_atom, xp.asarray(geo.margin)[system], -1.0)  # -1: no range (not periodic)
             per = max(1, _MAX_GROUP // max(N, 1))
             for g in range(0, len(geo.shifts), per):
-                f = frac[None, :, :] + shifts[g : g + per, None, :]  # (k, N, 3)
-                keep = ((f >= -mp) & (f < 1.0 + mp)).all(axis=2)
+                sh = shifts[g : g + per, None, :]  # (k, 1, 3)
+                f = frac[None, :, :] + sh  # (k, N, 3)
+                keep = (((f >= -mp) & (f < 1.0 + mp)) | (~pbc_atom[None] & (sh == 0.0))).all(axis=2)
                 ki, ai = xp.nonzero(keep)
                 own.append(ai)
                 pos.append(wrapped[ai] + cart[g + ki, system[ai]])
@@ -399,9 +421,11 @@ def _select_warp(args, consts):
 class _CellGeometry:
     """Host-side (NumPy) geometry of S cells: inverse, image margins, shifts, corner boxes.
 
-    cells (S, 3, 3) rows = lattice vectors (A); pbc (S,) bool. ``h`` is the cell with non-periodic
-    systems' replaced by the identity; ``inv`` (S, 3, 3) its inverse (frac = r @ inv);
-    ``margin`` (S, 3) rcut over the face distances in fractional units (0 without PBC); ``nimg``
+    cells (S, 3, 3) rows = lattice vectors (A); pbc (S, 3) or (S,) bool. ``h`` (S, 3, 3) is
+    :func:`effective_cells` (non-periodic rows: orthonormal to the periodic ones; the identity
+    without PBC); ``inv`` (S, 3, 3) its inverse (frac = r @ inv); ``pbc`` (S, 3);
+    ``margin`` (S, 3) rcut over the face distances in fractional units (0 along non-periodic
+    directions); ``nimg``
     images needed per direction; ``shifts`` (K, 3) the non-zero integer shifts within nimg and
     ``shift_cart`` (K, S, 3) their Cartesian vectors per system; ``det`` (S,) signed volumes (a
     periodic system with a singular cell is a UserError); ``lo``/``hi`` (S, 3) the box of
@@ -410,20 +434,22 @@ class _CellGeometry:
     """
 
     def __init__(self, cells, pbc, rcut):
-        self.pbc = pbc
-        self.h = h = np.where(pbc[:, None, None], cells, np.eye(3))
+        self.pbc = pbc = pbc_axes(pbc, len(cells))
+        self.h = h = effective_cells(np, cells, pbc)
         # inverse by cofactors: column k of inv is (row k+1 x row k+2) / det (np.linalg.inv costs
         # ~0.1 ms for 256 cells, LAPACK per matrix; this is a few vector operations)
         u, v = h[:, [1, 2, 0]], h[:, [2, 0, 1]]  # (S, 3 rows, 3)
         cof = u[:, :, [1, 2, 0]] * v[:, :, [2, 0, 1]] - u[:, :, [2, 0, 1]] * v[:, :, [1, 2, 0]]
         self.det = (h[:, 0] * cof[:, 0]).sum(axis=1)  # (S,) signed volume
-        bad = np.nonzero(~(np.abs(self.det) > 1e-8))[0]  # NaN cells too; identity rows if not periodic
+        # NaN cells too; the unit rows of non-periodic directions keep the periodic rows' volume
+        bad = np.nonzero(~(np.abs(self.det) > 1e-8))[0]
         if len(bad):
             raise UserError(
-                f"cells: periodic system {int(bad[0])} has a singular cell (volume {abs(self.det[bad[0]]):.3g})"
+                f"cells: periodic system {int(bad[0])} has a singular cell (volume {abs(self.det[bad[0]]):.3g}"
+                f" spanned by its periodic directions {pbc[bad[0]].tolist()})"
             )
         self.inv = cof.transpose(0, 2, 1) / self.det[:, None, None]
-        self.margin = np.where(pbc[:, None], rcut * np.sqrt((self.inv * self.inv).sum(axis=1)), 0.0)
+        self.margin = np.where(pbc, rcut * np.sqrt((self.inv * self.inv).sum(axis=1)), 0.0)
         self.nimg = int(np.ceil(self.margin.max())) if len(cells) else 0
         self.shifts = _shifts(self.nimg)
         # the box of the cell grown by the margin: over the 8 corners of [-m, 1 + m]^3 in
@@ -437,6 +463,56 @@ class _CellGeometry:
     def shift_cart(self):
         """(K, S, 3) Cartesian vectors of the shifts per system (the array code's ghost images)."""
         return np.matmul(self.shifts, self.h).transpose(1, 0, 2)
+
+
+def pbc_axes(pbc, S: int | None = None) -> np.ndarray:
+    """(S, 3) host bool: periodicity per system and direction, from ``pbc`` (S, 3), or (S,) meaning
+    every direction or none (any namespace). ``S``: the number of systems, checked if given (a
+    1-D array is always per system, so a (3,) array with S = 3 is three systems)."""
+    p = np.asarray(to_numpy(pbc), dtype=bool)
+    if p.ndim == 1:
+        p = np.repeat(p[:, None], 3, axis=1)
+    if p.ndim != 2 or p.shape[1] != 3 or (S is not None and p.shape[0] != S):
+        raise UserError(f"pbc: shape {np.shape(pbc)}, expected ({S if S is not None else 'S'},) or (S, 3)")
+    return p
+
+
+def effective_cells(xp, cells, pbc):
+    """(S, 3, 3) cells for the geometry of mixed periodicity: the periodic rows of ``cells`` (S, 3, 3)
+    kept, each non-periodic row replaced by a unit vector orthogonal to the periodic rows (slab: the
+    normal of its two periodic rows; wire: two unit vectors across its axis; no PBC: the identity),
+    right-handed. The fractional coordinate along such a row is then a distance in A, no image is
+    made along it, and the cell's own row there (zero, a vacuum, anything) plays no part.
+
+    pbc (S, 3) bool (same namespace). Elementwise (``where``), no host synchronisation, so MD can
+    use it on device cells. Degenerate periodic rows give a zero row (a singular cell)."""
+    S = cells.shape[0]
+    eye = xp.eye(3)
+    c = [cells[:, k] for k in range(3)]
+    p = [pbc[:, k][:, None] for k in range(3)]
+    nper = pbc.astype(xp.int64).sum(axis=1)[:, None]
+
+    def unit(v):
+        n = xp.sqrt((v * v).sum(axis=1, keepdims=True))
+        return v / xp.where(n > 0, n, 1.0)
+
+    # wire along row j: u_j, a unit vector across it (from the Cartesian axis least along it),
+    # and w_j = a_j x u_j, for rows j + 1 and j + 2 (cyclic: a right-handed cell)
+    u, w = [], []
+    for j in range(3):
+        a = unit(c[j])
+        e = eye[xp.argmin(xp.abs(a), axis=1)] if S else xp.zeros((0, 3))
+        uj = unit(e - (e * a).sum(axis=1, keepdims=True) * a)
+        u.append(uj)
+        w.append(xp.cross(a, uj))
+    rows = []
+    for k in range(3):
+        k1, k2 = (k + 1) % 3, (k + 2) % 3
+        slab = unit(xp.cross(c[k1], c[k2]))  # k the one non-periodic row
+        wire = xp.where(p[k2], u[k2], w[k1])  # the periodic row is k - 1 (= k + 2) or k + 1
+        other = xp.where(nper == 2, slab, xp.where(nper == 1, wire, xp.broadcast_to(eye[k], (S, 3))))
+        rows.append(xp.where(p[k], c[k], other))
+    return xp.stack(rows, axis=1)
 
 
 def _room(ghosts: int, room):

@@ -4,10 +4,15 @@
 ``provider(st, all_models) -> {"energy" (M, S), "force" (M, N, 3), "virial" (M, S, 9)}`` in ``xp``
 (eV, eV/A, eV). Model 0 alone on ordinary steps, every model on deviation steps.
 
-How a batch of walkers of different sizes is evaluated: walkers are grouped by (atoms, periodic);
-each group is one call of the model's ``forward(coord (G, n, 3), atype (G, n), box (G, 9) | None)``,
-which is what ``deepmd.infer.DeepPot.eval`` calls for G frames of n atoms, so every walker gets
-DeePMD-kit's own numbers (the model builds its own neighbour list and ghosts). Walkers of a group
+How a batch of walkers of different sizes is evaluated: walkers are grouped by (atoms, periodicity
+per direction); each group is one call of the model's ``forward(coord (G, n, 3), atype (G, n),
+box (G, 9) | None)``, which is what ``deepmd.infer.DeepPot.eval`` calls for G frames of n atoms, so
+every walker gets DeePMD-kit's own numbers (the model builds its own neighbour list and ghosts).
+DeePMD-kit knows periodic boxes or none; slabs (pbc T, T, F) and wires (F, F, T) get a box whose
+periodic rows are the cell's and whose other rows are orthogonal to them and longer than the
+atoms' extent along them plus twice the largest rcut (:func:`vacuum_box`, made on the device
+every call): no image across that vacuum comes within rcut of an atom, which is exactly the
+mixed-periodic system (the cell's own rows along non-periodic directions play no part). Walkers of a group
 need not be neighbours in the batch: their atoms are gathered with one index per group, kept on the
 device while the batch does not change. On GPUs the state stays in CuPy and crosses to torch
 through DLPack (no copies to the host per step).
@@ -88,15 +93,34 @@ def _from_dp(path: pathlib.Path, device):
         return torch.jit.load(pth, map_location=device)
 
 
+def vacuum_box(torch, coord, heff, pbc: tuple, rcut: float):
+    """(G, 9) boxes for DeePMD-kit of G frames of a slab or wire: the periodic rows of ``heff``
+    (G, 3, 3) (:func:`~dpsnake.engine.neighbor.effective_cells`: non-periodic rows are unit vectors
+    orthogonal to the periodic ones), each non-periodic row scaled to the atoms' extent along it
+    plus 2 ``rcut`` (A). coord (G, n, 3) A; pbc (3,) bools. An image across the vacuum is then at
+    least 2 rcut from every atom, so DeePMD-kit's periodic neighbour list finds exactly the pairs of
+    the mixed-periodic system (its wrapping moves atoms by lattice vectors only: same distances)."""
+    rows = []
+    for k in range(3):
+        h = heff[:, k]  # (G, 3)
+        if not pbc[k]:
+            proj = (coord * h[:, None, :]).sum(dim=2)  # (G, n), A along the unit row
+            length = proj.amax(dim=1) - proj.amin(dim=1) + 2.0 * rcut
+            h = h * length[:, None]
+        rows.append(h)
+    return torch.stack(rows, dim=1).reshape(-1, 9)
+
+
 class _Group:
     """Walkers of one size and periodicity: gather indices on the device.
 
-    atoms (G * n,) long: batch atom indices, walker by walker; sys (G,) long: their system indices."""
+    atoms (G * n,) long: batch atom indices, walker by walker; sys (G,) long: their system
+    indices; pbc (3,) bools, the periodic directions."""
 
     def __init__(
-        self, torch, device, natoms: int, pbc: bool, sys_idx: np.ndarray, bounds: np.ndarray, atype_host: np.ndarray
+        self, torch, device, natoms: int, pbc: tuple, sys_idx: np.ndarray, bounds: np.ndarray, atype_host: np.ndarray
     ):
-        self.n, self.pbc, self.G = natoms, pbc, len(sys_idx)
+        self.n, self.pbc, self.G = natoms, tuple(bool(p) for p in pbc), len(sys_idx)
         atoms = np.concatenate([np.arange(bounds[s], bounds[s] + natoms) for s in sys_idx])
         self.atoms = torch.as_tensor(atoms, dtype=torch.long, device=device)
         self.sys = torch.as_tensor(sys_idx, dtype=torch.long, device=device)
@@ -137,28 +161,35 @@ class DeepmdProvider:
                 )
         self.type_map = maps[0]
         self.nmodels = len(self.models)
+        # the vacuum of slabs' and wires' boxes (vacuum_box): 2 x the largest cutoff of any model
+        self.rcut = max(float(m.get_rcut()) for m in self.models)
         self.max_atoms = None if max_atoms == "auto" and self.device.type != "cuda" else max_atoms
         self.calls = 0
         self.overflow_calls = 0  # the models keep the sel nearest neighbours themselves (no count)
         self.last_overflow = 0
         self._key = None
         self._groups = None
+        self._pbc3 = None
 
     # ------------------------------------------------------------------ batch layout
     def _layout(self, st) -> list[_Group]:
         """Groups of the batch, remade only when the state's fixed arrays change (walkers dropped)."""
         key = (id(st.atype), id(st.system), id(st.pbc), st.atype.shape[0])
         if self._key != key:
+            from dpsnake.engine.neighbor import pbc_axes
             from dpsnake.engine.xp import to_numpy
 
-            natoms, pbc = to_numpy(st.natoms).astype(np.int64), to_numpy(st.pbc).astype(bool)
+            natoms = to_numpy(st.natoms).astype(np.int64)
+            pbc = pbc_axes(st.pbc, natoms.shape[0])  # (S, 3)
             atype = to_numpy(st.atype).astype(np.int64)
             bounds = np.concatenate([[0], np.cumsum(natoms)])
             groups = []
-            for n, p in sorted({(int(n), bool(p)) for n, p in zip(natoms, pbc)}):
-                sys_idx = np.nonzero((natoms == n) & (pbc == p))[0]
-                groups.append(_Group(self.torch, self.device, n, p, sys_idx, bounds, atype))
+            for n, *p in sorted({(int(n), *map(bool, p)) for n, p in zip(natoms, pbc)}):
+                sys_idx = np.nonzero((natoms == n) & (pbc == p).all(axis=1))[0]
+                groups.append(_Group(self.torch, self.device, n, tuple(p), sys_idx, bounds, atype))
             self._key, self._groups = key, groups
+            # (S, 3) on the device for effective_cells, if some walker is a slab or a wire
+            self._pbc3 = self.xp.asarray(pbc) if any(0 < sum(g.pbc) < 3 for g in groups) else None
             self._held = (st.atype, st.system, st.pbc)  # keep ids unique while the key is used
         return self._groups
 
@@ -245,11 +276,22 @@ class DeepmdProvider:
         models = self.models if all_models else self.models[:1]
         M, N, S = len(models), int(st.pos.shape[0]), int(st.cells.shape[0])
         pos, cells = self._to_torch(st.pos), self._to_torch(st.cells).reshape(S, 9)
+        heff = None
+        if self._pbc3 is not None:  # slabs, wires: their cells' unit rows across the periodic ones
+            from dpsnake.engine.neighbor import effective_cells
+
+            cells3 = self.xp.asarray(st.cells, dtype=self.xp.float64).reshape(S, 3, 3)
+            heff = self._to_torch(effective_cells(self.xp, cells3, self._pbc3))
         kw = {"dtype": torch.float64, "device": self.device}
         energy, force, virial = torch.zeros((M, S), **kw), torch.zeros((M, N, 3), **kw), torch.zeros((M, S, 9), **kw)
         for g in groups:
             coord = pos.index_select(0, g.atoms).reshape(g.G, g.n, 3)
-            box = cells.index_select(0, g.sys) if g.pbc else None
+            if all(g.pbc):
+                box = cells.index_select(0, g.sys)
+            elif any(g.pbc):
+                box = vacuum_box(torch, coord, heff.index_select(0, g.sys), g.pbc, self.rcut)
+            else:
+                box = None
             for m, model in enumerate(models):
                 out = self._forward(model, coord, g.atype, box)
                 energy[m].index_copy_(0, g.sys, out["energy"].to(torch.float64))
@@ -259,7 +301,7 @@ class DeepmdProvider:
 
     def evaluate(self, coords, atype, system, cells, pbc) -> dict:
         """Every model on a flat batch, as ``Ensemble.evaluate`` takes it (coords (N, 3), atype (N,),
-        system (N,) sorted, cells (S, 3, 3), pbc (S,)): energy (M, S), force (M, N, 3), virial (M, S, 9)."""
+        system (N,) sorted, cells (S, 3, 3), pbc (S, 3) or (S,)): energy (M, S), force (M, N, 3), virial (M, S, 9)."""
         import types
 
         xp = self.xp

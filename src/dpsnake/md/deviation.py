@@ -23,14 +23,19 @@ def batch_deviation(xp, out: dict, system, natoms, nsys: int):
 def min_distances(xp, pos, cells, pbc, natoms_host, max_pairs: int = 4_000_000):
     """(S,) shortest interatomic distance per walker (minimum image; inf for one atom).
 
-    pos (N, 3) flat; cells (S, 3, 3); pbc (S,); natoms_host (S,) NumPy ints. Exact while the
-    distance is below half the cell's smallest width, which is all a too-close check needs.
+    pos (N, 3) flat; cells (S, 3, 3); pbc (S, 3) per direction or (S,); natoms_host (S,) NumPy
+    ints. Exact while the distance is below half the cell's smallest width along its periodic
+    directions, which is all a too-close check needs (slabs, wires: images along those only).
     Walkers are padded to a common size in groups of at most ``max_pairs`` pairs.
     """
     import numpy as np
 
+    from dpsnake.engine.neighbor import effective_cells
+
     natoms_host = np.asarray(natoms_host)
     S = len(natoms_host)
+    pbc = xp.asarray(pbc, dtype=bool)
+    pbc3 = pbc if pbc.ndim == 2 else xp.broadcast_to(pbc.reshape(S, 1), (S, 3))
     starts = np.concatenate([[0], np.cumsum(natoms_host)])
     out = []
     s = 0
@@ -45,11 +50,10 @@ def min_distances(xp, pos, cells, pbc, natoms_host, max_pairs: int = 4_000_000):
         idx = np.where(valid, starts[s:e, None] + loc[None, :], 0)
         r = pos[xp.asarray(idx)]  # (G, nmax, 3)
         d = r[:, None, :, :] - r[:, :, None, :]
-        c = cells[s:e]
-        inv = xp.linalg.inv(xp.where(pbc[s:e, None, None], c, xp.eye(3)[None]))
-        frac = xp.einsum("gijk,gkl->gijl", d, inv)
-        mic = xp.einsum("gijk,gkl->gijl", frac - xp.rint(frac), c)
-        d = xp.where(pbc[s:e, None, None, None], mic, d)
+        p3 = pbc3[s:e]
+        c = effective_cells(xp, cells[s:e], p3)  # non-periodic rows: unit, orthogonal, never imaged
+        frac = xp.einsum("gijk,gkl->gijl", d, xp.linalg.inv(c))
+        d = d - xp.einsum("gijk,gkl->gijl", xp.where(p3[:, None, None, :], xp.rint(frac), 0.0), c)
         d2 = (d * d).sum(axis=3)
         bad = ~(valid[:, None, :] & valid[:, :, None]) | np.eye(nmax, dtype=bool)[None]
         d2 = xp.where(xp.asarray(bad), xp.inf, d2)

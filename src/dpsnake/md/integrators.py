@@ -73,9 +73,11 @@ def kinetic_tensor(st: BatchState):
 
 
 def volume(st: BatchState):
-    """(S,) cell volume, A^3 (1 for non-periodic walkers, which never use it)."""
+    """(S,) cell volume, A^3 (1 for walkers not periodic in every direction, which never use it:
+    NPT is refused for them)."""
     xp = st.xp
-    return xp.where(st.pbc, xp.abs(_det3(xp, st.cells)), 1.0)
+    full = st.pbc.all(axis=-1) if st.pbc.ndim == 2 else st.pbc  # pbc (S, 3), or (S,) in old checkpoints
+    return xp.where(full, xp.abs(_det3(xp, st.cells)), 1.0)
 
 
 def temperature(st: BatchState):

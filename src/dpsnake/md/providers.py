@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from dpsnake.engine.neighbor import pbc_axes
 from dpsnake.engine.xp import asarray, to_numpy
 
 
@@ -61,7 +62,8 @@ class ASEProvider:
 
         xp = st.xp
         pos, atype, system = to_numpy(st.pos), to_numpy(st.atype), to_numpy(st.system)
-        cells, pbc = to_numpy(st.cells), to_numpy(st.pbc)
+        cells = to_numpy(st.cells)
+        pbc = pbc_axes(st.pbc, len(cells))  # (S, 3)
         calcs = self.calcs if all_models else self.calcs[:1]
         S, N = len(cells), len(pos)
         e = np.zeros((len(calcs), S))
@@ -73,13 +75,13 @@ class ASEProvider:
             atoms = Atoms(
                 [self.type_map[t] for t in atype[lo:hi]],
                 positions=pos[lo:hi],
-                cell=cells[s] if pbc[s] else None,
-                pbc=bool(pbc[s]),
+                cell=cells[s] if pbc[s].any() else None,
+                pbc=pbc[s],
             )
             for m, calc in enumerate(calcs):
                 atoms.calc = calc
                 e[m, s] = atoms.get_potential_energy()
                 f[m, lo:hi] = atoms.get_forces()
-                if pbc[s]:
+                if pbc[s].all():  # ASE's stress needs a volume: not for slabs, wires
                     v[m, s] = (-atoms.get_stress(voigt=False) * atoms.get_volume()).reshape(9)
         return {"energy": asarray(xp, e), "force": asarray(xp, f), "virial": asarray(xp, v)}

@@ -50,7 +50,8 @@ class BatchState:
 
     Atom arrays (N = all atoms): pos, vel, force (N, 3) float64; mass (N,) amu; atype, system,
     local (N,) int64 (local = index of the atom inside its walker, the RNG counter).
-    Walker arrays (S = active walkers): cells (S, 3, 3) rows = lattice vectors; pbc (S,) bool;
+    Walker arrays (S = active walkers): cells (S, 3, 3) rows = lattice vectors (as the structure
+    gives them: along a non-periodic direction the row plays no part); pbc (S, 3) bool per direction;
     energy (S,) eV and virial (S, 3, 3) eV of the driving model at ``pos``; seed (S,) uint64;
     natoms (S,); dt (S,) ASE time; kT (S,) eV; nf (S,) kinetic degrees of freedom; tau_t, tau_p
     (S,) ASE time; p0 (S,) eV/A^3; beta (S,) compressibility A^3/eV; thermo, baro (S,) codes;
@@ -149,8 +150,9 @@ def build_state(walkers: list[Walker], indices, structures, velocities, xp=np) -
         atype.append(at)
         system.append(np.full(n, s, dtype=np.int64))
         local.append(np.arange(n, dtype=np.int64))
-        cells.append(atoms.cell.array if atoms.pbc.all() else np.zeros((3, 3)))
-        pbc.append(bool(atoms.pbc.all()))
+        # slabs and wires keep their cells (written to the frames); no PBC: zeros
+        cells.append(atoms.cell.array if atoms.pbc.any() else np.zeros((3, 3)))
+        pbc.append(np.array(atoms.pbc, dtype=bool))
         ps = 1000.0 * units.fs
         rows.append(
             dict(
@@ -184,7 +186,7 @@ def build_state(walkers: list[Walker], indices, structures, velocities, xp=np) -
         local=np.concatenate(local),
         force=np.zeros((N, 3)),
         cells=np.array(cells, dtype=np.float64),
-        pbc=np.array(pbc),
+        pbc=np.array(pbc, dtype=bool).reshape(S, 3),
         energy=np.zeros(S),
         virial=np.zeros((S, 3, 3)),
         nhc_eta=np.zeros((S, NHC_LENGTH)),

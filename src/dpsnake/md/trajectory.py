@@ -37,13 +37,16 @@ def devi_lines(step: int, values) -> list:
     return ((fmt * len(values)) % tuple(rows.ravel())).splitlines(keepends=True)
 
 
-def frame_text(symbols, positions: np.ndarray, cell: np.ndarray, pbc: bool, step: int) -> str:
-    """One extxyz frame; ``symbols`` (n,) str, ``positions`` (n, 3) A, ``cell`` (3, 3) rows."""
+def frame_text(symbols, positions: np.ndarray, cell: np.ndarray, pbc, step: int) -> str:
+    """One extxyz frame; ``symbols`` (n,) str, ``positions`` (n, 3) A, ``cell`` (3, 3) rows, ``pbc``
+    a bool (every direction or none) or (3,) bools (slabs, wires: the cell is written as given)."""
     n = len(positions)
+    pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,))
     head = [f"{n}\n"]
-    if pbc:
+    if pbc.any():
         head.append('Lattice="' + " ".join(f"{x:.10f}" for x in np.asarray(cell).reshape(9)) + '" ')
-    head.append(f'Properties=species:S:1:pos:R:3 step={int(step)} pbc="{"T T T" if pbc else "F F F"}"\n')
+    flags = " ".join("T" if p else "F" for p in pbc)
+    head.append(f'Properties=species:S:1:pos:R:3 step={int(step)} pbc="{flags}"\n')
     rows = np.empty((n, 4), dtype=object)  # one %-format over the frame: ~6x faster than savetxt
     rows[:, 0] = symbols
     rows[:, 1:] = positions
@@ -51,12 +54,12 @@ def frame_text(symbols, positions: np.ndarray, cell: np.ndarray, pbc: bool, step
 
 
 def bundle_frame(bundle, k: int) -> str:
-    """Frame ``k`` of a step's bundle (symbols (N,), positions (N, 3), cells (S, 3, 3), pbc (S,),
+    """Frame ``k`` of a step's bundle (symbols (N,), positions (N, 3), cells (S, 3, 3), pbc (S, 3) or (S,),
     step, bounds (S + 1,) atom offsets, rows: the walkers to write): frame_text of walker rows[k]."""
     symbols, pos, cells, pbc, step, bounds, rows = bundle
     s = int(rows[k])
     lo, hi = bounds[s], bounds[s + 1]
-    return frame_text(symbols[lo:hi], pos[lo:hi], cells[s], bool(pbc[s]), step)
+    return frame_text(symbols[lo:hi], pos[lo:hi], cells[s], pbc[s], step)
 
 
 def bundle_frames(bundle) -> list:

@@ -182,6 +182,8 @@ def read_structure(walker: Walker, type_map: list[str]):
 
     Returns (atoms, atype (n,) int). Any file ASE reads; LAMMPS data files (``*.data``, ``*.lmp``)
     are read with ``atom_style atomic`` and types mapped in order of the model's type_map.
+    Periodicity per direction as the file says (slabs T T F, wires F F T: the cell vectors along
+    non-periodic directions play no part); NPT needs all three directions periodic.
     """
     import ase.io
 
@@ -206,12 +208,22 @@ def read_structure(walker: Walker, type_map: list[str]):
     missing = sorted(set(atoms.get_chemical_symbols()) - set(type_map))
     if missing:
         raise UserError(f"{where}: element {missing[0]} is not in the model's type_map {type_map}")
-    if atoms.pbc.any() and not atoms.pbc.all():
-        raise UserError(f"{where}: mixed periodicity {atoms.pbc.tolist()} is not supported")
-    if atoms.pbc.all() and abs(np.linalg.det(atoms.cell.array)) < 1e-6:
+    pbc = [bool(p) for p in atoms.pbc]
+    if all(pbc) and abs(np.linalg.det(atoms.cell.array)) < 1e-6:
         raise UserError(f"{where}: periodic but the cell has zero volume")
-    if not atoms.pbc.any() and walker.barostat:
+    if any(pbc) and not all(pbc):  # slab, wire: only the periodic cell vectors matter
+        from dpsnake.engine.neighbor import effective_cells
+
+        h = effective_cells(np, atoms.cell.array[None], np.array([pbc]))[0]
+        if not abs(np.linalg.det(h)) > 1e-6:
+            raise UserError(f"{where}: pbc {pbc}: the cell vectors along the periodic directions are degenerate")
+    if not any(pbc) and walker.barostat:
         raise UserError(f"{where}: ensemble {walker.ensemble} needs a periodic cell")
+    if not all(pbc) and walker.barostat:  # the barostat scales all three directions with the volume
+        raise UserError(
+            f"{where}: ensemble {walker.ensemble} needs a cell periodic in all directions, pbc is {pbc} "
+            "(a slab or wire); use nvt for it"
+        )
     index = {s: i for i, s in enumerate(type_map)}
     atype = np.array([index[s] for s in atoms.get_chemical_symbols()], dtype=np.int64)
     return atoms, atype

@@ -4,9 +4,12 @@ Run by ``dpsnake check-config`` and before any Snakemake job (``workflow.config.
 structure the explorer would refuse, or a descriptor too small for it, fails before the first
 training instead of an iteration later:
 
-- periodicity: exploration runs cells periodic in all directions or in none; a slab from ASE's
-  builders (``fcc111(..., vacuum=10)``: pbc (True, True, False)) is named with the remedy;
-- ``npt*`` ensembles need a periodic cell;
+- periodicity: any per direction (a slab from ASE's builders, ``fcc111(..., vacuum=10)``, has pbc
+  (True, True, False); a wire (False, False, True)). Exploration images only the periodic
+  directions, but training (DeePMD-kit treats every cell with a periodic direction as periodic in
+  all three) and DFT labels see the cell as it is: along each non-periodic direction it must hold
+  the atoms plus a vacuum of rcut, or the slab would meet its own image there;
+- ``npt*`` ensembles need a cell periodic in all directions (the barostat scales all three);
 - ``sel``: the most neighbours within ``rcut`` the descriptor keeps (per type for se_e2_a and the
   other ``se_*`` descriptors, in total for the attention descriptors, DPA-2, DPA-3). DeePMD-kit
   drops the farthest neighbours above it (a note in the training log only); exploration compresses
@@ -14,8 +17,6 @@ training instead of an iteration later:
 """
 
 from __future__ import annotations
-
-import inspect
 
 import numpy as np
 
@@ -44,46 +45,43 @@ def structure_key(spec: dict, key: str) -> str:
     return f"{key}.file: {spec['file']}" if "file" in spec else f"{key}.builder: {spec['builder']}"
 
 
-def check_periodicity(spec: dict, atoms, key: str) -> None:
-    """Mixed periodicity (unsupported by exploration) and periodic cells without volume."""
+def check_periodicity(spec: dict, atoms, key: str, rcut: float | None = None) -> None:
+    """Periodic cells without volume; slabs and wires whose periodic cell vectors are degenerate or
+    whose cell has less than ``rcut`` (A; the largest of the descriptor, None: not checked) of
+    vacuum along a non-periodic direction (see the module docstring)."""
     pbc = [bool(p) for p in atoms.pbc]
     where = structure_key(spec, key)
-    if any(pbc) and not all(pbc):
-        if "file" in spec:
-            how = (
-                "write the file with pbc True in all directions (e.g. atoms.pbc = True, then "
-                "ase.io.write to extxyz or POSCAR)"
-            )
-        elif _takes(spec["builder"], "periodic"):
-            how = "add periodic: true to its kwargs"
-        else:
-            how = "build it periodic in all directions (a file written with atoms.pbc = True)"
-        vacuum = (
-            "keep the vacuum"
-            if abs(np.linalg.det(atoms.cell.array)) > 1e-6
-            else "give it a vacuum (a cell length) along the non-periodic direction"
-        )
-        raise UserError(
-            f"{where}: pbc {pbc} (periodic in some directions only) is not supported by "
-            f"exploration yet; make it periodic in all directions and {vacuum}, as DP-GEN "
-            f"users do for slabs: {how}"
-        )
-    if all(pbc) and abs(np.linalg.det(atoms.cell.array)) < 1e-6:
+    cell = atoms.cell.array
+    if all(pbc) and abs(np.linalg.det(cell)) < 1e-6:
         raise UserError(f"{where}: periodic but the cell has zero volume {atoms.cell.lengths().round(3).tolist()}")
+    if not any(pbc) or all(pbc):
+        return
+    from dpsnake.engine.neighbor import effective_cells
 
-
-def _takes(builder: str, arg: str) -> bool:
-    """Whether the builder function accepts keyword ``arg`` (e.g. ase.build.fcc111's periodic)."""
-    from dpsnake.workflow.structures import _builder
-
-    try:
-        return arg in inspect.signature(_builder(builder, "structure")).parameters
-    except (UserError, TypeError, ValueError):
-        return False
+    if not abs(np.linalg.det(effective_cells(np, cell[None], np.array([pbc]))[0])) > 1e-6:
+        raise UserError(f"{where}: pbc {pbc}: the cell vectors along the periodic directions are degenerate")
+    det = np.linalg.det(cell)
+    for k in np.nonzero(~np.array(pbc))[0]:
+        # width of the cell across direction k (between the faces of the other two rows), and the
+        # atoms' extent along the same normal
+        m = np.cross(cell[(k + 1) % 3], cell[(k + 2) % 3])
+        area = max(float(np.linalg.norm(m)), 1e-300)
+        width = abs(det) / area
+        proj = atoms.positions @ (m / area)
+        extent = float(proj.max() - proj.min()) if len(atoms) else 0.0
+        need = extent + (rcut or 0.0)
+        if not width >= need - 1e-9:
+            vac = f"rcut {rcut:g} A" if rcut else "some"
+            raise UserError(
+                f"{where}: pbc {pbc}: the cell is {width:.3g} A across along non-periodic direction {'abc'[k]}, "
+                f"the atoms span {extent:.3g} A: training (DeePMD-kit treats the cell as periodic) and DFT "
+                f"labels need a vacuum of {vac} there; give the cell at least {need:.3g} A along {'abc'[k]} "
+                "(e.g. the builder's vacuum, or atoms.center(vacuum=..., axis=...))"
+            )
 
 
 def check_ensembles(cfg: dict, atoms_of: dict) -> None:
-    """``npt*`` stages only on periodic systems (the barostat scales the cell)."""
+    """``npt*`` stages only on systems periodic in all directions (the barostat scales the cell)."""
     from dpsnake.workflow.stages import group_key, groups_of
 
     for i, stage in enumerate(cfg["explore"]["stages"]):
@@ -92,6 +90,12 @@ def check_ensembles(cfg: dict, atoms_of: dict) -> None:
                 continue
             for name in group["systems"]:
                 atoms = atoms_of[name]
+                if atoms.pbc.any() and not atoms.pbc.all():
+                    raise UserError(
+                        f"{group_key(stage, i, j)}.ensemble: {group['ensemble']} needs a cell periodic in "
+                        f"all directions, but system {name} is a slab or wire (pbc {[bool(p) for p in atoms.pbc]}); "
+                        "use nvt for it (a stage or group of its own)"
+                    )
                 if not atoms.pbc.all():
                     raise UserError(
                         f"{group_key(stage, i, j)}.ensemble: {group['ensemble']} needs a periodic cell, but "
@@ -171,6 +175,11 @@ def check_sel(cfg: dict, atoms_of: dict, model: dict) -> None:
                     _sel_error(key, name, f"{worst} neighbours", rcut, f"sel = {sel}")
 
 
+def _float(v) -> float | None:
+    """v as a positive float, else None (a descriptor without a plain rcut)."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else None
+
+
 def _sel_error(key: str, system: str, found: str, rcut: float, sel: str) -> None:
     raise UserError(
         f"{key}: system {system}'s start structure already has an atom with {found} within "
@@ -181,8 +190,10 @@ def _sel_error(key: str, system: str, found: str, rcut: float, sel: str) -> None
 
 def check_structures(cfg: dict, specs: dict, atoms_of: dict, model: dict | None) -> None:
     """All of the above for the systems' start structures ``atoms_of`` {system: Atoms}."""
+    desc = (model or {}).get("descriptor") or {}
+    rcut = max((r for _, r, _ in descriptor_sels(desc, "descriptor")), default=None) or _float(desc.get("rcut"))
     for name, atoms in atoms_of.items():
-        check_periodicity(specs[name], atoms, f"systems.{name}.structure")
+        check_periodicity(specs[name], atoms, f"systems.{name}.structure", rcut)
     check_ensembles(cfg, atoms_of)
     if model is not None:
         check_sel(cfg, atoms_of, model)

@@ -1,18 +1,21 @@
 /* Elementwise kernels of the neighbour build (nbr.py), same format as elementwise.cu. Per-system
    geometry is one row of GEO = 32 doubles (nbr.pack_geometry): inv 0-8, h 9-17, margin 18-20,
-   pbc 21, lo 22-24, bsize 25-27, nb 28-30, boff 31. */
+   pbc 21 (bit mask: bit k set when direction k is periodic), lo 22-24, bsize 25-27, nb 28-30,
+   boff 31. Non-periodic directions of slabs and wires have unit rows in h (neighbor.effective_cells):
+   no wrapping and no images along them. */
 
 // @kernel nb_wrap
 // @in int64 sys, raw float64 coords, raw float64 geo, int64 nimg
 // @out raw float64 frac, raw float64 wrapped, raw int64 cbin, int64 nghost
-// one atom: wrap into the cell (periodic systems), its bin, how many ghost images it has
+// one atom: wrap into the cell (along periodic directions), its bin, how many ghost images it has
     const long long g = sys * 32;
-    const bool per = geo[g + 21] != 0.0;
+    const int pmask = (int)geo[g + 21];
+    const bool per = pmask != 0;  // periodic in some direction
     double c[3] = {coords[3 * i], coords[3 * i + 1], coords[3 * i + 2]};
     double f[3], p[3];
     for (int j = 0; j < 3; ++j) {
         f[j] = c[0] * geo[g + j] + c[1] * geo[g + 3 + j] + c[2] * geo[g + 6 + j];
-        if (per) f[j] = f[j] - floor(f[j]);
+        if ((pmask >> j) & 1) f[j] = f[j] - floor(f[j]);
     }
     for (int j = 0; j < 3; ++j)
         p[j] = per ? f[0] * geo[g + 9 + j] + f[1] * geo[g + 12 + j] + f[2] * geo[g + 15 + j] : c[j];
@@ -37,7 +40,8 @@
 // skipped) from natoms + ends - nghost (ends: inclusive cumulative sum of nghost); ghosts at
 // cap and beyond are not written (the arrays were sized from a guess; the call is redone)
     const long long g = sys * 32;
-    const bool per = geo[g + 21] != 0.0;
+    const int pmask = (int)geo[g + 21];
+    const bool per = pmask != 0;
     eown[i] = i;
     for (int j = 0; j < 3; ++j) epos[3 * i + j] = wrapped[3 * i + j];
     ekey[i] = (long long)geo[g + 31] + (cbin[3 * i] * (long long)geo[g + 29] + cbin[3 * i + 1])
@@ -144,7 +148,7 @@ atomicAdd((unsigned long long*)&count[key + 1], 1ULL);
         geo[g + 25 + k] = bs;
         geo[g + 28 + k] = nb;
     }
-    geo[g + 21] = 1.0;
+    geo[g + 21] = 7.0;  // every direction periodic
     geo[g + 31] = prev[g + 31];
     flag = f;
 

@@ -15,7 +15,8 @@ import numpy as np
 
 from dpsnake.engine.cuda import elementwise as ew
 
-GEO = 32  # columns: inv 0-8, h 9-17, margin 18-20, pbc 21, lo 22-24, bsize 25-27, nb 28-30, boff 31 (nbr.cu)
+GEO = 32  # columns: inv 0-8, h 9-17, margin 18-20, pbc 21, lo 22-24, bsize 25-27, nb 28-30, boff 31 (nbr.cu);
+# pbc is a bit mask: bit k set when direction k is periodic (7: fully periodic, 0: none)
 
 
 class ExtArrays(NamedTuple):
@@ -47,7 +48,7 @@ def pack_geometry(geo, lo, bsize, nb, boff) -> np.ndarray:
     t[:, 0:9] = geo.inv.reshape(S, 9)
     t[:, 9:18] = geo.h.reshape(S, 9)
     t[:, 18:21] = geo.margin
-    t[:, 21] = geo.pbc
+    t[:, 21] = geo.pbc @ np.array([1, 2, 4])  # bit k: direction k periodic
     t[:, 22:25] = lo
     t[:, 25:28] = bsize
     t[:, 28:31] = nb
