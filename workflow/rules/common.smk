@@ -17,6 +17,7 @@ except UserError as err:
 
 CONFIG_JSON = "results/config.json"
 NMODELS = CFG["train"]["numb_models"]
+SHARDED = CFG["explore"]["shards"] != 1  # explore.shards: several exploration jobs per iteration
 SYSTEMS = list(CFG["systems"])
 
 
@@ -24,6 +25,7 @@ wildcard_constraints:
     it=r"\d{6}",
     k=r"\d+",
     task=r"\d{6}",
+    shard=r"\d+",
     system=r"[A-Za-z0-9_-]+",
 
 
@@ -72,6 +74,14 @@ def compress_arg(wildcards):
     if c == "auto":
         return "--compress auto --compress-data " + " ".join(train_data(wildcards))
     return f"--compress {c}"
+
+
+def shard_summaries(wildcards):
+    """The summaries of an iteration's exploration shards (their number is in shards.json, written by
+    the plan checkpoint)."""
+    with open(checkpoints.plan.get(it=wildcards.it).output.shards) as f:
+        n = len(json.load(f)["shards"])
+    return [f"{iter_dir(wildcards.it)}/explore/shards/shard.{k}/summary.json" for k in range(n)]
 
 
 def train_init_dir(wildcards):

@@ -3,9 +3,12 @@
     dpsnake explore --models m0.dp m1.dp ... --walkers walkers.json --outdir DIR
                     [--engine auto|builtin|deepmd] [--device cpu|gpu|auto] [--precision double|mixed]
                     [--compress MIN_NBOR_DIST | --compress auto --compress-data DIR ...]
+                    [--shard K --shards-file explore/shards.json]
 
 Model 0 drives every trajectory; all models are evaluated every ``trj_freq`` steps for the deviation.
 Rerunning the same command resumes from DIR/checkpoint.npz; DIR/summary.json is written last.
+With ``--shard K`` only shard K's walkers run (dpsnake.workflow.shards); its checkpoint, summary.json
+and engine.json are in DIR/shards/shard.K/, the walker folders in DIR as without shards.
 """
 
 from __future__ import annotations
@@ -66,6 +69,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint-steps", type=int, default=None, metavar="N", help="also checkpoint every N steps")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
+        "--shard",
+        type=int,
+        default=None,
+        metavar="K",
+        help="run only shard K of --shards-file (on a node with several GPUs: GPU K modulo their count)",
+    )
+    parser.add_argument("--shards-file", default=None, help="shards.json of `dpsnake plan` (with --shard)")
+    parser.add_argument(
         "--async-frames",
         choices=("auto", "on", "off"),
         default="auto",
@@ -74,8 +85,10 @@ def add_arguments(parser) -> None:
     )
 
 
-def pick_xp(device: str):
-    """numpy or cupy for --device; 'gpu' without a usable CuPy is a one-line error."""
+def pick_xp(device: str, shard: int | None = None):
+    """numpy or cupy for --device; 'gpu' without a usable CuPy is a one-line error. A shard on a
+    job that sees several GPUs takes GPU ``shard`` modulo their count (a SLURM job that asked for one
+    GPU sees one)."""
     import numpy as np
 
     if device == "cpu":
@@ -83,7 +96,9 @@ def pick_xp(device: str):
     try:
         import cupy
 
-        cupy.cuda.runtime.getDeviceCount()
+        count = cupy.cuda.runtime.getDeviceCount()
+        if shard is not None and count > 1:
+            cupy.cuda.Device(shard % count).use()
         cupy.zeros(1).sum()
         return cupy
     except Exception as err:  # no CuPy, no driver, no device
@@ -166,13 +181,28 @@ def run(args) -> int:
     from dpsnake.md.walkers import load_walkers
 
     walkers = load_walkers(args.walkers)
+    out = pathlib.Path(args.outdir)
+    state = out
+    if (args.shard is None) != (args.shards_file is None):
+        raise UserError("--shard and --shards-file go together")
+    if args.shard is not None:
+        from dpsnake.workflow.shards import shard_walkers, state_dir
+
+        names = set(shard_walkers(args.shards_file, args.shard))
+        unknown = sorted(names - {w.name for w in walkers})
+        if unknown:
+            raise UserError(f"--shards-file {args.shards_file}: walker '{unknown[0]}' is not in {args.walkers}")
+        walkers = [w for w in walkers if w.name in names]
+        state = state_dir(out, args.shard)
     for p in args.models:
         if not pathlib.Path(p).is_file():
             raise UserError(f"--models: file not found: {p}")
     engine, reason, loaded = choose(args.engine, args.models)
-    xp = pick_xp(args.device)
+    xp = pick_xp(args.device, args.shard)
     print(
-        f"dpsnake explore: engine {engine} ({reason}); device {'gpu' if xp.__name__ == 'cupy' else 'cpu'}", flush=True
+        f"dpsnake explore: engine {engine} ({reason}); device {'gpu' if xp.__name__ == 'cupy' else 'cpu'}"
+        + ("" if args.shard is None else f"; shard {args.shard}: {len(walkers)} walkers"),
+        flush=True,
     )
     if engine == "deepmd":
         from dpsnake.md.deepmd_provider import DeepmdProvider
@@ -197,10 +227,9 @@ def run(args) -> int:
     else:
         compress = compress_distance(args.compress, args.compress_data)
         provider, type_map = make_provider(loaded, args.precision, xp, compress, tf32=args.tf32)
-    out = pathlib.Path(args.outdir)
-    out.mkdir(parents=True, exist_ok=True)
+    state.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
-        out / "engine.json",
+        state / "engine.json",
         {
             "engine": engine,
             "reason": reason,
@@ -219,5 +248,6 @@ def run(args) -> int:
         checkpoint_steps=args.checkpoint_steps,
         progress=not args.no_progress,
         async_frames={"auto": None, "on": True, "off": False}[args.async_frames],
+        state_dir=state,
     ).run()
     return 0

@@ -4,7 +4,8 @@ Outputs per walker (``DIR/<name>/``): ``traj.extxyz`` and ``model_devi.out``, wr
 while the walker runs and renamed when it stops, so a finished file is always complete.
 ``DIR/checkpoint.npz`` (written atomically) holds the batch state, walker statuses and the byte
 lengths of the ``.part`` files; a rerun resumes from it (files are cut back to those lengths).
-``DIR/summary.json`` is written last: it marks the whole exploration as done.
+``DIR/summary.json`` is written last: it marks the whole exploration as done. A shard of a sharded
+exploration (dpsnake.workflow.shards) keeps its checkpoint and summary in its own ``state_dir``.
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ class Explorer:
 
     provider(st, all_models) -> {"energy" (M, S), "force" (M, N, 3), "virial" (M, S, 9)} (model 0
     drives); type_map: the models' element symbols; xp: numpy or cupy. checkpoint_every: seconds
-    between checkpoints; checkpoint_steps: also every this many steps (None: time only).
+    between checkpoints; checkpoint_steps: also every this many steps (None: time only);
+    state_dir: folder of checkpoint.npz and summary.json (default outdir; walker folders are in outdir).
     """
 
     def __init__(
@@ -139,11 +141,13 @@ class Explorer:
         progress=True,
         stop_after=None,
         async_frames=None,
+        state_dir=None,
     ):
         self.walkers = list(walkers)
         self.provider = provider
         self.type_map = list(type_map)
         self.outdir = pathlib.Path(outdir)
+        self.state_dir = self.outdir if state_dir is None else pathlib.Path(state_dir)
         self.xp = xp
         self.hash = spec_hash(self.walkers, list(models))
         self.checkpoint_every = checkpoint_every
@@ -350,7 +354,7 @@ class Explorer:
             self._finish_deviations()
             if self.st is not None:
                 self._drop_stopped()
-        path = self.outdir / CHECKPOINT
+        path = self.state_dir / CHECKPOINT
         offsets = {n: o.offsets() for n, o in self.outs.items() if self.status[n]["status"] == "running"}
         meta = {
             "version": 1,
@@ -372,8 +376,8 @@ class Explorer:
     # ---------------------------------------------------------------- main loop
     def run(self) -> dict:
         """Run (or resume) to the end; returns the summary dict (also written to DIR/summary.json)."""
-        self.outdir.mkdir(parents=True, exist_ok=True)
-        summary_path = self.outdir / SUMMARY
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        summary_path = self.state_dir / SUMMARY
         if summary_path.exists():
             summary = json.loads(summary_path.read_text())
             self._print_table(summary)
@@ -409,8 +413,9 @@ class Explorer:
     def prepare(self) -> pathlib.Path:
         """Read structures; resume from the checkpoint or start (step 0 evaluated and written)."""
         self.outdir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         self._read_structures()
-        ck = self.outdir / CHECKPOINT
+        ck = self.state_dir / CHECKPOINT
         if not (ck.exists() and self._resume(ck)):
             self._fresh()
             self._drop_stopped()
