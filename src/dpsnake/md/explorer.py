@@ -25,7 +25,7 @@ import numpy as np
 
 from dpsnake.engine.xp import to_numpy
 from dpsnake.fsio import open_atomic, write_json_atomic
-from dpsnake.md import integrators
+from dpsnake.md import integrators, ramps
 from dpsnake.md.deviation import batch_deviation, min_distances
 from dpsnake.md.graphs import make_stepper
 from dpsnake.md.state import BatchState, build_state
@@ -485,8 +485,8 @@ class Explorer:
                     w.name,
                     w.system,
                     w.ensemble,
-                    f"{w.temperature:g}",
-                    f"{w.pressure:g}" if w.barostat else "-",
+                    ramps.label(w.temperature_ramp) if w.temperature_ramp else f"{w.temperature:g}",
+                    (ramps.label(w.pressure_ramp) if w.pressure_ramp else f"{w.pressure:g}") if w.barostat else "-",
                     str(r.get("steps", "")),
                     str(r.get("status", "")),
                     "-" if md is None else f"{md:.3g}",

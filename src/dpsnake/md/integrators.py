@@ -2,8 +2,8 @@
 
 One step (``md_step``), for all walkers at once, one force evaluation:
 
-    NHC half step (t, dt/2) -> kick dt/2 -> drift dt (Langevin: drift dt/2, O, drift dt/2)
-    -> stochastic cell rescaling (NPT) -> forces -> kick dt/2 -> Bussi (dt) -> NHC half step
+    targets (schedules) -> NHC half step (t, dt/2) -> kick dt/2 -> drift dt (Langevin: drift dt/2, O,
+    drift dt/2) -> stochastic cell rescaling (NPT) -> forces -> kick dt/2 -> Bussi (dt) -> NHC half step
 
 - NVE: velocity Verlet (identical to ASE's ``VelocityVerlet``).
 - Langevin: BAOAB (Leimkuhler & Matthews 2013), friction 1/tau_t.
@@ -23,9 +23,21 @@ Everything stays in ``st.xp``; no host synchronisation happens inside a step.
 
 from __future__ import annotations
 
+import numbers
+
 from dpsnake.engine.xp import segment_sum
 from dpsnake.md import rng
-from dpsnake.md.state import B_ANISO, B_ISO, B_TRI, T_BUSSI, T_LANGEVIN, T_NHC, BatchState
+from dpsnake.md.state import (
+    B_ANISO,
+    B_ISO,
+    B_TRI,
+    R_P_STEPPED,
+    R_T_STEPPED,
+    T_BUSSI,
+    T_LANGEVIN,
+    T_NHC,
+    BatchState,
+)
 
 
 def segsum(st: BatchState, values):
@@ -243,8 +255,28 @@ def md_step(st: BatchState, compute, step, flags: dict, all_models: bool = False
     return out
 
 
+def set_targets(st: BatchState, step, flags: dict) -> None:
+    """Thermostat / barostat targets (``st.kT``, ``st.p0``) of step ``step`` from the walkers'
+    schedules (dpsnake.md.ramps), written in place (fixed addresses for the CUDA graphs): the step
+    ending at step+1 takes the schedule's value at step+1, as LAMMPS' ramps. A walker without a
+    schedule keeps its constant exactly; a batch without schedules skips this."""
+    from dpsnake.md.ramps import ramp_values
+
+    xp = st.xp
+    if not (flags.get("ramp_t") or flags.get("ramp_p")):
+        return
+    # ``step``: an int, or a 0-d uint64 device array (graph replays read it from device memory)
+    s = float(step + 1) if isinstance(step, numbers.Integral) else (step + xp.uint64(1)).astype(xp.float64)
+    if flags.get("ramp_t"):
+        st.kT[...] = ramp_values(xp, s, st.t_knot, st.t_val, (st.ramp & R_T_STEPPED) != 0)
+    if flags.get("ramp_p"):
+        st.p0[...] = ramp_values(xp, s, st.p_knot, st.p_val, (st.ramp & R_P_STEPPED) != 0)
+
+
 def pre_force(st: BatchState, step, flags: dict) -> None:
-    """The part of a step before the force call: thermostat half step, kick, drift, cell rescaling."""
+    """The part of a step before the force call: targets of the step (schedules), thermostat half
+    step, kick, drift, cell rescaling."""
+    set_targets(st, step, flags)
     dt_atom = st.dt[st.system]
     if flags["nhc"]:
         nhc_half(st)

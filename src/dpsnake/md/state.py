@@ -36,7 +36,14 @@ _SYS = (
     "nhc_eta",
     "nhc_v",
     "walker",
+    "t_knot",
+    "t_val",
+    "p_knot",
+    "p_val",
+    "ramp",
 )
+# bits of ``ramp`` (per walker): a temperature / pressure schedule, and whether it is stepped
+R_T, R_T_STEPPED, R_P, R_P_STEPPED = 1, 2, 4, 8
 # thermostat / barostat codes (per walker)
 T_NONE, T_NHC, T_BUSSI, T_LANGEVIN = 0, 1, 2, 3
 B_NONE, B_ISO, B_ANISO, B_TRI = 0, 1, 2, 3
@@ -56,7 +63,10 @@ class BatchState:
     natoms (S,); dt (S,) ASE time; kT (S,) eV; nf (S,) kinetic degrees of freedom; tau_t, tau_p
     (S,) ASE time; p0 (S,) eV/A^3; beta (S,) compressibility A^3/eV; thermo, baro (S,) codes;
     nhc_eta, nhc_v (S, NHC_LENGTH) chain positions and velocities; walker (S,) index into the
-    full walker list.
+    full walker list. Target schedules (dpsnake.md.ramps): t_knot, t_val (S, K) knot steps and kT
+    (eV); p_knot, p_val (S, K') knot steps and p0 (eV/A^3); ramp (S,) bits R_T, R_T_STEPPED, R_P,
+    R_P_STEPPED. ``kT`` and ``p0`` hold the current targets (set in place at each step when a walker
+    of the batch has a schedule).
     """
 
     pos: object
@@ -84,6 +94,11 @@ class BatchState:
     nhc_eta: object
     nhc_v: object
     walker: object
+    t_knot: object
+    t_val: object
+    p_knot: object
+    p_val: object
+    ramp: object
     xp: object = np
 
     @property
@@ -101,6 +116,8 @@ class BatchState:
             "langevin": bool((t == T_LANGEVIN).any()),
             "npt": bool((b != B_NONE).any()),
             "baro_modes": sorted(int(m) for m in set(b.tolist()) - {B_NONE}),
+            "ramp_t": bool((to_numpy(self.ramp) & R_T).any()),
+            "ramp_p": bool((to_numpy(self.ramp) & R_P).any()),
         }
 
     def select(self, keep_sys: np.ndarray) -> BatchState:
@@ -172,8 +189,9 @@ def build_state(walkers: list[Walker], indices, structures, velocities, xp=np) -
         )
     S = len(indices)
     h = {k: np.array([r[k] for r in rows]) for k in rows[0]}
+    h.update(_schedules([walkers[i] for i in indices]))
     h["seed"] = h["seed"].astype(np.uint64)
-    for k in ("natoms", "nf", "thermo", "baro", "walker"):
+    for k in ("natoms", "nf", "thermo", "baro", "walker", "ramp"):
         h[k] = h[k].astype(np.int64)
     pos = np.concatenate(pos)
     N = len(pos)
@@ -194,3 +212,23 @@ def build_state(walkers: list[Walker], indices, structures, velocities, xp=np) -
         **h,
     )
     return BatchState.from_host(arrays, xp=xp)
+
+
+def _schedules(walkers: list[Walker]) -> dict:
+    """The walkers' target schedules as padded arrays (the constant targets as two equal knots)."""
+    from ase import units
+
+    from dpsnake.md.ramps import knot_arrays
+
+    t_knot, t_val, t_step = knot_arrays(
+        [w.temperature_ramp for w in walkers], [w.temperature for w in walkers], units.kB
+    )
+    p_knot, p_val, p_step = knot_arrays([w.pressure_ramp for w in walkers], [w.pressure for w in walkers], units.bar)
+    bits = [
+        (R_T if w.temperature_ramp else 0)
+        | (R_T_STEPPED if ts else 0)
+        | (R_P if w.pressure_ramp else 0)
+        | (R_P_STEPPED if ps else 0)
+        for w, ts, ps in zip(walkers, t_step, p_step)
+    ]
+    return {"t_knot": t_knot, "t_val": t_val, "p_knot": p_knot, "p_val": p_val, "ramp": np.array(bits, dtype=np.int64)}

@@ -2,6 +2,8 @@
 
 A walker is one MD run of the exploration: a structure, an ensemble, a temperature (K), a pressure
 (bar, NPT only), ``nsteps`` steps of ``dt`` ps, a frame and a deviation every ``trj_freq`` steps, a seed.
+The thermostat and barostat targets may follow a schedule (``temperature_ramp``, ``pressure_ramp``:
+dpsnake.md.ramps); then ``temperature`` / ``pressure`` are the schedule's values at step 0.
 All validation happens here, before any work starts, with one line naming the walker and the key.
 """
 
@@ -43,6 +45,8 @@ _KNOWN = set(_REQUIRED) | {
     "compressibility",
     "max_devi_f_patience",
     "format",
+    "temperature_ramp",
+    "pressure_ramp",
 }
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
@@ -69,6 +73,8 @@ class Walker:
     thermostat: str | None = None
     compressibility: float = 1e-5
     format: str | None = None
+    temperature_ramp: dict | None = None
+    pressure_ramp: dict | None = None
 
     @property
     def barostat(self) -> str | None:
@@ -84,6 +90,27 @@ def _num(w: dict, key: str, where: str, kind=float, positive=False, default=None
     if not math.isfinite(v) or (positive and v <= 0) or v < 0 and key != "pressure":
         raise UserError(f"{where}: key '{key}' must be {'positive' if positive else 'non-negative'}, got {v!r}")
     return kind(v)
+
+
+def _ramp(w: dict, key: str, where: str, nsteps: int, allowed: bool, needs: str) -> dict | None:
+    """A walker's schedule (dpsnake.md.ramps) in its normalized form, None if absent."""
+    from dpsnake.md import ramps
+
+    if w.get(key) is None:
+        return None
+    if not allowed:
+        raise UserError(f"{where}: key '{key}' needs {needs}, the ensemble is {w['ensemble']}")
+    return ramps.normalize(w[key], nsteps, f"{where}: {key}", positive=key == "temperature_ramp")
+
+
+def _start(ramp: dict | None, value: float | None, key: str, where: str, default: float) -> float:
+    """The walker's temperature / pressure: the schedule's value at step 0 (a given value must match)."""
+    if ramp is None:
+        return default if value is None else float(value)
+    first = ramp["knots"][0][1]
+    if value is not None and value != first:
+        raise UserError(f"{where}: key '{key}' {value:g} differs from {key}_ramp's value at step 0 ({first:g})")
+    return first
 
 
 def parse_walkers(data, base: pathlib.Path | None = None) -> list[Walker]:
@@ -121,11 +148,16 @@ def parse_walkers(data, base: pathlib.Path | None = None) -> list[Walker]:
             raise UserError(f"{where}: ensemble nvt-langevin uses the langevin thermostat, got {thermo!r}")
         if thermo is not None and thermo not in THERMOSTATS:
             raise UserError(f"{where}: key 'thermostat' must be one of {', '.join(THERMOSTATS)}, got {thermo!r}")
-        if ens != "nve" and "temperature" not in w:
+        nsteps = _num(w, "nsteps", where, int)
+        t_ramp = _ramp(w, "temperature_ramp", where, nsteps, ens != "nve", "a thermostat (not nve)")
+        p_ramp = _ramp(w, "pressure_ramp", where, nsteps, ens.startswith("npt"), "a barostat (npt*)")
+        if ens != "nve" and "temperature" not in w and not t_ramp:
             raise UserError(f"{where}: key 'temperature' is required for ensemble {ens}")
-        if ens.startswith("npt") and "pressure" not in w:
+        if ens.startswith("npt") and "pressure" not in w and not p_ramp:
             raise UserError(f"{where}: key 'pressure' is required for ensemble {ens}")
-        temp = _num(w, "temperature", where, default=0.0)
+        temp = _num(w, "temperature", where, default=None)
+        temp = _start(t_ramp, temp, "temperature", where, 0.0)
+        pres = _start(p_ramp, _num(w, "pressure", where, default=None), "pressure", where, 0.0)
         if ens != "nve" and temp <= 0:
             raise UserError(f"{where}: key 'temperature' must be positive for ensemble {ens}, got {temp!r}")
         structure = pathlib.Path(str(w["structure"]))
@@ -138,13 +170,13 @@ def parse_walkers(data, base: pathlib.Path | None = None) -> list[Walker]:
                 name=name,
                 structure=str(structure),
                 ensemble=ens,
-                nsteps=_num(w, "nsteps", where, int),
+                nsteps=nsteps,
                 dt=_num(w, "dt", where, positive=True),
                 trj_freq=_num(w, "trj_freq", where, int, positive=True),
                 seed=_num(w, "seed", where, int),
                 system=str(w.get("system") or name),
                 temperature=temp,
-                pressure=float(_num(w, "pressure", where, default=0.0)),
+                pressure=pres,
                 tau_t=_num(w, "tau_t", where, positive=True, default=0.1),
                 tau_p=_num(w, "tau_p", where, positive=True, default=0.5),
                 max_devi_f_cap=_num(w, "max_devi_f_cap", where, positive=True),
@@ -153,6 +185,8 @@ def parse_walkers(data, base: pathlib.Path | None = None) -> list[Walker]:
                 thermostat=thermo,
                 compressibility=_num(w, "compressibility", where, positive=True, default=1e-5),
                 format=w.get("format"),
+                temperature_ramp=t_ramp,
+                pressure_ramp=p_ramp,
             )
         )
     return out

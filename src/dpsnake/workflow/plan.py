@@ -76,17 +76,18 @@ def _group_walkers(cfg: dict, it: int, g: dict, label: str, first: int) -> list[
     flat stage form keeps its names), ``first`` = walkers before them in walkers.json (seeds)."""
     walkers = []
     npt = g["ensemble"].startswith("npt")
-    pressures = g["pressures"] if npt else [None]
+    temperatures = _conditions(g, "temperatures", "temperature_ramp")
+    pressures = _conditions(g, "pressures", "pressure_ramp") if npt else [(None, None, None)]
     for system in g["systems"]:
-        for T in g["temperatures"]:
-            for P in pressures:
+        for T, t_val, t_ramp in temperatures:
+            for P, p_val, p_ramp in pressures:
                 for r in range(g["replicas"]):
-                    name = f"{system}.{label}T{T:g}" + ("" if P is None else f".P{P:g}") + f".r{r}"
+                    name = f"{system}.{label}T{T}" + ("" if P is None else f".P{P}") + f".r{r}"
                     w = {
                         "name": name,
                         "system": system,
                         "structure": f"structures/{system}.extxyz",
-                        "temperature": float(T),
+                        "temperature": t_val,
                         "ensemble": g["ensemble"],
                         "nsteps": g["nsteps"],
                         "dt": g["dt"],
@@ -95,13 +96,29 @@ def _group_walkers(cfg: dict, it: int, g: dict, label: str, first: int) -> list[
                         "tau_t": g["tau_t"],
                         "min_dist": cfg["select"]["min_dist"] * 0.5,
                     }
+                    if t_ramp:
+                        w["temperature_ramp"] = t_ramp
                     if P is not None:
-                        w["pressure"] = float(P)
+                        w["pressure"] = p_val
                         w["tau_p"] = g["tau_p"]
+                        if p_ramp:
+                            w["pressure_ramp"] = p_ramp
                     if cfg["explore"].get("max_devi_f_cap") is not None:
                         w["max_devi_f_cap"] = cfg["explore"]["max_devi_f_cap"]
                     walkers.append(w)
     return walkers
+
+
+def _conditions(g: dict, consts: str, ramp: str) -> list[tuple]:
+    """(name part, value at step 0, schedule or None) of a group's temperatures or pressures: its
+    schedule (normalized over the group's nsteps; named by its knot values, e.g. 300-2500-300) when it
+    has one, else each constant (named by its value)."""
+    from dpsnake.md import ramps
+
+    if g.get(ramp) is not None:
+        r = ramps.normalize(g[ramp], g["nsteps"], ramp, positive=ramp == "temperature_ramp")
+        return [(ramps.label(r), r["knots"][0][1], r)]
+    return [(f"{v:g}", float(v), None) for v in g[consts]]
 
 
 def stage_systems(cfg: dict, stage: int) -> list[str]:

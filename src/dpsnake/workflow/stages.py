@@ -24,7 +24,11 @@ INHERITED = (
     "replicas",
     "tau_t",
     "tau_p",
+    "temperature_ramp",
+    "pressure_ramp",
 )
+# a schedule replaces the list of constant conditions it is set beside (the group's own key wins)
+RAMPS = {"temperature_ramp": "temperatures", "pressure_ramp": "pressures"}
 
 
 def resolve_stages(cfg: dict) -> None:
@@ -39,6 +43,8 @@ def resolve_stages(cfg: dict) -> None:
         groups, names = [], set()
         for j, g in enumerate(own or [{}]):
             full = {k: g[k] if k in g else stage[k] for k in INHERITED if k in g or k in stage}
+            for ramp, consts in RAMPS.items():
+                _one_of(full, g if own else stage, stage, ramp, consts, group_key(stage, i, j), f"explore.stages[{i}]")
             full["name"] = str(g.get("name") or f"g{j}")
             if full["name"] in names:
                 raise UserError(f"{group_key(stage, i, j)}.name: {full['name']!r} names an earlier group of the stage")
@@ -60,13 +66,43 @@ def _check_group(cfg: dict, group: dict, key: str) -> None:
         if s not in cfg["systems"]:
             raise UserError(f"{key}.systems: unknown system {s!r} (defined: {', '.join(cfg['systems'])})")
     group.setdefault("systems", list(cfg["systems"]))
-    if not group.get("temperatures"):
-        raise UserError(f"{key}: give temperatures (K), here or in the stage")
+    if not group.get("temperatures") and not group.get("temperature_ramp"):
+        raise UserError(f"{key}: give temperatures (K) or temperature_ramp, here or in the stage")
     for k in ("systems", "temperatures", "pressures"):
         if len(set(group.get(k) or [])) != len(group.get(k) or []):
             raise UserError(f"{key}.{k}: {group[k]} names a value twice (walker names would repeat)")
     if group["trj_freq"] > group["nsteps"]:
         raise UserError(f"{key}.trj_freq: {group['trj_freq']} is larger than nsteps {group['nsteps']}")
+    from dpsnake.md.ramps import normalize
+
+    if group.get("temperature_ramp") is not None:
+        if group["ensemble"] == "nve":
+            raise UserError(f"{key}.temperature_ramp: needs a thermostat, the ensemble is nve")
+        normalize(group["temperature_ramp"], group["nsteps"], f"{key}.temperature_ramp", positive=True)
+    if group.get("pressure_ramp") is not None:
+        if not group["ensemble"].startswith("npt"):
+            raise UserError(
+                f"{key}.pressure_ramp: needs a barostat (npt, npt-aniso, npt-tri), the ensemble is {group['ensemble']}"
+            )
+        normalize(group["pressure_ramp"], group["nsteps"], f"{key}.pressure_ramp", positive=False)
+
+
+def _one_of(full: dict, g: dict, stage: dict, ramp: str, consts: str, key: str, stage_key: str) -> None:
+    """Keep either the schedule ``ramp`` or the constant conditions ``consts`` in the group ``full``
+    (``g``: what the group sets itself; the stage itself for a flat stage): the group's own key wins
+    over the stage's; both set in one place is a mistake (but for the stage's default pressures)."""
+    if ramp not in full or consts not in full:
+        return
+    if g is not stage:
+        if ramp in g and consts in g:
+            raise UserError(f"{key}.{ramp}: give {consts} or {ramp}, not both")
+        if ramp in g or consts in g:
+            del full[consts if ramp in g else ramp]
+            return
+    if consts == "pressures" and stage.get("pressures") == [0.0]:  # the schema's default
+        del full[consts]
+        return
+    raise UserError(f"{stage_key}.{ramp}: give {consts} or {ramp}, not both")
 
 
 def groups_of(stage: dict) -> list[dict]:
@@ -78,5 +114,13 @@ def groups_of(stage: dict) -> list[dict]:
 
 def condition(walker: dict) -> tuple:
     """A walker's exploration condition (select's ``quota: condition``): (ensemble, temperature K,
-    pressure bar, 0 without a barostat); sortable."""
-    return (str(walker.get("ensemble", "")), float(walker["temperature"]), float(walker.get("pressure") or 0.0))
+    pressure bar (0 without a barostat), the schedules as text ("" without)); sortable."""
+    import json
+
+    ramps = json.dumps([walker.get("temperature_ramp"), walker.get("pressure_ramp")], sort_keys=True)
+    return (
+        str(walker.get("ensemble", "")),
+        float(walker["temperature"]),
+        float(walker.get("pressure") or 0.0),
+        "" if ramps == "[null, null]" else ramps,
+    )
