@@ -195,10 +195,11 @@ def test_end_to_end(wd):
     print(f"LAMMPS vs engine ({time.time() - t0:.1f} s):", d)
 
 
-def _run_until(wd, condition, sig, timeout=600):
-    """Start the workflow, wait until ``condition()`` holds, then send ``sig`` to its process group."""
+def _run_until(wd, condition, sig, timeout=600, args=()):
+    """Start the workflow (Snakemake arguments ``args``), wait until ``condition()`` holds, then send
+    ``sig`` to its process group."""
     p = subprocess.Popen(
-        smk_cmd(), cwd=wd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        smk_cmd(*args), cwd=wd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     t0 = time.time()
     try:

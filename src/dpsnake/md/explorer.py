@@ -416,7 +416,9 @@ class Explorer:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._read_structures()
         ck = self.state_dir / CHECKPOINT
-        if not (ck.exists() and self._resume(ck)):
+        if ck.exists() and self._resume(ck):
+            print(f"dpsnake explore: resumed from {ck} at step {self.step}", file=sys.stderr, flush=True)
+        else:
             self._fresh()
             self._drop_stopped()
         self._last_ckpt = (time.monotonic(), self.step)

@@ -74,6 +74,8 @@ def make_walkers(cfg: dict, it: int, stage: int, outdir: pathlib.Path) -> list[d
 def _group_walkers(cfg: dict, it: int, g: dict, label: str, first: int) -> list[dict]:
     """The walkers of one group; ``label`` goes into their names (empty for a stage of one group, so the
     flat stage form keeps its names), ``first`` = walkers before them in walkers.json (seeds)."""
+    from dpsnake.workflow.generators import recipe
+
     walkers = []
     npt = g["ensemble"].startswith("npt")
     temperatures = _conditions(g, "temperatures", "temperature_ramp")
@@ -87,6 +89,7 @@ def _group_walkers(cfg: dict, it: int, g: dict, label: str, first: int) -> list[
                         "name": name,
                         "system": system,
                         "structure": f"structures/{system}.extxyz",
+                        "recipe": recipe(cfg["systems"][system]["structure"]),
                         "temperature": t_val,
                         "ensemble": g["ensemble"],
                         "nsteps": g["nsteps"],
@@ -136,6 +139,13 @@ def structure_sources(cfg: dict, stage: int) -> dict:
     return {s: fingerprint(cfg["systems"][s]["structure"], ".") for s in stage_systems(cfg, stage)}
 
 
+def structure_recipes(cfg: dict, stage: int) -> dict:
+    """{system: one-line recipe of its start structure} of a stage (recorded in plan.json)."""
+    from dpsnake.workflow.generators import recipe
+
+    return {s: recipe(cfg["systems"][s]["structure"]) for s in stage_systems(cfg, stage)}
+
+
 def add_arguments(p) -> None:
     p.add_argument("--config", required=True, help="results/config.json")
     p.add_argument("--iter", type=int, required=True)
@@ -146,6 +156,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from dpsnake.fsio import write_json_atomic
     from dpsnake.workflow.config import read_resolved
+    from dpsnake.workflow.shards import write_shard_plan
 
     cfg = read_resolved(args.config)
     prev = json.loads(pathlib.Path(args.prev_stats).read_text()) if args.prev_stats else None
@@ -160,10 +171,14 @@ def run(args) -> int:
             "stage_iteration": stage_it,
             "walkers": len(walkers),
             "structures": structure_sources(cfg, stage),
+            "recipes": structure_recipes(cfg, stage),
         },
     )
+    shards = write_shard_plan(cfg, walkers, out.parent)
     write_json_atomic(out, walkers)
     print(f"iteration {args.iter}: stage {stage} (iteration {stage_it} of the stage), {len(walkers)} walkers")
+    if len(shards["shards"]) > 1:
+        print(f"{len(shards['shards'])} exploration shards, balance (largest / mean cost) {shards['balance']:.3f}")
     return 0
 
 
