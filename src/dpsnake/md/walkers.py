@@ -47,6 +47,7 @@ _KNOWN = set(_REQUIRED) | {
     "format",
     "temperature_ramp",
     "pressure_ramp",
+    "recipe",
 }
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
@@ -75,6 +76,7 @@ class Walker:
     format: str | None = None
     temperature_ramp: dict | None = None
     pressure_ramp: dict | None = None
+    recipe: str | None = None  # how the start structure was generated (dpsnake.workflow.generators.recipe)
 
     @property
     def barostat(self) -> str | None:
@@ -187,6 +189,7 @@ def parse_walkers(data, base: pathlib.Path | None = None) -> list[Walker]:
                 format=w.get("format"),
                 temperature_ramp=t_ramp,
                 pressure_ramp=p_ramp,
+                recipe=None if w.get("recipe") is None else str(w["recipe"]),
             )
         )
     return out

@@ -77,12 +77,12 @@ def read_collect(results: pathlib.Path, it: int) -> dict | None:
 
 def walkers_table(results: pathlib.Path, it: int, stats: dict | None = None) -> pd.DataFrame:
     """One row per exploration walker: name, system, temperature (K), pressure (bar), ensemble,
-    nsteps (planned), steps (reached), status, reason. Joins explore/walkers.json, explore/summary.json
+    nsteps (planned), steps (reached), status, reason, recipe (how its start structure was generated). Joins explore/walkers.json, explore/summary.json
     and stats.json's ``walkers`` (whichever exist)."""
     explore = pathlib.Path(results) / iter_name(it) / "explore"
     rows: dict[str, dict] = {}
     for w in _read_json(explore / "walkers.json") or []:
-        rows[w["name"]] = {k: w.get(k) for k in ("system", "temperature", "pressure", "ensemble", "nsteps")}
+        rows[w["name"]] = {k: w.get(k) for k in ("system", "temperature", "pressure", "ensemble", "nsteps", "recipe")}
     for name, w in ((stats or {}).get("walkers") or {}).items():
         r = rows.setdefault(name, {})
         for k in ("system", "temperature", "pressure", "status", "reason"):
@@ -94,7 +94,7 @@ def walkers_table(results: pathlib.Path, it: int, stats: dict | None = None) -> 
         r["status"] = w.get("status", r.get("status"))
         r["reason"] = w.get("reason", r.get("reason"))
         r["steps"] = w.get("steps")
-    cols = ["walker", "system", "temperature", "pressure", "ensemble", "nsteps", "steps", "status", "reason"]
+    cols = ["walker", "system", "temperature", "pressure", "ensemble", "nsteps", "steps", "status", "reason", "recipe"]
     df = pd.DataFrame([{"walker": n, **r} for n, r in rows.items()])
     for c in cols:
         if c not in df.columns:

@@ -1,4 +1,5 @@
-"""Start structures of the systems: a file ASE reads, or an ASE builder call, optionally substituted.
+"""Start structures of the systems: a file ASE reads, or an ASE builder call, optionally substituted
+and transformed (surfaces, supercells, alloys, defects, strain: dpsnake.workflow.generators).
 
 ``fingerprint`` records where a structure came from (the file's content hash, the spec's hash), so
 data built from it can later be compared with the current file (the report names data labelled
@@ -27,8 +28,10 @@ def _builder(name: str, key: str):
 
 
 def build_structure(spec: dict, base: pathlib.Path | str = ".", key: str = "structure"):
-    """spec: {'file', 'format', 'index'} or {'builder', 'kwargs'}; then 'repeat' (3 ints) and
-    'substitute' {'from', 'to', 'fraction', 'seed'}. Returns an ase.Atoms (cell rows = lattice vectors, A)."""
+    """spec: {'file', 'format', 'index'} or {'builder', 'kwargs'}; then 'repeat' (3 ints),
+    'substitute' {'from', 'to', 'fraction', 'seed'} and the 'transform' steps (dpsnake.workflow.generators:
+    supercell, surface, alloy, vacancies, interstitials, strain). Returns an ase.Atoms (cell rows =
+    lattice vectors, A)."""
     import ase.io
 
     if "file" in spec:
@@ -59,6 +62,10 @@ def build_structure(spec: dict, base: pathlib.Path | str = ".", key: str = "stru
         n = int(round(sub["fraction"] * len(idx)))
         symbols[rng.choice(idx, size=n, replace=False)] = sub["to"]
         atoms.set_chemical_symbols(list(symbols))
+    if spec.get("transform"):
+        from dpsnake.workflow.generators import apply
+
+        atoms = apply(atoms, spec["transform"], f"{key}.transform")
     if len(atoms) == 0:
         raise UserError(f"{key}: the structure has no atoms")
     return atoms
