@@ -188,3 +188,42 @@ def test_bad_generator_values_are_one_line(tmp_path, transform, message):
     with pytest.raises(UserError) as err:
         cu_config(tmp_path, systems=systems, type_map=["Cu", "Ni", "H"])
     assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_example_ramps_surfaces_passes_check_config_and_plans(tmp_path):
+    """config/examples/ramps_surfaces.yaml: check-config passes (one line), and both stages plan
+    walkers the explore runner takes: the slabs' structures (pbc T T T with vacuum, and T T F), the
+    ramps, the recipes."""
+    import pathlib
+    import subprocess
+    import sys
+
+    import yaml
+
+    from dpsnake.md.walkers import parse_walkers, read_structure
+    from dpsnake.workflow.config import check
+    from dpsnake.workflow.plan import make_walkers
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    example = root / "config" / "examples" / "ramps_surfaces.yaml"
+    p = subprocess.run(
+        [sys.executable, "-m", "dpsnake.cli", "check-config", str(example)], capture_output=True, text=True, cwd=root
+    )
+    assert p.returncode == 0 and "is valid (3 systems, 2 exploration stage(s)" in p.stdout, p.stdout + p.stderr
+    cfg = check(yaml.safe_load(example.read_text()), root)
+    names = {}
+    for stage in (0, 1):
+        ws = make_walkers(cfg, stage, stage, tmp_path / f"s{stage}")
+        parsed = parse_walkers(ws, base=tmp_path / f"s{stage}")
+        names[stage] = [w.name for w in parsed]
+        for w in parsed:
+            atoms, _ = read_structure(w, cfg["type_map"])
+            assert atoms.pbc.tolist() == ([True, True, False] if w.system == "Cu100" else [True] * 3)
+            assert "surface" in w.recipe if w.system.startswith("Cu1") else "alloy" in w.recipe
+    assert names[0] == [
+        "CuNi.heat.T300-1200.P0.r0",
+        "CuNi.heat.T300-1200.P10000.r0",
+        "Cu111.anneal.T300-900-300.r0",
+        "Cu100.anneal.T300-900-300.r0",
+    ]
+    assert "CuNi.squeeze.T600.P0-25000-50000.r0" in names[1] and len(names[1]) == 5

@@ -107,6 +107,17 @@ def _not_yaml(tmp_path):
 
 STAGE = ("explore", "stages", 0)
 
+
+def _pressure_ramp(ramp):
+    """mutate: the first stage's pressures replaced by the schedule ``ramp``."""
+
+    def mutate(cfg, tmp):
+        cfg["explore"]["stages"][0].pop("pressures", None)
+        cfg["explore"]["stages"][0]["pressure_ramp"] = ramp
+
+    return mutate
+
+
 PROBES = [
     config_probe("config-unknown-top-key", lambda c, t: c.update(foo=1), "foo: unknown key"),
     config_probe("config-unknown-train-key", _set("train", "numb_stepz", value=5), "train.numb_stepz: unknown key"),
@@ -183,6 +194,21 @@ PROBES = [
     config_probe("config-compress-negative", _set("explore", "compress", value=-1.0), "explore.compress"),
     config_probe("config-compress-word", _set("explore", "compress", value="yes"), "explore.compress"),
     config_probe("config-pick", _set("select", "pick", value="best"), "select.pick: 'best' is not one of"),
+    config_probe(
+        "config-group-unknown-system",
+        _set(*STAGE, "groups", value=[{"temperatures": [300]}, {"systems": ["Fe"], "temperatures": [300]}]),
+        "explore.stages[0].groups[1].systems: unknown system 'Fe'",
+    ),
+    config_probe(
+        "config-ramp-knots-order",
+        _pressure_ramp({"knots": [[0, 0], [40, 1e4], [30, 0]]}),
+        "explore.stages[0].pressure_ramp.knots[2]: steps must increase, got 30 after 40",
+    ),
+    config_probe(
+        "config-transform-alloy-fractions",
+        _set("systems", "Cu", "structure", "transform", value=[{"alloy": {"fractions": {"Cu": 0.5, "Ni": 0.4}}}]),
+        "systems.Cu.structure.transform[0].alloy.fractions: must add up to 1, they add up to 0.9",
+    ),
     Probe("config-file-missing", _file_missing, "no_such.yaml: config file not found"),
     Probe("config-not-yaml", _not_yaml, "bad.yaml: not valid YAML"),
     snakemake_probe(
