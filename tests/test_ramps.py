@@ -266,3 +266,71 @@ def test_plan_writes_schedules_into_walkers(tmp_path):
     assert ws[1]["pressure"] == 0.0 and "temperature_ramp" not in ws[1]
     assert ws[2]["temperature_ramp"]["knots"] == [[0, 300.0], [13, 600.0], [27, 900.0]]
     assert [w.temperature for w in parse_walkers(ws, base=tmp_path / "ex")] == [300.0, 600.0, 300.0]
+
+
+def test_schedules_in_cuda_graphs_equal_eager_and_numpy(tmp_path):
+    """On a GPU (skipped without CuPy, a device and the device runs' model .whl/models/t_cu.dp or
+    DPSNAKE_GPU_MODEL): the targets set inside the captured CUDA graph (step read from device memory)
+    equal the eager CuPy steps and NumPy's, step by step."""
+    cp = pytest.importorskip("cupy")
+    try:
+        cp.cuda.runtime.getDeviceCount()
+    except Exception:  # noqa: BLE001 (no driver / no device)
+        pytest.skip("no CUDA device")
+    from engine_helpers import gpu_model
+
+    model, _ = gpu_model("DPSNAKE_GPU_MODEL", "t_cu.dp")
+    if not model.exists():
+        pytest.skip(f"no model at {model}")
+    from dpsnake.md.graphs import GraphedStep
+    from dpsnake.md.providers import EnsembleProvider
+    from dpsnake.md.state import build_state
+
+    path = tmp_path / "cu.extxyz"
+    at = bulk("Cu", "fcc", a=3.7, cubic=True).repeat((2, 1, 1))
+    at.rattle(0.05, seed=1)
+    at.write(path, format="extxyz")
+    base = dict(structure=str(path), nsteps=40, dt=0.002, trj_freq=10, tau_t=0.05, tau_p=0.1)
+    specs = [
+        dict(base, name="nhc", ensemble="nvt", seed=1, temperature_ramp={"knots": [[0, 300], [10, 900], [40, 200]]}),
+        dict(base, name="lang", ensemble="nvt-langevin", seed=2, temperature_ramp=STEP_T),
+        dict(base, name="npt", ensemble="npt", temperature=300, seed=3, pressure_ramp={"start": 0, "stop": 2e4}),
+        dict(base, name="const", ensemble="nvt", thermostat="bussi", temperature=500, seed=4),
+    ]
+
+    def batch(xp):
+        ws = parse_walkers(specs)
+        structs, vel = [], []
+        for w in ws:
+            atoms, atype = read_structure(w, ["Cu"])
+            m = masses_for(atype, ["Cu"])
+            structs.append((atoms, atype, m))
+            vel.append(maxwell_boltzmann(m, w.temperature, w.seed, degrees_of_freedom(len(m), w)))
+        st = build_state(ws, list(range(len(ws))), structs, vel, xp)
+        prov = EnsembleProvider(_ensemble([str(model)]) if xp is np else _gpu_ensemble(str(model), cp))
+        I.set_forces(st, prov(st, False))
+        return st, prov
+
+    (s_np, p_np), (s_eager, p_gpu), (s_graph, _) = batch(np), batch(cp), batch(cp)
+    graphed = GraphedStep()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for k in range(30):
+            I.md_step(s_np, p_np, k, s_np.flags())
+            I.md_step(s_eager, p_gpu, k, s_eager.flags())
+            graphed(s_graph, p_gpu, k, s_graph.flags())
+            for f in ("kT", "p0", "pos", "vel", "cells"):
+                a, b, c = getattr(s_np, f), cp.asnumpy(getattr(s_eager, f)), cp.asnumpy(getattr(s_graph, f))
+                np.testing.assert_allclose(c, b, rtol=1e-11, atol=1e-11, err_msg=f"graph vs eager {f} step {k}")
+                np.testing.assert_allclose(b, a, rtol=1e-8, atol=1e-8, err_msg=f"cupy vs numpy {f} step {k}")
+    assert graphed.graphs is not None and "graph" not in graphed.ctx.broken
+    assert cp.asnumpy(s_graph.kT)[0] / units.kB == pytest.approx(
+        ramps.value_at(ramps.normalize(specs[0]["temperature_ramp"], 40, "t"), 30)
+    )
+
+
+def _gpu_ensemble(path, cp):
+    from dpsnake.engine.ensemble import Ensemble
+    from dpsnake.engine.model import load_model
+
+    return Ensemble([load_model(path)], xp=cp)
