@@ -353,3 +353,27 @@ def test_config_check_takes_slabs_with_vacuum():
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith("systems.Cu.structure.builder: fcc111: pbc [True, True, False]")
     assert "non-periodic direction c" in msg and "at least 8.17 A along c" in msg
+
+
+def test_model_devi_command_on_slab_frames(tmp_path, cu_model, dp_model):
+    """``dpsnake model-devi`` on an extxyz of slab frames (pbc T T F, a cell shorter than the slab
+    along z) writes the deviations of the fully periodic vacuum reference's frames."""
+    import ase.io
+
+    from dpsnake.cli import main
+    from dpsnake.engine.model_devi import read_model_devi
+
+    seed2 = {"model": {"descriptor": {"seed": 2}, "fitting_net": {"seed": 2}}, "training": {"seed": 2}}
+    models = [str(cu_model["dp"]), str(dp_model(seed2)["dp"])]
+    frames = [slab(seed=20 + k) for k in range(3)]
+    for f in frames:
+        f.cell[2] = [0.0, 0.0, np.ptp(f.positions[:, 2]) + 1.0]
+    ase.io.write(tmp_path / "slab.extxyz", frames)
+    ase.io.write(tmp_path / "ref.extxyz", [reference(f) for f in frames])
+    for name in ("slab", "ref"):
+        sysf, out = str(tmp_path / f"{name}.extxyz"), str(tmp_path / f"{name}.out")
+        assert main(["model-devi", "-m", *models, "-s", sysf, "-o", out]) == 0
+    got, want = read_model_devi(tmp_path / "slab.out"), read_model_devi(tmp_path / "ref.out")
+    assert want["max_devi_f"].min() > 0
+    for k in ("max_devi_f", "avg_devi_f", "max_devi_v", "devi_e"):
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, err_msg=k)  # the file's 6 digits

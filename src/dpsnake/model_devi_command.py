@@ -45,7 +45,8 @@ def add_arguments(parser) -> None:
 
 
 def read_frames(path: str, type_map: list[str]):
-    """(coords (nf, nat, 3), cells (nf, 9) or None, atom types (nat,) in model indices)."""
+    """(coords (nf, nat, 3), cells (nf, 9) or None, atom types (nat,) in model indices, pbc (3,) bool
+    per direction: a slab's frames (pbc T T F) keep their cells and are imaged in-plane only)."""
     p = pathlib.Path(path)
     if not p.exists():
         raise UserError(f"system: {path} not found")
@@ -58,7 +59,7 @@ def read_frames(path: str, type_map: list[str]):
             raise UserError(f"system: {path} is not a deepmd/npy folder ({err})") from None
         names = list(s["atom_names"])
         coords, cells, types = s["coords"], s["cells"].reshape(-1, 9), s["atom_types"]
-        nopbc = bool(s.nopbc)
+        pbc = np.full(3, not s.nopbc)
         symbols = [names[t] for t in types]
     else:
         from ase.io import read
@@ -74,12 +75,12 @@ def read_frames(path: str, type_map: list[str]):
             raise UserError(f"system: {path}: frames differ in atoms (one composition per file)")
         coords = np.array([a.positions for a in frames])
         cells = np.array([a.cell.array.reshape(9) for a in frames])
-        nopbc = not frames[0].pbc.all()
+        pbc = np.array(frames[0].pbc, dtype=bool)
     missing = sorted(set(symbols) - set(type_map))
     if missing:
         raise UserError(f"system: {path}: elements {missing} are not in the models' type_map {type_map}")
     types = np.array([type_map.index(s) for s in symbols], dtype=np.int64)
-    return coords, (None if nopbc else cells), types
+    return coords, (cells if pbc.any() else None), types, pbc
 
 
 def run(args) -> int:
@@ -104,7 +105,7 @@ def run(args) -> int:
     )
     blocks = []
     for sysp in args.system:
-        coords, cells, types = read_frames(sysp, ens.type_map)
+        coords, cells, types, pbc3 = read_frames(sysp, ens.type_map)
         nf, nat = coords.shape[0], len(types)
         if nat == 0:  # the force deviation is a max/min over atoms
             raise UserError(f"system: {sysp}: frames without atoms")
@@ -117,7 +118,7 @@ def run(args) -> int:
             )
             with warnings.catch_warnings():  # reported once per system below
                 warnings.simplefilter("ignore", RuntimeWarning)
-                out = ens.evaluate(c, t, s, cl, pbc)
+                out = ens.evaluate(c, t, s, cl, np.broadcast_to(pbc3, (k, 3)) if pbc3.any() else pbc)
             over += ens.last_overflow
             cols.append(deviation_columns(out, s, xp.full(k, nat), args.relative, args.relative_v))
             # a NaN/inf frame (atoms on top of each other, a cell of zero volume) is reported, not
