@@ -1,5 +1,6 @@
 import os
 import pathlib
+import shutil
 
 import pytest
 from dpmodels import train_model
@@ -37,3 +38,15 @@ def pt_model(model_cache):
     return lambda descriptor="se_atten_v2", seed=1, steps=10, overrides=None: train_pt_model(
         model_cache, descriptor, seed, steps, overrides
     )
+
+
+@pytest.fixture
+def wd(tmp_path):
+    """A copy of the workflow (not the package: that is installed) in a temporary folder, with
+    tests/configs/reduced.yaml as reduced.yaml (test_workflow.CONFIG)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    for name in ("Snakefile", "workflow", "config", "profiles", "envs"):
+        src = root / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    shutil.copy(root / "tests" / "configs" / "reduced.yaml", tmp_path / "reduced.yaml")
+    return tmp_path

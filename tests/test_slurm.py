@@ -320,3 +320,31 @@ def _check_results(wf: pathlib.Path) -> None:
         ref.calc = EMT()
         assert abs(atoms.get_potential_energy() - ref.get_potential_energy()) < 1e-6
         assert np.abs(atoms.get_forces() - ref.get_forces()).max() < 1e-6
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_sharded_exploration_through_sbatch(slurm_cluster, tmp_path):
+    """explore.shards: 2 on SLURM: one sbatch job per shard, each asking for one GPU (GRES), joined in
+    the Snakemake process; the walkers equal the unsharded exploration's, walker by walker."""
+    from test_workflow_shards import assert_same_as_unsharded, sharded_config
+
+    wf = _workflow_copy(tmp_path / "wf")
+    shutil.copy(wf / "tests/configs/reduced.yaml", wf / "reduced.yaml")
+    sharded_config(wf, shards=2)
+    target = "results/iter.000000/explore/summary.json"
+    cmd = [sys.executable, "-m", "snakemake", "--profile", "profiles/slurm", "--configfile", "reduced.yaml"]
+    run = subprocess.run([*cmd, *TEST_SITE_ARGS, target], cwd=wf, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-6000:]
+    blocks = _log_blocks(run.stderr)
+    assert sorted(wc for _, rule, wc in blocks if rule == "explore_shard") == [
+        "it=000000, shard=0",
+        "it=000000, shard=1",
+    ]
+    assert {rule for kind, rule, _ in blocks if kind == "localrule"} == {"explore_merge"}
+    submitted = set(re.findall(r"has been submitted with SLURM jobid (\d+)", run.stderr))
+    shard_jobs = [j for j in squeue_jobs() if j["id"] in submitted and j["comment"].startswith("rule_explore_shard")]
+    assert len(shard_jobs) == 2, squeue_jobs()
+    for j in shard_jobs:
+        assert j["gres"] == "gres:gpu:1" and j["state"] == "COMPLETED", j
+    assert_same_as_unsharded(wf, 2)

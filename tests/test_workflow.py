@@ -8,7 +8,6 @@ import json
 import os
 import pathlib
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,16 +18,6 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "reduced.yaml"
-
-
-@pytest.fixture
-def wd(tmp_path):
-    """A copy of the workflow (not the package: that is installed) in a temporary folder."""
-    for name in ("Snakefile", "workflow", "config", "profiles", "envs"):
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
-    shutil.copy(ROOT / "tests" / "configs" / "reduced.yaml", tmp_path / CONFIG)
-    return tmp_path
 
 
 def smk_cmd(*args, profile="profiles/local"):
