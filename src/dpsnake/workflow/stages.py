@@ -67,7 +67,8 @@ def _check_group(cfg: dict, group: dict, key: str) -> None:
             raise UserError(f"{key}.systems: unknown system {s!r} (defined: {', '.join(cfg['systems'])})")
     group.setdefault("systems", list(cfg["systems"]))
     if not group.get("temperatures") and not group.get("temperature_ramp"):
-        raise UserError(f"{key}: give temperatures (K) or temperature_ramp, here or in the stage")
+        where = ", here or in the stage" if ".groups[" in key else ""
+        raise UserError(f"{key}: give temperatures (K) or temperature_ramp{where}")
     for k in ("systems", "temperatures", "pressures"):
         if len(set(group.get(k) or [])) != len(group.get(k) or []):
             raise UserError(f"{key}.{k}: {group[k]} names a value twice (walker names would repeat)")
