@@ -23,7 +23,7 @@ from dpsnake.md import integrators as I
 from dpsnake.md import ramps
 from dpsnake.md.walkers import degrees_of_freedom, masses_for, maxwell_boltzmann, parse_walkers, read_structure
 
-N, DT, TAU = 600, 0.002, 0.02  # steps, ps, ps
+N, DT, TAU = 500, 0.002, 0.02  # steps, ps, ps
 HALF = N // 2
 HEAT = {"knots": [[0, 300], [HALF, 1000], [N, 300]]}  # heat, then quench (piecewise linear)
 STEP_T = {"start": 300, "stop": 900, "schedule": "stepped", "steps": 2}
