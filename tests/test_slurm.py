@@ -7,6 +7,7 @@ daemons the script started).
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -138,6 +139,7 @@ def test_local_cluster_schedules_cpus_memory_and_gpus(slurm_cluster, tmp_path):
 # reach it claims a marker file and exits with code 42 (os._exit: nothing can catch it, so the SLURM
 # job fails); every later call is plain EMT. The workflow must report that job and retry it.
 CRASH_ONCE = """
+import json
 import os
 import sys
 
@@ -326,25 +328,56 @@ def _check_results(wf: pathlib.Path) -> None:
 @pytest.mark.slow
 def test_sharded_exploration_through_sbatch(slurm_cluster, tmp_path):
     """explore.shards: 2 on SLURM: one sbatch job per shard, each asking for one GPU (GRES), joined in
-    the Snakemake process; the walkers equal the unsharded exploration's, walker by walker."""
+    the Snakemake process. One shard's job is cancelled while it runs (scancel: SIGTERM, as for a node
+    going away or a time limit): Snakemake resubmits that shard alone and it resumes from its checkpoint.
+    The walkers equal the unsharded exploration's, walker by walker."""
     from test_workflow_shards import assert_same_as_unsharded, sharded_config
 
     wf = _workflow_copy(tmp_path / "wf")
     shutil.copy(wf / "tests/configs/reduced.yaml", wf / "reduced.yaml")
-    sharded_config(wf, shards=2)
-    target = "results/iter.000000/explore/summary.json"
+    sharded_config(wf, shards=2, nsteps=600)
+    ex = wf / "results/iter.000000/explore"
     cmd = [sys.executable, "-m", "snakemake", "--profile", "profiles/slurm", "--configfile", "reduced.yaml"]
-    run = subprocess.run([*cmd, *TEST_SITE_ARGS, target], cwd=wf, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-6000:]
-    blocks = _log_blocks(run.stderr)
-    assert sorted(wc for _, rule, wc in blocks if rule == "explore_shard") == [
-        "it=000000, shard=0",
-        "it=000000, shard=1",
-    ]
+    p = subprocess.Popen(
+        [*cmd, *TEST_SITE_ARGS, str(ex.relative_to(wf) / "summary.json")],
+        cwd=wf,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    cancelled = None
+    t0 = time.monotonic()
+    try:
+        while cancelled is None:  # cancel the first shard job seen running, once it has written frames
+            assert p.poll() is None and time.monotonic() - t0 < 900, "no shard job to cancel"
+            for j in squeue_jobs():
+                k = re.fullmatch(r"rule_explore_shard_wildcards_\d+_(\d+)", j["comment"])
+                if j["state"] == "RUNNING" and k and (ex / "shards.json").is_file():
+                    first = json.loads((ex / "shards.json").read_text())["shards"][int(k[1])]["walkers"][0]
+                    part = ex / first / "model_devi.out.part"
+                    if part.is_file() and part.read_text().count("\n") > 15:
+                        _sh("scancel", j["id"])
+                        cancelled = (j["id"], int(k[1]))
+                        break
+            time.sleep(0.2)
+        log = p.communicate(timeout=900)[1]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    (tmp_path / "snakemake.log").write_text(log)
+    assert p.returncode == 0, log[-6000:]
+    blocks = _log_blocks(log)
+    shard_runs = sorted(wc for _, rule, wc in blocks if rule == "explore_shard")
     assert {rule for kind, rule, _ in blocks if kind == "localrule"} == {"explore_merge"}
-    submitted = set(re.findall(r"has been submitted with SLURM jobid (\d+)", run.stderr))
-    shard_jobs = [j for j in squeue_jobs() if j["id"] in submitted and j["comment"].startswith("rule_explore_shard")]
-    assert len(shard_jobs) == 2, squeue_jobs()
-    for j in shard_jobs:
-        assert j["gres"] == "gres:gpu:1" and j["state"] == "COMPLETED", j
+    submitted = set(re.findall(r"has been submitted with SLURM jobid (\d+)", log))
+    jobs = [j for j in squeue_jobs() if j["id"] in submitted and j["comment"].startswith("rule_explore_shard")]
+    # three shard jobs, each with one GPU: the two shards, and the cancelled one again
+    assert len(jobs) == 3 and len(shard_runs) >= 2, (jobs, shard_runs)
+    assert all(j["gres"] == "gres:gpu:1" for j in jobs), jobs
+    states = sorted(j["state"] for j in jobs)
+    assert states == ["CANCELLED", "COMPLETED", "COMPLETED"], jobs
+    assert [j["comment"] for j in jobs if j["state"] == "CANCELLED"][0].endswith(f"_{cancelled[1]}")
+    again = wf / f"logs/iter.000000/explore.shard.{cancelled[1]}.log"
+    step = int(re.search(r"resumed from \S+ at step (\d+)", again.read_text())[1])
+    assert 0 < step < 600
     assert_same_as_unsharded(wf, 2)
