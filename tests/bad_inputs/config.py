@@ -193,6 +193,8 @@ PROBES = [
     ),
     config_probe("config-compress-negative", _set("explore", "compress", value=-1.0), "explore.compress"),
     config_probe("config-compress-word", _set("explore", "compress", value="yes"), "explore.compress"),
+    config_probe("config-shards-zero", _set("explore", "shards", value=0), "explore.shards: 0 is less than"),
+    config_probe("config-shard-budget", _set("explore", "shard_budget", value=-1), "explore.shard_budget"),
     config_probe("config-pick", _set("select", "pick", value="best"), "select.pick: 'best' is not one of"),
     config_probe(
         "config-group-unknown-system",
