@@ -48,6 +48,7 @@ _KNOWN = set(_REQUIRED) | {
     "temperature_ramp",
     "pressure_ramp",
     "recipe",
+    "bias",
 }
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
@@ -77,6 +78,7 @@ class Walker:
     temperature_ramp: dict | None = None
     pressure_ramp: dict | None = None
     recipe: str | None = None  # how the start structure was generated (dpsnake.workflow.generators.recipe)
+    bias: dict | None = None  # a bias on one collective variable (dpsnake.md.bias), normalized
 
     @property
     def barostat(self) -> str | None:
@@ -103,6 +105,12 @@ def _ramp(w: dict, key: str, where: str, nsteps: int, allowed: bool, needs: str)
     if not allowed:
         raise UserError(f"{where}: key '{key}' needs {needs}, the ensemble is {w['ensemble']}")
     return ramps.normalize(w[key], nsteps, f"{where}: {key}", positive=key == "temperature_ramp")
+
+
+def _bias(spec, nsteps: int, where: str) -> dict:
+    from dpsnake.md import bias
+
+    return bias.normalize(spec, nsteps, f"{where}: bias")
 
 
 def _start(ramp: dict | None, value: float | None, key: str, where: str, default: float) -> float:
@@ -190,6 +198,7 @@ def parse_walkers(data, base: pathlib.Path | None = None) -> list[Walker]:
                 temperature_ramp=t_ramp,
                 pressure_ramp=p_ramp,
                 recipe=None if w.get("recipe") is None else str(w["recipe"]),
+                bias=None if w.get("bias") is None else _bias(w["bias"], nsteps, where),
             )
         )
     return out
