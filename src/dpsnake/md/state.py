@@ -41,6 +41,7 @@ _SYS = (
     "p_knot",
     "p_val",
     "ramp",
+    *("relax", "fire_tol", "fire_maxstep", "fire_dt", "fire_a", "fire_n", "fire_k", "fire_conv", "fire_cv", "fire_F"),
 )
 # bits of ``ramp`` (per walker): a temperature / pressure schedule, and whether it is stepped
 R_T, R_T_STEPPED, R_P, R_P_STEPPED = 1, 2, 4, 8
@@ -49,8 +50,6 @@ T_NONE, T_NHC, T_BUSSI, T_LANGEVIN = 0, 1, 2, 3
 B_NONE, B_ISO, B_ANISO, B_TRI = 0, 1, 2, 3
 _TCODE = {None: T_NONE, "nhc": T_NHC, "bussi": T_BUSSI, "langevin": T_LANGEVIN}
 _BCODE = {None: B_NONE, "iso": B_ISO, "aniso": B_ANISO, "tri": B_TRI}
-# per-walker bias arrays (dpsnake.md.bias); None in checkpoints written before biases existed
-_BIAS = ("b_int", "b_par", "mtd", "b_out")
 
 
 @dataclass
@@ -68,8 +67,7 @@ class BatchState:
     full walker list. Target schedules (dpsnake.md.ramps): t_knot, t_val (S, K) knot steps and kT
     (eV); p_knot, p_val (S, K') knot steps and p0 (eV/A^3); ramp (S,) bits R_T, R_T_STEPPED, R_P,
     R_P_STEPPED. ``kT`` and ``p0`` hold the current targets (set in place at each step when a walker
-    of the batch has a schedule). Biases (dpsnake.md.bias): b_int (S, 6), b_par (S, 9) parameters,
-    mtd (S, H, 2) metadynamics Gaussians (centre, height eV), b_out (S, 2) CV and bias energy (eV).
+    of the batch has a schedule).
     """
 
     pos: object
@@ -102,11 +100,23 @@ class BatchState:
     p_knot: object
     p_val: object
     ramp: object
+    # relax walkers (dpsnake.md.relax; absent in checkpoints from before them: filled by from_host):
+    # relax (S,) code (0 MD, 1 FIRE on positions, 2 with the cell); fire_tol (S,) eV/A; fire_maxstep
+    # (S,) A; fire_dt, fire_a (S,) FIRE's step and mixing; fire_n (S,) steps downhill (-1 before the
+    # first step); fire_k (S,) FIRE steps taken; fire_conv (S,) bool; fire_cv (S, 3, 3) cell velocity;
+    # fire_F (S, 3, 3) deformation gradient (cell = cell_0 F^T). A relax walker's ``vel`` is its FIRE
+    # velocity (A per FIRE time unit).
+    relax: object = None
+    fire_tol: object = None
+    fire_maxstep: object = None
+    fire_dt: object = None
+    fire_a: object = None
+    fire_n: object = None
+    fire_k: object = None
+    fire_conv: object = None
+    fire_cv: object = None
+    fire_F: object = None
     xp: object = np
-    b_int: object = None
-    b_par: object = None
-    mtd: object = None
-    b_out: object = None
 
     @property
     def nsys(self) -> int:
@@ -125,6 +135,7 @@ class BatchState:
             "baro_modes": sorted(int(m) for m in set(b.tolist()) - {B_NONE}),
             "ramp_t": bool((to_numpy(self.ramp) & R_T).any()),
             "ramp_p": bool((to_numpy(self.ramp) & R_P).any()),
+            "relax": bool((to_numpy(self.relax) != 0).any()),
         }
 
     def select(self, keep_sys: np.ndarray) -> BatchState:
@@ -137,26 +148,33 @@ class BatchState:
         for f in _ATOM:
             out[f] = getattr(self, f)[keep_atom]
         out["system"] = renum[out["system"]]
-        for f in _SYS + _BIAS:
-            if getattr(self, f) is not None:
-                out[f] = getattr(self, f)[keep_sys_d]
+        for f in _SYS:
+            out[f] = getattr(self, f)[keep_sys_d]
         return BatchState(xp=xp, **out)
 
     def to_host(self) -> dict:
         """All arrays as NumPy (for checkpoints)."""
         from dpsnake.engine.xp import to_numpy
 
-        return {
-            f.name: to_numpy(getattr(self, f.name))
-            for f in fields(self)
-            if f.name != "xp" and getattr(self, f.name) is not None
-        }
+        return {f.name: to_numpy(getattr(self, f.name)) for f in fields(self) if f.name != "xp"}
 
     @classmethod
     def from_host(cls, arrays: dict, xp=np) -> BatchState:
         from dpsnake.engine.xp import asarray
 
+        arrays = {**_no_relax(len(arrays["cells"])), **arrays}  # checkpoints from before relax walkers
         return cls(xp=xp, **{k: asarray(xp, v) for k, v in arrays.items()})
+
+
+def _no_relax(S: int) -> dict:
+    """The relax arrays of S walkers that are all MD walkers."""
+    out = {k: np.zeros(S) for k in ("fire_tol", "fire_maxstep", "fire_dt", "fire_a")}
+    out.update({k: np.zeros(S, dtype=np.int64) for k in ("relax", "fire_k")})
+    out["fire_n"] = np.full(S, -1, dtype=np.int64)
+    out["fire_conv"] = np.zeros(S, dtype=bool)
+    out["fire_cv"] = np.zeros((S, 3, 3))
+    out["fire_F"] = np.broadcast_to(np.eye(3), (S, 3, 3)).copy()
+    return out
 
 
 def build_state(walkers: list[Walker], indices, structures, velocities, xp=np) -> BatchState:
@@ -202,10 +220,7 @@ def build_state(walkers: list[Walker], indices, structures, velocities, xp=np) -
     S = len(indices)
     h = {k: np.array([r[k] for r in rows]) for k in rows[0]}
     h.update(_schedules([walkers[i] for i in indices]))
-    if any(walkers[i].bias for i in indices):
-        from dpsnake.md.bias import state_arrays
-
-        h.update(state_arrays([walkers[i] for i in indices], [structures[i] for i in indices]))
+    h.update(_relax([walkers[i] for i in indices]))
     h["seed"] = h["seed"].astype(np.uint64)
     for k in ("natoms", "nf", "thermo", "baro", "walker", "ramp"):
         h[k] = h[k].astype(np.int64)
@@ -248,3 +263,16 @@ def _schedules(walkers: list[Walker]) -> dict:
         for w, ts, ps in zip(walkers, t_step, p_step)
     ]
     return {"t_knot": t_knot, "t_val": t_val, "p_knot": p_knot, "p_val": p_val, "ramp": np.array(bits, dtype=np.int64)}
+
+
+def _relax(walkers: list[Walker]) -> dict:
+    """The FIRE arrays of the walkers (dpsnake.md.relax; ASE's FIRE start: dt 0.1, a 0.1)."""
+    from dpsnake.md import relax
+
+    out = _no_relax(len(walkers))
+    for s, w in enumerate(walkers):
+        if w.ensemble == "relax":
+            out["relax"][s] = relax.RELAX_CELL if w.relax_cell else relax.RELAX_POS
+            out["fire_tol"][s], out["fire_maxstep"][s] = w.fmax, w.maxstep
+            out["fire_dt"][s], out["fire_a"][s] = relax.DT0, relax.ASTART
+    return out

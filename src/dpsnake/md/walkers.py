@@ -19,7 +19,7 @@ import numpy as np
 
 from dpsnake.errors import UserError
 
-ENSEMBLES = ("nve", "nvt", "nvt-langevin", "npt", "npt-aniso", "npt-tri")
+ENSEMBLES = ("nve", "nvt", "nvt-langevin", "npt", "npt-aniso", "npt-tri", "relax")
 THERMOSTATS = ("nhc", "bussi", "langevin")
 # what each ensemble uses unless the walker names a thermostat
 DEFAULT_THERMOSTAT = {
@@ -29,6 +29,7 @@ DEFAULT_THERMOSTAT = {
     "npt": "bussi",
     "npt-aniso": "bussi",
     "npt-tri": "bussi",
+    "relax": None,
 }
 BAROSTAT = {"npt": "iso", "npt-aniso": "aniso", "npt-tri": "tri"}
 
@@ -48,7 +49,9 @@ _KNOWN = set(_REQUIRED) | {
     "temperature_ramp",
     "pressure_ramp",
     "recipe",
-    "bias",
+    "fmax",
+    "relax_cell",
+    "maxstep",
 }
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
@@ -78,7 +81,11 @@ class Walker:
     temperature_ramp: dict | None = None
     pressure_ramp: dict | None = None
     recipe: str | None = None  # how the start structure was generated (dpsnake.workflow.generators.recipe)
-    bias: dict | None = None  # a bias on one collective variable (dpsnake.md.bias), normalized
+    # ensemble relax (dpsnake.md.relax): FIRE until every force is below fmax (eV/A); relax_cell: the
+    # cell too, at ``pressure`` (UnitCellFilter); maxstep: FIRE's largest move (A)
+    fmax: float = 0.05
+    relax_cell: bool = False
+    maxstep: float = 0.2
 
     @property
     def barostat(self) -> str | None:
@@ -107,12 +114,6 @@ def _ramp(w: dict, key: str, where: str, nsteps: int, allowed: bool, needs: str)
     return ramps.normalize(w[key], nsteps, f"{where}: {key}", positive=key == "temperature_ramp")
 
 
-def _bias(spec, nsteps: int, where: str) -> dict:
-    from dpsnake.md import bias
-
-    return bias.normalize(spec, nsteps, f"{where}: bias")
-
-
 def _start(ramp: dict | None, value: float | None, key: str, where: str, default: float) -> float:
     """The walker's temperature / pressure: the schedule's value at step 0 (a given value must match)."""
     if ramp is None:
@@ -137,7 +138,7 @@ def parse_walkers(data, base: pathlib.Path | None = None) -> list[Walker]:
         if isinstance(w.get("name"), str):
             where = f"walkers.json: walker '{w['name']}'"
         for k in _REQUIRED:
-            if k not in w:
+            if k not in w and not (k == "dt" and w.get("ensemble") == "relax"):  # FIRE has its own steps
                 raise UserError(f"{where}: missing key '{k}'")
         unknown = sorted(set(w) - _KNOWN)
         if unknown:
@@ -159,16 +160,17 @@ def parse_walkers(data, base: pathlib.Path | None = None) -> list[Walker]:
         if thermo is not None and thermo not in THERMOSTATS:
             raise UserError(f"{where}: key 'thermostat' must be one of {', '.join(THERMOSTATS)}, got {thermo!r}")
         nsteps = _num(w, "nsteps", where, int)
-        t_ramp = _ramp(w, "temperature_ramp", where, nsteps, ens != "nve", "a thermostat (not nve)")
+        relax = _relax_keys(w, where)
+        t_ramp = _ramp(w, "temperature_ramp", where, nsteps, ens not in ("nve", "relax"), "a thermostat (not nve)")
         p_ramp = _ramp(w, "pressure_ramp", where, nsteps, ens.startswith("npt"), "a barostat (npt*)")
-        if ens != "nve" and "temperature" not in w and not t_ramp:
+        if ens not in ("nve", "relax") and "temperature" not in w and not t_ramp:
             raise UserError(f"{where}: key 'temperature' is required for ensemble {ens}")
         if ens.startswith("npt") and "pressure" not in w and not p_ramp:
             raise UserError(f"{where}: key 'pressure' is required for ensemble {ens}")
         temp = _num(w, "temperature", where, default=None)
         temp = _start(t_ramp, temp, "temperature", where, 0.0)
         pres = _start(p_ramp, _num(w, "pressure", where, default=None), "pressure", where, 0.0)
-        if ens != "nve" and temp <= 0:
+        if ens not in ("nve", "relax") and temp <= 0:
             raise UserError(f"{where}: key 'temperature' must be positive for ensemble {ens}, got {temp!r}")
         structure = pathlib.Path(str(w["structure"]))
         if base is not None and not structure.is_absolute():
@@ -181,7 +183,7 @@ def parse_walkers(data, base: pathlib.Path | None = None) -> list[Walker]:
                 structure=str(structure),
                 ensemble=ens,
                 nsteps=nsteps,
-                dt=_num(w, "dt", where, positive=True),
+                dt=_num(w, "dt", where, positive=True, default=0.001),
                 trj_freq=_num(w, "trj_freq", where, int, positive=True),
                 seed=_num(w, "seed", where, int),
                 system=str(w.get("system") or name),
@@ -198,10 +200,35 @@ def parse_walkers(data, base: pathlib.Path | None = None) -> list[Walker]:
                 temperature_ramp=t_ramp,
                 pressure_ramp=p_ramp,
                 recipe=None if w.get("recipe") is None else str(w["recipe"]),
-                bias=None if w.get("bias") is None else _bias(w["bias"], nsteps, where),
+                **relax,
             )
         )
     return out
+
+
+def _relax_keys(w: dict, where: str) -> dict:
+    """fmax, relax_cell, maxstep of a relax walker (refused on MD walkers); temperature 0 (no
+    thermostat, no start velocities)."""
+    ens = w["ensemble"]
+    given = [k for k in ("fmax", "relax_cell", "maxstep") if k in w]
+    if ens != "relax":
+        if given:
+            raise UserError(f"{where}: key '{given[0]}' needs ensemble relax, the ensemble is {ens}")
+        return {}
+    if w.get("temperature"):
+        raise UserError(f"{where}: key 'temperature' is not allowed with ensemble relax (FIRE has no temperature)")
+    if w.get("thermostat") is not None:
+        raise UserError(f"{where}: key 'thermostat' is not allowed with ensemble relax")
+    cell = w.get("relax_cell", False)
+    if not isinstance(cell, bool):
+        raise UserError(f"{where}: key 'relax_cell' must be true or false, got {cell!r}")
+    if w.get("pressure") and not cell:
+        raise UserError(f"{where}: key 'pressure' needs relax_cell: true with ensemble relax")
+    return {
+        "fmax": _num(w, "fmax", where, positive=True, default=0.05),
+        "relax_cell": cell,
+        "maxstep": _num(w, "maxstep", where, positive=True, default=0.2),
+    }
 
 
 def load_walkers(path) -> list[Walker]:
@@ -270,6 +297,8 @@ def read_structure(walker: Walker, type_map: list[str]):
             f"{where}: ensemble {walker.ensemble} needs a cell periodic in all directions, pbc is {pbc} "
             "(a slab or wire); use nvt for it"
         )
+    if walker.relax_cell and not all(pbc):
+        raise UserError(f"{where}: relax_cell needs a cell periodic in all directions, pbc is {pbc}")
     index = {s: i for i, s in enumerate(type_map)}
     atype = np.array([index[s] for s in atoms.get_chemical_symbols()], dtype=np.int64)
     return atoms, atype

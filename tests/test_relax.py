@@ -1,0 +1,248 @@
+"""Structure search (issue 20 item 4): random AIRSS-style start structures, and relax walkers (FIRE on
+the batch, optionally with the cell) against ASE's FIRE / UnitCellFilter on the same DeePMD model."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+from ase import units
+from ase.build import bulk
+from ase.neighborlist import neighbor_list
+
+from dpsnake.errors import UserError
+from dpsnake.md.explorer import Explorer
+from dpsnake.md.providers import EnsembleProvider
+from dpsnake.md.trajectory import read_frames
+from dpsnake.md.walkers import parse_walkers
+from dpsnake.workflow.random_structures import random_structure, walker_seed
+
+SEED2 = {"model": {"descriptor": {"seed": 2}, "fitting_net": {"seed": 2}}, "training": {"seed": 2}}
+SPEC = {"composition": {"Cu": 4, "Ni": 4}, "volume_per_atom": [10.0, 14.0], "min_dist": 2.0, "seed": 3}
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+@pytest.fixture(scope="module")
+def models(cu_model, dp_model):
+    return [str(cu_model["dp"]), str(dp_model(SEED2)["dp"])]
+
+
+def provider(paths):
+    from dpsnake.engine.ensemble import Ensemble
+    from dpsnake.engine.model import load_model
+
+    return EnsembleProvider(Ensemble([load_model(p) for p in paths]))
+
+
+def cu(path, rep=(2, 2, 2), rattle=0.1, seed=0, a=3.7, stretch=1.0):
+    at = bulk("Cu", "fcc", a=a, cubic=True).repeat(rep)
+    at.set_cell(at.cell.array * np.array([stretch, 1.0, 1.0 / stretch**0.5])[:, None], scale_atoms=True)
+    at.rattle(rattle, seed=seed)
+    at.write(path, format="extxyz")
+    return str(path)
+
+
+def relax_walker(name, structure, **kw):
+    d = dict(name=name, structure=structure, ensemble="relax", nsteps=400, trj_freq=10, seed=1, fmax=0.01)
+    d.update(kw)
+    return d
+
+
+def run(tmp_path, walkers, paths, **kw):
+    ex = Explorer(parse_walkers(walkers), provider(paths), ["Cu"], tmp_path, progress=False, **kw)
+    return ex.run()
+
+
+# ----------------------------------------------------------------------------- random structures
+def test_random_structure_composition_volume_min_dist_seeded():
+    pair = {"Cu-Cu": 2.3, "Cu-Ni": 2.1, "Ni-Ni": 2.2}
+    seen = set()
+    for seed in range(6):
+        spec = {**SPEC, "min_dist": pair}
+        at = random_structure(spec, seed=seed)
+        assert sorted(at.get_chemical_symbols()) == ["Cu"] * 4 + ["Ni"] * 4
+        assert at.pbc.all()
+        assert 10.0 * 8 - 1e-9 <= at.cell.volume <= 14.0 * 8 + 1e-9
+        ang = at.cell.cellpar()[3:]
+        assert ((ang >= 60 - 1e-9) & (ang <= 120 + 1e-9)).all()
+        # every pair within 3 A, all periodic images (ASE's neighbour list, not the generator's check)
+        i, j, d = neighbor_list("ijd", at, 3.0)
+        s = np.array(at.get_chemical_symbols())
+        need = np.array([pair["-".join(sorted((s[a], s[b])))] for a, b in zip(i, j)])
+        assert (d >= need - 1e-9).all()
+        again = random_structure(spec, seed=seed)
+        assert np.array_equal(again.positions, at.positions) and np.array_equal(again.cell.array, at.cell.array)
+        seen.add(round(float(at.cell.volume), 8))
+    assert len(seen) == 6  # different seeds: different structures
+    seeds = {walker_seed(SPEC, k) for k in range(1, 50)}
+    assert len(seeds) == 49
+    a, b = random_structure(SPEC, seed=walker_seed(SPEC, 1)), random_structure(SPEC, seed=walker_seed(SPEC, 2))
+    assert not np.allclose(a.cell.array, b.cell.array)
+
+
+@pytest.mark.parametrize(
+    "spec, key",
+    [
+        ({**SPEC, "composition": {"Cu": 0}}, "composition.Cu"),
+        ({**SPEC, "composition": {"Xx": 2}}, "composition.Xx"),
+        ({**SPEC, "volume_per_atom": [14, 10]}, "volume_per_atom"),
+        ({**SPEC, "min_dist": {"Cu-Cu": 2.0}}, "min_dist"),
+        ({**SPEC, "min_dist": {"Cu-Fe": 2.0}}, "min_dist.Cu-Fe"),
+        ({**SPEC, "min_dist": -1}, "min_dist"),
+        ({**SPEC, "volume_per_atom": 2.0, "min_dist": 3.0}, "structure.random"),
+        ({**SPEC, "colour": 1}, "colour"),
+        ({**SPEC, "angles": [60, 190]}, "angles"),
+    ],
+)
+def test_random_structure_bad_values_one_line(spec, key):
+    with pytest.raises(UserError) as err:
+        random_structure(spec)
+    msg = str(err.value)
+    assert (
+        "\n" not in msg
+        and f"structure.random.{key}".replace("structure.random.structure.random", "structure.random") in msg
+    )
+
+
+# ----------------------------------------------------------------------------- FIRE vs ASE
+def _ase_relax(path, model, fmax, cell=False, pressure_bar=0.0):
+    import ase.io
+    from ase.filters import UnitCellFilter
+    from ase.optimize import FIRE
+
+    from dpsnake.engine.calculator import DP
+
+    atoms = ase.io.read(path)
+    atoms.calc = DP(model)
+    target = UnitCellFilter(atoms, scalar_pressure=pressure_bar * units.bar) if cell else atoms
+    opt = FIRE(target, logfile=None)
+    opt.run(fmax=fmax, steps=1000)
+    return atoms, opt.nsteps
+
+
+def test_fire_positions_agree_with_ase(tmp_path, cu_model):
+    """32 rattled Cu atoms: the relax walker stops below fmax = 0.01 eV/A after the same number of FIRE
+    steps as ase.optimize.FIRE on dpsnake's ASE calculator, at the same positions (1e-6 A) and energy."""
+    from dpsnake.engine.calculator import DP
+
+    s = cu(tmp_path / "cu.extxyz", seed=4)
+    summary = run(tmp_path / "run", [relax_walker("r", s)], [cu_model["dp"]])
+    rec = summary["walkers"]["r"]
+    ref, nsteps = _ase_relax(s, cu_model["dp"], 0.01)
+    assert rec["status"] == "finished" and f"after {nsteps} FIRE steps" in rec["reason"], (rec, nsteps)
+    frames = read_frames(tmp_path / "run" / "r" / "traj.extxyz")
+    assert frames[-1].info["step"] == rec["steps"] == -(-nsteps // 10) * 10  # the next frame after it
+    last = frames[-1]
+    dpos = np.abs(last.positions - ref.positions).max()
+    last.calc = DP(cu_model["dp"])
+    de = abs(last.get_potential_energy() - ref.get_potential_energy())
+    print(f"FIRE positions: {nsteps} steps, |dpos| {dpos:.2e} A, |dE| {de:.2e} eV")
+    assert np.linalg.norm(last.get_forces(), axis=1).max() < 0.01
+    assert dpos < 1e-6 and de < 1e-8
+    assert np.abs(last.positions - frames[0].positions).max() > 0.02  # it moved
+    devi = np.loadtxt(tmp_path / "run" / "r" / "model_devi.out")
+    assert devi.shape == (len(frames), 7) and devi[-1, 0] == rec["steps"]
+
+
+@pytest.mark.parametrize("pressure", [0.0, 20000.0])
+def test_fire_cell_agrees_with_ase_unitcellfilter(tmp_path, cu_model, pressure):
+    """A stretched, rattled Cu cell relaxed with its cell (at 0 and 2 GPa) = ASE's UnitCellFilter +
+    FIRE: same steps, volume within 1e-6 A^3, energy within 1e-8 eV."""
+    from dpsnake.engine.calculator import DP
+
+    s = cu(tmp_path / "cu.extxyz", seed=5, stretch=1.04)
+    w = relax_walker("c", s, relax_cell=True, pressure=pressure, fmax=0.01, nsteps=600)
+    summary = run(tmp_path / "run", [w], [cu_model["dp"]])
+    rec = summary["walkers"]["c"]
+    ref, nsteps = _ase_relax(s, cu_model["dp"], 0.01, cell=True, pressure_bar=pressure)
+    assert rec["status"] == "finished" and f"after {nsteps} FIRE steps" in rec["reason"], (rec, nsteps)
+    last = read_frames(tmp_path / "run" / "c" / "traj.extxyz")[-1]
+    last.calc = DP(cu_model["dp"])
+    dv = abs(last.cell.volume - ref.cell.volume)
+    de = abs(last.get_potential_energy() - ref.get_potential_energy())
+    dpos = np.abs(last.positions - ref.positions).max()
+    print(f"FIRE cell P={pressure:g} bar: {nsteps} steps, V {ref.cell.volume:.4f} |dV| {dv:.2e} A^3, |dE| {de:.2e} eV")
+    assert dv < 1e-6 and de < 1e-8 and dpos < 1e-6
+    v0 = read_frames(tmp_path / "run" / "c" / "traj.extxyz")[0].cell.volume
+    assert abs(last.cell.volume - v0) > 0.1  # the cell relaxed
+    stress = -last.get_stress(voigt=False) - pressure * units.bar * np.eye(3)  # enthalpy gradient / V
+    assert np.abs(stress).max() * last.cell.volume / len(last) < 0.01
+
+
+# ----------------------------------------------------------------------------- batches, resume, errors
+def test_relax_and_md_in_one_batch_equal_alone(tmp_path, models):
+    a = cu(tmp_path / "a.extxyz", seed=1)
+    b = cu(tmp_path / "b.extxyz", rep=(2, 1, 1), seed=2)
+    md = dict(name="md", structure=b, ensemble="nvt", temperature=600.0, nsteps=60, dt=0.002, trj_freq=10, seed=7)
+    rw = relax_walker("r", a, nsteps=60)
+    run(tmp_path / "batch", [rw, md], models)
+    for w in (md, rw):
+        run(tmp_path / w["name"], [w], models)
+        fb = read_frames(tmp_path / "batch" / w["name"] / "traj.extxyz")
+        fa = read_frames(tmp_path / w["name"] / w["name"] / "traj.extxyz")
+        # the relax walker converges (and leaves the batch) after 29 FIRE steps, the MD walker runs on
+        last = 60 if w is md else 30
+        assert [f.info["step"] for f in fb] == [f.info["step"] for f in fa] == list(range(0, last + 1, 10))
+        for x, y in zip(fb, fa):
+            assert np.abs(x.positions - y.positions).max() < 1e-8
+        assert np.abs(fb[-1].positions - fb[0].positions).max() > 1e-3
+        db = np.loadtxt(tmp_path / "batch" / w["name"] / "model_devi.out")
+        da = np.loadtxt(tmp_path / w["name"] / w["name"] / "model_devi.out")
+        assert np.allclose(db, da, rtol=1e-6, atol=1e-12) and (db[:, 4] > 0).all()
+
+
+def test_relax_resume_equals_uninterrupted(tmp_path, models):
+    s = cu(tmp_path / "c.extxyz", seed=6, stretch=1.03)
+    b = cu(tmp_path / "b.extxyz", rep=(2, 1, 1), seed=2)
+    ws = [
+        relax_walker("c", s, relax_cell=True, nsteps=80),
+        relax_walker("p", b, nsteps=80),
+        dict(
+            name="md",
+            structure=b,
+            ensemble="npt",
+            temperature=500.0,
+            pressure=0.0,
+            nsteps=80,
+            dt=0.002,
+            trj_freq=10,
+            seed=3,
+        ),
+    ]
+    run(tmp_path / "once", ws, models)
+    assert run(tmp_path / "twice", ws, models, stop_after=23, checkpoint_steps=5) == {}
+    with np.load(tmp_path / "twice" / "checkpoint.npz") as z:
+        meta = json.loads(str(z["meta"]))
+        assert meta["status"]["c"]["status"] == "running" and int(z["s_fire_k"][0]) == 23  # stopped mid-relaxation
+    summary = run(tmp_path / "twice", ws, models)
+    assert all(r["status"] == "finished" for r in summary["walkers"].values())
+    for w in ws:
+        for f in ("traj.extxyz", "model_devi.out"):
+            x = (tmp_path / "once" / w["name"] / f).read_bytes()
+            assert x == (tmp_path / "twice" / w["name"] / f).read_bytes(), (w["name"], f)
+
+
+@pytest.mark.parametrize(
+    "extra, key",
+    [
+        ({"fmax": -1.0}, "'fmax'"),
+        ({"fmax": "small"}, "'fmax'"),
+        ({"relax_cell": "yes"}, "'relax_cell'"),
+        ({"maxstep": 0}, "'maxstep'"),
+        ({"temperature": 300.0}, "'temperature'"),
+        ({"thermostat": "nhc"}, "'thermostat'"),
+        ({"pressure": 100.0}, "'pressure'"),
+        ({"ensemble": "nvt", "temperature": 300.0, "dt": 0.001}, "'fmax'"),
+    ],
+)
+def test_relax_walker_bad_values_one_line(tmp_path, extra, key):
+    s = cu(tmp_path / "c.extxyz")
+    with pytest.raises(UserError) as err:
+        parse_walkers([{**relax_walker("r", s), **extra}])
+    assert "\n" not in str(err.value) and key in str(err.value) and "walker 'r'" in str(err.value)
