@@ -25,7 +25,7 @@ import numpy as np
 
 from dpsnake.engine.xp import to_numpy
 from dpsnake.fsio import open_atomic, write_json_atomic
-from dpsnake.md import integrators, ramps
+from dpsnake.md import bias, integrators, ramps
 from dpsnake.md.deviation import batch_deviation, min_distances
 from dpsnake.md.graphs import make_stepper
 from dpsnake.md.relax import step as relax_step
@@ -72,20 +72,26 @@ def _write_rows(pool, outs, bundle, devi) -> None:
         o.files["traj"].write(frame)
 
 
-class _Out:
-    """The two growing output files of one walker (binary append; lengths known for checkpoints)."""
+_FILES = {"traj": "traj.extxyz", "devi": "model_devi.out", "bias": "bias.out"}
 
-    def __init__(self, folder: pathlib.Path, offsets=None):
+
+class _Out:
+    """The growing output files of one walker (binary append; lengths known for checkpoints):
+    frames, deviation lines and, for a biased walker, ``bias.out`` (step, CV, bias energy)."""
+
+    def __init__(self, folder: pathlib.Path, offsets=None, biased=False):
         folder.mkdir(parents=True, exist_ok=True)
-        self.final = {"traj": folder / "traj.extxyz", "devi": folder / "model_devi.out"}
+        keys = ("traj", "devi", "bias") if biased or "bias" in (offsets or {}) else ("traj", "devi")
+        self.final = {k: folder / _FILES[k] for k in keys}
         self.part = {k: p.with_name(p.name + ".part") for k, p in self.final.items()}
         self.files = {}
         self.busy = None  # the writer thread's last task appending to the files (only it writes there)
-        for k in ("traj", "devi"):
+        for k in keys:
             if offsets is None:
                 self.part[k].unlink(missing_ok=True)
                 self.final[k].unlink(missing_ok=True)
-                self.part[k].write_bytes(DEVI_HEADER.encode() if k == "devi" else b"")
+                head = {"devi": DEVI_HEADER, "bias": bias.BIAS_HEADER}.get(k, "")
+                self.part[k].write_bytes(head.encode())
             else:
                 if not self.part[k].exists() and self.final[k].exists():
                     os.replace(self.final[k], self.part[k])  # stopped after the last checkpoint
@@ -117,7 +123,9 @@ class _Out:
 
 
 def spec_hash(walkers: list[Walker], models: list[str]) -> str:
-    blob = json.dumps([[dataclasses.asdict(w) for w in walkers], [str(m) for m in models]], sort_keys=True)
+    # no bias: the spec as before biases existed (checkpoints of earlier versions stay usable)
+    specs = [{k: v for k, v in dataclasses.asdict(w).items() if k != "bias" or v is not None} for w in walkers]
+    blob = json.dumps([specs, [str(m) for m in models]], sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()
 
 
@@ -146,7 +154,9 @@ class Explorer:
         state_dir=None,
     ):
         self.walkers = list(walkers)
-        self.provider = provider
+        # the walkers' biases between the provider and the integrator (dpsnake.md.bias)
+        self.biased = any(w.bias for w in self.walkers)
+        self.provider = bias.BiasedProvider(provider) if self.biased else provider
         self.type_map = list(type_map)
         self.outdir = pathlib.Path(outdir)
         self.state_dir = self.outdir if state_dir is None else pathlib.Path(state_dir)
@@ -186,7 +196,9 @@ class Explorer:
         for w, (_atoms, _atype, m) in zip(self.walkers, self.structures):
             vel.append(maxwell_boltzmann(m, w.temperature, w.seed, degrees_of_freedom(len(m), w)))
         self.st = build_state(self.walkers, list(range(len(self.walkers))), self.structures, vel, self.xp)
-        self.outs = {w.name: _Out(self.outdir / w.name) for w in self.walkers}
+        self.outs = {w.name: _Out(self.outdir / w.name, biased=bool(w.bias)) for w in self.walkers}
+        if self.biased:
+            self.provider.step = 0
         out = self.provider(self.st, True)
         integrators.set_forces(self.st, out)
         update_converged(self.st)  # relax walkers: already relaxed at the start?
@@ -202,7 +214,8 @@ class Explorer:
                     return False
                 arrays = {k[2:]: z[k] for k in z.files if k.startswith("s_")}
             for n, o in meta["offsets"].items():
-                for k, final in (("traj", "traj.extxyz"), ("devi", "model_devi.out")):
+                for k in o:
+                    final = _FILES[k]
                     f = self.outdir / n / final
                     part = f.with_name(final + ".part")
                     size = part.stat().st_size if part.exists() else f.stat().st_size
@@ -254,6 +267,8 @@ class Explorer:
             dev = {"devi": devi, "finite": finite, "pos": st.pos.copy(), "cells": st.cells.copy()}
             dev["relaxed"] = st.fire_conv.copy()  # relax walkers below fmax: finished after this frame
             dev["fire_k"] = st.fire_k.copy()
+            if st.b_out is not None:
+                dev["bias"] = st.b_out.copy()
             if need_md:
                 dev["mind"] = min_distances(xp, st.pos, st.cells, st.pbc, h["natoms"])
             if xp is not np:
@@ -288,6 +303,11 @@ class Explorer:
         if not len(rows):
             return
         outs = [self.outs[self.walkers[widx[s]].name] for s in rows]
+        if "bias" in dev:  # small: written here (the writer thread writes only traj and devi)
+            for o, s in zip(outs, rows):
+                if "bias" in o.files:
+                    row = f"{step:12d} {dev['bias'][s, 0]:17.10e} {dev['bias'][s, 1]:17.10e}\n"
+                    o.files["bias"].write(row.encode())
         bundle = (h["symbols"], dev["pos"], dev["cells"], h["pbc"], step, h["bounds"], rows)
         if self._frame_pool() is None:
             _write_rows(None, outs, bundle, dev["devi"][rows])
@@ -460,6 +480,8 @@ class Explorer:
                     ends = {w.nsteps for w in active}
                 nxt = self.step + 1
                 all_models = any(nxt % f == 0 for f in freqs)
+                if self.biased:
+                    self.provider.step = nxt  # the step of this force call's positions (steered, metadynamics)
                 stepper = relax_step if flags["relax"] else self._md_step  # relax walkers: FIRE (eager)
                 out = stepper(self.st, self.provider, self.step, flags, all_models)
                 self.step = nxt

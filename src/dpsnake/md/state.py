@@ -50,6 +50,8 @@ T_NONE, T_NHC, T_BUSSI, T_LANGEVIN = 0, 1, 2, 3
 B_NONE, B_ISO, B_ANISO, B_TRI = 0, 1, 2, 3
 _TCODE = {None: T_NONE, "nhc": T_NHC, "bussi": T_BUSSI, "langevin": T_LANGEVIN}
 _BCODE = {None: B_NONE, "iso": B_ISO, "aniso": B_ANISO, "tri": B_TRI}
+# per-walker bias arrays (dpsnake.md.bias); None in checkpoints written before biases existed
+_BIAS = ("b_int", "b_par", "mtd", "b_out")
 
 
 @dataclass
@@ -67,7 +69,8 @@ class BatchState:
     full walker list. Target schedules (dpsnake.md.ramps): t_knot, t_val (S, K) knot steps and kT
     (eV); p_knot, p_val (S, K') knot steps and p0 (eV/A^3); ramp (S,) bits R_T, R_T_STEPPED, R_P,
     R_P_STEPPED. ``kT`` and ``p0`` hold the current targets (set in place at each step when a walker
-    of the batch has a schedule).
+    of the batch has a schedule). Biases (dpsnake.md.bias): b_int (S, 6), b_par (S, 9) parameters,
+    mtd (S, H, 2) metadynamics Gaussians (centre, height eV), b_out (S, 2) CV and bias energy (eV).
     """
 
     pos: object
@@ -117,6 +120,10 @@ class BatchState:
     fire_cv: object = None
     fire_F: object = None
     xp: object = np
+    b_int: object = None
+    b_par: object = None
+    mtd: object = None
+    b_out: object = None
 
     @property
     def nsys(self) -> int:
@@ -148,15 +155,20 @@ class BatchState:
         for f in _ATOM:
             out[f] = getattr(self, f)[keep_atom]
         out["system"] = renum[out["system"]]
-        for f in _SYS:
-            out[f] = getattr(self, f)[keep_sys_d]
+        for f in _SYS + _BIAS:
+            if getattr(self, f) is not None:
+                out[f] = getattr(self, f)[keep_sys_d]
         return BatchState(xp=xp, **out)
 
     def to_host(self) -> dict:
         """All arrays as NumPy (for checkpoints)."""
         from dpsnake.engine.xp import to_numpy
 
-        return {f.name: to_numpy(getattr(self, f.name)) for f in fields(self) if f.name != "xp"}
+        return {
+            f.name: to_numpy(getattr(self, f.name))
+            for f in fields(self)
+            if f.name != "xp" and getattr(self, f.name) is not None
+        }
 
     @classmethod
     def from_host(cls, arrays: dict, xp=np) -> BatchState:
@@ -221,6 +233,10 @@ def build_state(walkers: list[Walker], indices, structures, velocities, xp=np) -
     h = {k: np.array([r[k] for r in rows]) for k in rows[0]}
     h.update(_schedules([walkers[i] for i in indices]))
     h.update(_relax([walkers[i] for i in indices]))
+    if any(walkers[i].bias for i in indices):
+        from dpsnake.md.bias import state_arrays
+
+        h.update(state_arrays([walkers[i] for i in indices], [structures[i] for i in indices]))
     h["seed"] = h["seed"].astype(np.uint64)
     for k in ("natoms", "nf", "thermo", "baro", "walker", "ramp"):
         h[k] = h[k].astype(np.int64)

@@ -52,6 +52,7 @@ _KNOWN = set(_REQUIRED) | {
     "fmax",
     "relax_cell",
     "maxstep",
+    "bias",
 }
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
@@ -86,6 +87,7 @@ class Walker:
     fmax: float = 0.05
     relax_cell: bool = False
     maxstep: float = 0.2
+    bias: dict | None = None  # a bias on one collective variable (dpsnake.md.bias), normalized
 
     @property
     def barostat(self) -> str | None:
@@ -112,6 +114,12 @@ def _ramp(w: dict, key: str, where: str, nsteps: int, allowed: bool, needs: str)
     if not allowed:
         raise UserError(f"{where}: key '{key}' needs {needs}, the ensemble is {w['ensemble']}")
     return ramps.normalize(w[key], nsteps, f"{where}: {key}", positive=key == "temperature_ramp")
+
+
+def _bias(spec, nsteps: int, where: str) -> dict:
+    from dpsnake.md import bias
+
+    return bias.normalize(spec, nsteps, f"{where}: bias")
 
 
 def _start(ramp: dict | None, value: float | None, key: str, where: str, default: float) -> float:
@@ -201,6 +209,7 @@ def parse_walkers(data, base: pathlib.Path | None = None) -> list[Walker]:
                 pressure_ramp=p_ramp,
                 recipe=None if w.get("recipe") is None else str(w["recipe"]),
                 **relax,
+                bias=None if w.get("bias") is None else _bias(w["bias"], nsteps, where),
             )
         )
     return out
