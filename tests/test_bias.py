@@ -104,6 +104,9 @@ def test_cv_gradients_match_finite_differences(tmp_path):
             "v",
             tmp_path / "cuni.extxyz",
             bias={"cv": {"type": "volume", "per_atom": True}, "kind": "umbrella", "kappa": 0.2, "at": 10.0},
+            ensemble="npt",
+            pressure=0.0,
+            thermostat="bussi",
         ),
     ]
     st = _state(ws, ["Cu", "Ni"])
@@ -287,3 +290,33 @@ def test_volume_umbrella_with_a_real_deepmd_model(tmp_path, cu_model):
     np.testing.assert_allclose(rows[:, 2], 0.25 * (rows[:, 1] - 13.0) ** 2, rtol=1e-7, atol=1e-9)
     # the model's cell at 1 bar is ~16 A^3/atom; the umbrella holds it near 13
     assert abs(vols["pulled"][-3:].mean() - 13.0) < 1.0 and vols["plain"][-3:].mean() > vols["pulled"][-3:].mean() + 1.5
+
+
+def test_stage_and_group_bias_reach_walkers_json(tmp_path):
+    """A stage's bias goes to every walker of its groups (a group's own wins), validated at check time
+    with one line naming the config key; the walkers parse and carry it."""
+    from select_helpers import cu_config
+
+    from dpsnake.workflow.plan import make_walkers
+
+    umb = {"cv": {"type": "distance", "atoms": [0, 1]}, "kind": "umbrella", "kappa": 1.0, "at": 2.5}
+    mtd = {"cv": {"type": "volume", "per_atom": True}, "kind": "metadynamics", "height": 0.01, "sigma": 0.2, "pace": 10}
+    groups = [
+        {"temperatures": [300.0]},
+        {"temperatures": [600.0], "ensemble": "npt", "bias": mtd},
+        {"temperatures": [900.0]},
+    ]
+    stage = {"nsteps": 40, "trj_freq": 5, "ensemble": "nvt", "bias": umb, "groups": groups}
+    cfg = cu_config(tmp_path, explore={"stages": [stage]})
+    ws = make_walkers(cfg, 1, 0, tmp_path / "ex")
+    assert [w["bias"]["kind"] for w in ws] == ["umbrella", "metadynamics", "umbrella"]
+    parsed = parse_walkers(ws, base=tmp_path / "ex")
+    assert parsed[1].bias["cv"] == {"type": "volume", "per_atom": True} and parsed[1].bias["biasfactor"] is None
+    bad = {**stage, "groups": None, "bias": {**umb, "kappa": "stiff"}}
+    del bad["groups"]
+    with pytest.raises(UserError) as err:
+        cu_config(tmp_path, explore={"stages": [{**bad, "temperatures": [300.0]}]})
+    assert str(err.value) == "explore.stages[0].bias.kappa: must be a number, got 'stiff'"
+    with pytest.raises(UserError) as err:
+        cu_config(tmp_path, explore={"stages": [{**bad, "temperatures": [300.0], "bias": mtd}]})
+    assert str(err.value) == "explore.stages[0].bias.cv.type: volume needs a barostat (npt*), the ensemble is nvt"

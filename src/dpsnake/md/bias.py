@@ -141,6 +141,11 @@ def normalize(spec, nsteps: int, key: str) -> dict:
     return out
 
 
+def needs_npt(spec: dict) -> bool:
+    """Whether the bias needs a barostat (a volume CV is constant at constant volume)."""
+    return spec["cv"]["type"] == "volume"
+
+
 def state_arrays(walkers, structures) -> dict:
     """Host arrays of the walkers' biases for the batched state: b_int (S, 6) int64, b_par (S, 9),
     mtd (S, H, 2) Gaussian centres and heights (eV), b_out (S, 2). structures[s] = (atoms, atype, ...)."""

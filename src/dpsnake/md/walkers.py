@@ -116,10 +116,13 @@ def _ramp(w: dict, key: str, where: str, nsteps: int, allowed: bool, needs: str)
     return ramps.normalize(w[key], nsteps, f"{where}: {key}", positive=key == "temperature_ramp")
 
 
-def _bias(spec, nsteps: int, where: str) -> dict:
+def _bias(spec, nsteps: int, where: str, ens: str) -> dict:
     from dpsnake.md import bias
 
-    return bias.normalize(spec, nsteps, f"{where}: bias")
+    out = bias.normalize(spec, nsteps, f"{where}: bias")
+    if bias.needs_npt(out) and not ens.startswith("npt"):
+        raise UserError(f"{where}: bias.cv.type: volume needs a barostat (npt*), the ensemble is {ens}")
+    return out
 
 
 def _start(ramp: dict | None, value: float | None, key: str, where: str, default: float) -> float:
@@ -209,7 +212,7 @@ def parse_walkers(data, base: pathlib.Path | None = None) -> list[Walker]:
                 pressure_ramp=p_ramp,
                 recipe=None if w.get("recipe") is None else str(w["recipe"]),
                 **relax,
-                bias=None if w.get("bias") is None else _bias(w["bias"], nsteps, where),
+                bias=None if w.get("bias") is None else _bias(w["bias"], nsteps, where, ens),
             )
         )
     return out

@@ -106,6 +106,8 @@ def _group_walkers(cfg: dict, it: int, g: dict, label: str, first: int) -> list[
                         w["tau_p"] = g["tau_p"]
                         if p_ramp:
                             w["pressure_ramp"] = p_ramp
+                    if g.get("bias") is not None:  # every walker of the group: its own bias (history)
+                        w["bias"] = g["bias"]
                     if cfg["explore"].get("max_devi_f_cap") is not None:
                         w["max_devi_f_cap"] = cfg["explore"]["max_devi_f_cap"]
                     walkers.append(w)

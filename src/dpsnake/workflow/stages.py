@@ -26,6 +26,7 @@ INHERITED = (
     "tau_p",
     "temperature_ramp",
     "pressure_ramp",
+    "bias",
 )
 # a schedule replaces the list of constant conditions it is set beside (the group's own key wins)
 RAMPS = {"temperature_ramp": "temperatures", "pressure_ramp": "pressures"}
@@ -86,6 +87,12 @@ def _check_group(cfg: dict, group: dict, key: str) -> None:
                 f"{key}.pressure_ramp: needs a barostat (npt, npt-aniso, npt-tri), the ensemble is {group['ensemble']}"
             )
         normalize(group["pressure_ramp"], group["nsteps"], f"{key}.pressure_ramp", positive=False)
+    if group.get("bias") is not None:
+        from dpsnake.md import bias
+
+        bias.normalize(group["bias"], group["nsteps"], f"{key}.bias")
+        if bias.needs_npt(group["bias"]) and not group["ensemble"].startswith("npt"):
+            raise UserError(f"{key}.bias.cv.type: volume needs a barostat (npt*), the ensemble is {group['ensemble']}")
 
 
 def _one_of(full: dict, g: dict, stage: dict, ramp: str, consts: str, key: str, stage_key: str) -> None:
