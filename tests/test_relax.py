@@ -246,3 +246,60 @@ def test_relax_walker_bad_values_one_line(tmp_path, extra, key):
     with pytest.raises(UserError) as err:
         parse_walkers([{**relax_walker("r", s), **extra}])
     assert "\n" not in str(err.value) and key in str(err.value) and "walker 'r'" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- config: stages, plan
+def test_plan_relax_group_random_structures_per_walker(tmp_path):
+    """A stage with an MD group on Cu and a relax group (cell at two pressures, 2 replicas) on a random
+    CuNi system: every relax walker starts from its own random structure, its seed in its recipe."""
+    import ase.io
+    from select_helpers import cu_config
+
+    from dpsnake.workflow.plan import make_walkers
+
+    rnd = {"structure": {"random": {**SPEC, "min_dist": {"Cu-Cu": 2.2, "Cu-Ni": 2.1, "Ni-Ni": 2.2}}}}
+    groups = [
+        {"systems": ["Cu"], "temperatures": [300.0]},
+        {
+            "name": "rs",
+            "systems": ["CuNi"],
+            "ensemble": "relax",
+            "relax_cell": True,
+            "fmax": 0.02,
+            "pressures": [0.0, 1e4],
+            "replicas": 2,
+        },
+    ]
+    systems = {**cu_config(".")["systems"], "CuNi": rnd}
+    stage = {"explore": {"stages": [{"nsteps": 40, "trj_freq": 5, "groups": groups}]}, "type_map": ["Cu", "Ni"]}
+    cfg = cu_config(tmp_path, systems=systems, **stage)
+    ws = make_walkers(cfg, 1, 0, tmp_path / "ex")
+    rel = [w for w in ws if w["ensemble"] == "relax"]
+    assert [w["name"] for w in rel] == [
+        "CuNi.rs.relax.P0.r0",
+        "CuNi.rs.relax.P0.r1",
+        "CuNi.rs.relax.P10000.r0",
+        "CuNi.rs.relax.P10000.r1",
+    ]
+    assert all(w["relax_cell"] and w["fmax"] == 0.02 and "dt" not in w for w in rel)
+    assert [w["pressure"] for w in rel] == [0.0, 0.0, 1e4, 1e4]
+    cells = []
+    for w in rel:
+        at = ase.io.read(tmp_path / "ex" / w["structure"])
+        assert sorted(at.get_chemical_symbols()) == ["Cu"] * 4 + ["Ni"] * 4
+        seed = int(w["recipe"].split("seed:")[1].split()[0])
+        ref = random_structure(SPEC | {"min_dist": rnd["structure"]["random"]["min_dist"]}, seed=seed)
+        assert np.allclose(at.cell.array, ref.cell.array) and np.allclose(at.positions, ref.positions)
+        cells.append(at.cell.volume)
+    assert len(set(np.round(cells, 6))) == 4  # each walker its own structure
+    parsed = parse_walkers(ws, base=tmp_path / "ex")
+    assert [w.relax_cell for w in parsed if w.ensemble == "relax"] == [True] * 4
+
+
+def test_stage_relax_bad_values_one_line(tmp_path):
+    from select_helpers import cu_config
+
+    bad = {"nsteps": 40, "trj_freq": 5, "ensemble": "relax", "temperature_ramp": {"start": 300, "stop": 600}}
+    with pytest.raises(UserError) as err:
+        cu_config(tmp_path, explore={"stages": [bad]})
+    assert "\n" not in str(err.value) and "temperature_ramp" in str(err.value)

@@ -42,6 +42,8 @@ TOTAL = ("se_atten", "dpa1", "se_atten_v2", "se_e3_tebd")
 
 def structure_key(spec: dict, key: str) -> str:
     """The config key that names where a structure comes from (its file, or its builder)."""
+    if "random" in spec:
+        return f"{key}.random"
     return f"{key}.file: {spec['file']}" if "file" in spec else f"{key}.builder: {spec['builder']}"
 
 

@@ -208,6 +208,8 @@ def recipe(spec: dict) -> str:
     ``bulk(cubic=True, name=Cu) | supercell [3,3,3] | alloy fractions:Cu:0.7 Ni:0.3 seed:1 | vacancies count:2``."""
     if "file" in spec:
         parts = [f"file {spec['file']}" + (f" index {spec['index']}" if spec.get("index") else "")]
+    elif "random" in spec:  # the walker's own seed is in its spec (dpsnake.workflow.plan)
+        parts = [f"random {_short(spec['random'])}"]
     else:
         kw = ", ".join(f"{k}={_short(v)}" for k, v in sorted((spec.get("kwargs") or {}).items()))
         parts = [f"{spec.get('builder')}({kw})"]

@@ -68,7 +68,29 @@ def make_walkers(cfg: dict, it: int, stage: int, outdir: pathlib.Path) -> list[d
     walkers = []
     for g in groups:
         walkers += _group_walkers(cfg, it, g, "" if len(groups) == 1 else f"{g['name']}.", len(walkers))
+    _random_starts(cfg, walkers, sdir)
     return walkers
+
+
+def _random_starts(cfg: dict, walkers: list[dict], sdir: pathlib.Path) -> None:
+    """Walkers of a system with a ``random`` structure get their own start structure (their own seed,
+    from the spec's and the walker's, recorded in the recipe): ``structures/<walker>.extxyz``."""
+    import ase.io
+
+    from dpsnake.fsio import atomic_path
+    from dpsnake.workflow.generators import recipe
+    from dpsnake.workflow.random_structures import walker_seed
+    from dpsnake.workflow.structures import build_structure, with_masses
+
+    for w in walkers:
+        spec = cfg["systems"][w["system"]]["structure"]
+        if "random" not in spec:
+            continue
+        own = {**spec, "random": {**spec["random"], "seed": walker_seed(spec["random"], w["seed"])}}
+        atoms = with_masses(build_structure(own, ".", key=f"systems.{w['system']}.structure"), cfg["masses"])
+        with atomic_path(sdir / f"{w['name']}.extxyz", ".extxyz") as tmp:
+            ase.io.write(tmp, atoms, format="extxyz")
+        w["structure"], w["recipe"] = f"structures/{w['name']}.extxyz", recipe(own)
 
 
 def _group_walkers(cfg: dict, it: int, g: dict, label: str, first: int) -> list[dict]:
@@ -77,14 +99,16 @@ def _group_walkers(cfg: dict, it: int, g: dict, label: str, first: int) -> list[
     from dpsnake.workflow.generators import recipe
 
     walkers = []
-    npt = g["ensemble"].startswith("npt")
-    temperatures = _conditions(g, "temperatures", "temperature_ramp")
+    relax = g["ensemble"] == "relax"
+    npt = g["ensemble"].startswith("npt") or relax and g.get("relax_cell")  # relax_cell: at each pressure
+    temperatures = [("0", 0.0, None)] if relax else _conditions(g, "temperatures", "temperature_ramp")
     pressures = _conditions(g, "pressures", "pressure_ramp") if npt else [(None, None, None)]
     for system in g["systems"]:
         for T, t_val, t_ramp in temperatures:
             for P, p_val, p_ramp in pressures:
                 for r in range(g["replicas"]):
-                    name = f"{system}.{label}T{T}" + ("" if P is None else f".P{P}") + f".r{r}"
+                    name = f"{system}.{label}" + ("relax" if relax else f"T{T}") + ("" if P is None else f".P{P}")
+                    name += f".r{r}"
                     w = {
                         "name": name,
                         "system": system,
@@ -101,9 +125,13 @@ def _group_walkers(cfg: dict, it: int, g: dict, label: str, first: int) -> list[
                     }
                     if t_ramp:
                         w["temperature_ramp"] = t_ramp
+                    if relax:  # FIRE: temperature 0, no thermostat or time step
+                        del w["dt"], w["tau_t"]
+                        w.update(fmax=g.get("fmax", 0.05), relax_cell=bool(g.get("relax_cell", False)))
                     if P is not None:
                         w["pressure"] = p_val
-                        w["tau_p"] = g["tau_p"]
+                        if not relax:
+                            w["tau_p"] = g["tau_p"]
                         if p_ramp:
                             w["pressure_ramp"] = p_ramp
                     if g.get("bias") is not None:  # every walker of the group: its own bias (history)

@@ -26,6 +26,8 @@ INHERITED = (
     "tau_p",
     "temperature_ramp",
     "pressure_ramp",
+    "fmax",
+    "relax_cell",
     "bias",
 )
 # a schedule replaces the list of constant conditions it is set beside (the group's own key wins)
@@ -67,7 +69,11 @@ def _check_group(cfg: dict, group: dict, key: str) -> None:
         if s not in cfg["systems"]:
             raise UserError(f"{key}.systems: unknown system {s!r} (defined: {', '.join(cfg['systems'])})")
     group.setdefault("systems", list(cfg["systems"]))
-    if not group.get("temperatures") and not group.get("temperature_ramp"):
+    if group.get("ensemble") == "relax":  # FIRE: no temperature (the walkers' temperature is 0)
+        group.pop("temperatures", None)
+        if group.get("temperature_ramp") is not None:
+            raise UserError(f"{key}.temperature_ramp: needs a thermostat, the ensemble is relax")
+    elif not group.get("temperatures") and not group.get("temperature_ramp"):
         where = ", here or in the stage" if ".groups[" in key else ""
         raise UserError(f"{key}: give temperatures (K) or temperature_ramp{where}")
     for k in ("systems", "temperatures", "pressures"):

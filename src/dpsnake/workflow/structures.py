@@ -43,6 +43,10 @@ def build_structure(spec: dict, base: pathlib.Path | str = ".", key: str = "stru
             atoms = ase.io.read(path, index=spec.get("index", 0), format=spec.get("format"))
         except Exception as err:  # ASE raises many kinds for unreadable files
             raise UserError(f"{key}.file: {spec['file']}: ASE cannot read it ({type(err).__name__}: {err})") from None
+    elif "random" in spec:  # AIRSS-style: a random cell and positions (dpsnake.workflow.random_structures)
+        from dpsnake.workflow.random_structures import random_structure
+
+        atoms = random_structure(spec["random"], f"{key}.random")
     else:
         try:
             atoms = _builder(spec["builder"], key)(**(spec.get("kwargs") or {}))
