@@ -56,3 +56,13 @@ def test_status_before_and_without_a_run(tmp_path, capsys):
     (tmp_path / "results" / "iter.000000" / "train" / "model.0").mkdir(parents=True)
     assert main(["status", "--results-dir", str(tmp_path / "results")]) == 0
     assert capsys.readouterr().out.strip() == "iteration 0: training (0 models done)"
+
+
+def test_benchmark_rules_of_a_sharded_exploration(tmp_path):
+    b = tmp_path / "iter.000000"
+    b.mkdir()
+    for stem in ("explore.shard.0", "explore.shard.1", "explore.merge", "train.0", "plan"):
+        (b / f"{stem}.tsv").write_text("s\th:m:s\n1.5\t0:00:01\n")
+    t = readers.benchmarks_table(tmp_path, 0).set_index("job")
+    assert t.loc["explore.shard.1", "rule"] == "explore_shard" and t.loc["explore.merge", "rule"] == "explore_merge"
+    assert t.loc["train.0", "rule"] == "train" and t.loc["plan", "rule"] == "plan"

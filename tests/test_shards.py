@@ -140,3 +140,19 @@ def test_merge_names_the_missing_shard(tmp_path, capsys):
     assert err[-1].startswith("dpsnake merge-shards: error: shard 1: file not found:"), err
     assert str(shards.state_dir(tmp_path, 1) / "summary.json") in err[-1]
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_merge_refuses_a_walker_in_two_shards(tmp_path, capsys):
+    (tmp_path / "walkers.json").write_text(json.dumps([{"name": "a"}, {"name": "b"}]))
+    plan = {"balance": 1.0, "shards": [{"walkers": ["a", "b"], "cost": 2.0}, {"walkers": ["a"], "cost": 1.0}]}
+    (tmp_path / "shards.json").write_text(json.dumps(plan))
+    for k, names in enumerate((["a", "b"], ["a"])):
+        sdir = shards.state_dir(tmp_path, k)
+        sdir.mkdir(parents=True)
+        (sdir / "summary.json").write_text(json.dumps({"walkers": {n: {"status": "finished"} for n in names}}))
+        (sdir / "engine.json").write_text(json.dumps({"engine": "builtin", "device": "cpu"}))
+    args = ["--walkers", str(tmp_path / "walkers.json"), "--shards-file", str(tmp_path / "shards.json")]
+    assert dpsnake(["merge-shards", *args, "--outdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("walker 'a' is not in exactly one shard"), err
+    assert not (tmp_path / "summary.json").exists()

@@ -48,6 +48,9 @@ if SHARDED:
         conda:
             "../../envs/explore.yaml"
         threads: CFG["explore"]["threads"]
+        resources:
+            # a workstation's GPUs: `resources: [gpu_jobs=N]` (profiles/gpu: 1) runs N shards at once
+            gpu_jobs=1,
         params:
             engine=CFG["explore"]["engine"],
             device=CFG["explore"]["device"],

@@ -31,7 +31,7 @@ NOTES = {
     "model_devi_skip": "every recorded frame is a candidate (no skip of the first frames)",
     "model_devi_clean_traj": "housekeeping of DP-GEN's work folder: dpsnake keeps results/iter.N/explore",
     "model_devi_merge_traj": "housekeeping of DP-GEN's work folder: dpsnake writes one traj.extxyz per walker",
-    "model_devi_nopbc": "periodicity comes from each start structure (periodic in all directions or in none)",
+    "model_devi_nopbc": "periodicity comes from each start structure (per direction: bulk, slab, wire or cluster)",
     "model_devi_f_avg_relative": "relative force deviation: dpsnake uses the absolute max force deviation",
     "use_relative": "relative force deviation: dpsnake uses the absolute max force deviation",
     "epsilon": "relative force deviation: dpsnake uses the absolute max force deviation",

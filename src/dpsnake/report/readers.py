@@ -197,7 +197,10 @@ def benchmarks_table(bench_dir: pathlib.Path, it: int) -> pd.DataFrame:
             raise UserError(f"{f}: not a Snakemake benchmark table (no 's' column)")
         rows.append(
             {
-                "rule": f.stem.split(".")[0],
+                # explore.shard.K / explore.merge: the sharded exploration's own rules
+                "rule": {"shard": "explore_shard", "merge": "explore_merge"}.get(
+                    f.stem.split(".")[1] if f.stem.startswith("explore.") else "", f.stem.split(".")[0]
+                ),
                 "job": f.stem,
                 "s": float(t["s"].mean()),
                 "cpu_time": float(pd.to_numeric(t.get("cpu_time"), errors="coerce").mean())

@@ -146,7 +146,8 @@ def greedy_pick(
 
 
 def _flat(frames, type_map):
-    """Flat batched layout of ASE frames: coords (N, 3), atype (N,), system (N,), cells (S, 3, 3), pbc (S,)."""
+    """Flat batched layout of ASE frames: coords (N, 3), atype (N,), system (N,), cells (S, 3, 3), pbc (S, 3)
+    (per direction: slabs and wires are imaged along their periodic directions only)."""
     index = {s: k for k, s in enumerate(type_map)}
     coords = np.concatenate([a.positions for a in frames]).astype(np.float64)
     try:
@@ -157,7 +158,7 @@ def _flat(frames, type_map):
         raise UserError(f"element {err.args[0]} is not in the model's type_map {type_map}") from None
     system = np.repeat(np.arange(len(frames)), [len(a) for a in frames]).astype(np.int64)
     cells = np.stack([a.cell.array for a in frames]).astype(np.float64)
-    pbc = np.asarray([bool(a.pbc.any()) for a in frames])
+    pbc = np.asarray([np.asarray(a.pbc, dtype=bool) for a in frames]).reshape(len(frames), 3)
     return coords, atype, system, cells, pbc
 
 

@@ -24,7 +24,9 @@ import pathlib
 from dpsnake.errors import UserError
 
 SHARDS = "shards.json"
-DEFAULT_BUDGET = 5e9  # atom-steps per shard for shards: auto (~16 min at 0.19 us/atom-step, H200)
+# cost units per shard for shards: auto; ~12 min of the built-in engine on an H200 (0.149 us per cost unit
+# = 0.19 us per MD atom-step / 1.3 with 4 models every 10 steps: bench/bench_shards.py)
+DEFAULT_BUDGET = 5e9
 
 
 def walker_cost(natoms: int, nsteps: int, trj_freq: int, nmodels: int) -> float:
@@ -140,8 +142,10 @@ def merge(walkers_path, shards_path, outdir) -> dict:
         rows.update(summ)
         engines.append(read_json(sdir / "engine.json", f"shard {k}"))
     missing = [n for n in names if n not in rows]
-    if missing or len(rows) != len(names):
-        raise UserError(f"{shards_path}: walker '{(missing or sorted(set(rows) - set(names)))[0]}' is not in one shard")
+    if missing or len(rows) != len(names) or sum(len(s["walkers"]) for s in plan["shards"]) != len(names):
+        listed = [n for s in plan["shards"] for n in s["walkers"]]
+        extra = sorted(set(rows) - set(names)) or sorted(n for n in set(listed) if listed.count(n) > 1)
+        raise UserError(f"{shards_path}: walker '{(missing or extra)[0]}' is not in exactly one shard")
     kinds = {(e["engine"], e["device"]) for e in engines}
     if len(kinds) > 1:
         raise UserError(f"shards ran on different engines/devices {sorted(kinds)}: rerun them with one setting")
