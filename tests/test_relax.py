@@ -303,3 +303,34 @@ def test_stage_relax_bad_values_one_line(tmp_path):
     with pytest.raises(UserError) as err:
         cu_config(tmp_path, explore={"stages": [bad]})
     assert "\n" not in str(err.value) and "temperature_ramp" in str(err.value)
+
+
+def test_checkpoint_hash_of_md_walkers_unchanged_by_relax_keys(tmp_path):
+    """An MD walker's spec hash leaves out the relax keys at their defaults: checkpoints written before
+    relax walkers existed still resume; a relax walker's fmax changes its hash."""
+    import dataclasses
+    import hashlib
+
+    from dpsnake.md.explorer import spec_hash
+
+    s = cu(tmp_path / "c.extxyz")
+    md = parse_walkers(
+        [dict(name="m", structure=s, ensemble="nvt", temperature=300.0, nsteps=10, dt=0.001, trj_freq=5, seed=1)]
+    )
+    old = [
+        {k: v for k, v in dataclasses.asdict(w).items() if k not in ("fmax", "relax_cell", "maxstep", "bias")}
+        for w in md
+    ]
+    blob = json.dumps([old, ["m.dp"]], sort_keys=True)
+    assert spec_hash(md, ["m.dp"]) == hashlib.sha1(blob.encode()).hexdigest()
+    r1 = parse_walkers([relax_walker("r", s, fmax=0.05)])
+    r2 = parse_walkers([relax_walker("r", s, fmax=0.02)])
+    assert spec_hash(r1, ["m.dp"]) != spec_hash(r2, ["m.dp"])
+
+
+def test_relax_walker_not_converged_stops_at_nsteps(tmp_path, cu_model):
+    s = cu(tmp_path / "c.extxyz", seed=2)
+    summary = run(tmp_path / "run", [relax_walker("r", s, fmax=1e-7, nsteps=20, trj_freq=5)], [cu_model["dp"]])
+    rec = summary["walkers"]["r"]
+    assert rec["status"] == "finished" and rec["steps"] == 20 and "not relaxed below 1e-07 eV/A" in rec["reason"]
+    assert [f.info["step"] for f in read_frames(tmp_path / "run" / "r" / "traj.extxyz")] == [0, 5, 10, 15, 20]

@@ -122,9 +122,13 @@ class _Out:
             os.replace(self.part[k], self.final[k])
 
 
+# keys added to walkers later, at their defaults left out of the hash: the spec as before they existed
+# (checkpoints of earlier versions stay usable)
+_LATER = {"bias": None, "fmax": 0.05, "relax_cell": False, "maxstep": 0.2}
+
+
 def spec_hash(walkers: list[Walker], models: list[str]) -> str:
-    # no bias: the spec as before biases existed (checkpoints of earlier versions stay usable)
-    specs = [{k: v for k, v in dataclasses.asdict(w).items() if k != "bias" or v is not None} for w in walkers]
+    specs = [{k: v for k, v in dataclasses.asdict(w).items() if k not in _LATER or v != _LATER[k]} for w in walkers]
     blob = json.dumps([specs, [str(m) for m in models]], sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()
 
@@ -296,6 +300,8 @@ class Explorer:
                 w = self.walkers[i]
                 if self.status[w.name]["status"] == "running" and step >= w.nsteps:
                     self.status[w.name].update(status="finished", steps=step)
+                    if w.ensemble == "relax":  # its frames are still candidates; the report says why it stopped
+                        self.status[w.name]["reason"] = f"not relaxed below {w.fmax:g} eV/A in {w.nsteps} steps"
 
     def _write_due(self, step, widx, due, dev: dict, h: dict) -> None:
         """Statuses, model_devi.out lines and frames of a deviation step (host part)."""
