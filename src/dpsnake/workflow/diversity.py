@@ -244,7 +244,9 @@ def fingerprints(
         coords, atype, system, cells, pbc = _flat(frames[start:stop], type_map)
         S = stop - start
         # room for every neighbour: 1.4 x the densest frame's atoms per rcut sphere, per type
-        vol = np.array([abs(np.linalg.det(c)) if p and abs(np.linalg.det(c)) > 0 else 0.0 for c, p in zip(cells, pbc)])
+        vol = np.array(
+            [abs(np.linalg.det(c)) if p.all() and abs(np.linalg.det(c)) > 0 else 0.0 for c, p in zip(cells, pbc)]
+        )
         nat = np.bincount(system, minlength=S)
         dens = np.max(np.where(vol > 0, nat / np.where(vol > 0, vol, 1.0), 0.0)) if vol.any() else 0.0
         sel = [int(max(1.4 * dens * 4.19 * rcut**3, nat.max()) + 8)] * T
