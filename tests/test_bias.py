@@ -320,3 +320,87 @@ def test_stage_and_group_bias_reach_walkers_json(tmp_path):
     with pytest.raises(UserError) as err:
         cu_config(tmp_path, explore={"stages": [{**bad, "temperatures": [300.0], "bias": mtd}]})
     assert str(err.value) == "explore.stages[0].bias.cv.type: volume needs a barostat (npt*), the ensemble is nvt"
+
+
+def test_cupy_equals_numpy(tmp_path):
+    """On a GPU (CuPy, CUDA graphs on): the bias forces, virials and energies of the distance,
+    coordination and volume umbrellas equal NumPy's, and an explorer batch of metadynamics, steered
+    and unbiased walkers writes the same bias.out and frames (to 1e-8)."""
+    from engine_helpers import cupy_or_skip
+
+    from dpsnake.engine.xp import to_numpy
+    from dpsnake.md.trajectory import read_frames
+
+    cp = cupy_or_skip()
+    at = bulk("Cu", "fcc", a=3.6).repeat((2, 2, 2))
+    at.rattle(0.15, seed=3)
+    at.symbols[[1, 4, 6]] = "Ni"
+    at.write(tmp_path / "cuni.extxyz")
+    npt = dict(ensemble="npt", pressure=0.0, thermostat="bussi")
+    ws = [
+        _walker(
+            "d",
+            tmp_path / "cuni.extxyz",
+            bias={"cv": {"type": "distance", "atoms": [0, 5]}, "kind": "umbrella", "kappa": 3.0, "at": 1.0},
+        ),
+        _walker(
+            "c",
+            tmp_path / "cuni.extxyz",
+            bias={
+                "cv": {"type": "coordination", "a": ["Cu"], "b": ["Ni"], "r0": 2.6},
+                "kind": "umbrella",
+                "kappa": 0.5,
+                "at": 2.0,
+            },
+        ),
+        _walker(
+            "v",
+            tmp_path / "cuni.extxyz",
+            bias={"cv": {"type": "volume"}, "kind": "umbrella", "kappa": 0.2, "at": 80.0},
+            **npt,
+        ),
+    ]
+    outs = [BiasedProvider(Pair(hb=0.0))(_state(ws, ["Cu", "Ni"], xp), False) for xp in (np, cp)]
+    for k in ("energy", "force", "virial"):
+        np.testing.assert_allclose(to_numpy(outs[1][k]), outs[0][k], rtol=1e-12, atol=1e-12)
+    s = _pair_file(tmp_path / "p.extxyz")
+    steer = {"cv": {"type": "distance", "atoms": [0, 1]}, "kind": "steered", "kappa": 2.0, "from": 1.5, "to": 2.5}
+    pw = [
+        _walker("m", s, nsteps=100, bias=_mtd()),
+        _walker("s", s, nsteps=100, seed=2, bias=steer),
+        _walker("p", s, nsteps=100, seed=3),
+    ]
+    for name, xp in (("np", np), ("cp", cp)):
+        Explorer(parse_walkers(pw), Pair(models=2), ["H"], tmp_path / name, xp=xp, progress=False).run()
+    for w in ("m", "s"):
+        a, b = (np.loadtxt(tmp_path / x / w / "bias.out") for x in ("np", "cp"))
+        np.testing.assert_allclose(b, a, rtol=1e-8, atol=1e-10)
+    for w in ("m", "s", "p"):
+        fa, fb = (read_frames(tmp_path / x / w / "traj.extxyz") for x in ("np", "cp"))
+        for x, y in zip(fa, fb):
+            np.testing.assert_allclose(y.positions, x.positions, atol=1e-8)
+
+
+def test_steered_distance_with_the_deepmd_kit_provider(tmp_path, pt_model):
+    """DeePMD-kit's provider (a PyTorch-backend CuNi model, se_atten_v2): a steered bias pulls two
+    neighbouring atoms from 2.5 to 3.6 A over 300 steps; they follow (the last frames' distance is
+    within 0.25 A of the centre), and bias.out's CV equals the frames' minimum-image distance."""
+    from dpsnake.md.deepmd_provider import DeepmdProvider
+    from dpsnake.md.trajectory import read_frames
+
+    at = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2))
+    at.symbols[::2] = "Ni"
+    at.rattle(0.03, seed=2)
+    at.write(tmp_path / "cuni.extxyz")
+    bias = {"cv": {"type": "distance", "atoms": [0, 1]}, "kind": "steered", "kappa": 10.0, "from": 2.5, "to": 3.6}
+    w = _walker("pull", tmp_path / "cuni.extxyz", ensemble="nvt", nsteps=300, trj_freq=50, dt=0.002, bias=bias)
+    m = pt_model("se_atten_v2")
+    summary = Explorer(
+        parse_walkers([w]), DeepmdProvider([m["pth"]]), ["Cu", "Ni"], tmp_path / "o", progress=False
+    ).run()
+    assert summary["walkers"]["pull"]["status"] == "finished"
+    rows = np.loadtxt(tmp_path / "o" / "pull" / "bias.out")
+    frames = read_frames(tmp_path / "o" / "pull" / "traj.extxyz")
+    np.testing.assert_allclose(rows[:, 1], [f.get_distance(0, 1, mic=True) for f in frames], rtol=1e-8)
+    centre = 2.5 + 1.1 * rows[:, 0] / 300
+    assert rows[0, 1] < 2.7 and np.abs(rows[-2:, 1] - centre[-2:]).max() < 0.25
