@@ -334,3 +334,40 @@ def test_relax_walker_not_converged_stops_at_nsteps(tmp_path, cu_model):
     rec = summary["walkers"]["r"]
     assert rec["status"] == "finished" and rec["steps"] == 20 and "not relaxed below 1e-07 eV/A" in rec["reason"]
     assert [f.info["step"] for f in read_frames(tmp_path / "run" / "r" / "traj.extxyz")] == [0, 5, 10, 15, 20]
+
+
+def test_relax_on_cupy_equals_numpy(tmp_path):
+    """On a GPU (skipped without CuPy, a device and .whl/models/t_cu.dp or DPSNAKE_GPU_MODEL): relax
+    walkers (positions; cell at 1 GPa) beside an NVT walker on CuPy (the MD walker in CUDA graphs
+    after the relax walkers leave) equal the NumPy run: same stops, positions and cells to 1e-8 A."""
+    cp = pytest.importorskip("cupy")
+    try:
+        cp.cuda.runtime.getDeviceCount()
+    except Exception:  # noqa: BLE001 (no driver / no device)
+        pytest.skip("no CUDA device")
+    from engine_helpers import gpu_model
+
+    from dpsnake.engine.ensemble import Ensemble
+    from dpsnake.engine.model import load_model
+
+    model, _ = gpu_model("DPSNAKE_GPU_MODEL", "t_cu.dp")
+    if not model.exists():
+        pytest.skip(f"no model at {model}")
+    a = cu(tmp_path / "a.extxyz", seed=1)
+    c = cu(tmp_path / "c.extxyz", seed=3, stretch=1.03)
+    b = cu(tmp_path / "b.extxyz", rep=(2, 1, 1), seed=2)
+    md = dict(name="md", structure=b, ensemble="nvt", temperature=600.0, nsteps=120, dt=0.002, trj_freq=10, seed=7)
+    ws = parse_walkers([relax_walker("r", a, nsteps=120), relax_walker("c", c, relax_cell=True, pressure=1e4), md])
+    out = {}
+    for name, xp in (("np", np), ("cp", cp)):
+        prov = EnsembleProvider(Ensemble([load_model(str(model))], xp=xp))
+        out[name] = Explorer(ws, prov, ["Cu"], tmp_path / name, xp=xp, progress=False).run()
+    assert out["np"] == out["cp"]
+    assert all("relaxed" in out["cp"]["walkers"][n]["reason"] for n in ("r", "c"))
+    for w in ws:
+        fa = read_frames(tmp_path / "np" / w.name / "traj.extxyz")
+        fb = read_frames(tmp_path / "cp" / w.name / "traj.extxyz")
+        assert [f.info["step"] for f in fa] == [f.info["step"] for f in fb]
+        for x, y in zip(fa, fb):
+            assert np.abs(x.positions - y.positions).max() < 1e-8
+            assert np.abs(x.cell.array - y.cell.array).max() < 1e-8
