@@ -48,6 +48,22 @@ def test_surface_slab_periodic_with_vacuum():
     assert build_structure(tt_f).pbc.tolist() == [True, True, False]
 
 
+@pytest.mark.parametrize("periodic", [True, False])
+def test_interstitials_of_a_slab_stay_inside_it(periodic):
+    prim = {"builder": "bulk", "kwargs": {"name": "Cu", "crystalstructure": "fcc", "a": 3.61}}
+    surf = {"miller": [1, 1, 1], "layers": 4, "vacuum": 6.0, "periodic": periodic}
+    spec = {**prim, "transform": [{"surface": surf}, {"supercell": [2, 2, 1]}]}
+    slab = build_structure(spec, ".")
+    spec["transform"].append({"interstitials": {"element": "H", "count": 10, "seed": 1}})
+    at = build_structure(spec, ".")
+    normal = np.cross(at.cell[0], at.cell[1])
+    normal /= np.linalg.norm(normal)
+    z, zcu = at.positions[at.symbols == "H"] @ normal, slab.positions @ normal
+    assert len(z) == 10 and zcu.min() <= z.min() and z.max() <= zcu.max()  # none in the vacuum
+    d = get_distances(at.positions[at.symbols == "H"], slab.positions, cell=at.cell, pbc=at.pbc)[1]
+    assert d.min() >= 1.5
+
+
 def test_composed_chain_counts_distances_and_seeds():
     a = build_structure({**CU, "transform": CHAIN})
     sym = np.array(a.get_chemical_symbols())

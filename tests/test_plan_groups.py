@@ -63,6 +63,17 @@ def test_groups_make_one_walker_list_with_own_ensembles(tmp_path):
     assert again == cfg
 
 
+def test_stage_schedules_are_defaults_only_where_a_group_can_follow_them(tmp_path):
+    ramp = {"start": 0.0, "stop": 2e4}
+    groups = [{"ensemble": "nvt"}, {"ensemble": "npt"}, {"ensemble": "nvt", "pressure_ramp": ramp}]
+    stage = _stage(groups=groups[:2], temperatures=[300.0], pressure_ramp=ramp)
+    st = cu_config(tmp_path, systems=_systems(), **stage)["explore"]["stages"][0]
+    assert "pressure_ramp" not in st["groups"][0] and st["groups"][1]["pressure_ramp"] == ramp
+    # a group that sets a schedule its ensemble cannot follow is still one line naming it
+    with pytest.raises(UserError, match=r"explore.stages\[0\].groups\[2\].pressure_ramp: needs a barostat"):
+        cu_config(tmp_path, systems=_systems(), **_stage(groups=groups, temperatures=[300.0], pressure_ramp=ramp))
+
+
 def test_flat_stage_is_one_group_with_the_old_names(tmp_path):
     cfg = cu_config(tmp_path, **_stage(temperatures=[300.0, 600.0], replicas=2))
     assert "groups" not in cfg["explore"]["stages"][0]  # stays as written

@@ -152,6 +152,29 @@ def _vacancies(atoms, args, key: str):
     return out
 
 
+VACUUM = 4.0  # A: a gap between atomic planes wider than this is vacuum (a slab's), not an interstice
+
+
+def _occupied(atoms):
+    """(lo, width) (3,) in fractional coordinates: the part of the cell interstitials are drawn from.
+    Along a non-periodic direction, and along a periodic one whose atoms leave a gap wider than
+    VACUUM (a slab kept periodic with vacuum), only the range the atoms span; elsewhere all of it."""
+    frac = atoms.get_scaled_positions(wrap=False)
+    spacing = 1.0 / np.linalg.norm(np.linalg.inv(atoms.cell.array), axis=0)  # between lattice planes, A
+    lo, width = np.zeros(3), np.ones(3)
+    for i in range(3):
+        f = frac[:, i]
+        if not atoms.pbc[i]:
+            lo[i], width[i] = f.min(), f.max() - f.min()
+            continue
+        f = np.sort(f % 1.0)
+        gaps = np.diff(np.concatenate([f, [f[0] + 1.0]]))
+        j = int(np.argmax(gaps))
+        if gaps[j] * spacing[i] > VACUUM:
+            lo[i], width[i] = f[(j + 1) % len(f)], 1.0 - gaps[j]
+    return lo, width
+
+
 def _interstitials(atoms, args, key: str, tries: int = 20000):
     from ase import Atom
     from ase.data import atomic_numbers
@@ -169,10 +192,12 @@ def _interstitials(atoms, args, key: str, tries: int = 20000):
         raise UserError(f"{key}: needs a cell to place atoms in (the structure has none)")
     rng = _rng(a, key)
     out = atoms.copy()
+    lo, width = _occupied(out)
     for k in range(n):
-        # rejection sampling of uniform positions in the cell, in batches
+        # rejection sampling of uniform positions in the occupied part of the cell, in batches
         for _ in range(0, tries, 500):
-            cand = rng.random((500, 3)) @ out.cell.array
+            frac = lo + rng.random((500, 3)) * width
+            cand = np.where(out.pbc, frac % 1.0, frac) @ out.cell.array
             d = get_distances(cand, out.positions, cell=out.cell, pbc=out.pbc)[1]
             ok = np.flatnonzero(d.min(axis=1) >= dmin)
             if len(ok):

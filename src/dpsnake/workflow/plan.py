@@ -18,6 +18,9 @@ import sys
 
 from dpsnake.errors import UserError
 
+# walker seeds of iteration it: SEEDS_PER_ITERATION * it + 1, + 2, ...: unique across iterations up to
+# that many walkers per iteration (iteration 0's seeds are those of earlier versions)
+SEEDS_PER_ITERATION = 1_000_000
 CHECKPOINT = "checkpoint.npz"  # dpsnake.md.explorer.CHECKPOINT (not imported: it pulls in the MD stack)
 
 
@@ -119,7 +122,7 @@ def _group_walkers(cfg: dict, it: int, g: dict, label: str, first: int) -> list[
                         "nsteps": g["nsteps"],
                         "dt": g["dt"],
                         "trj_freq": g["trj_freq"],
-                        "seed": 1000 * it + first + len(walkers) + 1,
+                        "seed": SEEDS_PER_ITERATION * it + first + len(walkers) + 1,
                         "tau_t": g["tau_t"],
                         "min_dist": cfg["select"]["min_dist"] * 0.5,
                     }

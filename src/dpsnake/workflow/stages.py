@@ -46,6 +46,12 @@ def resolve_stages(cfg: dict) -> None:
         groups, names = [], set()
         for j, g in enumerate(own or [{}]):
             full = {k: g[k] if k in g else stage[k] for k in INHERITED if k in g or k in stage}
+            if own:  # a stage's schedule is a default: groups whose ensemble cannot follow it do without
+                ens = str(full.get("ensemble", ""))
+                if "pressure_ramp" not in g and "pressure_ramp" in full and not ens.startswith("npt"):
+                    del full["pressure_ramp"]
+                if "temperature_ramp" not in g and "temperature_ramp" in full and ens in ("nve", "relax"):
+                    del full["temperature_ramp"]
             for ramp, consts in RAMPS.items():
                 _one_of(full, g if own else stage, stage, ramp, consts, group_key(stage, i, j), f"explore.stages[{i}]")
             full["name"] = str(g.get("name") or f"g{j}")
