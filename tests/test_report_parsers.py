@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pandas as pd
 import pytest
 
 from dpsnake.cli import main
@@ -66,3 +69,29 @@ def test_benchmark_rules_of_a_sharded_exploration(tmp_path):
     t = readers.benchmarks_table(tmp_path, 0).set_index("job")
     assert t.loc["explore.shard.1", "rule"] == "explore_shard" and t.loc["explore.merge", "rule"] == "explore_merge"
     assert t.loc["train.0", "rule"] == "train" and t.loc["plan", "rule"] == "plan"
+
+
+def test_deviations_grouped_by_condition_not_start_temperature(tmp_path):
+    from dpsnake.report.iteration import _deviation_summary
+
+    ex = tmp_path / "iter.000000" / "explore"
+    ramp = {"schedule": "linear", "knots": [[0, 300.0], [50, 2500.0], [100, 300.0]]}
+    walkers = [
+        {"name": "a", "system": "Cu", "temperature": 300.0, "ensemble": "nvt"},
+        {"name": "b", "system": "Cu", "temperature": 300.0, "ensemble": "nvt", "temperature_ramp": ramp},
+        {"name": "c", "system": "Cu", "temperature": 0.0, "ensemble": "relax"},
+    ]
+    (ex).mkdir(parents=True)
+    (ex / "walkers.json").write_text(json.dumps(walkers))
+    head = "#       step         max_devi_v         min_devi_v         avg_devi_v         max_devi_f         min_devi_f         avg_devi_f\n"
+    for k, w in enumerate(walkers):
+        (ex / w["name"]).mkdir()
+        rows = "".join(f"{s} 0 0 0 {0.01 * (k + 1) * (s + 1)} 0 0\n" for s in range(3))
+        (ex / w["name"] / "model_devi.out").write_text(head + rows)
+    wt = readers.walkers_table(tmp_path, 0)
+    assert list(wt["condition"]) == ["300 K", "300-2500-300 K", "relax"]
+    systems = pd.DataFrame({"system": ["Cu"], "trust_lo": [0.02], "trust_hi": [0.2]})
+    summ = _deviation_summary(readers.deviations_table(tmp_path, 0, wt), systems).set_index("condition")
+    assert sorted(summ.index) == ["300 K", "300-2500-300 K", "relax"]
+    assert summ.at["300-2500-300 K", "devi_f_max"] == pytest.approx(0.06)
+    assert summ.at["300 K", "frames"] == 3 and summ.at["300 K", "accurate_ratio"] == pytest.approx(1 / 3)

@@ -94,10 +94,12 @@ def context_from_config(
 
 
 def _deviation_summary(devi: pd.DataFrame, systems: pd.DataFrame) -> pd.DataFrame:
-    """Per system and temperature: walkers, frames, min/median/max of max_devi_f and the fraction of
-    frames in each trust class (from model_devi.out with stats.json's trust levels)."""
+    """Per system and condition (temperature or schedule, relax, biased: readers.condition_label):
+    walkers, frames, min/median/max of max_devi_f and the fraction of frames in each trust class (from
+    model_devi.out with stats.json's trust levels); ``temperature`` is the start temperature (K)."""
     cols = [
         "system",
+        "condition",
         "temperature",
         "walkers",
         "frames",
@@ -112,10 +114,15 @@ def _deviation_summary(devi: pd.DataFrame, systems: pd.DataFrame) -> pd.DataFram
         return pd.DataFrame(columns=cols)
     trust = systems.set_index("system") if len(systems) else pd.DataFrame()
     rows = []
-    for (sysname, temp), g in devi.groupby(["system", devi["temperature"].fillna(-1)], sort=True):
+    devi = devi.assign(
+        _t=devi["temperature"].astype(float).fillna(-1),
+        _c=devi["condition"].fillna("") if "condition" in devi else "",
+    )
+    for (sysname, temp, cond), g in devi.groupby(["system", "_t", "_c"], sort=True):
         v = g["max_devi_f"].to_numpy(float)
         row = {
             "system": sysname,
+            "condition": cond or (None if temp == -1 else f"{temp:g} K"),
             "temperature": None if temp == -1 else temp,
             "walkers": g["walker"].nunique(),
             "frames": len(v),

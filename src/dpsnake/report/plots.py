@@ -55,7 +55,8 @@ def selection_bars(systems: pd.DataFrame) -> str | None:
 
 
 def deviation_hist(devi: pd.DataFrame, systems: pd.DataFrame) -> str | None:
-    """Per system: histogram of max_devi_f (eV/A) per temperature, theta_low / theta_high marked."""
+    """Per system: histogram of max_devi_f (eV/A) per condition (temperature or schedule: readers.condition_label),
+    theta_low / theta_high marked."""
     if not len(devi) or "max_devi_f" not in devi:
         return None
     names = sorted(devi["system"].dropna().unique())
@@ -80,8 +81,9 @@ def deviation_hist(devi: pd.DataFrame, systems: pd.DataFrame) -> str | None:
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         else:
             bins = 40
-        for temp, g in sorted(d.groupby(d["temperature"].fillna(-1)), key=lambda kv: kv[0]):
-            label = "T ?" if temp == -1 else f"{temp:g} K"
+        cond = d["condition"].fillna("") if "condition" in d else pd.Series("", index=d.index)
+        for (temp, c), g in d.groupby([d["temperature"].astype(float).fillna(-1), cond], sort=True):
+            label = c or ("T ?" if temp == -1 else f"{temp:g} K")
             v = g["max_devi_f"].to_numpy(float)
             if len(edges_src):  # zeros would fall off a log axis: count them in the first bin
                 v = np.maximum(v, bins[0])

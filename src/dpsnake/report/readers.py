@@ -83,6 +83,7 @@ def walkers_table(results: pathlib.Path, it: int, stats: dict | None = None) -> 
     rows: dict[str, dict] = {}
     for w in _read_json(explore / "walkers.json") or []:
         rows[w["name"]] = {k: w.get(k) for k in ("system", "temperature", "pressure", "ensemble", "nsteps", "recipe")}
+        rows[w["name"]]["condition"] = condition_label(w)
     for name, w in ((stats or {}).get("walkers") or {}).items():
         r = rows.setdefault(name, {})
         for k in ("system", "temperature", "pressure", "status", "reason"):
@@ -95,11 +96,30 @@ def walkers_table(results: pathlib.Path, it: int, stats: dict | None = None) -> 
         r["reason"] = w.get("reason", r.get("reason"))
         r["steps"] = w.get("steps")
     cols = ["walker", "system", "temperature", "pressure", "ensemble", "nsteps", "steps", "status", "reason", "recipe"]
+    cols += ["condition"]
     df = pd.DataFrame([{"walker": n, **r} for n, r in rows.items()])
     for c in cols:
         if c not in df.columns:
             df[c] = None
     return df[cols].sort_values("walker", kind="stable").reset_index(drop=True) if len(df) else df[cols]
+
+
+def condition_label(w: dict) -> str:
+    """What a walker explores, for grouping deviations: its temperature (``300 K``) or temperature
+    schedule (``300-2500-300 K``), a pressure schedule, ``relax``, and ``biased``."""
+    from dpsnake.md.ramps import label
+
+    if w.get("ensemble") == "relax":
+        parts = ["relax"]
+    elif w.get("temperature_ramp"):
+        parts = [f"{label(w['temperature_ramp'])} K"]
+    else:
+        parts = [f"{float(w.get('temperature') or 0.0):g} K"]
+    if w.get("pressure_ramp"):
+        parts.append(f"{label(w['pressure_ramp'])} bar")
+    if w.get("bias"):
+        parts.append("biased")
+    return ", ".join(parts)
 
 
 def read_model_devi(path: pathlib.Path) -> pd.DataFrame:
@@ -142,8 +162,9 @@ def deviations_table(results: pathlib.Path, it: int, walkers: pd.DataFrame) -> p
             continue
         df = read_model_devi(f)
         df.insert(0, "walker", name)
-        for k in ("system", "temperature", "pressure"):
-            df.insert(1, k, meta.at[name, k] if meta is not None and name in meta.index else None)
+        for k in ("condition", "system", "temperature", "pressure"):
+            known = meta is not None and name in meta.index and k in meta.columns
+            df.insert(1, k, meta.at[name, k] if known else None)
         frames.append(df)
     if not frames:
         return pd.DataFrame(columns=["walker", "system", "temperature", "pressure", "step", "max_devi_f"])
