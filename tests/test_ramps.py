@@ -334,3 +334,12 @@ def _gpu_ensemble(path, cp):
     from dpsnake.engine.model import load_model
 
     return Ensemble([load_model(path)], xp=cp)
+
+
+def test_selected_frames_carry_the_target_at_their_step():
+    from dpsnake.workflow.select import _target
+
+    ramp = {"schedule": "linear", "knots": [[0, 300.0], [100, 2500.0], [200, 300.0]]}
+    w = {"temperature": 300.0, "temperature_ramp": ramp, "pressure": 1e4}
+    assert [_target(w, "temperature", s) for s in (0, 50, 100, 150, 200)] == [300.0, 1400.0, 2500.0, 1400.0, 300.0]
+    assert _target(w, "pressure", 50) == 1e4 and _target({"temperature": 900.0}, "temperature", 10) == 900.0

@@ -299,8 +299,9 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=No
                 "step": int(d["step"][i]),
                 "max_devi_f": float(d["devi_f"][i]),
                 "above_trust_hi": bool(cls[i] == S.FAILED),
-                "temperature": w["temperature"],
-                "pressure": w.get("pressure", 0.0),
+                # the thermostat's / barostat's target at the frame's step (a schedule's, else the constant)
+                "temperature": _target(w, "temperature", int(d["step"][i])),
+                "pressure": _target(w, "pressure", int(d["step"][i])),
             }
             atoms.calc = None
             tasks.append(atoms)
@@ -377,6 +378,14 @@ def honest_decision(cfg: dict, stats: dict, results=None) -> dict:
         "reason": d["reason"],
         "stage_decision": {k: stats[k] for k in ("converged", "stop", "next_stage", "reason")},
     }
+
+
+def _target(w: dict, key: str, step: int) -> float:
+    """A walker's temperature (K) or pressure (bar) target at ``step``: its schedule's value, else the constant."""
+    from dpsnake.md.ramps import value_at
+
+    ramp = w.get(f"{key}_ramp")
+    return float(value_at(ramp, step)) if ramp else float(w.get(key) or 0.0)
 
 
 def _frame(explore: pathlib.Path, walker: str, step: int, cache: dict):
