@@ -106,8 +106,8 @@ def smk(wd, *args) -> str:
 def jobs(out: str, rule: str) -> list[str]:
     """The `it` (or `system`) wildcard of each job of ``rule`` that Snakemake ran (or would run, -n)."""
     found = []
-    for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
-        if re.match(rf"(?:local)?rule {rule}:", block.strip()):
+    for block in re.split(r"\n(?=(?:local)?(?:rule|checkpoint) \w+:)", out):
+        if re.match(rf"(?:local)?(?:rule|checkpoint) {rule}:", block.strip()):
             m = re.search(r"wildcards: (?:it|system)=([^,\s]+)", block)
             found.append(m.group(1) if m else "")
     return found
