@@ -371,3 +371,22 @@ def test_relax_on_cupy_equals_numpy(tmp_path):
         for x, y in zip(fa, fb):
             assert np.abs(x.positions - y.positions).max() < 1e-8
             assert np.abs(x.cell.array - y.cell.array).max() < 1e-8
+
+
+def test_relax_with_the_deepmd_kit_provider_equals_the_builtin_engine(tmp_path, pt_model):
+    """The same se_e2_a model as DeePMD-kit's .pth (DeepmdProvider) and as .dp (built-in engine): a relax
+    walker with the cell takes the same FIRE steps to the same structure."""
+    from dpsnake.md.deepmd_provider import DeepmdProvider
+
+    m = pt_model("se_e2_a")
+    s = cu(tmp_path / "cu.extxyz", seed=5)
+    w = [relax_walker("r", s, relax_cell=True, pressure=5000.0, fmax=0.02)]
+    out = {}
+    for name, prov in (("dp", provider([m["dp"]])), ("pt", DeepmdProvider([m["pth"]]))):
+        ex = Explorer(parse_walkers(w), prov, ["Cu", "Ni"], tmp_path / name, progress=False)
+        out[name] = (ex.run()["walkers"]["r"], read_frames(tmp_path / name / "r" / "traj.extxyz")[-1])
+    (rd, fd), (rp, fp) = out["dp"], out["pt"]
+    assert rd["status"] == rp["status"] == "finished" and rd["reason"] == rp["reason"], (rd, rp)
+    assert "relaxed" in rd["reason"] and rd["steps"] == rp["steps"]
+    assert np.abs(fd.positions - fp.positions).max() < 1e-8
+    assert abs(fd.get_volume() - fp.get_volume()) < 1e-6
