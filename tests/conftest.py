@@ -3,7 +3,7 @@ import pathlib
 import shutil
 
 import pytest
-from dpmodels import train_model
+from dpmodels import SEED2, train_model
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +50,9 @@ def wd(tmp_path):
         (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
     shutil.copy(root / "tests" / "configs" / "reduced.yaml", tmp_path / "reduced.yaml")
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def models(cu_model, dp_model):
+    """Two FP64 Cu models (.dp paths) that differ by their seeds: an ensemble for MD and deviation tests."""
+    return [str(cu_model["dp"]), str(dp_model(SEED2)["dp"])]

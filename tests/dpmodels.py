@@ -16,6 +16,9 @@ import sys
 
 import numpy as np
 
+# overrides of the default test model: a second member of an ensemble (other seeds)
+SEED2 = {"model": {"descriptor": {"seed": 2}, "fitting_net": {"seed": 2}}, "training": {"seed": 2}}
+
 
 def emt_dataset(outdir: pathlib.Path, kind: str = "Cu", nframes: int = 6, seed: int = 0) -> pathlib.Path:
     """Rattled fcc cells labelled with ASE's EMT, written as deepmd/npy. kind: 'Cu' or 'CuNi'."""

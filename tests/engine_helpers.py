@@ -27,6 +27,18 @@ def cupy_or_skip():
     return cp
 
 
+def cupy_and_model_or_skip(name: str = "t_cu.dp", env: str = "DPSNAKE_GPU_MODEL"):
+    """(cupy, model path) for a GPU test, or skip the test without CuPy, a device or the model the
+    device runs carry (gpu_model)."""
+    import pytest
+
+    cp = cupy_or_skip()
+    path, _ = gpu_model(env, name)
+    if not path.exists():
+        pytest.skip(f"no model at {path}")
+    return cp, path
+
+
 def gpu_model(env: str, name: str):
     """Path of a model the device runs carry (``env`` overrides .whl/models/``name``) and a pytest
     mark that skips the module when it is not there."""

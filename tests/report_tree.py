@@ -16,10 +16,10 @@ import subprocess
 import sys
 
 import numpy as np
+from dpmodels import SEED2  # noqa: F401 (report tests use tree.SEED2)
 
 SYSTEMS = {"Cu": "Cu", "CuNi": "CuNi"}
 TEMPS = [300.0, 900.0]
-SEED2 = {"model": {"descriptor": {"seed": 2}, "fitting_net": {"seed": 2}}, "training": {"seed": 2}}
 
 
 def emt_frames(kind: str, nframes: int, seed: int, amp: float = 0.08):

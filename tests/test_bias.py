@@ -19,8 +19,8 @@ from dpsnake.errors import UserError
 from dpsnake.md import integrators as I
 from dpsnake.md.bias import BiasedProvider
 from dpsnake.md.explorer import Explorer
-from dpsnake.md.state import build_state
-from dpsnake.md.walkers import degrees_of_freedom, masses_for, maxwell_boltzmann, parse_walkers, read_structure
+from dpsnake.md.state import start_state
+from dpsnake.md.walkers import parse_walkers, read_structures
 
 HB, RC, DELTA = 0.1, 2.0, 0.5  # eV, A, A: minima at 1.5 and 2.5 A, barrier 0.1 eV (~4 kT at 300 K)
 
@@ -56,6 +56,36 @@ def _walker(name, structure, **kw):
     return d
 
 
+def _three_cvs(distance_structure, structure, volume_cv: dict, volume_at: float) -> list[dict]:
+    """Umbrella walkers on the three CVs: distance of atoms 0-5, Cu-Ni coordination, volume (NPT)."""
+    umbrella = {"kind": "umbrella"}
+    return [
+        _walker(
+            "d",
+            distance_structure,
+            bias={**umbrella, "cv": {"type": "distance", "atoms": [0, 5]}, "kappa": 3.0, "at": 1.0},
+        ),
+        _walker(
+            "c",
+            structure,
+            bias={
+                **umbrella,
+                "cv": {"type": "coordination", "a": ["Cu"], "b": ["Ni"], "r0": 2.6},
+                "kappa": 0.5,
+                "at": 2.0,
+            },
+        ),
+        _walker(
+            "v",
+            structure,
+            bias={**umbrella, "cv": volume_cv, "kappa": 0.2, "at": volume_at},
+            ensemble="npt",
+            pressure=0.0,
+            thermostat="bussi",
+        ),
+    ]
+
+
 def _pair_file(path, r=1.5, symbols="H2"):
     Atoms(symbols, positions=[[0, 0, 0], [r, 0, 0]]).write(path, format="extxyz")
     return path
@@ -63,13 +93,7 @@ def _pair_file(path, r=1.5, symbols="H2"):
 
 def _state(walkers, type_map, xp=np):
     ws = parse_walkers(walkers)
-    structs, vel = [], []
-    for w in ws:
-        atoms, at = read_structure(w, type_map)
-        m = masses_for(at, type_map)
-        structs.append((atoms, at, m))
-        vel.append(maxwell_boltzmann(m, w.temperature, w.seed, degrees_of_freedom(len(m), w)))
-    return build_state(ws, list(range(len(ws))), structs, vel, xp)
+    return start_state(ws, read_structures(ws, type_map), xp)
 
 
 def test_cv_gradients_match_finite_differences(tmp_path):
@@ -84,31 +108,7 @@ def test_cv_gradients_match_finite_differences(tmp_path):
     far = at.copy()
     far.positions[5] = far.positions[0] + far.cell[0] * 0.9  # the minimum image goes across
     far.write(tmp_path / "far.extxyz")
-    ws = [
-        _walker(
-            "d",
-            tmp_path / "far.extxyz",
-            bias={"cv": {"type": "distance", "atoms": [0, 5]}, "kind": "umbrella", "kappa": 3.0, "at": 1.0},
-        ),
-        _walker(
-            "c",
-            tmp_path / "cuni.extxyz",
-            bias={
-                "cv": {"type": "coordination", "a": ["Cu"], "b": ["Ni"], "r0": 2.6},
-                "kind": "umbrella",
-                "kappa": 0.5,
-                "at": 2.0,
-            },
-        ),
-        _walker(
-            "v",
-            tmp_path / "cuni.extxyz",
-            bias={"cv": {"type": "volume", "per_atom": True}, "kind": "umbrella", "kappa": 0.2, "at": 10.0},
-            ensemble="npt",
-            pressure=0.0,
-            thermostat="bussi",
-        ),
-    ]
+    ws = _three_cvs(tmp_path / "far.extxyz", tmp_path / "cuni.extxyz", {"type": "volume", "per_atom": True}, 10.0)
     st = _state(ws, ["Cu", "Ni"])
     prov = BiasedProvider(Pair(hb=0.0))
 
@@ -336,30 +336,7 @@ def test_cupy_equals_numpy(tmp_path):
     at.rattle(0.15, seed=3)
     at.symbols[[1, 4, 6]] = "Ni"
     at.write(tmp_path / "cuni.extxyz")
-    npt = dict(ensemble="npt", pressure=0.0, thermostat="bussi")
-    ws = [
-        _walker(
-            "d",
-            tmp_path / "cuni.extxyz",
-            bias={"cv": {"type": "distance", "atoms": [0, 5]}, "kind": "umbrella", "kappa": 3.0, "at": 1.0},
-        ),
-        _walker(
-            "c",
-            tmp_path / "cuni.extxyz",
-            bias={
-                "cv": {"type": "coordination", "a": ["Cu"], "b": ["Ni"], "r0": 2.6},
-                "kind": "umbrella",
-                "kappa": 0.5,
-                "at": 2.0,
-            },
-        ),
-        _walker(
-            "v",
-            tmp_path / "cuni.extxyz",
-            bias={"cv": {"type": "volume"}, "kind": "umbrella", "kappa": 0.2, "at": 80.0},
-            **npt,
-        ),
-    ]
+    ws = _three_cvs(tmp_path / "cuni.extxyz", tmp_path / "cuni.extxyz", {"type": "volume"}, 80.0)
     outs = [BiasedProvider(Pair(hb=0.0))(_state(ws, ["Cu", "Ni"], xp), False) for xp in (np, cp)]
     for k in ("energy", "force", "virial"):
         np.testing.assert_allclose(to_numpy(outs[1][k]), outs[0][k], rtol=1e-12, atol=1e-12)

@@ -17,9 +17,9 @@ from dpsnake.md import integrators as I
 from dpsnake.md.deepmd_provider import DeepmdProvider
 from dpsnake.md.explorer import Explorer
 from dpsnake.md.providers import EnsembleProvider
-from dpsnake.md.state import build_state
+from dpsnake.md.state import start_state
 from dpsnake.md.trajectory import read_frames
-from dpsnake.md.walkers import degrees_of_freedom, masses_for, maxwell_boltzmann, parse_walkers, read_structure
+from dpsnake.md.walkers import parse_walkers, read_structures
 
 TYPE_MAP = ["Cu", "Ni"]
 
@@ -112,13 +112,7 @@ def test_mixed_batch_equals_deeppot_eval(pt_model, descriptor):
 
 def _batch(ws, provider):
     ws = parse_walkers(ws)
-    structs, vel = [], []
-    for w in ws:
-        atoms, at = read_structure(w, TYPE_MAP)
-        m = masses_for(at, TYPE_MAP)
-        structs.append((atoms, at, m))
-        vel.append(maxwell_boltzmann(m, w.temperature, w.seed, degrees_of_freedom(len(m), w)))
-    st = build_state(ws, list(range(len(ws))), structs, vel, np)
+    st = start_state(ws, read_structures(ws, TYPE_MAP), np)
     I.set_forces(st, provider(st, False))
     return st, st.flags()
 

@@ -17,11 +17,10 @@ from ase.build import bulk
 from dpsnake.md import integrators as I
 from dpsnake.md.explorer import Explorer
 from dpsnake.md.providers import EnsembleProvider
-from dpsnake.md.state import build_state
+from dpsnake.md.state import start_state
 from dpsnake.md.trajectory import read_frames
-from dpsnake.md.walkers import degrees_of_freedom, masses_for, maxwell_boltzmann, parse_walkers, read_structure
+from dpsnake.md.walkers import masses_for, parse_walkers, read_structure, read_structures
 
-SEED2 = {"model": {"descriptor": {"seed": 2}, "fitting_net": {"seed": 2}}, "training": {"seed": 2}}
 # a = 3.7 A keeps the third fcc shell (4.53 A) outside rcut = 4.5 A, so sel = 40 never overflows
 A0 = 3.7
 
@@ -31,11 +30,6 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         yield
-
-
-@pytest.fixture(scope="module")
-def models(cu_model, dp_model):
-    return [str(cu_model["dp"]), str(dp_model(SEED2)["dp"])]
 
 
 def ensemble(paths, xp=None):
@@ -65,13 +59,7 @@ def batch(walkers, model_paths, xp=np):
     """(state, provider, flags) for parsed walkers, started as the runner starts them (arrays in xp)."""
     ws = parse_walkers(walkers)
     prov = EnsembleProvider(ensemble(model_paths, xp))
-    structs, vel = [], []
-    for w in ws:
-        atoms, at = read_structure(w, ["Cu"])
-        m = masses_for(at, ["Cu"])
-        structs.append((atoms, at, m))
-        vel.append(maxwell_boltzmann(m, w.temperature, w.seed, degrees_of_freedom(len(m), w)))
-    st = build_state(ws, list(range(len(ws))), structs, vel, xp)
+    st = start_state(ws, read_structures(ws, ["Cu"]), xp)
     I.set_forces(st, prov(st, False))
     return st, prov, st.flags()
 

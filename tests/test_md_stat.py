@@ -14,8 +14,8 @@ from ase.build import bulk
 
 from dpsnake.md import integrators as I
 from dpsnake.md.providers import EnsembleProvider
-from dpsnake.md.state import build_state
-from dpsnake.md.walkers import degrees_of_freedom, masses_for, maxwell_boltzmann, parse_walkers, read_structure
+from dpsnake.md.state import start_state
+from dpsnake.md.walkers import parse_walkers, read_structures
 
 T = 250.0
 P0 = 12000.0  # bar; this tiny model's cell is mechanically sane (no sel overflow) around here
@@ -66,13 +66,7 @@ def run(cu_model, tmp_path_factory):
     groups["aniso"] = add("aniso", ensemble="npt-aniso", pressure=P0)
     groups["tri"] = add("tri", ensemble="npt-tri", pressure=P0)
     ws = parse_walkers(specs)
-    structs, vel = [], []
-    for w in ws:
-        atoms, at = read_structure(w, ["Cu"])
-        m = masses_for(at, ["Cu"])
-        structs.append((atoms, at, m))
-        vel.append(maxwell_boltzmann(m, w.temperature, w.seed, degrees_of_freedom(len(m), w)))
-    st = build_state(ws, list(range(len(ws))), structs, vel)
+    st = start_state(ws, read_structures(ws, ["Cu"]))
     prov = EnsembleProvider(Ensemble([load_model(cu_model["dp"])]))
     I.set_forces(st, prov(st, False))
     flags = st.flags()

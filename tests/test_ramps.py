@@ -21,7 +21,7 @@ from ase.build import bulk
 from dpsnake.errors import UserError
 from dpsnake.md import integrators as I
 from dpsnake.md import ramps
-from dpsnake.md.walkers import degrees_of_freedom, masses_for, maxwell_boltzmann, parse_walkers, read_structure
+from dpsnake.md.walkers import parse_walkers, read_structures
 
 N, DT, TAU = 500, 0.002, 0.02  # steps, ps, ps
 HALF = N // 2
@@ -59,18 +59,12 @@ def walker_mean(x):
 @pytest.fixture(scope="module")
 def run(cu_model, tmp_path_factory):
     from dpsnake.md.providers import EnsembleProvider
-    from dpsnake.md.state import build_state
+    from dpsnake.md.state import start_state
 
     path = tmp_path_factory.mktemp("ramps") / "cu4.extxyz"
     bulk("Cu", "fcc", a=3.7, cubic=True).write(path, format="extxyz")
     ws = parse_walkers(_walkers(path))
-    structs, vel = [], []
-    for w in ws:
-        atoms, at = read_structure(w, ["Cu"])
-        m = masses_for(at, ["Cu"])
-        structs.append((atoms, at, m))
-        vel.append(maxwell_boltzmann(m, w.temperature, w.seed, degrees_of_freedom(len(m), w)))
-    st = build_state(ws, list(range(len(ws))), structs, vel)
+    st = start_state(ws, read_structures(ws, ["Cu"]))
     prov = EnsembleProvider(_ensemble([cu_model["dp"]]))
     I.set_forces(st, prov(st, False))
     flags = st.flags()
@@ -272,19 +266,12 @@ def test_schedules_in_cuda_graphs_equal_eager_and_numpy(tmp_path):
     """On a GPU (skipped without CuPy, a device and the device runs' model .whl/models/t_cu.dp or
     DPSNAKE_GPU_MODEL): the targets set inside the captured CUDA graph (step read from device memory)
     equal the eager CuPy steps and NumPy's, step by step."""
-    cp = pytest.importorskip("cupy")
-    try:
-        cp.cuda.runtime.getDeviceCount()
-    except Exception:  # noqa: BLE001 (no driver / no device)
-        pytest.skip("no CUDA device")
-    from engine_helpers import gpu_model
+    from engine_helpers import cupy_and_model_or_skip
 
-    model, _ = gpu_model("DPSNAKE_GPU_MODEL", "t_cu.dp")
-    if not model.exists():
-        pytest.skip(f"no model at {model}")
+    cp, model = cupy_and_model_or_skip()
     from dpsnake.md.graphs import GraphedStep
     from dpsnake.md.providers import EnsembleProvider
-    from dpsnake.md.state import build_state
+    from dpsnake.md.state import start_state
 
     path = tmp_path / "cu.extxyz"
     at = bulk("Cu", "fcc", a=3.7, cubic=True).repeat((2, 1, 1))
@@ -300,13 +287,7 @@ def test_schedules_in_cuda_graphs_equal_eager_and_numpy(tmp_path):
 
     def batch(xp):
         ws = parse_walkers(specs)
-        structs, vel = [], []
-        for w in ws:
-            atoms, atype = read_structure(w, ["Cu"])
-            m = masses_for(atype, ["Cu"])
-            structs.append((atoms, atype, m))
-            vel.append(maxwell_boltzmann(m, w.temperature, w.seed, degrees_of_freedom(len(m), w)))
-        st = build_state(ws, list(range(len(ws))), structs, vel, xp)
+        st = start_state(ws, read_structures(ws, ["Cu"]), xp)
         prov = EnsembleProvider(_ensemble([str(model)]) if xp is np else _gpu_ensemble(str(model), cp))
         I.set_forces(st, prov(st, False))
         return st, prov

@@ -17,7 +17,6 @@ from dpsnake.md.trajectory import read_frames
 from dpsnake.md.walkers import parse_walkers
 from dpsnake.workflow.random_structures import random_structure, walker_seed
 
-SEED2 = {"model": {"descriptor": {"seed": 2}, "fitting_net": {"seed": 2}}, "training": {"seed": 2}}
 SPEC = {"composition": {"Cu": 4, "Ni": 4}, "volume_per_atom": [10.0, 14.0], "min_dist": 2.0, "seed": 3}
 
 
@@ -26,11 +25,6 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         yield
-
-
-@pytest.fixture(scope="module")
-def models(cu_model, dp_model):
-    return [str(cu_model["dp"]), str(dp_model(SEED2)["dp"])]
 
 
 def provider(paths):
@@ -340,19 +334,12 @@ def test_relax_on_cupy_equals_numpy(tmp_path):
     """On a GPU (skipped without CuPy, a device and .whl/models/t_cu.dp or DPSNAKE_GPU_MODEL): relax
     walkers (positions; cell at 1 GPa) beside an NVT walker on CuPy (the MD walker in CUDA graphs
     after the relax walkers leave) equal the NumPy run: same stops, positions and cells to 1e-8 A."""
-    cp = pytest.importorskip("cupy")
-    try:
-        cp.cuda.runtime.getDeviceCount()
-    except Exception:  # noqa: BLE001 (no driver / no device)
-        pytest.skip("no CUDA device")
-    from engine_helpers import gpu_model
+    from engine_helpers import cupy_and_model_or_skip
 
     from dpsnake.engine.ensemble import Ensemble
     from dpsnake.engine.model import load_model
 
-    model, _ = gpu_model("DPSNAKE_GPU_MODEL", "t_cu.dp")
-    if not model.exists():
-        pytest.skip(f"no model at {model}")
+    cp, model = cupy_and_model_or_skip()
     a = cu(tmp_path / "a.extxyz", seed=1)
     c = cu(tmp_path / "c.extxyz", seed=3, stretch=1.03)
     b = cu(tmp_path / "b.extxyz", rep=(2, 1, 1), seed=2)

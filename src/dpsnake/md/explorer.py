@@ -30,9 +30,9 @@ from dpsnake.md.deviation import batch_deviation, min_distances
 from dpsnake.md.graphs import make_stepper
 from dpsnake.md.relax import step as relax_step
 from dpsnake.md.relax import update_converged
-from dpsnake.md.state import BatchState, build_state
+from dpsnake.md.state import BatchState, start_state
 from dpsnake.md.trajectory import DEVI_HEADER, encoded_rows
-from dpsnake.md.walkers import Walker, degrees_of_freedom, masses_for, maxwell_boltzmann, read_structure
+from dpsnake.md.walkers import Walker, read_structures
 
 CHECKPOINT = "checkpoint.npz"
 SUMMARY = "summary.json"
@@ -185,21 +185,12 @@ class Explorer:
         self._copy_stream = None
 
     # ---------------------------------------------------------------- setup
-    def _read_structures(self):
-        self.structures = []
-        for w in self.walkers:
-            atoms, atype = read_structure(w, self.type_map)
-            self.structures.append((atoms, atype, masses_for(atype, self.type_map)))
-
     def _fresh(self):
         self.step = 0
         self.status = {w.name: {"status": "running", "reason": None, "steps": 0} for w in self.walkers}
         self.cap_count = {w.name: 0 for w in self.walkers}
         self.max_devi = {w.name: 0.0 for w in self.walkers}
-        vel = []
-        for w, (_atoms, _atype, m) in zip(self.walkers, self.structures):
-            vel.append(maxwell_boltzmann(m, w.temperature, w.seed, degrees_of_freedom(len(m), w)))
-        self.st = build_state(self.walkers, list(range(len(self.walkers))), self.structures, vel, self.xp)
+        self.st = start_state(self.walkers, self.structures, self.xp)
         self.outs = {w.name: _Out(self.outdir / w.name, biased=bool(w.bias)) for w in self.walkers}
         if self.biased:
             self.provider.step = 0
@@ -451,7 +442,7 @@ class Explorer:
         """Read structures; resume from the checkpoint or start (step 0 evaluated and written)."""
         self.outdir.mkdir(parents=True, exist_ok=True)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self._read_structures()
+        self.structures = read_structures(self.walkers, self.type_map)
         ck = self.state_dir / CHECKPOINT
         if ck.exists() and self._resume(ck):
             print(f"dpsnake explore: resumed from {ck} at step {self.step}", file=sys.stderr, flush=True)

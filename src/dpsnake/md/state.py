@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from dpsnake.md.walkers import Walker, degrees_of_freedom
+from dpsnake.md.walkers import Walker, degrees_of_freedom, maxwell_boltzmann
 
 NHC_LENGTH = 3  # chain length, LAMMPS' default tchain
 
@@ -187,6 +187,16 @@ def _no_relax(S: int) -> dict:
     out["fire_cv"] = np.zeros((S, 3, 3))
     out["fire_F"] = np.broadcast_to(np.eye(3), (S, 3, 3)).copy()
     return out
+
+
+def start_state(walkers: list[Walker], structures, xp=np) -> BatchState:
+    """The batch of all ``walkers`` at step 0, as the explorer starts it: ``structures`` from
+    walkers.read_structures, Maxwell-Boltzmann velocities at each walker's temperature and seed."""
+    vel = [
+        maxwell_boltzmann(m, w.temperature, w.seed, degrees_of_freedom(len(m), w))
+        for w, (_atoms, _atype, m) in zip(walkers, structures)
+    ]
+    return build_state(walkers, list(range(len(walkers))), structures, vel, xp)
 
 
 def build_state(walkers: list[Walker], indices, structures, velocities, xp=np) -> BatchState:

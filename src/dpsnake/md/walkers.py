@@ -323,6 +323,15 @@ def masses_for(atype: np.ndarray, type_map: list[str]) -> np.ndarray:
     return np.array([atomic_masses[atomic_numbers[s]] for s in type_map])[atype]
 
 
+def read_structures(walkers: list[Walker], type_map: list[str]) -> list[tuple]:
+    """(atoms, atype, masses) of each walker's start structure (read_structure + masses_for)."""
+    out = []
+    for w in walkers:
+        atoms, atype = read_structure(w, type_map)
+        out.append((atoms, atype, masses_for(atype, type_map)))
+    return out
+
+
 def degrees_of_freedom(n: int, walker: Walker) -> int:
     """Kinetic degrees of freedom: the total momentum is zero and conserved except under Langevin."""
     if walker.thermostat == "langevin" or n == 1:
