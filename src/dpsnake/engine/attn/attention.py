@@ -1,0 +1,342 @@
+"""The neighbour-gated attention block of DPA-1 (se_atten / se_atten_v2): forward and backward.
+
+Exactly what DeePMD-kit 3.2 computes (``deepmd.dpmodel.descriptor.dpa1.NeighborGatedAttention``),
+one code path for NumPy and CuPy. Per layer, on the neighbour features ``x`` (B, n, E) of B centres:
+
+    q, k, v = split(x W_in + b_in)                        (B, n, H) each (one head: see below)
+    q, k, v = q/|q|, k/|k|, v/|v|                          if normalize
+    L       = (s q) k^T                                    (B, n, n); s = temperature, else (H f)^-1/2
+    L       = (L + 20) S - 20    with S_ij = sw_i sw_j     if smooth, else L_ij = -inf where j is empty
+    T       = softmax_j(L) * m_i                           rows of empty slots i zeroed
+    A       = T [* S if smooth] [* R if dotr]              R_ij = r_i . r_j (unit vectors)
+    out     = LayerNorm(x + (A v) W_out + b_out)           LayerNorm: (h - mean) / sqrt(var + eps) g + b
+
+NumPy and CuPy have no autodiff, so :func:`attention_backward` is written out: it returns the
+gradients of a scalar with respect to ``x``, ``input_r`` and ``sw`` (weights are fixed at inference).
+
+DeePMD-kit 3.2's layer builds its GatedAttentionLayer without passing ``num_heads``, so every
+serialized model has one head; a model with more is refused at load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dpsnake.engine import xp as xpmod
+from dpsnake.errors import UserError
+
+SHIFT = 20.0  # DeePMD-kit's attnw_shift: logits of the smooth variant are (L + 20) S - 20
+
+# the keys DeePMD-kit 3.2 serializes (plus "smooth", which only its gated layer writes); others are refused
+_FLAGS = {"nnei", "embed_dim", "hidden_dim", "dotr", "do_mask", "scaling_factor", "normalize", "temperature"}
+_FLAGS |= {"precision", "smooth"}
+_TOP_KEYS = _FLAGS | {"@class", "@version", "layer_num", "trainable_ln", "ln_eps", "attention_layers"}
+_LAYER_KEYS = _FLAGS | {"trainable_ln", "ln_eps", "attention_layer", "attn_layer_norm"}
+_GATED_KEYS = _FLAGS | {"num_heads", "bias", "in_proj", "out_proj"}
+_DENSE_KEYS = {"@class", "@version", "bias", "use_timestep", "activation_function", "resnet", "precision"}
+_DENSE_KEYS |= {"trainable", "@variables"}
+_LN_KEYS = {"@class", "@version", "eps", "trainable", "precision", "@variables"}
+
+
+@dataclass
+class AttnLayer:
+    """One attention layer: in_proj ``w_in`` (E, 3H), ``b_in`` (3H,) or None; out_proj ``w_out`` (H, E),
+    ``b_out`` (E,) or None; layer norm ``gamma``, ``beta`` (E,), ``eps``; the flags of its gated layer."""
+
+    w_in: object
+    b_in: object
+    w_out: object
+    b_out: object
+    gamma: object
+    beta: object
+    eps: float
+    dotr: bool
+    normalize: bool
+    smooth: bool
+    scaling: float
+
+
+@dataclass
+class AttentionLayers:
+    """All attention layers of a descriptor (``layers`` empty: the block is the identity).
+
+    The top-level fields echo the serialized block; the forward pass reads each layer's own flags
+    (DeePMD-kit does too: its layers deserialize their flags, e.g. ``smooth``, from their own dicts).
+    """
+
+    layers: list[AttnLayer]
+    nnei: int
+    embed_dim: int
+    hidden_dim: int
+    num_heads: int = 1
+    dotr: bool = False
+    do_mask: bool = False
+    normalize: bool = True
+    scaling: float = 1.0
+    smooth: bool = True
+    ln_eps: float = 1e-5
+    dtype: object = None  # dtype of the weights of this copy (None: as serialized)
+    _copies: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_serialized(cls, data: dict) -> AttentionLayers:
+        """Read DeePMD-kit's ``NeighborGatedAttention.serialize()`` dict (a .dp descriptor's
+        ``attention_layers``). Anything this module does not compute raises one UserError line."""
+        _check(data, _TOP_KEYS, "attention_layers")
+        if data.get("@class", "NeighborGatedAttention") != "NeighborGatedAttention" or data.get("@version", 1) != 1:
+            raise UserError(
+                f"attention_layers: unsupported @class/@version {data.get('@class')}/{data.get('@version')}"
+            )
+        raw = data.get("attention_layers") or []
+        if len(raw) != int(data["layer_num"]):
+            raise UserError(f"attention_layers: layer_num {data['layer_num']} but {len(raw)} layers stored")
+        E, H = int(data["embed_dim"]), int(data["hidden_dim"])
+        layers = [_read_layer(d, E, H, f"attention_layers[{i}]") for i, d in enumerate(raw)]
+        first = raw[0]["attention_layer"] if raw else data
+        return cls(
+            layers=layers,
+            nnei=int(data["nnei"]),
+            embed_dim=E,
+            hidden_dim=H,
+            num_heads=int(first.get("num_heads", 1)),
+            dotr=bool(data.get("dotr", False)),
+            do_mask=bool(data.get("do_mask", False)),
+            normalize=bool(data.get("normalize", True)),
+            scaling=layers[0].scaling if layers else _scaling(data, H),
+            smooth=layers[0].smooth if layers else bool(data.get("smooth", True)),
+            ln_eps=float(data.get("ln_eps", 1e-5)),
+        )
+
+    def to(self, xp, dtype) -> AttentionLayers:
+        """Copy with the weights as ``xp`` arrays of ``dtype`` (cached per device and dtype)."""
+        key = (*xpmod.device_key(xp), np.dtype(dtype).name)
+        if key not in self._copies:
+
+            def cv(a):
+                return None if a is None else xp.asarray(np.asarray(xpmod.to_numpy(a)), dtype=dtype)
+
+            layers = [
+                AttnLayer(
+                    *(cv(getattr(l, k)) for k in ("w_in", "b_in", "w_out", "b_out", "gamma", "beta")),
+                    l.eps,
+                    l.dotr,
+                    l.normalize,
+                    l.smooth,
+                    l.scaling,
+                )  # fmt: skip
+                for l in self.layers
+            ]
+            fields = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("layers", "dtype", "_copies")}
+            self._copies[key] = AttentionLayers(layers=layers, dtype=np.dtype(dtype), **fields)
+        return self._copies[key]
+
+
+def _check(d: dict, known: set, where: str) -> None:
+    extra = sorted(set(d) - known)
+    if extra:
+        raise UserError(f"{where}: unsupported attention flag {extra[0]!r} (not in DeePMD-kit 3.2's se_atten)")
+
+
+def _scaling(d: dict, head_dim: int) -> float:
+    """DeePMD-kit's query scale: ``temperature`` itself when set, else (head_dim * scaling_factor)^-1/2."""
+    t = d.get("temperature")
+    return float(t) if t is not None else float((head_dim * float(d.get("scaling_factor", 1.0))) ** -0.5)
+
+
+def _dense(d: dict, shape: tuple, where: str):
+    """(w, b) of a serialized linear NativeLayer; refuses activations, timesteps and resnet."""
+    _check(d, _DENSE_KEYS, where)
+    if d.get("@class", "Layer") != "Layer":
+        raise UserError(f"{where}: unsupported @class {d.get('@class')!r}")
+    if str(d.get("activation_function", "none")).lower() not in ("none", "linear"):
+        raise UserError(f"{where}: unsupported activation_function {d['activation_function']!r} (linear only)")
+    v = d["@variables"]
+    if d.get("resnet") or d.get("use_timestep") or v.get("idt") is not None:
+        raise UserError(f"{where}: unsupported resnet/use_timestep in an attention projection")
+    w = np.asarray(v["w"])
+    if w.shape != shape:
+        raise UserError(f"{where}: weight shape {w.shape}, expected {shape}")
+    b = v.get("b")
+    return w, None if b is None else np.asarray(b).reshape(-1)
+
+
+def _read_layer(d: dict, E: int, H: int, where: str) -> AttnLayer:
+    _check(d, _LAYER_KEYS, where)
+    g = d["attention_layer"]
+    _check(g, _GATED_KEYS, where + ".attention_layer")
+    if int(g.get("num_heads", 1)) != 1:
+        raise UserError(f"{where}: unsupported num_heads {g['num_heads']} (DeePMD-kit 3.2 builds 1 head)")
+    w_in, b_in = _dense(g["in_proj"], (E, 3 * H), where + ".in_proj")
+    w_out, b_out = _dense(g["out_proj"], (H, E), where + ".out_proj")
+    ln = d["attn_layer_norm"]
+    _check(ln, _LN_KEYS, where + ".attn_layer_norm")
+    lv = ln["@variables"]
+    gamma, beta = np.asarray(lv["w"]).reshape(-1), np.asarray(lv["b"]).reshape(-1)
+    if gamma.shape != (E,) or beta.shape != (E,):
+        raise UserError(f"{where}.attn_layer_norm: shape {gamma.shape}, expected ({E},)")
+    return AttnLayer(
+        w_in, b_in, w_out, b_out, gamma, beta, eps=float(ln.get("eps", 1e-5)), dotr=bool(g.get("dotr", False)),
+        normalize=bool(g.get("normalize", True)), smooth=bool(g.get("smooth", True)), scaling=_scaling(g, H),
+    )  # fmt: skip
+
+
+def _pair_terms(xp, p, mask, input_r, sw, dtype):
+    """Per-pair factors shared by all layers (recomputed in backward, cheap): S = sw_i sw_j (B, n, n)
+    or None, R = r_i . r_j (B, n, n) or None, the row mask m_i (B, n, 1) and the key mask (B, 1, n)."""
+    B, n = mask.shape
+    smooth = any(l.smooth for l in p.layers)
+    dotr = any(l.dotr for l in p.layers)
+    S = R = None
+    if smooth:
+        s = sw.reshape(B, n, 1).astype(dtype, copy=False)
+        S = s * s.reshape(B, 1, n)
+    if dotr:
+        r = input_r.astype(dtype, copy=False)
+        R = xp.matmul(r, r.swapaxes(1, 2))
+    return S, R, mask.reshape(B, n, 1).astype(dtype), mask.reshape(B, 1, n)
+
+
+def _softmax(xp, L, key_mask):
+    """Row softmax of logits L (B, n, n); with ``key_mask`` the empty keys get weight 0 (their logit is
+    -inf in DeePMD-kit). Rows with no valid key (a centre without neighbours) give 0, not NaN."""
+    if key_mask is not None:
+        L = xp.where(key_mask, L, -xp.inf)
+    mx = L.max(axis=-1, keepdims=True)
+    if key_mask is not None:
+        mx = xp.where(xp.isfinite(mx), mx, 0.0)
+    e = xp.exp(L - mx)
+    den = e.sum(axis=-1, keepdims=True)
+    if key_mask is not None:
+        den = xp.where(den > 0, den, 1.0)
+    e /= den
+    return e
+
+
+def _layer_forward(xp, l: AttnLayer, x, S, R, row_m, key_m, keep: bool):
+    """One layer: x (B, n, E) -> (out (B, n, E), cache). Cache: normalized qkv (B, n, 3, H), their
+    inverse norms (B, n, 3, 1) or None, T = masked softmax (B, n, n), LayerNorm's xhat (B, n, E), rstd."""
+    B, n, E = x.shape
+    H = l.w_in.shape[1] // 3
+    z = (x.reshape(-1, E) @ l.w_in).reshape(B, n, 3, H)
+    if l.b_in is not None:
+        z += l.b_in.reshape(3, H)
+    inv = None
+    if l.normalize:
+        inv = 1.0 / xp.sqrt((z * z).sum(axis=-1, keepdims=True))
+        z = z * inv
+    q, k, v = z[:, :, 0], z[:, :, 1], z[:, :, 2]
+    L = xp.matmul(q * l.scaling, k.swapaxes(1, 2))
+    if l.smooth:
+        L += SHIFT
+        L *= S
+        L -= SHIFT
+        T = _softmax(xp, L, None)
+    else:
+        T = _softmax(xp, L, key_m)
+    T *= row_m
+    A = T
+    if l.smooth:
+        A = A * S
+    if l.dotr:
+        A = A * R
+    o = xp.matmul(A, v)
+    h = (o.reshape(-1, H) @ l.w_out).reshape(B, n, E)
+    if l.b_out is not None:
+        h += l.b_out
+    h += x
+    mu = h.mean(axis=-1, keepdims=True)
+    h -= mu
+    rstd = 1.0 / xp.sqrt((h * h).mean(axis=-1, keepdims=True) + l.eps)
+    xhat = h
+    xhat *= rstd
+    out = xhat * l.gamma + l.beta
+    return out, ((z, inv, T, xhat, rstd) if keep else None)
+
+
+def attention_forward(p: AttentionLayers, G, nei_mask, input_r, sw):
+    """Forward of all layers.
+
+    G (B, nnei, ng) features; nei_mask (B, nnei) bool (True: a neighbour); input_r (B, nnei, 3) unit
+    vectors (zeros on empty slots); sw (B, nnei, 1) switch (0 on empty slots). Computes in the dtype of
+    ``p``'s weights. Returns (G_out (B, nnei, ng), cache for :func:`attention_backward`).
+    """
+    xp = xpmod.array_namespace(G)
+    if not p.layers:
+        return (G if p.dtype is None else G.astype(p.dtype, copy=False)), None
+    dtype = p.layers[0].w_in.dtype
+    x = G.astype(dtype, copy=False)
+    S, R, row_m, key_m = _pair_terms(xp, p, nei_mask, input_r, sw, dtype)
+    caches = []
+    for l in p.layers:
+        x, c = _layer_forward(xp, l, x, S, R, row_m, key_m, True)
+        caches.append(c)
+    # the inputs are kept by reference (no copy): the pair terms are recomputed from them in backward
+    return x, (caches, nei_mask, input_r, sw)
+
+
+def attention_backward(p: AttentionLayers, cache, dG_out):
+    """Gradients of a scalar f from dG_out = df/dG_out (B, nnei, ng): returns (df/dG (B, nnei, ng),
+    df/d input_r (B, nnei, 3), df/d sw (B, nnei, 1)); the last two are zeros where dotr / smooth are off
+    (also with zero layers, where the block is the identity)."""
+    xp = xpmod.array_namespace(dG_out)
+    B, n = dG_out.shape[:2]
+    if not p.layers:
+        dG = dG_out if p.dtype is None else dG_out.astype(p.dtype, copy=False)
+        return dG, xp.zeros((B, n, 3), dtype=dG.dtype), xp.zeros((B, n, 1), dtype=dG.dtype)
+    caches, mask, input_r, sw = cache
+    dtype = p.layers[0].w_in.dtype
+    S, R, _, _ = _pair_terms(xp, p, mask, input_r, sw, dtype)
+    dS = xp.zeros((B, n, n), dtype=dtype) if S is not None else None
+    dR = xp.zeros((B, n, n), dtype=dtype) if R is not None else None
+    dx = dG_out.astype(dtype, copy=False)
+    for l, (z, inv, T, xhat, rstd) in zip(reversed(p.layers), reversed(caches)):
+        E, H = l.w_out.shape[1], l.w_out.shape[0]
+        # LayerNorm: dh = rstd (g - mean(g) - xhat mean(g xhat)), g = dout * gamma
+        g = dx * l.gamma
+        dh = g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True)
+        dh *= rstd
+        q, k, v = z[:, :, 0], z[:, :, 1], z[:, :, 2]
+        do = (dh.reshape(-1, E) @ l.w_out.T).reshape(B, n, H)
+        A = T
+        if l.smooth:
+            A = A * S
+        if l.dotr:
+            A = A * R
+        dz = xp.empty_like(z)
+        dz[:, :, 2] = xp.matmul(A.swapaxes(1, 2), do)  # dv = A^T do
+        dA = xp.matmul(do, v.swapaxes(1, 2))
+        if l.dotr:  # A = A1 * R
+            dR += dA * (T * S if l.smooth else T)
+            dA *= R
+        if l.smooth:  # A1 = T * S
+            dS += dA * T
+            dA *= S
+        # softmax: dL = T (dT - sum_j dT T); rows of empty slots have T = 0, so they need no mask
+        dL = dA
+        dL -= (dA * T).sum(axis=-1, keepdims=True)
+        dL *= T
+        if l.smooth:  # L' = (L + 20) S - 20: recompute L (one matmul) rather than keep it
+            Lp = xp.matmul(q * l.scaling, k.swapaxes(1, 2))
+            Lp += SHIFT
+            Lp *= dL
+            dS += Lp
+            dL *= S
+        dz[:, :, 0] = l.scaling * xp.matmul(dL, k)
+        dz[:, :, 1] = l.scaling * xp.matmul(dL.swapaxes(1, 2), q)
+        if l.normalize:  # y = z/|z|: dz = (dy - y (dy . y)) / |z|
+            dz -= z * (dz * z).sum(axis=-1, keepdims=True)
+            dz *= inv
+        dx = dh + (dz.reshape(-1, 3 * H) @ l.w_in.T).reshape(B, n, E)
+    d_sw = xp.zeros((B, n, 1), dtype=dtype)
+    if dS is not None:  # S_ij = sw_i sw_j
+        s = sw.reshape(B, n, 1).astype(dtype, copy=False)
+        d_sw = xp.matmul(dS, s) + xp.matmul(dS.swapaxes(1, 2), s)
+    d_r = xp.zeros((B, n, 3), dtype=dtype)
+    if dR is not None:  # R_ij = r_i . r_j
+        d_r = xp.matmul(dR + dR.swapaxes(1, 2), input_r.astype(dtype, copy=False))
+    return dx, d_r, d_sw
+
+
+__all__ = ["AttentionLayers", "AttnLayer", "attention_forward", "attention_backward"]
