@@ -16,12 +16,15 @@ import sys
 
 import numpy as np
 
+# type_map of each emt_dataset kind
+PT_TYPE_MAPS = {"Cu": ["Cu"], "CuNi": ["Cu", "Ni"], "CuNiAl": ["Cu", "Ni", "Al"]}
+
 # overrides of the default test model: a second member of an ensemble (other seeds)
 SEED2 = {"model": {"descriptor": {"seed": 2}, "fitting_net": {"seed": 2}}, "training": {"seed": 2}}
 
 
 def emt_dataset(outdir: pathlib.Path, kind: str = "Cu", nframes: int = 6, seed: int = 0) -> pathlib.Path:
-    """Rattled fcc cells labelled with ASE's EMT, written as deepmd/npy. kind: 'Cu' or 'CuNi'."""
+    """Rattled fcc cells labelled with ASE's EMT, written as deepmd/npy. kind: 'Cu', 'CuNi' or 'CuNiAl'."""
     import dpdata
     from ase.build import bulk
     from ase.calculators.emt import EMT
@@ -35,13 +38,17 @@ def emt_dataset(outdir: pathlib.Path, kind: str = "Cu", nframes: int = 6, seed: 
         a = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2))
         if kind == "CuNi":
             a.symbols[rng.permutation(len(a))[: len(a) // 2]] = "Ni"
+        elif kind == "CuNiAl":  # a third each (about)
+            perm = rng.permutation(len(a))
+            a.symbols[perm[: len(a) // 3]] = "Ni"
+            a.symbols[perm[len(a) // 3 : 2 * len(a) // 3]] = "Al"
         a.set_cell(a.cell.array * (1 + 0.03 * rng.uniform(-1, 1)), scale_atoms=True)
         a.rattle(0.08, seed=int(rng.integers(1 << 30)))
         a.calc = EMT()
         a.get_potential_energy()
         s = dpdata.LabeledSystem(a, fmt="ase/structure")
         ms = s if ms is None else ms + s
-    type_map = ["Cu"] if kind == "Cu" else ["Cu", "Ni"]
+    type_map = PT_TYPE_MAPS[kind]
     ms.apply_type_map(type_map) if hasattr(ms, "apply_type_map") else None
     ms.to_deepmd_npy(str(out), type_map=type_map)
     return out
@@ -215,14 +222,20 @@ PT_DESCRIPTORS = {
 
 
 def train_pt_model(
-    cache: pathlib.Path, descriptor: str = "se_atten_v2", seed: int = 1, steps: int = 10, overrides: dict | None = None
+    cache: pathlib.Path,
+    descriptor: str = "se_atten_v2",
+    seed: int = 1,
+    steps: int = 10,
+    overrides: dict | None = None,
+    data: str = "CuNi",
 ) -> dict:
-    """Train (DeePMD-kit PyTorch backend, CPU) and freeze one CuNi model with a descriptor of
-    PT_DESCRIPTORS; returns {"pth": frozen model, "dp": model.dp, "input": dict, "dir": folder}.
+    """Train (DeePMD-kit PyTorch backend, CPU) and freeze one model with a descriptor of
+    PT_DESCRIPTORS on emt_dataset ``data`` (CuNi; also Cu, CuNiAl: the type_map follows);
+    returns {"pth": frozen model, "dp": model.dp, "input": dict, "dir": folder}.
     Cached by the hash of the input like train_model."""
     cache = pathlib.Path(cache)
     inp = copy.deepcopy(BASE_INPUT)
-    inp["model"]["type_map"] = ["Cu", "Ni"]
+    inp["model"]["type_map"] = list(PT_TYPE_MAPS[data])
     inp["model"]["descriptor"] = copy.deepcopy(PT_DESCRIPTORS[descriptor])
     inp["model"]["descriptor"]["seed"] = seed
     inp["model"]["fitting_net"]["seed"] = seed
@@ -234,7 +247,7 @@ def train_pt_model(
     if result["dp"].exists():
         return result
     work.mkdir(parents=True, exist_ok=True)
-    datadir = emt_dataset(cache, "CuNi")
+    datadir = emt_dataset(cache, data)
     inp["training"]["training_data"]["systems"] = [str(datadir)]
     (work / "input.json").write_text(json.dumps(inp, indent=1))
     env = dict(

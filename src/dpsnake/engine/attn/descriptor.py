@@ -1,0 +1,178 @@
+"""se_atten / se_atten_v2 (DPA-1) descriptor + ener fitting: atomic energies and dE/dd for a chunk of
+same-type centres, as DeePMD-kit's ``DescrptBlockSeAtten.call`` (dpmodel / PyTorch) computes them.
+
+Forward (per centre i of type ti, nnei slots in distance order, any neighbour types):
+  sw(r) quintic switch; R = sw [1/(r+p), d/(r+p)^2] (0 in empty slots); Rn = (R - davg) / dstd
+  (empty slots: -davg/dstd); descriptor exclude_types zero the Rn rows of excluded real neighbours
+  and take them out of the mask; swm = sw * mask;
+  concat: G = net([Rn0, tebd_j(, tebd_i)]); strip: Gs = net(Rn0), T = table(ti, tj) (* swm if
+  smooth), G = Gs * T + Gs. The type tj of an empty (or excluded) slot is the type of its system's
+  first atom, as DeePMD-kit gathers atom 0 for nlist entries of -1.
+  G <- attention layers (G, mask, Rn[1:4] / max(|Rn[1:4]|, 1e-12), swm);
+  gr = Rn^T G / nnei (4, M1); D = gr^T gr[:, :axis]; [D, tebd_i] if concat_output_tebd;
+  E = fit(D) + bias.
+Backward by hand to g = dE/dd (n, nnei, 3), geometry in FP64, the nets in the runtime dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dpsnake.engine.attn.model import AttnModel
+from dpsnake.engine.envmat import switch as _switch
+from dpsnake.engine.settings import EngineContext
+
+_EPS = 1e-12  # DeePMD-kit's floor of |Rn[1:4]| when normalising the attention's directions
+
+
+@dataclass
+class AttnRuntime:
+    """An :class:`AttnModel` with its weights in namespace ``xp`` and net dtype ``dtype``."""
+
+    model: AttnModel
+    xp: object
+    dtype: object
+    davg: object  # (ntypes, nnei, 4) float64
+    rstd: object  # 1 / dstd
+    tebd: object  # (ntypes + 1, tebd_dim) dtype
+    embedding: object
+    strip_table: object
+    attention: object  # AttentionLayers or None
+    fittings: list
+    bias: np.ndarray
+    ctx: EngineContext | None = None
+
+    @classmethod
+    def build(cls, model: AttnModel, xp, dtype, ctx=None):
+        def cv(a):
+            return None if a is None else xp.asarray(np.asarray(a), dtype=dtype)
+
+        attention = None
+        if model.attn_layer:
+            from dpsnake.engine.attn.attention import AttentionLayers
+
+            attention = AttentionLayers.from_serialized(model.attention).to(xp, dtype)
+        return cls(
+            model=model,
+            xp=xp,
+            dtype=dtype,
+            davg=xp.asarray(model.davg, dtype=xp.float64),
+            rstd=xp.asarray(1.0 / model.dstd, dtype=xp.float64),
+            tebd=cv(model.tebd),
+            embedding=model.embedding.to(xp, dtype),
+            strip_table=cv(model.strip_table),
+            attention=attention,
+            fittings=[f.to(xp, dtype) for f in model.fittings],
+            bias=np.asarray(model.bias, dtype=np.float64),
+            ctx=EngineContext.of(ctx),
+        )
+
+    def fitting(self, t: int):
+        return self.fittings[0 if self.model.fit_mixed else t]
+
+
+def energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad: bool = True):
+    """Atomic energies (n,) float64 and g = dE/dd (n, nnei, 3) float64 of centres of type ``ti``.
+
+    d (n, nnei, 3) float64 displacements r_neighbour - r_centre; valid (n, nnei) bool (after model
+    pair exclusions); ntype (n, nnei) int: each valid slot's neighbour type (any value elsewhere);
+    first (n,) int: the type of each centre's system's first atom, the type DeePMD-kit gives empty
+    and excluded slots (see the module doc). g is exactly 0 in empty slots.
+    """
+    xp, m = rt.xp, rt.model
+    n, nnei = valid.shape
+    if m.atom_exclude[ti]:
+        return xp.zeros(n), (xp.zeros((n, nnei, 3)) if need_grad else None)
+    dt = rt.dtype
+    vf = valid.astype(xp.float64)
+    r = xp.sqrt((d * d).sum(axis=2))
+    rr = xp.where(valid, r, 1.0)
+    q = 1.0 / (rr + m.env_protection)
+    sw, dsw = _switch(xp, rr, m.rcut_smth, m.rcut)
+    sw = sw * vf
+    R = xp.concatenate([(sw * q)[..., None], (sw * q * q)[..., None] * d], axis=2)
+    Rn = (R - rt.davg[ti]) * rt.rstd[ti]
+    keep = None
+    mask = valid
+    if m.desc_exclude[ti].any():  # excluded real neighbours: zero rows, out of the mask
+        ex = xp.asarray(m.desc_exclude[ti])[xp.where(valid, ntype, 0)] & valid
+        mask = valid & ~ex
+        keep = (~ex).astype(xp.float64)
+        Rn = Rn * keep[..., None]
+    ntype = xp.where(mask, ntype, first[:, None])  # empty / excluded slots: the first atom's type
+    swm = sw * mask
+    Rn_c = xp.ascontiguousarray(Rn.astype(dt))
+    ss = Rn_c[..., 0:1]
+    nt1 = m.ntypes + 1
+    if m.tebd_mode == "concat":
+        tj = rt.tebd[ntype]
+        parts = [ss, tj] if m.type_one_side else [ss, tj, xp.broadcast_to(rt.tebd[ti], tj.shape)]
+        G0, ecache = rt.embedding.forward(xp, xp.concatenate(parts, axis=2), keep=need_grad, ctx=rt.ctx)
+        Gs = tt = None
+    else:
+        Gs, ecache = rt.embedding.forward(xp, ss, keep=need_grad, ctx=rt.ctx)
+        tt = rt.strip_table[ntype if m.type_one_side else ti * nt1 + ntype]
+        gt = tt * swm[..., None].astype(dt) if m.smooth else tt
+        G0 = Gs * gt + Gs
+    acache = None
+    if rt.attention is not None:
+        from dpsnake.engine.attn.attention import attention_forward
+
+        x = Rn[..., 1:4]
+        nrm = xp.sqrt((x * x).sum(axis=2, keepdims=True))
+        den = xp.maximum(nrm, _EPS)
+        u = x / den
+        G, acache = attention_forward(rt.attention, G0, mask, u.astype(dt), swm[..., None].astype(dt))
+    else:
+        G = G0
+    gr = xp.matmul(Rn_c.transpose(0, 2, 1), G) * (1.0 / nnei)  # (n, 4, M1)
+    A = m.axis_neuron
+    M1 = m.neuron[-1]
+    gr1 = gr[:, :, :A]
+    D = xp.matmul(gr.transpose(0, 2, 1), gr1).reshape(n, M1 * A)
+    if m.concat_output_tebd:
+        D = xp.concatenate([D, xp.broadcast_to(rt.tebd[ti], (n, m.tebd_dim))], axis=1)
+    fit = rt.fitting(ti)
+    y, fcache = fit.forward(xp, D, keep=need_grad, ctx=rt.ctx)
+    e = y[:, 0].astype(xp.float64) + float(rt.bias[ti])
+    if not need_grad:
+        return e, None
+    gD = fit.backward(xp, xp.ones((n, 1), dtype=dt), fcache, ctx=rt.ctx)[:, : M1 * A].reshape(n, M1, A)
+    ggr = xp.matmul(gr1, gD.transpose(0, 2, 1))  # (n, 4, M1)
+    ggr[:, :, :A] += xp.matmul(gr, gD)
+    ggr *= 1.0 / nnei
+    gG = xp.matmul(Rn_c, ggr)  # (n, nnei, M1)
+    gRn = xp.matmul(G, ggr.transpose(0, 2, 1)).astype(xp.float64)  # (n, nnei, 4)
+    gsw = None
+    if acache is not None:
+        from dpsnake.engine.attn.attention import attention_backward
+
+        gG, gu, gsa = attention_backward(rt.attention, acache, gG)
+        gu = gu.astype(xp.float64)
+        # u = x / max(|x|, eps): (gu - u (u . gu)) / |x| above eps, gu / eps below
+        big = nrm > _EPS
+        gx = xp.where(big, (gu - u * (u * gu).sum(axis=2, keepdims=True)) / den, gu / _EPS)
+        gRn[..., 1:4] += gx
+        gsw = gsa[..., 0].astype(xp.float64)
+    if m.tebd_mode == "concat":
+        gin = rt.embedding.backward(xp, gG, ecache, ctx=rt.ctx)
+        gRn[..., 0] += gin[..., 0].astype(xp.float64)
+    else:
+        gss = rt.embedding.backward(xp, gG * (gt + 1), ecache, ctx=rt.ctx)
+        gRn[..., 0] += gss[..., 0].astype(xp.float64)
+        if m.smooth:
+            gt_sw = (gG * Gs * tt).sum(axis=2).astype(xp.float64)
+            gsw = gt_sw if gsw is None else gsw + gt_sw
+    gR = gRn * rt.rstd[ti]
+    if keep is not None:
+        gR = gR * keep[..., None]
+    gR = gR * vf[..., None]
+    g0, gv = gR[..., 0], gR[..., 1:]
+    gvd = (gv * d).sum(axis=2)
+    coef = g0 * (dsw * q - sw * q * q) + gvd * (dsw * q * q - 2.0 * sw * q**3)
+    if gsw is not None:  # swm = sw * mask enters the attention / the smooth type gate
+        coef = coef + gsw * mask * dsw
+    g = (coef / rr)[..., None] * d + (sw * q * q)[..., None] * gv
+    return e, xp.where(valid[..., None], g, 0.0)

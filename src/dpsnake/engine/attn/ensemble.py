@@ -1,0 +1,230 @@
+"""Ensembles of se_atten / se_atten_v2 (DPA-1) models on shared neighbour data, batched over systems.
+
+The same constructor, ``evaluate`` contract and outputs as :class:`dpsnake.engine.ensemble.Ensemble`
+(flat layout: ``coords (N, 3)``, ``atype (N,)``, ``system (N,)`` sorted, ``cells (S, 3, 3)``, ``pbc
+(S, 3)`` or ``(S,)``; NumPy in, NumPy out; CuPy in, CuPy out). Neighbours are DeePMD-kit's mixed-type
+list: the nearest ``nnei`` atoms within rcut of any type, sorted by distance (the neighbour search of
+:mod:`dpsnake.engine.neighbor` with one type block), built once per call for all models. Centres
+run in chunks of one type; every slot is kept (the attention's softmax sees the empty ones too).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from dpsnake.engine.attn.descriptor import AttnRuntime, energy_and_grad
+from dpsnake.engine.attn.model import AttnModel, load_attn_model
+from dpsnake.engine.ensemble import Layout, _guess_widths, _scatter_add, _segment, _settings
+from dpsnake.engine.neighbor import NeighborBuilder, _CellGeometry
+from dpsnake.engine.settings import EngineContext
+from dpsnake.engine.xp import HostCopy, array_namespace, to_numpy
+from dpsnake.errors import UserError
+
+
+class AttnEnsemble:
+    """M se_atten(_v2) models sharing type_map / rcut / sel; arguments as ``Ensemble``'s.
+
+    ``compress`` (tabulated nets) is not available for these models yet: anything but None is a
+    UserError. ``settings``: the EngineSettings used are ``chunk_mb`` and ``widths`` (grid reuse on
+    GPUs); the nets run as array code.
+    """
+
+    def __init__(
+        self,
+        models,
+        precision: str = "double",
+        xp=None,
+        chunk_atoms: int | None = None,
+        compress=None,
+        settings=None,
+        tf32: bool | None = None,
+    ):
+        if not models:
+            raise UserError("models: an ensemble needs at least one model")
+        if precision not in ("double", "mixed"):
+            raise UserError(f"precision: {precision!r} is not 'double' or 'mixed'")
+        if compress is not None and compress is not False:
+            raise UserError("compress: tabulated embedding nets are not available for se_atten models yet")
+        self.models: list[AttnModel] = [m if isinstance(m, AttnModel) else load_attn_model(m) for m in models]
+        m0 = self.models[0]
+        for m in self.models[1:]:
+            if not m0.same_geometry(m):
+                raise UserError(
+                    f"models: {m.path} differs from {m0.path} in descriptor, type_map, rcut, sel or "
+                    "pair_exclude_types, so they cannot share neighbour lists"
+                )
+        self.precision = precision
+        self.compress = None
+        self.settings = _settings(settings, tf32)
+        self.ctx = EngineContext(self.settings)
+        self.chunk_atoms = chunk_atoms
+        self._runtime = {}
+        self._xp = xp
+        self.last_overflow = 0
+        self.width_misses = 0
+        self.width_changes = 0
+        self.grid_misses = 0
+        self._csize = {}
+
+    @property
+    def type_map(self) -> list[str]:
+        return list(self.models[0].type_map)
+
+    @property
+    def rcut(self) -> float:
+        return self.models[0].rcut
+
+    @property
+    def sel(self) -> list[int]:
+        return list(self.models[0].sel)
+
+    @property
+    def ntypes(self) -> int:
+        return self.models[0].ntypes
+
+    @property
+    def nmodels(self) -> int:
+        return len(self.models)
+
+    def _rt(self, xp, k: int) -> AttnRuntime:
+        key = (xp.__name__, k)
+        if key not in self._runtime:
+            dtype = xp.float64 if self.precision == "double" else xp.float32
+            self._runtime[key] = AttnRuntime.build(self.models[k], xp, dtype, ctx=self.ctx)
+        return self._runtime[key]
+
+    def _chunk_size(self, xp) -> int:
+        """Centres per chunk: work memory ~ settings.chunk_mb (2048 MB on CPUs, a third of the free
+        GPU memory on GPUs)."""
+        if self.chunk_atoms:
+            return int(self.chunk_atoms)
+        key = xp.__name__
+        if key not in self._csize:
+            if self.settings.chunk_mb:
+                mb = float(self.settings.chunk_mb)
+            elif xp.__name__ == "cupy":
+                free, _ = xp.cuda.runtime.memGetInfo()
+                mb = (free + xp.get_default_memory_pool().free_bytes()) / 3e6
+            else:
+                mb = 2048.0
+            m = self.models[0]
+            nb = 4 if self.precision == "mixed" else 8
+            nn = m.nnei
+            per_slot = (3 * sum(m.neuron) + 2 * m.tebd_dim + 4 * m.neuron[-1]) * nb + 64 * 8
+            per_atom = nn * per_slot + 8 * m.attn_layer * nn * (nn + 3 * m.neuron[-1]) * nb + 2000 * 48
+            self._csize[key] = max(16, int(mb * 1e6 / per_atom))
+        return self._csize[key]
+
+    def layout(self, atype, system, pbc) -> Layout:
+        """A :class:`~dpsnake.engine.ensemble.Layout` of these arrays for :meth:`evaluate`."""
+        return Layout(array_namespace(atype), atype, system, pbc, self.ntypes)
+
+    def evaluate(
+        self,
+        coords,
+        atype,
+        system,
+        cells,
+        pbc,
+        model_indices=None,
+        atomic: bool = False,
+        exact: bool = False,
+        layout: Layout | None = None,
+    ):
+        """Energies, forces, virials of every model on every system (``Ensemble.evaluate``'s
+        contract): ``energy`` (M, S) eV, ``force`` (M, N, 3) eV/A, ``virial`` (M, S, 9) eV and, if
+        ``atomic``, ``atom_energy`` (M, N), ``atom_virial`` (M, N, 9); ``last_overflow`` the centres
+        that lost neighbours."""
+        xp = array_namespace(coords)
+        coords = xp.asarray(coords, dtype=xp.float64).reshape(-1, 3)
+        cells = xp.asarray(cells, dtype=xp.float64).reshape(-1, 3, 3)
+        if layout is None or not layout.made_from(atype, system, pbc):
+            layout = Layout(xp, atype, system, pbc, self.ntypes)
+        atype, system = layout.atype, layout.system
+        N, S = coords.shape[0], cells.shape[0]
+        if layout.N != N:
+            raise UserError(f"atype/system: {layout.N} entries for {N} atoms")
+        if layout.S != S:
+            raise UserError(f"pbc: {layout.S} entries for {S} systems")
+        idx = list(range(self.nmodels)) if model_indices is None else [int(i) for i in model_indices]
+        M = len(idx)
+        if N == 0:
+            _CellGeometry(to_numpy(cells).reshape(-1, 3, 3), layout.pbc_h, self.rcut)
+            out = {"energy": xp.zeros((M, S)), "force": xp.zeros((M, 0, 3)), "virial": xp.zeros((M, S, 9))}
+            if atomic:
+                out.update(atom_energy=xp.zeros((M, 0)), atom_virial=xp.zeros((M, 0, 9)))
+            return out
+        energy_atom = xp.zeros((M, N))
+        force = xp.zeros((M, N, 3))
+        virial = xp.zeros((M, S, 9))
+        atom_virial = xp.zeros((M, N, 9)) if atomic else None
+        rts = [self._rt(xp, k) for k in idx]
+        m0 = self.models[0]
+        guessing = _guess_widths(xp, self.settings.widths) and not exact
+        # one type block of nnei slots: the nearest nnei atoms of any type, in distance order
+        nb = NeighborBuilder(
+            xp,
+            coords,
+            xp.zeros(N, dtype=xp.int64),
+            system,
+            cells,
+            layout.pbc_h,
+            m0.rcut,
+            [m0.nnei],
+            None,
+            reuse_grid=guessing,
+            ctx=self.ctx,
+        )
+        nb_check = None if nb.check is None else HostCopy(nb.check)
+        # the type of each system's first atom (DeePMD-kit's type for empty slots)
+        firsts = xp.searchsorted(system, xp.arange(S, dtype=system.dtype))
+        first_type = atype[xp.clip(firsts, 0, N - 1)]
+        pex = xp.asarray(m0.pair_exclude) if m0.pair_exclude.any() else None
+        order, counts = layout.order, layout.counts
+        csize = self._chunk_size(xp)
+        overflow = []
+        start = 0
+        for ti in range(self.ntypes):
+            stop = start + int(counts[ti])
+            for a in range(start, stop, csize):
+                centers = order[a : min(stop, a + csize)]
+                ch = nb.chunk(centers)
+                valid = ch.valid
+                ntype = atype[xp.where(valid, ch.owner, 0)]
+                if pex is not None:  # model pair exclusions: empty slots (after the selection)
+                    valid = valid & ~pex[ti][ntype]
+                overflow.append(ch.overflow.sum())
+                own = xp.where(valid, ch.owner, centers[:, None])
+                sysc = system[centers]
+                first = first_type[sysc]
+                for j, rt in enumerate(rts):
+                    e, g = energy_and_grad(rt, ti, ch.d, valid, ntype, first)
+                    energy_atom[j, centers] = e
+                    force[j, centers] += g.sum(axis=1)
+                    _scatter_add(xp, force[j], own.reshape(-1), -g.reshape(-1, 3))
+                    if atomic:
+                        w = -(g[:, :, :, None] * ch.d[:, :, None, :]).reshape(g.shape[0], -1, 9)
+                        _scatter_add(xp, virial[j], sysc, w.sum(axis=1))
+                        _scatter_add(xp, atom_virial[j], own.reshape(-1), w.reshape(-1, 9))
+                    else:
+                        wc = -xp.matmul(g.transpose(0, 2, 1), ch.d).reshape(g.shape[0], 9)
+                        _scatter_add(xp, virial[j], sysc, wc)
+            start = stop
+        grid_ok = nb_check is None or nb.settle(nb_check.result())
+        if not grid_ok:  # cells moved beyond the kept bin grid, or more ghosts than room: redo
+            self.grid_misses += 1
+            a0, s0, p0 = layout.given
+            return self.evaluate(coords, a0, s0, cells, p0, model_indices, atomic, exact=True, layout=layout)
+        self.last_overflow = int(to_numpy(xp.stack(overflow).sum())) if overflow else 0
+        if self.last_overflow:
+            warnings.warn(
+                f"{self.last_overflow} atoms have more neighbours within rcut than sel allows "
+                f"(sel={m0.nnei}); extra neighbours were dropped as DeePMD-kit does",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        out = {"energy": _segment(xp, energy_atom, system, S), "force": force, "virial": virial}
+        if atomic:
+            out["atom_energy"] = energy_atom
+            out["atom_virial"] = atom_virial
+        return out
