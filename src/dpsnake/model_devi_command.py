@@ -85,7 +85,7 @@ def read_frames(path: str, type_map: list[str]):
 
 def run(args) -> int:
     from dpsnake.engine.deeppot import frames_to_flat
-    from dpsnake.engine.ensemble import Ensemble
+    from dpsnake.engine.model import make_ensemble
     from dpsnake.engine.model_devi import COLUMNS, deviation_columns
 
     xp = np
@@ -98,7 +98,7 @@ def run(args) -> int:
         except Exception:
             if args.device == "gpu":
                 raise UserError("device: gpu requested but CuPy/CUDA is not available") from None
-    ens = Ensemble(
+    ens = make_ensemble(
         args.models,
         precision=args.precision,
         compress=None if args.compress is None else {"min_nbor_dist": args.compress},

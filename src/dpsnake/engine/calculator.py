@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
-from dpsnake.engine.ensemble import Ensemble
+from dpsnake.engine.model import make_ensemble
 from dpsnake.errors import UserError
 
 
@@ -32,7 +32,7 @@ class DP(Calculator):
         **kwargs,
     ):
         super().__init__(label=label, **kwargs)
-        self.ensemble = Ensemble([model], precision=precision, settings=settings)
+        self.ensemble = make_ensemble([model], precision=precision, settings=settings)
         self.type_dict = type_dict or {s: k for k, s in enumerate(self.ensemble.type_map)}
 
     def calculate(self, atoms=None, properties=("energy", "forces"), system_changes=all_changes):

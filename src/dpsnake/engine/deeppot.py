@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dpsnake.engine.ensemble import Ensemble
+from dpsnake.engine.model import make_ensemble
 from dpsnake.engine.xp import array_namespace
 from dpsnake.errors import UserError
 
@@ -52,14 +52,14 @@ def frames_to_flat(xp, coords, cells, atom_types):
 class DeepPot:
     """One Deep Potential model with DeePMD-kit's ``DeepPot`` interface.
 
-    model: path to a ``.dp`` file (or a DPModel); precision "double" or "mixed"; keyword
+    model: path to a ``.dp`` file (se_e2_a or se_atten(_v2); or a loaded DPModel / AttnModel); precision "double" or "mixed"; keyword
     ``compress`` = {"min_nbor_dist": ..., "stride": 0.01, "extrapolate": 5} tabulates the embedding
     nets as ``dp compress`` does; ``chunk_atoms``, ``settings`` (an EngineSettings) and ``tf32`` as
     :class:`Ensemble`.
     """
 
     def __init__(self, model, precision: str = "double", **kwargs):
-        self.ensemble = Ensemble(
+        self.ensemble = make_ensemble(
             [model],
             precision=precision,
             chunk_atoms=kwargs.get("chunk_atoms"),

@@ -1,6 +1,6 @@
 """Which force provider explores: dpsnake's built-in engine or DeePMD-kit's PyTorch models.
 
-``explore.engine``: ``builtin`` (fastest; se_e2_a energy models), ``deepmd`` (every energy model
+``explore.engine``: ``builtin`` (fastest; se_e2_a and se_atten / se_atten_v2 energy models), ``deepmd`` (every energy model
 DeePMD-kit's PyTorch backend evaluates: se_e2_a, se_e2_r, se_e3, se_atten(_v2), DPA-2, DPA-3, hybrid,
 ...), ``auto`` (builtin where it supports every model of the ensemble, else deepmd). The choice and its
 reason go to the explore log and ``DIR/engine.json`` (the report shows them).
@@ -12,6 +12,7 @@ from dpsnake.errors import UserError
 
 ENGINES = ("auto", "builtin", "deepmd")
 BUILTIN_DESCRIPTORS = ("se_e2_a", "se_a")
+ATTN_DESCRIPTORS = ("se_atten", "se_atten_v2", "dpa1")  # dpsnake.engine.attn
 
 
 def builtin_unsupported(model: dict) -> str | None:
@@ -21,10 +22,15 @@ def builtin_unsupported(model: dict) -> str | None:
     desc = model.get("descriptor") or {}
     fit = model.get("fitting_net") or {}
     dtype = desc.get("type", "se_e2_a")
-    if dtype not in BUILTIN_DESCRIPTORS:
-        return f"descriptor type {dtype!r} (the built-in engine runs {' / '.join(BUILTIN_DESCRIPTORS)})"
-    if model.get("type_embedding") is not None:
-        return "a type_embedding (the built-in engine runs se_e2_a without type embedding)"
+    if dtype in ATTN_DESCRIPTORS:
+        why = _attn_unsupported(desc)
+        if why:
+            return why
+    elif dtype not in BUILTIN_DESCRIPTORS:
+        runs = " / ".join(BUILTIN_DESCRIPTORS + ATTN_DESCRIPTORS[:2])
+        return f"descriptor type {dtype!r} (the built-in engine runs {runs})"
+    elif model.get("type_embedding") is not None:
+        return "a type_embedding with se_e2_a (the built-in engine runs se_e2_a without type embedding)"
     if fit.get("type", "ener") != "ener":
         return f"fitting_net type {fit.get('type')!r}"
     for key in ("numb_fparam", "numb_aparam", "dim_case_embd"):
@@ -34,6 +40,23 @@ def builtin_unsupported(model: dict) -> str | None:
         return "a spin model"
     if (desc.get("env_mat") or {}).get("use_exp_switch") or desc.get("use_exp_switch"):
         return "descriptor use_exp_switch"
+    return None
+
+
+def _attn_unsupported(desc: dict) -> str | None:
+    """Why the built-in se_atten path (``dpsnake.engine.attn``) cannot run such a descriptor, or None."""
+    dtype = desc["type"]
+    if int(desc.get("lmax", 1)) != 1:
+        return f"{dtype} lmax={desc['lmax']}"
+    if desc.get("use_econf_tebd"):
+        return f"{dtype} use_econf_tebd"
+    if desc.get("attn_mask"):
+        return f"{dtype} attn_mask"
+    mode = desc.get("tebd_input_mode", "concat")
+    if dtype != "se_atten_v2" and mode not in ("concat", "strip"):
+        return f"{dtype} tebd_input_mode {mode!r}"
+    if desc.get("spin"):
+        return "a spin model"
     return None
 
 
@@ -76,19 +99,34 @@ def choose(engine: str, model_paths) -> tuple[str, str, list | None]:
         raise UserError(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}")
     if engine == "deepmd":
         return "deepmd", "explore.engine is deepmd", None
-    from dpsnake.engine.model import load_model
+    from dpsnake.engine.model import load_any
     from dpsnake.engine.validate import DamagedModelError
 
     models = []
     for p in model_paths:
         try:
-            models.append(load_model(p))
+            models.append(load_any(p))
         except DamagedModelError:  # a damaged file is an error, not a reason to switch engines
             raise
         except UserError as err:
             if engine == "builtin":
                 raise
             return "deepmd", f"the built-in engine cannot run {err}", None
+    kinds = sorted({_kind(m) for m in models})
+    if len(kinds) > 1:
+        why = f"models of {' and '.join(kinds)} together (they cannot share neighbour lists)"
+        if engine == "builtin":
+            raise UserError(f"explore.engine: builtin cannot run {why}")
+        return "deepmd", f"the built-in engine cannot run {why}", None
     if engine == "builtin":
         return "builtin", "explore.engine is builtin", models
-    return "builtin", "the built-in engine supports every model of the ensemble", models
+    kind = f" ({kinds[0]})" if kinds else ""
+    return "builtin", f"the built-in engine supports every model of the ensemble{kind}", models
+
+
+def _kind(model) -> str:
+    """The descriptor family of a loaded model, as the built-in engine names it."""
+    meta = getattr(model, "meta", None) or {}
+    if getattr(model, "kind", "") != "se_atten":
+        return "se_e2_a"
+    return {"dpa1": "se_atten"}.get(str(meta.get("type")), str(meta.get("type") or "se_atten"))

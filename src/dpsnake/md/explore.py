@@ -109,18 +109,17 @@ def pick_xp(device: str, shard: int | None = None):
 
 def make_provider(model_paths, precision: str, xp, compress: float | None = None, tf32: bool = False):
     """(EnsembleProvider, type_map) for the given model files (or models already loaded with
-    ``load_model``); ``compress``: min_nbor_dist (A) to run tabulated embedding nets, or None;
+    ``load_model`` / ``load_any``: se_e2_a or se_atten(_v2)); ``compress``: min_nbor_dist (A) to run tabulated embedding nets, or None;
     ``tf32``: the engine setting (FP32 fitting GEMMs on TF32 tensor cores, CuPy only)."""
-    from dpsnake.engine.ensemble import Ensemble
-    from dpsnake.engine.model import DPModel, load_model
+    from dpsnake.engine.model import load_any, make_ensemble
     from dpsnake.md.providers import EnsembleProvider
 
     models = []
     for p in model_paths:
-        if not isinstance(p, DPModel) and not pathlib.Path(p).is_file():
+        if isinstance(p, (str, pathlib.Path)) and not pathlib.Path(p).is_file():
             raise UserError(f"--models: file not found: {p}")
-        models.append(p if isinstance(p, DPModel) else load_model(p))
-    ens = Ensemble(
+        models.append(load_any(p))
+    ens = make_ensemble(
         models,
         precision=precision,
         xp=xp,

@@ -55,9 +55,9 @@ def load_ensemble(model_paths: list[pathlib.Path]):
 
         prov = DeepmdProvider(paths)
         return prov, list(prov.type_map)
-    from dpsnake.engine.ensemble import Ensemble
+    from dpsnake.engine.model import make_ensemble
 
-    ens = Ensemble(loaded, precision="double")
+    ens = make_ensemble(loaded, precision="double")
     return ens, list(ens.type_map)
 
 

@@ -49,11 +49,7 @@ class AttnRuntime:
         def cv(a):
             return None if a is None else xp.asarray(np.asarray(a), dtype=dtype)
 
-        attention = None
-        if model.attn_layer:
-            from dpsnake.engine.attn.attention import AttentionLayers
-
-            attention = AttentionLayers.from_serialized(model.attention).to(xp, dtype)
+        attention = None if model.attention is None else model.attention.to(xp, dtype)
         return cls(
             model=model,
             xp=xp,

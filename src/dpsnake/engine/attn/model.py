@@ -34,8 +34,9 @@ class AttnModel:
     embeddings (last row: padding, zeros); ``embedding`` the net on [s, tebd_j(, tebd_i)] (concat)
     or on s alone (strip); ``strip_table`` (strip) the type net's output per type pair,
     ((ntypes + 1)^2, M1) indexed by t_centre * (ntypes + 1) + t_neighbour (type_one_side:
-    (ntypes + 1, M1) by t_neighbour); ``attention`` the serialized attention layers with their
-    arrays (None for attn_layer 0); ``fittings`` one net (mixed types) or one per type.
+    (ntypes + 1, M1) by t_neighbour); ``attention`` the attention layers
+    (:class:`~dpsnake.engine.attn.attention.AttentionLayers`; None for attn_layer 0); ``fittings``
+    one net (mixed types) or one per type.
     """
 
     path: str
@@ -58,7 +59,7 @@ class AttnModel:
     tebd: np.ndarray
     embedding: Net
     strip_table: np.ndarray | None
-    attention: dict | None
+    attention: object  # AttentionLayers or None
     fittings: list[Net]
     fit_mixed: bool
     bias: np.ndarray
@@ -258,10 +259,16 @@ def _read(rd: ArrayReader, root: dict, path: str) -> AttnModel:
     n_attn = int(desc.get("attn_layer", 0))
     attention = None
     if n_attn:
-        attention = _resolve(rd, desc.get("attention_layers"), "attention_layers")
-        layers = (attention or {}).get("attention_layers") or []
+        from dpsnake.engine.attn.attention import AttentionLayers
+
+        raw = _resolve(rd, desc.get("attention_layers"), "attention_layers")
+        layers = (raw or {}).get("attention_layers") or []
         if len(layers) != n_attn:
             _fail(path, f"descriptor attn_layer={n_attn} but {len(layers)} attention layers are stored")
+        try:
+            attention = AttentionLayers.from_serialized(raw)
+        except UserError as err:  # one line, naming the file
+            _fail(path, f"descriptor {err}")
     mixed = bool(fit.get("mixed_types", True))
     fnets = (fit.get("nets") or {}).get("networks") or []
     if len(fnets) != (1 if mixed else nt):
