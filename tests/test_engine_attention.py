@@ -48,17 +48,17 @@ def reference(layers, dotr, normalize, smooth, extra, seed=0):
     return NeighborGatedAttention.deserialize(data), data
 
 
-def inputs(seed=1):
+def inputs(seed=1, nb=B):
     """G, mask (centre 0 full, centre 1 empty, others random), unit vectors r and switch sw (0 on empty)."""
     rng = np.random.default_rng(seed)
-    G = rng.standard_normal((B, NNEI, E))
-    mask = rng.random((B, NNEI)) < 0.7
+    G = rng.standard_normal((nb, NNEI, E))
+    mask = rng.random((nb, NNEI)) < 0.7
     mask[0] = True
     mask[1] = False
-    r = rng.standard_normal((B, NNEI, 3))
+    r = rng.standard_normal((nb, NNEI, 3))
     r /= np.linalg.norm(r, axis=-1, keepdims=True)
     r[~mask] = 0.0
-    sw = rng.uniform(0.05, 1.0, (B, NNEI, 1)) * mask[..., None]
+    sw = rng.uniform(0.05, 1.0, (nb, NNEI, 1)) * mask[..., None]
     return G, mask, r, sw
 
 
@@ -74,6 +74,16 @@ def test_forward_equals_deepmd(case):
     assert rel_err(got, want) < 1e-12
     if case[0]:
         assert np.abs(got - G).max() > 0.1  # the block did something
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+def test_forward_many_centres(smooth):
+    net, data = reference(2, True, True, smooth, {})
+    p = AttentionLayers.from_serialized(data).to(np, np.float64)
+    G, mask, r, sw = inputs(seed=7, nb=3000)
+    with np.errstate(invalid="ignore"):
+        want = net.call(G, mask, input_r=r, sw=sw)
+    assert rel_err(attention_forward(p, G, mask, r, sw)[0], want) < 1e-12
 
 
 def test_from_serialized_fields_and_errors():
@@ -101,6 +111,10 @@ def test_from_serialized_fields_and_errors():
     )
     bad(lambda d: d["attention_layers"][0]["attention_layer"].update(gate=True), "gate")
     bad(lambda d: d.update(layer_num=2), "layer_num")
+    _, d = reference(2, False, True, True, {})
+    d["attention_layers"][1]["attention_layer"]["smooth"] = False
+    with pytest.raises(UserError, match="smooth"):
+        AttentionLayers.from_serialized(d)
 
 
 def _scalar_fd(f, x, h=1e-6):
@@ -167,3 +181,8 @@ def test_cupy_equals_numpy(case):
     assert rel_err(got.get(), ref) < 1e-12
     for a, b in zip(gotb, refb):
         assert rel_err(a.get(), b) < 1e-12
+    p32 = p.to(cp, np.float32)
+    got, c = attention_forward(p32, *(cp.asarray(a) for a in (G, mask, r, sw)))
+    assert got.dtype == np.float32 and rel_err(got.get(), ref) < 3e-5
+    for a, b in zip(attention_backward(p32, c, cp.asarray(W)), refb):
+        assert a.dtype == np.float32 and rel_err(a.get(), b) < 3e-5

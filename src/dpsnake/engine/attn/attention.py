@@ -43,7 +43,9 @@ _LN_KEYS = {"@class", "@version", "eps", "trainable", "precision", "@variables"}
 @dataclass
 class AttnLayer:
     """One attention layer: in_proj ``w_in`` (E, 3H), ``b_in`` (3H,) or None; out_proj ``w_out`` (H, E),
-    ``b_out`` (E,) or None; layer norm ``gamma``, ``beta`` (E,), ``eps``; the flags of its gated layer."""
+    ``b_out`` (E,) or None; layer norm ``gamma``, ``beta`` (E,), ``eps``; the flags of its gated layer.
+    ``w_qkv`` (3, E, H) and ``b_qkv`` (3, 1, 1, H) or None are in_proj split into q, k, v (contiguous):
+    three GEMMs give contiguous q, k, v, which batched matmuls need to run at BLAS speed."""
 
     w_in: object
     b_in: object
@@ -56,14 +58,24 @@ class AttnLayer:
     normalize: bool
     smooth: bool
     scaling: float
+    w_qkv: object = None
+    b_qkv: object = None
+
+    def __post_init__(self):
+        E, H3 = self.w_in.shape
+        if self.w_qkv is None:
+            self.w_qkv = self.w_in.reshape(E, 3, H3 // 3).transpose(1, 0, 2).copy()
+        if self.b_qkv is None and self.b_in is not None:
+            self.b_qkv = self.b_in.reshape(3, 1, 1, H3 // 3).copy()
 
 
 @dataclass
 class AttentionLayers:
     """All attention layers of a descriptor (``layers`` empty: the block is the identity).
 
-    The top-level fields echo the serialized block; the forward pass reads each layer's own flags
-    (DeePMD-kit does too: its layers deserialize their flags, e.g. ``smooth``, from their own dicts).
+    The flags are those of the layers' own gated-attention dicts, which DeePMD-kit's deserialization
+    reads (the top-level dict has no ``smooth``); all layers must agree. ``do_mask`` is unused by
+    DeePMD-kit's forward, so here too. ``scaling`` is the factor on the queries.
     """
 
     layers: list[AttnLayer]
@@ -94,6 +106,9 @@ class AttentionLayers:
             raise UserError(f"attention_layers: layer_num {data['layer_num']} but {len(raw)} layers stored")
         E, H = int(data["embed_dim"]), int(data["hidden_dim"])
         layers = [_read_layer(d, E, H, f"attention_layers[{i}]") for i, d in enumerate(raw)]
+        for name in ("dotr", "normalize", "smooth", "scaling"):  # DeePMD-kit builds all layers alike
+            if len({getattr(l, name) for l in layers}) > 1:
+                raise UserError(f"attention_layers: layers differ in {name!r} (unsupported)")
         first = raw[0]["attention_layer"] if raw else data
         return cls(
             layers=layers,
@@ -101,9 +116,9 @@ class AttentionLayers:
             embed_dim=E,
             hidden_dim=H,
             num_heads=int(first.get("num_heads", 1)),
-            dotr=bool(data.get("dotr", False)),
+            dotr=layers[0].dotr if layers else bool(data.get("dotr", False)),
             do_mask=bool(data.get("do_mask", False)),
-            normalize=bool(data.get("normalize", True)),
+            normalize=layers[0].normalize if layers else bool(data.get("normalize", True)),
             scaling=layers[0].scaling if layers else _scaling(data, H),
             smooth=layers[0].smooth if layers else bool(data.get("smooth", True)),
             ln_eps=float(data.get("ln_eps", 1e-5)),
@@ -183,52 +198,56 @@ def _read_layer(d: dict, E: int, H: int, where: str) -> AttnLayer:
 
 
 def _pair_terms(xp, p, mask, input_r, sw, dtype):
-    """Per-pair factors shared by all layers (recomputed in backward, cheap): S = sw_i sw_j (B, n, n)
-    or None, R = r_i . r_j (B, n, n) or None, the row mask m_i (B, n, 1) and the key mask (B, 1, n)."""
+    """Per-pair factors shared by all layers (recomputed in backward: cheap). Returns S = sw_i sw_j
+    (B, n, n) if smooth, R = r_i . r_j (B, n, n) if dotr (else None), F = their product (the factor on
+    the attention weights, None if neither), the row mask m_i (B, n, 1) and the key mask (B, 1, n)."""
     B, n = mask.shape
-    smooth = any(l.smooth for l in p.layers)
-    dotr = any(l.dotr for l in p.layers)
     S = R = None
-    if smooth:
+    if p.smooth:
         s = sw.reshape(B, n, 1).astype(dtype, copy=False)
         S = s * s.reshape(B, 1, n)
-    if dotr:
+    if p.dotr:
         r = input_r.astype(dtype, copy=False)
         R = xp.matmul(r, r.swapaxes(1, 2))
-    return S, R, mask.reshape(B, n, 1).astype(dtype), mask.reshape(B, 1, n)
+    F = S * R if S is not None and R is not None else (S if S is not None else R)
+    return S, R, F, mask.reshape(B, n, 1).astype(dtype), mask.reshape(B, 1, n)
 
 
 def _softmax(xp, L, key_mask):
-    """Row softmax of logits L (B, n, n); with ``key_mask`` the empty keys get weight 0 (their logit is
-    -inf in DeePMD-kit). Rows with no valid key (a centre without neighbours) give 0, not NaN."""
+    """Row softmax of logits L (B, n, n), in place; with ``key_mask`` the empty keys get weight 0
+    (DeePMD-kit sets their logits to -inf). A row with no valid key (a centre without neighbours; all its
+    rows are zeroed later) gives 0, not DeePMD-kit's NaN, so that backward stays finite."""
     if key_mask is not None:
-        L = xp.where(key_mask, L, -xp.inf)
-    mx = L.max(axis=-1, keepdims=True)
-    if key_mask is not None:
-        mx = xp.where(xp.isfinite(mx), mx, 0.0)
-    e = xp.exp(L - mx)
-    den = e.sum(axis=-1, keepdims=True)
-    if key_mask is not None:
-        den = xp.where(den > 0, den, 1.0)
-    e /= den
+        L = xp.where(key_mask, L, L.dtype.type(-np.inf))  # a scalar of L's dtype keeps FP32 FP32
+        # an all -inf row: max -inf -> the dtype's lowest finite value, so exp gives 0 and no NaN
+        mx = xp.maximum(L.max(axis=-1, keepdims=True), xp.finfo(L.dtype).min)
+    else:
+        mx = L.max(axis=-1, keepdims=True)
+    L -= mx
+    e = xp.exp(L, out=L)
+    # the row's largest term is exp(0) = 1, so den >= 1 unless the row is empty (den = 0 -> 1)
+    e /= xp.maximum(e.sum(axis=-1, keepdims=True), 1.0)
     return e
 
 
-def _layer_forward(xp, l: AttnLayer, x, S, R, row_m, key_m, keep: bool):
-    """One layer: x (B, n, E) -> (out (B, n, E), cache). Cache: normalized qkv (B, n, 3, H), their
-    inverse norms (B, n, 3, 1) or None, T = masked softmax (B, n, n), LayerNorm's xhat (B, n, E), rstd."""
+def _layer_forward(xp, p, l: AttnLayer, x, S, F, row_m, key_m, keep: bool):
+    """One layer: x (B, n, E) -> (out (B, n, E), cache). Cache: q, k, v (3, B, n, H) (normalized if
+    normalize, unscaled), their inverse norms (3, B, n, 1) or None, T = masked softmax (B, n, n), LayerNorm's xhat (B, n, E), rstd."""
     B, n, E = x.shape
-    H = l.w_in.shape[1] // 3
-    z = (x.reshape(-1, E) @ l.w_in).reshape(B, n, 3, H)
-    if l.b_in is not None:
-        z += l.b_in.reshape(3, H)
+    H = l.w_qkv.shape[2]
+    z = xp.empty((3, B, n, H), dtype=x.dtype)
+    x2 = x.reshape(B * n, E)
+    for c in range(3):
+        xp.matmul(x2, l.w_qkv[c], out=z[c].reshape(B * n, H))
+    if l.b_qkv is not None:
+        z += l.b_qkv
     inv = None
-    if l.normalize:
+    if p.normalize:
         inv = 1.0 / xp.sqrt((z * z).sum(axis=-1, keepdims=True))
-        z = z * inv
-    q, k, v = z[:, :, 0], z[:, :, 1], z[:, :, 2]
-    L = xp.matmul(q * l.scaling, k.swapaxes(1, 2))
-    if l.smooth:
+        z *= inv
+    q, k, v = z
+    L = xp.matmul(q * p.scaling, k.swapaxes(1, 2))
+    if p.smooth:
         L += SHIFT
         L *= S
         L -= SHIFT
@@ -236,12 +255,7 @@ def _layer_forward(xp, l: AttnLayer, x, S, R, row_m, key_m, keep: bool):
     else:
         T = _softmax(xp, L, key_m)
     T *= row_m
-    A = T
-    if l.smooth:
-        A = A * S
-    if l.dotr:
-        A = A * R
-    o = xp.matmul(A, v)
+    o = xp.matmul(T if F is None else T * F, v)
     h = (o.reshape(-1, H) @ l.w_out).reshape(B, n, E)
     if l.b_out is not None:
         h += l.b_out
@@ -267,10 +281,10 @@ def attention_forward(p: AttentionLayers, G, nei_mask, input_r, sw):
         return (G if p.dtype is None else G.astype(p.dtype, copy=False)), None
     dtype = p.layers[0].w_in.dtype
     x = G.astype(dtype, copy=False)
-    S, R, row_m, key_m = _pair_terms(xp, p, nei_mask, input_r, sw, dtype)
+    S, _, F, row_m, key_m = _pair_terms(xp, p, nei_mask, input_r, sw, dtype)
     caches = []
     for l in p.layers:
-        x, c = _layer_forward(xp, l, x, S, R, row_m, key_m, True)
+        x, c = _layer_forward(xp, p, l, x, S, F, row_m, key_m, True)
         caches.append(c)
     # the inputs are kept by reference (no copy): the pair terms are recomputed from them in backward
     return x, (caches, nei_mask, input_r, sw)
@@ -287,7 +301,7 @@ def attention_backward(p: AttentionLayers, cache, dG_out):
         return dG, xp.zeros((B, n, 3), dtype=dG.dtype), xp.zeros((B, n, 1), dtype=dG.dtype)
     caches, mask, input_r, sw = cache
     dtype = p.layers[0].w_in.dtype
-    S, R, _, _ = _pair_terms(xp, p, mask, input_r, sw, dtype)
+    S, R, F, _, _ = _pair_terms(xp, p, mask, input_r, sw, dtype)
     dS = xp.zeros((B, n, n), dtype=dtype) if S is not None else None
     dR = xp.zeros((B, n, n), dtype=dtype) if R is not None else None
     dx = dG_out.astype(dtype, copy=False)
@@ -297,38 +311,37 @@ def attention_backward(p: AttentionLayers, cache, dG_out):
         g = dx * l.gamma
         dh = g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True)
         dh *= rstd
-        q, k, v = z[:, :, 0], z[:, :, 1], z[:, :, 2]
+        q, k, v = z
         do = (dh.reshape(-1, E) @ l.w_out.T).reshape(B, n, H)
-        A = T
-        if l.smooth:
-            A = A * S
-        if l.dotr:
-            A = A * R
         dz = xp.empty_like(z)
-        dz[:, :, 2] = xp.matmul(A.swapaxes(1, 2), do)  # dv = A^T do
+        dz[2] = xp.matmul((T if F is None else T * F).swapaxes(1, 2), do)  # dv = A^T do
         dA = xp.matmul(do, v.swapaxes(1, 2))
-        if l.dotr:  # A = A1 * R
-            dR += dA * (T * S if l.smooth else T)
-            dA *= R
-        if l.smooth:  # A1 = T * S
-            dS += dA * T
-            dA *= S
+        if F is not None:  # A = T S R: dS = dA T R, dR = dA T S, dT = dA S R
+            dAT = dA * T
+            if dS is not None:
+                dS += dAT if R is None else dAT * R
+            if dR is not None:
+                dR += dAT if S is None else dAT * S
+            dA *= F
         # softmax: dL = T (dT - sum_j dT T); rows of empty slots have T = 0, so they need no mask
         dL = dA
         dL -= (dA * T).sum(axis=-1, keepdims=True)
         dL *= T
-        if l.smooth:  # L' = (L + 20) S - 20: recompute L (one matmul) rather than keep it
-            Lp = xp.matmul(q * l.scaling, k.swapaxes(1, 2))
+        if S is not None:  # L' = (L + 20) S - 20: recompute L (one matmul) rather than keep it
+            Lp = xp.matmul(q * p.scaling, k.swapaxes(1, 2))
             Lp += SHIFT
             Lp *= dL
             dS += Lp
             dL *= S
-        dz[:, :, 0] = l.scaling * xp.matmul(dL, k)
-        dz[:, :, 1] = l.scaling * xp.matmul(dL.swapaxes(1, 2), q)
-        if l.normalize:  # y = z/|z|: dz = (dy - y (dy . y)) / |z|
+        xp.matmul(dL, k, out=dz[0])
+        xp.matmul(dL.swapaxes(1, 2), q, out=dz[1])
+        dz[:2] *= p.scaling
+        if p.normalize:  # y = z/|z|: dz = (dy - y (dy . y)) / |z|
             dz -= z * (dz * z).sum(axis=-1, keepdims=True)
             dz *= inv
-        dx = dh + (dz.reshape(-1, 3 * H) @ l.w_in.T).reshape(B, n, E)
+        dx = dh  # the residual; plus the in_proj path, one GEMM per q, k, v
+        for c in range(3):
+            dx += (dz[c].reshape(B * n, H) @ l.w_qkv[c].T).reshape(B, n, E)
     d_sw = xp.zeros((B, n, 1), dtype=dtype)
     if dS is not None:  # S_ij = sw_i sw_j
         s = sw.reshape(B, n, 1).astype(dtype, copy=False)
