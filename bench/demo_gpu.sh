@@ -13,7 +13,13 @@
 # Software on the GPU machine (no network): the image's python3 (torch 2.11 cu130, CuPy 14, numpy, h5py,
 # scipy, pandas, matplotlib, pyyaml, tqdm, jinja2, ...) plus wheels carried in .whl/ (deepmd-kit 3.2 and
 # its pure-Python needs, mpich, dpdata, ase) and .whl2/ (snakemake 9 and its needs; PuLP without its
-# non-x86-64 CBC binaries): `run` with carry [".whl", ".whl2"]. INSTALL=0 skips the install (a machine
+# non-x86-64 CBC binaries): `run` with carry [".whl", ".whl2"]. Make .whl2 here (Python 3.12 on the
+# GPU machine): `pip download snakemake==9.27.1 lmdb einops msgpack ml_dtypes mendeleev --only-binary=:all:
+# --python-version 3.12 --implementation cp --abi cp312 --platform manylinux_2_28_x86_64 --platform
+# manylinux2014_x86_64 --platform any -d .whl2` (connection_pool 0.0.3 is an sdist: `pip wheel --no-deps` it
+# into .whl2 first and add `-f .whl2`), then drop numpy/pandas (the image has them) and pulp's solverdir/cbc
+# (the greedy scheduler needs no solver): 21 MB. DeePMD-kit 3.2's trainer imports lmdb and mendeleev.
+# INSTALL=0 skips the install (a machine
 # where all of it is already importable, e.g. this repo's CPU dev machine).
 # Env: PROFILE (profiles/gpu), ITERS (4), STEPS / INIT_STEPS (config's 1500 / 1000), NSTEPS (explore
 # steps per stage, config's 600), EXPLORE_DEVICE (gpu), TRAIN_DEVICE (gpu), WORK (/tmp/dpsnake_demo), OUT (where the JSON goes),
