@@ -231,8 +231,10 @@ def _softmax(xp, L, key_mask):
 
 
 def _layer_forward(xp, p, l: AttnLayer, x, S, F, row_m, key_m, keep: bool):
-    """One layer: x (B, n, E) -> (out (B, n, E), cache). Cache: q, k, v (3, B, n, H) (normalized if
-    normalize, unscaled), their inverse norms (3, B, n, 1) or None, T = masked softmax (B, n, n), LayerNorm's xhat (B, n, E), rstd."""
+    """One layer: x (B, n, E) -> (out (B, n, E), cache or None). The cache holds what backward cannot
+    get cheaply: q, k, v (3, B, n, H) (normalized if normalize, unscaled), their inverse norms
+    (3, B, n, 1) or None, T = the masked softmax (B, n, n), LayerNorm's xhat (B, n, E) and rstd (B, n, 1).
+    The logits L are not kept: backward needs them only when smooth and recomputes them (one matmul)."""
     B, n, E = x.shape
     H = l.w_qkv.shape[2]
     z = xp.empty((3, B, n, H), dtype=x.dtype)
@@ -269,12 +271,15 @@ def _layer_forward(xp, p, l: AttnLayer, x, S, F, row_m, key_m, keep: bool):
     return out, ((z, inv, T, xhat, rstd) if keep else None)
 
 
-def attention_forward(p: AttentionLayers, G, nei_mask, input_r, sw):
+def attention_forward(p: AttentionLayers, G, nei_mask, input_r, sw, keep: bool = True):
     """Forward of all layers.
 
     G (B, nnei, ng) features; nei_mask (B, nnei) bool (True: a neighbour); input_r (B, nnei, 3) unit
-    vectors (zeros on empty slots); sw (B, nnei, 1) switch (0 on empty slots). Computes in the dtype of
-    ``p``'s weights. Returns (G_out (B, nnei, ng), cache for :func:`attention_backward`).
+    vectors (zeros on empty slots; read only if dotr); sw (B, nnei, 1) switch (0 on empty slots; read
+    only if smooth). Computes in the dtype of ``p``'s weights. Returns (G_out (B, nnei, ng), cache for
+    :func:`attention_backward`, None without ``keep``). The cache holds, per layer and neighbour slot,
+    3 H + nnei + ng + 4 numbers (6x the size of G_out per layer for ng 100, attn 128, nnei 120):
+    the caller's chunk of centres sets the memory.
     """
     xp = xpmod.array_namespace(G)
     if not p.layers:
@@ -284,10 +289,10 @@ def attention_forward(p: AttentionLayers, G, nei_mask, input_r, sw):
     S, _, F, row_m, key_m = _pair_terms(xp, p, nei_mask, input_r, sw, dtype)
     caches = []
     for l in p.layers:
-        x, c = _layer_forward(xp, p, l, x, S, F, row_m, key_m, True)
+        x, c = _layer_forward(xp, p, l, x, S, F, row_m, key_m, keep)
         caches.append(c)
     # the inputs are kept by reference (no copy): the pair terms are recomputed from them in backward
-    return x, (caches, nei_mask, input_r, sw)
+    return x, ((caches, nei_mask, input_r, sw) if keep else None)
 
 
 def attention_backward(p: AttentionLayers, cache, dG_out):
