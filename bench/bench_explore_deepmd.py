@@ -12,12 +12,16 @@ Subcommands:
       inputs DIR/{se_atten_v2,dpa3}_s{k}/input.json with the sizes of DeePMD-kit's examples
       (examples/water/se_atten/input_torch.json with type se_atten_v2; examples/water/dpa3/input_torch.json).
   bench MODEL... [--walkers 256] [--rep 3] [--steps 200] [--device auto|cpu|gpu] [--label NAME] [--json OUT]
+      [--provider deepmd|builtin] [--precision double|mixed]
       timings: explore (Explorer.loop, the real thing), force (the provider alone with the explorer's
       call pattern: 9 calls model 0 + 1 call all models per 10 steps), integrator (md step with cached
       forces), DeePMD-kit's DeepPot.eval on the whole batch (one model, and all models), peak GPU
       memory (torch + CuPy pools) per atom, and (--profile) a torch profiler table of one ordinary and
       one deviation call. Results go under --label into bench/results/explore_deepmd_<device>.json
       (a dict by label, updated in place; --json FILE elsewhere, --json "" nowhere).
+      --provider builtin: dpsnake's built-in engine (se_atten / se_atten_v2 .dp files, made from the
+      .pth by `dp convert-backend` when missing) instead of DeePMD-kit's models; DeepPot.eval always
+      runs the .pth files beside it.
 
 CPU smoke test:
   python bench/bench_explore_deepmd.py data /tmp/x --frames 4 --steps 2 --seeds 2
@@ -210,10 +214,14 @@ def cmd_bench(args) -> int:
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    max_atoms = {"auto": "auto", "none": None}.get(args.max_atoms) or int(args.max_atoms)
-    provider = DeepmdProvider(args.models, xp, max_atoms=max_atoms)  # "auto": its own memory probe
+    if args.provider == "builtin":
+        provider = builtin_provider(args.models, xp, args.precision)
+    else:
+        max_atoms = {"auto": "auto", "none": None}.get(args.max_atoms) or int(args.max_atoms)
+        provider = DeepmdProvider(args.models, xp, max_atoms=max_atoms)  # "auto": its own memory probe
     t_load = time.perf_counter() - t0
     type_map = provider.type_map
+    ref_models = [str(pathlib.Path(m).with_suffix(".pth")) for m in args.models]  # DeePMD-kit's own files
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench_xdp_"))
     atoms = bulk("Cu", "fcc", a=A_CU, cubic=True).repeat(args.rep)
     atoms.write(tmp / "cu.extxyz", format="extxyz")
@@ -337,7 +345,7 @@ def cmd_bench(args) -> int:
     coords = to_numpy(st.pos).reshape(S, nat * 3)
     cells = to_numpy(st.cells).reshape(S, 9)
     atype = np.zeros(nat, dtype=int)
-    dps = [DeepPot(p) for p in args.models]
+    dps = [DeepPot(p) for p in ref_models]
     ref = {}
     for name, models in (("deeppot_eval_model0", dps[:1]), ("deeppot_eval_all_models", dps)):
         for _ in range(2):  # TorchScript's profiling executor optimises at the second call
@@ -380,12 +388,16 @@ def cmd_bench(args) -> int:
                 continue
 
     dev = "cpu (NumPy)" if not on_gpu else f"gpu ({torch.cuda.get_device_name()})"
-    prec = {str(p.dtype) for m in provider.models for p in m.parameters()}
+    prec = model_dtypes(provider)
     res = {
         "label": args.label,
         "models": args.models,
         "model_param_dtypes": sorted(prec),
-        "model_params": int(sum(p.numel() for p in provider.models[0].parameters())),
+        "provider": args.provider,
+        "model_params": None
+        if args.provider == "builtin"
+        else int(sum(p.numel() for p in provider.models[0].parameters())),
+        "precision": args.precision if args.provider == "builtin" else None,
         "walkers": args.walkers,
         "atoms_per_walker": nat,
         "atoms": ntot,
@@ -407,7 +419,7 @@ def cmd_bench(args) -> int:
         },
         "peak_gpu_bytes_per_atom_explore": (mem_explore[0] + mem_explore[1]) / ntot,
         "force_calls": provider.calls,
-        "max_atoms": provider.max_atoms,
+        "max_atoms": getattr(provider, "max_atoms", None),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     if prof_table:
@@ -433,6 +445,35 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def builtin_provider(models, xp, precision):
+    """dpsnake's built-in engine on the ``.dp`` of each model (made from the ``.pth`` by DeePMD-kit's
+    ``dp convert-backend`` when missing), as the explorer drives it."""
+    import subprocess
+
+    from dpsnake.engine.model import make_ensemble
+    from dpsnake.md.providers import EnsembleProvider
+
+    dp_files = []
+    for m in models:
+        dp = pathlib.Path(m).with_suffix(".dp")
+        if not dp.is_file():
+            subprocess.run(
+                [sys.executable, "-m", "deepmd", "convert-backend", str(pathlib.Path(m).with_suffix(".pth")), str(dp)],
+                check=True,
+                capture_output=True,
+            )
+        dp_files.append(dp)
+    prov = EnsembleProvider(make_ensemble(dp_files, precision=precision, xp=xp))
+    prov.type_map = prov.ensemble.type_map
+    return prov
+
+
+def model_dtypes(provider) -> set:
+    if hasattr(provider, "ensemble"):  # the built-in engine: the precision it computes the nets in
+        return {"float64" if provider.ensemble.precision == "double" else "float32 nets"}
+    return {str(p.dtype) for m in provider.models for p in m.parameters()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -456,6 +497,13 @@ def main() -> int:
         help="atoms per model call: auto (the provider measures its memory on a GPU), none, or N",
     )
     b.add_argument("--ensemble", default="npt")
+    b.add_argument(
+        "--provider",
+        choices=("deepmd", "builtin"),
+        default="deepmd",
+        help="deepmd: DeePMD-kit's PyTorch models (DeepmdProvider); builtin: dpsnake's engine on the .dp files",
+    )
+    b.add_argument("--precision", choices=("double", "mixed"), default="double", help="builtin engine precision")
     b.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
     b.add_argument("--label", default="case")
     b.add_argument("--profile", action="store_true", help="torch profiler table of one deviation cycle")

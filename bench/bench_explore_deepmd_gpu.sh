@@ -9,6 +9,7 @@
 #   run: bash bench/bench_explore_deepmd_gpu.sh    (carry .whl)
 # Env: TRAIN_STEPS (300), WALKERS (256), STEPS_SE (200), STEPS_DPA3 (50), FORCE_SE (50), FORCE_DPA3 (20),
 # BUDGET_S (560: later cases skipped past it), KINDS (models to train), PLAN (cases in order; see below)
+# e.g. issue 21: KINDS=se_atten_v2 PLAN="builtin:se_atten_v2 ours:se_atten_v2 lammps:se_atten_v2:1"
 set -u
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
 R=$(pwd); OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -68,12 +69,14 @@ ours() {  # kind steps extra-args
   echo "[$(el) s] ours $k"
 }
 steps() { [ $1 = dpa3 ] && echo "$STEPS_DPA3" || echo "$STEPS_SE"; }
-for c in $PLAN; do  # lammps:KIND:NPROC or ours:KIND
+for c in $PLAN; do  # lammps:KIND:NPROC, ours:KIND (DeePMD-kit's models) or builtin:KIND (our engine, .dp)
   IFS=: read -r what k n <<< "$c"
   case $what in
     lammps) lammps $k "$(steps $k)" "$n" ;;
     ours) if [ $k = dpa3 ]; then ours $k "$(steps $k)" --warmup-steps 10 --force-steps "$FORCE_DPA3" --reps 1
           else ours $k "$(steps $k)" --force-steps "$FORCE_SE"; fi ;;
+    builtin) prec=double; [ "${k%_fp32}" = "$k" ] || prec=mixed
+          ours $k "$(steps $k)" --force-steps "$FORCE_SE" --provider builtin --precision $prec --label builtin_$k ;;
   esac
 done
 nvidia-smi --query-gpu=memory.used --format=csv,noheader
