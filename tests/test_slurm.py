@@ -35,6 +35,22 @@ TEST_SITE_ARGS = [
     "--slurm-keep-successful-logs",
 ]
 
+# The plugin polls squeue at growing intervals (the initial one, then 10 s longer after every check that
+# saw no job end, up to 180 s): right for a cluster, but most of the wall time of a test whose jobs take
+# seconds (a 3 s job was seen as done after 33 s). The workflow tests run Snakemake with the interval
+# capped at POLL_S (squeue on the local controller is cheap); everything else is the plugin as shipped.
+POLL_S = 2
+SNAKEMAKE = [
+    sys.executable,
+    "-c",
+    "import sys\n"
+    "from snakemake_executor_plugin_slurm import Executor\n"
+    "p = Executor.next_seconds_between_status_checks\n"
+    f"Executor.next_seconds_between_status_checks = property(lambda e: min(p.fget(e), {POLL_S}), p.fset)\n"
+    "from snakemake.cli import main\n"
+    "main()\n",
+]
+
 
 def _missing() -> str | None:
     if os.name != "posix" or os.geteuid() != 0:
@@ -204,7 +220,13 @@ def _log_blocks(log: str) -> list[tuple[str, str, str]]:
 def test_reduced_workflow_through_sbatch(slurm_cluster, tmp_path):
     """The reduced config through `snakemake --profile profiles/slurm`: every job is an sbatch job, GPU
     rules get GPUs, label jobs are grouped, a crashing label job is reported and retried, and the
-    results are those of a complete run (two iterations, datasets, reports, final models)."""
+    results are those of a complete run (two iterations, datasets, reports, final models).
+
+    Then, in the same folder (its trained models and data), iteration 0 is explored again with
+    explore.shards: 2: one sbatch job per shard, each asking for one GPU (GRES), joined in the Snakemake
+    process. One shard's job is cancelled while it runs (scancel: SIGTERM, as for a node going away or a
+    time limit): Snakemake resubmits that shard alone and it resumes from its checkpoint. The walkers
+    equal the unsharded exploration's, walker by walker."""
     import yaml
 
     wf = _workflow_copy(tmp_path / "wf")
@@ -218,16 +240,7 @@ def test_reduced_workflow_through_sbatch(slurm_cluster, tmp_path):
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path / "py"), os.environ.get("PYTHONPATH")]))
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--profile",
-        "profiles/slurm",
-        "--configfile",
-        "slurm-test.yaml",
-        *TEST_SITE_ARGS,
-    ]
+    cmd = [*SNAKEMAKE, "--profile", "profiles/slurm", "--configfile", "slurm-test.yaml", *TEST_SITE_ARGS]
     cmd[cmd.index("--slurm-init-seconds-before-status-checks") + 1] = "1"
     t0 = time.monotonic()
     run = subprocess.run(cmd, cwd=wf, env=env, capture_output=True, text=True, timeout=1200)
@@ -300,6 +313,8 @@ def test_reduced_workflow_through_sbatch(slurm_cluster, tmp_path):
 
     _check_results(wf)
 
+    _sharded_exploration_with_a_cancelled_shard(wf, cmd, env)
+
 
 def _check_results(wf: pathlib.Path) -> None:
     """The local end-to-end test's checks (tests/test_workflow.py: iterations, stats, labels, datasets
@@ -324,56 +339,51 @@ def _check_results(wf: pathlib.Path) -> None:
         assert np.abs(atoms.get_forces() - ref.get_forces()).max() < 1e-6
 
 
-@pytest.mark.slurm
-@pytest.mark.slow
-def test_sharded_exploration_through_sbatch(slurm_cluster, tmp_path):
-    """explore.shards: 2 on SLURM: one sbatch job per shard, each asking for one GPU (GRES), joined in
-    the Snakemake process. One shard's job is cancelled while it runs (scancel: SIGTERM, as for a node
-    going away or a time limit): Snakemake resubmits that shard alone and it resumes from its checkpoint.
-    The walkers equal the unsharded exploration's, walker by walker."""
+def _sharded_exploration_with_a_cancelled_shard(wf: pathlib.Path, cmd: list[str], env: dict) -> None:
+    """Iteration 0's exploration again, in the finished run's folder (its models, its initial data),
+    with explore.shards: 2 and a longer run (600 steps, so that a shard can be cancelled while it runs):
+    plan (new shards.json), two explore_shard jobs, one cancelled and resubmitted, explore_merge."""
     from test_workflow_shards import assert_same_as_unsharded, sharded_config
 
-    wf = _workflow_copy(tmp_path / "wf")
-    shutil.copy(wf / "tests/configs/reduced.yaml", wf / "reduced.yaml")
+    shutil.copy(wf / "slurm-test.yaml", wf / "reduced.yaml")  # sharded_config edits reduced.yaml
     sharded_config(wf, shards=2, nsteps=600)
     ex = wf / "results/iter.000000/explore"
-    cmd = [sys.executable, "-m", "snakemake", "--profile", "profiles/slurm", "--configfile", "reduced.yaml"]
-    p = subprocess.Popen(
-        [*cmd, *TEST_SITE_ARGS, str(ex.relative_to(wf) / "summary.json")],
-        cwd=wf,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    cancelled = None
-    t0 = time.monotonic()
-    try:
-        while cancelled is None:  # cancel the first shard job seen running, once it has written frames
-            assert p.poll() is None and time.monotonic() - t0 < 900, "no shard job to cancel"
-            for j in squeue_jobs():
-                k = re.fullmatch(r"rule_explore_shard_wildcards_\d+_(\d+)", j["comment"])
-                if j["state"] == "RUNNING" and k and (ex / "shards.json").is_file():
-                    first = json.loads((ex / "shards.json").read_text())["shards"][int(k[1])]["walkers"][0]
-                    part = ex / first / "model_devi.out.part"
-                    if part.is_file() and part.read_text().count("\n") > 15:
-                        _sh("scancel", j["id"])
-                        cancelled = (j["id"], int(k[1]))
-                        break
-            time.sleep(0.2)
-        log = p.communicate(timeout=900)[1]
-    finally:
-        if p.poll() is None:
-            p.kill()
-    (tmp_path / "snakemake.log").write_text(log)
+    shutil.rmtree(ex)  # walkers, shards.json (one shard), frames: planned and explored again
+    target = str(ex.relative_to(wf) / "summary.json")
+    cmd = [*cmd[: cmd.index("slurm-test.yaml")], "reduced.yaml", *cmd[cmd.index("slurm-test.yaml") + 1 :]]
+    with open(wf.parent / "sharded.log", "w+") as err:
+        p = subprocess.Popen([*cmd, target], cwd=wf, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        cancelled = None
+        t0 = time.monotonic()
+        try:
+            while cancelled is None:  # cancel the first shard job seen running, once it has written frames
+                assert p.poll() is None and time.monotonic() - t0 < 900, "no shard job to cancel"
+                for j in squeue_jobs():
+                    k = re.fullmatch(r"rule_explore_shard_wildcards_\d+_(\d+)", j["comment"])
+                    if j["state"] == "RUNNING" and k and (ex / "shards.json").is_file():
+                        first = json.loads((ex / "shards.json").read_text())["shards"][int(k[1])]["walkers"][0]
+                        part = ex / first / "model_devi.out.part"
+                        if part.is_file() and part.read_text().count("\n") > 15:
+                            _sh("scancel", j["id"])
+                            cancelled = (j["id"], int(k[1]))
+                            break
+                time.sleep(0.2)
+            p.wait(timeout=900)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        err.seek(0)
+        log = err.read()
     assert p.returncode == 0, log[-6000:]
     blocks = _log_blocks(log)
     shard_runs = sorted(wc for _, rule, wc in blocks if rule == "explore_shard")
     assert {rule for kind, rule, _ in blocks if kind == "localrule"} == {"explore_merge"}
+    assert {rule for kind, rule, _ in blocks if kind != "localrule"} == {"plan", "explore_shard"}
     submitted = set(re.findall(r"has been submitted with SLURM jobid (\d+)", log))
     jobs = [j for j in squeue_jobs() if j["id"] in submitted and j["comment"].startswith("rule_explore_shard")]
     # three shard jobs, each with one GPU: the two shards, and the cancelled one again
     assert len(jobs) == 3 and len(shard_runs) >= 2, (jobs, shard_runs)
-    assert all(j["gres"] == "gres:gpu:1" for j in jobs), jobs
+    assert all(j["gres"] == "gres:gpu:1" and j["cpus"] == "1" for j in jobs), jobs
     states = sorted(j["state"] for j in jobs)
     assert states == ["CANCELLED", "COMPLETED", "COMPLETED"], jobs
     assert [j["comment"] for j in jobs if j["state"] == "CANCELLED"][0].endswith(f"_{cancelled[1]}")
