@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dpsnake.engine.nets import Net
+from dpsnake.engine.nets import ACTIVATIONS, Net
 from dpsnake.engine.validate import ArrayReader, DamagedModelError
 from dpsnake.errors import UserError
 
@@ -194,6 +194,15 @@ def _check_model(path, root, m, desc, fit):
     precision = str(desc.get("precision", "float64"))
     if precision not in ("float64", "float32"):
         _fail(path, f"descriptor precision {precision!r} is unsupported (float64 or float32)")
+    nets = [("embedding net", n) for n in (desc.get("embeddings") or {}).get("networks") or []]
+    nets += [("embeddings_strip net", n) for n in (desc.get("embeddings_strip") or {}).get("networks") or []]
+    nets += [("type embedding net", te.get("embedding"))]
+    nets += [("fitting net", n) for n in (fit.get("nets") or {}).get("networks") or []]
+    for what, net in nets:  # an activation the engine lacks is a feature, not damage
+        for k, ld in enumerate((net or {}).get("layers") or [] if isinstance(net, dict) else []):
+            act = str(ld.get("activation_function", "tanh")).lower()
+            if act not in ACTIVATIONS and not act.startswith(("silut", "custom_silu")):
+                _fail(path, f"{what} layer {k}: unsupported activation_function {act!r}")
 
 
 def _read(rd: ArrayReader, root: dict, path: str) -> AttnModel:
