@@ -1,0 +1,51 @@
+"""se_atten(_v2) on CuPy equals NumPy (one code path): FP64 to 1e-12, mixed precision to 1e-5, for
+attn_layer 0 and 2, concat and strip, exclusions; a second call (bin grid reused on the device) too.
+Skipped without CuPy or a CUDA device (CI); the models train on the CPU (tests/dpmodels.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from engine_helpers import cupy_or_skip, rel_err
+
+cp = cupy_or_skip()
+
+from test_engine_attn import attn_model, flat, systems  # noqa: E402
+
+from dpsnake.engine.attn.ensemble import AttnEnsemble  # noqa: E402
+
+KEYS = ("energy", "force", "virial", "atom_energy", "atom_virial")
+
+
+@pytest.mark.parametrize("name", ["v2_l0", "v2_l2", "concat_l2", "strip_l2", "excl", "al3"])
+@pytest.mark.parametrize("precision", ["double", "mixed"])
+def test_cupy_equals_numpy(model_cache, name, precision):
+    m = attn_model(model_cache, name)
+    tol = 1e-12 if precision == "double" else 1e-5
+    ens_np = AttnEnsemble([str(m["dp"])], precision=precision)
+    ens_cp = AttnEnsemble([str(m["dp"])], precision=precision)
+    ats = systems(ens_np.type_map)
+    args = flat(ats, ens_np.type_map)
+    with pytest.warns(RuntimeWarning):
+        ref = ens_np.evaluate(*args, atomic=True)
+    for call in range(2):  # the second call reuses the bin grid on the device
+        with pytest.warns(RuntimeWarning):
+            out = ens_cp.evaluate(*(cp.asarray(a) for a in args), atomic=True)
+        assert ens_cp.last_overflow == ens_np.last_overflow
+        for k in KEYS:
+            assert isinstance(out[k], cp.ndarray)
+            err = rel_err(cp.asnumpy(out[k]), ref[k])
+            print(name, precision, call, k, f"{err:.1e}")
+            assert err <= tol, (k, err)
+
+
+def test_cupy_ensemble_of_two_with_model_indices(model_cache):
+    a, b = (str(attn_model(model_cache, n)["dp"]) for n in ("v2_l2", "excl"))
+    ens = AttnEnsemble([a, b])
+    ats = systems(ens.type_map)[:4]
+    args = flat(ats, ens.type_map)
+    ref = AttnEnsemble([a, b]).evaluate(*args)
+    out = ens.evaluate(*(cp.asarray(x) for x in args), model_indices=[0, 1])
+    for k in ("energy", "force", "virial"):
+        assert rel_err(cp.asnumpy(out[k]), ref[k]) <= 1e-12, k
+    assert np.isfinite(cp.asnumpy(out["force"])).all()
