@@ -190,3 +190,38 @@ def test_same_geometry_is_required(model_cache):
         AttnEnsemble([a, c])
     with pytest.raises(UserError, match="compress"):
         AttnEnsemble([a], compress={"min_nbor_dist": 2.0})
+
+
+def test_model_pair_and_atom_exclusions(model_cache, tmp_path):
+    """Model pair_exclude_types / atom_exclude_types (edited into the .dp): energies and atomic
+    energies equal DeePMD-kit's NumPy backend on the same file (its forces are NaN here), forces
+    equal central differences."""
+    from engine_helpers import edit_dp
+
+    def fn(m):
+        m["pair_exclude_types"] = [[0, 1]]
+        m["atom_exclude_types"] = [1]
+
+    dst = edit_dp(attn_model(model_cache, "v2_l2")["dp"], tmp_path / "ex.dp", fn)
+    ens = AttnEnsemble([dst])
+    ats = systems(ens.type_map)[1:4]
+    coords, atype, system, cells, pbc = flat(ats, ens.type_map)
+    out = ens.evaluate(coords, atype, system, cells, pbc, atomic=True)
+    off = 0
+    for s, at in enumerate(ats):
+        c, cl, t = frame(at, ens.type_map)
+        e, _, _, ae, _ = ref_eval(dst, c, cl, t)
+        assert rel_err(out["energy"][0, s], e[0, 0]) < 1e-10
+        assert rel_err(out["atom_energy"][0, off : off + len(t)], ae[0, :, 0]) < 1e-10
+        off += len(t)
+    assert np.all(out["atom_energy"][0][atype == 1] == 0.0)
+    h = 1e-5
+    for i in range(0, len(coords), 7):
+        cp, cm = coords.copy(), coords.copy()
+        cp[i, 0] += h
+        cm[i, 0] -= h
+        de = (
+            ens.evaluate(cp, atype, system, cells, pbc)["energy"][0]
+            - ens.evaluate(cm, atype, system, cells, pbc)["energy"][0]
+        )
+        assert abs(out["force"][0, i, 0] + de.sum() / (2 * h)) < 1e-7 * max(1.0, np.abs(out["force"][0]).max())
