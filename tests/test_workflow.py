@@ -1,6 +1,7 @@
 """The Snakemake workflow end to end on tests/configs/reduced.yaml (real DeePMD-kit training, the real
 exploration engine, real EMT labels): results, datasets without duplicates, provenance, reports,
-resume after kills during training, exploration and labelling; lint; SLURM profile dry run."""
+resume after kills during training, exploration and labelling, sharded exploration with a kill during a
+shard; lint; SLURM profile dry run."""
 
 from __future__ import annotations
 
@@ -159,15 +160,39 @@ def test_dry_run_slurm_profile(wd):
 
 @pytest.mark.slow
 def test_end_to_end(wd):
+    """The reduced run, interrupted three times and resumed (kill -9 during training of iteration 0,
+    SIGTERM during its exploration, kill -9 while labelling it): finished jobs are not redone and the
+    results pass every check; a rerun has nothing to do; the Snakemake report; the final model in LAMMPS;
+    then iteration 0 explored again in shards, one of them killed (tests/test_workflow_shards.py)."""
     t0 = time.time()
+    res = wd / "results"
+    it0 = res / "iter.000000"
+    # 1. kill -9 during training of iteration 0 (dp train has started writing its learning curve)
+    _run_until(wd, lambda: (it0 / "train" / "model.0" / "lcurve.out").is_file(), signal.SIGKILL)
+    assert not (it0 / "explore" / "summary.json").exists()
+    smk(wd, "--unlock")
+    # 2. SIGTERM during exploration of iteration 0
+    _run_until(wd, lambda: (wd / "logs" / "iter.000000" / "explore.log").is_file(), signal.SIGTERM)
+    assert not (it0 / "select" / "stats.json").exists()
+    smk(wd, "--unlock")
+    models = {p: p.stat().st_mtime_ns for p in it0.glob("train/model.*/model.dp")}
+    assert len(models) == 2
+    # 3. kill -9 while labelling iteration 0 (some labels written, not collected)
+    _run_until(wd, lambda: any(it0.glob("label/task.*.extxyz")), signal.SIGKILL)
+    assert not (it0 / "collect" / "summary.json").exists()
+    smk(wd, "--unlock")
+    done_labels = {p: p.stat().st_mtime_ns for p in it0.glob("label/task.*.extxyz")}
     smk(wd)
-    print(f"reduced run: {time.time() - t0:.0f} s")
+    print(f"reduced run with three interruptions: {time.time() - t0:.0f} s")
+    # finished jobs were not redone
+    assert {p: p.stat().st_mtime_ns for p in it0.glob("train/model.*/model.dp")} == models
+    assert all(p.stat().st_mtime_ns == t for p, t in done_labels.items())
     check_results(wd, _cfg())
     # a rerun has nothing to do and touches nothing
-    before = {p: p.stat().st_mtime_ns for p in (wd / "results").rglob("*") if p.is_file()}
+    before = {p: p.stat().st_mtime_ns for p in res.rglob("*") if p.is_file()}
     p = smk(wd)
     assert "Nothing to be done" in p.stdout + p.stderr
-    assert {p: p.stat().st_mtime_ns for p in (wd / "results").rglob("*") if p.is_file()} == before
+    assert {p: p.stat().st_mtime_ns for p in res.rglob("*") if p.is_file()} == before
     # the Snakemake report bundles the iteration and run pages
     smk(wd, "--report", "report.zip")
     import zipfile
@@ -182,6 +207,11 @@ def test_end_to_end(wd):
     d = check_workflow_final_model(wd, rel=1e-10)
     assert d["systems"] == ["Cu", "CuNi"] and d["frames"] == 4
     print(f"LAMMPS vs engine ({time.time() - t0:.1f} s):", d)
+    # explore.shards: 2 in the same folder (its models, no second training): a sharded iteration 0
+    # equals the unsharded one, and a kill during a shard reruns that shard alone, from its checkpoint
+    from test_workflow_shards import kill_during_a_shard
+
+    kill_during_a_shard(wd)
 
 
 def _run_until(wd, condition, sig, timeout=600, args=()):
@@ -202,29 +232,3 @@ def _run_until(wd, condition, sig, timeout=600, args=()):
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
-
-
-@pytest.mark.slow
-def test_resume_after_kills(wd):
-    res = wd / "results"
-    it0 = res / "iter.000000"
-    # 1. kill -9 during training of iteration 0 (dp train has started writing its learning curve)
-    _run_until(wd, lambda: (it0 / "train" / "model.0" / "lcurve.out").is_file(), signal.SIGKILL)
-    assert not (it0 / "explore" / "summary.json").exists()
-    smk(wd, "--unlock")
-    # 2. SIGTERM during exploration of iteration 0
-    _run_until(wd, lambda: (wd / "logs" / "iter.000000" / "explore.log").is_file(), signal.SIGTERM)
-    assert not (it0 / "select" / "stats.json").exists()
-    smk(wd, "--unlock")
-    models = {p: p.stat().st_mtime_ns for p in it0.glob("train/model.*/model.dp")}
-    assert len(models) == 2
-    # 3. kill -9 while labelling iteration 0 (some labels written, not collected)
-    _run_until(wd, lambda: any(it0.glob("label/task.*.extxyz")), signal.SIGKILL)
-    assert not (it0 / "collect" / "summary.json").exists()
-    smk(wd, "--unlock")
-    done_labels = {p: p.stat().st_mtime_ns for p in it0.glob("label/task.*.extxyz")}
-    smk(wd)
-    # finished jobs were not redone
-    assert {p: p.stat().st_mtime_ns for p in it0.glob("train/model.*/model.dp")} == models
-    assert all(p.stat().st_mtime_ns == t for p, t in done_labels.items())
-    check_results(wd, _cfg())

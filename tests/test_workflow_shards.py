@@ -1,6 +1,8 @@
 """Sharded exploration in the workflow (explore.shards): a sharded iteration equals the unsharded one
 walker by walker, and a kill during one shard reruns that shard alone, from its checkpoint.
-The same on the local SLURM (one GPU per shard) is in tests/test_slurm.py."""
+kill_during_a_shard runs in the folder of a finished reduced run (tests/test_workflow.py::test_end_to_end
+calls it: its trained models and data, no second training); the same on the local SLURM (one GPU per
+shard) is in tests/test_slurm.py."""
 
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ import signal
 
 import ase.io
 import numpy as np
-import pytest
 import yaml
 from test_workflow import CONFIG, _run_until, smk
 
@@ -62,20 +63,25 @@ def assert_same_as_unsharded(wd: pathlib.Path, nshards: int) -> None:
 def jobs_run(log: str) -> list[tuple[str, str]]:
     """(rule, wildcards) of the jobs in a Snakemake log."""
     out = []
-    for m in re.finditer(r"^(?:localrule|rule|checkpoint) (\w+):\n((?:    .*\n)+)", log, re.M):
+    for m in re.finditer(r"^(?:localrule|localcheckpoint|rule|checkpoint) (\w+):\n((?:    .*\n)+)", log, re.M):
         wc = re.search(r"^ +wildcards: (.*)$", m[2], re.M)
         out.append((m[1], wc[1] if wc else ""))
     return out
 
 
-@pytest.mark.slow
-def test_kill_during_a_shard_reruns_only_that_shard(wd):
+def kill_during_a_shard(wd: pathlib.Path) -> None:
+    """Iteration 0's exploration again in ``wd`` (a finished run of tests/configs/reduced.yaml, its
+    models kept) with explore.shards: 2 and 600 steps: the plan, then the shards one at a time; one shard
+    finishes, the other is stopped while it runs (SIGTERM, as SLURM does before a kill: it saves a
+    checkpoint); the rerun runs that shard alone, from its checkpoint, and the merge."""
     sharded_config(wd, shards=2, nsteps=600)
     ex = wd / EXPLORE
-    # models and the plan first, then the exploration, one job at a time: one shard finishes, the
-    # other is stopped while it runs (SIGTERM, as SLURM does before a kill: it saves a checkpoint)
     models = [f"results/iter.000000/train/model.{k}/model.dp" for k in range(2)]
-    smk(wd, *models, f"{EXPLORE}/shards.json")
+    trained = {m: (wd / m).stat().st_mtime_ns for m in models}
+    shutil.rmtree(ex)  # walkers, shards.json (one shard), frames: planned and explored again
+    p = smk(wd, *models, f"{EXPLORE}/shards.json")
+    assert jobs_run(p.stdout + p.stderr) == [("plan", "it=000000")]  # the models are kept
+    assert {m: (wd / m).stat().st_mtime_ns for m in models} == trained
 
     def one_done_other_running():
         done = [k for k in range(2) if (ex / f"shards/shard.{k}/summary.json").is_file()]
