@@ -181,6 +181,30 @@ def test_ensemble_shares_neighbours_and_chunks(model_cache):
     assert one["energy"].shape == (1, len(ats)) and rel_err(one["force"][0], both["force"][1]) < 1e-13
 
 
+def test_calc_model_devi_matches_deepmd(model_cache):
+    """dpsnake.calc_model_devi on two se_atten_v2 .dp files equals DeePMD-kit's calc_model_devi on the
+    .pth files (the engine's model-deviation entry point dispatches to the attention path)."""
+    import warnings
+
+    from deepmd.infer import DeepPot as RefPot
+    from deepmd.infer.model_devi import calc_model_devi as ref_devi
+
+    from dpsnake import calc_model_devi
+
+    ms = [attn_model(model_cache, n) for n in ("v2_l2", "excl")]
+    ats = [_typed(fcc(rep=(2, 2, 2), seed=30 + k, rattle=0.15), ["Cu", "Ni"], 0) for k in range(3)]
+    types = np.array([["Cu", "Ni"].index(s) for s in ats[0].get_chemical_symbols()])
+    coords = np.array([a.positions.reshape(-1) for a in ats])
+    cells = np.array([a.cell.array.reshape(9) for a in ats])
+    ref = ref_devi(coords, cells, types, [RefPot(str(m["pth"])) for m in ms])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ours = calc_model_devi(coords, cells, types, [str(m["dp"]) for m in ms], frequency=1)
+    ref[:, 0] = np.arange(len(ats))
+    assert ours.shape == ref.shape == (3, 8) and np.all(ref[:, 4:7] > 0)
+    np.testing.assert_allclose(ours[:, 1:], ref[:, 1:], rtol=1e-9, atol=1e-12)
+
+
 def test_same_geometry_is_required(model_cache):
     """Models with other sel / type_map cannot share a neighbour list: one line."""
     from dpsnake.errors import UserError

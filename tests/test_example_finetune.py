@@ -70,9 +70,9 @@ def test_finetune_example_runs_the_loop(tmp_path):
         assert json.loads((m1 / "init.json").read_text())["mode"] == "init"
         log = (tmp_path / "logs" / "iter.000001" / f"train.{k}.log").read_text()
         assert f"--init-model {m0.resolve()}/model.ckpt.pt --use-pretrain-script" in log
-    # exploration ran DeePMD-kit's models (auto: the built-in engine has no se_atten_v2)
+    # exploration ran the built-in engine (auto: it runs se_atten_v2, dpsnake.engine.attn)
     engine = json.loads((res / "iter.000000" / "explore" / "engine.json").read_text())
-    assert engine["engine"] == "deepmd", engine
+    assert engine["engine"] == "builtin" and "se_atten_v2" in engine["reason"], engine
     summary = json.loads((res / "iter.000000" / "explore" / "summary.json").read_text())
     assert len(summary["walkers"]) == 2
     assert (res / "reports" / "index.html").is_file() and (res / "reports" / "iter.000001.html").is_file()

@@ -261,10 +261,11 @@ def test_model_devi_equals_dp_model_devi(tmp_path, pt_model):
 
 def test_explore_cli_picks_the_engine(tmp_path, pt_model, cu_model):
     """`dpsnake explore --engine auto`: the built-in engine for se_e2_a .dp files, DeePMD-kit for
-    se_atten_v2 (reason in engine.json and the log); --engine builtin on se_atten_v2: one line, exit 2."""
+    DPA-2 (reason in engine.json and the log); --engine builtin on DPA-2: one line, exit 2 (se_atten_v2:
+    tests/test_engine_attn_load.py)."""
     s = write(cuni((1, 1, 1), seed=2), tmp_path / "s.extxyz")
     (tmp_path / "w.json").write_text(json.dumps([walker("w", s, nsteps=10, trj_freq=5)]))
-    atten = str(pt_model("se_atten_v2")["dp"])
+    atten = str(pt_model("dpa2")["dp"])
 
     def explore(models, engine, outdir):
         return subprocess.run(
@@ -292,7 +293,7 @@ def test_explore_cli_picks_the_engine(tmp_path, pt_model, cu_model):
     p = explore([atten, atten], "auto", "a")
     assert p.returncode == 0, p.stderr[-2000:]
     info = json.loads((tmp_path / "a" / "engine.json").read_text())
-    assert info["engine"] == "deepmd" and "se_atten_v2" in info["reason"], info
+    assert info["engine"] == "deepmd" and "dpa2" in info["reason"], info
     assert "engine deepmd" in p.stdout
     assert json.loads((tmp_path / "a" / "summary.json").read_text())["walkers"]["w"]["status"] == "finished"
     assert len(np.loadtxt(tmp_path / "a" / "w" / "model_devi.out")) == 3
@@ -302,11 +303,11 @@ def test_explore_cli_picks_the_engine(tmp_path, pt_model, cu_model):
     p = explore([atten], "builtin", "c")
     assert p.returncode == 2
     err = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert len(err) == 1 and "se_atten_v2" in err[0] and atten in err[0], p.stderr
+    assert len(err) == 1 and "dpa2" in err[0] and atten in err[0], p.stderr
 
 
 def test_report_accuracy_runs_models_the_engine_does_not(pt_model, model_cache):
-    """The report's accuracy table evaluates se_atten_v2 .dp files through DeePMD-kit (energies and
+    """The report's accuracy table evaluates DPA-2 .dp files through DeePMD-kit (energies and
     forces equal DeepPot.eval on the labelled frames)."""
     from deepmd.infer import DeepPot
     from dpmodels import emt_dataset
@@ -314,7 +315,7 @@ def test_report_accuracy_runs_models_the_engine_does_not(pt_model, model_cache):
     from dpsnake.md.deepmd_provider import DeepmdProvider
     from dpsnake.report.accuracy import load_ensemble, predict, read_labelled
 
-    m = pt_model("se_atten_v2")
+    m = pt_model("dpa2")
     ens, tmap = load_ensemble([m["dp"]])
     assert isinstance(ens, DeepmdProvider) and tmap == TYPE_MAP
     data = read_labelled(emt_dataset(model_cache, "CuNi"))
@@ -329,7 +330,7 @@ def test_report_accuracy_runs_models_the_engine_does_not(pt_model, model_cache):
 
 
 def test_check_config_needs_the_pytorch_backend_for_deepmd_exploration(monkeypatch):
-    """explore.engine auto with a se_atten_v2 input (or engine deepmd) where torch is not importable:
+    """explore.engine auto with a DPA-2 input (or engine deepmd) where torch is not importable:
     one line at check time naming the engine, the reason and the pip command; se_e2_a with auto is fine."""
     import importlib.util
 
@@ -344,16 +345,11 @@ def test_check_config_needs_the_pytorch_backend_for_deepmd_exploration(monkeypat
     raw = yaml.safe_load((root / "config" / "config.yaml").read_text())
     dpconfig.check(raw, root)  # se_e2_a: the built-in engine explores, torch is not needed
     raw["train"]["backend"] = "pt"
-    raw["train"]["input"]["model"]["descriptor"] = {
-        "type": "se_atten_v2",
-        "rcut": 4.5,
-        "rcut_smth": 1.0,
-        "sel": 48,
-        "neuron": [4, 8],
-        "axis_neuron": 4,
-    }
+    from dpmodels import PT_DESCRIPTORS
+
+    raw["train"]["input"]["model"]["descriptor"] = json.loads(json.dumps(PT_DESCRIPTORS["dpa2"]))
     with pytest.raises(UserError) as err:
         dpconfig.check(raw, root)
     msg = str(err.value)
-    assert msg.startswith("explore.engine: auto: ") and "se_atten_v2" in msg and "deepmd-kit[torch]" in msg
+    assert msg.startswith("explore.engine: auto: ") and "dpa2" in msg and "deepmd-kit[torch]" in msg
     assert "\n" not in msg

@@ -92,16 +92,16 @@ def calc_model_devi(
     min_devi_v, avg_devi_v, max_devi_f, min_devi_f, avg_devi_f, devi_e.
 
     coords (nf, nat*3) or (nf, nat, 3); cells (nf, 9) or None; atom_types (nat,);
-    models: list of paths, DPModel, DeepPot objects, or one Ensemble. Writes ``fname`` if given.
+    models: list of paths, DPModel / AttnModel, DeepPot objects, or one Ensemble / AttnEnsemble. Writes ``fname`` if given.
     """
     from dpsnake.engine.deeppot import DeepPot, frames_to_flat
-    from dpsnake.engine.ensemble import Ensemble
+    from dpsnake.engine.model import make_ensemble
 
-    if isinstance(models, Ensemble):
+    if hasattr(models, "evaluate"):  # an Ensemble or AttnEnsemble
         ens = models
     else:
         ms = [m.ensemble.models[0] if isinstance(m, DeepPot) else m for m in models]
-        ens = Ensemble(ms, precision=precision)
+        ens = make_ensemble(ms, precision=precision)
     xp = array_namespace(coords)
     c, t, s, cl, pbc, nf, nat = frames_to_flat(xp, coords, cells, atom_types)
     if nat == 0:  # max/min over no atoms (DeePMD-kit's calc_model_devi fails here too)
