@@ -450,7 +450,7 @@ def builtin_provider(models, xp, precision):
     ``dp convert-backend`` when missing), as the explorer drives it."""
     import subprocess
 
-    from dpsnake.engine.model import make_ensemble
+    from dpsnake.engine.dispatch import make_ensemble
     from dpsnake.md.providers import EnsembleProvider
 
     dp_files = []

@@ -14,7 +14,8 @@ from engine_helpers import edit_dp, fcc, frame, ref_eval, rel_err
 from test_engine_attn import attn_model
 
 from dpsnake.engine.attn.model import AttnModel
-from dpsnake.engine.model import DPModel, load_any, make_ensemble
+from dpsnake.engine.dispatch import load_any, make_ensemble
+from dpsnake.engine.model import DPModel
 from dpsnake.engine.validate import DamagedModelError
 from dpsnake.errors import UserError
 from dpsnake.md.engines import builtin_unsupported, choose

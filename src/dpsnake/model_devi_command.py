@@ -85,7 +85,7 @@ def read_frames(path: str, type_map: list[str]):
 
 def run(args) -> int:
     from dpsnake.engine.deeppot import frames_to_flat
-    from dpsnake.engine.model import make_ensemble
+    from dpsnake.engine.dispatch import make_ensemble
     from dpsnake.engine.model_devi import COLUMNS, deviation_columns
 
     xp = np

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
-from dpsnake.engine.model import make_ensemble
+from dpsnake.engine.dispatch import make_ensemble
 from dpsnake.errors import UserError
 
 

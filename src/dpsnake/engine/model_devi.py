@@ -95,7 +95,7 @@ def calc_model_devi(
     models: list of paths, DPModel / AttnModel, DeepPot objects, or one Ensemble / AttnEnsemble. Writes ``fname`` if given.
     """
     from dpsnake.engine.deeppot import DeepPot, frames_to_flat
-    from dpsnake.engine.model import make_ensemble
+    from dpsnake.engine.dispatch import make_ensemble
 
     if hasattr(models, "evaluate"):  # an Ensemble or AttnEnsemble
         ens = models

@@ -99,7 +99,7 @@ def choose(engine: str, model_paths) -> tuple[str, str, list | None]:
         raise UserError(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}")
     if engine == "deepmd":
         return "deepmd", "explore.engine is deepmd", None
-    from dpsnake.engine.model import load_any
+    from dpsnake.engine.dispatch import load_any
     from dpsnake.engine.validate import DamagedModelError
 
     models = []

@@ -111,7 +111,7 @@ def make_provider(model_paths, precision: str, xp, compress: float | None = None
     """(EnsembleProvider, type_map) for the given model files (or models already loaded with
     ``load_model`` / ``load_any``: se_e2_a or se_atten(_v2)); ``compress``: min_nbor_dist (A) to run tabulated embedding nets, or None;
     ``tf32``: the engine setting (FP32 fitting GEMMs on TF32 tensor cores, CuPy only)."""
-    from dpsnake.engine.model import load_any, make_ensemble
+    from dpsnake.engine.dispatch import load_any, make_ensemble
     from dpsnake.md.providers import EnsembleProvider
 
     models = []

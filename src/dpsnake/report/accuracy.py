@@ -55,7 +55,7 @@ def load_ensemble(model_paths: list[pathlib.Path]):
 
         prov = DeepmdProvider(paths)
         return prov, list(prov.type_map)
-    from dpsnake.engine.model import make_ensemble
+    from dpsnake.engine.dispatch import make_ensemble
 
     ens = make_ensemble(loaded, precision="double")
     return ens, list(ens.type_map)
