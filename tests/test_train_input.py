@@ -126,9 +126,18 @@ def _err(mutate) -> str:
             lambda c: (
                 c["explore"].update(engine="builtin"),
                 c["train"].update(backend="pt"),
+                _model(c).update(descriptor=DPA3),
+            ),
+            "explore.engine: builtin cannot explore train.input.model: descriptor type 'dpa3'",
+        ),
+        (
+            lambda c: (
+                c["explore"].update(engine="builtin"),
+                c["train"].update(backend="tf"),
                 _model(c).update(descriptor=SE_ATTEN_V2),
             ),
-            "explore.engine: builtin cannot explore train.input.model: descriptor type 'se_atten_v2'",
+            "explore.engine: builtin cannot explore train.input.model: se_atten_v2 models trained by the "
+            "TensorFlow backend (train.backend: pt)",
         ),
         # fine-tuning and the init policies
         (
@@ -207,11 +216,11 @@ def test_finetune_checks_against_the_pretrained_model(pretrained):
         C.check(bad, ROOT)
     with pytest.raises(UserError, match="^train.finetune.model_branch: 'water': .* is a single-task model"):
         C.check(_ft(copy.deepcopy(DEMO), ckpt, model_branch="water"), ROOT)
-    # the pretrained model is se_atten_v2: the built-in engine cannot explore it, auto/deepmd can
+    # the pretrained model is se_atten_v2 (its descriptor comes from the pretrained script): the built-in
+    # engine explores it (engine/attn), so engine builtin passes the check
     builtin = _ft(copy.deepcopy(DEMO), ckpt)
     builtin["explore"]["engine"] = "builtin"
-    with pytest.raises(UserError, match="^explore.engine: builtin cannot explore .*'se_atten_v2'"):
-        C.check(builtin, ROOT)
+    assert C.check(builtin, ROOT)["explore"]["engine"] == "builtin"
     # without the pretrained script the input must describe the model itself
     with pytest.raises(UserError, match="^train.input.model.descriptor: required key is missing"):
         C.check(_ft(copy.deepcopy(DEMO), ckpt, use_pretrain_script=False), ROOT)

@@ -80,6 +80,11 @@ def check_config(cfg: dict, model: dict) -> None:
     UserError line when the chosen engine cannot explore such models."""
     engine = cfg["explore"].get("engine", "auto")
     why = builtin_unsupported(model)
+    dtype = (model.get("descriptor") or {}).get("type")
+    if not why and dtype in ATTN_DESCRIPTORS and cfg["train"].get("backend", "tf") == "tf":
+        # the attention path reads files of DeePMD-kit's PyTorch/NumPy layout; TensorFlow-written
+        # se_atten files differ (smooth_type_embedding) and DeePMD-kit itself cannot convert them
+        why = f"{dtype} models trained by the TensorFlow backend (train.backend: pt)"
     if engine == "builtin" and why:
         raise UserError(f"explore.engine: builtin cannot explore train.input.model: {why}; use auto or deepmd")
     if engine == "deepmd" or (engine == "auto" and why):
