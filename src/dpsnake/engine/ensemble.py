@@ -72,7 +72,34 @@ class Layout:
         return all(a is b for a, b in zip(self.given, (atype, system, pbc)))
 
 
-class Ensemble:
+class EnsembleBase:
+    """What every ensemble (se_e2_a :class:`Ensemble`, se_atten ``AttnEnsemble``) derives from its
+    ``models`` (which share type_map / rcut / sel)."""
+
+    models: list
+
+    @property
+    def type_map(self) -> list[str]:
+        return list(self.models[0].type_map)
+
+    @property
+    def rcut(self) -> float:
+        return self.models[0].rcut
+
+    @property
+    def sel(self) -> list[int]:
+        return list(self.models[0].sel)
+
+    @property
+    def ntypes(self) -> int:
+        return self.models[0].ntypes
+
+    @property
+    def nmodels(self) -> int:
+        return len(self.models)
+
+
+class Ensemble(EnsembleBase):
     """M models sharing type_map / rcut / sel; ``evaluate`` builds neighbours once for all of them.
 
     precision: "double" (FP64 nets and geometry) or "mixed" (FP64 geometry, FP32 nets).
@@ -120,26 +147,6 @@ class Ensemble:
         self.width_changes = 0  # guesses replaced (a miss, or far too wide)
         self.grid_misses = 0  # calls redone: cells moved beyond the kept bin grid, or ghosts beyond room
         self._csize = {}
-
-    @property
-    def type_map(self) -> list[str]:
-        return list(self.models[0].type_map)
-
-    @property
-    def rcut(self) -> float:
-        return self.models[0].rcut
-
-    @property
-    def sel(self) -> list[int]:
-        return list(self.models[0].sel)
-
-    @property
-    def ntypes(self) -> int:
-        return self.models[0].ntypes
-
-    @property
-    def nmodels(self) -> int:
-        return len(self.models)
 
     def _rt(self, xp, k: int) -> RuntimeModel:
         key = (xp.__name__, k)

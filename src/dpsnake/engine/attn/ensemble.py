@@ -14,14 +14,14 @@ import warnings
 
 from dpsnake.engine.attn.descriptor import AttnRuntime, energy_and_grad
 from dpsnake.engine.attn.model import AttnModel, load_attn_model
-from dpsnake.engine.ensemble import Layout, _guess_widths, _scatter_add, _segment, _settings
+from dpsnake.engine.ensemble import EnsembleBase, Layout, _guess_widths, _scatter_add, _segment, _settings
 from dpsnake.engine.neighbor import NeighborBuilder, _CellGeometry
 from dpsnake.engine.settings import EngineContext
 from dpsnake.engine.xp import HostCopy, array_namespace, to_numpy
 from dpsnake.errors import UserError
 
 
-class AttnEnsemble:
+class AttnEnsemble(EnsembleBase):
     """M se_atten(_v2) models sharing type_map / rcut / sel; arguments as ``Ensemble``'s.
 
     ``compress`` (tabulated nets) is not available for these models yet: anything but None is a
@@ -65,26 +65,6 @@ class AttnEnsemble:
         self.width_changes = 0
         self.grid_misses = 0
         self._csize = {}
-
-    @property
-    def type_map(self) -> list[str]:
-        return list(self.models[0].type_map)
-
-    @property
-    def rcut(self) -> float:
-        return self.models[0].rcut
-
-    @property
-    def sel(self) -> list[int]:
-        return list(self.models[0].sel)
-
-    @property
-    def ntypes(self) -> int:
-        return self.models[0].ntypes
-
-    @property
-    def nmodels(self) -> int:
-        return len(self.models)
 
     def _rt(self, xp, k: int) -> AttnRuntime:
         key = (xp.__name__, k)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dpsnake.engine.model import _fail, _pairs
 from dpsnake.engine.nets import ACTIVATIONS, Net
 from dpsnake.engine.validate import ArrayReader, DamagedModelError
 from dpsnake.errors import UserError
@@ -90,19 +91,6 @@ class AttnModel:
             and self.nnei == other.nnei
             and np.array_equal(self.pair_exclude, other.pair_exclude)
         )
-
-
-def _fail(path, msg):
-    raise UserError(f"{path}: {msg}")
-
-
-def _pairs(ntypes, pairs, path, key):
-    m = np.zeros((ntypes, ntypes), dtype=bool)
-    for p in pairs or []:
-        if len(p) != 2 or not all(0 <= int(t) < ntypes for t in p):
-            _fail(path, f"{key}: bad type pair {p!r}")
-        m[int(p[0]), int(p[1])] = m[int(p[1]), int(p[0])] = True
-    return m
 
 
 def descriptor_type(path) -> str | None:
