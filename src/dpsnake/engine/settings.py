@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-FAMILIES = ("nets", "env", "scatter", "desc", "nbr", "graph")
+FAMILIES = ("nets", "env", "scatter", "desc", "nbr", "graph", "attn")
 _CHOICES = {
     "select": ("warp", "thread"),
     "fused": ("auto", "on", "off"),
@@ -45,7 +45,8 @@ class EngineSettings:
     False: CuPy runs the array code. Was ``DPSNAKE_KERNELS=0``."""
     fast: frozenset = frozenset(FAMILIES)
     """Families of fused elementwise kernels used on CuPy (subset of :data:`FAMILIES`: nets, env,
-    scatter, desc, nbr; graph = the MD integrator as CUDA graphs). Was ``DPSNAKE_FAST``."""
+    scatter, desc, nbr; graph = the MD integrator as CUDA graphs; attn = the row kernels of DPA-1's
+    attention, cuda/attn_rows.py). Was ``DPSNAKE_FAST``."""
     select: str = "warp"
     """Neighbour-selection kernel: "warp" (a 32-thread block per centre) or "thread" (a thread per
     centre). Was ``DPSNAKE_SELECT``."""

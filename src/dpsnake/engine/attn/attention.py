@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dpsnake.engine import xp as xpmod
+from dpsnake.engine.settings import EngineContext
 from dpsnake.errors import UserError
 
 SHIFT = 20.0  # DeePMD-kit's attnw_shift: logits of the smooth variant are (L + 20) S - 20
@@ -230,11 +231,50 @@ def _softmax(xp, L, key_mask):
     return e
 
 
-def _layer_forward(xp, p, l: AttnLayer, x, S, F, row_m, key_m, keep: bool):
+def _rows_forward(xp, p, L, S, F, row_m, key_m):
+    """Array code of the chain between the logits L (B, n, n; overwritten) and the attention weights:
+    returns T = the masked softmax (rows of empty slots zeroed) and A = T F (T itself without F)."""
+    if p.smooth:
+        L += SHIFT
+        L *= S
+        L -= SHIFT
+        T = _softmax(xp, L, None)
+    else:
+        T = _softmax(xp, L, key_m)
+    T *= row_m
+    return T, (T if F is None else T * F)
+
+
+def _rows_backward(xp, p, dA, T, Lq, S, R, F, dS, dR):
+    """Array code of the backward of :func:`_rows_forward`: dA = df/dA in (overwritten), returns
+    dL = df/dL; adds to dS (if smooth; ``Lq()`` gives the logits again) and dR (if dotr)."""
+    if F is not None:  # A = T S R: dS = dA T R, dR = dA T S, dT = dA S R
+        dAT = dA * T
+        if dS is not None:
+            dS += dAT if R is None else dAT * R
+        if dR is not None:
+            dR += dAT if S is None else dAT * S
+        dA *= F
+    # softmax: dL = T (dT - sum_j dT T); rows of empty slots have T = 0, so they need no mask
+    dL = dA
+    dL -= (dA * T).sum(axis=-1, keepdims=True)
+    dL *= T
+    if S is not None:  # L' = (L + 20) S - 20: recompute L (one matmul) rather than keep it
+        Lp = Lq()
+        Lp += SHIFT
+        Lp *= dL
+        dS += Lp
+        dL *= S
+    return dL
+
+
+def _layer_forward(xp, p, l: AttnLayer, x, S, F, row_m, key_m, keep: bool, rows=None):
     """One layer: x (B, n, E) -> (out (B, n, E), cache or None). The cache holds what backward cannot
     get cheaply: q, k, v (3, B, n, H) (normalized if normalize, unscaled), their inverse norms
-    (3, B, n, 1) or None, T = the masked softmax (B, n, n), LayerNorm's xhat (B, n, E) and rstd (B, n, 1).
-    The logits L are not kept: backward needs them only when smooth and recomputes them (one matmul)."""
+    (3, B, n, 1) or None, T = the masked softmax and A = T F (B, n, n; the same array without F),
+    LayerNorm's xhat (B, n, E) and rstd (B, n, 1). The logits L are not kept: backward needs them only
+    when smooth and recomputes them (one matmul). ``rows``: the CUDA row kernels (:class:`_Rows`) or
+    None for the array code."""
     B, n, E = x.shape
     H = l.w_qkv.shape[2]
     z = xp.empty((3, B, n, H), dtype=x.dtype)
@@ -249,15 +289,11 @@ def _layer_forward(xp, p, l: AttnLayer, x, S, F, row_m, key_m, keep: bool):
         z *= inv
     q, k, v = z
     L = xp.matmul(q * p.scaling, k.swapaxes(1, 2))
-    if p.smooth:
-        L += SHIFT
-        L *= S
-        L -= SHIFT
-        T = _softmax(xp, L, None)
+    if rows is not None:  # CUDA: one warp per row (cuda/attn_rows.py)
+        T, A = rows.forward(L, rows.sw, rows.r, rows.mask, p.smooth, p.dotr)
     else:
-        T = _softmax(xp, L, key_m)
-    T *= row_m
-    o = xp.matmul(T if F is None else T * F, v)
+        T, A = _rows_forward(xp, p, L, S, F, row_m, key_m)
+    o = xp.matmul(A, v)
     h = (o.reshape(-1, H) @ l.w_out).reshape(B, n, E)
     if l.b_out is not None:
         h += l.b_out
@@ -268,31 +304,68 @@ def _layer_forward(xp, p, l: AttnLayer, x, S, F, row_m, key_m, keep: bool):
     xhat = h
     xhat *= rstd
     out = xhat * l.gamma + l.beta
-    return out, ((z, inv, T, xhat, rstd) if keep else None)
+    return out, ((z, inv, T, A, xhat, rstd) if keep else None)
 
 
-def attention_forward(p: AttentionLayers, G, nei_mask, input_r, sw, keep: bool = True):
+class _Rows:
+    """The CUDA row kernels (cuda/attn_rows.py) bound to one call's per-slot inputs: ``sw`` (B, n),
+    ``r`` (B, n, 3), ``mask`` (B, n), contiguous, in the attention's dtype (S and R are recomputed
+    from them inside the kernels, never stored as (B, n, n) matrices)."""
+
+    def __init__(self, xp, nei_mask, input_r, sw, dtype):
+        from dpsnake.engine.cuda import attn_rows
+
+        B, n = nei_mask.shape
+        self.forward, self.backward = attn_rows.forward, attn_rows.backward
+        self.sw = xp.ascontiguousarray(sw.reshape(B, n).astype(dtype, copy=False))
+        self.r = xp.ascontiguousarray(input_r.astype(dtype, copy=False))
+        self.mask = xp.ascontiguousarray(nei_mask)
+
+    def or_any(self, a):
+        """``a``, or an array of the right dtype for an argument the kernel does not read."""
+        return self.sw if a is None else a
+
+    @staticmethod
+    def make(xp, p, nei_mask, input_r, sw, dtype, ctx):
+        """The row kernels for this call (compiled on first use), or None: NumPy, the family
+        "attn" off, or a compile failure (then off for ``ctx`` from now on, with a warning)."""
+        ctx = EngineContext.of(ctx)
+        if not ctx.fast(xp, "attn"):
+            return None
+        from dpsnake.engine.cuda import attn_rows
+
+        n = nei_mask.shape[1]
+        if ctx.guarded("attn", attn_rows._module, np.dtype(dtype).name, n, p.smooth, p.dotr) is None:
+            return None
+        return _Rows(xp, nei_mask, input_r, sw, dtype)
+
+
+def attention_forward(p: AttentionLayers, G, nei_mask, input_r, sw, keep: bool = True, ctx=None):
     """Forward of all layers.
 
     G (B, nnei, ng) features; nei_mask (B, nnei) bool (True: a neighbour); input_r (B, nnei, 3) unit
     vectors (zeros on empty slots; read only if dotr); sw (B, nnei, 1) switch (0 on empty slots; read
     only if smooth). Computes in the dtype of ``p``'s weights. Returns (G_out (B, nnei, ng), cache for
     :func:`attention_backward`, None without ``keep``). The cache holds, per layer and neighbour slot,
-    3 H + nnei + ng + 4 numbers (6x the size of G_out per layer for ng 100, attn 128, nnei 120):
-    the caller's chunk of centres sets the memory.
+    3 H + 2 nnei + ng + 4 numbers (7x the size of G_out per layer for ng 100, attn 128, nnei 120):
+    the caller's chunk of centres sets the memory. ``ctx`` (an EngineContext or EngineSettings):
+    on CuPy the family "attn" runs the (B, n, n) chains as CUDA row kernels.
     """
     xp = xpmod.array_namespace(G)
     if not p.layers:
         return (G if p.dtype is None else G.astype(p.dtype, copy=False)), None
     dtype = p.layers[0].w_in.dtype
     x = G.astype(dtype, copy=False)
-    S, _, F, row_m, key_m = _pair_terms(xp, p, nei_mask, input_r, sw, dtype)
+    rows = _Rows.make(xp, p, nei_mask, input_r, sw, dtype, ctx)
+    S = F = row_m = key_m = None
+    if rows is None:
+        S, _, F, row_m, key_m = _pair_terms(xp, p, nei_mask, input_r, sw, dtype)
     caches = []
     for l in p.layers:
-        x, c = _layer_forward(xp, p, l, x, S, F, row_m, key_m, keep)
+        x, c = _layer_forward(xp, p, l, x, S, F, row_m, key_m, keep, rows)
         caches.append(c)
     # the inputs are kept by reference (no copy): the pair terms are recomputed from them in backward
-    return x, ((caches, nei_mask, input_r, sw) if keep else None)
+    return x, ((caches, nei_mask, input_r, sw, rows) if keep else None)
 
 
 def attention_backward(p: AttentionLayers, cache, dG_out):
@@ -304,13 +377,15 @@ def attention_backward(p: AttentionLayers, cache, dG_out):
     if not p.layers:
         dG = dG_out if p.dtype is None else dG_out.astype(p.dtype, copy=False)
         return dG, xp.zeros((B, n, 3), dtype=dG.dtype), xp.zeros((B, n, 1), dtype=dG.dtype)
-    caches, mask, input_r, sw = cache
+    caches, mask, input_r, sw, rows = cache
     dtype = p.layers[0].w_in.dtype
-    S, R, F, _, _ = _pair_terms(xp, p, mask, input_r, sw, dtype)
-    dS = xp.zeros((B, n, n), dtype=dtype) if S is not None else None
-    dR = xp.zeros((B, n, n), dtype=dtype) if R is not None else None
+    S = R = F = None
+    if rows is None:
+        S, R, F, _, _ = _pair_terms(xp, p, mask, input_r, sw, dtype)
+    dS = xp.zeros((B, n, n), dtype=dtype) if p.smooth else None
+    dR = xp.zeros((B, n, n), dtype=dtype) if p.dotr else None
     dx = dG_out.astype(dtype, copy=False)
-    for l, (z, inv, T, xhat, rstd) in zip(reversed(p.layers), reversed(caches)):
+    for l, (z, inv, T, A, xhat, rstd) in zip(reversed(p.layers), reversed(caches)):
         E, H = l.w_out.shape[1], l.w_out.shape[0]
         # LayerNorm: dh = rstd (g - mean(g) - xhat mean(g xhat)), g = dout * gamma
         g = dx * l.gamma
@@ -319,25 +394,13 @@ def attention_backward(p: AttentionLayers, cache, dG_out):
         q, k, v = z
         do = (dh.reshape(-1, E) @ l.w_out.T).reshape(B, n, H)
         dz = xp.empty_like(z)
-        dz[2] = xp.matmul((T if F is None else T * F).swapaxes(1, 2), do)  # dv = A^T do
+        dz[2] = xp.matmul(A.swapaxes(1, 2), do)  # dv = A^T do
         dA = xp.matmul(do, v.swapaxes(1, 2))
-        if F is not None:  # A = T S R: dS = dA T R, dR = dA T S, dT = dA S R
-            dAT = dA * T
-            if dS is not None:
-                dS += dAT if R is None else dAT * R
-            if dR is not None:
-                dR += dAT if S is None else dAT * S
-            dA *= F
-        # softmax: dL = T (dT - sum_j dT T); rows of empty slots have T = 0, so they need no mask
-        dL = dA
-        dL -= (dA * T).sum(axis=-1, keepdims=True)
-        dL *= T
-        if S is not None:  # L' = (L + 20) S - 20: recompute L (one matmul) rather than keep it
-            Lp = xp.matmul(q * p.scaling, k.swapaxes(1, 2))
-            Lp += SHIFT
-            Lp *= dL
-            dS += Lp
-            dL *= S
+        if rows is not None:
+            Lq = xp.matmul(q * p.scaling, k.swapaxes(1, 2)) if p.smooth else dA
+            dL = rows.backward(dA, T, Lq, rows.sw, rows.r, rows.or_any(dS), rows.or_any(dR), p.smooth, p.dotr)
+        else:
+            dL = _rows_backward(xp, p, dA, T, lambda: xp.matmul(q * p.scaling, k.swapaxes(1, 2)), S, R, F, dS, dR)
         xp.matmul(dL, k, out=dz[0])
         xp.matmul(dL.swapaxes(1, 2), q, out=dz[1])
         dz[:2] *= p.scaling

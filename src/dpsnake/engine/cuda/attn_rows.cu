@@ -1,0 +1,162 @@
+// Row kernels of DPA-1's neighbour-gated attention (attn_rows.py): the elementwise chains on the
+// (B, N, N) attention matrices of one layer, one warp per row, the row's values in registers.
+//
+// Compile-time constants: REAL (float/double), N (slots per centre), K = ceil(N / 32) (values per
+// lane), SMOOTH (0/1: logits (L + SHIFT) S - SHIFT with S_ij = sw_i sw_j, else empty keys -> -inf),
+// DOTR (0/1: A = T R with R_ij = r_i . r_j), WPB (warps per block), LOWEST (REAL's lowest finite
+// value: the row maximum starts there, and empty keys / padding lanes take exp = 0 without infinities).
+//
+// attn_fwd:  T = softmax_j(L') * m_i; A = T * F (F = S R, S or R; A is not written when neither).
+// attn_bwd:  from dA = dLoss/dA (overwritten with dL = dLoss/dL, L the unshifted logits q k^T s)
+//            and the recomputed logits Lq (SMOOTH only): dS += dA T R + (Lq + SHIFT) dL',
+//            dR += dA T S, dL = S dL' with dL' = T (dA F - sum_j dA F T).
+// The same sums as attention.py's array code (to rounding); rows are independent: no atomics.
+
+#define SHIFT ((REAL)20)
+
+__device__ __forceinline__ REAL warp_max(REAL v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ REAL warp_sum(REAL v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+extern "C" __global__ void __launch_bounds__(32 * WPB)
+attn_fwd(const REAL* L, const REAL* __restrict__ sw, const REAL* __restrict__ r,
+         const unsigned char* __restrict__ mask, long long rows, REAL* T, REAL* __restrict__ A) {
+  // T may be L (in place): each lane rewrites only the values it read
+  const int lane = threadIdx.x & 31;
+  for (long long row = (long long)blockIdx.x * WPB + threadIdx.x / 32; row < rows; row += (long long)gridDim.x * WPB) {
+    const long long base = row - row % N;  // first row of this centre's matrix = its slot 0
+    const REAL* Lr = L + row * N;
+    const REAL mi = mask[row] ? (REAL)1 : (REAL)0;
+#if SMOOTH
+    const REAL si = sw[row];
+#endif
+#if DOTR
+    const REAL rx = r[3 * row], ry = r[3 * row + 1], rz = r[3 * row + 2];
+#endif
+    REAL v[K];
+    bool use[K];  // a key of the softmax: j < N and (SMOOTH or j a neighbour)
+    REAL mx = LOWEST;  // a row without keys: every exp is 0 and T is 0 (attention.py's _softmax)
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int j = lane + 32 * k;
+      REAL l = LOWEST;
+      use[k] = j < N;
+      if (j < N) {
+        l = Lr[j];
+#if SMOOTH
+        l = (l + SHIFT) * (si * sw[base + j]) - SHIFT;
+#else
+        use[k] = mask[base + j] != 0;
+#endif
+      }
+      v[k] = l;
+      if (use[k]) mx = fmax(mx, l);
+    }
+    mx = warp_max(mx);
+    REAL s = 0;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const REAL e = use[k] ? exp(v[k] - mx) : (REAL)0;
+      v[k] = e;
+      s += e;
+    }
+    const REAL den = fmax(warp_sum(s), (REAL)1);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int j = lane + 32 * k;
+      if (j < N) {
+        const REAL t = v[k] / den * mi;
+        T[row * N + j] = t;
+#if SMOOTH || DOTR
+        REAL f = (REAL)1;
+#if SMOOTH
+        f = si * sw[base + j];
+#endif
+#if DOTR
+        const long long q = 3 * (base + j);
+        const REAL rr = rx * r[q] + ry * r[q + 1] + rz * r[q + 2];
+#if SMOOTH
+        f = f * rr;
+#else
+        f = rr;
+#endif
+#endif
+        A[row * N + j] = t * f;
+#endif
+      }
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(32 * WPB)
+attn_bwd(REAL* __restrict__ dA, const REAL* __restrict__ T, const REAL* __restrict__ Lq,
+         const REAL* __restrict__ sw, const REAL* __restrict__ r, long long rows, REAL* __restrict__ dS,
+         REAL* __restrict__ dR) {
+  const int lane = threadIdx.x & 31;
+  for (long long row = (long long)blockIdx.x * WPB + threadIdx.x / 32; row < rows; row += (long long)gridDim.x * WPB) {
+    const long long base = row - row % N;
+#if SMOOTH
+    const REAL si = sw[row];
+#endif
+#if DOTR
+    const REAL rx = r[3 * row], ry = r[3 * row + 1], rz = r[3 * row + 2];
+#endif
+    REAL a[K], t[K];
+#if SMOOTH
+    REAL ds[K];  // this row's dS term from A = T S R, added with the logits' term below
+#endif
+    REAL s = 0;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int j = lane + 32 * k;
+      a[k] = t[k] = (REAL)0;
+      if (j < N) {
+        const long long ij = row * N + j;
+        REAL x = dA[ij];
+        const REAL tt = T[ij];
+#if SMOOTH
+        const REAL S = si * sw[base + j];
+#endif
+#if DOTR
+        const long long q = 3 * (base + j);
+        const REAL R = rx * r[q] + ry * r[q + 1] + rz * r[q + 2];
+#endif
+#if SMOOTH && DOTR
+        const REAL at = x * tt;
+        ds[k] = at * R;
+        dR[ij] += at * S;
+        x = x * (S * R);
+#elif SMOOTH
+        ds[k] = x * tt;
+        x = x * S;
+#elif DOTR
+        dR[ij] += x * tt;
+        x = x * R;
+#endif
+        a[k] = x;
+        t[k] = tt;
+        s += x * tt;
+      }
+    }
+    s = warp_sum(s);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int j = lane + 32 * k;
+      if (j < N) {
+        const long long ij = row * N + j;
+        REAL dl = (a[k] - s) * t[k];
+#if SMOOTH
+        dS[ij] += ds[k] + (Lq[ij] + SHIFT) * dl;
+        dl = dl * (si * sw[base + j]);
+#endif
+        dA[ij] = dl;
+      }
+    }
+  }
+}
