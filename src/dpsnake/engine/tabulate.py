@@ -1,4 +1,5 @@
-"""Tabulated embedding nets: DeePMD-kit's model compression (``dp compress``) for se_e2_a.
+"""Tabulated embedding nets: DeePMD-kit's model compression (``dp compress``) for se_e2_a and for
+the geometric net of se_atten / se_atten_v2 in strip mode.
 
 Each embedding net G: x -> (M,) is replaced by a fifth-order polynomial per interval of x (the
 normalised s-channel Rn[:, 0]) that matches G, G' and G'' at both ends of the interval. The grid is
@@ -8,6 +9,10 @@ d = min_nbor_dist, the closest distance in the training data. Outside, the value
 first / last interval's left node is used, as DeePMD-kit's ``locate_xx_se_a`` does, so a model
 compressed here gives DeePMD-kit's compressed outputs (tests/test_engine_tabulate.py compares with
 ``dp compress``; the accuracy against the uncompressed nets is in docs/benchmarks.md).
+
+se_atten strip (:func:`build_strip_table`): the one net Gs(s) of the descriptor, one table for all
+type pairs (the type part is the strip table of :mod:`dpsnake.engine.attn.model`), on the grid of
+DeePMD-kit's PyTorch ``dp --pt compress`` (tests/test_engine_attn_tabulate.py).
 
 ``TabulatedNet`` has the interface of :class:`~dpsnake.engine.nets.Net` that descriptor.py uses
 (forward with a cache, backward for the input gradient), in NumPy or CuPy array code; on CUDA the
@@ -189,14 +194,31 @@ class TabulatedNet:
         return (gy * cache).sum(axis=-1, keepdims=True)
 
 
-def env_range(model, comp: Compression):
-    """Per centre type: (lower, upper) of x = Rn[:, 0] (floored / ceiled), DeePMD-kit's rule."""
+def env_range(model, comp: Compression, first_slot: bool = False):
+    """Per centre type: (lower, upper) of x = Rn[:, 0] (floored / ceiled), DeePMD-kit's rule.
+
+    ``first_slot``: the rule of DeePMD-kit's PyTorch backend, whose tabulation reads davg / dstd
+    (ntypes, nnei, 4) at ``[:, 0]``: the first neighbour slot's four channels rather than the
+    s-channel of every slot. The statistics are the same in every slot, but the directional
+    channels (davg 0) widen the range: upper also covers ceil(sw(d) / d / dstd_xyz).
+    """
     d = comp.min_nbor_dist
     sw = float(switch(np, np.float64(d), model.rcut_smth, model.rcut)[0])
-    davg, dstd = model.davg[..., 0], model.dstd[..., 0]  # (ntypes, nnei)
+    if first_slot:
+        davg, dstd = model.davg[:, 0, :], model.dstd[:, 0, :]  # (ntypes, 4)
+    else:
+        davg, dstd = model.davg[..., 0], model.dstd[..., 0]  # (ntypes, nnei)
     lower = (-davg / dstd).min(axis=1)
     upper = ((sw / d - davg) / dstd).max(axis=1)
     return np.floor(lower), np.ceil(upper)
+
+
+def build_strip_table(model, comp: Compression) -> Table:
+    """The :class:`Table` of the geometric net Gs(s) of an se_atten strip-mode model (an
+    :class:`~dpsnake.engine.attn.model.AttnModel`): one grid for every centre type (the lowest
+    lower, the highest upper), as DeePMD-kit's ``DescrptDPA1.enable_compression``."""
+    lower, upper = env_range(model, comp, first_slot=True)
+    return Table.build(model.embedding, lower.min(), upper.max(), comp)
 
 
 def build_tables(model, comp: Compression) -> list:

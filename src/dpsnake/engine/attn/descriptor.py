@@ -12,6 +12,10 @@ Forward (per centre i of type ti, nnei slots in distance order, any neighbour ty
   gr = Rn^T G / nnei (4, M1); D = gr^T gr[:, :axis]; [D, tebd_i] if concat_output_tebd;
   E = fit(D) + bias.
 Backward by hand to g = dE/dd (n, nnei, 3), geometry in FP64, the nets in the runtime dtype.
+
+Compressed (``AttnRuntime.build(compress=...)``, strip mode only): Gs is the table of
+:func:`dpsnake.engine.tabulate.build_strip_table`, in array code; on CUDA without attention layers
+the kernels of cuda/tab.py (STRIP) give gr and gRn (and dL/dswm) with G never stored.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import numpy as np
 from dpsnake.engine.attn.model import AttnModel
 from dpsnake.engine.envmat import switch as _switch
 from dpsnake.engine.settings import EngineContext
+from dpsnake.engine.tabulate import build_strip_table
+from dpsnake.errors import UserError
 
 _EPS = 1e-12  # DeePMD-kit's floor of |Rn[1:4]| when normalising the attention's directions
 
@@ -43,13 +49,26 @@ class AttnRuntime:
     fittings: list
     bias: np.ndarray
     ctx: EngineContext | None = None
+    tab: object = None  # cuda.tab.TabKernels (STRIP) of the tabulated Gs, or None
 
     @classmethod
-    def build(cls, model: AttnModel, xp, dtype, ctx=None):
+    def build(cls, model: AttnModel, xp, dtype, ctx=None, compress=None):
+        """``compress``: a :class:`~dpsnake.engine.tabulate.Compression` to tabulate Gs (strip
+        mode: :func:`check_compressible`), or None for the net itself."""
+
         def cv(a):
             return None if a is None else xp.asarray(np.asarray(a), dtype=dtype)
 
+        ctx = EngineContext.of(ctx)
         attention = None if model.attention is None else model.attention.to(xp, dtype)
+        embedding, tab = model.embedding.to(xp, dtype), None
+        if compress is not None:
+            check_compressible(model)
+            embedding = build_strip_table(model, compress).to(xp, dtype)
+            if attention is None and ctx.tab_kernels(xp):
+                from dpsnake.engine.cuda.tab import TabKernels
+
+                tab = TabKernels(embedding, np.dtype(dtype).name, ctx.settings.tab_lps, cv(model.strip_table))
         return cls(
             model=model,
             xp=xp,
@@ -57,16 +76,29 @@ class AttnRuntime:
             davg=xp.asarray(model.davg, dtype=xp.float64),
             rstd=xp.asarray(1.0 / model.dstd, dtype=xp.float64),
             tebd=cv(model.tebd),
-            embedding=model.embedding.to(xp, dtype),
+            embedding=embedding,
             strip_table=cv(model.strip_table),
             attention=attention,
             fittings=[f.to(xp, dtype) for f in model.fittings],
             bias=np.asarray(model.bias, dtype=np.float64),
-            ctx=EngineContext.of(ctx),
+            ctx=ctx,
+            tab=tab,
         )
 
     def fitting(self, t: int):
         return self.fittings[0 if self.model.fit_mixed else t]
+
+
+def check_compressible(model: AttnModel) -> None:
+    """One UserError line unless ``model``'s geometric net can be tabulated: strip mode (concat
+    feeds the type embedding into the net) and no resnet_dt (as DeePMD-kit's compression)."""
+    if model.tebd_mode != "strip":
+        raise UserError(
+            f"compress: {model.path}: tebd_input_mode {model.tebd_mode!r}: only strip-mode se_atten "
+            "models can be tabulated (use the uncompressed nets)"
+        )
+    if any(l.idt is not None for l in model.embedding.layers):
+        raise UserError(f"compress: {model.path}: descriptor resnet_dt=true cannot be tabulated (as in DeePMD-kit)")
 
 
 def energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad: bool = True):
@@ -102,28 +134,35 @@ def energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad:
     Rn_c = xp.ascontiguousarray(Rn.astype(dt))
     ss = Rn_c[..., 0:1]
     nt1 = m.ntypes + 1
-    if m.tebd_mode == "concat":
-        tj = rt.tebd[ntype]
-        parts = [ss, tj] if m.type_one_side else [ss, tj, xp.broadcast_to(rt.tebd[ti], tj.shape)]
-        G0, ecache = rt.embedding.forward(xp, xp.concatenate(parts, axis=2), keep=need_grad, ctx=rt.ctx)
-        Gs = tt = None
+    kern, acache = rt.tab, None
+    if kern is not None:  # CUDA, tabulated Gs, no attention: gr with G in registers, never stored
+        w = xp.ascontiguousarray(swm.astype(dt)) if m.smooth else xp.ones((n, nnei), dtype=dt)
+        krow = xp.ascontiguousarray((ntype if m.type_one_side else ti * nt1 + ntype).astype(xp.int32))
+        gr = xp.zeros((n, 4, m.neuron[-1]), dtype=dt)
+        kern.forward(Rn_c, 0, nnei, gr, w, krow)
+        gr *= 1.0 / nnei
     else:
-        Gs, ecache = rt.embedding.forward(xp, ss, keep=need_grad, ctx=rt.ctx)
-        tt = rt.strip_table[ntype if m.type_one_side else ti * nt1 + ntype]
-        gt = tt * swm[..., None].astype(dt) if m.smooth else tt
-        G0 = Gs * gt + Gs
-    acache = None
-    if rt.attention is not None:
-        from dpsnake.engine.attn.attention import attention_forward
+        if m.tebd_mode == "concat":
+            tj = rt.tebd[ntype]
+            parts = [ss, tj] if m.type_one_side else [ss, tj, xp.broadcast_to(rt.tebd[ti], tj.shape)]
+            G0, ecache = rt.embedding.forward(xp, xp.concatenate(parts, axis=2), keep=need_grad, ctx=rt.ctx)
+            Gs = tt = None
+        else:
+            Gs, ecache = rt.embedding.forward(xp, ss, keep=need_grad, ctx=rt.ctx)
+            tt = rt.strip_table[ntype if m.type_one_side else ti * nt1 + ntype]
+            gt = tt * swm[..., None].astype(dt) if m.smooth else tt
+            G0 = Gs * gt + Gs
+        if rt.attention is not None:
+            from dpsnake.engine.attn.attention import attention_forward
 
-        x = Rn[..., 1:4]
-        nrm = xp.sqrt((x * x).sum(axis=2, keepdims=True))
-        den = xp.maximum(nrm, _EPS)
-        u = x / den
-        G, acache = attention_forward(rt.attention, G0, mask, u.astype(dt), swm[..., None].astype(dt))
-    else:
-        G = G0
-    gr = xp.matmul(Rn_c.transpose(0, 2, 1), G) * (1.0 / nnei)  # (n, 4, M1)
+            x = Rn[..., 1:4]
+            nrm = xp.sqrt((x * x).sum(axis=2, keepdims=True))
+            den = xp.maximum(nrm, _EPS)
+            u = x / den
+            G, acache = attention_forward(rt.attention, G0, mask, u.astype(dt), swm[..., None].astype(dt), ctx=rt.ctx)
+        else:
+            G = G0
+        gr = xp.matmul(Rn_c.transpose(0, 2, 1), G) * (1.0 / nnei)  # (n, 4, M1)
     A = m.axis_neuron
     M1 = m.neuron[-1]
     gr1 = gr[:, :, :A]
@@ -139,28 +178,35 @@ def energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad:
     ggr = xp.matmul(gr1, gD.transpose(0, 2, 1))  # (n, 4, M1)
     ggr[:, :, :A] += xp.matmul(gr, gD)
     ggr *= 1.0 / nnei
-    gG = xp.matmul(Rn_c, ggr)  # (n, nnei, M1)
-    gRn = xp.matmul(G, ggr.transpose(0, 2, 1)).astype(xp.float64)  # (n, nnei, 4)
     gsw = None
-    if acache is not None:
-        from dpsnake.engine.attn.attention import attention_backward
-
-        gG, gu, gsa = attention_backward(rt.attention, acache, gG)
-        gu = gu.astype(xp.float64)
-        # u = x / max(|x|, eps): (gu - u (u . gu)) / |x| above eps, gu / eps below
-        big = nrm > _EPS
-        gx = xp.where(big, (gu - u * (u * gu).sum(axis=2, keepdims=True)) / den, gu / _EPS)
-        gRn[..., 1:4] += gx
-        gsw = gsa[..., 0].astype(xp.float64)
-    if m.tebd_mode == "concat":
-        gin = rt.embedding.backward(xp, gG, ecache, ctx=rt.ctx)
-        gRn[..., 0] += gin[..., 0].astype(xp.float64)
-    else:
-        gss = rt.embedding.backward(xp, gG * (gt + 1), ecache, ctx=rt.ctx)
-        gRn[..., 0] += gss[..., 0].astype(xp.float64)
+    if kern is not None:  # every slot written: gRn and gw = dL/dw
+        gRn, gw = xp.empty((n, nnei, 4), dtype=dt), xp.empty((n, nnei), dtype=dt)
+        kern.backward(Rn_c, xp.ascontiguousarray(ggr), 0, nnei, gRn, w, krow, gw)
+        gRn = gRn.astype(xp.float64)
         if m.smooth:
-            gt_sw = (gG * Gs * tt).sum(axis=2).astype(xp.float64)
-            gsw = gt_sw if gsw is None else gsw + gt_sw
+            gsw = gw.astype(xp.float64)
+    else:
+        gG = xp.matmul(Rn_c, ggr)  # (n, nnei, M1)
+        gRn = xp.matmul(G, ggr.transpose(0, 2, 1)).astype(xp.float64)  # (n, nnei, 4)
+        if acache is not None:
+            from dpsnake.engine.attn.attention import attention_backward
+
+            gG, gu, gsa = attention_backward(rt.attention, acache, gG)
+            gu = gu.astype(xp.float64)
+            # u = x / max(|x|, eps): (gu - u (u . gu)) / |x| above eps, gu / eps below
+            big = nrm > _EPS
+            gx = xp.where(big, (gu - u * (u * gu).sum(axis=2, keepdims=True)) / den, gu / _EPS)
+            gRn[..., 1:4] += gx
+            gsw = gsa[..., 0].astype(xp.float64)
+        if m.tebd_mode == "concat":
+            gin = rt.embedding.backward(xp, gG, ecache, ctx=rt.ctx)
+            gRn[..., 0] += gin[..., 0].astype(xp.float64)
+        else:
+            gss = rt.embedding.backward(xp, gG * (gt + 1), ecache, ctx=rt.ctx)
+            gRn[..., 0] += gss[..., 0].astype(xp.float64)
+            if m.smooth:
+                gt_sw = (gG * Gs * tt).sum(axis=2).astype(xp.float64)
+                gsw = gt_sw if gsw is None else gsw + gt_sw
     gR = gRn * rt.rstd[ti]
     if keep is not None:
         gR = gR * keep[..., None]

@@ -12,9 +12,17 @@ from __future__ import annotations
 
 import warnings
 
-from dpsnake.engine.attn.descriptor import AttnRuntime, energy_and_grad
+from dpsnake.engine.attn.descriptor import AttnRuntime, check_compressible, energy_and_grad
 from dpsnake.engine.attn.model import AttnModel, load_attn_model
-from dpsnake.engine.ensemble import EnsembleBase, Layout, _guess_widths, _scatter_add, _segment, _settings
+from dpsnake.engine.ensemble import (
+    EnsembleBase,
+    Layout,
+    _compression,
+    _guess_widths,
+    _scatter_add,
+    _segment,
+    _settings,
+)
 from dpsnake.engine.neighbor import NeighborBuilder, _CellGeometry
 from dpsnake.engine.settings import EngineContext
 from dpsnake.engine.xp import HostCopy, array_namespace, to_numpy
@@ -24,9 +32,15 @@ from dpsnake.errors import UserError
 class AttnEnsemble(EnsembleBase):
     """M se_atten(_v2) models sharing type_map / rcut / sel; arguments as ``Ensemble``'s.
 
-    ``compress`` (tabulated nets) is not available for these models yet: anything but None is a
-    UserError. ``settings``: the EngineSettings used are ``chunk_mb`` and ``widths`` (grid reuse on
-    GPUs); the nets run as array code.
+    ``compress`` (as ``Ensemble``'s: a :class:`~dpsnake.engine.tabulate.Compression` or a dict with
+    min_nbor_dist): the geometric net Gs(s) of strip-mode models (se_atten_v2, se_atten with
+    tebd_input_mode strip) runs from DeePMD-kit's table (``dp --pt compress``'s grid and polynomials;
+    the type part is already a table). DeePMD-kit tabulates only models without attention layers;
+    here Gs is tabulated for attn_layer > 0 too (the attention then runs as before on G). Concat
+    mode or descriptor resnet_dt: one UserError line. On CUDA with attn_layer 0, the kernels of
+    cuda/tab.py (STRIP) evaluate G in registers (EngineSettings tab_kernels, tab_lps).
+    ``settings``: the EngineSettings used are ``chunk_mb`` and ``widths`` (grid reuse on GPUs) and
+    the two above; the nets run as array code.
     """
 
     def __init__(
@@ -43,8 +57,6 @@ class AttnEnsemble(EnsembleBase):
             raise UserError("models: an ensemble needs at least one model")
         if precision not in ("double", "mixed"):
             raise UserError(f"precision: {precision!r} is not 'double' or 'mixed'")
-        if compress is not None and compress is not False:
-            raise UserError("compress: tabulated embedding nets are not available for se_atten models yet")
         self.models: list[AttnModel] = [m if isinstance(m, AttnModel) else load_attn_model(m) for m in models]
         m0 = self.models[0]
         for m in self.models[1:]:
@@ -54,7 +66,10 @@ class AttnEnsemble(EnsembleBase):
                     "pair_exclude_types, so they cannot share neighbour lists"
                 )
         self.precision = precision
-        self.compress = None
+        self.compress = _compression(compress)
+        if self.compress is not None:
+            for m in self.models:
+                check_compressible(m)
         self.settings = _settings(settings, tf32)
         self.ctx = EngineContext(self.settings)
         self.chunk_atoms = chunk_atoms
@@ -70,7 +85,7 @@ class AttnEnsemble(EnsembleBase):
         key = (xp.__name__, k)
         if key not in self._runtime:
             dtype = xp.float64 if self.precision == "double" else xp.float32
-            self._runtime[key] = AttnRuntime.build(self.models[k], xp, dtype, ctx=self.ctx)
+            self._runtime[key] = AttnRuntime.build(self.models[k], xp, dtype, ctx=self.ctx, compress=self.compress)
         return self._runtime[key]
 
     def _chunk_size(self, xp) -> int:
