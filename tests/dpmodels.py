@@ -2,10 +2,17 @@
 
 `train_model` caches by the hash of the training input, so one pytest session trains each variant once;
 set DPSNAKE_TEST_CACHE to a folder to keep them between sessions while developing.
+
+The `dp train` / `dp freeze` / `dp convert-backend` steps run in one helper process per backend that
+lives for the session (`_Trainer`): it imports DeePMD-kit once (20-40 s of imports on a CI core, which
+three `dp` processes per model used to pay three times) and forks a child per model that runs the
+three commands through DeePMD-kit's own command-line entry point (``deepmd.main.main``), exactly as
+`python -m deepmd ...` would, so each model is still trained by DeePMD-kit in a fresh process state.
 """
 
 from __future__ import annotations
 
+import atexit
 import copy
 import hashlib
 import json
@@ -13,6 +20,8 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
+import threading
 
 import numpy as np
 
@@ -130,15 +139,109 @@ def train_model(cache: pathlib.Path, overrides: dict | None = None, data: str = 
 
 def _train_freeze_convert(work: pathlib.Path, backend: str, frozen: str, env: dict) -> None:
     """`dp train input.json` -> `dp freeze` -> `dp convert-backend` to model.dp in ``work``."""
-    dp = [sys.executable, "-m", "deepmd"]
-    for cmd in (
-        dp + [f"--{backend}", "train", "input.json", "--skip-neighbor-stat"],
-        dp + [f"--{backend}", "freeze", "-o", frozen],
-        dp + ["convert-backend", frozen, "model.dp"],
-    ):
-        p = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=env)
-        if p.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+    cmds = [
+        [f"--{backend}", "train", "input.json", "--skip-neighbor-stat"],
+        [f"--{backend}", "freeze", "-o", frozen],
+        ["convert-backend", frozen, "model.dp"],
+    ]
+    _Trainer.get(backend, env).run(work, cmds)
+
+
+class _Trainer:
+    """A helper process (``python dpmodels.py --serve BACKEND``, environment ``env`` of the first
+    request) that has imported DeePMD-kit; each request forks a child that runs `dp` commands in a
+    folder, its output in ``dp.log`` there. One per backend and pytest process; ends with it."""
+
+    _all: dict = {}
+    _lock = threading.Lock()
+
+    @classmethod
+    def get(cls, backend: str, env: dict) -> _Trainer:
+        with cls._lock:
+            t = cls._all.get(backend)
+            if t is None or t.proc.poll() is not None:
+                t = cls._all[backend] = cls(backend, env)
+            return t
+
+    def __init__(self, backend: str, env: dict):
+        self.err = tempfile.TemporaryFile()  # the helper's own stderr (its imports' warnings, a crash)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(pathlib.Path(__file__).resolve()), "--serve", backend],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.err,
+            env=env,
+            text=True,
+        )
+        atexit.register(self.close)
+
+    def run(self, work: pathlib.Path, cmds: list) -> None:
+        with self._lock:
+            self.proc.stdin.write(json.dumps({"dir": str(work), "cmds": cmds}) + "\n")
+            self.proc.stdin.flush()
+            reply = self.proc.stdout.readline()
+        log = work / "dp.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if not reply:
+            self.err.seek(0)
+            own = self.err.read().decode(errors="replace")
+            raise RuntimeError(
+                f"the DeePMD-kit helper process died (exit {self.proc.wait()}):\n{own[-4000:]}\n{text[-4000:]}"
+            )
+        failed = json.loads(reply)["failed"]
+        if failed is not None:
+            raise RuntimeError(f"dp {' '.join(cmds[failed])} failed in {work}:\n{text[-6000:]}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def _serve(backend: str) -> None:
+    """The helper process: import DeePMD-kit (the backend's training entry point too), then one
+    forked child per request line {"dir", "cmds"}; reply {"failed": index of the failed command or None}."""
+    reply = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # whatever the imports print goes to stderr, not into the replies
+    import deepmd.entrypoints.main  # noqa: F401 (convert-backend)
+    import deepmd.main
+
+    if backend == "pt":
+        import deepmd.pt.entrypoints.main  # noqa: F401
+    else:
+        import deepmd.tf.entrypoints.main  # noqa: F401
+    for line in sys.stdin:
+        req = json.loads(line)
+        pid = os.fork()
+        if pid == 0:  # child: run the commands as `python -m deepmd CMD` would, output to dp.log
+            step, failed = 0, True
+            try:
+                os.chdir(req["dir"])
+                fd = os.open("dp.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                for cmd in req["cmds"]:
+                    print("$ dp", " ".join(cmd), flush=True)
+                    deepmd.main.main(cmd)
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    step += 1
+                failed = False
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(10 + step if failed else 0)
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        reply.write(json.dumps({"failed": None if code == 0 else min(max(0, code - 10), len(req["cmds"]) - 1)}) + "\n")
+        reply.flush()
 
 
 # Descriptors of DeePMD-kit's PyTorch backend, small enough to train in seconds on a CPU (CuNi data:
@@ -259,3 +362,7 @@ def train_pt_model(
     )
     _train_freeze_convert(work, "pt", "frozen_model.pth", env)
     return result
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--serve"]:
+    _serve(sys.argv[2])
