@@ -12,7 +12,7 @@ Subcommands:
       inputs DIR/{se_atten_v2,dpa3}_s{k}/input.json with the sizes of DeePMD-kit's examples
       (examples/water/se_atten/input_torch.json with type se_atten_v2; examples/water/dpa3/input_torch.json).
   bench MODEL... [--walkers 256] [--rep 3] [--steps 200] [--device auto|cpu|gpu] [--label NAME] [--json OUT]
-      [--provider deepmd|builtin] [--precision double|mixed]
+      [--provider deepmd|builtin] [--precision double|mixed] [--compress MIN_NBOR_DIST]
       timings: explore (Explorer.loop, the real thing), force (the provider alone with the explorer's
       call pattern: 9 calls model 0 + 1 call all models per 10 steps), integrator (md step with cached
       forces), DeePMD-kit's DeepPot.eval on the whole batch (one model, and all models), peak GPU
@@ -43,6 +43,8 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "src"))
 
 from benchutil import results_path, write_results, xp_tag
+
+from dpsnake.errors import UserError
 
 A_CU = 3.634
 
@@ -109,7 +111,16 @@ DPA3 = {  # examples/water/dpa3/input_torch.json (float32 there)
 }
 SE_ATTEN_V2_FP32 = json.loads(json.dumps(SE_ATTEN_V2))  # the same in float32
 SE_ATTEN_V2_FP32["descriptor"]["precision"] = SE_ATTEN_V2_FP32["fitting_net"]["precision"] = "float32"
-KINDS = {"se_atten_v2": SE_ATTEN_V2, "dpa3": DPA3, "se_atten_v2_fp32": SE_ATTEN_V2_FP32}
+# the same without attention layers (se_atten_v2 is tebd_input_mode "strip" already): the
+# configuration DeePMD-kit can compress (`dp --pt compress`), and our engine tabulate
+SE_ATTEN_V2_L0 = json.loads(json.dumps(SE_ATTEN_V2))
+SE_ATTEN_V2_L0["descriptor"]["attn_layer"] = 0
+KINDS = {
+    "se_atten_v2": SE_ATTEN_V2,
+    "dpa3": DPA3,
+    "se_atten_v2_fp32": SE_ATTEN_V2_FP32,
+    "se_atten_v2_l0": SE_ATTEN_V2_L0,
+}
 
 
 def write_npy(folder: pathlib.Path, frames) -> None:
@@ -215,13 +226,24 @@ def cmd_bench(args) -> int:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     if args.provider == "builtin":
-        provider = builtin_provider(args.models, xp, args.precision)
+        try:
+            provider = builtin_provider(args.models, xp, args.precision, args.compress)
+        except UserError as err:  # e.g. --compress while the engine refuses it: recorded, not fatal
+            out = results_path(args.json, "explore_deepmd", xp_tag(xp))
+            old = json.loads(out.read_text()) if out is not None and out.is_file() else {}
+            old[args.label] = {"label": args.label, "error": f"n/a: {err}", "compress": args.compress}
+            write_results(out, old)
+            print(f"[{args.label}] n/a: {err}", flush=True)
+            return 0
     else:
         max_atoms = {"auto": "auto", "none": None}.get(args.max_atoms) or int(args.max_atoms)
         provider = DeepmdProvider(args.models, xp, max_atoms=max_atoms)  # "auto": its own memory probe
     t_load = time.perf_counter() - t0
     type_map = provider.type_map
     ref_models = [str(pathlib.Path(m).with_suffix(".pth")) for m in args.models]  # DeePMD-kit's own files
+    if args.provider == "builtin" and args.compress:  # tabulated: beside DeePMD-kit's compressed models
+        comp = [pathlib.Path(m).with_name("model_c.pth") for m in ref_models]
+        ref_models = [str(c) for c in comp] if all(c.is_file() for c in comp) else ref_models
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench_xdp_"))
     atoms = bulk("Cu", "fcc", a=A_CU, cubic=True).repeat(args.rep)
     atoms.write(tmp / "cu.extxyz", format="extxyz")
@@ -398,6 +420,8 @@ def cmd_bench(args) -> int:
         if args.provider == "builtin"
         else int(sum(p.numel() for p in provider.models[0].parameters())),
         "precision": args.precision if args.provider == "builtin" else None,
+        "compress": args.compress if args.provider == "builtin" else None,
+        "deeppot_models": ref_models,
         "walkers": args.walkers,
         "atoms_per_walker": nat,
         "atoms": ntot,
@@ -445,12 +469,14 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def builtin_provider(models, xp, precision):
+def builtin_provider(models, xp, precision, compress=None):
     """dpsnake's built-in engine on the ``.dp`` of each model (made from the ``.pth`` by DeePMD-kit's
-    ``dp convert-backend`` when missing), as the explorer drives it."""
+    ``dp convert-backend`` when missing), as the explorer drives it; ``compress``: min_nbor_dist (A)
+    of tabulated embedding nets."""
     import subprocess
 
     from dpsnake.engine.dispatch import make_ensemble
+    from dpsnake.engine.tabulate import Compression
     from dpsnake.md.providers import EnsembleProvider
 
     dp_files = []
@@ -463,7 +489,8 @@ def builtin_provider(models, xp, precision):
                 capture_output=True,
             )
         dp_files.append(dp)
-    prov = EnsembleProvider(make_ensemble(dp_files, precision=precision, xp=xp))
+    cmp = Compression(min_nbor_dist=compress) if compress else None
+    prov = EnsembleProvider(make_ensemble(dp_files, precision=precision, xp=xp, compress=cmp))
     prov.type_map = prov.ensemble.type_map
     return prov
 
@@ -504,6 +531,13 @@ def main() -> int:
         help="deepmd: DeePMD-kit's PyTorch models (DeepmdProvider); builtin: dpsnake's engine on the .dp files",
     )
     b.add_argument("--precision", choices=("double", "mixed"), default="double", help="builtin engine precision")
+    b.add_argument(
+        "--compress",
+        type=float,
+        default=None,
+        metavar="MIN_NBOR_DIST",
+        help="builtin: tabulated embedding nets (DeepPot.eval then runs model_c.pth beside, if present)",
+    )
     b.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
     b.add_argument("--label", default="case")
     b.add_argument("--profile", action="store_true", help="torch profiler table of one deviation cycle")

@@ -11,6 +11,10 @@
 # BUDGET_S (560: later cases skipped past it), KINDS (models to train), PLAN (cases in order; see below),
 # EXTRA_WHL (more wheels to install, e.g. ".whl3/*.whl": DeePMD-kit 3.2 trainer's lmdb, mendeleev and their needs)
 # e.g. issue 21: KINDS=se_atten_v2 PLAN="builtin:se_atten_v2 ours:se_atten_v2 lammps:se_atten_v2:1"
+# Kinds *_l0 (attn_layer 0) are also compressed by `dp --pt compress` (model_c.pth); a plan kind KIND_c
+# means those: builtin:KIND_c runs our engine with --compress $MIN_NBOR (tabulated), ours:/lammps:KIND_c
+# DeePMD-kit's compressed models. Plan item "engine": bench_engine_attn.py (per-size cases, $ENGINE_ARGS,
+# at most ENGINE_S seconds) on the trained se_atten kinds. The .pth are converted to .dp after training.
 set -u
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
 R=$(pwd); OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -48,13 +52,24 @@ for d in $(for k in $KINDS; do echo $W/${k}_s?; done); do
   [ -f "$d/model.pth" ] || tail -5 "$d/train.log"
 done
 echo "[$(el) s] trained"
-models() { echo $W/$1_s0/model.pth $W/$1_s1/model.pth $W/$1_s2/model.pth $W/$1_s3/model.pth; }
+# DeePMD-kit's compression (attn_layer 0 kinds) and the .dp files of our engine, all at once
+for d in $(for k in $KINDS; do echo $W/${k}_s?; done); do
+  [ -f "$d/model.pth" ] || continue
+  case $d in *_l0_s?) ( cd "$d" && python3 -m deepmd --pt compress -i model.pth -o model_c.pth -t input.json \
+      > compress.log 2>&1 || { echo "compress FAILED: $d"; tail -3 compress.log; } ) & ;; esac
+  case $d in *se_atten*) ( cd "$d" && python3 -m deepmd convert-backend model.pth model.dp > convert.log 2>&1 \
+      || { echo "convert FAILED: $d"; tail -3 convert.log; } ) & ;; esac
+done
+wait
+echo "[$(el) s] compressed, converted"
+mfile() { case $1 in *_c) echo $W/${1%_c}_s$2/model_c.pth ;; *) echo $W/$1_s$2/model.pth ;; esac; }
+models() { echo $(mfile $1 0) $(mfile $1 1) $(mfile $1 2) $(mfile $1 3); }
 
 # LAMMPS + plugin, DP-GEN's way: one walker per run (and 8 such runs at once on the GPU); ours: 256 x 108
 # atoms in one batch. Order by priority; cases past BUDGET_S are skipped, ours is cut at BUDGET_S.
 export LMP=/tmp/lmp/lammps/lmp PLUGIN=/tmp/site/deepmd/lib/libdeepmd_lmpplugin.so
 lammps() {  # kind steps nproc
-  [ -f $W/${1}_s3/model.pth ] || return
+  [ -f $(mfile $1 3) ] || { echo "no models: $1"; return; }
   [ $(el) -lt $BUDGET_S ] || { echo "skipped lammps $1 x$3: budget"; return; }
   local label=$1; [ "$3" = 1 ] || label=${1}_x$3
   NPROC=$3 timeout $(( BUDGET_S - $(el) + 20 )) bash bench/lammps_explore.sh $label "$2" $(models $1) | tee -a "$OUT/lammps_explore.jsonl"
@@ -62,22 +77,31 @@ lammps() {  # kind steps nproc
 }
 ours() {  # kind steps extra-args
   local k=$1 steps=$2; shift 2
-  [ -f $W/${k}_s3/model.pth ] || return
+  [ -f $(mfile $k 3) ] || { echo "no models: $k"; return; }
   local left=$(( BUDGET_S - $(el) )); [ $left -gt 30 ] || { echo "skipped ours $k: budget"; return; }
-  timeout $left python3 bench/bench_explore_deepmd.py bench $(models $k) --walkers "$WALKERS" --steps "$steps" \
+  local ms=$(models $k); [ "${1:-}" = --compress ] && ms=$(models ${k%_c})  # ours on model.pth, tabulated
+  timeout $left python3 bench/bench_explore_deepmd.py bench $ms --walkers "$WALKERS" --steps "$steps" \
     --device gpu --label $k --profile "$@" 2>&1 \
     | grep -v -e "^To get the best" -e "DP_INFER_BATCH_SIZE" -e "_warn_once" -e "Profiler clears events"
   echo "[$(el) s] ours $k"
 }
+engine() {  # the per-size cases (bench_engine_attn.py) on the se_atten kinds trained
+  local left=$(( BUDGET_S - $(el) )); [ $left -gt 30 ] || { echo "skipped engine: budget"; return; }
+  [ $left -lt ${ENGINE_S:-300} ] || left=${ENGINE_S:-300}
+  timeout $(( left + 20 )) python3 bench/bench_engine_attn.py $W --kinds $(for k in $KINDS; do case $k in se_atten*) echo $k;; esac; done) \
+    --deepmd --budget $left ${ENGINE_ARGS:-} 2>&1 | grep -v -e "^To get the best" -e "DP_INFER_BATCH_SIZE" -e "_warn_once"
+  echo "[$(el) s] engine"
+}
 steps() { [ $1 = dpa3 ] && echo "$STEPS_DPA3" || echo "$STEPS_SE"; }
-for c in $PLAN; do  # lammps:KIND:NPROC, ours:KIND (DeePMD-kit's models) or builtin:KIND (our engine, .dp)
+for c in $PLAN; do  # lammps:KIND:NPROC, ours:KIND (DeePMD-kit's models) or builtin:KIND (our engine, .dp), engine
   IFS=: read -r what k n <<< "$c"
   case $what in
+    engine) engine ;;
     lammps) lammps $k "$(steps $k)" "$n" ;;
     ours) if [ $k = dpa3 ]; then ours $k "$(steps $k)" --warmup-steps 10 --force-steps "$FORCE_DPA3" --reps 1
           else ours $k "$(steps $k)" --force-steps "$FORCE_SE"; fi ;;
-    builtin) prec=double; [ "${k%_fp32}" = "$k" ] || prec=mixed
-          ours $k "$(steps $k)" --force-steps "$FORCE_SE" --provider builtin --precision $prec --label builtin_$k ;;
+    builtin) prec=double; [ "${k%_fp32}" = "$k" ] || prec=mixed; cmp=""; [ "${k%_c}" = "$k" ] || cmp="--compress ${MIN_NBOR:-2.0}"
+          ours $k "$(steps $k)" $cmp --force-steps "$FORCE_SE" --provider builtin --precision $prec --label builtin_$k ;;
   esac
 done
 nvidia-smi --query-gpu=memory.used --format=csv,noheader
