@@ -291,18 +291,25 @@ class _HostKernels:
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
 def test_descriptor_kernel_path(l0, tmp_path):
     """attn/descriptor.py's CUDA path (AttnRuntime.tab: w, krow, gw wiring) with the emulated
-    kernels in place of CuPy's = the array code from the table, FP64 to 1e-12."""
+    kernels in place of CuPy's = the array code from the table, FP64 to 1e-12: the se_atten_v2
+    model, and the same weights as a one-sided strip model without the smooth type embedding
+    (w = 1, rows by neighbour type)."""
     from dpsnake.engine.cuda.tab import source
 
     comp = Compression(2.0, stride=0.05)
-    ref_ens = AttnEnsemble([str(l0["dp"])], compress=comp)
-    ens = AttnEnsemble([str(l0["dp"])], compress=comp)
-    rt = ens._rt(np, 0)
-    lib = build_cpp(tmp_path, "tabs_desc", THREADED_CUDA_STUB + source("float64", rt.embedding.nout, 8, True) + LAUNCH)
-    rt.tab = _HostKernels(lib, rt)
-    args = _flat(_systems(3)[1:])
-    ref = ref_ens.evaluate(*args, atomic=True)
-    out = ens.evaluate(*args, atomic=True)
-    assert rt.tab.calls == 2 * 2  # forward and backward, per centre type
-    for k in ("energy", "force", "virial", "atom_energy", "atom_virial"):
-        assert rel_err(out[k], ref[k]) <= 1e-12, (k, rel_err(out[k], ref[k]))
+    m = load_attn_model(l0["dp"])
+    rough = dataclasses.replace(m, smooth=False, type_one_side=True, strip_table=m.strip_table[2 : m.ntypes + 3])
+    lib = None
+    for model in (m, rough):
+        ens = AttnEnsemble([model], compress=comp)
+        rt = ens._rt(np, 0)
+        if lib is None:
+            src = THREADED_CUDA_STUB + source("float64", rt.embedding.nout, 8, True) + LAUNCH
+            lib = build_cpp(tmp_path, "tabs_desc", src)
+        rt.tab = _HostKernels(lib, rt)
+        args = _flat(_systems(3)[1:])
+        ref = AttnEnsemble([model], compress=comp).evaluate(*args, atomic=True)
+        out = ens.evaluate(*args, atomic=True)
+        assert rt.tab.calls == 2 * 2  # forward and backward, per centre type
+        for k in ("energy", "force", "virial", "atom_energy", "atom_virial"):
+            assert rel_err(out[k], ref[k]) <= 1e-12, (model.smooth, k, rel_err(out[k], ref[k]))
