@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import numpy as np
 
@@ -188,9 +189,11 @@ class _Trainer:
             raise RuntimeError(
                 f"the DeePMD-kit helper process died (exit {self.proc.wait()}):\n{own[-4000:]}\n{text[-4000:]}"
             )
-        failed = json.loads(reply)["failed"]
-        if failed is not None:
-            raise RuntimeError(f"dp {' '.join(cmds[failed])} failed in {work}:\n{text[-6000:]}")
+        reply = json.loads(reply)
+        if reply["timeout"]:
+            raise RuntimeError(f"dp commands {cmds} killed after {_CHILD_TIMEOUT:.0f} s in {work}:\n{text[-6000:]}")
+        if reply["failed"] is not None:
+            raise RuntimeError(f"dp {' '.join(cmds[reply['failed']])} failed in {work}:\n{text[-6000:]}")
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -201,9 +204,13 @@ class _Trainer:
                 self.proc.kill()
 
 
+_CHILD_TIMEOUT = 1200.0  # s, one model's train + freeze + convert-backend in the helper
+
+
 def _serve(backend: str) -> None:
     """The helper process: import DeePMD-kit (the backend's training entry point too), then one
-    forked child per request line {"dir", "cmds"}; reply {"failed": index of the failed command or None}."""
+    forked child per request line {"dir", "cmds"}; reply {"failed": index of the failed command or None,
+    "timeout": killed after _CHILD_TIMEOUT}."""
     reply = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # whatever the imports print goes to stderr, not into the replies
     import deepmd.entrypoints.main  # noqa: F401 (convert-backend)
@@ -238,9 +245,19 @@ def _serve(backend: str) -> None:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(10 + step if failed else 0)
-        _, status = os.waitpid(pid, 0)
-        code = os.waitstatus_to_exitcode(status)
-        reply.write(json.dumps({"failed": None if code == 0 else min(max(0, code - 10), len(req["cmds"]) - 1)}) + "\n")
+        code, deadline = None, time.monotonic() + _CHILD_TIMEOUT
+        while code is None:  # a child stuck (a lock held at fork time, say) fails, not hangs the tests
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                code = os.waitstatus_to_exitcode(status)
+            elif time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                code = -1
+            else:
+                time.sleep(0.05)
+        failed = None if code == 0 else min(max(0, code - 10), len(req["cmds"]) - 1)
+        reply.write(json.dumps({"failed": failed, "timeout": code == -1}) + "\n")
         reply.flush()
 
 
