@@ -108,3 +108,166 @@ def test_row_kernels_compile_for_sm90(dtype, n):
     for smooth, dotr in ((1, 1), (0, 0)):
         ptx = compile_cuda(source(dtype, n, smooth, dotr))
         assert ".entry attn_fwd" in ptx and ".entry attn_bwd" in ptx
+
+
+NORM_LAUNCH = r"""
+extern "C" void qf(unsigned g, unsigned b, REAL* z, const REAL* bias, int hb, long long rows, long long pr, REAL* inv) {
+  launch(g, b, [=] { qkv_fwd(z, bias, hb, rows, pr, inv); });
+}
+extern "C" void qb(unsigned g, unsigned b, REAL* dz, const REAL* z, const REAL* inv, long long rows, long long pr, REAL sc) {
+  launch(g, b, [=] { qkv_bwd(dz, z, inv, rows, pr, sc); });
+}
+extern "C" void lf(unsigned g, unsigned b, REAL* h, const REAL* bo, int hb, const REAL* x, const REAL* gm, const REAL* bt,
+                   REAL eps, long long rows, REAL* rstd, REAL* out) {
+  launch(g, b, [=] { ln_fwd(h, bo, hb, x, gm, bt, eps, rows, rstd, out); });
+}
+extern "C" void lb(unsigned g, unsigned b, const REAL* d, const REAL* xh, const REAL* rs, const REAL* gm, long long rows, REAL* dh) {
+  launch(g, b, [=] { ln_bwd(d, xh, rs, gm, rows, dh); });
+}
+"""
+
+
+class _EmuRows:
+    """attention.py's ``_Rows`` with the CUDA sources run by g++ with threaded warps (same interface),
+    so attention_forward / attention_backward take the kernels' path on NumPy arrays."""
+
+    def __init__(self, tmp_path, p, mask, r, sw, dtype):
+        from dpsnake.engine.cuda import attn_norm, attn_rows
+
+        n, dt = mask.shape[1], np.dtype(dtype).name
+        self.ct = ctypes.c_float if dt == "float32" else ctypes.c_double
+        tag = f"{dt}_{n}_{int(p.smooth)}{int(p.dotr)}"
+        self.rows_lib = build_cpp(
+            tmp_path, f"r_{tag}", THREADED_CUDA_STUB + attn_rows.source(dt, n, p.smooth, p.dotr) + LAUNCH
+        )
+        self.norm_libs = {
+            D: build_cpp(tmp_path, f"n_{dt}_{D}", THREADED_CUDA_STUB + attn_norm.source(dt, D) + NORM_LAUNCH)
+            for D in {p.hidden_dim, p.embed_dim}
+        }
+        self.sw = np.ascontiguousarray(sw.reshape(mask.shape).astype(dtype))
+        self.r = np.ascontiguousarray(r.astype(dtype))
+        self.mask = np.ascontiguousarray(mask)
+        self.norm = self
+        self.calls = 0
+
+    def or_any(self, a):
+        return self.sw if a is None else a
+
+    def _go(self, lib, name, *args):
+        self.calls += 1
+        getattr(lib, name)(5, 128, *[_ptr(a) if isinstance(a, np.ndarray) else a for a in args])
+
+    def forward(self, L, sw, r, mask, smooth, dotr):
+        A = np.empty_like(L) if (smooth or dotr) else L
+        rows = L.shape[0] * L.shape[1]
+        self._go(self.rows_lib, "fwd", L, sw, r, mask.astype(np.uint8), ctypes.c_longlong(rows), L, A)
+        return L, A
+
+    def backward(self, dA, T, Lq, sw, r, dS, dR, smooth, dotr):
+        rows = dA.shape[0] * dA.shape[1]
+        self._go(self.rows_lib, "bwd", dA, T, Lq, sw, r, ctypes.c_longlong(rows), dS, dR)
+        return dA
+
+    def qkv_forward(self, z, b):
+        P = z.shape[1] * z.shape[2]
+        inv = np.empty(z.shape[:3] + (1,), z.dtype)
+        bias = z if b is None else np.ascontiguousarray(b)
+        ll = ctypes.c_longlong
+        self._go(self.norm_libs[z.shape[3]], "qf", z, bias, int(b is not None), ll(3 * P), ll(P), inv)
+        return inv
+
+    def qkv_backward(self, dz, z, inv, scaling):
+        P = dz.shape[1] * dz.shape[2]
+        ll = ctypes.c_longlong
+        self._go(self.norm_libs[dz.shape[3]], "qb", dz, z, inv, ll(3 * P), ll(P), self.ct(scaling))
+        return dz
+
+    def ln_forward(self, h, b, x, gamma, beta, eps):
+        rows = h.shape[0] * h.shape[1]
+        rstd, out = np.empty(h.shape[:2] + (1,), h.dtype), np.empty_like(h)
+        bo = h if b is None else b
+        x = np.ascontiguousarray(x)
+        self._go(
+            self.norm_libs[h.shape[2]],
+            "lf",
+            h,
+            bo,
+            int(b is not None),
+            x,
+            gamma,
+            beta,
+            self.ct(eps),
+            ctypes.c_longlong(rows),
+            rstd,
+            out,
+        )
+        return out, h, rstd
+
+    def ln_backward(self, dout, xhat, rstd, gamma):
+        rows = xhat.shape[0] * xhat.shape[1]
+        dh = np.empty_like(xhat)
+        self._go(
+            self.norm_libs[xhat.shape[2]],
+            "lb",
+            np.ascontiguousarray(dout),
+            xhat,
+            rstd,
+            gamma,
+            ctypes.c_longlong(rows),
+            dh,
+        )
+        return dh
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
+@pytest.mark.parametrize(
+    "dtype,dotr,normalize,smooth,extra",
+    [
+        ("float64", True, True, True, {}),
+        ("float64", False, True, False, {"temperature": 0.7}),
+        ("float64", True, False, True, {"nobias": True}),
+        ("float32", True, True, True, {}),
+    ],
+)
+def test_attention_block_on_the_kernels_equals_array_code(tmp_path, monkeypatch, dtype, dotr, normalize, smooth, extra):
+    """attention_forward / attention_backward through every kernel (rows, q/k/v norm, LayerNorm) = the array code."""
+    import test_engine_attention as ta
+
+    from dpsnake.engine.attn import attention as att
+
+    monkeypatch.setattr(ta, "NNEI", 45)
+    monkeypatch.setattr(ta, "E", 40)
+    monkeypatch.setattr(ta, "H", 36)
+    _, data = ta.reference(2, dotr, normalize, smooth, extra)
+    p = att.AttentionLayers.from_serialized(data).to(np, np.dtype(dtype))
+    G, mask, r, sw = ta.inputs(nb=3)
+    G, r, sw = (a.astype(dtype) for a in (G, r, sw))
+    want, cache = att.attention_forward(p, G, mask, r, sw)
+    rng = np.random.default_rng(5)
+    dG_out = rng.standard_normal(want.shape).astype(dtype)
+    want_b = att.attention_backward(p, cache, dG_out)
+    emu = _EmuRows(tmp_path, p, mask, r, sw, dtype)
+    monkeypatch.setattr(att._Rows, "make", staticmethod(lambda *a, **k: emu))
+    got, cache = att.attention_forward(p, G, mask, r, sw)
+    got_b = att.attention_backward(p, cache, dG_out)
+    assert emu.calls == 2 * (6 if normalize else 4)  # every kernel of both layers ran, forward and backward
+    tol = 2e-5 if dtype == "float32" else 1e-12
+    assert rel_err(got, want) < tol
+    for g, w in zip(got_b, want_b):
+        assert rel_err(g, w) < tol
+
+
+def rel_err(a, b):
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("D", [128, 100, 8])
+def test_norm_kernels_compile_for_sm90(dtype, D):
+    pytest.importorskip("nvidia.cuda_nvrtc")
+    from test_engine_cuda_compile import compile_cuda
+
+    from dpsnake.engine.cuda.attn_norm import source
+
+    ptx = compile_cuda(source(dtype, D))
+    assert all(f".entry {k}" in ptx for k in ("qkv_fwd", "qkv_bwd", "ln_fwd", "ln_bwd"))

@@ -281,12 +281,15 @@ def _layer_forward(xp, p, l: AttnLayer, x, S, F, row_m, key_m, keep: bool, rows=
     x2 = x.reshape(B * n, E)
     for c in range(3):
         xp.matmul(x2, l.w_qkv[c], out=z[c].reshape(B * n, H))
-    if l.b_qkv is not None:
-        z += l.b_qkv
     inv = None
-    if p.normalize:
-        inv = 1.0 / xp.sqrt((z * z).sum(axis=-1, keepdims=True))
-        z *= inv
+    if rows is not None and p.normalize:  # bias and normalisation, a warp per row (cuda/attn_norm.py)
+        inv = rows.norm.qkv_forward(z, l.b_qkv)
+    else:
+        if l.b_qkv is not None:
+            z += l.b_qkv
+        if p.normalize:
+            inv = 1.0 / xp.sqrt((z * z).sum(axis=-1, keepdims=True))
+            z *= inv
     q, k, v = z
     L = xp.matmul(q * p.scaling, k.swapaxes(1, 2))
     if rows is not None:  # CUDA: one warp per row (cuda/attn_rows.py)
@@ -295,6 +298,9 @@ def _layer_forward(xp, p, l: AttnLayer, x, S, F, row_m, key_m, keep: bool, rows=
         T, A = _rows_forward(xp, p, L, S, F, row_m, key_m)
     o = xp.matmul(A, v)
     h = (o.reshape(-1, H) @ l.w_out).reshape(B, n, E)
+    if rows is not None:
+        out, xhat, rstd = rows.norm.ln_forward(h, l.b_out, x, l.gamma, l.beta, l.eps)
+        return out, ((z, inv, T, A, xhat, rstd) if keep else None)
     if l.b_out is not None:
         h += l.b_out
     h += x
@@ -308,15 +314,18 @@ def _layer_forward(xp, p, l: AttnLayer, x, S, F, row_m, key_m, keep: bool, rows=
 
 
 class _Rows:
-    """The CUDA row kernels (cuda/attn_rows.py) bound to one call's per-slot inputs: ``sw`` (B, n),
-    ``r`` (B, n, 3), ``mask`` (B, n), contiguous, in the attention's dtype (S and R are recomputed
-    from them inside the kernels, never stored as (B, n, n) matrices)."""
+    """The CUDA row kernels bound to one call's per-slot inputs: those of the attention matrices
+    (cuda/attn_rows.py: ``forward``, ``backward``) with ``sw`` (B, n), ``r`` (B, n, 3), ``mask`` (B, n),
+    contiguous, in the attention's dtype (S and R are recomputed from them inside the kernels, never
+    stored as (B, n, n) matrices), and ``norm``, the module of the q/k/v and LayerNorm row kernels
+    (cuda/attn_norm.py)."""
 
     def __init__(self, xp, nei_mask, input_r, sw, dtype):
-        from dpsnake.engine.cuda import attn_rows
+        from dpsnake.engine.cuda import attn_norm, attn_rows
 
         B, n = nei_mask.shape
         self.forward, self.backward = attn_rows.forward, attn_rows.backward
+        self.norm = attn_norm
         self.sw = xp.ascontiguousarray(sw.reshape(B, n).astype(dtype, copy=False))
         self.r = xp.ascontiguousarray(input_r.astype(dtype, copy=False))
         self.mask = xp.ascontiguousarray(nei_mask)
@@ -332,10 +341,13 @@ class _Rows:
         ctx = EngineContext.of(ctx)
         if not ctx.fast(xp, "attn"):
             return None
-        from dpsnake.engine.cuda import attn_rows
+        from dpsnake.engine.cuda import attn_norm, attn_rows
 
-        n = nei_mask.shape[1]
-        if ctx.guarded("attn", attn_rows._module, np.dtype(dtype).name, n, p.smooth, p.dotr) is None:
+        n, dt = nei_mask.shape[1], np.dtype(dtype).name
+        for build, args in ((attn_rows._module, (dt, n, p.smooth, p.dotr)), (attn_norm._module, (dt, p.hidden_dim))):
+            if ctx.guarded("attn", build, *args) is None:
+                return None
+        if p.embed_dim != p.hidden_dim and ctx.guarded("attn", attn_norm._module, dt, p.embed_dim) is None:
             return None
         return _Rows(xp, nei_mask, input_r, sw, dtype)
 
@@ -388,9 +400,12 @@ def attention_backward(p: AttentionLayers, cache, dG_out):
     for l, (z, inv, T, A, xhat, rstd) in zip(reversed(p.layers), reversed(caches)):
         E, H = l.w_out.shape[1], l.w_out.shape[0]
         # LayerNorm: dh = rstd (g - mean(g) - xhat mean(g xhat)), g = dout * gamma
-        g = dx * l.gamma
-        dh = g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True)
-        dh *= rstd
+        if rows is not None:
+            dh = rows.norm.ln_backward(dx, xhat, rstd, l.gamma)
+        else:
+            g = dx * l.gamma
+            dh = g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True)
+            dh *= rstd
         q, k, v = z
         do = (dh.reshape(-1, E) @ l.w_out.T).reshape(B, n, H)
         dz = xp.empty_like(z)
@@ -403,10 +418,13 @@ def attention_backward(p: AttentionLayers, cache, dG_out):
             dL = _rows_backward(xp, p, dA, T, lambda: xp.matmul(q * p.scaling, k.swapaxes(1, 2)), S, R, F, dS, dR)
         xp.matmul(dL, k, out=dz[0])
         xp.matmul(dL.swapaxes(1, 2), q, out=dz[1])
-        dz[:2] *= p.scaling
-        if p.normalize:  # y = z/|z|: dz = (dy - y (dy . y)) / |z|
-            dz -= z * (dz * z).sum(axis=-1, keepdims=True)
-            dz *= inv
+        if rows is not None and p.normalize:
+            rows.norm.qkv_backward(dz, z, inv, p.scaling)
+        else:
+            dz[:2] *= p.scaling
+            if p.normalize:  # y = z/|z|: dz = (dy - y (dy . y)) / |z|
+                dz -= z * (dz * z).sum(axis=-1, keepdims=True)
+                dz *= inv
         dx = dh  # the residual; plus the in_proj path, one GEMM per q, k, v
         for c in range(3):
             dx += (dz[c].reshape(B * n, H) @ l.w_qkv[c].T).reshape(B, n, E)
