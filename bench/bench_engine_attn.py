@@ -128,7 +128,7 @@ class Mem:
 
 def run_case(mem, sync, fn, natoms, n, warm, est_s=None, **tags):
     """Time ``fn`` (one force call on ``natoms`` atoms in all) and emit the row."""
-    if est_s is not None and est_s * (n + warm) > left():
+    if left() <= 0 or (est_s is not None and est_s * (n + warm) > left()):
         emit(**tags, natoms=natoms, error="skipped (time)", est_s_per_call=est_s)
         return None
     try:
@@ -386,13 +386,13 @@ def main():
         device = name.decode() if isinstance(name, bytes) else name
     else:
         xp, sync, device = np, (lambda: None), None
-    torch = None
+    torch, tsync = None, sync
     if args.deepmd:
         import torch as _torch
 
-        torch = _torch if _torch.cuda.is_available() and args.device == "gpu" else None
-        tsync = _torch.cuda.synchronize if torch is not None else (lambda: None)
-    mem = Mem(xp if xp is not np else None, None)
+        if _torch.cuda.is_available() and args.device == "gpu":
+            torch, tsync = _torch, _torch.cuda.synchronize
+    mem = Mem(xp if xp is not np else None, torch)  # both pools emptied before each case
     OUT[0] = results_path(args.json, "engine_attn", device_tag(device))
     emit(device=device or "cpu", date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), argv=sys.argv[1:])
     from dpsnake.engine.attn.model import load_attn_model
@@ -400,27 +400,34 @@ def main():
 
     compress = Compression(min_nbor_dist=args.compress) if args.compress else None
     root = pathlib.Path(args.models)
-    flop_rows = []
+    flop_rows, tasks = [], []
     for kind in args.kinds:
         dirs = [root / f"{kind}_s{s}" for s in range(args.nmodels)]
         for d in dirs:
             if not (d / "model.dp").is_file():
                 convert(d / "model.pth", d / "model.dp")
         files = [str(d / "model.dp") for d in dirs]
-        flop_rows.append(flops_rows(kind, load_attn_model(files[0]), compress is not None))
+        model = load_attn_model(files[0])
+        flop_rows.append(flops_rows(kind, model, compress is not None))
         if args.deepmd:
             agreement(kind, files, xp, args, compress)
-        for prec in args.precisions:
-            ours_cases(kind, files, xp, mem, sync, args, "dpsnake", prec, None)
-        if compress is not None:
-            ours_cases(kind, files, xp, mem, sync, args, "dpsnake-tab", "double", compress)
-        if args.deepmd:
-            mem_t = Mem(None, torch)
-            if xp is not np:
-                xp.get_default_memory_pool().free_all_blocks()
-            deepmd_cases(kind, [str(d / "model.pth") for d in dirs], mem_t, tsync, args, "deepmd-pt")
-            if (dirs[0] / "model_c.pth").is_file():
-                deepmd_cases(kind, [str(d / "model_c.pth") for d in dirs], mem_t, tsync, args, "deepmd-pt-c")
+        # by priority (the time left may cut the last): ours FP64 vs DeePMD-kit, tabulated vs DeePMD-kit
+        # compressed where it can compress, then the others
+        pth, pthc = [str(d / "model.pth") for d in dirs], [str(d / "model_c.pth") for d in dirs]
+        can_c = all(pathlib.Path(f).is_file() for f in pthc)
+        first = [("ours", "dpsnake", "double", None)] + ([("deepmd", "deepmd-pt", pth)] if args.deepmd else [])
+        if compress is not None and can_c:
+            first += [("ours", "dpsnake-tab", "double", compress)] + ([("deepmd", "deepmd-pt-c", pthc)] * args.deepmd)
+        later = [("ours", "dpsnake", p, None) for p in args.precisions if p != "double"]
+        if compress is not None and not can_c:
+            later.append(("ours", "dpsnake-tab", "double", compress))
+        tasks.append([(kind, files, t) for t in first])
+        tasks.append([(kind, files, t) for t in later])
+    for kind, files, t in [x for k in (0, 1) for group in tasks[k::2] for x in group]:
+        if t[0] == "ours":
+            ours_cases(kind, files, xp, mem, sync, args, t[1], t[2], t[3])
+        else:
+            deepmd_cases(kind, t[2], mem, tsync, args, t[1])
     table(flop_rows)
     write_results(OUT[0], RESULTS)
 
