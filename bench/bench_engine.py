@@ -33,7 +33,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE / "profiling"))  # profile_engine: check_cells
 
-from benchutil import add_settings_arg, device_tag, engine_settings, results_path, write_results
+from benchutil import add_settings_arg, device_tag, engine_settings, results_path, timeit, write_results
 
 from dpsnake.engine.settings import EngineSettings
 
@@ -56,23 +56,6 @@ def batch_frames(nf=256, seed=0):
     rng = np.random.default_rng(seed)
     c = a.positions[None] + 0.05 * rng.standard_normal((nf, len(a), 3))
     return c, np.tile(a.cell.array.reshape(1, 9), (nf, 1)), np.zeros(len(a), dtype=int)
-
-
-def timeit(fn, sync, n=5, warm=2, budget=60.0):
-    """Median seconds per call (warm-up first, device synchronised around each call)."""
-    for _ in range(warm):
-        fn()
-    sync()
-    ts = []
-    t_all = time.perf_counter()
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        sync()
-        ts.append(time.perf_counter() - t)
-        if time.perf_counter() - t_all > budget:
-            break
-    return float(np.median(ts))
 
 
 # the engine's settings of every case: --set NAME=VALUE on top of the DPSNAKE_* variables of the

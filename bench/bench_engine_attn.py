@@ -40,7 +40,7 @@ import numpy as np
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from benchutil import device_tag, results_path, write_results
+from benchutil import device_tag, results_path, timeit, write_results
 
 from dpsnake.fsio import write_json_atomic
 
@@ -108,23 +108,6 @@ def batch_frames(nf, nat, type_map, seed=0):
     return c, np.tile(a.cell.array.reshape(1, 9), (nf, 1)), t
 
 
-def timeit(fn, sync, n=5, warm=2, budget=20.0):
-    """Median seconds per call (warm-up first, device synchronised around each call)."""
-    for _ in range(warm):
-        fn()
-    sync()
-    ts = []
-    t_all = time.perf_counter()
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        sync()
-        ts.append(time.perf_counter() - t)
-        if time.perf_counter() - t_all > budget:
-            break
-    return float(np.median(ts))
-
-
 def err_tag(err) -> str:
     s = repr(err)
     return "OOM" if "out of memory" in s.lower() or "OutOfMemory" in s or isinstance(err, MemoryError) else s[:300]
@@ -156,7 +139,7 @@ def run_case(mem, sync, fn, natoms, n, warm, est_s=None, **tags):
         return None
     try:
         mem.reset()
-        s = timeit(fn, sync, n=n, warm=warm)
+        s = timeit(fn, sync, n=n, warm=warm, budget=20.0)
         peak = mem.peak()
         emit(
             **tags,

@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: where results go and how they are written.
+"""What the benchmark scripts share: where results go and how they are written, and a timer.
 
 One current result per benchmark and device: ``bench/results/<benchmark>_<device>.json`` (device
 ``h100``, ``h200``, ``h200x2``, ``cpu``, ...); a new run replaces the file (git history keeps the
@@ -12,6 +12,7 @@ import os
 import pathlib
 import re
 import sys
+import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -71,3 +72,23 @@ def engine_settings(items):
     from dpsnake.engine.settings import EngineSettings
 
     return EngineSettings.parse(items, EngineSettings.from_env(os.environ))
+
+
+def timeit(fn, sync, n=5, warm=2, budget=60.0) -> float:
+    """Median seconds per call of ``fn`` (``warm`` untimed calls first, ``sync()`` (the device) waited
+    for around each call); stops early after ``budget`` seconds of timed calls."""
+    import numpy as np
+
+    for _ in range(warm):
+        fn()
+    sync()
+    ts = []
+    t_all = time.perf_counter()
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t)
+        if time.perf_counter() - t_all > budget:
+            break
+    return float(np.median(ts))
