@@ -139,6 +139,23 @@ def _err(mutate) -> str:
             "explore.engine: builtin cannot explore train.input.model: se_atten_v2 models trained by the "
             "TensorFlow backend (train.backend: pt)",
         ),
+        # explore.compress on the se_atten path (refused at load, i.e. after training, without this check)
+        (
+            lambda c: (
+                c["explore"].update(compress=2.0),
+                c["train"].update(backend="pt"),
+                _model(c).update(descriptor={**SE_ATTEN_V2, "type": "se_atten", "tebd_input_mode": "concat"}),
+            ),
+            "explore.compress: train.input.model.descriptor: se_atten with tebd_input_mode 'concat' cannot be tabulated",
+        ),
+        (
+            lambda c: (
+                c["explore"].update(compress=2.0),
+                c["train"].update(backend="pt"),
+                _model(c).update(descriptor={**SE_ATTEN_V2, "resnet_dt": True}),
+            ),
+            "explore.compress: train.input.model.descriptor.resnet_dt: true cannot be tabulated",
+        ),
         # fine-tuning and the init policies
         (
             lambda c: c["train"].update(finetune={"model": "pre.pt"}),
@@ -173,6 +190,13 @@ def test_models_the_backends_train_pass():
         cfg["train"]["backend"] = backend
         _model(cfg)["descriptor"] = desc
         assert C.check(cfg, ROOT)["train"]["input"]["model"]["descriptor"] == desc
+    # explore.compress with what the se_atten path tabulates (se_atten_v2; se_atten in strip mode)
+    for desc in (SE_ATTEN_V2, {**SE_ATTEN_V2, "type": "se_atten", "tebd_input_mode": "strip"}):
+        cfg = copy.deepcopy(DEMO)
+        cfg["train"]["backend"] = "pt"
+        cfg["explore"]["compress"] = 2.0
+        _model(cfg)["descriptor"] = desc
+        assert C.check(cfg, ROOT)["explore"]["compress"] == 2.0
 
 
 def test_check_imports_neither_torch_nor_tensorflow():

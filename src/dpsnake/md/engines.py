@@ -75,6 +75,20 @@ def deepmd_missing() -> str | None:
     return None
 
 
+def _check_attn_compressible(desc: dict) -> None:
+    """explore.compress on the built-in engine's se_atten path: what attn.descriptor.check_compressible
+    refuses at load (after training), as one line at check time."""
+    if desc.get("type") != "se_atten_v2" and desc.get("tebd_input_mode", "concat") != "strip":
+        raise UserError(
+            f"explore.compress: train.input.model.descriptor: {desc['type']} with tebd_input_mode "
+            f"{desc.get('tebd_input_mode', 'concat')!r} cannot be tabulated (use strip, se_atten_v2, or compress: null)"
+        )
+    if desc.get("resnet_dt"):
+        raise UserError(
+            "explore.compress: train.input.model.descriptor.resnet_dt: true cannot be tabulated (as in DeePMD-kit)"
+        )
+
+
 def check_config(cfg: dict, model: dict) -> None:
     """``explore.engine`` against the normalized DeePMD-kit ``model`` section the loop trains: one
     UserError line when the chosen engine cannot explore such models."""
@@ -87,6 +101,8 @@ def check_config(cfg: dict, model: dict) -> None:
         why = f"{dtype} models trained by the TensorFlow backend (train.backend: pt)"
     if engine == "builtin" and why:
         raise UserError(f"explore.engine: builtin cannot explore train.input.model: {why}; use auto or deepmd")
+    if cfg["explore"].get("compress") is not None and engine != "deepmd" and not why and dtype in ATTN_DESCRIPTORS:
+        _check_attn_compressible(model["descriptor"])
     if engine == "deepmd" or (engine == "auto" and why):
         missing = deepmd_missing()
         if missing:
