@@ -24,21 +24,37 @@ __device__ __forceinline__ REAL warp_sum(REAL v) {
   return v;
 }
 
+// The gates of one row i (a centre's slot) against its centre's slots j: S_ij = sw_i sw_j, R_ij = r_i . r_j.
+struct Gates {
+  long long base;  // the first row of this centre's matrix (its slot 0)
+  REAL si, rx, ry, rz;
+  __device__ Gates(const REAL* sw, const REAL* r, long long row) : base(row - row % N), si(0), rx(0), ry(0), rz(0) {
+#if SMOOTH
+    si = sw[row];
+#endif
+#if DOTR
+    rx = r[3 * row], ry = r[3 * row + 1], rz = r[3 * row + 2];
+#endif
+  }
+  __device__ __forceinline__ REAL S(const REAL* sw, int j) const { return si * sw[base + j]; }
+  __device__ __forceinline__ REAL R(const REAL* r, int j) const {
+    const long long q = 3 * (base + j);
+    return rx * r[q] + ry * r[q + 1] + rz * r[q + 2];
+  }
+};
+
+#define ROWS_LOOP \
+  const int lane = threadIdx.x & 31; \
+  for (long long row = (long long)blockIdx.x * WPB + threadIdx.x / 32; row < rows; row += (long long)gridDim.x * WPB)
+
 extern "C" __global__ void __launch_bounds__(32 * WPB)
 attn_fwd(const REAL* L, const REAL* __restrict__ sw, const REAL* __restrict__ r,
          const unsigned char* __restrict__ mask, long long rows, REAL* T, REAL* __restrict__ A) {
   // T may be L (in place): each lane rewrites only the values it read
-  const int lane = threadIdx.x & 31;
-  for (long long row = (long long)blockIdx.x * WPB + threadIdx.x / 32; row < rows; row += (long long)gridDim.x * WPB) {
-    const long long base = row - row % N;  // first row of this centre's matrix = its slot 0
+  ROWS_LOOP {
+    const Gates g(sw, r, row);
     const REAL* Lr = L + row * N;
     const REAL mi = mask[row] ? (REAL)1 : (REAL)0;
-#if SMOOTH
-    const REAL si = sw[row];
-#endif
-#if DOTR
-    const REAL rx = r[3 * row], ry = r[3 * row + 1], rz = r[3 * row + 2];
-#endif
     REAL v[K];
     bool use[K];  // a key of the softmax: j < N and (SMOOTH or j a neighbour)
     REAL mx = LOWEST;  // a row without keys: every exp is 0 and T is 0 (attention.py's _softmax)
@@ -50,9 +66,9 @@ attn_fwd(const REAL* L, const REAL* __restrict__ sw, const REAL* __restrict__ r,
       if (j < N) {
         l = Lr[j];
 #if SMOOTH
-        l = (l + SHIFT) * (si * sw[base + j]) - SHIFT;
+        l = (l + SHIFT) * g.S(sw, j) - SHIFT;
 #else
-        use[k] = mask[base + j] != 0;
+        use[k] = mask[g.base + j] != 0;
 #endif
       }
       v[k] = l;
@@ -74,18 +90,12 @@ attn_fwd(const REAL* L, const REAL* __restrict__ sw, const REAL* __restrict__ r,
         const REAL t = v[k] / den * mi;
         T[row * N + j] = t;
 #if SMOOTH || DOTR
-        REAL f = (REAL)1;
-#if SMOOTH
-        f = si * sw[base + j];
-#endif
-#if DOTR
-        const long long q = 3 * (base + j);
-        const REAL rr = rx * r[q] + ry * r[q + 1] + rz * r[q + 2];
-#if SMOOTH
-        f = f * rr;
+#if SMOOTH && DOTR
+        const REAL f = g.S(sw, j) * g.R(r, j);
+#elif SMOOTH
+        const REAL f = g.S(sw, j);
 #else
-        f = rr;
-#endif
+        const REAL f = g.R(r, j);
 #endif
         A[row * N + j] = t * f;
 #endif
@@ -98,15 +108,8 @@ extern "C" __global__ void __launch_bounds__(32 * WPB)
 attn_bwd(REAL* __restrict__ dA, const REAL* __restrict__ T, const REAL* __restrict__ Lq,
          const REAL* __restrict__ sw, const REAL* __restrict__ r, long long rows, REAL* __restrict__ dS,
          REAL* __restrict__ dR) {
-  const int lane = threadIdx.x & 31;
-  for (long long row = (long long)blockIdx.x * WPB + threadIdx.x / 32; row < rows; row += (long long)gridDim.x * WPB) {
-    const long long base = row - row % N;
-#if SMOOTH
-    const REAL si = sw[row];
-#endif
-#if DOTR
-    const REAL rx = r[3 * row], ry = r[3 * row + 1], rz = r[3 * row + 2];
-#endif
+  ROWS_LOOP {
+    const Gates g(sw, r, row);
     REAL a[K], t[K];
 #if SMOOTH
     REAL ds[K];  // this row's dS term from A = T S R, added with the logits' term below
@@ -121,11 +124,10 @@ attn_bwd(REAL* __restrict__ dA, const REAL* __restrict__ T, const REAL* __restri
         REAL x = dA[ij];
         const REAL tt = T[ij];
 #if SMOOTH
-        const REAL S = si * sw[base + j];
+        const REAL S = g.S(sw, j);
 #endif
 #if DOTR
-        const long long q = 3 * (base + j);
-        const REAL R = rx * r[q] + ry * r[q + 1] + rz * r[q + 2];
+        const REAL R = g.R(r, j);
 #endif
 #if SMOOTH && DOTR
         const REAL at = x * tt;
@@ -153,7 +155,7 @@ attn_bwd(REAL* __restrict__ dA, const REAL* __restrict__ T, const REAL* __restri
         REAL dl = (a[k] - s) * t[k];
 #if SMOOTH
         dS[ij] += ds[k] + (Lq[ij] + SHIFT) * dl;
-        dl = dl * (si * sw[base + j]);
+        dl = dl * g.S(sw, j);
 #endif
         dA[ij] = dl;
       }
