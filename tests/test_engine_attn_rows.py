@@ -153,6 +153,14 @@ class _EmuRows:
     def or_any(self, a):
         return self.sw if a is None else a
 
+    @staticmethod
+    def bmm(a, b, ta=False, tb=False, alpha=1.0, out=None):  # cuda/bmm.py's contract (cuBLAS: GPU tests)
+        r = alpha * np.matmul(a.swapaxes(1, 2) if ta else a, b.swapaxes(1, 2) if tb else b)
+        if out is None:
+            return r
+        out[...] = r
+        return out
+
     def _go(self, lib, name, *args):
         self.calls += 1
         getattr(lib, name)(5, 128, *[_ptr(a) if isinstance(a, np.ndarray) else a for a in args])
@@ -271,3 +279,27 @@ def test_norm_kernels_compile_for_sm90(dtype, D):
 
     ptx = compile_cuda(source(dtype, D))
     assert all(f".entry {k}" in ptx for k in ("qkv_fwd", "qkv_bwd", "ln_fwd", "ln_bwd"))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_bmm_equals_matmul_on_cupy(dtype):
+    """cuda/bmm.py (cuBLAS op flags and alpha, no copies) = cupy.matmul of the transposed views."""
+    from engine_helpers import cupy_or_skip
+
+    cp = cupy_or_skip()
+    from dpsnake.engine.cuda.bmm import bmm
+
+    rng = np.random.default_rng(0)
+    tol = 1e-5 if dtype == "float32" else 1e-13
+    for ta in (False, True):
+        for tb in (False, True):
+            a = cp.asarray(rng.normal(size=(5, 7, 3) if ta else (5, 3, 7)).astype(dtype))
+            b = cp.asarray(rng.normal(size=(5, 4, 7) if tb else (5, 7, 4)).astype(dtype))
+            want = 0.7 * cp.matmul(a.swapaxes(1, 2) if ta else a, b.swapaxes(1, 2) if tb else b)
+            got = bmm(a, b, ta=ta, tb=tb, alpha=0.7)
+            assert got.shape == (5, 3, 4)
+            assert float(cp.abs(got - want).max()) <= tol * float(cp.abs(want).max())
+            out = cp.full((2, 5, 3, 4), cp.nan, dtype=dtype)
+            bmm(a, b, ta=ta, tb=tb, alpha=0.7, out=out[1])
+            assert float(cp.abs(out[1] - want).max()) <= tol * float(cp.abs(want).max())
+            assert bool(cp.isnan(out[0]).all())

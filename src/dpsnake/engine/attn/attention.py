@@ -291,10 +291,11 @@ def _layer_forward(xp, p, l: AttnLayer, x, S, F, row_m, key_m, keep: bool, rows=
             inv = 1.0 / xp.sqrt((z * z).sum(axis=-1, keepdims=True))
             z *= inv
     q, k, v = z
-    L = xp.matmul(q * p.scaling, k.swapaxes(1, 2))
-    if rows is not None:  # CUDA: one warp per row (cuda/attn_rows.py)
+    if rows is not None:  # CUDA: q k^T s with k^T as a cuBLAS flag; then one warp per row (cuda/attn_rows.py)
+        L = rows.bmm(q, k, tb=True, alpha=p.scaling)
         T, A = rows.forward(L, rows.sw, rows.r, rows.mask, p.smooth, p.dotr)
     else:
+        L = xp.matmul(q * p.scaling, k.swapaxes(1, 2))
         T, A = _rows_forward(xp, p, L, S, F, row_m, key_m)
     o = xp.matmul(A, v)
     h = (o.reshape(-1, H) @ l.w_out).reshape(B, n, E)
@@ -317,15 +318,16 @@ class _Rows:
     """The CUDA row kernels bound to one call's per-slot inputs: those of the attention matrices
     (cuda/attn_rows.py: ``forward``, ``backward``) with ``sw`` (B, n), ``r`` (B, n, 3), ``mask`` (B, n),
     contiguous, in the attention's dtype (S and R are recomputed from them inside the kernels, never
-    stored as (B, n, n) matrices), and ``norm``, the module of the q/k/v and LayerNorm row kernels
-    (cuda/attn_norm.py)."""
+    stored as (B, n, n) matrices), ``norm``, the module of the q/k/v and LayerNorm row kernels
+    (cuda/attn_norm.py), and ``bmm``, batched products with transposes as cuBLAS flags (cuda/bmm.py)."""
 
     def __init__(self, xp, nei_mask, input_r, sw, dtype):
         from dpsnake.engine.cuda import attn_norm, attn_rows
+        from dpsnake.engine.cuda.bmm import bmm
 
         B, n = nei_mask.shape
         self.forward, self.backward = attn_rows.forward, attn_rows.backward
-        self.norm = attn_norm
+        self.norm, self.bmm = attn_norm, bmm
         self.sw = xp.ascontiguousarray(sw.reshape(B, n).astype(dtype, copy=False))
         self.r = xp.ascontiguousarray(input_r.astype(dtype, copy=False))
         self.mask = xp.ascontiguousarray(nei_mask)
@@ -409,15 +411,19 @@ def attention_backward(p: AttentionLayers, cache, dG_out):
         q, k, v = z
         do = (dh.reshape(-1, E) @ l.w_out.T).reshape(B, n, H)
         dz = xp.empty_like(z)
-        dz[2] = xp.matmul(A.swapaxes(1, 2), do)  # dv = A^T do
-        dA = xp.matmul(do, v.swapaxes(1, 2))
-        if rows is not None:
-            Lq = xp.matmul(q * p.scaling, k.swapaxes(1, 2)) if p.smooth else dA
+        if rows is not None:  # transposes as cuBLAS op flags (cuda/bmm.py), no copies
+            rows.bmm(A, do, ta=True, out=dz[2])  # dv = A^T do
+            dA = rows.bmm(do, v, tb=True)
+            Lq = rows.bmm(q, k, tb=True, alpha=p.scaling) if p.smooth else dA
             dL = rows.backward(dA, T, Lq, rows.sw, rows.r, rows.or_any(dS), rows.or_any(dR), p.smooth, p.dotr)
+            rows.bmm(dL, k, out=dz[0])
+            rows.bmm(dL, q, ta=True, out=dz[1])
         else:
+            dz[2] = xp.matmul(A.swapaxes(1, 2), do)  # dv = A^T do
+            dA = xp.matmul(do, v.swapaxes(1, 2))
             dL = _rows_backward(xp, p, dA, T, lambda: xp.matmul(q * p.scaling, k.swapaxes(1, 2)), S, R, F, dS, dR)
-        xp.matmul(dL, k, out=dz[0])
-        xp.matmul(dL.swapaxes(1, 2), q, out=dz[1])
+            xp.matmul(dL, k, out=dz[0])
+            xp.matmul(dL.swapaxes(1, 2), q, out=dz[1])
         if rows is not None and p.normalize:
             rows.norm.qkv_backward(dz, z, inv, p.scaling)
         else:
