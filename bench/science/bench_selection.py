@@ -15,7 +15,8 @@ One command runs a whole campaign and judges its choice of frames:
    (``dpsnake train``, the campaign's network, ``--steps`` steps, several seeds) and scored by force RMSE
    on the test set, overall and per system and temperature.
 
-Prints a table, writes ``bench/results/science_selection_cpu.json`` (variants accumulate in it) and
+Prints a table, writes ``bench/results/science_selection_cpu.json`` (runs accumulate in it, keyed
+``<variant>@<steps>``) and
 ``docs/img/science_learning_curve.png``. Work files live under ``--work``; a rerun reuses finished
 campaigns, labels and trained models (only missing pieces run).
 
@@ -386,11 +387,13 @@ def main() -> None:
         "summary": summary,
         "runs": rows_out,
     }
+    from dpsnake.fsio import write_json_atomic
+
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     allres = json.loads(out.read_text()) if out.exists() else {}
-    allres[args.variant] = result
-    out.write_text(json.dumps(allres, indent=1) + "\n")
+    allres[f"{args.variant}@{args.steps}"] = result  # one entry per variant and training length
+    write_json_atomic(out, allres)
     plot(allres, pathlib.Path(args.plot))
     log(f"wrote {out} and {args.plot}")
 
@@ -456,7 +459,7 @@ def plot(allres: dict, path: pathlib.Path) -> None:
             )
         ax.set_xlabel("labels picked from exploration")
         ax.set_ylabel("test force RMSE (eV/A)")
-        ax.set_title(f"select: {variant}")
+        ax.set_title(f"select: {variant} training steps")
         ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
