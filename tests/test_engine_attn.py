@@ -248,3 +248,74 @@ def test_model_pair_and_atom_exclusions(model_cache, tmp_path):
             - ens.evaluate(cm, atype, system, cells, pbc)["energy"][0]
         )
         assert abs(out["force"][0, i, 0] + de.sum() / (2 * h)) < 1e-7 * max(1.0, np.abs(out["force"][0]).max())
+
+
+def _spy_widths(monkeypatch):
+    """The slot counts the chunks of an AttnEnsemble ran (a list filled by each call)."""
+    from dpsnake.engine.attn import ensemble as ens_mod
+
+    seen, orig = [], ens_mod.energy_and_grad
+
+    def spy(rt, ti, d, *a, **k):
+        seen.append(d.shape[1])
+        return orig(rt, ti, d, *a, **k)
+
+    monkeypatch.setattr(ens_mod, "energy_and_grad", spy)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["v2_l0", "v2_l2", "concat_l2", "strip_l2", "excl", "al3"])
+@pytest.mark.parametrize("davg", ["model", "shifted"])
+def test_left_out_slots_equal_all_slots(model_cache, monkeypatch, name, davg):
+    """Chunks that run only their first slots (the others empty; settings.compact, the default) equal
+    every slot (compact False) to 1e-12; "shifted": davg made nonzero (the left-out slots' share of
+    gr, descriptor._left_out_gr), smooth and not, concat and strip, exclusions, 3 types."""
+    from dpsnake.engine.attn.model import load_attn_model
+    from dpsnake.engine.settings import EngineSettings
+
+    m = attn_model(model_cache, name)
+    mods = [load_attn_model(str(m["dp"])) for _ in range(2)]
+    if davg == "shifted":  # the same over slots, as DeePMD-kit's statistics
+        shift = np.random.default_rng(3).normal(scale=0.3, size=(mods[0].ntypes, 1, 4))
+        for am in mods:
+            am.davg = am.davg + shift
+    args = flat(systems(mods[0].type_map)[:4], mods[0].type_map)
+    seen = _spy_widths(monkeypatch)
+    full = AttnEnsemble([mods[0]], settings=EngineSettings(compact=False), chunk_atoms=3).evaluate(*args, atomic=True)
+    assert set(seen) == {48}
+    seen.clear()
+    out = AttnEnsemble([mods[1]], chunk_atoms=3).evaluate(*args, atomic=True)
+    assert min(seen) < 48 and 48 in seen  # the cluster's chunks run fewer slots, the 32-atom cell's all
+    for k in ("energy", "force", "virial", "atom_energy", "atom_virial"):
+        assert rel_err(out[k], full[k]) <= 1e-12, k
+
+
+@pytest.mark.parametrize("name", ["v2_l2", "strip_l2"])
+def test_left_out_slots_equal_deepmd(model_cache, monkeypatch, name):
+    """Chunks of 3 centres, most running fewer slots than sel: still DeePMD-kit's eval to 1e-10."""
+    m = attn_model(model_cache, name)
+    ens = AttnEnsemble([str(m["dp"])], chunk_atoms=3)
+    ats = systems(ens.type_map)[:4]
+    seen = _spy_widths(monkeypatch)
+    out = ens.evaluate(*flat(ats, ens.type_map), atomic=True)
+    assert min(seen) < 48
+    worst = compare(out, ats, ens.type_map, m["pth"])
+    assert max(worst.values()) <= 1e-10, worst
+
+
+def test_left_out_slots_reused_and_redone(model_cache):
+    """settings.widths "guess": a call reuses the last call's slot counts; a call whose atoms fill
+    more slots than that is redone with its own (width_misses) and equals a fresh ensemble's."""
+    from dpsnake.engine.settings import EngineSettings
+
+    dp = str(attn_model(model_cache, "v2_l2")["dp"])
+    ens = AttnEnsemble([dp], settings=EngineSettings(widths="guess"), chunk_atoms=4)
+    coords, atype, system, cells, pbc = flat([_typed(cluster(), ens.type_map, 0)], ens.type_map)
+    for _ in range(2):
+        ens.evaluate(coords * 1.5, atype, system, cells, pbc)  # stretched: few neighbours each
+    assert ens.width_misses == 0 and max(ens._widths.values()) <= 16
+    out = ens.evaluate(coords, atype, system, cells, pbc)  # more neighbours than the slots reused
+    assert ens.width_misses == 1
+    ref = AttnEnsemble([dp], settings=EngineSettings(compact=False)).evaluate(coords, atype, system, cells, pbc)
+    for k in ("energy", "force", "virial"):
+        assert rel_err(out[k], ref[k]) <= 1e-12, k

@@ -49,3 +49,20 @@ def test_cupy_ensemble_of_two_with_model_indices(model_cache):
     for k in ("energy", "force", "virial"):
         assert rel_err(cp.asnumpy(out[k]), ref[k]) <= 1e-12, k
     assert np.isfinite(cp.asnumpy(out["force"])).all()
+
+
+@pytest.mark.parametrize("name", ["v2_l0", "v2_l2", "strip_l2", "excl"])
+def test_cupy_left_out_slots_equal_numpy_all_slots(model_cache, name):
+    """Chunks of 3 centres running only their first slots (row kernels with NPAD, the last call's slot
+    counts reused on the device in the second call) equal NumPy on every slot (compact False)."""
+    from dpsnake.engine.settings import EngineSettings
+
+    dp = str(attn_model(model_cache, name)["dp"])
+    args = flat(systems(["Cu", "Ni"])[:4], ["Cu", "Ni"])
+    ref = AttnEnsemble([dp], settings=EngineSettings(compact=False)).evaluate(*args, atomic=True)
+    ens = AttnEnsemble([dp], chunk_atoms=3)
+    for call in range(2):
+        out = ens.evaluate(*(cp.asarray(a) for a in args), atomic=True)
+        for k in KEYS:
+            assert rel_err(cp.asnumpy(out[k]), ref[k]) <= 1e-12, (call, k)
+    assert ens.width_misses == 0 and ens._widths and min(ens._widths.values()) < 48

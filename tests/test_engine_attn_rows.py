@@ -47,19 +47,22 @@ def _inputs(B, n, dtype, seed=0):
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("smooth,dotr", [(1, 1), (1, 0), (0, 1), (0, 0)])
-def test_row_kernels_match_array_code(tmp_path, dtype, smooth, dotr):
+@pytest.mark.parametrize("smooth,dotr,npad", [(1, 1, 0), (1, 0, 0), (0, 1, 0), (0, 0, 0), (1, 1, 6), (1, 0, 75)])
+def test_row_kernels_match_array_code(tmp_path, dtype, smooth, dotr, npad):
+    """npad: empty keys left out of the n slots (the smooth softmax counts them: NPAD)."""
     from dpsnake.engine.cuda.attn_rows import WPB, source
 
     B, n = 3, 45  # two values per lane, the second column block partly padding
     tol = 3e-6 if dtype == "float32" else 1e-13
     lib = build_cpp(
-        tmp_path, f"rows_{dtype}_{smooth}{dotr}", THREADED_CUDA_STUB + source(dtype, n, smooth, dotr) + LAUNCH
+        tmp_path,
+        f"rows_{dtype}_{smooth}{dotr}_{npad}",
+        THREADED_CUDA_STUB + source(dtype, n, smooth, dotr, npad) + LAUNCH,
     )
     p = SimpleNamespace(smooth=bool(smooth), dotr=bool(dotr))
     L, sw, r, mask = _inputs(B, n, dtype)
     S, R, F, row_m, key_m = _pair_terms(np, p, mask, r, sw[..., None], np.dtype(dtype))
-    T_ref, A_ref = _rows_forward(np, p, L.copy(), S, F, row_m, key_m)
+    T_ref, A_ref = _rows_forward(np, p, L.copy(), S, F, row_m, key_m, npad)
     assert np.isfinite(T_ref).all() and not T_ref[1].any()  # no NaN from the centre without neighbours
     rows = B * n
     mask_u8 = mask.astype(np.uint8)
@@ -135,11 +138,11 @@ class _EmuRows:
         from dpsnake.engine.cuda import attn_norm, attn_rows
 
         n, dt = mask.shape[1], np.dtype(dtype).name
+        self.npad = (p.nnei - n) if p.smooth else 0  # slots left out (attention.py's _Rows.make)
         self.ct = ctypes.c_float if dt == "float32" else ctypes.c_double
-        tag = f"{dt}_{n}_{int(p.smooth)}{int(p.dotr)}"
-        self.rows_lib = build_cpp(
-            tmp_path, f"r_{tag}", THREADED_CUDA_STUB + attn_rows.source(dt, n, p.smooth, p.dotr) + LAUNCH
-        )
+        tag = f"{dt}_{n}_{int(p.smooth)}{int(p.dotr)}_{self.npad}"
+        src = attn_rows.source(dt, n, p.smooth, p.dotr, self.npad)
+        self.rows_lib = build_cpp(tmp_path, f"r_{tag}", THREADED_CUDA_STUB + src + LAUNCH)
         self.norm_libs = {
             D: build_cpp(tmp_path, f"n_{dt}_{D}", THREADED_CUDA_STUB + attn_norm.source(dt, D) + NORM_LAUNCH)
             for D in {p.hidden_dim, p.embed_dim}
@@ -165,13 +168,14 @@ class _EmuRows:
         self.calls += 1
         getattr(lib, name)(5, 128, *[_ptr(a) if isinstance(a, np.ndarray) else a for a in args])
 
-    def forward(self, L, sw, r, mask, smooth, dotr):
+    def forward(self, L, sw, r, mask, smooth, dotr, npad=0):
+        assert npad == self.npad
         A = np.empty_like(L) if (smooth or dotr) else L
         rows = L.shape[0] * L.shape[1]
         self._go(self.rows_lib, "fwd", L, sw, r, mask.astype(np.uint8), ctypes.c_longlong(rows), L, A)
         return L, A
 
-    def backward(self, dA, T, Lq, sw, r, dS, dR, smooth, dotr):
+    def backward(self, dA, T, Lq, sw, r, dS, dR, smooth, dotr, npad=0):
         rows = dA.shape[0] * dA.shape[1]
         self._go(self.rows_lib, "bwd", dA, T, Lq, sw, r, ctypes.c_longlong(rows), dS, dR)
         return dA
@@ -229,16 +233,21 @@ class _EmuRows:
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
 @pytest.mark.parametrize(
-    "dtype,dotr,normalize,smooth,extra",
+    "dtype,dotr,normalize,smooth,extra,ns",
     [
-        ("float64", True, True, True, {}),
-        ("float64", False, True, False, {"temperature": 0.7}),
-        ("float64", True, False, True, {"nobias": True}),
-        ("float32", True, True, True, {}),
+        ("float64", True, True, True, {}, 45),
+        ("float64", False, True, False, {"temperature": 0.7}, 45),
+        ("float64", True, False, True, {"nobias": True}, 45),
+        ("float32", True, True, True, {}, 45),
+        ("float64", True, True, True, {}, 33),  # slots 33..44 left out (npad 12)
+        ("float64", False, True, False, {}, 33),
     ],
 )
-def test_attention_block_on_the_kernels_equals_array_code(tmp_path, monkeypatch, dtype, dotr, normalize, smooth, extra):
-    """attention_forward / attention_backward through every kernel (rows, q/k/v norm, LayerNorm) = the array code."""
+def test_attention_block_on_the_kernels_equals_array_code(
+    tmp_path, monkeypatch, dtype, dotr, normalize, smooth, extra, ns
+):
+    """attention_forward / attention_backward through every kernel (rows, q/k/v norm, LayerNorm) = the
+    array code; ``ns`` < 45: a chunk that runs only its first ns slots."""
     import test_engine_attention as ta
 
     from dpsnake.engine.attn import attention as att
@@ -248,7 +257,7 @@ def test_attention_block_on_the_kernels_equals_array_code(tmp_path, monkeypatch,
     monkeypatch.setattr(ta, "H", 36)
     _, data = ta.reference(2, dotr, normalize, smooth, extra)
     p = att.AttentionLayers.from_serialized(data).to(np, np.dtype(dtype))
-    G, mask, r, sw = ta.inputs(nb=3)
+    G, mask, r, sw = (np.ascontiguousarray(a[:, :ns]) for a in ta.inputs(nb=3))
     G, r, sw = (a.astype(dtype) for a in (G, r, sw))
     want, cache = att.attention_forward(p, G, mask, r, sw)
     rng = np.random.default_rng(5)
@@ -263,6 +272,36 @@ def test_attention_block_on_the_kernels_equals_array_code(tmp_path, monkeypatch,
     assert rel_err(got, want) < tol
     for g, w in zip(got_b, want_b):
         assert rel_err(g, w) < tol
+
+
+@pytest.mark.parametrize("smooth,dotr,normalize", [(True, True, True), (True, False, False), (False, True, True)])
+def test_left_out_slots_equal_deepmd(smooth, dotr, normalize):
+    """A chunk that runs only its first ns slots (the rest empty: attention.py's module doc) gives what
+    DeePMD-kit's NeighborGatedAttention gives on all nnei, forward (also the empty rows left out:
+    empty_rows_forward); backward = our backward on all nnei, both to 1e-12."""
+    import test_engine_attention as ta
+
+    from dpsnake.engine.attn import attention as att
+
+    nnei, ns = ta.NNEI, 6
+    net, data = ta.reference(2, dotr, normalize, smooth, {})
+    p = att.AttentionLayers.from_serialized(data).to(np, np.float64)
+    G, mask, r, sw = ta.inputs(nb=4)
+    mask[:, ns:] = False  # the trailing slots empty in every centre
+    r[:, ns:], sw[:, ns:] = 0.0, 0.0  # (centre 0: its first ns slots filled; centre 1: none)
+    with np.errstate(invalid="ignore"):  # DeePMD-kit's softmax of an all -inf row (zeroed after)
+        want = net.call(G, mask, input_r=r, sw=sw)
+    full, cache_full = att.attention_forward(p, G, mask, r, sw)
+    assert rel_err(full, want) < 1e-12
+    got, cache = att.attention_forward(p, *(np.ascontiguousarray(a[:, :ns]) for a in (G, mask, r, sw)))
+    assert rel_err(got, want[:, :ns]) < 1e-12
+    assert rel_err(att.empty_rows_forward(p, G[:, ns:]), want[:, ns:]) < 1e-12
+    dG_out = np.random.default_rng(4).standard_normal(G.shape)
+    want_b = att.attention_backward(p, cache_full, dG_out)
+    got_b = att.attention_backward(p, cache, np.ascontiguousarray(dG_out[:, :ns]))
+    for g, w in zip(got_b, want_b):
+        assert rel_err(g, w[:, :ns]) < 1e-12
+    assert nnei > ns
 
 
 def rel_err(a, b):

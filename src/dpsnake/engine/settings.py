@@ -66,7 +66,8 @@ class EngineSettings:
     """Descriptor kernels of the ``desc`` family: "block" (a block per centre, cuda/desc.py, where
     the shared memory fits) or "elementwise". Was ``DPSNAKE_DESC``."""
     compact: bool = True
-    """Compact slots: chunks keep only the neighbour slots some centre fills. Was
+    """Compact slots: chunks keep only the neighbour slots some centre fills (se_atten: the slots up
+    to the chunk's most filled one, the empty rest added analytically, attn/ensemble.py). Was
     ``DPSNAKE_COMPACT=0``."""
     widths: str = "auto"
     """Compaction widths and bin grids: "auto" (reused from the last call on CuPy, checked after the

@@ -11,6 +11,13 @@ one code path for NumPy and CuPy. Per layer, on the neighbour features ``x`` (B,
     A       = T [* S if smooth] [* R if dotr]              R_ij = r_i . r_j (unit vectors)
     out     = LayerNorm(x + (A v) W_out + b_out)           LayerNorm: (h - mean) / sqrt(var + eps) g + b
 
+A chunk may run fewer slots n than the model's nnei (sel): the trailing slots of every centre empty
+(descriptor.py trims them). They change nothing but the smooth softmax: an empty key j has S_ij = 0,
+so its logit is exactly -20 and each of the nnei - n left out adds exp(-20 - max_j L_ij) to every
+row's denominator (and -20 to its maximum), added here analytically; its A_ij = T_ij S_ij is 0, so
+it adds nothing to the backward either. Rows of empty slots do not depend on the other slots
+(:func:`empty_rows_forward`).
+
 NumPy and CuPy have no autodiff, so :func:`attention_backward` is written out: it returns the
 gradients of a scalar with respect to ``x``, ``input_r`` and ``sw`` (weights are fixed at inference).
 
@@ -214,31 +221,38 @@ def _pair_terms(xp, p, mask, input_r, sw, dtype):
     return S, R, F, mask.reshape(B, n, 1).astype(dtype), mask.reshape(B, 1, n)
 
 
-def _softmax(xp, L, key_mask):
+def _softmax(xp, L, key_mask, npad: int = 0):
     """Row softmax of logits L (B, n, n), in place; with ``key_mask`` the empty keys get weight 0
     (DeePMD-kit sets their logits to -inf). A row with no valid key (a centre without neighbours; all its
-    rows are zeroed later) gives 0, not DeePMD-kit's NaN, so that backward stays finite."""
+    rows are zeroed later) gives 0, not DeePMD-kit's NaN, so that backward stays finite. ``npad``
+    (without ``key_mask``): keys of logit -SHIFT left out of L, counted in each row's denominator."""
     if key_mask is not None:
         L = xp.where(key_mask, L, L.dtype.type(-np.inf))  # a scalar of L's dtype keeps FP32 FP32
         # an all -inf row: max -inf -> the dtype's lowest finite value, so exp gives 0 and no NaN
         mx = xp.maximum(L.max(axis=-1, keepdims=True), xp.finfo(L.dtype).min)
     else:
         mx = L.max(axis=-1, keepdims=True)
+        if npad:  # the keys left out are in the row's maximum, as in the full row
+            mx = xp.maximum(mx, -SHIFT)
     L -= mx
     e = xp.exp(L, out=L)
+    den = e.sum(axis=-1, keepdims=True)
+    if npad and key_mask is None:
+        den += npad * xp.exp(-SHIFT - mx)
     # the row's largest term is exp(0) = 1, so den >= 1 unless the row is empty (den = 0 -> 1)
-    e /= xp.maximum(e.sum(axis=-1, keepdims=True), 1.0)
+    e /= xp.maximum(den, 1.0)
     return e
 
 
-def _rows_forward(xp, p, L, S, F, row_m, key_m):
+def _rows_forward(xp, p, L, S, F, row_m, key_m, npad: int = 0):
     """Array code of the chain between the logits L (B, n, n; overwritten) and the attention weights:
-    returns T = the masked softmax (rows of empty slots zeroed) and A = T F (T itself without F)."""
+    returns T = the masked softmax (rows of empty slots zeroed) and A = T F (T itself without F).
+    ``npad``: empty keys left out of the n (smooth: in the softmax, see the module doc)."""
     if p.smooth:
         L += SHIFT
         L *= S
         L -= SHIFT
-        T = _softmax(xp, L, None)
+        T = _softmax(xp, L, None, npad)
     else:
         T = _softmax(xp, L, key_m)
     T *= row_m
@@ -293,10 +307,10 @@ def _layer_forward(xp, p, l: AttnLayer, x, S, F, row_m, key_m, keep: bool, rows=
     q, k, v = z
     if rows is not None:  # CUDA: q k^T s with k^T as a cuBLAS flag; then one warp per row (cuda/attn_rows.py)
         L = rows.bmm(q, k, tb=True, alpha=p.scaling)
-        T, A = rows.forward(L, rows.sw, rows.r, rows.mask, p.smooth, p.dotr)
+        T, A = rows.forward(L, rows.sw, rows.r, rows.mask, p.smooth, p.dotr, rows.npad)
     else:
         L = xp.matmul(q * p.scaling, k.swapaxes(1, 2))
-        T, A = _rows_forward(xp, p, L, S, F, row_m, key_m)
+        T, A = _rows_forward(xp, p, L, S, F, row_m, key_m, p.nnei - n)
     o = xp.matmul(A, v)
     h = (o.reshape(-1, H) @ l.w_out).reshape(B, n, E)
     if rows is not None:
@@ -319,15 +333,16 @@ class _Rows:
     (cuda/attn_rows.py: ``forward``, ``backward``) with ``sw`` (B, n), ``r`` (B, n, 3), ``mask`` (B, n),
     contiguous, in the attention's dtype (S and R are recomputed from them inside the kernels, never
     stored as (B, n, n) matrices), ``norm``, the module of the q/k/v and LayerNorm row kernels
-    (cuda/attn_norm.py), and ``bmm``, batched products with transposes as cuBLAS flags (cuda/bmm.py)."""
+    (cuda/attn_norm.py), ``bmm``, batched products with transposes as cuBLAS flags (cuda/bmm.py), and
+    ``npad``, the empty slots left out of the n (the module doc)."""
 
-    def __init__(self, xp, nei_mask, input_r, sw, dtype):
+    def __init__(self, xp, nei_mask, input_r, sw, dtype, npad: int = 0):
         from dpsnake.engine.cuda import attn_norm, attn_rows
         from dpsnake.engine.cuda.bmm import bmm
 
         B, n = nei_mask.shape
         self.forward, self.backward = attn_rows.forward, attn_rows.backward
-        self.norm, self.bmm = attn_norm, bmm
+        self.norm, self.bmm, self.npad = attn_norm, bmm, int(npad)
         self.sw = xp.ascontiguousarray(sw.reshape(B, n).astype(dtype, copy=False))
         self.r = xp.ascontiguousarray(input_r.astype(dtype, copy=False))
         self.mask = xp.ascontiguousarray(nei_mask)
@@ -346,20 +361,22 @@ class _Rows:
         from dpsnake.engine.cuda import attn_norm, attn_rows
 
         n, dt = nei_mask.shape[1], np.dtype(dtype).name
-        for build, args in ((attn_rows._module, (dt, n, p.smooth, p.dotr)), (attn_norm._module, (dt, p.hidden_dim))):
+        npad = (p.nnei - n) if p.smooth else 0  # the module's NPAD: 0 without the smooth softmax
+        rows_args = (dt, n, p.smooth, p.dotr, npad)
+        for build, args in ((attn_rows._module, rows_args), (attn_norm._module, (dt, p.hidden_dim))):
             if ctx.guarded("attn", build, *args) is None:
                 return None
         if p.embed_dim != p.hidden_dim and ctx.guarded("attn", attn_norm._module, dt, p.embed_dim) is None:
             return None
-        return _Rows(xp, nei_mask, input_r, sw, dtype)
+        return _Rows(xp, nei_mask, input_r, sw, dtype, npad)
 
 
 def attention_forward(p: AttentionLayers, G, nei_mask, input_r, sw, keep: bool = True, ctx=None):
     """Forward of all layers.
 
-    G (B, nnei, ng) features; nei_mask (B, nnei) bool (True: a neighbour); input_r (B, nnei, 3) unit
-    vectors (zeros on empty slots; read only if dotr); sw (B, nnei, 1) switch (0 on empty slots; read
-    only if smooth). Computes in the dtype of ``p``'s weights. Returns (G_out (B, nnei, ng), cache for
+    G (B, n, ng) features of n <= p.nnei slots (the slots past n: empty, left out, see the module
+    doc); nei_mask (B, n) bool (True: a neighbour); input_r (B, n, 3) unit vectors (zeros on empty
+    slots; read only if dotr); sw (B, n, 1) switch (0 on empty slots; read only if smooth). Computes in the dtype of ``p``'s weights. Returns (G_out (B, nnei, ng), cache for
     :func:`attention_backward`, None without ``keep``). The cache holds, per layer and neighbour slot,
     3 H + 2 nnei + ng + 4 numbers (7x the size of G_out per layer for ng 100, attn 128, nnei 120):
     the caller's chunk of centres sets the memory. ``ctx`` (an EngineContext or EngineSettings):
@@ -369,6 +386,8 @@ def attention_forward(p: AttentionLayers, G, nei_mask, input_r, sw, keep: bool =
     if not p.layers:
         return (G if p.dtype is None else G.astype(p.dtype, copy=False)), None
     dtype = p.layers[0].w_in.dtype
+    if G.shape[1] > p.nnei:
+        raise ValueError(f"attention_forward: {G.shape[1]} slots, more than the model's nnei {p.nnei}")
     x = G.astype(dtype, copy=False)
     rows = _Rows.make(xp, p, nei_mask, input_r, sw, dtype, ctx)
     S = F = row_m = key_m = None
@@ -380,6 +399,23 @@ def attention_forward(p: AttentionLayers, G, nei_mask, input_r, sw, keep: bool =
         caches.append(c)
     # the inputs are kept by reference (no copy): the pair terms are recomputed from them in backward
     return x, ((caches, nei_mask, input_r, sw, rows) if keep else None)
+
+
+def empty_rows_forward(p: AttentionLayers, x):
+    """The attention's output at empty slots from their input features ``x`` (..., E), forward only.
+
+    An empty slot's row of T is zeroed (row mask 0), so each layer gives LayerNorm(x + b_out): it does
+    not depend on the other slots (nor they on it: its key has S = 0 or the -inf mask, its value A = 0).
+    For the slots a chunk leaves out (descriptor.py adds their share of gr from this)."""
+    xp = xpmod.array_namespace(x)
+    if not p.layers:
+        return x if p.dtype is None else x.astype(p.dtype, copy=False)
+    x = x.astype(p.layers[0].w_in.dtype, copy=False)
+    for l in p.layers:
+        h = x if l.b_out is None else x + l.b_out
+        h = h - h.mean(axis=-1, keepdims=True)
+        x = h * (1.0 / xp.sqrt((h * h).mean(axis=-1, keepdims=True) + l.eps)) * l.gamma + l.beta
+    return x
 
 
 def attention_backward(p: AttentionLayers, cache, dG_out):
@@ -415,7 +451,8 @@ def attention_backward(p: AttentionLayers, cache, dG_out):
             rows.bmm(A, do, ta=True, out=dz[2])  # dv = A^T do
             dA = rows.bmm(do, v, tb=True)
             Lq = rows.bmm(q, k, tb=True, alpha=p.scaling) if p.smooth else dA
-            dL = rows.backward(dA, T, Lq, rows.sw, rows.r, rows.or_any(dS), rows.or_any(dR), p.smooth, p.dotr)
+            dS_, dR_ = rows.or_any(dS), rows.or_any(dR)
+            dL = rows.backward(dA, T, Lq, rows.sw, rows.r, dS_, dR_, p.smooth, p.dotr, rows.npad)
             rows.bmm(dL, k, out=dz[0])
             rows.bmm(dL, q, ta=True, out=dz[1])
         else:
@@ -444,4 +481,4 @@ def attention_backward(p: AttentionLayers, cache, dG_out):
     return dx, d_r, d_sw
 
 
-__all__ = ["AttentionLayers", "AttnLayer", "attention_forward", "attention_backward"]
+__all__ = ["AttentionLayers", "AttnLayer", "attention_forward", "attention_backward", "empty_rows_forward"]

@@ -13,6 +13,14 @@ Forward (per centre i of type ti, nnei slots in distance order, any neighbour ty
   E = fit(D) + bias.
 Backward by hand to g = dE/dd (n, nnei, 3), geometry in FP64, the nets in the runtime dtype.
 
+A chunk may run only its first ns < nnei slots when every later slot is empty (ensemble.py trims
+them: the attention's (n, n) work falls as ns^2). Nothing else changes: the normalisations keep
+nnei, the attention adds the left-out keys analytically (attention.py), and their share of gr,
+sum over slots p >= ns of Rn_p G_p / nnei, is a constant per (centre type, type of the system's
+first atom) (:func:`_left_out_gr`): an empty slot's Rn is -davg/dstd and its G does not depend on
+the other slots. It is 0 when davg is (set_davg_zero, DeePMD-kit's default for se_atten), and it
+has no gradient (the slot has no atom).
+
 Compressed (``AttnRuntime.build(compress=...)``, strip mode only): Gs is the table of
 :func:`dpsnake.engine.tabulate.build_strip_table`, in array code; on CUDA without attention layers
 the kernels of cuda/tab.py (STRIP) give gr and gRn (and dL/dswm) with G never stored.
@@ -50,6 +58,7 @@ class AttnRuntime:
     bias: np.ndarray
     ctx: EngineContext | None = None
     tab: object = None  # cuda.tab.TabKernels (STRIP) of the tabulated Gs, or None
+    left_out: dict = None  # (ti, ns) -> _left_out_gr's array or None, filled on use
 
     @classmethod
     def build(cls, model: AttnModel, xp, dtype, ctx=None, compress=None):
@@ -83,6 +92,7 @@ class AttnRuntime:
             bias=np.asarray(model.bias, dtype=np.float64),
             ctx=ctx,
             tab=tab,
+            left_out={},
         )
 
     def fitting(self, t: int):
@@ -101,16 +111,48 @@ def check_compressible(model: AttnModel) -> None:
         raise UserError(f"compress: {model.path}: descriptor resnet_dt=true cannot be tabulated (as in DeePMD-kit)")
 
 
-def energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad: bool = True):
-    """Atomic energies (n,) float64 and g = dE/dd (n, nnei, 3) float64 of centres of type ``ti``.
+def _left_out_gr(rt: AttnRuntime, ti: int, ns: int):
+    """(ntypes, 4, M1) in the net dtype, row f: sum over the slots p = ns..nnei-1 of Rn_p^T G_p / nnei
+    for a centre of type ``ti`` whose slots past ns are empty and take type f (its system's first
+    atom); None where every such Rn_p is 0 (davg 0 there). Cached per (ti, ns)."""
+    key = (ti, ns)
+    if key in rt.left_out:
+        return rt.left_out[key]
+    xp, m, dt = rt.xp, rt.model, rt.dtype
+    rn = (0.0 - m.davg[ti, ns:]) * (1.0 / m.dstd[ti, ns:])  # (npad, 4): R = 0, as the full slots round it
+    out = None
+    if rn.any():
+        nt, nt1, npad = m.ntypes, m.ntypes + 1, rn.shape[0]
+        Rn = xp.asarray(np.broadcast_to(rn, (nt, npad, 4)), dtype=dt)
+        ss, f = Rn[..., 0:1], xp.repeat(xp.arange(nt)[:, None], npad, axis=1)  # f (nt, npad): the type
+        if m.tebd_mode == "concat":
+            tj = rt.tebd[f]
+            parts = [ss, tj] if m.type_one_side else [ss, tj, xp.broadcast_to(rt.tebd[ti], tj.shape)]
+            G = rt.embedding.forward(xp, xp.concatenate(parts, axis=2), keep=False, ctx=rt.ctx)[0]
+        else:  # strip: Gs (1 + table), the table times swm = 0 if smooth
+            Gs = rt.embedding.forward(xp, ss, keep=False, ctx=rt.ctx)[0]
+            G = Gs if m.smooth else Gs * rt.strip_table[f if m.type_one_side else ti * nt1 + f] + Gs
+        if rt.attention is not None:
+            from dpsnake.engine.attn.attention import empty_rows_forward
 
-    d (n, nnei, 3) float64 displacements r_neighbour - r_centre; valid (n, nnei) bool (after model
-    pair exclusions); ntype (n, nnei) int: each valid slot's neighbour type (any value elsewhere);
+            G = empty_rows_forward(rt.attention, G)
+        out = xp.matmul(Rn.transpose(0, 2, 1), G) * (1.0 / m.nnei)
+    rt.left_out[key] = out
+    return out
+
+
+def energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad: bool = True):
+    """Atomic energies (n,) float64 and g = dE/dd (n, ns, 3) float64 of centres of type ``ti``.
+
+    d (n, ns, 3) float64 displacements r_neighbour - r_centre; valid (n, ns) bool (after model
+    pair exclusions); ntype (n, ns) int: each valid slot's neighbour type (any value elsewhere);
     first (n,) int: the type of each centre's system's first atom, the type DeePMD-kit gives empty
-    and excluded slots (see the module doc). g is exactly 0 in empty slots.
+    and excluded slots (see the module doc). ns <= nnei: the first slots of the neighbour list, the
+    others empty (module doc). g is exactly 0 in empty slots.
     """
     xp, m = rt.xp, rt.model
-    n, nnei = valid.shape
+    n, ns = valid.shape
+    nnei = m.nnei  # the normalisations use sel, whatever the slots run
     if m.atom_exclude[ti]:
         return xp.zeros(n), (xp.zeros((n, nnei, 3)) if need_grad else None)
     dt = rt.dtype
@@ -121,7 +163,7 @@ def energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad:
     sw, dsw = _switch(xp, rr, m.rcut_smth, m.rcut)
     sw = sw * vf
     R = xp.concatenate([(sw * q)[..., None], (sw * q * q)[..., None] * d], axis=2)
-    Rn = (R - rt.davg[ti]) * rt.rstd[ti]
+    Rn = (R - rt.davg[ti, :ns]) * rt.rstd[ti, :ns]
     keep = None
     mask = valid
     if m.desc_exclude[ti].any():  # excluded real neighbours: zero rows, out of the mask
@@ -136,10 +178,10 @@ def energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad:
     nt1 = m.ntypes + 1
     kern, acache = rt.tab, None
     if kern is not None:  # CUDA, tabulated Gs, no attention: gr with G in registers, never stored
-        w = xp.ascontiguousarray(swm.astype(dt)) if m.smooth else xp.ones((n, nnei), dtype=dt)
+        w = xp.ascontiguousarray(swm.astype(dt)) if m.smooth else xp.ones((n, ns), dtype=dt)
         krow = xp.ascontiguousarray((ntype if m.type_one_side else ti * nt1 + ntype).astype(xp.int32))
         gr = xp.zeros((n, 4, m.neuron[-1]), dtype=dt)
-        kern.forward(Rn_c, 0, nnei, gr, w, krow)
+        kern.forward(Rn_c, 0, ns, gr, w, krow)
         gr *= 1.0 / nnei
     else:
         if m.tebd_mode == "concat":
@@ -163,6 +205,10 @@ def energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad:
         else:
             G = G0
         gr = xp.matmul(Rn_c.transpose(0, 2, 1), G) * (1.0 / nnei)  # (n, 4, M1)
+    if ns < nnei:  # the slots left out: a constant share (module doc)
+        pad = _left_out_gr(rt, ti, ns)
+        if pad is not None:
+            gr += pad[first]
     A = m.axis_neuron
     M1 = m.neuron[-1]
     gr1 = gr[:, :, :A]
@@ -180,8 +226,8 @@ def energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad:
     ggr *= 1.0 / nnei
     gsw = None
     if kern is not None:  # every slot written: gRn and gw = dL/dw
-        gRn, gw = xp.empty((n, nnei, 4), dtype=dt), xp.empty((n, nnei), dtype=dt)
-        kern.backward(Rn_c, xp.ascontiguousarray(ggr), 0, nnei, gRn, w, krow, gw)
+        gRn, gw = xp.empty((n, ns, 4), dtype=dt), xp.empty((n, ns), dtype=dt)
+        kern.backward(Rn_c, xp.ascontiguousarray(ggr), 0, ns, gRn, w, krow, gw)
         gRn = gRn.astype(xp.float64)
         if m.smooth:
             gsw = gw.astype(xp.float64)
@@ -207,7 +253,7 @@ def energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad:
             if m.smooth:
                 gt_sw = (gG * Gs * tt).sum(axis=2).astype(xp.float64)
                 gsw = gt_sw if gsw is None else gsw + gt_sw
-    gR = gRn * rt.rstd[ti]
+    gR = gRn * rt.rstd[ti, :ns]
     if keep is not None:
         gR = gR * keep[..., None]
     gR = gR * vf[..., None]

@@ -266,6 +266,8 @@ def _read(rd: ArrayReader, root: dict, path: str) -> AttnModel:
             attention = AttentionLayers.from_serialized(raw)
         except UserError as err:  # one line, naming the file
             _fail(path, f"descriptor {err}")
+        if attention.nnei != nnei:  # the attention counts the slots a chunk leaves out from its nnei
+            _fail(path, f"descriptor attention_layers nnei={attention.nnei} but sel sums to {nnei}")
     mixed = bool(fit.get("mixed_types", True))
     fnets = (fit.get("nets") or {}).get("networks") or []
     if len(fnets) != (1 if mixed else nt):

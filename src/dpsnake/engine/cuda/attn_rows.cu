@@ -4,7 +4,11 @@
 // Compile-time constants: REAL (float/double), N (slots per centre), K = ceil(N / 32) (values per
 // lane), SMOOTH (0/1: logits (L + SHIFT) S - SHIFT with S_ij = sw_i sw_j, else empty keys -> -inf),
 // DOTR (0/1: A = T R with R_ij = r_i . r_j), WPB (warps per block), LOWEST (REAL's lowest finite
-// value: the row maximum starts there, and empty keys / padding lanes take exp = 0 without infinities).
+// value: the row maximum starts there, and empty keys / padding lanes take exp = 0 without infinities),
+// NPAD (SMOOTH only, else 0: the model's sel minus N, the trailing empty slots the chunk left out; each
+// is a key of logit exactly -SHIFT (sw = 0 there), so it is added to the row's softmax analytically:
+// the row maximum is at least -SHIFT and the denominator gains NPAD exp(-SHIFT - max); its A and
+// every backward term are 0).
 //
 // attn_fwd:  T = softmax_j(L') * m_i; A = T * F (F = S R, S or R; A is not written when neither).
 // attn_bwd:  from dA = dLoss/dA (overwritten with dL = dLoss/dL, L the unshifted logits q k^T s)
@@ -75,6 +79,9 @@ attn_fwd(const REAL* L, const REAL* __restrict__ sw, const REAL* __restrict__ r,
       if (use[k]) mx = fmax(mx, l);
     }
     mx = warp_max(mx);
+#if SMOOTH && NPAD
+    mx = fmax(mx, -SHIFT);
+#endif
     REAL s = 0;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
@@ -82,7 +89,11 @@ attn_fwd(const REAL* L, const REAL* __restrict__ sw, const REAL* __restrict__ r,
       v[k] = e;
       s += e;
     }
-    const REAL den = fmax(warp_sum(s), (REAL)1);
+    s = warp_sum(s);
+#if SMOOTH && NPAD
+    s += (REAL)NPAD * exp(-SHIFT - mx);
+#endif
+    const REAL den = fmax(s, (REAL)1);
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int j = lane + 32 * k;

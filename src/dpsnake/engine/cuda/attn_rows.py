@@ -9,7 +9,10 @@ per lane): forward reads the logits once and writes T (in place) and A = T F; ba
 and the recomputed logits once and updates dS, dR in place. S and R are recomputed from sw and r
 (B, n) / (B, n, 3), never stored.
 
-One module per (dtype, n, smooth, dotr), cached. Tested without a GPU against the array code
+A chunk may run fewer slots n than the model's sel (attention.py: trailing empty slots left out);
+with the smooth attention their softmax terms enter as ``npad`` = sel - n (attn_rows.cu, NPAD).
+
+One module per (dtype, n, smooth, dotr, npad), cached. Tested without a GPU against the array code
 (tests/test_engine_attn_rows.py: g++ with threaded warps, and NVRTC for sm_90).
 """
 
@@ -24,8 +27,8 @@ from dpsnake.engine import cuda
 WPB = 4  # warps (rows) per block
 
 
-def defines(dtype: str, n: int, smooth: bool, dotr: bool) -> dict:
-    """Compile-time constants of attn_rows.cu."""
+def defines(dtype: str, n: int, smooth: bool, dotr: bool, npad: int = 0) -> dict:
+    """Compile-time constants of attn_rows.cu (``npad`` counts only when smooth)."""
     lowest = "(-3.4028234663852886e38f)" if dtype == "float32" else "(-1.7976931348623157e308)"
     return {
         "REAL": cuda.real(dtype),
@@ -33,21 +36,23 @@ def defines(dtype: str, n: int, smooth: bool, dotr: bool) -> dict:
         "K": -(-int(n) // 32),
         "SMOOTH": int(bool(smooth)),
         "DOTR": int(bool(dotr)),
+        "NPAD": int(npad) if smooth else 0,
         "WPB": WPB,
         "LOWEST": lowest,
     }
 
 
-def source(dtype: str, n: int, smooth: bool, dotr: bool) -> str:
+def source(dtype: str, n: int, smooth: bool, dotr: bool, npad: int = 0) -> str:
     """attn_rows.cu with its constants as ``#define`` lines (one self-contained text, for the tests)."""
-    return cuda.with_defines(cuda.load("attn_rows.cu"), **defines(dtype, n, smooth, dotr))
+    return cuda.with_defines(cuda.load("attn_rows.cu"), **defines(dtype, n, smooth, dotr, npad))
 
 
 @functools.cache
-def _module(dtype: str, n: int, smooth: bool, dotr: bool):
+def _module(dtype: str, n: int, smooth: bool, dotr: bool, npad: int = 0):
     import cupy
 
-    mod = cupy.RawModule(code=cuda.load("attn_rows.cu"), options=cuda.options(**defines(dtype, n, smooth, dotr)))
+    opts = cuda.options(**defines(dtype, n, smooth, dotr, npad))
+    mod = cupy.RawModule(code=cuda.load("attn_rows.cu"), options=opts)
     nsm = cupy.cuda.Device().attributes["MultiProcessorCount"]
     return mod.get_function("attn_fwd"), mod.get_function("attn_bwd"), nsm
 
@@ -56,11 +61,12 @@ def _grid(rows: int, nsm: int) -> tuple:
     return (int(max(1, min(-(-rows // WPB), nsm * 64))),)  # grid-stride over rows
 
 
-def forward(L, sw, r, mask, smooth: bool, dotr: bool):
+def forward(L, sw, r, mask, smooth: bool, dotr: bool, npad: int = 0):
     """Masked softmax of the logits L (B, n, n) (C-contiguous; overwritten with T) and A = T F.
 
     sw (B, n) switch (read if smooth), r (B, n, 3) unit vectors (read if dotr), mask (B, n) bool, all
-    C-contiguous, sw and r in L's dtype. Returns (T, A); A is T itself when neither smooth nor dotr.
+    C-contiguous, sw and r in L's dtype; ``npad`` empty keys left out (smooth: in each row's softmax).
+    Returns (T, A); A is T itself when neither smooth nor dotr.
     """
     import cupy
 
@@ -68,18 +74,19 @@ def forward(L, sw, r, mask, smooth: bool, dotr: bool):
     rows = B * n
     A = cupy.empty_like(L) if (smooth or dotr) else L
     if rows:
-        fwd, _, nsm = _module(L.dtype.name, n, bool(smooth), bool(dotr))
+        fwd, _, nsm = _module(L.dtype.name, n, bool(smooth), bool(dotr), int(npad) if smooth else 0)
         fwd(_grid(rows, nsm), (32 * WPB,), (L, sw, r, mask, np.int64(rows), L, A))
     return L, A
 
 
-def backward(dA, T, Lq, sw, r, dS, dR, smooth: bool, dotr: bool):
+def backward(dA, T, Lq, sw, r, dS, dR, smooth: bool, dotr: bool, npad: int = 0):
     """dA (B, n, n) = dLoss/dA in, dLoss/dL out (in place; L the logits before the smooth shift);
     dS += its terms (if smooth; needs Lq, the logits recomputed), dR += its terms (if dotr). Unused
-    arrays may be any array of the dtype (they are not read)."""
+    arrays may be any array of the dtype (they are not read). The keys left out add nothing here (their
+    dA F is 0); ``npad`` only picks forward's module."""
     B, n, _ = dA.shape
     rows = B * n
     if rows:
-        _, bwd, nsm = _module(dA.dtype.name, n, bool(smooth), bool(dotr))
+        _, bwd, nsm = _module(dA.dtype.name, n, bool(smooth), bool(dotr), int(npad) if smooth else 0)
         bwd(_grid(rows, nsm), (32 * WPB,), (dA, T, Lq, sw, r, np.int64(rows), dS, dR))
     return dA
