@@ -47,8 +47,9 @@ class AttnEnsemble(EnsembleBase):
     DeePMD-kit's example se_atten_v2 without attention, 13824 atoms, a force call took 0.78 us/atom
     against 1.69 (nets, FP64) and 1.49 (nets, mixed). With attention layers the table runs as
     array code and is slower than the nets on a GPU (15.4 against 13.5 us/atom, attn_layer 2).
-    ``settings``: the EngineSettings used are ``chunk_mb`` and ``widths`` (grid reuse on GPUs) and
-    the two above; the nets run as array code.
+    ``settings``: the EngineSettings used are ``chunk_mb``, ``widths`` (grid and slot-count reuse
+    on GPUs), ``compact`` (left-out empty slots, the module doc) and the two above; the nets run as
+    array code.
     """
 
     def __init__(
