@@ -44,6 +44,21 @@ def test_adaptive_lo_and_pick():
     assert S.pick(idx[:2], devi, 5, "random", np.random.default_rng(0)).tolist() == [0, 1]
 
 
+def test_adaptive_hi():
+    devi = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, np.nan])
+    assert S.adaptive_hi(devi, 0.35, None) == 0.35  # off
+    # 10 finite frames, ratio 0.2: at most 2 may be failed -> the level sits just above the 3rd largest
+    hi = S.adaptive_hi(devi, 0.35, 0.2)
+    assert 0.8 < hi < 0.8 + 1e-12
+    assert S.classify(devi, (0.05, hi)).tolist() == [1] * 8 + [2, 2, 2]  # NaN stays failed
+    assert S.adaptive_hi(devi, 0.95, 0.2) == 0.95  # only 1 frame above: never lowered
+    assert S.adaptive_hi(devi, 0.35, 0.2, max_hi=0.6) == pytest.approx(0.6)  # capped
+    assert S.adaptive_hi(devi, 0.35, 0.2, max_hi=0.1) == 0.35  # a cap below hi leaves hi
+    assert S.adaptive_hi(devi, 0.35, 1.0) == 0.35  # every frame may fail
+    assert S.adaptive_hi([0.5, 0.5, 0.5, 0.5], 0.35, 0.5) > 0.5  # ties: all below the raised level
+    assert S.adaptive_hi(devi, 0.35, 0.0) > 1.0  # no frame may fail
+
+
 def test_structure_filters():
     a = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
     vpa = a.get_volume() / len(a)

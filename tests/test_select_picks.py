@@ -185,3 +185,30 @@ def test_select_fill_from_failed_fills_the_hot_conditions_share(tmp_path):
     assert hot_picked == pytest.approx([0.30, 0.31]) and s["filled_from_failed"] == 2 and s["selected"] == 4
     assert all(t.info["above_trust_hi"] == (t.info["temperature"] == 900.0) for t in tasks)
     assert s["failed"] == 6 and s["candidate"] == 6  # the classification itself is unchanged
+
+
+def test_select_adaptive_hi_raises_the_hot_conditions_window(tmp_path):
+    """select.adaptive_hi: the 900 K walker's frames are all above trust hi 0.15; with ratio 0.25 of 12
+    frames at most 3 stay failed, so hi rises to just above the 4th largest deviation (0.31) and the
+    900 K share is picked from 0.30 / 0.31 (highest first); the squeezed frame is filtered, not picked."""
+    from dpsnake.workflow.select import select
+
+    st = {"temperatures": [300.0, 900.0], "ensemble": "nvt", "nsteps": 40, "trj_freq": 5, "max_iterations": 2}
+    cold = [(0.03, 10 + k, 0.06 + 0.001 * k) for k in range(6)]
+    hot = [(0.05, 20 + k, 0.30 + 0.01 * k) for k in range(5)] + [(0.9, 3, 0.2)]  # last: atoms too close
+    base = {"trust": {"force": [0.05, 0.15]}, "explore": {"stages": [st]}}
+    sel = {"max_candidates": 4, "pick": "highest", "quota": "condition", "min_dist": 1.5}
+    cfg = _cfg(tmp_path, **base, select={**sel, "adaptive_hi": {"ratio": 0.25}})
+    ex, _ = _write_conditions(tmp_path, cfg, [cold, hot])
+    stats, tasks = select(cfg, 0, ex)
+    s = stats["systems"]["Cu"]
+    assert 0.31 < s["trust_hi"] < 0.31 + 1e-9
+    assert s["failed"] == 4 and s["filtered"] == 1 and s["candidate"] == 8  # 0.32-0.34 + the squeezed one
+    hot_picked = sorted(t.info["max_devi_f"] for t in tasks if t.info["temperature"] == 900.0)
+    assert hot_picked == pytest.approx([0.30, 0.31]) and s["selected"] == 4
+    assert not any(t.info["above_trust_hi"] for t in tasks)
+    # capped: max_hi 0.15 (= hi) changes nothing: every 900 K frame stays failed
+    cfg = _cfg(tmp_path, **base, select={**sel, "adaptive_hi": {"ratio": 0.25, "max_hi": 0.15}})
+    stats, tasks = select(cfg, 0, ex)
+    assert stats["systems"]["Cu"]["trust_hi"] == 0.15
+    assert [t.info["temperature"] for t in tasks] == [300.0] * 4

@@ -62,6 +62,23 @@ def adaptive_lo(devi_f, lo: float, hi: float, numb: int, ratio: float, min_lo: f
     return float(max(min(lo, value), min_lo))
 
 
+def adaptive_hi(devi_f, hi: float, ratio: float | None, max_hi: float | None = None) -> float:
+    """Upper trust level raised so that at most ``floor(ratio * n)`` of the ``n`` frames reach it (they
+    are failed); never below the configured ``hi``, never above ``max_hi``. ``ratio`` None: ``hi``.
+
+    Why: one trust window rarely fits every system; an alloy the early models barely know can have most
+    frames above a window set for the pure metal, and in-window picks are then its least informative
+    frames. NaN deviations stay failed (they are not counted as frames here)."""
+    if ratio is None:
+        return float(hi)
+    devi = np.sort(np.asarray(devi_f, dtype=float)[np.isfinite(devi_f)])[::-1]
+    allowed = int(math.floor(ratio * len(devi) + 1e-9))
+    if allowed >= len(devi) or devi[allowed] < hi:
+        return float(hi)
+    value = float(np.nextafter(devi[allowed], np.inf))  # failed: >= value, i.e. the `allowed` largest
+    return value if max_hi is None else float(max(hi, min(value, max_hi)))
+
+
 def structure_problem(
     atoms, min_dist: float, min_angle: float, vol_range, ref_vol_per_atom: float | None
 ) -> str | None:

@@ -235,6 +235,8 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=No
         d = data[system]
         trust = system_trust(cfg, system)
         lo, hi = trust["force"]
+        ah = sel.get("adaptive_hi") or {}
+        hi = S.adaptive_hi(d["devi_f"], hi, ah.get("ratio"), ah.get("max_hi"))  # before lo: lo counts below hi
         ad = sel.get("adaptive") or {}
         if ad.get("enabled"):
             lo = S.adaptive_lo(
