@@ -1,0 +1,154 @@
+"""A/B of the se_atten engine's GPU options on one force call (issue 21): an untrained se_atten_v2 FP64
+model of DeePMD-kit's example size (bench_explore_deepmd.SE_ATTEN_V2, attn_layer from the command line) on
+W walkers x 108 fcc CuNi atoms (a = 3.634 A, 0.05 A noise, half Ni), median of ``--reps`` calls, one
+process. Variants (docs/benchmarks.md, "Left-out empty slots and cuBLAS op flags"):
+
+    base        every slot (settings compact=False), products with transposes by cupy.matmul
+    bmm         every slot, cuda/bmm.py (cuBLAS op flags)
+    trim        the default: left-out empty slots + cuda/bmm.py
+    trim_nobmm  left-out slots, cupy.matmul
+    array       the default without the attention's row kernels (family "attn" off)
+
+Prints one JSON line (us per atom, CuPy pool MB per atom, the slot counts run, max |F - F_base|,
+max relative |E - E_base|) and writes it to ``--out``/bench_engine_attn_ab_l{L}_w{W}.json; ``--profile``
+adds the torch profiler table of one default call. Needs CuPy, DeePMD-kit (to make the model) and ase.
+
+    python3 bench/bench_engine_attn_ab.py --out /tmp/ab --attn-layer 2 --walkers 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_explore_deepmd import SE_ATTEN_V2  # noqa: E402
+from benchutil import timeit  # noqa: E402
+
+
+def make_model(path: pathlib.Path, attn_layer: int) -> None:
+    """An untrained se_atten_v2 of DeePMD-kit's example size as a .dp file (weights from seed 1)."""
+    from deepmd.dpmodel.utils.serialization import save_dp_model
+    from deepmd.pt.model.model import get_model
+
+    mp = copy.deepcopy(SE_ATTEN_V2)
+    mp["type_map"] = ["Cu", "Ni"]
+    mp["descriptor"].update(attn_layer=attn_layer, seed=1)
+    mp["fitting_net"]["seed"] = 1
+    m = get_model(copy.deepcopy(mp))
+    save_dp_model(str(path), {"backend": "PyTorch", "model": m.serialize(), "model_def_script": mp})
+
+
+def batch(xp, walkers: int):
+    """(coords, atype, system, cells, pbc) of ``walkers`` 108-atom fcc CuNi cells, on ``xp``."""
+    from ase.build import bulk
+
+    a = bulk("Cu", "fcc", a=3.634, cubic=True).repeat((3, 3, 3))
+    rng = np.random.default_rng(0)
+    n = len(a)
+    coords = [a.positions + rng.normal(scale=0.05, size=a.positions.shape) for _ in range(walkers)]
+    atype = []
+    for _ in range(walkers):
+        t = np.zeros(n, int)
+        t[rng.permutation(n)[: n // 2]] = 1
+        atype.append(t)
+    system = np.repeat(np.arange(walkers), n)
+    cells = np.stack([a.cell.array] * walkers)
+    host = (np.concatenate(coords), np.concatenate(atype), system, cells, np.ones((walkers, 3), bool))
+    return tuple(xp.asarray(x) for x in host)
+
+
+def _matmul_bmm(xp):
+    """cuda/bmm.py's contract on cupy.matmul (transposed operands copied): the code before it."""
+
+    def mm(a, b, ta=False, tb=False, alpha=1.0, out=None):
+        r = xp.matmul(a.swapaxes(1, 2) if ta else a, b.swapaxes(1, 2) if tb else b)
+        if alpha != 1.0:
+            r *= alpha
+        if out is None:
+            return r
+        out[...] = r
+        return out
+
+    return mm
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="/tmp/bench_engine_attn_ab")
+    ap.add_argument("--attn-layer", type=int, default=2)
+    ap.add_argument("--walkers", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    import cupy as xp
+
+    from dpsnake.engine.attn import attention as att
+    from dpsnake.engine.dispatch import make_ensemble
+    from dpsnake.engine.settings import FAMILIES, EngineSettings
+
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"m{args.attn_layer}.dp"
+    make_model(path, args.attn_layer)
+    data = batch(xp, args.walkers)
+    N = int(data[0].shape[0])
+    sync = xp.cuda.Stream.null.synchronize
+    pool = xp.get_default_memory_pool()
+    init, mm, no_bmm = att._Rows.__init__, _matmul_bmm(xp), [False]
+
+    def rows_init(self, *a, **k):  # the bmm-off variants swap cupy.matmul back in
+        init(self, *a, **k)
+        if no_bmm[0]:
+            self.bmm = mm
+
+    att._Rows.__init__ = rows_init
+    variants = [
+        ("base", {"compact": False}, True),
+        ("bmm", {"compact": False}, False),
+        ("trim", {}, False),
+        ("trim_nobmm", {}, True),
+        ("array", {"fast": frozenset(FAMILIES) - {"attn"}}, False),
+    ]
+    res, outs = {"atoms": N, "attn_layer": args.attn_layer, "walkers": args.walkers}, {}
+    for label, kw, nb in variants:
+        no_bmm[0] = nb
+        ens = make_ensemble([str(path)], precision="double", xp=xp, settings=EngineSettings(**kw))
+        box = {}
+
+        def call(ens=ens, box=box):
+            box["r"] = ens.evaluate(*data)
+
+        res[label] = 1e6 * timeit(call, sync, n=args.reps) / N
+        res[label + "_pool_MB_per_atom"] = pool.total_bytes() / N / 1e6
+        res[label + "_slots"] = sorted(set(ens._widths.values())) or [ens.models[0].nnei]
+        outs[label] = box["r"]
+        pool.free_all_blocks()
+        print(label, f"{res[label]:.3f} us/atom", flush=True)
+    ref = outs["base"]
+    for label, r in outs.items():
+        res[label + "_force_diff"] = float(abs(r["force"] - ref["force"]).max())
+        res[label + "_energy_rel_diff"] = float((abs(r["energy"] - ref["energy"]) / abs(ref["energy"])).max())
+    line = json.dumps(res)
+    print(line)
+    (out / f"bench_engine_attn_ab_l{args.attn_layer}_w{args.walkers}.json").write_text(line + "\n")
+    if args.profile:
+        import torch
+
+        no_bmm[0] = False
+        ens = make_ensemble([str(path)], precision="double", xp=xp)
+        ens.evaluate(*data)
+        sync()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            ens.evaluate(*data)
+            sync()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
