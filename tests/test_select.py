@@ -59,6 +59,24 @@ def test_adaptive_hi():
     assert S.adaptive_hi(devi, 0.35, 0.0) > 1.0  # no frame may fail
 
 
+def test_proportional_shares():
+    from dpsnake.workflow.diversity import proportional
+
+    # 15 labels by weight 38:202:41:140:63: floors 1, 6, 1, 4, 1 + the 2 largest remainders (0.95, 0.34)
+    assert proportional([38, 202, 41, 140, 63], [38, 77, 41, 139, 63], 15).tolist() == [1, 6, 1, 5, 2]
+    # a group with less room than its share is capped; its excess goes to the others in proportion
+    assert proportional([38, 202, 41, 140, 63], [38, 2, 41, 139, 63], 15).tolist() == [2, 2, 2, 6, 3]
+    assert proportional([5, 1], [1, 10], 6).tolist() == [1, 5]
+    assert proportional([1, 1], [1, 1], 5).tolist() == [1, 1]  # never more than there is
+    assert proportional([0, 0, 1], [3, 3, 0], 4).tolist() == [2, 2, 0]  # weighted groups full: evenly
+    assert proportional([1, 2], [10, 10], 0).tolist() == [0, 0]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        w, a, t = rng.integers(0, 9, 5), rng.integers(0, 9, 5), int(rng.integers(0, 30))
+        out = proportional(w, a, t)
+        assert out.sum() == min(t, a.sum()) and (out <= a).all() and (out >= 0).all()
+
+
 def test_structure_filters():
     a = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
     vpa = a.get_volume() / len(a)

@@ -212,3 +212,32 @@ def test_select_adaptive_hi_raises_the_hot_conditions_window(tmp_path):
     stats, tasks = select(cfg, 0, ex)
     assert stats["systems"]["Cu"]["trust_hi"] == 0.15
     assert [t.info["temperature"] for t in tasks] == [300.0] * 4
+
+
+def test_select_budget_shares_labels_by_uncertain_frames(tmp_path):
+    """select.budget: 5 labels over two systems, Cu with 2 frames in the trust window (4 accurate) and
+    Cu2 with 8: shares 1 and 4 (in proportion 2:8); without a budget each takes up to max_candidates."""
+    from dpsnake.workflow.select import select
+
+    st = {"temperatures": [300.0], "ensemble": "nvt", "nsteps": 40, "trj_freq": 5, "max_iterations": 2}
+    cu = {
+        "builder": "bulk",
+        "repeat": [2, 2, 2],
+        "kwargs": {"name": "Cu", "crystalstructure": "fcc", "a": 3.61, "cubic": True},
+    }
+    systems = {"Cu": {"structure": cu}, "Cu2": {"structure": cu}}
+    calm = [(0.03, 10 + k, 0.01) for k in range(4)] + [(0.03, 20 + k, 0.07 + 0.01 * k) for k in range(2)]
+    busy = [(0.03, 30 + k, 0.06 + 0.01 * k) for k in range(8)]
+    base = {"systems": systems, "trust": {"force": [0.05, 0.15]}, "explore": {"stages": [st]}}
+    sel = {"max_candidates": 4, "pick": "highest", "min_dist": 1.5}
+    cfg = _cfg(tmp_path, **base, select=sel)
+    ex, walkers = _write_conditions(tmp_path, cfg, [calm, busy])
+    assert [w["system"] for w in walkers] == ["Cu", "Cu2"]
+    stats, tasks = select(cfg, 0, ex)
+    assert {k: v["selected"] for k, v in stats["systems"].items()} == {"Cu": 2, "Cu2": 4}
+    cfg = _cfg(tmp_path, **base, select={**sel, "budget": 5})
+    stats, tasks = select(cfg, 0, ex)
+    assert {k: (v["share"], v["selected"]) for k, v in stats["systems"].items()} == {"Cu": (1, 1), "Cu2": (4, 4)}
+    cu2 = sorted(t.info["max_devi_f"] for t in tasks if t.info["system"] == "Cu2")
+    assert cu2 == pytest.approx([0.10, 0.11, 0.12, 0.13])  # highest first within the share
+    assert [t.info["max_devi_f"] for t in tasks if t.info["system"] == "Cu"] == pytest.approx([0.08])

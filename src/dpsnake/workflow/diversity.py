@@ -35,6 +35,36 @@ def allocate(avail, nmax: int) -> np.ndarray:
     return out
 
 
+def proportional(weights, avail, total: int) -> np.ndarray:
+    """Split ``total`` labels over groups in proportion to ``weights`` (G,), a group never getting more
+    than its ``avail`` (G,) (its excess goes to the others, in proportion again), then rounded by the
+    largest remainders (ties: the first group). Groups of weight 0 get labels only when the weighted
+    groups are full (then evenly, :func:`allocate`). Returns (G,) ints, sum = min(total, sum avail)."""
+    w = np.asarray(weights, dtype=float)
+    avail = np.asarray(avail, dtype=int)
+    left = int(min(total, avail.sum()))
+    x = np.zeros(len(avail))
+    act = (avail > 0) & (w > 0)
+    share = float(min(left, avail[act].sum()))
+    while act.any():  # water-filling: groups whose proportional share exceeds their room are capped
+        lam = share / w[act].sum()
+        full = act & (lam * w >= avail)
+        if not full.any():
+            x[act] = lam * w[act]
+            break
+        x[full] = avail[full]
+        share -= float(avail[full].sum())
+        act &= ~full
+    out = np.minimum(np.floor(x + 1e-9).astype(int), avail)
+    rem = int(round(x.sum())) - int(out.sum())
+    if rem > 0:
+        frac = np.where(out < avail, x - out, -1.0)
+        out[np.argsort(-frac, kind="stable")[:rem]] += 1
+    if out.sum() < left:  # weighted groups are full: the rest evenly over the others
+        out += allocate(avail - out, left - int(out.sum()))
+    return out
+
+
 def scaled(features, sample: int = 1000) -> np.ndarray:
     """Features divided by the median distance between two frames of the pool (at most ``sample``
     frames, evenly spread, measured): robust to a few outliers; a pool whose median is 0 (mostly

@@ -170,19 +170,64 @@ def _model_zero(explore: pathlib.Path, model=None):
     return pathlib.Path(model) if model else explore.parent / "train" / "model.0" / "model.dp"
 
 
-def _pick(cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, model, notes, fill=None):
+def _levels(cfg: dict, system: str, d: dict) -> tuple[dict, float, float]:
+    """(the system's trust section, theta_low, theta_high) for its deviations ``d``, after
+    ``select.adaptive_hi`` and then the adaptive theta_low (which counts frames below theta_high)."""
+    from dpsnake.workflow import candidates as S
+    from dpsnake.workflow.config import system_trust
+
+    sel = cfg["select"]
+    trust = system_trust(cfg, system)
+    lo, hi = trust["force"]
+    ah = sel.get("adaptive_hi") or {}
+    hi = S.adaptive_hi(d["devi_f"], hi, ah.get("ratio"), ah.get("max_hi"))
+    ad = sel.get("adaptive") or {}
+    if ad.get("enabled"):
+        lo = S.adaptive_lo(
+            d["devi_f"], lo, hi, ad.get("numb_candidates", 10), ad.get("ratio", 0.0), ad.get("min_lo", 0.0)
+        )
+    return trust, lo, hi
+
+
+def _budget(cfg: dict, data: dict) -> dict[str, int]:
+    """Labels each system may get this iteration: ``select.max_candidates``, or with ``select.budget``
+    that many over all systems, shared in proportion to each system's frames the ensemble is not sure
+    of (candidates + failed), at most ``max_candidates`` and at most its candidates (+ failed frames
+    with ``fill_from_failed``) each (:func:`dpsnake.workflow.diversity.proportional`)."""
+    from dpsnake.workflow import candidates as S
+    from dpsnake.workflow.diversity import proportional
+
+    sel = cfg["select"]
+    names = sorted(data)
+    if sel.get("budget") is None:
+        return {s: int(sel["max_candidates"]) for s in names}
+    weight, avail = [], []
+    for system in names:
+        d = data[system]
+        trust, lo, hi = _levels(cfg, system, d)
+        cls = S.classify(d["devi_f"], (lo, hi), d["devi_v"], trust.get("virial"))
+        weight.append(int(np.sum(cls != S.ACCURATE)))
+        pickable = int(np.sum(cls == S.CANDIDATE)) + (
+            int(np.sum(cls == S.FAILED)) if sel.get("fill_from_failed") else 0
+        )
+        avail.append(min(pickable, int(sel["max_candidates"])))
+    return dict(zip(names, (int(n) for n in proportional(weight, avail, int(sel["budget"])))))
+
+
+def _pick(cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, model, notes, fill=None, nmax=None):
     """``select.pick`` / ``dedup_tol`` / ``quota`` on the kept candidates ``keep`` of one system
-    (``fill``: which of them are fill-ins from above the upper trust level): (picked indices, sorted;
-    near duplicates dropped)."""
+    (``fill``: which of them are fill-ins from above the upper trust level), at most ``nmax`` (default
+    ``select.max_candidates``): (picked indices, sorted; near duplicates dropped)."""
     from dpsnake.workflow import candidates as S
     from dpsnake.workflow import diversity as D
 
     sel = cfg["select"]
+    nmax = int(sel["max_candidates"] if nmax is None else nmax)
     mode, tol, quota = sel["pick"], sel.get("dedup_tol"), sel.get("quota", "system")
     keep = np.asarray(keep, dtype=int)
     fill = np.zeros(len(keep), dtype=bool) if fill is None else np.asarray(fill, dtype=bool)
     if mode != "diverse" and tol is None and quota == "system" and not fill.any():
-        return S.pick(keep, d["devi_f"], sel["max_candidates"], mode, rng), 0
+        return S.pick(keep, d["devi_f"], nmax, mode, rng), 0
     groups = None
     if quota == "condition":
         from dpsnake.workflow.stages import condition
@@ -203,7 +248,7 @@ def _pick(cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, 
             print(f"select: features of pick {mode} / dedup_tol: {how}", file=sys.stderr)
         f = D.scaled(f)
         feats, known = f[: len(frames)], f[len(frames) :]
-    pos, dups = D.greedy_pick(d["devi_f"][keep], sel["max_candidates"], mode, rng, feats, known, tol, groups, fill)
+    pos, dups = D.greedy_pick(d["devi_f"][keep], nmax, mode, rng, feats, known, tol, groups, fill)
     if dups:
         print(
             f"select: {system}: {dups} candidate(s) within dedup_tol {tol:g} of a picked frame dropped", file=sys.stderr
@@ -219,7 +264,6 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=No
     import ase.io
 
     from dpsnake.workflow import candidates as S
-    from dpsnake.workflow.config import system_trust
 
     walkers = json.loads((explore / "walkers.json").read_text())
     plan = json.loads((explore / "plan.json").read_text())
@@ -231,17 +275,10 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=No
     seen = known_frames(data_root)
     bad = failed_before(results, it)
     systems, tasks, notes = {}, [], {}
+    nmax = _budget(cfg, data)
     for system in sorted(data):
         d = data[system]
-        trust = system_trust(cfg, system)
-        lo, hi = trust["force"]
-        ah = sel.get("adaptive_hi") or {}
-        hi = S.adaptive_hi(d["devi_f"], hi, ah.get("ratio"), ah.get("max_hi"))  # before lo: lo counts below hi
-        ad = sel.get("adaptive") or {}
-        if ad.get("enabled"):
-            lo = S.adaptive_lo(
-                d["devi_f"], lo, hi, ad.get("numb_candidates", 10), ad.get("ratio", 0.0), ad.get("min_lo", 0.0)
-            )
+        trust, lo, hi = _levels(cfg, system, d)
         cls = S.classify(d["devi_f"], (lo, hi), d["devi_v"], trust.get("virial"))
         cand = np.flatnonzero(cls == S.CANDIDATE)
         # fill_from_failed: frames above the upper trust level may fill shares the candidates leave
@@ -282,7 +319,9 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=No
                 file=sys.stderr,
             )
         fill = cls[np.asarray(keep, dtype=int)] == S.FAILED
-        picked, near = _pick(cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, model, notes, fill)
+        picked, near = _pick(
+            cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, model, notes, fill, nmax[system]
+        )
         filled = int(np.sum(cls[picked] == S.FAILED))
         if filled:
             print(
@@ -325,6 +364,7 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=No
             "near_duplicates": int(near),
             "failed_before": refailed,
             "selected": int(len(picked)),
+            "share": int(nmax[system]),
             "filled_from_failed": filled,
         }
     stages = cfg["explore"]["stages"]
