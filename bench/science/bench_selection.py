@@ -50,6 +50,15 @@ VARIANTS = {
     "diverse_dedup": {"pick": "diverse", "quota": "condition", "dedup_tol": 0.5},
     "diverse_fill": {"pick": "diverse", "quota": "condition", "fill_from_failed": True},
     "highest_fill": {"pick": "highest", "quota": "condition", "fill_from_failed": True},
+    # the same labels per iteration (max_candidates x systems) as one budget shared by uncertain frames
+    "diverse_budget": {"pick": "diverse", "quota": "condition", "fill_from_failed": True, "budget": "same"},
+    "diverse_budget_hi": {
+        "pick": "diverse",
+        "quota": "condition",
+        "fill_from_failed": True,
+        "budget": "same",
+        "adaptive_hi": {"ratio": 0.1},
+    },
 }
 
 
@@ -68,6 +77,9 @@ def campaign_config(work: pathlib.Path, variant: str) -> dict:
         a.write(vac)
     cfg["systems"]["Cu_vac"]["structure"]["file"] = str(vac)
     cfg["select"] = dict(cfg.get("select", {}), **VARIANTS[variant])
+    if cfg["select"].get("budget") == "same":  # as many labels per iteration as max_candidates per system
+        cfg["select"]["budget"] = cfg["select"]["max_candidates"] * len(cfg["systems"])
+        cfg["select"]["max_candidates"] = cfg["select"]["budget"]
     return cfg
 
 
