@@ -20,7 +20,7 @@ Prints a table, writes ``bench/results/science_selection_cpu.json`` (runs accumu
 ``docs/img/science_learning_curve.png``. Work files live under ``--work``; a rerun reuses finished
 campaigns, labels and trained models (only missing pieces run).
 
-    python bench/science/bench_selection.py [--variant diverse] [--seeds 2] [--draws 2] [--steps 3000]
+    python bench/science/bench_selection.py [--variant diverse] [--seeds 2] [--draws 2] [--steps 6000]
 """
 
 from __future__ import annotations
@@ -324,7 +324,9 @@ def main() -> None:
     ap.add_argument("--variant", choices=sorted(VARIANTS), default="diverse")
     ap.add_argument("--seeds", type=int, default=2, help="trainings (seeds) per training set")
     ap.add_argument("--draws", type=int, default=2, help="random draws per point")
-    ap.add_argument("--steps", type=int, default=3000, help="training steps of every learning-curve model")
+    ap.add_argument(
+        "--steps", type=int, default=6000, help="training steps of every learning-curve model (3000: training-limited)"
+    )
     ap.add_argument("--jobs", type=int, default=2, help="trainings at once")
     ap.add_argument("--work", default="/tmp/bench_science")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "science_selection_cpu.json"))
