@@ -43,11 +43,6 @@ CASES = {
 
 def training_set(work: pathlib.Path, cfg: dict, frames: int) -> pathlib.Path:
     """EMT Langevin MD frames of every system at every test temperature (seeds apart from the test set's)."""
-    from ase import units
-    from ase.calculators.emt import EMT
-    from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
-
     from dpsnake.workflow.dataset import write_system
     from dpsnake.workflow.structures import build_structure
 
@@ -60,14 +55,7 @@ def training_set(work: pathlib.Path, cfg: dict, frames: int) -> pathlib.Path:
         labelled = []
         for ti, t in enumerate(bs.TEST_TEMPS):
             rng = np.random.default_rng(5000 + 10 * si + ti)
-            a = build_structure(sysd["structure"])
-            a.calc = EMT()
-            MaxwellBoltzmannDistribution(a, temperature_K=t, rng=rng)
-            md = Langevin(a, 2 * units.fs, temperature_K=t, friction=0.02, rng=rng)
-            md.run(200)
-            for _ in range(frames):
-                md.run(25)
-                labelled.append(bs._label(a))
+            labelled += bs.emt_md_frames(build_structure(sysd["structure"]), t, rng, equil=200, every=25, n=frames)
         write_system(tmp / name, labelled, [], cfg["type_map"])
     tmp.rename(out)
     bs.log(f"training set: {len(cfg['systems'])} systems x {len(bs.TEST_TEMPS)} temperatures x {frames} frames")

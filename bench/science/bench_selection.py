@@ -132,13 +132,27 @@ def _label(atoms):
     return a
 
 
-def test_set(work: pathlib.Path, cfg: dict) -> dict[str, pathlib.Path]:
-    """EMT Langevin MD of every start structure at TEST_TEMPS -> {"<system>@<T>": deepmd/npy folder}."""
+def emt_md_frames(atoms, t: float, rng, equil: int, every: int, n: int) -> list:
+    """EMT Langevin MD of ``atoms`` at ``t`` K (2 fs, friction 0.02, Maxwell-Boltzmann start from ``rng``):
+    ``n`` EMT-labelled frames, one every ``every`` steps after ``equil`` steps (the test and floor sets)."""
     from ase import units
     from ase.calculators.emt import EMT
     from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
+    atoms.calc = EMT()
+    MaxwellBoltzmannDistribution(atoms, temperature_K=t, rng=rng)
+    md = Langevin(atoms, 2 * units.fs, temperature_K=t, friction=0.02, rng=rng)
+    md.run(equil)
+    frames = []
+    for _ in range(n):
+        md.run(every)
+        frames.append(_label(atoms))
+    return frames
+
+
+def test_set(work: pathlib.Path, cfg: dict) -> dict[str, pathlib.Path]:
+    """EMT Langevin MD of every start structure at TEST_TEMPS -> {"<system>@<T>": deepmd/npy folder}."""
     from dpsnake.workflow.dataset import write_system
     from dpsnake.workflow.structures import build_structure
 
@@ -150,15 +164,7 @@ def test_set(work: pathlib.Path, cfg: dict) -> dict[str, pathlib.Path]:
             if (folder / "type.raw").exists():
                 continue
             rng = np.random.default_rng(1000 + 10 * si + TEST_TEMPS.index(t))
-            a = build_structure(sysd["structure"])
-            a.calc = EMT()
-            MaxwellBoltzmannDistribution(a, temperature_K=t, rng=rng)
-            md = Langevin(a, 2 * units.fs, temperature_K=t, friction=0.02, rng=rng)
-            md.run(300)
-            frames = []
-            for _ in range(12):
-                md.run(50)
-                frames.append(_label(a))
+            frames = emt_md_frames(build_structure(sysd["structure"]), t, rng, equil=300, every=50, n=12)
             tmp = folder.with_name(folder.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             write_system(tmp, frames, [], cfg["type_map"])
