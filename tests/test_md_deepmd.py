@@ -110,6 +110,60 @@ def test_mixed_batch_equals_deeppot_eval(pt_model, descriptor):
         assert np.abs(small[k] - out[k][:1]).max() <= 1e-12 * np.abs(out[k]).max()
 
 
+@pytest.mark.parametrize("descriptor", ["se_atten_v2", "dpa3"])
+def test_kept_neighbour_list_equals_deepmd_forward(pt_model, descriptor):
+    """The kept images + Verlet list (deepmd_lower, DeePMD-kit's forward_lower) give DeePMD-kit's
+    forward (skin=None: its own list every call) to 1e-10 relative on the mixed batch, also after
+    moves within half the skin (list kept) and beyond it or a cell change (list rebuilt); an NPT run
+    of 30 steps on both paths gives the same trajectory."""
+    m = pt_model(descriptor)
+    kept, fresh = DeepmdProvider([m["pth"]], skin=0.6), DeepmdProvider([m["pth"]], skin=None)
+    assert kept.skin == 0.6 and fresh.skin is None
+    st = flat_state(mixed_batch())
+    rng = np.random.default_rng(3)
+    pos0, cells0 = st.pos.copy(), st.cells.copy()
+
+    def same():
+        a, b = kept(st, True), fresh(st, True)
+        for k in ("energy", "force", "virial"):
+            assert np.abs(a[k] - b[k]).max() <= 1e-10 * np.abs(b[k]).max(), k
+
+    def builds():
+        return [g.ghosts.builds for g in kept._groups]
+
+    same()
+    assert builds() == [1] * len(kept._groups)
+    st.pos = pos0 + rng.uniform(-0.1, 0.1, pos0.shape)  # |dx| < 0.6 / 4: kept
+    same()
+    assert builds() == [1] * len(kept._groups)
+    st.pos = pos0 + rng.uniform(-0.3, 0.3, pos0.shape)  # up to 0.52 A: rebuilt
+    same()
+    assert all(b == 2 for b in builds())
+    st.cells = cells0 * 1.01  # NPT: the cell alone changes (periodic walkers rebuilt, the cluster not)
+    same()
+    assert sorted(builds()) == [2] + [3] * (len(kept._groups) - 1)
+
+
+def test_kept_neighbour_list_npt_run(tmp_path, pt_model):
+    """30 NPT steps of two walkers (4 and 32 atoms, pressure 1 GPa, the cells change) on the kept list
+    equal the run on DeePMD-kit's forward to 1e-10 A, and the list was kept for some steps."""
+    m = pt_model("dpa3")
+    ws = [
+        walker("a", write(cuni((1, 1, 1), seed=2, a=3.7), tmp_path / "a.extxyz"), ensemble="npt", pressure=10000.0),
+        walker("b", write(cuni((2, 2, 2), seed=1), tmp_path / "b.extxyz"), ensemble="npt", seed=4, pressure=10000.0),
+    ]
+    kept, fresh = DeepmdProvider([m["pth"]], skin=0.5), DeepmdProvider([m["pth"]], skin=None)
+    sa, fa = _batch(ws, kept)
+    sb, fb = _batch(ws, fresh)
+    c0 = sa.cells.copy()
+    for k in range(30):
+        I.md_step(sa, kept, k, fa)
+        I.md_step(sb, fresh, k, fb)
+    assert np.abs(sa.pos - sb.pos).max() < 1e-10 and np.abs(sa.cells - sb.cells).max() < 1e-10
+    assert np.abs(sa.cells - c0).max() > 1e-4  # the cells changed
+    assert all(1 <= g.ghosts.builds < kept.calls for g in kept._groups)
+
+
 def _batch(ws, provider):
     ws = parse_walkers(ws)
     st = start_state(ws, read_structures(ws, TYPE_MAP), np)

@@ -32,6 +32,7 @@ import tempfile
 import numpy as np
 
 from dpsnake.errors import UserError
+from dpsnake.md.deepmd_lower import VerletGhosts, scatter_to_local
 
 
 def _torch_device(xp):
@@ -125,6 +126,7 @@ class _Group:
         self.atoms = torch.as_tensor(atoms, dtype=torch.long, device=device)
         self.sys = torch.as_tensor(sys_idx, dtype=torch.long, device=device)
         self.atype = torch.as_tensor(atype_host[atoms].reshape(self.G, natoms), dtype=torch.long, device=device)
+        self.ghosts = None  # VerletGhosts of the group, made on its first call
 
 
 class DeepmdProvider:
@@ -137,10 +139,18 @@ class DeepmdProvider:
     with half as many frames, and the bound kept.
     """
 
+    SKIN = 1.0  # A, of the kept neighbour list (deepmd_lower; LAMMPS' `neighbor 1.0 bin` in the benchmarks)
     MEMORY_SHARE = 0.4  # of the GPU's memory for one model call (DeePMD-kit keeps every intermediate
     # for the force backward pass: ~5 MB per atom for se_atten_v2 of the docs' size in FP64)
 
-    def __init__(self, paths, xp=np, head: str | None = None, max_atoms: int | str | None = "auto"):
+    def __init__(
+        self,
+        paths,
+        xp=np,
+        head: str | None = None,
+        max_atoms: int | str | None = "auto",
+        skin: float | None = 1.0,
+    ):
         from dpsnake.md.engines import deepmd_missing
 
         missing = deepmd_missing()
@@ -164,6 +174,9 @@ class DeepmdProvider:
         # the vacuum of slabs' and wires' boxes (vacuum_box): 2 x the largest cutoff of any model
         self.rcut = max(float(m.get_rcut()) for m in self.models)
         self.max_atoms = None if max_atoms == "auto" and self.device.type != "cuda" else max_atoms
+        # skin None, or a model without forward_lower: DeePMD-kit's forward (its own list every call)
+        lower = all(hasattr(m, "forward_lower") for m in self.models)
+        self.skin = float(skin) if skin is not None and lower else None
         self.calls = 0
         self.overflow_calls = 0  # the models keep the sel nearest neighbours themselves (no count)
         self.last_overflow = 0
@@ -206,21 +219,21 @@ class DeepmdProvider:
         return self.xp.from_dlpack(t.contiguous())
 
     # ------------------------------------------------------------------ evaluation
-    def _measure(self, model, coord, atype, box) -> None:
+    def _measure(self, call, G: int, n: int) -> None:
         """max_atoms "auto" on a GPU: the memory one more atom costs in a call (the slope between calls
         on 2 and 8 frames, after a warm-up call: TorchScript's first calls and cuBLAS workspaces add a
-        fixed amount that a single small call would count per atom), against MEMORY_SHARE of the device."""
+        fixed amount that a single small call would count per atom), against MEMORY_SHARE of the device.
+        call(lo, hi): the model on frames lo:hi."""
         cuda = self.torch.cuda
 
         def peak(k):
             cuda.synchronize()
             base = cuda.memory_allocated()
             cuda.reset_peak_memory_stats()
-            out = model(coord[:k], atype[:k], box=None if box is None else box[:k], do_atomic_virial=False)
+            out = call(0, k)
             del out
             return cuda.max_memory_allocated() - base
 
-        G, n = coord.shape[0], coord.shape[1]
         k1, k2 = min(2, G), min(8, G)
         peak(k1)  # warm-up
         p1, p2 = peak(k1), peak(k2)
@@ -233,28 +246,16 @@ class DeepmdProvider:
         # TorchScript models raise RuntimeError("CUDA out of memory ..."), eager ones OutOfMemoryError
         return "out of memory" in str(err).lower()
 
-    def _forward(self, model, coord, atype, box) -> dict:
-        """The model on ``coord`` (G, n, 3): energy (G,), force (G, n, 3), virial (G, 9), in calls of
-        at most max_atoms atoms."""
-        G, n = coord.shape[0], coord.shape[1]
+    def _forward(self, call, G: int, n: int) -> dict:
+        """``call(lo, hi)`` (the model on frames lo:hi of a group of G frames of n atoms, outputs
+        detached) on all G frames: energy (G,), force (G, n, 3), virial (G, 9), in calls of at most
+        max_atoms atoms."""
         if self.max_atoms == "auto":
-            self._measure(model, coord, atype, box)
+            self._measure(call, G, n)
         step = G if self.max_atoms is None else max(1, min(G, self.max_atoms // n))
-
-        def call(i):
-            out = model(
-                coord[i : i + step],
-                atype[i : i + step],
-                box=None if box is None else box[i : i + step],
-                do_atomic_virial=False,
-            )
-            # detach at once: the energy's autograd graph holds every intermediate of the call, and
-            # keeping it until all calls are done would add up the memory the split is there to bound
-            return {k: out[k].detach() for k in ("energy", "force", "virial")}
-
         while True:
             try:
-                parts = [call(i) for i in range(0, G, step)]
+                parts = [call(i, min(G, i + step)) for i in range(0, G, step)]
                 break
             except (self.torch.OutOfMemoryError, RuntimeError) as err:
                 if step == 1 or not self._is_oom(err):
@@ -265,9 +266,35 @@ class DeepmdProvider:
         cat = self.torch.cat
         return {
             "energy": cat([p["energy"].reshape(-1) for p in parts]),
-            "force": cat([p["force"] for p in parts]),
+            "force": cat([p["force"].reshape(-1, n, 3) for p in parts]),
             "virial": cat([p["virial"].reshape(-1, 9) for p in parts]),
         }
+
+    @staticmethod
+    def _upper(model, coord, atype, box):
+        """DeePMD-kit's ``forward``: it builds its own images and neighbour list; call(lo, hi)."""
+
+        def call(lo, hi):
+            out = model(coord[lo:hi], atype[lo:hi], box=None if box is None else box[lo:hi], do_atomic_virial=False)
+            # detach at once: the energy's autograd graph holds every intermediate of the call, and
+            # keeping it until all calls are done would add up the memory the split is there to bound
+            return {k: out[k].detach() for k in ("energy", "force", "virial")}
+
+        return call
+
+    def _lower(self, model, ext, ext_atype, nlist, mapping, n: int):
+        """DeePMD-kit's ``forward_lower`` on the kept images and list (deepmd_lower); call(lo, hi)."""
+        torch = self.torch
+
+        def call(lo, hi):
+            out = model.forward_lower(
+                ext[lo:hi], ext_atype[lo:hi], nlist[lo:hi], mapping[lo:hi], do_atomic_virial=False
+            )
+            force = scatter_to_local(torch, out["extended_force"].detach(), mapping[lo:hi], n)
+            # the virial of forward_lower already sums -r (x) f over the images (DeePMD-kit's own)
+            return {"energy": out["energy"].detach(), "force": force, "virial": out["virial"].detach()}
+
+        return call
 
     def __call__(self, st, all_models: bool) -> dict:
         torch = self.torch
@@ -286,14 +313,26 @@ class DeepmdProvider:
         energy, force, virial = torch.zeros((M, S), **kw), torch.zeros((M, N, 3), **kw), torch.zeros((M, S, 9), **kw)
         for g in groups:
             coord = pos.index_select(0, g.atoms).reshape(g.G, g.n, 3)
-            if all(g.pbc):
-                box = cells.index_select(0, g.sys)
-            elif any(g.pbc):
-                box = vacuum_box(torch, coord, heff.index_select(0, g.sys), g.pbc, self.rcut)
-            else:
-                box = None
-            for m, model in enumerate(models):
-                out = self._forward(model, coord, g.atype, box)
+            if self.skin is not None:  # kept images + Verlet list, DeePMD-kit's forward_lower
+                if all(g.pbc):
+                    h = cells.index_select(0, g.sys).reshape(g.G, 3, 3)
+                else:
+                    h = heff.index_select(0, g.sys) if any(g.pbc) else None
+                if g.ghosts is None:
+                    g.ghosts = VerletGhosts(torch, self.rcut, self.skin, g.pbc)
+                ext, mapping, nlist = g.ghosts.update(coord, h)
+                ext_atype = torch.gather(g.atype, 1, mapping)
+                calls = [self._lower(m, ext, ext_atype, nlist, mapping, g.n) for m in models]
+            else:  # DeePMD-kit's forward: its own images and neighbour list on every call
+                if all(g.pbc):
+                    box = cells.index_select(0, g.sys)
+                elif any(g.pbc):
+                    box = vacuum_box(torch, coord, heff.index_select(0, g.sys), g.pbc, self.rcut)
+                else:
+                    box = None
+                calls = [self._upper(m, coord, g.atype, box) for m in models]
+            for m, call in enumerate(calls):
+                out = self._forward(call, g.G, g.n)
                 energy[m].index_copy_(0, g.sys, out["energy"].to(torch.float64))
                 force[m].index_copy_(0, g.atoms, out["force"].reshape(-1, 3).to(torch.float64))
                 virial[m].index_copy_(0, g.sys, out["virial"].to(torch.float64))

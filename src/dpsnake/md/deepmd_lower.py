@@ -1,0 +1,119 @@
+"""Ghost atoms and a Verlet neighbour list for DeePMD-kit's ``forward_lower``, kept between MD steps.
+
+DeePMD-kit's ``model.forward(coord, atype, box)`` builds its periodic images and a neighbour list on
+every call: for G frames of n atoms, the distances of every atom to all (2c+1)^3 n images and a
+``topk`` over them. :class:`VerletGhosts` builds the same images and a list of the neighbours
+within ``rcut + skin`` once, and reuses both while no pair can have come within ``rcut`` unseen (the
+Verlet-list rule LAMMPS uses with ``neighbor SKIN``): the model's ``forward_lower(extended_coord,
+extended_atype, nlist, mapping)`` then gets ghosts at the current positions and the kept list, and
+DeePMD-kit's own ``format_nlist`` drops the pairs beyond each model's rcut, sorts by distance where
+the descriptor needs it (DPA-2/3: ``need_sorted_nlist_for_lower``) and keeps the nearest ``sel``:
+the same neighbours as its ``forward`` (the order of unsorted lists may differ: rounding only).
+
+Layout, as DeePMD-kit's ``extend_coord_with_ghosts``: extended atom ``j`` of a frame is local atom
+``owner[j]`` shifted by the integer cell vector ``t[j]``: ``x_ext[j] = x[owner[j]] + t[j] @ H``
+(H (3, 3), rows = cell vectors, A); the first n are the local atoms themselves wrapped into the
+cell at build time (t = -floor(fractional coordinates)), the rest their images by every shift in
+[-c, c]^3 along periodic directions (c = ceil((rcut + skin) / plane spacing)). A lattice shift
+changes no energy, force or virial of a periodic system.
+
+Rebuild rule (per call, conservative): the list is kept while, for every frame,
+``2 (max_i |dx_i| + sqrt(3) (c + 1 + w) |dH|_F) < skin`` (dx: motion of local atoms since the
+build, dH: cell change (NPT), w: largest |t| of the wrap at build): a pair's distance changes by at
+most the motion of both ends, and an image's motion is its owner's plus ``t @ dH``.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+class VerletGhosts:
+    """Images + neighbour list of one group of G frames of n atoms (see the module docstring).
+
+    rcut: the largest cutoff of the models (A); skin (A); pbc: periodic directions (3 bools).
+    ``update(coord (G, n, 3), h (G, 3, 3) | None)`` (float64, A) returns ``(ext_coord (G, nall, 3),
+    mapping (G, nall) long, nlist (G, n, K) long, -1 padded)``; ``h`` holds the cell vectors as rows
+    (non-periodic rows: any vectors that keep it invertible; None when no direction is periodic).
+    ``builds`` counts the lists built."""
+
+    def __init__(self, torch, rcut: float, skin: float, pbc: tuple):
+        self.torch, self.rcut, self.skin = torch, float(rcut), float(skin)
+        self.pbc = tuple(bool(p) for p in pbc)
+        self.builds = 0
+        self._ref = None  # (coord, h) at the last build
+
+    # ------------------------------------------------------------------ build
+    def _shifts(self, h):
+        """Integer shifts (ns, 3) float64, 0 first then by length (DeePMD-kit's order), and c."""
+        torch = self.torch
+        c = [0, 0, 0]
+        if h is not None:
+            vol = torch.linalg.det(h).abs()  # (G,)
+            for k in range(3):
+                if self.pbc[k]:
+                    a, b = h[:, (k + 1) % 3], h[:, (k + 2) % 3]
+                    spacing = vol / torch.linalg.cross(a, b).norm(dim=1)  # distance between the k planes
+                    c[k] = int(math.ceil(float(((self.rcut + self.skin) / spacing).max())))
+        r = [torch.arange(-ck, ck + 1, dtype=torch.float64) for ck in c]
+        s = torch.cartesian_prod(*r).reshape(-1, 3)
+        s = s[torch.argsort(s.norm(dim=1), stable=True)]
+        return s, max(c)
+
+    def _build(self, coord, h):
+        torch = self.torch
+        G, n, _ = coord.shape
+        dev = coord.device
+        if h is None:
+            t = torch.zeros((G, n, 3), dtype=coord.dtype, device=dev)
+            owner = torch.arange(n, device=dev).expand(G, n)
+            self._c, self._w = 0, 0.0
+        else:
+            frac = torch.linalg.solve(h.transpose(1, 2), coord.transpose(1, 2)).transpose(1, 2)  # (G, n, 3)
+            w = torch.floor(frac)
+            w[..., [not p for p in self.pbc]] = 0.0  # no wrapping along vacuum directions
+            s, self._c = self._shifts(h)
+            s = s.to(dev)
+            ns = s.shape[0]
+            t = (s[None, :, None, :] - w[:, None, :, :]).reshape(G, ns * n, 3)  # (G, nall, 3)
+            owner = torch.arange(n, device=dev).repeat(ns).expand(G, ns * n)
+            self._w = float(w.abs().max())
+        self.t, self.mapping = t, owner.contiguous()
+        ext = self._extended(coord, h)
+        # distances of every local atom to every extended atom: what DeePMD-kit computes on each call
+        d = torch.cdist(coord if h is None else ext[:, :n], ext)  # (G, n, nall)
+        d.diagonal(dim1=1, dim2=2).fill_(float("inf"))  # not its own neighbour
+        within = d < self.rcut + self.skin
+        K = max(1, int(within.sum(dim=2).max()))
+        dk, idx = torch.topk(d, K, dim=2, largest=False)  # nearest first
+        self.nlist = torch.where(dk < self.rcut + self.skin, idx, -1)
+        self._ref = (coord.clone(), None if h is None else h.clone())
+        self.builds += 1
+
+    def _extended(self, coord, h):
+        torch = self.torch
+        x = torch.gather(coord, 1, self.mapping[..., None].expand(-1, -1, 3))
+        return x if h is None else x + torch.bmm(self.t, h)
+
+    # ------------------------------------------------------------------ per call
+    def stale(self, coord, h) -> bool:
+        """True when some pair may have come within rcut since the build (the module's rule)."""
+        if self._ref is None or self._ref[0].shape != coord.shape:
+            return True
+        c0, h0 = self._ref
+        move = (coord - c0).norm(dim=2).amax(dim=1)  # (G,)
+        if h is not None:
+            move = move + math.sqrt(3.0) * (self._c + 1 + self._w) * (h - h0).flatten(1).norm(dim=1)
+        return bool((2.0 * move).max() >= self.skin)
+
+    def update(self, coord, h):
+        if self.stale(coord, h):
+            self._build(coord, h)
+        return self._extended(coord, h), self.mapping, self.nlist
+
+
+def scatter_to_local(torch, ext_force, mapping, n: int):
+    """Forces (G, n, 3) of local atoms: extended forces (G, nall, 3) summed onto their owners
+    (DeePMD-kit's ``communicate_extended_output``)."""
+    out = torch.zeros((ext_force.shape[0], n, 3), dtype=ext_force.dtype, device=ext_force.device)
+    return out.scatter_add_(1, mapping[..., None].expand(-1, -1, 3), ext_force)
