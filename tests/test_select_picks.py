@@ -216,7 +216,8 @@ def test_select_adaptive_hi_raises_the_hot_conditions_window(tmp_path):
 
 def test_select_budget_shares_labels_by_uncertain_frames(tmp_path):
     """select.budget: 5 labels over two systems, Cu with 2 frames in the trust window (4 accurate) and
-    Cu2 with 8: shares 1 and 4 (in proportion 2:8); without a budget each takes up to max_candidates."""
+    Cu2 with 8: shares 1 and 4 (in proportion 2:8); without a budget each takes up to max_candidates; a
+    share a system cannot use (its candidates fail the structure filter) goes to the other."""
     from dpsnake.workflow.select import select
 
     st = {"temperatures": [300.0], "ensemble": "nvt", "nsteps": 40, "trj_freq": 5, "max_iterations": 2}
@@ -241,3 +242,13 @@ def test_select_budget_shares_labels_by_uncertain_frames(tmp_path):
     cu2 = sorted(t.info["max_devi_f"] for t in tasks if t.info["system"] == "Cu2")
     assert cu2 == pytest.approx([0.10, 0.11, 0.12, 0.13])  # highest first within the share
     assert [t.info["max_devi_f"] for t in tasks if t.info["system"] == "Cu"] == pytest.approx([0.08])
+    # 6 of Cu2's 8 candidates fail the structure filter (rattled 0.8 A: atoms closer than min_dist): the
+    # shares count what each system can label, so Cu gets the labels Cu2 cannot use (2 + 2, not 1 + 2)
+    squeezed = [(0.8, 40 + k, 0.06 + 0.01 * k) for k in range(6)] + busy[6:]
+    (tmp_path / "squeezed").mkdir()
+    ex, _ = _write_conditions(tmp_path / "squeezed", cfg, [calm, squeezed])
+    stats, tasks = select(cfg, 0, ex)
+    s = stats["systems"]
+    assert s["Cu2"]["filtered"] == 6 and s["Cu2"]["candidate"] == 2 and s["Cu2"]["failed"] == 6
+    assert {k: (v["share"], v["selected"]) for k, v in s.items()} == {"Cu": (2, 2), "Cu2": (2, 2)}
+    assert sorted(t.info["max_devi_f"] for t in tasks if t.info["system"] == "Cu2") == pytest.approx([0.12, 0.13])

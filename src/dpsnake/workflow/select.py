@@ -189,29 +189,88 @@ def _levels(cfg: dict, system: str, d: dict) -> tuple[dict, float, float]:
     return trust, lo, hi
 
 
-def _budget(cfg: dict, data: dict) -> dict[str, int]:
+def _budget(cfg: dict, prepared: dict) -> dict[str, int]:
     """Labels each system may get this iteration: ``select.max_candidates``, or with ``select.budget``
     that many over all systems, shared in proportion to each system's frames the ensemble is not sure
-    of (candidates + failed), at most ``max_candidates`` and at most its candidates (+ failed frames
-    with ``fill_from_failed``) each (:func:`dpsnake.workflow.diversity.proportional`)."""
+    of (candidates + failed), at most ``max_candidates`` and at most the frames it can label (kept by
+    :func:`_prepare`: candidates, and failed frames with ``fill_from_failed``, that passed the structure
+    filter and were not labelled before) each (:func:`dpsnake.workflow.diversity.proportional`), so a
+    share a system cannot use goes to the others."""
     from dpsnake.workflow import candidates as S
     from dpsnake.workflow.diversity import proportional
 
     sel = cfg["select"]
-    names = sorted(data)
+    names = sorted(prepared)
     if sel.get("budget") is None:
         return {s: int(sel["max_candidates"]) for s in names}
-    weight, avail = [], []
-    for system in names:
-        d = data[system]
-        trust, lo, hi = _levels(cfg, system, d)
-        cls = S.classify(d["devi_f"], (lo, hi), d["devi_v"], trust.get("virial"))
-        weight.append(int(np.sum(cls != S.ACCURATE)))
-        pickable = int(np.sum(cls == S.CANDIDATE)) + (
-            int(np.sum(cls == S.FAILED)) if sel.get("fill_from_failed") else 0
-        )
-        avail.append(min(pickable, int(sel["max_candidates"])))
+    weight = [int(np.sum(prepared[s]["cls"] != S.ACCURATE)) for s in names]
+    avail = [min(len(prepared[s]["keep"]), int(sel["max_candidates"])) for s in names]
     return dict(zip(names, (int(n) for n in proportional(weight, avail, int(sel["budget"])))))
+
+
+def _prepare(cfg, system, d, explore, by_name, seen, bad) -> dict:
+    """One system's frames before picking: trust levels, classes (structure-filtered candidates become
+    failed), and ``keep``: the candidates (+ failed frames with ``fill_from_failed``, flagged in
+    ``fill``) that pass the structure filter, were not labelled before (``seen``: frame keys, updated)
+    and whose label did not fail before (``bad``); with the counts select's stats report."""
+    import ase.io
+
+    from dpsnake.workflow import candidates as S
+
+    sel = cfg["select"]
+    trust, lo, hi = _levels(cfg, system, d)
+    cls = S.classify(d["devi_f"], (lo, hi), d["devi_v"], trust.get("virial"))
+    cand = np.flatnonzero(cls == S.CANDIDATE)
+    # fill_from_failed: frames above the upper trust level may fill shares the candidates leave
+    over = np.flatnonzero(cls == S.FAILED) if sel.get("fill_from_failed") else np.zeros(0, dtype=int)
+    # structure filter on candidates: bad frames are counted as failed, never labelled
+    frames_cache, keep, filtered, duplicates, refailed, example = {}, [], 0, 0, 0, None
+    ref = ase.io.read(explore / by_name[d["walker"][0]]["structure"]) if len(d["walker"]) else None
+    ref_vpa = abs(ref.cell.volume) / len(ref) if ref is not None and ref.pbc.any() else None
+    for i in np.concatenate([cand, over]).astype(int):
+        atoms = _frame(explore, d["walker"][i], int(d["step"][i]), frames_cache)
+        why = (
+            "frame missing from traj.extxyz"
+            if atoms is None
+            else S.structure_problem(atoms, sel["min_dist"], sel["min_cell_angle"], sel["volume_range"], ref_vpa)
+        )
+        if why and cls[i] == S.FAILED:  # a fill-in that is no structure to label: stays failed
+            continue
+        if why:
+            filtered += 1
+            cls[i] = S.FAILED
+            print(f"select: {system} {d['walker'][i]} step {d['step'][i]}: not a candidate: {why}", file=sys.stderr)
+            continue
+        key = frame_key(atoms.positions, atoms.cell.array)
+        if key in seen:  # already labelled (or picked from another walker): never twice
+            duplicates += cls[i] != S.FAILED  # counted for candidates, not fill-ins
+            continue
+        fid = hashlib.sha1(key).hexdigest()[:20]  # = frame_id(): the key failed labels record
+        if fid in bad:  # its label failed before (e.g. the start structure): a relabel fails again
+            refailed += cls[i] != S.FAILED
+            example = example or f"{d['walker'][i]} step {d['step'][i]} ({bad[fid]})"
+            continue
+        seen.add(key)
+        keep.append(i)
+    if refailed:
+        print(
+            f"select: {system}: {refailed} candidate(s) not picked again, their label failed in an earlier "
+            f"iteration, e.g. {example}",
+            file=sys.stderr,
+        )
+    keep = np.asarray(keep, dtype=int)
+    return {
+        "trust": trust,
+        "lo": lo,
+        "hi": hi,
+        "cls": cls,
+        "keep": keep,
+        "fill": cls[keep] == S.FAILED,
+        "frames_cache": frames_cache,
+        "filtered": filtered,
+        "duplicates": duplicates,
+        "refailed": refailed,
+    }
 
 
 def _pick(cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, model, notes, fill=None, nmax=None):
@@ -261,7 +320,6 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=No
     in its datasets are not picked; ``results``: frames whose label failed before ``it`` are not picked;
     ``model``: the model whose descriptor gives the features of ``pick: diverse`` and ``dedup_tol``
     (default: the iteration's model 0 next to ``explore``)."""
-    import ase.io
 
     from dpsnake.workflow import candidates as S
 
@@ -275,52 +333,25 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=No
     seen = known_frames(data_root)
     bad = failed_before(results, it)
     systems, tasks, notes = {}, [], {}
-    nmax = _budget(cfg, data)
+    prepared = {system: _prepare(cfg, system, data[system], explore, by_name, seen, bad) for system in sorted(data)}
+    nmax = _budget(cfg, prepared)
     for system in sorted(data):
-        d = data[system]
-        trust, lo, hi = _levels(cfg, system, d)
-        cls = S.classify(d["devi_f"], (lo, hi), d["devi_v"], trust.get("virial"))
-        cand = np.flatnonzero(cls == S.CANDIDATE)
-        # fill_from_failed: frames above the upper trust level may fill shares the candidates leave
-        over = np.flatnonzero(cls == S.FAILED) if sel.get("fill_from_failed") else np.zeros(0, dtype=int)
-        # structure filter on candidates: bad frames are counted as failed, never labelled
-        frames_cache, keep, filtered, duplicates, refailed, example = {}, [], 0, 0, 0, None
-        ref = ase.io.read(explore / by_name[d["walker"][0]]["structure"]) if len(d["walker"]) else None
-        ref_vpa = abs(ref.cell.volume) / len(ref) if ref is not None and ref.pbc.any() else None
-        for i in np.concatenate([cand, over]).astype(int):
-            atoms = _frame(explore, d["walker"][i], int(d["step"][i]), frames_cache)
-            why = (
-                "frame missing from traj.extxyz"
-                if atoms is None
-                else S.structure_problem(atoms, sel["min_dist"], sel["min_cell_angle"], sel["volume_range"], ref_vpa)
-            )
-            if why and cls[i] == S.FAILED:  # a fill-in that is no structure to label: stays failed
-                continue
-            if why:
-                filtered += 1
-                cls[i] = S.FAILED
-                print(f"select: {system} {d['walker'][i]} step {d['step'][i]}: not a candidate: {why}", file=sys.stderr)
-            else:
-                key = frame_key(atoms.positions, atoms.cell.array)
-                if key in seen:  # already labelled (or picked from another walker): never twice
-                    duplicates += cls[i] != S.FAILED  # counted for candidates, not fill-ins
-                    continue
-                fid = hashlib.sha1(key).hexdigest()[:20]  # = frame_id(): the key failed labels record
-                if fid in bad:  # its label failed before (e.g. the start structure): a relabel fails again
-                    refailed += cls[i] != S.FAILED
-                    example = example or f"{d['walker'][i]} step {d['step'][i]} ({bad[fid]})"
-                    continue
-                seen.add(key)
-                keep.append(i)
-        if refailed:
-            print(
-                f"select: {system}: {refailed} candidate(s) not picked again, their label failed in an earlier "
-                f"iteration, e.g. {example}",
-                file=sys.stderr,
-            )
-        fill = cls[np.asarray(keep, dtype=int)] == S.FAILED
+        d, pr = data[system], prepared[system]
+        trust, lo, hi, cls, frames_cache = pr["trust"], pr["lo"], pr["hi"], pr["cls"], pr["frames_cache"]
         picked, near = _pick(
-            cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, model, notes, fill, nmax[system]
+            cfg,
+            system,
+            d,
+            pr["keep"],
+            frames_cache,
+            explore,
+            by_name,
+            rng,
+            data_root,
+            model,
+            notes,
+            pr["fill"],
+            nmax[system],
         )
         filled = int(np.sum(cls[picked] == S.FAILED))
         if filled:
@@ -329,7 +360,7 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=No
                 "left (fill_from_failed)",
                 file=sys.stderr,
             )
-        duplicates += near
+        duplicates = pr["duplicates"] + near
         for i in picked:
             atoms = _frame(explore, d["walker"][i], int(d["step"][i]), frames_cache).copy()
             w = by_name[d["walker"][i]]
@@ -359,10 +390,10 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=No
             "trust_hi": float(hi),
             "trust_lo_virial": None if trust.get("virial") is None else trust["virial"][0],
             "trust_hi_virial": None if trust.get("virial") is None else trust["virial"][1],
-            "filtered": filtered,
+            "filtered": pr["filtered"],
             "duplicates": duplicates,
             "near_duplicates": int(near),
-            "failed_before": refailed,
+            "failed_before": pr["refailed"],
             "selected": int(len(picked)),
             "share": int(nmax[system]),
             "filled_from_failed": filled,
