@@ -14,8 +14,8 @@
 # Kinds *_l0 (attn_layer 0) are also compressed by `dp --pt compress` (model_c.pth); a plan kind KIND_c
 # means those: builtin:KIND_c runs our engine with --compress $MIN_NBOR (tabulated), ours:/lammps:KIND_c
 # DeePMD-kit's compressed models. Plan item "engine": bench_engine_attn.py (per-size cases, $ENGINE_ARGS,
-# at most ENGINE_S seconds) on the trained se_atten kinds. Plan item "profile:KIND": where one provider call on
-# KIND's models goes (bench/profiling/profile_deepmd_provider.py $PROFILE_ARGS; $OUT/profile_KIND.json). The .pth are converted to .dp after training.
+# at most ENGINE_S seconds) on the trained se_atten kinds. Plan item "profile:KIND[:STAGES]": where one provider
+# call on KIND's models goes (bench/profiling/profile_deepmd_provider.py, STAGES dash-separated; $OUT/profile_KIND[_STAGES].json). The .pth are converted to .dp after training.
 set -u
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
 R=$(pwd); OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -94,11 +94,11 @@ engine() {  # the per-size cases (bench_engine_attn.py) on the se_atten kinds tr
     --deepmd --budget $left ${ENGINE_ARGS:-} 2>&1 | grep -v -e "^To get the best" -e "DP_INFER_BATCH_SIZE" -e "_warn_once"
   echo "[$(el) s] engine"
 }
-profile() {  # where a provider call's time goes (bench/profiling/profile_deepmd_provider.py), model 0 of KIND
+profile() {  # KIND [STAGES]: where a provider call's time goes (bench/profiling/profile_deepmd_provider.py), model 0
   [ -f $(mfile $1 0) ] || { echo "no models: $1"; return; }
   local left=$(( BUDGET_S - $(el) )); [ $left -gt 30 ] || { echo "skipped profile $1: budget"; return; }
   timeout $left python3 bench/profiling/profile_deepmd_provider.py $(models $1) --walkers "$WALKERS" \
-    --json "$OUT/profile_$1.json" ${PROFILE_ARGS:-} 2>&1 | grep -v -e "^To get the best" -e "_warn_once"
+    --json "$OUT/profile_$1${2:+_$2}.json" ${2:+--stages $2} ${PROFILE_ARGS:-} 2>&1 | grep -v -e "^To get the best" -e "_warn_once"
   echo "[$(el) s] profile $1"
 }
 steps() { [ $1 = dpa3 ] && echo "$STEPS_DPA3" || echo "$STEPS_SE"; }
@@ -106,7 +106,7 @@ for c in $PLAN; do  # lammps:KIND:NPROC, ours:KIND (DeePMD-kit's models) or buil
   IFS=: read -r what k n <<< "$c"
   case $what in
     engine) engine ;;
-    profile) profile $k ;;
+    profile) profile $k $n ;;
     lammps) lammps $k "$(steps $k)" "$n" ;;
     ours) if [ $k = dpa3 ]; then ours $k "$(steps $k)" --warmup-steps 10 --force-steps "$FORCE_DPA3" --reps 1
           else ours $k "$(steps $k)" --force-steps "$FORCE_SE"; fi ;;

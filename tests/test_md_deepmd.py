@@ -144,6 +144,28 @@ def test_kept_neighbour_list_equals_deepmd_forward(pt_model, descriptor):
     assert sorted(builds()) == [2] + [3] * (len(kept._groups) - 1)
 
 
+def test_dpa3_without_padding_equals_deepmd(pt_model):
+    """DPA-3 .pth and .dp files load as DeePMD-kit's dynamic-selection model (sel_reduce_factor 1: no
+    padded edges or angles) and give the static model's numbers to 1e-10 relative on the mixed batch;
+    other descriptors load as they are."""
+    import torch
+
+    from dpsnake.md.deepmd_provider import dynamic_sel_model
+
+    m = pt_model("dpa3")
+    cpu = torch.device("cpu")
+    for f in (m["pth"], m["dp"]):
+        rf = dynamic_sel_model(pathlib.Path(f), cpu).atomic_model.descriptor.repflows
+        assert rf.use_dynamic_sel and rf.sel_reduce_factor == 1.0
+        assert all(ly.use_dynamic_sel and ly.sel_reduce_factor == 1.0 for ly in rf.layers)
+    assert dynamic_sel_model(pathlib.Path(pt_model("se_atten_v2")["pth"]), cpu) is None
+    st = flat_state(mixed_batch())
+    a = DeepmdProvider([m["pth"], m["dp"]])(st, True)
+    b = DeepmdProvider([m["pth"]], skin=None, dynamic_sel=False)(st, True)
+    for k in ("energy", "force", "virial"):
+        assert np.abs(a[k] - b[k]).max() <= 1e-10 * np.abs(b[k]).max(), k
+
+
 def test_kept_neighbour_list_npt_run(tmp_path, pt_model):
     """30 NPT steps of two walkers (4 and 32 atoms, pressure 1 GPa, the cells change) on the kept list
     equal the run on DeePMD-kit's forward to 1e-10 A, and the list was kept for some steps."""

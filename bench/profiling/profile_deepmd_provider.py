@@ -2,9 +2,9 @@
 
 One batch of W walkers x 108 atoms of fcc Cu (rattled, cells scaled +-1 %), model 0 only (an
 ordinary MD step). Stages, each written to the JSON as soon as it is done:
-  provider    DeepmdProvider(skin=None) (DeePMD-kit's forward: its own images + list every call) vs
-              DeepmdProvider() (kept images + Verlet list, forward_lower): s per call, max force
-              difference, peak memory per atom, chunk (max_atoms)
+  provider    DeepmdProvider(skin=None, dynamic_sel=False) (DeePMD-kit's forward: its own images + list
+              every call) vs skin 1 (kept images + Verlet list, forward_lower) vs skin 1 + dynamic_sel
+              (DPA-3 without padding): s per call, max force difference, peak memory per atom, chunk
   parts       DeePMD-kit's eager model (get_model + the .pth's state_dict) on one chunk: images +
               neighbour list (extend_input_and_build_neighbor_list), format_nlist, descriptor
               forward, fitting forward, backward (forces), each CUDA-synchronised; TorchScript vs eager
@@ -84,7 +84,7 @@ def main() -> int:
     ap.add_argument("models", nargs="+")
     ap.add_argument("--walkers", type=int, default=256)
     ap.add_argument("--json", default="profile_deepmd_provider.json")
-    ap.add_argument("--stages", default="provider,parts,chunks,compile")
+    ap.add_argument("--stages", default="provider,parts,chunks,compile", help="comma- or dash-separated")
     ap.add_argument("--chunks", default="32,64,128,256")
     args = ap.parse_args()
     import cupy as cp
@@ -92,7 +92,7 @@ def main() -> int:
     import torch
 
     from dpsnake.md.deepmd_lower import VerletGhosts, scatter_to_local
-    from dpsnake.md.deepmd_provider import DeepmdProvider
+    from dpsnake.md.deepmd_provider import DeepmdProvider, dynamic_sel_model
 
     res = {"walkers": args.walkers, "models": args.models, "device": torch.cuda.get_device_name()}
     out = pathlib.Path(args.json)
@@ -113,12 +113,12 @@ def main() -> int:
         pbc=cp.ones(W, dtype=bool),
         cells=cp.asarray(cells),
     )
-    stages = args.stages.split(",")
+    stages = args.stages.replace("-", ",").split(",")
     if "provider" in stages:
         r = {}
         forces = {}
-        for name, skin in (("forward", None), ("lower", 1.0)):
-            prov = DeepmdProvider(args.models[:1], cp, skin=skin)
+        for name, skin, dyn in (("forward", None, False), ("lower", 1.0, False), ("lower_dynamic_sel", 1.0, True)):
+            prov = DeepmdProvider(args.models[:1], cp, skin=skin, dynamic_sel=dyn)
             t, o = timed(torch, lambda: prov(st, False))
             mem = peak_per_atom(torch, lambda: prov(st, False), N)
             forces[name] = cp.asnumpy(o["force"][0])
@@ -132,6 +132,7 @@ def main() -> int:
             del prov
             torch.cuda.empty_cache()
         r["max_abs_dF_lower_vs_forward"] = float(np.abs(forces["lower"] - forces["forward"]).max())
+        r["max_abs_dF_dynamic_vs_forward"] = float(np.abs(forces["lower_dynamic_sel"] - forces["forward"]).max())
         r["max_abs_F"] = float(np.abs(forces["forward"]).max())
         res["provider"] = r
         save()
@@ -182,6 +183,15 @@ def main() -> int:
         r["script_forward_s"], _ = timed(torch, lambda: script(coord, atype, box=box))
         r["eager_forward_lower_s"], _ = timed(torch, lambda: model.forward_lower(ext, ext_atype, nlist, mapping))
         r["script_forward_lower_s"], o = timed(torch, lambda: script.forward_lower(ext, ext_atype, nlist, mapping))
+        dyn = dynamic_sel_model(pathlib.Path(args.models[0]), dev)
+        if dyn is not None:
+            r["script_dynamic_sel_forward_lower_s"], _ = timed(
+                torch, lambda: dyn.forward_lower(ext, ext_atype, nlist, mapping)
+            )
+            r["peak_bytes_per_atom_script_dynamic_sel_lower"] = peak_per_atom(
+                torch, lambda: dyn.forward_lower(ext, ext_atype, nlist, mapping), G * n
+            )
+            del dyn
         r["scatter_s"], _ = timed(torch, lambda: scatter_to_local(torch, o["extended_force"], mapping, n))
         r["peak_bytes_per_atom_script_forward"] = peak_per_atom(torch, lambda: script(coord, atype, box=box), G * n)
         r["peak_bytes_per_atom_script_lower"] = peak_per_atom(

@@ -17,6 +17,11 @@ need not be neighbours in the batch: their atoms are gathered with one index per
 device while the batch does not change. On GPUs the state stays in CuPy and crosses to torch
 through DLPack (no copies to the host per step).
 
+Two ways to a faster call with the same numbers (rounding aside; both on by default): the images and
+the neighbour list are kept between steps (a Verlet list with a skin, :mod:`dpsnake.md.deepmd_lower`,
+fed to the model's ``forward_lower``), and DPA-3 models compute without their neighbour padding
+(:func:`dynamic_sel_model`).
+
 Model files: ``.pth`` (``dp --pt freeze``) is loaded with ``torch.jit.load``; ``.dp`` (any backend,
 ``dp convert-backend``) is turned into the PyTorch model with DeePMD-kit's own deserializer, as
 ``dp convert-backend model.dp model.pth`` does; a ``.pt`` training checkpoint goes through
@@ -25,6 +30,7 @@ Model files: ``.pth`` (``dp --pt freeze``) is loaded with ``torch.jit.load``; ``
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import tempfile
@@ -43,28 +49,22 @@ def _torch_device(xp):
     return torch.device("cpu")
 
 
-def load_torch_model(path, device, head: str | None = None):
+def load_torch_model(path, device, head: str | None = None, dynamic_sel: bool = False):
     """One DeePMD-kit PyTorch energy model from ``path`` (.pth, .dp or .pt) on ``device``, in eval mode.
 
+    dynamic_sel: a DPA-3 model (.pth or .dp) comes back computing through its repflow's dynamic
+    neighbour selection (:func:`dynamic_sel_model`), the same function without the padding.
     Raises UserError (one line) for a missing file, a file DeePMD-kit cannot read, or a model that is
     not an energy model (dipole, polarizability, DOS, spin)."""
     import deepmd.pt.cxx_op  # noqa: F401  DeePMD-kit's custom ops, which frozen models may call
-    import torch
 
     p = pathlib.Path(path)
     if not p.is_file():
         raise UserError(f"{path}: model file not found")
     try:
-        if p.suffix == ".pth":
-            model = torch.jit.load(str(p), map_location=device)
-        elif p.suffix == ".dp":
-            model = _from_dp(p, device)
-        elif p.suffix == ".pt":
-            from deepmd.infer.deep_pot import DeepPot  # DeePMD-kit's own checkpoint loader (and head)
-
-            model = DeepPot(str(p), head=head, auto_batch_size=False).deep_eval.dp.model["Default"]
-        else:
-            raise UserError(f"{path}: unknown model file suffix {p.suffix!r} (.pth, .dp or .pt)")
+        model = dynamic_sel_model(p, device) if dynamic_sel and p.suffix in (".pth", ".dp") else None
+        if model is None:
+            model = _load(p, device, head)
     except UserError:
         raise
     except Exception as err:  # torch / deepmd raise many kinds: say which file
@@ -81,6 +81,21 @@ def load_torch_model(path, device, head: str | None = None):
     return model
 
 
+def _load(p: pathlib.Path, device, head):
+    """The model of a .pth, .dp or .pt file as DeePMD-kit loads it."""
+    import torch
+
+    if p.suffix == ".pth":
+        return torch.jit.load(str(p), map_location=device)
+    if p.suffix == ".dp":
+        return _from_dp(p, device)
+    if p.suffix == ".pt":
+        from deepmd.infer.deep_pot import DeepPot  # DeePMD-kit's own checkpoint loader (and head)
+
+        return DeepPot(str(p), head=head, auto_batch_size=False).deep_eval.dp.model["Default"]
+    raise UserError(f"{p}: unknown model file suffix {p.suffix!r} (.pth, .dp or .pt)")
+
+
 def _from_dp(path: pathlib.Path, device):
     """A .dp file as a TorchScript PyTorch model, through DeePMD-kit's own .dp -> .pth conversion."""
     import torch
@@ -92,6 +107,45 @@ def _from_dp(path: pathlib.Path, device):
         pth = os.path.join(tmp, "model.pth")
         deserialize_to_file(pth, data)
         return torch.jit.load(pth, map_location=device)
+
+
+def dynamic_sel_model(path: pathlib.Path, device):
+    """DeePMD-kit's TorchScript model of a DPA-3 ``.pth`` / ``.dp`` whose repflow selects neighbours
+    dynamically (``use_dynamic_sel`` True, ``sel_reduce_factor`` 1), or None for other models.
+
+    Why: DPA-3 pads every atom's edges to e_sel (120 in DeePMD-kit's example) and its angles to
+    a_sel^2 (900) and computes on the padding; fcc Cu has ~80 and ~18^2 real ones. DeePMD-kit's
+    dynamic path computes on the real edges and angles only, and with sel_reduce_factor 1 its
+    normalisations (sums / e_sel, / sqrt(e_sel), / sqrt(a_sel)) are the static path's: the same
+    function (the padding contributes exact zeros through the switch functions), the same weights
+    (state_dict unchanged), rounding aside (FP64: 2e-15 relative, tests/test_md_deepmd.py). The model is
+    rebuilt from DeePMD-kit's own serialisation (deepmd.pt's serialize_from_file / the .dp dict) and
+    scripted as ``dp convert-backend`` does. It needs smooth_edge_update (DeePMD-kit refuses the
+    dynamic path without it)."""
+    import torch
+    from deepmd.pt.model.model import BaseModel
+
+    if path.suffix == ".pth":
+        from deepmd.pt.utils.serialization import serialize_from_file
+
+        data = serialize_from_file(str(path))
+    else:
+        from deepmd.dpmodel.utils.serialization import load_dp_model
+
+        data = load_dp_model(str(path))
+    m = data["model"]
+    args = m.get("descriptor", {}).get("repflow_args") if m.get("type") == "standard" else None
+    if not args or m["descriptor"].get("type") != "dpa3" or args.get("use_dynamic_sel", True):
+        return None  # not DPA-3, or dynamic already
+    if not args.get("smooth_edge_update", False):
+        return None
+    # the block's arguments and each layer's own copy of them (the layers are deserialised from theirs)
+    layers = m["descriptor"].get("repflow_variable", {}).get("repflow_layers", [])
+    for d in [args, *layers]:
+        d.update(use_dynamic_sel=True, sel_reduce_factor=1.0)
+    model = BaseModel.deserialize(m)
+    model.model_def_script = json.dumps(data.get("model_def_script", {}))  # as deserialize_to_file sets it
+    return torch.jit.script(model).to(device)
 
 
 def vacuum_box(torch, coord, heff, pbc: tuple, rcut: float):
@@ -136,7 +190,9 @@ class DeepmdProvider:
     GPU); head: branch of multitask ``.pt`` checkpoints; max_atoms: atoms per model call at most
     ("auto": on GPUs, what fits in ``MEMORY_SHARE`` of the device's memory, measured on the first
     call; on CPUs no bound; None: no bound). A call that runs out of device memory anyway is retried
-    with half as many frames, and the bound kept.
+    with half as many frames, and the bound kept. skin (A): images and neighbour list kept while no
+    atom moved more than allowed (deepmd_lower; None: DeePMD-kit's forward, its own list every call).
+    dynamic_sel: DPA-3 models run without their padding (:func:`dynamic_sel_model`).
     """
 
     SKIN = 1.0  # A, of the kept neighbour list (deepmd_lower; LAMMPS' `neighbor 1.0 bin` in the benchmarks)
@@ -150,6 +206,7 @@ class DeepmdProvider:
         head: str | None = None,
         max_atoms: int | str | None = "auto",
         skin: float | None = 1.0,
+        dynamic_sel: bool = True,
     ):
         from dpsnake.md.engines import deepmd_missing
 
@@ -162,7 +219,7 @@ class DeepmdProvider:
         self.xp = xp
         self.device = _torch_device(xp)
         self.paths = [str(p) for p in paths]
-        self.models = [load_torch_model(p, self.device, head) for p in self.paths]
+        self.models = [load_torch_model(p, self.device, head, dynamic_sel) for p in self.paths]
         maps = [list(m.get_type_map()) for m in self.models]
         for p, tm in zip(self.paths[1:], maps[1:]):
             if tm != maps[0]:
