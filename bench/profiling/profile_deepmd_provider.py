@@ -5,7 +5,7 @@ ordinary MD step). Stages, each written to the JSON as soon as it is done:
   provider    DeepmdProvider(skin=None, dynamic_sel=False) (DeePMD-kit's forward: its own images + list
               every call) vs skin 1 (kept images + Verlet list, forward_lower) vs skin 1 + dynamic_sel
               (DPA-3 without padding): s per call, max force difference, peak memory per atom, chunk
-  parts       DeePMD-kit's eager model (get_model + the .pth's state_dict) on one chunk: images +
+  parts       DeePMD-kit's eager model (get_model + the .pth's state_dict) on --frames walkers: images +
               neighbour list (extend_input_and_build_neighbor_list), format_nlist, descriptor
               forward, fitting forward, backward (forces), each CUDA-synchronised; TorchScript vs eager
               forward_lower; a torch.profiler table of one eager forward_lower
@@ -86,6 +86,7 @@ def main() -> int:
     ap.add_argument("--json", default="profile_deepmd_provider.json")
     ap.add_argument("--stages", default="provider,parts,chunks,compile", help="comma- or dash-separated")
     ap.add_argument("--chunks", default="32,64,128,256")
+    ap.add_argument("--frames", type=int, default=32, help="walkers of the parts and compile stages")
     args = ap.parse_args()
     import cupy as cp
     import deepmd.pt.cxx_op  # noqa: F401
@@ -141,7 +142,9 @@ def main() -> int:
     dev = torch.device("cuda")
     script = torch.jit.load(args.models[0], map_location=dev).eval()
     model = eager_model(args.models[0], dev)
-    G = min(W, int(0.4 * torch.cuda.get_device_properties(dev).total_memory / 2.2e6) // n)  # ~provider's chunk
+    # parts and compile on one chunk of --frames walkers: the static eager model keeps ~14 MB per atom
+    # of a call for its backward pass (run9: 237 frames ran out of the H200's memory)
+    G = min(W, args.frames)
     coord = torch.as_tensor(pos[: G * n].reshape(G, n, 3), device=dev)
     box = torch.as_tensor(cells[:G].reshape(G, 9), device=dev)
     atype = torch.zeros((G, n), dtype=torch.long, device=dev)
@@ -154,11 +157,10 @@ def main() -> int:
         from deepmd.pt.utils.nlist import extend_input_and_build_neighbor_list
 
         r = {"frames": G}
-        f32 = torch.float32
-        c32, b32 = coord.to(f32), box.to(f32)
         rc, sel = float(model.get_rcut()), model.get_sel()
+        # float64 in, as the model's forward passes them (DeePMD-kit's global precision; its shifts are float64)
         r["deepmd_images_nlist_s"], (e_c, e_t, e_map, e_nl) = timed(
-            torch, lambda: extend_input_and_build_neighbor_list(c32, atype, rc, sel, mixed_types=True, box=b32)
+            torch, lambda: extend_input_and_build_neighbor_list(coord, atype, rc, sel, mixed_types=True, box=box)
         )
         r["verlet_build_s"], _ = timed(torch, lambda: gh._build(coord, box.reshape(G, 3, 3)))
         r["verlet_reuse_s"], _ = timed(torch, lambda: gh.update(coord, box.reshape(G, 3, 3)))
