@@ -13,6 +13,7 @@ Subcommands:
       (examples/water/se_atten/input_torch.json with type se_atten_v2; examples/water/dpa3/input_torch.json).
   bench MODEL... [--walkers 256] [--rep 3] [--steps 200] [--device auto|cpu|gpu] [--label NAME] [--json OUT]
       [--provider deepmd|builtin] [--precision double|mixed] [--compress MIN_NBOR_DIST]
+      [--skin 1.0|none] [--dynamic-sel on|off]
       timings: explore (Explorer.loop, the real thing), force (the provider alone with the explorer's
       call pattern: 9 calls model 0 + 1 call all models per 10 steps), integrator (md step with cached
       forces), DeePMD-kit's DeepPot.eval on the whole batch (one model, and all models), peak GPU
@@ -237,7 +238,9 @@ def cmd_bench(args) -> int:
             return 0
     else:
         max_atoms = {"auto": "auto", "none": None}.get(args.max_atoms) or int(args.max_atoms)
-        provider = DeepmdProvider(args.models, xp, max_atoms=max_atoms)  # "auto": its own memory probe
+        skin = None if args.skin.lower() == "none" else float(args.skin)
+        # "auto": its own memory probe; skin / dynamic_sel: the provider's defaults unless asked otherwise
+        provider = DeepmdProvider(args.models, xp, max_atoms=max_atoms, skin=skin, dynamic_sel=args.dynamic_sel == "on")
     t_load = time.perf_counter() - t0
     type_map = provider.type_map
     ref_models = [str(pathlib.Path(m).with_suffix(".pth")) for m in args.models]  # DeePMD-kit's own files
@@ -444,6 +447,11 @@ def cmd_bench(args) -> int:
         "peak_gpu_bytes_per_atom_explore": (mem_explore[0] + mem_explore[1]) / ntot,
         "force_calls": provider.calls,
         "max_atoms": getattr(provider, "max_atoms", None),
+        "skin": getattr(provider, "skin", None),
+        "dynamic_sel": None if args.provider == "builtin" else args.dynamic_sel,
+        "neighbour_list_builds": [g.ghosts.builds for g in provider._groups if g.ghosts is not None]
+        if getattr(provider, "_groups", None)
+        else None,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     if prof_table:
@@ -522,6 +530,17 @@ def main() -> int:
         "--max-atoms",
         default="auto",
         help="atoms per model call: auto (the provider measures its memory on a GPU), none, or N",
+    )
+    b.add_argument(
+        "--skin",
+        default="1.0",
+        help="DeepmdProvider: A of the kept neighbour list (forward_lower), or none (DeePMD-kit's forward every call)",
+    )
+    b.add_argument(
+        "--dynamic-sel",
+        choices=("on", "off"),
+        default="on",
+        help="DeepmdProvider: DPA-3 through DeePMD-kit's dynamic neighbour selection (no padding) or as saved",
     )
     b.add_argument("--ensemble", default="npt")
     b.add_argument(

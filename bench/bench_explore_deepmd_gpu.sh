@@ -9,7 +9,9 @@
 #   run: bash bench/bench_explore_deepmd_gpu.sh    (carry .whl)
 # Env: TRAIN_STEPS (300), WALKERS (256), STEPS_SE (200), STEPS_DPA3 (50), FORCE_SE (50), FORCE_DPA3 (20),
 # BUDGET_S (560: later cases skipped past it), KINDS (models to train), PLAN (cases in order; see below),
-# EXTRA_WHL (more wheels to install, e.g. ".whl3/*.whl": DeePMD-kit 3.2 trainer's lmdb, mendeleev and their needs)
+# EXTRA_WHL (more wheels to install, e.g. ".whl3/*.whl": DeePMD-kit 3.2 trainer's lmdb, mendeleev and their needs),
+# OURS_ARGS (more bench_explore_deepmd.py arguments of the ours/builtin cases, e.g. "--skin none --dynamic-sel off":
+# DeepmdProvider as before issue 17's session h17)
 # e.g. issue 21: KINDS=se_atten_v2 PLAN="builtin:se_atten_v2 ours:se_atten_v2 lammps:se_atten_v2:1"
 # Kinds *_l0 (attn_layer 0) are also compressed by `dp --pt compress` (model_c.pth); a plan kind KIND_c
 # means those: builtin:KIND_c runs our engine with --compress $MIN_NBOR (tabulated), ours:/lammps:KIND_c
@@ -83,7 +85,7 @@ ours() {  # kind steps extra-args
   local left=$(( BUDGET_S - $(el) )); [ $left -gt 30 ] || { echo "skipped ours $k: budget"; return; }
   local ms=$(models $k); [ "${1:-}" = --compress ] && ms=$(models ${k%_c})  # ours on model.pth, tabulated
   timeout $left python3 bench/bench_explore_deepmd.py bench $ms --walkers "$WALKERS" --steps "$steps" \
-    --device gpu --label $k --profile "$@" 2>&1 \
+    --device gpu --label $k --profile "$@" ${OURS_ARGS:-} 2>&1 \
     | grep -v -e "^To get the best" -e "DP_INFER_BATCH_SIZE" -e "_warn_once" -e "Profiler clears events"
   echo "[$(el) s] ours $k"
 }
