@@ -51,6 +51,7 @@ def timed(torch, fn, reps=3, warm=2):
         fn()
     ts, out = [], None
     for _ in range(reps):
+        out = None  # free the previous call's outputs (and their autograd graph) before the next call
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         out = fn()
@@ -86,7 +87,7 @@ def main() -> int:
     ap.add_argument("--json", default="profile_deepmd_provider.json")
     ap.add_argument("--stages", default="provider,parts,chunks,compile", help="comma- or dash-separated")
     ap.add_argument("--chunks", default="32,64,128,256")
-    ap.add_argument("--frames", type=int, default=32, help="walkers of the parts and compile stages")
+    ap.add_argument("--frames", type=int, default=8, help="walkers of the parts and compile stages")
     args = ap.parse_args()
     import cupy as cp
     import deepmd.pt.cxx_op  # noqa: F401
@@ -143,7 +144,8 @@ def main() -> int:
     script = torch.jit.load(args.models[0], map_location=dev).eval()
     model = eager_model(args.models[0], dev)
     # parts and compile on one chunk of --frames walkers: the static eager model keeps ~14 MB per atom
-    # of a call for its backward pass (run9: 237 frames ran out of the H200's memory)
+    # of a call for its backward pass (run9: 237 frames ran out of the H200's memory; session 17: 32 frames
+    # too while timed() kept the previous call's graph alive: it now drops it first, and 8 frames is the default)
     G = min(W, args.frames)
     coord = torch.as_tensor(pos[: G * n].reshape(G, n, 3), device=dev)
     box = torch.as_tensor(cells[:G].reshape(G, 9), device=dev)
@@ -162,8 +164,8 @@ def main() -> int:
         r["deepmd_images_nlist_s"], (e_c, e_t, e_map, e_nl) = timed(
             torch, lambda: extend_input_and_build_neighbor_list(coord, atype, rc, sel, mixed_types=True, box=box)
         )
-        r["verlet_build_s"], _ = timed(torch, lambda: gh._build(coord, box.reshape(G, 3, 3)))
-        r["verlet_reuse_s"], _ = timed(torch, lambda: gh.update(coord, box.reshape(G, 3, 3)))
+        r["verlet_build_s"] = timed(torch, lambda: gh._build(coord, box.reshape(G, 3, 3)))[0]
+        r["verlet_reuse_s"] = timed(torch, lambda: gh.update(coord, box.reshape(G, 3, 3)))[0]
         r["format_nlist_s"], nl = timed(
             torch, lambda: model.format_nlist(e_c, e_t, e_nl, extra_nlist_sort=model.need_sorted_nlist_for_lower())
         )
@@ -173,17 +175,17 @@ def main() -> int:
         def desc():
             return am.descriptor(xg, e_t, nl, mapping=e_map)
 
-        r["descriptor_forward_s"], _ = timed(torch, desc)
-        r["atomic_forward_s"], ret = timed(torch, lambda: am.forward_atomic(xg, e_t, nl, mapping=e_map))
+        r["descriptor_forward_s"] = timed(torch, desc)[0]
+        r["atomic_forward_s"] = timed(torch, lambda: am.forward_atomic(xg, e_t, nl, mapping=e_map))[0]
 
         def fwd_bwd():
             ret = am.forward_atomic(xg, e_t, nl, mapping=e_map)
             return torch.autograd.grad(ret["energy"].sum(), xg)[0]
 
-        r["atomic_forward_backward_s"], _ = timed(torch, fwd_bwd)
-        r["eager_forward_s"], _ = timed(torch, lambda: model(coord, atype, box=box))
-        r["script_forward_s"], _ = timed(torch, lambda: script(coord, atype, box=box))
-        r["eager_forward_lower_s"], _ = timed(torch, lambda: model.forward_lower(ext, ext_atype, nlist, mapping))
+        r["atomic_forward_backward_s"] = timed(torch, fwd_bwd)[0]
+        r["eager_forward_s"] = timed(torch, lambda: model(coord, atype, box=box))[0]
+        r["script_forward_s"] = timed(torch, lambda: script(coord, atype, box=box))[0]
+        r["eager_forward_lower_s"] = timed(torch, lambda: model.forward_lower(ext, ext_atype, nlist, mapping))[0]
         r["script_forward_lower_s"], o = timed(torch, lambda: script.forward_lower(ext, ext_atype, nlist, mapping))
         dyn = dynamic_sel_model(pathlib.Path(args.models[0]), dev)
         if dyn is not None:
@@ -194,7 +196,7 @@ def main() -> int:
                 torch, lambda: dyn.forward_lower(ext, ext_atype, nlist, mapping), G * n
             )
             del dyn
-        r["scatter_s"], _ = timed(torch, lambda: scatter_to_local(torch, o["extended_force"], mapping, n))
+        r["scatter_s"] = timed(torch, lambda: scatter_to_local(torch, o["extended_force"], mapping, n))[0]
         r["peak_bytes_per_atom_script_forward"] = peak_per_atom(torch, lambda: script(coord, atype, box=box), G * n)
         r["peak_bytes_per_atom_script_lower"] = peak_per_atom(
             torch, lambda: script.forward_lower(ext, ext_atype, nlist, mapping), G * n
@@ -211,7 +213,7 @@ def main() -> int:
         print(table, flush=True)
         res["profile_eager_forward_lower"] = table
         save()
-        del ret, o
+        del o
         torch.cuda.empty_cache()
 
     if "chunks" in stages:
@@ -250,7 +252,7 @@ def main() -> int:
             torch.cuda.synchronize()
             r["first_call_s"] = time.perf_counter() - t0
             r["max_abs_dF_vs_eager"] = float((o["extended_force"].detach() - ref).abs().max())
-            r["s_per_call"], _ = timed(torch, lambda: model.forward_lower(ext, ext_atype, nlist, mapping))
+            r["s_per_call"] = timed(torch, lambda: model.forward_lower(ext, ext_atype, nlist, mapping))[0]
             r["peak_bytes_per_atom"] = peak_per_atom(
                 torch, lambda: model.forward_lower(ext, ext_atype, nlist, mapping), G * n
             )
