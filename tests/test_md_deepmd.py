@@ -175,12 +175,7 @@ def test_kept_neighbour_list_npt_run(tmp_path, pt_model):
         walker("b", write(cuni((2, 2, 2), seed=1), tmp_path / "b.extxyz"), ensemble="npt", seed=4, pressure=10000.0),
     ]
     kept, fresh = DeepmdProvider([m["pth"]], skin=0.5), DeepmdProvider([m["pth"]], skin=None)
-    sa, fa = _batch(ws, kept)
-    sb, fb = _batch(ws, fresh)
-    c0 = sa.cells.copy()
-    for k in range(30):
-        I.md_step(sa, kept, k, fa)
-        I.md_step(sb, fresh, k, fb)
+    sa, sb, (_, c0) = _lockstep(ws, kept, fresh, 30)
     assert np.abs(sa.pos - sb.pos).max() < 1e-10 and np.abs(sa.cells - sb.cells).max() < 1e-10
     assert np.abs(sa.cells - c0).max() > 1e-4  # the cells changed
     assert all(1 <= g.ghosts.builds < kept.calls for g in kept._groups)
@@ -191,6 +186,17 @@ def _batch(ws, provider):
     st = start_state(ws, read_structures(ws, TYPE_MAP), np)
     I.set_forces(st, provider(st, False))
     return st, st.flags()
+
+
+def _lockstep(ws, pa, pb, steps: int):
+    """The walkers ``ws`` run ``steps`` MD steps on provider ``pa`` and, step by step, on ``pb``: (the two
+    end states, (start positions, start cells))."""
+    (sa, fa), (sb, fb) = _batch(ws, pa), _batch(ws, pb)
+    start = (sa.pos.copy(), sa.cells.copy())
+    for k in range(steps):
+        I.md_step(sa, pa, k, fa)
+        I.md_step(sb, pb, k, fb)
+    return sa, sb, start
 
 
 def test_builtin_and_deepmd_agree_on_se_e2_a(tmp_path, pt_model):
@@ -208,12 +214,7 @@ def test_builtin_and_deepmd_agree_on_se_e2_a(tmp_path, pt_model):
     ]
     built = EnsembleProvider(Ensemble([load_model(m["dp"])]))
     deep = DeepmdProvider([m["pth"]])
-    sa, fa = _batch(ws, built)
-    sb, fb = _batch(ws, deep)
-    start = sa.pos.copy()
-    for k in range(20):
-        I.md_step(sa, built, k, fa)
-        I.md_step(sb, deep, k, fb)
+    sa, sb, (start, _) = _lockstep(ws, built, deep, 20)
     assert np.abs(sa.pos - sb.pos).max() < 1e-10
     assert np.abs(sa.cells - sb.cells).max() < 1e-10
     assert np.abs(sa.vel - sb.vel).max() < 1e-10

@@ -210,8 +210,7 @@ def _budget(cfg: dict, prepared: dict) -> dict[str, int]:
 
 def _prepare(cfg, system, d, explore, by_name, seen, bad) -> dict:
     """One system's frames before picking: trust levels, classes (structure-filtered candidates become
-    failed), and ``keep``: the candidates (+ failed frames with ``fill_from_failed``, flagged in
-    ``fill``) that pass the structure filter, were not labelled before (``seen``: frame keys, updated)
+    failed), and ``keep``: the candidates (+ failed frames with ``fill_from_failed``) that pass the structure filter, were not labelled before (``seen``: frame keys, updated)
     and whose label did not fail before (``bad``); with the counts select's stats report."""
     import ase.io
 
@@ -258,14 +257,16 @@ def _prepare(cfg, system, d, explore, by_name, seen, bad) -> dict:
             f"iteration, e.g. {example}",
             file=sys.stderr,
         )
-    keep = np.asarray(keep, dtype=int)
+    # select holds every system's result until all are picked: keep only the frames it still reads
+    # (the kept ones: features and tasks), not whole trajectories
+    kept = {(d["walker"][i], int(d["step"][i])) for i in keep}
+    frames_cache = {w: {k: a for k, a in fr.items() if (w, k) in kept} for w, fr in frames_cache.items()}
     return {
         "trust": trust,
         "lo": lo,
         "hi": hi,
         "cls": cls,
-        "keep": keep,
-        "fill": cls[keep] == S.FAILED,
+        "keep": np.asarray(keep, dtype=int),
         "frames_cache": frames_cache,
         "filtered": filtered,
         "duplicates": duplicates,
@@ -320,7 +321,6 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=No
     in its datasets are not picked; ``results``: frames whose label failed before ``it`` are not picked;
     ``model``: the model whose descriptor gives the features of ``pick: diverse`` and ``dedup_tol``
     (default: the iteration's model 0 next to ``explore``)."""
-
     from dpsnake.workflow import candidates as S
 
     walkers = json.loads((explore / "walkers.json").read_text())
@@ -350,7 +350,7 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=No
             data_root,
             model,
             notes,
-            pr["fill"],
+            cls[pr["keep"]] == S.FAILED,  # fill-ins from above trust hi
             nmax[system],
         )
         filled = int(np.sum(cls[picked] == S.FAILED))
