@@ -59,6 +59,14 @@ VARIANTS = {
         "budget": "same",
         "adaptive_hi": {"ratio": 0.1},
     },
+    # the same shares and trust levels, DP-GEN's random pick inside each condition's candidates
+    "random_budget_hi": {
+        "pick": "random",
+        "quota": "condition",
+        "fill_from_failed": True,
+        "budget": "same",
+        "adaptive_hi": {"ratio": 0.1},
+    },
 }
 
 
