@@ -107,25 +107,18 @@ def init_frames(seed: int) -> list:
 
 
 def md_frames(temps, n_per_temp: int, seed: int) -> list:
-    """EMT Langevin MD frames (2 fs, every 40 steps after 200 steps of equilibration), cell scaled
-    by -2..+3 % per run (what NPT exploration at 0-10 kbar and high T visits)."""
-    from ase import units
-    from ase.calculators.emt import EMT
-    from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    """EMT Langevin MD frames (2 fs, every 40 steps after 200 steps of equilibration; the science
+    benchmark's :func:`emt_md_frames`), cell scaled by -2..+3 % per run (what NPT exploration at 0-10 kbar
+    and high T visits)."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "science"))
+    from bench_selection import emt_md_frames
 
     rng = np.random.default_rng(seed)
     out = []
     for t in temps:
         a = _cell()
         a.set_cell(a.cell.array * (1 + rng.uniform(-0.02, 0.03)), scale_atoms=True)
-        a.calc = EMT()
-        MaxwellBoltzmannDistribution(a, temperature_K=t, rng=rng)
-        md = Langevin(a, 2 * units.fs, temperature_K=t, friction=0.02, rng=rng)
-        md.run(200)
-        for _ in range(n_per_temp):
-            md.run(40)
-            out.append(_label(a.copy()))
+        out += emt_md_frames(a, t, rng, equil=200, every=40, n=n_per_temp)
     return out
 
 
