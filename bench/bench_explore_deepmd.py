@@ -240,7 +240,14 @@ def cmd_bench(args) -> int:
         max_atoms = {"auto": "auto", "none": None}.get(args.max_atoms) or int(args.max_atoms)
         skin = None if args.skin.lower() == "none" else float(args.skin)
         # "auto": its own memory probe; skin / dynamic_sel: the provider's defaults unless asked otherwise
-        provider = DeepmdProvider(args.models, xp, max_atoms=max_atoms, skin=skin, dynamic_sel=args.dynamic_sel == "on")
+        provider = DeepmdProvider(
+            args.models,
+            xp,
+            max_atoms=max_atoms,
+            skin=skin,
+            dynamic_sel=args.dynamic_sel == "on",
+            compile=args.compile == "on",
+        )
     t_load = time.perf_counter() - t0
     type_map = provider.type_map
     ref_models = [str(pathlib.Path(m).with_suffix(".pth")) for m in args.models]  # DeePMD-kit's own files
@@ -449,6 +456,8 @@ def cmd_bench(args) -> int:
         "max_atoms": getattr(provider, "max_atoms", None),
         "skin": getattr(provider, "skin", None),
         "dynamic_sel": None if args.provider == "builtin" else args.dynamic_sel,
+        "compile": None if args.provider == "builtin" else args.compile,
+        "compiled_models": getattr(provider, "compiled", None),
         "neighbour_list_builds": [g.ghosts.builds for g in provider._groups if g.ghosts is not None]
         if getattr(provider, "_groups", None)
         else None,
@@ -541,6 +550,12 @@ def main() -> int:
         choices=("on", "off"),
         default="on",
         help="DeepmdProvider: DPA-3 through DeePMD-kit's dynamic neighbour selection (no padding) or as saved",
+    )
+    b.add_argument(
+        "--compile",
+        choices=("on", "off"),
+        default="off",
+        help="DeepmdProvider: DPA-3's repflow layers through torch.compile (the first call compiles: warm-up)",
     )
     b.add_argument("--ensemble", default="npt")
     b.add_argument(

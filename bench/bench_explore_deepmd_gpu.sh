@@ -11,7 +11,8 @@
 # BUDGET_S (560: later cases skipped past it), KINDS (models to train), PLAN (cases in order; see below),
 # EXTRA_WHL (more wheels to install, e.g. ".whl3/*.whl": DeePMD-kit 3.2 trainer's lmdb, mendeleev and their needs),
 # OURS_ARGS (more bench_explore_deepmd.py arguments of the ours/builtin cases, e.g. "--skin none --dynamic-sel off":
-# DeepmdProvider as before issue 17's session h17)
+# DeepmdProvider as before issue 17's session h17). Plan item ours:KIND:compile: DeepmdProvider(compile=True)
+# (DPA-3's repflow layers through torch.compile; label KIND_compile; the compilation is in the warm-up)
 # e.g. issue 21: KINDS=se_atten_v2 PLAN="builtin:se_atten_v2 ours:se_atten_v2 lammps:se_atten_v2:1"
 # Kinds *_l0 (attn_layer 0) are also compressed by `dp --pt compress` (model_c.pth); a plan kind KIND_c
 # means those: builtin:KIND_c runs our engine with --compress $MIN_NBOR (tabulated), ours:/lammps:KIND_c
@@ -104,14 +105,15 @@ profile() {  # KIND [STAGES]: where a provider call's time goes (bench/profiling
   echo "[$(el) s] profile $1"
 }
 steps() { [ $1 = dpa3 ] && echo "$STEPS_DPA3" || echo "$STEPS_SE"; }
-for c in $PLAN; do  # lammps:KIND:NPROC, ours:KIND (DeePMD-kit's models) or builtin:KIND (our engine, .dp), engine
+for c in $PLAN; do  # lammps:KIND:NPROC, ours:KIND[:compile] (DeePMD-kit's models) or builtin:KIND (our engine, .dp), engine
   IFS=: read -r what k n <<< "$c"
   case $what in
     engine) engine ;;
     profile) profile $k $n ;;
     lammps) lammps $k "$(steps $k)" "$n" ;;
-    ours) if [ $k = dpa3 ]; then ours $k "$(steps $k)" --warmup-steps 10 --force-steps "$FORCE_DPA3" --reps 1
-          else ours $k "$(steps $k)" --force-steps "$FORCE_SE"; fi ;;
+    ours) tag=(); [ "$n" = compile ] && tag=(--compile on --label ${k}_compile)
+          if [ $k = dpa3 ]; then ours $k "$(steps $k)" --warmup-steps 10 --force-steps "$FORCE_DPA3" --reps 1 "${tag[@]}"
+          else ours $k "$(steps $k)" --force-steps "$FORCE_SE" "${tag[@]}"; fi ;;
     builtin) prec=double; [ "${k%_fp32}" = "$k" ] || prec=mixed; cmp=""; [ "${k%_c}" = "$k" ] || cmp="--compress ${MIN_NBOR:-2.0}"
           ours $k "$(steps $k)" $cmp --force-steps "$FORCE_SE" --provider builtin --precision $prec --label builtin_$k ;;
   esac

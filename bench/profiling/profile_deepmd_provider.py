@@ -12,6 +12,11 @@ ordinary MD step). Stages, each written to the JSON as soon as it is done:
   chunks      forward_lower (TorchScript) per atom at several frames per call
   compile     torch.compile of the eager atomic model's forward_atomic: first-call (compile) time,
               s per call, max |dF| against eager
+  dyn         the dynamic-selection DPA-3 model (what DeepmdProvider runs) on --dyn-frames walkers:
+              TorchScript (the provider's) vs eager vs eager with torch.compile of each repflow layer
+              (dynamic shapes) vs of the whole descriptor block; TF32 on (TorchScript); s per call, first
+              call, a call after the atoms moved (other edge counts), max |dF| vs TorchScript; then
+              TorchScript at --dyn-chunks frames per call
 Run on the GPU machine with DeePMD-kit importable:
   python3 bench/profiling/profile_deepmd_provider.py M0.pth [M1.pth ...] --walkers 256 --json $OUT/profile.json
 """
@@ -88,6 +93,8 @@ def main() -> int:
     ap.add_argument("--stages", default="provider,parts,chunks,compile", help="comma- or dash-separated")
     ap.add_argument("--chunks", default="32,64,128,256")
     ap.add_argument("--frames", type=int, default=8, help="walkers of the parts and compile stages")
+    ap.add_argument("--dyn-frames", type=int, default=64, help="walkers of the dyn stage")
+    ap.add_argument("--dyn-chunks", default="32,96,128")
     args = ap.parse_args()
     import cupy as cp
     import deepmd.pt.cxx_op  # noqa: F401
@@ -261,7 +268,110 @@ def main() -> int:
         print("compile", r, flush=True)
         res["compile"] = r
         save()
+
+    if "dyn" in stages:
+        dyn_stage(torch, args, res, save, pos, cells, W, n, dev)
     return 0
+
+
+def dyn_stage(torch, args, res, save, pos, cells, W, n, dev):
+    """The dyn stage (see the module docstring), results under res["dyn"]."""
+    from dpsnake.md.deepmd_lower import VerletGhosts
+    from dpsnake.md.deepmd_provider import dynamic_sel_model
+
+    path = pathlib.Path(args.models[0])
+    script = dynamic_sel_model(path, dev)
+    if script is None:
+        res["dyn"] = {"error": "not a DPA-3 model"}
+        save()
+        return
+    G = min(W, args.dyn_frames)
+    r = {"frames": G}
+    res["dyn"] = r
+
+    def inputs(shift):
+        rng = np.random.default_rng(1)
+        c = pos[: G * n].reshape(G, n, 3) + shift * rng.normal(0.0, 1.0, (G, n, 3))
+        coord = torch.as_tensor(c, device=dev)
+        box = torch.as_tensor(cells[:G], device=dev)
+        gh = VerletGhosts(torch, float(script.get_rcut()), 1.0, (True, True, True))
+        ext, mapping, nlist = gh.update(coord, box)
+        return ext, torch.zeros_like(mapping), nlist, mapping
+
+    a, b = inputs(0.0), inputs(0.03)  # b: the atoms moved, other edge and angle counts
+
+    def force(m, x):
+        return m.forward_lower(*x, do_atomic_virial=False)["extended_force"].detach()
+
+    ref_a, ref_b = force(script, a), force(script, b)
+    r["max_abs_F"] = float(ref_a.abs().max())
+    r["script_s"] = timed(torch, lambda: force(script, a))[0]
+    print("dyn script", r["script_s"], flush=True)
+    save()
+
+    def variant(name, model):
+        v = {}
+        r[name] = v
+        try:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            f = force(model, a)
+            torch.cuda.synchronize()
+            v["first_call_s"] = time.perf_counter() - t0
+            v["max_abs_dF"] = float((f - ref_a).abs().max())
+            v["s_per_call"] = timed(torch, lambda: force(model, a))[0]
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fb = force(model, b)
+            torch.cuda.synchronize()
+            v["moved_first_call_s"] = time.perf_counter() - t0
+            v["moved_max_abs_dF"] = float((fb - ref_b).abs().max())
+            v["moved_s_per_call"] = timed(torch, lambda: force(model, b))[0]
+            v["peak_bytes_per_atom"] = peak_per_atom(torch, lambda: force(model, a), G * n)
+        except Exception as err:
+            v["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        print("dyn", name, v, flush=True)
+        save()
+        torch.cuda.empty_cache()
+
+    allc = torch.as_tensor(pos.reshape(W, n, 3), device=dev)
+    ga = VerletGhosts(torch, float(script.get_rcut()), 1.0, (True, True, True))
+    x_all, m_all, nl_all = ga.update(allc, torch.as_tensor(cells, device=dev))
+    t_all = torch.zeros_like(m_all)
+    ch = {}
+    r["chunks_script"] = ch
+    for k in [int(c) for c in args.dyn_chunks.split(",") if int(c) <= W]:
+        x = (x_all[:k], t_all[:k], nl_all[:k], m_all[:k])
+        try:
+            t, _ = timed(torch, lambda: force(script, x), reps=2, warm=1)
+            mem = peak_per_atom(torch, lambda: force(script, x), k * n)
+            ch[k] = {"us_per_atom": 1e6 * t / (k * n), "peak_bytes_per_atom": mem}
+        except Exception as err:  # out of memory at the largest
+            ch[k] = {"error": f"{type(err).__name__}: {str(err)[:100]}"}
+        torch.cuda.empty_cache()
+        print("dyn chunk", k, ch[k], flush=True)
+        save()
+
+    import torch._dynamo
+    import torch._functorch.config
+
+    torch._dynamo.config.cache_size_limit = 64
+    # DeePMD-kit's force derivative keeps its graph (retain_graph=True): no donated buffers
+    torch._functorch.config.donated_buffer = False
+    variant("eager", dynamic_sel_model(path, dev, script=False))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    variant("script_tf32", script)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    m = dynamic_sel_model(path, dev, script=False)
+    for layer in m.atomic_model.descriptor.repflows.layers:
+        layer.forward = torch.compile(layer.forward, dynamic=True)
+    variant("compile_layers", m)
+    del m
+    m = dynamic_sel_model(path, dev, script=False)
+    rf = m.atomic_model.descriptor.repflows
+    rf.forward = torch.compile(rf.forward, dynamic=True)
+    variant("compile_repflows", m)
+    del m
 
 
 if __name__ == "__main__":
