@@ -169,7 +169,7 @@ def test_dpa3_without_padding_equals_deepmd(pt_model):
 def test_dpa3_compiled_layers_equal_torchscript(pt_model):
     """compile=True (DPA-3 eager, its repflow layers through torch.compile with dynamic shapes) gives the
     TorchScript model's energies, forces and virials to 1e-10 relative in FP64, also after the atoms moved
-    (other edge and angle counts); other models load as without it."""
+    (other edge and angle counts) and on 3 walkers (another batch size); other models load as without it."""
     import shutil
 
     if not (shutil.which("g++") or shutil.which("c++")):
@@ -178,11 +178,12 @@ def test_dpa3_compiled_layers_equal_torchscript(pt_model):
     st = flat_state([cuni((2, 2, 2), seed=1), cuni((2, 2, 2), a=3.55, seed=4)])
     comp, ref = DeepmdProvider([m["pth"]], compile=True), DeepmdProvider([m["pth"]], compile=False)
     assert (comp.compiled, ref.compiled) == (1, 0)
-    for _ in range(2):
-        a, b = comp(st, False), ref(st, False)
+    moved = flat_state([cuni((2, 2, 2), seed=1), cuni((2, 2, 2), a=3.55, seed=4)])
+    moved.pos = moved.pos + np.random.default_rng(3).normal(0.0, 0.1, moved.pos.shape)
+    for batch in (st, moved, flat_state([cuni((2, 2, 2), seed=s) for s in (5, 6, 7)])):
+        a, b = comp(batch, False), ref(batch, False)
         for k in ("energy", "force", "virial"):
             assert np.abs(a[k] - b[k]).max() <= 1e-10 * np.abs(b[k]).max(), k
-        st.pos = st.pos + np.random.default_rng(3).normal(0.0, 0.1, st.pos.shape)
     assert DeepmdProvider([pt_model("se_atten_v2")["pth"]], compile=True).compiled == 0
 
 

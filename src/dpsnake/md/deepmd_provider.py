@@ -175,8 +175,12 @@ def compile_repflow_layers(model) -> int:
     import torch
     import torch._dynamo
     import torch._functorch.config
+    import torch.fx.experimental._config
 
     torch._functorch.config.donated_buffer = False
+    # no "duck" sizes: a batch of 2 frames would otherwise share its symbol with edge_index's leading 2
+    # and the next batch size recompile (CPU: unique graphs 2 -> 1 over 2, 3, 5 frames)
+    torch.fx.experimental._config.use_duck_shape = False
     cfg = torch._dynamo.config  # one entry per layer of every model: keep them all compiled
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
     setattr(cfg, name, max(getattr(cfg, name), 64))
