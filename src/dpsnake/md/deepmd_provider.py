@@ -167,8 +167,9 @@ def compile_repflow_layers(model) -> int:
     backward (the forces). H200, 64 walkers x 108 atoms of fcc Cu, DeePMD-kit's example DPA-3 in FP32
     (bench/profiling/profile_deepmd_provider.py, stage dyn): 0.263 s per call TorchScript, 0.108 s
     compiled, max |dF| 1.5e-8 eV/A (the eager model's own difference to TorchScript), peak memory 4.8
-    instead of 8.3 MB per atom of a call. The first call compiles (~90 s there, ~25 s for a small model
-    on a 2-core CPU); edge and angle counts are dynamic sizes, so moved atoms do not recompile.
+    instead of 8.3 MB per atom of a call. The first call compiles (92 s there; 22-160 s for the tests'
+    small model on the shared 2-core CPU); edge and angle counts and the batch size are dynamic sizes and
+    every layer of every model shares the graph, so later calls do not recompile.
     The descriptor's graph-index step (``.item()``, boolean masks) stays eager. DeePMD-kit's force
     derivative keeps its graph (``retain_graph=True``), which Inductor's donated buffers refuse: they
     are turned off for the process (``torch._functorch.config.donated_buffer``)."""
