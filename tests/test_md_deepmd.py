@@ -360,12 +360,13 @@ def test_model_devi_equals_dp_model_devi(tmp_path, pt_model):
 def test_explore_cli_picks_the_engine(tmp_path, pt_model, cu_model):
     """`dpsnake explore --engine auto`: the built-in engine for se_e2_a .dp files, DeePMD-kit for
     DPA-2 (reason in engine.json and the log); --engine builtin on DPA-2: one line, exit 2 (se_atten_v2:
-    tests/test_engine_attn_load.py)."""
+    tests/test_engine_attn_load.py); --compile reaches DeePMD-kit's provider (DPA-2: nothing to compile)
+    and the built-in engine says it ignores it."""
     s = write(cuni((1, 1, 1), seed=2), tmp_path / "s.extxyz")
     (tmp_path / "w.json").write_text(json.dumps([walker("w", s, nsteps=10, trj_freq=5)]))
     atten = str(pt_model("dpa2")["dp"])
 
-    def explore(models, engine, outdir):
+    def explore(models, engine, outdir, *extra):
         return subprocess.run(
             [
                 sys.executable,
@@ -383,20 +384,23 @@ def test_explore_cli_picks_the_engine(tmp_path, pt_model, cu_model):
                 "--engine",
                 engine,
                 "--no-progress",
+                *extra,
             ],
             capture_output=True,
             text=True,
         )
 
-    p = explore([atten, atten], "auto", "a")
+    p = explore([atten, atten], "auto", "a", "--compile")
     assert p.returncode == 0, p.stderr[-2000:]
+    assert "--compile: 0 of 2 models compiled" in p.stdout, p.stdout
     info = json.loads((tmp_path / "a" / "engine.json").read_text())
     assert info["engine"] == "deepmd" and "dpa2" in info["reason"], info
     assert "engine deepmd" in p.stdout
     assert json.loads((tmp_path / "a" / "summary.json").read_text())["walkers"]["w"]["status"] == "finished"
     assert len(np.loadtxt(tmp_path / "a" / "w" / "model_devi.out")) == 3
-    p = explore([str(pt_model("se_e2_a")["dp"])], "auto", "b")
+    p = explore([str(pt_model("se_e2_a")["dp"])], "auto", "b", "--compile")
     assert p.returncode == 0, p.stderr[-2000:]
+    assert "--compile: an option of engine deepmd, ignored by the built-in engine" in p.stdout, p.stdout
     assert json.loads((tmp_path / "b" / "engine.json").read_text())["engine"] == "builtin"
     p = explore([atten], "builtin", "c")
     assert p.returncode == 2

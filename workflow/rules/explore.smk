@@ -56,12 +56,14 @@ if SHARDED:
             device=CFG["explore"]["device"],
             precision=CFG["explore"]["precision"],
             tf32="--tf32" if CFG["explore"]["tf32"] else "",
+            compile="--compile" if CFG["explore"]["compile"] else "",
             compress=compress_arg,
         shell:
             "OMP_NUM_THREADS={threads} dpsnake explore --models {input.models} --walkers {input.walkers}"
             " --shard {wildcards.shard} --shards-file {input.shards}"
             " --outdir results/iter.{wildcards.it}/explore --engine {params.engine} --device {params.device}"
-            " --precision {params.precision} {params.tf32} {params.compress} --no-progress > {log} 2>&1"
+            " --precision {params.precision} {params.tf32} {params.compile} {params.compress} --no-progress"
+            " > {log} 2>&1"
             " || {{ rc=$?; tail -n 1 {log} >&2; exit $rc; }}"
 
     rule explore_merge:
@@ -104,9 +106,11 @@ else:
             device=CFG["explore"]["device"],
             precision=CFG["explore"]["precision"],
             tf32="--tf32" if CFG["explore"]["tf32"] else "",
+            compile="--compile" if CFG["explore"]["compile"] else "",
             compress=compress_arg,
         shell:
             "OMP_NUM_THREADS={threads} dpsnake explore --models {input.models} --walkers {input.walkers}"
             " --outdir results/iter.{wildcards.it}/explore --engine {params.engine} --device {params.device}"
-            " --precision {params.precision} {params.tf32} {params.compress} --no-progress > {log} 2>&1"
+            " --precision {params.precision} {params.tf32} {params.compile} {params.compress} --no-progress"
+            " > {log} 2>&1"
             " || {{ rc=$?; tail -n 1 {log} >&2; exit $rc; }}"

@@ -46,6 +46,12 @@ def add_arguments(parser) -> None:
         "(faster; accuracy in docs/benchmarks.md)",
     )
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="engine deepmd: DPA-3 models' repflow layers through torch.compile (compiles first, ~90 s on a "
+        "GPU; then 2.4x per force call there); no effect on other models",
+    )
+    parser.add_argument(
         "--compress",
         default=None,
         metavar="MIN_NBOR_DIST",
@@ -221,9 +227,14 @@ def run(args) -> int:
                 "models (they run in the precision they were trained in)",
                 flush=True,
             )
-        provider = DeepmdProvider(args.models, xp, head=args.head)
+        # compile None: DPSNAKE_DEEPMD_COMPILE decides (the benchmarks' switch)
+        provider = DeepmdProvider(args.models, xp, head=args.head, compile=True if args.compile else None)
+        if args.compile:
+            print(f"dpsnake explore: --compile: {provider.compiled} of {len(args.models)} models compiled", flush=True)
         type_map = provider.type_map
     else:
+        if args.compile:
+            print("dpsnake explore: --compile: an option of engine deepmd, ignored by the built-in engine", flush=True)
         compress = compress_distance(args.compress, args.compress_data)
         provider, type_map = make_provider(loaded, args.precision, xp, compress, tf32=args.tf32)
     state.mkdir(parents=True, exist_ok=True)
