@@ -277,7 +277,7 @@ def main() -> int:
 def dyn_stage(torch, args, res, save, pos, cells, W, n, dev):
     """The dyn stage (see the module docstring), results under res["dyn"]."""
     from dpsnake.md.deepmd_lower import VerletGhosts
-    from dpsnake.md.deepmd_provider import dynamic_sel_model
+    from dpsnake.md.deepmd_provider import compile_repflow_layers, dynamic_sel_model
 
     path = pathlib.Path(args.models[0])
     script = dynamic_sel_model(path, dev)
@@ -313,20 +313,14 @@ def dyn_stage(torch, args, res, save, pos, cells, W, n, dev):
         v = {}
         r[name] = v
         try:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            f = force(model, a)
-            torch.cuda.synchronize()
-            v["first_call_s"] = time.perf_counter() - t0
-            v["max_abs_dF"] = float((f - ref_a).abs().max())
-            v["s_per_call"] = timed(torch, lambda: force(model, a))[0]
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fb = force(model, b)
-            torch.cuda.synchronize()
-            v["moved_first_call_s"] = time.perf_counter() - t0
-            v["moved_max_abs_dF"] = float((fb - ref_b).abs().max())
-            v["moved_s_per_call"] = timed(torch, lambda: force(model, b))[0]
+            for pre, x, ref in (("", a, ref_a), ("moved_", b, ref_b)):  # first call: compiles where compiled
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                f = force(model, x)
+                torch.cuda.synchronize()
+                v[pre + "first_call_s"] = time.perf_counter() - t0
+                v[pre + "max_abs_dF"] = float((f - ref).abs().max())
+                v[pre + "s_per_call"] = timed(torch, lambda: force(model, x))[0]
             v["peak_bytes_per_atom"] = peak_per_atom(torch, lambda: force(model, a), G * n)
         except Exception as err:
             v["error"] = f"{type(err).__name__}: {str(err)[:300]}"
@@ -352,19 +346,12 @@ def dyn_stage(torch, args, res, save, pos, cells, W, n, dev):
         print("dyn chunk", k, ch[k], flush=True)
         save()
 
-    import torch._dynamo
-    import torch._functorch.config
-
-    torch._dynamo.config.cache_size_limit = 64
-    # DeePMD-kit's force derivative keeps its graph (retain_graph=True): no donated buffers
-    torch._functorch.config.donated_buffer = False
     variant("eager", dynamic_sel_model(path, dev, script=False))
     torch.backends.cuda.matmul.allow_tf32 = True
     variant("script_tf32", script)
     torch.backends.cuda.matmul.allow_tf32 = False
     m = dynamic_sel_model(path, dev, script=False)
-    for layer in m.atomic_model.descriptor.repflows.layers:
-        layer.forward = torch.compile(layer.forward, dynamic=True)
+    compile_repflow_layers(m)  # what DeepmdProvider(compile=True) runs (also sets the dynamo options)
     variant("compile_layers", m)
     del m
     m = dynamic_sel_model(path, dev, script=False)
