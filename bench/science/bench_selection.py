@@ -59,6 +59,14 @@ VARIANTS = {
         "budget": "same",
         "adaptive_hi": {"ratio": 0.1},
     },
+    # the same shares and trust levels, k-means++ seeding (D^2 sampling) in descriptor space
+    "kmeanspp_budget_hi": {
+        "pick": "kmeanspp",
+        "quota": "condition",
+        "fill_from_failed": True,
+        "budget": "same",
+        "adaptive_hi": {"ratio": 0.1},
+    },
     # the same shares and trust levels, DP-GEN's random pick inside each condition's candidates
     "random_budget_hi": {
         "pick": "random",

@@ -18,6 +18,9 @@ import numpy as np
 
 __all__ = ["allocate", "greedy_pick", "scaled", "frame_features", "descriptor_features", "fingerprints"]
 
+# picks that need per-frame features (and keep away from the training frames)
+FEATURE_PICKS = ("diverse", "kmeanspp")
+
 
 def allocate(avail, nmax: int) -> np.ndarray:
     """Split ``nmax`` labels evenly over groups with ``avail`` (G,) candidates each: round robin, a
@@ -107,7 +110,10 @@ def greedy_pick(
     mode ``highest``: highest deviation first; ``random``: a random order (``rng``); ``diverse``:
     farthest-point sampling in ``features`` (n, k): the highest-deviation candidate first, then each
     time the candidate farthest from everything picked and from ``known`` (m, k), the training frames
-    (ties: the first candidate). ``dedup_tol``: a candidate closer than this to a picked one is dropped
+    (ties: the first candidate); ``kmeanspp``: k-means++ seeding in ``features``: each pick drawn at
+    random (``rng``) with probability proportional to the squared distance to the nearest picked or
+    ``known`` frame (far frames likely, crowded regions still sampled, copies of picked frames never;
+    the highest deviation first when there is nothing to measure from). ``dedup_tol``: a candidate closer than this to a picked one is dropped
     (the number dropped, candidates within it of a picked frame, is returned). ``groups`` (n,) ints:
     quotas, ``nmax`` split over the groups by :func:`allocate`, redone as candidates drop out.
     ``fill`` (n,) bools: fill-ins (frames above the upper trust level, ``select.fill_from_failed``),
@@ -122,14 +128,15 @@ def greedy_pick(
     groups = np.zeros(n, dtype=int) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
     G = int(groups.max()) + 1
     f = None if features is None else np.asarray(features, dtype=np.float64)
-    if (mode == "diverse" or dedup_tol is not None) and f is None:
+    if (mode in FEATURE_PICKS or dedup_tol is not None) and f is None:
         raise ValueError(f"pick {mode!r} / dedup_tol need features")
     if mode == "highest":
         prio = -np.argsort(np.argsort(-devi, kind="stable"), kind="stable").astype(float)  # rank order
     elif mode == "random":
         prio = -np.argsort((rng if rng is not None else np.random.default_rng()).permutation(n)).astype(float)
-    elif mode == "diverse":
+    elif mode in FEATURE_PICKS:
         prio = None
+        rng = rng if rng is not None else np.random.default_rng()
     else:
         raise ValueError(f"pick: unknown mode {mode!r}")
     fill = np.zeros(n, dtype=bool) if fill is None else np.asarray(fill, dtype=bool)
@@ -140,7 +147,7 @@ def greedy_pick(
     picked_mask = np.zeros(n, dtype=bool)
     count = np.zeros(G, dtype=int)
     near = np.full(n, np.inf)  # distance to the nearest picked frame
-    far = _min_dist(f, known) if mode == "diverse" else None  # ... or training frame
+    far = _min_dist(f, known) if mode in FEATURE_PICKS else None  # ... or training frame
     picked = []
     while len(picked) < nmax:
         avail = count + np.bincount(groups[eligible], minlength=G)
@@ -150,13 +157,18 @@ def greedy_pick(
             break
         if (ok & ~fill).any():
             ok &= ~fill
-        if prio is not None:
+        if mode == "kmeanspp" and np.isfinite(far[ok]).all() and far[ok].max() > 0:
+            w = np.where(ok, far, 0.0) ** 2
+            i = int(rng.choice(n, p=w / w.sum()))
+            score = None
+        elif prio is not None:
             score = prio
         elif not picked or (mode == "diverse" and not (picked_mask & (fill == fill[ok][0])).any()):
             score = np.where(fill, -devi, devi)  # the first of a tier: highest in band, lowest fill-in
         else:
             score = far
-        i = int(np.flatnonzero(ok)[np.argmax(np.where(ok, score, -np.inf)[ok])])
+        if score is not None:
+            i = int(np.flatnonzero(ok)[np.argmax(np.where(ok, score, -np.inf)[ok])])
         picked.append(i)
         picked_mask[i] = True
         eligible[i] = False

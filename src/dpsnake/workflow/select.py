@@ -14,8 +14,9 @@ A frame is never picked twice: not when it is already in a dataset (``--data``),
 failed in an earlier iteration (``--results``: ``iter.*/label/task.N.failed.json`` hold the frame's key);
 the latter are counted per system as ``failed_before`` in stats.json.
 
-``select.pick`` ``random`` / ``highest`` / ``diverse``, ``select.dedup_tol`` and ``select.quota``: see
-:mod:`dpsnake.workflow.diversity` (features of ``diverse`` and ``dedup_tol``: the descriptor of the
+``select.pick`` ``random`` / ``highest`` / ``diverse`` / ``kmeanspp``, ``select.dedup_tol`` and
+``select.quota``: see :mod:`dpsnake.workflow.diversity` (features of ``diverse``, ``kmeanspp`` and
+``dedup_tol``: the descriptor of the
 iteration's model 0, ``--model``; near-copies dropped are counted in ``duplicates`` and
 ``near_duplicates``).
 """
@@ -51,7 +52,7 @@ def add_arguments(parser) -> None:
         "--model",
         default=None,
         help="the model whose descriptor gives the features of "
-        "select.pick diverse and select.dedup_tol (default: the ensemble's model 0, "
+        "select.pick diverse / kmeanspp and select.dedup_tol (default: the ensemble's model 0, "
         "EXPLORE/../train/model.0/model.dp)",
     )
 
@@ -286,7 +287,7 @@ def _pick(cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, 
     mode, tol, quota = sel["pick"], sel.get("dedup_tol"), sel.get("quota", "system")
     keep = np.asarray(keep, dtype=int)
     fill = np.zeros(len(keep), dtype=bool) if fill is None else np.asarray(fill, dtype=bool)
-    if mode != "diverse" and tol is None and quota == "system" and not fill.any():
+    if mode not in D.FEATURE_PICKS and tol is None and quota == "system" and not fill.any():
         return S.pick(keep, d["devi_f"], nmax, mode, rng), 0
     groups = None
     if quota == "condition":
@@ -295,9 +296,9 @@ def _pick(cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, 
         cond = [condition(by_name[d["walker"][i]]) for i in keep]
         groups = np.asarray([sorted(set(cond)).index(c) for c in cond], dtype=int)
     feats = known = None
-    if (mode == "diverse" or tol is not None) and len(keep):
+    if (mode in D.FEATURE_PICKS or tol is not None) and len(keep):
         frames = [_frame(explore, d["walker"][i], int(d["step"][i]), frames_cache) for i in keep]
-        train = training_frames(data_root, system) if mode == "diverse" else []
+        train = training_frames(data_root, system) if mode in D.FEATURE_PICKS else []
         if "xp" not in notes:
             from dpsnake.md.explore import pick_xp
 
