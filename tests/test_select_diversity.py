@@ -162,3 +162,49 @@ def test_fill_from_failed_only_fills_shares_the_candidates_leave():
     f = np.array([[0.0], [0.1], [0.2], [5.0], [1.0], [9.0], [1.1], [3.0]])
     pos, _ = D.greedy_pick(devi, 5, "diverse", features=f, fill=fill)
     assert pos[:3].tolist() == [1, 0, 2] and pos[3] == 4 and pos[4] == 5
+
+
+def test_kmeanspp_draws_in_proportion_to_squared_distance():
+    """k-means++ seeding: with a training frame at the origin, the first pick is candidate j with
+    probability d_j^2 / sum d^2 (d = 0, 1, 2, 3, 4 here: 0, 1/30, 4/30, 9/30, 16/30); the copy of the
+    training frame is never drawn; after a pick, weights are distances to the nearest of both."""
+    f = np.array([[0.0], [1.0], [2.0], [3.0], [4.0]])
+    devi = np.full(5, 0.1)
+    known = np.array([[0.0]])
+    first = [D.greedy_pick(devi, 1, "kmeanspp", np.random.default_rng(s), f, known)[0][0] for s in range(6000)]
+    freq = np.bincount(first, minlength=5) / len(first)
+    assert freq[0] == 0.0
+    assert np.abs(freq - np.array([0, 1, 4, 9, 16]) / 30).max() < 0.02, freq
+    # the second pick, after 4 (weights from min(|x - 0|, |x - 4|): 0, 1, 4, 1, 0): 2 half of the time
+    pairs = [D.greedy_pick(devi, 2, "kmeanspp", np.random.default_rng(s), f, known)[0] for s in range(6000)]
+    second = np.array([p[1] for p in pairs if p[0] == 4])
+    assert len(second) > 2500 and set(second.tolist()) <= {1, 2, 3}
+    assert abs(np.mean(second == 2) - 4 / 6) < 0.04
+    # all distinct, and every candidate once when all are asked for (the copy last: weight 0, no draw)
+    pos = D.greedy_pick(devi, 5, "kmeanspp", np.random.default_rng(0), f, known)[0]
+    assert sorted(pos.tolist()) == [0, 1, 2, 3, 4] and pos[-1] == 0
+
+
+def test_kmeanspp_starts_at_the_highest_deviation_and_keeps_quotas():
+    """Nothing to measure from (no training frames): the highest deviation first, as diverse; then
+    D^2 draws inside each condition's share, in-band candidates before fill-ins."""
+    f = _cluster()
+    devi = np.full(len(f), 0.1)
+    devi[7] = 0.2
+    pos = D.greedy_pick(devi, 4, "kmeanspp", np.random.default_rng(1), f)[0]
+    assert pos[0] == 7 and len(set(pos.tolist())) == 4
+    # the three outliers hold nearly all the squared distance from the cluster: drawn next, nearly always
+    hits = [
+        set(D.greedy_pick(devi, 4, "kmeanspp", np.random.default_rng(s), f)[0][1:].tolist()) == {20, 21, 22}
+        for s in range(200)
+    ]
+    assert np.mean(hits) > 0.95
+    groups = np.arange(len(f)) % 3
+    fill = np.zeros(len(f), dtype=bool)
+    fill[[0, 3, 6, 9]] = True  # group 0 has fill-ins among its candidates
+    for s in range(20):
+        pos = D.greedy_pick(devi, 9, "kmeanspp", np.random.default_rng(s), f, groups=groups, fill=fill)[0]
+        assert np.bincount(groups[pos], minlength=3).tolist() == [3, 3, 3]
+        assert not fill[pos].any()  # group 0 has 4 in-band candidates for its 3 labels
+    with pytest.raises(ValueError, match="need features"):
+        D.greedy_pick(devi, 2, "kmeanspp", np.random.default_rng(0))

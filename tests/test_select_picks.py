@@ -131,9 +131,12 @@ def test_select_diverse_dedup_and_condition_quota(tmp_path, cu_model):
     assert temps == [300.0, 300.0, 900.0, 900.0] and out["systems"]["Cu"]["selected"] == 4
 
 
-def test_select_diverse_keeps_away_from_training_frames(tmp_path, cu_model):
-    """pick diverse with --data: a near-copy of the outlier is already in the training data, so the
-    outlier is not picked; the frames come from the system's datasets (training_frames, capped)."""
+@pytest.mark.parametrize("pick", ["diverse", "kmeanspp"])
+def test_select_diverse_keeps_away_from_training_frames(tmp_path, cu_model, pick):
+    """pick diverse / kmeanspp with --data: a near-copy of the outlier is already in the training data, so
+    the outlier is not picked; the frames come from the system's datasets (training_frames, capped).
+    kmeanspp draws the outlier too here: its squared distance to the highest-deviation pick is ~100x the
+    others'."""
     import dpdata
     from ase.calculators.singlepoint import SinglePointCalculator
 
@@ -145,7 +148,7 @@ def test_select_diverse_keeps_away_from_training_frames(tmp_path, cu_model):
         tmp_path,
         trust={"force": [0.05, 0.15]},
         explore={"stages": [st]},
-        select={"max_candidates": 2, "pick": "diverse", "min_dist": 0.5},
+        select={"max_candidates": 2, "pick": pick, "min_dist": 0.5},
     )
     ex, _ = _write_conditions(tmp_path, cfg, [spec])
     stats, tasks = select(cfg, 0, ex, model=cu_model["dp"])
