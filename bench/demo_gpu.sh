@@ -8,7 +8,7 @@
 #   PROFILE=profiles/local CAP=40 PROBE=1 PSTEPS=150 TAG=before bash bench/demo_gpu.sh   # 40 s of the old
 #       run, then one training job alone in 4 setups + one explore job (what docs/benchmarks.md shows)
 #   ITERS=1 STEPS=40 INIT_STEPS=20 NSTEPS=60 EXPLORE_DEVICE=cpu bash bench/demo_gpu.sh   # shrunk, on a CPU
-# The full 4-iteration run needs ~5 min with profiles/gpu (projected): give it a call of its own.
+# The full 4-iteration run needs ~6 min with profiles/gpu (368 s wall on the H200, 2026-12-04): a call of its own.
 #
 # Software on the GPU machine (no network): the image's python3 (torch 2.11 cu130, CuPy 14, numpy, h5py,
 # scipy, pandas, matplotlib, pyyaml, tqdm, jinja2, ...) plus wheels carried in .whl/ (deepmd-kit 3.2 and
@@ -17,8 +17,11 @@
 # GPU machine): `pip download snakemake==9.27.1 lmdb einops msgpack ml_dtypes mendeleev --only-binary=:all:
 # --python-version 3.12 --implementation cp --abi cp312 --platform manylinux_2_28_x86_64 --platform
 # manylinux2014_x86_64 --platform any -d .whl2` (connection_pool 0.0.3 is an sdist: `pip wheel --no-deps` it
-# into .whl2 first and add `-f .whl2`), then drop numpy/pandas (the image has them) and pulp's solverdir/cbc
-# (the greedy scheduler needs no solver): 21 MB. DeePMD-kit 3.2's trainer imports lmdb and mendeleev.
+# into .whl2 first and add `-f .whl2`), then drop numpy/pandas (the image has them), pulp's solverdir/cbc
+# (the greedy scheduler needs no solver; `wheel unpack`, rm, `wheel pack`) and every project .whl/ already
+# holds (sqlalchemy, pint, pyfiglet, deprecated, flexcache, flexparser, platformdirs: two versions of one
+# project in the one `pip install` stop it with ResolutionImpossible): 14 MB, .whl + .whl2 60 MiB of the
+# 64-MiB carry. DeePMD-kit 3.2's trainer imports lmdb and mendeleev.
 # INSTALL=0 skips the install (a machine
 # where all of it is already importable, e.g. this repo's CPU dev machine).
 # Env: PROFILE (profiles/gpu), ITERS (4), STEPS / INIT_STEPS (config's 1500 / 1000), NSTEPS (explore
