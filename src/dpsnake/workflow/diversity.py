@@ -113,13 +113,14 @@ def greedy_pick(
     (ties: the first candidate); ``kmeanspp``: k-means++ seeding in ``features``: each pick drawn at
     random (``rng``) with probability proportional to the squared distance to the nearest picked or
     ``known`` frame (far frames likely, crowded regions still sampled, copies of picked frames never;
-    the highest deviation first when there is nothing to measure from). ``dedup_tol``: a candidate closer than this to a picked one is dropped
-    (the number dropped, candidates within it of a picked frame, is returned). ``groups`` (n,) ints:
-    quotas, ``nmax`` split over the groups by :func:`allocate`, redone as candidates drop out.
+    the highest deviation first when there is nothing to measure from). ``dedup_tol``: a candidate
+    closer than this to a picked one is dropped (the number dropped, candidates within it of a picked
+    frame, is returned). ``groups`` (n,) ints: quotas, ``nmax`` split over the groups by
+    :func:`allocate`, redone as candidates drop out.
     ``fill`` (n,) bools: fill-ins (frames above the upper trust level, ``select.fill_from_failed``),
     picked only where a group's share is left once its other candidates are all picked or dropped;
     among them the lowest deviation first (the closest to the trust band; ``diverse``: after the first
-    one, farthest point as usual).
+    one, farthest point as usual; ``kmeanspp``: drawn as the others).
     """
     devi = np.asarray(devi, dtype=float)
     n = len(devi)

@@ -66,8 +66,10 @@ def serial_frame_loading() -> bool:
     """Load DeePMD-kit's training frames without a thread pool. DeePMD-kit 3.2's
     ``DeepmdData.get_single_frame`` starts a ``ThreadPoolExecutor`` (one thread per data key) for every
     frame it reads: 5.3-9.1 ms per frame against 0.43-0.89 ms serially (the same arrays; 32-atom frames,
-    one core), about a third of a small model's training step. The trained model is bit for bit the same
-    (lcurve.out over 200 steps compared). Returns whether DeePMD-kit's module had the name to replace."""
+    one core, the 2-core dev machine under load), about a third of a small model's training step there;
+    on the H200 host's idle cores no per-step gain was measurable (docs/benchmarks.md). The trained model is
+    bit for bit the same (lcurve.out over 200 steps compared). Returns whether DeePMD-kit's module had the
+    name to replace (a later DeePMD-kit without it: nothing changed)."""
     import deepmd.utils.data as data
 
     if not hasattr(data, "ThreadPoolExecutor"):
