@@ -42,6 +42,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 TEST_TEMPS = (300, 800, 1200, 1600)
+# labels per iteration shared by uncertain frames (max_candidates x systems as one budget), trust hi adaptive
+BUDGET_HI = {
+    "pick": "diverse",
+    "quota": "condition",
+    "fill_from_failed": True,
+    "budget": "same",
+    "adaptive_hi": {"ratio": 0.1},
+}
 # the select section of each campaign variant (everything else: campaign.yaml)
 VARIANTS = {
     "random": {"pick": "random"},
@@ -52,29 +60,11 @@ VARIANTS = {
     "highest_fill": {"pick": "highest", "quota": "condition", "fill_from_failed": True},
     # the same labels per iteration (max_candidates x systems) as one budget shared by uncertain frames
     "diverse_budget": {"pick": "diverse", "quota": "condition", "fill_from_failed": True, "budget": "same"},
-    "diverse_budget_hi": {
-        "pick": "diverse",
-        "quota": "condition",
-        "fill_from_failed": True,
-        "budget": "same",
-        "adaptive_hi": {"ratio": 0.1},
-    },
+    "diverse_budget_hi": BUDGET_HI,
     # the same shares and trust levels, k-means++ seeding (D^2 sampling) in descriptor space
-    "kmeanspp_budget_hi": {
-        "pick": "kmeanspp",
-        "quota": "condition",
-        "fill_from_failed": True,
-        "budget": "same",
-        "adaptive_hi": {"ratio": 0.1},
-    },
+    "kmeanspp_budget_hi": dict(BUDGET_HI, pick="kmeanspp"),
     # the same shares and trust levels, DP-GEN's random pick inside each condition's candidates
-    "random_budget_hi": {
-        "pick": "random",
-        "quota": "condition",
-        "fill_from_failed": True,
-        "budget": "same",
-        "adaptive_hi": {"ratio": 0.1},
-    },
+    "random_budget_hi": dict(BUDGET_HI, pick="random"),
 }
 
 
