@@ -20,8 +20,8 @@
 # into .whl2 first and add `-f .whl2`), then drop numpy/pandas (the image has them), pulp's solverdir/cbc
 # (the greedy scheduler needs no solver; `wheel unpack`, rm, `wheel pack`) and every project .whl/ already
 # holds (sqlalchemy, pint, pyfiglet, deprecated, flexcache, flexparser, platformdirs: two versions of one
-# project in the one `pip install` stop it with ResolutionImpossible): 14 MB, .whl + .whl2 60 MiB of the
-# 64-MiB carry. DeePMD-kit 3.2's trainer imports lmdb and mendeleev.
+# project in the one `pip install` stop it with ResolutionImpossible): 12-14 MB, .whl + .whl2 47-60 MiB of the
+# 64-MiB carry. DeePMD-kit 3.2's trainer imports lmdb and mendeleev. The install itself: bench/gpu_install.sh.
 # INSTALL=0 skips the install (a machine
 # where all of it is already importable, e.g. this repo's CPU dev machine).
 # Env: PROFILE (profiles/gpu), ITERS (4), STEPS / INIT_STEPS (config's 1500 / 1000), NSTEPS (explore
@@ -42,24 +42,7 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/${TAG}.out") 2>&1
 T0=$(date +%s.%N)
 
-if [ "$INSTALL" = 1 ]; then
-  [ -f /tmp/site/deepmd/lib/run_config.ini ] || {
-  python3 -m pip install -q --no-index --no-deps --no-cache-dir "$REPO"/.whl/mpich*.whl >/dev/null 2>&1 \
-    || echo "mpich install failed"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    $(ls "$REPO"/.whl/*.whl "$REPO"/.whl2/*.whl | grep -v -e mpich -e nvidia_cuda_runtime) >/dev/null 2>&1 \
-    || { echo "wheel install failed"; exit 1; }
-  sed -i 's/CIBUILDWHEEL = 1/CIBUILDWHEEL = 0/' /tmp/site/deepmd/lib/run_config.ini; }
-  MPILIB=$(python3 -c "import importlib.metadata as m; print([str(p.locate()) for p in m.files('mpich') if str(p).endswith('libmpi.so.12')][0])")
-  export LD_PRELOAD=$MPILIB PYTHONPATH=$REPO/src:/tmp/site
-  # console scripts the rules call (`pip --target` makes none that point at this python)
-  mkdir -p /tmp/bin
-  printf '#!/bin/sh\nexec python3 -c "import sys; from dpsnake.cli import main; sys.exit(main())" "$@"\n' > /tmp/bin/dpsnake
-  printf '#!/bin/sh\nexec python3 -m snakemake "$@"\n' > /tmp/bin/snakemake
-  printf '#!/bin/sh\nexec python3 -m deepmd "$@"\n' > /tmp/bin/dp
-  chmod +x /tmp/bin/*
-  export PATH=/tmp/bin:$PATH
-fi
+[ "$INSTALL" = 1 ] && { source "$REPO/bench/gpu_install.sh" || exit 1; }
 T_INSTALL=$(python3 -c "import time; print(round(time.time() - $T0, 1))")
 echo "install: ${T_INSTALL} s"
 python3 - <<'EOF' || exit 1
