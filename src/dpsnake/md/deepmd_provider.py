@@ -172,13 +172,19 @@ def compile_repflow_layers(model) -> int:
     every layer of every model shares the graph, so later calls do not recompile.
     The descriptor's graph-index step (``.item()``, boolean masks) stays eager. DeePMD-kit's force
     derivative keeps its graph (``retain_graph=True``), which Inductor's donated buffers refuse: they
-    are turned off for the process (``torch._functorch.config.donated_buffer``)."""
+    are turned off for the process (``torch._functorch.config.donated_buffer``). On a CPU the layers compile
+    to scalar C++ (``torch._inductor.config.cpp.simdlen = 1``, for the process): Inductor's vectorised
+    C++ of the backward crashed the process (SIGSEGV) on the 2-core AMD EPYC dev machine with AVX2 and
+    AVX-512 code alike (torch 2.11), and passed scalar."""
     import torch
     import torch._dynamo
     import torch._functorch.config
+    import torch._inductor.config
     import torch.fx.experimental._config
 
     torch._functorch.config.donated_buffer = False
+    if next(model.parameters()).device.type == "cpu":
+        torch._inductor.config.cpp.simdlen = 1
     # no "duck" sizes: a batch of 2 frames would otherwise share its symbol with edge_index's leading 2
     # and the next batch size recompile (CPU: unique graphs 2 -> 1 over 2, 3, 5 frames)
     torch.fx.experimental._config.use_duck_shape = False
