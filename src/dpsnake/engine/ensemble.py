@@ -73,10 +73,117 @@ class Layout:
 
 
 class EnsembleBase:
-    """What every ensemble (se_e2_a :class:`Ensemble`, se_atten ``AttnEnsemble``) derives from its
-    ``models`` (which share type_map / rcut / sel)."""
+    """What every ensemble (se_e2_a :class:`Ensemble`, se_atten ``AttnEnsemble``) shares: the
+    constructor's checks and state, one runtime per (namespace, model), the chunk size, the layout
+    and what it derives from its ``models`` (which share type_map / rcut / sel). A subclass gives
+    ``runtime_cls`` (``build(model, xp, dtype, compress=, ctx=)``), ``_load`` (a model or a path ->
+    model), ``_bytes_per_atom`` (work memory per centre of a chunk) and ``evaluate``."""
 
     models: list
+    runtime_cls: type
+    geometry_keys = "type_map, rcut, sel or pair_exclude_types"  # what same_geometry compares
+    min_chunk = 64  # centres per chunk at the least
+
+    def __init__(
+        self,
+        models,
+        precision: str = "double",
+        xp=None,
+        chunk_atoms: int | None = None,
+        compress=None,
+        settings: EngineSettings | dict | None = None,
+        tf32: bool | None = None,
+    ):
+        if not models:
+            raise UserError("models: an ensemble needs at least one model")
+        if precision not in ("double", "mixed"):
+            raise UserError(f"precision: {precision!r} is not 'double' or 'mixed'")
+        self.models = [self._load(m) for m in models]
+        m0 = self.models[0]
+        for m in self.models[1:]:
+            if not m0.same_geometry(m):
+                raise UserError(
+                    f"models: {m.path} differs from {m0.path} in {self.geometry_keys}, so they cannot "
+                    "share neighbour lists"
+                )
+        self.precision = precision
+        self.compress = _compression(compress)
+        self.settings = _settings(settings, tf32)
+        self.ctx = EngineContext(self.settings)
+        self.chunk_atoms = chunk_atoms
+        self._runtime = {}
+        self._xp = xp
+        self.last_overflow = 0
+        self._widths = {}  # (N, S, type, chunk start) -> widths given to the next call's chunk
+        self.width_misses = 0
+        self.width_changes = 0  # guesses replaced (a miss, or far too wide)
+        self.grid_misses = 0  # calls redone: cells moved beyond the kept bin grid, or ghosts beyond room
+        self._csize = {}
+
+    def _load(self, model):
+        raise NotImplementedError
+
+    def _bytes_per_atom(self, nbytes: int) -> float:
+        """Work memory (bytes) per centre of a chunk, nets in ``nbytes``-byte floats."""
+        raise NotImplementedError
+
+    def _rt(self, xp, k: int):
+        key = (xp.__name__, k)
+        if key not in self._runtime:
+            dtype = xp.float64 if self.precision == "double" else xp.float32
+            self._runtime[key] = self.runtime_cls.build(self.models[k], xp, dtype, compress=self.compress, ctx=self.ctx)
+        return self._runtime[key]
+
+    def _chunk_size(self, xp) -> int:
+        """Centres per chunk: work memory ~ settings.chunk_mb (default 2048 on CPUs; on GPUs a third
+        of the free device memory), so any number of atoms runs in bounded memory."""
+        if self.chunk_atoms:
+            return int(self.chunk_atoms)
+        key = xp.__name__
+        if key not in self._csize:  # once: the free memory of the first call (a driver query)
+            self._csize[key] = self._chunk_size_of(xp, self.settings.chunk_mb)
+        return self._csize[key]
+
+    def _chunk_size_of(self, xp, chunk_mb) -> int:
+        if chunk_mb:
+            mb = float(chunk_mb)
+        elif xp.__name__ == "cupy":
+            free, _ = xp.cuda.runtime.memGetInfo()
+            pool = xp.get_default_memory_pool()
+            mb = (free + pool.free_bytes()) / 3e6
+        else:
+            mb = 2048.0
+        nbytes = 4 if self.precision == "mixed" else 8
+        return max(self.min_chunk, int(mb * 1e6 / self._bytes_per_atom(nbytes)))
+
+    def layout(self, atype, system, pbc) -> Layout:
+        """A :class:`Layout` of these arrays for ``evaluate`` (MD: once per batch)."""
+        return Layout(array_namespace(atype), atype, system, pbc, self.ntypes)
+
+    def _inputs(self, coords, atype, system, cells, pbc, model_indices, layout):
+        """``evaluate``'s arguments checked and converted: (xp, coords (N, 3), cells (S, 3, 3), the
+        layout (the caller's when it was made from these atype/system/pbc), model indices)."""
+        xp = array_namespace(coords)
+        coords = xp.asarray(coords, dtype=xp.float64).reshape(-1, 3)
+        cells = xp.asarray(cells, dtype=xp.float64).reshape(-1, 3, 3)
+        if layout is None or not layout.made_from(atype, system, pbc):
+            layout = Layout(xp, atype, system, pbc, self.ntypes)
+        N, S = coords.shape[0], cells.shape[0]
+        if layout.N != N:
+            raise UserError(f"atype/system: {layout.N} entries for {N} atoms")
+        if layout.S != S:
+            raise UserError(f"pbc: {layout.S} entries for {S} systems")
+        idx = list(range(self.nmodels)) if model_indices is None else [int(i) for i in model_indices]
+        return xp, coords, cells, layout, idx
+
+    def _no_atoms(self, xp, cells, layout, M: int, atomic: bool) -> dict:
+        """``evaluate``'s outputs for systems without atoms (singular cells are still an error)."""
+        _CellGeometry(to_numpy(cells).reshape(-1, 3, 3), layout.pbc_h, self.rcut)
+        S = cells.shape[0]
+        out = {"energy": xp.zeros((M, S)), "force": xp.zeros((M, 0, 3)), "virial": xp.zeros((M, S, 9))}
+        if atomic:
+            out.update(atom_energy=xp.zeros((M, 0)), atom_virial=xp.zeros((M, 0, 9)))
+        return out
 
     @property
     def type_map(self) -> list[str]:
@@ -112,80 +219,19 @@ class Ensemble(EnsembleBase):
     :class:`~dpsnake.engine.settings.EngineContext` (``ctx``) carries them to every call.
     """
 
-    def __init__(
-        self,
-        models,
-        precision: str = "double",
-        xp=None,
-        chunk_atoms: int | None = None,
-        compress=None,
-        settings: EngineSettings | dict | None = None,
-        tf32: bool | None = None,
-    ):
-        if not models:
-            raise UserError("models: an ensemble needs at least one model")
-        if precision not in ("double", "mixed"):
-            raise UserError(f"precision: {precision!r} is not 'double' or 'mixed'")
-        self.models: list[DPModel] = [m if isinstance(m, DPModel) else load_model(m) for m in models]
-        m0 = self.models[0]
-        for m in self.models[1:]:
-            if not m0.same_geometry(m):
-                raise UserError(
-                    f"models: {m.path} differs from {m0.path} in type_map, rcut, sel or "
-                    "pair_exclude_types, so they cannot share neighbour lists"
-                )
-        self.precision = precision
-        self.compress = _compression(compress)
-        self.settings = _settings(settings, tf32)
-        self.ctx = EngineContext(self.settings)
-        self.chunk_atoms = chunk_atoms
-        self._runtime = {}
-        self._xp = xp
-        self.last_overflow = 0
-        self._widths = {}  # (N, S, type, chunk start) -> compaction widths given to the next call
-        self.width_misses = 0
-        self.width_changes = 0  # guesses replaced (a miss, or far too wide)
-        self.grid_misses = 0  # calls redone: cells moved beyond the kept bin grid, or ghosts beyond room
-        self._csize = {}
+    runtime_cls = RuntimeModel
+    models: list[DPModel]
 
-    def _rt(self, xp, k: int) -> RuntimeModel:
-        key = (xp.__name__, k)
-        if key not in self._runtime:
-            dtype = xp.float64 if self.precision == "double" else xp.float32
-            self._runtime[key] = RuntimeModel.build(self.models[k], xp, dtype, compress=self.compress, ctx=self.ctx)
-        return self._runtime[key]
+    def _load(self, model) -> DPModel:
+        return model if isinstance(model, DPModel) else load_model(model)
 
-    def _chunk_size(self, xp) -> int:
-        """Centres per chunk: work memory ~ settings.chunk_mb (default 2048 on CPUs; on GPUs a third
-        of the free device memory), so any number of atoms runs in bounded memory."""
-        if self.chunk_atoms:
-            return int(self.chunk_atoms)
-        key = xp.__name__
-        if key not in self._csize:  # once: the free memory of the first call (a driver query)
-            self._csize[key] = self._chunk_size_of(xp, self.settings.chunk_mb)
-        return self._csize[key]
-
-    def _chunk_size_of(self, xp, chunk_mb) -> int:
-        if chunk_mb:
-            mb = float(chunk_mb)
-        elif xp.__name__ == "cupy":
-            free, _ = xp.cuda.runtime.memGetInfo()
-            pool = xp.get_default_memory_pool()
-            mb = (free + pool.free_bytes()) / 3e6
-        else:
-            mb = 2048.0
+    def _bytes_per_atom(self, nbytes: int) -> float:
         m = self.models[0]
-        nbytes = 4 if self.precision == "mixed" else 8
         # per slot: cached activations + gradients of the nets, env-mat and chain-rule work (FP64)
         per_slot = 3 * sum(m.neuron) * nbytes + 48 * 8
         fit = max(sum(l.nout for l in f.layers) for f in m.fittings if f is not None)
         per_atom = m.nnei * per_slot + 3 * (m.neuron[-1] * m.axis_neuron + fit) * nbytes
-        per_atom += 2000 * 48  # candidate arrays of the array-code neighbour search
-        return max(64, int(mb * 1e6 / per_atom))
-
-    def layout(self, atype, system, pbc) -> Layout:
-        """A :class:`Layout` of these arrays for :meth:`evaluate` (MD: once per batch)."""
-        return Layout(array_namespace(atype), atype, system, pbc, self.ntypes)
+        return per_atom + 2000 * 48  # candidate arrays of the array-code neighbour search
 
     def _check_widths(self, checks):
         """Overflowing centres of the call, and whether a chunk filled more slots than its given
@@ -236,25 +282,11 @@ class Ensemble(EnsembleBase):
         (``grid_misses``).
         The call returns without waiting for the device's last kernels.
         """
-        xp = array_namespace(coords)
-        coords = xp.asarray(coords, dtype=xp.float64).reshape(-1, 3)
-        cells = xp.asarray(cells, dtype=xp.float64).reshape(-1, 3, 3)
-        if layout is None or not layout.made_from(atype, system, pbc):
-            layout = Layout(xp, atype, system, pbc, self.ntypes)
+        xp, coords, cells, layout, idx = self._inputs(coords, atype, system, cells, pbc, model_indices, layout)
         atype, system, pbc = layout.atype, layout.system, layout.pbc
-        N, S = coords.shape[0], cells.shape[0]
-        if layout.N != N:
-            raise UserError(f"atype/system: {layout.N} entries for {N} atoms")
-        if layout.S != S:
-            raise UserError(f"pbc: {layout.S} entries for {S} systems")
-        idx = list(range(self.nmodels)) if model_indices is None else [int(i) for i in model_indices]
-        M = len(idx)
-        if N == 0:  # no atoms, but singular cells are still an error
-            _CellGeometry(to_numpy(cells).reshape(-1, 3, 3), layout.pbc_h, self.rcut)
-            out = {"energy": xp.zeros((M, S)), "force": xp.zeros((M, 0, 3)), "virial": xp.zeros((M, S, 9))}
-            if atomic:
-                out.update(atom_energy=xp.zeros((M, 0)), atom_virial=xp.zeros((M, 0, 9)))
-            return out
+        N, S, M = coords.shape[0], cells.shape[0], len(idx)
+        if N == 0:
+            return self._no_atoms(xp, cells, layout, M, atomic)
         energy_atom = xp.zeros((M, N))
         force = xp.zeros((M, N, 3))
         virial = xp.zeros((M, S, 9))

@@ -93,6 +93,29 @@ def _pairs(ntypes, pairs, path, key):
     return m
 
 
+def _energy_bias(rd: ArrayReader, fit: dict, m: dict, nt: int) -> np.ndarray:
+    """The energy bias per type (ntypes,): the fitting's ``bias_atom_e`` (ntypes, 1) plus the model's
+    ``out_bias`` (1, ntypes, 1), either absent = 0."""
+    bias_e = rd.array(fit.get("@variables", {}).get("bias_atom_e"), "fitting bias_atom_e", nt, f"({nt}, 1)")
+    bias = np.zeros(nt) if bias_e is None else np.asarray(bias_e, dtype=np.float64).reshape(nt)
+    ob = rd.array(m.get("@variables", {}).get("out_bias"), "model out_bias", nt, f"(1, {nt}, 1)")
+    if ob is not None:
+        bias = bias + np.asarray(ob, dtype=np.float64).reshape(nt)
+    return bias
+
+
+def _atom_exclusion(m: dict, nt: int, path) -> np.ndarray:
+    """(ntypes,) bool: the model's ``atom_exclude_types``. DeePMD-kit's atomic model replaces the
+    fitting's own exclude_types by these (DPAtomicModel: fitting_net.reinit_exclude(atom_exclude_types)),
+    so the fitting's list is ignored, in every backend."""
+    atom_ex = np.zeros(nt, dtype=bool)
+    for t in m.get("atom_exclude_types") or []:
+        if not 0 <= int(t) < nt:
+            _fail(path, f"atom_exclude_types: type {t!r} is not in 0..{nt - 1}")
+        atom_ex[int(t)] = True
+    return atom_ex
+
+
 _DESC_OK = {"se_e2_a", "se_a"}
 
 
@@ -206,21 +229,8 @@ def _read(rd: ArrayReader, root: dict, path: str, exclusion) -> DPModel:
     if len(fnets) != nt:
         _fail(path, f"fitting has {len(fnets)} nets, expected {nt}")
     fittings = [rd.net(n, f"fitting net {k}", neuron[-1] * axis, 1) for k, n in enumerate(fnets)]
-    # bias_atom_e (ntypes, 1) and the model's out_bias (1, ntypes, 1): one energy per type
-    bias_e = rd.array(fit.get("@variables", {}).get("bias_atom_e"), "fitting bias_atom_e", nt, f"({nt}, 1)")
-    bias = np.zeros(nt) if bias_e is None else np.asarray(bias_e, dtype=np.float64).reshape(nt)
-    ob = rd.array(m.get("@variables", {}).get("out_bias"), "model out_bias", nt, f"(1, {nt}, 1)")
-    if ob is not None:
-        bias = bias + np.asarray(ob, dtype=np.float64).reshape(nt)
+    bias = _energy_bias(rd, fit, m, nt)
     rd.others(m)  # arrays the engine does not use (out_std, ...): damage there is damage too
-    # DeePMD-kit's atomic model replaces the fitting's own exclude_types by the model's
-    # atom_exclude_types (DPAtomicModel: fitting_net.reinit_exclude(atom_exclude_types)), so the
-    # fitting's list is ignored, in every backend
-    atom_ex = np.zeros(nt, dtype=bool)
-    for t in m.get("atom_exclude_types") or []:
-        if not 0 <= int(t) < nt:
-            _fail(path, f"atom_exclude_types: type {t!r} is not in 0..{nt - 1}")
-        atom_ex[int(t)] = True
     return DPModel(
         path=path,
         type_map=type_map,
@@ -239,7 +249,7 @@ def _read(rd: ArrayReader, root: dict, path: str, exclusion) -> DPModel:
         bias=bias,
         desc_exclude=_pairs(nt, desc.get("exclude_types"), path, "descriptor exclude_types"),
         pair_exclude=_pairs(nt, m.get("pair_exclude_types"), path, "pair_exclude_types"),
-        atom_exclude=atom_ex,
+        atom_exclude=_atom_exclusion(m, nt, path),
         exclude_padding=exclusion == "tf",
         meta={"version": root.get("version"), "backend": root.get("backend")},
     )

@@ -22,16 +22,12 @@ from dpsnake.engine.attn.model import AttnModel, load_attn_model
 from dpsnake.engine.ensemble import (
     EnsembleBase,
     Layout,
-    _compression,
     _guess_widths,
     _scatter_add,
     _segment,
-    _settings,
 )
-from dpsnake.engine.neighbor import NeighborBuilder, _CellGeometry, chunk_stats
-from dpsnake.engine.settings import EngineContext
-from dpsnake.engine.xp import HostCopy, array_namespace, to_numpy
-from dpsnake.errors import UserError
+from dpsnake.engine.neighbor import NeighborBuilder, chunk_stats
+from dpsnake.engine.xp import HostCopy, to_numpy
 
 
 class AttnEnsemble(EnsembleBase):
@@ -52,73 +48,24 @@ class AttnEnsemble(EnsembleBase):
     array code.
     """
 
-    def __init__(
-        self,
-        models,
-        precision: str = "double",
-        xp=None,
-        chunk_atoms: int | None = None,
-        compress=None,
-        settings=None,
-        tf32: bool | None = None,
-    ):
-        if not models:
-            raise UserError("models: an ensemble needs at least one model")
-        if precision not in ("double", "mixed"):
-            raise UserError(f"precision: {precision!r} is not 'double' or 'mixed'")
-        self.models: list[AttnModel] = [m if isinstance(m, AttnModel) else load_attn_model(m) for m in models]
-        m0 = self.models[0]
-        for m in self.models[1:]:
-            if not m0.same_geometry(m):
-                raise UserError(
-                    f"models: {m.path} differs from {m0.path} in descriptor, type_map, rcut, sel or "
-                    "pair_exclude_types, so they cannot share neighbour lists"
-                )
-        self.precision = precision
-        self.compress = _compression(compress)
+    runtime_cls = AttnRuntime
+    models: list[AttnModel]
+    geometry_keys = "descriptor, type_map, rcut, sel or pair_exclude_types"
+    min_chunk = 16
+
+    def __init__(self, models, *args, **kwargs):
+        super().__init__(models, *args, **kwargs)
         if self.compress is not None:
             for m in self.models:
                 check_compressible(m)
-        self.settings = _settings(settings, tf32)
-        self.ctx = EngineContext(self.settings)
-        self.chunk_atoms = chunk_atoms
-        self._runtime = {}
-        self._xp = xp
-        self.last_overflow = 0
-        self.width_misses = 0
-        self.width_changes = 0
-        self.grid_misses = 0
-        self._csize = {}
-        self._widths = {}  # (N, S, type, chunk start) -> slots given to the next call's chunk
 
-    def _rt(self, xp, k: int) -> AttnRuntime:
-        key = (xp.__name__, k)
-        if key not in self._runtime:
-            dtype = xp.float64 if self.precision == "double" else xp.float32
-            self._runtime[key] = AttnRuntime.build(self.models[k], xp, dtype, ctx=self.ctx, compress=self.compress)
-        return self._runtime[key]
+    def _load(self, model) -> AttnModel:
+        return model if isinstance(model, AttnModel) else load_attn_model(model)
 
-    def _chunk_size(self, xp) -> int:
-        """Centres per chunk: work memory ~ settings.chunk_mb (2048 MB on CPUs, a third of the free
-        GPU memory on GPUs)."""
-        if self.chunk_atoms:
-            return int(self.chunk_atoms)
-        key = xp.__name__
-        if key not in self._csize:
-            if self.settings.chunk_mb:
-                mb = float(self.settings.chunk_mb)
-            elif xp.__name__ == "cupy":
-                free, _ = xp.cuda.runtime.memGetInfo()
-                mb = (free + xp.get_default_memory_pool().free_bytes()) / 3e6
-            else:
-                mb = 2048.0
-            m = self.models[0]
-            nb = 4 if self.precision == "mixed" else 8
-            nn = m.nnei
-            per_slot = (3 * sum(m.neuron) + 2 * m.tebd_dim + 4 * m.neuron[-1]) * nb + 64 * 8
-            per_atom = nn * per_slot + 8 * m.attn_layer * nn * (nn + 3 * m.neuron[-1]) * nb + 2000 * 48
-            self._csize[key] = max(16, int(mb * 1e6 / per_atom))
-        return self._csize[key]
+    def _bytes_per_atom(self, nbytes: int) -> float:
+        m, nn = self.models[0], self.models[0].nnei
+        per_slot = (3 * sum(m.neuron) + 2 * m.tebd_dim + 4 * m.neuron[-1]) * nbytes + 64 * 8
+        return nn * per_slot + 8 * m.attn_layer * nn * (nn + 3 * m.neuron[-1]) * nbytes + 2000 * 48
 
     def _check_widths(self, checks) -> bool:
         """Whether a chunk filled more slots than the width it ran; keeps each chunk's width for
@@ -131,10 +78,6 @@ class AttnEnsemble(EnsembleBase):
         if len(self._widths) > 4096:  # many layouts seen (a long-lived server): start over
             self._widths = {}
         return missed
-
-    def layout(self, atype, system, pbc) -> Layout:
-        """A :class:`~dpsnake.engine.ensemble.Layout` of these arrays for :meth:`evaluate`."""
-        return Layout(array_namespace(atype), atype, system, pbc, self.ntypes)
 
     def evaluate(
         self,
@@ -152,25 +95,11 @@ class AttnEnsemble(EnsembleBase):
         contract): ``energy`` (M, S) eV, ``force`` (M, N, 3) eV/A, ``virial`` (M, S, 9) eV and, if
         ``atomic``, ``atom_energy`` (M, N), ``atom_virial`` (M, N, 9); ``last_overflow`` the centres
         that lost neighbours."""
-        xp = array_namespace(coords)
-        coords = xp.asarray(coords, dtype=xp.float64).reshape(-1, 3)
-        cells = xp.asarray(cells, dtype=xp.float64).reshape(-1, 3, 3)
-        if layout is None or not layout.made_from(atype, system, pbc):
-            layout = Layout(xp, atype, system, pbc, self.ntypes)
+        xp, coords, cells, layout, idx = self._inputs(coords, atype, system, cells, pbc, model_indices, layout)
         atype, system = layout.atype, layout.system
-        N, S = coords.shape[0], cells.shape[0]
-        if layout.N != N:
-            raise UserError(f"atype/system: {layout.N} entries for {N} atoms")
-        if layout.S != S:
-            raise UserError(f"pbc: {layout.S} entries for {S} systems")
-        idx = list(range(self.nmodels)) if model_indices is None else [int(i) for i in model_indices]
-        M = len(idx)
+        N, S, M = coords.shape[0], cells.shape[0], len(idx)
         if N == 0:
-            _CellGeometry(to_numpy(cells).reshape(-1, 3, 3), layout.pbc_h, self.rcut)
-            out = {"energy": xp.zeros((M, S)), "force": xp.zeros((M, 0, 3)), "virial": xp.zeros((M, S, 9))}
-            if atomic:
-                out.update(atom_energy=xp.zeros((M, 0)), atom_virial=xp.zeros((M, 0, 9)))
-            return out
+            return self._no_atoms(xp, cells, layout, M, atomic)
         energy_atom = xp.zeros((M, N))
         force = xp.zeros((M, N, 3))
         virial = xp.zeros((M, S, 9))

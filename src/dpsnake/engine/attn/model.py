@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dpsnake.engine.model import _fail, _pairs
+from dpsnake.engine.model import _atom_exclusion, _energy_bias, _fail, _pairs
 from dpsnake.engine.nets import ACTIVATIONS, Net
 from dpsnake.engine.validate import ArrayReader, DamagedModelError
 from dpsnake.errors import UserError
@@ -275,17 +275,8 @@ def _read(rd: ArrayReader, root: dict, path: str) -> AttnModel:
     concat_out = bool(desc.get("concat_output_tebd", True))
     nd = M1 * axis + (tebd_dim if concat_out else 0)
     fittings = [rd.net(n, f"fitting net {k}", nd, 1) for k, n in enumerate(fnets)]
-    bias_e = rd.array(fit.get("@variables", {}).get("bias_atom_e"), "fitting bias_atom_e", nt, f"({nt}, 1)")
-    bias = np.zeros(nt) if bias_e is None else np.asarray(bias_e, dtype=np.float64).reshape(nt)
-    ob = rd.array(m.get("@variables", {}).get("out_bias"), "model out_bias", nt, f"(1, {nt}, 1)")
-    if ob is not None:
-        bias = bias + np.asarray(ob, dtype=np.float64).reshape(nt)
+    bias = _energy_bias(rd, fit, m, nt)
     rd.others(m)
-    atom_ex = np.zeros(nt, dtype=bool)
-    for t in m.get("atom_exclude_types") or []:
-        if not 0 <= int(t) < nt:
-            _fail(path, f"atom_exclude_types: type {t!r} is not in 0..{nt - 1}")
-        atom_ex[int(t)] = True
     return AttnModel(
         path=path,
         type_map=type_map,
@@ -313,6 +304,6 @@ def _read(rd: ArrayReader, root: dict, path: str) -> AttnModel:
         bias=bias,
         desc_exclude=_pairs(nt, desc.get("exclude_types"), path, "descriptor exclude_types"),
         pair_exclude=_pairs(nt, m.get("pair_exclude_types"), path, "pair_exclude_types"),
-        atom_exclude=atom_ex,
+        atom_exclude=_atom_exclusion(m, nt, path),
         meta={"version": root.get("version"), "backend": root.get("backend"), "type": desc.get("type")},
     )
