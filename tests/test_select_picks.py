@@ -120,6 +120,7 @@ def test_select_diverse_dedup_and_condition_quota(tmp_path, cu_model):
     )
     assert p.returncode == 0, p.stderr[-2000:]
     assert "features of pick diverse / dedup_tol: se_e2_a descriptor of" in p.stderr
+    assert "(numpy)" in p.stderr  # a small pool: NumPy, whatever the machine (feature_xp)
     assert "candidate(s) within dedup_tol 0.02 of a picked frame dropped" in p.stderr
     out = json.loads((tmp_path / "select" / "stats.json").read_text())
     import ase.io
@@ -255,3 +256,18 @@ def test_select_budget_shares_labels_by_uncertain_frames(tmp_path):
     assert s["Cu2"]["filtered"] == 6 and s["Cu2"]["candidate"] == 2 and s["Cu2"]["failed"] == 6
     assert {k: (v["share"], v["selected"]) for k, v in s.items()} == {"Cu": (2, 2), "Cu2": (2, 2)}
     assert sorted(t.info["max_devi_f"] for t in tasks if t.info["system"] == "Cu2") == pytest.approx([0.12, 0.13])
+
+
+def test_feature_xp_numpy_for_small_pools():
+    """Features of a pool under SMALL_POOL_ATOMS atoms, or with explore.device cpu, are computed with NumPy
+    and CuPy is never started (nothing kept in notes); a larger pool gets what explore's device pick
+    gives (CuPy where it sees a GPU, else NumPy), started once per select run."""
+    from dpsnake.md.explore import pick_xp
+    from dpsnake.workflow.select import SMALL_POOL_ATOMS, feature_xp
+
+    notes: dict = {}
+    assert feature_xp({"explore": {"device": "auto"}}, SMALL_POOL_ATOMS - 1, notes) is np and notes == {}
+    assert feature_xp({"explore": {"device": "cpu"}}, 10 * SMALL_POOL_ATOMS, notes) is np and notes == {}
+    big = feature_xp({"explore": {"device": "auto"}}, SMALL_POOL_ATOMS, notes)
+    assert big is pick_xp("auto") and notes == {"xp": big}
+    assert feature_xp({"explore": {"device": "auto"}}, 2 * SMALL_POOL_ATOMS, notes) is big

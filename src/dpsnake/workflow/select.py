@@ -275,6 +275,25 @@ def _prepare(cfg, system, d, explore, by_name, seen, bad) -> dict:
     }
 
 
+# below this many atoms (a system's candidates + its training frames) select computes the features with
+# NumPy even where there is a GPU: starting CuPy in the select job (import, context, the neighbour
+# kernels) took 2-3 s per iteration on the H200 machine, NumPy takes ~0.1-0.25 ms per atom
+SMALL_POOL_ATOMS = 20_000
+
+
+def feature_xp(cfg: dict, natoms: int, notes: dict):
+    """numpy or cupy for the descriptor features of ``natoms`` atoms: NumPy with ``explore.device: cpu``
+    or under :data:`SMALL_POOL_ATOMS`, else CuPy where it sees a GPU (started once per select run,
+    kept in ``notes``)."""
+    if cfg["explore"].get("device") == "cpu" or natoms < SMALL_POOL_ATOMS:
+        return np
+    if "xp" not in notes:
+        from dpsnake.md.explore import pick_xp
+
+        notes["xp"] = pick_xp("auto")
+    return notes["xp"]
+
+
 def _pick(cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, model, notes, fill=None, nmax=None):
     """``select.pick`` / ``dedup_tol`` / ``quota`` on the kept candidates ``keep`` of one system
     (``fill``: which of them are fill-ins from above the upper trust level), at most ``nmax`` (default
@@ -299,14 +318,11 @@ def _pick(cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, 
     if (mode in D.FEATURE_PICKS or tol is not None) and len(keep):
         frames = [_frame(explore, d["walker"][i], int(d["step"][i]), frames_cache) for i in keep]
         train = training_frames(data_root, system) if mode in D.FEATURE_PICKS else []
-        if "xp" not in notes:
-            from dpsnake.md.explore import pick_xp
-
-            notes["xp"] = pick_xp("cpu" if cfg["explore"].get("device") == "cpu" else "auto")
-        f, how = D.frame_features(_model_zero(explore, model), frames + train, cfg["type_map"], notes["xp"])
+        xp = feature_xp(cfg, sum(len(a) for a in frames + train), notes)
+        f, how = D.frame_features(_model_zero(explore, model), frames + train, cfg["type_map"], xp)
         if how not in notes:
             notes[how] = True
-            print(f"select: features of pick {mode} / dedup_tol: {how}", file=sys.stderr)
+            print(f"select: features of pick {mode} / dedup_tol: {how} ({xp.__name__})", file=sys.stderr)
         f = D.scaled(f)
         feats, known = f[: len(frames)], f[len(frames) :]
     pos, dups = D.greedy_pick(d["devi_f"][keep], nmax, mode, rng, feats, known, tol, groups, fill)
