@@ -8,6 +8,7 @@
 #
 # It first runs a shrunk demo (1 iteration, 100 steps; bench/demo_gpu.sh installs the wheels) for the
 # data and the input.json of a real training job. Writes $OUT/train_profile.txt (and importtime logs).
+# About 5-6 minutes on the H200 machine (PSTEPS=100, LSTEPS=1500): give `run` timeout_s 600.
 set -u
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=${OUT:-$REPO/gpu_out}
@@ -16,10 +17,8 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/train_profile.txt") 2>&1
 ITERS=1 STEPS=100 INIT_STEPS=50 NSTEPS=60 TAG=tiny WORK=/tmp/tiny bash "$REPO/bench/demo_gpu.sh" >/dev/null 2>&1
 echo "shrunk demo: $(python3 -c "import json; print(json.load(open('$OUT/tiny.json'))['rc'])" 2>&1)"
-if [ "${INSTALL:-1}" = 1 ]; then  # what demo_gpu.sh's install set up, for this shell too
-  MPILIB=$(python3 -c "import importlib.metadata as m; print([str(p.locate()) for p in m.files('mpich') if str(p).endswith('libmpi.so.12')][0])")
-  export LD_PRELOAD=$MPILIB PYTHONPATH=$REPO/src:/tmp/site PATH=/tmp/bin:$PATH
-fi
+# the environment demo_gpu.sh's install set up (the wheels are installed by then), for this shell too
+[ "${INSTALL:-1}" = 1 ] && { source "$REPO/bench/gpu_install.sh" || exit 1; }
 
 echo "=== bytecode: PYTHONDONTWRITEBYTECODE=${PYTHONDONTWRITEBYTECODE:-unset}," \
   "sys.flags.dont_write_bytecode=$(python3 -c 'import sys; print(sys.flags.dont_write_bytecode)')," \
@@ -52,7 +51,8 @@ rm -rf /tmp/job && mkdir -p /tmp/job
 T=$(date +%s.%N)
 ( cd /tmp/tiny && dpsnake train --config results/config.json --iter 0 --model 0 --outdir /tmp/job \
     --data results/data/init --threads 1 --on-cpu 1 > /tmp/job.log 2>&1 )
-echo "dpsnake train (100 steps): $(python3 -c "import time; print(round(time.time() - $T, 1))") s wall, rc $?"
+RC=$?
+echo "dpsnake train (100 steps): $(python3 -c "import time; print(round(time.time() - $T, 1))") s wall, rc $RC"
 head -3 /tmp/job.log; grep -m1 "DeePMD version" /tmp/job.log | cut -c1-60; grep "Start to train\|average training" /tmp/job.log
 
 # cProfile of PSTEPS training steps, one core, as profiles/gpu trains
@@ -91,7 +91,7 @@ PYEOF
 from dpsnake.workflow.train_proc import serial_frame_loading; serial_frame_loading()
 from deepmd.main import main; main(['--pt', 'train', 'input.json'])" > log 2>&1 ) & pids="$pids $!"
   done
-  wait $pids  # (a bare `wait` would also wait for the tee above)
+  wait $pids  # these trainings only
   for i in $(seq 1 "$n"); do
     echo "$name $i: s per 100 steps $(grep -o 'total wall time = [0-9.]*' "$P/$name$i/log" | awk '{print $5}' | tr '\n' ' ')|" \
       "$(grep -o 'average training time: [0-9.]*' "$P/$name$i/log")"
