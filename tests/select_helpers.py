@@ -1,6 +1,14 @@
-"""Helpers of the selection tests (tests/test_select*.py): a resolved one-system Cu config."""
+"""Helpers of the selection tests (tests/test_select*.py): a resolved one-system Cu config, the CLI."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def dpsnake_cli(cwd, *args: str) -> subprocess.CompletedProcess:
+    """``dpsnake ARGS`` run in ``cwd`` as the rules run it (this Python's ``dpsnake.cli``), output kept."""
+    return subprocess.run([sys.executable, "-m", "dpsnake.cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
 def cu_config(tmp_path, **over):

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,6 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 from select_helpers import cu_config as _cfg  # noqa: E402
+from select_helpers import dpsnake_cli  # noqa: E402
 
 
 def test_classify_force_and_virial():
@@ -228,12 +227,7 @@ def test_select_skips_frames_whose_label_failed(tmp_path):
         cands.append(it0 / "select" / "candidates" / f"task.{a.info['task']}.extxyz")
         outs.append(it0 / "label" / cands[-1].name)
         ase.io.write(cands[-1], a, format="extxyz")
-    p = subprocess.run(
-        [sys.executable, "-m", "dpsnake.cli", "label", "--config", "config.json", "--input", *cands, "--output", *outs],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
+    p = dpsnake_cli(tmp_path, "label", "--config", "config.json", "--input", *cands, "--output", *outs)
     assert p.returncode == 0, p.stderr
     records = sorted((it0 / "label").glob("task.*.failed.json"))
     bad_steps = sorted(json.loads(r.read_text())["step"] for r in records)
@@ -252,26 +246,19 @@ def test_select_skips_frames_whose_label_failed(tmp_path):
     records[0].write_text(json.dumps(rec))
     assert select(cfg, 1, ex, results=tmp_path / "results")[0]["systems"]["Cu"]["failed_before"] == 2
     # the command line: --results, and one line per system saying how many and why
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dpsnake.cli",
-            "select",
-            "--config",
-            "config.json",
-            "--iter",
-            "1",
-            "--explore",
-            str(ex),
-            "--outdir",
-            "select1",
-            "--results",
-            "results",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
+    p = dpsnake_cli(
+        tmp_path,
+        "select",
+        "--config",
+        "config.json",
+        "--iter",
+        "1",
+        "--explore",
+        str(ex),
+        "--outdir",
+        "select1",
+        "--results",
+        "results",
     )
     assert p.returncode == 0, p.stderr
     assert "Cu: 2 candidate(s) not picked again, their label failed in an earlier iteration" in p.stderr
@@ -336,26 +323,19 @@ def test_select_decision_is_the_reports_when_the_last_stage_explores_one_system(
     from dpsnake.workflow.config import write_if_changed
 
     write_if_changed(cfg, tmp_path / "config.json")
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dpsnake.cli",
-            "select",
-            "--config",
-            "config.json",
-            "--iter",
-            "1",
-            "--explore",
-            str(ex),
-            "--outdir",
-            "select1",
-            "--results",
-            "results",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
+    p = dpsnake_cli(
+        tmp_path,
+        "select",
+        "--config",
+        "config.json",
+        "--iter",
+        "1",
+        "--explore",
+        str(ex),
+        "--outdir",
+        "select1",
+        "--results",
+        "results",
     )
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines()[-1] == f"stopped, not converged: {why}"
@@ -380,46 +360,23 @@ def test_select_on_real_exploration(tmp_path, dp_model):
     walkers = make_walkers(cfg, 0, 0, ex)
     (ex / "walkers.json").write_text(json.dumps(walkers))
     (ex / "plan.json").write_text(json.dumps({"iteration": 0, "stage": 0, "stage_iteration": 0}))
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dpsnake.cli",
-            "explore",
-            "--models",
-            str(m0),
-            str(m1),
-            "--walkers",
-            str(ex / "walkers.json"),
-            "--outdir",
-            str(ex),
-            "--device",
-            "cpu",
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
+    p = dpsnake_cli(
+        tmp_path,
+        "explore",
+        "--models",
+        str(m0),
+        str(m1),
+        "--walkers",
+        str(ex / "walkers.json"),
+        "--outdir",
+        str(ex),
+        "--device",
+        "cpu",
+        "--no-progress",
     )
     assert p.returncode == 0, p.stderr[-2000:]
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dpsnake.cli",
-            "select",
-            "--config",
-            "config.json",
-            "--iter",
-            "0",
-            "--explore",
-            "explore",
-            "--outdir",
-            "select",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
+    p = dpsnake_cli(
+        tmp_path, "select", "--config", "config.json", "--iter", "0", "--explore", "explore", "--outdir", "select"
     )
     assert p.returncode == 0, p.stderr[-2000:]
     stats = json.loads((tmp_path / "select" / "stats.json").read_text())

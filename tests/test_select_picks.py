@@ -5,12 +5,11 @@ written from hand-made frames and deviations."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from select_helpers import cu_config as _cfg
+from select_helpers import dpsnake_cli
 
 
 def _write_conditions(tmp_path, cfg, per_walker):
@@ -99,24 +98,8 @@ def test_select_diverse_dedup_and_condition_quota(tmp_path, cu_model):
     write_if_changed(cfg, tmp_path / "config.json")
     (tmp_path / "train" / "model.0").mkdir(parents=True)
     (tmp_path / "train" / "model.0" / "model.dp").symlink_to(cu_model["dp"])
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dpsnake.cli",
-            "select",
-            "--config",
-            "config.json",
-            "--iter",
-            "0",
-            "--explore",
-            "explore",
-            "--outdir",
-            "select",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
+    p = dpsnake_cli(
+        tmp_path, "select", "--config", "config.json", "--iter", "0", "--explore", "explore", "--outdir", "select"
     )
     assert p.returncode == 0, p.stderr[-2000:]
     assert "features of pick diverse / dedup_tol: se_e2_a descriptor of" in p.stderr
