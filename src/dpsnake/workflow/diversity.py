@@ -332,13 +332,13 @@ def frame_features(model_path, frames, type_map, xp=np) -> tuple[np.ndarray, str
         except UserError as err:
             why = f"the built-in engine cannot read it ({err})"
         else:
-            return descriptor_features(model, frames, xp), f"se_e2_a descriptor of {model_path}"
+            return descriptor_features(model, frames, xp), f"se_e2_a descriptor of {model_path} ({xp.__name__})"
         rcut = _rcut_of(model_path)
     else:
         why, rcut = f"no model file {model_path}", 6.0
     return fingerprints(
         frames, type_map, rcut
-    ), f"radial distribution fingerprint (rcut {rcut:g} A), not the descriptor: {why}"
+    ), f"radial distribution fingerprint (rcut {rcut:g} A, numpy), not the descriptor: {why}"
 
 
 def _rcut_of(path) -> float:

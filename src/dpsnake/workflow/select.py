@@ -322,7 +322,7 @@ def _pick(cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, 
         f, how = D.frame_features(_model_zero(explore, model), frames + train, cfg["type_map"], xp)
         if how not in notes:
             notes[how] = True
-            print(f"select: features of pick {mode} / dedup_tol: {how} ({xp.__name__})", file=sys.stderr)
+            print(f"select: features of pick {mode} / dedup_tol: {how}", file=sys.stderr)
         f = D.scaled(f)
         feats, known = f[: len(frames)], f[len(frames) :]
     pos, dups = D.greedy_pick(d["devi_f"][keep], nmax, mode, rng, feats, known, tol, groups, fill)
