@@ -20,6 +20,24 @@ from select_helpers import cu_config as _cfg  # noqa: E402
 from select_helpers import dpsnake_cli  # noqa: E402
 
 
+def _select_iter1(tmp_path, ex):
+    """``dpsnake select`` of iteration 1 on ``ex`` with the earlier labels (--results), into select1/."""
+    return dpsnake_cli(
+        tmp_path,
+        "select",
+        "--config",
+        "config.json",
+        "--iter",
+        "1",
+        "--explore",
+        str(ex),
+        "--outdir",
+        "select1",
+        "--results",
+        "results",
+    )
+
+
 def test_classify_force_and_virial():
     f = np.array([0.01, 0.05, 0.10, 0.20, np.nan])
     v = np.array([0.0, 0.0, 0.5, 0.0, 0.0])
@@ -246,20 +264,7 @@ def test_select_skips_frames_whose_label_failed(tmp_path):
     records[0].write_text(json.dumps(rec))
     assert select(cfg, 1, ex, results=tmp_path / "results")[0]["systems"]["Cu"]["failed_before"] == 2
     # the command line: --results, and one line per system saying how many and why
-    p = dpsnake_cli(
-        tmp_path,
-        "select",
-        "--config",
-        "config.json",
-        "--iter",
-        "1",
-        "--explore",
-        str(ex),
-        "--outdir",
-        "select1",
-        "--results",
-        "results",
-    )
+    p = _select_iter1(tmp_path, ex)
     assert p.returncode == 0, p.stderr
     assert "Cu: 2 candidate(s) not picked again, their label failed in an earlier iteration" in p.stderr
     assert "failed.json" in p.stderr and "above the sanity cap" in p.stderr
@@ -323,20 +328,7 @@ def test_select_decision_is_the_reports_when_the_last_stage_explores_one_system(
     from dpsnake.workflow.config import write_if_changed
 
     write_if_changed(cfg, tmp_path / "config.json")
-    p = dpsnake_cli(
-        tmp_path,
-        "select",
-        "--config",
-        "config.json",
-        "--iter",
-        "1",
-        "--explore",
-        str(ex),
-        "--outdir",
-        "select1",
-        "--results",
-        "results",
-    )
+    p = _select_iter1(tmp_path, ex)
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines()[-1] == f"stopped, not converged: {why}"
     written = json.loads((tmp_path / "select1" / "stats.json").read_text())
