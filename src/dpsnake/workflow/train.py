@@ -291,6 +291,7 @@ def run(args) -> int:
         [train_cmd, [f"--{backend}", "freeze", "-o", tmp_frozen], ["convert-backend", tmp_frozen, "model.tmp.dp"]],
         out,
         env,
+        server=cfg["train"].get("server", "auto"),
     )
     os.replace(out / tmp_frozen, out / frozen)
     os.replace(out / "model.tmp.dp", out / "model.dp")

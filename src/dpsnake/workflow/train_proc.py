@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 from dpsnake.errors import UserError, last_error_line
+from dpsnake.workflow import train_server
 
 # what a killed or failed attempt leaves in a model folder: checkpoints (model.ckpt-N.*, TensorFlow's
 # `checkpoint` index), files being written (TensorFlow's `*.tmp<hex>` meta graphs and `checkpoint.tmp*`,
@@ -90,21 +91,55 @@ def _step_name(args: list[str]) -> str:
     return "dp " + next((a for a in args if not a.startswith("--")), "")
 
 
-def run_steps(steps: list[list[str]], cwd: pathlib.Path, env: dict) -> None:
-    """Run the ``dp`` command lines ``steps`` (arguments after ``dp``) in one Python process (the
-    start-up of TensorFlow or torch + DeePMD-kit, ~5 s CPU, is paid once). The output goes to our
-    stdout line by line (the job's log); a failure raises UserError naming the step and its cause."""
-    # each step announces itself, so the output says which one failed
-    script = (
+def _script(steps: list[list[str]]) -> str:
+    """The training process's program: each step announces itself, so the output says which one failed."""
+    return (
         "from dpsnake.workflow.train_proc import serial_frame_loading\n"
         "serial_frame_loading()\n"
         "from deepmd.main import main\n"
     ) + "".join(f"print({'+ dp ' + ' '.join(s)!r}, flush=True)\nmain({s!r})\n" for s in steps)
-    # the output since the running step started, enough for TensorFlow's long graph tracebacks
-    tail: collections.deque[str] = collections.deque(maxlen=5000)
-    current = _step_name(steps[0])
-    with subprocess.Popen(
-        [sys.executable, "-c", script],
+
+
+class _ServerJob:
+    """The output lines of a job run by the training server, and its exit code (None: the server's
+    handler ended without one)."""
+
+    def __init__(self, sock):
+        self.sock, self.rc, self.pid = sock, None, None
+
+    def __iter__(self):
+        with self.sock, self.sock.makefile("r", errors="replace", newline="\n") as f:
+            for line in f:
+                if line.startswith(train_server.PID):
+                    self.pid = int(line[len(train_server.PID) :])
+                    yield f"train: worker pid {self.pid}\n"
+                elif line.startswith(train_server.RC):
+                    self.rc = int(line[len(train_server.RC) :])
+                else:
+                    yield line
+
+
+def _backend(steps: list[list[str]]) -> str:
+    """tf or pt: the backend flag of the first step (``--pt train ...``)."""
+    return next(a for a in steps[0] if a.startswith("--"))[2:]
+
+
+def _launch(steps, cwd, env, server) -> tuple:
+    """(output lines, a function giving the exit code, a log line saying where DeePMD-kit runs)."""
+    if server is not None:
+        use, why = train_server.server_choice(server, env)
+        backend = _backend(steps)
+        if use:
+            path = train_server.address(backend, env)
+            if (sock := train_server.connect(path, steps, cwd, env)) is not None:
+                job = _ServerJob(sock)
+                return job, lambda: job.rc, f"train: DeePMD-kit in a worker of the training server {path.name} ({why})"
+            train_server.start(path, backend, env)
+            why = f"no training server yet: one starts for the later jobs ({path.name})"
+    else:
+        why = "no training server asked for"
+    p = subprocess.Popen(
+        [sys.executable, "-c", _script(steps)],
         cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
@@ -112,18 +147,43 @@ def run_steps(steps: list[list[str]], cwd: pathlib.Path, env: dict) -> None:
         text=True,
         errors="replace",
         bufsize=1,
-    ) as p:
-        for line in p.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            if line.startswith("+ dp "):
-                current = _step_name(line.split()[2:])
-                tail.clear()
-            tail.append(line)
-        rc = p.wait()
+    )
+
+    def lines():
+        with p:
+            yield from p.stdout
+
+    return lines(), p.wait, f"train: DeePMD-kit in a new process ({why})"
+
+
+def run_steps(steps: list[list[str]], cwd: pathlib.Path, env: dict, server=None) -> None:
+    """Run the ``dp`` command lines ``steps`` (arguments after ``dp``, the backend flag first) in one
+    Python process (the start-up of TensorFlow or torch + DeePMD-kit, 4-6 s on a CPU, is paid once): a
+    worker of the training server (``server``: the config's ``train.server``; train_server.py) or a new
+    process. The output goes to our stdout line by line (the job's log); a failure raises UserError naming
+    the step and its cause."""
+    lines, finish, where = _launch(steps, cwd, env, server)
+    print(where, flush=True)
+    # the output since the running step started, enough for TensorFlow's long graph tracebacks
+    tail: collections.deque[str] = collections.deque(maxlen=5000)
+    current = _step_name(steps[0])
+    for line in lines:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        if line.startswith("+ dp "):
+            current = _step_name(line.split()[2:])
+            tail.clear()
+        tail.append(line)
+    rc = finish()
     if rc == 0:
         return
-    if rc < 0:  # killed: no traceback, and the last lines are ordinary training output
+    if rc is None:
+        cause = (
+            "the training server's worker ended without an exit code (its log: "
+            + str(train_server.address(_backend(steps), env).with_suffix(".log"))
+            + ")"
+        )
+    elif rc < 0:  # killed: no traceback, and the last lines are ordinary training output
         cause = f"killed by {_signal_name(rc)}" + (" (out of memory?)" if rc == -9 else "")
     else:
         cause = last_error_line("".join(tail)) or f"exit code {rc}, no output"

@@ -1,0 +1,258 @@
+"""A local process that keeps DeePMD-kit imported between training jobs (``train.server``).
+
+Every training job pays the import of TensorFlow or torch + DeePMD-kit before its first step: 4-6 s on
+the 2-core dev machine, 11-17 s on the H200 machine (docs/benchmarks.md), in each job of each iteration.
+The server imports once, then forks one worker per job (a fork costs milliseconds); the worker runs the
+``dp`` steps ``train_proc.run_steps`` would run in a new process, in the job's folder and environment,
+and its output streams back into the job's log. The result is the same (lcurve.out bit for bit: tested).
+
+Where it is used (``server_choice``): the server's address is derived from everything that is read at
+import time (Python, DeePMD-kit, the backend, PYTHONPATH, thread counts, DeePMD-kit's switches), so a job
+with another environment gets its own server; never where the training sees a GPU (a CUDA context does not
+survive a fork); with ``auto`` not inside a batch system's job (SLURM_JOB_ID, ...: the job ends with its
+training). The first job that finds no server starts one for the later jobs and trains the usual way.
+
+Lifetime: a worker dies with its job (the job's end of the socket closes: the worker's process group is
+killed); the server exits after ``IDLE_S`` seconds without a job (``DPSNAKE_TRAIN_SERVER_IDLE``).
+
+Protocol (a Unix socket): the job sends one JSON line ``{"steps", "cwd", "env"}``; it receives the
+worker's output, a first line ``\\0pid N`` and a last line ``\\0rc N`` (N < 0: killed by signal -N).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import pathlib
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+IDLE_S = float(os.environ.get("DPSNAKE_TRAIN_SERVER_IDLE", "120"))
+# environment read when TensorFlow / torch / DeePMD-kit are imported (prefixes and names)
+IMPORT_ENV_PREFIXES = ("DP_", "TF_", "OMP_", "MKL_", "KMP_", "CUDA_", "TORCH", "PYTORCH", "PYTHON", "LD_")
+IMPORT_ENV_NAMES = ("DEVICE", "NUM_WORKERS", "SAMPLER_RECORD", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "HOME")
+# set inside jobs of batch systems: there a server would end with the job that started it
+BATCH_ENV = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID", "FLUX_JOB_ID")
+PID, RC = "\0pid ", "\0rc "
+
+
+def server_choice(setting, env: dict) -> tuple[bool, str]:
+    """Whether a job with environment ``env`` trains through the server, and why (for the log).
+    ``setting``: the config's ``train.server`` (``auto``, true, false)."""
+    if setting is False or os.name != "posix":
+        return False, "train.server: false" if setting is False else "no fork on this system"
+    if env.get("CUDA_VISIBLE_DEVICES") != "" and os.path.exists("/dev/nvidiactl"):
+        return False, "the training sees a GPU (CUDA does not survive a fork)"
+    if setting == "auto" and (batch := [k for k in BATCH_ENV if env.get(k)]):
+        return False, f"inside a batch job ({batch[0]})"
+    return True, "train.server: " + str(setting).lower()
+
+
+def address(backend: str, env: dict) -> pathlib.Path:
+    """The socket of the server for jobs with this backend and import-time environment."""
+    import deepmd
+
+    here = pathlib.Path(__file__)
+    key = {
+        "python": sys.executable,
+        "deepmd": [deepmd.__version__, deepmd.__file__],
+        "code": [here.stat().st_mtime_ns, here.with_name("train_proc.py").stat().st_mtime_ns],
+        "backend": backend,
+        "env": sorted((k, v) for k, v in env.items() if k.startswith(IMPORT_ENV_PREFIXES) or k in IMPORT_ENV_NAMES),
+    }
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+    folder = pathlib.Path(tempfile.gettempdir()) / f"dpsnake-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder / f"train-{backend}-{digest}.sock"
+
+
+def connect(sock_path: pathlib.Path, steps: list[list[str]], cwd: pathlib.Path, env: dict):
+    """Hand the job to the server at ``sock_path``; the open socket, or None when no server answers."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(sock_path))
+        s.sendall((json.dumps({"steps": steps, "cwd": str(cwd), "env": env}) + "\n").encode())
+    except OSError:
+        s.close()
+        return None
+    return s
+
+
+def start(sock_path: pathlib.Path, backend: str, env: dict) -> None:
+    """Start a server for later jobs in the background (its own session, output to ``<socket>.log``); a
+    second one started meanwhile by a concurrent job finds the lock taken and exits at once."""
+    with open(sock_path.with_suffix(".log"), "ab") as log:
+        subprocess.Popen(
+            [sys.executable, "-m", "dpsnake.workflow.train_server", str(sock_path), "--backend", backend],
+            env=env,
+            cwd=sock_path.parent,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+# ---------------------------------------------------------------------------------------------- server
+
+
+def _preload(backend: str) -> None:
+    from dpsnake.workflow.train_proc import serial_frame_loading
+
+    serial_frame_loading()
+    import deepmd.main  # noqa: F401 - the point: imported once, inherited by every worker
+
+    if backend == "pt":
+        import deepmd.pt.entrypoints.main  # noqa: F401
+    else:
+        import deepmd.tf.entrypoints.main  # noqa: F401
+
+
+def _work(conn: socket.socket, req: dict) -> None:
+    """The worker (a fork of the server with DeePMD-kit imported): the job's steps; never returns."""
+    rc = 1
+    try:
+        os.setpgid(0, 0)  # its own group: a job that goes takes the worker's children too
+        for fd in (1, 2):
+            os.dup2(conn.fileno(), fd)
+        sys.stdout.reconfigure(line_buffering=True)
+        os.write(1, f"{PID}{os.getpid()}\n".encode())
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.chdir(req["cwd"])
+        os.environ.clear()
+        os.environ.update(req["env"])
+        # a new process would draw fresh global seeds; forks of one server would all share its state
+        import random
+
+        import numpy as np
+
+        random.seed()
+        np.random.seed()
+        from deepmd.main import main
+
+        sys.argv = ["dp"]
+        for step in req["steps"]:
+            print("+ dp " + " ".join(step), flush=True)
+            main(step)
+        rc = 0
+    except SystemExit as err:
+        if isinstance(err.code, str):
+            print(err.code, file=sys.stderr)
+        rc = err.code if isinstance(err.code, int) else int(err.code is not None)
+    except BaseException:  # noqa: BLE001 - reported as a new process would: traceback, exit code 1
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+
+
+def _handle(conn: socket.socket) -> None:
+    """One job (a fork of the server): read the request, fork the worker, watch it and the job's end of
+    the socket, send the exit code; never returns."""
+    try:
+        line = conn.makefile("rb").readline()
+        req = json.loads(line)
+        worker = os.fork()
+        if worker == 0:
+            _work(conn, req)
+        status = None
+        while status is None:
+            pid, st = os.waitpid(worker, os.WNOHANG)
+            if pid:
+                status = st
+                break
+            # the job sends nothing after its request: readable = its end closed (killed or gone)
+            if select.select([conn], [], [], 0.2)[0]:
+                _kill_group(worker)
+                status = os.waitpid(worker, 0)[1]
+        rc = os.waitstatus_to_exitcode(status)
+        conn.sendall(f"{RC}{rc}\n".encode())
+    except BaseException:  # noqa: BLE001 - logged in the server's log; the job sees no rc line
+        traceback.print_exc()
+    finally:
+        os._exit(0)
+
+
+def _kill_group(pid: int) -> None:
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+            time.sleep(0.05)
+
+
+def serve(sock_path: pathlib.Path, backend: str, idle: float = IDLE_S) -> int:
+    lock = open(sock_path.with_suffix(".lock"), "w")  # noqa: SIM115 - held for the server's life
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return 0  # another server for this address is starting or running
+    t0 = time.monotonic()
+    _preload(backend)
+    sock_path.unlink(missing_ok=True)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(sock_path))
+    srv.listen(16)
+    srv.settimeout(0.5)
+    print(
+        f"[{time.strftime('%H:%M:%S')}] train server pid {os.getpid()}: DeePMD-kit ({backend}) imported "
+        f"in {time.monotonic() - t0:.1f} s, listening on {sock_path}",
+        flush=True,
+    )
+    handlers: set[int] = set()
+    last = time.monotonic()
+    try:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                conn = None
+            while handlers and (pid := os.waitpid(-1, os.WNOHANG)[0]):
+                handlers.discard(pid)
+            if conn is not None:
+                conn.settimeout(None)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                pid = os.fork()
+                if pid == 0:
+                    srv.close()
+                    _handle(conn)
+                handlers.add(pid)
+                conn.close()
+            if handlers or conn is not None:
+                last = time.monotonic()
+            elif time.monotonic() - last > idle or not sock_path.exists():
+                break
+    finally:
+        if sock_path.exists():
+            sock_path.unlink(missing_ok=True)
+        print(f"[{time.strftime('%H:%M:%S')}] train server pid {os.getpid()}: idle {idle:.0f} s, exits", flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("socket", type=pathlib.Path)
+    parser.add_argument("--backend", choices=("tf", "pt"), required=True)
+    parser.add_argument("--idle", type=float, default=IDLE_S)
+    args = parser.parse_args(argv)
+    return serve(args.socket, args.backend, args.idle)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
