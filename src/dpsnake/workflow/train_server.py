@@ -80,7 +80,8 @@ def connect(sock_path: pathlib.Path, steps: list[list[str]], cwd: pathlib.Path, 
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.connect(str(sock_path))
-        s.sendall((json.dumps({"steps": steps, "cwd": str(cwd), "env": env}) + "\n").encode())
+        req = {"steps": steps, "cwd": str(pathlib.Path(cwd).resolve()), "env": env}  # the server has its own cwd
+        s.sendall((json.dumps(req) + "\n").encode())
     except OSError:
         s.close()
         return None
