@@ -59,8 +59,9 @@ def _env(sockdir: pathlib.Path, idle: float = 20) -> dict:
     return dict(os.environ, CUDA_VISIBLE_DEVICES="", TMPDIR=str(sockdir), DPSNAKE_TRAIN_SERVER_IDLE=str(idle))
 
 
-def _run(cfg, it, outdir, data, sockdir, ok=True, init_from=None, idle=20):
-    p = subprocess.run(_cmd(cfg, it, outdir, data, init_from), capture_output=True, text=True, env=_env(sockdir, idle))
+def _run(cfg, it, outdir, data, sockdir, ok=True, init_from=None, idle=20, cwd=None):
+    cmd = _cmd(cfg, it, outdir, data, init_from)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=_env(sockdir, idle), cwd=cwd)
     if ok:
         assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     return p
@@ -106,7 +107,7 @@ def test_a_worker_trains_the_same_model_as_a_new_process(tmp_path, model_cache, 
     assert "DeePMD-kit in a new process (no training server yet: one starts" in first.stdout
     sock = _wait_server(sockdir)
     served = tmp_path / "served"
-    p = _run(on, 0, served, data, sockdir)
+    p = _run(on, 0, "served", data, sockdir, cwd=tmp_path)  # relative, as the rules give it
     assert f"DeePMD-kit in a worker of the training server {sock.name}" in p.stdout, p.stdout[-3000:]
     worker = int(re.search(r"train: worker pid (\d+)", p.stdout)[1])
     server = int(re.search(r"train server pid (\d+)", sock.with_suffix(".log").read_text())[1])
@@ -180,3 +181,35 @@ def test_server_choice():
         assert server_choice(True, dict(hidden, **{batch: "17"}))[0]  # asked for explicitly
     gpu = os.path.exists("/dev/nvidiactl")
     assert server_choice("auto", {})[0] is not gpu  # a visible GPU: never (CUDA does not survive a fork)
+
+
+def test_a_server_with_threads_after_the_import_refuses(tmp_path, model_cache, sockdir):
+    """A fork copies only the calling thread: a server whose import left another thread running (here a
+    sitecustomize starts one, as the CUDA driver did on a GPU machine before PYTORCH_NVML_BASED_CUDA_CHECK)
+    serves no job, says why, and no job starts another one."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(600,), daemon=True, name='extra').start()\n"
+    )
+    data = [emt_dataset(model_cache, "Cu")]
+    on = _with_server(tmp_path, "tf", True)
+    env = dict(_env(sockdir), PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+
+    def run(out):
+        p = subprocess.run(_cmd(on, 0, tmp_path / out, data), capture_output=True, text=True, env=env)
+        assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+        return p.stdout
+
+    assert "no training server yet: one starts" in run("first")
+    deadline = time.monotonic() + 120
+    while not (refused := list(sockdir.rglob("*.refused"))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert refused, "".join(p.read_text() for p in sockdir.rglob("*.log"))[-2000:]
+    assert "a fork is not safe" in refused[0].read_text() and not list(sockdir.rglob("*.sock"))
+    out = run("second")
+    assert "DeePMD-kit in a new process (no training server here: threads ['main', " in out, out[:2000]
+    assert (
+        len(list(sockdir.rglob("*.log"))) == 1
+        and len(re.findall("train server pid", refused[0].with_suffix(".log").read_text())) == 1
+    )

@@ -75,6 +75,12 @@ def address(backend: str, env: dict) -> pathlib.Path:
     return folder / f"train-{backend}-{digest}.sock"
 
 
+def refused(sock_path: pathlib.Path) -> pathlib.Path:
+    """The file a server leaves when it cannot serve (its reason inside): no more servers are started
+    for this address."""
+    return sock_path.with_suffix(".refused")
+
+
 def connect(sock_path: pathlib.Path, steps: list[list[str]], cwd: pathlib.Path, env: dict):
     """Hand the job to the server at ``sock_path``; the open socket, or None when no server answers."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -197,6 +203,15 @@ def _kill_group(pid: int) -> None:
             time.sleep(0.05)
 
 
+def _threads() -> list[str]:
+    """The process's threads: ["main"] when there is only the one that runs this."""
+    tasks = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else [str(os.getpid())]
+    return [
+        "main" if int(t) == os.getpid() else pathlib.Path(f"/proc/self/task/{t}/comm").read_text().strip()
+        for t in tasks
+    ]
+
+
 def serve(sock_path: pathlib.Path, backend: str, idle: float = IDLE_S) -> int:
     lock = open(sock_path.with_suffix(".lock"), "w")  # noqa: SIM115 - held for the server's life
     try:
@@ -204,7 +219,16 @@ def serve(sock_path: pathlib.Path, backend: str, idle: float = IDLE_S) -> int:
     except OSError:
         return 0  # another server for this address is starting or running
     t0 = time.monotonic()
+    # torch.cuda.is_available() (DeePMD-kit calls it on import) initialises the CUDA driver, which starts a
+    # thread, even with CUDA_VISIBLE_DEVICES empty (seen on the H200 machine); NVML's device count does not
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
     _preload(backend)
+    if (threads := _threads()) != ["main"]:
+        # a fork copies only the calling thread: a lock another one holds would never be released
+        why = f"threads {threads} after the import of DeePMD-kit: a fork is not safe"
+        print(f"train server pid {os.getpid()}: {why}; the jobs train in new processes", flush=True)
+        refused(sock_path).write_text(why)  # later jobs do not start another one
+        return 1
     sock_path.unlink(missing_ok=True)
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(str(sock_path))
