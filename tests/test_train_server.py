@@ -55,11 +55,11 @@ def _cmd(cfg, it: int, outdir: pathlib.Path, data: list, init_from=None) -> list
     return cmd + (["--init-from", str(init_from)] if init_from else [])
 
 
-def _env(sockdir: pathlib.Path, idle: float = 20) -> dict:
+def _env(sockdir: pathlib.Path, idle: float = 60) -> dict:
     return dict(os.environ, CUDA_VISIBLE_DEVICES="", TMPDIR=str(sockdir), DPSNAKE_TRAIN_SERVER_IDLE=str(idle))
 
 
-def _run(cfg, it, outdir, data, sockdir, ok=True, init_from=None, idle=20, cwd=None):
+def _run(cfg, it, outdir, data, sockdir, ok=True, init_from=None, idle=60, cwd=None):
     cmd = _cmd(cfg, it, outdir, data, init_from)
     p = subprocess.run(cmd, capture_output=True, text=True, env=_env(sockdir, idle), cwd=cwd)
     if ok:
@@ -139,10 +139,15 @@ def test_a_deepmd_failure_in_a_worker_ends_with_its_cause(tmp_path, model_cache,
     assert "does not exist" in last and "frozen_model.pb" in last
 
 
+# the server's idle time there: longer than the first job takes on a loaded machine (the server, started
+# by it, must still be there when it ends), short enough to wait for its exit
+IDLE = 30
+
+
 def test_a_killed_job_takes_its_worker_and_an_idle_server_exits(tmp_path, model_cache, sockdir):
     data = [emt_dataset(model_cache, "Cu")]
     on = _with_server(tmp_path, "pt", True)
-    _run(on, 0, tmp_path / "first", data, sockdir, idle=8)
+    _run(on, 0, tmp_path / "first", data, sockdir, idle=IDLE)
     sock = _wait_server(sockdir)
     raw = json.loads(on.read_text())
     raw["train"]["numb_steps"] = 10**7  # runs until killed
@@ -151,7 +156,7 @@ def test_a_killed_job_takes_its_worker_and_an_idle_server_exits(tmp_path, model_
     log = tmp_path / "long.log"
     with open(log, "w") as out:
         job = subprocess.Popen(
-            _cmd(long_cfg, 0, tmp_path / "long", data), stdout=out, stderr=subprocess.STDOUT, env=_env(sockdir, 8)
+            _cmd(long_cfg, 0, tmp_path / "long", data), stdout=out, stderr=subprocess.STDOUT, env=_env(sockdir, IDLE)
         )
     deadline = time.monotonic() + 120
     lcurve = tmp_path / "long" / "lcurve.out"  # written from the first step on (disp_freq 1)
@@ -167,7 +172,7 @@ def test_a_killed_job_takes_its_worker_and_an_idle_server_exits(tmp_path, model_
     assert _wait_gone(worker, 15), "the worker outlived its job"
     server = int(re.search(r"train server pid (\d+)", sock.with_suffix(".log").read_text())[1])
     assert _alive(server)
-    assert _wait_gone(server, 60), "the server did not exit after its idle time"
+    assert _wait_gone(server, IDLE + 30), "the server did not exit after its idle time"
     assert not sock.exists() and "exits" in sock.with_suffix(".log").read_text()
 
 
@@ -213,3 +218,12 @@ def test_a_server_with_threads_after_the_import_refuses(tmp_path, model_cache, s
         len(list(sockdir.rglob("*.log"))) == 1
         and len(re.findall("train server pid", refused[0].with_suffix(".log").read_text())) == 1
     )
+
+
+def test_no_server_where_its_socket_path_would_be_too_long(tmp_path, model_cache):
+    long_tmp = tmp_path / ("x" * 60) / ("y" * 60)
+    long_tmp.mkdir(parents=True)
+    data = [emt_dataset(model_cache, "Cu")]
+    p = _run(_with_server(tmp_path, "tf", True), 0, tmp_path / "m", data, long_tmp)
+    assert "DeePMD-kit in a new process (no training server here: the socket path is longer than" in p.stdout
+    assert not list(long_tmp.rglob("*.log"))  # none started

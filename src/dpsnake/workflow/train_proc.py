@@ -134,8 +134,8 @@ def _launch(steps, cwd, env, server) -> tuple:
             if (sock := train_server.connect(path, steps, cwd, env)) is not None:
                 job = _ServerJob(sock)
                 return job, lambda: job.rc, f"train: DeePMD-kit in a worker of the training server {path.name} ({why})"
-            if (no := train_server.refused(path)).exists():
-                why = f"no training server here: {no.read_text()}"
+            if no := train_server.unusable(path):
+                why = f"no training server here: {no}"
             else:
                 train_server.start(path, backend, env)
                 why = f"no training server yet: one starts for the later jobs ({path.name})"

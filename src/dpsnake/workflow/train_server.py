@@ -75,6 +75,17 @@ def address(backend: str, env: dict) -> pathlib.Path:
     return folder / f"train-{backend}-{digest}.sock"
 
 
+def unusable(sock_path: pathlib.Path) -> str | None:
+    """Why no server can listen at ``sock_path`` (None: it can)."""
+    if sock_path.parent.stat().st_uid != os.getuid():
+        return f"{sock_path.parent} belongs to another user"
+    if len(os.fsencode(sock_path)) > 107:  # sun_path: 108 bytes with the terminating zero
+        return f"the socket path is longer than a Unix socket's 107 bytes (TMPDIR={tempfile.gettempdir()})"
+    if refused(sock_path).exists():
+        return refused(sock_path).read_text()
+    return None
+
+
 def refused(sock_path: pathlib.Path) -> pathlib.Path:
     """The file a server leaves when it cannot serve (its reason inside): no more servers are started
     for this address."""
@@ -212,6 +223,26 @@ def _threads() -> list[str]:
     ]
 
 
+class _Unsafe(RuntimeError):
+    pass
+
+
+def _listen(sock_path: pathlib.Path, backend: str) -> socket.socket:
+    """Import DeePMD-kit, check that forking this process is safe, listen at ``sock_path``."""
+    # torch.cuda.is_available() (DeePMD-kit calls it on import) initialises the CUDA driver, which starts a
+    # thread, even with CUDA_VISIBLE_DEVICES empty (seen on the H200 machine); NVML's device count does not
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+    _preload(backend)
+    if (threads := _threads()) != ["main"]:
+        # a fork copies only the calling thread: a lock another one holds would never be released
+        raise _Unsafe(f"threads {threads} after the import of DeePMD-kit: a fork is not safe")
+    sock_path.unlink(missing_ok=True)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(sock_path))
+    srv.listen(16)
+    return srv
+
+
 def serve(sock_path: pathlib.Path, backend: str, idle: float = IDLE_S) -> int:
     lock = open(sock_path.with_suffix(".lock"), "w")  # noqa: SIM115 - held for the server's life
     try:
@@ -219,20 +250,13 @@ def serve(sock_path: pathlib.Path, backend: str, idle: float = IDLE_S) -> int:
     except OSError:
         return 0  # another server for this address is starting or running
     t0 = time.monotonic()
-    # torch.cuda.is_available() (DeePMD-kit calls it on import) initialises the CUDA driver, which starts a
-    # thread, even with CUDA_VISIBLE_DEVICES empty (seen on the H200 machine); NVML's device count does not
-    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
-    _preload(backend)
-    if (threads := _threads()) != ["main"]:
-        # a fork copies only the calling thread: a lock another one holds would never be released
-        why = f"threads {threads} after the import of DeePMD-kit: a fork is not safe"
+    try:
+        srv = _listen(sock_path, backend)
+    except Exception as err:  # noqa: BLE001 - any failure to start: said once, no more servers for this address
+        why = str(err) if isinstance(err, _Unsafe) else f"the server failed to start: {type(err).__name__}: {err}"
         print(f"train server pid {os.getpid()}: {why}; the jobs train in new processes", flush=True)
-        refused(sock_path).write_text(why)  # later jobs do not start another one
+        refused(sock_path).write_text(why)
         return 1
-    sock_path.unlink(missing_ok=True)
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(str(sock_path))
-    srv.listen(16)
     srv.settimeout(0.5)
     print(
         f"[{time.strftime('%H:%M:%S')}] train server pid {os.getpid()}: DeePMD-kit ({backend}) imported "
