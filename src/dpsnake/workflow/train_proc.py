@@ -130,12 +130,16 @@ def _launch(steps, cwd, env, server) -> tuple:
         use, why = train_server.server_choice(server, env)
         backend = _backend(steps)
         if use:
-            path = train_server.address(backend, env)
-            if (sock := train_server.connect(path, steps, cwd, env)) is not None:
+            try:
+                path = train_server.address(backend, env)
+                no = train_server.unusable(path)  # before connecting: another user's folder is not ours to trust
+            except OSError as err:
+                no = f"{type(err).__name__}: {err}"
+            if no:
+                why = f"no training server here: {no}"
+            elif (sock := train_server.connect(path, steps, cwd, env)) is not None:
                 job = _ServerJob(sock)
                 return job, lambda: job.rc, f"train: DeePMD-kit in a worker of the training server {path.name} ({why})"
-            if no := train_server.unusable(path):
-                why = f"no training server here: {no}"
             else:
                 train_server.start(path, backend, env)
                 why = f"no training server yet: one starts for the later jobs ({path.name})"

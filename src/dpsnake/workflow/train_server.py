@@ -183,16 +183,18 @@ def _handle(conn: socket.socket) -> None:
         worker = os.fork()
         if worker == 0:
             _work(conn, req)
-        status = None
-        while status is None:
-            pid, st = os.waitpid(worker, os.WNOHANG)
+        try:  # the worker's own group, set here too: a kill right after the fork must reach it
+            os.setpgid(worker, worker)
+        except OSError:
+            pass
+        while True:
+            pid, status = os.waitpid(worker, os.WNOHANG)
             if pid:
-                status = st
                 break
             # the job sends nothing after its request: readable = its end closed (killed or gone)
             if select.select([conn], [], [], 0.2)[0]:
-                _kill_group(worker)
-                status = os.waitpid(worker, 0)[1]
+                status = _kill_group(worker)
+                break
         rc = os.waitstatus_to_exitcode(status)
         conn.sendall(f"{RC}{rc}\n".encode())
     except BaseException:  # noqa: BLE001 - logged in the server's log; the job sees no rc line
@@ -201,17 +203,17 @@ def _handle(conn: socket.socket) -> None:
         os._exit(0)
 
 
-def _kill_group(pid: int) -> None:
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if os.waitpid(pid, os.WNOHANG)[0]:
-                return
-            time.sleep(0.05)
+def _kill_group(pid: int) -> int:
+    """SIGTERM the process group of ``pid``, SIGKILL after 5 s; the wait status of ``pid``."""
+    os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.05)
+    os.killpg(pid, signal.SIGKILL)
+    return os.waitpid(pid, 0)[1]
 
 
 def _threads() -> list[str]:
