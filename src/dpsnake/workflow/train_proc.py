@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 from dpsnake.errors import UserError, last_error_line
 from dpsnake.workflow import train_server
@@ -137,12 +138,25 @@ def _launch(steps, cwd, env, server) -> tuple:
                 no = f"{type(err).__name__}: {err}"
             if no:
                 why = f"no training server here: {no}"
-            elif (sock := train_server.connect(path, steps, cwd, env)) is not None:
-                job = _ServerJob(sock)
-                return job, lambda: job.rc, f"train: DeePMD-kit in a worker of the training server {path.name} ({why})"
             else:
-                train_server.start(path, backend, env)
-                why = f"no training server yet: one starts for the later jobs ({path.name})"
+                t0 = time.monotonic()
+                if (sock := train_server.connect(path, steps, cwd, env)) is None:
+                    # the first job starts one; it and the jobs started meanwhile wait for its import (one
+                    # import instead of one per job)
+                    if not train_server.starting_or_running(path):
+                        train_server.start(path, backend, env)
+                    sock = train_server.wait_for(path, steps, cwd, env)
+                    why += f"; waited {time.monotonic() - t0:.1f} s for it to start"
+                if sock is not None:
+                    job = _ServerJob(sock)
+                    where = f"train: DeePMD-kit in a worker of the training server {path.name} ({why})"
+                    return job, lambda: job.rc, where
+                no = train_server.unusable(path)
+                why = (
+                    f"no training server here: {no}"
+                    if no
+                    else f"no training server (its log: {path.with_suffix('.log')})"
+                )
     else:
         why = "no training server asked for"
     p = subprocess.Popen(

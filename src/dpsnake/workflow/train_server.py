@@ -37,6 +37,9 @@ import time
 import traceback
 
 IDLE_S = float(os.environ.get("DPSNAKE_TRAIN_SERVER_IDLE", "120"))
+# how long a job waits for a server that is importing DeePMD-kit (16-20 s on the H200 machine) before it
+# trains in a new process
+START_WAIT_S = 120.0
 # environment read when TensorFlow / torch / DeePMD-kit are imported (prefixes and names)
 IMPORT_ENV_PREFIXES = ("DP_", "TF_", "OMP_", "MKL_", "KMP_", "CUDA_", "TORCH", "PYTORCH", "PYTHON", "LD_")
 IMPORT_ENV_NAMES = ("DEVICE", "NUM_WORKERS", "SAMPLER_RECORD", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "HOME")
@@ -103,6 +106,31 @@ def connect(sock_path: pathlib.Path, steps: list[list[str]], cwd: pathlib.Path, 
         s.close()
         return None
     return s
+
+
+def starting_or_running(sock_path: pathlib.Path) -> bool:
+    """Whether a server holds the lock of this address (it is importing DeePMD-kit, or serving)."""
+    with open(sock_path.with_suffix(".lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        return False
+
+
+def wait_for(sock_path: pathlib.Path, steps, cwd, env, timeout: float = START_WAIT_S):
+    """Hand the job to a server that is starting: the open socket once it listens, or None when it gives
+    up (``.refused``), is gone, or is not there within ``timeout`` seconds."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if (sock := connect(sock_path, steps, cwd, env)) is not None:
+            return sock
+        # a server just started may not hold its lock yet: give it a few seconds
+        if refused(sock_path).exists() or (time.monotonic() - t0 > 10 and not starting_or_running(sock_path)):
+            return None
+        time.sleep(0.2)
+    return None
 
 
 def start(sock_path: pathlib.Path, backend: str, env: dict) -> None:
