@@ -121,6 +121,7 @@ def _pressure_ramp(ramp):
 PROBES = [
     config_probe("config-unknown-top-key", lambda c, t: c.update(foo=1), "foo: unknown key"),
     config_probe("config-unknown-train-key", _set("train", "numb_stepz", value=5), "train.numb_stepz: unknown key"),
+    config_probe("config-train-server", _set("train", "server", value="maybe"), "train.server: 'maybe' is not one of"),
     config_probe(
         "config-wrong-type",
         _set("train", "numb_models", value="two"),
