@@ -125,40 +125,41 @@ def _backend(steps: list[list[str]]) -> str:
     return next(a for a in steps[0] if a.startswith("--"))[2:]
 
 
+def _to_server(steps, cwd, env, server) -> tuple:
+    """(the job's socket on the training server or None, why: for the log line)."""
+    if server is None:
+        return None, "no training server asked for"
+    use, why = train_server.server_choice(server, env)
+    if not use:
+        return None, why
+    backend = _backend(steps)
+    try:
+        path = train_server.address(backend, env)
+        no = train_server.unusable(path)  # before connecting: another user's folder is not ours to trust
+    except OSError as err:
+        no = f"{type(err).__name__}: {err}"
+    if no:
+        return None, f"no training server here: {no}"
+    t0 = time.monotonic()
+    if (sock := train_server.connect(path, steps, cwd, env)) is None:
+        # the first job starts one; it and the jobs started meanwhile wait for its import (one import
+        # instead of one per job)
+        if not train_server.starting_or_running(path):
+            train_server.start(path, backend, env)
+        sock = train_server.wait_for(path, steps, cwd, env)
+        why += f"; waited {time.monotonic() - t0:.1f} s for it to start"
+    if sock is not None:
+        return sock, f"the training server {path.name} ({why})"
+    no = train_server.unusable(path)
+    return None, f"no training server here: {no}" if no else f"no training server (its log: {path.with_suffix('.log')})"
+
+
 def _launch(steps, cwd, env, server) -> tuple:
     """(output lines, a function giving the exit code, a log line saying where DeePMD-kit runs)."""
-    if server is not None:
-        use, why = train_server.server_choice(server, env)
-        backend = _backend(steps)
-        if use:
-            try:
-                path = train_server.address(backend, env)
-                no = train_server.unusable(path)  # before connecting: another user's folder is not ours to trust
-            except OSError as err:
-                no = f"{type(err).__name__}: {err}"
-            if no:
-                why = f"no training server here: {no}"
-            else:
-                t0 = time.monotonic()
-                if (sock := train_server.connect(path, steps, cwd, env)) is None:
-                    # the first job starts one; it and the jobs started meanwhile wait for its import (one
-                    # import instead of one per job)
-                    if not train_server.starting_or_running(path):
-                        train_server.start(path, backend, env)
-                    sock = train_server.wait_for(path, steps, cwd, env)
-                    why += f"; waited {time.monotonic() - t0:.1f} s for it to start"
-                if sock is not None:
-                    job = _ServerJob(sock)
-                    where = f"train: DeePMD-kit in a worker of the training server {path.name} ({why})"
-                    return job, lambda: job.rc, where
-                no = train_server.unusable(path)
-                why = (
-                    f"no training server here: {no}"
-                    if no
-                    else f"no training server (its log: {path.with_suffix('.log')})"
-                )
-    else:
-        why = "no training server asked for"
+    sock, why = _to_server(steps, cwd, env, server)
+    if sock is not None:
+        job = _ServerJob(sock)
+        return job, lambda: job.rc, f"train: DeePMD-kit in a worker of {why}"
     p = subprocess.Popen(
         [sys.executable, "-c", _script(steps)],
         cwd=cwd,
