@@ -51,6 +51,14 @@ import torch, deepmd.pt, snakemake, dpsnake, ase, dpdata  # noqa: F401
 print(f"imports ok ({time.time() - t:.1f} s): torch {torch.__version__}, cuda {torch.cuda.is_available()}, "
       f"snakemake {snakemake.__version__}")
 EOF
+# bytecode of the image's packages and of ours (gpu_install.sh compiles the carried ones)
+python3 -c "
+import importlib.util, pathlib
+for m in ('torch', 'cupy', 'numpy', 'deepmd', 'dpsnake', 'snakemake'):
+    s = importlib.util.find_spec(m)
+    d = pathlib.Path(s.origin).parent if s else None
+    print(f'bytecode {m}:', f\"{sum(1 for _ in d.rglob('*.pyc'))} .pyc for {sum(1 for _ in d.rglob('*.py'))} .py\" if d else 'absent')
+"
 if [ "$EXPLORE_DEVICE" = gpu ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import cupy; print('cupy', cupy.__version__, cupy.cuda.runtime.getDeviceCount(), 'device(s)')" || exit 1

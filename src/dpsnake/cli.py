@@ -29,6 +29,10 @@ COMMANDS = {
     "train": ("dpsnake.workflow.train", "train one DeePMD-kit model: dp train, freeze, convert to .dp"),
     "plan": ("dpsnake.workflow.plan", "write the walkers of an iteration from the exploration plan"),
     "explore": ("dpsnake.md.explore", "run all exploration walkers of an iteration as one batched job"),
+    "explore-warmup": (
+        "dpsnake.md.warmup",
+        "compile the exploration's GPU kernels with an untrained model (iteration 0)",
+    ),
     "merge-shards": ("dpsnake.workflow.shards", "join the shards of a sharded exploration into one summary"),
     "select": ("dpsnake.workflow.select", "classify explored frames by model deviation and pick candidates"),
     "label": ("dpsnake.workflow.label", "label candidate frames with the configured labeler"),

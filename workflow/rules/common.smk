@@ -4,6 +4,7 @@
 import json
 import os
 import sys
+from importlib.util import find_spec
 
 from dpsnake.errors import UserError
 from dpsnake.workflow import config as dpconfig
@@ -19,6 +20,10 @@ CONFIG_JSON = "results/config.json"
 NMODELS = CFG["train"]["numb_models"]
 SHARDED = CFG["explore"]["shards"] != 1  # explore.shards: several exploration jobs per iteration
 SYSTEMS = list(CFG["systems"])
+# explore.warmup: iteration 0's GPU kernels compiled while it trains (dpsnake explore-warmup)
+WARMUP = CFG["explore"]["warmup"] is True or (
+    CFG["explore"]["warmup"] == "auto" and CFG["explore"]["device"] != "cpu" and bool(find_spec("cupy"))
+)
 
 
 wildcard_constraints:
@@ -60,6 +65,16 @@ def train_data(wildcards):
     """Datasets model training of iteration `it` uses: init data plus every earlier iteration's."""
     it = int(wildcards.it)
     return [f"results/data/init/{s}" for s in SYSTEMS] + [f"results/data/iter.{j:06d}" for j in range(it)]
+
+
+def warmup_input(wildcards):
+    """Iteration 0's kernel warm-up (explore.warmup): an input of its exploration (job) until that ran,
+    so a run that explored iteration 0 before warm-ups existed does not redo it."""
+    it = iter_dir(wildcards.it)
+    own = f"{it}/explore/shards/shard.{wildcards.shard}" if SHARDED else f"{it}/explore"
+    if not WARMUP or int(wildcards.it) != 0 or os.path.isfile(f"{own}/summary.json"):
+        return []
+    return [f"{it}/explore/warmup.json"]
 
 
 def compress_data(wildcards):

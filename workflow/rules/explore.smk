@@ -4,6 +4,7 @@
 # With explore.shards other than 1, plan splits the walkers by cost into shards.json (a checkpoint: the
 # number of shards is known once it ran), one explore_shard job per shard (one GPU each), and
 # explore_merge joins them into the same summary.json as one job writes.
+# explore.warmup: while iteration 0 trains, explore_warmup compiles the GPU kernels (untrained model).
 # The structure files of the stage are inputs of plan until the iteration's selection ran: an edited
 # file replans (and so re-explores) an unfinished iteration (common.smk: plan_structures).
 
@@ -31,6 +32,32 @@ checkpoint plan:
         " || {{ rc=$?; tail -n 1 {log} >&2; exit $rc; }}"
 
 
+# explore.warmup: iteration 0's exploration waits for it (warmup_input); it runs while iteration 0 trains
+rule explore_warmup:
+    input:
+        walkers="results/iter.{it}/explore/walkers.json",
+        data=compress_data,
+    output:
+        "results/iter.{it}/explore/warmup.json",
+    log:
+        "logs/iter.{it}/explore.warmup.log",
+    benchmark:
+        "benchmarks/iter.{it}/explore.warmup.tsv"
+    conda:
+        "../../envs/explore.yaml"
+    params:
+        engine=CFG["explore"]["engine"],
+        device=CFG["explore"]["device"],
+        precision=CFG["explore"]["precision"],
+        tf32="--tf32" if CFG["explore"]["tf32"] else "",
+        compress=compress_arg,
+    shell:
+        "dpsnake explore-warmup --config results/config.json --walkers {input.walkers} --out {output}"
+        " --engine {params.engine} --device {params.device} --precision {params.precision} {params.tf32}"
+        " {params.compress} > {log} 2>&1"
+        " || {{ rc=$?; tail -n 1 {log} >&2; exit $rc; }}"
+
+
 if SHARDED:
 
     rule explore_shard:
@@ -39,6 +66,7 @@ if SHARDED:
             walkers="results/iter.{it}/explore/walkers.json",
             shards="results/iter.{it}/explore/shards.json",
             data=compress_data,
+            warmup=warmup_input,
         output:
             summary="results/iter.{it}/explore/shards/shard.{shard}/summary.json",
         log:
@@ -92,6 +120,7 @@ else:
             models=model_files,
             walkers="results/iter.{it}/explore/walkers.json",
             data=compress_data,
+            warmup=warmup_input,
         output:
             summary="results/iter.{it}/explore/summary.json",
         log:

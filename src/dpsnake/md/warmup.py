@@ -1,0 +1,179 @@
+"""``dpsnake explore-warmup``: compile the exploration's GPU kernels while iteration 0 trains.
+
+    dpsnake explore-warmup --config results/config.json --walkers explore/walkers.json --out explore/warmup.json
+                           [--engine ...] [--device ...] [--precision ...] [--tf32] [--compress ...]
+
+The built-in engine's CUDA kernels are generated per network shape and compiled by CuPy (NVRTC) the first
+time they run, then kept in CuPy's kernel cache on disk (``CUPY_CACHE_DIR``, default
+``~/.cupy/kernel_cache``); on a new machine the first exploration job spends ~20 s compiling (H200,
+the demo's model; docs/benchmarks.md). The kernels depend on the architecture and the walkers, not on the
+weights: this command builds an untrained model of the architecture iteration 0 trains (DeePMD-kit's own
+``deepmd.dpmodel`` from the config's ``train.input.model``, normalized as ``dp train`` does), and runs
+the iteration's walkers for two deviation intervals with an ensemble of ``train.numb_models`` copies of it
+in a scratch folder, as ``dpsnake explore`` would: every kernel the exploration uses is compiled into the
+cache by the time the trained models are there.
+
+A warm-up never fails the run: no GPU, an engine other than the built-in one, or any error is written to
+``--out`` as ``skipped`` (with the reason; an error's traceback also goes to the log) and the command exits 0
+(the exploration then compiles its kernels itself, as without the warm-up).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pathlib
+import shutil
+import time
+import traceback
+
+STEP_INTERVALS = 2  # deviation intervals per walker: the deviation kernels run at least twice
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="the run's resolved config (results/config.json)")
+    parser.add_argument("--walkers", required=True, help="walkers.json of the iteration (dpsnake plan)")
+    parser.add_argument("--out", required=True, help="warmup.json: what was compiled, or why nothing was")
+    parser.add_argument("--engine", choices=("auto", "builtin", "deepmd"), default="auto")
+    parser.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
+    parser.add_argument("--precision", choices=("double", "mixed"), default="double")
+    parser.add_argument("--tf32", action="store_true")
+    parser.add_argument("--compress", default=None, metavar="MIN_NBOR_DIST")
+    parser.add_argument("--compress-data", nargs="+", default=None, metavar="DIR")
+
+
+def kernel_cache_dir() -> pathlib.Path:
+    """CuPy's on-disk kernel cache (cupy/cuda/compiler.py's default)."""
+    return pathlib.Path(os.environ.get("CUPY_CACHE_DIR") or os.path.expanduser("~/.cupy/kernel_cache"))
+
+
+def untrained_model(cfg: dict, path: pathlib.Path) -> pathlib.Path:
+    """Write to ``path`` (.dp) a model of the architecture iteration 0 trains (a fine-tuned run: the
+    pretrained model's), with DeePMD-kit's initial weights."""
+    import deepmd
+    from deepmd.dpmodel.model.model import get_model
+    from deepmd.dpmodel.utils.serialization import save_dp_model
+
+    from dpsnake.workflow.train_input import check_train
+
+    model_params = check_train(copy.deepcopy(cfg))
+    model = get_model(copy.deepcopy(model_params))
+    save_dp_model(
+        str(path),
+        {
+            "model": model.serialize(),
+            "model_def_script": model_params,
+            "software": "deepmd-kit",
+            "version": deepmd.__version__,
+        },
+    )
+    return path
+
+
+def short_walkers(walkers: list) -> list:
+    """The walkers cut to ``STEP_INTERVALS`` deviation intervals, with a tenth of their time step (an
+    untrained model's forces are arbitrary; the kernels do not depend on dt or the step count)."""
+    out = []
+    for w in walkers:
+        w = copy.copy(w)
+        w.nsteps = min(w.nsteps, STEP_INTERVALS * w.trj_freq)
+        w.dt = w.dt / 10
+        out.append(w)
+    return out
+
+
+def warm_up(
+    cfg: dict,
+    walkers_file,
+    scratch: pathlib.Path,
+    xp,
+    engine: str = "auto",
+    precision: str = "double",
+    compress: float | None = None,
+    tf32: bool = False,
+) -> dict:
+    """Run the walkers of ``walkers_file`` briefly on ``xp`` with ``train.numb_models`` copies of an
+    untrained model of the config's architecture, in ``scratch`` (removed afterwards). Returns what ran:
+    {"engine", "reason", "walkers", "steps", "models"} or {"skipped": why} where the built-in engine
+    does not run the model."""
+    from dpsnake.md.engines import choose
+    from dpsnake.md.explore import make_provider
+    from dpsnake.md.explorer import Explorer
+    from dpsnake.md.walkers import load_walkers
+
+    walkers = short_walkers(load_walkers(walkers_file))
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    scratch.mkdir(parents=True)
+    try:
+        path = untrained_model(cfg, scratch / "untrained.dp")
+        chosen, reason, loaded = choose(engine, [str(path)])
+        if chosen != "builtin":
+            return {"skipped": f"engine {chosen} ({reason}): nothing for CuPy to compile"}
+        n = int(cfg["train"]["numb_models"])
+        provider, type_map = make_provider(loaded * n, precision, xp, compress, tf32=tf32)
+        Explorer(
+            walkers,
+            provider,
+            type_map,
+            scratch / "explore",
+            xp=xp,
+            models=[str(path)] * n,
+            progress=False,
+            state_dir=scratch / "explore",
+        ).run()
+        return {
+            "engine": chosen,
+            "reason": reason,
+            "walkers": len(walkers),
+            "steps": max(w.nsteps for w in walkers),
+            "models": n,
+        }
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run(args) -> int:
+    from dpsnake.fsio import write_json_atomic
+    from dpsnake.md.explore import compress_distance, pick_xp
+    from dpsnake.workflow.config import read_resolved
+
+    t0 = time.time()
+    out = pathlib.Path(args.out)
+    result: dict = {"device": args.device}
+    try:
+        xp = None if args.device == "cpu" else pick_xp(args.device)
+        if xp is None or xp.__name__ != "cupy":
+            result["skipped"] = "no GPU: the CPU engine (NumPy) compiles nothing"
+        else:
+            cache = kernel_cache_dir()
+            before = sum(1 for _ in cache.rglob("*")) if cache.is_dir() else 0
+            compress = compress_distance(args.compress, args.compress_data)
+            result.update(
+                warm_up(
+                    read_resolved(args.config),
+                    args.walkers,
+                    out.parent / "warmup.scratch",
+                    xp,
+                    args.engine,
+                    args.precision,
+                    compress,
+                    args.tf32,
+                )
+            )
+            after = sum(1 for _ in cache.rglob("*")) if cache.is_dir() else 0
+            result.update(kernel_cache=str(cache), new_cache_files=after - before)
+    except Exception as err:  # the exploration compiles its kernels itself then: never stop the run here
+        traceback.print_exc()
+        result["skipped"] = f"failed: {type(err).__name__}: {err}"
+    result["seconds"] = round(time.time() - t0, 1)
+    if "skipped" in result:
+        print(f"dpsnake explore-warmup: skipped: {result['skipped']} (the exploration compiles its own kernels)")
+    else:
+        print(
+            f"dpsnake explore-warmup: {result['walkers']} walkers x {result['steps']} steps, {result['models']} "
+            f"untrained models, engine {result['engine']}: {result['new_cache_files']} new files in "
+            f"{result['kernel_cache']} in {result['seconds']} s"
+        )
+    write_json_atomic(out, result)
+    return 0
