@@ -51,13 +51,14 @@ import torch, deepmd.pt, snakemake, dpsnake, ase, dpdata  # noqa: F401
 print(f"imports ok ({time.time() - t:.1f} s): torch {torch.__version__}, cuda {torch.cuda.is_available()}, "
       f"snakemake {snakemake.__version__}")
 EOF
-# bytecode of the image's packages and of ours (gpu_install.sh compiles the carried ones)
+# bytecode of the image's packages and of ours (gpu_install.sh compiles them)
 python3 -c "
-import importlib.util, pathlib
+import importlib.util, pathlib, sys
 for m in ('torch', 'cupy', 'numpy', 'deepmd', 'dpsnake', 'snakemake'):
     s = importlib.util.find_spec(m)
     d = pathlib.Path(s.origin).parent if s else None
-    print(f'bytecode {m}:', f\"{sum(1 for _ in d.rglob('*.pyc'))} .pyc for {sum(1 for _ in d.rglob('*.py'))} .py\" if d else 'absent')
+    c = pathlib.Path(sys.pycache_prefix + str(d)) if d and sys.pycache_prefix else d
+    print(f'bytecode {m}:', f\"{sum(1 for _ in c.rglob('*.pyc'))} .pyc for {sum(1 for _ in d.rglob('*.py'))} .py\" if d else 'absent')
 "
 if [ "$EXPLORE_DEVICE" = gpu ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

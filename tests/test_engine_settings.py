@@ -197,3 +197,38 @@ def test_explorer_reads_no_environment():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv"):
                 pytest.fail(f"md/{path.name}:{node.lineno} reads the environment (os.{node.attr})")
+
+
+def test_fp64_nets_run_fused_in_small_chunks_only():
+    """fused "auto": FP64 nets take the fused kernels in chunks of at most fused_fp64_atoms centres
+    (launch-bound calls), cuBLAS above; FP32 nets always; tabulated nets keep their kernels."""
+    import types
+
+    import numpy as np
+
+    from dpsnake.engine.descriptor import RuntimeModel
+
+    gpu = types.SimpleNamespace(__name__="cupy")  # only the namespace's name decides here
+    ctx = EngineContext(EngineSettings())
+    assert ctx.fused_small(gpu, "float64") == 2048 and not ctx.fused(gpu, "float64")
+    assert ctx.fused_small(gpu, "float32") == 0 and ctx.fused(gpu, "float32")
+    assert ctx.fused_small(np, "float64") == 0
+    for settings in (EngineSettings(fused="on"), EngineSettings(fused="off"), EngineSettings(fused_fp64_atoms=0)):
+        assert EngineContext(settings).fused_small(gpu, "float64") == 0
+    assert EngineContext(EngineSettings(fused="on")).fused(gpu, "float64")
+    rm = RuntimeModel(
+        model=None,
+        xp=gpu,
+        dtype=np.float64,
+        davg=None,
+        rstd=None,
+        embeddings=[],
+        fittings=[],
+        bias=np.zeros(1),
+        fused=["table", None],
+        fused_small=["table", "fused net"],
+        small_max=2048,
+    )
+    assert rm.kernels_for(256) == rm.kernels_for(2048) == ["table", "fused net"]
+    assert rm.kernels_for(2049) == ["table", None]
+    assert RuntimeModel(None, gpu, np.float64, None, None, [], [], np.zeros(1)).kernels_for(10) is None

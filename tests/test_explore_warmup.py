@@ -169,37 +169,41 @@ def test_snakemake_runs_it_for_iteration_0_only(wd):
         assert not jobs(_smk(wd, "-n"), "explore_warmup")
 
 
-def test_gpu_exploration_after_a_warm_up_compiles_nothing(tmp_path, monkeypatch):
-    """An exploration of differently initialised models of the same architecture, after the warm-up, in
-    a fresh process: no new file in CuPy's kernel cache (the warm-up compiled them all)."""
+def test_gpu_exploration_after_a_warm_up_compiles_nothing(tmp_path):
+    """The warm-up command, then an exploration of differently initialised models of the same
+    architecture, each a process of its own (as the rules run them), sharing a fresh CuPy kernel cache:
+    the exploration adds no file to it (the warm-up compiled every kernel it runs)."""
     from engine_helpers import cupy_or_skip
 
-    cp = cupy_or_skip()
-    from dpsnake.md.warmup import kernel_cache_dir, untrained_model, warm_up
+    cupy_or_skip()
+    from dpsnake.md.warmup import untrained_model
 
-    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path / "cache"))
-    cfg = _config(tmp_path, device="gpu")
-    walkers = tmp_path / "results" / "iter.000000" / "explore" / "walkers.json"
-    got = warm_up(cfg, walkers, tmp_path / "scratch", cp)
-    assert got["engine"] == "builtin"
-    n = sum(1 for _ in kernel_cache_dir().rglob("*"))
-    assert n > 5
+    cache = tmp_path / "cache"
+    env = dict(os.environ, CUPY_CACHE_DIR=str(cache))
+    cfg = _config(tmp_path, device="gpu", compress=None)
+    walkers = "results/iter.000000/explore/walkers.json"
+
+    def run(*args):
+        p = subprocess.run(
+            [sys.executable, "-m", "dpsnake.cli", *map(str, args)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert p.returncode == 0, p.stdout + p.stderr
+        return p.stdout
+
+    run("explore-warmup", "--config", "results/config.json", "--walkers", walkers, "--out", "w.json", "--device", "gpu")
+    rec = json.loads((tmp_path / "w.json").read_text())
+    assert "skipped" not in rec and rec["engine"] == "builtin" and rec["kernel_cache"] == str(cache)
+    files = sorted(cache.rglob("*"))
+    assert rec["new_cache_files"] == len(files) > 5
     models = []
     for k in range(2):
         c = copy.deepcopy(cfg)
         c["train"]["seed"] = 100 + k
         models.append(untrained_model(c, tmp_path / f"m{k}.dp"))
-    dpsnake(
-        "explore",
-        "--models",
-        *models,
-        "--walkers",
-        walkers,
-        "--outdir",
-        tmp_path / "explore",
-        "--device",
-        "gpu",
-        "--no-progress",
-        cwd=tmp_path,
-    )
-    assert sum(1 for _ in kernel_cache_dir().rglob("*")) == n
+    run("explore", "--models", *models, "--walkers", walkers, "--outdir", "explore", "--device", "gpu", "--no-progress")
+    assert json.loads((tmp_path / "explore" / "summary.json").read_text())
+    assert sorted(cache.rglob("*")) == files

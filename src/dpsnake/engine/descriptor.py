@@ -41,6 +41,9 @@ class RuntimeModel:
     fittings: list
     bias: np.ndarray
     fused: list | None = None  # FusedNet per embedding net (CUDA) or None
+    # the same with FusedNets also for nets fused only in chunks of at most small_max centres (FP64)
+    fused_small: list | None = None
+    small_max: int = 0
     ctx: EngineContext | None = None
     _tails: dict | None = None
     _cols: dict | None = None
@@ -63,18 +66,24 @@ class RuntimeModel:
                 from dpsnake.engine.cuda.tab import TabKernels
 
                 fused = [TabKernels(e, name, st.tab_lps) if t is not None else None for e, t in zip(embeddings, tables)]
-        if ctx.fused(xp, name):
+        small_max = 0 if ctx.fused(xp, name) else ctx.fused_small(xp, name)
+        fused_small = None
+        if ctx.fused(xp, name) or small_max:
             from dpsnake.engine.cuda.fused import get_fused, supported
 
             # nets not tabulated (a tabulated net keeps its table, kernels or not); a net the kernels
             # cannot run (activation, shape) keeps the array code
             base = fused or [None] * len(model.embeddings)
-            fused = [
+            with_nets = [
                 f
                 if f is not None or t is not None or n is None or supported(n)
                 else get_fused(n, name, st.fused_bwd_minb)
                 for f, n, t in zip(base, model.embeddings, tables)
             ]
+            if small_max:
+                fused_small = with_nets
+            else:
+                fused = with_nets
         return cls(
             model=model,
             xp=xp,
@@ -85,8 +94,15 @@ class RuntimeModel:
             fittings=[None if n is None else n.to(xp, dtype) for n in model.fittings],
             bias=np.asarray(model.bias, dtype=np.float64),
             fused=fused,
+            fused_small=fused_small,
+            small_max=small_max,
             ctx=ctx,
         )
+
+    def kernels_for(self, n: int) -> list | None:
+        """The CUDA kernels (fused or tabulated) per embedding net for a chunk of ``n`` centres, None
+        where the net runs as array code; None: no kernels at all."""
+        return self.fused_small if self.fused_small is not None and n <= self.small_max else self.fused
 
     def net_index(self, ti: int, tt: int) -> int:
         """Embedding net used by centre type ti for neighbours of type tt."""
@@ -223,6 +239,7 @@ def _nets(rm, ti, Rn_c, d, valid, keep, need_grad, env, slots, rstd):
     M1 = m.neuron[-1]
     A = m.axis_neuron
     gr = xp.zeros((n, 4, M1), dtype=rm.dtype)
+    kern = rm.kernels_for(n)
     Gs = []
     for tt in range(m.ntypes):
         a, b = sec[tt], sec[tt + 1]
@@ -231,8 +248,8 @@ def _nets(rm, ti, Rn_c, d, valid, keep, need_grad, env, slots, rstd):
             gr += rm.pad_tail(ti, tt, int(slots.kept[tt]))
         if a == b:
             Gs.append(None)
-        elif rm.fused is not None and rm.fused[k] is not None:  # CUDA: G never stored
-            rm.fused[k].forward(Rn_c, a, b, gr)
+        elif kern is not None and kern[k] is not None:  # CUDA: G never stored
+            kern[k].forward(Rn_c, a, b, gr)
             Gs.append(None)
         else:
             G, cache = rm.embeddings[k].forward(xp, Rn_c[:, a:b, 0:1], keep=need_grad, ctx=ctx)
@@ -260,7 +277,7 @@ def _nets(rm, ti, Rn_c, d, valid, keep, need_grad, env, slots, rstd):
         ggr[:, :, :A] += xp.matmul(gr, gD)
         ggr *= 1.0 / nnei
     gRn = xp.zeros((n, nc, 4), dtype=rm.dtype)
-    if rm.fused is not None:
+    if kern is not None:
         ggr = xp.ascontiguousarray(ggr)
         Rn_c = xp.ascontiguousarray(Rn_c)
     for tt in range(m.ntypes):
@@ -268,8 +285,8 @@ def _nets(rm, ti, Rn_c, d, valid, keep, need_grad, env, slots, rstd):
         if a == b:
             continue
         k = rm.net_index(ti, tt)
-        if rm.fused is not None and rm.fused[k] is not None:
-            rm.fused[k].backward(Rn_c, ggr, a, b, gRn)
+        if kern is not None and kern[k] is not None:
+            kern[k].backward(Rn_c, ggr, a, b, gRn)
             continue
         G, cache = Gs[tt]
         net = rm.embeddings[k]

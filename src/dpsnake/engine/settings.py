@@ -51,8 +51,14 @@ class EngineSettings:
     """Neighbour-selection kernel: "warp" (a 32-thread block per centre) or "thread" (a thread per
     centre). Was ``DPSNAKE_SELECT``."""
     fused: str = "auto"
-    """Fused embedding-net kernels (cuda/fused.py): "auto" (FP32 nets only), "on" (FP64 too, slower
-    there), "off" (cuBLAS array code). Was ``DPSNAKE_FUSED`` (auto/1/0)."""
+    """Fused embedding-net kernels (cuda/fused.py): "auto" (FP32 nets; FP64 nets in chunks of at most
+    ``fused_fp64_atoms`` centres), "on" (FP64 too, always), "off" (cuBLAS array code). Was
+    ``DPSNAKE_FUSED`` (auto/1/0)."""
+    fused_fp64_atoms: int = 2048
+    """With ``fused`` "auto": FP64 nets run the fused kernels in chunks of at most this many centres,
+    where a call is bound by kernel launches (the GPU demo's 256 atoms: 1.2-1.6x per force call on an
+    H200 for embedding nets from [8, 16] to [25, 50, 100]); larger chunks keep cuBLAS (the FP64 backward
+    kernel's 255 registers: 0.5-0.9x from 4,096 atoms for nets from [16, 32, 64]). 0: never."""
     tab_kernels: bool = True
     """CUDA kernels of tabulated embedding nets (cuda/tab.py); False: tabulate.py's array code.
     ``DPSNAKE_FUSED=0`` turned these off too."""
@@ -212,10 +218,16 @@ class EngineContext:
         return xp.__name__ == "cupy" and family in self.settings.fast and family not in self.broken
 
     def fused(self, xp, dtype: str) -> bool:
-        """Fused embedding kernels for nets of ``dtype``: "auto" FP32 only (faster than cuBLAS for
-        FP32 nets, slower for FP64 ones: docs/benchmarks.md, History)."""
+        """Fused embedding kernels for every chunk of nets of ``dtype``: "auto" FP32 only (faster than
+        cuBLAS for FP32 nets, slower for FP64 ones in large chunks: docs/benchmarks.md, History)."""
         mode = self.settings.fused
         return self.kernels(xp) and (mode == "on" or (mode == "auto" and dtype == "float32"))
+
+    def fused_small(self, xp, dtype: str) -> int:
+        """Largest chunk (centres) in which nets of ``dtype`` run the fused kernels although
+        :meth:`fused` is off for them ("auto" FP64: ``fused_fp64_atoms``); 0: none."""
+        st = self.settings
+        return st.fused_fp64_atoms if self.kernels(xp) and st.fused == "auto" and dtype != "float32" else 0
 
     def tab_kernels(self, xp) -> bool:
         return self.kernels(xp) and self.settings.tab_kernels
