@@ -210,7 +210,7 @@ def test_fp64_nets_run_fused_in_small_chunks_only():
 
     gpu = types.SimpleNamespace(__name__="cupy")  # only the namespace's name decides here
     ctx = EngineContext(EngineSettings())
-    assert ctx.fused_small(gpu, "float64") == 2048 and not ctx.fused(gpu, "float64")
+    assert ctx.fused_small(gpu, "float64") == 1024 and not ctx.fused(gpu, "float64")
     assert ctx.fused_small(gpu, "float32") == 0 and ctx.fused(gpu, "float32")
     assert ctx.fused_small(np, "float64") == 0
     for settings in (EngineSettings(fused="on"), EngineSettings(fused="off"), EngineSettings(fused_fp64_atoms=0)):

@@ -54,11 +54,12 @@ class EngineSettings:
     """Fused embedding-net kernels (cuda/fused.py): "auto" (FP32 nets; FP64 nets in chunks of at most
     ``fused_fp64_atoms`` centres), "on" (FP64 too, always), "off" (cuBLAS array code). Was
     ``DPSNAKE_FUSED`` (auto/1/0)."""
-    fused_fp64_atoms: int = 2048
+    fused_fp64_atoms: int = 1024
     """With ``fused`` "auto": FP64 nets run the fused kernels in chunks of at most this many centres,
-    where a call is bound by kernel launches (the GPU demo's 256 atoms: 1.2-1.6x per force call on an
-    H200 for embedding nets from [8, 16] to [25, 50, 100]); larger chunks keep cuBLAS (the FP64 backward
-    kernel's 255 registers: 0.5-0.9x from 4,096 atoms for nets from [16, 32, 64]). 0: never."""
+    where a call is bound by kernel launches (the GPU demo's 256 atoms: 1.1-1.6x per force call on an
+    H200 for embedding nets from [8, 16] to [25, 50, 100], 1.08-1.22x at 1,024); larger chunks keep cuBLAS
+    (the FP64 backward kernel's 255 registers: [25, 50, 100] 0.89x at 2,048 atoms, 0.53-0.62x from 4,096).
+    0: never."""
     tab_kernels: bool = True
     """CUDA kernels of tabulated embedding nets (cuda/tab.py); False: tabulate.py's array code.
     ``DPSNAKE_FUSED=0`` turned these off too."""
