@@ -123,6 +123,9 @@ PROBES = [
     config_probe("config-unknown-train-key", _set("train", "numb_stepz", value=5), "train.numb_stepz: unknown key"),
     config_probe("config-train-server", _set("train", "server", value="maybe"), "train.server: 'maybe' is not one of"),
     config_probe(
+        "config-explore-warmup", _set("explore", "warmup", value="yes"), "explore.warmup: 'yes' is not one of"
+    ),
+    config_probe(
         "config-wrong-type",
         _set("train", "numb_models", value="two"),
         "train.numb_models: 'two' is not of type 'integer'",
