@@ -8,10 +8,10 @@ time they run, then kept in CuPy's kernel cache on disk (``CUPY_CACHE_DIR``, def
 ``~/.cupy/kernel_cache``); on a new machine the first exploration job spends ~20 s compiling (H200,
 the demo's model; docs/benchmarks.md). The kernels depend on the architecture and the walkers, not on the
 weights: this command builds an untrained model of the architecture iteration 0 trains (DeePMD-kit's own
-``deepmd.dpmodel`` from the config's ``train.input.model``, normalized as ``dp train`` does), and runs
-the iteration's walkers for two deviation intervals with an ensemble of ``train.numb_models`` copies of it
-in a scratch folder, as ``dpsnake explore`` would: every kernel the exploration uses is compiled into the
-cache by the time the trained models are there.
+``deepmd.dpmodel`` from the config's ``train.input.model``, normalized as ``dp train`` does) and runs the
+iteration's walkers for two deviation intervals with an ensemble of ``train.numb_models`` copies of it, as
+``dpsnake explore`` would, in a scratch folder of the system's temporary directory: every kernel the
+exploration uses is in the cache by the time the trained models are there.
 
 A warm-up never fails the run: no GPU, an engine other than the built-in one, or any error is written to
 ``--out`` as ``skipped`` (with the reason; an error's traceback also goes to the log) and the command exits 0
@@ -24,6 +24,7 @@ import copy
 import os
 import pathlib
 import shutil
+import tempfile
 import time
 import traceback
 
@@ -153,7 +154,8 @@ def run(args) -> int:
                 warm_up(
                     read_resolved(args.config),
                     args.walkers,
-                    out.parent / "warmup.scratch",
+                    # not under results/: a killed warm-up leaves nothing next to the exploration's files
+                    pathlib.Path(tempfile.mkdtemp(prefix="dpsnake-warmup-")),
                     xp,
                     args.engine,
                     args.precision,
