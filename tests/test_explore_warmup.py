@@ -18,6 +18,7 @@ import sys
 import numpy as np
 import pytest
 import yaml
+from test_workflow_inputs import CONFIG, jobs, smk
 
 from dpsnake.workflow.config import check, write_if_changed
 
@@ -29,7 +30,7 @@ def _config(tmp_path: pathlib.Path, **explore) -> dict:
     and iteration 0's walkers (dpsnake plan) in results/iter.000000/explore/walkers.json."""
     raw = copy.deepcopy(yaml.safe_load((ROOT / "tests" / "configs" / "reduced.yaml").read_text()))
     raw["explore"].update(explore)
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (tmp_path / CONFIG).write_text(yaml.safe_dump(raw, sort_keys=False))
     cfg = check(raw, tmp_path)
     write_if_changed(cfg, tmp_path / "results" / "config.json")
     walkers = tmp_path / "results" / "iter.000000" / "explore" / "walkers.json"
@@ -116,29 +117,6 @@ def test_the_command_never_fails_the_run(tmp_path):
     assert json.loads(out.read_text())["skipped"].startswith("failed: ")
 
 
-def _smk(wd, *args) -> str:
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "--profile",
-            "profiles/local",
-            "--configfile",
-            "c.yaml",
-            "--cores",
-            "2",
-            *args,
-        ],
-        cwd=wd,
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
-    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
-    return p.stdout + p.stderr
-
-
 @pytest.fixture
 def wd(tmp_path):
     for name in ("Snakefile", "workflow", "config", "profiles", "envs"):
@@ -148,25 +126,23 @@ def wd(tmp_path):
 
 
 def test_snakemake_runs_it_for_iteration_0_only(wd):
-    from test_workflow_inputs import jobs
-
     _config(wd, warmup=True, compress=None)
-    dry = _smk(wd, "-n")
+    dry = smk(wd, "-n")
     assert jobs(dry, "explore_warmup") == ["000000"]
     # a real run of it (on the CPU: recorded as skipped, in its log too)
-    _smk(wd, "results/iter.000000/explore/warmup.json")
+    smk(wd, "results/iter.000000/explore/warmup.json")
     rec = json.loads((wd / "results" / "iter.000000" / "explore" / "warmup.json").read_text())
     assert rec["skipped"].startswith("no GPU")
     assert "skipped: no GPU" in (wd / "logs" / "iter.000000" / "explore.warmup.log").read_text()
     # a run that explored iteration 0 before (here: its summary is there) does not warm up for it
     (wd / "results" / "iter.000000" / "explore" / "warmup.json").unlink()
     (wd / "results" / "iter.000000" / "explore" / "summary.json").write_text("{}")
-    assert not jobs(_smk(wd, "-n", "results/iter.000000/explore/summary.json"), "explore_warmup")
+    assert not jobs(smk(wd, "-n", "results/iter.000000/explore/summary.json"), "explore_warmup")
     # off: explicitly, or auto with explore.device cpu
     for value in (False, "auto"):
         _config(wd, warmup=value, compress=None)
         (wd / "results" / "iter.000000" / "explore" / "summary.json").unlink(missing_ok=True)
-        assert not jobs(_smk(wd, "-n"), "explore_warmup")
+        assert not jobs(smk(wd, "-n"), "explore_warmup")
 
 
 def test_gpu_exploration_after_a_warm_up_compiles_nothing(tmp_path):
