@@ -38,8 +38,10 @@ def _config(tmp_path: pathlib.Path, **explore) -> dict:
     return cfg
 
 
-def dpsnake(*args, cwd) -> str:
-    p = subprocess.run([sys.executable, "-m", "dpsnake.cli", *map(str, args)], cwd=cwd, capture_output=True, text=True)
+def dpsnake(*args, cwd, env=None) -> str:
+    p = subprocess.run(
+        [sys.executable, "-m", "dpsnake.cli", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     return p.stdout
 
@@ -159,18 +161,19 @@ def test_gpu_exploration_after_a_warm_up_compiles_nothing(tmp_path):
     cfg = _config(tmp_path, device="gpu", compress=None)
     walkers = "results/iter.000000/explore/walkers.json"
 
-    def run(*args):
-        p = subprocess.run(
-            [sys.executable, "-m", "dpsnake.cli", *map(str, args)],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        assert p.returncode == 0, p.stdout + p.stderr
-        return p.stdout
-
-    run("explore-warmup", "--config", "results/config.json", "--walkers", walkers, "--out", "w.json", "--device", "gpu")
+    dpsnake(
+        "explore-warmup",
+        "--config",
+        "results/config.json",
+        "--walkers",
+        walkers,
+        "--out",
+        "w.json",
+        "--device",
+        "gpu",
+        cwd=tmp_path,
+        env=env,
+    )
     rec = json.loads((tmp_path / "w.json").read_text())
     assert "skipped" not in rec and rec["engine"] == "builtin" and rec["kernel_cache"] == str(cache)
     files = sorted(cache.rglob("*"))
@@ -180,6 +183,19 @@ def test_gpu_exploration_after_a_warm_up_compiles_nothing(tmp_path):
         c = copy.deepcopy(cfg)
         c["train"]["seed"] = 100 + k
         models.append(untrained_model(c, tmp_path / f"m{k}.dp"))
-    run("explore", "--models", *models, "--walkers", walkers, "--outdir", "explore", "--device", "gpu", "--no-progress")
+    dpsnake(
+        "explore",
+        "--models",
+        *models,
+        "--walkers",
+        walkers,
+        "--outdir",
+        "explore",
+        "--device",
+        "gpu",
+        "--no-progress",
+        cwd=tmp_path,
+        env=env,
+    )
     assert json.loads((tmp_path / "explore" / "summary.json").read_text())
     assert sorted(cache.rglob("*")) == files
