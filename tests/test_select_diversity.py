@@ -46,6 +46,41 @@ def test_farthest_point_picks_the_outliers_after_the_highest_deviation():
     assert len(set(pos.tolist()[1:]) & {20, 21, 22}) == 2
 
 
+def test_random_fraction_interleaves_uniform_draws():
+    """random_fraction 0.5: picks 0, 2, 4 by the mode, 1, 3, 5 uniform among the rest (the cluster, not
+    the outliers, which the diverse mode takes); 0: the mode alone; 1: every pick random; same rng, same picks."""
+    f = _cluster(n=60)
+    devi = np.full(len(f), 0.1)
+    devi[7] = 0.2
+    outliers = {60, 61, 62}
+    pos, _ = D.greedy_pick(devi, 6, "diverse", np.random.default_rng(1), features=f, random_fraction=0.5)
+    pos = pos.tolist()
+    assert pos[0] == 7 and {pos[2], pos[4]} <= outliers  # by the mode: highest deviation, then farthest
+    assert len(set(pos)) == 6 and all(p not in outliers for p in pos[1::2])  # 60 of 63 candidates: dense
+    again, _ = D.greedy_pick(devi, 6, "diverse", np.random.default_rng(1), features=f, random_fraction=0.5)
+    assert again.tolist() == pos
+    assert D.greedy_pick(devi, 4, "diverse", features=f, random_fraction=0.0)[0].tolist()[1:] != pos[1:4]
+    # every pick random: over 20 seeds the outliers come up about as often as their share (3 of 63)
+    hits = sum(
+        len(
+            outliers
+            & set(
+                D.greedy_pick(devi, 6, "diverse", np.random.default_rng(k), features=f, random_fraction=1.0)[0].tolist()
+            )
+        )
+        for k in range(20)
+    )
+    assert hits <= 20  # expected 20 x 6 x 3 / 63 = 5.7; farthest-point picks would give 60
+    # highest deviation + quotas, a quarter random: picks 3 and 7 are the draws
+    devi2 = np.linspace(1.0, 0.1, 40)
+    pos, _ = D.greedy_pick(devi2, 8, "highest", np.random.default_rng(0), random_fraction=0.25)
+    pos = pos.tolist()
+    assert [pos[k] for k in (0, 1, 2, 4, 5, 6)] == sorted(pos[k] for k in (0, 1, 2, 4, 5, 6))
+    assert pos[:3] == [0, 1, 2] and len(set(pos)) == 8
+    with pytest.raises(ValueError):
+        D.greedy_pick(devi, 3, "highest", random_fraction=1.5)
+
+
 def test_dedup_drops_near_copies_for_every_pick():
     base = np.eye(5) * 3.0
     f = np.concatenate([base, base + 1e-3])  # row k+5 is a near-copy of row k

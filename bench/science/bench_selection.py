@@ -65,6 +65,8 @@ VARIANTS = {
     "kmeanspp_budget_hi": dict(BUDGET_HI, pick="kmeanspp"),
     # the same shares and trust levels, DP-GEN's random pick inside each condition's candidates
     "random_budget_hi": dict(BUDGET_HI, pick="random"),
+    # k-means++ for half the picks, uniform draws for the other half (select.random_fraction 0.5)
+    "kmeanspp_half_random": dict(BUDGET_HI, pick="kmeanspp", random_fraction=0.5),
 }
 
 

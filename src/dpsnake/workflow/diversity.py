@@ -14,6 +14,8 @@ unit-free: 1 is a typical distance between two frames, and a few outliers do not
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 __all__ = ["allocate", "greedy_pick", "scaled", "frame_features", "descriptor_features", "fingerprints"]
@@ -103,7 +105,16 @@ def _min_dist(f, known, block: int = 1024) -> np.ndarray:
 
 
 def greedy_pick(
-    devi, nmax: int, mode: str, rng=None, features=None, known=None, dedup_tol=None, groups=None, fill=None
+    devi,
+    nmax: int,
+    mode: str,
+    rng=None,
+    features=None,
+    known=None,
+    dedup_tol=None,
+    groups=None,
+    fill=None,
+    random_fraction: float = 0.0,
 ) -> tuple[np.ndarray, int]:
     """Pick up to ``nmax`` of n candidates; returns (positions 0..n-1 in pick order, near duplicates).
 
@@ -121,6 +132,9 @@ def greedy_pick(
     picked only where a group's share is left once its other candidates are all picked or dropped;
     among them the lowest deviation first (the closest to the trust band; ``diverse``: after the first
     one, farthest point as usual; ``kmeanspp``: drawn as the others).
+    ``random_fraction`` f: pick j (from 0) is drawn uniformly among the candidates that may be picked
+    instead when floor((j + 1) f) > floor(j f) (f = 0.5: every second pick, the first by ``mode``), so a
+    fraction f of the picks samples where the candidates are dense, as random picks do.
     """
     devi = np.asarray(devi, dtype=float)
     n = len(devi)
@@ -140,6 +154,10 @@ def greedy_pick(
         rng = rng if rng is not None else np.random.default_rng()
     else:
         raise ValueError(f"pick: unknown mode {mode!r}")
+    if not 0.0 <= random_fraction <= 1.0:
+        raise ValueError(f"random_fraction {random_fraction} is not in [0, 1]")
+    if random_fraction and rng is None:
+        rng = np.random.default_rng()
     fill = np.zeros(n, dtype=bool) if fill is None else np.asarray(fill, dtype=bool)
     if fill.any():  # fill-ins rank after every in-band candidate, the lowest deviation first
         low = -np.argsort(np.argsort(devi, kind="stable"), kind="stable").astype(float)
@@ -158,7 +176,11 @@ def greedy_pick(
             break
         if (ok & ~fill).any():
             ok &= ~fill
-        if mode == "kmeanspp" and np.isfinite(far[ok]).all() and far[ok].max() > 0:
+        j = len(picked)
+        if random_fraction and math.floor((j + 1) * random_fraction) > math.floor(j * random_fraction):
+            i = int(rng.choice(np.flatnonzero(ok)))
+            score = None
+        elif mode == "kmeanspp" and np.isfinite(far[ok]).all() and far[ok].max() > 0:
             w = np.where(ok, far, 0.0) ** 2
             i = int(rng.choice(n, p=w / w.sum()))
             score = None

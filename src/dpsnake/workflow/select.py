@@ -304,9 +304,10 @@ def _pick(cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, 
     sel = cfg["select"]
     nmax = int(sel["max_candidates"] if nmax is None else nmax)
     mode, tol, quota = sel["pick"], sel.get("dedup_tol"), sel.get("quota", "system")
+    frac = float(sel.get("random_fraction") or 0.0)
     keep = np.asarray(keep, dtype=int)
     fill = np.zeros(len(keep), dtype=bool) if fill is None else np.asarray(fill, dtype=bool)
-    if mode not in D.FEATURE_PICKS and tol is None and quota == "system" and not fill.any():
+    if mode not in D.FEATURE_PICKS and tol is None and quota == "system" and not fill.any() and not frac:
         return S.pick(keep, d["devi_f"], nmax, mode, rng), 0
     groups = None
     if quota == "condition":
@@ -325,7 +326,7 @@ def _pick(cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, 
             print(f"select: features of pick {mode} / dedup_tol: {how}", file=sys.stderr)
         f = D.scaled(f)
         feats, known = f[: len(frames)], f[len(frames) :]
-    pos, dups = D.greedy_pick(d["devi_f"][keep], nmax, mode, rng, feats, known, tol, groups, fill)
+    pos, dups = D.greedy_pick(d["devi_f"][keep], nmax, mode, rng, feats, known, tol, groups, fill, frac)
     if dups:
         print(
             f"select: {system}: {dups} candidate(s) within dedup_tol {tol:g} of a picked frame dropped", file=sys.stderr
