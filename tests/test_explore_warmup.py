@@ -25,16 +25,17 @@ from dpsnake.workflow.config import check, write_if_changed
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _config(tmp_path: pathlib.Path, **explore) -> dict:
+def _config(tmp_path: pathlib.Path, plan: bool = True, **explore) -> dict:
     """tests/configs/reduced.yaml (its explore section updated), resolved into results/config.json,
-    and iteration 0's walkers (dpsnake plan) in results/iter.000000/explore/walkers.json."""
+    and (``plan``) iteration 0's walkers (dpsnake plan) in results/iter.000000/explore/walkers.json."""
     raw = copy.deepcopy(yaml.safe_load((ROOT / "tests" / "configs" / "reduced.yaml").read_text()))
     raw["explore"].update(explore)
     (tmp_path / CONFIG).write_text(yaml.safe_dump(raw, sort_keys=False))
     cfg = check(raw, tmp_path)
     write_if_changed(cfg, tmp_path / "results" / "config.json")
     walkers = tmp_path / "results" / "iter.000000" / "explore" / "walkers.json"
-    dpsnake("plan", "--config", "results/config.json", "--iter", "0", "--out", walkers, cwd=tmp_path)
+    if plan:
+        dpsnake("plan", "--config", "results/config.json", "--iter", "0", "--out", walkers, cwd=tmp_path)
     return cfg
 
 
@@ -128,23 +129,23 @@ def wd(tmp_path):
 
 
 def test_snakemake_runs_it_for_iteration_0_only(wd):
-    _config(wd, warmup=True, compress=None)
-    dry = smk(wd, "-n")
-    assert jobs(dry, "explore_warmup") == ["000000"]
-    # a real run of it (on the CPU: recorded as skipped, in its log too)
-    smk(wd, "results/iter.000000/explore/warmup.json")
+    _config(wd, plan=False, warmup=True, compress=None)
+    # iteration 0's plan, then the warm-up (on the CPU: recorded as skipped, in its log too)
+    out = smk(wd, "results/iter.000000/explore/warmup.json")
+    assert jobs(out, "plan") == jobs(out, "explore_warmup") == ["000000"]
     rec = json.loads((wd / "results" / "iter.000000" / "explore" / "warmup.json").read_text())
     assert rec["skipped"].startswith("no GPU")
     assert "skipped: no GPU" in (wd / "logs" / "iter.000000" / "explore.warmup.log").read_text()
-    # a run that explored iteration 0 before (here: its summary is there) does not warm up for it
+    # the exploration of iteration 0 waits for it: removed, the dry run schedules it again ...
     (wd / "results" / "iter.000000" / "explore" / "warmup.json").unlink()
+    assert jobs(smk(wd, "-n", "results/iter.000000/explore/summary.json"), "explore_warmup") == ["000000"]
+    # ... but not for a run that explored iteration 0 before (here: its summary is there)
     (wd / "results" / "iter.000000" / "explore" / "summary.json").write_text("{}")
     assert not jobs(smk(wd, "-n", "results/iter.000000/explore/summary.json"), "explore_warmup")
-    # off: explicitly, or auto with explore.device cpu
-    for value in (False, "auto"):
-        _config(wd, warmup=value, compress=None)
-        (wd / "results" / "iter.000000" / "explore" / "summary.json").unlink(missing_ok=True)
-        assert not jobs(smk(wd, "-n"), "explore_warmup")
+    # auto with explore.device cpu: none
+    _config(wd, plan=False, warmup="auto", compress=None)
+    (wd / "results" / "iter.000000" / "explore" / "summary.json").unlink()
+    assert not jobs(smk(wd, "-n"), "explore_warmup")
 
 
 def test_gpu_exploration_after_a_warm_up_compiles_nothing(tmp_path):
