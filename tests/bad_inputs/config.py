@@ -126,6 +126,11 @@ PROBES = [
         "config-explore-warmup", _set("explore", "warmup", value="yes"), "explore.warmup: 'yes' is not one of"
     ),
     config_probe(
+        "config-select-random-fraction",
+        _set("select", "random_fraction", value=2),
+        "select.random_fraction: 2 is greater than the maximum of 1",
+    ),
+    config_probe(
         "config-wrong-type",
         _set("train", "numb_models", value="two"),
         "train.numb_models: 'two' is not of type 'integer'",
