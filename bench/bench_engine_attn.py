@@ -13,9 +13,9 @@ FP64 "double" and "mixed" = FP32 nets on the FP64 model), ``dpsnake-tab`` (--com
 embedding net; "n/a" while the engine refuses it), ``deepmd-pt`` (DeepPot(model.pth).eval, FP64),
 ``deepmd-pt-c`` (DeepPot(model_c.pth).eval, compressed). A case that runs out of memory is "OOM";
 one whose estimated time (from the previous size) exceeds the time left (--budget) is "skipped (time)".
-Also an analytic FLOP count per atom per force call (forward x 3) and the time it needs at the H200's
-FP64 peak (67 TFLOP/s tensor cores, 34 without). Prints Markdown tables and writes JSON after every
-case (default bench/results/engine_attn_<device>.json; --json FILE elsewhere, --json "" nowhere).
+Also an analytic FLOP count per atom per force call (forward + the backward forces need: :func:`flops`)
+and the time it needs at the H200's FP64 peak (67 TFLOP/s tensor cores, 34 without). Prints Markdown
+tables and writes JSON after every case (default bench/results/engine_attn_<device>.json; --json FILE elsewhere, --json "" nowhere).
 
     python bench/bench_engine_attn.py MODELS [--kinds se_atten_v2 se_atten_v2_l0] [--sizes 6912 55296 1000000]
         [--batch 256x108] [--deepmd] [--compress 2.0] [--precisions double mixed] [--budget 300] [--device gpu|cpu]
@@ -282,35 +282,53 @@ def agreement(kind, files, xp, args, compress):
 
 
 def flops(model, slots: int | None = None) -> dict:
-    """Analytic FLOPs per atom of one forward pass (multiply-add = 2) of an se_atten(_v2) model over
-    ``slots`` neighbour slots (default sel; the engine runs fewer where the chunk's are empty)."""
+    """Analytic FLOPs per atom of one force call (energy + its gradient) of an se_atten(_v2) model over
+    ``slots`` neighbour slots (default sel; the engine runs fewer where the chunk's are empty), multiply-add
+    = 2. Per part ``{name: (forward, backward)}``. Backward counts what forces need, no more: a product
+    with a fixed weight matrix needs only the gradient of its input (one GEMM of the forward's size), a
+    product of two activations (q k^T, A v) the gradients of both (two), the smooth softmax recomputes
+    q k^T (one more: attention.py keeps no logits); bias / tanh / softmax / LayerNorm chains about as
+    many FLOPs backward as forward."""
     nn, m1 = slots or model.nnei, model.neuron[-1]
 
-    def net(n):
-        return sum(2 * lay.nin * lay.nout + 10 * lay.nout for lay in n.layers)  # GEMM + bias/tanh/resnet
+    def net(n):  # (GEMM, elementwise) of a forward pass
+        return sum(2 * lay.nin * lay.nout for lay in n.layers), sum(10 * lay.nout for lay in n.layers)
 
-    f = {"embedding": nn * net(model.embedding)}
-    f["strip_gate"] = 3 * nn * m1 if model.tebd_mode == "strip" else 0
+    def fixed(gemm, elem):  # fixed weights: backward = one GEMM (dX) + the elementwise chain
+        return gemm + elem, gemm + elem
+
+    eg, ee = net(model.embedding)
+    f = {"embedding": fixed(nn * eg, nn * ee)}
+    f["strip_gate"] = (3 * nn * m1, 4 * nn * m1) if model.tebd_mode == "strip" else (0, 0)
     att = model.attention
     if att is not None and att.layers:
-        h = att.hidden_dim
-        per = 2 * nn * m1 * 3 * h + 2 * nn * nn * h + 2 * nn * nn * h + 2 * nn * h * m1  # in_proj QK^T AV out_proj
-        per += 8 * nn * nn + 10 * nn * m1  # softmax, dotr gating, smooth weights; layer norm, residual
-        f["attention"] = len(att.layers) * per
-    f["env_contract"] = 2 * 4 * nn * m1 + 2 * 4 * m1 * model.axis_neuron
-    f["fitting"] = net(model.fittings[0])
+        h, nl = att.hidden_dim, len(att.layers)
+        proj = 2 * nn * m1 * 3 * h + 2 * nn * h * m1  # in_proj (q, k, v), out_proj: fixed weights
+        pair = 2 * nn * nn * h  # one of q k^T, A v: activations on both sides
+        elem = 8 * nn * nn + 10 * nn * m1  # softmax, dotr gating, smooth weights; layer norm, residual
+        recompute = pair if att.smooth else 0
+        f["attention"] = (nl * (proj + 2 * pair + elem), nl * (proj + 4 * pair + recompute + elem))
+    env = 2 * 4 * nn * m1 + 2 * 4 * m1 * model.axis_neuron  # gr = Rn^T G / nnei, D = gr^T gr[:, :axis]
+    f["env_contract"] = (env, 2 * env)  # activations on both sides: two gradient products each
+    fg, fe = net(model.fittings[0])
+    f["fitting"] = fixed(fg, fe)
     return f
 
 
 def flops_rows(kind, model, compress: bool, slots: int | None = None):
     f = flops(model, slots)
-    fwd = sum(f.values())
-    out = {"kind": kind, "forward_flop_per_atom": f, "force_call_flop_per_atom": 3 * fwd, "slots": slots or model.nnei}
+    call = sum(a + b for a, b in f.values())
+    out = {
+        "kind": kind,
+        "flop_per_atom": {k: {"forward": a, "backward": b} for k, (a, b) in f.items()},
+        "force_call_flop_per_atom": call,
+        "slots": slots or model.nnei,
+    }
     if compress:  # the embedding net as a table: 5th-order polynomial value + derivative per output
-        ft = dict(f, embedding=(slots or model.nnei) * model.neuron[-1] * 12)
-        out["force_call_flop_per_atom_tab"] = 3 * sum(ft.values())
+        nn = slots or model.nnei
+        out["force_call_flop_per_atom_tab"] = call - sum(f["embedding"]) + 2 * nn * model.neuron[-1] * 12
     for k, v in PEAK.items():
-        out[f"us_per_atom_at_{k}_peak"] = 3 * fwd / v * 1e6
+        out[f"us_per_atom_at_{k}_peak"] = call / v * 1e6
     emit(flops=True, **out)
     return out
 
@@ -355,15 +373,21 @@ def table(flop_rows):
         tab, refc = num(("dpsnake-tab", "double")), num(("deepmd-pt-c", "double"))
         spc = f"{refc / tab:.2f}x" if tab and refc else "-"
         print(f"| {kind} | {bench} | {nat:,} | " + " | ".join(v.get(c, "-") for c in cols) + f" | {sp} | {spc} |")
-    print("\nanalytic FLOPs per atom per force call (3 x forward) and the FP64 lower bound on an H200\n")
-    print("| model | embedding | attention | fitting | other | GFLOP/atom/call | us/atom at 67 TF/s | at 34 TF/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    flop_table(flop_rows)
+
+
+def flop_table(flop_rows):
+    print("\nanalytic MFLOP per atom per force call (forward + backward) and the FP64 lower bound on an H200\n")
+    print(
+        "| model | slots | embedding | attention | fitting | other | GFLOP/atom/call | us/atom at 67 TF/s | at 34 TF/s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in flop_rows:
-        f = r["forward_flop_per_atom"]
+        f = {k: (v["forward"] + v["backward"]) / 1e6 for k, v in r["flop_per_atom"].items()}
         other = f["strip_gate"] + f["env_contract"]
         print(
-            f"| {r['kind']} | {3 * f['embedding'] / 1e6:.2f} M | {3 * f.get('attention', 0) / 1e6:.2f} M | "
-            f"{3 * f['fitting'] / 1e6:.2f} M | {3 * other / 1e6:.2f} M | {r['force_call_flop_per_atom'] / 1e9:.4f} | "
+            f"| {r['kind']} | {r['slots']} | {f['embedding']:.2f} | {f.get('attention', 0):.2f} | {f['fitting']:.2f} | "
+            f"{other:.2f} | {r['force_call_flop_per_atom'] / 1e9:.4f} | "
             f"{r['us_per_atom_at_tensor_peak']:.3f} | {r['us_per_atom_at_plain_peak']:.3f} |"
         )
 
