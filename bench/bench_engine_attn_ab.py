@@ -66,13 +66,17 @@ def batch(xp, walkers: int):
 def _matmul_bmm(xp):
     """cuda/bmm.py's contract on cupy.matmul (transposed operands copied): the code before it."""
 
-    def mm(a, b, ta=False, tb=False, alpha=1.0, out=None):
+    def mm(a, b, ta=False, tb=False, alpha=1.0, out=None, beta=0.0):
         r = xp.matmul(a.swapaxes(1, 2) if ta else a, b.swapaxes(1, 2) if tb else b)
         if alpha != 1.0:
             r *= alpha
         if out is None:
             return r
-        out[...] = r
+        if beta:
+            out *= beta
+            out += r
+        else:
+            out[...] = r
         return out
 
     return mm
@@ -85,6 +89,7 @@ def main():
     ap.add_argument("--walkers", type=int, default=256)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--variants", nargs="+", default=None, help="run only these (default: all; base is the reference)")
     args = ap.parse_args()
     import cupy as xp
 
@@ -115,6 +120,8 @@ def main():
         ("trim_nobmm", {}, True),
         ("array", {"fast": frozenset(FAMILIES) - {"attn"}}, False),
     ]
+    if args.variants:
+        variants = [v for v in variants if v[0] in set(args.variants) | {"base"}]
     res, outs = {"atoms": N, "attn_layer": args.attn_layer, "walkers": args.walkers}, {}
     for label, kw, nb in variants:
         no_bmm[0] = nb
@@ -147,7 +154,7 @@ def main():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             ens.evaluate(*data)
             sync()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
 
 
 if __name__ == "__main__":

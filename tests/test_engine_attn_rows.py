@@ -157,11 +157,12 @@ class _EmuRows:
         return self.sw if a is None else a
 
     @staticmethod
-    def bmm(a, b, ta=False, tb=False, alpha=1.0, out=None):  # cuda/bmm.py's contract (cuBLAS: GPU tests)
+    def bmm(a, b, ta=False, tb=False, alpha=1.0, out=None, beta=0.0):  # cuda/bmm.py's contract (GPU tests)
         r = alpha * np.matmul(a.swapaxes(1, 2) if ta else a, b.swapaxes(1, 2) if tb else b)
         if out is None:
+            assert beta == 0
             return r
-        out[...] = r
+        out[...] = r + beta * out if beta else r
         return out
 
     def _go(self, lib, name, *args):
@@ -342,3 +343,7 @@ def test_bmm_equals_matmul_on_cupy(dtype):
             bmm(a, b, ta=ta, tb=tb, alpha=0.7, out=out[1])
             assert float(cp.abs(out[1] - want).max()) <= tol * float(cp.abs(want).max())
             assert bool(cp.isnan(out[0]).all())
+            acc = cp.asarray(rng.normal(size=(5, 3, 4)).astype(dtype))  # beta: accumulated in the GEMM
+            want2 = want + 1.0 * acc
+            bmm(a, b, ta=ta, tb=tb, alpha=0.7, out=acc, beta=1.0)
+            assert float(cp.abs(acc - want2).max()) <= tol * float(cp.abs(want2).max())

@@ -24,6 +24,9 @@ SYSTEMS = list(CFG["systems"])
 WARMUP = CFG["explore"]["warmup"] is True or (
     CFG["explore"]["warmup"] == "auto" and CFG["explore"]["device"] != "cpu" and bool(find_spec("cupy"))
 )
+# explore.compile: DPA-3 through torch.compile, its graphs kept in one folder every job (any node) reads
+COMPILE_CACHE = "results/cache/torchinductor"
+COMPILE_ARGS = f"--compile --compile-cache {COMPILE_CACHE}" if CFG["explore"]["compile"] else ""
 
 
 wildcard_constraints:

@@ -157,6 +157,27 @@ def dynamic_sel_model(path: pathlib.Path, device, script: bool = True):
     return (torch.jit.script(model) if script else model).to(device).eval()
 
 
+def use_compile_cache(path) -> str:
+    """Point TorchInductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``; Triton's kernels go below it
+    unless ``TRITON_CACHE_DIR`` is set) at the folder ``path`` for this process, before anything compiles;
+    returns it (absolute). A later process with the same folder, on any node that sees it, loads the
+    compiled repflow layers instead of compiling them: on the H200 a DPA-3 explore job's first call took
+    74.6 s compiling, 31.2 s from the cache (TorchScript's first two calls: 29.8 s; docs/benchmarks.md)."""
+    folder = pathlib.Path(path).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    return str(folder)
+
+
+def compile_cache_counts() -> dict:
+    """This process's compiled graphs by where they came from: {"loaded": from TorchInductor's on-disk
+    cache, "compiled": compiled here (and stored there)}."""
+    from torch._dynamo.utils import counters
+
+    c = counters["inductor"]
+    return {"loaded": int(c["fxgraph_cache_hit"]), "compiled": int(c["fxgraph_cache_miss"])}
+
+
 def compile_repflow_layers(model) -> int:
     """``torch.compile`` (TorchInductor, dynamic shapes) of each repflow layer's forward of an eager
     DPA-3 model (:func:`dynamic_sel_model` with script False); returns the number of layers compiled.

@@ -48,8 +48,16 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="engine deepmd: DPA-3 models' repflow layers through torch.compile (compiles first, ~90 s on a "
-        "GPU; then 2.4x per force call there); no effect on other models",
+        help="engine deepmd: DPA-3 models' repflow layers through torch.compile (2.4x per force call on a GPU; "
+        "the first call compiles, ~75 s on an H200, or loads them from --compile-cache); no effect on other models",
+    )
+    parser.add_argument(
+        "--compile-cache",
+        default=None,
+        metavar="DIR",
+        help="with --compile: TorchInductor's on-disk cache folder (TORCHINDUCTOR_CACHE_DIR); a later job "
+        "with the same folder loads the compiled layers instead of compiling them (default: TorchInductor's "
+        "own, in the system's temporary folder)",
     )
     parser.add_argument(
         "--compress",
@@ -227,6 +235,10 @@ def run(args) -> int:
                 "models (they run in the precision they were trained in)",
                 flush=True,
             )
+        if args.compile and args.compile_cache:
+            from dpsnake.md.deepmd_provider import use_compile_cache
+
+            print(f"dpsnake explore: --compile: cache {use_compile_cache(args.compile_cache)}", flush=True)
         # compile None: DPSNAKE_DEEPMD_COMPILE decides (the benchmarks' switch)
         provider = DeepmdProvider(args.models, xp, head=args.head, compile=True if args.compile else None)
         if args.compile:
@@ -260,4 +272,9 @@ def run(args) -> int:
         async_frames={"auto": None, "on": True, "off": False}[args.async_frames],
         state_dir=state,
     ).run()
+    if engine == "deepmd" and provider.compiled:
+        from dpsnake.md.deepmd_provider import compile_cache_counts
+
+        n = compile_cache_counts()
+        print(f"dpsnake explore: torch.compile: {n['loaded']} graphs loaded from the cache, {n['compiled']} compiled")
     return 0

@@ -470,15 +470,27 @@ def attention_backward(p: AttentionLayers, cache, dG_out):
                 dz *= inv
         dx = dh  # the residual; plus the in_proj path, one GEMM per q, k, v
         for c in range(3):
-            dx += (dz[c].reshape(B * n, H) @ l.w_qkv[c].T).reshape(B, n, E)
+            if rows is not None:  # accumulated inside the GEMM (beta 1): no temporary, no add
+                rows.bmm(dz[c].reshape(1, B * n, H), l.w_qkv[c][None], tb=True, out=dx.reshape(1, B * n, E), beta=1.0)
+            else:
+                dx += (dz[c].reshape(B * n, H) @ l.w_qkv[c].T).reshape(B, n, E)
     d_sw = xp.zeros((B, n, 1), dtype=dtype)
     if dS is not None:  # S_ij = sw_i sw_j
-        s = sw.reshape(B, n, 1).astype(dtype, copy=False)
-        d_sw = xp.matmul(dS, s) + xp.matmul(dS.swapaxes(1, 2), s)
+        d_sw = _sym_product(xp, rows, dS, sw.reshape(B, n, 1).astype(dtype, copy=False))
     d_r = xp.zeros((B, n, 3), dtype=dtype)
     if dR is not None:  # R_ij = r_i . r_j
-        d_r = xp.matmul(dR + dR.swapaxes(1, 2), input_r.astype(dtype, copy=False))
+        d_r = _sym_product(xp, rows, dR, input_r.astype(dtype, copy=False))
     return dx, d_r, d_sw
+
+
+def _sym_product(xp, rows, M, y):
+    """(M + M^T) y per batch item: M (B, n, n), y (B, n, k). On CUDA (``rows``) two GEMMs into one array,
+    the transpose a cuBLAS flag: no (B, n, n) copy of M^T (cupy.matmul would make one)."""
+    if rows is None:
+        return xp.matmul(M + M.swapaxes(1, 2), y)
+    y = xp.ascontiguousarray(y)
+    out = rows.bmm(M, y)
+    return rows.bmm(M, y, ta=True, out=out, beta=1.0)
 
 
 __all__ = ["AttentionLayers", "AttnLayer", "attention_forward", "attention_backward", "empty_rows_forward"]

@@ -11,7 +11,8 @@ Forward (per centre i of type ti, nnei slots in distance order, any neighbour ty
   G <- attention layers (G, mask, Rn[1:4] / max(|Rn[1:4]|, 1e-12), swm);
   gr = Rn^T G / nnei (4, M1); D = gr^T gr[:, :axis]; [D, tebd_i] if concat_output_tebd;
   E = fit(D) + bias.
-Backward by hand to g = dE/dd (n, nnei, 3), geometry in FP64, the nets in the runtime dtype.
+Backward by hand to g = dE/dd (n, nnei, 3), geometry in FP64, the nets in the runtime dtype. On CUDA
+(family "attn") the strip gate and its backward are kernels (cuda/strip_gate.py), the table never gathered.
 
 A chunk may run only its first ns < nnei slots when every later slot is empty (ensemble.py trims
 them: the attention's (n, n) work falls as ns^2). Nothing else changes: the normalisations keep
@@ -111,6 +112,18 @@ def check_compressible(model: AttnModel) -> None:
         raise UserError(f"compress: {model.path}: descriptor resnet_dt=true cannot be tabulated (as in DeePMD-kit)")
 
 
+def _gate_kernels(rt: AttnRuntime):
+    """cuda/strip_gate.py for the strip-mode type gate of ``rt`` (compiled on first use), or None: NumPy,
+    the family "attn" off, or a compile failure (then the family is off for ``rt.ctx``, with a warning)."""
+    if rt.ctx is None or not rt.ctx.fast(rt.xp, "attn"):
+        return None
+    from dpsnake.engine.cuda import strip_gate
+
+    if rt.ctx.guarded("attn", strip_gate._module, np.dtype(rt.dtype).name, rt.model.neuron[-1]) is None:
+        return None
+    return strip_gate
+
+
 def _left_out_gr(rt: AttnRuntime, ti: int, ns: int):
     """(ntypes, 4, M1) in the net dtype, row f: sum over the slots p = ns..nnei-1 of Rn_p^T G_p / nnei
     for a centre of type ``ti`` whose slots past ns are empty and take type f (its system's first
@@ -191,9 +204,15 @@ def energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad:
             Gs = tt = None
         else:
             Gs, ecache = rt.embedding.forward(xp, ss, keep=need_grad, ctx=rt.ctx)
-            tt = rt.strip_table[ntype if m.type_one_side else ti * nt1 + ntype]
-            gt = tt * swm[..., None].astype(dt) if m.smooth else tt
-            G0 = Gs * gt + Gs
+            trow = ntype if m.type_one_side else ti * nt1 + ntype
+            gate = _gate_kernels(rt)
+            if gate is not None:  # CUDA: G = Gs (1 + T swm) per slot, T never gathered
+                wsm = xp.ascontiguousarray(swm.astype(dt)) if m.smooth else None
+                G0 = gate.forward(Gs, rt.strip_table, trow, wsm)
+            else:
+                tt = rt.strip_table[trow]
+                gt = tt * swm[..., None].astype(dt) if m.smooth else tt
+                G0 = Gs * gt + Gs
         if rt.attention is not None:
             from dpsnake.engine.attn.attention import attention_forward
 
@@ -248,10 +267,14 @@ def energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad:
             gin = rt.embedding.backward(xp, gG, ecache, ctx=rt.ctx)
             gRn[..., 0] += gin[..., 0].astype(xp.float64)
         else:
-            gss = rt.embedding.backward(xp, gG * (gt + 1), ecache, ctx=rt.ctx)
+            if gate is not None:
+                gin, gt_sw = gate.backward(gG, Gs, rt.strip_table, trow, wsm)
+            else:
+                gin, gt_sw = gG * (gt + 1), ((gG * Gs * tt).sum(axis=2) if m.smooth else None)
+            gss = rt.embedding.backward(xp, gin, ecache, ctx=rt.ctx)
             gRn[..., 0] += gss[..., 0].astype(xp.float64)
             if m.smooth:
-                gt_sw = (gG * Gs * tt).sum(axis=2).astype(xp.float64)
+                gt_sw = gt_sw.astype(xp.float64)
                 gsw = gt_sw if gsw is None else gsw + gt_sw
     gR = gRn * rt.rstd[ti, :ns]
     if keep is not None:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import numpy as np
 
 
-def bmm(a, b, ta: bool = False, tb: bool = False, alpha: float = 1.0, out=None):
-    """out[i] = alpha op(a[i]) @ op(b[i]) for C-contiguous 3-D CuPy arrays of one float dtype, op the
-    transpose where ``ta`` / ``tb``. ``out`` (C-contiguous, not overlapping a or b) or a new array."""
+def bmm(a, b, ta: bool = False, tb: bool = False, alpha: float = 1.0, out=None, beta: float = 0.0):
+    """out[i] = alpha op(a[i]) @ op(b[i]) + beta out[i] for C-contiguous 3-D CuPy arrays of one float
+    dtype, op the transpose where ``ta`` / ``tb``. ``out`` (C-contiguous, not overlapping a or b) or a new
+    array (then beta must be 0). beta 1 accumulates into ``out`` inside the GEMM (no temporary, no add)."""
     import cupy
     from cupy_backends.cuda.api import runtime
     from cupy_backends.cuda.libs import cublas
@@ -27,29 +28,34 @@ def bmm(a, b, ta: bool = False, tb: bool = False, alpha: float = 1.0, out=None):
     if k != k2 or b.shape[0] != batch:
         raise ValueError(f"bmm: shapes {a.shape}{'^T' if ta else ''} and {b.shape}{'^T' if tb else ''} do not match")
     if out is None:
+        if beta:
+            raise ValueError("bmm: beta needs out")
         out = cupy.empty((batch, m, n), dtype=a.dtype)
     elif out.shape != (batch, m, n) or not out.flags.c_contiguous or out.dtype != a.dtype:
         raise ValueError("bmm: out must be a C-contiguous array of the product's shape and dtype")
     if out.size == 0:
         return out
     if k == 0:
-        out.fill(0)
+        if beta == 0:
+            out.fill(0)
+        elif beta != 1:
+            out *= beta
         return out
     # row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: cuBLAS gets B first (as cupy.matmul)
     cdt = {"float64": runtime.CUDA_R_64F, "float32": runtime.CUDA_R_32F}[
         a.dtype.name
     ]  # also the compute type, as cupy.matmul
-    one, zero = np.array(alpha, dtype=a.dtype), np.array(0, dtype=a.dtype)
+    alpha_h, beta_h = np.array(alpha, dtype=a.dtype), np.array(beta, dtype=a.dtype)  # host scalars
     handle = cupy.cuda.device.get_cublas_handle()
     cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)  # order with the kernels around it
     cublas.gemmStridedBatchedEx(
         handle,
         1 if tb else 0,
         1 if ta else 0,
-        n, m, k, one.ctypes.data,
+        n, m, k, alpha_h.ctypes.data,
         b.data.ptr, cdt, k if tb else n, b.shape[1] * b.shape[2],
         a.data.ptr, cdt, m if ta else k, a.shape[1] * a.shape[2],
-        zero.ctypes.data,
+        beta_h.ctypes.data,
         out.data.ptr, cdt, n, m * n,
         batch, cdt, cublas.CUBLAS_GEMM_DEFAULT,
     )  # fmt: skip
