@@ -22,7 +22,8 @@ the neighbour list are kept between steps (a Verlet list with a skin, :mod:`dpsn
 fed to the model's ``forward_lower``), and DPA-3 models compute without their neighbour padding
 (:func:`dynamic_sel_model`). A third, off by default (``compile=True`` or ``DPSNAKE_DEEPMD_COMPILE=1``):
 DPA-3's repflow layers through ``torch.compile`` (:func:`compile_repflow_layers`; 2.4x faster calls on
-an H200, same numbers to FP32 rounding, ~90 s of compilation on the first call).
+an H200, same numbers to FP32 rounding, ~75 s of compilation on the first call, ~31 s loading them from
+TorchInductor's on-disk cache in a later process: :func:`use_compile_cache`).
 
 Model files: ``.pth`` (``dp --pt freeze``) is loaded with ``torch.jit.load``; ``.dp`` (any backend,
 ``dp convert-backend``) is turned into the PyTorch model with DeePMD-kit's own deserializer, as
