@@ -115,8 +115,6 @@ def test_the_command_never_fails_the_run(tmp_path):
         tf32=False,
         compress=None,
         compress_data=None,
-        compile=False,
-        compile_cache=None,
     )
     assert warmup.run(args) == 0
     assert json.loads(out.read_text())["skipped"].startswith("failed: ")
@@ -148,11 +146,15 @@ def test_snakemake_runs_it_for_iteration_0_only(wd):
     _config(wd, plan=False, warmup="auto", compress=None)
     (wd / "results" / "iter.000000" / "explore" / "summary.json").unlink()
     assert not jobs(smk(wd, "-n"), "explore_warmup")
-    # explore.compile: the warm-up and the exploration share one TorchInductor cache under results/
+    # explore.compile: the exploration jobs share one TorchInductor cache under results/ (not the warm-up:
+    # on the H200 its untrained model's graphs were not found by the explore job; docs/benchmarks.md)
     _config(wd, plan=False, warmup=True, compress=None, compile=True)
     out = smk(wd, "-n", "-p", "results/iter.000000/explore/summary.json")
-    cmds = [ln for ln in out.splitlines() if "dpsnake explore" in ln]  # explore-warmup and explore
-    assert len(cmds) == 2 and all("--compile --compile-cache results/cache/torchinductor" in c for c in cmds), cmds
+    cmds = [ln for ln in out.splitlines() if "dpsnake explore" in ln]
+    assert len(cmds) == 2, cmds
+    assert ["--compile on --compile-cache results/cache/torchinductor" in c for c in cmds] == [
+        "explore-warmup" not in c for c in cmds
+    ], cmds
 
 
 def test_gpu_exploration_after_a_warm_up_compiles_nothing(tmp_path):
@@ -207,63 +209,3 @@ def test_gpu_exploration_after_a_warm_up_compiles_nothing(tmp_path):
     )
     assert json.loads((tmp_path / "explore" / "summary.json").read_text())
     assert sorted(cache.rglob("*")) == files
-
-
-def test_dpa3_compile_warm_up_fills_the_cache_the_exploration_loads(tmp_path):
-    """explore.compile (engine deepmd, DPA-3): the warm-up of an untrained model, in a process of its own,
-    compiles the repflow layers into the --compile-cache folder; an exploration of other untrained weights
-    of that architecture, in another process (as the rules run them), loads every graph from there and
-    compiles none (the log line says so). On the CPU: TorchInductor's C++ kernels, the same cache."""
-    import re
-
-    from dpmodels import PT_DESCRIPTORS
-
-    from dpsnake.md.warmup import untrained_model
-
-    if not (shutil.which("g++") or shutil.which("c++")):
-        pytest.skip("TorchInductor on the CPU needs a C++ compiler")
-    raw = copy.deepcopy(yaml.safe_load((ROOT / "tests" / "configs" / "reduced.yaml").read_text()))
-    raw["train"]["backend"] = "pt"
-    raw["train"]["input"]["model"]["descriptor"] = copy.deepcopy(PT_DESCRIPTORS["dpa3"])
-    raw["explore"].update(engine="deepmd", compile=True, compress=None)
-    raw["explore"]["stages"][0].update(nsteps=20, temperatures=[300], pressures=[0.0])
-    (tmp_path / CONFIG).write_text(yaml.safe_dump(raw, sort_keys=False))
-    cfg = check(raw, tmp_path)
-    write_if_changed(cfg, tmp_path / "results" / "config.json")
-    walkers = tmp_path / "results" / "iter.000000" / "explore" / "walkers.json"
-    dpsnake("plan", "--config", "results/config.json", "--iter", "0", "--out", walkers, cwd=tmp_path)
-    cache = tmp_path / "cache"
-    # the warm-up's command skips without a GPU: its function on NumPy, in a process of its own
-    code = (
-        "import json, pathlib, sys, numpy\n"
-        "from dpsnake.md.deepmd_provider import compile_cache_counts, use_compile_cache\n"
-        "from dpsnake.md.warmup import warm_up\n"
-        "from dpsnake.workflow.config import read_resolved\n"
-        "use_compile_cache(sys.argv[1])\n"
-        "r = warm_up(read_resolved('results/config.json'), sys.argv[2], pathlib.Path(sys.argv[3]), numpy,"
-        " engine='deepmd', compile=True)\n"
-        "print(json.dumps(dict(r, graphs=compile_cache_counts())))\n"
-    )
-    p = subprocess.run(
-        [sys.executable, "-c", code, str(cache), str(walkers), str(tmp_path / "scratch")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
-    rec = json.loads(p.stdout.strip().splitlines()[-1])
-    assert rec["engine"] == "deepmd" and rec["models"] == 2 and rec["walkers"] == 2
-    assert rec["graphs"]["compiled"] >= 1 and rec["graphs"]["loaded"] == 0
-    assert any(cache.rglob("*")) and not (tmp_path / "scratch").exists()
-    models = []
-    for k in range(2):
-        c = copy.deepcopy(cfg)
-        c["train"]["seed"] = 100 + k
-        models.append(untrained_model(c, tmp_path / f"m{k}.dp"))
-    log = dpsnake(
-        "explore", "--models", *models, "--walkers", walkers, "--outdir", "explore", "--engine", "deepmd",
-        "--device", "cpu", "--compile", "--compile-cache", cache, "--no-progress", cwd=tmp_path,
-    )  # fmt: skip
-    m = re.search(r"torch.compile: (\d+) graphs loaded from the cache, (\d+) compiled", log)
-    assert m, log
-    assert int(m[1]) >= 1 and int(m[2]) == 0, log

@@ -2,6 +2,7 @@
 for a few steps by DeePMD-kit (tests/dpmodels.py: CuNi, se_e2_a / se_atten_v2 / DPA-2 / DPA-3)."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -185,6 +186,40 @@ def test_dpa3_compiled_layers_equal_torchscript(pt_model):
         for k in ("energy", "force", "virial"):
             assert np.abs(a[k] - b[k]).max() <= 1e-10 * np.abs(b[k]).max(), k
     assert DeepmdProvider([pt_model("se_atten_v2")["pth"]], compile=True).compiled == 0
+
+
+def test_a_failed_compilation_falls_back_to_torchscript(tmp_path, pt_model):
+    """explore.compile (default auto on GPUs) must not stop an exploration where torch.compile cannot
+    build its kernels: here TorchInductor's C++ compiler does not exist (CXX, a fresh cache folder so
+    nothing compiled before is found), in a process of its own. The first call warns once, every model
+    runs as TorchScript from then on, and the forces are the TorchScript provider's."""
+    m = pt_model("dpa3")
+    code = (
+        "import json, sys, warnings\n"
+        "import numpy as np\n"
+        "from types import SimpleNamespace\n"
+        "from ase.build import bulk\n"
+        "from dpsnake.md.deepmd_provider import DeepmdProvider\n"
+        "at = bulk('Cu', 'fcc', a=3.6, cubic=True).repeat((2, 2, 2)); at.rattle(0.05, seed=1)\n"
+        "n = len(at)\n"
+        "st = SimpleNamespace(pos=at.positions, atype=np.arange(n) % 2, system=np.zeros(n, int),"
+        " natoms=np.array([n]), pbc=np.array([True]), cells=at.cell.array[None])\n"
+        "comp, ref = DeepmdProvider([sys.argv[1]], compile=True), DeepmdProvider([sys.argv[1]], compile=False)\n"
+        "before = comp.compiled\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    a, a2 = comp(st, False), comp(st, False)\n"
+        "said = [str(x.message) for x in w if 'torch.compile of the DPA-3 layers failed' in str(x.message)]\n"
+        "b = ref(st, False)\n"
+        "print(json.dumps({'before': before, 'after': comp.compiled, 'warned': len(said),"
+        " 'diff': float(max(np.abs(a['force'] - b['force']).max(), np.abs(a2['force'] - b['force']).max()))}))\n"
+    )
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "c"))
+    p = subprocess.run([sys.executable, "-c", code, m["pth"]], env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert (got["before"], got["after"], got["warned"]) == (1, 0, 1), got
+    assert got["diff"] < 1e-12, got  # eV/A: both TorchScript (the profiling executor rounds its own way)
 
 
 def test_kept_neighbour_list_npt_run(tmp_path, pt_model):

@@ -126,6 +126,9 @@ PROBES = [
         "config-explore-warmup", _set("explore", "warmup", value="yes"), "explore.warmup: 'yes' is not one of"
     ),
     config_probe(
+        "config-explore-compile", _set("explore", "compile", value="yes"), "explore.compile: 'yes' is not one of"
+    ),
+    config_probe(
         "config-select-random-fraction",
         _set("select", "random_fraction", value=2),
         "select.random_fraction: 2 is greater than the maximum of 1",

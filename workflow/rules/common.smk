@@ -26,7 +26,8 @@ WARMUP = CFG["explore"]["warmup"] is True or (
 )
 # explore.compile: DPA-3 through torch.compile, its graphs kept in one folder every job (any node) reads
 COMPILE_CACHE = "results/cache/torchinductor"
-COMPILE_ARGS = f"--compile --compile-cache {COMPILE_CACHE}" if CFG["explore"]["compile"] else ""
+COMPILE_ARGS = {True: "--compile on", "auto": "--compile auto", False: ""}[CFG["explore"]["compile"]]
+COMPILE_ARGS += f" --compile-cache {COMPILE_CACHE}" if COMPILE_ARGS else ""
 
 
 wildcard_constraints:

@@ -20,10 +20,12 @@ through DLPack (no copies to the host per step).
 Two ways to a faster call with the same numbers (rounding aside; both on by default): the images and
 the neighbour list are kept between steps (a Verlet list with a skin, :mod:`dpsnake.md.deepmd_lower`,
 fed to the model's ``forward_lower``), and DPA-3 models compute without their neighbour padding
-(:func:`dynamic_sel_model`). A third, off by default (``compile=True`` or ``DPSNAKE_DEEPMD_COMPILE=1``):
-DPA-3's repflow layers through ``torch.compile`` (:func:`compile_repflow_layers`; 2.4x faster calls on
-an H200, same numbers to FP32 rounding, ~75 s of compilation on the first call, ~31 s loading them from
-TorchInductor's on-disk cache in a later process: :func:`use_compile_cache`).
+(:func:`dynamic_sel_model`). A third, off here by default (``compile=True`` or ``DPSNAKE_DEEPMD_COMPILE=1``;
+the workflow's ``explore.compile: auto`` turns it on for GPU jobs): DPA-3's repflow layers through
+``torch.compile`` (:func:`compile_repflow_layers`; 2.4x faster calls on an H200, same numbers to FP32
+rounding, ~75 s of compilation on the first call, ~31 s loading them from TorchInductor's on-disk cache in a
+later process: :func:`use_compile_cache`). A call whose compilation fails reruns with every model as
+TorchScript (one RuntimeWarning), and so do all later calls.
 
 Model files: ``.pth`` (``dp --pt freeze``) is loaded with ``torch.jit.load``; ``.dp`` (any backend,
 ``dp convert-backend``) is turned into the PyTorch model with DeePMD-kit's own deserializer, as
@@ -37,6 +39,7 @@ import json
 import os
 import pathlib
 import tempfile
+import warnings
 
 import numpy as np
 
@@ -172,11 +175,13 @@ def use_compile_cache(path) -> str:
 
 def compile_cache_counts() -> dict:
     """This process's compiled graphs by where they came from: {"loaded": from TorchInductor's on-disk
-    cache, "compiled": compiled here (and stored there)}."""
+    cache, "compiled": compiled here (and stored there), "uncacheable": compiled, not storable}."""
     from torch._dynamo.utils import counters
 
     c = counters["inductor"]
-    return {"loaded": int(c["fxgraph_cache_hit"]), "compiled": int(c["fxgraph_cache_miss"])}
+    return {
+        k: int(c[f"fxgraph_cache_{v}"]) for k, v in (("loaded", "hit"), ("compiled", "miss"), ("uncacheable", "bypass"))
+    }
 
 
 def compile_repflow_layers(model) -> int:
@@ -296,6 +301,7 @@ class DeepmdProvider:
         self.paths = [str(p) for p in paths]
         if compile is None:
             compile = os.environ.get("DPSNAKE_DEEPMD_COMPILE", "0").strip() not in ("", "0")
+        self.head, self.dynamic_sel = head, dynamic_sel
         self.models = [load_torch_model(p, self.device, head, dynamic_sel, compile) for p in self.paths]
         self.compiled = sum(getattr(m, "dpsnake_compiled_layers", 0) > 0 for m in self.models)
         maps = [list(m.get_type_map()) for m in self.models]
@@ -432,8 +438,30 @@ class DeepmdProvider:
         return call
 
     def __call__(self, st, all_models: bool) -> dict:
-        torch = self.torch
         self.calls += 1
+        try:
+            return self._call(st, all_models)
+        except Exception as err:  # torch.compile fails in many ways (Dynamo, Inductor, Triton, C++)
+            if not self.compiled or self._is_oom(err):
+                raise
+            self._uncompile(err)
+            return self._call(st, all_models)
+
+    def _uncompile(self, err) -> None:
+        """A compiled model failed (its compilation: TorchInductor, Triton, the C++ compiler): every model
+        back to TorchScript, with one warning line; the exploration goes on at TorchScript's speed."""
+        first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
+        warnings.warn(
+            f"torch.compile of the DPA-3 layers failed ({type(err).__name__}: {first[:300]}); "
+            "the models run as TorchScript",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self.models = [load_torch_model(p, self.device, self.head, self.dynamic_sel, False) for p in self.paths]
+        self.compiled = 0
+
+    def _call(self, st, all_models: bool) -> dict:
+        torch = self.torch
         groups = self._layout(st)
         models = self.models if all_models else self.models[:1]
         M, N, S = len(models), int(st.pos.shape[0]), int(st.cells.shape[0])

@@ -47,9 +47,13 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--compile",
-        action="store_true",
+        nargs="?",
+        const="on",
+        default="off",
+        choices=("on", "auto", "off"),
         help="engine deepmd: DPA-3 models' repflow layers through torch.compile (2.4x per force call on a GPU; "
-        "the first call compiles, ~75 s on an H200, or loads them from --compile-cache); no effect on other models",
+        "the first call compiles, ~75 s on an H200, or loads them from --compile-cache; a failure falls back "
+        "to TorchScript); --compile = on; auto: on a GPU only; no effect on other models",
     )
     parser.add_argument(
         "--compile-cache",
@@ -187,6 +191,12 @@ def compress_distance(value, data) -> float | None:
         raise UserError(f"--compress: {value!r} is neither a distance (A) nor 'auto'") from None
 
 
+def compile_on(mode: str, xp) -> bool:
+    """Whether --compile ``mode`` ("on", "auto", "off") compiles DPA-3 models on ``xp``: auto on GPUs only
+    (on a CPU torch.compile's C++ build takes longer than most explore jobs win back)."""
+    return mode == "on" or (mode == "auto" and xp.__name__ == "cupy")
+
+
 def run(args) -> int:
     from dpsnake.fsio import write_json_atomic
     from dpsnake.md.engines import choose
@@ -235,17 +245,18 @@ def run(args) -> int:
                 "models (they run in the precision they were trained in)",
                 flush=True,
             )
-        if args.compile and args.compile_cache:
+        compiling = compile_on(args.compile, xp)
+        if compiling and args.compile_cache:
             from dpsnake.md.deepmd_provider import use_compile_cache
 
             print(f"dpsnake explore: --compile: cache {use_compile_cache(args.compile_cache)}", flush=True)
         # compile None: DPSNAKE_DEEPMD_COMPILE decides (the benchmarks' switch)
-        provider = DeepmdProvider(args.models, xp, head=args.head, compile=True if args.compile else None)
-        if args.compile:
+        provider = DeepmdProvider(args.models, xp, head=args.head, compile=True if compiling else None)
+        if compiling:
             print(f"dpsnake explore: --compile: {provider.compiled} of {len(args.models)} models compiled", flush=True)
         type_map = provider.type_map
     else:
-        if args.compile:
+        if args.compile == "on":
             print("dpsnake explore: --compile: an option of engine deepmd, ignored by the built-in engine", flush=True)
         compress = compress_distance(args.compress, args.compress_data)
         provider, type_map = make_provider(loaded, args.precision, xp, compress, tf32=args.tf32)
@@ -276,5 +287,8 @@ def run(args) -> int:
         from dpsnake.md.deepmd_provider import compile_cache_counts
 
         n = compile_cache_counts()
-        print(f"dpsnake explore: torch.compile: {n['loaded']} graphs loaded from the cache, {n['compiled']} compiled")
+        print(
+            f"dpsnake explore: torch.compile: {n['loaded']} graphs loaded from the cache, {n['compiled']} compiled"
+            + (f" ({n['uncacheable']} not storable in the cache)" if n["uncacheable"] else "")
+        )
     return 0
