@@ -9,10 +9,7 @@
 // ln_bwd:   g = dout gamma; dh = rstd (g - mean(g) - xhat mean(g xhat))                       (its backward)
 // The same operations in the same order as attention.py's array code (sums to rounding).
 
-__device__ __forceinline__ REAL warp_sum(REAL v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
+#include "warp.cuh"
 
 #define ROWS_LOOP \
   const int lane = threadIdx.x & 31; \

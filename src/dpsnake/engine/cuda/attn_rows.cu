@@ -23,10 +23,7 @@ __device__ __forceinline__ REAL warp_max(REAL v) {
   return v;
 }
 
-__device__ __forceinline__ REAL warp_sum(REAL v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
+#include "warp.cuh"
 
 // The gates of one row i (a centre's slot) against its centre's slots j: S_ij = sw_i sw_j, R_ij = r_i . r_j.
 struct Gates {

@@ -6,10 +6,7 @@
 // T: the strip table (rows, D) of the type pairs; row (slots,) int32 its row per slot. The array code
 // (descriptor.py) gathers T per slot and runs four to six elementwise passes over (slots, D) arrays.
 
-__device__ __forceinline__ REAL warp_sum(REAL v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
+#include "warp.cuh"
 
 #define SLOTS_LOOP \
   const int lane = threadIdx.x & 31; \
