@@ -20,14 +20,14 @@ from dpsnake.workflow.config import check, write_if_changed
 
 def _dpa3_config(tmp_path, device: str):
     """tests/configs/reduced.yaml with the tests' tiny DPA-3 (PyTorch backend), engine deepmd, compile on,
-    2 walkers of 20 steps; resolved, and iteration 0 planned. Returns (config, walkers.json)."""
+    2 walkers of 10 steps; resolved, and iteration 0 planned. Returns (config, walkers.json)."""
     from dpmodels import PT_DESCRIPTORS
 
     raw = copy.deepcopy(yaml.safe_load((ROOT / "tests" / "configs" / "reduced.yaml").read_text()))
     raw["train"]["backend"] = "pt"
     raw["train"]["input"]["model"]["descriptor"] = copy.deepcopy(PT_DESCRIPTORS["dpa3"])
     raw["explore"].update(engine="deepmd", compile=True, compress=None, device=device)
-    raw["explore"]["stages"][0].update(nsteps=20, temperatures=[300], pressures=[0.0])
+    raw["explore"]["stages"][0].update(nsteps=10, temperatures=[300], pressures=[0.0])
     (tmp_path / CONFIG).write_text(yaml.safe_dump(raw, sort_keys=False))
     cfg = check(raw, tmp_path)
     write_if_changed(cfg, tmp_path / "results" / "config.json")
@@ -37,18 +37,16 @@ def _dpa3_config(tmp_path, device: str):
 
 
 def _explore(tmp_path, cfg, walkers, cache, device: str, seed: int, out: str) -> tuple[int, int]:
-    """`dpsnake explore` of two untrained models of the config's architecture (seeds ``seed``, ``seed`` + 1)
-    with the cache folder (`--compile auto` on a GPU, where the rules pass it; `on` on the CPU, where auto is
-    off); returns (graphs loaded from the cache, graphs compiled) from its log."""
+    """`dpsnake explore` of an untrained model of the config's architecture (weights from ``seed``) with the
+    cache folder (`--compile auto` on a GPU, where the rules pass it; `on` on the CPU, where auto is off);
+    returns (graphs loaded from the cache, graphs compiled) from its log."""
     from dpsnake.md.warmup import untrained_model
 
-    models = []
-    for k in range(2):
-        c = copy.deepcopy(cfg)
-        c["train"]["seed"] = seed + k
-        models.append(untrained_model(c, tmp_path / f"m{seed + k}.dp"))
+    c = copy.deepcopy(cfg)
+    c["train"]["seed"] = seed
+    model = untrained_model(c, tmp_path / f"m{seed}.dp")
     log = dpsnake(
-        "explore", "--models", *models, "--walkers", walkers, "--outdir", out, "--engine", "deepmd",
+        "explore", "--models", model, "--walkers", walkers, "--outdir", out, "--engine", "deepmd",
         "--device", device, "--compile", "auto" if device == "gpu" else "on", "--compile-cache", cache,
         "--no-progress", cwd=tmp_path,
     )  # fmt: skip
