@@ -207,6 +207,7 @@ def energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad:
             trow = ntype if m.type_one_side else ti * nt1 + ntype
             gate = _gate_kernels(rt)
             if gate is not None:  # CUDA: G = Gs (1 + T swm) per slot, T never gathered
+                trow = xp.ascontiguousarray(trow, dtype=xp.int32)  # once, for forward and backward
                 wsm = xp.ascontiguousarray(swm.astype(dt)) if m.smooth else None
                 G0 = gate.forward(Gs, rt.strip_table, trow, wsm)
             else:
