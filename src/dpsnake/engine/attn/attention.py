@@ -363,10 +363,10 @@ class _Rows:
         n, dt = nei_mask.shape[1], np.dtype(dtype).name
         npad = (p.nnei - n) if p.smooth else 0  # the module's NPAD: 0 without the smooth softmax
         rows_args = (dt, n, p.smooth, p.dotr, npad)
-        for build, args in ((attn_rows._module, rows_args), (attn_norm._module, (dt, p.hidden_dim))):
+        for build, args in ((attn_rows.build, rows_args), (attn_norm.build, (dt, p.hidden_dim))):
             if ctx.guarded("attn", build, *args) is None:
                 return None
-        if p.embed_dim != p.hidden_dim and ctx.guarded("attn", attn_norm._module, dt, p.embed_dim) is None:
+        if p.embed_dim != p.hidden_dim and ctx.guarded("attn", attn_norm.build, dt, p.embed_dim) is None:
             return None
         return _Rows(xp, nei_mask, input_r, sw, dtype, npad)
 

@@ -119,7 +119,7 @@ def _gate_kernels(rt: AttnRuntime):
         return None
     from dpsnake.engine.cuda import strip_gate
 
-    if rt.ctx.guarded("attn", strip_gate._module, np.dtype(rt.dtype).name, rt.model.neuron[-1]) is None:
+    if rt.ctx.guarded("attn", strip_gate.build, np.dtype(rt.dtype).name, rt.model.neuron[-1]) is None:
         return None
     return strip_gate
 

@@ -12,6 +12,8 @@ generated per network. Modules:
 - ``desc.py`` (``desc.cu``): descriptor D = gr^T gr[:, :axis] and its backward, block per centre.
 - ``tab.py`` (``tab.cu``): tabulated embedding nets.
 - ``fused.py``: fused embedding nets (generated source).
+- ``attn_rows.py``, ``attn_norm.py``, ``strip_gate.py`` (``.cu`` of the same names): se_atten's warp-per-row
+  kernels, compiled and launched through :class:`WarpKernels`.
 
 The NumPy/CuPy array code elsewhere in the engine is the reference each kernel is tested against
 (tests compile these sources with g++ and with NVRTC; no GPU needed).
@@ -72,3 +74,37 @@ def elementwise_kernels(name: str) -> dict:
             raise ValueError(f"{name}: kernel {head.strip()!r} lacks // @in or // @out")
         out[head.strip()] = (ins, outs, "\n".join(lines).rstrip() + "\n")
     return out
+
+
+@functools.cache
+def _raw_functions(name: str, kernels: tuple, defines: tuple) -> tuple[dict, int]:
+    """({kernel: CuPy RawKernel} of the packaged source ``name`` compiled with ``defines`` ((NAME, value)
+    pairs), the device's SM count); one module per distinct set of defines, cached."""
+    import cupy
+
+    mod = cupy.RawModule(code=load(name), options=options(**dict(defines)))
+    return {k: mod.get_function(k) for k in kernels}, cupy.cuda.Device().attributes["MultiProcessorCount"]
+
+
+class WarpKernels:
+    """The kernels ``kernels`` of the packaged source ``name`` whose threads work one warp per unit (a
+    row, a neighbour slot) in a grid-stride loop, ``wpb`` warps per block: each set of compile-time
+    constants (``-D`` defines) is its own module, compiled on first use and cached."""
+
+    def __init__(self, name: str, kernels: tuple, wpb: int):
+        self.name, self.kernels, self.wpb = name, tuple(kernels), int(wpb)
+
+    def source(self, **defines) -> str:
+        """The source with ``defines`` as ``#define`` lines (one self-contained text, for the tests)."""
+        return with_defines(load(self.name), **defines)
+
+    def build(self, **defines) -> dict:
+        """{kernel: RawKernel} for ``defines`` (compiled now unless cached; raises what NVRTC raises)."""
+        return _raw_functions(self.name, self.kernels, tuple(defines.items()))[0]
+
+    def launch(self, kernel: str, units: int, args: tuple, **defines) -> None:
+        """Run ``kernel`` over ``units`` warps' work (nothing for 0): at most 64 blocks per SM, the
+        kernel loops over the rest."""
+        if units:
+            fns, nsm = _raw_functions(self.name, self.kernels, tuple(defines.items()))
+            fns[kernel]((int(max(1, min(-(-units // self.wpb), nsm * 64))),), (32 * self.wpb,), args)

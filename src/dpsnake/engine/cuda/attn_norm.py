@@ -13,8 +13,6 @@ One module per (dtype, D), cached. Tested without a GPU against the array code
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 from dpsnake.engine import cuda
@@ -27,24 +25,21 @@ def defines(dtype: str, D: int) -> dict:
     return {"REAL": cuda.real(dtype), "D": int(D), "K": -(-int(D) // 32), "WPB": WPB}
 
 
+KERNELS = cuda.WarpKernels("attn_norm.cu", ("qkv_fwd", "qkv_bwd", "ln_fwd", "ln_bwd"), WPB)
+
+
 def source(dtype: str, D: int) -> str:
     """attn_norm.cu with its constants as ``#define`` lines (one self-contained text, for the tests)."""
-    return cuda.with_defines(cuda.load("attn_norm.cu"), **defines(dtype, D))
+    return KERNELS.source(**defines(dtype, D))
 
 
-@functools.cache
-def _module(dtype: str, D: int):
-    import cupy
-
-    mod = cupy.RawModule(code=cuda.load("attn_norm.cu"), options=cuda.options(**defines(dtype, D)))
-    nsm = cupy.cuda.Device().attributes["MultiProcessorCount"]
-    return {k: mod.get_function(k) for k in ("qkv_fwd", "qkv_bwd", "ln_fwd", "ln_bwd")}, nsm
+def build(dtype: str, D: int) -> dict:
+    """The kernels for (dtype name, D), compiled on first use."""
+    return KERNELS.build(**defines(dtype, D))
 
 
 def _launch(name: str, dtype, D: int, rows: int, args: tuple) -> None:
-    if rows:
-        fns, nsm = _module(np.dtype(dtype).name, int(D))
-        fns[name]((int(max(1, min(-(-rows // WPB), nsm * 64))),), (32 * WPB,), args)
+    KERNELS.launch(name, rows, args, **defines(np.dtype(dtype).name, int(D)))
 
 
 def qkv_forward(z, b_qkv):

@@ -18,8 +18,6 @@ One module per (dtype, n, smooth, dotr, npad), cached. Tested without a GPU agai
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 from dpsnake.engine import cuda
@@ -42,23 +40,17 @@ def defines(dtype: str, n: int, smooth: bool, dotr: bool, npad: int = 0) -> dict
     }
 
 
+KERNELS = cuda.WarpKernels("attn_rows.cu", ("attn_fwd", "attn_bwd"), WPB)
+
+
 def source(dtype: str, n: int, smooth: bool, dotr: bool, npad: int = 0) -> str:
     """attn_rows.cu with its constants as ``#define`` lines (one self-contained text, for the tests)."""
-    return cuda.with_defines(cuda.load("attn_rows.cu"), **defines(dtype, n, smooth, dotr, npad))
+    return KERNELS.source(**defines(dtype, n, smooth, dotr, npad))
 
 
-@functools.cache
-def _module(dtype: str, n: int, smooth: bool, dotr: bool, npad: int = 0):
-    import cupy
-
-    opts = cuda.options(**defines(dtype, n, smooth, dotr, npad))
-    mod = cupy.RawModule(code=cuda.load("attn_rows.cu"), options=opts)
-    nsm = cupy.cuda.Device().attributes["MultiProcessorCount"]
-    return mod.get_function("attn_fwd"), mod.get_function("attn_bwd"), nsm
-
-
-def _grid(rows: int, nsm: int) -> tuple:
-    return (int(max(1, min(-(-rows // WPB), nsm * 64))),)  # grid-stride over rows
+def build(dtype: str, n: int, smooth: bool, dotr: bool, npad: int = 0) -> dict:
+    """The kernels for these constants, compiled on first use."""
+    return KERNELS.build(**defines(dtype, n, smooth, dotr, npad))
 
 
 def forward(L, sw, r, mask, smooth: bool, dotr: bool, npad: int = 0):
@@ -73,9 +65,9 @@ def forward(L, sw, r, mask, smooth: bool, dotr: bool, npad: int = 0):
     B, n, _ = L.shape
     rows = B * n
     A = cupy.empty_like(L) if (smooth or dotr) else L
-    if rows:
-        fwd, _, nsm = _module(L.dtype.name, n, bool(smooth), bool(dotr), int(npad) if smooth else 0)
-        fwd(_grid(rows, nsm), (32 * WPB,), (L, sw, r, mask, np.int64(rows), L, A))
+    KERNELS.launch(
+        "attn_fwd", rows, (L, sw, r, mask, np.int64(rows), L, A), **defines(L.dtype.name, n, smooth, dotr, npad)
+    )
     return L, A
 
 
@@ -86,7 +78,6 @@ def backward(dA, T, Lq, sw, r, dS, dR, smooth: bool, dotr: bool, npad: int = 0):
     dA F is 0); ``npad`` only picks forward's module."""
     B, n, _ = dA.shape
     rows = B * n
-    if rows:
-        _, bwd, nsm = _module(dA.dtype.name, n, bool(smooth), bool(dotr), int(npad) if smooth else 0)
-        bwd(_grid(rows, nsm), (32 * WPB,), (dA, T, Lq, sw, r, np.int64(rows), dS, dR))
+    args = (dA, T, Lq, sw, r, np.int64(rows), dS, dR)
+    KERNELS.launch("attn_bwd", rows, args, **defines(dA.dtype.name, n, smooth, dotr, npad))
     return dA

@@ -11,8 +11,6 @@ One module per (dtype, D), cached. Tested without a GPU against the array code
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 from dpsnake.engine import cuda
@@ -25,24 +23,21 @@ def defines(dtype: str, D: int) -> dict:
     return {"REAL": cuda.real(dtype), "D": int(D), "WPB": WPB}
 
 
+KERNELS = cuda.WarpKernels("strip_gate.cu", ("strip_fwd", "strip_bwd"), WPB)
+
+
 def source(dtype: str, D: int) -> str:
     """strip_gate.cu with its constants as ``#define`` lines (one self-contained text, for the tests)."""
-    return cuda.with_defines(cuda.load("strip_gate.cu"), **defines(dtype, D))
+    return KERNELS.source(**defines(dtype, D))
 
 
-@functools.cache
-def _module(dtype: str, D: int):
-    import cupy
-
-    mod = cupy.RawModule(code=cuda.load("strip_gate.cu"), options=cuda.options(**defines(dtype, D)))
-    nsm = cupy.cuda.Device().attributes["MultiProcessorCount"]
-    return {k: mod.get_function(k) for k in ("strip_fwd", "strip_bwd")}, nsm
+def build(dtype: str, D: int) -> dict:
+    """The kernels for (dtype name, D), compiled on first use."""
+    return KERNELS.build(**defines(dtype, D))
 
 
 def _launch(name: str, dtype, D: int, slots: int, args: tuple) -> None:
-    if slots:
-        fns, nsm = _module(np.dtype(dtype).name, int(D))
-        fns[name]((int(max(1, min(-(-slots // WPB), nsm * 64))),), (32 * WPB,), args)
+    KERNELS.launch(name, slots, args, **defines(np.dtype(dtype).name, int(D)))
 
 
 def forward(Gs, table, row, w):
