@@ -81,36 +81,54 @@ def test_flat_stage_is_one_group_with_the_old_names(tmp_path):
     assert names == ["Cu.T300.r0", "Cu.T300.r1", "Cu.T600.r0", "Cu.T600.r1"]
 
 
-def test_condition_quota_tells_groups_apart(tmp_path):
-    """An NVT and an NPT group at the same temperature (NPT at 0 bar) are two conditions: each gets
-    half of max_candidates, though the NVT walker has the higher deviations."""
+def _nvt_npt_select(tmp_path, quota: str, devis) -> list[str]:
+    """An NVT and an NPT group at 300 K (NPT at 0 bar), one walker each with 6 frames of max_devi_f
+    ``devis[k]`` (6 values per walker); select with max_candidates 4 and ``quota``: the walker of each
+    picked frame."""
     import ase.io
 
     from dpsnake.engine.model_devi import write_model_devi
     from dpsnake.workflow.select import select
 
     groups = [{"ensemble": "nvt"}, {"ensemble": "npt", "pressures": [0.0]}]
-    sel = {"max_candidates": 4, "pick": "highest", "quota": "condition", "min_dist": 0.5}
+    sel = {"max_candidates": 4, "pick": "highest", "quota": quota, "min_dist": 0.5}
     cfg = cu_config(tmp_path, **_stage(groups=groups, temperatures=[300.0]), select=sel)
     ex = tmp_path / "explore"
     walkers = make_walkers(cfg, 0, 0, ex)
     (ex / "walkers.json").write_text(json.dumps(walkers))
     (ex / "plan.json").write_text(json.dumps({"iteration": 0, "stage": 0, "stage_iteration": 0}))
     (ex / "summary.json").write_text(json.dumps({"walkers": {w["name"]: {"status": "finished"} for w in walkers}}))
-    for w, devi in zip(walkers, (0.10, 0.06)):
+    for j, (w, devi) in enumerate(zip(walkers, devis)):
         frames = []
         for k in range(6):
             a = ase.io.read(ex / w["structure"])
-            a.rattle(0.03, seed=10 * len(frames) + int(100 * devi))
+            a.rattle(0.03, seed=10 * k + 100 * j)
             a.info["step"] = 5 * k
             frames.append(a)
         (ex / w["name"]).mkdir()
         ase.io.write(ex / w["name"] / "traj.extxyz", frames, format="extxyz")
         z = np.zeros(6)
         cols = {k: z for k in ("max_devi_v", "min_devi_v", "avg_devi_v", "min_devi_f", "avg_devi_f")}
-        write_model_devi(ex / w["name"] / "model_devi.out", 5 * np.arange(6), {**cols, "max_devi_f": devi + 0.001 * z})
+        write_model_devi(ex / w["name"] / "model_devi.out", 5 * np.arange(6), {**cols, "max_devi_f": np.asarray(devi)})
     _, tasks = select(cfg, 0, ex)
-    assert sorted(t.info["walker"] for t in tasks) == sorted([walkers[0]["name"]] * 2 + [walkers[1]["name"]] * 2)
+    return sorted(t.info["walker"] for t in tasks), [w["name"] for w in walkers]
+
+
+def test_condition_quota_tells_groups_apart(tmp_path):
+    """An NVT and an NPT group at the same temperature (NPT at 0 bar) are two conditions: each gets
+    half of max_candidates, though the NVT walker has the higher deviations."""
+    picked, (nvt, npt) = _nvt_npt_select(tmp_path, "condition", [[0.101] * 6, [0.061] * 6])
+    assert picked == sorted([nvt] * 2 + [npt] * 2)
+
+
+def test_weighted_condition_quota_follows_the_uncertain_frames(tmp_path):
+    """quota condition_weighted: the NVT walker has 6 frames in the trust window (0.05-0.15), the NPT
+    walker 2 (its other 4 are accurate, below 0.05): shares 4 * 6/8 = 3 and 1; the even quota gives 2 and 2."""
+    devis = [[0.101, 0.102, 0.103, 0.104, 0.105, 0.106], [0.061, 0.062, 0.01, 0.01, 0.01, 0.01]]
+    picked, (nvt, npt) = _nvt_npt_select(tmp_path / "w", "condition_weighted", devis)
+    assert picked == sorted([nvt] * 3 + [npt])
+    picked, _ = _nvt_npt_select(tmp_path / "e", "condition", devis)
+    assert picked == sorted([nvt] * 2 + [npt] * 2)
 
 
 @pytest.mark.parametrize(

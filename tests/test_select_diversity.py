@@ -121,6 +121,26 @@ def test_quota_per_condition():
     assert np.bincount(groups[pos]).tolist() == [2, 2] and pos[0] == 0
 
 
+def test_weighted_quota_splits_in_proportion():
+    """group_weights: the shares follow the weights (here 3:1 of 4 labels), not the candidate counts; a
+    group of weight 0 gets labels only when the weighted ones run out; dropped candidates move shares."""
+    devi = np.linspace(0.2, 0.1, 12)
+    groups = np.array([0] * 6 + [1] * 6)
+    pos, _ = D.greedy_pick(devi, 4, "highest", groups=groups, group_weights=[3.0, 1.0])
+    assert np.bincount(groups[pos], minlength=2).tolist() == [3, 1]
+    pos, _ = D.greedy_pick(devi, 4, "highest", groups=groups, group_weights=[1.0, 3.0])
+    assert np.bincount(groups[pos], minlength=2).tolist() == [1, 3]
+    pos, _ = D.greedy_pick(devi, 8, "highest", groups=groups, group_weights=[0.0, 1.0])
+    assert np.bincount(groups[pos], minlength=2).tolist() == [2, 6]  # group 1 full: the rest to group 0
+    # group ids are weight indices: a weighted group with no candidates here (id 1) takes nothing
+    pos, _ = D.greedy_pick(devi, 4, "highest", groups=np.array([0] * 6 + [2] * 6), group_weights=[1.0, 5.0, 1.0])
+    assert np.bincount(np.array([0] * 6 + [2] * 6)[pos], minlength=3).tolist() == [2, 0, 2]
+    # near copies in the heavy group: its share goes to the other one
+    f = np.concatenate([np.zeros((6, 3)) + 1e-4 * np.arange(6)[:, None], np.eye(6, 3) * 3 + np.arange(6)[:, None]])
+    pos, dups = D.greedy_pick(devi, 4, "highest", features=f, dedup_tol=0.01, groups=groups, group_weights=[3, 1])
+    assert np.bincount(groups[pos], minlength=2).tolist() == [1, 3] and dups == 5
+
+
 def test_scaled_distances_are_unit_free():
     rng = np.random.default_rng(0)
     f = rng.normal(size=(500, 4))

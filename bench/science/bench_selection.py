@@ -67,6 +67,8 @@ VARIANTS = {
     "random_budget_hi": dict(BUDGET_HI, pick="random"),
     # k-means++ for half the picks, uniform draws for the other half (select.random_fraction 0.5)
     "kmeanspp_half_random": dict(BUDGET_HI, pick="kmeanspp", random_fraction=0.5),
+    # k-means++ with each system's share split over its conditions by their uncertain frames, not evenly
+    "kmeanspp_budget_cond": dict(BUDGET_HI, pick="kmeanspp", quota="condition_weighted"),
 }
 
 

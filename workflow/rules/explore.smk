@@ -4,8 +4,8 @@
 # With explore.shards other than 1, plan splits the walkers by cost into shards.json (a checkpoint: the
 # number of shards is known once it ran), one explore_shard job per shard (one GPU each), and
 # explore_merge joins them into the same summary.json as one job writes.
-# explore.warmup: while iteration 0 trains, explore_warmup compiles the GPU kernels (untrained model).
-# explore.compile (DPA-3): every explore job shares torch.compile's graphs in results/cache/torchinductor.
+# explore.warmup: while iteration 0 trains, explore_warmup compiles the GPU kernels (untrained model);
+# with explore.compile (DPA-3) also torch.compile's graphs, into results/cache/torchinductor.
 # The structure files of the stage are inputs of plan until the iteration's selection ran: an edited
 # file replans (and so re-explores) an unfinished iteration (common.smk: plan_structures).
 
@@ -51,11 +51,12 @@ rule explore_warmup:
         device=CFG["explore"]["device"],
         precision=CFG["explore"]["precision"],
         tf32="--tf32" if CFG["explore"]["tf32"] else "",
+        compile=COMPILE_ARGS,
         compress=compress_arg,
     shell:
         "dpsnake explore-warmup --config results/config.json --walkers {input.walkers} --out {output}"
         " --engine {params.engine} --device {params.device} --precision {params.precision} {params.tf32}"
-        " {params.compress} > {log} 2>&1"
+        " {params.compile} {params.compress} > {log} 2>&1"
         " || {{ rc=$?; tail -n 1 {log} >&2; exit $rc; }}"
 
 

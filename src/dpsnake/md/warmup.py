@@ -2,6 +2,7 @@
 
     dpsnake explore-warmup --config results/config.json --walkers explore/walkers.json --out explore/warmup.json
                            [--engine ...] [--device ...] [--precision ...] [--tf32] [--compress ...]
+                           [--compile on|auto --compile-cache results/cache/torchinductor]
 
 The built-in engine's CUDA kernels are generated per network shape and compiled by CuPy (NVRTC) the first
 time they run, then kept in CuPy's kernel cache on disk (``CUPY_CACHE_DIR``, default
@@ -13,11 +14,12 @@ iteration's walkers for two deviation intervals with an ensemble of ``train.numb
 ``dpsnake explore`` would, in a scratch folder of the system's temporary directory: every kernel the
 exploration uses is in the cache by the time the trained models are there.
 
-DPA-3's torch.compile graphs (``explore.compile``, engine deepmd) are not warmed up: on the H200 an
-untrained model's warm-up compiled graphs that the explore job then did not find in the shared cache
-(compiled 2, loaded 0), while explore jobs do load each other's (docs/benchmarks.md, session 23).
+With ``explore.compile`` (engine deepmd, DPA-3) the same holds for torch.compile: TorchInductor's graphs
+do not depend on the weights either, and the untrained model's land in ``--compile-cache``, where the
+exploration jobs load them (H200: an explore job's first call 74.6 s compiling, 31.2 s from the cache).
+The untrained model is written by a child process (:func:`untrained_model_in_child`, which says why).
 
-A warm-up never fails the run: no GPU, an engine other than the built-in one, or any error is written to
+A warm-up never fails the run: no GPU, engine deepmd without compile, or any error is written to
 ``--out`` as ``skipped`` (with the reason; an error's traceback also goes to the log) and the command exits 0
 (the exploration then compiles its kernels itself, as without the warm-up).
 """
@@ -43,6 +45,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
     parser.add_argument("--precision", choices=("double", "mixed"), default="double")
     parser.add_argument("--tf32", action="store_true")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="on",
+        default="off",
+        choices=("on", "auto", "off"),
+        help="engine deepmd: DPA-3 through torch.compile, as dpsnake explore takes it (auto: on a GPU)",
+    )
+    parser.add_argument("--compile-cache", default=None, metavar="DIR", help="TorchInductor's cache folder")
     parser.add_argument("--compress", default=None, metavar="MIN_NBOR_DIST")
     parser.add_argument("--compress-data", nargs="+", default=None, metavar="DIR")
 
@@ -75,6 +86,28 @@ def untrained_model(cfg: dict, path: pathlib.Path) -> pathlib.Path:
     return path
 
 
+def untrained_model_in_child(cfg: dict, path: pathlib.Path) -> pathlib.Path:
+    """:func:`untrained_model` in a child process. Why: on the H200, a process that had built DeePMD-kit's
+    NumPy model before compiling DPA-3's layers stored its graphs under other TorchInductor keys than the
+    explore jobs, which only load models (the weights' entries of the keys differed), so the exploration
+    compiled them again."""
+    import json
+    import subprocess
+    import sys
+
+    cfg_file = path.with_suffix(".config.json")
+    cfg_file.write_text(json.dumps(cfg))
+    code = (
+        "import json, pathlib, sys\n"
+        "from dpsnake.md.warmup import untrained_model\n"
+        "untrained_model(json.loads(pathlib.Path(sys.argv[1]).read_text()), pathlib.Path(sys.argv[2]))\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code, str(cfg_file), str(path)], capture_output=True, text=True)
+    if p.returncode:
+        raise RuntimeError(f"the untrained model's process failed: {p.stderr.strip().splitlines()[-1:]}")
+    return path
+
+
 def short_walkers(walkers: list) -> list:
     """The walkers cut to ``STEP_INTERVALS`` deviation intervals, with a tenth of their time step (an
     untrained model's forces are arbitrary; the kernels do not depend on dt or the step count)."""
@@ -96,11 +129,13 @@ def warm_up(
     precision: str = "double",
     compress: float | None = None,
     tf32: bool = False,
+    compile: bool = False,
 ) -> dict:
     """Run the walkers of ``walkers_file`` briefly on ``xp`` with ``train.numb_models`` copies of an
     untrained model of the config's architecture, in ``scratch`` (removed afterwards). Returns what ran:
-    {"engine", "reason", "walkers", "steps", "models"} or {"skipped": why} where the built-in engine
-    does not run the model."""
+    {"engine", "reason", "walkers", "steps", "models"} or {"skipped": why} where nothing compiles ahead:
+    engine deepmd without ``compile`` or without a DPA-3 model (``compile``: DeePMD-kit's DPA-3 with
+    torch.compile'd layers, into TorchInductor's cache: :func:`~dpsnake.md.deepmd_provider.use_compile_cache`)."""
     from dpsnake.md.engines import choose
     from dpsnake.md.explore import make_provider
     from dpsnake.md.explorer import Explorer
@@ -111,12 +146,20 @@ def warm_up(
         shutil.rmtree(scratch)
     scratch.mkdir(parents=True)
     try:
-        path = untrained_model(cfg, scratch / "untrained.dp")
+        path = untrained_model_in_child(cfg, scratch / "untrained.dp")
         chosen, reason, loaded = choose(engine, [str(path)])
-        if chosen != "builtin":
-            return {"skipped": f"engine {chosen} ({reason}): nothing for CuPy to compile"}
         n = int(cfg["train"]["numb_models"])
-        provider, type_map = make_provider(loaded * n, precision, xp, compress, tf32=tf32)
+        if chosen == "builtin":
+            provider, type_map = make_provider(loaded * n, precision, xp, compress, tf32=tf32)
+        elif not compile:
+            return {"skipped": f"engine {chosen} ({reason}) without explore.compile: nothing to compile ahead"}
+        else:
+            from dpsnake.md.deepmd_provider import DeepmdProvider
+
+            provider = DeepmdProvider([str(path)] * n, xp, compile=True)
+            if not provider.compiled:
+                return {"skipped": f"engine {chosen}: explore.compile compiles DPA-3 models only"}
+            type_map = provider.type_map
         Explorer(
             walkers,
             provider,
@@ -140,7 +183,7 @@ def warm_up(
 
 def run(args) -> int:
     from dpsnake.fsio import write_json_atomic
-    from dpsnake.md.explore import compress_distance, pick_xp
+    from dpsnake.md.explore import compile_on, compress_distance, pick_xp
     from dpsnake.workflow.config import read_resolved
 
     t0 = time.time()
@@ -151,6 +194,11 @@ def run(args) -> int:
         if xp is None or xp.__name__ != "cupy":
             result["skipped"] = "no GPU: the CPU engine (NumPy) compiles nothing"
         else:
+            compiling = compile_on(args.compile, xp)
+            if compiling and args.compile_cache:
+                from dpsnake.md.deepmd_provider import use_compile_cache
+
+                result["compile_cache"] = use_compile_cache(args.compile_cache)
             cache = kernel_cache_dir()
             before = sum(1 for _ in cache.rglob("*")) if cache.is_dir() else 0
             compress = compress_distance(args.compress, args.compress_data)
@@ -165,10 +213,15 @@ def run(args) -> int:
                     args.precision,
                     compress,
                     args.tf32,
+                    compiling,
                 )
             )
             after = sum(1 for _ in cache.rglob("*")) if cache.is_dir() else 0
             result.update(kernel_cache=str(cache), new_cache_files=after - before)
+            if result.get("engine") == "deepmd":  # torch.compile's graphs: compiled, or found in the cache
+                from dpsnake.md.deepmd_provider import compile_cache_counts
+
+                result["graphs"] = compile_cache_counts()
     except Exception as err:  # the exploration compiles its kernels itself then: never stop the run here
         traceback.print_exc()
         result["skipped"] = f"failed: {type(err).__name__}: {err}"
@@ -176,10 +229,15 @@ def run(args) -> int:
     if "skipped" in result:
         print(f"dpsnake explore-warmup: skipped: {result['skipped']} (the exploration compiles its own kernels)")
     else:
+        what = (
+            f"{result['new_cache_files']} new files in {result['kernel_cache']}"
+            if "graphs" not in result
+            else f"torch.compile: {result['graphs']['compiled']} graphs compiled, {result['graphs']['loaded']} "
+            f"loaded, in {result.get('compile_cache', 'the default cache')}"
+        )
         print(
             f"dpsnake explore-warmup: {result['walkers']} walkers x {result['steps']} steps, {result['models']} "
-            f"untrained models, engine {result['engine']}: {result['new_cache_files']} new files in "
-            f"{result['kernel_cache']} in {result['seconds']} s"
+            f"untrained models, engine {result['engine']}: {what} in {result['seconds']} s"
         )
     write_json_atomic(out, result)
     return 0

@@ -115,6 +115,7 @@ def greedy_pick(
     groups=None,
     fill=None,
     random_fraction: float = 0.0,
+    group_weights=None,
 ) -> tuple[np.ndarray, int]:
     """Pick up to ``nmax`` of n candidates; returns (positions 0..n-1 in pick order, near duplicates).
 
@@ -127,7 +128,8 @@ def greedy_pick(
     the highest deviation first when there is nothing to measure from). ``dedup_tol``: a candidate
     closer than this to a picked one is dropped (the number dropped, candidates within it of a picked
     frame, is returned). ``groups`` (n,) ints: quotas, ``nmax`` split over the groups by
-    :func:`allocate`, redone as candidates drop out.
+    :func:`allocate` (evenly), or with ``group_weights`` (G,) (one per group id 0..G-1) by
+    :func:`proportional`, redone as candidates drop out.
     ``fill`` (n,) bools: fill-ins (frames above the upper trust level, ``select.fill_from_failed``),
     picked only where a group's share is left once its other candidates are all picked or dropped;
     among them the lowest deviation first (the closest to the trust band; ``diverse``: after the first
@@ -140,8 +142,13 @@ def greedy_pick(
     n = len(devi)
     if n == 0 or nmax <= 0:
         return np.zeros(0, dtype=int), 0
-    groups = np.zeros(n, dtype=int) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
-    G = int(groups.max()) + 1
+    if group_weights is not None:  # one weight per group id: the ids must not be renumbered
+        groups = np.asarray(groups, dtype=int)
+        weights = np.asarray(group_weights, dtype=float)
+        G = len(weights)
+    else:
+        groups = np.zeros(n, dtype=int) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+        G = int(groups.max()) + 1
     f = None if features is None else np.asarray(features, dtype=np.float64)
     if (mode in FEATURE_PICKS or dedup_tol is not None) and f is None:
         raise ValueError(f"pick {mode!r} / dedup_tol need features")
@@ -170,7 +177,7 @@ def greedy_pick(
     picked = []
     while len(picked) < nmax:
         avail = count + np.bincount(groups[eligible], minlength=G)
-        room = count < allocate(avail, nmax)
+        room = count < (allocate(avail, nmax) if group_weights is None else proportional(weights, avail, nmax))
         ok = eligible & room[groups]
         if not ok.any():
             break

@@ -294,10 +294,13 @@ def feature_xp(cfg: dict, natoms: int, notes: dict):
     return notes["xp"]
 
 
-def _pick(cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, model, notes, fill=None, nmax=None):
+def _pick(
+    cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, model, notes, fill=None, nmax=None, cls=None
+):
     """``select.pick`` / ``dedup_tol`` / ``quota`` on the kept candidates ``keep`` of one system
     (``fill``: which of them are fill-ins from above the upper trust level), at most ``nmax`` (default
-    ``select.max_candidates``): (picked indices, sorted; near duplicates dropped)."""
+    ``select.max_candidates``): (picked indices, sorted; near duplicates dropped). ``cls``: the classes of
+    all the system's frames (:func:`dpsnake.workflow.candidates.classify`), for ``quota: condition_weighted``."""
     from dpsnake.workflow import candidates as S
     from dpsnake.workflow import diversity as D
 
@@ -309,12 +312,17 @@ def _pick(cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, 
     fill = np.zeros(len(keep), dtype=bool) if fill is None else np.asarray(fill, dtype=bool)
     if mode not in D.FEATURE_PICKS and tol is None and quota == "system" and not fill.any() and not frac:
         return S.pick(keep, d["devi_f"], nmax, mode, rng), 0
-    groups = None
-    if quota == "condition":
+    groups = weights = None
+    if quota in ("condition", "condition_weighted"):
         from dpsnake.workflow.stages import condition
 
-        cond = [condition(by_name[d["walker"][i]]) for i in keep]
-        groups = np.asarray([sorted(set(cond)).index(c) for c in cond], dtype=int)
+        cond = {w: condition(by_name[w]) for w in set(d["walker"])}
+        names = sorted(set(cond.values()))
+        gid = {w: names.index(c) for w, c in cond.items()}
+        groups = np.asarray([gid[d["walker"][i]] for i in keep], dtype=int)
+        if quota == "condition_weighted":  # shares by the frames the ensemble is unsure of, as select.budget's
+            unsure = np.asarray(cls) != S.ACCURATE
+            weights = np.bincount([gid[w] for w in d["walker"]], weights=unsure, minlength=len(names))
     feats = known = None
     if (mode in D.FEATURE_PICKS or tol is not None) and len(keep):
         frames = [_frame(explore, d["walker"][i], int(d["step"][i]), frames_cache) for i in keep]
@@ -326,7 +334,7 @@ def _pick(cfg, system, d, keep, frames_cache, explore, by_name, rng, data_root, 
             print(f"select: features of pick {mode} / dedup_tol: {how}", file=sys.stderr)
         f = D.scaled(f)
         feats, known = f[: len(frames)], f[len(frames) :]
-    pos, dups = D.greedy_pick(d["devi_f"][keep], nmax, mode, rng, feats, known, tol, groups, fill, frac)
+    pos, dups = D.greedy_pick(d["devi_f"][keep], nmax, mode, rng, feats, known, tol, groups, fill, frac, weights)
     if dups:
         print(
             f"select: {system}: {dups} candidate(s) within dedup_tol {tol:g} of a picked frame dropped", file=sys.stderr
@@ -370,6 +378,7 @@ def select(cfg: dict, it: int, explore: pathlib.Path, data_root=None, results=No
             notes,
             cls[pr["keep"]] == S.FAILED,  # fill-ins from above trust hi
             nmax[system],
+            cls,
         )
         filled = int(np.sum(cls[picked] == S.FAILED))
         if filled:
