@@ -18,6 +18,28 @@ import pathlib
 from dpsnake.errors import UserError
 
 
+def add_compile_arguments(parser) -> None:
+    """--compile and --compile-cache (DPA-3 through torch.compile), as explore and explore-warmup take them."""
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="on",
+        default="off",
+        choices=("on", "auto", "off"),
+        help="engine deepmd: DPA-3 models' repflow layers through torch.compile (2.4x per force call on a GPU; "
+        "the first call compiles, ~75 s on an H200, or loads them from --compile-cache; a failure falls back "
+        "to TorchScript); --compile = on; auto: on a GPU only; no effect on other models",
+    )
+    parser.add_argument(
+        "--compile-cache",
+        default=None,
+        metavar="DIR",
+        help="with --compile: TorchInductor's on-disk cache folder (TORCHINDUCTOR_CACHE_DIR); a later job "
+        "with the same folder loads the compiled layers instead of compiling them (default: TorchInductor's "
+        "own, in the system's temporary folder)",
+    )
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--models", nargs="+", required=True, help="ensemble models (.dp); the first drives MD")
     parser.add_argument("--walkers", required=True, help="walkers.json (see docs/md.md)")
@@ -45,24 +67,7 @@ def add_arguments(parser) -> None:
         help="with --precision mixed on a GPU: the fitting nets' FP32 GEMMs on TF32 tensor cores "
         "(faster; accuracy in docs/benchmarks.md)",
     )
-    parser.add_argument(
-        "--compile",
-        nargs="?",
-        const="on",
-        default="off",
-        choices=("on", "auto", "off"),
-        help="engine deepmd: DPA-3 models' repflow layers through torch.compile (2.4x per force call on a GPU; "
-        "the first call compiles, ~75 s on an H200, or loads them from --compile-cache; a failure falls back "
-        "to TorchScript); --compile = on; auto: on a GPU only; no effect on other models",
-    )
-    parser.add_argument(
-        "--compile-cache",
-        default=None,
-        metavar="DIR",
-        help="with --compile: TorchInductor's on-disk cache folder (TORCHINDUCTOR_CACHE_DIR); a later job "
-        "with the same folder loads the compiled layers instead of compiling them (default: TorchInductor's "
-        "own, in the system's temporary folder)",
-    )
+    add_compile_arguments(parser)
     parser.add_argument(
         "--compress",
         default=None,

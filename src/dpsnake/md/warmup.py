@@ -38,6 +38,8 @@ STEP_INTERVALS = 2  # deviation intervals per walker: the deviation kernels run 
 
 
 def add_arguments(parser) -> None:
+    from dpsnake.md.explore import add_compile_arguments
+
     parser.add_argument("--config", required=True, help="the run's resolved config (results/config.json)")
     parser.add_argument("--walkers", required=True, help="walkers.json of the iteration (dpsnake plan)")
     parser.add_argument("--out", required=True, help="warmup.json: what was compiled, or why nothing was")
@@ -45,15 +47,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
     parser.add_argument("--precision", choices=("double", "mixed"), default="double")
     parser.add_argument("--tf32", action="store_true")
-    parser.add_argument(
-        "--compile",
-        nargs="?",
-        const="on",
-        default="off",
-        choices=("on", "auto", "off"),
-        help="engine deepmd: DPA-3 through torch.compile, as dpsnake explore takes it (auto: on a GPU)",
-    )
-    parser.add_argument("--compile-cache", default=None, metavar="DIR", help="TorchInductor's cache folder")
+    add_compile_arguments(parser)
     parser.add_argument("--compress", default=None, metavar="MIN_NBOR_DIST")
     parser.add_argument("--compress-data", nargs="+", default=None, metavar="DIR")
 
