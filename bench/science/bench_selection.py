@@ -15,7 +15,8 @@ One command runs a whole campaign and judges its choice of frames:
    (``dpsnake train``, the campaign's network, ``--steps`` steps, several seeds) and scored by force RMSE
    on the test set, overall and per system and temperature.
 
-Prints a table, writes ``bench/results/science_selection_cpu.json`` (runs accumulate in it, keyed
+Prints a table (mean +- std per arm and point, its ratio to the workflow's error and a one-sided Welch
+t-test p-value that the workflow's is the lower), writes ``bench/results/science_selection_cpu.json`` (runs accumulate in it, keyed
 ``<variant>@<steps>``) and
 ``docs/img/science_learning_curve.png``. Work files live under ``--work``; a rerun reuses finished
 campaigns, labels and trained models (only missing pieces run).
@@ -429,7 +430,11 @@ def main() -> None:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Mean and spread (std over draws x seeds) of the force RMSE per (strategy, labels)."""
+    """Mean and spread (std over draws x seeds) of the force RMSE per (strategy, labels); for the other
+    arms, ``p_workflow_lower``: one-sided Welch t-test p-value that the workflow's mean error at the same
+    point (random 2x: at half its labels) is lower than the arm's (scipy; None with fewer than 2 runs)."""
+    from scipy.stats import ttest_ind
+
     out = {}
     for r in rows:
         out.setdefault((r["strategy"], r["labels"]), []).append(r)
@@ -437,6 +442,10 @@ def summarize(rows: list[dict]) -> list[dict]:
     for (strat, n), rs in sorted(out.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         f = np.array([r["force_rmse"] for r in rs])
         groups = {g: float(np.mean([r["groups"][g] for r in rs])) for g in rs[0]["groups"]}
+        wf = [r["force_rmse"] for r in out.get(("workflow", n // 2 if strat == "random 2x" else n), [])]
+        p = None
+        if strat not in ("workflow", "init only") and len(wf) > 1 and len(f) > 1:
+            p = float(ttest_ind(wf, f, equal_var=False, alternative="less").pvalue)
         summ.append(
             {
                 "strategy": strat,
@@ -444,6 +453,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                 "force_rmse": float(f.mean()),
                 "force_rmse_std": float(f.std()),
                 "runs": len(rs),
+                "p_workflow_lower": p,
                 "groups": groups,
             }
         )
@@ -456,11 +466,12 @@ def print_table(summary: list[dict], args) -> None:
         f"\nvariant {args.variant}: {args.steps} training steps, {args.seeds} seeds, {args.draws} random draws; "
         "test force RMSE (eV/A) on EMT MD at " + "/".join(map(str, TEST_TEMPS)) + " K"
     )
-    print(f"{'strategy':14s} {'labels':>6s} {'force RMSE':>18s} {'vs workflow':>12s}")
+    print(f"{'strategy':14s} {'labels':>6s} {'force RMSE':>18s} {'vs workflow':>12s} {'p (workflow lower)':>19s}")
     for s in summary:
         ref = wf.get(s["labels"] if s["strategy"] != "random 2x" else s["labels"] // 2)
         ratio = f"{s['force_rmse'] / ref:11.2f}x" if ref else ""
-        print(f"{s['strategy']:14s} {s['labels']:6d} {s['force_rmse']:9.4f} +- {s['force_rmse_std']:.4f} {ratio}")
+        p = f"{s['p_workflow_lower']:19.3f}" if s.get("p_workflow_lower") is not None else ""
+        print(f"{s['strategy']:14s} {s['labels']:6d} {s['force_rmse']:9.4f} +- {s['force_rmse_std']:.4f} {ratio} {p}")
 
 
 def plot(allres: dict, path: pathlib.Path) -> None:
@@ -469,8 +480,12 @@ def plot(allres: dict, path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(allres), figsize=(5 * len(allres), 4), squeeze=False)
-    for ax, (variant, res) in zip(axes[0], sorted(allres.items())):
+    ncol = min(4, len(allres))  # a grid of 4 panels a row: readable on a page
+    nrow = -(-len(allres) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5 * ncol, 4 * nrow), squeeze=False)
+    for ax in axes.flat[len(allres) :]:
+        ax.set_visible(False)
+    for ax, (variant, res) in zip(axes.flat, sorted(allres.items())):
         by = {}
         for s in res["summary"]:
             by.setdefault(s["strategy"], []).append(s)
