@@ -224,6 +224,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", choices=("tf", "pt"), default="tf")
     ap.add_argument("--seeds", type=int, default=3, help="models (seeds) per variant")
+    ap.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="seeds first-seed .. first-seed + seeds - 1; the result file's other seeds are kept and summarised "
+        "with them (more seeds for an earlier run)",
+    )
     ap.add_argument("--work", default="/tmp/bench_continuation")
     ap.add_argument("--scale", type=int, default=1, help="steps x this (1: the demo's 1500 + 1000 + 1000)")
     ap.add_argument("--out", default=None)
@@ -234,7 +241,7 @@ def main() -> None:
     chunks = [[d["init"]], [d["init"], d["it0"]], [d["init"], d["it0"], d["it1"]]]
     frozen = "frozen_model.pb" if args.backend == "tf" else "frozen_model.pth"
     rows = []
-    for k in range(args.seeds):
+    for k in range(args.first_seed, args.first_seed + args.seeds):
         base = work / (args.backend + (f"_x{args.scale}" if args.scale > 1 else "")) / f"seed{k}"
         res = {"seed": k}
         # from scratch: the final data, 1500 + 1000 + 1000 steps in one run
@@ -257,6 +264,12 @@ def main() -> None:
             res[schedule] = dict(rmse(prev / frozen, d["test"] / "Cu"), wall_s=sum(walls), lcurve=traces)
         rows.append(res)
         print(json.dumps(res), flush=True)
+    tag = args.backend + (f"_x{args.scale}" if args.scale > 1 else "")
+    path = results_path(args.out, f"continuation_{tag}", "cpu")
+    if path is not None and path.exists():  # an earlier run's other seeds count too
+        done = {r["seed"] for r in rows}
+        rows = [r for r in json.loads(path.read_text())["per_seed"] if r["seed"] not in done] + rows
+        rows.sort(key=lambda r: r["seed"])
     summary = {}
     for v in ("scratch", "continue", "reset"):
         f = [r[v]["force_rmse"] for r in rows]
@@ -269,7 +282,7 @@ def main() -> None:
             "wall_s_mean": float(np.mean(w)),
         }
     ref = summary["scratch"]["force_rmse_mean"]
-    print(f"\n{args.backend}: {args.seeds} seeds, {total} steps in all, held-out EMT MD frames 300-1200 K")
+    print(f"\n{args.backend}: {len(rows)} seeds, {total} steps in all, held-out EMT MD frames 300-1200 K")
     print(f"{'variant':10s} {'force RMSE eV/A':>18s} {'vs scratch':>11s} {'E RMSE meV/atom':>16s} {'wall s':>7s}")
     for v, s in summary.items():
         s["vs_scratch"] = s["force_rmse_mean"] / ref - 1
@@ -277,9 +290,8 @@ def main() -> None:
             f"{v:10s} {s['force_rmse_mean']:10.4f} +- {s['force_rmse_std']:.4f} {100 * s['vs_scratch']:+10.1f}% "
             f"{s['energy_rmse_mean']:16.2f} {s['wall_s_mean']:7.0f}"
         )
-    tag = args.backend + (f"_x{args.scale}" if args.scale > 1 else "")
     write_results(
-        results_path(args.out, f"continuation_{tag}", "cpu"),
+        path,
         {
             "backend": args.backend,
             "scale": args.scale,
@@ -289,7 +301,7 @@ def main() -> None:
             "summary": summary,
         },
     )
-    print(f"wrote {out}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
