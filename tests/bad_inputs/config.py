@@ -134,6 +134,11 @@ PROBES = [
         "select.random_fraction: 2 is greater than the maximum of 1",
     ),
     config_probe(
+        "config-select-quota",
+        _set("select", "quota", value="weighted"),
+        "select.quota: 'weighted' is not one of ['system', 'condition', 'condition_weighted']",
+    ),
+    config_probe(
         "config-wrong-type",
         _set("train", "numb_models", value="two"),
         "train.numb_models: 'two' is not of type 'integer'",
