@@ -89,14 +89,14 @@ def untrained_model_in_child(cfg: dict, path: pathlib.Path) -> pathlib.Path:
     import subprocess
     import sys
 
-    cfg_file = path.with_suffix(".config.json")
-    cfg_file.write_text(json.dumps(cfg))
     code = (
         "import json, pathlib, sys\n"
         "from dpsnake.md.warmup import untrained_model\n"
-        "untrained_model(json.loads(pathlib.Path(sys.argv[1]).read_text()), pathlib.Path(sys.argv[2]))\n"
+        "untrained_model(json.load(sys.stdin), pathlib.Path(sys.argv[1]))\n"
     )
-    p = subprocess.run([sys.executable, "-c", code, str(cfg_file), str(path)], capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-c", code, str(path)], input=json.dumps(cfg), capture_output=True, text=True
+    )  # the config on stdin: no file to write and remove
     if p.returncode:
         raise RuntimeError(f"the untrained model's process failed: {p.stderr.strip().splitlines()[-1:]}")
     return path
