@@ -227,9 +227,10 @@ def main() -> None:
     ap.add_argument(
         "--first-seed",
         type=int,
-        default=0,
+        default=None,
         help="seeds first-seed .. first-seed + seeds - 1; the result file's other seeds are kept and summarised "
-        "with them (more seeds for an earlier run)",
+        "with them (more seeds for an earlier run of the same steps and network). Without it: seeds 0.., the "
+        "file replaced",
     )
     ap.add_argument("--work", default="/tmp/bench_continuation")
     ap.add_argument("--scale", type=int, default=1, help="steps x this (1: the demo's 1500 + 1000 + 1000)")
@@ -241,7 +242,8 @@ def main() -> None:
     chunks = [[d["init"]], [d["init"], d["it0"]], [d["init"], d["it0"], d["it1"]]]
     frozen = "frozen_model.pb" if args.backend == "tf" else "frozen_model.pth"
     rows = []
-    for k in range(args.first_seed, args.first_seed + args.seeds):
+    first = args.first_seed or 0
+    for k in range(first, first + args.seeds):
         base = work / (args.backend + (f"_x{args.scale}" if args.scale > 1 else "")) / f"seed{k}"
         res = {"seed": k}
         # from scratch: the final data, 1500 + 1000 + 1000 steps in one run
@@ -266,9 +268,12 @@ def main() -> None:
         print(json.dumps(res), flush=True)
     tag = args.backend + (f"_x{args.scale}" if args.scale > 1 else "")
     path = results_path(args.out, f"continuation_{tag}", "cpu")
-    if path is not None and path.exists():  # an earlier run's other seeds count too
+    if args.first_seed is not None and path is not None and path.exists():  # the earlier run's other seeds
+        old = json.loads(path.read_text())
+        if old["total_steps"] != total or old["train"] != TRAIN:
+            raise SystemExit(f"{path}: its seeds ran other steps or another network; --first-seed adds to it only")
         done = {r["seed"] for r in rows}
-        rows = [r for r in json.loads(path.read_text())["per_seed"] if r["seed"] not in done] + rows
+        rows = [r for r in old["per_seed"] if r["seed"] not in done] + rows
         rows.sort(key=lambda r: r["seed"])
     summary = {}
     for v in ("scratch", "continue", "reset"):
@@ -301,7 +306,6 @@ def main() -> None:
             "summary": summary,
         },
     )
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

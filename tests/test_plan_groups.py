@@ -81,10 +81,10 @@ def test_flat_stage_is_one_group_with_the_old_names(tmp_path):
     assert names == ["Cu.T300.r0", "Cu.T300.r1", "Cu.T600.r0", "Cu.T600.r1"]
 
 
-def _nvt_npt_select(tmp_path, quota: str, devis) -> list[str]:
+def _nvt_npt_select(tmp_path, quota: str, devis) -> tuple[list[str], list[str]]:
     """An NVT and an NPT group at 300 K (NPT at 0 bar), one walker each with 6 frames of max_devi_f
     ``devis[k]`` (6 values per walker); select with max_candidates 4 and ``quota``: the walker of each
-    picked frame."""
+    picked frame, and the names of the two walkers (NVT, NPT)."""
     import ase.io
 
     from dpsnake.engine.model_devi import write_model_devi

@@ -139,6 +139,16 @@ def test_weighted_quota_splits_in_proportion():
     f = np.concatenate([np.zeros((6, 3)) + 1e-4 * np.arange(6)[:, None], np.eye(6, 3) * 3 + np.arange(6)[:, None]])
     pos, dups = D.greedy_pick(devi, 4, "highest", features=f, dedup_tol=0.01, groups=groups, group_weights=[3, 1])
     assert np.bincount(groups[pos], minlength=2).tolist() == [1, 3] and dups == 5
+    # fill-ins (above trust hi) fill their own group's share first (docs/workflow.md, quota
+    # condition_weighted); in-band candidates of a group with room still come before any fill-in
+    g, fill = np.array([0, 0, 1, 1]), np.array([True, True, False, False])
+    d4 = np.array([0.5, 0.6, 0.1, 0.12])
+    assert D.greedy_pick(d4, 2, "highest", groups=g, fill=fill, group_weights=[10, 1])[0].tolist() == [0, 1]
+    assert D.greedy_pick(d4, 2, "highest", groups=g, fill=fill, group_weights=[1, 1])[0].tolist() == [3, 0]
+    with pytest.raises(ValueError, match="group_weights need groups"):
+        D.greedy_pick(devi, 4, "highest", group_weights=[1.0])
+    with pytest.raises(ValueError, match=r"group ids must be 0..1"):
+        D.greedy_pick(devi, 4, "highest", groups=np.array([0] * 6 + [2] * 6), group_weights=[1.0, 1.0])
 
 
 def test_scaled_distances_are_unit_free():

@@ -15,8 +15,8 @@ One command runs a whole campaign and judges its choice of frames:
    (``dpsnake train``, the campaign's network, ``--steps`` steps, several seeds) and scored by force RMSE
    on the test set, overall and per system and temperature.
 
-Prints a table (mean +- std per arm and point, its ratio to the workflow's error and a one-sided Welch
-t-test p-value that the workflow's is the lower), writes ``bench/results/science_selection_cpu.json`` (runs accumulate in it, keyed
+Prints a table (mean +- std per arm and point, its ratio to the workflow's error and a one-sided t-test
+p-value, paired by training seed, that the workflow's is the lower), writes ``bench/results/science_selection_cpu.json`` (runs accumulate in it, keyed
 ``<variant>@<steps>``) and
 ``docs/img/science_learning_curve.png``. Work files live under ``--work``; a rerun reuses finished
 campaigns, labels and trained models (only missing pieces run).
@@ -431,9 +431,18 @@ def main() -> None:
 
 def summarize(rows: list[dict]) -> list[dict]:
     """Mean and spread (std over draws x seeds) of the force RMSE per (strategy, labels); for the other
-    arms, ``p_workflow_lower``: one-sided Welch t-test p-value that the workflow's mean error at the same
-    point (random 2x: at half its labels) is lower than the arm's (scipy; None with fewer than 2 runs)."""
-    from scipy.stats import ttest_ind
+    arms, ``p_workflow_lower``: one-sided t-test p-value, paired by training seed, that the workflow's
+    mean error at the same point (random 2x: at half its labels) is lower than the arm's (scipy; None
+    with fewer than 2 seeds in both). Paired, with an arm's draws averaged per seed: trainings of one
+    seed share their initial weights and batch order, so their errors correlate (0.2-0.6 between the
+    workflow and random here) and the draws of a seed are not independent samples."""
+    from scipy.stats import ttest_rel
+
+    def per_seed(rs: list[dict]) -> dict:
+        by = {}
+        for r in rs:
+            by.setdefault(r["seed"], []).append(r["force_rmse"])
+        return {s: float(np.mean(v)) for s, v in by.items()}
 
     out = {}
     for r in rows:
@@ -442,10 +451,12 @@ def summarize(rows: list[dict]) -> list[dict]:
     for (strat, n), rs in sorted(out.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         f = np.array([r["force_rmse"] for r in rs])
         groups = {g: float(np.mean([r["groups"][g] for r in rs])) for g in rs[0]["groups"]}
-        wf = [r["force_rmse"] for r in out.get(("workflow", n // 2 if strat == "random 2x" else n), [])]
+        wf = per_seed(out.get(("workflow", n // 2 if strat == "random 2x" else n), []))
+        arm = per_seed(rs)
+        seeds = sorted(set(wf) & set(arm))
         p = None
-        if strat not in ("workflow", "init only") and len(wf) > 1 and len(f) > 1:
-            p = float(ttest_ind(wf, f, equal_var=False, alternative="less").pvalue)
+        if strat not in ("workflow", "init only") and len(seeds) > 1:
+            p = float(ttest_rel([wf[s] for s in seeds], [arm[s] for s in seeds], alternative="less").pvalue)
         summ.append(
             {
                 "strategy": strat,
@@ -466,7 +477,7 @@ def print_table(summary: list[dict], args) -> None:
         f"\nvariant {args.variant}: {args.steps} training steps, {args.seeds} seeds, {args.draws} random draws; "
         "test force RMSE (eV/A) on EMT MD at " + "/".join(map(str, TEST_TEMPS)) + " K"
     )
-    print(f"{'strategy':14s} {'labels':>6s} {'force RMSE':>18s} {'vs workflow':>12s} {'p (workflow lower)':>19s}")
+    print(f"{'strategy':14s} {'labels':>6s} {'force RMSE':>18s} {'vs workflow':>12s} {'p paired (wf lower)':>19s}")
     for s in summary:
         ref = wf.get(s["labels"] if s["strategy"] != "random 2x" else s["labels"] // 2)
         ratio = f"{s['force_rmse'] / ref:11.2f}x" if ref else ""

@@ -98,7 +98,9 @@ def untrained_model_in_child(cfg: dict, path: pathlib.Path) -> pathlib.Path:
         [sys.executable, "-c", code, str(path)], input=json.dumps(cfg), capture_output=True, text=True
     )  # the config on stdin: no file to write and remove
     if p.returncode:
-        raise RuntimeError(f"the untrained model's process failed: {p.stderr.strip().splitlines()[-1:]}")
+        raise RuntimeError(
+            f"the untrained model's process failed: {(p.stderr.strip().splitlines() or ['no output'])[-1]}"
+        )
     return path
 
 

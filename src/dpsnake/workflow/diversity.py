@@ -143,9 +143,13 @@ def greedy_pick(
     if n == 0 or nmax <= 0:
         return np.zeros(0, dtype=int), 0
     if group_weights is not None:  # one weight per group id: the ids must not be renumbered
+        if groups is None:
+            raise ValueError("group_weights need groups")
         groups = np.asarray(groups, dtype=int)
         weights = np.asarray(group_weights, dtype=float)
         G = len(weights)
+        if groups.min() < 0 or groups.max() >= G:
+            raise ValueError(f"group ids must be 0..{G - 1} (one weight each), got {groups.min()}..{groups.max()}")
     else:
         groups = np.zeros(n, dtype=int) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
         G = int(groups.max()) + 1

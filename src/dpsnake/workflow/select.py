@@ -321,6 +321,8 @@ def _pick(
         gid = {w: names.index(c) for w, c in cond.items()}
         groups = np.asarray([gid[d["walker"][i]] for i in keep], dtype=int)
         if quota == "condition_weighted":  # shares by the frames the ensemble is unsure of, as select.budget's
+            if cls is None:
+                raise ValueError("quota condition_weighted needs cls, the classes of all the system's frames")
             unsure = np.asarray(cls) != S.ACCURATE
             weights = np.bincount([gid[w] for w in d["walker"]], weights=unsure, minlength=len(names))
     feats = known = None
