@@ -16,7 +16,11 @@ reused by a rerun (only the table is recomputed). Results: bench/results/continu
 The final models are compared by their force and energy RMSE on a held-out set (EMT MD frames at
 300-1200 K, other seeds), per seed (the ensemble's model index k gives other seeds) and on average.
 
-    python bench/bench_continuation.py [--backend tf|pt] [--seeds 3] [--scale 1]
+``--continuation-warmup R`` adds ``reset_warm``: ``reset`` whose continuations ramp the learning rate up
+from 0 over their first fraction R of steps (DeePMD-kit's ``learning_rate.warmup_ratio``), from the same
+``it0`` models; scratch and ``it0`` are the runs without it, so finished models are reused.
+
+    python bench/bench_continuation.py [--backend tf|pt] [--seeds 3] [--scale 1] [--continuation-warmup 0.1]
 """
 
 from __future__ import annotations
@@ -138,8 +142,10 @@ def make_data(work: pathlib.Path) -> dict:
 
 
 def config(
-    work: pathlib.Path, backend: str, schedule: str, scale: int = 1, numb_steps: int | None = None
+    work: pathlib.Path, backend: str, schedule: str, scale: int = 1, numb_steps: int | None = None, warmup=None
 ) -> pathlib.Path:
+    """The resolved dpsnake config of one variant (``schedule``: scratch, continue, reset; ``warmup``: the
+    learning rate's ``warmup_ratio``), written under ``work``; returns its path."""
     sys.path.insert(0, str(ROOT / "src"))
     from dpsnake.workflow.config import validate_schema
 
@@ -155,7 +161,10 @@ def config(
             init_lr_schedule="continue" if schedule == "scratch" else schedule,
         ),
     }
-    path = work / f"config.{backend}.{schedule}.x{scale}.json"
+    if warmup:
+        raw["train"]["input"] = json.loads(json.dumps(TRAIN["input"]))
+        raw["train"]["input"]["learning_rate"]["warmup_ratio"] = warmup
+    path = work / f"config.{backend}.{schedule}.x{scale}{f'.warm{warmup:g}' if warmup else ''}.json"
     path.write_text(json.dumps(validate_schema(raw)))
     return path
 
@@ -234,8 +243,21 @@ def main() -> None:
     )
     ap.add_argument("--work", default="/tmp/bench_continuation")
     ap.add_argument("--scale", type=int, default=1, help="steps x this (1: the demo's 1500 + 1000 + 1000)")
+    ap.add_argument(
+        "--continuation-warmup",
+        type=float,
+        default=None,
+        help="also run reset_warm: reset with this learning_rate.warmup_ratio on the continuations",
+    )
+    ap.add_argument("--schedules", default=None, help="continuation variants to run (default: all)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    warm = args.continuation_warmup
+    schedules = ["continue", "reset"] + (["reset_warm"] if warm else [])
+    if args.schedules:
+        schedules = [s for s in args.schedules.split(",") if s]
+        if not set(schedules) <= {"continue", "reset", "reset_warm"} or ("reset_warm" in schedules and not warm):
+            raise SystemExit(f"--schedules {args.schedules}: continue, reset, reset_warm (with --continuation-warmup)")
     work = pathlib.Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     d = make_data(work)
@@ -255,8 +277,9 @@ def main() -> None:
         )
         it0 = base / "it0"
         w0 = train(config(work, args.backend, "continue", args.scale), 0, k, it0, chunks[0])
-        for schedule in ("continue", "reset"):
-            cfg = config(work, args.backend, schedule, args.scale)
+        for schedule in schedules:
+            kind = "reset" if schedule == "reset_warm" else schedule
+            cfg = config(work, args.backend, kind, args.scale, warmup=warm if schedule == "reset_warm" else None)
             prev, walls, traces = it0, [w0], [lr_trace(it0)]
             for it in (1, 2):
                 out = base / f"{schedule}{it}"
@@ -270,30 +293,35 @@ def main() -> None:
     path = results_path(args.out, f"continuation_{tag}", "cpu")
     if args.first_seed is not None and path is not None and path.exists():  # the earlier run's other seeds
         old = json.loads(path.read_text())
-        if old["total_steps"] != total or old["train"] != TRAIN:
-            raise SystemExit(f"{path}: its seeds ran other steps or another network; --first-seed adds to it only")
-        done = {r["seed"] for r in rows}
-        rows = [r for r in old["per_seed"] if r["seed"] not in done] + rows
-        rows.sort(key=lambda r: r["seed"])
+        ow = old.get("continuation_warmup")
+        if old["total_steps"] != total or old["train"] != TRAIN or (ow and warm and ow != warm):
+            raise SystemExit(f"{path}: its seeds ran other steps, network or warm-up; --first-seed adds to it only")
+        by_seed = {r["seed"]: r for r in old["per_seed"]}
+        for r in rows:  # a seed's variants of this run replace the file's, its others stay
+            by_seed[r["seed"]] = {**by_seed.get(r["seed"], {}), **r}
+        rows = [by_seed[s] for s in sorted(by_seed)]
+        warm = warm or ow
     summary = {}
-    for v in ("scratch", "continue", "reset"):
-        f = [r[v]["force_rmse"] for r in rows]
-        e = [r[v]["energy_rmse_meV_atom"] for r in rows]
-        w = [r[v]["wall_s"] for r in rows]
-        summary[v] = {
+    print(f"\n{args.backend}: {len(rows)} seeds, {total} steps in all, held-out EMT MD frames 300-1200 K")
+    print(
+        f"{'variant':10s} {'seeds':>5s} {'force RMSE eV/A':>18s} {'vs scratch':>11s} {'E RMSE meV/atom':>16s} {'wall s':>7s}"
+    )
+    for v in ("scratch", "continue", "reset", "reset_warm"):
+        have = [r for r in rows if v in r]  # a variant run on some seeds only: against scratch on those
+        if not have:
+            continue
+        f = [r[v]["force_rmse"] for r in have]
+        s = summary[v] = {
+            "seeds": len(have),
             "force_rmse_mean": float(np.mean(f)),
             "force_rmse_std": float(np.std(f)),
-            "energy_rmse_mean": float(np.mean(e)),
-            "wall_s_mean": float(np.mean(w)),
+            "energy_rmse_mean": float(np.mean([r[v]["energy_rmse_meV_atom"] for r in have])),
+            "wall_s_mean": float(np.mean([r[v]["wall_s"] for r in have])),
+            "vs_scratch": float(np.mean(f) / np.mean([r["scratch"]["force_rmse"] for r in have]) - 1),
         }
-    ref = summary["scratch"]["force_rmse_mean"]
-    print(f"\n{args.backend}: {len(rows)} seeds, {total} steps in all, held-out EMT MD frames 300-1200 K")
-    print(f"{'variant':10s} {'force RMSE eV/A':>18s} {'vs scratch':>11s} {'E RMSE meV/atom':>16s} {'wall s':>7s}")
-    for v, s in summary.items():
-        s["vs_scratch"] = s["force_rmse_mean"] / ref - 1
         print(
-            f"{v:10s} {s['force_rmse_mean']:10.4f} +- {s['force_rmse_std']:.4f} {100 * s['vs_scratch']:+10.1f}% "
-            f"{s['energy_rmse_mean']:16.2f} {s['wall_s_mean']:7.0f}"
+            f"{v:10s} {len(have):5d} {s['force_rmse_mean']:10.4f} +- {s['force_rmse_std']:.4f} "
+            f"{100 * s['vs_scratch']:+10.1f}% {s['energy_rmse_mean']:16.2f} {s['wall_s_mean']:7.0f}"
         )
     write_results(
         path,
@@ -302,6 +330,7 @@ def main() -> None:
             "scale": args.scale,
             "total_steps": total,
             "train": TRAIN,
+            "continuation_warmup": warm,
             "per_seed": rows,
             "summary": summary,
         },
