@@ -16,9 +16,10 @@ reused by a rerun (only the table is recomputed). Results: bench/results/continu
 The final models are compared by their force and energy RMSE on a held-out set (EMT MD frames at
 300-1200 K, other seeds), per seed (the ensemble's model index k gives other seeds) and on average.
 
-``--continuation-warmup R`` adds ``reset_warm``: ``reset`` whose continuations ramp the learning rate up
-from 0 over their first fraction R of steps (DeePMD-kit's ``learning_rate.warmup_ratio``), from the same
-``it0`` models; scratch and ``it0`` are the runs without it, so finished models are reused.
+``reset`` runs without a warm-up (``train.init_lr_warmup: 0``, DeePMD-kit's plain restart); ``reset_warm``
+is ``reset`` whose continuations ramp the learning rate up from 0 over their first fraction R of steps
+(``train.init_lr_warmup`` R, ``--continuation-warmup``, default 0.1 as the schema's; 0: not run), from the
+same ``it0`` models.
 
     python bench/bench_continuation.py [--backend tf|pt] [--seeds 3] [--scale 1] [--continuation-warmup 0.1]
 """
@@ -144,8 +145,8 @@ def make_data(work: pathlib.Path) -> dict:
 def config(
     work: pathlib.Path, backend: str, schedule: str, scale: int = 1, numb_steps: int | None = None, warmup=None
 ) -> pathlib.Path:
-    """The resolved dpsnake config of one variant (``schedule``: scratch, continue, reset; ``warmup``: the
-    learning rate's ``warmup_ratio``), written under ``work``; returns its path."""
+    """The resolved dpsnake config of one variant (``schedule``: scratch, continue, reset; ``warmup``:
+    ``train.init_lr_warmup``), written under ``work``; returns its path."""
     sys.path.insert(0, str(ROOT / "src"))
     from dpsnake.workflow.config import validate_schema
 
@@ -161,9 +162,7 @@ def config(
             init_lr_schedule="continue" if schedule == "scratch" else schedule,
         ),
     }
-    if warmup:
-        raw["train"]["input"] = json.loads(json.dumps(TRAIN["input"]))
-        raw["train"]["input"]["learning_rate"]["warmup_ratio"] = warmup
+    raw["train"]["init_lr_warmup"] = warmup or 0.0
     path = work / f"config.{backend}.{schedule}.x{scale}{f'.warm{warmup:g}' if warmup else ''}.json"
     path.write_text(json.dumps(validate_schema(raw)))
     return path
@@ -246,8 +245,8 @@ def main() -> None:
     ap.add_argument(
         "--continuation-warmup",
         type=float,
-        default=None,
-        help="also run reset_warm: reset with this learning_rate.warmup_ratio on the continuations",
+        default=0.1,
+        help="reset_warm: reset with this train.init_lr_warmup (0: not run; reset itself has none)",
     )
     ap.add_argument("--schedules", default=None, help="continuation variants to run (default: all)")
     ap.add_argument("--out", default=None)

@@ -50,7 +50,7 @@ def _cfg(tmp: pathlib.Path, backend: str, **train) -> pathlib.Path:
             **train,
         ),
     }
-    path = tmp / f"config.{backend}.{train.get('init_lr_schedule', 'default')}.json"
+    path = tmp / f"config.{backend}.{'.'.join(f'{k}-{v}' for k, v in sorted(train.items())) or 'default'}.json"
     path.write_text(json.dumps(validate_schema(raw)))
     return path
 
@@ -89,11 +89,12 @@ def _lcurve(folder: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
     return rows[:, 0].astype(int), rows[:, -1]
 
 
-def _lr(step, total: int) -> np.ndarray:
-    """DeePMD-kit's learning rate at ``step`` of a training of ``total`` steps."""
+def _lr(step, total: int, **warmup) -> np.ndarray:
+    """DeePMD-kit's learning rate at ``step`` of a training of ``total`` steps (``warmup``: its warm-up
+    arguments)."""
     from deepmd.dpmodel.utils.learning_rate import BaseLR
 
-    return np.asarray(BaseLR(**dict(LR, num_steps=total)).value(np.asarray(step)), dtype=float)
+    return np.asarray(BaseLR(**dict(LR, num_steps=total, **warmup)).value(np.asarray(step)), dtype=float)
 
 
 @pytest.mark.parametrize("backend", ["tf", "pt"])
@@ -138,3 +139,35 @@ def test_continued_training_steps_and_learning_rates(tmp_path, model_cache, back
     steps, lrs = _lcurve(out)
     assert list(steps) == list(range(shift, 5))
     assert np.allclose(lrs, _lr(steps - shift, 4), rtol=0.06) and lrs[0] == pytest.approx(LR["start_lr"])
+    assert "warm-up" not in log  # the default 0.1 of 4 steps is no step
+
+    # reset with train.init_lr_warmup: the rate climbs from 0 over that fraction of the steps, then decays
+    # (DeePMD-kit's learning_rate.warmup_ratio); iteration 0 has none
+    warm = _cfg(tmp_path, backend, init_lr_warmup=0.5)
+    out = tmp_path / "warm1"
+    log = _train(warm, 1, out, data, init_from=it0).stdout
+    assert "after a warm-up over 0.5 of the steps" in log
+    assert json.loads((out / "input.json").read_text())["learning_rate"]["warmup_ratio"] == 0.5
+    assert "warmup_ratio" not in json.loads((it0 / "input.json").read_text())["learning_rate"]
+    steps, lrs = _lcurve(out)
+    assert list(steps) == list(range(shift, 5))
+    expect = _lr(steps - shift, 4, warmup_ratio=0.5)
+    assert np.allclose(lrs, expect, rtol=0.06, atol=1e-12), (lrs, expect)
+    assert lrs[0] < LR["start_lr"] / 2 and lrs.max() == pytest.approx(LR["start_lr"], rel=0.06)
+
+
+def test_init_warmup_keeps_the_users_own_warm_up():
+    """train.init_lr_warmup adds learning_rate.warmup_ratio to a reset continuation's input only where the
+    input has no warm-up of its own (which DeePMD-kit applies to every run, iteration 0 too) and the
+    warm-up is at least one step."""
+    from dpsnake.workflow.train import init_warmup
+
+    cfg = {"train": {"init_lr_warmup": 0.2}}
+    lr = dict(LR)
+    assert init_warmup(cfg, lr, 100) is None and lr["warmup_ratio"] == 0.2
+    for own in ({"warmup_steps": 10}, {"warmup_ratio": 0.3}):
+        lr = dict(LR, **own)
+        assert "its own warm-up" in init_warmup(cfg, lr, 100) and lr == dict(LR, **own)
+    for ratio, steps in ((0.0, 100), (0.2, 4)):  # none asked, or less than one step
+        lr = dict(LR)
+        assert init_warmup({"train": {"init_lr_warmup": ratio}}, lr, steps) is None and lr == LR

@@ -11,7 +11,7 @@ Where a model starts from (``init.json`` in the model folder says which and why)
   ``train.init_from_previous`` policy agrees (``yes:N``: the previous models saw more than N frames);
   it trains ``init_numb_steps`` more steps with the learning rate ``train.init_lr_schedule`` says:
   ``reset`` (``--init-frz-model`` / ``--init-model``: the step counter at 0, a new schedule from
-  ``start_lr`` over ``init_numb_steps``) or ``continue`` (``dp train --restart`` from the previous
+  ``start_lr`` over ``init_numb_steps``, after a warm-up from 0 over ``train.init_lr_warmup`` of them) or ``continue`` (``dp train --restart`` from the previous
   checkpoint: step counter, learning rate, loss prefactors and Adam moments go on, one schedule over all
   steps so far);
   the architecture is the previous model's (its ``out.json``: ``sel: auto`` resolved then);
@@ -26,6 +26,7 @@ import copy
 import json
 import os
 import pathlib
+import sys
 
 from dpsnake.errors import UserError
 from dpsnake.fsio import write_json_atomic, write_text_atomic
@@ -101,6 +102,34 @@ def _takes_seed(kind: str, tag: str | None) -> bool:
     return True
 
 
+def warmup_supported() -> bool:
+    """Whether the installed DeePMD-kit takes ``learning_rate.warmup_ratio`` (3.2 and later, every backend)."""
+    import deepmd.utils.argcheck as argcheck
+
+    return "warmup_ratio" in argcheck.learning_rate_args().sub_fields
+
+
+def init_warmup(cfg: dict, lr: dict, steps: int) -> str | None:
+    """``train.init_lr_warmup`` on the learning-rate section ``lr`` of a ``reset`` continuation: the rate
+    climbs from 0 to ``start_lr`` over that fraction of ``init_numb_steps`` (``warmup_ratio``), then decays
+    as usual. Why: a continuation starts a fresh Adam optimiser on trained weights, and Adam's first steps
+    move every weight by about ``start_lr`` whatever its gradient, undoing part of what the model knew
+    (docs/benchmarks.md "Continued training": PyTorch +7.7 % vs scratch without, -1.6 % with 0.1). Left out
+    where ``lr`` has a warm-up of its own (it applies to every run) or DeePMD-kit has none (returns a line
+    saying why), and where it is less than one of the run's ``steps``."""
+    ratio = float(cfg["train"].get("init_lr_warmup") or 0.0)
+    if int(ratio * steps) < 1:
+        return None
+    if lr.get("warmup_steps") or lr.get("warmup_ratio") is not None:
+        return "train.init_lr_warmup: learning_rate has its own warm-up, kept"
+    if not warmup_supported():
+        import deepmd
+
+        return f"train.init_lr_warmup: DeePMD-kit {deepmd.__version__} has no learning_rate.warmup_ratio (3.2+): none"
+    lr["warmup_ratio"] = ratio
+    return None
+
+
 def make_input(
     cfg: dict,
     it: int,
@@ -145,6 +174,8 @@ def make_input(
     elif finetune and not init and (tr.get("finetune") or {}).get("numb_steps"):
         steps = tr["finetune"]["numb_steps"]
     t["numb_steps"] = int(start_step + steps)
+    if init and lr_schedule(cfg) == "reset" and (why := init_warmup(cfg, inp["learning_rate"], steps)):
+        print(why, file=sys.stderr)
     t["disp_file"] = "lcurve.out"
     t.setdefault("save_ckpt", "model.ckpt")
     t["save_freq"] = min(int(t.get("save_freq", steps)), int(steps))
@@ -279,6 +310,8 @@ def run(args) -> int:
     n = inp["training"]["numb_steps"]
     steps = f"steps {first} to {n}" if first else f"{n} steps"
     lr = f", learning rate: {lr_schedule(cfg)}" if init else ""
+    if (warm := inp["learning_rate"].get("warmup_ratio")) and init:
+        lr += f" after a warm-up over {warm:g} of the steps"
     print(
         f"train iteration {args.iter} model {args.model}: {len(systems)} systems, {steps}, backend "
         f"{backend}{' on the CPU' if env.get('DEVICE') == 'cpu' else ''}, start: {start['mode']}"
