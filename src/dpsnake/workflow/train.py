@@ -11,9 +11,9 @@ Where a model starts from (``init.json`` in the model folder says which and why)
   ``train.init_from_previous`` policy agrees (``yes:N``: the previous models saw more than N frames);
   it trains ``init_numb_steps`` more steps with the learning rate ``train.init_lr_schedule`` says:
   ``reset`` (``--init-frz-model`` / ``--init-model``: the step counter at 0, a new schedule from
-  ``start_lr`` over ``init_numb_steps``, after a warm-up from 0 over ``train.init_lr_warmup`` of them) or ``continue`` (``dp train --restart`` from the previous
-  checkpoint: step counter, learning rate, loss prefactors and Adam moments go on, one schedule over all
-  steps so far);
+  ``start_lr`` over ``init_numb_steps``, after a warm-up from 0 over ``train.init_lr_warmup`` of them) or
+  ``continue`` (``dp train --restart`` from the previous checkpoint: step counter, learning rate, loss
+  prefactors and Adam moments go on, one schedule over all steps so far);
   the architecture is the previous model's (its ``out.json``: ``sel: auto`` resolved then);
 - ``finetune``: otherwise, with ``train.finetune``, the pretrained model (``dp --pt train --finetune``):
   a fine-tuning campaign never trains from random weights;
