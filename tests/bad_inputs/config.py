@@ -139,6 +139,11 @@ PROBES = [
         "select.quota: 'weighted' is not one of ['system', 'condition', 'condition_weighted']",
     ),
     config_probe(
+        "config-train-init-lr-warmup",
+        _set("train", "init_lr_warmup", value=1.5),
+        "train.init_lr_warmup: 1.5 is greater than or equal to the maximum of 1",
+    ),
+    config_probe(
         "config-wrong-type",
         _set("train", "numb_models", value="two"),
         "train.numb_models: 'two' is not of type 'integer'",
