@@ -262,13 +262,14 @@ def main() -> None:
     d = make_data(work)
     chunks = [[d["init"]], [d["init"], d["it0"]], [d["init"], d["it0"], d["it1"]]]
     frozen = "frozen_model.pb" if args.backend == "tf" else "frozen_model.pth"
+    tag = args.backend + (f"_x{args.scale}" if args.scale > 1 else "")
+    # from scratch: the final data, 1500 + 1000 + 1000 steps (x scale) in one run
+    total = sum(TRAIN["numb_steps" if it == 0 else "init_numb_steps"] for it in range(3)) * args.scale
     rows = []
     first = args.first_seed or 0
     for k in range(first, first + args.seeds):
-        base = work / (args.backend + (f"_x{args.scale}" if args.scale > 1 else "")) / f"seed{k}"
+        base = work / tag / f"seed{k}"
         res = {"seed": k}
-        # from scratch: the final data, 1500 + 1000 + 1000 steps in one run
-        total = sum(TRAIN["numb_steps" if it == 0 else "init_numb_steps"] for it in range(3)) * args.scale
         cfg_s = config(work, args.backend, "scratch", args.scale, numb_steps=total)
         wall = train(cfg_s, 0, k, base / "scratch", chunks[2])
         res["scratch"] = dict(
@@ -288,7 +289,6 @@ def main() -> None:
             res[schedule] = dict(rmse(prev / frozen, d["test"] / "Cu"), wall_s=sum(walls), lcurve=traces)
         rows.append(res)
         print(json.dumps(res), flush=True)
-    tag = args.backend + (f"_x{args.scale}" if args.scale > 1 else "")
     path = results_path(args.out, f"continuation_{tag}", "cpu")
     if args.first_seed is not None and path is not None and path.exists():  # the earlier run's other seeds
         old = json.loads(path.read_text())

@@ -16,8 +16,8 @@ One command runs a whole campaign and judges its choice of frames:
    on the test set, overall and per system and temperature.
 
 Prints a table (mean +- std per arm and point, its ratio to the workflow's error and a one-sided t-test
-p-value, paired by training seed, that the workflow's is the lower), writes ``bench/results/science_selection_cpu.json`` (runs accumulate in it, keyed
-``<variant>@<steps>``) and
+p-value, paired by training seed, that the workflow's is the lower), writes
+``bench/results/science_selection_cpu.json`` (runs accumulate in it, keyed ``<variant>@<steps>``) and
 ``docs/img/science_learning_curve.png``. Work files live under ``--work``; a rerun reuses finished
 campaigns, labels and trained models (only missing pieces run).
 
