@@ -22,6 +22,10 @@ tables and writes JSON after every case (default bench/results/engine_attn_<devi
 
 CPU smoke test (NumPy; models from bench_explore_deepmd.py data --frames 4 --steps 3 + dp train/freeze):
     python bench/bench_engine_attn.py /tmp/xv --sizes 108 --batch 4x108 --deepmd --device cpu --json ""
+On CPUs (docs/benchmarks.md "The engine on CPUs": bench/results/engine_attn_cpu.json), both codes on the
+same threads (OMP_NUM_THREADS) and with the engine's allocator setting (EngineSettings keep_heap):
+    OMP_NUM_THREADS=2 python bench/bench_engine_attn.py MODELS --device cpu --deepmd --compress 2.0
+        --sizes 864 --batch 8x108 --precisions double mixed
 On the device machine: bench/bench_engine_attn_gpu.sh (installs, trains, compresses, runs this).
 """
 
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -429,7 +434,12 @@ def main():
         name = xp.cuda.runtime.getDeviceProperties(0)["name"]
         device = name.decode() if isinstance(name, bytes) else name
     else:
+        from dpsnake.engine.xp import keep_freed_memory
+
+        # the engine sets glibc's allocator at its first NumPy call (EngineSettings keep_heap); set
+        # here first, so that DeePMD-kit, in the same process, runs with it in every case too
         xp, sync, device = np, (lambda: None), None
+        cpu_info = dict(cpus=os.cpu_count(), threads=os.environ.get("OMP_NUM_THREADS"), keep_heap=keep_freed_memory())
     torch, tsync = None, sync
     if args.deepmd:
         import torch as _torch
@@ -439,6 +449,8 @@ def main():
     mem = Mem(xp if xp is not np else None, torch)  # both pools emptied before each case
     OUT[0] = results_path(args.json, "engine_attn", device_tag(device))
     emit(device=device or "cpu", date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), argv=sys.argv[1:])
+    if device is None:
+        emit(**cpu_info)
     from dpsnake.engine.attn.model import load_attn_model
     from dpsnake.engine.tabulate import Compression
 

@@ -7,6 +7,9 @@ import ast
 import dataclasses
 import json
 import pathlib
+import platform
+import subprocess
+import sys
 
 import pytest
 
@@ -232,3 +235,57 @@ def test_fp64_nets_run_fused_in_small_chunks_only():
     assert rm.kernels_for(256) == rm.kernels_for(2048) == ["table", "fused net"]
     assert rm.kernels_for(2049) == ["table", None]
     assert RuntimeModel(None, gpu, np.float64, None, None, [], [], np.zeros(1)).kernels_for(10) is None
+
+
+_FAULTS = """
+import resource, sys, numpy as np
+from dpsnake.engine.ensemble import EnsembleBase
+from dpsnake.engine.settings import EngineSettings
+
+
+class Probe(EnsembleBase):  # only the runtime cache of an ensemble, no model
+    runtime_cls = type("R", (), {"build": classmethod(lambda cls, *a, **k: "runtime")})
+
+
+how = sys.argv[1]
+if how == "call":
+    from dpsnake.engine.xp import keep_freed_memory
+
+    assert keep_freed_memory()
+elif how.startswith("ensemble"):  # an ensemble's first NumPy call, keep_heap on / off
+    e = Probe.__new__(Probe)
+    e.settings, e._runtime, e.models = EngineSettings(keep_heap=how == "ensemble1"), {}, [None]
+    e.precision, e.compress, e.ctx = "double", None, None
+    assert e._rt(np, 0) == "runtime"
+
+
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+a = np.ones(1 << 20); del a  # 8 MB: one block of a chunk's temporaries
+f0 = faults()
+for _ in range(20):
+    a = np.ones(1 << 20); del a
+print(faults() - f0)
+"""
+
+
+def _faults(how: str) -> int:
+    """Page faults of 20 allocations of a freed 8 MB block in a fresh process (the allocator setting
+    is process-wide) after ``how``: "none", "call" (keep_freed_memory), "ensemble1" / "ensemble0" (an
+    ensemble's first NumPy call with keep_heap on / off)."""
+    out = subprocess.run([sys.executable, "-c", _FAULTS, how], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keep_freed_memory_reuses_freed_blocks():
+    """With keep_freed_memory a freed 8 MB temporary is reused: no page faults on the next ones;
+    without it each is a fresh mapping that the kernel zero-fills (the cost that halved the NumPy
+    path's speed). An ensemble's first NumPy call sets it unless EngineSettings keep_heap is off."""
+    without = _faults("none")
+    assert without >= 20, without  # at least one fault per fresh mapping
+    assert _faults("call") * 10 < without
+    assert _faults("ensemble1") * 10 < without
+    assert _faults("ensemble0") >= 20

@@ -130,8 +130,7 @@ class Net:
             if l.activation == "tanh":  # in place: z is a fresh array (saves temporaries)
                 y = xp.tanh(z, out=z)
                 dy = y * y
-                dy *= -1.0
-                dy += 1.0
+                xp.subtract(1.0, dy, out=dy)
             else:
                 y, dy = _act(xp, l.activation, z)
             if l.idt is not None:
@@ -153,10 +152,8 @@ class Net:
         fast = ctx is not None and ctx.fast(xp, "nets")
         for l, dy in zip(reversed(self.layers), reversed(cache)):
             gz = gy if dy is None else gy * dy
-            if l.nin == 1 and fast:  # a GEMV instead of a product + reduction
+            if l.nin == 1:  # a GEMV instead of a product + reduction
                 gx = (gz.reshape(-1, l.nout) @ l.w[0]).reshape(*gz.shape[:-1], 1)
-            elif l.nin == 1:
-                gx = (gz * l.w[0]).sum(axis=-1, keepdims=True)
             else:
                 gx = (gz.reshape(-1, l.nout) @ l.w.T).reshape(*gz.shape[:-1], l.nin)
             if l.resnet and l.nout == l.nin:

@@ -38,8 +38,13 @@ class EngineSettings:
     """FP32 cuBLAS GEMMs of the fitting nets on TF32 tensor cores (mixed precision on CuPy only);
     accuracy in docs/benchmarks.md. Was ``DPSNAKE_TF32=1``."""
     chunk_mb: float | None = None
-    """Work memory per chunk of centres in MB; None: 2048 on CPUs, a third of the free device memory
-    on GPUs (an Ensemble's ``chunk_atoms`` overrides it). Was ``DPSNAKE_CHUNK_MB``."""
+    """Work memory per chunk of centres in MB; None: 64 on CPUs (cache-sized chunks: 1.2x faster
+    than 2048 there), a third of the free device memory on GPUs (an Ensemble's ``chunk_atoms``
+    overrides it). Was ``DPSNAKE_CHUNK_MB``."""
+    keep_heap: bool = True
+    """On CPUs (NumPy), let glibc keep freed work memory in the process (``xp.keep_freed_memory``,
+    process-wide, set at an ensemble's first NumPy call): 2x per force call on the development
+    machine, where returning each temporary to the kernel cost half the time in page faults."""
     kernels: bool = True
     """The engine's CUDA kernels for CuPy arrays (selection, fused and tabulated embedding nets);
     False: CuPy runs the array code. Was ``DPSNAKE_KERNELS=0``."""

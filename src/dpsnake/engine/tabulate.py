@@ -177,21 +177,19 @@ class TabulatedNet:
         """x (..., 1) -> G (..., M); the cache is G'(x) (..., M) when ``keep`` (``ctx`` unused:
         the Net interface)."""
         idx, dx = self.locate(xp, x[..., 0])
-        dx = dx[..., None]
-        c = self.coef
-        y = c[idx, 5]
-        for k in (4, 3, 2, 1, 0):
-            y = y * dx + c[idx, k]
+        c = self.coef[idx]  # (..., 6, M): one gather, then sums of products (4.5x 11 gathers + Horner)
+        d2 = dx * dx
+        d3, d4 = d2 * dx, d2 * d2
+        one, zero = xp.ones_like(dx), xp.zeros_like(dx)
+        y = xp.einsum("...k,...km->...m", xp.stack([one, dx, d2, d3, d4, d4 * dx], axis=-1), c)
         if not keep:
             return y, None
-        dy = 5 * c[idx, 5]
-        for k in (4, 3, 2, 1):
-            dy = dy * dx + k * c[idx, k]
-        return y, dy
+        dp = xp.stack([zero, one, 2 * dx, 3 * d2, 4 * d3, 5 * d4], axis=-1)
+        return y, xp.einsum("...k,...km->...m", dp, c)
 
     def backward(self, xp, gy, cache, ctx=None):
         """gy = dL/dG (..., M) -> dL/dx (..., 1)."""
-        return (gy * cache).sum(axis=-1, keepdims=True)
+        return xp.einsum("...m,...m->...", gy, cache)[..., None]
 
 
 def env_range(model, comp: Compression, first_slot: bool = False):

@@ -1,11 +1,44 @@
 """Array-namespace helpers so one code path serves NumPy and CuPy.
 
-Only what the array API lacks lives here: scatter-add (segment sums), segment min/max, device moves.
+Only what the array API lacks lives here: scatter-add (segment sums), segment min/max, device moves;
+and :func:`keep_freed_memory`, the CPU allocator setting the NumPy path runs fastest with.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import platform
+
 import numpy as np
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD = 32 << 20  # glibc's largest documented value on 64-bit systems (its dynamic maximum)
+_TRIM_THRESHOLD = 1 << 30
+
+
+@functools.cache  # process-wide: once is enough
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed work memory in the process (once per process; True if set).
+
+    The NumPy path allocates and frees temporaries of a few MB per chunk. glibc serves those with
+    mmap and returns them on free, so each new one is zero-filled page by page by the kernel: on
+    the 2-core development machine half the time of a se_atten_v2 force call went to that (sys time
+    4.9 of 19.6 s; docs/benchmarks.md "The engine on CPUs"). With mmap only above 32 MiB and the
+    heap trimmed only above 1 GiB free, freed blocks are reused: 2x per call. Process-wide, so the
+    engine sets it only for NumPy work (EngineSettings ``keep_heap``); a no-op off glibc.
+    """
+    ok = False
+    if platform.libc_ver()[0] == "glibc":
+        try:
+            mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+            ok = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+        except (OSError, AttributeError):  # the C library cannot be loaded: leave the allocator as it is
+            ok = False
+    return ok
 
 
 def is_cupy(x) -> bool:

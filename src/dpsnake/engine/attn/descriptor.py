@@ -210,10 +210,11 @@ def energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad:
                 trow = xp.ascontiguousarray(trow, dtype=xp.int32)  # once, for forward and backward
                 wsm = xp.ascontiguousarray(swm.astype(dt)) if m.smooth else None
                 G0 = gate.forward(Gs, rt.strip_table, trow, wsm)
-            else:
+            else:  # gt1 = 1 + T (swm): G = Gs gt1 (DeePMD-kit: Gs T + Gs), kept for backward
                 tt = rt.strip_table[trow]
-                gt = tt * swm[..., None].astype(dt) if m.smooth else tt
-                G0 = Gs * gt + Gs
+                gt1 = tt * swm[..., None].astype(dt) if m.smooth else tt.copy()
+                gt1 += 1
+                G0 = Gs * gt1
         if rt.attention is not None:
             from dpsnake.engine.attn.attention import attention_forward
 
@@ -271,7 +272,8 @@ def energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad:
             if gate is not None:
                 gin, gt_sw = gate.backward(gG, Gs, rt.strip_table, trow, wsm)
             else:
-                gin, gt_sw = gG * (gt + 1), ((gG * Gs * tt).sum(axis=2) if m.smooth else None)
+                gin = gG * gt1
+                gt_sw = xp.einsum("nsm,nsm->ns", gG * Gs, tt) if m.smooth else None
             gss = rt.embedding.backward(xp, gin, ecache, ctx=rt.ctx)
             gRn[..., 0] += gss[..., 0].astype(xp.float64)
             if m.smooth:
