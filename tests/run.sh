@@ -14,6 +14,9 @@ if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] && [ -z "${DPSNAKE_SKIP_A
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $DEBS >/dev/null
 fi
 python3 -m pip install -q --disable-pip-version-check -e ".[test]"
-# style first (seconds): ruff lint + format and snakefmt, as configured in pyproject.toml
-python3 -m ruff check . && python3 -m ruff format --check . && python3 -m snakefmt --check Snakefile workflow
+# style first (seconds): ruff lint + format and snakefmt, as configured in pyproject.toml; one command
+# each, so that set -e stops here (in an && list only the last command's failure would)
+python3 -m ruff check .
+python3 -m ruff format --check .
+python3 -m snakefmt --check Snakefile workflow
 python3 -m pytest "$@"

@@ -13,7 +13,6 @@ import platform
 
 import numpy as np
 
-
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD = 32 << 20  # glibc's largest documented value on 64-bit systems (its dynamic maximum)
