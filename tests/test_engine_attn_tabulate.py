@@ -22,6 +22,7 @@ from engine_helpers import THREADED_CUDA_STUB, build_cpp, cluster, fcc, frame, r
 from dpsnake.engine.attn.ensemble import AttnEnsemble
 from dpsnake.engine.attn.model import load_attn_model
 from dpsnake.engine.nets import Layer, Net
+from dpsnake.engine.settings import EngineSettings
 from dpsnake.engine.tabulate import Compression, Table
 from dpsnake.errors import UserError
 
@@ -301,7 +302,8 @@ def test_descriptor_kernel_path(l0, tmp_path):
     rough = dataclasses.replace(m, smooth=False, type_one_side=True, strip_table=m.strip_table[2 : m.ntypes + 3])
     lib = None
     for model in (m, rough):
-        ens = AttnEnsemble([model], compress=comp)
+        # one chunk at a time: the emulated kernels' thread team is not reentrant (a GPU has no pool)
+        ens = AttnEnsemble([model], compress=comp, settings=EngineSettings(cpu_workers=1))
         rt = ens._rt(np, 0)
         if lib is None:
             src = THREADED_CUDA_STUB + source("float64", rt.embedding.nout, 8, True) + LAUNCH

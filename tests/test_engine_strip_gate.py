@@ -98,6 +98,7 @@ def test_engine_on_the_gate_kernels_equals_array_code(tmp_path, monkeypatch, mod
     gate on the emulated kernels = the array code to 1e-12: smooth (v2_l2) and not, one-sided (strip_l2)."""
     from dpsnake.engine.attn import descriptor
     from dpsnake.engine.attn.ensemble import AttnEnsemble
+    from dpsnake.engine.settings import EngineSettings
 
     m = attn_model(model_cache, name)
     ens = AttnEnsemble([str(m["dp"])])
@@ -105,7 +106,8 @@ def test_engine_on_the_gate_kernels_equals_array_code(tmp_path, monkeypatch, mod
     want = ens.evaluate(*batch, atomic=True)
     emu = _EmuGate(tmp_path, "float64", ens.models[0].neuron[-1])
     monkeypatch.setattr(descriptor, "_gate_kernels", lambda rt: emu)
-    got = AttnEnsemble([str(m["dp"])]).evaluate(*batch, atomic=True)
+    # one chunk at a time: the emulated kernels are not reentrant (a GPU runs no chunk threads)
+    got = AttnEnsemble([str(m["dp"])], settings=EngineSettings(cpu_workers=1)).evaluate(*batch, atomic=True)
     assert emu.calls >= 4  # forward and backward of each centre type's chunk
     for k in ("energy", "force", "virial", "atom_energy", "atom_virial"):
         assert rel_err(got[k], want[k]) < 1e-12, k

@@ -45,6 +45,11 @@ class EngineSettings:
     """On CPUs (NumPy), let glibc keep freed work memory in the process (``xp.keep_freed_memory``,
     process-wide, set at an ensemble's first NumPy call): 2x per force call on the development
     machine, where returning each temporary to the kernel cost half the time in page faults."""
+    cpu_workers: int | None = None
+    """Threads that run chunks of centres at once on CPUs (NumPy releases the GIL in its loops), BLAS
+    single-threaded inside them; None: as many as BLAS has threads (OMP_NUM_THREADS and the like, as
+    the caller set them), 1: chunks one after the other with BLAS's own threads. Results do not
+    depend on it (each chunk's sums are added in chunk order)."""
     kernels: bool = True
     """The engine's CUDA kernels for CuPy arrays (selection, fused and tabulated embedding nets);
     False: CuPy runs the array code. Was ``DPSNAKE_KERNELS=0``."""
@@ -96,6 +101,8 @@ class EngineSettings:
         object.__setattr__(self, "fast", fast)
         if self.tab_lps not in (1, 2, 4, 8, 16, 32):
             raise ValueError(f"EngineSettings.tab_lps={self.tab_lps} is not a power of two <= 32")
+        if self.cpu_workers is not None and not (isinstance(self.cpu_workers, int) and self.cpu_workers >= 1):
+            raise ValueError(f"EngineSettings.cpu_workers={self.cpu_workers!r} must be an int >= 1 or None")
         if self.chunk_mb is not None and not self.chunk_mb > 0:
             raise ValueError(f"EngineSettings.chunk_mb={self.chunk_mb} must be positive")
 

@@ -131,45 +131,54 @@ class AttnEnsemble(EnsembleBase):
         overflow = []
         checks = []  # (key, the chunk's most filled slots (host int or HostCopy), the width it was given)
         trim = self.settings.compact
-        start = 0
+        jobs, start = [], 0  # (centre type, first and end position in the layout's order)
         for ti in range(self.ntypes):
             stop = start + int(counts[ti])
-            for a in range(start, stop, csize):
-                centers = order[a : min(stop, a + csize)]
-                ch = nb.chunk(centers)
-                if trim:  # the selection fills slots from the first: later ones are empty
-                    key = (N, S, ti, a)
-                    filled = chunk_stats(xp, ch, [m0.nnei])[0]  # before pair exclusions: an upper bound
-                    guess = self._widths.get(key) if guessing else None
-                    if guess is None:  # the chunk's own: one host sync
-                        filled = int(to_numpy(filled))
-                        ns = _trim_width(filled, m0.nnei, None)
-                    else:  # last call's, checked once the call is issued
-                        filled, ns = HostCopy(filled), guess
-                    checks.append((key, filled, guess))
-                    if ns < m0.nnei:
-                        ch = _first_slots(xp, ch, ns)
-                valid = ch.valid
-                ntype = atype[xp.where(valid, ch.owner, 0)]
-                if pex is not None:  # model pair exclusions: empty slots (after the selection)
-                    valid = valid & ~pex[ti][ntype]
-                overflow.append(ch.overflow.sum())
-                own = xp.where(valid, ch.owner, centers[:, None])
-                sysc = system[centers]
-                first = first_type[sysc]
-                for j, rt in enumerate(rts):
-                    e, g = energy_and_grad(rt, ti, ch.d, valid, ntype, first)
-                    energy_atom[j, centers] = e
-                    force[j, centers] += g.sum(axis=1)
-                    _scatter_add(xp, force[j], own.reshape(-1), -g.reshape(-1, 3))
-                    if atomic:
-                        w = -(g[:, :, :, None] * ch.d[:, :, None, :]).reshape(g.shape[0], -1, 9)
-                        _scatter_add(xp, virial[j], sysc, w.sum(axis=1))
-                        _scatter_add(xp, atom_virial[j], own.reshape(-1), w.reshape(-1, 9))
-                    else:
-                        wc = -xp.matmul(g.transpose(0, 2, 1), ch.d).reshape(g.shape[0], 9)
-                        _scatter_add(xp, virial[j], sysc, wc)
+            jobs += [(ti, a, min(stop, a + csize)) for a in range(start, stop, csize)]
             start = stop
+
+        def work(job):
+            """Neighbours, trimmed slots and every model's (e, g) of one chunk (may run in a thread)."""
+            ti, a, b = job
+            centers = order[a:b]
+            ch, check = nb.chunk(centers), None
+            if trim:  # the selection fills slots from the first: later ones are empty
+                key = (N, S, ti, a)
+                filled = chunk_stats(xp, ch, [m0.nnei])[0]  # before pair exclusions: an upper bound
+                guess = self._widths.get(key) if guessing else None
+                if guess is None:  # the chunk's own: one host sync
+                    filled = int(to_numpy(filled))
+                    ns = _trim_width(filled, m0.nnei, None)
+                else:  # last call's, checked once the call is issued
+                    filled, ns = HostCopy(filled), guess
+                check = (key, filled, guess)
+                if ns < m0.nnei:
+                    ch = _first_slots(xp, ch, ns)
+            valid = ch.valid
+            ntype = atype[xp.where(valid, ch.owner, 0)]
+            if pex is not None:  # model pair exclusions: empty slots (after the selection)
+                valid = valid & ~pex[ti][ntype]
+            first = first_type[system[centers]]
+            return check, ch, valid, [energy_and_grad(rt, ti, ch.d, valid, ntype, first) for rt in rts]
+
+        for check, ch, valid, results in self._map_chunks(xp, work, jobs):
+            if check is not None:
+                checks.append(check)
+            centers = ch.centers
+            overflow.append(ch.overflow.sum())
+            own = xp.where(valid, ch.owner, centers[:, None])
+            sysc = system[centers]
+            for j, (e, g) in enumerate(results):
+                energy_atom[j, centers] = e
+                force[j, centers] += g.sum(axis=1)
+                _scatter_add(xp, force[j], own.reshape(-1), -g.reshape(-1, 3))
+                if atomic:
+                    w = -(g[:, :, :, None] * ch.d[:, :, None, :]).reshape(g.shape[0], -1, 9)
+                    _scatter_add(xp, virial[j], sysc, w.sum(axis=1))
+                    _scatter_add(xp, atom_virial[j], own.reshape(-1), w.reshape(-1, 9))
+                else:
+                    wc = -xp.matmul(g.transpose(0, 2, 1), ch.d).reshape(g.shape[0], 9)
+                    _scatter_add(xp, virial[j], sysc, wc)
         missed = self._check_widths(checks)
         grid_ok = nb_check is None or nb.settle(nb_check.result())
         if missed or not grid_ok:  # a chunk filled more slots than it ran, cells moved beyond the
