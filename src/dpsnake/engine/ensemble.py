@@ -150,8 +150,8 @@ class EnsembleBase:
     def _map_chunks(self, xp, work, jobs):
         """``work(job)`` for each of ``jobs``, yielded in order. On NumPy with more than one worker
         (settings ``cpu_workers``; None: BLAS's thread count) in a pool of threads with BLAS
-        single-threaded inside them (BLAS's own threads on top would oversubscribe the cores: 2.2x
-        slower on 2 cores), at most two chunks per worker in flight (bounded memory); else one
+        single-threaded inside them (BLAS's own threads on top oversubscribe the cores: 1.4-2.2x
+        slower than one worker on 2 cores), at most two chunks per worker in flight (bounded memory); else one
         after the other. The caller adds each chunk's sums in this order, so results do not depend
         on the workers."""
         workers = self._workers(xp)
