@@ -44,8 +44,8 @@ class AttnEnsemble(EnsembleBase):
     against 1.69 (nets, FP64) and 1.49 (nets, mixed). With attention layers the table runs as
     array code and is slower than the nets on a GPU (15.4 against 13.5 us/atom, attn_layer 2).
     ``settings``: the EngineSettings used are ``chunk_mb``, ``widths`` (grid and slot-count reuse
-    on GPUs), ``compact`` (left-out empty slots, the module doc) and the two above; the nets run as
-    array code.
+    on GPUs), ``compact`` (left-out empty slots, the module doc), the two above, and on CPUs
+    ``keep_heap`` and ``cpu_workers`` (chunks in threads); the nets run as array code.
     """
 
     runtime_cls = AttnRuntime
