@@ -52,20 +52,12 @@ def test_threads_give_the_results_of_one_after_the_other(model_cache, cu_model, 
     if kind == "se_atten_v2":
         cls, module = AttnEnsemble, attn_ens
         models = [str(attn_model(model_cache, n)["dp"]) for n in ("v2_l2", "excl")]
-        args = flat(systems(cls(models[:1]).type_map)[:4], ["Cu", "Ni"])
+        ats = systems(cls(models[:1]).type_map)[:4]
     else:
         cls, module = Ensemble, se_ens
         models = [str(cu_model["dp"])] * 2
         ats = [fcc(rep=(2, 2, 2), seed=1), fcc(rep=(3, 3, 3), seed=2)]
-        coords = np.concatenate([a.positions for a in ats])
-        system = np.concatenate([np.full(len(a), s) for s, a in enumerate(ats)])
-        args = (
-            coords,
-            np.zeros(len(coords), dtype=int),
-            system,
-            np.array([a.cell.array for a in ats]),
-            np.ones(2, bool),
-        )
+    args = flat(ats, cls(models[:1]).type_map)
     with threadpool_limits(2, user_api="blas"):
         one, seen1 = _run(cls, models, args, 1, monkeypatch, module)
         three, seen3 = _run(cls, models, args, 3, monkeypatch, module)

@@ -168,6 +168,15 @@ class EnsembleBase:
             while pending:
                 yield pending.popleft().result()
 
+    def _jobs(self, counts, csize: int) -> list:
+        """(centre type, first, end) positions in a layout's type order, chunks of ``csize`` centres."""
+        jobs, start = [], 0
+        for ti in range(self.ntypes):
+            stop = start + int(counts[ti])
+            jobs += [(ti, a, min(stop, a + csize)) for a in range(start, stop, csize)]
+            start = stop
+        return jobs
+
     def _workers(self, xp) -> int:
         if xp is not np:
             return 1
@@ -359,11 +368,7 @@ class Ensemble(EnsembleBase):
         csize = self._chunk_size(xp)
         fast_scatter = ctx.fast(xp, "scatter")
         checks = []  # (key, the chunk's stats (host array or HostCopy), the widths it was given)
-        jobs, start = [], 0  # (centre type, first and end position in the layout's order)
-        for ti in range(self.ntypes):
-            stop = start + int(counts[ti])
-            jobs += [(ti, a, min(stop, a + csize)) for a in range(start, stop, csize)]
-            start = stop
+        jobs = self._jobs(counts, csize)
 
         def work(job):
             """Neighbours, compaction and every model's (e, g) of one chunk (may run in a thread)."""

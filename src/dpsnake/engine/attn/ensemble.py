@@ -131,11 +131,7 @@ class AttnEnsemble(EnsembleBase):
         overflow = []
         checks = []  # (key, the chunk's most filled slots (host int or HostCopy), the width it was given)
         trim = self.settings.compact
-        jobs, start = [], 0  # (centre type, first and end position in the layout's order)
-        for ti in range(self.ntypes):
-            stop = start + int(counts[ti])
-            jobs += [(ti, a, min(stop, a + csize)) for a in range(start, stop, csize)]
-            start = stop
+        jobs = self._jobs(counts, csize)
 
         def work(job):
             """Neighbours, trimmed slots and every model's (e, g) of one chunk (may run in a thread)."""
