@@ -5,7 +5,8 @@ process. Variants (docs/benchmarks.md, "Left-out empty slots and cuBLAS op flags
 
     base        every slot (settings compact=False), products with transposes by cupy.matmul
     bmm         every slot, cuda/bmm.py (cuBLAS op flags)
-    trim        the default: left-out empty slots + cuda/bmm.py
+    trim        the default: left-out empty slots + cuda/bmm.py + the fused FP64 core (cuda/attn_core.py)
+    rows        trim without the fused core (family "attn_core" off: cuBLAS products + row kernels)
     trim_nobmm  left-out slots, cupy.matmul
     array       the default without the attention's row kernels (family "attn" off)
 
@@ -117,6 +118,7 @@ def main():
         ("base", {"compact": False}, True),
         ("bmm", {"compact": False}, False),
         ("trim", {}, False),
+        ("rows", {"fast": frozenset(FAMILIES) - {"attn_core"}}, False),
         ("trim_nobmm", {}, True),
         ("array", {"fast": frozenset(FAMILIES) - {"attn"}}, False),
     ]

@@ -151,6 +151,7 @@ class _EmuRows:
         self.r = np.ascontiguousarray(r.astype(dtype))
         self.mask = np.ascontiguousarray(mask)
         self.norm = self
+        self.core = None  # the fused FP64 core: tests/test_engine_attn_core.py sets one
         self.calls = 0
 
     def or_any(self, a):

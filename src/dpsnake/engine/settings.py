@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-FAMILIES = ("nets", "env", "scatter", "desc", "nbr", "graph", "attn")
+FAMILIES = ("nets", "env", "scatter", "desc", "nbr", "graph", "attn", "attn_core")
 _CHOICES = {
     "select": ("warp", "thread"),
     "fused": ("auto", "on", "off"),
@@ -56,7 +56,8 @@ class EngineSettings:
     fast: frozenset = frozenset(FAMILIES)
     """Families of fused elementwise kernels used on CuPy (subset of :data:`FAMILIES`: nets, env,
     scatter, desc, nbr; graph = the MD integrator as CUDA graphs; attn = the row kernels of DPA-1's
-    attention, cuda/attn_rows.py). Was ``DPSNAKE_FAST``."""
+    attention, cuda/attn_rows.py; attn_core = with attn on, FP64 layers as one fused kernel per direction,
+    cuda/attn_core.py). Was ``DPSNAKE_FAST``."""
     select: str = "warp"
     """Neighbour-selection kernel: "warp" (a 32-thread block per centre) or "thread" (a thread per
     centre). Was ``DPSNAKE_SELECT``."""

@@ -285,7 +285,8 @@ def _rows_backward(xp, p, dA, T, Lq, S, R, F, dS, dR):
 def _layer_forward(xp, p, l: AttnLayer, x, S, F, row_m, key_m, keep: bool, rows=None):
     """One layer: x (B, n, E) -> (out (B, n, E), cache or None). The cache holds what backward cannot
     get cheaply: q, k, v (3, B, n, H) (normalized if normalize, unscaled), their inverse norms
-    (3, B, n, 1) or None, T = the masked softmax and A = T F (B, n, n; the same array without F),
+    (3, B, n, 1) or None, T = the masked softmax and A = T F (B, n, n; the same array without F; both
+    None with the fused core, which recomputes them),
     LayerNorm's xhat (B, n, E) and rstd (B, n, 1). The logits L are not kept: backward needs them only
     when smooth and recomputes them (one matmul). ``rows``: the CUDA row kernels (:class:`_Rows`) or
     None for the array code."""
@@ -305,13 +306,17 @@ def _layer_forward(xp, p, l: AttnLayer, x, S, F, row_m, key_m, keep: bool, rows=
             inv = 1.0 / xp.sqrt((z * z).sum(axis=-1, keepdims=True))
             z *= inv
     q, k, v = z
-    if rows is not None:  # CUDA: q k^T s with k^T as a cuBLAS flag; then one warp per row (cuda/attn_rows.py)
-        L = rows.bmm(q, k, tb=True, alpha=p.scaling)
-        T, A = rows.forward(L, rows.sw, rows.r, rows.mask, p.smooth, p.dotr, rows.npad)
+    if rows is not None and rows.core is not None:  # FP64 CUDA: a block per centre (cuda/attn_core.py)
+        o = rows.core.forward(z, rows.sw, rows.r, rows.mask, p.scaling, p.smooth, p.dotr, rows.npad)
+        T = A = None  # never stored: backward recomputes them in shared memory
     else:
-        L = xp.matmul(q * p.scaling, k.swapaxes(1, 2))
-        T, A = _rows_forward(xp, p, L, S, F, row_m, key_m, p.nnei - n)
-    o = xp.matmul(A, v)
+        if rows is not None:  # CUDA: q k^T s with k^T as a cuBLAS flag; then one warp per row (cuda/attn_rows.py)
+            L = rows.bmm(q, k, tb=True, alpha=p.scaling)
+            T, A = rows.forward(L, rows.sw, rows.r, rows.mask, p.smooth, p.dotr, rows.npad)
+        else:
+            L = xp.matmul(q * p.scaling, k.swapaxes(1, 2))
+            T, A = _rows_forward(xp, p, L, S, F, row_m, key_m, p.nnei - n)
+        o = xp.matmul(A, v)
     h = (o.reshape(-1, H) @ l.w_out).reshape(B, n, E)
     if rows is not None:
         out, xhat, rstd = rows.norm.ln_forward(h, l.b_out, x, l.gamma, l.beta, l.eps)
@@ -333,16 +338,17 @@ class _Rows:
     (cuda/attn_rows.py: ``forward``, ``backward``) with ``sw`` (B, n), ``r`` (B, n, 3), ``mask`` (B, n),
     contiguous, in the attention's dtype (S and R are recomputed from them inside the kernels, never
     stored as (B, n, n) matrices), ``norm``, the module of the q/k/v and LayerNorm row kernels
-    (cuda/attn_norm.py), ``bmm``, batched products with transposes as cuBLAS flags (cuda/bmm.py), and
-    ``npad``, the empty slots left out of the n (the module doc)."""
+    (cuda/attn_norm.py), ``bmm``, batched products with transposes as cuBLAS flags (cuda/bmm.py),
+    ``npad``, the empty slots left out of the n (the module doc), and ``core``, the fused FP64 layer core
+    (cuda/attn_core.py: products and rows in one kernel per direction) or None."""
 
-    def __init__(self, xp, nei_mask, input_r, sw, dtype, npad: int = 0):
+    def __init__(self, xp, nei_mask, input_r, sw, dtype, npad: int = 0, core=None):
         from dpsnake.engine.cuda import attn_norm, attn_rows
         from dpsnake.engine.cuda.bmm import bmm
 
         B, n = nei_mask.shape
         self.forward, self.backward = attn_rows.forward, attn_rows.backward
-        self.norm, self.bmm, self.npad = attn_norm, bmm, int(npad)
+        self.norm, self.bmm, self.npad, self.core = attn_norm, bmm, int(npad), core
         self.sw = xp.ascontiguousarray(sw.reshape(B, n).astype(dtype, copy=False))
         self.r = xp.ascontiguousarray(input_r.astype(dtype, copy=False))
         self.mask = xp.ascontiguousarray(nei_mask)
@@ -354,11 +360,12 @@ class _Rows:
     @staticmethod
     def make(xp, p, nei_mask, input_r, sw, dtype, ctx):
         """The row kernels for this call (compiled on first use), or None: NumPy, the family
-        "attn" off, or a compile failure (then off for ``ctx`` from now on, with a warning)."""
+        "attn" off, or a compile failure (then off for ``ctx`` from now on, with a warning). The fused
+        core (family "attn_core") where :func:`attn_core.supported` allows it."""
         ctx = EngineContext.of(ctx)
         if not ctx.fast(xp, "attn"):
             return None
-        from dpsnake.engine.cuda import attn_norm, attn_rows
+        from dpsnake.engine.cuda import attn_core, attn_norm, attn_rows
 
         n, dt = nei_mask.shape[1], np.dtype(dtype).name
         npad = (p.nnei - n) if p.smooth else 0  # the module's NPAD: 0 without the smooth softmax
@@ -368,7 +375,11 @@ class _Rows:
                 return None
         if p.embed_dim != p.hidden_dim and ctx.guarded("attn", attn_norm.build, dt, p.embed_dim) is None:
             return None
-        return _Rows(xp, nei_mask, input_r, sw, dtype, npad)
+        core = None
+        if ctx.fast(xp, "attn_core") and attn_core.supported(dtype, n, p.hidden_dim) is None:
+            core_args = (n, p.hidden_dim, p.smooth, p.dotr, npad)
+            core = attn_core if ctx.guarded("attn_core", attn_core.build, *core_args) is not None else None
+        return _Rows(xp, nei_mask, input_r, sw, dtype, npad, core)
 
 
 def attention_forward(p: AttentionLayers, G, nei_mask, input_r, sw, keep: bool = True, ctx=None):
@@ -432,8 +443,11 @@ def attention_backward(p: AttentionLayers, cache, dG_out):
     S = R = F = None
     if rows is None:
         S, R, F, _, _ = _pair_terms(xp, p, mask, input_r, sw, dtype)
-    dS = xp.zeros((B, n, n), dtype=dtype) if p.smooth else None
-    dR = xp.zeros((B, n, n), dtype=dtype) if p.dotr else None
+    core = rows.core if rows is not None else None
+    if core is not None:  # the fused core adds each layer's (dS + dS^T) sw, (dR + dR^T) r here
+        d_sw, d_r = xp.zeros((B, n), dtype=dtype), xp.zeros((B, n, 3), dtype=dtype)
+    dS = xp.zeros((B, n, n), dtype=dtype) if p.smooth and core is None else None
+    dR = xp.zeros((B, n, n), dtype=dtype) if p.dotr and core is None else None
     dx = dG_out.astype(dtype, copy=False)
     for l, (z, inv, T, A, xhat, rstd) in zip(reversed(p.layers), reversed(caches)):
         E, H = l.w_out.shape[1], l.w_out.shape[0]
@@ -447,7 +461,9 @@ def attention_backward(p: AttentionLayers, cache, dG_out):
         q, k, v = z
         do = (dh.reshape(-1, E) @ l.w_out.T).reshape(B, n, H)
         dz = xp.empty_like(z)
-        if rows is not None:  # transposes as cuBLAS op flags (cuda/bmm.py), no copies
+        if core is not None:
+            core.backward(z, do, rows.sw, rows.r, rows.mask, p.scaling, dz, d_sw, d_r, p.smooth, p.dotr, rows.npad)
+        elif rows is not None:  # transposes as cuBLAS op flags (cuda/bmm.py), no copies
             rows.bmm(A, do, ta=True, out=dz[2])  # dv = A^T do
             dA = rows.bmm(do, v, tb=True)
             Lq = rows.bmm(q, k, tb=True, alpha=p.scaling) if p.smooth else dA
@@ -474,6 +490,8 @@ def attention_backward(p: AttentionLayers, cache, dG_out):
                 rows.bmm(dz[c].reshape(1, B * n, H), l.w_qkv[c][None], tb=True, out=dx.reshape(1, B * n, E), beta=1.0)
             else:
                 dx += (dz[c].reshape(B * n, H) @ l.w_qkv[c].T).reshape(B, n, E)
+    if core is not None:
+        return dx, d_r, d_sw.reshape(B, n, 1)
     d_sw = xp.zeros((B, n, 1), dtype=dtype)
     if dS is not None:  # S_ij = sw_i sw_j
         d_sw = _sym_product(xp, rows, dS, sw.reshape(B, n, 1).astype(dtype, copy=False))
