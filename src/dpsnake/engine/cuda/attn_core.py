@@ -44,7 +44,13 @@ def supported(dtype, n: int, H: int) -> str | None:
 
 def defines(n: int, H: int, smooth: bool, dotr: bool, npad: int = 0) -> dict:
     """Compile-time constants of attn_core.cu (``npad`` counts only when smooth)."""
-    return {"N": int(n), "H": int(H), "SMOOTH": int(bool(smooth)), "DOTR": int(bool(dotr)), "NPAD": int(npad) if smooth else 0}
+    return {
+        "N": int(n),
+        "H": int(H),
+        "SMOOTH": int(bool(smooth)),
+        "DOTR": int(bool(dotr)),
+        "NPAD": int(npad) if smooth else 0,
+    }
 
 
 def source(n: int, H: int, smooth: bool, dotr: bool, npad: int = 0) -> str:
