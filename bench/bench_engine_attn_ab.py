@@ -12,7 +12,10 @@ process. Variants (docs/benchmarks.md, "Left-out empty slots and cuBLAS op flags
 
 Prints one JSON line (us per atom, CuPy pool MB per atom, the slot counts run, max |F - F_base|,
 max relative |E - E_base|) and writes it to ``--out``/bench_engine_attn_ab_l{L}_w{W}.json; ``--profile``
-adds the torch profiler table of one default call. Needs CuPy, DeePMD-kit (to make the model) and ase.
+adds the torch profiler table of one default call; ``--deepmd`` times DeePMD-kit's ``DeepPot.eval`` of the
+same model (``dp convert-backend`` to .pth) on the same batch in the same process (``deepmd``, us per atom;
+``deepmd_force_diff``: max |F - F_trim|; each walker's own types through ``mixed_type``). Needs CuPy,
+DeePMD-kit (to make the model) and ase.
 
     python3 bench/bench_engine_attn_ab.py --out /tmp/ab --attn-layer 2 --walkers 256
 """
@@ -64,6 +67,34 @@ def batch(xp, walkers: int):
     return tuple(xp.asarray(x) for x in host)
 
 
+def deepmd_case(path: pathlib.Path, data, ours, reps: int) -> dict:
+    """DeePMD-kit's DeepPot.eval (PyTorch backend) of the model at ``path`` on the batch ``data`` (every
+    walker with its own types: mixed_type): us per atom, and the largest force difference to ``ours``."""
+    import subprocess
+
+    import torch
+    from deepmd.infer import DeepPot
+
+    pth = path.with_suffix(".pth")
+    cmd = [sys.executable, "-m", "deepmd", "convert-backend", str(path), str(pth)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    coords, atype, system, cells, _ = (x.get() for x in data)
+    W = cells.shape[0]
+    dp, box = DeepPot(str(pth)), {}
+    args = (coords.reshape(W, -1), cells.reshape(W, 9), atype.reshape(W, -1))
+
+    def call():
+        box["r"] = dp.eval(*args, mixed_type=True)
+
+    res = {"deepmd": 1e6 * timeit(call, torch.cuda.synchronize, n=reps) / coords.shape[0]}
+    if ours is not None:
+        f = box["r"][1].reshape(-1, 3)
+        res["deepmd_force_diff"] = float(abs(f - ours["force"].get()).max())
+        e = ours["energy"].get().ravel()
+        res["deepmd_energy_rel_diff"] = float(abs(box["r"][0].ravel() - e).max() / abs(e).max())
+    return res
+
+
 def _matmul_bmm(xp):
     """cuda/bmm.py's contract on cupy.matmul (transposed operands copied): the code before it."""
 
@@ -90,6 +121,7 @@ def main():
     ap.add_argument("--walkers", type=int, default=256)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--deepmd", action="store_true", help="also DeePMD-kit's DeepPot.eval on the same batch")
     ap.add_argument("--variants", nargs="+", default=None, help="run only these (default: all; base is the reference)")
     args = ap.parse_args()
     import cupy as xp
@@ -143,6 +175,9 @@ def main():
     for label, r in outs.items():
         res[label + "_force_diff"] = float(abs(r["force"] - ref["force"]).max())
         res[label + "_energy_rel_diff"] = float((abs(r["energy"] - ref["energy"]) / abs(ref["energy"])).max())
+    if args.deepmd:
+        res.update(deepmd_case(path, data, outs.get("trim"), args.reps))
+        print("deepmd", f"{res['deepmd']:.3f} us/atom", flush=True)
     line = json.dumps(res)
     print(line)
     (out / f"bench_engine_attn_ab_l{args.attn_layer}_w{args.walkers}.json").write_text(line + "\n")

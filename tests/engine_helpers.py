@@ -221,6 +221,14 @@ template <class X> X __shfl_xor_sync(unsigned, X v, int off) {
   WBAR[w]->arrive_and_wait();
   return r;
 }
+template <class X> X __shfl_sync(unsigned, X v, int src) {
+  const unsigned t = threadIdx.x, w = t / 32;
+  SHFL[t] = (double)v;
+  WBAR[w]->arrive_and_wait();
+  const X r = (X)SHFL[(t & ~31u) | ((unsigned)src & 31u)];
+  WBAR[w]->arrive_and_wait();
+  return r;
+}
 template <class X> X atomicAdd(X* a, X v) { std::lock_guard<std::mutex> g(ATOM); X o = *a; *a += v; return o; }
 template <class X> X atomicMax(X* a, X v) { std::lock_guard<std::mutex> g(ATOM); X o = *a; if (v > o) *a = v; return o; }
 template <class F> static void launch(unsigned grid, unsigned block, F body) {

@@ -1,31 +1,30 @@
-// Fused core of one FP64 attention layer of DPA-1 (attn_core.py): a block per centre, its (N, N)
-// matrices in shared memory only, the products on FP64 tensor cores (PTX mma.m8n8k4.f64).
+// Fused core of one FP64 attention layer of DPA-1 (attn_core.py): a block per centre, the products on
+// FP64 tensor cores (PTX mma.m8n8k4.f64), the (N, N) matrices in registers (shared memory only where a
+// product needs one transposed).
 //
 // Compile-time constants: N (slots, a multiple of 8), H (q/k/v width, a multiple of 8), SMOOTH, DOTR,
 // NPAD (as attn_rows.cu: SMOOTH only; empty keys the chunk left out, counted in each row's softmax).
-// NW = N / 8 warps; warp w owns rows 8w..8w+7 of every product and rows w, w + NW, ... of the row passes.
+// NW = N / 8 warps. Warp w owns rows 8w..8w+7 ("its strip") of every product and of the (N, N)
+// matrices, held as mma accumulators: lane 4 g + t holds row i = 8 w + g at columns 8 c + 2 t + e
+// (c < NW, e < 2), so the row passes reduce over the 4 lanes of a group, not through memory.
 //
 // attn_core_fwd: o = A v from q, k, v (z: (3, B, N, H)): L = s q k^T, T = softmax(L') m_i, A = T F
-//                (attention.py's module doc); L, T, A never leave shared memory.
+//                (attention.py's module doc).
 // attn_core_bwd: from do = dLoss/do: dz[0] = dL k, dz[1] = dL^T q (both without s, as attention.py's
 //                q/k/v backward expects them), dz[2] = A^T do; dsw += (dS + dS^T) sw (SMOOTH),
-//                dr += (dR + dR^T) r (DOTR), per centre. L and T are recomputed (one more q k^T), not
-//                read from memory: the forward keeps nothing.
+//                dr += (dR + dR^T) r (DOTR), per centre. L and T are recomputed (one more q k^T): the
+//                forward keeps nothing. A^T and dL^T go through shared memory, one (N, N) at a time.
+// The b operand of every product (k, v, do or q of the centre) is staged in shared memory first.
 // Sums differ from attention.py's array code (cuBLAS) only in rounding order.
 
 #define REAL double
 #define SHIFT 20.0
 #define NW (N / 8)
-#define LDS (N + 1)  // row stride of the shared (N, N) matrices: odd, fewer bank conflicts
-#define K ((N + 31) / 32)
+#define HT (H / 8)
+#define LDS (N + 1)  // row stride of the shared (N, N) matrix: odd, fewer bank conflicts
+#define LDY (H + 4)  // row stride of a staged (N, H) operand: the b fragments' 16 lanes of a half-warp in 16 banks
 #define LOWEST (-1.7976931348623157e308)
-
-#include "warp.cuh"
-
-__device__ __forceinline__ double warp_max(double v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
+#define FULL 0xffffffffu
 
 // c (8 x 8) += a (8 x 4) b (4 x 8), a warp-wide FP64 tensor-core product. Lane l = 4 g + t holds
 // a[g][t], b[t][g] and c[g][2t], c[g][2t + 1] (PTX ISA, "Matrix fragments for mma.m8n8k4 .f64").
@@ -41,66 +40,110 @@ __device__ __forceinline__ void dmma(double& c0, double& c1, double a, double b)
 #define DYN_SMEM(name) extern __shared__ double name[]
 #endif
 
-// C (N x N, shared, stride LDS) = s X Y^T with X, Y (N x H) row-major in global memory.
-__device__ __forceinline__ void prod_xyt(const double* __restrict__ X, const double* __restrict__ Y, double s,
-                                         double* C) {
+typedef double Strip[NW][2];  // a warp's strip of an (N, N) matrix, accumulator layout
+
+// over the 4 lanes of a group (one row of the strip)
+__device__ __forceinline__ double row_max(double v) {
+  v = fmax(v, __shfl_xor_sync(FULL, v, 1));
+  return fmax(v, __shfl_xor_sync(FULL, v, 2));
+}
+__device__ __forceinline__ double row_sum(double v) {
+  v += __shfl_xor_sync(FULL, v, 1);
+  return v + __shfl_xor_sync(FULL, v, 2);
+}
+// over the 8 groups (one column of the strip)
+__device__ __forceinline__ double col_sum(double v) {
+  v += __shfl_xor_sync(FULL, v, 4);
+  v += __shfl_xor_sync(FULL, v, 8);
+  return v + __shfl_xor_sync(FULL, v, 16);
+}
+
+// Ys (shared, stride LDY) = Y (N x H, global): every product reads its b operand from shared memory
+// (from global memory, one fragment touched 4-8 cache lines: 1.5x slower than cuBLAS, 2026-12-05).
+// The caller syncs before (Ys free) and after (Ys written).
+__device__ __forceinline__ void stage(const double* __restrict__ Y, double* Ys) {
+  for (int k = threadIdx.x; k < N * H / 2; k += 32 * NW) {
+    const int row = (2 * k) / H, col = (2 * k) % H;
+    const double2 v = reinterpret_cast<const double2*>(Y)[k];
+    Ys[row * LDY + col] = v.x, Ys[row * LDY + col + 1] = v.y;
+  }
+}
+
+// m = s X Y^T, the warp's strip; X (N x H) row-major in global memory, Y staged (Ys).
+__device__ __forceinline__ void prod_xyt(const double* __restrict__ X, const double* Y, double s, Strip& m) {
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  double acc[NW][2];
 #pragma unroll
-  for (int c = 0; c < NW; ++c) acc[c][0] = acc[c][1] = 0.0;
+  for (int c = 0; c < NW; ++c) m[c][0] = m[c][1] = 0.0;
   const double* xr = X + (8 * w + g) * H + t;
-  const double* yr = Y + g * H + t;
+  const double* yr = Y + g * LDY + t;
 #pragma unroll 2
   for (int k0 = 0; k0 < H; k0 += 4) {
     const double a = xr[k0];
 #pragma unroll
-    for (int c = 0; c < NW; ++c) dmma(acc[c][0], acc[c][1], a, yr[c * 8 * H + k0]);
+    for (int c = 0; c < NW; ++c) dmma(m[c][0], m[c][1], a, yr[c * 8 * LDY + k0]);
   }
-  double* cr = C + (8 * w + g) * LDS + 2 * t;
 #pragma unroll
-  for (int c = 0; c < NW; ++c) {
-    cr[8 * c] = s * acc[c][0];
-    cr[8 * c + 1] = s * acc[c][1];
-  }
+  for (int c = 0; c < NW; ++c) m[c][0] *= s, m[c][1] *= s;
 }
 
-// O (N x H, global) = M Y (TRANS 0) or M^T Y (TRANS 1); M (N x N) in shared memory, Y (N x H) global.
-template <int TRANS>
-__device__ __forceinline__ void prod_my(const double* M, const double* __restrict__ Y, double* __restrict__ O) {
+// O (N x H, global) = M Y: M the warps' strips in registers (the a operand a[g][t] = M[i][k0 + t]
+// fetched from the accumulator layout by two shuffles), Y staged (Ys).
+__device__ __forceinline__ void prod_rm(const Strip& m, const double* Y, double* __restrict__ O) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  double acc[HT][2];
+#pragma unroll
+  for (int c = 0; c < HT; ++c) acc[c][0] = acc[c][1] = 0.0;
+#pragma unroll
+  for (int k0 = 0; k0 < N; k0 += 4) {  // unrolled: m[k0 / 8] is a register
+    const int p = (k0 & 7) + t, src = (lane & ~3) | (p >> 1);
+    const double v0 = __shfl_sync(FULL, m[k0 / 8][0], src), v1 = __shfl_sync(FULL, m[k0 / 8][1], src);
+    const double a = (p & 1) ? v1 : v0;
+    const double* yr = Y + (k0 + t) * LDY + g;
+#pragma unroll
+    for (int c = 0; c < HT; ++c) dmma(acc[c][0], acc[c][1], a, yr[8 * c]);
+  }
+  double* o = O + (8 * w + g) * H + 2 * t;
+#pragma unroll
+  for (int c = 0; c < HT; ++c) o[8 * c] = acc[c][0], o[8 * c + 1] = acc[c][1];
+}
+
+// O (N x H, global) = M^T Y: M (N x N) in shared memory (stride LDS), Y staged (Ys).
+__device__ __forceinline__ void prod_mty(const double* M, const double* Y, double* __restrict__ O) {
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int i = 8 * w + g;
-  double acc[H / 8][2];
+  double acc[HT][2];
 #pragma unroll
-  for (int c = 0; c < H / 8; ++c) acc[c][0] = acc[c][1] = 0.0;
+  for (int c = 0; c < HT; ++c) acc[c][0] = acc[c][1] = 0.0;
 #pragma unroll 2
   for (int k0 = 0; k0 < N; k0 += 4) {
-    const double a = TRANS ? M[(k0 + t) * LDS + i] : M[i * LDS + k0 + t];
-    const double* yr = Y + (k0 + t) * H + g;
+    const double a = M[(k0 + t) * LDS + i];
+    const double* yr = Y + (k0 + t) * LDY + g;
 #pragma unroll
-    for (int c = 0; c < H / 8; ++c) dmma(acc[c][0], acc[c][1], a, yr[8 * c]);
+    for (int c = 0; c < HT; ++c) dmma(acc[c][0], acc[c][1], a, yr[8 * c]);
   }
   double* o = O + i * H + 2 * t;
 #pragma unroll
-  for (int c = 0; c < H / 8; ++c) {
-    o[8 * c] = acc[c][0];
-    o[8 * c + 1] = acc[c][1];
-  }
+  for (int c = 0; c < HT; ++c) o[8 * c] = acc[c][0], o[8 * c + 1] = acc[c][1];
 }
 
-// The gates of row i of one centre: S_ij = sw_i sw_j, R_ij = r_i . r_j (sw, r: the centre's slots).
-struct Gate {
-  double si, rx, ry, rz;
-  __device__ Gate(const double* sw, const double* r, int i) : si(0), rx(0), ry(0), rz(0) {
-#if SMOOTH
-    si = sw[i];
-#endif
-#if DOTR
-    rx = r[3 * i], ry = r[3 * i + 1], rz = r[3 * i + 2];
-#endif
+// the warp's strip into shared memory (stride LDS)
+__device__ __forceinline__ void store_strip(const Strip& m, double* M) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  double* row = M + (8 * w + (lane >> 2)) * LDS + 2 * (lane & 3);
+#pragma unroll
+  for (int c = 0; c < NW; ++c) row[8 * c] = m[c][0], row[8 * c + 1] = m[c][1];
+}
+
+// This lane's slots: its row i's gates and those of its columns j = 8 c + 2 t + e.
+struct Gates {
+  double si, ri[3];
+  __device__ Gates(const double* sw, const double* r, int i) {
+    si = SMOOTH ? sw[i] : 0.0;
+    for (int d = 0; d < 3; ++d) ri[d] = DOTR ? r[3 * i + d] : 0.0;
   }
   __device__ __forceinline__ double S(const double* sw, int j) const { return si * sw[j]; }
   __device__ __forceinline__ double R(const double* r, int j) const {
-    return rx * r[3 * j] + ry * r[3 * j + 1] + rz * r[3 * j + 2];
+    return ri[0] * r[3 * j] + ri[1] * r[3 * j + 1] + ri[2] * r[3 * j + 2];
   }
   __device__ __forceinline__ double F(const double* sw, const double* r, int j) const {
 #if SMOOTH && DOTR
@@ -115,77 +158,82 @@ struct Gate {
   }
 };
 
-// Row i's softmax from its logits Lr (raw: s q k^T): t[k] = T_ij for j = lane + 32 k (0 past N), as
-// attn_rows.cu's attn_fwd computes it.
-__device__ __forceinline__ void row_softmax(const double* Lr, const Gate& gt, const double* sw,
-                                            const unsigned char* mask, int i, double* t) {
-  const int lane = threadIdx.x & 31;
-  const double mi = mask[i] ? 1.0 : 0.0;
-  bool use[K];
+// l (the strip's raw logits s q k^T) -> T (the masked softmax), as attn_rows.cu's attn_fwd.
+__device__ __forceinline__ void softmax_strip(Strip& l, const Gates& gt, const double* sw, const unsigned char* mask,
+                                              int i) {
+  const int t = threadIdx.x & 3;
   double mx = LOWEST;
 #pragma unroll
-  for (int k = 0; k < K; ++k) {
-    const int j = lane + 32 * k;
-    double l = LOWEST;
-    use[k] = j < N;
-    if (j < N) {
-      l = Lr[j];
+  for (int c = 0; c < NW; ++c)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int j = 8 * c + 2 * t + e;
 #if SMOOTH
-      l = (l + SHIFT) * gt.S(sw, j) - SHIFT;
+      l[c][e] = (l[c][e] + SHIFT) * gt.S(sw, j) - SHIFT;
+      mx = fmax(mx, l[c][e]);
 #else
-      use[k] = mask[j] != 0;
+      if (mask[j]) mx = fmax(mx, l[c][e]);
 #endif
     }
-    t[k] = l;
-    if (use[k]) mx = fmax(mx, l);
-  }
-  mx = warp_max(mx);
+  mx = row_max(mx);
 #if SMOOTH && NPAD
   mx = fmax(mx, -SHIFT);
 #endif
   double s = 0.0;
 #pragma unroll
-  for (int k = 0; k < K; ++k) {
-    const double e = use[k] ? exp(t[k] - mx) : 0.0;
-    t[k] = e;
-    s += e;
-  }
-  s = warp_sum(s);
+  for (int c = 0; c < NW; ++c)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+#if SMOOTH
+      l[c][e] = exp(l[c][e] - mx);
+#else
+      l[c][e] = mask[8 * c + 2 * t + e] ? exp(l[c][e] - mx) : 0.0;  // a row without keys: all 0
+#endif
+      s += l[c][e];
+    }
+  s = row_sum(s);
 #if SMOOTH && NPAD
   s += (double)NPAD * exp(-SHIFT - mx);
 #endif
-  const double den = fmax(s, 1.0);
+  const double den = fmax(s, 1.0), mi = mask[i] ? 1.0 : 0.0;
 #pragma unroll
-  for (int k = 0; k < K; ++k) t[k] = t[k] / den * mi;
+  for (int c = 0; c < NW; ++c) l[c][0] = l[c][0] / den * mi, l[c][1] = l[c][1] / den * mi;
 }
 
 extern "C" __global__ void __launch_bounds__(32 * NW)
 attn_core_fwd(const double* __restrict__ z, const double* __restrict__ sw, const double* __restrict__ r,
               const unsigned char* __restrict__ mask, long long B, double scale, double* __restrict__ o) {
-  DYN_SMEM(sm);
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  DYN_SMEM(Ys);
+  const int t = threadIdx.x & 3, i = 8 * (threadIdx.x >> 5) + ((threadIdx.x & 31) >> 2);
   const long long P = B * N * H;  // the size of each of q, k, v
   for (long long b = blockIdx.x; b < B; b += gridDim.x) {
     const double* q = z + b * N * H;
     const double *swb = sw + b * N, *rb = r + 3 * b * N;
     const unsigned char* mb = mask + b * N;
-    prod_xyt(q, q + P, scale, sm);
+    Strip l;
+    stage(q + P, Ys);
     __syncthreads();
-    for (int i = w; i < N; i += NW) {  // A = T F in place of the logits
-      double* Lr = sm + i * LDS;
-      const Gate gt(swb, rb, i);
-      double t[K];
-      row_softmax(Lr, gt, swb, mb, i, t);
+    prod_xyt(q, Ys, scale, l);
+    const Gates gt(swb, rb, i);
+    softmax_strip(l, gt, swb, mb, i);
+#if SMOOTH || DOTR
 #pragma unroll
-      for (int k = 0; k < K; ++k) {
-        const int j = lane + 32 * k;
-        if (j < N) Lr[j] = t[k] * gt.F(swb, rb, j);
-      }
-    }
+    for (int c = 0; c < NW; ++c)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) l[c][e] *= gt.F(swb, rb, 8 * c + 2 * t + e);  // A = T F
+#endif
     __syncthreads();
-    prod_my<0>(sm, q + 2 * P, o + b * N * H);
-    __syncthreads();  // the next centre overwrites sm
+    stage(q + 2 * P, Ys);
+    __syncthreads();
+    prod_rm(l, Ys, o + b * N * H);
+    __syncthreads();  // the next centre restages Ys
   }
+}
+
+// the column sums of v over the strip's 8 rows into acc[j] (one atomic per column and warp)
+__device__ __forceinline__ void col_add(double* acc, int j, double v) {
+  v = col_sum(v);
+  if ((threadIdx.x & 31) < 4) atomicAdd(acc + j, v);
 }
 
 extern "C" __global__ void __launch_bounds__(32 * NW)
@@ -193,109 +241,109 @@ attn_core_bwd(const double* __restrict__ z, const double* __restrict__ dout, con
               const double* __restrict__ r, const unsigned char* __restrict__ mask, long long B, double scale,
               double* __restrict__ dz, double* __restrict__ dsw, double* __restrict__ dr) {
   DYN_SMEM(sm);
-  double* C1 = sm;            // the logits, then A
-  double* C2 = sm + N * LDS;  // dA, then dL
-  double* acc = C2 + N * LDS;  // (dS + dS^T) sw (N), then (dR + dR^T) r (N x 3), this centre's
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  double* acc = sm + N * LDS;  // this centre's (dS + dS^T) sw (N), then (dR + dR^T) r (N x 3)
+  double* Ys = acc + 4 * N;    // the staged b operand: v, k, do, q in turn
+  const int t = threadIdx.x & 3, i = 8 * (threadIdx.x >> 5) + ((threadIdx.x & 31) >> 2);
   const long long P = B * N * H;
+  for (int j = threadIdx.x; j < 4 * N; j += 32 * NW) acc[j] = 0.0;
+  __syncthreads();
   for (long long b = blockIdx.x; b < B; b += gridDim.x) {
     const double* q = z + b * N * H;
     const double* dob = dout + b * N * H;
     const double *swb = sw + b * N, *rb = r + 3 * b * N;
     const unsigned char* mb = mask + b * N;
-    for (int j = threadIdx.x; j < 4 * N; j += 32 * NW) acc[j] = 0.0;
-    prod_xyt(q, q + P, scale, C1);
-    prod_xyt(dob, q + 2 * P, 1.0, C2);
+    Strip lq, x, tt;  // the raw logits; dA, then dA F, then dL; T, then A
+    stage(q + 2 * P, Ys);
     __syncthreads();
-    double cs[K], cr[K][3];  // this lane's columns' dS^T sw and dR^T r terms, over the warp's rows
+    prod_xyt(dob, Ys, 1.0, x);  // dA = do v^T
+    __syncthreads();
+    stage(q + P, Ys);
+    __syncthreads();
+    prod_xyt(q, Ys, scale, lq);  // k stays staged for dL k
+    const Gates gt(swb, rb, i);
 #pragma unroll
-    for (int k = 0; k < K; ++k) cs[k] = cr[k][0] = cr[k][1] = cr[k][2] = 0.0;
-    for (int i = w; i < N; i += NW) {
-      double *Lr = C1 + i * LDS, *dAr = C2 + i * LDS;
-      const Gate gt(swb, rb, i);
-      double t[K], a[K], lq[K], ds[K], drr[K];
-      row_softmax(Lr, gt, swb, mb, i, t);
-      double s = 0.0;
+    for (int c = 0; c < NW; ++c) tt[c][0] = lq[c][0], tt[c][1] = lq[c][1];
+    softmax_strip(tt, gt, swb, mb, i);
+    // pass 1: the terms of A = T S R (dS: dA T R, dR: dA T S) and the row sum of dA F T
+    double s = 0.0, rs = 0.0, rv0 = 0.0, rv1 = 0.0, rv2 = 0.0;  // row i's sums: dA F T, dS sw, dR r
 #pragma unroll
-      for (int k = 0; k < K; ++k) {
-        const int j = lane + 32 * k;
-        a[k] = lq[k] = ds[k] = drr[k] = 0.0;
-        if (j < N) {
-          double x = dAr[j];
-          lq[k] = Lr[j];
+    for (int c = 0; c < NW; ++c)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int j = 8 * c + 2 * t + e;
+        const double da = x[c][e], at = da * tt[c][e];
 #if SMOOTH
-          const double Sij = gt.S(swb, j);
+        const double Sij = gt.S(swb, j);
 #endif
 #if DOTR
-          const double Rij = gt.R(rb, j);
+        const double Rij = gt.R(rb, j);
 #endif
 #if SMOOTH && DOTR
-          const double at = x * t[k];
-          ds[k] = at * Rij;
-          drr[k] = at * Sij;
-          x = x * (Sij * Rij);
+        const double ds = at * Rij, drv = at * Sij;
+        x[c][e] = da * (Sij * Rij);
 #elif SMOOTH
-          ds[k] = x * t[k];
-          x = x * Sij;
+        const double ds = at;
+        x[c][e] = da * Sij;
 #elif DOTR
-          drr[k] = x * t[k];
-          x = x * Rij;
+        const double drv = at;
+        x[c][e] = da * Rij;
 #endif
-          a[k] = x;
-          s += x * t[k];
-          Lr[j] = t[k] * gt.F(swb, rb, j);  // A, for dv = A^T do
-        }
+        s += x[c][e] * tt[c][e];
+#if SMOOTH
+        rs += ds * swb[j];
+        col_add(acc, j, ds * gt.si);
+#endif
+#if DOTR
+        rv0 += drv * rb[3 * j], rv1 += drv * rb[3 * j + 1], rv2 += drv * rb[3 * j + 2];
+        col_add(acc + N, 3 * j, drv * gt.ri[0]);
+        col_add(acc + N, 3 * j + 1, drv * gt.ri[1]);
+        col_add(acc + N, 3 * j + 2, drv * gt.ri[2]);
+#endif
       }
-      s = warp_sum(s);
-      double rs = 0.0, rx = 0.0, ry = 0.0, rz = 0.0;  // row i's dS sw and dR r
+    s = row_sum(s);
+    // pass 2: dL' = T (dA F - s); SMOOTH: dS += (L + SHIFT) dL', dL = S dL'; A = T F
 #pragma unroll
-      for (int k = 0; k < K; ++k) {
-        const int j = lane + 32 * k;
-        if (j < N) {
-          double dl = (a[k] - s) * t[k];
-#if SMOOTH
-          ds[k] += (lq[k] + SHIFT) * dl;
-          dl = dl * gt.S(swb, j);
-          rs += ds[k] * swb[j];
-          cs[k] += ds[k] * gt.si;
-#endif
-#if DOTR
-          rx += drr[k] * rb[3 * j], ry += drr[k] * rb[3 * j + 1], rz += drr[k] * rb[3 * j + 2];
-          cr[k][0] += drr[k] * gt.rx, cr[k][1] += drr[k] * gt.ry, cr[k][2] += drr[k] * gt.rz;
-#endif
-          dAr[j] = dl;
-        }
-      }
-#if SMOOTH
-      rs = warp_sum(rs);
-      if (lane == 0) atomicAdd(acc + i, rs);
-#endif
-#if DOTR
-      rx = warp_sum(rx), ry = warp_sum(ry), rz = warp_sum(rz);
-      if (lane == 0) atomicAdd(acc + N + 3 * i, rx), atomicAdd(acc + N + 3 * i + 1, ry), atomicAdd(acc + N + 3 * i + 2, rz);
-#endif
-    }
+    for (int c = 0; c < NW; ++c)
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const int j = lane + 32 * k;
-      if (j < N) {
+      for (int e = 0; e < 2; ++e) {
+        const int j = 8 * c + 2 * t + e;
+        double dl = (x[c][e] - s) * tt[c][e];
 #if SMOOTH
-        atomicAdd(acc + j, cs[k]);
+        const double ds = (lq[c][e] + SHIFT) * dl;
+        rs += ds * swb[j];
+        col_add(acc, j, ds * gt.si);
+        dl *= gt.S(swb, j);
 #endif
-#if DOTR
-        for (int c = 0; c < 3; ++c) atomicAdd(acc + N + 3 * j + c, cr[k][c]);
+        x[c][e] = dl;
+#if SMOOTH || DOTR
+        tt[c][e] *= gt.F(swb, rb, j);
 #endif
       }
-    }
+#if SMOOTH
+    rs = row_sum(rs);
+    if (t == 0) atomicAdd(acc + i, rs);
+#endif
+#if DOTR
+    rv0 = row_sum(rv0), rv1 = row_sum(rv1), rv2 = row_sum(rv2);
+    if (t == 0) atomicAdd(acc + N + 3 * i, rv0), atomicAdd(acc + N + 3 * i + 1, rv1), atomicAdd(acc + N + 3 * i + 2, rv2);
+#endif
+    prod_rm(x, Ys, dz + b * N * H);  // dL k
+    store_strip(tt, sm);
     __syncthreads();
-    prod_my<1>(C1, dob, dz + 2 * P + b * N * H);  // dv = A^T do
-    prod_my<0>(C2, q + P, dz + b * N * H);        // dL k
-    prod_my<1>(C2, q, dz + P + b * N * H);        // dL^T q
+    stage(dob, Ys);
+    __syncthreads();
+    prod_mty(sm, Ys, dz + 2 * P + b * N * H);  // dv = A^T do
+    __syncthreads();
+    store_strip(x, sm);
+    stage(q, Ys);
+    __syncthreads();
+    prod_mty(sm, Ys, dz + P + b * N * H);  // dL^T q
+    // the row and column sums are complete (atomics before the first barrier): add them, zero for the next
 #if SMOOTH
-    for (int j = threadIdx.x; j < N; j += 32 * NW) dsw[b * N + j] += acc[j];
+    for (int j = threadIdx.x; j < N; j += 32 * NW) dsw[b * N + j] += acc[j], acc[j] = 0.0;
 #endif
 #if DOTR
-    for (int j = threadIdx.x; j < 3 * N; j += 32 * NW) dr[3 * b * N + j] += acc[N + j];
+    for (int j = threadIdx.x; j < 3 * N; j += 32 * NW) dr[3 * b * N + j] += acc[N + j], acc[N + j] = 0.0;
 #endif
     __syncthreads();  // the next centre overwrites sm and acc
   }

@@ -3,14 +3,14 @@
 With the row kernels (attn_rows.py) a layer still ran q k^T, A v and, backward, five more batched
 products as cuBLAS calls on (B, n, n) matrices in device memory: 88 x 88 outputs fill cuBLAS's
 64 x 128 FP64 tiles to 47% (~16 TFLOP/s estimated, docs/benchmarks.md), and every matrix is written
-and read again. Here one block per centre keeps its (n, n) matrices in shared memory and runs the
-products on FP64 tensor cores (PTX ``mma.m8n8k4.f64``, a warp per 8 rows): forward q k^T, the row
-chain, A v; backward q k^T and do v^T, the row chain and its gradient (with dS, dR folded into
-d sw, d r per centre), then A^T do, dL k, dL^T q. The forward keeps nothing; backward recomputes T.
+and read again. Here one block per centre runs the products on FP64 tensor cores (PTX
+``mma.m8n8k4.f64``, a warp per 8 rows) and keeps its (n, n) matrices in the warps' registers, where
+the row chain runs (a row is 4 lanes): forward q k^T, the row chain, A v; backward q k^T and do v^T,
+the row chain and its gradient (dS, dR folded into d sw, d r per centre), dL k, and A^T do, dL^T q
+through shared memory (one (n, n) matrix). The forward keeps nothing; backward recomputes T.
 
 FP64 only (FP32 has no such tensor-core product at full precision: mixed precision keeps the row
-kernels), n and H multiples of 8, and the two (n, n) matrices within the block's shared memory
-(n <= 118). :func:`supported` says why not otherwise. Tested without a GPU (g++ with threaded warps and an
+kernels), n and H multiples of 8, n <= :data:`MAX_SLOTS`. :func:`supported` says why not otherwise. Tested without a GPU (g++ with threaded warps and an
 emulated ``mma``; NVRTC for sm_90): tests/test_engine_attn_core.py.
 """
 
@@ -23,12 +23,16 @@ import numpy as np
 from dpsnake.engine import cuda
 
 KERNELS = ("attn_core_fwd", "attn_core_bwd")
+
+
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory a block may have on sm_80 / sm_90
+MAX_SLOTS = 96  # a lane keeps 3 x n / 4 values of the (n, n) matrices in registers backward
 
 
-def smem_bytes(n: int, backward: bool) -> int:
-    """Dynamic shared memory of a block: one (n, n) matrix forward, two plus 4 n sums backward."""
-    return 8 * ((2 * n * (n + 1) + 4 * n) if backward else n * (n + 1))
+def smem_bytes(n: int, H: int, backward: bool) -> int:
+    """Dynamic shared memory of a block: a staged (n, H) operand; backward also one (n, n) matrix and
+    4 n sums."""
+    return 8 * (n * (H + 4) + ((n * (n + 1) + 4 * n) if backward else 0))
 
 
 def supported(dtype, n: int, H: int) -> str | None:
@@ -37,8 +41,10 @@ def supported(dtype, n: int, H: int) -> str | None:
         return "FP64 only"
     if n % 8 or H % 8:
         return f"slots {n} and width {H} must be multiples of 8"
-    if smem_bytes(n, True) > SMEM_LIMIT:
-        return f"{n} slots need {smem_bytes(n, True)} bytes of shared memory"
+    if n > MAX_SLOTS:
+        return f"{n} slots, more than {MAX_SLOTS} (registers)"
+    if smem_bytes(n, H, True) > SMEM_LIMIT:
+        return f"width {H} needs {smem_bytes(n, H, True)} bytes of shared memory"
     return None
 
 
@@ -66,8 +72,8 @@ def _module(n: int, H: int, smooth: bool, dotr: bool, npad: int):
 
     mod = cupy.RawModule(code=cuda.load("attn_core.cu"), options=cuda.options(**defines(n, H, smooth, dotr, npad)))
     fns = {k: mod.get_function(k) for k in KERNELS}
-    fns["attn_core_fwd"].max_dynamic_shared_size_bytes = smem_bytes(n, False)
-    fns["attn_core_bwd"].max_dynamic_shared_size_bytes = smem_bytes(n, True)
+    fns["attn_core_fwd"].max_dynamic_shared_size_bytes = smem_bytes(n, H, False)
+    fns["attn_core_bwd"].max_dynamic_shared_size_bytes = smem_bytes(n, H, True)
     nsm = cupy.cuda.Device().attributes["MultiProcessorCount"]
     return fns, 8 * nsm
 
@@ -81,7 +87,7 @@ def _launch(kernel: str, B: int, n: int, H: int, smooth, dotr, npad, args) -> No
     if B:
         fns, cap = _module(int(n), int(H), bool(smooth), bool(dotr), int(npad) if smooth else 0)
         grid = int(min(B, cap))
-        fns[kernel]((grid,), (4 * n,), args, shared_mem=smem_bytes(n, kernel.endswith("bwd")))
+        fns[kernel]((grid,), (4 * n,), args, shared_mem=smem_bytes(n, H, kernel.endswith("bwd")))
 
 
 def forward(z, sw, r, mask, scale: float, smooth: bool, dotr: bool, npad: int = 0):
