@@ -5,8 +5,8 @@ process. Variants (docs/benchmarks.md, "Left-out empty slots and cuBLAS op flags
 
     base        every slot (settings compact=False), products with transposes by cupy.matmul
     bmm         every slot, cuda/bmm.py (cuBLAS op flags)
-    trim        the default: left-out empty slots + cuda/bmm.py + the fused FP64 core (cuda/attn_core.py)
-    rows        trim without the fused core (family "attn_core" off: cuBLAS products + row kernels)
+    trim        the default: left-out empty slots + cuda/bmm.py
+    core        trim with the fused FP64 attention core (family "attn_core", cuda/attn_core.py)
     trim_nobmm  left-out slots, cupy.matmul
     array       the default without the attention's row kernels (family "attn" off)
 
@@ -128,7 +128,7 @@ def main():
 
     from dpsnake.engine.attn import attention as att
     from dpsnake.engine.dispatch import make_ensemble
-    from dpsnake.engine.settings import FAMILIES, EngineSettings
+    from dpsnake.engine.settings import DEFAULT_FAST, FAMILIES, EngineSettings
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,9 +150,9 @@ def main():
         ("base", {"compact": False}, True),
         ("bmm", {"compact": False}, False),
         ("trim", {}, False),
-        ("rows", {"fast": frozenset(FAMILIES) - {"attn_core"}}, False),
+        ("core", {"fast": frozenset(FAMILIES)}, False),
         ("trim_nobmm", {}, True),
-        ("array", {"fast": frozenset(FAMILIES) - {"attn"}}, False),
+        ("array", {"fast": DEFAULT_FAST - {"attn"}}, False),
     ]
     if args.variants:
         variants = [v for v in variants if v[0] in set(args.variants) | {"base"}]

@@ -66,3 +66,27 @@ def test_cupy_left_out_slots_equal_numpy_all_slots(model_cache, name):
         for k in KEYS:
             assert rel_err(cp.asnumpy(out[k]), ref[k]) <= 1e-12, (call, k)
     assert ens.width_misses == 0 and ens._widths and min(ens._widths.values()) < 48
+
+
+@pytest.mark.parametrize("name", ["v2_l2", "strip_l2", "concat_l2", "excl", "al3"])
+def test_cupy_fused_core_equals_numpy(model_cache, monkeypatch, name):
+    """The fused FP64 attention core (family attn_core, opt-in, cuda/attn_core.py) = NumPy to 1e-12,
+    and it ran (its forward counted)."""
+    import warnings
+
+    from dpsnake.engine.cuda import attn_core
+    from dpsnake.engine.settings import FAMILIES, EngineSettings
+
+    calls, fwd = [], attn_core.forward
+    monkeypatch.setattr(attn_core, "forward", lambda *a, **k: calls.append(1) or fwd(*a, **k))
+    dp = str(attn_model(model_cache, name)["dp"])
+    ens_np = AttnEnsemble([dp])
+    ens_cp = AttnEnsemble([dp], settings=EngineSettings(fast=frozenset(FAMILIES)))
+    args = flat(systems(ens_np.type_map), ens_np.type_map)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the over-full neighbour lists of systems()
+        ref = ens_np.evaluate(*args, atomic=True)
+        out = ens_cp.evaluate(*(cp.asarray(a) for a in args), atomic=True)
+    assert calls, "the fused core did not run"
+    for k in KEYS:
+        assert rel_err(cp.asnumpy(out[k]), ref[k]) <= 1e-12, k

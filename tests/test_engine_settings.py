@@ -77,6 +77,7 @@ def test_parse_of_bench_arguments():
     s = EngineSettings.parse(["compact=0", "fast=nets,env", "chunk_mb=none", "fused_bwd_minb=4", "select=thread"])
     assert s == EngineSettings(compact=False, fast=frozenset({"nets", "env"}), fused_bwd_minb=4, select="thread")
     assert EngineSettings.parse(["fast=all"]).fast == frozenset(FAMILIES)
+    assert "attn_core" in FAMILIES and "attn_core" not in EngineSettings().fast  # slower so far: opt-in
     assert EngineSettings.parse(["fast=0"]).fast == frozenset()
     with pytest.raises(ValueError):
         EngineSettings.parse(["nope=1"])

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 FAMILIES = ("nets", "env", "scatter", "desc", "nbr", "graph", "attn", "attn_core")
+# attn_core is off by default: 1.07x slower than cuBLAS + the row kernels on an H200 (docs/benchmarks.md)
+DEFAULT_FAST = frozenset(FAMILIES) - {"attn_core"}
 _CHOICES = {
     "select": ("warp", "thread"),
     "fused": ("auto", "on", "off"),
@@ -53,11 +55,12 @@ class EngineSettings:
     kernels: bool = True
     """The engine's CUDA kernels for CuPy arrays (selection, fused and tabulated embedding nets);
     False: CuPy runs the array code. Was ``DPSNAKE_KERNELS=0``."""
-    fast: frozenset = frozenset(FAMILIES)
+    fast: frozenset = DEFAULT_FAST
     """Families of fused elementwise kernels used on CuPy (subset of :data:`FAMILIES`: nets, env,
     scatter, desc, nbr; graph = the MD integrator as CUDA graphs; attn = the row kernels of DPA-1's
     attention, cuda/attn_rows.py; attn_core = with attn on, FP64 layers as one fused kernel per direction,
-    cuda/attn_core.py). Was ``DPSNAKE_FAST``."""
+    cuda/attn_core.py, not in the default: slower so far). "all" (``parse``, ``DPSNAKE_FAST=1``) is every
+    family. Was ``DPSNAKE_FAST``."""
     select: str = "warp"
     """Neighbour-selection kernel: "warp" (a 32-thread block per centre) or "thread" (a thread per
     centre). Was ``DPSNAKE_SELECT``."""

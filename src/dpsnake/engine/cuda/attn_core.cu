@@ -327,8 +327,8 @@ attn_core_bwd(const double* __restrict__ z, const double* __restrict__ dout, con
     rv0 = row_sum(rv0), rv1 = row_sum(rv1), rv2 = row_sum(rv2);
     if (t == 0) atomicAdd(acc + N + 3 * i, rv0), atomicAdd(acc + N + 3 * i + 1, rv1), atomicAdd(acc + N + 3 * i + 2, rv2);
 #endif
+    store_strip(tt, sm);             // A first: its registers are free for dL k
     prod_rm(x, Ys, dz + b * N * H);  // dL k
-    store_strip(tt, sm);
     __syncthreads();
     stage(dob, Ys);
     __syncthreads();
