@@ -17,7 +17,6 @@
 // The b operand of every product (k, v, do or q of the centre) is staged in shared memory first.
 // Sums differ from attention.py's array code (cuBLAS) only in rounding order.
 
-#define REAL double
 #define SHIFT 20.0
 #define NW (N / 8)
 #define HT (H / 8)
@@ -28,10 +27,11 @@
 
 // c (8 x 8) += a (8 x 4) b (4 x 8), a warp-wide FP64 tensor-core product. Lane l = 4 g + t holds
 // a[g][t], b[t][g] and c[g][2t], c[g][2t + 1] (PTX ISA, "Matrix fragments for mma.m8n8k4 .f64").
-// The tests define DMMA and their own dmma (g++ with threaded warps).
+// Not volatile: the compiler may schedule loads between the products. The tests define DMMA and their
+// own dmma (g++ with threaded warps).
 #ifndef DMMA
 __device__ __forceinline__ void dmma(double& c0, double& c1, double a, double b) {
-  asm volatile("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%0, %1};\n"
+  asm("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%0, %1};\n"
                : "+d"(c0), "+d"(c1)
                : "d"(a), "d"(b));
 }
