@@ -308,7 +308,7 @@ def _layer_forward(xp, p, l: AttnLayer, x, S, F, row_m, key_m, keep: bool, rows=
     q, k, v = z
     if rows is not None and rows.core is not None:  # FP64 CUDA: a block per centre (cuda/attn_core.py)
         o = rows.core.forward(z, rows.sw, rows.r, rows.mask, p.scaling, p.smooth, p.dotr, rows.npad)
-        T = A = None  # never stored: backward recomputes them in shared memory
+        T = A = None  # never stored: the core's backward recomputes them
     else:
         if rows is not None:  # CUDA: q k^T s with k^T as a cuBLAS flag; then one warp per row (cuda/attn_rows.py)
             L = rows.bmm(q, k, tb=True, alpha=p.scaling)

@@ -7,11 +7,17 @@ and read again. Here one block per centre runs the products on FP64 tensor cores
 ``mma.m8n8k4.f64``, a warp per 8 rows) and keeps its (n, n) matrices in the warps' registers, where
 the row chain runs (a row is 4 lanes): forward q k^T, the row chain, A v; backward q k^T and do v^T,
 the row chain and its gradient (dS, dR folded into d sw, d r per centre), dL k, and A^T do, dL^T q
-through shared memory (one (n, n) matrix). The forward keeps nothing; backward recomputes T.
+through shared memory (one (n, n) matrix); each product's b operand staged in shared memory. The
+forward keeps nothing; backward recomputes T.
+
+Measured on an H200 (docs/benchmarks.md, "A fused FP64 attention core"): 13 TFLOP/s, a force call 1.07x
+slower than cuBLAS + the row kernels, 19% less memory; so the family ``attn_core`` is opt-in
+(``settings.DEFAULT_FAST`` leaves it out). What it lacks: asynchronous staging and two blocks per SM.
 
 FP64 only (FP32 has no such tensor-core product at full precision: mixed precision keeps the row
-kernels), n and H multiples of 8, n <= :data:`MAX_SLOTS`. :func:`supported` says why not otherwise. Tested without a GPU (g++ with threaded warps and an
-emulated ``mma``; NVRTC for sm_90): tests/test_engine_attn_core.py.
+kernels), n and H multiples of 8, n <= :data:`MAX_SLOTS`, the shared memory within 227 KiB;
+:func:`supported` says why not otherwise. Tested without a GPU (g++ with threaded warps and an emulated
+``mma``; NVRTC for sm_90): tests/test_engine_attn_core.py; on a GPU: tests/test_engine_attn_gpu.py.
 """
 
 from __future__ import annotations
