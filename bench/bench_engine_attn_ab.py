@@ -78,7 +78,7 @@ def deepmd_case(path: pathlib.Path, data, ours, reps: int) -> dict:
     pth = path.with_suffix(".pth")
     cmd = [sys.executable, "-m", "deepmd", "convert-backend", str(path), str(pth)]
     subprocess.run(cmd, check=True, capture_output=True)
-    coords, atype, system, cells, _ = (x.get() for x in data)
+    coords, atype, _, cells, _ = (x.get() for x in data)
     W = cells.shape[0]
     dp, box = DeepPot(str(pth)), {}
     args = (coords.reshape(W, -1), cells.reshape(W, 9), atype.reshape(W, -1))

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from engine_helpers import THREADED_CUDA_STUB, build_cpp
-from test_engine_attn_rows import _EmuRows, _inputs, _ptr, rel_err
+from engine_helpers import THREADED_CUDA_STUB, build_cpp, rel_err
+from test_engine_attn_rows import _EmuRows, _inputs, _ptr
 
 from dpsnake.engine.attn.attention import _pair_terms, _rows_backward, _rows_forward
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from engine_helpers import THREADED_CUDA_STUB, build_cpp
+from engine_helpers import THREADED_CUDA_STUB, build_cpp, rel_err
 
 from dpsnake.engine.attn.attention import _pair_terms, _rows_backward, _rows_forward
 
@@ -304,10 +304,6 @@ def test_left_out_slots_equal_deepmd(smooth, dotr, normalize):
     for g, w in zip(got_b, want_b):
         assert rel_err(g, w[:, :ns]) < 1e-12
     assert nnei > ns
-
-
-def rel_err(a, b):
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

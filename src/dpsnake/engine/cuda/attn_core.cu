@@ -86,18 +86,17 @@ __device__ __forceinline__ void prod_xyt(const double* __restrict__ X, const dou
   for (int c = 0; c < NW; ++c) m[c][0] *= s, m[c][1] *= s;
 }
 
-// O (N x H, global) = M Y: M the warps' strips in registers (the a operand a[g][t] = M[i][k0 + t]
-// fetched from the accumulator layout by two shuffles), Y staged (Ys).
-__device__ __forceinline__ void prod_rm(const Strip& m, const double* Y, double* __restrict__ O) {
+// O (N x H, global) = A Y, Y staged (Ys), the a operand a[g][t] = A[i][k0 + t] of row i = 8 w + g from
+// a_of(k0): the loop is unrolled, so a_of may index registers with k0.
+template <class AOf>
+__device__ __forceinline__ void prod_ay(AOf a_of, const double* Y, double* __restrict__ O) {
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   double acc[HT][2];
 #pragma unroll
   for (int c = 0; c < HT; ++c) acc[c][0] = acc[c][1] = 0.0;
 #pragma unroll
-  for (int k0 = 0; k0 < N; k0 += 4) {  // unrolled: m[k0 / 8] is a register
-    const int p = (k0 & 7) + t, src = (lane & ~3) | (p >> 1);
-    const double v0 = __shfl_sync(FULL, m[k0 / 8][0], src), v1 = __shfl_sync(FULL, m[k0 / 8][1], src);
-    const double a = (p & 1) ? v1 : v0;
+  for (int k0 = 0; k0 < N; k0 += 4) {
+    const double a = a_of(k0);
     const double* yr = Y + (k0 + t) * LDY + g;
 #pragma unroll
     for (int c = 0; c < HT; ++c) dmma(acc[c][0], acc[c][1], a, yr[8 * c]);
@@ -107,23 +106,22 @@ __device__ __forceinline__ void prod_rm(const Strip& m, const double* Y, double*
   for (int c = 0; c < HT; ++c) o[8 * c] = acc[c][0], o[8 * c + 1] = acc[c][1];
 }
 
-// O (N x H, global) = M^T Y: M (N x N) in shared memory (stride LDS), Y staged (Ys).
+// O = M Y: M the warps' strips in registers, a[g][t] fetched from the accumulator layout by two shuffles.
+__device__ __forceinline__ void prod_rm(const Strip& m, const double* Y, double* __restrict__ O) {
+  const int lane = threadIdx.x & 31, t = lane & 3;
+  prod_ay(
+      [&](int k0) {
+        const int p = (k0 & 7) + t, src = (lane & ~3) | (p >> 1);
+        const double v0 = __shfl_sync(FULL, m[k0 / 8][0], src), v1 = __shfl_sync(FULL, m[k0 / 8][1], src);
+        return (p & 1) ? v1 : v0;
+      },
+      Y, O);
+}
+
+// O = M^T Y: M (N x N) in shared memory (stride LDS).
 __device__ __forceinline__ void prod_mty(const double* M, const double* Y, double* __restrict__ O) {
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int i = 8 * w + g;
-  double acc[HT][2];
-#pragma unroll
-  for (int c = 0; c < HT; ++c) acc[c][0] = acc[c][1] = 0.0;
-#pragma unroll 2
-  for (int k0 = 0; k0 < N; k0 += 4) {
-    const double a = M[(k0 + t) * LDS + i];
-    const double* yr = Y + (k0 + t) * LDY + g;
-#pragma unroll
-    for (int c = 0; c < HT; ++c) dmma(acc[c][0], acc[c][1], a, yr[8 * c]);
-  }
-  double* o = O + i * H + 2 * t;
-#pragma unroll
-  for (int c = 0; c < HT; ++c) o[8 * c] = acc[c][0], o[8 * c + 1] = acc[c][1];
+  const int t = threadIdx.x & 3, i = 8 * (threadIdx.x >> 5) + ((threadIdx.x & 31) >> 2);
+  prod_ay([&](int k0) { return M[(k0 + t) * LDS + i]; }, Y, O);
 }
 
 // the warp's strip into shared memory (stride LDS)

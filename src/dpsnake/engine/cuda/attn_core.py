@@ -54,15 +54,15 @@ def supported(dtype, n: int, H: int) -> str | None:
     return None
 
 
+def _key(n: int, H: int, smooth: bool, dotr: bool, npad: int = 0) -> tuple:
+    """The constants as one module's cache key (``npad`` counts only when smooth)."""
+    return int(n), int(H), bool(smooth), bool(dotr), int(npad) if smooth else 0
+
+
 def defines(n: int, H: int, smooth: bool, dotr: bool, npad: int = 0) -> dict:
-    """Compile-time constants of attn_core.cu (``npad`` counts only when smooth)."""
-    return {
-        "N": int(n),
-        "H": int(H),
-        "SMOOTH": int(bool(smooth)),
-        "DOTR": int(bool(dotr)),
-        "NPAD": int(npad) if smooth else 0,
-    }
+    """Compile-time constants of attn_core.cu."""
+    n, H, smooth, dotr, npad = _key(n, H, smooth, dotr, npad)
+    return {"N": n, "H": H, "SMOOTH": int(smooth), "DOTR": int(dotr), "NPAD": npad}
 
 
 def source(n: int, H: int, smooth: bool, dotr: bool, npad: int = 0) -> str:
@@ -86,12 +86,12 @@ def _module(n: int, H: int, smooth: bool, dotr: bool, npad: int):
 
 def build(n: int, H: int, smooth: bool, dotr: bool, npad: int = 0) -> dict:
     """The kernels for these constants, compiled on first use (raises what NVRTC raises)."""
-    return _module(int(n), int(H), bool(smooth), bool(dotr), int(npad) if smooth else 0)[0]
+    return _module(*_key(n, H, smooth, dotr, npad))[0]
 
 
 def _launch(kernel: str, B: int, n: int, H: int, smooth, dotr, npad, args) -> None:
     if B:
-        fns, cap = _module(int(n), int(H), bool(smooth), bool(dotr), int(npad) if smooth else 0)
+        fns, cap = _module(*_key(n, H, smooth, dotr, npad))
         grid = int(min(B, cap))
         fns[kernel]((grid,), (4 * n,), args, shared_mem=smem_bytes(n, H, kernel.endswith("bwd")))
 
