@@ -9,6 +9,10 @@ process. Variants (docs/benchmarks.md, "Left-out empty slots and cuBLAS op flags
     core        trim with the fused FP64 attention core (family "attn_core", cuda/attn_core.py)
     trim_nobmm  left-out slots, cupy.matmul
     array       the default without the attention's row kernels (family "attn" off)
+    mixed       the default in mixed precision (FP32 nets and attention, FP64 geometry)
+    tf32        mixed with settings tf32 (the FP32 GEMMs on TF32 tensor cores)
+
+The force / energy differences of mixed and tf32 to base (FP64) are their accuracy.
 
 Prints one JSON line (us per atom, CuPy pool MB per atom, the slot counts run, max |F - F_base|,
 max relative |E - E_base|) and writes it to ``--out``/bench_engine_attn_ab_l{L}_w{W}.json; ``--profile``
@@ -153,13 +157,17 @@ def main():
         ("core", {"fast": frozenset(FAMILIES)}, False),
         ("trim_nobmm", {}, True),
         ("array", {"fast": DEFAULT_FAST - {"attn"}}, False),
+        ("mixed", {}, False),
+        ("tf32", {"tf32": True}, False),
     ]
+    precision = {"mixed": "mixed", "tf32": "mixed"}  # the others: double
     if args.variants:
         variants = [v for v in variants if v[0] in set(args.variants) | {"base"}]
     res, outs = {"atoms": N, "attn_layer": args.attn_layer, "walkers": args.walkers}, {}
     for label, kw, nb in variants:
         no_bmm[0] = nb
-        ens = make_ensemble([str(path)], precision="double", xp=xp, settings=EngineSettings(**kw))
+        prec = precision.get(label, "double")
+        ens = make_ensemble([str(path)], precision=prec, xp=xp, settings=EngineSettings(**kw))
         box = {}
 
         def call(ens=ens, box=box):

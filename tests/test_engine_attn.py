@@ -134,6 +134,16 @@ def test_fp32_model(model_cache, precision):
     assert max(worst.values()) <= 3e-5, worst
 
 
+def test_tf32_changes_nothing_on_numpy(model_cache):
+    """settings.tf32 is a CuPy-only choice: NumPy's mixed precision gives the same bits with it
+    (tests/test_engine_attn_gpu.py checks that it runs TF32 on a GPU)."""
+    dp = str(attn_model(model_cache, "v2_l2")["dp"])
+    args = flat(systems(["Cu", "Ni"])[:3], ["Cu", "Ni"])
+    a = AttnEnsemble([dp], precision="mixed").evaluate(*args)
+    b = AttnEnsemble([dp], precision="mixed", tf32=True).evaluate(*args)
+    assert all(np.array_equal(a[k], b[k]) for k in ("energy", "force", "virial"))
+
+
 @pytest.mark.parametrize("name", ["v2_l2", "concat_l2", "strip_l2", "excl"])
 def test_forces_and_virial_are_derivatives(model_cache, name):
     """Forces = -dE/dx and virial = -dE/d(strain) by central differences (FP64, h = 1e-5 A)."""

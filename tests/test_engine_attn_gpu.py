@@ -90,3 +90,34 @@ def test_cupy_fused_core_equals_numpy(model_cache, monkeypatch, name):
     assert calls, "the fused core did not run"
     for k in KEYS:
         assert rel_err(cp.asnumpy(out[k]), ref[k]) <= 1e-12, k
+
+
+@pytest.mark.parametrize("name", ["v2_l2", "concat_l2"])
+def test_cupy_tf32_mixed(model_cache, monkeypatch, name):
+    """settings.tf32 with mixed precision: the attention's batched products ask cuBLAS for TF32 (bmm
+    called with tf32), results move off plain FP32 (TF32 rounds inputs to 10 mantissa bits: it ran) and
+    stay within 5e-3 of the FP64 NumPy reference (relative to the largest value; the measured errors
+    print and go to docs/benchmarks.md)."""
+    import warnings
+
+    from dpsnake.engine.cuda import bmm as bmm_mod
+
+    flags, inner = [], bmm_mod.bmm
+    monkeypatch.setattr(bmm_mod, "bmm", lambda *a, **k: flags.append(k.get("tf32", False)) or inner(*a, **k))
+    dp = str(attn_model(model_cache, name)["dp"])
+    args = flat(systems(["Cu", "Ni"]), ["Cu", "Ni"])
+    dev = [cp.asarray(a) for a in args]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the over-full neighbour lists of systems()
+        ref = AttnEnsemble([dp]).evaluate(*args)
+        fp32 = AttnEnsemble([dp], precision="mixed").evaluate(*dev)
+        assert flags and not any(flags)
+        flags.clear()
+        tf32 = AttnEnsemble([dp], precision="mixed", tf32=True).evaluate(*dev)
+    assert flags and all(flags), "the batched products did not ask for TF32"
+    for k in ("energy", "force", "virial"):
+        e32, etf = rel_err(cp.asnumpy(fp32[k]), ref[k]), rel_err(cp.asnumpy(tf32[k]), ref[k])
+        moved = rel_err(cp.asnumpy(tf32[k]), cp.asnumpy(fp32[k]))
+        print(name, k, f"mixed {e32:.1e}  mixed+tf32 {etf:.1e}  tf32 vs mixed {moved:.1e}")
+        assert e32 <= 1e-5 and etf <= 5e-3, k
+    assert rel_err(cp.asnumpy(tf32["force"]), cp.asnumpy(fp32["force"])) > 1e-6, "TF32 changed nothing"

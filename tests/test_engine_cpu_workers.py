@@ -82,3 +82,23 @@ def test_default_workers_follow_blas_threads(cu_model):
     for bad in (0, -2, 1.5):
         with pytest.raises(ValueError, match="cpu_workers"):
             EngineSettings(cpu_workers=bad)
+
+
+def test_small_calls_skip_the_pool(cu_model, monkeypatch):
+    """cpu_workers None: a call below CPU_POOL_MIN_MB of work memory (two 32-atom cells: ~6 MB) runs
+    its chunks on the calling thread with BLAS's own threads; with the bound at 0 the same call uses
+    the pool. Same results either way."""
+    args = flat([fcc(rep=(2, 2, 2), seed=1), fcc(rep=(2, 2, 2), seed=2)], ["Cu"])
+    runs = {}
+    with threadpool_limits(2, user_api="blas"):
+        for bound in (se_ens.CPU_POOL_MIN_MB, 0.0):
+            monkeypatch.setattr(se_ens, "CPU_POOL_MIN_MB", bound)
+            seen = _spy(monkeypatch, se_ens)
+            out = Ensemble([str(cu_model["dp"])], chunk_atoms=16).evaluate(*args)
+            monkeypatch.undo()
+            runs[bound] = out, {t for t, _ in seen}, {b for _, b in seen}
+    (small, t_small, b_small), (pooled, t_pool, b_pool) = runs.values()
+    assert t_small == {threading.get_ident()} and b_small == {2}
+    assert threading.get_ident() not in t_pool and b_pool == {1}
+    for q in ("energy", "force", "virial"):
+        assert rel_err(pooled[q], small[q]) < 1e-13, q

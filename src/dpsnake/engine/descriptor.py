@@ -25,6 +25,7 @@ from dpsnake.engine.envmat import switch as _switch
 from dpsnake.engine.model import DPModel
 from dpsnake.engine.settings import EngineContext
 from dpsnake.engine.tabulate import build_tables
+from dpsnake.engine.xp import dot3
 
 
 @dataclass
@@ -217,7 +218,7 @@ def _env_mat(xp, rm, d, valid, keep, davg, rstd):
     """Array-code env matrix: Rn (n, nc, 4) in the net dtype and what the backward needs."""
     m = rm.model
     vf = valid.astype(xp.float64)
-    r = xp.sqrt((d * d).sum(axis=2))
+    r = xp.sqrt(dot3(d, d))
     rr = xp.where(valid, r, 1.0)
     p = m.env_protection
     q = 1.0 / (rr + p)
@@ -298,7 +299,7 @@ def _nets(rm, ti, Rn_c, d, valid, keep, need_grad, env, slots, rstd):
         if g is not None:
             return e, g
         vf = valid.astype(xp.float64)
-        rr = xp.where(valid, xp.sqrt((d * d).sum(axis=2)), 1.0)
+        rr = xp.where(valid, xp.sqrt(dot3(d, d)), 1.0)
         q = 1.0 / (rr + m.env_protection)
         sw, dsw = _switch(xp, rr, m.rcut_smth, m.rcut)
         sw = sw * vf
@@ -310,7 +311,7 @@ def _nets(rm, ti, Rn_c, d, valid, keep, need_grad, env, slots, rstd):
     gR = gR * vf[..., None]
     # chain through R = sw [q, d q^2], q = 1/(r+p)
     g0, gv = gR[..., 0], gR[..., 1:]
-    gvd = (gv * d).sum(axis=2)
+    gvd = dot3(gv, d)
     coef = (g0 * (dsw * q - sw * q * q) + gvd * (dsw * q * q - 2.0 * sw * q**3)) / rr
     g = coef[..., None] * d + (sw * q * q)[..., None] * gv
     # a NaN centre (atoms on top of each other) must not leak through its empty slots

@@ -29,6 +29,10 @@ from dpsnake.errors import UserError
 # se_atten_v2 attn_layer 2 2184 -> 1826, attn_layer 0 373 -> 303, se_e2_a 317 -> 258 us/atom);
 # NumPy's elementwise work is single-threaded, so more cores do not call for larger chunks.
 CPU_CHUNK_MB = 64.0
+# with cpu_workers None: calls of less work memory run their chunks one after the other (BLAS threaded).
+# The demo's 256 atoms (se_e2_a, 96 slots: 24 MB) took 13.4 ms per force call so and 14.9 in two
+# threads; 512 atoms: 27.0 vs 25.7; 1,024: 51.8 vs 41.4 (2 cores, 2026-12-05)
+CPU_POOL_MIN_MB = 32.0
 
 
 def _compression(compress):
@@ -152,9 +156,14 @@ class EnsembleBase:
         (settings ``cpu_workers``; None: BLAS's thread count) in a pool of threads with BLAS
         single-threaded inside them (BLAS's own threads on top oversubscribe the cores: 1.4-2.2x
         slower than one worker on 2 cores), at most two chunks per worker in flight (bounded memory); else one
-        after the other. The caller adds each chunk's sums in this order, so results do not depend
-        on the workers."""
+        after the other; also with ``cpu_workers`` None when the jobs' work memory is below
+        :data:`CPU_POOL_MIN_MB` (small calls: threads cost more than they give). The caller adds each
+        chunk's sums in this order, so results do not depend on the workers."""
         workers = self._workers(xp)
+        if workers > 1 and self.settings.cpu_workers is None:
+            nbytes = 4 if self.precision == "mixed" else 8
+            if sum(b - a for _, a, b in jobs) * self._bytes_per_atom(nbytes) < CPU_POOL_MIN_MB * 1e6:
+                workers = 1
         if workers <= 1 or len(jobs) <= 1:
             for job in jobs:
                 yield work(job)

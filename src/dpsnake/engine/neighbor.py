@@ -27,7 +27,7 @@ import numpy as np
 from dpsnake.engine.cuda import nbr as nbk
 from dpsnake.engine.cuda import selection
 from dpsnake.engine.settings import EngineContext
-from dpsnake.engine.xp import device_key, segment_minmax, to_numpy
+from dpsnake.engine.xp import device_key, dot3, segment_minmax, take_rows, to_numpy
 from dpsnake.errors import UserError
 
 _MAX_GROUP = 4_000_000  # atoms x shifts handled at once when making ghost images
@@ -366,8 +366,9 @@ class NeighborBuilder:
         pos = xp.where(ok, start[:, :, None] + k[None, None, :], 0)
         cand = self.border[pos].reshape(n, -1)
         ok = ok.reshape(n, -1)
-        d = self.epos[cand] - self.wrapped[centers][:, None, :]
-        r = xp.sqrt((d * d).sum(axis=2))
+        d = take_rows(xp, self.epos, cand)
+        d -= self.wrapped[centers][:, None, :]
+        r = xp.sqrt(dot3(d, d))
         ok &= (r <= self.rcut) & (cand != centers[:, None])
         nwithin = ok.sum(axis=1)
         r = xp.where(ok, r, xp.inf)
@@ -377,9 +378,10 @@ class NeighborBuilder:
             cand = xp.concatenate([cand, xp.zeros((n, nnei - ncand), dtype=cand.dtype)], axis=1)
             d = xp.concatenate([d, xp.zeros((n, nnei - ncand, 3))], axis=1)
         srt = xp.argsort(r, axis=1)[:, :nnei]
-        rs = xp.take_along_axis(r, srt, axis=1)
-        cs = xp.take_along_axis(cand, srt, axis=1)
-        ds = xp.take_along_axis(d, srt[:, :, None], axis=1)
+        srt += (xp.arange(n) * r.shape[1])[:, None]  # flat positions: 1-D gathers (take_rows)
+        rs = xp.take(r.reshape(-1), srt)
+        cs = xp.take(cand.reshape(-1), srt)
+        ds = take_rows(xp, d.reshape(-1, 3), srt)
         vs = xp.isfinite(rs)
         ts = self.etype[cs]
         overflow = nwithin > nnei

@@ -37,8 +37,9 @@ class EngineSettings:
     """
 
     tf32: bool = False
-    """FP32 cuBLAS GEMMs of the fitting nets on TF32 tensor cores (mixed precision on CuPy only);
-    accuracy in docs/benchmarks.md. Was ``DPSNAKE_TF32=1``."""
+    """FP32 cuBLAS GEMMs on TF32 tensor cores (mixed precision on CuPy only): se_e2_a's fitting nets;
+    se_atten's whole force call (attention, descriptor, the nets that no fused kernel runs). Accuracy
+    in docs/benchmarks.md. Was ``DPSNAKE_TF32=1``."""
     chunk_mb: float | None = None
     """Work memory per chunk of centres in MB; None: 64 on CPUs (cache-sized chunks: 1.2x faster
     than 2048 there), a third of the free device memory on GPUs (an Ensemble's ``chunk_atoms``
@@ -51,7 +52,8 @@ class EngineSettings:
     """Threads that run chunks of centres at once on CPUs (NumPy releases the GIL in its loops), BLAS
     single-threaded inside them; None: as many as BLAS has threads (OMP_NUM_THREADS and the like, as
     the caller set them), 1: chunks one after the other with BLAS's own threads. Results do not
-    depend on it (each chunk's sums are added in chunk order)."""
+    depend on it (each chunk's sums are added in chunk order). With None, a call of less than 32 MB of
+    work memory (ensemble.CPU_POOL_MIN_MB: the demo's 256 atoms) runs its chunks one after the other."""
     kernels: bool = True
     """The engine's CUDA kernels for CuPy arrays (selection, fused and tabulated embedding nets);
     False: CuPy runs the array code. Was ``DPSNAKE_KERNELS=0``."""
@@ -266,8 +268,8 @@ class EngineContext:
 
     @contextlib.contextmanager
     def tf32(self, xp, dtype):
-        """Within: FP32 cuBLAS GEMMs of CuPy use TF32 tensor cores if settings.tf32 (the fitting
-        nets); a no-op otherwise."""
+        """Within: FP32 cuBLAS GEMMs of CuPy (cupy.matmul and friends) use TF32 tensor cores if
+        settings.tf32; a no-op otherwise. cuda/bmm.py takes its own ``tf32`` argument."""
         if not (self.settings.tf32 and self.kernels(xp) and np.dtype(dtype) == np.float32):
             yield
             return

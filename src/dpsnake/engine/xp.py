@@ -1,7 +1,8 @@
 """Array-namespace helpers so one code path serves NumPy and CuPy.
 
 Only what the array API lacks lives here: scatter-add (segment sums), segment min/max, device moves;
-and :func:`keep_freed_memory`, the CPU allocator setting the NumPy path runs fastest with.
+and what the NumPy path runs fastest with: :func:`keep_freed_memory` (the CPU allocator), :func:`dot3`
+and :func:`take_rows` (small NumPy operations that are slow in their general form).
 """
 
 from __future__ import annotations
@@ -38,6 +39,25 @@ def keep_freed_memory() -> bool:
         except (OSError, AttributeError):  # the C library cannot be loaded: leave the allocator as it is
             ok = False
     return ok
+
+
+def dot3(a, b):
+    """(..., 3) . (..., 3) -> (...): ``(a * b).sum(axis=-1)``. On NumPy the three products summed in
+    the same order (the same bits): a reduction over a length-3 axis costs ~4x that there (the
+    neighbour search of a 256-atom batch: 1.6 of 17 ms per force call). CuPy keeps one reduction
+    (one kernel launch rather than five)."""
+    if isinstance(a, np.ndarray):
+        out = a[..., 0] * b[..., 0]
+        out += a[..., 1] * b[..., 1]
+        out += a[..., 2] * b[..., 2]
+        return out
+    return (a * b).sum(axis=-1)
+
+
+def take_rows(xp, a, index):
+    """``a[index]`` for an integer array ``index`` of any shape: rows of ``a`` (..., k). NumPy's
+    ``take`` along axis 0 gives the same array ~7x faster than fancy indexing with a 2-D index."""
+    return xp.take(a, index, axis=0)
 
 
 def is_cupy(x) -> bool:

@@ -64,8 +64,8 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--tf32",
         action="store_true",
-        help="with --precision mixed on a GPU: the fitting nets' FP32 GEMMs on TF32 tensor cores "
-        "(faster; accuracy in docs/benchmarks.md)",
+        help="with --precision mixed on a GPU: FP32 GEMMs on TF32 tensor cores (se_e2_a: the fitting nets; "
+        "se_atten: the attention and nets; faster; accuracy in docs/benchmarks.md)",
     )
     add_compile_arguments(parser)
     parser.add_argument(

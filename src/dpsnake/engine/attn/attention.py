@@ -27,6 +27,7 @@ serialized model has one head; a model with more is refused at load.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -340,15 +341,17 @@ class _Rows:
     stored as (B, n, n) matrices), ``norm``, the module of the q/k/v and LayerNorm row kernels
     (cuda/attn_norm.py), ``bmm``, batched products with transposes as cuBLAS flags (cuda/bmm.py),
     ``npad``, the empty slots left out of the n (the module doc), and ``core``, the fused FP64 layer core
-    (cuda/attn_core.py: products and rows in one kernel per direction) or None."""
+    (cuda/attn_core.py: products and rows in one kernel per direction) or None. ``tf32``: the batched
+    FP32 products on TF32 tensor cores (settings.tf32; the flat GEMMs follow ``EngineContext.tf32``)."""
 
-    def __init__(self, xp, nei_mask, input_r, sw, dtype, npad: int = 0, core=None):
+    def __init__(self, xp, nei_mask, input_r, sw, dtype, npad: int = 0, core=None, tf32: bool = False):
         from dpsnake.engine.cuda import attn_norm, attn_rows
         from dpsnake.engine.cuda.bmm import bmm
 
         B, n = nei_mask.shape
         self.forward, self.backward = attn_rows.forward, attn_rows.backward
-        self.norm, self.bmm, self.npad, self.core = attn_norm, bmm, int(npad), core
+        self.bmm = functools.partial(bmm, tf32=True) if tf32 else bmm
+        self.norm, self.npad, self.core = attn_norm, int(npad), core
         self.sw = xp.ascontiguousarray(sw.reshape(B, n).astype(dtype, copy=False))
         self.r = xp.ascontiguousarray(input_r.astype(dtype, copy=False))
         self.mask = xp.ascontiguousarray(nei_mask)
@@ -379,7 +382,8 @@ class _Rows:
         if ctx.fast(xp, "attn_core") and attn_core.supported(dtype, n, p.hidden_dim) is None:
             core_args = (n, p.hidden_dim, p.smooth, p.dotr, npad)
             core = attn_core if ctx.guarded("attn_core", attn_core.build, *core_args) is not None else None
-        return _Rows(xp, nei_mask, input_r, sw, dtype, npad, core)
+        tf32 = ctx.settings.tf32 and np.dtype(dtype) == np.float32
+        return _Rows(xp, nei_mask, input_r, sw, dtype, npad, core, tf32)
 
 
 def attention_forward(p: AttentionLayers, G, nei_mask, input_r, sw, keep: bool = True, ctx=None):

@@ -37,6 +37,7 @@ from dpsnake.engine.attn.model import AttnModel
 from dpsnake.engine.envmat import switch as _switch
 from dpsnake.engine.settings import EngineContext
 from dpsnake.engine.tabulate import build_strip_table
+from dpsnake.engine.xp import dot3
 from dpsnake.errors import UserError
 
 _EPS = 1e-12  # DeePMD-kit's floor of |Rn[1:4]| when normalising the attention's directions
@@ -155,6 +156,14 @@ def _left_out_gr(rt: AttnRuntime, ti: int, ns: int):
 
 
 def energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad: bool = True):
+    """Atomic energies (n,) float64 and g = dE/dd (n, ns, 3) float64 of centres of type ``ti``
+    (:func:`_energy_and_grad`); with settings.tf32 on CuPy in mixed precision, every FP32 cuBLAS GEMM
+    of it (attention, descriptor, nets not run by fused kernels) on TF32 tensor cores."""
+    with rt.ctx.tf32(rt.xp, rt.dtype):
+        return _energy_and_grad(rt, ti, d, valid, ntype, first, need_grad)
+
+
+def _energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad: bool = True):
     """Atomic energies (n,) float64 and g = dE/dd (n, ns, 3) float64 of centres of type ``ti``.
 
     d (n, ns, 3) float64 displacements r_neighbour - r_centre; valid (n, ns) bool (after model
@@ -170,7 +179,7 @@ def energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad:
         return xp.zeros(n), (xp.zeros((n, nnei, 3)) if need_grad else None)
     dt = rt.dtype
     vf = valid.astype(xp.float64)
-    r = xp.sqrt((d * d).sum(axis=2))
+    r = xp.sqrt(dot3(d, d))
     rr = xp.where(valid, r, 1.0)
     q = 1.0 / (rr + m.env_protection)
     sw, dsw = _switch(xp, rr, m.rcut_smth, m.rcut)
@@ -284,7 +293,7 @@ def energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad:
         gR = gR * keep[..., None]
     gR = gR * vf[..., None]
     g0, gv = gR[..., 0], gR[..., 1:]
-    gvd = (gv * d).sum(axis=2)
+    gvd = dot3(gv, d)
     coef = g0 * (dsw * q - sw * q * q) + gvd * (dsw * q * q - 2.0 * sw * q**3)
     if gsw is not None:  # swm = sw * mask enters the attention / the smooth type gate
         coef = coef + gsw * mask * dsw

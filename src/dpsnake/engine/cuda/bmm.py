@@ -5,17 +5,22 @@ with a transposed view (``k.swapaxes(1, 2)``) first copies the whole operand: fo
 (q k^T, A^T do, do v^T, dL^T q per layer) those copies were 15% of a se_atten_v2 force call's GPU time
 (H200, torch profiler). :func:`bmm` passes the transposes to cuBLAS as op flags instead and folds a
 scalar factor into alpha (q k^T s without a scaled copy of q), as DeePMD-kit's torch.bmm does.
+With ``tf32`` an FP32 product runs on TF32 tensor cores (cuBLAS's CUBLAS_COMPUTE_32F_FAST_TF32: inputs
+rounded to 10 mantissa bits, FP32 sums), as settings.tf32 asks.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+_COMPUTE_32F_FAST_TF32 = 77  # cublasComputeType_t CUBLAS_COMPUTE_32F_FAST_TF32 (cublas_api.h, CUDA >= 11)
 
-def bmm(a, b, ta: bool = False, tb: bool = False, alpha: float = 1.0, out=None, beta: float = 0.0):
+
+def bmm(a, b, ta: bool = False, tb: bool = False, alpha: float = 1.0, out=None, beta: float = 0.0, tf32=False):
     """out[i] = alpha op(a[i]) @ op(b[i]) + beta out[i] for C-contiguous 3-D CuPy arrays of one float
     dtype, op the transpose where ``ta`` / ``tb``. ``out`` (C-contiguous, not overlapping a or b) or a new
-    array (then beta must be 0). beta 1 accumulates into ``out`` inside the GEMM (no temporary, no add)."""
+    array (then beta must be 0). beta 1 accumulates into ``out`` inside the GEMM (no temporary, no add).
+    ``tf32``: FP32 operands on TF32 tensor cores (ignored for FP64)."""
     import cupy
     from cupy_backends.cuda.api import runtime
     from cupy_backends.cuda.libs import cublas
@@ -42,9 +47,9 @@ def bmm(a, b, ta: bool = False, tb: bool = False, alpha: float = 1.0, out=None, 
             out *= beta
         return out
     # row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: cuBLAS gets B first (as cupy.matmul)
-    cdt = {"float64": runtime.CUDA_R_64F, "float32": runtime.CUDA_R_32F}[
-        a.dtype.name
-    ]  # also the compute type, as cupy.matmul
+    cdt = {"float64": runtime.CUDA_R_64F, "float32": runtime.CUDA_R_32F}[a.dtype.name]
+    # the data type doubles as the compute type (cuBLAS's legacy mapping, as cupy.matmul) unless TF32
+    compute = _COMPUTE_32F_FAST_TF32 if tf32 and a.dtype.name == "float32" else cdt
     alpha_h, beta_h = np.array(alpha, dtype=a.dtype), np.array(beta, dtype=a.dtype)  # host scalars
     handle = cupy.cuda.device.get_cublas_handle()
     cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)  # order with the kernels around it
@@ -57,6 +62,6 @@ def bmm(a, b, ta: bool = False, tb: bool = False, alpha: float = 1.0, out=None, 
         a.data.ptr, cdt, m if ta else k, a.shape[1] * a.shape[2],
         beta_h.ctypes.data,
         out.data.ptr, cdt, n, m * n,
-        batch, cdt, cublas.CUBLAS_GEMM_DEFAULT,
+        batch, compute, cublas.CUBLAS_GEMM_DEFAULT,
     )  # fmt: skip
     return out
