@@ -18,7 +18,8 @@ Prints one JSON line (us per atom, CuPy pool MB per atom, the slot counts run, m
 max relative |E - E_base|) and writes it to ``--out``/bench_engine_attn_ab_l{L}_w{W}.json; ``--profile``
 adds the torch profiler table of one default call; ``--deepmd`` times DeePMD-kit's ``DeepPot.eval`` of the
 same model (``dp convert-backend`` to .pth) on the same batch in the same process (``deepmd``, us per atom;
-``deepmd_force_diff``: max |F - F_trim|; each walker's own types through ``mixed_type``). Needs CuPy,
+``deepmd_force_diff``: max |F - F_trim|; each walker's own types through ``mixed_type``); ``--deepmd-fp32``
+the same for the model built in float32 (``deepmd_fp32``, timing only). Needs CuPy,
 DeePMD-kit (to make the model) and ase.
 
     python3 bench/bench_engine_attn_ab.py --out /tmp/ab --attn-layer 2 --walkers 256
@@ -39,15 +40,16 @@ from bench_explore_deepmd import SE_ATTEN_V2  # noqa: E402
 from benchutil import timeit  # noqa: E402
 
 
-def make_model(path: pathlib.Path, attn_layer: int) -> None:
-    """An untrained se_atten_v2 of DeePMD-kit's example size as a .dp file (weights from seed 1)."""
+def make_model(path: pathlib.Path, attn_layer: int, precision: str = "float64") -> None:
+    """An untrained se_atten_v2 of DeePMD-kit's example size as a .dp file (weights from seed 1), its
+    descriptor and fitting net in ``precision``."""
     from deepmd.dpmodel.utils.serialization import save_dp_model
     from deepmd.pt.model.model import get_model
 
     mp = copy.deepcopy(SE_ATTEN_V2)
     mp["type_map"] = ["Cu", "Ni"]
-    mp["descriptor"].update(attn_layer=attn_layer, seed=1)
-    mp["fitting_net"]["seed"] = 1
+    mp["descriptor"].update(attn_layer=attn_layer, seed=1, precision=precision)
+    mp["fitting_net"].update(seed=1, precision=precision)
     m = get_model(copy.deepcopy(mp))
     save_dp_model(str(path), {"backend": "PyTorch", "model": m.serialize(), "model_def_script": mp})
 
@@ -71,9 +73,10 @@ def batch(xp, walkers: int):
     return tuple(xp.asarray(x) for x in host)
 
 
-def deepmd_case(path: pathlib.Path, data, ours, reps: int) -> dict:
+def deepmd_case(path: pathlib.Path, data, ours, reps: int, key: str = "deepmd") -> dict:
     """DeePMD-kit's DeepPot.eval (PyTorch backend) of the model at ``path`` on the batch ``data`` (every
-    walker with its own types: mixed_type): us per atom, and the largest force difference to ``ours``."""
+    walker with its own types: mixed_type): ``key`` us per atom, and the largest force difference to
+    ``ours`` (unless None)."""
     import subprocess
 
     import torch
@@ -90,12 +93,12 @@ def deepmd_case(path: pathlib.Path, data, ours, reps: int) -> dict:
     def call():
         box["r"] = dp.eval(*args, mixed_type=True)
 
-    res = {"deepmd": 1e6 * timeit(call, torch.cuda.synchronize, n=reps) / coords.shape[0]}
+    res = {key: 1e6 * timeit(call, torch.cuda.synchronize, n=reps) / coords.shape[0]}
     if ours is not None:
         f = box["r"][1].reshape(-1, 3)
-        res["deepmd_force_diff"] = float(abs(f - ours["force"].get()).max())
+        res[key + "_force_diff"] = float(abs(f - ours["force"].get()).max())
         e = ours["energy"].get().ravel()
-        res["deepmd_energy_rel_diff"] = float(abs(box["r"][0].ravel() - e).max() / abs(e).max())
+        res[key + "_energy_rel_diff"] = float(abs(box["r"][0].ravel() - e).max() / abs(e).max())
     return res
 
 
@@ -126,6 +129,12 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--deepmd", action="store_true", help="also DeePMD-kit's DeepPot.eval on the same batch")
+    ap.add_argument(
+        "--deepmd-fp32",
+        action="store_true",
+        help="also DeePMD-kit's DeepPot.eval of the same model built in float32 (timing only; the reference "
+        "for the mixed and tf32 variants, as the se_e2_a table's DeePMD-kit FP32 column)",
+    )
     ap.add_argument("--variants", nargs="+", default=None, help="run only these (default: all; base is the reference)")
     args = ap.parse_args()
     import cupy as xp
@@ -186,6 +195,11 @@ def main():
     if args.deepmd:
         res.update(deepmd_case(path, data, outs.get("trim"), args.reps))
         print("deepmd", f"{res['deepmd']:.3f} us/atom", flush=True)
+    if args.deepmd_fp32:
+        path32 = out / f"m{args.attn_layer}_fp32.dp"
+        make_model(path32, args.attn_layer, "float32")
+        res.update(deepmd_case(path32, data, None, args.reps, key="deepmd_fp32"))
+        print("deepmd_fp32", f"{res['deepmd_fp32']:.3f} us/atom", flush=True)
     line = json.dumps(res)
     print(line)
     (out / f"bench_engine_attn_ab_l{args.attn_layer}_w{args.walkers}.json").write_text(line + "\n")
