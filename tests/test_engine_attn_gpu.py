@@ -119,5 +119,5 @@ def test_cupy_tf32_mixed(model_cache, monkeypatch, name):
         e32, etf = rel_err(cp.asnumpy(fp32[k]), ref[k]), rel_err(cp.asnumpy(tf32[k]), ref[k])
         moved = rel_err(cp.asnumpy(tf32[k]), cp.asnumpy(fp32[k]))
         print(name, k, f"mixed {e32:.1e}  mixed+tf32 {etf:.1e}  tf32 vs mixed {moved:.1e}")
-        assert e32 <= 1e-5 and etf <= 5e-3, k
+        assert e32 <= 1e-4 and etf <= 5e-3, k
     assert rel_err(cp.asnumpy(tf32["force"]), cp.asnumpy(fp32["force"])) > 1e-6, "TF32 changed nothing"
