@@ -21,6 +21,7 @@ from dpsnake.engine.model import DPModel, load_model
 from dpsnake.engine.neighbor import NeighborBuilder, _CellGeometry, chunk_stats, pbc_axes
 from dpsnake.engine.settings import EngineContext, EngineSettings
 from dpsnake.engine.tabulate import Compression
+from dpsnake.engine.verlet import KeptNeighbors
 from dpsnake.engine.xp import HostCopy, array_namespace, keep_freed_memory, to_numpy
 from dpsnake.errors import UserError
 
@@ -133,6 +134,7 @@ class EnsembleBase:
         self.grid_misses = 0  # calls redone: cells moved beyond the kept bin grid, or ghosts beyond room
         self._csize = {}
         self._nworkers = None  # threads running chunks on CPUs (_workers)
+        self._kept = None  # KeptNeighbors on NumPy with settings.skin (_neighbors)
         self._blas = None  # threadpoolctl's controller of the BLAS libraries (_workers)
 
     def _load(self, model):
@@ -176,6 +178,16 @@ class EnsembleBase:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
+
+    def _neighbors(self, xp, coords, atype, system, cells, pbc_h, sel, pair_exclude, reuse_grid):
+        """This call's neighbour search (``chunk(centers)``): a NeighborBuilder, or on NumPy with
+        settings.skin > 0 the candidates kept between calls (engine/verlet.py)."""
+        rcut = self.models[0].rcut
+        if xp is np and self.settings.skin > 0:
+            if self._kept is None:
+                self._kept = KeptNeighbors(self.settings.skin)
+            return self._kept.builder(coords, atype, system, cells, pbc_h, rcut, sel, pair_exclude, self.ctx)
+        return NeighborBuilder(xp, coords, atype, system, cells, pbc_h, rcut, sel, pair_exclude, reuse_grid, self.ctx)
 
     def _jobs(self, counts, csize: int) -> list:
         """(centre type, first, end) positions in a layout's type order, chunks of ``csize`` centres."""
@@ -359,19 +371,7 @@ class Ensemble(EnsembleBase):
         m0 = self.models[0]
         ctx = self.ctx
         guessing = _guess_widths(xp, self.settings.widths) and not exact
-        nb = NeighborBuilder(
-            xp,
-            coords,
-            atype,
-            system,
-            cells,
-            layout.pbc_h,
-            m0.rcut,
-            m0.sel,
-            m0.pair_exclude,
-            reuse_grid=guessing,
-            ctx=ctx,
-        )
+        nb = self._neighbors(xp, coords, atype, system, cells, layout.pbc_h, m0.sel, m0.pair_exclude, guessing)
         nb_check = None if nb.check is None else HostCopy(nb.check)
         order_dev, counts = layout.order, layout.counts
         csize = self._chunk_size(xp)

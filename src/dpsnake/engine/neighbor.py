@@ -143,6 +143,7 @@ class NeighborBuilder:
                 )
         if out is not None and self.room is None and pbc_h.all():  # room for the next call's ghosts
             kept["room"] = _room(int(out.owner.shape[0]) - N, None)
+        self.geo = grid.geo  # _CellGeometry (None in a grid remade on the device: not read there)
         self.total_bins = int(grid.boff[-1])
         self._host = {"lo": grid.lo, "bsize": grid.bsize, "nb": grid.nb, "boff": grid.boff}
         self._dev = {}
@@ -331,23 +332,7 @@ class NeighborBuilder:
     def chunk(self, centers) -> NeighborChunk:
         """Select the neighbours of ``centers`` (n,) global atom indices."""
         xp = self.xp
-        n = int(centers.shape[0])
-        nnei = self.nnei
-        if self._geo is not None:  # kernel path of the build: one launch
-            start, cnt = nbk.bin_ranges(xp, centers, self.cbin, self.system, self._geo, self.edges)
-        else:
-            sysc = self.system[centers]
-            cb = self.cbin[centers]  # (n, 3)
-            nbc = self.nb[sysc]
-            off = xp.asarray(
-                np.stack(np.meshgrid([-1, 0, 1], [-1, 0, 1], [-1, 0, 1], indexing="ij"), -1).reshape(-1, 3)
-            )
-            b3 = cb[:, None, :] + off[None]  # (n, 27, 3)
-            inb = ((b3 >= 0) & (b3 < nbc[:, None, :])).all(axis=2)
-            bid = self.boff[sysc][:, None] + (b3[..., 0] * nbc[:, None, 1] + b3[..., 1]) * nbc[:, None, 2] + b3[..., 2]
-            bid = xp.where(inb, bid, 0)
-            start = self.bstart[bid]
-            cnt = xp.where(inb, self.bcount[bid], 0)
+        start, cnt = self.bin_ranges(centers)
         if self.use_kernel:
             ctx = self.ctx
             args = (xp, self.rcut, self.sel, self.sec, self.wrapped[centers], centers, start, cnt, *self.sorted_ext())
@@ -361,6 +346,29 @@ class NeighborBuilder:
             if out is None:
                 out = selection.select_neighbors(*args, consts=consts)
             return self._finish(centers, *out)
+        cand, d, r, ok = self.candidates(centers, start, cnt)
+        return self._finish(centers, *select(xp, cand, d, r, ok, self.eowner, self.etype, self.sel))
+
+    def bin_ranges(self, centers):
+        """(start (n, 27), count (n, 27)): the bin-order ranges of the 27 bins around each centre."""
+        xp = self.xp
+        if self._geo is not None:  # kernel path of the build: one launch
+            return nbk.bin_ranges(xp, centers, self.cbin, self.system, self._geo, self.edges)
+        sysc = self.system[centers]
+        cb = self.cbin[centers]  # (n, 3)
+        nbc = self.nb[sysc]
+        off = xp.asarray(np.stack(np.meshgrid([-1, 0, 1], [-1, 0, 1], [-1, 0, 1], indexing="ij"), -1).reshape(-1, 3))
+        b3 = cb[:, None, :] + off[None]  # (n, 27, 3)
+        inb = ((b3 >= 0) & (b3 < nbc[:, None, :])).all(axis=2)
+        bid = self.boff[sysc][:, None] + (b3[..., 0] * nbc[:, None, 1] + b3[..., 1]) * nbc[:, None, 2] + b3[..., 2]
+        bid = xp.where(inb, bid, 0)
+        return self.bstart[bid], xp.where(inb, self.bcount[bid], 0)
+
+    def candidates(self, centers, start, cnt):
+        """Array code: the ext atoms of the 27 bins around each centre (``bin_ranges``): ext index
+        ``cand`` (n, C), displacement ``d`` (n, C, 3) from the wrapped centre, distance ``r`` (n, C) and
+        ``ok`` (n, C): within rcut and not the centre itself."""
+        xp, n = self.xp, int(centers.shape[0])
         k = xp.arange(self.kmax)
         ok = k[None, None, :] < cnt[:, :, None]  # (n, 27, K)
         pos = xp.where(ok, start[:, :, None] + k[None, None, :], 0)
@@ -370,35 +378,7 @@ class NeighborBuilder:
         d -= self.wrapped[centers][:, None, :]
         r = xp.sqrt(dot3(d, d))
         ok &= (r <= self.rcut) & (cand != centers[:, None])
-        nwithin = ok.sum(axis=1)
-        r = xp.where(ok, r, xp.inf)
-        ncand = r.shape[1]
-        if ncand < nnei:  # pad so that every centre has nnei sorted entries
-            r = xp.concatenate([r, xp.full((n, nnei - ncand), xp.inf)], axis=1)
-            cand = xp.concatenate([cand, xp.zeros((n, nnei - ncand), dtype=cand.dtype)], axis=1)
-            d = xp.concatenate([d, xp.zeros((n, nnei - ncand, 3))], axis=1)
-        srt = xp.argsort(r, axis=1)[:, :nnei]
-        srt += (xp.arange(n) * r.shape[1])[:, None]  # flat positions: 1-D gathers (take_rows)
-        rs = xp.take(r.reshape(-1), srt)
-        cs = xp.take(cand.reshape(-1), srt)
-        ds = take_rows(xp, d.reshape(-1, 3), srt)
-        vs = xp.isfinite(rs)
-        ts = self.etype[cs]
-        overflow = nwithin > nnei
-        slot = xp.full((n, nnei), nnei, dtype=xp.int64)  # nnei = the dump column
-        for t, st in enumerate(self.sel):
-            is_t = vs & (ts == t)
-            rank = xp.cumsum(is_t, axis=1) - 1
-            keep = is_t & (rank < st)
-            overflow |= (is_t & (rank >= st)).any(axis=1)
-            slot = xp.where(keep, int(self.sec[t]) + rank, slot)
-        rows = xp.broadcast_to(xp.arange(n)[:, None], (n, nnei))
-        owner = xp.full((n, nnei + 1), -1, dtype=xp.int64)
-        dd = xp.zeros((n, nnei + 1, 3), dtype=xp.float64)
-        owner[rows, slot] = xp.where(slot < nnei, self.eowner[cs], -1)
-        dd[rows, slot] = ds
-        owner, dd = owner[:, :nnei], dd[:, :nnei]
-        return self._finish(centers, owner, dd, overflow)
+        return cand, d, r, ok
 
     def _finish(self, centers, owner, dd, overflow, stats=None) -> NeighborChunk:
         """Model pair exclusions turn pairs into empty slots; zero displacements of empty slots."""
@@ -418,6 +398,44 @@ class NeighborBuilder:
 
 def _select_warp(args, consts):
     return selection.select_neighbors_warp(*args, consts=consts)
+
+
+def select(xp, cand, d, r, ok, owner_of, type_of, sel):
+    """DeePMD-kit's selection (array code) from candidates ``cand`` (n, C) with displacements ``d``
+    (n, C, 3), distances ``r`` (n, C) and ``ok`` (n, C) (within rcut): the nearest ``sum(sel)`` of
+    any type in distance order, split by type, type t keeping its first ``sel[t]`` in block t.
+    ``owner_of`` / ``type_of`` map a candidate to its atom and type (None: it is the atom). Returns
+    owner (n, nnei) (-1: empty), d (n, nnei, 3) and overflow (n,) (a centre lost neighbours)."""
+    n, nnei = ok.shape[0], sum(sel)
+    sec = np.concatenate([[0], np.cumsum(sel)]).astype(int)
+    nwithin = ok.sum(axis=1)
+    r = xp.where(ok, r, xp.inf)
+    ncand = r.shape[1]
+    if ncand < nnei:  # pad so that every centre has nnei sorted entries
+        r = xp.concatenate([r, xp.full((n, nnei - ncand), xp.inf)], axis=1)
+        cand = xp.concatenate([cand, xp.zeros((n, nnei - ncand), dtype=cand.dtype)], axis=1)
+        d = xp.concatenate([d, xp.zeros((n, nnei - ncand, 3))], axis=1)
+    srt = xp.argsort(r, axis=1)[:, :nnei]
+    srt += (xp.arange(n) * r.shape[1])[:, None]  # flat positions: 1-D gathers (take_rows)
+    rs = xp.take(r.reshape(-1), srt)
+    cs = xp.take(cand.reshape(-1), srt)
+    ds = take_rows(xp, d.reshape(-1, 3), srt)
+    vs = xp.isfinite(rs)
+    ts = type_of[cs]
+    overflow = nwithin > nnei
+    slot = xp.full((n, nnei), nnei, dtype=xp.int64)  # nnei = the dump column
+    for t, st in enumerate(sel):
+        is_t = vs & (ts == t)
+        rank = xp.cumsum(is_t, axis=1) - 1
+        keep = is_t & (rank < st)
+        overflow |= (is_t & (rank >= st)).any(axis=1)
+        slot = xp.where(keep, int(sec[t]) + rank, slot)
+    rows = xp.broadcast_to(xp.arange(n)[:, None], (n, nnei))
+    owner = xp.full((n, nnei + 1), -1, dtype=xp.int64)
+    dd = xp.zeros((n, nnei + 1, 3), dtype=xp.float64)
+    owner[rows, slot] = xp.where(slot < nnei, cs if owner_of is None else owner_of[cs], -1)
+    dd[rows, slot] = ds
+    return owner[:, :nnei], dd[:, :nnei], overflow
 
 
 class _CellGeometry:

@@ -54,6 +54,11 @@ class EngineSettings:
     the caller set them), 1: chunks one after the other with BLAS's own threads. Results do not
     depend on it (each chunk's sums are added in chunk order). With None, a call of less than 32 MB of
     work memory (ensemble.CPU_POOL_MIN_MB: the demo's 256 atoms) runs its chunks one after the other."""
+    skin: float = 0.0
+    """On CPUs (NumPy): keep each batch's neighbour candidates within rcut + skin (A) between calls and
+    rebuild them only when an atom may have come within rcut unseen (a Verlet list, engine/verlet.py);
+    for MD, where positions move little per call (the explorer sets 1.0 on CPUs). 0: a full search
+    every call (calls on unrelated frames would rebuild every time)."""
     kernels: bool = True
     """The engine's CUDA kernels for CuPy arrays (selection, fused and tabulated embedding nets);
     False: CuPy runs the array code. Was ``DPSNAKE_KERNELS=0``."""
@@ -109,6 +114,8 @@ class EngineSettings:
             raise ValueError(f"EngineSettings.tab_lps={self.tab_lps} is not a power of two <= 32")
         if self.cpu_workers is not None and not (isinstance(self.cpu_workers, int) and self.cpu_workers >= 1):
             raise ValueError(f"EngineSettings.cpu_workers={self.cpu_workers!r} must be an int >= 1 or None")
+        if not (isinstance(self.skin, (int, float)) and self.skin >= 0):
+            raise ValueError(f"EngineSettings.skin={self.skin!r} must be a number >= 0 (A)")
         if self.chunk_mb is not None and not self.chunk_mb > 0:
             raise ValueError(f"EngineSettings.chunk_mb={self.chunk_mb} must be positive")
 

@@ -130,11 +130,18 @@ def pick_xp(device: str, shard: int | None = None):
         return np
 
 
+# A (the DeePMD-kit provider's default, half LAMMPS's metal-units one): at 600 K the demo rebuilds its
+# kept neighbour candidates every ~10-30 steps
+MD_SKIN = 1.0
+
+
 def make_provider(model_paths, precision: str, xp, compress: float | None = None, tf32: bool = False):
     """(EnsembleProvider, type_map) for the given model files (or models already loaded with
     ``load_model`` / ``load_any``: se_e2_a or se_atten(_v2)); ``compress``: min_nbor_dist (A) to run tabulated embedding nets, or None;
-    ``tf32``: the engine setting (FP32 fitting GEMMs on TF32 tensor cores, CuPy only)."""
+    ``tf32``: the engine setting (FP32 GEMMs on TF32 tensor cores, CuPy only). On CPUs the ensemble
+    keeps its neighbour candidates between steps (settings ``skin`` :data:`MD_SKIN`)."""
     from dpsnake.engine.dispatch import load_any, make_ensemble
+    from dpsnake.engine.settings import EngineSettings
     from dpsnake.md.providers import EnsembleProvider
 
     models = []
@@ -148,6 +155,7 @@ def make_provider(model_paths, precision: str, xp, compress: float | None = None
         xp=xp,
         compress=None if compress is None else {"min_nbor_dist": compress},
         tf32=tf32,
+        settings=EngineSettings(skin=MD_SKIN) if xp.__name__ == "numpy" else None,
     )
     return EnsembleProvider(ens), list(models[0].type_map)
 

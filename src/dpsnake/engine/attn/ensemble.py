@@ -26,7 +26,7 @@ from dpsnake.engine.ensemble import (
     _scatter_add,
     _segment,
 )
-from dpsnake.engine.neighbor import NeighborBuilder, chunk_stats
+from dpsnake.engine.neighbor import chunk_stats
 from dpsnake.engine.xp import HostCopy, to_numpy
 
 
@@ -108,18 +108,8 @@ class AttnEnsemble(EnsembleBase):
         m0 = self.models[0]
         guessing = _guess_widths(xp, self.settings.widths) and not exact
         # one type block of nnei slots: the nearest nnei atoms of any type, in distance order
-        nb = NeighborBuilder(
-            xp,
-            coords,
-            xp.zeros(N, dtype=xp.int64),
-            system,
-            cells,
-            layout.pbc_h,
-            m0.rcut,
-            [m0.nnei],
-            None,
-            reuse_grid=guessing,
-            ctx=self.ctx,
+        nb = self._neighbors(
+            xp, coords, xp.zeros(N, dtype=xp.int64), system, cells, layout.pbc_h, [m0.nnei], None, guessing
         )
         nb_check = None if nb.check is None else HostCopy(nb.check)
         # the type of each system's first atom (DeePMD-kit's type for empty slots)

@@ -1,0 +1,105 @@
+"""Neighbour candidates kept between the calls of an MD run on NumPy: a Verlet list with a skin.
+
+The array-code neighbour search (:class:`~dpsnake.engine.neighbor.NeighborBuilder`) makes ghost images
+and bins and looks at every atom of the 27 bins around each centre on every call: ~6 of the ~13 ms of a
+force call of the CPU demo's 256 atoms. With ``EngineSettings.skin`` > 0 an ensemble keeps, per
+layout, every pair within ``rcut + skin`` (LAMMPS's ``neighbor SKIN``) as (centre, atom, integer
+lattice translation T): the pair's displacement now is ``x[atom] - x[centre] + T @ h`` with the
+current positions and (effective) cells, so a call only measures its ~1.6x more candidates than
+neighbours and runs the same selection (:func:`~dpsnake.engine.neighbor.select`). The same neighbours
+as a fresh search; displacements equal to rounding (the fresh search subtracts wrapped positions).
+
+Rebuild rule (per call, conservative, as :mod:`dpsnake.md.deepmd_lower`): the list is kept while, for
+every system, ``2 max_i |dx_i| + sqrt(3) T_max |dh|_F < skin`` (dx: motion since the build, dh: change of
+the cell (NPT), T_max = 2 (images + largest wrap at the build) + 1 bounds the lattice translation of
+any pair the build could have listed). Other atoms, systems or periodicity: a new build.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from dpsnake.engine.neighbor import NeighborBuilder, NeighborChunk, effective_cells, select
+from dpsnake.engine.xp import dot3, take_rows
+
+_BUILD_CENTRES = 4096  # centres per candidate gather while building (bounded memory)
+
+
+class KeptNeighbors:
+    """The kept candidates of one ensemble (NumPy only); :meth:`builder` replaces a NeighborBuilder.
+
+    ``builds`` counts the lists built, ``calls`` the calls served."""
+
+    def __init__(self, skin: float):
+        self.skin = float(skin)
+        self.builds = self.calls = 0
+        self._key = None
+
+    def builder(self, coords, atype, system, cells, pbc_h, rcut, sel, pair_exclude, ctx):
+        """An object with NeighborBuilder's ``chunk(centers)`` for this call (a new list when stale)."""
+        h = np.asarray(cells, dtype=np.float64) if pbc_h.all() else effective_cells(np, cells, pbc_h)
+        key = (pbc_h.tobytes(), float(rcut), tuple(int(s) for s in sel), coords.shape[0], cells.shape[0])
+        if self._stale(key, coords, atype, system, h):
+            self._build(key, coords, atype, system, cells, pbc_h, h, rcut, sel, pair_exclude, ctx)
+        self.calls += 1
+        return _KeptView(self, coords, h, system, rcut)
+
+    def _stale(self, key, coords, atype, system, h) -> bool:
+        if key != self._key or not (np.array_equal(atype, self.atype) and np.array_equal(system, self.system)):
+            return True
+        dx = coords - self.x0
+        move = np.zeros(h.shape[0])
+        np.maximum.at(move, system, np.sqrt(dot3(dx, dx)))
+        dh = np.sqrt(((h - self.h0) ** 2).sum(axis=(1, 2)))
+        return bool((2.0 * move + math.sqrt(3.0) * self.t_max * dh >= self.skin).any())
+
+    def _build(self, key, coords, atype, system, cells, pbc_h, h, rcut, sel, pair_exclude, ctx):
+        nb = NeighborBuilder(np, coords, atype, system, cells, pbc_h, rcut + self.skin, sel, pair_exclude, ctx=ctx)
+        N, inv = coords.shape[0], nb.geo.inv
+        parts = []
+        for a in range(0, N, _BUILD_CENTRES):
+            centers = np.arange(a, min(N, a + _BUILD_CENTRES))
+            cand, d, _, ok = nb.candidates(centers, *nb.bin_ranges(centers))
+            # the candidates within rcut + skin first, then cut to the most any centre has
+            first = np.argsort(~ok, axis=1, kind="stable")[:, : max(1, int(ok.sum(axis=1).max(initial=0)))]
+            ok = np.take_along_axis(ok, first, 1)
+            cand = np.take_along_axis(cand, first, 1)
+            d = np.take_along_axis(d, first[:, :, None], 1)
+            atom = np.where(ok, nb.eowner[cand], centers[:, None])
+            # d = x[atom] - x[centre] + T h: T, integers, from the build's displacement
+            frac = np.matmul(d - (coords[atom] - coords[centers][:, None, :]), inv[system[centers]])
+            parts.append((atom, np.where(ok[..., None], np.rint(frac), 0.0), ok))
+        C = max(p[0].shape[1] for p in parts)
+        self.atom = np.zeros((N, C), dtype=np.int64)
+        self.T, self.ok = np.zeros((N, C, 3)), np.zeros((N, C), dtype=bool)
+        for (atom, T, ok), a in zip(parts, range(0, N, _BUILD_CENTRES)):
+            b, c = a + atom.shape[0], atom.shape[1]
+            self.atom[a:b, :c], self.T[a:b, :c], self.ok[a:b, :c] = atom, T, ok
+            self.atom[a:b, c:] = np.arange(a, b)[:, None]  # padding points at the centre (never ok)
+        frac = np.matmul(coords[:, None, :], inv[system])[:, 0]
+        wrap = np.abs(np.floor(frac))[pbc_h[system]]  # the wrap of each atom into its cell
+        self.t_max = 2.0 * (nb.geo.nimg + float(wrap.max(initial=0.0))) + 1.0
+        self.x0, self.h0, self._key = coords.copy(), h.copy(), key
+        self.atype, self.system = atype.copy(), system.copy()
+        self.nb, self.sel = nb, [int(s) for s in sel]
+        self.builds += 1
+
+
+class _KeptView:
+    """One call's neighbour selection from the kept candidates (NeighborBuilder's ``chunk``)."""
+
+    def __init__(self, kept: KeptNeighbors, coords, h, system, rcut):
+        self.kept, self.coords, self.h, self.system, self.rcut = kept, coords, h, system, float(rcut)
+        self.check = None  # nothing guessed: no device check (NeighborBuilder's contract)
+
+    def chunk(self, centers) -> NeighborChunk:
+        k = self.kept
+        atom, ok = k.atom[centers], k.ok[centers]
+        d = take_rows(np, self.coords, atom)
+        d -= self.coords[centers][:, None, :]
+        d += np.matmul(k.T[centers], self.h[self.system[centers]])
+        r = np.sqrt(dot3(d, d))
+        ok = ok & (r <= self.rcut)
+        return k.nb._finish(centers, *select(np, atom, d, r, ok, None, k.nb.atype, k.sel))
