@@ -72,8 +72,9 @@ class KeptNeighbors:
             frac = np.matmul(d - (coords[atom] - coords[centers][:, None, :]), inv[system[centers]])
             parts.append((atom, np.where(ok[..., None], np.rint(frac), 0.0), ok))
         C = max(p[0].shape[1] for p in parts)
-        self.atom = np.zeros((N, C), dtype=np.int64)
-        self.T, self.ok = np.zeros((N, C, 3)), np.zeros((N, C), dtype=bool)
+        # ~1 KB per atom for ~100 candidates: int32 atoms, int16 translations (|T| is a few cells)
+        self.atom = np.zeros((N, C), dtype=np.int32)
+        self.T, self.ok = np.zeros((N, C, 3), dtype=np.int16), np.zeros((N, C), dtype=bool)
         for (atom, T, ok), a in zip(parts, range(0, N, _BUILD_CENTRES)):
             b, c = a + atom.shape[0], atom.shape[1]
             self.atom[a:b, :c], self.T[a:b, :c], self.ok[a:b, :c] = atom, T, ok
@@ -99,7 +100,7 @@ class _KeptView:
         atom, ok = k.atom[centers], k.ok[centers]
         d = take_rows(np, self.coords, atom)
         d -= self.coords[centers][:, None, :]
-        d += np.matmul(k.T[centers], self.h[self.system[centers]])
+        d += np.matmul(k.T[centers].astype(np.float64), self.h[self.system[centers]])
         r = np.sqrt(dot3(d, d))
         ok = ok & (r <= self.rcut)
         return k.nb._finish(centers, *select(np, atom, d, r, ok, None, k.nb.atype, k.sel))
