@@ -10,7 +10,6 @@ import warnings
 
 import numpy as np
 import pytest
-from ase import Atoms
 from engine_helpers import cluster, fcc, rel_err, triclinic
 from test_engine_attn import attn_model
 from test_mixed_pbc import slab, wire
@@ -85,9 +84,10 @@ def test_an_atom_from_beyond_the_list_is_found(cu_model):
 
 
 def test_rebuild_rule(cu_model):
-    """No motion: one build for many calls. A move of one atom by half the skin, a cell strained past
-    the bound, other types: each a new build. Smaller changes: none."""
-    at = Atoms("Cu32", positions=fcc(rep=(2, 2, 2), seed=1).positions, cell=fcc(rep=(2, 2, 2)).cell, pbc=True)
+    """No motion: one build for many calls. Cell and positions strained together (an NPT barostat's
+    scaling): kept below the strain bound, rebuilt above it. One atom moved by just under / over half
+    the skin: kept / rebuilt. The same types in a new array: kept; another periodicity: rebuilt."""
+    at = fcc(rep=(2, 2, 2), seed=1)
     x0, cell0 = at.positions, at.cell.array[None]
     atype, system, pbc = np.zeros(32, int), np.zeros(32, int), np.ones((1, 3), bool)
     ens = make_ensemble([str(cu_model["dp"])], xp=np, settings=EngineSettings(skin=1.0))
@@ -95,20 +95,23 @@ def test_rebuild_rule(cu_model):
         ens.evaluate(x0, atype, system, cell0, pbc)
     kept = ens._kept
     assert (kept.builds, kept.calls) == (1, 3)
-    x = x0.copy()
-    x[5, 0] += 0.45  # 2 x 0.45 < 1.0: kept
-    ens.evaluate(x, atype, system, cell0, pbc)
-    assert kept.builds == 1
-    x[5, 0] += 0.06  # 2 x 0.51 >= 1.0: rebuilt
-    ens.evaluate(x, atype, system, cell0, pbc)
+    # a cubic cell strained by e, atoms with it: the rule's strain term is 3 rcut e / (1 + e)
+    rc = ens.models[0].rcut
+    for frac, builds in ((0.9, 1), (1.1, 2)):
+        e = frac / (3.0 * rc - frac)
+        ens.evaluate(x0 * (1 + e), atype, system, cell0 * (1 + e), pbc)
+        assert kept.builds == builds, frac
+    x, cell = x0 * (1 + e), cell0 * (1 + e)
+    x[5, 0] += 0.49  # 2 x 0.49 < 1.0: kept
+    ens.evaluate(x, atype, system, cell, pbc)
     assert kept.builds == 2
-    dh = 0.9 / (np.sqrt(3.0) * kept.t_max)  # a cell change just below / above the bound
-    ens.evaluate(x, atype, system, cell0 + np.eye(3) * dh / np.sqrt(3.0), pbc)
-    assert kept.builds == 2
-    ens.evaluate(x, atype, system, cell0 + np.eye(3) * 1.2 * dh, pbc)
+    x[5, 0] += 0.02  # 2 x 0.51 >= 1.0: rebuilt
+    ens.evaluate(x, atype, system, cell, pbc)
     assert kept.builds == 3
-    ens.evaluate(x, np.ones(32, int) * 0, system, cell0 + np.eye(3) * 1.2 * dh, pbc)
-    assert kept.builds == 3  # the same types in a new array: kept
+    ens.evaluate(x, np.zeros(32, int), system.copy(), cell, pbc)
+    assert kept.builds == 3
+    ens.evaluate(x, atype, system, cell, np.array([[True, True, False]]))  # other periodicity
+    assert kept.builds == 4
     with pytest.raises(ValueError, match="skin"):
         EngineSettings(skin=-1.0)
 

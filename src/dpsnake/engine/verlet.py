@@ -9,15 +9,16 @@ current positions and (effective) cells, so a call only measures its ~1.6x more 
 neighbours and runs the same selection (:func:`~dpsnake.engine.neighbor.select`). The same neighbours
 as a fresh search; displacements equal to rounding (the fresh search subtracts wrapped positions).
 
-Rebuild rule (per call, conservative, as :mod:`dpsnake.md.deepmd_lower`): the list is kept while, for
-every system, ``2 max_i |dx_i| + sqrt(3) T_max |dh|_F < skin`` (dx: motion since the build, dh: change of
-the cell (NPT), T_max = 2 (images + largest wrap at the build) + 1 bounds the lattice translation of
-any pair the build could have listed). Other atoms, systems or periodicity: a new build.
+Rebuild rule (per call, per system; sufficient): with f the fractional coordinates (x = f h), a pair's
+displacement is d = F h with F = f_atom - f_centre + T. Between the build (h0) and now (h),
+d - d0 = dF h + F0 (h - h0); for a pair within rcut now |F_k| <= rcut |column k of h^-1|, and F0 differs
+by dF, at most 2 max |df_k|. So every such pair was within rcut + skin at the build (a candidate) while
+``2 max_i |df_i h| + |F0 bound| |h - h0|_F < skin``: atoms' motion beyond the cell's own strain (an NPT
+barostat's scaling of positions is no motion here), plus the strain over the pair's span. Other atoms,
+types, systems or periodicity: a new build.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
@@ -47,13 +48,20 @@ class KeptNeighbors:
         return _KeptView(self, coords, h, system, rcut)
 
     def _stale(self, key, coords, atype, system, h) -> bool:
+        """The module's rule: True when a pair now within rcut may have been beyond rcut + skin at the build."""
         if key != self._key or not (np.array_equal(atype, self.atype) and np.array_equal(system, self.system)):
             return True
-        dx = coords - self.x0
-        move = np.zeros(h.shape[0])
+        inv = np.linalg.inv(h)
+        df = np.matmul(coords[:, None, :], inv[system])[:, 0] - self.f0  # fractional motion (N, 3)
+        S = h.shape[0]
+        move, dfmax = np.zeros(S), np.zeros((S, 3))
+        dx = np.matmul(df[:, None, :], h[system])[:, 0]  # the motion beyond the cell's own strain, A
         np.maximum.at(move, system, np.sqrt(dot3(dx, dx)))
+        np.maximum.at(dfmax, system, np.abs(df))
+        # a pair within rcut now spans at most rcut |column k of inv| + 2 max |df_k| cells along k
+        span = self.rcut * np.sqrt((inv * inv).sum(axis=1)) + 2.0 * dfmax
         dh = np.sqrt(((h - self.h0) ** 2).sum(axis=(1, 2)))
-        return bool((2.0 * move + math.sqrt(3.0) * self.t_max * dh >= self.skin).any())
+        return bool((2.0 * move + np.sqrt((span * span).sum(axis=1)) * dh >= self.skin).any())
 
     def _build(self, key, coords, atype, system, cells, pbc_h, h, rcut, sel, pair_exclude, ctx):
         nb = NeighborBuilder(np, coords, atype, system, cells, pbc_h, rcut + self.skin, sel, pair_exclude, ctx=ctx)
@@ -79,10 +87,8 @@ class KeptNeighbors:
             b, c = a + atom.shape[0], atom.shape[1]
             self.atom[a:b, :c], self.T[a:b, :c], self.ok[a:b, :c] = atom, T, ok
             self.atom[a:b, c:] = np.arange(a, b)[:, None]  # padding points at the centre (never ok)
-        frac = np.matmul(coords[:, None, :], inv[system])[:, 0]
-        wrap = np.abs(np.floor(frac))[pbc_h[system]]  # the wrap of each atom into its cell
-        self.t_max = 2.0 * (nb.geo.nimg + float(wrap.max(initial=0.0))) + 1.0
-        self.x0, self.h0, self._key = coords.copy(), h.copy(), key
+        self.f0 = np.matmul(coords[:, None, :], np.linalg.inv(h)[system])[:, 0]  # fractional positions
+        self.h0, self.rcut, self._key = h.copy(), float(rcut), key
         self.atype, self.system = atype.copy(), system.copy()
         self.nb, self.sel = nb, [int(s) for s in sel]
         self.builds += 1
