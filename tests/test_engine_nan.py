@@ -18,14 +18,16 @@ def _flat(ats):
     return coords, np.zeros(len(coords), dtype=int), system, cells
 
 
+@pytest.mark.parametrize("skin", [0.0, 1.0])  # 1.0: candidates kept between calls (engine/verlet.py)
 @pytest.mark.parametrize("precision", ["double", "mixed"])
-def test_nan_system_does_not_leak(cu_model, precision):
+def test_nan_system_does_not_leak(cu_model, precision, skin):
     from dpsnake.engine.ensemble import Ensemble
+    from dpsnake.engine.settings import EngineSettings
 
     bad = fcc(rep=(1, 1, 2), seed=5)
     bad.positions[1] = bad.positions[0]  # r = 0: NaN energy and forces in this system
     good = [fcc(rep=(2, 1, 1), seed=6), fcc(rep=(1, 2, 1), seed=7)]
-    ens = Ensemble([cu_model["dp"]], precision=precision)
+    ens = Ensemble([cu_model["dp"]], precision=precision, settings=EngineSettings(skin=skin))
     # the NaN system in the middle: flat atom 0 (where empty slots used to scatter) is a good one's
     coords, atype, system, cells = _flat([good[0], bad, good[1]])
     pbc = np.array([True, True, False])
@@ -34,6 +36,9 @@ def test_nan_system_does_not_leak(cu_model, precision):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # 0/0 inside the NaN system
         out = ens.evaluate(coords, atype, system, cells, pbc, atomic=True)
+        again = ens.evaluate(coords, atype, system, cells, pbc, atomic=True)  # kept list: NaN rebuilds
+    for k in ("energy", "force", "virial"):
+        np.testing.assert_array_equal(again[k], out[k])
     assert not np.isfinite(out["energy"][0, 1]) and not np.isfinite(out["force"][0, n0 : n0 + nb]).all()
     alone = ens.evaluate(*_flat(good), pbc[[0, 2]], atomic=True)
     assert np.isfinite(out["force"][0, keep]).all() and np.isfinite(out["virial"][0, [0, 2]]).all()

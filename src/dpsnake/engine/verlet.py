@@ -51,7 +51,10 @@ class KeptNeighbors:
         """The module's rule: True when a pair now within rcut may have been beyond rcut + skin at the build."""
         if key != self._key or not (np.array_equal(atype, self.atype) and np.array_equal(system, self.system)):
             return True
-        inv = np.linalg.inv(h)
+        try:
+            inv = np.linalg.inv(h)
+        except np.linalg.LinAlgError:  # a singular cell: the build says which, in one line
+            return True
         df = np.matmul(coords[:, None, :], inv[system])[:, 0] - self.f0  # fractional motion (N, 3)
         S = h.shape[0]
         move, dfmax = np.zeros(S), np.zeros((S, 3))
@@ -61,7 +64,8 @@ class KeptNeighbors:
         # a pair within rcut now spans at most rcut |column k of inv| + 2 max |df_k| cells along k
         span = self.rcut * np.sqrt((inv * inv).sum(axis=1)) + 2.0 * dfmax
         dh = np.sqrt(((h - self.h0) ** 2).sum(axis=(1, 2)))
-        return bool((2.0 * move + np.sqrt((span * span).sum(axis=1)) * dh >= self.skin).any())
+        # written as "not all below" so that NaN positions or cells rebuild (as a full search would run)
+        return not bool((2.0 * move + np.sqrt((span * span).sum(axis=1)) * dh < self.skin).all())
 
     def _build(self, key, coords, atype, system, cells, pbc_h, h, rcut, sel, pair_exclude, ctx):
         nb = NeighborBuilder(np, coords, atype, system, cells, pbc_h, rcut + self.skin, sel, pair_exclude, ctx=ctx)
