@@ -85,7 +85,7 @@ def test_default_workers_follow_blas_threads(cu_model):
 
 
 def test_small_calls_skip_the_pool(cu_model, monkeypatch):
-    """cpu_workers None: a call below CPU_POOL_MIN_MB of work memory (two 32-atom cells: ~6 MB) runs
+    """cpu_workers None: a call below CPU_POOL_MIN_MB of work memory (two 32-atom cells) runs
     its chunks on the calling thread with BLAS's own threads; with the bound at 0 the same call uses
     the pool. Same results either way."""
     args = flat([fcc(rep=(2, 2, 2), seed=1), fcc(rep=(2, 2, 2), seed=2)], ["Cu"])
