@@ -30,10 +30,11 @@ from dpsnake.errors import UserError
 # se_atten_v2 attn_layer 2 2184 -> 1826, attn_layer 0 373 -> 303, se_e2_a 317 -> 258 us/atom);
 # NumPy's elementwise work is single-threaded, so more cores do not call for larger chunks.
 CPU_CHUNK_MB = 64.0
-# with cpu_workers None: calls of less work memory than one chunk run their chunks one after the other
-# (BLAS threaded). The demo's 256 atoms (se_e2_a, 96 slots: 49 MB) took 13.4 ms per force call so and 14.9
-# in two threads; 512 atoms (98 MB): 27.0 vs 25.7; 1,024: 51.8 vs 41.4 (2 cores, 2026-12-05)
-CPU_POOL_MIN_MB = CPU_CHUNK_MB
+# with cpu_workers None: calls of less work memory than two chunks run their chunks one after the other
+# (BLAS threaded). The demo's model (se_e2_a, 96 slots, candidates kept between calls), one thread vs two,
+# ms per force call on 2 cores (2026-12-05): 256 atoms (49 MB) 9.8 vs 14.7; 512 (98 MB) 20.7 vs 24.2;
+# 1,024 (195 MB) 40.3 vs 36.4 (4 models: 127.6 vs 99.9)
+CPU_POOL_MIN_MB = 2 * CPU_CHUNK_MB
 
 
 def _compression(compress):

@@ -52,8 +52,8 @@ class EngineSettings:
     """Threads that run chunks of centres at once on CPUs (NumPy releases the GIL in its loops), BLAS
     single-threaded inside them; None: as many as BLAS has threads (OMP_NUM_THREADS and the like, as
     the caller set them), 1: chunks one after the other with BLAS's own threads. Results do not
-    depend on it (each chunk's sums are added in chunk order). With None, a call of less than 64 MB of
-    work memory (ensemble.CPU_POOL_MIN_MB: the demo's 256 atoms) runs its chunks one after the other."""
+    depend on it (each chunk's sums are added in chunk order). With None, a call of less than 128 MB of
+    work memory (ensemble.CPU_POOL_MIN_MB: the demo's 256 atoms are 49) runs its chunks one after the other."""
     skin: float = 0.0
     """On CPUs (NumPy): keep each batch's neighbour candidates within rcut + skin (A) between calls and
     rebuild them only when an atom may have come within rcut unseen (a Verlet list, engine/verlet.py);
