@@ -143,7 +143,7 @@ class NeighborBuilder:
                 )
         if out is not None and self.room is None and pbc_h.all():  # room for the next call's ghosts
             kept["room"] = _room(int(out.owner.shape[0]) - N, None)
-        self.geo = grid.geo  # _CellGeometry (None in a grid remade on the device: not read there)
+        self.geo = grid.geo  # _CellGeometry of the host grid this call's grid is (or was remade from)
         self.total_bins = int(grid.boff[-1])
         self._host = {"lo": grid.lo, "bsize": grid.bsize, "nb": grid.nb, "boff": grid.boff}
         self._dev = {}
