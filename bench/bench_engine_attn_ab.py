@@ -15,8 +15,8 @@ process. Variants (docs/benchmarks.md, "Left-out empty slots and cuBLAS op flags
 The force / energy differences of mixed and tf32 to base (FP64) are their accuracy.
 
 Prints one JSON line (us per atom, CuPy pool MB per atom, the slot counts run, max |F - F_base|,
-max relative |E - E_base|) and writes it to ``--out``/bench_engine_attn_ab_l{L}_w{W}.json; ``--profile``
-adds the torch profiler table of one default call; ``--deepmd`` times DeePMD-kit's ``DeepPot.eval`` of the
+max relative |E - E_base|) and writes it to ``--out``/bench_engine_attn_ab_l{L}_w{W}.json; ``--profile [VARIANT]``
+adds the torch profiler table of one call of VARIANT (default trim); ``--deepmd`` times DeePMD-kit's ``DeepPot.eval`` of the
 same model (``dp convert-backend`` to .pth) on the same batch in the same process (``deepmd``, us per atom;
 ``deepmd_force_diff``: max |F - F_trim|; each walker's own types through ``mixed_type``); ``--deepmd-fp32``
 the same for the model built in float32 (``deepmd_fp32``, timing only). Needs CuPy,
@@ -127,7 +127,14 @@ def main():
     ap.add_argument("--attn-layer", type=int, default=2)
     ap.add_argument("--walkers", type=int, default=256)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--profile", action="store_true")
+    ap.add_argument(
+        "--profile",
+        nargs="?",
+        const="trim",
+        default=None,
+        metavar="VARIANT",
+        help="torch profiler table of one call of VARIANT (default trim)",
+    )
     ap.add_argument("--deepmd", action="store_true", help="also DeePMD-kit's DeepPot.eval on the same batch")
     ap.add_argument(
         "--deepmd-fp32",
@@ -170,6 +177,7 @@ def main():
         ("tf32", {"tf32": True}, False),
     ]
     precision = {"mixed": "mixed", "tf32": "mixed"}  # the others: double
+    variants_all = list(variants)
     if args.variants:
         variants = [v for v in variants if v[0] in set(args.variants) | {"base"}]
     res, outs = {"atoms": N, "attn_layer": args.attn_layer, "walkers": args.walkers}, {}
@@ -189,6 +197,7 @@ def main():
         pool.free_all_blocks()
         print(label, f"{res[label]:.3f} us/atom", flush=True)
     ref = outs["base"]
+    res["base_force_rms"] = float(xp.sqrt((ref["force"] ** 2).mean()))  # the scale of the force diffs
     for label, r in outs.items():
         res[label + "_force_diff"] = float(abs(r["force"] - ref["force"]).max())
         res[label + "_energy_rel_diff"] = float((abs(r["energy"] - ref["energy"]) / abs(ref["energy"])).max())
@@ -206,8 +215,8 @@ def main():
     if args.profile:
         import torch
 
-        no_bmm[0] = False
-        ens = make_ensemble([str(path)], precision="double", xp=xp)
+        label, kw, no_bmm[0] = next(v for v in variants_all if v[0] == args.profile)
+        ens = make_ensemble([str(path)], precision=precision.get(label, "double"), xp=xp, settings=EngineSettings(**kw))
         ens.evaluate(*data)
         sync()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

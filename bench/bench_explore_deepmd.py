@@ -12,7 +12,7 @@ Subcommands:
       inputs DIR/{se_atten_v2,dpa3}_s{k}/input.json with the sizes of DeePMD-kit's examples
       (examples/water/se_atten/input_torch.json with type se_atten_v2; examples/water/dpa3/input_torch.json).
   bench MODEL... [--walkers 256] [--rep 3] [--steps 200] [--device auto|cpu|gpu] [--label NAME] [--json OUT]
-      [--provider deepmd|builtin] [--precision double|mixed] [--compress MIN_NBOR_DIST]
+      [--provider deepmd|builtin] [--precision double|mixed|tf32] [--compress MIN_NBOR_DIST]
       [--skin 1.0|none] [--dynamic-sel on|off]
       timings: explore (Explorer.loop, the real thing), force (the provider alone with the explorer's
       call pattern: 9 calls model 0 + 1 call all models per 10 steps), integrator (md step with cached
@@ -497,6 +497,7 @@ def builtin_provider(models, xp, precision, compress=None):
     import subprocess
 
     from dpsnake.engine.dispatch import make_ensemble
+    from dpsnake.engine.settings import EngineSettings
     from dpsnake.engine.tabulate import Compression
     from dpsnake.md.providers import EnsembleProvider
 
@@ -511,14 +512,18 @@ def builtin_provider(models, xp, precision, compress=None):
             )
         dp_files.append(dp)
     cmp = Compression(min_nbor_dist=compress) if compress else None
-    prov = EnsembleProvider(make_ensemble(dp_files, precision=precision, xp=xp, compress=cmp))
+    settings = EngineSettings(tf32=precision == "tf32")
+    prec = "mixed" if precision == "tf32" else precision
+    prov = EnsembleProvider(make_ensemble(dp_files, precision=prec, xp=xp, compress=cmp, settings=settings))
     prov.type_map = prov.ensemble.type_map
     return prov
 
 
 def model_dtypes(provider) -> set:
     if hasattr(provider, "ensemble"):  # the built-in engine: the precision it computes the nets in
-        return {"float64" if provider.ensemble.precision == "double" else "float32 nets"}
+        ens = provider.ensemble
+        tf32 = " (TF32 GEMMs)" if ens.settings.tf32 and ens.precision != "double" else ""
+        return {"float64" if ens.precision == "double" else "float32 nets" + tf32}
     return {str(p.dtype) for m in provider.models for p in m.parameters()}
 
 
@@ -568,7 +573,12 @@ def main() -> int:
         default="deepmd",
         help="deepmd: DeePMD-kit's PyTorch models (DeepmdProvider); builtin: dpsnake's engine on the .dp files",
     )
-    b.add_argument("--precision", choices=("double", "mixed"), default="double", help="builtin engine precision")
+    b.add_argument(
+        "--precision",
+        choices=("double", "mixed", "tf32"),
+        default="double",
+        help="builtin engine precision (tf32: mixed with settings tf32)",
+    )
     b.add_argument(
         "--compress",
         type=float,

@@ -92,6 +92,32 @@ def test_cupy_fused_core_equals_numpy(model_cache, monkeypatch, name):
         assert rel_err(cp.asnumpy(out[k]), ref[k]) <= 1e-12, k
 
 
+def test_tf32_context_covers_batched_matmul():
+    """EngineContext.tf32 puts 3-D FP32 cupy.matmul on TF32 too (cuBLAS math mode: CuPy's compute type
+    reaches only its 2-D products) and leaves both switches as it found them."""
+    from cupy._core import _routines_linalg as linalg
+    from cupy_backends.cuda.libs import cublas
+
+    from dpsnake.engine.settings import EngineContext, EngineSettings
+
+    rng = np.random.default_rng(0)
+    a64, b64 = rng.normal(size=(64, 88, 128)), rng.normal(size=(64, 128, 88))
+    ref = a64 @ b64
+    a, b = cp.asarray(a64, dtype=cp.float32), cp.asarray(b64, dtype=cp.float32)
+    handle = cp.cuda.device.get_cublas_handle()
+    mode, ctype = cublas.getMathMode(handle), linalg.get_compute_type(np.float32)
+    plain = cp.asnumpy(cp.matmul(a, b))
+    with EngineContext(EngineSettings(tf32=True)).tf32(cp, np.float32):
+        tf32 = cp.asnumpy(cp.matmul(a, b))
+        flat = cp.asnumpy(a[0] @ b[0])  # 2-D: CuPy's compute type
+    assert cublas.getMathMode(handle) == mode and linalg.get_compute_type(np.float32) == ctype
+    e_plain, e_tf32, e_flat = rel_err(plain, ref), rel_err(tf32, ref), rel_err(flat, ref[0])
+    print(f"3-D FP32 {e_plain:.1e}, 3-D TF32 {e_tf32:.1e}, 2-D TF32 {e_flat:.1e}")
+    # FP32 sums of 128 products: ~1e-7; TF32 rounds the inputs to 10 mantissa bits: ~1e-4
+    assert e_plain < 1e-5 and 1e-5 < e_tf32 < 1e-2 and 1e-5 < e_flat < 1e-2
+    assert np.array_equal(cp.asnumpy(cp.matmul(a, b)), plain)  # off again
+
+
 @pytest.mark.parametrize("name", ["v2_l2", "concat_l2"])
 def test_cupy_tf32_mixed(model_cache, monkeypatch, name):
     """settings.tf32 with mixed precision: the attention's batched products ask cuBLAS for TF32 (bmm

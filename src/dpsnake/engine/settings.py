@@ -276,18 +276,27 @@ class EngineContext:
     @contextlib.contextmanager
     def tf32(self, xp, dtype):
         """Within: FP32 cuBLAS GEMMs of CuPy (cupy.matmul and friends) use TF32 tensor cores if
-        settings.tf32; a no-op otherwise. cuda/bmm.py takes its own ``tf32`` argument."""
+        settings.tf32; a no-op otherwise. cuda/bmm.py takes its own ``tf32`` argument.
+
+        Two switches, because CuPy has two routes: 2-D products take CuPy's compute type, but
+        cupy.matmul of 3-D operands passes plain FP32 to cuBLAS whatever that says, so the cuBLAS
+        handle's math mode (CUBLAS_TF32_TENSOR_OP_MATH) is set as well."""
         if not (self.settings.tf32 and self.kernels(xp) and np.dtype(dtype) == np.float32):
             yield
             return
         from cupy._core import _routines_linalg as linalg
+        from cupy_backends.cuda.libs import cublas
 
         old = linalg.get_compute_type(np.float32)
+        handle = xp.cuda.device.get_cublas_handle()
+        old_mode = cublas.getMathMode(handle)
         linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32)
+        cublas.setMathMode(handle, cublas.CUBLAS_TF32_TENSOR_OP_MATH)
         try:
             yield
         finally:
             linalg.set_compute_type(np.float32, old)
+            cublas.setMathMode(handle, old_mode)
 
     # ------------------------------------------------------------------ caches
     def device_const(self, xp, host):
