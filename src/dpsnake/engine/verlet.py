@@ -28,6 +28,18 @@ from dpsnake.engine.xp import dot3, take_rows
 _BUILD_CENTRES = 4096  # centres per candidate gather while building (bounded memory)
 
 
+def skin_holds(move, dfmax, inv, dh, rcut: float, skin: float) -> bool:
+    """The module's rule for S systems, on NumPy or torch arrays: True while every pair within ``rcut``
+    now was within ``rcut + skin`` at the build (the kept list still holds all neighbours).
+
+    move (S,): max over atoms of |df h| (A, motion beyond the cell's strain); dfmax (S, 3): max |df_k|;
+    inv (S, 3, 3): h^-1 now; dh (S,): |h - h0|_F (A). NaN anywhere gives False (rebuild)."""
+    # a pair within rcut now spans at most rcut |column k of inv| + 2 max |df_k| cells along k
+    span = rcut * ((inv * inv).sum(axis=1)) ** 0.5 + 2.0 * dfmax
+    # written as "all below" so that NaN positions or cells fail it (as a full search would run)
+    return bool((2.0 * move + ((span * span).sum(axis=1)) ** 0.5 * dh < skin).all())
+
+
 class KeptNeighbors:
     """The kept candidates of one ensemble (NumPy only); :meth:`builder` replaces a NeighborBuilder.
 
@@ -61,11 +73,8 @@ class KeptNeighbors:
         dx = np.matmul(df[:, None, :], h[system])[:, 0]  # the motion beyond the cell's own strain, A
         np.maximum.at(move, system, np.sqrt(dot3(dx, dx)))
         np.maximum.at(dfmax, system, np.abs(df))
-        # a pair within rcut now spans at most rcut |column k of inv| + 2 max |df_k| cells along k
-        span = self.rcut * np.sqrt((inv * inv).sum(axis=1)) + 2.0 * dfmax
         dh = np.sqrt(((h - self.h0) ** 2).sum(axis=(1, 2)))
-        # written as "not all below" so that NaN positions or cells rebuild (as a full search would run)
-        return not bool((2.0 * move + np.sqrt((span * span).sum(axis=1)) * dh < self.skin).all())
+        return not skin_holds(move, dfmax, inv, dh, self.rcut, self.skin)
 
     def _build(self, key, coords, atype, system, cells, pbc_h, h, rcut, sel, pair_exclude, ctx):
         nb = NeighborBuilder(np, coords, atype, system, cells, pbc_h, rcut + self.skin, sel, pair_exclude, ctx=ctx)

@@ -17,15 +17,19 @@ cell at build time (t = -floor(fractional coordinates)), the rest their images b
 [-c, c]^3 along periodic directions (c = ceil((rcut + skin) / plane spacing)). A lattice shift
 changes no energy, force or virial of a periodic system.
 
-Rebuild rule (per call, conservative): the list is kept while, for every frame,
-``2 (max_i |dx_i| + sqrt(3) (c + 1 + w) |dH|_F) < skin`` (dx: motion of local atoms since the
-build, dH: cell change (NPT), w: largest |t| of the wrap at build): a pair's distance changes by at
-most the motion of both ends, and an image's motion is its owner's plus ``t @ dH``.
+Rebuild rule (per call, per frame; sufficient): the one of :mod:`dpsnake.engine.verlet`
+(:func:`~dpsnake.engine.verlet.skin_holds`), in fractional coordinates f = x H^-1: a pair of local atom
+i and extended atom j has displacement (f[owner j] + t[j] - f[i] - t[i]) @ H, integers fixed at the
+build, so the list is kept while the atoms' motion beyond the cell's own strain (an NPT barostat's
+scaling of positions is no motion here) plus the strain over a pair's span stays below the skin.
+Without periodic directions: while twice the largest motion stays below it.
 """
 
 from __future__ import annotations
 
 import math
+
+from dpsnake.engine.verlet import skin_holds
 
 
 class VerletGhosts:
@@ -67,9 +71,9 @@ class VerletGhosts:
         if h is None:
             t = torch.zeros((G, n, 3), dtype=coord.dtype, device=dev)
             owner = torch.arange(n, device=dev).expand(G, n)
-            self._c, self._w = 0, 0.0
+            self._c = 0
         else:
-            frac = torch.linalg.solve(h.transpose(1, 2), coord.transpose(1, 2)).transpose(1, 2)  # (G, n, 3)
+            frac = torch.bmm(coord, torch.linalg.inv(h))  # (G, n, 3), as stale() computes it
             w = torch.floor(frac)
             w[..., [not p for p in self.pbc]] = 0.0  # no wrapping along vacuum directions
             s, self._c = self._shifts(h)
@@ -77,7 +81,6 @@ class VerletGhosts:
             ns = s.shape[0]
             t = (s[None, :, None, :] - w[:, None, :, :]).reshape(G, ns * n, 3)  # (G, nall, 3)
             owner = torch.arange(n, device=dev).repeat(ns).expand(G, ns * n)
-            self._w = float(w.abs().max())
         self.t, self.mapping = t, owner.contiguous()
         ext = self._extended(coord, h)
         # distances of every local atom to every extended atom: what DeePMD-kit computes on each call
@@ -87,7 +90,8 @@ class VerletGhosts:
         K = max(1, int(within.sum(dim=2).max()))
         dk, idx = torch.topk(d, K, dim=2, largest=False)  # nearest first
         self.nlist = torch.where(dk < self.rcut + self.skin, idx, -1)
-        self._ref = (coord.clone(), None if h is None else h.clone())
+        # positions at the build: Cartesian without periodic directions, else fractional
+        self._ref = (coord.clone(), None) if h is None else (frac, h.clone())
         self.builds += 1
 
     def _extended(self, coord, h):
@@ -98,13 +102,19 @@ class VerletGhosts:
     # ------------------------------------------------------------------ per call
     def stale(self, coord, h) -> bool:
         """True when some pair may have come within rcut since the build (the module's rule)."""
-        if self._ref is None or self._ref[0].shape != coord.shape:
+        torch = self.torch
+        if self._ref is None or self._ref[0].shape != coord.shape or (h is None) != (self._ref[1] is None):
             return True
-        c0, h0 = self._ref
-        move = (coord - c0).norm(dim=2).amax(dim=1)  # (G,)
-        if h is not None:
-            move = move + math.sqrt(3.0) * (self._c + 1 + self._w) * (h - h0).flatten(1).norm(dim=1)
-        return bool((2.0 * move).max() >= self.skin)
+        x0, h0 = self._ref
+        if h is None:
+            return not bool((2.0 * (coord - x0).norm(dim=2).amax(dim=1) < self.skin).all())  # NaN: rebuild
+        inv, info = torch.linalg.inv_ex(h)
+        if bool(info.any()):  # a singular cell: the build says so
+            return True
+        df = torch.bmm(coord, inv) - x0  # fractional motion (G, n, 3)
+        move = torch.bmm(df, h).norm(dim=2).amax(dim=1)  # beyond the cell's own strain, A
+        dh = (h - h0).flatten(1).norm(dim=1)
+        return not skin_holds(move, df.abs().amax(dim=1), inv, dh, self.rcut, self.skin)
 
     def update(self, coord, h):
         if self.stale(coord, h):
