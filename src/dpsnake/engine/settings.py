@@ -212,6 +212,9 @@ class EngineSettings:
         return s.replace(**ch)
 
 
+_CUBLAS_TF32_TENSOR_OP_MATH = 3  # cublas_api.h's cublasMath_t value; CuPy does not export the name
+
+
 @dataclass
 class EngineContext:
     """Settings plus what the calls of one ensemble share: kernel families switched off after a
@@ -291,7 +294,7 @@ class EngineContext:
         handle = xp.cuda.device.get_cublas_handle()
         old_mode = cublas.getMathMode(handle)
         linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32)
-        cublas.setMathMode(handle, cublas.CUBLAS_TF32_TENSOR_OP_MATH)
+        cublas.setMathMode(handle, _CUBLAS_TF32_TENSOR_OP_MATH)
         try:
             yield
         finally:
