@@ -36,8 +36,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_explore_deepmd import SE_ATTEN_V2  # noqa: E402
 from benchutil import timeit  # noqa: E402
+from explore_models import SE_ATTEN_V2  # noqa: E402
 
 
 def make_model(path: pathlib.Path, attn_layer: int, precision: str = "float64") -> None:

@@ -35,9 +35,9 @@ sys.path.insert(0, str(HERE.parent.parent / "src"))
 def make_model(path: pathlib.Path, seed: int) -> None:
     """An untrained DPA-3 of DeePMD-kit's example size as a .dp file (weights from ``seed``)."""
     import deepmd
-    from bench_explore_deepmd import DPA3
     from deepmd.dpmodel.model.model import get_model
     from deepmd.dpmodel.utils.serialization import save_dp_model
+    from explore_models import DPA3
 
     mp = copy.deepcopy(DPA3)
     mp["type_map"] = ["Cu", "Ni"]
