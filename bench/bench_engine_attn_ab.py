@@ -166,24 +166,23 @@ def main():
             self.bmm = mm
 
     att._Rows.__init__ = rows_init
+    # (label, EngineSettings, cupy.matmul instead of cuda/bmm.py, precision)
     variants = [
-        ("base", {"compact": False}, True),
-        ("bmm", {"compact": False}, False),
-        ("trim", {}, False),
-        ("core", {"fast": frozenset(FAMILIES)}, False),
-        ("trim_nobmm", {}, True),
-        ("array", {"fast": DEFAULT_FAST - {"attn"}}, False),
-        ("mixed", {}, False),
-        ("tf32", {"tf32": True}, False),
+        ("base", {"compact": False}, True, "double"),
+        ("bmm", {"compact": False}, False, "double"),
+        ("trim", {}, False, "double"),
+        ("core", {"fast": frozenset(FAMILIES)}, False, "double"),
+        ("trim_nobmm", {}, True, "double"),
+        ("array", {"fast": DEFAULT_FAST - {"attn"}}, False, "double"),
+        ("mixed", {}, False, "mixed"),
+        ("tf32", {"tf32": True}, False, "mixed"),
     ]
-    precision = {"mixed": "mixed", "tf32": "mixed"}  # the others: double
     variants_all = list(variants)
     if args.variants:
         variants = [v for v in variants if v[0] in set(args.variants) | {"base"}]
     res, outs = {"atoms": N, "attn_layer": args.attn_layer, "walkers": args.walkers}, {}
-    for label, kw, nb in variants:
+    for label, kw, nb, prec in variants:
         no_bmm[0] = nb
-        prec = precision.get(label, "double")
         ens = make_ensemble([str(path)], precision=prec, xp=xp, settings=EngineSettings(**kw))
         box = {}
 
@@ -215,8 +214,8 @@ def main():
     if args.profile:
         import torch
 
-        label, kw, no_bmm[0] = next(v for v in variants_all if v[0] == args.profile)
-        ens = make_ensemble([str(path)], precision=precision.get(label, "double"), xp=xp, settings=EngineSettings(**kw))
+        label, kw, no_bmm[0], prec = next(v for v in variants_all if v[0] == args.profile)
+        ens = make_ensemble([str(path)], precision=prec, xp=xp, settings=EngineSettings(**kw))
         ens.evaluate(*data)
         sync()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
