@@ -19,6 +19,7 @@ from dpsnake.engine.model import DPModel
 from dpsnake.engine.validate import DamagedModelError
 from dpsnake.errors import UserError
 from dpsnake.md.engines import builtin_unsupported, choose
+from dpsnake.report.iteration import _engine_line
 
 
 def _desc(key, value):
@@ -127,10 +128,10 @@ def test_engine_choice(model_cache, tmp_path):
     assert "dpa2" in builtin_unsupported({"descriptor": {"type": "dpa2"}})
 
 
-def _explore(tmp_path, models, engine, outdir):
+def _explore(tmp_path, models, engine, outdir, extra=()):
     return subprocess.run(
         [sys.executable, "-m", "dpsnake.cli", "explore", "--models", *models, "--walkers", str(tmp_path / "w.json")]
-        + ["--outdir", str(tmp_path / outdir), "--device", "cpu", "--engine", engine, "--no-progress"],
+        + ["--outdir", str(tmp_path / outdir), "--device", "cpu", "--engine", engine, "--no-progress", *extra],
         capture_output=True,
         text=True,
     )
@@ -138,21 +139,26 @@ def _explore(tmp_path, models, engine, outdir):
 
 def test_explore_auto_picks_builtin(model_cache, tmp_path):
     """`dpsnake explore --engine auto` with two se_atten_v2 .dp files runs the built-in engine (the
-    reason says se_atten_v2) and writes the model deviations DeePMD-kit's provider writes."""
+    reason says se_atten_v2) and writes the model deviations DeePMD-kit's provider writes; engine.json says the
+    precision each explored in (``--tf32`` on a CPU: one line, ignored)."""
     at = fcc(rep=(1, 1, 1), seed=2, ni_frac=0.5)
     at.write(tmp_path / "s.extxyz", format="extxyz")
     walker = dict(name="w", structure=str(tmp_path / "s.extxyz"), ensemble="nve", temperature=300.0)
     walker.update(nsteps=10, dt=0.002, trj_freq=5, seed=1)
     (tmp_path / "w.json").write_text(json.dumps([walker]))
     models = [str(attn_model(model_cache, n)["dp"]) for n in ("v2_l2", "excl")]
-    p = _explore(tmp_path, models, "auto", "a")
+    p = _explore(tmp_path, models, "auto", "a", ["--tf32"])
     assert p.returncode == 0, p.stderr[-2000:]
+    assert "--tf32: TF32 needs --precision mixed on a GPU; ignored here" in p.stdout, p.stdout
     info = json.loads((tmp_path / "a" / "engine.json").read_text())
     assert info["engine"] == "builtin" and "se_atten_v2" in info["reason"], info
+    assert info["precision"] == "double", info
+    assert "on the cpu, precision double (" in _engine_line(info)  # the iteration report's line
     assert json.loads((tmp_path / "a" / "summary.json").read_text())["walkers"]["w"]["status"] == "finished"
     ours = np.loadtxt(tmp_path / "a" / "w" / "model_devi.out")
     p = _explore(tmp_path, models, "deepmd", "b")
     assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads((tmp_path / "b" / "engine.json").read_text())["precision"] == "as trained"
     ref = np.loadtxt(tmp_path / "b" / "w" / "model_devi.out")
     assert ours.shape == ref.shape and len(ours) == 3
     assert np.allclose(ours, ref, rtol=1e-5, atol=1e-9) and ours[:, 4].min() > 0

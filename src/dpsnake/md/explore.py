@@ -273,6 +273,11 @@ def run(args) -> int:
             print("dpsnake explore: --compile: an option of engine deepmd, ignored by the built-in engine", flush=True)
         compress = compress_distance(args.compress, args.compress_data)
         provider, type_map = make_provider(loaded, args.precision, xp, compress, tf32=args.tf32)
+        if args.tf32 and (args.precision != "mixed" or xp.__name__ != "cupy"):
+            print("dpsnake explore: --tf32: TF32 needs --precision mixed on a GPU; ignored here", flush=True)
+    precision = "as trained" if engine == "deepmd" else args.precision
+    if engine != "deepmd" and args.tf32 and args.precision == "mixed" and xp.__name__ == "cupy":
+        precision = "mixed + TF32"
     state.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
         state / "engine.json",
@@ -280,6 +285,7 @@ def run(args) -> int:
             "engine": engine,
             "reason": reason,
             "device": "gpu" if xp.__name__ == "cupy" else "cpu",
+            "precision": precision,
             "requested": args.engine,
         },
     )

@@ -315,9 +315,10 @@ def _engine_line(engine: dict | None) -> str:
     """Which force provider explored (explore/engine.json) and why."""
     if not engine:
         return ""
+    prec = f", precision {html.esc(engine['precision'])}" if engine.get("precision") else ""
     return (
         f"<p>exploration engine: <b>{html.esc(engine.get('engine', '?'))}</b> on the "
-        f"{html.esc(engine.get('device', '?'))} ({html.esc(engine.get('reason') or '')})</p>"
+        f"{html.esc(engine.get('device', '?'))}{prec} ({html.esc(engine.get('reason') or '')})</p>"
     )
 
 
