@@ -240,6 +240,7 @@ def run(args) -> int:
         + ("" if args.shard is None else f"; shard {args.shard}: {len(walkers)} walkers"),
         flush=True,
     )
+    precision = "as trained"  # engine deepmd: DeePMD-kit's models run in their own precision
     if engine == "deepmd":
         from dpsnake.md.deepmd_provider import DeepmdProvider
 
@@ -273,11 +274,10 @@ def run(args) -> int:
             print("dpsnake explore: --compile: an option of engine deepmd, ignored by the built-in engine", flush=True)
         compress = compress_distance(args.compress, args.compress_data)
         provider, type_map = make_provider(loaded, args.precision, xp, compress, tf32=args.tf32)
-        if args.tf32 and (args.precision != "mixed" or xp.__name__ != "cupy"):
+        tf32 = args.tf32 and args.precision == "mixed" and xp.__name__ == "cupy"  # where the engine applies it
+        if args.tf32 and not tf32:
             print("dpsnake explore: --tf32: TF32 needs --precision mixed on a GPU; ignored here", flush=True)
-    precision = "as trained" if engine == "deepmd" else args.precision
-    if engine != "deepmd" and args.tf32 and args.precision == "mixed" and xp.__name__ == "cupy":
-        precision = "mixed + TF32"
+        precision = args.precision + (" + TF32" if tf32 else "")
     state.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
         state / "engine.json",
