@@ -276,6 +276,10 @@ class EngineContext:
             )
             return None
 
+    def tf32_on(self, xp, dtype) -> bool:
+        """settings.tf32 applies to the GEMMs of ``dtype`` on ``xp``: FP32 on CuPy with the kernels on."""
+        return bool(self.settings.tf32 and self.kernels(xp) and np.dtype(dtype) == np.float32)
+
     @contextlib.contextmanager
     def tf32(self, xp, dtype):
         """Within: FP32 cuBLAS GEMMs of CuPy (cupy.matmul and friends) use TF32 tensor cores if
@@ -284,7 +288,7 @@ class EngineContext:
         Two switches, because CuPy has two routes: 2-D products take CuPy's compute type, but
         cupy.matmul of 3-D operands passes plain FP32 to cuBLAS whatever that says, so the cuBLAS
         handle's math mode (CUBLAS_TF32_TENSOR_OP_MATH) is set as well."""
-        if not (self.settings.tf32 and self.kernels(xp) and np.dtype(dtype) == np.float32):
+        if not self.tf32_on(xp, dtype):
             yield
             return
         from cupy._core import _routines_linalg as linalg

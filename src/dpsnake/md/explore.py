@@ -274,7 +274,8 @@ def run(args) -> int:
             print("dpsnake explore: --compile: an option of engine deepmd, ignored by the built-in engine", flush=True)
         compress = compress_distance(args.compress, args.compress_data)
         provider, type_map = make_provider(loaded, args.precision, xp, compress, tf32=args.tf32)
-        tf32 = args.tf32 and args.precision == "mixed" and xp.__name__ == "cupy"  # where the engine applies it
+        ens = provider.ensemble  # the engine says where its TF32 setting applies (mixed: FP32 GEMMs)
+        tf32 = ens.ctx.tf32_on(xp, "float32" if ens.precision == "mixed" else "float64")
         if args.tf32 and not tf32:
             print("dpsnake explore: --tf32: TF32 needs --precision mixed on a GPU; ignored here", flush=True)
         precision = args.precision + (" + TF32" if tf32 else "")
