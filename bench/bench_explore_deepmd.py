@@ -256,7 +256,7 @@ def cmd_bench(args) -> int:
     # what selection reads: each walker's max force deviation, ours vs DeePMD-kit's 4 models (FP64 files)
     from dpsnake.engine.model_devi import force_deviation
 
-    f_all = np.stack([dp.eval(coords, cells, atype)[1].reshape(S * nat, 3) for dp in dps])
+    f_all = np.stack([f.reshape(S * nat, 3) for f in [f_dp] + [dp.eval(coords, cells, atype)[1] for dp in dps[1:]]])
     system = np.repeat(np.arange(S), nat)
     dev_ref = force_deviation(f_all, system, S)[0]
     dev_ours = to_numpy(force_deviation(provider(st, True)["force"], st.system, S)[0])
