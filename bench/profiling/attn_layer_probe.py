@@ -1,0 +1,168 @@
+"""What keeping a whole attention layer on chip gains: the TF32 whole-layer forward kernel
+(dpsnake.engine.cuda.attn_layer) against the engine's mixed + TF32 forward (cuBLAS TF32 GEMMs and the row
+kernels) on one chunk of centres, the same layers and inputs; prints a table and writes JSON.
+
+    python3 bench/profiling/attn_layer_probe.py [--centres 4608] [--n 88] [--nnei 120] [--e 100] [--h 128]
+        [--layers 2] [--reps 9] [--out F.json]
+
+Layers: random weights of DeePMD-kit's se_atten_v2 example shape (smooth, dotr, normalize, bias), inputs
+as a fcc CuNi chunk has them (78-88 of n slots filled per centre, switch 1 -> 0 along the slots). Times are
+median CUDA-event times per call over the chunk, in us per centre (= per atom) and layer:
+  engine fwd keep  -- attention_forward as a force call runs it (keeps the cache backward reads)
+  engine fwd       -- the same without the cache
+  engine bwd       -- attention_backward from the kept cache (for the whole-layer budget)
+  fused fwd        -- attn_layer.forward, layer after layer
+Errors: max |out - out_FP64| / max |out_FP64| of the fused and the engine's TF32 forward, the FP64 reference
+the engine's FP64 path. Kernel resources (registers, local memory = spills) from CuPy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+
+def _layers(E: int, H: int, nnei: int, nl: int, seed: int = 0):
+    import numpy as np
+
+    from dpsnake.engine.attn.attention import AttentionLayers, AttnLayer
+
+    rng = np.random.default_rng(seed)
+    layers = [
+        AttnLayer(
+            w_in=rng.normal(scale=E**-0.5, size=(E, 3 * H)),
+            b_in=rng.normal(scale=0.1, size=3 * H),
+            w_out=rng.normal(scale=H**-0.5, size=(H, E)),
+            b_out=rng.normal(scale=0.1, size=E),
+            gamma=1.0 + 0.2 * rng.normal(size=E),
+            beta=0.2 * rng.normal(size=E),
+            eps=1e-5,
+            dotr=True,
+            normalize=True,
+            smooth=True,
+            scaling=H**-0.5,
+        )  # fmt: skip
+        for _ in range(nl)
+    ]
+    return AttentionLayers(layers=layers, nnei=nnei, embed_dim=E, hidden_dim=H, dotr=True, normalize=True,
+                           scaling=H**-0.5, smooth=True)  # fmt: skip
+
+
+def _inputs(cp, B: int, n: int, E: int, seed: int = 1):
+    rng = cp.random.default_rng(seed)
+    full = rng.integers(n - 10, n + 1, size=(B, 1))
+    slot = cp.arange(n)[None, :]
+    mask = slot < full
+    sw = cp.where(mask, 1.0 - slot / n, 0.0)
+    r = rng.standard_normal((B, n, 3))
+    r /= cp.linalg.norm(r, axis=-1, keepdims=True)
+    r = cp.where(mask[..., None], r, 0.0)
+    G = rng.standard_normal((B, n, E))
+    return G, mask, r, sw[..., None]
+
+
+def _time(cp, fn, reps: int) -> float:
+    """Median seconds of fn() over reps (after one warm-up call)."""
+    fn()
+    ts = []
+    for _ in range(reps):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(cp.cuda.get_elapsed_time(a, b) * 1e-3)
+    return statistics.median(ts)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--centres", type=int, default=4608, help="centres per chunk (the engine's default chunk)")
+    ap.add_argument("--n", type=int, default=88, help="neighbour slots run (88 of 120 for fcc CuNi)")
+    ap.add_argument("--nnei", type=int, default=120)
+    ap.add_argument("--e", type=int, default=100, help="embedding width (last of neuron)")
+    ap.add_argument("--h", type=int, default=128, help="attention width (attn)")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    import cupy as cp
+    import numpy as np
+
+    from dpsnake.engine.attn.attention import attention_backward, attention_forward
+    from dpsnake.engine.cuda import attn_layer
+    from dpsnake.engine.settings import EngineContext, EngineSettings
+
+    B, n, E, H, nl = args.centres, args.n, args.e, args.h, args.layers
+    why = attn_layer.supported(np.float32, n, H)
+    if why:
+        raise SystemExit(f"attn_layer_probe: the kernel does not run this shape: {why}")
+    p = _layers(E, H, args.nnei, nl)
+    p64, p32 = p.to(cp, np.float64), p.to(cp, np.float32)
+    G, mask, r, sw = _inputs(cp, B, n, E)
+    G32, r32, sw32 = (cp.ascontiguousarray(a.astype(cp.float32)) for a in (G, r, sw))
+    ctx = EngineContext.of(EngineSettings(tf32=True))
+    ref, _ = attention_forward(p64, G, mask, r, sw, keep=False)
+
+    def engine(keep):
+        with ctx.tf32(cp, np.float32):
+            return attention_forward(p32, G32, mask, r32, sw32, keep=keep, ctx=ctx)
+
+    out_tf32, cache = engine(True)
+    dG = cp.random.default_rng(2).standard_normal(out_tf32.shape, dtype=cp.float32)
+
+    def engine_bwd():
+        with ctx.tf32(cp, np.float32):
+            return attention_backward(p32, cache, dG)
+
+    lws = [attn_layer.LayerWeights.of(lay, cp) for lay in p32.layers]
+    sw2, mask_c = cp.ascontiguousarray(sw32.reshape(B, n)), cp.ascontiguousarray(mask)
+
+    def fused():
+        x = G32
+        for lw in lws:
+            x = attn_layer.forward(lw, x, sw2, r32, mask_c, p.scaling, True, True, True, p.nnei)
+        return x
+
+    out_fused = fused()
+    scale = float(cp.abs(ref).max())
+    err = {k: float(cp.abs(o - ref).max()) / scale for k, o in (("fused", out_fused), ("engine_tf32", out_tf32))}
+    t = {
+        "engine_fwd_keep": _time(cp, lambda: engine(True), args.reps),
+        "engine_fwd": _time(cp, lambda: engine(False), args.reps),
+        "engine_bwd": _time(cp, engine_bwd, args.reps),
+        "fused_fwd": _time(cp, fused, args.reps),
+    }
+    us = {k: v / B / nl * 1e6 for k, v in t.items()}  # per centre and layer
+    flop = 2 * (n * E * 3 * H + 2 * n * n * H + n * H * E)  # per centre and layer, forward
+    defs = attn_layer.defines(n, E, H, True, True, True, p.nnei)
+    fn, _ = attn_layer._module(tuple(defs.items()))
+    res = {
+        "device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
+        "centres": B, "n": n, "nnei": args.nnei, "E": E, "H": H, "layers": nl,
+        "us_per_centre_layer": us, "seconds_per_call": t,
+        "fused_tflops": flop * B * nl / t["fused_fwd"] / 1e12,
+        "engine_fwd_keep_tflops": flop * B * nl / t["engine_fwd_keep"] / 1e12,
+        "rel_err_vs_fp64": err,
+        "kernel": {"num_regs": fn.num_regs, "local_size_bytes": fn.local_size_bytes, "defines": defs,
+                   "smem_bytes": attn_layer.smem_bytes(defs["N"], H)},
+    }  # fmt: skip
+    print(f"{res['device']}: {B} centres x {n} slots (nnei {args.nnei}), E {E}, H {H}, {nl} layers; "
+          f"us per centre and layer (median of {args.reps})")  # fmt: skip
+    print(f"{'':18s} {'us':>8s} {'TFLOP/s':>8s} {'rel err vs FP64':>16s}")
+    for k in ("engine_fwd_keep", "engine_fwd", "engine_bwd", "fused_fwd"):
+        tf = flop / (us[k] * 1e-6) / 1e12 if k != "engine_bwd" else float("nan")
+        e = err.get("fused" if k == "fused_fwd" else ("engine_tf32" if k == "engine_fwd_keep" else ""), float("nan"))
+        print(f"{k:18s} {us[k]:8.4f} {tf:8.1f} {e:16.2e}")
+    print(f"engine fwd keep / fused fwd: {us['engine_fwd_keep'] / us['fused_fwd']:.2f}x; kernel: {fn.num_regs} "
+          f"registers, {fn.local_size_bytes} bytes local (spills), {res['kernel']['smem_bytes']} bytes shared")  # fmt: skip
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(res, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,268 @@
+// One whole DPA-1 attention layer per centre on TF32 tensor cores (attn_layer.py): the forward. A block per
+// centre keeps everything between the layer's input x (n, E) and its output LayerNorm(x + (A v) W_out + b_out)
+// on chip: q in the warps' registers, k and v^T in shared memory, the (N, N) logits and weights in registers.
+// Nothing of size (n, n) or (n, H) goes through device memory (attention.py's module doc has the math).
+//
+// Constants: N (slots, a multiple of 16; a warp per 16 rows, NW = N / 16 warps), E (features), H (q/k/v
+// width, a multiple of 8), SMOOTH, DOTR, NORMALIZE, NPAD (SMOOTH only: the model's empty slots past N,
+// counted in each row's softmax), MINB (blocks per SM the registers are bounded for).
+// Rows n..N-1 (a chunk's n < N) are empty slots: x = 0, sw = 0, mask 0, k = v = 0.
+//
+// Fragments (PTX ISA, mma.m16n8k8 .tf32): lane 4 g + t holds A[g][t], A[g + 8][t], A[g][t + 4], A[g + 8][t + 4];
+// B[t][g], B[t + 4][g]; C[g][2t], C[g][2t + 1], C[g + 8][2t], C[g + 8][2t + 1]. An accumulator tile that is
+// the A operand of the next product is read with its columns 2t, 2t + 1 as the k indices t, t + 4, and the
+// other operand's rows are permuted alike (a dot product does not care about the order of its terms): no
+// shuffles. The weights come packed in B-fragment order (attn_layer.py), one float2 per lane and product.
+
+#define NW (N / 16)
+#define EP ((E + 7) / 8 * 8)
+#define KE (EP / 8)  // k tiles of x; n tiles of h
+#define HT (H / 8)
+#define NT (N / 8)
+#define LDK (H + 8)  // row stride of k in shared memory: a half-warp's float2 loads in 32 banks (H % 32 == 0)
+#define LDV (N + 8)  // row stride of v^T, the same (N % 32 == 0)
+#define SHIFT 20.0f
+#define LOWEST (-3.402823466e38f)
+#define FULL 0xffffffffu
+
+#ifndef TMMA
+__device__ __forceinline__ unsigned tf32(float x) {
+  unsigned r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
+}
+// c (16 x 8) += a (16 x 8) b (8 x 8), FP32 accumulators
+__device__ __forceinline__ void tmma(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, float b0,
+                                     float b1) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(__float_as_uint(b0)), "r"(__float_as_uint(b1)));
+}
+#endif
+#ifndef DYN_SMEM
+#define DYN_SMEM(name) extern __shared__ float name[]
+#endif
+
+// over the 4 lanes of a group (one row)
+__device__ __forceinline__ float row_sum(float v) {
+  v += __shfl_xor_sync(FULL, v, 1);
+  return v + __shfl_xor_sync(FULL, v, 2);
+}
+__device__ __forceinline__ float row_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(FULL, v, 1));
+  return fmaxf(v, __shfl_xor_sync(FULL, v, 2));
+}
+
+// z (the warp's 16 rows of one of q, k, v) = x W + b, normalized per row if NORMALIZE; rows >= n zeroed.
+// xa: x's A fragments; wp: W in B-fragment order (KE x HT products).
+__device__ __forceinline__ void project(const unsigned (&xa)[KE][4], const float2* __restrict__ wp,
+                                        const float* __restrict__ bias, bool in0, bool in1, float (&z)[HT][4]) {
+  const int lane = threadIdx.x & 31, t = lane & 3;
+#pragma unroll
+  for (int c = 0; c < HT; ++c) z[c][0] = z[c][2] = bias[8 * c + 2 * t], z[c][1] = z[c][3] = bias[8 * c + 2 * t + 1];
+#pragma unroll
+  for (int kk = 0; kk < KE; ++kk)
+#pragma unroll
+    for (int c = 0; c < HT; ++c) {
+      const float2 b = wp[(kk * HT + c) * 32 + lane];
+      tmma(z[c], xa[kk][0], xa[kk][1], xa[kk][2], xa[kk][3], b.x, b.y);
+    }
+  float s0 = 0.f, s1 = 0.f;
+#if NORMALIZE
+#pragma unroll
+  for (int c = 0; c < HT; ++c) s0 += z[c][0] * z[c][0] + z[c][1] * z[c][1], s1 += z[c][2] * z[c][2] + z[c][3] * z[c][3];
+  s0 = 1.f / sqrtf(row_sum(s0)), s1 = 1.f / sqrtf(row_sum(s1));
+#else
+  s0 = s1 = 1.f;
+#endif
+  s0 = in0 ? s0 : 0.f, s1 = in1 ? s1 : 0.f;
+#pragma unroll
+  for (int c = 0; c < HT; ++c) z[c][0] *= s0, z[c][1] *= s0, z[c][2] *= s1, z[c][3] *= s1;
+}
+
+// x (B, n, E), sw (B, n), r (B, n, 3), mask (B, n), out (B, n, E): C-contiguous FP32. wqkv (3, KE, HT, 32) and
+// wout (HT, KE, 32) float2 (B fragments, TF32-rounded), bqkv (3, H) (zeros without a bias), bout, gamma, beta
+// (E). s: the query scale; eps: LayerNorm's.
+extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
+    attn_layer_fwd(const float* __restrict__ x, const float2* __restrict__ wqkv, const float* __restrict__ bqkv,
+                   const float2* __restrict__ wout, const float* __restrict__ bout, const float* __restrict__ gamma,
+                   const float* __restrict__ beta, float eps, const float* __restrict__ sw,
+                   const float* __restrict__ r, const unsigned char* __restrict__ mask, long long B, int n, float s,
+                   float* __restrict__ out) {
+  DYN_SMEM(smem);
+  float* ks = smem;             // (N, LDK): k, TF32-rounded
+  float* vt = ks + N * LDK;     // (H, LDV): v^T, TF32-rounded
+  float* sws = vt + H * LDV;    // (N): sw
+  float* rs = sws + N;          // (N, 3): r
+  float* mk = rs + 3 * N;       // (N): mask as 0 / 1
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int i0 = 16 * w + g, i1 = i0 + 8;  // the lane's two rows
+  const bool in0 = i0 < n, in1 = i1 < n;
+  for (long long b = blockIdx.x; b < B; b += gridDim.x) {
+    const long long base = b * n;
+    __syncthreads();  // the previous centre's shared arrays are read
+    for (int j = threadIdx.x; j < N; j += 32 * NW) {
+      const bool in = j < n;
+      sws[j] = in ? sw[base + j] : 0.f;
+      mk[j] = (in && mask[base + j]) ? 1.f : 0.f;
+      for (int d = 0; d < 3; ++d) rs[3 * j + d] = in ? r[(base + j) * 3 + d] : 0.f;
+    }
+    const float* xb = x + base * E;
+    unsigned xa[KE][4];
+#pragma unroll
+    for (int kk = 0; kk < KE; ++kk) {
+      const int c0 = 8 * kk + t, c1 = c0 + 4;
+      xa[kk][0] = tf32(in0 && c0 < E ? xb[i0 * E + c0] : 0.f);
+      xa[kk][1] = tf32(in1 && c0 < E ? xb[i1 * E + c0] : 0.f);
+      xa[kk][2] = tf32(in0 && c1 < E ? xb[i0 * E + c1] : 0.f);
+      xa[kk][3] = tf32(in1 && c1 < E ? xb[i1 * E + c1] : 0.f);
+    }
+    float z[HT][4];
+    project(xa, wqkv + KE * HT * 32, bqkv + H, in0, in1, z);  // k
+#pragma unroll
+    for (int c = 0; c < HT; ++c) {
+      const int h = 8 * c + 2 * t;
+      ks[i0 * LDK + h] = __uint_as_float(tf32(z[c][0])), ks[i0 * LDK + h + 1] = __uint_as_float(tf32(z[c][1]));
+      ks[i1 * LDK + h] = __uint_as_float(tf32(z[c][2])), ks[i1 * LDK + h + 1] = __uint_as_float(tf32(z[c][3]));
+    }
+    project(xa, wqkv + 2 * KE * HT * 32, bqkv + 2 * H, in0, in1, z);  // v
+#pragma unroll
+    for (int c = 0; c < HT; ++c) {
+      const int h = 8 * c + 2 * t;
+      vt[h * LDV + i0] = __uint_as_float(tf32(z[c][0])), vt[(h + 1) * LDV + i0] = __uint_as_float(tf32(z[c][1]));
+      vt[h * LDV + i1] = __uint_as_float(tf32(z[c][2])), vt[(h + 1) * LDV + i1] = __uint_as_float(tf32(z[c][3]));
+    }
+    project(xa, wqkv, bqkv, in0, in1, z);  // q, scaled below
+    unsigned qa[HT][4];
+#pragma unroll
+    for (int c = 0; c < HT; ++c)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) qa[c][e] = tf32(z[c][e] * s);
+    __syncthreads();  // k and v of every row are in shared memory
+
+    // logits L = s q k^T, the warp's 16 rows
+    float L[NT][4];
+#pragma unroll
+    for (int jt = 0; jt < NT; ++jt) {
+      L[jt][0] = L[jt][1] = L[jt][2] = L[jt][3] = 0.f;
+#pragma unroll
+      for (int c = 0; c < HT; ++c) {
+        const float2 kb = *reinterpret_cast<const float2*>(ks + (8 * jt + g) * LDK + 8 * c + 2 * t);
+        tmma(L[jt], qa[c][0], qa[c][2], qa[c][1], qa[c][3], kb.x, kb.y);
+      }
+    }
+    // the row chain (attention.py's _rows_forward): smooth shift or key mask, softmax, row mask, A = T S R
+#if SMOOTH
+    const float sw0 = sws[i0], sw1 = sws[i1];
+#endif
+    float mx0 = LOWEST, mx1 = LOWEST;
+#pragma unroll
+    for (int jt = 0; jt < NT; ++jt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int j = 8 * jt + 2 * t + e;
+#if SMOOTH
+        L[jt][e] = (L[jt][e] + SHIFT) * (sw0 * sws[j]) - SHIFT;
+        L[jt][2 + e] = (L[jt][2 + e] + SHIFT) * (sw1 * sws[j]) - SHIFT;
+#else
+        if (mk[j] == 0.f) L[jt][e] = L[jt][2 + e] = __uint_as_float(0xff800000u);  // -inf
+#endif
+        mx0 = fmaxf(mx0, L[jt][e]), mx1 = fmaxf(mx1, L[jt][2 + e]);
+      }
+    mx0 = row_max(mx0), mx1 = row_max(mx1);
+#if SMOOTH && NPAD
+    mx0 = fmaxf(mx0, -SHIFT), mx1 = fmaxf(mx1, -SHIFT);
+#endif
+    float d0 = 0.f, d1 = 0.f;
+#pragma unroll
+    for (int jt = 0; jt < NT; ++jt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        L[jt][e] = expf(L[jt][e] - mx0), L[jt][2 + e] = expf(L[jt][2 + e] - mx1);
+        d0 += L[jt][e], d1 += L[jt][2 + e];
+      }
+    d0 = row_sum(d0), d1 = row_sum(d1);
+#if SMOOTH && NPAD
+    d0 += NPAD * expf(-SHIFT - mx0), d1 += NPAD * expf(-SHIFT - mx1);
+#endif
+    const float f0 = mk[i0] / fmaxf(d0, 1.f), f1 = mk[i1] / fmaxf(d1, 1.f);
+    unsigned aa[NT][4];  // A = T F as TF32, the A operand of A v
+#pragma unroll
+    for (int jt = 0; jt < NT; ++jt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float F0 = 1.f, F1 = 1.f;
+#if SMOOTH || DOTR
+        const int j = 8 * jt + 2 * t + e;
+#endif
+#if SMOOTH
+        F0 = sw0 * sws[j], F1 = sw1 * sws[j];
+#endif
+#if DOTR
+        const float rj0 = rs[3 * j], rj1 = rs[3 * j + 1], rj2 = rs[3 * j + 2];
+        F0 *= rs[3 * i0] * rj0 + rs[3 * i0 + 1] * rj1 + rs[3 * i0 + 2] * rj2;
+        F1 *= rs[3 * i1] * rj0 + rs[3 * i1 + 1] * rj1 + rs[3 * i1 + 2] * rj2;
+#endif
+        aa[jt][e] = tf32(L[jt][e] * f0 * F0), aa[jt][2 + e] = tf32(L[jt][2 + e] * f1 * F1);
+      }
+
+    // o = A v, then h = o W_out
+    float o[HT][4];
+#pragma unroll
+    for (int c = 0; c < HT; ++c) {
+      o[c][0] = o[c][1] = o[c][2] = o[c][3] = 0.f;
+#pragma unroll
+      for (int jt = 0; jt < NT; ++jt) {
+        const float2 vb = *reinterpret_cast<const float2*>(vt + (8 * c + g) * LDV + 8 * jt + 2 * t);
+        tmma(o[c], aa[jt][0], aa[jt][2], aa[jt][1], aa[jt][3], vb.x, vb.y);
+      }
+    }
+    float hh[KE][4];
+#pragma unroll
+    for (int nt = 0; nt < KE; ++nt) hh[nt][0] = hh[nt][1] = hh[nt][2] = hh[nt][3] = 0.f;
+#pragma unroll
+    for (int c = 0; c < HT; ++c) {
+      const unsigned a0 = tf32(o[c][0]), a1 = tf32(o[c][2]), a2 = tf32(o[c][1]), a3 = tf32(o[c][3]);
+#pragma unroll
+      for (int nt = 0; nt < KE; ++nt) {
+        const float2 wb = wout[(c * KE + nt) * 32 + lane];
+        tmma(hh[nt], a0, a1, a2, a3, wb.x, wb.y);
+      }
+    }
+    // LayerNorm(h + b_out + x) per row (attention.py's _layer_forward)
+    float m0 = 0.f, m1 = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < KE; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = 8 * nt + 2 * t + e;
+        if (col < E) {
+          hh[nt][e] += bout[col] + (in0 ? xb[i0 * E + col] : 0.f);
+          hh[nt][2 + e] += bout[col] + (in1 ? xb[i1 * E + col] : 0.f);
+          m0 += hh[nt][e], m1 += hh[nt][2 + e];
+        }
+      }
+    m0 = row_sum(m0) / E, m1 = row_sum(m1) / E;
+    float v0 = 0.f, v1 = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < KE; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+        if (8 * nt + 2 * t + e < E) {
+          hh[nt][e] -= m0, hh[nt][2 + e] -= m1;
+          v0 += hh[nt][e] * hh[nt][e], v1 += hh[nt][2 + e] * hh[nt][2 + e];
+        }
+    const float r0 = 1.f / sqrtf(row_sum(v0) / E + eps), r1 = 1.f / sqrtf(row_sum(v1) / E + eps);
+#pragma unroll
+    for (int nt = 0; nt < KE; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = 8 * nt + 2 * t + e;
+        if (col < E) {
+          if (in0) out[(base + i0) * E + col] = hh[nt][e] * r0 * gamma[col] + beta[col];
+          if (in1) out[(base + i1) * E + col] = hh[nt][2 + e] * r1 * gamma[col] + beta[col];
+        }
+      }
+  }
+}

@@ -1,0 +1,153 @@
+"""A whole DPA-1 attention layer per centre on TF32 tensor cores (CuPy RawModule, attn_layer.cu): forward.
+
+Why: in mixed precision with TF32 a se_atten_v2 force call (attn_layer 2, 256 x 108 atoms, H200) spends
+~26 of ~69 ms in the attention's row kernels and most of the rest in GEMMs whose (n, n) and (n, H)
+operands go through device memory (docs/benchmarks.md, "TF32 for se_atten"); 10x DeePMD-kit needs the
+whole call in ~31 ms. Here one block per centre runs the layer from its input x to its LayerNorm output
+with nothing of size (n, n) or (n, H) in device memory: the in and out projections, q/k/v normalisation,
+logits, smooth softmax, dot-product gate, A v and LayerNorm, on ``mma.m16n8k8`` TF32 tensor cores.
+
+Status: **forward only, not used by the engine yet** (issue 21, session 31). Its backward, which would
+recompute this forward and keep nothing, is the next piece; until then it is a measured probe of what
+the on-chip design gains (``bench/profiling/attn_layer_probe.py``). Tested without a GPU (g++ with
+threaded warps and an emulated ``mma``; NVRTC for sm_90): tests/test_engine_attn_layer.py.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from dpsnake.engine import cuda
+
+SMEM_LIMIT = 113 * 1024  # bytes per block so that two blocks fit an SM (227 KiB on sm_90)
+
+
+def padded_slots(n: int) -> int:
+    """Rows a block runs for n slots: n rounded up to 16 (a warp per 16 rows)."""
+    return -(-int(n) // 16) * 16
+
+
+def smem_bytes(N: int, H: int) -> int:
+    """Dynamic shared memory of a block: k (N, H + 8), v^T (H, N + 8), sw, r and the mask (5 N)."""
+    return 4 * (N * (H + 8) + H * (N + 8) + 5 * N)
+
+
+def supported(dtype, n: int, H: int) -> str | None:
+    """None if the kernel runs this layer, else why not (one short phrase)."""
+    if np.dtype(dtype) != np.float32:
+        return "FP32 (mixed precision) only"
+    N = padded_slots(n)
+    if H % 32 or N % 32:
+        return f"width {H} and padded slots {N} must be multiples of 32"
+    if N > 96:
+        return f"{n} slots, more than 96 (registers)"
+    if smem_bytes(N, H) > SMEM_LIMIT:
+        return f"width {H} needs {smem_bytes(N, H)} bytes of shared memory"
+    return None
+
+
+def tf32_round(a: np.ndarray) -> np.ndarray:
+    """FP32 ``a`` rounded to TF32 (10 mantissa bits), to nearest, ties away from zero (``cvt.rna``)."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    return ((u + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+def pack_b(w: np.ndarray, permuted: bool) -> np.ndarray:
+    """The B operand ``w`` (K, M) of m16n8k8 products in fragment order: (K8, M8, 32, 2) FP32, K8 = K / 8
+    k tiles (K padded with zero rows), M8 = M / 8 rounded up (zero columns); [kt, mt, 4 g + t] holds
+    w[k0][8 mt + g], w[k1][8 mt + g] with (k0, k1) = (8 kt + t, 8 kt + t + 4), or with ``permuted`` (the A
+    operand an accumulator tile, attn_layer.cu's header) (8 kt + 2t, 8 kt + 2t + 1)."""
+    w = np.asarray(w, dtype=np.float64)
+    K, M = w.shape
+    K8, M8 = -(-K // 8), -(-M // 8)
+    wp = np.zeros((8 * K8, 8 * M8))
+    wp[:K, :M] = w
+    g, t = np.arange(32) // 4, np.arange(32) % 4
+    kt, mt = np.arange(K8)[:, None, None], np.arange(M8)[None, :, None]
+    k0 = 8 * kt + (2 * t if permuted else t)
+    k1 = k0 + (1 if permuted else 4)
+    col = 8 * mt + g
+    return np.stack([wp[k0, col], wp[k1, col]], axis=-1).astype(np.float32)
+
+
+@dataclass
+class LayerWeights:
+    """One layer's weights as the kernel reads them (``xp`` arrays, FP32): ``wqkv`` (3, KE, H/8, 32, 2) and
+    ``wout`` (H/8, KE, 32, 2) in B-fragment order, ``bqkv`` (3, H), ``bout``, ``gamma``, ``beta`` (E,)."""
+
+    wqkv: object
+    bqkv: object
+    wout: object
+    bout: object
+    gamma: object
+    beta: object
+    eps: float
+    E: int
+    H: int
+
+    @classmethod
+    def of(cls, layer, xp, round_tf32: bool = True) -> LayerWeights:
+        """From an attention.py ``AttnLayer``; ``round_tf32`` False keeps FP32 weights (the tests' emulated
+        products are exact)."""
+        from dpsnake.engine import xp as xpmod
+
+        host = {k: None if getattr(layer, k) is None else np.asarray(xpmod.to_numpy(getattr(layer, k)))
+                for k in ("w_qkv", "b_qkv", "w_out", "b_out", "gamma", "beta")}  # fmt: skip
+        _, E, H = host["w_qkv"].shape
+        rnd = tf32_round if round_tf32 else (lambda a: a)
+        wqkv = np.stack([rnd(pack_b(host["w_qkv"][c], permuted=False)) for c in range(3)])
+        wout = rnd(pack_b(host["w_out"], permuted=True))
+        b = host["b_qkv"].reshape(3, H) if host["b_qkv"] is not None else np.zeros((3, H))
+        bout = host["b_out"] if host["b_out"] is not None else np.zeros(E)
+
+        def dev(a):
+            return xp.ascontiguousarray(xp.asarray(np.asarray(a, dtype=np.float32)))
+
+        arrs = (dev(a) for a in (wqkv, b, wout, bout, host["gamma"], host["beta"]))
+        return cls(*arrs, eps=float(layer.eps), E=int(E), H=int(H))
+
+
+def defines(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, nnei: int) -> dict:
+    """Compile-time constants of attn_layer.cu for n slots of a model with ``nnei``."""
+    N = padded_slots(n)
+    npad = (int(nnei) - N) if smooth else 0
+    if npad < 0:
+        raise ValueError(f"attn_layer: {N} padded slots exceed the model's nnei {nnei}")
+    minb = 2 if smem_bytes(N, H) <= SMEM_LIMIT else 1
+    return {"N": N, "E": int(E), "H": int(H), "SMOOTH": int(smooth), "DOTR": int(dotr),
+            "NORMALIZE": int(normalize), "NPAD": npad, "MINB": minb}  # fmt: skip
+
+
+def source(**defs) -> str:
+    """attn_layer.cu with its constants as ``#define`` lines (one self-contained text, for the tests)."""
+    return cuda.with_defines(cuda.load("attn_layer.cu"), **defs)
+
+
+@functools.cache
+def _module(defs: tuple):
+    import cupy
+
+    d = dict(defs)
+    mod = cupy.RawModule(code=cuda.load("attn_layer.cu"), options=cuda.options(**d))
+    fn = mod.get_function("attn_layer_fwd")
+    fn.max_dynamic_shared_size_bytes = smem_bytes(d["N"], d["H"])
+    return fn, d["MINB"] * cupy.cuda.Device().attributes["MultiProcessorCount"]
+
+
+def forward(lw: LayerWeights, x, sw, r, mask, scale: float, smooth: bool, dotr: bool, normalize: bool, nnei: int):
+    """One layer's output (B, n, E) from its input x (B, n, E); sw (B, n), r (B, n, 3), mask (B, n) bool,
+    all C-contiguous, FP32 (attention.py's ``_Rows`` holds them so). ``scale``: the query scale."""
+    import cupy
+
+    B, n, E = x.shape
+    defs = defines(n, E, lw.H, smooth, dotr, normalize, nnei)
+    fn, cap = _module(tuple(defs.items()))
+    out = cupy.empty_like(x)
+    if B:
+        args = (x, lw.wqkv, lw.bqkv, lw.wout, lw.bout, lw.gamma, lw.beta, np.float32(lw.eps), sw, r, mask,
+                np.int64(B), np.int32(n), np.float32(scale), out)  # fmt: skip
+        fn((int(min(B, cap)),), (2 * defs["N"],), args, shared_mem=smem_bytes(defs["N"], lw.H))
+    return out

@@ -1,0 +1,172 @@
+"""The whole-layer TF32 attention kernel (cuda/attn_layer.cu, forward) = attention.py's array code, no GPU
+needed: the source compiled with g++ and run with threaded 32-lane warps, ``mma.m16n8k8`` emulated per warp
+with the PTX fragment layout (exact FP32 products: the weights unrounded, so the test sees the kernel's logic,
+not TF32's rounding); and compiled for sm_90 with NVRTC. On a GPU: tests/test_engine_attn_gpu.py."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+
+import numpy as np
+import pytest
+from engine_helpers import THREADED_CUDA_STUB, build_cpp, rel_err
+
+from dpsnake.engine.attn import attention as att
+from dpsnake.engine.cuda import attn_layer
+
+# mma.m16n8k8 (.tf32 operands as FP32 bits) as a warp: lane 4 g + t holds A[g][t], A[g+8][t], A[g][t+4],
+# A[g+8][t+4]; B[t][g], B[t+4][g]; C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1]
+EMU = r"""
+#include <cstring>
+#define TMMA 1
+struct float2 { float x, y; };
+static float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+static unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+static unsigned tf32(float x) { return __float_as_uint(x); }
+static float TM_A[1024][4], TM_B[1024][2];
+static void tmma(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, float b0, float b1) {
+  const unsigned th = threadIdx.x, w = th / 32, base = th & ~31u, g = (th & 31u) >> 2, t = th & 3u;
+  TM_A[th][0] = __uint_as_float(a0), TM_A[th][1] = __uint_as_float(a1);
+  TM_A[th][2] = __uint_as_float(a2), TM_A[th][3] = __uint_as_float(a3);
+  TM_B[th][0] = b0, TM_B[th][1] = b1;
+  WBAR[w]->arrive_and_wait();
+  double s[4] = {0, 0, 0, 0};
+  for (unsigned e = 0; e < 4; ++e) {
+    const unsigned row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
+    for (unsigned k = 0; k < 8; ++k)
+      s[e] += (double)TM_A[base + 4 * (row & 7) + (k & 3)][(row >= 8) + 2 * (k >= 4)] *
+              (double)TM_B[base + 4 * col + (k & 3)][k >= 4];
+  }
+  WBAR[w]->arrive_and_wait();
+  for (unsigned e = 0; e < 4; ++e) c[e] += (float)s[e];
+}
+#define DYN_SMEM(name) static float name[N * (H + 8) + H * (N + 8) + 5 * N]
+"""
+
+LAUNCH = r"""
+extern "C" void fwd(unsigned grid, const float* x, const float2* wqkv, const float* bqkv, const float2* wout,
+                    const float* bout, const float* gamma, const float* beta, float eps, const float* sw,
+                    const float* r, const unsigned char* mask, long long B, int n, float s, float* out) {
+  launch(grid, 32 * NW, [=] { attn_layer_fwd(x, wqkv, bqkv, wout, bout, gamma, beta, eps, sw, r, mask, B, n, s, out); });
+}
+"""
+
+
+def _ptr(a):
+    return a.ctypes.data_as(ctypes.c_void_p)
+
+
+def _run(tmp_path, p, lw, x, mask, r, sw, grid):
+    """The emulated kernel's output for one layer's input x (B, n, E) FP32."""
+    B, n, E = x.shape
+    defs = attn_layer.defines(n, E, lw.H, p.smooth, p.dotr, p.normalize, p.nnei)
+    tag = "_".join(str(v) for v in defs.values())
+    lib = build_cpp(tmp_path, f"layer_{tag}", THREADED_CUDA_STUB + EMU + attn_layer.source(**defs) + LAUNCH)
+    f32 = [np.ascontiguousarray(a, dtype=np.float32) for a in (x, sw.reshape(B, n), r)]
+    m8 = np.ascontiguousarray(mask, dtype=np.uint8)
+    out = np.full((B, n, E), np.nan, dtype=np.float32)
+    w = (lw.wqkv, lw.bqkv, lw.wout, lw.bout, lw.gamma, lw.beta)
+    lib.fwd(grid, _ptr(f32[0]), *map(_ptr, w), ctypes.c_float(lw.eps), _ptr(f32[1]), _ptr(f32[2]), _ptr(m8),
+            ctypes.c_longlong(B), ctypes.c_int(n), ctypes.c_float(p.scaling), _ptr(out))  # fmt: skip
+    return out
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
+@pytest.mark.parametrize(
+    "dotr,normalize,smooth,ns,nobias",
+    [(True, True, True, 27, False), (False, True, True, 32, False), (True, False, False, 27, False),
+     (False, True, False, 19, True), (True, True, True, 48, True)],
+)  # fmt: skip
+def test_layer_kernel_equals_array_code(tmp_path, monkeypatch, dotr, normalize, smooth, ns, nobias):
+    """Both layers of a DeePMD-kit NeighborGatedAttention (random weights; E 20: padded to 24 inside), each
+    layer's output from the kernel vs attention.py's ``_layer_forward`` in FP64. ns < 48: a chunk of fewer
+    slots (padded to a multiple of 16 inside; smooth: the rest counted in the softmax); centre 0 full,
+    centre 1 empty; grids of fewer blocks than centres and more."""
+    import test_engine_attention as ta
+
+    monkeypatch.setattr(ta, "NNEI", 48)
+    monkeypatch.setattr(ta, "E", 20)
+    monkeypatch.setattr(ta, "H", 32)
+    _, data = ta.reference(2, dotr, normalize, smooth, {"nobias": nobias} if nobias else {})
+    p = att.AttentionLayers.from_serialized(data).to(np, np.dtype("float64"))
+    G, mask, r, sw = (np.ascontiguousarray(a[:, :ns]) for a in ta.inputs(nb=4))
+    S, _, F, row_m, key_m = att._pair_terms(np, p, mask, r, sw, np.float64)
+    x = G
+    for layer in p.layers:
+        want, _ = att._layer_forward(np, p, layer, x, S, F, row_m, key_m, keep=False)
+        lw = attn_layer.LayerWeights.of(layer, np, round_tf32=False)
+        for grid in (3, 6):
+            got = _run(tmp_path, p, lw, x, mask, r, sw, grid)
+            assert rel_err(got, want) < 2e-5, (grid, rel_err(got, want))
+        x = want
+
+
+def test_pack_b_fragment_order():
+    """pack_b's [kt, mt, 4 g + t] pair is (w[k0][8 mt + g], w[k1][8 mt + g]) with the documented k0, k1, zero
+    past the matrix."""
+    w = np.arange(12 * 10, dtype=np.float64).reshape(12, 10) + 1.0
+    plain, perm = attn_layer.pack_b(w, permuted=False), attn_layer.pack_b(w, permuted=True)
+    assert plain.shape == perm.shape == (2, 2, 32, 2)
+    g, t = 5, 3
+    assert tuple(plain[0, 0, 4 * g + t]) == (w[t, g], w[t + 4, g])
+    assert tuple(perm[1, 0, 4 * 1 + 1]) == (w[10, 1], w[11, 1])
+    assert tuple(plain[1, 1, 4 * 2 + 2]) == (0.0, 0.0)  # column 10: padding
+    assert plain[1, 1, 4 * 1 + 1, 0] == w[9, 9] and plain[1, 1, 4 * 1 + 1, 1] == 0.0
+    assert plain[0, 1, 4 * 2 + 0, 0] == 0.0  # column 10: padding
+
+
+def test_tf32_round_is_cvt_rna():
+    """10 mantissa bits, to nearest, ties away from zero; exactly representable values unchanged."""
+    a = np.array([1.0, 1.0 + 2.0**-11, -(1.0 + 2.0**-11), 1.0 + 2.0**-12, 3.0 * 2.0**-10], dtype=np.float32)
+    got = attn_layer.tf32_round(a)
+    assert got.tolist() == [1.0, 1.0 + 2.0**-10, -(1.0 + 2.0**-10), 1.0, 3.0 * 2.0**-10]
+
+
+def test_supported_says_why_not():
+    assert attn_layer.supported(np.float32, 88, 128) is None
+    assert "FP32" in attn_layer.supported(np.float64, 88, 128)
+    assert "registers" in attn_layer.supported(np.float32, 120, 128)
+    assert "multiples of 32" in attn_layer.supported(np.float32, 88, 100)
+    assert attn_layer.smem_bytes(96, 128) <= attn_layer.SMEM_LIMIT  # two blocks per SM at the bench's size
+
+
+@pytest.mark.parametrize("n,E,H", [(88, 100, 128), (64, 100, 64), (27, 20, 32)])
+def test_layer_kernel_compiles_for_sm90(n, E, H):
+    pytest.importorskip("nvidia.cuda_nvrtc")
+    from test_engine_cuda_compile import compile_cuda
+
+    for smooth, dotr, normalize in ((1, 1, 1), (0, 0, 0), (1, 0, 1)):
+        defs = attn_layer.defines(n, E, H, smooth, dotr, normalize, 120)
+        ptx = compile_cuda(attn_layer.source(**defs))
+        assert ".entry attn_layer_fwd" in ptx
+        assert "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32" in ptx
+
+
+@pytest.mark.parametrize(
+    "dotr,normalize,smooth,ns", [(True, True, True, 88), (False, True, True, 64), (True, False, False, 88)]
+)
+def test_layer_kernel_on_gpu_within_tf32(monkeypatch, dotr, normalize, smooth, ns):
+    """On a GPU (skipped without): the kernel on TF32 tensor cores at the bench's shape (E 100, H 128, nnei
+    120) vs the FP64 array code, both layers: within TF32's rounding (2^-11 per operand)."""
+    from engine_helpers import cupy_or_skip
+
+    cp = cupy_or_skip()
+    import test_engine_attention as ta
+
+    monkeypatch.setattr(ta, "NNEI", 120)
+    monkeypatch.setattr(ta, "E", 100)
+    monkeypatch.setattr(ta, "H", 128)
+    _, data = ta.reference(2, dotr, normalize, smooth, {})
+    p = att.AttentionLayers.from_serialized(data)
+    p64, p32 = p.to(cp, np.float64), p.to(cp, np.float32)
+    G, mask, r, sw = (cp.asarray(np.ascontiguousarray(a[:, :ns])) for a in ta.inputs(nb=64))
+    want, _ = att.attention_forward(p64, G, mask, r, sw, keep=False)
+    x = cp.ascontiguousarray(G.astype(cp.float32))
+    sw2, r32 = (cp.ascontiguousarray(a.astype(cp.float32)) for a in (sw.reshape(mask.shape), r))
+    for layer in p32.layers:
+        lw = attn_layer.LayerWeights.of(layer, cp)
+        x = attn_layer.forward(lw, x, sw2, r32, cp.ascontiguousarray(mask), p.scaling, smooth, dotr, normalize, p.nnei)
+    err = rel_err(cp.asnumpy(x), cp.asnumpy(want))
+    print("attn_layer TF32 vs FP64", dotr, normalize, smooth, ns, f"{err:.1e}")
+    assert err < 1e-2
