@@ -152,6 +152,7 @@ class _EmuRows:
         self.mask = np.ascontiguousarray(mask)
         self.norm = self
         self.core = None  # the fused FP64 core: tests/test_engine_attn_core.py sets one
+        self.layer = None  # the whole-layer TF32 kernels: tests/test_engine_attn_layer.py
         self.calls = 0
 
     def or_any(self, a):

@@ -1,5 +1,5 @@
-"""What keeping a whole attention layer on chip gains: the TF32 whole-layer forward kernel
-(dpsnake.engine.cuda.attn_layer) against the engine's mixed + TF32 forward (cuBLAS TF32 GEMMs and the row
+"""What keeping a whole attention layer on chip gains: the TF32 whole-layer kernels
+(dpsnake.engine.cuda.attn_layer) against the engine's cuBLAS path in mixed + TF32 (TF32 GEMMs and the row
 kernels) on one chunk of centres, the same layers and inputs; prints a table and writes JSON.
 
     python3 bench/profiling/attn_layer_probe.py [--centres 4608] [--n 88] [--nnei 120] [--e 100] [--h 128]
@@ -8,12 +8,15 @@ kernels) on one chunk of centres, the same layers and inputs; prints a table and
 Layers: random weights of DeePMD-kit's se_atten_v2 example shape (smooth, dotr, normalize, bias), inputs
 as a fcc CuNi chunk has them (78-88 of n slots filled per centre, switch 1 -> 0 along the slots). Times are
 median CUDA-event times per call over the chunk, in us per centre (= per atom) and layer:
-  engine fwd keep  -- attention_forward as a force call runs it (keeps the cache backward reads)
+  engine fwd keep  -- attention_forward as a force call runs it (keeps the cache backward reads), cuBLAS path
   engine fwd       -- the same without the cache
-  engine bwd       -- attention_backward from the kept cache (for the whole-layer budget)
-  fused fwd        -- attn_layer.forward, layer after layer
-Errors: max |out - out_FP64| / max |out_FP64| of the fused and the engine's TF32 forward, the FP64 reference
-the engine's FP64 path. Kernel resources (registers, local memory = spills) from CuPy.
+  engine bwd       -- attention_backward from the kept cache
+  fused fwd        -- attn_layer.forward, layer after layer, nothing kept
+  fused fwd keep   -- the same keeping what attn_layer.backward reads (q, k, v, norms, LayerNorm's xhat)
+  fused bwd        -- attn_layer.backward, layer after layer
+Errors: max |out - out_FP64| / max |out_FP64| (forward) and the same of df/dG, df/dr, df/dsw (backward) of the
+fused kernels and the engine's cuBLAS TF32 path; the FP64 reference is the engine's FP64 path. Kernel
+resources (registers, local memory = spills) from CuPy.
 """
 
 from __future__ import annotations
@@ -93,7 +96,7 @@ def main(argv=None) -> int:
 
     from dpsnake.engine.attn.attention import attention_backward, attention_forward
     from dpsnake.engine.cuda import attn_layer
-    from dpsnake.engine.settings import EngineContext, EngineSettings
+    from dpsnake.engine.settings import DEFAULT_FAST, EngineContext, EngineSettings
 
     B, n, E, H, nl = args.centres, args.n, args.e, args.h, args.layers
     why = attn_layer.supported(np.float32, n, H)
@@ -103,61 +106,87 @@ def main(argv=None) -> int:
     p64, p32 = p.to(cp, np.float64), p.to(cp, np.float32)
     G, mask, r, sw = _inputs(cp, B, n, E)
     G32, r32, sw32 = (cp.ascontiguousarray(a.astype(cp.float32)) for a in (G, r, sw))
-    ctx = EngineContext.of(EngineSettings(tf32=True))
-    ref, _ = attention_forward(p64, G, mask, r, sw, keep=False)
+    ref, cache64 = attention_forward(p64, G, mask, r, sw)
+    dG = cp.random.default_rng(2).standard_normal(ref.shape, dtype=cp.float32)
+    ref_b = attention_backward(p64, cache64, dG.astype(cp.float64))
+    del cache64
+    blas = EngineContext.of(EngineSettings(tf32=True, fast=DEFAULT_FAST - {"attn_layer"}))
 
     def engine(keep):
-        with ctx.tf32(cp, np.float32):
-            return attention_forward(p32, G32, mask, r32, sw32, keep=keep, ctx=ctx)
+        with blas.tf32(cp, np.float32):
+            return attention_forward(p32, G32, mask, r32, sw32, keep=keep, ctx=blas)
 
     out_tf32, cache = engine(True)
-    dG = cp.random.default_rng(2).standard_normal(out_tf32.shape, dtype=cp.float32)
 
     def engine_bwd():
-        with ctx.tf32(cp, np.float32):
+        with blas.tf32(cp, np.float32):
             return attention_backward(p32, cache, dG)
 
     lws = [attn_layer.LayerWeights.of(lay, cp) for lay in p32.layers]
     sw2, mask_c = cp.ascontiguousarray(sw32.reshape(B, n)), cp.ascontiguousarray(mask)
 
-    def fused():
-        x = G32
-        for lw in lws:
-            x = attn_layer.forward(lw, x, sw2, r32, mask_c, p.scaling, True, True, True, p.nnei)
-        return x
+    flags = (p.scaling, True, True, True, p.nnei)
 
-    out_fused = fused()
-    scale = float(cp.abs(ref).max())
-    err = {k: float(cp.abs(o - ref).max()) / scale for k, o in (("fused", out_fused), ("engine_tf32", out_tf32))}
+    def fused(keep=False):
+        x, caches = G32, []
+        for lw in lws:
+            x = attn_layer.forward(lw, x, sw2, r32, mask_c, *flags, keep=keep)
+            if keep:
+                x, c = x
+                caches.append(c)
+        return (x, caches) if keep else x
+
+    out_fused, fcaches = fused(True)
+
+    def fused_bwd():
+        dsw, dr = cp.zeros((B, n), dtype=cp.float32), cp.zeros((B, n, 3), dtype=cp.float32)
+        dx = dG
+        for lw, c in zip(reversed(lws), reversed(fcaches)):
+            dx = attn_layer.backward(lw, c, dx, sw2, r32, mask_c, *flags, dsw, dr)
+        return dx, dr, dsw[..., None]
+
+    def rel(a, b):
+        return float(cp.abs(a - b).max()) / float(cp.abs(b).max())
+
+    err = {"fused": rel(out_fused, ref), "engine_tf32": rel(out_tf32, ref)}
+    for label, got in (("fused", fused_bwd()), ("engine_tf32", engine_bwd())):
+        for name, g, w in zip(("dG", "dr", "dsw"), got, ref_b):
+            err[f"{label}_{name}"] = rel(g, w)
     t = {
         "engine_fwd_keep": _time(cp, lambda: engine(True), args.reps),
         "engine_fwd": _time(cp, lambda: engine(False), args.reps),
         "engine_bwd": _time(cp, engine_bwd, args.reps),
         "fused_fwd": _time(cp, fused, args.reps),
+        "fused_fwd_keep": _time(cp, lambda: fused(True), args.reps),
+        "fused_bwd": _time(cp, fused_bwd, args.reps),
     }
     us = {k: v / B / nl * 1e6 for k, v in t.items()}  # per centre and layer
     flop = 2 * (n * E * 3 * H + 2 * n * n * H + n * H * E)  # per centre and layer, forward
     defs = attn_layer.defines(n, E, H, True, True, True, p.nnei)
-    fn, _ = attn_layer._module(tuple(defs.items()))
+    fns, _ = attn_layer._module(tuple(defs.items()))
     res = {
         "device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
         "centres": B, "n": n, "nnei": args.nnei, "E": E, "H": H, "layers": nl,
         "us_per_centre_layer": us, "seconds_per_call": t,
         "fused_tflops": flop * B * nl / t["fused_fwd"] / 1e12,
         "engine_fwd_keep_tflops": flop * B * nl / t["engine_fwd_keep"] / 1e12,
+        "engine_over_fused_fwd_bwd": (t["engine_fwd_keep"] + t["engine_bwd"]) / (t["fused_fwd_keep"] + t["fused_bwd"]),
         "rel_err_vs_fp64": err,
-        "kernel": {"num_regs": fn.num_regs, "local_size_bytes": fn.local_size_bytes, "defines": defs,
-                   "smem_bytes": attn_layer.smem_bytes(defs["N"], H)},
+        "kernel": {k: {"num_regs": f.num_regs, "local_size_bytes": f.local_size_bytes} for k, f in fns.items()}
+        | {"defines": defs, "smem_bytes": attn_layer.smem_bytes(defs["N"], H)},
     }  # fmt: skip
     print(f"{res['device']}: {B} centres x {n} slots (nnei {args.nnei}), E {E}, H {H}, {nl} layers; "
           f"us per centre and layer (median of {args.reps})")  # fmt: skip
-    print(f"{'':18s} {'us':>8s} {'TFLOP/s':>8s} {'rel err vs FP64':>16s}")
-    for k in ("engine_fwd_keep", "engine_fwd", "engine_bwd", "fused_fwd"):
-        tf = flop / (us[k] * 1e-6) / 1e12 if k != "engine_bwd" else float("nan")
-        e = err.get("fused" if k == "fused_fwd" else ("engine_tf32" if k == "engine_fwd_keep" else ""), float("nan"))
-        print(f"{k:18s} {us[k]:8.4f} {tf:8.1f} {e:16.2e}")
-    print(f"engine fwd keep / fused fwd: {us['engine_fwd_keep'] / us['fused_fwd']:.2f}x; kernel: {fn.num_regs} "
-          f"registers, {fn.local_size_bytes} bytes local (spills), {res['kernel']['smem_bytes']} bytes shared")  # fmt: skip
+    print(f"{'':18s} {'us':>8s} {'fwd TFLOP/s':>11s}")
+    for k in t:
+        tf = flop / (us[k] * 1e-6) / 1e12 if "fwd" in k else float("nan")
+        print(f"{k:18s} {us[k]:8.4f} {tf:11.1f}")
+    print("rel. errors vs FP64: " + ", ".join(f"{k} {v:.1e}" for k, v in err.items()))
+    print(f"engine / fused: forward {us['engine_fwd_keep'] / us['fused_fwd_keep']:.2f}x, backward "
+          f"{us['engine_bwd'] / us['fused_bwd']:.2f}x, both {res['engine_over_fused_fwd_bwd']:.2f}x; kernels: "
+          f"{fns['attn_layer_fwd'].num_regs} / {fns['attn_layer_bwd'].num_regs} registers, "
+          f"{fns['attn_layer_fwd'].local_size_bytes} / {fns['attn_layer_bwd'].local_size_bytes} bytes local "
+          f"(spills), {res['kernel']['smem_bytes']} bytes shared")  # fmt: skip
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(res, fh, indent=1)

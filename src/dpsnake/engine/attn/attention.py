@@ -69,6 +69,8 @@ class AttnLayer:
     scaling: float
     w_qkv: object = None
     b_qkv: object = None
+    kern: dict = field(default_factory=dict, repr=False, compare=False)
+    """The whole-layer kernels' packed weights (cuda/attn_layer.py), per device."""
 
     def __post_init__(self):
         E, H3 = self.w_in.shape
@@ -293,6 +295,13 @@ def _layer_forward(xp, p, l: AttnLayer, x, S, F, row_m, key_m, keep: bool, rows=
     None for the array code."""
     B, n, E = x.shape
     H = l.w_qkv.shape[2]
+    if rows is not None and rows.layer is not None:  # mixed + TF32 CUDA: the whole layer in one kernel
+        lw = rows.weights(xp, l)
+        args = (rows.sw, rows.r, rows.mask, p.scaling, p.smooth, p.dotr, p.normalize, p.nnei)
+        if not keep:
+            return rows.layer.forward(lw, xp.ascontiguousarray(x), *args), None
+        out, cache = rows.layer.forward(lw, xp.ascontiguousarray(x), *args, keep=True)
+        return out, ("layer", lw, cache)
     z = xp.empty((3, B, n, H), dtype=x.dtype)
     x2 = x.reshape(B * n, E)
     for c in range(3):
@@ -342,7 +351,11 @@ class _Rows:
     (cuda/attn_norm.py), ``bmm``, batched products with transposes as cuBLAS flags (cuda/bmm.py),
     ``npad``, the empty slots left out of the n (the module doc), and ``core``, the fused FP64 layer core
     (cuda/attn_core.py: products and rows in one kernel per direction) or None. ``tf32``: the batched
-    FP32 products on TF32 tensor cores (settings.tf32; the flat GEMMs follow ``EngineContext.tf32``)."""
+    FP32 products on TF32 tensor cores (settings.tf32; the flat GEMMs follow ``EngineContext.tf32``).
+    ``layer``: the whole-layer TF32 kernels (cuda/attn_layer.py, mixed + TF32) or None; with them a layer
+    is one kernel per direction and the rest goes unused."""
+
+    layer = None
 
     def __init__(self, xp, nei_mask, input_r, sw, dtype, npad: int = 0, core=None, tf32: bool = False):
         from dpsnake.engine.cuda import attn_norm, attn_rows
@@ -360,6 +373,13 @@ class _Rows:
         """``a``, or an array of the right dtype for an argument the kernel does not read."""
         return self.sw if a is None else a
 
+    def weights(self, xp, l: AttnLayer):
+        """Layer ``l``'s weights packed for the whole-layer kernels (made once per device)."""
+        key = xpmod.device_key(xp)
+        if key not in l.kern:
+            l.kern[key] = self.layer.LayerWeights.of(l, xp)
+        return l.kern[key]
+
     @staticmethod
     def make(xp, p, nei_mask, input_r, sw, dtype, ctx):
         """The row kernels for this call (compiled on first use), or None: NumPy, the family
@@ -368,7 +388,7 @@ class _Rows:
         ctx = EngineContext.of(ctx)
         if not ctx.fast(xp, "attn"):
             return None
-        from dpsnake.engine.cuda import attn_core, attn_norm, attn_rows
+        from dpsnake.engine.cuda import attn_core, attn_layer, attn_norm, attn_rows
 
         n, dt = nei_mask.shape[1], np.dtype(dtype).name
         npad = (p.nnei - n) if p.smooth else 0  # the module's NPAD: 0 without the smooth softmax
@@ -383,7 +403,15 @@ class _Rows:
             core_args = (n, p.hidden_dim, p.smooth, p.dotr, npad)
             core = attn_core if ctx.guarded("attn_core", attn_core.build, *core_args) is not None else None
         tf32 = ctx.settings.tf32 and np.dtype(dtype) == np.float32
-        return _Rows(xp, nei_mask, input_r, sw, dtype, npad, core, tf32)
+        rows = _Rows(xp, nei_mask, input_r, sw, dtype, npad, core, tf32)
+        if (
+            ctx.fast(xp, "attn_layer")
+            and ctx.tf32_on(xp, dtype)
+            and attn_layer.supported(dtype, n, p.hidden_dim) is None
+        ):
+            layer_args = (n, p.embed_dim, p.hidden_dim, p.smooth, p.dotr, p.normalize, p.nnei)
+            rows.layer = attn_layer if ctx.guarded("attn_layer", attn_layer.build, *layer_args) is not None else None
+        return rows
 
 
 def attention_forward(p: AttentionLayers, G, nei_mask, input_r, sw, keep: bool = True, ctx=None):
@@ -444,6 +472,13 @@ def attention_backward(p: AttentionLayers, cache, dG_out):
         return dG, xp.zeros((B, n, 3), dtype=dG.dtype), xp.zeros((B, n, 1), dtype=dG.dtype)
     caches, mask, input_r, sw, rows = cache
     dtype = p.layers[0].w_in.dtype
+    if caches and isinstance(caches[0][0], str):  # ("layer", ...): the whole-layer kernels (cuda/attn_layer.py)
+        d_sw, d_r = xp.zeros((B, n), dtype=dtype), xp.zeros((B, n, 3), dtype=dtype)
+        dx = xp.ascontiguousarray(dG_out.astype(dtype, copy=False))
+        args = (rows.sw, rows.r, rows.mask, p.scaling, p.smooth, p.dotr, p.normalize, p.nnei, d_sw, d_r)
+        for _, lw, c in reversed(caches):
+            dx = rows.layer.backward(lw, c, dx, *args)
+        return dx, d_r, d_sw.reshape(B, n, 1)
     S = R = F = None
     if rows is None:
         S, R, F, _, _ = _pair_terms(xp, p, mask, input_r, sw, dtype)

@@ -57,7 +57,8 @@ __device__ __forceinline__ float row_max(float v) {
 // z (the warp's 16 rows of one of q, k, v) = x W + b, normalized per row if NORMALIZE; rows >= n zeroed.
 // xa: x's A fragments; wp: W in B-fragment order (KE x HT products).
 __device__ __forceinline__ void project(const unsigned (&xa)[KE][4], const float2* __restrict__ wp,
-                                        const float* __restrict__ bias, bool in0, bool in1, float (&z)[HT][4]) {
+                                        const float* __restrict__ bias, bool in0, bool in1, float (&z)[HT][4],
+                                        float& inv0, float& inv1) {
   const int lane = threadIdx.x & 31, t = lane & 3;
 #pragma unroll
   for (int c = 0; c < HT; ++c) z[c][0] = z[c][2] = bias[8 * c + 2 * t], z[c][1] = z[c][3] = bias[8 * c + 2 * t + 1];
@@ -79,18 +80,37 @@ __device__ __forceinline__ void project(const unsigned (&xa)[KE][4], const float
   s0 = in0 ? s0 : 0.f, s1 = in1 ? s1 : 0.f;
 #pragma unroll
   for (int c = 0; c < HT; ++c) z[c][0] *= s0, z[c][1] *= s0, z[c][2] *= s1, z[c][3] *= s1;
+  inv0 = s0, inv1 = s1;
+}
+
+// the warp's rows of y (16 x H, accumulator layout) to Y (n, H) in device memory, and their inverse norms
+__device__ __forceinline__ void keep_rows(const float (&z)[HT][4], float inv0, float inv1, float* __restrict__ Y,
+                                          float* __restrict__ inv, int i0, int i1, bool in0, bool in1) {
+  const int t = threadIdx.x & 3;
+#pragma unroll
+  for (int c = 0; c < HT; ++c) {
+    const int h = 8 * c + 2 * t;
+    if (in0) *reinterpret_cast<float2*>(Y + i0 * H + h) = make_float2(z[c][0], z[c][1]);
+    if (in1) *reinterpret_cast<float2*>(Y + i1 * H + h) = make_float2(z[c][2], z[c][3]);
+  }
+  if (t == 0 && in0) inv[i0] = inv0;
+  if (t == 0 && in1) inv[i1] = inv1;
 }
 
 // x (B, n, E), sw (B, n), r (B, n, 3), mask (B, n), out (B, n, E): C-contiguous FP32. wqkv (3, KE, HT, 32) and
 // wout (HT, KE, 32) float2 (B fragments, TF32-rounded), bqkv (3, H) (zeros without a bias), bout, gamma, beta
-// (E). s: the query scale; eps: LayerNorm's.
+// (E). s: the query scale; eps: LayerNorm's. With ``y`` not null (a force call) the forward also keeps what
+// attn_layer_bwd reads: y (3, B, n, H) = the normalized q (unscaled), k, v; inv (3, B, n) their inverse norms
+// (0 past n; 1 without NORMALIZE); xhat (B, n, E) and rstd (B, n) of the LayerNorm.
 extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     attn_layer_fwd(const float* __restrict__ x, const float2* __restrict__ wqkv, const float* __restrict__ bqkv,
                    const float2* __restrict__ wout, const float* __restrict__ bout, const float* __restrict__ gamma,
                    const float* __restrict__ beta, float eps, const float* __restrict__ sw,
                    const float* __restrict__ r, const unsigned char* __restrict__ mask, long long B, int n, float s,
-                   float* __restrict__ out) {
+                   float* __restrict__ out, float* __restrict__ y, float* __restrict__ inv,
+                   float* __restrict__ xhat, float* __restrict__ rstd) {
   DYN_SMEM(smem);
+  const long long P = B * n;  // rows of one of q, k, v in y
   float* ks = smem;             // (N, LDK): k, TF32-rounded
   float* vt = ks + N * LDK;     // (H, LDV): v^T, TF32-rounded
   float* sws = vt + H * LDV;    // (N): sw
@@ -118,22 +138,25 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       xa[kk][2] = tf32(in0 && c1 < E ? xb[i0 * E + c1] : 0.f);
       xa[kk][3] = tf32(in1 && c1 < E ? xb[i1 * E + c1] : 0.f);
     }
-    float z[HT][4];
-    project(xa, wqkv + KE * HT * 32, bqkv + H, in0, in1, z);  // k
+    float z[HT][4], iv0, iv1;
+    project(xa, wqkv + KE * HT * 32, bqkv + H, in0, in1, z, iv0, iv1);  // k
+    if (y) keep_rows(z, iv0, iv1, y + (P + base) * H, inv + P + base, i0, i1, in0, in1);
 #pragma unroll
     for (int c = 0; c < HT; ++c) {
       const int h = 8 * c + 2 * t;
       ks[i0 * LDK + h] = __uint_as_float(tf32(z[c][0])), ks[i0 * LDK + h + 1] = __uint_as_float(tf32(z[c][1]));
       ks[i1 * LDK + h] = __uint_as_float(tf32(z[c][2])), ks[i1 * LDK + h + 1] = __uint_as_float(tf32(z[c][3]));
     }
-    project(xa, wqkv + 2 * KE * HT * 32, bqkv + 2 * H, in0, in1, z);  // v
+    project(xa, wqkv + 2 * KE * HT * 32, bqkv + 2 * H, in0, in1, z, iv0, iv1);  // v
+    if (y) keep_rows(z, iv0, iv1, y + (2 * P + base) * H, inv + 2 * P + base, i0, i1, in0, in1);
 #pragma unroll
     for (int c = 0; c < HT; ++c) {
       const int h = 8 * c + 2 * t;
       vt[h * LDV + i0] = __uint_as_float(tf32(z[c][0])), vt[(h + 1) * LDV + i0] = __uint_as_float(tf32(z[c][1]));
       vt[h * LDV + i1] = __uint_as_float(tf32(z[c][2])), vt[(h + 1) * LDV + i1] = __uint_as_float(tf32(z[c][3]));
     }
-    project(xa, wqkv, bqkv, in0, in1, z);  // q, scaled below
+    project(xa, wqkv, bqkv, in0, in1, z, iv0, iv1);  // q, scaled below
+    if (y) keep_rows(z, iv0, iv1, y + base * H, inv + base, i0, i1, in0, in1);
     unsigned qa[HT][4];
 #pragma unroll
     for (int c = 0; c < HT; ++c)
@@ -260,9 +283,391 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       for (int e = 0; e < 2; ++e) {
         const int col = 8 * nt + 2 * t + e;
         if (col < E) {
-          if (in0) out[(base + i0) * E + col] = hh[nt][e] * r0 * gamma[col] + beta[col];
-          if (in1) out[(base + i1) * E + col] = hh[nt][2 + e] * r1 * gamma[col] + beta[col];
+          const float xh0 = hh[nt][e] * r0, xh1 = hh[nt][2 + e] * r1;
+          if (in0) out[(base + i0) * E + col] = xh0 * gamma[col] + beta[col];
+          if (in1) out[(base + i1) * E + col] = xh1 * gamma[col] + beta[col];
+          if (y && in0) xhat[(base + i0) * E + col] = xh0;
+          if (y && in1) xhat[(base + i1) * E + col] = xh1;
         }
       }
+    if (y && t == 0 && in0) rstd[base + i0] = r0;
+    if (y && t == 0 && in1) rstd[base + i1] = r1;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------- backward
+
+// over the 8 groups (one column of the warp's 16 rows)
+__device__ __forceinline__ float col_sum(float v) {
+  v += __shfl_xor_sync(FULL, v, 4);
+  v += __shfl_xor_sync(FULL, v, 8);
+  return v + __shfl_xor_sync(FULL, v, 16);
+}
+
+// d (the warp's rows of dL/dy, accumulator layout) -> dL/dz through y = z / |z| (NORMALIZE): (d - y (d . y)) inv;
+// Y: the rows of y (n, H) in device memory
+__device__ __forceinline__ void norm_bwd(float (&d)[HT][4], const float* __restrict__ Y, float inv0, float inv1, int i0,
+                                         int i1, bool in0, bool in1) {
+#if NORMALIZE
+  const int t = threadIdx.x & 3;
+  float y[HT][4], p0 = 0.f, p1 = 0.f;
+#pragma unroll
+  for (int c = 0; c < HT; ++c) {
+    const int h = 8 * c + 2 * t;
+    const float2 a = in0 ? *reinterpret_cast<const float2*>(Y + i0 * H + h) : make_float2(0.f, 0.f);
+    const float2 b = in1 ? *reinterpret_cast<const float2*>(Y + i1 * H + h) : make_float2(0.f, 0.f);
+    y[c][0] = a.x, y[c][1] = a.y, y[c][2] = b.x, y[c][3] = b.y;
+    p0 += d[c][0] * a.x + d[c][1] * a.y, p1 += d[c][2] * b.x + d[c][3] * b.y;
+  }
+  p0 = row_sum(p0), p1 = row_sum(p1);
+#pragma unroll
+  for (int c = 0; c < HT; ++c) {
+    d[c][0] = (d[c][0] - y[c][0] * p0) * inv0, d[c][1] = (d[c][1] - y[c][1] * p0) * inv0;
+    d[c][2] = (d[c][2] - y[c][2] * p1) * inv1, d[c][3] = (d[c][3] - y[c][3] * p1) * inv1;
+  }
+#endif
+}
+
+// dx (the warp's rows, device memory) += dz W^T: dz the accumulator layout over H (the A operand, permuted), wT
+// W^T in B-fragment order (HT x KE products)
+__device__ __forceinline__ void dx_add(const float (&dz)[HT][4], const float2* __restrict__ wT, float* __restrict__ dxb,
+                                       int i0, int i1, bool in0, bool in1) {
+  const int lane = threadIdx.x & 31, t = lane & 3;
+  float acc[KE][4];
+#pragma unroll
+  for (int nt = 0; nt < KE; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+#pragma unroll
+  for (int c = 0; c < HT; ++c) {
+    const unsigned a0 = tf32(dz[c][0]), a1 = tf32(dz[c][2]), a2 = tf32(dz[c][1]), a3 = tf32(dz[c][3]);
+#pragma unroll
+    for (int nt = 0; nt < KE; ++nt) {
+      const float2 wb = wT[(c * KE + nt) * 32 + lane];
+      tmma(acc[nt], a0, a1, a2, a3, wb.x, wb.y);
+    }
+  }
+#pragma unroll
+  for (int nt = 0; nt < KE; ++nt)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int col = 8 * nt + 2 * t + e;
+      if (col < E && in0) dxb[i0 * E + col] += acc[nt][e];
+      if (col < E && in1) dxb[i1 * E + col] += acc[nt][2 + e];
+    }
+}
+
+// acc (the warp's rows j, 16 x H) = M^T Y: M (N, N) and Y (N, H) row-major in device memory (this block's
+// scratch or the layer's cache; Y rows >= n read as 0), the products' k running over M's rows i
+__device__ __forceinline__ void prod_mty(const float* __restrict__ M, const float* __restrict__ Y, int n,
+                                         float (&acc)[HT][4]) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int j0 = 16 * w + g, j1 = j0 + 8;
+#pragma unroll
+  for (int c = 0; c < HT; ++c) acc[c][0] = acc[c][1] = acc[c][2] = acc[c][3] = 0.f;
+#pragma unroll 2
+  for (int it = 0; it < NT; ++it) {
+    const int ia = 8 * it + t, ib = ia + 4;
+    const unsigned a0 = tf32(M[ia * N + j0]), a1 = tf32(M[ia * N + j1]), a2 = tf32(M[ib * N + j0]),
+                   a3 = tf32(M[ib * N + j1]);
+#pragma unroll
+    for (int c = 0; c < HT; ++c) {
+      const float b0 = ia < n ? Y[ia * H + 8 * c + g] : 0.f, b1 = ib < n ? Y[ib * H + 8 * c + g] : 0.f;
+      tmma(acc[c], a0, a1, a2, a3, __uint_as_float(tf32(b0)), __uint_as_float(tf32(b1)));
+    }
+  }
+}
+
+// From dout = dLoss/d out (B, n, E) and what the forward kept (y, inv, xhat, rstd): dx (B, n, E) = dLoss/dx
+// (written), and the layer's terms of dLoss/d sw (B, n) (SMOOTH) and dLoss/d r (B, n, 3) (DOTR) added. woutT (KE,
+// HT, 32) and wqkvT (3, HT, KE, 32) float2: W_out^T and W_q^T, W_k^T, W_v^T in B-fragment order (permuted).
+// scratch: N H + 3 N N floats per block (do; A = T F; dL; L + SHIFT), read back within the block (L2).
+// Steps: LayerNorm backward -> dh (dx = dh, the residual); do = dh W_out^T; L and T again (as the forward);
+// dA = do v^T; the row chain backward -> dL, d sw, d r; dq = s dL k; dv = A^T do; dk = s dL^T y_q; each through
+// the q/k/v normalisation and added to dx through in_proj.
+extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
+    attn_layer_bwd(const float* __restrict__ dout, const float* __restrict__ xhat, const float* __restrict__ rstd,
+                   const float* __restrict__ gamma, const float* __restrict__ y, const float* __restrict__ inv,
+                   const float2* __restrict__ woutT, const float2* __restrict__ wqkvT, const float* __restrict__ sw,
+                   const float* __restrict__ r, const unsigned char* __restrict__ mask, long long B, int n, float s,
+                   float* __restrict__ scratch, float* __restrict__ dx, float* __restrict__ dsw,
+                   float* __restrict__ dr) {
+  __shared__ float sws[N], rs[3 * N], mk[N], gsw[N], gr[3 * N];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int i0 = 16 * w + g, i1 = i0 + 8;
+  const bool in0 = i0 < n, in1 = i1 < n;
+  const long long P = B * n;
+  float* dos = scratch + (long long)blockIdx.x * (N * H + 3 * N * N);  // (N, H)
+  float* As = dos + N * H;                                              // (N, N)
+  float* dLs = As + N * N;                                              // (N, N)
+  float* Ls = dLs + N * N;  // (N, N): each lane reads back only what it wrote
+  for (long long b = blockIdx.x; b < B; b += gridDim.x) {
+    const long long base = b * n;
+    __syncthreads();  // the previous centre's shared arrays and scratch are read
+    for (int j = threadIdx.x; j < N; j += 32 * NW) {
+      const bool in = j < n;
+      sws[j] = in ? sw[base + j] : 0.f;
+      mk[j] = (in && mask[base + j]) ? 1.f : 0.f;
+      gsw[j] = 0.f;
+      for (int d = 0; d < 3; ++d) rs[3 * j + d] = in ? r[(base + j) * 3 + d] : 0.f, gr[3 * j + d] = 0.f;
+    }
+    __syncthreads();
+    const float *yq = y + base * H, *yk = y + (P + base) * H, *yv = y + (2 * P + base) * H;
+    float* dxb = dx + base * E;
+
+    // LayerNorm backward: dh = rstd (g - mean(g) - xhat mean(g xhat)), g = dout gamma; dx = dh
+    float dh[KE][4];
+    {
+      const float* db = dout + base * E;
+      const float* xb = xhat + base * E;
+      float mg0 = 0.f, mg1 = 0.f, mx0 = 0.f, mx1 = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < KE; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * nt + 2 * t + e;
+          const bool c_in = col < E;
+          const float g0 = (c_in && in0) ? db[i0 * E + col] * gamma[col] : 0.f;
+          const float g1 = (c_in && in1) ? db[i1 * E + col] * gamma[col] : 0.f;
+          dh[nt][e] = g0, dh[nt][2 + e] = g1;
+          mg0 += g0, mg1 += g1;
+          mx0 += (c_in && in0) ? g0 * xb[i0 * E + col] : 0.f, mx1 += (c_in && in1) ? g1 * xb[i1 * E + col] : 0.f;
+        }
+      mg0 = row_sum(mg0) / E, mg1 = row_sum(mg1) / E, mx0 = row_sum(mx0) / E, mx1 = row_sum(mx1) / E;
+      const float r0 = in0 ? rstd[base + i0] : 0.f, r1 = in1 ? rstd[base + i1] : 0.f;
+#pragma unroll
+      for (int nt = 0; nt < KE; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * nt + 2 * t + e;
+          if (col < E) {
+            dh[nt][e] = in0 ? (dh[nt][e] - mg0 - xb[i0 * E + col] * mx0) * r0 : 0.f;
+            dh[nt][2 + e] = in1 ? (dh[nt][2 + e] - mg1 - xb[i1 * E + col] * mx1) * r1 : 0.f;
+            if (in0) dxb[i0 * E + col] = dh[nt][e];
+            if (in1) dxb[i1 * E + col] = dh[nt][2 + e];
+          }
+        }
+    }
+    // do = dh W_out^T, to the scratch (every row: those past n are 0)
+    {
+      float o[HT][4];
+#pragma unroll
+      for (int c = 0; c < HT; ++c) o[c][0] = o[c][1] = o[c][2] = o[c][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < KE; ++kk) {
+        const unsigned a0 = tf32(dh[kk][0]), a1 = tf32(dh[kk][2]), a2 = tf32(dh[kk][1]), a3 = tf32(dh[kk][3]);
+#pragma unroll
+        for (int c = 0; c < HT; ++c) {
+          const float2 wb = woutT[(kk * HT + c) * 32 + lane];
+          tmma(o[c], a0, a1, a2, a3, wb.x, wb.y);
+        }
+      }
+#pragma unroll
+      for (int c = 0; c < HT; ++c) {
+        const int h = 8 * c + 2 * t;
+        *reinterpret_cast<float2*>(dos + i0 * H + h) = make_float2(o[c][0], o[c][1]);
+        *reinterpret_cast<float2*>(dos + i1 * H + h) = make_float2(o[c][2], o[c][3]);
+      }
+    }
+    __syncwarp();  // the lanes read each other's rows of do below
+
+    // the logits again (as the forward: the same TF32 operands and order), kept as L + SHIFT for d sw
+    float T[NT][4];
+#pragma unroll
+    for (int jt = 0; jt < NT; ++jt) T[jt][0] = T[jt][1] = T[jt][2] = T[jt][3] = 0.f;
+#pragma unroll
+    for (int c = 0; c < HT; ++c) {
+      const int h = 8 * c + 2 * t;
+      const unsigned a0 = tf32(in0 ? yq[i0 * H + h] * s : 0.f), a1 = tf32(in1 ? yq[i1 * H + h] * s : 0.f);
+      const unsigned a2 = tf32(in0 ? yq[i0 * H + h + 1] * s : 0.f), a3 = tf32(in1 ? yq[i1 * H + h + 1] * s : 0.f);
+#pragma unroll
+      for (int jt = 0; jt < NT; ++jt) {
+        const int j = 8 * jt + g;
+        const float2 kb = j < n ? *reinterpret_cast<const float2*>(yk + j * H + h) : make_float2(0.f, 0.f);
+        tmma(T[jt], a0, a1, a2, a3, __uint_as_float(tf32(kb.x)), __uint_as_float(tf32(kb.y)));
+      }
+    }
+    // the row chain forward, as attn_layer_fwd: T = softmax(L') m_i
+#if SMOOTH
+    const float sw0 = sws[i0], sw1 = sws[i1];
+#endif
+    float mx0 = LOWEST, mx1 = LOWEST;
+#pragma unroll
+    for (int jt = 0; jt < NT; ++jt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int j = 8 * jt + 2 * t + e;
+#if SMOOTH
+        Ls[i0 * N + j] = T[jt][e] + SHIFT, Ls[i1 * N + j] = T[jt][2 + e] + SHIFT;
+        T[jt][e] = (T[jt][e] + SHIFT) * (sw0 * sws[j]) - SHIFT;
+        T[jt][2 + e] = (T[jt][2 + e] + SHIFT) * (sw1 * sws[j]) - SHIFT;
+#else
+        if (mk[j] == 0.f) T[jt][e] = T[jt][2 + e] = __uint_as_float(0xff800000u);  // -inf
+#endif
+        mx0 = fmaxf(mx0, T[jt][e]), mx1 = fmaxf(mx1, T[jt][2 + e]);
+      }
+    mx0 = row_max(mx0), mx1 = row_max(mx1);
+#if SMOOTH && NPAD
+    mx0 = fmaxf(mx0, -SHIFT), mx1 = fmaxf(mx1, -SHIFT);
+#endif
+    {
+      float d0 = 0.f, d1 = 0.f;
+#pragma unroll
+      for (int jt = 0; jt < NT; ++jt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          T[jt][e] = expf(T[jt][e] - mx0), T[jt][2 + e] = expf(T[jt][2 + e] - mx1);
+          d0 += T[jt][e], d1 += T[jt][2 + e];
+        }
+      d0 = row_sum(d0), d1 = row_sum(d1);
+#if SMOOTH && NPAD
+      d0 += NPAD * expf(-SHIFT - mx0), d1 += NPAD * expf(-SHIFT - mx1);
+#endif
+      const float f0 = mk[i0] / fmaxf(d0, 1.f), f1 = mk[i1] / fmaxf(d1, 1.f);
+#pragma unroll
+      for (int jt = 0; jt < NT; ++jt) T[jt][0] *= f0, T[jt][1] *= f0, T[jt][2] *= f1, T[jt][3] *= f1;
+    }
+
+    // dA = do v^T
+    float dA[NT][4];
+#pragma unroll
+    for (int jt = 0; jt < NT; ++jt) dA[jt][0] = dA[jt][1] = dA[jt][2] = dA[jt][3] = 0.f;
+#pragma unroll
+    for (int c = 0; c < HT; ++c) {
+      const int h = 8 * c + 2 * t;
+      const unsigned a0 = tf32(dos[i0 * H + h]), a1 = tf32(dos[i1 * H + h]);
+      const unsigned a2 = tf32(dos[i0 * H + h + 1]), a3 = tf32(dos[i1 * H + h + 1]);
+#pragma unroll
+      for (int jt = 0; jt < NT; ++jt) {
+        const int j = 8 * jt + g;
+        const float2 vb = j < n ? *reinterpret_cast<const float2*>(yv + j * H + h) : make_float2(0.f, 0.f);
+        tmma(dA[jt], a0, a1, a2, a3, __uint_as_float(tf32(vb.x)), __uint_as_float(tf32(vb.y)));
+      }
+    }
+
+    // the row chain backward (attention.py's _rows_backward): A = T F to the scratch; dT = dA F; dR = dA T S;
+    // dL' = T (dT - sum_j dT T); dS = dA T R + (L + SHIFT) dL'; dL = dL' S. d sw += (dS + dS^T) sw and
+    // d r += (dR + dR^T) r: the rows' parts summed over 4 lanes, the columns' over 8 groups, into shared memory.
+#if DOTR
+    const float ri0[3] = {rs[3 * i0], rs[3 * i0 + 1], rs[3 * i0 + 2]}, ri1[3] = {rs[3 * i1], rs[3 * i1 + 1], rs[3 * i1 + 2]};
+    float dri0[3] = {0.f, 0.f, 0.f}, dri1[3] = {0.f, 0.f, 0.f};
+#endif
+    float u0 = 0.f, u1 = 0.f;  // sum_j dT T per row
+#pragma unroll
+    for (int jt = 0; jt < NT; ++jt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int j = 8 * jt + 2 * t + e;
+        float F0 = 1.f, F1 = 1.f;
+#if SMOOTH
+        const float S0 = sw0 * sws[j], S1 = sw1 * sws[j];
+        F0 = S0, F1 = S1;
+#endif
+#if DOTR
+        const float rj[3] = {rs[3 * j], rs[3 * j + 1], rs[3 * j + 2]};
+        const float R0 = ri0[0] * rj[0] + ri0[1] * rj[1] + ri0[2] * rj[2];
+        const float R1 = ri1[0] * rj[0] + ri1[1] * rj[1] + ri1[2] * rj[2];
+        F0 *= R0, F1 *= R1;
+#if SMOOTH
+        const float dR0 = dA[jt][e] * T[jt][e] * S0, dR1 = dA[jt][2 + e] * T[jt][2 + e] * S1;
+#else
+        const float dR0 = dA[jt][e] * T[jt][e], dR1 = dA[jt][2 + e] * T[jt][2 + e];
+#endif
+#pragma unroll
+        for (int d = 0; d < 3; ++d) {
+          dri0[d] += dR0 * rj[d], dri1[d] += dR1 * rj[d];
+          const float cs = col_sum(dR0 * ri0[d] + dR1 * ri1[d]);
+          if (g == 0) atomicAdd(gr + 3 * j + d, cs);
+        }
+#endif
+        As[i0 * N + j] = T[jt][e] * F0, As[i1 * N + j] = T[jt][2 + e] * F1;
+        u0 += dA[jt][e] * F0 * T[jt][e], u1 += dA[jt][2 + e] * F1 * T[jt][2 + e];
+      }
+    u0 = row_sum(u0), u1 = row_sum(u1);
+#if DOTR
+#pragma unroll
+    for (int d = 0; d < 3; ++d) {
+      dri0[d] = row_sum(dri0[d]), dri1[d] = row_sum(dri1[d]);
+      if (t == 0) atomicAdd(gr + 3 * i0 + d, dri0[d]), atomicAdd(gr + 3 * i1 + d, dri1[d]);
+    }
+#endif
+#if SMOOTH
+    float ds0 = 0.f, ds1 = 0.f;
+#endif
+#pragma unroll
+    for (int jt = 0; jt < NT; ++jt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int j = 8 * jt + 2 * t + e;
+        float F0 = 1.f, F1 = 1.f, R0 = 1.f, R1 = 1.f;
+#if SMOOTH
+        const float S0 = sw0 * sws[j], S1 = sw1 * sws[j];
+        F0 = S0, F1 = S1;
+#endif
+#if DOTR
+        R0 = rs[3 * i0] * rs[3 * j] + rs[3 * i0 + 1] * rs[3 * j + 1] + rs[3 * i0 + 2] * rs[3 * j + 2];
+        R1 = rs[3 * i1] * rs[3 * j] + rs[3 * i1 + 1] * rs[3 * j + 1] + rs[3 * i1 + 2] * rs[3 * j + 2];
+        F0 *= R0, F1 *= R1;
+#endif
+        const float dl0 = (dA[jt][e] * F0 - u0) * T[jt][e], dl1 = (dA[jt][2 + e] * F1 - u1) * T[jt][2 + e];
+#if SMOOTH
+        const float dS0 = dA[jt][e] * T[jt][e] * R0 + Ls[i0 * N + j] * dl0;
+        const float dS1 = dA[jt][2 + e] * T[jt][2 + e] * R1 + Ls[i1 * N + j] * dl1;
+        ds0 += dS0 * sws[j], ds1 += dS1 * sws[j];
+        const float cs = col_sum(dS0 * sw0 + dS1 * sw1);
+        if (g == 0) atomicAdd(gsw + j, cs);
+        dA[jt][e] = dl0 * S0, dA[jt][2 + e] = dl1 * S1;
+#else
+        dA[jt][e] = dl0, dA[jt][2 + e] = dl1;
+#endif
+        dLs[i0 * N + j] = dA[jt][e], dLs[i1 * N + j] = dA[jt][2 + e];
+      }
+#if SMOOTH
+    ds0 = row_sum(ds0), ds1 = row_sum(ds1);
+    if (t == 0) atomicAdd(gsw + i0, ds0), atomicAdd(gsw + i1, ds1);
+#endif
+
+    // dq = s dL k (the warp's rows), through the normalisation, into dx
+    {
+      float dq[HT][4];
+#pragma unroll
+      for (int c = 0; c < HT; ++c) dq[c][0] = dq[c][1] = dq[c][2] = dq[c][3] = 0.f;
+#pragma unroll
+      for (int jt = 0; jt < NT; ++jt) {
+        const unsigned a0 = tf32(dA[jt][0]), a1 = tf32(dA[jt][2]), a2 = tf32(dA[jt][1]), a3 = tf32(dA[jt][3]);
+        const int ja = 8 * jt + 2 * t, jb = ja + 1;
+#pragma unroll
+        for (int c = 0; c < HT; ++c) {
+          const float b0 = ja < n ? yk[ja * H + 8 * c + g] : 0.f, b1 = jb < n ? yk[jb * H + 8 * c + g] : 0.f;
+          tmma(dq[c], a0, a1, a2, a3, __uint_as_float(tf32(b0)), __uint_as_float(tf32(b1)));
+        }
+      }
+#pragma unroll
+      for (int c = 0; c < HT; ++c) dq[c][0] *= s, dq[c][1] *= s, dq[c][2] *= s, dq[c][3] *= s;
+      norm_bwd(dq, yq, in0 ? inv[base + i0] : 0.f, in1 ? inv[base + i1] : 0.f, i0, i1, in0, in1);
+      dx_add(dq, wqkvT, dxb, i0, i1, in0, in1);
+    }
+    __syncthreads();  // do, A and dL of every row are in the scratch
+    {
+      float dv[HT][4];
+      prod_mty(As, dos, N, dv);  // dv = A^T do (do's rows past n are 0 already)
+      norm_bwd(dv, yv, in0 ? inv[2 * P + base + i0] : 0.f, in1 ? inv[2 * P + base + i1] : 0.f, i0, i1, in0, in1);
+      dx_add(dv, wqkvT + 2 * HT * KE * 32, dxb, i0, i1, in0, in1);
+    }
+    {
+      float dk[HT][4];
+      prod_mty(dLs, yq, n, dk);  // dk = s dL^T y_q
+#pragma unroll
+      for (int c = 0; c < HT; ++c) dk[c][0] *= s, dk[c][1] *= s, dk[c][2] *= s, dk[c][3] *= s;
+      norm_bwd(dk, yk, in0 ? inv[P + base + i0] : 0.f, in1 ? inv[P + base + i1] : 0.f, i0, i1, in0, in1);
+      dx_add(dk, wqkvT + HT * KE * 32, dxb, i0, i1, in0, in1);
+    }
+    __syncthreads();  // every warp's d sw, d r terms are in shared memory
+    for (int j = threadIdx.x; j < n; j += 32 * NW) {
+#if SMOOTH
+      dsw[base + j] += gsw[j];
+#endif
+#if DOTR
+      for (int d = 0; d < 3; ++d) dr[(base + j) * 3 + d] += gr[3 * j + d];
+#endif
+    }
   }
 }

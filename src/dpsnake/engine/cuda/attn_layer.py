@@ -22,7 +22,9 @@ import numpy as np
 
 from dpsnake.engine import cuda
 
-SMEM_LIMIT = 113 * 1024  # bytes per block so that two blocks fit an SM (227 KiB on sm_90)
+SMEM_TWO = 113 * 1024  # bytes per block so that two blocks fit an SM (227 KiB on sm_90)
+SMEM_LIMIT = 227 * 1024  # bytes of shared memory a block may have on sm_80 / sm_90
+MAX_SLOTS = 96  # the warps keep (16, n) logits and weights and (16, H) products in registers
 
 
 def padded_slots(n: int) -> int:
@@ -40,10 +42,10 @@ def supported(dtype, n: int, H: int) -> str | None:
     if np.dtype(dtype) != np.float32:
         return "FP32 (mixed precision) only"
     N = padded_slots(n)
-    if H % 32 or N % 32:
-        return f"width {H} and padded slots {N} must be multiples of 32"
-    if N > 96:
-        return f"{n} slots, more than 96 (registers)"
+    if H % 8:
+        return f"width {H} must be a multiple of 8"
+    if N > MAX_SLOTS:
+        return f"{n} slots, more than {MAX_SLOTS} (registers)"
     if smem_bytes(N, H) > SMEM_LIMIT:
         return f"width {H} needs {smem_bytes(N, H)} bytes of shared memory"
     return None
@@ -75,8 +77,9 @@ def pack_b(w: np.ndarray, permuted: bool) -> np.ndarray:
 
 @dataclass
 class LayerWeights:
-    """One layer's weights as the kernel reads them (``xp`` arrays, FP32): ``wqkv`` (3, KE, H/8, 32, 2) and
-    ``wout`` (H/8, KE, 32, 2) in B-fragment order, ``bqkv`` (3, H), ``bout``, ``gamma``, ``beta`` (E,)."""
+    """One layer's weights as the kernels read them (``xp`` arrays, FP32): ``wqkv`` (3, KE, H/8, 32, 2) and
+    ``wout`` (H/8, KE, 32, 2) in B-fragment order, ``bqkv`` (3, H), ``bout``, ``gamma``, ``beta`` (E,); for the
+    backward their transposes ``woutT`` (KE, H/8, 32, 2) and ``wqkvT`` (3, H/8, KE, 32, 2)."""
 
     wqkv: object
     bqkv: object
@@ -84,6 +87,8 @@ class LayerWeights:
     bout: object
     gamma: object
     beta: object
+    woutT: object
+    wqkvT: object
     eps: float
     E: int
     H: int
@@ -100,13 +105,15 @@ class LayerWeights:
         rnd = tf32_round if round_tf32 else (lambda a: a)
         wqkv = np.stack([rnd(pack_b(host["w_qkv"][c], permuted=False)) for c in range(3)])
         wout = rnd(pack_b(host["w_out"], permuted=True))
+        woutT = rnd(pack_b(host["w_out"].T, permuted=True))
+        wqkvT = np.stack([rnd(pack_b(host["w_qkv"][c].T, permuted=True)) for c in range(3)])
         b = host["b_qkv"].reshape(3, H) if host["b_qkv"] is not None else np.zeros((3, H))
         bout = host["b_out"] if host["b_out"] is not None else np.zeros(E)
 
         def dev(a):
             return xp.ascontiguousarray(xp.asarray(np.asarray(a, dtype=np.float32)))
 
-        arrs = (dev(a) for a in (wqkv, b, wout, bout, host["gamma"], host["beta"]))
+        arrs = (dev(a) for a in (wqkv, b, wout, bout, host["gamma"], host["beta"], woutT, wqkvT))
         return cls(*arrs, eps=float(layer.eps), E=int(E), H=int(H))
 
 
@@ -116,7 +123,7 @@ def defines(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, n
     npad = (int(nnei) - N) if smooth else 0
     if npad < 0:
         raise ValueError(f"attn_layer: {N} padded slots exceed the model's nnei {nnei}")
-    minb = 2 if smem_bytes(N, H) <= SMEM_LIMIT else 1
+    minb = 2 if smem_bytes(N, H) <= SMEM_TWO else 1
     return {"N": N, "E": int(E), "H": int(H), "SMOOTH": int(smooth), "DOTR": int(dotr),
             "NORMALIZE": int(normalize), "NPAD": npad, "MINB": minb}  # fmt: skip
 
@@ -126,28 +133,70 @@ def source(**defs) -> str:
     return cuda.with_defines(cuda.load("attn_layer.cu"), **defs)
 
 
+def scratch_floats(N: int, H: int) -> int:
+    """Device scratch of one backward block: do (N, H) and three (N, N) matrices (A, dL, L + SHIFT)."""
+    return N * H + 3 * N * N
+
+
 @functools.cache
 def _module(defs: tuple):
+    """({kernel: RawKernel}, blocks of a grid) for these constants, compiled once."""
     import cupy
 
     d = dict(defs)
     mod = cupy.RawModule(code=cuda.load("attn_layer.cu"), options=cuda.options(**d))
-    fn = mod.get_function("attn_layer_fwd")
-    fn.max_dynamic_shared_size_bytes = smem_bytes(d["N"], d["H"])
-    return fn, d["MINB"] * cupy.cuda.Device().attributes["MultiProcessorCount"]
+    fns = {k: mod.get_function(k) for k in ("attn_layer_fwd", "attn_layer_bwd")}
+    fns["attn_layer_fwd"].max_dynamic_shared_size_bytes = smem_bytes(d["N"], d["H"])
+    return fns, d["MINB"] * cupy.cuda.Device().attributes["MultiProcessorCount"]
 
 
-def forward(lw: LayerWeights, x, sw, r, mask, scale: float, smooth: bool, dotr: bool, normalize: bool, nnei: int):
+def build(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, nnei: int) -> dict:
+    """The kernels for these constants, compiled on first use (raises what NVRTC raises)."""
+    return _module(tuple(defines(n, E, H, smooth, dotr, normalize, nnei).items()))[0]
+
+
+def forward(lw: LayerWeights, x, sw, r, mask, scale: float, smooth: bool, dotr: bool, normalize: bool, nnei: int,
+            keep: bool = False):  # fmt: skip
     """One layer's output (B, n, E) from its input x (B, n, E); sw (B, n), r (B, n, 3), mask (B, n) bool,
-    all C-contiguous, FP32 (attention.py's ``_Rows`` holds them so). ``scale``: the query scale."""
+    all C-contiguous, FP32 (attention.py's ``_Rows`` holds them so). ``scale``: the query scale. With
+    ``keep``: (out, cache), the cache what :func:`backward` reads: y (3, B, n, H) the normalized q, k, v,
+    inv (3, B, n), xhat (B, n, E), rstd (B, n)."""
     import cupy
 
     B, n, E = x.shape
     defs = defines(n, E, lw.H, smooth, dotr, normalize, nnei)
-    fn, cap = _module(tuple(defs.items()))
+    fns, cap = _module(tuple(defs.items()))
     out = cupy.empty_like(x)
+    cache = None
+    if keep:
+        cache = (cupy.empty((3, B, n, lw.H), dtype=x.dtype), cupy.empty((3, B, n), dtype=x.dtype),
+                 cupy.empty_like(x), cupy.empty((B, n), dtype=x.dtype))  # fmt: skip
     if B:
+        null = np.uintp(0)
+        keep_args = cache if keep else (null, null, null, null)
         args = (x, lw.wqkv, lw.bqkv, lw.wout, lw.bout, lw.gamma, lw.beta, np.float32(lw.eps), sw, r, mask,
-                np.int64(B), np.int32(n), np.float32(scale), out)  # fmt: skip
-        fn((int(min(B, cap)),), (2 * defs["N"],), args, shared_mem=smem_bytes(defs["N"], lw.H))
-    return out
+                np.int64(B), np.int32(n), np.float32(scale), out, *keep_args)  # fmt: skip
+        grid = (int(min(B, cap)),)
+        fns["attn_layer_fwd"](grid, (2 * defs["N"],), args, shared_mem=smem_bytes(defs["N"], lw.H))
+    return (out, cache) if keep else out
+
+
+def backward(lw: LayerWeights, cache, dout, sw, r, mask, scale: float, smooth: bool, dotr: bool, normalize: bool,
+             nnei: int, dsw, dr):  # fmt: skip
+    """dLoss/dx (B, n, E) of one layer from dout = dLoss/d out (B, n, E) and :func:`forward`'s ``cache``; adds
+    the layer's terms of dLoss/d sw to ``dsw`` (B, n) (if smooth) and of dLoss/d r to ``dr`` (B, n, 3) (if
+    dotr). Inputs as :func:`forward`'s, all C-contiguous FP32."""
+    import cupy
+
+    B, n, E = dout.shape
+    defs = defines(n, E, lw.H, smooth, dotr, normalize, nnei)
+    fns, cap = _module(tuple(defs.items()))
+    dx = cupy.empty_like(dout)
+    if B:
+        grid = int(min(B, cap))
+        scratch = cupy.empty(grid * scratch_floats(defs["N"], lw.H), dtype=cupy.float32)
+        y, inv, xhat, rstd = cache
+        args = (dout, xhat, rstd, lw.gamma, y, inv, lw.woutT, lw.wqkvT, sw, r, mask, np.int64(B), np.int32(n),
+                np.float32(scale), scratch, dx, dsw, dr)  # fmt: skip
+        fns["attn_layer_bwd"]((grid,), (2 * defs["N"],), args)
+    return dx
