@@ -120,14 +120,13 @@ def test_tf32_context_covers_batched_matmul():
 
 @pytest.mark.parametrize("name", ["v2_l2", "concat_l2"])
 def test_cupy_tf32_mixed(model_cache, monkeypatch, name):
-    """settings.tf32 with mixed precision, the whole-layer kernels off (family attn_layer): the attention's
+    """settings.tf32 with mixed precision (the whole-layer kernels, family attn_layer, off by default): the attention's
     batched products ask cuBLAS for TF32 (bmm called with tf32), results move off plain FP32 (TF32 rounds
     inputs to 10 mantissa bits: it ran) and stay within 5e-3 of the FP64 NumPy reference (relative to the
     largest value; the measured errors print and go to docs/benchmarks.md)."""
     import warnings
 
     from dpsnake.engine.cuda import bmm as bmm_mod
-    from dpsnake.engine.settings import DEFAULT_FAST, EngineSettings
 
     flags, inner = [], bmm_mod.bmm
     monkeypatch.setattr(bmm_mod, "bmm", lambda *a, **k: flags.append(k.get("tf32", False)) or inner(*a, **k))
@@ -140,8 +139,7 @@ def test_cupy_tf32_mixed(model_cache, monkeypatch, name):
         fp32 = AttnEnsemble([dp], precision="mixed").evaluate(*dev)
         assert flags and not any(flags)
         flags.clear()
-        no_layer = EngineSettings(fast=DEFAULT_FAST - {"attn_layer"}, tf32=True)
-        tf32 = AttnEnsemble([dp], precision="mixed", settings=no_layer).evaluate(*dev)
+        tf32 = AttnEnsemble([dp], precision="mixed", tf32=True).evaluate(*dev)
     assert flags and all(flags), "the batched products did not ask for TF32"
     for k in ("energy", "force", "virial"):
         e32, etf = rel_err(cp.asnumpy(fp32[k]), ref[k]), rel_err(cp.asnumpy(tf32[k]), ref[k])
@@ -153,7 +151,7 @@ def test_cupy_tf32_mixed(model_cache, monkeypatch, name):
 
 @pytest.mark.parametrize("name", ["v2_l2", "concat_l2", "strip_l2", "excl"])
 def test_cupy_tf32_layer_kernels(model_cache, monkeypatch, name):
-    """mixed + TF32 with the whole-layer kernels (cuda/attn_layer.py, the default with tf32): they run (forward
+    """mixed + TF32 with the whole-layer kernels (cuda/attn_layer.py, family attn_layer, opt-in): they run (forward
     and backward of every layer), and energy, forces, virial stay as close to the FP64 NumPy reference as the
     cuBLAS TF32 path's (within 5e-3 relative to the largest value; both errors print)."""
     import warnings
@@ -174,7 +172,8 @@ def test_cupy_tf32_layer_kernels(model_cache, monkeypatch, name):
         blas = EngineSettings(fast=DEFAULT_FAST - {"attn_layer"}, tf32=True)
         tf32_blas = AttnEnsemble([dp], precision="mixed", settings=blas).evaluate(*dev, atomic=True)
         assert not calls
-        layer = AttnEnsemble([dp], precision="mixed", tf32=True).evaluate(*dev, atomic=True)
+        on = EngineSettings(fast=DEFAULT_FAST | {"attn_layer"}, tf32=True)
+        layer = AttnEnsemble([dp], precision="mixed", settings=on).evaluate(*dev, atomic=True)
     assert "forward" in calls and "backward" in calls, "the layer kernels did not run"
     for k in KEYS:
         e_blas, e_layer = rel_err(cp.asnumpy(tf32_blas[k]), ref[k]), rel_err(cp.asnumpy(layer[k]), ref[k])

@@ -22,6 +22,7 @@ EMU = r"""
 #define TMMA 1
 struct float2 { float x, y; };
 static float2 make_float2(float a, float b) { return {a, b}; }
+static float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 static void __syncwarp() { WBAR[threadIdx.x / 32]->arrive_and_wait(); }
 static float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 static unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
@@ -43,7 +44,7 @@ static void tmma(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned 
   WBAR[w]->arrive_and_wait();
   for (unsigned e = 0; e < 4; ++e) c[e] += (float)s[e];
 }
-#define DYN_SMEM(name) static float name[N * (H + 8) + H * (N + 8) + 5 * N]
+#define DYN_SMEM(name) static float name[N * (H + 8) + H * (N + 8) + 5 * N + 2 * N * (H + 8)]
 """
 
 LAUNCH = r"""
@@ -100,7 +101,7 @@ class _Emu:
         f32 = [np.ascontiguousarray(a, dtype=np.float32) for a in (dout, sw.reshape(B, n), r)]
         m8 = np.ascontiguousarray(mask, dtype=np.uint8)
         dx = np.full((B, n, E), np.nan, dtype=np.float32)
-        scratch = np.full(grid * attn_layer.scratch_floats(self.defs["N"], lw.H), np.nan, dtype=np.float32)
+        scratch = np.full(grid * attn_layer.scratch_floats(self.defs["N"]), np.nan, dtype=np.float32)
         y, inv, xhat, rstd = cache
         self.lib.bwd(grid, _ptr(f32[0]), _ptr(xhat), _ptr(rstd), _ptr(lw.gamma), _ptr(y), _ptr(inv),
                      _ptr(lw.woutT), _ptr(lw.wqkvT), _ptr(f32[1]), _ptr(f32[2]), _ptr(m8), ctypes.c_longlong(B),

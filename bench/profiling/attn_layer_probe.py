@@ -173,7 +173,7 @@ def main(argv=None) -> int:
         "engine_over_fused_fwd_bwd": (t["engine_fwd_keep"] + t["engine_bwd"]) / (t["fused_fwd_keep"] + t["fused_bwd"]),
         "rel_err_vs_fp64": err,
         "kernel": {k: {"num_regs": f.num_regs, "local_size_bytes": f.local_size_bytes} for k, f in fns.items()}
-        | {"defines": defs, "smem_bytes": attn_layer.smem_bytes(defs["N"], H)},
+        | {"defines": defs, "smem_bytes": [attn_layer.smem_bytes(defs["N"], H, bwd) for bwd in (False, True)]},
     }  # fmt: skip
     print(f"{res['device']}: {B} centres x {n} slots (nnei {args.nnei}), E {E}, H {H}, {nl} layers; "
           f"us per centre and layer (median of {args.reps})")  # fmt: skip
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
           f"{us['engine_bwd'] / us['fused_bwd']:.2f}x, both {res['engine_over_fused_fwd_bwd']:.2f}x; kernels: "
           f"{fns['attn_layer_fwd'].num_regs} / {fns['attn_layer_bwd'].num_regs} registers, "
           f"{fns['attn_layer_fwd'].local_size_bytes} / {fns['attn_layer_bwd'].local_size_bytes} bytes local "
-          f"(spills), {res['kernel']['smem_bytes']} bytes shared")  # fmt: skip
+          f"(spills), {res['kernel']['smem_bytes']} bytes shared (dynamic)")  # fmt: skip
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(res, fh, indent=1)

@@ -355,10 +355,9 @@ __device__ __forceinline__ void dx_add(const float (&dz)[HT][4], const float2* _
     }
 }
 
-// acc (the warp's rows j, 16 x H) = M^T Y: M (N, N) and Y (N, H) row-major in device memory (this block's
-// scratch or the layer's cache; Y rows >= n read as 0), the products' k running over M's rows i
-__device__ __forceinline__ void prod_mty(const float* __restrict__ M, const float* __restrict__ Y, int n,
-                                         float (&acc)[HT][4]) {
+// acc (the warp's rows j, 16 x H) = M^T Y: M (N, N) row-major in device memory (this block's scratch), Y (N, LDK)
+// in shared memory (TF32-rounded, rows past n zero); the products' k runs over M's rows i
+__device__ __forceinline__ void prod_mty(const float* __restrict__ M, const float* Y, float (&acc)[HT][4]) {
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int j0 = 16 * w + g, j1 = j0 + 8;
 #pragma unroll
@@ -369,20 +368,29 @@ __device__ __forceinline__ void prod_mty(const float* __restrict__ M, const floa
     const unsigned a0 = tf32(M[ia * N + j0]), a1 = tf32(M[ia * N + j1]), a2 = tf32(M[ib * N + j0]),
                    a3 = tf32(M[ib * N + j1]);
 #pragma unroll
-    for (int c = 0; c < HT; ++c) {
-      const float b0 = ia < n ? Y[ia * H + 8 * c + g] : 0.f, b1 = ib < n ? Y[ib * H + 8 * c + g] : 0.f;
-      tmma(acc[c], a0, a1, a2, a3, __uint_as_float(tf32(b0)), __uint_as_float(tf32(b1)));
-    }
+    for (int c = 0; c < HT; ++c) tmma(acc[c], a0, a1, a2, a3, Y[ia * LDK + 8 * c + g], Y[ib * LDK + 8 * c + g]);
+  }
+}
+
+// Ys (N, LDK) = Y (n, H) TF32-rounded, rows past n zero (float4 loads; the caller syncs before and after)
+__device__ __forceinline__ void stage_rows(const float* __restrict__ Y, float* Ys, int n) {
+  for (int k = threadIdx.x; k < N * H / 4; k += 32 * NW) {
+    const int row = (4 * k) / H, col = (4 * k) % H;
+    float4 v = row < n ? reinterpret_cast<const float4*>(Y)[k] : make_float4(0.f, 0.f, 0.f, 0.f);
+    float* d = Ys + row * LDK + col;
+    d[0] = __uint_as_float(tf32(v.x)), d[1] = __uint_as_float(tf32(v.y));
+    d[2] = __uint_as_float(tf32(v.z)), d[3] = __uint_as_float(tf32(v.w));
   }
 }
 
 // From dout = dLoss/d out (B, n, E) and what the forward kept (y, inv, xhat, rstd): dx (B, n, E) = dLoss/dx
 // (written), and the layer's terms of dLoss/d sw (B, n) (SMOOTH) and dLoss/d r (B, n, 3) (DOTR) added. woutT (KE,
 // HT, 32) and wqkvT (3, HT, KE, 32) float2: W_out^T and W_q^T, W_k^T, W_v^T in B-fragment order (permuted).
-// scratch: N H + 3 N N floats per block (do; A = T F; dL; L + SHIFT), read back within the block (L2).
-// Steps: LayerNorm backward -> dh (dx = dh, the residual); do = dh W_out^T; L and T again (as the forward);
-// dA = do v^T; the row chain backward -> dL, d sw, d r; dq = s dL k; dv = A^T do; dk = s dL^T y_q; each through
-// the q/k/v normalisation and added to dx through in_proj.
+// Shared memory: two (N, LDK) arrays, k and v, then k and do, then q and do. scratch: 3 N N floats per block
+// (A = T F; dL; L + SHIFT), device memory read back within the block (L2).
+// Steps: LayerNorm backward -> dh (dx = dh, the residual); do = dh W_out^T; dA = do v^T; L and T again (as the
+// forward); the row chain backward -> dL, d sw, d r; dq = s dL k; dv = A^T do; dk = s dL^T y_q; each through the
+// q/k/v normalisation and added to dx through in_proj.
 extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     attn_layer_bwd(const float* __restrict__ dout, const float* __restrict__ xhat, const float* __restrict__ rstd,
                    const float* __restrict__ gamma, const float* __restrict__ y, const float* __restrict__ inv,
@@ -390,17 +398,20 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
                    const float* __restrict__ r, const unsigned char* __restrict__ mask, long long B, int n, float s,
                    float* __restrict__ scratch, float* __restrict__ dx, float* __restrict__ dsw,
                    float* __restrict__ dr) {
+  DYN_SMEM(smem);
+  float* ks = smem;          // (N, LDK): k, then q
+  float* vs = ks + N * LDK;  // (N, LDK): v, then do
   __shared__ float sws[N], rs[3 * N], mk[N], gsw[N], gr[3 * N];
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int i0 = 16 * w + g, i1 = i0 + 8;
   const bool in0 = i0 < n, in1 = i1 < n;
   const long long P = B * n;
-  float* dos = scratch + (long long)blockIdx.x * (N * H + 3 * N * N);  // (N, H)
-  float* As = dos + N * H;                                              // (N, N)
-  float* dLs = As + N * N;                                              // (N, N)
+  float* As = scratch + (long long)blockIdx.x * (3 * N * N);  // (N, N)
+  float* dLs = As + N * N;                                     // (N, N)
   float* Ls = dLs + N * N;  // (N, N): each lane reads back only what it wrote
   for (long long b = blockIdx.x; b < B; b += gridDim.x) {
     const long long base = b * n;
+    const float *yq = y + base * H, *yk = y + (P + base) * H, *yv = y + (2 * P + base) * H;
     __syncthreads();  // the previous centre's shared arrays and scratch are read
     for (int j = threadIdx.x; j < N; j += 32 * NW) {
       const bool in = j < n;
@@ -409,8 +420,9 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       gsw[j] = 0.f;
       for (int d = 0; d < 3; ++d) rs[3 * j + d] = in ? r[(base + j) * 3 + d] : 0.f, gr[3 * j + d] = 0.f;
     }
+    stage_rows(yk, ks, n);
+    stage_rows(yv, vs, n);
     __syncthreads();
-    const float *yq = y + base * H, *yk = y + (P + base) * H, *yv = y + (2 * P + base) * H;
     float* dxb = dx + base * E;
 
     // LayerNorm backward: dh = rstd (g - mean(g) - xhat mean(g xhat)), g = dout gamma; dx = dh
@@ -446,7 +458,8 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
           }
         }
     }
-    // do = dh W_out^T, to the scratch (every row: those past n are 0)
+    // do = dh W_out^T (rows past n: 0), then dA = do v^T; do replaces v in shared memory
+    float dA[NT][4];
     {
       float o[HT][4];
 #pragma unroll
@@ -461,13 +474,24 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
         }
       }
 #pragma unroll
+      for (int jt = 0; jt < NT; ++jt) dA[jt][0] = dA[jt][1] = dA[jt][2] = dA[jt][3] = 0.f;
+#pragma unroll
+      for (int c = 0; c < HT; ++c) {
+        const unsigned a0 = tf32(o[c][0]), a1 = tf32(o[c][2]), a2 = tf32(o[c][1]), a3 = tf32(o[c][3]);
+#pragma unroll
+        for (int jt = 0; jt < NT; ++jt) {
+          const float2 vb = *reinterpret_cast<const float2*>(vs + (8 * jt + g) * LDK + 8 * c + 2 * t);
+          tmma(dA[jt], a0, a1, a2, a3, vb.x, vb.y);
+        }
+      }
+      __syncthreads();  // every warp is done with v
+#pragma unroll
       for (int c = 0; c < HT; ++c) {
         const int h = 8 * c + 2 * t;
-        *reinterpret_cast<float2*>(dos + i0 * H + h) = make_float2(o[c][0], o[c][1]);
-        *reinterpret_cast<float2*>(dos + i1 * H + h) = make_float2(o[c][2], o[c][3]);
+        vs[i0 * LDK + h] = __uint_as_float(tf32(o[c][0])), vs[i0 * LDK + h + 1] = __uint_as_float(tf32(o[c][1]));
+        vs[i1 * LDK + h] = __uint_as_float(tf32(o[c][2])), vs[i1 * LDK + h + 1] = __uint_as_float(tf32(o[c][3]));
       }
     }
-    __syncwarp();  // the lanes read each other's rows of do below
 
     // the logits again (as the forward: the same TF32 operands and order), kept as L + SHIFT for d sw
     float T[NT][4];
@@ -480,9 +504,8 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       const unsigned a2 = tf32(in0 ? yq[i0 * H + h + 1] * s : 0.f), a3 = tf32(in1 ? yq[i1 * H + h + 1] * s : 0.f);
 #pragma unroll
       for (int jt = 0; jt < NT; ++jt) {
-        const int j = 8 * jt + g;
-        const float2 kb = j < n ? *reinterpret_cast<const float2*>(yk + j * H + h) : make_float2(0.f, 0.f);
-        tmma(T[jt], a0, a1, a2, a3, __uint_as_float(tf32(kb.x)), __uint_as_float(tf32(kb.y)));
+        const float2 kb = *reinterpret_cast<const float2*>(ks + (8 * jt + g) * LDK + h);
+        tmma(T[jt], a0, a1, a2, a3, kb.x, kb.y);
       }
     }
     // the row chain forward, as attn_layer_fwd: T = softmax(L') m_i
@@ -524,23 +547,6 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       const float f0 = mk[i0] / fmaxf(d0, 1.f), f1 = mk[i1] / fmaxf(d1, 1.f);
 #pragma unroll
       for (int jt = 0; jt < NT; ++jt) T[jt][0] *= f0, T[jt][1] *= f0, T[jt][2] *= f1, T[jt][3] *= f1;
-    }
-
-    // dA = do v^T
-    float dA[NT][4];
-#pragma unroll
-    for (int jt = 0; jt < NT; ++jt) dA[jt][0] = dA[jt][1] = dA[jt][2] = dA[jt][3] = 0.f;
-#pragma unroll
-    for (int c = 0; c < HT; ++c) {
-      const int h = 8 * c + 2 * t;
-      const unsigned a0 = tf32(dos[i0 * H + h]), a1 = tf32(dos[i1 * H + h]);
-      const unsigned a2 = tf32(dos[i0 * H + h + 1]), a3 = tf32(dos[i1 * H + h + 1]);
-#pragma unroll
-      for (int jt = 0; jt < NT; ++jt) {
-        const int j = 8 * jt + g;
-        const float2 vb = j < n ? *reinterpret_cast<const float2*>(yv + j * H + h) : make_float2(0.f, 0.f);
-        tmma(dA[jt], a0, a1, a2, a3, __uint_as_float(tf32(vb.x)), __uint_as_float(tf32(vb.y)));
-      }
     }
 
     // the row chain backward (attention.py's _rows_backward): A = T F to the scratch; dT = dA F; dR = dA T S;
@@ -633,28 +639,27 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
 #pragma unroll
       for (int jt = 0; jt < NT; ++jt) {
         const unsigned a0 = tf32(dA[jt][0]), a1 = tf32(dA[jt][2]), a2 = tf32(dA[jt][1]), a3 = tf32(dA[jt][3]);
-        const int ja = 8 * jt + 2 * t, jb = ja + 1;
+        const float* ka = ks + (8 * jt + 2 * t) * LDK + g;
 #pragma unroll
-        for (int c = 0; c < HT; ++c) {
-          const float b0 = ja < n ? yk[ja * H + 8 * c + g] : 0.f, b1 = jb < n ? yk[jb * H + 8 * c + g] : 0.f;
-          tmma(dq[c], a0, a1, a2, a3, __uint_as_float(tf32(b0)), __uint_as_float(tf32(b1)));
-        }
+        for (int c = 0; c < HT; ++c) tmma(dq[c], a0, a1, a2, a3, ka[8 * c], ka[LDK + 8 * c]);
       }
 #pragma unroll
       for (int c = 0; c < HT; ++c) dq[c][0] *= s, dq[c][1] *= s, dq[c][2] *= s, dq[c][3] *= s;
       norm_bwd(dq, yq, in0 ? inv[base + i0] : 0.f, in1 ? inv[base + i1] : 0.f, i0, i1, in0, in1);
       dx_add(dq, wqkvT, dxb, i0, i1, in0, in1);
     }
-    __syncthreads();  // do, A and dL of every row are in the scratch
+    __syncthreads();  // every warp is done with k; do, A and dL of every row are written
+    stage_rows(yq, ks, n);
+    __syncthreads();
     {
       float dv[HT][4];
-      prod_mty(As, dos, N, dv);  // dv = A^T do (do's rows past n are 0 already)
+      prod_mty(As, vs, dv);  // dv = A^T do
       norm_bwd(dv, yv, in0 ? inv[2 * P + base + i0] : 0.f, in1 ? inv[2 * P + base + i1] : 0.f, i0, i1, in0, in1);
       dx_add(dv, wqkvT + 2 * HT * KE * 32, dxb, i0, i1, in0, in1);
     }
     {
       float dk[HT][4];
-      prod_mty(dLs, yq, n, dk);  // dk = s dL^T y_q
+      prod_mty(dLs, ks, dk);  // dk = s dL^T y_q
 #pragma unroll
       for (int c = 0; c < HT; ++c) dk[c][0] *= s, dk[c][1] *= s, dk[c][2] *= s, dk[c][3] *= s;
       norm_bwd(dk, yk, in0 ? inv[P + base + i0] : 0.f, in1 ? inv[P + base + i1] : 0.f, i0, i1, in0, in1);

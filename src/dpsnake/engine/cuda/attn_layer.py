@@ -32,9 +32,15 @@ def padded_slots(n: int) -> int:
     return -(-int(n) // 16) * 16
 
 
-def smem_bytes(N: int, H: int) -> int:
-    """Dynamic shared memory of a block: k (N, H + 8), v^T (H, N + 8), sw, r and the mask (5 N)."""
-    return 4 * (N * (H + 8) + H * (N + 8) + 5 * N)
+def smem_bytes(N: int, H: int, backward: bool = False) -> int:
+    """Dynamic shared memory of a block. Forward: k (N, H + 8), v^T (H, N + 8), sw, r and the mask (5 N);
+    backward: two (N, H + 8) arrays (its static arrays, 10 N floats, are not counted)."""
+    return 4 * (2 * N * (H + 8) if backward else N * (H + 8) + H * (N + 8) + 5 * N)
+
+
+def _smem_max(N: int, H: int) -> int:
+    """Shared memory of the larger kernel's block, its static arrays included."""
+    return max(smem_bytes(N, H), smem_bytes(N, H, True) + 40 * N)
 
 
 def supported(dtype, n: int, H: int) -> str | None:
@@ -46,8 +52,8 @@ def supported(dtype, n: int, H: int) -> str | None:
         return f"width {H} must be a multiple of 8"
     if N > MAX_SLOTS:
         return f"{n} slots, more than {MAX_SLOTS} (registers)"
-    if smem_bytes(N, H) > SMEM_LIMIT:
-        return f"width {H} needs {smem_bytes(N, H)} bytes of shared memory"
+    if _smem_max(N, H) > SMEM_LIMIT:
+        return f"width {H} needs {_smem_max(N, H)} bytes of shared memory"
     return None
 
 
@@ -123,7 +129,7 @@ def defines(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, n
     npad = (int(nnei) - N) if smooth else 0
     if npad < 0:
         raise ValueError(f"attn_layer: {N} padded slots exceed the model's nnei {nnei}")
-    minb = 2 if smem_bytes(N, H) <= SMEM_TWO else 1
+    minb = 2 if _smem_max(N, H) <= SMEM_TWO else 1
     return {"N": N, "E": int(E), "H": int(H), "SMOOTH": int(smooth), "DOTR": int(dotr),
             "NORMALIZE": int(normalize), "NPAD": npad, "MINB": minb}  # fmt: skip
 
@@ -133,9 +139,9 @@ def source(**defs) -> str:
     return cuda.with_defines(cuda.load("attn_layer.cu"), **defs)
 
 
-def scratch_floats(N: int, H: int) -> int:
-    """Device scratch of one backward block: do (N, H) and three (N, N) matrices (A, dL, L + SHIFT)."""
-    return N * H + 3 * N * N
+def scratch_floats(N: int) -> int:
+    """Device scratch of one backward block: three (N, N) matrices (A, dL, L + SHIFT)."""
+    return 3 * N * N
 
 
 @functools.cache
@@ -147,6 +153,7 @@ def _module(defs: tuple):
     mod = cupy.RawModule(code=cuda.load("attn_layer.cu"), options=cuda.options(**d))
     fns = {k: mod.get_function(k) for k in ("attn_layer_fwd", "attn_layer_bwd")}
     fns["attn_layer_fwd"].max_dynamic_shared_size_bytes = smem_bytes(d["N"], d["H"])
+    fns["attn_layer_bwd"].max_dynamic_shared_size_bytes = smem_bytes(d["N"], d["H"], True)
     return fns, d["MINB"] * cupy.cuda.Device().attributes["MultiProcessorCount"]
 
 
@@ -194,9 +201,9 @@ def backward(lw: LayerWeights, cache, dout, sw, r, mask, scale: float, smooth: b
     dx = cupy.empty_like(dout)
     if B:
         grid = int(min(B, cap))
-        scratch = cupy.empty(grid * scratch_floats(defs["N"], lw.H), dtype=cupy.float32)
+        scratch = cupy.empty(grid * scratch_floats(defs["N"]), dtype=cupy.float32)
         y, inv, xhat, rstd = cache
         args = (dout, xhat, rstd, lw.gamma, y, inv, lw.woutT, lw.wqkvT, sw, r, mask, np.int64(B), np.int32(n),
                 np.float32(scale), scratch, dx, dsw, dr)  # fmt: skip
-        fns["attn_layer_bwd"]((grid,), (2 * defs["N"],), args)
+        fns["attn_layer_bwd"]((grid,), (2 * defs["N"],), args, shared_mem=smem_bytes(defs["N"], lw.H, True))
     return dx
