@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 FAMILIES = ("nets", "env", "scatter", "desc", "nbr", "graph", "attn", "attn_core", "attn_layer")
-# attn_core and attn_layer are off by default: slower than cuBLAS + the row kernels so far (attn_core 1.07x on
-# an H200; attn_layer's backward 2.2x on an H100, session 31: docs/benchmarks.md)
+# attn_core and attn_layer are off by default: not faster than cuBLAS + the row kernels so far (attn_core 1.07x
+# slower on an H200; attn_layer 3.10 vs 3.01 us/atom on an H100, session 31: docs/benchmarks.md)
 DEFAULT_FAST = frozenset(FAMILIES) - {"attn_core", "attn_layer"}
 _CHOICES = {
     "select": ("warp", "thread"),
@@ -69,7 +69,7 @@ class EngineSettings:
     attention, cuda/attn_rows.py; attn_core = with attn on, FP64 layers as one fused kernel per direction,
     cuda/attn_core.py, not in the default: slower so far; attn_layer = with attn on and ``tf32`` in mixed
     precision, each whole attention layer as one TF32 kernel per direction, cuda/attn_layer.py, not in the
-    default: its backward is slower so far). "all" (``parse``, ``DPSNAKE_FAST=1``) is every
+    default: not faster so far). "all" (``parse``, ``DPSNAKE_FAST=1``) is every
     family. Was ``DPSNAKE_FAST``."""
     select: str = "warp"
     """Neighbour-selection kernel: "warp" (a 32-thread block per centre) or "thread" (a thread per

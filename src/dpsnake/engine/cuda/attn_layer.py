@@ -1,4 +1,5 @@
-"""A whole DPA-1 attention layer per centre on TF32 tensor cores (CuPy RawModule, attn_layer.cu): forward.
+"""A whole DPA-1 attention layer per centre on TF32 tensor cores (CuPy RawModule, attn_layer.cu): forward and
+backward, one kernel each; attention.py runs a layer in them with mixed + TF32 and the family ``attn_layer``.
 
 Why: in mixed precision with TF32 a se_atten_v2 force call (attn_layer 2, 256 x 108 atoms, H200) spends
 ~26 of ~69 ms in the attention's row kernels and most of the rest in GEMMs whose (n, n) and (n, H)
@@ -7,10 +8,18 @@ whole call in ~31 ms. Here one block per centre runs the layer from its input x 
 with nothing of size (n, n) or (n, H) in device memory: the in and out projections, q/k/v normalisation,
 logits, smooth softmax, dot-product gate, A v and LayerNorm, on ``mma.m16n8k8`` TF32 tensor cores.
 
-Status: **forward only, not used by the engine yet** (issue 21, session 31). Its backward, which would
-recompute this forward and keep nothing, is the next piece; until then it is a measured probe of what
-the on-chip design gains (``bench/profiling/attn_layer_probe.py``). Tested without a GPU (g++ with
-threaded warps and an emulated ``mma``; NVRTC for sm_90): tests/test_engine_attn_layer.py.
+The backward (attn_layer_bwd.cuh) reads what the forward kept (normalized q, k, v, their inverse norms,
+LayerNorm's xhat and rstd), stages k and v (then do, then q) in shared memory, recomputes the logits and
+the softmax, and sends the three (n, n) matrices whose transposes it needs (A, dL) or that a lane reads back
+(L) through a per-block scratch in device memory (L2-resident: grid x 3 n^2 floats).
+
+Status (issue 21, session 31; docs/benchmarks.md, "Whole-layer TF32 kernels"): exact to the cuBLAS TF32 path
+(the same errors against FP64), but not faster yet on an H100: forward without the cache 2.0x the cuBLAS
+path's, with it 0.85x (the stores of the cache), backward 0.92x; a force call 3.10 vs 3.01 us/atom. Both
+kernels are latency-bound at 12 warps per SM (168 registers, spills). So the family is opt-in
+(``settings.DEFAULT_FAST`` leaves it out). Tested without a GPU (g++ with threaded warps and an emulated
+``mma``; NVRTC for sm_90): tests/test_engine_attn_layer.py; on a GPU: that file and
+tests/test_engine_attn_gpu.py; ``bench/profiling/attn_layer_probe.py`` times them against the cuBLAS path.
 """
 
 from __future__ import annotations

@@ -1,0 +1,374 @@
+// The backward of one whole attention layer per centre (attn_layer.cu has the layout and the forward).
+
+// d (the warp's rows of dL/dy, accumulator layout) -> dL/dz through y = z / |z| (NORMALIZE): (d - y (d . y)) inv;
+// Y: the rows of y (n, H) in device memory
+__device__ __forceinline__ void norm_bwd(float (&d)[HT][4], const float* __restrict__ Y, float inv0, float inv1, int i0,
+                                         int i1, bool in0, bool in1) {
+#if NORMALIZE
+  const int t = threadIdx.x & 3;
+  float y[HT][4], p0 = 0.f, p1 = 0.f;
+#pragma unroll
+  for (int c = 0; c < HT; ++c) {
+    const int h = 8 * c + 2 * t;
+    const float2 a = in0 ? *reinterpret_cast<const float2*>(Y + i0 * H + h) : make_float2(0.f, 0.f);
+    const float2 b = in1 ? *reinterpret_cast<const float2*>(Y + i1 * H + h) : make_float2(0.f, 0.f);
+    y[c][0] = a.x, y[c][1] = a.y, y[c][2] = b.x, y[c][3] = b.y;
+    p0 += d[c][0] * a.x + d[c][1] * a.y, p1 += d[c][2] * b.x + d[c][3] * b.y;
+  }
+  p0 = row_sum(p0), p1 = row_sum(p1);
+#pragma unroll
+  for (int c = 0; c < HT; ++c) {
+    d[c][0] = (d[c][0] - y[c][0] * p0) * inv0, d[c][1] = (d[c][1] - y[c][1] * p0) * inv0;
+    d[c][2] = (d[c][2] - y[c][2] * p1) * inv1, d[c][3] = (d[c][3] - y[c][3] * p1) * inv1;
+  }
+#endif
+}
+
+// dx (the warp's rows, device memory) += dz W^T: dz the accumulator layout over H (the A operand, permuted), wT
+// W^T in B-fragment order (HT x KE products)
+__device__ __forceinline__ void dx_add(const float (&dz)[HT][4], const float2* __restrict__ wT, float* __restrict__ dxb,
+                                       int i0, int i1, bool in0, bool in1) {
+  const int lane = threadIdx.x & 31, t = lane & 3;
+  float acc[KE][4];
+#pragma unroll
+  for (int nt = 0; nt < KE; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+#pragma unroll
+  for (int c = 0; c < HT; ++c) {
+    const unsigned a0 = tf32(dz[c][0]), a1 = tf32(dz[c][2]), a2 = tf32(dz[c][1]), a3 = tf32(dz[c][3]);
+#pragma unroll
+    for (int nt = 0; nt < KE; ++nt) {
+      const float2 wb = wT[(c * KE + nt) * 32 + lane];
+      tmma(acc[nt], a0, a1, a2, a3, wb.x, wb.y);
+    }
+  }
+#pragma unroll
+  for (int nt = 0; nt < KE; ++nt)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int col = 8 * nt + 2 * t + e;
+      if (col < E && in0) dxb[i0 * E + col] += acc[nt][e];
+      if (col < E && in1) dxb[i1 * E + col] += acc[nt][2 + e];
+    }
+}
+
+// acc (the warp's rows j, 16 x H) = M^T Y: M (N, N) row-major in device memory (this block's scratch), Y (N, LDK)
+// in shared memory (TF32-rounded, rows past n zero); the products' k runs over M's rows i
+__device__ __forceinline__ void prod_mty(const float* __restrict__ M, const float* Y, float (&acc)[HT][4]) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int j0 = 16 * w + g, j1 = j0 + 8;
+#pragma unroll
+  for (int c = 0; c < HT; ++c) acc[c][0] = acc[c][1] = acc[c][2] = acc[c][3] = 0.f;
+#pragma unroll 2
+  for (int it = 0; it < NT; ++it) {
+    const int ia = 8 * it + t, ib = ia + 4;
+    const unsigned a0 = tf32(M[ia * N + j0]), a1 = tf32(M[ia * N + j1]), a2 = tf32(M[ib * N + j0]),
+                   a3 = tf32(M[ib * N + j1]);
+#pragma unroll
+    for (int c = 0; c < HT; ++c) tmma(acc[c], a0, a1, a2, a3, Y[ia * LDK + 8 * c + g], Y[ib * LDK + 8 * c + g]);
+  }
+}
+
+// Ys (N, LDK) = Y (n, H) TF32-rounded, rows past n zero (float4 loads; the caller syncs before and after)
+__device__ __forceinline__ void stage_rows(const float* __restrict__ Y, float* Ys, int n) {
+  for (int k = threadIdx.x; k < N * H / 4; k += 32 * NW) {
+    const int row = (4 * k) / H, col = (4 * k) % H;
+    float4 v = row < n ? reinterpret_cast<const float4*>(Y)[k] : make_float4(0.f, 0.f, 0.f, 0.f);
+    float* d = Ys + row * LDK + col;
+    d[0] = __uint_as_float(tf32(v.x)), d[1] = __uint_as_float(tf32(v.y));
+    d[2] = __uint_as_float(tf32(v.z)), d[3] = __uint_as_float(tf32(v.w));
+  }
+}
+
+// From dout = dLoss/d out (B, n, E) and what the forward kept (y, inv, xhat, rstd): dx (B, n, E) = dLoss/dx
+// (written), and the layer's terms of dLoss/d sw (B, n) (SMOOTH) and dLoss/d r (B, n, 3) (DOTR) added. woutT (KE,
+// HT, 32) and wqkvT (3, HT, KE, 32) float2: W_out^T and W_q^T, W_k^T, W_v^T in B-fragment order (permuted).
+// Shared memory: two (N, LDK) arrays, k and v, then k and do, then q and do. scratch: 3 N N floats per block
+// (A = T F; dL; L + SHIFT), device memory read back within the block (L2).
+// Steps: LayerNorm backward -> dh (dx = dh, the residual); do = dh W_out^T; dA = do v^T; L and T again (as the
+// forward); the row chain backward -> dL, d sw, d r; dq = s dL k; dv = A^T do; dk = s dL^T y_q; each through the
+// q/k/v normalisation and added to dx through in_proj.
+extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
+    attn_layer_bwd(const float* __restrict__ dout, const float* __restrict__ xhat, const float* __restrict__ rstd,
+                   const float* __restrict__ gamma, const float* __restrict__ y, const float* __restrict__ inv,
+                   const float2* __restrict__ woutT, const float2* __restrict__ wqkvT, const float* __restrict__ sw,
+                   const float* __restrict__ r, const unsigned char* __restrict__ mask, long long B, int n, float s,
+                   float* __restrict__ scratch, float* __restrict__ dx, float* __restrict__ dsw,
+                   float* __restrict__ dr) {
+  DYN_SMEM(smem);
+  float* ks = smem;          // (N, LDK): k, then q
+  float* vs = ks + N * LDK;  // (N, LDK): v, then do
+  __shared__ float sws[N], rs[3 * N], mk[N], gsw[N], gr[3 * N];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int i0 = 16 * w + g, i1 = i0 + 8;
+  const bool in0 = i0 < n, in1 = i1 < n;
+  const long long P = B * n;
+  float* As = scratch + (long long)blockIdx.x * (3 * N * N);  // (N, N)
+  float* dLs = As + N * N;                                     // (N, N)
+  float* Ls = dLs + N * N;  // (N, N): each lane reads back only what it wrote
+  for (long long b = blockIdx.x; b < B; b += gridDim.x) {
+    const long long base = b * n;
+    const float *yq = y + base * H, *yk = y + (P + base) * H, *yv = y + (2 * P + base) * H;
+    __syncthreads();  // the previous centre's shared arrays and scratch are read
+    for (int j = threadIdx.x; j < N; j += 32 * NW) {
+      const bool in = j < n;
+      sws[j] = in ? sw[base + j] : 0.f;
+      mk[j] = (in && mask[base + j]) ? 1.f : 0.f;
+      gsw[j] = 0.f;
+      for (int d = 0; d < 3; ++d) rs[3 * j + d] = in ? r[(base + j) * 3 + d] : 0.f, gr[3 * j + d] = 0.f;
+    }
+    stage_rows(yk, ks, n);
+    stage_rows(yv, vs, n);
+    __syncthreads();
+    float* dxb = dx + base * E;
+
+    // LayerNorm backward: dh = rstd (g - mean(g) - xhat mean(g xhat)), g = dout gamma; dx = dh
+    float dh[KE][4];
+    {
+      const float* db = dout + base * E;
+      const float* xb = xhat + base * E;
+      float mg0 = 0.f, mg1 = 0.f, mx0 = 0.f, mx1 = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < KE; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * nt + 2 * t + e;
+          const bool c_in = col < E;
+          const float g0 = (c_in && in0) ? db[i0 * E + col] * gamma[col] : 0.f;
+          const float g1 = (c_in && in1) ? db[i1 * E + col] * gamma[col] : 0.f;
+          dh[nt][e] = g0, dh[nt][2 + e] = g1;
+          mg0 += g0, mg1 += g1;
+          mx0 += (c_in && in0) ? g0 * xb[i0 * E + col] : 0.f, mx1 += (c_in && in1) ? g1 * xb[i1 * E + col] : 0.f;
+        }
+      mg0 = row_sum(mg0) / E, mg1 = row_sum(mg1) / E, mx0 = row_sum(mx0) / E, mx1 = row_sum(mx1) / E;
+      const float r0 = in0 ? rstd[base + i0] : 0.f, r1 = in1 ? rstd[base + i1] : 0.f;
+#pragma unroll
+      for (int nt = 0; nt < KE; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * nt + 2 * t + e;
+          if (col < E) {
+            dh[nt][e] = in0 ? (dh[nt][e] - mg0 - xb[i0 * E + col] * mx0) * r0 : 0.f;
+            dh[nt][2 + e] = in1 ? (dh[nt][2 + e] - mg1 - xb[i1 * E + col] * mx1) * r1 : 0.f;
+            if (in0) dxb[i0 * E + col] = dh[nt][e];
+            if (in1) dxb[i1 * E + col] = dh[nt][2 + e];
+          }
+        }
+    }
+    // do = dh W_out^T (rows past n: 0), then dA = do v^T; do replaces v in shared memory
+    float dA[NT][4];
+    {
+      float o[HT][4];
+#pragma unroll
+      for (int c = 0; c < HT; ++c) o[c][0] = o[c][1] = o[c][2] = o[c][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < KE; ++kk) {
+        const unsigned a0 = tf32(dh[kk][0]), a1 = tf32(dh[kk][2]), a2 = tf32(dh[kk][1]), a3 = tf32(dh[kk][3]);
+#pragma unroll
+        for (int c = 0; c < HT; ++c) {
+          const float2 wb = woutT[(kk * HT + c) * 32 + lane];
+          tmma(o[c], a0, a1, a2, a3, wb.x, wb.y);
+        }
+      }
+#pragma unroll
+      for (int jt = 0; jt < NT; ++jt) dA[jt][0] = dA[jt][1] = dA[jt][2] = dA[jt][3] = 0.f;
+#pragma unroll
+      for (int c = 0; c < HT; ++c) {
+        const unsigned a0 = tf32(o[c][0]), a1 = tf32(o[c][2]), a2 = tf32(o[c][1]), a3 = tf32(o[c][3]);
+#pragma unroll
+        for (int jt = 0; jt < NT; ++jt) {
+          const float2 vb = *reinterpret_cast<const float2*>(vs + (8 * jt + g) * LDK + 8 * c + 2 * t);
+          tmma(dA[jt], a0, a1, a2, a3, vb.x, vb.y);
+        }
+      }
+      __syncthreads();  // every warp is done with v
+#pragma unroll
+      for (int c = 0; c < HT; ++c) {
+        const int h = 8 * c + 2 * t;
+        vs[i0 * LDK + h] = __uint_as_float(tf32(o[c][0])), vs[i0 * LDK + h + 1] = __uint_as_float(tf32(o[c][1]));
+        vs[i1 * LDK + h] = __uint_as_float(tf32(o[c][2])), vs[i1 * LDK + h + 1] = __uint_as_float(tf32(o[c][3]));
+      }
+    }
+
+    // the logits again (as the forward: the same TF32 operands and order), kept as L + SHIFT for d sw
+    float T[NT][4];
+#pragma unroll
+    for (int jt = 0; jt < NT; ++jt) T[jt][0] = T[jt][1] = T[jt][2] = T[jt][3] = 0.f;
+#pragma unroll
+    for (int c = 0; c < HT; ++c) {
+      const int h = 8 * c + 2 * t;
+      const unsigned a0 = tf32(in0 ? yq[i0 * H + h] * s : 0.f), a1 = tf32(in1 ? yq[i1 * H + h] * s : 0.f);
+      const unsigned a2 = tf32(in0 ? yq[i0 * H + h + 1] * s : 0.f), a3 = tf32(in1 ? yq[i1 * H + h + 1] * s : 0.f);
+#pragma unroll
+      for (int jt = 0; jt < NT; ++jt) {
+        const float2 kb = *reinterpret_cast<const float2*>(ks + (8 * jt + g) * LDK + h);
+        tmma(T[jt], a0, a1, a2, a3, kb.x, kb.y);
+      }
+    }
+    // the row chain forward, as attn_layer_fwd: T = softmax(L') m_i
+#if SMOOTH
+    const float sw0 = sws[i0], sw1 = sws[i1];
+#endif
+    float mx0 = LOWEST, mx1 = LOWEST;
+#pragma unroll
+    for (int jt = 0; jt < NT; ++jt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int j = 8 * jt + 2 * t + e;
+#if SMOOTH
+        Ls[i0 * N + j] = T[jt][e] + SHIFT, Ls[i1 * N + j] = T[jt][2 + e] + SHIFT;
+        T[jt][e] = (T[jt][e] + SHIFT) * (sw0 * sws[j]) - SHIFT;
+        T[jt][2 + e] = (T[jt][2 + e] + SHIFT) * (sw1 * sws[j]) - SHIFT;
+#else
+        if (mk[j] == 0.f) T[jt][e] = T[jt][2 + e] = __uint_as_float(0xff800000u);  // -inf
+#endif
+        mx0 = fmaxf(mx0, T[jt][e]), mx1 = fmaxf(mx1, T[jt][2 + e]);
+      }
+    mx0 = row_max(mx0), mx1 = row_max(mx1);
+#if SMOOTH && NPAD
+    mx0 = fmaxf(mx0, -SHIFT), mx1 = fmaxf(mx1, -SHIFT);
+#endif
+    {
+      float d0 = 0.f, d1 = 0.f;
+#pragma unroll
+      for (int jt = 0; jt < NT; ++jt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          T[jt][e] = expf(T[jt][e] - mx0), T[jt][2 + e] = expf(T[jt][2 + e] - mx1);
+          d0 += T[jt][e], d1 += T[jt][2 + e];
+        }
+      d0 = row_sum(d0), d1 = row_sum(d1);
+#if SMOOTH && NPAD
+      d0 += NPAD * expf(-SHIFT - mx0), d1 += NPAD * expf(-SHIFT - mx1);
+#endif
+      const float f0 = mk[i0] / fmaxf(d0, 1.f), f1 = mk[i1] / fmaxf(d1, 1.f);
+#pragma unroll
+      for (int jt = 0; jt < NT; ++jt) T[jt][0] *= f0, T[jt][1] *= f0, T[jt][2] *= f1, T[jt][3] *= f1;
+    }
+
+    // the row chain backward (attention.py's _rows_backward): A = T F to the scratch; dT = dA F; dR = dA T S;
+    // dL' = T (dT - sum_j dT T); dS = dA T R + (L + SHIFT) dL'; dL = dL' S. d sw += (dS + dS^T) sw and
+    // d r += (dR + dR^T) r: the rows' parts summed over 4 lanes, the columns' over 8 groups, into shared memory.
+#if DOTR
+    const float ri0[3] = {rs[3 * i0], rs[3 * i0 + 1], rs[3 * i0 + 2]}, ri1[3] = {rs[3 * i1], rs[3 * i1 + 1], rs[3 * i1 + 2]};
+    float dri0[3] = {0.f, 0.f, 0.f}, dri1[3] = {0.f, 0.f, 0.f};
+#endif
+    float u0 = 0.f, u1 = 0.f;  // sum_j dT T per row
+#pragma unroll
+    for (int jt = 0; jt < NT; ++jt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int j = 8 * jt + 2 * t + e;
+        float F0 = 1.f, F1 = 1.f;
+#if SMOOTH
+        const float S0 = sw0 * sws[j], S1 = sw1 * sws[j];
+        F0 = S0, F1 = S1;
+#endif
+#if DOTR
+        const float rj[3] = {rs[3 * j], rs[3 * j + 1], rs[3 * j + 2]};
+        const float R0 = ri0[0] * rj[0] + ri0[1] * rj[1] + ri0[2] * rj[2];
+        const float R1 = ri1[0] * rj[0] + ri1[1] * rj[1] + ri1[2] * rj[2];
+        F0 *= R0, F1 *= R1;
+#if SMOOTH
+        const float dR0 = dA[jt][e] * T[jt][e] * S0, dR1 = dA[jt][2 + e] * T[jt][2 + e] * S1;
+#else
+        const float dR0 = dA[jt][e] * T[jt][e], dR1 = dA[jt][2 + e] * T[jt][2 + e];
+#endif
+#pragma unroll
+        for (int d = 0; d < 3; ++d) {
+          dri0[d] += dR0 * rj[d], dri1[d] += dR1 * rj[d];
+          const float cs = col_sum(dR0 * ri0[d] + dR1 * ri1[d]);
+          if (g == 0) atomicAdd(gr + 3 * j + d, cs);
+        }
+#endif
+        As[i0 * N + j] = T[jt][e] * F0, As[i1 * N + j] = T[jt][2 + e] * F1;
+        u0 += dA[jt][e] * F0 * T[jt][e], u1 += dA[jt][2 + e] * F1 * T[jt][2 + e];
+      }
+    u0 = row_sum(u0), u1 = row_sum(u1);
+#if DOTR
+#pragma unroll
+    for (int d = 0; d < 3; ++d) {
+      dri0[d] = row_sum(dri0[d]), dri1[d] = row_sum(dri1[d]);
+      if (t == 0) atomicAdd(gr + 3 * i0 + d, dri0[d]), atomicAdd(gr + 3 * i1 + d, dri1[d]);
+    }
+#endif
+#if SMOOTH
+    float ds0 = 0.f, ds1 = 0.f;
+#endif
+#pragma unroll
+    for (int jt = 0; jt < NT; ++jt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int j = 8 * jt + 2 * t + e;
+        float F0 = 1.f, F1 = 1.f, R0 = 1.f, R1 = 1.f;
+#if SMOOTH
+        const float S0 = sw0 * sws[j], S1 = sw1 * sws[j];
+        F0 = S0, F1 = S1;
+#endif
+#if DOTR
+        R0 = rs[3 * i0] * rs[3 * j] + rs[3 * i0 + 1] * rs[3 * j + 1] + rs[3 * i0 + 2] * rs[3 * j + 2];
+        R1 = rs[3 * i1] * rs[3 * j] + rs[3 * i1 + 1] * rs[3 * j + 1] + rs[3 * i1 + 2] * rs[3 * j + 2];
+        F0 *= R0, F1 *= R1;
+#endif
+        const float dl0 = (dA[jt][e] * F0 - u0) * T[jt][e], dl1 = (dA[jt][2 + e] * F1 - u1) * T[jt][2 + e];
+#if SMOOTH
+        const float dS0 = dA[jt][e] * T[jt][e] * R0 + Ls[i0 * N + j] * dl0;
+        const float dS1 = dA[jt][2 + e] * T[jt][2 + e] * R1 + Ls[i1 * N + j] * dl1;
+        ds0 += dS0 * sws[j], ds1 += dS1 * sws[j];
+        const float cs = col_sum(dS0 * sw0 + dS1 * sw1);
+        if (g == 0) atomicAdd(gsw + j, cs);
+        dA[jt][e] = dl0 * S0, dA[jt][2 + e] = dl1 * S1;
+#else
+        dA[jt][e] = dl0, dA[jt][2 + e] = dl1;
+#endif
+        dLs[i0 * N + j] = dA[jt][e], dLs[i1 * N + j] = dA[jt][2 + e];
+      }
+#if SMOOTH
+    ds0 = row_sum(ds0), ds1 = row_sum(ds1);
+    if (t == 0) atomicAdd(gsw + i0, ds0), atomicAdd(gsw + i1, ds1);
+#endif
+
+    // dq = s dL k (the warp's rows), through the normalisation, into dx
+    {
+      float dq[HT][4];
+#pragma unroll
+      for (int c = 0; c < HT; ++c) dq[c][0] = dq[c][1] = dq[c][2] = dq[c][3] = 0.f;
+#pragma unroll
+      for (int jt = 0; jt < NT; ++jt) {
+        const unsigned a0 = tf32(dA[jt][0]), a1 = tf32(dA[jt][2]), a2 = tf32(dA[jt][1]), a3 = tf32(dA[jt][3]);
+        const float* ka = ks + (8 * jt + 2 * t) * LDK + g;
+#pragma unroll
+        for (int c = 0; c < HT; ++c) tmma(dq[c], a0, a1, a2, a3, ka[8 * c], ka[LDK + 8 * c]);
+      }
+#pragma unroll
+      for (int c = 0; c < HT; ++c) dq[c][0] *= s, dq[c][1] *= s, dq[c][2] *= s, dq[c][3] *= s;
+      norm_bwd(dq, yq, in0 ? inv[base + i0] : 0.f, in1 ? inv[base + i1] : 0.f, i0, i1, in0, in1);
+      dx_add(dq, wqkvT, dxb, i0, i1, in0, in1);
+    }
+    __syncthreads();  // every warp is done with k; do, A and dL of every row are written
+    stage_rows(yq, ks, n);
+    __syncthreads();
+    {
+      float dv[HT][4];
+      prod_mty(As, vs, dv);  // dv = A^T do
+      norm_bwd(dv, yv, in0 ? inv[2 * P + base + i0] : 0.f, in1 ? inv[2 * P + base + i1] : 0.f, i0, i1, in0, in1);
+      dx_add(dv, wqkvT + 2 * HT * KE * 32, dxb, i0, i1, in0, in1);
+    }
+    {
+      float dk[HT][4];
+      prod_mty(dLs, ks, dk);  // dk = s dL^T y_q
+#pragma unroll
+      for (int c = 0; c < HT; ++c) dk[c][0] *= s, dk[c][1] *= s, dk[c][2] *= s, dk[c][3] *= s;
+      norm_bwd(dk, yk, in0 ? inv[P + base + i0] : 0.f, in1 ? inv[P + base + i1] : 0.f, i0, i1, in0, in1);
+      dx_add(dk, wqkvT + HT * KE * 32, dxb, i0, i1, in0, in1);
+    }
+    __syncthreads();  // every warp's d sw, d r terms are in shared memory
+    for (int j = threadIdx.x; j < n; j += 32 * NW) {
+#if SMOOTH
+      dsw[base + j] += gsw[j];
+#endif
+#if DOTR
+      for (int d = 0; d < 3; ++d) dr[(base + j) * 3 + d] += gr[3 * j + d];
+#endif
+    }
+  }
+}
