@@ -7,42 +7,14 @@ did not cover (depth, widths, idt, resnet kinds, activations, FP32/FP64).
 
 from __future__ import annotations
 
-import ctypes
-import pathlib
-
 import numpy as np
 import pytest
 
-from dpsnake.engine.cuda import fused
+from dpsnake.engine.cuda import fused, ptx
 from dpsnake.engine.cuda import selection as kernels
 from dpsnake.engine.nets import Layer, Net
 
-
-def _nvrtc():
-    import nvidia.cuda_nvrtc as pkg
-
-    lib = pathlib.Path(list(pkg.__path__)[0]) / "lib" / "libnvrtc.so.12"
-    return ctypes.CDLL(str(lib))
-
-
-def compile_cuda(src: str, arch: str = "compute_90") -> str:
-    """PTX of ``src``; raises with NVRTC's log on a compile error."""
-    lib = _nvrtc()
-    prog = ctypes.c_void_p()
-    assert lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"k.cu", 0, None, None) == 0
-    opts = [f"--gpu-architecture={arch}".encode(), b"-std=c++14"]
-    rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-    n = ctypes.c_size_t()
-    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
-    log = ctypes.create_string_buffer(n.value)
-    lib.nvrtcGetProgramLog(prog, log)
-    if rc != 0:
-        raise RuntimeError(log.value.decode(errors="replace")[:3000])
-    lib.nvrtcGetPTXSize(prog, ctypes.byref(n))
-    ptx = ctypes.create_string_buffer(n.value)
-    lib.nvrtcGetPTX(prog, ptx)
-    lib.nvrtcDestroyProgram(ctypes.byref(prog))
-    return ptx.value.decode()
+compile_cuda = ptx.nvrtc_ptx  # the other tests' name for it
 
 
 def _net(sizes, act="tanh", idt=True, resnet=True, bias=True, seed=0):
@@ -101,3 +73,29 @@ def test_selection_kernels_compile(nnei, ntypes):
     assert ".entry select_nb" in ptx
     ptx = compile_cuda(kernels.warp_source(nnei, ntypes))
     assert ".entry select_nb_warp" in ptx
+
+
+def test_parse_ptxas_reads_registers_spills_and_smem():
+    log = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'k_bwd' for 'sm_90'
+ptxas info    : Function properties for k_bwd
+    120 bytes stack frame, 184 bytes spill stores, 216 bytes spill loads
+ptxas info    : Used 168 registers, used 1 barriers, 120 bytes cumulative stack size, 3456 bytes smem
+ptxas info    : Compiling entry function 'k_fwd' for 'sm_90'
+ptxas info    : Function properties for k_fwd
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 40 registers, used 1 barriers
+"""
+    got = ptx.parse_ptxas(log)
+    assert got["k_bwd"] == {"registers": 168, "stack": 120, "spill_stores": 184, "spill_loads": 216, "smem": 3456}
+    assert got["k_fwd"] == {"registers": 40, "stack": 0, "spill_stores": 0, "spill_loads": 0, "smem": 0}
+
+
+def test_ptxas_stats_of_a_kernel():
+    """With NVRTC and ptxas at hand (skipped otherwise): a kernel's registers come back, within sm_90's 255."""
+    pytest.importorskip("nvidia.cuda_nvrtc")
+    if ptx.find_ptxas() is None:
+        pytest.skip("no ptxas (pip install nvidia-cuda-nvcc-cu12)")
+    src = 'extern "C" __global__ void axpy(float a, const float* x, float* y) { y[threadIdx.x] += a * x[threadIdx.x]; }'
+    got = ptx.ptxas_stats(src)
+    assert 0 < got["axpy"]["registers"] <= 255 and got["axpy"]["spill_stores"] == 0
