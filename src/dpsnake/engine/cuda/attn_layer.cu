@@ -140,40 +140,11 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       }
     }
     // the row chain (attention.py's _rows_forward): smooth shift or key mask, softmax, row mask, A = T S R
+    float f0, f1;
+    softmax_rows(L, sws, mk, nullptr, f0, f1);
 #if SMOOTH
     const float sw0 = sws[i0], sw1 = sws[i1];
 #endif
-    float mx0 = LOWEST, mx1 = LOWEST;
-#pragma unroll
-    for (int jt = 0; jt < NT; ++jt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int j = 8 * jt + 2 * t + e;
-#if SMOOTH
-        L[jt][e] = (L[jt][e] + SHIFT) * (sw0 * sws[j]) - SHIFT;
-        L[jt][2 + e] = (L[jt][2 + e] + SHIFT) * (sw1 * sws[j]) - SHIFT;
-#else
-        if (mk[j] == 0.f) L[jt][e] = L[jt][2 + e] = __uint_as_float(0xff800000u);  // -inf
-#endif
-        mx0 = fmaxf(mx0, L[jt][e]), mx1 = fmaxf(mx1, L[jt][2 + e]);
-      }
-    mx0 = row_max(mx0), mx1 = row_max(mx1);
-#if SMOOTH && NPAD
-    mx0 = fmaxf(mx0, -SHIFT), mx1 = fmaxf(mx1, -SHIFT);
-#endif
-    float d0 = 0.f, d1 = 0.f;
-#pragma unroll
-    for (int jt = 0; jt < NT; ++jt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        L[jt][e] = expf(L[jt][e] - mx0), L[jt][2 + e] = expf(L[jt][2 + e] - mx1);
-        d0 += L[jt][e], d1 += L[jt][2 + e];
-      }
-    d0 = row_sum(d0), d1 = row_sum(d1);
-#if SMOOTH && NPAD
-    d0 += NPAD * expf(-SHIFT - mx0), d1 += NPAD * expf(-SHIFT - mx1);
-#endif
-    const float f0 = mk[i0] / fmaxf(d0, 1.f), f1 = mk[i1] / fmaxf(d1, 1.f);
     unsigned aa[NT][4];  // A = T F as TF32, the A operand of A v
 #pragma unroll
     for (int jt = 0; jt < NT; ++jt)

@@ -205,45 +205,15 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       }
     }
     // the row chain forward, as attn_layer_fwd: T = softmax(L') m_i
-#if SMOOTH
-    const float sw0 = sws[i0], sw1 = sws[i1];
-#endif
-    float mx0 = LOWEST, mx1 = LOWEST;
-#pragma unroll
-    for (int jt = 0; jt < NT; ++jt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int j = 8 * jt + 2 * t + e;
-#if SMOOTH
-        Ls[i0 * N + j] = T[jt][e] + SHIFT, Ls[i1 * N + j] = T[jt][2 + e] + SHIFT;
-        T[jt][e] = (T[jt][e] + SHIFT) * (sw0 * sws[j]) - SHIFT;
-        T[jt][2 + e] = (T[jt][2 + e] + SHIFT) * (sw1 * sws[j]) - SHIFT;
-#else
-        if (mk[j] == 0.f) T[jt][e] = T[jt][2 + e] = __uint_as_float(0xff800000u);  // -inf
-#endif
-        mx0 = fmaxf(mx0, T[jt][e]), mx1 = fmaxf(mx1, T[jt][2 + e]);
-      }
-    mx0 = row_max(mx0), mx1 = row_max(mx1);
-#if SMOOTH && NPAD
-    mx0 = fmaxf(mx0, -SHIFT), mx1 = fmaxf(mx1, -SHIFT);
-#endif
     {
-      float d0 = 0.f, d1 = 0.f;
-#pragma unroll
-      for (int jt = 0; jt < NT; ++jt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          T[jt][e] = expf(T[jt][e] - mx0), T[jt][2 + e] = expf(T[jt][2 + e] - mx1);
-          d0 += T[jt][e], d1 += T[jt][2 + e];
-        }
-      d0 = row_sum(d0), d1 = row_sum(d1);
-#if SMOOTH && NPAD
-      d0 += NPAD * expf(-SHIFT - mx0), d1 += NPAD * expf(-SHIFT - mx1);
-#endif
-      const float f0 = mk[i0] / fmaxf(d0, 1.f), f1 = mk[i1] / fmaxf(d1, 1.f);
+      float f0, f1;
+      softmax_rows(T, sws, mk, Ls, f0, f1);
 #pragma unroll
       for (int jt = 0; jt < NT; ++jt) T[jt][0] *= f0, T[jt][1] *= f0, T[jt][2] *= f1, T[jt][3] *= f1;
     }
+#if SMOOTH
+    const float sw0 = sws[i0], sw1 = sws[i1];
+#endif
 
     // the row chain backward (attention.py's _rows_backward): A = T F to the scratch; dT = dA F; dR = dA T S;
     // dL' = T (dT - sum_j dT T); dS = dA T R + (L + SHIFT) dL'; dL = dL' S. d sw += (dS + dS^T) sw and

@@ -46,3 +46,49 @@ __device__ __forceinline__ float col_sum(float v) {
   v += __shfl_xor_sync(FULL, v, 8);
   return v + __shfl_xor_sync(FULL, v, 16);
 }
+
+// The row chain's forward on the warp's 16 rows of logits L (accumulator layout; sws, mk: sw and the mask of
+// the N slots), in place: L' = (L + SHIFT) S - SHIFT (SMOOTH; ``keepL``, if not null, gets L + SHIFT at
+// [i * N + j]) or -inf at empty keys, then exp(L' - row max); the left-out slots (NPAD) in the sums. Returns
+// the rows' factors f = m_i / sum, so that T = exp(L' - max) f. One function for both kernels: the backward's
+// T must be the forward's to the bit.
+__device__ __forceinline__ void softmax_rows(float (&L)[NT][4], const float* sws, const float* mk,
+                                             float* __restrict__ keepL, float& f0, float& f1) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int i0 = 16 * (threadIdx.x >> 5) + g, i1 = i0 + 8;
+#if SMOOTH
+  const float sw0 = sws[i0], sw1 = sws[i1];
+#endif
+  float mx0 = LOWEST, mx1 = LOWEST;
+#pragma unroll
+  for (int jt = 0; jt < NT; ++jt)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int j = 8 * jt + 2 * t + e;
+#if SMOOTH
+      if (keepL) keepL[i0 * N + j] = L[jt][e] + SHIFT, keepL[i1 * N + j] = L[jt][2 + e] + SHIFT;
+      L[jt][e] = (L[jt][e] + SHIFT) * (sw0 * sws[j]) - SHIFT;
+      L[jt][2 + e] = (L[jt][2 + e] + SHIFT) * (sw1 * sws[j]) - SHIFT;
+#else
+      if (mk[j] == 0.f) L[jt][e] = L[jt][2 + e] = __uint_as_float(0xff800000u);  // -inf
+#endif
+      mx0 = fmaxf(mx0, L[jt][e]), mx1 = fmaxf(mx1, L[jt][2 + e]);
+    }
+  mx0 = row_max(mx0), mx1 = row_max(mx1);
+#if SMOOTH && NPAD
+  mx0 = fmaxf(mx0, -SHIFT), mx1 = fmaxf(mx1, -SHIFT);
+#endif
+  float d0 = 0.f, d1 = 0.f;
+#pragma unroll
+  for (int jt = 0; jt < NT; ++jt)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      L[jt][e] = expf(L[jt][e] - mx0), L[jt][2 + e] = expf(L[jt][2 + e] - mx1);
+      d0 += L[jt][e], d1 += L[jt][2 + e];
+    }
+  d0 = row_sum(d0), d1 = row_sum(d1);
+#if SMOOTH && NPAD
+  d0 += NPAD * expf(-SHIFT - mx0), d1 += NPAD * expf(-SHIFT - mx1);
+#endif
+  f0 = mk[i0] / fmaxf(d0, 1.f), f1 = mk[i1] / fmaxf(d1, 1.f);
+}
