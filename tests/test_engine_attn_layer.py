@@ -218,6 +218,8 @@ def test_supported_says_why_not():
     assert "registers" in attn_layer.supported(np.float32, 120, 128)
     assert "multiple of 8" in attn_layer.supported(np.float32, 88, 100)
     assert "shared memory" in attn_layer.supported(np.float32, 96, 512)
+    assert "nnei 40" in attn_layer.supported(np.float32, 40, 128, nnei=40, smooth=True)  # padded to 48
+    assert attn_layer.supported(np.float32, 40, 128, nnei=40, smooth=False) is None  # padded keys masked
     assert attn_layer.defines(88, 100, 128, 1, 1, 1, 120)["MINB"] == 2  # two blocks per SM at the bench's size
 
 

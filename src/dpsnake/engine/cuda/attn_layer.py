@@ -52,11 +52,14 @@ def _smem_max(N: int, H: int) -> int:
     return max(smem_bytes(N, H), smem_bytes(N, H, True) + 40 * N)
 
 
-def supported(dtype, n: int, H: int) -> str | None:
-    """None if the kernel runs this layer, else why not (one short phrase)."""
+def supported(dtype, n: int, H: int, nnei: int | None = None, smooth: bool = False) -> str | None:
+    """None if the kernels run a layer of width H on n slots (of a model with ``nnei``), else why not (one short
+    phrase). With the smooth softmax the rows padded past n are empty keys of the model: there must be that many."""
     if np.dtype(dtype) != np.float32:
         return "FP32 (mixed precision) only"
     N = padded_slots(n)
+    if smooth and nnei is not None and N > nnei:
+        return f"{n} slots padded to {N}, more than the model's nnei {nnei} (smooth softmax)"
     if H % 8:
         return f"width {H} must be a multiple of 8"
     if N > MAX_SLOTS:
