@@ -178,4 +178,4 @@ def test_cupy_tf32_layer_kernels(model_cache, monkeypatch, name):
     for k in KEYS:
         e_blas, e_layer = rel_err(cp.asnumpy(tf32_blas[k]), ref[k]), rel_err(cp.asnumpy(layer[k]), ref[k])
         print(name, k, f"cuBLAS TF32 {e_blas:.1e}  layer kernels {e_layer:.1e}")
-        assert e_layer <= 5e-3, k
+        assert e_layer <= 5e-3 and e_layer <= 1.5 * e_blas + 1e-7, k  # session 31, H100: 0.86-1.10x

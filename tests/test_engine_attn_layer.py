@@ -217,9 +217,33 @@ def test_supported_says_why_not():
     assert "FP32" in attn_layer.supported(np.float64, 88, 128)
     assert "registers" in attn_layer.supported(np.float32, 120, 128)
     assert "multiple of 8" in attn_layer.supported(np.float32, 88, 100)
-    assert "shared memory" in attn_layer.supported(np.float32, 96, 512)
+    assert "registers" in attn_layer.supported(np.float32, 96, 512)
     assert "nnei 40" in attn_layer.supported(np.float32, 40, 128, nnei=40, smooth=True)  # padded to 48
     assert attn_layer.supported(np.float32, 40, 128, nnei=40, smooth=False) is None  # padded keys masked
+    assert "registers" in attn_layer.supported(np.float32, 88, 128, E=200)
+
+
+def test_launch_inputs_checked():
+    """The kernels read raw pointers: a wrong dtype, layout or width is one ValueError, not garbage."""
+    lw = attn_layer.LayerWeights.of(_layer(), np, round_tf32=False)
+    B, n = 2, 5
+    x, sw, r = np.zeros((B, n, 20), np.float32), np.zeros((B, n), np.float32), np.zeros((B, n, 3), np.float32)
+    mask = np.ones((B, n), bool)
+    attn_layer._check(lw, x, sw, r, mask)
+    with pytest.raises(ValueError, match="features 21"):
+        attn_layer._check(lw, np.zeros((B, n, 21), np.float32), sw, r, mask)
+    with pytest.raises(ValueError, match="float64"):
+        attn_layer._check(lw, x.astype(np.float64), sw, r, mask)
+    with pytest.raises(ValueError, match="C-contiguous: False"):
+        attn_layer._check(lw, x, sw, np.zeros((B, 3, n), np.float32).swapaxes(1, 2), mask)
+    with pytest.raises(ValueError, match="expected bool"):
+        attn_layer._check(lw, x, sw, r, mask.astype(np.uint8))
+
+
+def _layer(E=20, H=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return att.AttnLayer(rng.normal(size=(E, 3 * H)), None, rng.normal(size=(H, E)), None, np.ones(E), np.zeros(E),
+                         1e-5, True, True, True, 0.5)  # fmt: skip
     assert attn_layer.defines(88, 100, 128, 1, 1, 1, 120)["MINB"] == 2  # two blocks per SM at the bench's size
 
 

@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     from dpsnake.engine.settings import DEFAULT_FAST, EngineContext, EngineSettings
 
     B, n, E, H, nl = args.centres, args.n, args.e, args.h, args.layers
-    why = attn_layer.supported(np.float32, n, H)
+    why = attn_layer.supported(np.float32, n, H, args.nnei, True, E)
     if why:
         raise SystemExit(f"attn_layer_probe: the kernel does not run this shape: {why}")
     p = _layers(E, H, args.nnei, nl)

@@ -407,7 +407,7 @@ class _Rows:
         if (
             ctx.fast(xp, "attn_layer")
             and ctx.tf32_on(xp, dtype)
-            and attn_layer.supported(dtype, n, p.hidden_dim, p.nnei, p.smooth) is None
+            and attn_layer.supported(dtype, n, p.hidden_dim, p.nnei, p.smooth, p.embed_dim) is None
         ):
             layer_args = (n, p.embed_dim, p.hidden_dim, p.smooth, p.dotr, p.normalize, p.nnei)
             rows.layer = attn_layer if ctx.guarded("attn_layer", attn_layer.build, *layer_args) is not None else None

@@ -6,15 +6,17 @@ Why: in mixed precision with TF32 a se_atten_v2 force call (attn_layer 2, 256 x 
 operands go through device memory (docs/benchmarks.md, "TF32 for se_atten"); 10x DeePMD-kit needs the
 whole call in ~31 ms. Here one block per centre runs the layer from its input x to its LayerNorm output
 with nothing of size (n, n) or (n, H) in device memory: the in and out projections, q/k/v normalisation,
-logits, smooth softmax, dot-product gate, A v and LayerNorm, on ``mma.m16n8k8`` TF32 tensor cores.
+logits, smooth softmax, dot-product gate, A v and LayerNorm, on ``mma.m16n8k8`` TF32 tensor cores (that is the
+forward alone; a force call's forward also keeps q, k, v and xhat for the backward, and the backward passes three
+(N, N) matrices through a small per-block scratch).
 
 The backward (attn_layer_bwd.cuh) reads what the forward kept (normalized q, k, v, their inverse norms,
 LayerNorm's xhat and rstd), stages k and v (then do, then q) in shared memory, recomputes the logits and
 the softmax, and sends the three (n, n) matrices whose transposes it needs (A, dL) or that a lane reads back
-(L) through a per-block scratch in device memory (L2-resident: grid x 3 n^2 floats).
+(L) through a per-block scratch in device memory (grid x 3 N^2 floats, N = n rounded up to 16; mostly in L2).
 
-Status (issue 21, session 31; docs/benchmarks.md, "Whole-layer TF32 kernels"): exact to the cuBLAS TF32 path
-(the same errors against FP64), but not faster yet on an H100: forward without the cache 2.0x the cuBLAS
+Status (issue 21, session 31; docs/benchmarks.md, "Whole-layer TF32 kernels"): the cuBLAS TF32 path's error level
+against FP64 (the same errors to two digits), but not faster yet on an H100: forward without the cache 2.0x the cuBLAS
 path's, with it 0.85x (the stores of the cache), backward 0.92x; a force call 3.10 vs 3.01 us/atom. Both
 kernels are latency-bound at 12 warps per SM (168 registers, spills). So the family is opt-in
 (``settings.DEFAULT_FAST`` leaves it out). Tested without a GPU (g++ with threaded warps and an emulated
@@ -32,8 +34,10 @@ import numpy as np
 from dpsnake.engine import cuda
 
 SMEM_TWO = 113 * 1024  # bytes per block so that two blocks fit an SM (227 KiB on sm_90)
-SMEM_LIMIT = 227 * 1024  # bytes of shared memory a block may have on sm_80 / sm_90
 MAX_SLOTS = 96  # the warps keep (16, n) logits and weights and (16, H) products in registers
+MAX_WIDTH = 128  # H and E: (16, H) and (16, E) accumulator tiles in registers (168 per thread at 128 already spill)
+# with these bounds a block's shared memory is at most 108 KB (_smem_max(96, 128)): two per SM on sm_90, one on
+# any GPU with 99 KB or more per block
 
 
 def padded_slots(n: int) -> int:
@@ -43,18 +47,19 @@ def padded_slots(n: int) -> int:
 
 def smem_bytes(N: int, H: int, backward: bool = False) -> int:
     """Dynamic shared memory of a block. Forward: k (N, H + 8), v^T (H, N + 8), sw, r and the mask (5 N);
-    backward: two (N, H + 8) arrays (its static arrays, 10 N floats, are not counted)."""
+    backward: two (N, H + 8) arrays (its static arrays, 9 N floats, are not counted)."""
     return 4 * (2 * N * (H + 8) if backward else N * (H + 8) + H * (N + 8) + 5 * N)
 
 
 def _smem_max(N: int, H: int) -> int:
     """Shared memory of the larger kernel's block, its static arrays included."""
-    return max(smem_bytes(N, H), smem_bytes(N, H, True) + 40 * N)
+    return max(smem_bytes(N, H), smem_bytes(N, H, True) + 36 * N)
 
 
-def supported(dtype, n: int, H: int, nnei: int | None = None, smooth: bool = False) -> str | None:
-    """None if the kernels run a layer of width H on n slots (of a model with ``nnei``), else why not (one short
-    phrase). With the smooth softmax the rows padded past n are empty keys of the model: there must be that many."""
+def supported(dtype, n: int, H: int, nnei: int | None = None, smooth: bool = False, E: int | None = None) -> str | None:
+    """None if the kernels run a layer of width H (features E) on n slots (of a model with ``nnei``), else why not
+    (one short phrase). With the smooth softmax the rows padded past n are empty keys of the model: there must be
+    that many."""
     if np.dtype(dtype) != np.float32:
         return "FP32 (mixed precision) only"
     N = padded_slots(n)
@@ -62,10 +67,10 @@ def supported(dtype, n: int, H: int, nnei: int | None = None, smooth: bool = Fal
         return f"{n} slots padded to {N}, more than the model's nnei {nnei} (smooth softmax)"
     if H % 8:
         return f"width {H} must be a multiple of 8"
+    if max(H, E or 0) > MAX_WIDTH:
+        return f"widths H {H} / E {E}: more than {MAX_WIDTH} (registers)"
     if N > MAX_SLOTS:
         return f"{n} slots, more than {MAX_SLOTS} (registers)"
-    if _smem_max(N, H) > SMEM_LIMIT:
-        return f"width {H} needs {_smem_max(N, H)} bytes of shared memory"
     return None
 
 
@@ -156,9 +161,15 @@ def scratch_floats(N: int) -> int:
     return 3 * N * N
 
 
-@functools.cache
 def _module(defs: tuple):
-    """({kernel: RawKernel}, blocks of a grid) for these constants, compiled once."""
+    """({kernel: RawKernel}, blocks of a grid) for these constants on the current device, compiled once."""
+    import cupy
+
+    return _device_module(defs, cupy.cuda.runtime.getDevice())
+
+
+@functools.cache
+def _device_module(defs: tuple, device: int):
     import cupy
 
     d = dict(defs)
@@ -174,6 +185,15 @@ def build(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, nne
     return _module(tuple(defines(n, E, H, smooth, dotr, normalize, nnei).items()))[0]
 
 
+def _check(lw: LayerWeights, x, sw, r, mask, *more) -> None:
+    """The kernels read raw pointers: C-contiguous FP32 arrays, the mask one bool per slot, x of the layer's E."""
+    if x.shape[2] != lw.E:
+        raise ValueError(f"attn_layer: features {x.shape[2]}, the layer's weights have {lw.E}")
+    for a, dt in ((x, "float32"), (sw, "float32"), (r, "float32"), (mask, "bool"), *((m, "float32") for m in more)):
+        if a.dtype.name != dt or not a.flags.c_contiguous:
+            raise ValueError(f"attn_layer: an input of {a.dtype} (C-contiguous: {a.flags.c_contiguous}), expected {dt}")
+
+
 def forward(lw: LayerWeights, x, sw, r, mask, scale: float, smooth: bool, dotr: bool, normalize: bool, nnei: int,
             keep: bool = False):  # fmt: skip
     """One layer's output (B, n, E) from its input x (B, n, E); sw (B, n), r (B, n, 3), mask (B, n) bool,
@@ -183,6 +203,7 @@ def forward(lw: LayerWeights, x, sw, r, mask, scale: float, smooth: bool, dotr: 
     import cupy
 
     B, n, E = x.shape
+    _check(lw, x, sw, r, mask)
     defs = defines(n, E, lw.H, smooth, dotr, normalize, nnei)
     fns, cap = _module(tuple(defs.items()))
     out = cupy.empty_like(x)
@@ -208,6 +229,7 @@ def backward(lw: LayerWeights, cache, dout, sw, r, mask, scale: float, smooth: b
     import cupy
 
     B, n, E = dout.shape
+    _check(lw, dout, sw, r, mask, dsw, dr, *cache)
     defs = defines(n, E, lw.H, smooth, dotr, normalize, nnei)
     fns, cap = _module(tuple(defs.items()))
     dx = cupy.empty_like(dout)

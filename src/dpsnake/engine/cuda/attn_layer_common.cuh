@@ -5,8 +5,8 @@
 #define KE (EP / 8)  // k tiles of x; n tiles of h
 #define HT (H / 8)
 #define NT (N / 8)
-#define LDK (H + 8)  // row stride of k in shared memory: a half-warp's float2 loads in 32 banks (H % 32 == 0)
-#define LDV (N + 8)  // row stride of v^T, the same (N % 32 == 0)
+#define LDK (H + 8)  // row stride of k in shared memory: a half-warp's float2 loads in 32 banks when H % 32 == 0
+#define LDV (N + 8)  // row stride of v^T, the same when N % 32 == 0 (N = 96: yes; 48, 80: 2-way conflicts)
 #define SHIFT 20.0f
 #define LOWEST (-3.402823466e38f)
 #define FULL 0xffffffffu
