@@ -177,17 +177,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       }
     }
     float hh[KE][4];
-#pragma unroll
-    for (int nt = 0; nt < KE; ++nt) hh[nt][0] = hh[nt][1] = hh[nt][2] = hh[nt][3] = 0.f;
-#pragma unroll
-    for (int c = 0; c < HT; ++c) {
-      const unsigned a0 = tf32(o[c][0]), a1 = tf32(o[c][2]), a2 = tf32(o[c][1]), a3 = tf32(o[c][3]);
-#pragma unroll
-      for (int nt = 0; nt < KE; ++nt) {
-        const float2 wb = wout[(c * KE + nt) * 32 + lane];
-        tmma(hh[nt], a0, a1, a2, a3, wb.x, wb.y);
-      }
-    }
+    prod_acc<HT, KE>(o, wout, hh);
     // LayerNorm(h + b_out + x) per row (attention.py's _layer_forward)
     float m0 = 0.f, m1 = 0.f;
 #pragma unroll

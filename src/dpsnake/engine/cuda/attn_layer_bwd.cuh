@@ -28,19 +28,9 @@ __device__ __forceinline__ void norm_bwd(float (&d)[HT][4], const float* __restr
 // W^T in B-fragment order (HT x KE products)
 __device__ __forceinline__ void dx_add(const float (&dz)[HT][4], const float2* __restrict__ wT, float* __restrict__ dxb,
                                        int i0, int i1, bool in0, bool in1) {
-  const int lane = threadIdx.x & 31, t = lane & 3;
+  const int t = threadIdx.x & 3;
   float acc[KE][4];
-#pragma unroll
-  for (int nt = 0; nt < KE; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
-#pragma unroll
-  for (int c = 0; c < HT; ++c) {
-    const unsigned a0 = tf32(dz[c][0]), a1 = tf32(dz[c][2]), a2 = tf32(dz[c][1]), a3 = tf32(dz[c][3]);
-#pragma unroll
-    for (int nt = 0; nt < KE; ++nt) {
-      const float2 wb = wT[(c * KE + nt) * 32 + lane];
-      tmma(acc[nt], a0, a1, a2, a3, wb.x, wb.y);
-    }
-  }
+  prod_acc<HT, KE>(dz, wT, acc);
 #pragma unroll
   for (int nt = 0; nt < KE; ++nt)
 #pragma unroll
@@ -158,17 +148,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     float dA[NT][4];
     {
       float o[HT][4];
-#pragma unroll
-      for (int c = 0; c < HT; ++c) o[c][0] = o[c][1] = o[c][2] = o[c][3] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < KE; ++kk) {
-        const unsigned a0 = tf32(dh[kk][0]), a1 = tf32(dh[kk][2]), a2 = tf32(dh[kk][1]), a3 = tf32(dh[kk][3]);
-#pragma unroll
-        for (int c = 0; c < HT; ++c) {
-          const float2 wb = woutT[(kk * HT + c) * 32 + lane];
-          tmma(o[c], a0, a1, a2, a3, wb.x, wb.y);
-        }
-      }
+      prod_acc<KE, HT>(dh, woutT, o);
 #pragma unroll
       for (int jt = 0; jt < NT; ++jt) dA[jt][0] = dA[jt][1] = dA[jt][2] = dA[jt][3] = 0.f;
 #pragma unroll

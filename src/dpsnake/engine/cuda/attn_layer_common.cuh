@@ -92,3 +92,21 @@ __device__ __forceinline__ void softmax_rows(float (&L)[NT][4], const float* sws
 #endif
   f0 = mk[i0] / fmaxf(d0, 1.f), f1 = mk[i1] / fmaxf(d1, 1.f);
 }
+
+// acc (the warp's 16 x 8 M8 tile row) = a w: a (16 x 8 K8) in the accumulator layout, read as the A operand with
+// its columns permuted (attn_layer.cu's header), w in B-fragment order (K8 x M8 products, pack_b(permuted=True))
+template <int K8, int M8>
+__device__ __forceinline__ void prod_acc(const float (&a)[K8][4], const float2* __restrict__ w, float (&acc)[M8][4]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int m = 0; m < M8; ++m) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0.f;
+#pragma unroll
+  for (int k = 0; k < K8; ++k) {
+    const unsigned a0 = tf32(a[k][0]), a1 = tf32(a[k][2]), a2 = tf32(a[k][1]), a3 = tf32(a[k][3]);
+#pragma unroll
+    for (int m = 0; m < M8; ++m) {
+      const float2 wb = w[(k * M8 + m) * 32 + lane];
+      tmma(acc[m], a0, a1, a2, a3, wb.x, wb.y);
+    }
+  }
+}
