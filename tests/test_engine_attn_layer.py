@@ -247,12 +247,14 @@ def _layer(E=20, H=32, seed=0):
     assert attn_layer.defines(88, 100, 128, 1, 1, 1, 120)["MINB"] == 2  # two blocks per SM at the bench's size
 
 
-@pytest.mark.parametrize("n,E,H", [(88, 100, 128), (64, 100, 64), (27, 20, 32)])
-def test_layer_kernel_compiles_for_sm90(n, E, H):
+@pytest.mark.parametrize("n,E,H,flags", [(88, 100, 128, [(1, 1, 1)]), (64, 100, 64, [(0, 0, 0)]),
+                                         (27, 20, 32, [(1, 1, 1), (0, 0, 0), (1, 0, 1)])])  # fmt: skip
+def test_layer_kernel_compiles_for_sm90(n, E, H, flags):
+    """NVRTC for sm_90: the bench's shape (40 s for all flag sets: one here), a small one with every flag set."""
     pytest.importorskip("nvidia.cuda_nvrtc")
     from test_engine_cuda_compile import compile_cuda
 
-    for smooth, dotr, normalize in ((1, 1, 1), (0, 0, 0), (1, 0, 1)):
+    for smooth, dotr, normalize in flags:
         defs = attn_layer.defines(n, E, H, smooth, dotr, normalize, 120)
         ptx = compile_cuda(attn_layer.source(**defs))
         assert ".entry attn_layer_fwd" in ptx and ".entry attn_layer_bwd" in ptx
