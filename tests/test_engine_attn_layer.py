@@ -56,6 +56,7 @@ extern "C" void fwd(unsigned grid, const float* x, const float2* wqkv, const flo
     attn_layer_fwd(x, wqkv, bqkv, wout, bout, gamma, beta, eps, sw, r, mask, B, n, s, out, y, inv, xhat, rstd);
   });
 }
+#if KEEP
 extern "C" void bwd(unsigned grid, const float* dout, const float* xhat, const float* rstd, const float* gamma,
                     const float* y, const float* inv, const float2* woutT, const float2* wqkvT, const float* sw,
                     const float* r, const unsigned char* mask, long long B, int n, float s, float* scratch, float* dx,
@@ -64,6 +65,7 @@ extern "C" void bwd(unsigned grid, const float* dout, const float* xhat, const f
     attn_layer_bwd(dout, xhat, rstd, gamma, y, inv, woutT, wqkvT, sw, r, mask, B, n, s, scratch, dx, dsw, dr);
   });
 }
+#endif
 """
 
 
@@ -72,11 +74,12 @@ def _ptr(a):
 
 
 class _Emu:
-    """attn_layer.py's forward / backward with the kernels run by g++ (threaded warps), on NumPy FP32 arrays."""
+    """attn_layer.py's forward / backward with the kernels run by g++ (threaded warps), on NumPy FP32 arrays;
+    ``keep``: a force call's kernels (the forward keeps the backward's inputs), else the forward alone."""
 
-    def __init__(self, tmp_path, p, n, E, H):
+    def __init__(self, tmp_path, p, n, E, H, keep=True):
         self.p = p
-        self.defs = attn_layer.defines(n, E, H, p.smooth, p.dotr, p.normalize, p.nnei)
+        self.defs = attn_layer.defines(n, E, H, p.smooth, p.dotr, p.normalize, p.nnei, keep)
         tag = "_".join(str(v) for v in self.defs.values())
         src = THREADED_CUDA_STUB + EMU + attn_layer.source(**self.defs) + LAUNCH
         self.lib = build_cpp(tmp_path, f"layer_{tag}", src)
@@ -112,7 +115,7 @@ class _Emu:
 
 def _run(tmp_path, p, lw, x, mask, r, sw, grid):
     """The emulated kernel's output for one layer's input x (B, n, E) FP32."""
-    return _Emu(tmp_path, p, x.shape[1], x.shape[2], lw.H).forward(lw, x, mask, r, sw, grid)
+    return _Emu(tmp_path, p, x.shape[1], x.shape[2], lw.H, keep=False).forward(lw, x, mask, r, sw, grid)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
@@ -244,7 +247,15 @@ def _layer(E=20, H=32, seed=0):
     rng = np.random.default_rng(seed)
     return att.AttnLayer(rng.normal(size=(E, 3 * H)), None, rng.normal(size=(H, E)), None, np.ones(E), np.zeros(E),
                          1e-5, True, True, True, 0.5)  # fmt: skip
-    assert attn_layer.defines(88, 100, 128, 1, 1, 1, 120)["MINB"] == 2  # two blocks per SM at the bench's size
+
+
+def test_defines():
+    """Two blocks per SM at the bench's size; a force call's module (KEEP) unless asked for the forward alone."""
+    d = attn_layer.defines(88, 100, 128, 1, 1, 1, 120)
+    assert d["MINB"] == 2 and d["KEEP"] == 1 and d["N"] == 96 and d["NPAD"] == 24
+    assert attn_layer.defines(88, 100, 128, 1, 1, 1, 120, keep=False)["KEEP"] == 0
+    with pytest.raises(ValueError, match="exceed the model's nnei 90"):
+        attn_layer.defines(88, 100, 128, 1, 1, 1, 90)
 
 
 @pytest.mark.parametrize("n,E,H,flags", [(88, 100, 128, [(1, 1, 1)]), (64, 100, 64, [(0, 0, 0)]),
@@ -259,6 +270,9 @@ def test_layer_kernel_compiles_for_sm90(n, E, H, flags):
         ptx = compile_cuda(attn_layer.source(**defs))
         assert ".entry attn_layer_fwd" in ptx and ".entry attn_layer_bwd" in ptx
         assert "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32" in ptx
+    defs = attn_layer.defines(n, E, H, *flags[0], 120, keep=False)  # the forward alone
+    ptx = compile_cuda(attn_layer.source(**defs))
+    assert ".entry attn_layer_fwd" in ptx and ".entry attn_layer_bwd" not in ptx
 
 
 @pytest.mark.parametrize(
@@ -299,10 +313,11 @@ class _EmuLayerModule:
             return attn_layer.LayerWeights.of(layer, xp, round_tf32=False)
 
     def __init__(self, tmp_path, p, n, E, H):
-        self.emu = _Emu(tmp_path, p, n, E, H)
+        self.emu = _Emu(tmp_path, p, n, E, H)  # a force call's kernels
         self.calls = 0
 
     def forward(self, lw, x, sw, r, mask, scale, smooth, dotr, normalize, nnei, keep=False):
+        assert keep, "the forward alone is its own module (KEEP 0)"
         self.calls += 1
         return self.emu.forward(lw, x, mask, r, sw, grid=3, keep=keep)
 

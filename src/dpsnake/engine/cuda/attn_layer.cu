@@ -5,9 +5,10 @@
 // device memory; a force call's forward keeps q, k, v and the LayerNorm's xhat for the backward (attention.py's
 // module doc has the math).
 //
-// Constants: N (slots, a multiple of 16; a warp per 16 rows, NW = N / 16 warps), E (features), H (q/k/v
-// width, a multiple of 8), SMOOTH, DOTR, NORMALIZE, NPAD (SMOOTH only: the model's empty slots past N,
-// counted in each row's softmax), MINB (blocks per SM the registers are bounded for).
+// Constants: KEEP (a force call's forward: it keeps what the backward reads; the backward is compiled only with
+// it), N (slots, a multiple of 16; a warp per 16 rows, NW = N / 16 warps), E (features), H (q/k/v width, a multiple
+// of 8), SMOOTH, DOTR, NORMALIZE, NPAD (SMOOTH only: the model's empty slots past N, counted in each row's
+// softmax), MINB (blocks per SM the registers are bounded for).
 // Rows n..N-1 (a chunk's n < N) are empty slots: x = 0, sw = 0, mask 0, k = v = 0.
 //
 // Fragments (PTX ISA, mma.m16n8k8 .tf32): lane 4 g + t holds A[g][t], A[g + 8][t], A[g][t + 4], A[g + 8][t + 4];
@@ -63,7 +64,7 @@ __device__ __forceinline__ void keep_rows(const float (&z)[HT][4], float inv0, f
 
 // x (B, n, E), sw (B, n), r (B, n, 3), mask (B, n), out (B, n, E): C-contiguous FP32. wqkv (3, KE, HT, 32) and
 // wout (HT, KE, 32) float2 (B fragments, TF32-rounded), bqkv (3, H) (zeros without a bias), bout, gamma, beta
-// (E). s: the query scale; eps: LayerNorm's. With ``y`` not null (a force call) the forward also keeps what
+// (E). s: the query scale; eps: LayerNorm's. With KEEP (a force call) the forward also keeps what
 // attn_layer_bwd reads: y (3, B, n, H) = the normalized q (unscaled), k, v; inv (3, B, n) their inverse norms
 // (0 past n; 1 without NORMALIZE); xhat (B, n, E) and rstd (B, n) of the LayerNorm.
 extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
@@ -83,6 +84,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int i0 = 16 * w + g, i1 = i0 + 8;  // the lane's two rows
   const bool in0 = i0 < n, in1 = i1 < n;
+  PHASE_START;
   for (long long b = blockIdx.x; b < B; b += gridDim.x) {
     const long long base = b * n;
     __syncthreads();  // the previous centre's shared arrays are read
@@ -102,31 +104,42 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       xa[kk][2] = tf32(in0 && c1 < E ? xb[i0 * E + c1] : 0.f);
       xa[kk][3] = tf32(in1 && c1 < E ? xb[i1 * E + c1] : 0.f);
     }
+    PHASE(0);
     float z[HT][4], iv0, iv1;
     project(xa, wqkv + KE * HT * 32, bqkv + H, in0, in1, z, iv0, iv1);  // k
-    if (y) keep_rows(z, iv0, iv1, y + (P + base) * H, inv + P + base, i0, i1, in0, in1);
+#if KEEP
+    keep_rows(z, iv0, iv1, y + (P + base) * H, inv + P + base, i0, i1, in0, in1);
+#endif
 #pragma unroll
     for (int c = 0; c < HT; ++c) {
       const int h = 8 * c + 2 * t;
       ks[i0 * LDK + h] = __uint_as_float(tf32(z[c][0])), ks[i0 * LDK + h + 1] = __uint_as_float(tf32(z[c][1]));
       ks[i1 * LDK + h] = __uint_as_float(tf32(z[c][2])), ks[i1 * LDK + h + 1] = __uint_as_float(tf32(z[c][3]));
     }
+    PHASE(1);
     project(xa, wqkv + 2 * KE * HT * 32, bqkv + 2 * H, in0, in1, z, iv0, iv1);  // v
-    if (y) keep_rows(z, iv0, iv1, y + (2 * P + base) * H, inv + 2 * P + base, i0, i1, in0, in1);
+#if KEEP
+    keep_rows(z, iv0, iv1, y + (2 * P + base) * H, inv + 2 * P + base, i0, i1, in0, in1);
+#endif
 #pragma unroll
     for (int c = 0; c < HT; ++c) {
       const int h = 8 * c + 2 * t;
       vt[h * LDV + i0] = __uint_as_float(tf32(z[c][0])), vt[(h + 1) * LDV + i0] = __uint_as_float(tf32(z[c][1]));
       vt[h * LDV + i1] = __uint_as_float(tf32(z[c][2])), vt[(h + 1) * LDV + i1] = __uint_as_float(tf32(z[c][3]));
     }
+    PHASE(2);
     project(xa, wqkv, bqkv, in0, in1, z, iv0, iv1);  // q, scaled below
-    if (y) keep_rows(z, iv0, iv1, y + base * H, inv + base, i0, i1, in0, in1);
+#if KEEP
+    keep_rows(z, iv0, iv1, y + base * H, inv + base, i0, i1, in0, in1);
+#endif
     unsigned qa[HT][4];
 #pragma unroll
     for (int c = 0; c < HT; ++c)
 #pragma unroll
       for (int e = 0; e < 4; ++e) qa[c][e] = tf32(z[c][e] * s);
+    PHASE(3);
     __syncthreads();  // k and v of every row are in shared memory
+    PHASE(4);
 
     // logits L = s q k^T, the warp's 16 rows
     float L[NT][4];
@@ -139,6 +152,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
         tmma(L[jt], qa[c][0], qa[c][2], qa[c][1], qa[c][3], kb.x, kb.y);
       }
     }
+    PHASE(5);
     // the row chain (attention.py's _rows_forward): smooth shift or key mask, softmax, row mask, A = T S R
     float f0, f1;
     softmax_rows(L, sws, mk, nullptr, f0, f1);
@@ -165,6 +179,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
         aa[jt][e] = tf32(L[jt][e] * f0 * F0), aa[jt][2 + e] = tf32(L[jt][2 + e] * f1 * F1);
       }
 
+    PHASE(6);
     // o = A v, then h = o W_out
     float o[HT][4];
 #pragma unroll
@@ -176,8 +191,10 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
         tmma(o[c], aa[jt][0], aa[jt][2], aa[jt][1], aa[jt][3], vb.x, vb.y);
       }
     }
+    PHASE(7);
     float hh[KE][4];
     prod_acc<HT, KE>(o, wout, hh);
+    PHASE(8);
     // LayerNorm(h + b_out + x) per row (attention.py's _layer_forward)
     float m0 = 0.f, m1 = 0.f;
 #pragma unroll
@@ -211,13 +228,20 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
           const float xh0 = hh[nt][e] * r0, xh1 = hh[nt][2 + e] * r1;
           if (in0) out[(base + i0) * E + col] = xh0 * gamma[col] + beta[col];
           if (in1) out[(base + i1) * E + col] = xh1 * gamma[col] + beta[col];
-          if (y && in0) xhat[(base + i0) * E + col] = xh0;
-          if (y && in1) xhat[(base + i1) * E + col] = xh1;
+#if KEEP
+          if (in0) xhat[(base + i0) * E + col] = xh0;
+          if (in1) xhat[(base + i1) * E + col] = xh1;
+#endif
         }
       }
-    if (y && t == 0 && in0) rstd[base + i0] = r0;
-    if (y && t == 0 && in1) rstd[base + i1] = r1;
+#if KEEP
+    if (t == 0 && in0) rstd[base + i0] = r0;
+    if (t == 0 && in1) rstd[base + i1] = r1;
+#endif
+    PHASE(9);
   }
 }
 
+#if KEEP
 #include "attn_layer_bwd.cuh"
+#endif

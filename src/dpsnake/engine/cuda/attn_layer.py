@@ -140,14 +140,15 @@ class LayerWeights:
         return cls(*arrs, eps=float(layer.eps), E=int(E), H=int(H))
 
 
-def defines(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, nnei: int) -> dict:
-    """Compile-time constants of attn_layer.cu for n slots of a model with ``nnei``."""
+def defines(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, nnei: int, keep: bool = True) -> dict:
+    """Compile-time constants of attn_layer.cu for n slots of a model with ``nnei``; ``keep``: a force call's
+    forward (it keeps the backward's inputs) and the backward, else the forward alone."""
     N = padded_slots(n)
     npad = (int(nnei) - N) if smooth else 0
     if npad < 0:
         raise ValueError(f"attn_layer: {N} padded slots exceed the model's nnei {nnei}")
     minb = 2 if _smem_max(N, H) <= SMEM_TWO else 1
-    return {"N": N, "E": int(E), "H": int(H), "SMOOTH": int(smooth), "DOTR": int(dotr),
+    return {"KEEP": int(keep), "N": N, "E": int(E), "H": int(H), "SMOOTH": int(smooth), "DOTR": int(dotr),
             "NORMALIZE": int(normalize), "NPAD": npad, "MINB": minb}  # fmt: skip
 
 
@@ -162,7 +163,8 @@ def scratch_floats(N: int) -> int:
 
 
 def _module(defs: tuple):
-    """({kernel: RawKernel}, blocks of a grid) for these constants on the current device, compiled once."""
+    """({kernel: RawKernel}, blocks of a grid, the RawModule) for these constants on the current device, compiled
+    once."""
     import cupy
 
     return _device_module(defs, cupy.cuda.runtime.getDevice())
@@ -174,14 +176,16 @@ def _device_module(defs: tuple, device: int):
 
     d = dict(defs)
     mod = cupy.RawModule(code=cuda.load("attn_layer.cu"), options=cuda.options(**d))
-    fns = {k: mod.get_function(k) for k in ("attn_layer_fwd", "attn_layer_bwd")}
+    fns = {"attn_layer_fwd": mod.get_function("attn_layer_fwd")}
     fns["attn_layer_fwd"].max_dynamic_shared_size_bytes = smem_bytes(d["N"], d["H"])
-    fns["attn_layer_bwd"].max_dynamic_shared_size_bytes = smem_bytes(d["N"], d["H"], True)
-    return fns, d["MINB"] * cupy.cuda.Device().attributes["MultiProcessorCount"]
+    if d["KEEP"]:
+        fns["attn_layer_bwd"] = mod.get_function("attn_layer_bwd")
+        fns["attn_layer_bwd"].max_dynamic_shared_size_bytes = smem_bytes(d["N"], d["H"], True)
+    return fns, d["MINB"] * cupy.cuda.Device().attributes["MultiProcessorCount"], mod
 
 
 def build(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, nnei: int) -> dict:
-    """The kernels for these constants, compiled on first use (raises what NVRTC raises)."""
+    """A force call's kernels for these constants, compiled on first use (raises what NVRTC raises)."""
     return _module(tuple(defines(n, E, H, smooth, dotr, normalize, nnei).items()))[0]
 
 
@@ -195,17 +199,17 @@ def _check(lw: LayerWeights, x, sw, r, mask, *more) -> None:
 
 
 def forward(lw: LayerWeights, x, sw, r, mask, scale: float, smooth: bool, dotr: bool, normalize: bool, nnei: int,
-            keep: bool = False):  # fmt: skip
+            keep: bool = False, extra: tuple = ()):  # fmt: skip
     """One layer's output (B, n, E) from its input x (B, n, E); sw (B, n), r (B, n, 3), mask (B, n) bool,
     all C-contiguous, FP32 (attention.py's ``_Rows`` holds them so). ``scale``: the query scale. With
     ``keep``: (out, cache), the cache what :func:`backward` reads: y (3, B, n, H) the normalized q, k, v,
-    inv (3, B, n), xhat (B, n, E), rstd (B, n)."""
+    inv (3, B, n), xhat (B, n, E), rstd (B, n). ``extra``: more (NAME, value) constants (profiling: PHASES)."""
     import cupy
 
     B, n, E = x.shape
     _check(lw, x, sw, r, mask)
-    defs = defines(n, E, lw.H, smooth, dotr, normalize, nnei)
-    fns, cap = _module(tuple(defs.items()))
+    defs = defines(n, E, lw.H, smooth, dotr, normalize, nnei, keep)
+    fns, cap, _ = _module(tuple(defs.items()) + tuple(extra))
     out = cupy.empty_like(x)
     cache = None
     if keep:
@@ -222,7 +226,7 @@ def forward(lw: LayerWeights, x, sw, r, mask, scale: float, smooth: bool, dotr: 
 
 
 def backward(lw: LayerWeights, cache, dout, sw, r, mask, scale: float, smooth: bool, dotr: bool, normalize: bool,
-             nnei: int, dsw, dr):  # fmt: skip
+             nnei: int, dsw, dr, extra: tuple = ()):  # fmt: skip
     """dLoss/dx (B, n, E) of one layer from dout = dLoss/d out (B, n, E) and :func:`forward`'s ``cache``; adds
     the layer's terms of dLoss/d sw to ``dsw`` (B, n) (if smooth) and of dLoss/d r to ``dr`` (B, n, 3) (if
     dotr). Inputs as :func:`forward`'s, all C-contiguous FP32."""
@@ -231,7 +235,7 @@ def backward(lw: LayerWeights, cache, dout, sw, r, mask, scale: float, smooth: b
     B, n, E = dout.shape
     _check(lw, dout, sw, r, mask, dsw, dr, *cache)
     defs = defines(n, E, lw.H, smooth, dotr, normalize, nnei)
-    fns, cap = _module(tuple(defs.items()))
+    fns, cap, _ = _module(tuple(defs.items()) + tuple(extra))
     dx = cupy.empty_like(dout)
     if B:
         grid = int(min(B, cap))

@@ -95,6 +95,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
   float* As = scratch + (long long)blockIdx.x * (3 * N * N);  // (N, N)
   float* dLs = As + N * N;                                     // (N, N)
   float* Ls = dLs + N * N;  // (N, N): each lane reads back only what it wrote
+  PHASE_START;
   for (long long b = blockIdx.x; b < B; b += gridDim.x) {
     const long long base = b * n;
     const float *yq = y + base * H, *yk = y + (P + base) * H, *yv = y + (2 * P + base) * H;
@@ -109,6 +110,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     stage_rows(yk, ks, n);
     stage_rows(yv, vs, n);
     __syncthreads();
+    PHASE(0);
     float* dxb = dx + base * E;
 
     // LayerNorm backward: dh = rstd (g - mean(g) - xhat mean(g xhat)), g = dout gamma; dx = dh
@@ -144,6 +146,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
           }
         }
     }
+    PHASE(1);
     // do = dh W_out^T (rows past n: 0), then dA = do v^T; do replaces v in shared memory
     float dA[NT][4];
     {
@@ -169,6 +172,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       }
     }
 
+    PHASE(2);
     // the logits again (as the forward: the same TF32 operands and order), kept as L + SHIFT for d sw
     float T[NT][4];
 #pragma unroll
@@ -184,6 +188,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
         tmma(T[jt], a0, a1, a2, a3, kb.x, kb.y);
       }
     }
+    PHASE(3);
     // the row chain forward, as attn_layer_fwd: T = softmax(L') m_i
     {
       float f0, f1;
@@ -194,6 +199,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
 #if SMOOTH
     const float sw0 = sws[i0], sw1 = sws[i1];
 #endif
+    PHASE(4);
 
     // the row chain backward (attention.py's _rows_backward): A = T F to the scratch; dT = dA F; dR = dA T S;
     // dL' = T (dT - sum_j dT T); dS = dA T R + (L + SHIFT) dL'; dL = dL' S. d sw += (dS + dS^T) sw and
@@ -234,6 +240,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
         u0 += dA[jt][e] * F0 * T[jt][e], u1 += dA[jt][2 + e] * F1 * T[jt][2 + e];
       }
     u0 = row_sum(u0), u1 = row_sum(u1);
+    PHASE(5);
 #if DOTR
 #pragma unroll
     for (int d = 0; d < 3; ++d) {
@@ -277,6 +284,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     if (t == 0) atomicAdd(gsw + i0, ds0), atomicAdd(gsw + i1, ds1);
 #endif
 
+    PHASE(6);
     // dq = s dL k (the warp's rows), through the normalisation, into dx
     {
       float dq[HT][4];
@@ -294,15 +302,18 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       norm_bwd(dq, yq, in0 ? inv[base + i0] : 0.f, in1 ? inv[base + i1] : 0.f, i0, i1, in0, in1);
       dx_add(dq, wqkvT, dxb, i0, i1, in0, in1);
     }
+    PHASE(7);
     __syncthreads();  // every warp is done with k; do, A and dL of every row are written
     stage_rows(yq, ks, n);
     __syncthreads();
+    PHASE(8);
     {
       float dv[HT][4];
       prod_mty(As, vs, dv);  // dv = A^T do
       norm_bwd(dv, yv, in0 ? inv[2 * P + base + i0] : 0.f, in1 ? inv[2 * P + base + i1] : 0.f, i0, i1, in0, in1);
       dx_add(dv, wqkvT + 2 * HT * KE * 32, dxb, i0, i1, in0, in1);
     }
+    PHASE(9);
     {
       float dk[HT][4];
       prod_mty(dLs, ks, dk);  // dk = s dL^T y_q
@@ -311,6 +322,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       norm_bwd(dk, yk, in0 ? inv[P + base + i0] : 0.f, in1 ? inv[P + base + i1] : 0.f, i0, i1, in0, in1);
       dx_add(dk, wqkvT + HT * KE * 32, dxb, i0, i1, in0, in1);
     }
+    PHASE(10);
     __syncthreads();  // every warp's d sw, d r terms are in shared memory
     for (int j = threadIdx.x; j < n; j += 32 * NW) {
 #if SMOOTH
@@ -320,5 +332,6 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       for (int d = 0; d < 3; ++d) dr[(base + j) * 3 + d] += gr[3 * j + d];
 #endif
     }
+    PHASE(11);
   }
 }

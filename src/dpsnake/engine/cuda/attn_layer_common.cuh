@@ -11,6 +11,24 @@
 #define LOWEST (-3.402823466e38f)
 #define FULL 0xffffffffu
 
+// PHASES (profiling only, bench/profiling/attn_layer_phases.py): each warp adds the clock cycles since its last
+// mark to ph_buf[block][k] at PHASE(k); without PHASES the marks are nothing.
+#ifdef PHASES
+#define PH_SLOTS 16
+__device__ unsigned long long ph_buf[PH_BLOCKS * PH_SLOTS];
+#define PHASE_START long long ph_t = clock64()
+#define PHASE(k)                                                                                   \
+  do {                                                                                             \
+    const long long ph_n = clock64();                                                              \
+    if ((threadIdx.x & 31) == 0 && blockIdx.x < PH_BLOCKS)                                         \
+      atomicAdd(ph_buf + blockIdx.x * PH_SLOTS + (k), (unsigned long long)(ph_n - ph_t));          \
+    ph_t = ph_n;                                                                                   \
+  } while (0)
+#else
+#define PHASE_START
+#define PHASE(k)
+#endif
+
 #ifndef TMMA
 __device__ __forceinline__ unsigned tf32(float x) {
   unsigned r;
