@@ -44,6 +44,9 @@ static void tmma(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned 
   WBAR[w]->arrive_and_wait();
   for (unsigned e = 0; e < 4; ++e) c[e] += (float)s[e];
 }
+static void cp_async16(void* d, const void* s) { std::memcpy(d, s, 16); }
+static void cp_async_commit() {}
+static void cp_async_wait_all() {}
 #define DYN_SMEM(name) static float name[N * (H + 8) + H * (N + 8) + 5 * N + 2 * N * (H + 8)]
 """
 
@@ -77,9 +80,9 @@ class _Emu:
     """attn_layer.py's forward / backward with the kernels run by g++ (threaded warps), on NumPy FP32 arrays;
     ``keep``: a force call's kernels (the forward keeps the backward's inputs), else the forward alone."""
 
-    def __init__(self, tmp_path, p, n, E, H, keep=True):
+    def __init__(self, tmp_path, p, n, E, H, keep=True, wring=1):
         self.p = p
-        self.defs = attn_layer.defines(n, E, H, p.smooth, p.dotr, p.normalize, p.nnei, keep)
+        self.defs = attn_layer.defines(n, E, H, p.smooth, p.dotr, p.normalize, p.nnei, keep) | {"WRING": wring}
         tag = "_".join(str(v) for v in self.defs.values())
         src = THREADED_CUDA_STUB + EMU + attn_layer.source(**self.defs) + LAUNCH
         self.lib = build_cpp(tmp_path, f"layer_{tag}", src)
@@ -150,20 +153,23 @@ def test_layer_kernel_equals_array_code(tmp_path, monkeypatch, dotr, normalize, 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
 @pytest.mark.parametrize(
-    "dotr,normalize,smooth,ns,nobias",
-    [(True, True, True, 27, False), (False, True, True, 32, True), (True, False, False, 27, False),
-     (False, True, False, 19, False), (True, True, False, 48, False)],
+    "dotr,normalize,smooth,ns,nobias,wring,H",
+    [(True, True, True, 27, False, 1, 32), (False, True, True, 32, True, 1, 32),
+     (True, False, False, 27, False, 1, 32), (False, True, False, 19, False, 1, 32),
+     (True, True, False, 48, False, 1, 32), (True, True, True, 40, False, 0, 32), (True, True, True, 33, False, 1, 24)],
 )  # fmt: skip
 def test_layer_kernels_forward_keep_and_backward_equal_array_code(tmp_path, monkeypatch, dotr, normalize, smooth, ns,
-                                                                  nobias):  # fmt: skip
+                                                                  nobias, wring, H):  # fmt: skip
     """Two layers forward (keeping what backward reads) and backward with the kernels, chained per layer as the
     engine would, = attention_forward / attention_backward's array code in FP64: the output, df/dG, df/d r,
-    df/d sw (each layer's d sw, d r terms added by its backward; the grid smaller than the centres)."""
+    df/d sw (each layer's d sw, d r terms added by its backward; the grid smaller than the centres). WRING 0: the
+    weights read by each warp from device memory instead of the block's ring in shared memory. H 24: an odd
+    number of H's tiles (the backward's do in halves of 2 and 1)."""
     import test_engine_attention as ta
 
     monkeypatch.setattr(ta, "NNEI", 48)
     monkeypatch.setattr(ta, "E", 20)
-    monkeypatch.setattr(ta, "H", 32)
+    monkeypatch.setattr(ta, "H", H)
     _, data = ta.reference(2, dotr, normalize, smooth, {"nobias": nobias} if nobias else {})
     p = att.AttentionLayers.from_serialized(data).to(np, np.dtype("float64"))
     G, mask, r, sw = (np.ascontiguousarray(a[:, :ns]) for a in ta.inputs(nb=4))
@@ -171,7 +177,7 @@ def test_layer_kernels_forward_keep_and_backward_equal_array_code(tmp_path, monk
     dG_out = np.random.default_rng(5).standard_normal(want.shape)
     want_dG, want_dr, want_dsw = att.attention_backward(p, cache, dG_out)
     B, n, E = G.shape
-    emu = _Emu(tmp_path, p, n, E, p.hidden_dim)
+    emu = _Emu(tmp_path, p, n, E, p.hidden_dim, wring=wring)
     lws = [attn_layer.LayerWeights.of(layer, np, round_tf32=False) for layer in p.layers]
     x, caches = G.astype(np.float32), []
     for lw in lws:

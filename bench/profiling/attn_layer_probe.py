@@ -14,6 +14,7 @@ median CUDA-event times per call over the chunk, in us per centre (= per atom) a
   fused fwd        -- attn_layer.forward, layer after layer, nothing kept
   fused fwd keep   -- the same keeping what attn_layer.backward reads (q, k, v, norms, LayerNorm's xhat)
   fused bwd        -- attn_layer.backward, layer after layer
+  ... noring       -- the fused kernels with WRING 0: each warp streams the weights from L2 itself (session 31's)
 Errors: max |out - out_FP64| / max |out_FP64| (forward) and the same of df/dG, df/dr, df/dsw (backward) of the
 fused kernels and the engine's cuBLAS TF32 path; the FP64 reference is the engine's FP64 path. Kernel
 resources (registers, local memory = spills) from CuPy.
@@ -127,29 +128,30 @@ def main(argv=None) -> int:
 
     flags = (p.scaling, True, True, True, p.nnei)
 
-    def fused(keep=False):
+    def fused(keep=False, extra=()):
         x, caches = G32, []
         for lw in lws:
-            x = attn_layer.forward(lw, x, sw2, r32, mask_c, *flags, keep=keep)
+            x = attn_layer.forward(lw, x, sw2, r32, mask_c, *flags, keep=keep, extra=extra)
             if keep:
                 x, c = x
                 caches.append(c)
         return (x, caches) if keep else x
 
     out_fused, fcaches = fused(True)
+    noring = (("WRING", 0),)
 
-    def fused_bwd():
+    def fused_bwd(extra=()):
         dsw, dr = cp.zeros((B, n), dtype=cp.float32), cp.zeros((B, n, 3), dtype=cp.float32)
         dx = dG
         for lw, c in zip(reversed(lws), reversed(fcaches)):
-            dx = attn_layer.backward(lw, c, dx, sw2, r32, mask_c, *flags, dsw, dr)
+            dx = attn_layer.backward(lw, c, dx, sw2, r32, mask_c, *flags, dsw, dr, extra=extra)
         return dx, dr, dsw[..., None]
 
     def rel(a, b):
         return float(cp.abs(a - b).max()) / float(cp.abs(b).max())
 
-    err = {"fused": rel(out_fused, ref), "engine_tf32": rel(out_tf32, ref)}
-    for label, got in (("fused", fused_bwd()), ("engine_tf32", engine_bwd())):
+    err = {"fused": rel(out_fused, ref), "engine_tf32": rel(out_tf32, ref), "noring": rel(fused(extra=noring), ref)}
+    for label, got in (("fused", fused_bwd()), ("engine_tf32", engine_bwd()), ("noring", fused_bwd(noring))):
         for name, g, w in zip(("dG", "dr", "dsw"), got, ref_b):
             err[f"{label}_{name}"] = rel(g, w)
     t = {
@@ -159,6 +161,9 @@ def main(argv=None) -> int:
         "fused_fwd": _time(cp, fused, args.reps),
         "fused_fwd_keep": _time(cp, lambda: fused(True), args.reps),
         "fused_bwd": _time(cp, fused_bwd, args.reps),
+        "noring_fwd": _time(cp, lambda: fused(extra=noring), args.reps),
+        "noring_fwd_keep": _time(cp, lambda: fused(True, noring), args.reps),
+        "noring_bwd": _time(cp, lambda: fused_bwd(noring), args.reps),
     }
     us = {k: v / B / nl * 1e6 for k, v in t.items()}  # per centre and layer
     flop = 2 * (n * E * 3 * H + 2 * n * n * H + n * H * E)  # per centre and layer, forward

@@ -4,7 +4,8 @@ what decides their occupancy (docs/benchmarks.md, "Whole-layer TF32 kernels"). P
     pip install nvidia-cuda-nvcc-cu12     # ptxas (once; nvidia-cuda-nvrtc-cu12 comes with the tests' extras)
     python3 bench/profiling/ptxas_stats.py [--n 88] [--e 100] [--h 128] [--nnei 120] [--arch sm_90] [--out F.json]
 
-Kernels: cuda/attn_layer (mixed + TF32, each flag set of smooth / dotr / normalize) and cuda/attn_core (FP64)
+Kernels: cuda/attn_layer (mixed + TF32, each flag set of smooth / dotr / normalize; the forward alone (KEEP 0) and
+the kernels without their W ring (WRING 0) with all three flags) and cuda/attn_core (FP64)
 at the given shape (default: the se_atten_v2 benchmark's, 88 slots of 120, embedding 100, attention 128).
 """
 
@@ -32,14 +33,18 @@ def main(argv=None) -> int:
         defs = attn_layer.defines(args.n, args.e, args.h, smooth, dotr, normalize, args.nnei)
         for k, v in ptxas_stats(attn_layer.source(**defs), args.arch).items():
             rows.append({"kernel": k, "flags": f"smooth {smooth} dotr {dotr} normalize {normalize}", **v})
+    for extra, label in (({"KEEP": 0}, "forward alone"), ({"WRING": 0}, "no W ring")):
+        defs = attn_layer.defines(args.n, args.e, args.h, 1, 1, 1, args.nnei) | extra
+        for k, v in ptxas_stats(attn_layer.source(**defs), args.arch).items():
+            rows.append({"kernel": k, "flags": f"smooth 1 dotr 1 normalize 1, {label}", **v})
     n8 = -(-args.n // 8) * 8
     if attn_core.supported("float64", n8, args.h) is None:
         for k, v in ptxas_stats(attn_core.source(n8, args.h, True, True, args.nnei - n8), args.arch).items():
             rows.append({"kernel": k, "flags": "smooth 1 dotr 1 (FP64)", **v})
     print(f"{args.arch}, n {args.n} (nnei {args.nnei}), E {args.e}, H {args.h}")
-    print(f"{'kernel':16s} {'flags':30s} {'regs':>5s} {'spill st':>9s} {'spill ld':>9s} {'stack':>6s} {'smem':>6s}")
+    print(f"{'kernel':16s} {'flags':46s} {'regs':>5s} {'spill st':>9s} {'spill ld':>9s} {'stack':>6s} {'smem':>6s}")
     for r in rows:
-        print(f"{r['kernel']:16s} {r['flags']:30s} {r['registers']:5d} {r['spill_stores']:9d} {r['spill_loads']:9d} "
+        print(f"{r['kernel']:16s} {r['flags']:46s} {r['registers']:5d} {r['spill_stores']:9d} {r['spill_loads']:9d} "
               f"{r['stack']:6d} {r['smem']:6d}")  # fmt: skip
     if args.out:
         with open(args.out, "w") as fh:

@@ -20,20 +20,16 @@
 #include "attn_layer_common.cuh"
 
 // z (the warp's 16 rows of one of q, k, v) = x W + b, normalized per row if NORMALIZE; rows >= n zeroed.
-// xa: x's A fragments; wp: W in B-fragment order (KE x HT products).
+// xa: x's A fragments; wp: W in B-fragment order (KE x HT products); ring: wprod's.
 __device__ __forceinline__ void project(const unsigned (&xa)[KE][4], const float2* __restrict__ wp,
-                                        const float* __restrict__ bias, bool in0, bool in1, float (&z)[HT][4],
-                                        float& inv0, float& inv1) {
-  const int lane = threadIdx.x & 31, t = lane & 3;
+                                        const float* __restrict__ bias, float2* ring, bool in0, bool in1,
+                                        float (&z)[HT][4], float& inv0, float& inv1) {
+  const int t = threadIdx.x & 3;
 #pragma unroll
   for (int c = 0; c < HT; ++c) z[c][0] = z[c][2] = bias[8 * c + 2 * t], z[c][1] = z[c][3] = bias[8 * c + 2 * t + 1];
-#pragma unroll
-  for (int kk = 0; kk < KE; ++kk)
-#pragma unroll
-    for (int c = 0; c < HT; ++c) {
-      const float2 b = wp[(kk * HT + c) * 32 + lane];
-      tmma(z[c], xa[kk][0], xa[kk][1], xa[kk][2], xa[kk][3], b.x, b.y);
-    }
+  wprod<KE, HT, RSF>(wp, HT * 32, ring, z, [&](int k, unsigned& a0, unsigned& a1, unsigned& a2, unsigned& a3) {
+    a0 = xa[k][0], a1 = xa[k][1], a2 = xa[k][2], a3 = xa[k][3];
+  });
   float s0 = 0.f, s1 = 0.f;
 #if NORMALIZE
 #pragma unroll
@@ -75,6 +71,11 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
                    float* __restrict__ out, float* __restrict__ y, float* __restrict__ inv,
                    float* __restrict__ xhat, float* __restrict__ rstd) {
   DYN_SMEM(smem);
+#if WRING
+  __shared__ __align__(16) float2 ring[2 * RSF];  // W tiles (wprod)
+#else
+  float2* ring = nullptr;
+#endif
   const long long P = B * n;  // rows of one of q, k, v in y
   float* ks = smem;             // (N, LDK): k, TF32-rounded
   float* vt = ks + N * LDK;     // (H, LDV): v^T, TF32-rounded
@@ -106,7 +107,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     }
     PHASE(0);
     float z[HT][4], iv0, iv1;
-    project(xa, wqkv + KE * HT * 32, bqkv + H, in0, in1, z, iv0, iv1);  // k
+    project(xa, wqkv + KE * HT * 32, bqkv + H, ring, in0, in1, z, iv0, iv1);  // k
 #if KEEP
     keep_rows(z, iv0, iv1, y + (P + base) * H, inv + P + base, i0, i1, in0, in1);
 #endif
@@ -117,7 +118,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       ks[i1 * LDK + h] = __uint_as_float(tf32(z[c][2])), ks[i1 * LDK + h + 1] = __uint_as_float(tf32(z[c][3]));
     }
     PHASE(1);
-    project(xa, wqkv + 2 * KE * HT * 32, bqkv + 2 * H, in0, in1, z, iv0, iv1);  // v
+    project(xa, wqkv + 2 * KE * HT * 32, bqkv + 2 * H, ring, in0, in1, z, iv0, iv1);  // v
 #if KEEP
     keep_rows(z, iv0, iv1, y + (2 * P + base) * H, inv + 2 * P + base, i0, i1, in0, in1);
 #endif
@@ -128,7 +129,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       vt[h * LDV + i1] = __uint_as_float(tf32(z[c][2])), vt[(h + 1) * LDV + i1] = __uint_as_float(tf32(z[c][3]));
     }
     PHASE(2);
-    project(xa, wqkv, bqkv, in0, in1, z, iv0, iv1);  // q, scaled below
+    project(xa, wqkv, bqkv, ring, in0, in1, z, iv0, iv1);  // q, scaled below
 #if KEEP
     keep_rows(z, iv0, iv1, y + base * H, inv + base, i0, i1, in0, in1);
 #endif
@@ -193,7 +194,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     }
     PHASE(7);
     float hh[KE][4];
-    prod_acc<HT, KE>(o, wout, hh);
+    prod_acc<HT, KE, RSF>(o, wout, KE * 32, ring, hh);
     PHASE(8);
     // LayerNorm(h + b_out + x) per row (attention.py's _layer_forward)
     float m0 = 0.f, m1 = 0.f;

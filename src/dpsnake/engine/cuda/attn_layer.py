@@ -36,8 +36,8 @@ from dpsnake.engine import cuda
 SMEM_TWO = 113 * 1024  # bytes per block so that two blocks fit an SM (227 KiB on sm_90)
 MAX_SLOTS = 96  # the warps keep (16, n) logits and weights and (16, H) products in registers
 MAX_WIDTH = 128  # H and E: (16, H) and (16, E) accumulator tiles in registers (168 per thread at 128 already spill)
-# with these bounds a block's shared memory is at most 108 KB (_smem_max(96, 128)): two per SM on sm_90, one on
-# any GPU with 99 KB or more per block
+# with these bounds a block's shared memory is at most 116 KB (_smem_max(96, 128, 128)): two per SM on sm_90 up to
+# 113 KB (the bench's shape: 113.0 forward, 111.9 backward), else one, on any GPU with 116 KB or more per block
 
 
 def padded_slots(n: int) -> int:
@@ -51,9 +51,16 @@ def smem_bytes(N: int, H: int, backward: bool = False) -> int:
     return 4 * (2 * N * (H + 8) if backward else N * (H + 8) + H * (N + 8) + 5 * N)
 
 
-def _smem_max(N: int, H: int) -> int:
+def ring_bytes(E: int, H: int, backward: bool = False) -> int:
+    """The W ring's static shared memory (two stages of a k tile of B fragments, wprod in attn_layer_common.cuh):
+    the forward's stage holds max(H, E) / 8 tiles of 256 bytes, the backward's max(E, H / 2) / 8."""
+    KE, HT = -(-E // 8), H // 8
+    return 2 * 256 * (max(KE, (HT + 1) // 2) if backward else max(HT, KE))
+
+
+def _smem_max(N: int, E: int, H: int) -> int:
     """Shared memory of the larger kernel's block, its static arrays included."""
-    return max(smem_bytes(N, H), smem_bytes(N, H, True) + 36 * N)
+    return max(smem_bytes(N, H) + ring_bytes(E, H), smem_bytes(N, H, True) + 36 * N + ring_bytes(E, H, True))
 
 
 def supported(dtype, n: int, H: int, nnei: int | None = None, smooth: bool = False, E: int | None = None) -> str | None:
@@ -147,8 +154,8 @@ def defines(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, n
     npad = (int(nnei) - N) if smooth else 0
     if npad < 0:
         raise ValueError(f"attn_layer: {N} padded slots exceed the model's nnei {nnei}")
-    minb = 2 if _smem_max(N, H) <= SMEM_TWO else 1
-    return {"KEEP": int(keep), "N": N, "E": int(E), "H": int(H), "SMOOTH": int(smooth), "DOTR": int(dotr),
+    minb = 2 if _smem_max(N, E, H) <= SMEM_TWO else 1
+    return {"KEEP": int(keep), "WRING": 1, "N": N, "E": int(E), "H": int(H), "SMOOTH": int(smooth), "DOTR": int(dotr),
             "NORMALIZE": int(normalize), "NPAD": npad, "MINB": minb}  # fmt: skip
 
 
@@ -209,7 +216,8 @@ def forward(lw: LayerWeights, x, sw, r, mask, scale: float, smooth: bool, dotr: 
     B, n, E = x.shape
     _check(lw, x, sw, r, mask)
     defs = defines(n, E, lw.H, smooth, dotr, normalize, nnei, keep)
-    fns, cap, _ = _module(tuple(defs.items()) + tuple(extra))
+    defs.update(extra)
+    fns, cap, _ = _module(tuple(defs.items()))
     out = cupy.empty_like(x)
     cache = None
     if keep:
@@ -235,7 +243,8 @@ def backward(lw: LayerWeights, cache, dout, sw, r, mask, scale: float, smooth: b
     B, n, E = dout.shape
     _check(lw, dout, sw, r, mask, dsw, dr, *cache)
     defs = defines(n, E, lw.H, smooth, dotr, normalize, nnei)
-    fns, cap, _ = _module(tuple(defs.items()) + tuple(extra))
+    defs.update(extra)
+    fns, cap, _ = _module(tuple(defs.items()))
     dx = cupy.empty_like(dout)
     if B:
         grid = int(min(B, cap))

@@ -1,36 +1,39 @@
 // The backward of one whole attention layer per centre (attn_layer.cu has the layout and the forward).
 
-// d (the warp's rows of dL/dy, accumulator layout) -> dL/dz through y = z / |z| (NORMALIZE): (d - y (d . y)) inv;
-// Y: the rows of y (n, H) in device memory
-__device__ __forceinline__ void norm_bwd(float (&d)[HT][4], const float* __restrict__ Y, float inv0, float inv1, int i0,
+// dx (the warp's rows, device memory) += dz W^T with dz = dL/dz from d = dL/dy (the warp's rows, accumulator
+// layout over H) through y = z / |z| (NORMALIZE): dz = (d - y (d . y)) inv, formed per k tile as the product's
+// A operand (permuted) so that y is never held whole (registers); Y: the rows of y (n, H) in device memory, read
+// twice (the row dot, then the tiles); wT: W^T in B-fragment order (HT x KE products, permuted); ring: wprod's.
+__device__ __forceinline__ void dz_to_dx(const float (&d)[HT][4], const float* __restrict__ Y, float inv0, float inv1,
+                                         const float2* __restrict__ wT, float2* ring, float* __restrict__ dxb, int i0,
                                          int i1, bool in0, bool in1) {
-#if NORMALIZE
   const int t = threadIdx.x & 3;
-  float y[HT][4], p0 = 0.f, p1 = 0.f;
+#if NORMALIZE
+  const float2 zero = make_float2(0.f, 0.f);
+  float p0 = 0.f, p1 = 0.f;
 #pragma unroll
   for (int c = 0; c < HT; ++c) {
     const int h = 8 * c + 2 * t;
-    const float2 a = in0 ? *reinterpret_cast<const float2*>(Y + i0 * H + h) : make_float2(0.f, 0.f);
-    const float2 b = in1 ? *reinterpret_cast<const float2*>(Y + i1 * H + h) : make_float2(0.f, 0.f);
-    y[c][0] = a.x, y[c][1] = a.y, y[c][2] = b.x, y[c][3] = b.y;
+    const float2 a = in0 ? *reinterpret_cast<const float2*>(Y + i0 * H + h) : zero;
+    const float2 b = in1 ? *reinterpret_cast<const float2*>(Y + i1 * H + h) : zero;
     p0 += d[c][0] * a.x + d[c][1] * a.y, p1 += d[c][2] * b.x + d[c][3] * b.y;
   }
   p0 = row_sum(p0), p1 = row_sum(p1);
-#pragma unroll
-  for (int c = 0; c < HT; ++c) {
-    d[c][0] = (d[c][0] - y[c][0] * p0) * inv0, d[c][1] = (d[c][1] - y[c][1] * p0) * inv0;
-    d[c][2] = (d[c][2] - y[c][2] * p1) * inv1, d[c][3] = (d[c][3] - y[c][3] * p1) * inv1;
-  }
 #endif
-}
-
-// dx (the warp's rows, device memory) += dz W^T: dz the accumulator layout over H (the A operand, permuted), wT
-// W^T in B-fragment order (HT x KE products)
-__device__ __forceinline__ void dx_add(const float (&dz)[HT][4], const float2* __restrict__ wT, float* __restrict__ dxb,
-                                       int i0, int i1, bool in0, bool in1) {
-  const int t = threadIdx.x & 3;
   float acc[KE][4];
-  prod_acc<HT, KE>(dz, wT, acc);
+#pragma unroll
+  for (int m = 0; m < KE; ++m) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0.f;
+  wprod<HT, KE, RSB>(wT, KE * 32, ring, acc, [&](int c, unsigned& a0, unsigned& a1, unsigned& a2, unsigned& a3) {
+#if NORMALIZE
+    const int h = 8 * c + 2 * t;
+    const float2 a = in0 ? *reinterpret_cast<const float2*>(Y + i0 * H + h) : zero;
+    const float2 b = in1 ? *reinterpret_cast<const float2*>(Y + i1 * H + h) : zero;
+    a0 = tf32((d[c][0] - a.x * p0) * inv0), a1 = tf32((d[c][2] - b.x * p1) * inv1);
+    a2 = tf32((d[c][1] - a.y * p0) * inv0), a3 = tf32((d[c][3] - b.y * p1) * inv1);
+#else
+    a0 = tf32(d[c][0]), a1 = tf32(d[c][2]), a2 = tf32(d[c][1]), a3 = tf32(d[c][3]);
+#endif
+  });
 #pragma unroll
   for (int nt = 0; nt < KE; ++nt)
 #pragma unroll
@@ -88,6 +91,11 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
   float* ks = smem;          // (N, LDK): k, then q
   float* vs = ks + N * LDK;  // (N, LDK): v, then do
   __shared__ float sws[N], rs[3 * N], mk[N], gsw[N], gr[3 * N];
+#if WRING
+  __shared__ __align__(16) float2 ring[2 * RSB];  // W tiles (wprod)
+#else
+  float2* ring = nullptr;
+#endif
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int i0 = 16 * w + g, i1 = i0 + 8;
   const bool in0 = i0 < n, in1 = i1 < n;
@@ -151,7 +159,12 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     float dA[NT][4];
     {
       float o[HT][4];
-      prod_acc<KE, HT>(dh, woutT, o);
+      // in two halves of H's tiles: the ring's stages hold KE tiles (shared memory for two blocks per SM)
+      prod_acc<KE, HTA, RSB>(dh, woutT, HT * 32, ring, *reinterpret_cast<float(*)[HTA][4]>(&o[0]));
+#if HT > HTA
+      prod_acc<KE, HT - HTA, RSB>(dh, woutT + HTA * 32, HT * 32, ring,
+                                  *reinterpret_cast<float(*)[HT - HTA][4]>(&o[HTA]));
+#endif
 #pragma unroll
       for (int jt = 0; jt < NT; ++jt) dA[jt][0] = dA[jt][1] = dA[jt][2] = dA[jt][3] = 0.f;
 #pragma unroll
@@ -205,7 +218,8 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     // dL' = T (dT - sum_j dT T); dS = dA T R + (L + SHIFT) dL'; dL = dL' S. d sw += (dS + dS^T) sw and
     // d r += (dR + dR^T) r: the rows' parts summed over 4 lanes, the columns' over 8 groups, into shared memory.
 #if DOTR
-    const float ri0[3] = {rs[3 * i0], rs[3 * i0 + 1], rs[3 * i0 + 2]}, ri1[3] = {rs[3 * i1], rs[3 * i1 + 1], rs[3 * i1 + 2]};
+    const float ri0[3] = {rs[3 * i0], rs[3 * i0 + 1], rs[3 * i0 + 2]};
+    const float ri1[3] = {rs[3 * i1], rs[3 * i1 + 1], rs[3 * i1 + 2]};
     float dri0[3] = {0.f, 0.f, 0.f}, dri1[3] = {0.f, 0.f, 0.f};
 #endif
     float u0 = 0.f, u1 = 0.f;  // sum_j dT T per row
@@ -299,8 +313,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       }
 #pragma unroll
       for (int c = 0; c < HT; ++c) dq[c][0] *= s, dq[c][1] *= s, dq[c][2] *= s, dq[c][3] *= s;
-      norm_bwd(dq, yq, in0 ? inv[base + i0] : 0.f, in1 ? inv[base + i1] : 0.f, i0, i1, in0, in1);
-      dx_add(dq, wqkvT, dxb, i0, i1, in0, in1);
+      dz_to_dx(dq, yq, in0 ? inv[base + i0] : 0.f, in1 ? inv[base + i1] : 0.f, wqkvT, ring, dxb, i0, i1, in0, in1);
     }
     PHASE(7);
     __syncthreads();  // every warp is done with k; do, A and dL of every row are written
@@ -310,8 +323,8 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     {
       float dv[HT][4];
       prod_mty(As, vs, dv);  // dv = A^T do
-      norm_bwd(dv, yv, in0 ? inv[2 * P + base + i0] : 0.f, in1 ? inv[2 * P + base + i1] : 0.f, i0, i1, in0, in1);
-      dx_add(dv, wqkvT + 2 * HT * KE * 32, dxb, i0, i1, in0, in1);
+      dz_to_dx(dv, yv, in0 ? inv[2 * P + base + i0] : 0.f, in1 ? inv[2 * P + base + i1] : 0.f,
+               wqkvT + 2 * HT * KE * 32, ring, dxb, i0, i1, in0, in1);
     }
     PHASE(9);
     {
@@ -319,8 +332,8 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       prod_mty(dLs, ks, dk);  // dk = s dL^T y_q
 #pragma unroll
       for (int c = 0; c < HT; ++c) dk[c][0] *= s, dk[c][1] *= s, dk[c][2] *= s, dk[c][3] *= s;
-      norm_bwd(dk, yk, in0 ? inv[P + base + i0] : 0.f, in1 ? inv[P + base + i1] : 0.f, i0, i1, in0, in1);
-      dx_add(dk, wqkvT + HT * KE * 32, dxb, i0, i1, in0, in1);
+      dz_to_dx(dk, yk, in0 ? inv[P + base + i0] : 0.f, in1 ? inv[P + base + i1] : 0.f, wqkvT + HT * KE * 32, ring,
+               dxb, i0, i1, in0, in1);
     }
     PHASE(10);
     __syncthreads();  // every warp's d sw, d r terms are in shared memory

@@ -7,6 +7,10 @@
 #define NT (N / 8)
 #define LDK (H + 8)  // row stride of k in shared memory: a half-warp's float2 loads in 32 banks when H % 32 == 0
 #define LDV (N + 8)  // row stride of v^T, the same when N % 32 == 0 (N = 96: yes; 48, 80: 2-way conflicts)
+#define HTA ((HT + 1) / 2)  // the backward's do = dh W_out^T runs in two halves of H's tiles (a smaller W ring)
+#define MAX2(a, b) ((a) > (b) ? (a) : (b))
+#define RSF (MAX2(HT, KE) * 32)   // float2 per stage of the forward's W ring (wprod)
+#define RSB (MAX2(KE, HTA) * 32)  // the backward's
 #define SHIFT 20.0f
 #define LOWEST (-3.402823466e38f)
 #define FULL 0xffffffffu
@@ -43,6 +47,16 @@ __device__ __forceinline__ void tmma(float (&c)[4], unsigned a0, unsigned a1, un
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(__float_as_uint(b0)), "r"(__float_as_uint(b1)));
 }
+#endif
+#ifndef TMMA
+// cp.async: 16 bytes global -> shared, bypassing L1 (the W tiles are read once per block from L2)
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  unsigned d;
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }\n" : "=r"(d) : "l"(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 #endif
 #ifndef DYN_SMEM
 #define DYN_SMEM(name) extern __shared__ float name[]
@@ -111,20 +125,59 @@ __device__ __forceinline__ void softmax_rows(float (&L)[NT][4], const float* sws
   f0 = mk[i0] / fmaxf(d0, 1.f), f1 = mk[i1] / fmaxf(d1, 1.f);
 }
 
-// acc (the warp's 16 x 8 M8 tile row) = a w: a (16 x 8 K8) in the accumulator layout, read as the A operand with
-// its columns permuted (attn_layer.cu's header), w in B-fragment order (K8 x M8 products, pack_b(permuted=True))
-template <int K8, int M8>
-__device__ __forceinline__ void prod_acc(const float (&a)[K8][4], const float2* __restrict__ w, float (&acc)[M8][4]) {
-  const int lane = threadIdx.x & 31;
+// The block's threads copy M8 x 32 float2 (one k tile of B fragments) from src to dst (cp.async, one group).
+template <int M8>
+__device__ __forceinline__ void ring_load(float2* dst, const float2* __restrict__ src) {
 #pragma unroll
-  for (int m = 0; m < M8; ++m) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0.f;
+  for (int r = 0; r < (M8 * 16 + 32 * NW - 1) / (32 * NW); ++r) {
+    const int i = threadIdx.x + r * 32 * NW;  // 16-byte chunks
+    if (i < M8 * 16) cp_async16(dst + 2 * i, src + 2 * i);
+  }
+  cp_async_commit();
+}
+
+// acc (the warp's 16 x 8 M8 tile row) += A W over K8 k tiles: W in B-fragment order, its tile k (M8 x 32 float2) at
+// w + k * kstride; A's fragments of tile k from a(k, a0, a1, a2, a3). With WRING the block copies W's tiles into
+// ``ring`` (two stages of RS float2 in shared memory; the next tile while this one is used), so the block reads W
+// from L2 once, not once per warp (each warp's own stream of W fragments was what bound these kernels: per centre
+// and layer the six warps pulled 1.3 MB of weights from L2). Every thread of the block calls it (barriers).
+template <int K8, int M8, int RS, class AF>
+__device__ __forceinline__ void wprod(const float2* __restrict__ w, int kstride, float2* ring, float (&acc)[M8][4],
+                                      AF a) {
+  const int lane = threadIdx.x & 31;
+#if WRING
+  __syncthreads();  // every warp is done with the ring's previous product
+  ring_load<M8>(ring, w);
+#endif
 #pragma unroll
   for (int k = 0; k < K8; ++k) {
-    const unsigned a0 = tf32(a[k][0]), a1 = tf32(a[k][2]), a2 = tf32(a[k][1]), a3 = tf32(a[k][3]);
+#if WRING
+    cp_async_wait_all();
+    __syncthreads();  // tile k is in; every warp is done with tile k - 1, whose stage the next load overwrites
+    if (k + 1 < K8) ring_load<M8>(ring + ((k + 1) & 1) * RS, w + (k + 1) * kstride);
+    const float2* wk = ring + (k & 1) * RS;
+#else
+    const float2* wk = w + k * kstride;
+#endif
+    unsigned a0, a1, a2, a3;
+    a(k, a0, a1, a2, a3);
 #pragma unroll
     for (int m = 0; m < M8; ++m) {
-      const float2 wb = w[(k * M8 + m) * 32 + lane];
+      const float2 wb = wk[m * 32 + lane];
       tmma(acc[m], a0, a1, a2, a3, wb.x, wb.y);
     }
   }
+}
+
+// acc (the warp's 16 x 8 M8 tile row) = a w: a (16 x 8 K8) in the accumulator layout, read as the A operand with
+// its columns permuted (attn_layer.cu's header), w in B-fragment order (K8 x M8 products, pack_b(permuted=True));
+// kstride: float2 between w's k tiles (M8 x 32 unless acc is a slice of a wider product's m tiles)
+template <int K8, int M8, int RS>
+__device__ __forceinline__ void prod_acc(const float (&a)[K8][4], const float2* __restrict__ w, int kstride,
+                                         float2* ring, float (&acc)[M8][4]) {
+#pragma unroll
+  for (int m = 0; m < M8; ++m) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0.f;
+  wprod<K8, M8, RS>(w, kstride, ring, acc, [&](int k, unsigned& a0, unsigned& a1, unsigned& a2, unsigned& a3) {
+    a0 = tf32(a[k][0]), a1 = tf32(a[k][2]), a2 = tf32(a[k][1]), a3 = tf32(a[k][3]);
+  });
 }

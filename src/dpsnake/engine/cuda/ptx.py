@@ -20,13 +20,14 @@ def _nvrtc():
     return ctypes.CDLL(str(pathlib.Path(list(pkg.__path__)[0]) / "lib" / "libnvrtc.so.12"))
 
 
-def nvrtc_ptx(src: str, arch: str = "compute_90") -> str:
-    """PTX of ``src`` (C++14, as CuPy's RawModule compiles it); raises with NVRTC's log on a compile error."""
+def nvrtc_ptx(src: str, arch: str = "compute_90", options: tuple = ()) -> str:
+    """PTX of ``src`` (C++14, as CuPy's RawModule compiles it; ``options``: more NVRTC options, e.g.
+    ``-lineinfo``); raises with NVRTC's log on a compile error."""
     lib = _nvrtc()
     prog = ctypes.c_void_p()
     if lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"k.cu", 0, None, None) != 0:
         raise RuntimeError("nvrtcCreateProgram failed")
-    opts = [f"--gpu-architecture={arch}".encode(), b"-std=c++14"]
+    opts = [f"--gpu-architecture={arch}".encode(), b"-std=c++14", *(o.encode() for o in options)]
     rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
     n = ctypes.c_size_t()
     lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
