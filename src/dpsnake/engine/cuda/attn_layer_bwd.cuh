@@ -1,31 +1,18 @@
 // The backward of one whole attention layer per centre (attn_layer.cu has the layout and the forward).
 
-// dx (the warp's rows, device memory) += dz W^T with dz = dL/dz from d = dL/dy (the warp's rows, accumulator
-// layout over H) through y = z / |z| (NORMALIZE): dz = (d - y (d . y)) inv, formed per k tile as the product's
-// A operand (permuted) so that y is never held whole (registers); Y: the rows of y (n, H) in device memory, read
-// twice (the row dot, then the tiles); wT: W^T in B-fragment order (HT x KE products, permuted); ring: wprod's.
-__device__ __forceinline__ void dz_to_dx(const float (&d)[HT][4], const float* __restrict__ Y, float inv0, float inv1,
-                                         const float2* __restrict__ wT, float2* ring, float* __restrict__ dxb, int i0,
-                                         int i1, bool in0, bool in1) {
+// acc (the warp's rows of dx, 16 x E) += dz W^T with dz = dL/dz from d = dL/dy (the warp's rows, accumulator
+// layout over H) through y = z / |z| (NORMALIZE): dz = (d - y p) inv with p = d . y per row (p0, p1: the caller's,
+// from the (n, n) matrices, see the row chain backward), formed per k tile as the product's A operand (permuted):
+// y is read once, never held whole (registers). Y: the rows of y (n, H) in device memory; wT: W^T in B-fragment
+// order (HT x KE products, permuted); ring: wprod's.
+__device__ __forceinline__ void dz_acc(const float (&d)[HT][4], const float* __restrict__ Y, float inv0, float inv1,
+                                       float p0, float p1, const float2* __restrict__ wT, float2* ring,
+                                       float (&acc)[KE][4], int i0, int i1, bool in0, bool in1) {
   const int t = threadIdx.x & 3;
-#if NORMALIZE
-  const float2 zero = make_float2(0.f, 0.f);
-  float p0 = 0.f, p1 = 0.f;
-#pragma unroll
-  for (int c = 0; c < HT; ++c) {
-    const int h = 8 * c + 2 * t;
-    const float2 a = in0 ? *reinterpret_cast<const float2*>(Y + i0 * H + h) : zero;
-    const float2 b = in1 ? *reinterpret_cast<const float2*>(Y + i1 * H + h) : zero;
-    p0 += d[c][0] * a.x + d[c][1] * a.y, p1 += d[c][2] * b.x + d[c][3] * b.y;
-  }
-  p0 = row_sum(p0), p1 = row_sum(p1);
-#endif
-  float acc[KE][4];
-#pragma unroll
-  for (int m = 0; m < KE; ++m) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0.f;
   wprod<HT, KE, RSB>(wT, KE * 32, ring, acc, [&](int c, unsigned& a0, unsigned& a1, unsigned& a2, unsigned& a3) {
 #if NORMALIZE
     const int h = 8 * c + 2 * t;
+    const float2 zero = make_float2(0.f, 0.f);
     const float2 a = in0 ? *reinterpret_cast<const float2*>(Y + i0 * H + h) : zero;
     const float2 b = in1 ? *reinterpret_cast<const float2*>(Y + i1 * H + h) : zero;
     a0 = tf32((d[c][0] - a.x * p0) * inv0), a1 = tf32((d[c][2] - b.x * p1) * inv1);
@@ -34,14 +21,6 @@ __device__ __forceinline__ void dz_to_dx(const float (&d)[HT][4], const float* _
     a0 = tf32(d[c][0]), a1 = tf32(d[c][2]), a2 = tf32(d[c][1]), a3 = tf32(d[c][3]);
 #endif
   });
-#pragma unroll
-  for (int nt = 0; nt < KE; ++nt)
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int col = 8 * nt + 2 * t + e;
-      if (col < E && in0) dxb[i0 * E + col] += acc[nt][e];
-      if (col < E && in1) dxb[i1 * E + col] += acc[nt][2 + e];
-    }
 }
 
 // acc (the warp's rows j, 16 x H) = M^T Y: M (N, N) row-major in device memory (this block's scratch), Y (N, LDK)
@@ -75,11 +54,13 @@ __device__ __forceinline__ void stage_rows(const float* __restrict__ Y, float* Y
 // From dout = dLoss/d out (B, n, E) and what the forward kept (y, inv, xhat, rstd): dx (B, n, E) = dLoss/dx
 // (written), and the layer's terms of dLoss/d sw (B, n) (SMOOTH) and dLoss/d r (B, n, 3) (DOTR) added. woutT (KE,
 // HT, 32) and wqkvT (3, HT, KE, 32) float2: W_out^T and W_q^T, W_k^T, W_v^T in B-fragment order (permuted).
-// Shared memory: two (N, LDK) arrays, k and v, then k and do, then q and do. scratch: 3 N N floats per block
-// (A = T F; dL; L + SHIFT), device memory read back within the block (L2).
+// Shared memory: two (N, LDK) arrays, k and v, then k and do, then q and do; the W ring. scratch: 3 N N floats per
+// block (A = T F; dL; L + SHIFT), device memory read back within the block (L2).
 // Steps: LayerNorm backward -> dh (dx = dh, the residual); do = dh W_out^T; dA = do v^T; L and T again (as the
-// forward); the row chain backward -> dL, d sw, d r; dq = s dL k; dv = A^T do; dk = s dL^T y_q; each through the
-// q/k/v normalisation and added to dx through in_proj.
+// forward); the row chain backward -> dL, d sw, d r, and the rows' dots the q/k/v normalisation's backward needs
+// (d . y of dq, dk, dv, from the (n, n) matrices in registers: dq . q = sum_j dL L, dk . k = sum_i dL L,
+// dv . v = sum_i A dA, as L = s q k^T and dA = do v^T); dq = s dL k; dv = A^T do; dk = s dL^T y_q; each through
+// the normalisation and in_proj into one accumulator, added to dx once.
 extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     attn_layer_bwd(const float* __restrict__ dout, const float* __restrict__ xhat, const float* __restrict__ rstd,
                    const float* __restrict__ gamma, const float* __restrict__ y, const float* __restrict__ inv,
@@ -90,7 +71,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
   DYN_SMEM(smem);
   float* ks = smem;          // (N, LDK): k, then q
   float* vs = ks + N * LDK;  // (N, LDK): v, then do
-  __shared__ float sws[N], rs[3 * N], mk[N], gsw[N], gr[3 * N];
+  __shared__ float sws[N], rs[3 * N], mk[N], gsw[N], gr[3 * N], pv[N], pk[N];
 #if WRING
   __shared__ __align__(16) float2 ring[2 * RSB];  // W tiles (wprod)
 #else
@@ -112,7 +93,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       const bool in = j < n;
       sws[j] = in ? sw[base + j] : 0.f;
       mk[j] = (in && mask[base + j]) ? 1.f : 0.f;
-      gsw[j] = 0.f;
+      gsw[j] = pv[j] = pk[j] = 0.f;
       for (int d = 0; d < 3; ++d) rs[3 * j + d] = in ? r[(base + j) * 3 + d] : 0.f, gr[3 * j + d] = 0.f;
     }
     stage_rows(yk, ks, n);
@@ -205,7 +186,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     // the row chain forward, as attn_layer_fwd: T = softmax(L') m_i
     {
       float f0, f1;
-      softmax_rows(T, sws, mk, Ls, f0, f1);
+      softmax_rows(T, sws, mk, (SMOOTH || NORMALIZE) ? Ls : nullptr, f0, f1);
 #pragma unroll
       for (int jt = 0; jt < NT; ++jt) T[jt][0] *= f0, T[jt][1] *= f0, T[jt][2] *= f1, T[jt][3] *= f1;
     }
@@ -250,8 +231,13 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
           if (g == 0) atomicAdd(gr + 3 * j + d, cs);
         }
 #endif
-        As[i0 * N + j] = T[jt][e] * F0, As[i1 * N + j] = T[jt][2 + e] * F1;
-        u0 += dA[jt][e] * F0 * T[jt][e], u1 += dA[jt][2 + e] * F1 * T[jt][2 + e];
+        const float A0 = T[jt][e] * F0, A1 = T[jt][2 + e] * F1;
+        As[i0 * N + j] = A0, As[i1 * N + j] = A1;
+        u0 += dA[jt][e] * A0, u1 += dA[jt][2 + e] * A1;
+#if NORMALIZE
+        const float cv = col_sum(dA[jt][e] * A0 + dA[jt][2 + e] * A1);  // dv . v of row j: sum_i A dA
+        if (g == 0) atomicAdd(pv + j, cv);
+#endif
       }
     u0 = row_sum(u0), u1 = row_sum(u1);
     PHASE(5);
@@ -265,6 +251,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
 #if SMOOTH
     float ds0 = 0.f, ds1 = 0.f;
 #endif
+    float pq0 = 0.f, pq1 = 0.f;  // dq . q per row: sum_j dL L
 #pragma unroll
     for (int jt = 0; jt < NT; ++jt)
 #pragma unroll
@@ -281,9 +268,12 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
         F0 *= R0, F1 *= R1;
 #endif
         const float dl0 = (dA[jt][e] * F0 - u0) * T[jt][e], dl1 = (dA[jt][2 + e] * F1 - u1) * T[jt][2 + e];
+#if SMOOTH || NORMALIZE
+        const float Ls0 = Ls[i0 * N + j], Ls1 = Ls[i1 * N + j];  // L + SHIFT
+#endif
 #if SMOOTH
-        const float dS0 = dA[jt][e] * T[jt][e] * R0 + Ls[i0 * N + j] * dl0;
-        const float dS1 = dA[jt][2 + e] * T[jt][2 + e] * R1 + Ls[i1 * N + j] * dl1;
+        const float dS0 = dA[jt][e] * T[jt][e] * R0 + Ls0 * dl0;
+        const float dS1 = dA[jt][2 + e] * T[jt][2 + e] * R1 + Ls1 * dl1;
         ds0 += dS0 * sws[j], ds1 += dS1 * sws[j];
         const float cs = col_sum(dS0 * sw0 + dS1 * sw1);
         if (g == 0) atomicAdd(gsw + j, cs);
@@ -292,14 +282,25 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
         dA[jt][e] = dl0, dA[jt][2 + e] = dl1;
 #endif
         dLs[i0 * N + j] = dA[jt][e], dLs[i1 * N + j] = dA[jt][2 + e];
+#if NORMALIZE
+        const float L0 = dA[jt][e] * (Ls0 - SHIFT), L1 = dA[jt][2 + e] * (Ls1 - SHIFT);  // dL L (L = s q . k)
+        pq0 += L0, pq1 += L1;
+        const float ck = col_sum(L0 + L1);  // dk . k of row j: sum_i dL L
+        if (g == 0) atomicAdd(pk + j, ck);
+#endif
       }
+    pq0 = row_sum(pq0), pq1 = row_sum(pq1);
 #if SMOOTH
     ds0 = row_sum(ds0), ds1 = row_sum(ds1);
     if (t == 0) atomicAdd(gsw + i0, ds0), atomicAdd(gsw + i1, ds1);
 #endif
 
     PHASE(6);
-    // dq = s dL k (the warp's rows), through the normalisation, into dx
+    // dq = s dL k (the warp's rows), through the normalisation and W_q^T into acc; then dv and dk: acc holds the
+    // warp's rows of the three terms of dx until one read-modify-write
+    float acc[KE][4];
+#pragma unroll
+    for (int m = 0; m < KE; ++m) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0.f;
     {
       float dq[HT][4];
 #pragma unroll
@@ -313,18 +314,19 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       }
 #pragma unroll
       for (int c = 0; c < HT; ++c) dq[c][0] *= s, dq[c][1] *= s, dq[c][2] *= s, dq[c][3] *= s;
-      dz_to_dx(dq, yq, in0 ? inv[base + i0] : 0.f, in1 ? inv[base + i1] : 0.f, wqkvT, ring, dxb, i0, i1, in0, in1);
+      dz_acc(dq, yq, in0 ? inv[base + i0] : 0.f, in1 ? inv[base + i1] : 0.f, pq0, pq1, wqkvT, ring, acc, i0, i1, in0,
+             in1);
     }
     PHASE(7);
-    __syncthreads();  // every warp is done with k; do, A and dL of every row are written
+    __syncthreads();  // every warp is done with k; do, A and dL of every row are written, pv and pk summed
     stage_rows(yq, ks, n);
     __syncthreads();
     PHASE(8);
     {
       float dv[HT][4];
       prod_mty(As, vs, dv);  // dv = A^T do
-      dz_to_dx(dv, yv, in0 ? inv[2 * P + base + i0] : 0.f, in1 ? inv[2 * P + base + i1] : 0.f,
-               wqkvT + 2 * HT * KE * 32, ring, dxb, i0, i1, in0, in1);
+      dz_acc(dv, yv, in0 ? inv[2 * P + base + i0] : 0.f, in1 ? inv[2 * P + base + i1] : 0.f, pv[i0], pv[i1],
+             wqkvT + 2 * HT * KE * 32, ring, acc, i0, i1, in0, in1);
     }
     PHASE(9);
     {
@@ -332,9 +334,17 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       prod_mty(dLs, ks, dk);  // dk = s dL^T y_q
 #pragma unroll
       for (int c = 0; c < HT; ++c) dk[c][0] *= s, dk[c][1] *= s, dk[c][2] *= s, dk[c][3] *= s;
-      dz_to_dx(dk, yk, in0 ? inv[P + base + i0] : 0.f, in1 ? inv[P + base + i1] : 0.f, wqkvT + HT * KE * 32, ring,
-               dxb, i0, i1, in0, in1);
+      dz_acc(dk, yk, in0 ? inv[P + base + i0] : 0.f, in1 ? inv[P + base + i1] : 0.f, pk[i0], pk[i1],
+             wqkvT + HT * KE * 32, ring, acc, i0, i1, in0, in1);
     }
+#pragma unroll
+    for (int nt = 0; nt < KE; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = 8 * nt + 2 * t + e;
+        if (col < E && in0) dxb[i0 * E + col] += acc[nt][e];
+        if (col < E && in1) dxb[i1 * E + col] += acc[nt][2 + e];
+      }
     PHASE(10);
     __syncthreads();  // every warp's d sw, d r terms are in shared memory
     for (int j = threadIdx.x; j < n; j += 32 * NW) {
