@@ -12,7 +12,7 @@ Subcommands:
       inputs DIR/{se_atten_v2,dpa3}_s{k}/input.json with the sizes of DeePMD-kit's examples
       (examples/water/se_atten/input_torch.json with type se_atten_v2; examples/water/dpa3/input_torch.json).
   bench MODEL... [--walkers 256] [--rep 3] [--steps 200] [--device auto|cpu|gpu] [--label NAME] [--json OUT]
-      [--provider deepmd|builtin] [--precision double|mixed|tf32] [--compress MIN_NBOR_DIST]
+      [--provider deepmd|builtin] [--precision double|mixed|tf32|tf32layer] [--compress MIN_NBOR_DIST]
       [--skin 1.0|none] [--dynamic-sel on|off]
       timings: explore (Explorer.loop, the real thing), force (the provider alone with the explorer's
       call pattern: 9 calls model 0 + 1 call all models per 10 steps), integrator (md step with cached
@@ -361,7 +361,7 @@ def builtin_provider(models, xp, precision, compress=None):
     import subprocess
 
     from dpsnake.engine.dispatch import make_ensemble
-    from dpsnake.engine.settings import EngineSettings
+    from dpsnake.engine.settings import DEFAULT_FAST, EngineSettings
     from dpsnake.engine.tabulate import Compression
     from dpsnake.md.providers import EnsembleProvider
 
@@ -376,8 +376,10 @@ def builtin_provider(models, xp, precision, compress=None):
             )
         dp_files.append(dp)
     cmp = Compression(min_nbor_dist=compress) if compress else None
-    settings = EngineSettings(tf32=precision == "tf32")
-    prec = "mixed" if precision == "tf32" else precision
+    # tf32layer: tf32 with the whole-layer attention kernels (opt-in family attn_layer, cuda/attn_layer.py)
+    fast = DEFAULT_FAST | {"attn_layer"} if precision == "tf32layer" else DEFAULT_FAST
+    settings = EngineSettings(tf32=precision in ("tf32", "tf32layer"), fast=fast)
+    prec = "mixed" if precision in ("tf32", "tf32layer") else precision
     prov = EnsembleProvider(make_ensemble(dp_files, precision=prec, xp=xp, compress=cmp, settings=settings))
     prov.type_map = prov.ensemble.type_map
     return prov
@@ -439,9 +441,10 @@ def main() -> int:
     )
     b.add_argument(
         "--precision",
-        choices=("double", "mixed", "tf32"),
+        choices=("double", "mixed", "tf32", "tf32layer"),
         default="double",
-        help="builtin engine precision (tf32: mixed with settings tf32)",
+        help="builtin engine precision (tf32: mixed with settings tf32; tf32layer: and the whole-layer attention "
+        "kernels)",
     )
     b.add_argument(
         "--compress",

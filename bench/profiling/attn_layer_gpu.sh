@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Issue 21's whole-layer TF32 attention kernels (cuda/attn_layer.cu) measured on the lent GPU in one device call
+# (~7 min with the wheel install): where each kernel spends its cycles, the kernels against the cuBLAS TF32 path
+# (with and without the W ring), the force call against DeePMD-kit, and the GPU tests. From the repository root,
+# `.whl` carried (bench/gpu_install.sh):
+#
+#   bash bench/profiling/attn_layer_gpu.sh [STAGES]     STAGES: any of phases probe ab tests (default: all four)
+#
+# Writes under $OUT (default /tmp/attn_layer_gpu): attn_layer_phases_<gpu>.json, attn_layer_probe_<gpu>.json,
+# ab/ (bench_engine_attn_ab.py's JSON and log), tests.log; prints each stage's table and its wall time.
+set -uo pipefail
+OUT=${OUT:-/tmp/attn_layer_gpu}
+STAGES=${*:-phases probe ab tests}
+mkdir -p "$OUT" /tmp/pycache && touch /tmp/pycache/.done
+export REPO=$(pwd)
+# shellcheck source=../gpu_install.sh
+source bench/gpu_install.sh > "$OUT/install.log" 2>&1 || { tail -5 "$OUT/install.log"; exit 1; }
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o -i -E 'h100|h200|a100|l40s' | tr A-Z a-z)
+GPU=${GPU:-gpu}
+T0=$(date +%s)
+for s in $STAGES; do
+  t=$(date +%s)
+  case $s in
+    phases) timeout 200 python3 bench/profiling/attn_layer_phases.py --out "$OUT/attn_layer_phases_$GPU.json" ;;
+    probe) timeout 200 python3 bench/profiling/attn_layer_probe.py --out "$OUT/attn_layer_probe_$GPU.json" ;;
+    ab) timeout 240 python3 bench/bench_engine_attn_ab.py --attn-layer 2 --walkers 256 --reps 5 \
+          --variants trim tf32 layer --deepmd --deepmd-fp32 --out "$OUT/ab" > "$OUT/ab.log" 2>&1
+        grep -E "us/atom|Error|error" "$OUT/ab.log" | tail -10 ;;
+    tests) timeout 240 python3 -m pytest -q -s tests/test_engine_attn_layer.py tests/test_engine_attn_gpu.py \
+             -k "gpu or layer or tf32" > "$OUT/tests.log" 2>&1
+           grep -E "attn_layer TF32|cuBLAS TF32|passed|failed|Error|assert" "$OUT/tests.log" | tail -30 ;;
+    *) echo "unknown stage $s (phases probe ab tests)"; exit 2 ;;
+  esac
+  echo "== $s: $(( $(date +%s) - t )) s (total $(( $(date +%s) - T0 )) s)"
+done
