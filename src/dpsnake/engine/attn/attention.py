@@ -384,7 +384,9 @@ class _Rows:
     def make(xp, p, nei_mask, input_r, sw, dtype, ctx):
         """The row kernels for this call (compiled on first use), or None: NumPy, the family
         "attn" off, or a compile failure (then off for ``ctx`` from now on, with a warning). The fused
-        core (family "attn_core") where :func:`attn_core.supported` allows it."""
+        core (family "attn_core") where :func:`attn_core.supported` allows it; the whole-layer kernels
+        (family "attn_layer", mixed + TF32) where :func:`attn_layer.supported` allows them, and then
+        nothing else is compiled (they run every layer)."""
         ctx = EngineContext.of(ctx)
         if not ctx.fast(xp, "attn"):
             return None
@@ -392,6 +394,17 @@ class _Rows:
 
         n, dt = nei_mask.shape[1], np.dtype(dtype).name
         npad = (p.nnei - n) if p.smooth else 0  # the module's NPAD: 0 without the smooth softmax
+        tf32 = ctx.settings.tf32 and np.dtype(dtype) == np.float32
+        if (
+            ctx.fast(xp, "attn_layer")
+            and ctx.tf32_on(xp, dtype)
+            and attn_layer.supported(dtype, n, p.hidden_dim, p.nnei, p.smooth, p.embed_dim) is None
+        ):
+            layer_args = (n, p.embed_dim, p.hidden_dim, p.smooth, p.dotr, p.normalize, p.nnei)
+            if ctx.guarded("attn_layer", attn_layer.build, *layer_args) is not None:
+                rows = _Rows(xp, nei_mask, input_r, sw, dtype, npad, None, tf32)
+                rows.layer = attn_layer
+                return rows
         rows_args = (dt, n, p.smooth, p.dotr, npad)
         for build, args in ((attn_rows.build, rows_args), (attn_norm.build, (dt, p.hidden_dim))):
             if ctx.guarded("attn", build, *args) is None:
@@ -402,16 +415,7 @@ class _Rows:
         if ctx.fast(xp, "attn_core") and attn_core.supported(dtype, n, p.hidden_dim) is None:
             core_args = (n, p.hidden_dim, p.smooth, p.dotr, npad)
             core = attn_core if ctx.guarded("attn_core", attn_core.build, *core_args) is not None else None
-        tf32 = ctx.settings.tf32 and np.dtype(dtype) == np.float32
-        rows = _Rows(xp, nei_mask, input_r, sw, dtype, npad, core, tf32)
-        if (
-            ctx.fast(xp, "attn_layer")
-            and ctx.tf32_on(xp, dtype)
-            and attn_layer.supported(dtype, n, p.hidden_dim, p.nnei, p.smooth, p.embed_dim) is None
-        ):
-            layer_args = (n, p.embed_dim, p.hidden_dim, p.smooth, p.dotr, p.normalize, p.nnei)
-            rows.layer = attn_layer if ctx.guarded("attn_layer", attn_layer.build, *layer_args) is not None else None
-        return rows
+        return _Rows(xp, nei_mask, input_r, sw, dtype, npad, core, tf32)
 
 
 def attention_forward(p: AttentionLayers, G, nei_mask, input_r, sw, keep: bool = True, ctx=None):
