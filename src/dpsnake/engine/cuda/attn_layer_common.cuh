@@ -140,11 +140,15 @@ __device__ __forceinline__ void ring_load(float2* dst, const float2* __restrict_
 // w + k * kstride; A's fragments of tile k from a(k, a0, a1, a2, a3). With WRING the block copies W's tiles into
 // ``ring`` (two stages of RS float2 in shared memory; the next tile while this one is used), so the block reads W
 // from L2 once, not once per warp (each warp's own stream of W fragments was what bound these kernels: per centre
-// and layer the six warps pulled 1.3 MB of weights from L2). Every thread of the block calls it (barriers).
+// and layer the six warps pulled 1.3 MB of weights from L2). Every thread of the block calls it (barriers). A's
+// fragments of tile k + 1 are formed right after tile k's products are issued: where a() reads device memory
+// (dz_acc), that latency overlaps the wait for the next W tile.
 template <int K8, int M8, int RS, class AF>
 __device__ __forceinline__ void wprod(const float2* __restrict__ w, int kstride, float2* ring, float (&acc)[M8][4],
                                       AF a) {
   const int lane = threadIdx.x & 31;
+  unsigned a0, a1, a2, a3;
+  a(0, a0, a1, a2, a3);
 #if WRING
   __syncthreads();  // every warp is done with the ring's previous product
   ring_load<M8>(ring, w);
@@ -159,13 +163,12 @@ __device__ __forceinline__ void wprod(const float2* __restrict__ w, int kstride,
 #else
     const float2* wk = w + k * kstride;
 #endif
-    unsigned a0, a1, a2, a3;
-    a(k, a0, a1, a2, a3);
 #pragma unroll
     for (int m = 0; m < M8; ++m) {
       const float2 wb = wk[m * 32 + lane];
       tmma(acc[m], a0, a1, a2, a3, wb.x, wb.y);
     }
+    if (k + 1 < K8) a(k + 1, a0, a1, a2, a3);
   }
 }
 
