@@ -5,8 +5,10 @@
 #define KE (EP / 8)  // k tiles of x; n tiles of h
 #define HT (H / 8)
 #define NT (N / 8)
-#define LDK (H + 8)  // row stride of k in shared memory: a half-warp's float2 loads in 32 banks when H % 32 == 0
-#define LDV (N + 8)  // row stride of v^T, the same when N % 32 == 0 (N = 96: yes; 48, 80: 2-way conflicts)
+// row strides in shared memory: a half-warp's float2 loads (rows g = 0..3, columns 2t) hit 32 distinct banks when
+// the stride is 8 or 24 mod 32: k's for H % 16 == 0 (H 24, 56: 4-way conflicts; 8, 40: 2-way), v^T's for every N
+#define LDK (H + 8)
+#define LDV (N + 8)
 #define HTA ((HT + 1) / 2)  // the backward's do = dh W_out^T runs in two halves of H's tiles (a smaller W ring)
 #define MAX2(a, b) ((a) > (b) ? (a) : (b))
 #define RSF (MAX2(HT, KE) * 32)   // float2 per stage of the forward's W ring (wprod)
