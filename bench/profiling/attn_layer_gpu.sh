@@ -4,10 +4,11 @@
 # (with and without the W ring), the force call against DeePMD-kit, and the GPU tests. From the repository root,
 # `.whl` carried (bench/gpu_install.sh):
 #
-#   bash bench/profiling/attn_layer_gpu.sh [STAGES]     STAGES: any of phases probe ab tests (default: all four)
+#   bash bench/profiling/attn_layer_gpu.sh [STAGES]     STAGES: any of phases probe ab tests ncu (default: the
+#                                                        first four; ncu: Nsight Compute on one forward + backward)
 #
 # Writes under $OUT (default /tmp/attn_layer_gpu): attn_layer_phases_<gpu>.json, attn_layer_probe_<gpu>.json,
-# ab/ (bench_engine_attn_ab.py's JSON and log), tests.log; prints each stage's table and its wall time.
+# ab/ (bench_engine_attn_ab.py's JSON and log), tests.log, ncu.txt; prints each stage's table and its wall time.
 set -uo pipefail
 OUT=${OUT:-/tmp/attn_layer_gpu}
 STAGES=${*:-phases probe ab tests}
@@ -29,7 +30,13 @@ for s in $STAGES; do
     tests) timeout 240 python3 -m pytest -q -s tests/test_engine_attn_layer.py tests/test_engine_attn_gpu.py \
              -k "gpu or layer or tf32" > "$OUT/tests.log" 2>&1
            grep -E "attn_layer TF32|cuBLAS TF32|passed|failed|Error|assert" "$OUT/tests.log" | tail -30 ;;
-    *) echo "unknown stage $s (phases probe ab tests)"; exit 2 ;;
+    ncu) NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+         timeout 200 "$NCU" --kernel-name regex:attn_layer --launch-skip 2 --launch-count 2 --section SpeedOfLight \
+           --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+           python3 bench/profiling/attn_layer_probe.py --reps 1 > "$OUT/ncu.txt" 2>&1
+         grep -E "attn_layer_|Duration|Throughput|Busy|Hit Rate|Warp Cycles Per Issued|Achieved Active|Stall" \
+           "$OUT/ncu.txt" | cut -c1-150 | head -50 ;;
+    *) echo "unknown stage $s (phases probe ab tests ncu)"; exit 2 ;;
   esac
   echo "== $s: $(( $(date +%s) - t )) s (total $(( $(date +%s) - T0 )) s)"
 done
