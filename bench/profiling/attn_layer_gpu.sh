@@ -5,7 +5,9 @@
 # `.whl` carried (bench/gpu_install.sh):
 #
 #   bash bench/profiling/attn_layer_gpu.sh [STAGES]     STAGES: any of phases probe ab tests ncu (default: the
-#                                                        first four; ncu: Nsight Compute on one forward + backward)
+#                                                        first four; ncu: Nsight Compute on the probe's first six
+#                                                        layer launches: forward keeping (ring), forward alone
+#                                                        (no ring), backward (ring), two layers each)
 #
 # Writes under $OUT (default /tmp/attn_layer_gpu): attn_layer_phases_<gpu>.json, attn_layer_probe_<gpu>.json,
 # ab/ (bench_engine_attn_ab.py's JSON and log), tests.log, ncu.txt; prints each stage's table and its wall time.
@@ -31,11 +33,11 @@ for s in $STAGES; do
              -k "gpu or layer or tf32" > "$OUT/tests.log" 2>&1
            grep -E "attn_layer TF32|cuBLAS TF32|passed|failed|Error|assert" "$OUT/tests.log" | tail -30 ;;
     ncu) NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
-         timeout 200 "$NCU" --kernel-name regex:attn_layer --launch-skip 2 --launch-count 2 --section SpeedOfLight \
+         timeout 200 "$NCU" --kernel-name regex:attn_layer --launch-count 6 --section SpeedOfLight \
            --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
            python3 bench/profiling/attn_layer_probe.py --reps 1 > "$OUT/ncu.txt" 2>&1
          grep -E "attn_layer_|Duration|Throughput|Busy|Hit Rate|Warp Cycles Per Issued|Achieved Active|Stall" \
-           "$OUT/ncu.txt" | cut -c1-150 | head -50 ;;
+           "$OUT/ncu.txt" | cut -c1-150 | head -90 ;;
     *) echo "unknown stage $s (phases probe ab tests ncu)"; exit 2 ;;
   esac
   echo "== $s: $(( $(date +%s) - t )) s (total $(( $(date +%s) - T0 )) s)"
