@@ -70,10 +70,16 @@ def source(n: int, H: int, smooth: bool, dotr: bool, npad: int = 0) -> str:
     return cuda.with_defines(cuda.load("attn_core.cu"), **defines(n, H, smooth, dotr, npad))
 
 
-@functools.cache
 def _module(n: int, H: int, smooth: bool, dotr: bool, npad: int):
-    """({kernel: RawKernel}, grid cap) for these constants, compiled once; the kernels may use all
-    the shared memory they need."""
+    """({kernel: RawKernel}, grid cap) for these constants on the current device, compiled once; the kernels
+    may use all the shared memory they need (an attribute of each device's function: hence one entry per device)."""
+    import cupy
+
+    return _device_module(n, H, smooth, dotr, npad, cupy.cuda.runtime.getDevice())
+
+
+@functools.cache
+def _device_module(n: int, H: int, smooth: bool, dotr: bool, npad: int, device: int):
     import cupy
 
     mod = cupy.RawModule(code=cuda.load("attn_core.cu"), options=cuda.options(**defines(n, H, smooth, dotr, npad)))
