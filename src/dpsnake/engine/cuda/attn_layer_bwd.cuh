@@ -283,9 +283,9 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
 #endif
         dLs[i0 * N + j] = dA[jt][e], dLs[i1 * N + j] = dA[jt][2 + e];
 #if NORMALIZE
-        const float L0 = dA[jt][e] * (Ls0 - SHIFT), L1 = dA[jt][2 + e] * (Ls1 - SHIFT);  // dL L (L = s q . k)
-        pq0 += L0, pq1 += L1;
-        const float ck = col_sum(L0 + L1);  // dk . k of row j: sum_i dL L
+        const float dlL0 = dA[jt][e] * (Ls0 - SHIFT), dlL1 = dA[jt][2 + e] * (Ls1 - SHIFT);  // dL L, L = s q . k
+        pq0 += dlL0, pq1 += dlL1;
+        const float ck = col_sum(dlL0 + dlL1);  // dk . k of row j: sum_i dL L
         if (g == 0) atomicAdd(pk + j, ck);
 #endif
       }
