@@ -25,7 +25,8 @@ NAMES = {
     "fwd": ["x, sw, r, mask in", "k: project (+ keep)", "v: project (+ keep)", "q: project (+ keep)",
             "barrier", "logits", "row chain", "o = A v", "out-projection", "LayerNorm, stores"],
     "bwd": ["stage k, v", "LayerNorm backward", "do, dA", "logits again", "softmax again", "row chain bwd 1",
-            "row chain bwd 2", "dq -> dx", "stage q", "dv -> dx", "dk -> dx", "d sw, d r out"],
+            "row chain bwd 2", "dq, its dx term", "stage q", "dv, its dx term", "dk, its dx term, dx out",
+            "d sw, d r out"],
 }  # fmt: skip
 
 
