@@ -207,6 +207,47 @@ def test_layer_kernels_forward_keep_and_backward_equal_array_code(tmp_path, monk
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
+@pytest.mark.parametrize(
+    "dotr,normalize,smooth,ns,wring,H,E",
+    [(False, False, False, 27, 1, 32, 20), (False, False, True, 27, 1, 32, 20), (True, False, True, 40, 0, 32, 20),
+     (True, True, True, 16, 1, 32, 20), (True, True, True, 48, 1, 8, 8), (False, True, False, 19, 1, 24, 16)],
+)  # fmt: skip
+def test_layer_kernels_other_flag_sets_and_shapes(tmp_path, monkeypatch, dotr, normalize, smooth, ns, wring, H, E):
+    """The flag sets the tests above leave out (dotr, normalize, smooth: off/off/off, off/off/on, on/off/on, the
+    last without the ring), one warp (16 slots), H = E = 8 (one tile), E a multiple of 8: the forward alone (KEEP 0)
+    = the keeping forward, both = the FP64 array code, and the backward (a grid larger than the centres) too."""
+    import test_engine_attention as ta
+
+    monkeypatch.setattr(ta, "NNEI", 48)
+    monkeypatch.setattr(ta, "E", E)
+    monkeypatch.setattr(ta, "H", H)
+    _, data = ta.reference(2, dotr, normalize, smooth, {})
+    p = att.AttentionLayers.from_serialized(data).to(np, np.dtype("float64"))
+    G, mask, r, sw = (np.ascontiguousarray(a[:, :ns]) for a in ta.inputs(nb=4))
+    want, cache = att.attention_forward(p, G, mask, r, sw)
+    dG_out = np.random.default_rng(5).standard_normal(want.shape)
+    want_dG, want_dr, want_dsw = att.attention_backward(p, cache, dG_out)
+    B, n, _ = G.shape
+    emu = _Emu(tmp_path, p, n, E, H, wring=wring)
+    alone = _Emu(tmp_path, p, n, E, H, keep=False, wring=wring)
+    lws = [attn_layer.LayerWeights.of(layer, np, round_tf32=False) for layer in p.layers]
+    x, caches = G.astype(np.float32), []
+    for lw in lws:
+        x0 = alone.forward(lw, x, mask, r, sw, grid=5)
+        x, c = emu.forward(lw, x, mask, r, sw, grid=3, keep=True)
+        assert rel_err(x0, x) < 1e-6
+        caches.append(c)
+    assert rel_err(x, want) < 2e-6
+    dsw, dr = np.zeros((B, n), dtype=np.float32), np.zeros((B, n, 3), dtype=np.float32)
+    dx = dG_out.astype(np.float32)
+    for lw, c in zip(reversed(lws), reversed(caches)):
+        dx = emu.backward(lw, c, dx, mask, r, sw, 5, dsw, dr)
+    assert rel_err(dx, want_dG) < 2e-6, rel_err(dx, want_dG)
+    assert (rel_err(dsw, want_dsw[..., 0]) < 2e-6) if smooth else not dsw.any()
+    assert (rel_err(dr, want_dr) < 2e-6) if dotr else not dr.any()
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
 def test_layer_kernels_within_tf32_rounding(tmp_path, monkeypatch):
     """The kernels' precision without a GPU: operands rounded as cvt.rna does and the weights as
     LayerWeights.of rounds them, two layers forward (keeping) and backward vs the FP64 array code. The bounds are
@@ -299,6 +340,7 @@ def test_defines():
     d = attn_layer.defines(88, 100, 128, 1, 1, 1, 120)
     assert d["MINB"] == 2 and d["KEEP"] == 1 and d["N"] == 96 and d["NPAD"] == 24
     assert attn_layer.defines(88, 100, 128, 1, 1, 1, 120, keep=False)["KEEP"] == 0
+    assert attn_layer.defines(88, 100, 128, 1, 1, 1, 120, smem_per_sm=164 * 1024)["MINB"] == 1  # sm_80: one block
     with pytest.raises(ValueError, match="exceed the model's nnei 90"):
         attn_layer.defines(88, 100, 128, 1, 1, 1, 90)
 

@@ -70,7 +70,7 @@ def main(argv=None) -> int:
            "nnei": args.nnei, "E": E, "H": H, "kernels": {}}  # fmt: skip
     for kind, label in (("fwd0", "forward alone"), ("fwd1", "forward keeping"), ("bwd", "backward")):
         keep = kind != "fwd0"
-        defs = tuple(attn_layer.defines(n, E, H, True, True, True, p.nnei, keep).items())
+        defs = tuple(attn_layer._defines(n, E, H, True, True, True, p.nnei, keep=keep).items())
         plain = _time(cp, run(kind, ()), args.reps)
         fn = run(kind, marks)
         marked = _time(cp, fn, args.reps)

@@ -167,8 +167,10 @@ def main(argv=None) -> int:
     }
     us = {k: v / B / nl * 1e6 for k, v in t.items()}  # per centre and layer
     flop = 2 * (n * E * 3 * H + 2 * n * n * H + n * H * E)  # per centre and layer, forward
-    defs = attn_layer.defines(n, E, H, True, True, True, p.nnei)
+    defs = attn_layer._defines(n, E, H, True, True, True, p.nnei)
     fns = attn_layer._module(tuple(defs.items()))[0]
+    alone = attn_layer._module(tuple(attn_layer._defines(n, E, H, True, True, True, p.nnei, keep=False).items()))[0]
+    fns = fns | {"attn_layer_fwd_alone": alone["attn_layer_fwd"]}
     res = {
         "device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
         "centres": B, "n": n, "nnei": args.nnei, "E": E, "H": H, "layers": nl,

@@ -37,7 +37,7 @@ import numpy as np
 
 from dpsnake.engine import cuda
 
-SMEM_TWO = 113 * 1024  # bytes per block so that two blocks fit an SM (227 KiB on sm_90)
+SMEM_SM90 = 228 * 1024  # shared memory per SM on sm_90 (H100, H200); each block also holds 1 KB reserved
 MAX_SLOTS = 96  # the warps keep (16, n) logits and weights and (16, H) products in registers
 MAX_WIDTH = 128  # H and E: (16, H) and (16, E) accumulator tiles in registers (168 per thread at 128 already spill)
 # with these bounds a block's shared memory is at most 116 KB (_smem_max(96, 128, 128)): two per SM on sm_90 up to
@@ -151,14 +151,16 @@ class LayerWeights:
         return cls(*arrs, eps=float(layer.eps), E=int(E), H=int(H))
 
 
-def defines(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, nnei: int, keep: bool = True) -> dict:
+def defines(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, nnei: int, keep: bool = True,
+            smem_per_sm: int = SMEM_SM90) -> dict:  # fmt: skip
     """Compile-time constants of attn_layer.cu for n slots of a model with ``nnei``; ``keep``: a force call's
-    forward (it keeps the backward's inputs) and the backward, else the forward alone."""
+    forward (it keeps the backward's inputs) and the backward, else the forward alone; MINB (blocks per SM the
+    registers are bounded for) 2 where two blocks' shared memory fits ``smem_per_sm`` (the device's), else 1."""
     N = padded_slots(n)
     npad = (int(nnei) - N) if smooth else 0
     if npad < 0:
         raise ValueError(f"attn_layer: {N} padded slots exceed the model's nnei {nnei}")
-    minb = 2 if _smem_max(N, E, H) <= SMEM_TWO else 1
+    minb = 2 if 2 * (_smem_max(N, E, H) + 1024) <= smem_per_sm else 1
     return {"KEEP": int(keep), "WRING": 1, "N": N, "E": int(E), "H": int(H), "SMOOTH": int(smooth), "DOTR": int(dotr),
             "NORMALIZE": int(normalize), "NPAD": npad, "MINB": minb}  # fmt: skip
 
@@ -182,26 +184,56 @@ def _module(defs: tuple):
 
 
 @functools.cache
+def _device_smem(device: int) -> tuple[int, int, int]:
+    """(shared memory per SM, the most per block, SMs) of a device, bytes."""
+    import cupy
+
+    a = cupy.cuda.Device(device).attributes
+    return a["MaxSharedMemoryPerMultiprocessor"], a["MaxSharedMemoryPerBlockOptin"], a["MultiProcessorCount"]
+
+
+def _defines(*args, keep: bool = True) -> dict:
+    """:func:`defines` for the current device's shared memory."""
+    import cupy
+
+    return defines(*args, keep=keep, smem_per_sm=_device_smem(cupy.cuda.runtime.getDevice())[0])
+
+
+@functools.cache
 def _device_module(defs: tuple, device: int):
     import cupy
 
     d = dict(defs)
+    per_sm, per_block, nsm = _device_smem(device)
     mod = cupy.RawModule(code=cuda.load("attn_layer.cu"), options=cuda.options(**d))
     fns = {"attn_layer_fwd": mod.get_function("attn_layer_fwd")}
-    fns["attn_layer_fwd"].max_dynamic_shared_size_bytes = smem_bytes(d["N"], d["H"])
     if d["KEEP"]:
         fns["attn_layer_bwd"] = mod.get_function("attn_layer_bwd")
-        fns["attn_layer_bwd"].max_dynamic_shared_size_bytes = smem_bytes(d["N"], d["H"], True)
-    return fns, d["MINB"] * cupy.cuda.Device().attributes["MultiProcessorCount"], mod
+    for k, fn in fns.items():
+        dyn = smem_bytes(d["N"], d["H"], k.endswith("bwd"))
+        total = dyn + fn.shared_size_bytes  # + the ring and the static arrays
+        if total > per_block or d["MINB"] * (total + 1024) > per_sm:
+            raise RuntimeError(f"attn_layer: {k} needs {total} bytes of shared memory per block, {d['MINB']} "
+                               f"blocks per SM do not fit this device's {per_sm} (per block {per_block})")  # fmt: skip
+        fn.max_dynamic_shared_size_bytes = dyn
+    return fns, d["MINB"] * nsm, mod
 
 
 def build(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, nnei: int) -> dict:
-    """A force call's kernels for these constants, compiled on first use (raises what NVRTC raises)."""
-    return _module(tuple(defines(n, E, H, smooth, dotr, normalize, nnei).items()))[0]
+    """A force call's kernels for these constants and the forward alone (energy-only calls), compiled on first use
+    (raises what NVRTC raises, or RuntimeError where the blocks' shared memory does not fit the device)."""
+    args = (n, E, H, smooth, dotr, normalize, nnei)
+    _module(tuple(_defines(*args, keep=False).items()))
+    return _module(tuple(_defines(*args).items()))[0]
 
 
 def _check(lw: LayerWeights, x, sw, r, mask, *more) -> None:
-    """The kernels read raw pointers: C-contiguous FP32 arrays, the mask one bool per slot, x of the layer's E."""
+    """The kernels read raw pointers: C-contiguous FP32 arrays, the mask one bool per slot, x of the layer's E;
+    the packed weights 16-byte aligned (cp.async copies them in 16-byte pieces)."""
+    for w in (lw.wqkv, lw.wout, lw.woutT, lw.wqkvT):
+        ptr = w.data.ptr if hasattr(w.data, "ptr") else w.ctypes.data
+        if ptr % 16:
+            raise ValueError("attn_layer: packed weights not 16-byte aligned (use LayerWeights.of)")
     if x.shape[2] != lw.E:
         raise ValueError(f"attn_layer: features {x.shape[2]}, the layer's weights have {lw.E}")
     for a, dt in ((x, "float32"), (sw, "float32"), (r, "float32"), (mask, "bool"), *((m, "float32") for m in more)):
@@ -219,7 +251,7 @@ def forward(lw: LayerWeights, x, sw, r, mask, scale: float, smooth: bool, dotr: 
 
     B, n, E = x.shape
     _check(lw, x, sw, r, mask)
-    defs = defines(n, E, lw.H, smooth, dotr, normalize, nnei, keep)
+    defs = _defines(n, E, lw.H, smooth, dotr, normalize, nnei, keep=keep)
     defs.update(extra)
     fns, cap, _ = _module(tuple(defs.items()))
     out = cupy.empty_like(x)
@@ -246,7 +278,7 @@ def backward(lw: LayerWeights, cache, dout, sw, r, mask, scale: float, smooth: b
 
     B, n, E = dout.shape
     _check(lw, dout, sw, r, mask, dsw, dr, *cache)
-    defs = defines(n, E, lw.H, smooth, dotr, normalize, nnei)
+    defs = _defines(n, E, lw.H, smooth, dotr, normalize, nnei)
     defs.update(extra)
     fns, cap, _ = _module(tuple(defs.items()))
     dx = cupy.empty_like(dout)

@@ -71,6 +71,8 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
   DYN_SMEM(smem);
   float* ks = smem;          // (N, LDK): k, then q
   float* vs = ks + N * LDK;  // (N, LDK): v, then do
+  // gsw, gr, pv, pk: sums over the warps by shared-memory atomics, so their last bits (and those of dx, d sw, d r)
+  // may differ between runs, as cuBLAS's split-k sums may
   __shared__ float sws[N], rs[3 * N], mk[N], gsw[N], gr[3 * N], pv[N], pk[N];
 #if WRING
   __shared__ __align__(16) float2 ring[2 * RSB];  // W tiles (wprod)

@@ -1,4 +1,7 @@
 // Shared by attn_layer.cu's forward and attn_layer_bwd.cuh's backward: sizes, the TF32 product, lane sums.
+#if !defined(KEEP) || !defined(WRING) || !defined(MINB)
+#error "attn_layer: compile with attn_layer.defines()' constants"
+#endif
 
 #define NW (N / 16)
 #define EP ((E + 7) / 8 * 8)
