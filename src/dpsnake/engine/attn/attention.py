@@ -423,8 +423,9 @@ def attention_forward(p: AttentionLayers, G, nei_mask, input_r, sw, keep: bool =
 
     G (B, n, ng) features of n <= p.nnei slots (the slots past n: empty, left out, see the module
     doc); nei_mask (B, n) bool (True: a neighbour); input_r (B, n, 3) unit vectors (zeros on empty
-    slots; read only if dotr); sw (B, n, 1) switch (0 on empty slots; read only if smooth). Computes in the dtype of ``p``'s weights. Returns (G_out (B, nnei, ng), cache for
-    :func:`attention_backward`, None without ``keep``). The cache holds, per layer and neighbour slot,
+    slots; read only if dotr); sw (B, n, 1) switch (0 on empty slots; read only if smooth). Computes in
+    the dtype of ``p``'s weights. Returns (G_out (B, nnei, ng), cache for :func:`attention_backward`,
+    None without ``keep``). The cache holds, per layer and neighbour slot,
     3 H + 2 nnei + ng + 4 numbers (7x the size of G_out per layer for ng 100, attn 128, nnei 120):
     the caller's chunk of centres sets the memory. ``ctx`` (an EngineContext or EngineSettings):
     on CuPy the family "attn" runs the (B, n, n) chains as CUDA row kernels.
