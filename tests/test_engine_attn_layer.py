@@ -157,6 +157,39 @@ def test_layer_kernel_equals_array_code(tmp_path, monkeypatch, dotr, normalize, 
         x = want
 
 
+def _two_layer_case(monkeypatch, dotr, normalize, smooth, ns, H=32, E=20, nb=4, extra=None):
+    """A two-layer NeighborGatedAttention (nnei 48) and inputs of ``ns`` slots, with the FP64 array code's
+    forward and backward: (p, (G, mask, r, sw), dG_out, (out, df/dG, df/dr, df/dsw))."""
+    import test_engine_attention as ta
+
+    monkeypatch.setattr(ta, "NNEI", 48)
+    monkeypatch.setattr(ta, "E", E)
+    monkeypatch.setattr(ta, "H", H)
+    _, data = ta.reference(2, dotr, normalize, smooth, extra or {})
+    p = att.AttentionLayers.from_serialized(data).to(np, np.dtype("float64"))
+    inputs = tuple(np.ascontiguousarray(a[:, :ns]) for a in ta.inputs(nb=nb))
+    want, cache = att.attention_forward(p, *inputs)
+    dG_out = np.random.default_rng(5).standard_normal(want.shape)
+    return p, inputs, dG_out, (want, *att.attention_backward(p, cache, dG_out))
+
+
+def _chain(emu, lws, inputs, dG_out, bwd_grid=3):
+    """Both layers through the emulated kernels as the engine chains them: forward keeping (grid 3), then backward
+    (``bwd_grid``). Returns (each layer's input, the output, the caches, df/dG, df/dsw, df/dr)."""
+    G, mask, r, sw = inputs
+    B, n, _ = G.shape
+    x, xs, caches = G.astype(np.float32), [], []
+    for lw in lws:
+        xs.append(x)
+        x, c = emu.forward(lw, x, mask, r, sw, grid=3, keep=True)
+        caches.append(c)
+    dsw, dr = np.zeros((B, n), dtype=np.float32), np.zeros((B, n, 3), dtype=np.float32)
+    dx = dG_out.astype(np.float32)
+    for lw, c in zip(reversed(lws), reversed(caches)):
+        dx = emu.backward(lw, c, dx, mask, r, sw, bwd_grid, dsw, dr)
+    return xs, x, caches, dx, dsw, dr
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
 @pytest.mark.parametrize(
     "dotr,normalize,smooth,ns,nobias,wring,H",
@@ -171,30 +204,16 @@ def test_layer_kernels_forward_keep_and_backward_equal_array_code(tmp_path, monk
     df/d sw (each layer's d sw, d r terms added by its backward; the grid smaller than the centres). WRING 0: the
     weights read by each warp from device memory instead of the block's ring in shared memory. H 24: an odd
     number of H's tiles (the backward's do in halves of 2 and 1)."""
-    import test_engine_attention as ta
-
-    monkeypatch.setattr(ta, "NNEI", 48)
-    monkeypatch.setattr(ta, "E", 20)
-    monkeypatch.setattr(ta, "H", H)
-    _, data = ta.reference(2, dotr, normalize, smooth, {"nobias": nobias} if nobias else {})
-    p = att.AttentionLayers.from_serialized(data).to(np, np.dtype("float64"))
-    G, mask, r, sw = (np.ascontiguousarray(a[:, :ns]) for a in ta.inputs(nb=4))
-    want, cache = att.attention_forward(p, G, mask, r, sw)
-    dG_out = np.random.default_rng(5).standard_normal(want.shape)
-    want_dG, want_dr, want_dsw = att.attention_backward(p, cache, dG_out)
-    B, n, E = G.shape
-    emu = _Emu(tmp_path, p, n, E, p.hidden_dim, wring=wring)
+    extra = {"nobias": nobias} if nobias else None
+    p, inputs, dG_out, (want, want_dG, want_dr, want_dsw) = _two_layer_case(
+        monkeypatch, dotr, normalize, smooth, ns, H=H, extra=extra
+    )
+    G, mask = inputs[:2]
+    emu = _Emu(tmp_path, p, G.shape[1], G.shape[2], p.hidden_dim, wring=wring)
     lws = [attn_layer.LayerWeights.of(layer, np, round_tf32=False) for layer in p.layers]
-    x, caches = G.astype(np.float32), []
-    for lw in lws:
-        x, c = emu.forward(lw, x, mask, r, sw, grid=3, keep=True)
-        caches.append(c)
+    _, x, caches, dx, dsw, dr = _chain(emu, lws, inputs, dG_out)
     assert rel_err(x, want) < 2e-6
     assert np.isfinite(caches[0][0][:, mask]).all()
-    dsw, dr = np.zeros((B, n), dtype=np.float32), np.zeros((B, n, 3), dtype=np.float32)
-    dx = dG_out.astype(np.float32)
-    for lw, c in zip(reversed(lws), reversed(caches)):
-        dx = emu.backward(lw, c, dx, mask, r, sw, 3, dsw, dr)
     assert rel_err(dx, want_dG) < 2e-6, rel_err(dx, want_dG)
     if smooth:
         assert rel_err(dsw, want_dsw[..., 0]) < 2e-6, rel_err(dsw, want_dsw[..., 0])
@@ -216,32 +235,18 @@ def test_layer_kernels_other_flag_sets_and_shapes(tmp_path, monkeypatch, dotr, n
     """The flag sets the tests above leave out (dotr, normalize, smooth: off/off/off, off/off/on, on/off/on, the
     last without the ring), one warp (16 slots), H = E = 8 (one tile), E a multiple of 8: the forward alone (KEEP 0)
     = the keeping forward, both = the FP64 array code, and the backward (a grid larger than the centres) too."""
-    import test_engine_attention as ta
-
-    monkeypatch.setattr(ta, "NNEI", 48)
-    monkeypatch.setattr(ta, "E", E)
-    monkeypatch.setattr(ta, "H", H)
-    _, data = ta.reference(2, dotr, normalize, smooth, {})
-    p = att.AttentionLayers.from_serialized(data).to(np, np.dtype("float64"))
-    G, mask, r, sw = (np.ascontiguousarray(a[:, :ns]) for a in ta.inputs(nb=4))
-    want, cache = att.attention_forward(p, G, mask, r, sw)
-    dG_out = np.random.default_rng(5).standard_normal(want.shape)
-    want_dG, want_dr, want_dsw = att.attention_backward(p, cache, dG_out)
-    B, n, _ = G.shape
+    p, inputs, dG_out, (want, want_dG, want_dr, want_dsw) = _two_layer_case(
+        monkeypatch, dotr, normalize, smooth, ns, H=H, E=E
+    )
+    G, mask, r, sw = inputs
+    n = G.shape[1]
     emu = _Emu(tmp_path, p, n, E, H, wring=wring)
     alone = _Emu(tmp_path, p, n, E, H, keep=False, wring=wring)
     lws = [attn_layer.LayerWeights.of(layer, np, round_tf32=False) for layer in p.layers]
-    x, caches = G.astype(np.float32), []
-    for lw in lws:
-        x0 = alone.forward(lw, x, mask, r, sw, grid=5)
-        x, c = emu.forward(lw, x, mask, r, sw, grid=3, keep=True)
-        assert rel_err(x0, x) < 1e-6
-        caches.append(c)
+    xs, x, _, dx, dsw, dr = _chain(emu, lws, inputs, dG_out, bwd_grid=5)
+    for lw, xin, xout in zip(lws, xs, xs[1:] + [x]):
+        assert rel_err(alone.forward(lw, xin, mask, r, sw, grid=5), xout) < 1e-6
     assert rel_err(x, want) < 2e-6
-    dsw, dr = np.zeros((B, n), dtype=np.float32), np.zeros((B, n, 3), dtype=np.float32)
-    dx = dG_out.astype(np.float32)
-    for lw, c in zip(reversed(lws), reversed(caches)):
-        dx = emu.backward(lw, c, dx, mask, r, sw, 5, dsw, dr)
     assert rel_err(dx, want_dG) < 2e-6, rel_err(dx, want_dG)
     assert (rel_err(dsw, want_dsw[..., 0]) < 2e-6) if smooth else not dsw.any()
     assert (rel_err(dr, want_dr) < 2e-6) if dotr else not dr.any()
@@ -254,28 +259,11 @@ def test_layer_kernels_within_tf32_rounding(tmp_path, monkeypatch):
     ~4x what this emulation gives (out 2.9e-5, df/dG 1.1e-5, df/dr 2.3e-4, df/dsw 5.5e-4; session 31's kernels
     the same to 1%; on an H100 the cuBLAS TF32 path at the bench's shape: 1.5e-5, 2.3e-5, 5.3e-4, 4.6e-4), and
     exact operands give < 2e-6 (test above): the rounding is what is measured."""
-    import test_engine_attention as ta
-
-    monkeypatch.setattr(ta, "NNEI", 48)
-    monkeypatch.setattr(ta, "E", 20)
-    monkeypatch.setattr(ta, "H", 32)
-    _, data = ta.reference(2, True, True, True, {})
-    p = att.AttentionLayers.from_serialized(data).to(np, np.dtype("float64"))
-    G, mask, r, sw = (np.ascontiguousarray(a[:, :40]) for a in ta.inputs(nb=6))
-    want, cache = att.attention_forward(p, G, mask, r, sw)
-    dG_out = np.random.default_rng(5).standard_normal(want.shape)
-    want_dG, want_dr, want_dsw = att.attention_backward(p, cache, dG_out)
-    B, n, E = G.shape
-    emu = _Emu(tmp_path, p, n, E, p.hidden_dim, tf32=True)
+    p, inputs, dG_out, (want, want_dG, want_dr, want_dsw) = _two_layer_case(monkeypatch, True, True, True, 40, nb=6)
+    G = inputs[0]
+    emu = _Emu(tmp_path, p, G.shape[1], G.shape[2], p.hidden_dim, tf32=True)
     lws = [attn_layer.LayerWeights.of(layer, np) for layer in p.layers]
-    x, caches = G.astype(np.float32), []
-    for lw in lws:
-        x, c = emu.forward(lw, x, mask, r, sw, grid=3, keep=True)
-        caches.append(c)
-    dsw, dr = np.zeros((B, n), dtype=np.float32), np.zeros((B, n, 3), dtype=np.float32)
-    dx = dG_out.astype(np.float32)
-    for lw, c in zip(reversed(lws), reversed(caches)):
-        dx = emu.backward(lw, c, dx, mask, r, sw, 3, dsw, dr)
+    _, x, _, dx, dsw, dr = _chain(emu, lws, inputs, dG_out)
     errs = [rel_err(x, want), rel_err(dx, want_dG), rel_err(dr, want_dr), rel_err(dsw, want_dsw[..., 0])]
     assert errs[0] > 1e-6 and errs[0] < 1.2e-4 and errs[1] < 5e-5 and errs[2] < 1e-3 and errs[3] < 2e-3, errs
 
