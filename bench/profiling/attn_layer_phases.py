@@ -14,11 +14,12 @@ is printed beside the unmarked one's, so the marks' own cost shows.
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import pathlib
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # attn_layer_probe
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bench/: benchutil
+from benchutil import write_results  # noqa: E402
 
 PH_BLOCKS, PH_SLOTS = 1024, 16
 NAMES = {
@@ -96,9 +97,7 @@ def main(argv=None) -> int:
             print(f"  {nm:22s} {c:9.0f}  {100 * c / tot:5.1f}%")
         print(f"  {'total':22s} {tot:9.0f}")
     print(f"\n{res['device']}, {B} centres x {n} slots (nnei {args.nnei}), E {E}, H {H}")
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(res, fh, indent=1)
+    write_results(pathlib.Path(args.out) if args.out else None, res)
     return 0
 
 

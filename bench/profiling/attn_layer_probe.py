@@ -23,8 +23,12 @@ resources (registers, local memory = spills) from CuPy.
 from __future__ import annotations
 
 import argparse
-import json
+import pathlib
 import statistics
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bench/: benchutil
+from benchutil import write_results  # noqa: E402
 
 
 def _layers(E: int, H: int, nnei: int, nl: int, seed: int = 0):
@@ -194,9 +198,7 @@ def main(argv=None) -> int:
           f"{fns['attn_layer_fwd'].num_regs} / {fns['attn_layer_bwd'].num_regs} registers, "
           f"{fns['attn_layer_fwd'].local_size_bytes} / {fns['attn_layer_bwd'].local_size_bytes} bytes local "
           f"(spills), {res['kernel']['smem_bytes']} bytes shared (dynamic)")  # fmt: skip
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(res, fh, indent=1)
+    write_results(pathlib.Path(args.out) if args.out else None, res)
     return 0
 
 
