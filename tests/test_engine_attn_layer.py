@@ -44,9 +44,19 @@ static void tmma(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned 
   WBAR[w]->arrive_and_wait();
   for (unsigned e = 0; e < 4; ++e) c[e] += (float)s[e];
 }
-static void cp_async16(void* d, const void* s) { std::memcpy(d, s, 16); }
-static void cp_async_commit() {}
-static void cp_async_wait_all() {}
+// cp.async as late as the PTX allows: a thread's copies land only when its wait_group lets their group go, so
+// a stage read before its wait reads stale data
+struct CpAsync { void* d; const void* s; };
+static thread_local std::vector<std::vector<CpAsync>> CP_GROUPS;
+static thread_local std::vector<CpAsync> CP_OPEN;
+static void cp_async16(void* d, const void* s) { CP_OPEN.push_back({d, s}); }
+static void cp_async_commit() { CP_GROUPS.push_back(CP_OPEN); CP_OPEN.clear(); }
+template <int NP> static void cp_async_wait() {
+  while (CP_GROUPS.size() > NP) {
+    for (const CpAsync& c : CP_GROUPS.front()) std::memcpy(c.d, c.s, 16);
+    CP_GROUPS.erase(CP_GROUPS.begin());
+  }
+}
 #define DYN_SMEM(name) static float name[N * (H + 8) + H * (N + 8) + 5 * N + 2 * N * (H + 8)]
 """
 
@@ -85,9 +95,10 @@ class _Emu:
     """attn_layer.py's forward / backward with the kernels run by g++ (threaded warps), on NumPy FP32 arrays;
     ``keep``: a force call's kernels (the forward keeps the backward's inputs), else the forward alone."""
 
-    def __init__(self, tmp_path, p, n, E, H, keep=True, wring=1, tf32=False):
+    def __init__(self, tmp_path, p, n, E, H, keep=True, wring=1, tf32=False, wdeep=1):
         self.p = p
-        self.defs = attn_layer.defines(n, E, H, p.smooth, p.dotr, p.normalize, p.nnei, keep) | {"WRING": wring}
+        defs = attn_layer.defines(n, E, H, p.smooth, p.dotr, p.normalize, p.nnei, keep)
+        self.defs = defs | {"WRING": wring, "WDEEP": wdeep}
         tag = "_".join(str(v) for v in self.defs.values()) + ("_tf32" if tf32 else "")
         emu = EMU.replace(EXACT_TF32, ROUND_TF32) if tf32 else EMU
         src = THREADED_CUDA_STUB + emu + attn_layer.source(**self.defs) + LAUNCH
@@ -192,24 +203,28 @@ def _chain(emu, lws, inputs, dG_out, bwd_grid=3):
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
 @pytest.mark.parametrize(
-    "dotr,normalize,smooth,ns,nobias,wring,H",
-    [(True, True, True, 27, False, 1, 32), (False, True, True, 32, True, 1, 32),
-     (True, False, False, 27, False, 1, 32), (False, True, False, 19, False, 1, 32),
-     (True, True, False, 48, False, 1, 32), (True, True, True, 40, False, 0, 32), (True, True, True, 33, False, 1, 24)],
+    "dotr,normalize,smooth,ns,nobias,wring,wdeep,H,E",
+    [(True, True, True, 27, False, 1, 1, 32, 20), (False, True, True, 32, True, 1, 1, 32, 20),
+     (True, False, False, 27, False, 1, 1, 32, 20), (False, True, False, 19, False, 1, 0, 32, 20),
+     (True, True, False, 48, False, 1, 1, 32, 20), (True, True, True, 40, False, 0, 1, 32, 20),
+     (True, True, True, 33, False, 1, 0, 24, 20), (True, True, True, 33, False, 1, 1, 24, 20),
+     (True, True, True, 27, False, 1, 1, 32, 64)],
 )  # fmt: skip
 def test_layer_kernels_forward_keep_and_backward_equal_array_code(tmp_path, monkeypatch, dotr, normalize, smooth, ns,
-                                                                  nobias, wring, H):  # fmt: skip
+                                                                  nobias, wring, wdeep, H, E):  # fmt: skip
     """Two layers forward (keeping what backward reads) and backward with the kernels, chained per layer as the
     engine would, = attention_forward / attention_backward's array code in FP64: the output, df/dG, df/d r,
     df/d sw (each layer's d sw, d r terms added by its backward; the grid smaller than the centres). WRING 0: the
-    weights read by each warp from device memory instead of the block's ring in shared memory. H 24: an odd
-    number of H's tiles (the backward's do in halves of 2 and 1)."""
+    weights read by each warp from device memory instead of through shared memory; WDEEP 0: every product through
+    the two-stage ring (not the deep rings in free shared arrays). H 24: an odd number of H's tiles (with WDEEP 0
+    the backward's do in halves of 2 and 1). E 64: deep rings that wrap (5 stages for 9 tiles) and products that
+    fall back to the two-stage ring (too few stages fit), in one kernel."""
     extra = {"nobias": nobias} if nobias else None
     p, inputs, dG_out, (want, want_dG, want_dr, want_dsw) = _two_layer_case(
-        monkeypatch, dotr, normalize, smooth, ns, H=H, extra=extra
+        monkeypatch, dotr, normalize, smooth, ns, H=H, E=E, extra=extra
     )
     G, mask = inputs[:2]
-    emu = _Emu(tmp_path, p, G.shape[1], G.shape[2], p.hidden_dim, wring=wring)
+    emu = _Emu(tmp_path, p, G.shape[1], G.shape[2], p.hidden_dim, wring=wring, wdeep=wdeep)
     lws = [attn_layer.LayerWeights.of(layer, np, round_tf32=False) for layer in p.layers]
     _, x, caches, dx, dsw, dr = _chain(emu, lws, inputs, dG_out)
     assert rel_err(x, want) < 2e-6

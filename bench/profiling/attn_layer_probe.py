@@ -14,6 +14,7 @@ median CUDA-event times per call over the chunk, in us per centre (= per atom) a
   fused fwd        -- attn_layer.forward, layer after layer, nothing kept
   fused fwd keep   -- the same keeping what attn_layer.backward reads (q, k, v, norms, LayerNorm's xhat)
   fused bwd        -- attn_layer.backward, layer after layer
+  ... nodeep       -- the fused kernels with WDEEP 0: every W product through the two-stage ring (session 32's)
   ... noring       -- the fused kernels with WRING 0: each warp streams the weights from L2 itself (session 31's)
 Errors: max |out - out_FP64| / max |out_FP64| (forward) and the same of df/dG, df/dr, df/dsw (backward) of the
 fused kernels and the engine's cuBLAS TF32 path; the FP64 reference is the engine's FP64 path. Kernel
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
         return (x, caches) if keep else x
 
     out_fused, fcaches = fused(True)
-    noring = (("WRING", 0),)
+    variants = {"nodeep": (("WDEEP", 0),), "noring": (("WRING", 0),)}
 
     def fused_bwd(extra=()):
         dsw, dr = cp.zeros((B, n), dtype=cp.float32), cp.zeros((B, n, 3), dtype=cp.float32)
@@ -154,8 +155,10 @@ def main(argv=None) -> int:
     def rel(a, b):
         return float(cp.abs(a - b).max()) / float(cp.abs(b).max())
 
-    err = {"fused": rel(out_fused, ref), "engine_tf32": rel(out_tf32, ref), "noring": rel(fused(extra=noring), ref)}
-    for label, got in (("fused", fused_bwd()), ("engine_tf32", engine_bwd()), ("noring", fused_bwd(noring))):
+    err = {"fused": rel(out_fused, ref), "engine_tf32": rel(out_tf32, ref)}
+    err |= {v: rel(fused(extra=extra), ref) for v, extra in variants.items()}
+    bwds = {"fused": fused_bwd(), "engine_tf32": engine_bwd()} | {v: fused_bwd(x) for v, x in variants.items()}
+    for label, got in bwds.items():
         for name, g, w in zip(("dG", "dr", "dsw"), got, ref_b):
             err[f"{label}_{name}"] = rel(g, w)
     t = {
@@ -165,10 +168,11 @@ def main(argv=None) -> int:
         "fused_fwd": _time(cp, fused, args.reps),
         "fused_fwd_keep": _time(cp, lambda: fused(True), args.reps),
         "fused_bwd": _time(cp, fused_bwd, args.reps),
-        "noring_fwd": _time(cp, lambda: fused(extra=noring), args.reps),
-        "noring_fwd_keep": _time(cp, lambda: fused(True, noring), args.reps),
-        "noring_bwd": _time(cp, lambda: fused_bwd(noring), args.reps),
     }
+    for v, x in variants.items():
+        t[f"{v}_fwd"] = _time(cp, lambda x=x: fused(extra=x), args.reps)
+        t[f"{v}_fwd_keep"] = _time(cp, lambda x=x: fused(True, x), args.reps)
+        t[f"{v}_bwd"] = _time(cp, lambda x=x: fused_bwd(x), args.reps)
     us = {k: v / B / nl * 1e6 for k, v in t.items()}  # per centre and layer
     flop = 2 * (n * E * 3 * H + 2 * n * n * H + n * H * E)  # per centre and layer, forward
     defs = attn_layer._defines(n, E, H, True, True, True, p.nnei)

@@ -20,14 +20,15 @@
 #include "attn_layer_common.cuh"
 
 // z (the warp's 16 rows of one of q, k, v) = x W + b, normalized per row if NORMALIZE; rows >= n zeroed.
-// xa: x's A fragments; wp: W in B-fragment order (KE x HT products); ring: wprod's.
+// xa: x's A fragments; wp: W in B-fragment order (KE x HT products); region, REG, ring: wprod_deep's.
+template <int REG>
 __device__ __forceinline__ void project(const unsigned (&xa)[KE][4], const float2* __restrict__ wp,
-                                        const float* __restrict__ bias, float2* ring, bool in0, bool in1,
-                                        float (&z)[HT][4], float& inv0, float& inv1) {
+                                        const float* __restrict__ bias, float2* region, float2* ring, bool in0,
+                                        bool in1, float (&z)[HT][4], float& inv0, float& inv1) {
   const int t = threadIdx.x & 3;
 #pragma unroll
   for (int c = 0; c < HT; ++c) z[c][0] = z[c][2] = bias[8 * c + 2 * t], z[c][1] = z[c][3] = bias[8 * c + 2 * t + 1];
-  wprod<KE, HT, RSF>(wp, HT * 32, ring, z, [&](int k, unsigned& a0, unsigned& a1, unsigned& a2, unsigned& a3) {
+  wprod_deep<KE, HT, REG>(wp, HT * 32, region, ring, z, [&](int k, unsigned& a0, unsigned& a1, unsigned& a2, unsigned& a3) {
     a0 = xa[k][0], a1 = xa[k][1], a2 = xa[k][2], a3 = xa[k][3];
   });
   float s0 = 0.f, s1 = 0.f;
@@ -72,7 +73,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
                    float* __restrict__ xhat, float* __restrict__ rstd) {
   DYN_SMEM(smem);
 #if WRING
-  __shared__ __align__(16) float2 ring[2 * RSF];  // W tiles (wprod)
+  __shared__ __align__(16) float2 ring[2 * RSF];  // W tiles (wprod) where no shared array is free
 #else
   float2* ring = nullptr;
 #endif
@@ -107,7 +108,9 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     }
     PHASE(0);
     float z[HT][4], iv0, iv1;
-    project(xa, wqkv + KE * HT * 32, bqkv + H, ring, in0, in1, z, iv0, iv1);  // k
+    // k and v: W's ring in v^T's space (free until v^T is written); q: the two-stage ring
+    float2* vt2 = reinterpret_cast<float2*>(vt);
+    project<H * LDV / 2>(xa, wqkv + KE * HT * 32, bqkv + H, vt2, ring, in0, in1, z, iv0, iv1);  // k
 #if KEEP
     keep_rows(z, iv0, iv1, y + (P + base) * H, inv + P + base, i0, i1, in0, in1);
 #endif
@@ -118,10 +121,11 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       ks[i1 * LDK + h] = __uint_as_float(tf32(z[c][2])), ks[i1 * LDK + h + 1] = __uint_as_float(tf32(z[c][3]));
     }
     PHASE(1);
-    project(xa, wqkv + 2 * KE * HT * 32, bqkv + 2 * H, ring, in0, in1, z, iv0, iv1);  // v
+    project<H * LDV / 2>(xa, wqkv + 2 * KE * HT * 32, bqkv + 2 * H, vt2, ring, in0, in1, z, iv0, iv1);  // v
 #if KEEP
     keep_rows(z, iv0, iv1, y + (2 * P + base) * H, inv + 2 * P + base, i0, i1, in0, in1);
 #endif
+    __syncthreads();  // every warp is done with the ring in v^T's space
 #pragma unroll
     for (int c = 0; c < HT; ++c) {
       const int h = 8 * c + 2 * t;
@@ -129,7 +133,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       vt[h * LDV + i1] = __uint_as_float(tf32(z[c][2])), vt[(h + 1) * LDV + i1] = __uint_as_float(tf32(z[c][3]));
     }
     PHASE(2);
-    project(xa, wqkv, bqkv, ring, in0, in1, z, iv0, iv1);  // q, scaled below
+    project<0>(xa, wqkv, bqkv, nullptr, ring, in0, in1, z, iv0, iv1);  // q, scaled below
 #if KEEP
     keep_rows(z, iv0, iv1, y + base * H, inv + base, i0, i1, in0, in1);
 #endif
@@ -194,7 +198,8 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     }
     PHASE(7);
     float hh[KE][4];
-    prod_acc<HT, KE, RSF>(o, wout, KE * 32, ring, hh);
+    // W_out's ring in k's space: every warp is past the logits once wprod's first barrier is
+    prod_acc<HT, KE, N * LDK / 2>(o, wout, KE * 32, reinterpret_cast<float2*>(ks), ring, hh);
     PHASE(8);
     // LayerNorm(h + b_out + x) per row (attention.py's _layer_forward)
     float m0 = 0.f, m1 = 0.f;

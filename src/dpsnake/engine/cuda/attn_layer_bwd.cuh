@@ -4,12 +4,12 @@
 // layout over H) through y = z / |z| (NORMALIZE): dz = (d - y p) inv with p = d . y per row (p0, p1: the caller's,
 // from the (n, n) matrices, see the row chain backward), formed per k tile as the product's A operand (permuted):
 // y is read once, never held whole (registers). Y: the rows of y (n, H) in device memory; wT: W^T in B-fragment
-// order (HT x KE products, permuted); ring: wprod's.
+// order (HT x KE products, permuted); region: an (N, LDK) array free during the product (wprod_deep), ring: wprod's.
 __device__ __forceinline__ void dz_acc(const float (&d)[HT][4], const float* __restrict__ Y, float inv0, float inv1,
-                                       float p0, float p1, const float2* __restrict__ wT, float2* ring,
+                                       float p0, float p1, const float2* __restrict__ wT, float* region, float2* ring,
                                        float (&acc)[KE][4], int i0, int i1, bool in0, bool in1) {
   const int t = threadIdx.x & 3;
-  wprod<HT, KE, RSB>(wT, KE * 32, ring, acc, [&](int c, unsigned& a0, unsigned& a1, unsigned& a2, unsigned& a3) {
+  wprod_deep<HT, KE, N * LDK / 2>(wT, KE * 32, reinterpret_cast<float2*>(region), ring, acc, [&](int c, unsigned& a0, unsigned& a1, unsigned& a2, unsigned& a3) {
 #if NORMALIZE
     const int h = 8 * c + 2 * t;
     const float2 zero = make_float2(0.f, 0.f);
@@ -40,21 +40,42 @@ __device__ __forceinline__ void prod_mty(const float* __restrict__ M, const floa
   }
 }
 
-// Ys (N, LDK) = Y (n, H) TF32-rounded, rows past n zero (float4 loads; the caller syncs before and after)
+// Ys (N, LDK) = Y (n, H) TF32-rounded, rows past n zero (float4 loads, four in flight per thread; the caller syncs
+// before and after)
 __device__ __forceinline__ void stage_rows(const float* __restrict__ Y, float* Ys, int n) {
-  for (int k = threadIdx.x; k < N * H / 4; k += 32 * NW) {
-    const int row = (4 * k) / H, col = (4 * k) % H;
-    float4 v = row < n ? reinterpret_cast<const float4*>(Y)[k] : make_float4(0.f, 0.f, 0.f, 0.f);
-    float* d = Ys + row * LDK + col;
-    d[0] = __uint_as_float(tf32(v.x)), d[1] = __uint_as_float(tf32(v.y));
-    d[2] = __uint_as_float(tf32(v.z)), d[3] = __uint_as_float(tf32(v.w));
+  for (int k0 = threadIdx.x; k0 < N * H / 4; k0 += 4 * 32 * NW) {
+    float4 v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int k = k0 + u * 32 * NW;
+      v[u] = (k < N * H / 4 && (4 * k) / H < n) ? reinterpret_cast<const float4*>(Y)[k]
+                                                  : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int k = k0 + u * 32 * NW;
+      if (k < N * H / 4) {
+        float* d = Ys + ((4 * k) / H) * LDK + (4 * k) % H;
+        d[0] = __uint_as_float(tf32(v[u].x)), d[1] = __uint_as_float(tf32(v[u].y));
+        d[2] = __uint_as_float(tf32(v[u].z)), d[3] = __uint_as_float(tf32(v[u].w));
+      }
+    }
   }
 }
+
+// the backward's do = dh W_out^T whole, its ring in v's space (v is staged after it), where wprod_deep gets three
+// stages (else in two halves through the two-stage ring, whose stages hold max(KE, HTA) tiles)
+#if WRING && WDEEP && (N * LDK / 2) / (HT * 32) > 2 && KE >= 2
+#define DO_DEEP 1
+#else
+#define DO_DEEP 0
+#endif
 
 // From dout = dLoss/d out (B, n, E) and what the forward kept (y, inv, xhat, rstd): dx (B, n, E) = dLoss/dx
 // (written), and the layer's terms of dLoss/d sw (B, n) (SMOOTH) and dLoss/d r (B, n, 3) (DOTR) added. woutT (KE,
 // HT, 32) and wqkvT (3, HT, KE, 32) float2: W_out^T and W_q^T, W_k^T, W_v^T in B-fragment order (permuted).
-// Shared memory: two (N, LDK) arrays, k and v, then k and do, then q and do; the W ring. scratch: 3 N N floats per
+// Shared memory: two (N, LDK) arrays, k and v, then k and do, then q and do, also the W rings of products that
+// run while one of them is free (wprod_deep); the block's two-stage W ring for the others. scratch: 3 N N floats per
 // block (A = T F; dL; L + SHIFT), device memory read back within the block (L2).
 // Steps: LayerNorm backward -> dh (dx = dh, the residual); do = dh W_out^T; dA = do v^T; L and T again (as the
 // forward); the row chain backward -> dL, d sw, d r, and the rows' dots the q/k/v normalisation's backward needs
@@ -75,7 +96,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
   // may differ between runs, as cuBLAS's split-k sums may
   __shared__ float sws[N], rs[3 * N], mk[N], gsw[N], gr[3 * N], pv[N], pk[N];
 #if WRING
-  __shared__ __align__(16) float2 ring[2 * RSB];  // W tiles (wprod)
+  __shared__ __align__(16) float2 ring[2 * RSB];  // W tiles (wprod) where no shared array is free
 #else
   float2* ring = nullptr;
 #endif
@@ -98,8 +119,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       gsw[j] = pv[j] = pk[j] = 0.f;
       for (int d = 0; d < 3; ++d) rs[3 * j + d] = in ? r[(base + j) * 3 + d] : 0.f, gr[3 * j + d] = 0.f;
     }
-    stage_rows(yk, ks, n);
-    stage_rows(yv, vs, n);
+    stage_rows(yk, ks, n);  // v: after do's product (its ring in v's space)
     __syncthreads();
     PHASE(0);
     float* dxb = dx + base * E;
@@ -142,12 +162,19 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     float dA[NT][4];
     {
       float o[HT][4];
-      // in two halves of H's tiles: the ring's stages hold KE tiles (shared memory for two blocks per SM)
-      prod_acc<KE, HTA, RSB>(dh, woutT, HT * 32, ring, *reinterpret_cast<float(*)[HTA][4]>(&o[0]));
+#if DO_DEEP
+      prod_acc<KE, HT, N * LDK / 2>(dh, woutT, HT * 32, reinterpret_cast<float2*>(vs), ring, o);
+#else
+      // in two halves of H's tiles: the two-stage ring's stages hold KE tiles (shared memory for two blocks per SM)
+      prod_acc<KE, HTA, 0>(dh, woutT, HT * 32, nullptr, ring, *reinterpret_cast<float(*)[HTA][4]>(&o[0]));
 #if HT > HTA
-      prod_acc<KE, HT - HTA, RSB>(dh, woutT + HTA * 32, HT * 32, ring,
-                                  *reinterpret_cast<float(*)[HT - HTA][4]>(&o[HTA]));
+      prod_acc<KE, HT - HTA, 0>(dh, woutT + HTA * 32, HT * 32, nullptr, ring,
+                                *reinterpret_cast<float(*)[HT - HTA][4]>(&o[HTA]));
 #endif
+#endif
+      __syncthreads();  // every warp is done with the ring in v's space
+      stage_rows(yv, vs, n);
+      __syncthreads();
 #pragma unroll
       for (int jt = 0; jt < NT; ++jt) dA[jt][0] = dA[jt][1] = dA[jt][2] = dA[jt][3] = 0.f;
 #pragma unroll
@@ -316,19 +343,22 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       }
 #pragma unroll
       for (int c = 0; c < HT; ++c) dq[c][0] *= s, dq[c][1] *= s, dq[c][2] *= s, dq[c][3] *= s;
-      dz_acc(dq, yq, in0 ? inv[base + i0] : 0.f, in1 ? inv[base + i1] : 0.f, pq0, pq1, wqkvT, ring, acc, i0, i1, in0,
-             in1);
+      // the ring in k's space: every warp is past its dq product (the last read of k) at wprod's first barrier
+      dz_acc(dq, yq, in0 ? inv[base + i0] : 0.f, in1 ? inv[base + i1] : 0.f, pq0, pq1, wqkvT, ks, ring, acc, i0, i1,
+             in0, in1);
     }
     PHASE(7);
-    __syncthreads();  // every warp is done with k; do, A and dL of every row are written, pv and pk summed
+    __syncthreads();  // every warp is done with the ring in k's space; do, A and dL of every row are written, pv and
+                      // pk summed
     stage_rows(yq, ks, n);
     __syncthreads();
     PHASE(8);
     {
       float dv[HT][4];
       prod_mty(As, vs, dv);  // dv = A^T do
+      // dv's and dk's rings in do's space: every warp is past dv's product (the last read of do) at the first barrier
       dz_acc(dv, yv, in0 ? inv[2 * P + base + i0] : 0.f, in1 ? inv[2 * P + base + i1] : 0.f, pv[i0], pv[i1],
-             wqkvT + 2 * HT * KE * 32, ring, acc, i0, i1, in0, in1);
+             wqkvT + 2 * HT * KE * 32, vs, ring, acc, i0, i1, in0, in1);
     }
     PHASE(9);
     {
@@ -337,7 +367,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
 #pragma unroll
       for (int c = 0; c < HT; ++c) dk[c][0] *= s, dk[c][1] *= s, dk[c][2] *= s, dk[c][3] *= s;
       dz_acc(dk, yk, in0 ? inv[P + base + i0] : 0.f, in1 ? inv[P + base + i1] : 0.f, pk[i0], pk[i1],
-             wqkvT + HT * KE * 32, ring, acc, i0, i1, in0, in1);
+             wqkvT + HT * KE * 32, vs, ring, acc, i0, i1, in0, in1);
     }
 #pragma unroll
     for (int nt = 0; nt < KE; ++nt)

@@ -1,5 +1,5 @@
 // Shared by attn_layer.cu's forward and attn_layer_bwd.cuh's backward: sizes, the TF32 product, lane sums.
-#if !defined(KEEP) || !defined(WRING) || !defined(MINB)
+#if !defined(KEEP) || !defined(WRING) || !defined(WDEEP) || !defined(MINB)
 #error "attn_layer: compile with attn_layer.defines()' constants"
 #endif
 
@@ -61,10 +61,14 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+// this thread's copies of all but its newest NP groups are in shared memory
+template <int NP>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(NP) : "memory");
+}
 #endif
 #ifndef DYN_SMEM
-#define DYN_SMEM(name) extern __shared__ float name[]
+#define DYN_SMEM(name) extern __shared__ __align__(16) float name[]  // 16 B: wprod_deep's rings
 #endif
 
 // over the 4 lanes of a group (one row)
@@ -130,7 +134,7 @@ __device__ __forceinline__ void softmax_rows(float (&L)[NT][4], const float* sws
   f0 = mk[i0] / fmaxf(d0, 1.f), f1 = mk[i1] / fmaxf(d1, 1.f);
 }
 
-// The block's threads copy M8 x 32 float2 (one k tile of B fragments) from src to dst (cp.async, one group).
+// The block's threads copy M8 x 32 float2 (one k tile of B fragments) from src to dst (cp.async; the caller commits).
 template <int M8>
 __device__ __forceinline__ void ring_load(float2* dst, const float2* __restrict__ src) {
 #pragma unroll
@@ -138,33 +142,40 @@ __device__ __forceinline__ void ring_load(float2* dst, const float2* __restrict_
     const int i = threadIdx.x + r * 32 * NW;  // 16-byte chunks
     if (i < M8 * 16) cp_async16(dst + 2 * i, src + 2 * i);
   }
-  cp_async_commit();
 }
 
 // acc (the warp's 16 x 8 M8 tile row) += A W over K8 k tiles: W in B-fragment order, its tile k (M8 x 32 float2) at
 // w + k * kstride; A's fragments of tile k from a(k, a0, a1, a2, a3). With WRING the block copies W's tiles into
-// ``ring`` (two stages of RS float2 in shared memory; the next tile while this one is used), so the block reads W
-// from L2 once, not once per warp (each warp's own stream of W fragments was what bound these kernels: per centre
-// and layer the six warps pulled 1.3 MB of weights from L2). Every thread of the block calls it (barriers). A's
+// ``ring`` (S stages of M8 x 32 float2 in shared memory, S - 1 tiles in flight while one is used), so the block
+// reads W from L2 once, not once per warp (each warp's own stream of W fragments was what bound these kernels: per
+// centre and layer the six warps pulled 1.3 MB of weights from L2). S = 2 keeps one tile in flight: a tile's
+// products (~100 clocks of the block's tensor cores) hide little of L2's latency (~600+ clocks), hence
+// wprod_deep's deeper rings where shared memory is free. Every thread of the block calls it (barriers). A's
 // fragments of tile k + 1 are formed right after tile k's products are issued: where a() reads device memory
 // (dz_acc), that latency overlaps the wait for the next W tile.
-template <int K8, int M8, int RS, class AF>
+template <int K8, int M8, int S, class AF>
 __device__ __forceinline__ void wprod(const float2* __restrict__ w, int kstride, float2* ring, float (&acc)[M8][4],
                                       AF a) {
+  static_assert(S >= 2, "wprod: two stages at least");
   const int lane = threadIdx.x & 31;
   unsigned a0, a1, a2, a3;
   a(0, a0, a1, a2, a3);
 #if WRING
-  __syncthreads();  // every warp is done with the ring's previous product
-  ring_load<M8>(ring, w);
+  __syncthreads();  // every warp is done with what the ring's memory held before
+#pragma unroll
+  for (int k = 0; k < S - 1; ++k) {  // one group per stage, empty past K8: wait<S - 2> below then means tile k
+    if (k < K8) ring_load<M8>(ring + k * (M8 * 32), w + k * kstride);
+    cp_async_commit();
+  }
 #endif
 #pragma unroll
   for (int k = 0; k < K8; ++k) {
 #if WRING
-    cp_async_wait_all();
+    cp_async_wait<S - 2>();
     __syncthreads();  // tile k is in; every warp is done with tile k - 1, whose stage the next load overwrites
-    if (k + 1 < K8) ring_load<M8>(ring + ((k + 1) & 1) * RS, w + (k + 1) * kstride);
-    const float2* wk = ring + (k & 1) * RS;
+    if (k + S - 1 < K8) ring_load<M8>(ring + ((k + S - 1) % S) * (M8 * 32), w + (k + S - 1) * kstride);
+    cp_async_commit();
+    const float2* wk = ring + (k % S) * (M8 * 32);
 #else
     const float2* wk = w + k * kstride;
 #endif
@@ -177,15 +188,28 @@ __device__ __forceinline__ void wprod(const float2* __restrict__ w, int kstride,
   }
 }
 
+// wprod with its ring in ``region`` (REG float2 of shared memory that no warp reads or writes during this product,
+// 16-byte aligned), as many stages as fit, up to all K8 tiles in flight at once (WDEEP); else (WDEEP 0, or fewer
+// than three stages fit) the block's two-stage ``ring``. The caller syncs before it writes the region after.
+template <int K8, int M8, int REG, class AF>
+__device__ __forceinline__ void wprod_deep(const float2* __restrict__ w, int kstride, float2* region, float2* ring,
+                                           float (&acc)[M8][4], AF a) {
+  constexpr int fit = REG / (M8 * 32), S = fit < K8 + 1 ? fit : K8 + 1;
+  constexpr bool deep = WDEEP && S > 2;
+  wprod<K8, M8, deep ? S : 2>(w, kstride, deep ? region : ring, acc, a);
+}
+
 // acc (the warp's 16 x 8 M8 tile row) = a w: a (16 x 8 K8) in the accumulator layout, read as the A operand with
 // its columns permuted (attn_layer.cu's header), w in B-fragment order (K8 x M8 products, pack_b(permuted=True));
-// kstride: float2 between w's k tiles (M8 x 32 unless acc is a slice of a wider product's m tiles)
-template <int K8, int M8, int RS>
+// kstride: float2 between w's k tiles (M8 x 32 unless acc is a slice of a wider product's m tiles); region, REG:
+// wprod_deep's
+template <int K8, int M8, int REG>
 __device__ __forceinline__ void prod_acc(const float (&a)[K8][4], const float2* __restrict__ w, int kstride,
-                                         float2* ring, float (&acc)[M8][4]) {
+                                         float2* region, float2* ring, float (&acc)[M8][4]) {
 #pragma unroll
   for (int m = 0; m < M8; ++m) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0.f;
-  wprod<K8, M8, RS>(w, kstride, ring, acc, [&](int k, unsigned& a0, unsigned& a1, unsigned& a2, unsigned& a3) {
-    a0 = tf32(a[k][0]), a1 = tf32(a[k][2]), a2 = tf32(a[k][1]), a3 = tf32(a[k][3]);
-  });
+  wprod_deep<K8, M8, REG>(w, kstride, region, ring, acc,
+                          [&](int k, unsigned& a0, unsigned& a1, unsigned& a2, unsigned& a3) {
+                            a0 = tf32(a[k][0]), a1 = tf32(a[k][2]), a2 = tf32(a[k][1]), a3 = tf32(a[k][3]);
+                          });
 }
