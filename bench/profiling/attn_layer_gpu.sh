@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 21's whole-layer TF32 attention kernels (cuda/attn_layer.cu) measured on the lent GPU in one device call
 # (~7 min with the wheel install): where each kernel spends its cycles, the kernels against the cuBLAS TF32 path
-# (with and without the W ring), the force call against DeePMD-kit, and the GPU tests. From the repository root,
+# (deep rings, two-stage ring, no ring), the force call against DeePMD-kit, and the GPU tests (the emulated ones
+# run on the CPU machines). From the repository root,
 # `.whl` carried (bench/gpu_install.sh):
 #
 #   bash bench/profiling/attn_layer_gpu.sh [STAGES]     STAGES: any of phases probe ab tests ncu (default: the
@@ -30,7 +31,7 @@ for s in $STAGES; do
           --variants trim tf32 layer --deepmd --deepmd-fp32 --out "$OUT/ab" > "$OUT/ab.log" 2>&1
         grep -E "us/atom|Error|error" "$OUT/ab.log" | tail -10 ;;
     tests) timeout 240 python3 -m pytest -q -s tests/test_engine_attn_layer.py tests/test_engine_attn_gpu.py \
-             -k "gpu or layer or tf32" > "$OUT/tests.log" 2>&1
+             -k "on_gpu or cupy or tf32_context" > "$OUT/tests.log" 2>&1
            grep -E "attn_layer TF32|cuBLAS TF32|passed|failed|Error|assert" "$OUT/tests.log" | tail -30 ;;
     ncu) NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
          timeout 200 "$NCU" --kernel-name regex:attn_layer --launch-count 6 --section SpeedOfLight \
