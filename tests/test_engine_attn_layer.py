@@ -339,10 +339,12 @@ def _layer(E=20, H=32, seed=0):
 
 
 def test_defines():
-    """Two blocks per SM at the bench's size; a force call's module (KEEP) unless asked for the forward alone."""
+    """Two blocks per SM at the bench's size; a force call's module (KEEP, no W ring) unless asked for the forward
+    alone (the W rings)."""
     d = attn_layer.defines(88, 100, 128, 1, 1, 1, 120)
     assert d["MINB"] == 2 and d["KEEP"] == 1 and d["N"] == 96 and d["NPAD"] == 24
-    assert attn_layer.defines(88, 100, 128, 1, 1, 1, 120, keep=False)["KEEP"] == 0
+    alone = attn_layer.defines(88, 100, 128, 1, 1, 1, 120, keep=False)
+    assert alone["KEEP"] == 0 and alone["WRING"] == 1 and d["WRING"] == 0  # rings: the forward alone only
     assert attn_layer.defines(88, 100, 128, 1, 1, 1, 120, smem_per_sm=164 * 1024)["MINB"] == 1  # sm_80: one block
     with pytest.raises(ValueError, match="exceed the model's nnei 90"):
         attn_layer.defines(88, 100, 128, 1, 1, 1, 90)
