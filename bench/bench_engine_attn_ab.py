@@ -10,9 +10,10 @@ process. Variants (docs/benchmarks.md, "Left-out empty slots and cuBLAS op flags
     trim_nobmm  left-out slots, cupy.matmul
     array       the default without the attention's row kernels (family "attn" off)
     mixed       the default in mixed precision (FP32 nets and attention, FP64 geometry)
-    tf32        mixed with settings tf32 (the FP32 GEMMs on TF32 tensor cores)
-    layer       tf32 with each attention layer as one TF32 kernel per direction (family "attn_layer",
-                cuda/attn_layer.py)
+    tf32        mixed with settings tf32 (the FP32 GEMMs on TF32 tensor cores), the attention through cuBLAS
+                (family "attn_layer" off)
+    layer       the same with each attention layer as one TF32 kernel per direction (family "attn_layer",
+                cuda/attn_layer.py; the default with tf32)
 
 The force / energy differences of mixed and tf32 to base (FP64) are their accuracy.
 
@@ -177,8 +178,8 @@ def main():
         ("trim_nobmm", {}, True, "double"),
         ("array", {"fast": DEFAULT_FAST - {"attn"}}, False, "double"),
         ("mixed", {}, False, "mixed"),
-        ("tf32", {"tf32": True}, False, "mixed"),
-        ("layer", {"tf32": True, "fast": DEFAULT_FAST | {"attn_layer"}}, False, "mixed"),
+        ("tf32", {"tf32": True, "fast": DEFAULT_FAST - {"attn_layer"}}, False, "mixed"),
+        ("layer", {"tf32": True}, False, "mixed"),
     ]
     variants_all = list(variants)
     if args.variants:

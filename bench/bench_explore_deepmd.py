@@ -376,8 +376,9 @@ def builtin_provider(models, xp, precision, compress=None):
             )
         dp_files.append(dp)
     cmp = Compression(min_nbor_dist=compress) if compress else None
-    # tf32layer: tf32 with the whole-layer attention kernels (opt-in family attn_layer, cuda/attn_layer.py)
-    fast = DEFAULT_FAST | {"attn_layer"} if precision == "tf32layer" else DEFAULT_FAST
+    # tf32layer: tf32 with the whole-layer attention kernels (family attn_layer, cuda/attn_layer.py, the default);
+    # tf32: the attention through cuBLAS
+    fast = DEFAULT_FAST if precision == "tf32layer" else DEFAULT_FAST - {"attn_layer"}
     settings = EngineSettings(tf32=precision in ("tf32", "tf32layer"), fast=fast)
     prec = "mixed" if precision in ("tf32", "tf32layer") else precision
     prov = EnsembleProvider(make_ensemble(dp_files, precision=prec, xp=xp, compress=cmp, settings=settings))

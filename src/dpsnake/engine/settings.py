@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 FAMILIES = ("nets", "env", "scatter", "desc", "nbr", "graph", "attn", "attn_core", "attn_layer")
-# attn_core and attn_layer are off by default: not faster than cuBLAS + the row kernels so far (attn_core 1.07x
-# slower on an H200; attn_layer 3.10 vs 3.01 us/atom on an H100, session 31: docs/benchmarks.md)
-DEFAULT_FAST = frozenset(FAMILIES) - {"attn_core", "attn_layer"}
+# attn_core is off by default: 1.07x slower than cuBLAS + the row kernels on an H200 (docs/benchmarks.md);
+# attn_layer (tf32 only) is on: a force call 2.865 vs 2.976 us/atom on an H100 (session 33), half the memory
+DEFAULT_FAST = frozenset(FAMILIES) - {"attn_core"}
 _CHOICES = {
     "select": ("warp", "thread"),
     "fused": ("auto", "on", "off"),
@@ -68,8 +68,7 @@ class EngineSettings:
     scatter, desc, nbr; graph = the MD integrator as CUDA graphs; attn = the row kernels of DPA-1's
     attention, cuda/attn_rows.py; attn_core = with attn on, FP64 layers as one fused kernel per direction,
     cuda/attn_core.py, not in the default: slower so far; attn_layer = with attn on and ``tf32`` in mixed
-    precision, each whole attention layer as one TF32 kernel per direction, cuda/attn_layer.py, not in the
-    default: not faster so far). "all" (``parse``, ``DPSNAKE_FAST=1``) is every
+    precision, each whole attention layer as one TF32 kernel per direction, cuda/attn_layer.py). "all" (``parse``, ``DPSNAKE_FAST=1``) is every
     family. Was ``DPSNAKE_FAST``."""
     select: str = "warp"
     """Neighbour-selection kernel: "warp" (a 32-thread block per centre) or "thread" (a thread per

@@ -14,20 +14,23 @@ The backward (attn_layer_bwd.cuh) reads what the forward kept (normalized q, k, 
 LayerNorm's xhat and rstd), stages k and v (then do, then q) in shared memory, recomputes the logits and
 the softmax, and sends the three (n, n) matrices whose transposes it needs (A, dL) or that a lane reads back
 (L) through a per-block scratch in device memory (grid x 3 N^2 floats, N = n rounded up to 16; mostly in L2).
-Both kernels read the weights through rings in shared memory that the block fills with ``cp.async``
-(attn_layer_common.cuh's ``wprod``), so they leave L2 once per block, not once per warp. A product that runs while
+With ``WRING`` the kernels read the weights through rings in shared memory that the block fills with ``cp.async``
+(attn_layer_common.cuh's ``wprod``): they leave L2 once per block, not once per warp. A product that runs while
 k's or v's array is free rings through that array, as many k tiles in flight as fit (``wprod_deep``, ``WDEEP``):
 with one tile in flight, a tile's products hide little of L2's latency. q's projection uses a two-stage ring.
+Without (``WRING 0``) each warp loads its weight fragments itself (through L1).
 
-Status (issue 21; docs/benchmarks.md, "Whole-layer TF32 kernels"): the cuBLAS TF32 path's error level against FP64
-(the same errors to two digits), but not faster in session 31 on an H100: forward without the cache 2.0x the cuBLAS
-path's, with it 0.85x, backward 0.92x; a force call 3.10 vs 3.01 us/atom, each warp streaming the weights from L2 on
-its own. Session 32 (no GPU lent) put the weights through a ring in shared memory, read once per block (``WRING``;
-``WRING 0`` is the old way, for A/B) and cut the backward's traffic; session 33 added the deep rings (``WDEEP 0``:
-session 32's two stages everywhere). So the family is opt-in
-(``settings.DEFAULT_FAST`` leaves it out) until a GPU run shows it faster. Tested without a GPU (g++ with threaded
-warps and an emulated ``mma``, exact or with cvt.rna's rounding; NVRTC for sm_90): tests/test_engine_attn_layer.py;
-on a GPU: that file and tests/test_engine_attn_gpu.py; ``bench/profiling/attn_layer_gpu.sh`` times them against the
+Status (issue 21; docs/benchmarks.md, "Whole-layer TF32 kernels"): the cuBLAS TF32 path's errors against FP64 (the
+same to two digits). Session 31 (H100): forward without the cache 2.0x the cuBLAS path's, with it 0.85x, backward
+0.92x, a force call 3.10 vs 3.01 us/atom. Session 32 (no GPU) added the ring and cut the backward's traffic, session
+33 the deep rings. On an H100 (session 33) the forward alone runs 0.170 us per centre and layer (deep rings; 0.179
+two-stage, 0.193 without a ring; the cuBLAS path 0.434), while a force call's kernels ran fastest without a ring
+(forward keeping 0.333 vs 0.431 deep, backward 0.656 vs 0.695; the cuBLAS path 0.435 and 0.726), so ``defines``
+gives the rings to the forward alone only. A force call with every kernel on the deep rings measured 2.865 us/atom
+against the cuBLAS path's 2.976: the family is in ``settings.DEFAULT_FAST`` (it runs where ``tf32`` is on). Tested
+without a GPU (g++ with threaded warps and an emulated ``mma``, exact or with cvt.rna's rounding; NVRTC for sm_90):
+tests/test_engine_attn_layer.py; on a GPU: that file and tests/test_engine_attn_gpu.py;
+``bench/profiling/attn_layer_gpu.sh`` times them against the
 cuBLAS path (attn_layer_probe.py), per phase (attn_layer_phases.py) and in a force call.
 """
 
