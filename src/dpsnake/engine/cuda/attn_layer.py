@@ -23,15 +23,14 @@ Without (``WRING 0``) each warp loads its weight fragments itself (through L1).
 Status (issue 21; docs/benchmarks.md, "Whole-layer TF32 kernels"): the cuBLAS TF32 path's errors against FP64 (the
 same to two digits). Session 31 (H100): forward without the cache 2.0x the cuBLAS path's, with it 0.85x, backward
 0.92x, a force call 3.10 vs 3.01 us/atom. Session 32 (no GPU) added the ring and cut the backward's traffic, session
-33 the deep rings. On an H100 (session 33) the forward alone runs 0.170 us per centre and layer (deep rings; 0.179
-two-stage, 0.193 without a ring; the cuBLAS path 0.434), while a force call's kernels ran fastest without a ring
-(forward keeping 0.333 vs 0.431 deep, backward 0.656 vs 0.695; the cuBLAS path 0.435 and 0.726), so ``defines``
-gives the rings to the forward alone only. A force call with every kernel on the deep rings measured 2.865 us/atom
-against the cuBLAS path's 2.976: the family is in ``settings.DEFAULT_FAST`` (it runs where ``tf32`` is on). Tested
-without a GPU (g++ with threaded warps and an emulated ``mma``, exact or with cvt.rna's rounding; NVRTC for sm_90):
+33 the deep rings. On an H100 (session 33) the forward alone runs 0.167 us per centre and layer (deep rings; 0.174
+two-stage, 0.191 without a ring; the cuBLAS path 0.429), while a force call's kernels ran fastest without a ring
+(forward keeping 0.338 vs 0.437 deep, backward 0.658 vs 0.702; the cuBLAS path 0.431 and 0.716), so ``defines``
+gives the rings to the forward alone only. A force call: 2.652 us/atom against the cuBLAS path's 2.947 (7.45x
+DeePMD-kit FP64), so the family is in ``settings.DEFAULT_FAST`` (it runs where ``tf32`` is on). Tested without a GPU
+(g++ with threaded warps and an emulated ``mma``, exact or with cvt.rna's rounding; NVRTC for sm_90):
 tests/test_engine_attn_layer.py; on a GPU: that file and tests/test_engine_attn_gpu.py;
-``bench/profiling/attn_layer_gpu.sh`` times them against the
-cuBLAS path (attn_layer_probe.py), per phase (attn_layer_phases.py) and in a force call.
+``bench/profiling/attn_layer_gpu.sh`` times them against the cuBLAS path (attn_layer_probe.py), per phase (attn_layer_phases.py) and in a force call.
 """
 
 from __future__ import annotations
@@ -168,7 +167,7 @@ def defines(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, n
         raise ValueError(f"attn_layer: {N} padded slots exceed the model's nnei {nnei}")
     minb = 2 if 2 * (_smem_max(N, E, H) + 1024) <= smem_per_sm else 1
     # the rings only for the forward alone: a force call's kernels (the forward keeping 205 KB per centre, the
-    # backward) ran faster without (H100, session 33: 0.333 vs 0.431 and 0.656 vs 0.695 us per centre and layer)
+    # backward) ran faster without (H100, session 33: 0.338 vs 0.437 and 0.658 vs 0.702 us per centre and layer)
     return {"KEEP": int(keep), "WRING": int(not keep), "WDEEP": 1, "N": N, "E": int(E), "H": int(H), "SMOOTH": int(smooth), "DOTR": int(dotr),
             "NORMALIZE": int(normalize), "NPAD": npad, "MINB": minb}  # fmt: skip
 
