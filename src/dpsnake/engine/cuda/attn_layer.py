@@ -30,7 +30,8 @@ gives the rings to the forward alone only. A force call: 2.652 us/atom against t
 DeePMD-kit FP64), so the family is in ``settings.DEFAULT_FAST`` (it runs where ``tf32`` is on). Tested without a GPU
 (g++ with threaded warps and an emulated ``mma``, exact or with cvt.rna's rounding; NVRTC for sm_90):
 tests/test_engine_attn_layer.py; on a GPU: that file and tests/test_engine_attn_gpu.py;
-``bench/profiling/attn_layer_gpu.sh`` times them against the cuBLAS path (attn_layer_probe.py), per phase (attn_layer_phases.py) and in a force call.
+``bench/profiling/attn_layer_gpu.sh`` times them against the cuBLAS path (attn_layer_probe.py), per phase
+(attn_layer_phases.py) and in a force call.
 """
 
 from __future__ import annotations
