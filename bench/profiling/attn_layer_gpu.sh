@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
 # Issue 21's whole-layer TF32 attention kernels (cuda/attn_layer.cu) measured on the lent GPU in one device call
-# (~7 min with the wheel install): where each kernel spends its cycles, the kernels against the cuBLAS TF32 path
-# (deep rings, two-stage ring, no ring), the force call against DeePMD-kit, and the GPU tests (the emulated ones
-# run on the CPU machines). From the repository root,
-# `.whl` carried (bench/gpu_install.sh):
+# (~3.5 min with the wheel install on an H100): where each kernel spends its cycles, the kernels against the cuBLAS
+# TF32 path (deep rings, two-stage ring, no ring), the force call against DeePMD-kit, and the GPU tests (the
+# emulated ones run on the CPU machines). From the repository root, `.whl` carried (bench/gpu_install.sh):
 #
 #   bash bench/profiling/attn_layer_gpu.sh [STAGES]     STAGES: any of phases probe ab tests ncu (default: the
 #                                                        first four; ncu: Nsight Compute on the probe's first six
-#                                                        layer launches: forward keeping (ring), forward alone
-#                                                        (no ring), backward (ring), two layers each)
+#                                                        layer launches: forward keeping (no ring), forward alone
+#                                                        with the deep rings, then two-stage, two layers each)
 #
 # Writes under $OUT (default /tmp/attn_layer_gpu): attn_layer_phases_<gpu>.json, attn_layer_probe_<gpu>.json,
 # ab/ (bench_engine_attn_ab.py's JSON and log), tests.log, ncu.txt; prints each stage's table and its wall time.
