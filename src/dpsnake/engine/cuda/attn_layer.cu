@@ -28,9 +28,10 @@ __device__ __forceinline__ void project(const unsigned (&xa)[KE][4], const float
   const int t = threadIdx.x & 3;
 #pragma unroll
   for (int c = 0; c < HT; ++c) z[c][0] = z[c][2] = bias[8 * c + 2 * t], z[c][1] = z[c][3] = bias[8 * c + 2 * t + 1];
-  wprod_deep<KE, HT, REG>(wp, HT * 32, region, ring, z, [&](int k, unsigned& a0, unsigned& a1, unsigned& a2, unsigned& a3) {
-    a0 = xa[k][0], a1 = xa[k][1], a2 = xa[k][2], a3 = xa[k][3];
-  });
+  wprod_deep<KE, HT, REG>(wp, HT * 32, region, ring, z,
+                          [&](int k, unsigned& a0, unsigned& a1, unsigned& a2, unsigned& a3) {
+                            a0 = xa[k][0], a1 = xa[k][1], a2 = xa[k][2], a3 = xa[k][3];
+                          });
   float s0 = 0.f, s1 = 0.f;
 #if NORMALIZE
 #pragma unroll

@@ -9,7 +9,9 @@ __device__ __forceinline__ void dz_acc(const float (&d)[HT][4], const float* __r
                                        float p0, float p1, const float2* __restrict__ wT, float* region, float2* ring,
                                        float (&acc)[KE][4], int i0, int i1, bool in0, bool in1) {
   const int t = threadIdx.x & 3;
-  wprod_deep<HT, KE, N * LDK / 2>(wT, KE * 32, reinterpret_cast<float2*>(region), ring, acc, [&](int c, unsigned& a0, unsigned& a1, unsigned& a2, unsigned& a3) {
+  float2* rg = reinterpret_cast<float2*>(region);
+  wprod_deep<HT, KE, N * LDK / 2>(wT, KE * 32, rg, ring, acc, [&](int c, unsigned& a0, unsigned& a1, unsigned& a2,
+                                                                  unsigned& a3) {
 #if NORMALIZE
     const int h = 8 * c + 2 * t;
     const float2 zero = make_float2(0.f, 0.f);

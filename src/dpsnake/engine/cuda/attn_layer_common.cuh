@@ -147,8 +147,9 @@ __device__ __forceinline__ void ring_load(float2* dst, const float2* __restrict_
 // acc (the warp's 16 x 8 M8 tile row) += A W over K8 k tiles: W in B-fragment order, its tile k (M8 x 32 float2) at
 // w + k * kstride; A's fragments of tile k from a(k, a0, a1, a2, a3). With WRING the block copies W's tiles into
 // ``ring`` (S stages of M8 x 32 float2 in shared memory, S - 1 tiles in flight while one is used), so the block
-// reads W from L2 once, not once per warp (each warp's own stream of W fragments was what bound these kernels: per
-// centre and layer the six warps pulled 1.3 MB of weights from L2). S = 2 keeps one tile in flight: a tile's
+// reads W from L2 once, not once per warp (per centre and layer six warps would pull 1.3 MB; on an H100 this pays
+// in the forward alone, not in a force call's kernels, whose device-memory stalls the barriers spread to every
+// warp: docs/benchmarks.md, "Session 33"). S = 2 keeps one tile in flight: a tile's
 // products (~100 clocks of the block's tensor cores) hide little of L2's latency (~600+ clocks), hence
 // wprod_deep's deeper rings where shared memory is free. Every thread of the block calls it (barriers). A's
 // fragments of tile k + 1 are formed right after tile k's products are issued: where a() reads device memory
