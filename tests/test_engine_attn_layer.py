@@ -217,7 +217,7 @@ def test_layer_kernels_forward_keep_and_backward_equal_array_code(tmp_path, monk
     df/d sw (each layer's d sw, d r terms added by its backward; the grid smaller than the centres). WRING 0: the
     weights read by each warp from device memory instead of through shared memory; WDEEP 0: every product through
     the two-stage ring (not the deep rings in free shared arrays). H 24: an odd number of H's tiles (with WDEEP 0
-    the backward's do in halves of 2 and 1). E 64: deep rings that wrap (5 stages for 9 tiles) and products that
+    the backward's do in halves of 2 and 1). E 64: deep rings that wrap (5 stages for 8 tiles) and products that
     fall back to the two-stage ring (too few stages fit), in one kernel."""
     extra = {"nobias": nobias} if nobias else None
     p, inputs, dG_out, (want, want_dG, want_dr, want_dsw) = _two_layer_case(
