@@ -68,8 +68,8 @@ class EngineSettings:
     scatter, desc, nbr; graph = the MD integrator as CUDA graphs; attn = the row kernels of DPA-1's
     attention, cuda/attn_rows.py; attn_core = with attn on, FP64 layers as one fused kernel per direction,
     cuda/attn_core.py, not in the default: slower so far; attn_layer = with attn on and ``tf32`` in mixed
-    precision, each whole attention layer as one TF32 kernel per direction, cuda/attn_layer.py). "all" (``parse``, ``DPSNAKE_FAST=1``) is every
-    family. Was ``DPSNAKE_FAST``."""
+    precision, each whole attention layer as one TF32 kernel per direction, cuda/attn_layer.py). "all"
+    (``parse``, ``DPSNAKE_FAST=1``) is every family. Was ``DPSNAKE_FAST``."""
     select: str = "warp"
     """Neighbour-selection kernel: "warp" (a 32-thread block per centre) or "thread" (a thread per
     centre). Was ``DPSNAKE_SELECT``."""
