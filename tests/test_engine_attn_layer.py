@@ -23,6 +23,12 @@ EMU = r"""
 struct float2 { float x, y; };
 static float2 make_float2(float a, float b) { return {a, b}; }
 static float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+struct uint2 { unsigned x, y; };
+struct uint4 { unsigned x, y, z, w; };
+static uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
+// FP16 as cvt.rn (g++'s _Float16 rounds to nearest, ties to even)
+static unsigned short f2h(float x) { _Float16 h = (_Float16)x; unsigned short u; std::memcpy(&u, &h, 2); return u; }
+static float h2f(unsigned short u) { _Float16 h; std::memcpy(&h, &u, 2); return (float)h; }
 static void __syncwarp() { WBAR[threadIdx.x / 32]->arrive_and_wait(); }
 static float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 static unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
@@ -68,7 +74,7 @@ assert EXACT_TF32 in EMU
 LAUNCH = r"""
 extern "C" void fwd(unsigned grid, const float* x, const float2* wqkv, const float* bqkv, const float2* wout,
                     const float* bout, const float* gamma, const float* beta, float eps, const float* sw,
-                    const float* r, const unsigned char* mask, long long B, int n, float s, float* out, float* y,
+                    const float* r, const unsigned char* mask, long long B, int n, float s, float* out, ystore* y,
                     float* inv, float* xhat, float* rstd) {
   launch(grid, 32 * NW, [=] {
     attn_layer_fwd(x, wqkv, bqkv, wout, bout, gamma, beta, eps, sw, r, mask, B, n, s, out, y, inv, xhat, rstd);
@@ -76,7 +82,7 @@ extern "C" void fwd(unsigned grid, const float* x, const float2* wqkv, const flo
 }
 #if KEEP
 extern "C" void bwd(unsigned grid, const float* dout, const float* xhat, const float* rstd, const float* gamma,
-                    const float* y, const float* inv, const float2* woutT, const float2* wqkvT, const float* sw,
+                    const ystore* y, const float* inv, const float2* woutT, const float2* wqkvT, const float* sw,
                     const float* r, const unsigned char* mask, long long B, int n, float s, float* scratch, float* dx,
                     float* dsw, float* dr) {
   launch(grid, 32 * NW, [=] {
@@ -93,12 +99,13 @@ def _ptr(a):
 
 class _Emu:
     """attn_layer.py's forward / backward with the kernels run by g++ (threaded warps), on NumPy FP32 arrays;
-    ``keep``: a force call's kernels (the forward keeps the backward's inputs), else the forward alone."""
+    ``keep``: a force call's kernels (the forward keeps the backward's inputs), else the forward alone; ``yh``: q, k,
+    v kept in FP16 (YH) or FP32 (0), None: as attn_layer.defines sets it."""
 
-    def __init__(self, tmp_path, p, n, E, H, keep=True, wring=1, tf32=False, wdeep=1):
+    def __init__(self, tmp_path, p, n, E, H, keep=True, wring=1, tf32=False, wdeep=1, yh=0):
         self.p = p
         defs = attn_layer.defines(n, E, H, p.smooth, p.dotr, p.normalize, p.nnei, keep)
-        self.defs = defs | {"WRING": wring, "WDEEP": wdeep}
+        self.defs = defs | {"WRING": wring, "WDEEP": wdeep} | ({} if yh is None else {"YH": yh})
         tag = "_".join(str(v) for v in self.defs.values()) + ("_tf32" if tf32 else "")
         emu = EMU.replace(EXACT_TF32, ROUND_TF32) if tf32 else EMU
         src = THREADED_CUDA_STUB + emu + attn_layer.source(**self.defs) + LAUNCH
@@ -111,7 +118,9 @@ class _Emu:
         out = np.full((B, n, E), np.nan, dtype=np.float32)
         cache = None
         if keep:
-            cache = [np.full(s, np.nan, dtype=np.float32) for s in ((3, B, n, lw.H), (3, B, n), (B, n, E), (B, n))]
+            shapes = ((3, B, n, lw.H), (3, B, n), (B, n, E), (B, n))
+            cache = [np.full(s, np.nan, dtype=attn_layer.y_dtype(self.defs) if k == 0 else np.float32)
+                     for k, s in enumerate(shapes)]  # fmt: skip
         w = (lw.wqkv, lw.bqkv, lw.wout, lw.bout, lw.gamma, lw.beta)
         kp = [_ptr(a) for a in cache] if keep else [None] * 4
         self.lib.fwd(grid, _ptr(f32[0]), *map(_ptr, w), ctypes.c_float(lw.eps), _ptr(f32[1]), _ptr(f32[2]),
@@ -268,15 +277,56 @@ def test_layer_kernels_other_flag_sets_and_shapes(tmp_path, monkeypatch, dotr, n
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
+@pytest.mark.parametrize(
+    "dotr,smooth,ns,wring,H,E",
+    [(True, True, 27, 1, 32, 20), (True, True, 33, 1, 24, 20), (False, False, 19, 0, 24, 16), (True, True, 27, 1, 32, 64)],
+)  # fmt: skip
+def test_fp16_cache_is_the_fp32_cache_rounded(tmp_path, monkeypatch, dotr, smooth, ns, wring, H, E):
+    """YH (a force call's kernels with NORMALIZE keep q, k, v in FP16): the forward's y is the FP32 build's rounded
+    to FP16 (bit for bit, in the same order: the layout is shared), everything else it writes equal; the backward
+    from it equals the FP32 build's backward from that rounded y (to the atomics' last bits); both near the FP64 array code (the
+    rounding moves df/dG ~3e-6, df/dr and df/dsw ~2e-4 with exact products; with TF32's, < 1%: next test). H 24:
+    an odd last tile (stored alone); E 64: the deep rings that wrap."""
+    p, inputs, dG_out, (want, want_dG, want_dr, want_dsw) = _two_layer_case(
+        monkeypatch, dotr, True, smooth, ns, H=H, E=E
+    )
+    G, mask, r, sw = inputs
+    n = G.shape[1]
+    e16, e32 = (_Emu(tmp_path, p, n, E, H, wring=wring, yh=yh) for yh in (1, 0))
+    assert attn_layer.defines(n, E, H, smooth, dotr, True, p.nnei)["YH"] == 1  # the engine's build
+    lws = [attn_layer.LayerWeights.of(layer, np, round_tf32=False) for layer in p.layers]
+    xs, x, caches, dx, dsw, dr = _chain(e16, lws, inputs, dG_out)
+    for lw, xin, xout, c16 in zip(lws, xs, xs[1:] + [x], caches):
+        out32, c32 = e32.forward(lw, xin, mask, r, sw, grid=3, keep=True)
+        assert c16[0].dtype == np.float16 and c32[0].dtype == np.float32
+        assert np.array_equal(c16[0].view(np.uint16), c32[0].astype(np.float16).view(np.uint16))
+        assert np.array_equal(xout, out32) and all(np.array_equal(a, b) for a, b in zip(c16[1:], c32[1:]))
+    # the backward, last layer: from the FP16 y and from the FP32 build's y rounded
+    lw, c16 = lws[-1], caches[-1]
+    _, c32 = e32.forward(lw, xs[-1], mask, r, sw, grid=3, keep=True)
+    c32[0] = c32[0].astype(np.float16).astype(np.float32)
+    z = [np.zeros(a.shape, np.float32) for a in (mask, r, mask, r)]
+    b16 = e16.backward(lw, c16, dG_out.astype(np.float32), mask, r, sw, 5, z[0], z[1])
+    b32 = e32.backward(lw, c32, dG_out.astype(np.float32), mask, r, sw, 5, z[2], z[3])
+    # to the last bits: the kernel's shared-memory atomics (d sw, d r, and the p's of dx) sum in any order
+    assert rel_err(b16, b32) < 1e-6 and rel_err(z[0], z[2]) < 1e-6 and rel_err(z[1], z[3]) < 1e-6
+    assert rel_err(x, want) < 2e-6 and rel_err(dx, want_dG) < 1e-5, (rel_err(x, want), rel_err(dx, want_dG))
+    assert (rel_err(dsw, want_dsw[..., 0]) < 1e-3) if smooth else not dsw.any()
+    assert (rel_err(dr, want_dr) < 1e-3) if dotr else not dr.any()
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
 def test_layer_kernels_within_tf32_rounding(tmp_path, monkeypatch):
     """The kernels' precision without a GPU: operands rounded as cvt.rna does and the weights as
-    LayerWeights.of rounds them, two layers forward (keeping) and backward vs the FP64 array code. The bounds are
-    ~4x what this emulation gives (out 2.9e-5, df/dG 1.1e-5, df/dr 2.3e-4, df/dsw 5.5e-4; session 31's kernels
-    the same to 1%; on an H100 the cuBLAS TF32 path at the bench's shape: 1.5e-5, 2.3e-5, 5.3e-4, 4.6e-4), and
-    exact operands give < 2e-6 (test above): the rounding is what is measured."""
+    LayerWeights.of rounds them, two layers forward (keeping, q, k, v in FP16 as the engine's build) and backward
+    vs the FP64 array code. The bounds are ~4x what this emulation gives (out 2.9e-5, df/dG 1.1e-5, df/dr 2.3e-4,
+    df/dsw 5.5e-4, the same to 1% with an FP32 y and with session 31's kernels; on an H100 the cuBLAS TF32 path at
+    the bench's shape: 1.5e-5, 2.3e-5, 5.3e-4, 4.6e-4), and exact operands give < 2e-6 (tests above): the rounding
+    is what is measured."""
     p, inputs, dG_out, (want, want_dG, want_dr, want_dsw) = _two_layer_case(monkeypatch, True, True, True, 40, nb=6)
     G = inputs[0]
-    emu = _Emu(tmp_path, p, G.shape[1], G.shape[2], p.hidden_dim, tf32=True)
+    emu = _Emu(tmp_path, p, G.shape[1], G.shape[2], p.hidden_dim, tf32=True, yh=None)
+    assert emu.defs["YH"] == 1
     lws = [attn_layer.LayerWeights.of(layer, np) for layer in p.layers]
     _, x, _, dx, dsw, dr = _chain(emu, lws, inputs, dG_out)
     errs = [rel_err(x, want), rel_err(dx, want_dG), rel_err(dr, want_dr), rel_err(dsw, want_dsw[..., 0])]

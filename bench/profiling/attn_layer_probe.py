@@ -12,12 +12,13 @@ median CUDA-event times per call over the chunk, in us per centre (= per atom) a
   engine fwd       -- the same without the cache
   engine bwd       -- attention_backward from the kept cache
   fused fwd        -- attn_layer.forward, layer after layer, nothing kept
-  fused fwd keep   -- the same keeping what attn_layer.backward reads (q, k, v, norms, LayerNorm's xhat)
+  fused fwd keep   -- the same keeping what attn_layer.backward reads (q, k, v in FP16, norms, LayerNorm's xhat)
   fused bwd        -- attn_layer.backward, layer after layer
   (fused: attn_layer.defines' constants: the W rings in the forward alone, none in a force call's kernels)
   ... deep         -- the fused kernels with the deep W rings (WRING 1, WDEEP 1)
   ... nodeep       -- with WDEEP 0: every W product through the two-stage ring (session 32's)
   ... noring       -- the fused kernels with WRING 0: each warp streams the weights from L2 itself (session 31's)
+  ... fp32y        -- a force call's kernels keeping q, k, v in FP32 (YH 0, session 33's)
 Errors: max |out - out_FP64| / max |out_FP64| (forward) and the same of df/dG, df/dr, df/dsw (backward) of the
 fused kernels and the engine's cuBLAS TF32 path; the FP64 reference is the engine's FP64 path. Kernel
 resources (registers, local memory = spills) from CuPy.
@@ -145,12 +146,14 @@ def main(argv=None) -> int:
         return (x, caches) if keep else x
 
     out_fused, fcaches = fused(True)
-    variants = {"deep": (("WRING", 1), ("WDEEP", 1)), "nodeep": (("WRING", 1), ("WDEEP", 0)), "noring": (("WRING", 0),)}
+    variants = {"deep": (("WRING", 1), ("WDEEP", 1)), "nodeep": (("WRING", 1), ("WDEEP", 0)), "noring": (("WRING", 0),),
+                "fp32y": (("YH", 0),)}  # fmt: skip
+    vcaches = {(): fcaches} | {x: fused(True, x)[1] for x in variants.values()}  # the backward reads its build's y
 
     def fused_bwd(extra=()):
         dsw, dr = cp.zeros((B, n), dtype=cp.float32), cp.zeros((B, n, 3), dtype=cp.float32)
         dx = dG
-        for lw, c in zip(reversed(lws), reversed(fcaches)):
+        for lw, c in zip(reversed(lws), reversed(vcaches[extra])):
             dx = attn_layer.backward(lw, c, dx, sw2, r32, mask_c, *flags, dsw, dr, extra=extra)
         return dx, dr, dsw[..., None]
 

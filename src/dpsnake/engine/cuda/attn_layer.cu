@@ -2,13 +2,14 @@
 // in attn_layer_bwd.cuh, shared pieces in attn_layer_common.cuh. A block per centre keeps everything between the
 // layer's input x (n, E) and its output LayerNorm(x + (A v) W_out + b_out) on chip: q in the warps' registers,
 // k and v^T in shared memory, the (N, N) logits and weights in registers. Nothing of size (n, n) goes through
-// device memory; a force call's forward keeps q, k, v and the LayerNorm's xhat for the backward (attention.py's
-// module doc has the math).
+// device memory; a force call's forward keeps q, k, v (FP16 where NORMALIZE: ystore) and the LayerNorm's xhat for
+// the backward (attention.py's module doc has the math).
 //
 // Constants: KEEP (a force call's forward: it keeps what the backward reads; the backward is compiled only with
-// it), N (slots, a multiple of 16; a warp per 16 rows, NW = N / 16 warps), E (features), H (q/k/v width, a multiple
-// of 8), SMOOTH, DOTR, NORMALIZE, NPAD (SMOOTH only: the model's empty slots past N, counted in each row's
-// softmax), MINB (blocks per SM the registers are bounded for).
+// it), YH (KEEP: q, k, v kept as FP16), N (slots, a multiple of 16; a warp per 16 rows, NW = N / 16 warps), E
+// (features), H (q/k/v width, a multiple of 8), SMOOTH, DOTR, NORMALIZE, NPAD (SMOOTH only: the model's empty
+// slots past N, counted in each row's softmax), MINB (blocks per SM the registers are bounded for), WRING and WDEEP
+// (the W rings, attn_layer_common.cuh's wprod).
 // Rows n..N-1 (a chunk's n < N) are empty slots: x = 0, sw = 0, mask 0, k = v = 0.
 //
 // Fragments (PTX ISA, mma.m16n8k8 .tf32): lane 4 g + t holds A[g][t], A[g + 8][t], A[g][t + 4], A[g + 8][t + 4];
@@ -46,16 +47,20 @@ __device__ __forceinline__ void project(const unsigned (&xa)[KE][4], const float
   inv0 = s0, inv1 = s1;
 }
 
-// the warp's rows of y (16 x H, accumulator layout) to Y (n, H) in device memory, and their inverse norms
-__device__ __forceinline__ void keep_rows(const float (&z)[HT][4], float inv0, float inv1, float* __restrict__ Y,
+// the warp's rows of y (16 x H, accumulator layout) to Y (n, H) in device memory (ystore's order), and their inverse
+// norms
+__device__ __forceinline__ void keep_rows(const float (&z)[HT][4], float inv0, float inv1, ystore* __restrict__ Y,
                                           float* __restrict__ inv, int i0, int i1, bool in0, bool in1) {
   const int t = threadIdx.x & 3;
 #pragma unroll
-  for (int c = 0; c < HT; ++c) {
-    const int h = 8 * c + 2 * t;
-    if (in0) *reinterpret_cast<float2*>(Y + i0 * H + h) = make_float2(z[c][0], z[c][1]);
-    if (in1) *reinterpret_cast<float2*>(Y + i1 * H + h) = make_float2(z[c][2], z[c][3]);
+  for (int c = 0; c < HT2; c += 2) {
+    if (in0) y_store4(Y + i0 * H, c, t, z[c][0], z[c][1], z[c + 1][0], z[c + 1][1]);
+    if (in1) y_store4(Y + i1 * H, c, t, z[c][2], z[c][3], z[c + 1][2], z[c + 1][3]);
   }
+#if HT & 1
+  if (in0) y_store2(Y + i0 * H, HT - 1, t, z[HT - 1][0], z[HT - 1][1]);
+  if (in1) y_store2(Y + i1 * H, HT - 1, t, z[HT - 1][2], z[HT - 1][3]);
+#endif
   if (t == 0 && in0) inv[i0] = inv0;
   if (t == 0 && in1) inv[i1] = inv1;
 }
@@ -63,14 +68,14 @@ __device__ __forceinline__ void keep_rows(const float (&z)[HT][4], float inv0, f
 // x (B, n, E), sw (B, n), r (B, n, 3), mask (B, n), out (B, n, E): C-contiguous FP32. wqkv (3, KE, HT, 32) and
 // wout (HT, KE, 32) float2 (B fragments, TF32-rounded), bqkv (3, H) (zeros without a bias), bout, gamma, beta
 // (E). s: the query scale; eps: LayerNorm's. With KEEP (a force call) the forward also keeps what
-// attn_layer_bwd reads: y (3, B, n, H) = the normalized q (unscaled), k, v; inv (3, B, n) their inverse norms
-// (0 past n; 1 without NORMALIZE); xhat (B, n, E) and rstd (B, n) of the LayerNorm.
+// attn_layer_bwd reads: y (3, B, n, H) = the normalized q (times s), k, v (ystore: FP16 with YH); inv (3, B, n)
+// their inverse norms (0 past n; 1 without NORMALIZE); xhat (B, n, E) and rstd (B, n) of the LayerNorm.
 extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     attn_layer_fwd(const float* __restrict__ x, const float2* __restrict__ wqkv, const float* __restrict__ bqkv,
                    const float2* __restrict__ wout, const float* __restrict__ bout, const float* __restrict__ gamma,
                    const float* __restrict__ beta, float eps, const float* __restrict__ sw,
                    const float* __restrict__ r, const unsigned char* __restrict__ mask, long long B, int n, float s,
-                   float* __restrict__ out, float* __restrict__ y, float* __restrict__ inv,
+                   float* __restrict__ out, ystore* __restrict__ y, float* __restrict__ inv,
                    float* __restrict__ xhat, float* __restrict__ rstd) {
   DYN_SMEM(smem);
 #if WRING
@@ -134,7 +139,11 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       vt[h * LDV + i1] = __uint_as_float(tf32(z[c][2])), vt[(h + 1) * LDV + i1] = __uint_as_float(tf32(z[c][3]));
     }
     PHASE(2);
-    project<0>(xa, wqkv, bqkv, nullptr, ring, in0, in1, z, iv0, iv1);  // q, scaled below
+    project<0>(xa, wqkv, bqkv, nullptr, ring, in0, in1, z, iv0, iv1);  // q
+#pragma unroll
+    for (int c = 0; c < HT; ++c)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) z[c][e] *= s;
 #if KEEP
     keep_rows(z, iv0, iv1, y + base * H, inv + base, i0, i1, in0, in1);
 #endif
@@ -142,7 +151,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
 #pragma unroll
     for (int c = 0; c < HT; ++c)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) qa[c][e] = tf32(z[c][e] * s);
+      for (int e = 0; e < 4; ++e) qa[c][e] = tf32(z[c][e]);
     PHASE(3);
     __syncthreads();  // k and v of every row are in shared memory
     PHASE(4);

@@ -160,7 +160,8 @@ class LayerWeights:
 def defines(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, nnei: int, keep: bool = True,
             smem_per_sm: int = SMEM_SM90) -> dict:  # fmt: skip
     """Compile-time constants of attn_layer.cu for n slots of a model with ``nnei``; ``keep``: a force call's
-    forward (it keeps the backward's inputs) and the backward, else the forward alone; MINB (blocks per SM the
+    forward (it keeps the backward's inputs: q, k, v in FP16 (YH) where NORMALIZE makes them unit rows) and the
+    backward, else the forward alone; MINB (blocks per SM the
     registers are bounded for) 2 where two blocks' shared memory fits ``smem_per_sm`` (the device's), else 1."""
     N = padded_slots(n)
     npad = (int(nnei) - N) if smooth else 0
@@ -169,7 +170,8 @@ def defines(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, n
     minb = 2 if 2 * (_smem_max(N, E, H) + 1024) <= smem_per_sm else 1
     # the rings only for the forward alone: a force call's kernels (the forward keeping 205 KB per centre, the
     # backward) ran faster without (H100, session 33: 0.338 vs 0.437 and 0.658 vs 0.702 us per centre and layer)
-    return {"KEEP": int(keep), "WRING": int(not keep), "WDEEP": 1, "N": N, "E": int(E), "H": int(H), "SMOOTH": int(smooth), "DOTR": int(dotr),
+    # YH: q, k, v kept as FP16 where they are unit rows (NORMALIZE; attn_layer_common.cuh's ystore)
+    return {"KEEP": int(keep), "WRING": int(not keep), "WDEEP": 1, "YH": int(keep and normalize), "N": N, "E": int(E), "H": int(H), "SMOOTH": int(smooth), "DOTR": int(dotr),
             "NORMALIZE": int(normalize), "NPAD": npad, "MINB": minb}  # fmt: skip
 
 
@@ -235,16 +237,24 @@ def build(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, nne
     return _module(tuple(_defines(*args).items()))[0]
 
 
-def _check(lw: LayerWeights, x, sw, r, mask, *more) -> None:
-    """The kernels read raw pointers: C-contiguous FP32 arrays, the mask one bool per slot, x of the layer's E;
-    the packed weights 16-byte aligned (cp.async copies them in 16-byte pieces)."""
+def y_dtype(defs: dict):
+    """The dtype of the kept q, k, v (the cache's y) of kernels compiled with ``defs``."""
+    return np.float16 if defs["YH"] else np.float32
+
+
+def _check(lw: LayerWeights, x, sw, r, mask, *more, y=None) -> None:
+    """The kernels read raw pointers: C-contiguous FP32 arrays, the mask one bool per slot, x of the layer's E, a
+    cache's y as ``y`` = (array, dtype); the packed weights 16-byte aligned (cp.async copies them in 16-byte
+    pieces)."""
     for w in (lw.wqkv, lw.wout, lw.woutT, lw.wqkvT):
         ptr = w.data.ptr if hasattr(w.data, "ptr") else w.ctypes.data
         if ptr % 16:
             raise ValueError("attn_layer: packed weights not 16-byte aligned (use LayerWeights.of)")
     if x.shape[2] != lw.E:
         raise ValueError(f"attn_layer: features {x.shape[2]}, the layer's weights have {lw.E}")
-    for a, dt in ((x, "float32"), (sw, "float32"), (r, "float32"), (mask, "bool"), *((m, "float32") for m in more)):
+    ys = () if y is None else ((y[0], np.dtype(y[1]).name),)
+    for a, dt in ((x, "float32"), (sw, "float32"), (r, "float32"), (mask, "bool"), *((m, "float32") for m in more),
+                  *ys):  # fmt: skip
         if a.dtype.name != dt or not a.flags.c_contiguous:
             raise ValueError(f"attn_layer: an input of {a.dtype} (C-contiguous: {a.flags.c_contiguous}), expected {dt}")
 
@@ -254,7 +264,8 @@ def forward(lw: LayerWeights, x, sw, r, mask, scale: float, smooth: bool, dotr: 
     """One layer's output (B, n, E) from its input x (B, n, E); sw (B, n), r (B, n, 3), mask (B, n) bool,
     all C-contiguous, FP32 (attention.py's ``_Rows`` holds them so). ``scale``: the query scale. With
     ``keep``: (out, cache), the cache what :func:`backward` reads: y (3, B, n, H) the normalized q, k, v,
-    inv (3, B, n), xhat (B, n, E), rstd (B, n). ``extra``: more (NAME, value) constants (profiling: PHASES)."""
+    inv (3, B, n), xhat (B, n, E), rstd (B, n); y is FP16 where NORMALIZE (:func:`y_dtype`), its rows in the
+    kernels' order (attn_layer_common.cuh's ystore), q's times ``scale``. ``extra``: more (NAME, value) constants (profiling: PHASES)."""
     import cupy
 
     B, n, E = x.shape
@@ -265,7 +276,7 @@ def forward(lw: LayerWeights, x, sw, r, mask, scale: float, smooth: bool, dotr: 
     out = cupy.empty_like(x)
     cache = None
     if keep:
-        cache = (cupy.empty((3, B, n, lw.H), dtype=x.dtype), cupy.empty((3, B, n), dtype=x.dtype),
+        cache = (cupy.empty((3, B, n, lw.H), dtype=y_dtype(defs)), cupy.empty((3, B, n), dtype=x.dtype),
                  cupy.empty_like(x), cupy.empty((B, n), dtype=x.dtype))  # fmt: skip
     if B:
         null = np.uintp(0)
@@ -285,9 +296,9 @@ def backward(lw: LayerWeights, cache, dout, sw, r, mask, scale: float, smooth: b
     import cupy
 
     B, n, E = dout.shape
-    _check(lw, dout, sw, r, mask, dsw, dr, *cache)
     defs = _defines(n, E, lw.H, smooth, dotr, normalize, nnei)
     defs.update(extra)
+    _check(lw, dout, sw, r, mask, dsw, dr, *cache[1:], y=(cache[0], y_dtype(defs)))
     fns, cap, _ = _module(tuple(defs.items()))
     dx = cupy.empty_like(dout)
     if B:

@@ -3,9 +3,10 @@
 // acc (the warp's rows of dx, 16 x E) += dz W^T with dz = dL/dz from d = dL/dy (the warp's rows, accumulator
 // layout over H) through y = z / |z| (NORMALIZE): dz = (d - y p) inv with p = d . y per row (p0, p1: the caller's,
 // from the (n, n) matrices, see the row chain backward), formed per k tile as the product's A operand (permuted):
-// y is read once, never held whole (registers). Y: the rows of y (n, H) in device memory; wT: W^T in B-fragment
-// order (HT x KE products, permuted); region: an (N, LDK) array free during the product (wprod_deep), ring: wprod's.
-__device__ __forceinline__ void dz_acc(const float (&d)[HT][4], const float* __restrict__ Y, float inv0, float inv1,
+// y is read once, never held whole (registers). Y: the rows of y (n, H) in device memory (ystore's order; q's times
+// the query scale s, then p / s comes as p); wT: W^T in B-fragment order (HT x KE products, permuted); region: an
+// (N, LDK) array free during the product (wprod_deep), ring: wprod's.
+__device__ __forceinline__ void dz_acc(const float (&d)[HT][4], const ystore* __restrict__ Y, float inv0, float inv1,
                                        float p0, float p1, const float2* __restrict__ wT, float* region, float2* ring,
                                        float (&acc)[KE][4], int i0, int i1, bool in0, bool in1) {
   const int t = threadIdx.x & 3;
@@ -13,10 +14,9 @@ __device__ __forceinline__ void dz_acc(const float (&d)[HT][4], const float* __r
   wprod_deep<HT, KE, N * LDK / 2>(wT, KE * 32, rg, ring, acc, [&](int c, unsigned& a0, unsigned& a1, unsigned& a2,
                                                                   unsigned& a3) {
 #if NORMALIZE
-    const int h = 8 * c + 2 * t;
     const float2 zero = make_float2(0.f, 0.f);
-    const float2 a = in0 ? *reinterpret_cast<const float2*>(Y + i0 * H + h) : zero;
-    const float2 b = in1 ? *reinterpret_cast<const float2*>(Y + i1 * H + h) : zero;
+    const float2 a = in0 ? y_load(Y + i0 * H, c, t) : zero;
+    const float2 b = in1 ? y_load(Y + i1 * H, c, t) : zero;
     a0 = tf32((d[c][0] - a.x * p0) * inv0), a1 = tf32((d[c][2] - b.x * p1) * inv1);
     a2 = tf32((d[c][1] - a.y * p0) * inv0), a3 = tf32((d[c][3] - b.y * p1) * inv1);
 #else
@@ -42,24 +42,34 @@ __device__ __forceinline__ void prod_mty(const float* __restrict__ M, const floa
   }
 }
 
-// Ys (N, LDK) = Y (n, H) TF32-rounded, rows past n zero (float4 loads, four in flight per thread; the caller syncs
-// before and after)
-__device__ __forceinline__ void stage_rows(const float* __restrict__ Y, float* Ys, int n) {
-  for (int k0 = threadIdx.x; k0 < N * H / 4; k0 += 4 * 32 * NW) {
-    float4 v[4];
+// Ys (N, LDK) = Y (n, H) (ystore's order) TF32-rounded in column order, rows past n zero (16-byte loads, four in
+// flight per thread; the caller syncs before and after)
+__device__ __forceinline__ void stage_rows(const ystore* __restrict__ Y, float* Ys, int n) {
+  constexpr int PER = 16 / sizeof(ystore), CH = N * H / PER;  // values per 16-byte chunk, chunks
+  for (int k0 = threadIdx.x; k0 < CH; k0 += 4 * 32 * NW) {
+    uint4 v[4];
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
       const int k = k0 + u * 32 * NW;
-      v[u] = (k < N * H / 4 && (4 * k) / H < n) ? reinterpret_cast<const float4*>(Y)[k]
-                                                  : make_float4(0.f, 0.f, 0.f, 0.f);
+      v[u] = make_uint4(0u, 0u, 0u, 0u);
+      if (k < CH && (PER * k) / H < n) v[u] = reinterpret_cast<const uint4*>(Y)[k];
     }
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
       const int k = k0 + u * 32 * NW;
-      if (k < N * H / 4) {
-        float* d = Ys + ((4 * k) / H) * LDK + (4 * k) % H;
-        d[0] = __uint_as_float(tf32(v[u].x)), d[1] = __uint_as_float(tf32(v[u].y));
-        d[2] = __uint_as_float(tf32(v[u].z)), d[3] = __uint_as_float(tf32(v[u].w));
+      if (k < CH) {
+        const int row = (PER * k) / H, q0 = (PER * k) % H;
+        const unsigned w[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+#pragma unroll
+        for (int p = 0; p < PER / 2; ++p) {
+#if YH
+          const float a = h2f((unsigned short)(w[p] & 0xffffu)), b = h2f((unsigned short)(w[p] >> 16));
+#else
+          const float a = __uint_as_float(w[2 * p]), b = __uint_as_float(w[2 * p + 1]);
+#endif
+          *reinterpret_cast<float2*>(Ys + row * LDK + ycol(q0 + 2 * p)) =
+              make_float2(__uint_as_float(tf32(a)), __uint_as_float(tf32(b)));
+        }
       }
     }
   }
@@ -73,10 +83,11 @@ __device__ __forceinline__ void stage_rows(const float* __restrict__ Y, float* Y
 #define DO_DEEP 0
 #endif
 
-// From dout = dLoss/d out (B, n, E) and what the forward kept (y, inv, xhat, rstd): dx (B, n, E) = dLoss/dx
+// From dout = dLoss/d out (B, n, E) and what the forward kept (y, inv, xhat, rstd: attn_layer_fwd's): dx (B, n, E) = dLoss/dx
 // (written), and the layer's terms of dLoss/d sw (B, n) (SMOOTH) and dLoss/d r (B, n, 3) (DOTR) added. woutT (KE,
 // HT, 32) and wqkvT (3, HT, KE, 32) float2: W_out^T and W_q^T, W_k^T, W_v^T in B-fragment order (permuted).
-// Shared memory: two (N, LDK) arrays, k and v, then k and do, then q and do, also the W rings of products that
+// Shared memory: two (N, LDK) arrays, k and v (v staged after do's product with DO_DEEP), then k and do, then q and
+// do, also the W rings of products that
 // run while one of them is free (wprod_deep); the block's two-stage W ring for the others. scratch: 3 N N floats per
 // block (A = T F; dL; L + SHIFT), device memory read back within the block (L2).
 // Steps: LayerNorm backward -> dh (dx = dh, the residual); do = dh W_out^T; dA = do v^T; L and T again (as the
@@ -86,7 +97,7 @@ __device__ __forceinline__ void stage_rows(const float* __restrict__ Y, float* Y
 // the normalisation and in_proj into one accumulator, added to dx once.
 extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     attn_layer_bwd(const float* __restrict__ dout, const float* __restrict__ xhat, const float* __restrict__ rstd,
-                   const float* __restrict__ gamma, const float* __restrict__ y, const float* __restrict__ inv,
+                   const float* __restrict__ gamma, const ystore* __restrict__ y, const float* __restrict__ inv,
                    const float2* __restrict__ woutT, const float2* __restrict__ wqkvT, const float* __restrict__ sw,
                    const float* __restrict__ r, const unsigned char* __restrict__ mask, long long B, int n, float s,
                    float* __restrict__ scratch, float* __restrict__ dx, float* __restrict__ dsw,
@@ -112,7 +123,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
   PHASE_START;
   for (long long b = blockIdx.x; b < B; b += gridDim.x) {
     const long long base = b * n;
-    const float *yq = y + base * H, *yk = y + (P + base) * H, *yv = y + (2 * P + base) * H;
+    const ystore *yq = y + base * H, *yk = y + (P + base) * H, *yv = y + (2 * P + base) * H;
     __syncthreads();  // the previous centre's shared arrays and scratch are read
     for (int j = threadIdx.x; j < N; j += 32 * NW) {
       const bool in = j < n;
@@ -121,7 +132,10 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       gsw[j] = pv[j] = pk[j] = 0.f;
       for (int d = 0; d < 3; ++d) rs[3 * j + d] = in ? r[(base + j) * 3 + d] : 0.f, gr[3 * j + d] = 0.f;
     }
-    stage_rows(yk, ks, n);  // v: after do's product (its ring in v's space)
+    stage_rows(yk, ks, n);
+#if !DO_DEEP
+    stage_rows(yv, vs, n);  // with DO_DEEP after do's product, whose ring is in v's space
+#endif
     __syncthreads();
     PHASE(0);
     float* dxb = dx + base * E;
@@ -174,9 +188,11 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
                                 *reinterpret_cast<float(*)[HT - HTA][4]>(&o[HTA]));
 #endif
 #endif
+#if DO_DEEP
       __syncthreads();  // every warp is done with the ring in v's space
       stage_rows(yv, vs, n);
       __syncthreads();
+#endif
 #pragma unroll
       for (int jt = 0; jt < NT; ++jt) dA[jt][0] = dA[jt][1] = dA[jt][2] = dA[jt][3] = 0.f;
 #pragma unroll
@@ -198,18 +214,19 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     }
 
     PHASE(2);
-    // the logits again (as the forward: the same TF32 operands and order), kept as L + SHIFT for d sw
+    // the logits again (as the forward: the same TF32 operands and order; with YH q's operands rounded to FP16
+    // first, the same but at ties), kept as L + SHIFT for d sw
     float T[NT][4];
 #pragma unroll
     for (int jt = 0; jt < NT; ++jt) T[jt][0] = T[jt][1] = T[jt][2] = T[jt][3] = 0.f;
 #pragma unroll
     for (int c = 0; c < HT; ++c) {
-      const int h = 8 * c + 2 * t;
-      const unsigned a0 = tf32(in0 ? yq[i0 * H + h] * s : 0.f), a1 = tf32(in1 ? yq[i1 * H + h] * s : 0.f);
-      const unsigned a2 = tf32(in0 ? yq[i0 * H + h + 1] * s : 0.f), a3 = tf32(in1 ? yq[i1 * H + h + 1] * s : 0.f);
+      const float2 zero = make_float2(0.f, 0.f);
+      const float2 qa = in0 ? y_load(yq + i0 * H, c, t) : zero, qb = in1 ? y_load(yq + i1 * H, c, t) : zero;
+      const unsigned a0 = tf32(qa.x), a1 = tf32(qb.x), a2 = tf32(qa.y), a3 = tf32(qb.y);
 #pragma unroll
       for (int jt = 0; jt < NT; ++jt) {
-        const float2 kb = *reinterpret_cast<const float2*>(ks + (8 * jt + g) * LDK + h);
+        const float2 kb = *reinterpret_cast<const float2*>(ks + (8 * jt + g) * LDK + 8 * c + 2 * t);
         tmma(T[jt], a0, a1, a2, a3, kb.x, kb.y);
       }
     }
@@ -346,8 +363,8 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
 #pragma unroll
       for (int c = 0; c < HT; ++c) dq[c][0] *= s, dq[c][1] *= s, dq[c][2] *= s, dq[c][3] *= s;
       // the ring in k's space: every warp is past its dq product (the last read of k) at wprod's first barrier
-      dz_acc(dq, yq, in0 ? inv[base + i0] : 0.f, in1 ? inv[base + i1] : 0.f, pq0, pq1, wqkvT, ks, ring, acc, i0, i1,
-             in0, in1);
+      dz_acc(dq, yq, in0 ? inv[base + i0] : 0.f, in1 ? inv[base + i1] : 0.f, pq0 / s, pq1 / s, wqkvT, ks, ring, acc,
+             i0, i1, in0, in1);  // yq: s q
     }
     PHASE(7);
     __syncthreads();  // every warp is done with the ring in k's space; do, A and dL of every row are written, pv and
@@ -365,9 +382,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     PHASE(9);
     {
       float dk[HT][4];
-      prod_mty(dLs, ks, dk);  // dk = s dL^T y_q
-#pragma unroll
-      for (int c = 0; c < HT; ++c) dk[c][0] *= s, dk[c][1] *= s, dk[c][2] *= s, dk[c][3] *= s;
+      prod_mty(dLs, ks, dk);  // dk = dL^T (s y_q)
       dz_acc(dk, yk, in0 ? inv[P + base + i0] : 0.f, in1 ? inv[P + base + i1] : 0.f, pk[i0], pk[i1],
              wqkvT + HT * KE * 32, vs, ring, acc, i0, i1, in0, in1);
     }

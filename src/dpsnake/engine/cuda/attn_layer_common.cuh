@@ -1,5 +1,5 @@
 // Shared by attn_layer.cu's forward and attn_layer_bwd.cuh's backward: sizes, the TF32 product, lane sums.
-#if !defined(KEEP) || !defined(WRING) || !defined(WDEEP) || !defined(MINB)
+#if !defined(KEEP) || !defined(WRING) || !defined(WDEEP) || !defined(YH) || !defined(MINB)
 #error "attn_layer: compile with attn_layer.defines()' constants"
 #endif
 
@@ -67,6 +67,67 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(NP) : "memory");
 }
 #endif
+#ifndef TMMA
+// FP16 bits <-> FP32 (cvt.rn: round to nearest, ties to even)
+__device__ __forceinline__ unsigned short f2h(float x) {
+  unsigned short h;
+  asm("cvt.rn.f16.f32 %0, %1;\n" : "=h"(h) : "f"(x));
+  return h;
+}
+__device__ __forceinline__ float h2f(unsigned short h) {
+  float x;
+  asm("cvt.f32.f16 %0, %1;\n" : "=f"(x) : "h"(h));
+  return x;
+}
+#endif
+
+// y, what a force call's forward keeps of q, k, v for the backward (the normalized rows; q times the query scale),
+// in device memory: FP16 with YH (defines() sets it with NORMALIZE: unit rows, whose values FP16's 10-bit mantissa
+// keeps as well as the TF32 operands that read them do; half the bytes of the forward's largest store and the
+// backward's largest read), else FP32. A row's H values are in fragment order: tiles c, c + 1 (c even) as 16
+// values, lane t's four (columns 8c + 2t, +1, 8c + 8 + 2t, +1) at 4t, so that a lane stores them in one piece; an
+// odd last tile as its 8 values in column order.
+#if YH
+typedef unsigned short ystore;
+#else
+typedef float ystore;
+#endif
+#define HT2 (HT & ~1)  // tiles stored in pairs
+// position in a row of y of columns 8c + 2t, +1
+__device__ __forceinline__ int ypos(int c, int t) {
+  return c < HT2 ? 16 * (c >> 1) + 4 * t + 2 * (c & 1) : 8 * c + 2 * t;
+}
+// the column of position q (even) and q + 1: ypos's inverse
+__device__ __forceinline__ int ycol(int q) {
+  return q < 8 * HT2 ? (q & ~15) + 8 * ((q >> 1) & 1) + 2 * ((q & 15) >> 2) : q;
+}
+// the lane's two values (columns 8c + 2t, +1) of a row of y
+__device__ __forceinline__ float2 y_load(const ystore* __restrict__ row, int c, int t) {
+#if YH
+  const unsigned u = *reinterpret_cast<const unsigned*>(row + ypos(c, t));
+  return make_float2(h2f((unsigned short)(u & 0xffffu)), h2f((unsigned short)(u >> 16)));
+#else
+  return *reinterpret_cast<const float2*>(row + ypos(c, t));
+#endif
+}
+// a row's values a, b at ypos(c, t) (and with c < HT2 even, also c's pair partner's d, e after them)
+__device__ __forceinline__ void y_store2(ystore* row, int c, int t, float a, float b) {
+#if YH
+  *reinterpret_cast<unsigned*>(row + ypos(c, t)) = f2h(a) | ((unsigned)f2h(b) << 16);
+#else
+  *reinterpret_cast<float2*>(row + ypos(c, t)) = make_float2(a, b);
+#endif
+}
+__device__ __forceinline__ void y_store4(ystore* row, int c, int t, float a, float b, float d, float e) {
+#if YH
+  uint2 u;
+  u.x = f2h(a) | ((unsigned)f2h(b) << 16), u.y = f2h(d) | ((unsigned)f2h(e) << 16);
+  *reinterpret_cast<uint2*>(row + ypos(c, t)) = u;
+#else
+  *reinterpret_cast<float4*>(row + ypos(c, t)) = make_float4(a, b, d, e);
+#endif
+}
+
 #ifndef DYN_SMEM
 #define DYN_SMEM(name) extern __shared__ __align__(16) float name[]  // 16 B: wprod_deep's rings
 #endif
