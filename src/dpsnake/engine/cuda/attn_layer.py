@@ -161,8 +161,8 @@ def defines(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, n
             smem_per_sm: int = SMEM_SM90) -> dict:  # fmt: skip
     """Compile-time constants of attn_layer.cu for n slots of a model with ``nnei``; ``keep``: a force call's
     forward (it keeps the backward's inputs: q, k, v in FP16 (YH) where NORMALIZE makes them unit rows) and the
-    backward, else the forward alone; MINB (blocks per SM the
-    registers are bounded for) 2 where two blocks' shared memory fits ``smem_per_sm`` (the device's), else 1."""
+    backward, else the forward alone; MINB (blocks per SM the registers are bounded for) 2 where two blocks' shared
+    memory fits ``smem_per_sm`` (the device's), else 1."""
     N = padded_slots(n)
     npad = (int(nnei) - N) if smooth else 0
     if npad < 0:
@@ -171,8 +171,10 @@ def defines(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, n
     # the rings only for the forward alone: a force call's kernels (the forward keeping 205 KB per centre, the
     # backward) ran faster without (H100, session 33: 0.338 vs 0.437 and 0.658 vs 0.702 us per centre and layer)
     # YH: q, k, v kept as FP16 where they are unit rows (NORMALIZE; attn_layer_common.cuh's ystore)
-    return {"KEEP": int(keep), "WRING": int(not keep), "WDEEP": 1, "YH": int(keep and normalize), "N": N, "E": int(E), "H": int(H), "SMOOTH": int(smooth), "DOTR": int(dotr),
-            "NORMALIZE": int(normalize), "NPAD": npad, "MINB": minb}  # fmt: skip
+    # CSUM8: the backward's column sums eight at a time (attn_layer_common.cuh's col_sum8)
+    return {"KEEP": int(keep), "WRING": int(not keep), "WDEEP": 1, "YH": int(keep and normalize), "CSUM8": 1, "N": N,
+            "E": int(E), "H": int(H), "SMOOTH": int(smooth), "DOTR": int(dotr), "NORMALIZE": int(normalize),
+            "NPAD": npad, "MINB": minb}  # fmt: skip
 
 
 def source(**defs) -> str:

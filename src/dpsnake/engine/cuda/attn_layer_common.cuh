@@ -1,5 +1,5 @@
 // Shared by attn_layer.cu's forward and attn_layer_bwd.cuh's backward: sizes, the TF32 product, lane sums.
-#if !defined(KEEP) || !defined(WRING) || !defined(WDEEP) || !defined(YH) || !defined(MINB)
+#if !defined(KEEP) || !defined(WRING) || !defined(WDEEP) || !defined(YH) || !defined(CSUM8) || !defined(MINB)
 #error "attn_layer: compile with attn_layer.defines()' constants"
 #endif
 
@@ -147,6 +147,21 @@ __device__ __forceinline__ float col_sum(float v) {
   v += __shfl_xor_sync(FULL, v, 4);
   v += __shfl_xor_sync(FULL, v, 8);
   return v + __shfl_xor_sync(FULL, v, 16);
+}
+
+// Eight column sums at once (reduce-scatter over the 8 groups: 7 shuffles, not 3 per sum): returns the sum over
+// the warp's groups of v[g], g the lane's group.
+__device__ __forceinline__ float col_sum8(const float (&v)[8]) {
+  const int g = (threadIdx.x & 31) >> 2;
+  const bool b0 = g & 1, b1 = g & 2, b2 = g & 4;
+  float w[4], x[2];
+#pragma unroll
+  for (int k = 0; k < 4; ++k)  // w[k]: value 2k + b0, over groups g, g ^ 1
+    w[k] = (b0 ? v[2 * k + 1] : v[2 * k]) + __shfl_xor_sync(FULL, b0 ? v[2 * k] : v[2 * k + 1], 4);
+#pragma unroll
+  for (int k = 0; k < 2; ++k)  // x[k]: value 4k + 2 b1 + b0, over four groups
+    x[k] = (b1 ? w[2 * k + 1] : w[2 * k]) + __shfl_xor_sync(FULL, b1 ? w[2 * k] : w[2 * k + 1], 8);
+  return (b2 ? x[1] : x[0]) + __shfl_xor_sync(FULL, b2 ? x[0] : x[1], 16);
 }
 
 // The row chain's forward on the warp's 16 rows of logits L (accumulator layout; sws, mk: sw and the mask of
