@@ -120,13 +120,15 @@ def test_tf32_context_covers_batched_matmul():
 
 @pytest.mark.parametrize("name", ["v2_l2", "concat_l2"])
 def test_cupy_tf32_mixed(model_cache, monkeypatch, name):
-    """settings.tf32 with mixed precision (the whole-layer kernels, family attn_layer, off by default): the attention's
-    batched products ask cuBLAS for TF32 (bmm called with tf32), results move off plain FP32 (TF32 rounds
+    """settings.tf32 with mixed precision on the cuBLAS path (without the family attn_layer, whose whole-layer
+    kernels otherwise run the attention where tf32 is on: next test): the attention's batched products ask cuBLAS
+    for TF32 (bmm called with tf32), results move off plain FP32 (TF32 rounds
     inputs to 10 mantissa bits: it ran) and stay within 5e-3 of the FP64 NumPy reference (relative to the
     largest value; the measured errors print and go to docs/benchmarks.md)."""
     import warnings
 
     from dpsnake.engine.cuda import bmm as bmm_mod
+    from dpsnake.engine.settings import DEFAULT_FAST, EngineSettings
 
     flags, inner = [], bmm_mod.bmm
     monkeypatch.setattr(bmm_mod, "bmm", lambda *a, **k: flags.append(k.get("tf32", False)) or inner(*a, **k))
@@ -139,7 +141,8 @@ def test_cupy_tf32_mixed(model_cache, monkeypatch, name):
         fp32 = AttnEnsemble([dp], precision="mixed").evaluate(*dev)
         assert flags and not any(flags)
         flags.clear()
-        tf32 = AttnEnsemble([dp], precision="mixed", tf32=True).evaluate(*dev)
+        blas = EngineSettings(fast=DEFAULT_FAST - {"attn_layer"}, tf32=True)
+        tf32 = AttnEnsemble([dp], precision="mixed", settings=blas).evaluate(*dev)
     assert flags and all(flags), "the batched products did not ask for TF32"
     for k in ("energy", "force", "virial"):
         e32, etf = rel_err(cp.asnumpy(fp32[k]), ref[k]), rel_err(cp.asnumpy(tf32[k]), ref[k])

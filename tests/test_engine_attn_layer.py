@@ -99,13 +99,16 @@ def _ptr(a):
 
 class _Emu:
     """attn_layer.py's forward / backward with the kernels run by g++ (threaded warps), on NumPy FP32 arrays;
-    ``keep``: a force call's kernels (the forward keeps the backward's inputs), else the forward alone; ``yh``: q, k,
-    v kept in FP16 (YH) or FP32 (0), None: as attn_layer.defines sets it."""
+    ``keep``: a force call's kernels (the forward keeps the backward's inputs), else the forward alone; ``wring``: W
+    rings in both kernels (WRING = BRING), ``wdeep``: the deep ones, ``yh``: q, k, v kept in FP16 (YH) or FP32 (0);
+    None: as attn_layer.defines sets them."""
 
-    def __init__(self, tmp_path, p, n, E, H, keep=True, wring=1, tf32=False, wdeep=1, yh=0):
+    def __init__(self, tmp_path, p, n, E, H, keep=True, wring=None, tf32=False, wdeep=None, yh=0):
         self.p = p
         defs = attn_layer.defines(n, E, H, p.smooth, p.dotr, p.normalize, p.nnei, keep)
-        self.defs = defs | {"WRING": wring, "WDEEP": wdeep} | ({} if yh is None else {"YH": yh})
+        for k, v in (("WRING", wring), ("BRING", wring), ("WDEEP", wdeep), ("YH", yh)):
+            defs[k] = defs[k] if v is None else v
+        self.defs = defs
         tag = "_".join(str(v) for v in self.defs.values()) + ("_tf32" if tf32 else "")
         emu = EMU.replace(EXACT_TF32, ROUND_TF32) if tf32 else EMU
         src = THREADED_CUDA_STUB + emu + attn_layer.source(**self.defs) + LAUNCH
@@ -389,12 +392,14 @@ def _layer(E=20, H=32, seed=0):
 
 
 def test_defines():
-    """Two blocks per SM at the bench's size; a force call's module (KEEP, no W ring) unless asked for the forward
-    alone (the W rings)."""
+    """Two blocks per SM at the bench's size; a force call's module (KEEP: the forward on the two-stage W ring, the
+    backward on none, q, k, v kept in FP16) unless asked for the forward alone (the deep W rings)."""
     d = attn_layer.defines(88, 100, 128, 1, 1, 1, 120)
     assert d["MINB"] == 2 and d["KEEP"] == 1 and d["N"] == 96 and d["NPAD"] == 24
     alone = attn_layer.defines(88, 100, 128, 1, 1, 1, 120, keep=False)
-    assert alone["KEEP"] == 0 and alone["WRING"] == 1 and d["WRING"] == 0  # rings: the forward alone only
+    assert (d["WRING"], d["WDEEP"], d["BRING"], d["YH"]) == (1, 0, 0, 1)
+    assert alone["KEEP"] == 0 and (alone["WRING"], alone["WDEEP"], alone["YH"]) == (1, 1, 0)
+    assert attn_layer.defines(88, 100, 128, 1, 1, 0, 120)["YH"] == 0  # FP32 where q, k, v are not unit rows
     assert attn_layer.defines(88, 100, 128, 1, 1, 1, 120, smem_per_sm=164 * 1024)["MINB"] == 1  # sm_80: one block
     with pytest.raises(ValueError, match="exceed the model's nnei 90"):
         attn_layer.defines(88, 100, 128, 1, 1, 1, 90)

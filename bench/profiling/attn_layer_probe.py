@@ -14,10 +14,11 @@ median CUDA-event times per call over the chunk, in us per centre (= per atom) a
   fused fwd        -- attn_layer.forward, layer after layer, nothing kept
   fused fwd keep   -- the same keeping what attn_layer.backward reads (q, k, v in FP16, norms, LayerNorm's xhat)
   fused bwd        -- attn_layer.backward, layer after layer
-  (fused: attn_layer.defines' constants: the W rings in the forward alone, none in a force call's kernels)
-  ... deep         -- the fused kernels with the deep W rings (WRING 1, WDEEP 1)
-  ... nodeep       -- with WDEEP 0: every W product through the two-stage ring (session 32's)
-  ... noring       -- the fused kernels with WRING 0: each warp streams the weights from L2 itself (session 31's)
+  (fused: attn_layer.defines' constants: the forward alone on the deep W rings, a force call's forward on the
+   two-stage ring and its backward on none)
+  ... deep         -- both kernels of a force call on the deep W rings (WRING 1, WDEEP 1, BRING 1)
+  ... nodeep       -- both on the two-stage ring (WDEEP 0, session 32's)
+  ... noring       -- both without a ring (WRING 0, BRING 0): each warp streams the weights from L2 itself
   ... fp32y        -- a force call's kernels keeping q, k, v in FP32 (YH 0, session 33's)
   ... csum1        -- the backward's column sums one at a time (CSUM8 0, session 33's)
 Errors: max |out - out_FP64| / max |out_FP64| (forward) and the same of df/dG, df/dr, df/dsw (backward) of the
@@ -147,7 +148,8 @@ def main(argv=None) -> int:
         return (x, caches) if keep else x
 
     out_fused, fcaches = fused(True)
-    variants = {"deep": (("WRING", 1), ("WDEEP", 1)), "nodeep": (("WRING", 1), ("WDEEP", 0)), "noring": (("WRING", 0),),
+    variants = {"deep": (("WRING", 1), ("WDEEP", 1), ("BRING", 1)), "nodeep": (("WRING", 1), ("WDEEP", 0), ("BRING", 1)),
+                "noring": (("WRING", 0), ("BRING", 0)),
                 "fp32y": (("YH", 0),), "csum1": (("CSUM8", 0),)}  # fmt: skip
     vcaches = {(): fcaches} | {x: fused(True, x)[1] for x in variants.values()}  # the backward reads its build's y
 

@@ -4,9 +4,10 @@ what decides their occupancy (docs/benchmarks.md, "Whole-layer TF32 kernels"). P
     pip install nvidia-cuda-nvcc-cu12     # ptxas (once; nvidia-cuda-nvrtc-cu12 comes with the tests' extras)
     python3 bench/profiling/ptxas_stats.py [--n 88] [--e 100] [--h 128] [--nnei 120] [--arch sm_90] [--out F.json]
 
-Kernels: cuda/attn_layer (mixed + TF32, each flag set of smooth / dotr / normalize as a force call compiles them,
-without a W ring; with all three flags on: the forward alone (KEEP 0, deep W rings), and a force call's kernels on
-the deep rings (WRING 1) and on the two-stage ring (WDEEP 0)) and cuda/attn_core (FP64)
+Kernels: cuda/attn_layer (mixed + TF32, each flag set of smooth / dotr / normalize as a force call compiles them:
+the forward on the two-stage W ring, the backward on none; with all three flags on: the forward alone (KEEP 0, deep
+W rings), and a force call's kernels both on the deep rings, both on the two-stage ring, both on none, and with
+session 33's FP32 y and one-at-a-time column sums) and cuda/attn_core (FP64)
 at the given shape (default: the se_atten_v2 benchmark's, 88 slots of 120, embedding 100, attention 128).
 """
 
@@ -35,12 +36,14 @@ def main(argv=None) -> int:
         for k, v in ptxas_stats(attn_layer.source(**defs), args.arch).items():
             rows.append({"kernel": k, "flags": f"smooth {smooth} dotr {dotr} normalize {normalize}", **v})
     variants = (
-        ({"KEEP": 0}, "forward alone"),
-        ({"WRING": 1, "WDEEP": 1}, "deep rings"),
-        ({"WRING": 1, "WDEEP": 0}, "two-stage ring"),
+        (False, {}, "forward alone"),
+        (True, {"WRING": 1, "WDEEP": 1, "BRING": 1}, "deep rings"),
+        (True, {"WRING": 1, "WDEEP": 0, "BRING": 1}, "two-stage ring"),
+        (True, {"WRING": 0, "BRING": 0}, "no ring"),
+        (True, {"YH": 0, "CSUM8": 0}, "FP32 y, csum1"),
     )
-    for extra, label in variants:
-        defs = attn_layer.defines(args.n, args.e, args.h, 1, 1, 1, args.nnei) | extra
+    for keep, extra, label in variants:
+        defs = attn_layer.defines(args.n, args.e, args.h, 1, 1, 1, args.nnei, keep=keep) | extra
         for k, v in ptxas_stats(attn_layer.source(**defs), args.arch).items():
             rows.append({"kernel": k, "flags": f"smooth 1 dotr 1 normalize 1, {label}", **v})
     n8 = -(-args.n // 8) * 8

@@ -8,8 +8,8 @@
 // Constants: KEEP (a force call's forward: it keeps what the backward reads; the backward is compiled only with
 // it), YH (KEEP: q, k, v kept as FP16), N (slots, a multiple of 16; a warp per 16 rows, NW = N / 16 warps), E
 // (features), H (q/k/v width, a multiple of 8), SMOOTH, DOTR, NORMALIZE, NPAD (SMOOTH only: the model's empty
-// slots past N, counted in each row's softmax), MINB (blocks per SM the registers are bounded for), WRING and WDEEP
-// (the W rings, attn_layer_common.cuh's wprod).
+// slots past N, counted in each row's softmax), MINB (blocks per SM the registers are bounded for), WRING, WDEEP
+// (the forward's W rings, attn_layer_common.cuh's wprod), BRING (the backward's; WDEEP for both).
 // Rows n..N-1 (a chunk's n < N) are empty slots: x = 0, sw = 0, mask 0, k = v = 0.
 //
 // Fragments (PTX ISA, mma.m16n8k8 .tf32): lane 4 g + t holds A[g][t], A[g + 8][t], A[g][t + 4], A[g + 8][t + 4];
@@ -29,7 +29,7 @@ __device__ __forceinline__ void project(const unsigned (&xa)[KE][4], const float
   const int t = threadIdx.x & 3;
 #pragma unroll
   for (int c = 0; c < HT; ++c) z[c][0] = z[c][2] = bias[8 * c + 2 * t], z[c][1] = z[c][3] = bias[8 * c + 2 * t + 1];
-  wprod_deep<KE, HT, REG>(wp, HT * 32, region, ring, z,
+  wprod_deep<KE, HT, REG, WRING>(wp, HT * 32, region, ring, z,
                           [&](int k, unsigned& a0, unsigned& a1, unsigned& a2, unsigned& a3) {
                             a0 = xa[k][0], a1 = xa[k][1], a2 = xa[k][2], a3 = xa[k][3];
                           });
@@ -209,7 +209,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     PHASE(7);
     float hh[KE][4];
     // W_out's ring in k's space: every warp is past the logits once wprod's first barrier is
-    prod_acc<HT, KE, N * LDK / 2>(o, wout, KE * 32, reinterpret_cast<float2*>(ks), ring, hh);
+    prod_acc<HT, KE, N * LDK / 2, WRING>(o, wout, KE * 32, reinterpret_cast<float2*>(ks), ring, hh);
     PHASE(8);
     // LayerNorm(h + b_out + x) per row (attention.py's _layer_forward)
     float m0 = 0.f, m1 = 0.f;

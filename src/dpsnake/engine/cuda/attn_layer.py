@@ -168,13 +168,14 @@ def defines(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, n
     if npad < 0:
         raise ValueError(f"attn_layer: {N} padded slots exceed the model's nnei {nnei}")
     minb = 2 if 2 * (_smem_max(N, E, H) + 1024) <= smem_per_sm else 1
-    # the rings only for the forward alone: a force call's kernels (the forward keeping 205 KB per centre, the
-    # backward) ran faster without (H100, session 33: 0.338 vs 0.437 and 0.658 vs 0.702 us per centre and layer)
+    # W rings (WRING, WDEEP: the forward's; BRING: the backward's): the forward alone on the deep rings, a force
+    # call's forward on the two-stage ring (H200, session 34: 0.345 vs 0.391 deep vs 0.411 none, us per centre and
+    # layer), its backward on none (0.557 vs 0.578 deep vs 0.613 two-stage)
     # YH: q, k, v kept as FP16 where they are unit rows (NORMALIZE; attn_layer_common.cuh's ystore)
     # CSUM8: the backward's column sums eight at a time (attn_layer_common.cuh's col_sum8)
-    return {"KEEP": int(keep), "WRING": int(not keep), "WDEEP": 1, "YH": int(keep and normalize), "CSUM8": 1, "N": N,
-            "E": int(E), "H": int(H), "SMOOTH": int(smooth), "DOTR": int(dotr), "NORMALIZE": int(normalize),
-            "NPAD": npad, "MINB": minb}  # fmt: skip
+    return {"KEEP": int(keep), "WRING": 1, "WDEEP": int(not keep), "BRING": 0, "YH": int(keep and normalize),
+            "CSUM8": 1, "N": N, "E": int(E), "H": int(H), "SMOOTH": int(smooth), "DOTR": int(dotr),
+            "NORMALIZE": int(normalize), "NPAD": npad, "MINB": minb}  # fmt: skip
 
 
 def source(**defs) -> str:

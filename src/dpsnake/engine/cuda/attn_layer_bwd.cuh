@@ -11,7 +11,7 @@ __device__ __forceinline__ void dz_acc(const float (&d)[HT][4], const ystore* __
                                        float (&acc)[KE][4], int i0, int i1, bool in0, bool in1) {
   const int t = threadIdx.x & 3;
   float2* rg = reinterpret_cast<float2*>(region);
-  wprod_deep<HT, KE, N * LDK / 2>(wT, KE * 32, rg, ring, acc, [&](int c, unsigned& a0, unsigned& a1, unsigned& a2,
+  wprod_deep<HT, KE, N * LDK / 2, BRING>(wT, KE * 32, rg, ring, acc, [&](int c, unsigned& a0, unsigned& a1, unsigned& a2,
                                                                   unsigned& a3) {
 #if NORMALIZE
     const float2 zero = make_float2(0.f, 0.f);
@@ -77,7 +77,7 @@ __device__ __forceinline__ void stage_rows(const ystore* __restrict__ Y, float* 
 
 // the backward's do = dh W_out^T whole, its ring in v's space (v is staged after it), where wprod_deep gets three
 // stages (else in two halves through the two-stage ring, whose stages hold max(KE, HTA) tiles)
-#if WRING && WDEEP && (N * LDK / 2) / (HT * 32) > 2 && KE >= 2
+#if BRING && WDEEP && (N * LDK / 2) / (HT * 32) > 2 && KE >= 2
 #define DO_DEEP 1
 #else
 #define DO_DEEP 0
@@ -108,7 +108,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
   // gsw, gr, pv, pk: sums over the warps by shared-memory atomics, so their last bits (and those of dx, d sw, d r)
   // may differ between runs, as cuBLAS's split-k sums may
   __shared__ float sws[N], rs[3 * N], mk[N], gsw[N], gr[3 * N], pv[N], pk[N];
-#if WRING
+#if BRING
   __shared__ __align__(16) float2 ring[2 * RSB];  // W tiles (wprod) where no shared array is free
 #else
   float2* ring = nullptr;
@@ -179,12 +179,12 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     {
       float o[HT][4];
 #if DO_DEEP
-      prod_acc<KE, HT, N * LDK / 2>(dh, woutT, HT * 32, reinterpret_cast<float2*>(vs), ring, o);
+      prod_acc<KE, HT, N * LDK / 2, BRING>(dh, woutT, HT * 32, reinterpret_cast<float2*>(vs), ring, o);
 #else
       // in two halves of H's tiles: the two-stage ring's stages hold KE tiles (shared memory for two blocks per SM)
-      prod_acc<KE, HTA, 0>(dh, woutT, HT * 32, nullptr, ring, *reinterpret_cast<float(*)[HTA][4]>(&o[0]));
+      prod_acc<KE, HTA, 0, BRING>(dh, woutT, HT * 32, nullptr, ring, *reinterpret_cast<float(*)[HTA][4]>(&o[0]));
 #if HT > HTA
-      prod_acc<KE, HT - HTA, 0>(dh, woutT + HTA * 32, HT * 32, nullptr, ring,
+      prod_acc<KE, HT - HTA, 0, BRING>(dh, woutT + HTA * 32, HT * 32, nullptr, ring,
                                 *reinterpret_cast<float(*)[HT - HTA][4]>(&o[HTA]));
 #endif
 #endif

@@ -1,5 +1,6 @@
 // Shared by attn_layer.cu's forward and attn_layer_bwd.cuh's backward: sizes, the TF32 product, lane sums.
-#if !defined(KEEP) || !defined(WRING) || !defined(WDEEP) || !defined(YH) || !defined(CSUM8) || !defined(MINB)
+#if !defined(KEEP) || !defined(WRING) || !defined(BRING) || !defined(WDEEP) || !defined(YH) || !defined(CSUM8) || \
+    !defined(MINB)
 #error "attn_layer: compile with attn_layer.defines()' constants"
 #endif
 
@@ -221,7 +222,8 @@ __device__ __forceinline__ void ring_load(float2* dst, const float2* __restrict_
 }
 
 // acc (the warp's 16 x 8 M8 tile row) += A W over K8 k tiles: W in B-fragment order, its tile k (M8 x 32 float2) at
-// w + k * kstride; A's fragments of tile k from a(k, a0, a1, a2, a3). With WRING the block copies W's tiles into
+// w + k * kstride; A's fragments of tile k from a(k, a0, a1, a2, a3). With RING (the forward's WRING, the backward's
+// BRING) the block copies W's tiles into
 // ``ring`` (S stages of M8 x 32 float2 in shared memory, S - 1 tiles in flight while one is used), so the block
 // reads W from L2 once, not once per warp (per centre and layer six warps would pull 1.3 MB; on an H100 this pays
 // in the forward alone, not in a force call's kernels, whose device-memory stalls the barriers spread to every
@@ -230,32 +232,31 @@ __device__ __forceinline__ void ring_load(float2* dst, const float2* __restrict_
 // wprod_deep's deeper rings where shared memory is free. Every thread of the block calls it (barriers). A's
 // fragments of tile k + 1 are formed right after tile k's products are issued: where a() reads device memory
 // (dz_acc), that latency overlaps the wait for the next W tile.
-template <int K8, int M8, int S, class AF>
+template <int K8, int M8, int S, bool RING, class AF>
 __device__ __forceinline__ void wprod(const float2* __restrict__ w, int kstride, float2* ring, float (&acc)[M8][4],
                                       AF a) {
   static_assert(S >= 2, "wprod: two stages at least");
   const int lane = threadIdx.x & 31;
   unsigned a0, a1, a2, a3;
   a(0, a0, a1, a2, a3);
-#if WRING
-  __syncthreads();  // every warp is done with what the ring's memory held before
+  if (RING) {  // a constant: the branch compiles away
+    __syncthreads();  // every warp is done with what the ring's memory held before
 #pragma unroll
-  for (int k = 0; k < S - 1; ++k) {  // one group per stage, empty past K8: wait<S - 2> below then means tile k
-    if (k < K8) ring_load<M8>(ring + k * (M8 * 32), w + k * kstride);
-    cp_async_commit();
+    for (int k = 0; k < S - 1; ++k) {  // one group per stage, empty past K8: wait<S - 2> below then means tile k
+      if (k < K8) ring_load<M8>(ring + k * (M8 * 32), w + k * kstride);
+      cp_async_commit();
+    }
   }
-#endif
 #pragma unroll
   for (int k = 0; k < K8; ++k) {
-#if WRING
-    cp_async_wait<S - 2>();
-    __syncthreads();  // tile k is in; every warp is done with tile k - 1, whose stage the next load overwrites
-    if (k + S - 1 < K8) ring_load<M8>(ring + ((k + S - 1) % S) * (M8 * 32), w + (k + S - 1) * kstride);
-    cp_async_commit();
-    const float2* wk = ring + (k % S) * (M8 * 32);
-#else
     const float2* wk = w + k * kstride;
-#endif
+    if (RING) {
+      cp_async_wait<S - 2>();
+      __syncthreads();  // tile k is in; every warp is done with tile k - 1, whose stage the next load overwrites
+      if (k + S - 1 < K8) ring_load<M8>(ring + ((k + S - 1) % S) * (M8 * 32), w + (k + S - 1) * kstride);
+      cp_async_commit();
+      wk = ring + (k % S) * (M8 * 32);
+    }
 #pragma unroll
     for (int m = 0; m < M8; ++m) {
       const float2 wb = wk[m * 32 + lane];
@@ -268,24 +269,24 @@ __device__ __forceinline__ void wprod(const float2* __restrict__ w, int kstride,
 // wprod with its ring in ``region`` (REG float2 of shared memory that no warp reads or writes during this product,
 // 16-byte aligned), as many stages as fit, up to all K8 tiles in flight at once (WDEEP); else (WDEEP 0, or fewer
 // than three stages fit) the block's two-stage ``ring``. The caller syncs before it writes the region after.
-template <int K8, int M8, int REG, class AF>
+template <int K8, int M8, int REG, bool RING, class AF>
 __device__ __forceinline__ void wprod_deep(const float2* __restrict__ w, int kstride, float2* region, float2* ring,
                                            float (&acc)[M8][4], AF a) {
   constexpr int fit = REG / (M8 * 32), S = fit < K8 + 1 ? fit : K8 + 1;
   constexpr bool deep = WDEEP && S > 2;
-  wprod<K8, M8, deep ? S : 2>(w, kstride, deep ? region : ring, acc, a);
+  wprod<K8, M8, deep ? S : 2, RING>(w, kstride, deep ? region : ring, acc, a);
 }
 
 // acc (the warp's 16 x 8 M8 tile row) = a w: a (16 x 8 K8) in the accumulator layout, read as the A operand with
 // its columns permuted (attn_layer.cu's header), w in B-fragment order (K8 x M8 products, pack_b(permuted=True));
 // kstride: float2 between w's k tiles (M8 x 32 unless acc is a slice of a wider product's m tiles); region, REG:
 // wprod_deep's
-template <int K8, int M8, int REG>
+template <int K8, int M8, int REG, bool RING>
 __device__ __forceinline__ void prod_acc(const float (&a)[K8][4], const float2* __restrict__ w, int kstride,
                                          float2* region, float2* ring, float (&acc)[M8][4]) {
 #pragma unroll
   for (int m = 0; m < M8; ++m) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0.f;
-  wprod_deep<K8, M8, REG>(w, kstride, region, ring, acc,
+  wprod_deep<K8, M8, REG, RING>(w, kstride, region, ring, acc,
                           [&](int k, unsigned& a0, unsigned& a1, unsigned& a2, unsigned& a3) {
                             a0 = tf32(a[k][0]), a1 = tf32(a[k][2]), a2 = tf32(a[k][1]), a3 = tf32(a[k][3]);
                           });
