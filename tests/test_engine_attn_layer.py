@@ -256,12 +256,14 @@ def test_layer_kernels_forward_keep_and_backward_equal_array_code(tmp_path, monk
 @pytest.mark.parametrize(
     "dotr,normalize,smooth,ns,wring,H,E",
     [(False, False, False, 27, 1, 32, 20), (False, False, True, 27, 1, 32, 20), (True, False, True, 40, 0, 32, 20),
-     (True, True, True, 16, 1, 32, 20), (True, True, True, 48, 1, 8, 8), (False, True, False, 19, 1, 24, 16)],
+     (True, True, True, 16, 1, 32, 20), (True, True, True, 48, 1, 8, 8), (False, True, False, 19, 1, 24, 16),
+     (True, True, True, 27, None, 32, 19)],
 )  # fmt: skip
 def test_layer_kernels_other_flag_sets_and_shapes(tmp_path, monkeypatch, dotr, normalize, smooth, ns, wring, H, E):
     """The flag sets the tests above leave out (dotr, normalize, smooth: off/off/off, off/off/on, on/off/on, the
-    last without the ring), one warp (16 slots), H = E = 8 (one tile), E a multiple of 8: the forward alone (KEEP 0)
-    = the keeping forward, both = the FP64 array code, and the backward (a grid larger than the centres) too."""
+    last without the ring), one warp (16 slots), H = E = 8 (one tile), E a multiple of 8, E odd (single-float
+    accesses where pairs do not fit; the engine's rings): the forward alone (KEEP 0) = the keeping forward, both =
+    the FP64 array code, and the backward (a grid larger than the centres) too."""
     p, inputs, dG_out, (want, want_dG, want_dr, want_dsw) = _two_layer_case(
         monkeypatch, dotr, normalize, smooth, ns, H=H, E=E
     )

@@ -236,20 +236,19 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
         }
     const float r0 = 1.f / sqrtf(row_sum(v0) / E + eps), r1 = 1.f / sqrtf(row_sum(v1) / E + eps);
 #pragma unroll
-    for (int nt = 0; nt < KE; ++nt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = 8 * nt + 2 * t + e;
-        if (col < E) {
-          const float xh0 = hh[nt][e] * r0, xh1 = hh[nt][2 + e] * r1;
-          if (in0) out[(base + i0) * E + col] = xh0 * gamma[col] + beta[col];
-          if (in1) out[(base + i1) * E + col] = xh1 * gamma[col] + beta[col];
+    for (int nt = 0; nt < KE; ++nt) {
+      const int col = 8 * nt + 2 * t;
+      if (col < E) {
+        const float2 ga = load_pair(gamma, col), be = load_pair(beta, col);
+        const float xa0 = hh[nt][0] * r0, xb0 = hh[nt][1] * r0, xa1 = hh[nt][2] * r1, xb1 = hh[nt][3] * r1;
+        if (in0) store_pair(out + (base + i0) * E, col, xa0 * ga.x + be.x, xb0 * ga.y + be.y);
+        if (in1) store_pair(out + (base + i1) * E, col, xa1 * ga.x + be.x, xb1 * ga.y + be.y);
 #if KEEP
-          if (in0) xhat[(base + i0) * E + col] = xh0;
-          if (in1) xhat[(base + i1) * E + col] = xh1;
+        if (in0) store_pair(xhat + (base + i0) * E, col, xa0, xb0);
+        if (in1) store_pair(xhat + (base + i1) * E, col, xa1, xb1);
 #endif
-        }
       }
+    }
 #if KEEP
     if (t == 0 && in0) rstd[base + i0] = r0;
     if (t == 0 && in1) rstd[base + i1] = r1;

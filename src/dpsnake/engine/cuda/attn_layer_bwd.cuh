@@ -146,32 +146,36 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       const float* db = dout + base * E;
       const float* xb = xhat + base * E;
       float mg0 = 0.f, mg1 = 0.f, mx0 = 0.f, mx1 = 0.f;
+      float xv[KE][4];  // xhat of the lane's columns (as dh)
 #pragma unroll
-      for (int nt = 0; nt < KE; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = 8 * nt + 2 * t + e;
-          const bool c_in = col < E;
-          const float g0 = (c_in && in0) ? db[i0 * E + col] * gamma[col] : 0.f;
-          const float g1 = (c_in && in1) ? db[i1 * E + col] * gamma[col] : 0.f;
-          dh[nt][e] = g0, dh[nt][2 + e] = g1;
-          mg0 += g0, mg1 += g1;
-          mx0 += (c_in && in0) ? g0 * xb[i0 * E + col] : 0.f, mx1 += (c_in && in1) ? g1 * xb[i1 * E + col] : 0.f;
-        }
+      for (int nt = 0; nt < KE; ++nt) {
+        const int col = 8 * nt + 2 * t;
+        const bool c_in = col < E;
+        const float2 zero = make_float2(0.f, 0.f);
+        const float2 ga = c_in ? load_pair(gamma, col) : zero;
+        const float2 d0 = (c_in && in0) ? load_pair(db + i0 * E, col) : zero;
+        const float2 d1 = (c_in && in1) ? load_pair(db + i1 * E, col) : zero;
+        const float2 x0 = (c_in && in0) ? load_pair(xb + i0 * E, col) : zero;
+        const float2 x1 = (c_in && in1) ? load_pair(xb + i1 * E, col) : zero;
+        dh[nt][0] = d0.x * ga.x, dh[nt][1] = d0.y * ga.y, dh[nt][2] = d1.x * ga.x, dh[nt][3] = d1.y * ga.y;
+        xv[nt][0] = x0.x, xv[nt][1] = x0.y, xv[nt][2] = x1.x, xv[nt][3] = x1.y;
+        mg0 += dh[nt][0] + dh[nt][1], mg1 += dh[nt][2] + dh[nt][3];
+        mx0 += dh[nt][0] * x0.x + dh[nt][1] * x0.y, mx1 += dh[nt][2] * x1.x + dh[nt][3] * x1.y;
+      }
       mg0 = row_sum(mg0) / E, mg1 = row_sum(mg1) / E, mx0 = row_sum(mx0) / E, mx1 = row_sum(mx1) / E;
       const float r0 = in0 ? rstd[base + i0] : 0.f, r1 = in1 ? rstd[base + i1] : 0.f;
 #pragma unroll
-      for (int nt = 0; nt < KE; ++nt)
+      for (int nt = 0; nt < KE; ++nt) {
+        const int col = 8 * nt + 2 * t;
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = 8 * nt + 2 * t + e;
-          if (col < E) {
-            dh[nt][e] = in0 ? (dh[nt][e] - mg0 - xb[i0 * E + col] * mx0) * r0 : 0.f;
-            dh[nt][2 + e] = in1 ? (dh[nt][2 + e] - mg1 - xb[i1 * E + col] * mx1) * r1 : 0.f;
-            if (in0) dxb[i0 * E + col] = dh[nt][e];
-            if (in1) dxb[i1 * E + col] = dh[nt][2 + e];
+        for (int e = 0; e < 2; ++e)
+          if (col + e < E) {  // past E dh stays 0 (the product's padding)
+            dh[nt][e] = in0 ? (dh[nt][e] - mg0 - xv[nt][e] * mx0) * r0 : 0.f;
+            dh[nt][2 + e] = in1 ? (dh[nt][2 + e] - mg1 - xv[nt][2 + e] * mx1) * r1 : 0.f;
           }
-        }
+        if (col < E && in0) store_pair(dxb + i0 * E, col, dh[nt][0], dh[nt][1]);
+        if (col < E && in1) store_pair(dxb + i1 * E, col, dh[nt][2], dh[nt][3]);
+      }
     }
     PHASE(1);
     // do = dh W_out^T (rows past n: 0), then dA = do v^T; do replaces v in shared memory
@@ -431,13 +435,17 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
              wqkvT + HT * KE * 32, vs, ring, acc, i0, i1, in0, in1);
     }
 #pragma unroll
-    for (int nt = 0; nt < KE; ++nt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = 8 * nt + 2 * t + e;
-        if (col < E && in0) dxb[i0 * E + col] += acc[nt][e];
-        if (col < E && in1) dxb[i1 * E + col] += acc[nt][2 + e];
+    for (int nt = 0; nt < KE; ++nt) {
+      const int col = 8 * nt + 2 * t;
+      if (col < E && in0) {
+        const float2 d = load_pair(dxb + i0 * E, col);
+        store_pair(dxb + i0 * E, col, d.x + acc[nt][0], d.y + acc[nt][1]);
       }
+      if (col < E && in1) {
+        const float2 d = load_pair(dxb + i1 * E, col);
+        store_pair(dxb + i1 * E, col, d.x + acc[nt][2], d.y + acc[nt][3]);
+      }
+    }
     PHASE(10);
     __syncthreads();  // every warp's d sw, d r terms are in shared memory
     for (int j = threadIdx.x; j < n; j += 32 * NW) {

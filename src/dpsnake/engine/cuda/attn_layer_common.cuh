@@ -82,6 +82,23 @@ __device__ __forceinline__ float h2f(unsigned short h) {
 }
 #endif
 
+// row[col], row[col + 1] of an (n, E) row (col even, < E): one 8-byte access where E is even
+__device__ __forceinline__ float2 load_pair(const float* __restrict__ row, int col) {
+#if E % 2 == 0
+  return *reinterpret_cast<const float2*>(row + col);
+#else
+  return make_float2(row[col], col + 1 < E ? row[col + 1] : 0.f);
+#endif
+}
+__device__ __forceinline__ void store_pair(float* __restrict__ row, int col, float a, float b) {
+#if E % 2 == 0
+  *reinterpret_cast<float2*>(row + col) = make_float2(a, b);
+#else
+  row[col] = a;
+  if (col + 1 < E) row[col + 1] = b;
+#endif
+}
+
 // y, what a force call's forward keeps of q, k, v for the backward (the normalized rows; q times the query scale),
 // in device memory: FP16 with YH (defines() sets it with NORMALIZE: unit rows, whose values FP16's 10-bit mantissa
 // keeps as well as the TF32 operands that read them do; half the bytes of the forward's largest store and the
