@@ -122,9 +122,9 @@ def test_tf32_context_covers_batched_matmul():
 def test_cupy_tf32_mixed(model_cache, monkeypatch, name):
     """settings.tf32 with mixed precision on the cuBLAS path (without the family attn_layer, whose whole-layer
     kernels otherwise run the attention where tf32 is on: next test): the attention's batched products ask cuBLAS
-    for TF32 (bmm called with tf32), results move off plain FP32 (TF32 rounds
-    inputs to 10 mantissa bits: it ran) and stay within 5e-3 of the FP64 NumPy reference (relative to the
-    largest value; the measured errors print and go to docs/benchmarks.md)."""
+    for TF32 (bmm called with tf32), results move off plain FP32 (TF32 rounds inputs to 10 mantissa bits: it ran)
+    and stay within 5e-3 of the FP64 NumPy reference (relative to the largest value; the measured errors print and
+    go to docs/benchmarks.md)."""
     import warnings
 
     from dpsnake.engine.cuda import bmm as bmm_mod

@@ -18,7 +18,8 @@ import numpy as np
 
 FAMILIES = ("nets", "env", "scatter", "desc", "nbr", "graph", "attn", "attn_core", "attn_layer")
 # attn_core is off by default: 1.07x slower than cuBLAS + the row kernels on an H200 (docs/benchmarks.md);
-# attn_layer (tf32 only) is on: a force call 2.652 vs 2.947 us/atom on an H100 (session 33), half the memory
+# attn_layer (tf32 only) is on: a force call 2.209 vs 2.496 us/atom on an H200 (session 34; 2.652 vs 2.947 on an
+# H100, session 33), 0.4x the memory pool
 DEFAULT_FAST = frozenset(FAMILIES) - {"attn_core"}
 _CHOICES = {
     "select": ("warp", "thread"),

@@ -10,24 +10,22 @@ logits, smooth softmax, dot-product gate, A v and LayerNorm, on ``mma.m16n8k8`` 
 forward alone; a force call's forward also keeps q, k, v and xhat for the backward, and the backward passes three
 (N, N) matrices through a small per-block scratch).
 
-The backward (attn_layer_bwd.cuh) reads what the forward kept (normalized q, k, v, their inverse norms,
-LayerNorm's xhat and rstd), stages k and v (then do, then q) in shared memory, recomputes the logits and
-the softmax, and sends the three (n, n) matrices whose transposes it needs (A, dL) or that a lane reads back
-(L) through a per-block scratch in device memory (grid x 3 N^2 floats, N = n rounded up to 16; mostly in L2).
-With ``WRING`` the kernels read the weights through rings in shared memory that the block fills with ``cp.async``
-(attn_layer_common.cuh's ``wprod``): they leave L2 once per block, not once per warp. A product that runs while
-k's or v's array is free rings through that array, as many k tiles in flight as fit (``wprod_deep``, ``WDEEP``):
-with one tile in flight, a tile's products hide little of L2's latency. q's projection uses a two-stage ring.
-Without (``WRING 0``) each warp loads its weight fragments itself (through L1).
+The backward (attn_layer_bwd.cuh) reads what the forward kept (normalized q, k, v, in FP16 where ``normalize``
+makes them unit rows (``YH``); their inverse norms, LayerNorm's xhat and rstd), stages k and v (then do, then q) in
+shared memory, recomputes the logits and the softmax, and sends the three (n, n) matrices whose transposes it needs
+(A, dL) or that a lane reads back (L) through a per-block scratch in device memory (grid x 3 N^2 floats, N = n
+rounded up to 16; mostly in L2). Its column sums over the (n, n) matrices run eight at a time (``CSUM8``). With a
+ring (``WRING`` the forward's, ``BRING`` the backward's) the kernels read the weights through shared memory that the
+block fills with ``cp.async`` (attn_layer_common.cuh's ``wprod``): they leave L2 once per block, not once per warp. A
+product that runs while k's or v's array is free can ring through that array, as many k tiles in flight as fit
+(``wprod_deep``, ``WDEEP``). Without a ring each warp loads its weight fragments itself (through L1).
 
 Status (issue 21; docs/benchmarks.md, "Whole-layer TF32 kernels"): the cuBLAS TF32 path's errors against FP64 (the
-same to two digits). Session 31 (H100): forward without the cache 2.0x the cuBLAS path's, with it 0.85x, backward
-0.92x, a force call 3.10 vs 3.01 us/atom. Session 32 (no GPU) added the ring and cut the backward's traffic, session
-33 the deep rings. On an H100 (session 33) the forward alone runs 0.167 us per centre and layer (deep rings; 0.174
-two-stage, 0.191 without a ring; the cuBLAS path 0.429), while a force call's kernels ran fastest without a ring
-(forward keeping 0.338 vs 0.437 deep, backward 0.658 vs 0.702; the cuBLAS path 0.431 and 0.716), so ``defines``
-gives the rings to the forward alone only. A force call: 2.652 us/atom against the cuBLAS path's 2.947 (7.45x
-DeePMD-kit FP64), so the family is in ``settings.DEFAULT_FAST`` (it runs where ``tf32`` is on). Tested without a GPU
+same to two digits). On an H200 (session 34) per centre and layer: the forward alone 0.154 us (deep rings; the
+cuBLAS path 0.360), a force call's forward 0.260 (two-stage ring, FP16 q, k, v; 0.361) and backward 0.506 (no
+ring; 0.553); a force call 2.209 us/atom against the cuBLAS path's 2.496 (7.18x DeePMD-kit FP64), so the family is
+in ``settings.DEFAULT_FAST`` (it runs where ``tf32`` is on); ``defines`` picks the rings per kernel from the
+A/B in that section (sessions 33-34). Tested without a GPU
 (g++ with threaded warps and an emulated ``mma``, exact or with cvt.rna's rounding; NVRTC for sm_90):
 tests/test_engine_attn_layer.py; on a GPU: that file and tests/test_engine_attn_gpu.py;
 ``bench/profiling/attn_layer_gpu.sh`` times them against the cuBLAS path (attn_layer_probe.py), per phase
