@@ -284,14 +284,15 @@ def test_layer_kernels_other_flag_sets_and_shapes(tmp_path, monkeypatch, dotr, n
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
 @pytest.mark.parametrize(
     "dotr,smooth,ns,wring,H,E",
-    [(True, True, 27, 1, 32, 20), (True, True, 33, 1, 24, 20), (False, False, 19, 0, 24, 16), (True, True, 27, 1, 32, 64)],
+    [(True, True, 27, 1, 32, 20), (True, True, 33, 1, 24, 20), (False, False, 19, 0, 24, 16),
+     (True, True, 27, 1, 32, 64)],
 )  # fmt: skip
 def test_fp16_cache_is_the_fp32_cache_rounded(tmp_path, monkeypatch, dotr, smooth, ns, wring, H, E):
     """YH (a force call's kernels with NORMALIZE keep q, k, v in FP16): the forward's y is the FP32 build's rounded
     to FP16 (bit for bit, in the same order: the layout is shared), everything else it writes equal; the backward
-    from it equals the FP32 build's backward from that rounded y (to the atomics' last bits); both near the FP64 array code (the
-    rounding moves df/dG ~3e-6, df/dr and df/dsw ~2e-4 with exact products; with TF32's, < 1%: next test). H 24:
-    an odd last tile (stored alone); E 64: the deep rings that wrap."""
+    from it equals the FP32 build's backward from that rounded y (to the atomics' last bits); both near the FP64
+    array code (the rounding moves df/dG ~3e-6, df/dr and df/dsw ~2e-4 with exact products; with TF32's, < 1%: next
+    test). H 24: an odd last tile (stored alone); E 64: the deep rings that wrap."""
     p, inputs, dG_out, (want, want_dG, want_dr, want_dsw) = _two_layer_case(
         monkeypatch, dotr, True, smooth, ns, H=H, E=E
     )

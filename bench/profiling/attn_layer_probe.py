@@ -148,8 +148,8 @@ def main(argv=None) -> int:
         return (x, caches) if keep else x
 
     out_fused, fcaches = fused(True)
-    variants = {"deep": (("WRING", 1), ("WDEEP", 1), ("BRING", 1)), "nodeep": (("WRING", 1), ("WDEEP", 0), ("BRING", 1)),
-                "noring": (("WRING", 0), ("BRING", 0)),
+    variants = {"deep": (("WRING", 1), ("WDEEP", 1), ("BRING", 1)),
+                "nodeep": (("WRING", 1), ("WDEEP", 0), ("BRING", 1)), "noring": (("WRING", 0), ("BRING", 0)),
                 "fp32y": (("YH", 0),), "csum1": (("CSUM8", 0),)}  # fmt: skip
     vcaches = {(): fcaches} | {x: fused(True, x)[1] for x in variants.values()}  # the backward reads its build's y
 

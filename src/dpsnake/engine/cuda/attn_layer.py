@@ -266,7 +266,8 @@ def forward(lw: LayerWeights, x, sw, r, mask, scale: float, smooth: bool, dotr: 
     all C-contiguous, FP32 (attention.py's ``_Rows`` holds them so). ``scale``: the query scale. With
     ``keep``: (out, cache), the cache what :func:`backward` reads: y (3, B, n, H) the normalized q, k, v,
     inv (3, B, n), xhat (B, n, E), rstd (B, n); y is FP16 where NORMALIZE (:func:`y_dtype`), its rows in the
-    kernels' order (attn_layer_common.cuh's ystore), q's times ``scale``. ``extra``: more (NAME, value) constants (profiling: PHASES)."""
+    kernels' order (attn_layer_common.cuh's ystore), q's times ``scale``. ``extra``: more (NAME, value) constants
+    (profiling: PHASES; A/B: attn_layer.defines' keys)."""
     import cupy
 
     B, n, E = x.shape

@@ -11,8 +11,8 @@ __device__ __forceinline__ void dz_acc(const float (&d)[HT][4], const ystore* __
                                        float (&acc)[KE][4], int i0, int i1, bool in0, bool in1) {
   const int t = threadIdx.x & 3;
   float2* rg = reinterpret_cast<float2*>(region);
-  wprod_deep<HT, KE, N * LDK / 2, BRING>(wT, KE * 32, rg, ring, acc, [&](int c, unsigned& a0, unsigned& a1, unsigned& a2,
-                                                                  unsigned& a3) {
+  wprod_deep<HT, KE, N * LDK / 2, BRING>(wT, KE * 32, rg, ring, acc, [&](int c, unsigned& a0, unsigned& a1,
+                                                                         unsigned& a2, unsigned& a3) {
 #if NORMALIZE
     const float2 zero = make_float2(0.f, 0.f);
     const float2 a = in0 ? y_load(Y + i0 * H, c, t) : zero;
@@ -83,13 +83,13 @@ __device__ __forceinline__ void stage_rows(const ystore* __restrict__ Y, float* 
 #define DO_DEEP 0
 #endif
 
-// From dout = dLoss/d out (B, n, E) and what the forward kept (y, inv, xhat, rstd: attn_layer_fwd's): dx (B, n, E) = dLoss/dx
-// (written), and the layer's terms of dLoss/d sw (B, n) (SMOOTH) and dLoss/d r (B, n, 3) (DOTR) added. woutT (KE,
-// HT, 32) and wqkvT (3, HT, KE, 32) float2: W_out^T and W_q^T, W_k^T, W_v^T in B-fragment order (permuted).
-// Shared memory: two (N, LDK) arrays, k and v (v staged after do's product with DO_DEEP), then k and do, then q and
-// do, also the W rings of products that
-// run while one of them is free (wprod_deep); the block's two-stage W ring for the others. scratch: 3 N N floats per
-// block (A = T F; dL; L + SHIFT), device memory read back within the block (L2).
+// From dout = dLoss/d out (B, n, E) and what the forward kept (y, inv, xhat, rstd: attn_layer_fwd's): dx (B, n, E)
+// = dLoss/dx (written), and the layer's terms of dLoss/d sw (B, n) (SMOOTH) and dLoss/d r (B, n, 3) (DOTR) added.
+// woutT (KE, HT, 32) and wqkvT (3, HT, KE, 32) float2: W_out^T and W_q^T, W_k^T, W_v^T in B-fragment order
+// (permuted). Shared memory: two (N, LDK) arrays, k and v (v staged after do's product with DO_DEEP), then k and do,
+// then q and do; with BRING also the W rings of products that run while one of them is free (wprod_deep) and the
+// block's two-stage W ring for the others. scratch: 3 N N floats per block (A = T F; dL; L + SHIFT), device memory
+// read back within the block (L2).
 // Steps: LayerNorm backward -> dh (dx = dh, the residual); do = dh W_out^T; dA = do v^T; L and T again (as the
 // forward); the row chain backward -> dL, d sw, d r, and the rows' dots the q/k/v normalisation's backward needs
 // (d . y of dq, dk, dv, from the (n, n) matrices in registers: dq . q = sum_j dL L, dk . k = sum_i dL L,
