@@ -7,7 +7,7 @@ what decides their occupancy (docs/benchmarks.md, "Whole-layer TF32 kernels"). P
 Kernels: cuda/attn_layer (mixed + TF32, each flag set of smooth / dotr / normalize as a force call compiles them:
 the forward on the two-stage W ring, the backward on none; with all three flags on: the forward alone (KEEP 0, deep
 W rings), and a force call's kernels both on the deep rings, both on the two-stage ring, both on none, and with
-session 33's FP32 y and one-at-a-time column sums) and cuda/attn_core (FP64)
+session 33's FP32 y) and cuda/attn_core (FP64)
 at the given shape (default: the se_atten_v2 benchmark's, 88 slots of 120, embedding 100, attention 128).
 """
 
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         (True, {"WRING": 1, "WDEEP": 1, "BRING": 1}, "deep rings"),
         (True, {"WRING": 1, "WDEEP": 0, "BRING": 1}, "two-stage ring"),
         (True, {"WRING": 0, "BRING": 0}, "no ring"),
-        (True, {"YH": 0, "CSUM8": 0}, "FP32 y, csum1"),
+        (True, {"YH": 0}, "FP32 y"),
     )
     for keep, extra, label in variants:
         defs = attn_layer.defines(args.n, args.e, args.h, 1, 1, 1, args.nnei, keep=keep) | extra

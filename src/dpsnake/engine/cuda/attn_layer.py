@@ -14,7 +14,7 @@ The backward (attn_layer_bwd.cuh) reads what the forward kept (normalized q, k, 
 makes them unit rows (``YH``); their inverse norms, LayerNorm's xhat and rstd), stages k and v (then do, then q) in
 shared memory, recomputes the logits and the softmax, and sends the three (n, n) matrices whose transposes it needs
 (A, dL) or that a lane reads back (L) through a per-block scratch in device memory (grid x 3 N^2 floats, N = n
-rounded up to 16; mostly in L2). Its column sums over the (n, n) matrices run eight at a time (``CSUM8``). With a
+rounded up to 16; mostly in L2). Its column sums over the (n, n) matrices run eight at a time (``col_sum8``). With a
 ring (``WRING`` the forward's, ``BRING`` the backward's) the kernels read the weights through shared memory that the
 block fills with ``cp.async`` (attn_layer_common.cuh's ``wprod``): they leave L2 once per block, not once per warp. A
 product that runs while k's or v's array is free can ring through that array, as many k tiles in flight as fit
@@ -170,9 +170,8 @@ def defines(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, n
     # call's forward on the two-stage ring (H200, session 34: 0.345 vs 0.391 deep vs 0.411 none, us per centre and
     # layer), its backward on none (0.557 vs 0.578 deep vs 0.613 two-stage)
     # YH: q, k, v kept as FP16 where they are unit rows (NORMALIZE; attn_layer_common.cuh's ystore)
-    # CSUM8: the backward's column sums eight at a time (attn_layer_common.cuh's col_sum8)
     return {"KEEP": int(keep), "WRING": 1, "WDEEP": int(not keep), "BRING": 0, "YH": int(keep and normalize),
-            "CSUM8": 1, "N": N, "E": int(E), "H": int(H), "SMOOTH": int(smooth), "DOTR": int(dotr),
+            "N": N, "E": int(E), "H": int(H), "SMOOTH": int(smooth), "DOTR": int(dotr),
             "NORMALIZE": int(normalize), "NPAD": npad, "MINB": minb}  # fmt: skip
 
 

@@ -256,15 +256,11 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     float dri0[3] = {0.f, 0.f, 0.f}, dri1[3] = {0.f, 0.f, 0.f};
 #endif
     float u0 = 0.f, u1 = 0.f;  // sum_j dT T per row
-#if CSUM8
     float cv[8];  // the column sums of a tile (row chain 1: d r's and dv . v; 2: d sw's and dk . k of two tiles)
-#endif
 #pragma unroll
     for (int jt = 0; jt < NT; ++jt) {
-#if CSUM8
 #pragma unroll
       for (int k = 0; k < 8; ++k) cv[k] = 0.f;
-#endif
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int j = 8 * jt + 2 * t + e;
@@ -286,27 +282,17 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
 #pragma unroll
         for (int d = 0; d < 3; ++d) {
           dri0[d] += dR0 * rj[d], dri1[d] += dR1 * rj[d];
-#if CSUM8
           cv[4 * e + d] = dR0 * ri0[d] + dR1 * ri1[d];
-#else
-          const float cs = col_sum(dR0 * ri0[d] + dR1 * ri1[d]);
-          if (g == 0) atomicAdd(gr + 3 * j + d, cs);
-#endif
         }
 #endif
         const float A0 = T[jt][e] * F0, A1 = T[jt][2 + e] * F1;
         As[i0 * N + j] = A0, As[i1 * N + j] = A1;
         u0 += dA[jt][e] * A0, u1 += dA[jt][2 + e] * A1;
 #if NORMALIZE
-#if CSUM8
         cv[4 * e + 3] = dA[jt][e] * A0 + dA[jt][2 + e] * A1;  // dv . v of row j: sum_i A dA
-#else
-        const float cs = col_sum(dA[jt][e] * A0 + dA[jt][2 + e] * A1);  // dv . v of row j: sum_i A dA
-        if (g == 0) atomicAdd(pv + j, cs);
-#endif
 #endif
       }
-#if CSUM8 && (DOTR || NORMALIZE)
+#if DOTR || NORMALIZE
       const float cs = col_sum8(cv);  // lane g: cv[g] = d r (column 8 jt + 2t + g / 4, component g % 4) or dv . v
       const int j = 8 * jt + 2 * t + (g >> 2), q = g & 3;
       if (DOTR && q < 3) atomicAdd(gr + 3 * j + q, cs);
@@ -328,11 +314,9 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     float pq0 = 0.f, pq1 = 0.f;  // dq . q per row: sum_j dL L
 #pragma unroll
     for (int jt = 0; jt < NT; ++jt) {
-#if CSUM8
       if (!(jt & 1))
 #pragma unroll
         for (int k = 0; k < 8; ++k) cv[k] = 0.f;
-#endif
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int j = 8 * jt + 2 * t + e;
@@ -354,12 +338,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
         const float dS0 = dA[jt][e] * T[jt][e] * R0 + Ls0 * dl0;
         const float dS1 = dA[jt][2 + e] * T[jt][2 + e] * R1 + Ls1 * dl1;
         ds0 += dS0 * sws[j], ds1 += dS1 * sws[j];
-#if CSUM8
         cv[4 * (jt & 1) + 2 * e] = dS0 * sw0 + dS1 * sw1;
-#else
-        const float cs = col_sum(dS0 * sw0 + dS1 * sw1);
-        if (g == 0) atomicAdd(gsw + j, cs);
-#endif
         dA[jt][e] = dl0 * S0, dA[jt][2 + e] = dl1 * S1;
 #else
         dA[jt][e] = dl0, dA[jt][2 + e] = dl1;
@@ -368,15 +347,10 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
 #if NORMALIZE
         const float dlL0 = dA[jt][e] * (Ls0 - SHIFT), dlL1 = dA[jt][2 + e] * (Ls1 - SHIFT);  // dL L, L = s q . k
         pq0 += dlL0, pq1 += dlL1;
-#if CSUM8
         cv[4 * (jt & 1) + 2 * e + 1] = dlL0 + dlL1;  // dk . k of row j: sum_i dL L
-#else
-        const float ck = col_sum(dlL0 + dlL1);  // dk . k of row j: sum_i dL L
-        if (g == 0) atomicAdd(pk + j, ck);
-#endif
 #endif
       }
-#if CSUM8 && (SMOOTH || NORMALIZE)
+#if SMOOTH || NORMALIZE
       if (jt & 1) {  // lane g: cv[g] = d sw (g even) or dk . k of column 8 (jt - 1 + g / 4) + 2t + g / 2 % 2
         const float cs = col_sum8(cv);
         const int j = 8 * (jt - 1 + (g >> 2)) + 2 * t + ((g >> 1) & 1), q = g & 1;

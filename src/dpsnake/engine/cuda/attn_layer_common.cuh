@@ -1,5 +1,5 @@
 // Shared by attn_layer.cu's forward and attn_layer_bwd.cuh's backward: sizes, the TF32 product, lane sums.
-#if !defined(KEEP) || !defined(WRING) || !defined(BRING) || !defined(WDEEP) || !defined(YH) || !defined(CSUM8) || \
+#if !defined(KEEP) || !defined(WRING) || !defined(BRING) || !defined(WDEEP) || !defined(YH) || \
     !defined(MINB)
 #error "attn_layer: compile with attn_layer.defines()' constants"
 #endif
@@ -158,13 +158,6 @@ __device__ __forceinline__ float row_sum(float v) {
 __device__ __forceinline__ float row_max(float v) {
   v = fmaxf(v, __shfl_xor_sync(FULL, v, 1));
   return fmaxf(v, __shfl_xor_sync(FULL, v, 2));
-}
-
-// over the 8 groups (one column of the warp's 16 rows)
-__device__ __forceinline__ float col_sum(float v) {
-  v += __shfl_xor_sync(FULL, v, 4);
-  v += __shfl_xor_sync(FULL, v, 8);
-  return v + __shfl_xor_sync(FULL, v, 16);
 }
 
 // Eight column sums at once (reduce-scatter over the 8 groups: 7 shuffles, not 3 per sum): returns the sum over
