@@ -14,6 +14,8 @@ process. Variants (docs/benchmarks.md, "Left-out empty slots and cuBLAS op flags
                 (family "attn_layer" off)
     layer       the same with each attention layer as one TF32 kernel per direction (family "attn_layer",
                 cuda/attn_layer.py; the default with tf32)
+    layer_nonet layer with the strip-mode geometric net through cuBLAS and the gate kernels (settings fused "off";
+                the default: net and gate as two kernels, cuda/strip_net.py)
 
 The force / energy differences of mixed and tf32 to base (FP64) are their accuracy.
 
@@ -180,6 +182,7 @@ def main():
         ("mixed", {}, False, "mixed"),
         ("tf32", {"tf32": True, "fast": DEFAULT_FAST - {"attn_layer"}}, False, "mixed"),
         ("layer", {"tf32": True}, False, "mixed"),
+        ("layer_nonet", {"tf32": True, "fused": "off"}, False, "mixed"),
     ]
     variants_all = list(variants)
     if args.variants:

@@ -182,3 +182,35 @@ def test_cupy_tf32_layer_kernels(model_cache, monkeypatch, name):
         e_blas, e_layer = rel_err(cp.asnumpy(tf32_blas[k]), ref[k]), rel_err(cp.asnumpy(layer[k]), ref[k])
         print(name, k, f"cuBLAS TF32 {e_blas:.1e}  layer kernels {e_layer:.1e}")
         assert e_layer <= 5e-3 and e_layer <= 1.5 * e_blas + 1e-7, k  # session 31, H100: 0.86-1.10x
+
+
+@pytest.mark.parametrize("name", ["v2_l2", "strip_l2", "excl", "v2_l0"])
+def test_cupy_strip_net_kernels(model_cache, monkeypatch, name):
+    """The strip-mode net + gate kernels (cuda/strip_net.py, with the fused nets: FP32 by default, FP64 with
+    fused "on") run forward and backward, and equal the cuBLAS array code (fused "off"): FP64 to 1e-12, mixed
+    to 1e-5 (both errors print)."""
+    import warnings
+
+    from dpsnake.engine.cuda import strip_net
+    from dpsnake.engine.settings import EngineSettings
+
+    calls = []
+    for fn in ("forward", "backward"):
+        inner = getattr(strip_net.StripNet, fn)
+        monkeypatch.setattr(strip_net.StripNet, fn, lambda *a, _f=inner, _n=fn, **k: calls.append(_n) or _f(*a, **k))
+    dp = str(attn_model(model_cache, name)["dp"])
+    dev = [cp.asarray(a) for a in flat(systems(["Cu", "Ni"]), ["Cu", "Ni"])]
+    for precision, fused, tol in (("double", "on", 1e-12), ("mixed", "auto", 1e-5)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the over-full neighbour lists of systems()
+            off = AttnEnsemble([dp], precision=precision, settings=EngineSettings(fused="off"))
+            ref = off.evaluate(*dev, atomic=True)
+            assert not calls
+            on = AttnEnsemble([dp], precision=precision, settings=EngineSettings(fused=fused))
+            out = on.evaluate(*dev, atomic=True)
+        assert "forward" in calls and "backward" in calls, (precision, "the strip net kernels did not run")
+        calls.clear()
+        for k in KEYS:
+            err = rel_err(cp.asnumpy(out[k]), cp.asnumpy(ref[k]))
+            print(name, precision, k, f"strip net kernels vs array code {err:.1e}")
+            assert err <= tol, (precision, k, err)

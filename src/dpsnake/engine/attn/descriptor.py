@@ -60,6 +60,7 @@ class AttnRuntime:
     bias: np.ndarray
     ctx: EngineContext | None = None
     tab: object = None  # cuda.tab.TabKernels (STRIP) of the tabulated Gs, or None
+    strip_net: object = None  # cuda.strip_net.StripNet of the strip-mode net and gate, or None
     left_out: dict = None  # (ti, ns) -> _left_out_gr's array or None, filled on use
 
     @classmethod
@@ -72,7 +73,9 @@ class AttnRuntime:
 
         ctx = EngineContext.of(ctx)
         attention = None if model.attention is None else model.attention.to(xp, dtype)
-        embedding, tab = model.embedding.to(xp, dtype), None
+        embedding, tab, strip_net = model.embedding.to(xp, dtype), None, None
+        if compress is None and model.tebd_mode == "strip":
+            strip_net = _strip_net(model, xp, np.dtype(dtype).name, ctx)
         if compress is not None:
             check_compressible(model)
             embedding = build_strip_table(model, compress).to(xp, dtype)
@@ -94,6 +97,7 @@ class AttnRuntime:
             bias=np.asarray(model.bias, dtype=np.float64),
             ctx=ctx,
             tab=tab,
+            strip_net=strip_net,
             left_out={},
         )
 
@@ -111,6 +115,19 @@ def check_compressible(model: AttnModel) -> None:
         )
     if any(l.idt is not None for l in model.embedding.layers):
         raise UserError(f"compress: {model.path}: descriptor resnet_dt=true cannot be tabulated (as in DeePMD-kit)")
+
+
+def _strip_net(model: AttnModel, xp, dtype: str, ctx: EngineContext):
+    """cuda/strip_net.py's kernels of ``model``'s geometric net and type gate (compiled now) where the nets
+    are fused (``EngineSettings.fused``, CuPy), or None: not fused, a net they cannot run (input width,
+    activation, size), or a compile failure (then the family "nets" is off for ``ctx``, with a warning)."""
+    if not ctx.fused(xp, dtype):
+        return None
+    from dpsnake.engine.cuda import strip_net
+
+    if strip_net.supported(model.embedding, dtype) is not None:
+        return None
+    return ctx.guarded("nets", strip_net.get_strip_net, model.embedding, dtype)
 
 
 def _gate_kernels(rt: AttnRuntime):
@@ -212,18 +229,23 @@ def _energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad
             G0, ecache = rt.embedding.forward(xp, xp.concatenate(parts, axis=2), keep=need_grad, ctx=rt.ctx)
             Gs = tt = None
         else:
-            Gs, ecache = rt.embedding.forward(xp, ss, keep=need_grad, ctx=rt.ctx)
             trow = ntype if m.type_one_side else ti * nt1 + ntype
-            gate = _gate_kernels(rt)
-            if gate is not None:  # CUDA: G = Gs (1 + T swm) per slot, T never gathered
+            sn = rt.strip_net
+            gate = None if sn is not None else _gate_kernels(rt)
+            if sn is not None or gate is not None:  # CUDA: the table never gathered
                 trow = xp.ascontiguousarray(trow, dtype=xp.int32)  # once, for forward and backward
                 wsm = xp.ascontiguousarray(swm.astype(dt)) if m.smooth else None
-                G0 = gate.forward(Gs, rt.strip_table, trow, wsm)
-            else:  # gt1 = 1 + T (swm): G = Gs gt1 (DeePMD-kit: Gs T + Gs), kept for backward
-                tt = rt.strip_table[trow]
-                gt1 = tt * swm[..., None].astype(dt) if m.smooth else tt.copy()
-                gt1 += 1
-                G0 = Gs * gt1
+            if sn is not None:  # net and gate in one kernel: G the only array stored, the net recomputed backward
+                G0 = sn.forward(Rn_c, rt.strip_table, trow, wsm)
+            else:
+                Gs, ecache = rt.embedding.forward(xp, ss, keep=need_grad, ctx=rt.ctx)
+                if gate is not None:  # G = Gs (1 + T swm) per slot
+                    G0 = gate.forward(Gs, rt.strip_table, trow, wsm)
+                else:  # gt1 = 1 + T (swm): G = Gs gt1 (DeePMD-kit: Gs T + Gs), kept for backward
+                    tt = rt.strip_table[trow]
+                    gt1 = tt * swm[..., None].astype(dt) if m.smooth else tt.copy()
+                    gt1 += 1
+                    G0 = Gs * gt1
         if rt.attention is not None:
             from dpsnake.engine.attn.attention import attention_forward
 
@@ -278,13 +300,17 @@ def _energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad
             gin = rt.embedding.backward(xp, gG, ecache, ctx=rt.ctx)
             gRn[..., 0] += gin[..., 0].astype(xp.float64)
         else:
-            if gate is not None:
-                gin, gt_sw = gate.backward(gG, Gs, rt.strip_table, trow, wsm)
+            if sn is not None:
+                gss, gt_sw = sn.backward(Rn_c, gG, rt.strip_table, trow, wsm)
+                gRn[..., 0] += gss.astype(xp.float64)
             else:
-                gin = gG * gt1
-                gt_sw = xp.einsum("nsm,nsm->ns", gG * Gs, tt) if m.smooth else None
-            gss = rt.embedding.backward(xp, gin, ecache, ctx=rt.ctx)
-            gRn[..., 0] += gss[..., 0].astype(xp.float64)
+                if gate is not None:
+                    gin, gt_sw = gate.backward(gG, Gs, rt.strip_table, trow, wsm)
+                else:
+                    gin = gG * gt1
+                    gt_sw = xp.einsum("nsm,nsm->ns", gG * Gs, tt) if m.smooth else None
+                gss = rt.embedding.backward(xp, gin, ecache, ctx=rt.ctx)
+                gRn[..., 0] += gss[..., 0].astype(xp.float64)
             if m.smooth:
                 gt_sw = gt_sw.astype(xp.float64)
                 gsw = gt_sw if gsw is None else gsw + gt_sw

@@ -189,15 +189,12 @@ def _reduce_scatter(v: str = "v") -> str:
     return "\n".join(c)
 
 
-def _source(spec: _Spec, dtype: str, minb: int | None = None) -> str:
-    """CUDA source of both kernels; ``minb``: EngineSettings.fused_bwd_minb."""
-    T = "float" if dtype == "float32" else "double"
-    f = "f" if T == "float" else ""
-    vw = spec.vw
-    V = "float4" if T == "float" else "double2"
-    L = spec.layers
-    last = L[-1]
-    M, NIN = last["nout"], last["nin"]
+def hidden_chain(spec: _Spec) -> tuple:
+    """Code of the hidden layers (all but the last) of a 1-input net, per thread in registers:
+    (forward: h0[1] -> htop[NIN], as a list of blocks; htop's name; backward: dh[NIN] = dL/dhtop -> dL/dh0,
+    recomputing each layer's input from h0, as blocks opened with "{ " that ``closes`` closes; the
+    expression of dL/dh0). Shared by fused.py's kernels and strip_net.py's."""
+    L, vw = spec.layers, spec.vw
     nl = len(L)
     hid_f, src = [], "h0"
     for ell in range(nl - 1):
@@ -212,7 +209,20 @@ def _source(spec: _Spec, dtype: str, minb: int | None = None) -> str:
             src = f"q{ell}_{e2 + 1}"
         hid_b.append("{ " + "\n".join(fw) + "\n" + _layer_back(L[ell], ell, src, dsrc, f"dx{ell}", vw))
         dsrc = f"dx{ell}"
-    closes = "}" * (nl - 1)
+    x0grad = f"{dsrc}[0]" if nl > 1 else "dh[0]"
+    return hid_f, htop, hid_b, "}" * (nl - 1), x0grad
+
+
+def _source(spec: _Spec, dtype: str, minb: int | None = None) -> str:
+    """CUDA source of both kernels; ``minb``: EngineSettings.fused_bwd_minb."""
+    T = "float" if dtype == "float32" else "double"
+    f = "f" if T == "float" else ""
+    vw = spec.vw
+    V = "float4" if T == "float" else "double2"
+    L = spec.layers
+    last = L[-1]
+    M, NIN = last["nout"], last["nin"]
+    hid_f, htop, hid_b, closes, x0grad = hidden_chain(spec)
     bias = f"SW[{last['b']} + j]" if last["b"] is not None else "(T)0"
     idt = f"SW[{last['idt']} + j]" if last["idt"] is not None else "(T)1"
     # forward: the last layer in groups of 8 columns, reduce-scattered over the warp
@@ -284,7 +294,6 @@ def _source(spec: _Spec, dtype: str, minb: int | None = None) -> str:
         if last["res"]
         else ""
     )
-    x0grad = f"{dsrc}[0]" if nl > 1 else "dh[0]"
     nl_ = "\n"
     # minb: blocks per SM the backward is compiled for (caps its registers); 0: no bound.
     # FP32 default 3: 168 registers, 48 B of spills, 4 blocks of 96 threads per SM instead of 3;

@@ -1,0 +1,257 @@
+"""The geometric embedding net of se_atten / se_atten_v2 in strip mode and its type gate as two fused CUDA
+kernels (CuPy RawModule, source generated per net like fused.py's):
+
+- forward:  G = Gs (1 + T[row] w), Gs = net(Rn[..., 0]) (a 1-input net), written (slots, M);
+- backward: from gG = dL/dG, dL/ds (s = Rn[..., 0]) and dL/dw = sum_j gG_j Gs_j T_j (with ``w``).
+
+The array code (attn/descriptor.py) runs the net as cuBLAS GEMMs and fused tanh layers that keep every
+layer's derivative (25 + 50 + 100 floats per slot for DeePMD-kit's [25, 50, 100]), then the gate kernels
+(strip_gate.py), and back through both: about ten passes over (slots, M) arrays. Here a thread runs one
+slot's net in registers from weights staged in shared memory (fused.py's layer code), nothing but G is
+stored, and the backward recomputes the net (recompute rather than store). A warp's 32 slots go through a
+(32, 33) shared tile per 32 columns, so that G and gG move as whole 128-byte rows; the gate is applied
+there (the table read along rows). ``w``: sw times the mask where ``smooth_type_embedding``, else None
+(w = 1): the gate then has no dL/dw.
+
+Used where the nets are fused (``EngineSettings.fused``: "auto" FP32 nets, "on" FP64 too) and the net's
+input is 1 wide (strip mode). Tested without a GPU (tests/test_engine_strip_net.py: g++ with threaded
+warps against nets.py + the gate's array code; NVRTC for sm_90) and on the GPU (tests/test_engine_attn_gpu.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dpsnake.engine.cuda import fused
+from dpsnake.engine.cuda.fused import _LANES, _act_code, _dot_row, _Spec, hidden_chain
+
+WPB = 4  # warps per block (a slot per thread)
+SMEM_MAX = 227 * 1024  # dynamic shared memory per block (sm_80, sm_90)
+TP = 33  # row stride of a warp's tile (32 columns + 1: the row and column walks hit 32 banks)
+
+
+def _columns(spec: _Spec, bwd: bool) -> str:
+    """The last layer, 32 columns at a time (chunk start jj static, the column loop not unrolled: one copy
+    of its code), then the chunk's static pass: residual (htop[j % NIN], j static) and, backward, dL/dw's
+    residual share. Forward: the tile gets Gs. Backward: the tile holds gin = dL/dGs (and GT = gG T with
+    w), dh[NIN] += gin's backward through the layer."""
+    last, vw = spec.layers[-1], spec.vw
+    M, nin = last["nout"], last["nin"]
+    bias = f"SW[{last['b']} + j]" if last["b"] is not None else "(T)0"
+    idt = f"SW[{last['idt']} + j]" if last["idt"] is not None else "(T)1"
+    out = []
+    for jj in range(0, M, 32):
+        qn = min(32, M - jj)
+        body = ["KEEP_ORDER;", f"const int j = {jj} + q;", f"T z = {bias};"]
+        body += _dot_row(last, "j", "HTOP", "z", wname="w" if bwd else None, vw=vw)
+        body += [f"T y, d; {_act_code(last['act'])}", f"const T it = {idt};", "y *= it;"]
+        if not bwd:
+            body.append("tile[lane * TP + q] = y;")
+        else:
+            body += ["const T gin = tile[lane * TP + q];", "if (has_w) gwa = FMA(GT[lane * TP + q], y, gwa);",
+                     "const T dz = gin * d * it;"]  # fmt: skip
+            for q4 in range(last["ninp"] // vw):
+                for e in range(vw):
+                    k = q4 * vw + e
+                    if k < nin:
+                        body.append(f"dh[{k}] = FMA(dz, w{q4}.{_LANES[e]}, dh[{k}]);")
+        if bwd:
+            out.append("__syncwarp();")
+            out.append(_load_tile(jj))
+        out += ["__syncwarp();", "#pragma unroll 1", f"for (int q = 0; q < {qn}; ++q) {{", *body, "}"]
+        if last["res"]:
+            for q in range(qn):
+                k = (jj + q) % nin
+                if bwd:
+                    out.append(f"dh[{k}] += tile[lane * TP + {q}];")
+                    out.append(f"if (has_w) gwa = FMA(GT[lane * TP + {q}], HTOP[{k}], gwa);")
+                else:
+                    out.append(f"tile[lane * TP + {q}] += HTOP[{k}];")
+        if not bwd:
+            out.append("__syncwarp();")
+            out.append(_store_tile(jj))
+    return "\n".join(out)
+
+
+def _store_tile(jj: int) -> str:
+    """Forward: the warp's tile (Gs of its 32 slots, columns jj..jj+31) gated and stored as rows of G."""
+    return f"""for (int r = 0; r < 32; ++r) {{
+  const long long pr = wb + r;
+  const int rr = __shfl_sync(0xffffffffu, rp, r);
+  const T wr = __shfl_sync(0xffffffffu, wp, r);
+  const int j = {jj} + lane;
+  if (pr < slots && j < M) {{
+    const T gs = tile[r * TP + lane];
+    G[pr * M + j] = gs * (table[(long long)rr * M + j] * wr) + gs;  /* as strip_gate.cu: Gs (T w) + Gs */
+  }}
+}}"""
+
+
+def _load_tile(jj: int) -> str:
+    """Backward: rows of gG (columns jj..jj+31) of the warp's slots into the tile as gin = gG (T w + 1), and
+    GT = gG T (with w)."""
+    return f"""for (int r = 0; r < 32; ++r) {{
+  const long long pr = wb + r;
+  const int rr = __shfl_sync(0xffffffffu, rp, r);
+  const T wr = __shfl_sync(0xffffffffu, wp, r);
+  const int j = {jj} + lane;
+  T gin = (T)0, gt = (T)0;
+  if (pr < slots && j < M) {{
+    const T g = gG[pr * M + j], tv = table[(long long)rr * M + j];
+    gin = g * (tv * wr + (T)1);
+    gt = g * tv;
+  }}
+  tile[r * TP + lane] = gin;
+  if (has_w) GT[r * TP + lane] = gt;
+}}"""
+
+
+def source(spec: _Spec, dtype: str) -> str:
+    """CUDA source of strip_net_fwd and strip_net_bwd for the net of ``spec``."""
+    T = "float" if dtype == "float32" else "double"
+    f = "f" if T == "float" else ""
+    V = "float4" if T == "float" else "double2"
+    last = spec.layers[-1]
+    M, NIN = last["nout"], last["nin"]
+    hid_f, htop, hid_b, closes, x0grad = hidden_chain(spec)
+    nl_ = "\n"
+    minb = 3 if dtype == "float32" else 0  # as fused.py's backward: 168 registers for 3 blocks of 128 per SM
+    # per thread: its slot p = wb + lane (wb: the warp's first slot), its table row rp and gate weight wp
+    head = f"""
+    extern __shared__ __align__(16) unsigned char smem_[];
+    T* SW = (T*)smem_;
+    for (int q = threadIdx.x; q < NWS; q += blockDim.x) SW[q] = Wg[q];
+    __syncthreads();
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    T* tile = SW + NWS + wid * (32 * TP);
+    for (long long wb = ((long long)blockIdx.x * WPB + wid) * 32; wb < slots; wb += (long long)gridDim.x * WPB * 32) {{
+        const long long p = wb + lane;
+        const bool in = p < slots;
+        const int rp = in ? row[p] : 0;
+        const T wp = (in && has_w) ? w[p] : (T)1;
+        T h0[1]; h0[0] = in ? Rn[4 * p] : (T)0;
+        {nl_.join(hid_f)}"""
+    return f"""
+typedef {T} T;
+typedef {V} V;
+#define TANH tanh{f}
+#define EXP exp{f}
+#define LOG log{f}
+#define FMA fma{f}
+#define M {M}
+#define NIN {NIN}
+#define NWS {spec.nw}
+#define WPB {WPB}
+#define TP {TP}
+#define HTOP {htop}
+/* a compiler barrier per output column (fused.py: without it the weight loads of many columns are hoisted) */
+#define KEEP_ORDER asm volatile("" ::: "memory")
+
+/* G (slots, M) = Gs (1 + table[row] w), Gs = net(Rn[p, 0]); Rn (slots, 4), row (slots) int, w (slots) if has_w */
+extern "C" __global__ void __launch_bounds__(32 * WPB) strip_net_fwd(
+    const T* __restrict__ Rn, const long long slots, const T* __restrict__ Wg, const T* __restrict__ table,
+    const int* __restrict__ row, const T* __restrict__ w, const int has_w, T* __restrict__ G)
+{{{head}
+        {_columns(spec, False)}
+    }}
+}}
+
+/* gs (slots) = dL/dRn[p, 0] and, if has_w, gw (slots) = dL/dw from gG (slots, M) = dL/dG */
+extern "C" __global__ void __launch_bounds__(32 * WPB{f", {minb}" if minb else ""}) strip_net_bwd(
+    const T* __restrict__ Rn, const long long slots, const T* __restrict__ Wg, const T* __restrict__ table,
+    const int* __restrict__ row, const T* __restrict__ w, const int has_w, const T* __restrict__ gG,
+    T* __restrict__ gs, T* __restrict__ gw)
+{{{head}
+        T* GT = SW + NWS + (WPB + wid) * (32 * TP);
+        T dh[NIN], gwa = (T)0;
+        #pragma unroll
+        for (int k = 0; k < NIN; ++k) dh[k] = (T)0;
+        {_columns(spec, True)}
+        {{
+            {nl_.join(hid_b)}
+            if (in) gs[p] = {x0grad};
+            {closes}
+        }}
+        if (in && has_w) gw[p] = gwa;
+    }}
+}}
+"""
+
+
+def smem_bytes(spec: _Spec, itemsize: int) -> tuple:
+    """Dynamic shared memory of (forward, backward) in bytes: the weights, then one or two tiles per warp."""
+    return (spec.nw + WPB * 32 * TP) * itemsize, (spec.nw + 2 * WPB * 32 * TP) * itemsize
+
+
+def supported(net, dtype: str) -> str | None:
+    """None if the kernels can run ``net`` in ``dtype``, else why not."""
+    why = fused.supported(net)
+    if why is None and max(smem_bytes(_Spec(net, 4 if dtype == "float32" else 2), np.dtype(dtype).itemsize)) > SMEM_MAX:
+        why = "weights and tiles do not fit in shared memory"
+    return why
+
+
+class StripNet:
+    """A strip-mode geometric net and its type gate as two CUDA kernels (the module doc)."""
+
+    def __init__(self, net, dtype: str):
+        import cupy
+
+        why = supported(net, dtype)
+        if why:
+            raise ValueError(why)
+        self.dtype = np.dtype(dtype)
+        self.spec = _Spec(net, 4 if dtype == "float32" else 2)
+        self.M = self.spec.sizes[-1]
+        mod = cupy.RawModule(code=source(self.spec, dtype), options=("-std=c++14",))
+        self.fwd, self.bwd = mod.get_function("strip_net_fwd"), mod.get_function("strip_net_bwd")
+        self.smem = smem_bytes(self.spec, self.dtype.itemsize)
+        for k, nbytes in zip((self.fwd, self.bwd), self.smem):
+            if nbytes > 48 * 1024:
+                k.max_dynamic_shared_size_bytes = nbytes
+        self.w = cupy.asarray(self.spec.pack(net).astype(self.dtype))
+        self.nsm = cupy.cuda.Device().attributes["MultiProcessorCount"]
+
+    def _args(self, Rn, table, row, w):
+        import cupy
+
+        slots = Rn.size // 4
+        grid = max(1, min(-(-slots // (32 * WPB)), self.nsm * 16))
+        wa = Rn if w is None else cupy.ascontiguousarray(w, dtype=self.dtype)
+        args = (cupy.ascontiguousarray(Rn), np.int64(slots), self.w, cupy.ascontiguousarray(table, dtype=self.dtype),
+                cupy.ascontiguousarray(row, dtype=np.int32), wa, np.int32(w is not None))  # fmt: skip
+        return slots, grid, args
+
+    def forward(self, Rn, table, row, w):
+        """G (..., M) from Rn (..., 4) (its channel 0 the net's input), table (rows, M), row (...) int,
+        w (...) or None (1)."""
+        import cupy
+
+        slots, grid, args = self._args(Rn, table, row, w)
+        G = cupy.empty((*Rn.shape[:-1], self.M), dtype=self.dtype)
+        if slots:
+            self.fwd((grid,), (32 * WPB,), args + (G,), shared_mem=self.smem[0])
+        return G
+
+    def backward(self, Rn, gG, table, row, w):
+        """(dL/dRn[..., 0] (...), dL/dw (...) or None without ``w``) from gG = dL/dG (..., M), the rest as
+        :meth:`forward` takes them."""
+        import cupy
+
+        slots, grid, args = self._args(Rn, table, row, w)
+        gs = cupy.empty(Rn.shape[:-1], dtype=self.dtype)
+        gw = cupy.empty(Rn.shape[:-1], dtype=self.dtype) if w is not None else gs
+        if slots:
+            gG = cupy.ascontiguousarray(gG, dtype=self.dtype)
+            self.bwd((grid,), (32 * WPB,), args + (gG, gs, gw), shared_mem=self.smem[1])
+        return gs, (gw if w is not None else None)
+
+
+def get_strip_net(net, dtype: str) -> StripNet:
+    """Compiled StripNet for ``net`` (cached on the net object, per dtype)."""
+    cache = getattr(net, "_strip_net", None)
+    if cache is None:
+        cache = net._strip_net = {}
+    if dtype not in cache:
+        cache[dtype] = StripNet(net, dtype)
+    return cache[dtype]
