@@ -16,6 +16,8 @@ process. Variants (docs/benchmarks.md, "Left-out empty slots and cuBLAS op flags
                 cuda/attn_layer.py; the default with tf32)
     layer_nonet layer with the strip-mode geometric net through cuBLAS and the gate kernels (settings fused "off";
                 the default: net and gate as two kernels, cuda/strip_net.py)
+    layer_noenv layer with the env matrix and its chain rule as array code (family "env" off; the default: one
+                kernel each way, attn/env.py)
 
 The force / energy differences of mixed and tf32 to base (FP64) are their accuracy.
 
@@ -183,6 +185,7 @@ def main():
         ("tf32", {"tf32": True, "fast": DEFAULT_FAST - {"attn_layer"}}, False, "mixed"),
         ("layer", {"tf32": True}, False, "mixed"),
         ("layer_nonet", {"tf32": True, "fused": "off"}, False, "mixed"),
+        ("layer_noenv", {"tf32": True, "fast": DEFAULT_FAST - {"env"}}, False, "mixed"),
     ]
     variants_all = list(variants)
     if args.variants:

@@ -17,7 +17,7 @@ from dpsnake.engine.settings import EngineContext, EngineSettings
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
 
-_CT = {"float64": "double", "float32": "float", "int64": "long long", "bool": "bool"}
+_CT = {"float64": "double", "float32": "float", "int64": "long long", "int32": "int", "bool": "bool"}
 
 
 def _params(spec):
@@ -145,6 +145,37 @@ def test_fused_paths_match_array_code(cu_model, request, emulated, precision):
         for k in ("energy", "force", "virial"):
             err = np.abs(got[k] - ref[k]).max() / np.abs(ref[k]).max()
             assert err <= tol, (path, k, err)
+
+
+@pytest.mark.parametrize("name", ["v2_l2", "strip_l2", "concat_l2", "excl", "v2_l0"])
+@pytest.mark.parametrize("precision", ["double", "mixed"])
+def test_attn_env_kernels_match_array_code(model_cache, emulated, name, precision):
+    """se_atten's env matrix and its chain rule as the family "env" kernels (attn_env_fwd / attn_env_bwd:
+    attention directions, smooth gate, excluded neighbours, attn_layer 0) = attn/env.py's array code, over the
+    attention tests' batch (over-full, cluster, many images): FP64 to 1e-12, mixed to 1e-6."""
+    import warnings
+
+    from test_engine_attn import attn_model, flat, systems
+
+    from dpsnake.engine.attn import env as attn_env
+    from dpsnake.engine.attn.ensemble import AttnEnsemble
+
+    calls, inner = [], attn_env.backward
+    dp = str(attn_model(model_cache, name)["dp"])
+    args = flat(systems(["Cu", "Ni"]), ["Cu", "Ni"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the over-full neighbour lists of systems()
+        ref = AttnEnsemble([dp], precision=precision, settings=NONE).evaluate(*args, atomic=True)
+        attn_env.backward = lambda rt, ti, env, *a: calls.append(env.kernels) or inner(rt, ti, env, *a)
+        try:
+            env_on = EngineSettings(fast=frozenset({"env"}), cpu_workers=1)
+            got = AttnEnsemble([dp], precision=precision, settings=env_on).evaluate(*args, atomic=True)
+        finally:
+            attn_env.backward = inner
+    assert calls and all(calls), "the env kernels did not run"
+    tol = 1e-12 if precision == "double" else 1e-6
+    for k in ("energy", "force", "virial", "atom_energy", "atom_virial"):
+        assert rel_err(got[k], ref[k]) <= tol, (k, rel_err(got[k], ref[k]))
 
 
 def test_fused_layer_variants(emulated):

@@ -33,14 +33,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dpsnake.engine.attn import env as attn_env
 from dpsnake.engine.attn.model import AttnModel
-from dpsnake.engine.envmat import switch as _switch
 from dpsnake.engine.settings import EngineContext
 from dpsnake.engine.tabulate import build_strip_table
-from dpsnake.engine.xp import dot3
 from dpsnake.errors import UserError
-
-_EPS = 1e-12  # DeePMD-kit's floor of |Rn[1:4]| when normalising the attention's directions
 
 
 @dataclass
@@ -195,29 +192,18 @@ def _energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad
     if m.atom_exclude[ti]:
         return xp.zeros(n), (xp.zeros((n, nnei, 3)) if need_grad else None)
     dt = rt.dtype
-    vf = valid.astype(xp.float64)
-    r = xp.sqrt(dot3(d, d))
-    rr = xp.where(valid, r, 1.0)
-    q = 1.0 / (rr + m.env_protection)
-    sw, dsw = _switch(xp, rr, m.rcut_smth, m.rcut)
-    sw = sw * vf
-    R = xp.concatenate([(sw * q)[..., None], (sw * q * q)[..., None] * d], axis=2)
-    Rn = (R - rt.davg[ti, :ns]) * rt.rstd[ti, :ns]
-    keep = None
     mask = valid
-    if m.desc_exclude[ti].any():  # excluded real neighbours: zero rows, out of the mask
+    if m.desc_exclude[ti].any():  # excluded real neighbours: zero rows (env.py), out of the mask
         ex = xp.asarray(m.desc_exclude[ti])[xp.where(valid, ntype, 0)] & valid
         mask = valid & ~ex
-        keep = (~ex).astype(xp.float64)
-        Rn = Rn * keep[..., None]
     ntype = xp.where(mask, ntype, first[:, None])  # empty / excluded slots: the first atom's type
-    swm = sw * mask
-    Rn_c = xp.ascontiguousarray(Rn.astype(dt))
+    env = attn_env.forward(rt, ti, d, valid, mask, rt.attention is not None)
+    Rn_c, swm = env.Rn, env.swm  # net dtype
     ss = Rn_c[..., 0:1]
     nt1 = m.ntypes + 1
     kern, acache = rt.tab, None
     if kern is not None:  # CUDA, tabulated Gs, no attention: gr with G in registers, never stored
-        w = xp.ascontiguousarray(swm.astype(dt)) if m.smooth else xp.ones((n, ns), dtype=dt)
+        w = swm if m.smooth else xp.ones((n, ns), dtype=dt)
         krow = xp.ascontiguousarray((ntype if m.type_one_side else ti * nt1 + ntype).astype(xp.int32))
         gr = xp.zeros((n, 4, m.neuron[-1]), dtype=dt)
         kern.forward(Rn_c, 0, ns, gr, w, krow)
@@ -234,7 +220,7 @@ def _energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad
             gate = None if sn is not None else _gate_kernels(rt)
             if sn is not None or gate is not None:  # CUDA: the table never gathered
                 trow = xp.ascontiguousarray(trow, dtype=xp.int32)  # once, for forward and backward
-                wsm = xp.ascontiguousarray(swm.astype(dt)) if m.smooth else None
+                wsm = swm if m.smooth else None
             if sn is not None:  # net and gate in one kernel: G the only array stored, the net recomputed backward
                 G0 = sn.forward(Rn_c, rt.strip_table, trow, wsm)
             else:
@@ -243,17 +229,13 @@ def _energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad
                     G0 = gate.forward(Gs, rt.strip_table, trow, wsm)
                 else:  # gt1 = 1 + T (swm): G = Gs gt1 (DeePMD-kit: Gs T + Gs), kept for backward
                     tt = rt.strip_table[trow]
-                    gt1 = tt * swm[..., None].astype(dt) if m.smooth else tt.copy()
+                    gt1 = tt * swm[..., None] if m.smooth else tt.copy()
                     gt1 += 1
                     G0 = Gs * gt1
         if rt.attention is not None:
             from dpsnake.engine.attn.attention import attention_forward
 
-            x = Rn[..., 1:4]
-            nrm = xp.sqrt((x * x).sum(axis=2, keepdims=True))
-            den = xp.maximum(nrm, _EPS)
-            u = x / den
-            G, acache = attention_forward(rt.attention, G0, mask, u.astype(dt), swm[..., None].astype(dt), ctx=rt.ctx)
+            G, acache = attention_forward(rt.attention, G0, mask, env.u, swm[..., None], ctx=rt.ctx)
         else:
             G = G0
         gr = xp.matmul(Rn_c.transpose(0, 2, 1), G) * (1.0 / nnei)  # (n, 4, M1)
@@ -276,52 +258,33 @@ def _energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad
     ggr = xp.matmul(gr1, gD.transpose(0, 2, 1))  # (n, 4, M1)
     ggr[:, :, :A] += xp.matmul(gr, gD)
     ggr *= 1.0 / nnei
-    gsw = None
+    gsw = gs0 = gu = None
     if kern is not None:  # every slot written: gRn and gw = dL/dw
         gRn, gw = xp.empty((n, ns, 4), dtype=dt), xp.empty((n, ns), dtype=dt)
         kern.backward(Rn_c, xp.ascontiguousarray(ggr), 0, ns, gRn, w, krow, gw)
-        gRn = gRn.astype(xp.float64)
         if m.smooth:
             gsw = gw.astype(xp.float64)
     else:
         gG = xp.matmul(Rn_c, ggr)  # (n, nnei, M1)
-        gRn = xp.matmul(G, ggr.transpose(0, 2, 1)).astype(xp.float64)  # (n, nnei, 4)
+        gRn = xp.matmul(G, ggr.transpose(0, 2, 1))  # (n, nnei, 4)
         if acache is not None:
             from dpsnake.engine.attn.attention import attention_backward
 
             gG, gu, gsa = attention_backward(rt.attention, acache, gG)
-            gu = gu.astype(xp.float64)
-            # u = x / max(|x|, eps): (gu - u (u . gu)) / |x| above eps, gu / eps below
-            big = nrm > _EPS
-            gx = xp.where(big, (gu - u * (u * gu).sum(axis=2, keepdims=True)) / den, gu / _EPS)
-            gRn[..., 1:4] += gx
             gsw = gsa[..., 0].astype(xp.float64)
         if m.tebd_mode == "concat":
-            gin = rt.embedding.backward(xp, gG, ecache, ctx=rt.ctx)
-            gRn[..., 0] += gin[..., 0].astype(xp.float64)
+            gs0 = rt.embedding.backward(xp, gG, ecache, ctx=rt.ctx)[..., 0]
         else:
             if sn is not None:
-                gss, gt_sw = sn.backward(Rn_c, gG, rt.strip_table, trow, wsm)
-                gRn[..., 0] += gss.astype(xp.float64)
+                gs0, gt_sw = sn.backward(Rn_c, gG, rt.strip_table, trow, wsm)
             else:
                 if gate is not None:
                     gin, gt_sw = gate.backward(gG, Gs, rt.strip_table, trow, wsm)
                 else:
                     gin = gG * gt1
                     gt_sw = xp.einsum("nsm,nsm->ns", gG * Gs, tt) if m.smooth else None
-                gss = rt.embedding.backward(xp, gin, ecache, ctx=rt.ctx)
-                gRn[..., 0] += gss[..., 0].astype(xp.float64)
-            if m.smooth:
+                gs0 = rt.embedding.backward(xp, gin, ecache, ctx=rt.ctx)[..., 0]
+            if m.smooth:  # swm = sw * mask enters the smooth type gate (and the attention)
                 gt_sw = gt_sw.astype(xp.float64)
                 gsw = gt_sw if gsw is None else gsw + gt_sw
-    gR = gRn * rt.rstd[ti, :ns]
-    if keep is not None:
-        gR = gR * keep[..., None]
-    gR = gR * vf[..., None]
-    g0, gv = gR[..., 0], gR[..., 1:]
-    gvd = dot3(gv, d)
-    coef = g0 * (dsw * q - sw * q * q) + gvd * (dsw * q * q - 2.0 * sw * q**3)
-    if gsw is not None:  # swm = sw * mask enters the attention / the smooth type gate
-        coef = coef + gsw * mask * dsw
-    g = (coef / rr)[..., None] * d + (sw * q * q)[..., None] * gv
-    return e, xp.where(valid[..., None], g, 0.0)
+    return e, attn_env.backward(rt, ti, env, d, valid, mask, gRn, gs0, gu, gsw)

@@ -64,6 +64,75 @@ g = g + g0 + g1;
     g[3 * i] = g0; g[3 * i + 1] = g1; g[3 * i + 2] = g2;
 
 
+// @kernel attn_env_fwd
+// @in bool valid, bool mask, raw float64 d, raw float64 davg, raw float64 rstd, int64 ns, float64 rs, float64 rc, float64 p, float64 eps
+// @out raw T Rn, raw T swm, raw T un
+// se_atten's env matrix (attn/descriptor.py): Rn = (R - davg) rstd, zero rows where a real neighbour is excluded
+// (valid, not mask); swm = sw mask; un = Rn[1:4] / max(|Rn[1:4]|, eps). Element i = (centre, slot); d (n, ns, 3),
+// Rn (n, ns, 4), un (n, ns, 3) contiguous; davg, rstd (ns, 4): the centre type's first ns slots
+    const long long s = i % ns;
+    double R0 = 0.0, R1 = 0.0, R2 = 0.0, R3 = 0.0, swv = 0.0;
+    if (valid) {
+        const double dx = d[3 * i], dy = d[3 * i + 1], dz = d[3 * i + 2];
+
+#include "switch.cuh"
+
+        swv = sw;
+        R0 = sw * q;
+        const double s2 = sw * q * q;
+        R1 = s2 * dx; R2 = s2 * dy; R3 = s2 * dz;
+    }
+    const double k = (valid && !mask) ? 0.0 : 1.0;
+    const double n0 = (R0 - davg[4 * s]) * rstd[4 * s] * k, n1 = (R1 - davg[4 * s + 1]) * rstd[4 * s + 1] * k;
+    const double n2 = (R2 - davg[4 * s + 2]) * rstd[4 * s + 2] * k, n3 = (R3 - davg[4 * s + 3]) * rstd[4 * s + 3] * k;
+    Rn[4 * i] = (T)n0; Rn[4 * i + 1] = (T)n1; Rn[4 * i + 2] = (T)n2; Rn[4 * i + 3] = (T)n3;
+    swm[i] = (T)(mask ? swv : 0.0);
+    const double den = fmax(sqrt(n1 * n1 + n2 * n2 + n3 * n3), eps);
+    un[3 * i] = (T)(n1 / den); un[3 * i + 1] = (T)(n2 / den); un[3 * i + 2] = (T)(n3 / den);
+
+
+// @kernel attn_env_bwd
+// @in bool valid, bool mask, raw T gRn, raw T gs0, raw T gu, raw float64 gsw, raw float64 d, raw float64 davg, raw float64 rstd, int64 ns, float64 rs, float64 rc, float64 p, float64 eps, int32 flags
+// @out raw float64 g
+// attn_env_fwd's chain rule back to g = dE/dd (attn/descriptor.py): dE/dRn = gRn (+ gs0 on channel 0 with flags & 1;
+// + un's backward from gu (n, ns, 3) with flags & 2), dE/dswm = gsw with flags & 4; empty slots give exactly 0
+    const long long s = i % ns;
+    double g0 = 0.0, g1 = 0.0, g2 = 0.0;
+    if (valid) {
+        const double dx = d[3 * i], dy = d[3 * i + 1], dz = d[3 * i + 2];
+
+#include "switch.cuh"
+
+        const double dsw = (r > rs && r < rc) ? -30.0 * u2 * (u - 1.0) * (u - 1.0) / (rc - rs) : 0.0;
+        double a0 = (double)gRn[4 * i], a1 = (double)gRn[4 * i + 1], a2 = (double)gRn[4 * i + 2], a3 = (double)gRn[4 * i + 3];
+        if (flags & 2) {  // un = x / den, x = Rn[1:4]: (gu - un (un . gu)) / |x| above eps, gu / eps below
+            const double s2 = sw * q * q, k = mask ? 1.0 : 0.0;
+            const double x1 = (s2 * dx - davg[4 * s + 1]) * rstd[4 * s + 1] * k;
+            const double x2 = (s2 * dy - davg[4 * s + 2]) * rstd[4 * s + 2] * k;
+            const double x3 = (s2 * dz - davg[4 * s + 3]) * rstd[4 * s + 3] * k;
+            const double nrm = sqrt(x1 * x1 + x2 * x2 + x3 * x3), den = fmax(nrm, eps);
+            const double u1 = x1 / den, u2_ = x2 / den, u3 = x3 / den;
+            const double h1 = (double)gu[3 * i], h2 = (double)gu[3 * i + 1], h3 = (double)gu[3 * i + 2];
+            if (nrm > eps) {
+                const double uh = u1 * h1 + u2_ * h2 + u3 * h3;
+                a1 += (h1 - u1 * uh) / den; a2 += (h2 - u2_ * uh) / den; a3 += (h3 - u3 * uh) / den;
+            } else {
+                a1 += h1 / eps; a2 += h2 / eps; a3 += h3 / eps;
+            }
+        }
+        if (flags & 1) a0 += (double)gs0[i];
+        const double k = mask ? 1.0 : 0.0;  // excluded neighbours: no gradient through their zeroed rows
+        a0 *= rstd[4 * s] * k; a1 *= rstd[4 * s + 1] * k; a2 *= rstd[4 * s + 2] * k; a3 *= rstd[4 * s + 3] * k;
+        const double gvd = a1 * dx + a2 * dy + a3 * dz;
+        double coef = a0 * (dsw * q - sw * q * q) + gvd * (dsw * q * q - 2.0 * sw * q * q * q);
+        if ((flags & 4) && mask) coef += gsw[i] * dsw;
+        coef /= r;
+        const double s2 = sw * q * q;
+        g0 = coef * dx + s2 * a1; g1 = coef * dy + s2 * a2; g2 = coef * dz + s2 * a3;
+    }
+    g[3 * i] = g0; g[3 * i + 1] = g1; g[3 * i + 2] = g2;
+
+
 // @kernel scatter_neg
 // @in T g, int64 own, bool valid
 // @out raw T f

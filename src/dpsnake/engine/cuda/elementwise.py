@@ -120,6 +120,36 @@ def env_backward(xp, gRn, d, valid, rstd, rs, rc, p):
     return g
 
 
+def attn_env_forward(xp, d, valid, mask, davg, rstd, rs, rc, p, eps, dtype):
+    """se_atten's env matrix in one pass (attn/descriptor.py's array code): (Rn (n, ns, 4), swm (n, ns), un (n, ns,
+    3)) in ``dtype`` from d (n, ns, 3) float64, valid and mask (n, ns) bool; davg / rstd (ns, 4) float64."""
+    n, ns = valid.shape
+    Rn = xp.empty((n, ns, 4), dtype=dtype)
+    swm = xp.empty((n, ns), dtype=dtype)
+    un = xp.empty((n, ns, 3), dtype=dtype)
+    c = xp.ascontiguousarray
+    _k("attn_env_fwd")(
+        c(valid), c(mask), c(d), c(davg), c(rstd), ns, float(rs), float(rc), float(p), float(eps), Rn, swm, un
+    )
+    return Rn, swm, un
+
+
+def attn_env_backward(xp, gRn, gs0, gu, gsw, d, valid, mask, davg, rstd, rs, rc, p, eps):
+    """g = dE/dd (n, ns, 3) float64 through :func:`attn_env_forward` from dE/dRn = gRn (n, ns, 4) (+ gs0 (n, ns) on
+    channel 0), dE/dun = gu (n, ns, 3) and dE/dswm = gsw (n, ns) float64; gs0, gu, gsw None where absent."""
+    n, ns = valid.shape
+    g = xp.empty((n, ns, 3), dtype=xp.float64)
+    c = xp.ascontiguousarray
+    flags = (gs0 is not None) | (gu is not None) << 1 | (gsw is not None) << 2
+    gRn = c(gRn)
+    gs0 = gRn if gs0 is None else c(gs0, dtype=gRn.dtype)
+    gu = gRn if gu is None else c(gu, dtype=gRn.dtype)
+    gsw = g if gsw is None else c(gsw, dtype=xp.float64)
+    args = (c(d), c(davg), c(rstd), ns, float(rs), float(rc), float(p), float(eps), xp.int32(flags))
+    _k("attn_env_bwd")(c(valid), c(mask), gRn, gs0, gu, gsw, *args, g)
+    return g
+
+
 def scatter_neg(xp, f, own, valid, g):
     """f[own[i, s]] -= g[i, s] for valid slots; f (N, 3) float64 contiguous, g (n, nnei, 3)."""
     _k("scatter_neg")(g, own[..., None], valid[..., None], f)
