@@ -149,10 +149,11 @@ def test_fused_paths_match_array_code(cu_model, request, emulated, precision):
 
 @pytest.mark.parametrize("name", ["v2_l2", "strip_l2", "concat_l2", "excl", "v2_l0"])
 @pytest.mark.parametrize("precision", ["double", "mixed"])
-def test_attn_env_kernels_match_array_code(model_cache, emulated, name, precision):
+def test_attn_env_kernels_match_array_code(model_cache, emulated, monkeypatch, name, precision):
     """se_atten's env matrix and its chain rule as the family "env" kernels (attn_env_fwd / attn_env_bwd:
-    attention directions, smooth gate, excluded neighbours, attn_layer 0) = attn/env.py's array code, over the
-    attention tests' batch (over-full, cluster, many images): FP64 to 1e-12, mixed to 1e-6."""
+    attention directions, smooth gate, excluded neighbours, attn_layer 0) and its descriptor D = gr^T gr[:, :A]
+    and backward as the family "desc" kernels = the array code, over the attention tests' batch (over-full,
+    cluster, many images): FP64 to 1e-12, mixed to 1e-6."""
     import warnings
 
     from test_engine_attn import attn_model, flat, systems
@@ -160,7 +161,8 @@ def test_attn_env_kernels_match_array_code(model_cache, emulated, name, precisio
     from dpsnake.engine.attn import env as attn_env
     from dpsnake.engine.attn.ensemble import AttnEnsemble
 
-    calls, inner = [], attn_env.backward
+    calls, inner, desc_grad = [], attn_env.backward, emulated.descriptor_grad
+    monkeypatch.setattr(emulated, "descriptor_grad", lambda *a: calls.append("desc") or desc_grad(*a))
     dp = str(attn_model(model_cache, name)["dp"])
     args = flat(systems(["Cu", "Ni"]), ["Cu", "Ni"])
     with warnings.catch_warnings():
@@ -168,11 +170,11 @@ def test_attn_env_kernels_match_array_code(model_cache, emulated, name, precisio
         ref = AttnEnsemble([dp], precision=precision, settings=NONE).evaluate(*args, atomic=True)
         attn_env.backward = lambda rt, ti, env, *a: calls.append(env.kernels) or inner(rt, ti, env, *a)
         try:
-            env_on = EngineSettings(fast=frozenset({"env"}), cpu_workers=1)
+            env_on = EngineSettings(fast=frozenset({"env", "desc"}), cpu_workers=1)
             got = AttnEnsemble([dp], precision=precision, settings=env_on).evaluate(*args, atomic=True)
         finally:
             attn_env.backward = inner
-    assert calls and all(calls), "the env kernels did not run"
+    assert "desc" in calls and True in calls and False not in calls, "the env or desc kernels did not run"
     tol = 1e-12 if precision == "double" else 1e-6
     for k in ("energy", "force", "virial", "atom_energy", "atom_virial"):
         assert rel_err(got[k], ref[k]) <= tol, (k, rel_err(got[k], ref[k]))

@@ -35,6 +35,7 @@ import numpy as np
 
 from dpsnake.engine.attn import env as attn_env
 from dpsnake.engine.attn.model import AttnModel
+from dpsnake.engine.cuda import elementwise as ew
 from dpsnake.engine.settings import EngineContext
 from dpsnake.engine.tabulate import build_strip_table
 from dpsnake.errors import UserError
@@ -112,6 +113,21 @@ def check_compressible(model: AttnModel) -> None:
         )
     if any(l.idt is not None for l in model.embedding.layers):
         raise UserError(f"compress: {model.path}: descriptor resnet_dt=true cannot be tabulated (as in DeePMD-kit)")
+
+
+def _prod(rt: AttnRuntime, a, b, ta: bool = False, tb: bool = False, alpha: float = 1.0):
+    """alpha op(a) op(b) per centre (a, b C-contiguous (n, ., .)), op the transpose where ``ta`` / ``tb``: on
+    CuPy with the kernels on, cuda/bmm.py (the transposes as cuBLAS flags: cupy.matmul would copy the operand;
+    TF32 as settings.tf32 asks), else the array code."""
+    xp = rt.xp
+    if rt.ctx.kernels(xp):
+        from dpsnake.engine.cuda.bmm import bmm
+
+        a, b = xp.ascontiguousarray(a), xp.ascontiguousarray(b)
+        return bmm(a, b, ta=ta, tb=tb, alpha=alpha, tf32=rt.ctx.tf32_on(xp, rt.dtype))
+    a = a.transpose(0, 2, 1) if ta else a
+    out = xp.matmul(a, b.transpose(0, 2, 1) if tb else b)
+    return out if alpha == 1.0 else out * alpha
 
 
 def _strip_net(model: AttnModel, xp, dtype: str, ctx: EngineContext):
@@ -238,7 +254,7 @@ def _energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad
             G, acache = attention_forward(rt.attention, G0, mask, env.u, swm[..., None], ctx=rt.ctx)
         else:
             G = G0
-        gr = xp.matmul(Rn_c.transpose(0, 2, 1), G) * (1.0 / nnei)  # (n, 4, M1)
+        gr = _prod(rt, Rn_c, G, ta=True, alpha=1.0 / nnei)  # (n, 4, M1)
     if ns < nnei:  # the slots left out: a constant share (module doc)
         pad = _left_out_gr(rt, ti, ns)
         if pad is not None:
@@ -246,7 +262,12 @@ def _energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad
     A = m.axis_neuron
     M1 = m.neuron[-1]
     gr1 = gr[:, :, :A]
-    D = xp.matmul(gr.transpose(0, 2, 1), gr1).reshape(n, M1 * A)
+    block = rt.ctx.settings.desc == "block"
+    fast_desc = rt.ctx.fast(xp, "desc")  # D and its backward as cuda/desc.py's kernels (se_e2_a's)
+    D = rt.ctx.guarded("desc", ew.descriptor, xp, gr, A, block) if fast_desc else None
+    if D is None:
+        fast_desc = False
+        D = xp.matmul(gr.transpose(0, 2, 1), gr1).reshape(n, M1 * A)
     if m.concat_output_tebd:
         D = xp.concatenate([D, xp.broadcast_to(rt.tebd[ti], (n, m.tebd_dim))], axis=1)
     fit = rt.fitting(ti)
@@ -255,9 +276,13 @@ def _energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad
     if not need_grad:
         return e, None
     gD = fit.backward(xp, xp.ones((n, 1), dtype=dt), fcache, ctx=rt.ctx)[:, : M1 * A].reshape(n, M1, A)
-    ggr = xp.matmul(gr1, gD.transpose(0, 2, 1))  # (n, 4, M1)
-    ggr[:, :, :A] += xp.matmul(gr, gD)
-    ggr *= 1.0 / nnei
+    ggr = None
+    if fast_desc:
+        ggr = rt.ctx.guarded("desc", ew.descriptor_grad, xp, gr, xp.ascontiguousarray(gD), 1.0 / nnei, block)
+    if ggr is None:
+        ggr = xp.matmul(gr1, gD.transpose(0, 2, 1))  # (n, 4, M1)
+        ggr[:, :, :A] += xp.matmul(gr, gD)
+        ggr *= 1.0 / nnei
     gsw = gs0 = gu = None
     if kern is not None:  # every slot written: gRn and gw = dL/dw
         gRn, gw = xp.empty((n, ns, 4), dtype=dt), xp.empty((n, ns), dtype=dt)
@@ -265,8 +290,9 @@ def _energy_and_grad(rt: AttnRuntime, ti: int, d, valid, ntype, first, need_grad
         if m.smooth:
             gsw = gw.astype(xp.float64)
     else:
-        gG = xp.matmul(Rn_c, ggr)  # (n, nnei, M1)
-        gRn = xp.matmul(G, ggr.transpose(0, 2, 1))  # (n, nnei, 4)
+        ggr = xp.ascontiguousarray(ggr)
+        gG = _prod(rt, Rn_c, ggr)  # (n, nnei, M1)
+        gRn = _prod(rt, G, ggr, tb=True)  # (n, nnei, 4)
         if acache is not None:
             from dpsnake.engine.attn.attention import attention_backward
 
