@@ -186,31 +186,36 @@ def test_cupy_tf32_layer_kernels(model_cache, monkeypatch, name):
 
 @pytest.mark.parametrize("name", ["v2_l2", "strip_l2", "excl", "v2_l0"])
 def test_cupy_strip_net_kernels(model_cache, monkeypatch, name):
-    """The strip-mode net + gate kernels (cuda/strip_net.py, with the fused nets: FP32 by default, FP64 with
-    fused "on") run forward and backward, and equal the cuBLAS array code (fused "off"): FP64 to 1e-12, mixed
-    to 1e-5 (both errors print)."""
+    """The strip-mode net + gate kernels run forward and backward, and equal the array code (fused "off"):
+    cuda/strip_net.py's with the fused nets (FP32 by default, FP64 with fused "on") to 1e-12 (FP64) and 1e-5
+    (mixed); cuda/strip_net_tc.py's with settings.tf32 (TF32 products, as the array code's cuBLAS GEMMs then)
+    to 2e-3. The errors print."""
     import warnings
 
-    from dpsnake.engine.cuda import strip_net
+    from dpsnake.engine.cuda import strip_net, strip_net_tc
     from dpsnake.engine.settings import EngineSettings
 
     calls = []
-    for fn in ("forward", "backward"):
-        inner = getattr(strip_net.StripNet, fn)
-        monkeypatch.setattr(strip_net.StripNet, fn, lambda *a, _f=inner, _n=fn, **k: calls.append(_n) or _f(*a, **k))
+    for cls in (strip_net.StripNet, strip_net_tc.StripNetTC):
+        for fn in ("forward", "backward"):
+            inner = getattr(cls, fn)
+            tag = f"{cls.__name__}.{fn}"
+            monkeypatch.setattr(cls, fn, lambda *a, _f=inner, _n=tag, **k: calls.append(_n) or _f(*a, **k))
     dp = str(attn_model(model_cache, name)["dp"])
     dev = [cp.asarray(a) for a in flat(systems(["Cu", "Ni"]), ["Cu", "Ni"])]
-    for precision, fused, tol in (("double", "on", 1e-12), ("mixed", "auto", 1e-5)):
+    cases = (("double", {"fused": "on"}, 1e-12, "StripNet"), ("mixed", {}, 1e-5, "StripNet"),
+             ("mixed", {"tf32": True}, 2e-3, "StripNetTC"))  # fmt: skip
+    for precision, kw, tol, cls in cases:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # the over-full neighbour lists of systems()
-            off = AttnEnsemble([dp], precision=precision, settings=EngineSettings(fused="off"))
+            off = AttnEnsemble([dp], precision=precision, settings=EngineSettings(**{**kw, "fused": "off"}))
             ref = off.evaluate(*dev, atomic=True)
             assert not calls
-            on = AttnEnsemble([dp], precision=precision, settings=EngineSettings(fused=fused))
+            on = AttnEnsemble([dp], precision=precision, settings=EngineSettings(**{"fused": "auto", **kw}))
             out = on.evaluate(*dev, atomic=True)
-        assert "forward" in calls and "backward" in calls, (precision, "the strip net kernels did not run")
+        assert sorted(set(calls)) == [f"{cls}.backward", f"{cls}.forward"], (precision, kw, calls)
         calls.clear()
         for k in KEYS:
             err = rel_err(cp.asnumpy(out[k]), cp.asnumpy(ref[k]))
-            print(name, precision, k, f"strip net kernels vs array code {err:.1e}")
-            assert err <= tol, (precision, k, err)
+            print(name, precision, kw, k, f"{cls} vs array code {err:.1e}")
+            assert err <= tol, (precision, kw, k, err)

@@ -187,3 +187,82 @@ def test_strip_net_kernels_compile_for_sm90(model_cache, dtype):
         st = ptx.ptxas_stats(src)
         assert st["strip_net_fwd"]["spill_stores"] == 0, st
         assert st["strip_net_bwd"]["registers"] <= 168 and st["strip_net_bwd"]["spill_stores"] <= 64, st
+
+
+# the tensor-core kernels (cuda/strip_net_tc.py): test_engine_attn_layer.py's emulated mma.m16n8k8 (exact
+# products of the TF32 operands as given: the weights come TF32-rounded, so the reference net takes them so)
+TC_PRELUDE = r"""
+static int __float_as_int(float f) { int u; std::memcpy(&u, &f, 4); return u; }
+"""
+TC_LAUNCH = r"""
+extern "C" void fwd(unsigned g, const T* Rn, long long slots, const float* prm, const T* t, const int* row,
+                    const T* w, int hw, T* G) {
+  launch(g, 32 * WPB, [=] { snet_tc_fwd(Rn, slots, prm, t, row, w, hw, G); });
+}
+extern "C" void bwd(unsigned g, const T* Rn, long long slots, const float* prm, const T* t, const int* row,
+                    const T* w, int hw, const T* gG, T* gs, T* gw) {
+  launch(g, 32 * WPB, [=] { snet_tc_bwd(Rn, slots, prm, t, row, w, hw, gG, gs, gw); });
+}
+"""
+
+
+class _EmuStripNetTC(_EmuStripNet):
+    """strip_net_tc.StripNetTC's forward / backward with the kernels run by g++ (threaded warps, emulated mma)."""
+
+    def __init__(self, tmp_path, net, grid: int = 3):
+        from test_engine_attn_layer import EMU
+
+        from dpsnake.engine.cuda import strip_net_tc
+
+        plan = strip_net_tc.Plan(net)
+        src = strip_net_tc.source(plan).replace(
+            "extern __shared__ __align__(16) float P[];", "static float P[1 << 16];"
+        )
+        tag = f"snet_tc_{'_'.join(map(str, plan.width))}_{id(net) % 10**6}"
+        self.lib = build_cpp(tmp_path, tag, THREADED_CUDA_STUB + EMU + TC_PRELUDE + src + TC_LAUNCH)
+        self.dtype, self.M, self.grid, self.calls = np.dtype(np.float32), plan.M, grid, 0
+        self.w = plan.params
+
+
+def _tf32_net(net):
+    """``net`` with the weights of every layer after the first rounded to TF32 (as strip_net_tc packs them)."""
+    from dpsnake.engine.cuda.attn_layer import tf32_round
+
+    layers = [
+        Layer(l.w if k == 0 else tf32_round(np.asarray(l.w)).astype(np.float64), l.b, l.idt, l.activation, l.resnet)
+        for k, l in enumerate(net.layers)
+    ]
+    return Net(layers)
+
+
+@needs_gxx
+def test_strip_net_tc_kernels_match_array_code(tmp_path, model_cache):
+    """The tensor-core kernels = nets.py + the gate on the same (TF32-rounded) weights, FP32: 3 x 45 slots (the
+    last warp's 16 partly empty), grids of 1 and 3 blocks, with and without w, the nets of the FP32-FMA test
+    but the one-layer one (resnet doubling and identity, idt or not, widths not multiples of 8)."""
+    rng = np.random.default_rng(5)
+    nets = {k: v for k, v in _nets(model_cache).items() if len(v.layers) > 1}
+    nets["identity residual [8, 8, 16]"] = Net(
+        [Layer(rng.normal(size=(1, k)), rng.normal(size=k), None, "tanh", True) for k in (8,)]
+        + [Layer(rng.normal(size=(8, 8)) * 0.5, rng.normal(size=8), None, "tanh", True)]
+        + [Layer(rng.normal(size=(8, 16)) * 0.5, None, rng.normal(size=16), "tanh", True)]
+    )
+    for name, net in nets.items():
+        M = net.nout
+        Rn = rng.normal(size=(3, 45, 4)).astype(np.float32)
+        table = rng.normal(size=(6, M)).astype(np.float32)
+        row = rng.integers(0, 6, size=(3, 45))
+        gG = rng.normal(size=(3, 45, M)).astype(np.float32)
+        wv = np.where(rng.uniform(size=(3, 45)) < 0.3, 0.0, rng.uniform(size=(3, 45))).astype(np.float32)
+        ref_net = _tf32_net(net)
+        for grid in (1, 3):
+            emu = _EmuStripNetTC(tmp_path, net, grid)
+            for w in (wv, None):
+                G, gs, gw = _reference(ref_net, Rn, table, row, w, gG)
+                assert rel_err(emu.forward(Rn, table, row, w), G) < 3e-5, (name, grid, w is None)
+                got_gs, got_gw = emu.backward(Rn, gG, table, row, w)
+                assert rel_err(got_gs, gs) < 3e-5, (name, grid, w is None, "ds", rel_err(got_gs, gs))
+                if w is None:
+                    assert got_gw is None
+                else:
+                    assert rel_err(got_gw, gw) < 3e-5, (name, grid, "dw")

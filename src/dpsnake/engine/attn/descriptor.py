@@ -131,13 +131,16 @@ def _prod(rt: AttnRuntime, a, b, ta: bool = False, tb: bool = False, alpha: floa
 
 
 def _strip_net(model: AttnModel, xp, dtype: str, ctx: EngineContext):
-    """cuda/strip_net.py's kernels of ``model``'s geometric net and type gate (compiled now) where the nets
-    are fused (``EngineSettings.fused``, CuPy), or None: not fused, a net they cannot run (input width,
-    activation, size), or a compile failure (then the family "nets" is off for ``ctx``, with a warning)."""
+    """The geometric net and type gate of ``model`` as CUDA kernels (compiled now) where the nets are fused
+    (``EngineSettings.fused``, CuPy): cuda/strip_net_tc.py's on TF32 tensor cores with settings.tf32, else
+    cuda/strip_net.py's (FP32 / FP64 FMAs). None: not fused, a net they cannot run (input width, activation,
+    size), or a compile failure (then the family "nets" is off for ``ctx``, with a warning)."""
     if not ctx.fused(xp, dtype):
         return None
-    from dpsnake.engine.cuda import strip_net
+    from dpsnake.engine.cuda import strip_net, strip_net_tc
 
+    if ctx.tf32_on(xp, dtype) and strip_net_tc.supported(model.embedding) is None:
+        return ctx.guarded("nets", strip_net_tc.get, model.embedding)
     if strip_net.supported(model.embedding, dtype) is not None:
         return None
     return ctx.guarded("nets", strip_net.get_strip_net, model.embedding, dtype)
