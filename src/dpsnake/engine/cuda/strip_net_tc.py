@@ -31,6 +31,7 @@ from dpsnake.engine.cuda.attn_layer import pack_b, tf32_round
 from dpsnake.engine.cuda.fused import _act_code
 
 WPB = 4  # warps per block, 16 slots each
+BWD_MINB = 3  # blocks per SM the backward is compiled for: 168 registers (124 B of spills), 12 warps per SM; 0: 253
 CH = 2  # n tiles of the last layer per chunk (4: 255 registers and 100 bytes of spills in the backward)
 
 
@@ -83,6 +84,7 @@ class Plan:
         col = np.full(self.width[-1], -1, dtype=np.int32)
         col[self.pos[-1]] = np.arange(self.M)
         put("col", col.view(np.float32))
+        self.n_vec = sum(len(v) for v in vec)  # what the kernels stage in shared memory
         frags = []
         for k in range(1, len(L)):
             wpos = np.zeros((self.width[k - 1], self.width[k]))
@@ -90,7 +92,6 @@ class Plan:
             frags.append((k, wpos))
         for k, wpos in frags:
             put(f"B{k}", tf32_round(pack_b(wpos, permuted=True)))
-        self.n_fwd = sum(len(v) for v in vec)  # what the forward stages
         for k, wpos in frags:
             put(f"BT{k}", tf32_round(pack_b(wpos.T, permuted=True)))
         self.params = np.concatenate(vec)
@@ -174,19 +175,15 @@ def _last_chunks(plan: Plan, src: str, bwd: bool) -> list:
               "  y *= it;"]  # fmt: skip
         if plan.res[k]:
             c.append(f"  y += {src}[({c0} + n) % {KT}][e];")
-        c += ["  const bool up = e < 2, in = up ? in0 : in1;",
-              "  const long long r = up ? r0 : r1;"]  # fmt: skip
+        c.append("  const bool up = e < 2;")
         if not bwd:
-            c += ["  if (in && j >= 0) {",
-                  "    const T tv = table[(long long)(up ? rp0 : rp1) * M + j];",
-                  "    G[r * M + j] = y * (tv * (up ? wp0 : wp1)) + y;  /* as strip_gate.cu: Gs (T w) + Gs */",
-                  "  }", "}"]  # fmt: skip
+            c += ["  if (j >= 0) tile[(up ? g : g + 8) * LDT + j] = y;", "}"]
         else:
             c += ["  T gin = 0.f;",
-                  "  if (in && j >= 0) {",
-                  "    const T g = gG[r * M + j], tv = table[(long long)(up ? rp0 : rp1) * M + j];",
-                  "    gin = g * (tv * (up ? wp0 : wp1) + 1.f);",
-                  "    if (up) gwa0 += g * y * tv; else gwa1 += g * y * tv;",
+                  "  if (j >= 0) {",
+                  "    const int q = (up ? g : g + 8) * LDT + j;",
+                  "    gin = tile[q];",
+                  "    if (has_w) { if (up) gwa0 += tile2[q] * y; else gwa1 += tile2[q] * y; }",
                   "  }",
                   "  zc[n][e] = gin * d * it;"]  # fmt: skip
             if plan.res[k]:
@@ -228,25 +225,49 @@ def _hidden_back(plan: Plan) -> list:
     return c
 
 
-def source(plan: Plan) -> str:
-    """CUDA source of snet_tc_fwd and snet_tc_bwd for ``plan``'s net (FP32, TF32 products)."""
+def source(plan: Plan, bwd_minb: int = BWD_MINB) -> str:
+    """CUDA source of snet_tc_fwd and snet_tc_bwd for ``plan``'s net (FP32, TF32 products); ``bwd_minb``: the
+    backward's blocks per SM for the register bound (0: none)."""
     hid_f, src = _hidden(plan, False)
     hid_b, src_b = _hidden(plan, True)
     kl = len(plan.width) - 1
     nl = "\n"
     head = """
     extern __shared__ __align__(16) float P[];
-    const float2* PB = reinterpret_cast<const float2*>(P);
-    for (int q = threadIdx.x; q < NP; q += blockDim.x) P[q] = prm[q];
+    for (int q = threadIdx.x; q < NV; q += blockDim.x) P[q] = prm[q];
     __syncthreads();
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    for (long long p0 = ((long long)blockIdx.x * WPB + (threadIdx.x >> 5)) * 16; p0 < slots;
-         p0 += (long long)gridDim.x * WPB * 16) {
+    const float2* __restrict__ PB = reinterpret_cast<const float2*>(prm);  /* B fragments: L1 / L2 */
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wid = threadIdx.x >> 5;
+    float* tile = P + NV + wid * (NTILE * 16 * LDT);
+    float* tile2 = tile + 16 * LDT;
+    for (long long p0 = ((long long)blockIdx.x * WPB + wid) * 16; p0 < slots; p0 += (long long)gridDim.x * WPB * 16) {
         const long long r0 = p0 + g, r1 = r0 + 8;
         const bool in0 = r0 < slots, in1 = r1 < slots;
         const T s0 = in0 ? Rn[4 * r0] : 0.f, s1 = in1 ? Rn[4 * r1] : 0.f;
         const int rp0 = in0 ? row[r0] : 0, rp1 = in1 ? row[r1] : 0;
         const T wp0 = (in0 && has_w) ? w[r0] : 1.f, wp1 = (in1 && has_w) ? w[r1] : 1.f;"""
+    # the warp's 16 rows of G / gG move through its tile as whole rows: row r's table row and w from lane 4 (r % 8)
+    rows = """for (int r = 0; r < 16; ++r) {
+            const long long pr = p0 + r;
+            const int rr = __shfl_sync(0xffffffffu, r < 8 ? rp0 : rp1, 4 * (r & 7));
+            const T wr = __shfl_sync(0xffffffffu, r < 8 ? wp0 : wp1, 4 * (r & 7));
+            const T* tr = table + (long long)rr * M;
+            for (int j = lane; j < M; j += 32) {"""
+    store = f"""__syncwarp();
+        {rows}
+                const T gs_ = tile[r * LDT + j];
+                if (pr < slots) G[pr * M + j] = gs_ * (tr[j] * wr) + gs_;  /* as strip_gate.cu: Gs (T w) + Gs */
+            }}
+        }}
+        __syncwarp();"""
+    load = f"""__syncwarp();
+        {rows}
+                const T gg = pr < slots ? gG[pr * M + j] : 0.f, tv = tr[j];
+                tile[r * LDT + j] = gg * (tv * wr + 1.f);
+                if (has_w) tile2[r * LDT + j] = gg * tv;
+            }}
+        }}
+        __syncwarp();"""
     return f"""
 typedef float T;
 #define TANH tanhf
@@ -254,6 +275,8 @@ typedef float T;
 #define LOG logf
 #define M {plan.M}
 #define WPB {WPB}
+#define NV {plan.n_vec}
+#define LDT {plan.M + 1 - plan.M % 2}  /* the tiles' row stride: odd, rows and columns hit distinct banks */
 /* a compiler barrier per chunk of the last layer: without it the unrolled chunks' loads are hoisted (spills) */
 #define KEEP_ORDER asm volatile("" ::: "memory")
 #ifndef TMMA
@@ -277,21 +300,25 @@ extern "C" __global__ void __launch_bounds__(32 * WPB) snet_tc_fwd(
     const T* __restrict__ Rn, const long long slots, const float* __restrict__ prm, const T* __restrict__ table,
     const int* __restrict__ row, const T* __restrict__ w, const int has_w, T* __restrict__ G)
 {{
-#define NP {plan.n_fwd}{head}
+#define NTILE 1
+{head}
         {nl.join(_first(plan, False))}
         {nl.join(hid_f)}
         {nl.join(_last_chunks(plan, src, False))}
+        {store}
     }}
-#undef NP
+#undef NTILE
 }}
 
 /* gs (slots) = dL/dRn[p, 0] and, if has_w, gw (slots) = dL/dw from gG (slots, M) = dL/dG */
-extern "C" __global__ void __launch_bounds__(32 * WPB) snet_tc_bwd(
+extern "C" __global__ void __launch_bounds__(32 * WPB{f", {bwd_minb}" if bwd_minb else ""}) snet_tc_bwd(
     const T* __restrict__ Rn, const long long slots, const float* __restrict__ prm, const T* __restrict__ table,
     const int* __restrict__ row, const T* __restrict__ w, const int has_w, const T* __restrict__ gG,
     T* __restrict__ gs, T* __restrict__ gw)
 {{
-#define NP {len(plan.params)}{head}
+#define NTILE 2
+{head}
+        {load}
         {nl.join(_first(plan, True))}
         {nl.join(hid_b)}
         T dh[{plan.width[kl - 1] // 8}][4];
@@ -307,25 +334,26 @@ extern "C" __global__ void __launch_bounds__(32 * WPB) snet_tc_bwd(
         if (t == 0 && in0) {{ gs[r0] = ds0; if (has_w) gw[r0] = gwa0; }}
         if (t == 0 && in1) {{ gs[r1] = ds1; if (has_w) gw[r1] = gwa1; }}
     }}
-#undef NP
+#undef NTILE
 }}
 """
 
 
 def smem_bytes(plan: Plan) -> tuple:
-    """Dynamic shared memory of (forward, backward) in bytes."""
-    return 4 * plan.n_fwd, 4 * len(plan.params)
+    """Dynamic shared memory of (forward, backward) in bytes: the vectors, then per warp one or two (16, LDT) tiles."""
+    ldt = plan.M + 1 - plan.M % 2
+    return tuple(4 * (plan.n_vec + WPB * k * 16 * ldt) for k in (1, 2))
 
 
 class StripNetTC:
     """strip_net.StripNet's interface on the tensor-core kernels (FP32 arrays; settings.tf32)."""
 
-    def __init__(self, net):
+    def __init__(self, net, bwd_minb: int = BWD_MINB):
         import cupy
 
         self.plan = Plan(net)
         self.M = self.plan.M
-        mod = cupy.RawModule(code=source(self.plan), options=("-std=c++14",))
+        mod = cupy.RawModule(code=source(self.plan, bwd_minb), options=("-std=c++14",))
         self.fwd, self.bwd = mod.get_function("snet_tc_fwd"), mod.get_function("snet_tc_bwd")
         self.smem = smem_bytes(self.plan)
         for k, nbytes in zip((self.fwd, self.bwd), self.smem):
