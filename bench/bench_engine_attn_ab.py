@@ -18,6 +18,7 @@ process. Variants (docs/benchmarks.md, "Left-out empty slots and cuBLAS op flags
                 the default: net and gate as two kernels, cuda/strip_net.py)
     layer_noenv layer with the env matrix and its chain rule as array code (family "env" off; the default: one
                 kernel each way, attn/env.py)
+    layer_tc    layer with the strip-mode net and gate on TF32 tensor cores (settings strip_tc, cuda/strip_net_tc.py)
 
 The force / energy differences of mixed and tf32 to base (FP64) are their accuracy.
 
@@ -186,6 +187,7 @@ def main():
         ("layer", {"tf32": True}, False, "mixed"),
         ("layer_nonet", {"tf32": True, "fused": "off"}, False, "mixed"),
         ("layer_noenv", {"tf32": True, "fast": DEFAULT_FAST - {"env"}}, False, "mixed"),
+        ("layer_tc", {"tf32": True, "strip_tc": True}, False, "mixed"),
     ]
     variants_all = list(variants)
     if args.variants:

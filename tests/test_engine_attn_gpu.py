@@ -188,8 +188,8 @@ def test_cupy_tf32_layer_kernels(model_cache, monkeypatch, name):
 def test_cupy_strip_net_kernels(model_cache, monkeypatch, name):
     """The strip-mode net + gate kernels run forward and backward, and equal the array code (fused "off"):
     cuda/strip_net.py's with the fused nets (FP32 by default, FP64 with fused "on") to 1e-12 (FP64) and 1e-5
-    (mixed); cuda/strip_net_tc.py's with settings.tf32 (TF32 products, as the array code's cuBLAS GEMMs then)
-    to 2e-3. The errors print."""
+    (mixed, also with settings.tf32); cuda/strip_net_tc.py's with settings.tf32 and strip_tc (TF32 products, as
+    the array code's cuBLAS GEMMs then) to 2e-3. The errors print."""
     import warnings
 
     from dpsnake.engine.cuda import strip_net, strip_net_tc
@@ -204,7 +204,7 @@ def test_cupy_strip_net_kernels(model_cache, monkeypatch, name):
     dp = str(attn_model(model_cache, name)["dp"])
     dev = [cp.asarray(a) for a in flat(systems(["Cu", "Ni"]), ["Cu", "Ni"])]
     cases = (("double", {"fused": "on"}, 1e-12, "StripNet"), ("mixed", {}, 1e-5, "StripNet"),
-             ("mixed", {"tf32": True}, 2e-3, "StripNetTC"))  # fmt: skip
+             ("mixed", {"tf32": True}, 2e-3, "StripNet"), ("mixed", {"tf32": True, "strip_tc": True}, 2e-3, "StripNetTC"))  # fmt: skip
     for precision, kw, tol, cls in cases:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # the over-full neighbour lists of systems()

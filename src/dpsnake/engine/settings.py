@@ -75,7 +75,8 @@ class EngineSettings:
     """Neighbour-selection kernel: "warp" (a 32-thread block per centre) or "thread" (a thread per
     centre). Was ``DPSNAKE_SELECT``."""
     fused: str = "auto"
-    """Fused embedding-net kernels (cuda/fused.py): "auto" (FP32 nets; FP64 nets in chunks of at most
+    """Fused embedding-net kernels (cuda/fused.py; se_atten's strip-mode net: cuda/strip_net.py, FP32 with "auto",
+    not in small FP64 chunks): "auto" (FP32 nets; FP64 nets in chunks of at most
     ``fused_fp64_atoms`` centres), "on" (FP64 too, always), "off" (cuBLAS array code). Was
     ``DPSNAKE_FUSED`` (auto/1/0)."""
     fused_fp64_atoms: int = 1024
@@ -87,6 +88,11 @@ class EngineSettings:
     tab_kernels: bool = True
     """CUDA kernels of tabulated embedding nets (cuda/tab.py); False: tabulate.py's array code.
     ``DPSNAKE_FUSED=0`` turned these off too."""
+    strip_tc: bool = False
+    """se_atten strip mode with ``tf32`` (and the fused nets): the geometric net and type gate on TF32 tensor
+    cores (cuda/strip_net_tc.py) rather than cuda/strip_net.py's FP32 FMAs. Off: its first build was slower on
+    an H100 (2.75 + 5.10 against 2.02 + 4.33 ms per force call of 27,648 atoms, docs/benchmarks.md "Session
+    35"); the current one is not measured yet (bench/profiling/strip_net_probe.py)."""
     fused_bwd_minb: int | None = None
     """Blocks per SM the fused backward kernel is compiled for (caps its registers); None: 3 for FP32,
     the compiler's choice for FP64; 0: the compiler's choice. Was ``DPSNAKE_FUSED_BWD_MINB``."""

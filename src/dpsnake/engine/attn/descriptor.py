@@ -132,14 +132,15 @@ def _prod(rt: AttnRuntime, a, b, ta: bool = False, tb: bool = False, alpha: floa
 
 def _strip_net(model: AttnModel, xp, dtype: str, ctx: EngineContext):
     """The geometric net and type gate of ``model`` as CUDA kernels (compiled now) where the nets are fused
-    (``EngineSettings.fused``, CuPy): cuda/strip_net_tc.py's on TF32 tensor cores with settings.tf32, else
-    cuda/strip_net.py's (FP32 / FP64 FMAs). None: not fused, a net they cannot run (input width, activation,
-    size), or a compile failure (then the family "nets" is off for ``ctx``, with a warning)."""
+    (``EngineSettings.fused``, CuPy): cuda/strip_net.py's (FP32 / FP64 FMAs), or with settings.tf32 and
+    ``strip_tc`` cuda/strip_net_tc.py's on TF32 tensor cores. None: not fused, a net they cannot run (input
+    width, activation, size), or a compile failure (then the family "nets" is off for ``ctx``, with a warning)."""
     if not ctx.fused(xp, dtype):
         return None
     from dpsnake.engine.cuda import strip_net, strip_net_tc
 
-    if ctx.tf32_on(xp, dtype) and strip_net_tc.supported(model.embedding) is None:
+    tc = ctx.settings.strip_tc and ctx.tf32_on(xp, dtype)
+    if tc and strip_net_tc.supported(model.embedding) is None:
         return ctx.guarded("nets", strip_net_tc.get, model.embedding)
     if strip_net.supported(model.embedding, dtype) is not None:
         return None
