@@ -196,11 +196,19 @@ def test_cupy_strip_net_kernels(model_cache, monkeypatch, name):
     from dpsnake.engine.settings import EngineSettings
 
     calls = []
-    for cls in (strip_net.StripNet, strip_net_tc.StripNetTC):
-        for fn in ("forward", "backward"):
-            inner = getattr(cls, fn)
-            tag = f"{cls.__name__}.{fn}"
-            monkeypatch.setattr(cls, fn, lambda *a, _f=inner, _n=tag, **k: calls.append(_n) or _f(*a, **k))
+
+    def spy(fn):  # on the base class: StripNetTC inherits forward / backward
+        inner = getattr(strip_net.StripNet, fn)
+
+        def wrapped(self, *a, **k):
+            calls.append(f"{type(self).__name__}.{fn}")
+            return inner(self, *a, **k)
+
+        return wrapped
+
+    assert issubclass(strip_net_tc.StripNetTC, strip_net.StripNet)
+    for fn in ("forward", "backward"):
+        monkeypatch.setattr(strip_net.StripNet, fn, spy(fn))
     dp = str(attn_model(model_cache, name)["dp"])
     dev = [cp.asarray(a) for a in flat(systems(["Cu", "Ni"]), ["Cu", "Ni"])]
     cases = (("double", {"fused": "on"}, 1e-12, "StripNet"), ("mixed", {}, 1e-5, "StripNet"),

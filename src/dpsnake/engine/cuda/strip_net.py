@@ -192,31 +192,37 @@ def supported(net, dtype: str) -> str | None:
 
 
 class StripNet:
-    """A strip-mode geometric net and its type gate as two CUDA kernels (the module doc)."""
+    """A strip-mode geometric net and its type gate as two CUDA kernels (the module doc); strip_net_tc.StripNetTC
+    runs its tensor-core kernels through the same launches."""
 
     def __init__(self, net, dtype: str):
-        import cupy
-
         why = supported(net, dtype)
         if why:
             raise ValueError(why)
-        self.dtype = np.dtype(dtype)
-        self.spec = _Spec(net, 4 if dtype == "float32" else 2)
-        self.M = self.spec.sizes[-1]
-        mod = cupy.RawModule(code=source(self.spec, dtype), options=("-std=c++14",))
-        self.fwd, self.bwd = mod.get_function("strip_net_fwd"), mod.get_function("strip_net_bwd")
-        self.smem = smem_bytes(self.spec, self.dtype.itemsize)
+        spec = _Spec(net, 4 if dtype == "float32" else 2)
+        self._load(source(spec, dtype), ("strip_net_fwd", "strip_net_bwd"), smem_bytes(spec, np.dtype(dtype).itemsize),
+                   spec.pack(net), dtype, spec.sizes[-1], 32 * WPB, 32 * WPB)  # fmt: skip
+
+    def _load(self, src, names, smem, params, dtype, M, threads, per_block):
+        """Compile ``src``'s kernels ``names`` (forward, backward) with dynamic shared memory ``smem`` (bytes of
+        each); ``params`` (host) the kernels' parameter array; ``per_block`` slots per block and round."""
+        import cupy
+
+        self.dtype, self.M, self.threads, self.per_block = np.dtype(dtype), int(M), int(threads), int(per_block)
+        mod = cupy.RawModule(code=src, options=("-std=c++14",))
+        self.fwd, self.bwd = (mod.get_function(k) for k in names)
+        self.smem = smem
         for k, nbytes in zip((self.fwd, self.bwd), self.smem):
             if nbytes > 48 * 1024:
                 k.max_dynamic_shared_size_bytes = nbytes
-        self.w = cupy.asarray(self.spec.pack(net).astype(self.dtype))
+        self.w = cupy.asarray(np.asarray(params).astype(self.dtype))
         self.nsm = cupy.cuda.Device().attributes["MultiProcessorCount"]
 
     def _args(self, Rn, table, row, w):
         import cupy
 
         slots = Rn.size // 4
-        grid = max(1, min(-(-slots // (32 * WPB)), self.nsm * 16))
+        grid = max(1, min(-(-slots // self.per_block), self.nsm * 16))
         wa = Rn if w is None else cupy.ascontiguousarray(w, dtype=self.dtype)
         args = (cupy.ascontiguousarray(Rn), np.int64(slots), self.w, cupy.ascontiguousarray(table, dtype=self.dtype),
                 cupy.ascontiguousarray(row, dtype=np.int32), wa, np.int32(w is not None))  # fmt: skip
@@ -230,7 +236,7 @@ class StripNet:
         slots, grid, args = self._args(Rn, table, row, w)
         G = cupy.empty((*Rn.shape[:-1], self.M), dtype=self.dtype)
         if slots:
-            self.fwd((grid,), (32 * WPB,), args + (G,), shared_mem=self.smem[0])
+            self.fwd((grid,), (self.threads,), args + (G,), shared_mem=self.smem[0])
         return G
 
     def backward(self, Rn, gG, table, row, w):
@@ -243,7 +249,7 @@ class StripNet:
         gw = cupy.empty(Rn.shape[:-1], dtype=self.dtype) if w is not None else gs
         if slots:
             gG = cupy.ascontiguousarray(gG, dtype=self.dtype)
-            self.bwd((grid,), (32 * WPB,), args + (gG, gs, gw), shared_mem=self.smem[1])
+            self.bwd((grid,), (self.threads,), args + (gG, gs, gw), shared_mem=self.smem[1])
         return gs, (gw if w is not None else None)
 
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from dpsnake.engine.cuda.attn_layer import pack_b, tf32_round
 from dpsnake.engine.cuda.fused import _act_code
+from dpsnake.engine.cuda.strip_net import StripNet
 
 WPB = 4  # warps per block, 16 slots each
 BWD_MINB = 3  # blocks per SM the backward is compiled for: 168 registers (124 B of spills), 12 warps per SM; 0: 253
@@ -345,52 +346,14 @@ def smem_bytes(plan: Plan) -> tuple:
     return tuple(4 * (plan.n_vec + WPB * k * 16 * ldt) for k in (1, 2))
 
 
-class StripNetTC:
-    """strip_net.StripNet's interface on the tensor-core kernels (FP32 arrays; settings.tf32)."""
+class StripNetTC(StripNet):
+    """strip_net.StripNet's interface on the tensor-core kernels (FP32 arrays; settings.tf32 and strip_tc)."""
 
     def __init__(self, net, bwd_minb: int = BWD_MINB):
-        import cupy
-
         self.plan = Plan(net)
-        self.M = self.plan.M
-        mod = cupy.RawModule(code=source(self.plan, bwd_minb), options=("-std=c++14",))
-        self.fwd, self.bwd = mod.get_function("snet_tc_fwd"), mod.get_function("snet_tc_bwd")
-        self.smem = smem_bytes(self.plan)
-        for k, nbytes in zip((self.fwd, self.bwd), self.smem):
-            if nbytes > 48 * 1024:
-                k.max_dynamic_shared_size_bytes = nbytes
-        self.prm = cupy.asarray(self.plan.params)
-        self.nsm = cupy.cuda.Device().attributes["MultiProcessorCount"]
-
-    def _args(self, Rn, table, row, w):
-        import cupy
-
-        slots = Rn.size // 4
-        grid = max(1, min(-(-slots // (16 * WPB)), self.nsm * 16))
-        wa = Rn if w is None else cupy.ascontiguousarray(w, dtype=np.float32)
-        args = (cupy.ascontiguousarray(Rn), np.int64(slots), self.prm, cupy.ascontiguousarray(table, dtype=np.float32),
-                cupy.ascontiguousarray(row, dtype=np.int32), wa, np.int32(w is not None))  # fmt: skip
-        return slots, grid, args
-
-    def forward(self, Rn, table, row, w):
-        import cupy
-
-        slots, grid, args = self._args(Rn, table, row, w)
-        G = cupy.empty((*Rn.shape[:-1], self.M), dtype=np.float32)
-        if slots:
-            self.fwd((grid,), (32 * WPB,), args + (G,), shared_mem=self.smem[0])
-        return G
-
-    def backward(self, Rn, gG, table, row, w):
-        import cupy
-
-        slots, grid, args = self._args(Rn, table, row, w)
-        gs = cupy.empty(Rn.shape[:-1], dtype=np.float32)
-        gw = cupy.empty(Rn.shape[:-1], dtype=np.float32) if w is not None else gs
-        if slots:
-            gG = cupy.ascontiguousarray(gG, dtype=np.float32)
-            self.bwd((grid,), (32 * WPB,), args + (gG, gs, gw), shared_mem=self.smem[1])
-        return gs, (gw if w is not None else None)
+        names = ("snet_tc_fwd", "snet_tc_bwd")
+        src = source(self.plan, bwd_minb)
+        self._load(src, names, smem_bytes(self.plan), self.plan.params, "float32", self.plan.M, 32 * WPB, 16 * WPB)
 
 
 def supported(net) -> str | None:
