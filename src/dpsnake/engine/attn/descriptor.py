@@ -11,8 +11,11 @@ Forward (per centre i of type ti, nnei slots in distance order, any neighbour ty
   G <- attention layers (G, mask, Rn[1:4] / max(|Rn[1:4]|, 1e-12), swm);
   gr = Rn^T G / nnei (4, M1); D = gr^T gr[:, :axis]; [D, tebd_i] if concat_output_tebd;
   E = fit(D) + bias.
-Backward by hand to g = dE/dd (n, nnei, 3), geometry in FP64, the nets in the runtime dtype. On CUDA
-(family "attn") the strip gate and its backward are kernels (cuda/strip_gate.py), the table never gathered.
+Backward by hand to g = dE/dd (n, nnei, 3), geometry in FP64 (env.py), the nets in the runtime dtype. On
+CUDA: the env matrix and its chain rule one kernel each way (family "env", env.py); strip mode's net and gate
+two kernels where the nets are fused (cuda/strip_net.py: G the only array stored), else the gate alone as
+kernels (family "attn", cuda/strip_gate.py), the table never gathered; D and its backward on the desc kernels
+(family "desc"); the products with G through cuda/bmm.py (transposes as cuBLAS flags).
 
 A chunk may run only its first ns < nnei slots when every later slot is empty (ensemble.py trims
 them: the attention's (n, n) work falls as ns^2). Nothing else changes: the normalisations keep
