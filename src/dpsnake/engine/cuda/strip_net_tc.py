@@ -1,4 +1,4 @@
-"""strip_net.py's kernels on TF32 tensor cores (``mma.m16n8k8``), for settings.tf32: the strip-mode
+"""strip_net.py's kernels on TF32 tensor cores (``mma.m16n8k8``), for settings.tf32 with ``strip_tc``: the strip-mode
 geometric net of se_atten / se_atten_v2 and its type gate, G = Gs (1 + T[row] w) forward, dL/ds and dL/dw
 backward, a warp per 16 neighbour slots.
 
@@ -17,10 +17,15 @@ residual (x, or concat(x, x)) is in the same lane and fragment element as the ou
 second copy at position p + W_in (W_in: the input's positions, a multiple of 8), identity at p; other layers
 at 0..nout-1. Unused positions hold 0 (idt 0 there) and meet zero rows of the next W. The backward recomputes
 the net (recompute rather than store), streams the last layer in chunks of tiles (z, the gate, dz), and
-multiplies each chunk's dz by W^T on tensor cores into dL/dh of the layer below.
+multiplies each chunk's dz by W^T on tensor cores into dL/dh of the layer below. A warp's 16 rows of G (and,
+backward, of gG with the gate applied) go through a (16, M) shared tile as whole rows; the B fragments are read
+through L1 (they are the same for every warp), the biases, idt, w0 and the column map staged in shared memory.
 
-Tested without a GPU (tests/test_engine_strip_net.py: g++ with threaded warps and the products emulated, against
-nets.py + the gate's array code; NVRTC and ptxas for sm_90) and on the GPU (tests/test_engine_attn_gpu.py).
+Off by default (EngineSettings.strip_tc): the first build, which moved G, gG and the table element by element and
+held 255 registers in the backward, was slower than strip_net.py on an H100; this one is not measured yet
+(bench/profiling/strip_net_probe.py; docs/benchmarks.md "Session 35"). Tested without a GPU
+(tests/test_engine_strip_net.py: g++ with threaded warps and the products emulated, against nets.py on the
+TF32-rounded weights + the gate's array code; NVRTC and ptxas for sm_90); tests/test_engine_attn_gpu.py on a GPU.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from dpsnake.engine.cuda.strip_net import StripNet
 
 WPB = 4  # warps per block, 16 slots each
 BWD_MINB = 3  # blocks per SM the backward is compiled for: 168 registers (124 B of spills), 12 warps per SM; 0: 253
-CH = 2  # n tiles of the last layer per chunk (4: 255 registers and 100 bytes of spills in the backward)
+CH = 2  # n tiles of the last layer per chunk
 
 
 def _ceil8(k: int) -> int:
@@ -41,9 +46,10 @@ def _ceil8(k: int) -> int:
 
 
 class Plan:
-    """Positions of each layer's outputs and the packed parameters (one FP32 array, staged in shared
-    memory): per layer its bias, idt (0 at unused positions) and, for the first, w; the last layer's column
-    of each position (-1: unused); the B fragments of every layer after the first, then of their W^T."""
+    """Positions of each layer's outputs and the packed parameters (one FP32 array): per layer its bias, idt
+    (0 at unused positions) and, for the first, w; the last layer's column of each position (-1: unused) (these
+    ``n_vec`` floats staged in shared memory); the B fragments of every layer after the first, then of their
+    W^T."""
 
     def __init__(self, net):
         L = net.layers
@@ -129,7 +135,7 @@ def _first(plan: Plan, deriv: bool) -> list:
     return c + _elementwise(plan, 0, "", "h0", deriv, s="s")
 
 
-def _product(a: str, kt: int, bname: str, nt_out: str, acc: str, n_lo: str, n_hi: str, stride: int) -> list:
+def _product(a: str, kt: int, bname: int, acc: str, n_lo: str, n_hi: str, stride: int) -> list:
     """acc[n - n_lo][.] += a[k] W[k][n] over the kt k tiles of ``a`` (accumulators, TF32-rounded as A) and n
     tiles n_lo..n_hi - 1 of the B fragments at ``bname`` (``stride`` n tiles per k tile)."""
     return [f"#pragma unroll\nfor (int k = 0; k < {kt}; ++k) {{",
@@ -150,7 +156,7 @@ def _hidden(plan: Plan, deriv: bool) -> tuple[list, str]:
         c += [
             f"#pragma unroll\nfor (int n = 0; n < {nt}; ++n) h{k}[n][0] = h{k}[n][1] = h{k}[n][2] = h{k}[n][3] = 0.f;"
         ]
-        c += _product(src, kt, plan.off[f"B{k}"], str(nt), f"h{k}", "0", str(nt), nt)
+        c += _product(src, kt, plan.off[f"B{k}"], f"h{k}", "0", str(nt), nt)
         c += _elementwise(plan, k, src, f"h{k}", deriv)
         src = f"h{k}"
     return c, src
@@ -166,7 +172,7 @@ def _last_chunks(plan: Plan, src: str, bwd: bool) -> list:
         ch = min(CH, NT - c0)
         c += [f"{{ KEEP_ORDER; T zc[{ch}][4];",
               f"#pragma unroll\nfor (int n = 0; n < {ch}; ++n) zc[n][0] = zc[n][1] = zc[n][2] = zc[n][3] = 0.f;"]  # fmt: skip
-        c += _product(src, KT, plan.off[f"B{k}"], str(NT), "zc", str(c0), str(c0 + ch), NT)
+        c += _product(src, KT, plan.off[f"B{k}"], "zc", str(c0), str(c0 + ch), NT)
         c += [f"#pragma unroll\nfor (int n = 0; n < {ch}; ++n)\n#pragma unroll\nfor (int e = 0; e < 4; ++e) {{",
               f"  const int pos = 8 * ({c0} + n) + 2 * t + (e & 1);",
               f"  const int j = __float_as_int(P[{plan.off['col']} + pos]);",
@@ -214,7 +220,7 @@ def _hidden_back(plan: Plan) -> list:
                      f"{nxt}[n % {kt}][e] += {cur}[n][e];")  # fmt: skip
         c.append(f"#pragma unroll\nfor (int n = 0; n < {nt}; ++n)\n#pragma unroll\nfor (int e = 0; e < 4; ++e) "
                  f"{cur}[n][e] *= dD{k}[n][e];")  # fmt: skip
-        c += _product(cur, nt, plan.off[f"BT{k}"], str(kt), nxt, "0", str(kt), kt)
+        c += _product(cur, nt, plan.off[f"BT{k}"], nxt, "0", str(kt), kt)
         cur = nxt
     nt0 = plan.width[0] // 8
     c += ["T ds0 = 0.f, ds1 = 0.f;",
