@@ -50,6 +50,25 @@ static void tmma(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned 
   WBAR[w]->arrive_and_wait();
   for (unsigned e = 0; e < 4; ++e) c[e] += (float)s[e];
 }
+// mma.m16n8k16 (.f16 operands, two per register, the lower index in the low half): lane 4 g + t holds A[g][2t, 2t+1],
+// A[g+8][2t, 2t+1], A[g][2t+8, 2t+9], A[g+8][2t+8, 2t+9]; B[2t, 2t+1][g], B[2t+8, 2t+9][g]; C as m16n8k8's
+static unsigned h2pack(float lo, float hi) { return f2h(lo) | ((unsigned)f2h(hi) << 16); }
+static unsigned HM_A[1024][4], HM_B[1024][2];
+static float hhalf(unsigned u, unsigned k) { return h2f((unsigned short)((k & 1) ? u >> 16 : u & 0xffffu)); }
+static void hmma(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+  const unsigned th = threadIdx.x, w = th / 32, base = th & ~31u, g = (th & 31u) >> 2, t = th & 3u;
+  HM_A[th][0] = a0, HM_A[th][1] = a1, HM_A[th][2] = a2, HM_A[th][3] = a3, HM_B[th][0] = b0, HM_B[th][1] = b1;
+  WBAR[w]->arrive_and_wait();
+  double s[4] = {0, 0, 0, 0};
+  for (unsigned e = 0; e < 4; ++e) {
+    const unsigned row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
+    for (unsigned k = 0; k < 16; ++k)
+      s[e] += (double)hhalf(HM_A[base + 4 * (row & 7) + ((k & 7) >> 1)][(row >= 8) + 2 * (k >= 8)], k) *
+              (double)hhalf(HM_B[base + 4 * col + ((k & 7) >> 1)][k >= 8], k);
+  }
+  WBAR[w]->arrive_and_wait();
+  for (unsigned e = 0; e < 4; ++e) c[e] += (float)s[e];
+}
 // cp.async as late as the PTX allows: a thread's copies land only when its wait_group lets their group go, so
 // a stage read before its wait reads stale data
 struct CpAsync { void* d; const void* s; };
@@ -101,12 +120,13 @@ class _Emu:
     """attn_layer.py's forward / backward with the kernels run by g++ (threaded warps), on NumPy FP32 arrays;
     ``keep``: a force call's kernels (the forward keeps the backward's inputs), else the forward alone; ``wring``: W
     rings in both kernels (WRING = BRING), ``wdeep``: the deep ones, ``yh``: q, k, v kept in FP16 (YH) or FP32 (0);
-    None: as attn_layer.defines sets them."""
+    ``f16``: the forward's products on FP16 operands (F16; 0 by default: TF32's layout, whose emulated products
+    are exact, so that the tests see the kernels' logic); None: as attn_layer.defines sets them."""
 
-    def __init__(self, tmp_path, p, n, E, H, keep=True, wring=None, tf32=False, wdeep=None, yh=0):
+    def __init__(self, tmp_path, p, n, E, H, keep=True, wring=None, tf32=False, wdeep=None, yh=0, f16=0):
         self.p = p
         defs = attn_layer.defines(n, E, H, p.smooth, p.dotr, p.normalize, p.nnei, keep)
-        for k, v in (("WRING", wring), ("BRING", wring), ("WDEEP", wdeep), ("YH", yh)):
+        for k, v in (("WRING", wring), ("BRING", wring), ("WDEEP", wdeep), ("YH", yh), ("F16", f16)):
             defs[k] = defs[k] if v is None else v
         self.defs = defs
         tag = "_".join(str(v) for v in self.defs.values()) + ("_tf32" if tf32 else "")
@@ -124,7 +144,8 @@ class _Emu:
             shapes = ((3, B, n, lw.H), (3, B, n), (B, n, E), (B, n))
             cache = [np.full(s, np.nan, dtype=attn_layer.y_dtype(self.defs) if k == 0 else np.float32)
                      for k, s in enumerate(shapes)]  # fmt: skip
-        w = (lw.wqkv, lw.bqkv, lw.wout, lw.bout, lw.gamma, lw.beta)
+        wqkv, wout = lw.forward_weights(bool(self.defs["F16"]))
+        w = (wqkv, lw.bqkv, wout, lw.bout, lw.gamma, lw.beta)
         kp = [_ptr(a) for a in cache] if keep else [None] * 4
         self.lib.fwd(grid, _ptr(f32[0]), *map(_ptr, w), ctypes.c_float(lw.eps), _ptr(f32[1]), _ptr(f32[2]),
                      _ptr(m8), ctypes.c_longlong(B), ctypes.c_int(n), ctypes.c_float(self.p.scaling), _ptr(out),
@@ -339,6 +360,56 @@ def test_layer_kernels_within_tf32_rounding(tmp_path, monkeypatch):
     assert errs[0] > 1e-6 and errs[0] < 1.2e-4 and errs[1] < 5e-5 and errs[2] < 1e-3 and errs[3] < 2e-3, errs
 
 
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
+@pytest.mark.parametrize("dotr,normalize,smooth,ns,H,E", [(True, True, True, 40, 32, 20), (False, False, False, 27, 32, 19),
+                                                         (True, True, False, 33, 16, 16)])  # fmt: skip
+def test_fp16_forward_within_tf32_rounding(tmp_path, monkeypatch, dotr, normalize, smooth, ns, H, E):
+    """F16 (the forward's products on m16n8k16 FP16 operands; the engine's build where H % 16 == 0): two layers
+    forward keeping and backward (TF32) vs the FP64 array code, against the same with the TF32 forward, both with
+    cvt.rna's rounding elsewhere. FP16 keeps TF32's 10 mantissa bits, so the errors match (this emulation: out
+    2.9e-5 both, df/dG 1.16e-5 vs 1.11e-5; non-normalized 2.1e-4, 8.2e-5 both); a wrong fragment layout would
+    give errors of order 1. E 19: odd features (the single-float tail of x's pairs); H 16: one k tile of q."""
+    p, inputs, dG_out, (want, want_dG, want_dr, want_dsw) = _two_layer_case(
+        monkeypatch, dotr, normalize, smooth, ns, H=H, E=E, nb=6
+    )
+    G = inputs[0]
+    assert attn_layer.defines(G.shape[1], E, H, smooth, dotr, normalize, p.nnei)["F16"] == 1
+    lws = [attn_layer.LayerWeights.of(layer, np) for layer in p.layers]
+    errs = {}
+    for f16 in (1, 0):
+        emu = _Emu(tmp_path, p, G.shape[1], E, H, tf32=True, yh=None, f16=f16)
+        xs, x, caches, dx, dsw, dr = _chain(emu, lws, inputs, dG_out)
+        if f16:  # the F16 forward alone = the keeping one
+            alone = _Emu(tmp_path, p, G.shape[1], E, H, keep=False, tf32=True, f16=1)
+            assert rel_err(alone.forward(lws[1], xs[1], *inputs[1:], grid=5), x) < 1e-6
+        assert np.isfinite(caches[0][0][:, inputs[1]]).all()
+        errs[f16] = [rel_err(x, want), rel_err(dx, want_dG)]
+        errs[f16] += [rel_err(dr, want_dr) if dotr else 0.0, rel_err(dsw, want_dsw[..., 0]) if smooth else 0.0]
+    assert errs[1][0] > 1e-6, errs  # rounded, not exact
+    for e16, e32 in zip(errs[1], errs[0]):
+        assert e16 <= 1.3 * e32 + 1e-7, errs
+
+
+def test_pack_b16_fragment_order():
+    """pack_b16's [kt, mt, 4 g + t] registers are FP16 pairs (w[k][c], w[k + 1][c]), (w[k + 8][c], w[k + 9][c]),
+    k = 16 kt + 2 t, c = 8 mt + g, the lower k in the low half; zero past the matrix."""
+    w = np.arange(20 * 10, dtype=np.float64).reshape(20, 10) / 8 + 1.0
+    b = attn_layer.pack_b16(w)
+    assert b.shape == (2, 2, 32, 2) and b.dtype == np.float32
+    u = b.view(np.uint32)
+
+    def halves(x):
+        return [float(np.array([x & 0xFFFF], np.uint16).view(np.float16)[0]),
+                float(np.array([x >> 16], np.uint16).view(np.float16)[0])]  # fmt: skip
+
+    g, t = 5, 3
+    assert halves(u[0, 0, 4 * g + t, 0]) == [float(np.float16(w[6, 5])), float(np.float16(w[7, 5]))]
+    assert halves(u[0, 0, 4 * g + t, 1]) == [float(np.float16(w[14, 5])), float(np.float16(w[15, 5]))]
+    assert halves(u[1, 1, 4 * 1 + 1, 0]) == [float(np.float16(w[18, 9])), float(np.float16(w[19, 9]))]
+    assert halves(u[1, 1, 4 * 1 + 1, 1]) == [0.0, 0.0]  # rows 26, 27: padding
+    assert halves(u[0, 1, 4 * 2 + 0, 0]) == [0.0, 0.0]  # column 10: padding
+
+
 def test_pack_b_fragment_order():
     """pack_b's [kt, mt, 4 g + t] pair is (w[k0][8 mt + g], w[k1][8 mt + g]) with the documented k0, k1, zero
     past the matrix."""
@@ -404,6 +475,9 @@ def test_defines():
     assert alone["KEEP"] == 0 and (alone["WRING"], alone["WDEEP"], alone["YH"]) == (1, 1, 0)
     assert attn_layer.defines(88, 100, 128, 1, 1, 0, 120)["YH"] == 0  # FP32 where q, k, v are not unit rows
     assert attn_layer.defines(88, 100, 128, 1, 1, 1, 120, smem_per_sm=164 * 1024)["MINB"] == 1  # sm_80: one block
+    assert d["F16"] == alone["F16"] == 1 and d["FMINB"] == d["MINB"]  # FP16 forward products where H % 16 == 0
+    assert attn_layer.defines(88, 100, 120, 1, 1, 1, 120)["F16"] == 0
+    assert attn_layer.smem_bytes(96, 128, f16=True) == 2 * (96 * 136 + 128 * 104) + 4 * 5 * 96
     with pytest.raises(ValueError, match="exceed the model's nnei 90"):
         attn_layer.defines(88, 100, 128, 1, 1, 1, 90)
 
@@ -420,6 +494,7 @@ def test_layer_kernel_compiles_for_sm90(n, E, H, flags):
         ptx = compile_cuda(attn_layer.source(**defs))
         assert ".entry attn_layer_fwd" in ptx and ".entry attn_layer_bwd" in ptx
         assert "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32" in ptx
+        assert ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx) == (H % 16 == 0)  # F16's forward
     defs = attn_layer.defines(n, E, H, *flags[0], 120, keep=False)  # the forward alone
     ptx = compile_cuda(attn_layer.source(**defs))
     assert ".entry attn_layer_fwd" in ptx and ".entry attn_layer_bwd" not in ptx

@@ -20,6 +20,7 @@ median CUDA-event times per call over the chunk, in us per centre (= per atom) a
   ... nodeep       -- both on the two-stage ring (WDEEP 0, session 32's)
   ... noring       -- both without a ring (WRING 0, BRING 0): each warp streams the weights from L2 itself
   ... fp32y        -- a force call's kernels keeping q, k, v in FP32 (YH 0, session 33's)
+  ... tf32fwd      -- the forward's products on TF32 operands (F16 0, session 35's)
 Errors: max |out - out_FP64| / max |out_FP64| (forward) and the same of df/dG, df/dr, df/dsw (backward) of the
 fused kernels and the engine's cuBLAS TF32 path; the FP64 reference is the engine's FP64 path. Kernel
 resources (registers, local memory = spills) from CuPy.
@@ -149,7 +150,7 @@ def main(argv=None) -> int:
     out_fused, fcaches = fused(True)
     variants = {"deep": (("WRING", 1), ("WDEEP", 1), ("BRING", 1)),
                 "nodeep": (("WRING", 1), ("WDEEP", 0), ("BRING", 1)), "noring": (("WRING", 0), ("BRING", 0)),
-                "fp32y": (("YH", 0),)}  # fmt: skip
+                "fp32y": (("YH", 0),), "tf32fwd": (("F16", 0),)}  # fmt: skip
     vcaches = {(): fcaches} | {x: fused(True, x)[1] for x in variants.values()}  # the backward reads its build's y
 
     def fused_bwd(extra=()):

@@ -8,8 +8,9 @@
 // Constants: KEEP (a force call's forward: it keeps what the backward reads; the backward is compiled only with
 // it), YH (KEEP: q, k, v kept as FP16), N (slots, a multiple of 16; a warp per 16 rows, NW = N / 16 warps), E
 // (features), H (q/k/v width, a multiple of 8), SMOOTH, DOTR, NORMALIZE, NPAD (SMOOTH only: the model's empty
-// slots past N, counted in each row's softmax), MINB (blocks per SM the registers are bounded for), WRING, WDEEP
-// (the forward's W rings, attn_layer_common.cuh's wprod), BRING (the backward's; WDEEP for both).
+// slots past N, counted in each row's softmax), MINB, FMINB (blocks per SM the backward's and the forward's registers
+// are bounded for), WRING, WDEEP (the forward's W rings, attn_layer_common.cuh's wprod), BRING (the backward's;
+// WDEEP for both), F16 (the forward's products on m16n8k16 FP16 operands, H a multiple of 16: below).
 // Rows n..N-1 (a chunk's n < N) are empty slots: x = 0, sw = 0, mask 0, k = v = 0.
 //
 // Fragments (PTX ISA, mma.m16n8k8 .tf32): lane 4 g + t holds A[g][t], A[g + 8][t], A[g][t + 4], A[g + 8][t + 4];
@@ -17,19 +18,35 @@
 // the A operand of the next product is read with its columns 2t, 2t + 1 as the k indices t, t + 4, and the
 // other operand's rows are permuted alike (a dot product does not care about the order of its terms): no
 // shuffles. The weights come packed in B-fragment order (attn_layer.py), one float2 per lane and product.
+// F16: the forward on mma.m16n8k16 with FP16 operands (FP32 accumulators). FP16 keeps TF32's 10 mantissa bits; its
+// range (6e-5 .. 65504 normal) holds the forward's operands: x (LayerNorm outputs, the strip net's G), the weights,
+// unit (NORMALIZE) q, k, v, and the weights A in [-1, 1]; values below the range lose bits, not magnitude (subnormal
+// steps 6e-8). Two accumulator tiles (columns 16 c .. 16 c + 15) are a k tile's A operand as they lie (no
+// permutation); k and v^T sit in shared memory as FP16 (half the bytes, a 32-bit load per B register); half the
+// mma instructions and operand conversions of TF32's. The kept y is FP16 either way (YH), so the backward's k, v
+// and q are the very operands the forward's products used.
 
 #include "attn_layer_common.cuh"
+
+// float2 in the forward's k and v^T arrays (FP16 with F16): wprod_deep's region while one is free
+#if F16
+#define KREG (N * LDK / 4)
+#define VREG (H * LDV / 4)
+#else
+#define KREG (N * LDK / 2)
+#define VREG (H * LDV / 2)
+#endif
 
 // z (the warp's 16 rows of one of q, k, v) = x W + b, normalized per row if NORMALIZE; rows >= n zeroed.
 // xa: x's A fragments; wp: W in B-fragment order (KE x HT products); region, REG, ring: wprod_deep's.
 template <int REG>
-__device__ __forceinline__ void project(const unsigned (&xa)[KE][4], const float2* __restrict__ wp,
+__device__ __forceinline__ void project(const unsigned (&xa)[KX][4], const float2* __restrict__ wp,
                                         const float* __restrict__ bias, float2* region, float2* ring, bool in0,
                                         bool in1, float (&z)[HT][4], float& inv0, float& inv1) {
   const int t = threadIdx.x & 3;
 #pragma unroll
   for (int c = 0; c < HT; ++c) z[c][0] = z[c][2] = bias[8 * c + 2 * t], z[c][1] = z[c][3] = bias[8 * c + 2 * t + 1];
-  wprod_deep<KE, HT, REG, WRING>(wp, HT * 32, region, ring, z,
+  wprod_deep<KX, HT, REG, WRING, F16>(wp, HT * 32, region, ring, z,
                           [&](int k, unsigned& a0, unsigned& a1, unsigned& a2, unsigned& a3) {
                             a0 = xa[k][0], a1 = xa[k][1], a2 = xa[k][2], a3 = xa[k][3];
                           });
@@ -70,7 +87,7 @@ __device__ __forceinline__ void keep_rows(const float (&z)[HT][4], float inv0, f
 // (E). s: the query scale; eps: LayerNorm's. With KEEP (a force call) the forward also keeps what
 // attn_layer_bwd reads: y (3, B, n, H) = the normalized q (times s), k, v (ystore: FP16 with YH); inv (3, B, n)
 // their inverse norms (0 past n; 1 without NORMALIZE); xhat (B, n, E) and rstd (B, n) of the LayerNorm.
-extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
+extern "C" __global__ void __launch_bounds__(32 * NW, FMINB)
     attn_layer_fwd(const float* __restrict__ x, const float2* __restrict__ wqkv, const float* __restrict__ bqkv,
                    const float2* __restrict__ wout, const float* __restrict__ bout, const float* __restrict__ gamma,
                    const float* __restrict__ beta, float eps, const float* __restrict__ sw,
@@ -84,9 +101,20 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
   float2* ring = nullptr;
 #endif
   const long long P = B * n;  // rows of one of q, k, v in y
+#if F16
+  unsigned* ksw = reinterpret_cast<unsigned*>(smem);  // (N, LDK) FP16: k, two per word
+  unsigned short* vth = reinterpret_cast<unsigned short*>(ksw + N * LDK / 2);  // (H, LDV) FP16: v^T
+  const unsigned* vtw = reinterpret_cast<const unsigned*>(vth);
+  float* sws = reinterpret_cast<float*>(vth + H * LDV);  // (N): sw
+  float2* kreg = reinterpret_cast<float2*>(ksw);  // the arrays' space as W rings (wprod_deep's region)
+  float2* vreg = reinterpret_cast<float2*>(vth);
+#else
   float* ks = smem;             // (N, LDK): k, TF32-rounded
   float* vt = ks + N * LDK;     // (H, LDV): v^T, TF32-rounded
   float* sws = vt + H * LDV;    // (N): sw
+  float2* kreg = reinterpret_cast<float2*>(ks);
+  float2* vreg = reinterpret_cast<float2*>(vt);
+#endif
   float* rs = sws + N;          // (N, 3): r
   float* mk = rs + 3 * N;       // (N): mask as 0 / 1
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -103,31 +131,45 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       for (int d = 0; d < 3; ++d) rs[3 * j + d] = in ? r[(base + j) * 3 + d] : 0.f;
     }
     const float* xb = x + base * E;
-    unsigned xa[KE][4];
+    unsigned xa[KX][4];
 #pragma unroll
-    for (int kk = 0; kk < KE; ++kk) {
+    for (int kk = 0; kk < KX; ++kk) {
+#if F16
+      const int c0 = 16 * kk + 2 * t, c1 = c0 + 8;
+      const float2 zero = make_float2(0.f, 0.f);
+      const float2 p0 = in0 && c0 < E ? load_pair(xb + i0 * E, c0) : zero;
+      const float2 p1 = in1 && c0 < E ? load_pair(xb + i1 * E, c0) : zero;
+      const float2 p2 = in0 && c1 < E ? load_pair(xb + i0 * E, c1) : zero;
+      const float2 p3 = in1 && c1 < E ? load_pair(xb + i1 * E, c1) : zero;
+      xa[kk][0] = h2pack(p0.x, p0.y), xa[kk][1] = h2pack(p1.x, p1.y);
+      xa[kk][2] = h2pack(p2.x, p2.y), xa[kk][3] = h2pack(p3.x, p3.y);
+#else
       const int c0 = 8 * kk + t, c1 = c0 + 4;
       xa[kk][0] = tf32(in0 && c0 < E ? xb[i0 * E + c0] : 0.f);
       xa[kk][1] = tf32(in1 && c0 < E ? xb[i1 * E + c0] : 0.f);
       xa[kk][2] = tf32(in0 && c1 < E ? xb[i0 * E + c1] : 0.f);
       xa[kk][3] = tf32(in1 && c1 < E ? xb[i1 * E + c1] : 0.f);
+#endif
     }
     PHASE(0);
     float z[HT][4], iv0, iv1;
     // k and v: W's ring in v^T's space (free until v^T is written); q: the two-stage ring
-    float2* vt2 = reinterpret_cast<float2*>(vt);
-    project<H * LDV / 2>(xa, wqkv + KE * HT * 32, bqkv + H, vt2, ring, in0, in1, z, iv0, iv1);  // k
+    project<VREG>(xa, wqkv + KX * HT * 32, bqkv + H, vreg, ring, in0, in1, z, iv0, iv1);  // k
 #if KEEP
     keep_rows(z, iv0, iv1, y + (P + base) * H, inv + P + base, i0, i1, in0, in1);
 #endif
 #pragma unroll
     for (int c = 0; c < HT; ++c) {
       const int h = 8 * c + 2 * t;
+#if F16
+      ksw[(i0 * LDK + h) / 2] = h2pack(z[c][0], z[c][1]), ksw[(i1 * LDK + h) / 2] = h2pack(z[c][2], z[c][3]);
+#else
       ks[i0 * LDK + h] = __uint_as_float(tf32(z[c][0])), ks[i0 * LDK + h + 1] = __uint_as_float(tf32(z[c][1]));
       ks[i1 * LDK + h] = __uint_as_float(tf32(z[c][2])), ks[i1 * LDK + h + 1] = __uint_as_float(tf32(z[c][3]));
+#endif
     }
     PHASE(1);
-    project<H * LDV / 2>(xa, wqkv + 2 * KE * HT * 32, bqkv + 2 * H, vt2, ring, in0, in1, z, iv0, iv1);  // v
+    project<VREG>(xa, wqkv + 2 * KX * HT * 32, bqkv + 2 * H, vreg, ring, in0, in1, z, iv0, iv1);  // v
 #if KEEP
     keep_rows(z, iv0, iv1, y + (2 * P + base) * H, inv + 2 * P + base, i0, i1, in0, in1);
 #endif
@@ -135,8 +177,13 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
 #pragma unroll
     for (int c = 0; c < HT; ++c) {
       const int h = 8 * c + 2 * t;
+#if F16
+      vth[h * LDV + i0] = f2h(z[c][0]), vth[(h + 1) * LDV + i0] = f2h(z[c][1]);
+      vth[h * LDV + i1] = f2h(z[c][2]), vth[(h + 1) * LDV + i1] = f2h(z[c][3]);
+#else
       vt[h * LDV + i0] = __uint_as_float(tf32(z[c][0])), vt[(h + 1) * LDV + i0] = __uint_as_float(tf32(z[c][1]));
       vt[h * LDV + i1] = __uint_as_float(tf32(z[c][2])), vt[(h + 1) * LDV + i1] = __uint_as_float(tf32(z[c][3]));
+#endif
     }
     PHASE(2);
     project<0>(xa, wqkv, bqkv, nullptr, ring, in0, in1, z, iv0, iv1);  // q
@@ -147,11 +194,20 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
 #if KEEP
     keep_rows(z, iv0, iv1, y + base * H, inv + base, i0, i1, in0, in1);
 #endif
+#if F16
+    unsigned qa[HT / 2][4];  // two accumulator tiles per k tile, as they lie
+#pragma unroll
+    for (int k = 0; k < HT / 2; ++k) {
+      qa[k][0] = h2pack(z[2 * k][0], z[2 * k][1]), qa[k][1] = h2pack(z[2 * k][2], z[2 * k][3]);
+      qa[k][2] = h2pack(z[2 * k + 1][0], z[2 * k + 1][1]), qa[k][3] = h2pack(z[2 * k + 1][2], z[2 * k + 1][3]);
+    }
+#else
     unsigned qa[HT][4];
 #pragma unroll
     for (int c = 0; c < HT; ++c)
 #pragma unroll
       for (int e = 0; e < 4; ++e) qa[c][e] = tf32(z[c][e]);
+#endif
     PHASE(3);
     __syncthreads();  // k and v of every row are in shared memory
     PHASE(4);
@@ -161,11 +217,19 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
 #pragma unroll
     for (int jt = 0; jt < NT; ++jt) {
       L[jt][0] = L[jt][1] = L[jt][2] = L[jt][3] = 0.f;
+#if F16
+#pragma unroll
+      for (int k = 0; k < HT / 2; ++k) {
+        const unsigned* kr = ksw + ((8 * jt + g) * LDK + 16 * k + 2 * t) / 2;
+        hmma(L[jt], qa[k][0], qa[k][1], qa[k][2], qa[k][3], kr[0], kr[4]);
+      }
+#else
 #pragma unroll
       for (int c = 0; c < HT; ++c) {
         const float2 kb = *reinterpret_cast<const float2*>(ks + (8 * jt + g) * LDK + 8 * c + 2 * t);
         tmma(L[jt], qa[c][0], qa[c][2], qa[c][1], qa[c][3], kb.x, kb.y);
       }
+#endif
     }
     PHASE(5);
     // the row chain (attention.py's _rows_forward): smooth shift or key mask, softmax, row mask, A = T S R
@@ -174,7 +238,11 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
 #if SMOOTH
     const float sw0 = sws[i0], sw1 = sws[i1];
 #endif
+#if F16
+    unsigned aa[NT / 2][4];  // A = T F as FP16, the A operand of A v (the values first in L)
+#else
     unsigned aa[NT][4];  // A = T F as TF32, the A operand of A v
+#endif
 #pragma unroll
     for (int jt = 0; jt < NT; ++jt)
 #pragma unroll
@@ -191,8 +259,19 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
         F0 *= rs[3 * i0] * rj0 + rs[3 * i0 + 1] * rj1 + rs[3 * i0 + 2] * rj2;
         F1 *= rs[3 * i1] * rj0 + rs[3 * i1 + 1] * rj1 + rs[3 * i1 + 2] * rj2;
 #endif
+#if F16
+        L[jt][e] *= f0 * F0, L[jt][2 + e] *= f1 * F1;
+#else
         aa[jt][e] = tf32(L[jt][e] * f0 * F0), aa[jt][2 + e] = tf32(L[jt][2 + e] * f1 * F1);
+#endif
       }
+#if F16
+#pragma unroll
+    for (int k = 0; k < NT / 2; ++k) {
+      aa[k][0] = h2pack(L[2 * k][0], L[2 * k][1]), aa[k][1] = h2pack(L[2 * k][2], L[2 * k][3]);
+      aa[k][2] = h2pack(L[2 * k + 1][0], L[2 * k + 1][1]), aa[k][3] = h2pack(L[2 * k + 1][2], L[2 * k + 1][3]);
+    }
+#endif
 
     PHASE(6);
     // o = A v, then h = o W_out
@@ -200,16 +279,24 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
 #pragma unroll
     for (int c = 0; c < HT; ++c) {
       o[c][0] = o[c][1] = o[c][2] = o[c][3] = 0.f;
+#if F16
+#pragma unroll
+      for (int k = 0; k < NT / 2; ++k) {
+        const unsigned* vr = vtw + ((8 * c + g) * LDV + 16 * k + 2 * t) / 2;
+        hmma(o[c], aa[k][0], aa[k][1], aa[k][2], aa[k][3], vr[0], vr[4]);
+      }
+#else
 #pragma unroll
       for (int jt = 0; jt < NT; ++jt) {
         const float2 vb = *reinterpret_cast<const float2*>(vt + (8 * c + g) * LDV + 8 * jt + 2 * t);
         tmma(o[c], aa[jt][0], aa[jt][2], aa[jt][1], aa[jt][3], vb.x, vb.y);
       }
+#endif
     }
     PHASE(7);
     float hh[KE][4];
     // W_out's ring in k's space: every warp is past the logits once wprod's first barrier is
-    prod_acc<HT, KE, N * LDK / 2, WRING>(o, wout, KE * 32, reinterpret_cast<float2*>(ks), ring, hh);
+    prod_acc<HT, KE, KREG, WRING, F16>(o, wout, KE * 32, kreg, ring, hh);
     PHASE(8);
     // LayerNorm(h + b_out + x) per row (attention.py's _layer_forward)
     float m0 = 0.f, m1 = 0.f;

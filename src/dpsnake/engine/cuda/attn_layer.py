@@ -53,10 +53,13 @@ def padded_slots(n: int) -> int:
     return -(-int(n) // 16) * 16
 
 
-def smem_bytes(N: int, H: int, backward: bool = False) -> int:
-    """Dynamic shared memory of a block. Forward: k (N, H + 8), v^T (H, N + 8), sw, r and the mask (5 N);
-    backward: two (N, H + 8) arrays (its static arrays, 11 N floats and the W ring, are not counted)."""
-    return 4 * (2 * N * (H + 8) if backward else N * (H + 8) + H * (N + 8) + 5 * N)
+def smem_bytes(N: int, H: int, backward: bool = False, f16: bool = False) -> int:
+    """Dynamic shared memory of a block. Forward: k (N, H + 8), v^T (H, N + 8) (FP16 with ``f16``, else FP32),
+    sw, r and the mask (5 N floats); backward: two (N, H + 8) FP32 arrays (its static arrays, 11 N floats and the W
+    ring, are not counted)."""
+    if backward:
+        return 4 * 2 * N * (H + 8)
+    return (2 if f16 else 4) * (N * (H + 8) + H * (N + 8)) + 4 * 5 * N
 
 
 def ring_bytes(E: int, H: int, backward: bool = False) -> int:
@@ -95,6 +98,24 @@ def tf32_round(a: np.ndarray) -> np.ndarray:
     return ((u + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
 
 
+def pack_b16(w: np.ndarray) -> np.ndarray:
+    """The B operand ``w`` (K, M) of m16n8k16 FP16 products in fragment order: (K16, M8, 32, 2) uint32 bits as
+    float32 (the kernels read them as float2), K16 = K / 16 k tiles, M8 = M / 8 (rounded up, zero padding);
+    [kt, mt, 4 g + t] holds FP16 pairs (w[k][c], w[k + 1][c]) and (w[k + 8][c], w[k + 9][c]), k = 16 kt + 2 t,
+    c = 8 mt + g, the lower k in the low half (an accumulator tile pair as the A operand needs no permutation)."""
+    w = np.asarray(w, dtype=np.float64)
+    K, M = w.shape
+    K16, M8 = -(-K // 16), -(-M // 8)
+    wp = np.zeros((16 * K16, 8 * M8))
+    wp[:K, :M] = w
+    h = wp.astype(np.float16).view(np.uint16).astype(np.uint32)
+    g, t = np.arange(32) // 4, np.arange(32) % 4
+    k = 16 * np.arange(K16)[:, None, None] + 2 * t
+    col = 8 * np.arange(M8)[None, :, None] + g
+    pairs = [h[k + d, col] | (h[k + d + 1, col] << np.uint32(16)) for d in (0, 8)]
+    return np.stack(pairs, axis=-1).astype(np.uint32).view(np.float32)
+
+
 def pack_b(w: np.ndarray, permuted: bool) -> np.ndarray:
     """The B operand ``w`` (K, M) of m16n8k8 products in fragment order: (K8, M8, 32, 2) FP32, K8 = K / 8
     k tiles (K padded with zero rows), M8 = M / 8 rounded up (zero columns); [kt, mt, 4 g + t] holds
@@ -117,7 +138,8 @@ def pack_b(w: np.ndarray, permuted: bool) -> np.ndarray:
 class LayerWeights:
     """One layer's weights as the kernels read them (``xp`` arrays, FP32): ``wqkv`` (3, KE, H/8, 32, 2) and
     ``wout`` (H/8, KE, 32, 2) in B-fragment order, ``bqkv`` (3, H), ``bout``, ``gamma``, ``beta`` (E,); for the
-    backward their transposes ``woutT`` (KE, H/8, 32, 2) and ``wqkvT`` (3, H/8, KE, 32, 2)."""
+    backward their transposes ``woutT`` (KE, H/8, 32, 2) and ``wqkvT`` (3, H/8, KE, 32, 2); for the F16 forward
+    ``wqkv_h`` (3, E/16, H/8, 32, 2) and ``wout_h`` (H/16, KE, 32, 2) (pack_b16; None where H % 16)."""
 
     wqkv: object
     bqkv: object
@@ -130,6 +152,8 @@ class LayerWeights:
     eps: float
     E: int
     H: int
+    wqkv_h: object = None
+    wout_h: object = None
 
     @classmethod
     def of(cls, layer, xp, round_tf32: bool = True) -> LayerWeights:
@@ -152,7 +176,15 @@ class LayerWeights:
             return xp.ascontiguousarray(xp.asarray(np.asarray(a, dtype=np.float32)))
 
         arrs = (dev(a) for a in (wqkv, b, wout, bout, host["gamma"], host["beta"], woutT, wqkvT))
-        return cls(*arrs, eps=float(layer.eps), E=int(E), H=int(H))
+        half = {}
+        if H % 16 == 0:
+            half = {"wqkv_h": dev(np.stack([pack_b16(host["w_qkv"][c]) for c in range(3)])),
+                    "wout_h": dev(pack_b16(host["w_out"]))}  # fmt: skip
+        return cls(*arrs, eps=float(layer.eps), E=int(E), H=int(H), **half)
+
+    def forward_weights(self, f16: bool) -> tuple:
+        """(wqkv, wout) for a forward compiled with F16 = ``f16``."""
+        return (self.wqkv_h, self.wout_h) if f16 else (self.wqkv, self.wout)
 
 
 def defines(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, nnei: int, keep: bool = True,
@@ -170,9 +202,13 @@ def defines(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, n
     # call's forward on the two-stage ring (H200, session 34: 0.345 vs 0.391 deep vs 0.411 none, us per centre and
     # layer), its backward on none (0.557 vs 0.578 deep vs 0.613 two-stage)
     # YH: q, k, v kept as FP16 where they are unit rows (NORMALIZE; attn_layer_common.cuh's ystore)
+    # F16: the forward's products on FP16 operands where H % 16 == 0 (attn_layer.cu's header; H100, session 36:
+    # 0.195 vs 0.285 us per centre and layer keeping, 0.109 vs 0.160 alone, the same errors); FMINB: the forward's
+    # blocks per SM (3 spills ~600 bytes)
     return {"KEEP": int(keep), "WRING": 1, "WDEEP": int(not keep), "BRING": 0, "YH": int(keep and normalize),
             "N": N, "E": int(E), "H": int(H), "SMOOTH": int(smooth), "DOTR": int(dotr),
-            "NORMALIZE": int(normalize), "NPAD": npad, "MINB": minb}  # fmt: skip
+            "NORMALIZE": int(normalize), "NPAD": npad, "MINB": minb, "F16": int(H % 16 == 0),
+            "FMINB": minb}  # fmt: skip
 
 
 def source(**defs) -> str:
@@ -186,8 +222,8 @@ def scratch_floats(N: int) -> int:
 
 
 def _module(defs: tuple):
-    """({kernel: RawKernel}, blocks of a grid, the RawModule) for these constants on the current device, compiled
-    once."""
+    """({kernel: RawKernel}, {kernel: blocks of a grid}, the RawModule) for these constants on the current device,
+    compiled once."""
     import cupy
 
     return _device_module(defs, cupy.cuda.runtime.getDevice())
@@ -219,14 +255,18 @@ def _device_module(defs: tuple, device: int):
     fns = {"attn_layer_fwd": mod.get_function("attn_layer_fwd")}
     if d["KEEP"]:
         fns["attn_layer_bwd"] = mod.get_function("attn_layer_bwd")
+    caps = {}
     for k, fn in fns.items():
-        dyn = smem_bytes(d["N"], d["H"], k.endswith("bwd"))
+        bwd = k.endswith("bwd")
+        dyn = smem_bytes(d["N"], d["H"], bwd, f16=bool(d["F16"]) and not bwd)
         total = dyn + fn.shared_size_bytes  # + the ring and the static arrays
-        if total > per_block or d["MINB"] * (total + 1024) > per_sm:
-            raise RuntimeError(f"attn_layer: {k} needs {total} bytes of shared memory per block, {d['MINB']} "
+        minb = d["MINB"] if bwd else d["FMINB"]
+        if total > per_block or minb * (total + 1024) > per_sm:
+            raise RuntimeError(f"attn_layer: {k} needs {total} bytes of shared memory per block, {minb} "
                                f"blocks per SM do not fit this device's {per_sm} (per block {per_block})")  # fmt: skip
         fn.max_dynamic_shared_size_bytes = dyn
-    return fns, d["MINB"] * nsm, mod
+        caps[k] = minb * nsm
+    return fns, caps, mod
 
 
 def build(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, nnei: int) -> dict:
@@ -246,7 +286,7 @@ def _check(lw: LayerWeights, x, sw, r, mask, *more, y=None) -> None:
     """The kernels read raw pointers: C-contiguous FP32 arrays, the mask one bool per slot, x of the layer's E, a
     cache's y as ``y`` = (array, dtype); the packed weights 16-byte aligned (cp.async copies them in 16-byte
     pieces)."""
-    for w in (lw.wqkv, lw.wout, lw.woutT, lw.wqkvT):
+    for w in (lw.wqkv, lw.wout, lw.woutT, lw.wqkvT, *(a for a in (lw.wqkv_h, lw.wout_h) if a is not None)):
         ptr = w.data.ptr if hasattr(w.data, "ptr") else w.ctypes.data
         if ptr % 16:
             raise ValueError("attn_layer: packed weights not 16-byte aligned (use LayerWeights.of)")
@@ -273,7 +313,9 @@ def forward(lw: LayerWeights, x, sw, r, mask, scale: float, smooth: bool, dotr: 
     _check(lw, x, sw, r, mask)
     defs = _defines(n, E, lw.H, smooth, dotr, normalize, nnei, keep=keep)
     defs.update(extra)
-    fns, cap, _ = _module(tuple(defs.items()))
+    if defs["F16"] and lw.wqkv_h is None:
+        raise ValueError(f"attn_layer: F16 needs H a multiple of 16, the layer's is {lw.H}")
+    fns, caps, _ = _module(tuple(defs.items()))
     out = cupy.empty_like(x)
     cache = None
     if keep:
@@ -282,10 +324,11 @@ def forward(lw: LayerWeights, x, sw, r, mask, scale: float, smooth: bool, dotr: 
     if B:
         null = np.uintp(0)
         keep_args = cache if keep else (null, null, null, null)
-        args = (x, lw.wqkv, lw.bqkv, lw.wout, lw.bout, lw.gamma, lw.beta, np.float32(lw.eps), sw, r, mask,
+        wqkv, wout = lw.forward_weights(bool(defs["F16"]))
+        args = (x, wqkv, lw.bqkv, wout, lw.bout, lw.gamma, lw.beta, np.float32(lw.eps), sw, r, mask,
                 np.int64(B), np.int32(n), np.float32(scale), out, *keep_args)  # fmt: skip
-        grid = (int(min(B, cap)),)
-        fns["attn_layer_fwd"](grid, (2 * defs["N"],), args, shared_mem=smem_bytes(defs["N"], lw.H))
+        grid = (int(min(B, caps["attn_layer_fwd"])),)
+        fns["attn_layer_fwd"](grid, (2 * defs["N"],), args, shared_mem=smem_bytes(defs["N"], lw.H, f16=defs["F16"]))
     return (out, cache) if keep else out
 
 
@@ -300,10 +343,10 @@ def backward(lw: LayerWeights, cache, dout, sw, r, mask, scale: float, smooth: b
     defs = _defines(n, E, lw.H, smooth, dotr, normalize, nnei)
     defs.update(extra)
     _check(lw, dout, sw, r, mask, dsw, dr, *cache[1:], y=(cache[0], y_dtype(defs)))
-    fns, cap, _ = _module(tuple(defs.items()))
+    fns, caps, _ = _module(tuple(defs.items()))
     dx = cupy.empty_like(dout)
     if B:
-        grid = int(min(B, cap))
+        grid = int(min(B, caps["attn_layer_bwd"]))
         scratch = cupy.empty(grid * scratch_floats(defs["N"]), dtype=cupy.float32)
         y, inv, xhat, rstd = cache
         args = (dout, xhat, rstd, lw.gamma, y, inv, lw.woutT, lw.wqkvT, sw, r, mask, np.int64(B), np.int32(n),

@@ -1,12 +1,16 @@
 // Shared by attn_layer.cu's forward and attn_layer_bwd.cuh's backward: sizes, the TF32 product, lane sums.
 #if !defined(KEEP) || !defined(WRING) || !defined(BRING) || !defined(WDEEP) || !defined(YH) || \
-    !defined(MINB)
+    !defined(MINB) || !defined(F16) || !defined(FMINB)
 #error "attn_layer: compile with attn_layer.defines()' constants"
+#endif
+#if F16 && H % 16
+#error "attn_layer: F16 needs H a multiple of 16"
 #endif
 
 #define NW (N / 16)
 #define EP ((E + 7) / 8 * 8)
 #define KE (EP / 8)  // k tiles of x; n tiles of h
+#define KX (F16 ? (E + 15) / 16 : KE)  // the forward's k tiles of x (m16n8k16 with F16)
 #define HT (H / 8)
 #define NT (N / 8)
 // row strides in shared memory: a half-warp's float2 loads (rows g = 0..3, columns 2t) hit 32 distinct banks when
@@ -52,6 +56,22 @@ __device__ __forceinline__ void tmma(float (&c)[4], unsigned a0, unsigned a1, un
       "{%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(__float_as_uint(b0)), "r"(__float_as_uint(b1)));
+}
+// c (16 x 8) += a (16 x 16) b (16 x 8), FP16 operands (two per register, the lower index in the low half), FP32
+// accumulators: lane 4 g + t holds A[g][2t, 2t+1], A[g+8][2t, 2t+1], A[g][2t+8, 2t+9], A[g+8][2t+8, 2t+9];
+// B[2t, 2t+1][g], B[2t+8, 2t+9][g]; C as m16n8k8's
+__device__ __forceinline__ void hmma(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                                     unsigned b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+// two FP32 as FP16 (cvt.rn) in one register, lo in the low half
+__device__ __forceinline__ unsigned h2pack(float lo, float hi) {
+  unsigned r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
 }
 #endif
 #ifndef TMMA
@@ -242,7 +262,7 @@ __device__ __forceinline__ void ring_load(float2* dst, const float2* __restrict_
 // wprod_deep's deeper rings where shared memory is free. Every thread of the block calls it (barriers). A's
 // fragments of tile k + 1 are formed right after tile k's products are issued: where a() reads device memory
 // (dz_acc), that latency overlaps the wait for the next W tile.
-template <int K8, int M8, int S, bool RING, class AF>
+template <int K8, int M8, int S, bool RING, bool HF = false, class AF>
 __device__ __forceinline__ void wprod(const float2* __restrict__ w, int kstride, float2* ring, float (&acc)[M8][4],
                                       AF a) {
   static_assert(S >= 2, "wprod: two stages at least");
@@ -270,7 +290,10 @@ __device__ __forceinline__ void wprod(const float2* __restrict__ w, int kstride,
 #pragma unroll
     for (int m = 0; m < M8; ++m) {
       const float2 wb = wk[m * 32 + lane];
-      tmma(acc[m], a0, a1, a2, a3, wb.x, wb.y);
+      if (HF)  // a constant
+        hmma(acc[m], a0, a1, a2, a3, __float_as_uint(wb.x), __float_as_uint(wb.y));
+      else
+        tmma(acc[m], a0, a1, a2, a3, wb.x, wb.y);
     }
     if (k + 1 < K8) a(k + 1, a0, a1, a2, a3);
   }
@@ -279,25 +302,36 @@ __device__ __forceinline__ void wprod(const float2* __restrict__ w, int kstride,
 // wprod with its ring in ``region`` (REG float2 of shared memory that no warp reads or writes during this product,
 // 16-byte aligned), as many stages as fit, up to all K8 tiles in flight at once (WDEEP); else (WDEEP 0, or fewer
 // than three stages fit) the block's two-stage ``ring``. The caller syncs before it writes the region after.
-template <int K8, int M8, int REG, bool RING, class AF>
+template <int K8, int M8, int REG, bool RING, bool HF = false, class AF>
 __device__ __forceinline__ void wprod_deep(const float2* __restrict__ w, int kstride, float2* region, float2* ring,
                                            float (&acc)[M8][4], AF a) {
   constexpr int fit = REG / (M8 * 32), S = fit < K8 + 1 ? fit : K8 + 1;
   constexpr bool deep = WDEEP && S > 2;
-  wprod<K8, M8, deep ? S : 2, RING>(w, kstride, deep ? region : ring, acc, a);
+  wprod<K8, M8, deep ? S : 2, RING, HF>(w, kstride, deep ? region : ring, acc, a);
 }
 
 // acc (the warp's 16 x 8 M8 tile row) = a w: a (16 x 8 K8) in the accumulator layout, read as the A operand with
 // its columns permuted (attn_layer.cu's header), w in B-fragment order (K8 x M8 products, pack_b(permuted=True));
 // kstride: float2 between w's k tiles (M8 x 32 unless acc is a slice of a wider product's m tiles); region, REG:
-// wprod_deep's
-template <int K8, int M8, int REG, bool RING>
+// wprod_deep's. HF: m16n8k16 FP16 products (K8 even): a's tiles 2k, 2k + 1 are k tile k's A operand as they lie
+// (no permutation), w from pack_b16 (K8 / 2 x M8 products).
+template <int K8, int M8, int REG, bool RING, bool HF = false>
 __device__ __forceinline__ void prod_acc(const float (&a)[K8][4], const float2* __restrict__ w, int kstride,
                                          float2* region, float2* ring, float (&acc)[M8][4]) {
 #pragma unroll
   for (int m = 0; m < M8; ++m) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0.f;
-  wprod_deep<K8, M8, REG, RING>(w, kstride, region, ring, acc,
-                          [&](int k, unsigned& a0, unsigned& a1, unsigned& a2, unsigned& a3) {
-                            a0 = tf32(a[k][0]), a1 = tf32(a[k][2]), a2 = tf32(a[k][1]), a3 = tf32(a[k][3]);
-                          });
+  if (HF)
+    wprod_deep<K8 / 2, M8, REG, RING, true>(w, kstride, region, ring, acc,
+                                            [&](int k, unsigned& a0, unsigned& a1, unsigned& a2, unsigned& a3) {
+                                              const int k1 = 2 * k + 1 < K8 ? 2 * k + 1 : K8 - 1;  // K8 odd: not run
+                                              a0 = h2pack(a[2 * k][0], a[2 * k][1]);
+                                              a1 = h2pack(a[2 * k][2], a[2 * k][3]);
+                                              a2 = h2pack(a[k1][0], a[k1][1]);
+                                              a3 = h2pack(a[k1][2], a[k1][3]);
+                                            });
+  else
+    wprod_deep<K8, M8, REG, RING>(w, kstride, region, ring, acc,
+                            [&](int k, unsigned& a0, unsigned& a1, unsigned& a2, unsigned& a3) {
+                              a0 = tf32(a[k][0]), a1 = tf32(a[k][2]), a2 = tf32(a[k][1]), a3 = tf32(a[k][3]);
+                            });
 }
