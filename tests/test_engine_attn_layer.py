@@ -123,10 +123,10 @@ class _Emu:
     ``f16``: the forward's products on FP16 operands (F16; 0 by default: TF32's layout, whose emulated products
     are exact, so that the tests see the kernels' logic); None: as attn_layer.defines sets them."""
 
-    def __init__(self, tmp_path, p, n, E, H, keep=True, wring=None, tf32=False, wdeep=None, yh=0, f16=0):
+    def __init__(self, tmp_path, p, n, E, H, keep=True, wring=None, tf32=False, wdeep=None, yh=0, f16=0, b16=0):
         self.p = p
         defs = attn_layer.defines(n, E, H, p.smooth, p.dotr, p.normalize, p.nnei, keep)
-        for k, v in (("WRING", wring), ("BRING", wring), ("WDEEP", wdeep), ("YH", yh), ("F16", f16)):
+        for k, v in (("WRING", wring), ("BRING", wring), ("WDEEP", wdeep), ("YH", yh), ("F16", f16), ("B16", b16)):
             defs[k] = defs[k] if v is None else v
         self.defs = defs
         tag = "_".join(str(v) for v in self.defs.values()) + ("_tf32" if tf32 else "")
@@ -159,8 +159,9 @@ class _Emu:
         dx = np.full((B, n, E), np.nan, dtype=np.float32)
         scratch = np.full(grid * attn_layer.scratch_floats(self.defs["N"]), np.nan, dtype=np.float32)
         y, inv, xhat, rstd = cache
+        woutT, wqkvT = lw.backward_weights(bool(self.defs["B16"]))
         self.lib.bwd(grid, _ptr(f32[0]), _ptr(xhat), _ptr(rstd), _ptr(lw.gamma), _ptr(y), _ptr(inv),
-                     _ptr(lw.woutT), _ptr(lw.wqkvT), _ptr(f32[1]), _ptr(f32[2]), _ptr(m8), ctypes.c_longlong(B),
+                     _ptr(woutT), _ptr(wqkvT), _ptr(f32[1]), _ptr(f32[2]), _ptr(m8), ctypes.c_longlong(B),
                      ctypes.c_int(n), ctypes.c_float(self.p.scaling), _ptr(scratch), _ptr(dx), _ptr(dsw),
                      _ptr(dr))  # fmt: skip
         return dx
@@ -361,33 +362,59 @@ def test_layer_kernels_within_tf32_rounding(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
-@pytest.mark.parametrize("dotr,normalize,smooth,ns,H,E", [(True, True, True, 40, 32, 20), (False, False, False, 27, 32, 19),
-                                                         (True, True, False, 33, 16, 16)])  # fmt: skip
-def test_fp16_forward_within_tf32_rounding(tmp_path, monkeypatch, dotr, normalize, smooth, ns, H, E):
-    """F16 (the forward's products on m16n8k16 FP16 operands; the engine's build where H % 16 == 0): two layers
-    forward keeping and backward (TF32) vs the FP64 array code, against the same with the TF32 forward, both with
-    cvt.rna's rounding elsewhere. FP16 keeps TF32's 10 mantissa bits, so the errors match (this emulation: out
-    2.9e-5 both, df/dG 1.16e-5 vs 1.11e-5; non-normalized 2.1e-4, 8.2e-5 both); a wrong fragment layout would
-    give errors of order 1. E 19: odd features (the single-float tail of x's pairs); H 16: one k tile of q."""
+@pytest.mark.parametrize(
+    "dotr,normalize,smooth,ns,H,E,wring",
+    [(True, True, True, 40, 32, 20, None), (False, False, False, 27, 32, 19, None), (True, True, False, 33, 16, 16, None),
+     (True, True, True, 27, 32, 64, 1)],
+)  # fmt: skip
+def test_fp16_products_within_tf32_rounding(tmp_path, monkeypatch, dotr, normalize, smooth, ns, H, E, wring):
+    """F16 and B16 (the products on m16n8k16 FP16 operands; the engine's build where H % 16 == 0): two layers
+    forward keeping and backward vs the FP64 array code, against the same on TF32 operands, both with cvt.rna's
+    rounding elsewhere. FP16 keeps TF32's 10 mantissa bits, so the errors match (this emulation: out 2.9e-5 both;
+    df/dG 1.12e-5 both, df/dr 1.29e-4 vs 1.27e-4, df/dsw 2.5e-4 vs 2.2e-4); a wrong fragment layout gives errors of
+    order 1. E 19: odd features (x's pairs' single-float tail); H 16: one k tile of q; E 64 with the rings in both
+    kernels (the backward's do in one piece through the deep ring in v's space). The forward alone = the keeping
+    one."""
     p, inputs, dG_out, (want, want_dG, want_dr, want_dsw) = _two_layer_case(
         monkeypatch, dotr, normalize, smooth, ns, H=H, E=E, nb=6
     )
     G = inputs[0]
-    assert attn_layer.defines(G.shape[1], E, H, smooth, dotr, normalize, p.nnei)["F16"] == 1
+    d = attn_layer.defines(G.shape[1], E, H, smooth, dotr, normalize, p.nnei)
+    assert d["F16"] == d["B16"] == 1
     lws = [attn_layer.LayerWeights.of(layer, np) for layer in p.layers]
     errs = {}
-    for f16 in (1, 0):
-        emu = _Emu(tmp_path, p, G.shape[1], E, H, tf32=True, yh=None, f16=f16)
+    for h in (1, 0):
+        emu = _Emu(tmp_path, p, G.shape[1], E, H, tf32=True, yh=None, f16=h, b16=h, wring=wring, wdeep=wring)
         xs, x, caches, dx, dsw, dr = _chain(emu, lws, inputs, dG_out)
-        if f16:  # the F16 forward alone = the keeping one
+        assert np.isfinite(caches[0][0][:, inputs[1]]).all()
+        errs[h] = [rel_err(x, want), rel_err(dx, want_dG)]
+        errs[h] += [rel_err(dr, want_dr) if dotr else 0.0, rel_err(dsw, want_dsw[..., 0]) if smooth else 0.0]
+        if h:
             alone = _Emu(tmp_path, p, G.shape[1], E, H, keep=False, tf32=True, f16=1)
             assert rel_err(alone.forward(lws[1], xs[1], *inputs[1:], grid=5), x) < 1e-6
-        assert np.isfinite(caches[0][0][:, inputs[1]]).all()
-        errs[f16] = [rel_err(x, want), rel_err(dx, want_dG)]
-        errs[f16] += [rel_err(dr, want_dr) if dotr else 0.0, rel_err(dsw, want_dsw[..., 0]) if smooth else 0.0]
     assert errs[1][0] > 1e-6, errs  # rounded, not exact
     for e16, e32 in zip(errs[1], errs[0]):
         assert e16 <= 1.3 * e32 + 1e-7, errs
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
+def test_fp16_backward_scales_the_gradient(tmp_path, monkeypatch):
+    """B16 brings each centre's largest |dh| to [1/16, 1/8) by a power of two before its FP16 operands and undoes it
+    after: a cotangent 2^-24 times smaller (dE/dG of a model's size can sit below FP16's smallest normal, 6e-5, where
+    unscaled operands would lose bits) gives the results 2^-24 times smaller, to the shared-memory atomics' last
+    bits; so does one 2^12 larger."""
+    p, inputs, dG_out, _ = _two_layer_case(monkeypatch, True, True, True, 40)
+    G, mask, r, sw = inputs
+    emu = _Emu(tmp_path, p, G.shape[1], G.shape[2], p.hidden_dim, tf32=True, yh=None, f16=1, b16=1)
+    lw = attn_layer.LayerWeights.of(p.layers[-1], np)
+    _, cache = emu.forward(lw, G.astype(np.float32), mask, r, sw, grid=3, keep=True)
+    res = {}
+    for k in (0, -24, 12):
+        dsw, dr = np.zeros(mask.shape, np.float32), np.zeros(r.shape, np.float32)
+        dx = emu.backward(lw, cache, (dG_out * 2.0**k).astype(np.float32), mask, r, sw, 5, dsw, dr)
+        res[k] = [a * 2.0**-k for a in (dx, dsw, dr)]
+    for k in (-24, 12):
+        assert all(rel_err(a, b) < 1e-6 for a, b in zip(res[k], res[0])), k
 
 
 def test_pack_b16_fragment_order():
@@ -475,17 +502,23 @@ def test_defines():
     assert alone["KEEP"] == 0 and (alone["WRING"], alone["WDEEP"], alone["YH"]) == (1, 1, 0)
     assert attn_layer.defines(88, 100, 128, 1, 1, 0, 120)["YH"] == 0  # FP32 where q, k, v are not unit rows
     assert attn_layer.defines(88, 100, 128, 1, 1, 1, 120, smem_per_sm=164 * 1024)["MINB"] == 1  # sm_80: one block
-    assert d["F16"] == alone["F16"] == 1 and d["FMINB"] == d["MINB"]  # FP16 forward products where H % 16 == 0
-    assert attn_layer.defines(88, 100, 120, 1, 1, 1, 120)["F16"] == 0
+    assert d["F16"] == alone["F16"] == d["B16"] == 1 and d["FMINB"] == d["MINB"]  # FP16 products where H % 16 == 0
+    assert (
+        attn_layer.defines(88, 100, 120, 1, 1, 1, 120)["F16"]
+        == attn_layer.defines(88, 100, 120, 1, 1, 1, 120)["B16"]
+        == 0
+    )
     assert attn_layer.smem_bytes(96, 128, f16=True) == 2 * (96 * 136 + 128 * 104) + 4 * 5 * 96
+    assert attn_layer.smem_bytes(96, 128, True, f16=True) == 2 * 2 * 96 * 136
     with pytest.raises(ValueError, match="exceed the model's nnei 90"):
         attn_layer.defines(88, 100, 128, 1, 1, 1, 90)
 
 
 @pytest.mark.parametrize("n,E,H,flags", [(88, 100, 128, [(1, 1, 1)]), (64, 100, 64, [(0, 0, 0)]),
-                                         (27, 20, 32, [(1, 1, 1), (0, 0, 0), (1, 0, 1)])])  # fmt: skip
+                                         (27, 20, 32, [(1, 1, 1), (0, 0, 0), (1, 0, 1)]), (27, 20, 24, [(1, 1, 1)])])  # fmt: skip
 def test_layer_kernel_compiles_for_sm90(n, E, H, flags):
-    """NVRTC for sm_90: the bench's shape (40 s for all flag sets: one here), a small one with every flag set."""
+    """NVRTC for sm_90: the bench's shape (40 s for all flag sets: one here), a small one with every flag set, H 24
+    (TF32 products: FP16's need H % 16 == 0)."""
     pytest.importorskip("nvidia.cuda_nvrtc")
     from test_engine_cuda_compile import compile_cuda
 
@@ -493,8 +526,9 @@ def test_layer_kernel_compiles_for_sm90(n, E, H, flags):
         defs = attn_layer.defines(n, E, H, smooth, dotr, normalize, 120)
         ptx = compile_cuda(attn_layer.source(**defs))
         assert ".entry attn_layer_fwd" in ptx and ".entry attn_layer_bwd" in ptx
-        assert "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32" in ptx
-        assert ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx) == (H % 16 == 0)  # F16's forward
+        # FP16 products (F16, B16) where H % 16 == 0, else TF32's
+        assert ("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32" in ptx) == (H % 16 != 0)
+        assert ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx) == (H % 16 == 0)
     defs = attn_layer.defines(n, E, H, *flags[0], 120, keep=False)  # the forward alone
     ptx = compile_cuda(attn_layer.source(**defs))
     assert ".entry attn_layer_fwd" in ptx and ".entry attn_layer_bwd" not in ptx

@@ -9,6 +9,7 @@
 #                                                        layer launches: forward keeping (no ring), forward alone
 #                                                        with the deep rings, then two-stage, two layers each)
 #
+# PROBE_MORE: more arguments of the probe stage (e.g. "--variants tf32bwd tf32": only those A/B variants).
 # AB_MORE: more arguments of the ab stage's bench_engine_attn_ab.py (e.g. "layer_nonet --profile layer": one more
 # variant, and the torch profile of one call of the default).
 # Writes under $OUT (default /tmp/attn_layer_gpu): attn_layer_phases_<gpu>.json, attn_layer_probe_<gpu>.json,
@@ -27,7 +28,7 @@ for s in $STAGES; do
   t=$(date +%s)
   case $s in
     phases) timeout 200 python3 bench/profiling/attn_layer_phases.py --out "$OUT/attn_layer_phases_$GPU.json" ;;
-    probe) timeout 200 python3 bench/profiling/attn_layer_probe.py --out "$OUT/attn_layer_probe_$GPU.json" ;;
+    probe) timeout 200 python3 bench/profiling/attn_layer_probe.py ${PROBE_MORE:-} --out "$OUT/attn_layer_probe_$GPU.json" ;;
     ab) timeout 240 python3 bench/bench_engine_attn_ab.py --attn-layer 2 --walkers 256 --reps 5 \
           --variants trim tf32 layer ${AB_MORE:-} --deepmd --deepmd-fp32 --out "$OUT/ab" > "$OUT/ab.log" 2>&1
         grep -E "us/atom|Error|error" "$OUT/ab.log" | tail -10 ;;

@@ -21,6 +21,8 @@ median CUDA-event times per call over the chunk, in us per centre (= per atom) a
   ... noring       -- both without a ring (WRING 0, BRING 0): each warp streams the weights from L2 itself
   ... fp32y        -- a force call's kernels keeping q, k, v in FP32 (YH 0, session 33's)
   ... tf32fwd      -- the forward's products on TF32 operands (F16 0, session 35's)
+  ... tf32bwd      -- the backward's products on TF32 operands (B16 0)
+  ... tf32         -- both (session 35's kernels)
 Errors: max |out - out_FP64| / max |out_FP64| (forward) and the same of df/dG, df/dr, df/dsw (backward) of the
 fused kernels and the engine's cuBLAS TF32 path; the FP64 reference is the engine's FP64 path. Kernel
 resources (registers, local memory = spills) from CuPy.
@@ -99,6 +101,7 @@ def main(argv=None) -> int:
     ap.add_argument("--h", type=int, default=128, help="attention width (attn)")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--variants", nargs="*", default=None, help="the A/B variants to run (default: all)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -150,7 +153,10 @@ def main(argv=None) -> int:
     out_fused, fcaches = fused(True)
     variants = {"deep": (("WRING", 1), ("WDEEP", 1), ("BRING", 1)),
                 "nodeep": (("WRING", 1), ("WDEEP", 0), ("BRING", 1)), "noring": (("WRING", 0), ("BRING", 0)),
-                "fp32y": (("YH", 0),), "tf32fwd": (("F16", 0),)}  # fmt: skip
+                "fp32y": (("YH", 0),), "tf32fwd": (("F16", 0),), "tf32bwd": (("B16", 0),),
+                "tf32": (("F16", 0), ("B16", 0))}  # fmt: skip
+    if args.variants is not None:
+        variants = {v: variants[v] for v in args.variants}
     vcaches = {(): fcaches} | {x: fused(True, x)[1] for x in variants.values()}  # the backward reads its build's y
 
     def fused_bwd(extra=()):
@@ -196,7 +202,8 @@ def main(argv=None) -> int:
         "engine_over_fused_fwd_bwd": (t["engine_fwd_keep"] + t["engine_bwd"]) / (t["fused_fwd_keep"] + t["fused_bwd"]),
         "rel_err_vs_fp64": err,
         "kernel": {k: {"num_regs": f.num_regs, "local_size_bytes": f.local_size_bytes} for k, f in fns.items()}
-        | {"defines": defs, "smem_bytes": [attn_layer.smem_bytes(defs["N"], H, bwd) for bwd in (False, True)]},
+        | {"defines": defs, "smem_bytes": [attn_layer.smem_bytes(defs["N"], H, bwd, f16=defs["B16" if bwd else "F16"])
+                                                 for bwd in (False, True)]},  # fmt: skip
     }  # fmt: skip
     print(f"{res['device']}: {B} centres x {n} slots (nnei {args.nnei}), E {E}, H {H}, {nl} layers; "
           f"us per centre and layer (median of {args.reps})")  # fmt: skip

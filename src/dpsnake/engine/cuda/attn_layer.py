@@ -1,5 +1,8 @@
-"""A whole DPA-1 attention layer per centre on TF32 tensor cores (CuPy RawModule, attn_layer.cu): forward and
-backward, one kernel each; attention.py runs a layer in them with mixed + TF32 and the family ``attn_layer``.
+"""A whole DPA-1 attention layer per centre on tensor cores (CuPy RawModule, attn_layer.cu): forward and backward,
+one kernel each; attention.py runs a layer in them with mixed + TF32 and the family ``attn_layer``. The products
+take FP16 operands (``mma.m16n8k16``, FP32 accumulators) where H % 16 == 0 (``F16`` the forward's, ``B16`` the
+backward's; FP16 keeps TF32's 10 mantissa bits, the backward scales each centre's gradient by a power of two into
+FP16's range), else TF32 (``mma.m16n8k8``).
 
 Why: in mixed precision with TF32 a se_atten_v2 force call (attn_layer 2, 256 x 108 atoms, H200) spends
 ~26 of ~69 ms in the attention's row kernels and most of the rest in GEMMs whose (n, n) and (n, H)
@@ -20,13 +23,15 @@ block fills with ``cp.async`` (attn_layer_common.cuh's ``wprod``): they leave L2
 product that runs while k's or v's array is free can ring through that array, as many k tiles in flight as fit
 (``wprod_deep``, ``WDEEP``). Without a ring each warp loads its weight fragments itself (through L1).
 
-Status (issue 21; docs/benchmarks.md, "Whole-layer TF32 kernels"): the cuBLAS TF32 path's errors against FP64 (the
-same to two digits). On an H200 (session 34) per centre and layer: the forward alone 0.154 us (deep rings; the
-cuBLAS path 0.360), a force call's forward 0.260 (two-stage ring, FP16 q, k, v; 0.361) and backward 0.506 (no
-ring; 0.553); a force call 2.209 us/atom against the cuBLAS path's 2.496 (7.18x DeePMD-kit FP64), so the family is
-in ``settings.DEFAULT_FAST`` (it runs where ``tf32`` is on); ``defines`` picks the rings per kernel from the
-A/B in that section (sessions 33-34). Tested without a GPU
-(g++ with threaded warps and an emulated ``mma``, exact or with cvt.rna's rounding; NVRTC for sm_90):
+Status (issue 21; docs/benchmarks.md, "Whole-layer TF32 kernels" and "Session 36"): the cuBLAS TF32 path's errors
+against FP64 (the same to two digits). On an H100 (session 36) per centre and layer, FP16 operands against TF32's:
+the forward keeping 0.191 vs 0.278 us, alone 0.105 vs 0.152, the backward 0.474 vs 0.544; a force call 1.713
+us/atom (11.6x DeePMD-kit FP64; 2.002 with session 35's TF32 kernels). On an H200 (session 34, TF32 operands) per
+centre and layer: the forward alone 0.154 us (deep rings; the cuBLAS path 0.360), a force call's forward 0.260
+(two-stage ring, FP16 q, k, v; 0.361) and backward 0.506 (no ring; 0.553); a force call 2.209 us/atom against the
+cuBLAS path's 2.496 (7.18x DeePMD-kit FP64), so the family is in ``settings.DEFAULT_FAST`` (it runs where ``tf32``
+is on); ``defines`` picks the rings per kernel from the A/B in that section (sessions 33-34). Tested without a GPU
+(g++ with threaded warps and emulated ``mma``s, exact or with cvt.rna's / FP16's rounding; NVRTC for sm_90):
 tests/test_engine_attn_layer.py; on a GPU: that file and tests/test_engine_attn_gpu.py;
 ``bench/profiling/attn_layer_gpu.sh`` times them against the cuBLAS path (attn_layer_probe.py), per phase
 (attn_layer_phases.py) and in a force call.
@@ -54,11 +59,11 @@ def padded_slots(n: int) -> int:
 
 
 def smem_bytes(N: int, H: int, backward: bool = False, f16: bool = False) -> int:
-    """Dynamic shared memory of a block. Forward: k (N, H + 8), v^T (H, N + 8) (FP16 with ``f16``, else FP32),
-    sw, r and the mask (5 N floats); backward: two (N, H + 8) FP32 arrays (its static arrays, 11 N floats and the W
-    ring, are not counted)."""
+    """Dynamic shared memory of a block. Forward: k (N, H + 8), v^T (H, N + 8), sw, r and the mask (5 N floats);
+    backward: two (N, H + 8) arrays (its static arrays, 11 N floats and the W ring, are not counted); the arrays
+    FP16 with ``f16`` (F16, B16), else FP32."""
     if backward:
-        return 4 * 2 * N * (H + 8)
+        return (2 if f16 else 4) * 2 * N * (H + 8)
     return (2 if f16 else 4) * (N * (H + 8) + H * (N + 8)) + 4 * 5 * N
 
 
@@ -138,8 +143,9 @@ def pack_b(w: np.ndarray, permuted: bool) -> np.ndarray:
 class LayerWeights:
     """One layer's weights as the kernels read them (``xp`` arrays, FP32): ``wqkv`` (3, KE, H/8, 32, 2) and
     ``wout`` (H/8, KE, 32, 2) in B-fragment order, ``bqkv`` (3, H), ``bout``, ``gamma``, ``beta`` (E,); for the
-    backward their transposes ``woutT`` (KE, H/8, 32, 2) and ``wqkvT`` (3, H/8, KE, 32, 2); for the F16 forward
-    ``wqkv_h`` (3, E/16, H/8, 32, 2) and ``wout_h`` (H/16, KE, 32, 2) (pack_b16; None where H % 16)."""
+    backward their transposes ``woutT`` (KE, H/8, 32, 2) and ``wqkvT`` (3, H/8, KE, 32, 2); for the FP16 products
+    (F16, B16; pack_b16, None where H % 16) ``wqkv_h`` (3, E/16, H/8, 32, 2), ``wout_h`` (H/16, KE, 32, 2),
+    ``woutT_h`` (E/16, H/8, 32, 2) and ``wqkvT_h`` (3, H/16, KE, 32, 2)."""
 
     wqkv: object
     bqkv: object
@@ -154,6 +160,8 @@ class LayerWeights:
     H: int
     wqkv_h: object = None
     wout_h: object = None
+    woutT_h: object = None
+    wqkvT_h: object = None
 
     @classmethod
     def of(cls, layer, xp, round_tf32: bool = True) -> LayerWeights:
@@ -179,12 +187,17 @@ class LayerWeights:
         half = {}
         if H % 16 == 0:
             half = {"wqkv_h": dev(np.stack([pack_b16(host["w_qkv"][c]) for c in range(3)])),
-                    "wout_h": dev(pack_b16(host["w_out"]))}  # fmt: skip
+                    "wout_h": dev(pack_b16(host["w_out"])), "woutT_h": dev(pack_b16(host["w_out"].T)),
+                    "wqkvT_h": dev(np.stack([pack_b16(host["w_qkv"][c].T) for c in range(3)]))}  # fmt: skip
         return cls(*arrs, eps=float(layer.eps), E=int(E), H=int(H), **half)
 
     def forward_weights(self, f16: bool) -> tuple:
         """(wqkv, wout) for a forward compiled with F16 = ``f16``."""
         return (self.wqkv_h, self.wout_h) if f16 else (self.wqkv, self.wout)
+
+    def backward_weights(self, b16: bool) -> tuple:
+        """(woutT, wqkvT) for a backward compiled with B16 = ``b16``."""
+        return (self.woutT_h, self.wqkvT_h) if b16 else (self.woutT, self.wqkvT)
 
 
 def defines(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, nnei: int, keep: bool = True,
@@ -202,13 +215,13 @@ def defines(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, n
     # call's forward on the two-stage ring (H200, session 34: 0.345 vs 0.391 deep vs 0.411 none, us per centre and
     # layer), its backward on none (0.557 vs 0.578 deep vs 0.613 two-stage)
     # YH: q, k, v kept as FP16 where they are unit rows (NORMALIZE; attn_layer_common.cuh's ystore)
-    # F16: the forward's products on FP16 operands where H % 16 == 0 (attn_layer.cu's header; H100, session 36:
-    # 0.195 vs 0.285 us per centre and layer keeping, 0.109 vs 0.160 alone, the same errors); FMINB: the forward's
-    # blocks per SM (3 spills ~600 bytes)
+    # F16, B16: the forward's and the backward's products on FP16 operands where H % 16 == 0 (attn_layer.cu's and
+    # attn_layer_bwd.cuh's headers; H100, session 36, us per centre and layer: keeping 0.191 vs 0.278, alone 0.105 vs
+    # 0.152, backward 0.474 vs 0.544; the same errors); FMINB: the forward's blocks per SM (3 spills ~600 bytes)
     return {"KEEP": int(keep), "WRING": 1, "WDEEP": int(not keep), "BRING": 0, "YH": int(keep and normalize),
             "N": N, "E": int(E), "H": int(H), "SMOOTH": int(smooth), "DOTR": int(dotr),
             "NORMALIZE": int(normalize), "NPAD": npad, "MINB": minb, "F16": int(H % 16 == 0),
-            "FMINB": minb}  # fmt: skip
+            "FMINB": minb, "B16": int(H % 16 == 0)}  # fmt: skip
 
 
 def source(**defs) -> str:
@@ -258,7 +271,7 @@ def _device_module(defs: tuple, device: int):
     caps = {}
     for k, fn in fns.items():
         bwd = k.endswith("bwd")
-        dyn = smem_bytes(d["N"], d["H"], bwd, f16=bool(d["F16"]) and not bwd)
+        dyn = smem_bytes(d["N"], d["H"], bwd, f16=bool(d["B16"] if bwd else d["F16"]))
         total = dyn + fn.shared_size_bytes  # + the ring and the static arrays
         minb = d["MINB"] if bwd else d["FMINB"]
         if total > per_block or minb * (total + 1024) > per_sm:
@@ -286,7 +299,8 @@ def _check(lw: LayerWeights, x, sw, r, mask, *more, y=None) -> None:
     """The kernels read raw pointers: C-contiguous FP32 arrays, the mask one bool per slot, x of the layer's E, a
     cache's y as ``y`` = (array, dtype); the packed weights 16-byte aligned (cp.async copies them in 16-byte
     pieces)."""
-    for w in (lw.wqkv, lw.wout, lw.woutT, lw.wqkvT, *(a for a in (lw.wqkv_h, lw.wout_h) if a is not None)):
+    half = (lw.wqkv_h, lw.wout_h, lw.woutT_h, lw.wqkvT_h)
+    for w in (lw.wqkv, lw.wout, lw.woutT, lw.wqkvT, *(a for a in half if a is not None)):
         ptr = w.data.ptr if hasattr(w.data, "ptr") else w.ctypes.data
         if ptr % 16:
             raise ValueError("attn_layer: packed weights not 16-byte aligned (use LayerWeights.of)")
@@ -313,8 +327,8 @@ def forward(lw: LayerWeights, x, sw, r, mask, scale: float, smooth: bool, dotr: 
     _check(lw, x, sw, r, mask)
     defs = _defines(n, E, lw.H, smooth, dotr, normalize, nnei, keep=keep)
     defs.update(extra)
-    if defs["F16"] and lw.wqkv_h is None:
-        raise ValueError(f"attn_layer: F16 needs H a multiple of 16, the layer's is {lw.H}")
+    if (defs["F16"] or defs["B16"]) and lw.wqkv_h is None:
+        raise ValueError(f"attn_layer: F16 / B16 need H a multiple of 16, the layer's is {lw.H}")
     fns, caps, _ = _module(tuple(defs.items()))
     out = cupy.empty_like(x)
     cache = None
@@ -349,7 +363,9 @@ def backward(lw: LayerWeights, cache, dout, sw, r, mask, scale: float, smooth: b
         grid = int(min(B, caps["attn_layer_bwd"]))
         scratch = cupy.empty(grid * scratch_floats(defs["N"]), dtype=cupy.float32)
         y, inv, xhat, rstd = cache
-        args = (dout, xhat, rstd, lw.gamma, y, inv, lw.woutT, lw.wqkvT, sw, r, mask, np.int64(B), np.int32(n),
+        woutT, wqkvT = lw.backward_weights(bool(defs["B16"]))
+        args = (dout, xhat, rstd, lw.gamma, y, inv, woutT, wqkvT, sw, r, mask, np.int64(B), np.int32(n),
                 np.float32(scale), scratch, dx, dsw, dr)  # fmt: skip
-        fns["attn_layer_bwd"]((grid,), (2 * defs["N"],), args, shared_mem=smem_bytes(defs["N"], lw.H, True))
+        smem = smem_bytes(defs["N"], lw.H, True, f16=defs["B16"])
+        fns["attn_layer_bwd"]((grid,), (2 * defs["N"],), args, shared_mem=smem)
     return dx

@@ -1,18 +1,58 @@
 // The backward of one whole attention layer per centre (attn_layer.cu has the layout and the forward).
+//
+// B16: the products on m16n8k16 FP16 operands (as the forward's F16), k, v, do and q in shared memory as FP16. A
+// gradient's magnitude is the model's (dE/dG can sit near FP16's smallest normal, 6e-5), so each centre's dh is
+// scaled by a power of two that brings its largest |dh| to [1/16, 1/8) (exact; headroom for the sums that follow,
+// well inside 65504), and the results by the inverse: the backward is linear in dh.
+
+// FP16 storage of the shared arrays (B16), their float2 as a W ring's region, and the stride between W^T_q, W^T_k,
+// W^T_v in wqkvT
+#if B16
+typedef unsigned short bstore;
+#define BREG (N * LDK / 4)
+#define WTS ((HT / 2) * KE * 32)
+#else
+typedef float bstore;
+#define BREG (N * LDK / 2)
+#define WTS (HT * KE * 32)
+#endif
+// two FP16 bit patterns in one register, lo in the low half
+__device__ __forceinline__ unsigned hpair(unsigned short lo, unsigned short hi) { return lo | ((unsigned)hi << 16); }
 
 // acc (the warp's rows of dx, 16 x E) += dz W^T with dz = dL/dz from d = dL/dy (the warp's rows, accumulator
 // layout over H) through y = z / |z| (NORMALIZE): dz = (d - y p) inv with p = d . y per row (p0, p1: the caller's,
 // from the (n, n) matrices, see the row chain backward), formed per k tile as the product's A operand (permuted):
 // y is read once, never held whole (registers). Y: the rows of y (n, H) in device memory (ystore's order; q's times
-// the query scale s, then p / s comes as p); wT: W^T in B-fragment order (HT x KE products, permuted); region: an
-// (N, LDK) array free during the product (wprod_deep), ring: wprod's.
+// the query scale s, then p / s comes as p); wT: W^T in B-fragment order (HT x KE products, permuted; B16: pack_b16's,
+// HT / 2 x KE); region: an (N, LDK) array free during the product (wprod_deep), ring: wprod's.
 __device__ __forceinline__ void dz_acc(const float (&d)[HT][4], const ystore* __restrict__ Y, float inv0, float inv1,
-                                       float p0, float p1, const float2* __restrict__ wT, float* region, float2* ring,
-                                       float (&acc)[KE][4], int i0, int i1, bool in0, bool in1) {
+                                       float p0, float p1, const float2* __restrict__ wT, bstore* region,
+                                       float2* ring, float (&acc)[KE][4], int i0, int i1, bool in0, bool in1) {
   const int t = threadIdx.x & 3;
   float2* rg = reinterpret_cast<float2*>(region);
-  wprod_deep<HT, KE, N * LDK / 2, BRING>(wT, KE * 32, rg, ring, acc, [&](int c, unsigned& a0, unsigned& a1,
-                                                                         unsigned& a2, unsigned& a3) {
+#if B16
+  wprod_deep<HT / 2, KE, BREG, BRING, true>(wT, KE * 32, rg, ring, acc, [&](int c, unsigned& a0, unsigned& a1,
+                                                                            unsigned& a2, unsigned& a3) {
+    float v[2][4];  // dz of H tiles 2c, 2c + 1 (accumulator layout)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int cc = 2 * c + h;
+#if NORMALIZE
+      const float2 zero = make_float2(0.f, 0.f);
+      const float2 a = in0 ? y_load(Y + i0 * H, cc, t) : zero;
+      const float2 b = in1 ? y_load(Y + i1 * H, cc, t) : zero;
+      v[h][0] = (d[cc][0] - a.x * p0) * inv0, v[h][1] = (d[cc][1] - a.y * p0) * inv0;
+      v[h][2] = (d[cc][2] - b.x * p1) * inv1, v[h][3] = (d[cc][3] - b.y * p1) * inv1;
+#else
+      v[h][0] = d[cc][0], v[h][1] = d[cc][1], v[h][2] = d[cc][2], v[h][3] = d[cc][3];
+#endif
+    }
+    a0 = h2pack(v[0][0], v[0][1]), a1 = h2pack(v[0][2], v[0][3]);
+    a2 = h2pack(v[1][0], v[1][1]), a3 = h2pack(v[1][2], v[1][3]);
+  });
+#else
+  wprod_deep<HT, KE, BREG, BRING>(wT, KE * 32, rg, ring, acc, [&](int c, unsigned& a0, unsigned& a1,
+                                                                  unsigned& a2, unsigned& a3) {
 #if NORMALIZE
     const float2 zero = make_float2(0.f, 0.f);
     const float2 a = in0 ? y_load(Y + i0 * H, c, t) : zero;
@@ -23,15 +63,30 @@ __device__ __forceinline__ void dz_acc(const float (&d)[HT][4], const ystore* __
     a0 = tf32(d[c][0]), a1 = tf32(d[c][2]), a2 = tf32(d[c][1]), a3 = tf32(d[c][3]);
 #endif
   });
+#endif
 }
 
 // acc (the warp's rows j, 16 x H) = M^T Y: M (N, N) row-major in device memory (this block's scratch), Y (N, LDK)
-// in shared memory (TF32-rounded, rows past n zero); the products' k runs over M's rows i
-__device__ __forceinline__ void prod_mty(const float* __restrict__ M, const float* Y, float (&acc)[HT][4]) {
+// in shared memory (TF32-rounded or FP16, rows past n zero); the products' k runs over M's rows i
+__device__ __forceinline__ void prod_mty(const float* __restrict__ M, const bstore* Y, float (&acc)[HT][4]) {
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int j0 = 16 * w + g, j1 = j0 + 8;
 #pragma unroll
   for (int c = 0; c < HT; ++c) acc[c][0] = acc[c][1] = acc[c][2] = acc[c][3] = 0.f;
+#if B16
+#pragma unroll 2
+  for (int it = 0; it < NT / 2; ++it) {
+    const int ia = 16 * it + 2 * t;
+    const float* m0 = M + ia * N;
+    const unsigned a0 = h2pack(m0[j0], m0[N + j0]), a1 = h2pack(m0[j1], m0[N + j1]);
+    const unsigned a2 = h2pack(m0[8 * N + j0], m0[9 * N + j0]), a3 = h2pack(m0[8 * N + j1], m0[9 * N + j1]);
+    const bstore* y0 = Y + ia * LDK + g;
+#pragma unroll
+    for (int c = 0; c < HT; ++c)
+      hmma(acc[c], a0, a1, a2, a3, hpair(y0[8 * c], y0[LDK + 8 * c]),
+           hpair(y0[8 * LDK + 8 * c], y0[9 * LDK + 8 * c]));
+  }
+#else
 #pragma unroll 2
   for (int it = 0; it < NT; ++it) {
     const int ia = 8 * it + t, ib = ia + 4;
@@ -40,11 +95,12 @@ __device__ __forceinline__ void prod_mty(const float* __restrict__ M, const floa
 #pragma unroll
     for (int c = 0; c < HT; ++c) tmma(acc[c], a0, a1, a2, a3, Y[ia * LDK + 8 * c + g], Y[ib * LDK + 8 * c + g]);
   }
+#endif
 }
 
-// Ys (N, LDK) = Y (n, H) (ystore's order) TF32-rounded in column order, rows past n zero (16-byte loads, four in
-// flight per thread; the caller syncs before and after)
-__device__ __forceinline__ void stage_rows(const ystore* __restrict__ Y, float* Ys, int n) {
+// Ys (N, LDK) = Y (n, H) (ystore's order) TF32-rounded (B16: FP16) in column order, rows past n zero (16-byte loads,
+// four in flight per thread; the caller syncs before and after)
+__device__ __forceinline__ void stage_rows(const ystore* __restrict__ Y, bstore* Ys, int n) {
   constexpr int PER = 16 / sizeof(ystore), CH = N * H / PER;  // values per 16-byte chunk, chunks
   for (int k0 = threadIdx.x; k0 < CH; k0 += 4 * 32 * NW) {
     uint4 v[4];
@@ -62,6 +118,12 @@ __device__ __forceinline__ void stage_rows(const ystore* __restrict__ Y, float* 
         const unsigned w[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
 #pragma unroll
         for (int p = 0; p < PER / 2; ++p) {
+#if B16 && YH
+          *reinterpret_cast<unsigned*>(Ys + row * LDK + ycol(q0 + 2 * p)) = w[p];  // the pair as it is
+#elif B16
+          *reinterpret_cast<unsigned*>(Ys + row * LDK + ycol(q0 + 2 * p)) =
+              h2pack(__uint_as_float(w[2 * p]), __uint_as_float(w[2 * p + 1]));
+#else
 #if YH
           const float a = h2f((unsigned short)(w[p] & 0xffffu)), b = h2f((unsigned short)(w[p] >> 16));
 #else
@@ -69,6 +131,7 @@ __device__ __forceinline__ void stage_rows(const ystore* __restrict__ Y, float* 
 #endif
           *reinterpret_cast<float2*>(Ys + row * LDK + ycol(q0 + 2 * p)) =
               make_float2(__uint_as_float(tf32(a)), __uint_as_float(tf32(b)));
+#endif
         }
       }
     }
@@ -77,7 +140,7 @@ __device__ __forceinline__ void stage_rows(const ystore* __restrict__ Y, float* 
 
 // the backward's do = dh W_out^T whole, its ring in v's space (v is staged after it), where wprod_deep gets three
 // stages (else in two halves through the two-stage ring, whose stages hold max(KE, HTA) tiles)
-#if BRING && WDEEP && (N * LDK / 2) / (HT * 32) > 2 && KE >= 2
+#if BRING && WDEEP && BREG / (HT * 32) > 2 && KE >= 2
 #define DO_DEEP 1
 #else
 #define DO_DEEP 0
@@ -86,9 +149,10 @@ __device__ __forceinline__ void stage_rows(const ystore* __restrict__ Y, float* 
 // From dout = dLoss/d out (B, n, E) and what the forward kept (y, inv, xhat, rstd: attn_layer_fwd's): dx (B, n, E)
 // = dLoss/dx (written), and the layer's terms of dLoss/d sw (B, n) (SMOOTH) and dLoss/d r (B, n, 3) (DOTR) added.
 // woutT (KE, HT, 32) and wqkvT (3, HT, KE, 32) float2: W_out^T and W_q^T, W_k^T, W_v^T in B-fragment order
-// (permuted). Shared memory: two (N, LDK) arrays, k and v (v staged after do's product with DO_DEEP), then k and do,
-// then q and do; with BRING also the W rings of products that run while one of them is free (wprod_deep) and the
-// block's two-stage W ring for the others. scratch: 3 N N floats per block (A = T F; dL; L + SHIFT), device memory
+// (permuted; B16: pack_b16's, (E / 16, HT, 32) and (3, HT / 2, KE, 32)). Shared memory: two (N, LDK) arrays
+// (FP16 with B16), k and v (v staged after do's product with DO_DEEP), then k and do, then q and do; with BRING
+// also the W rings of products that run while one of them is free (wprod_deep) and the block's two-stage W ring for
+// the others. scratch: 3 N N floats per block (A = T F; dL; L + SHIFT), device memory
 // read back within the block (L2).
 // Steps: LayerNorm backward -> dh (dx = dh, the residual); do = dh W_out^T; dA = do v^T; L and T again (as the
 // forward); the row chain backward -> dL, d sw, d r, and the rows' dots the q/k/v normalisation's backward needs
@@ -103,8 +167,13 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
                    float* __restrict__ scratch, float* __restrict__ dx, float* __restrict__ dsw,
                    float* __restrict__ dr) {
   DYN_SMEM(smem);
-  float* ks = smem;          // (N, LDK): k, then q
-  float* vs = ks + N * LDK;  // (N, LDK): v, then do
+  bstore* ks = reinterpret_cast<bstore*>(smem);  // (N, LDK): k, then q
+  bstore* vs = ks + N * LDK;                     // (N, LDK): v, then do
+#if B16
+  const unsigned* ksw = reinterpret_cast<const unsigned*>(ks);  // as pairs
+  unsigned* vsw = reinterpret_cast<unsigned*>(vs);
+  __shared__ float wmax[NW];  // the warps' largest |dh|
+#endif
   // gsw, gr, pv, pk: sums over the warps by shared-memory atomics, so their last bits (and those of dx, d sw, d r)
   // may differ between runs, as cuBLAS's split-k sums may
   __shared__ float sws[N], rs[3 * N], mk[N], gsw[N], gr[3 * N], pv[N], pk[N];
@@ -177,19 +246,45 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
         if (col < E && in1) store_pair(dxb + i1 * E, col, dh[nt][2], dh[nt][3]);
       }
     }
+#if B16
+    // dh's scale: the block's largest |dh| to [1/16, 1/8) (a power of two, gsc), its inverse gisc for the results
+    float gsc, gisc;
+    {
+      float m = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < KE; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) m = fmaxf(m, fabsf(dh[nt][e]));
+#pragma unroll
+      for (int o = 16; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(FULL, m, o));
+      if (lane == 0) wmax[w] = m;
+      __syncthreads();
+      m = 0.f;
+#pragma unroll
+      for (int k = 0; k < NW; ++k) m = fmaxf(m, wmax[k]);
+      const int ex = m > 0.f ? (int)((__float_as_uint(m) >> 23) & 0xffu) : 123;  // m's biased exponent
+      // 2^(123 - ex) and 2^(ex - 123), their biased exponents kept in [1, 254]
+      const int es = 250 - ex < 1 ? 1 : (250 - ex > 254 ? 254 : 250 - ex), ei = ex + 4 > 254 ? 254 : ex + 4;
+      gsc = __uint_as_float((unsigned)es << 23), gisc = __uint_as_float((unsigned)ei << 23);
+#pragma unroll
+      for (int nt = 0; nt < KE; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dh[nt][e] *= gsc;
+    }
+#endif
     PHASE(1);
     // do = dh W_out^T (rows past n: 0), then dA = do v^T; do replaces v in shared memory
     float dA[NT][4];
     {
       float o[HT][4];
 #if DO_DEEP
-      prod_acc<KE, HT, N * LDK / 2, BRING>(dh, woutT, HT * 32, reinterpret_cast<float2*>(vs), ring, o);
+      prod_acc<KE, HT, BREG, BRING, B16>(dh, woutT, HT * 32, reinterpret_cast<float2*>(vs), ring, o);
 #else
       // in two halves of H's tiles: the two-stage ring's stages hold KE tiles (shared memory for two blocks per SM)
-      prod_acc<KE, HTA, 0, BRING>(dh, woutT, HT * 32, nullptr, ring, *reinterpret_cast<float(*)[HTA][4]>(&o[0]));
+      prod_acc<KE, HTA, 0, BRING, B16>(dh, woutT, HT * 32, nullptr, ring, *reinterpret_cast<float(*)[HTA][4]>(&o[0]));
 #if HT > HTA
-      prod_acc<KE, HT - HTA, 0, BRING>(dh, woutT + HTA * 32, HT * 32, nullptr, ring,
-                                *reinterpret_cast<float(*)[HT - HTA][4]>(&o[HTA]));
+      prod_acc<KE, HT - HTA, 0, BRING, B16>(dh, woutT + HTA * 32, HT * 32, nullptr, ring,
+                                       *reinterpret_cast<float(*)[HT - HTA][4]>(&o[HTA]));
 #endif
 #endif
 #if DO_DEEP
@@ -199,6 +294,24 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
 #endif
 #pragma unroll
       for (int jt = 0; jt < NT; ++jt) dA[jt][0] = dA[jt][1] = dA[jt][2] = dA[jt][3] = 0.f;
+#if B16
+#pragma unroll
+      for (int k = 0; k < HT / 2; ++k) {
+        const unsigned a0 = h2pack(o[2 * k][0], o[2 * k][1]), a1 = h2pack(o[2 * k][2], o[2 * k][3]);
+        const unsigned a2 = h2pack(o[2 * k + 1][0], o[2 * k + 1][1]), a3 = h2pack(o[2 * k + 1][2], o[2 * k + 1][3]);
+#pragma unroll
+        for (int jt = 0; jt < NT; ++jt) {
+          const unsigned* vr = vsw + ((8 * jt + g) * LDK + 16 * k + 2 * t) / 2;
+          hmma(dA[jt], a0, a1, a2, a3, vr[0], vr[4]);
+        }
+      }
+      __syncthreads();  // every warp is done with v
+#pragma unroll
+      for (int c = 0; c < HT; ++c) {
+        const int h = 8 * c + 2 * t;
+        vsw[(i0 * LDK + h) / 2] = h2pack(o[c][0], o[c][1]), vsw[(i1 * LDK + h) / 2] = h2pack(o[c][2], o[c][3]);
+      }
+#else
 #pragma unroll
       for (int c = 0; c < HT; ++c) {
         const unsigned a0 = tf32(o[c][0]), a1 = tf32(o[c][2]), a2 = tf32(o[c][1]), a3 = tf32(o[c][3]);
@@ -215,6 +328,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
         vs[i0 * LDK + h] = __uint_as_float(tf32(o[c][0])), vs[i0 * LDK + h + 1] = __uint_as_float(tf32(o[c][1]));
         vs[i1 * LDK + h] = __uint_as_float(tf32(o[c][2])), vs[i1 * LDK + h + 1] = __uint_as_float(tf32(o[c][3]));
       }
+#endif
     }
 
     PHASE(2);
@@ -223,6 +337,21 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     float T[NT][4];
 #pragma unroll
     for (int jt = 0; jt < NT; ++jt) T[jt][0] = T[jt][1] = T[jt][2] = T[jt][3] = 0.f;
+#if B16
+#pragma unroll
+    for (int k = 0; k < HT / 2; ++k) {
+      const float2 zero = make_float2(0.f, 0.f);
+      const float2 qa = in0 ? y_load(yq + i0 * H, 2 * k, t) : zero, qb = in1 ? y_load(yq + i1 * H, 2 * k, t) : zero;
+      const float2 qc = in0 ? y_load(yq + i0 * H, 2 * k + 1, t) : zero;
+      const float2 qd = in1 ? y_load(yq + i1 * H, 2 * k + 1, t) : zero;
+      const unsigned a0 = h2pack(qa.x, qa.y), a1 = h2pack(qb.x, qb.y), a2 = h2pack(qc.x, qc.y), a3 = h2pack(qd.x, qd.y);
+#pragma unroll
+      for (int jt = 0; jt < NT; ++jt) {
+        const unsigned* kr = ksw + ((8 * jt + g) * LDK + 16 * k + 2 * t) / 2;
+        hmma(T[jt], a0, a1, a2, a3, kr[0], kr[4]);
+      }
+    }
+#else
 #pragma unroll
     for (int c = 0; c < HT; ++c) {
       const float2 zero = make_float2(0.f, 0.f);
@@ -234,6 +363,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
         tmma(T[jt], a0, a1, a2, a3, kb.x, kb.y);
       }
     }
+#endif
     PHASE(3);
     // the row chain forward, as attn_layer_fwd: T = softmax(L') m_i
     {
@@ -375,6 +505,19 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       float dq[HT][4];
 #pragma unroll
       for (int c = 0; c < HT; ++c) dq[c][0] = dq[c][1] = dq[c][2] = dq[c][3] = 0.f;
+#if B16
+#pragma unroll
+      for (int k = 0; k < NT / 2; ++k) {
+        const unsigned a0 = h2pack(dA[2 * k][0], dA[2 * k][1]), a1 = h2pack(dA[2 * k][2], dA[2 * k][3]);
+        const unsigned a2 = h2pack(dA[2 * k + 1][0], dA[2 * k + 1][1]);
+        const unsigned a3 = h2pack(dA[2 * k + 1][2], dA[2 * k + 1][3]);
+        const bstore* ka = ks + (16 * k + 2 * t) * LDK + g;
+#pragma unroll
+        for (int c = 0; c < HT; ++c)
+          hmma(dq[c], a0, a1, a2, a3, hpair(ka[8 * c], ka[LDK + 8 * c]),
+               hpair(ka[8 * LDK + 8 * c], ka[9 * LDK + 8 * c]));
+      }
+#else
 #pragma unroll
       for (int jt = 0; jt < NT; ++jt) {
         const unsigned a0 = tf32(dA[jt][0]), a1 = tf32(dA[jt][2]), a2 = tf32(dA[jt][1]), a3 = tf32(dA[jt][3]);
@@ -382,6 +525,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
 #pragma unroll
         for (int c = 0; c < HT; ++c) tmma(dq[c], a0, a1, a2, a3, ka[8 * c], ka[LDK + 8 * c]);
       }
+#endif
 #pragma unroll
       for (int c = 0; c < HT; ++c) dq[c][0] *= s, dq[c][1] *= s, dq[c][2] *= s, dq[c][3] *= s;
       // the ring in k's space: every warp is past its dq product (the last read of k) at wprod's first barrier
@@ -399,15 +543,23 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       prod_mty(As, vs, dv);  // dv = A^T do
       // dv's and dk's rings in do's space: every warp is past dv's product (the last read of do) at the first barrier
       dz_acc(dv, yv, in0 ? inv[2 * P + base + i0] : 0.f, in1 ? inv[2 * P + base + i1] : 0.f, pv[i0], pv[i1],
-             wqkvT + 2 * HT * KE * 32, vs, ring, acc, i0, i1, in0, in1);
+             wqkvT + 2 * WTS, vs, ring, acc, i0, i1, in0, in1);
     }
     PHASE(9);
     {
       float dk[HT][4];
       prod_mty(dLs, ks, dk);  // dk = dL^T (s y_q)
       dz_acc(dk, yk, in0 ? inv[P + base + i0] : 0.f, in1 ? inv[P + base + i1] : 0.f, pk[i0], pk[i1],
-             wqkvT + HT * KE * 32, vs, ring, acc, i0, i1, in0, in1);
+             wqkvT + WTS, vs, ring, acc, i0, i1, in0, in1);
     }
+#if B16
+#pragma unroll
+    for (int nt = 0; nt < KE; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[nt][e] *= gisc;
+#else
+    const float gisc = 1.f;
+#endif
 #pragma unroll
     for (int nt = 0; nt < KE; ++nt) {
       const int col = 8 * nt + 2 * t;
@@ -424,10 +576,10 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     __syncthreads();  // every warp's d sw, d r terms are in shared memory
     for (int j = threadIdx.x; j < n; j += 32 * NW) {
 #if SMOOTH
-      dsw[base + j] += gsw[j];
+      dsw[base + j] += gsw[j] * gisc;
 #endif
 #if DOTR
-      for (int d = 0; d < 3; ++d) dr[(base + j) * 3 + d] += gr[3 * j + d];
+      for (int d = 0; d < 3; ++d) dr[(base + j) * 3 + d] += gr[3 * j + d] * gisc;
 #endif
     }
     PHASE(11);

@@ -1,10 +1,10 @@
 // Shared by attn_layer.cu's forward and attn_layer_bwd.cuh's backward: sizes, the TF32 product, lane sums.
 #if !defined(KEEP) || !defined(WRING) || !defined(BRING) || !defined(WDEEP) || !defined(YH) || \
-    !defined(MINB) || !defined(F16) || !defined(FMINB)
+    !defined(MINB) || !defined(F16) || !defined(FMINB) || !defined(B16)
 #error "attn_layer: compile with attn_layer.defines()' constants"
 #endif
-#if F16 && H % 16
-#error "attn_layer: F16 needs H a multiple of 16"
+#if (F16 || B16) && H % 16
+#error "attn_layer: F16 and B16 need H a multiple of 16"
 #endif
 
 #define NW (N / 16)
@@ -313,22 +313,25 @@ __device__ __forceinline__ void wprod_deep(const float2* __restrict__ w, int kst
 // acc (the warp's 16 x 8 M8 tile row) = a w: a (16 x 8 K8) in the accumulator layout, read as the A operand with
 // its columns permuted (attn_layer.cu's header), w in B-fragment order (K8 x M8 products, pack_b(permuted=True));
 // kstride: float2 between w's k tiles (M8 x 32 unless acc is a slice of a wider product's m tiles); region, REG:
-// wprod_deep's. HF: m16n8k16 FP16 products (K8 even): a's tiles 2k, 2k + 1 are k tile k's A operand as they lie
-// (no permutation), w from pack_b16 (K8 / 2 x M8 products).
+// wprod_deep's. HF: m16n8k16 FP16 products: a's tiles 2k, 2k + 1 are k tile k's A operand as they lie (no
+// permutation), w from pack_b16 ((K8 + 1) / 2 x M8 products).
 template <int K8, int M8, int REG, bool RING, bool HF = false>
 __device__ __forceinline__ void prod_acc(const float (&a)[K8][4], const float2* __restrict__ w, int kstride,
                                          float2* region, float2* ring, float (&acc)[M8][4]) {
 #pragma unroll
   for (int m = 0; m < M8; ++m) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0.f;
   if (HF)
-    wprod_deep<K8 / 2, M8, REG, RING, true>(w, kstride, region, ring, acc,
-                                            [&](int k, unsigned& a0, unsigned& a1, unsigned& a2, unsigned& a3) {
-                                              const int k1 = 2 * k + 1 < K8 ? 2 * k + 1 : K8 - 1;  // K8 odd: not run
-                                              a0 = h2pack(a[2 * k][0], a[2 * k][1]);
-                                              a1 = h2pack(a[2 * k][2], a[2 * k][3]);
-                                              a2 = h2pack(a[k1][0], a[k1][1]);
-                                              a3 = h2pack(a[k1][2], a[k1][3]);
-                                            });
+    wprod_deep<(K8 + 1) / 2, M8, REG, RING, true>(w, kstride, region, ring, acc,
+                                                  [&](int k, unsigned& a0, unsigned& a1, unsigned& a2, unsigned& a3) {
+                                                    a0 = h2pack(a[2 * k][0], a[2 * k][1]);
+                                                    a1 = h2pack(a[2 * k][2], a[2 * k][3]);
+                                                    if (2 * k + 1 < K8) {  // K8 odd: the last k tile's upper half 0
+                                                      a2 = h2pack(a[2 * k + 1][0], a[2 * k + 1][1]);
+                                                      a3 = h2pack(a[2 * k + 1][2], a[2 * k + 1][3]);
+                                                    } else {
+                                                      a2 = a3 = 0u;
+                                                    }
+                                                  });
   else
     wprod_deep<K8, M8, REG, RING>(w, kstride, region, ring, acc,
                             [&](int k, unsigned& a0, unsigned& a1, unsigned& a2, unsigned& a3) {
