@@ -197,10 +197,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, FMINB)
 #if F16
     unsigned qa[HT / 2][4];  // two accumulator tiles per k tile, as they lie
 #pragma unroll
-    for (int k = 0; k < HT / 2; ++k) {
-      qa[k][0] = h2pack(z[2 * k][0], z[2 * k][1]), qa[k][1] = h2pack(z[2 * k][2], z[2 * k][3]);
-      qa[k][2] = h2pack(z[2 * k + 1][0], z[2 * k + 1][1]), qa[k][3] = h2pack(z[2 * k + 1][2], z[2 * k + 1][3]);
-    }
+    for (int k = 0; k < HT / 2; ++k) acc_a16(z, k, qa[k]);
 #else
     unsigned qa[HT][4];
 #pragma unroll
@@ -267,10 +264,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, FMINB)
       }
 #if F16
 #pragma unroll
-    for (int k = 0; k < NT / 2; ++k) {
-      aa[k][0] = h2pack(L[2 * k][0], L[2 * k][1]), aa[k][1] = h2pack(L[2 * k][2], L[2 * k][3]);
-      aa[k][2] = h2pack(L[2 * k + 1][0], L[2 * k + 1][1]), aa[k][3] = h2pack(L[2 * k + 1][2], L[2 * k + 1][3]);
-    }
+    for (int k = 0; k < NT / 2; ++k) acc_a16(L, k, aa[k]);
 #endif
 
     PHASE(6);

@@ -47,8 +47,9 @@ __device__ __forceinline__ void dz_acc(const float (&d)[HT][4], const ystore* __
       v[h][0] = d[cc][0], v[h][1] = d[cc][1], v[h][2] = d[cc][2], v[h][3] = d[cc][3];
 #endif
     }
-    a0 = h2pack(v[0][0], v[0][1]), a1 = h2pack(v[0][2], v[0][3]);
-    a2 = h2pack(v[1][0], v[1][1]), a3 = h2pack(v[1][2], v[1][3]);
+    unsigned f[4];
+    acc_a16(v, 0, f);
+    a0 = f[0], a1 = f[1], a2 = f[2], a3 = f[3];
   });
 #else
   wprod_deep<HT, KE, BREG, BRING>(wT, KE * 32, rg, ring, acc, [&](int c, unsigned& a0, unsigned& a1,
@@ -297,12 +298,12 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
 #if B16
 #pragma unroll
       for (int k = 0; k < HT / 2; ++k) {
-        const unsigned a0 = h2pack(o[2 * k][0], o[2 * k][1]), a1 = h2pack(o[2 * k][2], o[2 * k][3]);
-        const unsigned a2 = h2pack(o[2 * k + 1][0], o[2 * k + 1][1]), a3 = h2pack(o[2 * k + 1][2], o[2 * k + 1][3]);
+        unsigned f[4];
+        acc_a16(o, k, f);
 #pragma unroll
         for (int jt = 0; jt < NT; ++jt) {
           const unsigned* vr = vsw + ((8 * jt + g) * LDK + 16 * k + 2 * t) / 2;
-          hmma(dA[jt], a0, a1, a2, a3, vr[0], vr[4]);
+          hmma(dA[jt], f[0], f[1], f[2], f[3], vr[0], vr[4]);
         }
       }
       __syncthreads();  // every warp is done with v
@@ -508,13 +509,12 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
 #if B16
 #pragma unroll
       for (int k = 0; k < NT / 2; ++k) {
-        const unsigned a0 = h2pack(dA[2 * k][0], dA[2 * k][1]), a1 = h2pack(dA[2 * k][2], dA[2 * k][3]);
-        const unsigned a2 = h2pack(dA[2 * k + 1][0], dA[2 * k + 1][1]);
-        const unsigned a3 = h2pack(dA[2 * k + 1][2], dA[2 * k + 1][3]);
+        unsigned f[4];
+        acc_a16(dA, k, f);
         const bstore* ka = ks + (16 * k + 2 * t) * LDK + g;
 #pragma unroll
         for (int c = 0; c < HT; ++c)
-          hmma(dq[c], a0, a1, a2, a3, hpair(ka[8 * c], ka[LDK + 8 * c]),
+          hmma(dq[c], f[0], f[1], f[2], f[3], hpair(ka[8 * c], ka[LDK + 8 * c]),
                hpair(ka[8 * LDK + 8 * c], ka[9 * LDK + 8 * c]));
       }
 #else

@@ -310,6 +310,17 @@ __device__ __forceinline__ void wprod_deep(const float2* __restrict__ w, int kst
   wprod<K8, M8, deep ? S : 2, RING, HF>(w, kstride, deep ? region : ring, acc, a);
 }
 
+// f = the A operand of m16n8k16 k tile k (FP16 pairs) from a's accumulator tiles 2k, 2k + 1 as they lie (tile 2k + 1
+// past K8: zeros)
+template <int K8>
+__device__ __forceinline__ void acc_a16(const float (&a)[K8][4], int k, unsigned (&f)[4]) {
+  f[0] = h2pack(a[2 * k][0], a[2 * k][1]), f[1] = h2pack(a[2 * k][2], a[2 * k][3]);
+  if (2 * k + 1 < K8)
+    f[2] = h2pack(a[2 * k + 1][0], a[2 * k + 1][1]), f[3] = h2pack(a[2 * k + 1][2], a[2 * k + 1][3]);
+  else
+    f[2] = f[3] = 0u;
+}
+
 // acc (the warp's 16 x 8 M8 tile row) = a w: a (16 x 8 K8) in the accumulator layout, read as the A operand with
 // its columns permuted (attn_layer.cu's header), w in B-fragment order (K8 x M8 products, pack_b(permuted=True));
 // kstride: float2 between w's k tiles (M8 x 32 unless acc is a slice of a wider product's m tiles); region, REG:
@@ -323,14 +334,9 @@ __device__ __forceinline__ void prod_acc(const float (&a)[K8][4], const float2* 
   if (HF)
     wprod_deep<(K8 + 1) / 2, M8, REG, RING, true>(w, kstride, region, ring, acc,
                                                   [&](int k, unsigned& a0, unsigned& a1, unsigned& a2, unsigned& a3) {
-                                                    a0 = h2pack(a[2 * k][0], a[2 * k][1]);
-                                                    a1 = h2pack(a[2 * k][2], a[2 * k][3]);
-                                                    if (2 * k + 1 < K8) {  // K8 odd: the last k tile's upper half 0
-                                                      a2 = h2pack(a[2 * k + 1][0], a[2 * k + 1][1]);
-                                                      a3 = h2pack(a[2 * k + 1][2], a[2 * k + 1][3]);
-                                                    } else {
-                                                      a2 = a3 = 0u;
-                                                    }
+                                                    unsigned f[4];
+                                                    acc_a16(a, k, f);
+                                                    a0 = f[0], a1 = f[1], a2 = f[2], a3 = f[3];
                                                   });
   else
     wprod_deep<K8, M8, REG, RING>(w, kstride, region, ring, acc,
