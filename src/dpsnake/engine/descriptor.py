@@ -20,12 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dpsnake.engine import envmat
 from dpsnake.engine.cuda import elementwise as ew
-from dpsnake.engine.envmat import switch as _switch
 from dpsnake.engine.model import DPModel
 from dpsnake.engine.settings import EngineContext
 from dpsnake.engine.tabulate import build_tables
-from dpsnake.engine.xp import dot3
 
 
 @dataclass
@@ -215,20 +214,11 @@ def energy_and_grad(rm: RuntimeModel, ti: int, d, valid, need_grad: bool = True,
 
 
 def _env_mat(xp, rm, d, valid, keep, davg, rstd):
-    """Array-code env matrix: Rn (n, nc, 4) in the net dtype and what the backward needs."""
+    """Array-code env matrix: Rn (n, nc, 4) in the net dtype and what the backward needs (envmat.geometry's)."""
     m = rm.model
-    vf = valid.astype(xp.float64)
-    r = xp.sqrt(dot3(d, d))
-    rr = xp.where(valid, r, 1.0)
-    p = m.env_protection
-    q = 1.0 / (rr + p)
-    sw, dsw = _switch(xp, rr, m.rcut_smth, m.rcut)
-    sw = sw * vf
-    R = xp.concatenate([(sw * q)[..., None], (sw * q * q)[..., None] * d], axis=2)
-    Rn = (R - davg) * rstd
-    if keep is not None:
-        Rn = Rn * keep[..., None]
-    return xp.ascontiguousarray(Rn.astype(rm.dtype)), (vf, rr, q, sw, dsw)
+    geo = envmat.geometry(xp, d, valid, m.rcut_smth, m.rcut, m.env_protection)
+    Rn = envmat.env_rows(xp, d, geo, davg, rstd, keep)
+    return xp.ascontiguousarray(Rn.astype(rm.dtype)), geo
 
 
 def _nets(rm, ti, Rn_c, d, valid, keep, need_grad, env, slots, rstd):
@@ -298,21 +288,5 @@ def _nets(rm, ti, Rn_c, d, valid, keep, need_grad, env, slots, rstd):
         g = ctx.guarded("env", ew.env_backward, xp, gRn, d, valid, rstd, m.rcut_smth, m.rcut, m.env_protection)
         if g is not None:
             return e, g
-        vf = valid.astype(xp.float64)
-        rr = xp.where(valid, xp.sqrt(dot3(d, d)), 1.0)
-        q = 1.0 / (rr + m.env_protection)
-        sw, dsw = _switch(xp, rr, m.rcut_smth, m.rcut)
-        sw = sw * vf
-    else:
-        vf, rr, q, sw, dsw = env
-    gR = gRn.astype(xp.float64) * rstd
-    if keep is not None:
-        gR = gR * keep[..., None]
-    gR = gR * vf[..., None]
-    # chain through R = sw [q, d q^2], q = 1/(r+p)
-    g0, gv = gR[..., 0], gR[..., 1:]
-    gvd = dot3(gv, d)
-    coef = (g0 * (dsw * q - sw * q * q) + gvd * (dsw * q * q - 2.0 * sw * q**3)) / rr
-    g = coef[..., None] * d + (sw * q * q)[..., None] * gv
-    # a NaN centre (atoms on top of each other) must not leak through its empty slots
-    return e, xp.where(valid[..., None], g, 0.0)
+        env = envmat.geometry(xp, d, valid, m.rcut_smth, m.rcut, m.env_protection)
+    return e, envmat.env_chain(xp, gRn.astype(xp.float64), d, valid, env, rstd, keep)

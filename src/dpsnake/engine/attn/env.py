@@ -16,9 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dpsnake.engine import envmat
 from dpsnake.engine.cuda import elementwise as ew
-from dpsnake.engine.envmat import switch as _switch
-from dpsnake.engine.xp import dot3
 
 EPS = 1e-12  # DeePMD-kit's floor of |Rn[1:4]| when normalising the attention's directions
 
@@ -44,27 +43,20 @@ def forward(rt, ti: int, d, valid, mask, directions: bool) -> Env:
     if rt.ctx.fast(xp, "env"):
         Rn, swm, u = ew.attn_env_forward(xp, d, valid, mask, davg, rstd, m.rcut_smth, m.rcut, m.env_protection, EPS, dt)
         return Env(Rn, swm, u, True)
-    vf = valid.astype(xp.float64)
-    r = xp.sqrt(dot3(d, d))
-    rr = xp.where(valid, r, 1.0)
-    q = 1.0 / (rr + m.env_protection)
-    sw, dsw = _switch(xp, rr, m.rcut_smth, m.rcut)
-    sw = sw * vf
-    R = xp.concatenate([(sw * q)[..., None], (sw * q * q)[..., None] * d], axis=2)
-    Rn = (R - davg) * rstd
+    geo = envmat.geometry(xp, d, valid, m.rcut_smth, m.rcut, m.env_protection)
     keep = None
     if mask is not valid:  # excluded real neighbours: zero rows
         keep = (~(valid & ~mask)).astype(xp.float64)
-        Rn = Rn * keep[..., None]
+    Rn = envmat.env_rows(xp, d, geo, davg, rstd, keep)
     u = nrm = den = None
     if directions:
         x = Rn[..., 1:4]
         nrm = xp.sqrt((x * x).sum(axis=2, keepdims=True))
         den = xp.maximum(nrm, EPS)
         u = x / den
-    swm = xp.ascontiguousarray((sw * mask).astype(dt))
-    geo = (vf, rr, q, sw, dsw, keep, u, nrm, den)
-    return Env(xp.ascontiguousarray(Rn.astype(dt)), swm, None if u is None else u.astype(dt), False, geo)
+    swm = xp.ascontiguousarray((geo[3] * mask).astype(dt))
+    return Env(xp.ascontiguousarray(Rn.astype(dt)), swm, None if u is None else u.astype(dt), False,
+               (geo, keep, u, nrm, den))  # fmt: skip
 
 
 def backward(rt, ti: int, env: Env, d, valid, mask, gRn, gs0=None, gu=None, gsw=None):
@@ -76,21 +68,12 @@ def backward(rt, ti: int, env: Env, d, valid, mask, gRn, gs0=None, gu=None, gsw=
     if env.kernels:
         rs, rc, p = m.rcut_smth, m.rcut, m.env_protection
         return ew.attn_env_backward(xp, gRn, gs0, gu, gsw, d, valid, mask, rt.davg[ti, :ns], rstd, rs, rc, p, EPS)
-    vf, rr, q, sw, dsw, keep, u, nrm, den = env.geo
+    geo, keep, u, nrm, den = env.geo
     gRn = gRn.astype(xp.float64)
     if gu is not None:  # u = x / max(|x|, eps): (gu - u (u . gu)) / |x| above eps, gu / eps below
         gu = gu.astype(xp.float64)
         gRn[..., 1:4] += xp.where(nrm > EPS, (gu - u * (u * gu).sum(axis=2, keepdims=True)) / den, gu / EPS)
     if gs0 is not None:
         gRn[..., 0] += gs0.astype(xp.float64)
-    gR = gRn * rstd
-    if keep is not None:
-        gR = gR * keep[..., None]
-    gR = gR * vf[..., None]
-    g0, gv = gR[..., 0], gR[..., 1:]
-    gvd = dot3(gv, d)
-    coef = g0 * (dsw * q - sw * q * q) + gvd * (dsw * q * q - 2.0 * sw * q**3)
-    if gsw is not None:  # swm = sw * mask enters the attention / the smooth type gate
-        coef = coef + gsw * mask * dsw
-    g = (coef / rr)[..., None] * d + (sw * q * q)[..., None] * gv
-    return xp.where(valid[..., None], g, 0.0)
+    # swm = sw * mask enters the attention / the smooth type gate (gsw)
+    return envmat.env_chain(xp, gRn, d, valid, geo, rstd, keep, gsw, mask)
