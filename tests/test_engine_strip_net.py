@@ -189,7 +189,7 @@ def test_strip_net_kernels_compile_for_sm90(model_cache, dtype):
         assert st["strip_net_bwd"]["registers"] <= 168 and st["strip_net_bwd"]["spill_stores"] <= 64, st
 
 
-# the tensor-core kernels (cuda/strip_net_tc.py): test_engine_attn_layer.py's emulated mma.m16n8k8 (exact
+# the tensor-core kernels (cuda/strip_net_tc.py): attn_layer_emu.py's emulated mma.m16n8k8 (exact
 # products of the TF32 operands as given: the weights come TF32-rounded, so the reference net takes them so)
 TC_PRELUDE = r"""
 static int __float_as_int(float f) { int u; std::memcpy(&u, &f, 4); return u; }
@@ -210,7 +210,7 @@ class _EmuStripNetTC(_EmuStripNet):
     """strip_net_tc.StripNetTC's forward / backward with the kernels run by g++ (threaded warps, emulated mma)."""
 
     def __init__(self, tmp_path, net, grid: int = 3):
-        from test_engine_attn_layer import EMU
+        from attn_layer_emu import EMU
 
         from dpsnake.engine.cuda import strip_net_tc
 
