@@ -69,6 +69,21 @@ static void hmma(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned 
   WBAR[w]->arrive_and_wait();
   for (unsigned e = 0; e < 4; ++e) c[e] += (float)s[e];
 }
+// ldmatrix.x4 (.b16) as a warp: lane 8m + r gives row r of matrix m; lane 4g + t gets, of matrix m, row g, columns
+// 2t, 2t + 1 (ldsm4) or rows 2t, 2t + 1 of column g (ldsm4t)
+static const unsigned short* LM_P[1024];
+static void ldsm_(unsigned (&r)[4], const void* p, bool trans) {
+  const unsigned th = threadIdx.x, w = th / 32, base = th & ~31u, g = (th & 31u) >> 2, t = th & 3u;
+  LM_P[th] = static_cast<const unsigned short*>(p);
+  WBAR[w]->arrive_and_wait();
+  for (unsigned m = 0; m < 4; ++m) {
+    const unsigned short* const* rows = LM_P + base + 8 * m;
+    r[m] = trans ? rows[2 * t][g] | ((unsigned)rows[2 * t + 1][g] << 16) : rows[g][2 * t] | ((unsigned)rows[g][2 * t + 1] << 16);
+  }
+  WBAR[w]->arrive_and_wait();
+}
+static void ldsm4(unsigned (&r)[4], const void* p) { ldsm_(r, p, false); }
+static void ldsm4t(unsigned (&r)[4], const void* p) { ldsm_(r, p, true); }
 // cp.async as late as the PTX allows: a thread's copies land only when its wait_group lets their group go, so
 // a stage read before its wait reads stale data
 struct CpAsync { void* d; const void* s; };
@@ -82,7 +97,7 @@ template <int NP> static void cp_async_wait() {
     CP_GROUPS.erase(CP_GROUPS.begin());
   }
 }
-#define DYN_SMEM(name) static float name[N * (H + 8) + H * (N + 8) + 5 * N + 2 * N * (H + 8)]
+#define DYN_SMEM(name) static float name[N * (H + 8) + H * (N + 8) + 5 * N + 2 * N * (H + 8) + N * (N + 8)]
 """
 
 # the emulator's TF32 conversion: exact (the kernels' logic) or cvt.rna's rounding (their precision)

@@ -185,7 +185,7 @@ def test_defines():
         == 0
     )
     assert attn_layer.smem_bytes(96, 128, f16=True) == 2 * (96 * 136 + 128 * 104) + 4 * 5 * 96
-    assert attn_layer.smem_bytes(96, 128, True, f16=True) == 2 * 2 * 96 * 136
+    assert attn_layer.smem_bytes(96, 128, True, f16=True) == 2 * 2 * 96 * (136 + 104)  # k, v; A, dL (B16)
     with pytest.raises(ValueError, match="exceed the model's nnei 90"):
         attn_layer.defines(88, 100, 128, 1, 1, 1, 90)
 

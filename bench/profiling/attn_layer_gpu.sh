@@ -10,6 +10,8 @@
 #                                                        with the deep rings, then two-stage, two layers each)
 #
 # PROBE_MORE: more arguments of the probe stage (e.g. "--variants tf32bwd tf32": only those A/B variants).
+# NCU_KERNEL, NCU_COUNT, NCU_MORE: the ncu stage's kernel regex (attn_layer), launches (6) and more arguments (e.g.
+# NCU_KERNEL=attn_layer_bwd NCU_COUNT=2 NCU_MORE="--section SourceCounters": the backward, stalls by instruction).
 # AB_MORE: more arguments of the ab stage's bench_engine_attn_ab.py (e.g. "layer_nonet --profile layer": one more
 # variant, and the torch profile of one call of the default).
 # Writes under $OUT (default /tmp/attn_layer_gpu): attn_layer_phases_<gpu>.json, attn_layer_probe_<gpu>.json,
@@ -36,8 +38,9 @@ for s in $STAGES; do
              -k "on_gpu or cupy or tf32_context" > "$OUT/tests.log" 2>&1
            grep -E "attn_layer TF32|cuBLAS TF32|passed|failed|Error|assert" "$OUT/tests.log" | tail -30 ;;
     ncu) NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
-         timeout 200 "$NCU" --kernel-name regex:attn_layer --launch-count 6 --section SpeedOfLight \
-           --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+         timeout 200 "$NCU" --kernel-name regex:${NCU_KERNEL:-attn_layer} --launch-count ${NCU_COUNT:-6} \
+           --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+           ${NCU_MORE:-} \
            python3 bench/profiling/attn_layer_probe.py --reps 1 > "$OUT/ncu.txt" 2>&1
          grep -E "attn_layer_|Duration|Throughput|Busy|Hit Rate|Warp Cycles Per Issued|Achieved Active|Stall" \
            "$OUT/ncu.txt" | cut -c1-150 | head -90 ;;

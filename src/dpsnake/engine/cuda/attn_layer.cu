@@ -104,7 +104,6 @@ extern "C" __global__ void __launch_bounds__(32 * NW, FMINB)
 #if F16
   unsigned* ksw = reinterpret_cast<unsigned*>(smem);  // (N, LDK) FP16: k, two per word
   unsigned short* vth = reinterpret_cast<unsigned short*>(ksw + N * LDK / 2);  // (H, LDV) FP16: v^T
-  const unsigned* vtw = reinterpret_cast<const unsigned*>(vth);
   float* sws = reinterpret_cast<float*>(vth + H * LDV);  // (N): sw
   float2* kreg = reinterpret_cast<float2*>(ksw);  // the arrays' space as W rings (wprod_deep's region)
   float2* vreg = reinterpret_cast<float2*>(vth);
@@ -211,23 +210,30 @@ extern "C" __global__ void __launch_bounds__(32 * NW, FMINB)
 
     // logits L = s q k^T, the warp's 16 rows
     float L[NT][4];
+#if F16
+#pragma unroll
+    for (int jt = 0; jt < NT; jt += 2) {
+      L[jt][0] = L[jt][1] = L[jt][2] = L[jt][3] = 0.f;
+      L[jt + 1][0] = L[jt + 1][1] = L[jt + 1][2] = L[jt + 1][3] = 0.f;
+#pragma unroll
+      for (int k = 0; k < HT / 2; ++k) {
+        unsigned b[4];
+        b_rows(ksw, LDK, jt, k, b);
+        hmma(L[jt], qa[k][0], qa[k][1], qa[k][2], qa[k][3], b[0], b[1]);
+        hmma(L[jt + 1], qa[k][0], qa[k][1], qa[k][2], qa[k][3], b[2], b[3]);
+      }
+    }
+#else
 #pragma unroll
     for (int jt = 0; jt < NT; ++jt) {
       L[jt][0] = L[jt][1] = L[jt][2] = L[jt][3] = 0.f;
-#if F16
-#pragma unroll
-      for (int k = 0; k < HT / 2; ++k) {
-        const unsigned* kr = ksw + ((8 * jt + g) * LDK + 16 * k + 2 * t) / 2;
-        hmma(L[jt], qa[k][0], qa[k][1], qa[k][2], qa[k][3], kr[0], kr[4]);
-      }
-#else
 #pragma unroll
       for (int c = 0; c < HT; ++c) {
         const float2 kb = *reinterpret_cast<const float2*>(ks + (8 * jt + g) * LDK + 8 * c + 2 * t);
         tmma(L[jt], qa[c][0], qa[c][2], qa[c][1], qa[c][3], kb.x, kb.y);
       }
-#endif
     }
+#endif
     PHASE(5);
     // the row chain (attention.py's _rows_forward): smooth shift or key mask, softmax, row mask, A = T S R
     float f0, f1;
@@ -270,23 +276,30 @@ extern "C" __global__ void __launch_bounds__(32 * NW, FMINB)
     PHASE(6);
     // o = A v, then h = o W_out
     float o[HT][4];
+#if F16
+#pragma unroll
+    for (int c = 0; c < HT; c += 2) {
+      o[c][0] = o[c][1] = o[c][2] = o[c][3] = 0.f;
+      o[c + 1][0] = o[c + 1][1] = o[c + 1][2] = o[c + 1][3] = 0.f;
+#pragma unroll
+      for (int k = 0; k < NT / 2; ++k) {
+        unsigned b[4];
+        b_rows(vth, LDV, c, k, b);
+        hmma(o[c], aa[k][0], aa[k][1], aa[k][2], aa[k][3], b[0], b[1]);
+        hmma(o[c + 1], aa[k][0], aa[k][1], aa[k][2], aa[k][3], b[2], b[3]);
+      }
+    }
+#else
 #pragma unroll
     for (int c = 0; c < HT; ++c) {
       o[c][0] = o[c][1] = o[c][2] = o[c][3] = 0.f;
-#if F16
-#pragma unroll
-      for (int k = 0; k < NT / 2; ++k) {
-        const unsigned* vr = vtw + ((8 * c + g) * LDV + 16 * k + 2 * t) / 2;
-        hmma(o[c], aa[k][0], aa[k][1], aa[k][2], aa[k][3], vr[0], vr[4]);
-      }
-#else
 #pragma unroll
       for (int jt = 0; jt < NT; ++jt) {
         const float2 vb = *reinterpret_cast<const float2*>(vt + (8 * c + g) * LDV + 8 * jt + 2 * t);
         tmma(o[c], aa[jt][0], aa[jt][2], aa[jt][1], aa[jt][3], vb.x, vb.y);
       }
-#endif
     }
+#endif
     PHASE(7);
     float hh[KE][4];
     // W_out's ring in k's space: every warp is past the logits once wprod's first barrier is

@@ -49,8 +49,8 @@ from dpsnake.engine import cuda
 SMEM_SM90 = 228 * 1024  # shared memory per SM on sm_90 (H100, H200); each block also holds 1 KB reserved
 MAX_SLOTS = 96  # the warps keep (16, n) logits and weights and (16, H) products in registers
 MAX_WIDTH = 128  # H and E: (16, H) and (16, E) accumulator tiles in registers (168 per thread at 128 already spill)
-# with these bounds a block's shared memory is at most 116 KB (_smem_max(96, 128, 128)): two per SM on sm_90 up to
-# 113 KB (the bench's shape: 113.0 forward, 112.6 backward), else one, on any GPU with 116 KB or more per block
+# with these bounds a block's shared memory is at most 111 KB (_smem_max(96, 120, 128)): two per SM on sm_90 up to
+# 113 KB (the bench's shape, FP16 arrays: 61.4 KB forward, 100.6 backward), else one
 
 
 def padded_slots(n: int) -> int:
@@ -61,9 +61,9 @@ def padded_slots(n: int) -> int:
 def smem_bytes(N: int, H: int, backward: bool = False, f16: bool = False) -> int:
     """Dynamic shared memory of a block. Forward: k (N, H + 8), v^T (H, N + 8), sw, r and the mask (5 N floats);
     backward: two (N, H + 8) arrays (its static arrays, 11 N floats and the W ring, are not counted); the arrays
-    FP16 with ``f16`` (F16, B16), else FP32."""
+    FP16 with ``f16`` (F16, B16), else FP32; B16's backward also A and dL, (N, N + 8) FP16 each."""
     if backward:
-        return (2 if f16 else 4) * 2 * N * (H + 8)
+        return 2 * 2 * N * (H + 8 + N + 8) if f16 else 4 * 2 * N * (H + 8)
     return (2 if f16 else 4) * (N * (H + 8) + H * (N + 8)) + 4 * 5 * N
 
 
@@ -75,8 +75,11 @@ def ring_bytes(E: int, H: int, backward: bool = False) -> int:
 
 
 def _smem_max(N: int, E: int, H: int) -> int:
-    """Shared memory of the larger kernel's block, its static arrays included."""
-    return max(smem_bytes(N, H) + ring_bytes(E, H), smem_bytes(N, H, True) + 44 * N + ring_bytes(E, H, True))
+    """Shared memory of the larger kernel's block, its static arrays included (FP16 arrays where H % 16 == 0, as
+    defines() sets F16 and B16)."""
+    f16 = H % 16 == 0
+    return max(smem_bytes(N, H, f16=f16) + ring_bytes(E, H),
+               smem_bytes(N, H, True, f16) + 44 * N + ring_bytes(E, H, True))  # fmt: skip
 
 
 def supported(dtype, n: int, H: int, nnei: int | None = None, smooth: bool = False, E: int | None = None) -> str | None:

@@ -7,17 +7,20 @@
 
 // FP16 storage of the shared arrays (B16), their float2 as a W ring's region, and the stride between W^T_q, W^T_k,
 // W^T_v in wqkvT
+// A = T F and dL, the (n, n) matrices the row chain writes for dv's and dk's products: FP16 in shared memory (rows of
+// LDM, B16), else FP32 in the block's scratch (device memory)
 #if B16
 typedef unsigned short bstore;
+typedef unsigned short mstore;
+#define LDM (N + 8)
 #define BREG (N * LDK / 4)
 #define WTS ((HT / 2) * KE * 32)
 #else
 typedef float bstore;
+typedef float mstore;
 #define BREG (N * LDK / 2)
 #define WTS (HT * KE * 32)
 #endif
-// two FP16 bit patterns in one register, lo in the low half
-__device__ __forceinline__ unsigned hpair(unsigned short lo, unsigned short hi) { return lo | ((unsigned)hi << 16); }
 
 // acc (the warp's rows of dx, 16 x E) += dz W^T with dz = dL/dz from d = dL/dy (the warp's rows, accumulator
 // layout over H) through y = z / |z| (NORMALIZE): dz = (d - y p) inv with p = d . y per row (p0, p1: the caller's,
@@ -67,27 +70,31 @@ __device__ __forceinline__ void dz_acc(const float (&d)[HT][4], const ystore* __
 #endif
 }
 
-// acc (the warp's rows j, 16 x H) = M^T Y: M (N, N) row-major in device memory (this block's scratch), Y (N, LDK)
-// in shared memory (TF32-rounded or FP16, rows past n zero); the products' k runs over M's rows i
-__device__ __forceinline__ void prod_mty(const float* __restrict__ M, const bstore* Y, float (&acc)[HT][4]) {
+// acc (the warp's rows j, 16 x H) = M^T Y: M (N, N) (B16: in shared memory as FP16, rows of LDM; else row-major
+// in device memory, this block's scratch), Y (N, LDK) in shared memory (TF32-rounded or FP16, rows past n zero);
+// the products' k runs over M's rows i
+__device__ __forceinline__ void prod_mty(const mstore* __restrict__ M, const bstore* Y, float (&acc)[HT][4]) {
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int j0 = 16 * w + g, j1 = j0 + 8;
 #pragma unroll
   for (int c = 0; c < HT; ++c) acc[c][0] = acc[c][1] = acc[c][2] = acc[c][3] = 0.f;
 #if B16
+  // the A operand M^T of k tile it (M's rows 16 it ..), the warp's rows j: four 8 x 8 blocks of M, transposed
+  const int m = lane >> 3;
+  const mstore* ma = M + (8 * (m >> 1) + (lane & 7)) * LDM + 16 * w + 8 * (m & 1);
 #pragma unroll 2
   for (int it = 0; it < NT / 2; ++it) {
-    const int ia = 16 * it + 2 * t;
-    const float* m0 = M + ia * N;
-    const unsigned a0 = h2pack(m0[j0], m0[N + j0]), a1 = h2pack(m0[j1], m0[N + j1]);
-    const unsigned a2 = h2pack(m0[8 * N + j0], m0[9 * N + j0]), a3 = h2pack(m0[8 * N + j1], m0[9 * N + j1]);
-    const bstore* y0 = Y + ia * LDK + g;
+    unsigned a[4];
+    ldsm4t(a, ma + 16 * it * LDM);
 #pragma unroll
-    for (int c = 0; c < HT; ++c)
-      hmma(acc[c], a0, a1, a2, a3, hpair(y0[8 * c], y0[LDK + 8 * c]),
-           hpair(y0[8 * LDK + 8 * c], y0[9 * LDK + 8 * c]));
+    for (int c = 0; c < HT; c += 2) {
+      unsigned b[4];
+      b_cols(Y, LDK, it, c, b);
+      hmma(acc[c], a[0], a[1], a[2], a[3], b[0], b[1]);
+      hmma(acc[c + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
+    }
   }
 #else
+  const int j0 = 16 * w + g, j1 = j0 + 8;
 #pragma unroll 2
   for (int it = 0; it < NT; ++it) {
     const int ia = 8 * it + t, ib = ia + 4;
@@ -139,6 +146,18 @@ __device__ __forceinline__ void stage_rows(const ystore* __restrict__ Y, bstore*
   }
 }
 
+// an accumulator tile (the warp's rows, n tile jt) into M (prod_mty's layout)
+__device__ __forceinline__ void store_m(mstore* M, int jt, const float (&v)[4]) {
+  const int lane = threadIdx.x & 31, i0 = 16 * (threadIdx.x >> 5) + (lane >> 2), j = 8 * jt + 2 * (lane & 3);
+#if B16
+  *reinterpret_cast<unsigned*>(M + i0 * LDM + j) = h2pack(v[0], v[1]);
+  *reinterpret_cast<unsigned*>(M + (i0 + 8) * LDM + j) = h2pack(v[2], v[3]);
+#else
+  *reinterpret_cast<float2*>(M + i0 * N + j) = make_float2(v[0], v[1]);
+  *reinterpret_cast<float2*>(M + (i0 + 8) * N + j) = make_float2(v[2], v[3]);
+#endif
+}
+
 // the backward's do = dh W_out^T whole, its ring in v's space (v is staged after it), where wprod_deep gets three
 // stages (else in two halves through the two-stage ring, whose stages hold max(KE, HTA) tiles)
 #if BRING && WDEEP && BREG / (HT * 32) > 2 && KE >= 2
@@ -153,8 +172,8 @@ __device__ __forceinline__ void stage_rows(const ystore* __restrict__ Y, bstore*
 // (permuted; B16: pack_b16's, (E / 16, HT, 32) and (3, HT / 2, KE, 32)). Shared memory: two (N, LDK) arrays
 // (FP16 with B16), k and v (v staged after do's product with DO_DEEP), then k and do, then q and do; with BRING
 // also the W rings of products that run while one of them is free (wprod_deep) and the block's two-stage W ring for
-// the others. scratch: 3 N N floats per block (A = T F; dL; L + SHIFT), device memory
-// read back within the block (L2).
+// the others; B16: A = T F and dL (N, LDM) FP16 after them. scratch: 3 N N floats per block (L + SHIFT, and
+// without B16 A and dL), device memory read back within the block (L2).
 // Steps: LayerNorm backward -> dh (dx = dh, the residual); do = dh W_out^T; dA = do v^T; L and T again (as the
 // forward); the row chain backward -> dL, d sw, d r, and the rows' dots the q/k/v normalisation's backward needs
 // (d . y of dq, dk, dv, from the (n, n) matrices in registers: dq . q = sum_j dL L, dk . k = sum_i dL L,
@@ -171,7 +190,6 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
   bstore* ks = reinterpret_cast<bstore*>(smem);  // (N, LDK): k, then q
   bstore* vs = ks + N * LDK;                     // (N, LDK): v, then do
 #if B16
-  const unsigned* ksw = reinterpret_cast<const unsigned*>(ks);  // as pairs
   unsigned* vsw = reinterpret_cast<unsigned*>(vs);
   __shared__ float wmax[NW];  // the warps' largest |dh|
 #endif
@@ -187,9 +205,14 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
   const int i0 = 16 * w + g, i1 = i0 + 8;
   const bool in0 = i0 < n, in1 = i1 < n;
   const long long P = B * n;
-  float* As = scratch + (long long)blockIdx.x * (3 * N * N);  // (N, N)
-  float* dLs = As + N * N;                                     // (N, N)
-  float* Ls = dLs + N * N;  // (N, N): each lane reads back only what it wrote
+  float* Ls = scratch + (long long)blockIdx.x * (3 * N * N);  // (N, N): each lane reads back only what it wrote
+#if B16
+  mstore* As = vs + N * LDK;  // (N, LDM) in shared memory
+  mstore* dLs = As + N * LDM;
+#else
+  mstore* As = Ls + N * N;  // (N, N) in the scratch
+  mstore* dLs = As + N * N;
+#endif
   PHASE_START;
   for (long long b = blockIdx.x; b < B; b += gridDim.x) {
     const long long base = b * n;
@@ -301,9 +324,11 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
         unsigned f[4];
         acc_a16(o, k, f);
 #pragma unroll
-        for (int jt = 0; jt < NT; ++jt) {
-          const unsigned* vr = vsw + ((8 * jt + g) * LDK + 16 * k + 2 * t) / 2;
-          hmma(dA[jt], f[0], f[1], f[2], f[3], vr[0], vr[4]);
+        for (int jt = 0; jt < NT; jt += 2) {
+          unsigned b[4];
+          b_rows(vs, LDK, jt, k, b);
+          hmma(dA[jt], f[0], f[1], f[2], f[3], b[0], b[1]);
+          hmma(dA[jt + 1], f[0], f[1], f[2], f[3], b[2], b[3]);
         }
       }
       __syncthreads();  // every warp is done with v
@@ -347,9 +372,11 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       const float2 qd = in1 ? y_load(yq + i1 * H, 2 * k + 1, t) : zero;
       const unsigned a0 = h2pack(qa.x, qa.y), a1 = h2pack(qb.x, qb.y), a2 = h2pack(qc.x, qc.y), a3 = h2pack(qd.x, qd.y);
 #pragma unroll
-      for (int jt = 0; jt < NT; ++jt) {
-        const unsigned* kr = ksw + ((8 * jt + g) * LDK + 16 * k + 2 * t) / 2;
-        hmma(T[jt], a0, a1, a2, a3, kr[0], kr[4]);
+      for (int jt = 0; jt < NT; jt += 2) {
+        unsigned b[4];
+        b_rows(ks, LDK, jt, k, b);
+        hmma(T[jt], a0, a1, a2, a3, b[0], b[1]);
+        hmma(T[jt + 1], a0, a1, a2, a3, b[2], b[3]);
       }
     }
 #else
@@ -378,7 +405,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
 #endif
     PHASE(4);
 
-    // the row chain backward (attention.py's _rows_backward): A = T F to the scratch; dT = dA F; dR = dA T S;
+    // the row chain backward (attention.py's _rows_backward): A = T F to As; dT = dA F; dR = dA T S;
     // dL' = T (dT - sum_j dT T); dS = dA T R + (L + SHIFT) dL'; dL = dL' S. d sw += (dS + dS^T) sw and
     // d r += (dR + dR^T) r: the rows' parts summed over 4 lanes, the columns' over 8 groups, into shared memory.
 #if DOTR
@@ -390,6 +417,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     float cv[8];  // the column sums of a tile (row chain 1: d r's and dv . v; 2: d sw's and dk . k of two tiles)
 #pragma unroll
     for (int jt = 0; jt < NT; ++jt) {
+      float Ar[4];  // A's values of the lane's four places in tile jt
 #pragma unroll
       for (int k = 0; k < 8; ++k) cv[k] = 0.f;
 #pragma unroll
@@ -417,12 +445,13 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
         }
 #endif
         const float A0 = T[jt][e] * F0, A1 = T[jt][2 + e] * F1;
-        As[i0 * N + j] = A0, As[i1 * N + j] = A1;
+        Ar[e] = A0, Ar[2 + e] = A1;
         u0 += dA[jt][e] * A0, u1 += dA[jt][2 + e] * A1;
 #if NORMALIZE
         cv[4 * e + 3] = dA[jt][e] * A0 + dA[jt][2 + e] * A1;  // dv . v of row j: sum_i A dA
 #endif
       }
+      store_m(As, jt, Ar);
 #if DOTR || NORMALIZE
       const float cs = col_sum8(cv);  // lane g: cv[g] = d r (column 8 jt + 2t + g / 4, component g % 4) or dv . v
       const int j = 8 * jt + 2 * t + (g >> 2), q = g & 3;
@@ -474,13 +503,13 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
 #else
         dA[jt][e] = dl0, dA[jt][2 + e] = dl1;
 #endif
-        dLs[i0 * N + j] = dA[jt][e], dLs[i1 * N + j] = dA[jt][2 + e];
 #if NORMALIZE
         const float dlL0 = dA[jt][e] * (Ls0 - SHIFT), dlL1 = dA[jt][2 + e] * (Ls1 - SHIFT);  // dL L, L = s q . k
         pq0 += dlL0, pq1 += dlL1;
         cv[4 * (jt & 1) + 2 * e + 1] = dlL0 + dlL1;  // dk . k of row j: sum_i dL L
 #endif
       }
+      store_m(dLs, jt, dA[jt]);
 #if SMOOTH || NORMALIZE
       if (jt & 1) {  // lane g: cv[g] = d sw (g even) or dk . k of column 8 (jt - 1 + g / 4) + 2t + g / 2 % 2
         const float cs = col_sum8(cv);
@@ -511,11 +540,13 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       for (int k = 0; k < NT / 2; ++k) {
         unsigned f[4];
         acc_a16(dA, k, f);
-        const bstore* ka = ks + (16 * k + 2 * t) * LDK + g;
 #pragma unroll
-        for (int c = 0; c < HT; ++c)
-          hmma(dq[c], f[0], f[1], f[2], f[3], hpair(ka[8 * c], ka[LDK + 8 * c]),
-               hpair(ka[8 * LDK + 8 * c], ka[9 * LDK + 8 * c]));
+        for (int c = 0; c < HT; c += 2) {
+          unsigned b[4];
+          b_cols(ks, LDK, k, c, b);
+          hmma(dq[c], f[0], f[1], f[2], f[3], b[0], b[1]);
+          hmma(dq[c + 1], f[0], f[1], f[2], f[3], b[2], b[3]);
+        }
       }
 #else
 #pragma unroll

@@ -73,6 +73,20 @@ __device__ __forceinline__ unsigned h2pack(float lo, float hi) {
   asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
   return r;
 }
+// ldmatrix.x4 (b16): lanes 8m..8m+7 give the row addresses (16 bytes each, 16-byte aligned) of 8 x 8 matrix m;
+// r[m] of lane 4g + t holds its row g, columns 2t, 2t + 1 (ldsm4: an m16n8k16 B operand from rows n with k along a
+// row, or an A operand's rows) or, transposed, its rows 2t, 2t + 1 of column g (ldsm4t: a B operand from rows k, or
+// an A operand from rows k)
+__device__ __forceinline__ void ldsm4(unsigned (&r)[4], const void* p) {
+  const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+__device__ __forceinline__ void ldsm4t(unsigned (&r)[4], const void* p) {
+  const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
 #endif
 #ifndef TMMA
 // cp.async: 16 bytes global -> shared, bypassing L1 (the W tiles are read once per block from L2)
@@ -309,6 +323,23 @@ __device__ __forceinline__ void wprod_deep(const float2* __restrict__ w, int kst
   constexpr bool deep = WDEEP && S > 2;
   wprod<K8, M8, deep ? S : 2, RING, HF>(w, kstride, deep ? region : ring, acc, a);
 }
+
+#if F16 || B16
+// The B operands (b0, b1 of two n tiles) of k tile k of an m16n8k16 product from an FP16 array S in shared memory
+// with rows of ld values (ld * 2 bytes a multiple of 16, ld / 8 odd: a matrix's 8 rows in distinct banks), one
+// ldmatrix each. b_rows: S's rows along n, k along a row: S[8 nt .. 8 nt + 15][16 k .. 16 k + 15] (n tiles nt,
+// nt + 1; nt even). b_cols: S as it lies, k along the rows: S[16 k .. 16 k + 15][8 c .. 8 c + 15] (n tiles c, c + 1).
+template <class T>
+__device__ __forceinline__ void b_rows(const T* S, int ld, int nt, int k, unsigned (&b)[4]) {
+  const int lane = threadIdx.x & 31, m = lane >> 3;
+  ldsm4(b, reinterpret_cast<const unsigned short*>(S) + (8 * (nt + (m >> 1)) + (lane & 7)) * ld + 16 * k + 8 * (m & 1));
+}
+template <class T>
+__device__ __forceinline__ void b_cols(const T* S, int ld, int k, int c, unsigned (&b)[4]) {
+  const int lane = threadIdx.x & 31, m = lane >> 3;
+  ldsm4t(b, reinterpret_cast<const unsigned short*>(S) + (16 * k + 8 * (m & 1) + (lane & 7)) * ld + 8 * c + 8 * (m >> 1));
+}
+#endif
 
 // f = the A operand of m16n8k16 k tile k (FP16 pairs) from a's accumulator tiles 2k, 2k + 1 as they lie (tile 2k + 1
 // past K8: zeros)
