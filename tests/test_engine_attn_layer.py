@@ -184,7 +184,7 @@ def test_defines():
         == attn_layer.defines(88, 100, 120, 1, 1, 1, 120)["B16"]
         == 0
     )
-    assert attn_layer.smem_bytes(96, 128, f16=True) == 2 * (96 * 136 + 128 * 104) + 4 * 5 * 96
+    assert attn_layer.smem_bytes(96, 128, f16=True) == 2 * 2 * 96 * 136 + 4 * 5 * 96  # k, v (F16); sw, r, mask
     assert attn_layer.smem_bytes(96, 128, True, f16=True) == 2 * 2 * 96 * (136 + 104)  # k, v; A, dL (B16)
     with pytest.raises(ValueError, match="exceed the model's nnei 90"):
         attn_layer.defines(88, 100, 128, 1, 1, 1, 90)

@@ -22,16 +22,17 @@
 // range (6e-5 .. 65504 normal) holds the forward's operands: x (LayerNorm outputs, the strip net's G), the weights,
 // unit (NORMALIZE) q, k, v, and the weights A in [-1, 1]; values below the range lose bits, not magnitude (subnormal
 // steps 6e-8). Two accumulator tiles (columns 16 c .. 16 c + 15) are a k tile's A operand as they lie (no
-// permutation); k and v^T sit in shared memory as FP16 (half the bytes, a 32-bit load per B register); half the
+// permutation); k and v sit in shared memory as FP16 rows (half the bytes; B operands by ldmatrix, v's transposed,
+// so v is stored as k is, in 32-bit pairs); half the
 // mma instructions and operand conversions of TF32's. The kept y is FP16 either way (YH), so the backward's k, v
 // and q are the very operands the forward's products used.
 
 #include "attn_layer_common.cuh"
 
-// float2 in the forward's k and v^T arrays (FP16 with F16): wprod_deep's region while one is free
+// float2 in the forward's k and v^T arrays (F16: k and v, FP16): wprod_deep's region while one is free
 #if F16
 #define KREG (N * LDK / 4)
-#define VREG (H * LDV / 4)
+#define VREG (N * LDK / 4)
 #else
 #define KREG (N * LDK / 2)
 #define VREG (H * LDV / 2)
@@ -103,10 +104,10 @@ extern "C" __global__ void __launch_bounds__(32 * NW, FMINB)
   const long long P = B * n;  // rows of one of q, k, v in y
 #if F16
   unsigned* ksw = reinterpret_cast<unsigned*>(smem);  // (N, LDK) FP16: k, two per word
-  unsigned short* vth = reinterpret_cast<unsigned short*>(ksw + N * LDK / 2);  // (H, LDV) FP16: v^T
-  float* sws = reinterpret_cast<float*>(vth + H * LDV);  // (N): sw
+  unsigned* vsw = ksw + N * LDK / 2;  // (N, LDK) FP16: v, two per word
+  float* sws = reinterpret_cast<float*>(vsw + N * LDK / 2);  // (N): sw
   float2* kreg = reinterpret_cast<float2*>(ksw);  // the arrays' space as W rings (wprod_deep's region)
-  float2* vreg = reinterpret_cast<float2*>(vth);
+  float2* vreg = reinterpret_cast<float2*>(vsw);
 #else
   float* ks = smem;             // (N, LDK): k, TF32-rounded
   float* vt = ks + N * LDK;     // (H, LDV): v^T, TF32-rounded
@@ -177,8 +178,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, FMINB)
     for (int c = 0; c < HT; ++c) {
       const int h = 8 * c + 2 * t;
 #if F16
-      vth[h * LDV + i0] = f2h(z[c][0]), vth[(h + 1) * LDV + i0] = f2h(z[c][1]);
-      vth[h * LDV + i1] = f2h(z[c][2]), vth[(h + 1) * LDV + i1] = f2h(z[c][3]);
+      vsw[(i0 * LDK + h) / 2] = h2pack(z[c][0], z[c][1]), vsw[(i1 * LDK + h) / 2] = h2pack(z[c][2], z[c][3]);
 #else
       vt[h * LDV + i0] = __uint_as_float(tf32(z[c][0])), vt[(h + 1) * LDV + i0] = __uint_as_float(tf32(z[c][1]));
       vt[h * LDV + i1] = __uint_as_float(tf32(z[c][2])), vt[(h + 1) * LDV + i1] = __uint_as_float(tf32(z[c][3]));
@@ -284,7 +284,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, FMINB)
 #pragma unroll
       for (int k = 0; k < NT / 2; ++k) {
         unsigned b[4];
-        b_rows(vth, LDV, c, k, b);
+        b_cols(vsw, LDK, k, c, b);
         hmma(o[c], aa[k][0], aa[k][1], aa[k][2], aa[k][3], b[0], b[1]);
         hmma(o[c + 1], aa[k][0], aa[k][1], aa[k][2], aa[k][3], b[2], b[3]);
       }

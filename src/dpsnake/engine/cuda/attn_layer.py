@@ -59,12 +59,13 @@ def padded_slots(n: int) -> int:
 
 
 def smem_bytes(N: int, H: int, backward: bool = False, f16: bool = False) -> int:
-    """Dynamic shared memory of a block. Forward: k (N, H + 8), v^T (H, N + 8), sw, r and the mask (5 N floats);
+    """Dynamic shared memory of a block. Forward: k (N, H + 8), v^T (H, N + 8) (``f16``: v (N, H + 8)), sw, r and
+    the mask (5 N floats);
     backward: two (N, H + 8) arrays (its static arrays, 11 N floats and the W ring, are not counted); the arrays
     FP16 with ``f16`` (F16, B16), else FP32; B16's backward also A and dL, (N, N + 8) FP16 each."""
     if backward:
         return 2 * 2 * N * (H + 8 + N + 8) if f16 else 4 * 2 * N * (H + 8)
-    return (2 if f16 else 4) * (N * (H + 8) + H * (N + 8)) + 4 * 5 * N
+    return (2 * 2 * N * (H + 8) if f16 else 4 * (N * (H + 8) + H * (N + 8))) + 4 * 5 * N
 
 
 def ring_bytes(E: int, H: int, backward: bool = False) -> int:
