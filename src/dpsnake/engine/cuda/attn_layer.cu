@@ -308,16 +308,20 @@ extern "C" __global__ void __launch_bounds__(32 * NW, FMINB)
     // LayerNorm(h + b_out + x) per row (attention.py's _layer_forward)
     float m0 = 0.f, m1 = 0.f;
 #pragma unroll
-    for (int nt = 0; nt < KE; ++nt)
+    for (int nt = 0; nt < KE; ++nt) {
+      const int col = 8 * nt + 2 * t;
+      if (col < E) {  // the residual and the bias in 8-byte loads (load_pair: 0 past E)
+        const float2 zero = make_float2(0.f, 0.f), bo = load_pair(bout, col);
+        const float2 x0 = in0 ? load_pair(xb + i0 * E, col) : zero, x1 = in1 ? load_pair(xb + i1 * E, col) : zero;
+        const float b[2] = {bo.x, bo.y}, r0[2] = {x0.x, x0.y}, r1[2] = {x1.x, x1.y};
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = 8 * nt + 2 * t + e;
-        if (col < E) {
-          hh[nt][e] += bout[col] + (in0 ? xb[i0 * E + col] : 0.f);
-          hh[nt][2 + e] += bout[col] + (in1 ? xb[i1 * E + col] : 0.f);
-          m0 += hh[nt][e], m1 += hh[nt][2 + e];
-        }
+        for (int e = 0; e < 2; ++e)
+          if (col + e < E) {
+            hh[nt][e] += b[e] + r0[e], hh[nt][2 + e] += b[e] + r1[e];
+            m0 += hh[nt][e], m1 += hh[nt][2 + e];
+          }
       }
+    }
     m0 = row_sum(m0) / E, m1 = row_sum(m1) / E;
     float v0 = 0.f, v1 = 0.f;
 #pragma unroll
