@@ -75,7 +75,8 @@ def main(argv=None) -> int:
         plain = _time(cp, run(kind, ()), args.reps)
         fn = run(kind, marks)
         marked = _time(cp, fn, args.reps)
-        fns, grid, mod = attn_layer._module(defs + marks)
+        fns, caps, mod = attn_layer._module(defs + marks)
+        grid = max(caps.values())  # blocks of the largest grid
         if grid > PH_BLOCKS:
             raise SystemExit(f"attn_layer_phases: grid {grid} > PH_BLOCKS {PH_BLOCKS}")
         buf = cp.ndarray((PH_BLOCKS * PH_SLOTS,), dtype=cp.uint64, memptr=mod.get_global("ph_buf"))

@@ -217,7 +217,8 @@ def defines(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, n
     minb = 2 if 2 * (_smem_max(N, E, H) + 1024) <= smem_per_sm else 1
     # W rings (WRING, WDEEP: the forward's; BRING: the backward's): the forward alone on the deep rings, a force
     # call's forward on the two-stage ring (H200, session 34: 0.345 vs 0.391 deep vs 0.411 none, us per centre and
-    # layer), its backward on none (0.557 vs 0.578 deep vs 0.613 two-stage)
+    # layer), its backward on none (0.557 vs 0.578 deep vs 0.613 two-stage; H100, session 37, with A and dL in shared
+    # memory: 0.368 vs 0.405 two-stage)
     # YH: q, k, v kept as FP16 where they are unit rows (NORMALIZE; attn_layer_common.cuh's ystore)
     # F16, B16: the forward's and the backward's products on FP16 operands where H % 16 == 0 (attn_layer.cu's and
     # attn_layer_bwd.cuh's headers; H100, session 36, us per centre and layer: keeping 0.191 vs 0.278, alone 0.105 vs
