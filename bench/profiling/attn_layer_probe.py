@@ -20,6 +20,7 @@ median CUDA-event times per call over the chunk, in us per centre (= per atom) a
   ... nodeep       -- both on the two-stage ring (WDEEP 0, session 32's)
   ... noring       -- both without a ring (WRING 0, BRING 0): each warp streams the weights from L2 itself
   ... bring        -- the backward on the two-stage ring (BRING 1), the forward as shipped
+  ... fdeep        -- a force call's forward on the deep rings (WDEEP 1), the backward as shipped
   ... fp32y        -- a force call's kernels keeping q, k, v in FP32 (YH 0, session 33's)
   ... tf32fwd      -- the forward's products on TF32 operands (F16 0, session 35's)
   ... tf32bwd      -- the backward's products on TF32 operands (B16 0)
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
     out_fused, fcaches = fused(True)
     variants = {"deep": (("WRING", 1), ("WDEEP", 1), ("BRING", 1)),
                 "nodeep": (("WRING", 1), ("WDEEP", 0), ("BRING", 1)), "noring": (("WRING", 0), ("BRING", 0)),
-                "bring": (("BRING", 1),),
+                "bring": (("BRING", 1),), "fdeep": (("WDEEP", 1),),
                 "fp32y": (("YH", 0),), "tf32fwd": (("F16", 0),), "tf32bwd": (("B16", 0),),
                 "tf32": (("F16", 0), ("B16", 0))}  # fmt: skip
     if args.variants is not None:
