@@ -174,7 +174,7 @@ def test_defines():
     d = attn_layer.defines(88, 100, 128, 1, 1, 1, 120)
     assert d["MINB"] == 2 and d["KEEP"] == 1 and d["N"] == 96 and d["NPAD"] == 24
     alone = attn_layer.defines(88, 100, 128, 1, 1, 1, 120, keep=False)
-    assert (d["WRING"], d["WDEEP"], d["BRING"], d["YH"]) == (1, 0, 0, 1)
+    assert (d["WRING"], d["WDEEP"], d["BRING"], d["YH"]) == (1, 1, 0, 1)
     assert alone["KEEP"] == 0 and (alone["WRING"], alone["WDEEP"], alone["YH"]) == (1, 1, 0)
     assert attn_layer.defines(88, 100, 128, 1, 1, 0, 120)["YH"] == 0  # FP32 where q, k, v are not unit rows
     assert attn_layer.defines(88, 100, 128, 1, 1, 1, 120, smem_per_sm=164 * 1024)["MINB"] == 1  # sm_80: one block

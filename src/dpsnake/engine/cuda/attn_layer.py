@@ -215,15 +215,16 @@ def defines(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, n
     if npad < 0:
         raise ValueError(f"attn_layer: {N} padded slots exceed the model's nnei {nnei}")
     minb = 2 if 2 * (_smem_max(N, E, H) + 1024) <= smem_per_sm else 1
-    # W rings (WRING, WDEEP: the forward's; BRING: the backward's): the forward alone on the deep rings, a force
-    # call's forward on the two-stage ring (H200, session 34: 0.345 vs 0.391 deep vs 0.411 none, us per centre and
-    # layer), its backward on none (0.557 vs 0.578 deep vs 0.613 two-stage; H100, session 37, with A and dL in shared
+    # W rings (WRING, WDEEP: the forward's; BRING: the backward's): the forward alone on the deep rings; a force
+    # call's forward too with FP16 arrays (H100, session 37: 0.160 vs 0.200 on the two-stage ring, us per centre and
+    # layer), on the two-stage ring with FP32 ones (H200, session 34: 0.345 vs 0.391 deep vs 0.411 none); a force
+    # call's backward on none (0.557 vs 0.578 deep vs 0.613 two-stage; H100, session 37, with A and dL in shared
     # memory: 0.368 vs 0.405 two-stage)
     # YH: q, k, v kept as FP16 where they are unit rows (NORMALIZE; attn_layer_common.cuh's ystore)
     # F16, B16: the forward's and the backward's products on FP16 operands where H % 16 == 0 (attn_layer.cu's and
     # attn_layer_bwd.cuh's headers; H100, session 36, us per centre and layer: keeping 0.191 vs 0.278, alone 0.105 vs
     # 0.152, backward 0.474 vs 0.544; the same errors); FMINB: the forward's blocks per SM (3 spills ~600 bytes)
-    return {"KEEP": int(keep), "WRING": 1, "WDEEP": int(not keep), "BRING": 0, "YH": int(keep and normalize),
+    return {"KEEP": int(keep), "WRING": 1, "WDEEP": int(not keep or H % 16 == 0), "BRING": 0, "YH": int(keep and normalize),
             "N": N, "E": int(E), "H": int(H), "SMOOTH": int(smooth), "DOTR": int(dotr),
             "NORMALIZE": int(normalize), "NPAD": npad, "MINB": minb, "F16": int(H % 16 == 0),
             "FMINB": minb, "B16": int(H % 16 == 0)}  # fmt: skip
