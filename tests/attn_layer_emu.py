@@ -78,7 +78,8 @@ static void ldsm_(unsigned (&r)[4], const void* p, bool trans) {
   WBAR[w]->arrive_and_wait();
   for (unsigned m = 0; m < 4; ++m) {
     const unsigned short* const* rows = LM_P + base + 8 * m;
-    r[m] = trans ? rows[2 * t][g] | ((unsigned)rows[2 * t + 1][g] << 16) : rows[g][2 * t] | ((unsigned)rows[g][2 * t + 1] << 16);
+    r[m] = trans ? rows[2 * t][g] | ((unsigned)rows[2 * t + 1][g] << 16)
+                 : rows[g][2 * t] | ((unsigned)rows[g][2 * t + 1] << 16);
   }
   WBAR[w]->arrive_and_wait();
 }

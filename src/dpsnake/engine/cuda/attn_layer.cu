@@ -23,9 +23,8 @@
 // unit (NORMALIZE) q, k, v, and the weights A in [-1, 1]; values below the range lose bits, not magnitude (subnormal
 // steps 6e-8). Two accumulator tiles (columns 16 c .. 16 c + 15) are a k tile's A operand as they lie (no
 // permutation); k and v sit in shared memory as FP16 rows (half the bytes; B operands by ldmatrix, v's transposed,
-// so v is stored as k is, in 32-bit pairs); half the
-// mma instructions and operand conversions of TF32's. The kept y is FP16 either way (YH), so the backward's k, v
-// and q are the very operands the forward's products used.
+// so v is stored as k is, in 32-bit pairs); half the mma instructions and operand conversions of TF32's. The kept
+// y is FP16 either way (YH), so the backward's k, v and q are the very operands the forward's products used.
 
 #include "attn_layer_common.cuh"
 

@@ -60,9 +60,8 @@ def padded_slots(n: int) -> int:
 
 def smem_bytes(N: int, H: int, backward: bool = False, f16: bool = False) -> int:
     """Dynamic shared memory of a block. Forward: k (N, H + 8), v^T (H, N + 8) (``f16``: v (N, H + 8)), sw, r and
-    the mask (5 N floats);
-    backward: two (N, H + 8) arrays (its static arrays, 11 N floats and the W ring, are not counted); the arrays
-    FP16 with ``f16`` (F16, B16), else FP32; B16's backward also A and dL, (N, N + 8) FP16 each."""
+    the mask (5 N floats); backward: two (N, H + 8) arrays (its static arrays, 11 N floats and the W ring, are not
+    counted). The arrays FP16 with ``f16`` (F16, B16), else FP32; B16's backward also A and dL, (N, N + 8) FP16."""
     if backward:
         return 2 * 2 * N * (H + 8 + N + 8) if f16 else 4 * 2 * N * (H + 8)
     return (2 * 2 * N * (H + 8) if f16 else 4 * (N * (H + 8) + H * (N + 8))) + 4 * 5 * N
@@ -224,8 +223,8 @@ def defines(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, n
     # F16, B16: the forward's and the backward's products on FP16 operands where H % 16 == 0 (attn_layer.cu's and
     # attn_layer_bwd.cuh's headers; H100, session 36, us per centre and layer: keeping 0.191 vs 0.278, alone 0.105 vs
     # 0.152, backward 0.474 vs 0.544; the same errors); FMINB: the forward's blocks per SM (3 spills ~600 bytes)
-    return {"KEEP": int(keep), "WRING": 1, "WDEEP": int(not keep or H % 16 == 0), "BRING": 0, "YH": int(keep and normalize),
-            "N": N, "E": int(E), "H": int(H), "SMOOTH": int(smooth), "DOTR": int(dotr),
+    return {"KEEP": int(keep), "WRING": 1, "WDEEP": int(not keep or H % 16 == 0), "BRING": 0,
+            "YH": int(keep and normalize), "N": N, "E": int(E), "H": int(H), "SMOOTH": int(smooth), "DOTR": int(dotr),
             "NORMALIZE": int(normalize), "NPAD": npad, "MINB": minb, "F16": int(H % 16 == 0),
             "FMINB": minb, "B16": int(H % 16 == 0)}  # fmt: skip
 

@@ -332,12 +332,14 @@ __device__ __forceinline__ void wprod_deep(const float2* __restrict__ w, int kst
 template <class T>
 __device__ __forceinline__ void b_rows(const T* S, int ld, int nt, int k, unsigned (&b)[4]) {
   const int lane = threadIdx.x & 31, m = lane >> 3;
-  ldsm4(b, reinterpret_cast<const unsigned short*>(S) + (8 * (nt + (m >> 1)) + (lane & 7)) * ld + 16 * k + 8 * (m & 1));
+  const unsigned short* s = reinterpret_cast<const unsigned short*>(S);
+  ldsm4(b, s + (8 * (nt + (m >> 1)) + (lane & 7)) * ld + 16 * k + 8 * (m & 1));
 }
 template <class T>
 __device__ __forceinline__ void b_cols(const T* S, int ld, int k, int c, unsigned (&b)[4]) {
   const int lane = threadIdx.x & 31, m = lane >> 3;
-  ldsm4t(b, reinterpret_cast<const unsigned short*>(S) + (16 * k + 8 * (m & 1) + (lane & 7)) * ld + 8 * c + 8 * (m >> 1));
+  const unsigned short* s = reinterpret_cast<const unsigned short*>(S);
+  ldsm4t(b, s + (16 * k + 8 * (m & 1) + (lane & 7)) * ld + 8 * c + 8 * (m >> 1));
 }
 #endif
 
