@@ -218,8 +218,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, FMINB)
       for (int k = 0; k < HT / 2; ++k) {
         unsigned b[4];
         b_rows(ksw, LDK, jt, k, b);
-        hmma(L[jt], qa[k][0], qa[k][1], qa[k][2], qa[k][3], b[0], b[1]);
-        hmma(L[jt + 1], qa[k][0], qa[k][1], qa[k][2], qa[k][3], b[2], b[3]);
+        hmma2(L[jt], L[jt + 1], qa[k], b);
       }
     }
 #else
@@ -284,8 +283,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, FMINB)
       for (int k = 0; k < NT / 2; ++k) {
         unsigned b[4];
         b_cols(vsw, LDK, k, c, b);
-        hmma(o[c], aa[k][0], aa[k][1], aa[k][2], aa[k][3], b[0], b[1]);
-        hmma(o[c + 1], aa[k][0], aa[k][1], aa[k][2], aa[k][3], b[2], b[3]);
+        hmma2(o[c], o[c + 1], aa[k], b);
       }
     }
 #else

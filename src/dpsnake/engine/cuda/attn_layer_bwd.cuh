@@ -89,8 +89,7 @@ __device__ __forceinline__ void prod_mty(const mstore* __restrict__ M, const bst
     for (int c = 0; c < HT; c += 2) {
       unsigned b[4];
       b_cols(Y, LDK, it, c, b);
-      hmma(acc[c], a[0], a[1], a[2], a[3], b[0], b[1]);
-      hmma(acc[c + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
+      hmma2(acc[c], acc[c + 1], a, b);
     }
   }
 #else
@@ -327,8 +326,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
         for (int jt = 0; jt < NT; jt += 2) {
           unsigned b[4];
           b_rows(vs, LDK, jt, k, b);
-          hmma(dA[jt], f[0], f[1], f[2], f[3], b[0], b[1]);
-          hmma(dA[jt + 1], f[0], f[1], f[2], f[3], b[2], b[3]);
+          hmma2(dA[jt], dA[jt + 1], f, b);
         }
       }
       __syncthreads();  // every warp is done with v
@@ -370,13 +368,12 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       const float2 qa = in0 ? y_load(yq + i0 * H, 2 * k, t) : zero, qb = in1 ? y_load(yq + i1 * H, 2 * k, t) : zero;
       const float2 qc = in0 ? y_load(yq + i0 * H, 2 * k + 1, t) : zero;
       const float2 qd = in1 ? y_load(yq + i1 * H, 2 * k + 1, t) : zero;
-      const unsigned a0 = h2pack(qa.x, qa.y), a1 = h2pack(qb.x, qb.y), a2 = h2pack(qc.x, qc.y), a3 = h2pack(qd.x, qd.y);
+      const unsigned a[4] = {h2pack(qa.x, qa.y), h2pack(qb.x, qb.y), h2pack(qc.x, qc.y), h2pack(qd.x, qd.y)};
 #pragma unroll
       for (int jt = 0; jt < NT; jt += 2) {
         unsigned b[4];
         b_rows(ks, LDK, jt, k, b);
-        hmma(T[jt], a0, a1, a2, a3, b[0], b[1]);
-        hmma(T[jt + 1], a0, a1, a2, a3, b[2], b[3]);
+        hmma2(T[jt], T[jt + 1], a, b);
       }
     }
 #else
@@ -544,8 +541,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
         for (int c = 0; c < HT; c += 2) {
           unsigned b[4];
           b_cols(ks, LDK, k, c, b);
-          hmma(dq[c], f[0], f[1], f[2], f[3], b[0], b[1]);
-          hmma(dq[c + 1], f[0], f[1], f[2], f[3], b[2], b[3]);
+          hmma2(dq[c], dq[c + 1], f, b);
         }
       }
 #else

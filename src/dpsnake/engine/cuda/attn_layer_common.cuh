@@ -341,6 +341,11 @@ __device__ __forceinline__ void b_cols(const T* S, int ld, int k, int c, unsigne
   const unsigned short* s = reinterpret_cast<const unsigned short*>(S);
   ldsm4t(b, s + (16 * k + 8 * (m & 1) + (lane & 7)) * ld + 8 * c + 8 * (m >> 1));
 }
+// c0 += a b[0, 1], c1 += a b[2, 3]: the two products of one b_rows / b_cols load
+__device__ __forceinline__ void hmma2(float (&c0)[4], float (&c1)[4], const unsigned (&a)[4], const unsigned (&b)[4]) {
+  hmma(c0, a[0], a[1], a[2], a[3], b[0], b[1]);
+  hmma(c1, a[0], a[1], a[2], a[3], b[2], b[3]);
+}
 #endif
 
 // f = the A operand of m16n8k16 k tile k (FP16 pairs) from a's accumulator tiles 2k, 2k + 1 as they lie (tile 2k + 1
