@@ -237,12 +237,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       for (int k = 0; k < HT / 2; ++k) {
         unsigned f[4];
         acc_a16(o, k, f);
-#pragma unroll
-        for (int jt = 0; jt < NT; jt += 2) {
-          unsigned b[4];
-          b_rows(vs, LDK, jt, k, b);
-          hmma2(dA[jt], dA[jt + 1], f, b);
-        }
+        hmma_rows(dA, f, vs, LDK, k);
       }
       __syncthreads();  // every warp is done with v
 #pragma unroll
@@ -284,12 +279,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       const float2 qc = in0 ? y_load(yq + i0 * H, 2 * k + 1, t) : zero;
       const float2 qd = in1 ? y_load(yq + i1 * H, 2 * k + 1, t) : zero;
       const unsigned a[4] = {h2pack(qa.x, qa.y), h2pack(qb.x, qb.y), h2pack(qc.x, qc.y), h2pack(qd.x, qd.y)};
-#pragma unroll
-      for (int jt = 0; jt < NT; jt += 2) {
-        unsigned b[4];
-        b_rows(ks, LDK, jt, k, b);
-        hmma2(T[jt], T[jt + 1], a, b);
-      }
+      hmma_rows(T, a, ks, LDK, k);
     }
 #else
 #pragma unroll
@@ -452,12 +442,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       for (int k = 0; k < NT / 2; ++k) {
         unsigned f[4];
         acc_a16(dA, k, f);
-#pragma unroll
-        for (int c = 0; c < HT; c += 2) {
-          unsigned b[4];
-          b_cols(ks, LDK, k, c, b);
-          hmma2(dq[c], dq[c + 1], f, b);
-        }
+        hmma_cols(dq, f, ks, LDK, k);
       }
 #else
 #pragma unroll

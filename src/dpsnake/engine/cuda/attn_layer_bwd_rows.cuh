@@ -16,12 +16,7 @@ __device__ __forceinline__ void prod_mty(const mstore* __restrict__ M, const bst
   for (int it = 0; it < NT / 2; ++it) {
     unsigned a[4];
     ldsm4t(a, ma + 16 * it * LDM);
-#pragma unroll
-    for (int c = 0; c < HT; c += 2) {
-      unsigned b[4];
-      b_cols(Y, LDK, it, c, b);
-      hmma2(acc[c], acc[c + 1], a, b);
-    }
+    hmma_cols(acc, a, Y, LDK, it);
   }
 #else
   const int j0 = 16 * w + g, j1 = j0 + 8;

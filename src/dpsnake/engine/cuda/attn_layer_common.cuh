@@ -346,6 +346,27 @@ __device__ __forceinline__ void hmma2(float (&c0)[4], float (&c1)[4], const unsi
   hmma(c0, a[0], a[1], a[2], a[3], b[0], b[1]);
   hmma(c1, a[0], a[1], a[2], a[3], b[2], b[3]);
 }
+// acc[m] += a B_m over all M8 n tiles (M8 even) of k tile k, B from S's rows (b_rows) or as S lies (b_cols, COLS)
+template <bool COLS, int M8, class T>
+__device__ __forceinline__ void hmma_tiles(float (&acc)[M8][4], const unsigned (&a)[4], const T* S, int ld, int k) {
+#pragma unroll
+  for (int m = 0; m < M8; m += 2) {
+    unsigned b[4];
+    if (COLS)  // a constant
+      b_cols(S, ld, k, m, b);
+    else
+      b_rows(S, ld, m, k, b);
+    hmma2(acc[m], acc[m + 1], a, b);
+  }
+}
+template <int M8, class T>
+__device__ __forceinline__ void hmma_rows(float (&acc)[M8][4], const unsigned (&a)[4], const T* S, int ld, int k) {
+  hmma_tiles<false>(acc, a, S, ld, k);
+}
+template <int M8, class T>
+__device__ __forceinline__ void hmma_cols(float (&acc)[M8][4], const unsigned (&a)[4], const T* S, int ld, int k) {
+  hmma_tiles<true>(acc, a, S, ld, k);
+}
 #endif
 
 // f = the A operand of m16n8k16 k tile k (FP16 pairs) from a's accumulator tiles 2k, 2k + 1 as they lie (tile 2k + 1
