@@ -298,7 +298,15 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     // the row chain forward, as attn_layer_fwd: T = softmax(L') m_i
     {
       float f0, f1;
+#if B16 && (SMOOTH || NORMALIZE)
+#pragma unroll
+      for (int jt = 0; jt < NT; ++jt)  // L + SHIFT in A's and dL's rows until the row chain's pass 2
+        *l_slot(As, dLs, i0, jt) = make_float2(T[jt][0] + SHIFT, T[jt][1] + SHIFT),
+        *l_slot(As, dLs, i1, jt) = make_float2(T[jt][2] + SHIFT, T[jt][3] + SHIFT);
+      softmax_rows(T, sws, mk, nullptr, f0, f1);
+#else
       softmax_rows(T, sws, mk, (SMOOTH || NORMALIZE) ? Ls : nullptr, f0, f1);
+#endif
 #pragma unroll
       for (int jt = 0; jt < NT; ++jt) T[jt][0] *= f0, T[jt][1] *= f0, T[jt][2] *= f1, T[jt][3] *= f1;
     }
@@ -307,7 +315,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
 #endif
     PHASE(4);
 
-    // the row chain backward (attention.py's _rows_backward): A = T F to As; dT = dA F; dR = dA T S;
+    // the row chain backward (attention.py's _rows_backward): A = T F (to As in pass 2); dT = dA F; dR = dA T S;
     // dL' = T (dT - sum_j dT T); dS = dA T R + (L + SHIFT) dL'; dL = dL' S. d sw += (dS + dS^T) sw and
     // d r += (dR + dR^T) r: the rows' parts summed over 4 lanes, the columns' over 8 groups, into shared memory.
 #if DOTR
@@ -319,7 +327,6 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     float cv[8];  // the column sums of a tile (row chain 1: d r's and dv . v; 2: d sw's and dk . k of two tiles)
 #pragma unroll
     for (int jt = 0; jt < NT; ++jt) {
-      float Ar[4];  // A's values of the lane's four places in tile jt
 #pragma unroll
       for (int k = 0; k < 8; ++k) cv[k] = 0.f;
 #pragma unroll
@@ -347,13 +354,11 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
         }
 #endif
         const float A0 = T[jt][e] * F0, A1 = T[jt][2 + e] * F1;
-        Ar[e] = A0, Ar[2 + e] = A1;
         u0 += dA[jt][e] * A0, u1 += dA[jt][2 + e] * A1;
 #if NORMALIZE
         cv[4 * e + 3] = dA[jt][e] * A0 + dA[jt][2 + e] * A1;  // dv . v of row j: sum_i A dA
 #endif
       }
-      store_m(As, jt, Ar);
 #if DOTR || NORMALIZE
       const float cs = col_sum8(cv);  // lane g: cv[g] = d r (column 8 jt + 2t + g / 4, component g % 4) or dv . v
       const int j = 8 * jt + 2 * t + (g >> 2), q = g & 3;
@@ -379,6 +384,17 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       if (!(jt & 1))
 #pragma unroll
         for (int k = 0; k < 8; ++k) cv[k] = 0.f;
+#if SMOOTH || NORMALIZE
+#if B16
+      const float2 l0 = *l_slot(As, dLs, i0, jt), l1 = *l_slot(As, dLs, i1, jt);
+      __syncwarp();  // every lane has read tile jt of L before A and dL replace it
+      const float Lr0[2] = {l0.x, l0.y}, Lr1[2] = {l1.x, l1.y};  // L + SHIFT of the lane's rows
+#else
+      const float Lr0[2] = {Ls[i0 * N + 8 * jt + 2 * t], Ls[i0 * N + 8 * jt + 2 * t + 1]};
+      const float Lr1[2] = {Ls[i1 * N + 8 * jt + 2 * t], Ls[i1 * N + 8 * jt + 2 * t + 1]};
+#endif
+#endif
+      float Ar[4];  // A's values of the lane's four places in tile jt
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int j = 8 * jt + 2 * t + e;
@@ -392,9 +408,10 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
         R1 = rs[3 * i1] * rs[3 * j] + rs[3 * i1 + 1] * rs[3 * j + 1] + rs[3 * i1 + 2] * rs[3 * j + 2];
         F0 *= R0, F1 *= R1;
 #endif
+        Ar[e] = T[jt][e] * F0, Ar[2 + e] = T[jt][2 + e] * F1;
         const float dl0 = (dA[jt][e] * F0 - u0) * T[jt][e], dl1 = (dA[jt][2 + e] * F1 - u1) * T[jt][2 + e];
 #if SMOOTH || NORMALIZE
-        const float Ls0 = Ls[i0 * N + j], Ls1 = Ls[i1 * N + j];  // L + SHIFT
+        const float Ls0 = Lr0[e], Ls1 = Lr1[e];
 #endif
 #if SMOOTH
         const float dS0 = dA[jt][e] * T[jt][e] * R0 + Ls0 * dl0;
@@ -411,6 +428,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
         cv[4 * (jt & 1) + 2 * e + 1] = dlL0 + dlL1;  // dk . k of row j: sum_i dL L
 #endif
       }
+      store_m(As, jt, Ar);
       store_m(dLs, jt, dA[jt]);
 #if SMOOTH || NORMALIZE
       if (jt & 1) {  // lane g: cv[g] = d sw (g even) or dk . k of column 8 (jt - 1 + g / 4) + 2t + g / 2 % 2

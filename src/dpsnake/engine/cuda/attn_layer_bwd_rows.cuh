@@ -71,6 +71,17 @@ __device__ __forceinline__ void stage_rows(const ystore* __restrict__ Y, bstore*
   }
 }
 
+#if B16
+// where L + SHIFT waits between the softmax and the row chain's pass 2 (not in the scratch: no device-memory round
+// trip): in A's and dL's shared rows, free until pass 2 writes tile jt of both after reading tile jt of L (each warp
+// its own rows). Lane (g, t) keeps row i's pair of tile jt in A's row i (t < 2) or dL's row i ^ 4 (t >= 2), bytes
+// 16 jt + 8 (t & 1): the 8-byte accesses of a half warp hit 32 different banks
+__device__ __forceinline__ float2* l_slot(mstore* As, mstore* dLs, int i, int jt) {
+  const int t = threadIdx.x & 3;
+  return reinterpret_cast<float2*>((t < 2 ? As + i * LDM : dLs + (i ^ 4) * LDM) + 8 * jt + 4 * (t & 1));
+}
+#endif
+
 // an accumulator tile (the warp's rows, n tile jt) into M (prod_mty's layout)
 __device__ __forceinline__ void store_m(mstore* M, int jt, const float (&v)[4]) {
   const int lane = threadIdx.x & 31, i0 = 16 * (threadIdx.x >> 5) + (lane >> 2), j = 8 * jt + 2 * (lane & 3);
