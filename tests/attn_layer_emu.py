@@ -173,7 +173,7 @@ class Emu:
         f32 = [np.ascontiguousarray(a, dtype=np.float32) for a in (dout, sw.reshape(B, n), r)]
         m8 = np.ascontiguousarray(mask, dtype=np.uint8)
         dx = np.full((B, n, E), np.nan, dtype=np.float32)
-        scratch = np.full(grid * attn_layer.scratch_floats(self.defs["N"]), np.nan, dtype=np.float32)
+        scratch = np.full(grid * attn_layer.scratch_floats(self.defs["N"], self.defs["B16"]), np.nan, dtype=np.float32)
         y, inv, xhat, rstd = cache
         woutT, wqkvT = lw.backward_weights(bool(self.defs["B16"]))
         self.lib.bwd(grid, ptr(f32[0]), ptr(xhat), ptr(rstd), ptr(lw.gamma), ptr(y), ptr(inv),

@@ -15,9 +15,10 @@ forward alone; a force call's forward also keeps q, k, v and xhat for the backwa
 
 The backward (attn_layer_bwd.cuh) reads what the forward kept (normalized q, k, v, in FP16 where ``normalize``
 makes them unit rows (``YH``); their inverse norms, LayerNorm's xhat and rstd), stages k and v (then do, then q) in
-shared memory, recomputes the logits and the softmax, and sends the three (n, n) matrices whose transposes it needs
-(A, dL) or that a lane reads back (L) through a per-block scratch in device memory (grid x 3 N^2 floats, N = n
-rounded up to 16; mostly in L2). Its column sums over the (n, n) matrices run eight at a time (``col_sum8``). With a
+shared memory, recomputes the logits and the softmax, and keeps the three (n, n) matrices whose transposes it needs
+(A, dL) or that a lane reads back (L) in shared memory with ``B16`` (A and dL in FP16, L in their rows until they
+are written), else in a per-block scratch in device memory (grid x 3 N^2 floats, N = n rounded up to 16; mostly in
+L2). Its column sums over the (n, n) matrices run eight at a time (``col_sum8``). With a
 ring (``WRING`` the forward's, ``BRING`` the backward's) the kernels read the weights through shared memory that the
 block fills with ``cp.async`` (attn_layer_common.cuh's ``wprod``): they leave L2 once per block, not once per warp. A
 product that runs while k's or v's array is free can ring through that array, as many k tiles in flight as fit
@@ -234,9 +235,10 @@ def source(**defs) -> str:
     return cuda.with_defines(cuda.load("attn_layer.cu"), **defs)
 
 
-def scratch_floats(N: int) -> int:
-    """Device scratch of one backward block: three (N, N) matrices (A, dL, L + SHIFT)."""
-    return 3 * N * N
+def scratch_floats(N: int, b16: bool = False) -> int:
+    """Device scratch of one backward block: three (N, N) matrices (A, dL, L + SHIFT); none with ``b16`` (they
+    stay in shared memory)."""
+    return 0 if b16 else 3 * N * N
 
 
 def _module(defs: tuple):
@@ -366,7 +368,7 @@ def backward(lw: LayerWeights, cache, dout, sw, r, mask, scale: float, smooth: b
     dx = cupy.empty_like(dout)
     if B:
         grid = int(min(B, caps["attn_layer_bwd"]))
-        scratch = cupy.empty(grid * scratch_floats(defs["N"]), dtype=cupy.float32)
+        scratch = cupy.empty(grid * scratch_floats(defs["N"], defs["B16"]), dtype=cupy.float32)
         y, inv, xhat, rstd = cache
         woutT, wqkvT = lw.backward_weights(bool(defs["B16"]))
         args = (dout, xhat, rstd, lw.gamma, y, inv, woutT, wqkvT, sw, r, mask, np.int64(B), np.int32(n),

@@ -86,8 +86,8 @@ __device__ __forceinline__ void dz_acc(const float (&d)[HT][4], const ystore* __
 // (permuted; B16: pack_b16's, (E / 16, HT, 32) and (3, HT / 2, KE, 32)). Shared memory: two (N, LDK) arrays
 // (FP16 with B16), k and v (v staged after do's product with DO_DEEP), then k and do, then q and do; with BRING
 // also the W rings of products that run while one of them is free (wprod_deep) and the block's two-stage W ring for
-// the others; B16: A = T F and dL (N, LDM) FP16 after them. scratch: 3 N N floats per block (L + SHIFT, and
-// without B16 A and dL), device memory read back within the block (L2).
+// the others; B16: A = T F and dL (N, LDM) FP16 after them, L + SHIFT in their rows before (l_slot). Without B16
+// scratch: 3 N N floats per block (L + SHIFT, A, dL), device memory read back within the block (L2).
 // Steps: LayerNorm backward -> dh (dx = dh, the residual); do = dh W_out^T; dA = do v^T; L and T again (as the
 // forward); the row chain backward -> dL, d sw, d r, and the rows' dots the q/k/v normalisation's backward needs
 // (d . y of dq, dk, dv, from the (n, n) matrices in registers: dq . q = sum_j dL L, dk . k = sum_i dL L,
@@ -119,11 +119,11 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
   const int i0 = 16 * w + g, i1 = i0 + 8;
   const bool in0 = i0 < n, in1 = i1 < n;
   const long long P = B * n;
-  float* Ls = scratch + (long long)blockIdx.x * (3 * N * N);  // (N, N): each lane reads back only what it wrote
 #if B16
   mstore* As = vs + N * LDK;  // (N, LDM) in shared memory
   mstore* dLs = As + N * LDM;
 #else
+  float* Ls = scratch + (long long)blockIdx.x * (3 * N * N);  // (N, N): each lane reads back only what it wrote
   mstore* As = Ls + N * N;  // (N, N) in the scratch
   mstore* dLs = As + N * N;
 #endif
