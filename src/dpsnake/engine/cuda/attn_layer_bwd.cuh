@@ -508,23 +508,17 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
 #pragma unroll
     for (int nt = 0; nt < KE; ++nt) {
       const int col = 8 * nt + 2 * t;
-      if (col < E && in0) {
-        const float2 d = load_pair(dxb + i0 * E, col);
-        store_pair(dxb + i0 * E, col, d.x + acc[nt][0], d.y + acc[nt][1]);
-      }
-      if (col < E && in1) {
-        const float2 d = load_pair(dxb + i1 * E, col);
-        store_pair(dxb + i1 * E, col, d.x + acc[nt][2], d.y + acc[nt][3]);
-      }
+      if (col < E && in0) red_pair(dxb + i0 * E, col, acc[nt][0], acc[nt][1]);  // dx = dh + acc
+      if (col < E && in1) red_pair(dxb + i1 * E, col, acc[nt][2], acc[nt][3]);
     }
     PHASE(10);
     __syncthreads();  // every warp's d sw, d r terms are in shared memory
     for (int j = threadIdx.x; j < n; j += 32 * NW) {
 #if SMOOTH
-      dsw[base + j] += gsw[j] * gisc;
+      atomicAdd(dsw + base + j, gsw[j] * gisc);  // reductions in L2 (the results unused)
 #endif
 #if DOTR
-      for (int d = 0; d < 3; ++d) dr[(base + j) * 3 + d] += gr[3 * j + d] * gisc;
+      for (int d = 0; d < 3; ++d) atomicAdd(dr + (base + j) * 3 + d, gr[3 * j + d] * gisc);
 #endif
     }
     PHASE(11);

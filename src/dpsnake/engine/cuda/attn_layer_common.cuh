@@ -132,6 +132,16 @@ __device__ __forceinline__ void store_pair(float* __restrict__ row, int col, flo
   if (col + 1 < E) row[col + 1] = b;
 #endif
 }
+// row[col] += a, row[col + 1] += b as reductions in L2 (red.global: no load's round trip on the warp's path; FP32
+// adds rounded to nearest as the load + store's, subnormal sums flushed to 0); one 8-byte reduction where E is even
+__device__ __forceinline__ void red_pair(float* row, int col, float a, float b) {
+#if E % 2 == 0 && !defined(TMMA)
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(row + col), "f"(a), "f"(b) : "memory");
+#else
+  atomicAdd(row + col, a);
+  if (col + 1 < E) atomicAdd(row + col + 1, b);
+#endif
+}
 
 // y, what a force call's forward keeps of q, k, v for the backward (the normalized rows; q times the query scale),
 // in device memory: FP16 with YH (defines() sets it with NORMALIZE: unit rows, whose values FP16's 10-bit mantissa
