@@ -298,11 +298,13 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     // the row chain forward, as attn_layer_fwd: T = softmax(L') m_i
     {
       float f0, f1;
-#if B16 && (SMOOTH || NORMALIZE)
+#if B16
+#if SMOOTH || NORMALIZE
 #pragma unroll
       for (int jt = 0; jt < NT; ++jt)  // L + SHIFT in A's and dL's rows until the row chain's pass 2
         *l_slot(As, dLs, i0, jt) = make_float2(T[jt][0] + SHIFT, T[jt][1] + SHIFT),
         *l_slot(As, dLs, i1, jt) = make_float2(T[jt][2] + SHIFT, T[jt][3] + SHIFT);
+#endif
       softmax_rows(T, sws, mk, nullptr, f0, f1);
 #else
       softmax_rows(T, sws, mk, (SMOOTH || NORMALIZE) ? Ls : nullptr, f0, f1);
