@@ -24,10 +24,11 @@ block fills with ``cp.async`` (attn_layer_common.cuh's ``wprod``): they leave L2
 product that runs while k's or v's array is free can ring through that array, as many k tiles in flight as fit
 (``wprod_deep``, ``WDEEP``). Without a ring each warp loads its weight fragments itself (through L1).
 
-Status (issue 21; docs/benchmarks.md, "Whole-layer TF32 kernels" and "Session 36"): the cuBLAS TF32 path's errors
-against FP64 (the same to two digits). On an H100 (session 36) per centre and layer, FP16 operands against TF32's:
-the forward keeping 0.191 vs 0.278 us, alone 0.105 vs 0.152, the backward 0.474 vs 0.544; a force call 1.713
-us/atom (11.6x DeePMD-kit FP64; 2.002 with session 35's TF32 kernels). On an H200 (session 34, TF32 operands) per
+Status (issue 21; docs/benchmarks.md, "Whole-layer TF32 kernels" and "Session 36" to "Session 38"): the cuBLAS TF32
+path's errors against FP64 (the same to two digits). On an H100 (session 36) per centre and layer, FP16 operands
+against TF32's: the forward keeping 0.191 vs 0.278 us, alone 0.105 vs 0.152, the backward 0.474 vs 0.544; a force
+call 1.713 us/atom (11.6x DeePMD-kit FP64; 2.002 with session 35's TF32 kernels). Session 38 (H100): keeping
+forward 0.161, backward 0.342; a force call 1.396 us/atom (14.1-14.4x DeePMD-kit FP64). On an H200 (session 34, TF32 operands) per
 centre and layer: the forward alone 0.154 us (deep rings; the cuBLAS path 0.360), a force call's forward 0.260
 (two-stage ring, FP16 q, k, v; 0.361) and backward 0.506 (no ring; 0.553); a force call 2.209 us/atom against the
 cuBLAS path's 2.496 (7.18x DeePMD-kit FP64), so the family is in ``settings.DEFAULT_FAST`` (it runs where ``tf32``
