@@ -4,10 +4,12 @@
 # TF32 path (deep rings, two-stage ring, no ring), the force call against DeePMD-kit, and the GPU tests (the
 # emulated ones run on the CPU machines). From the repository root, `.whl` carried (bench/gpu_install.sh):
 #
-#   bash bench/profiling/attn_layer_gpu.sh [STAGES]     STAGES: any of phases probe ab tests ncu (default: the
-#                                                        first four; ncu: Nsight Compute on the probe's first six
-#                                                        layer launches: forward keeping (no ring), forward alone
-#                                                        with the deep rings, then two-stage, two layers each)
+#   bash bench/profiling/attn_layer_gpu.sh [STAGES]     STAGES: any of phases probe ab tests ncu explore (default:
+#                                                        the first four; ncu: Nsight Compute on the probe's first
+#                                                        six layer launches: forward keeping (no ring), forward
+#                                                        alone with the deep rings, then two-stage, two layers
+#                                                        each; explore: issue 21's exploration against LAMMPS,
+#                                                        ~150 s, bench/bench_explore_deepmd_gpu.sh's short case)
 #
 # PROBE_MORE: more arguments of the probe stage (e.g. "--variants tf32bwd tf32": only those A/B variants).
 # NCU_KERNEL, NCU_COUNT, NCU_MORE: the ncu stage's kernel regex (attn_layer), launches (6) and more arguments (e.g.
@@ -15,7 +17,8 @@
 # AB_MORE: more arguments of the ab stage's bench_engine_attn_ab.py (e.g. "layer_nonet --profile layer": one more
 # variant, and the torch profile of one call of the default).
 # Writes under $OUT (default /tmp/attn_layer_gpu): attn_layer_phases_<gpu>.json, attn_layer_probe_<gpu>.json,
-# ab/ (bench_engine_attn_ab.py's JSON and log), tests.log, ncu.txt; prints each stage's table and its wall time.
+# ab/ (bench_engine_attn_ab.py's JSON and log), tests.log, ncu.txt, x/ (explore_deepmd_<gpu>.json,
+# lammps_explore.jsonl) and explore.log; prints each stage's table and its wall time.
 set -uo pipefail
 OUT=${OUT:-/tmp/attn_layer_gpu}
 STAGES=${*:-phases probe ab tests}
@@ -44,7 +47,22 @@ for s in $STAGES; do
            python3 bench/profiling/attn_layer_probe.py --reps 1 > "$OUT/ncu.txt" 2>&1
          grep -E "attn_layer_|Duration|Throughput|Busy|Hit Rate|Warp Cycles Per Issued|Achieved Active|Stall" \
            "$OUT/ncu.txt" | cut -c1-150 | head -90 ;;
-    *) echo "unknown stage $s (phases probe ab tests ncu)"; exit 2 ;;
+    explore) (OUT=$OUT/x KINDS=se_atten_v2 TRAIN_STEPS=30 BUDGET_S=200 STEPS_SE=60 FORCE_SE=10 EXTRA_WHL="" \
+               PLAN="builtin:se_atten_v2:tf32layer lammps:se_atten_v2:1" \
+               timeout 400 bash bench/bench_explore_deepmd_gpu.sh > "$OUT/explore.log" 2>&1)
+             rm -f "$OUT"/x/lammps_*.log  # LAMMPS's own log: many lines, not needed
+             python3 - "$OUT/x" <<'PY'
+import json, pathlib, sys
+x = pathlib.Path(sys.argv[1])
+ours = [json.loads(f.read_text()) for f in x.glob("explore_deepmd_*.json")]
+lam = [json.loads(l) for l in (x / "lammps_explore.jsonl").read_text().splitlines() if l.startswith("{")] \
+    if (x / "lammps_explore.jsonl").exists() else []
+us = ours[0]["builtin_se_atten_v2_tf32layer"]["us_per_atom_step"]["explore"] if ours else float("nan")
+ref = lam[0]["us_per_atom_step"] if lam else float("nan")
+print(f"exploration {us:.3f} us/atom-step vs LAMMPS {ref:.1f}: {ref / us:.1f}x")
+PY
+             ;;
+    *) echo "unknown stage $s (phases probe ab tests ncu explore)"; exit 2 ;;
   esac
   echo "== $s: $(( $(date +%s) - t )) s (total $(( $(date +%s) - T0 )) s)"
 done

@@ -3,23 +3,28 @@
 # each tree, one after another on the same GPU (a branch against main, say). Make the trees here in the ignored
 # build/ and carry them with .whl:
 #
-#   for r in main s37-coalesce; do mkdir -p build/t_$r && git archive $r src bench | tar -x -C build/t_$r; done
+#   for r in main s37-coalesce; do mkdir -p build/t_$r && git archive $r src bench/profiling bench/benchutil.py \
+#     | tar -x -C build/t_$r; done                               (1.6 MB a tree: up to seven fit with .whl)
 #   bash bench/profiling/attn_layer_trees.sh build/t_main build/t_s37-coalesce      (carry .whl, build/t_main, ...)
 #
 # VARIANTS: the probe's A/B variants in each tree (default: none, the shipped kernels only). Prints each tree's us
 # per centre and layer (fused_fwd: the forward alone, fused_fwd_keep: a force call's forward, fused_bwd: its
-# backward) and errors against FP64; writes $OUT/probe_<tree>.json and $OUT/<tree>.log (OUT: /tmp/attn_layer_trees).
+# backward) and errors against FP64; writes $OUT/probe_<tree>.json and the probes' output in $OUT/trees.log (OUT:
+# /tmp/attn_layer_trees; few files, so that all come back from the device).
 set -uo pipefail
 OUT=${OUT:-/tmp/attn_layer_trees}
 mkdir -p "$OUT" /tmp/pycache && touch /tmp/pycache/.done
 export REPO=$(pwd)
 # shellcheck source=../gpu_install.sh
-source bench/gpu_install.sh > "$OUT/install.log" 2>&1 || { tail -5 "$OUT/install.log"; exit 1; }
+LOG=/tmp/attn_layer_trees_install.log
+source bench/gpu_install.sh > $LOG 2>&1 || { tail -5 $LOG; exit 1; }
 pat="fused${VARIANTS:+|${VARIANTS// /|}}"  # the table rows to print: fused_*, and each variant's
 for d in "$@"; do
   name=$(basename "$d")
   tree=$(cd "$d" && pwd)
   (cd "$tree" && PYTHONPATH="$tree/src:/tmp/site" timeout 200 python3 bench/profiling/attn_layer_probe.py \
-     --variants ${VARIANTS:-} --out "$OUT/probe_$name.json") > "$OUT/$name.log" 2>&1 || echo "$name: probe failed"
-  grep -E "^($pat)_|rel. errors" "$OUT/$name.log" | sed "s/^/$name  /"
+     --variants ${VARIANTS:-} --out "$OUT/probe_$name.json") > /tmp/attn_layer_trees_one.log 2>&1 \
+    || echo "$name: probe failed"
+  sed "s/^/$name  /" /tmp/attn_layer_trees_one.log >> "$OUT/trees.log"
+  grep -E "^($pat)_|rel. errors" /tmp/attn_layer_trees_one.log | sed "s/^/$name  /"
 done
