@@ -27,14 +27,14 @@ product that runs while k's or v's array is free can ring through that array, as
 Status (issue 21; docs/benchmarks.md, "Whole-layer TF32 kernels" and "Session 36" to "Session 38"): the cuBLAS TF32
 path's errors against FP64 (the same to two digits). On an H100 (session 36) per centre and layer, FP16 operands
 against TF32's: the forward keeping 0.191 vs 0.278 us, alone 0.105 vs 0.152, the backward 0.474 vs 0.544; a force
-call 1.713 us/atom (11.6x DeePMD-kit FP64; 2.002 with session 35's TF32 kernels). Session 38 (H100): keeping
-forward 0.161, backward 0.342; a force call 1.396 us/atom (14.1-14.4x DeePMD-kit FP64). On an H200 (session 34, TF32 operands) per
-centre and layer: the forward alone 0.154 us (deep rings; the cuBLAS path 0.360), a force call's forward 0.260
-(two-stage ring, FP16 q, k, v; 0.361) and backward 0.506 (no ring; 0.553); a force call 2.209 us/atom against the
-cuBLAS path's 2.496 (7.18x DeePMD-kit FP64), so the family is in ``settings.DEFAULT_FAST`` (it runs where ``tf32``
-is on); ``defines`` picks the rings per kernel from the A/B in that section (sessions 33-34). Tested without a GPU
-(g++ with threaded warps and emulated ``mma``s, exact or with cvt.rna's / FP16's rounding; NVRTC for sm_90):
-tests/test_engine_attn_layer.py; on a GPU: that file and tests/test_engine_attn_gpu.py;
+call 1.713 us/atom (11.6x DeePMD-kit FP64; 2.002 with session 35's TF32 kernels). Session 38 (H100): keeping forward
+0.161, backward 0.342; a force call 1.396 us/atom (14.1-14.4x DeePMD-kit FP64). On an H200 (session 34, TF32
+operands) per centre and layer: the forward alone 0.154 us (deep rings; the cuBLAS path 0.360), a force call's
+forward 0.260 (two-stage ring, FP16 q, k, v; 0.361) and backward 0.506 (no ring; 0.553); a force call 2.209 us/atom
+against the cuBLAS path's 2.496 (7.18x DeePMD-kit FP64), so the family is in ``settings.DEFAULT_FAST`` (it runs
+where ``tf32`` is on); ``defines`` picks the rings per kernel from the A/B in that section (sessions 33-34). Tested
+without a GPU (g++ with threaded warps and emulated ``mma``s, exact or with cvt.rna's / FP16's rounding; NVRTC for
+sm_90): tests/test_engine_attn_layer.py; on a GPU: that file and tests/test_engine_attn_gpu.py;
 ``bench/profiling/attn_layer_gpu.sh`` times them against the cuBLAS path (attn_layer_probe.py), per phase
 (attn_layer_phases.py) and in a force call.
 """
