@@ -19,10 +19,12 @@ process. Variants (docs/benchmarks.md, "Left-out empty slots and cuBLAS op flags
     layer_noenv layer with the env matrix and its chain rule as array code (family "env" off; the default: one
                 kernel each way, attn/env.py)
     layer_tc    layer with the strip-mode net and gate on TF32 tensor cores (settings strip_tc, cuda/strip_net_tc.py)
+    layer_chunk layer in one chunk per centre type (settings chunk_mb 1e5; the default sizes chunks from a third of
+                the free device memory and the array code's work memory per centre)
 
 The force / energy differences of mixed and tf32 to base (FP64) are their accuracy.
 
-Prints one JSON line (us per atom, CuPy pool MB per atom, the slot counts run, max |F - F_base|,
+Prints one JSON line (us per atom, CuPy pool MB per atom, the slot counts run, centres per chunk, max |F - F_base|,
 max relative |E - E_base|) and writes it to ``--out``/bench_engine_attn_ab_l{L}_w{W}.json; ``--profile [VARIANT]``
 adds the torch profiler table of one call of VARIANT (default trim); ``--deepmd`` times DeePMD-kit's ``DeepPot.eval`` of the
 same model (``dp convert-backend`` to .pth) on the same batch in the same process (``deepmd``, us per atom;
@@ -188,6 +190,9 @@ def main():
         ("layer_nonet", {"tf32": True, "fused": "off"}, False, "mixed"),
         ("layer_noenv", {"tf32": True, "fast": DEFAULT_FAST - {"env"}}, False, "mixed"),
         ("layer_tc", {"tf32": True, "strip_tc": True}, False, "mixed"),
+        # one chunk per centre type: the default sizing takes the array code's work memory per centre (3.8 MB
+        # for this model), far above the layer kernels' (session 38's profile: 12 launches per layer, one call)
+        ("layer_chunk", {"tf32": True, "chunk_mb": 1e5}, False, "mixed"),
     ]
     variants_all = list(variants)
     if args.variants:
@@ -204,6 +209,7 @@ def main():
         res[label] = 1e6 * timeit(call, sync, n=args.reps) / N
         res[label + "_pool_MB_per_atom"] = pool.total_bytes() / N / 1e6
         res[label + "_slots"] = sorted(set(ens._widths.values())) or [ens.models[0].nnei]
+        res[label + "_chunk_atoms"] = ens._chunk_size(xp)
         outs[label] = box["r"]
         pool.free_all_blocks()
         print(label, f"{res[label]:.3f} us/atom", flush=True)

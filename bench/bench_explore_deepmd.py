@@ -78,7 +78,7 @@ def cmd_bench(args) -> int:
     t0 = time.perf_counter()
     if args.provider == "builtin":
         try:
-            provider = builtin_provider(args.models, xp, args.precision, args.compress)
+            provider = builtin_provider(args.models, xp, args.precision, args.compress, args.chunk_mb)
         except UserError as err:  # e.g. --compress while the engine refuses it: recorded, not fatal
             out = results_path(args.json, "explore_deepmd", xp_tag(xp))
             old = json.loads(out.read_text()) if out is not None and out.is_file() else {}
@@ -319,6 +319,8 @@ def cmd_bench(args) -> int:
         },
         "peak_gpu_bytes_per_atom_explore": (mem_explore[0] + mem_explore[1]) / ntot,
         "force_calls": provider.calls,
+        # centres per chunk of the built-in engine's calls (by array module), as sized at its first call
+        "chunk_atoms": dict(provider.ensemble._csize) if hasattr(provider, "ensemble") else None,
         "max_atoms": getattr(provider, "max_atoms", None),
         "skin": getattr(provider, "skin", None),
         "dynamic_sel": None if args.provider == "builtin" else args.dynamic_sel,
@@ -354,10 +356,10 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def builtin_provider(models, xp, precision, compress=None):
+def builtin_provider(models, xp, precision, compress=None, chunk_mb=None):
     """dpsnake's built-in engine on the ``.dp`` of each model (made from the ``.pth`` by DeePMD-kit's
     ``dp convert-backend`` when missing), as the explorer drives it; ``compress``: min_nbor_dist (A)
-    of tabulated embedding nets."""
+    of tabulated embedding nets; ``chunk_mb``: EngineSettings.chunk_mb (None: the engine's sizing)."""
     import subprocess
 
     from dpsnake.engine.dispatch import make_ensemble
@@ -379,7 +381,7 @@ def builtin_provider(models, xp, precision, compress=None):
     # tf32layer: tf32 with the whole-layer attention kernels (family attn_layer, cuda/attn_layer.py, the default);
     # tf32: the attention through cuBLAS
     fast = DEFAULT_FAST if precision == "tf32layer" else DEFAULT_FAST - {"attn_layer"}
-    settings = EngineSettings(tf32=precision in ("tf32", "tf32layer"), fast=fast)
+    settings = EngineSettings(tf32=precision in ("tf32", "tf32layer"), fast=fast, chunk_mb=chunk_mb)
     prec = "mixed" if precision in ("tf32", "tf32layer") else precision
     prov = EnsembleProvider(make_ensemble(dp_files, precision=prec, xp=xp, compress=cmp, settings=settings))
     prov.type_map = prov.ensemble.type_map
@@ -453,6 +455,12 @@ def main() -> int:
         default=None,
         metavar="MIN_NBOR_DIST",
         help="builtin: tabulated embedding nets (DeepPot.eval then runs model_c.pth beside, if present)",
+    )
+    b.add_argument(
+        "--chunk-mb",
+        type=float,
+        default=None,
+        help="builtin: work memory per chunk of centres (EngineSettings.chunk_mb; default: the engine's sizing)",
     )
     b.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
     b.add_argument("--label", default="case")
