@@ -7,6 +7,8 @@
 #     | tar -x -C build/t_$r; done                               (1.6 MB a tree: up to seven fit with .whl)
 #   bash bench/profiling/attn_layer_trees.sh build/t_main build/t_s37-coalesce      (carry .whl, build/t_main, ...)
 #
+# PROBE: the probe script, relative to a tree (default bench/profiling/attn_layer_probe.py; e.g.
+# bench/profiling/strip_net_probe.py: the strip net's kernels; it takes no variants and prints its own table).
 # VARIANTS: the probe's A/B variants in each tree (default: none, the shipped kernels only). Prints each tree's us
 # per centre and layer (fused_fwd: the forward alone, fused_fwd_keep: a force call's forward, fused_bwd: its
 # backward) and errors against FP64; writes $OUT/probe_<tree>.json and the probes' output in $OUT/trees.log (OUT:
@@ -18,13 +20,20 @@ export REPO=$(pwd)
 # shellcheck source=../gpu_install.sh
 LOG=/tmp/attn_layer_trees_install.log
 source bench/gpu_install.sh > $LOG 2>&1 || { tail -5 $LOG; exit 1; }
+PROBE=${PROBE:-bench/profiling/attn_layer_probe.py}
+ARGS=()  # attn_layer_probe.py: the variants (an empty --variants: none of them, the shipped kernels only)
+[ "$PROBE" = bench/profiling/attn_layer_probe.py ] && ARGS=(--variants ${VARIANTS:-})
 pat="fused${VARIANTS:+|${VARIANTS// /|}}"  # the table rows to print: fused_*, and each variant's
 for d in "$@"; do
   name=$(basename "$d")
   tree=$(cd "$d" && pwd)
-  (cd "$tree" && PYTHONPATH="$tree/src:/tmp/site" timeout 200 python3 bench/profiling/attn_layer_probe.py \
-     --variants ${VARIANTS:-} --out "$OUT/probe_$name.json") > /tmp/attn_layer_trees_one.log 2>&1 \
+  (cd "$tree" && PYTHONPATH="$tree/src:/tmp/site" timeout 200 python3 "$PROBE" \
+     "${ARGS[@]}" --out "$OUT/probe_$name.json") > /tmp/attn_layer_trees_one.log 2>&1 \
     || echo "$name: probe failed"
   sed "s/^/$name  /" /tmp/attn_layer_trees_one.log >> "$OUT/trees.log"
-  grep -E "^($pat)_|rel. errors" /tmp/attn_layer_trees_one.log | sed "s/^/$name  /"
+  if [ "$PROBE" = bench/profiling/attn_layer_probe.py ]; then
+    grep -E "^($pat)_|rel. errors" /tmp/attn_layer_trees_one.log | sed "s/^/$name  /"
+  else
+    tail -12 /tmp/attn_layer_trees_one.log | sed "s/^/$name  /"
+  fi
 done
