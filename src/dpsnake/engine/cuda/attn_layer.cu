@@ -235,7 +235,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, FMINB)
     PHASE(5);
     // the row chain (attention.py's _rows_forward): smooth shift or key mask, softmax, row mask, A = T S R
     float f0, f1;
-    softmax_rows(L, sws, mk, nullptr, f0, f1);
+    softmax_rows(L, sws, mk, f0, f1);
 #if SMOOTH
     const float sw0 = sws[i0], sw1 = sws[i1];
 #endif

@@ -122,6 +122,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
 #if B16
   mstore* As = vs + N * LDK;  // (N, LDM) in shared memory
   mstore* dLs = As + N * LDM;
+  float* const Ls = nullptr;  // no scratch: L + SHIFT waits in A's and dL's rows (l_slot)
 #else
   float* Ls = scratch + (long long)blockIdx.x * (3 * N * N);  // (N, N): each lane reads back only what it wrote
   mstore* As = Ls + N * N;  // (N, N) in the scratch
@@ -298,17 +299,13 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     // the row chain forward, as attn_layer_fwd: T = softmax(L') m_i
     {
       float f0, f1;
-#if B16
 #if SMOOTH || NORMALIZE
 #pragma unroll
-      for (int jt = 0; jt < NT; ++jt)  // L + SHIFT in A's and dL's rows until the row chain's pass 2
-        *l_slot(As, dLs, i0, jt) = make_float2(T[jt][0] + SHIFT, T[jt][1] + SHIFT),
-        *l_slot(As, dLs, i1, jt) = make_float2(T[jt][2] + SHIFT, T[jt][3] + SHIFT);
+      for (int jt = 0; jt < NT; ++jt)  // L + SHIFT, kept until the row chain's pass 2
+        *l_slot(As, dLs, Ls, i0, jt) = make_float2(T[jt][0] + SHIFT, T[jt][1] + SHIFT),
+        *l_slot(As, dLs, Ls, i1, jt) = make_float2(T[jt][2] + SHIFT, T[jt][3] + SHIFT);
 #endif
-      softmax_rows(T, sws, mk, nullptr, f0, f1);
-#else
-      softmax_rows(T, sws, mk, (SMOOTH || NORMALIZE) ? Ls : nullptr, f0, f1);
-#endif
+      softmax_rows(T, sws, mk, f0, f1);
 #pragma unroll
       for (int jt = 0; jt < NT; ++jt) T[jt][0] *= f0, T[jt][1] *= f0, T[jt][2] *= f1, T[jt][3] *= f1;
     }
@@ -387,14 +384,9 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
 #pragma unroll
         for (int k = 0; k < 8; ++k) cv[k] = 0.f;
 #if SMOOTH || NORMALIZE
-#if B16
-      const float2 l0 = *l_slot(As, dLs, i0, jt), l1 = *l_slot(As, dLs, i1, jt);
-      __syncwarp();  // every lane has read tile jt of L before A and dL replace it
+      const float2 l0 = *l_slot(As, dLs, Ls, i0, jt), l1 = *l_slot(As, dLs, Ls, i1, jt);
+      if (B16) __syncwarp();  // every lane has read tile jt of L before A and dL replace it
       const float Lr0[2] = {l0.x, l0.y}, Lr1[2] = {l1.x, l1.y};  // L + SHIFT of the lane's rows
-#else
-      const float Lr0[2] = {Ls[i0 * N + 8 * jt + 2 * t], Ls[i0 * N + 8 * jt + 2 * t + 1]};
-      const float Lr1[2] = {Ls[i1 * N + 8 * jt + 2 * t], Ls[i1 * N + 8 * jt + 2 * t + 1]};
-#endif
 #endif
       float Ar[4];  // A's values of the lane's four places in tile jt
 #pragma unroll

@@ -71,16 +71,19 @@ __device__ __forceinline__ void stage_rows(const ystore* __restrict__ Y, bstore*
   }
 }
 
-#if B16
-// where L + SHIFT waits between the softmax and the row chain's pass 2 (not in the scratch: no device-memory round
-// trip): in A's and dL's shared rows, free until pass 2 writes tile jt of both after reading tile jt of L (each warp
-// its own rows). Lane (g, t) keeps row i's pair of tile jt in A's row i (t < 2) or dL's row i ^ 4 (t >= 2), bytes
-// 16 jt + 8 (t & 1): the 8-byte accesses of a half warp hit 32 different banks
-__device__ __forceinline__ float2* l_slot(mstore* As, mstore* dLs, int i, int jt) {
+// where the lane's pair of L + SHIFT (row i, columns 8 jt + 2t, + 1) waits between the softmax and the row chain's
+// pass 2. B16: in A's and dL's shared rows (no device-memory round trip), free until pass 2 writes tile jt of both
+// after reading tile jt of L (each warp its own rows); lane (g, t) keeps it in A's row i (t < 2) or dL's row i ^ 4
+// (t >= 2), bytes 16 jt + 8 (t & 1): the 8-byte accesses of a half warp hit 32 different banks. Else at
+// Ls[i N + j] in the block's scratch.
+__device__ __forceinline__ float2* l_slot(mstore* As, mstore* dLs, float* Ls, int i, int jt) {
   const int t = threadIdx.x & 3;
+#if B16
   return reinterpret_cast<float2*>((t < 2 ? As + i * LDM : dLs + (i ^ 4) * LDM) + 8 * jt + 4 * (t & 1));
-}
+#else
+  return reinterpret_cast<float2*>(Ls + i * N + 8 * jt + 2 * t);
 #endif
+}
 
 // an accumulator tile (the warp's rows, n tile jt) into M (prod_mty's layout)
 __device__ __forceinline__ void store_m(mstore* M, int jt, const float (&v)[4]) {

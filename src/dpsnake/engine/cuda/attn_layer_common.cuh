@@ -220,12 +220,12 @@ __device__ __forceinline__ float col_sum8(const float (&v)[8]) {
 }
 
 // The row chain's forward on the warp's 16 rows of logits L (accumulator layout; sws, mk: sw and the mask of
-// the N slots), in place (``keepL``, if not null, gets L + SHIFT at [i * N + j]): L' = (L + SHIFT) S - SHIFT
+// the N slots), in place: L' = (L + SHIFT) S - SHIFT
 // (SMOOTH) or -inf at empty keys, then exp(L' - row max); the left-out slots (NPAD) in the sums. Returns
 // the rows' factors f = m_i / sum, so that T = exp(L' - max) f. One function for both kernels: the backward's
 // T must be the forward's to the bit.
-__device__ __forceinline__ void softmax_rows(float (&L)[NT][4], const float* sws, const float* mk,
-                                             float* __restrict__ keepL, float& f0, float& f1) {
+__device__ __forceinline__ void softmax_rows(float (&L)[NT][4], const float* sws, const float* mk, float& f0,
+                                             float& f1) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int i0 = 16 * (threadIdx.x >> 5) + g, i1 = i0 + 8;
 #if SMOOTH
@@ -237,7 +237,6 @@ __device__ __forceinline__ void softmax_rows(float (&L)[NT][4], const float* sws
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       const int j = 8 * jt + 2 * t + e;
-      if (keepL) keepL[i0 * N + j] = L[jt][e] + SHIFT, keepL[i1 * N + j] = L[jt][2 + e] + SHIFT;
 #if SMOOTH
       L[jt][e] = (L[jt][e] + SHIFT) * (sw0 * sws[j]) - SHIFT;
       L[jt][2 + e] = (L[jt][2 + e] + SHIFT) * (sw1 * sws[j]) - SHIFT;
