@@ -34,7 +34,7 @@ import numpy as np
 
 from dpsnake.engine.cuda.attn_layer import pack_b, tf32_round
 from dpsnake.engine.cuda.fused import _act_code
-from dpsnake.engine.cuda.strip_net import StripNet
+from dpsnake.engine.cuda.strip_net import TANH_F32, StripNet
 
 WPB = 4  # warps per block, 16 slots each
 BWD_MINB = 3  # blocks per SM the backward is compiled for: 168 registers (124 B of spills), 12 warps per SM; 0: 253
@@ -277,7 +277,7 @@ def source(plan: Plan, bwd_minb: int = BWD_MINB) -> str:
         __syncwarp();"""
     return f"""
 typedef float T;
-#define TANH tanhf
+{TANH_F32}
 #define EXP expf
 #define LOG logf
 #define M {plan.M}
