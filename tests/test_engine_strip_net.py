@@ -41,12 +41,12 @@ def _ptr(a):
 class _EmuStripNet:
     """strip_net.StripNet's forward / backward with the kernels run by g++ with threaded warps (NumPy arrays)."""
 
-    def __init__(self, tmp_path, net, dtype: str, grid: int = 3):
+    def __init__(self, tmp_path, net, dtype: str, grid: int = 3, pair: bool = False):
         from dpsnake.engine.cuda import strip_net
 
         spec = strip_net._Spec(net, 4 if dtype == "float32" else 2)
-        src = strip_net.source(spec, dtype).replace("extern __shared__ __align__(16) unsigned char smem_[];", "")
-        tag = f"snet_{dtype}_{'_'.join(map(str, spec.sizes))}_{id(net) % 10**6}"
+        src = strip_net.source(spec, dtype, pair).replace("extern __shared__ __align__(16) unsigned char smem_[];", "")
+        tag = f"snet_{dtype}_{'_'.join(map(str, spec.sizes))}_{id(net) % 10**6}_{int(pair)}"
         self.lib = build_cpp(tmp_path, tag, THREADED_CUDA_STUB + PRELUDE + src + LAUNCH)
         self.dtype, self.M, self.grid, self.calls = np.dtype(dtype), spec.sizes[-1], grid, 0
         self.w = spec.pack(net).astype(self.dtype)
@@ -119,7 +119,9 @@ def _reference(net, Rn, table, row, w, gG):
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_strip_net_kernels_match_array_code(tmp_path, model_cache, dtype):
     """G = net(s) (1 + T[row] w), dL/ds and dL/dw (with w) of the kernels = nets.py + the gate: 3 x 45 slots (the
-    last warp partly empty), grids of 1 and 3 blocks (grid-stride), with and without w, several net shapes."""
+    last warp partly empty), grids of 1 and 3 blocks (grid-stride), with and without w, several net shapes; the
+    forward also with two slots per thread (``pair``: 135 slots are 2 rounds of grid 1, b's half of the second
+    partly and of the third wholly empty)."""
     rng = np.random.default_rng(4)
     tol = 3e-5 if dtype == "float32" else 1e-12
     for name, net in _nets(model_cache).items():
@@ -131,9 +133,11 @@ def test_strip_net_kernels_match_array_code(tmp_path, model_cache, dtype):
         wv = np.where(rng.uniform(size=(3, 45)) < 0.3, 0.0, rng.uniform(size=(3, 45))).astype(dtype)
         for grid in (1, 3):
             emu = _EmuStripNet(tmp_path, net, dtype, grid)
+            pair = _EmuStripNet(tmp_path, net, dtype, grid, pair=True)
             for w in (wv, None):
                 G, gs, gw = _reference(net, Rn, table, row, w, gG)
                 assert rel_err(emu.forward(Rn, table, row, w), G) < tol, (name, grid, w is None)
+                assert rel_err(pair.forward(Rn, table, row, w), G) < tol, (name, grid, w is None, "pair")
                 got_gs, got_gw = emu.backward(Rn, gG, table, row, w)
                 assert rel_err(got_gs, gs) < tol, (name, grid, w is None, "ds")
                 if w is None:

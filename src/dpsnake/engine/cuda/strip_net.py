@@ -30,6 +30,7 @@ from dpsnake.engine.cuda.fused import _LANES, _act_code, _dot_row, _Spec, hidden
 
 WPB = 4  # warps per block (a slot per thread)
 SMEM_MAX = 227 * 1024  # dynamic shared memory per block (sm_80, sm_90)
+PAIR = False  # the forward on two slots per thread (_columns_pair); not measured yet
 TP = 33  # row stride of a warp's tile (32 columns + 1: the row and column walks hit 32 banks)
 
 
@@ -76,12 +77,46 @@ def _columns(spec: _Spec, bwd: bool) -> str:
     return "\n".join(out)
 
 
-def _store_tile(jj: int) -> str:
-    """Forward: the warp's tile (Gs of its 32 slots, columns jj..jj+31) gated and stored as rows of G."""
-    return f"""for (int r = 0; r < 32; ++r) {{
+def _columns_pair(spec: _Spec) -> str:
+    """The forward's last layer for two slots per thread (``pair``: slot a = wb + lane in the tile's row lane, b =
+    a + 32 in row lane + 32): each weight vector read from shared memory feeds both slots' dot products, half the
+    shared-memory reads per FMA of _columns (whose broadcasts bound it)."""
+    last, vw = spec.layers[-1], spec.vw
+    M, nin = last["nout"], last["nin"]
+    bias = f"SW[{last['b']} + j]" if last["b"] is not None else "(T)0"
+    idt = f"SW[{last['idt']} + j]" if last["idt"] is not None else "(T)1"
+    out = []
+    for jj in range(0, M, 32):
+        qn = min(32, M - jj)
+        body = ["KEEP_ORDER;", f"const int j = {jj} + q;", f"T za = {bias}, zb = za, za1_ = (T)0, zb1_ = (T)0;"]
+        for q4 in range(last["ninp"] // vw):
+            body.append(f"const V w_{q4} = *(const V*)(SW + {last['w']} + j * {last['ninp']} + {q4 * vw});")
+            for e in range(vw):
+                k = q4 * vw + e
+                if k < nin:
+                    sfx = "" if k % 2 == 0 else "1_"  # odd k: second accumulators (chains half as long)
+                    body.append(f"za{sfx} = FMA(ha[{k}], w_{q4}.{_LANES[e]}, za{sfx});")
+                    body.append(f"zb{sfx} = FMA(hb[{k}], w_{q4}.{_LANES[e]}, zb{sfx});")
+        body += ["za += za1_; zb += zb1_;", f"const T it = {idt};"]
+        for ab, r in (("a", "lane"), ("b", "lane + 32")):
+            body.append(f"{{ const T z = z{ab}; T y, d; {_act_code(last['act'])} tile[({r}) * TP + q] = y * it; }}")
+        out += ["__syncwarp();", "#pragma unroll 1", f"for (int q = 0; q < {qn}; ++q) {{", *body, "}"]
+        if last["res"]:
+            for q in range(qn):
+                k = (jj + q) % nin
+                out.append(f"tile[lane * TP + {q}] += ha[{k}]; tile[(lane + 32) * TP + {q}] += hb[{k}];")
+        out += ["__syncwarp();", _store_tile(jj, pair=True)]
+    return "\n".join(out)
+
+
+def _store_tile(jj: int, pair: bool = False) -> str:
+    """Forward: the warp's tile (Gs of its 32 slots, or 64 with ``pair``, columns jj..jj+31) gated and stored as
+    rows of G."""
+    rp, wp = ("(r < 32 ? rp : rpb)", "(r < 32 ? wp : wpb)") if pair else ("rp", "wp")
+    return f"""for (int r = 0; r < {64 if pair else 32}; ++r) {{
   const long long pr = wb + r;
-  const int rr = __shfl_sync(0xffffffffu, rp, r);
-  const T wr = __shfl_sync(0xffffffffu, wp, r);
+  const int rr = __shfl_sync(0xffffffffu, {rp}, r & 31);
+  const T wr = __shfl_sync(0xffffffffu, {wp}, r & 31);
   const int j = {jj} + lane;
   if (pr < slots && j < M) {{
     const T gs = tile[r * TP + lane];
@@ -127,8 +162,9 @@ __device__ __forceinline__ float tanh_f32(float x) {
 #define TANH tanh_f32"""
 
 
-def source(spec: _Spec, dtype: str) -> str:
-    """CUDA source of strip_net_fwd and strip_net_bwd for the net of ``spec``."""
+def source(spec: _Spec, dtype: str, pair: bool = False) -> str:
+    """CUDA source of strip_net_fwd and strip_net_bwd for the net of ``spec``; ``pair``: the forward runs two slots
+    per thread (_columns_pair)."""
     T = "float" if dtype == "float32" else "double"
     f = "f" if T == "float" else ""
     V = "float4" if T == "float" else "double2"
@@ -138,20 +174,40 @@ def source(spec: _Spec, dtype: str) -> str:
     nl_ = "\n"
     minb = 3 if dtype == "float32" else 0  # as fused.py's backward: 168 registers for 3 blocks of 128 per SM
     # per thread: its slot p = wb + lane (wb: the warp's first slot), its table row rp and gate weight wp
-    head = f"""
+    stage = """
     extern __shared__ __align__(16) unsigned char smem_[];
     T* SW = (T*)smem_;
     for (int q = threadIdx.x; q < NWS; q += blockDim.x) SW[q] = Wg[q];
     __syncthreads();
-    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    T* tile = SW + NWS + wid * (32 * TP);
-    for (long long wb = ((long long)blockIdx.x * WPB + wid) * 32; wb < slots; wb += (long long)gridDim.x * WPB * 32) {{
-        const long long p = wb + lane;
-        const bool in = p < slots;
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;"""
+    slot = f"""const bool in = p < slots;
         const int rp = in ? row[p] : 0;
         const T wp = (in && has_w) ? w[p] : (T)1;
         T h0[1]; h0[0] = in ? Rn[4 * p] : (T)0;
         {nl_.join(hid_f)}"""
+    head = f"""{stage}
+    T* tile = SW + NWS + wid * (32 * TP);
+    for (long long wb = ((long long)blockIdx.x * WPB + wid) * 32; wb < slots; wb += (long long)gridDim.x * WPB * 32) {{
+        const long long p = wb + lane;
+        {slot}"""
+    fwd_body = f"""{head}
+        {_columns(spec, False)}"""
+    if pair:  # slot a's and b's hidden layers one after the other (their outputs kept in ha, hb), then the last layer
+        a, b = (f"""{{ const long long p = wb + {off}lane;
+            {slot}
+            #pragma unroll
+            for (int k = 0; k < NIN; ++k) h{x}[k] = HTOP[k];
+            rp{x} = rp; wp{x} = wp; }}""" for x, off in (("a", ""), ("b", "32 + ")))  # fmt: skip
+        fwd_body = f"""{stage}
+    T* tile = SW + NWS + wid * (64 * TP);
+    for (long long wb = ((long long)blockIdx.x * WPB + wid) * 64; wb < slots; wb += (long long)gridDim.x * WPB * 64) {{
+        T ha[NIN], hb[NIN], wpa, wpb;
+        int rpa, rpb;
+        {a}
+        __syncwarp();  /* keeps ptxas from interleaving a's and b's hidden layers: 255 registers and spills, else 168 */
+        {b}
+        const int rp = rpa; const T wp = wpa;
+        {_columns_pair(spec)}"""
     return f"""
 typedef {T} T;
 typedef {V} V;
@@ -172,8 +228,7 @@ typedef {V} V;
 extern "C" __global__ void __launch_bounds__(32 * WPB) strip_net_fwd(
     const T* __restrict__ Rn, const long long slots, const T* __restrict__ Wg, const T* __restrict__ table,
     const int* __restrict__ row, const T* __restrict__ w, const int has_w, T* __restrict__ G)
-{{{head}
-        {_columns(spec, False)}
+{{{fwd_body}
     }}
 }}
 
@@ -199,15 +254,17 @@ extern "C" __global__ void __launch_bounds__(32 * WPB{f", {minb}" if minb else "
 """
 
 
-def smem_bytes(spec: _Spec, itemsize: int) -> tuple:
-    """Dynamic shared memory of (forward, backward) in bytes: the weights, then one or two tiles per warp."""
-    return (spec.nw + WPB * 32 * TP) * itemsize, (spec.nw + 2 * WPB * 32 * TP) * itemsize
+def smem_bytes(spec: _Spec, itemsize: int, pair: bool = False) -> tuple:
+    """Dynamic shared memory of (forward, backward) in bytes: the weights, then per warp one tile (of 32 rows, 64
+    with ``pair``) or two."""
+    return (spec.nw + WPB * (64 if pair else 32) * TP) * itemsize, (spec.nw + 2 * WPB * 32 * TP) * itemsize
 
 
 def supported(net, dtype: str) -> str | None:
     """None if the kernels can run ``net`` in ``dtype``, else why not."""
     why = fused.supported(net)
-    if why is None and max(smem_bytes(_Spec(net, 4 if dtype == "float32" else 2), np.dtype(dtype).itemsize)) > SMEM_MAX:
+    spec = _Spec(net, 4 if dtype == "float32" else 2)
+    if why is None and max(smem_bytes(spec, np.dtype(dtype).itemsize, pair=True)) > SMEM_MAX:  # pair's forward: most
         why = "weights and tiles do not fit in shared memory"
     return why
 
@@ -216,12 +273,12 @@ class StripNet:
     """A strip-mode geometric net and its type gate as two CUDA kernels (the module doc); strip_net_tc.StripNetTC
     runs its tensor-core kernels through the same launches."""
 
-    def __init__(self, net, dtype: str):
+    def __init__(self, net, dtype: str, pair: bool = PAIR):
         why = supported(net, dtype)
         if why:
             raise ValueError(why)
-        spec = _Spec(net, 4 if dtype == "float32" else 2)
-        self._load(source(spec, dtype), ("strip_net_fwd", "strip_net_bwd"), smem_bytes(spec, np.dtype(dtype).itemsize),
+        spec, isz = _Spec(net, 4 if dtype == "float32" else 2), np.dtype(dtype).itemsize
+        self._load(source(spec, dtype, pair), ("strip_net_fwd", "strip_net_bwd"), smem_bytes(spec, isz, pair),
                    spec.pack(net), dtype, spec.sizes[-1], 32 * WPB, 32 * WPB)  # fmt: skip
 
     def _load(self, src, names, smem, params, dtype, M, threads, per_block):
