@@ -17,15 +17,16 @@
 # AB_MORE: more arguments of the ab stage's bench_engine_attn_ab.py (e.g. "layer_nonet --profile layer": one more
 # variant, and the torch profile of one call of the default).
 # Writes under $OUT (default /tmp/attn_layer_gpu): attn_layer_phases_<gpu>.json, attn_layer_probe_<gpu>.json,
-# ab/ (bench_engine_attn_ab.py's JSON and log), tests.log, ncu.txt, x/ (explore_deepmd_<gpu>.json,
-# lammps_explore.jsonl) and explore.log; prints each stage's table and its wall time.
+# ab/ (bench_engine_attn_ab.py's JSON; its log ab.log), tests.log, ncu.txt, x/ (explore_deepmd_<gpu>.json,
+# lammps_explore.jsonl) and explore.log, nothing else (the device returns at most 8 files: ab, tests and explore
+# are 6); prints each stage's table and its wall time.
 set -uo pipefail
 OUT=${OUT:-/tmp/attn_layer_gpu}
 STAGES=${*:-phases probe ab tests}
 mkdir -p "$OUT" /tmp/pycache && touch /tmp/pycache/.done
 export REPO=$(pwd)
 # shellcheck source=../gpu_install.sh
-source bench/gpu_install.sh > "$OUT/install.log" 2>&1 || { tail -5 "$OUT/install.log"; exit 1; }
+source bench/gpu_install.sh > /tmp/attn_layer_gpu_install.log 2>&1 || { tail -5 /tmp/attn_layer_gpu_install.log; exit 1; }
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o -i -E 'h100|h200|a100|l40s' | tr A-Z a-z)
 GPU=${GPU:-gpu}
 T0=$(date +%s)
@@ -36,6 +37,7 @@ for s in $STAGES; do
     probe) timeout 200 python3 bench/profiling/attn_layer_probe.py ${PROBE_MORE:-} --out "$OUT/attn_layer_probe_$GPU.json" ;;
     ab) timeout 240 python3 bench/bench_engine_attn_ab.py --attn-layer 2 --walkers 256 --reps 5 \
           --variants trim tf32 layer ${AB_MORE:-} --deepmd --deepmd-fp32 --out "$OUT/ab" > "$OUT/ab.log" 2>&1
+        rm -f "$OUT"/ab/*.pth "$OUT"/ab/*.dp  # its models: the device returns at most 8 files
         grep -E "us/atom|Error|error" "$OUT/ab.log" | tail -10 ;;
     tests) timeout 240 python3 -m pytest -q -s tests/test_engine_attn_layer.py tests/test_engine_attn_gpu.py \
              -k "on_gpu or cupy or tf32_context" > "$OUT/tests.log" 2>&1

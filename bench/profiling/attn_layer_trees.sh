@@ -11,11 +11,11 @@
 # bench/profiling/strip_net_probe.py: the strip net's kernels; it takes no variants and prints its own table).
 # VARIANTS: the probe's A/B variants in each tree (default: none, the shipped kernels only). Prints each tree's us
 # per centre and layer (fused_fwd: the forward alone, fused_fwd_keep: a force call's forward, fused_bwd: its
-# backward) and errors against FP64; writes $OUT/probe_<tree>.json and the probes' output in $OUT/trees.log (OUT:
-# /tmp/attn_layer_trees; few files, so that all come back from the device).
+# backward) and errors against FP64; writes $OUT/trees.json ({tree: its probe's JSON}) and the probes' output in
+# $OUT/trees.log (OUT: /tmp/attn_layer_trees; two files, so that all come back from the device).
 set -uo pipefail
 OUT=${OUT:-/tmp/attn_layer_trees}
-mkdir -p "$OUT" /tmp/pycache && touch /tmp/pycache/.done
+mkdir -p "$OUT" /tmp/pycache /tmp/attn_layer_trees_json && touch /tmp/pycache/.done
 export REPO=$(pwd)
 # shellcheck source=../gpu_install.sh
 LOG=/tmp/attn_layer_trees_install.log
@@ -28,7 +28,7 @@ for d in "$@"; do
   name=$(basename "$d")
   tree=$(cd "$d" && pwd)
   (cd "$tree" && PYTHONPATH="$tree/src:/tmp/site" timeout 200 python3 "$PROBE" \
-     "${ARGS[@]}" --out "$OUT/probe_$name.json") > /tmp/attn_layer_trees_one.log 2>&1 \
+     "${ARGS[@]}" --out "/tmp/attn_layer_trees_json/$name.json") > /tmp/attn_layer_trees_one.log 2>&1 \
     || echo "$name: probe failed"
   sed "s/^/$name  /" /tmp/attn_layer_trees_one.log >> "$OUT/trees.log"
   if [ "$PROBE" = bench/profiling/attn_layer_probe.py ]; then
@@ -37,3 +37,9 @@ for d in "$@"; do
     tail -12 /tmp/attn_layer_trees_one.log | sed "s/^/$name  /"
   fi
 done
+# one JSON of all trees ({tree: the probe's JSON}): the device returns at most 8 files
+python3 - "$OUT/trees.json" /tmp/attn_layer_trees_json/*.json <<'PY'
+import json, pathlib, sys
+out = {pathlib.Path(f).stem: json.loads(pathlib.Path(f).read_text()) for f in sys.argv[2:]}
+pathlib.Path(sys.argv[1]).write_text(json.dumps(out, indent=1))
+PY
