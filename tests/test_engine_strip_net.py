@@ -120,8 +120,8 @@ def _reference(net, Rn, table, row, w, gG):
 def test_strip_net_kernels_match_array_code(tmp_path, model_cache, dtype):
     """G = net(s) (1 + T[row] w), dL/ds and dL/dw (with w) of the kernels = nets.py + the gate: 3 x 45 slots (the
     last warp partly empty), grids of 1 and 3 blocks (grid-stride), with and without w, several net shapes; the
-    forward also with two slots per thread (``pair``: 135 slots are 2 rounds of grid 1, b's half of the second
-    partly and of the third wholly empty)."""
+    forward also with two slots per thread (``pair``: a block's round is 256 slots, so warp 2's a half is partly
+    and its b half wholly empty, warp 3 idle; grid 3: blocks without slots)."""
     rng = np.random.default_rng(4)
     tol = 3e-5 if dtype == "float32" else 1e-12
     for name, net in _nets(model_cache).items():

@@ -264,7 +264,7 @@ def supported(net, dtype: str) -> str | None:
     """None if the kernels can run ``net`` in ``dtype``, else why not."""
     why = fused.supported(net)
     spec = _Spec(net, 4 if dtype == "float32" else 2)
-    if why is None and max(smem_bytes(spec, np.dtype(dtype).itemsize, pair=True)) > SMEM_MAX:  # pair's forward: most
+    if why is None and max(smem_bytes(spec, np.dtype(dtype).itemsize, pair=True)) > SMEM_MAX:  # pair: the most
         why = "weights and tiles do not fit in shared memory"
     return why
 
