@@ -34,16 +34,21 @@ PAIR = False  # the forward on two slots per thread (_columns_pair); not measure
 TP = 33  # row stride of a warp's tile (32 columns + 1: the row and column walks hit 32 banks)
 
 
+def _last_layer(spec: _Spec) -> tuple:
+    """The last layer's spec, the vector width, and its bias and idt at column j as expressions."""
+    last = spec.layers[-1]
+    bias = f"SW[{last['b']} + j]" if last["b"] is not None else "(T)0"
+    idt = f"SW[{last['idt']} + j]" if last["idt"] is not None else "(T)1"
+    return last, spec.vw, bias, idt
+
+
 def _columns(spec: _Spec, bwd: bool) -> str:
     """The last layer, 32 columns at a time (chunk start jj static, the column loop not unrolled: one copy
     of its code), then the chunk's static pass: residual (htop[j % NIN], j static) and, backward, dL/dw's
     residual share. Forward: the tile gets Gs. Backward: the tile holds gin = dL/dGs (and GT = gG T with
     w), dh[NIN] += gin's backward through the layer."""
-    last, vw = spec.layers[-1], spec.vw
-    M, nin = last["nout"], last["nin"]
-    bias = f"SW[{last['b']} + j]" if last["b"] is not None else "(T)0"
-    idt = f"SW[{last['idt']} + j]" if last["idt"] is not None else "(T)1"
-    out = []
+    last, vw, bias, idt = _last_layer(spec)
+    M, nin, out = last["nout"], last["nin"], []
     for jj in range(0, M, 32):
         qn = min(32, M - jj)
         body = ["KEEP_ORDER;", f"const int j = {jj} + q;", f"T z = {bias};"]
@@ -81,11 +86,8 @@ def _columns_pair(spec: _Spec) -> str:
     """The forward's last layer for two slots per thread (``pair``: slot a = wb + lane in the tile's row lane, b =
     a + 32 in row lane + 32): each weight vector read from shared memory feeds both slots' dot products, half the
     shared-memory reads per FMA of _columns (whose broadcasts bound it)."""
-    last, vw = spec.layers[-1], spec.vw
-    M, nin = last["nout"], last["nin"]
-    bias = f"SW[{last['b']} + j]" if last["b"] is not None else "(T)0"
-    idt = f"SW[{last['idt']} + j]" if last["idt"] is not None else "(T)1"
-    out = []
+    last, vw, bias, idt = _last_layer(spec)
+    M, nin, out = last["nout"], last["nin"], []
     for jj in range(0, M, 32):
         qn = min(32, M - jj)
         body = ["KEEP_ORDER;", f"const int j = {jj} + q;", f"T za = {bias}, zb = za, za1_ = (T)0, zb1_ = (T)0;"]
