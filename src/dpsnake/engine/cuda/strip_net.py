@@ -16,9 +16,12 @@ there (the table read along rows). ``w``: sw times the mask where ``smooth_type_
 Used where the nets are fused (``EngineSettings.fused``: "auto" FP32 nets, "on" FP64 too) and the net's
 input is 1 wide (strip mode). H100, 256 x 108 CuNi, se_atten_v2 of DeePMD-kit's example size in mixed + TF32: a
 force call 2.001 against 2.164 us/atom with the net through cuBLAS and the gate kernels; the kernels take 2.0 +
-4.3 ms of its 52.8 ms, bound by the weights' shared-memory reads (one 16-byte broadcast per four FMAs: ~23% of
-the FP32 FMA peak; docs/benchmarks.md "Session 35"). Tested without a GPU (tests/test_engine_strip_net.py: g++ with threaded
-warps against nets.py + the gate's array code; NVRTC for sm_90) and on the GPU (tests/test_engine_attn_gpu.py).
+4.3 ms of its 52.8 ms (docs/benchmarks.md "Session 35"); session 39: FP32 tanh as 1 - 2 / (exp(2|x|) + 1), the
+kernels 5.747 -> 5.456 ms over 27,648 x 88 slots (bench/profiling/strip_net_probe.py; 16% of a force call). By its
+SASS the forward's column loop is 12 LDS.128 + 51 FFMA + the tanh (~64% of the issue-bound time): ``PAIR`` (two
+slots per thread, half the weight reads) is not measured yet. Tested without a GPU (tests/test_engine_strip_net.py:
+g++ with threaded warps against nets.py + the gate's array code; NVRTC for sm_90) and on the GPU
+(tests/test_engine_attn_gpu.py).
 """
 
 from __future__ import annotations
