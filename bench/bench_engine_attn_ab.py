@@ -209,7 +209,7 @@ def main():
         res[label] = 1e6 * timeit(call, sync, n=args.reps) / N
         res[label + "_pool_MB_per_atom"] = pool.total_bytes() / N / 1e6
         res[label + "_slots"] = sorted(set(ens._widths.values())) or [ens.models[0].nnei]
-        res[label + "_chunk_atoms"] = ens._chunk_size(xp)
+        res[label + "_chunk_atoms"] = ens.chunk_size(xp)
         outs[label] = box["r"]
         pool.free_all_blocks()
         print(label, f"{res[label]:.3f} us/atom", flush=True)

@@ -319,8 +319,8 @@ def cmd_bench(args) -> int:
         },
         "peak_gpu_bytes_per_atom_explore": (mem_explore[0] + mem_explore[1]) / ntot,
         "force_calls": provider.calls,
-        # centres per chunk of the built-in engine's calls (by array module), as sized at its first call
-        "chunk_atoms": dict(provider.ensemble._csize) if hasattr(provider, "ensemble") else None,
+        # centres per chunk of the built-in engine's calls (sized at its first call)
+        "chunk_atoms": provider.ensemble.chunk_size(xp) if hasattr(provider, "ensemble") else None,
         "max_atoms": getattr(provider, "max_atoms", None),
         "skin": getattr(provider, "skin", None),
         "dynamic_sel": None if args.provider == "builtin" else args.dynamic_sel,

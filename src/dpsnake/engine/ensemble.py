@@ -211,7 +211,7 @@ class EnsembleBase:
             self._nworkers = max(1, int(n))
         return self._nworkers
 
-    def _chunk_size(self, xp) -> int:
+    def chunk_size(self, xp) -> int:
         """Centres per chunk: work memory ~ settings.chunk_mb (default :data:`CPU_CHUNK_MB` on CPUs; on
         GPUs a third of the free device memory), so any number of atoms runs in bounded memory."""
         if self.chunk_atoms:
@@ -375,7 +375,7 @@ class Ensemble(EnsembleBase):
         nb = self._neighbors(xp, coords, atype, system, cells, layout.pbc_h, m0.sel, m0.pair_exclude, guessing)
         nb_check = None if nb.check is None else HostCopy(nb.check)
         order_dev, counts = layout.order, layout.counts
-        csize = self._chunk_size(xp)
+        csize = self.chunk_size(xp)
         fast_scatter = ctx.fast(xp, "scatter")
         checks = []  # (key, the chunk's stats (host array or HostCopy), the widths it was given)
         jobs = self._jobs(counts, csize)

@@ -270,7 +270,7 @@ def descriptor_features(model, frames, xp=np, batch_atoms: int = 20000) -> np.nd
     ctx = ens.ctx
     m = ens.models[0]
     rm = ens._rt(xp, 0)
-    csize = ens._chunk_size(xp)
+    csize = ens.chunk_size(xp)
     T, M1, A = m.ntypes, m.neuron[-1], m.axis_neuron
     out = np.zeros((len(frames), T * M1 * A))
     for start, stop in _batches(frames, batch_atoms):

@@ -117,7 +117,7 @@ class AttnEnsemble(EnsembleBase):
         first_type = atype[xp.clip(firsts, 0, N - 1)]
         pex = xp.asarray(m0.pair_exclude) if m0.pair_exclude.any() else None
         order, counts = layout.order, layout.counts
-        csize = self._chunk_size(xp)
+        csize = self.chunk_size(xp)
         overflow = []
         checks = []  # (key, the chunk's most filled slots (host int or HostCopy), the width it was given)
         trim = self.settings.compact
