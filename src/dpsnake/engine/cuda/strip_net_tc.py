@@ -39,6 +39,7 @@ from dpsnake.engine.cuda.strip_net import TANH_F32, StripNet
 WPB = 4  # warps per block, 16 slots each
 BWD_MINB = 3  # blocks per SM the backward is compiled for: 168 registers (124 B of spills), 12 warps per SM; 0: 253
 CH = 2  # n tiles of the last layer per chunk
+DIRECT = False  # G and gG element by element from / to the accumulators (no tiles); not measured yet
 
 
 def _ceil8(k: int) -> int:
@@ -162,9 +163,11 @@ def _hidden(plan: Plan, deriv: bool) -> tuple[list, str]:
     return c, src
 
 
-def _last_chunks(plan: Plan, src: str, bwd: bool) -> list:
+def _last_chunks(plan: Plan, src: str, bwd: bool, direct: bool = False) -> list:
     """The last layer in chunks of CH n tiles: z, activation, residual, gate; forward stores G, backward forms
-    dz = dL/dz (gin from gG and the gate), adds the residual's share to dh and dz W^T to dh."""
+    dz = dL/dz (gin from gG and the gate), adds the residual's share to dh and dz W^T to dh. ``direct``: G and gG
+    move between the accumulators and memory element by element (the gate's table read where it is needed),
+    else through the warp's tiles as whole rows."""
     k = len(plan.width) - 1
     NT, KT = plan.width[k] // 8, plan.width[k - 1] // 8
     c = []
@@ -183,16 +186,30 @@ def _last_chunks(plan: Plan, src: str, bwd: bool) -> list:
         if plan.res[k]:
             c.append(f"  y += {src}[({c0} + n) % {KT}][e];")
         c.append("  const bool up = e < 2;")
-        if not bwd:
+        if direct:  # row r0 or r1 of G / gG, its table row and w
+            c += ["  const bool ok = j >= 0 && (up ? in0 : in1);",
+                  "  const long long pr = up ? r0 : r1;",
+                  "  const T tv = ok ? table[(long long)(up ? rp0 : rp1) * M + j] : 0.f, wr = up ? wp0 : wp1;"]  # fmt: skip
+        if not bwd and direct:
+            c += ["  if (ok) G[pr * M + j] = y * (tv * wr) + y;  /* as strip_gate.cu: Gs (T w) + Gs */", "}"]
+        elif not bwd:
             c += ["  if (j >= 0) tile[(up ? g : g + 8) * LDT + j] = y;", "}"]
         else:
-            c += ["  T gin = 0.f;",
-                  "  if (j >= 0) {",
-                  "    const int q = (up ? g : g + 8) * LDT + j;",
-                  "    gin = tile[q];",
-                  "    if (has_w) { if (up) gwa0 += tile2[q] * y; else gwa1 += tile2[q] * y; }",
-                  "  }",
-                  "  zc[n][e] = gin * d * it;"]  # fmt: skip
+            if direct:
+                c += ["  T gin = 0.f;",
+                      "  if (ok) {",
+                      "    const T g_ = gG[pr * M + j];",
+                      "    gin = g_ * (tv * wr + 1.f);",
+                      "    if (has_w) { if (up) gwa0 += g_ * tv * y; else gwa1 += g_ * tv * y; }",
+                      "  }"]  # fmt: skip
+            else:
+                c += ["  T gin = 0.f;",
+                      "  if (j >= 0) {",
+                      "    const int q = (up ? g : g + 8) * LDT + j;",
+                      "    gin = tile[q];",
+                      "    if (has_w) { if (up) gwa0 += tile2[q] * y; else gwa1 += tile2[q] * y; }",
+                      "  }"]  # fmt: skip
+            c.append("  zc[n][e] = gin * d * it;")
             if plan.res[k]:
                 c.append(f"  dh[({c0} + n) % {KT}][e] += gin;")
             c.append("}")
@@ -232,9 +249,9 @@ def _hidden_back(plan: Plan) -> list:
     return c
 
 
-def source(plan: Plan, bwd_minb: int = BWD_MINB) -> str:
+def source(plan: Plan, bwd_minb: int = BWD_MINB, direct: bool = DIRECT) -> str:
     """CUDA source of snet_tc_fwd and snet_tc_bwd for ``plan``'s net (FP32, TF32 products); ``bwd_minb``: the
-    backward's blocks per SM for the register bound (0: none)."""
+    backward's blocks per SM for the register bound (0: none); ``direct``: _last_chunks' (no tiles)."""
     hid_f, src = _hidden(plan, False)
     hid_b, src_b = _hidden(plan, True)
     kl = len(plan.width) - 1
@@ -303,16 +320,16 @@ __device__ __forceinline__ void tmma(float (&c)[4], unsigned a0, unsigned a1, un
 #endif
 
 /* G (slots, M) = Gs (1 + table[row] w), Gs = net(Rn[p, 0]); Rn (slots, 4), row (slots), w (slots) if has_w */
-extern "C" __global__ void __launch_bounds__(32 * WPB) snet_tc_fwd(
+extern "C" __global__ void __launch_bounds__(32 * WPB, 4) snet_tc_fwd(
     const T* __restrict__ Rn, const long long slots, const float* __restrict__ prm, const T* __restrict__ table,
     const int* __restrict__ row, const T* __restrict__ w, const int has_w, T* __restrict__ G)
 {{
-#define NTILE 1
+#define NTILE {0 if direct else 1}
 {head}
         {nl.join(_first(plan, False))}
         {nl.join(hid_f)}
-        {nl.join(_last_chunks(plan, src, False))}
-        {store}
+        {nl.join(_last_chunks(plan, src, False, direct))}
+        {"" if direct else store}
     }}
 #undef NTILE
 }}
@@ -323,16 +340,16 @@ extern "C" __global__ void __launch_bounds__(32 * WPB{f", {bwd_minb}" if bwd_min
     const int* __restrict__ row, const T* __restrict__ w, const int has_w, const T* __restrict__ gG,
     T* __restrict__ gs, T* __restrict__ gw)
 {{
-#define NTILE 2
+#define NTILE {0 if direct else 2}
 {head}
-        {load}
+        {"" if direct else load}
         {nl.join(_first(plan, True))}
         {nl.join(hid_b)}
         T dh[{plan.width[kl - 1] // 8}][4];
         #pragma unroll
         for (int n = 0; n < {plan.width[kl - 1] // 8}; ++n) dh[n][0] = dh[n][1] = dh[n][2] = dh[n][3] = 0.f;
         T gwa0 = 0.f, gwa1 = 0.f;
-        {nl.join(_last_chunks(plan, src_b, True))}
+        {nl.join(_last_chunks(plan, src_b, True, direct))}
         {nl.join(_hidden_back(plan))}
         ds0 += __shfl_xor_sync(0xffffffffu, ds0, 1); ds0 += __shfl_xor_sync(0xffffffffu, ds0, 2);
         ds1 += __shfl_xor_sync(0xffffffffu, ds1, 1); ds1 += __shfl_xor_sync(0xffffffffu, ds1, 2);
@@ -346,20 +363,21 @@ extern "C" __global__ void __launch_bounds__(32 * WPB{f", {bwd_minb}" if bwd_min
 """
 
 
-def smem_bytes(plan: Plan) -> tuple:
-    """Dynamic shared memory of (forward, backward) in bytes: the vectors, then per warp one or two (16, LDT) tiles."""
+def smem_bytes(plan: Plan, direct: bool = DIRECT) -> tuple:
+    """Dynamic shared memory of (forward, backward) in bytes: the vectors, then per warp one or two (16, LDT) tiles
+    (none with ``direct``)."""
     ldt = plan.M + 1 - plan.M % 2
-    return tuple(4 * (plan.n_vec + WPB * k * 16 * ldt) for k in (1, 2))
+    return tuple(4 * (plan.n_vec + WPB * (0 if direct else k) * 16 * ldt) for k in (1, 2))
 
 
 class StripNetTC(StripNet):
     """strip_net.StripNet's interface on the tensor-core kernels (FP32 arrays; settings.tf32 and strip_tc)."""
 
-    def __init__(self, net, bwd_minb: int = BWD_MINB):
+    def __init__(self, net, bwd_minb: int = BWD_MINB, direct: bool = DIRECT):
         self.plan = Plan(net)
         names = ("snet_tc_fwd", "snet_tc_bwd")
-        src = source(self.plan, bwd_minb)
-        self._load(src, names, smem_bytes(self.plan), self.plan.params, "float32", self.plan.M, 32 * WPB, 16 * WPB)
+        src, smem = source(self.plan, bwd_minb, direct), smem_bytes(self.plan, direct)
+        self._load(src, names, smem, self.plan.params, "float32", self.plan.M, 32 * WPB, 16 * WPB)
 
 
 def supported(net) -> str | None:
