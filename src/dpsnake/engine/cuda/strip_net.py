@@ -48,8 +48,10 @@ def _last_layer(spec: _Spec) -> tuple:
 def _columns(spec: _Spec, bwd: bool) -> str:
     """The last layer, 32 columns at a time (chunk start jj static, the column loop not unrolled: one copy
     of its code), then the chunk's static pass: residual (htop[j % NIN], j static) and, backward, dL/dw's
-    residual share. Forward: the tile gets Gs. Backward: the tile holds gin = dL/dGs (and GT = gG T with
-    w), dh[NIN] += gin's backward through the layer."""
+    residual share. Each lane gates its own slot (table row tr = table[rp, jj:], w = wp), so the tile moves
+    plain rows. Forward: the tile gets G = (Gs (+ residual)) (T w + 1). Backward: gG's rows come in, then the
+    tile holds gin = dL/dGs = gG (T w + 1) (and GT = gG T with w), dh[NIN] += gin's backward through the
+    layer."""
     last, vw, bias, idt = _last_layer(spec)
     M, nin, out = last["nout"], last["nin"], []
     for jj in range(0, M, 32):
@@ -67,21 +69,25 @@ def _columns(spec: _Spec, bwd: bool) -> str:
                     k = q4 * vw + e
                     if k < nin:
                         body.append(f"dh[{k}] = FMA(dz, w{q4}.{_LANES[e]}, dh[{k}]);")
-        if bwd:
-            out.append("__syncwarp();")
-            out.append(_load_tile(jj))
+        out.append(f"{{ const T* tr = table + (long long)rp * M + {jj};")
+        if bwd:  # gG's rows in, then each lane gates its own row in place: gin = gG (T w + 1), GT = gG T
+            out += ["__syncwarp();", _load_tile(jj), "__syncwarp();", "#pragma unroll 4",
+                    f"for (int q = 0; q < {qn}; ++q) {{",
+                    "  const T g = tile[lane * TP + q], tv = tr[q];",
+                    "  tile[lane * TP + q] = g * FMA(tv, wp, (T)1);",
+                    "  if (has_w) GT[lane * TP + q] = g * tv;", "}"]  # fmt: skip
         out += ["__syncwarp();", "#pragma unroll 1", f"for (int q = 0; q < {qn}; ++q) {{", *body, "}"]
-        if last["res"]:
-            for q in range(qn):
-                k = (jj + q) % nin
-                if bwd:
-                    out.append(f"dh[{k}] += tile[lane * TP + {q}];")
-                    out.append(f"if (has_w) gwa = FMA(GT[lane * TP + {q}], HTOP[{k}], gwa);")
-                else:
-                    out.append(f"tile[lane * TP + {q}] += HTOP[{k}];")
+        for q in range(qn):
+            k = (jj + q) % nin
+            if bwd and last["res"]:
+                out.append(f"dh[{k}] += tile[lane * TP + {q}];")
+                out.append(f"if (has_w) gwa = FMA(GT[lane * TP + {q}], HTOP[{k}], gwa);")
+            elif not bwd:
+                res = f" + HTOP[{k}]" if last["res"] else ""
+                out.append(f"tile[lane * TP + {q}] = (tile[lane * TP + {q}]{res}) * FMA(tr[{q}], wp, (T)1);")
         if not bwd:
-            out.append("__syncwarp();")
-            out.append(_store_tile(jj))
+            out += ["__syncwarp();", _store_tile(jj)]
+        out.append("}")
     return "\n".join(out)
 
 
@@ -106,46 +112,33 @@ def _columns_pair(spec: _Spec) -> str:
         for ab, r in (("a", "lane"), ("b", "lane + 32")):
             body.append(f"{{ const T z = z{ab}; T y, d; {_act_code(last['act'])} tile[({r}) * TP + q] = y * it; }}")
         out += ["__syncwarp();", "#pragma unroll 1", f"for (int q = 0; q < {qn}; ++q) {{", *body, "}"]
-        if last["res"]:
-            for q in range(qn):
-                k = (jj + q) % nin
-                out.append(f"tile[lane * TP + {q}] += ha[{k}]; tile[(lane + 32) * TP + {q}] += hb[{k}];")
+        for q in range(qn):
+            k = (jj + q) % nin
+            for x, r in (("a", "lane"), ("b", "lane + 32")):
+                res = f" + h{x}[{k}]" if last["res"] else ""
+                out.append(f"tile[({r}) * TP + {q}] = (tile[({r}) * TP + {q}]{res}) * "
+                           f"FMA(table[(long long)rp{x} * M + {jj + q}], wp{x}, (T)1);")  # fmt: skip
         out += ["__syncwarp();", _store_tile(jj, pair=True)]
     return "\n".join(out)
 
 
 def _store_tile(jj: int, pair: bool = False) -> str:
-    """Forward: the warp's tile (Gs of its 32 slots, or 64 with ``pair``, columns jj..jj+31) gated and stored as
-    rows of G."""
-    rp, wp = ("(r < 32 ? rp : rpb)", "(r < 32 ? wp : wpb)") if pair else ("rp", "wp")
-    return f"""for (int r = 0; r < {64 if pair else 32}; ++r) {{
-  const long long pr = wb + r;
-  const int rr = __shfl_sync(0xffffffffu, {rp}, r & 31);
-  const T wr = __shfl_sync(0xffffffffu, {wp}, r & 31);
-  const int j = {jj} + lane;
-  if (pr < slots && j < M) {{
-    const T gs = tile[r * TP + lane];
-    G[pr * M + j] = gs * (table[(long long)rr * M + j] * wr) + gs;  /* as strip_gate.cu: Gs (T w) + Gs */
-  }}
+    """Forward: the warp's tile (G of its 32 slots, or 64 with ``pair``, columns jj..jj+31) stored as rows of G."""
+    return f"""if ({jj} + lane < M) {{
+  const int nr = (int)min((long long){64 if pair else 32}, slots - wb);
+  T* gp = G + wb * M + {jj} + lane;
+  for (int r = 0; r < nr; ++r) gp[r * M] = tile[r * TP + lane];
 }}"""
 
 
 def _load_tile(jj: int) -> str:
-    """Backward: rows of gG (columns jj..jj+31) of the warp's slots into the tile as gin = gG (T w + 1), and
-    GT = gG T (with w)."""
-    return f"""for (int r = 0; r < 32; ++r) {{
-  const long long pr = wb + r;
-  const int rr = __shfl_sync(0xffffffffu, rp, r);
-  const T wr = __shfl_sync(0xffffffffu, wp, r);
-  const int j = {jj} + lane;
-  T gin = (T)0, gt = (T)0;
-  if (pr < slots && j < M) {{
-    const T g = gG[pr * M + j], tv = table[(long long)rr * M + j];
-    gin = g * (tv * wr + (T)1);
-    gt = g * tv;
-  }}
-  tile[r * TP + lane] = gin;
-  if (has_w) GT[r * TP + lane] = gt;
+    """Backward: rows of gG (columns jj..jj+31) of the warp's slots into the tile (0 past the ends)."""
+    return f"""{{
+  const int nr = (int)min((long long)32, slots - wb);
+  const bool cj = {jj} + lane < M;
+  const T* gp = gG + wb * M + {jj} + lane;
+  #pragma unroll 8
+  for (int r = 0; r < 32; ++r) tile[r * TP + lane] = (cj && r < nr) ? gp[r * M] : (T)0;
 }}"""
 
 
@@ -244,10 +237,10 @@ extern "C" __global__ void __launch_bounds__(32 * WPB{f", {minb}" if minb else "
     const int* __restrict__ row, const T* __restrict__ w, const int has_w, const T* __restrict__ gG,
     T* __restrict__ gs, T* __restrict__ gw)
 {{{head}
-        T* GT = SW + NWS + (WPB + wid) * (32 * TP);
         T dh[NIN], gwa = (T)0;
         #pragma unroll
         for (int k = 0; k < NIN; ++k) dh[k] = (T)0;
+        T* GT = SW + NWS + (WPB + wid) * (32 * TP);
         {_columns(spec, True)}
         {{
             {nl_.join(hid_b)}
@@ -261,8 +254,8 @@ extern "C" __global__ void __launch_bounds__(32 * WPB{f", {minb}" if minb else "
 
 
 def smem_bytes(spec: _Spec, itemsize: int, pair: bool = False) -> tuple:
-    """Dynamic shared memory of (forward, backward) in bytes: the weights, then per warp one tile (of 32 rows, 64
-    with ``pair``) or two."""
+    """Dynamic shared memory of (forward, backward) in bytes: the weights, then per warp a tile (of 32 rows, 64
+    with ``pair``) or, backward, two."""
     return (spec.nw + WPB * (64 if pair else 32) * TP) * itemsize, (spec.nw + 2 * WPB * 32 * TP) * itemsize
 
 
