@@ -213,16 +213,16 @@ extern "C" void bwd(unsigned g, const T* Rn, long long slots, const float* prm, 
 class _EmuStripNetTC(_EmuStripNet):
     """strip_net_tc.StripNetTC's forward / backward with the kernels run by g++ (threaded warps, emulated mma)."""
 
-    def __init__(self, tmp_path, net, grid: int = 3, direct: bool = False):
+    def __init__(self, tmp_path, net, grid: int = 3, direct: bool = False, fwd_ch: int = 2):
         from attn_layer_emu import EMU
 
         from dpsnake.engine.cuda import strip_net_tc
 
         plan = strip_net_tc.Plan(net)
-        src = strip_net_tc.source(plan, direct=direct).replace(
+        src = strip_net_tc.source(plan, direct=direct, fwd_ch=fwd_ch).replace(
             "extern __shared__ __align__(16) float P[];", "static float P[1 << 16];"
         )
-        tag = f"snet_tc_{'_'.join(map(str, plan.width))}_{id(net) % 10**6}_{int(direct)}"
+        tag = f"snet_tc_{'_'.join(map(str, plan.width))}_{id(net) % 10**6}_{int(direct)}_{fwd_ch}"
         self.lib = build_cpp(tmp_path, tag, THREADED_CUDA_STUB + EMU + TC_PRELUDE + src + TC_LAUNCH)
         self.dtype, self.M, self.grid, self.calls = np.dtype(np.float32), plan.M, grid, 0
         self.w = plan.params
@@ -241,10 +241,10 @@ def _tf32_net(net):
 
 @needs_gxx
 def test_strip_net_tc_kernels_match_array_code(tmp_path, model_cache):
-    """The tensor-core kernels = nets.py + the gate on the same (TF32-rounded) weights, FP32: 3 x 45 slots (the
-    last warp's 16 partly empty), grids of 1 and 3 blocks, with and without w, G and gG through the tiles or
-    ``direct``, the nets of the FP32-FMA test but the one-layer one (resnet doubling and identity, idt or not,
-    widths not multiples of 8)."""
+    """The tensor-core kernels = nets.py + the gate on the same (TF32-rounded) weights, FP32: 3 x 45 slots (the last
+    warp's 16 partly empty), grids of 1 and 3 blocks, with and without w, G and gG through the tiles or ``direct``
+    (its forward also on 4 n tiles per chunk), the nets of the FP32-FMA test but the one-layer one (resnet doubling
+    and identity, idt or not, widths not multiples of 8)."""
     rng = np.random.default_rng(5)
     nets = {k: v for k, v in _nets(model_cache).items() if len(v.layers) > 1}
     nets["identity residual [8, 8, 16]"] = Net(
@@ -260,8 +260,8 @@ def test_strip_net_tc_kernels_match_array_code(tmp_path, model_cache):
         gG = rng.normal(size=(3, 45, M)).astype(np.float32)
         wv = np.where(rng.uniform(size=(3, 45)) < 0.3, 0.0, rng.uniform(size=(3, 45))).astype(np.float32)
         ref_net = _tf32_net(net)
-        for grid, direct in ((1, False), (3, False), (1, True), (3, True)):
-            emu = _EmuStripNetTC(tmp_path, net, grid, direct)
+        for grid, direct, ch in ((1, False, 2), (3, False, 2), (1, True, 2), (3, True, 4)):
+            emu = _EmuStripNetTC(tmp_path, net, grid, direct, ch)
             for w in (wv, None):
                 G, gs, gw = _reference(ref_net, Rn, table, row, w, gG)
                 assert rel_err(emu.forward(Rn, table, row, w), G) < 3e-5, (name, grid, w is None)

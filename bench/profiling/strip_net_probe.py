@@ -1,9 +1,10 @@
 """The strip-mode geometric net + gate kernels alone on the GPU (issue 21): cuda/strip_net.py (FP32 FMAs, a slot per
 thread; fma_pair: its forward on two slots per thread, the backward the same) against cuda/strip_net_tc.py (TF32
 tensor cores, a warp per 16 slots; its backward bounded for 3 blocks per SM, the default, and unbounded; tc_direct: G
-and gG not through shared tiles), forward and backward, on DeePMD-kit's example-size net [25, 50, 100] (random
-weights, tanh, resnet) over 27,648 centres x 88 slots with a two-type table and smooth w. Prints a table (ms per call,
-ns per slot) and the largest difference of the TF32 kernels' G / dL/ds to the FP32 ones; writes JSON.
+and gG not through shared tiles, tc_direct_ch4: its forward on 4 n tiles per chunk), forward and backward, on DeePMD-
+kit's example-size net [25, 50, 100] (random weights, tanh, resnet) over 27,648 centres x 88 slots with a two-type
+table and smooth w. Prints a table (ms per call, ns per slot) and the largest difference of the TF32 kernels' G /
+dL/ds to the FP32 ones; writes JSON.
 
     python3 bench/profiling/strip_net_probe.py --out strip_net_probe_h100.json
 """
@@ -48,13 +49,14 @@ def main():
                "fma_pair": strip_net.StripNet(net, "float32", pair=True),
                "tc_minb3": strip_net_tc.StripNetTC(net, 3, direct=False),
                "tc_direct": strip_net_tc.StripNetTC(net, 3, direct=True),
+               "tc_direct_ch4": strip_net_tc.StripNetTC(net, 3, direct=True, fwd_ch=4),
                "tc_unbounded": strip_net_tc.StripNetTC(net, 0, direct=False)}  # fmt: skip
     res, outs = {"gpu": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "slots": n * ns}, {}
     for name, k in kernels.items():
         res[name + "_fwd_ms"] = 1e3 * timeit(lambda k=k: k.forward(Rn, table, row, w), sync, n=args.reps)
         res[name + "_bwd_ms"] = 1e3 * timeit(lambda k=k: k.backward(Rn, gG, table, row, w), sync, n=args.reps)
         outs[name] = (k.forward(Rn, table, row, w), *k.backward(Rn, gG, table, row, w))
-    for name in ("fma_pair", "tc_minb3", "tc_direct", "tc_unbounded"):
+    for name in ("fma_pair", "tc_minb3", "tc_direct", "tc_direct_ch4", "tc_unbounded"):
         for q, label in enumerate(("G", "ds", "dw")):
             ref = outs["fma"][q]
             res[f"{name}_{label}_rel_diff"] = float(abs(outs[name][q] - ref).max() / abs(ref).max())

@@ -163,8 +163,8 @@ def _hidden(plan: Plan, deriv: bool) -> tuple[list, str]:
     return c, src
 
 
-def _last_chunks(plan: Plan, src: str, bwd: bool, direct: bool = False) -> list:
-    """The last layer in chunks of CH n tiles: z, activation, residual, gate; forward stores G, backward forms
+def _last_chunks(plan: Plan, src: str, bwd: bool, direct: bool = False, CH: int = CH) -> list:
+    """The last layer in chunks of CH n tiles (more: more independent products per k step, more registers): z, activation, residual, gate; forward stores G, backward forms
     dz = dL/dz (gin from gG and the gate), adds the residual's share to dh and dz W^T to dh. ``direct``: G and gG
     move between the accumulators and memory element by element (the gate's table read where it is needed),
     else through the warp's tiles as whole rows."""
@@ -249,9 +249,10 @@ def _hidden_back(plan: Plan) -> list:
     return c
 
 
-def source(plan: Plan, bwd_minb: int = BWD_MINB, direct: bool = DIRECT) -> str:
+def source(plan: Plan, bwd_minb: int = BWD_MINB, direct: bool = DIRECT, fwd_ch: int = CH) -> str:
     """CUDA source of snet_tc_fwd and snet_tc_bwd for ``plan``'s net (FP32, TF32 products); ``bwd_minb``: the
-    backward's blocks per SM for the register bound (0: none); ``direct``: _last_chunks' (no tiles)."""
+    backward's blocks per SM for the register bound (0: none); ``direct``: _last_chunks' (no tiles); ``fwd_ch``: the
+    forward's n tiles per chunk (4: 128 registers, no spills; the backward's 2: 4 spills more)."""
     hid_f, src = _hidden(plan, False)
     hid_b, src_b = _hidden(plan, True)
     kl = len(plan.width) - 1
@@ -328,7 +329,7 @@ extern "C" __global__ void __launch_bounds__(32 * WPB, 4) snet_tc_fwd(
 {head}
         {nl.join(_first(plan, False))}
         {nl.join(hid_f)}
-        {nl.join(_last_chunks(plan, src, False, direct))}
+        {nl.join(_last_chunks(plan, src, False, direct, fwd_ch))}
         {"" if direct else store}
     }}
 #undef NTILE
@@ -373,10 +374,10 @@ def smem_bytes(plan: Plan, direct: bool = DIRECT) -> tuple:
 class StripNetTC(StripNet):
     """strip_net.StripNet's interface on the tensor-core kernels (FP32 arrays; settings.tf32 and strip_tc)."""
 
-    def __init__(self, net, bwd_minb: int = BWD_MINB, direct: bool = DIRECT):
+    def __init__(self, net, bwd_minb: int = BWD_MINB, direct: bool = DIRECT, fwd_ch: int = CH):
         self.plan = Plan(net)
         names = ("snet_tc_fwd", "snet_tc_bwd")
-        src, smem = source(self.plan, bwd_minb, direct), smem_bytes(self.plan, direct)
+        src, smem = source(self.plan, bwd_minb, direct, fwd_ch), smem_bytes(self.plan, direct)
         self._load(src, names, smem, self.plan.params, "float32", self.plan.M, 32 * WPB, 16 * WPB)
 
 
