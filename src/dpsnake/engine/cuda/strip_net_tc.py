@@ -39,6 +39,7 @@ from dpsnake.engine.cuda.strip_net import TANH_F32, StripNet
 WPB = 4  # warps per block, 16 slots each
 BWD_MINB = 3  # blocks per SM the backward is compiled for: 168 registers (124 B of spills), 12 warps per SM; 0: 253
 CH = 2  # n tiles of the last layer per chunk
+FWD_CH = 2  # the forward's (4: 128 registers, no spills either); not measured yet
 DIRECT = False  # G and gG element by element from / to the accumulators (no tiles); not measured yet
 
 
@@ -249,7 +250,7 @@ def _hidden_back(plan: Plan) -> list:
     return c
 
 
-def source(plan: Plan, bwd_minb: int = BWD_MINB, direct: bool = DIRECT, fwd_ch: int = CH) -> str:
+def source(plan: Plan, bwd_minb: int = BWD_MINB, direct: bool = DIRECT, fwd_ch: int = FWD_CH) -> str:
     """CUDA source of snet_tc_fwd and snet_tc_bwd for ``plan``'s net (FP32, TF32 products); ``bwd_minb``: the
     backward's blocks per SM for the register bound (0: none); ``direct``: _last_chunks' (no tiles); ``fwd_ch``: the
     forward's n tiles per chunk (4: 128 registers, no spills; the backward's 2: 4 spills more)."""
@@ -374,7 +375,7 @@ def smem_bytes(plan: Plan, direct: bool = DIRECT) -> tuple:
 class StripNetTC(StripNet):
     """strip_net.StripNet's interface on the tensor-core kernels (FP32 arrays; settings.tf32 and strip_tc)."""
 
-    def __init__(self, net, bwd_minb: int = BWD_MINB, direct: bool = DIRECT, fwd_ch: int = CH):
+    def __init__(self, net, bwd_minb: int = BWD_MINB, direct: bool = DIRECT, fwd_ch: int = FWD_CH):
         self.plan = Plan(net)
         names = ("snet_tc_fwd", "snet_tc_bwd")
         src, smem = source(self.plan, bwd_minb, direct, fwd_ch), smem_bytes(self.plan, direct)
