@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# For session 40's first device call, from a checkout of s39-strip (or main with it merged): the strip net probe in
+# trees of main and s39-strip, then in the checkout the options that won switched on (PAIR; strip_tc + DIRECT) and
+# tests + ab + explore. Make the trees first:
+#   for r in main s39-strip; do rm -rf build/t_$r; mkdir -p build/t_$r && git archive $r src bench/profiling \
+#     bench/benchutil.py | tar -x -C build/t_$r; done
+# run: bash bench/profiling/strip_net_ab.sh   (carry .whl build/t_main build/t_s39-strip; ~6.5 min with the install)
+export REPO=$(pwd); OUT0=$OUT
+OUT=$OUT0/trees PROBE=bench/profiling/strip_net_probe.py bash bench/profiling/attn_layer_trees.sh build/t_main build/t_s39-strip
+source bench/gpu_install.sh >/dev/null 2>&1
+python3 - $OUT0/trees/trees.json <<'PY'
+import json, sys, pathlib
+r = json.load(open(sys.argv[1]))["t_s39-strip"]; t = lambda k: r[k + "_fwd_ms"] + r[k + "_bwd_ms"]
+def sub(f, a, b):
+    p = pathlib.Path(f); s = p.read_text(); assert a in s, a; p.write_text(s.replace(a, b)); print("set", b.strip())
+if r["fma_pair_fwd_ms"] < 0.97 * r["fma_fwd_ms"]:
+    sub("src/dpsnake/engine/cuda/strip_net.py", "\nPAIR = False", "\nPAIR = True")
+fma = r["fma_bwd_ms"] + min(r["fma_fwd_ms"], r["fma_pair_fwd_ms"])
+tc = min(("tc_direct", "tc_minb3", "tc_direct_ch4"), key=t)
+print(f"fma {fma:.3f} ms, {tc} {t(tc):.3f} ms")
+if t(tc) < 0.92 * fma:
+    sub("src/dpsnake/engine/settings.py", "strip_tc: bool = False", "strip_tc: bool = True")
+    if tc != "tc_minb3":
+        sub("src/dpsnake/engine/cuda/strip_net_tc.py", "\nDIRECT = False", "\nDIRECT = True")
+    if tc == "tc_direct_ch4":
+        sub("src/dpsnake/engine/cuda/strip_net_tc.py", "\nFWD_CH = 2", "\nFWD_CH = 4")
+PY
+git diff --stat 2>/dev/null
+echo "after trees: $SECONDS s"; OUT=$OUT0/g bash bench/profiling/attn_layer_gpu.sh tests ab explore
+cd $OUT0 && tar czf /tmp/all.tgz --exclude="*.pth" --exclude="*.dp" --exclude="*.pb" . && rm -rf $OUT0/* && mv /tmp/all.tgz $OUT0/ && ls -la $OUT0
