@@ -193,14 +193,22 @@ def main():
         # one chunk per centre type: the default sizing takes the array code's work memory per centre (3.8 MB
         # for this model), far above the layer kernels' (session 38's profile: 12 launches per layer, one call)
         ("layer_chunk", {"tf32": True, "chunk_mb": 1e5}, False, "mixed"),
+        # compressed (explore.compress): Gs from the table (cuda/strip_tab.py), min_nbor_dist 2.0 A
+        ("layer_tab", {"tf32": True, "compress": {"min_nbor_dist": 2.0}}, False, "mixed"),
     ]
     variants_all = list(variants)
+
+    def ensemble(kw, prec):
+        kw = dict(kw)
+        cmp = kw.pop("compress", None)
+        return make_ensemble([str(path)], precision=prec, xp=xp, compress=cmp, settings=EngineSettings(**kw))
+
     if args.variants:
         variants = [v for v in variants if v[0] in set(args.variants) | {"base"}]
     res, outs = {"atoms": N, "attn_layer": args.attn_layer, "walkers": args.walkers}, {}
     for label, kw, nb, prec in variants:
         no_bmm[0] = nb
-        ens = make_ensemble([str(path)], precision=prec, xp=xp, settings=EngineSettings(**kw))
+        ens = ensemble(kw, prec)
         box = {}
 
         def call(ens=ens, box=box):
@@ -233,7 +241,7 @@ def main():
         import torch
 
         label, kw, no_bmm[0], prec = next(v for v in variants_all if v[0] == args.profile)
-        ens = make_ensemble([str(path)], precision=prec, xp=xp, settings=EngineSettings(**kw))
+        ens = ensemble(kw, prec)
         ens.evaluate(*data)
         sync()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

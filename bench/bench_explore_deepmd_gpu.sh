@@ -88,10 +88,11 @@ lammps() {  # kind steps nproc
   echo "[$(el) s] lammps $label"
 }
 ours() {  # kind steps extra-args
-  local k=$1 steps=$2; shift 2
-  [ -f $(mfile $k 3) ] || { echo "no models: $k"; return; }
+  local k=$1 steps=$2 mk=$1; shift 2
+  [ "${1:-}" = --compress ] && mk=${k%_c}  # ours on model.pth, tabulated (also where DeePMD-kit cannot: attn_layer 2)
+  [ -f $(mfile $mk 3) ] || { echo "no models: $mk"; return; }
   local left=$(( BUDGET_S - $(el) )); [ $left -gt 30 ] || { echo "skipped ours $k: budget"; return; }
-  local ms=$(models $k); [ "${1:-}" = --compress ] && ms=$(models ${k%_c})  # ours on model.pth, tabulated
+  local ms=$(models $mk)
   timeout $left python3 bench/bench_explore_deepmd.py bench $ms --walkers "$WALKERS" --steps "$steps" \
     --device gpu --label $k --profile "$@" ${OURS_ARGS:-} 2>&1 \
     | grep -v -e "^To get the best" -e "DP_INFER_BATCH_SIZE" -e "_warn_once" -e "Profiler clears events"

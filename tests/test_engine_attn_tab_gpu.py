@@ -1,6 +1,7 @@
 """Tabulated se_atten strip mode on CuPy equals NumPy: attn_layer 0 runs the CUDA kernels of
-cuda/tab.py (STRIP: G in registers), attn_layer 2 the array code from the table; FP64 to 1e-12,
-mixed precision to 1e-5. Skipped without CuPy or a CUDA device (CI); the models train on the CPU."""
+cuda/tab.py (STRIP: G in registers), attn_layer 2 those of cuda/strip_tab.py (G written for the
+attention); FP64 to 1e-12, mixed precision to 1e-5. Skipped without CuPy or a CUDA device (CI);
+the models train on the CPU."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def test_cupy_equals_numpy_compressed(model_cache, layers, precision):
         out = ens.evaluate(*(cp.asarray(a) for a in args), atomic=True)
         rt = ens._rt(cp, 0)
         assert (rt.tab is not None) == (layers == 0)  # the kernels run exactly without attention
+        assert (type(rt.strip_net).__name__ == "StripTab") == (layers == 2)  # with attention: G from strip_tab
         for k in KEYS:
             err = rel_err(cp.asnumpy(out[k]), ref[k])
             print(layers, precision, call, k, f"{err:.1e}")

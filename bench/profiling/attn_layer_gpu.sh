@@ -39,8 +39,8 @@ for s in $STAGES; do
           --variants trim tf32 layer ${AB_MORE:-} --deepmd --deepmd-fp32 --out "$OUT/ab" > "$OUT/ab.log" 2>&1
         rm -f "$OUT"/ab/*.pth "$OUT"/ab/*.dp  # its models: the device returns at most 8 files
         grep -E "us/atom|Error|error" "$OUT/ab.log" | tail -10 ;;
-    tests) timeout 240 python3 -m pytest -q -s tests/test_engine_attn_layer.py tests/test_engine_attn_gpu.py \
-             -k "on_gpu or cupy or tf32_context" > "$OUT/tests.log" 2>&1
+    tests) timeout 300 python3 -m pytest -q -s tests/test_engine_attn_layer.py tests/test_engine_attn_gpu.py \
+             tests/test_engine_attn_tab_gpu.py -k "on_gpu or cupy or tf32_context or kernels_off" > "$OUT/tests.log" 2>&1
            grep -E "attn_layer TF32|cuBLAS TF32|passed|failed|Error|assert" "$OUT/tests.log" | tail -30 ;;
     ncu) NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
          timeout 200 "$NCU" --kernel-name regex:${NCU_KERNEL:-attn_layer} --launch-count ${NCU_COUNT:-6} \

@@ -27,7 +27,8 @@ has no gradient (the slot has no atom).
 
 Compressed (``AttnRuntime.build(compress=...)``, strip mode only): Gs is the table of
 :func:`dpsnake.engine.tabulate.build_strip_table`, in array code; on CUDA without attention layers
-the kernels of cuda/tab.py (STRIP) give gr and gRn (and dL/dswm) with G never stored.
+the kernels of cuda/tab.py (STRIP) give gr and gRn (and dL/dswm) with G never stored, with attention
+layers those of cuda/strip_tab.py write G (and give dL/ds, dL/dswm) in strip_net's place.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class AttnRuntime:
     bias: np.ndarray
     ctx: EngineContext | None = None
     tab: object = None  # cuda.tab.TabKernels (STRIP) of the tabulated Gs, or None
-    strip_net: object = None  # cuda.strip_net.StripNet of the strip-mode net and gate, or None
+    strip_net: object = None  # strip mode's net and gate: cuda.strip_net.StripNet (compressed: StripTab), or None
     left_out: dict = None  # (ti, ns) -> _left_out_gr's array or None, filled on use
 
     @classmethod
@@ -84,6 +85,10 @@ class AttnRuntime:
                 from dpsnake.engine.cuda.tab import TabKernels
 
                 tab = TabKernels(embedding, np.dtype(dtype).name, ctx.settings.tab_lps, cv(model.strip_table))
+            elif ctx.tab_kernels(xp):  # the attention needs G: table and gate kernels write it (strip_net's place)
+                from dpsnake.engine.cuda.strip_tab import StripTab
+
+                strip_net = ctx.guarded("nets", StripTab, embedding, np.dtype(dtype).name)
         return cls(
             model=model,
             xp=xp,
