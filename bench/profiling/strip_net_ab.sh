@@ -27,6 +27,6 @@ if t(tc) < 0.92 * fma:
 PY
 git diff --stat 2>/dev/null
 echo "after trees: $SECONDS s"; OUT=$OUT0/g AB_MORE="layer_tab" \
-  XPLAN="builtin:se_atten_v2:tf32layer builtin:se_atten_v2_c:tf32layer lammps:se_atten_v2:1" \
+  XPLAN="builtin:se_atten_v2:tf32layer lammps:se_atten_v2:1 builtin:se_atten_v2_c:tf32layer" \
   bash bench/profiling/attn_layer_gpu.sh tests ab explore
 cd $OUT0 && tar czf /tmp/all.tgz --exclude="*.pth" --exclude="*.dp" --exclude="*.pb" . && rm -rf $OUT0/* && mv /tmp/all.tgz $OUT0/ && ls -la $OUT0
