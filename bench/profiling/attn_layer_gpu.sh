@@ -49,7 +49,7 @@ for s in $STAGES; do
            python3 bench/profiling/attn_layer_probe.py --reps 1 > "$OUT/ncu.txt" 2>&1
          grep -E "attn_layer_|Duration|Throughput|Busy|Hit Rate|Warp Cycles Per Issued|Achieved Active|Stall" \
            "$OUT/ncu.txt" | cut -c1-150 | head -90 ;;
-    explore) (OUT=$OUT/x KINDS=se_atten_v2 TRAIN_STEPS=30 BUDGET_S=200 STEPS_SE=60 FORCE_SE=10 EXTRA_WHL="" \
+    explore) (OUT=$OUT/x KINDS=se_atten_v2 TRAIN_STEPS=30 BUDGET_S=${XBUDGET:-200} STEPS_SE=60 FORCE_SE=10 EXTRA_WHL="" \
                PLAN="builtin:se_atten_v2:tf32layer lammps:se_atten_v2:1" \
                timeout 400 bash bench/bench_explore_deepmd_gpu.sh > "$OUT/explore.log" 2>&1)
              rm -f "$OUT"/x/lammps_*.log  # LAMMPS's own log: many lines, not needed

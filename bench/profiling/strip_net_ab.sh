@@ -26,7 +26,7 @@ if t(tc) < 0.92 * fma:
         sub("src/dpsnake/engine/cuda/strip_net_tc.py", "\nFWD_CH = 2", "\nFWD_CH = 4")
 PY
 git diff --stat 2>/dev/null
-echo "after trees: $SECONDS s"; OUT=$OUT0/g AB_MORE="layer_tab" \
+echo "after trees: $SECONDS s"; OUT=$OUT0/g AB_MORE="layer_tab" XBUDGET=260 \
   XPLAN="builtin:se_atten_v2:tf32layer lammps:se_atten_v2:1 builtin:se_atten_v2_c:tf32layer" \
   bash bench/profiling/attn_layer_gpu.sh tests ab explore
 cd $OUT0 && tar czf /tmp/all.tgz --exclude="*.pth" --exclude="*.dp" --exclude="*.pb" . && rm -rf $OUT0/* && mv /tmp/all.tgz $OUT0/ && ls -la $OUT0
