@@ -14,6 +14,8 @@
 # PROBE_MORE: more arguments of the probe stage (e.g. "--variants tf32bwd tf32": only those A/B variants).
 # NCU_KERNEL, NCU_COUNT, NCU_MORE: the ncu stage's kernel regex (attn_layer), launches (6) and more arguments (e.g.
 # NCU_KERNEL=attn_layer_bwd NCU_COUNT=2 NCU_MORE="--section SourceCounters": the backward, stalls by instruction).
+# XPLAN: the explore stage's plan (default "builtin:se_atten_v2:tf32layer lammps:se_atten_v2:1"; a kind KIND_c:
+# our engine compressed, e.g. builtin:se_atten_v2_c:tf32layer).
 # AB_MORE: more arguments of the ab stage's bench_engine_attn_ab.py (e.g. "layer_nonet --profile layer": one more
 # variant, and the torch profile of one call of the default).
 # Writes under $OUT (default /tmp/attn_layer_gpu): attn_layer_phases_<gpu>.json, attn_layer_probe_<gpu>.json,
@@ -50,7 +52,7 @@ for s in $STAGES; do
          grep -E "attn_layer_|Duration|Throughput|Busy|Hit Rate|Warp Cycles Per Issued|Achieved Active|Stall" \
            "$OUT/ncu.txt" | cut -c1-150 | head -90 ;;
     explore) (OUT=$OUT/x KINDS=se_atten_v2 TRAIN_STEPS=30 BUDGET_S=${XBUDGET:-200} STEPS_SE=60 FORCE_SE=10 EXTRA_WHL="" \
-               PLAN="builtin:se_atten_v2:tf32layer lammps:se_atten_v2:1" \
+               PLAN="${XPLAN:-builtin:se_atten_v2:tf32layer lammps:se_atten_v2:1}" \
                timeout 400 bash bench/bench_explore_deepmd_gpu.sh > "$OUT/explore.log" 2>&1)
              rm -f "$OUT"/x/lammps_*.log  # LAMMPS's own log: many lines, not needed
              python3 - "$OUT/x" <<'PY'
@@ -59,9 +61,11 @@ x = pathlib.Path(sys.argv[1])
 ours = [json.loads(f.read_text()) for f in x.glob("explore_deepmd_*.json")]
 lam = [json.loads(l) for l in (x / "lammps_explore.jsonl").read_text().splitlines() if l.startswith("{")] \
     if (x / "lammps_explore.jsonl").exists() else []
-us = ours[0]["builtin_se_atten_v2_tf32layer"]["us_per_atom_step"]["explore"] if ours else float("nan")
 ref = lam[0]["us_per_atom_step"] if lam else float("nan")
-print(f"exploration {us:.3f} us/atom-step vs LAMMPS {ref:.1f}: {ref / us:.1f}x")
+for k, v in (ours[0] if ours else {}).items():
+    if k.startswith("builtin_") and isinstance(v, dict) and "us_per_atom_step" in v:
+        us = v["us_per_atom_step"]["explore"]
+        print(f"exploration {k} {us:.3f} us/atom-step vs LAMMPS {ref:.1f}: {ref / us:.1f}x")
 PY
              ;;
     *) echo "unknown stage $s (phases probe ab tests ncu explore)"; exit 2 ;;

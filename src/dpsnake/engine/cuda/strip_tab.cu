@@ -24,6 +24,7 @@ __device__ __forceinline__ void slot_of(long long p, const T* __restrict__ Rn, c
   t = table + (long long)row[p] * M;
   wp = has_w ? w[p] : (T)1;
 }
+#define MQ ((M + 31) / 32)  // column blocks of a lane
 #define SLOT_ARGS Rn, coef, lower, upper, vmax, s0, s1, nspline, table, row, w, has_w
 #define SLOTS_LOOP                                                                                             \
   const int lane = threadIdx.x & 31;                                                                           \
@@ -34,9 +35,14 @@ extern "C" __global__ void __launch_bounds__(32 * WPB) strip_tab_fwd(TAB_PARAMS,
     T x, wp;
     const T *c, *t;
     slot_of(p, SLOT_ARGS, x, c, t, wp);
-    for (int j = lane; j < M; j += 32) {
-      const T gs = c[j] + x * (c[M + j] + x * (c[2 * M + j] + x * (c[3 * M + j] + x * (c[4 * M + j] + x * c[5 * M + j]))));
-      G[p * M + j] = gs * (t[j] * wp) + gs;  // as the array code: Gs * (T swm) + Gs
+#pragma unroll
+    for (int q = 0; q < MQ; ++q) {  // unrolled: every column block's loads in flight together
+      const int j = lane + 32 * q;
+      if (j < M) {
+        const T gs =
+            c[j] + x * (c[M + j] + x * (c[2 * M + j] + x * (c[3 * M + j] + x * (c[4 * M + j] + x * c[5 * M + j]))));
+        G[p * M + j] = gs * (t[j] * wp) + gs;  // as the array code: Gs * (T swm) + Gs
+      }
     }
   }
 }
@@ -48,12 +54,16 @@ extern "C" __global__ void __launch_bounds__(32 * WPB)
     const T *c, *t;
     slot_of(p, SLOT_ARGS, x, c, t, wp);
     T a = 0, b = 0;
-    for (int j = lane; j < M; j += 32) {
-      const T c1 = c[M + j], c2 = c[2 * M + j], c3 = c[3 * M + j], c4 = c[4 * M + j], c5 = c[5 * M + j];
-      const T g = gG[p * M + j], tj = t[j];
-      const T d = c1 + x * ((T)2 * c2 + x * ((T)3 * c3 + x * ((T)4 * c4 + x * ((T)5 * c5))));  // Gs'
-      a += g * (tj * wp + (T)1) * d;
-      if (has_w) b += g * (c[j] + x * (c1 + x * (c2 + x * (c3 + x * (c4 + x * c5))))) * tj;
+#pragma unroll
+    for (int q = 0; q < MQ; ++q) {
+      const int j = lane + 32 * q;
+      if (j < M) {
+        const T c1 = c[M + j], c2 = c[2 * M + j], c3 = c[3 * M + j], c4 = c[4 * M + j], c5 = c[5 * M + j];
+        const T g = gG[p * M + j], tj = t[j];
+        const T d = c1 + x * ((T)2 * c2 + x * ((T)3 * c3 + x * ((T)4 * c4 + x * ((T)5 * c5))));  // Gs'
+        a += g * (tj * wp + (T)1) * d;
+        if (has_w) b += g * (c[j] + x * (c1 + x * (c2 + x * (c3 + x * (c4 + x * c5))))) * tj;
+      }
     }
     a = warp_sum(a);
     if (has_w) b = warp_sum(b);
