@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# For session 40's first device call, from a checkout of s39-strip (or main with it merged): the strip net probe in
-# trees of main and s39-strip, then in the checkout the options that won switched on (PAIR; strip_tc + DIRECT) and
-# tests + ab + explore. Make the trees first:
+# Session 40's device call (docs/benchmarks.md "Session 40"), from a checkout of s40-combo (main since): the strip net
+# probe in trees of main (b5b70ef) and s39-strip, then in the checkout the options that won switched on (PAIR, on in
+# the code since; strip_tc + DIRECT) and tests + ab (with layer_tab, compressed) + explore (nets, LAMMPS, compressed).
+# Make the trees first:
 #   for r in main s39-strip; do rm -rf build/t_$r; mkdir -p build/t_$r && git archive $r src bench/profiling \
 #     bench/benchutil.py | tar -x -C build/t_$r; done
 # run: bash bench/profiling/strip_net_ab.sh   (carry .whl build/t_main build/t_s39-strip; ~6.5 min with the install)
@@ -12,7 +13,9 @@ python3 - $OUT0/trees/trees.json <<'PY'
 import json, sys, pathlib
 r = json.load(open(sys.argv[1]))["t_s39-strip"]; t = lambda k: r[k + "_fwd_ms"] + r[k + "_bwd_ms"]
 def sub(f, a, b):
-    p = pathlib.Path(f); s = p.read_text(); assert a in s, a; p.write_text(s.replace(a, b)); print("set", b.strip())
+    p = pathlib.Path(f); s = p.read_text()
+    if a in s: p.write_text(s.replace(a, b)); print("set", b.strip())
+    else: assert b in s, (f, a); print("already", b.strip())
 if r["fma_pair_fwd_ms"] < 0.97 * r["fma_fwd_ms"]:
     sub("src/dpsnake/engine/cuda/strip_net.py", "\nPAIR = False", "\nPAIR = True")
 fma = r["fma_bwd_ms"] + min(r["fma_fwd_ms"], r["fma_pair_fwd_ms"])

@@ -17,9 +17,11 @@ Used where the nets are fused (``EngineSettings.fused``: "auto" FP32 nets, "on" 
 input is 1 wide (strip mode). H100, 256 x 108 CuNi, se_atten_v2 of DeePMD-kit's example size in mixed + TF32: a
 force call 2.001 against 2.164 us/atom with the net through cuBLAS and the gate kernels; the kernels take 2.0 +
 4.3 ms of its 52.8 ms (docs/benchmarks.md "Session 35"); session 39: FP32 tanh as 1 - 2 / (exp(2|x|) + 1), the
-kernels 5.747 -> 5.456 ms over 27,648 x 88 slots (bench/profiling/strip_net_probe.py; 16% of a force call). By its
-SASS the forward's column loop is 12 LDS.128 + 51 FFMA + the tanh (~64% of the issue-bound time): ``PAIR`` (two
-slots per thread, half the weight reads) is not measured yet. Tested without a GPU (tests/test_engine_strip_net.py:
+kernels 5.747 -> 5.456 ms over 27,648 x 88 slots (bench/profiling/strip_net_probe.py; 16% of a force call). Session
+40 (H100, one call, 4.007 -> 2.940 ms backward, 1.530 -> 1.349 forward): tanh on ex2/rcp.approx, each lane gating its
+own slot (no per-row shuffles), and ``PAIR`` (the forward on two slots per thread, half the weight reads). TF32
+tensor cores (strip_net_tc.py) stay off: their best pair (1.090 + 2.691 ms) is 12% faster but moves G by 6.6e-4.
+Tested without a GPU (tests/test_engine_strip_net.py:
 g++ with threaded warps against nets.py + the gate's array code; NVRTC for sm_90) and on the GPU
 (tests/test_engine_attn_gpu.py).
 """
@@ -33,7 +35,7 @@ from dpsnake.engine.cuda.fused import _LANES, _act_code, _dot_row, _Spec, hidden
 
 WPB = 4  # warps per block (a slot per thread)
 SMEM_MAX = 227 * 1024  # dynamic shared memory per block (sm_80, sm_90)
-PAIR = False  # the forward on two slots per thread (_columns_pair); not measured yet
+PAIR = True  # the forward on two slots per thread (_columns_pair): 1.398 -> 1.349 ms (session 40, H100)
 TP = 33  # row stride of a warp's tile (32 columns + 1: the row and column walks hit 32 banks)
 
 
