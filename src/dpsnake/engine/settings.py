@@ -86,7 +86,8 @@ class EngineSettings:
     (the FP64 backward kernel's 255 registers: [25, 50, 100] 0.89x at 2,048 atoms, 0.53-0.62x from 4,096).
     0: never."""
     tab_kernels: bool = True
-    """CUDA kernels of tabulated embedding nets (cuda/tab.py); False: tabulate.py's array code.
+    """CUDA kernels of tabulated embedding nets (cuda/tab.py; se_atten with attention layers:
+    cuda/strip_tab.py); False: tabulate.py's array code.
     ``DPSNAKE_FUSED=0`` turned these off too."""
     strip_tc: bool = False
     """se_atten strip mode with ``tf32`` (and the fused nets): the geometric net and type gate on TF32 tensor
