@@ -16,6 +16,7 @@
 # NCU_KERNEL=attn_layer_bwd NCU_COUNT=2 NCU_MORE="--section SourceCounters": the backward, stalls by instruction).
 # XPLAN: the explore stage's plan (default "builtin:se_atten_v2:tf32layer lammps:se_atten_v2:1"; a kind KIND_c:
 # our engine compressed, e.g. builtin:se_atten_v2_c:tf32layer).
+# XBUDGET: the explore stage's budget in seconds (200).
 # AB_MORE: more arguments of the ab stage's bench_engine_attn_ab.py (e.g. "layer_nonet --profile layer": one more
 # variant, and the torch profile of one call of the default).
 # Writes under $OUT (default /tmp/attn_layer_gpu): attn_layer_phases_<gpu>.json, attn_layer_probe_<gpu>.json,
