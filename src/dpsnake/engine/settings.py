@@ -93,7 +93,8 @@ class EngineSettings:
     """se_atten strip mode with ``tf32`` (and the fused nets): the geometric net and type gate on TF32 tensor
     cores (cuda/strip_net_tc.py) rather than cuda/strip_net.py's FP32 FMAs. Off: its first build was slower on
     an H100 (2.75 + 5.10 against 2.02 + 4.33 ms per force call of 27,648 atoms, docs/benchmarks.md "Session
-    35"); the current one is not measured yet (bench/profiling/strip_net_probe.py)."""
+    35"); session 40 (H100, bench/profiling/strip_net_probe.py): 1.108 + 3.805 ms against the FMA kernels'
+    1.349 + 2.940, and G moves 6.6e-4 (TF32)."""
     fused_bwd_minb: int | None = None
     """Blocks per SM the fused backward kernel is compiled for (caps its registers); None: 3 for FP32,
     the compiler's choice for FP64; 0: the compiler's choice. Was ``DPSNAKE_FUSED_BWD_MINB``."""
