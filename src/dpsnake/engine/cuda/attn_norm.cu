@@ -11,14 +11,10 @@
 
 #include "warp.cuh"
 
-#define ROWS_LOOP \
-  const int lane = threadIdx.x & 31; \
-  for (long long row = (long long)blockIdx.x * WPB + threadIdx.x / 32; row < rows; row += (long long)gridDim.x * WPB)
-
 extern "C" __global__ void __launch_bounds__(32 * WPB)
 qkv_fwd(REAL* z, const REAL* __restrict__ bias, int has_bias, long long rows, long long part_rows,
         REAL* __restrict__ inv) {
-  ROWS_LOOP {
+  WARP_LOOP(row, rows) {
     REAL* zr = z + row * D;
     const REAL* br = bias + (row / part_rows) * D;
     REAL v[K];
@@ -47,7 +43,7 @@ qkv_fwd(REAL* z, const REAL* __restrict__ bias, int has_bias, long long rows, lo
 extern "C" __global__ void __launch_bounds__(32 * WPB)
 qkv_bwd(REAL* dz, const REAL* __restrict__ z, const REAL* __restrict__ inv, long long rows, long long part_rows,
         REAL scaling) {
-  ROWS_LOOP {
+  WARP_LOOP(row, rows) {
     REAL* dr = dz + row * D;
     const REAL* zr = z + row * D;
     const REAL sc = row < 2 * part_rows ? scaling : (REAL)1;
@@ -76,7 +72,7 @@ qkv_bwd(REAL* dz, const REAL* __restrict__ z, const REAL* __restrict__ inv, long
 extern "C" __global__ void __launch_bounds__(32 * WPB)
 ln_fwd(REAL* h, const REAL* __restrict__ b, int has_bias, const REAL* __restrict__ x, const REAL* __restrict__ gamma,
        const REAL* __restrict__ beta, REAL eps, long long rows, REAL* __restrict__ rstd, REAL* __restrict__ out) {
-  ROWS_LOOP {
+  WARP_LOOP(row, rows) {
     REAL* hr = h + row * D;
     const REAL* xr = x + row * D;
     REAL v[K];
@@ -120,7 +116,7 @@ ln_fwd(REAL* h, const REAL* __restrict__ b, int has_bias, const REAL* __restrict
 extern "C" __global__ void __launch_bounds__(32 * WPB)
 ln_bwd(const REAL* __restrict__ dout, const REAL* __restrict__ xhat, const REAL* __restrict__ rstd,
        const REAL* __restrict__ gamma, long long rows, REAL* __restrict__ dh) {
-  ROWS_LOOP {
+  WARP_LOOP(row, rows) {
     REAL g[K], xh[K];
     REAL s1 = 0, s2 = 0;
 #pragma unroll

@@ -44,15 +44,11 @@ struct Gates {
   }
 };
 
-#define ROWS_LOOP \
-  const int lane = threadIdx.x & 31; \
-  for (long long row = (long long)blockIdx.x * WPB + threadIdx.x / 32; row < rows; row += (long long)gridDim.x * WPB)
-
 extern "C" __global__ void __launch_bounds__(32 * WPB)
 attn_fwd(const REAL* L, const REAL* __restrict__ sw, const REAL* __restrict__ r,
          const unsigned char* __restrict__ mask, long long rows, REAL* T, REAL* __restrict__ A) {
   // T may be L (in place): each lane rewrites only the values it read
-  ROWS_LOOP {
+  WARP_LOOP(row, rows) {
     const Gates g(sw, r, row);
     const REAL* Lr = L + row * N;
     const REAL mi = mask[row] ? (REAL)1 : (REAL)0;
@@ -116,7 +112,7 @@ extern "C" __global__ void __launch_bounds__(32 * WPB)
 attn_bwd(REAL* __restrict__ dA, const REAL* __restrict__ T, const REAL* __restrict__ Lq,
          const REAL* __restrict__ sw, const REAL* __restrict__ r, long long rows, REAL* __restrict__ dS,
          REAL* __restrict__ dR) {
-  ROWS_LOOP {
+  WARP_LOOP(row, rows) {
     const Gates g(sw, r, row);
     REAL a[K], t[K];
 #if SMOOTH

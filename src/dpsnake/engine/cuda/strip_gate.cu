@@ -8,14 +8,10 @@
 
 #include "warp.cuh"
 
-#define SLOTS_LOOP \
-  const int lane = threadIdx.x & 31; \
-  for (long long p = (long long)blockIdx.x * WPB + threadIdx.x / 32; p < slots; p += (long long)gridDim.x * WPB)
-
 extern "C" __global__ void __launch_bounds__(32 * WPB)
 strip_fwd(const REAL* __restrict__ gs, const REAL* __restrict__ table, const int* __restrict__ row,
           const REAL* __restrict__ w, int has_w, long long slots, REAL* __restrict__ g) {
-  SLOTS_LOOP {
+  WARP_LOOP(p, slots) {
     const REAL* t = table + (long long)row[p] * D;
     const REAL wp = has_w ? w[p] : (REAL)1;
     for (int j = lane; j < D; j += 32) {
@@ -29,7 +25,7 @@ extern "C" __global__ void __launch_bounds__(32 * WPB)
 strip_bwd(const REAL* __restrict__ gg, const REAL* __restrict__ gs, const REAL* __restrict__ table,
           const int* __restrict__ row, const REAL* __restrict__ w, int has_w, long long slots,
           REAL* __restrict__ gin, REAL* __restrict__ gw) {
-  SLOTS_LOOP {
+  WARP_LOOP(p, slots) {
     const REAL* t = table + (long long)row[p] * D;
     const REAL wp = has_w ? w[p] : (REAL)1;
     REAL s = 0;

@@ -39,8 +39,8 @@ from dpsnake.engine.cuda.strip_net import TANH_F32, StripNet
 WPB = 4  # warps per block, 16 slots each
 BWD_MINB = 3  # blocks per SM the backward is compiled for: 168 registers (124 B of spills), 12 warps per SM; 0: 253
 CH = 2  # n tiles of the last layer per chunk
-FWD_CH = 2  # the forward's (4: 128 registers, no spills either); not measured yet
-DIRECT = False  # G and gG element by element from / to the accumulators (no tiles); not measured yet
+FWD_CH = 2  # the forward's (4: 128 registers, no spills either; with DIRECT no faster, session 40)
+DIRECT = False  # G and gG element by element (no tiles): backward 2.691 vs 3.805 ms, forward 2.245 vs 1.108 (H100)
 
 
 def _ceil8(k: int) -> int:
@@ -165,8 +165,8 @@ def _hidden(plan: Plan, deriv: bool) -> tuple[list, str]:
 
 
 def _last_chunks(plan: Plan, src: str, bwd: bool, direct: bool = False, CH: int = CH) -> list:
-    """The last layer in chunks of CH n tiles (more: more independent products per k step, more registers): z, activation, residual, gate; forward stores G, backward forms
-    dz = dL/dz (gin from gG and the gate), adds the residual's share to dh and dz W^T to dh. ``direct``: G and gG
+    """The last layer in chunks of CH n tiles (more: more independent products per k step, more registers): z,
+    activation, residual, gate; forward stores G, backward forms dz = dL/dz (gin from gG and the gate), adds the residual's share to dh and dz W^T to dh. ``direct``: G and gG
     move between the accumulators and memory element by element (the gate's table read where it is needed),
     else through the warp's tiles as whole rows."""
     k = len(plan.width) - 1

@@ -26,12 +26,9 @@ __device__ __forceinline__ void slot_of(long long p, const T* __restrict__ Rn, c
 }
 #define MQ ((M + 31) / 32)  // column blocks of a lane
 #define SLOT_ARGS Rn, coef, lower, upper, vmax, s0, s1, nspline, table, row, w, has_w
-#define SLOTS_LOOP                                                                                             \
-  const int lane = threadIdx.x & 31;                                                                           \
-  for (long long p = (long long)blockIdx.x * WPB + threadIdx.x / 32; p < slots; p += (long long)gridDim.x * WPB)
 
 extern "C" __global__ void __launch_bounds__(32 * WPB) strip_tab_fwd(TAB_PARAMS, T* __restrict__ G) {
-  SLOTS_LOOP {
+  WARP_LOOP(p, slots) {
     T x, wp;
     const T *c, *t;
     slot_of(p, SLOT_ARGS, x, c, t, wp);
@@ -49,7 +46,7 @@ extern "C" __global__ void __launch_bounds__(32 * WPB) strip_tab_fwd(TAB_PARAMS,
 
 extern "C" __global__ void __launch_bounds__(32 * WPB)
     strip_tab_bwd(TAB_PARAMS, const T* __restrict__ gG, T* __restrict__ gs, T* __restrict__ gw) {
-  SLOTS_LOOP {
+  WARP_LOOP(p, slots) {
     T x, wp;
     const T *c, *t;
     slot_of(p, SLOT_ARGS, x, c, t, wp);
