@@ -98,7 +98,10 @@ template <int NP> static void cp_async_wait() {
     CP_GROUPS.erase(CP_GROUPS.begin());
   }
 }
-#define DYN_SMEM(name) static float name[N * (H + 8) + H * (N + 8) + 5 * N + 2 * N * (H + 8) + N * (N + 8)]
+// dynamic shared memory (LAUNCH sizes it), all NaN at each launch: a GPU's starts as whatever was there, so a read
+// of a place not written first shows up
+extern float SMEM_EMU[];
+#define DYN_SMEM(name) float* name = SMEM_EMU
 """
 
 # the emulator's TF32 conversion: exact (the kernels' logic) or cvt.rna's rounding (their precision)
@@ -107,10 +110,12 @@ ROUND_TF32 = "static unsigned tf32(float x) { return (__float_as_uint(x) + 0x100
 assert EXACT_TF32 in EMU
 
 LAUNCH = r"""
+float SMEM_EMU[N * (H + 8) + H * (N + 8) + 5 * N + 2 * N * (H + 8) + N * (N + 8)];
 extern "C" void fwd(unsigned grid, const float* x, const float2* wqkv, const float* bqkv, const float2* wout,
                     const float* bout, const float* gamma, const float* beta, float eps, const float* sw,
                     const float* r, const unsigned char* mask, long long B, int n, float s, float* out, ystore* y,
                     float* inv, float* xhat, float* rstd) {
+  std::memset(SMEM_EMU, 0xff, sizeof SMEM_EMU);
   launch(grid, 32 * NW, [=] {
     attn_layer_fwd(x, wqkv, bqkv, wout, bout, gamma, beta, eps, sw, r, mask, B, n, s, out, y, inv, xhat, rstd);
   });
@@ -120,6 +125,7 @@ extern "C" void bwd(unsigned grid, const float* dout, const float* xhat, const f
                     const ystore* y, const float* inv, const float2* woutT, const float2* wqkvT, const float* sw,
                     const float* r, const unsigned char* mask, long long B, int n, float s, float* scratch, float* dx,
                     float* dsw, float* dr) {
+  std::memset(SMEM_EMU, 0xff, sizeof SMEM_EMU);
   launch(grid, 32 * NW, [=] {
     attn_layer_bwd(dout, xhat, rstd, gamma, y, inv, woutT, wqkvT, sw, r, mask, B, n, s, scratch, dx, dsw, dr);
   });
