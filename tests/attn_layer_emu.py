@@ -111,12 +111,15 @@ assert EXACT_TF32 in EMU
 
 LAUNCH = r"""
 float SMEM_EMU[N * (H + 8) + H * (N + 8) + 5 * N + 2 * N * (H + 8) + N * (N + 8)];
+template <class F> static void launch_nan_smem(unsigned grid, F body) {
+  std::memset(SMEM_EMU, 0xff, sizeof SMEM_EMU);
+  launch(grid, 32 * NW, body);
+}
 extern "C" void fwd(unsigned grid, const float* x, const float2* wqkv, const float* bqkv, const float2* wout,
                     const float* bout, const float* gamma, const float* beta, float eps, const float* sw,
                     const float* r, const unsigned char* mask, long long B, int n, float s, float* out, ystore* y,
                     float* inv, float* xhat, float* rstd) {
-  std::memset(SMEM_EMU, 0xff, sizeof SMEM_EMU);
-  launch(grid, 32 * NW, [=] {
+  launch_nan_smem(grid, [=] {
     attn_layer_fwd(x, wqkv, bqkv, wout, bout, gamma, beta, eps, sw, r, mask, B, n, s, out, y, inv, xhat, rstd);
   });
 }
@@ -125,8 +128,7 @@ extern "C" void bwd(unsigned grid, const float* dout, const float* xhat, const f
                     const ystore* y, const float* inv, const float2* woutT, const float2* wqkvT, const float* sw,
                     const float* r, const unsigned char* mask, long long B, int n, float s, float* scratch, float* dx,
                     float* dsw, float* dr) {
-  std::memset(SMEM_EMU, 0xff, sizeof SMEM_EMU);
-  launch(grid, 32 * NW, [=] {
+  launch_nan_smem(grid, [=] {
     attn_layer_bwd(dout, xhat, rstd, gamma, y, inv, woutT, wqkvT, sw, r, mask, B, n, s, scratch, dx, dsw, dr);
   });
 }

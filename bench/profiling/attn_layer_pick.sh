@@ -36,5 +36,4 @@ OUT=$O/g XBUDGET=${XBUDGET:-200} AB_MORE=${AB_MORE:-layer_tab} \
   XPLAN=${XPLAN:-"builtin:se_atten_v2:tf32layer lammps:se_atten_v2:1 builtin:se_atten_v2_c:tf32layer"} \
   timeout $(( ${LIMIT:-575} - SECONDS )) bash bench/profiling/attn_layer_gpu.sh ${STAGES:-explore tests ab}
 echo "total: $SECONDS s"
-cd "$O" && tar czf /tmp/attn_layer_pick.tgz --exclude="*.pth" --exclude="*.dp" --exclude="*.pb" . \
-  && rm -rf "${O:?}"/* && mv /tmp/attn_layer_pick.tgz "$O/all.tgz" && ls -la "$O"
+source "$REPO/bench/profiling/pack_out.sh" && pack_out "$O"

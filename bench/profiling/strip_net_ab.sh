@@ -32,4 +32,4 @@ git diff --stat 2>/dev/null
 echo "after trees: $SECONDS s"; OUT=$OUT0/g AB_MORE="layer_tab" XBUDGET=260 \
   XPLAN="builtin:se_atten_v2:tf32layer lammps:se_atten_v2:1 builtin:se_atten_v2_c:tf32layer" \
   bash bench/profiling/attn_layer_gpu.sh tests ab explore
-cd $OUT0 && tar czf /tmp/all.tgz --exclude="*.pth" --exclude="*.dp" --exclude="*.pb" . && rm -rf $OUT0/* && mv /tmp/all.tgz $OUT0/ && ls -la $OUT0
+source "$REPO/bench/profiling/pack_out.sh" && pack_out "$OUT0"
