@@ -11,8 +11,7 @@
 #   bash bench/profiling/attn_layer_pick.sh build/t_main build/t_s41-keepl        (carry .whl build/t_main ...)
 #
 # LIMIT: seconds the whole call may take (default 575: the device's 600 less the packing); the stages get what the
-# trees left. XBUDGET, XPLAN, AB_MORE: attn_layer_gpu.sh's (defaults here: 200 s; nets, LAMMPS, nets in one chunk
-# of centres (chunk_mb 120000: the batch's 27,648 at the engine's estimate of 3.8 MB each), compressed;
+# trees left. XBUDGET, XPLAN, AB_MORE: attn_layer_gpu.sh's (defaults here: 200 s; nets, LAMMPS and compressed;
 # layer_tab). Writes $OUT/all.tgz (trees/: trees.json, trees.log; g/: attn_layer_gpu.sh's files; best.txt): one file,
 # whatever the number of trees, made anew after the trees and after each stage (the files themselves are kept in
 # /tmp/attn_layer_pick_work), so that a call cut short by the device brings back what was done. A tree whose probe
@@ -50,7 +49,7 @@ for a in "$@"; do [ "$(basename "$a")" = "$best" ] && cp -r "$a/src/." src/; don
 for s in ${STAGES:-explore tests ab}; do
   left=$(( ${LIMIT:-575} - SECONDS )); [ $left -gt 20 ] || { echo "stage $s skipped: LIMIT"; continue; }
   OUT=$W/g XBUDGET=${XBUDGET:-200} AB_MORE=${AB_MORE:-layer_tab} \
-    XPLAN=${XPLAN:-"builtin:se_atten_v2:tf32layer lammps:se_atten_v2:1 builtin:se_atten_v2:tf32layer:120000 builtin:se_atten_v2_c:tf32layer"} \
+    XPLAN=${XPLAN:-"builtin:se_atten_v2:tf32layer lammps:se_atten_v2:1 builtin:se_atten_v2_c:tf32layer"} \
     timeout $left bash bench/profiling/attn_layer_gpu.sh "$s"
   snap "$W" "$O"
 done
