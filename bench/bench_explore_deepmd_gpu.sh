@@ -113,8 +113,8 @@ profile() {  # KIND [STAGES]: where a provider call's time goes (bench/profiling
   echo "[$(el) s] profile $1"
 }
 steps() { [ $1 = dpa3 ] && echo "$STEPS_DPA3" || echo "$STEPS_SE"; }
-for c in $PLAN; do  # lammps:KIND:NPROC, ours:KIND[:compile] (DeePMD-kit's models), builtin:KIND[:PREC[:MB]] (our engine, .dp), engine
-  IFS=: read -r what k n mb <<< "$c"
+for c in $PLAN; do  # lammps:KIND:NPROC, ours:KIND[:compile] (DeePMD-kit's models) or builtin:KIND (our engine, .dp), engine
+  IFS=: read -r what k n <<< "$c"
   case $what in
     engine) engine ;;
     profile) profile $k $n ;;
@@ -124,9 +124,7 @@ for c in $PLAN; do  # lammps:KIND:NPROC, ours:KIND[:compile] (DeePMD-kit's model
           else ours $k "$(steps $k)" --force-steps "$FORCE_SE" "${tag[@]}"; fi ;;
     builtin) prec=double; [ "${k%_fp32}" = "$k" ] || prec=mixed; [ -z "$n" ] || prec=$n  # builtin:KIND:tf32
           cmp=""; [ "${k%_c}" = "$k" ] || cmp="--compress ${MIN_NBOR:-2.0}"
-          [ -z "$mb" ] || cmp="$cmp --chunk-mb $mb"  # builtin:KIND:PREC:MB: EngineSettings.chunk_mb MB (label _mbMB)
-          ours $k "$(steps $k)" $cmp --force-steps "$FORCE_SE" --provider builtin --precision $prec \
-            --label builtin_$k${n:+_$n}${mb:+_mb$mb} ;;
+          ours $k "$(steps $k)" $cmp --force-steps "$FORCE_SE" --provider builtin --precision $prec --label builtin_$k${n:+_$n} ;;
   esac
 done
 nvidia-smi --query-gpu=memory.used --format=csv,noheader
