@@ -132,7 +132,7 @@ def cmd_bench(args) -> int:
     rows, notes = {}, {}
     # warm-up (TorchScript profiling runs, cuBLAS handles, CUDA graphs of the integrator), then timed
     ex = Explorer(
-        walkers(args.walkers, nsteps + args.warmup_steps + f),
+        walkers(args.walkers, args.explore_rounds * nsteps + args.warmup_steps + f),
         provider,
         type_map,
         tmp / "run",
@@ -150,11 +150,22 @@ def cmd_bench(args) -> int:
     sync()
     notes["warmup_s"] = time.perf_counter() - t0
     ex.stop_after = nsteps
-    sync()
-    t0 = time.perf_counter()
-    ex.loop()
-    sync()
-    rows["explore"] = (time.perf_counter() - t0) / nsteps
+    # rounds of nsteps, the median kept: a round may compile the layer kernels for a neighbour width
+    # first met there (a compile-time constant, cuda/attn_layer.py; a fresh machine's kernel cache
+    # is empty), which a long exploration pays once
+    from dpsnake.engine.cuda.attn_layer import _device_module
+
+    rounds, modules = [], [_device_module.cache_info().currsize]
+    for _ in range(args.explore_rounds):
+        sync()
+        t0 = time.perf_counter()
+        ex.loop()
+        sync()
+        rounds.append((time.perf_counter() - t0) / nsteps)
+        modules.append(_device_module.cache_info().currsize)
+    rows["explore"] = float(np.median(rounds))
+    notes["explore_rounds_us_per_atom_step"] = [round(1e6 * r / ntot, 4) for r in rounds]
+    notes["attn_layer_modules_after_warmup_and_rounds"] = modules  # one per width and KEEP, compiled on first use
     mem_explore = gpu_mem(xp)
 
     out = results_path(args.json, "explore_deepmd", xp_tag(xp))
@@ -175,12 +186,14 @@ def cmd_bench(args) -> int:
             "us_per_atom_step": {"explore": 1e6 * rows["explore"] / ntot},
             "prepare_s": notes["prepare_s"],
             "warmup_s": notes["warmup_s"],
+            "explore_rounds_us_per_atom_step": notes["explore_rounds_us_per_atom_step"],
             "peak_gpu_bytes_per_atom_explore": (mem_explore[0] + mem_explore[1]) / ntot,
         }
     )
     print(
         f"[{args.label}] explore {1e3 * rows['explore']:.2f} ms per step, {1e6 * rows['explore'] / ntot:.3f} us per "
-        f"atom-step; peak GPU {(mem_explore[0] + mem_explore[1]) / ntot / 1024:.1f} KiB per atom",
+        f"atom-step (median of rounds {notes['explore_rounds_us_per_atom_step']}); peak GPU "
+        f"{(mem_explore[0] + mem_explore[1]) / ntot / 1024:.1f} KiB per atom",
         flush=True,
     )
 
@@ -412,6 +425,9 @@ def main() -> int:
     b.add_argument("--trj-freq", type=int, default=10)
     b.add_argument("--force-steps", type=int, default=50, help="steps of the provider-alone timing")
     b.add_argument("--warmup-steps", type=int, default=20, help="untimed explorer steps first")
+    b.add_argument(
+        "--explore-rounds", type=int, default=3, help="timed explorer rounds of --steps each (the median kept)"
+    )
     b.add_argument("--reps", type=int, default=3, help="repeats of the single-call timings (median)")
     b.add_argument(
         "--max-atoms",
