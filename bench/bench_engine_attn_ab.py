@@ -195,6 +195,9 @@ def main():
         ("layer_chunk", {"tf32": True, "chunk_mb": 1e5}, False, "mixed"),
         # compressed (explore.compress): Gs from the table (cuda/strip_tab.py), min_nbor_dist 2.0 A
         ("layer_tab", {"tf32": True, "compress": {"min_nbor_dist": 2.0}}, False, "mixed"),
+        # centres in the order of the slots they filled last call (the layer kernels' slots rounded up to 16)
+        ("layer_fill", {"tf32": True, "fill_order": True}, False, "mixed"),
+        ("layer_tab_fill", {"tf32": True, "fill_order": True, "compress": {"min_nbor_dist": 2.0}}, False, "mixed"),
     ]
     variants_all = list(variants)
 
@@ -216,7 +219,8 @@ def main():
 
         res[label] = 1e6 * timeit(call, sync, n=args.reps) / N
         res[label + "_pool_MB_per_atom"] = pool.total_bytes() / N / 1e6
-        res[label + "_slots"] = sorted(set(ens._widths.values())) or [ens.models[0].nnei]
+        w = ens._widths  # fill_order: the widths of the chunks in fill order (keys ending in True)
+        res[label + "_slots"] = sorted({w[k] for k in ([k for k in w if k[-1] is True] or w)}) or [ens.models[0].nnei]
         res[label + "_chunk_atoms"] = ens.chunk_size(xp)
         outs[label] = box["r"]
         pool.free_all_blocks()

@@ -78,7 +78,7 @@ def cmd_bench(args) -> int:
     t0 = time.perf_counter()
     if args.provider == "builtin":
         try:
-            provider = builtin_provider(args.models, xp, args.precision, args.compress, args.chunk_mb)
+            provider = builtin_provider(args.models, xp, args.precision, args.compress, args.chunk_mb, args.set)
         except UserError as err:  # e.g. --compress while the engine refuses it: recorded, not fatal
             out = results_path(args.json, "explore_deepmd", xp_tag(xp))
             old = json.loads(out.read_text()) if out is not None and out.is_file() else {}
@@ -369,10 +369,11 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def builtin_provider(models, xp, precision, compress=None, chunk_mb=None):
+def builtin_provider(models, xp, precision, compress=None, chunk_mb=None, sets=()):
     """dpsnake's built-in engine on the ``.dp`` of each model (made from the ``.pth`` by DeePMD-kit's
     ``dp convert-backend`` when missing), as the explorer drives it; ``compress``: min_nbor_dist (A)
-    of tabulated embedding nets; ``chunk_mb``: EngineSettings.chunk_mb (None: the engine's sizing)."""
+    of tabulated embedding nets; ``chunk_mb``: EngineSettings.chunk_mb (None: the engine's sizing);
+    ``sets``: NAME=VALUE engine settings on top."""
     import subprocess
 
     from dpsnake.engine.dispatch import make_ensemble
@@ -395,6 +396,7 @@ def builtin_provider(models, xp, precision, compress=None, chunk_mb=None):
     # tf32: the attention through cuBLAS
     fast = DEFAULT_FAST if precision == "tf32layer" else DEFAULT_FAST - {"attn_layer"}
     settings = EngineSettings(tf32=precision in ("tf32", "tf32layer"), fast=fast, chunk_mb=chunk_mb)
+    settings = EngineSettings.parse(sets, base=settings)
     prec = "mixed" if precision in ("tf32", "tf32layer") else precision
     prov = EnsembleProvider(make_ensemble(dp_files, precision=prec, xp=xp, compress=cmp, settings=settings))
     prov.type_map = prov.ensemble.type_map
@@ -477,6 +479,13 @@ def main() -> int:
         type=float,
         default=None,
         help="builtin: work memory per chunk of centres (EngineSettings.chunk_mb; default: the engine's sizing)",
+    )
+    b.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="builtin: more engine settings (EngineSettings.parse, docs/engine.md), e.g. fill_order=1",
     )
     b.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
     b.add_argument("--label", default="case")

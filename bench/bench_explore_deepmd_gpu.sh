@@ -14,7 +14,8 @@
 # DeepmdProvider as before issue 17's session h17). Plan item ours:KIND:compile: DeepmdProvider(compile=True)
 # (DPA-3's repflow layers through torch.compile; label KIND_compile; the compilation is in the warm-up)
 # e.g. issue 21: KINDS=se_atten_v2 PLAN="builtin:se_atten_v2 ours:se_atten_v2 lammps:se_atten_v2:1"
-# (builtin:KIND:PRECISION: our engine in double, mixed or tf32 = mixed with TF32 GEMMs; label builtin_KIND_PRECISION)
+# (builtin:KIND:PRECISION: our engine in double, mixed or tf32 = mixed with TF32 GEMMs; label builtin_KIND_PRECISION;
+# PRECISION+NAME[+NAME]: engine settings NAME switched on, e.g. builtin:se_atten_v2:tf32layer+fill_order)
 # Kinds *_l0 (attn_layer 0) are also compressed by `dp --pt compress` (model_c.pth); a plan kind KIND_c
 # means those: builtin:KIND_c runs our engine with --compress $MIN_NBOR (tabulated), ours:/lammps:KIND_c
 # DeePMD-kit's compressed models. Plan item "engine": bench_engine_attn.py (per-size cases, $ENGINE_ARGS,
@@ -122,9 +123,11 @@ for c in $PLAN; do  # lammps:KIND:NPROC, ours:KIND[:compile] (DeePMD-kit's model
     ours) tag=(); [ "$n" = compile ] && tag=(--compile on --label ${k}_compile)
           if [ $k = dpa3 ]; then ours $k "$(steps $k)" --warmup-steps 10 --force-steps "$FORCE_DPA3" --reps 1 "${tag[@]}"
           else ours $k "$(steps $k)" --force-steps "$FORCE_SE" "${tag[@]}"; fi ;;
-    builtin) prec=double; [ "${k%_fp32}" = "$k" ] || prec=mixed; [ -z "$n" ] || prec=$n  # builtin:KIND:tf32
+    builtin) prec=double; [ "${k%_fp32}" = "$k" ] || prec=mixed; [ -z "$n" ] || prec=${n%%+*}  # builtin:KIND:tf32
           cmp=""; [ "${k%_c}" = "$k" ] || cmp="--compress ${MIN_NBOR:-2.0}"
-          ours $k "$(steps $k)" $cmp --force-steps "$FORCE_SE" --provider builtin --precision $prec --label builtin_$k${n:+_$n} ;;
+          sets=(); rest=${n#*+}; [ "$rest" = "$n" ] || for b in ${rest//+/ }; do sets+=(--set "$b=1"); done
+          ours $k "$(steps $k)" $cmp --force-steps "$FORCE_SE" --provider builtin --precision $prec "${sets[@]}" \
+            --label builtin_$k${n:+_$n} ;;
   esac
 done
 nvidia-smi --query-gpu=memory.used --format=csv,noheader

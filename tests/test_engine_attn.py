@@ -313,6 +313,39 @@ def test_left_out_slots_equal_deepmd(model_cache, monkeypatch, name):
     assert max(worst.values()) <= 1e-10, worst
 
 
+def test_fill_order_runs_fewer_slots_and_equals(model_cache, monkeypatch):
+    """settings.fill_order: from the second call a type's centres run in the order of the slots they filled,
+    so the chunks run fewer slots in all (centres x slots) than in the layout's order; every call equals all
+    slots to 1e-12, with widths reused ("guess") and not."""
+    from dpsnake.engine.settings import EngineSettings
+
+    dp = str(attn_model(model_cache, "v2_l2")["dp"])
+    ens0 = AttnEnsemble([dp], chunk_atoms=3)
+    args = flat(systems(ens0.type_map)[:4], ens0.type_map)
+    ref = AttnEnsemble([dp], settings=EngineSettings(compact=False)).evaluate(*args, atomic=True)
+    seen = []
+
+    def spy(rt, ti, d, *a, **k):
+        seen.append(d.shape[0] * d.shape[1])
+        return orig(rt, ti, d, *a, **k)
+
+    from dpsnake.engine.attn import ensemble as ens_mod
+
+    orig = ens_mod.energy_and_grad
+    monkeypatch.setattr(ens_mod, "energy_and_grad", spy)
+    for widths in ("auto", "guess"):
+        ens = AttnEnsemble([dp], settings=EngineSettings(fill_order=True, widths=widths), chunk_atoms=3)
+        work = []
+        for _ in range(3):
+            seen.clear()
+            out = ens.evaluate(*args, atomic=True)
+            work.append(sum(seen))
+            for k in ("energy", "force", "virial", "atom_energy", "atom_virial"):
+                assert rel_err(out[k], ref[k]) <= 1e-12, (widths, k)
+        assert work[1] < work[0] and work[2] == work[1], (widths, work)
+        assert ens.width_misses == 0
+
+
 def test_left_out_slots_reused_and_redone(model_cache):
     """settings.widths "guess": a call reuses the last call's slot counts; a call whose atoms fill
     more slots than that is redone with its own (width_misses) and equals a fresh ensemble's."""

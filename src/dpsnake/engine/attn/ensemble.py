@@ -55,6 +55,7 @@ class AttnEnsemble(EnsembleBase):
 
     def __init__(self, models, *args, **kwargs):
         super().__init__(models, *args, **kwargs)
+        self._fills = {}  # (N, S) -> (N,) slots each centre filled in the last call (settings fill_order)
         if self.compress is not None:
             for m in self.models:
                 check_compressible(m)
@@ -122,6 +123,11 @@ class AttnEnsemble(EnsembleBase):
         checks = []  # (key, the chunk's most filled slots (host int or HostCopy), the width it was given)
         trim = self.settings.compact
         jobs = self._jobs(counts, csize)
+        fill_key = (N, S) if trim and self.settings.fill_order and len(jobs) > 1 else None
+        last_fill = self._fills.get(fill_key) if fill_key else None
+        if last_fill is not None:  # by type, then by the slots each centre filled last time
+            order = xp.argsort(layout.atype * (m0.nnei + 1) + last_fill, kind="stable")
+        fill = xp.zeros(N, dtype=xp.int64) if fill_key else None
 
         def work(job):
             """Neighbours, trimmed slots and every model's (e, g) of one chunk (may run in a thread)."""
@@ -129,7 +135,7 @@ class AttnEnsemble(EnsembleBase):
             centers = order[a:b]
             ch, check = nb.chunk(centers), None
             if trim:  # the selection fills slots from the first: later ones are empty
-                key = (N, S, ti, a)
+                key = (N, S, ti, a, last_fill is not None)  # sorted chunks hold other centres: widths of their own
                 filled = chunk_stats(xp, ch, [m0.nnei])[0]  # before pair exclusions: an upper bound
                 guess = self._widths.get(key) if guessing else None
                 if guess is None:  # the chunk's own: one host sync
@@ -151,6 +157,8 @@ class AttnEnsemble(EnsembleBase):
             if check is not None:
                 checks.append(check)
             centers = ch.centers
+            if fill is not None:
+                fill[centers] = ch.valid.sum(axis=1)
             overflow.append(ch.overflow.sum())
             own = xp.where(valid, ch.owner, centers[:, None])
             sysc = system[centers]
@@ -166,6 +174,8 @@ class AttnEnsemble(EnsembleBase):
                     wc = -xp.matmul(g.transpose(0, 2, 1), ch.d).reshape(g.shape[0], 9)
                     _scatter_add(xp, virial[j], sysc, wc)
         missed = self._check_widths(checks)
+        if fill_key:
+            self._fills = {fill_key: fill}  # the last batch shape's only
         grid_ok = nb_check is None or nb.settle(nb_check.result())
         if missed or not grid_ok:  # a chunk filled more slots than it ran, cells moved beyond the
             self.width_misses += bool(missed)  # kept bin grid, or more ghosts than room: redo
