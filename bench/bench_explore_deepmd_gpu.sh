@@ -15,7 +15,7 @@
 # (DPA-3's repflow layers through torch.compile; label KIND_compile; the compilation is in the warm-up)
 # e.g. issue 21: KINDS=se_atten_v2 PLAN="builtin:se_atten_v2 ours:se_atten_v2 lammps:se_atten_v2:1"
 # (builtin:KIND:PRECISION: our engine in double, mixed or tf32 = mixed with TF32 GEMMs; label builtin_KIND_PRECISION;
-# PRECISION+NAME[+NAME]: engine settings NAME switched on, e.g. builtin:se_atten_v2:tf32layer+fill_order)
+# PRECISION+NAME[=VALUE][+...]: engine settings on top, NAME alone = 1, e.g. builtin:se_atten_v2:tf32layer+fill_order=0)
 # Kinds *_l0 (attn_layer 0) are also compressed by `dp --pt compress` (model_c.pth); a plan kind KIND_c
 # means those: builtin:KIND_c runs our engine with --compress $MIN_NBOR (tabulated), ours:/lammps:KIND_c
 # DeePMD-kit's compressed models. Plan item "engine": bench_engine_attn.py (per-size cases, $ENGINE_ARGS,
@@ -125,7 +125,8 @@ for c in $PLAN; do  # lammps:KIND:NPROC, ours:KIND[:compile] (DeePMD-kit's model
           else ours $k "$(steps $k)" --force-steps "$FORCE_SE" "${tag[@]}"; fi ;;
     builtin) prec=double; [ "${k%_fp32}" = "$k" ] || prec=mixed; [ -z "$n" ] || prec=${n%%+*}  # builtin:KIND:tf32
           cmp=""; [ "${k%_c}" = "$k" ] || cmp="--compress ${MIN_NBOR:-2.0}"
-          sets=(); rest=${n#*+}; [ "$rest" = "$n" ] || for b in ${rest//+/ }; do sets+=(--set "$b=1"); done
+          sets=(); rest=${n#*+}; [ "$rest" = "$n" ] || for b in ${rest//+/ }; do
+            [ "${b#*=}" != "$b" ] || b=$b=1; sets+=(--set "$b"); done
           ours $k "$(steps $k)" $cmp --force-steps "$FORCE_SE" --provider builtin --precision $prec "${sets[@]}" \
             --label builtin_$k${n:+_$n} ;;
   esac

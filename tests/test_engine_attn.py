@@ -314,9 +314,10 @@ def test_left_out_slots_equal_deepmd(model_cache, monkeypatch, name):
 
 
 def test_fill_order_runs_fewer_slots_and_equals(model_cache, monkeypatch):
-    """settings.fill_order: from the second call a type's centres run in the order of the slots they filled,
-    so the chunks run fewer slots in all (centres x slots) than in the layout's order; every call equals all
-    slots to 1e-12, with widths reused ("guess") and not."""
+    """settings.fill_order (the default): from the second call a type's centres run in the order of the slots
+    they filled, so the chunks run fewer slots in all (centres x slots) than in the layout's order (fill_order
+    False: every call as the first); every call equals all slots to 1e-12, with widths reused ("guess") and
+    not."""
     from dpsnake.engine.settings import EngineSettings
 
     dp = str(attn_model(model_cache, "v2_l2")["dp"])
@@ -344,6 +345,13 @@ def test_fill_order_runs_fewer_slots_and_equals(model_cache, monkeypatch):
                 assert rel_err(out[k], ref[k]) <= 1e-12, (widths, k)
         assert work[1] < work[0] and work[2] == work[1], (widths, work)
         assert ens.width_misses == 0
+    off = AttnEnsemble([dp], settings=EngineSettings(fill_order=False), chunk_atoms=3)
+    work_off = []
+    for _ in range(2):
+        seen.clear()
+        off.evaluate(*args)
+        work_off.append(sum(seen))
+    assert work_off == [work[0]] * 2
 
 
 def test_left_out_slots_reused_and_redone(model_cache):

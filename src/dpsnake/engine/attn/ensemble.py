@@ -10,7 +10,9 @@ multiple of 8, :func:`_trim_width`; the rest are empty): what the empty slots le
 analytically (descriptor.py, attention.py), so results equal every slot's to rounding; settings
 ``compact`` False runs all nnei. fcc Cu at rcut 6 A fills about 80 of sel 120: the attention's
 (n, n) work falls by half. As ``Ensemble``'s compaction widths, on CuPy a chunk reuses the last
-call's width and the call is redone if a chunk filled more (``width_misses``).
+call's width and the call is redone if a chunk filled more (``width_misses``). From a batch shape's
+second call a type's centres run in the order of the slots they filled in the last one (settings
+``fill_order``), so a few fuller centres widen one chunk, not every chunk they would fall in.
 """
 
 from __future__ import annotations
