@@ -195,9 +195,10 @@ def main():
         ("layer_chunk", {"tf32": True, "chunk_mb": 1e5}, False, "mixed"),
         # compressed (explore.compress): Gs from the table (cuda/strip_tab.py), min_nbor_dist 2.0 A
         ("layer_tab", {"tf32": True, "compress": {"min_nbor_dist": 2.0}}, False, "mixed"),
-        # centres in the order of the slots they filled last call (the layer kernels' slots rounded up to 16)
-        ("layer_fill", {"tf32": True, "fill_order": True}, False, "mixed"),
-        ("layer_tab_fill", {"tf32": True, "fill_order": True, "compress": {"min_nbor_dist": 2.0}}, False, "mixed"),
+        # centres in the layout's order, not in the order of the slots they filled last call (fill_order, the
+        # default since session 43: called layer_fill / layer_tab_fill then, against layer / layer_tab)
+        ("layer_nofill", {"tf32": True, "fill_order": False}, False, "mixed"),
+        ("layer_tab_nofill", {"tf32": True, "fill_order": False, "compress": {"min_nbor_dist": 2.0}}, False, "mixed"),
     ]
     variants_all = list(variants)
 
