@@ -260,14 +260,15 @@ def test_model_pair_and_atom_exclusions(model_cache, tmp_path):
         assert abs(out["force"][0, i, 0] + de.sum() / (2 * h)) < 1e-7 * max(1.0, np.abs(out["force"][0]).max())
 
 
-def _spy_widths(monkeypatch):
-    """The slot counts the chunks of an AttnEnsemble ran (a list filled by each call)."""
+def _spy_widths(monkeypatch, work: bool = False):
+    """The slot counts the chunks of an AttnEnsemble ran (a list filled by each call); ``work``: centres x
+    slots instead."""
     from dpsnake.engine.attn import ensemble as ens_mod
 
     seen, orig = [], ens_mod.energy_and_grad
 
     def spy(rt, ti, d, *a, **k):
-        seen.append(d.shape[1])
+        seen.append(d.shape[0] * d.shape[1] if work else d.shape[1])
         return orig(rt, ti, d, *a, **k)
 
     monkeypatch.setattr(ens_mod, "energy_and_grad", spy)
@@ -324,16 +325,7 @@ def test_fill_order_runs_fewer_slots_and_equals(model_cache, monkeypatch):
     ens0 = AttnEnsemble([dp], chunk_atoms=3)
     args = flat(systems(ens0.type_map)[:4], ens0.type_map)
     ref = AttnEnsemble([dp], settings=EngineSettings(compact=False)).evaluate(*args, atomic=True)
-    seen = []
-
-    def spy(rt, ti, d, *a, **k):
-        seen.append(d.shape[0] * d.shape[1])
-        return orig(rt, ti, d, *a, **k)
-
-    from dpsnake.engine.attn import ensemble as ens_mod
-
-    orig = ens_mod.energy_and_grad
-    monkeypatch.setattr(ens_mod, "energy_and_grad", spy)
+    seen = _spy_widths(monkeypatch, work=True)
     for widths in ("auto", "guess"):
         ens = AttnEnsemble([dp], settings=EngineSettings(fill_order=True, widths=widths), chunk_atoms=3)
         work = []

@@ -57,7 +57,7 @@ class AttnEnsemble(EnsembleBase):
 
     def __init__(self, models, *args, **kwargs):
         super().__init__(models, *args, **kwargs)
-        self._fills = {}  # (N, S) -> (N,) slots each centre filled in the last call (settings fill_order)
+        self._last_fill = (None, None)  # ((N, S), (N,) slots each centre filled) of the last call (fill_order)
         if self.compress is not None:
             for m in self.models:
                 check_compressible(m)
@@ -126,7 +126,7 @@ class AttnEnsemble(EnsembleBase):
         trim = self.settings.compact
         jobs = self._jobs(counts, csize)
         fill_key = (N, S) if trim and self.settings.fill_order and len(jobs) > 1 else None
-        last_fill = self._fills.get(fill_key) if fill_key else None
+        last_fill = self._last_fill[1] if fill_key and self._last_fill[0] == fill_key else None
         if last_fill is not None:  # by type, then by the slots each centre filled last time
             order = xp.argsort(layout.atype * (m0.nnei + 1) + last_fill, kind="stable")
         fill = xp.zeros(N, dtype=xp.int64) if fill_key else None
@@ -177,7 +177,7 @@ class AttnEnsemble(EnsembleBase):
                     _scatter_add(xp, virial[j], sysc, wc)
         missed = self._check_widths(checks)
         if fill_key:
-            self._fills = {fill_key: fill}  # the last batch shape's only
+            self._last_fill = (fill_key, fill)
         grid_ok = nb_check is None or nb.settle(nb_check.result())
         if missed or not grid_ok:  # a chunk filled more slots than it ran, cells moved beyond the
             self.width_misses += bool(missed)  # kept bin grid, or more ghosts than room: redo
