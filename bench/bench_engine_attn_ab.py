@@ -199,6 +199,10 @@ def main():
         # default since session 43: called layer_fill / layer_tab_fill then, against layer / layer_tab)
         ("layer_nofill", {"tf32": True, "fill_order": False}, False, "mixed"),
         ("layer_tab_nofill", {"tf32": True, "fill_order": False, "compress": {"min_nbor_dist": 2.0}}, False, "mixed"),
+        # in fill order but chunks of chunk_mb, not cut where the kernels' rows change (fill_split, the default
+        # since session 44)
+        ("layer_nosplit", {"tf32": True, "fill_split": False}, False, "mixed"),
+        ("layer_tab_nosplit", {"tf32": True, "fill_split": False, "compress": {"min_nbor_dist": 2.0}}, False, "mixed"),
     ]
     variants_all = list(variants)
 
@@ -220,8 +224,8 @@ def main():
 
         res[label] = 1e6 * timeit(call, sync, n=args.reps) / N
         res[label + "_pool_MB_per_atom"] = pool.total_bytes() / N / 1e6
-        w = ens._widths  # fill_order: the widths of the chunks in fill order (keys ending in True)
-        res[label + "_slots"] = sorted({w[k] for k in ([k for k in w if k[-1] is True] or w)}) or [ens.models[0].nnei]
+        res[label + "_slots"] = sorted({s for _, s in getattr(ens, "last_chunks", [])})  # the last call's chunks
+        res[label + "_chunks"] = getattr(ens, "last_chunks", [])  # (centres, slots) each
         res[label + "_chunk_atoms"] = ens.chunk_size(xp)
         outs[label] = box["r"]
         pool.free_all_blocks()

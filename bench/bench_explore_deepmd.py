@@ -334,6 +334,9 @@ def cmd_bench(args) -> int:
         "force_calls": provider.calls,
         # centres per chunk of the built-in engine's calls (sized at its first call)
         "chunk_atoms": provider.ensemble.chunk_size(xp) if hasattr(provider, "ensemble") else None,
+        # se_atten: (centres, slots) of each chunk of the last call; calls redone as a chunk filled more slots
+        "last_chunks": getattr(getattr(provider, "ensemble", None), "last_chunks", None),
+        "width_misses": getattr(getattr(provider, "ensemble", None), "width_misses", None),
         "max_atoms": getattr(provider, "max_atoms", None),
         "skin": getattr(provider, "skin", None),
         "dynamic_sel": None if args.provider == "builtin" else args.dynamic_sel,
