@@ -365,7 +365,7 @@ def test_fill_jobs_cut_at_row_classes():
 
 @pytest.mark.parametrize("widths", ["auto", "guess"])
 def test_fill_split_runs_fewer_slots_and_equals(model_cache, monkeypatch, widths):
-    """settings.fill_split (the default, with fill_order): from the second call the sorted centres are cut where
+    """settings.fill_split (off by default; with fill_order): from the second call the sorted centres are cut where
     the rows change, so a chunk size that holds each type whole runs fewer centres x slots than without the cut;
     results equal all slots to 1e-12, no width misses."""
     from dpsnake.engine.settings import EngineSettings

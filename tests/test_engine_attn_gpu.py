@@ -184,6 +184,38 @@ def test_cupy_tf32_layer_kernels(model_cache, monkeypatch, name):
         assert e_layer <= 5e-3 and e_layer <= 1.5 * e_blas + 1e-7, k  # session 31, H100: 0.86-1.10x
 
 
+@pytest.mark.parametrize("name", ["v2_l2", "concat_l2"])
+def test_cupy_layer_kernels_ex2(model_cache, monkeypatch, name):
+    """settings attn_ex2: the layer kernels' softmax on ex2.approx (EX2 reaches forward and backward); energy,
+    forces, virial within 1e-4 of the expf kernels' (relative to the largest value) and as close to the FP64
+    NumPy reference (5e-3; both errors print)."""
+    import warnings
+
+    from dpsnake.engine.cuda import attn_layer
+    from dpsnake.engine.settings import EngineSettings
+
+    seen = []
+    for fn in ("forward", "backward"):
+        inner = getattr(attn_layer, fn)
+        monkeypatch.setattr(attn_layer, fn, lambda *a, _f=inner, **k: seen.append(k.get("extra")) or _f(*a, **k))
+    dp = str(attn_model(model_cache, name)["dp"])
+    args = flat(systems(["Cu", "Ni"]), ["Cu", "Ni"])
+    dev = [cp.asarray(a) for a in args]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the over-full neighbour lists of systems()
+        ref = AttnEnsemble([dp]).evaluate(*args, atomic=True)
+        exp = AttnEnsemble([dp], precision="mixed", settings=EngineSettings(tf32=True)).evaluate(*dev, atomic=True)
+        assert seen and not any(seen)
+        seen.clear()
+        on = EngineSettings(tf32=True, attn_ex2=True)
+        ex2 = AttnEnsemble([dp], precision="mixed", settings=on).evaluate(*dev, atomic=True)
+    assert seen and all(e == (("EX2", 1),) for e in seen), seen
+    for k in KEYS:
+        e_exp, e_ex2 = rel_err(cp.asnumpy(exp[k]), ref[k]), rel_err(cp.asnumpy(ex2[k]), ref[k])
+        print(name, k, f"expf {e_exp:.1e}  ex2 {e_ex2:.1e}")
+        assert rel_err(cp.asnumpy(ex2[k]), cp.asnumpy(exp[k])) <= 1e-4 and e_ex2 <= 5e-3, k
+
+
 @pytest.mark.parametrize("name", ["v2_l2", "strip_l2", "excl", "v2_l0"])
 def test_cupy_strip_net_kernels(model_cache, monkeypatch, name):
     """The strip-mode net + gate kernels run forward and backward, and equal the array code (fused "off"):
@@ -230,7 +262,7 @@ def test_cupy_strip_net_kernels(model_cache, monkeypatch, name):
 
 
 def test_cupy_fill_split_equals_numpy_all_slots(model_cache):
-    """Centres in fill order cut where the rows change (fill_split, split_min 1): the planned widths are reused
+    """Centres in fill order cut where the rows change (settings fill_split, split_min 1): the planned widths are reused
     on the device without a host sync per chunk; calls 2 and 3 run more chunks than call 1 and equal NumPy on
     every slot to 1e-12, with no width misses."""
     from dpsnake.engine.settings import EngineSettings
@@ -238,7 +270,7 @@ def test_cupy_fill_split_equals_numpy_all_slots(model_cache):
     dp = str(attn_model(model_cache, "v2_l2")["dp"])
     args = flat(systems(["Cu", "Ni"])[:4], ["Cu", "Ni"])
     ref = AttnEnsemble([dp], settings=EngineSettings(compact=False)).evaluate(*args, atomic=True)
-    ens = AttnEnsemble([dp], chunk_atoms=1000)
+    ens = AttnEnsemble([dp], settings=EngineSettings(fill_split=True), chunk_atoms=1000)
     ens.split_min = 1
     chunks = []
     for call in range(3):

@@ -120,6 +120,24 @@ def test_layer_kernels_other_flag_sets_and_shapes(tmp_path, monkeypatch, dotr, n
     assert (rel_err(dr, want_dr) < 2e-6) if dotr else not dr.any()
 
 
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
+@pytest.mark.parametrize("dotr,normalize,smooth,ns", [(True, True, True, 27), (False, True, False, 19)])
+def test_layer_kernels_with_ex2_equal_array_code(tmp_path, monkeypatch, dotr, normalize, smooth, ns):
+    """EX2 (settings attn_ex2): the softmax as 2^(L log2 e - max log2 e), in the forward and the backward's
+    recomputed softmax; smooth with left-out slots (NPAD) and masked keys without it: the output and df/dG, df/dr,
+    df/dsw = the FP64 array code to 4e-6 (the FFMA's rounding of max log2 e adds ~1e-6 to T)."""
+    p, inputs, dG_out, (want, want_dG, want_dr, want_dsw) = two_layer_case(monkeypatch, dotr, normalize, smooth, ns)
+    G, mask = inputs[:2]
+    emu = Emu(tmp_path, p, G.shape[1], G.shape[2], p.hidden_dim, ex2=1)
+    assert emu.defs["EX2"] == 1 and (emu.defs["NPAD"] > 0) == smooth
+    lws = [attn_layer.LayerWeights.of(layer, np, round_tf32=False) for layer in p.layers]
+    _, x, _, dx, dsw, dr = chain(emu, lws, inputs, dG_out)
+    assert rel_err(x, want) < 4e-6
+    assert rel_err(dx, want_dG) < 4e-6, rel_err(dx, want_dG)
+    assert (rel_err(dsw, want_dsw[..., 0]) < 4e-6) if smooth else not dsw.any()
+    assert (rel_err(dr, want_dr) < 4e-6) if dotr else not dr.any()
+
+
 def test_pack_b_fragment_order():
     """pack_b's [kt, mt, 4 g + t] pair is (w[k0][8 mt + g], w[k1][8 mt + g]) with the documented k0, k1, zero
     past the matrix."""
@@ -179,6 +197,7 @@ def test_defines():
     assert attn_layer.defines(88, 100, 128, 1, 1, 0, 120)["YH"] == 0  # FP32 where q, k, v are not unit rows
     assert attn_layer.defines(88, 100, 128, 1, 1, 1, 120, smem_per_sm=164 * 1024)["MINB"] == 1  # sm_80: one block
     assert d["F16"] == alone["F16"] == d["B16"] == 1 and d["FMINB"] == d["MINB"]  # FP16 products where H % 16 == 0
+    assert d["EX2"] == alone["EX2"] == 0  # expf unless settings attn_ex2 (_Rows.extra)
     assert (
         attn_layer.defines(88, 100, 120, 1, 1, 1, 120)["F16"]
         == attn_layer.defines(88, 100, 120, 1, 1, 1, 120)["B16"]
@@ -208,6 +227,12 @@ def test_layer_kernel_compiles_for_sm90(n, E, H, flags):
     defs = attn_layer.defines(n, E, H, *flags[0], 120, keep=False)  # the forward alone
     ptx = compile_cuda(attn_layer.source(**defs))
     assert ".entry attn_layer_fwd" in ptx and ".entry attn_layer_bwd" not in ptx
+    # EX2 (settings attn_ex2): the softmax's exp one ex2.approx each, without expf's range steps
+    if n == 27 and H == 32:
+        defs = attn_layer.defines(n, E, H, *flags[0], 120)
+        ptx, ex2 = (compile_cuda(attn_layer.source(**(defs | {"EX2": e}))) for e in (0, 1))
+        assert ".entry attn_layer_bwd" in ex2 and ex2.count("ex2.approx.ftz.f32") == ptx.count("ex2.approx.ftz.f32")
+        assert len(ex2.splitlines()) < len(ptx.splitlines()) - 100, (len(ex2.splitlines()), len(ptx.splitlines()))
 
 
 @pytest.mark.parametrize(
@@ -247,25 +272,30 @@ class _EmuLayerModule:
         def of(layer, xp):
             return attn_layer.LayerWeights.of(layer, xp, round_tf32=False)
 
-    def __init__(self, tmp_path, p, n, E, H):
-        self.emu = Emu(tmp_path, p, n, E, H)  # a force call's kernels
+    def __init__(self, tmp_path, p, n, E, H, ex2=0):
+        self.emu = Emu(tmp_path, p, n, E, H, ex2=ex2)  # a force call's kernels
         self.calls = 0
 
-    def forward(self, lw, x, sw, r, mask, scale, smooth, dotr, normalize, nnei, keep=False):
+    def forward(self, lw, x, sw, r, mask, scale, smooth, dotr, normalize, nnei, keep=False, extra=()):
         assert keep, "the forward alone is its own module (KEEP 0)"
+        assert dict(extra).get("EX2", 0) == self.emu.defs["EX2"], extra  # _Rows.extra reaches the kernels
         self.calls += 1
         return self.emu.forward(lw, x, mask, r, sw, grid=3, keep=keep)
 
-    def backward(self, lw, cache, dout, sw, r, mask, scale, smooth, dotr, normalize, nnei, dsw, dr):
+    def backward(self, lw, cache, dout, sw, r, mask, scale, smooth, dotr, normalize, nnei, dsw, dr, extra=()):
+        assert dict(extra).get("EX2", 0) == self.emu.defs["EX2"], extra
         self.calls += 1
         return self.emu.backward(lw, cache, dout, mask, r, sw, 3, dsw, dr)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
-@pytest.mark.parametrize("dotr,normalize,smooth,ns", [(True, True, True, 40), (False, True, False, 48)])
-def test_attention_block_on_the_layer_kernels_equals_array_code(tmp_path, monkeypatch, dotr, normalize, smooth, ns):
+@pytest.mark.parametrize("dotr,normalize,smooth,ns,ex2", [(True, True, True, 40, 0), (False, True, False, 48, 0),
+                                                         (True, True, True, 40, 1)])  # fmt: skip
+def test_attention_block_on_the_layer_kernels_equals_array_code(tmp_path, monkeypatch, dotr, normalize, smooth, ns,
+                                                                ex2):  # fmt: skip
     """attention_forward / attention_backward of two FP32 layers with ``_Rows.layer`` set (the path mixed + TF32
-    takes on a GPU): both layers run in the layer kernels, forward and backward, = the FP64 array code."""
+    takes on a GPU): both layers run in the layer kernels, forward and backward, = the FP64 array code; with EX2
+    (``_Rows.extra`` as settings attn_ex2 makes it) too, to 4e-6."""
     import test_engine_attention as ta
     from test_engine_attn_rows import _EmuRows
 
@@ -280,12 +310,14 @@ def test_attention_block_on_the_layer_kernels_equals_array_code(tmp_path, monkey
     dG_out = np.random.default_rng(5).standard_normal(want.shape)
     want_b = att.attention_backward(p64, cache, dG_out)
     emu = _EmuRows(tmp_path, p32, mask, r, sw, "float32")
-    emu.layer = _EmuLayerModule(tmp_path, p32, ns, 20, 32)
+    emu.layer = _EmuLayerModule(tmp_path, p32, ns, 20, 32, ex2=ex2)
+    emu.extra = (("EX2", 1),) if ex2 else ()  # what _Rows.make sets with settings attn_ex2
     monkeypatch.setattr(att._Rows, "make", staticmethod(lambda *a, **k: emu))
     emu.weights = att._Rows.weights.__get__(emu)
     got, cache = att.attention_forward(p32, G.astype(np.float32), mask, r, sw)
     got_b = att.attention_backward(p32, cache, dG_out.astype(np.float32))
     assert emu.layer.calls == 4  # both layers, forward and backward
-    assert got.dtype == np.float32 and rel_err(got, want) < 2e-6
+    tol = 4e-6 if ex2 else 2e-6
+    assert got.dtype == np.float32 and rel_err(got, want) < tol
     for g, w in zip(got_b, want_b):
-        assert g.shape == w.shape and rel_err(g, w) < 2e-6
+        assert g.shape == w.shape and rel_err(g, w) < tol

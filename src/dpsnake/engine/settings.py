@@ -115,12 +115,19 @@ class EngineSettings:
     and 79-80 for the rest, and a chunk holding one 79 runs 96 rather than 80). H100, session 43, 256 x 108
     CuNi, one call: a force call 1.305 against 1.370 us/atom, compressed 1.187 against 1.272; the same forces.
     False: the layout's order."""
-    fill_split: bool = True
-    """se_atten with ``fill_order``: the sorted centres are cut into chunks where the layer kernels' rows (the
-    slots rounded up to 16) change, from the last call's counts of centres per slots filled (attn/ensemble.py
-    ``_fill_jobs``), so the few centres with more neighbours run in a chunk of their own, not at the end of a
-    large chunk that then runs all its centres at their width (96 rows cost ~1.4x 80). A class of fewer than
-    256 centres runs with the next fuller one. False: chunks of ``chunk_mb`` in the sorted order."""
+    fill_split: bool = False
+    """se_atten with ``fill_order``: the sorted centres cut into chunks where the layer kernels' rows (the slots
+    rounded up to 16) change, from the last call's counts of centres per slots filled (attn/ensemble.py
+    ``_fill_jobs``; a class of fewer than 256 centres runs with the next fuller one), so the few centres with more
+    neighbours run in a chunk of their own. Off: slower where it was measured (H100, session 44, 256 x 108 Cu, 4
+    models): the exploration 1.756 against 1.645 us/atom-step (compressed 1.605 against 1.548; 6 width misses
+    against 3, the chunks' sizes move every call), the force call on fixed atoms 1.313 against 1.307 (compressed
+    1.169 against 1.198)."""
+    attn_ex2: bool = False
+    """se_atten, the whole-layer kernels (cuda/attn_layer.py): the softmax's exp(L - max) as 2^(L log2 e - max log2
+    e) on ``ex2.approx`` (one FFMA and one MUFU, ~2 ulp, against expf's ~8 instructions), in the forward and in the
+    backward's recomputed softmax alike (T stays the forward's to the bit). Off until a GPU A/B decides (session
+    44)."""
     widths: str = "auto"
     """Compaction widths and bin grids: "auto" (reused from the last call on CuPy, checked after the
     call is issued; the chunk's own on NumPy), "exact" (always the chunk's own: a host sync per

@@ -299,8 +299,8 @@ def _layer_forward(xp, p, l: AttnLayer, x, S, F, row_m, key_m, keep: bool, rows=
         lw = rows.weights(xp, l)
         args = (rows.sw, rows.r, rows.mask, p.scaling, p.smooth, p.dotr, p.normalize, p.nnei)
         if not keep:
-            return rows.layer.forward(lw, xp.ascontiguousarray(x), *args), None
-        out, cache = rows.layer.forward(lw, xp.ascontiguousarray(x), *args, keep=True)
+            return rows.layer.forward(lw, xp.ascontiguousarray(x), *args, extra=rows.extra), None
+        out, cache = rows.layer.forward(lw, xp.ascontiguousarray(x), *args, keep=True, extra=rows.extra)
         return out, ("layer", lw, cache)
     z = xp.empty((3, B, n, H), dtype=x.dtype)
     x2 = x.reshape(B * n, E)
@@ -353,9 +353,10 @@ class _Rows:
     (cuda/attn_core.py: products and rows in one kernel per direction) or None. ``tf32``: the batched
     FP32 products on TF32 tensor cores (settings.tf32; the flat GEMMs follow ``EngineContext.tf32``).
     ``layer``: the whole-layer TF32 kernels (cuda/attn_layer.py, mixed + TF32) or None; with them a layer
-    is one kernel per direction and the rest goes unused."""
+    is one kernel per direction and the rest goes unused; ``extra``: more of its constants (settings attn_ex2)."""
 
     layer = None
+    extra = ()
 
     def __init__(self, xp, nei_mask, input_r, sw, dtype, npad: int = 0, core=None, tf32: bool = False):
         from dpsnake.engine.cuda import attn_norm, attn_rows
@@ -400,10 +401,11 @@ class _Rows:
             and ctx.tf32_on(xp, dtype)
             and attn_layer.supported(dtype, n, p.hidden_dim, p.nnei, p.smooth, p.embed_dim) is None
         ):
-            layer_args = (n, p.embed_dim, p.hidden_dim, p.smooth, p.dotr, p.normalize, p.nnei)
+            extra = (("EX2", 1),) if ctx.settings.attn_ex2 else ()
+            layer_args = (n, p.embed_dim, p.hidden_dim, p.smooth, p.dotr, p.normalize, p.nnei, extra)
             if ctx.guarded("attn_layer", attn_layer.build, *layer_args) is not None:
                 rows = _Rows(xp, nei_mask, input_r, sw, dtype, npad, None, tf32)
-                rows.layer = attn_layer
+                rows.layer, rows.extra = attn_layer, extra
                 return rows
         rows_args = (dt, n, p.smooth, p.dotr, npad)
         for build, args in ((attn_rows.build, rows_args), (attn_norm.build, (dt, p.hidden_dim))):
@@ -482,7 +484,7 @@ def attention_backward(p: AttentionLayers, cache, dG_out):
         dx = xp.ascontiguousarray(dG_out.astype(dtype, copy=False))
         args = (rows.sw, rows.r, rows.mask, p.scaling, p.smooth, p.dotr, p.normalize, p.nnei, d_sw, d_r)
         for _, lw, c in reversed(caches):
-            dx = rows.layer.backward(lw, c, dx, *args)
+            dx = rows.layer.backward(lw, c, dx, *args, extra=rows.extra)
         return dx, d_r, d_sw.reshape(B, n, 1)
     S = R = F = None
     if rows is None:

@@ -225,10 +225,11 @@ def defines(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, n
     # F16, B16: the forward's and the backward's products on FP16 operands where H % 16 == 0 (attn_layer.cu's and
     # attn_layer_bwd.cuh's headers; H100, session 36, us per centre and layer: keeping 0.191 vs 0.278, alone 0.105 vs
     # 0.152, backward 0.474 vs 0.544; the same errors); FMINB: the forward's blocks per SM (3 spills ~600 bytes)
+    # EX2: the softmax's exp as ex2.approx (EngineSettings attn_ex2 sets it through _Rows.extra)
     return {"KEEP": int(keep), "WRING": 1, "WDEEP": int(not keep or H % 16 == 0), "BRING": 0,
             "YH": int(keep and normalize), "N": N, "E": int(E), "H": int(H), "SMOOTH": int(smooth), "DOTR": int(dotr),
             "NORMALIZE": int(normalize), "NPAD": npad, "MINB": minb, "F16": int(H % 16 == 0),
-            "FMINB": minb, "B16": int(H % 16 == 0)}  # fmt: skip
+            "FMINB": minb, "B16": int(H % 16 == 0), "EX2": 0}  # fmt: skip
 
 
 def source(**defs) -> str:
@@ -290,12 +291,13 @@ def _device_module(defs: tuple, device: int):
     return fns, caps, mod
 
 
-def build(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, nnei: int) -> dict:
+def build(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, nnei: int, extra: tuple = ()) -> dict:
     """A force call's kernels for these constants and the forward alone (energy-only calls), compiled on first use
-    (raises what NVRTC raises, or RuntimeError where the blocks' shared memory does not fit the device)."""
+    (raises what NVRTC raises, or RuntimeError where the blocks' shared memory does not fit the device); ``extra``
+    as :func:`forward`'s."""
     args = (n, E, H, smooth, dotr, normalize, nnei)
-    _module(tuple(_defines(*args, keep=False).items()))
-    return _module(tuple(_defines(*args).items()))[0]
+    _module(tuple((_defines(*args, keep=False) | dict(extra)).items()))
+    return _module(tuple((_defines(*args) | dict(extra)).items()))[0]
 
 
 def y_dtype(defs: dict):
