@@ -186,7 +186,7 @@ def test_cupy_tf32_layer_kernels(model_cache, monkeypatch, name):
 
 @pytest.mark.parametrize("name", ["v2_l2", "concat_l2"])
 def test_cupy_layer_kernels_ex2(model_cache, monkeypatch, name):
-    """settings attn_ex2: the layer kernels' softmax on ex2.approx (EX2 reaches forward and backward); energy,
+    """settings attn_ex2 (the default): the layer kernels' softmax on ex2.approx (EX2 reaches forward and backward); energy,
     forces, virial within 1e-4 of the expf kernels' (relative to the largest value) and as close to the FP64
     NumPy reference (5e-3; both errors print)."""
     import warnings
@@ -204,7 +204,8 @@ def test_cupy_layer_kernels_ex2(model_cache, monkeypatch, name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the over-full neighbour lists of systems()
         ref = AttnEnsemble([dp]).evaluate(*args, atomic=True)
-        exp = AttnEnsemble([dp], precision="mixed", settings=EngineSettings(tf32=True)).evaluate(*dev, atomic=True)
+        off = EngineSettings(tf32=True, attn_ex2=False)
+        exp = AttnEnsemble([dp], precision="mixed", settings=off).evaluate(*dev, atomic=True)
         assert seen and not any(seen)
         seen.clear()
         on = EngineSettings(tf32=True, attn_ex2=True)
