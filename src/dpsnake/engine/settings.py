@@ -114,7 +114,8 @@ class EngineSettings:
     run fewer slots (the layer kernels run slots rounded up to 16: fcc Cu at 300 K fills 78 for 99% of centres
     and 79-80 for the rest, and a chunk holding one 79 runs 96 rather than 80). H100, session 43, 256 x 108
     CuNi, one call: a force call 1.305 against 1.370 us/atom, compressed 1.187 against 1.272; the same forces.
-    False: the layout's order."""
+    Session 44, the exploration (256 x 108 Cu, 300 K, NPT): 1.582 against 1.749 us/atom-step, compressed 1.431
+    against 1.592. False: the layout's order."""
     fill_split: bool = False
     """se_atten with ``fill_order``: the sorted centres cut into chunks where the layer kernels' rows (the slots
     rounded up to 16) change, from the last call's counts of centres per slots filled (attn/ensemble.py
