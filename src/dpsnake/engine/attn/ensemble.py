@@ -12,7 +12,8 @@ analytically (descriptor.py, attention.py), so results equal every slot's to rou
 (n, n) work falls by half. As ``Ensemble``'s compaction widths, on CuPy a chunk reuses the last
 call's width and the call is redone if a chunk filled more (``width_misses``). From a batch shape's
 second call a type's centres run in the order of the slots they filled in the last one (settings
-``fill_order``), so a few fuller centres widen one chunk, not every chunk they would fall in.
+``fill_order``), so a few fuller centres widen one chunk, not every chunk they would fall in (``fill_split``,
+off: chunks also cut where the kernels' rows change; slower in the exploration, settings.py).
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ class AttnEnsemble(EnsembleBase):
         last_fill = last[1]
         if last_fill is not None:  # by type, then by the slots each centre filled last time
             order = xp.argsort(layout.atype * (m0.nnei + 1) + last_fill, kind="stable")
-            if self.settings.fill_split:  # chunks cut where the kernels' rows change
+            if self.settings.fill_split and last[2] is not None:  # chunks cut where the kernels' rows change
                 jobs = _fill_jobs(last[2].result(), counts, m0.nnei, csize, self.split_min) or jobs
         fill = xp.zeros(N, dtype=xp.int64) if fill_key else None
 
@@ -189,9 +190,12 @@ class AttnEnsemble(EnsembleBase):
                 else:
                     wc = -xp.matmul(g.transpose(0, 2, 1), ch.d).reshape(g.shape[0], 9)
                     _scatter_add(xp, virial[j], sysc, wc)
-        if fill_key:  # on the host by the next call: this call ends in a sync (last_overflow)
-            per_type = xp.bincount(layout.atype * (m0.nnei + 1) + fill, minlength=self.ntypes * (m0.nnei + 1))
-            self._last_fill = (fill_key, fill, HostCopy(per_type.reshape(self.ntypes, m0.nnei + 1)))
+        if fill_key:
+            per_type = None
+            if self.settings.fill_split:  # on the host by the next call: this call ends in a sync (last_overflow)
+                per_type = xp.bincount(layout.atype * (m0.nnei + 1) + fill, minlength=self.ntypes * (m0.nnei + 1))
+                per_type = HostCopy(per_type.reshape(self.ntypes, m0.nnei + 1))
+            self._last_fill = (fill_key, fill, per_type)
         missed = self._check_widths(checks)
         self.last_chunks = ran
         grid_ok = nb_check is None or nb.settle(nb_check.result())
@@ -227,7 +231,7 @@ def _trim_width(filled: int, nnei: int, guess: int | None) -> int:
 def _fill_jobs(per_type, counts, nnei: int, csize: int, split_min: int) -> list | None:
     """Chunks (type, first, end, width) of centres sorted by type and the slots they filled last call,
     cut where the layer kernels' rows (the width rounded up to 16) change: a few centres that filled more
-    run in a chunk of their own instead of widening a large one (96 rows cost ~1.4x 80). ``per_type``
+    run in a chunk of their own instead of widening a large one (settings fill_split). ``per_type``
     (ntypes, nnei + 1): centres of each type that filled each count; a row class of fewer than
     ``split_min`` centres runs with the next fuller one; a class in balanced chunks of at most ``csize``.
     None if the counts are not this layout's."""
