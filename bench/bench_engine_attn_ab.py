@@ -207,6 +207,9 @@ def main():
         # as layer_ex2 / layer_tab_ex2 against layer / layer_tab)
         ("layer_noex2", {"tf32": True, "attn_ex2": False}, False, "mixed"),
         ("layer_tab_noex2", {"tf32": True, "attn_ex2": False, "compress": {"min_nbor_dist": 2.0}}, False, "mixed"),
+        # the LayerNorm's xhat kept in FP16 (attn_xhat16, off)
+        ("layer_xh", {"tf32": True, "attn_xhat16": True}, False, "mixed"),
+        ("layer_tab_xh", {"tf32": True, "attn_xhat16": True, "compress": {"min_nbor_dist": 2.0}}, False, "mixed"),
     ]
     variants_all = list(variants)
 

@@ -119,13 +119,13 @@ template <class F> static void launch_nan_smem(unsigned grid, F body) {
 extern "C" void fwd(unsigned grid, const float* x, const float2* wqkv, const float* bqkv, const float2* wout,
                     const float* bout, const float* gamma, const float* beta, float eps, const float* sw,
                     const float* r, const unsigned char* mask, long long B, int n, float s, float* out, ystore* y,
-                    float* inv, float* xhat, float* rstd) {
+                    float* inv, xhstore* xhat, float* rstd) {
   launch_nan_smem(grid, [=] {
     attn_layer_fwd(x, wqkv, bqkv, wout, bout, gamma, beta, eps, sw, r, mask, B, n, s, out, y, inv, xhat, rstd);
   });
 }
 #if KEEP
-extern "C" void bwd(unsigned grid, const float* dout, const float* xhat, const float* rstd, const float* gamma,
+extern "C" void bwd(unsigned grid, const float* dout, const xhstore* xhat, const float* rstd, const float* gamma,
                     const ystore* y, const float* inv, const float2* woutT, const float2* wqkvT, const float* sw,
                     const float* r, const unsigned char* mask, long long B, int n, float s, float* scratch, float* dx,
                     float* dsw, float* dr) {
@@ -147,14 +147,14 @@ class Emu:
     rings in both kernels (WRING = BRING), ``wdeep``: the deep ones, ``yh``: q, k, v kept in FP16 (YH) or FP32 (0);
     ``f16``: the forward's products on FP16 operands (F16; 0 by default: TF32's layout, whose emulated products
     are exact, so that the tests see the kernels' logic); ``ex2``: the softmax on ex2 (EX2; the emulator's is
-    std::exp2); None: as attn_layer.defines sets them."""
+    std::exp2); ``xh``: xhat kept in FP16 (XH); None: as attn_layer.defines sets them."""
 
     def __init__(self, tmp_path, p, n, E, H, keep=True, wring=None, tf32=False, wdeep=None, yh=0, f16=0, b16=0,
-                 ex2=None):  # fmt: skip
+                 ex2=None, xh=None):  # fmt: skip
         self.p = p
         defs = attn_layer.defines(n, E, H, p.smooth, p.dotr, p.normalize, p.nnei, keep)
         flags = (("WRING", wring), ("BRING", wring), ("WDEEP", wdeep), ("YH", yh), ("F16", f16), ("B16", b16))
-        for k, v in (*flags, ("EX2", ex2)):
+        for k, v in (*flags, ("EX2", ex2), ("XH", xh)):
             defs[k] = defs[k] if v is None else v
         self.defs = defs
         tag = "_".join(str(v) for v in self.defs.values()) + ("_tf32" if tf32 else "")
@@ -170,8 +170,8 @@ class Emu:
         cache = None
         if keep:
             shapes = ((3, B, n, lw.H), (3, B, n), (B, n, E), (B, n))
-            cache = [np.full(s, np.nan, dtype=attn_layer.y_dtype(self.defs) if k == 0 else np.float32)
-                     for k, s in enumerate(shapes)]  # fmt: skip
+            dts = (attn_layer.y_dtype(self.defs), np.float32, attn_layer.xhat_dtype(self.defs), np.float32)
+            cache = [np.full(s, np.nan, dtype=dt) for s, dt in zip(shapes, dts)]
         wqkv, wout = lw.forward_weights(bool(self.defs["F16"]))
         w = (wqkv, lw.bqkv, wout, lw.bout, lw.gamma, lw.beta)
         kp = [ptr(a) for a in cache] if keep else [None] * 4

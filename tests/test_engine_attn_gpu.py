@@ -185,10 +185,14 @@ def test_cupy_tf32_layer_kernels(model_cache, monkeypatch, name):
 
 
 @pytest.mark.parametrize("name", ["v2_l2", "concat_l2"])
-def test_cupy_layer_kernels_ex2(model_cache, monkeypatch, name):
-    """settings attn_ex2 (the default): the layer kernels' softmax on ex2.approx (EX2 reaches forward and backward); energy,
-    forces, virial within 1e-4 of the expf kernels' (relative to the largest value) and as close to the FP64
-    NumPy reference (5e-3; both errors print)."""
+@pytest.mark.parametrize(
+    "setting,extra,tol", [("attn_ex2", (("EX2", 1),), 1e-4), ("attn_xhat16", (("EX2", 1), ("XH", 1)), 1e-3)]
+)
+def test_cupy_layer_kernel_settings(model_cache, monkeypatch, name, setting, extra, tol):
+    """Kernel settings of the layer kernels against the same build without them: attn_ex2 (the default: the
+    softmax on ex2.approx) and attn_xhat16 (xhat kept in FP16, off): the constants reach forward and backward;
+    energy, forces, virial within ``tol`` of the build without (relative to the largest value) and 5e-3 of the FP64
+    NumPy reference (both errors print)."""
     import warnings
 
     from dpsnake.engine.cuda import attn_layer
@@ -204,17 +208,17 @@ def test_cupy_layer_kernels_ex2(model_cache, monkeypatch, name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the over-full neighbour lists of systems()
         ref = AttnEnsemble([dp]).evaluate(*args, atomic=True)
-        off = EngineSettings(tf32=True, attn_ex2=False)
-        exp = AttnEnsemble([dp], precision="mixed", settings=off).evaluate(*dev, atomic=True)
-        assert seen and not any(seen)
+        off = EngineSettings(tf32=True, **{setting: False})
+        a = AttnEnsemble([dp], precision="mixed", settings=off).evaluate(*dev, atomic=True)
+        assert seen and all(e != extra for e in seen)
         seen.clear()
-        on = EngineSettings(tf32=True, attn_ex2=True)
-        ex2 = AttnEnsemble([dp], precision="mixed", settings=on).evaluate(*dev, atomic=True)
-    assert seen and all(e == (("EX2", 1),) for e in seen), seen
+        b = AttnEnsemble([dp], precision="mixed", settings=EngineSettings(tf32=True, **{setting: True}))
+        b = b.evaluate(*dev, atomic=True)
+    assert seen and all(e == extra for e in seen), seen
     for k in KEYS:
-        e_exp, e_ex2 = rel_err(cp.asnumpy(exp[k]), ref[k]), rel_err(cp.asnumpy(ex2[k]), ref[k])
-        print(name, k, f"expf {e_exp:.1e}  ex2 {e_ex2:.1e}")
-        assert rel_err(cp.asnumpy(ex2[k]), cp.asnumpy(exp[k])) <= 1e-4 and e_ex2 <= 5e-3, k
+        e_a, e_b = rel_err(cp.asnumpy(a[k]), ref[k]), rel_err(cp.asnumpy(b[k]), ref[k])
+        print(name, setting, k, f"without {e_a:.1e}  with {e_b:.1e}")
+        assert rel_err(cp.asnumpy(b[k]), cp.asnumpy(a[k])) <= tol and e_b <= 5e-3, k
 
 
 @pytest.mark.parametrize("name", ["v2_l2", "strip_l2", "excl", "v2_l0"])

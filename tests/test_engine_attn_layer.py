@@ -178,6 +178,9 @@ def test_launch_inputs_checked():
         attn_layer._check(lw, x, sw, np.zeros((B, 3, n), np.float32).swapaxes(1, 2), mask)
     with pytest.raises(ValueError, match="expected bool"):
         attn_layer._check(lw, x, sw, r, mask.astype(np.uint8))
+    attn_layer._check(lw, x, sw, r, mask, xh=(x.astype(np.float16), np.float16))  # XH's cache
+    with pytest.raises(ValueError, match="float32.*expected float16"):
+        attn_layer._check(lw, x, sw, r, mask, xh=(x, np.float16))
 
 
 def _layer(E=20, H=32, seed=0):
@@ -233,6 +236,11 @@ def test_layer_kernel_compiles_for_sm90(n, E, H, flags):
         ptx, ex2 = (compile_cuda(attn_layer.source(**(defs | {"EX2": e}))) for e in (0, 1))
         assert ".entry attn_layer_bwd" in ex2 and ex2.count("ex2.approx.ftz.f32") == ptx.count("ex2.approx.ftz.f32")
         assert len(ex2.splitlines()) < len(ptx.splitlines()) - 100, (len(ex2.splitlines()), len(ptx.splitlines()))
+        # XH: xhat kept in FP16: its pairs stored and loaded as 4 bytes (E 20: 3 column tiles x 2 rows) not 8
+        xh = compile_cuda(attn_layer.source(**(defs | {"EX2": 1, "XH": 1})))
+        assert ".entry attn_layer_bwd" in xh
+        assert xh.count("st.global.v2.f32") == ex2.count("st.global.v2.f32") - 6
+        assert xh.count("ld.global.nc.v2.f32") == ex2.count("ld.global.nc.v2.f32") - 6
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """The whole-layer attention kernels' reduced-precision operands, no GPU needed (tests/attn_layer_emu.py: g++,
 threaded warps, emulated ``mma``): q, k, v kept in FP16 (YH), operands rounded as cvt.rna rounds to TF32, the
-products on FP16 operands (F16, B16) with the backward's gradient scale; pack_b16's and tf32_round's bits. The
+products on FP16 operands (F16, B16) with the backward's gradient scale, xhat kept in FP16 (XH); pack_b16's and
+tf32_round's bits. The
 kernels' logic with exact products: test_engine_attn_layer.py."""
 
 from __future__ import annotations
@@ -53,6 +54,39 @@ def test_fp16_cache_is_the_fp32_cache_rounded(tmp_path, monkeypatch, dotr, smoot
     assert rel_err(x, want) < 2e-6 and rel_err(dx, want_dG) < 1e-5, (rel_err(x, want), rel_err(dx, want_dG))
     assert (rel_err(dsw, want_dsw[..., 0]) < 1e-3) if smooth else not dsw.any()
     assert (rel_err(dr, want_dr) < 1e-3) if dotr else not dr.any()
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
+@pytest.mark.parametrize("dotr,smooth,ns,E", [(True, True, 27, 20), (False, False, 19, 19)])
+def test_fp16_xhat_is_the_fp32_xhat_rounded(tmp_path, monkeypatch, dotr, smooth, ns, E):
+    """XH (settings attn_xhat16): the keeping forward's xhat is the FP32 build's rounded to FP16 (bit for bit),
+    everything else it writes equal; the backward from it equals the FP32 build's from that rounded xhat (to the
+    atomics' last bits), and stays near the FP64 array code: df/dG moves ~1.3e-4 (~3e-6 with an FP32 xhat, exact
+    products; TF32's products give ~1e-5), which is what XH costs. E 19: odd rows (xhat stored value by value)."""
+    p, inputs, dG_out, (want, want_dG, want_dr, want_dsw) = two_layer_case(
+        monkeypatch, dotr, True, smooth, ns, H=32, E=E
+    )
+    G, mask, r, sw = inputs
+    n = G.shape[1]
+    e16, e32 = (Emu(tmp_path, p, n, E, 32, yh=None, xh=xh) for xh in (1, 0))
+    lws = [attn_layer.LayerWeights.of(layer, np, round_tf32=False) for layer in p.layers]
+    xs, x, caches, dx, dsw, dr = chain(e16, lws, inputs, dG_out)
+    for lw, xin, xout, c16 in zip(lws, xs, xs[1:] + [x], caches):
+        out32, c32 = e32.forward(lw, xin, mask, r, sw, grid=3, keep=True)
+        assert c16[2].dtype == np.float16 and c32[2].dtype == np.float32
+        assert np.array_equal(c16[2].view(np.uint16), c32[2].astype(np.float16).view(np.uint16))
+        assert np.array_equal(xout, out32) and all(np.array_equal(c16[k], c32[k]) for k in (0, 1, 3))
+    lw, c16 = lws[-1], caches[-1]
+    _, c32 = e32.forward(lw, xs[-1], mask, r, sw, grid=3, keep=True)
+    c32[2] = c32[2].astype(np.float16).astype(np.float32)
+    z = [np.zeros(a.shape, np.float32) for a in (mask, r, mask, r)]
+    b16 = e16.backward(lw, c16, dG_out.astype(np.float32), mask, r, sw, 5, z[0], z[1])
+    b32 = e32.backward(lw, c32, dG_out.astype(np.float32), mask, r, sw, 5, z[2], z[3])
+    assert rel_err(b16, b32) < 1e-6 and rel_err(z[0], z[2]) < 1e-6 and rel_err(z[1], z[3]) < 1e-6
+    errs = [rel_err(x, want), rel_err(dx, want_dG)]
+    errs += [rel_err(dr, want_dr) if dotr else 0.0, rel_err(dsw, want_dsw[..., 0]) if smooth else 0.0]
+    print("XH errors vs FP64 (out, dG, dr, dsw)", [f"{e:.1e}" for e in errs])
+    assert errs[0] < 2e-6 and errs[1] < 3e-4 and errs[2] < 1e-3 and errs[3] < 2e-3, errs  # dG 1.2e-4, 1.4e-4
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")

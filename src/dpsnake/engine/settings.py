@@ -131,6 +131,12 @@ class EngineSettings:
     and layer forward 0.0982 against 0.1033 us, backward 0.3224 against 0.3407, the same errors against FP64; a
     force call 1.285 against 1.315 us/atom (compressed 1.159 against 1.204); the exploration 1.547 against 1.614
     us/atom-step (compressed 1.413 against 1.493). False: expf."""
+    attn_xhat16: bool = False
+    """se_atten, the whole-layer kernels: a force call's forward keeps the LayerNorm's xhat (unit variance) for the
+    backward in FP16 (XH; FP16's 11-bit significand against the TF32 operands' 10), halving 35 of the ~138 KB per
+    centre and layer that the keeping forward writes and the backward reads (88 slots, E 100, H 128). Off until a
+    GPU A/B decides (written in session 44 without a GPU left: bench_engine_attn_ab.py ``layer_xh``, the probe's
+    ``xh``)."""
     widths: str = "auto"
     """Compaction widths and bin grids: "auto" (reused from the last call on CuPy, checked after the
     call is issued; the chunk's own on NumPy), "exact" (always the chunk's own: a host sync per

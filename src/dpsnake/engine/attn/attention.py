@@ -353,7 +353,8 @@ class _Rows:
     (cuda/attn_core.py: products and rows in one kernel per direction) or None. ``tf32``: the batched
     FP32 products on TF32 tensor cores (settings.tf32; the flat GEMMs follow ``EngineContext.tf32``).
     ``layer``: the whole-layer TF32 kernels (cuda/attn_layer.py, mixed + TF32) or None; with them a layer
-    is one kernel per direction and the rest goes unused; ``extra``: more of its constants (settings attn_ex2)."""
+    is one kernel per direction and the rest goes unused; ``extra``: more of its constants (settings attn_ex2,
+    attn_xhat16)."""
 
     layer = None
     extra = ()
@@ -401,7 +402,7 @@ class _Rows:
             and ctx.tf32_on(xp, dtype)
             and attn_layer.supported(dtype, n, p.hidden_dim, p.nnei, p.smooth, p.embed_dim) is None
         ):
-            extra = (("EX2", 1),) if ctx.settings.attn_ex2 else ()
+            extra = tuple((k, 1) for k, on in (("EX2", ctx.settings.attn_ex2), ("XH", ctx.settings.attn_xhat16)) if on)
             layer_args = (n, p.embed_dim, p.hidden_dim, p.smooth, p.dotr, p.normalize, p.nnei, extra)
             if ctx.guarded("attn_layer", attn_layer.build, *layer_args) is not None:
                 rows = _Rows(xp, nei_mask, input_r, sw, dtype, npad, None, tf32)

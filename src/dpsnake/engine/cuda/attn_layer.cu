@@ -86,14 +86,15 @@ __device__ __forceinline__ void keep_rows(const float (&z)[HT][4], float inv0, f
 // wout (HT, KE, 32) float2 (B fragments, TF32-rounded), bqkv (3, H) (zeros without a bias), bout, gamma, beta
 // (E). s: the query scale; eps: LayerNorm's. With KEEP (a force call) the forward also keeps what
 // attn_layer_bwd reads: y (3, B, n, H) = the normalized q (times s), k, v (ystore: FP16 with YH); inv (3, B, n)
-// their inverse norms (0 past n; 1 without NORMALIZE); xhat (B, n, E) and rstd (B, n) of the LayerNorm.
+// their inverse norms (0 past n; 1 without NORMALIZE); xhat (B, n, E) (xhstore: FP16 with XH) and rstd (B, n) of
+// the LayerNorm.
 extern "C" __global__ void __launch_bounds__(32 * NW, FMINB)
     attn_layer_fwd(const float* __restrict__ x, const float2* __restrict__ wqkv, const float* __restrict__ bqkv,
                    const float2* __restrict__ wout, const float* __restrict__ bout, const float* __restrict__ gamma,
                    const float* __restrict__ beta, float eps, const float* __restrict__ sw,
                    const float* __restrict__ r, const unsigned char* __restrict__ mask, long long B, int n, float s,
                    float* __restrict__ out, ystore* __restrict__ y, float* __restrict__ inv,
-                   float* __restrict__ xhat, float* __restrict__ rstd) {
+                   xhstore* __restrict__ xhat, float* __restrict__ rstd) {
   DYN_SMEM(smem);
 #if WRING
   __shared__ __align__(16) float2 ring[2 * RSF];  // W tiles (wprod) where no shared array is free
@@ -339,8 +340,8 @@ extern "C" __global__ void __launch_bounds__(32 * NW, FMINB)
         if (in0) store_pair(out + (base + i0) * E, col, xa0 * ga.x + be.x, xb0 * ga.y + be.y);
         if (in1) store_pair(out + (base + i1) * E, col, xa1 * ga.x + be.x, xb1 * ga.y + be.y);
 #if KEEP
-        if (in0) store_pair(xhat + (base + i0) * E, col, xa0, xb0);
-        if (in1) store_pair(xhat + (base + i1) * E, col, xa1, xb1);
+        if (in0) xh_store(xhat + (base + i0) * E, col, xa0, xb0);
+        if (in1) xh_store(xhat + (base + i1) * E, col, xa1, xb1);
 #endif
       }
     }

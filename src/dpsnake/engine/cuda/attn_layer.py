@@ -226,11 +226,12 @@ def defines(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, n
     # attn_layer_bwd.cuh's headers; H100, session 36, us per centre and layer: keeping 0.191 vs 0.278, alone 0.105 vs
     # 0.152, backward 0.474 vs 0.544; the same errors); FMINB: the forward's blocks per SM (3 spills ~600 bytes)
     # EX2: the softmax's exp as ex2.approx (EngineSettings attn_ex2, on by default, sets it through _Rows.extra;
-    # H100, session 44: forward -4.9%, backward -5.4% per centre and layer)
+    # H100, session 44: forward -4.9%, backward -5.4% per centre and layer); XH: xhat kept in FP16 (settings
+    # attn_xhat16, off until a GPU A/B)
     return {"KEEP": int(keep), "WRING": 1, "WDEEP": int(not keep or H % 16 == 0), "BRING": 0,
             "YH": int(keep and normalize), "N": N, "E": int(E), "H": int(H), "SMOOTH": int(smooth), "DOTR": int(dotr),
             "NORMALIZE": int(normalize), "NPAD": npad, "MINB": minb, "F16": int(H % 16 == 0),
-            "FMINB": minb, "B16": int(H % 16 == 0), "EX2": 0}  # fmt: skip
+            "FMINB": minb, "B16": int(H % 16 == 0), "EX2": 0, "XH": 0}  # fmt: skip
 
 
 def source(**defs) -> str:
@@ -301,15 +302,20 @@ def build(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, nne
     return _module(tuple((_defines(*args) | dict(extra)).items()))[0]
 
 
+def xhat_dtype(defs: dict):
+    """The dtype of the kept LayerNorm xhat (the cache's third array) of kernels compiled with ``defs``."""
+    return np.float16 if defs.get("XH") else np.float32
+
+
 def y_dtype(defs: dict):
     """The dtype of the kept q, k, v (the cache's y) of kernels compiled with ``defs``."""
     return np.float16 if defs["YH"] else np.float32
 
 
-def _check(lw: LayerWeights, x, sw, r, mask, *more, y=None) -> None:
+def _check(lw: LayerWeights, x, sw, r, mask, *more, y=None, xh=None) -> None:
     """The kernels read raw pointers: C-contiguous FP32 arrays, the mask one bool per slot, x of the layer's E, a
-    cache's y as ``y`` = (array, dtype); the packed weights 16-byte aligned (cp.async copies them in 16-byte
-    pieces)."""
+    cache's y and xhat as ``y``, ``xh`` = (array, dtype); the packed weights 16-byte aligned (cp.async copies them
+    in 16-byte pieces)."""
     half = (lw.wqkv_h, lw.wout_h, lw.woutT_h, lw.wqkvT_h)
     for w in (lw.wqkv, lw.wout, lw.woutT, lw.wqkvT, *(a for a in half if a is not None)):
         ptr = w.data.ptr if hasattr(w.data, "ptr") else w.ctypes.data
@@ -317,7 +323,7 @@ def _check(lw: LayerWeights, x, sw, r, mask, *more, y=None) -> None:
             raise ValueError("attn_layer: packed weights not 16-byte aligned (use LayerWeights.of)")
     if x.shape[2] != lw.E:
         raise ValueError(f"attn_layer: features {x.shape[2]}, the layer's weights have {lw.E}")
-    ys = () if y is None else ((y[0], np.dtype(y[1]).name),)
+    ys = tuple((a, np.dtype(dt).name) for a, dt in (pair for pair in (y, xh) if pair is not None))
     for a, dt in ((x, "float32"), (sw, "float32"), (r, "float32"), (mask, "bool"), *((m, "float32") for m in more),
                   *ys):  # fmt: skip
         if a.dtype.name != dt or not a.flags.c_contiguous:
@@ -329,9 +335,10 @@ def forward(lw: LayerWeights, x, sw, r, mask, scale: float, smooth: bool, dotr: 
     """One layer's output (B, n, E) from its input x (B, n, E); sw (B, n), r (B, n, 3), mask (B, n) bool,
     all C-contiguous, FP32 (attention.py's ``_Rows`` holds them so). ``scale``: the query scale. With
     ``keep``: (out, cache), the cache what :func:`backward` reads: y (3, B, n, H) the normalized q, k, v,
-    inv (3, B, n), xhat (B, n, E), rstd (B, n); y is FP16 where NORMALIZE (:func:`y_dtype`), its rows in the
-    kernels' order (attn_layer_common.cuh's ystore), q's times ``scale``. ``extra``: more (NAME, value) constants
-    (profiling: PHASES; A/B: attn_layer.defines' keys)."""
+    inv (3, B, n), xhat (B, n, E) (FP16 with XH, :func:`xhat_dtype`), rstd (B, n); y is FP16 where NORMALIZE
+    (:func:`y_dtype`), its rows in the kernels' order (attn_layer_common.cuh's ystore), q's times ``scale``.
+    ``extra``: more (NAME, value) constants (profiling: PHASES; A/B: attn_layer.defines' keys; settings attn_ex2,
+    attn_xhat16)."""
     import cupy
 
     B, n, E = x.shape
@@ -345,7 +352,7 @@ def forward(lw: LayerWeights, x, sw, r, mask, scale: float, smooth: bool, dotr: 
     cache = None
     if keep:
         cache = (cupy.empty((3, B, n, lw.H), dtype=y_dtype(defs)), cupy.empty((3, B, n), dtype=x.dtype),
-                 cupy.empty_like(x), cupy.empty((B, n), dtype=x.dtype))  # fmt: skip
+                 cupy.empty(x.shape, dtype=xhat_dtype(defs)), cupy.empty((B, n), dtype=x.dtype))  # fmt: skip
     if B:
         null = np.uintp(0)
         keep_args = cache if keep else (null, null, null, null)
@@ -367,7 +374,8 @@ def backward(lw: LayerWeights, cache, dout, sw, r, mask, scale: float, smooth: b
     B, n, E = dout.shape
     defs = _defines(n, E, lw.H, smooth, dotr, normalize, nnei)
     defs.update(extra)
-    _check(lw, dout, sw, r, mask, dsw, dr, *cache[1:], y=(cache[0], y_dtype(defs)))
+    _check(lw, dout, sw, r, mask, dsw, dr, cache[1], cache[3], y=(cache[0], y_dtype(defs)),
+           xh=(cache[2], xhat_dtype(defs)))  # fmt: skip
     fns, caps, _ = _module(tuple(defs.items()))
     dx = cupy.empty_like(dout)
     if B:

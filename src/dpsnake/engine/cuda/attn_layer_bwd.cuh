@@ -94,7 +94,7 @@ __device__ __forceinline__ void dz_acc(const float (&d)[HT][4], const ystore* __
 // dv . v = sum_i A dA, as L = s q k^T and dA = do v^T); dq = s dL k; dv = A^T do; dk = s dL^T y_q; each through
 // the normalisation and in_proj into one accumulator, added to dx once.
 extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
-    attn_layer_bwd(const float* __restrict__ dout, const float* __restrict__ xhat, const float* __restrict__ rstd,
+    attn_layer_bwd(const float* __restrict__ dout, const xhstore* __restrict__ xhat, const float* __restrict__ rstd,
                    const float* __restrict__ gamma, const ystore* __restrict__ y, const float* __restrict__ inv,
                    const float2* __restrict__ woutT, const float2* __restrict__ wqkvT, const float* __restrict__ sw,
                    const float* __restrict__ r, const unsigned char* __restrict__ mask, long long B, int n, float s,
@@ -152,7 +152,7 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
     float dh[KE][4];
     {
       const float* db = dout + base * E;
-      const float* xb = xhat + base * E;
+      const xhstore* xb = xhat + base * E;
       float mg0 = 0.f, mg1 = 0.f, mx0 = 0.f, mx1 = 0.f;
       float xv[KE][4];  // xhat of the lane's columns (as dh)
 #pragma unroll
@@ -163,8 +163,8 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
         const float2 ga = c_in ? load_pair(gamma, col) : zero;
         const float2 d0 = (c_in && in0) ? load_pair(db + i0 * E, col) : zero;
         const float2 d1 = (c_in && in1) ? load_pair(db + i1 * E, col) : zero;
-        const float2 x0 = (c_in && in0) ? load_pair(xb + i0 * E, col) : zero;
-        const float2 x1 = (c_in && in1) ? load_pair(xb + i1 * E, col) : zero;
+        const float2 x0 = (c_in && in0) ? xh_load(xb + i0 * E, col) : zero;
+        const float2 x1 = (c_in && in1) ? xh_load(xb + i1 * E, col) : zero;
         dh[nt][0] = d0.x * ga.x, dh[nt][1] = d0.y * ga.y, dh[nt][2] = d1.x * ga.x, dh[nt][3] = d1.y * ga.y;
         xv[nt][0] = x0.x, xv[nt][1] = x0.y, xv[nt][2] = x1.x, xv[nt][3] = x1.y;
         mg0 += dh[nt][0] + dh[nt][1], mg1 += dh[nt][2] + dh[nt][3];

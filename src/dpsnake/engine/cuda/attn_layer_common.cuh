@@ -1,6 +1,6 @@
 // Shared by attn_layer.cu's forward and attn_layer_bwd.cuh's backward: sizes, the TF32 product, lane sums.
 #if !defined(KEEP) || !defined(WRING) || !defined(BRING) || !defined(WDEEP) || !defined(YH) || \
-    !defined(MINB) || !defined(F16) || !defined(FMINB) || !defined(B16) || !defined(EX2)
+    !defined(MINB) || !defined(F16) || !defined(FMINB) || !defined(B16) || !defined(EX2) || !defined(XH)
 #error "attn_layer: compile with attn_layer.defines()' constants"
 #endif
 #if (F16 || B16) && H % 16
@@ -137,6 +137,35 @@ __device__ __forceinline__ void store_pair(float* __restrict__ row, int col, flo
 #else
   row[col] = a;
   if (col + 1 < E) row[col + 1] = b;
+#endif
+}
+
+// xhat, the LayerNorm's normalized rows a force call's forward keeps for the backward: FP16 with XH (unit variance:
+// FP16's 11-bit significand, as the TF32 operands' 10; 2 of the forward's 4 (n, E) FP32 stores and reads halved),
+// else FP32; the lane's pair at col (even, < E) as load_pair / store_pair
+#if XH
+typedef unsigned short xhstore;
+#else
+typedef float xhstore;
+#endif
+__device__ __forceinline__ float2 xh_load(const xhstore* __restrict__ row, int col) {
+#if XH && E % 2 == 0
+  const unsigned u = *reinterpret_cast<const unsigned*>(row + col);
+  return make_float2(h2f((unsigned short)(u & 0xffffu)), h2f((unsigned short)(u >> 16)));
+#elif XH
+  return make_float2(h2f(row[col]), col + 1 < E ? h2f(row[col + 1]) : 0.f);
+#else
+  return load_pair(row, col);
+#endif
+}
+__device__ __forceinline__ void xh_store(xhstore* __restrict__ row, int col, float a, float b) {
+#if XH && E % 2 == 0
+  *reinterpret_cast<unsigned*>(row + col) = f2h(a) | ((unsigned)f2h(b) << 16);
+#elif XH
+  row[col] = f2h(a);
+  if (col + 1 < E) row[col + 1] = f2h(b);
+#else
+  store_pair(row, col, a, b);
 #endif
 }
 // row[col] += a, row[col + 1] += b as reductions in L2 (red.global: no load's round trip on the warp's path; FP32
