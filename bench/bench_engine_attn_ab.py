@@ -210,6 +210,9 @@ def main():
         # the LayerNorm's xhat kept in FP16 (attn_xhat16, off)
         ("layer_xh", {"tf32": True, "attn_xhat16": True}, False, "mixed"),
         ("layer_tab_xh", {"tf32": True, "attn_xhat16": True, "compress": {"min_nbor_dist": 2.0}}, False, "mixed"),
+        # the next centre's input rows toward L2 (attn_prefetch, off)
+        ("layer_pref", {"tf32": True, "attn_prefetch": True}, False, "mixed"),
+        ("layer_tab_pref", {"tf32": True, "attn_prefetch": True, "compress": {"min_nbor_dist": 2.0}}, False, "mixed"),
     ]
     variants_all = list(variants)
 

@@ -31,6 +31,7 @@ static unsigned short f2h(float x) { _Float16 h = (_Float16)x; unsigned short u;
 static float h2f(unsigned short u) { _Float16 h; std::memcpy(&h, &u, 2); return (float)h; }
 static void __syncwarp() { WBAR[threadIdx.x / 32]->arrive_and_wait(); }
 static float ex2f(float x) { return std::exp2(x); }  // ex2.approx's ~2 ulp not emulated
+static void prefetch_l2(const void*) {}  // a hint: nothing to emulate
 static float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 static unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 static unsigned tf32(float x) { return __float_as_uint(x); }
@@ -147,14 +148,15 @@ class Emu:
     rings in both kernels (WRING = BRING), ``wdeep``: the deep ones, ``yh``: q, k, v kept in FP16 (YH) or FP32 (0);
     ``f16``: the forward's products on FP16 operands (F16; 0 by default: TF32's layout, whose emulated products
     are exact, so that the tests see the kernels' logic); ``ex2``: the softmax on ex2 (EX2; the emulator's is
-    std::exp2); ``xh``: xhat kept in FP16 (XH); None: as attn_layer.defines sets them."""
+    std::exp2); ``xh``: xhat kept in FP16 (XH); ``pref``: the
+    next centre's rows toward L2 (PREF; no-ops here); None: as attn_layer.defines sets them."""
 
     def __init__(self, tmp_path, p, n, E, H, keep=True, wring=None, tf32=False, wdeep=None, yh=0, f16=0, b16=0,
-                 ex2=None, xh=None):  # fmt: skip
+                 ex2=None, xh=None, pref=None):  # fmt: skip
         self.p = p
         defs = attn_layer.defines(n, E, H, p.smooth, p.dotr, p.normalize, p.nnei, keep)
         flags = (("WRING", wring), ("BRING", wring), ("WDEEP", wdeep), ("YH", yh), ("F16", f16), ("B16", b16))
-        for k, v in (*flags, ("EX2", ex2), ("XH", xh)):
+        for k, v in (*flags, ("EX2", ex2), ("XH", xh), ("PREF", pref)):
             defs[k] = defs[k] if v is None else v
         self.defs = defs
         tag = "_".join(str(v) for v in self.defs.values()) + ("_tf32" if tf32 else "")

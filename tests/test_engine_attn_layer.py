@@ -121,14 +121,15 @@ def test_layer_kernels_other_flag_sets_and_shapes(tmp_path, monkeypatch, dotr, n
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
-@pytest.mark.parametrize("dotr,normalize,smooth,ns", [(True, True, True, 27), (False, True, False, 19)])
-def test_layer_kernels_with_ex2_equal_array_code(tmp_path, monkeypatch, dotr, normalize, smooth, ns):
+@pytest.mark.parametrize("dotr,normalize,smooth,ns,pref", [(True, True, True, 27, 0), (False, True, False, 19, 1)])
+def test_layer_kernels_with_ex2_equal_array_code(tmp_path, monkeypatch, dotr, normalize, smooth, ns, pref):
     """EX2 (settings attn_ex2): the softmax as 2^(L log2 e - max log2 e), in the forward and the backward's
     recomputed softmax; smooth with left-out slots (NPAD) and masked keys without it: the output and df/dG, df/dr,
-    df/dsw = the FP64 array code to 4e-6 (the FFMA's rounding of max log2 e adds ~1e-6 to T)."""
+    df/dsw = the FP64 array code to 4e-6 (the FFMA's rounding of max log2 e adds ~1e-6 to T); with PREF (its
+    prefetches no-ops here) too."""
     p, inputs, dG_out, (want, want_dG, want_dr, want_dsw) = two_layer_case(monkeypatch, dotr, normalize, smooth, ns)
     G, mask = inputs[:2]
-    emu = Emu(tmp_path, p, G.shape[1], G.shape[2], p.hidden_dim, ex2=1)
+    emu = Emu(tmp_path, p, G.shape[1], G.shape[2], p.hidden_dim, ex2=1, pref=pref)
     assert emu.defs["EX2"] == 1 and (emu.defs["NPAD"] > 0) == smooth
     lws = [attn_layer.LayerWeights.of(layer, np, round_tf32=False) for layer in p.layers]
     _, x, _, dx, dsw, dr = chain(emu, lws, inputs, dG_out)
@@ -241,6 +242,9 @@ def test_layer_kernel_compiles_for_sm90(n, E, H, flags):
         assert ".entry attn_layer_bwd" in xh
         assert xh.count("st.global.v2.f32") == ex2.count("st.global.v2.f32") - 6
         assert xh.count("ld.global.nc.v2.f32") == ex2.count("ld.global.nc.v2.f32") - 6
+        # PREF: the next centre's rows toward L2, in both kernels (x; dout and xhat)
+        pref = compile_cuda(attn_layer.source(**(defs | {"EX2": 1, "PREF": 1})))
+        assert "prefetch.global.L2" not in ex2 and pref.count("prefetch.global.L2") >= 3
 
 
 @pytest.mark.parametrize(

@@ -158,7 +158,8 @@ def main(argv=None) -> int:
                 "bring": (("BRING", 1),), "fdeep": (("WDEEP", 1),),
                 "fp32y": (("YH", 0),), "tf32fwd": (("F16", 0),), "tf32bwd": (("B16", 0),),
                 "tf32": (("F16", 0), ("B16", 0)), "ex2": (("EX2", 1),),
-                "xh": (("EX2", 1), ("XH", 1))}  # fmt: skip
+                "xh": (("EX2", 1), ("XH", 1)), "pref": (("EX2", 1), ("PREF", 1)),
+                "xhpref": (("EX2", 1), ("XH", 1), ("PREF", 1))}  # fmt: skip
     if args.variants is not None:
         variants = {v: variants[v] for v in args.variants}
     vcaches = {(): fcaches} | {x: fused(True, x)[1] for x in variants.values()}  # the backward reads its build's y

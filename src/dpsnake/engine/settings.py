@@ -134,9 +134,17 @@ class EngineSettings:
     attn_xhat16: bool = False
     """se_atten, the whole-layer kernels: a force call's forward keeps the LayerNorm's xhat (unit variance) for the
     backward in FP16 (XH; FP16's 11-bit significand against the TF32 operands' 10), halving 35 of the ~138 KB per
-    centre and layer that the keeping forward writes and the backward reads (88 slots, E 100, H 128). Off until a
+    centre and layer that the keeping forward writes and the backward reads (88 slots, E 100, H 128; ptxas: the
+    same registers and spills), df/dG ~1.3e-4 (the g++ emulator, exact products; TF32's ~1e-5). Off until a
     GPU A/B decides (written in session 44 without a GPU left: bench_engine_attn_ab.py ``layer_xh``, the probe's
     ``xh``)."""
+    attn_prefetch: bool = False
+    """se_atten, the whole-layer kernels: each block sends the next centre's input rows toward L2
+    (``prefetch.global.L2``) while it runs this one: the forward's x, the backward's dout and xhat (PREF; H100,
+    session 37's phases: the backward's LayerNorm waits 28k of 181k cycles per warp and centre on those loads).
+    ptxas (sm_90, 88 slots, E 100, H 128): the backward spills 184 / 300 bytes (stores / loads) against 100 / 196.
+    Off until a GPU A/B decides (written in session 44: bench_engine_attn_ab.py ``layer_pref``, the probe's
+    ``pref``)."""
     widths: str = "auto"
     """Compaction widths and bin grids: "auto" (reused from the last call on CuPy, checked after the
     call is issued; the chunk's own on NumPy), "exact" (always the chunk's own: a host sync per

@@ -354,7 +354,7 @@ class _Rows:
     FP32 products on TF32 tensor cores (settings.tf32; the flat GEMMs follow ``EngineContext.tf32``).
     ``layer``: the whole-layer TF32 kernels (cuda/attn_layer.py, mixed + TF32) or None; with them a layer
     is one kernel per direction and the rest goes unused; ``extra``: more of its constants (settings attn_ex2,
-    attn_xhat16)."""
+    attn_xhat16, attn_prefetch)."""
 
     layer = None
     extra = ()
@@ -402,7 +402,9 @@ class _Rows:
             and ctx.tf32_on(xp, dtype)
             and attn_layer.supported(dtype, n, p.hidden_dim, p.nnei, p.smooth, p.embed_dim) is None
         ):
-            extra = tuple((k, 1) for k, on in (("EX2", ctx.settings.attn_ex2), ("XH", ctx.settings.attn_xhat16)) if on)
+            st = ctx.settings
+            flags = (("EX2", st.attn_ex2), ("XH", st.attn_xhat16), ("PREF", st.attn_prefetch))
+            extra = tuple((k, 1) for k, on in flags if on)
             layer_args = (n, p.embed_dim, p.hidden_dim, p.smooth, p.dotr, p.normalize, p.nnei, extra)
             if ctx.guarded("attn_layer", attn_layer.build, *layer_args) is not None:
                 rows = _Rows(xp, nei_mask, input_r, sw, dtype, npad, None, tf32)

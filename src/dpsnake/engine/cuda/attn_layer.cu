@@ -123,6 +123,9 @@ extern "C" __global__ void __launch_bounds__(32 * NW, FMINB)
   PHASE_START;
   for (long long b = blockIdx.x; b < B; b += gridDim.x) {
     const long long base = b * n;
+#if PREF  // the next centre's x toward L2: its loads wait less (the keeping forward's stores fill the queues)
+    if (b + gridDim.x < B) prefetch_rows(x + (b + gridDim.x) * n * E, 4 * n * E);
+#endif
     __syncthreads();  // the previous centre's shared arrays are read
     for (int j = threadIdx.x; j < N; j += 32 * NW) {
       const bool in = j < n;

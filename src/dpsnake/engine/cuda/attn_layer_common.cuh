@@ -1,6 +1,7 @@
 // Shared by attn_layer.cu's forward and attn_layer_bwd.cuh's backward: sizes, the TF32 product, lane sums.
 #if !defined(KEEP) || !defined(WRING) || !defined(BRING) || !defined(WDEEP) || !defined(YH) || \
-    !defined(MINB) || !defined(F16) || !defined(FMINB) || !defined(B16) || !defined(EX2) || !defined(XH)
+    !defined(MINB) || !defined(F16) || !defined(FMINB) || !defined(B16) || !defined(EX2) || !defined(XH) || \
+    !defined(PREF)
 #error "attn_layer: compile with attn_layer.defines()' constants"
 #endif
 #if (F16 || B16) && H % 16
@@ -51,6 +52,8 @@ __device__ __forceinline__ float ex2f(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
+// a 128-byte line toward L2 (nothing waits on it; PREF: the next centre's rows while this one runs)
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
 __device__ __forceinline__ unsigned tf32(float x) {
   unsigned r;
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
@@ -148,6 +151,10 @@ typedef unsigned short xhstore;
 #else
 typedef float xhstore;
 #endif
+// the block's threads send ``bytes`` from p toward L2 (PREF), a line each in turn
+__device__ __forceinline__ void prefetch_rows(const void* p, int bytes) {
+  for (int o = 128 * threadIdx.x; o < bytes; o += 128 * 32 * NW) prefetch_l2(static_cast<const char*>(p) + o);
+}
 __device__ __forceinline__ float2 xh_load(const xhstore* __restrict__ row, int col) {
 #if XH && E % 2 == 0
   const unsigned u = *reinterpret_cast<const unsigned*>(row + col);
