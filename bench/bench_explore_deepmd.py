@@ -153,16 +153,16 @@ def cmd_bench(args) -> int:
     # rounds of nsteps, the median kept: a round may compile the layer kernels for a neighbour width
     # first met there (a compile-time constant, cuda/attn_layer.py; a fresh machine's kernel cache
     # is empty), which a long exploration pays once
-    from dpsnake.engine.cuda.attn_layer import _device_module
+    from dpsnake.engine.cuda.attn_layer import compiled_modules
 
-    rounds, modules = [], [_device_module.cache_info().currsize]
+    rounds, modules = [], [compiled_modules()]
     for _ in range(args.explore_rounds):
         sync()
         t0 = time.perf_counter()
         ex.loop()
         sync()
         rounds.append((time.perf_counter() - t0) / nsteps)
-        modules.append(_device_module.cache_info().currsize)
+        modules.append(compiled_modules())
     rows["explore"] = float(np.median(rounds))
     notes["explore_rounds_us_per_atom_step"] = [round(1e6 * r / ntot, 4) for r in rounds]
     notes["attn_layer_modules_after_warmup_and_rounds"] = modules  # one per width and KEEP, compiled on first use

@@ -6,6 +6,7 @@ tests/test_engine_attn_gpu.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 
 import numpy as np
@@ -202,6 +203,9 @@ def test_defines():
     assert attn_layer.defines(88, 100, 128, 1, 1, 1, 120, smem_per_sm=164 * 1024)["MINB"] == 1  # sm_80: one block
     assert d["F16"] == alone["F16"] == d["B16"] == 1 and d["FMINB"] == d["MINB"]  # FP16 products where H % 16 == 0
     assert d["EX2"] == alone["EX2"] == 0  # expf unless settings attn_ex2 (_Rows.extra)
+    assert d["XH"] == d["PREF"] == 0  # settings attn_xhat16, attn_prefetch
+    if importlib.util.find_spec("cupy") is None:  # nothing compiled in a process without CuPy
+        assert attn_layer.compiled_modules() == 0
     assert (
         attn_layer.defines(88, 100, 120, 1, 1, 1, 120)["F16"]
         == attn_layer.defines(88, 100, 120, 1, 1, 1, 120)["B16"]

@@ -294,6 +294,12 @@ def _device_module(defs: tuple, device: int):
     return fns, caps, mod
 
 
+def compiled_modules() -> int:
+    """How many (constants, device) modules this process has compiled (or loaded from CuPy's disk cache): one per
+    neighbour width and KEEP met, so a count that grows inside a timed loop means a compile was timed."""
+    return _device_module.cache_info().currsize
+
+
 def build(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, nnei: int, extra: tuple = ()) -> dict:
     """A force call's kernels for these constants and the forward alone (energy-only calls), compiled on first use
     (raises what NVRTC raises, or RuntimeError where the blocks' shared memory does not fit the device); ``extra``
