@@ -152,6 +152,23 @@ def test_cupy_tf32_mixed(model_cache, monkeypatch, name):
     assert rel_err(cp.asnumpy(tf32["force"]), cp.asnumpy(fp32["force"])) > 1e-6, "TF32 changed nothing"
 
 
+def _spy_layer(monkeypatch, what):
+    """A list that gets ``what(fn, kwargs)`` for each call of cuda/attn_layer.py's forward and backward."""
+    from dpsnake.engine.cuda import attn_layer
+
+    seen = []
+    for fn in ("forward", "backward"):
+        inner = getattr(attn_layer, fn)
+        monkeypatch.setattr(attn_layer, fn, lambda *a, _f=inner, _n=fn, **k: seen.append(what(_n, k)) or _f(*a, **k))
+    return seen
+
+
+def _cu_ni(model_cache, name):
+    """The model file and systems() of Cu and Ni as flat NumPy arrays and on the device."""
+    args = flat(systems(["Cu", "Ni"]), ["Cu", "Ni"])
+    return str(attn_model(model_cache, name)["dp"]), args, [cp.asarray(a) for a in args]
+
+
 @pytest.mark.parametrize("name", ["v2_l2", "concat_l2", "strip_l2", "excl"])
 def test_cupy_tf32_layer_kernels(model_cache, monkeypatch, name):
     """mixed + TF32 with the whole-layer kernels (cuda/attn_layer.py, family attn_layer, opt-in): they run (forward
@@ -159,16 +176,10 @@ def test_cupy_tf32_layer_kernels(model_cache, monkeypatch, name):
     cuBLAS TF32 path's (within 5e-3 relative to the largest value; both errors print)."""
     import warnings
 
-    from dpsnake.engine.cuda import attn_layer
     from dpsnake.engine.settings import DEFAULT_FAST, EngineSettings
 
-    calls = []
-    for fn in ("forward", "backward"):
-        inner = getattr(attn_layer, fn)
-        monkeypatch.setattr(attn_layer, fn, lambda *a, _f=inner, _n=fn, **k: calls.append(_n) or _f(*a, **k))
-    dp = str(attn_model(model_cache, name)["dp"])
-    args = flat(systems(["Cu", "Ni"]), ["Cu", "Ni"])
-    dev = [cp.asarray(a) for a in args]
+    calls = _spy_layer(monkeypatch, lambda fn, k: fn)
+    dp, args, dev = _cu_ni(model_cache, name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the over-full neighbour lists of systems()
         ref = AttnEnsemble([dp]).evaluate(*args, atomic=True)
@@ -198,16 +209,10 @@ def test_cupy_layer_kernel_settings(model_cache, monkeypatch, name, setting, ext
     NumPy reference (both errors print)."""
     import warnings
 
-    from dpsnake.engine.cuda import attn_layer
     from dpsnake.engine.settings import EngineSettings
 
-    seen = []
-    for fn in ("forward", "backward"):
-        inner = getattr(attn_layer, fn)
-        monkeypatch.setattr(attn_layer, fn, lambda *a, _f=inner, **k: seen.append(k.get("extra")) or _f(*a, **k))
-    dp = str(attn_model(model_cache, name)["dp"])
-    args = flat(systems(["Cu", "Ni"]), ["Cu", "Ni"])
-    dev = [cp.asarray(a) for a in args]
+    seen = _spy_layer(monkeypatch, lambda fn, k: k.get("extra"))
+    dp, args, dev = _cu_ni(model_cache, name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the over-full neighbour lists of systems()
         ref = AttnEnsemble([dp]).evaluate(*args, atomic=True)

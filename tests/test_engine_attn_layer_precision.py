@@ -16,6 +16,28 @@ from engine_helpers import rel_err
 from dpsnake.engine.cuda import attn_layer
 
 
+def _rounded_entry_chain(e16, e32, lws, inputs, dG_out, k):
+    """Two layers forward and backward with ``e16``, whose cache entry ``k`` is FP16 where ``e32``'s is FP32: that
+    entry is e32's rounded to FP16 (bit for bit), every other entry and the output equal; the last layer's backward
+    from it equals e32's from its entry rounded (to the last bits of the kernel's shared-memory atomics: d sw, d r
+    and the p's of dx sum in any order). Returns e16's (out, df/dG, df/dsw, df/dr)."""
+    _, mask, r, sw = inputs
+    xs, x, caches, dx, dsw, dr = chain(e16, lws, inputs, dG_out)
+    for lw, xin, xout, c16 in zip(lws, xs, xs[1:] + [x], caches):
+        out32, c32 = e32.forward(lw, xin, mask, r, sw, grid=3, keep=True)
+        assert c16[k].dtype == np.float16 and c32[k].dtype == np.float32
+        assert np.array_equal(c16[k].view(np.uint16), c32[k].astype(np.float16).view(np.uint16))
+        assert np.array_equal(xout, out32) and all(np.array_equal(c16[j], c32[j]) for j in range(4) if j != k)
+    lw, c16 = lws[-1], caches[-1]
+    _, c32 = e32.forward(lw, xs[-1], mask, r, sw, grid=3, keep=True)
+    c32[k] = c32[k].astype(np.float16).astype(np.float32)
+    z = [np.zeros(a.shape, np.float32) for a in (mask, r, mask, r)]
+    b16 = e16.backward(lw, c16, dG_out.astype(np.float32), mask, r, sw, 5, z[0], z[1])
+    b32 = e32.backward(lw, c32, dG_out.astype(np.float32), mask, r, sw, 5, z[2], z[3])
+    assert rel_err(b16, b32) < 1e-6 and rel_err(z[0], z[2]) < 1e-6 and rel_err(z[1], z[3]) < 1e-6
+    return x, dx, dsw, dr
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to emulate CUDA")
 @pytest.mark.parametrize(
     "dotr,smooth,ns,wring,H,E",
@@ -31,26 +53,11 @@ def test_fp16_cache_is_the_fp32_cache_rounded(tmp_path, monkeypatch, dotr, smoot
     p, inputs, dG_out, (want, want_dG, want_dr, want_dsw) = two_layer_case(
         monkeypatch, dotr, True, smooth, ns, H=H, E=E
     )
-    G, mask, r, sw = inputs
-    n = G.shape[1]
+    n = inputs[0].shape[1]
     e16, e32 = (Emu(tmp_path, p, n, E, H, wring=wring, yh=yh) for yh in (1, 0))
     assert attn_layer.defines(n, E, H, smooth, dotr, True, p.nnei)["YH"] == 1  # the engine's build
     lws = [attn_layer.LayerWeights.of(layer, np, round_tf32=False) for layer in p.layers]
-    xs, x, caches, dx, dsw, dr = chain(e16, lws, inputs, dG_out)
-    for lw, xin, xout, c16 in zip(lws, xs, xs[1:] + [x], caches):
-        out32, c32 = e32.forward(lw, xin, mask, r, sw, grid=3, keep=True)
-        assert c16[0].dtype == np.float16 and c32[0].dtype == np.float32
-        assert np.array_equal(c16[0].view(np.uint16), c32[0].astype(np.float16).view(np.uint16))
-        assert np.array_equal(xout, out32) and all(np.array_equal(a, b) for a, b in zip(c16[1:], c32[1:]))
-    # the backward, last layer: from the FP16 y and from the FP32 build's y rounded
-    lw, c16 = lws[-1], caches[-1]
-    _, c32 = e32.forward(lw, xs[-1], mask, r, sw, grid=3, keep=True)
-    c32[0] = c32[0].astype(np.float16).astype(np.float32)
-    z = [np.zeros(a.shape, np.float32) for a in (mask, r, mask, r)]
-    b16 = e16.backward(lw, c16, dG_out.astype(np.float32), mask, r, sw, 5, z[0], z[1])
-    b32 = e32.backward(lw, c32, dG_out.astype(np.float32), mask, r, sw, 5, z[2], z[3])
-    # to the last bits: the kernel's shared-memory atomics (d sw, d r, and the p's of dx) sum in any order
-    assert rel_err(b16, b32) < 1e-6 and rel_err(z[0], z[2]) < 1e-6 and rel_err(z[1], z[3]) < 1e-6
+    x, dx, dsw, dr = _rounded_entry_chain(e16, e32, lws, inputs, dG_out, 0)  # y: entry 0
     assert rel_err(x, want) < 2e-6 and rel_err(dx, want_dG) < 1e-5, (rel_err(x, want), rel_err(dx, want_dG))
     assert (rel_err(dsw, want_dsw[..., 0]) < 1e-3) if smooth else not dsw.any()
     assert (rel_err(dr, want_dr) < 1e-3) if dotr else not dr.any()
@@ -66,23 +73,10 @@ def test_fp16_xhat_is_the_fp32_xhat_rounded(tmp_path, monkeypatch, dotr, smooth,
     p, inputs, dG_out, (want, want_dG, want_dr, want_dsw) = two_layer_case(
         monkeypatch, dotr, True, smooth, ns, H=32, E=E
     )
-    G, mask, r, sw = inputs
-    n = G.shape[1]
+    n = inputs[0].shape[1]
     e16, e32 = (Emu(tmp_path, p, n, E, 32, yh=None, xh=xh) for xh in (1, 0))
     lws = [attn_layer.LayerWeights.of(layer, np, round_tf32=False) for layer in p.layers]
-    xs, x, caches, dx, dsw, dr = chain(e16, lws, inputs, dG_out)
-    for lw, xin, xout, c16 in zip(lws, xs, xs[1:] + [x], caches):
-        out32, c32 = e32.forward(lw, xin, mask, r, sw, grid=3, keep=True)
-        assert c16[2].dtype == np.float16 and c32[2].dtype == np.float32
-        assert np.array_equal(c16[2].view(np.uint16), c32[2].astype(np.float16).view(np.uint16))
-        assert np.array_equal(xout, out32) and all(np.array_equal(c16[k], c32[k]) for k in (0, 1, 3))
-    lw, c16 = lws[-1], caches[-1]
-    _, c32 = e32.forward(lw, xs[-1], mask, r, sw, grid=3, keep=True)
-    c32[2] = c32[2].astype(np.float16).astype(np.float32)
-    z = [np.zeros(a.shape, np.float32) for a in (mask, r, mask, r)]
-    b16 = e16.backward(lw, c16, dG_out.astype(np.float32), mask, r, sw, 5, z[0], z[1])
-    b32 = e32.backward(lw, c32, dG_out.astype(np.float32), mask, r, sw, 5, z[2], z[3])
-    assert rel_err(b16, b32) < 1e-6 and rel_err(z[0], z[2]) < 1e-6 and rel_err(z[1], z[3]) < 1e-6
+    x, dx, dsw, dr = _rounded_entry_chain(e16, e32, lws, inputs, dG_out, 2)  # xhat: entry 2
     errs = [rel_err(x, want), rel_err(dx, want_dG)]
     errs += [rel_err(dr, want_dr) if dotr else 0.0, rel_err(dsw, want_dsw[..., 0]) if smooth else 0.0]
     print("XH errors vs FP64 (out, dG, dr, dsw)", [f"{e:.1e}" for e in errs])
