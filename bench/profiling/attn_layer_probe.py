@@ -25,6 +25,10 @@ median CUDA-event times per call over the chunk, in us per centre (= per atom) a
   ... tf32fwd      -- the forward's products on TF32 operands (F16 0, session 35's)
   ... tf32bwd      -- the backward's products on TF32 operands (B16 0)
   ... tf32         -- both (session 35's kernels)
+  ... ex2          -- the softmax on ex2.approx (EX2: settings attn_ex2, the engine's default since session 44;
+                      "fused" itself runs expf, attn_layer.defines' constant)
+  ... xh, pref     -- EX2 and xhat kept in FP16 (XH, attn_xhat16) / the next centre's rows toward L2 (PREF,
+                      attn_prefetch); xhpref both
 Errors: max |out - out_FP64| / max |out_FP64| (forward) and the same of df/dG, df/dr, df/dsw (backward) of the
 fused kernels and the engine's cuBLAS TF32 path; the FP64 reference is the engine's FP64 path. Kernel
 resources (registers, local memory = spills) from CuPy.

@@ -345,7 +345,7 @@ def forward(lw: LayerWeights, x, sw, r, mask, scale: float, smooth: bool, dotr: 
     inv (3, B, n), xhat (B, n, E) (FP16 with XH, :func:`xhat_dtype`), rstd (B, n); y is FP16 where NORMALIZE
     (:func:`y_dtype`), its rows in the kernels' order (attn_layer_common.cuh's ystore), q's times ``scale``.
     ``extra``: more (NAME, value) constants (profiling: PHASES; A/B: attn_layer.defines' keys; settings attn_ex2,
-    attn_xhat16)."""
+    attn_xhat16, attn_prefetch)."""
     import cupy
 
     B, n, E = x.shape

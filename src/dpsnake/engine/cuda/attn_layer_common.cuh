@@ -144,8 +144,8 @@ __device__ __forceinline__ void store_pair(float* __restrict__ row, int col, flo
 }
 
 // xhat, the LayerNorm's normalized rows a force call's forward keeps for the backward: FP16 with XH (unit variance:
-// FP16's 11-bit significand, as the TF32 operands' 10; 2 of the forward's 4 (n, E) FP32 stores and reads halved),
-// else FP32; the lane's pair at col (even, < E) as load_pair / store_pair
+// FP16's 11-bit significand, as the TF32 operands' 10; the forward's xhat store and the backward's xhat load in
+// half the bytes), else FP32; the lane's pair at col (even, < E) as load_pair / store_pair
 #if XH
 typedef unsigned short xhstore;
 #else
