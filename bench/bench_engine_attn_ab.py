@@ -199,10 +199,6 @@ def main():
         # default since session 43: called layer_fill / layer_tab_fill then, against layer / layer_tab)
         ("layer_nofill", {"tf32": True, "fill_order": False}, False, "mixed"),
         ("layer_tab_nofill", {"tf32": True, "fill_order": False, "compress": {"min_nbor_dist": 2.0}}, False, "mixed"),
-        # in fill order, cut into chunks where the kernels' rows change (fill_split; session 44 measured it as
-        # layer / layer_tab against layer_nosplit / layer_tab_nosplit: no faster, so off)
-        ("layer_split", {"tf32": True, "fill_split": True}, False, "mixed"),
-        ("layer_tab_split", {"tf32": True, "fill_split": True, "compress": {"min_nbor_dist": 2.0}}, False, "mixed"),
         # the layer kernels' softmax on expf, not ex2.approx (attn_ex2, the default since session 44: measured then
         # as layer_ex2 / layer_tab_ex2 against layer / layer_tab)
         ("layer_noex2", {"tf32": True, "attn_ex2": False}, False, "mixed"),

@@ -346,48 +346,6 @@ def test_fill_order_runs_fewer_slots_and_equals(model_cache, monkeypatch):
     assert work_off == [work[0]] * 2
 
 
-def test_fill_jobs_cut_at_row_classes():
-    """_fill_jobs: 5,000 centres of type 0 filled 78 slots last call (80 rows), 100 filled 79 (width 88: 96 rows),
-    3 filled 60 (64 rows, under split_min: they join the 80-row class); type 1's 10 centres at 40 and 50 (48 and
-    64 rows, both small: one class). Chunks of at most 3,000, balanced, each given its fullest centre's width;
-    split_min 1: every class its own; counts that are not the layout's: None."""
-    from dpsnake.engine.attn.ensemble import _fill_jobs
-
-    per_type = np.zeros((2, 121), dtype=np.int64)
-    per_type[0, [60, 78, 79]] = [3, 5000, 100]
-    per_type[1, [40, 50]] = [4, 6]
-    jobs = _fill_jobs(per_type, [5103, 10], 120, 3000, 256)
-    assert jobs == [(0, 0, 2502, 80), (0, 2502, 5003, 80), (0, 5003, 5103, 88), (1, 5103, 5113, 56)]
-    assert _fill_jobs(per_type, [5103, 11], 120, 3000, 256) is None
-    every = [(0, 0, 3, 64), (0, 3, 2503, 80), (0, 2503, 5003, 80), (0, 5003, 5103, 88), (1, 5103, 5107, 48)]
-    assert _fill_jobs(per_type, [5103, 10], 120, 3000, 1) == every + [(1, 5107, 5113, 56)]
-
-
-@pytest.mark.parametrize("widths", ["auto", "guess"])
-def test_fill_split_runs_fewer_slots_and_equals(model_cache, monkeypatch, widths):
-    """settings.fill_split (off by default; with fill_order): from the second call the sorted centres are cut where
-    the rows change, so a chunk size that holds each type whole runs fewer centres x slots than without the cut;
-    results equal all slots to 1e-12, no width misses."""
-    from dpsnake.engine.settings import EngineSettings
-
-    dp = str(attn_model(model_cache, "v2_l2")["dp"])
-    args = flat(systems(AttnEnsemble([dp]).type_map)[:4], AttnEnsemble([dp]).type_map)
-    ref = AttnEnsemble([dp], settings=EngineSettings(compact=False)).evaluate(*args, atomic=True)
-    seen = _spy_widths(monkeypatch, work=True)
-    work = {}
-    for split in (True, False):
-        ens = AttnEnsemble([dp], settings=EngineSettings(fill_split=split, widths=widths), chunk_atoms=1000)
-        ens.split_min = 1
-        for _ in range(3):
-            seen.clear()
-            out = ens.evaluate(*args, atomic=True)
-            for k in ("energy", "force", "virial", "atom_energy", "atom_virial"):
-                assert rel_err(out[k], ref[k]) <= 1e-12, (split, k)
-        work[split] = (len(seen), sum(seen))
-        assert ens.width_misses == 0
-    assert work[True][0] > work[False][0] and work[True][1] < work[False][1], work
-
-
 def test_left_out_slots_reused_and_redone(model_cache):
     """settings.widths "guess": a call reuses the last call's slot counts; a call whose atoms fill
     more slots than that is redone with its own (width_misses) and equals a fresh ensemble's."""

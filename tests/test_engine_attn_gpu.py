@@ -272,23 +272,3 @@ def test_cupy_strip_net_kernels(model_cache, monkeypatch, name):
             err = rel_err(cp.asnumpy(out[k]), cp.asnumpy(ref[k]))
             print(name, precision, kw, k, f"{cls} vs array code {err:.1e}")
             assert err <= tol, (precision, kw, k, err)
-
-
-def test_cupy_fill_split_equals_numpy_all_slots(model_cache):
-    """Centres in fill order cut where the rows change (settings fill_split, split_min 1): the planned widths are reused
-    on the device without a host sync per chunk; calls 2 and 3 run more chunks than call 1 and equal NumPy on
-    every slot to 1e-12, with no width misses."""
-    from dpsnake.engine.settings import EngineSettings
-
-    dp = str(attn_model(model_cache, "v2_l2")["dp"])
-    args = flat(systems(["Cu", "Ni"])[:4], ["Cu", "Ni"])
-    ref = AttnEnsemble([dp], settings=EngineSettings(compact=False)).evaluate(*args, atomic=True)
-    ens = AttnEnsemble([dp], settings=EngineSettings(fill_split=True), chunk_atoms=1000)
-    ens.split_min = 1
-    chunks = []
-    for call in range(3):
-        out = ens.evaluate(*(cp.asarray(a) for a in args), atomic=True)
-        chunks.append(len(ens.last_chunks))
-        for k in KEYS:
-            assert rel_err(cp.asnumpy(out[k]), ref[k]) <= 1e-12, (call, k)
-    assert ens.width_misses == 0 and chunks[1] == chunks[2] > chunks[0], chunks

@@ -165,7 +165,7 @@ class EnsembleBase:
         workers = self._workers(xp)
         if workers > 1 and self.settings.cpu_workers is None:
             nbytes = 4 if self.precision == "mixed" else 8
-            if sum(job[2] - job[1] for job in jobs) * self._bytes_per_atom(nbytes) < CPU_POOL_MIN_MB * 1e6:
+            if sum(b - a for _, a, b in jobs) * self._bytes_per_atom(nbytes) < CPU_POOL_MIN_MB * 1e6:
                 workers = 1
         if workers <= 1 or len(jobs) <= 1:
             for job in jobs:

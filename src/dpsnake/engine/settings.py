@@ -115,15 +115,9 @@ class EngineSettings:
     and 79-80 for the rest, and a chunk holding one 79 runs 96 rather than 80). H100, session 43, 256 x 108
     CuNi, one call: a force call 1.305 against 1.370 us/atom, compressed 1.187 against 1.272; the same forces.
     Session 44, the exploration (256 x 108 Cu, 300 K, NPT): 1.582 against 1.749 us/atom-step, compressed 1.431
-    against 1.592. False: the layout's order."""
-    fill_split: bool = False
-    """se_atten with ``fill_order``: the sorted centres cut into chunks where the layer kernels' rows (the slots
-    rounded up to 16) change, from the last call's counts of centres per slots filled (attn/ensemble.py
-    ``_fill_jobs``; a class of fewer than 256 centres runs with the next fuller one), so the few centres with more
-    neighbours run in a chunk of their own. Off: slower where it was measured (H100, session 44, 256 x 108 Cu, 4
-    models): the exploration 1.756 against 1.645 us/atom-step (compressed 1.605 against 1.548; 6 width misses
-    against 3, the chunks' sizes move every call), the force call on fixed atoms 1.313 against 1.307 (compressed
-    1.169 against 1.198)."""
+    against 1.592. Cutting the sorted centres where the kernels' rows change as well (session 44's fill_split,
+    903a7d3) was slower there (1.756 against 1.645: the chunks' sizes moved every call, twice the width misses) and
+    was removed. False: the layout's order."""
     attn_ex2: bool = True
     """se_atten, the whole-layer kernels (cuda/attn_layer.py): the softmax's exp(L - max) as 2^(L log2 e - max log2
     e) on ``ex2.approx`` (one FFMA and one MUFU, ~2 ulp, against expf's ~8 instructions), in the forward and in the

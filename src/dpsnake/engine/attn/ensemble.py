@@ -12,15 +12,12 @@ analytically (descriptor.py, attention.py), so results equal every slot's to rou
 (n, n) work falls by half. As ``Ensemble``'s compaction widths, on CuPy a chunk reuses the last
 call's width and the call is redone if a chunk filled more (``width_misses``). From a batch shape's
 second call a type's centres run in the order of the slots they filled in the last one (settings
-``fill_order``), so a few fuller centres widen one chunk, not every chunk they would fall in (``fill_split``,
-off: chunks also cut where the kernels' rows change; slower in the exploration, settings.py).
+``fill_order``), so a few fuller centres widen one chunk, not every chunk they would fall in.
 """
 
 from __future__ import annotations
 
 import warnings
-
-import numpy as np
 
 from dpsnake.engine.attn.descriptor import AttnRuntime, check_compressible, energy_and_grad
 from dpsnake.engine.attn.model import AttnModel, load_attn_model
@@ -57,13 +54,10 @@ class AttnEnsemble(EnsembleBase):
     models: list[AttnModel]
     geometry_keys = "descriptor, type_map, rcut, sel or pair_exclude_types"
     min_chunk = 16
-    split_min = 256  # fill_split: fewer centres of a row class run with the next class (launches cost more)
 
     def __init__(self, models, *args, **kwargs):
         super().__init__(models, *args, **kwargs)
-        # ((N, S), (N,) slots each centre filled, HostCopy of (ntypes, nnei + 1) centres per type and
-        # slots filled) of the last call (settings fill_order, fill_split)
-        self._last_fill = (None, None, None)
+        self._last_fill = (None, None)  # ((N, S), (N,) slots each centre filled) of the last call (fill_order)
         self.last_chunks = []  # (centres, slots) of each chunk the last call ran
         if self.compress is not None:
             for m in self.models:
@@ -84,8 +78,7 @@ class AttnEnsemble(EnsembleBase):
         for key, filled, guess in checks:
             filled = filled if isinstance(filled, int) else int(filled.result())
             missed |= guess is not None and filled > guess
-            if key is not None:
-                self._widths[key] = _trim_width(filled, self.models[0].nnei, guess)
+            self._widths[key] = _trim_width(filled, self.models[0].nnei, guess)
         if len(self._widths) > 4096:  # many layouts seen (a long-lived server): start over
             self._widths = {}
         return missed
@@ -134,25 +127,20 @@ class AttnEnsemble(EnsembleBase):
         trim = self.settings.compact
         jobs = self._jobs(counts, csize)
         fill_key = (N, S) if trim and self.settings.fill_order and len(jobs) > 1 else None
-        last = self._last_fill if fill_key and self._last_fill[0] == fill_key else (None, None, None)
-        last_fill = last[1]
+        last_fill = self._last_fill[1] if fill_key and self._last_fill[0] == fill_key else None
         if last_fill is not None:  # by type, then by the slots each centre filled last time
             order = xp.argsort(layout.atype * (m0.nnei + 1) + last_fill, kind="stable")
-            if self.settings.fill_split and last[2] is not None:  # chunks cut where the kernels' rows change
-                jobs = _fill_jobs(last[2].result(), counts, m0.nnei, csize, self.split_min) or jobs
         fill = xp.zeros(N, dtype=xp.int64) if fill_key else None
 
         def work(job):
             """Neighbours, trimmed slots and every model's (e, g) of one chunk (may run in a thread)."""
-            ti, a, b = job[:3]
-            planned = job[3] if len(job) > 3 else None  # _fill_jobs' width: from the last call's fills
+            ti, a, b = job
             centers = order[a:b]
             ch, check = nb.chunk(centers), None
             if trim:  # the selection fills slots from the first: later ones are empty
-                # sorted chunks hold other centres: widths of their own; planned ones are not kept
-                key = None if planned else (N, S, ti, a, last_fill is not None)
+                key = (N, S, ti, a, last_fill is not None)  # sorted chunks hold other centres: widths of their own
                 filled = chunk_stats(xp, ch, [m0.nnei])[0]  # before pair exclusions: an upper bound
-                guess = (planned or self._widths.get(key)) if guessing else None
+                guess = self._widths.get(key) if guessing else None
                 if guess is None:  # the chunk's own: one host sync
                     filled = int(to_numpy(filled))
                     ns = _trim_width(filled, m0.nnei, None)
@@ -190,13 +178,9 @@ class AttnEnsemble(EnsembleBase):
                 else:
                     wc = -xp.matmul(g.transpose(0, 2, 1), ch.d).reshape(g.shape[0], 9)
                     _scatter_add(xp, virial[j], sysc, wc)
-        if fill_key:
-            per_type = None
-            if self.settings.fill_split:  # on the host by the next call: this call ends in a sync (last_overflow)
-                per_type = xp.bincount(layout.atype * (m0.nnei + 1) + fill, minlength=self.ntypes * (m0.nnei + 1))
-                per_type = HostCopy(per_type.reshape(self.ntypes, m0.nnei + 1))
-            self._last_fill = (fill_key, fill, per_type)
         missed = self._check_widths(checks)
+        if fill_key:
+            self._last_fill = (fill_key, fill)
         self.last_chunks = ran
         grid_ok = nb_check is None or nb.settle(nb_check.result())
         if missed or not grid_ok:  # a chunk filled more slots than it ran, cells moved beyond the
@@ -226,42 +210,6 @@ def _trim_width(filled: int, nnei: int, guess: int | None) -> int:
     if guess is not None and filled <= guess and guess - filled < 16:
         return guess
     return min(nnei, max(8, -(-(filled + 2) // 8) * 8))
-
-
-def _fill_jobs(per_type, counts, nnei: int, csize: int, split_min: int) -> list | None:
-    """Chunks (type, first, end, width) of centres sorted by type and the slots they filled last call,
-    cut where the layer kernels' rows (the width rounded up to 16) change: a few centres that filled more
-    run in a chunk of their own instead of widening a large one (settings fill_split). ``per_type``
-    (ntypes, nnei + 1): centres of each type that filled each count; a row class of fewer than
-    ``split_min`` centres runs with the next fuller one; a class in balanced chunks of at most ``csize``.
-    None if the counts are not this layout's."""
-    per_type = np.asarray(per_type)
-    if not np.array_equal(per_type.sum(axis=1), np.asarray(counts)):
-        return None
-    rows = np.array([-(-_trim_width(f, nnei, None) // 16) for f in range(nnei + 1)])
-    jobs, start = [], 0
-    for ti, h in enumerate(per_type):
-        filled = np.cumsum(h)  # a sorted centre's slots: the first count whose running sum passes its place
-        groups = []  # [centres, most filled] per row class, fewest rows first
-        for f in np.flatnonzero(h):
-            if groups and rows[groups[-1][1]] == rows[f]:
-                groups[-1] = [groups[-1][0] + int(h[f]), int(f)]
-            else:
-                groups.append([int(h[f]), int(f)])
-        for i in range(len(groups) - 1):  # small classes join the next fuller one
-            if groups[i][0] < split_min:
-                groups[i + 1][0] += groups[i][0]
-                groups[i][0] = 0
-        first = start
-        for n, _ in groups:
-            if n == 0:
-                continue
-            cuts = np.linspace(start, start + n, -(-n // csize) + 1).round().astype(int)
-            for a, b in zip(cuts[:-1], cuts[1:]):  # the width of the chunk's last (fullest) centre
-                most = int(np.searchsorted(filled, b - 1 - first, side="right"))
-                jobs.append((ti, int(a), int(b), _trim_width(most, nnei, None)))
-            start += n
-    return jobs
 
 
 def _first_slots(xp, ch, ns: int):
