@@ -128,17 +128,16 @@ class EngineSettings:
     attn_xhat16: bool = False
     """se_atten, the whole-layer kernels: a force call's forward keeps the LayerNorm's xhat (unit variance) for the
     backward in FP16 (XH; FP16's 11-bit significand against the TF32 operands' 10), halving 35 of the ~138 KB per
-    centre and layer that the keeping forward writes and the backward reads (88 slots, E 100, H 128; ptxas: the
-    same registers and spills), df/dG ~1.3e-4 (the g++ emulator, exact products; TF32's ~1e-5). Off until a
-    GPU A/B decides (written in session 44 without a GPU left: bench_engine_attn_ab.py ``layer_xh``, the probe's
-    ``xh``)."""
+    centre and layer that the keeping forward writes and the backward reads (88 slots, E 100, H 128). H100, session
+    45, one call: per centre and layer keeping forward 0.1537 against 0.1601 us, backward 0.3253 against 0.3217; a
+    force call 1.207 against 1.216 us/atom (compressed 1.094 against 1.106); df/dG against FP64 1.1e-4 against
+    2.3e-5 (d r, d sw unchanged)."""
     attn_prefetch: bool = False
-    """se_atten, the whole-layer kernels: each block sends the next centre's input rows toward L2
-    (``prefetch.global.L2``) while it runs this one: the forward's x, the backward's dout and xhat (PREF; H100,
-    session 37's phases: the backward's LayerNorm waits 28k of 181k cycles per warp and centre on those loads).
-    ptxas (sm_90, 88 slots, E 100, H 128): the backward spills 184 / 300 bytes (stores / loads) against 100 / 196.
-    Off until a GPU A/B decides (written in session 44: bench_engine_attn_ab.py ``layer_pref``, the probe's
-    ``pref``)."""
+    """se_atten, the whole-layer kernels: each block of the forward sends the next centre's x toward L2
+    (``prefetch.global.L2``) while it runs this one (PREF). H100, session 45, one call: per centre and layer
+    forward 0.0969 against 0.0995 us, keeping forward 0.1549 against 0.1601. The backward's prefetch of dout and
+    xhat (session 44) measured slower there (0.3476 against 0.3217; a force call 1.275 against 1.216 us/atom:
+    ptxas's spills 184 / 300 bytes against 100 / 196) and was removed."""
     widths: str = "auto"
     """Compaction widths and bin grids: "auto" (reused from the last call on CuPy, checked after the
     call is issued; the chunk's own on NumPy), "exact" (always the chunk's own: a host sync per

@@ -515,15 +515,6 @@ extern "C" __global__ void __launch_bounds__(32 * NW, MINB)
       for (int d = 0; d < 3; ++d) atomicAdd(dr + (base + j) * 3 + d, gr[3 * j + d] * gisc);
 #endif
     }
-#if PREF  // the next centre's dout and xhat toward L2 while it stages k, v (its LayerNorm backward's loads wait on
-          // them). ptxas, sm_90, the bench's shape: spills 184 / 300 bytes (stores / loads) against 100 / 196
-          // without; 116 / 412 with the prefetch at the centre's start
-    if (b + gridDim.x < B) {
-      const long long nb = (b + gridDim.x) * n;
-      prefetch_rows(dout + nb * E, 4 * n * E);
-      prefetch_rows(xhat + nb * E, (int)sizeof(xhstore) * n * E);
-    }
-#endif
     PHASE(11);
   }
 }
