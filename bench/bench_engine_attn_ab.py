@@ -209,7 +209,12 @@ def main():
         # without the forward's prefetch of the next centre's x (attn_prefetch, the default since session 45:
         # measured then in the probe; layer_pref / layer_tab_pref of session 45's call 1 prefetched in the backward too)
         ("layer_nopref", {"tf32": True, "attn_prefetch": False}, False, "mixed"),
-        ("layer_tab_nopref", {"tf32": True, "attn_prefetch": False, "compress": {"min_nbor_dist": 2.0}}, False, "mixed"),
+        (
+            "layer_tab_nopref",
+            {"tf32": True, "attn_prefetch": False, "compress": {"min_nbor_dist": 2.0}},
+            False,
+            "mixed",
+        ),
     ]
     variants_all = list(variants)
 
