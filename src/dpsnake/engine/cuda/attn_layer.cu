@@ -37,6 +37,11 @@
 #define VREG (H * LDV / 2)
 #endif
 
+// the block's threads send ``bytes`` from p toward L2 (PREF: the forward's next centre's x), a line each in turn
+__device__ __forceinline__ void prefetch_rows(const void* p, int bytes) {
+  for (int o = 128 * threadIdx.x; o < bytes; o += 128 * 32 * NW) prefetch_l2(static_cast<const char*>(p) + o);
+}
+
 // z (the warp's 16 rows of one of q, k, v) = x W + b, normalized per row if NORMALIZE; rows >= n zeroed.
 // xa: x's A fragments; wp: W in B-fragment order (KE x HT products); region, REG, ring: wprod_deep's.
 template <int REG>

@@ -151,10 +151,6 @@ typedef unsigned short xhstore;
 #else
 typedef float xhstore;
 #endif
-// the block's threads send ``bytes`` from p toward L2 (PREF), a line each in turn
-__device__ __forceinline__ void prefetch_rows(const void* p, int bytes) {
-  for (int o = 128 * threadIdx.x; o < bytes; o += 128 * 32 * NW) prefetch_l2(static_cast<const char*>(p) + o);
-}
 __device__ __forceinline__ float2 xh_load(const xhstore* __restrict__ row, int col) {
 #if XH && E % 2 == 0
   const unsigned u = *reinterpret_cast<const unsigned*>(row + col);
