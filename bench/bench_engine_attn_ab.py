@@ -206,15 +206,11 @@ def main():
         # the LayerNorm's xhat kept in FP16 (attn_xhat16, off)
         ("layer_xh", {"tf32": True, "attn_xhat16": True}, False, "mixed"),
         ("layer_tab_xh", {"tf32": True, "attn_xhat16": True, "compress": {"min_nbor_dist": 2.0}}, False, "mixed"),
-        # without the forward's prefetch of the next centre's x (attn_prefetch, the default since session 45:
-        # measured then in the probe; layer_pref / layer_tab_pref of session 45's call 1 prefetched in the backward too)
-        ("layer_nopref", {"tf32": True, "attn_prefetch": False}, False, "mixed"),
-        (
-            "layer_tab_nopref",
-            {"tf32": True, "attn_prefetch": False, "compress": {"min_nbor_dist": 2.0}},
-            False,
-            "mixed",
-        ),
+        # the forward's prefetch of the next centre's x toward L2 (attn_prefetch, off: the default in session 45 only,
+        # measured then as layer_nopref / layer_tab_nopref against layer / layer_tab; layer_pref / layer_tab_pref of
+        # session 45's call 1 prefetched in the backward too, which was removed)
+        ("layer_pref", {"tf32": True, "attn_prefetch": True}, False, "mixed"),
+        ("layer_tab_pref", {"tf32": True, "attn_prefetch": True, "compress": {"min_nbor_dist": 2.0}}, False, "mixed"),
     ]
     variants_all = list(variants)
 

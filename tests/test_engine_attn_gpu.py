@@ -198,13 +198,13 @@ def test_cupy_tf32_layer_kernels(model_cache, monkeypatch, name):
 @pytest.mark.parametrize("name", ["v2_l2", "concat_l2"])
 @pytest.mark.parametrize(
     "setting,extra,tol",
-    [("attn_ex2", (("EX2", 1), ("PREF", 1)), 1e-4), ("attn_xhat16", (("EX2", 1), ("XH", 1), ("PREF", 1)), 1e-3),
+    [("attn_ex2", (("EX2", 1),), 1e-4), ("attn_xhat16", (("EX2", 1), ("XH", 1)), 1e-3),
      ("attn_prefetch", (("EX2", 1), ("PREF", 1)), 1e-6)],
 )  # fmt: skip
 def test_cupy_layer_kernel_settings(model_cache, monkeypatch, name, setting, extra, tol):
     """Kernel settings of the layer kernels against the same build without them: attn_ex2 (the default: the
     softmax on ex2.approx), attn_xhat16 (xhat kept in FP16, off) and attn_prefetch (the forward's next centre's x
-    toward L2, on by default; the same results but for the atomics' order): the constants reach forward and backward;
+    toward L2, off; the same results but for the atomics' order): the constants reach forward and backward;
     energy, forces, virial within ``tol`` of the build without (relative to the largest value) and 5e-3 of the FP64
     NumPy reference (both errors print)."""
     import warnings

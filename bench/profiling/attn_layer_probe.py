@@ -28,7 +28,7 @@ median CUDA-event times per call over the chunk, in us per centre (= per atom) a
   ... ex2          -- the softmax on ex2.approx (EX2: settings attn_ex2, the engine's default since session 44;
                       "fused" itself runs expf, attn_layer.defines' constant)
   ... xh, pref     -- EX2 and xhat kept in FP16 (XH, attn_xhat16) / the forward's next centre's x toward L2
-                      (PREF, attn_prefetch; EX2 + PREF is the engine's default since session 45); xhpref both
+                      (PREF, attn_prefetch; the default in session 45 only: EX2 alone is); xhpref both
 Errors: max |out - out_FP64| / max |out_FP64| (forward) and the same of df/dG, df/dr, df/dsw (backward) of the
 fused kernels and the engine's cuBLAS TF32 path; the FP64 reference is the engine's FP64 path. Kernel
 resources (registers, local memory = spills) from CuPy.

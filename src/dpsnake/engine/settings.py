@@ -132,14 +132,14 @@ class EngineSettings:
     45, one call: per centre and layer keeping forward 0.1537 against 0.1601 us, backward 0.3253 against 0.3217; a
     force call 1.207 against 1.216 us/atom (compressed 1.094 against 1.106); df/dG against FP64 1.1e-4 against
     2.3e-5 (d r, d sw unchanged)."""
-    attn_prefetch: bool = True
+    attn_prefetch: bool = False
     """se_atten, the whole-layer kernels: each block of the forward sends the next centre's x toward L2
-    (``prefetch.global.L2``) while it runs this one (PREF; a hint: the results are the same). H100, session 45,
-    one call: per centre and layer forward 0.0969 against 0.0995 us, keeping forward 0.1549 against 0.1601 (the
-    backward unchanged: ~-1.1% per layer); not yet measured in a force call or the exploration in this form. The
-    backward's prefetch of dout and xhat (session 44) measured slower there (0.3476 against 0.3217; a force call
-    1.275 against 1.216 us/atom: ptxas's spills 184 / 300 bytes against 100 / 196) and was removed. False: no
-    prefetch."""
+    (``prefetch.global.L2``) while it runs this one (PREF; a hint: the results are the same). H100, session 45's
+    probe: per centre and layer forward 0.0969 against 0.0995 us, keeping forward 0.1549 against 0.1601 (~-1.1% per
+    layer), but no gain where it counts (H100, session 46, one machine): a force call 1.235 against 1.231 us/atom
+    without (compressed 1.125 both), the exploration 1.518 / 1.494 against 1.482 / 1.484 us/atom-step without (two
+    runs). Off by default again since session 46. The backward's prefetch of dout and xhat (session 44) measured
+    slower (0.3476 against 0.3217 per layer; ptxas's spills 184 / 300 bytes against 100 / 196) and was removed."""
     widths: str = "auto"
     """Compaction widths and bin grids: "auto" (reused from the last call on CuPy, checked after the
     call is issued; the chunk's own on NumPy), "exact" (always the chunk's own: a host sync per

@@ -227,7 +227,7 @@ def defines(n: int, E: int, H: int, smooth: bool, dotr: bool, normalize: bool, n
     # 0.152, backward 0.474 vs 0.544; the same errors); FMINB: the forward's blocks per SM (3 spills ~600 bytes)
     # EX2: the softmax's exp as ex2.approx (EngineSettings attn_ex2, on by default, sets it through _Rows.extra;
     # H100, session 44: forward -4.9%, backward -5.4% per centre and layer); XH: xhat kept in FP16 (settings
-    # attn_xhat16); PREF: the forward's next centre's x toward L2 (settings attn_prefetch, on by default)
+    # attn_xhat16); PREF: the forward's next centre's x toward L2 (settings attn_prefetch, off by default)
     return {"KEEP": int(keep), "WRING": 1, "WDEEP": int(not keep or H % 16 == 0), "BRING": 0,
             "YH": int(keep and normalize), "N": N, "E": int(E), "H": int(H), "SMOOTH": int(smooth), "DOTR": int(dotr),
             "NORMALIZE": int(normalize), "NPAD": npad, "MINB": minb, "F16": int(H % 16 == 0),
